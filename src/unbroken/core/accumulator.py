@@ -1,0 +1,349 @@
+"""ChunkAccumulator: folds streamed chunks into the final completion; pure, no I/O.
+
+Imports only the standard library and core siblings.
+"""
+
+from __future__ import annotations
+
+from unbroken.core.events import (
+    ChatEvent,
+    FinishEvent,
+    ReasoningEvent,
+    RoleEvent,
+    TextEvent,
+    ToolCallEvent,
+    UsageEvent,
+)
+from unbroken.core.wire import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Choice,
+    ChoiceLogprobs,
+    Delta,
+    Function,
+    Message,
+    TokenLogprob,
+    ToolCall,
+    Usage,
+)
+
+__all__ = ["ChunkAccumulator", "join_text"]
+
+# Theory of operation
+# -------------------
+# State per choice index: role, content pieces, reasoning pieces, refusal pieces, tool calls
+# keyed by their `index`, logprob lists and the finish_reason. A text field stays None until
+# a delta carries a non-null value for it (so a chat answer has `reasoning_content: None`
+# exactly as its non-streamed twin does), then it is the concatenation of the pieces in order.
+# Tool calls take `id`, `type` and `name` from the first fragment that carries each, and
+# concatenate `arguments`. finish_reason: a later non-null value replaces an earlier one.
+# Usage: the last non-null usage wins (absent usage never clears it). id, model, created and
+# system_fingerprint: the first non-empty value wins, so Azure's empty first chunk and its
+# annotation chunks (empty id, no delta) change nothing.
+#
+# A choice counts as *started* once a delta or a finish_reason arrived for it; annotation
+# choices without either do not start one.
+
+
+class _Tool:
+    __slots__ = ("args", "id", "name", "type")
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self.type: str | None = None
+        self.name: str | None = None
+        self.args: list[str] = []
+
+
+class _Choice:
+    __slots__ = (
+        "announced",
+        "content",
+        "finish_reason",
+        "held",
+        "logprobs",
+        "logprobs_content",
+        "logprobs_reasoning",
+        "reasoning",
+        "refusal",
+        "role",
+        "tools",
+    )
+
+    def __init__(self) -> None:
+        self.role: str | None = None
+        self.announced = False
+        self.content: list[str] | None = None
+        self.reasoning: list[str] | None = None
+        self.refusal: list[str] | None = None
+        self.tools: dict[int, _Tool] = {}
+        self.logprobs = False
+        self.logprobs_content: list[TokenLogprob] | None = None
+        self.logprobs_reasoning: list[TokenLogprob] | None = None
+        self.finish_reason: str | None = None
+        # A high surrogate held back from the events (text, reasoning) until its pair arrives.
+        self.held = ["", ""]
+
+
+def join_text(pieces: list[str]) -> str:
+    """Concatenate text pieces, rejoining UTF-16 surrogate halves that some servers escape
+    token by token (`\\ud83d` then `\\ude80`); a lone half becomes U+FFFD."""
+    text = "".join(pieces)
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
+
+
+def _is_high_surrogate(text: str) -> bool:
+    return "\ud800" <= text[-1] <= "\udbff"
+
+
+class ChunkAccumulator:
+    """Folds the chunks of one answer into a `ChatCompletion`.
+
+    `feed(chunk)` folds only (the cheap path for raw chunk iteration);
+    `feed_events(chunk)` folds and also returns the chat events the chunk carries
+    (role once per choice, reasoning, text, tool-call fragments, finish, usage).
+    Folding the chunks of a stream gives the same completion, field for field, as the
+    non-streamed request for the same answer.
+    """
+
+    __slots__ = ("_choices", "created", "id", "model", "n_chunks", "system_fingerprint", "usage")
+
+    def __init__(self) -> None:
+        self._choices: dict[int, _Choice] = {}
+        self.id = ""
+        self.model = ""
+        self.created = 0
+        self.system_fingerprint: str | None = None
+        self.usage: Usage | None = None
+        self.n_chunks = 0
+
+    def _head(self, chunk: ChatCompletionChunk) -> None:
+        if not self.id and chunk.id:
+            self.id = chunk.id
+        if not self.model and chunk.model:
+            self.model = chunk.model
+        if not self.created and chunk.created:
+            self.created = chunk.created
+        if self.system_fingerprint is None and chunk.system_fingerprint:
+            self.system_fingerprint = chunk.system_fingerprint
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+
+    def feed(self, chunk: ChatCompletionChunk) -> None:
+        """Fold one chunk."""
+        self.n_chunks += 1
+        if not self.id or chunk.usage is not None:
+            self._head(chunk)
+        for choice in chunk.choices:
+            delta = choice.delta
+            if delta is None and choice.finish_reason is None:
+                continue
+            state = self._choices.get(choice.index)
+            if state is None:
+                state = self._choices[choice.index] = _Choice()
+            if delta is not None:
+                if delta.role is not None and state.role is None:
+                    state.role = delta.role
+                if delta.content is not None:
+                    if state.content is None:
+                        state.content = []
+                    state.content.append(delta.content)
+                reasoning = delta.reasoning_text
+                if reasoning is not None:
+                    if state.reasoning is None:
+                        state.reasoning = []
+                    state.reasoning.append(reasoning)
+                if delta.tool_calls:
+                    self._fold_tools(state, delta)
+                if delta.refusal is not None:
+                    if state.refusal is None:
+                        state.refusal = []
+                    state.refusal.append(delta.refusal)
+            if choice.logprobs is not None:
+                self._fold_logprobs(state, choice.logprobs)
+            if choice.finish_reason is not None:
+                state.finish_reason = choice.finish_reason
+
+    @staticmethod
+    def _fold_tools(state: _Choice, delta: Delta) -> None:
+        for position, fragment in enumerate(delta.tool_calls or ()):
+            key = position if fragment.index is None else fragment.index
+            tool = state.tools.get(key)
+            if tool is None:
+                tool = state.tools[key] = _Tool()
+            if tool.id is None and fragment.id:
+                tool.id = fragment.id
+            if tool.type is None and fragment.type:
+                tool.type = fragment.type
+            function = fragment.function
+            if function is not None:
+                if tool.name is None and function.name:
+                    tool.name = function.name
+                if function.arguments:
+                    tool.args.append(function.arguments)
+
+    @staticmethod
+    def _fold_logprobs(state: _Choice, logprobs: ChoiceLogprobs) -> None:
+        state.logprobs = True
+        if logprobs.content is not None:
+            if state.logprobs_content is None:
+                state.logprobs_content = []
+            state.logprobs_content.extend(logprobs.content)
+        if logprobs.reasoning_content is not None:
+            if state.logprobs_reasoning is None:
+                state.logprobs_reasoning = []
+            state.logprobs_reasoning.extend(logprobs.reasoning_content)
+
+    def feed_events(self, chunk: ChatCompletionChunk) -> list[ChatEvent]:
+        """Fold one chunk and return the chat events it carries, in order: per choice role
+        (first time only), reasoning, text, tool-call fragments, finish; then usage.
+        Empty text is not an event; a trailing high surrogate is held until its pair."""
+        self.feed(chunk)
+        events: list[ChatEvent] = []
+        for choice in chunk.choices:
+            delta = choice.delta
+            index = choice.index
+            state = self._choices.get(index)
+            if state is None:
+                continue
+            if delta is not None:
+                if state.role is not None and not state.announced:
+                    state.announced = True
+                    events.append(RoleEvent(index, state.role))
+                reasoning = self._release(state, 1, delta.reasoning_text)
+                if reasoning:
+                    events.append(ReasoningEvent(index, reasoning))
+                text = self._release(state, 0, delta.content)
+                if text:
+                    events.append(TextEvent(index, text))
+                for position, fragment in enumerate(delta.tool_calls or ()):
+                    function = fragment.function
+                    events.append(
+                        ToolCallEvent(
+                            index,
+                            position if fragment.index is None else fragment.index,
+                            (function.arguments or "") if function is not None else "",
+                            id=fragment.id,
+                            name=function.name if function is not None else None,
+                            call_type=fragment.type,
+                        )
+                    )
+            if choice.finish_reason is not None:
+                events.append(FinishEvent(index, choice.finish_reason))
+        usage = chunk.usage
+        if usage is not None:
+            events.append(
+                UsageEvent(
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    usage.total_tokens,
+                    usage.prompt_cache_hit_tokens,
+                    usage.prompt_cache_miss_tokens,
+                    usage.reasoning_tokens,
+                )
+            )
+        return events
+
+    @staticmethod
+    def _release(state: _Choice, slot: int, text: str | None) -> str:
+        if not text:
+            return ""
+        held = state.held[slot]
+        if held:
+            text = held + text
+        if _is_high_surrogate(text):
+            state.held[slot] = text[-1]
+            text = text[:-1]
+        else:
+            state.held[slot] = ""
+        return join_text([text]) if held else text
+
+    # -- queries -------------------------------------------------------------------------
+
+    @property
+    def indexes(self) -> list[int]:
+        """The indexes of the choices started so far, ascending."""
+        return sorted(self._choices)
+
+    def finish_reason(self, index: int = 0) -> str | None:
+        """The finish_reason of choice `index` so far (None while it runs)."""
+        state = self._choices.get(index)
+        return None if state is None else state.finish_reason
+
+    def content(self, index: int = 0) -> str:
+        """The answer text of choice `index` so far."""
+        state = self._choices.get(index)
+        return "" if state is None or state.content is None else join_text(state.content)
+
+    def reasoning(self, index: int = 0) -> str:
+        """The reasoning text of choice `index` so far."""
+        state = self._choices.get(index)
+        return "" if state is None or state.reasoning is None else join_text(state.reasoning)
+
+    @property
+    def has_output(self) -> bool:
+        """True once any choice received non-empty text, reasoning or a tool-call fragment."""
+        for state in self._choices.values():
+            if state.tools or any(state.content or ()) or any(state.reasoning or ()):
+                return True
+        return False
+
+    @property
+    def all_finished(self) -> bool:
+        """True when at least one choice started and every started choice has finished."""
+        return bool(self._choices) and all(
+            s.finish_reason is not None for s in self._choices.values()
+        )
+
+    def completion(self) -> ChatCompletion:
+        """The folded answer as a `chat.completion` (choices ordered by index)."""
+        choices = []
+        for index in sorted(self._choices):
+            state = self._choices[index]
+            tool_calls = None
+            if state.tools:
+                tool_calls = [
+                    ToolCall(
+                        id=tool.id or "",
+                        type=tool.type or "function",
+                        function=Function(name=tool.name or "", arguments="".join(tool.args)),
+                    )
+                    for _, tool in sorted(state.tools.items())
+                ]
+            choices.append(
+                Choice(
+                    index=index,
+                    message=Message(
+                        role=state.role or "assistant",
+                        content=None if state.content is None else join_text(state.content),
+                        reasoning_content=(
+                            None if state.reasoning is None else join_text(state.reasoning)
+                        ),
+                        tool_calls=tool_calls,
+                        refusal=None if state.refusal is None else join_text(state.refusal),
+                    ),
+                    logprobs=(
+                        ChoiceLogprobs(
+                            content=state.logprobs_content,
+                            reasoning_content=state.logprobs_reasoning,
+                        )
+                        if state.logprobs
+                        else None
+                    ),
+                    finish_reason=state.finish_reason,
+                )
+            )
+        return ChatCompletion(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            system_fingerprint=self.system_fingerprint,
+            choices=choices,
+            usage=self.usage,
+        )

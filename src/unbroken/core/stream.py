@@ -1,0 +1,249 @@
+"""ChatStreamDecoder: the body bytes of a 200 answer -> typed chunks; and how a stream ended.
+
+Pure: imports the standard library, `unbroken.errors` and core siblings. Implements the
+"unbroken contract" of protocol.md §4: JSON-body sniffing, `[DONE]`, every error shape, and
+the end states complete / interrupted / error / stalled / truncated.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal
+
+import msgspec
+
+from unbroken.core.accumulator import ChunkAccumulator
+from unbroken.core.events import Comment, IgnoredField, IncompleteEvent, SSEEvent
+from unbroken.core.sse import DEFAULT_MAX_EVENT_BYTES, SSEDecoder
+from unbroken.core.wire import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ErrorObject,
+    parse_error_object,
+    completion_to_chunks,
+    decode_chunk,
+    decode_completion,
+    excerpt,
+    upstream_error_from_object,
+)
+from unbroken.errors import ProtocolError, UnbrokenError, UpstreamError
+
+__all__ = [
+    "COMPLETE_REASONS",
+    "INTERRUPTED_REASONS",
+    "ChatStreamDecoder",
+    "EndState",
+    "StreamEnd",
+    "classify_end",
+    "fold",
+]
+
+# finish_reason values that mean the model chose to end (protocol.md §1.6).
+COMPLETE_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
+# finish_reason values that mean the server cut the answer short: resumable.
+INTERRUPTED_REASONS = frozenset({"insufficient_system_resource", "error", "abort"})
+
+_WHITESPACE = b" \t\r\n"
+
+
+class EndState(enum.Enum):
+    """How a stream ended (protocol.md §4 "End states")."""
+
+    COMPLETE = "complete"
+    INTERRUPTED = "interrupted"
+    ERROR = "error"
+    STALLED = "stalled"
+    TRUNCATED = "truncated"
+
+
+class StreamEnd(msgspec.Struct, frozen=True):
+    """The verdict on one attempt's stream.
+
+    Attributes:
+        state: the end state.
+        no_done: complete, but `[DONE]` never came (nothing was lost).
+        missing_finish: `[DONE]` came while a choice had no finish_reason: the server chose
+            to end, so it is complete and must not be resumed.
+        error: the upstream or protocol error, for the `error` state.
+    """
+
+    state: EndState
+    no_done: bool = False
+    missing_finish: bool = False
+    error: UnbrokenError | None = None
+
+
+class ChatStreamDecoder:
+    """Decodes the body of a 200 chat answer into `ChatCompletionChunk`s.
+
+    The first non-whitespace byte decides the path: `{` is a whole JSON completion (some
+    proxies ignore `stream: true`; DeepSeek prefixes keep-alive blank lines), anything else
+    is SSE. `feed` returns only chunks, so the per-chunk path has no type tests; the end of
+    the stream shows in `done` (`[DONE]` seen) and `error` (an error frame or malformed
+    data). Once either is set the decoder ignores further input.
+
+    Args:
+        max_event_bytes: the limit for one SSE event, and for a whole JSON body.
+    """
+
+    __slots__ = (
+        "_body",
+        "_body_size",
+        "_max",
+        "_mode",
+        "_sse",
+        "done",
+        "error",
+        "n_comments",
+        "n_ignored",
+    )
+
+    def __init__(self, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        self._sse = SSEDecoder(max_event_bytes)
+        self._max = max_event_bytes
+        self._mode: Literal["sse", "json"] | None = None
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self.done = False
+        self.error: UnbrokenError | None = None
+        self.n_comments = 0
+        self.n_ignored = 0
+
+    @property
+    def finished(self) -> bool:
+        """True once `[DONE]` or an error ended the stream."""
+        return self.done or self.error is not None
+
+    @property
+    def is_json_body(self) -> bool:
+        """True when the body turned out to be a whole JSON document, not SSE."""
+        return self._mode == "json"
+
+    def feed(self, data: bytes) -> list[ChatCompletionChunk]:
+        """Decode one read of the body; return the chunks it completed."""
+        if self.done or self.error is not None:
+            return []
+        if self._mode is None:
+            start = data.lstrip(_WHITESPACE)
+            if not start:
+                self._body.append(data)  # DeepSeek keep-alive newlines before a JSON body
+                return []
+            self._mode = "json" if start[:1] == b"{" else "sse"
+            if self._mode == "sse":
+                data = b"".join(self._body) + data
+                self._body = []
+        if self._mode == "json":
+            self._body_size += len(data)
+            if self._body_size > self._max:
+                self.error = ProtocolError(
+                    f"the JSON body exceeds the {self._max}-byte limit (max_event_bytes)",
+                    excerpt=excerpt(data[:120]),
+                )
+                self._body = []
+                return []
+            self._body.append(data)
+            return []
+        try:
+            items = self._sse.feed(data)
+        except ProtocolError as exc:
+            self.error = exc
+            return []
+        chunks: list[ChatCompletionChunk] = []
+        for item in items:
+            if type(item) is SSEEvent:
+                text = item.data
+                if text[:1] != "{":
+                    if text.strip() == "[DONE]":
+                        self.done = True
+                        break
+                    if not text or text.isspace():
+                        continue
+                if item.event != "message":
+                    if item.event == "error":
+                        self.error = self._error_from_text(text)
+                        break
+                    self.n_ignored += 1
+                    continue
+                try:
+                    chunks.append(decode_chunk(text))
+                except UnbrokenError as exc:
+                    self.error = exc
+                    break
+            elif type(item) is Comment:
+                self.n_comments += 1
+            elif type(item) is IgnoredField:
+                # Legacy llama.cpp reports errors as a non-standard `error:` field line.
+                error = parse_error_object(item.value) if item.name == "error" else None
+                if error is not None:
+                    self.error = upstream_error_from_object(error)
+                    break
+                self.n_ignored += 1
+        return chunks
+
+    def flush(self) -> list[ChatCompletionChunk]:
+        """End of input: decode a JSON body, or salvage an unterminated `data: [DONE]`."""
+        if self.done or self.error is not None:
+            return []
+        if self._mode != "sse":
+            body = b"".join(self._body)
+            self._body = []
+            try:
+                completion = decode_completion(body)
+            except UnbrokenError as exc:
+                self.error = exc
+                return []
+            self.done = True
+            return completion_to_chunks(completion)
+        try:
+            items = self._sse.flush()
+        except ProtocolError as exc:
+            self.error = exc
+            return []
+        for item in items:
+            if isinstance(item, IncompleteEvent) and item.data.strip() == "[DONE]":
+                self.done = True
+        return []
+
+    @staticmethod
+    def _error_from_text(text: str) -> UpstreamError:
+        error = parse_error_object(text)
+        if error is None:
+            error = ErrorObject(message=excerpt(text, 200))
+        return upstream_error_from_object(error)
+
+
+def classify_end(
+    accumulator: ChunkAccumulator,
+    decoder: ChatStreamDecoder,
+    *,
+    timed_out: bool = False,
+) -> StreamEnd:
+    """Decide how an attempt's stream ended, from what was folded and decoded.
+
+    Precedence when several apply: error > interrupted > complete > stalled > truncated.
+
+    Args:
+        accumulator: what the stream delivered.
+        decoder: the decoder that read it (`done`, `error`).
+        timed_out: a stream timer (idle, first token, deadline) ended the attempt.
+    """
+    if decoder.error is not None:
+        return StreamEnd(EndState.ERROR, error=decoder.error)
+    reasons = [accumulator.finish_reason(i) for i in accumulator.indexes]
+    if any(r in INTERRUPTED_REASONS for r in reasons):
+        return StreamEnd(EndState.INTERRUPTED)
+    if reasons and all(r is not None for r in reasons):
+        return StreamEnd(EndState.COMPLETE, no_done=not decoder.done)
+    if decoder.done:
+        return StreamEnd(EndState.COMPLETE, missing_finish=True)
+    if timed_out:
+        return StreamEnd(EndState.STALLED)
+    return StreamEnd(EndState.TRUNCATED)
+
+
+def fold(chunks: list[ChatCompletionChunk]) -> ChatCompletion:
+    """Fold a list of chunks into the completion they make up (a convenience)."""
+    accumulator = ChunkAccumulator()
+    for chunk in chunks:
+        accumulator.feed(chunk)
+    return accumulator.completion()

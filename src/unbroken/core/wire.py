@@ -1,0 +1,441 @@
+"""Wire types of the chat completions API (DeepSeek / OpenAI shapes) and their decoding.
+
+msgspec Structs: typed, attribute-shaped like the official `openai` SDK
+(`chunk.choices[0].delta.content`), tolerant of unknown fields (ignored) and missing ones
+(defaults). Pure: imports msgspec, the standard library, `unbroken.errors` and core siblings.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+
+from unbroken.errors import ErrorKind, ProtocolError, UpstreamStreamError
+
+__all__ = [
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "Choice",
+    "ChoiceLogprobs",
+    "ChunkChoice",
+    "CompletionTokensDetails",
+    "Delta",
+    "ErrorObject",
+    "Function",
+    "FunctionDelta",
+    "Message",
+    "PromptTokensDetails",
+    "TokenLogprob",
+    "ToolCall",
+    "ToolCallDelta",
+    "TopLogprob",
+    "Usage",
+    "completion_to_chunks",
+    "decode_chunk",
+    "decode_completion",
+    "decode_error_body",
+    "excerpt",
+    "parse_error_object",
+    "upstream_error_from_object",
+]
+
+
+class FunctionDelta(msgspec.Struct, omit_defaults=True):
+    """A fragment of a function call: `name` on the first fragment, `arguments` pieces after."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(msgspec.Struct, omit_defaults=True):
+    """A fragment of tool call `index` (missing `index` means the array position)."""
+
+    index: int | None = None
+    id: str | None = None
+    type: str | None = None
+    function: FunctionDelta | None = None
+
+
+class TopLogprob(msgspec.Struct, omit_defaults=True):
+    """One alternative token and its log probability."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(msgspec.Struct, omit_defaults=True):
+    """Log probability of one sampled token, with the most likely alternatives."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChoiceLogprobs(msgspec.Struct, omit_defaults=True):
+    """Log probabilities of a choice's answer (and, in DeepSeek thinking mode, reasoning)."""
+
+    content: list[TokenLogprob] | None = None
+    reasoning_content: list[TokenLogprob] | None = None
+
+
+class Delta(msgspec.Struct, omit_defaults=True):
+    """What one chunk adds to a choice. `reasoning` is Ollama's/OpenRouter's name for
+    `reasoning_content`; `reasoning_text` gives whichever is set."""
+
+    role: str | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+    refusal: str | None = None
+
+    @property
+    def reasoning_text(self) -> str | None:
+        """`reasoning_content`, or `reasoning` when only that is set."""
+        return self.reasoning_content if self.reasoning_content is not None else self.reasoning
+
+
+class ChunkChoice(msgspec.Struct, omit_defaults=True):
+    """One choice in a streamed chunk. Azure annotation chunks carry no `delta`."""
+
+    index: int = 0
+    delta: Delta | None = None
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class PromptTokensDetails(msgspec.Struct, omit_defaults=True):
+    """OpenAI-style breakdown of prompt tokens."""
+
+    cached_tokens: int | None = None
+
+
+class CompletionTokensDetails(msgspec.Struct, omit_defaults=True):
+    """Breakdown of completion tokens; `reasoning_tokens` counts chain-of-thought tokens."""
+
+    reasoning_tokens: int | None = None
+
+
+class Usage(msgspec.Struct, omit_defaults=True):
+    """Token usage. DeepSeek: prompt = cache hit + cache miss; completion includes reasoning."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_cache_hit_tokens: int | None = None
+    prompt_cache_miss_tokens: int | None = None
+    prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
+
+    @property
+    def reasoning_tokens(self) -> int | None:
+        """Chain-of-thought tokens, when reported."""
+        details = self.completion_tokens_details
+        return None if details is None else details.reasoning_tokens
+
+
+class ErrorObject(msgspec.Struct, omit_defaults=True):
+    """An error as providers report it: `{"error": {message, type, param, code}}`."""
+
+    message: str = ""
+    type: str | None = None
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ChatCompletionChunk(msgspec.Struct, omit_defaults=True):
+    """One `chat.completion.chunk` of a stream."""
+
+    id: str = ""
+    object: str = "chat.completion.chunk"
+    created: int = 0
+    model: str = ""
+    system_fingerprint: str | None = None
+    choices: list[ChunkChoice] = []
+    usage: Usage | None = None
+
+
+class Function(msgspec.Struct, omit_defaults=True):
+    """A complete function call; `arguments` is a JSON string that may not be valid JSON."""
+
+    name: str = ""
+    arguments: str = ""
+
+
+class ToolCall(msgspec.Struct, omit_defaults=True):
+    """A complete tool call of an assistant message."""
+
+    id: str = ""
+    type: str = "function"
+    function: Function = msgspec.field(default_factory=Function)
+
+
+class Message(msgspec.Struct, omit_defaults=True):
+    """The assistant message of a non-streamed choice (or of a folded stream)."""
+
+    role: str = "assistant"
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    refusal: str | None = None
+
+
+class Choice(msgspec.Struct, omit_defaults=True):
+    """One choice of a non-streamed completion."""
+
+    index: int = 0
+    message: Message = msgspec.field(default_factory=Message)
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletion(msgspec.Struct, omit_defaults=True):
+    """A whole `chat.completion`: the non-streamed answer, or a folded stream."""
+
+    id: str = ""
+    object: str = "chat.completion"
+    created: int = 0
+    model: str = ""
+    system_fingerprint: str | None = None
+    choices: list[Choice] = []
+    usage: Usage | None = None
+
+
+class _ErrorFrame(msgspec.Struct):
+    # Every error shape a 200 stream can carry: `{"error": {...}}` (OpenAI, DeepSeek,
+    # current vLLM), `{"object": "error", "message": ...}` (old vLLM), and a string `error`.
+    # Loosely typed on purpose: an error must never be lost to a type mismatch in it.
+    error: Any = None
+    object: Any = None
+    message: Any = None
+    type: Any = None
+    code: Any = None
+
+
+_chunk_decoder = msgspec.json.Decoder(ChatCompletionChunk)
+_completion_decoder = msgspec.json.Decoder(ChatCompletion)
+_frame_decoder = msgspec.json.Decoder(_ErrorFrame)
+
+# A literal `"error"` (key or value) can only appear unescaped outside JSON strings, so this
+# substring test finds every error frame and costs ~50 ns on ordinary chunks.
+_ERROR_MARK = b'"error"'
+
+
+def excerpt(data: bytes | str, limit: int = 120) -> str:
+    """A printable excerpt of at most `limit` characters, for error messages."""
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    text = text.replace("\n", "\\n").replace("\r", "\\r")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _lenient(data: bytes | str, type_: type[Any]) -> Any:
+    # msgspec rejects lone UTF-16 surrogate escapes ("\ud83d"), which some servers emit when
+    # they escape an emoji token by token; the stdlib accepts them. Only then is this slower
+    # path taken; the accumulator rejoins the halves.
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    try:
+        return msgspec.convert(obj, type_)
+    except msgspec.ValidationError:
+        return None
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else value if isinstance(value, str) else json.dumps(value)
+
+
+def _error_object(fields: dict[str, Any] | _ErrorFrame) -> ErrorObject:
+    get = fields.get if isinstance(fields, dict) else lambda key: getattr(fields, key, None)
+    code = get("code")
+    return ErrorObject(
+        message=_text(get("message")) or "",
+        type=_text(get("type")),
+        param=_text(get("param")),
+        code=code if isinstance(code, int | str) and not isinstance(code, bool) else _text(code),
+    )
+
+
+def parse_error_object(data: bytes | str) -> ErrorObject | None:
+    """The error object in `data`, in any of the shapes of protocol.md §2.7, or None when
+    `data` is not JSON or holds no error."""
+    try:
+        frame = _frame_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if isinstance(frame.error, dict):
+        return _error_object(frame.error)
+    if isinstance(frame.error, str) and frame.error:
+        return ErrorObject(message=frame.error)
+    if frame.object == "error":
+        return _error_object(frame)
+    return None
+
+
+def upstream_error_from_object(error: ErrorObject, *, status_code: int = 200) -> UpstreamStreamError:
+    """Build the typed error for an error object received inside a stream."""
+    message = error.message or error.type or "the upstream reported an error"
+    return UpstreamStreamError(
+        f"upstream error in the stream: {message}",
+        status_code=status_code,
+        kind=_kind_of(error, status_code),
+        error_type=error.type,
+        error_code=error.code,
+    )
+
+
+def _kind_of(error: ErrorObject, status_code: int) -> ErrorKind:
+    code = error.code
+    text = f"{error.type} {code} {error.message}".lower()
+    if "context_length" in text or "context size" in text or "maximum context" in text:
+        return "context_length_exceeded"
+    if "rate_limit" in text or "rate limit" in text:
+        return "rate_limited"
+    if "overload" in text:
+        return "overloaded"
+    if isinstance(code, int) and 400 <= code < 500:
+        return "bad_request"
+    if "invalid_request" in text or "badrequest" in text:
+        return "bad_request"
+    return "server_error" if status_code == 200 else "unknown"
+
+
+def decode_chunk(data: bytes | str) -> ChatCompletionChunk:
+    """Decode the data of one SSE event into a chunk.
+
+    Raises:
+        UpstreamStreamError: the event is an error object (any shape in protocol.md §2.7).
+        ProtocolError: the data is not JSON or not a chunk; the message quotes an excerpt.
+    """
+    has_mark = _ERROR_MARK in data if isinstance(data, bytes) else '"error"' in data
+    if has_mark:
+        error = parse_error_object(data)
+        if error is not None:
+            raise upstream_error_from_object(error)
+    try:
+        return _chunk_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        chunk = _lenient(data, ChatCompletionChunk)
+        if chunk is not None:
+            return chunk  # type: ignore[no-any-return]  # msgspec.convert returns the type
+        raise ProtocolError(
+            f"malformed chunk from the upstream ({exc}): {excerpt(data)}", excerpt=excerpt(data)
+        ) from exc
+
+
+def decode_completion(data: bytes | str) -> ChatCompletion:
+    """Decode a whole non-streamed completion body (leading keep-alive blank lines and a
+    trailing `data: [DONE]` that some proxies append are tolerated).
+
+    Raises:
+        UpstreamStreamError: the body is an error object.
+        ProtocolError: the body is empty, not JSON or not a completion.
+    """
+    raw = data.encode() if isinstance(data, str) else data
+    raw = raw.strip()
+    if raw.endswith(b"data: [DONE]"):
+        raw = raw[: -len(b"data: [DONE]")].rstrip()
+    if not raw:
+        raise ProtocolError(
+            "the upstream sent an empty body (only keep-alive blank lines, then end of input)",
+            excerpt="",
+        )
+    if _ERROR_MARK in raw:
+        error = parse_error_object(raw)
+        if error is not None:
+            raise upstream_error_from_object(error)
+    try:
+        return _completion_decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        completion = _lenient(raw, ChatCompletion)
+        if completion is not None:
+            return completion  # type: ignore[no-any-return]  # msgspec.convert returns the type
+        raise ProtocolError(
+            f"malformed completion body from the upstream ({exc}): {excerpt(raw)}",
+            excerpt=excerpt(raw),
+        ) from exc
+
+
+def decode_error_body(body: bytes) -> ErrorObject:
+    """Read an HTTP error body: JSON error object (any shape), else the HTML `<title>` or
+    the first line of text. Never raises."""
+    error = parse_error_object(body)
+    if error is not None:
+        return error
+    text = body.decode("utf-8", "replace").strip()
+    lower = text.lower()
+    start = lower.find("<title>")
+    if start >= 0:
+        end = lower.find("</title>", start)
+        if end > start:
+            return ErrorObject(message=text[start + 7 : end].strip())
+    first = text.splitlines()[0] if text else ""
+    return ErrorObject(message=excerpt(first, 200))
+
+
+def completion_to_chunks(completion: ChatCompletion) -> list[ChatCompletionChunk]:
+    """Replay a whole completion as the chunks a stream of it would carry.
+
+    Per choice: a role chunk with the reasoning, a chunk with the content, one chunk per
+    tool call (whole), then a finish chunk; usage rides on the last chunk (DeepSeek's
+    shape). Folding the result with `ChunkAccumulator` gives `completion` back.
+    """
+    head: dict[str, Any] = {
+        "id": completion.id,
+        "created": completion.created,
+        "model": completion.model,
+        "system_fingerprint": completion.system_fingerprint,
+    }
+    chunks: list[ChatCompletionChunk] = []
+    for choice in completion.choices:
+        msg = choice.message
+        chunks.append(
+            ChatCompletionChunk(
+                **head,
+                choices=[
+                    ChunkChoice(
+                        index=choice.index,
+                        delta=Delta(
+                            role=msg.role,
+                            content=msg.content,
+                            reasoning_content=msg.reasoning_content,
+                            refusal=msg.refusal,
+                        ),
+                        logprobs=choice.logprobs,
+                    )
+                ],
+            )
+        )
+        for k, call in enumerate(msg.tool_calls or ()):
+            fragment = ToolCallDelta(
+                index=k,
+                id=call.id,
+                type=call.type,
+                function=FunctionDelta(name=call.function.name, arguments=call.function.arguments),
+            )
+            chunks.append(
+                ChatCompletionChunk(
+                    **head,
+                    choices=[ChunkChoice(index=choice.index, delta=Delta(tool_calls=[fragment]))],
+                )
+            )
+        chunks.append(
+            ChatCompletionChunk(
+                **head,
+                choices=[
+                    ChunkChoice(index=choice.index, delta=Delta(), finish_reason=choice.finish_reason)
+                ],
+            )
+        )
+    if completion.usage is not None:
+        if chunks:
+            last = chunks[-1]
+            chunks[-1] = ChatCompletionChunk(**head, choices=last.choices, usage=completion.usage)
+        else:
+            chunks.append(ChatCompletionChunk(**head, usage=completion.usage))
+    return chunks
