@@ -27,7 +27,20 @@ from unbroken.core import ChatStreamDecoder
 
 READ_SIZE = 1536  # ~1.5 KiB reads, as a proxy or TLS record boundary would cut them
 
-_WORDS = ["Hello", " 世界", "，", " stream", "ing", " 🚀", " 数据", " is", " fine", "。", "\n", " ok"]
+_WORDS = [
+    "Hello",
+    " 世界",
+    "，",
+    " stream",
+    "ing",
+    " 🚀",
+    " 数据",
+    " is",
+    " fine",
+    "。",
+    "\n",
+    " ok",
+]
 
 
 def make_stream(n_chunks: int) -> bytes:
@@ -154,15 +167,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--openai-chunks", type=int, default=50_000,
-                        help="the openai path is ~100x slower; measure it on fewer chunks")
+    parser.add_argument(
+        "--openai-chunks",
+        type=int,
+        default=50_000,
+        help="the openai path is ~100x slower; measure it on fewer chunks",
+    )
     args = parser.parse_args()
 
     blob = make_stream(args.chunks)
     parts = reads(blob)
     small = reads(make_stream(min(args.openai_chunks, args.chunks)))
-    print(f"stream: {args.chunks:,} chunks, {len(blob) / 2**20:.1f} MiB, "
-          f"{len(parts):,} reads of {READ_SIZE} B; median of {args.repeat} runs")
+    print(
+        f"stream: {args.chunks:,} chunks, {len(blob) / 2**20:.1f} MiB, "
+        f"{len(parts):,} reads of {READ_SIZE} B; median of {args.repeat} runs"
+    )
 
     rows: dict[str, float] = {}
     for name, fn, data, rep in [

@@ -16,6 +16,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="unbroken: wh
 def root() -> None:
     """Streaming chat completions that arrive whole."""
 
+
 # A recorded deepseek-chat stream (protocol.md TV01 shape) with multi-byte characters, so
 # the demo shows reads cut inside UTF-8 characters reassembled exactly.
 _HEAD = (

@@ -112,7 +112,8 @@ class SSEDecoder:
             if data:
                 self._pending_size += len(data)
                 if self._pending_size > self._max:
-                    raise self._oversize(data)
+                    self._error = self._oversize(data)
+                    raise self._error
                 self._pending.append(data)
             return []
         if self._pending:

@@ -19,11 +19,11 @@ from unbroken.core.wire import (
     ChatCompletion,
     ChatCompletionChunk,
     ErrorObject,
-    parse_error_object,
     completion_to_chunks,
     decode_chunk,
     decode_completion,
     excerpt,
+    parse_error_object,
     upstream_error_from_object,
 )
 from unbroken.errors import ProtocolError, UnbrokenError, UpstreamError
@@ -173,7 +173,7 @@ class ChatStreamDecoder:
                 self.n_comments += 1
             elif type(item) is IgnoredField:
                 # Legacy llama.cpp reports errors as a non-standard `error:` field line.
-                error = parse_error_object(item.value) if item.name == "error" else None
+                error = parse_error_object(item.value, bare=True) if item.name == "error" else None
                 if error is not None:
                     self.error = upstream_error_from_object(error)
                     break

@@ -242,7 +242,7 @@ def _lenient(data: bytes | str, type_: type[Any]) -> Any:
         return None
     try:
         return msgspec.convert(obj, type_)
-    except msgspec.ValidationError:
+    except (msgspec.ValidationError, UnicodeError):  # its message may hold the surrogate
         return None
 
 
@@ -261,13 +261,16 @@ def _error_object(fields: dict[str, Any] | _ErrorFrame) -> ErrorObject:
     )
 
 
-def parse_error_object(data: bytes | str) -> ErrorObject | None:
+def parse_error_object(data: bytes | str, *, bare: bool = False) -> ErrorObject | None:
     """The error object in `data`, in any of the shapes of protocol.md §2.7, or None when
-    `data` is not JSON or holds no error."""
+    `data` is not JSON or holds no error. With `bare`, an object that is itself the error
+    (`{"code":400,"message":...}`, as llama.cpp's legacy `error:` line carries) counts too."""
     try:
         frame = _frame_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
+    if bare and frame.error is None and isinstance(frame.message, str):
+        return _error_object(frame)
     if isinstance(frame.error, dict):
         return _error_object(frame.error)
     if isinstance(frame.error, str) and frame.error:
@@ -277,7 +280,9 @@ def parse_error_object(data: bytes | str) -> ErrorObject | None:
     return None
 
 
-def upstream_error_from_object(error: ErrorObject, *, status_code: int = 200) -> UpstreamStreamError:
+def upstream_error_from_object(
+    error: ErrorObject, *, status_code: int = 200
+) -> UpstreamStreamError:
     """Build the typed error for an error object received inside a stream."""
     message = error.message or error.type or "the upstream reported an error"
     return UpstreamStreamError(
@@ -428,7 +433,9 @@ def completion_to_chunks(completion: ChatCompletion) -> list[ChatCompletionChunk
             ChatCompletionChunk(
                 **head,
                 choices=[
-                    ChunkChoice(index=choice.index, delta=Delta(), finish_reason=choice.finish_reason)
+                    ChunkChoice(
+                        index=choice.index, delta=Delta(), finish_reason=choice.finish_reason
+                    )
                 ],
             )
         )

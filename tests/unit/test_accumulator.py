@@ -1,0 +1,380 @@
+"""Unit tests of core.accumulator and core.wire: folding, replay, tolerance, decoding."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from unbroken.core.accumulator import ChunkAccumulator, join_text
+from unbroken.core.events import ReasoningEvent, RoleEvent, TextEvent, ToolCallEvent
+from unbroken.core.stream import fold
+from unbroken.core.wire import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Choice,
+    ChoiceLogprobs,
+    ChunkChoice,
+    CompletionTokensDetails,
+    Delta,
+    ErrorObject,
+    Function,
+    FunctionDelta,
+    Message,
+    TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
+    TopLogprob,
+    Usage,
+    completion_to_chunks,
+    decode_chunk,
+    decode_completion,
+    decode_error_body,
+    excerpt,
+    parse_error_object,
+)
+from unbroken.errors import ProtocolError, UpstreamStreamError
+
+_texts = st.one_of(st.none(), st.text(max_size=20))
+_logprob = st.builds(
+    TokenLogprob,
+    token=st.text(max_size=4),
+    logprob=st.floats(-20, 0),
+    bytes=st.one_of(st.none(), st.lists(st.integers(0, 255), max_size=3)),
+    top_logprobs=st.lists(
+        st.builds(TopLogprob, token=st.text(max_size=3), logprob=st.floats(-20, 0))
+    ),
+)
+_tool_call = st.builds(
+    ToolCall,
+    id=st.text(min_size=1, max_size=8),
+    type=st.just("function"),
+    function=st.builds(
+        Function, name=st.text(min_size=1, max_size=8), arguments=st.text(max_size=20)
+    ),
+)
+_usage = st.builds(
+    Usage,
+    prompt_tokens=st.integers(0, 10**6),
+    completion_tokens=st.integers(0, 10**6),
+    total_tokens=st.integers(0, 10**6),
+    prompt_cache_hit_tokens=st.one_of(st.none(), st.integers(0, 10**6)),
+    prompt_cache_miss_tokens=st.one_of(st.none(), st.integers(0, 10**6)),
+    completion_tokens_details=st.one_of(
+        st.none(), st.builds(CompletionTokensDetails, reasoning_tokens=st.integers(0, 100))
+    ),
+)
+
+
+@st.composite
+def completions(draw: st.DrawFn) -> ChatCompletion:
+    indexes = sorted(draw(st.sets(st.integers(0, 5), min_size=1, max_size=3)))
+    choices = [
+        Choice(
+            index=i,
+            message=Message(
+                content=draw(_texts),
+                reasoning_content=draw(_texts),
+                tool_calls=draw(st.one_of(st.none(), st.lists(_tool_call, min_size=1, max_size=3))),
+                refusal=draw(st.one_of(st.none(), st.text(max_size=5))),
+            ),
+            logprobs=draw(
+                st.one_of(
+                    st.none(),
+                    st.builds(
+                        ChoiceLogprobs,
+                        content=st.one_of(st.none(), st.lists(_logprob, max_size=3)),
+                        reasoning_content=st.one_of(st.none(), st.lists(_logprob, max_size=2)),
+                    ),
+                )
+            ),
+            finish_reason=draw(st.sampled_from(["stop", "length", "tool_calls", "content_filter"])),
+        )
+        for i in indexes
+    ]
+    return ChatCompletion(
+        id=draw(st.text(min_size=1, max_size=10)),
+        created=draw(st.integers(1, 2**31)),
+        model=draw(st.sampled_from(["deepseek-chat", "deepseek-reasoner"])),
+        system_fingerprint=draw(st.one_of(st.none(), st.text(min_size=1, max_size=8))),
+        choices=choices,
+        usage=draw(st.one_of(st.none(), _usage)),
+    )
+
+
+@settings(max_examples=300)
+@given(completions())
+def test_folding_replayed_chunks_gives_the_completion_back(completion: ChatCompletion) -> None:
+    """Folding the chunks of a completion gives the completion back, field for field."""
+    assert fold(completion_to_chunks(completion)) == completion
+
+
+@settings(max_examples=200)
+@given(completions())
+def test_fold_survives_the_json_round_trip(completion: ChatCompletion) -> None:
+    """Encoding chunks to JSON and decoding them again folds to the same completion."""
+    chunks = [decode_chunk(msgspec.json.encode(c)) for c in completion_to_chunks(completion)]
+    assert fold(chunks) == completion
+    assert decode_completion(msgspec.json.encode(completion)) == completion
+
+
+@settings(max_examples=200)
+@given(st.text(max_size=30), st.lists(st.integers(1, 6), max_size=10))
+def test_text_split_into_any_deltas_folds_to_the_text(text: str, sizes: list[int]) -> None:
+    """However the text is cut into deltas, events and fold both give it back whole."""
+    acc = ChunkAccumulator()
+    pieces, rest = [], text
+    for size in sizes:
+        pieces.append(rest[:size])
+        rest = rest[size:]
+    pieces.append(rest)
+    seen = []
+    for piece in pieces:
+        chunk = ChatCompletionChunk(choices=[ChunkChoice(delta=Delta(content=piece))])
+        seen += [e.text for e in acc.feed_events(chunk) if isinstance(e, TextEvent)]
+    assert "".join(seen) == text == acc.content()
+
+
+def test_tool_call_fragments_fold_by_index() -> None:
+    """id, type and name come from the first fragment; arguments concatenate per index."""
+    acc = ChunkAccumulator()
+    fragments = [
+        [ToolCallDelta(index=0, id="a", type="function", function=FunctionDelta("f", ""))],
+        [ToolCallDelta(index=1, id="b", type="function", function=FunctionDelta("g", "{"))],
+        [ToolCallDelta(index=0, id="ignored", function=FunctionDelta("h", '{"x":'))],
+        [ToolCallDelta(index=0, function=FunctionDelta(arguments="1}"))],
+        [ToolCallDelta(index=1, function=FunctionDelta(arguments="}")), ToolCallDelta()],
+        [ToolCallDelta(index=1)],
+    ]
+    for tools in fragments:
+        acc.feed(ChatCompletionChunk(choices=[ChunkChoice(delta=Delta(tool_calls=tools))]))
+    calls = acc.completion().choices[0].message.tool_calls
+    assert calls == [
+        ToolCall(id="a", function=Function("f", '{"x":1}')),
+        ToolCall(id="b", function=Function("g", "{}")),
+    ]
+
+
+def test_tool_call_without_index_uses_array_position() -> None:
+    """Whole tool calls without `index` (some servers) are keyed by position."""
+    acc = ChunkAccumulator()
+    tools = [
+        ToolCallDelta(id="x", function=FunctionDelta("f", "{}")),
+        ToolCallDelta(id="y", function=FunctionDelta("g", "[]")),
+    ]
+    events = acc.feed_events(
+        ChatCompletionChunk(choices=[ChunkChoice(delta=Delta(tool_calls=tools))])
+    )
+    assert [e.tool_index for e in events if isinstance(e, ToolCallEvent)] == [0, 1]
+    calls = acc.completion().choices[0].message.tool_calls or []
+    assert [c.id for c in calls] == ["x", "y"]
+
+
+def test_role_is_announced_once_and_ollama_reasoning_is_read() -> None:
+    """A repeated role is one event; `reasoning` counts as reasoning_content."""
+    acc = ChunkAccumulator()
+    events = []
+    for delta in [
+        Delta(role="assistant", reasoning="think"),
+        Delta(role="assistant", content="hi"),
+    ]:
+        events += acc.feed_events(ChatCompletionChunk(choices=[ChunkChoice(delta=delta)]))
+    assert events == [RoleEvent(0, "assistant"), ReasoningEvent(0, "think"), TextEvent(0, "hi")]
+    assert acc.reasoning() == "think"
+
+
+def test_head_fields_first_non_empty_wins() -> None:
+    """Azure's empty first chunk and annotation chunks change neither id nor model."""
+    acc = ChunkAccumulator()
+    acc.feed(ChatCompletionChunk(id="", model="", choices=[]))
+    acc.feed(
+        ChatCompletionChunk(id="c9", model="gpt", created=5, system_fingerprint="fp", choices=[])
+    )
+    acc.feed(ChatCompletionChunk(id="", model="", choices=[ChunkChoice(index=0)]))
+    done = acc.completion()
+    assert (done.id, done.model, done.created, done.system_fingerprint) == ("c9", "gpt", 5, "fp")
+    assert done.choices == []
+    assert not acc.all_finished
+
+
+def test_last_usage_wins_and_absent_usage_never_clears() -> None:
+    """A later usage replaces an earlier one; a chunk without usage keeps it."""
+    acc = ChunkAccumulator()
+    acc.feed(ChatCompletionChunk(id="a", usage=Usage(1, 1, 2)))
+    acc.feed(ChatCompletionChunk(id="a", usage=Usage(3, 1, 4)))
+    acc.feed(ChatCompletionChunk(id="a"))
+    assert acc.usage == Usage(3, 1, 4)
+
+
+def test_split_surrogate_pair_is_rejoined() -> None:
+    """`\\ud83d` then `\\ude80` in separate chunks become one emoji in events and fold."""
+    acc = ChunkAccumulator()
+    seen = []
+    for raw in [rb'"a\ud83d"', rb'"\ude80b"', rb'"\ud83d"']:
+        chunk = decode_chunk(b'{"choices":[{"delta":{"content":' + raw + b"}}]}")
+        seen += [e.text for e in acc.feed_events(chunk) if isinstance(e, TextEvent)]
+    assert seen == ["a", "\U0001f680b"]
+    assert acc.content() == "a\U0001f680b\ufffd"
+
+
+def test_join_text_fast_paths() -> None:
+    """ASCII and valid non-ASCII text are returned unchanged."""
+    assert join_text(["a", "b"]) == "ab"
+    assert join_text(["世", "界"]) == "世界"
+
+
+def test_queries_on_unknown_choice() -> None:
+    """Queries about a choice that never started return neutral values."""
+    acc = ChunkAccumulator()
+    assert (acc.content(3), acc.reasoning(3), acc.finish_reason(3)) == ("", "", None)
+    assert not acc.has_output
+    acc.feed(ChatCompletionChunk(choices=[ChunkChoice(delta=Delta(content=""))]))
+    after_empty_text = acc.has_output
+    acc.feed(ChatCompletionChunk(choices=[ChunkChoice(delta=Delta(tool_calls=[ToolCallDelta()]))]))
+    after_tool_call = acc.has_output
+    assert (after_empty_text, after_tool_call) == (False, True)
+    assert acc.indexes == [0]
+
+
+def test_finish_reason_later_value_replaces() -> None:
+    """A later non-null finish_reason replaces an earlier one; null never clears it."""
+    acc = ChunkAccumulator()
+    for reason in ["length", None, "stop"]:
+        acc.feed(ChatCompletionChunk(choices=[ChunkChoice(delta=Delta(), finish_reason=reason)]))
+    assert acc.finish_reason() == "stop"
+    assert acc.all_finished
+
+
+# -- wire decoding -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "message", "code"),
+    [
+        (
+            b'{"error":{"message":"boom","type":"server_error","code":"internal"}}',
+            "boom",
+            "internal",
+        ),
+        (
+            b'{"object":"error","message":"too long","type":"BadRequestError","code":400}',
+            "too long",
+            400,
+        ),
+        (b'{"error":"plain text error"}', "plain text error", None),
+        (b'{"error":{"message":"m","param":["odd"],"code":{"n":1}}}', "m", '{"n": 1}'),
+        (b'{"error":{"message":"m","code":true}}', "m", "true"),
+    ],
+)
+def test_every_error_shape_becomes_a_typed_error(data: bytes, message: str, code: object) -> None:
+    """Error frames of every shape raise UpstreamStreamError with the provider's fields."""
+    with pytest.raises(UpstreamStreamError) as info:
+        decode_chunk(data)
+    assert message in info.value.message
+    assert info.value.error_code == code
+    assert info.value.status_code == 200
+    with pytest.raises(UpstreamStreamError):
+        decode_chunk(data.decode())
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (
+            ErrorObject("This model's maximum context length is 65536 tokens"),
+            "context_length_exceeded",
+        ),
+        (ErrorObject("slow down", type="rate_limit_error"), "rate_limited"),
+        (ErrorObject("overloaded", type="overloaded_error"), "overloaded"),
+        (ErrorObject("bad", code=400), "bad_request"),
+        (ErrorObject("bad", type="invalid_request_error"), "bad_request"),
+        (ErrorObject("Internal server error", type="server_error"), "server_error"),
+    ],
+)
+def test_error_kinds(error: ErrorObject, kind: str) -> None:
+    """Error objects are classified for the retry policy."""
+    from unbroken.core.wire import upstream_error_from_object
+
+    assert upstream_error_from_object(error).kind == kind
+    assert upstream_error_from_object(ErrorObject(), status_code=500).kind == "unknown"
+
+
+def test_finish_reason_error_is_not_an_error_frame() -> None:
+    """`"finish_reason":"error"` (OpenRouter) is a chunk, not an error frame."""
+    chunk = decode_chunk(b'{"id":"x","choices":[{"index":0,"delta":{},"finish_reason":"error"}]}')
+    assert chunk.choices[0].finish_reason == "error"
+    assert parse_error_object(b"not json") is None
+    assert parse_error_object(b'{"error":null}') is None
+
+
+def test_malformed_chunk_quotes_an_excerpt() -> None:
+    """Invalid JSON raises ProtocolError whose message quotes a short excerpt."""
+    with pytest.raises(ProtocolError) as info:
+        decode_chunk(b'{"id":"x","choices":[{"delta":{"content":"Hel' + b"l" * 500)
+    assert info.value.excerpt.startswith('{"id":"x"')
+    assert len(info.value.excerpt) <= 120
+    with pytest.raises(ProtocolError):
+        decode_chunk(b'{"choices":"not a list"}')
+    with pytest.raises(ProtocolError):
+        decode_chunk('{"choices":[{"index":"\\ud83d"}]}')
+
+
+def test_unknown_fields_are_ignored() -> None:
+    """obfuscation, timings, content_filter_results, stop_reason... change nothing."""
+    chunk = decode_chunk(
+        b'{"id":"c","obfuscation":"x","timings":{"a":1},"service_tier":"default",'
+        b'"choices":[{"index":0,"stop_reason":null,"content_filter_results":{},'
+        b'"delta":{"content":"hi","annotations":[]}}]}'
+    )
+    assert chunk.choices[0].delta is not None
+    assert chunk.choices[0].delta.content == "hi"
+
+
+def test_decode_completion_edges() -> None:
+    """Keep-alive newlines and a trailing [DONE] are tolerated; empty and errors raise."""
+    body = b'\n\n\n{"id":"c","choices":[{"message":{"content":"OK"},"finish_reason":"stop"}]}'
+    assert decode_completion(body + b"\n\ndata: [DONE]\n\n").choices[0].message.content == "OK"
+    assert decode_completion(body.decode()).id == "c"
+    with pytest.raises(ProtocolError, match="empty body"):
+        decode_completion(b"\n\n\n\n")
+    with pytest.raises(UpstreamStreamError):
+        decode_completion(b'{"error":{"message":"Insufficient Balance"}}')
+    with pytest.raises(ProtocolError, match="malformed completion"):
+        decode_completion(b'{"choices": 3}')
+    lone = decode_completion(b'{"choices":[{"message":{"content":"\\ud83d"}}]}')
+    assert lone.choices[0].message.content == "\ud83d"
+
+
+def test_decode_error_body_shapes() -> None:
+    """JSON errors, HTML titles and plain text all give a message."""
+    assert decode_error_body(b'{"error":{"message":"Rate limit reached"}}').message == (
+        "Rate limit reached"
+    )
+    html = b"<html>\r\n<head><title>503 Service Temporarily Unavailable</title></head></html>"
+    assert decode_error_body(html).message == "503 Service Temporarily Unavailable"
+    assert decode_error_body(b"upstream connect error\nmore").message == "upstream connect error"
+    assert decode_error_body(b"").message == ""
+    assert decode_error_body(b"<title>unclosed").message == "<title>unclosed"
+
+
+def test_excerpt_is_short_and_printable() -> None:
+    """Excerpts escape line breaks and cut long input."""
+    assert excerpt(b"a\nb\rc") == "a\\nb\\rc"
+    assert len(excerpt("x" * 500)) == 120
+
+
+def test_replay_of_empty_completion() -> None:
+    """A completion with usage and no choices replays as one usage chunk."""
+    completion = ChatCompletion(id="u", usage=Usage(1, 2, 3))
+    chunks = completion_to_chunks(completion)
+    assert len(chunks) == 1
+    assert fold(chunks) == completion
+    assert completion_to_chunks(ChatCompletion(id="e")) == []
+
+
+def test_usage_reasoning_tokens_property() -> None:
+    """reasoning_tokens reads completion_tokens_details."""
+    assert Usage().reasoning_tokens is None
+    assert Usage(completion_tokens_details=CompletionTokensDetails(7)).reasoning_tokens == 7
+    assert Delta(reasoning="r").reasoning_text == "r"

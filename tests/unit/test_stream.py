@@ -1,0 +1,182 @@
+"""Unit tests of core.stream: body sniffing, [DONE], error frames, limits and end states."""
+
+from __future__ import annotations
+
+import pytest
+
+from unbroken.core.accumulator import ChunkAccumulator
+from unbroken.core.stream import ChatStreamDecoder, EndState, classify_end
+from unbroken.errors import ProtocolError, UpstreamStreamError
+
+HEAD = b'"id":"c1","object":"chat.completion.chunk","created":1,"model":"deepseek-chat"'
+
+
+def chunk(delta: bytes, finish: bytes = b"null") -> bytes:
+    return (
+        b"data: {"
+        + HEAD
+        + b',"choices":[{"index":0,"delta":'
+        + delta
+        + b',"finish_reason":'
+        + finish
+        + b"}]}\n\n"
+    )
+
+
+def run(
+    *reads: bytes, timed_out: bool = False
+) -> tuple[ChatStreamDecoder, ChunkAccumulator, EndState]:
+    decoder = ChatStreamDecoder()
+    acc = ChunkAccumulator()
+    for read in reads:
+        for c in decoder.feed(read):
+            acc.feed(c)
+    for c in decoder.flush():
+        acc.feed(c)
+    return decoder, acc, classify_end(acc, decoder, timed_out=timed_out).state
+
+
+def test_complete_stream() -> None:
+    """finish_reason and [DONE] make a complete stream."""
+    decoder, acc, state = run(
+        chunk(b'{"content":"Hi"}'), chunk(b"{}", b'"stop"'), b"data: [DONE]\n\n"
+    )
+    assert state is EndState.COMPLETE
+    assert decoder.done
+    assert acc.content() == "Hi"
+
+
+def test_input_after_done_is_ignored() -> None:
+    """Anything after [DONE] is not read."""
+    decoder, acc, _ = run(b"data: [DONE]\n\n" + chunk(b'{"content":"late"}'))
+    assert acc.content() == ""
+    assert decoder.feed(chunk(b'{"content":"x"}')) == []
+    assert decoder.flush() == []
+
+
+def test_keepalive_comments_counted_and_whitespace_data_ignored() -> None:
+    """Comments are counted, whitespace-only data and other event types ignored."""
+    decoder, acc, state = run(
+        b": keep-alive\n\n: keep-alive\n\ndata:  \n\nevent: ping\ndata: {}\n\n"
+        + chunk(b'{"content":"a"}')
+    )
+    assert decoder.n_comments == 2
+    assert decoder.n_ignored == 1
+    assert state is EndState.TRUNCATED
+    assert acc.content() == "a"
+
+
+def test_error_event_type() -> None:
+    """`event: error` with JSON or plain text becomes an upstream error."""
+    decoder, _, state = run(
+        b'event: error\ndata: {"error":{"message":"overloaded","type":"overloaded_error"}}\n\n'
+    )
+    assert state is EndState.ERROR
+    assert isinstance(decoder.error, UpstreamStreamError)
+    assert decoder.error.error_type == "overloaded_error"
+    decoder, _, _ = run(b"event: error\ndata: it broke\n\n")
+    assert decoder.error is not None
+    assert "it broke" in decoder.error.message
+
+
+def test_legacy_error_field_line() -> None:
+    """llama.cpp's `error:` field line is an error; other ignored fields are counted."""
+    decoder, _, state = run(
+        b'foo: 1\nerror: {"code":400,"message":"too big","type":"invalid_request_error"}\n\ndata: [DONE]\n\n'
+    )
+    assert state is EndState.ERROR
+    assert decoder.n_ignored == 1
+    assert isinstance(decoder.error, UpstreamStreamError)
+    assert decoder.error.error_code == 400
+    decoder, _, _ = run(b"error: not json\n\n")
+    assert decoder.error is None
+
+
+def test_malformed_chunk_keeps_earlier_chunks() -> None:
+    """A malformed chunk ends the stream with an error; chunks before it are kept."""
+    decoder, acc, state = run(
+        chunk(b'{"content":"Hel"}') + b"data: {not json\n\n" + chunk(b'{"content":"x"}')
+    )
+    assert acc.content() == "Hel"
+    assert isinstance(decoder.error, ProtocolError)
+    assert state is EndState.ERROR
+
+
+def test_oversize_event_is_a_protocol_error() -> None:
+    """An event past the limit ends the stream with ProtocolError, also at flush."""
+    decoder = ChatStreamDecoder(max_event_bytes=1024)
+    assert decoder.feed(b"data: " + b"x" * 2000) == []
+    assert isinstance(decoder.error, ProtocolError)
+    decoder = ChatStreamDecoder(max_event_bytes=1024)
+    decoder.feed(chunk(b'{"content":"ok"}') + b"data: " + b"y" * 2000 + b"\n")
+    assert decoder.error is None
+    assert decoder.flush() == []
+    assert isinstance(decoder.error, ProtocolError)
+
+
+def test_json_body_despite_stream() -> None:
+    """A whole JSON completion (after keep-alive newlines) is replayed as chunks."""
+    body = b'{"id":"c2","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"Hi there"},"finish_reason":"stop"}]}'
+    decoder, acc, state = run(b"\n", b"\n", body[:20], body[20:])
+    assert decoder.is_json_body
+    assert acc.content() == "Hi there"
+    assert state is EndState.COMPLETE
+    assert not classify_end(acc, decoder).no_done
+
+
+def test_json_body_errors_and_limit() -> None:
+    """A JSON error body is an upstream error; an empty body is retryable; size is bounded."""
+    decoder, _, state = run(b'{"error":{"message":"Insufficient Balance"}}')
+    assert isinstance(decoder.error, UpstreamStreamError)
+    assert state is EndState.ERROR
+    decoder, _, _ = run(b"\n\n\n\n")
+    assert isinstance(decoder.error, ProtocolError)
+    decoder, _, _ = run()
+    assert isinstance(decoder.error, ProtocolError)
+    decoder = ChatStreamDecoder(max_event_bytes=1024)
+    decoder.feed(b"{" + b" " * 2000)
+    assert isinstance(decoder.error, ProtocolError)
+    assert decoder.feed(b"}") == []
+
+
+def test_leading_blank_lines_before_sse() -> None:
+    """Blank lines before an SSE stream are kept and harmless."""
+    decoder, acc, _ = run(b"\n\n", b"\r\n" + chunk(b'{"content":"a"}'))
+    assert not decoder.is_json_body
+    assert acc.content() == "a"
+
+
+def test_unterminated_done_is_salvaged() -> None:
+    """`data: [DONE]` without its blank line still counts as done."""
+    decoder, _, state = run(chunk(b'{"content":"Hi"}', b'"stop"') + b"data: [DONE]")
+    assert decoder.done
+    assert state is EndState.COMPLETE
+    decoder, _, state = run(chunk(b'{"content":"Hi"}') + b"data: {partial")
+    assert not decoder.done
+    assert state is EndState.TRUNCATED
+
+
+@pytest.mark.parametrize(
+    ("reads", "timed_out", "expected", "flags"),
+    [
+        ((chunk(b'{"content":"a"}', b'"stop"'),), False, EndState.COMPLETE, (True, False)),
+        ((chunk(b'{"content":"a"}'), b"data: [DONE]\n\n"), False, EndState.COMPLETE, (False, True)),
+        (
+            (chunk(b'{"content":"a"}', b'"insufficient_system_resource"'),),
+            False,
+            EndState.INTERRUPTED,
+            (False, False),
+        ),
+        ((chunk(b'{"content":"a"}'),), True, EndState.STALLED, (False, False)),
+        ((chunk(b'{"content":"a"}'),), False, EndState.TRUNCATED, (False, False)),
+        ((b": keep-alive\n\n",), False, EndState.TRUNCATED, (False, False)),
+    ],
+)
+def test_end_states(
+    reads: tuple[bytes, ...], timed_out: bool, expected: EndState, flags: tuple[bool, bool]
+) -> None:
+    """Each combination of finish, [DONE], EOF and timeout maps to its end state."""
+    decoder, acc, state = run(*reads, timed_out=timed_out)
+    assert state is expected
+    end = classify_end(acc, decoder, timed_out=timed_out)
+    assert (end.no_done, end.missing_finish) == flags
