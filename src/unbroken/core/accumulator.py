@@ -27,7 +27,7 @@ from unbroken.core.wire import (
     Usage,
 )
 
-__all__ = ["ChunkAccumulator", "join_text"]
+__all__ = ["ChunkAccumulator", "EventSplitter", "join_text"]
 
 # Theory of operation
 # -------------------
@@ -57,10 +57,8 @@ class _Tool:
 
 class _Choice:
     __slots__ = (
-        "announced",
         "content",
         "finish_reason",
-        "held",
         "logprobs",
         "logprobs_content",
         "logprobs_reasoning",
@@ -72,7 +70,6 @@ class _Choice:
 
     def __init__(self) -> None:
         self.role: str | None = None
-        self.announced = False
         self.content: list[str] | None = None
         self.reasoning: list[str] | None = None
         self.refusal: list[str] | None = None
@@ -81,8 +78,6 @@ class _Choice:
         self.logprobs_content: list[TokenLogprob] | None = None
         self.logprobs_reasoning: list[TokenLogprob] | None = None
         self.finish_reason: str | None = None
-        # A high surrogate held back from the events (text, reasoning) until its pair arrives.
-        self.held = ["", ""]
 
 
 def join_text(pieces: list[str]) -> str:
@@ -102,6 +97,73 @@ def _is_high_surrogate(text: str) -> bool:
     return "\ud800" <= text[-1] <= "\udbff"
 
 
+class EventSplitter:
+    """Turns chunks into chat events, in order: per choice its role (first time only),
+    reasoning, text, tool-call fragments, finish; then usage. Empty text is not an event,
+    and a trailing UTF-16 high surrogate is held back until its pair arrives."""
+
+    __slots__ = ("_held", "_roles")
+
+    def __init__(self) -> None:
+        self._roles: set[int] = set()
+        self._held: dict[tuple[int, int], str] = {}
+
+    def split(self, chunk: ChatCompletionChunk) -> list[ChatEvent]:
+        """The events of one chunk."""
+        events: list[ChatEvent] = []
+        for choice in chunk.choices:
+            delta = choice.delta
+            index = choice.index
+            if delta is not None:
+                if delta.role is not None and index not in self._roles:
+                    self._roles.add(index)
+                    events.append(RoleEvent(index, delta.role))
+                reasoning = self._release(index, 1, delta.reasoning_text)
+                if reasoning:
+                    events.append(ReasoningEvent(index, reasoning))
+                text = self._release(index, 0, delta.content)
+                if text:
+                    events.append(TextEvent(index, text))
+                for position, fragment in enumerate(delta.tool_calls or ()):
+                    function = fragment.function
+                    events.append(
+                        ToolCallEvent(
+                            index,
+                            position if fragment.index is None else fragment.index,
+                            (function.arguments or "") if function is not None else "",
+                            id=fragment.id,
+                            name=function.name if function is not None else None,
+                            call_type=fragment.type,
+                        )
+                    )
+            if choice.finish_reason is not None:
+                events.append(FinishEvent(index, choice.finish_reason))
+        usage = chunk.usage
+        if usage is not None:
+            events.append(
+                UsageEvent(
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    usage.total_tokens,
+                    usage.prompt_cache_hit_tokens,
+                    usage.prompt_cache_miss_tokens,
+                    usage.reasoning_tokens,
+                )
+            )
+        return events
+
+    def _release(self, index: int, slot: int, text: str | None) -> str:
+        if not text:
+            return ""
+        held = self._held.pop((index, slot), "")
+        if held:
+            text = held + text
+        if _is_high_surrogate(text):
+            self._held[(index, slot)] = text[-1]
+            text = text[:-1]
+        return join_text([text]) if held else text
+
+
 class ChunkAccumulator:
     """Folds the chunks of one answer into a `ChatCompletion`.
 
@@ -112,10 +174,20 @@ class ChunkAccumulator:
     non-streamed request for the same answer.
     """
 
-    __slots__ = ("_choices", "created", "id", "model", "n_chunks", "system_fingerprint", "usage")
+    __slots__ = (
+        "_choices",
+        "_splitter",
+        "created",
+        "id",
+        "model",
+        "n_chunks",
+        "system_fingerprint",
+        "usage",
+    )
 
     def __init__(self) -> None:
         self._choices: dict[int, _Choice] = {}
+        self._splitter = EventSplitter()
         self.id = ""
         self.model = ""
         self.created = 0
@@ -201,68 +273,9 @@ class ChunkAccumulator:
             state.logprobs_reasoning.extend(logprobs.reasoning_content)
 
     def feed_events(self, chunk: ChatCompletionChunk) -> list[ChatEvent]:
-        """Fold one chunk and return the chat events it carries, in order: per choice role
-        (first time only), reasoning, text, tool-call fragments, finish; then usage.
-        Empty text is not an event; a trailing high surrogate is held until its pair."""
+        """Fold one chunk and return the chat events it carries (see `EventSplitter`)."""
         self.feed(chunk)
-        events: list[ChatEvent] = []
-        for choice in chunk.choices:
-            delta = choice.delta
-            index = choice.index
-            state = self._choices.get(index)
-            if state is None:
-                continue
-            if delta is not None:
-                if state.role is not None and not state.announced:
-                    state.announced = True
-                    events.append(RoleEvent(index, state.role))
-                reasoning = self._release(state, 1, delta.reasoning_text)
-                if reasoning:
-                    events.append(ReasoningEvent(index, reasoning))
-                text = self._release(state, 0, delta.content)
-                if text:
-                    events.append(TextEvent(index, text))
-                for position, fragment in enumerate(delta.tool_calls or ()):
-                    function = fragment.function
-                    events.append(
-                        ToolCallEvent(
-                            index,
-                            position if fragment.index is None else fragment.index,
-                            (function.arguments or "") if function is not None else "",
-                            id=fragment.id,
-                            name=function.name if function is not None else None,
-                            call_type=fragment.type,
-                        )
-                    )
-            if choice.finish_reason is not None:
-                events.append(FinishEvent(index, choice.finish_reason))
-        usage = chunk.usage
-        if usage is not None:
-            events.append(
-                UsageEvent(
-                    usage.prompt_tokens,
-                    usage.completion_tokens,
-                    usage.total_tokens,
-                    usage.prompt_cache_hit_tokens,
-                    usage.prompt_cache_miss_tokens,
-                    usage.reasoning_tokens,
-                )
-            )
-        return events
-
-    @staticmethod
-    def _release(state: _Choice, slot: int, text: str | None) -> str:
-        if not text:
-            return ""
-        held = state.held[slot]
-        if held:
-            text = held + text
-        if _is_high_surrogate(text):
-            state.held[slot] = text[-1]
-            text = text[:-1]
-        else:
-            state.held[slot] = ""
-        return join_text([text]) if held else text
+        return self._splitter.split(chunk)
 
     # -- queries -------------------------------------------------------------------------
 
@@ -270,6 +283,15 @@ class ChunkAccumulator:
     def indexes(self) -> list[int]:
         """The indexes of the choices started so far, ascending."""
         return sorted(self._choices)
+
+    def role(self, index: int = 0) -> str | None:
+        """The role choice `index` announced, if any."""
+        state = self._choices.get(index)
+        return None if state is None else state.role
+
+    def discard(self, index: int) -> None:
+        """Forget choice `index` (the consumer was told to discard it: a restart)."""
+        self._choices.pop(index, None)
 
     def finish_reason(self, index: int = 0) -> str | None:
         """The finish_reason of choice `index` so far (None while it runs)."""

@@ -1,4 +1,6 @@
-"""Events of the SSE layer and of the chat layer; a leaf module (imports only msgspec).
+"""Events of the SSE layer, the chat layer and the control layer (retries, resumes...).
+
+Imports msgspec and core.wire only.
 
 These are msgspec Structs rather than frozen dataclasses: one is created per streamed chunk,
 and a frozen dataclass costs ~1 us to build (object.__setattr__ per field) against ~0.1 us.
@@ -11,13 +13,21 @@ from typing import Literal
 
 import msgspec
 
+from unbroken.core.wire import ChatCompletion
+
 __all__ = [
     "ChatEvent",
     "Comment",
+    "ControlEvent",
+    "DoneEvent",
+    "FellBackEvent",
     "FinishEvent",
     "IgnoredField",
     "IncompleteEvent",
     "ReasoningEvent",
+    "RestartedEvent",
+    "ResumedEvent",
+    "RetryingEvent",
     "RoleEvent",
     "SSEEvent",
     "SSEItem",
@@ -126,3 +136,55 @@ class UsageEvent(msgspec.Struct, frozen=True, gc=False):
 
 
 ChatEvent = RoleEvent | TextEvent | ReasoningEvent | ToolCallEvent | FinishEvent | UsageEvent
+
+
+class RetryingEvent(msgspec.Struct, frozen=True, gc=False):
+    """An attempt failed before anything was shown; another starts after `delay_s`."""
+
+    attempt: int
+    delay_s: float
+    error: str
+    route: str
+    type: Literal["retrying"] = "retrying"
+
+
+class ResumedEvent(msgspec.Struct, frozen=True, gc=False):
+    """The answer broke after `offset` characters of choice `index` were shown; a
+    continuation on `route` sends only the rest."""
+
+    attempt: int
+    route: str
+    index: int
+    offset: int
+    error: str
+    type: Literal["resumed"] = "resumed"
+
+
+class FellBackEvent(msgspec.Struct, frozen=True, gc=False):
+    """Route `from_route` failed; the answer continues on `to_route`."""
+
+    attempt: int
+    from_route: str
+    to_route: str
+    error: str
+    type: Literal["fell_back"] = "fell_back"
+
+
+class RestartedEvent(msgspec.Struct, frozen=True, gc=False):
+    """The answer of choice `index` starts over: discard what was shown of it."""
+
+    attempt: int
+    index: int
+    route: str
+    error: str
+    type: Literal["restarted"] = "restarted"
+
+
+ControlEvent = RetryingEvent | ResumedEvent | FellBackEvent | RestartedEvent
+
+
+class DoneEvent(msgspec.Struct, frozen=True, gc=False):
+    """The answer is complete; `completion` is the whole of it (a ChatCompletion)."""
+
+    completion: ChatCompletion
+    type: Literal["done"] = "done"

@@ -15,6 +15,8 @@ import msgspec
 from unbroken.errors import ErrorKind, ProtocolError, UpstreamStreamError
 
 __all__ = [
+    "AnswerMeta",
+    "AttemptInfo",
     "ChatCompletion",
     "ChatCompletionChunk",
     "Choice",
@@ -193,8 +195,54 @@ class Choice(msgspec.Struct, omit_defaults=True):
     finish_reason: str | None = None
 
 
+class AttemptInfo(msgspec.Struct, omit_defaults=True):
+    """One HTTP attempt behind an answer (see `AnswerMeta`)."""
+
+    route: str
+    model: str
+    kind: str
+    outcome: str
+    status_code: int | None = None
+    usage: Usage | None = None
+    usage_estimated: bool = False
+
+
+class AnswerMeta(msgspec.Struct, omit_defaults=True):
+    """What it took to deliver an answer (unbroken's addition to a completion).
+
+    Attributes:
+        route: the route that produced the end of the answer.
+        model: the model that did.
+        attempts: every HTTP attempt, in order.
+        retries, resumes, fallbacks, restarts: counts by kind.
+        cost_usd: cost of the billed usage (all attempts), from the price table.
+        cost_known: False when a model had no price.
+        usage_estimated: some attempt broke before reporting usage; its tokens were
+            estimated (see `unbroken.core.tokens`).
+        ttft_s: time to the first token shown.
+        duration_s: total time.
+    """
+
+    route: str = ""
+    model: str = ""
+    attempts: list[AttemptInfo] = []
+    retries: int = 0
+    resumes: int = 0
+    fallbacks: int = 0
+    restarts: int = 0
+    cost_usd: float = 0.0
+    cost_known: bool = True
+    usage_estimated: bool = False
+    ttft_s: float | None = None
+    duration_s: float = 0.0
+
+
 class ChatCompletion(msgspec.Struct, omit_defaults=True):
-    """A whole `chat.completion`: the non-streamed answer, or a folded stream."""
+    """A whole `chat.completion`: the non-streamed answer, or a folded stream.
+
+    `usage` is what was billed for the answer (every attempt, summed); `unbroken` (set by
+    the clients, None on the wire) says which routes and attempts produced it and its cost.
+    """
 
     id: str = ""
     object: str = "chat.completion"
@@ -203,6 +251,7 @@ class ChatCompletion(msgspec.Struct, omit_defaults=True):
     system_fingerprint: str | None = None
     choices: list[Choice] = []
     usage: Usage | None = None
+    unbroken: AnswerMeta | None = None
 
 
 class _ErrorFrame(msgspec.Struct):

@@ -1,0 +1,563 @@
+"""What Client and AsyncClient share: configuration, request building, route resolution,
+client-side rate limits, and AnswerRun - the bookkeeping around one answer's flow.
+
+No I/O here either: the sync and async drivers do the HTTP and the sleeping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from unbroken.core.accumulator import ChunkAccumulator
+from unbroken.core.attempt import Attempt, Timeouts
+from unbroken.core.backoff import RetryBudget, RetryPolicy
+from unbroken.core.breaker import BreakerState, CircuitBreaker
+from unbroken.core.events import (
+    ControlEvent,
+    FellBackEvent,
+    RestartedEvent,
+    ResumedEvent,
+    RetryingEvent,
+)
+from unbroken.core.flow import (
+    Action,
+    AttemptOutcome,
+    AttemptPlan,
+    Connect,
+    FlowOptions,
+    Sleep,
+    answer_flow,
+)
+from unbroken.core.pricing import Cost, PriceTable
+from unbroken.core.ratelimit import BucketState, TokenBucket
+from unbroken.core.resume import Dialect
+from unbroken.core.routes import Route, RouteHealth
+from unbroken.core.stream import EndState
+from unbroken.core.tokens import add_usage, estimate_prompt_tokens, estimate_usage
+from unbroken.core.wire import AnswerMeta, AttemptInfo, ChatCompletion, Usage
+from unbroken.errors import (
+    ConfigError,
+    InvalidRequestError,
+    UnbrokenError,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from unbroken.instrumentation import AnswerRecord, AttemptRecord, Hook, Hooks
+from unbroken.settings import DEFAULT_BASE_URL
+
+__all__ = ["AnswerRun", "ClientConfig", "RateLimit", "build_body"]
+
+# Completion tokens reserved against a tokens-per-minute limit when the request sets no
+# max_tokens; the real count replaces it when the usage arrives.
+DEFAULT_COMPLETION_ESTIMATE = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """Client-side limits, so a batch job stays under its quota instead of collecting 429s.
+
+    Attributes:
+        requests_per_minute: HTTP requests (attempts) per minute, or None.
+        tokens_per_minute: prompt + completion tokens per minute (estimated before the
+            request, corrected from the reported usage), or None.
+    """
+
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+
+
+class _Limiter:
+    """Bucket states behind a lock (the math is core.ratelimit)."""
+
+    def __init__(self, limit: RateLimit | None) -> None:
+        self._lock = threading.Lock()
+        self._requests = None
+        self._tokens = None
+        self._rstate: BucketState | None = None
+        self._tstate: BucketState | None = None
+        if limit is not None and limit.requests_per_minute:
+            self._requests = TokenBucket.per_minute(limit.requests_per_minute)
+        if limit is not None and limit.tokens_per_minute:
+            self._tokens = TokenBucket.per_minute(limit.tokens_per_minute)
+
+    @property
+    def active(self) -> bool:
+        return self._requests is not None or self._tokens is not None
+
+    def take(self, now: float, tokens: int) -> float:
+        """Take one request and `tokens` tokens; return how long to wait first (0: go).
+        A wait is returned without taking anything; call again after it."""
+        with self._lock:
+            wait = 0.0
+            r_new = t_new = None
+            if self._requests is not None:
+                state = self._rstate or self._requests.initial(now)
+                r_new, w = self._requests.take(state, 1, now)
+                wait = max(wait, w)
+            if self._tokens is not None and tokens:
+                state = self._tstate or self._tokens.initial(now)
+                cost = min(tokens, self._tokens.capacity)  # a huge request still gets through
+                t_new, w = self._tokens.take(state, cost, now)
+                wait = max(wait, w)
+            if wait == 0.0:
+                self._rstate = r_new or self._rstate
+                self._tstate = t_new or self._tstate
+            return wait
+
+    def correct(self, now: float, estimated: int, actual: int) -> None:
+        """Replace an estimate with the reported token count."""
+        if self._tokens is None or self._tstate is None or estimated == actual:
+            return
+        with self._lock:
+            if actual < estimated:
+                self._tstate = self._tokens.refund(self._tstate, estimated - actual, now)
+            else:
+                self._tstate = self._tokens.charge(self._tstate, actual - estimated, now)
+
+
+@dataclass(slots=True)
+class ClientConfig:
+    """Everything a client needs besides its HTTP pool (built by the constructors)."""
+
+    routes: list[Route]
+    timeouts: Timeouts
+    retry: RetryPolicy
+    budget: RetryBudget
+    prices: PriceTable
+    hooks: Hooks
+    limiter: _Limiter
+    breaker_threshold: int
+    breaker_cooldown_s: float
+    hold_tool_calls: bool
+    max_event_bytes: int
+    rng: random.Random
+    health: dict[str, RouteHealth] = field(default_factory=dict)
+    breaker_states: dict[str, BreakerState] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        api_key: str | None,
+        base_url: str | None,
+        dialect: Dialect,
+        routes: Sequence[Route] | None,
+        timeouts: Timeouts | None,
+        retry: RetryPolicy | None,
+        retry_budget: RetryBudget | None,
+        rate_limit: RateLimit | None,
+        prices: PriceTable | None,
+        hooks: Sequence[Hook],
+        breaker_threshold: int,
+        breaker_cooldown_s: float,
+        hold_tool_calls: bool,
+        max_event_bytes: int,
+        seed: int | None,
+        env_api_key: str | None,
+    ) -> ClientConfig:
+        if routes:
+            if api_key is not None or base_url is not None:
+                raise ConfigError("give either routes=[...] or api_key/base_url, not both")
+            route_list = list(routes)
+        else:
+            route_list = [
+                Route(
+                    name="default",
+                    base_url=base_url or DEFAULT_BASE_URL,
+                    api_key=api_key if api_key is not None else env_api_key,
+                    dialect=dialect,
+                )
+            ]
+        names = [r.name for r in route_list]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"route names must be unique, got {names}")
+        return cls(
+            routes=route_list,
+            timeouts=timeouts or Timeouts(),
+            retry=retry or RetryPolicy(),
+            budget=retry_budget or RetryBudget(),
+            prices=prices or PriceTable(),
+            hooks=Hooks(hooks),
+            limiter=_Limiter(rate_limit),
+            breaker_threshold=breaker_threshold,
+            breaker_cooldown_s=breaker_cooldown_s,
+            hold_tool_calls=hold_tool_calls,
+            max_event_bytes=max_event_bytes,
+            rng=random.Random(seed),  # noqa: S311 - backoff jitter, not cryptography
+        )
+
+    def route_health(self, route: Route) -> RouteHealth:
+        """The (shared) health of a route, created on first use."""
+        health = self.health.get(route.name)
+        if health is None:
+            health = RouteHealth(CircuitBreaker(self.breaker_threshold, self.breaker_cooldown_s))
+            self.health[route.name] = health
+        return health
+
+    def resolve_routes(self, fallbacks: Sequence[str | Route] | None) -> list[Route]:
+        """The routes for one request: the configured ones, then its own fallbacks.
+
+        A fallback is a Route, the name of a configured route, or a model name (asked for
+        on the first configured route).
+        """
+        resolved = list(self.routes)
+        by_name = {r.name: r for r in self.routes}
+        for item in fallbacks or ():
+            if isinstance(item, Route):
+                candidate = item
+            elif item in by_name:
+                candidate = by_name[item]
+            elif item:
+                candidate = self.routes[0].with_model(item)
+            else:
+                raise InvalidRequestError(f"fallbacks: {item!r} is neither a route nor a model")
+            if all(r.name != candidate.name for r in resolved):
+                resolved.append(candidate)
+        return resolved
+
+    def report_breakers(self, routes: Iterable[Route]) -> None:
+        """Tell the hooks about breakers that changed state."""
+        if not self.hooks:
+            return
+        for route in routes:
+            health = self.health.get(route.name)
+            if health is None:
+                continue
+            state = health.breaker.state
+            if self.breaker_states.get(route.name) is not state:
+                self.breaker_states[route.name] = state
+                self.hooks.breaker(route.name, state)
+
+
+_RESERVED = frozenset({"fallbacks", "restart"})
+
+
+def build_body(
+    model: str,
+    messages: Iterable[Any],
+    *,
+    stream: bool,
+    params: Mapping[str, Any],
+    extra_body: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The JSON body of a chat request; None-valued parameters are left out.
+
+    Raises:
+        InvalidRequestError: the model or the messages are missing or malformed.
+    """
+    given: object = model  # checked at run time: callers are not always type-checked
+    if not isinstance(given, str) or not given:
+        raise InvalidRequestError("model must be a non-empty string, e.g. 'deepseek-chat'")
+    msgs = []
+    for i, message in enumerate(messages):
+        item = message if isinstance(message, dict) else msgspec.to_builtins(message)
+        if not isinstance(item, dict) or "role" not in item:
+            raise InvalidRequestError(f"messages[{i}] must be an object with a 'role'")
+        msgs.append(item)
+    if not msgs:
+        raise InvalidRequestError("messages must hold at least one message")
+    body: dict[str, Any] = {"model": model, "messages": msgs}
+    for key, value in params.items():
+        if value is not None and key not in _RESERVED:
+            body[key] = value
+    if extra_body:
+        body.update(extra_body)
+    body["stream"] = True
+    if stream and "stream_options" not in body:
+        # Usage on the last chunk is how billing is known; DeepSeek sends it anyway.
+        body["stream_options"] = {"include_usage": True}
+    n = body.get("n", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InvalidRequestError(f"n must be a positive integer, got {n!r}")
+    return body
+
+
+def _texts(body: Mapping[str, Any]) -> list[str]:
+    texts = []
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts.extend(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return texts
+
+
+class AnswerRun:
+    """Bookkeeping around one answer: drives the flow, makes attempts, sums billing, builds
+    the control events and the final completion, and feeds the hooks.
+
+    The drivers call `next_action(outcome)` until it returns None; for each Connect they
+    make `new_attempt(plan, now)` and report `end_attempt(...)`.
+    """
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        body: dict[str, Any],
+        routes: list[Route],
+        *,
+        now: float,
+        restart: bool = False,
+        deadline_s: float | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.extra_headers = dict(extra_headers or {})
+        self.body = body
+        self.routes = routes
+        self.answer = ChunkAccumulator()
+        self.started_at = now
+        policy = config.retry
+        deadline = deadline_s or policy.deadline_s or config.timeouts.deadline_s
+        if deadline != policy.deadline_s:
+            policy = dataclasses.replace(policy, deadline_s=deadline)
+        self.deadline_at = None if deadline is None else now + deadline
+        health = {r.name: config.route_health(r) for r in routes}
+        messages = body.get("messages") or []
+        last = messages[-1] if messages else {}
+        caller_prefix = ""
+        if isinstance(last, dict) and last.get("role") == "assistant" and last.get("prefix"):
+            caller_prefix = str(last.get("content") or "")
+        self._flow = answer_flow(
+            body,
+            routes,
+            health,
+            self.answer,
+            policy=policy,
+            budget=config.budget,
+            rng=config.rng,
+            now=now,
+            options=FlowOptions(
+                restart=restart, n_choices=int(body.get("n", 1)), caller_prefix=caller_prefix
+            ),
+        )
+        self._started = False
+        self.prompt_estimate = estimate_prompt_tokens(_texts(body))
+        self.billed: Usage | None = None
+        self.cost = Cost()
+        self.estimated = False
+        self.infos: list[AttemptInfo] = []
+        self.counts = {"retry": 0, "resume": 0, "fallback": 0, "restart": 0}
+        self.first_token_at: float | None = None
+        self.final_plan: AttemptPlan | None = None
+        self.events: list[ControlEvent] = []
+        self._token_reserve = 0
+        config.hooks.stream_start()
+
+    # -- flow ------------------------------------------------------------------------------
+
+    def next_action(self, outcome: AttemptOutcome | None, now: float) -> Action | None:
+        """The next action, or None when the answer is complete.
+
+        Raises:
+            UnbrokenError: the answer failed; `partial` holds what was shown.
+        """
+        try:
+            if not self._started:
+                self._started = True
+                action = next(self._flow)
+            else:
+                action = self._flow.send(outcome)
+        except StopIteration as stop:
+            self.final_plan = stop.value
+            self.config.report_breakers(self.routes)
+            self._record_answer(now, None)
+            return None
+        except UnbrokenError as exc:
+            self.config.report_breakers(self.routes)
+            if exc.partial is None and self.answer.has_output:
+                exc.partial = self.completion(now)
+            self._record_answer(now, exc)
+            raise
+        self.config.report_breakers(self.routes)
+        if isinstance(action, Sleep):
+            self.events.append(
+                RetryingEvent(
+                    attempt=len(self.infos),
+                    delay_s=action.seconds,
+                    error=action.reason.message,
+                    route=self.infos[-1].route if self.infos else "",
+                )
+            )
+        elif isinstance(action, Connect):
+            self._announce(action.plan)
+        return action
+
+    def _announce(self, plan: AttemptPlan) -> None:
+        error = plan.reason.message if plan.reason is not None else ""
+        index = plan.choice_index or 0
+        if plan.kind == "fallback":
+            self.counts["fallback"] += 1
+            self.events.append(
+                FellBackEvent(plan.number, plan.from_route or "", plan.route.name, error)
+            )
+        elif plan.kind == "retry":
+            self.counts["retry"] += 1
+        if plan.kind == "restart":
+            self.counts["restart"] += 1
+            self.answer.discard(index)
+            self.events.append(RestartedEvent(plan.number, index, plan.route.name, error))
+        elif plan.continuation is not None:
+            self.counts["resume"] += 1
+            self.events.append(
+                ResumedEvent(
+                    plan.number, plan.route.name, index, len(self.answer.content(index)), error
+                )
+            )
+
+    def drain_events(self) -> list[ControlEvent]:
+        """Control events since the last call (for `chat.stream`)."""
+        events, self.events = self.events, []
+        return events
+
+    # -- attempts --------------------------------------------------------------------------
+
+    def reserve_tokens(self) -> int:
+        """Tokens to take from a tokens-per-minute limit before the first attempt."""
+        if self._token_reserve:
+            return 0
+        max_tokens = self.body.get("max_tokens") or self.body.get("max_completion_tokens")
+        completion = max_tokens if isinstance(max_tokens, int) else DEFAULT_COMPLETION_ESTIMATE
+        self._token_reserve = self.prompt_estimate + completion
+        return self._token_reserve
+
+    def new_attempt(self, plan: AttemptPlan, now: float) -> Attempt:
+        """The Attempt object for a Connect plan."""
+        return Attempt(
+            plan,
+            self.answer,
+            now=now,
+            timeouts=self.config.timeouts,
+            deadline_at=self.deadline_at,
+            prior_usage=self.billed,
+            hold_tool_calls=self.config.hold_tool_calls,
+            max_event_bytes=self.config.max_event_bytes,
+        )
+
+    def end_attempt(
+        self,
+        attempt: Attempt,
+        now: float,
+        *,
+        status_code: int | None,
+        error: UnbrokenError | None,
+    ) -> AttemptOutcome:
+        """Account for a finished attempt and build its outcome for the flow."""
+        plan = attempt.plan
+        verdict = attempt.verdict
+        if self.first_token_at is None and attempt.first_token_at is not None:
+            self.first_token_at = attempt.first_token_at
+        usage = attempt.usage
+        estimated = False
+        if usage is None and status_code == 200:
+            # Broken before its usage chunk: the tokens it produced were still billed.
+            usage = estimate_usage(
+                self.prompt_estimate, attempt.acc.content(), attempt.acc.reasoning()
+            )
+            estimated = True
+        if usage is not None:
+            self.billed = add_usage(self.billed, usage)
+            model = str(plan.body.get("model", ""))
+            self.cost = self.cost + self.config.prices.cost(model, usage)
+            self.estimated = self.estimated or estimated
+        outcome_name = _outcome_name(verdict.state if verdict else None, error)
+        model = str(plan.body.get("model", ""))
+        self.infos.append(
+            AttemptInfo(
+                route=plan.route.name,
+                model=model,
+                kind=plan.kind,
+                outcome=outcome_name,
+                status_code=status_code,
+                usage=usage,
+                usage_estimated=estimated,
+            )
+        )
+        if self.config.hooks:
+            self.config.hooks.attempt(
+                AttemptRecord(
+                    route=plan.route.name,
+                    model=model,
+                    kind=plan.kind,
+                    status_code=status_code,
+                    outcome=outcome_name,
+                    duration_s=now - attempt.started_at,
+                    n_chunks=attempt.acc.n_chunks,
+                    prompt_tokens=usage.prompt_tokens if usage else 0,
+                    completion_tokens=usage.completion_tokens if usage else 0,
+                    usage_estimated=estimated,
+                )
+            )
+        return AttemptOutcome(end=verdict, error=error, now=now)
+
+    # -- result ----------------------------------------------------------------------------
+
+    def completion(self, now: float) -> ChatCompletion:
+        """The answer so far (or whole), with billed usage and the `unbroken` meta."""
+        done = self.answer.completion()
+        last = self.infos[-1] if self.infos else None
+        done.usage = self.billed
+        if last is not None and not done.model:
+            done.model = last.model
+        done.unbroken = AnswerMeta(
+            route=last.route if last else "",
+            model=last.model if last else "",
+            attempts=list(self.infos),
+            retries=self.counts["retry"],
+            resumes=self.counts["resume"],
+            fallbacks=self.counts["fallback"],
+            restarts=self.counts["restart"],
+            cost_usd=self.cost.total_usd,
+            cost_known=self.cost.known,
+            usage_estimated=self.estimated,
+            ttft_s=None if self.first_token_at is None else self.first_token_at - self.started_at,
+            duration_s=now - self.started_at,
+        )
+        return done
+
+    def _record_answer(self, now: float, error: UnbrokenError | None) -> None:
+        limiter = self.config.limiter
+        if self._token_reserve and self.billed is not None:
+            limiter.correct(now, self._token_reserve, self.billed.total_tokens)
+        if not self.config.hooks:
+            return
+        last = self.infos[-1] if self.infos else None
+        billed = self.billed or Usage()
+        kind = "complete"
+        if error is not None:
+            kind = error.kind if isinstance(error, UpstreamError) else type(error).__name__
+        self.config.hooks.answer(
+            AnswerRecord(
+                route=last.route if last else "",
+                model=last.model if last else "",
+                outcome=kind,
+                attempts=len(self.infos),
+                resumes=self.counts["resume"],
+                fallbacks=self.counts["fallback"],
+                ttft_s=None
+                if self.first_token_at is None
+                else self.first_token_at - self.started_at,
+                duration_s=now - self.started_at,
+                prompt_tokens=billed.prompt_tokens,
+                completion_tokens=billed.completion_tokens,
+                cost_usd=self.cost.total_usd,
+            )
+        )
+
+
+def _outcome_name(state: EndState | None, error: UnbrokenError | None) -> str:
+    if isinstance(error, UpstreamTimeout):
+        return f"timeout_{error.phase}"
+    if isinstance(error, UpstreamError):
+        return error.kind if error.status_code else "connect_error"
+    if error is not None:
+        return "protocol_error"
+    return state.value if state is not None else "unknown"

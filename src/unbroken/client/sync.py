@@ -1,0 +1,551 @@
+"""Client: the blocking SDK. Drives core.flow with httpx; all decisions are in the core."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Literal, overload
+
+import httpx
+import msgspec
+
+from unbroken.client._common import AnswerRun, ClientConfig, RateLimit, build_body
+from unbroken.client._params import ChatParams
+from unbroken.client._transport import (
+    MAX_ERROR_BODY_BYTES,
+    map_transport_error,
+    request_headers,
+    status_error,
+)
+from unbroken.core.accumulator import EventSplitter
+from unbroken.core.attempt import Attempt, Timeouts
+from unbroken.core.backoff import RetryBudget, RetryPolicy
+from unbroken.core.events import ChatEvent, ControlEvent, DoneEvent, TextEvent
+from unbroken.core.flow import AttemptOutcome, Connect
+from unbroken.core.pricing import PriceTable
+from unbroken.core.resume import Dialect
+from unbroken.core.routes import Route
+from unbroken.core.sse import DEFAULT_MAX_EVENT_BYTES
+from unbroken.core.wire import ChatCompletion, ChatCompletionChunk
+from unbroken.errors import UnbrokenError, UpstreamError
+from unbroken.instrumentation import Hook
+from unbroken.settings import Settings
+
+__all__ = ["ChatStream", "Client", "Stream"]
+
+logger = logging.getLogger(__name__)
+
+StreamItem = ChatCompletionChunk | ControlEvent
+
+
+class _Watch:
+    __slots__ = ("attempt", "fired", "sock")
+
+    def __init__(self, attempt: Attempt, sock: socket.socket | None) -> None:
+        self.attempt = attempt
+        self.sock = sock
+        self.fired: str | None = None
+
+
+class _Watchdog:
+    """One thread per Client that enforces the stream timers of blocking reads.
+
+    A blocked `recv` cannot be given a new timeout once httpx started reading, so when a
+    timer (first token, idle, deadline) expires the watchdog shuts the socket down; the
+    read returns at once and the driver reports the timer's typed error. Deadlines are
+    re-read from the Attempt at each wake-up, so progress costs the reader nothing.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._watches: set[_Watch] = set()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def watch(self, attempt: Attempt, sock: socket.socket | None) -> _Watch:
+        watch = _Watch(attempt, sock)
+        with self._cond:
+            self._watches.add(watch)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="unbroken-watchdog", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+        return watch
+
+    def unwatch(self, watch: _Watch) -> None:
+        with self._cond:
+            self._watches.discard(watch)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                wake = now + 1.0
+                for watch in list(self._watches):
+                    expiry = watch.attempt.expiry()
+                    if expiry is None:
+                        continue
+                    when, phase = expiry
+                    if when <= now and watch.fired is None:
+                        watch.fired = phase
+                        self._watches.discard(watch)
+                        _shutdown(watch.sock)
+                    else:
+                        wake = min(wake, when)
+                self._cond.wait(max(0.001, wake - now))
+
+
+def _shutdown(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):  # already closed: the read has returned anyway
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _socket_of(response: httpx.Response) -> socket.socket | None:
+    stream = response.extensions.get("network_stream")
+    if stream is None:
+        return None
+    sock = stream.get_extra_info("socket")
+    return sock if isinstance(sock, socket.socket) else None
+
+
+class Client:
+    """A blocking client for DeepSeek and any OpenAI-compatible server whose streams survive
+    503s, 429s, resets, truncation, stalls and mangled SSE: it retries, resumes a broken
+    answer where it stopped, and falls back to other routes, never showing a repeat or gap.
+
+    Args:
+        api_key: the upstream key; default `DEEPSEEK_API_KEY`.
+        base_url: the upstream; default `https://api.deepseek.com`.
+        dialect: how the upstream continues a broken answer (`deepseek`, `vllm`,
+            `instruction`, `none`).
+        routes: several upstreams in order of preference (instead of api_key/base_url).
+        timeouts: connect, headers, first token, idle, total deadline.
+        retry: attempts, backoff and deadline.
+        retry_budget: bounds retries to a share of requests (shared by all calls).
+        rate_limit: optional client-side requests/tokens per minute.
+        prices: price table for costs.
+        hooks: instrumentation hooks (e.g. `PrometheusHook()`).
+        breaker_threshold: consecutive failures that take a route out.
+        breaker_cooldown_s: how long before a taken-out route is probed again.
+        hold_tool_calls: hold tool-call fragments until the call is complete (a broken
+            tool call is then never shown; see the README).
+        http2: use HTTP/2 (needs the `h2` package).
+        max_connections: connection pool size.
+        max_event_bytes: the largest SSE event accepted.
+        seed: seed of the backoff jitter (tests).
+        default_headers: headers sent with every request.
+        http_client: an httpx.Client to use instead of building one.
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        *,
+        dialect: Dialect = "deepseek",
+        routes: Sequence[Route] | None = None,
+        timeouts: Timeouts | None = None,
+        retry: RetryPolicy | None = None,
+        retry_budget: RetryBudget | None = None,
+        rate_limit: RateLimit | None = None,
+        prices: PriceTable | None = None,
+        hooks: Sequence[Hook] = (),
+        breaker_threshold: int = 5,
+        breaker_cooldown_s: float = 30.0,
+        hold_tool_calls: bool = True,
+        http2: bool = False,
+        max_connections: int = 100,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        seed: int | None = None,
+        default_headers: Mapping[str, str] | None = None,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        self._config = ClientConfig.build(
+            api_key=api_key,
+            base_url=base_url,
+            dialect=dialect,
+            routes=routes,
+            timeouts=timeouts,
+            retry=retry,
+            retry_budget=retry_budget,
+            rate_limit=rate_limit,
+            prices=prices,
+            hooks=hooks,
+            breaker_threshold=breaker_threshold,
+            breaker_cooldown_s=breaker_cooldown_s,
+            hold_tool_calls=hold_tool_calls,
+            max_event_bytes=max_event_bytes,
+            seed=seed,
+            env_api_key=Settings.from_env().api_key if api_key is None and not routes else None,
+        )
+        self._headers = dict(default_headers or {})
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.Client(
+            http2=http2,
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            follow_redirects=False,
+        )
+        self._watchdog = _Watchdog()
+        self.chat = _Chat(self)
+        self.models = _Models(self)
+
+    def __repr__(self) -> str:
+        return f"Client(routes={[r.name for r in self._config.routes]})"
+
+    @property
+    def routes(self) -> list[Route]:
+        """The configured routes."""
+        return list(self._config.routes)
+
+    def close(self) -> None:
+        """Close the connection pool and the watchdog."""
+        self._watchdog.close()
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- plain endpoints -----------------------------------------------------------------
+
+    def _get_json(self, path: str) -> Any:
+        route = self._config.routes[0]
+        t = self._config.timeouts
+        try:
+            response = self._http.get(
+                route.url(path),
+                headers=request_headers(route, self._headers),
+                timeout=httpx.Timeout(t.headers_s, connect=t.connect_s),
+            )
+        except httpx.HTTPError as exc:
+            raise map_transport_error(exc, route, got_headers=False) from exc
+        if response.status_code != 200:
+            raise status_error(
+                route,
+                response.status_code,
+                response.headers,
+                response.content[:MAX_ERROR_BODY_BYTES],
+            )
+        try:
+            return msgspec.json.decode(response.content)
+        except msgspec.DecodeError as exc:
+            raise UpstreamError(f"route {route.name!r} sent invalid JSON for {path}") from exc
+
+    def balance(self) -> dict[str, Any]:
+        """DeepSeek's `GET /user/balance` (amounts are strings, as the API sends them)."""
+        data = self._get_json("/user/balance")
+        if not isinstance(data, dict):
+            raise UpstreamError("the balance endpoint did not return an object")
+        return data
+
+    # -- streaming engine ----------------------------------------------------------------
+
+    def _start(
+        self,
+        model: str,
+        messages: Iterable[Any],
+        params: dict[str, Any],
+        *,
+        stream: bool,
+        events: bool,
+    ) -> tuple[AnswerRun, Iterator[StreamItem]]:
+        options = ChatParams.pop(params)
+        body = build_body(
+            model, messages, stream=stream, params=params, extra_body=options.extra_body
+        )
+        run = AnswerRun(
+            self._config,
+            body,
+            self._config.resolve_routes(options.fallbacks),
+            now=time.monotonic(),
+            restart=options.restart,
+            deadline_s=options.timeout,
+            extra_headers={**self._headers, **options.extra_headers},
+        )
+        return run, self._run(run, with_events=events)
+
+    def _run(self, run: AnswerRun, *, with_events: bool) -> Iterator[StreamItem]:
+        config = self._config
+        action = run.next_action(None, time.monotonic())
+        while action is not None:
+            if with_events:
+                yield from run.drain_events()
+            if not isinstance(action, Connect):
+                time.sleep(action.seconds)
+                action = run.next_action(None, time.monotonic())
+                continue
+            if config.limiter.active:
+                tokens = run.reserve_tokens()
+                while (wait := config.limiter.take(time.monotonic(), tokens)) > 0:
+                    time.sleep(min(wait, 60.0))
+            attempt = run.new_attempt(action.plan, time.monotonic())
+            outcome = yield from self._attempt(run, attempt)
+            action = run.next_action(outcome, time.monotonic())
+
+    def _attempt(
+        self, run: AnswerRun, attempt: Attempt
+    ) -> Generator[ChatCompletionChunk, None, AttemptOutcome]:
+        plan = attempt.plan
+        route = plan.route
+        t = self._config.timeouts
+        # httpx's read timeout covers the wait for headers; the body's timers are the
+        # watchdog's, the read timeout stays only as a backstop.
+        timeout = httpx.Timeout(
+            connect=t.connect_s, read=t.headers_s, write=t.connect_s, pool=t.connect_s
+        )
+        request = self._http.build_request(
+            "POST",
+            route.url("/chat/completions", beta=plan.beta),
+            content=msgspec.json.encode(plan.body),
+            headers=request_headers(route, run.extra_headers),
+            timeout=timeout,
+        )
+        status: int | None = None
+        error: UnbrokenError | None = None
+        try:
+            response = self._http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            error = map_transport_error(exc, route, got_headers=False)
+            attempt.finish(time.monotonic(), timed_out=True)
+            return run.end_attempt(attempt, time.monotonic(), status_code=None, error=error)
+        watch = None
+        try:
+            attempt.on_headers(time.monotonic())
+            status = response.status_code
+            if status != 200:
+                body = b""
+                try:
+                    for part in response.iter_raw():
+                        body += part
+                        if len(body) >= MAX_ERROR_BODY_BYTES:
+                            break
+                except httpx.HTTPError:
+                    pass  # a partial error body still names the error
+                error = status_error(route, status, response.headers, body[:MAX_ERROR_BODY_BYTES])
+                attempt.finish(time.monotonic(), timed_out=True)
+                return run.end_attempt(attempt, time.monotonic(), status_code=status, error=error)
+            request.extensions["timeout"]["read"] = _backstop(t)
+            watch = self._watchdog.watch(attempt, _socket_of(response))
+            decoder = attempt.decoder
+            try:
+                for data in response.iter_raw():
+                    chunks = attempt.feed(data, time.monotonic())
+                    if chunks:
+                        yield from chunks
+                    if decoder.done or decoder.error is not None:
+                        break
+            except httpx.HTTPError as exc:
+                if watch.fired is None and not (decoder.done or decoder.error is not None):
+                    logger.debug("stream from route %s broke: %s", route.name, type(exc).__name__)
+            fired = watch.fired
+            self._watchdog.unwatch(watch)
+            if fired is not None:
+                error = attempt.timeout_error(fired)  # type: ignore[arg-type]
+            yield from attempt.finish(time.monotonic(), timed_out=fired is not None)
+            return run.end_attempt(attempt, time.monotonic(), status_code=status, error=error)
+        finally:
+            if watch is not None:
+                self._watchdog.unwatch(watch)
+            response.close()
+
+
+def _backstop(t: Timeouts) -> float | None:
+    limits = [x for x in (t.headers_s, t.first_token_s, t.idle_s) if x is not None]
+    return max(limits) + 5.0 if limits else None
+
+
+class Stream:
+    """The chunks of one answer, OpenAI-shaped (`chunk.choices[0].delta.content`).
+
+    Iterate it (each chunk once), or use it as a context manager; `close()` stops the
+    answer and closes its connection at once. After the last chunk, `final()` gives the
+    folded completion with billed usage, cost and the `unbroken` meta.
+    """
+
+    def __init__(self, run: AnswerRun, items: Iterator[StreamItem]) -> None:
+        self._run = run
+        self._items = items
+        self._completion: ChatCompletion | None = None
+
+    def __iter__(self) -> Iterator[ChatCompletionChunk]:
+        return self
+
+    def __next__(self) -> ChatCompletionChunk:
+        try:
+            return self._items.__next__()  # type: ignore[return-value]  # chunks only here
+        except StopIteration:
+            self._completion = self._run.completion(time.monotonic())
+            raise
+
+    def final(self) -> ChatCompletion:
+        """Consume what is left and return the whole answer."""
+        for _ in self:
+            pass
+        assert self._completion is not None  # noqa: S101 - set when iteration ends
+        return self._completion
+
+    def close(self) -> None:
+        """Stop the answer and close its connection."""
+        close = getattr(self._items, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+StreamEvent = ChatEvent | ControlEvent | DoneEvent
+
+
+class ChatStream:
+    """Typed events of one answer: text, reasoning, tool-call fragments, finish, usage,
+    retrying, resumed, fell_back, restarted and, last, done (with the whole completion).
+
+    `final()` consumes what is left and returns the completion; `close()` stops it.
+    """
+
+    def __init__(self, run: AnswerRun, items: Iterator[StreamItem]) -> None:
+        self._run = run
+        self._items = items
+        self._splitter = EventSplitter()
+        self._completion: ChatCompletion | None = None
+        self._events = self._generate()
+
+    def _generate(self) -> Iterator[StreamEvent]:
+        split = self._splitter.split
+        for item in self._items:
+            if isinstance(item, ChatCompletionChunk):
+                yield from split(item)
+            else:
+                yield item
+        self._completion = self._run.completion(time.monotonic())
+        yield DoneEvent(self._completion)
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        return self._events
+
+    def final(self) -> ChatCompletion:
+        """Consume what is left and return the whole answer."""
+        for _ in self._events:
+            pass
+        assert self._completion is not None  # noqa: S101 - set when the events end
+        return self._completion
+
+    def text(self) -> Iterator[str]:
+        """Only the answer text of choice 0, as it arrives."""
+        for event in self._events:
+            if isinstance(event, TextEvent) and event.index == 0:
+                yield event.text
+
+    def close(self) -> None:
+        """Stop the answer and close its connection."""
+        self._events.close()  # type: ignore[attr-defined]
+        close = getattr(self._items, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> ChatStream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class _Completions:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    @overload
+    def create(
+        self, *, model: str, messages: Iterable[Any], stream: Literal[False] = False, **params: Any
+    ) -> ChatCompletion: ...
+
+    @overload
+    def create(
+        self, *, model: str, messages: Iterable[Any], stream: Literal[True], **params: Any
+    ) -> Stream: ...
+
+    def create(
+        self, *, model: str, messages: Iterable[Any], stream: bool = False, **params: Any
+    ) -> ChatCompletion | Stream:
+        """Create a chat completion, as `openai`'s `client.chat.completions.create`.
+
+        Every DeepSeek/OpenAI parameter is accepted by name (temperature, max_tokens,
+        tools, tool_choice, response_format, stop, logprobs, seed, thinking...), plus
+        `extra_headers`, `extra_body`, `timeout` (seconds for the whole answer),
+        `fallbacks` (models or routes to try next) and `restart` (start over when a broken
+        answer cannot be continued).
+
+        Returns:
+            a `Stream` of chunks when `stream=True`, else the whole `ChatCompletion`.
+
+        Raises:
+            UnbrokenError: the answer could not be delivered; `partial` holds what came.
+        """
+        run, items = self._client._start(model, messages, params, stream=stream, events=False)
+        result = Stream(run, items)
+        if stream:
+            return result
+        return result.final()
+
+
+class _Chat:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self.completions = _Completions(client)
+
+    def stream(self, *, model: str, messages: Iterable[Any], **params: Any) -> ChatStream:
+        """Stream an answer as typed events (see `ChatStream`); same parameters as
+        `completions.create`."""
+        run, items = self._client._start(model, messages, params, stream=True, events=True)
+        return ChatStream(run, items)
+
+
+class _Models:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def list(self) -> list[dict[str, Any]]:
+        """`GET /models`: the models the first route serves."""
+        data = self._client._get_json("/models")
+        items = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise UpstreamError("the models endpoint did not return a list")
+        return items

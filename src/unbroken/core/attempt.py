@@ -1,0 +1,296 @@
+"""Attempt: one HTTP attempt's bytes -> the chunks the consumer sees, and its timers; pure.
+
+Imports the standard library, `unbroken.errors` and core siblings only. The shell calls
+`feed(bytes, now)` for every read and `end(now)` at the end; `expiry()` tells it when the
+next stream timer fires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from unbroken.core.accumulator import ChunkAccumulator
+from unbroken.core.flow import AttemptPlan
+from unbroken.core.resume import OverlapTrimmer
+from unbroken.core.sse import DEFAULT_MAX_EVENT_BYTES
+from unbroken.core.stream import ChatStreamDecoder, EndState, StreamEnd, classify_end
+from unbroken.core.tokens import add_usage
+from unbroken.core.wire import ChatCompletionChunk, Delta, Usage
+from unbroken.errors import ConfigError, TimeoutPhase, UpstreamTimeout
+
+__all__ = ["Attempt", "Timeouts"]
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Stream timers, each raising its own `UpstreamTimeout` phase. None disables one.
+
+    Attributes:
+        connect_s: to open the connection (TCP + TLS).
+        headers_s: from sending the request to the response headers.
+        first_token_s: from sending the request to the first content, reasoning or
+            tool-call data (keep-alive comments and the empty role chunk do not count;
+            reasoning does, so a thinking model is not cut off).
+        idle_s: longest gap between two data events once the stream started; comments
+            (`: keep-alive`) do not reset it, since DeepSeek sends them for minutes while
+            a request is queued or stuck.
+        deadline_s: total time for the whole answer across attempts (the flow's deadline).
+    """
+
+    connect_s: float | None = 10.0
+    headers_s: float | None = 60.0
+    first_token_s: float | None = 120.0
+    idle_s: float | None = 60.0
+    deadline_s: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("connect_s", "headers_s", "first_token_s", "idle_s", "deadline_s"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"timeout {name} must be > 0 or None, got {value}")
+
+
+# Theory of operation
+# -------------------
+# Per read: the decoder yields this attempt's chunks; each is folded into the attempt's own
+# accumulator (for its end state and usage) and then *spliced* into the answer:
+#   * a continuation's chunks get the answer's id and created, lose a role the consumer has
+#     already seen, and (n > 1) have choice 0 renamed to the choice being continued;
+#   * an `instruction` continuation's text goes through the OverlapTrimmer;
+#   * a continuation on a route that cannot take a reasoning prefix has its reasoning hidden;
+#   * chunks with tool-call fragments are held until the choice finishes (or text follows),
+#     because a half tool call cannot be continued: a break discards them unseen;
+#   * the usage chunk carries the billed usage of the whole answer (earlier attempts + this).
+# The spliced chunks are folded into the answer accumulator, which is what the consumer saw.
+# Timers: headers (request sent -> headers), first token (request sent -> first data with
+# text, reasoning or tool call), idle (data event -> data event), deadline (answer-wide).
+
+
+class Attempt:
+    """One attempt of an answer.
+
+    Args:
+        plan: the plan from the flow.
+        answer: the accumulator of what the consumer has seen (fed here).
+        now: monotonic time when the request is sent.
+        timeouts: the stream timers.
+        deadline_at: the answer's absolute deadline (monotonic), if any.
+        prior_usage: billed usage of the earlier attempts (added to this one's usage).
+        hold_tool_calls: hold tool-call fragments until the choice finishes.
+        max_event_bytes: SSE event size limit.
+    """
+
+    __slots__ = (
+        "_answer",
+        "_created",
+        "_deadline_at",
+        "_held",
+        "_hide_reasoning",
+        "_hold",
+        "_id",
+        "_map",
+        "_prior",
+        "_rewrite",
+        "_strip_role",
+        "_timeouts",
+        "_trim",
+        "acc",
+        "decoder",
+        "first_token_at",
+        "headers_at",
+        "last_data_at",
+        "plan",
+        "started_at",
+        "verdict",
+    )
+
+    def __init__(
+        self,
+        plan: AttemptPlan,
+        answer: ChunkAccumulator,
+        *,
+        now: float,
+        timeouts: Timeouts | None = None,
+        deadline_at: float | None = None,
+        prior_usage: Usage | None = None,
+        hold_tool_calls: bool = True,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    ) -> None:
+        self.plan = plan
+        self._answer = answer
+        self._timeouts = timeouts or Timeouts()
+        self._deadline_at = deadline_at
+        self._prior = prior_usage
+        self._hold = hold_tool_calls
+        self.decoder = ChatStreamDecoder(max_event_bytes=max_event_bytes)
+        self.acc = ChunkAccumulator()
+        self.started_at = now
+        self.headers_at: float | None = None
+        self.first_token_at: float | None = None
+        self.last_data_at = now
+        self._held: list[ChatCompletionChunk] = []
+        self.verdict: StreamEnd | None = None
+        target = 0 if plan.choice_index is None else plan.choice_index
+        self._map = plan.choice_index if plan.choice_index else None
+        self._id = answer.id or None
+        self._created = answer.created
+        self._strip_role = answer.role(target) is not None
+        continuation = plan.continuation
+        self._hide_reasoning = continuation is not None and continuation.hide_reasoning
+        self._trim = None
+        if continuation is not None and continuation.trim_overlap:
+            self._trim = OverlapTrimmer(answer.content(target))
+        self._rewrite = (
+            bool(self._id or self._map is not None or self._strip_role or self._hide_reasoning)
+            or (self._trim is not None)
+            or (prior_usage is not None)
+        )
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def on_headers(self, now: float) -> None:
+        """The response headers arrived."""
+        self.headers_at = now
+        self.last_data_at = now
+
+    def expiry(self) -> tuple[float, TimeoutPhase] | None:
+        """When the next timer fires and which, or None when none is armed."""
+        t = self._timeouts
+        candidates: list[tuple[float, TimeoutPhase]] = []
+        if self.headers_at is None:
+            if t.headers_s is not None:
+                candidates.append((self.started_at + t.headers_s, "headers"))
+        else:
+            if self.first_token_at is None and t.first_token_s is not None:
+                candidates.append((self.started_at + t.first_token_s, "first_token"))
+            if t.idle_s is not None:
+                candidates.append((self.last_data_at + t.idle_s, "idle"))
+        if self._deadline_at is not None:
+            candidates.append((self._deadline_at, "deadline"))
+        return min(candidates) if candidates else None
+
+    def timeout_error(self, phase: TimeoutPhase) -> UpstreamTimeout:
+        """The typed error for a timer that fired."""
+        t = self._timeouts
+        limit = {
+            "connect": t.connect_s,
+            "headers": t.headers_s,
+            "first_token": t.first_token_s,
+            "idle": t.idle_s,
+            "deadline": t.deadline_s,
+        }[phase]
+        what = {
+            "connect": "connecting",
+            "headers": "waiting for response headers",
+            "first_token": "waiting for the first token (keep-alives do not count)",
+            "idle": "waiting for the next data event (keep-alives do not count)",
+            "deadline": "the answer's total deadline",
+        }[phase]
+        return UpstreamTimeout(
+            f"timed out after {limit or 0:g} s {what} on route {self.plan.route.name!r}",
+            phase=phase,
+            timeout_s=limit or 0.0,
+            route=self.plan.route.name,
+        )
+
+    # -- data ------------------------------------------------------------------------------
+
+    def feed(self, data: bytes, now: float) -> list[ChatCompletionChunk]:
+        """One read of the body; returns the chunks to show the consumer."""
+        chunks = self.decoder.feed(data)
+        if not chunks:
+            return chunks
+        self.last_data_at = now
+        return self._deliver(chunks, now)
+
+    def _deliver(self, chunks: list[ChatCompletionChunk], now: float) -> list[ChatCompletionChunk]:
+        acc = self.acc
+        answer = self._answer
+        out: list[ChatCompletionChunk] = []
+        for chunk in chunks:
+            acc.feed(chunk)
+            if self.first_token_at is None and _has_token(chunk):
+                self.first_token_at = now
+            if self._rewrite:
+                self._splice(chunk)
+            if self._hold and (self._held or _has_tool_calls(chunk)):
+                if _has_tool_calls(chunk) and not _has_finish(chunk):
+                    self._held.append(chunk)
+                    continue
+                out.extend(self._held)
+                for held in self._held:
+                    answer.feed(held)
+                self._held = []
+            answer.feed(chunk)
+            out.append(chunk)
+        return out
+
+    def _splice(self, chunk: ChatCompletionChunk) -> None:
+        if self._id is not None:
+            chunk.id = self._id
+            chunk.created = self._created
+        for choice in chunk.choices:
+            if self._map is not None and choice.index == 0:
+                choice.index = self._map
+            delta = choice.delta
+            if delta is None:
+                if self._trim is not None and choice.finish_reason is not None:
+                    rest = self._trim.flush()
+                    if rest:
+                        choice.delta = Delta(content=rest)
+                continue
+            if self._strip_role:
+                delta.role = None
+            if self._hide_reasoning:
+                delta.reasoning_content = None
+                delta.reasoning = None
+            if self._trim is not None:
+                text = self._trim.feed(delta.content) if delta.content else ""
+                if choice.finish_reason is not None:
+                    text += self._trim.flush()
+                if delta.content is not None or text:
+                    delta.content = text
+        if chunk.usage is not None and self._prior is not None:
+            chunk.usage = add_usage(self._prior, chunk.usage)
+
+    def finish(self, now: float, *, timed_out: bool = False) -> list[ChatCompletionChunk]:
+        """The body ended (EOF or `[DONE]`), broke or timed out: flush, judge the stream
+        (`verdict`), and return the last chunks to show (held tool calls of a complete
+        stream, a salvaged JSON body...). A broken stream's held chunks are dropped unseen."""
+        out: list[ChatCompletionChunk] = []
+        if not timed_out:
+            tail = self.decoder.flush()
+            if tail:
+                out = self._deliver(tail, now)
+        self.verdict = classify_end(self.acc, self.decoder, timed_out=timed_out)
+        if self.verdict.state is EndState.COMPLETE and self._held:
+            for held in self._held:
+                self._answer.feed(held)
+            out.extend(self._held)
+        self._held = []
+        return out
+
+    @property
+    def usage(self) -> Usage | None:
+        """The usage this attempt reported (None if it broke before its usage chunk)."""
+        return self.acc.usage
+
+
+def _has_token(chunk: ChatCompletionChunk) -> bool:
+    for choice in chunk.choices:
+        delta = choice.delta
+        if delta is not None and (delta.content or delta.reasoning_text or delta.tool_calls):
+            return True
+    return False
+
+
+def _has_tool_calls(chunk: ChatCompletionChunk) -> bool:
+    # A plain loop: called per chunk, it is ~3x cheaper than any() over a generator.
+    for choice in chunk.choices:  # noqa: SIM110
+        if choice.delta is not None and choice.delta.tool_calls:
+            return True
+    return False
+
+
+def _has_finish(chunk: ChatCompletionChunk) -> bool:
+    return any(choice.finish_reason is not None for choice in chunk.choices)

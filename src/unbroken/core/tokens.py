@@ -1,0 +1,94 @@
+"""Token estimates without a tokenizer, and usage arithmetic; pure.
+
+DeepSeek's own rule of thumb (protocol.md §1.7): one English character is about 0.3 token,
+one Chinese character about 0.6. We count ASCII at 0.3, CJK and other wide characters at
+0.6, everything else (accents, emoji...) at 1 token per character, and round up. The
+estimate is used only where the upstream reported nothing (a broken attempt's usage, rate-
+limit reservations, context trimming); whatever the API reports replaces it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from unbroken.core.wire import CompletionTokensDetails, PromptTokensDetails, Usage
+
+__all__ = ["add_usage", "estimate_tokens", "estimate_usage"]
+
+# A message costs a few tokens of framing (role markers) besides its text.
+MESSAGE_OVERHEAD_TOKENS = 4
+
+
+def _is_wide(code: int) -> bool:
+    # CJK radicals..unified ideographs, Hangul, compatibility ideographs, CJK punctuation
+    # and full-width forms: the characters DeepSeek's "Chinese" rate applies to.
+    return (
+        0x2E80 <= code <= 0x9FFF
+        or 0xAC00 <= code <= 0xD7AF
+        or 0xF900 <= code <= 0xFAFF
+        or 0xFF00 <= code <= 0xFFEF
+    )
+
+
+def estimate_tokens(text: str) -> int:
+    """Estimated tokens of `text` (see the module docstring for the rule)."""
+    if not text:
+        return 0
+    if text.isascii():
+        return math.ceil(len(text) * 0.3)
+    units = 0.0
+    for char in text:
+        code = ord(char)
+        if code < 0x80:
+            units += 0.3
+        elif _is_wide(code):
+            units += 0.6
+        else:
+            units += 1.0
+    return math.ceil(units)
+
+
+def estimate_prompt_tokens(texts: Iterable[str]) -> int:
+    """Estimated prompt tokens of messages with these texts."""
+    return sum(estimate_tokens(t) + MESSAGE_OVERHEAD_TOKENS for t in texts)
+
+
+def estimate_usage(prompt_tokens: int, completion_text: str, reasoning_text: str = "") -> Usage:
+    """A usage record estimated from text (for an attempt that reported none)."""
+    reasoning = estimate_tokens(reasoning_text)
+    completion = estimate_tokens(completion_text) + reasoning
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion,
+        total_tokens=prompt_tokens + completion,
+        prompt_cache_hit_tokens=0,
+        prompt_cache_miss_tokens=prompt_tokens,
+        completion_tokens_details=CompletionTokensDetails(reasoning) if reasoning else None,
+    )
+
+
+def _opt_sum(a: int | None, b: int | None) -> int | None:
+    return None if a is None and b is None else (a or 0) + (b or 0)
+
+
+def add_usage(a: Usage | None, b: Usage | None) -> Usage | None:
+    """The sum of two usage records (None counts as nothing)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    cached = _opt_sum(
+        a.prompt_tokens_details.cached_tokens if a.prompt_tokens_details else None,
+        b.prompt_tokens_details.cached_tokens if b.prompt_tokens_details else None,
+    )
+    reasoning = _opt_sum(a.reasoning_tokens, b.reasoning_tokens)
+    return Usage(
+        prompt_tokens=a.prompt_tokens + b.prompt_tokens,
+        completion_tokens=a.completion_tokens + b.completion_tokens,
+        total_tokens=a.total_tokens + b.total_tokens,
+        prompt_cache_hit_tokens=_opt_sum(a.prompt_cache_hit_tokens, b.prompt_cache_hit_tokens),
+        prompt_cache_miss_tokens=_opt_sum(a.prompt_cache_miss_tokens, b.prompt_cache_miss_tokens),
+        prompt_tokens_details=None if cached is None else PromptTokensDetails(cached),
+        completion_tokens_details=None if reasoning is None else CompletionTokensDetails(reasoning),
+    )
