@@ -1,10 +1,38 @@
 """unbroken: streaming chat completions from DeepSeek (and any OpenAI-compatible server)
 that arrive whole. Public SDK surface: re-exports only, no logic."""
 
+from unbroken.client import (
+    AsyncChatStream,
+    AsyncClient,
+    AsyncStream,
+    ChatStream,
+    Client,
+    RateLimit,
+    Stream,
+)
 from unbroken.core.accumulator import ChunkAccumulator
+from unbroken.core.attempt import Timeouts
+from unbroken.core.backoff import RetryBudget, RetryPolicy
+from unbroken.core.events import (
+    ChatEvent,
+    ControlEvent,
+    DoneEvent,
+    FellBackEvent,
+    FinishEvent,
+    ReasoningEvent,
+    RestartedEvent,
+    ResumedEvent,
+    RetryingEvent,
+    RoleEvent,
+    TextEvent,
+    ToolCallEvent,
+    UsageEvent,
+)
+from unbroken.core.pricing import Price, PriceTable
+from unbroken.core.routes import Route
 from unbroken.core.sse import SSEDecoder
 from unbroken.core.stream import ChatStreamDecoder
-from unbroken.core.wire import ChatCompletion, ChatCompletionChunk, Usage
+from unbroken.core.wire import AnswerMeta, ChatCompletion, ChatCompletionChunk, Usage
 from unbroken.errors import (
     ConfigError,
     EncodeError,
@@ -22,25 +50,53 @@ from unbroken.errors import (
     UpstreamTimeout,
     UpstreamTruncated,
 )
+from unbroken.instrumentation import PrometheusHook
 from unbroken.settings import Settings
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnswerMeta",
+    "AsyncChatStream",
+    "AsyncClient",
+    "AsyncStream",
     "ChatCompletion",
     "ChatCompletionChunk",
+    "ChatEvent",
+    "ChatStream",
     "ChatStreamDecoder",
     "ChunkAccumulator",
+    "Client",
     "ConfigError",
+    "ControlEvent",
+    "DoneEvent",
     "EncodeError",
+    "FellBackEvent",
+    "FinishEvent",
     "InvalidRequestError",
+    "Price",
+    "PriceTable",
+    "PrometheusHook",
     "ProtocolError",
+    "RateLimit",
     "RateLimited",
+    "ReasoningEvent",
+    "RestartedEvent",
     "ResumeError",
+    "ResumedEvent",
     "RetriesExhausted",
+    "RetryBudget",
+    "RetryPolicy",
+    "RetryingEvent",
+    "RoleEvent",
+    "Route",
     "SSEDecoder",
     "Settings",
     "StoreError",
+    "Stream",
+    "TextEvent",
+    "Timeouts",
+    "ToolCallEvent",
     "UnbrokenError",
     "UpstreamConnectError",
     "UpstreamError",
@@ -49,4 +105,5 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamTruncated",
     "Usage",
+    "UsageEvent",
 ]

@@ -312,10 +312,15 @@ class Client:
         plan = attempt.plan
         route = plan.route
         t = self._config.timeouts
-        # httpx's read timeout covers the wait for headers; the body's timers are the
-        # watchdog's, the read timeout stays only as a backstop.
+        # httpx's read timeout covers the wait for headers (or the deadline, if sooner); the
+        # body's timers are the watchdog's, the read timeout stays only as a backstop.
+        expiry = attempt.expiry()
+        first_wait = None if expiry is None else max(0.001, expiry[0] - time.monotonic())
         timeout = httpx.Timeout(
-            connect=t.connect_s, read=t.headers_s, write=t.connect_s, pool=t.connect_s
+            connect=_min(t.connect_s, first_wait),
+            read=first_wait,
+            write=t.connect_s,
+            pool=t.connect_s,
         )
         request = self._http.build_request(
             "POST",
@@ -329,7 +334,10 @@ class Client:
         try:
             response = self._http.send(request, stream=True)
         except httpx.HTTPError as exc:
-            error = map_transport_error(exc, route, got_headers=False)
+            if expiry is not None and time.monotonic() >= expiry[0] - 0.01:
+                error = attempt.timeout_error(expiry[1])  # the headers or deadline timer
+            else:
+                error = map_transport_error(exc, route, got_headers=False)
             attempt.finish(time.monotonic(), timed_out=True)
             return run.end_attempt(attempt, time.monotonic(), status_code=None, error=error)
         watch = None
@@ -371,6 +379,10 @@ class Client:
             if watch is not None:
                 self._watchdog.unwatch(watch)
             response.close()
+
+
+def _min(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
 
 
 def _backstop(t: Timeouts) -> float | None:

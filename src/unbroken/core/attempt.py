@@ -13,7 +13,13 @@ from unbroken.core.accumulator import ChunkAccumulator
 from unbroken.core.flow import AttemptPlan
 from unbroken.core.resume import OverlapTrimmer
 from unbroken.core.sse import DEFAULT_MAX_EVENT_BYTES
-from unbroken.core.stream import ChatStreamDecoder, EndState, StreamEnd, classify_end
+from unbroken.core.stream import (
+    INTERRUPTED_REASONS,
+    ChatStreamDecoder,
+    EndState,
+    StreamEnd,
+    classify_end,
+)
 from unbroken.core.tokens import add_usage
 from unbroken.core.wire import ChatCompletionChunk, Delta, Usage
 from unbroken.errors import ConfigError, TimeoutPhase, UpstreamTimeout
@@ -209,6 +215,11 @@ class Attempt:
         out: list[ChatCompletionChunk] = []
         for chunk in chunks:
             acc.feed(chunk)
+            for choice in chunk.choices:
+                # An interrupting finish (insufficient_system_resource...) is resumed, not
+                # shown: the consumer sees one finish, the real one.
+                if choice.finish_reason is not None and choice.finish_reason in INTERRUPTED_REASONS:
+                    choice.finish_reason = None
             if self.first_token_at is None and _has_token(chunk):
                 self.first_token_at = now
             if self._rewrite:

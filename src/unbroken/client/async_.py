@@ -1,0 +1,441 @@
+"""AsyncClient: the asyncio/anyio SDK. The same core flow as Client, driven with httpx async;
+each read is bounded by the next stream timer with an anyio cancel scope."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Literal, overload
+
+import anyio
+import httpx
+import msgspec
+
+from unbroken.client._common import AnswerRun, ClientConfig, RateLimit, build_body
+from unbroken.client._params import ChatParams
+from unbroken.client._transport import (
+    MAX_ERROR_BODY_BYTES,
+    map_transport_error,
+    request_headers,
+    status_error,
+)
+from unbroken.core.accumulator import EventSplitter
+from unbroken.core.attempt import Attempt, Timeouts
+from unbroken.core.backoff import RetryBudget, RetryPolicy
+from unbroken.core.events import ChatEvent, ControlEvent, DoneEvent, TextEvent
+from unbroken.core.flow import AttemptOutcome, Connect
+from unbroken.core.pricing import PriceTable
+from unbroken.core.resume import Dialect
+from unbroken.core.routes import Route
+from unbroken.core.sse import DEFAULT_MAX_EVENT_BYTES
+from unbroken.core.wire import ChatCompletion, ChatCompletionChunk
+from unbroken.errors import UnbrokenError, UpstreamError
+from unbroken.instrumentation import Hook
+from unbroken.settings import Settings
+
+__all__ = ["AsyncChatStream", "AsyncClient", "AsyncStream"]
+
+logger = logging.getLogger(__name__)
+
+StreamItem = ChatCompletionChunk | ControlEvent
+_Outcome = list[AttemptOutcome]
+
+
+class AsyncClient:
+    """The async twin of `Client` (same arguments, same behaviour); use it with asyncio or
+    trio through anyio. `await client.chat.completions.create(...)`, `async for` over
+    streams, `await client.aclose()` (or `async with`)."""
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        *,
+        dialect: Dialect = "deepseek",
+        routes: Sequence[Route] | None = None,
+        timeouts: Timeouts | None = None,
+        retry: RetryPolicy | None = None,
+        retry_budget: RetryBudget | None = None,
+        rate_limit: RateLimit | None = None,
+        prices: PriceTable | None = None,
+        hooks: Sequence[Hook] = (),
+        breaker_threshold: int = 5,
+        breaker_cooldown_s: float = 30.0,
+        hold_tool_calls: bool = True,
+        http2: bool = False,
+        max_connections: int = 1000,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        seed: int | None = None,
+        default_headers: Mapping[str, str] | None = None,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self._config = ClientConfig.build(
+            api_key=api_key,
+            base_url=base_url,
+            dialect=dialect,
+            routes=routes,
+            timeouts=timeouts,
+            retry=retry,
+            retry_budget=retry_budget,
+            rate_limit=rate_limit,
+            prices=prices,
+            hooks=hooks,
+            breaker_threshold=breaker_threshold,
+            breaker_cooldown_s=breaker_cooldown_s,
+            hold_tool_calls=hold_tool_calls,
+            max_event_bytes=max_event_bytes,
+            seed=seed,
+            env_api_key=Settings.from_env().api_key if api_key is None and not routes else None,
+        )
+        self._headers = dict(default_headers or {})
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.AsyncClient(
+            http2=http2,
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            follow_redirects=False,
+        )
+        self.chat = _AsyncChat(self)
+        self.models = _AsyncModels(self)
+
+    def __repr__(self) -> str:
+        return f"AsyncClient(routes={[r.name for r in self._config.routes]})"
+
+    @property
+    def routes(self) -> list[Route]:
+        """The configured routes."""
+        return list(self._config.routes)
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _get_json(self, path: str) -> Any:
+        route = self._config.routes[0]
+        t = self._config.timeouts
+        try:
+            response = await self._http.get(
+                route.url(path),
+                headers=request_headers(route, self._headers),
+                timeout=httpx.Timeout(t.headers_s, connect=t.connect_s),
+            )
+        except httpx.HTTPError as exc:
+            raise map_transport_error(exc, route, got_headers=False) from exc
+        if response.status_code != 200:
+            raise status_error(
+                route,
+                response.status_code,
+                response.headers,
+                response.content[:MAX_ERROR_BODY_BYTES],
+            )
+        try:
+            return msgspec.json.decode(response.content)
+        except msgspec.DecodeError as exc:
+            raise UpstreamError(f"route {route.name!r} sent invalid JSON for {path}") from exc
+
+    async def balance(self) -> dict[str, Any]:
+        """DeepSeek's `GET /user/balance` (amounts are strings, as the API sends them)."""
+        data = await self._get_json("/user/balance")
+        if not isinstance(data, dict):
+            raise UpstreamError("the balance endpoint did not return an object")
+        return data
+
+    # -- streaming engine ----------------------------------------------------------------
+
+    def _start(
+        self,
+        model: str,
+        messages: Iterable[Any],
+        params: dict[str, Any],
+        *,
+        stream: bool,
+        events: bool,
+    ) -> tuple[AnswerRun, AsyncGenerator[StreamItem, None]]:
+        options = ChatParams.pop(params)
+        body = build_body(
+            model, messages, stream=stream, params=params, extra_body=options.extra_body
+        )
+        run = AnswerRun(
+            self._config,
+            body,
+            self._config.resolve_routes(options.fallbacks),
+            now=time.monotonic(),
+            restart=options.restart,
+            deadline_s=options.timeout,
+            extra_headers={**self._headers, **options.extra_headers},
+        )
+        return run, self._run(run, with_events=events)
+
+    async def _run(self, run: AnswerRun, *, with_events: bool) -> AsyncGenerator[StreamItem, None]:
+        config = self._config
+        action = run.next_action(None, time.monotonic())
+        while action is not None:
+            if with_events:
+                for event in run.drain_events():
+                    yield event
+            if not isinstance(action, Connect):
+                await anyio.sleep(action.seconds)
+                action = run.next_action(None, time.monotonic())
+                continue
+            if config.limiter.active:
+                tokens = run.reserve_tokens()
+                # A bucket refills with time, not on an event: polling it is the design.
+                while (wait := config.limiter.take(time.monotonic(), tokens)) > 0:  # noqa: ASYNC110
+                    await anyio.sleep(min(wait, 60.0))
+            attempt = run.new_attempt(action.plan, time.monotonic())
+            outcome: _Outcome = []
+            async for chunk in self._attempt(run, attempt, outcome):
+                yield chunk
+            action = run.next_action(outcome[0], time.monotonic())
+
+    async def _attempt(
+        self, run: AnswerRun, attempt: Attempt, outcome: _Outcome
+    ) -> AsyncGenerator[ChatCompletionChunk, None]:
+        plan = attempt.plan
+        route = plan.route
+        t = self._config.timeouts
+        timeout = httpx.Timeout(connect=t.connect_s, read=None, write=t.connect_s, pool=t.connect_s)
+        request = self._http.build_request(
+            "POST",
+            route.url("/chat/completions", beta=plan.beta),
+            content=msgspec.json.encode(plan.body),
+            headers=request_headers(route, run.extra_headers),
+            timeout=timeout,
+        )
+        error: UnbrokenError | None = None
+        response = None
+        expiry = attempt.expiry()
+        try:
+            with anyio.move_on_after(_remaining(expiry)) as scope:
+                response = await self._http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            error = map_transport_error(exc, route, got_headers=False)
+        if response is None:
+            if error is None:  # the headers (or deadline) timer fired
+                assert scope.cancelled_caught  # noqa: S101 - only way to get here
+                error = attempt.timeout_error(expiry[1] if expiry else "headers")
+            attempt.finish(time.monotonic(), timed_out=True)
+            outcome.append(
+                run.end_attempt(attempt, time.monotonic(), status_code=None, error=error)
+            )
+            return
+        try:
+            attempt.on_headers(time.monotonic())
+            status = response.status_code
+            if status != 200:
+                body = b""
+                try:
+                    with anyio.move_on_after(_remaining(attempt.expiry())):
+                        async for part in response.aiter_raw():
+                            body += part
+                            if len(body) >= MAX_ERROR_BODY_BYTES:
+                                break
+                except httpx.HTTPError:
+                    pass  # a partial error body still names the error
+                error = status_error(route, status, response.headers, body[:MAX_ERROR_BODY_BYTES])
+                attempt.finish(time.monotonic(), timed_out=True)
+                outcome.append(
+                    run.end_attempt(attempt, time.monotonic(), status_code=status, error=error)
+                )
+                return
+            decoder = attempt.decoder
+            reader = response.aiter_raw().__aiter__()
+            fired = None
+            while True:
+                expiry = attempt.expiry()
+                try:
+                    if expiry is None:
+                        data = await reader.__anext__()
+                    else:
+                        with anyio.move_on_after(expiry[0] - time.monotonic()) as scope:
+                            data = await reader.__anext__()
+                        if scope.cancelled_caught:
+                            fired = expiry[1]
+                            break
+                except StopAsyncIteration:
+                    break
+                except httpx.HTTPError as exc:
+                    logger.debug("stream from route %s broke: %s", route.name, type(exc).__name__)
+                    break
+                chunks = attempt.feed(data, time.monotonic())
+                for chunk in chunks:
+                    yield chunk
+                if decoder.done or decoder.error is not None:
+                    break
+            if fired is not None:
+                error = attempt.timeout_error(fired)
+            for chunk in attempt.finish(time.monotonic(), timed_out=fired is not None):
+                yield chunk
+            outcome.append(
+                run.end_attempt(attempt, time.monotonic(), status_code=status, error=error)
+            )
+        finally:
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+
+
+def _remaining(expiry: tuple[float, Any] | None) -> float:
+    return float("inf") if expiry is None else max(0.0, expiry[0] - time.monotonic())
+
+
+class AsyncStream:
+    """The chunks of one answer (async). `async for chunk in stream`, `await stream.final()`,
+    `await stream.aclose()` or `async with stream`."""
+
+    def __init__(self, run: AnswerRun, items: AsyncGenerator[StreamItem, None]) -> None:
+        self._run = run
+        self._items = items
+        self._completion: ChatCompletion | None = None
+
+    def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]:
+        return self
+
+    async def __anext__(self) -> ChatCompletionChunk:
+        try:
+            return await self._items.__anext__()  # type: ignore[return-value]  # chunks only here
+        except StopAsyncIteration:
+            self._completion = self._run.completion(time.monotonic())
+            raise
+
+    async def final(self) -> ChatCompletion:
+        """Consume what is left and return the whole answer."""
+        async for _ in self:
+            pass
+        assert self._completion is not None  # noqa: S101 - set when iteration ends
+        return self._completion
+
+    async def aclose(self) -> None:
+        """Stop the answer and close its connection."""
+        await self._items.aclose()
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+AsyncStreamEvent = ChatEvent | ControlEvent | DoneEvent
+
+
+class AsyncChatStream:
+    """Typed events of one answer (async); see `ChatStream`."""
+
+    def __init__(self, run: AnswerRun, items: AsyncGenerator[StreamItem, None]) -> None:
+        self._run = run
+        self._items = items
+        self._splitter = EventSplitter()
+        self._completion: ChatCompletion | None = None
+        self._events = self._generate()
+
+    async def _generate(self) -> AsyncGenerator[AsyncStreamEvent, None]:
+        split = self._splitter.split
+        async for item in self._items:
+            if isinstance(item, ChatCompletionChunk):
+                for event in split(item):
+                    yield event
+            else:
+                yield item
+        self._completion = self._run.completion(time.monotonic())
+        yield DoneEvent(self._completion)
+
+    def __aiter__(self) -> AsyncIterator[AsyncStreamEvent]:
+        return self._events
+
+    async def final(self) -> ChatCompletion:
+        """Consume what is left and return the whole answer."""
+        async for _ in self._events:
+            pass
+        assert self._completion is not None  # noqa: S101 - set when the events end
+        return self._completion
+
+    async def text(self) -> AsyncIterator[str]:
+        """Only the answer text of choice 0, as it arrives."""
+        async for event in self._events:
+            if isinstance(event, TextEvent) and event.index == 0:
+                yield event.text
+
+    async def aclose(self) -> None:
+        """Stop the answer and close its connection."""
+        await self._events.aclose()
+        await self._items.aclose()
+
+    async def __aenter__(self) -> AsyncChatStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class _AsyncCompletions:
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    @overload
+    async def create(
+        self, *, model: str, messages: Iterable[Any], stream: Literal[False] = False, **params: Any
+    ) -> ChatCompletion: ...
+
+    @overload
+    async def create(
+        self, *, model: str, messages: Iterable[Any], stream: Literal[True], **params: Any
+    ) -> AsyncStream: ...
+
+    async def create(
+        self, *, model: str, messages: Iterable[Any], stream: bool = False, **params: Any
+    ) -> ChatCompletion | AsyncStream:
+        """Create a chat completion; see `Client.chat.completions.create`."""
+        run, items = self._client._start(model, messages, params, stream=stream, events=False)
+        result = AsyncStream(run, items)
+        if stream:
+            return result
+        return await result.final()
+
+
+class _AsyncChat:
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+        self.completions = _AsyncCompletions(client)
+
+    def stream(self, *, model: str, messages: Iterable[Any], **params: Any) -> AsyncChatStream:
+        """Stream an answer as typed events; same parameters as `completions.create`."""
+        run, items = self._client._start(model, messages, params, stream=True, events=True)
+        return AsyncChatStream(run, items)
+
+
+class _AsyncModels:
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def list(self) -> list[dict[str, Any]]:
+        """`GET /models`: the models the first route serves."""
+        data = await self._client._get_json("/models")
+        items = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise UpstreamError("the models endpoint did not return a list")
+        return items
