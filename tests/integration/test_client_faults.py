@@ -141,7 +141,7 @@ async def test_async_fault_heals_into_the_whole_answer(
         stream = await c.chat.completions.create(
             model=model, messages=MESSAGES, stream=True, extra_headers=_key(spec, model, "async")
         )
-        texts = []
+        texts: list[str] = []
         async for chunk in stream:
             texts.extend(ch.delta.content or "" for ch in chunk.choices if ch.delta is not None)
         final = await stream.final()
@@ -179,7 +179,7 @@ def test_persistent_reset_ends_in_error_with_partial(upstream: MockServer) -> No
     """A stream that keeps breaking gives up after the cap, carrying every char shown."""
     _, content = expected()
     policy = RetryPolicy(attempts=4, max_resumes=2, wait_initial_s=0.01, wait_max_s=0.02)
-    shown = []
+    shown: list[str] = []
     with client(upstream, retry=policy) as c:
         stream = c.chat.completions.create(
             model="deepseek-chat",

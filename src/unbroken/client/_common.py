@@ -269,9 +269,11 @@ def build_body(
             body[key] = value
     if extra_body:
         body.update(extra_body)
+    # The upstream is always streamed, also for stream=False: a stream can be resumed and
+    # its keep-alives show the request is alive. Usage on the last chunk is how billing is
+    # known (DeepSeek sends it anyway; OpenAI-style servers need include_usage).
     body["stream"] = True
-    if stream and "stream_options" not in body:
-        # Usage on the last chunk is how billing is known; DeepSeek sends it anyway.
+    if "stream_options" not in body:
         body["stream_options"] = {"include_usage": True}
     n = body.get("n", 1)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:

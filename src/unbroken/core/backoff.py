@@ -186,6 +186,8 @@ def kind_of_status(
 ) -> ErrorKind:
     """Classify an HTTP error status (and the provider's message) for the retry policy."""
     text = f"{message} {error_code}".lower()
+    if status in (400, 404) and "model" in text and ("not exist" in text or "not found" in text):
+        return "not_found"  # DeepSeek: 400 "Model Not Exist"; another route may have it
     if status == 400:
         if "context_length" in text or "context length" in text or "maximum context" in text:
             return "context_length_exceeded"

@@ -428,6 +428,8 @@ def _give_up(
     partial = answer.completion() if answer.has_output else None
     if why is None or state.number <= 1:
         error.partial = partial
+        if why is not None:
+            error.add_note(f"not retried: {why}")
         raise error
     raise RetriesExhausted(
         f"{why}: {error.message}", attempts=state.number, partial=partial
