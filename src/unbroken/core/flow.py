@@ -138,10 +138,13 @@ def _is_silent(error: UnbrokenError | None) -> bool:
 
 
 def _failure(end: StreamEnd | None, error: UnbrokenError | None) -> UnbrokenError | None:
-    """The error of an attempt, or None when it completed."""
+    """The error of an attempt, or None when it completed. A stream whose every choice
+    finished is complete even if it then broke or stalled before `[DONE]` or its usage."""
+    if end is not None and end.state is EndState.COMPLETE:
+        return None
     if error is not None:
         return error
-    if end is None or end.state is EndState.COMPLETE:
+    if end is None:
         return None
     if end.state is EndState.ERROR:
         return end.error
