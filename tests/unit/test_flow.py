@@ -163,7 +163,9 @@ def run(
             status = (statuses or {}).get(number)
             if status is not None:
                 attempt.finish(now, timed_out=True)
-                error = UpstreamStatusError("refused", status_code=status, kind="overloaded")
+                error: UnbrokenError | None = UpstreamStatusError(
+                    "refused", status_code=status, kind="overloaded"
+                )
                 outcome = AttemptOutcome(end=None, error=error, now=now)
             else:
                 blob = upstream.answer(plan)
