@@ -14,50 +14,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
-import httpx
+from _mockproc import mock_process
 
 import unbroken
 
 MESSAGES = [{"role": "user", "content": "benchmark"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def mock_process() -> Iterator[str]:
-    port = free_port()
-    code = (
-        "from unbroken.mock import MockConfig, serve;"
-        f"serve(MockConfig(seed=1), host='127.0.0.1', port={port})"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code])
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(f"{url}/models", headers={"Authorization": "Bearer sk"}, timeout=1)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)  # waiting for the mock process to listen
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def pct(values: list[float], q: float) -> float:

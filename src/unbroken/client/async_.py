@@ -275,7 +275,10 @@ class AsyncClient:
                 chunks = attempt.feed(data, time.monotonic())
                 for chunk in chunks:
                     yield chunk
-                if decoder.done or decoder.error is not None:
+                # After [DONE] the body's end is read too (it follows at once), so the
+                # connection goes back to the pool; a server that keeps streaming after
+                # [DONE] is cut by the idle timer, and a complete stream stays complete.
+                if decoder.error is not None:
                     break
             if fired is not None:
                 error = attempt.timeout_error(fired)

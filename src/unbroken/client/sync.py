@@ -364,7 +364,10 @@ class Client:
                     chunks = attempt.feed(data, time.monotonic())
                     if chunks:
                         yield from chunks
-                    if decoder.done or decoder.error is not None:
+                    # After [DONE] the body's end is read too (it follows at once), so the
+                    # connection goes back to the pool; a server that keeps streaming after
+                    # [DONE] is cut by the idle timer, and a complete stream stays complete.
+                    if decoder.error is not None:
                         break
             except httpx.HTTPError as exc:
                 if watch.fired is None and not (decoder.done or decoder.error is not None):

@@ -104,15 +104,19 @@ class RetryBudget:
     second so a quiet client can still retry. Over any long run,
     retries <= ratio * requests + min_per_s * seconds + cap.
 
+    Defaults: up to 2 retries per request on average (load at most triples under sustained
+    failure, where 8 attempts without a budget would multiply it by 8), which still lets a
+    brown-out where most requests fail once or twice heal completely.
+
     Args:
-        ratio: retries allowed per request on average (1.0: load at most doubles).
+        ratio: retries allowed per request on average.
         min_per_s: retries allowed per second regardless of traffic.
         cap: the most tokens saved up (the burst of retries after a quiet spell).
     """
 
     __slots__ = ("_tokens", "_updated", "cap", "min_per_s", "ratio")
 
-    def __init__(self, ratio: float = 1.0, min_per_s: float = 1.0, cap: float = 20.0) -> None:
+    def __init__(self, ratio: float = 2.0, min_per_s: float = 1.0, cap: float = 50.0) -> None:
         if ratio < 0 or min_per_s < 0 or cap < 1:
             raise ConfigError(
                 f"retry budget needs ratio >= 0, min_per_s >= 0, cap >= 1; got "
