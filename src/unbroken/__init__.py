@@ -32,7 +32,7 @@ from unbroken.core.pricing import Price, PriceTable
 from unbroken.core.routes import Route
 from unbroken.core.sse import SSEDecoder
 from unbroken.core.stream import ChatStreamDecoder
-from unbroken.core.wire import AnswerMeta, ChatCompletion, ChatCompletionChunk, Usage
+from unbroken.core.wire import Answer, AnswerMeta, ChatCompletion, ChatCompletionChunk, Usage
 from unbroken.errors import (
     ConfigError,
     EncodeError,
@@ -56,6 +56,7 @@ from unbroken.settings import Settings
 __version__ = "0.1.0"
 
 __all__ = [
+    "Answer",
     "AnswerMeta",
     "AsyncChatStream",
     "AsyncClient",

@@ -41,7 +41,7 @@ from unbroken.core.resume import Dialect
 from unbroken.core.routes import Route, RouteHealth
 from unbroken.core.stream import EndState
 from unbroken.core.tokens import add_usage, estimate_prompt_tokens, estimate_usage
-from unbroken.core.wire import AnswerMeta, AttemptInfo, ChatCompletion, Usage
+from unbroken.core.wire import Answer, AnswerMeta, AttemptInfo, Usage
 from unbroken.errors import (
     ConfigError,
     InvalidRequestError,
@@ -502,14 +502,23 @@ class AnswerRun:
 
     # -- result ----------------------------------------------------------------------------
 
-    def completion(self, now: float) -> ChatCompletion:
+    def completion(self, now: float) -> Answer:
         """The answer so far (or whole), with billed usage and the `unbroken` meta."""
-        done = self.answer.completion()
+        folded = self.answer.completion()
         last = self.infos[-1] if self.infos else None
-        done.usage = self.billed
-        if last is not None and not done.model:
-            done.model = last.model
-        done.unbroken = AnswerMeta(
+        return Answer(
+            id=folded.id,
+            object=folded.object,
+            created=folded.created,
+            model=folded.model or (last.model if last is not None else ""),
+            system_fingerprint=folded.system_fingerprint,
+            choices=folded.choices,
+            usage=self.billed,
+            unbroken=self._meta(now, last),
+        )
+
+    def _meta(self, now: float, last: AttemptInfo | None) -> AnswerMeta:
+        return AnswerMeta(
             route=last.route if last else "",
             model=last.model if last else "",
             attempts=list(self.infos),
@@ -523,7 +532,6 @@ class AnswerRun:
             ttft_s=None if self.first_token_at is None else self.first_token_at - self.started_at,
             duration_s=now - self.started_at,
         )
-        return done
 
     def _record_answer(self, now: float, error: UnbrokenError | None) -> None:
         limiter = self.config.limiter

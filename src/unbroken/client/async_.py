@@ -30,7 +30,7 @@ from unbroken.core.pricing import PriceTable
 from unbroken.core.resume import Dialect
 from unbroken.core.routes import Route
 from unbroken.core.sse import DEFAULT_MAX_EVENT_BYTES
-from unbroken.core.wire import ChatCompletion, ChatCompletionChunk
+from unbroken.core.wire import Answer, ChatCompletionChunk
 from unbroken.errors import UnbrokenError, UpstreamError
 from unbroken.instrumentation import Hook
 from unbroken.settings import Settings
@@ -303,7 +303,7 @@ class AsyncStream:
     def __init__(self, run: AnswerRun, items: AsyncGenerator[StreamItem, None]) -> None:
         self._run = run
         self._items = items
-        self._completion: ChatCompletion | None = None
+        self._completion: Answer | None = None
 
     def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]:
         return self
@@ -315,7 +315,7 @@ class AsyncStream:
             self._completion = self._run.completion(time.monotonic())
             raise
 
-    async def final(self) -> ChatCompletion:
+    async def final(self) -> Answer:
         """Consume what is left and return the whole answer."""
         async for _ in self:
             pass
@@ -348,7 +348,7 @@ class AsyncChatStream:
         self._run = run
         self._items = items
         self._splitter = EventSplitter()
-        self._completion: ChatCompletion | None = None
+        self._completion: Answer | None = None
         self._events = self._generate()
 
     async def _generate(self) -> AsyncGenerator[AsyncStreamEvent, None]:
@@ -365,7 +365,7 @@ class AsyncChatStream:
     def __aiter__(self) -> AsyncIterator[AsyncStreamEvent]:
         return self._events
 
-    async def final(self) -> ChatCompletion:
+    async def final(self) -> Answer:
         """Consume what is left and return the whole answer."""
         async for _ in self._events:
             pass
@@ -402,7 +402,7 @@ class _AsyncCompletions:
     @overload
     async def create(
         self, *, model: str, messages: Iterable[Any], stream: Literal[False] = False, **params: Any
-    ) -> ChatCompletion: ...
+    ) -> Answer: ...
 
     @overload
     async def create(
@@ -411,7 +411,7 @@ class _AsyncCompletions:
 
     async def create(
         self, *, model: str, messages: Iterable[Any], stream: bool = False, **params: Any
-    ) -> ChatCompletion | AsyncStream:
+    ) -> Answer | AsyncStream:
         """Create a chat completion; see `Client.chat.completions.create`."""
         run, items = self._client._start(model, messages, params, stream=stream, events=False)
         result = AsyncStream(run, items)

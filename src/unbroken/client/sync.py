@@ -31,7 +31,7 @@ from unbroken.core.pricing import PriceTable
 from unbroken.core.resume import Dialect
 from unbroken.core.routes import Route
 from unbroken.core.sse import DEFAULT_MAX_EVENT_BYTES
-from unbroken.core.wire import ChatCompletion, ChatCompletionChunk
+from unbroken.core.wire import Answer, ChatCompletionChunk
 from unbroken.errors import UnbrokenError, UpstreamError
 from unbroken.instrumentation import Hook
 from unbroken.settings import Settings
@@ -404,7 +404,7 @@ class Stream:
     def __init__(self, run: AnswerRun, items: Iterator[StreamItem]) -> None:
         self._run = run
         self._items = items
-        self._completion: ChatCompletion | None = None
+        self._completion: Answer | None = None
 
     def __iter__(self) -> Iterator[ChatCompletionChunk]:
         return self
@@ -416,7 +416,7 @@ class Stream:
             self._completion = self._run.completion(time.monotonic())
             raise
 
-    def final(self) -> ChatCompletion:
+    def final(self) -> Answer:
         """Consume what is left and return the whole answer."""
         for _ in self:
             pass
@@ -455,7 +455,7 @@ class ChatStream:
         self._run = run
         self._items = items
         self._splitter = EventSplitter()
-        self._completion: ChatCompletion | None = None
+        self._completion: Answer | None = None
         self._events = self._generate()
 
     def _generate(self) -> Iterator[StreamEvent]:
@@ -471,7 +471,7 @@ class ChatStream:
     def __iter__(self) -> Iterator[StreamEvent]:
         return self._events
 
-    def final(self) -> ChatCompletion:
+    def final(self) -> Answer:
         """Consume what is left and return the whole answer."""
         for _ in self._events:
             pass
@@ -510,7 +510,7 @@ class _Completions:
     @overload
     def create(
         self, *, model: str, messages: Iterable[Any], stream: Literal[False] = False, **params: Any
-    ) -> ChatCompletion: ...
+    ) -> Answer: ...
 
     @overload
     def create(
@@ -519,7 +519,7 @@ class _Completions:
 
     def create(
         self, *, model: str, messages: Iterable[Any], stream: bool = False, **params: Any
-    ) -> ChatCompletion | Stream:
+    ) -> Answer | Stream:
         """Create a chat completion, as `openai`'s `client.chat.completions.create`.
 
         Every DeepSeek/OpenAI parameter is accepted by name (temperature, max_tokens,
@@ -529,7 +529,8 @@ class _Completions:
         answer cannot be continued).
 
         Returns:
-            a `Stream` of chunks when `stream=True`, else the whole `ChatCompletion`.
+            a `Stream` of chunks when `stream=True`, else the whole `Answer` (a
+            ChatCompletion with the `unbroken` meta).
 
         Raises:
             UnbrokenError: the answer could not be delivered; `partial` holds what came.

@@ -13,7 +13,7 @@ from typing import Literal
 
 import msgspec
 
-from unbroken.core.wire import ChatCompletion
+from unbroken.core.wire import Answer
 
 __all__ = [
     "ChatEvent",
@@ -184,7 +184,7 @@ ControlEvent = RetryingEvent | ResumedEvent | FellBackEvent | RestartedEvent
 
 
 class DoneEvent(msgspec.Struct, frozen=True, gc=False):
-    """The answer is complete; `completion` is the whole of it (a ChatCompletion)."""
+    """The answer is complete; `completion` is the whole of it (with the `unbroken` meta)."""
 
-    completion: ChatCompletion
+    completion: Answer
     type: Literal["done"] = "done"

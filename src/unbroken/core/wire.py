@@ -15,6 +15,7 @@ import msgspec
 from unbroken.errors import ErrorKind, ProtocolError, UpstreamStreamError
 
 __all__ = [
+    "Answer",
     "AnswerMeta",
     "AttemptInfo",
     "ChatCompletion",
@@ -60,7 +61,7 @@ class ToolCallDelta(msgspec.Struct, omit_defaults=True):
     function: FunctionDelta | None = None
 
 
-class TopLogprob(msgspec.Struct, omit_defaults=True):
+class TopLogprob(msgspec.Struct):
     """One alternative token and its log probability."""
 
     token: str
@@ -68,7 +69,7 @@ class TopLogprob(msgspec.Struct, omit_defaults=True):
     bytes: list[int] | None = None
 
 
-class TokenLogprob(msgspec.Struct, omit_defaults=True):
+class TokenLogprob(msgspec.Struct):
     """Log probability of one sampled token, with the most likely alternatives."""
 
     token: str
@@ -77,7 +78,7 @@ class TokenLogprob(msgspec.Struct, omit_defaults=True):
     top_logprobs: list[TopLogprob] = []
 
 
-class ChoiceLogprobs(msgspec.Struct, omit_defaults=True):
+class ChoiceLogprobs(msgspec.Struct):
     """Log probabilities of a choice's answer (and, in DeepSeek thinking mode, reasoning)."""
 
     content: list[TokenLogprob] | None = None
@@ -101,7 +102,7 @@ class Delta(msgspec.Struct, omit_defaults=True):
         return self.reasoning_content if self.reasoning_content is not None else self.reasoning
 
 
-class ChunkChoice(msgspec.Struct, omit_defaults=True):
+class ChunkChoice(msgspec.Struct):
     """One choice in a streamed chunk. Azure annotation chunks carry no `delta`."""
 
     index: int = 0
@@ -122,7 +123,7 @@ class CompletionTokensDetails(msgspec.Struct, omit_defaults=True):
     reasoning_tokens: int | None = None
 
 
-class Usage(msgspec.Struct, omit_defaults=True):
+class Usage(msgspec.Struct):
     """Token usage. DeepSeek: prompt = cache hit + cache miss; completion includes reasoning."""
 
     prompt_tokens: int = 0
@@ -140,7 +141,7 @@ class Usage(msgspec.Struct, omit_defaults=True):
         return None if details is None else details.reasoning_tokens
 
 
-class ErrorObject(msgspec.Struct, omit_defaults=True):
+class ErrorObject(msgspec.Struct):
     """An error as providers report it: `{"error": {message, type, param, code}}`."""
 
     message: str = ""
@@ -149,7 +150,7 @@ class ErrorObject(msgspec.Struct, omit_defaults=True):
     code: str | int | None = None
 
 
-class ChatCompletionChunk(msgspec.Struct, omit_defaults=True):
+class ChatCompletionChunk(msgspec.Struct):
     """One `chat.completion.chunk` of a stream."""
 
     id: str = ""
@@ -161,14 +162,14 @@ class ChatCompletionChunk(msgspec.Struct, omit_defaults=True):
     usage: Usage | None = None
 
 
-class Function(msgspec.Struct, omit_defaults=True):
+class Function(msgspec.Struct):
     """A complete function call; `arguments` is a JSON string that may not be valid JSON."""
 
     name: str = ""
     arguments: str = ""
 
 
-class ToolCall(msgspec.Struct, omit_defaults=True):
+class ToolCall(msgspec.Struct):
     """A complete tool call of an assistant message."""
 
     id: str = ""
@@ -176,7 +177,7 @@ class ToolCall(msgspec.Struct, omit_defaults=True):
     function: Function = msgspec.field(default_factory=Function)
 
 
-class Message(msgspec.Struct, omit_defaults=True):
+class Message(msgspec.Struct):
     """The assistant message of a non-streamed choice (or of a folded stream)."""
 
     role: str = "assistant"
@@ -186,7 +187,7 @@ class Message(msgspec.Struct, omit_defaults=True):
     refusal: str | None = None
 
 
-class Choice(msgspec.Struct, omit_defaults=True):
+class Choice(msgspec.Struct):
     """One choice of a non-streamed completion."""
 
     index: int = 0
@@ -237,12 +238,8 @@ class AnswerMeta(msgspec.Struct, omit_defaults=True):
     duration_s: float = 0.0
 
 
-class ChatCompletion(msgspec.Struct, omit_defaults=True):
-    """A whole `chat.completion`: the non-streamed answer, or a folded stream.
-
-    `usage` is what was billed for the answer (every attempt, summed); `unbroken` (set by
-    the clients, None on the wire) says which routes and attempts produced it and its cost.
-    """
+class ChatCompletion(msgspec.Struct):
+    """A whole `chat.completion`: the non-streamed answer, or a folded stream."""
 
     id: str = ""
     object: str = "chat.completion"
@@ -251,7 +248,14 @@ class ChatCompletion(msgspec.Struct, omit_defaults=True):
     system_fingerprint: str | None = None
     choices: list[Choice] = []
     usage: Usage | None = None
-    unbroken: AnswerMeta | None = None
+
+
+class Answer(ChatCompletion):
+    """The completion an unbroken client returns: a `ChatCompletion` plus `unbroken`, what
+    it took to deliver it (routes, attempts, cost). `usage` is what was billed for the
+    answer: every attempt, summed."""
+
+    unbroken: AnswerMeta = msgspec.field(default_factory=AnswerMeta)
 
 
 class _ErrorFrame(msgspec.Struct):

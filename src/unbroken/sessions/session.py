@@ -21,7 +21,7 @@ from unbroken.core.window import (
     messages_for_request,
     trim_to_budget,
 )
-from unbroken.core.wire import ChatCompletion, Usage
+from unbroken.core.wire import Answer, Usage
 from unbroken.errors import InvalidRequestError
 from unbroken.sessions.store import AsyncSessionStore, SessionStore
 
@@ -63,7 +63,7 @@ class _History:
         self.calibration = Calibration()
         self.usage = Usage()
         self.cost_usd = 0.0
-        self.last: ChatCompletion | None = None
+        self.last: Answer | None = None
         self.dropped = 0
 
     @property
@@ -97,7 +97,7 @@ class _History:
         return messages, estimate
 
     def finish(
-        self, pending: list[dict[str, Any]], done: ChatCompletion, estimate: int
+        self, pending: list[dict[str, Any]], done: Answer, estimate: int
     ) -> list[dict[str, Any]]:
         message = done.choices[0].message if done.choices else None
         reply: dict[str, Any] = {"role": "assistant", "content": message.content if message else ""}
@@ -116,9 +116,9 @@ class _History:
         self.messages.extend(new)
         self.last = done
         meta = done.unbroken
-        first = meta.attempts[0].usage if meta is not None and meta.attempts else None
+        first = meta.attempts[0].usage if meta.attempts else None
         # Calibrate on a clean single attempt: its prompt is exactly what was estimated.
-        if first is not None and meta is not None and len(meta.attempts) == 1:
+        if first is not None and len(meta.attempts) == 1:
             self.calibration = self.calibration.update(estimate, first.prompt_tokens)
         if done.usage is not None:
             self.usage = Usage(
@@ -126,8 +126,7 @@ class _History:
                 completion_tokens=self.usage.completion_tokens + done.usage.completion_tokens,
                 total_tokens=self.usage.total_tokens + done.usage.total_tokens,
             )
-        if done.unbroken is not None:
-            self.cost_usd += done.unbroken.cost_usd
+        self.cost_usd += meta.cost_usd
         return new
 
 
@@ -224,7 +223,7 @@ class ChatSession:
         return self._h.cost_usd
 
     @property
-    def last(self) -> ChatCompletion | None:
+    def last(self) -> Answer | None:
         """The last complete answer."""
         return self._h.last
 
@@ -257,7 +256,7 @@ class ChatSession:
         finally:
             stream.close()
 
-    def ask(self, content: str | None, **params: Any) -> ChatCompletion:
+    def ask(self, content: str | None, **params: Any) -> Answer:
         """`send` without streaming: the whole answer."""
         for _ in self.send(content, **params):
             pass
@@ -319,7 +318,7 @@ class AsyncChatSession:
         return [dict(m) for m in self._h.messages]
 
     @property
-    def last(self) -> ChatCompletion | None:
+    def last(self) -> Answer | None:
         """The last complete answer."""
         return self._h.last
 
@@ -352,7 +351,7 @@ class AsyncChatSession:
         finally:
             await stream.aclose()
 
-    async def ask(self, content: str | None, **params: Any) -> ChatCompletion:
+    async def ask(self, content: str | None, **params: Any) -> Answer:
         """`send` without streaming: the whole answer."""
         async for _ in self.send(content, **params):
             pass

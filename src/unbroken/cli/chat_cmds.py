@@ -1,0 +1,294 @@
+"""`unbroken chat` (interactive, live, resumable sessions) and `unbroken ask` (one shot).
+
+Parse, build the client, call the SDK, render: no stream logic here (STYLE.md §10). Without
+DEEPSEEK_API_KEY and --base-url both run against the built-in mock DeepSeek.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import msgspec
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from unbroken.client.sync import Client
+from unbroken.core.events import (
+    DoneEvent,
+    FellBackEvent,
+    ReasoningEvent,
+    RestartedEvent,
+    ResumedEvent,
+    RetryingEvent,
+    TextEvent,
+)
+from unbroken.errors import UnbrokenError
+from unbroken.sessions.session import ChatSession
+from unbroken.sessions.store import (
+    MemorySessionStore,
+    RedisSessionStore,
+    SessionStore,
+    SQLiteSessionStore,
+    default_sessions_path,
+)
+from unbroken.settings import Settings
+
+__all__ = ["ask", "chat"]
+
+HELP = """commands:
+  /new                 start a new session        /sessions       list saved sessions
+  /load ID             resume a saved session     /system TEXT    set the system prompt
+  /model NAME          switch model               /cost           tokens and cost so far
+  /retry               ask the last question again /reasoning     show the last reasoning
+  /help                this help                  /exit           leave (or Ctrl+D)
+Ctrl+C stops the current answer; it does not quit."""
+
+
+@contextlib.contextmanager
+def _client(
+    base_url: str | None, model: str, console: Console, mock_token_ms: float
+) -> Iterator[Client]:
+    settings = Settings.from_env()
+    if base_url is None and settings.api_key is None:
+        from unbroken.mock import Latency, MockConfig, MockServer
+
+        console.print(
+            "[dim]no DEEPSEEK_API_KEY and no --base-url: using the built-in mock DeepSeek[/dim]",
+            highlight=False,
+        )
+        with (
+            MockServer(MockConfig(latency=Latency(token_ms=mock_token_ms))) as mock,
+            Client(api_key="sk-mock", base_url=mock.url) as client,
+        ):
+            yield client
+        return
+    with Client(api_key=settings.api_key or "sk-none", base_url=base_url or settings.base_url) as c:
+        yield c
+
+
+def _store(spec: str | None, no_store: bool) -> SessionStore:
+    if no_store:
+        return MemorySessionStore()
+    if spec and spec.startswith(("redis://", "rediss://", "unix://")):
+        return RedisSessionStore(spec)
+    return SQLiteSessionStore(spec or default_sessions_path())
+
+
+@dataclass
+class _Turn:
+    """What the renderer saw of one answer."""
+
+    reasoning: list[str] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    ttft_s: float | None = None
+
+
+def _render(events: Iterator[object], console: Console, started: float, pretty: bool) -> _Turn:
+    turn = _Turn()
+    live: Live | None = None
+    try:
+        for event in events:
+            if isinstance(event, ReasoningEvent):
+                turn.reasoning.append(event.text)
+                if pretty:
+                    if live is None:
+                        live = Live(console=console, transient=True, auto_refresh=False)
+                        live.start()
+                    tail = "".join(turn.reasoning)[-400:].replace("\n", " ")
+                    live.update(Text(f"thinking… {tail}", style="dim italic"), refresh=True)
+            elif isinstance(event, TextEvent):
+                if turn.ttft_s is None:
+                    turn.ttft_s = time.monotonic() - started
+                if live is not None:
+                    live.stop()
+                    live = None
+                    thought = "".join(turn.reasoning)
+                    console.print(
+                        f"[dim]▸ thought {len(thought)} chars (/reasoning to expand)[/dim]"
+                    )
+                turn.text.append(event.text)
+                console.print(event.text, end="", markup=False, highlight=False, soft_wrap=True)
+            elif isinstance(event, RetryingEvent | ResumedEvent | FellBackEvent | RestartedEvent):
+                turn.notes.append(event.type)
+                if isinstance(event, RestartedEvent):
+                    console.print("\n[yellow]↺ restarting the answer[/yellow]")
+            elif isinstance(event, DoneEvent):
+                break
+    finally:
+        if live is not None:
+            live.stop()
+    return turn
+
+
+def _summary(session: ChatSession, turn: _Turn) -> str:
+    last = session.last
+    parts = []
+    if turn.ttft_s is not None:
+        parts.append(f"first token {turn.ttft_s:.2f}s")
+    if last is not None and last.usage is not None:
+        parts.append(f"{last.usage.completion_tokens} tokens")
+    if last is not None:
+        parts.append(f"${last.unbroken.cost_usd:.5f}")
+        if last.unbroken.resumes:
+            parts.append(f"resumed {last.unbroken.resumes}x")
+        if last.unbroken.retries:
+            parts.append(f"retried {last.unbroken.retries}x")
+        if last.unbroken.fallbacks:
+            parts.append(f"via {last.unbroken.route}")
+    return " · ".join(parts)
+
+
+def _sessions_table(store: SessionStore) -> Table:
+    table = Table("id", "title", "model", "messages", "updated", box=None)
+    for info in store.list(limit=20):
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.updated_s))
+        table.add_row(info.id, escape(info.title), info.model, str(info.n_messages), when)
+    return table
+
+
+def chat(
+    model: str = typer.Option("deepseek-chat", help="model to talk to"),
+    base_url: str | None = typer.Option(
+        None, help="any OpenAI-compatible server or an unbroken gateway"
+    ),
+    system: str | None = typer.Option(None, help="system prompt"),
+    session: str | None = typer.Option(None, help="resume a saved session by id"),
+    store: str | None = typer.Option(None, help="SQLite file or redis:// URL for sessions"),
+    no_store: bool = typer.Option(False, help="keep the conversation in memory only"),
+    mock_token_ms: float = typer.Option(
+        15.0, help="token interval of the built-in mock (demos and tests)"
+    ),
+) -> None:
+    """Chat in the terminal: live streaming, reasoning dimmed, Ctrl+C stops an answer."""
+    console = Console(highlight=False)
+    db = _store(store, no_store)
+    with _client(base_url, model, console, mock_token_ms) as client:
+        current = (
+            ChatSession.load(client, db, session)
+            if session
+            else ChatSession(client, model=model, system=system, store=db)
+        )
+        console.print(f"[bold]unbroken chat[/bold] · {current.model} · session {current.id}")
+        console.print("[dim]/help for commands[/dim]")
+        last_question: str | None = None
+        while True:
+            try:
+                line = console.input("[bold cyan]you ›[/bold cyan] ")
+            except EOFError:
+                console.print()
+                break
+            except KeyboardInterrupt:
+                console.print()
+                continue
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                command, _, arg = line.partition(" ")
+                arg = arg.strip()
+                if command in ("/exit", "/quit"):
+                    break
+                if command == "/help":
+                    console.print(HELP, markup=False)
+                elif command == "/new":
+                    current = ChatSession(
+                        client, model=current.model, system=current.system, store=db
+                    )
+                    console.print(f"[dim]new session {current.id}[/dim]")
+                elif command == "/sessions":
+                    console.print(_sessions_table(db))
+                elif command == "/load":
+                    try:
+                        current = ChatSession.load(client, db, arg)
+                    except UnbrokenError as exc:
+                        console.print(f"[red]{escape(exc.message)}[/red]")
+                        continue
+                    console.print(
+                        f"[dim]resumed {current.id}: {len(current.messages)} messages[/dim]"
+                    )
+                elif command == "/system":
+                    current.set_system(arg or None)
+                    console.print("[dim]system prompt set[/dim]")
+                elif command == "/model":
+                    if arg:
+                        current.model = arg
+                    console.print(f"[dim]model: {current.model}[/dim]")
+                elif command == "/cost":
+                    u = current.usage
+                    console.print(
+                        f"[dim]this session: {u.prompt_tokens} prompt + {u.completion_tokens} "
+                        f"completion tokens · ${current.cost_usd:.5f}[/dim]"
+                    )
+                elif command == "/reasoning":
+                    last = current.last
+                    text = (
+                        last.choices[0].message.reasoning_content if last and last.choices else None
+                    )
+                    console.print(Text(text or "(no reasoning)", style="dim"))
+                elif command == "/retry":
+                    if last_question is None:
+                        console.print("[dim]nothing to retry[/dim]")
+                    else:
+                        _answer(current, last_question, console)
+                else:
+                    console.print(f"[red]unknown command {escape(command)}[/red] (/help)")
+                continue
+            last_question = line
+            _answer(current, line, console)
+    db.close()
+
+
+def _answer(session: ChatSession, question: str, console: Console) -> None:
+    started = time.monotonic()
+    events = session.send(question)
+    try:
+        turn = _render(events, console, started, pretty=console.is_terminal)
+    except KeyboardInterrupt:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
+        console.print("\n[yellow]⏹ stopped[/yellow]")
+        return
+    except UnbrokenError as exc:
+        console.print(f"\n[red]error: {escape(exc.message)}[/red]")
+        return
+    console.print()
+    console.print(f"[dim]{_summary(session, turn)}[/dim]")
+
+
+def ask(
+    question: str = typer.Argument(..., help="the question"),
+    model: str = typer.Option("deepseek-chat", help="model to ask"),
+    base_url: str | None = typer.Option(None, help="any OpenAI-compatible server or gateway"),
+    system: str | None = typer.Option(None, help="system prompt"),
+    json_output: bool = typer.Option(False, "--json", help="print the whole completion as JSON"),
+    mock_token_ms: float = typer.Option(0.0, help="token interval of the built-in mock"),
+) -> None:
+    """Ask once and print the answer (plain text when piped)."""
+    console = Console(highlight=False, stderr=False)
+    errors = Console(stderr=True, highlight=False)
+    with _client(base_url, model, errors, mock_token_ms) as client:
+        session = ChatSession(client, model=model, system=system)
+        if json_output:
+            done = session.ask(question)
+            sys.stdout.write(msgspec.json.encode(done).decode() + "\n")
+            return
+        if not console.is_terminal:
+            for event in session.send(question):
+                if isinstance(event, TextEvent):
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+            sys.stdout.write("\n")
+            return
+        turn = _render(session.send(question), console, time.monotonic(), pretty=True)
+        console.print()
+        errors.print(f"[dim]{_summary(session, turn)}[/dim]")
