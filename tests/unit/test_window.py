@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from unbroken.core.window import (
     Calibration,
+    _units,
     estimate_message_tokens,
     messages_for_request,
     trim_to_budget,
@@ -117,3 +118,19 @@ def test_content_parts_and_tool_calls_are_counted() -> None:
         {"role": "assistant", "content": ""}
     )
     assert estimate_message_tokens({"role": "user", "content": None}) == 4
+
+
+def test_reasoning_counts_and_odd_tool_call_entries_are_skipped() -> None:
+    """Reasoning counts toward the estimate; a non-object tool-call entry is skipped."""
+    plain = {"role": "assistant", "content": "a"}
+    base = estimate_message_tokens(plain)
+    assert estimate_message_tokens({**plain, "reasoning_content": "abcdefghij"}) == base + 3
+    assert estimate_message_tokens({**plain, "tool_calls": ["junk"]}) == base
+
+
+def test_tool_result_for_another_call_is_not_glued_to_the_call() -> None:
+    """A tool message answering another call id starts a unit of its own."""
+    user = {"role": "user", "content": "q"}
+    mine = {"role": "tool", "tool_call_id": "c1", "content": "ok"}
+    other = {"role": "tool", "tool_call_id": "c9", "content": "x"}
+    assert _units([user, call(1), mine, other]) == [[user], [call(1), mine], [other]]

@@ -5,6 +5,7 @@ Imports the standard library (`random` only to type an injected generator), `unb
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import enum
 import math
@@ -91,7 +92,7 @@ class RetryPolicy:
         try:
             ceiling = self.wait_initial_s * self.wait_exp_base ** (n - 1)
         except OverflowError:
-            ceiling = math.inf
+            ceiling = math.inf if self.wait_initial_s > 0 else 0.0
         return rng.uniform(0.0, min(self.wait_max_s, ceiling))
 
 
@@ -181,6 +182,8 @@ def parse_retry_after(
             when = email.utils.parsedate_to_datetime(text)
         except (TypeError, ValueError, IndexError):
             return None
+        if when.tzinfo is None:  # asctime dates carry no zone; HTTP-dates are GMT (§5.6.7)
+            when = when.replace(tzinfo=datetime.UTC)
         return max(0.0, when.timestamp() - now_epoch)
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
@@ -193,7 +196,12 @@ def kind_of_status(
     if status in (400, 404) and "model" in text and ("not exist" in text or "not found" in text):
         return "not_found"  # DeepSeek: 400 "Model Not Exist"; another route may have it
     if status == 400:
-        if "context_length" in text or "context length" in text or "maximum context" in text:
+        if (
+            "context_length" in text
+            or "context length" in text
+            or "maximum context" in text
+            or "context size" in text  # llama.cpp: "exceeds the available context size"
+        ):
             return "context_length_exceeded"
         if "content" in text and ("filter" in text or "risk" in text or "safety" in text):
             return "content_filter"

@@ -233,9 +233,12 @@ def answer_flow(
         now = outcome.now
         if failure is None:
             route_health.breaker.record_success(now)
+            # `[DONE]` while a choice had no finish_reason: the server chose to end; resuming
+            # would ask again forever (core.stream StreamEnd.missing_finish).
+            ended = outcome.end is not None and outcome.end.missing_finish
             if plan.choice_index is None:
-                pending = [i for i in pending if answer.finish_reason(i) is None]
-            elif answer.finish_reason(plan.choice_index) is not None:
+                pending = [] if ended else [i for i in pending if answer.finish_reason(i) is None]
+            elif ended or answer.finish_reason(plan.choice_index) is not None:
                 pending.pop(0)
             if not pending:
                 return plan

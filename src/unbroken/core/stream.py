@@ -171,7 +171,8 @@ class ChatStreamDecoder:
                     break
             elif type(item) is Comment:
                 self.n_comments += 1
-            elif type(item) is IgnoredField:
+            # No `else`: SSEDecoder.feed never yields an IncompleteEvent (only flush does).
+            elif type(item) is IgnoredField:  # pragma: no branch
                 # Legacy llama.cpp reports errors as a non-standard `error:` field line.
                 error = parse_error_object(item.value, bare=True) if item.name == "error" else None
                 if error is not None:

@@ -9,7 +9,6 @@ limit reservations, context trimming); whatever the API reports replaces it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 from unbroken.core.wire import CompletionTokensDetails, PromptTokensDetails, Usage
@@ -36,17 +35,18 @@ def estimate_tokens(text: str) -> int:
     if not text:
         return 0
     if text.isascii():
-        return math.ceil(len(text) * 0.3)
-    units = 0.0
+        return -(-(len(text) * 3) // 10)
+    # Counted in tenths of a token: summing 0.3 as a float drifts (30 x 0.3 > 9).
+    tenths = 0
     for char in text:
         code = ord(char)
         if code < 0x80:
-            units += 0.3
+            tenths += 3
         elif _is_wide(code):
-            units += 0.6
+            tenths += 6
         else:
-            units += 1.0
-    return math.ceil(units)
+            tenths += 10
+    return -(-tenths // 10)
 
 
 def estimate_prompt_tokens(texts: Iterable[str]) -> int:

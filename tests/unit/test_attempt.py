@@ -1,0 +1,509 @@
+"""Unit tests of core.attempt: splicing a continuation into the answer, holding tool calls,
+usage, and the stream timers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from unbroken.core.accumulator import ChunkAccumulator
+from unbroken.core.attempt import Attempt, Timeouts
+from unbroken.core.flow import AttemptPlan
+from unbroken.core.resume import Continuation
+from unbroken.core.routes import Route
+from unbroken.core.stream import EndState
+from unbroken.core.wire import ChatCompletionChunk, ChunkChoice, Delta, Usage
+from unbroken.errors import ConfigError, TimeoutPhase
+
+ROUTE = Route("primary", "https://api.example")
+DONE = b"data: [DONE]\n\n"
+USAGE = {"prompt_tokens": 14, "completion_tokens": 2, "total_tokens": 16}
+BILLED = Usage(prompt_tokens=14, completion_tokens=2, total_tokens=16)
+
+
+def sse(
+    delta: dict[str, Any] | None = None,
+    finish: str | None = None,
+    *,
+    index: int = 0,
+    usage: dict[str, int] | None = None,
+    id: str = "c2",
+    created: int = 222,
+) -> bytes:
+    """One chunk as an SSE event; `delta=None` leaves the delta out (a finish-only choice)."""
+    choice: dict[str, Any] = {"index": index, "finish_reason": finish}
+    if delta is not None:
+        choice["delta"] = delta
+    chunk: dict[str, Any] = {
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": "m",
+        "choices": [choice],
+    }
+    if usage is not None:
+        chunk["usage"] = usage
+    return b"data: " + msgspec.json.encode(chunk) + b"\n\n"
+
+
+def shown_answer(*texts: str, role: str | None = "assistant") -> ChunkAccumulator:
+    """An answer the consumer has seen: choice i holds texts[i] (id c1, created 111)."""
+    answer = ChunkAccumulator()
+    for index, text in enumerate(texts):
+        answer.feed(
+            ChatCompletionChunk(
+                id="c1",
+                created=111,
+                model="m",
+                choices=[ChunkChoice(index=index, delta=Delta(role=role, content=text))],
+            )
+        )
+    return answer
+
+
+def continuation_plan(
+    *, choice_index: int | None = None, continuation: Continuation | None = None
+) -> AttemptPlan:
+    return AttemptPlan(
+        route=ROUTE,
+        body={},
+        kind="resume",
+        number=2,
+        choice_index=choice_index,
+        continuation=continuation or Continuation(body={}, beta=True),
+    )
+
+
+def feed_all(attempt: Attempt, *reads: bytes, now: float = 1.0) -> list[ChatCompletionChunk]:
+    out: list[ChatCompletionChunk] = []
+    for read in reads:
+        out += attempt.feed(read, now)
+    return out + attempt.finish(now)
+
+
+def texts(chunks: list[ChatCompletionChunk]) -> list[str | None]:
+    return [c.choices[0].delta.content if c.choices[0].delta else None for c in chunks]
+
+
+# -- splicing ------------------------------------------------------------------------------
+
+
+def test_first_attempt_passes_chunks_through() -> None:
+    """With nothing shown before, chunks reach the consumer unchanged (id, role, index)."""
+    answer = ChunkAccumulator()
+    attempt = Attempt(AttemptPlan(route=ROUTE, body={}), answer, now=0.0)
+    out = feed_all(
+        attempt,
+        sse({"role": "assistant", "content": ""}),
+        sse({"content": "Hi"}),
+        sse({"content": ""}, "stop", usage=USAGE),
+        DONE,
+    )
+    assert [c.id for c in out] == ["c2", "c2", "c2"]
+    assert out[0].choices[0].delta == Delta(role="assistant", content="")
+    assert attempt.verdict is not None
+    assert attempt.verdict.state is EndState.COMPLETE
+    assert answer.content() == "Hi"
+    assert answer.usage == BILLED
+    assert attempt.usage == BILLED
+
+
+def test_continuation_takes_the_answers_id_and_loses_its_role() -> None:
+    """A continuation's chunks get the answer's id and created, and no second role."""
+    answer = shown_answer("Hel")
+    attempt = Attempt(continuation_plan(), answer, now=0.0)
+    out = feed_all(
+        attempt,
+        sse({"role": "assistant", "content": ""}),
+        sse({"content": "lo!"}),
+        sse({"content": ""}, "stop"),
+        DONE,
+    )
+    assert {(c.id, c.created) for c in out} == {("c1", 111)}
+    assert all(c.choices[0].delta is not None and c.choices[0].delta.role is None for c in out)
+    assert texts(out) == ["", "lo!", ""]
+    assert answer.content() == "Hello!"
+    assert answer.finish_reason() == "stop"
+
+
+def test_role_is_kept_when_the_answer_has_none_yet() -> None:
+    """A continuation's role is the first the consumer sees when the answer had none."""
+    answer = shown_answer("Hel", role=None)
+    attempt = Attempt(continuation_plan(), answer, now=0.0)
+    out = feed_all(attempt, sse({"role": "assistant", "content": "lo"}, "stop"))
+    assert out[0].choices[0].delta == Delta(role="assistant", content="lo")
+    assert answer.role() == "assistant"
+
+
+def test_choice_zero_maps_to_the_continued_choice() -> None:
+    """n > 1: the continuation's choice 0 becomes the choice being continued."""
+    answer = shown_answer("Hel", "Wor")
+    attempt = Attempt(continuation_plan(choice_index=1), answer, now=0.0)
+    out = feed_all(attempt, sse({"role": "assistant", "content": "ld"}), sse({}, "stop"))
+    assert [c.choices[0].index for c in out] == [1, 1]
+    assert out[0].choices[0].delta == Delta(content="ld")  # choice 1 already had a role
+    assert (answer.content(0), answer.content(1)) == ("Hel", "World")
+    assert (answer.finish_reason(0), answer.finish_reason(1)) == (None, "stop")
+    assert attempt.acc.content(0) == "ld"  # the attempt itself still sees its choice 0
+
+
+def test_choice_index_zero_needs_no_mapping() -> None:
+    """Continuing choice 0 of an n > 1 answer leaves indexes alone."""
+    answer = shown_answer("Hel", "Wor")
+    attempt = Attempt(continuation_plan(choice_index=0), answer, now=0.0)
+    out = feed_all(attempt, sse({"content": "lo"}, "stop"))
+    assert out[0].choices[0].index == 0
+    assert (answer.content(0), answer.content(1)) == ("Hello", "Wor")
+
+
+def test_hidden_reasoning_is_not_shown() -> None:
+    """hide_reasoning drops the continuation's new reasoning (either field), keeps its text."""
+    answer = shown_answer("Hel")
+    plan = continuation_plan(continuation=Continuation(body={}, hide_reasoning=True))
+    attempt = Attempt(plan, answer, now=0.0)
+    out = feed_all(
+        attempt,
+        sse({"reasoning_content": "new thought"}),
+        sse({"reasoning": "ollama thought", "content": "lo"}),
+        sse({}, "stop"),
+    )
+    assert all(c.choices[0].delta is None or c.choices[0].delta.reasoning_text is None for c in out)
+    assert answer.reasoning() == ""
+    assert answer.content() == "Hello"
+    assert attempt.acc.reasoning() == "new thoughtollama thought"
+
+
+TRIM = Continuation(body={}, trim_overlap=True)
+
+
+def test_overlap_is_trimmed_across_chunks() -> None:
+    """instruction: a repeated stretch is held back and dropped; the rest shows once."""
+    answer = shown_answer("The quick brown fox")
+    attempt = Attempt(continuation_plan(continuation=TRIM), answer, now=0.0)
+    out = feed_all(
+        attempt,
+        sse({"content": "brown fox"}),
+        sse({"content": " jumps"}),
+        sse({"content": " over."}),
+        sse({"content": " Done"}),
+        sse({"content": ""}, "stop"),
+    )
+    assert texts(out) == ["", "", " jumps over.", " Done", ""]
+    assert answer.content() == "The quick brown fox jumps over. Done"
+
+
+def test_held_text_is_flushed_by_a_finish_chunk_without_delta() -> None:
+    """Held text is released on a finish chunk, even one without a delta."""
+    answer = shown_answer("The quick brown fox")
+    attempt = Attempt(continuation_plan(continuation=TRIM), answer, now=0.0)
+    out = feed_all(attempt, sse({"content": "brown fox jumps"}), sse(None, "stop"))
+    assert texts(out) == ["", " jumps"]
+    assert out[1].choices[0].finish_reason == "stop"
+    assert answer.content() == "The quick brown fox jumps"
+    assert answer.finish_reason() == "stop"
+
+
+def test_finish_chunk_without_delta_and_nothing_held_stays_bare() -> None:
+    """When the held text was all overlap, the finish chunk gets no delta."""
+    answer = shown_answer("The quick brown fox")
+    attempt = Attempt(continuation_plan(continuation=TRIM), answer, now=0.0)
+    out = feed_all(attempt, sse({"content": "brown fox"}), sse(None, "stop"))
+    assert out[1].choices[0].delta is None
+    assert answer.content() == "The quick brown fox"
+
+
+def test_held_text_is_flushed_by_a_finish_chunk_with_text() -> None:
+    """A finish chunk that carries text releases the held text with its own."""
+    answer = shown_answer("The quick brown fox")
+    attempt = Attempt(continuation_plan(continuation=TRIM), answer, now=0.0)
+    out = feed_all(attempt, sse({"content": "brown"}), sse({"content": " fox!"}, "stop"))
+    assert texts(out) == ["", "!"]
+    assert answer.content() == "The quick brown fox!"
+
+
+def test_annotation_chunk_does_not_release_held_text() -> None:
+    """A chunk with neither delta nor finish (an Azure annotation) leaves held text held."""
+    answer = shown_answer("The quick brown fox")
+    attempt = Attempt(continuation_plan(continuation=TRIM), answer, now=0.0)
+    assert texts(attempt.feed(sse({"content": "brown fox jumps"}), 0.0)) == [""]
+    out = attempt.feed(sse(None), 0.0)
+    assert out[0].choices[0].delta is None
+    assert texts(feed_all(attempt, sse({"content": "!"}, "stop"))) == [" jumps!"]
+
+
+def test_trimmer_leaves_deltas_without_content_alone() -> None:
+    """A delta with no content field (role or reasoning only) keeps content None."""
+    answer = shown_answer("The quick brown fox")
+    attempt = Attempt(continuation_plan(continuation=TRIM), answer, now=0.0)
+    out = attempt.feed(sse({"role": "assistant"}), 0.0)
+    assert out[0].choices[0].delta == Delta()
+
+
+# -- tool calls ----------------------------------------------------------------------------
+
+
+def tool(args: str, *, first: bool = False) -> bytes:
+    call: dict[str, Any] = {"index": 0, "function": {"arguments": args}}
+    if first:
+        call.update(id="call_1", type="function")
+        call["function"]["name"] = "get_weather"
+    return sse({"tool_calls": [call]})
+
+
+def test_tool_call_fragments_are_held_until_the_finish() -> None:
+    """Tool-call chunks are shown only once the choice finishes, all at once and in order."""
+    answer = ChunkAccumulator()
+    attempt = Attempt(AttemptPlan(route=ROUTE, body={}), answer, now=0.0)
+    assert attempt.feed(sse({"role": "assistant", "content": ""}), 0.0) != []
+    assert attempt.feed(tool('{"city":', first=True), 0.1) == []
+    assert attempt.feed(tool('"Oslo"}'), 0.2) == []
+    assert not answer.has_output
+    out = attempt.feed(sse({}, "tool_calls"), 0.3)
+    assert len(out) == 3
+    assert out[-1].choices[0].finish_reason == "tool_calls"
+    calls = answer.completion().choices[0].message.tool_calls
+    assert calls is not None
+    assert (calls[0].function.name, calls[0].function.arguments) == (
+        "get_weather",
+        '{"city":"Oslo"}',
+    )
+    assert attempt.first_token_at == 0.1  # a tool call counts as the first token
+
+
+def test_held_tool_calls_are_released_when_text_follows() -> None:
+    """Text after tool-call fragments releases them before the text."""
+    answer = ChunkAccumulator()
+    attempt = Attempt(AttemptPlan(route=ROUTE, body={}), answer, now=0.0)
+    assert attempt.feed(tool("{}", first=True), 0.0) == []
+    out = attempt.feed(sse({"content": "and text"}), 0.0)
+    assert len(out) == 2
+    assert out[0].choices[0].delta is not None
+    assert out[0].choices[0].delta.tool_calls is not None
+    assert answer.content() == "and text"
+
+
+def test_tool_calls_pass_at_once_when_not_held() -> None:
+    """hold_tool_calls=False shows fragments as they arrive."""
+    answer = ChunkAccumulator()
+    attempt = Attempt(AttemptPlan(route=ROUTE, body={}), answer, now=0.0, hold_tool_calls=False)
+    assert len(attempt.feed(tool("{}", first=True), 0.0)) == 1
+    assert answer.has_output
+
+
+def test_held_tool_calls_of_a_broken_stream_are_dropped_unseen() -> None:
+    """A half tool call cannot be continued: a stream that breaks drops it unseen."""
+    answer = ChunkAccumulator()
+    attempt = Attempt(AttemptPlan(route=ROUTE, body={}), answer, now=0.0)
+    out = feed_all(attempt, sse({"role": "assistant"}), tool('{"ci', first=True))
+    assert len(out) == 1  # the role chunk only
+    assert attempt.verdict is not None
+    assert attempt.verdict.state is EndState.TRUNCATED
+    assert not answer.has_output
+    assert answer.completion().choices[0].message.tool_calls is None
+
+
+def test_held_tool_calls_are_released_by_done_without_finish() -> None:
+    """`[DONE]` without a finish_reason is complete: held tool calls are shown at the end."""
+    answer = ChunkAccumulator()
+    attempt = Attempt(AttemptPlan(route=ROUTE, body={}), answer, now=0.0)
+    assert attempt.feed(tool("{}", first=True) + DONE, 0.0) == []
+    out = attempt.finish(0.0)
+    assert attempt.verdict is not None
+    assert attempt.verdict.missing_finish
+    assert len(out) == 1
+    assert answer.has_output
+
+
+# -- usage, finish reasons, end of input ---------------------------------------------------
+
+
+def test_prior_usage_is_added_on_the_usage_chunk() -> None:
+    """The usage chunk shown carries prior + this attempt's usage; attempt.usage is its own."""
+    answer = shown_answer("Hel")
+    prior = Usage(prompt_tokens=10, completion_tokens=1, total_tokens=11)
+    attempt = Attempt(continuation_plan(), answer, now=0.0, prior_usage=prior)
+    out = feed_all(attempt, sse({"content": "lo"}), sse({}, "stop", usage=USAGE))
+    assert out[0].usage is None
+    summed = Usage(prompt_tokens=24, completion_tokens=3, total_tokens=27)
+    assert out[1].usage == summed
+    assert answer.usage == summed
+    assert attempt.usage == BILLED
+
+
+def test_prior_usage_on_a_fresh_answer_keeps_the_chunk_ids() -> None:
+    """A restart (nothing shown) with prior usage keeps the new stream's id but sums usage."""
+    answer = ChunkAccumulator()
+    prior = Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2)
+    plan = AttemptPlan(route=ROUTE, body={}, kind="restart")
+    out = feed_all(
+        Attempt(plan, answer, now=0.0, prior_usage=prior),
+        sse({"content": "x"}, "stop", usage=USAGE),
+    )
+    assert out[0].id == "c2"
+    assert out[0].usage == Usage(prompt_tokens=15, completion_tokens=3, total_tokens=18)
+
+
+def test_interrupting_finish_reason_is_not_shown() -> None:
+    """An interrupting finish_reason is stripped from what is shown; the attempt is interrupted."""
+    answer = ChunkAccumulator()
+    attempt = Attempt(AttemptPlan(route=ROUTE, body={}), answer, now=0.0)
+    out = feed_all(attempt, sse({"content": "Hel"}), sse({}, "insufficient_system_resource"), DONE)
+    assert [c.choices[0].finish_reason for c in out] == [None, None]
+    assert answer.finish_reason() is None
+    assert attempt.acc.finish_reason() == "insufficient_system_resource"
+    assert attempt.verdict is not None
+    assert attempt.verdict.state is EndState.INTERRUPTED
+
+
+def test_json_body_is_delivered_at_the_end() -> None:
+    """A whole JSON completion (stream ignored by a proxy) is shown when the body ends."""
+    answer = ChunkAccumulator()
+    attempt = Attempt(AttemptPlan(route=ROUTE, body={}), answer, now=0.0)
+    body = b'{"id":"j","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"whole"},"finish_reason":"stop"}]}'
+    assert attempt.feed(body, 1.0) == []
+    out = attempt.finish(2.0)
+    assert out != []
+    assert answer.content() == "whole"
+    assert attempt.first_token_at == 2.0
+    assert attempt.verdict is not None
+    assert attempt.verdict.state is EndState.COMPLETE
+
+
+def test_timed_out_attempt_is_stalled_without_salvage() -> None:
+    """finish(timed_out=True) does not read the rest: the stream is judged stalled."""
+    answer = ChunkAccumulator()
+    attempt = Attempt(AttemptPlan(route=ROUTE, body={}), answer, now=0.0)
+    attempt.feed(sse({"content": "Hel"}) + b"data: [DONE]", 1.0)
+    assert attempt.finish(2.0, timed_out=True) == []
+    assert attempt.verdict is not None
+    assert attempt.verdict.state is EndState.STALLED
+    assert answer.content() == "Hel"
+
+
+# -- timers --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["connect_s", "headers_s", "first_token_s", "idle_s", "deadline_s"]
+)
+@pytest.mark.parametrize("value", [0.0, -1.0])
+def test_timeouts_must_be_positive(name: str, value: float) -> None:
+    """A timer of zero or less is a ConfigError naming it; None disables a timer."""
+    with pytest.raises(ConfigError, match=f"timeout {name} must be > 0 or None"):
+        Timeouts(**{name: value})
+    assert getattr(Timeouts(**{name: None}), name) is None
+
+
+def test_headers_timer_runs_until_the_headers() -> None:
+    """Before the headers only the headers timer (and the deadline) is armed."""
+    attempt = Attempt(AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=100.0)
+    assert attempt.expiry() == (160.0, "headers")
+    unarmed = Timeouts(headers_s=None)
+    quiet = Attempt(
+        AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0, timeouts=unarmed
+    )
+    assert quiet.expiry() is None
+
+
+def test_first_token_and_idle_timers_after_the_headers() -> None:
+    """After the headers first-token and idle race; a role-only chunk resets only idle."""
+    timeouts = Timeouts(first_token_s=30.0, idle_s=20.0)
+    attempt = Attempt(
+        AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=100.0, timeouts=timeouts
+    )
+    attempt.on_headers(101.0)
+    assert attempt.expiry() == (121.0, "idle")
+    attempt.feed(sse({"role": "assistant", "content": ""}), 115.0)
+    assert (attempt.first_token_at, attempt.last_data_at) == (None, 115.0)
+    assert attempt.expiry() == (130.0, "first_token")
+    attempt.feed(sse({"reasoning_content": "hmm"}), 125.0)
+    assert attempt.first_token_at == 125.0  # reasoning counts: a thinking model is not cut off
+    assert attempt.expiry() == (145.0, "idle")
+
+
+def test_keep_alives_reset_no_timer() -> None:
+    """Comments (`: keep-alive`) are not data: neither idle nor first-token moves."""
+    attempt = Attempt(AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0)
+    attempt.on_headers(1.0)
+    for t in range(2, 60):
+        assert attempt.feed(b": keep-alive\n\n", float(t)) == []
+    assert attempt.last_data_at == 1.0
+    assert attempt.expiry() == (61.0, "idle")
+
+
+def test_annotation_chunk_is_no_first_token() -> None:
+    """An Azure annotation chunk (a choice with no delta) is data but not a token."""
+    attempt = Attempt(AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0)
+    attempt.on_headers(0.0)
+    attempt.feed(sse(None), 5.0)
+    assert (attempt.first_token_at, attempt.last_data_at) == (None, 5.0)
+
+
+def test_deadline_wins_when_earliest() -> None:
+    """The answer's deadline is a timer of its own, in every phase."""
+    attempt = Attempt(
+        AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0, deadline_at=30.0
+    )
+    assert attempt.expiry() == (30.0, "deadline")
+    only = Timeouts(headers_s=None, first_token_s=None, idle_s=None)
+    bare = Attempt(
+        AttemptPlan(route=ROUTE, body={}),
+        ChunkAccumulator(),
+        now=0.0,
+        timeouts=only,
+        deadline_at=5.0,
+    )
+    bare.on_headers(1.0)
+    assert bare.expiry() == (5.0, "deadline")
+    free = Attempt(AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0, timeouts=only)
+    free.on_headers(1.0)
+    assert free.expiry() is None
+
+
+@pytest.mark.parametrize(
+    ("phase", "message", "limit"),
+    [
+        ("connect", "timed out after 5 s connecting on route 'primary'", 5.0),
+        ("headers", "timed out after 6 s waiting for response headers on route 'primary'", 6.0),
+        (
+            "first_token",
+            "timed out after 7 s waiting for the first token (keep-alives do not count) "
+            "on route 'primary'",
+            7.0,
+        ),
+        (
+            "idle",
+            "timed out after 8.5 s waiting for the next data event (keep-alives do not count) "
+            "on route 'primary'",
+            8.5,
+        ),
+        ("deadline", "timed out after 90 s the answer's total deadline on route 'primary'", 90.0),
+    ],
+)
+def test_timeout_errors_name_phase_limit_and_route(
+    phase: TimeoutPhase, message: str, limit: float
+) -> None:
+    """Each timer gives an UpstreamTimeout with its phase, limit and route in the message."""
+    timeouts = Timeouts(
+        connect_s=5.0, headers_s=6.0, first_token_s=7.0, idle_s=8.5, deadline_s=90.0
+    )
+    attempt = Attempt(
+        AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0, timeouts=timeouts
+    )
+    error = attempt.timeout_error(phase)
+    assert (error.message, error.phase, error.timeout_s, error.route) == (
+        message,
+        phase,
+        limit,
+        "primary",
+    )
+
+
+def test_timeout_error_of_a_disabled_timer_says_zero() -> None:
+    """A phase whose timer is off (deadline set elsewhere) reports a limit of 0."""
+    attempt = Attempt(AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0)
+    error = attempt.timeout_error("deadline")
+    assert (error.timeout_s, error.phase) == (0.0, "deadline")
+    assert error.message.startswith("timed out after 0 s")

@@ -1,0 +1,130 @@
+"""Unit tests of core.tokens: token estimates and usage arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from unbroken.core.tokens import (
+    MESSAGE_OVERHEAD_TOKENS,
+    add_usage,
+    estimate_prompt_tokens,
+    estimate_tokens,
+    estimate_usage,
+)
+from unbroken.core.wire import CompletionTokensDetails, PromptTokensDetails, Usage
+
+
+@pytest.mark.parametrize(
+    ("text", "tokens"),
+    [
+        ("", 0),
+        ("a", 1),  # 0.3 rounds up
+        ("abcdefghij", 3),  # 10 ASCII characters: 3.0
+        ("abcdefghijk", 4),  # 3.3
+        ("你好", 2),  # CJK: 0.6 each
+        ("한국어", 2),  # Hangul: 1.8
+        ("\uf900\uf901", 2),  # compatibility ideographs
+        ("\uff01\uff01\uff01\uff01\uff01", 3),  # full-width forms: 3.0
+        ("\u2e80", 1),  # first CJK radical
+        ("\u2e7f", 1),  # just before the CJK range: 1 token
+        ("é", 1),
+        ("🚀🚀", 2),  # emoji: 1 each
+        ("a你", 1),  # 0.3 + 0.6
+        ("é" + "a" * 30, 10),  # 1 + 9.0 exactly, no float drift
+    ],
+)
+def test_estimate_tokens(text: str, tokens: int) -> None:
+    """ASCII counts 0.3, CJK and wide characters 0.6, others 1 per character, rounded up."""
+    assert estimate_tokens(text) == tokens
+
+
+def tenths(char: str) -> int:
+    code = ord(char)
+    if code < 0x80:
+        return 3
+    wide = (
+        0x2E80 <= code <= 0x9FFF
+        or 0xAC00 <= code <= 0xD7AF
+        or 0xF900 <= code <= 0xFAFF
+        or 0xFF00 <= code <= 0xFFEF
+    )
+    return 6 if wide else 10
+
+
+@given(st.text(max_size=200), st.text(max_size=200))
+def test_estimate_is_exact_and_subadditive(a: str, b: str) -> None:
+    """Property: the estimate is exact in tenths, monotone, and subadditive over concatenation."""
+    exact = sum(tenths(c) for c in a)
+    assert estimate_tokens(a) == -(-exact // 10)
+    whole = estimate_tokens(a + b)
+    assert max(estimate_tokens(a), estimate_tokens(b)) <= whole
+    assert whole <= estimate_tokens(a) + estimate_tokens(b)
+
+
+def test_estimate_prompt_tokens_adds_framing_per_message() -> None:
+    """Each message costs its text plus a few framing tokens."""
+    assert estimate_prompt_tokens([]) == 0
+    assert estimate_prompt_tokens(["abcdefghij", ""]) == 3 + 2 * MESSAGE_OVERHEAD_TOKENS
+
+
+def test_estimate_usage_without_reasoning() -> None:
+    """An estimated usage counts the whole prompt as a cache miss and has no reasoning detail."""
+    assert estimate_usage(12, "abcdefghij") == Usage(
+        prompt_tokens=12,
+        completion_tokens=3,
+        total_tokens=15,
+        prompt_cache_hit_tokens=0,
+        prompt_cache_miss_tokens=12,
+        completion_tokens_details=None,
+    )
+
+
+def test_estimate_usage_with_reasoning() -> None:
+    """Reasoning tokens are part of the completion and reported in the details."""
+    usage = estimate_usage(1, "你好", "abcdefghij")
+    assert (usage.completion_tokens, usage.total_tokens, usage.reasoning_tokens) == (5, 6, 3)
+
+
+def test_add_usage_with_none() -> None:
+    """None counts as nothing: the other record is returned as is."""
+    u = Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3)
+    assert add_usage(None, None) is None
+    assert add_usage(u, None) is u
+    assert add_usage(None, u) is u
+
+
+def test_add_usage_sums_every_field() -> None:
+    """Counts add field by field; an optional field missing on one side counts as 0."""
+    a = Usage(
+        prompt_tokens=10,
+        completion_tokens=5,
+        total_tokens=15,
+        prompt_cache_hit_tokens=4,
+        prompt_cache_miss_tokens=6,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=4),
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=2),
+    )
+    b = Usage(prompt_tokens=20, completion_tokens=7, total_tokens=27, prompt_cache_miss_tokens=20)
+    assert add_usage(a, b) == Usage(
+        prompt_tokens=30,
+        completion_tokens=12,
+        total_tokens=42,
+        prompt_cache_hit_tokens=4,
+        prompt_cache_miss_tokens=26,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=4),
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=2),
+    )
+    assert add_usage(b, a) == add_usage(a, b)
+
+
+def test_add_usage_keeps_absent_fields_absent() -> None:
+    """Fields neither record has stay None instead of becoming 0."""
+    a = Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2)
+    total = add_usage(a, a)
+    assert total == Usage(prompt_tokens=2, completion_tokens=2, total_tokens=4)
+    assert total is not None
+    assert total.prompt_cache_hit_tokens is None
+    assert total.prompt_tokens_details is None
+    assert total.completion_tokens_details is None
