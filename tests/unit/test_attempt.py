@@ -479,7 +479,11 @@ def test_deadline_wins_when_earliest() -> None:
             "on route 'primary'",
             8.5,
         ),
-        ("deadline", "timed out after 90 s the answer's total deadline on route 'primary'", 90.0),
+        (
+            "deadline",
+            "timed out after 90 s for the whole answer (its deadline) on route 'primary'",
+            90.0,
+        ),
     ],
 )
 def test_timeout_errors_name_phase_limit_and_route(

@@ -20,13 +20,13 @@ from unbroken.core.flow import (
     AttemptOutcome,
     AttemptPlan,
     Connect,
+    EndChoice,
     FlowOptions,
     Sleep,
     answer_flow,
 )
 from unbroken.core.resume import CONTINUE_INSTRUCTION
 from unbroken.core.routes import Route, RouteHealth
-from unbroken.core.wire import ChatCompletionChunk, ChunkChoice, Delta
 from unbroken.errors import (
     RetriesExhausted,
     TimeoutPhase,
@@ -101,6 +101,7 @@ def silent(phase: TimeoutPhase, data: bytes = b"") -> Reply:
 class Run:
     plans: list[AttemptPlan] = field(default_factory=list)
     sleeps: list[Sleep] = field(default_factory=list)
+    ended: list[EndChoice] = field(default_factory=list)
     answer: ChunkAccumulator = field(default_factory=ChunkAccumulator)
     result: AttemptPlan | None = None
     error: UnbrokenError | None = None
@@ -152,6 +153,8 @@ def drive(
             if isinstance(action, Sleep):
                 run.sleeps.append(action)
                 now += action.seconds
+            elif isinstance(action, EndChoice):
+                run.ended.append(action)
             else:
                 assert isinstance(action, Connect)
                 plan = action.plan
@@ -527,9 +530,11 @@ def test_route_that_rejects_vllm_flags_ends_up_continuing_by_instruction() -> No
     routes = routes_named("a", dialect="vllm")
     health = {"a": RouteHealth()}
     refusal = "continue_final_message: Extra inputs are not permitted"
-    replies = [ok(BROKEN), status(400, refusal), status(400, refusal), ok(text("lo!"))]
+    replies = [ok(BROKEN), status(400, refusal), ok(text("lo!"))]
     run = drive(replies, routes=routes, health=health)
     assert run.error is None
+    assert len(run.plans) == 3  # no wasted resend of the same flags
+    assert health["a"].dropped_params == set()
     assert health["a"].dialect_override == "instruction"
     final = run.plans[-1].continuation
     assert final is not None
@@ -606,6 +611,7 @@ def test_spent_max_tokens_ends_without_another_request() -> None:
     run = drive([ok(text("Hello world", finish=None))], body=body)
     assert run.error is None
     assert len(run.plans) == 1
+    assert run.ended == [EndChoice(0, "length")]  # the consumer is shown a length finish
     assert run.result is not None
     assert (run.result.number, run.result.continuation) == (1, None)
     assert run.answer.content() == "Hello world"
@@ -620,6 +626,7 @@ def test_spent_max_tokens_for_every_choice() -> None:
         options=FlowOptions(n_choices=2),
     )
     assert (run.error, len(run.plans)) == (None, 1)
+    assert [e.index for e in run.ended] == [0, 1]
 
 
 # -- what counts as the end ----------------------------------------------------------------
@@ -641,27 +648,12 @@ def test_continuation_ending_in_done_without_finish_is_the_end() -> None:
     assert run.answer.content() == "Hello"
 
 
-def test_outcome_without_end_or_error_is_a_clean_end() -> None:
-    """An outcome with neither end nor error is no failure; a finished answer ends the flow."""
-    answer = ChunkAccumulator()
-    flow = answer_flow(
-        BODY,
-        routes_named("a"),
-        {"a": RouteHealth()},
-        answer,
-        policy=RetryPolicy(),
-        budget=RetryBudget(),
-        rng=random.Random(0),
-        now=0.0,
-    )
-    action = next(flow)
-    assert isinstance(action, Connect)
-    answer.feed(
-        ChatCompletionChunk(choices=[ChunkChoice(delta=Delta(content="x"), finish_reason="stop")])
-    )
-    with pytest.raises(StopIteration) as stop:
-        flow.send(AttemptOutcome(end=None, error=None, now=1.0))
-    assert stop.value.value is action.plan
+def test_outcome_without_end_or_error_counts_as_truncated() -> None:
+    """An outcome with neither an end nor an error is an attempt cut short: retried."""
+    run = drive([Reply(started=False), ok(WHOLE)])
+    assert run.error is None
+    assert run.kinds == ["first", "retry"]
+    assert isinstance(run.plans[1].reason, UpstreamTruncated)
 
 
 def test_stall_reported_without_its_timer_error_is_an_idle_timeout() -> None:
@@ -674,14 +666,16 @@ def test_stall_reported_without_its_timer_error_is_an_idle_timeout() -> None:
     assert run.answer.content() == "Hello!"
 
 
-def test_clean_end_that_leaves_the_choice_unfinished_continues_it_again() -> None:
-    """A clean end that leaves its choice unfinished is continued again, without backoff."""
-    replies = [ok(two_choices("Hel", "Wor")), Reply(started=False), ok(text("lo")), ok(text("ld"))]
-    run = drive(replies, options=FlowOptions(n_choices=2), body={**BODY, "n": 2})
-    assert run.error is None
-    assert [p.choice_index for p in run.plans] == [None, 0, 0, 1]
-    assert len(run.sleeps) == 1  # only the first break was backed off
-    assert (run.answer.content(0), run.answer.content(1)) == ("Hello", "World")
+def test_clean_end_that_leaves_the_choice_unfinished_is_capped() -> None:
+    """A continuation that ends cleanly but never finishes its choice (the server answers
+    another choice index) is retried only up to `attempts`, then fails with the partial."""
+    other = text("x", index=1)
+    replies = [ok(BROKEN), ok(other), ok(other), ok(other)]
+    run = drive(replies, policy=RetryPolicy(attempts=4))
+    assert isinstance(run.error, RetriesExhausted)
+    assert len(run.plans) == 4
+    assert [p.choice_index for p in run.plans] == [None, 0, 0, 0]
+    assert partial_text(run.error) == "Hel"
 
 
 def test_route_model_replaces_the_requested_model() -> None:

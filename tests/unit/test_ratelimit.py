@@ -128,3 +128,16 @@ def test_tokens_stay_within_zero_and_capacity(
         assert 0.0 <= new.tokens <= capacity
         assert new.updated_s == max(now, state.updated_s)
         state = new
+
+
+def test_negative_amounts_are_refused() -> None:
+    """A negative cost, refund or charge is a programming error, never a silent overflow."""
+    bucket = TokenBucket(10, 1)
+    state = bucket.initial(0.0)
+    for call in (
+        lambda: bucket.take(state, -1, 0.0),
+        lambda: bucket.refund(state, -1, 0.0),
+        lambda: bucket.charge(state, -1, 0.0),
+    ):
+        with pytest.raises(ValueError, match=">= 0"):
+            call()

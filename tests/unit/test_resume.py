@@ -193,7 +193,14 @@ def test_missing_messages(body: dict[str, Any]) -> None:
         (request(), "Unrecognized request argument supplied: stream_options", None, None),
         (request(), "model: field required", "model", None),
         (request(max_tokens=10), "max_tokens is too large", None, None),
-        (request(echo=False, seed=1), "unknown field: echo", None, "echo"),
+        (request(echo=False, seed=1), "unknown field: echo", None, None),
+        (
+            request(logprobs=True, top_logprobs=3),
+            "top_logprobs: not supported",
+            None,
+            "top_logprobs",
+        ),
+        (request(logprobs=True), "top_logprobs: not supported", None, None),
     ],
 )
 def test_rejected_param(

@@ -27,10 +27,10 @@ from unbroken.core.events import (
     RetryingEvent,
 )
 from unbroken.core.flow import (
-    Action,
     AttemptOutcome,
     AttemptPlan,
     Connect,
+    EndChoice,
     FlowOptions,
     Sleep,
     answer_flow,
@@ -41,7 +41,15 @@ from unbroken.core.resume import Dialect
 from unbroken.core.routes import Route, RouteHealth
 from unbroken.core.stream import EndState
 from unbroken.core.tokens import add_usage, estimate_prompt_tokens, estimate_usage
-from unbroken.core.wire import Answer, AnswerMeta, AttemptInfo, Usage
+from unbroken.core.wire import (
+    Answer,
+    AnswerMeta,
+    AttemptInfo,
+    ChatCompletionChunk,
+    ChunkChoice,
+    Delta,
+    Usage,
+)
 from unbroken.errors import (
     ConfigError,
     InvalidRequestError,
@@ -322,6 +330,9 @@ class AnswerRun:
         if deadline != policy.deadline_s:
             policy = dataclasses.replace(policy, deadline_s=deadline)
         self.deadline_at = None if deadline is None else now + deadline
+        self.timeouts = config.timeouts
+        if deadline != self.timeouts.deadline_s:  # so a deadline timeout names its limit
+            self.timeouts = dataclasses.replace(self.timeouts, deadline_s=deadline)
         health = {r.name: config.route_health(r) for r in routes}
         messages = body.get("messages") or []
         last = messages[-1] if messages else {}
@@ -351,12 +362,13 @@ class AnswerRun:
         self.first_token_at: float | None = None
         self.final_plan: AttemptPlan | None = None
         self.events: list[ControlEvent] = []
+        self.chunks: list[ChatCompletionChunk] = []
         self._token_reserve = 0
         config.hooks.stream_start()
 
     # -- flow ------------------------------------------------------------------------------
 
-    def next_action(self, outcome: AttemptOutcome | None, now: float) -> Action | None:
+    def next_action(self, outcome: AttemptOutcome | None, now: float) -> Connect | Sleep | None:
         """The next action, or None when the answer is complete.
 
         Raises:
@@ -380,6 +392,9 @@ class AnswerRun:
             self._record_answer(now, exc)
             raise
         self.config.report_breakers(self.routes)
+        if isinstance(action, EndChoice):
+            self._end_choice(action)
+            return self.next_action(None, now)
         if isinstance(action, Sleep):
             self.events.append(
                 RetryingEvent(
@@ -392,6 +407,23 @@ class AnswerRun:
         elif isinstance(action, Connect):
             self._announce(action.plan)
         return action
+
+    def _end_choice(self, action: EndChoice) -> None:
+        chunk = ChatCompletionChunk(
+            id=self.answer.id,
+            created=self.answer.created,
+            model=self.answer.model,
+            choices=[
+                ChunkChoice(index=action.index, delta=Delta(), finish_reason=action.finish_reason)
+            ],
+        )
+        self.answer.feed(chunk)
+        self.chunks.append(chunk)
+
+    def take_chunks(self) -> list[ChatCompletionChunk]:
+        """Chunks the run made up itself (a `length` finish without a request), to show."""
+        chunks, self.chunks = self.chunks, []
+        return chunks
 
     def _announce(self, plan: AttemptPlan) -> None:
         error = plan.reason.message if plan.reason is not None else ""
@@ -437,7 +469,7 @@ class AnswerRun:
             plan,
             self.answer,
             now=now,
-            timeouts=self.config.timeouts,
+            timeouts=self.timeouts,
             deadline_at=self.deadline_at,
             prior_usage=self.billed,
             hold_tool_calls=self.config.hold_tool_calls,

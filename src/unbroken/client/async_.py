@@ -185,6 +185,8 @@ class AsyncClient:
         config = self._config
         action = run.next_action(None, time.monotonic())
         while action is not None:
+            for chunk in run.take_chunks():
+                yield chunk
             if with_events:
                 for event in run.drain_events():
                     yield event
@@ -202,6 +204,8 @@ class AsyncClient:
             async for chunk in self._attempt(run, attempt, outcome):
                 yield chunk
             action = run.next_action(outcome[0], time.monotonic())
+        for chunk in run.take_chunks():
+            yield chunk
 
     async def _attempt(
         self, run: AnswerRun, attempt: Attempt, outcome: _Outcome

@@ -292,6 +292,7 @@ class Client:
         config = self._config
         action = run.next_action(None, time.monotonic())
         while action is not None:
+            yield from run.take_chunks()
             if with_events:
                 yield from run.drain_events()
             if not isinstance(action, Connect):
@@ -305,6 +306,7 @@ class Client:
             attempt = run.new_attempt(action.plan, time.monotonic())
             outcome = yield from self._attempt(run, attempt)
             action = run.next_action(outcome, time.monotonic())
+        yield from run.take_chunks()
 
     def _attempt(
         self, run: AnswerRun, attempt: Attempt

@@ -190,7 +190,7 @@ class Attempt:
             "headers": "waiting for response headers",
             "first_token": "waiting for the first token (keep-alives do not count)",
             "idle": "waiting for the next data event (keep-alives do not count)",
-            "deadline": "the answer's total deadline",
+            "deadline": "for the whole answer (its deadline)",
         }[phase]
         return UpstreamTimeout(
             f"timed out after {limit or 0:g} s {what} on route {self.plan.route.name!r}",

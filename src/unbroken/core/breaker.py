@@ -109,8 +109,5 @@ class CircuitBreaker:
         self._probing = False
         if self.state is BreakerState.CLOSED and self._failures >= self.failure_threshold:
             self._fire(BreakerEvent.TRIP, now)
-        elif self.state is BreakerState.HALF_OPEN:
-            self._opened_at = now
-            self._fire(BreakerEvent.FAILURE, now)
-        else:
+        else:  # a failed probe re-opens (and restarts the cooldown) in _fire
             self._fire(BreakerEvent.FAILURE, now)

@@ -32,6 +32,7 @@ __all__ = [
     "AttemptOutcome",
     "AttemptPlan",
     "Connect",
+    "EndChoice",
     "FlowOptions",
     "Sleep",
     "answer_flow",
@@ -85,7 +86,16 @@ class Sleep:
     reason: UnbrokenError
 
 
-Action = Connect | Sleep
+@dataclass(frozen=True, slots=True)
+class EndChoice:
+    """Action: choice `index` ends with `finish_reason` and no further request (what was
+    shown already used up its `max_tokens`). Show the consumer that finish, then send None."""
+
+    index: int
+    finish_reason: str = "length"
+
+
+Action = Connect | Sleep | EndChoice
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +154,8 @@ def _failure(end: StreamEnd | None, error: UnbrokenError | None) -> UnbrokenErro
         return None
     if error is not None:
         return error
-    if end is None:
-        return None
+    if end is None:  # a shell reported neither an end nor an error: treat it as cut short
+        return UpstreamTruncated("the attempt ended without a stream or an error")
     if end.state is EndState.ERROR:
         return end.error
     if end.state is EndState.INTERRUPTED:
@@ -173,9 +183,10 @@ def answer_flow(
 ) -> Generator[Action, AttemptOutcome | None, AttemptPlan]:
     """Drive one answer to completion.
 
-    Yields `Connect` (run an attempt, send back its `AttemptOutcome`) and `Sleep` (wait,
-    send back None). Returns the plan of the attempt that completed the answer; raises the
-    error that ends it otherwise, with the partial answer attached (`error.partial`).
+    Yields `Connect` (run an attempt, send back its `AttemptOutcome`), `Sleep` (wait, send
+    back None) and `EndChoice` (show a finish without a request, send back None). Returns
+    the plan of the attempt that completed the answer; raises the error that ends it
+    otherwise, with the partial answer attached (`error.partial`).
 
     Args:
         body: the caller's request body (stream on; not modified).
@@ -222,7 +233,7 @@ def answer_flow(
         )
         if plan is None:
             # max_tokens was used up by what was already shown: that choice ends in "length".
-            pending.pop(0)
+            yield EndChoice(pending.pop(0))
             if not pending:
                 return AttemptPlan(route=route, body=body, kind=kind, number=state.number)
             continue
@@ -242,6 +253,11 @@ def answer_flow(
                 pending.pop(0)
             if not pending:
                 return plan
+            if state.number >= policy.attempts:
+                error = UpstreamTruncated(
+                    f"choice {pending[0]} is still unfinished after {state.number} attempts"
+                )
+                _give_up(error, answer, state, f"gave up after {state.number} attempts")
             kind, waited, from_route = "resume", 0.0, None
             continue
 

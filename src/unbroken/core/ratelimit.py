@@ -66,6 +66,8 @@ class TokenBucket:
             (new state, wait_s): wait_s is 0.0 when the tokens were taken, otherwise the
             seconds until they will be available (math.inf if cost > capacity).
         """
+        if cost < 0:
+            raise ValueError(f"a rate-limit cost must be >= 0, got {cost}")
         available = self.level(state, now)
         stamp = max(now, state.updated_s)
         if cost <= available:
@@ -76,10 +78,14 @@ class TokenBucket:
 
     def refund(self, state: BucketState, amount: float, now: float) -> BucketState:
         """Give back `amount` tokens (an estimate turned out too high); capped at capacity."""
+        if amount < 0:
+            raise ValueError(f"a refund must be >= 0, got {amount}")
         return BucketState(
             min(self.capacity, self.level(state, now) + amount), max(now, state.updated_s)
         )
 
     def charge(self, state: BucketState, amount: float, now: float) -> BucketState:
         """Take `amount` more tokens after the fact (an estimate was too low); floor at 0."""
+        if amount < 0:
+            raise ValueError(f"a charge must be >= 0, got {amount}")
         return BucketState(max(0.0, self.level(state, now) - amount), max(now, state.updated_s))

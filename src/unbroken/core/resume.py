@@ -24,6 +24,7 @@ reasoning is not shown - the consumer already has the part it saw; the answer fo
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -51,6 +52,8 @@ CONTINUE_INSTRUCTION = (
 # Optional parameters a server may reject as unknown (vLLM's pydantic "extra inputs are not
 # permitted", OpenAI's "unrecognized request argument"). Dropping them changes nothing
 # essential about the answer; everything else (model, messages, tools...) is never dropped.
+# The vLLM continuation flags are not here: a route that rejects them refuses prefill, which
+# the flow handles by switching that route to the `instruction` dialect.
 DROPPABLE_PARAMS = (
     "stream_options",
     "user_id",
@@ -63,9 +66,6 @@ DROPPABLE_PARAMS = (
     "top_logprobs",
     "frequency_penalty",
     "presence_penalty",
-    "continue_final_message",
-    "add_generation_prompt",
-    "echo",
 )
 
 
@@ -149,10 +149,11 @@ def plan_continuation(
 
 
 def rejected_param(body: dict[str, Any], message: str, param: str | None) -> str | None:
-    """The droppable parameter a 400/422 complains about, if the body has it."""
+    """The droppable parameter a 400/422 complains about, if the body has it (matched as a
+    whole word, so `logprobs` is not found inside `top_logprobs`)."""
     text = message.lower()
     for name in DROPPABLE_PARAMS:
-        if name in body and (param == name or name in text):
+        if name in body and (param == name or re.search(rf"(?<![a-z_]){name}(?![a-z_])", text)):
             return name
     return None
 
