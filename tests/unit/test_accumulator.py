@@ -103,14 +103,14 @@ def completions(draw: st.DrawFn) -> ChatCompletion:
     )
 
 
-@settings(max_examples=300)
+@settings(max_examples=100)
 @given(completions())
 def test_folding_replayed_chunks_gives_the_completion_back(completion: ChatCompletion) -> None:
     """Folding the chunks of a completion gives the completion back, field for field."""
     assert fold(completion_to_chunks(completion)) == completion
 
 
-@settings(max_examples=200)
+@settings(max_examples=60)
 @given(completions())
 def test_fold_survives_the_json_round_trip(completion: ChatCompletion) -> None:
     """Encoding chunks to JSON and decoding them again folds to the same completion."""
