@@ -9,8 +9,6 @@ from rich.console import Console
 
 from unbroken.core import ChatStreamDecoder, ChunkAccumulator, TextEvent, classify_end
 from unbroken.errors import ConfigError
-from unbroken.mock import DEFAULT_PORT, FaultRule, Latency, MockConfig
-from unbroken.mock import serve as serve_mock
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="unbroken: whole answers")
 
@@ -87,20 +85,15 @@ def _register() -> None:
 _register()
 
 
-def _fault_rule(text: str) -> FaultRule:
-    """`[PROBABILITY:]SPEC`, e.g. `0.05:503` or `reset after=5`."""
-    head, sep, rest = text.partition(":")
-    try:
-        probability = float(head) if sep else 1.0
-    except ValueError:
-        probability, rest = 1.0, text
-    return FaultRule(rest.strip() if sep and rest else text, probability=probability)
+# `unbroken mock --port` default: unbroken.mock.DEFAULT_PORT, repeated here so that the other
+# commands do not import the mock (and uvicorn) just to build their help.
+MOCK_PORT = 8787
 
 
 @app.command()
 def mock(
     host: str = typer.Option("127.0.0.1", help="address to bind (loopback by default)"),
-    port: int = typer.Option(DEFAULT_PORT, help="port to listen on; 0 picks a free one"),
+    port: int = typer.Option(MOCK_PORT, help="port to listen on; 0 picks a free one"),
     seed: int = typer.Option(0, help="seed of the deterministic answers"),
     ttft_ms: float = typer.Option(0.0, help="time to first token, ms"),
     token_ms: float = typer.Option(0.0, help="interval between tokens, ms"),
@@ -115,6 +108,18 @@ def mock(
     ),
 ) -> None:
     """Serve the mock DeepSeek API (with its fault injector) until Ctrl+C."""
+    from unbroken.mock import FaultRule, Latency, MockConfig
+    from unbroken.mock import serve as serve_mock
+
+    def fault_rule(text: str) -> FaultRule:
+        # `[PROBABILITY:]SPEC`, e.g. `0.05:503` or `reset after=5`.
+        head, sep, rest = text.partition(":")
+        try:
+            probability = float(head)
+        except ValueError:
+            return FaultRule(text)
+        return FaultRule(rest.strip() if sep else text, probability=probability if sep else 1.0)
+
     console = Console(stderr=True)
     try:
         config = MockConfig(
@@ -122,7 +127,7 @@ def mock(
             latency=Latency(
                 ttft_ms=ttft_ms, token_ms=token_ms, queue_ms=queue_ms, keepalive_ms=keepalive_ms
             ),
-            faults=tuple(_fault_rule(text) for text in fault),
+            faults=tuple(fault_rule(text) for text in fault),
             fault_seed=fault_seed,
             api_keys=frozenset(api_key) if api_key else None,
         )
