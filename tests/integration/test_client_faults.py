@@ -263,3 +263,28 @@ async def test_async_first_token_and_headers_timeouts(upstream: MockServer) -> N
                 model="deepseek-chat", messages=MESSAGES, extra_headers=_key("hang", "x", "ah")
             )
         assert info.value.phase == "headers"
+
+
+def test_blank_json_answer_is_asked_again(upstream: MockServer) -> None:
+    """JSON mode answering only spaces is retried; the consumer gets one finish and the
+    text parses as the JSON of the clean answer."""
+    import json
+
+    messages = [{"role": "user", "content": "Give me json with a name, as a json object."}]
+    with client(upstream) as c:
+        clean = c.chat.completions.create(
+            model="deepseek-chat", messages=messages, response_format={"type": "json_object"}
+        )
+        stream = c.chat.completions.create(
+            model="deepseek-chat",
+            messages=messages,
+            response_format={"type": "json_object"},
+            stream=True,
+            extra_headers=_key("json_blank times=1", "x", "blank"),
+        )
+        finishes = [ch.finish_reason for chunk in stream for ch in chunk.choices if ch.finish_reason]
+        final = stream.final()
+    text = final.choices[0].message.content or ""
+    assert finishes == ["stop"]
+    assert json.loads(text) == json.loads(clean.choices[0].message.content or "")
+    assert [a.outcome for a in final.unbroken.attempts] == ["error", "complete"]

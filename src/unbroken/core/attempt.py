@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from unbroken.core.accumulator import ChunkAccumulator
 from unbroken.core.flow import AttemptPlan
-from unbroken.core.resume import OverlapTrimmer
+from unbroken.core.resume import OverlapTrimmer, is_json_mode
 from unbroken.core.sse import DEFAULT_MAX_EVENT_BYTES
 from unbroken.core.stream import (
     INTERRUPTED_REASONS,
@@ -22,7 +22,7 @@ from unbroken.core.stream import (
 )
 from unbroken.core.tokens import add_usage
 from unbroken.core.wire import ChatCompletionChunk, Delta, Usage
-from unbroken.errors import ConfigError, TimeoutPhase, UpstreamTimeout
+from unbroken.errors import ConfigError, TimeoutPhase, UpstreamStreamError, UpstreamTimeout
 
 __all__ = ["Attempt", "Timeouts"]
 
@@ -88,12 +88,14 @@ class Attempt:
 
     __slots__ = (
         "_answer",
+        "_blank",
         "_created",
         "_deadline_at",
         "_held",
         "_hide_reasoning",
         "_hold",
         "_id",
+        "_json",
         "_map",
         "_prior",
         "_rewrite",
@@ -135,6 +137,8 @@ class Attempt:
         self.first_token_at: float | None = None
         self.last_data_at = now
         self._held: list[ChatCompletionChunk] = []
+        self._blank: ChatCompletionChunk | None = None
+        self._json = is_json_mode(plan.body)
         self.verdict: StreamEnd | None = None
         target = 0 if plan.choice_index is None else plan.choice_index
         self._map = plan.choice_index if plan.choice_index else None
@@ -224,6 +228,11 @@ class Attempt:
                 self.first_token_at = now
             if self._rewrite:
                 self._splice(chunk)
+            if self._json and _has_finish(chunk) and self._is_blank(chunk):
+                # JSON mode can end with an answer of spaces (DeepSeek blanks non-JSON
+                # output): its finish is held back and the attempt judged a failure.
+                self._blank = chunk
+                continue
             if self._hold and (self._held or _has_tool_calls(chunk)):
                 if _has_tool_calls(chunk) and not _has_finish(chunk):
                     self._held.append(chunk)
@@ -264,6 +273,16 @@ class Attempt:
         if chunk.usage is not None and self._prior is not None:
             chunk.usage = add_usage(self._prior, chunk.usage)
 
+    def _is_blank(self, chunk: ChatCompletionChunk) -> bool:
+        for choice in chunk.choices:
+            if choice.finish_reason is None or choice.finish_reason == "tool_calls":
+                continue
+            delta = choice.delta
+            text = self._answer.content(choice.index) + ((delta.content or "") if delta else "")
+            if not text.strip():
+                return True
+        return False
+
     def finish(self, now: float, *, timed_out: bool = False) -> list[ChatCompletionChunk]:
         """The body ended (EOF or `[DONE]`), broke or timed out: flush, judge the stream
         (`verdict`), and return the last chunks to show (held tool calls of a complete
@@ -274,6 +293,15 @@ class Attempt:
             if tail:
                 out = self._deliver(tail, now)
         self.verdict = classify_end(self.acc, self.decoder, timed_out=timed_out)
+        if self._blank is not None and self.verdict.state is EndState.COMPLETE:
+            self.verdict = StreamEnd(
+                EndState.ERROR,
+                error=UpstreamStreamError(
+                    "the JSON-mode answer was blank (only spaces): retrying",
+                    status_code=200,
+                    kind="server_error",
+                ),
+            )
         if self.verdict.state is EndState.COMPLETE and self._held:
             for held in self._held:
                 self._answer.feed(held)

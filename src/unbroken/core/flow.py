@@ -14,7 +14,7 @@ from typing import Any, Literal, NoReturn
 
 from unbroken.core.accumulator import ChunkAccumulator
 from unbroken.core.backoff import Decision, RetryBudget, RetryPolicy, classify
-from unbroken.core.resume import Continuation, plan_continuation, rejected_param
+from unbroken.core.resume import Continuation, is_json_mode, plan_continuation, rejected_param
 from unbroken.core.routes import Route, RouteHealth
 from unbroken.core.stream import EndState, StreamEnd
 from unbroken.errors import (
@@ -416,7 +416,9 @@ def _plan(
     content = answer.content(index)
     reasoning = answer.reasoning(index)
     single = {**base, "n": 1} if opts.n_choices > 1 else base
-    if not content and not reasoning:
+    if not reasoning and (not content or (not content.strip() and is_json_mode(base))):
+        # Nothing to continue (a blank JSON-mode answer is asked again from scratch; the
+        # spaces already shown keep the new JSON valid).
         return plan(single, kind, index)
     continuation = plan_continuation(
         single,

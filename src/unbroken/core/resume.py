@@ -36,6 +36,7 @@ __all__ = [
     "Continuation",
     "Dialect",
     "OverlapTrimmer",
+    "is_json_mode",
     "plan_continuation",
     "rejected_param",
 ]
@@ -146,6 +147,12 @@ def plan_continuation(
         {"role": "user", "content": CONTINUE_INSTRUCTION},
     ]
     return Continuation(body=new, trim_overlap=True, hide_reasoning=bool(reasoning))
+
+
+def is_json_mode(body: dict[str, Any]) -> bool:
+    """True when the request asks for `response_format: {"type": "json_object"}`."""
+    response_format = body.get("response_format")
+    return isinstance(response_format, dict) and response_format.get("type") == "json_object"
 
 
 def rejected_param(body: dict[str, Any], message: str, param: str | None) -> str | None:
