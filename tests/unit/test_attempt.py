@@ -511,3 +511,41 @@ def test_timeout_error_of_a_disabled_timer_says_zero() -> None:
     error = attempt.timeout_error("deadline")
     assert (error.timeout_s, error.phase) == (0.0, "deadline")
     assert error.message.startswith("timed out after 0 s")
+
+
+# -- JSON mode -----------------------------------------------------------------------------
+
+JSON_PLAN = AttemptPlan(route=ROUTE, body={"response_format": {"type": "json_object"}})
+
+
+def test_blank_json_answer_is_held_and_judged_an_error() -> None:
+    """A JSON-mode answer of spaces has its finish held back and fails the attempt."""
+    answer = ChunkAccumulator()
+    attempt = Attempt(JSON_PLAN, answer, now=0.0)
+    out = feed_all(
+        attempt, sse({"role": "assistant", "content": "  "}), sse({"content": " "}, "stop"), DONE
+    )
+    assert [c.choices[0].finish_reason for c in out] == [None]
+    assert answer.finish_reason() is None
+    assert attempt.verdict is not None
+    assert attempt.verdict.state is EndState.ERROR
+    assert attempt.verdict.error is not None
+    assert "blank" in attempt.verdict.error.message
+
+
+def test_json_answer_with_text_passes() -> None:
+    """A real JSON answer, or a tool-call finish, is delivered as usual."""
+    answer = ChunkAccumulator()
+    attempt = Attempt(JSON_PLAN, answer, now=0.0)
+    out = feed_all(
+        attempt,
+        sse({"role": "assistant", "content": '{"a":'}),
+        sse({"content": "1}"}, "stop"),
+        DONE,
+    )
+    assert out[-1].choices[0].finish_reason == "stop"
+    assert attempt.verdict is not None
+    assert attempt.verdict.state is EndState.COMPLETE
+    tools = Attempt(JSON_PLAN, ChunkAccumulator(), now=0.0)
+    done = feed_all(tools, sse({"role": "assistant", "content": ""}), sse({}, "tool_calls"), DONE)
+    assert done[-1].choices[0].finish_reason == "tool_calls"
