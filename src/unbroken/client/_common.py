@@ -9,12 +9,14 @@ from __future__ import annotations
 import dataclasses
 import random
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
+from unbroken.client._params import ChatParams
 from unbroken.core.accumulator import ChunkAccumulator
 from unbroken.core.attempt import Attempt, Timeouts
 from unbroken.core.backoff import RetryBudget, RetryPolicy
@@ -58,9 +60,9 @@ from unbroken.errors import (
     UpstreamTimeout,
 )
 from unbroken.instrumentation import AnswerRecord, AttemptRecord, Hook, Hooks
-from unbroken.settings import DEFAULT_BASE_URL
+from unbroken.settings import DEFAULT_BASE_URL, Settings
 
-__all__ = ["AnswerRun", "ClientConfig", "RateLimit", "build_body"]
+__all__ = ["AnswerRun", "ClientBase", "ClientConfig", "RateLimit", "build_body"]
 
 # Completion tokens reserved against a tokens-per-minute limit when the request sets no
 # max_tokens; the real count replaces it when the usage arrives.
@@ -603,3 +605,73 @@ def _outcome_name(state: EndState | None, error: UnbrokenError | None) -> str:
     if error is not None:
         return "protocol_error"
     return state.value if state is not None else "unknown"
+
+
+class ClientBase:
+    """What Client and AsyncClient share besides their HTTP pool and driver: the
+    configuration, the default headers, and starting an answer's run."""
+
+    def __init__(
+        self,
+        api_key: str | None,
+        base_url: str | None,
+        *,
+        dialect: Dialect,
+        routes: Sequence[Route] | None,
+        timeouts: Timeouts | None,
+        retry: RetryPolicy | None,
+        retry_budget: RetryBudget | None,
+        rate_limit: RateLimit | None,
+        prices: PriceTable | None,
+        hooks: Sequence[Hook],
+        breaker_threshold: int,
+        breaker_cooldown_s: float,
+        hold_tool_calls: bool,
+        max_event_bytes: int,
+        seed: int | None,
+        default_headers: Mapping[str, str] | None,
+    ) -> None:
+        self._config = ClientConfig.build(
+            api_key=api_key,
+            base_url=base_url,
+            dialect=dialect,
+            routes=routes,
+            timeouts=timeouts,
+            retry=retry,
+            retry_budget=retry_budget,
+            rate_limit=rate_limit,
+            prices=prices,
+            hooks=hooks,
+            breaker_threshold=breaker_threshold,
+            breaker_cooldown_s=breaker_cooldown_s,
+            hold_tool_calls=hold_tool_calls,
+            max_event_bytes=max_event_bytes,
+            seed=seed,
+            env_api_key=Settings.from_env().api_key if api_key is None and not routes else None,
+        )
+        self._headers = dict(default_headers or {})
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(routes={[r.name for r in self._config.routes]})"
+
+    @property
+    def routes(self) -> list[Route]:
+        """The configured routes."""
+        return list(self._config.routes)
+
+    def _new_run(
+        self, model: str, messages: Iterable[Any], params: dict[str, Any], *, stream: bool
+    ) -> AnswerRun:
+        options = ChatParams.pop(params)
+        body = build_body(
+            model, messages, stream=stream, params=params, extra_body=options.extra_body
+        )
+        return AnswerRun(
+            self._config,
+            body,
+            self._config.resolve_routes(options.fallbacks),
+            now=time.monotonic(),
+            restart=options.restart,
+            deadline_s=options.timeout,
+            extra_headers={**self._headers, **options.extra_headers},
+        )

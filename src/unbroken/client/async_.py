@@ -13,8 +13,7 @@ import anyio
 import httpx
 import msgspec
 
-from unbroken.client._common import AnswerRun, ClientConfig, RateLimit, build_body
-from unbroken.client._params import ChatParams
+from unbroken.client._common import AnswerRun, ClientBase, RateLimit
 from unbroken.client._transport import (
     MAX_ERROR_BODY_BYTES,
     map_transport_error,
@@ -33,7 +32,6 @@ from unbroken.core.sse import DEFAULT_MAX_EVENT_BYTES
 from unbroken.core.wire import Answer, ChatCompletionChunk
 from unbroken.errors import UnbrokenError, UpstreamError
 from unbroken.instrumentation import Hook
-from unbroken.settings import Settings
 
 __all__ = ["AsyncChatStream", "AsyncClient", "AsyncStream"]
 
@@ -43,7 +41,7 @@ StreamItem = ChatCompletionChunk | ControlEvent
 _Outcome = list[AttemptOutcome]
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """The async twin of `Client` (same arguments, same behaviour); use it with asyncio or
     trio through anyio. `await client.chat.completions.create(...)`, `async for` over
     streams, `await client.aclose()` (or `async with`)."""
@@ -71,9 +69,9 @@ class AsyncClient:
         default_headers: Mapping[str, str] | None = None,
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
-        self._config = ClientConfig.build(
-            api_key=api_key,
-            base_url=base_url,
+        super().__init__(
+            api_key,
+            base_url,
             dialect=dialect,
             routes=routes,
             timeouts=timeouts,
@@ -87,9 +85,8 @@ class AsyncClient:
             hold_tool_calls=hold_tool_calls,
             max_event_bytes=max_event_bytes,
             seed=seed,
-            env_api_key=Settings.from_env().api_key if api_key is None and not routes else None,
+            default_headers=default_headers,
         )
-        self._headers = dict(default_headers or {})
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient(
             http2=http2,
@@ -100,14 +97,6 @@ class AsyncClient:
         )
         self.chat = _AsyncChat(self)
         self.models = _AsyncModels(self)
-
-    def __repr__(self) -> str:
-        return f"AsyncClient(routes={[r.name for r in self._config.routes]})"
-
-    @property
-    def routes(self) -> list[Route]:
-        """The configured routes."""
-        return list(self._config.routes)
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -166,19 +155,7 @@ class AsyncClient:
         stream: bool,
         events: bool,
     ) -> tuple[AnswerRun, AsyncGenerator[StreamItem, None]]:
-        options = ChatParams.pop(params)
-        body = build_body(
-            model, messages, stream=stream, params=params, extra_body=options.extra_body
-        )
-        run = AnswerRun(
-            self._config,
-            body,
-            self._config.resolve_routes(options.fallbacks),
-            now=time.monotonic(),
-            restart=options.restart,
-            deadline_s=options.timeout,
-            extra_headers={**self._headers, **options.extra_headers},
-        )
+        run = self._new_run(model, messages, params, stream=stream)
         return run, self._run(run, with_events=events)
 
     async def _run(self, run: AnswerRun, *, with_events: bool) -> AsyncGenerator[StreamItem, None]:

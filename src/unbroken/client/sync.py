@@ -14,8 +14,7 @@ from typing import Any, Literal, overload
 import httpx
 import msgspec
 
-from unbroken.client._common import AnswerRun, ClientConfig, RateLimit, build_body
-from unbroken.client._params import ChatParams
+from unbroken.client._common import AnswerRun, ClientBase, RateLimit
 from unbroken.client._transport import (
     MAX_ERROR_BODY_BYTES,
     map_transport_error,
@@ -34,7 +33,6 @@ from unbroken.core.sse import DEFAULT_MAX_EVENT_BYTES
 from unbroken.core.wire import Answer, ChatCompletionChunk
 from unbroken.errors import UnbrokenError, UpstreamError
 from unbroken.instrumentation import Hook
-from unbroken.settings import Settings
 
 __all__ = ["ChatStream", "Client", "Stream"]
 
@@ -122,7 +120,7 @@ def _socket_of(response: httpx.Response) -> socket.socket | None:
     return sock if isinstance(sock, socket.socket) else None
 
 
-class Client:
+class Client(ClientBase):
     """A blocking client for DeepSeek and any OpenAI-compatible server whose streams survive
     503s, 429s, resets, truncation, stalls and mangled SSE: it retries, resumes a broken
     answer where it stopped, and falls back to other routes, never showing a repeat or gap.
@@ -174,9 +172,9 @@ class Client:
         default_headers: Mapping[str, str] | None = None,
         http_client: httpx.Client | None = None,
     ) -> None:
-        self._config = ClientConfig.build(
-            api_key=api_key,
-            base_url=base_url,
+        super().__init__(
+            api_key,
+            base_url,
             dialect=dialect,
             routes=routes,
             timeouts=timeouts,
@@ -190,9 +188,8 @@ class Client:
             hold_tool_calls=hold_tool_calls,
             max_event_bytes=max_event_bytes,
             seed=seed,
-            env_api_key=Settings.from_env().api_key if api_key is None and not routes else None,
+            default_headers=default_headers,
         )
-        self._headers = dict(default_headers or {})
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client(
             http2=http2,
@@ -204,14 +201,6 @@ class Client:
         self._watchdog = _Watchdog()
         self.chat = _Chat(self)
         self.models = _Models(self)
-
-    def __repr__(self) -> str:
-        return f"Client(routes={[r.name for r in self._config.routes]})"
-
-    @property
-    def routes(self) -> list[Route]:
-        """The configured routes."""
-        return list(self._config.routes)
 
     def close(self) -> None:
         """Close the connection pool and the watchdog."""
@@ -273,19 +262,7 @@ class Client:
         stream: bool,
         events: bool,
     ) -> tuple[AnswerRun, Iterator[StreamItem]]:
-        options = ChatParams.pop(params)
-        body = build_body(
-            model, messages, stream=stream, params=params, extra_body=options.extra_body
-        )
-        run = AnswerRun(
-            self._config,
-            body,
-            self._config.resolve_routes(options.fallbacks),
-            now=time.monotonic(),
-            restart=options.restart,
-            deadline_s=options.timeout,
-            extra_headers={**self._headers, **options.extra_headers},
-        )
+        run = self._new_run(model, messages, params, stream=stream)
         return run, self._run(run, with_events=events)
 
     def _run(self, run: AnswerRun, *, with_events: bool) -> Iterator[StreamItem]:
