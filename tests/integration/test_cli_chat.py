@@ -53,7 +53,9 @@ def test_chat_answers_stops_on_ctrl_c_and_resumes_a_session(tmp_path: Path) -> N
     child.expect(PROMPT)
     child.sendline("hello there")
     child.expect("first token")
-    expected = answer_text("deepseek-chat", [{"role": "user", "content": "hello there"}], config=MockConfig())[1]
+    expected = answer_text(
+        "deepseek-chat", [{"role": "user", "content": "hello there"}], config=MockConfig()
+    )[1]
     shown = _plain(str(child.before))
     assert expected[:20] in shown
     child.expect(PROMPT)

@@ -282,7 +282,9 @@ def test_blank_json_answer_is_asked_again(upstream: MockServer) -> None:
             stream=True,
             extra_headers=_key("json_blank times=1", "x", "blank"),
         )
-        finishes = [ch.finish_reason for chunk in stream for ch in chunk.choices if ch.finish_reason]
+        finishes = [
+            ch.finish_reason for chunk in stream for ch in chunk.choices if ch.finish_reason
+        ]
         final = stream.final()
     text = final.choices[0].message.content or ""
     assert finishes == ["stop"]
