@@ -1,20 +1,52 @@
 """Settings: one frozen object built once (from env and an optional TOML file) and passed down.
 
-The only module that reads `os.environ`. Imports `unbroken.errors` only.
+The only module that reads `os.environ`. Imports `unbroken.errors` only. The gateway's part
+(`GatewaySettings`: routes, keys, limits, store, lifecycle knobs) is documented with every
+key in docs/gateway.md and docs/unbroken.example.toml.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
+import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
 
 from unbroken.errors import ConfigError
 
-__all__ = ["DEFAULT_BASE_URL", "Settings"]
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_GATEWAY_PORT",
+    "GatewaySettings",
+    "KeySettings",
+    "LimitSettings",
+    "RouteSettings",
+    "Settings",
+    "hash_key",
+]
 
 # DeepSeek's documented OpenAI-format base URL (protocol.md §1.1).
 DEFAULT_BASE_URL = "https://api.deepseek.com"
+# One above the mock's 8787, so `unbroken mock` and `unbroken serve` can run side by side.
+DEFAULT_GATEWAY_PORT = 8788
+# The models DeepSeek serves under its stable aliases (protocol.md §1.2).
+DEFAULT_MODELS = ("deepseek-chat", "deepseek-reasoner")
+_DIALECTS = ("deepseek", "vllm", "instruction", "none")
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+def hash_key(key: str) -> str:
+    """The stored form of a gateway API key: hex SHA-256 of its UTF-8 bytes.
+
+    Gateway keys are long random tokens, so a fast hash is enough: nothing short enough to
+    guess is ever hashed, and lookups stay O(1) per request.
+    """
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 def _int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -27,6 +59,264 @@ def _int(environ: Mapping[str, str], name: str, default: int) -> int:
         raise ConfigError(f"{name} must be an integer, got {raw[:40]!r}") from None
 
 
+def _number(value: object, name: str, *, low: float = 0.0, integer: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"{name} must be a number, got {value!r:.60}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {value!r:.60}") from None
+    if math.isnan(number) or number < low or (integer and number != int(number)):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{name} must be {kind} >= {low:g}, got {value!r:.60}")
+    return number
+
+
+def _optional(value: object, name: str, *, integer: bool = False) -> float | None:
+    if value is None or value == "":
+        return None
+    number = _number(value, name, integer=integer)
+    return None if number == 0 else number
+
+
+def _bool(value: object, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigError(f"{name} must be true or false, got {value!r:.60}")
+
+
+def _strings(value: object, name: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"{name} must be a list of strings (or a comma-separated string)")
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    """Per-key limits; None (or 0 in a file) means unlimited.
+
+    Attributes:
+        requests_per_minute: chat requests per minute (token bucket, bursts up to N).
+        tokens_per_minute: prompt + completion tokens per minute (estimated before the
+            request, corrected from the billed usage after it).
+        concurrent_streams: chat requests in flight at once.
+        daily_tokens: billed tokens per UTC day.
+        daily_cost_usd: billed cost per UTC day (DeepSeek prices, see core.pricing).
+    """
+
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    concurrent_streams: int | None = None
+    daily_tokens: int | None = None
+    daily_cost_usd: float | None = None
+
+    @classmethod
+    def parse(cls, data: Mapping[str, object], where: str) -> LimitSettings:
+        """Read the limit fields of a TOML table (unknown fields are not checked here)."""
+        concurrent = _optional(
+            data.get("concurrent_streams"), f"{where}.concurrent_streams", integer=True
+        )
+        daily = _optional(data.get("daily_tokens"), f"{where}.daily_tokens", integer=True)
+        return cls(
+            requests_per_minute=_optional(
+                data.get("requests_per_minute"), f"{where}.requests_per_minute"
+            ),
+            tokens_per_minute=_optional(
+                data.get("tokens_per_minute"), f"{where}.tokens_per_minute"
+            ),
+            concurrent_streams=None if concurrent is None else int(concurrent),
+            daily_tokens=None if daily is None else int(daily),
+            daily_cost_usd=_optional(data.get("daily_cost_usd"), f"{where}.daily_cost_usd"),
+        )
+
+    def over(self, defaults: LimitSettings) -> LimitSettings:
+        """These limits, with unset ones taken from `defaults`."""
+        return LimitSettings(
+            **{
+                f.name: getattr(self, f.name)
+                if getattr(self, f.name) is not None
+                else getattr(defaults, f.name)
+                for f in fields(self)
+            }
+        )
+
+
+_LIMIT_FIELDS = frozenset(f.name for f in fields(LimitSettings))
+
+
+@dataclass(frozen=True, slots=True)
+class KeySettings:
+    """One gateway API key, stored hashed.
+
+    Attributes:
+        name: a label for logs and errors (never the key itself).
+        sha256: hex SHA-256 of the key (`hash_key`).
+        limits: this key's limits; unset ones fall back to `GatewaySettings.limits`.
+        models: the models this key may use; None allows every served model.
+    """
+
+    name: str
+    sha256: str = field(repr=False)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    models: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        digest = self.sha256
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ConfigError(
+                f"key {self.name!r}: sha256 must be 64 lowercase hex digits (hash_key(key))"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSettings:
+    """One upstream route of the gateway (see core.routes.Route).
+
+    Attributes:
+        name: unique label; also usable in a request's `fallbacks`.
+        base_url: the OpenAI-format base URL.
+        api_key: the upstream key (from `api_key_env` when set); never shown.
+        model: the model to ask for on this route; None keeps the request's.
+        dialect: how the route continues a broken answer.
+    """
+
+    name: str
+    base_url: str
+    api_key: str | None = field(default=None, repr=False)
+    model: str | None = None
+    dialect: str = "deepseek"
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("every gateway route needs a non-empty name")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"route {self.name!r}: base_url must start with http:// or https://, "
+                f"got {self.base_url[:60]!r}"
+            )
+        if self.dialect not in _DIALECTS:
+            raise ConfigError(
+                f"route {self.name!r}: dialect must be one of {', '.join(_DIALECTS)}, "
+                f"got {self.dialect!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    """Settings of `unbroken serve` (file table `[gateway]`, env `UNBROKEN_GATEWAY_*`).
+
+    Attributes:
+        host, port: where to listen.
+        routes: upstream routes in order; empty means one route `default` on the top-level
+            `base_url` with the top-level `api_key`.
+        models: the model names clients may ask for (and `/v1/models` lists).
+        keys: gateway API keys (hashed). With none, the gateway serves without
+            authentication, and only on loopback unless `allow_unauthenticated`.
+        limits: default per-key limits (the anonymous caller's too).
+        allow_unauthenticated: allow binding a non-loopback address without keys.
+        store: `memory` or a `redis://` / `rediss://` URL for limits, counters and keys.
+        keys_in_store: also accept keys kept in the store (`Store.put_key`); implies that
+            every API request needs a key.
+        cors_origins: browser origins allowed to call the API (`*` for any).
+        forward_headers: request headers passed upstream (names, or prefixes ending in
+            `*`); Authorization, Host and hop-by-hop headers never are.
+        max_body_bytes: the largest request body accepted.
+        keepalive_s: idle seconds before a `: keep-alive` comment is sent downstream.
+        send_timeout_s: how long one downstream write may block (a client that stopped
+            reading) before its upstream request is cancelled.
+        stream_buffer_bytes: upstream bytes read ahead of a slow client, per stream.
+        drain_timeout_s: on SIGTERM, how long in-flight requests may finish.
+        gzip_min_bytes: non-stream responses at least this big are gzipped when asked.
+        slot_lease_s: how long a concurrency slot is held without renewal (a crashed
+            instance's slots expire after this).
+        connect_s, headers_s, first_token_s, idle_s: upstream stream timers.
+        retry_attempts, max_resumes, retry_wait_initial_s, retry_wait_max_s: upstream retries.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_GATEWAY_PORT
+    routes: tuple[RouteSettings, ...] = ()
+    models: tuple[str, ...] = DEFAULT_MODELS
+    keys: tuple[KeySettings, ...] = ()
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    allow_unauthenticated: bool = False
+    store: str = "memory"
+    keys_in_store: bool = False
+    cors_origins: tuple[str, ...] = ()
+    forward_headers: tuple[str, ...] = ()
+    max_body_bytes: int = 4 * 1024 * 1024
+    keepalive_s: float = 10.0
+    send_timeout_s: float = 30.0
+    stream_buffer_bytes: int = 256 * 1024
+    drain_timeout_s: float = 30.0
+    gzip_min_bytes: int = 1024
+    slot_lease_s: float = 600.0
+    connect_s: float = 10.0
+    headers_s: float = 60.0
+    first_token_s: float = 120.0
+    idle_s: float = 60.0
+    retry_attempts: int = 8
+    max_resumes: int = 5
+    retry_wait_initial_s: float = 0.25
+    retry_wait_max_s: float = 8.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"gateway port must be within [0, 65535], got {self.port}")
+        if self.store != "memory" and not self.store.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ConfigError(
+                f"gateway store must be 'memory' or a redis:// URL, got {self.store[:60]!r}"
+            )
+        for name in ("keepalive_s", "send_timeout_s", "drain_timeout_s", "slot_lease_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"gateway {name} must be > 0, got {getattr(self, name)}")
+        if self.max_body_bytes < 1024 or self.stream_buffer_bytes < 4096:
+            raise ConfigError("gateway max_body_bytes must be >= 1024, stream_buffer_bytes >= 4096")
+        if not self.models:
+            raise ConfigError("gateway models must name at least one model")
+        names = [r.name for r in self.routes]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"gateway route names must be unique, got {names}")
+        digests = [k.sha256 for k in self.keys]
+        if len(set(digests)) != len(digests):
+            raise ConfigError("two gateway keys have the same hash")
+        if self.retry_attempts < 1:
+            raise ConfigError(f"gateway retry_attempts must be >= 1, got {self.retry_attempts}")
+
+    @property
+    def is_loopback(self) -> bool:
+        """True when `host` is a loopback address."""
+        return _is_loopback(self.host)
+
+    def check_exposure(self) -> None:
+        """Refuse to serve a non-loopback address without keys unless explicitly allowed.
+
+        Raises:
+            ConfigError: keys are missing for a public bind; the message says what to do.
+        """
+        if (
+            not self.keys
+            and not self.keys_in_store
+            and not self.is_loopback
+            and not self.allow_unauthenticated
+        ):
+            raise ConfigError(
+                f"refusing to serve {self.host} without gateway keys: anyone who can reach "
+                "it could spend your upstream credit; add [[gateway.keys]] (or "
+                "UNBROKEN_GATEWAY_KEY), or pass --allow-unauthenticated to accept the risk"
+            )
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Process-wide settings; every field has a safe default.
@@ -35,11 +325,13 @@ class Settings:
         api_key: the upstream key (`DEEPSEEK_API_KEY`); never logged or shown in a repr.
         base_url: the upstream base URL (`UNBROKEN_BASE_URL`).
         max_event_bytes: the largest SSE event accepted (`UNBROKEN_MAX_EVENT_BYTES`).
+        gateway: the gateway's settings.
     """
 
     api_key: str | None = None
     base_url: str = DEFAULT_BASE_URL
     max_event_bytes: int = 16 * 1024 * 1024
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
 
     def __post_init__(self) -> None:
         if self.max_event_bytes < 1024:
@@ -58,6 +350,12 @@ class Settings:
             f"max_event_bytes={self.max_event_bytes})"
         )
 
+    def upstream_routes(self) -> tuple[RouteSettings, ...]:
+        """The gateway's upstream routes (the configured ones, or one on `base_url`)."""
+        if self.gateway.routes:
+            return self.gateway.routes
+        return (RouteSettings("default", self.base_url, self.api_key),)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Build settings from `DEEPSEEK_API_KEY` and `UNBROKEN_*` variables.
@@ -70,4 +368,227 @@ class Settings:
             api_key=env.get("DEEPSEEK_API_KEY") or None,
             base_url=env.get("UNBROKEN_BASE_URL") or DEFAULT_BASE_URL,
             max_event_bytes=_int(env, "UNBROKEN_MAX_EVENT_BYTES", 16 * 1024 * 1024),
+            gateway=_gateway_env(GatewaySettings(), env),
         )
+
+    @classmethod
+    def load(
+        cls, path: str | Path | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Build settings from a TOML file (`path`, else `UNBROKEN_CONFIG` if set), then
+        let `DEEPSEEK_API_KEY` and `UNBROKEN_*` variables override it.
+
+        Raises:
+            ConfigError: the file is missing or malformed, or a value is out of range; the
+                message names the file, key or variable.
+        """
+        env = os.environ if environ is None else environ
+        where = path if path is not None else env.get("UNBROKEN_CONFIG") or None
+        data: dict[str, Any] = {}
+        if where is not None:
+            try:
+                with open(where, "rb") as handle:
+                    data = tomllib.load(handle)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot read config file {str(where)!r}: {exc.strerror}"
+                ) from None
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"config file {str(where)!r} is not valid TOML: {exc}") from None
+        return _from_mapping(data, env)
+
+
+# -- TOML ------------------------------------------------------------------------------------
+
+_TOP_KEYS = frozenset({"base_url", "api_key", "api_key_env", "max_event_bytes", "gateway"})
+_GATEWAY_SCALARS: dict[str, Literal["str", "int", "float", "bool", "list"]] = {
+    "host": "str",
+    "port": "int",
+    "allow_unauthenticated": "bool",
+    "store": "str",
+    "keys_in_store": "bool",
+    "cors_origins": "list",
+    "forward_headers": "list",
+    "models": "list",
+    "max_body_bytes": "int",
+    "keepalive_s": "float",
+    "send_timeout_s": "float",
+    "stream_buffer_bytes": "int",
+    "drain_timeout_s": "float",
+    "gzip_min_bytes": "int",
+    "slot_lease_s": "float",
+    "connect_s": "float",
+    "headers_s": "float",
+    "first_token_s": "float",
+    "idle_s": "float",
+    "retry_attempts": "int",
+    "max_resumes": "int",
+    "retry_wait_initial_s": "float",
+    "retry_wait_max_s": "float",
+}
+_GATEWAY_TABLES = frozenset({"routes", "keys", "limits"})
+
+
+def _unknown(table: Mapping[str, object], allowed: frozenset[str], where: str) -> None:
+    extra = sorted(set(table) - allowed)
+    if extra:
+        raise ConfigError(
+            f"unknown key(s) in {where}: {', '.join(extra)}; known: {', '.join(sorted(allowed))}"
+        )
+
+
+def _scalar(value: object, kind: str, name: str) -> object:
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r:.60}")
+        return value
+    if kind == "bool":
+        return _bool(value, name)
+    if kind == "list":
+        return _strings(value, name)
+    number = _number(value, name, integer=kind == "int")
+    return int(number) if kind == "int" else number
+
+
+def _secret(table: Mapping[str, object], env: Mapping[str, str], where: str) -> str | None:
+    ref = table.get("api_key_env")
+    if ref is not None:
+        if not isinstance(ref, str) or not ref:
+            raise ConfigError(f"{where}.api_key_env must name an environment variable")
+        return env.get(ref) or None
+    literal = table.get("api_key")
+    if literal is not None and not isinstance(literal, str):
+        raise ConfigError(f"{where}.api_key must be a string")
+    return literal or None
+
+
+def _routes(items: object, env: Mapping[str, str]) -> tuple[RouteSettings, ...]:
+    if not isinstance(items, list):
+        raise ConfigError("gateway.routes must be an array of tables ([[gateway.routes]])")
+    routes = []
+    allowed = frozenset({"name", "base_url", "api_key", "api_key_env", "model", "dialect"})
+    for i, item in enumerate(items):
+        where = f"gateway.routes[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where} must be a table")
+        _unknown(item, allowed, where)
+        name, base_url = item.get("name"), item.get("base_url")
+        model, dialect = item.get("model"), item.get("dialect", "deepseek")
+        if not isinstance(name, str) or not isinstance(base_url, str):
+            raise ConfigError(f"{where} needs string `name` and `base_url`")
+        if model is not None and not isinstance(model, str):
+            raise ConfigError(f"{where}.model must be a string")
+        if not isinstance(dialect, str):
+            raise ConfigError(f"{where}.dialect must be a string")
+        routes.append(RouteSettings(name, base_url, _secret(item, env, where), model, dialect))
+    return tuple(routes)
+
+
+def _keys(items: object) -> tuple[KeySettings, ...]:
+    if not isinstance(items, list):
+        raise ConfigError("gateway.keys must be an array of tables ([[gateway.keys]])")
+    keys = []
+    allowed = frozenset({"name", "sha256", "models"}) | _LIMIT_FIELDS
+    for i, item in enumerate(items):
+        where = f"gateway.keys[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where} must be a table")
+        _unknown(item, allowed, where)
+        name, digest = item.get("name", f"key{i}"), item.get("sha256")
+        if not isinstance(name, str) or not isinstance(digest, str):
+            raise ConfigError(f"{where} needs a string `sha256` (hash_key of the key)")
+        models = item.get("models")
+        keys.append(
+            KeySettings(
+                name,
+                digest.lower(),
+                LimitSettings.parse(item, where),
+                None if models is None else _strings(models, f"{where}.models"),
+            )
+        )
+    return tuple(keys)
+
+
+def _from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
+    _unknown(data, _TOP_KEYS, "the config file")
+    gateway_table = data.get("gateway", {})
+    if not isinstance(gateway_table, dict):
+        raise ConfigError("gateway must be a table ([gateway])")
+    _unknown(gateway_table, frozenset(_GATEWAY_SCALARS) | _GATEWAY_TABLES, "[gateway]")
+    changes: dict[str, Any] = {
+        name: _scalar(gateway_table[name], kind, f"gateway.{name}")
+        for name, kind in _GATEWAY_SCALARS.items()
+        if name in gateway_table
+    }
+    if "routes" in gateway_table:
+        changes["routes"] = _routes(gateway_table["routes"], env)
+    if "keys" in gateway_table:
+        changes["keys"] = _keys(gateway_table["keys"])
+    if "limits" in gateway_table:
+        limits = gateway_table["limits"]
+        if not isinstance(limits, dict):
+            raise ConfigError("gateway.limits must be a table")
+        _unknown(limits, _LIMIT_FIELDS, "[gateway.limits]")
+        changes["limits"] = LimitSettings.parse(limits, "gateway.limits")
+    gateway = _gateway_env(GatewaySettings(**changes), env)
+    base_url = data.get("base_url", DEFAULT_BASE_URL)
+    if not isinstance(base_url, str):
+        raise ConfigError("base_url must be a string")
+    max_event = int(
+        _number(data.get("max_event_bytes", 16 * 1024 * 1024), "max_event_bytes", integer=True)
+    )
+    return Settings(
+        api_key=env.get("DEEPSEEK_API_KEY") or _secret(data, env, "the config file"),
+        base_url=env.get("UNBROKEN_BASE_URL") or base_url,
+        max_event_bytes=_int(env, "UNBROKEN_MAX_EVENT_BYTES", max_event),
+        gateway=gateway,
+    )
+
+
+# -- environment -----------------------------------------------------------------------------
+
+_ENV_LIMITS = {
+    "UNBROKEN_GATEWAY_RPM": "requests_per_minute",
+    "UNBROKEN_GATEWAY_TPM": "tokens_per_minute",
+    "UNBROKEN_GATEWAY_CONCURRENT_STREAMS": "concurrent_streams",
+    "UNBROKEN_GATEWAY_DAILY_TOKENS": "daily_tokens",
+    "UNBROKEN_GATEWAY_DAILY_COST_USD": "daily_cost_usd",
+}
+
+
+def _env_keys(raw: str) -> tuple[KeySettings, ...]:
+    keys = []
+    for i, part in enumerate(p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        name, sep, digest = part.partition("=")
+        if not sep:
+            name, digest = f"env{i}", part
+        keys.append(KeySettings(name.strip(), digest.strip().lower()))
+    return tuple(keys)
+
+
+def _gateway_env(gateway: GatewaySettings, env: Mapping[str, str]) -> GatewaySettings:
+    changes: dict[str, Any] = {}
+    for name, kind in _GATEWAY_SCALARS.items():
+        variable = f"UNBROKEN_GATEWAY_{name.upper()}"
+        raw = env.get(variable)
+        if raw is not None and raw != "":
+            changes[name] = _scalar(raw, kind, variable)
+    keys = list(gateway.keys)
+    if env.get("UNBROKEN_GATEWAY_KEYS"):
+        keys.extend(_env_keys(env["UNBROKEN_GATEWAY_KEYS"]))
+    if env.get("UNBROKEN_GATEWAY_KEY"):
+        keys.append(KeySettings("env", hash_key(env["UNBROKEN_GATEWAY_KEY"])))
+    if len(keys) != len(gateway.keys):
+        changes["keys"] = tuple(keys)
+    limit_changes: dict[str, Any] = {}
+    for variable, name in _ENV_LIMITS.items():
+        raw = env.get(variable)
+        if raw is not None and raw != "":
+            integer = name in ("concurrent_streams", "daily_tokens")
+            value = _optional(raw, variable, integer=integer)
+            limit_changes[name] = int(value) if integer and value is not None else value
+    if limit_changes:
+        changes["limits"] = replace(gateway.limits, **limit_changes)
+    return replace(gateway, **changes) if changes else gateway

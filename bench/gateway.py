@@ -1,0 +1,545 @@
+"""The gateway under load, side by side with LiteLLM's proxy and nginx, all on one mock.
+
+Every server runs as its own process on loopback, in front of the same mock DeepSeek
+process (200 chunks per stream: the role chunk, 198 tokens 5 ms apart, the usage chunk):
+  direct    the mock itself (the baseline for time to first token)
+  unbroken  `unbroken serve` (this repository's gateway)
+  litellm   LiteLLM's proxy, installed into bench/.venv-litellm on first use
+  nginx     `proxy_buffering off`: the thin-relay floor (apt-get installs it if missing)
+
+At concurrency 1, 32 and 256 a separate load process keeps that many streams in flight (a
+closed loop; workers start staggered over one stream's duration, so starts are spread as in
+steady state), and the script reports per target: time to first token p50/p99 and its
+overhead over `direct`, chunks/s, CPU-seconds per 1,000 chunks of the server process (utime +
+stime from /proc, children included), and the peak RSS growth per concurrent stream.
+Run: python bench/gateway.py [--levels 1,32,256] [--skip litellm,nginx]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from _mockproc import free_port, mock_process
+
+BENCH = Path(__file__).resolve().parent
+LITELLM_VENV = BENCH / ".venv-litellm"
+CHUNKS = 200
+TOKEN_MS = 5.0
+MOCK_CONFIG = (
+    f"MockConfig(seed=1, answer_tokens=({CHUNKS - 2}, {CHUNKS - 2}), "
+    f"latency=Latency(token_ms={TOKEN_MS}))"
+)
+# Streams per worker at each concurrency: enough samples, bounded time (LiteLLM relays
+# about 1,400 chunks/s, so 256 x 200 chunks already take it ~40 s).
+ROUNDS = {1: 8, 32: 2, 256: 1}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+# -- /proc -------------------------------------------------------------------------------------
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(children.get(p, []))
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process tree, in seconds."""
+    total = 0
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of the process tree."""
+    total = 0
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/statm", encoding="ascii") as f:
+                total += int(f.read().split()[1]) * PAGE
+        except OSError:
+            continue
+    return total
+
+
+class RssSampler:
+    """Samples the RSS of a process tree every 50 ms in a thread; keeps the peak."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = rss_bytes(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, rss_bytes(self.pid))
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# -- the load process ----------------------------------------------------------------------
+
+
+async def _one(
+    port: int, path: str, auth: str, index: int, results: list[tuple[float | None, int, bool]]
+) -> None:
+    body = json.dumps(
+        {
+            "model": "deepseek-chat",
+            "stream": True,
+            "messages": [{"role": "user", "content": f"benchmark {index % 7}"}],
+        }
+    ).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {auth}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    started = time.perf_counter()
+    writer.write(head + body)
+    first: float | None = None
+    n = 0
+    tail = b""
+    done = False
+    try:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            window = tail + data
+            if first is None and b"data: {" in window:
+                first = time.perf_counter() - started
+            # A chunk marker split across reads is counted once: only the joined window
+            # is searched, minus what the previous read already counted.
+            n += window.count(b"data: {") - tail.count(b"data: {")
+            if b"data: [DONE]" in window:
+                done = True
+            if window.endswith(b"0\r\n\r\n") and done:
+                break
+            tail = window[-16:]
+    finally:
+        writer.close()
+    results.append((first, n, done))
+
+
+async def _load(port: int, path: str, auth: str, concurrency: int, rounds: int) -> dict[str, Any]:
+    results: list[tuple[float | None, int, bool]] = []
+    stream_s = CHUNKS * TOKEN_MS / 1000.0
+
+    async def worker(w: int) -> None:
+        await asyncio.sleep(w * stream_s / concurrency)  # staggered, as in steady state
+        for r in range(rounds):
+            await _one(port, path, auth, w * rounds + r, results)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    wall = time.perf_counter() - started
+    return {"wall": wall, "results": results}
+
+
+def load_main(argv: list[str]) -> None:
+    """Entry of the load process: prints one JSON line."""
+    port, path, auth, concurrency, rounds = argv
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop comes with the [gateway] extra
+        pass
+    out = asyncio.run(_load(int(port), path, auth, int(concurrency), int(rounds)))
+    print(json.dumps(out))
+
+
+# -- servers -------------------------------------------------------------------------------
+
+
+class Target:
+    def __init__(self, name: str, pid: int, port: int, path: str, auth: str = "sk-bench"):
+        self.name = name
+        self.pid = pid
+        self.port = port
+        self.path = path
+        self.auth = auth
+
+
+def _wait_ready(
+    url: str, headers: dict[str, str], proc: subprocess.Popen[bytes], limit_s: float
+) -> None:
+    deadline = time.monotonic() + limit_s
+    body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "warm"}]}
+    while True:
+        try:
+            response = httpx.post(url, json=body, headers=headers, timeout=10)
+            if response.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url}: not ready after {limit_s} s")
+        time.sleep(0.2)  # waiting for another process to start
+
+
+@contextmanager
+def unbroken_server(mock_url: str) -> Iterator[Target]:
+    port = free_port()
+    code = (
+        "import sys, typer; from unbroken.cli.gateway_cmds import serve; "
+        "app = typer.Typer(); app.command()(serve); app(sys.argv[1:])"
+    )
+    env = {**os.environ, "DEEPSEEK_API_KEY": "sk-bench"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--port",
+            str(port),
+            "--upstream",
+            mock_url,
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/v1/chat/completions", {}, proc, 30)
+        yield Target("unbroken", proc.pid, port, "/v1/chat/completions")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def ensure_litellm() -> Path | None:
+    """The litellm executable in bench/.venv-litellm, installing it on first use."""
+    exe = LITELLM_VENV / "bin" / "litellm"
+    if exe.exists():
+        return exe
+    print("installing litellm[proxy] into bench/.venv-litellm (first run only)...", flush=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
+        subprocess.run(
+            [str(LITELLM_VENV / "bin" / "pip"), "install", "-q", "litellm[proxy]"],
+            check=True,
+            timeout=900,
+        )
+    except (subprocess.SubprocessError, OSError) as exc:
+        print(f"litellm: cannot install ({exc}); its column is skipped")
+        return None
+    return exe if exe.exists() else None
+
+
+@contextmanager
+def litellm_server(mock_url: str, workdir: Path) -> Iterator[Target | None]:
+    exe = ensure_litellm()
+    if exe is None:
+        yield None
+        return
+    port = free_port()
+    config = workdir / "litellm.yaml"
+    config.write_text(
+        "model_list:\n  - model_name: deepseek-chat\n    litellm_params:\n"
+        f"      model: openai/deepseek-chat\n      api_base: {mock_url}/v1\n"
+        "      api_key: sk-bench\n",
+        encoding="utf-8",
+    )
+    env = {
+        **os.environ,
+        # Offline: no download of the price map at import, and the master key it demands.
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "LITELLM_MASTER_KEY": "sk-master",
+        "LITELLM_LOG": "ERROR",
+    }
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "--config",
+            str(config),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--num_workers",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=workdir,
+    )
+    try:
+        _wait_ready(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            {"Authorization": "Bearer sk-master"},
+            proc,
+            120,
+        )
+        yield Target("litellm", proc.pid, port, "/v1/chat/completions", "sk-master")
+    except RuntimeError as exc:
+        print(f"litellm: {exc}; its column is skipped")
+        yield None
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def ensure_nginx() -> str | None:
+    """The nginx binary, installed with apt-get when missing and possible."""
+    found = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+    if found:
+        return found
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        print("installing nginx with apt-get...", flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "install", "-y", "-qq", "nginx"], env=env, check=False)
+        return shutil.which("nginx") or (
+            "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+        )
+    print("nginx: not installed and apt-get is not usable here; its column is skipped")
+    return None
+
+
+@contextmanager
+def nginx_server(mock_port: int, workdir: Path) -> Iterator[Target | None]:
+    exe = ensure_nginx()
+    if exe is None:
+        yield None
+        return
+    port = free_port()
+    conf = workdir / "nginx.conf"
+    conf.write_text(
+        f"""
+daemon off;
+master_process off;
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {workdir}/body;
+  proxy_temp_path {workdir}/proxy;
+  upstream mock {{ server 127.0.0.1:{mock_port}; keepalive 512; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+  }}
+}}
+""",
+        encoding="utf-8",
+    )
+    proc = subprocess.Popen(
+        [exe, "-c", str(conf), "-p", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_ready(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            {"Authorization": "Bearer sk"},
+            proc,
+            20,
+        )
+        yield Target("nginx", proc.pid, port, "/v1/chat/completions")
+    except RuntimeError as exc:
+        print(f"nginx: {exc}; its column is skipped")
+        yield None
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+# -- measuring -----------------------------------------------------------------------------
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def measure(target: Target, concurrency: int, rounds: int) -> dict[str, float]:
+    """One load run against one target; figures of the run."""
+    # Warm-up: connections, imports, caches.
+    subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--client",
+            str(target.port),
+            target.path,
+            target.auth,
+            str(min(concurrency, 8)),
+            "1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    rss_before = rss_bytes(target.pid)
+    cpu_before = cpu_seconds(target.pid)
+    with RssSampler(target.pid) as sampler:
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--client",
+                str(target.port),
+                target.path,
+                target.auth,
+                str(concurrency),
+                str(rounds),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=900,
+            text=True,
+        )
+    cpu = cpu_seconds(target.pid) - cpu_before
+    data = json.loads(out.stdout)
+    results = data["results"]
+    ttfts = [r[0] for r in results if r[0] is not None]
+    chunks = sum(r[1] for r in results)
+    complete = sum(1 for r in results if r[2] and r[1] >= CHUNKS - 1)
+    return {
+        "streams": len(results),
+        "complete": complete,
+        "chunks": chunks,
+        "wall": data["wall"],
+        "rate": chunks / data["wall"],
+        "ttft50": pct(ttfts, 0.5) * 1000,
+        "ttft99": pct(ttfts, 0.99) * 1000,
+        "cpu_per_1k": cpu / chunks * 1000 if chunks else float("nan"),
+        "us_per_chunk": cpu / chunks * 1e6 if chunks else float("nan"),
+        "mem_per_stream_kib": max(0, sampler.peak - rss_before) / concurrency / 1024,
+    }
+
+
+def report(concurrency: int, rows: dict[str, dict[str, float]]) -> None:
+    rounds = ROUNDS.get(concurrency, 1)
+    print(
+        f"\nconcurrency {concurrency}: {concurrency * rounds} streams x {CHUNKS} chunks, "
+        f"{TOKEN_MS:g} ms between tokens"
+    )
+    print(
+        f"{'target':<9} {'ok':>9} {'ttft p50':>9} {'p99':>8} {'overhead p50':>13} {'p99':>8} "
+        f"{'chunks/s':>9} {'cpu s/1k':>9} {'us/chunk':>9} {'KiB/stream':>11}"
+    )
+    base = rows.get("direct")
+    for name, r in rows.items():
+        over50 = r["ttft50"] - base["ttft50"] if base and name != "direct" else 0.0
+        over99 = r["ttft99"] - base["ttft99"] if base and name != "direct" else 0.0
+        cpu = f"{r['cpu_per_1k']:.4f}" if name != "direct" else "(mock)"
+        us = f"{r['us_per_chunk']:.1f}" if name != "direct" else "-"
+        mem = f"{r['mem_per_stream_kib']:.1f}" if name != "direct" else "-"
+        print(
+            f"{name:<9} {int(r['complete']):>4}/{int(r['streams']):<4} {r['ttft50']:>7.2f}ms "
+            f"{r['ttft99']:>6.2f}ms {over50:>11.2f}ms {over99:>6.2f}ms {r['rate']:>9.0f} "
+            f"{cpu:>9} {us:>9} {mem:>11}"
+        )
+    ours, theirs, floor = rows.get("unbroken"), rows.get("litellm"), rows.get("nginx")
+    if ours and theirs:
+        ratio = theirs["us_per_chunk"] / ours["us_per_chunk"]
+        print(f"  CPU per chunk: litellm / unbroken = {ratio:.1f}x  (bar: >= 25x)")
+    if ours and floor:
+        ratio = ours["us_per_chunk"] / floor["us_per_chunk"]
+        print(f"  CPU per chunk: unbroken / nginx = {ratio:.1f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--levels", default="1,32,256", help="concurrency levels")
+    parser.add_argument("--skip", default="", help="targets to skip: litellm,nginx")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",") if x]
+    skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        mock_url = stack.enter_context(mock_process(MOCK_CONFIG))
+        mock_port = int(mock_url.rsplit(":", 1)[1])
+        targets: list[Target] = [Target("direct", 0, mock_port, "/v1/chat/completions")]
+        targets.append(stack.enter_context(unbroken_server(mock_url)))
+        if "litellm" not in skip:
+            lite = stack.enter_context(litellm_server(mock_url, workdir))
+            if lite is not None:
+                targets.append(lite)
+        if "nginx" not in skip:
+            relay = stack.enter_context(nginx_server(mock_port, workdir))
+            if relay is not None:
+                targets.append(relay)
+        print(
+            f"mock at {mock_url}; targets: {', '.join(t.name for t in targets)}; "
+            f"{os.cpu_count()} CPUs"
+        )
+        summary: dict[int, dict[str, dict[str, float]]] = {}
+        for concurrency in levels:
+            rows: dict[str, dict[str, float]] = {}
+            for target in targets:
+                rows[target.name] = measure(target, concurrency, ROUNDS.get(concurrency, 1))
+            report(concurrency, rows)
+            summary[concurrency] = rows
+        c32 = summary.get(32, {})
+        if "unbroken" in c32 and "direct" in c32:
+            over = c32["unbroken"]["ttft50"] - c32["direct"]["ttft50"]
+            print(f"\nbar: TTFT overhead p50 at concurrency 32 = {over:.2f} ms (bar: <= 1 ms)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--client":
+        load_main(sys.argv[2:])
+    else:
+        main()

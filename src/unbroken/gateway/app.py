@@ -1,0 +1,449 @@
+"""The gateway ASGI application: routing, request ids, CORS, keys and limits around the
+SDK's `AsyncClient`, which does the upstream work (retries, resume, fallbacks).
+
+    app = create_app(Settings.load("unbroken.toml"))
+
+Raw ASGI, no framework: the chat path is one dict lookup, then `StreamRelay`. Imports
+client, core, stores, instrumentation, settings and gateway siblings.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import anyio
+import httpx
+from prometheus_client import CollectorRegistry
+
+from unbroken.client import AsyncClient
+from unbroken.core.attempt import Timeouts
+from unbroken.core.backoff import RetryPolicy
+from unbroken.core.routes import Route
+from unbroken.core.wire import Answer, ChatCompletion
+from unbroken.errors import UnbrokenError
+from unbroken.gateway.asgi import Exchange, Receive, Scope, Send
+from unbroken.gateway.keys import KeyRing
+from unbroken.gateway.limits import Limiter
+from unbroken.gateway.metrics import GatewayMetrics
+from unbroken.gateway.openapi import openapi
+from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
+from unbroken.gateway.relay import RelayResult, StreamRelay
+from unbroken.gateway.request import parse_chat_request
+from unbroken.gateway.upstream import LeanTransport
+from unbroken.instrumentation import Hook, PrometheusHook
+from unbroken.settings import Settings
+from unbroken.stores import Store, open_store
+
+__all__ = ["Gateway", "build_upstream", "create_app", "upstream_http"]
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[Exchange], Awaitable[None]]
+
+# A client's X-Request-ID is kept when it looks like an id; anything else is replaced, so
+# no one can inject text into our logs or headers through it.
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+# Request headers that are the gateway's or the connection's, never the upstream's.
+_NEVER_FORWARDED = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "host",
+        "content-length",
+        "content-type",
+        "content-encoding",
+        "accept-encoding",
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+    }
+)
+_ALLOWED_HEADERS = b"authorization, content-type, x-request-id"
+
+
+def build_upstream(
+    settings: Settings, hooks: list[Hook], http: httpx.AsyncClient | None = None
+) -> AsyncClient:
+    """The shared `AsyncClient` for the configured routes, on `http` (default: a new
+    `upstream_http(settings)`; the caller closes it, the AsyncClient does not)."""
+    g = settings.gateway
+    routes = [
+        Route(r.name, r.base_url, r.api_key, r.model, r.dialect)  # type: ignore[arg-type]  # RouteSettings checked the dialect
+        for r in settings.upstream_routes()
+    ]
+    return AsyncClient(
+        routes=routes,
+        timeouts=Timeouts(
+            connect_s=g.connect_s,
+            headers_s=g.headers_s,
+            first_token_s=g.first_token_s,
+            idle_s=g.idle_s,
+        ),
+        retry=RetryPolicy(
+            attempts=g.retry_attempts,
+            max_resumes=g.max_resumes,
+            wait_initial_s=g.retry_wait_initial_s,
+            wait_max_s=max(g.retry_wait_max_s, g.retry_wait_initial_s),
+        ),
+        hooks=hooks,
+        max_event_bytes=settings.max_event_bytes,
+        http_client=http if http is not None else upstream_http(settings),
+    )
+
+
+def upstream_http(settings: Settings) -> httpx.AsyncClient:
+    """The httpx client of the upstream calls, on a `LeanTransport`."""
+    return httpx.AsyncClient(
+        transport=LeanTransport(high_water_bytes=settings.gateway.stream_buffer_bytes),
+        # The SDK reads raw bytes; a compressed event stream would reach its SSE decoder.
+        headers={"Accept-Encoding": "identity"},
+        follow_redirects=False,
+        # Proxies come from the route configuration, not the environment (and skipping the
+        # per-request environment lookups saves ~40 us).
+        trust_env=False,
+    )
+
+
+class Gateway:
+    """The gateway application (an ASGI callable).
+
+    Args:
+        settings: the settings (`settings.gateway` above all).
+        store: the state store; default from `settings.gateway.store`.
+        upstream: the SDK client to use upstream; default `build_upstream(settings)`.
+        registry: the Prometheus registry of `/metrics`; default a new one.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: Store | None = None,
+        upstream: AsyncClient | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        g = settings.gateway
+        self.settings = settings
+        self.store: Store = store if store is not None else open_store(g.store)
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = GatewayMetrics(self.registry)
+        self._upstream_http = None if upstream is not None else upstream_http(settings)
+        self.client = upstream or build_upstream(
+            settings, [PrometheusHook(self.registry)], self._upstream_http
+        )
+        self.keys = KeyRing(g, self.store)
+        self.limiter = Limiter(self.store, g.slot_lease_s)
+        routes = settings.upstream_routes()
+        self.scrub = Scrubber([settings.api_key, *(r.api_key for r in routes)])
+        self.models = frozenset(g.models)
+        self.route_names = frozenset(r.name for r in routes)
+        self.draining = False
+        self._relays: set[StreamRelay] = set()
+        self._origins = frozenset(g.cors_origins)
+        self._exact = frozenset(h.lower() for h in g.forward_headers if not h.endswith("*"))
+        self._prefixes = tuple(h.lower()[:-1] for h in g.forward_headers if h.endswith("*"))
+        self._routes: dict[str, tuple[str, Handler]] = {
+            "/v1/chat/completions": ("POST", self._chat),
+            "/chat/completions": ("POST", self._chat),
+            "/v1/models": ("GET", self._models),
+            "/models": ("GET", self._models),
+            "/metrics": ("GET", self._metrics),
+            "/healthz": ("GET", self._healthz),
+            "/readyz": ("GET", self._readyz),
+            "/openapi.json": ("GET", self._openapi),
+        }
+
+    def __repr__(self) -> str:
+        return f"Gateway(routes={sorted(self.route_names)}, store={self.store!r})"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Stop admitting chat requests (`/readyz` turns 503); in-flight ones go on."""
+        self.draining = True
+        self.metrics.draining.set(1)
+
+    @property
+    def n_active(self) -> int:
+        """Chat requests in flight."""
+        return len(self._relays)
+
+    def abort_streams(self) -> None:
+        """End every in-flight answer now with a `shutting_down` error (drain deadline)."""
+        for relay in list(self._relays):
+            relay.stop("shutdown")
+
+    async def aclose(self) -> None:
+        """Close the upstream client and the store."""
+        await self.client.aclose()
+        if self._upstream_http is not None:
+            await self._upstream_http.aclose()
+        await self.store.aclose()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- ASGI --------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI entry point."""
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    def _common_headers(
+        self, scope: Scope
+    ) -> tuple[bytes, bytes | None, list[tuple[bytes, bytes]]]:
+        request_id = origin = None
+        for name, value in scope.get("headers", ()):
+            if name == b"x-request-id":
+                request_id = value
+            elif name == b"origin":
+                origin = value
+        if request_id is None or not _REQUEST_ID.fullmatch(request_id):
+            request_id = uuid.uuid4().hex.encode()
+        headers = [(b"x-request-id", request_id)]
+        if origin is not None and self._origin_allowed(origin):
+            headers += [
+                (b"access-control-allow-origin", origin),
+                (b"vary", b"origin"),
+                (b"access-control-expose-headers", b"x-request-id, retry-after"),
+            ]
+        return request_id, origin, headers
+
+    def _origin_allowed(self, origin: bytes) -> bool:
+        return "*" in self._origins or origin.decode("latin-1") in self._origins
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        request_id, origin, headers = self._common_headers(scope)
+        ex = Exchange(scope, receive, send, headers, self.settings.gateway.gzip_min_bytes)
+        try:
+            if method == "OPTIONS":
+                await self._preflight(ex, origin)
+                return
+            entry = self._routes.get(path)
+            if entry is None:
+                raise GatewayError(
+                    404,
+                    f"no such endpoint: {method} {path[:200]}; see GET /openapi.json",
+                    type="not_found_error",
+                    code="not_found",
+                )
+            allowed, handler = entry
+            if method != allowed:
+                raise GatewayError(
+                    405,
+                    f"method {method} is not allowed on {path}; use {allowed}",
+                    code="method_not_allowed",
+                    headers=[(b"allow", allowed.encode())],
+                )
+            await handler(ex)
+        except (GatewayError, UnbrokenError) as exc:
+            # UnbrokenError: a store failure (StoreError -> 503) or the like, outside a relay.
+            error = exc if isinstance(exc, GatewayError) else from_unbroken(exc, self.scrub)
+            if error.status in (401, 403, 413, 429):
+                self.metrics.rejections.labels(error.code or str(error.status)).inc()
+            if not ex.started:
+                await ex.respond_error(error)
+        except Exception:
+            # A bug must not kill the process, hang the client or show it a traceback.
+            logger.exception(
+                "unexpected error on %s %s", method, path, extra={"request_id": request_id}
+            )
+            if not ex.started:
+                await ex.respond_error(
+                    GatewayError(
+                        500,
+                        f"internal gateway error; quote request id {request_id.decode()}",
+                        type="server_error",
+                        code="internal_error",
+                    )
+                )
+        finally:
+            self.metrics.request(path, ex.status)
+
+    async def _preflight(self, ex: Exchange, origin: bytes | None) -> None:
+        if origin is None:
+            await ex.start(204, [(b"allow", b"GET, POST, OPTIONS")])
+            await ex.send({"type": "http.response.body", "body": b""})
+            return
+        if not self._origin_allowed(origin):
+            raise GatewayError(
+                403,
+                f"origin {origin.decode('latin-1')[:100]!r} is not in the gateway's CORS "
+                "allow-list (gateway.cors_origins)",
+                type="permission_error",
+                code="origin_not_allowed",
+            )
+        requested = ex.header(b"access-control-request-headers") or _ALLOWED_HEADERS
+        await ex.start(
+            204,
+            [
+                (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+                (b"access-control-allow-headers", requested),
+                (b"access-control-max-age", b"600"),
+            ],
+        )
+        await ex.send({"type": "http.response.body", "body": b""})
+
+    # -- endpoints ---------------------------------------------------------------------------
+
+    def _forwarded(self, ex: Exchange, request_id: bytes) -> dict[str, str]:
+        headers = {"X-Request-ID": request_id.decode("latin-1")}
+        if not self._exact and not self._prefixes:
+            return headers
+        for raw_name, raw_value in ex.scope.get("headers", ()):
+            name = raw_name.decode("latin-1")
+            if name in _NEVER_FORWARDED:
+                continue
+            if name in self._exact or name.startswith(self._prefixes):
+                headers[name] = raw_value.decode("latin-1")
+        return headers
+
+    async def _chat(self, ex: Exchange) -> None:
+        g = self.settings.gateway
+        if self.draining:
+            raise GatewayError(
+                503,
+                "the gateway is shutting down; retry on another instance",
+                type="server_error",
+                code="shutting_down",
+                retry_after_s=1.0,
+            )
+        caller = await self.keys.identify(ex.header(b"authorization"))
+        request = parse_chat_request(
+            await ex.read_body(g.max_body_bytes), self.models, self.route_names
+        )
+        if caller.models is not None:
+            for model in (request.model, *request.fallbacks):
+                if model in self.models and model not in caller.models:
+                    raise GatewayError(
+                        403,
+                        f"key {caller.name!r} may not use the model {model!r}",
+                        type="permission_error",
+                        code="model_not_allowed",
+                        param="model",
+                    )
+        admission = await self.limiter.admit(caller, request.estimated_tokens, time.time())
+        request_id = dict(ex.headers_out)[b"x-request-id"]
+        booked = False
+
+        async def book(completion: ChatCompletion | None) -> None:
+            nonlocal booked
+            if booked:
+                return
+            booked = True
+            tokens = cost = None
+            if completion is not None and completion.usage is not None:
+                tokens = completion.usage.total_tokens
+            if isinstance(completion, Answer):
+                cost = completion.unbroken.cost_usd
+            # Books usage and frees the slot even when uvicorn cancels us at shutdown.
+            with anyio.CancelScope(shield=True):
+                await self.limiter.finish(admission, tokens, cost or 0.0, time.time())
+
+        relay = StreamRelay(
+            ex,
+            self.scrub,
+            keepalive_s=g.keepalive_s,
+            send_timeout_s=g.send_timeout_s,
+            renew=(lambda: self.limiter.renew(admission, time.time()))
+            if admission.lease is not None
+            else None,
+            renew_every_s=g.slot_lease_s / 3,
+            on_complete=book,
+        )
+        self.metrics.active.inc()
+        self._relays.add(relay)
+        result: RelayResult | None = None
+        try:
+            stream = await self.client.chat.completions.create(
+                model=request.model,
+                messages=request.messages,
+                stream=True,
+                extra_body=request.extra or None,
+                extra_headers=self._forwarded(ex, request_id),
+                fallbacks=request.fallbacks or None,
+            )
+            if request.stream:
+                result = await relay.stream(stream)
+            else:
+                result = await relay.json(stream)
+        finally:
+            self._relays.discard(relay)
+            self.metrics.active.dec()
+            if result is None:
+                result = relay.result
+            await book(result.completion if result is not None else None)
+            if result is not None:
+                self.metrics.streams.labels(result.reason).inc()
+                self.metrics.chunks.inc(result.n_chunks)
+                if result.n_keepalives:
+                    self.metrics.keepalives.inc(result.n_keepalives)
+
+    async def _models(self, ex: Exchange) -> None:
+        caller = await self.keys.identify(ex.header(b"authorization"))
+        names = sorted(self.models if caller.models is None else self.models & set(caller.models))
+        await ex.respond_json(
+            200,
+            {
+                "object": "list",
+                "data": [
+                    {"id": name, "object": "model", "created": 0, "owned_by": "unbroken"}
+                    for name in names
+                ],
+            },
+        )
+
+    async def _metrics(self, ex: Exchange) -> None:
+        await ex.respond(200, self.metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
+
+    async def _healthz(self, ex: Exchange) -> None:
+        await ex.respond_json(200, {"status": "ok"})
+
+    async def _readyz(self, ex: Exchange) -> None:
+        if self.draining:
+            await ex.respond_json(503, {"status": "draining"})
+        elif not await self.store.ping():
+            await ex.respond_json(503, {"status": "store unavailable"})
+        else:
+            await ex.respond_json(200, {"status": "ready"})
+
+    async def _openapi(self, ex: Exchange) -> None:
+        await ex.respond_json(200, openapi(sorted(self.models)))
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    store: Store | None = None,
+    upstream: AsyncClient | None = None,
+    registry: CollectorRegistry | None = None,
+) -> Gateway:
+    """Build the gateway ASGI app (see `Gateway`); settings default to `Settings.load()`."""
+    return Gateway(
+        settings if settings is not None else Settings.load(),
+        store=store,
+        upstream=upstream,
+        registry=registry,
+    )

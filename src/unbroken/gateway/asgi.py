@@ -1,0 +1,137 @@
+"""Raw-ASGI plumbing of the gateway: one `Exchange` per request (headers, bounded body
+reading, JSON responses with optional gzip). Raw ASGI keeps the per-chunk path to one
+function call into the server. Imports msgspec and gateway siblings.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import msgspec
+
+from unbroken.gateway.problems import GatewayError
+
+__all__ = ["TRANSPORT_EXTENSION", "Exchange", "Message", "Receive", "Scope", "Send"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# The scope extension under which our uvicorn protocol exposes the connection's transport
+# (the mock's server uses the same name), so a slow client can be cut at once.
+TRANSPORT_EXTENSION = "unbroken.transport"
+_JSON = b"application/json"
+
+
+class Exchange:
+    """One HTTP request and its response state.
+
+    Args:
+        scope, receive, send: the ASGI triple.
+        headers_out: headers every response carries (request id, CORS).
+        gzip_min_bytes: the smallest JSON body worth compressing.
+    """
+
+    __slots__ = (
+        "_headers",
+        "gzip_min_bytes",
+        "headers_out",
+        "receive",
+        "scope",
+        "send",
+        "started",
+        "status",
+    )
+
+    def __init__(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers_out: list[tuple[bytes, bytes]],
+        gzip_min_bytes: int,
+    ) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.headers_out = headers_out
+        self.gzip_min_bytes = gzip_min_bytes
+        self.started = False
+        self.status = 0
+        self._headers: dict[bytes, bytes] | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        """A request header (lowercase `name`); the last one wins when repeated."""
+        if self._headers is None:
+            self._headers = dict(self.scope.get("headers", ()))
+        return self._headers.get(name)
+
+    def transport(self) -> Any:
+        """The connection's transport when the server exposes it, else None."""
+        return self.scope.get("extensions", {}).get(TRANSPORT_EXTENSION)
+
+    async def read_body(self, limit: int) -> bytes:
+        """The whole request body.
+
+        Raises:
+            GatewayError: 413 past `limit` bytes (checked on Content-Length first).
+        """
+        length = self.header(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise self._too_large(limit)
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise GatewayError(499, "the client closed the connection", code="client_gone")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise self._too_large(limit)
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts)
+
+    @staticmethod
+    def _too_large(limit: int) -> GatewayError:
+        return GatewayError(
+            413,
+            f"the request body exceeds the gateway's limit of {limit} bytes",
+            code="request_too_large",
+        )
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """Send the status line and headers (plus the common ones)."""
+        self.started = True
+        self.status = status
+        await self.send(
+            {"type": "http.response.start", "status": status, "headers": headers + self.headers_out}
+        )
+
+    async def respond(
+        self,
+        status: int,
+        body: bytes,
+        content_type: bytes = _JSON,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        """Send a whole response; gzip it when the client accepts it and it is big enough."""
+        extra = list(headers or [])
+        if len(body) >= self.gzip_min_bytes and b"gzip" in (self.header(b"accept-encoding") or b""):
+            body = gzip.compress(body, compresslevel=5)
+            extra += [(b"content-encoding", b"gzip"), (b"vary", b"accept-encoding")]
+        extra += [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+        await self.start(status, extra)
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def respond_json(self, status: int, data: Any) -> None:
+        """Send `data` as JSON."""
+        await self.respond(status, msgspec.json.encode(data))
+
+    async def respond_error(self, error: GatewayError) -> None:
+        """Send an OpenAI-shaped error."""
+        await self.respond(error.status, error.body(), headers=error.headers())

@@ -1,0 +1,108 @@
+"""Who is calling: gateway API keys (hashed; from settings or the store) -> a `Caller`.
+
+Keys are compared by their SHA-256, so the gateway never holds them in clear. Imports
+settings, stores and gateway siblings.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from unbroken.gateway.problems import GatewayError
+from unbroken.settings import GatewaySettings, KeySettings, LimitSettings, hash_key
+from unbroken.stores.base import Store
+
+__all__ = ["ANONYMOUS", "Caller", "KeyRing"]
+
+# Store lookups (hits and misses) are cached this long, so a flood of bad keys costs the
+# store one read per key per interval, and a revoked key stops working within it.
+CACHE_S = 5.0
+CACHE_MAX = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The identity a request is served and limited under.
+
+    Attributes:
+        id: the store namespace of its limits (`k:<hash prefix>` or `anonymous`).
+        name: the key's label, for logs and error messages (never the key).
+        limits: its effective limits.
+        models: the models it may use (None: all served models).
+    """
+
+    id: str
+    name: str
+    limits: LimitSettings
+    models: tuple[str, ...] | None = None
+
+
+ANONYMOUS_NAME = "anonymous"
+ANONYMOUS = Caller("anonymous", ANONYMOUS_NAME, LimitSettings())
+
+
+class KeyRing:
+    """Authenticates requests against the configured keys and, optionally, the store.
+
+    Args:
+        settings: the gateway settings (keys, default limits, `keys_in_store`).
+        store: where stored keys live.
+    """
+
+    def __init__(self, settings: GatewaySettings, store: Store) -> None:
+        self._defaults = settings.limits
+        self._keys = {k.sha256: k for k in settings.keys}
+        self._store = store if settings.keys_in_store else None
+        self._cache: dict[str, tuple[float, KeySettings | None]] = {}
+        self._anonymous = Caller("anonymous", ANONYMOUS_NAME, settings.limits)
+
+    @property
+    def required(self) -> bool:
+        """True when requests must carry a gateway key."""
+        return bool(self._keys) or self._store is not None
+
+    def _caller(self, key: KeySettings) -> Caller:
+        return Caller(f"k:{key.sha256[:24]}", key.name, key.limits.over(self._defaults), key.models)
+
+    async def identify(self, authorization: bytes | None) -> Caller:
+        """The caller of a request with this `Authorization` header.
+
+        Raises:
+            GatewayError: 401 when a key is required and missing or unknown.
+        """
+        if not self.required:
+            return self._anonymous
+        scheme, _, token = (authorization or b"").decode("latin-1").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise GatewayError(
+                401,
+                "missing gateway API key: send the header 'Authorization: Bearer <key>'",
+                type="authentication_error",
+                code="missing_api_key",
+            )
+        digest = hash_key(token)
+        key = self._keys.get(digest)
+        if key is None and self._store is not None:
+            key = await self._lookup(digest)
+        if key is None:
+            raise GatewayError(
+                401,
+                "invalid gateway API key; check the key or ask the gateway operator for one",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
+        return self._caller(key)
+
+    async def _lookup(self, digest: str) -> KeySettings | None:
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        assert self._store is not None  # noqa: S101 - checked by the caller
+        key = await self._store.get_key(digest)
+        if len(self._cache) >= CACHE_MAX:
+            self._cache.clear()
+        self._cache[digest] = (now + CACHE_S, key)
+        return key

@@ -1,0 +1,79 @@
+"""The gateway's own Prometheus metrics, beside the SDK's (`PrometheusHook`) on the same
+registry. Counted once per request or stream, never per chunk. Labels stay low-cardinality:
+endpoint, status, reason; never a key, a user or a prompt. Imports prometheus_client.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+__all__ = ["ENDPOINTS", "GatewayMetrics"]
+
+# The endpoints counted by name; anything else is `other`, so scanners cannot grow labels.
+ENDPOINTS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/chat/completions",
+        "/v1/models",
+        "/models",
+        "/metrics",
+        "/healthz",
+        "/readyz",
+        "/openapi.json",
+    }
+)
+
+
+class GatewayMetrics:
+    """Collectors `unbroken_gateway_*` on `registry`.
+
+    Metrics: `unbroken_gateway_requests_total{endpoint,status}`,
+    `unbroken_gateway_rejections_total{reason}` (limits, auth, bad input),
+    `unbroken_gateway_streams_total{outcome}` (complete, error, client_gone, slow_client),
+    `unbroken_gateway_active_requests`, `unbroken_gateway_chunks_total`,
+    `unbroken_gateway_keepalives_total`, `unbroken_gateway_draining`.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "unbroken_gateway_requests_total",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=registry,
+        )
+        self.rejections = Counter(
+            "unbroken_gateway_rejections_total",
+            "Requests refused before any upstream call, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.streams = Counter(
+            "unbroken_gateway_streams_total",
+            "Answers relayed, by how they ended",
+            ["outcome"],
+            registry=registry,
+        )
+        self.active = Gauge(
+            "unbroken_gateway_active_requests", "Chat requests in flight", registry=registry
+        )
+        self.chunks = Counter(
+            "unbroken_gateway_chunks_total", "Chunks relayed downstream", registry=registry
+        )
+        self.keepalives = Counter(
+            "unbroken_gateway_keepalives_total",
+            "Keep-alive comments sent downstream",
+            registry=registry,
+        )
+        self.draining = Gauge(
+            "unbroken_gateway_draining", "1 while shutting down", registry=registry
+        )
+
+    def request(self, path: str, status: int) -> None:
+        """Count one finished HTTP request."""
+        endpoint = path if path in ENDPOINTS else "other"
+        self.requests.labels(endpoint, str(status)).inc()
+
+    def render(self) -> bytes:
+        """The text exposition of the registry."""
+        return generate_latest(self.registry)

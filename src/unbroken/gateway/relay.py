@@ -1,0 +1,306 @@
+"""Relaying one answer downstream: SSE for streams, one JSON body otherwise, while a
+sidecar task watches the client.
+
+Theory of operation
+-------------------
+Two tasks per request. The *handler* (the ASGI task) pulls chunks from the SDK's
+`AsyncStream` and writes each as one `data:` event; it is the only writer except for
+keep-alives. The *sidecar* waits for the client's `http.disconnect` and ticks about once a
+second. Its jobs:
+  * client gone -> cancel the handler's scope: the SDK stream closes its upstream
+    connection at once (the upstream request is cancelled within one tick at most);
+  * a write blocked longer than `send_timeout_s` (the client stopped reading and the
+    server's buffer is full) -> cut the connection and cancel the handler: the gateway
+    never buffers more than the server's write buffer plus the transport's read-ahead;
+  * nothing written for `keepalive_s` -> write `: keep-alive` (sending the 200 headers
+    first when the upstream has not answered yet), but only while the handler is not
+    writing: `busy` is the one-writer lock, checked and set between awaits.
+The headers are sent with the first chunk, so an upstream that fails fast still gets a
+real HTTP error status; after that, a failure is an OpenAI-style `data: {"error":...}`
+event and the stream ends without `[DONE]`, which every SDK reports as an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+import msgspec
+
+from unbroken.client import AsyncStream
+from unbroken.core.wire import Answer, ChatCompletion
+from unbroken.errors import UnbrokenError
+from unbroken.gateway.asgi import Exchange, Message
+from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
+
+__all__ = ["RelayResult", "StreamRelay"]
+
+logger = logging.getLogger(__name__)
+
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    # nginx and similar proxies buffer responses unless told not to.
+    (b"x-accel-buffering", b"no"),
+]
+_KEEPALIVE = b": keep-alive\n\n"
+_DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(slots=True)
+class RelayResult:
+    """How a relay ended.
+
+    Attributes:
+        reason: `complete`, `error`, `client_gone`, `slow_client` or `shutdown`.
+        completion: the whole answer, or what arrived of it (with billed usage), if any.
+        n_chunks: chunks written downstream.
+        n_keepalives: keep-alive comments written.
+    """
+
+    reason: str
+    completion: ChatCompletion | None
+    n_chunks: int = 0
+    n_keepalives: int = 0
+
+
+class StreamRelay:
+    """Relays one answer to one client (see the theory of operation above).
+
+    Args:
+        ex: the exchange.
+        scrub: removes secrets from error messages.
+        keepalive_s: idle time before a keep-alive comment.
+        send_timeout_s: longest a write may block.
+        renew: called about every `renew_every_s` while the request runs (slot leases).
+        renew_every_s: its period.
+        on_complete: called with the whole answer before its last byte is written, so
+            usage is booked before the client can send its next request.
+    """
+
+    def __init__(
+        self,
+        ex: Exchange,
+        scrub: Scrubber,
+        *,
+        keepalive_s: float,
+        send_timeout_s: float,
+        renew: Callable[[], Awaitable[None]] | None = None,
+        renew_every_s: float = 60.0,
+        on_complete: Callable[[ChatCompletion], Awaitable[None]] | None = None,
+    ) -> None:
+        self._ex = ex
+        self._scrub = scrub
+        self._keepalive_s = keepalive_s
+        self._send_timeout_s = send_timeout_s
+        self._renew = renew
+        self._renew_every_s = renew_every_s
+        self._on_complete = on_complete
+        self._scope = anyio.CancelScope()
+        self._loop = asyncio.get_running_loop()
+        self._busy = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._sending_since = 0.0
+        self._last_write = self._loop.time()
+        self._reason: str | None = None
+        self._streaming = True
+        self.n_keepalives = 0
+        self.result: RelayResult | None = None
+
+    # -- writing -----------------------------------------------------------------------------
+
+    async def _start_sse(self) -> None:
+        await self._ex.start(200, list(_SSE_HEADERS))
+
+    async def _write(self, data: bytes, more: bool = True) -> None:
+        if self._busy:
+            await self._idle.wait()
+        ex = self._ex
+        if not ex.started:
+            await self._start_sse()
+        self._busy = True
+        self._sending_since = now = self._loop.time()
+        try:
+            await ex.send({"type": "http.response.body", "body": data, "more_body": more})
+        finally:
+            self._busy = False
+            self._sending_since = 0.0
+            self._last_write = now
+
+    # -- the sidecar -------------------------------------------------------------------------
+
+    async def _sidecar(self) -> None:
+        loop = self._loop
+        tick = min(1.0, self._keepalive_s / 2, self._send_timeout_s / 4)
+        receiver: asyncio.Future[Message] = asyncio.ensure_future(self._ex.receive())
+        last_renew = loop.time()
+        try:
+            while True:
+                done, _ = await asyncio.wait({receiver}, timeout=tick)
+                if done:
+                    if receiver.result()["type"] == "http.disconnect":
+                        self._stop("client_gone")
+                        return
+                    receiver = asyncio.ensure_future(self._ex.receive())
+                    continue
+                now = loop.time()
+                if self._sending_since and now - self._sending_since > self._send_timeout_s:
+                    transport = self._ex.transport()
+                    if transport is not None:
+                        transport.abort()
+                    self._stop("slow_client")
+                    return
+                if (
+                    self._streaming
+                    and not self._busy
+                    and now - self._last_write >= self._keepalive_s
+                ):
+                    await self._keepalive()
+                if self._renew is not None and now - last_renew >= self._renew_every_s:
+                    last_renew = now
+                    await self._renew()
+        finally:
+            receiver.cancel()
+
+    async def _keepalive(self) -> None:
+        self._busy = True
+        self._idle.clear()
+        try:
+            with anyio.fail_after(self._send_timeout_s):
+                if not self._ex.started:
+                    await self._start_sse()
+                await self._ex.send(
+                    {"type": "http.response.body", "body": _KEEPALIVE, "more_body": True}
+                )
+            self.n_keepalives += 1
+            self._last_write = self._loop.time()
+        except TimeoutError:
+            self._stop("slow_client")
+        finally:
+            self._busy = False
+            self._idle.set()
+
+    def stop(self, reason: str) -> None:
+        """End the relay now (`shutdown` also tells the client why, in an error event)."""
+        self._stop(reason)
+
+    def _stop(self, reason: str) -> None:
+        if self._reason is None:
+            self._reason = reason
+        self._scope.cancel()
+
+    async def _shutdown_event(self) -> None:
+        with anyio.move_on_after(1.0), contextlib.suppress(Exception):
+            if self._busy:
+                await self._idle.wait()
+            if not self._ex.started:
+                await self._ex.respond_error(_SHUTDOWN)
+                return
+            event = b"data: " + _SHUTDOWN.body() + b"\n\n"
+            await self._ex.send({"type": "http.response.body", "body": event, "more_body": False})
+
+    # -- relays ------------------------------------------------------------------------------
+
+    async def stream(self, stream: AsyncStream, trailer: bool = True) -> RelayResult:
+        """Relay `stream` as server-sent events.
+
+        Raises:
+            GatewayError: the answer failed before anything was written (the caller sends
+                it as an HTTP error).
+        """
+        self._streaming = True
+        return await self._run(stream, trailer)
+
+    async def json(self, stream: AsyncStream) -> RelayResult:
+        """Fold `stream` and send the completion as one JSON body.
+
+        Raises:
+            GatewayError: the answer failed.
+        """
+        self._streaming = False
+        return await self._run(stream, False)
+
+    async def _run(self, stream: AsyncStream, trailer: bool) -> RelayResult:
+        sidecar = self._loop.create_task(self._sidecar())
+        n = 0
+        result: RelayResult | None = None
+        error: GatewayError | None = None
+        try:
+            with self._scope:
+                try:
+                    if self._streaming:
+                        encode = msgspec.json.encode
+                        write = self._write
+                        async for chunk in stream:
+                            await write(b"data: " + encode(chunk) + b"\n\n")
+                            n += 1
+                        completion = await stream.final()
+                        if self._on_complete is not None:
+                            await self._on_complete(completion)
+                        tail = _trailer(completion) if trailer else b""
+                        await write(tail + _DONE, False)
+                    else:
+                        completion = await stream.final()
+                        if self._on_complete is not None:
+                            await self._on_complete(completion)
+                        # The keep-alive lock also guards this single write.
+                        await self._idle.wait()
+                        await self._ex.respond(200, msgspec.json.encode(completion))
+                    result = RelayResult("complete", completion, n, self.n_keepalives)
+                except UnbrokenError as exc:
+                    error = from_unbroken(exc, self._scrub)
+                    partial = exc.partial if isinstance(exc.partial, ChatCompletion) else None
+                    result = RelayResult("error", partial, n, self.n_keepalives)
+                    logger.info(
+                        "answer failed: %s (%s)", error.code, type(exc).__name__, extra={"n": n}
+                    )
+                    await self._idle.wait()
+                    if self._ex.started:
+                        event = b"data: " + error.body() + b"\n\n"
+                        await self._write(event, False)
+                        error = None
+        finally:
+            sidecar.cancel()
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await stream.aclose()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sidecar
+        if self._reason == "shutdown":
+            await self._shutdown_event()
+        if self._reason is not None:
+            result = RelayResult(self._reason, _partial(stream), n, self.n_keepalives)
+        self.result = result
+        if error is not None and self._reason is None:
+            raise error
+        assert result is not None  # noqa: S101 - set unless cancelled, handled above
+        return result
+
+
+_SHUTDOWN = GatewayError(
+    503,
+    "the gateway is shutting down and cut this answer; send the request again",
+    type="server_error",
+    code="shutting_down",
+)
+
+
+def _partial(stream: AsyncStream) -> ChatCompletion | None:
+    try:
+        return stream._run.completion(time.monotonic())
+    except Exception:  # the answer may be in any state when the client left
+        return None
+
+
+def _trailer(completion: Answer) -> bytes:
+    # An SSE comment (ignored by every client) that tells a curious human what it took.
+    meta = completion.unbroken
+    return (
+        f": unbroken route={meta.route} attempts={len(meta.attempts)} retries={meta.retries} "
+        f"resumes={meta.resumes} fallbacks={meta.fallbacks}\n\n"
+    ).encode()

@@ -1,0 +1,177 @@
+"""Reading a chat request body: JSON, the types of the fields we rely on, the model and
+per-request `fallbacks`. Everything else passes through to the upstream untouched.
+
+Every problem is a 4xx `GatewayError` naming the field (`param`) and what was expected.
+Imports msgspec, core.tokens and gateway siblings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from unbroken.core.tokens import estimate_prompt_tokens
+from unbroken.gateway.problems import GatewayError
+
+__all__ = ["MAX_FALLBACKS", "ChatRequest", "parse_chat_request"]
+
+# More fallbacks than this only multiply the time a failing request takes.
+MAX_FALLBACKS = 8
+_ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
+# (field, accepted types, description, low, high) for the body fields the gateway or the
+# SDK rely on; a wrong type here would otherwise surface as an upstream 4xx or a crash.
+_FIELDS: tuple[tuple[str, tuple[type, ...], str, float | None, float | None], ...] = (
+    ("stream", (bool,), "a boolean", None, None),
+    ("max_tokens", (int,), "an integer >= 1", 1, None),
+    ("max_completion_tokens", (int,), "an integer >= 1", 1, None),
+    ("n", (int,), "an integer in [1, 16]", 1, 16),
+    ("temperature", (int, float), "a number in [0, 2]", 0, 2),
+    ("top_p", (int, float), "a number in [0, 1]", 0, 1),
+    ("presence_penalty", (int, float), "a number in [-2, 2]", -2, 2),
+    ("frequency_penalty", (int, float), "a number in [-2, 2]", -2, 2),
+    ("seed", (int,), "an integer", None, None),
+    ("logprobs", (bool,), "a boolean", None, None),
+    ("top_logprobs", (int,), "an integer in [0, 20]", 0, 20),
+    ("stream_options", (dict,), "an object", None, None),
+    ("response_format", (dict,), "an object", None, None),
+    ("tools", (list,), "an array of tools", None, None),
+    ("tool_choice", (str, dict), "a string or an object", None, None),
+    ("user", (str,), "a string", None, None),
+    ("stop", (str, list), "a string or an array of strings", None, None),
+)
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    """A checked chat request.
+
+    Attributes:
+        model: the model asked for.
+        messages: the conversation (as sent).
+        stream: stream the answer (SSE) or answer with one JSON body.
+        fallbacks: route names or model names to try after the configured routes.
+        extra: every other field, passed to the upstream as is.
+        estimated_tokens: prompt estimate plus `max_tokens` (for tokens-per-minute limits).
+    """
+
+    model: str
+    messages: list[dict[str, Any]]
+    stream: bool
+    fallbacks: list[str]
+    extra: dict[str, Any]
+    estimated_tokens: int
+
+
+def _bad(message: str, param: str | None, code: str = "invalid_value") -> GatewayError:
+    return GatewayError(400, message, code=code, param=param)
+
+
+def _check_field(body: Mapping[str, Any], spec: tuple[Any, ...]) -> None:
+    name, types, what, low, high = spec
+    if name not in body or body[name] is None:
+        return
+    value = body[name]
+    if isinstance(value, bool) and bool not in types:
+        raise _bad(f"{name} must be {what}, got a boolean", name, "invalid_type")
+    if not isinstance(value, types):
+        raise _bad(f"{name} must be {what}, got {type(value).__name__}", name, "invalid_type")
+    in_range = low is None or (value >= low and (high is None or value <= high))
+    if isinstance(value, int | float) and not in_range:
+        raise _bad(f"{name} must be {what}, got {value!r}", name)
+
+
+def _texts(messages: list[dict[str, Any]]) -> list[str]:
+    texts: list[str] = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts.extend(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return texts
+
+
+def parse_chat_request(raw: bytes, models: Collection[str], routes: Collection[str]) -> ChatRequest:
+    """Parse and check a chat body.
+
+    Args:
+        raw: the request body.
+        models: the model names this gateway serves.
+        routes: the configured route names (allowed in `fallbacks`).
+
+    Raises:
+        GatewayError: 400 for malformed JSON, wrong types or bad values; 404 for a model
+            the gateway does not serve.
+    """
+    if not raw.strip():
+        raise _bad("the request body is empty; send a JSON chat request", None, "invalid_json")
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise _bad(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise _bad(
+            f"the request body must be a JSON object, got {type(body).__name__}",
+            None,
+            "invalid_json",
+        )
+    model = body.pop("model", None)
+    if not isinstance(model, str) or not model:
+        raise _bad("model is required and must be a non-empty string", "model", "invalid_type")
+    if model not in models:
+        raise GatewayError(
+            404,
+            f"the model {model[:100]!r} is not served here; available: "
+            f"{', '.join(sorted(models))} (GET /v1/models)",
+            code="model_not_found",
+            param="model",
+            type="invalid_request_error",
+        )
+    messages = body.pop("messages", None)
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages must be a non-empty array of messages", "messages", "invalid_type")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _bad(f"messages[{i}] must be an object", f"messages[{i}]", "invalid_type")
+        role = message.get("role")
+        if not isinstance(role, str) or role not in _ROLES:
+            raise _bad(
+                f"messages[{i}].role must be one of {', '.join(sorted(_ROLES))}, got {role!r:.40}",
+                f"messages[{i}].role",
+            )
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise _bad(
+                f"messages[{i}].content must be a string, an array of parts or null",
+                f"messages[{i}].content",
+                "invalid_type",
+            )
+    for spec in _FIELDS:
+        _check_field(body, spec)
+    stop = body.get("stop")
+    if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
+        raise _bad("stop must be a string or an array of strings", "stop", "invalid_type")
+    options = body.get("stream_options")
+    if isinstance(options, dict) and not isinstance(options.get("include_usage", False), bool):
+        raise _bad("stream_options.include_usage must be a boolean", "stream_options")
+    fallbacks = body.pop("fallbacks", None) or []
+    if not isinstance(fallbacks, list) or not all(isinstance(f, str) for f in fallbacks):
+        raise _bad(
+            "fallbacks must be an array of model or route names", "fallbacks", "invalid_type"
+        )
+    if len(fallbacks) > MAX_FALLBACKS:
+        raise _bad(f"fallbacks may name at most {MAX_FALLBACKS} entries", "fallbacks")
+    for name in fallbacks:
+        if name not in models and name not in routes:
+            # Only names the operator configured: a client never picks an upstream URL.
+            raise _bad(
+                f"fallbacks: {name[:100]!r} is neither a served model nor a configured route",
+                "fallbacks",
+            )
+    stream = bool(body.pop("stream", False))
+    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 0
+    estimate = estimate_prompt_tokens(_texts(messages)) + int(max_tokens)
+    return ChatRequest(model, messages, stream, fallbacks, body, estimate)

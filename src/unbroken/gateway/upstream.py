@@ -1,0 +1,352 @@
+"""LeanTransport: an httpx transport on asyncio protocols and httptools, for the gateway's
+upstream calls.
+
+The gateway relays thousands of small reads a second; httpcore spends tens of microseconds
+per read (h11 events, per-read timeouts, pool scans). This transport keeps httpx's API for
+`AsyncClient` but reads each response straight from a protocol callback into a list, with
+flow control (reading pauses past `high_water_bytes`, so a slow downstream client makes the
+upstream wait instead of the gateway buffering), keep-alive reuse and httpx's exception types.
+HTTP/1.1 only. Imports httpx and httptools (the `[gateway]` extra).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httptools
+import httpx
+
+__all__ = ["LeanTransport"]
+
+# How long an idle connection is reused; below uvicorn's default keep-alive (5 s), so we
+# rarely pick a connection the server is closing.
+KEEPALIVE_EXPIRY_S = 4.0
+# Read-ahead per response before reading pauses (the gateway's per-stream buffer bound).
+DEFAULT_HIGH_WATER = 256 * 1024
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection; one response at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple[str, str, int], high: int):
+        self.loop = loop
+        self.key = key
+        self.high = high
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.parser: Any = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.buffered = 0
+        self.got_bytes = False
+        self.headers_done = False
+        self.keep_alive = False
+        self.complete = False
+        self.error: BaseException | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.paused = False
+        self.delimited = True
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a stream transport
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.error = httpx.RemoteProtocolError(f"malformed HTTP response: {exc}")
+            self._wake()
+            if self.transport is not None:
+                self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.headers_done and not self.complete and not self.delimited and exc is None:
+            self.complete = True  # a close-delimited body ends with the connection
+        elif not self.complete and self.error is None:
+            reason = f"{type(exc).__name__}: {exc}" if exc else "server closed the connection"
+            self.error = httpx.ReadError(f"upstream connection lost ({reason})")
+        self._wake()
+
+    # -- httptools callbacks -----------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        lower = name.lower()
+        if lower == b"content-length" or (
+            lower == b"transfer-encoding" and b"chunked" in value.lower()
+        ):
+            self.delimited = True
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        # Read now: once the message completes, llhttp already reports the next one's state.
+        self.keep_alive = self.parser.should_keep_alive()
+        self.headers_done = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+        self.buffered += len(body)
+        if self.buffered > self.high and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self._wake()
+
+    # -- consumer side -----------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, limit_s: float | None) -> None:
+        self.waiter = self.loop.create_future()
+        try:
+            if limit_s is None:
+                await self.waiter
+            else:
+                await asyncio.wait_for(self.waiter, limit_s)
+        finally:
+            self.waiter = None
+
+    def take(self) -> bytes:
+        body = self.body
+        data = body[0] if len(body) == 1 else b"".join(body)
+        self.body = []
+        self.buffered = 0
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        return data
+
+    def begin(self) -> None:
+        self._reset()
+        self.delimited = False
+
+    @property
+    def reusable(self) -> bool:
+        return (
+            not self.closed
+            and self.transport is not None
+            and not self.transport.is_closing()
+            and self.loop.time() - self.idle_since < KEEPALIVE_EXPIRY_S
+        )
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class _ResponseStream(httpx.AsyncByteStream):
+    def __init__(self, pool: LeanTransport, conn: _Connection, read_timeout: float | None):
+        self._pool = pool
+        self._conn = conn
+        self._timeout = read_timeout
+        self._done = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        conn = self._conn
+        while True:
+            if conn.body:
+                yield conn.take()
+                continue
+            if conn.complete:
+                return
+            if conn.error is not None:
+                raise conn.error
+            try:
+                await conn.wait(self._timeout)
+            except TimeoutError:
+                raise httpx.ReadTimeout("timed out reading the upstream response") from None
+
+    async def aclose(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        conn = self._conn
+        if conn.complete and not conn.body and not conn.closed and conn.keep_alive:
+            self._pool._release(conn)
+        else:
+            conn.abort()
+            self._pool._forget(conn)
+
+
+class LeanTransport(httpx.AsyncBaseTransport):
+    """An httpx transport for HTTP/1.1 upstreams with keep-alive reuse (see module doc).
+
+    Args:
+        max_connections: connections open at once (a request waits for one up to the pool
+            timeout, then fails with httpx.PoolTimeout).
+        high_water_bytes: response bytes read ahead of the consumer before reading pauses.
+        ssl_context: for https upstreams (default: the system's trust store).
+    """
+
+    def __init__(
+        self,
+        max_connections: int = 1000,
+        high_water_bytes: int = DEFAULT_HIGH_WATER,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._max = max_connections
+        self._high = high_water_bytes
+        self._ssl = ssl_context
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._open = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def __repr__(self) -> str:
+        return f"LeanTransport(open={self._open}, max={self._max})"
+
+    def _release(self, conn: _Connection) -> None:
+        conn.idle_since = conn.loop.time()
+        self._idle.setdefault(conn.key, []).append(conn)
+        self._wake_one()
+
+    def _forget(self, conn: _Connection) -> None:
+        self._open -= 1
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def _connect(
+        self, key: tuple[str, str, int], timeouts: dict[str, float | None]
+    ) -> _Connection:
+        loop = asyncio.get_running_loop()
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if conn.reusable:
+                return conn
+            conn.abort()
+            self._open -= 1
+        pool_s = timeouts.get("pool")
+        deadline = None if pool_s is None else time.monotonic() + pool_s
+        while self._open >= self._max:
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(waiter, remaining)
+            except TimeoutError:
+                raise httpx.PoolTimeout("no upstream connection free in time") from None
+            idle = self._idle.get(key)
+            if idle:
+                return await self._connect(key, timeouts)
+        self._open += 1
+        scheme, host, port = key
+        context = None
+        if scheme == "https":
+            context = self._ssl or ssl.create_default_context()
+        try:
+            async with asyncio.timeout(timeouts.get("connect")):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(loop, key, self._high),
+                    host,
+                    port,
+                    ssl=context,
+                    server_hostname=host if context else None,
+                )
+        except TimeoutError:
+            self._open -= 1
+            raise httpx.ConnectTimeout(f"timed out connecting to {host}:{port}") from None
+        except OSError as exc:
+            self._open -= 1
+            raise httpx.ConnectError(
+                f"cannot connect to {host}:{port}: {exc.strerror or exc}"
+            ) from None
+        except BaseException:
+            self._open -= 1
+            raise
+        return conn
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send `request` and return once the response headers arrived."""
+        url = request.url
+        scheme = url.scheme
+        if scheme not in ("http", "https"):
+            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {scheme!r}")
+        port = url.port or (443 if scheme == "https" else 80)
+        key = (scheme, url.host, port)
+        timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
+        if isinstance(request.stream, httpx.ByteStream):
+            body = request.content
+        else:
+            body = b"".join([part async for part in request.stream])  # type: ignore[union-attr]  # async stream
+        head = [request.method.encode("ascii"), b" ", url.raw_path, b" HTTP/1.1\r\n"]
+        for name, value in request.headers.raw:
+            head += [name, b": ", value, b"\r\n"]
+        head.append(b"\r\n")
+        payload = b"".join(head) + body
+        for tries in range(2):
+            conn = await self._connect(key, timeouts)
+            reused = conn.idle_since > 0
+            conn.begin()
+            try:
+                return await self._exchange(conn, payload, timeouts)
+            except httpx.ReadError:
+                conn.abort()
+                self._forget(conn)
+                # A reused connection the server closed while idle fails before any byte
+                # of the response: safe to send once more on a fresh connection.
+                if tries == 0 and reused and not conn.got_bytes:
+                    continue
+                raise
+            except BaseException:
+                conn.abort()
+                self._forget(conn)
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    async def _exchange(
+        self, conn: _Connection, payload: bytes, timeouts: dict[str, float | None]
+    ) -> httpx.Response:
+        assert conn.transport is not None  # noqa: S101 - set by connection_made
+        conn.transport.write(payload)
+        read_timeout = timeouts.get("read")
+        while not conn.headers_done:
+            if conn.error is not None:
+                raise conn.error
+            try:
+                await conn.wait(read_timeout)
+            except TimeoutError:
+                raise httpx.ReadTimeout("timed out waiting for the upstream's headers") from None
+        return httpx.Response(
+            conn.status,
+            headers=conn.headers,
+            stream=_ResponseStream(self, conn, read_timeout),
+            extensions={"http_version": b"HTTP/1.1"},
+        )
+
+    async def aclose(self) -> None:
+        """Close every idle connection."""
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.abort()
+                self._open -= 1
+        self._idle.clear()
+        # abort() closes the socket from a loop callback; let it run before we return.
+        await asyncio.sleep(0)

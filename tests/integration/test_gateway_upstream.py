@@ -1,0 +1,116 @@
+"""LeanTransport, the gateway's upstream transport, against the mock: keep-alive reuse,
+httpx's exception types for refused connections and mid-body resets, and read-ahead that
+pauses instead of buffering a whole answer."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from unbroken.gateway.upstream import LeanTransport
+from unbroken.mock import MockConfig, MockServer
+
+pytestmark = pytest.mark.integration
+
+BODY = json.dumps(
+    {"model": "deepseek-chat", "stream": True, "messages": [{"role": "user", "content": "t"}]}
+).encode()
+HEADERS = {"Authorization": "Bearer sk", "Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[MockServer]:
+    with MockServer(MockConfig(seed=2)) as server:
+        yield server
+
+
+@pytest.fixture
+async def lean() -> AsyncIterator[tuple[httpx.AsyncClient, LeanTransport]]:
+    transport = LeanTransport(high_water_bytes=8192)
+    async with httpx.AsyncClient(transport=transport) as client:
+        yield client, transport
+
+
+@pytest.mark.anyio
+async def test_sequential_requests_reuse_one_connection(
+    upstream: MockServer, lean: tuple[httpx.AsyncClient, LeanTransport]
+) -> None:
+    """A fully read response returns its connection to the pool; the next request reuses
+    it (one open connection after three requests)."""
+    client, transport = lean
+    bodies = []
+    for _ in range(3):
+        response = await client.post(
+            upstream.url + "/chat/completions", content=BODY, headers=HEADERS
+        )
+        assert response.status_code == 200
+        bodies.append(response.content)
+        assert transport._open == 1
+    assert all(b.endswith(b"data: [DONE]\n\n") for b in bodies)
+    assert bodies[0].count(b"data: {") == bodies[2].count(b"data: {")
+
+
+@pytest.mark.anyio
+async def test_refused_connection_is_an_httpx_connect_error(
+    lean: tuple[httpx.AsyncClient, LeanTransport],
+) -> None:
+    """Nothing listening: httpx.ConnectError, and no connection is counted."""
+    client, transport = lean
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(httpx.ConnectError):
+        await client.post(f"http://127.0.0.1:{port}/chat/completions", content=BODY)
+    assert transport._open == 0
+
+
+@pytest.mark.anyio
+async def test_reset_mid_body_is_a_read_error(
+    upstream: MockServer, lean: tuple[httpx.AsyncClient, LeanTransport]
+) -> None:
+    """A TCP reset after some chunks surfaces as httpx.ReadError while reading, and the
+    broken connection is not reused."""
+    client, transport = lean
+    headers = {**HEADERS, "X-Mock-Fault": "reset after=3", "X-Mock-Fault-Key": "lean-reset"}
+    request = client.build_request(
+        "POST", upstream.url + "/chat/completions", content=BODY, headers=headers
+    )
+    response = await client.send(request, stream=True)
+    got = b""
+    with pytest.raises(httpx.ReadError):
+        async for data in response.aiter_raw():
+            got += data
+    await response.aclose()
+    assert got.count(b"data: {") == 3
+    assert transport._open == 0
+
+
+@pytest.mark.anyio
+async def test_read_ahead_pauses_for_a_slow_consumer(
+    upstream: MockServer, lean: tuple[httpx.AsyncClient, LeanTransport]
+) -> None:
+    """With a consumer that does not read, at most about the high-water mark is buffered
+    (plus one socket read), not the whole answer."""
+    client, _ = lean
+    headers = {**HEADERS, "X-Mock-Tokens": "20000"}
+    request = client.build_request(
+        "POST", upstream.url + "/chat/completions", content=BODY, headers=headers
+    )
+    response = await client.send(request, stream=True)
+    stream = response.aiter_raw()
+    first = await stream.__anext__()
+    wrapped: Any = response.stream  # httpx wraps our stream in its BoundAsyncStream
+    conn = wrapped._stream._conn
+    deadline = anyio.current_time() + 5.0
+    while not conn.paused and anyio.current_time() < deadline:  # noqa: ASYNC110 - a flag set by a protocol callback, no event to await
+        await anyio.sleep(0.01)  # polling the transport's flag: the server pushes meanwhile
+    assert conn.paused
+    assert conn.buffered < 8192 + 256 * 1024
+    assert len(first) > 0
+    await response.aclose()

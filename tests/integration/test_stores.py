@@ -1,0 +1,227 @@
+"""The memory and Redis stores behave the same: one table of cases runs against both (the
+Redis one on a real redis-server started on a free loopback port), and the bucket cases
+also match core.ratelimit.TokenBucket, whose math the Redis Lua script repeats."""
+
+from __future__ import annotations
+
+import math
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from tests.support import require_binary
+from unbroken.core.ratelimit import TokenBucket
+from unbroken.errors import StoreError
+from unbroken.settings import KeySettings, LimitSettings, hash_key
+from unbroken.stores import MemoryStore, Store, open_store
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """A throwaway redis-server on a free loopback port (no persistence)."""
+    binary = require_binary("redis-server")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail("redis-server did not start")
+        time.sleep(0.02)  # waiting for a separate process to listen
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """Each store kind, empty."""
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    url = request.getfixturevalue("redis_url")
+    redis_store = open_store(url)
+    from unbroken.stores.redis import RedisStore
+
+    assert isinstance(redis_store, RedisStore)
+    await redis_store._redis.flushdb()
+    yield redis_store
+    await redis_store.aclose()
+
+
+# (operations, expected results): each op is (method, args...). Times are explicit, so the
+# cases are exact; `inf` stands for math.inf.
+CASES: list[tuple[str, list[tuple[Any, ...]], list[Any]]] = [
+    (
+        "bucket starts full and drains",
+        [
+            ("take", "b", 3, 1, 1, 100.0),
+            ("take", "b", 3, 1, 2, 100.0),
+            ("take", "b", 3, 1, 1, 100.0),
+        ],
+        [0.0, 0.0, 1.0],
+    ),
+    (
+        "bucket refills with time and caps at capacity",
+        [
+            ("take", "b", 2, 0.5, 2, 0.0),
+            ("take", "b", 2, 0.5, 1, 1.0),
+            ("take", "b", 2, 0.5, 2, 100.0),
+        ],
+        [0.0, 1.0, 0.0],
+    ),
+    (
+        "cost above capacity never fits",
+        [("take", "b", 5, 1, 6, 10.0), ("take", "b", 5, 1, 5, 10.0)],
+        ["inf", 0.0],
+    ),
+    (
+        "fractional refill is exact",
+        [
+            ("take", "b", 10, 1 / 6, 10, 0.0),
+            ("take", "b", 10, 1 / 6, 1, 3.0),
+            ("take", "b", 10, 1 / 6, 1, 6.0),
+        ],
+        [0.0, 3.0, 0.0],
+    ),
+    (
+        "time going backwards does not mint tokens",
+        [("take", "b", 2, 1, 2, 50.0), ("take", "b", 2, 1, 1, 40.0)],
+        [0.0, 1.0],
+    ),
+    (
+        "refund caps at capacity; charge floors at zero",
+        [
+            ("take", "b", 4, 1, 4, 0.0),
+            ("adjust", "b", 4, 1, 10.0, 0.0),
+            ("take", "b", 4, 1, 4, 0.0),
+            ("adjust", "b", 4, 1, -10.0, 0.0),
+            ("take", "b", 4, 1, 1, 0.0),
+        ],
+        [0.0, None, 0.0, None, 1.0],
+    ),
+    (
+        "slots: a limit of 2 holds two leases",
+        [
+            ("acquire_slot", "s", "a", 2, 0.0, 60.0),
+            ("acquire_slot", "s", "b", 2, 0.0, 60.0),
+            ("acquire_slot", "s", "c", 2, 1.0, 60.0),
+            ("release_slot", "s", "a"),
+            ("acquire_slot", "s", "c", 2, 2.0, 60.0),
+        ],
+        [True, True, False, None, True],
+    ),
+    (
+        "slots: re-acquiring a held lease succeeds; expired leases free their slot",
+        [
+            ("acquire_slot", "s", "a", 1, 0.0, 10.0),
+            ("acquire_slot", "s", "a", 1, 1.0, 10.0),
+            ("acquire_slot", "s", "b", 1, 5.0, 10.0),
+            ("acquire_slot", "s", "b", 1, 11.0, 10.0),
+        ],
+        [True, True, False, True],
+    ),
+    (
+        "slots: renewal keeps a lease alive",
+        [
+            ("acquire_slot", "s", "a", 1, 0.0, 10.0),
+            ("renew_slot", "s", "a", 9.0, 10.0),
+            ("acquire_slot", "s", "b", 1, 15.0, 10.0),
+            ("acquire_slot", "s", "b", 1, 19.5, 10.0),
+            ("renew_slot", "s", "zz", 19.5, 10.0),
+        ],
+        [True, None, False, True, None],
+    ),
+    (
+        "counters add, read and expire",
+        [
+            ("add", "c", 5.0, 0.0, 100.0),
+            ("add", "c", 0.25, 10.0, 100.0),
+            ("get", "c", 50.0),
+            ("get", "c", 100.0),
+            ("add", "c", 1.0, 150.0, 100.0),
+            ("get", "missing", 0.0),
+        ],
+        [5.0, 5.25, 5.25, 0.0, 1.0, 0.0],
+    ),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("name", "ops", "expected"), CASES, ids=[c[0] for c in CASES])
+async def test_store_case(
+    store: Store, name: str, ops: list[tuple[Any, ...]], expected: list[Any]
+) -> None:
+    """Both stores give the same result for every operation of the case."""
+    results = []
+    for method, *args in ops:
+        result = await getattr(store, method)(*args)
+        results.append("inf" if result == math.inf else result)
+    assert results == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "ops", "expected"), [c for c in CASES if c[1][0][0] == "take"][:5]
+)
+def test_bucket_cases_match_the_core(
+    name: str, ops: list[tuple[Any, ...]], expected: list[Any]
+) -> None:
+    """The bucket cases are core.ratelimit's math, so the Lua script is checked against it."""
+    state = None
+    results = []
+    for _, _key, capacity, refill, cost, now in ops:
+        bucket = TokenBucket(capacity, refill)
+        state = state or bucket.initial(now)
+        state, wait = bucket.take(state, cost, now)
+        results.append("inf" if wait == math.inf else wait)
+    assert results == expected
+
+
+@pytest.mark.anyio
+async def test_keys_round_trip(store: Store) -> None:
+    """A stored key comes back equal; deleting it forgets it."""
+    key = KeySettings(
+        "team-a",
+        hash_key("sk-gw-a"),
+        LimitSettings(requests_per_minute=5, daily_cost_usd=1.5),
+        ("deepseek-chat",),
+    )
+    assert await store.get_key(key.sha256) is None
+    await store.put_key(key)
+    assert await store.get_key(key.sha256) == key
+    await store.delete_key(key.sha256)
+    assert await store.get_key(key.sha256) is None
+    assert await store.ping()
+
+
+@pytest.mark.anyio
+async def test_redis_failure_is_a_store_error() -> None:
+    """An unreachable Redis raises StoreError (never a redis exception) and fails ping."""
+    unreachable = open_store(f"redis://127.0.0.1:{_free_port()}/0")
+    with pytest.raises(StoreError):
+        await unreachable.take("b", 1, 1, 1, 0.0)
+    assert not await unreachable.ping()
+    await unreachable.aclose()
