@@ -26,6 +26,9 @@ __all__ = [
     "LimitSettings",
     "RouteSettings",
     "Settings",
+    "data_home",
+    "debug_enabled",
+    "env_api_key",
     "hash_key",
 ]
 
@@ -223,6 +226,8 @@ class GatewaySettings:
         limits: default per-key limits (the anonymous caller's too).
         allow_unauthenticated: allow binding a non-loopback address without keys.
         store: `memory` or a `redis://` / `rediss://` URL for limits, counters and keys.
+        sessions: where `/v1/sessions` keeps conversations: `memory`, `sqlite` (a file in
+            the data directory), `sqlite:PATH`, or a `redis://` URL.
         keys_in_store: also accept keys kept in the store (`Store.put_key`); implies that
             every API request needs a key.
         cors_origins: browser origins allowed to call the API (`*` for any).
@@ -249,6 +254,7 @@ class GatewaySettings:
     limits: LimitSettings = field(default_factory=LimitSettings)
     allow_unauthenticated: bool = False
     store: str = "memory"
+    sessions: str = "memory"
     keys_in_store: bool = False
     cors_origins: tuple[str, ...] = ()
     forward_headers: tuple[str, ...] = ()
@@ -284,6 +290,13 @@ class GatewaySettings:
             raise ConfigError("gateway max_body_bytes must be >= 1024, stream_buffer_bytes >= 4096")
         if not self.models:
             raise ConfigError("gateway models must name at least one model")
+        if self.sessions not in ("memory", "sqlite") and not self.sessions.startswith(
+            ("sqlite:", "redis://", "rediss://", "unix://")
+        ):
+            raise ConfigError(
+                "gateway sessions must be 'memory', 'sqlite', 'sqlite:PATH' or a redis:// "
+                f"URL, got {self.sessions[:60]!r}"
+            )
         names = [r.name for r in self.routes]
         if len(set(names)) != len(names):
             raise ConfigError(f"gateway route names must be unique, got {names}")
@@ -406,6 +419,7 @@ _GATEWAY_SCALARS: dict[str, Literal["str", "int", "float", "bool", "list"]] = {
     "port": "int",
     "allow_unauthenticated": "bool",
     "store": "str",
+    "sessions": "str",
     "keys_in_store": "bool",
     "cors_origins": "list",
     "forward_headers": "list",
@@ -592,3 +606,22 @@ def _gateway_env(gateway: GatewaySettings, env: Mapping[str, str]) -> GatewaySet
     if limit_changes:
         changes["limits"] = replace(gateway.limits, **limit_changes)
     return replace(gateway, **changes) if changes else gateway
+
+
+def debug_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """UNBROKEN_DEBUG=1: the CLI shows tracebacks instead of one-line errors."""
+    env = os.environ if environ is None else environ
+    return env.get("UNBROKEN_DEBUG", "") not in ("", "0", "false", "no")
+
+
+def env_api_key(environ: Mapping[str, str] | None = None) -> str | None:
+    """DEEPSEEK_API_KEY, for the SDK clients (which need nothing else from the env, so a
+    malformed gateway variable never breaks a client)."""
+    env = os.environ if environ is None else environ
+    return env.get("DEEPSEEK_API_KEY") or None
+
+
+def data_home(environ: Mapping[str, str] | None = None) -> str | None:
+    """XDG_DATA_HOME, where the CLI keeps its session database, if set."""
+    env = os.environ if environ is None else environ
+    return env.get("XDG_DATA_HOME") or None

@@ -39,7 +39,7 @@ from unbroken.sessions.store import (
     SQLiteSessionStore,
     default_sessions_path,
 )
-from unbroken.settings import Settings
+from unbroken.settings import Settings, data_home
 
 __all__ = ["ask", "chat"]
 
@@ -79,7 +79,7 @@ def _store(spec: str | None, no_store: bool) -> SessionStore:
         return MemorySessionStore()
     if spec and spec.startswith(("redis://", "rediss://", "unix://")):
         return RedisSessionStore(spec)
-    return SQLiteSessionStore(spec or default_sessions_path())
+    return SQLiteSessionStore(spec or default_sessions_path(data_home()))
 
 
 @dataclass

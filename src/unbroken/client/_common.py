@@ -60,7 +60,7 @@ from unbroken.errors import (
     UpstreamTimeout,
 )
 from unbroken.instrumentation import AnswerRecord, AttemptRecord, Hook, Hooks
-from unbroken.settings import DEFAULT_BASE_URL, Settings
+from unbroken.settings import DEFAULT_BASE_URL, env_api_key
 
 __all__ = ["AnswerRun", "ClientBase", "ClientConfig", "RateLimit", "build_body"]
 
@@ -647,7 +647,7 @@ class ClientBase:
             hold_tool_calls=hold_tool_calls,
             max_event_bytes=max_event_bytes,
             seed=seed,
-            env_api_key=Settings.from_env().api_key if api_key is None and not routes else None,
+            env_api_key=env_api_key() if api_key is None and not routes else None,
         )
         self._headers = dict(default_headers or {})
 

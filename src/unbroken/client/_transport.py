@@ -40,6 +40,8 @@ def request_headers(route: Route, extra: Mapping[str, str] | None = None) -> dic
     headers = {
         "Content-Type": "application/json",
         "Accept": "text/event-stream, application/json",
+        # The body is read raw into the SSE decoder: a compressed stream must not arrive.
+        "Accept-Encoding": "identity",
         "User-Agent": USER_AGENT,
     }
     headers.update(route.headers)

@@ -26,19 +26,20 @@ from unbroken.core.routes import Route
 from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.errors import UnbrokenError
 from unbroken.gateway.asgi import Exchange, Receive, Scope, Send
-from unbroken.gateway.keys import KeyRing
+from unbroken.gateway.keys import Caller, KeyRing
 from unbroken.gateway.limits import Limiter
 from unbroken.gateway.metrics import GatewayMetrics
 from unbroken.gateway.openapi import openapi
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
 from unbroken.gateway.relay import RelayResult, StreamRelay
-from unbroken.gateway.request import parse_chat_request
+from unbroken.gateway.request import ChatRequest, parse_chat_request
+from unbroken.gateway.sessions import SESSIONS_PATH, SessionEndpoints, open_session_store
 from unbroken.gateway.upstream import LeanTransport
 from unbroken.instrumentation import Hook, PrometheusHook
 from unbroken.settings import Settings
 from unbroken.stores import Store, open_store
 
-__all__ = ["Gateway", "build_upstream", "create_app", "upstream_http"]
+__all__ = ["Gateway", "build_upstream", "create_app", "upstream_transport"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +72,12 @@ _ALLOWED_HEADERS = b"authorization, content-type, x-request-id"
 
 
 def build_upstream(
-    settings: Settings, hooks: list[Hook], http: httpx.AsyncClient | None = None
+    settings: Settings,
+    hooks: list[Hook],
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> AsyncClient:
-    """The shared `AsyncClient` for the configured routes, on `http` (default: a new
-    `upstream_http(settings)`; the caller closes it, the AsyncClient does not)."""
+    """The shared `AsyncClient` for the configured routes, on `transport` (default: a new
+    `upstream_transport(settings)`); closing the AsyncClient closes the transport."""
     g = settings.gateway
     routes = [
         Route(r.name, r.base_url, r.api_key, r.model, r.dialect)  # type: ignore[arg-type]  # RouteSettings checked the dialect
@@ -96,21 +99,14 @@ def build_upstream(
         ),
         hooks=hooks,
         max_event_bytes=settings.max_event_bytes,
-        http_client=http if http is not None else upstream_http(settings),
+        transport=transport if transport is not None else upstream_transport(settings),
     )
 
 
-def upstream_http(settings: Settings) -> httpx.AsyncClient:
-    """The httpx client of the upstream calls, on a `LeanTransport`."""
-    return httpx.AsyncClient(
-        transport=LeanTransport(high_water_bytes=settings.gateway.stream_buffer_bytes),
-        # The SDK reads raw bytes; a compressed event stream would reach its SSE decoder.
-        headers={"Accept-Encoding": "identity"},
-        follow_redirects=False,
-        # Proxies come from the route configuration, not the environment (and skipping the
-        # per-request environment lookups saves ~40 us).
-        trust_env=False,
-    )
+def upstream_transport(settings: Settings) -> LeanTransport:
+    """The transport of the upstream calls: a `LeanTransport` whose read-ahead is the
+    per-stream buffer bound."""
+    return LeanTransport(high_water_bytes=settings.gateway.stream_buffer_bytes)
 
 
 class Gateway:
@@ -136,11 +132,9 @@ class Gateway:
         self.store: Store = store if store is not None else open_store(g.store)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = GatewayMetrics(self.registry)
-        self._upstream_http = None if upstream is not None else upstream_http(settings)
-        self.client = upstream or build_upstream(
-            settings, [PrometheusHook(self.registry)], self._upstream_http
-        )
+        self.client = upstream or build_upstream(settings, [PrometheusHook(self.registry)])
         self.keys = KeyRing(g, self.store)
+        self.sessions = SessionEndpoints(self, open_session_store(g.sessions))
         self.limiter = Limiter(self.store, g.slot_lease_s)
         routes = settings.upstream_routes()
         self.scrub = Scrubber([settings.api_key, *(r.api_key for r in routes)])
@@ -185,8 +179,7 @@ class Gateway:
     async def aclose(self) -> None:
         """Close the upstream client and the store."""
         await self.client.aclose()
-        if self._upstream_http is not None:
-            await self._upstream_http.aclose()
+        await self.sessions.aclose()
         await self.store.aclose()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -242,6 +235,9 @@ class Gateway:
                 await self._preflight(ex, origin)
                 return
             entry = self._routes.get(path)
+            if entry is None and path.startswith(SESSIONS_PATH):
+                await self.sessions.handle(ex, method, path)
+                return
             if entry is None:
                 raise GatewayError(
                     404,
@@ -284,7 +280,7 @@ class Gateway:
 
     async def _preflight(self, ex: Exchange, origin: bytes | None) -> None:
         if origin is None:
-            await ex.start(204, [(b"allow", b"GET, POST, OPTIONS")])
+            await ex.start(204, [(b"allow", b"GET, POST, DELETE, OPTIONS")])
             await ex.send({"type": "http.response.body", "body": b""})
             return
         if not self._origin_allowed(origin):
@@ -299,7 +295,7 @@ class Gateway:
         await ex.start(
             204,
             [
-                (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+                (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
                 (b"access-control-allow-headers", requested),
                 (b"access-control-max-age", b"600"),
             ],
@@ -320,8 +316,7 @@ class Gateway:
                 headers[name] = raw_value.decode("latin-1")
         return headers
 
-    async def _chat(self, ex: Exchange) -> None:
-        g = self.settings.gateway
+    def _check_draining(self) -> None:
         if self.draining:
             raise GatewayError(
                 503,
@@ -330,10 +325,26 @@ class Gateway:
                 code="shutting_down",
                 retry_after_s=1.0,
             )
+
+    async def _chat(self, ex: Exchange) -> None:
+        g = self.settings.gateway
+        self._check_draining()
         caller = await self.keys.identify(ex.header(b"authorization"))
         request = parse_chat_request(
             await ex.read_body(g.max_body_bytes), self.models, self.route_names
         )
+        await self.serve_chat(ex, caller, request)
+
+    async def serve_chat(
+        self,
+        ex: Exchange,
+        caller: Caller,
+        request: ChatRequest,
+        after: Callable[[ChatCompletion], Awaitable[None]] | None = None,
+    ) -> None:
+        """Admit, relay and book one checked chat request for `caller`; `after` runs with
+        the whole answer before its last byte is written (session turns are stored there)."""
+        g = self.settings.gateway
         if caller.models is not None:
             for model in (request.model, *request.fallbacks):
                 if model in self.models and model not in caller.models:
@@ -347,6 +358,11 @@ class Gateway:
         admission = await self.limiter.admit(caller, request.estimated_tokens, time.time())
         request_id = dict(ex.headers_out)[b"x-request-id"]
         booked = False
+
+        async def complete(completion: ChatCompletion) -> None:
+            if after is not None:
+                await after(completion)
+            await book(completion)
 
         async def book(completion: ChatCompletion | None) -> None:
             nonlocal booked
@@ -371,7 +387,7 @@ class Gateway:
             if admission.lease is not None
             else None,
             renew_every_s=g.slot_lease_s / 3,
-            on_complete=book,
+            on_complete=complete,
         )
         self.metrics.active.inc()
         self._relays.add(relay)

@@ -77,6 +77,87 @@ def _error_responses(*statuses: int) -> dict[str, Any]:
     return {str(s): {"description": "OpenAI-shaped error", **ref} for s in statuses}
 
 
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+_JSON_OBJECT = {"application/json": {"schema": {"type": "object"}}}
+_SESSIONS: dict[str, Any] = {
+    "/v1/sessions": {
+        "post": {
+            "summary": "Create a conversation session owned by the calling key",
+            "requestBody": {
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "model": {"type": "string"},
+                                "system": {"type": "string"},
+                                "title": {"type": "string"},
+                            },
+                            "additionalProperties": False,
+                        }
+                    }
+                }
+            },
+            "responses": {
+                "201": {"description": "the session", "content": _JSON_OBJECT},
+                **_error_responses(400, 401),
+            },
+        },
+        "get": {
+            "summary": "The calling key's sessions, most recent first",
+            "responses": {"200": {"description": "a list", "content": _JSON_OBJECT}},
+        },
+    },
+    "/v1/sessions/{id}": {
+        "get": {
+            "summary": "A session and its messages",
+            "parameters": [_ID],
+            "responses": {
+                "200": {"description": "the session", "content": _JSON_OBJECT},
+                **_error_responses(404),
+            },
+        },
+        "delete": {
+            "summary": "Forget a session",
+            "parameters": [_ID],
+            "responses": {"200": {"description": "deleted"}, **_error_responses(404)},
+        },
+    },
+    "/v1/sessions/{id}/messages": {
+        "post": {
+            "summary": "Send a user message; the answer streams (SSE) unless stream=false, "
+            "and both turns are stored when it is complete",
+            "parameters": [_ID],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["content"],
+                            "properties": {
+                                "content": {"type": "string", "minLength": 1},
+                                "stream": {"type": "boolean"},
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": {
+                    "description": "as POST /v1/chat/completions",
+                    "content": {
+                        "application/json": {"schema": {"type": "object"}},
+                        "text/event-stream": {"schema": {"type": "string"}},
+                    },
+                },
+                **_error_responses(400, 401, 404, 429, 502, 503),
+            },
+        }
+    },
+}
+
+
 def openapi(models: list[str]) -> dict[str, Any]:
     """The OpenAPI document, listing the served `models` in the examples."""
     return {
@@ -142,6 +223,7 @@ def openapi(models: list[str]) -> dict[str, Any]:
                     },
                 }
             },
+            **_SESSIONS,
             "/metrics": {
                 "get": {
                     "summary": "Prometheus metrics",

@@ -338,7 +338,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
             conn.status,
             headers=conn.headers,
             stream=_ResponseStream(self, conn, read_timeout),
-            extensions={"http_version": b"HTTP/1.1"},
+            # The connection is the network stream: the SDK's stream timers abort() it.
+            extensions={"http_version": b"HTTP/1.1", "network_stream": conn},
         )
 
     async def aclose(self) -> None:

@@ -21,11 +21,17 @@ from unbroken.core.window import (
     messages_for_request,
     trim_to_budget,
 )
-from unbroken.core.wire import Answer, Usage
+from unbroken.core.wire import Answer, ChatCompletion, Usage
 from unbroken.errors import InvalidRequestError
 from unbroken.sessions.store import AsyncSessionStore, SessionStore
 
-__all__ = ["AsyncChatSession", "ChatSession"]
+__all__ = [
+    "DEFAULT_CONTEXT_TOKENS",
+    "DEFAULT_RESERVE_TOKENS",
+    "AsyncChatSession",
+    "ChatSession",
+    "reply_message",
+]
 
 # DeepSeek V3.2's context (protocol.md §1.2); override per session for other models.
 DEFAULT_CONTEXT_TOKENS = 128_000
@@ -99,20 +105,7 @@ class _History:
     def finish(
         self, pending: list[dict[str, Any]], done: Answer, estimate: int
     ) -> list[dict[str, Any]]:
-        message = done.choices[0].message if done.choices else None
-        reply: dict[str, Any] = {"role": "assistant", "content": message.content if message else ""}
-        if message is not None and message.reasoning_content:
-            reply["reasoning_content"] = message.reasoning_content
-        if message is not None and message.tool_calls:
-            reply["tool_calls"] = [
-                {
-                    "id": c.id,
-                    "type": c.type,
-                    "function": {"name": c.function.name, "arguments": c.function.arguments},
-                }
-                for c in message.tool_calls
-            ]
-        new = [*pending, reply]
+        new = [*pending, reply_message(done)]
         self.messages.extend(new)
         self.last = done
         meta = done.unbroken
@@ -128,6 +121,25 @@ class _History:
             )
         self.cost_usd += meta.cost_usd
         return new
+
+
+def reply_message(done: ChatCompletion) -> dict[str, Any]:
+    """The assistant turn to store for an answer: its content, its reasoning (kept in the
+    history; `messages_for_request` decides when it is sent back) and its tool calls."""
+    message = done.choices[0].message if done.choices else None
+    reply: dict[str, Any] = {"role": "assistant", "content": message.content if message else ""}
+    if message is not None and message.reasoning_content:
+        reply["reasoning_content"] = message.reasoning_content
+    if message is not None and message.tool_calls:
+        reply["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": c.type,
+                "function": {"name": c.function.name, "arguments": c.function.arguments},
+            }
+            for c in message.tool_calls
+        ]
+    return reply
 
 
 def _pending(content: str | None) -> list[dict[str, Any]]:
