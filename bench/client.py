@@ -146,6 +146,35 @@ def concurrent_openai(url: str, streams: int, n: int) -> tuple[int, list[float]]
     return asyncio.run(main())
 
 
+def ttft_pairs(url: str, n: int = 30) -> dict[str, list[float]]:
+    """Time to first chunk of short streams, the two SDKs alternating (same mock load)."""
+    import openai
+
+    ours = unbroken.Client(api_key="sk", base_url=url)
+    theirs = openai.OpenAI(api_key="sk", base_url=url, max_retries=0)
+    out: dict[str, list[float]] = {"unbroken": [], "openai": []}
+    headers = {"X-Mock-Tokens": "200"}
+    for _ in range(n):
+        start = time.perf_counter()
+        with ours.chat.completions.create(
+            model="deepseek-chat", messages=MESSAGES, stream=True, extra_headers=headers
+        ) as mine:
+            next(iter(mine))
+            out["unbroken"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        with theirs.chat.completions.create(  # type: ignore[call-overload, union-attr]
+            model="deepseek-chat",
+            messages=MESSAGES,
+            stream=True,
+            extra_headers=headers,
+        ) as official:
+            next(iter(official))
+            out["openai"].append(time.perf_counter() - start)
+    ours.close()
+    theirs.close()
+    return out
+
+
 def report(title: str, rows: dict[str, list[Result]]) -> dict[str, Result]:
     print(title)
     medians: dict[str, Result] = {}
@@ -185,6 +214,12 @@ def main() -> None:
         report(f"one stream of {args.single_chunks:,} chunks (sync clients):", single)
         report(
             f"{args.streams} concurrent streams of {args.chunks:,} chunks (async clients):", many
+        )
+        pairs = ttft_pairs(url)
+        p50 = {name: 1000 * pct(values[3:], 0.5) for name, values in pairs.items()}
+        print(
+            f"time to first chunk, 30 alternating short streams (sync): unbroken "
+            f"{p50['unbroken']:.2f} ms, openai {p50['openai']:.2f} ms (p50)"
         )
 
 
