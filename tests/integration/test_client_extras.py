@@ -97,3 +97,30 @@ def test_http2_is_available() -> None:
     """http2=True builds a client (the h2 package is installed with the [http2] extra)."""
     with Client(api_key="sk", base_url="https://api.deepseek.com", http2=True) as c:
         assert c.routes[0].name == "default"
+
+
+def test_closed_stream_is_recorded_once_and_keeps_what_arrived(upstream: MockServer) -> None:
+    """Closing a stream mid-answer ends its active-stream count (outcome cancelled), and
+    current() still gives what arrived."""
+    registry = CollectorRegistry()
+    with Client(api_key="sk", base_url=upstream.url, hooks=[PrometheusHook(registry)]) as c:
+        stream = c.chat.completions.create(
+            model="deepseek-chat",
+            messages=MESSAGES,
+            stream=True,
+            extra_headers={"X-Mock-Token-Ms": "20", "X-Mock-Tokens": "200"},
+        )
+        shown = ""
+        for chunk in stream:
+            shown += "".join(ch.delta.content or "" for ch in chunk.choices if ch.delta)
+            if len(shown) > 5:
+                break
+        stream.close()
+        stream.close()
+    assert registry.get_sample_value("unbroken_active_streams") == 0
+    cancelled = registry.get_sample_value(
+        "unbroken_requests_total",
+        {"route": "default", "model": "deepseek-chat", "outcome": "cancelled"},
+    )
+    assert cancelled == 1
+    assert stream.current().choices[0].message.content == shown

@@ -132,10 +132,15 @@ def test_non_integer_max_tokens_is_left_alone(max_tokens: object) -> None:
     assert plan.body["max_tokens"] == max_tokens
 
 
-@pytest.mark.parametrize("marker", ["prefix", "_continue"])
-def test_caller_prefix_replaces_the_callers_prefix_message(marker: str) -> None:
-    """A caller's own prefix message is replaced by caller_prefix + the answer so far."""
-    body = request(messages=[USER, {"role": "assistant", "content": "Once", marker: True}])
+@pytest.mark.parametrize("vllm", [False, True])
+def test_caller_prefix_replaces_the_callers_prefix_message(vllm: bool) -> None:
+    """A caller's own prefix message (DeepSeek `prefix: true` or vLLM's
+    continue_final_message) is replaced by caller_prefix + the answer so far."""
+    last: dict[str, Any] = {"role": "assistant", "content": "Once"}
+    extra: dict[str, Any] = {"continue_final_message": True} if vllm else {}
+    if not vllm:
+        last["prefix"] = True
+    body = request(messages=[USER, last], **extra)
     plan = plan_continuation(
         body, dialect="deepseek", content=" upon", reasoning="", caller_prefix="Once"
     )

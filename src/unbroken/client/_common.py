@@ -339,7 +339,9 @@ class AnswerRun:
         messages = body.get("messages") or []
         last = messages[-1] if messages else {}
         caller_prefix = ""
-        if isinstance(last, dict) and last.get("role") == "assistant" and last.get("prefix"):
+        caller_continues = last.get("prefix") if isinstance(last, dict) else False
+        caller_continues = caller_continues or bool(body.get("continue_final_message"))
+        if isinstance(last, dict) and last.get("role") == "assistant" and caller_continues:
             caller_prefix = str(last.get("content") or "")
         self._flow = answer_flow(
             body,
@@ -366,6 +368,8 @@ class AnswerRun:
         self.events: list[ControlEvent] = []
         self.chunks: list[ChatCompletionChunk] = []
         self._token_reserve = 0
+        self._recorded = False
+        self._plan: AttemptPlan | None = None
         config.hooks.stream_start()
 
     # -- flow ------------------------------------------------------------------------------
@@ -467,6 +471,7 @@ class AnswerRun:
 
     def new_attempt(self, plan: AttemptPlan, now: float) -> Attempt:
         """The Attempt object for a Connect plan."""
+        self._plan = plan
         return Attempt(
             plan,
             self.answer,
@@ -567,21 +572,34 @@ class AnswerRun:
             duration_s=now - self.started_at,
         )
 
-    def _record_answer(self, now: float, error: UnbrokenError | None) -> None:
+    def close(self, now: float) -> None:
+        """The consumer stopped the answer (closed the stream, cancelled its task): record
+        it as cancelled, once, so the active-streams gauge and the limits stay right."""
+        if not self._recorded:
+            self._record_answer(now, None, outcome="cancelled")
+
+    def _record_answer(
+        self, now: float, error: UnbrokenError | None, outcome: str | None = None
+    ) -> None:
+        if self._recorded:
+            return
+        self._recorded = True
         limiter = self.config.limiter
         if self._token_reserve and self.billed is not None:
             limiter.correct(now, self._token_reserve, self.billed.total_tokens)
         if not self.config.hooks:
             return
         last = self.infos[-1] if self.infos else None
+        route = last.route if last else self._plan.route.name if self._plan else ""
+        model = last.model if last else str(self._plan.body.get("model", "")) if self._plan else ""
         billed = self.billed or Usage()
-        kind = "complete"
+        kind = outcome or "complete"
         if error is not None:
             kind = error.kind if isinstance(error, UpstreamError) else type(error).__name__
         self.config.hooks.answer(
             AnswerRecord(
-                route=last.route if last else "",
-                model=last.model if last else "",
+                route=route,
+                model=model,
                 outcome=kind,
                 attempts=len(self.infos),
                 resumes=self.counts["resume"],

@@ -170,30 +170,34 @@ class AsyncClient(ClientBase):
         return run, self._run(run, with_events=events)
 
     async def _run(self, run: AnswerRun, *, with_events: bool) -> AsyncGenerator[StreamItem, None]:
-        config = self._config
-        action = run.next_action(None, time.monotonic())
-        while action is not None:
+        # Closing or cancelling the stream lands here: the answer is recorded once.
+        try:
+            config = self._config
+            action = run.next_action(None, time.monotonic())
+            while action is not None:
+                for chunk in run.take_chunks():
+                    yield chunk
+                if with_events:
+                    for event in run.drain_events():
+                        yield event
+                if not isinstance(action, Connect):
+                    await anyio.sleep(action.seconds)
+                    action = run.next_action(None, time.monotonic())
+                    continue
+                if config.limiter.active:
+                    tokens = run.reserve_tokens()
+                    # A bucket refills with time, not on an event: polling it is the design.
+                    while (wait := config.limiter.take(time.monotonic(), tokens)) > 0:  # noqa: ASYNC110
+                        await anyio.sleep(min(wait, 60.0))
+                attempt = run.new_attempt(action.plan, time.monotonic())
+                outcome: _Outcome = []
+                async for chunk in self._attempt(run, attempt, outcome):
+                    yield chunk
+                action = run.next_action(outcome[0], time.monotonic())
             for chunk in run.take_chunks():
                 yield chunk
-            if with_events:
-                for event in run.drain_events():
-                    yield event
-            if not isinstance(action, Connect):
-                await anyio.sleep(action.seconds)
-                action = run.next_action(None, time.monotonic())
-                continue
-            if config.limiter.active:
-                tokens = run.reserve_tokens()
-                # A bucket refills with time, not on an event: polling it is the design.
-                while (wait := config.limiter.take(time.monotonic(), tokens)) > 0:  # noqa: ASYNC110
-                    await anyio.sleep(min(wait, 60.0))
-            attempt = run.new_attempt(action.plan, time.monotonic())
-            outcome: _Outcome = []
-            async for chunk in self._attempt(run, attempt, outcome):
-                yield chunk
-            action = run.next_action(outcome[0], time.monotonic())
-        for chunk in run.take_chunks():
-            yield chunk
+        finally:
+            run.close(time.monotonic())
 
     async def _attempt(
         self, run: AnswerRun, attempt: Attempt, outcome: _Outcome
@@ -406,6 +410,10 @@ class AsyncStream:
             pass
         assert self._completion is not None  # noqa: S101 - set when iteration ends
         return self._completion
+
+    def current(self) -> Answer:
+        """The answer as far as it arrived (also after `aclose()` or an error)."""
+        return self._completion or self._run.completion(time.monotonic())
 
     async def aclose(self) -> None:
         """Stop the answer and close its connection."""

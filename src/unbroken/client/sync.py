@@ -266,24 +266,28 @@ class Client(ClientBase):
         return run, self._run(run, with_events=events)
 
     def _run(self, run: AnswerRun, *, with_events: bool) -> Iterator[StreamItem]:
-        config = self._config
-        action = run.next_action(None, time.monotonic())
-        while action is not None:
+        # Closing or cancelling the stream lands here: the answer is recorded once.
+        try:
+            config = self._config
+            action = run.next_action(None, time.monotonic())
+            while action is not None:
+                yield from run.take_chunks()
+                if with_events:
+                    yield from run.drain_events()
+                if not isinstance(action, Connect):
+                    time.sleep(action.seconds)
+                    action = run.next_action(None, time.monotonic())
+                    continue
+                if config.limiter.active:
+                    tokens = run.reserve_tokens()
+                    while (wait := config.limiter.take(time.monotonic(), tokens)) > 0:
+                        time.sleep(min(wait, 60.0))
+                attempt = run.new_attempt(action.plan, time.monotonic())
+                outcome = yield from self._attempt(run, attempt)
+                action = run.next_action(outcome, time.monotonic())
             yield from run.take_chunks()
-            if with_events:
-                yield from run.drain_events()
-            if not isinstance(action, Connect):
-                time.sleep(action.seconds)
-                action = run.next_action(None, time.monotonic())
-                continue
-            if config.limiter.active:
-                tokens = run.reserve_tokens()
-                while (wait := config.limiter.take(time.monotonic(), tokens)) > 0:
-                    time.sleep(min(wait, 60.0))
-            attempt = run.new_attempt(action.plan, time.monotonic())
-            outcome = yield from self._attempt(run, attempt)
-            action = run.next_action(outcome, time.monotonic())
-        yield from run.take_chunks()
+        finally:
+            run.close(time.monotonic())
 
     def _attempt(
         self, run: AnswerRun, attempt: Attempt
@@ -401,6 +405,10 @@ class Stream:
             pass
         assert self._completion is not None  # noqa: S101 - set when iteration ends
         return self._completion
+
+    def current(self) -> Answer:
+        """The answer as far as it arrived (also after `close()` or an error)."""
+        return self._completion or self._run.completion(time.monotonic())
 
     def close(self) -> None:
         """Stop the answer and close its connection."""

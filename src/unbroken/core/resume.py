@@ -90,13 +90,15 @@ class Continuation:
     max_tokens_spent: bool = False
 
 
-def _strip_prefix_messages(messages: list[Any]) -> list[Any]:
-    # A request that itself ended in an assistant prefix (the caller used prefix completion):
-    # the partial answer extends that prefix, so the old prefix message is replaced.
-    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
-        last = messages[-1]
-        if last.get("prefix") or last.get("_continue"):
-            return messages[:-1]
+def _strip_prefix_messages(messages: list[Any], body: dict[str, Any]) -> list[Any]:
+    # A request that itself ended in an assistant prefix (the caller used DeepSeek's prefix
+    # completion, or vLLM's continue_final_message): the partial answer extends that prefix,
+    # so the old prefix message is replaced.
+    last = messages[-1] if messages else None
+    if not isinstance(last, dict) or last.get("role") != "assistant":
+        return messages
+    if last.get("prefix") or body.get("continue_final_message"):
+        return messages[:-1]
     return messages
 
 
@@ -127,7 +129,7 @@ def plan_continuation(
         if remaining <= 0:
             return Continuation(max_tokens_spent=True)
         new["max_tokens"] = remaining
-    messages = _strip_prefix_messages(list(body.get("messages") or []))
+    messages = _strip_prefix_messages(list(body.get("messages") or []), body)
     prefix = caller_prefix + content
     if dialect == "deepseek":
         message: dict[str, Any] = {"role": "assistant", "content": prefix, "prefix": True}

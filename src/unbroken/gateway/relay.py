@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -292,7 +291,7 @@ _SHUTDOWN = GatewayError(
 
 def _partial(stream: AsyncStream) -> ChatCompletion | None:
     try:
-        return stream._run.completion(time.monotonic())
+        return stream.current()
     except Exception:  # the answer may be in any state when the client left
         return None
 
