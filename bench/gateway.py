@@ -6,13 +6,15 @@ process (200 chunks per stream: the role chunk, 198 tokens 5 ms apart, the usage
   unbroken  `unbroken serve` (this repository's gateway)
   litellm   LiteLLM's proxy, installed into bench/.venv-litellm on first use
   nginx     `proxy_buffering off`: the thin-relay floor (apt-get installs it if missing)
+  pyrelay   the least a Python relay can do (asyncio streams, bytes passed through): the
+            floor of any Python gateway on this machine
 
 At concurrency 1, 32 and 256 a separate load process keeps that many streams in flight (a
 closed loop; workers start staggered over one stream's duration, so starts are spread as in
 steady state), and the script reports per target: time to first token p50/p99 and its
 overhead over `direct`, chunks/s, CPU-seconds per 1,000 chunks of the server process (utime +
 stime from /proc, children included), and the peak RSS growth per concurrent stream.
-Run: python bench/gateway.py [--levels 1,32,256] [--skip litellm,nginx]
+Run: python bench/gateway.py [--levels 1,32,256] [--skip litellm,nginx,pyrelay]
 """
 
 from __future__ import annotations
@@ -404,6 +406,70 @@ http {{
         proc.wait(10)
 
 
+# -- the Python floor ----------------------------------------------------------------------
+
+
+async def _pyrelay(port: int, mock_port: int) -> None:
+    """The least a Python relay can do: asyncio streams, no parsing beyond framing, one
+    upstream keep-alive connection per downstream connection, bytes passed through as read.
+    Not a product: it shows what any Python gateway pays on this machine."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                lines = head.split(b"\r\n")
+                for line in lines[1:]:
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                body = await reader.readexactly(length)
+                if upstream is None:
+                    upstream = await asyncio.open_connection("127.0.0.1", mock_port)
+                up_reader, up_writer = upstream
+                up_writer.write(head + body)
+                tail = b""
+                while True:
+                    data = await up_reader.read(65536)
+                    if not data:
+                        return
+                    writer.write(data)
+                    tail = (tail + data)[-7:]
+                    if tail.endswith(b"\r\n0\r\n\r\n") or tail == b"0\r\n\r\n":
+                        break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            if upstream is not None:
+                upstream[1].close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    await server.serve_forever()
+
+
+@contextmanager
+def pyrelay_server(mock_port: int) -> Iterator[Target]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--pyrelay", str(port), str(mock_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_ready(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            {"Authorization": "Bearer sk"},
+            proc,
+            20,
+        )
+        yield Target("pyrelay", proc.pid, port, "/v1/chat/completions")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 # -- measuring -----------------------------------------------------------------------------
 
 
@@ -492,6 +558,10 @@ def report(concurrency: int, rows: dict[str, dict[str, float]]) -> None:
             f"{cpu:>9} {us:>9} {mem:>11}"
         )
     ours, theirs, floor = rows.get("unbroken"), rows.get("litellm"), rows.get("nginx")
+    python = rows.get("pyrelay")
+    if theirs and python:
+        ratio = theirs["us_per_chunk"] / python["us_per_chunk"]
+        print(f"  CPU per chunk: litellm / bare Python relay = {ratio:.1f}x")
     if ours and theirs:
         ratio = theirs["us_per_chunk"] / ours["us_per_chunk"]
         print(f"  CPU per chunk: litellm / unbroken = {ratio:.1f}x  (bar: >= 25x)")
@@ -503,7 +573,7 @@ def report(concurrency: int, rows: dict[str, dict[str, float]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--levels", default="1,32,256", help="concurrency levels")
-    parser.add_argument("--skip", default="", help="targets to skip: litellm,nginx")
+    parser.add_argument("--skip", default="", help="targets to skip: litellm,nginx,pyrelay")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",") if x]
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}
@@ -521,6 +591,8 @@ def main() -> None:
             relay = stack.enter_context(nginx_server(mock_port, workdir))
             if relay is not None:
                 targets.append(relay)
+        if "pyrelay" not in skip:
+            targets.append(stack.enter_context(pyrelay_server(mock_port)))
         print(
             f"mock at {mock_url}; targets: {', '.join(t.name for t in targets)}; "
             f"{os.cpu_count()} CPUs"
@@ -541,5 +613,7 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
         load_main(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--pyrelay":
+        asyncio.run(_pyrelay(int(sys.argv[2]), int(sys.argv[3])))
     else:
         main()
