@@ -7,9 +7,18 @@ import subprocess
 import time
 from collections.abc import Iterator
 
+import os
+
 import pytest
+from hypothesis import settings
 
 from tests.support import free_port, require_binary
+
+# Property tests: a quick profile for the edit-test loop, a thorough one for CI
+# (.ci/run sets HYPOTHESIS_PROFILE=ci). Tests with their own max_examples keep it.
+settings.register_profile("dev", max_examples=30, deadline=None)
+settings.register_profile("ci", max_examples=150, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
 @pytest.fixture

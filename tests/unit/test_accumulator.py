@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from unbroken.core.accumulator import ChunkAccumulator, join_text
@@ -103,14 +103,12 @@ def completions(draw: st.DrawFn) -> ChatCompletion:
     )
 
 
-@settings(max_examples=100)
 @given(completions())
 def test_folding_replayed_chunks_gives_the_completion_back(completion: ChatCompletion) -> None:
     """Folding the chunks of a completion gives the completion back, field for field."""
     assert fold(completion_to_chunks(completion)) == completion
 
 
-@settings(max_examples=60)
 @given(completions())
 def test_fold_survives_the_json_round_trip(completion: ChatCompletion) -> None:
     """Encoding chunks to JSON and decoding them again folds to the same completion."""
@@ -119,7 +117,6 @@ def test_fold_survives_the_json_round_trip(completion: ChatCompletion) -> None:
     assert decode_completion(msgspec.json.encode(completion)) == completion
 
 
-@settings(max_examples=200)
 @given(st.text(max_size=30), st.lists(st.integers(1, 6), max_size=10))
 def test_text_split_into_any_deltas_folds_to_the_text(text: str, sizes: list[int]) -> None:
     """However the text is cut into deltas, events and fold both give it back whole."""

@@ -226,7 +226,7 @@ def test_every_cut_point_gives_the_whole_answer(dialect: Dialect, how: str, step
         assert finishes == ["stop"]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(deadline=None)
 @given(st.data())
 def test_reasoner_two_breaks_anywhere(data: st.DataObject) -> None:
     """A reasoner's answer broken twice anywhere (inside the reasoning or the answer)
@@ -245,7 +245,7 @@ def test_reasoner_two_breaks_anywhere(data: st.DataObject) -> None:
     assert all(p.beta for p in plans if p.continuation is not None)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(deadline=None)
 @given(st.integers(0, 4000), st.sampled_from(["vllm", "instruction"]))
 def test_other_dialects_hide_a_second_line_of_thought(at: int, dialect: Dialect) -> None:
     """Without a reasoning prefix, a continuation's new reasoning is not shown; the answer

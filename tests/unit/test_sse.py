@@ -6,7 +6,7 @@ import itertools
 import tracemalloc
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from unbroken.core.events import Comment, IgnoredField, IncompleteEvent, SSEEvent, SSEItem
@@ -259,7 +259,6 @@ def stream_and_cuts(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
     return blob, _pieces(draw, blob)
 
 
-@settings(max_examples=150)
 @given(stream_and_cuts())
 def test_any_split_gives_the_events_of_feeding_whole(case: tuple[bytes, list[bytes]]) -> None:
     """Any split of a byte stream into reads yields exactly the events of feeding it whole."""
@@ -271,7 +270,6 @@ def test_any_split_gives_the_events_of_feeding_whole(case: tuple[bytes, list[byt
     assert split.reconnection_time_ms == whole.reconnection_time_ms
 
 
-@settings(max_examples=50)
 @given(stream_and_cuts())
 def test_byte_by_byte_equals_whole(case: tuple[bytes, list[bytes]]) -> None:
     """Feeding one byte at a time gives the same items as one read."""
@@ -279,7 +277,6 @@ def test_byte_by_byte_equals_whole(case: tuple[bytes, list[bytes]]) -> None:
     assert decode_all(*(blob[i : i + 1] for i in range(len(blob)))) == decode_all(blob)
 
 
-@settings(max_examples=150)
 @given(_events, st.data())
 def test_encode_then_decode_is_identity(
     events: list[tuple[str, str | None, str | None]], data: st.DataObject

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from unbroken.core.window import (
@@ -45,7 +45,6 @@ def conversations(draw: st.DrawFn) -> list[dict[str, Any]]:
     return messages
 
 
-@settings(max_examples=300)
 @given(conversations(), st.integers(0, 400))
 def test_trim_properties(messages: list[dict[str, Any]], budget: int) -> None:
     """Kept = leading system + a suffix of the rest, newest message always kept, tool calls
