@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
-
-import os
 
 import pytest
 from hypothesis import settings

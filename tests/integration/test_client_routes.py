@@ -441,6 +441,20 @@ def test_usage_and_cost_are_billed_across_attempts(upstream: MockServer) -> None
     assert broken.unbroken.usage_estimated
     assert broken.usage.total_tokens > clean.usage.total_tokens
     assert broken.unbroken.cost_usd > clean.unbroken.cost_usd
+    # Beside what was billed: the answer's own usage, as one unbroken request would be.
+    assert clean.unbroken.answer_usage is not None
+    assert clean.unbroken.answer_usage.completion_tokens == clean.usage.completion_tokens
+    assert clean.unbroken.answer_usage.prompt_tokens == clean.usage.prompt_tokens
+    assert not clean.unbroken.answer_usage_estimated
+    own = broken.unbroken.answer_usage
+    assert own is not None
+    assert broken.unbroken.answer_usage_estimated
+    assert own.prompt_tokens == clean.usage.prompt_tokens
+    assert (
+        abs(own.completion_tokens - clean.usage.completion_tokens)
+        <= 0.5 * clean.usage.completion_tokens
+    )
+    assert own.total_tokens < broken.usage.total_tokens
 
 
 def test_rate_limit_spaces_requests() -> None:

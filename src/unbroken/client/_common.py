@@ -41,8 +41,13 @@ from unbroken.core.pricing import Cost, PriceTable
 from unbroken.core.ratelimit import BucketState, TokenBucket
 from unbroken.core.resume import Dialect
 from unbroken.core.routes import Route, RouteHealth
-from unbroken.core.stream import EndState
-from unbroken.core.tokens import add_usage, estimate_prompt_tokens, estimate_usage
+from unbroken.core.stream import EndState, StreamEnd
+from unbroken.core.tokens import (
+    add_usage,
+    estimate_prompt_tokens,
+    estimate_tokens,
+    estimate_usage,
+)
 from unbroken.core.wire import (
     Answer,
     AnswerMeta,
@@ -370,6 +375,9 @@ class AnswerRun:
         self._token_reserve = 0
         self._recorded = False
         self._plan: AttemptPlan | None = None
+        self._own_prompt: int | None = None
+        self._own_completion = 0
+        self._own_estimated = False
         config.hooks.stream_start()
 
     # -- flow ------------------------------------------------------------------------------
@@ -509,6 +517,7 @@ class AnswerRun:
             model = str(plan.body.get("model", ""))
             self.cost = self.cost + self.config.prices.cost(model, usage)
             self.estimated = self.estimated or estimated
+        self._count_own(attempt, plan, verdict)
         outcome_name = _outcome_name(verdict.state if verdict else None, error)
         model = str(plan.body.get("model", ""))
         self.infos.append(
@@ -556,6 +565,31 @@ class AnswerRun:
             unbroken=self._meta(now, last),
         )
 
+    def _count_own(self, attempt: Attempt, plan: AttemptPlan, verdict: StreamEnd | None) -> None:
+        # The answer's own tokens: the original prompt once, plus what each attempt added
+        # to the text shown (reported for a complete attempt, estimated for a broken one).
+        if plan.kind == "restart":
+            self._own_completion = 0
+        usage = attempt.usage
+        if plan.continuation is None and usage is not None and self._own_prompt is None:
+            self._own_prompt = usage.prompt_tokens
+        complete = verdict is not None and verdict.state is EndState.COMPLETE
+        if complete and usage is not None:
+            self._own_completion += usage.completion_tokens
+        elif attempt.acc.has_output:
+            self._own_completion += estimate_tokens(attempt.acc.content()) + estimate_tokens(
+                attempt.acc.reasoning()
+            )
+            self._own_estimated = True
+
+    def _answer_usage(self) -> Usage:
+        prompt = self._own_prompt if self._own_prompt is not None else self.prompt_estimate
+        return Usage(
+            prompt_tokens=prompt,
+            completion_tokens=self._own_completion,
+            total_tokens=prompt + self._own_completion,
+        )
+
     def _meta(self, now: float, last: AttemptInfo | None) -> AnswerMeta:
         return AnswerMeta(
             route=last.route if last else "",
@@ -568,6 +602,8 @@ class AnswerRun:
             cost_usd=self.cost.total_usd,
             cost_known=self.cost.known,
             usage_estimated=self.estimated,
+            answer_usage=self._answer_usage(),
+            answer_usage_estimated=self._own_estimated or self._own_prompt is None,
             ttft_s=None if self.first_token_at is None else self.first_token_at - self.started_at,
             duration_s=now - self.started_at,
         )

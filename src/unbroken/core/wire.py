@@ -220,6 +220,10 @@ class AnswerMeta(msgspec.Struct, omit_defaults=True):
         cost_known: False when a model had no price.
         usage_estimated: some attempt broke before reporting usage; its tokens were
             estimated (see `unbroken.core.tokens`).
+        answer_usage: the answer's own usage, what one unbroken request would have been
+            billed: the original prompt and the completion tokens of the text shown (the
+            completion's `usage` is what was billed, every attempt summed).
+        answer_usage_estimated: part of `answer_usage` was estimated.
         ttft_s: time to the first token shown.
         duration_s: total time.
     """
@@ -234,6 +238,8 @@ class AnswerMeta(msgspec.Struct, omit_defaults=True):
     cost_usd: float = 0.0
     cost_known: bool = True
     usage_estimated: bool = False
+    answer_usage: Usage | None = None
+    answer_usage_estimated: bool = False
     ttft_s: float | None = None
     duration_s: float = 0.0
 
