@@ -233,8 +233,9 @@ class Attempt:
                 # output): its finish is held back and the attempt judged a failure.
                 self._blank = chunk
                 continue
-            if self._hold and (self._held or _has_tool_calls(chunk)):
-                if _has_tool_calls(chunk) and not _has_finish(chunk):
+            tools = self._hold and _has_tool_calls(chunk)
+            if tools or (self._hold and self._held):
+                if tools and not _has_finish(chunk):
                     self._held.append(chunk)
                     continue
                 out.extend(self._held)
