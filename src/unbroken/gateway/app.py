@@ -35,6 +35,8 @@ from unbroken.gateway.relay import RelayResult, StreamRelay
 from unbroken.gateway.request import ChatRequest, parse_chat_request
 from unbroken.gateway.sessions import SESSIONS_PATH, SessionEndpoints, open_session_store
 from unbroken.gateway.upstream import LeanTransport
+from unbroken.gateway.web import WebUI
+from unbroken.gateway.widget_tokens import WidgetTokens
 from unbroken.instrumentation import Hook, PrometheusHook
 from unbroken.settings import Settings
 from unbroken.stores import Store, open_store
@@ -68,7 +70,7 @@ _NEVER_FORWARDED = frozenset(
         "expect",
     }
 )
-_ALLOWED_HEADERS = b"authorization, content-type, x-request-id"
+_ALLOWED_HEADERS = b"authorization, content-type, x-request-id, x-unbroken-resumable, last-event-id"
 
 
 def build_upstream(
@@ -133,13 +135,14 @@ class Gateway:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = GatewayMetrics(self.registry)
         self.client = upstream or build_upstream(settings, [PrometheusHook(self.registry)])
-        self.keys = KeyRing(g, self.store)
+        self.keys = KeyRing(g, self.store, WidgetTokens(g).caller if g.has_widget_tokens else None)
         self.sessions = SessionEndpoints(self, open_session_store(g.sessions))
         self.limiter = Limiter(self.store, g.slot_lease_s)
         routes = settings.upstream_routes()
         self.scrub = Scrubber([settings.api_key, *(r.api_key for r in routes)])
         self.models = frozenset(g.models)
         self.route_names = frozenset(r.name for r in routes)
+        self.web = WebUI(self.models, auth_required=self.keys.required)
         self.draining = False
         self._relays: set[StreamRelay] = set()
         self._origins = frozenset(g.cors_origins)
@@ -218,7 +221,10 @@ class Gateway:
             headers += [
                 (b"access-control-allow-origin", origin),
                 (b"vary", b"origin"),
-                (b"access-control-expose-headers", b"x-request-id, retry-after"),
+                (
+                    b"access-control-expose-headers",
+                    b"x-request-id, retry-after, x-unbroken-stream-id",
+                ),
             ]
         return request_id, origin, headers
 
@@ -237,6 +243,9 @@ class Gateway:
             entry = self._routes.get(path)
             if entry is None and path.startswith(SESSIONS_PATH):
                 await self.sessions.handle(ex, method, path)
+                return
+            if entry is None and self.web.handles(path):
+                await self.web.handle(ex, method, path)
                 return
             if entry is None:
                 raise GatewayError(

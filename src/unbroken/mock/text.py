@@ -20,6 +20,7 @@ from itertools import accumulate
 from unbroken.mock.corpus import ANSWER_SENTENCES, REASONING_SENTENCES, draw_pieces
 
 __all__ = [
+    "ECHO_PREFIX",
     "Answer",
     "ToolCallPlan",
     "canonical_messages",
@@ -39,6 +40,10 @@ __all__ = [
 # from the caller (`X-Mock-Tokens`). Everything downstream - stop sequences, max_tokens, the
 # skip of a continuation's prefix - works on these pieces by character position, so the
 # continuation of any prefix of an answer is exactly the rest of that answer.
+
+# A last user message that starts with this is answered with the rest of it, verbatim: a way
+# for tests to make the "model" say something exact (Markdown, an XSS payload).
+ECHO_PREFIX = "/echo "
 
 _ARG_WORDS = ("北京", "Paris", "東京 🚀", "São Paulo", 'say "hi"', "a\\b", "línea\n2", "Zürich")
 
@@ -278,6 +283,11 @@ def generate_answer(
     names = _tool_names(conversation, tools, tool_choice) if tools else []
     if names:
         return Answer(reasoning, (), _tool_calls(digest, names, tools))
+    last = conversation[-1] if conversation else {}
+    said = message_text(last.get("content")) if last.get("role") == "user" else ""
+    if said.startswith(ECHO_PREFIX):
+        echoed = said[len(ECHO_PREFIX) :]
+        return Answer(reasoning, _pieces_of(echoed, _rng(digest, b"echo"), 1, 4))
     words = draw_pieces(_rng(digest, b"say"), n_content, ANSWER_SENTENCES)
     if json_mode:
         document = {
