@@ -15,6 +15,7 @@
     ├── ResumeError              a stream cannot be resumed (state expired, no id)
     ├── RateLimited              a local limit refused the call (retry_after_s)
     └── StoreError               a state store failed
+        └── SessionNotFound      a conversation session does not exist (session_id)
 
 Every error that ends a stream after part of the answer arrived carries it in `partial`, so
 nothing the user already paid for is lost. Messages start lowercase, name the offending value
@@ -33,6 +34,7 @@ __all__ = [
     "RateLimited",
     "ResumeError",
     "RetriesExhausted",
+    "SessionNotFound",
     "StoreError",
     "UnbrokenError",
     "UpstreamConnectError",
@@ -208,3 +210,15 @@ class RateLimited(UnbrokenError):
 
 class StoreError(UnbrokenError):
     """A state store (memory, SQLite, Redis) failed or is unreachable."""
+
+
+class SessionNotFound(StoreError):
+    """A session store holds no session with this id.
+
+    Attributes:
+        session_id: the id asked for.
+    """
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"no session {session_id[:80]!r}")
+        self.session_id = session_id

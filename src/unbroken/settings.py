@@ -189,6 +189,8 @@ class RouteSettings:
         api_key: the upstream key (from `api_key_env` when set); never shown.
         model: the model to ask for on this route; None keeps the request's.
         dialect: how the route continues a broken answer.
+        context_tokens: the model's context window (None: DeepSeek's 128K); gateway
+            sessions trim their history to it.
     """
 
     name: str
@@ -196,6 +198,7 @@ class RouteSettings:
     api_key: str | None = field(default=None, repr=False)
     model: str | None = None
     dialect: str = "deepseek"
+    context_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -209,6 +212,10 @@ class RouteSettings:
             raise ConfigError(
                 f"route {self.name!r}: dialect must be one of {', '.join(_DIALECTS)}, "
                 f"got {self.dialect!r}"
+            )
+        if self.context_tokens is not None and self.context_tokens < 1024:
+            raise ConfigError(
+                f"route {self.name!r}: context_tokens must be >= 1024, got {self.context_tokens}"
             )
 
 
@@ -480,7 +487,9 @@ def _routes(items: object, env: Mapping[str, str]) -> tuple[RouteSettings, ...]:
     if not isinstance(items, list):
         raise ConfigError("gateway.routes must be an array of tables ([[gateway.routes]])")
     routes = []
-    allowed = frozenset({"name", "base_url", "api_key", "api_key_env", "model", "dialect"})
+    allowed = frozenset(
+        {"name", "base_url", "api_key", "api_key_env", "model", "dialect", "context_tokens"}
+    )
     for i, item in enumerate(items):
         where = f"gateway.routes[{i}]"
         if not isinstance(item, dict):
@@ -494,7 +503,12 @@ def _routes(items: object, env: Mapping[str, str]) -> tuple[RouteSettings, ...]:
             raise ConfigError(f"{where}.model must be a string")
         if not isinstance(dialect, str):
             raise ConfigError(f"{where}.dialect must be a string")
-        routes.append(RouteSettings(name, base_url, _secret(item, env, where), model, dialect))
+        context = item.get("context_tokens")
+        if context is not None and (not isinstance(context, int) or isinstance(context, bool)):
+            raise ConfigError(f"{where}.context_tokens must be an integer")
+        routes.append(
+            RouteSettings(name, base_url, _secret(item, env, where), model, dialect, context)
+        )
     return tuple(routes)
 
 
