@@ -29,6 +29,7 @@ __all__ = [
     "data_home",
     "debug_enabled",
     "env_api_key",
+    "env_client",
     "hash_key",
 ]
 
@@ -633,6 +634,19 @@ def env_api_key(environ: Mapping[str, str] | None = None) -> str | None:
     malformed gateway variable never breaks a client)."""
     env = os.environ if environ is None else environ
     return env.get("DEEPSEEK_API_KEY") or None
+
+
+def env_client(environ: Mapping[str, str] | None = None) -> tuple[str | None, str | None]:
+    """(key, base URL) for an SDK client built without them: DEEPSEEK_API_KEY and
+    DEEPSEEK_BASE_URL, else OPENAI_BASE_URL, as code written for openai sets it. The
+    OPENAI_API_KEY is taken only with a base URL from the environment that is not
+    DeepSeek's, so an OpenAI key is never sent to another provider by default."""
+    env = os.environ if environ is None else environ
+    base = env.get("DEEPSEEK_BASE_URL") or env.get("OPENAI_BASE_URL") or None
+    key = env.get("DEEPSEEK_API_KEY") or None
+    if key is None and base is not None and "deepseek.com" not in base:
+        key = env.get("OPENAI_API_KEY") or None
+    return key, base
 
 
 def data_home(environ: Mapping[str, str] | None = None) -> str | None:
