@@ -29,6 +29,7 @@ __all__ = [
     "data_home",
     "debug_enabled",
     "env_api_key",
+    "env_client",
     "hash_key",
 ]
 
@@ -189,6 +190,8 @@ class RouteSettings:
         api_key: the upstream key (from `api_key_env` when set); never shown.
         model: the model to ask for on this route; None keeps the request's.
         dialect: how the route continues a broken answer.
+        context_tokens: the model's context window (None: DeepSeek's 128K); gateway
+            sessions trim their history to it.
     """
 
     name: str
@@ -196,6 +199,7 @@ class RouteSettings:
     api_key: str | None = field(default=None, repr=False)
     model: str | None = None
     dialect: str = "deepseek"
+    context_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -209,6 +213,10 @@ class RouteSettings:
             raise ConfigError(
                 f"route {self.name!r}: dialect must be one of {', '.join(_DIALECTS)}, "
                 f"got {self.dialect!r}"
+            )
+        if self.context_tokens is not None and self.context_tokens < 1024:
+            raise ConfigError(
+                f"route {self.name!r}: context_tokens must be >= 1024, got {self.context_tokens}"
             )
 
 
@@ -510,7 +518,9 @@ def _routes(items: object, env: Mapping[str, str]) -> tuple[RouteSettings, ...]:
     if not isinstance(items, list):
         raise ConfigError("gateway.routes must be an array of tables ([[gateway.routes]])")
     routes = []
-    allowed = frozenset({"name", "base_url", "api_key", "api_key_env", "model", "dialect"})
+    allowed = frozenset(
+        {"name", "base_url", "api_key", "api_key_env", "model", "dialect", "context_tokens"}
+    )
     for i, item in enumerate(items):
         where = f"gateway.routes[{i}]"
         if not isinstance(item, dict):
@@ -524,7 +534,12 @@ def _routes(items: object, env: Mapping[str, str]) -> tuple[RouteSettings, ...]:
             raise ConfigError(f"{where}.model must be a string")
         if not isinstance(dialect, str):
             raise ConfigError(f"{where}.dialect must be a string")
-        routes.append(RouteSettings(name, base_url, _secret(item, env, where), model, dialect))
+        context = item.get("context_tokens")
+        if context is not None and (not isinstance(context, int) or isinstance(context, bool)):
+            raise ConfigError(f"{where}.context_tokens must be an integer")
+        routes.append(
+            RouteSettings(name, base_url, _secret(item, env, where), model, dialect, context)
+        )
     return tuple(routes)
 
 
@@ -655,6 +670,19 @@ def env_api_key(environ: Mapping[str, str] | None = None) -> str | None:
     malformed gateway variable never breaks a client)."""
     env = os.environ if environ is None else environ
     return env.get("DEEPSEEK_API_KEY") or None
+
+
+def env_client(environ: Mapping[str, str] | None = None) -> tuple[str | None, str | None]:
+    """(key, base URL) for an SDK client built without them: DEEPSEEK_API_KEY and
+    DEEPSEEK_BASE_URL, else OPENAI_BASE_URL, as code written for openai sets it. The
+    OPENAI_API_KEY is taken only with a base URL from the environment that is not
+    DeepSeek's, so an OpenAI key is never sent to another provider by default."""
+    env = os.environ if environ is None else environ
+    base = env.get("DEEPSEEK_BASE_URL") or env.get("OPENAI_BASE_URL") or None
+    key = env.get("DEEPSEEK_API_KEY") or None
+    if key is None and base is not None and "deepseek.com" not in base:
+        key = env.get("OPENAI_API_KEY") or None
+    return key, base
 
 
 def data_home(environ: Mapping[str, str] | None = None) -> str | None:

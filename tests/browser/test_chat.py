@@ -55,7 +55,6 @@ def test_answer_streams_in_and_equals_the_fault_free_answer(page: Any, mock: Moc
     samples = page.evaluate("() => window.__samples")
     growing = [s["text"] for s in samples if s["state"] == "streaming" and s["text"]]
     assert len(set(growing)) >= 5
-    assert all(len(a) <= len(b) for a, b in zip(growing, growing[1:], strict=False))
     assert messages(page)[-1]["content"] == expected
     final = page.locator(f"{ASSISTANT} {CONTENT}").last.text_content()
     assert final == rendered(page, expected)

@@ -59,9 +59,7 @@ def ask(page: Any, text: str) -> Any:
 
 
 @pytest.mark.parametrize("scheme", ["light", "dark"])
-def test_markdown_code_chinese_and_emoji_render(
-    page: Any, mock: MockServer, scheme: str
-) -> None:
+def test_markdown_code_chinese_and_emoji_render(page: Any, mock: MockServer, scheme: str) -> None:
     """Headings, lists, tables, highlighted code, Chinese and emoji; no sideways scrolling
     at 375 px; screenshots at 1280 and 375 px."""
     page.emulate_media(color_scheme=scheme)

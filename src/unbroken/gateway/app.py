@@ -33,6 +33,7 @@ from unbroken.gateway.openapi import openapi
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
 from unbroken.gateway.relay import RelayResult, StreamRelay
 from unbroken.gateway.request import ChatRequest, parse_chat_request
+from unbroken.gateway.serving import BreakerWatch
 from unbroken.gateway.sessions import SESSIONS_PATH, SessionEndpoints, open_session_store
 from unbroken.gateway.upstream import LeanTransport
 from unbroken.gateway.web import WebUI
@@ -82,7 +83,7 @@ def build_upstream(
     `upstream_transport(settings)`); closing the AsyncClient closes the transport."""
     g = settings.gateway
     routes = [
-        Route(r.name, r.base_url, r.api_key, r.model, r.dialect)  # type: ignore[arg-type]  # RouteSettings checked the dialect
+        Route(r.name, r.base_url, r.api_key, r.model, r.dialect, r.context_tokens)  # type: ignore[arg-type]  # RouteSettings checked the dialect
         for r in settings.upstream_routes()
     ]
     return AsyncClient(
@@ -134,7 +135,11 @@ class Gateway:
         self.store: Store = store if store is not None else open_store(g.store)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = GatewayMetrics(self.registry)
-        self.client = upstream or build_upstream(settings, [PrometheusHook(self.registry)])
+        # Follows the breakers the client reports (only on the client built here).
+        self.breakers = BreakerWatch()
+        self.client = upstream or build_upstream(
+            settings, [PrometheusHook(self.registry), self.breakers]
+        )
         self.keys = KeyRing(g, self.store, WidgetTokens(g).caller if g.has_widget_tokens else None)
         self.sessions = SessionEndpoints(self, open_session_store(g.sessions))
         self.limiter = Limiter(self.store, g.slot_lease_s)
@@ -325,7 +330,12 @@ class Gateway:
                 headers[name] = raw_value.decode("latin-1")
         return headers
 
-    def _check_draining(self) -> None:
+    def serving_route(self) -> Route:
+        """The route the next answer would start on: the first whose breaker is not open."""
+        return self.breakers.first_allowed(self.client.routes)
+
+    def check_draining(self) -> None:
+        """Raise the 503 of a draining gateway."""
         if self.draining:
             raise GatewayError(
                 503,
@@ -337,7 +347,7 @@ class Gateway:
 
     async def _chat(self, ex: Exchange) -> None:
         g = self.settings.gateway
-        self._check_draining()
+        self.check_draining()
         caller = await self.keys.identify(ex.header(b"authorization"))
         request = parse_chat_request(
             await ex.read_body(g.max_body_bytes), self.models, self.route_names

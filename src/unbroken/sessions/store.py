@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 import anyio.to_thread
 import msgspec
 
-from unbroken.errors import InvalidRequestError, StoreError
+from unbroken.errors import InvalidRequestError, SessionNotFound, StoreError
 
 if TYPE_CHECKING:
     import redis
@@ -31,6 +31,7 @@ __all__ = [
     "RedisSessionStore",
     "SQLiteSessionStore",
     "SessionInfo",
+    "SessionNotFound",
     "SessionStore",
     "default_sessions_path",
     "export_session",
@@ -72,7 +73,7 @@ class SessionStore(Protocol):
         stored message after the first `keep` (in the same transaction)."""
 
     def load(self, session_id: str) -> tuple[SessionInfo, list[dict[str, Any]]]:
-        """The session and its messages, oldest first. Raises StoreError if unknown."""
+        """The session and its messages, oldest first. Raises SessionNotFound if unknown."""
 
     def update(
         self, session_id: str, *, title: str | None = None, model: str | None = None
@@ -146,7 +147,7 @@ class MemorySessionStore:
     def _get(self, session_id: str) -> SessionInfo:
         info = self._infos.get(session_id)
         if info is None:
-            raise StoreError(f"no session {session_id!r}")
+            raise SessionNotFound(session_id)
         return info
 
     def load(self, session_id: str) -> tuple[SessionInfo, list[dict[str, Any]]]:
@@ -270,7 +271,7 @@ class SQLiteSessionStore:
         with self._tx() as db:
             row = db.execute("SELECT title FROM sessions WHERE id = ?", (session_id,)).fetchone()
             if row is None:
-                raise StoreError(f"no session {session_id!r}")
+                raise SessionNotFound(session_id)
             if keep is not None:
                 db.execute(
                     "DELETE FROM messages WHERE session_id = ? AND seq NOT IN "
@@ -294,7 +295,7 @@ class SQLiteSessionStore:
             (session_id,),
         ).fetchone()
         if row is None:
-            raise StoreError(f"no session {session_id!r}")
+            raise SessionNotFound(session_id)
         return SessionInfo(*row)
 
     def load(self, session_id: str) -> tuple[SessionInfo, list[dict[str, Any]]]:
@@ -429,7 +430,7 @@ class RedisSessionStore:
         meta, key = self._keys(session_id)
         raw = self._call(lambda: self._redis.hgetall(meta))
         if not raw:
-            raise StoreError(f"no session {session_id!r}")
+            raise SessionNotFound(session_id)
         fields = {k.decode(): v.decode() for k, v in raw.items()}
         count = self._call(lambda: self._redis.llen(key))
         return SessionInfo(
