@@ -138,7 +138,8 @@ class WebUI:
         else:
             # Public files, fetched by the widget from a shop's page (module scripts are
             # always loaded in CORS mode); no credentials are involved.
-            headers.append((b"access-control-allow-origin", b"*"))
+            if not any(name == b"access-control-allow-origin" for name, _ in ex.headers_out):
+                headers.append((b"access-control-allow-origin", b"*"))
         if ex.header(b"if-none-match") == found.etag:
             await ex.start(304, headers)
             await ex.send({"type": "http.response.body", "body": b""})
