@@ -365,8 +365,10 @@ class Chat {
       meta,
       actions,
     );
-    details.addEventListener("toggle", () => {
-      if (item.state === "streaming") item.userToggled = true;
+    // Only a shopper's own click (or Enter/Space on the summary) keeps the block as they
+    // left it; the automatic fold does not count.
+    summary.addEventListener("click", () => {
+      item.userToggled = true;
     });
     this.items.push(item);
     this.log.append(item.el);
