@@ -41,9 +41,11 @@ CONTENT = '[data-part="content"]'
 REASONING = '[data-part="reasoning"]'
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """Headless Debian chromium (skips with a reason when it is not installed)."""
+    """Headless Debian chromium (skips with a reason when it is not installed). Per module:
+    Playwright's sync API keeps an event loop running in this thread while it lives, which
+    the anyio tests of other directories must not find."""
     executable = require_binary("chromium")
     from playwright.sync_api import sync_playwright
 
