@@ -58,6 +58,7 @@ def test_answer_streams_in_and_equals_the_fault_free_answer(page: Any, mock: Moc
     assert messages(page)[-1]["content"] == expected
     final = page.locator(f"{ASSISTANT} {CONTENT}").last.text_content()
     assert final == rendered(page, expected)
+    assert page.locator('[role="status"]').is_hidden()  # no buffering notice on a live stream
 
 
 def test_stop_cancels_the_upstream_within_a_second(

@@ -8,9 +8,9 @@ import { MarkdownView } from "./render.js";
 const KEY_STORAGE = "unbroken.gateway-key";
 const SESSION_STORAGE = "unbroken.session";
 const MODEL_STORAGE = "unbroken.model";
-// A read that brings at least this share of an answer after this long a wait means
+// A whole answer whose tokens all arrive within this spread after this long a wait means
 // something between us and the gateway held the stream back (a buffering proxy).
-const BUFFERED_SHARE = 0.9;
+const BUFFERED_SPREAD_MS = 50;
 const BUFFERED_WAIT_MS = 1500;
 
 function h(tag, attrs = {}, ...children) {
@@ -513,11 +513,7 @@ class Chat {
     this.sendButton.disabled = true;
     const model = this.model.value;
     item.timing.sentAt = performance.now();
-    let reads = 0;
-    let biggest = 0;
     let events = 0;
-    let firstReadAt = null;
-    let lastReadAt = null;
     let readAt = 0;
     const onEvent = (event) => {
       let chunk;
@@ -538,6 +534,7 @@ class Chat {
         if ((piece || thought) && item.timing.firstTokenAt === undefined) {
           item.timing.firstTokenAt = readAt;
         }
+        if (piece || thought) item.timing.lastTokenAt = readAt;
         if (thought) {
           if (!item.timing.thinkingStart) item.timing.thinkingStart = readAt;
           item.reasoning += thought;
@@ -565,10 +562,6 @@ class Chat {
             },
             onRead: (n, at) => {
               readAt = at;
-              reads += 1;
-              if (n > biggest) biggest = n;
-              firstReadAt ??= at;
-              lastReadAt = at;
             },
             onEvent,
             onReconnect: () => this.say("Connection lost; reconnecting…"),
@@ -594,7 +587,9 @@ class Chat {
         this.finish(item, "done");
         if (item.user && !active.stopping) this.stored = item.user.at + 2;
       }
-      if (events >= 8 && biggest >= events * BUFFERED_SHARE && firstReadAt - item.timing.sentAt >= BUFFERED_WAIT_MS) {
+      const spread = (item.timing.lastTokenAt ?? 0) - (item.timing.firstTokenAt ?? 0);
+      const waited = (item.timing.firstTokenAt ?? 0) - item.timing.sentAt;
+      if (events >= 8 && spread <= BUFFERED_SPREAD_MS && waited >= BUFFERED_WAIT_MS) {
         this.say("This answer arrived all at once: a proxy between you and the gateway buffers streamed responses.");
       }
     } catch (error) {
