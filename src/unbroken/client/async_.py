@@ -32,7 +32,7 @@ from unbroken.core.pricing import PriceTable
 from unbroken.core.resume import Dialect
 from unbroken.core.routes import Route
 from unbroken.core.sse import DEFAULT_MAX_EVENT_BYTES
-from unbroken.core.wire import Answer, ChatCompletionChunk
+from unbroken.core.wire import Answer, ChatCompletion, ChatCompletionChunk, completion_to_chunks
 from unbroken.errors import TimeoutPhase, UnbrokenError, UpstreamError
 from unbroken.instrumentation import Hook
 
@@ -165,8 +165,13 @@ class AsyncClient(ClientBase):
         *,
         stream: bool,
         events: bool,
+        partial: ChatCompletion | None = None,
     ) -> tuple[AnswerRun, AsyncGenerator[StreamItem, None]]:
         run = self._new_run(model, messages, params, stream=stream)
+        if partial is not None:
+            # What was shown already: the flow's first attempt is then a continuation.
+            for chunk in completion_to_chunks(partial):
+                run.answer.feed(chunk)
         return run, self._run(run, with_events=events)
 
     async def _run(self, run: AnswerRun, *, with_events: bool) -> AsyncGenerator[StreamItem, None]:
@@ -511,6 +516,23 @@ class _AsyncCompletions:
         if stream:
             return result
         return await result.final()
+
+    async def resume(
+        self, *, partial: ChatCompletion, model: str, messages: Iterable[Any], **params: Any
+    ) -> AsyncStream:
+        """Continue an answer cut short: `partial` is what was already shown (for instance
+        folded from a stream log); the stream yields only the rest, through the same
+        resume mechanism as a broken stream (DeepSeek prefix completion...). The final
+        answer (`await stream.final()`) is the whole one, `partial` included.
+
+        Args:
+            partial: the answer so far, as `ChunkAccumulator.completion()` gives it.
+            model, messages, params: the original request, as for `create`.
+        """
+        run, items = self._client._start(
+            model, messages, params, stream=True, events=False, partial=partial
+        )
+        return AsyncStream(run, items)
 
 
 class _AsyncChat:

@@ -2,7 +2,8 @@
 
     POST   /v1/sessions                  create   {"model"?, "system"?, "title"?}
     GET    /v1/sessions                  list the caller's sessions
-    GET    /v1/sessions/{id}             one session and its messages
+    GET    /v1/sessions/{id}             one session and its messages (`live_stream_id`: the
+                                         answer being streamed now, or null)
     DELETE /v1/sessions/{id}             forget it
     POST   /v1/sessions/{id}/messages    {"content", "stream"?, any chat parameter}: answers
                                          (SSE or JSON, as /v1/chat/completions) and stores
@@ -113,7 +114,12 @@ class SessionEndpoints:
         if len(parts) == 1:
             if method == "GET":
                 info, messages = await self._owned(caller, session_id)
-                await ex.respond_json(200, {**_info(info), "messages": messages})
+                # The answer being streamed now, so a page reloaded mid-answer can follow it
+                # (GET /v1/streams/{id}); null when none is.
+                live = await self._gateway.streams.live_stream(session_id)
+                await ex.respond_json(
+                    200, {**_info(info), "messages": messages, "live_stream_id": live}
+                )
             elif method == "DELETE":
                 await self._owned(caller, session_id)
                 await self.store.delete(session_id)
@@ -204,7 +210,7 @@ class SessionEndpoints:
         async def store_turns(completion: ChatCompletion) -> None:
             await self.store.append(session_id, [user, reply_message(completion)])
 
-        await gateway.serve_chat(ex, caller, request, after=store_turns)
+        await gateway.serve_chat(ex, caller, request, after=store_turns, session_id=session_id)
 
 
 def _method(method: str, path: str, allowed: str) -> GatewayError:
