@@ -459,8 +459,12 @@ class Gateway:
     async def _degrade(
         self, ex: Exchange, request: ChatRequest, key: str, error: GatewayError
     ) -> bool:
-        """After an answer failed before any output: count it, and stand in with a stale
-        entry when the failure is the upstream's; True when the request was answered."""
+        """After an answer failed before any output: count it and, when the failure is the
+        upstream's, stand in with a stale entry; True when the request was answered.
+
+        Raises:
+            GatewayError: 503 with Retry-After when there is no entry to stand in.
+        """
         cache = self.cache
         assert cache is not None  # noqa: S101 - called only with a cache
         if error.status not in (502, 503, 504) or not cache.settings.degrade:
@@ -469,7 +473,7 @@ class Gateway:
         entry = await cache.get(key)
         if entry is None:
             cache.miss()
-            return False
+            raise cache.unavailable() from error
         await cache.replay(ex, entry, "stale", stream=request.stream)
         return True
 
