@@ -221,6 +221,54 @@ class RouteSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """The gateway's answer cache (file table `[gateway.cache]`, env
+    `UNBROKEN_GATEWAY_CACHE_*`); off until `store` is set.
+
+    Attributes:
+        store: "" (off), `memory`, `sqlite:///PATH` or a `redis://` URL.
+        ttl_s: how long an answer is kept.
+        max_bytes: the memory backend's bound.
+        degrade: serve cached answers, marked stale, while the upstream is down.
+        degrade_after_failures: answers in a row that failed before any output before the
+            upstream counts as down.
+        probe_after_s: while down, how often one request probes the upstream (and the
+            Retry-After of a 503 for an uncached request).
+        serve_models, serve_keys: models and key names whose hits are answered from the
+            cache without an upstream call (FAQ traffic).
+        serve_max_temperature: the highest temperature served from the cache.
+        pace_s: seconds between replayed chunks of a hit (0: all at once).
+        store_tool_calls: also store answers that end in tool calls.
+    """
+
+    store: str = ""
+    ttl_s: float = 24 * 3600.0
+    max_bytes: int = 64 * 1024 * 1024
+    degrade: bool = True
+    degrade_after_failures: int = 2
+    probe_after_s: float = 5.0
+    serve_models: tuple[str, ...] = ()
+    serve_keys: tuple[str, ...] = ()
+    serve_max_temperature: float = 0.0
+    pace_s: float = 0.02
+    store_tool_calls: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("ttl_s", "probe_after_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"gateway.cache.{name} must be > 0, got {getattr(self, name)}")
+        if self.pace_s < 0 or self.max_bytes <= 0 or self.degrade_after_failures < 1:
+            raise ConfigError(
+                "gateway.cache needs pace_s >= 0, max_bytes > 0 and degrade_after_failures >= 1"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """True when a store is configured."""
+        return bool(self.store)
+
+
+@dataclass(frozen=True, slots=True)
 class GatewaySettings:
     """Settings of `unbroken serve` (file table `[gateway]`, env `UNBROKEN_GATEWAY_*`).
 
@@ -252,6 +300,7 @@ class GatewaySettings:
             instance's slots expire after this).
         connect_s, headers_s, first_token_s, idle_s: upstream stream timers.
         retry_attempts, max_resumes, retry_wait_initial_s, retry_wait_max_s: upstream retries.
+        cache: the answer cache (`[gateway.cache]`).
     """
 
     host: str = "127.0.0.1"
@@ -281,6 +330,7 @@ class GatewaySettings:
     max_resumes: int = 5
     retry_wait_initial_s: float = 0.25
     retry_wait_max_s: float = 8.0
+    cache: CacheSettings = field(default_factory=CacheSettings)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -448,7 +498,7 @@ _GATEWAY_SCALARS: dict[str, Literal["str", "int", "float", "bool", "list"]] = {
     "retry_wait_initial_s": "float",
     "retry_wait_max_s": "float",
 }
-_GATEWAY_TABLES = frozenset({"routes", "keys", "limits"})
+_GATEWAY_TABLES = frozenset({"routes", "keys", "limits", "cache"})
 
 
 def _unknown(table: Mapping[str, object], allowed: frozenset[str], where: str) -> None:
@@ -538,6 +588,33 @@ def _keys(items: object) -> tuple[KeySettings, ...]:
     return tuple(keys)
 
 
+_CACHE_FIELDS: dict[str, Literal["str", "int", "float", "bool", "list"]] = {
+    "store": "str",
+    "ttl_s": "float",
+    "max_bytes": "int",
+    "degrade": "bool",
+    "degrade_after_failures": "int",
+    "probe_after_s": "float",
+    "serve_models": "list",
+    "serve_keys": "list",
+    "serve_max_temperature": "float",
+    "pace_s": "float",
+    "store_tool_calls": "bool",
+}
+
+
+def _cache(table: object, base: CacheSettings, where: str, *, env: bool = False) -> CacheSettings:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where} must be a table ([{where}])")
+    _unknown(table, frozenset(_CACHE_FIELDS), f"[{where}]")
+    changes: dict[str, Any] = {
+        name: _scalar(table[name], kind, f"{where}_{name.upper()}" if env else f"{where}.{name}")
+        for name, kind in _CACHE_FIELDS.items()
+        if name in table
+    }
+    return replace(base, **changes) if changes else base
+
+
 def _from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
     _unknown(data, _TOP_KEYS, "the config file")
     gateway_table = data.get("gateway", {})
@@ -559,6 +636,8 @@ def _from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
             raise ConfigError("gateway.limits must be a table")
         _unknown(limits, _LIMIT_FIELDS, "[gateway.limits]")
         changes["limits"] = LimitSettings.parse(limits, "gateway.limits")
+    if "cache" in gateway_table:
+        changes["cache"] = _cache(gateway_table["cache"], CacheSettings(), "gateway.cache")
     gateway = _gateway_env(GatewaySettings(**changes), env)
     base_url = data.get("base_url", DEFAULT_BASE_URL)
     if not isinstance(base_url, str):
@@ -620,6 +699,13 @@ def _gateway_env(gateway: GatewaySettings, env: Mapping[str, str]) -> GatewaySet
             limit_changes[name] = int(value) if integer and value is not None else value
     if limit_changes:
         changes["limits"] = replace(gateway.limits, **limit_changes)
+    cache_env = {
+        name: env[variable]
+        for name in _CACHE_FIELDS
+        if env.get(variable := f"UNBROKEN_GATEWAY_CACHE_{name.upper()}")
+    }
+    if cache_env:
+        changes["cache"] = _cache(cache_env, gateway.cache, "UNBROKEN_GATEWAY_CACHE", env=True)
     return replace(gateway, **changes) if changes else gateway
 
 
