@@ -531,6 +531,20 @@ class StreamHub:
             if not batch.events:
                 return (acc.completion() if acc.has_output else None), after
 
+    async def chunks(self, stream_id: str) -> list[bytes]:
+        """The answer's chunks as logged (page by page), without the final `unbroken` event
+        and `[DONE]`: what the answer cache stores."""
+        chunks: list[bytes] = []
+        after = 0
+        while True:
+            batch = await self.log.read(stream_id, after, limit=PAGE_EVENTS, max_bytes=PAGE_BYTES)
+            if not batch.events:
+                return chunks
+            for seq, payload in batch.events:
+                after = seq
+                if payload.startswith(b'{"id"') and b'"unbroken":' not in payload:
+                    chunks.append(payload)
+
     # -- reading ---------------------------------------------------------------------------
 
     async def _check(self, ex: Exchange, stream_id: str, after: int) -> tuple[Caller, StreamInfo]:
