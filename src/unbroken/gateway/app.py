@@ -26,6 +26,7 @@ from unbroken.core.routes import Route
 from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.errors import UnbrokenError
 from unbroken.gateway.asgi import Exchange, Receive, Scope, Send
+from unbroken.gateway.cache import AnswerCache, RecordingStream
 from unbroken.gateway.keys import Caller, KeyRing
 from unbroken.gateway.limits import Limiter
 from unbroken.gateway.metrics import GatewayMetrics
@@ -35,12 +36,20 @@ from unbroken.gateway.relay import RelayResult, StreamRelay
 from unbroken.gateway.request import ChatRequest, parse_chat_request
 from unbroken.gateway.serving import BreakerWatch
 from unbroken.gateway.sessions import SESSIONS_PATH, SessionEndpoints, open_session_store
+from unbroken.gateway.streams import (
+    GATEWAY_HEADER,
+    STREAM_ID_HEADER,
+    STREAMS_PATH,
+    StreamHub,
+    open_stream_log,
+)
 from unbroken.gateway.upstream import LeanTransport
 from unbroken.gateway.web import WebUI
 from unbroken.gateway.widget_tokens import WidgetTokens
 from unbroken.instrumentation import Hook, PrometheusHook
 from unbroken.settings import Settings
 from unbroken.stores import Store, open_store
+from unbroken.stores.streamlog import StreamLog
 
 __all__ = ["Gateway", "build_upstream", "create_app", "upstream_transport"]
 
@@ -71,7 +80,7 @@ _NEVER_FORWARDED = frozenset(
         "expect",
     }
 )
-_ALLOWED_HEADERS = b"authorization, content-type, x-request-id, x-unbroken-resumable, last-event-id"
+_ALLOWED_HEADERS = b"authorization, content-type, x-request-id, last-event-id, x-unbroken-resumable"
 
 
 def build_upstream(
@@ -120,6 +129,7 @@ class Gateway:
         store: the state store; default from `settings.gateway.store`.
         upstream: the SDK client to use upstream; default `build_upstream(settings)`.
         registry: the Prometheus registry of `/metrics`; default a new one.
+        stream_log: the log of streamed answers; default from `settings.gateway.store`.
     """
 
     def __init__(
@@ -129,6 +139,7 @@ class Gateway:
         store: Store | None = None,
         upstream: AsyncClient | None = None,
         registry: CollectorRegistry | None = None,
+        stream_log: StreamLog | None = None,
     ) -> None:
         g = settings.gateway
         self.settings = settings
@@ -142,7 +153,9 @@ class Gateway:
         )
         self.keys = KeyRing(g, self.store, WidgetTokens(g).caller if g.has_widget_tokens else None)
         self.sessions = SessionEndpoints(self, open_session_store(g.sessions))
+        self.streams = StreamHub(self, stream_log or open_stream_log(g))
         self.limiter = Limiter(self.store, g.slot_lease_s)
+        self.cache = AnswerCache(g.cache, self.registry) if g.cache.enabled else None
         routes = settings.upstream_routes()
         self.scrub = Scrubber([settings.api_key, *(r.api_key for r in routes)])
         self.models = frozenset(g.models)
@@ -183,11 +196,15 @@ class Gateway:
         """End every in-flight answer now with a `shutting_down` error (drain deadline)."""
         for relay in list(self._relays):
             relay.stop("shutdown")
+        self.streams.abort()
 
     async def aclose(self) -> None:
-        """Close the upstream client and the store."""
+        """Close the stream hub (releasing its leases), the upstream client and the store."""
+        await self.streams.aclose()
         await self.client.aclose()
         await self.sessions.aclose()
+        if self.cache is not None:
+            await self.cache.aclose()
         await self.store.aclose()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -221,14 +238,14 @@ class Gateway:
                 origin = value
         if request_id is None or not _REQUEST_ID.fullmatch(request_id):
             request_id = uuid.uuid4().hex.encode()
-        headers = [(b"x-request-id", request_id)]
+        headers = [(b"x-request-id", request_id), GATEWAY_HEADER]
         if origin is not None and self._origin_allowed(origin):
             headers += [
                 (b"access-control-allow-origin", origin),
                 (b"vary", b"origin"),
                 (
                     b"access-control-expose-headers",
-                    b"x-request-id, retry-after, x-unbroken-stream-id",
+                    b"x-request-id, retry-after, x-unbroken-stream-id, x-unbroken-gateway",
                 ),
             ]
         return request_id, origin, headers
@@ -248,6 +265,9 @@ class Gateway:
             entry = self._routes.get(path)
             if entry is None and path.startswith(SESSIONS_PATH):
                 await self.sessions.handle(ex, method, path)
+                return
+            if entry is None and path.startswith(STREAMS_PATH + "/"):
+                await self.streams.handle(ex, method, path)
                 return
             if entry is None and self.web.handles(path):
                 await self.web.handle(ex, method, path)
@@ -360,9 +380,12 @@ class Gateway:
         caller: Caller,
         request: ChatRequest,
         after: Callable[[ChatCompletion], Awaitable[None]] | None = None,
+        session_id: str | None = None,
     ) -> None:
         """Admit, relay and book one checked chat request for `caller`; `after` runs with
-        the whole answer before its last byte is written (session turns are stored there)."""
+        the whole answer before its last byte is written (session turns are stored there).
+        A streamed answer goes through the stream log (gateway/streams.py); `session_id`
+        links the session to it."""
         g = self.settings.gateway
         if caller.models is not None:
             for model in (request.model, *request.fallbacks):
@@ -374,11 +397,21 @@ class Gateway:
                         code="model_not_allowed",
                         param="model",
                     )
+        resumable = self.streams.is_resumable(ex, request)
+        cache_key = None
+        if self.cache is not None:
+            cache_key = self.cache.key(request)
+            if await self._from_cache(ex, caller, request, cache_key):
+                return
         admission = await self.limiter.admit(caller, request.estimated_tokens, time.time())
         request_id = dict(ex.headers_out)[b"x-request-id"]
         booked = False
 
+        answered: ChatCompletion | None = None
+
         async def complete(completion: ChatCompletion) -> None:
+            nonlocal answered
+            answered = completion
             if after is not None:
                 await after(completion)
             await book(completion)
@@ -397,20 +430,72 @@ class Gateway:
             with anyio.CancelScope(shield=True):
                 await self.limiter.finish(admission, tokens, cost or 0.0, time.time())
 
+        def renew() -> Awaitable[None]:
+            return self.limiter.renew(admission, time.time())
+
+        if request.stream:
+            try:
+                producer = await self.streams.start(
+                    caller,
+                    request,
+                    self._forwarded(ex, request_id),
+                    resumable=resumable,
+                    on_complete=complete,
+                    on_end=book,
+                    renew_slot=renew if admission.lease is not None else None,
+                )
+            except BaseException:
+                await book(None)
+                raise
+            if session_id is not None:
+                await self.streams.log.link_session(session_id, producer.stream_id, time.time())
+            relay = StreamRelay(
+                ex,
+                self.scrub,
+                keepalive_s=g.keepalive_s,
+                send_timeout_s=g.send_timeout_s,
+                headers=[(STREAM_ID_HEADER, producer.stream_id.encode())],
+            )
+            producer.attach()
+            self.metrics.active.inc()
+            self._relays.add(relay)
+            result: RelayResult | None = None
+            try:
+                result = await relay.events(
+                    self.streams.follow(producer.stream_id, 0, producer=producer)
+                )
+            except GatewayError as exc:
+                if cache_key is None or not await self._degrade(ex, request, cache_key, exc):
+                    raise
+            else:
+                if cache_key is not None and result.reason == "complete":
+                    chunks = await self.streams.chunks(producer.stream_id)
+                    await self._remember(cache_key, chunks, answered)
+            finally:
+                self._relays.discard(relay)
+                self.metrics.active.dec()
+                producer.detach(time.time())
+                if result is None:
+                    result = relay.result
+                if result is not None:
+                    self.metrics.streams.labels(result.reason).inc()
+                    self.metrics.chunks.inc(result.n_chunks)
+                    if result.n_keepalives:
+                        self.metrics.keepalives.inc(result.n_keepalives)
+            return
+
         relay = StreamRelay(
             ex,
             self.scrub,
             keepalive_s=g.keepalive_s,
             send_timeout_s=g.send_timeout_s,
-            renew=(lambda: self.limiter.renew(admission, time.time()))
-            if admission.lease is not None
-            else None,
+            renew=renew if admission.lease is not None else None,
             renew_every_s=g.slot_lease_s / 3,
             on_complete=complete,
         )
         self.metrics.active.inc()
         self._relays.add(relay)
-        result: RelayResult | None = None
+        result = None
         try:
             stream = await self.client.chat.completions.create(
                 model=request.model,
@@ -420,10 +505,16 @@ class Gateway:
                 extra_headers=self._forwarded(ex, request_id),
                 fallbacks=request.fallbacks or None,
             )
-            if request.stream:
-                result = await relay.stream(stream)
-            else:
+            if cache_key is not None:
+                stream = RecordingStream(stream)
+            try:
                 result = await relay.json(stream)
+            except GatewayError as exc:
+                if cache_key is None or not await self._degrade(ex, request, cache_key, exc):
+                    raise
+            else:
+                if isinstance(stream, RecordingStream) and cache_key is not None:
+                    await self._remember(cache_key, stream.encoded(), answered)
         finally:
             self._relays.discard(relay)
             self.metrics.active.dec()
@@ -435,6 +526,58 @@ class Gateway:
                 self.metrics.chunks.inc(result.n_chunks)
                 if result.n_keepalives:
                     self.metrics.keepalives.inc(result.n_keepalives)
+
+    # -- the answer cache (gateway/cache.py) ---------------------------------------------------
+
+    async def _from_cache(
+        self, ex: Exchange, caller: Caller, request: ChatRequest, key: str
+    ) -> bool:
+        """Answer from the cache when serve mode has a hit or the upstream is known to be
+        down; True when the request was answered here."""
+        cache = self.cache
+        assert cache is not None  # noqa: S101 - called only with a cache
+        serves, down = cache.serves(caller, request), cache.upstream_down()
+        if not serves and not down:
+            return False
+        entry = await cache.get(key)
+        if entry is None:
+            cache.miss()
+            if down:
+                raise cache.unavailable()
+            return False
+        await cache.replay(ex, entry, "stale" if down else "hit", stream=request.stream)
+        return True
+
+    async def _degrade(
+        self, ex: Exchange, request: ChatRequest, key: str, error: GatewayError
+    ) -> bool:
+        """After an answer failed before any output: count it and, when the failure is the
+        upstream's, stand in with a stale entry; True when the request was answered.
+
+        Raises:
+            GatewayError: 503 with Retry-After when there is no entry to stand in.
+        """
+        cache = self.cache
+        assert cache is not None  # noqa: S101 - called only with a cache
+        if error.status not in (502, 503, 504) or not cache.settings.degrade:
+            return False
+        cache.record(failed_before_output=True)
+        entry = await cache.get(key)
+        if entry is None:
+            cache.miss()
+            raise cache.unavailable() from error
+        await cache.replay(ex, entry, "stale", stream=request.stream)
+        return True
+
+    async def _remember(
+        self, key: str, chunks: list[bytes], completion: ChatCompletion | None
+    ) -> None:
+        """After an answer was delivered whole: the upstream works; store the answer."""
+        cache = self.cache
+        if cache is None or not isinstance(completion, Answer):
+            return
+        cache.record(failed_before_output=False)
+        await cache.remember(key, chunks, completion)
 
     async def _models(self, ex: Exchange) -> None:
         caller = await self.keys.identify(ex.header(b"authorization"))
@@ -474,6 +617,7 @@ def create_app(
     store: Store | None = None,
     upstream: AsyncClient | None = None,
     registry: CollectorRegistry | None = None,
+    stream_log: StreamLog | None = None,
 ) -> Gateway:
     """Build the gateway ASGI app (see `Gateway`); settings default to `Settings.load()`."""
     return Gateway(
@@ -481,4 +625,5 @@ def create_app(
         store=store,
         upstream=upstream,
         registry=registry,
+        stream_log=stream_log,
     )
