@@ -117,6 +117,10 @@ export async function readAnswer({ open, base, headers, signal, onStart, onEvent
     const decoder = new SSEDecoder();
     const text = new TextDecoder();
     const reader = res.body.getReader();
+    // The browser knows the network is gone before TCP does: drop this connection now and
+    // reconnect after the last event id once it is back ("online").
+    const dropped = () => reader.cancel().catch(() => {});
+    window.addEventListener("offline", dropped);
     try {
       for (;;) {
         const { value, done } = await reader.read();
@@ -137,6 +141,7 @@ export async function readAnswer({ open, base, headers, signal, onStart, onEvent
         }
       }
     } finally {
+      window.removeEventListener("offline", dropped);
       reader.releaseLock();
     }
   }
