@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.browser.conftest import ASSISTANT, CONTENT, MESSAGE, MOCK, SEND, STOP
+from tests.browser.conftest import ASSISTANT, CONTENT, MESSAGE, MOCK, SEND, STOP, shot
 from unbroken.mock import MockServer, answer_text
 
 pytestmark = pytest.mark.browser
@@ -73,6 +73,7 @@ def test_stop_cancels_the_upstream_within_a_second(
         " || {textContent: ''}).textContent.length > 20"
     )
     assert mock.stats()["streams"]["cancelled"] == 0
+    shot(page, "streaming")
     clicked = time.monotonic()
     page.click(STOP)
     while mock.stats()["streams"]["cancelled"] < 1:

@@ -20,6 +20,7 @@ from tests.browser.conftest import (
     STOP,
     USER,
     gateway_settings,
+    shot,
 )
 from unbroken.gateway.app import create_app
 from unbroken.mock import MockServer, ServerThread, answer_text
@@ -102,7 +103,9 @@ def test_reasoning_shows_while_thinking_then_collapses(page: Any, mock: MockServ
         "() => document.querySelector('[data-part=reasoning]').textContent.length > 0"
     )
     assert block.evaluate("(el) => el.open")
+    shot(page, "reasoning-open")
     page.wait_for_selector(DONE, timeout=30_000)
+    shot(page, "reasoning-folded")
     assert not block.evaluate("(el) => el.open")
     reasoning, content = answer_text(
         "deepseek-reasoner", [{"role": "user", "content": "think first"}], config=MOCK
@@ -121,6 +124,7 @@ def test_an_error_shows_inline_and_retry_answers(page: Any, context: Any, mock: 
     failed = page.locator(f'{ASSISTANT}[data-state="error"]')
     failed.wait_for()
     assert failed.locator('[data-part="error"]').is_visible()
+    shot(page, "error-inline")
     failed.locator('button[aria-label="Retry"]').click()
     page.wait_for_selector(DONE, timeout=20_000)
     assert page.locator(ASSISTANT).count() == 1
@@ -188,6 +192,7 @@ def test_key_prompt_keeps_the_key_in_session_storage(
     page.goto(keyed_gateway.url + "/")
     key_box = page.locator('input[aria-label="Gateway key"]')
     key_box.wait_for()
+    shot(page, "key-prompt")
     key_box.fill("sk-wrong")
     page.keyboard.press("Enter")
     page.wait_for_selector("text=invalid gateway API key")

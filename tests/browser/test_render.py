@@ -4,6 +4,7 @@ in an answer left inert, and the page's Content-Security-Policy."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -107,3 +108,35 @@ def test_page_has_a_content_security_policy(gateway: ServerThread) -> None:
     assert "frame-ancestors 'none'" in csp
     assert "unsafe-inline" not in csp
     assert response.headers["x-content-type-options"] == "nosniff"
+
+
+def test_sse_decoder_in_the_page(page: Any) -> None:
+    """The page's SSE decoder: any split of the bytes, LF / CR / CRLF, comments, ids and
+    multi-line data give the same events (WHATWG "interpreting an event stream")."""
+    stream = (
+        ': keep-alive\r\nid: 1\r\ndata: {"a":1}\r\n\r\n'
+        "id: 2\rdata: line one\rdata: line two\r\r"
+        "event: note\nid: 3\ndata:no space\u2028still data\n\n"
+        "data: [DONE]\n\n"
+    )
+    events = page.evaluate(
+        """async (text) => {
+          const {SSEDecoder} = await import('/static/stream.js');
+          const results = [];
+          for (let size = 1; size <= text.length; size += 7) {
+            const d = new SSEDecoder();
+            const got = [];
+            for (let i = 0; i < text.length; i += size) got.push(...d.feed(text.slice(i, i + size)));
+            results.push(JSON.stringify(got));
+          }
+          return results;
+        }""",
+        stream,
+    )
+    assert len(set(events)) == 1
+    assert json.loads(events[0]) == [
+        {"id": "1", "event": "message", "data": '{"a":1}'},
+        {"id": "2", "event": "message", "data": "line one\nline two"},
+        {"id": "3", "event": "note", "data": "no space\u2028still data"},
+        {"id": "3", "event": "message", "data": "[DONE]"},
+    ]

@@ -88,8 +88,8 @@ class Chat {
     this.log = h("div", { class: "ub-messages", role: "log", "aria-live": "polite", "aria-label": "Conversation", tabindex: "0" });
     this.notice = h("div", { class: "ub-notice", role: "status", hidden: true });
     this.input = h("textarea", { "aria-label": "Message", rows: "1", placeholder: "Type a message…", title: "Enter sends; Shift+Enter adds a line" });
-    this.sendButton = h("button", { type: "submit", class: "ub-send", "aria-label": "Send" }, "➤");
-    this.stopButton = h("button", { type: "button", class: "ub-stop", "aria-label": "Stop", hidden: true, onclick: () => this.stop() }, "■");
+    this.sendButton = h("button", { type: "submit", class: "ub-send", "aria-label": "Send", title: "Send (Enter)" }, "➤");
+    this.stopButton = h("button", { type: "button", class: "ub-stop", "aria-label": "Stop", title: "Stop (Esc)", hidden: true, onclick: () => this.stop() }, "Stop");
     this.composer = h(
       "form",
       { class: "ub-composer", onsubmit: (e) => { e.preventDefault(); this.submit(); } },
