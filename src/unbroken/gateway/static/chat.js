@@ -482,6 +482,7 @@ class Chat {
     item.user = user;
     this.run(item, async (headers, signal) => {
       const sessionId = await this.ensureSession(text);
+      await this.syncing;
       user.at = keep ?? this.stored;
       const body = {
         content: text,
@@ -608,6 +609,15 @@ class Chat {
       if (this.active === active) this.active = null;
       this.stopButton.hidden = true;
       this.sendButton.disabled = false;
+      // What the session holds now (a stopped answer may or may not have been kept).
+      const sessionId = this.sessionId;
+      this.syncing = sessionId
+        ? this.api("GET", `/v1/sessions/${encodeURIComponent(sessionId)}`)
+            .then((session) => {
+              if (this.sessionId === sessionId) this.stored = session.messages.length;
+            })
+            .catch(() => {})
+        : null;
       this.refreshSessions().catch(() => {});
     }
   }
