@@ -205,6 +205,7 @@ class Producer:
         self._changed = asyncio.Event()
         self.first = asyncio.Event()  # set at the first append, or when the answer failed
         self.failure: GatewayError | None = None
+        self.completion: ChatCompletion | None = None  # the whole answer, once complete
         self.finished = False
         self.reason: str | None = None  # why it stopped early: stopped, abandoned, fenced...
         self.n_readers = 0
@@ -290,7 +291,7 @@ class Producer:
                 stream = await open_stream()
                 async for chunk in stream:
                     await self._append([_encode(chunk)])
-                completion = await stream.final()
+                completion = self.completion = await stream.final()
                 if self._on_complete is not None:
                     await self._on_complete(completion)
                 final = final_event(completion, self.stream_id, self.takeovers)
