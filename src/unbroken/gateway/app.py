@@ -45,6 +45,7 @@ from unbroken.gateway.streams import (
     open_stream_log,
 )
 from unbroken.gateway.upstream import LeanTransport
+from unbroken.gateway.ws import WS_PATH, ChatSocket
 from unbroken.instrumentation import Hook, PrometheusHook
 from unbroken.settings import Settings
 from unbroken.stores import Store, open_store
@@ -224,6 +225,12 @@ class Gateway:
             await self._http(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
+        elif kind == "websocket":
+            if scope["path"] == WS_PATH:
+                await ChatSocket(self, scope, receive, send).run()
+            else:
+                await receive()  # websocket.connect
+                await send({"type": "websocket.close", "code": 1008})
 
     def _common_headers(
         self, scope: Scope
@@ -250,6 +257,13 @@ class Gateway:
 
     def _origin_allowed(self, origin: bytes) -> bool:
         return "*" in self._origins or origin.decode("latin-1") in self._origins
+
+    def origin_allowed_ws(self, origin: bytes, host: bytes | None) -> bool:
+        """May a page from `origin` open a WebSocket to `host`? Browsers do not apply CORS
+        to WebSockets, so the gateway checks: an allowed origin, or its own pages."""
+        if self._origin_allowed(origin):
+            return True
+        return host is not None and origin.split(b"://", 1)[-1] == host
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -334,10 +348,16 @@ class Gateway:
     # -- endpoints ---------------------------------------------------------------------------
 
     def _forwarded(self, ex: Exchange, request_id: bytes) -> dict[str, str]:
-        headers = {"X-Request-ID": request_id.decode("latin-1")}
+        return self.forwarded_headers(ex.scope, request_id)
+
+    def forwarded_headers(self, scope: Scope, request_id: bytes | None) -> dict[str, str]:
+        """The request headers passed upstream: the request id (a new one when None) and
+        those `forward_headers` names, never Authorization, Host or hop-by-hop ones."""
+        rid = request_id.decode("latin-1") if request_id is not None else uuid.uuid4().hex
+        headers = {"X-Request-ID": rid}
         if not self._exact and not self._prefixes:
             return headers
-        for raw_name, raw_value in ex.scope.get("headers", ()):
+        for raw_name, raw_value in scope.get("headers", ()):
             name = raw_name.decode("latin-1")
             if name in _NEVER_FORWARDED:
                 continue

@@ -550,6 +550,15 @@ class StreamHub:
 
     async def _check(self, ex: Exchange, stream_id: str, after: int) -> tuple[Caller, StreamInfo]:
         caller = await self.gateway.keys.identify(_authorization(ex))
+        return caller, await self.check(caller, stream_id, after)
+
+    async def check(self, caller: Caller, stream_id: str, after: int) -> StreamInfo:
+        """May `caller` read `stream_id` after event `after`?
+
+        Raises:
+            GatewayError: 404 unknown, 403 another key's, 410 expired, 400 a cursor past
+                the end.
+        """
         info = await self.log.info(stream_id)
         if info is None:
             raise GatewayError(
@@ -579,7 +588,7 @@ class StreamHub:
                 code="invalid_event_id",
                 param="Last-Event-ID",
             )
-        return caller, info
+        return info
 
     async def _writer(self, stream_id: str) -> Producer | None:
         """The local producer, after taking the stream over if its writer is gone."""
@@ -728,7 +737,21 @@ class StreamHub:
         await ex.respond(200, body, headers=[(STREAM_ID_HEADER, stream_id.encode())])
 
     async def _stop(self, ex: Exchange, stream_id: str) -> None:
-        _, info = await self._check(ex, stream_id, 0)
+        caller = await self.gateway.keys.identify(_authorization(ex))
+        stopped = await self.stop_stream(caller, stream_id)
+        await ex.respond_json(200, {"id": stream_id, "object": "stream", "stopped": stopped})
+
+    async def writer(self, stream_id: str) -> Producer | None:
+        """The local producer of a live stream, taking it over if its writer is gone."""
+        return await self._writer(stream_id)
+
+    async def stop_stream(self, caller: Caller, stream_id: str) -> bool:
+        """Stop a stream's generation (wherever its writer runs); False when it had ended.
+
+        Raises:
+            GatewayError: as `check`.
+        """
+        info = await self.check(caller, stream_id, 0)
         stopped = not info.ended
         local = self._producers.get(stream_id)
         if local is not None and not local.finished:
@@ -751,7 +774,7 @@ class StreamHub:
                         time.time(),
                         end=True,
                     )
-        await ex.respond_json(200, {"id": stream_id, "object": "stream", "stopped": stopped})
+        return stopped
 
     # -- the ticker ------------------------------------------------------------------------
 
