@@ -82,7 +82,7 @@ def test_network_loss_costs_no_upstream_tokens(upstream: MockServer, redis_url: 
     """A fault proxy cuts each of 100 streams once at a random byte offset; all end
     identical and the mock served exactly one request and one answer's chunks per stream."""
     upstream.reset()
-    rng = random.Random(5)  # noqa: S311 - test data
+    rng = random.Random(5)
     # Each POST's connection is cut somewhere in its answer, past its headers (they carry
     # the stream id a reconnect needs); reconnections pass.
     cuts = [rng.randrange(600, 9000) for _ in range(N_STREAMS)]
