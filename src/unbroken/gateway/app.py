@@ -19,13 +19,14 @@ import anyio
 import httpx
 from prometheus_client import CollectorRegistry
 
-from unbroken.client import AsyncClient
+from unbroken.client import AsyncClient, AsyncStream
 from unbroken.core.attempt import Timeouts
 from unbroken.core.backoff import RetryPolicy
 from unbroken.core.routes import Route
 from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.errors import UnbrokenError
 from unbroken.gateway.asgi import Exchange, Receive, Scope, Send
+from unbroken.gateway.cache import AnswerCache, RecordingStream
 from unbroken.gateway.keys import Caller, KeyRing
 from unbroken.gateway.limits import Limiter
 from unbroken.gateway.metrics import GatewayMetrics
@@ -33,6 +34,7 @@ from unbroken.gateway.openapi import openapi
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
 from unbroken.gateway.relay import RelayResult, StreamRelay
 from unbroken.gateway.request import ChatRequest, parse_chat_request
+from unbroken.gateway.serving import BreakerWatch
 from unbroken.gateway.sessions import SESSIONS_PATH, SessionEndpoints, open_session_store
 from unbroken.gateway.streams import (
     GATEWAY_HEADER,
@@ -88,7 +90,7 @@ def build_upstream(
     `upstream_transport(settings)`); closing the AsyncClient closes the transport."""
     g = settings.gateway
     routes = [
-        Route(r.name, r.base_url, r.api_key, r.model, r.dialect)  # type: ignore[arg-type]  # RouteSettings checked the dialect
+        Route(r.name, r.base_url, r.api_key, r.model, r.dialect, r.context_tokens)  # type: ignore[arg-type]  # RouteSettings checked the dialect
         for r in settings.upstream_routes()
     ]
     return AsyncClient(
@@ -142,11 +144,16 @@ class Gateway:
         self.store: Store = store if store is not None else open_store(g.store)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = GatewayMetrics(self.registry)
-        self.client = upstream or build_upstream(settings, [PrometheusHook(self.registry)])
+        # Follows the breakers the client reports (only on the client built here).
+        self.breakers = BreakerWatch()
+        self.client = upstream or build_upstream(
+            settings, [PrometheusHook(self.registry), self.breakers]
+        )
         self.keys = KeyRing(g, self.store)
         self.sessions = SessionEndpoints(self, open_session_store(g.sessions))
         self.streams = StreamHub(self, stream_log or open_stream_log(g))
         self.limiter = Limiter(self.store, g.slot_lease_s)
+        self.cache = AnswerCache(g.cache, self.registry) if g.cache.enabled else None
         routes = settings.upstream_routes()
         self.scrub = Scrubber([settings.api_key, *(r.api_key for r in routes)])
         self.models = frozenset(g.models)
@@ -193,6 +200,8 @@ class Gateway:
         await self.streams.aclose()
         await self.client.aclose()
         await self.sessions.aclose()
+        if self.cache is not None:
+            await self.cache.aclose()
         await self.store.aclose()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -335,7 +344,12 @@ class Gateway:
                 headers[name] = raw_value.decode("latin-1")
         return headers
 
-    def _check_draining(self) -> None:
+    def serving_route(self) -> Route:
+        """The route the next answer would start on: the first whose breaker is not open."""
+        return self.breakers.first_allowed(self.client.routes)
+
+    def check_draining(self) -> None:
+        """Raise the 503 of a draining gateway."""
         if self.draining:
             raise GatewayError(
                 503,
@@ -347,7 +361,7 @@ class Gateway:
 
     async def _chat(self, ex: Exchange) -> None:
         g = self.settings.gateway
-        self._check_draining()
+        self.check_draining()
         caller = await self.keys.identify(ex.header(b"authorization"))
         request = parse_chat_request(
             await ex.read_body(g.max_body_bytes), self.models, self.route_names
@@ -378,14 +392,27 @@ class Gateway:
                         param="model",
                     )
         resumable = self.streams.is_resumable(ex, request)
+        cache_key = None
+        if self.cache is not None:
+            cache_key = self.cache.key(request)
+            if await self._from_cache(ex, caller, request, cache_key):
+                return
         admission = await self.limiter.admit(caller, request.estimated_tokens, time.time())
         request_id = dict(ex.headers_out)[b"x-request-id"]
         booked = False
+
+        recording: list[RecordingStream] = []
 
         async def complete(completion: ChatCompletion) -> None:
             if after is not None:
                 await after(completion)
             await book(completion)
+            if recording:  # a streamed answer, logged: the cache keeps it too
+                await self._remember(cache_key, recording[0], RelayResult("complete", completion))
+
+        def record(stream: AsyncStream) -> AsyncStream:
+            recording.append(RecordingStream(stream))
+            return recording[0]
 
         async def book(completion: ChatCompletion | None) -> None:
             nonlocal booked
@@ -414,6 +441,7 @@ class Gateway:
                     on_complete=complete,
                     on_end=book,
                     renew_slot=renew if admission.lease is not None else None,
+                    wrap=record if cache_key is not None else None,
                 )
             except BaseException:
                 await book(None)
@@ -435,6 +463,9 @@ class Gateway:
                 result = await relay.events(
                     self.streams.follow(producer.stream_id, 0, producer=producer)
                 )
+            except GatewayError as exc:
+                if cache_key is None or not await self._degrade(ex, request, cache_key, exc):
+                    raise
             finally:
                 self._relays.discard(relay)
                 self.metrics.active.dec()
@@ -469,7 +500,16 @@ class Gateway:
                 extra_headers=self._forwarded(ex, request_id),
                 fallbacks=request.fallbacks or None,
             )
-            result = await relay.json(stream)
+            if cache_key is not None:
+                stream = RecordingStream(stream)
+            try:
+                result = await relay.json(stream)
+            except GatewayError as exc:
+                if cache_key is None or not await self._degrade(ex, request, cache_key, exc):
+                    raise
+            else:
+                if isinstance(stream, RecordingStream):
+                    await self._remember(cache_key, stream, result)
         finally:
             self._relays.discard(relay)
             self.metrics.active.dec()
@@ -481,6 +521,62 @@ class Gateway:
                 self.metrics.chunks.inc(result.n_chunks)
                 if result.n_keepalives:
                     self.metrics.keepalives.inc(result.n_keepalives)
+
+    async def live_stream(self, session_id: str) -> str | None:
+        """The stream id of the answer a session is getting now (gateway/streams.py)."""
+        return await self.streams.live_stream(session_id)
+
+    # -- the answer cache (gateway/cache.py) ---------------------------------------------------
+
+    async def _from_cache(
+        self, ex: Exchange, caller: Caller, request: ChatRequest, key: str
+    ) -> bool:
+        """Answer from the cache when serve mode has a hit or the upstream is known to be
+        down; True when the request was answered here."""
+        cache = self.cache
+        assert cache is not None  # noqa: S101 - called only with a cache
+        serves, down = cache.serves(caller, request), cache.upstream_down()
+        if not serves and not down:
+            return False
+        entry = await cache.get(key)
+        if entry is None:
+            cache.miss()
+            if down:
+                raise cache.unavailable()
+            return False
+        await cache.replay(ex, entry, "stale" if down else "hit", stream=request.stream)
+        return True
+
+    async def _degrade(
+        self, ex: Exchange, request: ChatRequest, key: str, error: GatewayError
+    ) -> bool:
+        """After an answer failed before any output: count it and, when the failure is the
+        upstream's, stand in with a stale entry; True when the request was answered.
+
+        Raises:
+            GatewayError: 503 with Retry-After when there is no entry to stand in.
+        """
+        cache = self.cache
+        assert cache is not None  # noqa: S101 - called only with a cache
+        if error.status not in (502, 503, 504) or not cache.settings.degrade:
+            return False
+        cache.record(failed_before_output=True)
+        entry = await cache.get(key)
+        if entry is None:
+            cache.miss()
+            raise cache.unavailable() from error
+        await cache.replay(ex, entry, "stale", stream=request.stream)
+        return True
+
+    async def _remember(
+        self, key: str | None, stream: RecordingStream, result: RelayResult | None
+    ) -> None:
+        cache = self.cache
+        if cache is None or key is None or result is None or result.reason != "complete":
+            return
+        cache.record(failed_before_output=False)
+        if isinstance(result.completion, Answer):
+            await cache.remember(key, stream, result.completion)
 
     async def _models(self, ex: Exchange) -> None:
         caller = await self.keys.identify(ex.header(b"authorization"))

@@ -434,8 +434,10 @@ class StreamHub:
         on_complete: Callable[[ChatCompletion], Awaitable[None]] | None,
         on_end: Callable[[ChatCompletion | None], Awaitable[None]] | None,
         renew_slot: Callable[[], Awaitable[None]] | None,
+        wrap: Callable[[AsyncStream], AsyncStream] | None = None,
     ) -> Producer:
-        """Create the stream's log and start producing `request` into it."""
+        """Create the stream's log and start producing `request` into it (`wrap` wraps the
+        SDK stream, as the answer cache's recorder does)."""
         stream_id = new_stream_id(os.urandom(16))
         g = self.settings
         saved = _encode(
@@ -469,7 +471,7 @@ class StreamHub:
         client = self.gateway.client
 
         async def open_stream() -> AsyncStream:
-            return await client.chat.completions.create(
+            stream = await client.chat.completions.create(
                 model=request.model,
                 messages=request.messages,
                 stream=True,
@@ -477,6 +479,7 @@ class StreamHub:
                 extra_headers=headers,
                 fallbacks=request.fallbacks or None,
             )
+            return stream if wrap is None else wrap(stream)
 
         return self._spawn(producer, open_stream)
 
