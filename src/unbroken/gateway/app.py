@@ -19,7 +19,7 @@ import anyio
 import httpx
 from prometheus_client import CollectorRegistry
 
-from unbroken.client import AsyncClient
+from unbroken.client import AsyncClient, AsyncStream
 from unbroken.core.attempt import Timeouts
 from unbroken.core.backoff import RetryPolicy
 from unbroken.core.routes import Route
@@ -416,19 +416,34 @@ class Gateway:
         resumable: bool,
         after: Callable[[ChatCompletion], Awaitable[None]] | None = None,
         session_id: str | None = None,
+        cache_key: str | None = None,
     ) -> Producer:
         """Admit a checked streamed request and start producing it into the stream log
-        (SSE and WebSocket answers both start here); usage is booked when it ends."""
+        (SSE and WebSocket answers both start here); usage is booked when it ends, and a
+        whole answer is stored under `cache_key` in the answer cache."""
         booking = await _Booking.admit(self.limiter, caller, request, after)
+        recorded: list[RecordingStream] = []
+
+        def record(stream: AsyncStream) -> AsyncStream:
+            recorded.append(RecordingStream(stream))
+            return recorded[-1]
+
+        async def complete(completion: ChatCompletion) -> None:
+            await booking.complete(completion)
+            if cache_key is not None and recorded:
+                # Kept from the producer, so an answer that finished detached is cached too.
+                await self._remember(cache_key, recorded[-1].encoded(), completion)
+
         try:
             producer = await self.streams.start(
                 caller,
                 request,
                 headers,
                 resumable=resumable,
-                on_complete=booking.complete,
+                on_complete=complete,
                 on_end=booking.book,
                 renew_slot=booking.renew if booking.admission.lease is not None else None,
+                wrap=record if cache_key is not None else None,
             )
         except BaseException:
             await booking.book(None)
@@ -461,7 +476,13 @@ class Gateway:
         headers = self._forwarded(ex, request_id)
         if request.stream:
             producer = await self.start_answer(
-                caller, request, headers, resumable=resumable, after=after, session_id=session_id
+                caller,
+                request,
+                headers,
+                resumable=resumable,
+                after=after,
+                session_id=session_id,
+                cache_key=cache_key,
             )
             relay = StreamRelay(
                 ex,
@@ -481,10 +502,6 @@ class Gateway:
             except GatewayError as exc:
                 if cache_key is None or not await self._degrade(ex, request, cache_key, exc):
                     raise
-            else:
-                if cache_key is not None and result.reason == "complete":
-                    chunks = await self.streams.chunks(producer.stream_id)
-                    await self._remember(cache_key, chunks, producer.completion)
             finally:
                 self._relays.discard(relay)
                 self.metrics.active.dec()
@@ -538,6 +555,10 @@ class Gateway:
             self.metrics.chunks.inc(result.n_chunks)
             if result.n_keepalives:
                 self.metrics.keepalives.inc(result.n_keepalives)
+
+    async def live_stream(self, session_id: str) -> str | None:
+        """The stream id of the answer a session is getting now (gateway/streams.py)."""
+        return await self.streams.live_stream(session_id)
 
     # -- the answer cache (gateway/cache.py) ---------------------------------------------------
 

@@ -32,6 +32,7 @@ import logging
 import os
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -87,6 +88,9 @@ PAGE_BYTES = 256 * 1024
 TICK_S = 1.0
 SWEEP_EVERY_S = 30.0
 ORPHANS_PER_TICK = 50
+# Recent events a producer keeps for the readers on its own instance, so following a live
+# answer does not read the log back from the store for every event.
+TAIL_EVENTS = 256
 # The longest a long-poll may wait.
 MAX_WAIT_S = 60.0
 _encode = msgspec.json.encode
@@ -203,6 +207,7 @@ class Producer:
         self._slot_at = time.monotonic()
         self._scope = anyio.CancelScope()
         self._changed = asyncio.Event()
+        self.tail: deque[tuple[int, bytes]] = deque(maxlen=TAIL_EVENTS)
         self.first = asyncio.Event()  # set at the first append, or when the answer failed
         self.failure: GatewayError | None = None
         self.completion: ChatCompletion | None = None  # the whole answer, once complete
@@ -275,9 +280,9 @@ class Producer:
     # -- writing ---------------------------------------------------------------------------
 
     async def _append(self, payloads: list[bytes], *, end: bool = False) -> None:
-        self.n_events = await self.hub.log.append(
-            self.stream_id, self.epoch, payloads, time.time(), end=end
-        )
+        n = await self.hub.log.append(self.stream_id, self.epoch, payloads, time.time(), end=end)
+        self.tail.extend(zip(range(n - len(payloads) + 1, n + 1), payloads, strict=True))
+        self.n_events = n
         self._changed.set()
         self._changed = asyncio.Event()
         self.first.set()
@@ -430,8 +435,10 @@ class StreamHub:
         on_complete: Callable[[ChatCompletion], Awaitable[None]] | None,
         on_end: Callable[[ChatCompletion | None], Awaitable[None]] | None,
         renew_slot: Callable[[], Awaitable[None]] | None,
+        wrap: Callable[[AsyncStream], AsyncStream] | None = None,
     ) -> Producer:
-        """Create the stream's log and start producing `request` into it."""
+        """Create the stream's log and start producing `request` into it (`wrap` wraps the
+        SDK stream, as the answer cache's recorder does)."""
         stream_id = new_stream_id(os.urandom(16))
         g = self.settings
         saved = _encode(
@@ -465,7 +472,7 @@ class StreamHub:
         client = self.gateway.client
 
         async def open_stream() -> AsyncStream:
-            return await client.chat.completions.create(
+            stream = await client.chat.completions.create(
                 model=request.model,
                 messages=request.messages,
                 stream=True,
@@ -473,6 +480,7 @@ class StreamHub:
                 extra_headers=headers,
                 fallbacks=request.fallbacks or None,
             )
+            return stream if wrap is None else wrap(stream)
 
         return self._spawn(producer, open_stream)
 
@@ -617,6 +625,18 @@ class StreamHub:
                 raise producer.failure
         touched = 0.0
         while True:
+            local = self._producers.get(stream_id)
+            if local is not None and local.tail and local.tail[0][0] <= after + 1:
+                # Live on this instance: serve from the producer's tail, not the store.
+                fresh = [event for event in local.tail if event[0] > after]
+                for seq, payload in fresh:
+                    yield seq, payload
+                    after = seq
+                if fresh:
+                    continue
+                if not local.finished:
+                    await local.wait(after, TICK_S)
+                    continue
             try:
                 batch = await log.read(stream_id, after, limit=PAGE_EVENTS, max_bytes=PAGE_BYTES)
             except UnknownStreamError:
