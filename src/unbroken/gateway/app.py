@@ -263,7 +263,7 @@ class Gateway:
             if entry is None and path.startswith(SESSIONS_PATH):
                 await self.sessions.handle(ex, method, path)
                 return
-            if entry is None and path.startswith(STREAMS_PATH + "/"):
+            if entry is None and path.startswith((STREAMS_PATH + "/", "/streams/")):
                 await self.streams.handle(ex, method, path)
                 return
             if entry is None:

@@ -642,7 +642,8 @@ class StreamHub:
 
     async def handle(self, ex: Exchange, method: str, path: str) -> None:
         """`GET /v1/streams/{id}` (SSE or long-poll JSON) and `DELETE /v1/streams/{id}`."""
-        raw_id = path[len(STREAMS_PATH) + 1 :]
+        # /v1/streams/{id}, or /streams/{id} for clients whose base URL lacks the /v1
+        raw_id = path.removeprefix(STREAMS_PATH).removeprefix("/streams")[1:]
         try:
             stream_id = check_stream_id(raw_id)
         except InvalidRequestError as exc:
