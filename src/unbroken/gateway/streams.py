@@ -761,6 +761,11 @@ class StreamHub:
 
     # -- the ticker ------------------------------------------------------------------------
 
+    def start_ticker(self) -> None:
+        """Start renewing leases, sweeping for orphans and expired logs (at startup; a
+        producer starts it too, for apps run without lifespan events)."""
+        self._ensure_ticker()
+
     def _ensure_ticker(self) -> None:
         if self._ticker is None and not self._closing:
             self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
