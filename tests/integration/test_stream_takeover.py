@@ -9,6 +9,7 @@ import asyncio
 import json
 import random
 import signal
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -103,3 +104,40 @@ def test_network_loss_costs_no_upstream_tokens(upstream: MockServer, redis_url: 
     assert stats["streams"]["cancelled"] == 0
     single = stats["chunks_sent"] / N_STREAMS
     assert single == int(single)  # every stream sent the same, whole answer once
+
+
+def test_sweeper_finishes_a_detached_answer_of_a_dead_instance(
+    upstream: MockServer, redis_url: str
+) -> None:
+    """Nobody reconnects: the surviving instance's sweeper takes the dead one's detached
+    answer over and finishes it into the log, which then replays whole."""
+    import httpx
+    import redis
+
+    upstream.reset()
+    lease = {"stream_lease_s": "1.5"}
+    with (
+        gateway_process(upstream.url, redis_url, **lease) as (a, url_a),
+        gateway_process(upstream.url, redis_url, **lease) as (_, url_b),
+        httpx.Client(timeout=20) as client,
+    ):
+        with client.stream(
+            "POST", url_a + "/v1/chat/completions", json=BODY, headers=HEADERS
+        ) as response:
+            stream_id = response.headers["x-unbroken-stream-id"]
+            next(response.iter_raw())
+            a.send_signal(signal.SIGKILL)
+        meta = f"unbroken:s:{stream_id}"
+        with redis.Redis.from_url(redis_url) as r:
+            for _ in range(300):
+                if r.hget(meta, "ended") == b"1":
+                    break
+                time.sleep(0.05)  # polling the shared store; the sweeper runs elsewhere
+            else:
+                pytest.fail("the sweeper did not finish the answer")
+        replay = client.get(f"{url_b}/v1/streams/{stream_id}")
+    reader = Reader()
+    reader.feed(replay.content, bytearray())
+    reader.stream_id = stream_id
+    check([reader])
+    assert json.loads(reader.events[reader.last_id - 1])["unbroken"]["takeovers"] == 1

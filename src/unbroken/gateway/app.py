@@ -210,6 +210,7 @@ class Gateway:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                self.streams.start_ticker()  # leases, the orphan sweeper, retention
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.aclose()
@@ -278,7 +279,7 @@ class Gateway:
             if entry is None and path.startswith(SESSIONS_PATH):
                 await self.sessions.handle(ex, method, path)
                 return
-            if entry is None and path.startswith(STREAMS_PATH + "/"):
+            if entry is None and path.startswith((STREAMS_PATH + "/", "/streams/")):
                 await self.streams.handle(ex, method, path)
                 return
             if entry is None:

@@ -666,7 +666,8 @@ class StreamHub:
 
     async def handle(self, ex: Exchange, method: str, path: str) -> None:
         """`GET /v1/streams/{id}` (SSE or long-poll JSON) and `DELETE /v1/streams/{id}`."""
-        raw_id = path[len(STREAMS_PATH) + 1 :]
+        # /v1/streams/{id}, or /streams/{id} for clients whose base URL lacks the /v1
+        raw_id = path.removeprefix(STREAMS_PATH).removeprefix("/streams")[1:]
         try:
             stream_id = check_stream_id(raw_id)
         except InvalidRequestError as exc:
@@ -797,6 +798,11 @@ class StreamHub:
         return stopped
 
     # -- the ticker ------------------------------------------------------------------------
+
+    def start_ticker(self) -> None:
+        """Start renewing leases, sweeping for orphans and expired logs (at startup; a
+        producer starts it too, for apps run without lifespan events)."""
+        self._ensure_ticker()
 
     def _ensure_ticker(self) -> None:
         if self._ticker is None and not self._closing:
