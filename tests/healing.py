@@ -9,7 +9,7 @@ from typing import Any
 
 from unbroken.mock import MockServer
 
-__all__ = ["assert_fault_fired", "expected_requests", "spec_kinds"]
+__all__ = ["assert_fault_fired", "expected_requests", "logged", "spec_kinds"]
 
 
 def _parts(spec: str) -> list[tuple[str, int | None]]:
@@ -35,6 +35,18 @@ def expected_requests(spec: str) -> int:
     return 1 + max((t for _, t in _parts(spec) if t is not None), default=0)
 
 
+def logged(mock: MockServer, key: str, n: int, *, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+    """The mock's log entries under fault key `key`, once there are `n` of them (or the
+    timeout passed). The mock logs a request when it ends on its side, which may be just
+    after the client saw the end of it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        entries = [e for e in mock.log(1000) if e["fault_key"] == key]
+        if len(entries) >= n or time.monotonic() > deadline:
+            return entries
+        time.sleep(0.02)
+
+
 def assert_fault_fired(
     mock: MockServer, key: str, spec: str, mismatches_before: int, *, timeout_s: float = 10.0
 ) -> list[dict[str, Any]]:
@@ -42,18 +54,10 @@ def assert_fault_fired(
     `expected_requests(spec)`, that each fault was applied to the first `times` of them (to
     all without `times`), that the last one succeeded, and that `prefix_mismatches` did not
     move.
-
-    The mock logs a request when it ends on its side, which may be just after the client
-    saw the end of it, so the log is read until it holds them (up to `timeout_s`).
     """
     want = expected_requests(spec)
     parts = _parts(spec)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        entries = [e for e in mock.log(1000) if e["fault_key"] == key]
-        if len(entries) >= want or time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
+    entries = logged(mock, key, want, timeout_s=timeout_s)
     assert len(entries) == want, (spec, [e["faults"] for e in entries])
     for i, entry in enumerate(entries):
         applied = sorted(kind for kind, times in parts if times is None or i < times)
