@@ -149,8 +149,10 @@ def run(
     dialect: Dialect = "deepseek",
     policy: RetryPolicy | None = None,
     statuses: dict[int, int] | None = None,
+    plans: list[AttemptPlan] | None = None,
 ) -> tuple[str, str, int, list[str], list[AttemptPlan]]:
-    """Drive the flow purely; returns (text, reasoning, roles, finishes, plans)."""
+    """Drive the flow purely; returns (text, reasoning, roles, finishes, plans); the plans
+    also go to `plans` when given (to see them when the flow raises)."""
     route = Route("sim", "http://sim", dialect=dialect)
     answer = ChunkAccumulator()
     flow = answer_flow(
@@ -165,7 +167,7 @@ def run(
         options=FlowOptions(),
     )
     text, thoughts, roles, finishes = [], [], 0, []
-    plans: list[AttemptPlan] = []
+    plans = [] if plans is None else plans
     now = 0.0
     outcome: AttemptOutcome | None = None
     action = next(flow)
@@ -313,7 +315,16 @@ def test_resume_cap_raises_with_the_partial_answer() -> None:
 
 def test_attempt_cap_raises() -> None:
     """attempts bounds the number of requests of one answer."""
-    with pytest.raises(UnbrokenError):
+    plans: list[AttemptPlan] = []
+    with pytest.raises(RetriesExhausted) as info:
         run(
-            Upstream(), [], statuses=dict.fromkeys(range(1, 9), 503), policy=RetryPolicy(attempts=3)
+            Upstream(),
+            [],
+            statuses=dict.fromkeys(range(1, 9), 503),
+            policy=RetryPolicy(attempts=3),
+            plans=plans,
         )
+    assert [p.kind for p in plans] == ["first", "retry", "retry"]
+    assert info.value.attempts == 3
+    assert isinstance(info.value.__cause__, UpstreamStatusError)
+    assert info.value.__cause__.status_code == 503
