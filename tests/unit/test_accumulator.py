@@ -442,7 +442,6 @@ def fragmented(draw: st.DrawFn) -> tuple[ChatCompletion, list[ChatCompletionChun
     sends each tool call as a head fragment plus argument fragments, and interleaves the
     choices' chunks (and the tool calls within a choice) in a drawn order."""
     completion = draw(completions())
-    head = {"id": completion.id, "created": completion.created, "model": completion.model}
     lanes: list[list[ChunkChoice]] = []
     for choice in completion.choices:
         msg, i = choice.message, choice.index
@@ -476,7 +475,14 @@ def fragmented(draw: st.DrawFn) -> tuple[ChatCompletion, list[ChatCompletionChun
     chunks = []
     while any(lanes):
         n = draw(st.sampled_from([n for n, lane in enumerate(lanes) if lane]))
-        chunks.append(ChatCompletionChunk(**head, choices=[lanes[n].pop(0)]))
+        chunks.append(
+            ChatCompletionChunk(
+                id=completion.id,
+                created=completion.created,
+                model=completion.model,
+                choices=[lanes[n].pop(0)],
+            )
+        )
     return completion, chunks
 
 
