@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import re
 import time
@@ -655,7 +656,7 @@ def _finish(read: _Read, plan: _Planned) -> None:
     record.e2e_s = (read.end or time.perf_counter()) - read.t0
     record.text = "".join(read.text)
     record.n_chunks = len(read.times)
-    record.gaps_s = [b - a for a, b in zip(read.times, read.times[1:], strict=False)]
+    record.gaps_s = [b - a for a, b in itertools.pairwise(read.times)]
     if read.error is not None:
         record.error = read.error
     elif not read.done and record.error is None:
