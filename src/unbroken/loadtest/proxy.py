@@ -96,13 +96,17 @@ class FaultProxy:
             self._tasks.discard(task)
             return
         upward = asyncio.create_task(_pipe(reader, up_writer))
+        downward = asyncio.create_task(self._relay_down(up_reader, writer, peer_port))
         try:
-            await self._relay_down(up_reader, writer, peer_port)
+            # Either side closing ends the connection (HTTP clients do not half-close).
+            await asyncio.wait({upward, downward}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            upward.cancel()
-            with contextlib.suppress(asyncio.CancelledError, OSError):
-                await upward
+            for side in (upward, downward):
+                side.cancel()
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await side
             _abort(up_writer)
+            _abort(writer)
             self._tasks.discard(task)
 
     async def _relay_down(

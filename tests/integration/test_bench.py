@@ -1,0 +1,268 @@
+"""`unbroken bench` against the demo stack (the gateway in front of the mock DeepSeek, as
+`unbroken demo` builds it), run in-process through the CLI; Ctrl+C in a real subprocess."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from unbroken.cli.bench_cmds import bench
+from unbroken.gateway.app import create_app
+from unbroken.mock import Latency, MockConfig, MockServer, ServerThread
+from unbroken.settings import GatewaySettings, Settings
+
+pytestmark = pytest.mark.integration
+
+app = typer.Typer()
+app.command()(bench)
+app.command("noop")(lambda: None)  # two commands, so `bench` is a subcommand as in the CLI
+
+# The demo's settings (cli/gateway_cmds.py `demo`): 10 ms per token, x-mock-* forwarded.
+DEMO_TOKEN_MS = 10.0
+
+
+@pytest.fixture(scope="module")
+def demo() -> Iterator[tuple[MockServer, str]]:
+    """The demo stack on free loopback ports: (the mock, the gateway's /v1 URL)."""
+    mock = MockServer(MockConfig(seed=7, latency=Latency(token_ms=DEMO_TOKEN_MS)))
+    mock.start()
+    settings = Settings(
+        api_key="sk-demo",
+        base_url=mock.url,
+        gateway=GatewaySettings(
+            port=0,
+            forward_headers=("x-mock-*",),
+            retry_wait_initial_s=0.05,
+            retry_wait_max_s=0.5,
+        ),
+    )
+    server = ServerThread(create_app(settings), "127.0.0.1", 0, lifespan="on")
+    server.start()
+    try:
+        yield mock, f"{server.url}/v1"
+    finally:
+        server.stop()
+        mock.stop()
+
+
+def _run(args: list[str]) -> Any:
+    result = CliRunner().invoke(app, ["bench", *args])
+    return result
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(path.read_text(encoding="utf-8").splitlines()))
+
+
+def _mock_tokens_sent(log: list[dict[str, Any]]) -> int:
+    # The mock counts `data:` chunks: a role chunk, one per token, then (when the answer
+    # ended normally) the usage chunk and [DONE]; a refused request sent none.
+    return sum(max(0, e["chunks"] - 1 - (2 if e["outcome"] == "ok" else 0)) for e in log)
+
+
+def test_bench_against_the_demo_with_a_fault_mix(
+    demo: tuple[MockServer, str], tmp_path: Path
+) -> None:
+    """The table is printed, JSON/CSV/PNG/HTML are written, and the requests and tokens the
+    report counts are the ones the mock counted."""
+    mock, url = demo
+    mock.reset()
+    result = _run(
+        [
+            url,
+            "--concurrency", "6",
+            "--duration", "2",
+            "--fault", "0.3:reset after=8 times=1",
+            "--fault", "0.15:429 times=1",
+            "--fault", "0.1:stall after=5 ms=150 times=1",
+            "--fault", "0.1:400",
+            "--seed", "2",  # its first six fault draws hold every kind of the mix
+            "--out", str(tmp_path),
+        ]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    for label in ("TTFT", "time per output token", "inter-token latency", "end-to-end", "p99"):
+        assert label in out
+    assert "cut-to-next-byte" in out
+    assert "requests/s" in out
+    assert "tokens/s" in out
+    assert "errors: http_400" in out
+
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["schema"] == "unbroken.bench/1"
+    s = report["modes"]["stream"]
+    rows = _rows(tmp_path / "bench.csv")
+    assert len(rows) == s["requests"] > 10
+    assert s["errors"] == {"http_400": sum(1 for r in rows if r["error"] == "http_400")}
+    assert s["errors"]["http_400"] >= 1
+    assert s["recovery"]["cut_to_next_byte_s"]["n"] >= 1
+    assert sum(s["recovery"]["answers"].values()) == sum(
+        1 for r in rows if r["fault"] and r["status"] == "200"
+    )
+
+    stats = mock.stats()
+    log = mock.log(1000)
+    assert len(log) == stats["requests_total"]
+    # Every upstream request: the gateway's attempts (its trailer) plus the references.
+    assert stats["requests_total"] == s["upstream_attempts"] + report["references"]["requests"]
+    assert stats["faults"]["reset"] == sum(1 for r in rows if r["fault"].startswith("reset"))
+    # Every token the mock sent reached the tool once (the gateway drops what it resumed
+    # past), plus the references' tokens.
+    assert _mock_tokens_sent(log) == (
+        s["tokens_received"] + report["references"]["completion_tokens"]
+    )
+
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert [p.name for p in pngs] == ["bench-latency.png", "bench-throughput.png", "bench-ttft.png"]
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (tmp_path / "bench.html").read_text()
+    assert page.count("data:image/png;base64,") == 3
+    assert "Errors by kind" in page
+    assert "http_400" in page
+
+
+def test_cut_to_next_byte_matches_the_mock_log(
+    demo: tuple[MockServer, str], tmp_path: Path
+) -> None:
+    """A stream cut after a known chunk: the measured cut-to-next-byte latency is within
+    10 ms of the mock's log (the cut request's end to the resume's arrival)."""
+    mock, url = demo
+    mock.reset()
+    result = _run(
+        [url, "-c", "1", "-n", "4", "-d", "30", "--fault", "reset after=8 times=1",
+         "--no-plots", "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = _rows(tmp_path / "bench.csv")
+    assert len(rows) == 4
+    log = sorted(mock.log(100), key=lambda e: e["seq"])
+    cuts = [e for e in log if e["outcome"] == "reset"]
+    resumes = [e for e in log if e["path"] == "/beta/chat/completions"]
+    assert len(cuts) == len(resumes) == 4
+    for row, cut, resume in zip(rows, cuts, resumes, strict=True):
+        # ttft is 0: the resumed answer's first token leaves as the resume arrives.
+        by_mock_ms = (resume["time"] - cut["time"]) * 1000 - cut["duration_ms"]
+        measured_ms = float(row["cut_to_next_byte_ms"])
+        assert abs(measured_ms - by_mock_ms) <= 10.0, (measured_ms, by_mock_ms)
+        assert row["integrity"] == "whole"
+
+
+def test_a_proxy_cut_without_reconnect_loses_bytes(
+    demo: tuple[MockServer, str], tmp_path: Path
+) -> None:
+    """Through the built-in TCP fault proxy, straight at the mock (which cannot reconnect a
+    stream): each cut answer is an error and the comparison counts the missing bytes."""
+    mock, _ = demo
+    mock.reset()
+    result = _run(
+        [mock.url, "--api-key", "sk-test", "-c", "2", "-n", "6", "-d", "30",
+         "--proxy-fault", "0.5:cut after_bytes=1500",
+         "--no-plots", "--out", str(tmp_path), "--seed", "1"]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = _rows(tmp_path / "bench.csv")
+    cut = [r for r in rows if r["fault"]]
+    assert cut, "the seed draws no cut"
+    for r in cut:
+        assert r["error"] == "reset"
+        assert r["integrity"] == "missing"
+        assert int(r["missing_bytes"]) > 0
+    for r in rows:
+        if not r["fault"]:
+            assert r["error"] == ""
+
+
+def test_three_modes_side_by_side(demo: tuple[MockServer, str], tmp_path: Path) -> None:
+    """--mode all runs blocking, streaming and long-poll at the same load: one table, one
+    plot; a mode the endpoint lacks is reported as unsupported."""
+    mock, url = demo
+    mock.reset()
+    result = _run([url, "--mode", "all", "-c", "4", "-d", "1.5", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "interaction modes side by side" in out
+    report = json.loads((tmp_path / "bench.json").read_text())
+    blocking, stream = report["modes"]["blocking"], report["modes"]["stream"]
+    assert blocking["ok"] > 0
+    assert stream["ok"] > 0
+    # First visible text: a blocking answer shows when it is whole, a stream at its first token.
+    assert stream["ttft_s"]["p50"] < blocking["ttft_s"]["p50"]
+    if "longpoll" in report["unsupported"]:
+        assert "unsupported by this endpoint" in out
+    else:
+        assert report["modes"]["longpoll"]["ok"] > 0
+    assert (tmp_path / "bench-modes.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["ftp://x"], "URL must be"),
+        (["http://127.0.0.1:9/v1", "--max-tokens", "lots"], "bad --max-tokens"),
+        (["http://127.0.0.1:9/v1", "--fault", "2:reset"], "bad fault"),
+        (["http://127.0.0.1:9/v1", "--proxy-fault", "drop"], "bad proxy fault"),
+        (["http://127.0.0.1:9/v1", "--preset", "sales-peak"], "needs --rate"),
+        (["http://127.0.0.1:9/v1", "--mode", "carrier-pigeon"], "unknown --mode"),
+        (["http://127.0.0.1:9/v1", "--prompts", "/nonexistent/p.txt"], "cannot read"),
+    ],
+)
+def test_bad_options_are_one_line_errors(args: list[str], message: str) -> None:
+    """Bad options exit 2 with a message naming the problem, before any request."""
+    result = _run(args)
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+
+
+def test_ctrl_c_stops_and_still_writes_the_report(
+    demo: tuple[MockServer, str], tmp_path: Path
+) -> None:
+    """SIGINT during a long run: the command stops within seconds, exits 130 and the
+    reports hold the requests that ran."""
+    mock, url = demo
+    mock.reset()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "unbroken.cli", "bench", url, "-c", "4", "-d", "120",
+         "--rate", "20", "--out", str(tmp_path), "--no-plots"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while mock.stats()["requests_total"] < 10:
+            assert proc.poll() is None, proc.communicate()[0].decode()
+            assert time.monotonic() < deadline, "the bench sent no requests"
+            time.sleep(0.05)  # polling the mock's counter, not waiting out a race
+        interrupted_at = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert time.monotonic() - interrupted_at < 10
+    assert proc.returncode == 130, output.decode()
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["interrupted"] is True
+    assert report["modes"]["stream"]["requests"] >= 10
+    assert report["modes"]["stream"]["ok"] >= 5
+    rows = _rows(tmp_path / "bench.csv")
+    assert len(rows) == report["modes"]["stream"]["requests"]
+    with httpx.Client() as client:  # the gateway is still serving: nothing was left stuck
+        assert client.get(url.removesuffix("/v1") + "/healthz").status_code == 200
