@@ -266,3 +266,33 @@ def test_ctrl_c_stops_and_still_writes_the_report(
     assert len(rows) == report["modes"]["stream"]["requests"]
     with httpx.Client() as client:  # the gateway is still serving: nothing was left stuck
         assert client.get(url.removesuffix("/v1") + "/healthz").status_code == 200
+
+
+def test_locustfile_runs_headless_against_the_demo(
+    demo: tuple[MockServer, str], tmp_path: Path
+) -> None:
+    """examples/locustfile.py, headless for 10 s: streams parsed, TTFT and token counts
+    reported as Locust rows, no failure, and every answer it counted reached the mock."""
+    mock, url = demo
+    mock.reset()
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "UNBROKEN_BENCH_API_KEY": "sk-demo"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(root / "examples" / "locustfile.py"),
+         "--headless", "-u", "4", "-r", "4", "-t", "10s", "--host", url.removesuffix("/v1"),
+         "--only-summary", "--csv", str(tmp_path / "locust"), "--loglevel", "WARNING"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
+    stats = {(r["Type"], r["Name"]): r for r in _rows(tmp_path / "locust_stats.csv")}
+    ttft = stats[("TTFT", "/v1/chat/completions")]
+    answers = stats[("STREAM", "/v1/chat/completions")]
+    assert int(answers["Request Count"]) >= 10
+    assert int(answers["Failure Count"]) == 0
+    assert int(ttft["Request Count"]) >= int(answers["Request Count"])
+    assert float(ttft["Average Response Time"]) < float(answers["Average Response Time"])
+    assert float(answers["Average Content Size"]) > 1  # completion tokens per answer
+    assert mock.stats()["streams"]["completed"] >= int(answers["Request Count"])
