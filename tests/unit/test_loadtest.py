@@ -236,13 +236,13 @@ def test_summary_figures() -> None:
 
 
 def test_throughput_series_buckets_by_end() -> None:
-    """Each request counts in the bucket where it ended."""
+    """Starts count where they started, completions and tokens where they ended."""
     records = [
         _record(0, e2e_s=0.5, completion_tokens=10),  # ends at 0.5
         _record(1, e2e_s=0.5, completion_tokens=20),  # ends at 1.5
         _record(2, e2e_s=9.0, error="timeout"),  # ends past the run: last bucket
     ]
     series = throughput_series(records, 1.0, 3.0)
-    assert series == [(0.0, 1.0, 10.0), (1.0, 1.0, 20.0), (2.0, 0.0, 0.0)]
+    assert series == [(0.0, 1.0, 1.0, 10.0), (1.0, 1.0, 1.0, 20.0), (2.0, 1.0, 0.0, 0.0)]
     with pytest.raises(ValueError, match="bucket"):
         throughput_series(records, 0.0, 1.0)

@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from unbroken.errors import ConfigError
+from unbroken.loadtest.procstat import cpu_seconds, server_cost
 from unbroken.loadtest.proxy import parse_cut
 from unbroken.loadtest.report import (
     BenchReport,
@@ -191,6 +192,14 @@ def _render(console: Console, report: BenchReport) -> None:
             f"{escape(errors)}",
             highlight=False,
         )
+        if mode in report.server:
+            cost = report.server[mode]
+            console.print(
+                f"server: {cost['cpu_s']:.2f} CPU s, {cost['cores'] or 0:.2f} cores busy, "
+                f"{cost['cpu_ms_per_request'] or 0:.2f} CPU ms/request, "
+                f"{cost['cpu_us_per_token'] or 0:.1f} CPU us/token",
+                highlight=False,
+            )
         if summary.integrity:
             answers = ", ".join(f"{k} {v}" for k, v in sorted(summary.integrity.items()))
             console.print(
@@ -271,6 +280,9 @@ def bench(
     ),
     name: str = typer.Option("bench", help="file stem of the reports"),
     plots: bool = typer.Option(True, help="draw PNG plots (needs the [bench] extra)"),
+    watch_pid: list[int] = typer.Option(  # noqa: B008 - typer declares options this way
+        [], help="a local server process to charge CPU time to (Linux), repeatable"
+    ),
 ) -> None:
     """Load and recovery test: TTFT, TPOT, ITL, end-to-end, throughput, errors, and how
     cut streams recover; writes JSON, CSV, PNG plots and an HTML report. Ctrl+C stops and
@@ -289,6 +301,8 @@ def bench(
             if not sep or not key.strip():
                 raise ConfigError(f"bad --header {h!r}: use 'Name: value'")
             headers.append((key.strip(), value.strip()))
+        for pid in watch_pid:
+            cpu_seconds(pid)  # fails early, naming a pid that is not there
         if mode not in (*MODES, "all"):
             raise ConfigError(f"unknown --mode {mode!r}: stream, blocking, longpoll or all")
         config = BenchConfig(
@@ -304,6 +318,7 @@ def bench(
             compare=compare,
             timeout_s=timeout,
             headers=tuple(headers),
+            watch_pids=tuple(watch_pid),
         )
     except ConfigError as exc:
         err.print(f"[red]unbroken bench: {escape(exc.message)}[/red]")
@@ -335,8 +350,12 @@ def bench(
             asyncio.run(_drive(run, each, err, state))
         except KeyboardInterrupt:
             state["interrupted"] = True
-        report.records[each] = list(run.records)
-        report.summaries[each] = summarize(run.records, run.elapsed_s)
+        report.records[each] = summary_records = list(run.records)
+        report.summaries[each] = summary = summarize(summary_records, run.elapsed_s)
+        if run.server_cpu_s is not None:
+            report.server[each] = server_cost(
+                run.server_cpu_s, summary.duration_s, summary.n_ok, summary.tokens_received
+            )
         report.references["requests"] += run.n_references
         report.references["completion_tokens"] += run.reference_tokens
         if run.unsupported:

@@ -40,6 +40,7 @@ CSV_FIELDS = (
     "itl_mean_ms",
     "itl_max_ms",
     "chunks",
+    "bytes",
     "prompt_tokens",
     "completion_tokens",
     "attempts",
@@ -63,6 +64,7 @@ class BenchReport:
     interrupted: bool = False
     references: dict[str, int] = field(default_factory=dict)
     unsupported: dict[str, str] = field(default_factory=dict)
+    server: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
     def as_dict(self, plots: Sequence[str] = ()) -> dict[str, Any]:
         """The JSON document (schema `SCHEMA`)."""
@@ -74,6 +76,7 @@ class BenchReport:
             "modes": {mode: s.as_dict() for mode, s in self.summaries.items()},
             "unsupported": self.unsupported,
             "references": self.references,
+            "server": self.server,
             "plots": list(plots),
         }
 
@@ -108,6 +111,7 @@ def write_csv(report: BenchReport, path: Path) -> None:
                         _ms(sum(gaps) / len(gaps) if gaps else None),
                         _ms(max(gaps) if gaps else None),
                         r.n_chunks,
+                        r.n_bytes,
                         "" if r.prompt_tokens is None else r.prompt_tokens,
                         "" if r.completion_tokens is None else r.completion_tokens,
                         "" if r.attempts is None else r.attempts,
@@ -184,28 +188,26 @@ def write_plots(report: BenchReport, directory: Path, stem: str) -> list[Path]:
     ax.legend(fontsize=8)
     out.append(_save(fig, directory / f"{stem}-ttft.png"))
 
-    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
-    ax2 = ax.twinx()
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 6), dpi=100, sharex=True)
     for mode, records in report.records.items():
         summary = report.summaries[mode]
-        bucket = max(0.25, round(summary.duration_s / 30, 2))
+        bucket = max(0.5, round(summary.duration_s / 20, 1))
         series = throughput_series(records, bucket, summary.duration_s)
         color = colors.get(mode, "tab:gray")
-        xs = [t for t, _, _ in series]
-        ax.step(xs, [rps for _, rps, _ in series], where="post", color=color, label=f"{mode}")
-        ax2.step(
-            xs,
-            [tps for _, _, tps in series],
-            where="post",
-            color=color,
-            linestyle=":",
-            label=f"{mode} tokens/s",
-        )
-    ax.set(xlabel="time into the run (s)", ylabel="completed requests/s (solid)")
-    ax2.set_ylabel("tokens/s (dotted)")
+        # The last bucket is drawn to its end: repeat its value one bucket later.
+        xs = [t for t, *_ in series] + [series[-1][0] + bucket]
+        started, done, tokens = ([row[k] for row in series] for k in (1, 2, 3))
+        ax.step(xs, [*started, started[-1]], where="post", color=color, linestyle=":",
+                label=f"{mode}: started (offered)")  # fmt: skip
+        ax.step(xs, [*done, done[-1]], where="post", color=color, label=f"{mode}: completed")
+        ax2.step(xs, [*tokens, tokens[-1]], where="post", color=color, label=mode)
+    ax.set_ylabel("requests/s")
     ax.set_title("Throughput")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
+    ax2.set(xlabel="time into the run (s)", ylabel="completion tokens/s")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8, loc="upper left")
     out.append(_save(fig, directory / f"{stem}-throughput.png"))
 
     if len(report.summaries) > 1:

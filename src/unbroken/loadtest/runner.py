@@ -39,6 +39,7 @@ import msgspec
 from unbroken.core.events import Comment, SSEEvent
 from unbroken.core.sse import SSEDecoder
 from unbroken.errors import ConfigError
+from unbroken.loadtest.procstat import cpu_seconds
 from unbroken.loadtest.proxy import CutRule, FaultProxy
 from unbroken.loadtest.schedule import (
     LoadShape,
@@ -121,6 +122,8 @@ class BenchConfig:
         compare: fetch fault-free references for faulted answers and compare.
         timeout_s: per read (and per connect) timeout.
         headers: extra headers for every request.
+        watch_pids: local server processes whose CPU time the load is charged
+            (`server_cpu_s`), measured from the first start to the last end.
     """
 
     url: str
@@ -135,6 +138,7 @@ class BenchConfig:
     compare: bool = True
     timeout_s: float = 60.0
     headers: tuple[tuple[str, str], ...] = ()
+    watch_pids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -184,6 +188,7 @@ class BenchRun:
         self.n_references = 0
         self.reference_tokens = 0
         self.unsupported: str | None = None
+        self.server_cpu_s: float | None = None
         self._rng = random.Random(config.seed)  # noqa: S311 - load shapes, not secrets
         self._fault_rng = random.Random(config.seed + 1)  # noqa: S311
         self._started = 0.0
@@ -224,10 +229,10 @@ class BenchRun:
     async def run(self) -> list[RequestRecord]:
         """Run the load shape to its end (or `stop()`), then fetch references and compare."""
         cfg = self.config
-        limits = httpx.Limits(
-            max_connections=max(cfg.shape.concurrency, 1) * 2 + 16,
-            max_keepalive_connections=max(cfg.shape.concurrency, 1) * 2 + 16,
-        )
+        # The pool never queues a request of the load: no cap, no pool limit (open loop);
+        # otherwise room for every request in flight plus the reconnects and references.
+        pool = cfg.shape.concurrency * 2 + 16 if cfg.shape.concurrency else None
+        limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
         timeout = httpx.Timeout(cfg.timeout_s)
         cut = next((f.proxy for f in cfg.faults if f.proxy is not None), None)
         async with contextlib.AsyncExitStack() as stack:
@@ -249,6 +254,7 @@ class BenchRun:
                         headers=self._headers,
                     )
                 )
+            cpu_before = sum(cpu_seconds(pid) for pid in cfg.watch_pids)
             self._started = time.perf_counter()
             try:
                 if cfg.shape.is_open:
@@ -257,6 +263,9 @@ class BenchRun:
                     await self._closed_loop(client, cut_client)
             finally:
                 self._ended = time.perf_counter()
+                if cfg.watch_pids:
+                    cpu = sum(cpu_seconds(pid) for pid in cfg.watch_pids) - cpu_before
+                    self.server_cpu_s = cpu
             self.records.sort(key=lambda r: r.n)
             if cfg.compare and not self._stopping.is_set():
                 await self._compare(client)
@@ -444,6 +453,7 @@ class BenchRun:
             record.resumes = int(meta.get("resumes") or 0)
         record.ttft_s = record.e2e_s = now - t0
         record.n_chunks = 1
+        record.n_bytes = len(response.content)
 
     async def _stream(
         self,
@@ -469,7 +479,8 @@ class BenchRun:
                     return
                 stream_id = response.headers.get(STREAM_ID_HEADER)
                 local_port = _local_port(response)
-                async for data in response.aiter_raw():
+                async for data in response.aiter_bytes():
+                    record.n_bytes += len(data)
                     _feed(read, decoder.feed(data), time.perf_counter())
                     if read.finished:
                         break
@@ -503,7 +514,8 @@ class BenchRun:
                 await response.aread()
                 read.error = f"reconnect_http_{response.status_code}"
                 return
-            async for data in response.aiter_raw():
+            async for data in response.aiter_bytes():
+                read.record.n_bytes += len(data)
                 _feed(read, decoder.feed(data), time.perf_counter())
                 if read.finished:
                     break
@@ -556,6 +568,7 @@ class BenchRun:
                         f"{reply.status_code})"
                     )
                 return
+            record.n_bytes += len(reply.content)
             page = msgspec.json.decode(reply.content)
             items: list[SSEEvent | Comment] = []
             for event in page.get("events") or []:

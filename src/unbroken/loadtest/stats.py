@@ -129,6 +129,7 @@ class RequestRecord:
         gaps_s: the inter-token gaps of the stream.
         prompt_tokens, completion_tokens: from the answer's usage, when it had one.
         n_chunks: answer-text chunks received.
+        n_bytes: response body bytes received (SSE framing included).
         attempts: upstream attempts, from the gateway's trailer comment (None without it).
         resumes: resumes the gateway reported (None without the trailer).
         fault: the fault asked of the endpoint (`X-Mock-Fault`) or of the proxy, if any.
@@ -148,6 +149,7 @@ class RequestRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     n_chunks: int = 0
+    n_bytes: int = 0
     attempts: int | None = None
     resumes: int | None = None
     fault: str | None = None
@@ -188,6 +190,7 @@ class Summary:
     prompt_tokens: int
     completion_tokens: int
     tokens_received: int
+    bytes_received: int
     upstream_attempts: int
     ttft: Percentiles
     tpot: Percentiles
@@ -210,6 +213,7 @@ class Summary:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "tokens_received": self.tokens_received,
+            "bytes_received": self.bytes_received,
             "upstream_attempts": self.upstream_attempts,
             "ttft_s": self.ttft.as_dict(),
             "tpot_s": self.tpot.as_dict(),
@@ -249,6 +253,7 @@ def summarize(records: Iterable[RequestRecord], duration_s: float) -> Summary:
         prompt_tokens=sum(r.prompt_tokens or 0 for r in rows),
         completion_tokens=completion,
         tokens_received=sum(r.n_chunks for r in rows),
+        bytes_received=sum(r.n_bytes for r in rows),
         upstream_attempts=sum(attempts),
         ttft=Percentiles.of([r.ttft_s for r in ok if r.ttft_s is not None]),
         tpot=Percentiles.of([t for r in ok if (t := r.tpot_s) is not None]),
@@ -263,15 +268,18 @@ def summarize(records: Iterable[RequestRecord], duration_s: float) -> Summary:
 
 def throughput_series(
     records: Iterable[RequestRecord], bucket_s: float, duration_s: float
-) -> list[tuple[float, float, float]]:
-    """(bucket start, completed requests/s, completion tokens/s) per bucket of `bucket_s`
-    seconds over the run, counting each request when it ended."""
+) -> list[tuple[float, float, float, float]]:
+    """(bucket start, started requests/s, completed requests/s, completion tokens/s) per
+    bucket of `bucket_s` seconds: starts count where they started (the offered load),
+    completions and tokens where the request ended."""
     if bucket_s <= 0:
         raise ValueError(f"bucket must be > 0 s, got {bucket_s}")
     n = max(1, math.ceil(duration_s / bucket_s))
+    started = [0.0] * n
     done = [0.0] * n
     tokens = [0.0] * n
     for r in records:
+        started[min(n - 1, max(0, int(r.start_s // bucket_s)))] += 1
         end = r.end_s
         if end is None:
             continue
@@ -279,4 +287,7 @@ def throughput_series(
         if r.ok:
             done[i] += 1
         tokens[i] += r.completion_tokens or 0
-    return [(i * bucket_s, done[i] / bucket_s, tokens[i] / bucket_s) for i in range(n)]
+    return [
+        (i * bucket_s, started[i] / bucket_s, done[i] / bucket_s, tokens[i] / bucket_s)
+        for i in range(n)
+    ]
