@@ -187,6 +187,31 @@ def test_a_proxy_cut_without_reconnect_loses_bytes(
             assert r["error"] == ""
 
 
+def test_a_proxy_cut_reconnects_through_the_gateway(
+    demo: tuple[MockServer, str], tmp_path: Path
+) -> None:
+    """Through the TCP fault proxy to the gateway: each cut answer is read again from the
+    stream log (`GET /v1/streams/{id}`, `Last-Event-ID`) and arrives whole; the
+    cut-to-next-byte latency is measured from the proxy's cut, and no upstream request was
+    repeated."""
+    mock, url = demo
+    mock.reset()
+    result = _run(
+        [url, "-c", "3", "-n", "8", "-d", "30", "--proxy-fault", "0.5:cut after_bytes=3000",
+         "--no-plots", "--out", str(tmp_path), "--seed", "1"]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = _rows(tmp_path / "bench.csv")
+    cut = [r for r in rows if r["fault"]]
+    assert cut, "the seed draws no cut"
+    for r in cut:
+        assert r["error"] == ""
+        assert r["integrity"] == "whole"
+        assert 0 < float(r["cut_to_next_byte_ms"]) < 1000
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert mock.stats()["requests_total"] == len(rows) + report["references"]["requests"]
+
+
 def test_three_modes_side_by_side(demo: tuple[MockServer, str], tmp_path: Path) -> None:
     """--mode all runs blocking, streaming and long-poll at the same load: one table, one
     plot; a mode the endpoint lacks is reported as unsupported."""

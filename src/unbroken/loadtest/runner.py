@@ -63,6 +63,7 @@ _CUTS = ("reset", "close", "stall", "malformed", "error", "done_early", "insuffi
 # Long-poll: how long one poll may wait on the server (the endpoint's `wait` parameter).
 LONGPOLL_WAIT_S = 5.0
 STREAM_ID_HEADER = "x-unbroken-stream-id"
+RESUMABLE_HEADER = "X-Unbroken-Resumable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,9 +388,16 @@ class BenchRun:
         return body
 
     def _fault_headers(self, plan: _Planned) -> dict[str, str]:
-        if plan.fault is None or plan.fault.proxy is not None:
-            return {}
-        return {"X-Mock-Fault": plan.fault.spec, "X-Mock-Fault-Key": uuid.uuid4().hex}
+        if plan.fault is not None and plan.fault.proxy is not None:
+            # The answer should outlive the cut connection, as a client that means to
+            # reconnect asks an unbroken gateway (other endpoints ignore the header).
+            return {RESUMABLE_HEADER: "1"}
+        if plan.fault is None:
+            return {RESUMABLE_HEADER: "1"} if self.config.mode == "longpoll" else {}
+        headers = {"X-Mock-Fault": plan.fault.spec, "X-Mock-Fault-Key": uuid.uuid4().hex}
+        if self.config.mode == "longpoll":
+            headers[RESUMABLE_HEADER] = "1"
+        return headers
 
     async def _one(
         self,
@@ -579,7 +587,8 @@ class BenchRun:
             _feed(read, items, now)
             after = str(page.get("next") or after)
             if page.get("done"):
-                read.finished = True
+                # The log ended; its `[DONE]` is not among the events, the flag says it.
+                read.done = read.finished = True
         _finish(read, plan)
 
     # -- references ------------------------------------------------------------------------
@@ -662,6 +671,11 @@ def _feed(read: _Read, items: list[Any], now: float) -> None:
                 read.text.append(piece)
         if chunk.get("usage"):
             _usage(record, chunk["usage"])
+        meta = chunk.get("unbroken")
+        if isinstance(meta, dict) and isinstance(meta.get("attempts"), int):
+            # A gateway's stream log ends with an event that says what the answer took.
+            record.attempts = meta["attempts"]
+            record.resumes = int(meta.get("resumes") or 0)
 
 
 def _finish(read: _Read, plan: _Planned) -> None:
