@@ -136,7 +136,7 @@ def write_plots(report: BenchReport, directory: Path, stem: str) -> list[Path]:
     out: list[Path] = []
     colors = {"stream": "tab:blue", "blocking": "tab:orange", "longpoll": "tab:green"}
 
-    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
     for mode, records in report.records.items():
         ok = [r for r in records if r.ok and r.e2e_s is not None]
         color = colors.get(mode, "tab:gray")
@@ -170,7 +170,8 @@ def write_plots(report: BenchReport, directory: Path, stem: str) -> list[Path]:
     ax.set(xlabel="request start (s into the run)", ylabel="latency (ms)")
     ax.set_title("Latency over time")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    # Below the axes, so that no point hides behind it.
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     out.append(_save(fig, directory / f"{stem}-latency.png"))
 
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
