@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +23,6 @@ import typer
 from typer.testing import CliRunner
 
 from unbroken.cli.bench_cmds import bench
-from unbroken.gateway.app import create_app
-from unbroken.mock import Latency, MockConfig, MockServer, ServerThread
-from unbroken.settings import GatewaySettings, Settings
 
 pytestmark = pytest.mark.integration
 
@@ -30,32 +30,79 @@ app = typer.Typer()
 app.command()(bench)
 app.command("noop")(lambda: None)  # two commands, so `bench` is a subcommand as in the CLI
 
-# The demo's settings (cli/gateway_cmds.py `demo`): 10 ms per token, x-mock-* forwarded.
+# The demo's settings (cli/gateway_cmds.py `demo`): 10 ms per token, x-mock-* forwarded,
+# quick retries. Each server runs in its own process, as in production, so the tool's
+# timings are not disturbed by sharing an interpreter with the servers.
 DEMO_TOKEN_MS = 10.0
+GATEWAY_TOML = """\
+[gateway]
+forward_headers = ["x-mock-*"]
+retry_wait_initial_s = 0.05
+retry_wait_max_s = 0.5
+"""
+_MAIN = "import sys; from unbroken.cli import main; sys.argv[0] = 'unbroken'; main()"
+
+
+@dataclass
+class MockProcess:
+    """The mock DeepSeek in its own process, read through its admin endpoints."""
+
+    url: str
+
+    def stats(self) -> dict[str, Any]:
+        return dict(httpx.get(f"{self.url}/_mock/stats", timeout=10).json())
+
+    def log(self, limit: int) -> list[dict[str, Any]]:
+        body = httpx.get(f"{self.url}/_mock/log", params={"limit": limit}, timeout=10).json()
+        return list(body if isinstance(body, list) else body["entries"])
+
+    def reset(self) -> None:
+        httpx.post(f"{self.url}/_mock/reset", timeout=10).raise_for_status()
+
+
+def _start(args: list[str], env: dict[str, str], stack: contextlib.ExitStack) -> str:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _MAIN, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+
+    def stop() -> None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+
+    stack.callback(stop)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode()  # the URL line, printed once listening
+    match = re.search(r"http://127\.0\.0\.1:\d+", line)
+    assert match, f"no URL in {line!r}"
+    return match.group(0)
 
 
 @pytest.fixture(scope="module")
-def demo() -> Iterator[tuple[MockServer, str]]:
-    """The demo stack on free loopback ports: (the mock, the gateway's /v1 URL)."""
-    mock = MockServer(MockConfig(seed=7, latency=Latency(token_ms=DEMO_TOKEN_MS)))
-    mock.start()
-    settings = Settings(
-        api_key="sk-demo",
-        base_url=mock.url,
-        gateway=GatewaySettings(
-            port=0,
-            forward_headers=("x-mock-*",),
-            retry_wait_initial_s=0.05,
-            retry_wait_max_s=0.5,
-        ),
-    )
-    server = ServerThread(create_app(settings), "127.0.0.1", 0, lifespan="on")
-    server.start()
-    try:
-        yield mock, f"{server.url}/v1"
-    finally:
-        server.stop()
-        mock.stop()
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MockProcess, str]]:
+    """The demo stack on free loopback ports, each server its own process: (the mock, the
+    gateway's /v1 URL)."""
+    config = tmp_path_factory.mktemp("gateway") / "gateway.toml"
+    config.write_text(GATEWAY_TOML, encoding="utf-8")
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, "PYTHONPATH": src, "DEEPSEEK_API_KEY": "sk-demo"}
+    with contextlib.ExitStack() as stack:
+        mock_url = _start(
+            ["mock", "--port", "0", "--seed", "7", "--token-ms", str(DEMO_TOKEN_MS)], env, stack
+        )
+        gateway_url = _start(
+            ["serve", "--port", "0", "--upstream", mock_url, "--config", str(config),
+             "--log-level", "warning"],
+            env,
+            stack,
+        )  # fmt: skip
+        yield MockProcess(mock_url), f"{gateway_url}/v1"
 
 
 def _run(args: list[str]) -> Any:
@@ -74,7 +121,7 @@ def _mock_tokens_sent(log: list[dict[str, Any]]) -> int:
 
 
 def test_bench_against_the_demo_with_a_fault_mix(
-    demo: tuple[MockServer, str], tmp_path: Path
+    demo: tuple[MockProcess, str], tmp_path: Path
 ) -> None:
     """The table is printed, JSON/CSV/PNG/HTML are written, and the requests and tokens the
     report counts are the ones the mock counted."""
@@ -137,7 +184,7 @@ def test_bench_against_the_demo_with_a_fault_mix(
 
 
 def test_cut_to_next_byte_matches_the_mock_log(
-    demo: tuple[MockServer, str], tmp_path: Path
+    demo: tuple[MockProcess, str], tmp_path: Path
 ) -> None:
     """A stream cut after a known chunk: the measured cut-to-next-byte latency is within
     10 ms of the mock's log (the cut request's end to the resume's arrival)."""
@@ -163,7 +210,7 @@ def test_cut_to_next_byte_matches_the_mock_log(
 
 
 def test_a_proxy_cut_without_reconnect_loses_bytes(
-    demo: tuple[MockServer, str], tmp_path: Path
+    demo: tuple[MockProcess, str], tmp_path: Path
 ) -> None:
     """Through the built-in TCP fault proxy, straight at the mock (which cannot reconnect a
     stream): each cut answer is an error and the comparison counts the missing bytes."""
@@ -188,7 +235,7 @@ def test_a_proxy_cut_without_reconnect_loses_bytes(
 
 
 def test_a_proxy_cut_reconnects_through_the_gateway(
-    demo: tuple[MockServer, str], tmp_path: Path
+    demo: tuple[MockProcess, str], tmp_path: Path
 ) -> None:
     """Through the TCP fault proxy to the gateway: each cut answer is read again from the
     stream log (`GET /v1/streams/{id}`, `Last-Event-ID`) and arrives whole; the
@@ -212,7 +259,7 @@ def test_a_proxy_cut_reconnects_through_the_gateway(
     assert mock.stats()["requests_total"] == len(rows) + report["references"]["requests"]
 
 
-def test_three_modes_side_by_side(demo: tuple[MockServer, str], tmp_path: Path) -> None:
+def test_three_modes_side_by_side(demo: tuple[MockProcess, str], tmp_path: Path) -> None:
     """--mode all runs blocking, streaming and long-poll at the same load: one table, one
     plot; a mode the endpoint lacks is reported as unsupported."""
     mock, url = demo
@@ -254,7 +301,7 @@ def test_bad_options_are_one_line_errors(args: list[str], message: str) -> None:
 
 
 def test_ctrl_c_stops_and_still_writes_the_report(
-    demo: tuple[MockServer, str], tmp_path: Path
+    demo: tuple[MockProcess, str], tmp_path: Path
 ) -> None:
     """SIGINT during a long run: the command stops within seconds, exits 130 and the
     reports hold the requests that ran."""
@@ -294,7 +341,7 @@ def test_ctrl_c_stops_and_still_writes_the_report(
 
 
 def test_locustfile_runs_headless_against_the_demo(
-    demo: tuple[MockServer, str], tmp_path: Path
+    demo: tuple[MockProcess, str], tmp_path: Path
 ) -> None:
     """examples/locustfile.py, headless for 10 s: streams parsed, TTFT and token counts
     reported as Locust rows, no failure, and every answer it counted reached the mock."""
