@@ -368,3 +368,51 @@ def test_locustfile_runs_headless_against_the_demo(
     assert float(ttft["Average Response Time"]) < float(answers["Average Response Time"])
     assert float(answers["Average Content Size"]) > 1  # completion tokens per answer
     assert mock.stats()["streams"]["completed"] >= int(answers["Request Count"])
+
+
+def test_long_poll_is_unsupported_by_a_plain_endpoint(
+    demo: tuple[MockProcess, str], tmp_path: Path
+) -> None:
+    """Straight at the mock (no stream ids), --mode all still runs blocking and streaming
+    and reports long-poll as unsupported by this endpoint, after one request."""
+    mock, _ = demo
+    result = _run(
+        [mock.url, "--api-key", "sk-test", "--mode", "all", "-c", "2", "-d", "1", "--no-plots",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "long-poll is unsupported by this endpoint" in out
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert set(report["unsupported"]) == {"longpoll"}
+    assert report["modes"]["longpoll"]["errors"] == {"unsupported": 2}
+    assert report["modes"]["blocking"]["ok"] > 0
+    assert report["modes"]["stream"]["ok"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "kind"),
+    [
+        (["--rate", "20", "--arrival", "poisson"], "poisson"),
+        (["--rate", "20", "--ramp-from", "5", "--ramp-s", "1"], "ramp"),
+        (["--preset", "sales-peak", "--rate", "20"], "ramp"),
+    ],
+)
+def test_open_loop_shapes(
+    demo: tuple[MockProcess, str], tmp_path: Path, args: list[str], kind: str
+) -> None:
+    """Poisson, ramp and sales-peak runs start requests on their schedule and report it."""
+    mock, _ = demo
+    result = _run(
+        [mock.url, "--api-key", "sk-test", "-d", "1.5", "-c", "0", "--max-tokens", "uniform:5-20",
+         "--no-plots", "--out", str(tmp_path), *args]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["config"]["shape"]["kind"] == kind
+    s = report["modes"]["stream"]
+    assert s["requests"] >= 5
+    assert s["ok"] == s["requests"]
+    rows = _rows(tmp_path / "bench.csv")
+    assert all(5 <= int(r["completion_tokens"]) <= 20 for r in rows)
+    assert max(float(r["start_s"]) for r in rows) < 1.5
