@@ -53,6 +53,10 @@ CSV_FIELDS = (
 )
 
 
+# One color per mode in every plot.
+COLORS = {"stream": "tab:blue", "blocking": "tab:orange", "longpoll": "tab:green"}
+
+
 @dataclass(slots=True)
 class BenchReport:
     """Everything a report holds: the run's settings, one summary per mode, the records."""
@@ -134,7 +138,7 @@ def write_plots(report: BenchReport, directory: Path, stem: str) -> list[Path]:
     import matplotlib.pyplot as plt
 
     out: list[Path] = []
-    colors = {"stream": "tab:blue", "blocking": "tab:orange", "longpoll": "tab:green"}
+    colors = COLORS
 
     fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
     for mode, records in report.records.items():
@@ -219,14 +223,15 @@ def write_plots(report: BenchReport, directory: Path, stem: str) -> list[Path]:
 def _modes_plot(report: BenchReport, path: Path, plt: Any) -> Path:
     modes = [m for m, s in report.summaries.items() if s.n_ok]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4.5), dpi=100)
-    labels = ("first text p50", "first text p99", "end-to-end p50", "end-to-end p99")
+    labels = ("first text\np50", "first text\np99", "end-to-end\np50", "end-to-end\np99")
     width = 0.8 / max(1, len(modes))
     for i, mode in enumerate(modes):
         s = report.summaries[mode]
         values = [s.ttft.p50, s.ttft.p99, s.e2e.p50, s.e2e.p99]
         xs = [j + i * width for j in range(len(labels))]
-        ax.bar(xs, [(v or 0) * 1000 for v in values], width, label=mode)
-        ax2.bar([i], [s.requests_per_s], 0.6, label=mode)
+        color = COLORS.get(mode, "tab:gray")
+        ax.bar(xs, [(v or 0) * 1000 for v in values], width, label=mode, color=color)
+        ax2.bar([i], [s.requests_per_s], 0.6, label=mode, color=color)
     ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(labels))], labels)
     ax.set_ylabel("ms")
     ax.set_title("Latency by interaction mode")
