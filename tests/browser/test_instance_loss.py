@@ -89,7 +89,18 @@ def gateway_process(mock_url: str, redis_url: str) -> Iterator[tuple[subprocess.
         UNBROKEN_GATEWAY_FORWARD_HEADERS="x-mock-*",
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", SERVE, "--port", str(port), "--upstream", mock_url],
+        # One process per instance, so kill -9 takes the instance's only worker with it.
+        [
+            sys.executable,
+            "-c",
+            SERVE,
+            "--port",
+            str(port),
+            "--upstream",
+            mock_url,
+            "--workers",
+            "1",
+        ],
         env=environ,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
