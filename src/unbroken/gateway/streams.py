@@ -628,11 +628,13 @@ class StreamHub:
                 continue
             writer = self._producers.get(stream_id)
             if writer is None or writer.finished:
+                writer = None
                 now = time.time()
                 if now - touched >= TICK_S:
+                    # Once a second: say a reader follows, and look for a dead writer.
                     touched = now
                     await log.touch_reader(stream_id, now)
-                writer = await self._writer(stream_id)
+                    writer = await self._writer(stream_id)
             if writer is not None:
                 await writer.wait(after, TICK_S)
             else:

@@ -25,6 +25,9 @@ __all__ = ["RedisStreamLog"]
 
 T = TypeVar("T")
 
+# Connections of one instance's log client (Redis serves 10,000 clients by default).
+MAX_CONNECTIONS = 4096
+
 _FMT = "local function fmt(x) return string.format('%.17g', x) end\n"
 
 # KEYS meta, req, exp, live; ARGV id, caller, request, resumable, owner, now, lease_s, keep_ms
@@ -225,7 +228,14 @@ class RedisStreamLog:
             ConfigError: the URL is malformed.
         """
         try:
-            client = aioredis.from_url(url, socket_connect_timeout=2.0, socket_timeout=10.0)
+            # Each reader waiting for a live event holds a connection (XREAD BLOCK), so the
+            # pool is sized for thousands of readers, not redis-py's default 100.
+            client = aioredis.from_url(
+                url,
+                socket_connect_timeout=2.0,
+                socket_timeout=10.0,
+                max_connections=MAX_CONNECTIONS,
+            )
         except ValueError as exc:
             raise ConfigError(f"gateway store: malformed Redis URL ({exc})") from None
         return cls(client, retention, prefix)
