@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -381,7 +382,7 @@ async def run_with_loss(
             after = [killed_at] + [t for t in reader.byte_times if t > killed_at]
             if len(after) > 1:
                 gaps.append(after[1] - killed_at)
-                stalls.append(max(b - a for a, b in zip(after, after[1:], strict=False)))
+                stalls.append(max(b - a for a, b in pairwise(after)))
     return LossRun(list(readers), killed_at, gaps, stalls)
 
 
