@@ -110,6 +110,11 @@ def test_every_event_has_an_id_and_the_final_event_proves_the_text(upstream: Moc
             f"/v1/streams/{stream_id}?after=1", headers={"Last-Event-ID": str(len(events) - 1)}
         )
         assert parse_events(header_wins.content) == events[-1:]
+        # After the last event, EventSource is told to stop reconnecting.
+        past_end = client.get(
+            f"/v1/streams/{stream_id}", headers={"Last-Event-ID": str(len(events))}
+        )
+        assert past_end.status_code == 204
 
 
 def test_reconnect_mid_answer_costs_no_upstream_request(upstream: MockServer) -> None:
@@ -226,3 +231,19 @@ def test_session_records_its_live_stream(upstream: MockServer) -> None:
             assert client.get(f"/v1/sessions/{session}").json()["live_stream_id"] == stream_id
         client.get(f"/v1/streams/{stream_id}")  # follow it to its end
         assert client.get(f"/v1/sessions/{session}").json()["live_stream_id"] is None
+
+
+def test_an_answer_past_its_log_bound_ends_with_an_error(upstream: MockServer) -> None:
+    """An answer that outgrows stream_max_bytes ends with a stream_log_full error event,
+    and its log ends too (a reconnect gets the same ending)."""
+    with (
+        gateway(upstream.url, stream_max_bytes=4096) as server,
+        httpx.Client(base_url=server.url, timeout=20) as client,
+    ):
+        response = client.post("/v1/chat/completions", json=BODY, headers={"X-Mock-Tokens": "200"})
+        events = parse_events(response.content)
+        error = json.loads(events[-1][1])["error"]
+        assert error["code"] == "stream_log_full"
+        assert "stream_max_bytes" in error["message"]
+        stream_id = response.headers["x-unbroken-stream-id"]
+        assert parse_events(client.get(f"/v1/streams/{stream_id}").content) == events

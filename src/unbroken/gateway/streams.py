@@ -672,10 +672,16 @@ class StreamHub:
             )
         except InvalidRequestError as exc:
             raise GatewayError(400, exc.message, code="invalid_event_id", param="after") from None
-        await self._check(ex, stream_id, after)
+        _, info = await self._check(ex, stream_id, after)
         accept = ex.header(b"accept") or b""
         if b"application/json" in accept and b"text/event-stream" not in accept:
             await self._long_poll(ex, stream_id, after, _first(query, "wait"))
+            return
+        if info.ended and after >= info.n_events:
+            # Nothing more will ever come: 204 tells EventSource to stop reconnecting
+            # (WHATWG SSE: a 204 fails the connection without a retry).
+            await ex.start(204, [(STREAM_ID_HEADER, stream_id.encode())])
+            await ex.send({"type": "http.response.body", "body": b""})
             return
         await self._sse(ex, stream_id, after)
 

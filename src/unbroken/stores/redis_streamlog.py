@@ -19,7 +19,13 @@ import redis.asyncio as aioredis
 from unbroken.core.streamlog import Lease, Retention, StreamInfo
 from unbroken.errors import ConfigError, StoreError
 from unbroken.stores.redis import _translated
-from unbroken.stores.streamlog import Batch, FencedError, LogFullError, UnknownStreamError
+from unbroken.stores.streamlog import (
+    END_SLACK_BYTES,
+    Batch,
+    FencedError,
+    LogFullError,
+    UnknownStreamError,
+)
 
 __all__ = ["RedisStreamLog"]
 
@@ -49,18 +55,20 @@ return 1
 )
 
 # KEYS meta, log, req, total, exp, live
-# ARGV id, epoch, now, end, max_stream, max_total, expires_at, keep_ms, prefix, payloads...
+# ARGV id, epoch, now, end, max_stream, max_total, expires_at, keep_ms, prefix, end_slack,
+#      payloads...
 _APPEND = """
 local m = redis.call('HMGET', KEYS[1], 'epoch', 'n', 'bytes', 'ended', 'gone')
 if not m[1] then return -1 end
 if m[5] == '1' or m[4] == '1' or tonumber(m[1]) ~= tonumber(ARGV[2]) then return -2 end
 local size = 0
-for i = 10, #ARGV do size = size + #ARGV[i] end
+for i = 11, #ARGV do size = size + #ARGV[i] end
 local sb = tonumber(m[3])
-if sb + size > tonumber(ARGV[5]) then return -3 end
+local slack = ARGV[4] == '1' and size <= tonumber(ARGV[10])
+if sb + size > tonumber(ARGV[5]) and not slack then return -3 end
 local max_total = tonumber(ARGV[6])
 local total = tonumber(redis.call('GET', KEYS[4]) or '0')
-if total + size > max_total then
+if total + size > max_total and not slack then
   -- Oldest ended logs go first; an unfinished answer is never evicted for another.
   local oldest = redis.call('ZRANGE', KEYS[5], 0, 199)
   for _, sid in ipairs(oldest) do
@@ -79,7 +87,7 @@ if total + size > max_total then
   if total + size > max_total then return -4 end
 end
 local n = tonumber(m[2])
-for i = 10, #ARGV do
+for i = 11, #ARGV do
   n = n + 1
   redis.call('XADD', KEYS[2], '0-' .. n, 'd', ARGV[i])
 end
@@ -314,6 +322,7 @@ class RedisStreamLog:
             repr(now + r.ttl_s),
             self._keep_ms(),
             self._p,
+            END_SLACK_BYTES,
             *payloads,
         ]
         keys = [meta, log, req, self._total, self._exp, self._live]

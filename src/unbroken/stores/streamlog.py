@@ -27,6 +27,7 @@ from unbroken.core.streamlog import (
 from unbroken.errors import StoreError
 
 __all__ = [
+    "END_SLACK_BYTES",
     "Batch",
     "FencedError",
     "LogFullError",
@@ -37,6 +38,9 @@ __all__ = [
 
 # Tombstones (expired streams still answered with 410) kept at most, oldest dropped first.
 MAX_TOMBSTONES = 100_000
+# The last events of a log (a stop finish, the final event, an error, [DONE]) fit past the
+# bounds by this much, so a log that hit them can still end.
+END_SLACK_BYTES = 4096
 
 
 class FencedError(StoreError):
@@ -91,7 +95,8 @@ class StreamLog(Protocol):
     async def append(
         self, stream_id: str, epoch: int, payloads: Sequence[bytes], now: float, *, end: bool
     ) -> int:
-        """Append `payloads` as the next events; `end` makes the last one the log's last.
+        """Append `payloads` as the next events; `end` makes the last one the log's last
+        (last events of up to `END_SLACK_BYTES` fit past the bounds).
 
         Returns:
             the sequence number of the last event appended.
@@ -247,6 +252,8 @@ class MemoryStreamLog:
             raise FencedError(f"stream {stream_id!r}: epoch {epoch} may not append")
         size = sum(len(p) for p in payloads)
         room = self.retention.room(info.n_bytes, self._total, size)
+        if end and size <= END_SLACK_BYTES:
+            room = Room.OK
         if room is Room.TOTAL_FULL and self._evict_for(size, stream_id):
             room = Room.OK
         if room is not Room.OK:
