@@ -210,6 +210,7 @@ class Producer:
         self.tail: deque[tuple[int, bytes]] = deque(maxlen=TAIL_EVENTS)
         self.first = asyncio.Event()  # set at the first append, or when the answer failed
         self.failure: GatewayError | None = None
+        self.completion: ChatCompletion | None = None  # the whole answer, once complete
         self.finished = False
         self.reason: str | None = None  # why it stopped early: stopped, abandoned, fenced...
         self.n_readers = 0
@@ -295,7 +296,7 @@ class Producer:
                 stream = await open_stream()
                 async for chunk in stream:
                     await self._append([_encode(chunk)])
-                completion = await stream.final()
+                completion = self.completion = await stream.final()
                 if self._on_complete is not None:
                     await self._on_complete(completion)
                 final = final_event(completion, self.stream_id, self.takeovers)
@@ -539,10 +540,33 @@ class StreamHub:
             if not batch.events:
                 return (acc.completion() if acc.has_output else None), after
 
+    async def chunks(self, stream_id: str) -> list[bytes]:
+        """The answer's chunks as logged (page by page), without the final `unbroken` event
+        and `[DONE]`: what the answer cache stores."""
+        chunks: list[bytes] = []
+        after = 0
+        while True:
+            batch = await self.log.read(stream_id, after, limit=PAGE_EVENTS, max_bytes=PAGE_BYTES)
+            if not batch.events:
+                return chunks
+            for seq, payload in batch.events:
+                after = seq
+                if payload.startswith(b'{"id"') and b'"unbroken":' not in payload:
+                    chunks.append(payload)
+
     # -- reading ---------------------------------------------------------------------------
 
     async def _check(self, ex: Exchange, stream_id: str, after: int) -> tuple[Caller, StreamInfo]:
         caller = await self.gateway.keys.identify(_authorization(ex))
+        return caller, await self.check(caller, stream_id, after)
+
+    async def check(self, caller: Caller, stream_id: str, after: int) -> StreamInfo:
+        """May `caller` read `stream_id` after event `after`?
+
+        Raises:
+            GatewayError: 404 unknown, 403 another key's, 410 expired, 400 a cursor past
+                the end.
+        """
         info = await self.log.info(stream_id)
         if info is None:
             raise GatewayError(
@@ -572,7 +596,7 @@ class StreamHub:
                 code="invalid_event_id",
                 param="Last-Event-ID",
             )
-        return caller, info
+        return info
 
     async def _writer(self, stream_id: str) -> Producer | None:
         """The local producer, after taking the stream over if its writer is gone."""
@@ -742,7 +766,21 @@ class StreamHub:
         await ex.respond(200, body, headers=[(STREAM_ID_HEADER, stream_id.encode())])
 
     async def _stop(self, ex: Exchange, stream_id: str) -> None:
-        _, info = await self._check(ex, stream_id, 0)
+        caller = await self.gateway.keys.identify(_authorization(ex))
+        stopped = await self.stop_stream(caller, stream_id)
+        await ex.respond_json(200, {"id": stream_id, "object": "stream", "stopped": stopped})
+
+    async def writer(self, stream_id: str) -> Producer | None:
+        """The local producer of a live stream, taking it over if its writer is gone."""
+        return await self._writer(stream_id)
+
+    async def stop_stream(self, caller: Caller, stream_id: str) -> bool:
+        """Stop a stream's generation (wherever its writer runs); False when it had ended.
+
+        Raises:
+            GatewayError: as `check`.
+        """
+        info = await self.check(caller, stream_id, 0)
         stopped = not info.ended
         local = self._producers.get(stream_id)
         if local is not None and not local.finished:
@@ -765,7 +803,7 @@ class StreamHub:
                         time.time(),
                         end=True,
                     )
-        await ex.respond_json(200, {"id": stream_id, "object": "stream", "stopped": stopped})
+        return stopped
 
     # -- the ticker ------------------------------------------------------------------------
 
