@@ -187,6 +187,9 @@ def test_without_opt_in_a_disconnect_cancels_and_a_reconnect_takes_over(
         assert fold([d for _, d in events]).content(0) == expected()
         final = json.loads(events[-2][1])["unbroken"]
         assert final["takeovers"] == 1
+        metrics = client.get("/metrics").text
+        assert "unbroken_gateway_stream_takeovers_total 1.0" in metrics
+        assert "unbroken_gateway_stream_writers 0.0" in metrics
     assert upstream.stats()["requests_total"] == 2
 
 

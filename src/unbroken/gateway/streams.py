@@ -392,9 +392,13 @@ class StreamHub:
     def _forget(self, producer: Producer) -> None:
         if self._producers.get(producer.stream_id) is producer:
             del self._producers[producer.stream_id]
+            self.gateway.metrics.stream_writers.dec()
 
     def _spawn(self, producer: Producer, open_stream: OpenStream) -> Producer:
         self._producers[producer.stream_id] = producer
+        self.gateway.metrics.stream_writers.inc()
+        if producer.takeovers:
+            self.gateway.metrics.stream_takeovers.inc()
         producer.task = asyncio.get_running_loop().create_task(producer.run(open_stream))
         self._ensure_ticker()
         return producer
