@@ -250,3 +250,23 @@ def test_an_answer_past_its_log_bound_ends_with_an_error(upstream: MockServer) -
         assert "stream_max_bytes" in error["message"]
         stream_id = response.headers["x-unbroken-stream-id"]
         assert parse_events(client.get(f"/v1/streams/{stream_id}").content) == events
+
+
+def test_redis_store_logs_batches_and_reconnects(upstream: MockServer, redis_url: str) -> None:
+    """With the Redis store (appends batched while one is in flight), the same contract:
+    ids 1..n, a reconnect mid-answer without a new upstream request, identical text."""
+    with (
+        gateway(upstream.url, store=redis_url) as server,
+        httpx.Client(base_url=server.url, timeout=20) as client,
+    ):
+        fast = client.post("/v1/chat/completions", json=BODY, headers={"X-Mock-Tokens": "60"})
+        events = parse_events(fast.content)
+        assert [i for i, _ in events] == list(range(1, len(events) + 1))
+        assert fold([d for _, d in events]).content(0) == expected()
+        stream_id, raw = read_some(client, 8, {**SLOW, "X-Unbroken-Resumable": "1"})
+        first = parse_events(raw[: raw.rindex(b"\n\n") + 2])
+        rest = client.get(f"/v1/streams/{stream_id}", headers={"Last-Event-ID": str(first[-1][0])})
+        both = first + parse_events(rest.content)
+        assert [i for i, _ in both] == list(range(1, len(both) + 1))
+        assert fold([d for _, d in both]).content(0) == expected()
+    assert upstream.stats()["requests_total"] == 2

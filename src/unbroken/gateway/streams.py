@@ -208,6 +208,11 @@ class Producer:
         self._scope = anyio.CancelScope()
         self._changed = asyncio.Event()
         self.tail: deque[tuple[int, bytes]] = deque(maxlen=TAIL_EVENTS)
+        # Group commit for a remote log: events pushed while an append is in flight go
+        # together in the next one, so the upstream is read on meanwhile.
+        self._batched = getattr(hub.log, "is_remote", False)
+        self._pending: list[bytes] = []
+        self._flush: asyncio.Task[None] | None = None
         self.first = asyncio.Event()  # set at the first append, or when the answer failed
         self.failure: GatewayError | None = None
         self.completion: ChatCompletion | None = None  # the whole answer, once complete
@@ -279,6 +284,44 @@ class Producer:
 
     # -- writing ---------------------------------------------------------------------------
 
+    async def _push(self, payload: bytes) -> None:
+        """Append one event (see `_batched`); raises what an earlier append raised."""
+        if not self._batched:
+            await self._append([payload])
+            return
+        self._pending.append(payload)
+        flush = self._flush
+        if flush is not None and flush.done():
+            self._flush = None
+            flush.result()
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().create_task(self._drain())
+        elif len(self._pending) >= TAIL_EVENTS:
+            await self._settle()  # the log is slow: stop reading upstream until it catches up
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            await self._append(batch)
+
+    async def _settle(self) -> None:
+        """Wait until every pushed event is in the log (raising what an append raised)."""
+        while (flush := self._flush) is not None:
+            try:
+                await asyncio.shield(flush)
+            finally:
+                if flush.done() and self._flush is flush:
+                    self._flush = None
+        if self._pending:
+            await self._drain()
+
+    async def _settle_quietly(self) -> None:
+        try:
+            await self._settle()
+        except UnbrokenError as exc:
+            logger.debug("stream %s: pending events not logged: %s", self.stream_id, exc)
+            self._pending = []
+
     async def _append(self, payloads: list[bytes], *, end: bool = False) -> None:
         n = await self.hub.log.append(self.stream_id, self.epoch, payloads, time.time(), end=end)
         self.tail.extend(zip(range(n - len(payloads) + 1, n + 1), payloads, strict=True))
@@ -295,7 +338,8 @@ class Producer:
             with self._scope:
                 stream = await open_stream()
                 async for chunk in stream:
-                    await self._append([_encode(chunk)])
+                    await self._push(_encode(chunk))
+                await self._settle()
                 completion = self.completion = await stream.final()
                 if self._on_complete is not None:
                     await self._on_complete(completion)
@@ -308,6 +352,8 @@ class Producer:
             self.reason = "fenced"
             logger.info("stream %s was taken over; this writer stops", self.stream_id)
         except UnbrokenError as exc:
+            with anyio.CancelScope(shield=True):
+                await self._settle_quietly()
             completion = _current(stream)
             error = from_unbroken(exc, self.hub.gateway.scrub)
             if isinstance(exc, LogFullError):
@@ -323,6 +369,7 @@ class Producer:
             self.first.set()
             self._changed.set()
             with anyio.CancelScope(shield=True):
+                await self._settle_quietly()
                 if stream is not None:
                     await _close(stream)
                 self.hub._forget(self)
@@ -331,6 +378,7 @@ class Producer:
 
     async def _cancelled(self, completion: ChatCompletion | None) -> None:
         with anyio.CancelScope(shield=True):
+            await self._settle_quietly()
             if self.reason == "stopped":
                 final = final_event(completion or ChatCompletion(), self.stream_id, self.takeovers)
                 await self._end_quietly([_stop_chunk(completion), final, DONE])
