@@ -207,6 +207,7 @@ class Producer:
         self._slot_at = time.monotonic()
         self._scope = anyio.CancelScope()
         self._changed = asyncio.Event()
+        self._n_waiting = 0
         self.tail: deque[tuple[int, bytes]] = deque(maxlen=TAIL_EVENTS)
         # Group commit for a remote log: events pushed while an append is in flight go
         # together in the next one, so the upstream is read on meanwhile.
@@ -245,8 +246,14 @@ class Producer:
         `timeout_s`."""
         if self.n_events > after or self.finished:
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout_s)
+        self._n_waiting += 1
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._changed.wait()
+        except TimeoutError:
+            return
+        finally:
+            self._n_waiting -= 1
 
     # -- control ---------------------------------------------------------------------------
 
@@ -324,11 +331,16 @@ class Producer:
 
     async def _append(self, payloads: list[bytes], *, end: bool = False) -> None:
         n = await self.hub.log.append(self.stream_id, self.epoch, payloads, time.time(), end=end)
-        self.tail.extend(zip(range(n - len(payloads) + 1, n + 1), payloads, strict=True))
+        if len(payloads) == 1:
+            self.tail.append((n, payloads[0]))
+        else:
+            self.tail.extend(zip(range(n - len(payloads) + 1, n + 1), payloads, strict=True))
         self.n_events = n
-        self._changed.set()
-        self._changed = asyncio.Event()
-        self.first.set()
+        if self._n_waiting:
+            self._changed.set()
+            self._changed = asyncio.Event()
+        if not self.first.is_set():
+            self.first.set()
 
     async def run(self, open_stream: OpenStream) -> None:
         """Produce the answer into the log (the task body)."""
@@ -679,8 +691,12 @@ class StreamHub:
         while True:
             local = self._producers.get(stream_id)
             if local is not None and local.tail and local.tail[0][0] <= after + 1:
-                # Live on this instance: serve from the producer's tail, not the store.
-                fresh = [event for event in local.tail if event[0] > after]
+                tail = local.tail
+                # Live on this instance: serve from the producer's tail, not the store. Ids
+                # in the tail are consecutive: the new ones are its last `n_new`, indexed
+                # from the right end (where a deque is quick to index).
+                n_new = tail[-1][0] - after
+                fresh = [tail[-i] for i in range(n_new, 0, -1)]
                 for seq, payload in fresh:
                     yield seq, payload
                     after = seq
