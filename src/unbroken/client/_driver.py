@@ -229,7 +229,7 @@ class Exchange:
 
     def streaming(self, response: httpx.Response, now: float) -> bool:
         """The headers arrived; True when the body is the answer's stream (200)."""
-        self.response = response
+        self.response = self.run.response = response
         self.attempt.on_headers(now)
         return response.status_code == 200
 
