@@ -4,6 +4,7 @@ the latency model and the in-answer faults. Imports the standard library and moc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from unbroken.mock.config import Latency
@@ -59,6 +60,9 @@ class Job:
     n_chunks: int = 0
     stalled_s: float = 0.0
     completed: bool = field(default=False)
+    # FIM answers render as `text_completion` (mock.fim); chat answers as chat chunks.
+    renderer: type[ChunkRenderer] = ChunkRenderer
+    body: Callable[..., bytes] = completion_body
 
     def usage(self, answer: Answer) -> Usage:
         """The usage of `answer` (what was actually generated)."""
@@ -120,7 +124,7 @@ async def send_stream(ex: Exchange, job: Job, arrived: float, stats: MockStats) 
         Closed: the client left, or a fault cut the connection.
     """
     plan = job.plan
-    renderer = ChunkRenderer(
+    renderer = job.renderer(
         job.completion_id,
         job.created,
         job.model,
@@ -254,7 +258,7 @@ async def send_json_answer(ex: Exchange, job: Job, arrived: float) -> str:
     if insufficient is not None:
         answer, _ = limit_answer(answer, max(insufficient.after - 1, 0))
         finish_reason = "insufficient_system_resource"
-    body = completion_body(
+    body = job.body(
         job.completion_id,
         job.created,
         job.model,
