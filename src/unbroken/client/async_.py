@@ -87,6 +87,23 @@ class AsyncClient(ClientBase):
         self.completions = _AsyncTextCompletions(self)
         self.models = _AsyncModels(self)
 
+    @classmethod
+    def _without_key(
+        cls,
+        api_key: str | None,
+        base_url: str | None,
+        options: dict[str, Any],
+        transport: httpx.AsyncBaseTransport | None,
+    ) -> AsyncClient:
+        """A client whose requests may carry their own key (for the transports)."""
+        self = cls.__new__(cls)
+        ClientBase.__init__(self, api_key, base_url, options, need_key=False)
+        self._setup_http(None, transport)
+        self.chat = _AsyncChat(self)
+        self.completions = _AsyncTextCompletions(self)
+        self.models = _AsyncModels(self)
+        return self
+
     def _setup_http(
         self, http_client: httpx.AsyncClient | None, transport: httpx.AsyncBaseTransport | None
     ) -> None:

@@ -172,13 +172,30 @@ class Client(ClientBase):
         self.completions = _TextCompletions(self)
         self.models = _Models(self)
 
+    @classmethod
+    def _without_key(
+        cls,
+        api_key: str | None,
+        base_url: str | None,
+        options: dict[str, Any],
+        transport: httpx.BaseTransport | None,
+    ) -> Client:
+        """A client whose requests may carry their own key (for the transports)."""
+        self = cls.__new__(cls)
+        ClientBase.__init__(self, api_key, base_url, options, need_key=False)
+        self._setup_http(None, transport)
+        self.chat = _Chat(self)
+        self.completions = _TextCompletions(self)
+        self.models = _Models(self)
+        return self
+
     def _setup_http(
         self, http_client: httpx.Client | None, transport: httpx.BaseTransport | None
     ) -> None:
         # Streams go straight to the transport: httpx's client layer (cookies, auth,
         # redirects, URL merging) has nothing to do here. A caller's http_client is used
         # as given (its send()).
-        self._owns_http = http_client is None and transport is None
+        self._owns_http = http_client is None
         self._transport: httpx.BaseTransport | None = None
         if http_client is None:
             n = self._options.get("max_connections", DEFAULT_MAX_CONNECTIONS)
@@ -202,6 +219,7 @@ class Client(ClientBase):
             transport=self._transport if http_client is None else None,
             **options,  # checked by ClientConfig.build
         )
+        copy._owns_http = False  # the pool stays this client's
         return copy
 
     copy = with_options
