@@ -21,6 +21,7 @@
     ├── ResumeError              a stream cannot be resumed (state expired, no id)
     ├── RateLimited              a local limit refused the call (retry_after_s)
     └── StoreError               a state store failed
+        └── SessionNotFound      a conversation session does not exist (session_id)
 
 Both kinds of `except` work: our typed classes (`except UpstreamTimeout`) and the names code
 written for the official `openai` package uses (`except unbroken.RateLimitError`,
@@ -55,6 +56,7 @@ __all__ = [
     "RateLimited",
     "ResumeError",
     "RetriesExhausted",
+    "SessionNotFound",
     "StoreError",
     "UnbrokenError",
     "UnprocessableEntityError",
@@ -375,3 +377,15 @@ class RateLimited(UnbrokenError):
 
 class StoreError(UnbrokenError):
     """A state store (memory, SQLite, Redis) failed or is unreachable."""
+
+
+class SessionNotFound(StoreError):
+    """A session store holds no session with this id.
+
+    Attributes:
+        session_id: the id asked for.
+    """
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"no session {session_id[:80]!r}")
+        self.session_id = session_id
