@@ -340,6 +340,7 @@ class MockApp:
             latency=latency,
             plan=plan,
             send_bytes=self.config.send_bytes,
+            usage_chunk=self.config.usage_chunk,
         )
         if fim:
             job.renderer = TextChunkRenderer

@@ -29,6 +29,7 @@ __all__ = [
     "fim_chat_body",
     "model_object",
     "text_completion_body",
+    "usage_chunk_events",
 ]
 
 FIM_PATHS = frozenset({"/beta/completions"})
@@ -233,3 +234,16 @@ def text_completion_body(
             "usage": usage.as_dict(),
         }
     )
+
+
+def usage_chunk_events(renderer: ChunkRenderer, finish_reason: str, usage: Usage) -> list[bytes]:
+    """OpenAI's end of an `include_usage` stream: the finish chunk with `"usage": null`,
+    then a chunk with `"choices": []` and the usage (`MockConfig.usage_chunk`)."""
+    final = renderer.final(finish_reason, usage)
+    marker = b',"usage":'
+    head, _, _ = final.rpartition(marker)
+    end = renderer.end_of_event
+    finish = head + b',"usage":null}' + end
+    # The head of every chunk up to its choices, reused for the usage-only chunk.
+    prefix = final[: final.index(b',"choices":[')]
+    return [finish, prefix + b',"choices":[],"usage":' + encode_json(usage.as_dict()) + b"}" + end]

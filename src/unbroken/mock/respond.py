@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from unbroken.mock.config import Latency
 from unbroken.mock.exchange import Exchange
 from unbroken.mock.faults import Fault, FaultPlan
+from unbroken.mock.fim import usage_chunk_events
 from unbroken.mock.render import ChunkRenderer, Usage, completion_body
 from unbroken.mock.stats import MockStats
 from unbroken.mock.text import Answer, limit_answer
@@ -62,6 +63,7 @@ class Job:
     completed: bool = field(default=False)
     # FIM answers render as `text_completion` (mock.fim); chat answers as chat chunks.
     renderer: type[ChunkRenderer] = ChunkRenderer
+    usage_chunk: bool = False
     body: Callable[..., bytes] = completion_body
 
     def usage(self, answer: Answer) -> Usage:
@@ -137,7 +139,10 @@ async def send_stream(ex: Exchange, job: Job, arrived: float, stats: MockStats) 
     answer = job.answer
     events = renderer.events(answer)
     n_tokens = len(events) - 1
-    events.append(renderer.final(job.finish_reason, job.usage(answer)))
+    if job.usage_chunk and job.include_usage:
+        events.extend(usage_chunk_events(renderer, job.finish_reason, job.usage(answer)))
+    else:
+        events.append(renderer.final(job.finish_reason, job.usage(answer)))
     if not plan.no_done:
         events.append(renderer.done())
     if plan.storm:
