@@ -133,9 +133,11 @@ class AsyncClient(ClientBase):
     copy = with_options
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool (if this client made it)."""
         if self._owns_http:
             await self._http.aclose()
+
+    close = aclose  # openai's AsyncOpenAI names it close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
