@@ -51,11 +51,13 @@ from unbroken.core.flow import AttemptOutcome, Connect
 from unbroken.core.sentences import SentenceSplitter
 from unbroken.core.wire import (
     Answer,
+    ChatCompletion,
     ChatCompletionChunk,
     Model,
     ModelsPage,
     TextAnswer,
     TextCompletion,
+    completion_to_chunks,
 )
 from unbroken.errors import TimeoutPhase, UpstreamError
 
@@ -186,8 +188,13 @@ class AsyncClient(ClientBase):
         stream: bool,
         events: bool,
         endpoint: Endpoint = "chat",
+        partial: ChatCompletion | None = None,
     ) -> tuple[AnswerRun, AsyncGenerator[StreamItem, None]]:
         run = self._new_run(model, messages, params, stream=stream, endpoint=endpoint)
+        if partial is not None:
+            # What was shown already: the flow's first attempt is then a continuation.
+            for chunk in completion_to_chunks(partial):
+                run.answer.feed(chunk)
         return run, self._run(run, with_events=events)
 
     async def _run(self, run: AnswerRun, *, with_events: bool) -> AsyncGenerator[StreamItem, None]:
@@ -637,6 +644,23 @@ class _AsyncCompletions(_AsyncResource):
         answer = await result.final()
         RAW.note(run)
         return answer
+
+    async def resume(
+        self, *, partial: ChatCompletion, model: str, messages: Iterable[Any], **params: Any
+    ) -> AsyncStream:
+        """Continue an answer cut short: `partial` is what was already shown (for instance
+        folded from a stream log); the stream yields only the rest, through the same
+        resume mechanism as a broken stream (DeepSeek prefix completion...). The final
+        answer (`await stream.final()`) is the whole one, `partial` included.
+
+        Args:
+            partial: the answer so far, as `ChunkAccumulator.completion()` gives it.
+            model, messages, params: the original request, as for `create`.
+        """
+        run, items = self._client._start(
+            model, messages, params, stream=True, events=False, partial=partial
+        )
+        return AsyncStream(run, items)
 
 
 class _AsyncTextCompletions(_AsyncResource):
