@@ -98,7 +98,8 @@ def test_piped_chat_is_not_hard_wrapped(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     _, expected = answer_text("deepseek-chat", [{"role": "user", "content": QUESTION}])
-    assert len(expected) > 80 and "\n" not in expected  # a hard wrap would cut it
+    assert len(expected) > 80  # a hard wrap would cut it
+    assert "\n" not in expected
     (line,) = [line for line in done.stdout.splitlines() if expected[:20] in line]
     assert line.endswith(expected[-20:])  # the whole answer on the one line
     assert any(line.endswith(f"model: {model}") for line in done.stdout.splitlines())
