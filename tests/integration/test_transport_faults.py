@@ -203,3 +203,24 @@ def test_configured_routes_serve_whatever_url_the_sdk_uses(upstream: MockServer)
     meta = completion.model_extra["unbroken"] if completion.model_extra else {}
     assert meta["route"] == "live"
     assert meta["fallbacks"] == 1
+
+
+@pytest.mark.parametrize(("spec", "model"), HEALING[8:14])
+def test_openais_own_http_client_type_works_too(
+    upstream: MockServer, spec: str, model: str
+) -> None:
+    """openai.DefaultHttpxClient (httpx2 in openai >= 3) takes the transport as well."""
+    _, content = answer_text(model, MESSAGES, config=CONFIG)
+    transport = unbroken.HTTPTransport(seed=1, retry=FAST_RETRY, timeouts=TIMEOUTS)
+    client: Any = openai.OpenAI(
+        api_key="sk-test",
+        base_url=upstream.url,
+        max_retries=0,
+        http_client=openai.DefaultHttpxClient(transport=transport),  # type: ignore[arg-type]  # ours is an httpx transport; it serves httpx2 requests too
+    )
+    with client:
+        stream = client.chat.completions.create(
+            model=model, messages=MESSAGES, stream=True, extra_headers=_key(spec, model, "httpx2")
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == content
+        assert [m.id for m in client.models.list()] == ["deepseek-chat", "deepseek-reasoner"]

@@ -11,6 +11,8 @@ client modules, core, errors and httpx.
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any, Unpack
@@ -246,6 +248,65 @@ class _AsyncSSEBody(httpx.AsyncByteStream):
         await self._stream.aclose()
 
 
+# openai >= 3 builds its clients on httpx2 (`openai.DefaultHttpxClient`), whose requests
+# and responses are httpx2's own types: a request of another httpx-like package is turned
+# into an httpx one here, and the answer back into that package's response. The package
+# is found from the request's type, so none is imported or required.
+
+
+def _foreign(request: Any) -> types.ModuleType | None:
+    if isinstance(request, httpx.Request):
+        return None
+    return sys.modules[type(request).__module__.split(".")[0]]
+
+
+def _from_foreign(request: Any) -> httpx.Request:
+    return httpx.Request(
+        request.method,
+        str(request.url),
+        headers=list(request.headers.raw),
+        content=request.content,
+        extensions=dict(request.extensions),
+    )
+
+
+def _to_foreign(response: httpx.Response, package: types.ModuleType) -> Any:
+    body = response.stream
+
+    class Body(package.SyncByteStream):  # type: ignore[name-defined,misc]  # the package found at run time
+        def __iter__(self) -> Iterator[bytes]:
+            yield from body  # type: ignore[misc]  # a sync stream here
+
+        def close(self) -> None:
+            response.close()
+
+    return package.Response(
+        response.status_code,
+        headers=list(response.headers.raw),
+        stream=Body(),
+        extensions=dict(response.extensions),
+    )
+
+
+def _to_foreign_async(response: httpx.Response, package: types.ModuleType) -> Any:
+    body = response.stream
+
+    class Body(package.AsyncByteStream):  # type: ignore[name-defined,misc]  # the package found at run time
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            async for part in body:  # type: ignore[union-attr]  # an async stream here
+                yield part
+
+        async def aclose(self) -> None:
+            await response.aclose()
+
+    return package.Response(
+        response.status_code,
+        headers=list(response.headers.raw),
+        stream=Body(),
+        extensions=dict(response.extensions),
+    )
+
+
 class HTTPTransport(httpx.BaseTransport):
     """An httpx transport that runs chat and FIM completions through unbroken's flow.
 
@@ -281,6 +342,11 @@ class HTTPTransport(httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         """Serve a completion with the flow; pass anything else through."""
+        package = _foreign(request)
+        if package is not None:  # an httpx2 client's request (openai's DefaultHttpxClient)
+            request.read()
+            answer: Any = self.handle_request(_from_foreign(request))
+            return _to_foreign(answer, package)  # type: ignore[no-any-return]  # its Response
         call = _call(request, self._client, self._fixed)
         if call is None:
             return self._passthrough.handle_request(request)
@@ -328,6 +394,11 @@ class AsyncHTTPTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Serve a completion with the flow; pass anything else through."""
+        package = _foreign(request)
+        if package is not None:  # an httpx2 client's request (openai's DefaultAsyncHttpxClient)
+            await request.aread()
+            answer: Any = await self.handle_async_request(_from_foreign(request))
+            return _to_foreign_async(answer, package)  # type: ignore[no-any-return]  # its Response
         if _endpoint(request) is not None:
             await request.aread()
         call = _call(request, self._client, self._fixed)
