@@ -190,3 +190,21 @@ def test_with_options_shares_the_pool_and_changes_only_what_it_names(
         copy.close()
         done = c.chat.completions.create(model="deepseek-chat", messages=MESSAGES)
     assert done.choices[0].message.content == content
+
+
+@pytest.mark.anyio
+async def test_async_with_options_shares_the_pool(upstream: MockServer) -> None:
+    """The async copy uses the same connections; closing it does not close them; a copy
+    may also get its own http_client."""
+    _, content = answer_text("deepseek-chat", MESSAGES, config=CONFIG)
+    async with unbroken.AsyncClient(api_key="sk", base_url=upstream.url) as c:
+        copy = c.with_options(max_retries=0)
+        assert copy.max_retries == 0
+        assert copy._transport is c._transport
+        await copy.close()
+        done = await c.chat.completions.create(model="deepseek-chat", messages=MESSAGES)
+        assert done.choices[0].message.content == content
+        async with httpx.AsyncClient() as own:
+            mine = c.with_options(http_client=own)
+            again = await mine.chat.completions.create(model="deepseek-chat", messages=MESSAGES)
+        assert again.choices[0].message.content == content

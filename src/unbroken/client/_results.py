@@ -326,8 +326,3 @@ class AsyncAPIResponse(_ResponseView, Generic[T]):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-class LegacyAsyncResponse(APIResponse[T]):
-    """What async `with_raw_response` gives: awaited once, then `parse()` is plain (as in
-    openai, whose legacy raw response parses synchronously)."""

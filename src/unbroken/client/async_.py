@@ -126,11 +126,18 @@ class AsyncClient(ClientBase):
     def with_options(self, **changes: Any) -> AsyncClient:
         """A copy with some options changed (openai's `with_options`), sharing the
         connection pool: `client.with_options(timeout=5, max_retries=0).chat...`."""
+        changes = dict(changes)
+        http_client = changes.pop("http_client", None)
         api_key, base_url, options = self._copy_options(changes)
-        http_client = changes.pop("http_client", None) or self._http
-        return AsyncClient(
-            api_key, base_url, http_client=http_client, **options
-        )  # checked by ClientConfig.build
+        copy = AsyncClient(
+            api_key,
+            base_url,
+            http_client=http_client or (self._http if self._transport is None else None),
+            transport=self._transport if http_client is None else None,
+            **options,  # checked by ClientConfig.build
+        )
+        copy._owns_http = False  # the pool stays this client's
+        return copy
 
     copy = with_options
 

@@ -210,8 +210,9 @@ class Client(ClientBase):
     def with_options(self, **changes: Any) -> Client:
         """A copy with some options changed (openai's `with_options`), sharing the
         connection pool: `client.with_options(timeout=5, max_retries=0).chat...`."""
-        api_key, base_url, options = self._copy_options(changes)
+        changes = dict(changes)
         http_client = changes.pop("http_client", None)
+        api_key, base_url, options = self._copy_options(changes)
         copy = Client(
             api_key,
             base_url,
