@@ -29,6 +29,7 @@ def root(
 
 def _register() -> None:
     # Commands defined in their own modules join the one app here.
+    from unbroken.cli.bench_cmds import bench
     from unbroken.cli.chat_cmds import ask, chat
     from unbroken.cli.gateway_cmds import demo, serve
 
@@ -36,6 +37,7 @@ def _register() -> None:
     app.command()(serve)
     app.command()(chat)
     app.command()(ask)
+    app.command()(bench)
 
 
 _register()
