@@ -31,6 +31,7 @@ __all__ = [
     "env_api_key",
     "env_client",
     "hash_key",
+    "openai_api_key",
 ]
 
 # DeepSeek's documented OpenAI-format base URL (protocol.md §1.1).
@@ -818,6 +819,12 @@ def env_client(environ: Mapping[str, str] | None = None) -> tuple[str | None, st
     if key is None and base is not None and "deepseek.com" not in base:
         key = env.get("OPENAI_API_KEY") or None
     return key, base
+
+
+def openai_api_key(environ: Mapping[str, str] | None = None) -> str | None:
+    """OPENAI_API_KEY, for the CLI talking to a --base-url (a gateway's key, say)."""
+    env = os.environ if environ is None else environ
+    return env.get("OPENAI_API_KEY") or None
 
 
 def data_home(environ: Mapping[str, str] | None = None) -> str | None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 from unbroken.mock.corpus import ANSWER_SENTENCES, REASONING_SENTENCES, draw_pieces
+from unbroken.mock.tools import wanted_tools
 
 __all__ = [
     "ECHO_PREFIX",
@@ -213,8 +214,7 @@ def _tool_names(
     last = conversation[-1] if conversation else {}
     wanted: list[str] = []
     if last.get("role") == "user":
-        text = message_text(last.get("content")).lower()
-        wanted = [name for name in names if name.lower() in text]
+        wanted = wanted_tools(message_text(last.get("content")), tools)
     if not wanted and tool_choice == "required":
         wanted = names[:1]
     return wanted
