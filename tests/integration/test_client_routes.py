@@ -216,7 +216,8 @@ def _rejecting_app(reject: Callable[[dict[str, Any], str], str | None]) -> Any:
         async def replay() -> dict[str, Any]:
             nonlocal replayed
             if replayed:
-                return await receive()  # type: ignore[no-any-return]
+                message: dict[str, Any] = await receive()
+                return message
             replayed = True
             return {"type": "http.request", "body": raw, "more_body": False}
 

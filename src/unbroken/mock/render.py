@@ -108,11 +108,6 @@ class ChunkRenderer:
         )
         self._data_prefix = data_prefix
 
-    @property
-    def end_of_event(self) -> bytes:
-        """The blank line that ends an event."""
-        return self._end
-
     def role(self) -> bytes:
         """The first chunk: the role and an empty text (protocol.md §1.5 observed shapes)."""
         delta = (
