@@ -226,6 +226,24 @@ def _rejecting_app(reject: Callable[[dict[str, Any], str], str | None]) -> Any:
     return app
 
 
+@pytest.mark.parametrize("fallbacks", [["b"], ["b", "a"]])
+def test_naming_configured_routes_in_fallbacks_changes_nothing(
+    upstream: MockServer, fallbacks: list[str]
+) -> None:
+    """Configured routes are tried in their own order; naming them in `fallbacks` neither
+    moves them forward nor tries them twice (as documented)."""
+    routes = [faulty(upstream, "a", "402"), healthy(upstream)]
+    with Client(routes=routes, retry=FAST) as c:
+        done = c.chat.completions.create(
+            model="deepseek-chat", messages=MESSAGES, fallbacks=fallbacks
+        )
+    assert done.unbroken is not None
+    assert [(a.route, a.kind) for a in done.unbroken.attempts] == [
+        ("a", "first"),
+        ("b", "fallback"),
+    ]
+
+
 def test_unknown_parameter_is_dropped_and_remembered() -> None:
     """A server that rejects `stream_options` gets the request once more without it, and
     the route remembers: the next request does not send it at all."""
