@@ -216,13 +216,32 @@ def _rejecting_app(reject: Callable[[dict[str, Any], str], str | None]) -> Any:
         async def replay() -> dict[str, Any]:
             nonlocal replayed
             if replayed:
-                return await receive()  # type: ignore[no-any-return]
+                message: dict[str, Any] = await receive()
+                return message
             replayed = True
             return {"type": "http.request", "body": raw, "more_body": False}
 
         await inner(scope, replay, send)
 
     return app
+
+
+@pytest.mark.parametrize("fallbacks", [["b"], ["b", "a"]])
+def test_naming_configured_routes_in_fallbacks_changes_nothing(
+    upstream: MockServer, fallbacks: list[str]
+) -> None:
+    """Configured routes are tried in their own order; naming them in `fallbacks` neither
+    moves them forward nor tries them twice (as documented)."""
+    routes = [faulty(upstream, "a", "402"), healthy(upstream)]
+    with Client(routes=routes, retry=FAST) as c:
+        done = c.chat.completions.create(
+            model="deepseek-chat", messages=MESSAGES, fallbacks=fallbacks
+        )
+    assert done.unbroken is not None
+    assert [(a.route, a.kind) for a in done.unbroken.attempts] == [
+        ("a", "first"),
+        ("b", "fallback"),
+    ]
 
 
 def test_unknown_parameter_is_dropped_and_remembered() -> None:

@@ -55,6 +55,7 @@ from unbroken.core.tokens import (
     estimate_prompt_tokens,
     estimate_tokens,
     estimate_usage,
+    max_tokens_of,
 )
 from unbroken.core.wire import (
     Answer,
@@ -571,7 +572,10 @@ class AnswerRun:
         if usage is None and status_code == 200:
             # Broken before its usage chunk: the tokens it produced were still billed.
             usage = estimate_usage(
-                self.prompt_estimate, attempt.acc.content(), attempt.acc.reasoning()
+                self.prompt_estimate,
+                attempt.acc.content(),
+                attempt.acc.reasoning(),
+                max_tokens=max_tokens_of(plan.body),
             )
             estimated = True
         if usage is not None:
@@ -639,9 +643,11 @@ class AnswerRun:
         if complete and usage is not None:
             self._own_completion += usage.completion_tokens
         elif attempt.acc.has_output:
-            self._own_completion += estimate_tokens(attempt.acc.content()) + estimate_tokens(
+            estimate = estimate_tokens(attempt.acc.content()) + estimate_tokens(
                 attempt.acc.reasoning()
             )
+            cap = max_tokens_of(plan.body)
+            self._own_completion += estimate if cap is None else min(estimate, cap)
             self._own_estimated = True
 
     def _answer_usage(self) -> Usage:

@@ -395,6 +395,7 @@ class RedisSessionStore:
 
         def run() -> None:
             pipe = self._redis.pipeline()
+            # redis-py types `mapping` invariantly; our str/float values are what it accepts.
             pipe.hset(meta, mapping=fields)  # type: ignore[arg-type]
             pipe.zadd(f"{self._p}index", {info.id: now})
             pipe.zadd(f"{self._p}owner:{owner}", {info.id: now})
@@ -459,6 +460,7 @@ class RedisSessionStore:
             "model": info.model if model is None else model,
             "updated_s": time.time(),
         }
+        # redis-py types `mapping` invariantly; our str/float values are what it accepts.
         self._call(lambda: self._redis.hset(meta, mapping=fields))  # type: ignore[arg-type]
 
     def list(self, *, owner: str | None = None, limit: int = 100) -> list[SessionInfo]:
