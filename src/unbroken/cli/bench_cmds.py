@@ -248,7 +248,7 @@ def bench(
     ramp_from: float = typer.Option(0.0, help="open loop: the ramp's first rate (requests/s)"),
     ramp_s: float = typer.Option(0.0, help="open loop: climb from --ramp-from to --rate in S s"),
     preset: str | None = typer.Option(
-        None, help="sales-peak: 10%% of --rate, ramp over 40%% of the run, then hold"
+        None, help="sales-peak: 10% of --rate, ramp over 40% of the run, then hold"
     ),
     duration: float = typer.Option(10.0, "--duration", "-d", help="seconds of starting requests"),
     requests: int = typer.Option(0, "--requests", "-n", help="stop after N requests (0: none)"),
@@ -284,9 +284,12 @@ def bench(
         [], help="a local server process to charge CPU time to (Linux), repeatable"
     ),
 ) -> None:
-    """Load and recovery test: TTFT, TPOT, ITL, end-to-end, throughput, errors, and how
-    cut streams recover; writes JSON, CSV, PNG plots and an HTML report. Ctrl+C stops and
-    still writes what ran."""
+    """Load-test an OpenAI-compatible endpoint, and how its cut streams recover.
+
+    TTFT, TPOT, ITL and end-to-end latency, throughput, errors by kind, cut-to-next-byte
+    and whole/duplicated/missing answers; writes JSON, CSV, PNG plots and an HTML report.
+    Ctrl+C stops and still writes what ran.
+    """
     console = Console(highlight=False)
     err = Console(stderr=True, highlight=False)
     try:
