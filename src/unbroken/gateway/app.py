@@ -19,7 +19,7 @@ import anyio
 import httpx
 from prometheus_client import CollectorRegistry
 
-from unbroken.client import AsyncClient
+from unbroken.client import AsyncClient, AsyncStream
 from unbroken.core.attempt import Timeouts
 from unbroken.core.backoff import RetryPolicy
 from unbroken.core.routes import Route
@@ -28,7 +28,7 @@ from unbroken.errors import UnbrokenError
 from unbroken.gateway.asgi import Exchange, Receive, Scope, Send
 from unbroken.gateway.cache import AnswerCache, RecordingStream
 from unbroken.gateway.keys import Caller, KeyRing
-from unbroken.gateway.limits import Limiter
+from unbroken.gateway.limits import Admission, Limiter
 from unbroken.gateway.metrics import GatewayMetrics
 from unbroken.gateway.openapi import openapi
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
@@ -40,10 +40,12 @@ from unbroken.gateway.streams import (
     GATEWAY_HEADER,
     STREAM_ID_HEADER,
     STREAMS_PATH,
+    Producer,
     StreamHub,
     open_stream_log,
 )
 from unbroken.gateway.upstream import LeanTransport
+from unbroken.gateway.ws import WS_PATH, ChatSocket
 from unbroken.instrumentation import Hook, PrometheusHook
 from unbroken.settings import Settings
 from unbroken.stores import Store, open_store
@@ -208,6 +210,7 @@ class Gateway:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                self.streams.start_ticker()  # leases, the orphan sweeper, retention
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.aclose()
@@ -223,6 +226,12 @@ class Gateway:
             await self._http(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
+        elif kind == "websocket":
+            if scope["path"] == WS_PATH:
+                await ChatSocket(self, scope, receive, send).run()
+            else:
+                await receive()  # websocket.connect
+                await send({"type": "websocket.close", "code": 1008})
 
     def _common_headers(
         self, scope: Scope
@@ -250,6 +259,13 @@ class Gateway:
     def _origin_allowed(self, origin: bytes) -> bool:
         return "*" in self._origins or origin.decode("latin-1") in self._origins
 
+    def origin_allowed_ws(self, origin: bytes, host: bytes | None) -> bool:
+        """May a page from `origin` open a WebSocket to `host`? Browsers do not apply CORS
+        to WebSockets, so the gateway checks: an allowed origin, or its own pages."""
+        if self._origin_allowed(origin):
+            return True
+        return host is not None and origin.split(b"://", 1)[-1] == host
+
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
@@ -263,7 +279,7 @@ class Gateway:
             if entry is None and path.startswith(SESSIONS_PATH):
                 await self.sessions.handle(ex, method, path)
                 return
-            if entry is None and path.startswith(STREAMS_PATH + "/"):
+            if entry is None and path.startswith((STREAMS_PATH + "/", "/streams/")):
                 await self.streams.handle(ex, method, path)
                 return
             if entry is None:
@@ -333,10 +349,16 @@ class Gateway:
     # -- endpoints ---------------------------------------------------------------------------
 
     def _forwarded(self, ex: Exchange, request_id: bytes) -> dict[str, str]:
-        headers = {"X-Request-ID": request_id.decode("latin-1")}
+        return self.forwarded_headers(ex.scope, request_id)
+
+    def forwarded_headers(self, scope: Scope, request_id: bytes | None) -> dict[str, str]:
+        """The request headers passed upstream: the request id (a new one when None) and
+        those `forward_headers` names, never Authorization, Host or hop-by-hop ones."""
+        rid = request_id.decode("latin-1") if request_id is not None else uuid.uuid4().hex
+        headers = {"X-Request-ID": rid}
         if not self._exact and not self._prefixes:
             return headers
-        for raw_name, raw_value in ex.scope.get("headers", ()):
+        for raw_name, raw_value in scope.get("headers", ()):
             name = raw_name.decode("latin-1")
             if name in _NEVER_FORWARDED:
                 continue
@@ -368,6 +390,69 @@ class Gateway:
         )
         await self.serve_chat(ex, caller, request)
 
+    def check_models(self, caller: Caller, request: ChatRequest) -> None:
+        """Refuse a request for a model the caller's key may not use.
+
+        Raises:
+            GatewayError: 403 naming the key and the model.
+        """
+        if caller.models is None:
+            return
+        for model in (request.model, *request.fallbacks):
+            if model in self.models and model not in caller.models:
+                raise GatewayError(
+                    403,
+                    f"key {caller.name!r} may not use the model {model!r}",
+                    type="permission_error",
+                    code="model_not_allowed",
+                    param="model",
+                )
+
+    async def start_answer(
+        self,
+        caller: Caller,
+        request: ChatRequest,
+        headers: dict[str, str],
+        *,
+        resumable: bool,
+        after: Callable[[ChatCompletion], Awaitable[None]] | None = None,
+        session_id: str | None = None,
+        cache_key: str | None = None,
+    ) -> Producer:
+        """Admit a checked streamed request and start producing it into the stream log
+        (SSE and WebSocket answers both start here); usage is booked when it ends, and a
+        whole answer is stored under `cache_key` in the answer cache."""
+        booking = await _Booking.admit(self.limiter, caller, request, after)
+        recorded: list[RecordingStream] = []
+
+        def record(stream: AsyncStream) -> AsyncStream:
+            recorded.append(RecordingStream(stream))
+            return recorded[-1]
+
+        async def complete(completion: ChatCompletion) -> None:
+            await booking.complete(completion)
+            if cache_key is not None and recorded:
+                # Kept from the producer, so an answer that finished detached is cached too.
+                await self._remember(cache_key, recorded[-1].encoded(), completion)
+
+        try:
+            producer = await self.streams.start(
+                caller,
+                request,
+                headers,
+                resumable=resumable,
+                on_complete=complete,
+                on_end=booking.book,
+                renew_slot=booking.renew if booking.admission.lease is not None else None,
+                wrap=record if cache_key is not None else None,
+            )
+        except BaseException:
+            await booking.book(None)
+            raise
+        if session_id is not None:
+            await self.streams.log.link_session(session_id, producer.stream_id, time.time())
+        return producer
+
     async def serve_chat(
         self,
         ex: Exchange,
@@ -381,68 +466,25 @@ class Gateway:
         A streamed answer goes through the stream log (gateway/streams.py); `session_id`
         links the session to it."""
         g = self.settings.gateway
-        if caller.models is not None:
-            for model in (request.model, *request.fallbacks):
-                if model in self.models and model not in caller.models:
-                    raise GatewayError(
-                        403,
-                        f"key {caller.name!r} may not use the model {model!r}",
-                        type="permission_error",
-                        code="model_not_allowed",
-                        param="model",
-                    )
+        self.check_models(caller, request)
         resumable = self.streams.is_resumable(ex, request)
         cache_key = None
         if self.cache is not None:
             cache_key = self.cache.key(request)
             if await self._from_cache(ex, caller, request, cache_key):
                 return
-        admission = await self.limiter.admit(caller, request.estimated_tokens, time.time())
         request_id = dict(ex.headers_out)[b"x-request-id"]
-        booked = False
-
-        answered: ChatCompletion | None = None
-
-        async def complete(completion: ChatCompletion) -> None:
-            nonlocal answered
-            answered = completion
-            if after is not None:
-                await after(completion)
-            await book(completion)
-
-        async def book(completion: ChatCompletion | None) -> None:
-            nonlocal booked
-            if booked:
-                return
-            booked = True
-            tokens = cost = None
-            if completion is not None and completion.usage is not None:
-                tokens = completion.usage.total_tokens
-            if isinstance(completion, Answer):
-                cost = completion.unbroken.cost_usd
-            # Books usage and frees the slot even when uvicorn cancels us at shutdown.
-            with anyio.CancelScope(shield=True):
-                await self.limiter.finish(admission, tokens, cost or 0.0, time.time())
-
-        def renew() -> Awaitable[None]:
-            return self.limiter.renew(admission, time.time())
-
+        headers = self._forwarded(ex, request_id)
         if request.stream:
-            try:
-                producer = await self.streams.start(
-                    caller,
-                    request,
-                    self._forwarded(ex, request_id),
-                    resumable=resumable,
-                    on_complete=complete,
-                    on_end=book,
-                    renew_slot=renew if admission.lease is not None else None,
-                )
-            except BaseException:
-                await book(None)
-                raise
-            if session_id is not None:
-                await self.streams.log.link_session(session_id, producer.stream_id, time.time())
+            producer = await self.start_answer(
+                caller,
+                request,
+                headers,
+                resumable=resumable,
+                after=after,
+                session_id=session_id,
+                cache_key=cache_key,
+            )
             relay = StreamRelay(
                 ex,
                 self.scrub,
@@ -461,31 +503,22 @@ class Gateway:
             except GatewayError as exc:
                 if cache_key is None or not await self._degrade(ex, request, cache_key, exc):
                     raise
-            else:
-                if cache_key is not None and result.reason == "complete":
-                    chunks = await self.streams.chunks(producer.stream_id)
-                    await self._remember(cache_key, chunks, answered)
             finally:
                 self._relays.discard(relay)
                 self.metrics.active.dec()
                 producer.detach(time.time())
-                if result is None:
-                    result = relay.result
-                if result is not None:
-                    self.metrics.streams.labels(result.reason).inc()
-                    self.metrics.chunks.inc(result.n_chunks)
-                    if result.n_keepalives:
-                        self.metrics.keepalives.inc(result.n_keepalives)
+                self._count(result or relay.result)
             return
 
+        booking = await _Booking.admit(self.limiter, caller, request, after)
         relay = StreamRelay(
             ex,
             self.scrub,
             keepalive_s=g.keepalive_s,
             send_timeout_s=g.send_timeout_s,
-            renew=renew if admission.lease is not None else None,
+            renew=booking.renew if booking.admission.lease is not None else None,
             renew_every_s=g.slot_lease_s / 3,
-            on_complete=complete,
+            on_complete=booking.complete,
         )
         self.metrics.active.inc()
         self._relays.add(relay)
@@ -496,7 +529,7 @@ class Gateway:
                 messages=request.messages,
                 stream=True,
                 extra_body=request.extra or None,
-                extra_headers=self._forwarded(ex, request_id),
+                extra_headers=headers,
                 fallbacks=request.fallbacks or None,
             )
             if cache_key is not None:
@@ -508,18 +541,25 @@ class Gateway:
                     raise
             else:
                 if isinstance(stream, RecordingStream) and cache_key is not None:
-                    await self._remember(cache_key, stream.encoded(), answered)
+                    await self._remember(cache_key, stream.encoded(), result.completion)
         finally:
             self._relays.discard(relay)
             self.metrics.active.dec()
             if result is None:
                 result = relay.result
-            await book(result.completion if result is not None else None)
-            if result is not None:
-                self.metrics.streams.labels(result.reason).inc()
-                self.metrics.chunks.inc(result.n_chunks)
-                if result.n_keepalives:
-                    self.metrics.keepalives.inc(result.n_keepalives)
+            await booking.book(result.completion if result is not None else None)
+            self._count(result)
+
+    def _count(self, result: RelayResult | None) -> None:
+        if result is not None:
+            self.metrics.streams.labels(result.reason).inc()
+            self.metrics.chunks.inc(result.n_chunks)
+            if result.n_keepalives:
+                self.metrics.keepalives.inc(result.n_keepalives)
+
+    async def live_stream(self, session_id: str) -> str | None:
+        """The stream id of the answer a session is getting now (gateway/streams.py)."""
+        return await self.streams.live_stream(session_id)
 
     # -- the answer cache (gateway/cache.py) ---------------------------------------------------
 
@@ -621,3 +661,57 @@ def create_app(
         registry=registry,
         stream_log=stream_log,
     )
+
+
+class _Booking:
+    """One admitted request's hold on its caller's limits: usage is booked (and the
+    concurrency slot freed) exactly once, however the answer ends."""
+
+    __slots__ = ("_after", "_limiter", "admission", "booked")
+
+    def __init__(
+        self,
+        limiter: Limiter,
+        admission: Admission,
+        after: Callable[[ChatCompletion], Awaitable[None]] | None,
+    ) -> None:
+        self._limiter = limiter
+        self._after = after
+        self.admission = admission
+        self.booked = False
+
+    @classmethod
+    async def admit(
+        cls,
+        limiter: Limiter,
+        caller: Caller,
+        request: ChatRequest,
+        after: Callable[[ChatCompletion], Awaitable[None]] | None,
+    ) -> _Booking:
+        """Admit `request` (raises the limiter's 429) and hold its booking."""
+        admission = await limiter.admit(caller, request.estimated_tokens, time.time())
+        return cls(limiter, admission, after)
+
+    async def complete(self, completion: ChatCompletion) -> None:
+        """The whole answer: run `after` (session turns), then book it."""
+        if self._after is not None:
+            await self._after(completion)
+        await self.book(completion)
+
+    async def book(self, completion: ChatCompletion | None) -> None:
+        """Book the answer's usage and cost (once) and free the slot."""
+        if self.booked:
+            return
+        self.booked = True
+        tokens = cost = None
+        if completion is not None and completion.usage is not None:
+            tokens = completion.usage.total_tokens
+        if isinstance(completion, Answer):
+            cost = completion.unbroken.cost_usd
+        # Books usage and frees the slot even when the server cancels us at shutdown.
+        with anyio.CancelScope(shield=True):
+            await self._limiter.finish(self.admission, tokens, cost or 0.0, time.time())
+
+    def renew(self) -> Awaitable[None]:
+        """Extend the concurrency slot's lease."""
+        return self._limiter.renew(self.admission, time.time())
