@@ -23,8 +23,8 @@ from rich.table import Table
 from rich.text import Text
 
 from unbroken.errors import ConfigError
+from unbroken.loadtest.faults import FaultMix, parse_cut, parse_fault_mix
 from unbroken.loadtest.procstat import cpu_seconds, server_cost
-from unbroken.loadtest.proxy import parse_cut
 from unbroken.loadtest.report import (
     BenchReport,
     summary_rows,
@@ -33,7 +33,7 @@ from unbroken.loadtest.report import (
     write_json,
     write_plots,
 )
-from unbroken.loadtest.runner import MODES, BenchConfig, BenchRun, FaultMix, parse_fault_mix
+from unbroken.loadtest.runner import MODES, BenchConfig, BenchRun
 from unbroken.loadtest.schedule import LoadShape, parse_tokens, sales_peak
 from unbroken.loadtest.stats import Percentiles, Summary, summarize
 
