@@ -28,7 +28,9 @@ SECRET = "s" * 40
 MOCK = MockConfig(seed=3)
 
 
-def token(sub: Any = "alice", ttl_s: int = 300, secret: str = SECRET, **claims: Any) -> str:
+# Tokens for the parametrized cases are minted at collection: the default lifetime must
+# outlast a whole (slow) test run, and stay under the gateway's 3,600 s maximum.
+def token(sub: Any = "alice", ttl_s: int = 3000, secret: str = SECRET, **claims: Any) -> str:
     now = int(time.time())
     body = {"sub": sub, "iat": now, "exp": now + ttl_s, **claims}
     return jwt.encode({k: v for k, v in body.items() if v is not None}, secret, "HS256")
