@@ -189,7 +189,9 @@ def test_sigterm_drains_in_flight_streams(upstream: MockServer) -> None:
     """After SIGTERM the gateway refuses new connections, lets an in-flight stream finish
     whole, and exits cleanly."""
     _, content = answer_text("deepseek-chat", MESSAGES, config=MockConfig(seed=4))
-    proc, url = _start_gateway(upstream.url, UNBROKEN_GATEWAY_DRAIN_TIMEOUT_S="20")
+    proc, url = _start_gateway(
+        upstream.url, UNBROKEN_GATEWAY_DRAIN_TIMEOUT_S="20", UNBROKEN_GATEWAY_DRAIN_GRACE_S="0.5"
+    )
     try:
         with (
             httpx.Client(base_url=url, timeout=20) as client,
@@ -231,7 +233,9 @@ def _refused(url: str) -> bool:
 def test_sigterm_ends_streams_past_the_drain_timeout(upstream: MockServer) -> None:
     """A stream still running at the drain deadline gets a shutting_down error event and
     the process exits soon after."""
-    proc, url = _start_gateway(upstream.url, UNBROKEN_GATEWAY_DRAIN_TIMEOUT_S="0.5")
+    proc, url = _start_gateway(
+        upstream.url, UNBROKEN_GATEWAY_DRAIN_TIMEOUT_S="0.5", UNBROKEN_GATEWAY_DRAIN_GRACE_S="0"
+    )
     try:
         with (
             httpx.Client(base_url=url, timeout=20) as client,
@@ -253,6 +257,30 @@ def test_sigterm_ends_streams_past_the_drain_timeout(upstream: MockServer) -> No
         # uvicorn re-raises the SIGTERM after its graceful shutdown (the Unix convention).
         assert proc.wait(10) in (0, -signal.SIGTERM)
         assert cancelled(upstream) == 1
+    finally:
+        _stop(proc)
+
+
+def test_sigterm_keeps_the_listener_open_for_the_grace_period(upstream: MockServer) -> None:
+    """Right after SIGTERM /readyz is 503 and a new chat gets 503 with Retry-After on a
+    listener that still accepts; once the grace period is over connections are refused."""
+    proc, url = _start_gateway(upstream.url, UNBROKEN_GATEWAY_DRAIN_GRACE_S="2")
+    try:
+        with httpx.Client(base_url=url, timeout=5) as client:
+            assert client.get("/readyz").status_code == 200
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            ready = wait_for(lambda: client.get("/readyz").status_code == 503, 1.0)
+            chat = client.post("/v1/chat/completions", json=BODY)
+            still_open = time.monotonic() - signalled
+            refused_after = wait_for(lambda: _refused(url), 6.0) + still_open
+        assert ready < 0.5
+        assert still_open < 1.5
+        assert chat.status_code == 503
+        assert chat.headers["retry-after"] == "1"
+        assert chat.json()["error"]["code"] == "shutting_down"
+        assert 1.8 < refused_after < 4.0
+        assert proc.wait(10) in (0, -signal.SIGTERM)
     finally:
         _stop(proc)
 

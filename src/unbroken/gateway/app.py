@@ -26,6 +26,7 @@ from unbroken.core.routes import Route
 from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.errors import UnbrokenError
 from unbroken.gateway.asgi import Exchange, Receive, Scope, Send
+from unbroken.gateway.guard import Guard
 from unbroken.gateway.keys import Caller, KeyRing
 from unbroken.gateway.limits import Limiter
 from unbroken.gateway.metrics import GatewayMetrics
@@ -132,6 +133,7 @@ class Gateway:
         self.store: Store = store if store is not None else open_store(g.store)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = GatewayMetrics(self.registry)
+        self.guard = Guard(g, self.metrics)
         self.client = upstream or build_upstream(settings, [PrometheusHook(self.registry)])
         self.keys = KeyRing(g, self.store)
         self.sessions = SessionEndpoints(self, open_session_store(g.sessions))
