@@ -26,6 +26,7 @@ from unbroken.core.routes import Route
 from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.errors import UnbrokenError
 from unbroken.gateway.asgi import Exchange, Receive, Scope, Send
+from unbroken.gateway.budget import Bookings
 from unbroken.gateway.guard import Guard
 from unbroken.gateway.keys import Caller, KeyRing
 from unbroken.gateway.limits import Limiter
@@ -137,7 +138,9 @@ class Gateway:
         self.client = upstream or build_upstream(settings, [PrometheusHook(self.registry)])
         self.keys = KeyRing(g, self.store)
         self.sessions = SessionEndpoints(self, open_session_store(g.sessions))
-        self.limiter = Limiter(self.store, g.slot_lease_s)
+        self.limiter = Limiter(self.store, g.slot_lease_s, fail_open=g.store_failure == "open")
+        self.bookings = Bookings(self.limiter, self.registry)
+        self.limiter.on_store_failure = self.bookings.count_failure
         routes = settings.upstream_routes()
         self.scrub = Scrubber([settings.api_key, *(r.api_key for r in routes)])
         self.models = frozenset(g.models)
@@ -180,6 +183,7 @@ class Gateway:
 
     async def aclose(self) -> None:
         """Close the upstream client and the store."""
+        await self.bookings.aclose()
         await self.client.aclose()
         await self.sessions.aclose()
         await self.store.aclose()
@@ -357,13 +361,19 @@ class Gateway:
                         code="model_not_allowed",
                         param="model",
                     )
-        admission = await self.limiter.admit(caller, request.estimated_tokens, time.time())
+        reserve = request.estimated_tokens + (0 if request.max_tokens else g.reserve_tokens)
+        admission = await self.limiter.admit(caller, reserve, time.time())
         request_id = dict(ex.headers_out)[b"x-request-id"]
         booked = False
 
         async def complete(completion: ChatCompletion) -> None:
             if after is not None:
-                await after(completion)
+                try:
+                    await after(completion)
+                except UnbrokenError as exc:
+                    # The answer is whole and billed: deliver it even if keeping it failed.
+                    self.bookings.count_failure("session_turn_lost")
+                    logger.warning("answer delivered but not kept in its session: %s", exc)
             await book(completion)
 
         async def book(completion: ChatCompletion | None) -> None:
@@ -376,9 +386,10 @@ class Gateway:
                 tokens = completion.usage.total_tokens
             if isinstance(completion, Answer):
                 cost = completion.unbroken.cost_usd
-            # Books usage and frees the slot even when uvicorn cancels us at shutdown.
+            # Books usage and frees the slot even when uvicorn cancels us at shutdown; a
+            # store failure queues the booking instead of failing a delivered answer.
             with anyio.CancelScope(shield=True):
-                await self.limiter.finish(admission, tokens, cost or 0.0, time.time())
+                await self.bookings.settle(admission, tokens, cost or 0.0)
 
         relay = StreamRelay(
             ex,

@@ -54,7 +54,8 @@ class ChatRequest:
         stream: stream the answer (SSE) or answer with one JSON body.
         fallbacks: route names or model names to try after the configured routes.
         extra: every other field, passed to the upstream as is.
-        estimated_tokens: prompt estimate plus `max_tokens` (for tokens-per-minute limits).
+        estimated_tokens: prompt estimate plus `max_tokens` (for token limits).
+        max_tokens: the completion budget the request set, if any.
     """
 
     model: str
@@ -63,6 +64,7 @@ class ChatRequest:
     fallbacks: list[str]
     extra: dict[str, Any]
     estimated_tokens: int
+    max_tokens: int | None = None
 
 
 def _bad(message: str, param: str | None, code: str = "invalid_value") -> GatewayError:
@@ -174,4 +176,4 @@ def parse_chat_request(raw: bytes, models: Collection[str], routes: Collection[s
     stream = bool(body.pop("stream", False))
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 0
     estimate = estimate_prompt_tokens(_texts(messages)) + int(max_tokens)
-    return ChatRequest(model, messages, stream, fallbacks, body, estimate)
+    return ChatRequest(model, messages, stream, fallbacks, body, estimate, max_tokens or None)
