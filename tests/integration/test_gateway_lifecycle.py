@@ -91,7 +91,7 @@ def test_client_leaving_while_queued_cancels_upstream(upstream: MockServer) -> N
         with socket.create_connection((parts[0], int(parts[1]))) as sock:
             payload = b'{"model":"deepseek-chat","stream":true,"messages":[{"role":"user","content":"q"}]}'
             sock.sendall(
-                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                 b"X-Mock-Queue-Ms: 10000\r\nContent-Length: "
                 + str(len(payload)).encode()
                 + b"\r\n\r\n"
@@ -137,7 +137,7 @@ def test_client_that_stops_reading_is_cut_and_its_upstream_cancelled(
             b'{"model":"deepseek-chat","stream":true,"messages":[{"role":"user","content":"x"}]}'
         )
         sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"X-Mock-Tokens: 300000\r\nContent-Length: "
             + str(len(payload)).encode()
             + b"\r\n\r\n"

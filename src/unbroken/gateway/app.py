@@ -27,6 +27,7 @@ from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.errors import UnbrokenError
 from unbroken.gateway.asgi import Exchange, Receive, Scope, Send
 from unbroken.gateway.budget import Bookings
+from unbroken.gateway.exposure import RequestPolicy
 from unbroken.gateway.guard import Guard
 from unbroken.gateway.keys import Caller, KeyRing
 from unbroken.gateway.limits import Limiter
@@ -137,6 +138,7 @@ class Gateway:
         self.guard = Guard(g, self.metrics)
         self.client = upstream or build_upstream(settings, [PrometheusHook(self.registry)])
         self.keys = KeyRing(g, self.store)
+        self.policy = RequestPolicy(g, keys_required=self.keys.required)
         self.sessions = SessionEndpoints(self, open_session_store(g.sessions))
         self.limiter = Limiter(self.store, g.slot_lease_s, fail_open=g.store_failure == "open")
         self.bookings = Bookings(self.limiter, self.registry)
@@ -237,6 +239,7 @@ class Gateway:
         request_id, origin, headers = self._common_headers(scope)
         ex = Exchange(scope, receive, send, headers, self.settings.gateway.gzip_min_bytes)
         try:
+            self.policy.check(scope)
             if method == "OPTIONS":
                 await self._preflight(ex, origin)
                 return
@@ -263,7 +266,7 @@ class Gateway:
         except (GatewayError, UnbrokenError) as exc:
             # UnbrokenError: a store failure (StoreError -> 503) or the like, outside a relay.
             error = exc if isinstance(exc, GatewayError) else from_unbroken(exc, self.scrub)
-            if error.status in (401, 403, 413, 429):
+            if error.status in (401, 403, 413, 415, 429):
                 self.metrics.rejections.labels(error.code or str(error.status)).inc()
             if not ex.started:
                 await ex.respond_error(error)

@@ -16,10 +16,13 @@ import msgspec
 from unbroken.core.tokens import estimate_prompt_tokens
 from unbroken.gateway.problems import GatewayError
 
-__all__ = ["MAX_FALLBACKS", "ChatRequest", "parse_chat_request"]
+__all__ = ["MAX_FALLBACKS", "MAX_JSON_DEPTH", "ChatRequest", "decode_json", "parse_chat_request"]
 
 # More fallbacks than this only multiply the time a failing request takes.
 MAX_FALLBACKS = 8
+# The deepest nesting of arrays and objects accepted in a body: far beyond any real chat
+# request or tool schema, far below where a decoder or encoder recurses out of stack.
+MAX_JSON_DEPTH = 128
 _ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
 # (field, accepted types, description, low, high) for the body fields the gateway or the
 # SDK rely on; a wrong type here would otherwise surface as an upstream 4xx or a crash.
@@ -96,6 +99,49 @@ def _texts(messages: list[dict[str, Any]]) -> list[str]:
     return texts
 
 
+def decode_json(raw: bytes) -> Any:
+    """Decode a JSON request body, refusing nesting deeper than `MAX_JSON_DEPTH`.
+
+    Raises:
+        GatewayError: 400 `invalid_json` for malformed or too deeply nested JSON.
+    """
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise _bad(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+    except RecursionError:
+        # msgspec recurses once per level; it gives up near the interpreter's limit.
+        raise _too_deep() from None
+    # A cheap bound first (C speed): a body with few brackets cannot be deep.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:
+        _check_depth(body)
+    return body
+
+
+def _too_deep() -> GatewayError:
+    return _bad(
+        f"the request body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels",
+        None,
+        "invalid_json",
+    )
+
+
+def _check_depth(body: Any) -> None:
+    # Level by level, so the check itself cannot run out of stack.
+    level = [body]
+    depth = 1
+    while level:
+        if depth > MAX_JSON_DEPTH:
+            raise _too_deep()
+        below = []
+        for node in level:
+            for child in node.values() if type(node) is dict else node:
+                if type(child) is dict or type(child) is list:
+                    below.append(child)
+        level = below
+        depth += 1
+
+
 def parse_chat_request(raw: bytes, models: Collection[str], routes: Collection[str]) -> ChatRequest:
     """Parse and check a chat body.
 
@@ -110,10 +156,7 @@ def parse_chat_request(raw: bytes, models: Collection[str], routes: Collection[s
     """
     if not raw.strip():
         raise _bad("the request body is empty; send a JSON chat request", None, "invalid_json")
-    try:
-        body = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise _bad(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+    body = decode_json(raw)
     if not isinstance(body, dict):
         raise _bad(
             f"the request body must be a JSON object, got {type(body).__name__}",
