@@ -27,6 +27,7 @@ from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.errors import UnbrokenError
 from unbroken.gateway.asgi import Exchange, Receive, Scope, Send
 from unbroken.gateway.budget import Bookings
+from unbroken.gateway.cache import AnswerCache, RecordingStream
 from unbroken.gateway.exposure import RequestPolicy
 from unbroken.gateway.guard import Guard
 from unbroken.gateway.keys import Caller, KeyRing
@@ -36,6 +37,7 @@ from unbroken.gateway.openapi import openapi
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
 from unbroken.gateway.relay import RelayResult, StreamRelay
 from unbroken.gateway.request import ChatRequest, parse_chat_request
+from unbroken.gateway.serving import BreakerWatch
 from unbroken.gateway.sessions import SESSIONS_PATH, SessionEndpoints, open_session_store
 from unbroken.gateway.upstream import LeanTransport
 from unbroken.instrumentation import Hook, PrometheusHook
@@ -83,7 +85,7 @@ def build_upstream(
     `upstream_transport(settings)`); closing the AsyncClient closes the transport."""
     g = settings.gateway
     routes = [
-        Route(r.name, r.base_url, r.api_key, r.model, r.dialect)  # type: ignore[arg-type]  # RouteSettings checked the dialect
+        Route(r.name, r.base_url, r.api_key, r.model, r.dialect, r.context_tokens)  # type: ignore[arg-type]  # RouteSettings checked the dialect
         for r in settings.upstream_routes()
     ]
     return AsyncClient(
@@ -136,13 +138,18 @@ class Gateway:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = GatewayMetrics(self.registry)
         self.guard = Guard(g, self.metrics)
-        self.client = upstream or build_upstream(settings, [PrometheusHook(self.registry)])
+        # Follows the breakers the client reports (only on the client built here).
+        self.breakers = BreakerWatch()
+        self.client = upstream or build_upstream(
+            settings, [PrometheusHook(self.registry), self.breakers]
+        )
         self.keys = KeyRing(g, self.store)
         self.policy = RequestPolicy(g, keys_required=self.keys.required)
         self.sessions = SessionEndpoints(self, open_session_store(g.sessions))
         self.limiter = Limiter(self.store, g.slot_lease_s, fail_open=g.store_failure == "open")
         self.bookings = Bookings(self.limiter, self.registry)
         self.limiter.on_store_failure = self.bookings.count_failure
+        self.cache = AnswerCache(g.cache, self.registry) if g.cache.enabled else None
         routes = settings.upstream_routes()
         self.scrub = Scrubber([settings.api_key, *(r.api_key for r in routes)])
         self.models = frozenset(g.models)
@@ -188,6 +195,8 @@ class Gateway:
         await self.bookings.aclose()
         await self.client.aclose()
         await self.sessions.aclose()
+        if self.cache is not None:
+            await self.cache.aclose()
         await self.store.aclose()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -325,7 +334,12 @@ class Gateway:
                 headers[name] = raw_value.decode("latin-1")
         return headers
 
-    def _check_draining(self) -> None:
+    def serving_route(self) -> Route:
+        """The route the next answer would start on: the first whose breaker is not open."""
+        return self.breakers.first_allowed(self.client.routes)
+
+    def check_draining(self) -> None:
+        """Raise the 503 of a draining gateway."""
         if self.draining:
             raise GatewayError(
                 503,
@@ -337,7 +351,7 @@ class Gateway:
 
     async def _chat(self, ex: Exchange) -> None:
         g = self.settings.gateway
-        self._check_draining()
+        self.check_draining()
         caller = await self.keys.identify(ex.header(b"authorization"))
         request = parse_chat_request(
             await ex.read_body(g.max_body_bytes), self.models, self.route_names
@@ -364,6 +378,11 @@ class Gateway:
                         code="model_not_allowed",
                         param="model",
                     )
+        cache_key = None
+        if self.cache is not None:
+            cache_key = self.cache.key(request)
+            if await self._from_cache(ex, caller, request, cache_key):
+                return
         reserve = request.estimated_tokens + (0 if request.max_tokens else g.reserve_tokens)
         admission = await self.limiter.admit(caller, reserve, time.time())
         request_id = dict(ex.headers_out)[b"x-request-id"]
@@ -417,10 +436,19 @@ class Gateway:
                 extra_headers=self._forwarded(ex, request_id),
                 fallbacks=request.fallbacks or None,
             )
-            if request.stream:
-                result = await relay.stream(stream)
+            if cache_key is not None:
+                stream = RecordingStream(stream)
+            try:
+                if request.stream:
+                    result = await relay.stream(stream)
+                else:
+                    result = await relay.json(stream)
+            except GatewayError as exc:
+                if cache_key is None or not await self._degrade(ex, request, cache_key, exc):
+                    raise
             else:
-                result = await relay.json(stream)
+                if isinstance(stream, RecordingStream):
+                    await self._remember(cache_key, stream, result)
         finally:
             self._relays.discard(relay)
             self.metrics.active.dec()
@@ -432,6 +460,58 @@ class Gateway:
                 self.metrics.chunks.inc(result.n_chunks)
                 if result.n_keepalives:
                     self.metrics.keepalives.inc(result.n_keepalives)
+
+    # -- the answer cache (gateway/cache.py) ---------------------------------------------------
+
+    async def _from_cache(
+        self, ex: Exchange, caller: Caller, request: ChatRequest, key: str
+    ) -> bool:
+        """Answer from the cache when serve mode has a hit or the upstream is known to be
+        down; True when the request was answered here."""
+        cache = self.cache
+        assert cache is not None  # noqa: S101 - called only with a cache
+        serves, down = cache.serves(caller, request), cache.upstream_down()
+        if not serves and not down:
+            return False
+        entry = await cache.get(key)
+        if entry is None:
+            cache.miss()
+            if down:
+                raise cache.unavailable()
+            return False
+        await cache.replay(ex, entry, "stale" if down else "hit", stream=request.stream)
+        return True
+
+    async def _degrade(
+        self, ex: Exchange, request: ChatRequest, key: str, error: GatewayError
+    ) -> bool:
+        """After an answer failed before any output: count it and, when the failure is the
+        upstream's, stand in with a stale entry; True when the request was answered.
+
+        Raises:
+            GatewayError: 503 with Retry-After when there is no entry to stand in.
+        """
+        cache = self.cache
+        assert cache is not None  # noqa: S101 - called only with a cache
+        if error.status not in (502, 503, 504) or not cache.settings.degrade:
+            return False
+        cache.record(failed_before_output=True)
+        entry = await cache.get(key)
+        if entry is None:
+            cache.miss()
+            raise cache.unavailable() from error
+        await cache.replay(ex, entry, "stale", stream=request.stream)
+        return True
+
+    async def _remember(
+        self, key: str | None, stream: RecordingStream, result: RelayResult | None
+    ) -> None:
+        cache = self.cache
+        if cache is None or key is None or result is None or result.reason != "complete":
+            return
+        cache.record(failed_before_output=False)
+        if isinstance(result.completion, Answer):
+            await cache.remember(key, stream, result.completion)
 
     async def _models(self, ex: Exchange) -> None:
         caller = await self.keys.identify(ex.header(b"authorization"))
