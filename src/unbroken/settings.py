@@ -313,6 +313,10 @@ class GatewaySettings:
             against token limits until its usage is known.
         store_failure: `closed` (a request the store cannot check is refused with 503) or
             `open` (it is served unlimited) while the store is unreachable.
+        sessions_per_key, sessions_per_minute: how many sessions one key may hold, and
+            create per minute.
+        session_max_bytes, session_max_messages: how big one session may grow (its stored
+            messages as JSON); a turn past either is refused with 413.
         cache: the answer cache (`[gateway.cache]`).
     """
 
@@ -352,6 +356,10 @@ class GatewaySettings:
     drain_grace_s: float = 5.0
     reserve_tokens: int = 4096
     store_failure: str = "closed"
+    sessions_per_key: int = 100
+    sessions_per_minute: float = 30.0
+    session_max_bytes: int = 1024 * 1024
+    session_max_messages: int = 1000
     cache: CacheSettings = field(default_factory=CacheSettings)
 
     def __post_init__(self) -> None:
@@ -391,11 +399,22 @@ class GatewaySettings:
         for name in ("head_timeout_s", "body_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"gateway {name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_headers", "max_connections", "max_connections_per_client"):
+        for name in (
+            "max_headers",
+            "max_connections",
+            "max_connections_per_client",
+            "sessions_per_key",
+            "session_max_messages",
+            "session_max_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"gateway {name} must be >= 1, got {getattr(self, name)}")
         if self.max_head_bytes < 1024:
             raise ConfigError(f"gateway max_head_bytes must be >= 1024, got {self.max_head_bytes}")
+        if self.sessions_per_minute <= 0:
+            raise ConfigError(
+                f"gateway sessions_per_minute must be > 0, got {self.sessions_per_minute}"
+            )
         if self.drain_grace_s < 0 or self.reserve_tokens < 1:
             raise ConfigError("gateway drain_grace_s must be >= 0 and reserve_tokens >= 1")
         if self.store_failure not in ("open", "closed"):
@@ -545,6 +564,10 @@ _GATEWAY_SCALARS: dict[str, Literal["str", "int", "float", "bool", "list"]] = {
     "drain_grace_s": "float",
     "reserve_tokens": "int",
     "store_failure": "str",
+    "sessions_per_key": "int",
+    "sessions_per_minute": "float",
+    "session_max_bytes": "int",
+    "session_max_messages": "int",
 }
 _GATEWAY_TABLES = frozenset({"routes", "keys", "limits", "cache"})
 

@@ -38,6 +38,7 @@ from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
 from unbroken.gateway.relay import RelayResult, StreamRelay
 from unbroken.gateway.request import ChatRequest, parse_chat_request
 from unbroken.gateway.serving import BreakerWatch
+from unbroken.gateway.session_limits import SessionLimits
 from unbroken.gateway.sessions import SESSIONS_PATH, SessionEndpoints, open_session_store
 from unbroken.gateway.upstream import LeanTransport
 from unbroken.instrumentation import Hook, PrometheusHook
@@ -145,7 +146,9 @@ class Gateway:
         )
         self.keys = KeyRing(g, self.store)
         self.policy = RequestPolicy(g, keys_required=self.keys.required)
-        self.sessions = SessionEndpoints(self, open_session_store(g.sessions))
+        self.sessions = SessionEndpoints(
+            self, open_session_store(g.sessions), SessionLimits(g, self.store)
+        )
         self.limiter = Limiter(self.store, g.slot_lease_s, fail_open=g.store_failure == "open")
         self.bookings = Bookings(self.limiter, self.registry)
         self.limiter.on_store_failure = self.bookings.count_failure
