@@ -113,9 +113,11 @@ def test_lists_are_paged(upstream: MockServer) -> None:
         assert pages == 3
         assert sorted(seen) == sorted(made)
         assert len(http.get("/v1/sessions").json()["data"]) == 5
-        for bad in ({"limit": 0}, {"limit": 101}, {"limit": "x"}, {"after": "sess_nope"}):
+        for bad in ({"limit": 0}, {"limit": 101}, {"limit": "x"}, {"limit": ""}):
             response = http.get("/v1/sessions", params=bad)
             assert response.status_code == 400, bad
+        gone = http.get("/v1/sessions", params={"after": "sess_deleted_since"}).json()
+        assert (gone["data"], gone["has_more"]) == ([], False)
         sid = next(iter(made))
         http.post(f"/v1/sessions/{sid}/messages", json={"content": "hi", "stream": False})
         first = http.get(f"/v1/sessions/{sid}", params={"limit": 1}).json()
@@ -124,6 +126,7 @@ def test_lists_are_paged(upstream: MockServer) -> None:
         rest = http.get(f"/v1/sessions/{sid}", params={"limit": 1, "after": "0"}).json()
         assert [m["role"] for m in rest["messages"]] == ["assistant"]
         assert rest["has_more"] is False
+        assert http.get(f"/v1/sessions/{sid}", params={"after": "x"}).status_code == 400
 
 
 def test_deep_json_in_a_session_message_is_a_400(upstream: MockServer) -> None:

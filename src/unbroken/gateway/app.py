@@ -33,7 +33,7 @@ from unbroken.gateway.guard import Guard
 from unbroken.gateway.keys import Caller, KeyRing
 from unbroken.gateway.limits import Limiter
 from unbroken.gateway.metrics import GatewayMetrics
-from unbroken.gateway.openapi import openapi
+from unbroken.gateway.openapi import allowed_methods, openapi
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
 from unbroken.gateway.relay import RelayResult, StreamRelay
 from unbroken.gateway.request import ChatRequest, parse_chat_request
@@ -157,6 +157,8 @@ class Gateway:
         self.scrub = Scrubber([settings.api_key, *(r.api_key for r in routes)])
         self.models = frozenset(g.models)
         self.route_names = frozenset(r.name for r in routes)
+        # DeepSeek answers with one choice; asking it for more would only be retried.
+        self._max_choices = 1 if all(r.dialect == "deepseek" for r in routes) else 16
         self.draining = False
         self._relays: set[StreamRelay] = set()
         self._origins = frozenset(g.cors_origins)
@@ -260,12 +262,7 @@ class Gateway:
                 await self.sessions.handle(ex, method, path)
                 return
             if entry is None:
-                raise GatewayError(
-                    404,
-                    f"no such endpoint: {method} {path[:200]}; see GET /openapi.json",
-                    type="not_found_error",
-                    code="not_found",
-                )
+                raise _no_such_endpoint(method, path)
             allowed, handler = entry
             if method != allowed:
                 raise GatewayError(
@@ -301,7 +298,10 @@ class Gateway:
 
     async def _preflight(self, ex: Exchange, origin: bytes | None) -> None:
         if origin is None:
-            await ex.start(204, [(b"allow", b"GET, POST, DELETE, OPTIONS")])
+            methods = allowed_methods(ex.scope["path"])
+            if methods is None:
+                raise _no_such_endpoint("OPTIONS", ex.scope["path"])
+            await ex.start(204, [(b"allow", ", ".join((*methods, "OPTIONS")).encode())])
             await ex.send({"type": "http.response.body", "body": b""})
             return
         if not self._origin_allowed(origin):
@@ -381,6 +381,15 @@ class Gateway:
                         code="model_not_allowed",
                         param="model",
                     )
+        n = request.extra.get("n")
+        if isinstance(n, int) and n > self._max_choices:
+            raise GatewayError(
+                400,
+                f"n must be at most {self._max_choices} here: the upstream answers with "
+                f"one choice, got {n}",
+                code="invalid_value",
+                param="n",
+            )
         cache_key = None
         if self.cache is not None:
             cache_key = self.cache.key(request)
@@ -545,7 +554,19 @@ class Gateway:
             await ex.respond_json(200, {"status": "ready"})
 
     async def _openapi(self, ex: Exchange) -> None:
-        await ex.respond_json(200, openapi(sorted(self.models)))
+        await ex.respond_json(
+            200,
+            openapi(sorted(self.models), sorted(self.route_names), max_choices=self._max_choices),
+        )
+
+
+def _no_such_endpoint(method: str, path: str) -> GatewayError:
+    return GatewayError(
+        404,
+        f"no such endpoint: {method} {path[:200]}; see GET /openapi.json",
+        type="not_found_error",
+        code="not_found",
+    )
 
 
 def create_app(

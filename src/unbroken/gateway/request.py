@@ -7,7 +7,7 @@ Imports msgspec, core.tokens and gateway siblings.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,11 +74,15 @@ def _bad(message: str, param: str | None, code: str = "invalid_value") -> Gatewa
     return GatewayError(400, message, code=code, param=param)
 
 
-def _check_field(body: Mapping[str, Any], spec: tuple[Any, ...]) -> None:
+def _check_field(body: dict[str, Any], spec: tuple[Any, ...]) -> None:
     name, types, what, low, high = spec
     if name not in body or body[name] is None:
         return
     value = body[name]
+    if type(value) is float and float not in types and int in types and value.is_integer():
+        # JSON does not tell 1 from 1.0 (JSON Schema's "integer" takes both); the upstream
+        # may, so an integral number is sent on as an integer.
+        body[name] = value = int(value)
     if isinstance(value, bool) and bool not in types:
         raise _bad(f"{name} must be {what}, got a boolean", name, "invalid_type")
     if not isinstance(value, types):
@@ -196,13 +200,15 @@ def parse_chat_request(raw: bytes, models: Collection[str], routes: Collection[s
             )
     for spec in _FIELDS:
         _check_field(body, spec)
+
     stop = body.get("stop")
     if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
         raise _bad("stop must be a string or an array of strings", "stop", "invalid_type")
     options = body.get("stream_options")
     if isinstance(options, dict) and not isinstance(options.get("include_usage", False), bool):
         raise _bad("stream_options.include_usage must be a boolean", "stream_options")
-    fallbacks = body.pop("fallbacks", None) or []
+    fallbacks = body.pop("fallbacks", None)
+    fallbacks = [] if fallbacks is None else fallbacks
     if not isinstance(fallbacks, list) or not all(isinstance(f, str) for f in fallbacks):
         raise _bad(
             "fallbacks must be an array of model or route names", "fallbacks", "invalid_type"
@@ -216,6 +222,9 @@ def parse_chat_request(raw: bytes, models: Collection[str], routes: Collection[s
                 f"fallbacks: {name[:100]!r} is neither a served model nor a configured route",
                 "fallbacks",
             )
+    if "n" in body and body["n"] is None:
+        # null is OpenAI's "not set"; the SDK counts choices by `n`, so it is left out.
+        del body["n"]
     stream = bool(body.pop("stream", False))
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 0
     estimate = estimate_prompt_tokens(_texts(messages)) + int(max_tokens)

@@ -43,7 +43,12 @@ def page_query(query_string: bytes, default: int, most: int) -> Page:
     Raises:
         GatewayError: 400 naming the parameter when `limit` is not an integer in [1, most].
     """
-    params = parse_qs(query_string.decode("latin-1"), max_num_fields=20)
+    try:
+        params = parse_qs(query_string.decode("latin-1"), keep_blank_values=True, max_num_fields=20)
+    except ValueError:
+        raise GatewayError(
+            400, "the query string has too many fields", code="invalid_value"
+        ) from None
     raw_limit = params.get("limit", [str(default)])[-1]
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= most:
         raise GatewayError(
@@ -52,8 +57,7 @@ def page_query(query_string: bytes, default: int, most: int) -> Page:
             code="invalid_value",
             param="limit",
         )
-    after = params.get("after", [None])[-1]
-    return Page(int(raw_limit), after or None)
+    return Page(int(raw_limit), params.get("after", [None])[-1])
 
 
 class SessionLimits:
@@ -123,22 +127,14 @@ class SessionLimits:
 
 
 def paged(items: Sequence[Any], ids: Sequence[str], page: Page) -> dict[str, Any]:
-    """One page of `items` (whose cursors are `ids`) as an OpenAI list object.
-
-    Raises:
-        GatewayError: 400 when `after` names no item.
-    """
+    """One page of `items` (whose cursors are `ids`) as an OpenAI list object; a cursor
+    that names no item (deleted since, or never there) gives an empty last page."""
     start = 0
     if page.after is not None:
         try:
             start = list(ids).index(page.after) + 1
         except ValueError:
-            raise GatewayError(
-                400,
-                f"after={page.after[:80]!r} is not an item of this list",
-                code="invalid_value",
-                param="after",
-            ) from None
+            start = len(items)
     chunk = list(items[start : start + page.limit])
     chunk_ids = ids[start : start + page.limit]
     return {

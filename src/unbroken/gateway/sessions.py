@@ -64,8 +64,9 @@ from unbroken.settings import Settings, data_home
 __all__ = ["SESSIONS_PATH", "SessionEndpoints", "SessionHost", "open_session_store"]
 
 SESSIONS_PATH = "/v1/sessions"
-# The largest session message accepted (the body limit still applies on top).
-MAX_CONTENT_CHARS = 1_000_000
+# The largest session message accepted: ~50K tokens; even as JSON escapes (12 bytes per
+# character at worst) it stays under the default body limit, so it is a 400, never a 413.
+MAX_CONTENT_CHARS = 200_000
 
 
 class SessionHost(Protocol):
@@ -175,6 +176,13 @@ class SessionEndpoints:
                 page = page_query(
                     ex.scope.get("query_string", b""), MAX_MESSAGES_PAGE, MAX_MESSAGES_PAGE
                 )
+                if page.after is not None and not page.after.isdigit():
+                    raise GatewayError(
+                        400,
+                        f"after must be a message index, got {page.after[:40]!r}",
+                        code="invalid_value",
+                        param="after",
+                    )
                 info, messages = await self._owned(caller, session_id)
                 # Messages are paged by position: `after` is the index of the last one seen.
                 listed = paged(messages, [str(i) for i in range(len(messages))], page)
@@ -273,7 +281,11 @@ class SessionEndpoints:
         messages = messages_for_request(
             trimmed, is_deepseek=route.dialect == "deepseek", has_tools=bool(body.get("tools"))
         )
-        chat = {"stream": True, **body, "model": body.get("model") or info.model}
+        chat = {
+            "stream": True,
+            **body,
+            "model": info.model if body.get("model") is None else body["model"],
+        }
         chat["messages"] = messages
         request = parse_chat_request(msgspec.json.encode(chat), gateway.models, gateway.route_names)
 
