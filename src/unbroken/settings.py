@@ -317,6 +317,18 @@ class GatewaySettings:
             create per minute.
         session_max_bytes, session_max_messages: how big one session may grow (its stored
             messages as JSON); a turn past either is refused with 413.
+        stream_ttl_s: how long a streamed answer's log stays readable after it ended.
+        stream_max_bytes, streams_max_bytes: the log's bound per stream and in total.
+        resumable: answers keep generating when their client disconnects (per request:
+            `"unbroken": {"resumable": true}` or `X-Unbroken-Resumable: 1`).
+        detach_grace_s: how long a detached answer waits for a reconnect before its
+            upstream is cancelled.
+        stream_lease_s: how long a dead instance's answers wait before another instance
+            takes them over (the writer renews its lease about every second).
+        ws_queue_frames: frames queued per WebSocket connection before a client that does
+            not read is cut (after `send_timeout_s`).
+        ws_ping_interval_s, ws_ping_timeout_s: WebSocket heartbeat: a ping this often, and
+            the connection closed when its pong is this late.
         cache: the answer cache (`[gateway.cache]`).
     """
 
@@ -360,6 +372,15 @@ class GatewaySettings:
     sessions_per_minute: float = 30.0
     session_max_bytes: int = 1024 * 1024
     session_max_messages: int = 1000
+    stream_ttl_s: float = 600.0
+    stream_max_bytes: int = 64 * 1024 * 1024
+    streams_max_bytes: int = 1024 * 1024 * 1024
+    resumable: bool = False
+    detach_grace_s: float = 30.0
+    stream_lease_s: float = 3.0
+    ws_queue_frames: int = 256
+    ws_ping_interval_s: float = 20.0
+    ws_ping_timeout_s: float = 20.0
     cache: CacheSettings = field(default_factory=CacheSettings)
 
     def __post_init__(self) -> None:
@@ -372,9 +393,20 @@ class GatewaySettings:
             raise ConfigError(
                 f"gateway store must be 'memory' or a redis:// URL, got {self.store[:60]!r}"
             )
-        for name in ("keepalive_s", "send_timeout_s", "drain_timeout_s", "slot_lease_s"):
+        for name in (
+            "keepalive_s",
+            "send_timeout_s",
+            "drain_timeout_s",
+            "slot_lease_s",
+            "stream_ttl_s",
+            "detach_grace_s",
+            "ws_ping_interval_s",
+            "ws_ping_timeout_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"gateway {name} must be > 0, got {getattr(self, name)}")
+        if self.ws_queue_frames < 1:
+            raise ConfigError(f"gateway ws_queue_frames must be >= 1, got {self.ws_queue_frames}")
         if self.max_body_bytes < 1024 or self.stream_buffer_bytes < 4096:
             raise ConfigError("gateway max_body_bytes must be >= 1024, stream_buffer_bytes >= 4096")
         if not self.models:
@@ -394,6 +426,14 @@ class GatewaySettings:
             raise ConfigError("two gateway keys have the same hash")
         if self.retry_attempts < 1:
             raise ConfigError(f"gateway retry_attempts must be >= 1, got {self.retry_attempts}")
+        if self.stream_lease_s < 1.5:
+            # renewed every ~1 s: a shorter lease would expire between two renewals
+            raise ConfigError(f"gateway stream_lease_s must be >= 1.5, got {self.stream_lease_s}")
+        if self.stream_max_bytes < 1024 or self.streams_max_bytes < self.stream_max_bytes:
+            raise ConfigError(
+                "gateway stream_max_bytes must be >= 1024 and streams_max_bytes >= "
+                f"stream_max_bytes, got {self.stream_max_bytes} and {self.streams_max_bytes}"
+            )
 
     def _check_guard(self) -> None:
         for name in ("head_timeout_s", "body_timeout_s"):
@@ -568,6 +608,15 @@ _GATEWAY_SCALARS: dict[str, Literal["str", "int", "float", "bool", "list"]] = {
     "sessions_per_minute": "float",
     "session_max_bytes": "int",
     "session_max_messages": "int",
+    "stream_ttl_s": "float",
+    "stream_max_bytes": "int",
+    "streams_max_bytes": "int",
+    "resumable": "bool",
+    "detach_grace_s": "float",
+    "stream_lease_s": "float",
+    "ws_queue_frames": "int",
+    "ws_ping_interval_s": "float",
+    "ws_ping_timeout_s": "float",
 }
 _GATEWAY_TABLES = frozenset({"routes", "keys", "limits", "cache"})
 

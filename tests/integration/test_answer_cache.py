@@ -137,13 +137,18 @@ def gateway(settings: Settings) -> Iterator[httpx.Client]:
 
 
 def sse(response: httpx.Response) -> tuple[list[str], list[dict[str, Any]]]:
-    """The comments and chunks of an SSE body."""
+    """The comments and chunks of an SSE body (a fresh stream's `id:` lines and its
+    stream-log final event, which a cache replay does not have, left out)."""
     comments, chunks = [], []
     for block in response.text.split("\n\n"):
+        if block.startswith("id: "):
+            block = block.split("\n", 1)[1]
         if block.startswith(":"):
             comments.append(block)
         elif block.startswith("data: ") and block != "data: [DONE]":
-            chunks.append(json.loads(block[6:]))
+            chunk = json.loads(block[6:])
+            if "stream_id" not in chunk.get("unbroken", {}):
+                chunks.append(chunk)
     assert response.text.endswith("data: [DONE]\n\n")
     return comments, chunks
 

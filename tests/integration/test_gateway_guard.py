@@ -190,3 +190,36 @@ def test_the_log_limiter_lets_a_burst_through_then_counts_what_it_dropped() -> N
     first = record("boom %s")
     assert limiter.filter(first)
     assert "97 similar messages suppressed" in str(first.msg)
+
+
+def test_websocket_upgrades_pass_the_guard_and_stay_counted(mock: MockServer) -> None:
+    """A WebSocket upgrade is served through the guarded protocol; the open socket counts
+    against the per-client cap until it closes; in no-key mode a foreign Host is refused."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect as ws_connect
+
+    settings = Settings(
+        api_key="sk-up",
+        base_url=mock.url,
+        gateway=GatewaySettings(max_connections_per_client=2, head_timeout_s=0.5),
+    )
+    app = create_app(settings)
+    with ServerThread(
+        app, lifespan="on", http=guarded_protocol(app.guard), ws="websockets-sansio"
+    ) as server:
+        ws_url = server.url.replace("http://", "ws://") + "/v1/chat/ws"
+        with ws_connect(ws_url, open_timeout=5) as socket_:
+            with connect(server) as held, connect(server) as extra:
+                status, _, body = parse(read_all(extra, 5.0))
+                assert status == 503
+                assert body["error"]["code"] == "too_many_client_connections"
+                held.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert held.recv(12).startswith(b"HTTP/1.1 200")
+            # Past the head timeout the socket is still open: timers stop at the upgrade.
+            time.sleep(0.8)  # outlasting the head timeout is what is under test
+            socket_.ping().wait(5)
+        assert app.guard.n_connections <= 1
+        rebinding = ws_url.replace("127.0.0.1", "localhost")
+        with pytest.raises(InvalidStatus) as refused:
+            ws_connect(rebinding, open_timeout=5, additional_headers={"Host": "evil.example"})
+        assert refused.value.response.status_code == 403

@@ -111,6 +111,14 @@ class RequestPolicy:
                 code="unsupported_media_type",
             )
 
+    def host_ok(self, scope: Scope) -> bool:
+        """False when no-key mode on loopback meets a foreign `Host` (WebSockets are
+        checked here; their Origin is checked by the socket handler)."""
+        if not self._check_host:
+            return True
+        host = dict(scope.get("headers", ())).get(b"host")
+        return host is not None and is_loopback_host(host.decode("latin-1"))
+
     def _origin_ok(self, origin: str, host: str | None) -> bool:
         if "*" in self._origins or origin in self._origins:
             return True

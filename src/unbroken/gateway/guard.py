@@ -15,6 +15,8 @@ Each connection is in one of three phases:
     piece of body; it does not fire while reading is paused (the app is not reading yet).
   * APP: the request is whole and the app owns the connection until the response is
     complete, which returns it to HEAD.
+A WebSocket upgrade hands the connection to uvicorn's WebSocket protocol: the timers stop,
+and the connection stays counted until it closes.
 A refusal writes one JSON error with `Connection: close` (unless the app already started a
 response, in which case the connection is just closed) and nothing more is read.
 Imports uvicorn, httptools and gateway siblings.
@@ -222,8 +224,10 @@ class GuardedProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            # WebSocket is not served over this protocol (ws="none"): plain HTTP goes on.
-            pass
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            # Otherwise (no WebSocket implementation) the request goes on as plain HTTP.
+            return
         except httptools.HttpParserCallbackError:
             refusal, self._refusal = self._refusal, None
             if refusal is not None:
@@ -315,6 +319,25 @@ class GuardedProtocol(HttpToolsProtocol):
         self._phase = Phase.HEAD
         self._head_bytes = 0
         super().on_response_complete()
+
+    def handle_websocket_upgrade(self) -> None:
+        """Hand the connection to uvicorn's WebSocket protocol; it stays counted against the
+        caps until it closes, and our head and body timers stop here."""
+        self._disarm()
+        self._closed = True
+        super().handle_websocket_upgrade()
+        counted, self._counted = self._counted, None
+        if counted is None:
+            return
+        ws = self.transport.get_protocol()
+        lost = ws.connection_lost
+        guard = self.guard
+
+        def connection_lost(exc: Exception | None) -> None:
+            guard.release(counted)
+            lost(exc)
+
+        ws.connection_lost = connection_lost  # type: ignore[method-assign]  # count the close
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's plain-text 400, as our JSON error."""

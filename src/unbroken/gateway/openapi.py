@@ -22,6 +22,8 @@ METHODS: dict[str, tuple[str, ...]] = {
     "/v1/sessions": ("GET", "POST"),
     "/v1/sessions/{id}": ("GET", "DELETE"),
     "/v1/sessions/{id}/messages": ("POST",),
+    "/v1/streams/{id}": ("GET", "DELETE"),
+    "/streams/{id}": ("GET", "DELETE"),
     "/metrics": ("GET",),
     "/healthz": ("GET",),
     "/readyz": ("GET",),
@@ -37,7 +39,9 @@ def allowed_methods(path: str) -> tuple[str, ...] | None:
     if methods is not None:
         return methods
     parts = path.split("/")
-    if len(parts) in (4, 5) and path.startswith("/v1/sessions/") and parts[3]:
+    if path.startswith("/streams/") and len(parts) == 3 and parts[2]:
+        return METHODS["/streams/{id}"]
+    if path.startswith(("/v1/sessions/", "/v1/streams/")) and len(parts) in (4, 5) and parts[3]:
         parts[3] = "{id}"
         return METHODS.get("/".join(parts))
     return None

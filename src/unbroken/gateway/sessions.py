@@ -2,7 +2,8 @@
 
     POST   /v1/sessions                  create   {"model"?, "system"?, "title"?}
     GET    /v1/sessions                  list the caller's sessions
-    GET    /v1/sessions/{id}             one session and its messages
+    GET    /v1/sessions/{id}             one session and its messages (`live_stream_id`: the
+                                         answer being streamed now, or null)
     DELETE /v1/sessions/{id}             forget it
     POST   /v1/sessions/{id}/messages    {"content", "stream"?, any chat parameter}: answers
                                          (SSE or JSON, as /v1/chat/completions) and stores
@@ -100,8 +101,13 @@ class SessionHost(Protocol):
         caller: Caller,
         request: ChatRequest,
         after: Callable[[ChatCompletion], Awaitable[None]] | None = None,
+        session_id: str | None = None,
     ) -> None:
-        """Admit, relay and book one chat request; `after` runs with the whole answer."""
+        """Admit, relay and book one chat request; `after` runs with the whole answer; a
+        streamed answer's log is linked to `session_id`."""
+
+    async def live_stream(self, session_id: str) -> str | None:
+        """The stream id of the answer the session is getting now, if any."""
 
 
 def open_session_store(spec: str) -> AsyncSessionStore:
@@ -186,9 +192,17 @@ class SessionEndpoints:
                 info, messages = await self._owned(caller, session_id)
                 # Messages are paged by position: `after` is the index of the last one seen.
                 listed = paged(messages, [str(i) for i in range(len(messages))], page)
+                # The answer being streamed now, so a page reloaded mid-answer can follow it
+                # (GET /v1/streams/{id}); null when none is.
+                live = await self._gateway.live_stream(session_id)
                 await ex.respond_json(
                     200,
-                    {**_info(info), "messages": listed["data"], "has_more": listed["has_more"]},
+                    {
+                        **_info(info),
+                        "messages": listed["data"],
+                        "has_more": listed["has_more"],
+                        "live_stream_id": live,
+                    },
                 )
             elif method == "DELETE":
                 await self._owned(caller, session_id)
@@ -293,7 +307,7 @@ class SessionEndpoints:
             self._calibrate(completion, estimate)
             await self.store.append(session_id, [user, reply_message(completion)])
 
-        await gateway.serve_chat(ex, caller, request, after=store_turns)
+        await gateway.serve_chat(ex, caller, request, after=store_turns, session_id=session_id)
 
     def _calibrate(self, completion: ChatCompletion, estimate: int) -> None:
         # As the SDK's sessions do: a clean single attempt's prompt is exactly what was
