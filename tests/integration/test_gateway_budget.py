@@ -181,8 +181,12 @@ def test_a_store_outage_at_the_end_of_a_stream_still_ends_with_done(
             raw.extend(reads)
         assert response.status_code == 200
         assert b"".join(raw).endswith(b"data: [DONE]\n\n")
-        events = [e for e in b"".join(raw).split(b"\n\n") if e.startswith(b"data: {")]
-        usage = json.loads(events[-1][6:])["usage"]["total_tokens"]
+        data = [
+            json.loads(line[6:])
+            for line in b"".join(raw).split(b"\n")
+            if line.startswith(b"data: {")
+        ]
+        usage = [d["usage"]["total_tokens"] for d in data if d.get("usage")][-1]
         pending = "unbroken_gateway_bookings_pending"
         assert metric(client, pending) == 1
         assert metric(client, 'unbroken_gateway_store_failures_total{outcome="booking_deferred"}')
