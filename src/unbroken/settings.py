@@ -364,7 +364,7 @@ class GatewaySettings:
     head_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     max_connections: int = 4096
-    max_connections_per_client: int = 256
+    max_connections_per_client: int = 1024
     drain_grace_s: float = 5.0
     reserve_tokens: int = 4096
     store_failure: str = "closed"
