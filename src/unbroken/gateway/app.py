@@ -10,6 +10,7 @@ client, core, stores, instrumentation, settings and gateway siblings.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 import uuid
@@ -652,7 +653,8 @@ class Gateway:
         await ex.respond(200, self.metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
 
     async def _healthz(self, ex: Exchange) -> None:
-        await ex.respond_json(200, {"status": "ok"})
+        # The process id tells `--workers` processes apart (an operator's question).
+        await ex.respond_json(200, {"status": "ok", "pid": os.getpid()})
 
     async def _readyz(self, ex: Exchange) -> None:
         if self.draining:

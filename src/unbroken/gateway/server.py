@@ -61,8 +61,10 @@ def _fit_connection_cap(guard: Guard) -> None:
         guard.max_connections = room
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on (host, port); port 0 picks a free one.
+def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening socket on (host, port); port 0 picks a free one. With `reuse_port`,
+    several processes listen on one port and the kernel spreads connections over them
+    (`--workers`, gateway/workers.py).
 
     Raises:
         OSError: the address is in use or cannot be bound.
@@ -73,6 +75,8 @@ def bind(host: str, port: int) -> socket.socket:
     # until the client's delayed ACK (~40 ms per request).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
