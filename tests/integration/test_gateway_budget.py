@@ -17,7 +17,6 @@ import anyio
 import httpx
 import pytest
 
-from tests.integration.test_stores import redis_url  # noqa: F401 - the redis-server fixture
 from tests.support import free_port, require_binary
 from unbroken.gateway.app import create_app
 from unbroken.mock import MockConfig, MockServer, ServerThread
@@ -147,6 +146,7 @@ def wait_for(predicate: Any, timeout_s: float) -> None:
         time.sleep(0.02)  # polling the gateway's metrics; no event to wait on
 
 
+@pytest.mark.redis
 def test_a_store_outage_at_the_end_of_a_stream_still_ends_with_done(
     upstream: MockServer, tmp_path: Path
 ) -> None:
