@@ -124,6 +124,7 @@ http {{
       proxy_pass http://gateways;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
+      proxy_set_header Host $host;
       proxy_buffering off;
       proxy_request_buffering off;
       proxy_read_timeout 300s;

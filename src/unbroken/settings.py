@@ -301,6 +301,23 @@ class GatewaySettings:
             instance's slots expire after this).
         connect_s, headers_s, first_token_s, idle_s: upstream stream timers.
         retry_attempts, max_resumes, retry_wait_initial_s, retry_wait_max_s: upstream retries.
+        max_head_bytes: the largest request line plus headers (431 past it).
+        max_headers: the most request header fields (431 past it).
+        head_timeout_s: how long a connection may take to send a whole request head
+            (408, then the connection is closed).
+        body_timeout_s: the longest pause between two pieces of a request body (408).
+        max_connections: open connections per process; more are answered 503 and closed.
+        max_connections_per_client: open connections per client address.
+        drain_grace_s: on SIGTERM, how long the listener keeps accepting (new chats get
+            503 with Retry-After, `/readyz` 503) before draining starts.
+        reserve_tokens: the completion tokens a request without `max_tokens` reserves
+            against token limits until its usage is known.
+        store_failure: `closed` (a request the store cannot check is refused with 503) or
+            `open` (it is served unlimited) while the store is unreachable.
+        sessions_per_key, sessions_per_minute: how many sessions one key may hold, and
+            create per minute.
+        session_max_bytes, session_max_messages: how big one session may grow (its stored
+            messages as JSON); a turn past either is refused with 413.
         stream_ttl_s: how long a streamed answer's log stays readable after it ended.
         stream_max_bytes, streams_max_bytes: the log's bound per stream and in total.
         resumable: answers keep generating when their client disconnects (per request:
@@ -349,6 +366,19 @@ class GatewaySettings:
     max_resumes: int = 5
     retry_wait_initial_s: float = 0.25
     retry_wait_max_s: float = 8.0
+    max_head_bytes: int = 32 * 1024
+    max_headers: int = 100
+    head_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 4096
+    max_connections_per_client: int = 1024
+    drain_grace_s: float = 5.0
+    reserve_tokens: int = 4096
+    store_failure: str = "closed"
+    sessions_per_key: int = 100
+    sessions_per_minute: float = 30.0
+    session_max_bytes: int = 1024 * 1024
+    session_max_messages: int = 1000
     stream_ttl_s: float = 600.0
     stream_max_bytes: int = 64 * 1024 * 1024
     streams_max_bytes: int = 1024 * 1024 * 1024
@@ -367,6 +397,7 @@ class GatewaySettings:
     widget_limits: LimitSettings = field(default_factory=LimitSettings)
 
     def __post_init__(self) -> None:
+        self._check_guard()
         if self.widget_secret is not None and len(self.widget_secret) < 32:
             raise ConfigError(
                 "gateway widget_secret must be at least 32 characters (HS256 needs a key as "
@@ -422,6 +453,33 @@ class GatewaySettings:
             raise ConfigError(
                 "gateway stream_max_bytes must be >= 1024 and streams_max_bytes >= "
                 f"stream_max_bytes, got {self.stream_max_bytes} and {self.streams_max_bytes}"
+            )
+
+    def _check_guard(self) -> None:
+        for name in ("head_timeout_s", "body_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"gateway {name} must be > 0, got {getattr(self, name)}")
+        for name in (
+            "max_headers",
+            "max_connections",
+            "max_connections_per_client",
+            "sessions_per_key",
+            "session_max_messages",
+            "session_max_bytes",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"gateway {name} must be >= 1, got {getattr(self, name)}")
+        if self.max_head_bytes < 1024:
+            raise ConfigError(f"gateway max_head_bytes must be >= 1024, got {self.max_head_bytes}")
+        if self.sessions_per_minute <= 0:
+            raise ConfigError(
+                f"gateway sessions_per_minute must be > 0, got {self.sessions_per_minute}"
+            )
+        if self.drain_grace_s < 0 or self.reserve_tokens < 1:
+            raise ConfigError("gateway drain_grace_s must be >= 0 and reserve_tokens >= 1")
+        if self.store_failure not in ("open", "closed"):
+            raise ConfigError(
+                f"gateway store_failure must be 'open' or 'closed', got {self.store_failure!r:.40}"
             )
 
     @property
@@ -563,6 +621,19 @@ _GATEWAY_SCALARS: dict[str, Literal["str", "int", "float", "bool", "list"]] = {
     "max_resumes": "int",
     "retry_wait_initial_s": "float",
     "retry_wait_max_s": "float",
+    "max_head_bytes": "int",
+    "max_headers": "int",
+    "head_timeout_s": "float",
+    "body_timeout_s": "float",
+    "max_connections": "int",
+    "max_connections_per_client": "int",
+    "drain_grace_s": "float",
+    "reserve_tokens": "int",
+    "store_failure": "str",
+    "sessions_per_key": "int",
+    "sessions_per_minute": "float",
+    "session_max_bytes": "int",
+    "session_max_messages": "int",
     "stream_ttl_s": "float",
     "stream_max_bytes": "int",
     "streams_max_bytes": "int",

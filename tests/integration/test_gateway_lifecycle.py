@@ -91,7 +91,7 @@ def test_client_leaving_while_queued_cancels_upstream(upstream: MockServer) -> N
         with socket.create_connection((parts[0], int(parts[1]))) as sock:
             payload = b'{"model":"deepseek-chat","stream":true,"messages":[{"role":"user","content":"q"}]}'
             sock.sendall(
-                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                 b"X-Mock-Queue-Ms: 10000\r\nContent-Length: "
                 + str(len(payload)).encode()
                 + b"\r\n\r\n"
@@ -137,7 +137,7 @@ def test_client_that_stops_reading_is_cut_and_its_upstream_cancelled(
             b'{"model":"deepseek-chat","stream":true,"messages":[{"role":"user","content":"x"}]}'
         )
         sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"X-Mock-Tokens: 300000\r\nContent-Length: "
             + str(len(payload)).encode()
             + b"\r\n\r\n"
@@ -189,7 +189,9 @@ def test_sigterm_drains_in_flight_streams(upstream: MockServer) -> None:
     """After SIGTERM the gateway refuses new connections, lets an in-flight stream finish
     whole, and exits cleanly."""
     _, content = answer_text("deepseek-chat", MESSAGES, config=MockConfig(seed=4))
-    proc, url = _start_gateway(upstream.url, UNBROKEN_GATEWAY_DRAIN_TIMEOUT_S="20")
+    proc, url = _start_gateway(
+        upstream.url, UNBROKEN_GATEWAY_DRAIN_TIMEOUT_S="20", UNBROKEN_GATEWAY_DRAIN_GRACE_S="0.5"
+    )
     try:
         with (
             httpx.Client(base_url=url, timeout=20) as client,
@@ -231,7 +233,9 @@ def _refused(url: str) -> bool:
 def test_sigterm_ends_streams_past_the_drain_timeout(upstream: MockServer) -> None:
     """A stream still running at the drain deadline gets a shutting_down error event and
     the process exits soon after."""
-    proc, url = _start_gateway(upstream.url, UNBROKEN_GATEWAY_DRAIN_TIMEOUT_S="0.5")
+    proc, url = _start_gateway(
+        upstream.url, UNBROKEN_GATEWAY_DRAIN_TIMEOUT_S="0.5", UNBROKEN_GATEWAY_DRAIN_GRACE_S="0"
+    )
     try:
         with (
             httpx.Client(base_url=url, timeout=20) as client,
@@ -253,6 +257,31 @@ def test_sigterm_ends_streams_past_the_drain_timeout(upstream: MockServer) -> No
         # uvicorn re-raises the SIGTERM after its graceful shutdown (the Unix convention).
         assert proc.wait(10) in (0, -signal.SIGTERM)
         assert cancelled(upstream) == 1
+    finally:
+        _stop(proc)
+
+
+def test_sigterm_keeps_the_listener_open_for_the_grace_period(upstream: MockServer) -> None:
+    """Right after SIGTERM /readyz is 503 and a new chat gets 503 with Retry-After on a
+    listener that still accepts; once the grace period is over connections are refused."""
+    proc, url = _start_gateway(upstream.url, UNBROKEN_GATEWAY_DRAIN_GRACE_S="2")
+    try:
+        with httpx.Client(base_url=url, timeout=5) as client:
+            assert client.get("/readyz").status_code == 200
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            ready = wait_for(lambda: client.get("/readyz").status_code == 503, 1.0)
+            # A new connection after SIGTERM is still accepted, and told to go elsewhere.
+            with httpx.Client(base_url=url, timeout=5) as fresh:
+                chat = fresh.post("/v1/chat/completions", json=BODY)
+            asked = time.monotonic() - signalled
+            refused_after = wait_for(lambda: _refused(url), 8.0) + asked
+        assert ready < 1.0
+        assert chat.status_code == 503
+        assert chat.headers["retry-after"] == "1"
+        assert chat.json()["error"]["code"] == "shutting_down"
+        assert 1.8 < refused_after < 6.0
+        assert proc.wait(10) in (0, -signal.SIGTERM)
     finally:
         _stop(proc)
 

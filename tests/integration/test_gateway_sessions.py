@@ -40,6 +40,7 @@ def gateway(
         base_url=upstream.url,
         gateway=GatewaySettings(
             sessions=sessions,
+            sessions_per_minute=1000,
             keys=(KeySettings("alice", hash_key(ALICE)), KeySettings("bob", hash_key(BOB))),
             forward_headers=("x-mock-*",),
             retry_wait_initial_s=0.01,

@@ -51,7 +51,7 @@ def replay(url: str) -> int:
     total = 0
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(
-            f"GET /v1/streams/{STREAM_ID} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+            f"GET /v1/streams/{STREAM_ID} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
         )
         while data := sock.recv(65536):
             total += len(data)

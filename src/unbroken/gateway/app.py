@@ -27,15 +27,19 @@ from unbroken.core.routes import Route
 from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.errors import UnbrokenError
 from unbroken.gateway.asgi import Exchange, Receive, Scope, Send
+from unbroken.gateway.budget import Bookings
 from unbroken.gateway.cache import AnswerCache, RecordingStream
+from unbroken.gateway.exposure import RequestPolicy
+from unbroken.gateway.guard import Guard
 from unbroken.gateway.keys import Caller, KeyRing
 from unbroken.gateway.limits import Admission, Limiter
 from unbroken.gateway.metrics import GatewayMetrics
-from unbroken.gateway.openapi import openapi
+from unbroken.gateway.openapi import allowed_methods, openapi
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
 from unbroken.gateway.relay import RelayResult, StreamRelay
 from unbroken.gateway.request import ChatRequest, parse_chat_request
 from unbroken.gateway.serving import BreakerWatch
+from unbroken.gateway.session_limits import SessionLimits
 from unbroken.gateway.sessions import SESSIONS_PATH, SessionEndpoints, open_session_store
 from unbroken.gateway.streams import (
     GATEWAY_HEADER,
@@ -149,21 +153,29 @@ class Gateway:
         self.store: Store = store if store is not None else open_store(g.store)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = GatewayMetrics(self.registry)
+        self.guard = Guard(g, self.metrics)
         # Follows the breakers the client reports (only on the client built here).
         self.breakers = BreakerWatch()
         self.client = upstream or build_upstream(
             settings, [PrometheusHook(self.registry), self.breakers]
         )
         self.keys = KeyRing(g, self.store, WidgetTokens(g).caller if g.has_widget_tokens else None)
-        self.sessions = SessionEndpoints(self, open_session_store(g.sessions))
+        self.policy = RequestPolicy(g, keys_required=self.keys.required)
+        self.sessions = SessionEndpoints(
+            self, open_session_store(g.sessions), SessionLimits(g, self.store)
+        )
         self.streams = StreamHub(self, stream_log or open_stream_log(g))
-        self.limiter = Limiter(self.store, g.slot_lease_s)
+        self.limiter = Limiter(self.store, g.slot_lease_s, fail_open=g.store_failure == "open")
+        self.bookings = Bookings(self.limiter, self.registry)
+        self.limiter.on_store_failure = self.bookings.count_failure
         self.cache = AnswerCache(g.cache, self.registry) if g.cache.enabled else None
         routes = settings.upstream_routes()
         self.scrub = Scrubber([settings.api_key, *(r.api_key for r in routes)])
         self.models = frozenset(g.models)
         self.route_names = frozenset(r.name for r in routes)
         self.web = WebUI(self.models, auth_required=self.keys.required)
+        # DeepSeek answers with one choice; asking it for more would only be retried.
+        self._max_choices = 1 if all(r.dialect == "deepseek" for r in routes) else 16
         self.draining = False
         self._relays: set[StreamRelay] = set()
         self._origins = frozenset(g.cors_origins)
@@ -204,6 +216,7 @@ class Gateway:
     async def aclose(self) -> None:
         """Close the stream hub (releasing its leases), the upstream client and the store."""
         await self.streams.aclose()
+        await self.bookings.aclose()
         await self.client.aclose()
         await self.sessions.aclose()
         if self.cache is not None:
@@ -231,7 +244,7 @@ class Gateway:
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         elif kind == "websocket":
-            if scope["path"] == WS_PATH:
+            if scope["path"] == WS_PATH and self.policy.host_ok(scope):
                 await ChatSocket(self, scope, receive, send).run()
             else:
                 await receive()  # websocket.connect
@@ -276,6 +289,7 @@ class Gateway:
         request_id, origin, headers = self._common_headers(scope)
         ex = Exchange(scope, receive, send, headers, self.settings.gateway.gzip_min_bytes)
         try:
+            self.policy.check(scope)
             if method == "OPTIONS":
                 await self._preflight(ex, origin)
                 return
@@ -290,12 +304,7 @@ class Gateway:
                 await self.web.handle(ex, method, path)
                 return
             if entry is None:
-                raise GatewayError(
-                    404,
-                    f"no such endpoint: {method} {path[:200]}; see GET /openapi.json",
-                    type="not_found_error",
-                    code="not_found",
-                )
+                raise _no_such_endpoint(method, path)
             allowed, handler = entry
             if method != allowed:
                 raise GatewayError(
@@ -308,7 +317,7 @@ class Gateway:
         except (GatewayError, UnbrokenError) as exc:
             # UnbrokenError: a store failure (StoreError -> 503) or the like, outside a relay.
             error = exc if isinstance(exc, GatewayError) else from_unbroken(exc, self.scrub)
-            if error.status in (401, 403, 413, 429):
+            if error.status in (401, 403, 413, 415, 429):
                 self.metrics.rejections.labels(error.code or str(error.status)).inc()
             if not ex.started:
                 await ex.respond_error(error)
@@ -331,7 +340,10 @@ class Gateway:
 
     async def _preflight(self, ex: Exchange, origin: bytes | None) -> None:
         if origin is None:
-            await ex.start(204, [(b"allow", b"GET, POST, DELETE, OPTIONS")])
+            methods = allowed_methods(ex.scope["path"])
+            if methods is None:
+                raise _no_such_endpoint("OPTIONS", ex.scope["path"])
+            await ex.start(204, [(b"allow", ", ".join((*methods, "OPTIONS")).encode())])
             await ex.send({"type": "http.response.body", "body": b""})
             return
         if not self._origin_allowed(origin):
@@ -403,6 +415,15 @@ class Gateway:
         Raises:
             GatewayError: 403 naming the key and the model.
         """
+        n = request.extra.get("n")
+        if isinstance(n, int) and n > self._max_choices:
+            raise GatewayError(
+                400,
+                f"n must be at most {self._max_choices} here: the upstream answers with "
+                f"one choice, got {n}",
+                code="invalid_value",
+                param="n",
+            )
         if caller.models is None:
             return
         for model in (request.model, *request.fallbacks):
@@ -429,7 +450,7 @@ class Gateway:
         """Admit a checked streamed request and start producing it into the stream log
         (SSE and WebSocket answers both start here); usage is booked when it ends, and a
         whole answer is stored under `cache_key` in the answer cache."""
-        booking = await _Booking.admit(self.limiter, caller, request, after)
+        booking = await _Booking.admit(self, caller, request, after)
         recorded: list[RecordingStream] = []
 
         def record(stream: AsyncStream) -> AsyncStream:
@@ -517,7 +538,7 @@ class Gateway:
                 self._count(result or relay.result)
             return
 
-        booking = await _Booking.admit(self.limiter, caller, request, after)
+        booking = await _Booking.admit(self, caller, request, after)
         relay = StreamRelay(
             ex,
             self.scrub,
@@ -650,7 +671,19 @@ class Gateway:
             await ex.respond_json(200, {"status": "ready"})
 
     async def _openapi(self, ex: Exchange) -> None:
-        await ex.respond_json(200, openapi(sorted(self.models)))
+        await ex.respond_json(
+            200,
+            openapi(sorted(self.models), sorted(self.route_names), max_choices=self._max_choices),
+        )
+
+
+def _no_such_endpoint(method: str, path: str) -> GatewayError:
+    return GatewayError(
+        404,
+        f"no such endpoint: {method} {path[:200]}; see GET /openapi.json",
+        type="not_found_error",
+        code="not_found",
+    )
 
 
 def create_app(
@@ -675,15 +708,16 @@ class _Booking:
     """One admitted request's hold on its caller's limits: usage is booked (and the
     concurrency slot freed) exactly once, however the answer ends."""
 
-    __slots__ = ("_after", "_limiter", "admission", "booked")
+    __slots__ = ("_after", "_bookings", "_limiter", "admission", "booked")
 
     def __init__(
         self,
-        limiter: Limiter,
+        gateway: Gateway,
         admission: Admission,
         after: Callable[[ChatCompletion], Awaitable[None]] | None,
     ) -> None:
-        self._limiter = limiter
+        self._limiter = gateway.limiter
+        self._bookings = gateway.bookings
         self._after = after
         self.admission = admission
         self.booked = False
@@ -691,19 +725,28 @@ class _Booking:
     @classmethod
     async def admit(
         cls,
-        limiter: Limiter,
+        gateway: Gateway,
         caller: Caller,
         request: ChatRequest,
         after: Callable[[ChatCompletion], Awaitable[None]] | None,
     ) -> _Booking:
-        """Admit `request` (raises the limiter's 429) and hold its booking."""
-        admission = await limiter.admit(caller, request.estimated_tokens, time.time())
-        return cls(limiter, admission, after)
+        """Admit `request` (raises the limiter's 429) and hold its booking: it reserves
+        its `max_tokens`, or `reserve_tokens` when it has none (gateway/limits.py)."""
+        reserve = request.estimated_tokens
+        if not request.max_tokens:
+            reserve += gateway.settings.gateway.reserve_tokens
+        admission = await gateway.limiter.admit(caller, reserve, time.time())
+        return cls(gateway, admission, after)
 
     async def complete(self, completion: ChatCompletion) -> None:
         """The whole answer: run `after` (session turns), then book it."""
         if self._after is not None:
-            await self._after(completion)
+            try:
+                await self._after(completion)
+            except UnbrokenError as exc:
+                # The answer is whole and billed: deliver it even if keeping it failed.
+                self._bookings.count_failure("session_turn_lost")
+                logger.warning("answer delivered but not kept in its session: %s", exc)
         await self.book(completion)
 
     async def book(self, completion: ChatCompletion | None) -> None:
@@ -716,9 +759,10 @@ class _Booking:
             tokens = completion.usage.total_tokens
         if isinstance(completion, Answer):
             cost = completion.unbroken.cost_usd
-        # Books usage and frees the slot even when the server cancels us at shutdown.
+        # Books usage and frees the slot even when the server cancels us at shutdown; a
+        # store failure queues the booking instead of failing a delivered answer.
         with anyio.CancelScope(shield=True):
-            await self._limiter.finish(self.admission, tokens, cost or 0.0, time.time())
+            await self._bookings.settle(self.admission, tokens, cost or 0.0)
 
     def renew(self) -> Awaitable[None]:
         """Extend the concurrency slot's lease."""

@@ -2,7 +2,11 @@
 (leased slots) and daily token or cost budgets (counters), all kept in a `Store`.
 
 An over-limit request is refused before any upstream call with 429, a `Retry-After` and an
-OpenAI-shaped body naming the limit. Imports settings, stores, core.tokens and siblings.
+OpenAI-shaped body naming the limit. Token limits are exact: a request *reserves* its
+prompt estimate plus `max_tokens` (or the configured `reserve_tokens`) before it is
+admitted, in one atomic store operation, and `finish` settles the reservation against the
+billed usage. So concurrent requests can never spend more than the budget plus what the
+last admitted ones used beyond their reservation. Imports settings, stores and siblings.
 """
 
 from __future__ import annotations
@@ -10,8 +14,10 @@ from __future__ import annotations
 import datetime as dt
 import math
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from unbroken.errors import StoreError
 from unbroken.gateway.keys import Caller
 from unbroken.gateway.problems import GatewayError
 from unbroken.stores.base import Store
@@ -24,12 +30,22 @@ DAY_TTL_S = 2 * 86400.0
 
 @dataclass(slots=True)
 class Admission:
-    """What one admitted request holds: its slot lease and its token reservation."""
+    """What one admitted request holds: its slot lease and its token reservations. `finish`
+    clears each part once settled, so a settlement cut short by a store failure can be run
+    again without booking anything twice.
+
+    Attributes:
+        unchecked: admitted without limits because the store failed (fail-open).
+    """
 
     caller: Caller
     day: str
     lease: str | None = None
     reserved_tokens: int = 0
+    reserved_daily: float = 0.0
+    unchecked: bool = False
+    tokens_booked: bool = False
+    cost_booked: bool = False
 
 
 def _day(now: float) -> str:
@@ -46,36 +62,70 @@ class Limiter:
     Args:
         store: where buckets, slots and counters live.
         lease_s: how long a concurrency slot is held without renewal.
+        fail_open: when the store fails during admission, serve the request unlimited
+            (True) instead of refusing it with 503 (False).
+        on_store_failure: told `admit_open`, `admit_closed` for each such failure.
     """
 
-    def __init__(self, store: Store, lease_s: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        lease_s: float,
+        *,
+        fail_open: bool = False,
+        on_store_failure: Callable[[str], None] | None = None,
+    ) -> None:
         self._store = store
         self.lease_s = lease_s
+        self.fail_open = fail_open
+        self.on_store_failure = on_store_failure
 
     async def admit(self, caller: Caller, estimated_tokens: int, now: float) -> Admission:
         """Check and take every limit of `caller` for one request, or refuse it.
 
         Args:
             caller: who asks.
-            estimated_tokens: prompt estimate plus the completion budget (`max_tokens`).
+            estimated_tokens: prompt estimate plus the completion budget (`max_tokens`, or
+                the configured reservation when the request has none).
             now: Unix time.
 
         Raises:
             GatewayError: 429 naming the limit, with Retry-After.
+            StoreError: the store failed and the limiter fails closed.
         """
+        try:
+            return await self._admit(caller, estimated_tokens, now)
+        except StoreError:
+            outcome = "admit_open" if self.fail_open else "admit_closed"
+            if self.on_store_failure is not None:
+                self.on_store_failure(outcome)
+            if not self.fail_open:
+                raise
+            return Admission(caller, _day(now), unchecked=True)
+
+    async def _admit(self, caller: Caller, estimated_tokens: int, now: float) -> Admission:
         limits = caller.limits
         store = self._store
         admission = Admission(caller, _day(now))
         cid = caller.id
         if limits.daily_tokens is not None:
-            used = await store.get(f"tokens:{cid}:{admission.day}", now)
-            if used >= limits.daily_tokens:
+            # Reserve, then look: the add is atomic, so every admitted request's reservation
+            # is inside the total that request saw, and the admitted ones never sum past
+            # the budget. A request bigger than the whole budget may run on an unused one.
+            budget = limits.daily_tokens
+            want = float(min(max(estimated_tokens, 1), budget))
+            key = f"tokens:{cid}:{admission.day}"
+            total = await store.add(key, want, now, DAY_TTL_S)
+            if total > budget:
+                await store.add(key, -want, now, DAY_TTL_S)
                 raise self._refuse(
-                    f"key {caller.name!r} used its daily budget of {limits.daily_tokens} "
-                    f"tokens ({used:.0f} used today, UTC)",
+                    f"key {caller.name!r} used its daily budget of {budget} tokens "
+                    f"({total - want:.0f} used or reserved today, UTC; this request needs "
+                    f"about {want:.0f})",
                     "daily_token_budget_exceeded",
                     _to_midnight(now),
                 )
+            admission.reserved_daily = want
         if limits.daily_cost_usd is not None:
             spent = await store.get(f"cost:{cid}:{admission.day}", now)
             if spent >= limits.daily_cost_usd:
@@ -135,6 +185,10 @@ class Limiter:
     async def _undo(self, admission: Admission, now: float, *, rpm: bool) -> None:
         limits = admission.caller.limits
         cid = admission.caller.id
+        if admission.reserved_daily:
+            key = f"tokens:{cid}:{admission.day}"
+            await self._store.add(key, -admission.reserved_daily, now, DAY_TTL_S)
+            admission.reserved_daily = 0.0
         if rpm and limits.requests_per_minute is not None:
             r = limits.requests_per_minute
             await self._store.adjust(f"rpm:{cid}", r, r / 60.0, 1.0, now)
@@ -153,13 +207,19 @@ class Limiter:
     async def finish(
         self, admission: Admission, tokens: int | None, cost_usd: float, now: float
     ) -> None:
-        """Release the slot and book what the request really used.
+        """Release the slot and settle the reservations against what the request used.
+
+        Each step is marked done on `admission` as it succeeds, so after a `StoreError`
+        the same call can be made again (see `gateway.budget.Bookings`).
 
         Args:
             admission: from `admit`.
-            tokens: billed tokens (all attempts), or None when unknown.
+            tokens: billed tokens (all attempts), or None when unknown (nothing billed).
             cost_usd: billed cost.
             now: Unix time.
+
+        Raises:
+            StoreError: the store failed; the steps not yet done are still to do.
         """
         limits = admission.caller.limits
         cid = admission.caller.id
@@ -168,11 +228,19 @@ class Limiter:
             await store.release_slot(f"slots:{cid}", admission.lease)
             admission.lease = None
         tpm = limits.tokens_per_minute
-        if tpm is not None and tokens is not None and admission.reserved_tokens:
-            delta = admission.reserved_tokens - tokens
+        if tpm is not None and admission.reserved_tokens:
+            delta = admission.reserved_tokens - (tokens or 0)
             if delta:
                 await store.adjust(f"tpm:{cid}", tpm, tpm / 60.0, float(delta), now)
-        if limits.daily_tokens is not None and tokens:
-            await store.add(f"tokens:{cid}:{admission.day}", float(tokens), now, DAY_TTL_S)
-        if limits.daily_cost_usd is not None and cost_usd:
+            admission.reserved_tokens = 0
+        if not admission.tokens_booked:
+            if admission.reserved_daily or (tokens and limits.daily_tokens is not None):
+                delta_daily = (tokens or 0) - admission.reserved_daily
+                if delta_daily:
+                    key = f"tokens:{cid}:{admission.day}"
+                    await store.add(key, delta_daily, now, DAY_TTL_S)
+            admission.reserved_daily = 0.0
+            admission.tokens_booked = True
+        if limits.daily_cost_usd is not None and cost_usd and not admission.cost_booked:
             await store.add(f"cost:{cid}:{admission.day}", cost_usd, now, DAY_TTL_S)
+        admission.cost_booked = True

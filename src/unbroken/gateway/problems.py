@@ -23,6 +23,7 @@ from unbroken.errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
+from unbroken.gateway.upstream import UpstreamCertificateError
 
 __all__ = ["GatewayError", "Scrubber", "error_body", "from_unbroken"]
 
@@ -157,6 +158,10 @@ def from_unbroken(exc: UnbrokenError, scrub: Scrubber) -> GatewayError:
             prefix + scrub(root.message),
             type="upstream_error",
             code=f"upstream_timeout_{root.phase}",
+        )
+    if isinstance(root, UpstreamCertificateError):
+        return GatewayError(
+            502, scrub(root.message), type="upstream_error", code="upstream_certificate_invalid"
         )
     if isinstance(root, UpstreamError | ProtocolError):
         return GatewayError(

@@ -7,7 +7,7 @@ Imports msgspec, core.tokens and gateway siblings.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,10 +16,13 @@ import msgspec
 from unbroken.core.tokens import estimate_prompt_tokens
 from unbroken.gateway.problems import GatewayError
 
-__all__ = ["MAX_FALLBACKS", "ChatRequest", "parse_chat_request"]
+__all__ = ["MAX_FALLBACKS", "MAX_JSON_DEPTH", "ChatRequest", "decode_json", "parse_chat_request"]
 
 # More fallbacks than this only multiply the time a failing request takes.
 MAX_FALLBACKS = 8
+# The deepest nesting of arrays and objects accepted in a body: far beyond any real chat
+# request or tool schema, far below where a decoder or encoder recurses out of stack.
+MAX_JSON_DEPTH = 128
 _ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
 # (field, accepted types, description, low, high) for the body fields the gateway or the
 # SDK rely on; a wrong type here would otherwise surface as an upstream 4xx or a crash.
@@ -54,7 +57,8 @@ class ChatRequest:
         stream: stream the answer (SSE) or answer with one JSON body.
         fallbacks: route names or model names to try after the configured routes.
         extra: every other field, passed to the upstream as is.
-        estimated_tokens: prompt estimate plus `max_tokens` (for tokens-per-minute limits).
+        estimated_tokens: prompt estimate plus `max_tokens` (for token limits).
+        max_tokens: the completion budget the request set, if any.
     """
 
     model: str
@@ -63,17 +67,22 @@ class ChatRequest:
     fallbacks: list[str]
     extra: dict[str, Any]
     estimated_tokens: int
+    max_tokens: int | None = None
 
 
 def _bad(message: str, param: str | None, code: str = "invalid_value") -> GatewayError:
     return GatewayError(400, message, code=code, param=param)
 
 
-def _check_field(body: Mapping[str, Any], spec: tuple[Any, ...]) -> None:
+def _check_field(body: dict[str, Any], spec: tuple[Any, ...]) -> None:
     name, types, what, low, high = spec
     if name not in body or body[name] is None:
         return
     value = body[name]
+    if type(value) is float and float not in types and int in types and value.is_integer():
+        # JSON does not tell 1 from 1.0 (JSON Schema's "integer" takes both); the upstream
+        # may, so an integral number is sent on as an integer.
+        body[name] = value = int(value)
     if isinstance(value, bool) and bool not in types:
         raise _bad(f"{name} must be {what}, got a boolean", name, "invalid_type")
     if not isinstance(value, types):
@@ -94,6 +103,49 @@ def _texts(messages: list[dict[str, Any]]) -> list[str]:
     return texts
 
 
+def decode_json(raw: bytes) -> Any:
+    """Decode a JSON request body, refusing nesting deeper than `MAX_JSON_DEPTH`.
+
+    Raises:
+        GatewayError: 400 `invalid_json` for malformed or too deeply nested JSON.
+    """
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise _bad(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+    except RecursionError:
+        # msgspec recurses once per level; it gives up near the interpreter's limit.
+        raise _too_deep() from None
+    # A cheap bound first (C speed): a body with few brackets cannot be deep.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:
+        _check_depth(body)
+    return body
+
+
+def _too_deep() -> GatewayError:
+    return _bad(
+        f"the request body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels",
+        None,
+        "invalid_json",
+    )
+
+
+def _check_depth(body: Any) -> None:
+    # Level by level, so the check itself cannot run out of stack.
+    level = [body]
+    depth = 1
+    while level:
+        if depth > MAX_JSON_DEPTH:
+            raise _too_deep()
+        below = []
+        for node in level:
+            for child in node.values() if type(node) is dict else node:
+                if type(child) is dict or type(child) is list:
+                    below.append(child)
+        level = below
+        depth += 1
+
+
 def parse_chat_request(raw: bytes, models: Collection[str], routes: Collection[str]) -> ChatRequest:
     """Parse and check a chat body.
 
@@ -108,10 +160,7 @@ def parse_chat_request(raw: bytes, models: Collection[str], routes: Collection[s
     """
     if not raw.strip():
         raise _bad("the request body is empty; send a JSON chat request", None, "invalid_json")
-    try:
-        body = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise _bad(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+    body = decode_json(raw)
     if not isinstance(body, dict):
         raise _bad(
             f"the request body must be a JSON object, got {type(body).__name__}",
@@ -151,6 +200,7 @@ def parse_chat_request(raw: bytes, models: Collection[str], routes: Collection[s
             )
     for spec in _FIELDS:
         _check_field(body, spec)
+
     stop = body.get("stop")
     if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
         raise _bad("stop must be a string or an array of strings", "stop", "invalid_type")
@@ -173,7 +223,10 @@ def parse_chat_request(raw: bytes, models: Collection[str], routes: Collection[s
                 f"fallbacks: {name[:100]!r} is neither a served model nor a configured route",
                 "fallbacks",
             )
+    if "n" in body and body["n"] is None:
+        # null is OpenAI's "not set"; the SDK counts choices by `n`, so it is left out.
+        del body["n"]
     stream = bool(body.pop("stream", False))
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 0
     estimate = estimate_prompt_tokens(_texts(messages)) + int(max_tokens)
-    return ChatRequest(model, messages, stream, fallbacks, body, estimate)
+    return ChatRequest(model, messages, stream, fallbacks, body, estimate, max_tokens or None)

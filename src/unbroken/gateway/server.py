@@ -2,25 +2,28 @@
 with httptools, and SIGTERM handling that drains.
 
 On SIGTERM (or the first Ctrl+C) the gateway stops admitting chat requests (`/readyz` turns
-503) and uvicorn stops accepting connections; in-flight answers keep streaming for up to
-`drain_timeout_s`; streams still open then get an SSE error event saying the gateway is
-shutting down, and the process exits. Imports uvicorn and gateway siblings.
+503 at once); after SIGTERM the listener keeps accepting for `drain_grace_s` (new chats get
+503 with Retry-After) before uvicorn stops accepting connections; in-flight answers keep
+streaming for up to `drain_timeout_s`; streams still open then get an SSE error event saying
+the gateway is shutting down, and the process exits. Imports uvicorn and gateway siblings.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import contextlib
+import functools
 import logging
+import resource
+import signal
 import socket
 from collections.abc import Callable
 from types import FrameType
-from typing import Any, cast
 
 import uvicorn
 
 from unbroken.gateway.app import Gateway
-from unbroken.gateway.asgi import TRANSPORT_EXTENSION
+from unbroken.gateway.guard import Guard, guarded_protocol, install_log_limits
 
 __all__ = ["bind", "serve"]
 
@@ -35,22 +38,27 @@ ABORT_GRACE_S = 3.0
 DEFAULT_LOOP = "asyncio"
 
 
-def _protocol_class() -> type[Any]:
-    """uvicorn's httptools protocol exposing the transport in the scope (so a slow client
-    can be cut at once); h11's when httptools is missing."""
-    if importlib.util.find_spec("httptools") is None:  # pragma: no cover - a [gateway] dependency
-        from uvicorn.protocols.http.h11_impl import H11Protocol
+# File descriptors kept free beyond the connection cap: upstream connections, the store,
+# the listener and logs. A process out of descriptors cannot even refuse politely.
+SPARE_FDS = 256
 
-        return H11Protocol
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class TransportExposingProtocol(HttpToolsProtocol):
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            scope = cast("dict[str, Any]", self.scope)
-            scope.setdefault("extensions", {})[TRANSPORT_EXTENSION] = self.transport
-
-    return TransportExposingProtocol
+def _fit_connection_cap(guard: Guard) -> None:
+    """Raise the open-files limit to its hard maximum and keep the connection cap below it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    room = max(16, soft - SPARE_FDS)
+    if guard.max_connections > room:
+        logger.warning(
+            "max_connections %d lowered to %d to fit the open-files limit %d",
+            guard.max_connections,
+            room,
+            soft,
+        )
+        guard.max_connections = room
 
 
 def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
@@ -80,10 +88,13 @@ def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
 
 
 class _DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, gateway: Gateway, drain_s: float) -> None:
+    def __init__(
+        self, config: uvicorn.Config, gateway: Gateway, drain_s: float, grace_s: float
+    ) -> None:
         super().__init__(config)
         self._gateway = gateway
         self._drain_s = drain_s
+        self._grace_s = grace_s
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -92,16 +103,25 @@ class _DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self._gateway.draining:
+            # SIGTERM comes from an orchestrator: keep the listener open for the grace
+            # period so its probes see /readyz 503 and new chats get 503 + Retry-After
+            # instead of a refused connection. Ctrl+C (SIGINT) skips the grace.
+            grace = self._grace_s if sig == signal.SIGTERM else 0.0
             logger.info(
-                "draining: no new requests; %d in flight get up to %g s",
+                "draining: no new chats; listener closes in %g s; %d in flight get up to %g s",
+                grace,
                 self._gateway.n_active,
                 self._drain_s,
             )
             self._gateway.begin_drain()
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(
-                    self._loop.call_later, self._drain_s, self._gateway.abort_streams
+                    self._loop.call_later, grace + self._drain_s, self._gateway.abort_streams
                 )
+                if grace > 0:
+                    stop = functools.partial(super().handle_exit, sig, frame)
+                    self._loop.call_soon_threadsafe(self._loop.call_later, grace, stop)
+                    return
         super().handle_exit(sig, frame)
 
 
@@ -121,10 +141,12 @@ def serve(
         loop: `asyncio` (default) or `uvloop`.
     """
     settings = gateway.settings.gateway
+    _fit_connection_cap(gateway.guard)
+    install_log_limits()
     config = uvicorn.Config(
         gateway,
         loop=loop,
-        http=_protocol_class(),
+        http=guarded_protocol(gateway.guard),
         # The websockets implementation: it pings, and its send waits when the client does
         # not read, which is what /v1/chat/ws's backpressure needs.
         ws="websockets-sansio",
@@ -140,7 +162,7 @@ def serve(
         timeout_keep_alive=30,
         backlog=4096,
     )
-    server = _DrainingServer(config, gateway, settings.drain_timeout_s)
+    server = _DrainingServer(config, gateway, settings.drain_timeout_s, settings.drain_grace_s)
     host, port = sock.getsockname()[:2]
     if on_ready is not None:
         shown = f"[{host}]" if ":" in host else host

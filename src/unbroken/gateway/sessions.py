@@ -23,6 +23,7 @@ gateway.app (which imports it).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -39,7 +40,15 @@ from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.gateway.asgi import Exchange
 from unbroken.gateway.keys import Caller, KeyRing
 from unbroken.gateway.problems import GatewayError
-from unbroken.gateway.request import ChatRequest, parse_chat_request
+from unbroken.gateway.request import ChatRequest, decode_json, parse_chat_request
+from unbroken.gateway.session_limits import (
+    DEFAULT_PAGE,
+    MAX_MESSAGES_PAGE,
+    MAX_PAGE,
+    SessionLimits,
+    page_query,
+    paged,
+)
 from unbroken.sessions.session import (
     DEFAULT_CONTEXT_TOKENS,
     DEFAULT_RESERVE_TOKENS,
@@ -59,8 +68,9 @@ from unbroken.settings import Settings, data_home
 __all__ = ["SESSIONS_PATH", "SessionEndpoints", "SessionHost", "open_session_store"]
 
 SESSIONS_PATH = "/v1/sessions"
-# The largest session message accepted (the body limit still applies on top).
-MAX_CONTENT_CHARS = 1_000_000
+# The largest session message accepted: ~50K tokens; even as JSON escapes (12 bytes per
+# character at worst) it stays under the default body limit, so it is a 400, never a 413.
+MAX_CONTENT_CHARS = 200_000
 
 
 class SessionHost(Protocol):
@@ -149,9 +159,12 @@ MAX_TITLE_CHARS = 200
 class SessionEndpoints:
     """The /v1/sessions handlers of one gateway."""
 
-    def __init__(self, gateway: SessionHost, store: AsyncSessionStore) -> None:
+    def __init__(
+        self, gateway: SessionHost, store: AsyncSessionStore, limits: SessionLimits
+    ) -> None:
         self._gateway = gateway
         self.store = store
+        self.limits = limits
         # Per route name: how far our token estimates are from that route's counts.
         self.calibrations: dict[str, Calibration] = {}
 
@@ -167,20 +180,40 @@ class SessionEndpoints:
             if method == "POST":
                 await self._create(ex, caller)
             elif method == "GET":
-                infos = await self.store.list(owner=caller.id)
-                await ex.respond_json(200, {"object": "list", "data": [_info(i) for i in infos]})
+                page = page_query(ex.scope.get("query_string", b""), DEFAULT_PAGE, MAX_PAGE)
+                infos = await self.store.list(owner=caller.id, limit=self._most_held)
+                listed = paged([_info(i) for i in infos], [i.id for i in infos], page)
+                await ex.respond_json(200, listed)
             else:
                 raise _method(method, path, "GET, POST")
             return
         session_id = parts[0]
         if len(parts) == 1:
             if method == "GET":
+                page = page_query(
+                    ex.scope.get("query_string", b""), MAX_MESSAGES_PAGE, MAX_MESSAGES_PAGE
+                )
+                if page.after is not None and not page.after.isdigit():
+                    raise GatewayError(
+                        400,
+                        f"after must be a message index, got {page.after[:40]!r}",
+                        code="invalid_value",
+                        param="after",
+                    )
                 info, messages = await self._owned(caller, session_id)
+                # Messages are paged by position: `after` is the index of the last one seen.
+                listed = paged(messages, [str(i) for i in range(len(messages))], page)
                 # The answer being streamed now, so a page reloaded mid-answer can follow it
                 # (GET /v1/streams/{id}); null when none is.
                 live = await self._gateway.live_stream(session_id)
                 await ex.respond_json(
-                    200, {**_info(info), "messages": messages, "live_stream_id": live}
+                    200,
+                    {
+                        **_info(info),
+                        "messages": listed["data"],
+                        "has_more": listed["has_more"],
+                        "live_stream_id": live,
+                    },
                 )
             elif method == "DELETE":
                 await self._owned(caller, session_id)
@@ -209,6 +242,12 @@ class SessionEndpoints:
             raise _not_found(session_id)
         return info, messages
 
+    @property
+    def _most_held(self) -> int:
+        # Creation races between instances can pass the per-key count by a little; a list
+        # still reads a bounded number of sessions.
+        return self.limits.per_key + MAX_PAGE
+
     async def _create(self, ex: Exchange, caller: Caller) -> None:
         raw = await ex.read_body(self._gateway.settings.gateway.max_body_bytes)
         try:
@@ -224,7 +263,11 @@ class SessionEndpoints:
                 code="model_not_found",
                 param="model",
             )
-        info = await self.store.create(model=model, title=body.title, owner=caller.id)
+        if body.system:
+            self.limits.check_size([], [{"role": "system", "content": body.system}])
+        held = await self.store.list(owner=caller.id, limit=self._most_held)
+        await self.limits.check_create(caller, len(held), time.time())
+        info = await self.store.create(model=model, title=body.title[:200], owner=caller.id)
         if body.system:
             await self.store.append(info.id, [{"role": "system", "content": body.system}])
         info, _ = await self.store.load(info.id)
@@ -253,10 +296,7 @@ class SessionEndpoints:
         gateway = self._gateway
         gateway.check_draining()
         raw = await ex.read_body(gateway.settings.gateway.max_body_bytes)
-        try:
-            body = msgspec.json.decode(raw)
-        except msgspec.DecodeError as exc:
-            raise GatewayError(400, f"the body is not JSON: {exc}", code="invalid_json") from None
+        body = decode_json(raw)
         if not isinstance(body, dict):
             raise GatewayError(400, "the body must be a JSON object", code="invalid_body")
         content = body.pop("content", None)
@@ -287,6 +327,7 @@ class SessionEndpoints:
                 )
             history = history[:keep]
         user = {"role": "user", "content": content}
+        self.limits.check_size(history, [user])
         route = gateway.serving_route()
         calibration = self.calibrations.get(route.name, Calibration())
         trimmed = trim_to_budget(
@@ -296,7 +337,11 @@ class SessionEndpoints:
         messages = messages_for_request(
             trimmed, is_deepseek=route.dialect == "deepseek", has_tools=bool(body.get("tools"))
         )
-        chat = {"stream": True, **body, "model": body.get("model") or info.model}
+        chat = {
+            "stream": True,
+            **body,
+            "model": info.model if body.get("model") is None else body["model"],
+        }
         chat["messages"] = messages
         request = parse_chat_request(msgspec.json.encode(chat), gateway.models, gateway.route_names)
 

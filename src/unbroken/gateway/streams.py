@@ -54,7 +54,7 @@ from unbroken.core.streamlog import (
     should_abandon,
 )
 from unbroken.core.wire import Answer, ChatCompletion, ChatCompletionChunk
-from unbroken.errors import InvalidRequestError, UnbrokenError
+from unbroken.errors import InvalidRequestError, StoreError, UnbrokenError
 from unbroken.gateway.asgi import Exchange
 from unbroken.gateway.keys import Caller
 from unbroken.gateway.problems import GatewayError, from_unbroken
@@ -215,6 +215,8 @@ class Producer:
         self._pending: list[bytes] = []
         self._flush: asyncio.Task[None] | None = None
         self.first = asyncio.Event()  # set at the first append, or when the answer failed
+        # The log failed mid-answer (store outage): the rest lives in `tail` only.
+        self.degraded = False
         self.failure: GatewayError | None = None
         self.completion: ChatCompletion | None = None  # the whole answer, once complete
         self.finished = False
@@ -330,7 +332,26 @@ class Producer:
             self._pending = []
 
     async def _append(self, payloads: list[bytes], *, end: bool = False) -> None:
-        n = await self.hub.log.append(self.stream_id, self.epoch, payloads, time.time(), end=end)
+        if self.degraded:
+            n = self.n_events + len(payloads)
+        else:
+            try:
+                n = await self.hub.log.append(
+                    self.stream_id, self.epoch, payloads, time.time(), end=end
+                )
+            except (FencedError, LogFullError, UnknownStreamError):
+                raise
+            except StoreError as exc:
+                # A store outage must not cost the readers here an answer being delivered:
+                # the rest is kept in memory for them (a reconnect elsewhere cannot have it).
+                logger.warning(
+                    "stream %s: log unavailable, finishing from memory: %s",
+                    self.stream_id,
+                    exc.message,
+                )
+                self.degraded = True
+                self.tail = deque(self.tail)  # unbounded: the store cannot page for readers
+                n = self.n_events + len(payloads)
         if len(payloads) == 1:
             self.tail.append((n, payloads[0]))
         else:
@@ -689,7 +710,7 @@ class StreamHub:
                 raise producer.failure
         touched = 0.0
         while True:
-            local = self._producers.get(stream_id)
+            local = self._producers.get(stream_id) or producer
             if local is not None and local.tail and local.tail[0][0] <= after + 1:
                 tail = local.tail
                 # Live on this instance: serve from the producer's tail, not the store. Ids
@@ -705,6 +726,8 @@ class StreamHub:
                 if not local.finished:
                     await local.wait(after, TICK_S)
                     continue
+            if local is not None and local.degraded and local.finished:
+                return  # the store failed during the answer: its tail was all of it
             try:
                 batch = await log.read(stream_id, after, limit=PAGE_EVENTS, max_bytes=PAGE_BYTES)
             except UnknownStreamError:

@@ -20,6 +20,8 @@ from typing import Any
 import httptools
 import httpx
 
+from unbroken.errors import UpstreamConnectError
+
 __all__ = ["LeanTransport"]
 
 # How long an idle connection is reused; below uvicorn's default keep-alive (5 s), so we
@@ -190,6 +192,11 @@ class _ResponseStream(httpx.AsyncByteStream):
             self._pool._forget(conn)
 
 
+class UpstreamCertificateError(UpstreamConnectError):
+    """The upstream's TLS certificate failed verification (untrusted, expired, or for
+    another name); never retried."""
+
+
 class LeanTransport(httpx.AsyncBaseTransport):
     """An httpx transport for HTTP/1.1 upstreams with keep-alive reuse (see module doc).
 
@@ -273,6 +280,15 @@ class LeanTransport(httpx.AsyncBaseTransport):
         except TimeoutError:
             self._open -= 1
             raise httpx.ConnectTimeout(f"timed out connecting to {host}:{port}") from None
+        except ssl.SSLCertVerificationError as exc:
+            # Not transient: another attempt meets the same certificate. Raised as our own
+            # error (not an httpx one), so the SDK's retry loop does not take it for a reset.
+            self._open -= 1
+            raise UpstreamCertificateError(
+                f"the TLS certificate of upstream {host}:{port} failed verification "
+                f"({exc.verify_message or exc.reason}); not retried: fix the upstream's "
+                "certificate or trust its CA (SSL_CERT_FILE)"
+            ) from None
         except OSError as exc:
             self._open -= 1
             raise httpx.ConnectError(

@@ -25,6 +25,10 @@ __all__ = ["RedisStore"]
 
 T = TypeVar("T")
 
+# Connections per process: enough for hundreds of concurrent requests (each holds one for
+# one round trip), well under Redis's default maxclients of 10,000 across many instances.
+POOL_CONNECTIONS = 128
+
 # Lua 5.1 inside Redis: numbers are doubles, as in Python; `%.17g` prints them exactly.
 _FMT = "local function fmt(x) return string.format('%.17g', x) end\n"
 
@@ -188,9 +192,17 @@ class RedisStore:
         """
         try:
             # Bounded waits: a dead Redis must fail a request (503) and /readyz, not hang them.
-            client = aioredis.from_url(
-                url, decode_responses=True, socket_connect_timeout=2.0, socket_timeout=5.0
+            # A blocking pool: past its size a command waits for a free connection instead
+            # of failing ("Too many connections") under a burst of concurrent requests.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url,
+                decode_responses=True,
+                socket_connect_timeout=2.0,
+                socket_timeout=5.0,
+                max_connections=POOL_CONNECTIONS,
+                timeout=5.0,
             )
+            client = aioredis.Redis.from_pool(pool)
         except ValueError as exc:
             raise ConfigError(f"gateway store: malformed Redis URL ({exc})") from None
         return cls(client, prefix)

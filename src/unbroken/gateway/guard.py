@@ -1,0 +1,403 @@
+"""HTTP-layer limits of the gateway, enforced inside uvicorn's httptools protocol before a
+request reaches the app: head size and header count (431), head and body-progress timeouts
+(408, then close), connection caps per process and per client address (503), and one
+OpenAI-shaped JSON error for everything the HTTP layer refuses (parser errors included).
+
+Theory of operation
+-------------------
+Each connection is in one of three phases:
+  * HEAD: waiting for or reading a request head. The head timer runs from the connection's
+    first moment (a silent connection is a slowloris too) or, after a keep-alive response,
+    from the first byte of the next head; uvicorn's keep-alive timer covers the idle time
+    between requests. Bytes of an unfinished head are counted as they arrive, so a huge
+    header is refused after `max_head_bytes` plus one read, never buffered whole.
+  * BODY: the head is complete and the body is not. The body timer is re-armed by every
+    piece of body; it does not fire while reading is paused (the app is not reading yet).
+  * APP: the request is whole and the app owns the connection until the response is
+    complete, which returns it to HEAD.
+A WebSocket upgrade hands the connection to uvicorn's WebSocket protocol: the timers stop,
+and the connection stays counted until it closes.
+A refusal writes one JSON error with `Connection: close` (unless the app already started a
+response, in which case the connection is just closed) and nothing more is read.
+Imports uvicorn, httptools and gateway siblings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import http
+import logging
+import time
+from asyncio import TimerHandle
+from collections.abc import Iterable
+from typing import Any, cast
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from unbroken.gateway.asgi import TRANSPORT_EXTENSION
+from unbroken.gateway.metrics import GatewayMetrics
+from unbroken.gateway.problems import error_body
+from unbroken.settings import GatewaySettings
+
+__all__ = ["Guard", "LogLimiter", "guarded_protocol", "install_log_limits"]
+
+logger = logging.getLogger(__name__)
+
+# Loggers that a flood of bad connections can make write: asyncio (accept errors), uvicorn
+# (protocol and ASGI errors) and the gateway's own.
+FLOODABLE_LOGGERS = ("asyncio", "uvicorn.error", "unbroken")
+
+
+class Phase(enum.Enum):
+    HEAD = "head"
+    BODY = "body"
+    APP = "app"
+
+
+class Guard:
+    """The HTTP-layer limits and the connection counts of one gateway process.
+
+    Args:
+        settings: the gateway settings (`max_head_bytes`, timeouts, connection caps).
+        metrics: where refusals are counted (`unbroken_gateway_rejections_total{reason}`).
+    """
+
+    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
+        self.max_head_bytes = settings.max_head_bytes
+        self.max_headers = settings.max_headers
+        self.head_timeout_s = settings.head_timeout_s
+        self.body_timeout_s = settings.body_timeout_s
+        self.max_connections = settings.max_connections
+        self.max_per_client = settings.max_connections_per_client
+        self.metrics = metrics
+        self.n_connections = 0
+        self.per_client: dict[str, int] = {}
+
+    def admit(self, client: str) -> str | None:
+        """Count a new connection from `client`, or say why it is refused."""
+        if self.n_connections >= self.max_connections:
+            return "too_many_connections"
+        held = self.per_client.get(client, 0)
+        if held >= self.max_per_client:
+            return "too_many_client_connections"
+        self.n_connections += 1
+        self.per_client[client] = held + 1
+        return None
+
+    def release(self, client: str) -> None:
+        """Forget a connection counted by `admit`."""
+        self.n_connections -= 1
+        held = self.per_client.get(client, 1) - 1
+        if held > 0:
+            self.per_client[client] = held
+        else:
+            self.per_client.pop(client, None)
+
+    def refused(self, reason: str) -> None:
+        """Count one refusal."""
+        self.metrics.rejections.labels(reason).inc()
+
+
+class _Refusal(Exception):
+    """Raised inside a parser callback to stop parsing; carries the answer."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+def _response(status: int, message: str, code: str, retry_after_s: int | None = None) -> bytes:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    body = error_body(message, kind, code)
+    phrase = http.HTTPStatus(status).phrase
+    head = [
+        f"HTTP/1.1 {status} {phrase}",
+        "content-type: application/json",
+        f"content-length: {len(body)}",
+        "connection: close",
+    ]
+    if retry_after_s is not None:
+        head.append(f"retry-after: {retry_after_s}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+class GuardedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol under a `Guard` (see the theory of operation); it also
+    exposes the transport in the scope, so a slow client can be cut at once."""
+
+    guard: Guard
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._phase = Phase.HEAD
+        self._timer: TimerHandle | None = None
+        self._head_bytes = 0
+        self._n_headers = 0
+        self._counted: str | None = None
+        self._closed = False
+        self._refusal: _Refusal | None = None
+
+    # -- connection --------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn narrows the type too
+        super().connection_made(transport)
+        client = self.client[0] if self.client else ""
+        reason = self.guard.admit(client)
+        if reason is not None:
+            self.guard.refused(reason)
+            who = "the gateway" if reason == "too_many_connections" else "this client address"
+            self._refuse(503, f"{who} has too many open connections; retry later", reason, 1)
+            return
+        self._counted = client
+        self._arm(self.guard.head_timeout_s, self._head_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        if self._counted is not None:
+            self.guard.release(self._counted)
+            self._counted = None
+        self._closed = True
+        super().connection_lost(exc)
+
+    def _arm(self, delay_s: float, callback: Any) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(delay_s, callback)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _refuse(
+        self, status: int, message: str, code: str, retry_after_s: int | None = None
+    ) -> None:
+        """Answer with one JSON error (unless a response has started) and close."""
+        if self._closed:
+            return
+        self._closed = True
+        self._disarm()
+        cycle: RequestResponseCycle | None = self.cycle  # None before the first request
+        if cycle is None or not cycle.response_started:
+            self.transport.write(_response(status, message, code, retry_after_s))
+        if cycle is not None:
+            # The app sees a disconnect, and its writes go nowhere.
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self.transport.close()
+
+    # -- timers ------------------------------------------------------------------------------
+
+    def _head_timeout(self) -> None:
+        self._timer = None
+        self.guard.refused("head_timeout")
+        self._refuse(
+            408,
+            f"the request head did not arrive within {self.guard.head_timeout_s:g} s",
+            "request_timeout",
+        )
+
+    def _body_timeout(self) -> None:
+        self._timer = None
+        if self.flow.read_paused:
+            # The app is not reading yet; the client cannot be blamed for waiting.
+            self._arm(self.guard.body_timeout_s, self._body_timeout)
+            return
+        self.guard.refused("body_timeout")
+        self._refuse(
+            408,
+            f"the request body stalled for {self.guard.body_timeout_s:g} s",
+            "request_timeout",
+        )
+
+    # -- data --------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._unset_keepalive_if_required()
+        if self._phase is Phase.HEAD and self._timer is None:
+            self._arm(self.guard.head_timeout_s, self._head_timeout)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            # Otherwise (no WebSocket implementation) the request goes on as plain HTTP.
+            return
+        except httptools.HttpParserCallbackError:
+            refusal, self._refusal = self._refusal, None
+            if refusal is not None:
+                self.guard.refused(refusal.code)
+                self._refuse(refusal.status, refusal.message, refusal.code)
+                return
+            self.guard.refused("bad_request")
+            self._refuse(400, "malformed HTTP request", "bad_request")
+            return
+        except httptools.HttpParserError as exc:
+            self.guard.refused("bad_request")
+            self._refuse(400, f"malformed HTTP request: {exc}"[:160], "bad_request")
+            return
+        if self._phase is Phase.HEAD and not self._closed:
+            # Bytes of a head still incomplete: httptools buffers the header being read.
+            self._head_bytes += len(data)
+            if self._head_bytes > self.guard.max_head_bytes:
+                self._too_large_head()
+
+    def _too_large_head(self) -> None:
+        self.guard.refused("header_too_large")
+        self._refuse(
+            431,
+            f"the request head exceeds the gateway's limit of {self.guard.max_head_bytes} bytes",
+            "header_too_large",
+        )
+
+    def _stop(self, status: int, message: str, code: str) -> _Refusal:
+        # httptools turns an exception raised in a callback into HttpParserCallbackError;
+        # the refusal is kept here for data_received to answer with.
+        self._refusal = _Refusal(status, message, code)
+        return self._refusal
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        scope = cast("dict[str, Any]", self.scope)
+        scope.setdefault("extensions", {})[TRANSPORT_EXTENSION] = self.transport
+        self._head_bytes = 0
+        self._n_headers = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._n_headers += 1
+        if self._n_headers > self.guard.max_headers:
+            raise self._stop(
+                431,
+                f"the request has more than {self.guard.max_headers} header fields",
+                "too_many_headers",
+            )
+        self._count_head(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def _count_head(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > self.guard.max_head_bytes:
+            raise self._stop(
+                431,
+                f"the request head exceeds the gateway's limit of "
+                f"{self.guard.max_head_bytes} bytes",
+                "header_too_large",
+            )
+
+    def on_headers_complete(self) -> None:
+        version = self.parser.get_http_version()
+        if version not in ("1.0", "1.1"):
+            raise self._stop(
+                505 if version != "0.9" else 400,
+                f"HTTP/{version} is not supported; send HTTP/1.1 requests",
+                "unsupported_http_version",
+            )
+        self._phase = Phase.BODY
+        self._arm(self.guard.body_timeout_s, self._body_timeout)
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self._timer is not None:
+            self._arm(self.guard.body_timeout_s, self._body_timeout)
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        self._phase = Phase.APP
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        self._phase = Phase.HEAD
+        self._head_bytes = 0
+        super().on_response_complete()
+
+    def handle_websocket_upgrade(self) -> None:
+        """Hand the connection to uvicorn's WebSocket protocol; it stays counted against the
+        caps until it closes, and our head and body timers stop here."""
+        self._disarm()
+        self._closed = True
+        super().handle_websocket_upgrade()
+        counted, self._counted = self._counted, None
+        if counted is None:
+            return
+        ws = self.transport.get_protocol()
+        lost = ws.connection_lost
+        guard = self.guard
+
+        def connection_lost(exc: Exception | None) -> None:
+            guard.release(counted)
+            lost(exc)
+
+        ws.connection_lost = connection_lost  # type: ignore[method-assign]  # count the close
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's plain-text 400, as our JSON error."""
+        self.guard.refused("bad_request")
+        self._refuse(400, "malformed HTTP request", "bad_request")
+
+
+def guarded_protocol(guard: Guard) -> type[GuardedProtocol]:
+    """The protocol class to give uvicorn (`http=`) for a gateway process under `guard`."""
+    return type("GatewayHttpProtocol", (GuardedProtocol,), {"guard": guard})
+
+
+class LogLimiter(logging.Filter):
+    """Lets at most `burst` records per (logger, message template) through in each
+    `window_s`; the first record after a suppressed stretch says how many were dropped.
+
+    Args:
+        burst: records per window and template.
+        window_s: the window.
+        clock: monotonic seconds (injectable for tests).
+    """
+
+    def __init__(
+        self, burst: int = 10, window_s: float = 10.0, clock: Any = time.monotonic
+    ) -> None:
+        super().__init__()
+        self._burst = burst
+        self._window_s = window_s
+        self._clock = clock
+        self._seen: dict[tuple[str, str], list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """True to let `record` through."""
+        key = (record.name, str(record.msg))
+        now = self._clock()
+        state = self._seen.get(key)
+        if state is None or now - state[0] >= self._window_s:
+            dropped = int(state[2]) if state is not None else 0
+            if len(self._seen) > 1000:
+                self._seen.clear()
+            self._seen[key] = [now, 1.0, 0.0]
+            if dropped:
+                record.msg = f"{record.msg} ({dropped} similar messages suppressed)"
+            return True
+        if state[1] < self._burst:
+            state[1] += 1
+            return True
+        state[2] += 1
+        return False
+
+
+def install_log_limits(
+    limiter: LogLimiter | None = None, names: Iterable[str] = FLOODABLE_LOGGERS
+) -> LogLimiter:
+    """Attach one `LogLimiter` to the floodable loggers and to the root logger's handlers
+    (child loggers' records pass only through handlers); idempotent per logger."""
+    limiter = limiter or LogLimiter()
+    targets: list[logging.Filterer] = [logging.getLogger(n) for n in names]
+    targets += logging.getLogger().handlers
+    for target in targets:
+        if not any(isinstance(f, LogLimiter) for f in target.filters):
+            target.addFilter(limiter)
+    return limiter

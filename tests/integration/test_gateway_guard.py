@@ -1,0 +1,225 @@
+"""The gateway's HTTP-layer limits on a real uvicorn with the guarded protocol: oversized
+heads get 431, slow heads and stalled bodies 408 then a close, connection caps 503, parser
+errors an OpenAI-shaped JSON 400, and a normal client is served throughout."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+
+from unbroken.gateway.app import create_app
+from unbroken.gateway.guard import LogLimiter, guarded_protocol
+from unbroken.mock import MockServer, ServerThread
+from unbroken.settings import GatewaySettings, Settings
+
+pytestmark = pytest.mark.integration
+
+
+@contextmanager
+def guarded(mock_url: str, **options: Any) -> Iterator[ServerThread]:
+    settings = Settings(api_key="sk-up", base_url=mock_url, gateway=GatewaySettings(**options))
+    app = create_app(settings)
+    with ServerThread(app, lifespan="on", http=guarded_protocol(app.guard)) as server:
+        yield server
+
+
+def connect(server: ServerThread, source: str = "127.0.0.1") -> socket.socket:
+    sock = socket.create_connection(
+        (server.host, server.port), timeout=10, source_address=(source, 0)
+    )
+    return sock
+
+
+def read_all(sock: socket.socket, timeout_s: float = 10.0) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    sock.settimeout(timeout_s)
+    data = bytearray()
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return bytes(data)
+
+
+def parse(raw: bytes) -> tuple[int, dict[str, str], Any]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])}
+    return status, headers, json.loads(body)
+
+
+def test_a_one_megabyte_header_gets_431_without_reading_it_all(mock: MockServer) -> None:
+    """A 1 MB header is refused with a JSON 431 once the head limit is passed."""
+    with guarded(mock.url, max_head_bytes=8192) as server, connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ")
+        sent = 0
+        try:
+            while sent < 1024 * 1024:
+                sock.sendall(b"a" * 16384)
+                sent += 16384
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        status, headers, body = parse(read_all(sock))
+    assert status == 431
+    assert headers["connection"] == "close"
+    assert body["error"]["code"] == "header_too_large"
+    assert body["error"]["type"] == "invalid_request_error"
+
+
+def test_a_head_within_the_limit_is_served(mock: MockServer) -> None:
+    """A 6 KB header under an 8 KB limit is served normally."""
+    with guarded(mock.url, max_head_bytes=8192) as server:
+        response = httpx.get(f"{server.url}/healthz", headers={"X-Pad": "a" * 6000})
+    assert response.status_code == 200
+
+
+def test_too_many_header_fields_get_431(mock: MockServer) -> None:
+    """More header fields than `max_headers` is a 431 naming the limit."""
+    with guarded(mock.url, max_headers=20) as server, connect(server) as sock:
+        fields = b"".join(b"X-%d: 1\r\n" % i for i in range(30))
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n")
+        status, _, body = parse(read_all(sock))
+    assert status == 431
+    assert body["error"]["code"] == "too_many_headers"
+
+
+def test_slow_heads_get_408_and_are_closed_while_others_are_served(mock: MockServer) -> None:
+    """50 slowloris connections (and a silent one) are all answered 408 and closed within
+    the head timeout, and a normal request meanwhile gets its answer."""
+    with guarded(mock.url, head_timeout_s=1.0) as server:
+        slow = [connect(server) for _ in range(50)]
+        silent = connect(server)
+        started = time.monotonic()
+        for sock in slow:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        normal = httpx.get(f"{server.url}/healthz", timeout=5)
+        results = [read_all(sock, 5.0) for sock in [*slow, silent]]
+        took = time.monotonic() - started
+        for sock in [*slow, silent]:
+            sock.close()
+    assert normal.status_code == 200
+    statuses = {parse(raw)[0] for raw in results}
+    assert statuses == {408}
+    assert parse(results[0])[2]["error"]["code"] == "request_timeout"
+    assert took < 3.0
+
+
+def test_a_stalled_body_gets_408(mock: MockServer) -> None:
+    """A body that stops arriving is answered 408 after the body timeout."""
+    with guarded(mock.url, body_timeout_s=0.5) as server, connect(server) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"mo'
+        )
+        status, _, body = parse(read_all(sock, 5.0))
+    assert status == 408
+    assert body["error"]["code"] == "request_timeout"
+
+
+def test_connections_past_the_per_client_cap_get_503(mock: MockServer) -> None:
+    """A client address over its connection cap is refused at once; others are not."""
+    with guarded(mock.url, max_connections_per_client=3) as server:
+        held = [connect(server, "127.0.0.2") for _ in range(3)]
+        with connect(server, "127.0.0.2") as extra:
+            status, headers, body = parse(read_all(extra, 5.0))
+        other = httpx.get(f"{server.url}/healthz", timeout=5)
+        for sock in held:
+            sock.close()
+    assert status == 503
+    assert headers["retry-after"] == "1"
+    assert body["error"]["code"] == "too_many_client_connections"
+    assert other.status_code == 200
+
+
+def test_connections_past_the_process_cap_get_503(mock: MockServer) -> None:
+    """The process-wide cap refuses the connection past it."""
+    with guarded(mock.url, max_connections=2) as server:
+        held = [connect(server) for _ in range(2)]
+        with connect(server) as extra:
+            status, _, body = parse(read_all(extra, 5.0))
+        for sock in held:
+            sock.close()
+    assert status == 503
+    assert body["error"]["code"] == "too_many_connections"
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET /healthz\r\n\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\nContent-Length: x\r\n\r\n", 400),
+        (b"GET /healthz HTTP/2.0\r\n\r\n", 505),
+    ],
+)
+def test_what_the_parser_refuses_is_an_openai_shaped_json_error(
+    mock: MockServer, request_bytes: bytes, status: int
+) -> None:
+    """Malformed requests and unsupported versions get a JSON error, never a 200."""
+    with guarded(mock.url) as server, connect(server) as sock:
+        sock.sendall(request_bytes)
+        got, headers, body = parse(read_all(sock, 5.0))
+    assert got == status
+    assert headers["content-type"] == "application/json"
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+
+
+def test_the_log_limiter_lets_a_burst_through_then_counts_what_it_dropped() -> None:
+    """At most `burst` records of one template per window; the next window says how many
+    were suppressed."""
+    now = [0.0]
+    limiter = LogLimiter(burst=3, window_s=10.0, clock=lambda: now[0])
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("x", logging.ERROR, __file__, 1, msg, None, None)
+
+    passed = [limiter.filter(record("boom %s")) for _ in range(100)]
+    assert sum(passed) == 3
+    assert limiter.filter(record("other"))
+    now[0] = 11.0
+    first = record("boom %s")
+    assert limiter.filter(first)
+    assert "97 similar messages suppressed" in str(first.msg)
+
+
+def test_websocket_upgrades_pass_the_guard_and_stay_counted(mock: MockServer) -> None:
+    """A WebSocket upgrade is served through the guarded protocol; the open socket counts
+    against the per-client cap until it closes; in no-key mode a foreign Host is refused."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect as ws_connect
+
+    settings = Settings(
+        api_key="sk-up",
+        base_url=mock.url,
+        gateway=GatewaySettings(max_connections_per_client=2, head_timeout_s=0.5),
+    )
+    app = create_app(settings)
+    with ServerThread(
+        app, lifespan="on", http=guarded_protocol(app.guard), ws="websockets-sansio"
+    ) as server:
+        ws_url = server.url.replace("http://", "ws://") + "/v1/chat/ws"
+        with ws_connect(ws_url, open_timeout=5) as socket_:
+            with connect(server) as held, connect(server) as extra:
+                status, _, body = parse(read_all(extra, 5.0))
+                assert status == 503
+                assert body["error"]["code"] == "too_many_client_connections"
+                held.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert held.recv(12).startswith(b"HTTP/1.1 200")
+            # Past the head timeout the socket is still open: timers stop at the upgrade.
+            time.sleep(0.8)  # outlasting the head timeout is what is under test
+            socket_.ping().wait(5)
+        assert app.guard.n_connections <= 1
+        rebinding = ws_url.replace("127.0.0.1", "localhost")
+        with pytest.raises(InvalidStatus) as refused:
+            ws_connect(rebinding, open_timeout=5, additional_headers={"Host": "evil.example"})
+        assert refused.value.response.status_code == 403
