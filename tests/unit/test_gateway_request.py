@@ -90,7 +90,12 @@ BAD: list[tuple[tuple[str | int, ...], st.SearchStrategy[object], str]] = [
         "messages[0].content",
     ),
     (("stream",), _not_bool, "stream"),
-    (("max_tokens",), _not_int | st.integers(max_value=0) | st.floats(1, 9), "max_tokens"),
+    # An integral float (100.0) is an integer in JSON Schema, and accepted; 1.5 is not.
+    (
+        ("max_tokens",),
+        _not_int | st.integers(max_value=0) | st.floats(1, 9).filter(lambda f: not f.is_integer()),
+        "max_tokens",
+    ),
     (("n",), st.integers(17, 10**6) | st.integers(max_value=0) | _not_int, "n"),
     (("temperature",), st.floats(2.001, 1e9) | st.floats(-1e9, -0.001) | _not_int, "temperature"),
     (("top_p",), st.floats(1.001, 1e9) | st.floats(-1e9, -0.001), "top_p"),
