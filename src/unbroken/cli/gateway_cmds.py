@@ -197,6 +197,7 @@ def _banner(out: Console, url: str) -> None:
         markup=False,
         soft_wrap=True,
     )
+    out.print(f"  or open {url}/ in a browser for the chat page\n", markup=False)
 
 
 # What the demo shows of the final event's `unbroken` field.

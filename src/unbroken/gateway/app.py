@@ -46,6 +46,8 @@ from unbroken.gateway.streams import (
     open_stream_log,
 )
 from unbroken.gateway.upstream import LeanTransport
+from unbroken.gateway.web import WebUI
+from unbroken.gateway.widget_tokens import WidgetTokens
 from unbroken.gateway.ws import WS_PATH, ChatSocket
 from unbroken.instrumentation import Hook, PrometheusHook
 from unbroken.settings import Settings
@@ -152,7 +154,7 @@ class Gateway:
         self.client = upstream or build_upstream(
             settings, [PrometheusHook(self.registry), self.breakers]
         )
-        self.keys = KeyRing(g, self.store)
+        self.keys = KeyRing(g, self.store, WidgetTokens(g).caller if g.has_widget_tokens else None)
         self.sessions = SessionEndpoints(self, open_session_store(g.sessions))
         self.streams = StreamHub(self, stream_log or open_stream_log(g))
         self.limiter = Limiter(self.store, g.slot_lease_s)
@@ -161,6 +163,7 @@ class Gateway:
         self.scrub = Scrubber([settings.api_key, *(r.api_key for r in routes)])
         self.models = frozenset(g.models)
         self.route_names = frozenset(r.name for r in routes)
+        self.web = WebUI(self.models, auth_required=self.keys.required)
         self.draining = False
         self._relays: set[StreamRelay] = set()
         self._origins = frozenset(g.cors_origins)
@@ -282,6 +285,9 @@ class Gateway:
                 return
             if entry is None and path.startswith((STREAMS_PATH + "/", "/streams/")):
                 await self.streams.handle(ex, method, path)
+                return
+            if entry is None and self.web.handles(path):
+                await self.web.handle(ex, method, path)
                 return
             if entry is None:
                 raise GatewayError(

@@ -28,9 +28,9 @@ logger = logging.getLogger(__name__)
 
 # Time left to uvicorn after our drain deadline to flush the shutdown error events.
 ABORT_GRACE_S = 3.0
-# The asyncio loop rather than uvloop: measured with bench/gateway.py at 256 streams of 5 ms
-# tokens, uvloop fell behind (19,000 of 25,600 chunks/s, first token p50 0.9 s, 45 us of CPU
-# per chunk) where asyncio kept up (29,000 chunks/s, 0.25 s, 30 us); at 32 streams they tie.
+# The asyncio loop rather than uvloop: at 256 streams of 5 ms tokens uvloop fell behind the
+# mock's pace where asyncio kept up (an earlier bench/gateway.py comparison; at 32 streams they
+# tied). What the gateway does on this loop is in docs/gateway.md's table (bench/gateway.py).
 # The mock made the same choice (mock/server.py).
 DEFAULT_LOOP = "asyncio"
 
