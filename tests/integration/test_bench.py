@@ -85,14 +85,11 @@ def _start(args: list[str], env: dict[str, str], stack: contextlib.ExitStack) ->
     return match.group(0), proc.pid
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MockProcess, str]]:
-    """The demo stack on free loopback ports, each server its own process: (the mock, the
-    gateway's /v1 URL)."""
+def _demo_stack(
+    tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]
+) -> Iterator[tuple[MockProcess, str]]:
     config = tmp_path_factory.mktemp("gateway") / "gateway.toml"
     config.write_text(GATEWAY_TOML, encoding="utf-8")
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    env = {**os.environ, "PYTHONPATH": src, "DEEPSEEK_API_KEY": "sk-demo"}
     with contextlib.ExitStack() as stack:
         mock_url, _ = _start(
             ["mock", "--port", "0", "--seed", "7", "--token-ms", str(DEMO_TOKEN_MS)], env, stack
@@ -104,6 +101,31 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MockProcess
             stack,
         )  # fmt: skip
         yield MockProcess(mock_url, gateway_pid), f"{gateway_url}/v1"
+
+
+def _env(*, traced: bool) -> dict[str, str]:
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env = {**os.environ, "PYTHONPATH": src, "DEEPSEEK_API_KEY": "sk-demo"}
+    if not traced:
+        # Without coverage's tracer (which the test run hands to every child process):
+        # timing assertions measure the servers, not the tracer.
+        env = {k: v for k, v in env.items() if not k.startswith("COVERAGE_")}
+    return env
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MockProcess, str]]:
+    """The demo stack on free loopback ports, each server its own process: (the mock, the
+    gateway's /v1 URL)."""
+    yield from _demo_stack(tmp_path_factory, _env(traced=True))
+
+
+@pytest.fixture(scope="module")
+def untraced_demo(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[MockProcess, str]]:
+    """The same stack with its processes out of coverage's reach, for timing."""
+    yield from _demo_stack(tmp_path_factory, _env(traced=False))
 
 
 def _run(args: list[str]) -> Any:
@@ -187,19 +209,18 @@ def test_bench_against_the_demo_with_a_fault_mix(
 
 
 def test_cut_to_next_byte_matches_the_mock_log(
-    demo: tuple[MockProcess, str], tmp_path: Path
+    untraced_demo: tuple[MockProcess, str], tmp_path: Path
 ) -> None:
     """A stream cut after a known chunk: the measured cut-to-next-byte latency is within
     10 ms of the mock's log (the cut request's end to the resume's arrival)."""
-    mock, url = demo
+    mock, url = untraced_demo
     mock.reset()
     # Its own process, as a user runs it: the test runner's heap and tracer stay out of
     # the timings.
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     proc = subprocess.run(
         [sys.executable, "-c", _MAIN, "bench", url, "-c", "1", "-n", "1", "-d", "30",
          "--fault", "reset after=8 times=1", "--no-plots", "--out", str(tmp_path)],
-        env=env,
+        env=_env(traced=False),
         capture_output=True,
         timeout=120,
         check=False,
