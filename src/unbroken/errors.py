@@ -96,6 +96,7 @@ ErrorKind = Literal[
     "permission",
     "not_found",
     "invalid_parameters",
+    "unreachable",  # permanent transport error: certificate verification, unknown host
     "unknown",
 ]
 

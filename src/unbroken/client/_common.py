@@ -39,8 +39,7 @@ from unbroken.core.flow import (
 )
 from unbroken.core.pricing import Cost, PriceTable
 from unbroken.core.ratelimit import BucketState, TokenBucket
-from unbroken.core.resume import Dialect
-from unbroken.core.routes import Route, RouteHealth
+from unbroken.core.routes import DialectSetting, Route, RouteHealth
 from unbroken.core.stream import EndState, StreamEnd
 from unbroken.core.tokens import (
     add_usage,
@@ -155,6 +154,7 @@ class ClientConfig:
     rng: random.Random
     health: dict[str, RouteHealth] = field(default_factory=dict)
     breaker_states: dict[str, BreakerState] = field(default_factory=dict)
+    budgets: dict[tuple[str, str], RetryBudget] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -162,7 +162,7 @@ class ClientConfig:
         *,
         api_key: str | None,
         base_url: str | None,
-        dialect: Dialect,
+        dialect: DialectSetting,
         routes: Sequence[Route] | None,
         timeouts: Timeouts | None,
         retry: RetryPolicy | None,
@@ -215,6 +215,14 @@ class ClientConfig:
             health = RouteHealth(CircuitBreaker(self.breaker_threshold, self.breaker_cooldown_s))
             self.health[route.name] = health
         return health
+
+    def route_budget(self, route: Route, key: str = "") -> RetryBudget:
+        """The retry budget of `route` for the answers of `key` (a gateway caller; "" for
+        everyone), created on first use with the settings of the configured budget."""
+        budget = self.budgets.get((route.name, key))
+        if budget is None:
+            budget = self.budgets[(route.name, key)] = self.budget.clone()
+        return budget
 
     def resolve_routes(self, fallbacks: Sequence[str | Route] | None) -> list[Route]:
         """The routes for one request: the configured ones, then its own fallbacks.
@@ -325,6 +333,7 @@ class AnswerRun:
         restart: bool = False,
         deadline_s: float | None = None,
         extra_headers: Mapping[str, str] | None = None,
+        budget_key: str = "",
     ) -> None:
         self.config = config
         self.extra_headers = dict(extra_headers or {})
@@ -354,7 +363,7 @@ class AnswerRun:
             health,
             self.answer,
             policy=policy,
-            budget=config.budget,
+            budgets={r.name: config.route_budget(r, budget_key) for r in routes},
             rng=config.rng,
             now=now,
             options=FlowOptions(
@@ -410,14 +419,18 @@ class AnswerRun:
             self._end_choice(action)
             return self.next_action(None, now)
         if isinstance(action, Sleep):
+            route = self.infos[-1].route if self.infos else ""
             self.events.append(
                 RetryingEvent(
                     attempt=len(self.infos),
                     delay_s=action.seconds,
                     error=action.reason.message,
-                    route=self.infos[-1].route if self.infos else "",
+                    route=route,
+                    reason=action.why,
                 )
             )
+            if self.config.hooks:
+                self.config.hooks.wait(route, action.why, action.seconds)
         elif isinstance(action, Connect):
             self._announce(action.plan)
         return action
@@ -670,7 +683,7 @@ class ClientBase:
         api_key: str | None,
         base_url: str | None,
         *,
-        dialect: Dialect,
+        dialect: DialectSetting,
         routes: Sequence[Route] | None,
         timeouts: Timeouts | None,
         retry: RetryPolicy | None,
@@ -728,4 +741,5 @@ class ClientBase:
             restart=options.restart,
             deadline_s=options.timeout,
             extra_headers={**self._headers, **options.extra_headers},
+            budget_key=options.budget_key,
         )

@@ -22,6 +22,9 @@ class ChatParams:
         timeout: seconds allowed for the whole answer (the deadline).
         fallbacks: models (on the first route) or routes to try after the configured ones.
         restart: start over when a broken answer cannot be continued anywhere.
+        budget_key: whose share of the routes' retry budgets this answer uses (the gateway
+            passes its caller's key name, so one key's failures cannot spend the recovery
+            of the others); "" shares one budget per route.
     """
 
     extra_headers: Mapping[str, str] = field(default_factory=dict)
@@ -29,6 +32,7 @@ class ChatParams:
     timeout: float | None = None
     fallbacks: Sequence[str | Route] | None = None
     restart: bool = False
+    budget_key: str = ""
 
     @classmethod
     def pop(cls, params: dict[str, Any]) -> ChatParams:
@@ -42,6 +46,7 @@ class ChatParams:
         timeout = params.pop("timeout", None)
         fallbacks = params.pop("fallbacks", None)
         restart = params.pop("restart", False)
+        budget_key = params.pop("budget_key", "")
         params.pop("extra_query", None)  # accepted for openai compatibility; nothing to query
         if not isinstance(headers, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
@@ -61,10 +66,13 @@ class ChatParams:
             raise InvalidRequestError("fallbacks must be a list of model names or routes")
         if not isinstance(restart, bool):
             raise InvalidRequestError("restart must be True or False")
+        if not isinstance(budget_key, str):
+            raise InvalidRequestError("budget_key must be a string")
         return cls(
             extra_headers=dict(headers),
             extra_body=body,
             timeout=None if timeout is None else float(timeout),
             fallbacks=fallbacks,
             restart=restart,
+            budget_key=budget_key,
         )

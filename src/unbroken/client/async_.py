@@ -29,8 +29,7 @@ from unbroken.core.backoff import RetryBudget, RetryPolicy
 from unbroken.core.events import ChatEvent, ControlEvent, DoneEvent, TextEvent
 from unbroken.core.flow import AttemptOutcome, Connect
 from unbroken.core.pricing import PriceTable
-from unbroken.core.resume import Dialect
-from unbroken.core.routes import Route
+from unbroken.core.routes import DialectSetting, Route
 from unbroken.core.sse import DEFAULT_MAX_EVENT_BYTES
 from unbroken.core.wire import Answer, ChatCompletionChunk
 from unbroken.errors import TimeoutPhase, UnbrokenError, UpstreamError
@@ -54,7 +53,7 @@ class AsyncClient(ClientBase):
         api_key: str | None = None,
         base_url: str | None = None,
         *,
-        dialect: Dialect = "deepseek",
+        dialect: DialectSetting = "auto",
         routes: Sequence[Route] | None = None,
         timeouts: Timeouts | None = None,
         retry: RetryPolicy | None = None,
@@ -63,7 +62,7 @@ class AsyncClient(ClientBase):
         prices: PriceTable | None = None,
         hooks: Sequence[Hook] = (),
         breaker_threshold: int = 5,
-        breaker_cooldown_s: float = 30.0,
+        breaker_cooldown_s: float = 5.0,
         hold_tool_calls: bool = True,
         http2: bool = False,
         max_connections: int = 1000,

@@ -27,8 +27,7 @@ from unbroken.core.backoff import RetryBudget, RetryPolicy
 from unbroken.core.events import ChatEvent, ControlEvent, DoneEvent, TextEvent
 from unbroken.core.flow import AttemptOutcome, Connect
 from unbroken.core.pricing import PriceTable
-from unbroken.core.resume import Dialect
-from unbroken.core.routes import Route
+from unbroken.core.routes import DialectSetting, Route
 from unbroken.core.sse import DEFAULT_MAX_EVENT_BYTES
 from unbroken.core.wire import Answer, ChatCompletionChunk
 from unbroken.errors import UnbrokenError, UpstreamError
@@ -128,12 +127,15 @@ class Client(ClientBase):
     Args:
         api_key: the upstream key; default `DEEPSEEK_API_KEY`.
         base_url: the upstream; default `https://api.deepseek.com`.
-        dialect: how the upstream continues a broken answer (`deepseek`, `vllm`,
-            `instruction`, `none`).
+        dialect: how the upstream continues a broken answer: `auto` (DeepSeek's prefix
+            completion, learning vLLM's or the instruction way per route when a server
+            rejects it), `deepseek`, `vllm`, `instruction`, `none`.
         routes: several upstreams in order of preference (instead of api_key/base_url).
         timeouts: connect, headers, first token, idle, total deadline.
         retry: attempts, backoff and deadline.
-        retry_budget: bounds retries to a share of requests (shared by all calls).
+        retry_budget: bounds retries to a share of requests; each route gets its own
+            budget with these settings, shared by all calls. A spent budget paces
+            retries (they wait), it does not fail them.
         rate_limit: optional client-side requests/tokens per minute.
         prices: price table for costs.
         hooks: instrumentation hooks (e.g. `PrometheusHook()`).
@@ -154,7 +156,7 @@ class Client(ClientBase):
         api_key: str | None = None,
         base_url: str | None = None,
         *,
-        dialect: Dialect = "deepseek",
+        dialect: DialectSetting = "auto",
         routes: Sequence[Route] | None = None,
         timeouts: Timeouts | None = None,
         retry: RetryPolicy | None = None,
@@ -163,7 +165,7 @@ class Client(ClientBase):
         prices: PriceTable | None = None,
         hooks: Sequence[Hook] = (),
         breaker_threshold: int = 5,
-        breaker_cooldown_s: float = 30.0,
+        breaker_cooldown_s: float = 5.0,
         hold_tool_calls: bool = True,
         http2: bool = False,
         max_connections: int = 100,
