@@ -3,6 +3,7 @@ refusals, retry budget, events, tools, n > 1, limits, cost, cancellation and sec
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -164,21 +165,38 @@ def test_circuit_breaker_opens_and_heals(upstream: MockServer) -> None:
     assert states[-1] == ("a", BreakerState.CLOSED)
 
 
-def test_retry_budget_stops_retry_storms(upstream: MockServer) -> None:
-    """Under sustained failure the budget caps retries at its share of requests."""
-    budget = RetryBudget(ratio=0.5, min_per_s=0.0, cap=2)
+@pytest.mark.anyio
+async def test_retry_budget_paces_a_retry_storm(upstream: MockServer) -> None:
+    """Under sustained failure the route's budget paces retries instead of multiplying
+    the load: 10 answers against a route that always answers 503 make about the budget's
+    share of extra requests, wait for it (retrying events with reason `budget`), and fail
+    only at their deadline with an error that names the budget."""
+    budget = RetryBudget(ratio=0.5, min_per_s=2.0, window_s=1.0)
     route = faulty(upstream, "a", "503")
     before = upstream.stats()["requests_total"]
-    with Client(routes=[route], retry=FAST, retry_budget=budget) as c:
-        for _ in range(10):
-            with pytest.raises(unbroken.UnbrokenError) as info:
-                c.chat.completions.create(model="deepseek-chat", messages=MESSAGES)
-            assert info.value.partial is None
+    errors: list[BaseException] = []
+    reasons: list[str] = []
+    async with AsyncClient(routes=[route], retry=FAST, retry_budget=budget) as c:
+
+        async def one() -> None:
+            try:
+                async for event in c.chat.stream(
+                    model="deepseek-chat", messages=MESSAGES, timeout=1.5
+                ):
+                    if isinstance(event, RetryingEvent):
+                        reasons.append(event.reason)
+            except unbroken.UnbrokenError as exc:
+                errors.append(exc)
+
+        await asyncio.gather(*(one() for _ in range(10)))
     attempts = upstream.stats()["requests_total"] - before
-    # 10 requests; 2 saved tokens + 0.5 per request: at most 10 + 2 + 5 attempts, where
-    # without a budget it would be 10 * 6 = 60.
-    assert 10 < attempts <= 17
-    assert "not retried: the retry budget is spent" in "".join(getattr(info.value, "__notes__", []))
+    # 10 first requests; 2 saved tokens + 0.5 per request + 2 per second for ~1.5 s: about
+    # 20 in all, where 6 attempts without a budget would make 60.
+    assert 10 < attempts <= 24
+    assert "budget" in reasons
+    assert len(errors) == 10
+    texts = [str(e) + "".join(getattr(e, "__notes__", [])) for e in errors]
+    assert all("retry budget of route 'a'" in t for t in texts), texts
 
 
 def _rejecting_app(reject: Callable[[dict[str, Any], str], str | None]) -> Any:

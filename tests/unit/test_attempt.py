@@ -608,3 +608,12 @@ def test_json_answer_with_text_passes() -> None:
     tools = Attempt(JSON_PLAN, ChunkAccumulator(), now=0.0)
     done = feed_all(tools, sse({"role": "assistant", "content": ""}), sse({}, "tool_calls"), DONE)
     assert done[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_headers_win_a_tie_with_first_token() -> None:
+    """Equal headers and first-token limits: no headers is reported as `headers`."""
+    timeouts = Timeouts(headers_s=5.0, first_token_s=5.0)
+    attempt = Attempt(
+        AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0, timeouts=timeouts
+    )
+    assert attempt.expiry() == (5.0, "headers")

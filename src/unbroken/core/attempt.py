@@ -225,7 +225,8 @@ class Attempt:
             candidates.append((self.last_data_at + self._timeouts.idle_s, "idle"))
         if self._deadline_at is not None:
             candidates.append((self._deadline_at, "deadline"))
-        return min(candidates) if candidates else None
+        # On a tie the earlier-listed phase wins: no headers is the more precise diagnosis.
+        return min(candidates, key=_when) if candidates else None
 
     def timeout_error(self, phase: TimeoutPhase) -> UpstreamTimeout:
         """The typed error for a timer that fired."""
@@ -372,6 +373,10 @@ def _has_token(chunk: ChatCompletionChunk) -> bool:
         if delta is not None and (delta.content or delta.reasoning_text or delta.tool_calls):
             return True
     return False
+
+
+def _when(candidate: tuple[float, TimeoutPhase]) -> float:
+    return candidate[0]
 
 
 def _is_void(chunk: ChatCompletionChunk) -> bool:

@@ -420,7 +420,12 @@ class _Flow:
 
 
 def _fits_more(candidate: Route, current: Route) -> bool:
-    if candidate.base_url == current.base_url and candidate.model == current.model:
+    if (candidate.base_url, candidate.model, candidate.api_key, dict(candidate.headers)) == (
+        current.base_url,
+        current.model,
+        current.api_key,
+        dict(current.headers),
+    ):
         return False  # the identical request to the same server would overflow again
     if candidate.context_tokens is None or current.context_tokens is None:
         return True

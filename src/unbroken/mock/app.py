@@ -168,6 +168,9 @@ class MockApp:
         if path.startswith("/_mock/"):
             await self._admin(ex, receive, method, path, scope)
             return
+        if path.startswith("/beta/") and not self.config.beta:
+            # What a FastAPI server without the path answers (vLLM, llama-cpp-python).
+            raise ApiError(404, b'{"detail":"Not Found"}', kind="not_found")
         allowed = (
             "POST"
             if path in _CHAT_PATHS

@@ -121,6 +121,8 @@ class MockConfig:
         send_bytes: the most bytes coalesced into one write when several chunks are due.
         log_size: how many recent requests `/_mock/log` keeps.
         cache_entries: how many persisted prompt prefixes the context cache keeps.
+        beta: serve DeepSeek's `/beta` paths; False answers them 404 `{"detail": "Not
+            Found"}`, as vLLM and llama.cpp servers do (for proving continuation that adapts).
     """
 
     seed: int = 0
@@ -136,6 +138,7 @@ class MockConfig:
     send_bytes: int = 64 * 1024
     log_size: int = 1000
     cache_entries: int = 100_000
+    beta: bool = True
 
     def __post_init__(self) -> None:
         for name in ("answer_tokens", "reasoning_tokens"):
