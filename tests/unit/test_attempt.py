@@ -428,12 +428,13 @@ def test_default_timers_are_long_alone_and_short_with_a_fallback() -> None:
     """Defaults: headers and first token 120 s on a lone route, 14 s when a fallback route
     exists; idle 20 s, only after the first token."""
     alone = Attempt(AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0)
+    alone.on_headers(1.0)
     assert alone.expiry() == (120.0, "first_token")
     assert alone.limit("headers") == 120.0
     backed = Attempt(
         AttemptPlan(route=ROUTE, body={}, has_fallback=True), ChunkAccumulator(), now=0.0
     )
-    assert backed.expiry() == (14.0, "first_token")
+    assert backed.expiry() == (14.0, "headers")
     assert backed.limit("headers") == 14.0
     assert backed.timeout_error("first_token").timeout_s == 14.0
     backed.on_headers(1.0)
@@ -446,7 +447,7 @@ def test_default_timers_are_long_alone_and_short_with_a_fallback() -> None:
         now=0.0,
         timeouts=only_failover,
     )
-    assert capped.expiry() == (5.0, "first_token")
+    assert capped.expiry() == (5.0, "headers")
     capped.on_headers(1.0)
     capped.feed(sse({"content": "x"}), 2.0)
     never_idle = Timeouts(idle_s=None)
@@ -469,8 +470,7 @@ def test_first_token_timer_runs_from_the_request_and_idle_only_after_it() -> Non
     attempt.on_headers(101.0)
     assert attempt.expiry() == (130.0, "first_token")
     attempt.feed(sse({"role": "assistant", "content": ""}), 115.0)
-    assert attempt.first_token_at is None
-    assert attempt.expiry() == (130.0, "first_token")
+    assert attempt.expiry() == (130.0, "first_token")  # a role is no token
     attempt.feed(sse({"reasoning_content": "hmm"}), 125.0)
     assert attempt.first_token_at == 125.0  # reasoning counts: a thinking model is not cut off
     assert attempt.expiry() == (145.0, "idle")
