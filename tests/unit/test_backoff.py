@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from unbroken.core.backoff import (
     MIN_BUDGET_WAIT_S,
-    RETRYABLE_STATUSES,
     Failure,
     RetryBudget,
     RetryPolicy,
@@ -320,7 +319,8 @@ def status_error(status: int, message: str = "") -> UpstreamStatusError:
     return UpstreamStatusError(message, status_code=status, kind=kind_of_status(status, message))
 
 
-@pytest.mark.parametrize("status", sorted(RETRYABLE_STATUSES | {501, 599}))
+# A literal list, not the code's own set: a status dropped from the code must fail here.
+@pytest.mark.parametrize("status", [408, 409, 425, 429, *range(500, 600)])
 def test_transient_statuses(status: int) -> None:
     """429 is rate limiting; 408, 409, 425 and every 5xx are server trouble."""
     expected = Failure.RATE_LIMITED if status == 429 else Failure.SERVER

@@ -18,12 +18,12 @@ from unbroken.core.resume import Continuation, is_json_mode, plan_continuation, 
 from unbroken.core.routes import Route, RouteHealth
 from unbroken.core.stream import EndState, StreamEnd
 from unbroken.errors import (
-    RetriesExhausted,
     UnbrokenError,
     UpstreamError,
     UpstreamStatusError,
     UpstreamTimeout,
     UpstreamTruncated,
+    retries_exhausted,
 )
 
 __all__ = [
@@ -258,8 +258,8 @@ class _Flow:
             if budget:
                 error.add_note(budget.strip(" ()"))
             raise error
-        raise RetriesExhausted(
-            f"{why}{budget}: {error.message}", attempts=self.number, partial=partial
+        raise retries_exhausted(
+            f"{why}{budget}: {error.message}", attempts=self.number, last=error, partial=partial
         ) from error
 
     def next_route(self, failure: UnbrokenError | None = None) -> int | None:

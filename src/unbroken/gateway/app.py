@@ -19,25 +19,37 @@ import anyio
 import httpx
 from prometheus_client import CollectorRegistry
 
-from unbroken.client import AsyncClient
+from unbroken.client import AsyncClient, AsyncStream
 from unbroken.core.attempt import Timeouts
 from unbroken.core.backoff import RetryPolicy
 from unbroken.core.routes import Route
 from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.errors import UnbrokenError
 from unbroken.gateway.asgi import Exchange, Receive, Scope, Send
+from unbroken.gateway.cache import AnswerCache, RecordingStream
 from unbroken.gateway.keys import Caller, KeyRing
-from unbroken.gateway.limits import Limiter
+from unbroken.gateway.limits import Admission, Limiter
 from unbroken.gateway.metrics import GatewayMetrics
 from unbroken.gateway.openapi import openapi
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
 from unbroken.gateway.relay import RelayResult, StreamRelay
 from unbroken.gateway.request import ChatRequest, parse_chat_request
+from unbroken.gateway.serving import BreakerWatch
 from unbroken.gateway.sessions import SESSIONS_PATH, SessionEndpoints, open_session_store
+from unbroken.gateway.streams import (
+    GATEWAY_HEADER,
+    STREAM_ID_HEADER,
+    STREAMS_PATH,
+    Producer,
+    StreamHub,
+    open_stream_log,
+)
 from unbroken.gateway.upstream import LeanTransport
+from unbroken.gateway.ws import WS_PATH, ChatSocket
 from unbroken.instrumentation import Hook, PrometheusHook
 from unbroken.settings import Settings
 from unbroken.stores import Store, open_store
+from unbroken.stores.streamlog import StreamLog
 
 __all__ = ["Gateway", "build_upstream", "create_app", "upstream_transport"]
 
@@ -68,7 +80,7 @@ _NEVER_FORWARDED = frozenset(
         "expect",
     }
 )
-_ALLOWED_HEADERS = b"authorization, content-type, x-request-id"
+_ALLOWED_HEADERS = b"authorization, content-type, x-request-id, last-event-id, x-unbroken-resumable"
 
 
 def build_upstream(
@@ -80,7 +92,7 @@ def build_upstream(
     `upstream_transport(settings)`); closing the AsyncClient closes the transport."""
     g = settings.gateway
     routes = [
-        Route(r.name, r.base_url, r.api_key, r.model, r.dialect)  # type: ignore[arg-type]  # RouteSettings checked the dialect
+        Route(r.name, r.base_url, r.api_key, r.model, r.dialect, r.context_tokens)  # type: ignore[arg-type]  # RouteSettings checked the dialect
         for r in settings.upstream_routes()
     ]
     return AsyncClient(
@@ -117,6 +129,7 @@ class Gateway:
         store: the state store; default from `settings.gateway.store`.
         upstream: the SDK client to use upstream; default `build_upstream(settings)`.
         registry: the Prometheus registry of `/metrics`; default a new one.
+        stream_log: the log of streamed answers; default from `settings.gateway.store`.
     """
 
     def __init__(
@@ -126,16 +139,23 @@ class Gateway:
         store: Store | None = None,
         upstream: AsyncClient | None = None,
         registry: CollectorRegistry | None = None,
+        stream_log: StreamLog | None = None,
     ) -> None:
         g = settings.gateway
         self.settings = settings
         self.store: Store = store if store is not None else open_store(g.store)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = GatewayMetrics(self.registry)
-        self.client = upstream or build_upstream(settings, [PrometheusHook(self.registry)])
+        # Follows the breakers the client reports (only on the client built here).
+        self.breakers = BreakerWatch()
+        self.client = upstream or build_upstream(
+            settings, [PrometheusHook(self.registry), self.breakers]
+        )
         self.keys = KeyRing(g, self.store)
         self.sessions = SessionEndpoints(self, open_session_store(g.sessions))
+        self.streams = StreamHub(self, stream_log or open_stream_log(g))
         self.limiter = Limiter(self.store, g.slot_lease_s)
+        self.cache = AnswerCache(g.cache, self.registry) if g.cache.enabled else None
         routes = settings.upstream_routes()
         self.scrub = Scrubber([settings.api_key, *(r.api_key for r in routes)])
         self.models = frozenset(g.models)
@@ -175,17 +195,22 @@ class Gateway:
         """End every in-flight answer now with a `shutting_down` error (drain deadline)."""
         for relay in list(self._relays):
             relay.stop("shutdown")
+        self.streams.abort()
 
     async def aclose(self) -> None:
-        """Close the upstream client and the store."""
+        """Close the stream hub (releasing its leases), the upstream client and the store."""
+        await self.streams.aclose()
         await self.client.aclose()
         await self.sessions.aclose()
+        if self.cache is not None:
+            await self.cache.aclose()
         await self.store.aclose()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                self.streams.start_ticker()  # leases, the orphan sweeper, retention
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.aclose()
@@ -201,6 +226,12 @@ class Gateway:
             await self._http(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
+        elif kind == "websocket":
+            if scope["path"] == WS_PATH:
+                await ChatSocket(self, scope, receive, send).run()
+            else:
+                await receive()  # websocket.connect
+                await send({"type": "websocket.close", "code": 1008})
 
     def _common_headers(
         self, scope: Scope
@@ -213,17 +244,27 @@ class Gateway:
                 origin = value
         if request_id is None or not _REQUEST_ID.fullmatch(request_id):
             request_id = uuid.uuid4().hex.encode()
-        headers = [(b"x-request-id", request_id)]
+        headers = [(b"x-request-id", request_id), GATEWAY_HEADER]
         if origin is not None and self._origin_allowed(origin):
             headers += [
                 (b"access-control-allow-origin", origin),
                 (b"vary", b"origin"),
-                (b"access-control-expose-headers", b"x-request-id, retry-after"),
+                (
+                    b"access-control-expose-headers",
+                    b"x-request-id, retry-after, x-unbroken-stream-id, x-unbroken-gateway",
+                ),
             ]
         return request_id, origin, headers
 
     def _origin_allowed(self, origin: bytes) -> bool:
         return "*" in self._origins or origin.decode("latin-1") in self._origins
+
+    def origin_allowed_ws(self, origin: bytes, host: bytes | None) -> bool:
+        """May a page from `origin` open a WebSocket to `host`? Browsers do not apply CORS
+        to WebSockets, so the gateway checks: an allowed origin, or its own pages."""
+        if self._origin_allowed(origin):
+            return True
+        return host is not None and origin.split(b"://", 1)[-1] == host
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -237,6 +278,9 @@ class Gateway:
             entry = self._routes.get(path)
             if entry is None and path.startswith(SESSIONS_PATH):
                 await self.sessions.handle(ex, method, path)
+                return
+            if entry is None and path.startswith((STREAMS_PATH + "/", "/streams/")):
+                await self.streams.handle(ex, method, path)
                 return
             if entry is None:
                 raise GatewayError(
@@ -305,10 +349,16 @@ class Gateway:
     # -- endpoints ---------------------------------------------------------------------------
 
     def _forwarded(self, ex: Exchange, request_id: bytes) -> dict[str, str]:
-        headers = {"X-Request-ID": request_id.decode("latin-1")}
+        return self.forwarded_headers(ex.scope, request_id)
+
+    def forwarded_headers(self, scope: Scope, request_id: bytes | None) -> dict[str, str]:
+        """The request headers passed upstream: the request id (a new one when None) and
+        those `forward_headers` names, never Authorization, Host or hop-by-hop ones."""
+        rid = request_id.decode("latin-1") if request_id is not None else uuid.uuid4().hex
+        headers = {"X-Request-ID": rid}
         if not self._exact and not self._prefixes:
             return headers
-        for raw_name, raw_value in ex.scope.get("headers", ()):
+        for raw_name, raw_value in scope.get("headers", ()):
             name = raw_name.decode("latin-1")
             if name in _NEVER_FORWARDED:
                 continue
@@ -316,7 +366,12 @@ class Gateway:
                 headers[name] = raw_value.decode("latin-1")
         return headers
 
-    def _check_draining(self) -> None:
+    def serving_route(self) -> Route:
+        """The route the next answer would start on: the first whose breaker is not open."""
+        return self.breakers.first_allowed(self.client.routes)
+
+    def check_draining(self) -> None:
+        """Raise the 503 of a draining gateway."""
         if self.draining:
             raise GatewayError(
                 503,
@@ -328,12 +383,75 @@ class Gateway:
 
     async def _chat(self, ex: Exchange) -> None:
         g = self.settings.gateway
-        self._check_draining()
+        self.check_draining()
         caller = await self.keys.identify(ex.header(b"authorization"))
         request = parse_chat_request(
             await ex.read_body(g.max_body_bytes), self.models, self.route_names
         )
         await self.serve_chat(ex, caller, request)
+
+    def check_models(self, caller: Caller, request: ChatRequest) -> None:
+        """Refuse a request for a model the caller's key may not use.
+
+        Raises:
+            GatewayError: 403 naming the key and the model.
+        """
+        if caller.models is None:
+            return
+        for model in (request.model, *request.fallbacks):
+            if model in self.models and model not in caller.models:
+                raise GatewayError(
+                    403,
+                    f"key {caller.name!r} may not use the model {model!r}",
+                    type="permission_error",
+                    code="model_not_allowed",
+                    param="model",
+                )
+
+    async def start_answer(
+        self,
+        caller: Caller,
+        request: ChatRequest,
+        headers: dict[str, str],
+        *,
+        resumable: bool,
+        after: Callable[[ChatCompletion], Awaitable[None]] | None = None,
+        session_id: str | None = None,
+        cache_key: str | None = None,
+    ) -> Producer:
+        """Admit a checked streamed request and start producing it into the stream log
+        (SSE and WebSocket answers both start here); usage is booked when it ends, and a
+        whole answer is stored under `cache_key` in the answer cache."""
+        booking = await _Booking.admit(self.limiter, caller, request, after)
+        recorded: list[RecordingStream] = []
+
+        def record(stream: AsyncStream) -> AsyncStream:
+            recorded.append(RecordingStream(stream))
+            return recorded[-1]
+
+        async def complete(completion: ChatCompletion) -> None:
+            await booking.complete(completion)
+            if cache_key is not None and recorded:
+                # Kept from the producer, so an answer that finished detached is cached too.
+                await self._remember(cache_key, recorded[-1].encoded(), completion)
+
+        try:
+            producer = await self.streams.start(
+                caller,
+                request,
+                headers,
+                resumable=resumable,
+                on_complete=complete,
+                on_end=booking.book,
+                renew_slot=booking.renew if booking.admission.lease is not None else None,
+                wrap=record if cache_key is not None else None,
+            )
+        except BaseException:
+            await booking.book(None)
+            raise
+        if session_id is not None:
+            await self.streams.log.link_session(session_id, producer.stream_id, time.time())
+        return producer
 
     async def serve_chat(
         self,
@@ -341,81 +459,159 @@ class Gateway:
         caller: Caller,
         request: ChatRequest,
         after: Callable[[ChatCompletion], Awaitable[None]] | None = None,
+        session_id: str | None = None,
     ) -> None:
         """Admit, relay and book one checked chat request for `caller`; `after` runs with
-        the whole answer before its last byte is written (session turns are stored there)."""
+        the whole answer before its last byte is written (session turns are stored there).
+        A streamed answer goes through the stream log (gateway/streams.py); `session_id`
+        links the session to it."""
         g = self.settings.gateway
-        if caller.models is not None:
-            for model in (request.model, *request.fallbacks):
-                if model in self.models and model not in caller.models:
-                    raise GatewayError(
-                        403,
-                        f"key {caller.name!r} may not use the model {model!r}",
-                        type="permission_error",
-                        code="model_not_allowed",
-                        param="model",
-                    )
-        admission = await self.limiter.admit(caller, request.estimated_tokens, time.time())
-        request_id = dict(ex.headers_out)[b"x-request-id"]
-        booked = False
-
-        async def complete(completion: ChatCompletion) -> None:
-            if after is not None:
-                await after(completion)
-            await book(completion)
-
-        async def book(completion: ChatCompletion | None) -> None:
-            nonlocal booked
-            if booked:
+        self.check_models(caller, request)
+        resumable = self.streams.is_resumable(ex, request)
+        cache_key = None
+        if self.cache is not None:
+            cache_key = self.cache.key(request)
+            if await self._from_cache(ex, caller, request, cache_key):
                 return
-            booked = True
-            tokens = cost = None
-            if completion is not None and completion.usage is not None:
-                tokens = completion.usage.total_tokens
-            if isinstance(completion, Answer):
-                cost = completion.unbroken.cost_usd
-            # Books usage and frees the slot even when uvicorn cancels us at shutdown.
-            with anyio.CancelScope(shield=True):
-                await self.limiter.finish(admission, tokens, cost or 0.0, time.time())
+        request_id = dict(ex.headers_out)[b"x-request-id"]
+        headers = self._forwarded(ex, request_id)
+        if request.stream:
+            producer = await self.start_answer(
+                caller,
+                request,
+                headers,
+                resumable=resumable,
+                after=after,
+                session_id=session_id,
+                cache_key=cache_key,
+            )
+            relay = StreamRelay(
+                ex,
+                self.scrub,
+                keepalive_s=g.keepalive_s,
+                send_timeout_s=g.send_timeout_s,
+                headers=[(STREAM_ID_HEADER, producer.stream_id.encode())],
+            )
+            producer.attach()
+            self.metrics.active.inc()
+            self._relays.add(relay)
+            result: RelayResult | None = None
+            try:
+                result = await relay.events(
+                    self.streams.follow(producer.stream_id, 0, producer=producer)
+                )
+            except GatewayError as exc:
+                if cache_key is None or not await self._degrade(ex, request, cache_key, exc):
+                    raise
+            finally:
+                self._relays.discard(relay)
+                self.metrics.active.dec()
+                producer.detach(time.time())
+                self._count(result or relay.result)
+            return
 
+        booking = await _Booking.admit(self.limiter, caller, request, after)
         relay = StreamRelay(
             ex,
             self.scrub,
             keepalive_s=g.keepalive_s,
             send_timeout_s=g.send_timeout_s,
-            renew=(lambda: self.limiter.renew(admission, time.time()))
-            if admission.lease is not None
-            else None,
+            renew=booking.renew if booking.admission.lease is not None else None,
             renew_every_s=g.slot_lease_s / 3,
-            on_complete=complete,
+            on_complete=booking.complete,
         )
         self.metrics.active.inc()
         self._relays.add(relay)
-        result: RelayResult | None = None
+        result = None
         try:
             stream = await self.client.chat.completions.create(
                 model=request.model,
                 messages=request.messages,
                 stream=True,
                 extra_body=request.extra or None,
-                extra_headers=self._forwarded(ex, request_id),
+                extra_headers=headers,
                 fallbacks=request.fallbacks or None,
             )
-            if request.stream:
-                result = await relay.stream(stream)
-            else:
+            if cache_key is not None:
+                stream = RecordingStream(stream)
+            try:
                 result = await relay.json(stream)
+            except GatewayError as exc:
+                if cache_key is None or not await self._degrade(ex, request, cache_key, exc):
+                    raise
+            else:
+                if isinstance(stream, RecordingStream) and cache_key is not None:
+                    await self._remember(cache_key, stream.encoded(), result.completion)
         finally:
             self._relays.discard(relay)
             self.metrics.active.dec()
             if result is None:
                 result = relay.result
-            await book(result.completion if result is not None else None)
-            if result is not None:
-                self.metrics.streams.labels(result.reason).inc()
-                self.metrics.chunks.inc(result.n_chunks)
-                if result.n_keepalives:
-                    self.metrics.keepalives.inc(result.n_keepalives)
+            await booking.book(result.completion if result is not None else None)
+            self._count(result)
+
+    def _count(self, result: RelayResult | None) -> None:
+        if result is not None:
+            self.metrics.streams.labels(result.reason).inc()
+            self.metrics.chunks.inc(result.n_chunks)
+            if result.n_keepalives:
+                self.metrics.keepalives.inc(result.n_keepalives)
+
+    async def live_stream(self, session_id: str) -> str | None:
+        """The stream id of the answer a session is getting now (gateway/streams.py)."""
+        return await self.streams.live_stream(session_id)
+
+    # -- the answer cache (gateway/cache.py) ---------------------------------------------------
+
+    async def _from_cache(
+        self, ex: Exchange, caller: Caller, request: ChatRequest, key: str
+    ) -> bool:
+        """Answer from the cache when serve mode has a hit or the upstream is known to be
+        down; True when the request was answered here."""
+        cache = self.cache
+        assert cache is not None  # noqa: S101 - called only with a cache
+        serves, down = cache.serves(caller, request), cache.upstream_down()
+        if not serves and not down:
+            return False
+        entry = await cache.get(key)
+        if entry is None:
+            cache.miss()
+            if down:
+                raise cache.unavailable()
+            return False
+        await cache.replay(ex, entry, "stale" if down else "hit", stream=request.stream)
+        return True
+
+    async def _degrade(
+        self, ex: Exchange, request: ChatRequest, key: str, error: GatewayError
+    ) -> bool:
+        """After an answer failed before any output: count it and, when the failure is the
+        upstream's, stand in with a stale entry; True when the request was answered.
+
+        Raises:
+            GatewayError: 503 with Retry-After when there is no entry to stand in.
+        """
+        cache = self.cache
+        assert cache is not None  # noqa: S101 - called only with a cache
+        if error.status not in (502, 503, 504) or not cache.settings.degrade:
+            return False
+        cache.record(failed_before_output=True)
+        entry = await cache.get(key)
+        if entry is None:
+            cache.miss()
+            raise cache.unavailable() from error
+        await cache.replay(ex, entry, "stale", stream=request.stream)
+        return True
+
+    async def _remember(
+        self, key: str, chunks: list[bytes], completion: ChatCompletion | None
+    ) -> None:
+        """After an answer was delivered whole: the upstream works; store the answer."""
+        cache = self.cache
+        if cache is None or not isinstance(completion, Answer):
+            return
+        cache.record(failed_before_output=False)
+        await cache.remember(key, chunks, completion)
 
     async def _models(self, ex: Exchange) -> None:
         caller = await self.keys.identify(ex.header(b"authorization"))
@@ -455,6 +651,7 @@ def create_app(
     store: Store | None = None,
     upstream: AsyncClient | None = None,
     registry: CollectorRegistry | None = None,
+    stream_log: StreamLog | None = None,
 ) -> Gateway:
     """Build the gateway ASGI app (see `Gateway`); settings default to `Settings.load()`."""
     return Gateway(
@@ -462,4 +659,59 @@ def create_app(
         store=store,
         upstream=upstream,
         registry=registry,
+        stream_log=stream_log,
     )
+
+
+class _Booking:
+    """One admitted request's hold on its caller's limits: usage is booked (and the
+    concurrency slot freed) exactly once, however the answer ends."""
+
+    __slots__ = ("_after", "_limiter", "admission", "booked")
+
+    def __init__(
+        self,
+        limiter: Limiter,
+        admission: Admission,
+        after: Callable[[ChatCompletion], Awaitable[None]] | None,
+    ) -> None:
+        self._limiter = limiter
+        self._after = after
+        self.admission = admission
+        self.booked = False
+
+    @classmethod
+    async def admit(
+        cls,
+        limiter: Limiter,
+        caller: Caller,
+        request: ChatRequest,
+        after: Callable[[ChatCompletion], Awaitable[None]] | None,
+    ) -> _Booking:
+        """Admit `request` (raises the limiter's 429) and hold its booking."""
+        admission = await limiter.admit(caller, request.estimated_tokens, time.time())
+        return cls(limiter, admission, after)
+
+    async def complete(self, completion: ChatCompletion) -> None:
+        """The whole answer: run `after` (session turns), then book it."""
+        if self._after is not None:
+            await self._after(completion)
+        await self.book(completion)
+
+    async def book(self, completion: ChatCompletion | None) -> None:
+        """Book the answer's usage and cost (once) and free the slot."""
+        if self.booked:
+            return
+        self.booked = True
+        tokens = cost = None
+        if completion is not None and completion.usage is not None:
+            tokens = completion.usage.total_tokens
+        if isinstance(completion, Answer):
+            cost = completion.unbroken.cost_usd
+        # Books usage and frees the slot even when the server cancels us at shutdown.
+        with anyio.CancelScope(shield=True):
+            await self._limiter.finish(self.admission, tokens, cost or 0.0, time.time())
+
+    def renew(self) -> Awaitable[None]:
+        """Extend the concurrency slot's lease."""
+        return self._limiter.renew(self.admission, time.time())
