@@ -335,9 +335,9 @@ class GatewaySettings:
     cors_origins: tuple[str, ...] = ()
     forward_headers: tuple[str, ...] = ()
     max_body_bytes: int = 4 * 1024 * 1024
-    # 4 s idle + a tick of at most 1 s: a keep-alive at least every 5 s, also while the
-    # upstream is silent and the answer is being healed, so client read timeouts hold.
-    keepalive_s: float = 4.0
+    # 3.5 s idle + a check every second at most: a keep-alive at least every 5 s, also
+    # while the upstream is silent and the answer is being healed, so read timeouts hold.
+    keepalive_s: float = 3.5
     send_timeout_s: float = 30.0
     stream_buffer_bytes: int = 256 * 1024
     drain_timeout_s: float = 30.0

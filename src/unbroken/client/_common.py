@@ -715,7 +715,9 @@ def _outcome_name(state: EndState | None, error: UnbrokenError | None) -> str:
     if isinstance(error, UpstreamTimeout):
         return f"timeout_{error.phase}"
     if isinstance(error, UpstreamError):
-        return error.kind if error.status_code else "connect_error"
+        if error.status_code or error.kind == "unreachable":  # unreachable: permanent
+            return error.kind
+        return "connect_error"
     if error is not None:
         return "protocol_error"
     return state.value if state is not None else "unknown"
