@@ -76,7 +76,7 @@ async def test_openai_sdk_reads_keepalives_between_events(upstream: MockServer) 
     with gateway(upstream.url, keepalive_s=0.1) as server:
         client = openai.AsyncOpenAI(api_key="sk", base_url=f"{server.url}/v1")
         try:
-            stream = await client.chat.completions.create(
+            stream: Any = await client.chat.completions.create(
                 model="deepseek-chat",
                 messages=MESSAGES,  # type: ignore[arg-type]
                 stream=True,

@@ -617,3 +617,31 @@ def test_headers_win_a_tie_with_first_token() -> None:
         AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0, timeouts=timeouts
     )
     assert attempt.expiry() == (5.0, "headers")
+
+
+def test_recheck_is_sooner_while_the_first_token_is_awaited() -> None:
+    """Before the first token a single shell timer must look again within idle_s (the
+    token arms idle, which may fall before the armed expiry); after it, at the expiry."""
+    timeouts = Timeouts(first_token_s=30.0, idle_s=2.0)
+    attempt = Attempt(
+        AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0, timeouts=timeouts
+    )
+    attempt.on_headers(0.5)
+    assert attempt.recheck_at(1.0) == 3.0
+    assert attempt.recheck_at(29.0) == 30.0
+    attempt.feed(sse({"content": "a"}), 4.0)
+    assert attempt.recheck_at(4.0) == 6.0
+    bare = Attempt(
+        AttemptPlan(route=ROUTE, body={}),
+        ChunkAccumulator(),
+        now=0.0,
+        timeouts=Timeouts(headers_s=None, first_token_s=None, idle_s=2.0),
+    )
+    assert bare.recheck_at(1.0) == 3.0
+    silent = Attempt(
+        AttemptPlan(route=ROUTE, body={}),
+        ChunkAccumulator(),
+        now=0.0,
+        timeouts=Timeouts(headers_s=None, first_token_s=None, idle_s=None),
+    )
+    assert silent.recheck_at(1.0) is None

@@ -228,6 +228,17 @@ class Attempt:
         # On a tie the earlier-listed phase wins: no headers is the more precise diagnosis.
         return min(candidates, key=_when) if candidates else None
 
+    def recheck_at(self, now: float) -> float | None:
+        """When a shell that keeps one timer per attempt should look at `expiry()` again:
+        the next expiry, or sooner while the first token is awaited, because its arrival
+        arms the idle limit, which may fall before the expiry armed now."""
+        expiry = self.expiry()
+        when = None if expiry is None else expiry[0]
+        idle = self._timeouts.idle_s
+        if self.first_token_at is None and idle is not None:
+            when = now + idle if when is None else min(when, now + idle)
+        return when
+
     def timeout_error(self, phase: TimeoutPhase) -> UpstreamTimeout:
         """The typed error for a timer that fired."""
         limit = self.limit(phase)
