@@ -320,7 +320,25 @@ def median_of(runs: list[dict[str, Any]], key: str) -> float:
     return float(statistics.median(r[key] for r in runs))
 
 
-def report(name: str, runs: list[dict[str, Any]]) -> None:
+def report(row: Row, clean: Row, cases: list[Case]) -> bool:
+    """Print one faulted run against its fault-free run (client-side figures only); True
+    when every answer completed byte-identical with nothing duplicated or missing."""
+    m = summarize(row, clean, cases)
+    n = m["n"]
+    billed = sum(o.billed_tokens for o in row.outcomes)
+    more = billed - sum(o.billed_tokens for o in clean.outcomes)
+    print(
+        f"  {row.name:<15} completed {100 * m['completed'] / n:6.2f}%  "
+        f"identical {100 * m['identical'] / n:6.2f}%  silent truncations {m['silent']}  "
+        f"duplicated {m['dup']:>6} chars  missing {m['miss']:>7} chars  extra latency p50 "
+        f"{m['p50_ms']:+7.1f} ms p99 {m['p99_ms']:+8.1f} ms  extra tokens billed {more:+d}"
+    )
+    if m["errors"]:
+        print(f"  {'':<15} errors: {dict(sorted(m['errors'].items()))}")
+    return bool(m["completed"] == n and m["identical"] == n and m["dup"] == m["miss"] == 0)
+
+
+def report_runs(name: str, runs: list[dict[str, Any]]) -> None:
     """Print the medians over the repeats (and the error kinds of the last run)."""
     n = runs[0]["n"]
     med = {k: median_of(runs, k) for k in runs[0] if isinstance(runs[0][k], int | float)}
@@ -509,7 +527,7 @@ def main() -> None:
             ]
             for name, runner, target in plans:
                 runs = [measure(url, runner, cases, n, target) for _ in range(args.repeat)]
-                report(name, runs)
+                report_runs(name, runs)
                 ok = ok and all(r["identical"] == n and r["prefix_mismatches"] == 0 for r in runs)
         print(f"bar: {n}/{n} byte-identical through both, 0 prefix mismatches:", _verdict(ok))
         sys.exit(0 if ok else 1)
@@ -528,7 +546,7 @@ def main() -> None:
         for runner in runners:
             runs = [measure(url, runner, cases, args.concurrency) for _ in range(args.repeat)]
             name = runner(url, [], 1).name
-            report(name, runs)
+            report_runs(name, runs)
             if name.startswith("unbroken"):
                 # Never silent: every answer is byte-identical or a typed error.
                 ok = ok and all(

@@ -10,6 +10,7 @@ client, core, stores, instrumentation, settings and gateway siblings.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 import uuid
@@ -45,6 +46,8 @@ from unbroken.gateway.streams import (
     open_stream_log,
 )
 from unbroken.gateway.upstream import LeanTransport
+from unbroken.gateway.web import WebUI
+from unbroken.gateway.widget_tokens import WidgetTokens
 from unbroken.gateway.ws import WS_PATH, ChatSocket
 from unbroken.instrumentation import Hook, PrometheusHook
 from unbroken.settings import Settings
@@ -157,7 +160,7 @@ class Gateway:
         self.client = upstream or build_upstream(
             settings, [PrometheusHook(self.registry), self.breakers]
         )
-        self.keys = KeyRing(g, self.store)
+        self.keys = KeyRing(g, self.store, WidgetTokens(g).caller if g.has_widget_tokens else None)
         self.sessions = SessionEndpoints(self, open_session_store(g.sessions))
         self.streams = StreamHub(self, stream_log or open_stream_log(g))
         self.limiter = Limiter(self.store, g.slot_lease_s)
@@ -166,6 +169,7 @@ class Gateway:
         self.scrub = Scrubber([settings.api_key, *(r.api_key for r in routes)])
         self.models = frozenset(g.models)
         self.route_names = frozenset(r.name for r in routes)
+        self.web = WebUI(self.models, auth_required=self.keys.required)
         self.draining = False
         self._relays: set[StreamRelay] = set()
         self._origins = frozenset(g.cors_origins)
@@ -287,6 +291,9 @@ class Gateway:
                 return
             if entry is None and path.startswith((STREAMS_PATH + "/", "/streams/")):
                 await self.streams.handle(ex, method, path)
+                return
+            if entry is None and self.web.handles(path):
+                await self.web.handle(ex, method, path)
                 return
             if entry is None:
                 raise GatewayError(
@@ -638,7 +645,8 @@ class Gateway:
         await ex.respond(200, self.metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
 
     async def _healthz(self, ex: Exchange) -> None:
-        await ex.respond_json(200, {"status": "ok"})
+        # The process id tells `--workers` processes apart (an operator's question).
+        await ex.respond_json(200, {"status": "ok", "pid": os.getpid()})
 
     async def _readyz(self, ex: Exchange) -> None:
         if self.draining:

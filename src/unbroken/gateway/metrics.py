@@ -31,7 +31,8 @@ class GatewayMetrics:
     `unbroken_gateway_rejections_total{reason}` (limits, auth, bad input),
     `unbroken_gateway_streams_total{outcome}` (complete, error, client_gone, slow_client),
     `unbroken_gateway_active_requests`, `unbroken_gateway_chunks_total`,
-    `unbroken_gateway_keepalives_total`, `unbroken_gateway_draining`.
+    `unbroken_gateway_keepalives_total`, `unbroken_gateway_draining`,
+    `unbroken_gateway_stream_writers`, `unbroken_gateway_stream_takeovers_total`.
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -67,6 +68,16 @@ class GatewayMetrics:
         )
         self.draining = Gauge(
             "unbroken_gateway_draining", "1 while shutting down", registry=registry
+        )
+        self.stream_writers = Gauge(
+            "unbroken_gateway_stream_writers",
+            "Answers this instance is writing into the stream log",
+            registry=registry,
+        )
+        self.stream_takeovers = Counter(
+            "unbroken_gateway_stream_takeovers_total",
+            "Answers this instance took over from a writer that died or gave up",
+            registry=registry,
         )
 
     def request(self, path: str, status: int) -> None:
