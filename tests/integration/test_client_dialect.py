@@ -38,7 +38,7 @@ def test_auto_dialect_learns_the_vllm_way_on_a_404(no_beta: MockServer) -> None:
                     "X-Mock-Fault-Key": f"d{i}",
                 },
             )
-            text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            text = "".join(ch.delta.content or "" for c in stream for ch in c.choices if ch.delta)
             assert text == answer_text("deepseek-chat", messages, config=CONFIG)[1]
             final = stream.final()
             assert final.unbroken is not None
