@@ -217,7 +217,9 @@ class Exchange:
         t = run.timeouts
         if run.endpoint == "fim":
             # DeepSeek serves FIM under /beta only; other servers at /completions.
-            url = config.url(route, "/completions", beta=route.dialect == "deepseek")
+            # `auto` counts as DeepSeek's until the route has rejected `/beta`.
+            beta = config.route_health(route).dialect(route) == "deepseek"
+            url = config.url(route, "/completions", beta=beta)
             body = fim_body(plan.body)
         else:
             url = config.url(route, "/chat/completions", beta=plan.beta)
