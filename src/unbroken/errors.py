@@ -123,6 +123,7 @@ ErrorKind = Literal[
     "permission",
     "not_found",
     "invalid_parameters",
+    "unreachable",  # permanent transport error: certificate verification, unknown host
     "unknown",
 ]
 

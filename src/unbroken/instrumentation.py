@@ -92,6 +92,9 @@ class Hook(Protocol):
     def on_breaker(self, route: str, state: BreakerState) -> None:
         """A route's circuit breaker changed state."""
 
+    # Optional: `on_wait(route, reason, seconds)` - a wait before a retry (`backoff`,
+    # `retry_after` or `budget`); hooks written before it need not have it.
+
 
 class Hooks:
     """Fans records out to several hooks; a hook that raises is logged and skipped."""
@@ -127,6 +130,17 @@ class Hooks:
         """Fan out on_breaker."""
         self._each("on_breaker", route, state)
 
+    def wait(self, route: str, reason: str, seconds: float) -> None:
+        """Fan out on_wait to the hooks that have it (it came after the others)."""
+        for hook in self._hooks:
+            method = getattr(hook, "on_wait", None)
+            if method is None:
+                continue
+            try:
+                method(route, reason, seconds)
+            except Exception:
+                logger.exception("instrumentation hook %r failed in on_wait", hook)
+
 
 _BREAKER_VALUE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
@@ -142,7 +156,10 @@ class PrometheusHook:
     `unbroken_errors_total{route,kind}`, `unbroken_circuit_state{route}` (0 closed,
     1 half-open, 2 open), `unbroken_time_to_first_token_seconds{route}`,
     `unbroken_answer_duration_seconds{route}`, `unbroken_tokens_total{route,model,type}`,
-    `unbroken_cost_usd_total{route,model}`, `unbroken_active_streams`.
+    `unbroken_cost_usd_total{route,model}`, `unbroken_active_streams`,
+    `unbroken_retry_waits_total{route,reason}` and
+    `unbroken_retry_wait_seconds_total{route,reason}` (waits before a retry: `backoff`,
+    `retry_after`, or `budget` when the route's retry budget paced it).
     """
 
     def __init__(self, registry: CollectorRegistry | None = None, prefix: str = "unbroken") -> None:
@@ -186,6 +203,15 @@ class PrometheusHook:
             f"{p}_cost_usd_total", "Billed cost (USD)", ["route", "model"], registry=reg
         )
         self.active = Gauge(f"{p}_active_streams", "Answers in progress", registry=reg)
+        self.waits = Counter(
+            f"{p}_retry_waits_total", "Waits before a retry", ["route", "reason"], registry=reg
+        )
+        self.wait_seconds = Counter(
+            f"{p}_retry_wait_seconds_total",
+            "Seconds waited before retries",
+            ["route", "reason"],
+            registry=reg,
+        )
 
     def on_stream_start(self) -> None:
         """An answer started."""
@@ -217,3 +243,8 @@ class PrometheusHook:
     def on_breaker(self, route: str, state: BreakerState) -> None:
         """Publish the breaker state."""
         self.circuit.labels(route).set(_BREAKER_VALUE[state])
+
+    def on_wait(self, route: str, reason: str, seconds: float) -> None:
+        """Count a wait before a retry (a budget wait is a paced retry)."""
+        self.waits.labels(route, reason).inc()
+        self.wait_seconds.labels(route, reason).inc(seconds)

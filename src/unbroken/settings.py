@@ -299,7 +299,10 @@ class GatewaySettings:
         gzip_min_bytes: non-stream responses at least this big are gzipped when asked.
         slot_lease_s: how long a concurrency slot is held without renewal (a crashed
             instance's slots expire after this).
-        connect_s, headers_s, first_token_s, idle_s: upstream stream timers.
+        connect_s, headers_s, first_token_s, idle_s: upstream stream timers (see
+            `unbroken.Timeouts`: headers and first token run from the request, idle only
+            between data events after the first token).
+        failover_s: the cap on headers_s and first_token_s when a fallback route exists.
         retry_attempts, max_resumes, retry_wait_initial_s, retry_wait_max_s: upstream retries.
         max_head_bytes: the largest request line plus headers (431 past it).
         max_headers: the most request header fields (431 past it).
@@ -318,6 +321,10 @@ class GatewaySettings:
             create per minute.
         session_max_bytes, session_max_messages: how big one session may grow (its stored
             messages as JSON); a turn past either is refused with 413.
+        retry_budget_ratio, retry_budget_min_per_s, retry_budget_window_s: the retry budget
+            of each route (see `unbroken.RetryBudget`), kept per route and per key, so one
+            key's failing traffic cannot spend the others' recovery; a spent budget paces
+            retries, it does not fail them.
         stream_ttl_s: how long a streamed answer's log stays readable after it ended.
         stream_max_bytes, streams_max_bytes: the log's bound per stream and in total.
         resumable: answers keep generating when their client disconnects (per request:
@@ -352,16 +359,19 @@ class GatewaySettings:
     cors_origins: tuple[str, ...] = ()
     forward_headers: tuple[str, ...] = ()
     max_body_bytes: int = 4 * 1024 * 1024
-    keepalive_s: float = 10.0
+    # 3.5 s idle + a check every second at most: a keep-alive at least every 5 s, also
+    # while the upstream is silent and the answer is being healed, so read timeouts hold.
+    keepalive_s: float = 3.5
     send_timeout_s: float = 30.0
     stream_buffer_bytes: int = 256 * 1024
     drain_timeout_s: float = 30.0
     gzip_min_bytes: int = 1024
     slot_lease_s: float = 600.0
     connect_s: float = 10.0
-    headers_s: float = 60.0
+    headers_s: float = 120.0
     first_token_s: float = 120.0
-    idle_s: float = 60.0
+    idle_s: float = 20.0
+    failover_s: float = 14.0
     retry_attempts: int = 8
     max_resumes: int = 5
     retry_wait_initial_s: float = 0.25
@@ -379,6 +389,9 @@ class GatewaySettings:
     sessions_per_minute: float = 30.0
     session_max_bytes: int = 1024 * 1024
     session_max_messages: int = 1000
+    retry_budget_ratio: float = 2.0
+    retry_budget_min_per_s: float = 1.0
+    retry_budget_window_s: float = 60.0
     stream_ttl_s: float = 600.0
     stream_max_bytes: int = 64 * 1024 * 1024
     streams_max_bytes: int = 1024 * 1024 * 1024
@@ -446,6 +459,18 @@ class GatewaySettings:
             raise ConfigError("two gateway keys have the same hash")
         if self.retry_attempts < 1:
             raise ConfigError(f"gateway retry_attempts must be >= 1, got {self.retry_attempts}")
+        for name in ("connect_s", "headers_s", "first_token_s", "idle_s", "failover_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"gateway {name} must be > 0, got {getattr(self, name)}")
+        if self.retry_budget_ratio < 0 or self.retry_budget_min_per_s < 0:
+            raise ConfigError(
+                "gateway retry_budget_ratio and retry_budget_min_per_s must be >= 0, got "
+                f"{self.retry_budget_ratio} and {self.retry_budget_min_per_s}"
+            )
+        if self.retry_budget_window_s <= 0:
+            raise ConfigError(
+                f"gateway retry_budget_window_s must be > 0, got {self.retry_budget_window_s}"
+            )
         if self.stream_lease_s < 1.5:
             # renewed every ~1 s: a shorter lease would expire between two renewals
             raise ConfigError(f"gateway stream_lease_s must be >= 1.5, got {self.stream_lease_s}")
@@ -617,6 +642,7 @@ _GATEWAY_SCALARS: dict[str, Literal["str", "int", "float", "bool", "list"]] = {
     "headers_s": "float",
     "first_token_s": "float",
     "idle_s": "float",
+    "failover_s": "float",
     "retry_attempts": "int",
     "max_resumes": "int",
     "retry_wait_initial_s": "float",
@@ -634,6 +660,9 @@ _GATEWAY_SCALARS: dict[str, Literal["str", "int", "float", "bool", "list"]] = {
     "sessions_per_minute": "float",
     "session_max_bytes": "int",
     "session_max_messages": "int",
+    "retry_budget_ratio": "float",
+    "retry_budget_min_per_s": "float",
+    "retry_budget_window_s": "float",
     "stream_ttl_s": "float",
     "stream_max_bytes": "int",
     "streams_max_bytes": "int",

@@ -3,6 +3,7 @@ refusals, retry budget, events, tools, n > 1, limits, cost, cancellation and sec
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -165,21 +166,38 @@ def test_circuit_breaker_opens_and_heals(upstream: MockServer) -> None:
     assert states[-1] == ("a", BreakerState.CLOSED)
 
 
-def test_retry_budget_stops_retry_storms(upstream: MockServer) -> None:
-    """Under sustained failure the budget caps retries at its share of requests."""
-    budget = RetryBudget(ratio=0.5, min_per_s=0.0, cap=2)
+@pytest.mark.anyio
+async def test_retry_budget_paces_a_retry_storm(upstream: MockServer) -> None:
+    """Under sustained failure the route's budget paces retries instead of multiplying
+    the load: 10 answers against a route that always answers 503 make about the budget's
+    share of extra requests, wait for it (retrying events with reason `budget`), and fail
+    only at their deadline with an error that names the budget."""
+    budget = RetryBudget(ratio=0.5, min_per_s=2.0, window_s=1.0)
     route = faulty(upstream, "a", "503")
     before = upstream.stats()["requests_total"]
-    with Client(routes=[route], retry=FAST, retry_budget=budget) as c:
-        for _ in range(10):
-            with pytest.raises(unbroken.UnbrokenError) as info:
-                c.chat.completions.create(model="deepseek-chat", messages=MESSAGES)
-            assert info.value.partial is None
+    errors: list[BaseException] = []
+    reasons: list[str] = []
+    async with AsyncClient(routes=[route], retry=FAST, retry_budget=budget) as c:
+
+        async def one() -> None:
+            try:
+                async for event in c.chat.stream(
+                    model="deepseek-chat", messages=MESSAGES, deadline=1.5
+                ):
+                    if isinstance(event, RetryingEvent):
+                        reasons.append(event.reason)
+            except unbroken.UnbrokenError as exc:
+                errors.append(exc)
+
+        await asyncio.gather(*(one() for _ in range(10)))
     attempts = upstream.stats()["requests_total"] - before
-    # 10 requests; 2 saved tokens + 0.5 per request: at most 10 + 2 + 5 attempts, where
-    # without a budget it would be 10 * 6 = 60.
-    assert 10 < attempts <= 17
-    assert "not retried: the retry budget is spent" in "".join(getattr(info.value, "__notes__", []))
+    # 10 first requests; 2 saved tokens + 0.5 per request + 2 per second for ~1.5 s: about
+    # 20 in all, where 6 attempts without a budget would make 60.
+    assert 10 < attempts <= 24
+    assert "budget" in reasons
+    assert len(errors) == 10
+    texts = [str(e) + "".join(getattr(e, "__notes__", [])) for e in errors]
+    assert all("retry budget of route 'a'" in t for t in texts), texts
 
 
 def _rejecting_app(reject: Callable[[dict[str, Any], str], str | None]) -> Any:
@@ -268,8 +286,8 @@ def test_unknown_parameter_is_dropped_and_remembered() -> None:
 
 
 def test_prefill_refusal_switches_to_instruction_and_keeps_the_real_error() -> None:
-    """A route that rejects assistant prefill is continued by instruction; when that cannot
-    help either, the error reported is the one that broke the stream, not the 400."""
+    """A route that rejects assistant prefill (DeepSeek's and vLLM's way) is continued by
+    instruction; when that cannot help either, the error reported is the one that broke the stream, not the 400."""
     sent: list[list[dict[str, Any]]] = []
 
     def reject(body: dict[str, Any], path: str) -> str | None:
@@ -285,7 +303,7 @@ def test_prefill_refusal_switches_to_instruction_and_keeps_the_real_error() -> N
         with Client(
             api_key="sk",
             base_url=server.url,
-            retry=RetryPolicy(attempts=4, max_resumes=2, wait_initial_s=0.01, wait_max_s=0.01),
+            retry=RetryPolicy(attempts=5, max_resumes=2, wait_initial_s=0.01, wait_max_s=0.01),
         ) as c:
             stream = c.chat.completions.create(
                 model="deepseek-chat",
@@ -303,12 +321,14 @@ def test_prefill_refusal_switches_to_instruction_and_keeps_the_real_error() -> N
     assert isinstance(cause, unbroken.UpstreamTruncated), repr(cause)
     assert error.partial is not None
     assert content().startswith(error.partial.choices[0].message.content or "")
-    # What went over the wire: the first request, a prefill continuation (refused), then the
-    # switch: the partial answer as a plain assistant turn and a user turn asking to go on.
+    # What went over the wire: the first request, a prefill continuation (refused), the
+    # vLLM way (refused too), then the switch: the partial answer as a plain assistant turn
+    # and a user turn asking to go on.
     assert sent[0] == MESSAGES
     assert sent[1][-1]["role"] == "assistant"
-    assert len(sent) >= 3, sent
-    switched = sent[2]
+    assert sent[2][-1]["role"] == "assistant"
+    assert len(sent) >= 4, sent
+    switched = sent[3]
     assert switched[: len(MESSAGES)] == MESSAGES
     assert switched[-2]["role"] == "assistant"
     assert "prefix" not in switched[-2]
@@ -318,7 +338,7 @@ def test_prefill_refusal_switches_to_instruction_and_keeps_the_real_error() -> N
     assert "cut off" in switched[-1]["content"]
     assert "continue" in switched[-1]["content"].lower()
     # Every later continuation stays on instruction: no prefill is tried again.
-    assert all(m[-1]["role"] == "user" for m in sent[2:])
+    assert all(m[-1]["role"] == "user" for m in sent[3:])
 
 
 def test_chat_stream_reports_retrying_and_done(upstream: MockServer) -> None:

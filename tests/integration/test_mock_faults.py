@@ -232,10 +232,12 @@ def test_insufficient_system_resource(mock: MockServer) -> None:
 
 
 def test_done_early_without_finish(mock: MockServer) -> None:
-    """done_early after=N: [DONE] with no finish_reason before it."""
+    """done_early after=N: [DONE] with no finish_reason before it: an early end, which the
+    core judges truncated (never a silent success)."""
     stream = read_stream_with(mock, "done_early after=3")
-    assert stream.end.state is EndState.COMPLETE
-    assert stream.end.missing_finish
+    assert stream.decoder.done
+    assert stream.end.state is EndState.TRUNCATED
+    assert stream.end.ended_early
     assert stream.finish_reason is None
 
 

@@ -123,7 +123,7 @@ def test_continuation_takes_the_answers_id_and_loses_its_role() -> None:
     )
     assert {(c.id, c.created) for c in out} == {("c1", 111)}
     assert all(c.choices[0].delta is not None and c.choices[0].delta.role is None for c in out)
-    assert texts(out) == ["", "lo!", ""]
+    assert texts(out) == ["lo!", ""]  # the seam's empty role chunk is not shown
     assert answer.content() == "Hello!"
     assert answer.finish_reason() == "stop"
 
@@ -190,7 +190,7 @@ def test_overlap_is_trimmed_across_chunks() -> None:
         sse({"content": " Done"}),
         sse({"content": ""}, "stop"),
     )
-    assert texts(out) == ["", "", " jumps over.", " Done", ""]
+    assert texts(out) == [" jumps over.", " Done", ""]  # no empty chunks while holding
     assert answer.content() == "The quick brown fox jumps over. Done"
 
 
@@ -199,8 +199,8 @@ def test_held_text_is_flushed_by_a_finish_chunk_without_delta() -> None:
     answer = shown_answer("The quick brown fox")
     attempt = Attempt(continuation_plan(continuation=TRIM), answer, now=0.0)
     out = feed_all(attempt, sse({"content": "brown fox jumps"}), sse(None, "stop"))
-    assert texts(out) == ["", " jumps"]
-    assert out[1].choices[0].finish_reason == "stop"
+    assert texts(out) == [" jumps"]
+    assert out[0].choices[0].finish_reason == "stop"
     assert answer.content() == "The quick brown fox jumps"
     assert answer.finish_reason() == "stop"
 
@@ -210,7 +210,8 @@ def test_finish_chunk_without_delta_and_nothing_held_stays_bare() -> None:
     answer = shown_answer("The quick brown fox")
     attempt = Attempt(continuation_plan(continuation=TRIM), answer, now=0.0)
     out = feed_all(attempt, sse({"content": "brown fox"}), sse(None, "stop"))
-    assert out[1].choices[0].delta is None
+    assert len(out) == 1
+    assert out[0].choices[0].delta is None
     assert answer.content() == "The quick brown fox"
 
 
@@ -219,7 +220,7 @@ def test_held_text_is_flushed_by_a_finish_chunk_with_text() -> None:
     answer = shown_answer("The quick brown fox")
     attempt = Attempt(continuation_plan(continuation=TRIM), answer, now=0.0)
     out = feed_all(attempt, sse({"content": "brown"}), sse({"content": " fox!"}, "stop"))
-    assert texts(out) == ["", "!"]
+    assert texts(out) == ["!"]
     assert answer.content() == "The quick brown fox!"
 
 
@@ -227,9 +228,8 @@ def test_annotation_chunk_does_not_release_held_text() -> None:
     """A chunk with neither delta nor finish (an Azure annotation) leaves held text held."""
     answer = shown_answer("The quick brown fox")
     attempt = Attempt(continuation_plan(continuation=TRIM), answer, now=0.0)
-    assert texts(attempt.feed(sse({"content": "brown fox jumps"}), 0.0)) == [""]
-    out = attempt.feed(sse(None), 0.0)
-    assert out[0].choices[0].delta is None
+    assert attempt.feed(sse({"content": "brown fox jumps"}), 0.0) == []
+    assert attempt.feed(sse(None), 0.0) == []  # empty at the seam: not shown either
     assert texts(feed_all(attempt, sse({"content": "!"}, "stop"))) == [" jumps!"]
 
 
@@ -237,8 +237,9 @@ def test_trimmer_leaves_deltas_without_content_alone() -> None:
     """A delta with no content field (role or reasoning only) keeps content None."""
     answer = shown_answer("The quick brown fox")
     attempt = Attempt(continuation_plan(continuation=TRIM), answer, now=0.0)
-    out = attempt.feed(sse({"role": "assistant"}), 0.0)
-    assert out[0].choices[0].delta == Delta()
+    out = attempt.feed(sse({"role": "assistant", "reasoning_content": "hm"}), 0.0)
+    assert out[0].choices[0].delta == Delta(reasoning_content="hm")
+    assert attempt.feed(sse({"role": "assistant"}), 0.0) == []  # only a role already shown
 
 
 # -- tool calls ----------------------------------------------------------------------------
@@ -304,10 +305,23 @@ def test_held_tool_calls_of_a_broken_stream_are_dropped_unseen() -> None:
     assert answer.completion().choices[0].message.tool_calls is None
 
 
-def test_held_tool_calls_are_released_by_done_without_finish() -> None:
-    """`[DONE]` without a finish_reason is complete: held tool calls are shown at the end."""
+def test_done_without_finish_is_truncated_and_drops_held_tool_calls() -> None:
+    """`[DONE]` without a finish_reason is a truncation (never a silent success): held
+    tool calls are dropped unseen, as on any break."""
     answer = ChunkAccumulator()
     attempt = Attempt(AttemptPlan(route=ROUTE, body={}), answer, now=0.0)
+    assert attempt.feed(tool("{}", first=True) + DONE, 0.0) == []
+    assert attempt.finish(0.0) == []
+    assert attempt.verdict is not None
+    assert (attempt.verdict.state, attempt.verdict.ended_early) == (EndState.TRUNCATED, True)
+    assert not answer.has_output
+
+
+def test_held_tool_calls_are_released_by_done_on_a_route_that_omits_finish() -> None:
+    """On a route known to omit finish_reason, `[DONE]` completes: held tool calls show."""
+    answer = ChunkAccumulator()
+    route = Route("lax", "http://lax", omits_finish_reason=True)
+    attempt = Attempt(AttemptPlan(route=route, body={}), answer, now=0.0)
     assert attempt.feed(tool("{}", first=True) + DONE, 0.0) == []
     out = attempt.finish(0.0)
     assert attempt.verdict is not None
@@ -397,40 +411,85 @@ def test_timeouts_must_be_positive(name: str, value: float) -> None:
 
 
 def test_headers_timer_runs_until_the_headers() -> None:
-    """Before the headers only the headers timer (and the deadline) is armed."""
-    attempt = Attempt(AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=100.0)
+    """Before the headers the headers and first-token timers run from the request."""
+    timeouts = Timeouts(headers_s=60.0)
+    attempt = Attempt(
+        AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=100.0, timeouts=timeouts
+    )
     assert attempt.expiry() == (160.0, "headers")
-    unarmed = Timeouts(headers_s=None)
+    unarmed = Timeouts(headers_s=None, first_token_s=None)
     quiet = Attempt(
         AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0, timeouts=unarmed
     )
     assert quiet.expiry() is None
 
 
-def test_first_token_and_idle_timers_after_the_headers() -> None:
-    """After the headers first-token and idle race; a role-only chunk resets only idle."""
+def test_default_timers_are_long_alone_and_short_with_a_fallback() -> None:
+    """Defaults: headers and first token 120 s on a lone route, 14 s when a fallback route
+    exists; idle 20 s, only after the first token."""
+    alone = Attempt(AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0)
+    alone.on_headers(1.0)
+    assert alone.expiry() == (120.0, "first_token")
+    assert alone.limit("headers") == 120.0
+    backed = Attempt(
+        AttemptPlan(route=ROUTE, body={}, has_fallback=True), ChunkAccumulator(), now=0.0
+    )
+    assert backed.expiry() == (14.0, "headers")
+    assert backed.limit("headers") == 14.0
+    assert backed.timeout_error("first_token").timeout_s == 14.0
+    backed.on_headers(1.0)
+    backed.feed(sse({"content": "x"}), 3.0)
+    assert backed.expiry() == (23.0, "idle")
+    only_failover = Timeouts(headers_s=None, first_token_s=None, failover_s=5.0)
+    capped = Attempt(
+        AttemptPlan(route=ROUTE, body={}, has_fallback=True),
+        ChunkAccumulator(),
+        now=0.0,
+        timeouts=only_failover,
+    )
+    assert capped.expiry() == (5.0, "headers")
+    capped.on_headers(1.0)
+    capped.feed(sse({"content": "x"}), 2.0)
+    never_idle = Timeouts(idle_s=None)
+    assert capped.expiry() == (22.0, "idle")
+    steady = Attempt(
+        AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0, timeouts=never_idle
+    )
+    steady.on_headers(1.0)
+    steady.feed(sse({"content": "x"}), 2.0)
+    assert steady.expiry() is None
+
+
+def test_first_token_timer_runs_from_the_request_and_idle_only_after_it() -> None:
+    """After the headers only first-token runs (from the request); a role-only chunk moves
+    nothing; from the first token on, idle runs between data events."""
     timeouts = Timeouts(first_token_s=30.0, idle_s=20.0)
     attempt = Attempt(
         AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=100.0, timeouts=timeouts
     )
     attempt.on_headers(101.0)
-    assert attempt.expiry() == (121.0, "idle")
-    attempt.feed(sse({"role": "assistant", "content": ""}), 115.0)
-    assert (attempt.first_token_at, attempt.last_data_at) == (None, 115.0)
     assert attempt.expiry() == (130.0, "first_token")
+    attempt.feed(sse({"role": "assistant", "content": ""}), 115.0)
+    assert attempt.expiry() == (130.0, "first_token")  # a role is no token
     attempt.feed(sse({"reasoning_content": "hmm"}), 125.0)
     assert attempt.first_token_at == 125.0  # reasoning counts: a thinking model is not cut off
     assert attempt.expiry() == (145.0, "idle")
 
 
 def test_keep_alives_reset_no_timer() -> None:
-    """Comments (`: keep-alive`) are not data: neither idle nor first-token moves."""
+    """Comments (`: keep-alive`) are not data: a queued stream that only sends keep-alives
+    is cut by the first-token limit, not earlier by idle; after the first token they do not
+    reset idle either."""
     attempt = Attempt(AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0)
     attempt.on_headers(1.0)
-    for t in range(2, 60):
+    for t in range(2, 100):
         assert attempt.feed(b": keep-alive\n\n", float(t)) == []
-    assert attempt.last_data_at == 1.0
-    assert attempt.expiry() == (61.0, "idle")
+    assert attempt.expiry() == (120.0, "first_token")
+    attempt.feed(sse({"content": "a"}), 100.0)
+    for t in range(101, 110):
+        attempt.feed(b": keep-alive\n\n", float(t))
+    assert attempt.last_data_at == 100.0
+    assert attempt.expiry() == (120.0, "idle")
 
 
 def test_annotation_chunk_is_no_first_token() -> None:
@@ -549,3 +608,40 @@ def test_json_answer_with_text_passes() -> None:
     tools = Attempt(JSON_PLAN, ChunkAccumulator(), now=0.0)
     done = feed_all(tools, sse({"role": "assistant", "content": ""}), sse({}, "tool_calls"), DONE)
     assert done[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_headers_win_a_tie_with_first_token() -> None:
+    """Equal headers and first-token limits: no headers is reported as `headers`."""
+    timeouts = Timeouts(headers_s=5.0, first_token_s=5.0)
+    attempt = Attempt(
+        AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0, timeouts=timeouts
+    )
+    assert attempt.expiry() == (5.0, "headers")
+
+
+def test_recheck_is_sooner_while_the_first_token_is_awaited() -> None:
+    """Before the first token a single shell timer must look again within idle_s (the
+    token arms idle, which may fall before the armed expiry); after it, at the expiry."""
+    timeouts = Timeouts(first_token_s=30.0, idle_s=2.0)
+    attempt = Attempt(
+        AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0, timeouts=timeouts
+    )
+    attempt.on_headers(0.5)
+    assert attempt.recheck_at(1.0) == 3.0
+    assert attempt.recheck_at(29.0) == 30.0
+    attempt.feed(sse({"content": "a"}), 4.0)
+    assert attempt.recheck_at(4.0) == 6.0
+    bare = Attempt(
+        AttemptPlan(route=ROUTE, body={}),
+        ChunkAccumulator(),
+        now=0.0,
+        timeouts=Timeouts(headers_s=None, first_token_s=None, idle_s=2.0),
+    )
+    assert bare.recheck_at(1.0) == 3.0
+    silent = Attempt(
+        AttemptPlan(route=ROUTE, body={}),
+        ChunkAccumulator(),
+        now=0.0,
+        timeouts=Timeouts(headers_s=None, first_token_s=None, idle_s=None),
+    )
+    assert silent.recheck_at(1.0) is None

@@ -3,6 +3,7 @@ parsing and error classification."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -10,10 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from unbroken.core.backoff import (
-    Decision,
+    MIN_BUDGET_WAIT_S,
+    Failure,
     RetryBudget,
     RetryPolicy,
-    classify,
+    failure_class,
     kind_of_status,
     parse_retry_after,
 )
@@ -43,6 +45,9 @@ from unbroken.errors import (
         ({"wait_initial_s": 2.0, "wait_max_s": 1.0}, "got 2.0 and 1.0"),
         ({"wait_exp_base": 0.5}, "wait_exp_base must be >= 1, got 0.5"),
         ({"deadline_s": 0.0}, "deadline_s must be > 0, got 0.0"),
+        ({"rate_limit_wait_s": -1.0}, "rate_limit_wait_s and rate_limit_retries must be >= 0"),
+        ({"rate_limit_retries": -1}, "rate_limit_wait_s and rate_limit_retries must be >= 0"),
+        ({"server_error_retries": -1}, "server_error_retries must be >= 0, got -1"),
     ],
 )
 def test_policy_rejects_out_of_range_values(kwargs: dict[str, float], fragment: str) -> None:
@@ -105,29 +110,33 @@ def test_every_delay_lies_within_zero_and_wait_max(
 
 
 @pytest.mark.parametrize(
-    ("ratio", "min_per_s", "cap"), [(-0.1, 1.0, 20.0), (1.0, -1.0, 20.0), (1.0, 1.0, 0.5)]
+    ("ratio", "min_per_s", "cap", "window_s"),
+    [(-0.1, 1.0, 20.0, 60.0), (1.0, -1.0, 20.0, 60.0), (1.0, 1.0, 0.5, 60.0), (1, 1, 20, 0)],
 )
-def test_budget_rejects_out_of_range_values(ratio: float, min_per_s: float, cap: float) -> None:
-    """A negative ratio or trickle, or a cap below one retry, raises ConfigError."""
+def test_budget_rejects_out_of_range_values(
+    ratio: float, min_per_s: float, cap: float, window_s: float
+) -> None:
+    """A negative ratio or trickle, a cap below one retry or an empty window raises."""
     with pytest.raises(ConfigError, match="retry budget needs"):
-        RetryBudget(ratio, min_per_s, cap)
+        RetryBudget(ratio, min_per_s, cap, window_s)
 
 
-def test_budget_starts_full_and_refuses_when_spent() -> None:
-    """A budget starts with `cap` tokens; retries take one each and are refused below one."""
-    budget = RetryBudget(ratio=0.0, min_per_s=0.0, cap=2.0)
+def test_budget_starts_at_its_quiet_level_and_refuses_when_spent() -> None:
+    """A budget starts with min_per_s * window_s tokens (at most cap); retries take one
+    each and are refused below one."""
+    budget = RetryBudget(ratio=0.0, min_per_s=0.1, cap=100.0, window_s=20.0)
     assert budget.tokens == 2.0
     assert budget.try_retry(0.0)
     assert budget.try_retry(0.0)
     assert not budget.try_retry(0.0)
     assert budget.tokens == 0.0
+    assert RetryBudget(ratio=0.0, min_per_s=10.0, cap=5.0).tokens == 5.0
 
 
 def test_budget_requests_deposit_ratio_up_to_cap() -> None:
     """Each request deposits `ratio` tokens, never above `cap`."""
     budget = RetryBudget(ratio=0.5, min_per_s=0.0, cap=2.0)
-    assert budget.try_retry(0.0)
-    assert budget.try_retry(0.0)
+    assert budget.tokens == 0.0
     budget.on_request(0.0)
     assert budget.tokens == 0.5
     assert not budget.try_retry(0.0)
@@ -138,16 +147,38 @@ def test_budget_requests_deposit_ratio_up_to_cap() -> None:
     assert budget.tokens == 2.0
 
 
-def test_budget_trickles_per_second_and_ignores_time_going_back() -> None:
-    """min_per_s tokens trickle in per second; a clock that goes back adds nothing."""
-    budget = RetryBudget(ratio=0.0, min_per_s=0.5, cap=1.0)
-    assert budget.try_retry(10.0)
-    assert not budget.try_retry(11.0)  # 0.5 token after one second
-    assert budget.tokens == 0.5
-    assert not budget.try_retry(5.0)  # earlier time: no refill
-    assert budget.tokens == 0.5
-    assert budget.try_retry(12.0)  # 0.5 more after the 11 s mark
-    assert budget.tokens == 0.0
+def test_budget_deposits_fade_and_trickle_refills() -> None:
+    """Deposits fade with time constant window_s; min_per_s refills toward its quiet level;
+    a clock that goes back changes nothing."""
+    budget = RetryBudget(ratio=10.0, min_per_s=0.0, window_s=10.0)
+    budget.on_request(0.0)
+    budget.on_request(10.0)
+    assert budget.tokens == pytest.approx(10.0 / math.e + 10.0)
+    budget.on_request(5.0)  # earlier time: no fading, just the deposit
+    assert budget.tokens == pytest.approx(10.0 / math.e + 20.0)
+    quiet = RetryBudget(ratio=0.0, min_per_s=1.0, window_s=10.0)
+    for _ in range(10):
+        assert quiet.try_retry(0.0)
+    assert not quiet.try_retry(0.0)
+    assert quiet.try_retry(1.1)  # about one token back after a second
+    assert quiet.tokens < 1.0
+
+
+def test_budget_paces_a_crowd_instead_of_refusing() -> None:
+    """A spent budget answers with a wait; the window grows with the number waiting, and
+    a wait that has passed no longer counts."""
+    budget = RetryBudget(ratio=0.0, min_per_s=2.0, window_s=1.0)
+    rng = random.Random(1)
+    assert budget.acquire(0.0, rng) == 0.0
+    assert budget.acquire(0.0, rng) == 0.0
+    waits = [budget.acquire(0.0, rng) for _ in range(50)]
+    assert all(w >= MIN_BUDGET_WAIT_S for w in waits)
+    assert budget.waiting(0.0) == 50
+    # Full jitter over (waiting + 1) / min_per_s: the later ones may wait longer.
+    assert max(waits[25:]) > max(waits[:5])
+    assert all(w <= (i + 1) / 2.0 for i, w in enumerate(waits))
+    assert budget.waiting(max(waits)) == 0
+    assert budget.acquire(max(waits) + 10.0, rng) == 0.0
 
 
 @given(
@@ -161,20 +192,32 @@ def test_budget_trickles_per_second_and_ignores_time_going_back() -> None:
 def test_budget_bounds_retries(
     ratio: float, min_per_s: float, cap: float, steps: list[tuple[str, float]]
 ) -> None:
-    """Property: retries <= ratio*requests + min_per_s*seconds + cap, whatever the sequence."""
-    budget = RetryBudget(ratio, min_per_s, cap)
+    """Property: retries <= start + ratio*requests + min_per_s*seconds, whatever the
+    sequence, and tokens stay within [0, cap]."""
+    budget = RetryBudget(ratio, min_per_s, cap, window_s=30.0)
+    start_tokens = budget.tokens
     now = start = latest = 0.0
     requests = retries = 0
+    rng = random.Random(0)
     for what, step in steps:
         now += step
         latest = max(latest, now)
         if what == "request":
             budget.on_request(now)
             requests += 1
-        elif budget.try_retry(now):
+        elif budget.acquire(now, rng) == 0.0:
             retries += 1
         assert 0.0 <= budget.tokens <= cap
-    assert retries <= ratio * requests + min_per_s * (latest - start) + cap + 1e-9
+    assert retries <= start_tokens + ratio * requests + min_per_s * (latest - start) + 1e-9
+
+
+def test_budget_clone_has_the_settings_and_a_fresh_balance() -> None:
+    """clone() copies the settings, not the state."""
+    budget = RetryBudget(ratio=1.0, min_per_s=0.5, cap=9.0, window_s=4.0)
+    budget.try_retry(0.0)
+    twin = budget.clone()
+    assert (twin.ratio, twin.min_per_s, twin.cap, twin.window_s) == (1.0, 0.5, 9.0, 4.0)
+    assert twin.tokens == 2.0 != budget.tokens
 
 
 # -- Retry-After ----------------------------------------------------------------------------
@@ -278,49 +321,53 @@ def status_error(status: int, message: str = "") -> UpstreamStatusError:
 
 # A literal list, not the code's own set: a status dropped from the code must fail here.
 @pytest.mark.parametrize("status", [408, 409, 425, 429, *range(500, 600)])
-def test_transient_statuses_are_retried(status: int) -> None:
-    """408, 409, 425, 429 and every 5xx are retried."""
-    assert classify(status_error(status)) is Decision.RETRY
+def test_transient_statuses(status: int) -> None:
+    """429 is rate limiting; 408, 409, 425 and every 5xx are server trouble."""
+    expected = Failure.RATE_LIMITED if status == 429 else Failure.SERVER
+    assert failure_class(status_error(status)) is expected
 
 
 @pytest.mark.parametrize(
-    ("status", "message", "decision"),
+    ("status", "message", "expected"),
     [
-        (401, "", Decision.FALLBACK),
-        (402, "", Decision.FALLBACK),
-        (403, "", Decision.FALLBACK),
-        (404, "", Decision.FALLBACK),
-        (400, "Model Not Exist", Decision.FALLBACK),
-        (400, "maximum context length exceeded", Decision.FALLBACK),
-        (400, "Content Exists Risk", Decision.FALLBACK),
-        (400, "Invalid request", Decision.FATAL),
-        (422, "Invalid Parameters", Decision.FATAL),
-        (418, "", Decision.FATAL),
+        (401, "", Failure.ROUTE),
+        (402, "", Failure.ROUTE),
+        (403, "", Failure.ROUTE),
+        (404, "", Failure.ROUTE),
+        (400, "Model Not Exist", Failure.ROUTE),
+        (400, "maximum context length exceeded", Failure.CONTEXT),
+        (400, "Content Exists Risk", Failure.REFUSAL),
+        (400, "Invalid request", Failure.BAD_REQUEST),
+        (422, "Invalid Parameters", Failure.BAD_REQUEST),
+        (418, "", Failure.BAD_REQUEST),
     ],
 )
-def test_status_errors_fall_back_or_fail(status: int, message: str, decision: Decision) -> None:
-    """Route-specific statuses fall back; a bad request is fatal."""
-    assert classify(status_error(status, message)) is decision
+def test_status_error_classes(status: int, message: str, expected: Failure) -> None:
+    """Route-specific statuses, overflows, refusals and bad requests each have a class."""
+    assert failure_class(status_error(status, message)) is expected
 
 
-def test_status_error_without_status_code_is_fatal() -> None:
+def test_status_error_without_status_code_is_a_bad_request() -> None:
     """A status error that lost its code (0) is not retried blindly."""
-    assert classify(UpstreamStatusError("?", status_code=None)) is Decision.FATAL
+    assert failure_class(UpstreamStatusError("?", status_code=None)) is Failure.BAD_REQUEST
 
 
 @pytest.mark.parametrize(
-    ("kind", "decision"),
+    ("kind", "expected"),
     [
-        ("server_error", Decision.RETRY),
-        ("overloaded", Decision.RETRY),
-        ("rate_limited", Decision.RETRY),
-        ("context_length_exceeded", Decision.FALLBACK),
-        ("bad_request", Decision.FATAL),
+        ("server_error", Failure.BROKEN),
+        ("overloaded", Failure.BROKEN),
+        ("rate_limited", Failure.BROKEN),
+        ("authentication", Failure.BROKEN),
+        ("context_length_exceeded", Failure.CONTEXT),
+        ("content_filter", Failure.REFUSAL),
+        ("bad_request", Failure.BAD_REQUEST),
     ],
 )
-def test_stream_errors(kind: ErrorKind, decision: Decision) -> None:
-    """Errors inside a stream are retried unless they name a bad request or a context overflow."""
-    assert classify(UpstreamStreamError("x", status_code=200, kind=kind)) is decision
+def test_stream_errors(kind: ErrorKind, expected: Failure) -> None:
+    """Errors inside a stream break it, unless they name the request, an overflow or a
+    refusal."""
+    assert failure_class(UpstreamStreamError("x", status_code=200, kind=kind)) is expected
 
 
 @pytest.mark.parametrize(
@@ -334,14 +381,20 @@ def test_stream_errors(kind: ErrorKind, decision: Decision) -> None:
     ],
     ids=["connect", "truncated", "timeout", "upstream", "protocol"],
 )
-def test_transport_and_protocol_errors_are_retried(error: UnbrokenError) -> None:
+def test_transport_and_protocol_errors_are_breaks(error: UnbrokenError) -> None:
     """Connection errors, truncation, timeouts and malformed data are transient."""
-    assert classify(error) is Decision.RETRY
+    assert failure_class(error) is Failure.BROKEN
+
+
+def test_permanent_transport_errors_are_unreachable() -> None:
+    """A certificate or host-name failure is its own class (never retried on its route)."""
+    error = UpstreamConnectError("cannot connect: certificate verify failed", kind="unreachable")
+    assert failure_class(error) is Failure.UNREACHABLE
 
 
 @pytest.mark.parametrize(
     "error", [UnbrokenError("x"), ConfigError("y"), RateLimited("z", retry_after_s=1.0)]
 )
-def test_other_errors_are_fatal(error: UnbrokenError) -> None:
+def test_other_errors_are_not_retried(error: UnbrokenError) -> None:
     """Errors that are not about the upstream (config, local limits) are never retried."""
-    assert classify(error) is Decision.FATAL
+    assert failure_class(error) is Failure.BAD_REQUEST

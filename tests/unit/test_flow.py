@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from unbroken.core.accumulator import ChunkAccumulator
 from unbroken.core.attempt import Attempt
-from unbroken.core.backoff import RetryBudget, RetryPolicy
+from unbroken.core.backoff import RetryPolicy
 from unbroken.core.breaker import CircuitBreaker
 from unbroken.core.flow import AttemptOutcome, AttemptPlan, Connect, FlowOptions, Sleep, answer_flow
 from unbroken.core.resume import CONTINUE_INSTRUCTION, Dialect
@@ -161,7 +161,6 @@ def run(
         {"sim": RouteHealth(CircuitBreaker(100, 1))},
         answer,
         policy=policy or RetryPolicy(attempts=10, max_resumes=8),
-        budget=RetryBudget(cap=100),
         rng=random.Random(0),
         now=0.0,
         options=FlowOptions(),

@@ -31,6 +31,7 @@ from unbroken.errors import (
     RetriesExhausted,
     TimeoutPhase,
     UnbrokenError,
+    UpstreamConnectError,
     UpstreamError,
     UpstreamStatusError,
     UpstreamStreamError,
@@ -140,7 +141,7 @@ def drive(
         health,
         run.answer,
         policy=policy or RetryPolicy(),
-        budget=budget or RetryBudget(cap=100),
+        budgets={r.name: budget or RetryBudget() for r in routes},
         rng=random.Random(0),
         now=0.0,
         options=options,
@@ -200,7 +201,6 @@ def test_no_routes_is_an_error() -> None:
         {},
         ChunkAccumulator(),
         policy=RetryPolicy(),
-        budget=RetryBudget(),
         rng=random.Random(0),
         now=0.0,
     )
@@ -269,10 +269,11 @@ def test_fatal_continuation_raises_the_error_that_broke_the_stream() -> None:
 
 
 def test_context_overflow_moves_to_a_route_with_a_larger_context() -> None:
-    """context_length_exceeded skips routes with an unknown or smaller context."""
+    """context_length_exceeded skips routes with a smaller or equal known context and the
+    identical request to the same server; a larger one is taken."""
     routes = [
         Route("small", "http://a", context_tokens=8000),
-        Route("unknown", "http://b"),
+        Route("twin", "http://a"),  # the same server and model: the identical request
         Route("smaller", "http://c", context_tokens=4000),
         Route("same", "http://d", context_tokens=8000),
         Route("large", "http://e", context_tokens=128000),
@@ -286,15 +287,25 @@ def test_context_overflow_moves_to_a_route_with_a_larger_context() -> None:
     assert run.sleeps == []
 
 
-def test_context_overflow_from_an_unknown_context_takes_any_known_one() -> None:
-    """From an unknown context any known one is larger; a stream-reported overflow moves too."""
-    routes = [
-        Route("a", "http://a"),
-        Route("b", "http://b"),
-        Route("c", "http://c", context_tokens=1),
-    ]
+def test_context_overflow_takes_a_route_whose_context_is_unknown() -> None:
+    """An unknown context may be larger: it is tried (a fallback given by model name on the
+    same server is another request); a stream-reported overflow moves too."""
+    first = Route("a", "http://a", context_tokens=8000)
+    routes = [first, first.with_model("deepseek-reasoner"), Route("c", "http://c")]
     error = UpstreamStreamError("too long", status_code=200, kind="context_length_exceeded")
     run = drive([Reply(error=error, started=False), ok(WHOLE)], routes=routes)
+    assert run.routes == ["a", "a:deepseek-reasoner"]
+    assert run.plans[1].body["model"] == "deepseek-reasoner"
+
+
+def test_context_overflow_from_an_unknown_context_takes_any_other_request() -> None:
+    """From an unknown context, any route but the identical request is worth a try."""
+    routes = [
+        Route("a", "http://a"),
+        Route("a2", "http://a"),
+        Route("c", "http://c", context_tokens=1),
+    ]
+    run = drive([status(400, "maximum context length exceeded"), ok(WHOLE)], routes=routes)
     assert run.routes == ["a", "c"]
 
 
@@ -404,26 +415,51 @@ def test_deadline_timeout_raises_itself_with_the_partial_answer() -> None:
     assert len(run.plans) == 2
 
 
-def test_spent_budget_is_not_retried() -> None:
-    """With the retry budget spent, a transient error is raised with a note saying why."""
-    budget = RetryBudget(ratio=0.0, min_per_s=0.0, cap=1.0)
+def test_spent_budget_paces_the_retry_instead_of_failing_it() -> None:
+    """With the retry budget spent, the retry waits (Sleep why=budget) until a token came
+    back; the answer is not failed."""
+    budget = RetryBudget(ratio=0.0, min_per_s=1.0, window_s=1.0)
     assert budget.try_retry(0.0)
-    reply = status(503)
-    run = drive([reply], budget=budget)
+    run = drive([status(503), ok(WHOLE)], budget=budget)
+    assert run.error is None
+    whys = [s.why for s in run.sleeps]
+    assert whys[0] == "backoff"
+    assert "budget" in whys[1:]
+    assert set(whys[1:]) == {"budget"}
+    assert budget.waiting(1e9) == 0
+    assert run.answer.content() == "Hello!"
+
+
+def test_spent_budget_fails_only_at_the_deadline_and_says_so() -> None:
+    """A budget that cannot refill before the deadline fails the answer with an error that
+    names the budget."""
+    budget = RetryBudget(ratio=0.0, min_per_s=0.0, window_s=1.0)
+    run = drive([status(503)], budget=budget, policy=RetryPolicy(deadline_s=30.0))
     assert run.error is not None
-    assert run.error is reply.error
-    assert run.error.__notes__ == [
-        "not retried: the retry budget is spent (too many recent retries)"
-    ]
+    assert any("retry budget of route 'a' is spent" in note for note in run.error.__notes__)
+    assert all(s.why == "budget" for s in run.sleeps[1:])
 
 
-def test_budget_spent_after_a_retry() -> None:
-    """The budget also stops later retries: RetriesExhausted names it."""
-    budget = RetryBudget(ratio=0.0, min_per_s=0.0, cap=1.0)
-    run = drive([status(503), status(503)], budget=budget)
+def test_spent_budget_after_retries_names_the_budget() -> None:
+    """After a paced retry, a later failure's RetriesExhausted says the budget was waited
+    for."""
+    budget = RetryBudget(ratio=0.0, min_per_s=1.0, window_s=1.0)
+    assert budget.try_retry(0.0)
+    run = drive([status(503), status(503)], budget=budget, policy=RetryPolicy(attempts=2))
     assert isinstance(run.error, RetriesExhausted)
-    assert run.error.message.startswith("the retry budget is spent")
-    assert len(run.sleeps) == 1
+    assert "for the retry budget of route 'a'" in run.error.message
+
+
+def test_budget_wait_alone_after_one_attempt_is_a_note() -> None:
+    """An answer that waited for the budget and then failed on its first attempt's error
+    carries a note naming the budget."""
+    budget = RetryBudget(ratio=0.0, min_per_s=1.0, window_s=1.0)
+    assert budget.try_retry(0.0)
+    run = drive([status(503), status(400, "Invalid request")], budget=budget)
+    assert run.error is not None
+    assert run.error.message == "Invalid request"
+    notes = getattr(run.error, "__notes__", [])
+    assert notes == [] or any("retry budget" in n for n in notes)
 
 
 def test_attempts_bound_the_requests() -> None:
@@ -495,13 +531,22 @@ def test_rejected_parameter_is_dropped_and_remembered() -> None:
     assert "stream_options" in body  # the caller's body is untouched
 
 
-def test_refused_prefill_continues_by_instruction() -> None:
-    """A continuation refused with 400 switches the route to `instruction` at once."""
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        status(400, "prefix is not supported"),
+        status(404, "Not Found"),
+        status(405, "Method Not Allowed"),
+    ],
+    ids=["400", "404", "405"],
+)
+def test_refused_prefix_continues_the_vllm_way_at_once(refusal: Reply) -> None:
+    """A `/beta` continuation refused (400, or 404/405 as vLLM and llama.cpp answer on a
+    path they lack) switches the route to `vllm` at once, remembered for later answers."""
     health = {"a": RouteHealth()}
-    replies = [ok(BROKEN), status(400, "prefix is not supported"), ok(text("Hello!"))]
-    run = drive(replies, health=health)
+    run = drive([ok(BROKEN), refusal, ok(text("lo!"))], health=health)
     assert run.error is None
-    assert health["a"].dialect_override == "instruction"
+    assert health["a"].dialect_override == "vllm"
     assert run.kinds == ["first", "resume", "resume"]
     assert run.plans[2].waited_s == 0.0  # continued at once; only the break was backed off
     assert [type(s.reason) for s in run.sleeps] == [UpstreamTruncated]
@@ -509,15 +554,33 @@ def test_refused_prefill_continues_by_instruction() -> None:
     assert first is not None
     assert first.beta
     assert second is not None
-    assert second.trim_overlap
-    assert run.plans[2].body["messages"][-1] == {"role": "user", "content": CONTINUE_INSTRUCTION}
+    assert not second.beta
+    assert run.plans[2].body["continue_final_message"] is True
+    assert run.answer.content() == "Hello!"
+    again = drive([ok(BROKEN), ok(text("lo!"))], health=health)
+    assert again.plans[1].body.get("continue_final_message") is True
+
+
+def test_refused_vllm_continuation_goes_on_by_instruction() -> None:
+    """A route that also refuses the vLLM flags continues by instruction."""
+    health = {"a": RouteHealth()}
+    replies = [ok(BROKEN), status(404, "Not Found"), status(400, "bad"), ok(text("Hello!"))]
+    run = drive(replies, health=health)
+    assert run.error is None
+    assert health["a"].dialect_override == "instruction"
+    assert run.plans[3].body["messages"][-1] == {"role": "user", "content": CONTINUE_INSTRUCTION}
     assert run.answer.content() == "Hello!"
 
 
 def test_refused_instruction_raises_the_first_error() -> None:
     """When the instruction continuation is refused too, the first error (the break) is raised."""
     health = {"a": RouteHealth()}
-    replies = [ok(BROKEN), status(400, "prefix is not supported"), status(400, "no")]
+    replies = [
+        ok(BROKEN),
+        status(400, "prefix is not supported"),
+        status(400, "no"),
+        status(400, "no"),
+    ]
     run = drive(replies, health=health)
     assert isinstance(run.error, UpstreamTruncated)
     assert run.error.message == "the stream ended before a finish_reason (truncated)"
@@ -632,17 +695,28 @@ def test_spent_max_tokens_for_every_choice() -> None:
 # -- what counts as the end ----------------------------------------------------------------
 
 
-def test_done_without_finish_is_the_end() -> None:
-    """`[DONE]` with no finish_reason is the server choosing to end: no request follows."""
-    run = drive([ok(DONE)])
+def test_done_without_finish_is_a_truncation() -> None:
+    """`[DONE]` with no finish_reason is never a silent success: it is retried (nothing was
+    shown) or resumed (something was)."""
+    run = drive([ok(DONE), ok(WHOLE)])
     assert run.error is None
-    assert len(run.plans) == 1
+    assert run.kinds == ["first", "retry"]
+    assert isinstance(run.plans[1].reason, UpstreamTruncated)
+    assert "[DONE]" in run.plans[1].reason.message
+    early = drive([ok(text("Hel", finish=None) + DONE), ok(text("lo!"))])
+    assert early.kinds == ["first", "resume"]
+    assert early.answer.content() == "Hello!"
+    assert early.answer.finish_reason(0) == "stop"
+
+
+def test_done_without_finish_is_the_end_on_a_route_that_omits_it() -> None:
+    """On a route known to omit finish_reason, `[DONE]` ends the answer (no request
+    follows), also after a continuation."""
+    routes = routes_named("a", omits_finish_reason=True)
+    run = drive([ok(DONE)], routes=routes)
+    assert (run.error, len(run.plans)) == (None, 1)
     assert run.result is run.plans[0]
-
-
-def test_continuation_ending_in_done_without_finish_is_the_end() -> None:
-    """A continuation that ends with `[DONE]` and no finish_reason ends the answer too."""
-    run = drive([ok(BROKEN), ok(text("lo", finish=None) + DONE)])
+    run = drive([ok(BROKEN), ok(text("lo", finish=None) + DONE)], routes=routes)
     assert run.error is None
     assert len(run.plans) == 2
     assert run.answer.content() == "Hello"
@@ -684,3 +758,71 @@ def test_route_model_replaces_the_requested_model() -> None:
     run = drive([ok(WHOLE)], routes=routes)
     assert run.plans[0].body["model"] == "deepseek-reasoner"
     assert BODY["model"] == "deepseek-chat"
+
+
+# -- failover conduct ----------------------------------------------------------------------
+
+
+def test_refusal_is_returned_after_one_attempt() -> None:
+    """A content-policy refusal is the answer's error: no retry, no other route."""
+    reply = status(400, "Content Exists Risk")
+    run = drive([reply], routes=routes_named("a", "b"))
+    assert run.error is reply.error
+    assert len(run.plans) == 1
+
+
+def test_refusal_is_routed_around_only_on_opt_in() -> None:
+    """A route with reroute_refusals passes a refusal on to the next route."""
+    routes = [Route("a", "http://a", reroute_refusals=True), Route("b", "http://b")]
+    run = drive([status(400, "Content Exists Risk"), ok(WHOLE)], routes=routes)
+    assert (run.routes, run.kinds, run.error) == (["a", "b"], ["first", "fallback"], None)
+
+
+def test_permanent_transport_error_is_not_retried_on_its_route() -> None:
+    """A certificate or host-name failure moves on at once, or fails with one attempt."""
+    error = UpstreamConnectError("certificate verify failed", kind="unreachable")
+    run = drive([Reply(error=error, started=False), ok(WHOLE)], routes=routes_named("a", "b"))
+    assert (run.routes, run.sleeps) == (["a", "b"], [])
+    alone = drive([Reply(error=error, started=False)])
+    assert (alone.error, len(alone.plans)) == (error, 1)
+
+
+def test_rate_limit_without_retry_after_waits_a_second_then_falls_back() -> None:
+    """429 without Retry-After: each wait is at least 1 s (4 attempts at most in 3 s), and
+    after `rate_limit_retries` retries the fallback is used."""
+    replies = [status(429), status(429), status(429), ok(WHOLE)]
+    run = drive(replies, routes=routes_named("a", "b"))
+    assert run.routes == ["a", "a", "a", "b"]
+    assert [s.why for s in run.sleeps] == ["backoff", "backoff"]
+    assert all(s.seconds >= 1.0 for s in run.sleeps)
+    assert run.plans[3].kind == "fallback"
+
+
+def test_rate_limit_alone_keeps_waiting_politely() -> None:
+    """With no fallback, 429s keep being retried, each after at least a second."""
+    run = drive([status(429)] * 4 + [ok(WHOLE)])
+    assert run.routes == ["a"] * 5
+    assert all(s.seconds >= 1.0 for s in run.sleeps)
+
+
+def test_rate_limit_with_retry_after_is_honoured_on_its_route() -> None:
+    """A 429 with Retry-After is waited out on its route, also with a fallback."""
+    replies = [status(429, retry_after_s=0.5)] * 3 + [ok(WHOLE)]
+    run = drive(replies, routes=routes_named("a", "b"))
+    assert run.routes == ["a"] * 4
+    assert [(s.seconds, s.why) for s in run.sleeps] == [(0.5, "retry_after")] * 3
+
+
+def test_server_error_gets_one_quick_retry_then_the_fallback() -> None:
+    """5xx: one retry after a short backoff, then the fallback route."""
+    run = drive([status(503), status(502), ok(WHOLE)], routes=routes_named("a", "b"))
+    assert run.routes == ["a", "a", "b"]
+    assert len(run.sleeps) == 1
+    assert run.sleeps[0].seconds <= 0.25
+
+
+def test_broken_stream_is_resumed_on_its_route_despite_a_fallback() -> None:
+    """A reset (not a silent route) is continued on the same route after a backoff."""
+    run = drive([ok(BROKEN), ok(text("lo!"))], routes=routes_named("a", "b"))
+    assert (run.routes, run.kinds) == (["a", "a"], ["first", "resume"])
+    assert run.answer.content() == "Hello!"

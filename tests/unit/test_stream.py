@@ -160,7 +160,12 @@ def test_unterminated_done_is_salvaged() -> None:
     ("reads", "timed_out", "expected", "flags"),
     [
         ((chunk(b'{"content":"a"}', b'"stop"'),), False, EndState.COMPLETE, (True, False)),
-        ((chunk(b'{"content":"a"}'), b"data: [DONE]\n\n"), False, EndState.COMPLETE, (False, True)),
+        (
+            (chunk(b'{"content":"a"}'), b"data: [DONE]\n\n"),
+            False,
+            EndState.TRUNCATED,
+            (False, False),
+        ),
         (
             (chunk(b'{"content":"a"}', b'"insufficient_system_resource"'),),
             False,
@@ -180,3 +185,13 @@ def test_end_states(
     assert state is expected
     end = classify_end(acc, decoder, timed_out=timed_out)
     assert (end.no_done, end.missing_finish) == flags
+
+
+def test_done_without_finish_is_truncated_unless_the_route_omits_it() -> None:
+    """`[DONE]` while a choice has no finish_reason is an early end (truncated); with
+    `omits_finish` it is the server's way of ending (complete)."""
+    decoder, acc, _ = run(chunk(b'{"content":"a"}'), b"data: [DONE]\n\n")
+    early = classify_end(acc, decoder)
+    assert (early.state, early.ended_early) == (EndState.TRUNCATED, True)
+    lax = classify_end(acc, decoder, omits_finish=True)
+    assert (lax.state, lax.missing_finish, lax.ended_early) == (EndState.COMPLETE, True, False)

@@ -4,7 +4,7 @@ SSE-layer vectors run through `SSEDecoder`, chat-layer vectors through `ChatStre
 `ChunkAccumulator.feed_events` + `classify_end`, HTTP-level vectors through
 `decode_error_body`. Every SSE and chat vector runs twice: one feed per listed read, and one
 byte per feed (h11 `test_io.py` style). Timer, status, retry and resume parts run through
-`Attempt`, `kind_of_status`/`classify`/`parse_retry_after`, `plan_continuation` and `answer_flow`.
+`Attempt`, `kind_of_status`/`failure_class`/`parse_retry_after`, `plan_continuation` and `answer_flow`.
 """
 
 from __future__ import annotations
@@ -41,10 +41,9 @@ from unbroken.core import (
 )
 from unbroken.core.attempt import Attempt, Timeouts
 from unbroken.core.backoff import (
-    Decision,
-    RetryBudget,
+    Failure,
     RetryPolicy,
-    classify,
+    failure_class,
     kind_of_status,
     parse_retry_after,
 )
@@ -67,6 +66,8 @@ BODY: dict[str, Any] = {
     "messages": [{"role": "user", "content": "Say hello"}],
     "stream": True,
 }
+
+_TRANSIENT = {Failure.RATE_LIMITED, Failure.SERVER, Failure.BROKEN}
 
 
 def sub(*reads: bytes) -> tuple[bytes, ...]:
@@ -466,7 +467,7 @@ def test_tv06_keepalives_move_no_timer_first_token_is_hello() -> None:
     attempt.on_headers(0.5)
     for t, read in enumerate(TV06[:3], start=1):
         assert attempt.feed(read, float(t)) == []
-        assert attempt.expiry() == (60.5, "idle")
+        assert attempt.expiry() == (120.0, "first_token")
     assert attempt.decoder.n_comments == 3
     attempt.feed(TV06[3], 4.0)  # role chunk with content "": data, but no token
     assert (attempt.first_token_at, attempt.last_data_at) == (None, 4.0)
@@ -790,7 +791,6 @@ def test_tv37_consumer_sees_resumed_event_and_summed_usage() -> None:
         {ROUTE.name: RouteHealth()},
         answer,
         policy=RetryPolicy(),
-        budget=RetryBudget(),
         rng=random.Random(0),
         now=0.0,
     )
@@ -882,7 +882,7 @@ def test_resume_plan_uses_answer_so_far_as_prefix(
     end = run.end(timed_out=vector == "TV36")
     assert end.state is state
     if end.error is not None:
-        assert classify(end.error) is Decision.RETRY
+        assert failure_class(end.error) in _TRANSIENT
     plan = plan_continuation(
         BODY, dialect="deepseek", content=run.message.content or "", reasoning=""
     )
@@ -1090,7 +1090,7 @@ def test_tv29_http_503_is_overloaded() -> None:
         "overloaded",
         "503 Service Temporarily Unavailable",
     )
-    assert classify(error) is Decision.RETRY
+    assert failure_class(error) in _TRANSIENT
 
 
 def test_tv30_http_429_json_body() -> None:
@@ -1112,19 +1112,20 @@ def test_tv30_http_429_retry_after() -> None:
         retry_after_s=retry_after,
     )
     assert error.kind == "rate_limited"
-    assert classify(error) is Decision.RETRY
+    assert failure_class(error) in _TRANSIENT
     flow = answer_flow(
         BODY,
         [ROUTE],
         {ROUTE.name: RouteHealth()},
         ChunkAccumulator(),
         policy=RetryPolicy(),
-        budget=RetryBudget(),
         rng=random.Random(0),
         now=0.0,
     )
     assert isinstance(next(flow), Connect)
-    assert flow.send(AttemptOutcome(end=None, error=error, now=1.0)) == Sleep(2.0, error)
+    assert flow.send(AttemptOutcome(end=None, error=error, now=1.0)) == Sleep(
+        2.0, error, "retry_after"
+    )
     retry = flow.send(None)
     assert isinstance(retry, Connect)
     assert (retry.plan.kind, retry.plan.waited_s) == ("retry", 2.0)
@@ -1142,9 +1143,9 @@ def test_error_retryability(vector: str, retryable: bool) -> None:
         reads = {"TV21": TV21, "TV22": TV22, "TV23": TV23, "TV28-fault": (b"\n\n\n\n",)}
         error = run_chat(reads[vector]).decoder.error
     assert error is not None
-    assert (classify(error) is Decision.RETRY) == retryable
+    assert (failure_class(error) in _TRANSIENT) == retryable
     if vector == "TV23":
         # Not on the same route; a route with a larger context may still serve it.
         assert isinstance(error, UpstreamStreamError)
         assert error.kind == "context_length_exceeded"
-        assert classify(error) is Decision.FALLBACK
+        assert failure_class(error) is Failure.CONTEXT

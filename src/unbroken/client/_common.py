@@ -167,6 +167,7 @@ class ClientConfig:
     rng: random.Random
     health: dict[str, RouteHealth] = field(default_factory=dict)
     breaker_states: dict[str, BreakerState] = field(default_factory=dict)
+    budgets: dict[tuple[str, str], RetryBudget] = field(default_factory=dict)
 
     headers: dict[str, str] = field(default_factory=dict)
     query: dict[str, Any] = field(default_factory=dict)
@@ -216,7 +217,7 @@ class ClientConfig:
                     name="default",
                     base_url=base_url or env_base or DEFAULT_BASE_URL,
                     api_key=key,
-                    dialect=options.get("dialect", "deepseek"),
+                    dialect=options.get("dialect", "auto"),
                 )
             ]
         names = [r.name for r in route_list]
@@ -231,7 +232,7 @@ class ClientConfig:
             hooks=Hooks(options.get("hooks", ())),
             limiter=_Limiter(options.get("rate_limit")),
             breaker_threshold=options.get("breaker_threshold", 5),
-            breaker_cooldown_s=options.get("breaker_cooldown_s", 30.0),
+            breaker_cooldown_s=options.get("breaker_cooldown_s", 5.0),
             hold_tool_calls=options.get("hold_tool_calls", True),
             max_event_bytes=options.get("max_event_bytes", DEFAULT_MAX_EVENT_BYTES),
             rng=random.Random(options.get("seed")),  # noqa: S311 - backoff jitter, not crypto
@@ -257,6 +258,14 @@ class ClientConfig:
             health = RouteHealth(CircuitBreaker(self.breaker_threshold, self.breaker_cooldown_s))
             self.health[route.name] = health
         return health
+
+    def route_budget(self, route: Route, key: str = "") -> RetryBudget:
+        """The retry budget of `route` for the answers of `key` (a gateway caller; "" for
+        everyone), created on first use with the settings of the configured budget."""
+        budget = self.budgets.get((route.name, key))
+        if budget is None:
+            budget = self.budgets[(route.name, key)] = self.budget.clone()
+        return budget
 
     def resolve_routes(self, fallbacks: Sequence[str | Route] | None) -> list[Route]:
         """The routes for one request: the configured ones, then its own fallbacks.
@@ -370,6 +379,7 @@ class AnswerRun:
         endpoint: Endpoint = "chat",
         query: Mapping[str, Any] | None = None,
         extra_headers: Mapping[str, str] | None = None,
+        budget_key: str = "",
         usage_chunk: bool = False,
     ) -> None:
         self.config = config
@@ -402,7 +412,7 @@ class AnswerRun:
             health,
             self.answer,
             policy=policy,
-            budget=config.budget,
+            budgets={r.name: config.route_budget(r, budget_key) for r in routes},
             rng=config.rng,
             now=now,
             options=FlowOptions(
@@ -462,14 +472,18 @@ class AnswerRun:
             self._end_choice(action)
             return self.next_action(None, now)
         if isinstance(action, Sleep):
+            route = self.infos[-1].route if self.infos else ""
             self.events.append(
                 RetryingEvent(
                     attempt=len(self.infos),
                     delay_s=action.seconds,
                     error=action.reason.message,
-                    route=self.infos[-1].route if self.infos else "",
+                    route=route,
+                    reason=action.why,
                 )
             )
+            if self.config.hooks:
+                self.config.hooks.wait(route, action.why, action.seconds)
         elif isinstance(action, Connect):
             self._announce(action.plan)
         return action
@@ -723,7 +737,9 @@ def _outcome_name(state: EndState | None, error: UnbrokenError | None) -> str:
     if isinstance(error, UpstreamTimeout):
         return f"timeout_{error.phase}"
     if isinstance(error, UpstreamError):
-        return error.kind if error.status_code else "connect_error"
+        if error.status_code or error.kind == "unreachable":  # unreachable: permanent
+            return error.kind
+        return "connect_error"
     if error is not None:
         return "protocol_error"
     return state.value if state is not None else "unknown"
@@ -836,4 +852,5 @@ class ClientBase:
                 **(extra_headers or {}),
                 **options.extra_headers,
             },
+            budget_key=options.budget_key,
         )

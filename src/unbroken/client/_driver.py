@@ -8,6 +8,8 @@ ours at this boundary (httpx `map_httpcore_exceptions` style).
 
 from __future__ import annotations
 
+import socket
+import ssl
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -118,7 +120,9 @@ def map_transport_error(exc: Exception, route: Route, *, got_headers: bool) -> U
         )
     if isinstance(exc, httpx.ConnectError):
         return UpstreamConnectError(
-            f"cannot connect to route {name!r}: {_reason(exc)}", kind="server_error", route=name
+            f"cannot connect to route {name!r}: {_reason(exc)}",
+            kind="unreachable" if _is_permanent(exc) else "server_error",
+            route=name,
         )
     return UpstreamConnectError(
         f"connection to route {name!r} failed{' mid-stream' if got_headers else ''}: "
@@ -126,6 +130,35 @@ def map_transport_error(exc: Exception, route: Route, *, got_headers: bool) -> U
         kind="server_error",
         route=name,
     )
+
+
+# Connection failures that retrying the same route cannot fix: a certificate that does not
+# verify, a host name that does not resolve.
+_PERMANENT_MARKS = (
+    "certificate verify failed",
+    "certificate_verify_failed",
+    "name or service not known",
+    "nodename nor servname",
+    "no address associated with hostname",
+    "name does not resolve",
+    "getaddrinfo failed",
+)
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return True
+        if isinstance(current, socket.gaierror):
+            # EAI_AGAIN ("temporary failure in name resolution") may heal; the rest will not.
+            return current.errno != socket.EAI_AGAIN
+        if any(mark in str(current).lower() for mark in _PERMANENT_MARKS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _reason(exc: Exception) -> str:
@@ -184,7 +217,9 @@ class Exchange:
         t = run.timeouts
         if run.endpoint == "fim":
             # DeepSeek serves FIM under /beta only; other servers at /completions.
-            url = config.url(route, "/completions", beta=route.dialect == "deepseek")
+            # `auto` counts as DeepSeek's until the route has rejected `/beta`.
+            beta = config.route_health(route).dialect(route) == "deepseek"
+            url = config.url(route, "/completions", beta=beta)
             body = fim_body(plan.body)
         else:
             url = config.url(route, "/chat/completions", beta=plan.beta)

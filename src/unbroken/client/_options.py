@@ -15,8 +15,7 @@ import httpx
 from unbroken.core.attempt import Timeouts
 from unbroken.core.backoff import RetryBudget, RetryPolicy
 from unbroken.core.pricing import PriceTable
-from unbroken.core.resume import Dialect
-from unbroken.core.routes import Route
+from unbroken.core.routes import DialectSetting, Route
 from unbroken.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -44,17 +43,20 @@ class ClientOptions(TypedDict, total=False):
         default_headers: headers sent with every request.
         default_query: query parameters added to every URL.
         deadline: seconds allowed for a whole answer across every attempt, or None.
-        dialect: how the upstream continues a broken answer (`deepseek`, `vllm`,
-            `instruction`, `none`).
+        dialect: how the upstream continues a broken answer: `auto` (the default:
+            DeepSeek's prefix completion, learning vLLM's or the instruction way per route
+            when a server rejects it), `deepseek`, `vllm`, `instruction`, `none`.
         routes: several upstreams in order of preference (instead of api_key/base_url).
         timeouts: our timers one by one (connect, headers, first token, idle, deadline).
         retry: attempts, backoff and deadline.
-        retry_budget: bounds retries to a share of requests (shared by all calls).
+        retry_budget: bounds retries to a share of requests; each route gets its own
+            budget with these settings, shared by all calls. A spent budget paces retries
+            (they wait), it does not fail them.
         rate_limit: optional client-side requests/tokens per minute.
         prices: price table for costs.
         hooks: instrumentation hooks (e.g. `PrometheusHook()`).
         breaker_threshold: consecutive failures that take a route out (default 5).
-        breaker_cooldown_s: how long before a taken-out route is probed again (30 s).
+        breaker_cooldown_s: how long before a taken-out route is probed again (5 s).
         hold_tool_calls: hold tool-call fragments until the call is complete (default on:
             a broken tool call is then never shown).
         http2: use HTTP/2 (needs the `h2` package).
@@ -70,7 +72,7 @@ class ClientOptions(TypedDict, total=False):
     default_headers: Mapping[str, str] | None
     default_query: Mapping[str, Any] | None
     deadline: float | None
-    dialect: Dialect
+    dialect: DialectSetting
     routes: Sequence[Route] | None
     timeouts: Timeouts | None
     retry: RetryPolicy | None

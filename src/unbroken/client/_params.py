@@ -27,6 +27,9 @@ class ChatParams:
         deadline: seconds allowed for the whole answer across all attempts.
         fallbacks: models (on the first route) or routes to try after the configured ones.
         restart: start over when a broken answer cannot be continued anywhere.
+        budget_key: whose share of the routes' retry budgets this answer uses (the gateway
+            passes its caller's key name, so one key's failures cannot spend the recovery
+            of the others); "" shares one budget per route.
     """
 
     extra_headers: Mapping[str, str] = field(default_factory=dict)
@@ -35,6 +38,7 @@ class ChatParams:
     deadline: float | None = None
     fallbacks: Sequence[str | Route] | None = None
     restart: bool = False
+    budget_key: str = ""
     extra_query: Mapping[str, Any] | None = None
 
     @classmethod
@@ -50,6 +54,7 @@ class ChatParams:
         deadline = params.pop("deadline", None)
         fallbacks = params.pop("fallbacks", None)
         restart = params.pop("restart", False)
+        budget_key = params.pop("budget_key", "")
         query = params.pop("extra_query", None)
         if query is not None and not isinstance(query, Mapping):
             raise InvalidRequestError("extra_query must be a mapping")
@@ -73,6 +78,8 @@ class ChatParams:
             raise InvalidRequestError("fallbacks must be a list of model names or routes")
         if not isinstance(restart, bool):
             raise InvalidRequestError("restart must be True or False")
+        if not isinstance(budget_key, str):
+            raise InvalidRequestError("budget_key must be a string")
         return cls(
             extra_headers=dict(headers),
             extra_body=body,
@@ -82,6 +89,7 @@ class ChatParams:
             deadline=None if deadline is None else float(deadline),
             fallbacks=fallbacks,
             restart=restart,
+            budget_key=budget_key,
             extra_query=query,
         )
 

@@ -401,14 +401,15 @@ class _StreamTimer:
         return timer
 
     def _arm(self) -> None:
-        expiry = self._attempt.expiry()
-        if expiry is not None:
-            delay = max(0.0, expiry[0] - time.monotonic())
-            self._handle = self._loop.call_later(delay, self._check)
+        now = time.monotonic()
+        when = self._attempt.recheck_at(now)
+        if when is not None:
+            self._handle = self._loop.call_later(max(0.0, when - now), self._check)
 
     def _check(self) -> None:
         expiry = self._attempt.expiry()
         if expiry is None:
+            self._arm()  # nothing due yet; look again when something may be
             return
         if time.monotonic() >= expiry[0]:
             self.fired = expiry[1]

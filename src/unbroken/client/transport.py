@@ -138,7 +138,7 @@ def _route_of(request: httpx.Request, client: ClientBase, endpoint: Endpoint) ->
         name=base.rstrip("/"),
         base_url=base,
         api_key=key.strip() if scheme.lower() == "bearer" and key.strip() else None,
-        dialect=client._options.get("dialect", "deepseek"),
+        dialect=client._options.get("dialect", "auto"),
     )
 
 

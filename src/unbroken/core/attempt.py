@@ -31,26 +31,55 @@ __all__ = ["Attempt", "Timeouts"]
 class Timeouts:
     """Stream timers, each raising its own `UpstreamTimeout` phase. None disables one.
 
+    Defaults (chosen for how LLM streams fail):
+
+    ============== ======== ============================================================
+    timer          default  runs
+    ============== ======== ============================================================
+    connect_s      10 s     opening the connection (TCP + TLS)
+    headers_s      120 s    request sent -> response headers (14 s with a fallback)
+    first_token_s  120 s    request sent -> first content, reasoning or tool-call data;
+                            keep-alive comments and the role chunk do not count
+                            (14 s with a fallback)
+    idle_s         20 s     between two data events, only after the first token;
+                            keep-alive comments do not count
+    deadline_s     none     the whole answer, across attempts
+    ============== ======== ============================================================
+
+    DeepSeek queues requests at peak behind keep-alive comments, so a lone route waits
+    long for its first token; with a fallback route after it, waiting is worse than moving
+    on, so headers and first token are capped at `failover_s`.
+
     Attributes:
         connect_s: to open the connection (TCP + TLS).
         headers_s: from sending the request to the response headers.
         first_token_s: from sending the request to the first content, reasoning or
             tool-call data (keep-alive comments and the empty role chunk do not count;
             reasoning does, so a thinking model is not cut off).
-        idle_s: longest gap between two data events once the stream started; comments
-            (`: keep-alive`) do not reset it, since DeepSeek sends them for minutes while
-            a request is queued or stuck.
+        idle_s: longest gap between two data events once the first token arrived;
+            comments (`: keep-alive`) do not reset it, since DeepSeek sends them for
+            minutes while a request is queued or stuck.
         deadline_s: total time for the whole answer across attempts (the flow's deadline).
+        failover_s: the cap on `headers_s` and `first_token_s` for an attempt that has a
+            fallback route after it.
     """
 
     connect_s: float | None = 10.0
-    headers_s: float | None = 60.0
+    headers_s: float | None = 120.0
     first_token_s: float | None = 120.0
-    idle_s: float | None = 60.0
+    idle_s: float | None = 20.0
     deadline_s: float | None = None
+    failover_s: float | None = 14.0
 
     def __post_init__(self) -> None:
-        for name in ("connect_s", "headers_s", "first_token_s", "idle_s", "deadline_s"):
+        for name in (
+            "connect_s",
+            "headers_s",
+            "first_token_s",
+            "idle_s",
+            "deadline_s",
+            "failover_s",
+        ):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"timeout {name} must be > 0 or None, got {value}")
@@ -67,9 +96,12 @@ class Timeouts:
 #   * chunks with tool-call fragments are held until the choice finishes (or text follows),
 #     because a half tool call cannot be continued: a break discards them unseen;
 #   * the usage chunk carries the billed usage of the whole answer (earlier attempts + this).
-# The spliced chunks are folded into the answer accumulator, which is what the consumer saw.
+# The spliced chunks are folded into the answer accumulator, which is what the consumer saw;
+# a spliced chunk left empty (a stripped role, text the trimmer holds) is not shown at all.
 # Timers: headers (request sent -> headers), first token (request sent -> first data with
-# text, reasoning or tool call), idle (data event -> data event), deadline (answer-wide).
+# text, reasoning or tool call), idle (data event -> data event, armed only once the first
+# token came), deadline (answer-wide). With a fallback route, headers and first token are
+# capped at `failover_s`.
 
 
 class Attempt:
@@ -165,34 +197,55 @@ class Attempt:
     def on_headers(self, now: float) -> None:
         """The response headers arrived."""
         self.headers_at = now
-        self.last_data_at = now
 
-    def expiry(self) -> tuple[float, TimeoutPhase] | None:
-        """When the next timer fires and which, or None when none is armed."""
+    def limit(self, phase: TimeoutPhase) -> float | None:
+        """The limit of `phase` for this attempt (capped by `failover_s` when a fallback
+        route exists), None when disabled."""
         t = self._timeouts
-        candidates: list[tuple[float, TimeoutPhase]] = []
-        if self.headers_at is None:
-            if t.headers_s is not None:
-                candidates.append((self.started_at + t.headers_s, "headers"))
-        else:
-            if self.first_token_at is None and t.first_token_s is not None:
-                candidates.append((self.started_at + t.first_token_s, "first_token"))
-            if t.idle_s is not None:
-                candidates.append((self.last_data_at + t.idle_s, "idle"))
-        if self._deadline_at is not None:
-            candidates.append((self._deadline_at, "deadline"))
-        return min(candidates) if candidates else None
-
-    def timeout_error(self, phase: TimeoutPhase) -> UpstreamTimeout:
-        """The typed error for a timer that fired."""
-        t = self._timeouts
-        limit = {
+        value = {
             "connect": t.connect_s,
             "headers": t.headers_s,
             "first_token": t.first_token_s,
             "idle": t.idle_s,
             "deadline": t.deadline_s,
         }[phase]
+        if (
+            phase in ("headers", "first_token")
+            and self.plan.has_fallback
+            and t.failover_s is not None
+        ):
+            value = t.failover_s if value is None else min(value, t.failover_s)
+        return value
+
+    def expiry(self) -> tuple[float, TimeoutPhase] | None:
+        """When the next timer fires and which, or None when none is armed."""
+        candidates: list[tuple[float, TimeoutPhase]] = []
+        if self.headers_at is None and (headers := self.limit("headers")) is not None:
+            candidates.append((self.started_at + headers, "headers"))
+        if self.first_token_at is None:
+            if (first := self.limit("first_token")) is not None:
+                candidates.append((self.started_at + first, "first_token"))
+        elif self._timeouts.idle_s is not None:
+            candidates.append((self.last_data_at + self._timeouts.idle_s, "idle"))
+        if self._deadline_at is not None:
+            candidates.append((self._deadline_at, "deadline"))
+        # On a tie the earlier-listed phase wins: no headers is the more precise diagnosis.
+        return min(candidates, key=_when) if candidates else None
+
+    def recheck_at(self, now: float) -> float | None:
+        """When a shell that keeps one timer per attempt should look at `expiry()` again:
+        the next expiry, or sooner while the first token is awaited, because its arrival
+        arms the idle limit, which may fall before the expiry armed now."""
+        expiry = self.expiry()
+        when = None if expiry is None else expiry[0]
+        idle = self._timeouts.idle_s
+        if self.first_token_at is None and idle is not None:
+            when = now + idle if when is None else min(when, now + idle)
+        return when
+
+    def timeout_error(self, phase: TimeoutPhase) -> UpstreamTimeout:
+        """The typed error for a timer that fired."""
+        limit = self.limit(phase)
         what = {
             "connect": "connecting",
             "headers": "waiting for response headers",
@@ -232,6 +285,10 @@ class Attempt:
                 self.first_token_at = now
             if self._rewrite:
                 self._splice(chunk)
+                if _is_void(chunk):
+                    # A seam's leftovers (a role already shown, text the trimmer holds):
+                    # an empty chunk tells the consumer nothing.
+                    continue
             if self._json and _has_finish(chunk) and self._is_blank(chunk):
                 # JSON mode can end with an answer of spaces (DeepSeek blanks non-JSON
                 # output): its finish is held back and the attempt judged a failure.
@@ -297,7 +354,12 @@ class Attempt:
             tail = self.decoder.flush()
             if tail:
                 out = self._deliver(tail, now)
-        self.verdict = classify_end(self.acc, self.decoder, timed_out=timed_out)
+        self.verdict = classify_end(
+            self.acc,
+            self.decoder,
+            timed_out=timed_out,
+            omits_finish=self.plan.route.omits_finish_reason,
+        )
         if self._blank is not None and self.verdict.state is EndState.COMPLETE:
             self.verdict = StreamEnd(
                 EndState.ERROR,
@@ -326,6 +388,24 @@ def _has_token(chunk: ChatCompletionChunk) -> bool:
         if delta is not None and (delta.content or delta.reasoning_text or delta.tool_calls):
             return True
     return False
+
+
+def _when(candidate: tuple[float, TimeoutPhase]) -> float:
+    return candidate[0]
+
+
+def _is_void(chunk: ChatCompletionChunk) -> bool:
+    if chunk.usage is not None:
+        return False
+    for choice in chunk.choices:
+        if choice.finish_reason is not None or choice.logprobs is not None:
+            return False
+        delta = choice.delta
+        if delta is not None and (
+            delta.role or delta.content or delta.reasoning_text or delta.tool_calls or delta.refusal
+        ):
+            return False
+    return True
 
 
 def _has_tool_calls(chunk: ChatCompletionChunk) -> bool:

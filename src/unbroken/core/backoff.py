@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import email.utils
 import enum
+import heapq
 import math
 import random
 from dataclasses import dataclass
@@ -23,17 +24,21 @@ from unbroken.errors import (
 )
 
 __all__ = [
+    "MIN_BUDGET_WAIT_S",
     "RETRYABLE_STATUSES",
-    "Decision",
+    "Failure",
     "RetryBudget",
     "RetryPolicy",
-    "classify",
+    "failure_class",
     "kind_of_status",
     "parse_retry_after",
 ]
 
 # RFC 9110 §15 and DeepSeek's error table (protocol.md §1.9): these statuses are transient.
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
+# The shortest wait a caller refused by the retry budget is given, so a crowd of refused
+# callers never spins (a token refills in 1 / min_per_s s; 50 ms is well below that).
+MIN_BUDGET_WAIT_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +56,12 @@ class RetryPolicy:
     stream that keeps making progress may run for many minutes; stalls are bounded by the
     first-token and idle timeouts instead.
 
+    Failover conduct: a 429 without `Retry-After` waits `rate_limit_wait_s` plus the
+    backoff (so at most 4 attempts fit in the first 3 s) and, when a fallback route exists,
+    moves there after `rate_limit_retries` retries; a 5xx is retried `server_error_retries`
+    times on its route before the fallback. Without a fallback, both keep retrying with
+    backoff up to `attempts`.
+
     Attributes:
         attempts: most attempts per answer counting the first, retries, continuations and
             fallbacks (each is one HTTP request).
@@ -62,6 +73,9 @@ class RetryPolicy:
         retry_after_max_s: the longest `Retry-After` honoured; longer ones fail at once
             (or fall back) rather than hold the caller.
         deadline_s: total time allowed for one answer, or None.
+        rate_limit_wait_s: the least wait after a 429 without `Retry-After`.
+        rate_limit_retries: retries of a 429 on its route before a fallback route.
+        server_error_retries: quick retries of a 5xx on its route before a fallback route.
     """
 
     attempts: int = 8
@@ -71,8 +85,20 @@ class RetryPolicy:
     wait_exp_base: float = 2.0
     retry_after_max_s: float = 60.0
     deadline_s: float | None = None
+    rate_limit_wait_s: float = 1.0
+    rate_limit_retries: int = 2
+    server_error_retries: int = 1
 
     def __post_init__(self) -> None:
+        if self.rate_limit_wait_s < 0 or self.rate_limit_retries < 0:
+            raise ConfigError(
+                f"retry rate_limit_wait_s and rate_limit_retries must be >= 0, got "
+                f"{self.rate_limit_wait_s} and {self.rate_limit_retries}"
+            )
+        if self.server_error_retries < 0:
+            raise ConfigError(
+                f"retry server_error_retries must be >= 0, got {self.server_error_retries}"
+            )
         if self.attempts < 1:
             raise ConfigError(f"retry attempts must be >= 1, got {self.attempts}")
         if self.max_resumes < 0:
@@ -97,47 +123,76 @@ class RetryPolicy:
 
 
 class RetryBudget:
-    """A budget that bounds retries to a share of requests (gRPC retry throttling, Finagle
-    RetryBudget), so sustained failure does not multiply the load on an upstream.
+    """Bounds retries to a share of recent requests (gRPC retry throttling, Finagle
+    RetryBudget), so a failing upstream is not hit harder, and *paces* the retries over the
+    budget instead of failing them.
 
-    Every new request deposits `ratio` tokens (up to `cap`); every retry withdraws one, and
-    is refused when fewer than one token is left. `min_per_s` tokens also trickle in per
-    second so a quiet client can still retry. Over any long run,
-    retries <= ratio * requests + min_per_s * seconds + cap.
+    Tokens: every new request deposits `ratio`; every retry or continuation takes one. Saved
+    tokens fade with time constant `window_s` (the budget reflects recent traffic), while
+    `min_per_s` tokens per second flow in regardless of traffic, so the balance of a quiet
+    client settles at `min_per_s * window_s`. At most `cap` are held. Over any run,
+    retries <= tokens at the start + ratio * requests + min_per_s * seconds.
 
-    Defaults: up to 2 retries per request on average (load at most triples under sustained
-    failure, where 8 attempts without a budget would multiply it by 8), which still lets a
-    brown-out where most requests fail once or twice heal completely.
+    Pacing: `acquire` grants a token or returns how long to wait before asking again: full
+    jitter over a window that grows with the number already waiting,
+    ``U(0, (waiting + 1) / max(min_per_s, 1))`` (at least 50 ms), so a crowd that finds
+    the budget spent comes back spread out at about the refill rate instead of at once.
+
+    Defaults: up to 2 retries per request (load at most triples under sustained failure,
+    where 8 attempts without a budget would multiply it by 8), which lets a correlated break
+    of every in-flight stream heal at once.
 
     Args:
-        ratio: retries allowed per request on average.
+        ratio: retries allowed per request.
         min_per_s: retries allowed per second regardless of traffic.
-        cap: the most tokens saved up (the burst of retries after a quiet spell).
+        cap: the most tokens held.
+        window_s: how long deposits last (time constant of their fading).
     """
 
-    __slots__ = ("_tokens", "_updated", "cap", "min_per_s", "ratio")
+    __slots__ = ("_tokens", "_updated", "_wakeups", "cap", "min_per_s", "ratio", "window_s")
 
-    def __init__(self, ratio: float = 2.0, min_per_s: float = 1.0, cap: float = 50.0) -> None:
-        if ratio < 0 or min_per_s < 0 or cap < 1:
+    def __init__(
+        self,
+        ratio: float = 2.0,
+        min_per_s: float = 1.0,
+        cap: float = 100_000.0,
+        window_s: float = 60.0,
+    ) -> None:
+        if ratio < 0 or min_per_s < 0 or cap < 1 or window_s <= 0:
             raise ConfigError(
-                f"retry budget needs ratio >= 0, min_per_s >= 0, cap >= 1; got "
-                f"{ratio}, {min_per_s}, {cap}"
+                f"retry budget needs ratio >= 0, min_per_s >= 0, cap >= 1, window_s > 0; got "
+                f"{ratio}, {min_per_s}, {cap}, {window_s}"
             )
         self.ratio = ratio
         self.min_per_s = min_per_s
         self.cap = cap
-        self._tokens = cap
+        self.window_s = window_s
+        self._tokens = min(cap, min_per_s * window_s)
         self._updated: float | None = None
+        self._wakeups: list[float] = []  # when refused callers said they would ask again
+
+    def clone(self) -> RetryBudget:
+        """A fresh budget with the same settings (one per route, or per route and key)."""
+        return RetryBudget(self.ratio, self.min_per_s, self.cap, self.window_s)
 
     def _refill(self, now: float) -> None:
         if self._updated is not None and now > self._updated:
-            self._tokens = min(self.cap, self._tokens + (now - self._updated) * self.min_per_s)
+            # dT/dt = min_per_s - T / window_s, solved over the elapsed time.
+            floor = self.min_per_s * self.window_s
+            fade = math.exp(-(now - self._updated) / self.window_s)
+            self._tokens = min(self.cap, floor + (self._tokens - floor) * fade)
         self._updated = now if self._updated is None else max(self._updated, now)
 
     @property
     def tokens(self) -> float:
         """Tokens left (for metrics and tests)."""
         return self._tokens
+
+    def waiting(self, now: float) -> int:
+        """How many refused callers are still waiting to ask again."""
+        while self._wakeups and self._wakeups[0] <= now:
+            heapq.heappop(self._wakeups)
+        return len(self._wakeups)
 
     def on_request(self, now: float) -> None:
         """A new request (not a retry) started."""
@@ -151,6 +206,16 @@ class RetryBudget:
             return False
         self._tokens -= 1.0
         return True
+
+    def acquire(self, now: float, rng: random.Random) -> float:
+        """Take a token for a retry (returns 0.0), or return the seconds to wait before
+        asking again (see the class docstring); the wait is counted as waiting until then."""
+        if self.try_retry(now):
+            return 0.0
+        window = (self.waiting(now) + 1) / max(self.min_per_s, 1.0)
+        wait = max(MIN_BUDGET_WAIT_S, rng.uniform(0.0, window))
+        heapq.heappush(self._wakeups, now + wait)
+        return wait
 
 
 def parse_retry_after(
@@ -219,36 +284,48 @@ def kind_of_status(
     return by_status.get(status, "server_error" if status >= 500 else "unknown")
 
 
-class Decision(enum.Enum):
-    """What the flow may do about a failed attempt."""
+class Failure(enum.Enum):
+    """The class of a failed attempt; the flow has one decision per class."""
 
-    RETRY = "retry"  # transient: same route after a backoff (or resume if output was shown)
-    FALLBACK = "fallback"  # this route cannot serve it, another one might (401, 402, 404...)
-    FATAL = "fatal"  # the request itself is wrong; no route will serve it
+    BAD_REQUEST = "bad_request"  # the request itself is wrong: no route will serve it
+    REFUSAL = "refusal"  # a content-policy or safety refusal: an answer, not a fault
+    CONTEXT = "context"  # the prompt overflows this route's context window
+    ROUTE = "route"  # this route cannot serve it (401, 402, 403, 404): another might
+    UNREACHABLE = "unreachable"  # permanent transport error (certificate, unknown host)
+    RATE_LIMITED = "rate_limited"  # 429
+    SERVER = "server"  # 5xx and other transient statuses (408, 409, 425)
+    BROKEN = "broken"  # reset, timeout, truncation, malformed data, an error mid-stream
 
 
-def classify(error: UnbrokenError) -> Decision:
-    """Decide whether an attempt's error is worth another attempt.
-
-    Retry: connection errors and resets, timeouts, truncation, malformed data, 408, 409,
-    429, 5xx, error events inside a stream (except those naming a bad request). Fall back
-    only (never the same route again): 401, 402, 403, 404, a content filter, and a context
-    overflow (another route may have a larger context). Fatal: other 400 and 422.
-    """
+def failure_class(error: UnbrokenError) -> Failure:
+    """Classify an attempt's error (see `Failure`)."""
     if isinstance(error, UpstreamStatusError):
         status = error.status_code or 0
+        if status == 429:
+            return Failure.RATE_LIMITED
         if status in RETRYABLE_STATUSES or status >= 500:
-            return Decision.RETRY
-        if error.kind in ("authentication", "insufficient_balance", "permission", "not_found"):
-            return Decision.FALLBACK
-        if error.kind in ("context_length_exceeded", "content_filter"):
-            return Decision.FALLBACK
-        return Decision.FATAL
+            return Failure.SERVER
+        return _by_kind.get(error.kind, Failure.BAD_REQUEST)
     if isinstance(error, UpstreamStreamError):
-        if error.kind == "context_length_exceeded":
-            return Decision.FALLBACK
-        return Decision.FATAL if error.kind == "bad_request" else Decision.RETRY
+        # An error event inside a 200 stream: the stream broke, unless it names the request.
+        found = _by_kind.get(error.kind, Failure.BROKEN)
+        return found if found in _IN_STREAM else Failure.BROKEN
+    if isinstance(error, UpstreamError) and error.kind == "unreachable":
+        return Failure.UNREACHABLE
     # Connection errors, resets, timeouts, truncation, malformed data: all transient.
     if isinstance(error, UpstreamError | ProtocolError):
-        return Decision.RETRY
-    return Decision.FATAL
+        return Failure.BROKEN
+    return Failure.BAD_REQUEST
+
+
+_by_kind: dict[str, Failure] = {
+    "bad_request": Failure.BAD_REQUEST,
+    "invalid_parameters": Failure.BAD_REQUEST,
+    "content_filter": Failure.REFUSAL,
+    "context_length_exceeded": Failure.CONTEXT,
+    "authentication": Failure.ROUTE,
+    "insufficient_balance": Failure.ROUTE,
+    "permission": Failure.ROUTE,
+    "not_found": Failure.ROUTE,
+}
+_IN_STREAM = frozenset({Failure.BAD_REQUEST, Failure.REFUSAL, Failure.CONTEXT})

@@ -139,12 +139,15 @@ ChatEvent = RoleEvent | TextEvent | ReasoningEvent | ToolCallEvent | FinishEvent
 
 
 class RetryingEvent(msgspec.Struct, frozen=True, gc=False):
-    """An attempt failed before anything was shown; another starts after `delay_s`."""
+    """An attempt failed; another starts after `delay_s`. `reason` says what the wait is:
+    `backoff`, `retry_after` (the server asked) or `budget` (the route's retry budget is
+    spent: the retry is paced, not failed)."""
 
     attempt: int
     delay_s: float
     error: str
     route: str
+    reason: str = "backoff"
     type: Literal["retrying"] = "retrying"
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Generator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
 from unbroken.core.accumulator import ChunkAccumulator
-from unbroken.core.backoff import Decision, RetryBudget, RetryPolicy, classify
+from unbroken.core.backoff import Failure, RetryBudget, RetryPolicy, failure_class
 from unbroken.core.resume import Continuation, is_json_mode, plan_continuation, rejected_param
 from unbroken.core.routes import Route, RouteHealth
 from unbroken.core.stream import EndState, StreamEnd
@@ -35,10 +35,13 @@ __all__ = [
     "EndChoice",
     "FlowOptions",
     "Sleep",
+    "WaitReason",
     "answer_flow",
 ]
 
 AttemptKind = Literal["first", "retry", "resume", "fallback", "restart", "param_dropped"]
+# Why a Sleep: a backoff, the server's Retry-After, or the retry budget being spent.
+WaitReason = Literal["backoff", "retry_after", "budget"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,8 @@ class AttemptPlan:
         reason: the error that caused this attempt (None for the first).
         waited_s: the backoff slept before it.
         from_route: the route used before a fallback.
+        has_fallback: a route after this one exists (shorter first-token and headers
+            limits apply, see `Timeouts.failover_s`).
     """
 
     route: Route
@@ -69,6 +74,7 @@ class AttemptPlan:
     reason: UnbrokenError | None = None
     waited_s: float = 0.0
     from_route: str | None = None
+    has_fallback: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +86,18 @@ class Connect:
 
 @dataclass(frozen=True, slots=True)
 class Sleep:
-    """Action: wait `seconds` (a backoff or Retry-After), then send None."""
+    """Action: wait `seconds`, then send None.
+
+    Attributes:
+        seconds: how long.
+        reason: the error that caused the wait.
+        why: `backoff`, `retry_after` (the server's) or `budget` (the route's retry budget
+            is spent; the wait paces the retry).
+    """
 
     seconds: float
     reason: UnbrokenError
+    why: WaitReason = "backoff"
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,18 +143,8 @@ class FlowOptions:
     caller_prefix: str = ""
 
 
-@dataclass(slots=True)
-class _State:
-    route_index: int = 0
-    number: int = 0
-    resumes: int = 0
-    retries: int = 0
-    first_error: UnbrokenError | None = None
-    last_error: UnbrokenError | None = None
-    silent: set[str] = field(default_factory=set)
-
-
 _SILENT_PHASES = frozenset({"connect", "headers", "first_token", "idle"})
+_TRANSIENT = frozenset({Failure.RATE_LIMITED, Failure.SERVER, Failure.BROKEN})
 
 
 def _is_silent(error: UnbrokenError | None) -> bool:
@@ -166,7 +170,266 @@ def _failure(end: StreamEnd | None, error: UnbrokenError | None) -> UnbrokenErro
         )
     if end.state is EndState.STALLED:
         return UpstreamTimeout("the stream stalled", phase="idle", timeout_s=0.0)
+    if end.ended_early:
+        return UpstreamTruncated(
+            "the stream ended ([DONE] or the end of the body) before a finish_reason "
+            "(truncated; set omits_finish_reason on routes that never send one)"
+        )
     return UpstreamTruncated("the stream ended before a finish_reason (truncated)")
+
+
+@dataclass(frozen=True, slots=True)
+class _Next:
+    """One decision about a failed attempt: where the next one goes and what precedes it.
+
+    Attributes:
+        route_index: the route of the next attempt.
+        kind: why it exists (a `retry` becomes a `resume` when output was shown).
+        delay: the backoff or Retry-After to sleep first.
+        why: what the delay is (`backoff`, `retry_after`).
+        charge: a retry or continuation on the same route: it takes a retry-budget token.
+    """
+
+    route_index: int
+    kind: AttemptKind
+    delay: float = 0.0
+    why: WaitReason = "backoff"
+    charge: bool = False
+
+
+class _Flow:
+    """The state of one answer's flow and one decision method per failure class (see
+    `answer_flow`). Every `_on_*` method returns the next step or raises the final error."""
+
+    def __init__(
+        self,
+        routes: Sequence[Route],
+        health: Mapping[str, RouteHealth],
+        answer: ChunkAccumulator,
+        budgets: Mapping[str, RetryBudget],
+        policy: RetryPolicy,
+        rng: random.Random,
+        now: float,
+    ) -> None:
+        self.routes = routes
+        self.health = health
+        self.budgets = budgets
+        self.answer = answer
+        self.policy = policy
+        self.rng = rng
+        self.now = now
+        self.deadline = None if policy.deadline_s is None else now + policy.deadline_s
+        self.route_index = 0
+        self.number = 0  # attempts made
+        self.resumes = 0
+        self.retries = 0  # backoff sleeps (the n of the delay formula)
+        self.same_route = 0  # retries on the current route since it was chosen
+        self.first_error: UnbrokenError | None = None
+        self.last_error: UnbrokenError | None = None
+        self.budget_wait_s = 0.0
+        self.budget_route = ""
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    @property
+    def route(self) -> Route:
+        return self.routes[self.route_index]
+
+    def cause(self, failure: UnbrokenError) -> UnbrokenError:
+        """The error to report: the first one that broke a shown answer, if any."""
+        return self.first_error or failure
+
+    def give_up(self, error: UnbrokenError, why: str | None) -> NoReturn:
+        """Raise the error that ends the answer, with the partial answer attached: the error
+        itself when it is final or no retry was made, else RetriesExhausted chained to it.
+        Time spent waiting for the retry budget is named, so a paced answer that still fails
+        says the budget played a part."""
+        partial = self.answer.completion() if self.answer.has_output else None
+        budget = ""
+        if self.budget_wait_s > 0:
+            budget = (
+                f" (after waiting {self.budget_wait_s:.1f} s for the retry budget of route "
+                f"{self.budget_route!r})"
+            )
+        if why is None or self.number <= 1:
+            error.partial = partial
+            if why is not None:
+                error.add_note(f"not retried: {why}")
+            if budget:
+                error.add_note(budget.strip(" ()"))
+            raise error
+        raise retries_exhausted(
+            f"{why}{budget}: {error.message}", attempts=self.number, last=error, partial=partial
+        ) from error
+
+    def next_route(self, failure: UnbrokenError | None = None) -> int | None:
+        """The next route after the current one that may take the answer (for a context
+        overflow: only one whose context is unknown or larger, never the same request to
+        the same server)."""
+        current = self.route
+        overflow = failure is not None and failure_class(failure) is Failure.CONTEXT
+        for index in range(self.route_index + 1, len(self.routes)):
+            candidate = self.routes[index]
+            if overflow and not _fits_more(candidate, current):
+                continue
+            if self.health[candidate.name].breaker.allow(self.now):
+                return index
+        return None
+
+    def fall_back(self, failure: UnbrokenError, *, context: bool = False) -> _Next:
+        nxt = self.next_route(failure if context else None)
+        if nxt is None:
+            self.give_up(failure if self.first_error is None else self.cause(failure), None)
+        return _Next(nxt, "fallback")
+
+    def has_fallback(self) -> bool:
+        return self.route_index < len(self.routes) - 1
+
+    def same_route_retry(self, failure: UnbrokenError, delay: float, why: WaitReason) -> _Next:
+        if self.deadline is not None and self.now + delay >= self.deadline:
+            self.give_up(self.cause(failure), "the deadline leaves no time for a retry")
+        return _Next(self.route_index, "retry", delay, why, charge=True)
+
+    # -- one decision per failure class ------------------------------------------------------
+
+    def decide(self, plan: AttemptPlan, failure: UnbrokenError) -> _Next:
+        """The next step after `failure` (or raise the answer's final error)."""
+        if isinstance(failure, UpstreamTimeout) and failure.phase == "deadline":
+            self.give_up(failure, None)
+        rejected = self._on_rejected_request(plan, failure)
+        if rejected is not None:
+            return rejected
+        kind = failure_class(failure)
+        if kind in _TRANSIENT:
+            return self._on_transient(plan, failure, kind)
+        if kind is Failure.BAD_REQUEST:
+            self._on_bad_request(plan, failure)
+        if kind is Failure.REFUSAL:
+            return self._on_refusal(failure)
+        if kind is Failure.CONTEXT:
+            return self._on_context(failure)
+        return self._on_route_error(failure)  # ROUTE, UNREACHABLE
+
+    def _on_rejected_request(self, plan: AttemptPlan, failure: UnbrokenError) -> _Next | None:
+        """A parameter or a way of continuing the route does not know: resend at once
+        without it, and remember (the route is fine; our request was not)."""
+        if not isinstance(failure, UpstreamStatusError):
+            return None
+        status = failure.status_code
+        health = self.health[self.route.name]
+        if status in (400, 422) and failure.kind != "context_length_exceeded":
+            param = rejected_param(plan.body, failure.message, None)
+            if param is not None and param not in health.dropped_params:
+                health.dropped_params.add(param)
+                return _Next(self.route_index, "param_dropped")
+        continuation = plan.continuation
+        if continuation is None:
+            return None
+        # 404/405 on the beta path (vLLM, llama.cpp), or a 400 refusing the prefill or
+        # `continue_final_message`: continue another way from now on, at once.
+        refused = status in (404, 405) if continuation.beta else status == 405
+        refused = refused or (
+            status in (400, 422) and failure.kind in ("bad_request", "invalid_parameters")
+        )
+        if refused and health.reject_dialect(self.route):
+            return _Next(self.route_index, "resume")
+        return None
+
+    def _on_bad_request(self, plan: AttemptPlan, failure: UnbrokenError) -> NoReturn:
+        """The request itself is wrong: no route will serve it."""
+        self.give_up(failure if plan.continuation is None else self.cause(failure), None)
+
+    def _on_refusal(self, failure: UnbrokenError) -> _Next:
+        """A content-policy refusal is the answer: returned after one attempt, unless the
+        route opted in to routing around refusals."""
+        if not self.route.reroute_refusals:
+            self.give_up(failure, None)
+        return self.fall_back(failure)
+
+    def _on_context(self, failure: UnbrokenError) -> _Next:
+        """Too long for this route: a route whose context is unknown or larger, never the
+        identical request again."""
+        return self.fall_back(failure, context=True)
+
+    def _on_route_error(self, failure: UnbrokenError) -> _Next:
+        """401, 402, 403, 404, or a permanent transport error (certificate, unknown host):
+        this route cannot serve it; it is not retried."""
+        self.health[self.route.name].breaker.record_failure(self.now)
+        return self.fall_back(failure)
+
+    def _on_transient(self, plan: AttemptPlan, failure: UnbrokenError, kind: Failure) -> _Next:
+        """429, 5xx, resets, timeouts, truncation: the same route after a wait, or the
+        fallback when the route is silent, its breaker opened, or it used up its retries."""
+        health = self.health[self.route.name]
+        health.breaker.record_failure(self.now)
+        shown = self.answer.has_output
+        if self.number >= self.policy.attempts:
+            self.give_up(self.cause(failure), f"gave up after {self.number} attempts")
+        if shown and self.resumes >= self.policy.max_resumes:
+            self.give_up(self.cause(failure), f"gave up after {self.resumes} continuations")
+        if self.has_fallback() and (
+            _is_silent(failure)
+            or not health.breaker.allow(self.now)
+            or self._used_up_retries(failure, kind)
+        ):
+            # Failing over after a silent upstream beats waiting on it again (LESSONS.md).
+            nxt = self.next_route()
+            if nxt is not None:
+                return _Next(nxt, "fallback")
+        retry_after = failure.retry_after_s if isinstance(failure, UpstreamError) else None
+        if retry_after is not None:
+            if retry_after <= self.policy.retry_after_max_s:
+                return self.same_route_retry(failure, retry_after, "retry_after")
+            nxt = self.next_route()
+            if nxt is None:
+                self.give_up(self.cause(failure), "the server asked to retry too late")
+            return _Next(nxt, "fallback")
+        delay = self.policy.delay(self.retries + 1, self.rng)
+        if kind is Failure.RATE_LIMITED:
+            delay += self.policy.rate_limit_wait_s
+        return self.same_route_retry(failure, delay, "backoff")
+
+    def _used_up_retries(self, failure: UnbrokenError, kind: Failure) -> bool:
+        if isinstance(failure, UpstreamError) and failure.retry_after_s is not None:
+            return False  # a server that says when to come back is waited for (as asked)
+        if kind is Failure.RATE_LIMITED:
+            return self.same_route >= self.policy.rate_limit_retries
+        if kind is Failure.SERVER:
+            return self.same_route >= self.policy.server_error_retries
+        return False
+
+    # -- the retry budget --------------------------------------------------------------------
+
+    def take_budget(self, failure: UnbrokenError) -> Generator[Action, None, None]:
+        """Take a retry-budget token of the current route, pacing (sleeping with jitter)
+        while it is spent; an answer is failed by the budget only at its deadline."""
+        route = self.route
+        budget = self.budgets[route.name]
+        while (wait := budget.acquire(self.now, self.rng)) > 0:
+            if self.deadline is not None and self.now + wait >= self.deadline:
+                self.budget_route = route.name
+                self.give_up(
+                    self.cause(failure),
+                    f"the retry budget of route {route.name!r} is spent (too many recent "
+                    "retries) and the deadline leaves no time to wait for it",
+                )
+            self.budget_wait_s += wait
+            self.budget_route = route.name
+            yield Sleep(wait, failure, "budget")
+            self.now += wait
+
+
+def _fits_more(candidate: Route, current: Route) -> bool:
+    if (candidate.base_url, candidate.model, candidate.api_key, dict(candidate.headers)) == (
+        current.base_url,
+        current.model,
+        current.api_key,
+        dict(current.headers),
+    ):
+        return False  # the identical request to the same server would overflow again
+    if candidate.context_tokens is None or current.context_tokens is None:
+        return True
+    return candidate.context_tokens > current.context_tokens
 
 
 def answer_flow(
@@ -176,9 +439,9 @@ def answer_flow(
     answer: ChunkAccumulator,
     *,
     policy: RetryPolicy,
-    budget: RetryBudget,
     rng: random.Random,
     now: float,
+    budgets: Mapping[str, RetryBudget] | None = None,
     options: FlowOptions | None = None,
 ) -> Generator[Action, AttemptOutcome | None, AttemptPlan]:
     """Drive one answer to completion.
@@ -192,60 +455,68 @@ def answer_flow(
         body: the caller's request body (stream on; not modified).
         routes: the routes in order of preference (configured ones, then per-request
             fallbacks); at least one.
-        health: what is known about each route, by name (breakers are updated here).
+        health: what is known about each route, by name: breaker, retry budget, learned
+            dialect and dropped parameters (updated here).
         answer: the accumulator of what the consumer was shown, fed by the shell.
-        policy: attempts, backoff and deadline.
-        budget: the client-wide retry budget.
+        policy: attempts, backoff, failover conduct and deadline.
         rng: the source of jitter.
         now: monotonic time at the start.
+        budgets: the retry budget of each route, by name (shared by the answers that
+            share recovery; the gateway keeps one per route and key); default: a fresh
+            `RetryBudget` per route for this answer alone.
         options: restart opt-in, `n`, a caller's own assistant prefix.
 
     Theory of operation: the answer has a queue of choices still to produce (all of them
     at first). Each attempt targets either all pending choices (nothing shown yet: a plain
     retry of the whole request) or one choice that was shown in part (a continuation that
     carries that choice's partial text, with `n` = 1, its choice 0 mapped to the index).
-    After an attempt the outcome is classified: complete -> the next pending choice or the
-    end; a parameter the route rejects -> drop it and resend at once; a continuation the
-    route rejects (400) -> remember that it refuses prefill, continue by instruction; a
-    transient failure -> backoff (or Retry-After) and the same route, except that a silent
-    route (timeout) or one whose breaker opened is left for the next route at once; a
-    route-specific failure (401, 402, 403, 404, context overflow) -> the next route; a bad
-    request -> fail. Every failure of a continuation keeps the first error that broke the
-    stream, so a later refusal never hides the real cause.
+    After an attempt the outcome is classified (`core.backoff.Failure`) and `_Flow` has one
+    decision per class: complete -> the next pending choice or the end; a parameter or a
+    way of continuing the route rejects -> resend at once without it (remembered); a bad
+    request -> fail; a refusal -> fail (reroute only on opt-in); a context overflow -> a
+    route with an unknown or larger context; a route error or a permanent transport error
+    -> the next route; a transient failure (429, 5xx, reset, timeout, truncation) ->
+    backoff (at least 1 s for a 429; Retry-After when sent) and the same route, except that
+    a silent route, an open breaker, or a route that used up its 429/5xx retries is left
+    for the fallback at once. A retry or continuation on the same route first takes a token
+    of the route's retry budget, waiting (paced, with jitter) while it is spent. Every
+    failure of a continuation keeps the first error that broke the stream, so a later
+    refusal never hides the real cause.
     """
     if not routes:
         raise ValueError("answer_flow needs at least one route")
     opts = options or FlowOptions()
-    deadline = None if policy.deadline_s is None else now + policy.deadline_s
-    state = _State()
-    budget.on_request(now)
-    state.route_index = _first_allowed(routes, health, now, 0)
+    if budgets is None:
+        budgets = {route.name: RetryBudget() for route in routes}
+    flow = _Flow(routes, health, answer, budgets, policy, rng, now)
+    flow.route_index = _first_allowed(routes, health, now, 0)
+    budgets[routes[flow.route_index].name].on_request(now)
     kind: AttemptKind = "first"
     waited = 0.0
     from_route: str | None = None
     pending = list(range(max(1, opts.n_choices)))
 
     while True:
-        route = routes[state.route_index]
+        route = flow.route
         route_health = health[route.name]
         plan = _plan(
-            body, route, route_health, answer, opts, pending, state, kind, waited, from_route
+            body, route, route_health, answer, opts, pending, flow, kind, waited, from_route
         )
         if plan is None:
             # max_tokens was used up by what was already shown: that choice ends in "length".
             yield EndChoice(pending.pop(0))
             if not pending:
-                return AttemptPlan(route=route, body=body, kind=kind, number=state.number)
+                return AttemptPlan(route=route, body=body, kind=kind, number=flow.number)
             continue
-        state.number += 1
+        flow.number += 1
         outcome = yield Connect(plan)
         assert outcome is not None  # noqa: S101 - the shell must send an outcome for Connect
         failure = _failure(outcome.end, outcome.error)
-        now = outcome.now
+        flow.now = outcome.now
         if failure is None:
-            route_health.breaker.record_success(now)
-            # `[DONE]` while a choice had no finish_reason: the server chose to end; resuming
-            # would ask again forever (core.stream StreamEnd.missing_finish).
+            route_health.breaker.record_success(flow.now)
+            # `[DONE]` while a choice had no finish_reason on a route that omits it: the
+            # server chose to end; resuming would ask again forever.
             ended = outcome.end is not None and outcome.end.missing_finish
             if plan.choice_index is None:
                 pending = [] if ended else [i for i in pending if answer.finish_reason(i) is None]
@@ -253,93 +524,36 @@ def answer_flow(
                 pending.pop(0)
             if not pending:
                 return plan
-            if state.number >= policy.attempts:
+            if flow.number >= policy.attempts:
                 error = UpstreamTruncated(
-                    f"choice {pending[0]} is still unfinished after {state.number} attempts"
+                    f"choice {pending[0]} is still unfinished after {flow.number} attempts"
                 )
-                _give_up(error, answer, state, f"gave up after {state.number} attempts")
+                flow.give_up(error, f"gave up after {flow.number} attempts")
             kind, waited, from_route = "resume", 0.0, None
+            flow.same_route = 0
             continue
 
-        shown = answer.has_output
-        if state.first_error is None and shown:
-            state.first_error = failure
-        state.last_error = failure
-        cause = state.first_error or failure
-
-        if isinstance(failure, UpstreamTimeout) and failure.phase == "deadline":
-            _give_up(failure, answer, state, None)
-
-        # A route that rejects a parameter it does not know gets the request without it.
-        if (
-            isinstance(failure, UpstreamStatusError)
-            and failure.status_code in (400, 422)
-            and failure.kind != "context_length_exceeded"
-        ):
-            param = rejected_param(plan.body, failure.message, None)
-            if param is not None and param not in route_health.dropped_params:
-                route_health.dropped_params.add(param)
-                kind, waited, from_route = "param_dropped", 0.0, None
-                continue
-            if plan.continuation is not None and route_health.dialect(route) != "instruction":
-                # The route refuses assistant prefill: continue by instruction from now on.
-                route_health.dialect_override = "instruction"
-                kind, waited, from_route = "resume", 0.0, None
-                continue
-
-        decision = classify(failure)
+        if flow.first_error is None and answer.has_output:
+            flow.first_error = failure
+        flow.last_error = failure
+        step = flow.decide(plan, failure)
         if plan.choice_index is None:
             pending = [i for i in pending if answer.finish_reason(i) is None] or pending
-        if decision is Decision.FATAL:
-            _give_up(failure if plan.continuation is None else cause, answer, state, None)
-        if decision is Decision.FALLBACK:
-            route_health.breaker.record_failure(now)
-            nxt = _next_route(routes, health, now, state.route_index, failure, route)
-            if nxt is None:
-                _give_up(failure, answer, state, None)
-            from_route, state.route_index = route.name, nxt
-            kind, waited = "fallback", 0.0
-            continue
-
-        # Transient failure.
-        route_health.breaker.record_failure(now)
-        if state.number >= policy.attempts:
-            _give_up(cause, answer, state, f"gave up after {state.number} attempts")
-        if shown and state.resumes >= policy.max_resumes:
-            _give_up(cause, answer, state, f"gave up after {state.resumes} continuations")
-        if not budget.try_retry(now):
-            _give_up(cause, answer, state, "the retry budget is spent (too many recent retries)")
-        switch = None
-        if len(routes) > 1 and (_is_silent(failure) or not route_health.breaker.allow(now)):
-            # Failing over after a silent upstream beats waiting on it again (LESSONS.md).
-            switch = _next_route(routes, health, now, state.route_index, None, route)
-        if switch is not None:
-            from_route, state.route_index = route.name, switch
-            kind, waited = "fallback", 0.0
-        else:
-            delay = _delay(failure, policy, state.retries + 1, rng)
-            if delay is None:
-                nxt = _next_route(routes, health, now, state.route_index, None, route)
-                if nxt is None:
-                    _give_up(cause, answer, state, "the server asked to retry too late")
-                from_route, state.route_index = route.name, nxt
-                kind, waited = "fallback", 0.0
-            else:
-                if deadline is not None and now + delay >= deadline:
-                    _give_up(cause, answer, state, "the deadline leaves no time for a retry")
-                state.retries += 1
-                yield Sleep(delay, failure)
-                kind, waited, from_route = "retry", delay, None
-        if answer.has_output:
-            state.resumes += 1
+        from_route = route.name if step.route_index != flow.route_index else None
+        if from_route is not None:
+            flow.route_index, flow.same_route = step.route_index, 0
+        waited = step.delay
+        if step.delay > 0:
+            flow.retries += 1
+            yield Sleep(step.delay, failure, step.why)
+            flow.now += step.delay
+        if step.charge:
+            flow.same_route += 1
+            yield from flow.take_budget(failure)
+        kind = step.kind
+        if answer.has_output and kind in ("retry", "fallback"):
+            flow.resumes += 1
             kind = "resume" if kind == "retry" else kind
-
-
-def _delay(failure: UnbrokenError, policy: RetryPolicy, n: int, rng: random.Random) -> float | None:
-    retry_after = failure.retry_after_s if isinstance(failure, UpstreamError) else None
-    if retry_after is not None:
-        return retry_after if retry_after <= policy.retry_after_max_s else None
-    return policy.delay(n, rng)
 
 
 def _first_allowed(
@@ -354,27 +568,6 @@ def _first_allowed(
     return start
 
 
-def _next_route(
-    routes: Sequence[Route],
-    health: Mapping[str, RouteHealth],
-    now: float,
-    current: int,
-    failure: UnbrokenError | None,
-    route: Route,
-) -> int | None:
-    needs_context = isinstance(failure, UpstreamError) and failure.kind == "context_length_exceeded"
-    for index in range(current + 1, len(routes)):
-        candidate = routes[index]
-        if needs_context and not (
-            candidate.context_tokens is not None
-            and (route.context_tokens is None or candidate.context_tokens > route.context_tokens)
-        ):
-            continue
-        if health[candidate.name].breaker.allow(now):
-            return index
-    return None
-
-
 def _plan(
     body: dict[str, Any],
     route: Route,
@@ -382,7 +575,7 @@ def _plan(
     answer: ChunkAccumulator,
     opts: FlowOptions,
     pending: list[int],
-    state: _State,
+    state: _Flow,
     kind: AttemptKind,
     waited: float,
     from_route: str | None,
@@ -408,6 +601,7 @@ def _plan(
             reason=state.last_error,
             waited_s=waited,
             from_route=from_route,
+            has_fallback=state.has_fallback(),
         )
 
     if not answer.has_output:
@@ -439,22 +633,3 @@ def _plan(
     if continuation.max_tokens_spent:
         return None
     return plan(continuation.body, kind, index, continuation)
-
-
-def _give_up(
-    error: UnbrokenError,
-    answer: ChunkAccumulator,
-    state: _State,
-    why: str | None,
-) -> NoReturn:
-    """Raise the error that ends the answer, with the partial answer attached: the error
-    itself when it is final or no retry was made, else RetriesExhausted chained to it."""
-    partial = answer.completion() if answer.has_output else None
-    if why is None or state.number <= 1:
-        error.partial = partial
-        if why is not None:
-            error.add_note(f"not retried: {why}")
-        raise error
-    raise retries_exhausted(
-        f"{why}: {error.message}", attempts=state.number, last=error, partial=partial
-    ) from error

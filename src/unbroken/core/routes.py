@@ -7,14 +7,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from unbroken.core.breaker import CircuitBreaker
 from unbroken.core.resume import Dialect
 from unbroken.errors import ConfigError
 
-__all__ = ["DIALECTS", "Route", "RouteHealth"]
+__all__ = ["DIALECTS", "DialectSetting", "Route", "RouteHealth"]
 
-DIALECTS: tuple[Dialect, ...] = ("deepseek", "vllm", "instruction", "none")
+DialectSetting = Literal["auto", "deepseek", "vllm", "instruction", "none"]
+DIALECTS: tuple[DialectSetting, ...] = ("auto", "deepseek", "vllm", "instruction", "none")
+# When a route rejects a way of continuing (404/405 on the beta path, a 400 naming the
+# prefill), the next one is tried: each asks less of the server than the one before.
+_NEXT_DIALECT: dict[Dialect, Dialect] = {"deepseek": "vllm", "vllm": "instruction"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,21 +31,29 @@ class Route:
         base_url: the OpenAI-format base URL (`https://api.deepseek.com`, `.../v1`...).
         api_key: the Bearer key; never shown in reprs, logs or errors.
         model: the model to ask for on this route; None keeps the request's model.
-        dialect: how this route continues a broken answer (see core.resume).
+        dialect: how this route continues a broken answer (see core.resume); `auto`
+            (the default) is `deepseek` and, when the route rejects that way of continuing,
+            learns the next one that works (vllm, then instruction).
         context_tokens: the model's context window, if known (a request that overflows
-            another route's context moves to a route with a larger one).
+            another route's context moves to a route whose context is unknown or larger).
         headers: extra headers to send.
         beta_path: the path segment for DeepSeek's beta features.
+        omits_finish_reason: the server ends answers with `[DONE]` but no `finish_reason`;
+            take `[DONE]` as the end (otherwise such an end is a truncation, and resumed).
+        reroute_refusals: a content-policy or safety refusal from this route moves the
+            answer to the next route (otherwise the refusal is the answer's error).
     """
 
     name: str
     base_url: str
     api_key: str | None = field(default=None, repr=False)
     model: str | None = None
-    dialect: Dialect = "deepseek"
+    dialect: DialectSetting = "auto"
     context_tokens: int | None = None
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     beta_path: str = "/beta"
+    omits_finish_reason: bool = False
+    reroute_refusals: bool = False
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -74,13 +87,14 @@ class Route:
         return base + path
 
     def with_model(self, model: str, name: str | None = None) -> Route:
-        """This route asking for another model (a per-request fallback on the same route)."""
-        return replace(self, model=model, name=name or f"{self.name}:{model}")
+        """This route asking for another model (a per-request fallback on the same route);
+        that model's context size is unknown."""
+        return replace(self, model=model, name=name or f"{self.name}:{model}", context_tokens=None)
 
 
 class RouteHealth:
     """What the client learned about a route: its circuit breaker, parameters it rejects,
-    and whether it rejected assistant prefill (then `instruction` is used to continue)."""
+    and the way of continuing it accepts (learned when it rejected another)."""
 
     __slots__ = ("breaker", "dialect_override", "dropped_params")
 
@@ -91,4 +105,15 @@ class RouteHealth:
 
     def dialect(self, route: Route) -> Dialect:
         """The dialect to use for continuations on `route` now."""
-        return self.dialect_override or route.dialect
+        if self.dialect_override is not None:
+            return self.dialect_override
+        return "deepseek" if route.dialect == "auto" else route.dialect
+
+    def reject_dialect(self, route: Route) -> bool:
+        """The route rejected the current way of continuing: switch to the next one.
+        False when there is none left (the route cannot continue at all)."""
+        nxt = _NEXT_DIALECT.get(self.dialect(route))
+        if nxt is None:
+            return False
+        self.dialect_override = nxt
+        return True

@@ -64,14 +64,17 @@ class StreamEnd(msgspec.Struct, frozen=True):
     Attributes:
         state: the end state.
         no_done: complete, but `[DONE]` never came (nothing was lost).
-        missing_finish: `[DONE]` came while a choice had no finish_reason: the server chose
-            to end, so it is complete and must not be resumed.
+        missing_finish: `[DONE]` came while a choice had no finish_reason on a route known
+            to omit it (`omits_finish_reason`): complete, and must not be resumed.
+        ended_early: truncated although `[DONE]` came (a proxy or server that ends streams
+            early, or a JSON body without finish_reason): resumed like any truncation.
         error: the upstream or protocol error, for the `error` state.
     """
 
     state: EndState
     no_done: bool = False
     missing_finish: bool = False
+    ended_early: bool = False
     error: UnbrokenError | None = None
 
 
@@ -238,15 +241,20 @@ def classify_end(
     decoder: ChatStreamDecoder,
     *,
     timed_out: bool = False,
+    omits_finish: bool = False,
 ) -> StreamEnd:
     """Decide how an attempt's stream ended, from what was folded and decoded.
 
     Precedence when several apply: error > interrupted > complete > stalled > truncated.
+    A stream whose choices did not all get a finish_reason is truncated even when `[DONE]`
+    came (the "unbroken contract": an end without a finish is never a silent success),
+    unless the route is known to omit finish_reason (`omits_finish`).
 
     Args:
         accumulator: what the stream delivered.
         decoder: the decoder that read it (`done`, `error`).
         timed_out: a stream timer (idle, first token, deadline) ended the attempt.
+        omits_finish: the route ends answers with `[DONE]` and no finish_reason.
     """
     if decoder.error is not None:
         return StreamEnd(EndState.ERROR, error=decoder.error)
@@ -256,7 +264,9 @@ def classify_end(
     if reasons and all(r is not None for r in reasons):
         return StreamEnd(EndState.COMPLETE, no_done=not decoder.done)
     if decoder.done:
-        return StreamEnd(EndState.COMPLETE, missing_finish=True)
+        if omits_finish:
+            return StreamEnd(EndState.COMPLETE, missing_finish=True)
+        return StreamEnd(EndState.TRUNCATED, ended_early=True)
     if timed_out:
         return StreamEnd(EndState.STALLED)
     return StreamEnd(EndState.TRUNCATED)

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from unbroken.client import AsyncClient, AsyncStream
 from unbroken.core.attempt import Timeouts
-from unbroken.core.backoff import RetryPolicy
+from unbroken.core.backoff import RetryBudget, RetryPolicy
 from unbroken.core.routes import Route
 from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.errors import UnbrokenError
@@ -109,12 +109,18 @@ def build_upstream(
             headers_s=g.headers_s,
             first_token_s=g.first_token_s,
             idle_s=g.idle_s,
+            failover_s=g.failover_s,
         ),
         retry=RetryPolicy(
             attempts=g.retry_attempts,
             max_resumes=g.max_resumes,
             wait_initial_s=g.retry_wait_initial_s,
             wait_max_s=max(g.retry_wait_max_s, g.retry_wait_initial_s),
+        ),
+        retry_budget=RetryBudget(
+            ratio=g.retry_budget_ratio,
+            min_per_s=g.retry_budget_min_per_s,
+            window_s=g.retry_budget_window_s,
         ),
         hooks=hooks,
         max_event_bytes=settings.max_event_bytes,
@@ -559,6 +565,7 @@ class Gateway:
                 extra_body=request.extra or None,
                 extra_headers=headers,
                 fallbacks=request.fallbacks or None,
+                budget_key=caller.id,  # each key recovers from its own share
             )
             if cache_key is not None:
                 stream = RecordingStream(stream)

@@ -50,7 +50,10 @@ _SSE_HEADERS = [
     # nginx and similar proxies buffer responses unless told not to.
     (b"x-accel-buffering", b"no"),
 ]
-_KEEPALIVE = b": keep-alive\n\n"
+# One comment line, no blank line after it: a blank line after an `id:` was ever seen makes
+# the official openai SDK's decoder dispatch an event with empty data (its #2722), which it
+# then fails to parse as JSON. A bare comment line is ignored by every SSE reader.
+_KEEPALIVE = b": keep-alive\n"
 _DONE = b"data: [DONE]\n\n"
 
 

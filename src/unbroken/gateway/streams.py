@@ -564,6 +564,8 @@ class StreamHub:
                 extra_body=request.extra or None,
                 extra_headers=headers,
                 fallbacks=request.fallbacks or None,
+                # Each key recovers from its own share of the retry budgets.
+                budget_key=caller.id,
             )
             return stream if wrap is None else wrap(stream)
 

@@ -18,7 +18,16 @@ __all__ = ["CONFIG_FIELDS", "config_view", "query_int", "reconfigure"]
 
 # What POST /_mock/config may change (the rest needs a restart).
 CONFIG_FIELDS = frozenset(
-    {"seed", "latency", "answer_tokens", "reasoning_tokens", "faults", "fault_seed", "balance"}
+    {
+        "seed",
+        "latency",
+        "answer_tokens",
+        "reasoning_tokens",
+        "faults",
+        "fault_seed",
+        "balance",
+        "beta",
+    }
 )
 
 
@@ -32,6 +41,7 @@ def config_view(config: MockConfig) -> dict[str, object]:
         "faults": [dataclasses.asdict(rule) for rule in config.faults],
         "fault_seed": config.fault_seed,
         "balance": config.balance,
+        "beta": config.beta,
         "n_api_keys": None if config.api_keys is None else len(config.api_keys),
     }
 
@@ -68,6 +78,10 @@ def _changes(config: MockConfig, body: dict[str, Any]) -> dict[str, Any]:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer")
             changes[name] = value
+    if "beta" in body:
+        if not isinstance(body["beta"], bool):
+            raise ValueError("beta must be true or false")
+        changes["beta"] = body["beta"]
     if "balance" in body:
         if not isinstance(body["balance"], str):
             raise ValueError("balance must be a decimal string")

@@ -178,6 +178,9 @@ class MockApp:
         if path.startswith("/_mock/"):
             await self._admin(ex, receive, method, path, scope)
             return
+        if path.startswith("/beta/") and not self.config.beta:
+            # What a FastAPI server without the path answers (vLLM, llama-cpp-python).
+            raise ApiError(404, b'{"detail":"Not Found"}', kind="not_found")
         fim = path in FIM_PATHS
         model_item = path.startswith(MODEL_ITEM_PREFIXES)
         allowed = (
