@@ -216,13 +216,16 @@ class ClientConfig:
             self.health[route.name] = health
         return health
 
-    def resolve_routes(self, fallbacks: Sequence[str | Route] | None) -> list[Route]:
-        """The routes for one request: the configured ones, then its own fallbacks.
+    def resolve_routes(
+        self, fallbacks: Sequence[str | Route] | None, routes: Sequence[Route] | None = None
+    ) -> list[Route]:
+        """The routes for one request: `routes` (default: the configured ones), then its
+        own fallbacks.
 
         A fallback is a Route, the name of a configured route, or a model name (asked for
         on the first configured route).
         """
-        resolved = list(self.routes)
+        resolved = list(self.routes if routes is None else routes)
         by_name = {r.name: r for r in self.routes}
         for item in fallbacks or ():
             if isinstance(item, Route):
@@ -723,7 +726,7 @@ class ClientBase:
         return AnswerRun(
             self._config,
             body,
-            self._config.resolve_routes(options.fallbacks),
+            self._config.resolve_routes(options.fallbacks, options.routes),
             now=time.monotonic(),
             restart=options.restart,
             deadline_s=options.timeout,

@@ -22,6 +22,8 @@ class ChatParams:
         timeout: seconds allowed for the whole answer (the deadline).
         fallbacks: models (on the first route) or routes to try after the configured ones.
         restart: start over when a broken answer cannot be continued anywhere.
+        routes: routes to use for this request instead of the configured ones (a gateway
+            routing one public model name to its own upstreams).
     """
 
     extra_headers: Mapping[str, str] = field(default_factory=dict)
@@ -29,6 +31,7 @@ class ChatParams:
     timeout: float | None = None
     fallbacks: Sequence[str | Route] | None = None
     restart: bool = False
+    routes: Sequence[Route] | None = None
 
     @classmethod
     def pop(cls, params: dict[str, Any]) -> ChatParams:
@@ -42,6 +45,7 @@ class ChatParams:
         timeout = params.pop("timeout", None)
         fallbacks = params.pop("fallbacks", None)
         restart = params.pop("restart", False)
+        routes = params.pop("routes", None)
         params.pop("extra_query", None)  # accepted for openai compatibility; nothing to query
         if not isinstance(headers, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
@@ -59,6 +63,12 @@ class ChatParams:
             isinstance(fallbacks, str) or not isinstance(fallbacks, Sequence)
         ):
             raise InvalidRequestError("fallbacks must be a list of model names or routes")
+        if routes is not None and (
+            not isinstance(routes, Sequence)
+            or not routes
+            or not all(isinstance(r, Route) for r in routes)
+        ):
+            raise InvalidRequestError("routes must be a non-empty list of Route objects")
         if not isinstance(restart, bool):
             raise InvalidRequestError("restart must be True or False")
         return cls(
@@ -67,4 +77,5 @@ class ChatParams:
             timeout=None if timeout is None else float(timeout),
             fallbacks=fallbacks,
             restart=restart,
+            routes=routes,
         )

@@ -14,6 +14,8 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
 
 import anyio
 import httpx
@@ -22,22 +24,30 @@ from prometheus_client import CollectorRegistry
 from unbroken.client import AsyncClient
 from unbroken.core.attempt import Timeouts
 from unbroken.core.backoff import RetryPolicy
-from unbroken.core.routes import Route
+from unbroken.core.pricing import PriceTable
 from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.errors import UnbrokenError
+from unbroken.gateway.accesslog import RequestRecord, current_request, write_access_line
 from unbroken.gateway.asgi import Exchange, Receive, Scope, Send
 from unbroken.gateway.keys import Caller, KeyRing
 from unbroken.gateway.limits import Limiter
 from unbroken.gateway.metrics import GatewayMetrics
 from unbroken.gateway.openapi import openapi
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
+from unbroken.gateway.quota import rate_limit_headers
 from unbroken.gateway.relay import RelayResult, StreamRelay
 from unbroken.gateway.request import ChatRequest, parse_chat_request
+from unbroken.gateway.routing import ModelRouter, ServedModels, base_routes
 from unbroken.gateway.sessions import SESSIONS_PATH, SessionEndpoints, open_session_store
+from unbroken.gateway.telemetry import SpanHook, Telemetry
 from unbroken.gateway.upstream import LeanTransport
+from unbroken.gateway.usage import UsageBook, parse_usage_query
 from unbroken.instrumentation import Hook, PrometheusHook
 from unbroken.settings import Settings
 from unbroken.stores import Store, open_store
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 __all__ = ["Gateway", "build_upstream", "create_app", "upstream_transport"]
 
@@ -69,22 +79,22 @@ _NEVER_FORWARDED = frozenset(
     }
 )
 _ALLOWED_HEADERS = b"authorization, content-type, x-request-id"
+# Paths whose requests name or list models (so model discovery must be current).
+_MODEL_USERS = ("/v1/chat/", "/chat/", "/v1/models", "/models", "/v1/sessions")
 
 
 def build_upstream(
     settings: Settings,
     hooks: list[Hook],
     transport: httpx.AsyncBaseTransport | None = None,
+    prices: PriceTable | None = None,
 ) -> AsyncClient:
     """The shared `AsyncClient` for the configured routes, on `transport` (default: a new
     `upstream_transport(settings)`); closing the AsyncClient closes the transport."""
     g = settings.gateway
-    routes = [
-        Route(r.name, r.base_url, r.api_key, r.model, r.dialect)  # type: ignore[arg-type]  # RouteSettings checked the dialect
-        for r in settings.upstream_routes()
-    ]
     return AsyncClient(
-        routes=routes,
+        routes=base_routes(settings),
+        prices=prices,
         timeouts=Timeouts(
             connect_s=g.connect_s,
             headers_s=g.headers_s,
@@ -105,8 +115,10 @@ def build_upstream(
 
 def upstream_transport(settings: Settings) -> LeanTransport:
     """The transport of the upstream calls: a `LeanTransport` whose read-ahead is the
-    per-stream buffer bound."""
-    return LeanTransport(high_water_bytes=settings.gateway.stream_buffer_bytes)
+    per-stream buffer bound, through the proxies of `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`."""
+    return LeanTransport(
+        high_water_bytes=settings.gateway.stream_buffer_bytes, proxy_env=dict(settings.proxy_env)
+    )
 
 
 class Gateway:
@@ -117,6 +129,8 @@ class Gateway:
         store: the state store; default from `settings.gateway.store`.
         upstream: the SDK client to use upstream; default `build_upstream(settings)`.
         registry: the Prometheus registry of `/metrics`; default a new one.
+        tracer_provider: an OpenTelemetry tracer provider for the request spans; default
+            an OTLP exporter on `gateway.otel_endpoint` when set, else no tracing.
     """
 
     def __init__(
@@ -126,19 +140,25 @@ class Gateway:
         store: Store | None = None,
         upstream: AsyncClient | None = None,
         registry: CollectorRegistry | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         g = settings.gateway
         self.settings = settings
         self.store: Store = store if store is not None else open_store(g.store)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = GatewayMetrics(self.registry)
-        self.client = upstream or build_upstream(settings, [PrometheusHook(self.registry)])
+        self.router = ModelRouter(settings)
+        self.telemetry = Telemetry(tracer_provider, g.otel_endpoint)
+        hooks: list[Hook] = [PrometheusHook(self.registry)]
+        if self.telemetry.enabled:
+            hooks.append(SpanHook())
+        self.client = upstream or build_upstream(settings, hooks, prices=self.router.prices)
+        self.usage = UsageBook(self.store, self.router.prices)
         self.keys = KeyRing(g, self.store)
         self.sessions = SessionEndpoints(self, open_session_store(g.sessions))
         self.limiter = Limiter(self.store, g.slot_lease_s)
         routes = settings.upstream_routes()
         self.scrub = Scrubber([settings.api_key, *(r.api_key for r in routes)])
-        self.models = frozenset(g.models)
         self.route_names = frozenset(r.name for r in routes)
         self.draining = False
         self._relays: set[StreamRelay] = set()
@@ -154,10 +174,16 @@ class Gateway:
             "/healthz": ("GET", self._healthz),
             "/readyz": ("GET", self._readyz),
             "/openapi.json": ("GET", self._openapi),
+            "/v1/usage": ("GET", self._usage),
         }
 
     def __repr__(self) -> str:
         return f"Gateway(routes={sorted(self.route_names)}, store={self.store!r})"
+
+    @property
+    def models(self) -> ServedModels:
+        """The model names served (see `gateway.routing`)."""
+        return self.router.served
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -181,6 +207,7 @@ class Gateway:
         await self.client.aclose()
         await self.sessions.aclose()
         await self.store.aclose()
+        self.telemetry.shutdown()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -230,10 +257,14 @@ class Gateway:
         method: str = scope["method"]
         request_id, origin, headers = self._common_headers(scope)
         ex = Exchange(scope, receive, send, headers, self.settings.gateway.gzip_min_bytes)
+        record = RequestRecord.begin(request_id.decode(), method, path)
         try:
             if method == "OPTIONS":
                 await self._preflight(ex, origin)
                 return
+            if path.startswith(_MODEL_USERS):
+                # Discovery mode: the upstream's model names, fetched when due.
+                await self.router.refresh(self.client.models.list, time.monotonic())
             entry = self._routes.get(path)
             if entry is None and path.startswith(SESSIONS_PATH):
                 await self.sessions.handle(ex, method, path)
@@ -257,12 +288,14 @@ class Gateway:
         except (GatewayError, UnbrokenError) as exc:
             # UnbrokenError: a store failure (StoreError -> 503) or the like, outside a relay.
             error = exc if isinstance(exc, GatewayError) else from_unbroken(exc, self.scrub)
+            record.error = error.code or str(error.status)
             if error.status in (401, 403, 413, 429):
                 self.metrics.rejections.labels(error.code or str(error.status)).inc()
             if not ex.started:
                 await ex.respond_error(error)
         except Exception:
             # A bug must not kill the process, hang the client or show it a traceback.
+            record.error = "internal_error"
             logger.exception(
                 "unexpected error on %s %s", method, path, extra={"request_id": request_id}
             )
@@ -277,6 +310,10 @@ class Gateway:
                 )
         finally:
             self.metrics.request(path, ex.status)
+            record.finish(ex.status)
+            self.metrics.observe(path, record.outcome or "ok", record.duration_s)
+            if self.settings.gateway.access_log:
+                write_access_line(record)
 
     async def _preflight(self, ex: Exchange, origin: bytes | None) -> None:
         if origin is None:
@@ -306,6 +343,10 @@ class Gateway:
 
     def _forwarded(self, ex: Exchange, request_id: bytes) -> dict[str, str]:
         headers = {"X-Request-ID": request_id.decode("latin-1")}
+        traceparent = ex.header(b"traceparent")
+        if traceparent is not None and not self.telemetry.enabled:
+            # No span of ours: the client's trace context goes upstream as is.
+            headers["traceparent"] = traceparent.decode("latin-1")
         if not self._exact and not self._prefixes:
             return headers
         for raw_name, raw_value in ex.scope.get("headers", ()):
@@ -355,7 +396,16 @@ class Gateway:
                         code="model_not_allowed",
                         param="model",
                     )
-        admission = await self.limiter.admit(caller, request.estimated_tokens, time.time())
+        record = current_request()
+        if record is not None:
+            record.key, record.model = caller.name, request.model
+        try:
+            admission = await self.limiter.admit(caller, request.estimated_tokens, time.time())
+        except GatewayError as exc:
+            if exc.status == 429:
+                ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
+            raise
+        ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
         request_id = dict(ex.headers_out)[b"x-request-id"]
         booked = False
 
@@ -376,7 +426,10 @@ class Gateway:
                 cost = completion.unbroken.cost_usd
             # Books usage and frees the slot even when uvicorn cancels us at shutdown.
             with anyio.CancelScope(shield=True):
-                await self.limiter.finish(admission, tokens, cost or 0.0, time.time())
+                now = time.time()
+                await self.limiter.finish(admission, tokens, cost or 0.0, now)
+                usage = completion.usage if completion is not None else None
+                await self.usage.record(caller.name, request.model, usage, cost or 0.0, now)
 
         relay = StreamRelay(
             ex,
@@ -392,14 +445,22 @@ class Gateway:
         self.metrics.active.inc()
         self._relays.add(relay)
         result: RelayResult | None = None
+        upstream_headers = self._forwarded(ex, request_id)
+        span = None
+        if self.telemetry.enabled:
+            routes = self.router.routes_for(request.model) or self.client.routes
+            provider = "deepseek" if routes[0].dialect == "deepseek" else "openai"
+            span = self.telemetry.start(request, ex.header(b"traceparent"), provider)
+            self.telemetry.inject(span, upstream_headers)
         try:
             stream = await self.client.chat.completions.create(
                 model=request.model,
                 messages=request.messages,
                 stream=True,
                 extra_body=request.extra or None,
-                extra_headers=self._forwarded(ex, request_id),
-                fallbacks=request.fallbacks or None,
+                extra_headers=upstream_headers,
+                fallbacks=self.router.fallback_routes(request.fallbacks) or None,
+                routes=self.router.routes_for(request.model),
             )
             if request.stream:
                 result = await relay.stream(stream)
@@ -411,6 +472,13 @@ class Gateway:
             if result is None:
                 result = relay.result
             await book(result.completion if result is not None else None)
+            if record is not None:
+                record.answer(
+                    result.reason if result is not None else "error",
+                    result.completion if result is not None else None,
+                )
+            if span is not None and record is not None:
+                self.telemetry.end(span, record, result.completion if result is not None else None)
             if result is not None:
                 self.metrics.streams.labels(result.reason).inc()
                 self.metrics.chunks.inc(result.n_chunks)
@@ -430,6 +498,14 @@ class Gateway:
                 ],
             },
         )
+
+    async def _usage(self, ex: Exchange) -> None:
+        caller = await self.keys.identify(ex.header(b"authorization"))
+        query = dict(parse_qsl(ex.scope.get("query_string", b"").decode("latin-1")))
+        report = await self.usage.report(
+            parse_usage_query(query, caller, self.router.prices, time.time())
+        )
+        await ex.respond_json(200, report)
 
     async def _metrics(self, ex: Exchange) -> None:
         await ex.respond(200, self.metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
@@ -455,6 +531,7 @@ def create_app(
     store: Store | None = None,
     upstream: AsyncClient | None = None,
     registry: CollectorRegistry | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> Gateway:
     """Build the gateway ASGI app (see `Gateway`); settings default to `Settings.load()`."""
     return Gateway(
@@ -462,4 +539,5 @@ def create_app(
         store=store,
         upstream=upstream,
         registry=registry,
+        tracer_provider=tracer_provider,
     )

@@ -30,16 +30,19 @@ class Caller:
         name: the key's label, for logs and error messages (never the key).
         limits: its effective limits.
         models: the models it may use (None: all served models).
+        role: `user`, or `admin` (reads every key's usage); the anonymous caller of a
+            gateway without keys is an admin.
     """
 
     id: str
     name: str
     limits: LimitSettings
     models: tuple[str, ...] | None = None
+    role: str = "user"
 
 
 ANONYMOUS_NAME = "anonymous"
-ANONYMOUS = Caller("anonymous", ANONYMOUS_NAME, LimitSettings())
+ANONYMOUS = Caller("anonymous", ANONYMOUS_NAME, LimitSettings(), role="admin")
 
 
 class KeyRing:
@@ -55,7 +58,7 @@ class KeyRing:
         self._keys = {k.sha256: k for k in settings.keys}
         self._store = store if settings.keys_in_store else None
         self._cache: dict[str, tuple[float, KeySettings | None]] = {}
-        self._anonymous = Caller("anonymous", ANONYMOUS_NAME, settings.limits)
+        self._anonymous = Caller("anonymous", ANONYMOUS_NAME, settings.limits, role="admin")
 
     @property
     def required(self) -> bool:
@@ -63,7 +66,13 @@ class KeyRing:
         return bool(self._keys) or self._store is not None
 
     def _caller(self, key: KeySettings) -> Caller:
-        return Caller(f"k:{key.sha256[:24]}", key.name, key.limits.over(self._defaults), key.models)
+        return Caller(
+            f"k:{key.sha256[:24]}",
+            key.name,
+            key.limits.over(self._defaults),
+            key.models,
+            key.role,
+        )
 
     async def identify(self, authorization: bytes | None) -> Caller:
         """The caller of a request with this `Authorization` header.
