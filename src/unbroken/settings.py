@@ -248,8 +248,10 @@ class GatewaySettings:
         store: `memory` or a `redis://` / `rediss://` URL for limits, counters and keys.
         sessions: where `/v1/sessions` keeps conversations: `memory`, `sqlite` (a file in
             the data directory), `sqlite:PATH`, or a `redis://` URL.
-        keys_in_store: also accept keys kept in the store (`Store.put_key`); implies that
-            every API request needs a key.
+        keys_in_store: also accept keys kept in the store (`unbroken keys create`); implies
+            that every API request needs a key.
+        key_cache_s: how long a stored key's lookup is cached (a revoked key stops working
+            within it).
         cors_origins: browser origins allowed to call the API (`*` for any).
         forward_headers: request headers passed upstream (names, or prefixes ending in
             `*`); Authorization, Host and hop-by-hop headers never are.
@@ -281,6 +283,7 @@ class GatewaySettings:
     store: str = "memory"
     sessions: str = "memory"
     keys_in_store: bool = False
+    key_cache_s: float = 5.0
     cors_origins: tuple[str, ...] = ()
     forward_headers: tuple[str, ...] = ()
     max_body_bytes: int = 4 * 1024 * 1024
@@ -452,6 +455,7 @@ _GATEWAY_SCALARS: dict[str, Literal["str", "int", "float", "bool", "list"]] = {
     "store": "str",
     "sessions": "str",
     "keys_in_store": "bool",
+    "key_cache_s": "float",
     "cors_origins": "list",
     "forward_headers": "list",
     "models": "list",

@@ -19,11 +19,13 @@ def _register() -> None:
     # Commands defined in their own modules join the one app here.
     from unbroken.cli.chat_cmds import ask, chat
     from unbroken.cli.gateway_cmds import demo, serve
+    from unbroken.cli.keys_cmds import keys_app
 
     app.command()(demo)
     app.command()(serve)
     app.command()(chat)
     app.command()(ask)
+    app.add_typer(keys_app, name="keys")
 
 
 _register()

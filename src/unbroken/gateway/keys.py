@@ -15,9 +15,8 @@ from unbroken.stores.base import Store
 
 __all__ = ["ANONYMOUS", "Caller", "KeyRing"]
 
-# Store lookups (hits and misses) are cached this long, so a flood of bad keys costs the
-# store one read per key per interval, and a revoked key stops working within it.
-CACHE_S = 5.0
+# Store lookups (hits and misses) are cached `gateway.key_cache_s`, so a flood of bad keys
+# costs the store one read per key per interval, and a revoked key stops working within it.
 CACHE_MAX = 10_000
 
 
@@ -57,6 +56,7 @@ class KeyRing:
         self._defaults = settings.limits
         self._keys = {k.sha256: k for k in settings.keys}
         self._store = store if settings.keys_in_store else None
+        self._cache_s = settings.key_cache_s
         self._cache: dict[str, tuple[float, KeySettings | None]] = {}
         self._anonymous = Caller("anonymous", ANONYMOUS_NAME, settings.limits, role="admin")
 
@@ -113,5 +113,5 @@ class KeyRing:
         key = await self._store.get_key(digest)
         if len(self._cache) >= CACHE_MAX:
             self._cache.clear()
-        self._cache[digest] = (now + CACHE_S, key)
+        self._cache[digest] = (now + self._cache_s, key)
         return key

@@ -155,9 +155,9 @@ class UsageBook:
             for name in ("requests", "prompt_tokens", "cached_tokens", "completion_tokens")
         }
         total["total_tokens"] = total["prompt_tokens"] + total["completion_tokens"]
-        total["cost_usd"] = round(sum(row["cost_usd"] for row in rows), 9)
+        total["cost_usd"] = sum(row["cost_usd"] for row in rows)
         if query.price_at is not None:
-            total["cost_usd_at_price"] = round(sum(row["cost_usd_at_price"] for row in rows), 9)
+            total["cost_usd_at_price"] = sum(row["cost_usd_at_price"] for row in rows)
         return {
             "object": "usage",
             "start": query.start.isoformat(),
@@ -183,7 +183,7 @@ class UsageBook:
             "cached_tokens": cached,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
-            "cost_usd": round(metrics.get("cost_usd", 0.0), 9),
+            "cost_usd": metrics.get("cost_usd", 0.0),
         }
         if price_at is not None:
             usage = Usage(
@@ -193,5 +193,5 @@ class UsageBook:
                 prompt_cache_hit_tokens=cached,
                 prompt_cache_miss_tokens=max(0, prompt - cached),
             )
-            row["cost_usd_at_price"] = round(self._prices.cost(price_at, usage).total_usd, 9)
+            row["cost_usd_at_price"] = self._prices.cost(price_at, usage).total_usd
         return row
