@@ -115,7 +115,9 @@ class RequestRecord:
             self.fallbacks = meta.fallbacks
 
     def finish(self, status: int) -> None:
-        """Close the record: its status, duration and outcome."""
+        """Close the record (its status, duration and outcome); later log lines in this
+        context carry no request id."""
+        _CURRENT.set(None)
         self.status = status
         self.duration_s = time.monotonic() - self.started_s
         if self.outcome is None or self.outcome not in OUTCOMES:
@@ -167,7 +169,10 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+# Record attributes that are logging's own, or uvicorn's ANSI-coloured copy of the message.
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
+# Libraries that log every upstream call at INFO; their lines add nothing to the access log.
+_QUIET = ("httpx", "httpcore")
 
 
 class JsonFormatter(logging.Formatter):
@@ -212,6 +217,8 @@ def configure_logging(level: str = "info", fmt: str = "text") -> logging.Handler
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    for name in _QUIET:
+        logging.getLogger(name).setLevel(logging.WARNING)
     return handler
 
 
