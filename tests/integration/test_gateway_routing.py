@@ -29,12 +29,13 @@ QWEN = "Qwen/Qwen2.5-7B-Instruct"
 class FakeVLLM:
     """A vLLM-like upstream: serves `models` (its /models lists them, or 404 when
     `has_list` is False), answers with the model it was asked for, and 404s other names
-    the way vLLM does. Records the model of every chat request."""
+    the way vLLM does. Records the model and headers of every chat request."""
 
     def __init__(self, models: tuple[str, ...], *, has_list: bool = True) -> None:
         self.models = models
         self.has_list = has_list
         self.asked: list[str] = []
+        self.headers: list[dict[str, str]] = []
         self.model_lists = 0
 
     async def _send(self, send: Any, status: int, body: bytes, kind: bytes) -> None:
@@ -63,6 +64,7 @@ class FakeVLLM:
         request = json.loads(body)
         model = request["model"]
         self.asked.append(model)
+        self.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
         if model not in self.models:
             error = {
                 "object": "error",
