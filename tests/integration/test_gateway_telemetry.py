@@ -20,9 +20,9 @@ from unbroken.settings import GatewaySettings, RouteSettings, Settings
 
 pytest.importorskip("opentelemetry.sdk", reason="the [otel] extra is not installed")
 
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
     InMemorySpanExporter,
 )
 
@@ -108,7 +108,7 @@ def test_spans_carry_genai_attributes_usage_and_retry_resume_fallback_events(
     spans = exporter.get_finished_spans()
     assert [s.name for s in spans] == ["chat deepseek-chat"] * 3 + ["chat sturdy"]
     plain, retried, resumed, fell_back = spans
-    attributes = dict(plain.attributes or {})
+    attributes: dict[str, Any] = dict(plain.attributes or {})
     assert attributes["gen_ai.operation.name"] == "chat"
     assert attributes["gen_ai.provider.name"] == "deepseek"
     assert attributes["gen_ai.request.model"] == "deepseek-chat"
