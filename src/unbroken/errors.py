@@ -5,16 +5,28 @@
     ├── InvalidRequestError      a request we were asked to send is malformed (ours to fix)
     ├── EncodeError              a value cannot be written as SSE (CR/LF in an event name...)
     ├── ProtocolError            the upstream broke the wire format (SSE, JSON, sizes)
-    ├── UpstreamError            the upstream failed to give an answer
-    │   ├── UpstreamStatusError  it answered with an HTTP error status (status_code, error)
-    │   ├── UpstreamStreamError  it reported an error inside a 200 stream
-    │   ├── UpstreamConnectError the connection could not be made or was reset
-    │   ├── UpstreamTruncated    the stream ended before a finish_reason
-    │   └── UpstreamTimeout      one of the stream timers fired (phase says which)
-    ├── RetriesExhausted         every attempt failed (attempts; last error as __cause__)
+    ├── APIError                 (openai's name) anything the API did wrong
+    │   └── UpstreamError        the upstream failed to give an answer
+    │       ├── UpstreamStatusError  an HTTP error status; also an APIStatusError, and one of
+    │       │   BadRequestError (400), AuthenticationError (401), PermissionDeniedError (403),
+    │       │   NotFoundError (404), ConflictError (409), UnprocessableEntityError (422),
+    │       │   RateLimitError (429), InternalServerError (>= 500) by its status
+    │       ├── UpstreamStreamError  it reported an error inside a 200 stream
+    │       ├── UpstreamConnectError the connection failed or was reset; an APIConnectionError
+    │       ├── UpstreamTruncated    the stream ended before a finish_reason
+    │       └── UpstreamTimeout      a stream timer fired (phase says which); an APITimeoutError
+    ├── RetriesExhausted         every attempt failed (attempts; last error as __cause__); it
+    │                            is also an instance of the last error's class, so
+    │                            `except RateLimitError` catches "429 until we gave up"
     ├── ResumeError              a stream cannot be resumed (state expired, no id)
     ├── RateLimited              a local limit refused the call (retry_after_s)
     └── StoreError               a state store failed
+        └── SessionNotFound      a conversation session does not exist (session_id)
+
+Both kinds of `except` work: our typed classes (`except UpstreamTimeout`) and the names code
+written for the official `openai` package uses (`except unbroken.RateLimitError`,
+`except unbroken.APIConnectionError`); each status error carries `status_code`, `body`,
+`response` and `request_id`, as openai's do.
 
 Every error that ends a stream after part of the answer arrived carries it in `partial`, so
 nothing the user already paid for is lost. Messages start lowercase, name the offending value
@@ -26,21 +38,36 @@ from __future__ import annotations
 from typing import Any, Literal
 
 __all__ = [
+    "APIConnectionError",
+    "APIError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "BadRequestError",
     "ConfigError",
+    "ConflictError",
     "EncodeError",
+    "InternalServerError",
     "InvalidRequestError",
+    "NotFoundError",
+    "PermissionDeniedError",
     "ProtocolError",
+    "RateLimitError",
     "RateLimited",
     "ResumeError",
     "RetriesExhausted",
+    "SessionNotFound",
     "StoreError",
     "UnbrokenError",
+    "UnprocessableEntityError",
     "UpstreamConnectError",
     "UpstreamError",
     "UpstreamStatusError",
     "UpstreamStreamError",
     "UpstreamTimeout",
     "UpstreamTruncated",
+    "retries_exhausted",
+    "status_error_class",
 ]
 
 
@@ -100,7 +127,59 @@ ErrorKind = Literal[
 ]
 
 
-class UpstreamError(UnbrokenError):
+class APIError(UnbrokenError):
+    """openai's base of the errors the API caused (named as in the `openai` package).
+
+    Attributes:
+        request: the `httpx.Request` that failed, when one was sent.
+        body: the decoded JSON error body (or its text), when the API sent one.
+    """
+
+    request: Any = None
+    body: Any = None
+
+    @property
+    def code(self) -> str | int | None:
+        """The provider's `error.code` (openai's name)."""
+        return getattr(self, "error_code", None)
+
+    @property
+    def type(self) -> str | None:
+        """The provider's `error.type` (openai's name)."""
+        return getattr(self, "error_type", None)
+
+    @property
+    def param(self) -> str | None:
+        """The request parameter the provider named, if any (openai's name)."""
+        body = self.body
+        error = body.get("error") if isinstance(body, dict) else None
+        param = error.get("param") if isinstance(error, dict) else None
+        return param if isinstance(param, str) else None
+
+
+class APIStatusError(APIError):
+    """openai's name for an HTTP error status (see `UpstreamStatusError`).
+
+    Attributes:
+        status_code: the HTTP status.
+        response: the `httpx.Response` (closed; headers and status remain), if any.
+        request_id: the upstream's `x-request-id`, if it sent one.
+    """
+
+    status_code: int | None = None
+    response: Any = None
+    request_id: str | None = None
+
+
+class APIConnectionError(APIError):
+    """openai's name for a failed or broken connection (see `UpstreamConnectError`)."""
+
+
+class APITimeoutError(APIConnectionError):
+    """openai's name for a request that timed out (see `UpstreamTimeout`)."""
+
+
+class UpstreamError(APIError):
     """The upstream failed to deliver an answer.
 
     Attributes:
@@ -123,6 +202,9 @@ class UpstreamError(UnbrokenError):
         retry_after_s: float | None = None,
         route: str | None = None,
         partial: Any = None,
+        body: Any = None,
+        response: Any = None,
+        request_id: str | None = None,
     ) -> None:
         super().__init__(message, partial=partial)
         self.status_code = status_code
@@ -131,17 +213,75 @@ class UpstreamError(UnbrokenError):
         self.error_code = error_code
         self.retry_after_s = retry_after_s
         self.route = route
+        self.body = body
+        self.response = response
+        self.request_id = request_id
+        if response is not None:
+            self.request = getattr(response, "_request", None)
 
 
-class UpstreamStatusError(UpstreamError):
-    """The upstream answered with an HTTP error status; `status_code` says which."""
+class UpstreamStatusError(UpstreamError, APIStatusError):
+    """The upstream answered with an HTTP error status; `status_code` says which. The
+    instances raised are of the subclass named for the status (`RateLimitError`...)."""
+
+
+class BadRequestError(UpstreamStatusError):
+    """HTTP 400: the request was malformed or not allowed (openai's name)."""
+
+
+class AuthenticationError(UpstreamStatusError):
+    """HTTP 401: the API key is missing, wrong or revoked (openai's name)."""
+
+
+class PermissionDeniedError(UpstreamStatusError):
+    """HTTP 403: the key may not do this (openai's name)."""
+
+
+class NotFoundError(UpstreamStatusError):
+    """HTTP 404: no such model or path (openai's name)."""
+
+
+class ConflictError(UpstreamStatusError):
+    """HTTP 409 (openai's name)."""
+
+
+class UnprocessableEntityError(UpstreamStatusError):
+    """HTTP 422: the parameters were understood but invalid (openai's name)."""
+
+
+class RateLimitError(UpstreamStatusError):
+    """HTTP 429: the upstream's rate limit (openai's name; not our own `RateLimited`)."""
+
+
+class InternalServerError(UpstreamStatusError):
+    """HTTP 500 or above: the upstream failed or was overloaded (openai's name)."""
+
+
+_STATUS_CLASSES: dict[int, type[UpstreamStatusError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    422: UnprocessableEntityError,
+    429: RateLimitError,
+}
+
+
+def status_error_class(status: int | None) -> type[UpstreamStatusError]:
+    """The error class for an HTTP status, as openai maps them (others: the base)."""
+    if status is None:
+        return UpstreamStatusError
+    if status >= 500:
+        return InternalServerError
+    return _STATUS_CLASSES.get(status, UpstreamStatusError)
 
 
 class UpstreamStreamError(UpstreamError):
     """The upstream reported an error object inside a stream that had started (HTTP 200)."""
 
 
-class UpstreamConnectError(UpstreamError):
+class UpstreamConnectError(UpstreamError, APIConnectionError):
     """The connection failed, was refused or was reset."""
 
 
@@ -152,7 +292,7 @@ class UpstreamTruncated(UpstreamError):
 TimeoutPhase = Literal["connect", "headers", "first_token", "idle", "deadline"]
 
 
-class UpstreamTimeout(UpstreamError):
+class UpstreamTimeout(UpstreamError, APITimeoutError):
     """A stream timer fired.
 
     Attributes:
@@ -184,8 +324,37 @@ class RetriesExhausted(UnbrokenError):
     """
 
     def __init__(self, message: str, *, attempts: int, partial: Any = None) -> None:
-        super().__init__(message, partial=partial)
+        # Not super(): in a combined class (see `retries_exhausted`) the next __init__ is
+        # the last error's, whose arguments differ; its attributes are copied instead.
+        UnbrokenError.__init__(self, message, partial=partial)
         self.attempts = attempts
+
+
+_EXHAUSTED: dict[type[BaseException], type[RetriesExhausted]] = {}
+
+
+def retries_exhausted(
+    message: str, *, attempts: int, last: BaseException, partial: Any = None
+) -> RetriesExhausted:
+    """A RetriesExhausted that is also an instance of `last`'s class, with its attributes
+    (status_code, body, response...), so code that catches openai's names
+    (`except RateLimitError`) still catches "429 on every attempt". Chain it to `last`
+    (`raise ... from last`)."""
+    base = type(last)
+    if not isinstance(last, APIError) or isinstance(last, RetriesExhausted):
+        return RetriesExhausted(message, attempts=attempts, partial=partial)
+    cls = _EXHAUSTED.get(base)
+    if cls is None:
+        # One combined class per error class, made once; its name stays "RetriesExhausted"
+        # so tracebacks and logs read as before.
+        cls = _EXHAUSTED[base] = type(
+            "RetriesExhausted", (RetriesExhausted, base), {"__module__": __name__}
+        )
+    error = cls(message, attempts=attempts, partial=partial)
+    for name, value in vars(last).items():
+        if name not in ("message", "partial", "attempts") and not name.startswith("__"):
+            setattr(error, name, value)
+    return error
 
 
 class ResumeError(UnbrokenError):
@@ -208,3 +377,15 @@ class RateLimited(UnbrokenError):
 
 class StoreError(UnbrokenError):
     """A state store (memory, SQLite, Redis) failed or is unreachable."""
+
+
+class SessionNotFound(StoreError):
+    """A session store holds no session with this id.
+
+    Attributes:
+        session_id: the id asked for.
+    """
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"no session {session_id[:80]!r}")
+        self.session_id = session_id

@@ -31,6 +31,7 @@ __all__ = [
     "data_home",
     "debug_enabled",
     "env_api_key",
+    "env_client",
     "hash_key",
 ]
 
@@ -199,6 +200,8 @@ class RouteSettings:
         api_key: the upstream key (from `api_key_env` when set); never shown.
         model: the model to ask for on this route; None keeps the request's.
         dialect: how the route continues a broken answer.
+        context_tokens: the model's context window (None: DeepSeek's 128K); gateway
+            sessions trim their history to it.
     """
 
     name: str
@@ -206,6 +209,7 @@ class RouteSettings:
     api_key: str | None = field(default=None, repr=False)
     model: str | None = None
     dialect: str = "deepseek"
+    context_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -220,6 +224,58 @@ class RouteSettings:
                 f"route {self.name!r}: dialect must be one of {', '.join(_DIALECTS)}, "
                 f"got {self.dialect!r}"
             )
+        if self.context_tokens is not None and self.context_tokens < 1024:
+            raise ConfigError(
+                f"route {self.name!r}: context_tokens must be >= 1024, got {self.context_tokens}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """The gateway's answer cache (file table `[gateway.cache]`, env
+    `UNBROKEN_GATEWAY_CACHE_*`); off until `store` is set.
+
+    Attributes:
+        store: "" (off), `memory`, `sqlite:///PATH` or a `redis://` URL.
+        ttl_s: how long an answer is kept.
+        max_bytes: the memory backend's bound.
+        degrade: serve cached answers, marked stale, while the upstream is down.
+        degrade_after_failures: answers in a row that failed before any output before the
+            upstream counts as down.
+        probe_after_s: while down, how often one request probes the upstream (and the
+            Retry-After of a 503 for an uncached request).
+        serve_models, serve_keys: models and key names whose hits are answered from the
+            cache without an upstream call (FAQ traffic).
+        serve_max_temperature: the highest temperature served from the cache.
+        pace_s: seconds between replayed chunks of a hit (0: all at once).
+        store_tool_calls: also store answers that end in tool calls.
+    """
+
+    store: str = ""
+    ttl_s: float = 24 * 3600.0
+    max_bytes: int = 64 * 1024 * 1024
+    degrade: bool = True
+    degrade_after_failures: int = 2
+    probe_after_s: float = 5.0
+    serve_models: tuple[str, ...] = ()
+    serve_keys: tuple[str, ...] = ()
+    serve_max_temperature: float = 0.0
+    pace_s: float = 0.02
+    store_tool_calls: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("ttl_s", "probe_after_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"gateway.cache.{name} must be > 0, got {getattr(self, name)}")
+        if self.pace_s < 0 or self.max_bytes <= 0 or self.degrade_after_failures < 1:
+            raise ConfigError(
+                "gateway.cache needs pace_s >= 0, max_bytes > 0 and degrade_after_failures >= 1"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """True when a store is configured."""
+        return bool(self.store)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +322,7 @@ class GatewaySettings:
             instance's slots expire after this).
         connect_s, headers_s, first_token_s, idle_s: upstream stream timers.
         retry_attempts, max_resumes, retry_wait_initial_s, retry_wait_max_s: upstream retries.
+        cache: the answer cache (`[gateway.cache]`).
     """
 
     host: str = "127.0.0.1"
@@ -301,6 +358,7 @@ class GatewaySettings:
     max_resumes: int = 5
     retry_wait_initial_s: float = 0.25
     retry_wait_max_s: float = 8.0
+    cache: CacheSettings = field(default_factory=CacheSettings)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -479,7 +537,7 @@ _GATEWAY_SCALARS: dict[str, Literal["str", "int", "float", "bool", "list"]] = {
     "access_log": "bool",
     "otel_endpoint": "str",
 }
-_GATEWAY_TABLES = frozenset({"routes", "keys", "limits", "model_list"})
+_GATEWAY_TABLES = frozenset({"routes", "keys", "limits", "model_list", "cache"})
 
 
 def _unknown(table: Mapping[str, object], allowed: frozenset[str], where: str) -> None:
@@ -519,7 +577,9 @@ def _routes(items: object, env: Mapping[str, str]) -> tuple[RouteSettings, ...]:
     if not isinstance(items, list):
         raise ConfigError("gateway.routes must be an array of tables ([[gateway.routes]])")
     routes = []
-    allowed = frozenset({"name", "base_url", "api_key", "api_key_env", "model", "dialect"})
+    allowed = frozenset(
+        {"name", "base_url", "api_key", "api_key_env", "model", "dialect", "context_tokens"}
+    )
     for i, item in enumerate(items):
         where = f"gateway.routes[{i}]"
         if not isinstance(item, dict):
@@ -533,7 +593,12 @@ def _routes(items: object, env: Mapping[str, str]) -> tuple[RouteSettings, ...]:
             raise ConfigError(f"{where}.model must be a string")
         if not isinstance(dialect, str):
             raise ConfigError(f"{where}.dialect must be a string")
-        routes.append(RouteSettings(name, base_url, _secret(item, env, where), model, dialect))
+        context = item.get("context_tokens")
+        if context is not None and (not isinstance(context, int) or isinstance(context, bool)):
+            raise ConfigError(f"{where}.context_tokens must be an integer")
+        routes.append(
+            RouteSettings(name, base_url, _secret(item, env, where), model, dialect, context)
+        )
     return tuple(routes)
 
 
@@ -565,6 +630,33 @@ def _keys(items: object) -> tuple[KeySettings, ...]:
     return tuple(keys)
 
 
+_CACHE_FIELDS: dict[str, Literal["str", "int", "float", "bool", "list"]] = {
+    "store": "str",
+    "ttl_s": "float",
+    "max_bytes": "int",
+    "degrade": "bool",
+    "degrade_after_failures": "int",
+    "probe_after_s": "float",
+    "serve_models": "list",
+    "serve_keys": "list",
+    "serve_max_temperature": "float",
+    "pace_s": "float",
+    "store_tool_calls": "bool",
+}
+
+
+def _cache(table: object, base: CacheSettings, where: str, *, env: bool = False) -> CacheSettings:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where} must be a table ([{where}])")
+    _unknown(table, frozenset(_CACHE_FIELDS), f"[{where}]")
+    changes: dict[str, Any] = {
+        name: _scalar(table[name], kind, f"{where}_{name.upper()}" if env else f"{where}.{name}")
+        for name, kind in _CACHE_FIELDS.items()
+        if name in table
+    }
+    return replace(base, **changes) if changes else base
+
+
 def _from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
     _unknown(data, _TOP_KEYS, "the config file")
     gateway_table = data.get("gateway", {})
@@ -589,6 +681,8 @@ def _from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
             raise ConfigError("gateway.limits must be a table")
         _unknown(limits, _LIMIT_FIELDS, "[gateway.limits]")
         changes["limits"] = LimitSettings.parse(limits, "gateway.limits")
+    if "cache" in gateway_table:
+        changes["cache"] = _cache(gateway_table["cache"], CacheSettings(), "gateway.cache")
     gateway = _gateway_env(GatewaySettings(**changes), env)
     base_url = data.get("base_url", DEFAULT_BASE_URL)
     if not isinstance(base_url, str):
@@ -651,6 +745,13 @@ def _gateway_env(gateway: GatewaySettings, env: Mapping[str, str]) -> GatewaySet
             limit_changes[name] = int(value) if integer and value is not None else value
     if limit_changes:
         changes["limits"] = replace(gateway.limits, **limit_changes)
+    cache_env = {
+        name: env[variable]
+        for name in _CACHE_FIELDS
+        if env.get(variable := f"UNBROKEN_GATEWAY_CACHE_{name.upper()}")
+    }
+    if cache_env:
+        changes["cache"] = _cache(cache_env, gateway.cache, "UNBROKEN_GATEWAY_CACHE", env=True)
     return replace(gateway, **changes) if changes else gateway
 
 
@@ -674,6 +775,19 @@ def env_api_key(environ: Mapping[str, str] | None = None) -> str | None:
     malformed gateway variable never breaks a client)."""
     env = os.environ if environ is None else environ
     return env.get("DEEPSEEK_API_KEY") or None
+
+
+def env_client(environ: Mapping[str, str] | None = None) -> tuple[str | None, str | None]:
+    """(key, base URL) for an SDK client built without them: DEEPSEEK_API_KEY and
+    DEEPSEEK_BASE_URL, else OPENAI_BASE_URL, as code written for openai sets it. The
+    OPENAI_API_KEY is taken only with a base URL from the environment that is not
+    DeepSeek's, so an OpenAI key is never sent to another provider by default."""
+    env = os.environ if environ is None else environ
+    base = env.get("DEEPSEEK_BASE_URL") or env.get("OPENAI_BASE_URL") or None
+    key = env.get("DEEPSEEK_API_KEY") or None
+    if key is None and base is not None and "deepseek.com" not in base:
+        key = env.get("OPENAI_API_KEY") or None
+    return key, base
 
 
 def data_home(environ: Mapping[str, str] | None = None) -> str | None:

@@ -14,7 +14,7 @@ import pytest
 from tests.servers import read_stream
 from unbroken.gateway.app import create_app
 from unbroken.mock import MockConfig, MockServer, ServerThread, answer_text
-from unbroken.settings import GatewaySettings, KeySettings, Settings, hash_key
+from unbroken.settings import GatewaySettings, KeySettings, RouteSettings, Settings, hash_key
 
 pytestmark = pytest.mark.integration
 
@@ -201,3 +201,39 @@ def test_default_sqlite_lives_in_the_data_home(
     store = open_session_store("sqlite")
     store.store.close()
     assert (tmp_path / "unbroken" / "sessions.db").exists()
+
+
+def test_history_is_trimmed_to_the_serving_route_context(upstream: MockServer) -> None:
+    """Two routes: the first (the one that serves) has a 2,048-token window, so every turn's
+    prompt, as the mock counts it, stays inside it while the whole history grows past it;
+    its turns calibrate that route. The 128K default would send everything."""
+    settings = Settings(
+        gateway=GatewaySettings(
+            routes=(
+                RouteSettings("small", upstream.url, "sk-up", context_tokens=2048),
+                RouteSettings("big", upstream.url, "sk-up"),
+            ),
+        ),
+    )
+    app = create_app(settings)
+    words = " ".join(f"word{i}" for i in range(300))  # ~ 600+ tokens a turn
+    with (
+        ServerThread(app, lifespan="on") as server,
+        httpx.Client(base_url=server.url, timeout=20.0) as api,
+    ):
+        sid = api.post("/v1/sessions", json={}).json()["id"]
+        for turn in range(5):
+            reply = api.post(
+                f"/v1/sessions/{sid}/messages",
+                json={"content": f"{turn} {words}", "stream": False, "max_tokens": 200},
+                headers={"X-Request-ID": f"trim-{sid}-{turn}"},
+            )
+            assert reply.status_code == 200, reply.text
+        stored = api.get(f"/v1/sessions/{sid}").json()["messages"]
+    log = httpx.get(f"{upstream.url}/_mock/log", params={"limit": 1000}).json()["entries"]
+    prompts = [e["prompt_tokens"] for e in log if e["prompt_tokens"] is not None][-5:]
+    assert len(stored) == 10
+    assert max(prompts) <= 2048 - 200, prompts
+    # The later turns were trimmed: the whole history would exceed the window.
+    assert sum(len(m["content"]) for m in stored) // 4 > 2048
+    assert "small" in app.sessions.calibrations

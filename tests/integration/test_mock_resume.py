@@ -182,3 +182,50 @@ def test_instruction_continuation_continues_the_cut_answer(api: httpx.Client, mo
     result = read_stream(api, {"model": model, "messages": messages, "stream": True})
     assert full[:cut] + result.content == full
     assert answer_text(model, messages, config=MOCK_CONFIG)[1] == full
+
+
+def _wrong(text: str) -> str:
+    """The same length, one character changed in the middle."""
+    i = len(text) // 2
+    return text[:i] + ("x" if text[i] != "x" else "y") + text[i + 1 :]
+
+
+@pytest.mark.parametrize("dialect", ["beta", "vllm", "instruction", "reasoning"])
+def test_a_wrong_prefix_of_the_right_length_is_refused_and_counted(
+    api: httpx.Client, dialect: str
+) -> None:
+    """The mock compares a continuation's prefix with the answer's own text: the right text
+    is continued (mismatches stay 0); the wrong text of the same length is a 400 naming the
+    position, counted in /_mock/stats `prefix_mismatches`, on every resume style."""
+    _, full = answer_text("deepseek-chat", MESSAGES, config=MOCK_CONFIG)
+    reasoning, _ = answer_text("deepseek-reasoner", MESSAGES, config=MOCK_CONFIG)
+    cut = len(full) // 2
+
+    def send(text: str) -> Any:
+        if dialect == "beta":
+            return continue_(api, "deepseek-chat", {"content": text}, stream=True)
+        if dialect == "vllm":
+            return continue_(api, "deepseek-chat", {"content": text}, stream=True, vllm=True)
+        if dialect == "reasoning":
+            prefix = {"content": "", "reasoning_content": text}
+            return continue_(api, "deepseek-reasoner", prefix, stream=True)
+        messages = [
+            *MESSAGES,
+            {"role": "assistant", "content": text},
+            {
+                "role": "user",
+                "content": "Your answer was cut off. Continue exactly where it stopped.",
+            },
+        ]
+        return read_stream(api, {"model": "deepseek-chat", "messages": messages, "stream": True})
+
+    good_text = reasoning[: len(reasoning) // 2] if dialect == "reasoning" else full[:cut]
+    good = send(good_text)
+    assert good.status == 200
+    assert api.get("/_mock/stats").json()["prefix_mismatches"] == 0
+    bad = send(_wrong(good_text))
+    assert bad.status == 400
+    assert f"at character {len(good_text) // 2}" in bad.raw.decode()
+    assert api.get("/_mock/stats").json()["prefix_mismatches"] == 1
+    log = api.get("/_mock/log").json()["entries"]
+    assert log[-1]["outcome"] == "prefix_mismatch"

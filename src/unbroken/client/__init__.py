@@ -4,6 +4,7 @@ Imports core, errors, settings, instrumentation and httpx; never the gateway or 
 """
 
 from unbroken.client._common import RateLimit
+from unbroken.client._options import ClientOptions
 from unbroken.client.async_ import AsyncChatStream, AsyncClient, AsyncStream
 from unbroken.client.sync import ChatStream, Client, Stream
 
@@ -13,6 +14,7 @@ __all__ = [
     "AsyncStream",
     "ChatStream",
     "Client",
+    "ClientOptions",
     "RateLimit",
     "Stream",
 ]

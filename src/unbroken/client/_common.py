@@ -12,10 +12,18 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+import httpx
 import msgspec
 
+from unbroken.client._options import (
+    apply_timeout,
+    check_options,
+    option_headers,
+    policy_for,
+    timeouts_for,
+)
 from unbroken.client._params import ChatParams
 from unbroken.core.accumulator import ChunkAccumulator
 from unbroken.core.attempt import Attempt, Timeouts
@@ -39,8 +47,8 @@ from unbroken.core.flow import (
 )
 from unbroken.core.pricing import Cost, PriceTable
 from unbroken.core.ratelimit import BucketState, TokenBucket
-from unbroken.core.resume import Dialect
 from unbroken.core.routes import Route, RouteHealth
+from unbroken.core.sse import DEFAULT_MAX_EVENT_BYTES
 from unbroken.core.stream import EndState, StreamEnd
 from unbroken.core.tokens import (
     add_usage,
@@ -64,10 +72,13 @@ from unbroken.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from unbroken.instrumentation import AnswerRecord, AttemptRecord, Hook, Hooks
-from unbroken.settings import DEFAULT_BASE_URL, env_api_key
+from unbroken.instrumentation import AnswerRecord, AttemptRecord, Hooks
+from unbroken.settings import DEFAULT_BASE_URL, env_client
 
-__all__ = ["AnswerRun", "ClientBase", "ClientConfig", "RateLimit", "build_body"]
+__all__ = ["AnswerRun", "ClientBase", "ClientConfig", "Endpoint", "RateLimit", "build_body"]
+
+# What an answer asks for: a chat completion, or a FIM completion (DeepSeek /beta/completions).
+Endpoint = Literal["chat", "fim"]
 
 # Completion tokens reserved against a tokens-per-minute limit when the request sets no
 # max_tokens; the real count replaces it when the usage arrives.
@@ -156,38 +167,55 @@ class ClientConfig:
     health: dict[str, RouteHealth] = field(default_factory=dict)
     breaker_states: dict[str, BreakerState] = field(default_factory=dict)
 
+    headers: dict[str, str] = field(default_factory=dict)
+    query: dict[str, Any] = field(default_factory=dict)
+    urls: dict[tuple[str, str, bool], httpx.URL] = field(default_factory=dict)
+
     @classmethod
     def build(
         cls,
-        *,
         api_key: str | None,
         base_url: str | None,
-        dialect: Dialect,
-        routes: Sequence[Route] | None,
-        timeouts: Timeouts | None,
-        retry: RetryPolicy | None,
-        retry_budget: RetryBudget | None,
-        rate_limit: RateLimit | None,
-        prices: PriceTable | None,
-        hooks: Sequence[Hook],
-        breaker_threshold: int,
-        breaker_cooldown_s: float,
-        hold_tool_calls: bool,
-        max_event_bytes: int,
-        seed: int | None,
-        env_api_key: str | None,
+        options: Mapping[str, Any],
+        *,
+        need_key: bool = True,
     ) -> ClientConfig:
+        """The configuration for `options` (see `ClientOptions`).
+
+        Args:
+            api_key: the key, else `DEEPSEEK_API_KEY` (see `settings.env_client`).
+            base_url: the upstream, else `DEEPSEEK_BASE_URL` / `OPENAI_BASE_URL`, else
+                DeepSeek's.
+            options: the other constructor options.
+            need_key: fail at once when no key is found (not for the transports, which
+                take the key from each request).
+
+        Raises:
+            ConfigError: an option is unknown, malformed or contradicts another, or no
+                key was given or found in the environment.
+        """
+        check_options(options)
+        routes = options.get("routes")
         if routes:
             if api_key is not None or base_url is not None:
                 raise ConfigError("give either routes=[...] or api_key/base_url, not both")
             route_list = list(routes)
         else:
+            env_key, env_base = (
+                env_client() if api_key is None or base_url is None else (None, None)
+            )
+            key = api_key if api_key is not None else env_key
+            if key is None and need_key:
+                raise ConfigError(
+                    "no API key: pass api_key=... or set DEEPSEEK_API_KEY "
+                    "(OPENAI_API_KEY is used with an OPENAI_BASE_URL)"
+                )
             route_list = [
                 Route(
                     name="default",
-                    base_url=base_url or DEFAULT_BASE_URL,
-                    api_key=api_key if api_key is not None else env_api_key,
-                    dialect=dialect,
+                    base_url=base_url or env_base or DEFAULT_BASE_URL,
+                    api_key=key,
+                    dialect=options.get("dialect", "deepseek"),
                 )
             ]
         names = [r.name for r in route_list]
@@ -195,18 +223,31 @@ class ClientConfig:
             raise ConfigError(f"route names must be unique, got {names}")
         return cls(
             routes=route_list,
-            timeouts=timeouts or Timeouts(),
-            retry=retry or RetryPolicy(),
-            budget=retry_budget or RetryBudget(),
-            prices=prices or PriceTable(),
-            hooks=Hooks(hooks),
-            limiter=_Limiter(rate_limit),
-            breaker_threshold=breaker_threshold,
-            breaker_cooldown_s=breaker_cooldown_s,
-            hold_tool_calls=hold_tool_calls,
-            max_event_bytes=max_event_bytes,
-            rng=random.Random(seed),  # noqa: S311 - backoff jitter, not cryptography
+            timeouts=timeouts_for(options),
+            retry=policy_for(options),
+            budget=options.get("retry_budget") or RetryBudget(),
+            prices=options.get("prices") or PriceTable(),
+            hooks=Hooks(options.get("hooks", ())),
+            limiter=_Limiter(options.get("rate_limit")),
+            breaker_threshold=options.get("breaker_threshold", 5),
+            breaker_cooldown_s=options.get("breaker_cooldown_s", 30.0),
+            hold_tool_calls=options.get("hold_tool_calls", True),
+            max_event_bytes=options.get("max_event_bytes", DEFAULT_MAX_EVENT_BYTES),
+            rng=random.Random(options.get("seed")),  # noqa: S311 - backoff jitter, not crypto
+            headers=option_headers(options),
+            query=dict(options.get("default_query") or {}),
         )
+
+    def url(self, route: Route, path: str, *, beta: bool) -> httpx.URL:
+        """The URL of `path` on `route` with the default query (built once per route)."""
+        key = (route.base_url + route.beta_path, path, beta)
+        url = self.urls.get(key)
+        if url is None:
+            url = httpx.URL(route.url(path, beta=beta))
+            if self.query:
+                url = url.copy_merge_params(self.query)
+            self.urls[key] = url
+        return url
 
     def route_health(self, route: Route) -> RouteHealth:
         """The (shared) health of a route, created on first use."""
@@ -327,9 +368,14 @@ class AnswerRun:
         now: float,
         restart: bool = False,
         deadline_s: float | None = None,
+        timeouts: Timeouts | None = None,
+        endpoint: Endpoint = "chat",
+        query: Mapping[str, Any] | None = None,
         extra_headers: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
+        self.query = dict(query) if query else None
+        self.endpoint: Endpoint = endpoint
         self.extra_headers = dict(extra_headers or {})
         self.body = body
         self.routes = routes
@@ -340,7 +386,7 @@ class AnswerRun:
         if deadline != policy.deadline_s:
             policy = dataclasses.replace(policy, deadline_s=deadline)
         self.deadline_at = None if deadline is None else now + deadline
-        self.timeouts = config.timeouts
+        self.timeouts = timeouts or config.timeouts
         if deadline != self.timeouts.deadline_s:  # so a deadline timeout names its limit
             self.timeouts = dataclasses.replace(self.timeouts, deadline_s=deadline)
         health = {r.name: config.route_health(r) for r in routes}
@@ -665,48 +711,21 @@ def _outcome_name(state: EndState | None, error: UnbrokenError | None) -> str:
 
 
 class ClientBase:
-    """What Client and AsyncClient share besides their HTTP pool and driver: the
-    configuration, the default headers, and starting an answer's run."""
+    """What Client, AsyncClient and the transports share besides their HTTP pool and
+    driver: the options (given once, see `ClientOptions`), the configuration, and
+    starting an answer's run."""
 
     def __init__(
         self,
         api_key: str | None,
         base_url: str | None,
+        options: Mapping[str, Any],
         *,
-        dialect: Dialect,
-        routes: Sequence[Route] | None,
-        timeouts: Timeouts | None,
-        retry: RetryPolicy | None,
-        retry_budget: RetryBudget | None,
-        rate_limit: RateLimit | None,
-        prices: PriceTable | None,
-        hooks: Sequence[Hook],
-        breaker_threshold: int,
-        breaker_cooldown_s: float,
-        hold_tool_calls: bool,
-        max_event_bytes: int,
-        seed: int | None,
-        default_headers: Mapping[str, str] | None,
+        need_key: bool = True,
     ) -> None:
-        self._config = ClientConfig.build(
-            api_key=api_key,
-            base_url=base_url,
-            dialect=dialect,
-            routes=routes,
-            timeouts=timeouts,
-            retry=retry,
-            retry_budget=retry_budget,
-            rate_limit=rate_limit,
-            prices=prices,
-            hooks=hooks,
-            breaker_threshold=breaker_threshold,
-            breaker_cooldown_s=breaker_cooldown_s,
-            hold_tool_calls=hold_tool_calls,
-            max_event_bytes=max_event_bytes,
-            seed=seed,
-            env_api_key=env_api_key() if api_key is None and not routes else None,
-        )
-        self._headers = dict(default_headers or {})
+        self._options = dict(options)
+        self._config = ClientConfig.build(api_key, base_url, options, need_key=need_key)
+        self._given = (api_key, base_url)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(routes={[r.name for r in self._config.routes]})"
@@ -716,19 +735,81 @@ class ClientBase:
         """The configured routes."""
         return list(self._config.routes)
 
+    @property
+    def api_key(self) -> str | None:
+        """The key of the first route (as openai's `client.api_key`)."""
+        return self._config.routes[0].api_key
+
+    @property
+    def base_url(self) -> httpx.URL:
+        """The base URL of the first route, with a trailing slash (as openai's)."""
+        base = self._config.routes[0].base_url
+        return httpx.URL(base if base.endswith("/") else base + "/")
+
+    @property
+    def max_retries(self) -> int:
+        """Retries allowed per answer (openai's name; `attempts - 1` of the policy)."""
+        return self._config.retry.attempts - 1
+
+    @property
+    def timeout(self) -> Timeouts:
+        """The stream timers (openai's attribute name; our `Timeouts`)."""
+        return self._config.timeouts
+
+    def _copy_options(
+        self, changes: Mapping[str, Any]
+    ) -> tuple[str | None, str | None, dict[str, Any]]:
+        """The arguments of a copy with `changes` (for `with_options`)."""
+        api_key, base_url = self._given
+        options = dict(self._options)
+        if "api_key" in changes or "base_url" in changes:
+            api_key = changes.get("api_key", api_key)
+            base_url = changes.get("base_url", base_url)
+            options.pop("routes", None)
+        if api_key is None and base_url is None and not options.get("routes"):
+            route = self._config.routes[0]
+            api_key, base_url = route.api_key, route.base_url
+        if changes.get("timeout") is not None:
+            options.pop("timeouts", None)
+        if changes.get("max_retries") is not None:
+            options.pop("retry", None)
+        options.update({k: v for k, v in changes.items() if k not in ("api_key", "base_url")})
+        if "base_url" in changes and changes["base_url"] is not None:
+            base_url = str(changes["base_url"])
+        return api_key, base_url, options
+
     def _new_run(
-        self, model: str, messages: Iterable[Any], params: dict[str, Any], *, stream: bool
+        self,
+        model: str,
+        messages: Iterable[Any],
+        params: dict[str, Any],
+        *,
+        stream: bool,
+        routes: list[Route] | None = None,
+        endpoint: Endpoint = "chat",
+        extra_headers: Mapping[str, str] | None = None,
+        timeout: float | httpx.Timeout | None = None,
+        tighten_only: bool = False,
     ) -> AnswerRun:
         options = ChatParams.pop(params)
         body = build_body(
             model, messages, stream=stream, params=params, extra_body=options.extra_body
         )
+        given = options.timeout if options.timeout is not None else timeout
+        timeouts = apply_timeout(self._config.timeouts, given, tighten_only=tighten_only)
         return AnswerRun(
             self._config,
             body,
-            self._config.resolve_routes(options.fallbacks, options.routes),
+            routes or self._config.resolve_routes(options.fallbacks, options.routes),
             now=time.monotonic(),
             restart=options.restart,
-            deadline_s=options.timeout,
-            extra_headers={**self._headers, **options.extra_headers},
+            deadline_s=options.deadline,
+            timeouts=timeouts,
+            endpoint=endpoint,
+            query=options.extra_query,
+            extra_headers={
+                **self._config.headers,
+                **(extra_headers or {}),
+                **options.extra_headers,
+            },
         )

@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
 from unbroken.core.routes import Route
 from unbroken.errors import InvalidRequestError
 
@@ -19,7 +21,10 @@ class ChatParams:
     Attributes:
         extra_headers: headers for this request only (as in the openai SDK).
         extra_body: fields merged into the JSON body (as in the openai SDK).
-        timeout: seconds allowed for the whole answer (the deadline).
+        extra_query: query parameters for this request only (as in the openai SDK).
+        timeout: openai's meaning: seconds (or an `httpx.Timeout`) for each wait - the
+            connection, the headers, the first token, each gap between data events.
+        deadline: seconds allowed for the whole answer across all attempts.
         fallbacks: models (on the first route) or routes to try after the configured ones.
         restart: start over when a broken answer cannot be continued anywhere.
         routes: routes to use for this request instead of the configured ones (a gateway
@@ -28,10 +33,12 @@ class ChatParams:
 
     extra_headers: Mapping[str, str] = field(default_factory=dict)
     extra_body: Mapping[str, Any] | None = None
-    timeout: float | None = None
+    timeout: float | httpx.Timeout | None = None
+    deadline: float | None = None
     fallbacks: Sequence[str | Route] | None = None
     restart: bool = False
     routes: Sequence[Route] | None = None
+    extra_query: Mapping[str, Any] | None = None
 
     @classmethod
     def pop(cls, params: dict[str, Any]) -> ChatParams:
@@ -43,21 +50,26 @@ class ChatParams:
         headers = params.pop("extra_headers", None) or {}
         body = params.pop("extra_body", None)
         timeout = params.pop("timeout", None)
+        deadline = params.pop("deadline", None)
         fallbacks = params.pop("fallbacks", None)
         restart = params.pop("restart", False)
         routes = params.pop("routes", None)
-        params.pop("extra_query", None)  # accepted for openai compatibility; nothing to query
+        query = params.pop("extra_query", None)
+        if query is not None and not isinstance(query, Mapping):
+            raise InvalidRequestError("extra_query must be a mapping")
         if not isinstance(headers, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
         ):
             raise InvalidRequestError("extra_headers must map strings to strings")
         if body is not None and not isinstance(body, Mapping):
             raise InvalidRequestError("extra_body must be a mapping")
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
-        ):
+        if timeout is not None and not isinstance(timeout, httpx.Timeout) and not _seconds(timeout):
             raise InvalidRequestError(
-                f"timeout must be a positive number of seconds, got {timeout!r}"
+                f"timeout must be a positive number of seconds or an httpx.Timeout, got {timeout!r}"
+            )
+        if deadline is not None and not _seconds(deadline):
+            raise InvalidRequestError(
+                f"deadline must be a positive number of seconds, got {deadline!r}"
             )
         if fallbacks is not None and (
             isinstance(fallbacks, str) or not isinstance(fallbacks, Sequence)
@@ -74,8 +86,16 @@ class ChatParams:
         return cls(
             extra_headers=dict(headers),
             extra_body=body,
-            timeout=None if timeout is None else float(timeout),
+            timeout=timeout
+            if timeout is None or isinstance(timeout, httpx.Timeout)
+            else float(timeout),
+            deadline=None if deadline is None else float(deadline),
             fallbacks=fallbacks,
             restart=restart,
             routes=routes,
+            extra_query=query,
         )
+
+
+def _seconds(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0

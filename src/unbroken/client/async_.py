@@ -8,33 +8,29 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from types import TracebackType
-from typing import Any, Literal, overload
+from typing import Any, Literal, Unpack, overload
 
 import anyio
 import httpx
 import msgspec
 
-from unbroken.client._common import AnswerRun, ClientBase, RateLimit
-from unbroken.client._transport import (
+from unbroken.client._common import AnswerRun, ClientBase
+from unbroken.client._driver import (
     MAX_ERROR_BODY_BYTES,
+    Exchange,
     map_transport_error,
     request_headers,
     status_error,
 )
+from unbroken.client._options import DEFAULT_MAX_CONNECTIONS, ClientOptions
 from unbroken.core.accumulator import EventSplitter
-from unbroken.core.attempt import Attempt, Timeouts
-from unbroken.core.backoff import RetryBudget, RetryPolicy
+from unbroken.core.attempt import Attempt
 from unbroken.core.events import ChatEvent, ControlEvent, DoneEvent, TextEvent
 from unbroken.core.flow import AttemptOutcome, Connect
-from unbroken.core.pricing import PriceTable
-from unbroken.core.resume import Dialect
-from unbroken.core.routes import Route
-from unbroken.core.sse import DEFAULT_MAX_EVENT_BYTES
 from unbroken.core.wire import Answer, ChatCompletionChunk
-from unbroken.errors import TimeoutPhase, UnbrokenError, UpstreamError
-from unbroken.instrumentation import Hook
+from unbroken.errors import TimeoutPhase, UpstreamError
 
 __all__ = ["AsyncChatStream", "AsyncClient", "AsyncStream"]
 
@@ -54,60 +50,42 @@ class AsyncClient(ClientBase):
         api_key: str | None = None,
         base_url: str | None = None,
         *,
-        dialect: Dialect = "deepseek",
-        routes: Sequence[Route] | None = None,
-        timeouts: Timeouts | None = None,
-        retry: RetryPolicy | None = None,
-        retry_budget: RetryBudget | None = None,
-        rate_limit: RateLimit | None = None,
-        prices: PriceTable | None = None,
-        hooks: Sequence[Hook] = (),
-        breaker_threshold: int = 5,
-        breaker_cooldown_s: float = 30.0,
-        hold_tool_calls: bool = True,
-        http2: bool = False,
-        max_connections: int = 1000,
-        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-        seed: int | None = None,
-        default_headers: Mapping[str, str] | None = None,
         http_client: httpx.AsyncClient | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        **options: Unpack[ClientOptions],
     ) -> None:
-        super().__init__(
-            api_key,
-            base_url,
-            dialect=dialect,
-            routes=routes,
-            timeouts=timeouts,
-            retry=retry,
-            retry_budget=retry_budget,
-            rate_limit=rate_limit,
-            prices=prices,
-            hooks=hooks,
-            breaker_threshold=breaker_threshold,
-            breaker_cooldown_s=breaker_cooldown_s,
-            hold_tool_calls=hold_tool_calls,
-            max_event_bytes=max_event_bytes,
-            seed=seed,
-            default_headers=default_headers,
-        )
-        self._owns_http = http_client is None
+        super().__init__(api_key, base_url, options)
+        self._setup_http(http_client, transport)
+        self.chat = _AsyncChat(self)
+        self.models = _AsyncModels(self)
+
+    def _setup_http(
+        self, http_client: httpx.AsyncClient | None, transport: httpx.AsyncBaseTransport | None
+    ) -> None:
         # Streams go straight to the transport: httpx's client layer (cookie jar, auth,
         # redirects, URL merging) costs ~0.5 ms per request and has nothing to do here.
         # With a caller's http_client, its send() is used as given.
+        self._owns_http = http_client is None
         self._transport: httpx.AsyncBaseTransport | None = None
         if http_client is None:
+            n = self._options.get("max_connections", DEFAULT_MAX_CONNECTIONS)
             self._transport = transport or httpx.AsyncHTTPTransport(
-                http2=http2,
-                limits=httpx.Limits(
-                    max_connections=max_connections, max_keepalive_connections=max_connections
-                ),
+                http2=self._options.get("http2", False),
+                limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
             )
             http_client = httpx.AsyncClient(transport=self._transport, follow_redirects=False)
         self._http = http_client
-        self._urls: dict[tuple[str, bool], httpx.URL] = {}
-        self.chat = _AsyncChat(self)
-        self.models = _AsyncModels(self)
+
+    def with_options(self, **changes: Any) -> AsyncClient:
+        """A copy with some options changed (openai's `with_options`), sharing the
+        connection pool: `client.with_options(timeout=5, max_retries=0).chat...`."""
+        api_key, base_url, options = self._copy_options(changes)
+        http_client = changes.pop("http_client", None) or self._http
+        return AsyncClient(
+            api_key, base_url, http_client=http_client, **options
+        )  # checked by ClientConfig.build
+
+    copy = with_options
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -130,19 +108,14 @@ class AsyncClient(ClientBase):
         t = self._config.timeouts
         try:
             response = await self._http.get(
-                route.url(path),
-                headers=request_headers(route, self._headers),
+                self._config.url(route, path, beta=False),
+                headers=request_headers(route, self._config.headers),
                 timeout=httpx.Timeout(t.headers_s, connect=t.connect_s),
             )
         except httpx.HTTPError as exc:
             raise map_transport_error(exc, route, got_headers=False) from exc
         if response.status_code != 200:
-            raise status_error(
-                route,
-                response.status_code,
-                response.headers,
-                response.content[:MAX_ERROR_BODY_BYTES],
-            )
+            raise status_error(route, response, response.content[:MAX_ERROR_BODY_BYTES])
         try:
             return msgspec.json.decode(response.content)
         except msgspec.DecodeError as exc:
@@ -202,45 +175,22 @@ class AsyncClient(ClientBase):
     async def _attempt(
         self, run: AnswerRun, attempt: Attempt, outcome: _Outcome
     ) -> AsyncGenerator[ChatCompletionChunk, None]:
-        plan = attempt.plan
-        route = plan.route
-        t = self._config.timeouts
-        timeout = httpx.Timeout(connect=t.connect_s, read=None, write=t.connect_s, pool=t.connect_s)
-        key = (route.base_url + route.beta_path, plan.beta)
-        url = self._urls.get(key)
-        if url is None:
-            url = self._urls[key] = httpx.URL(route.url("/chat/completions", beta=plan.beta))
-        request = httpx.Request(
-            "POST",
-            url,
-            content=msgspec.json.encode(plan.body),
-            headers=request_headers(route, run.extra_headers),
-            extensions={"timeout": timeout.as_dict()},
-        )
-        error: UnbrokenError | None = None
+        ex = Exchange(run, attempt, read_s=None)
         response = None
-        expiry = attempt.expiry()
         try:
-            with anyio.move_on_after(_remaining(expiry)) as scope:
+            with anyio.move_on_after(_remaining(attempt.expiry())):
                 if self._transport is not None:
-                    response = await self._transport.handle_async_request(request)
+                    response = await self._transport.handle_async_request(ex.request)
                 else:
-                    response = await self._http.send(request, stream=True)
+                    response = await self._http.send(ex.request, stream=True)
         except httpx.HTTPError as exc:
-            error = map_transport_error(exc, route, got_headers=False)
-        if response is None:
-            if error is None:  # the headers (or deadline) timer fired
-                assert scope.cancelled_caught  # noqa: S101 - only way to get here
-                error = attempt.timeout_error(expiry[1] if expiry else "headers")
-            attempt.finish(time.monotonic(), timed_out=True)
-            outcome.append(
-                run.end_attempt(attempt, time.monotonic(), status_code=None, error=error)
-            )
+            outcome.append(ex.failed(exc, time.monotonic()))
+            return
+        if response is None:  # the headers (or deadline) timer fired
+            outcome.append(ex.failed(None, time.monotonic()))
             return
         try:
-            attempt.on_headers(time.monotonic())
-            status = response.status_code
-            if status != 200:
+            if not ex.streaming(response, time.monotonic()):
                 body = b""
                 try:
                     with anyio.move_on_after(_remaining(attempt.expiry())):
@@ -250,16 +200,12 @@ class AsyncClient(ClientBase):
                                 break
                 except httpx.HTTPError:
                     pass  # a partial error body still names the error
-                error = status_error(route, status, response.headers, body[:MAX_ERROR_BODY_BYTES])
-                attempt.finish(time.monotonic(), timed_out=True)
-                outcome.append(
-                    run.end_attempt(attempt, time.monotonic(), status_code=status, error=error)
-                )
+                outcome.append(ex.error_status(body, time.monotonic()))
                 return
             decoder = attempt.decoder
             reader = response.aiter_raw().__aiter__()
             timer = _StreamTimer.start(attempt, response)
-            fired = None
+            fired: TimeoutPhase | None = None
             try:
                 while True:
                     try:
@@ -278,7 +224,7 @@ class AsyncClient(ClientBase):
                         break
                     except httpx.HTTPError as exc:
                         logger.debug(
-                            "stream from route %s broke: %s", route.name, type(exc).__name__
+                            "stream from route %s broke: %s", ex.route.name, type(exc).__name__
                         )
                         break
                     chunks = attempt.feed(data, time.monotonic())
@@ -293,13 +239,10 @@ class AsyncClient(ClientBase):
                 if timer is not None:
                     timer.cancel()
                     fired = fired or timer.fired
-            if fired is not None:
-                error = attempt.timeout_error(fired)
-            for chunk in attempt.finish(time.monotonic(), timed_out=fired is not None):
+            chunks, result = ex.ended(fired, time.monotonic())
+            for chunk in chunks:
                 yield chunk
-            outcome.append(
-                run.end_attempt(attempt, time.monotonic(), status_code=status, error=error)
-            )
+            outcome.append(result)
         finally:
             with anyio.CancelScope(shield=True):
                 await response.aclose()

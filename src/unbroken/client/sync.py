@@ -7,32 +7,28 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator
 from types import TracebackType
-from typing import Any, Literal, overload
+from typing import Any, Literal, Unpack, overload
 
 import httpx
 import msgspec
 
-from unbroken.client._common import AnswerRun, ClientBase, RateLimit
-from unbroken.client._transport import (
+from unbroken.client._common import AnswerRun, ClientBase
+from unbroken.client._driver import (
     MAX_ERROR_BODY_BYTES,
+    Exchange,
     map_transport_error,
     request_headers,
     status_error,
 )
+from unbroken.client._options import DEFAULT_MAX_CONNECTIONS, ClientOptions
 from unbroken.core.accumulator import EventSplitter
 from unbroken.core.attempt import Attempt, Timeouts
-from unbroken.core.backoff import RetryBudget, RetryPolicy
 from unbroken.core.events import ChatEvent, ControlEvent, DoneEvent, TextEvent
 from unbroken.core.flow import AttemptOutcome, Connect
-from unbroken.core.pricing import PriceTable
-from unbroken.core.resume import Dialect
-from unbroken.core.routes import Route
-from unbroken.core.sse import DEFAULT_MAX_EVENT_BYTES
 from unbroken.core.wire import Answer, ChatCompletionChunk
-from unbroken.errors import UnbrokenError, UpstreamError
-from unbroken.instrumentation import Hook
+from unbroken.errors import TimeoutPhase, UpstreamError
 
 __all__ = ["ChatStream", "Client", "Stream"]
 
@@ -47,7 +43,7 @@ class _Watch:
     def __init__(self, attempt: Attempt, sock: socket.socket | None) -> None:
         self.attempt = attempt
         self.sock = sock
-        self.fired: str | None = None
+        self.fired: TimeoutPhase | None = None
 
 
 class _Watchdog:
@@ -125,28 +121,21 @@ class Client(ClientBase):
     503s, 429s, resets, truncation, stalls and mangled SSE: it retries, resumes a broken
     answer where it stopped, and falls back to other routes, never showing a repeat or gap.
 
+    The constructor takes what openai's does (`api_key`, `base_url`, `organization`,
+    `project`, `timeout`, `max_retries`, `default_headers`, `default_query`,
+    `http_client`) and unbroken's own options; see `ClientOptions` for each.
+
     Args:
-        api_key: the upstream key; default `DEEPSEEK_API_KEY`.
-        base_url: the upstream; default `https://api.deepseek.com`.
-        dialect: how the upstream continues a broken answer (`deepseek`, `vllm`,
-            `instruction`, `none`).
-        routes: several upstreams in order of preference (instead of api_key/base_url).
-        timeouts: connect, headers, first token, idle, total deadline.
-        retry: attempts, backoff and deadline.
-        retry_budget: bounds retries to a share of requests (shared by all calls).
-        rate_limit: optional client-side requests/tokens per minute.
-        prices: price table for costs.
-        hooks: instrumentation hooks (e.g. `PrometheusHook()`).
-        breaker_threshold: consecutive failures that take a route out.
-        breaker_cooldown_s: how long before a taken-out route is probed again.
-        hold_tool_calls: hold tool-call fragments until the call is complete (a broken
-            tool call is then never shown; see the README).
-        http2: use HTTP/2 (needs the `h2` package).
-        max_connections: connection pool size.
-        max_event_bytes: the largest SSE event accepted.
-        seed: seed of the backoff jitter (tests).
-        default_headers: headers sent with every request.
-        http_client: an httpx.Client to use instead of building one.
+        api_key: the upstream key; default `DEEPSEEK_API_KEY` (a missing key is an error
+            at once).
+        base_url: the upstream; default `DEEPSEEK_BASE_URL`, `OPENAI_BASE_URL`, then
+            `https://api.deepseek.com`. A base ending in `/beta` works too.
+        http_client: an `httpx.Client` to send with instead of building one.
+        transport: an httpx transport for the pool this client builds.
+        **options: see `ClientOptions`.
+
+    Raises:
+        ConfigError: an option is unknown or malformed, or no key was found.
     """
 
     def __init__(
@@ -154,56 +143,51 @@ class Client(ClientBase):
         api_key: str | None = None,
         base_url: str | None = None,
         *,
-        dialect: Dialect = "deepseek",
-        routes: Sequence[Route] | None = None,
-        timeouts: Timeouts | None = None,
-        retry: RetryPolicy | None = None,
-        retry_budget: RetryBudget | None = None,
-        rate_limit: RateLimit | None = None,
-        prices: PriceTable | None = None,
-        hooks: Sequence[Hook] = (),
-        breaker_threshold: int = 5,
-        breaker_cooldown_s: float = 30.0,
-        hold_tool_calls: bool = True,
-        http2: bool = False,
-        max_connections: int = 100,
-        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-        seed: int | None = None,
-        default_headers: Mapping[str, str] | None = None,
         http_client: httpx.Client | None = None,
+        transport: httpx.BaseTransport | None = None,
+        **options: Unpack[ClientOptions],
     ) -> None:
-        super().__init__(
-            api_key,
-            base_url,
-            dialect=dialect,
-            routes=routes,
-            timeouts=timeouts,
-            retry=retry,
-            retry_budget=retry_budget,
-            rate_limit=rate_limit,
-            prices=prices,
-            hooks=hooks,
-            breaker_threshold=breaker_threshold,
-            breaker_cooldown_s=breaker_cooldown_s,
-            hold_tool_calls=hold_tool_calls,
-            max_event_bytes=max_event_bytes,
-            seed=seed,
-            default_headers=default_headers,
-        )
-        self._owns_http = http_client is None
-        self._http = http_client or httpx.Client(
-            http2=http2,
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            follow_redirects=False,
-        )
-        self._watchdog = _Watchdog()
+        super().__init__(api_key, base_url, options)
+        self._setup_http(http_client, transport)
         self.chat = _Chat(self)
         self.models = _Models(self)
 
+    def _setup_http(
+        self, http_client: httpx.Client | None, transport: httpx.BaseTransport | None
+    ) -> None:
+        # Streams go straight to the transport: httpx's client layer (cookies, auth,
+        # redirects, URL merging) has nothing to do here. A caller's http_client is used
+        # as given (its send()).
+        self._owns_http = http_client is None and transport is None
+        self._transport: httpx.BaseTransport | None = None
+        if http_client is None:
+            n = self._options.get("max_connections", DEFAULT_MAX_CONNECTIONS)
+            self._transport = transport or httpx.HTTPTransport(
+                http2=self._options.get("http2", False),
+                limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+            )
+            http_client = httpx.Client(transport=self._transport, follow_redirects=False)
+        self._http = http_client
+        self._watchdog = _Watchdog()
+
+    def with_options(self, **changes: Any) -> Client:
+        """A copy with some options changed (openai's `with_options`), sharing the
+        connection pool: `client.with_options(timeout=5, max_retries=0).chat...`."""
+        api_key, base_url, options = self._copy_options(changes)
+        http_client = changes.pop("http_client", None)
+        copy = Client(
+            api_key,
+            base_url,
+            http_client=http_client or (self._http if self._transport is None else None),
+            transport=self._transport if http_client is None else None,
+            **options,  # checked by ClientConfig.build
+        )
+        return copy
+
+    copy = with_options
+
     def close(self) -> None:
-        """Close the connection pool and the watchdog."""
+        """Close the connection pool (if this client made it) and the watchdog."""
         self._watchdog.close()
         if self._owns_http:
             self._http.close()
@@ -226,19 +210,14 @@ class Client(ClientBase):
         t = self._config.timeouts
         try:
             response = self._http.get(
-                route.url(path),
-                headers=request_headers(route, self._headers),
+                self._config.url(route, path, beta=False),
+                headers=request_headers(route, self._config.headers),
                 timeout=httpx.Timeout(t.headers_s, connect=t.connect_s),
             )
         except httpx.HTTPError as exc:
             raise map_transport_error(exc, route, got_headers=False) from exc
         if response.status_code != 200:
-            raise status_error(
-                route,
-                response.status_code,
-                response.headers,
-                response.content[:MAX_ERROR_BODY_BYTES],
-            )
+            raise status_error(route, response, response.content[:MAX_ERROR_BODY_BYTES])
         try:
             return msgspec.json.decode(response.content)
         except msgspec.DecodeError as exc:
@@ -292,42 +271,22 @@ class Client(ClientBase):
     def _attempt(
         self, run: AnswerRun, attempt: Attempt
     ) -> Generator[ChatCompletionChunk, None, AttemptOutcome]:
-        plan = attempt.plan
-        route = plan.route
-        t = self._config.timeouts
         # httpx's read timeout covers the wait for headers (or the deadline, if sooner); the
         # body's timers are the watchdog's, the read timeout stays only as a backstop.
         expiry = attempt.expiry()
         first_wait = None if expiry is None else max(0.001, expiry[0] - time.monotonic())
-        timeout = httpx.Timeout(
-            connect=_min(t.connect_s, first_wait),
-            read=first_wait,
-            write=t.connect_s,
-            pool=t.connect_s,
-        )
-        request = self._http.build_request(
-            "POST",
-            route.url("/chat/completions", beta=plan.beta),
-            content=msgspec.json.encode(plan.body),
-            headers=request_headers(route, run.extra_headers),
-            timeout=timeout,
-        )
-        status: int | None = None
-        error: UnbrokenError | None = None
+        ex = Exchange(run, attempt, read_s=first_wait)
+        request = ex.request
         try:
-            response = self._http.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            if expiry is not None and time.monotonic() >= expiry[0] - 0.01:
-                error = attempt.timeout_error(expiry[1])  # the headers or deadline timer
+            if self._transport is not None:
+                response = self._transport.handle_request(request)
             else:
-                error = map_transport_error(exc, route, got_headers=False)
-            attempt.finish(time.monotonic(), timed_out=True)
-            return run.end_attempt(attempt, time.monotonic(), status_code=None, error=error)
+                response = self._http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            return ex.failed(exc, time.monotonic())
         watch = None
         try:
-            attempt.on_headers(time.monotonic())
-            status = response.status_code
-            if status != 200:
+            if not ex.streaming(response, time.monotonic()):
                 body = b""
                 try:
                     for part in response.iter_raw():
@@ -336,10 +295,8 @@ class Client(ClientBase):
                             break
                 except httpx.HTTPError:
                     pass  # a partial error body still names the error
-                error = status_error(route, status, response.headers, body[:MAX_ERROR_BODY_BYTES])
-                attempt.finish(time.monotonic(), timed_out=True)
-                return run.end_attempt(attempt, time.monotonic(), status_code=status, error=error)
-            request.extensions["timeout"]["read"] = _backstop(t)
+                return ex.error_status(body, time.monotonic())
+            request.extensions["timeout"]["read"] = _backstop(run.timeouts)
             watch = self._watchdog.watch(attempt, _socket_of(response))
             decoder = attempt.decoder
             try:
@@ -354,21 +311,18 @@ class Client(ClientBase):
                         break
             except httpx.HTTPError as exc:
                 if watch.fired is None and not (decoder.done or decoder.error is not None):
-                    logger.debug("stream from route %s broke: %s", route.name, type(exc).__name__)
+                    logger.debug(
+                        "stream from route %s broke: %s", ex.route.name, type(exc).__name__
+                    )
             fired = watch.fired
             self._watchdog.unwatch(watch)
-            if fired is not None:
-                error = attempt.timeout_error(fired)  # type: ignore[arg-type]
-            yield from attempt.finish(time.monotonic(), timed_out=fired is not None)
-            return run.end_attempt(attempt, time.monotonic(), status_code=status, error=error)
+            chunks, outcome = ex.ended(fired, time.monotonic())
+            yield from chunks
+            return outcome
         finally:
             if watch is not None:
                 self._watchdog.unwatch(watch)
             response.close()
-
-
-def _min(a: float | None, b: float | None) -> float | None:
-    return b if a is None else a if b is None else min(a, b)
 
 
 def _backstop(t: Timeouts) -> float | None:

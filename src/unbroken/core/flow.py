@@ -18,12 +18,12 @@ from unbroken.core.resume import Continuation, is_json_mode, plan_continuation, 
 from unbroken.core.routes import Route, RouteHealth
 from unbroken.core.stream import EndState, StreamEnd
 from unbroken.errors import (
-    RetriesExhausted,
     UnbrokenError,
     UpstreamError,
     UpstreamStatusError,
     UpstreamTimeout,
     UpstreamTruncated,
+    retries_exhausted,
 )
 
 __all__ = [
@@ -455,6 +455,6 @@ def _give_up(
         if why is not None:
             error.add_note(f"not retried: {why}")
         raise error
-    raise RetriesExhausted(
-        f"{why}: {error.message}", attempts=state.number, partial=partial
+    raise retries_exhausted(
+        f"{why}: {error.message}", attempts=state.number, last=error, partial=partial
     ) from error

@@ -202,19 +202,28 @@ class JsonFormatter(logging.Formatter):
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 
-def configure_logging(level: str = "info", fmt: str = "text") -> logging.Handler:
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]  # a stream of text
+    """The handler `configure_logging` installs (so a second call replaces it)."""
+
+
+def configure_logging(level: str = "info", fmt: str = "text") -> logging.Handler | None:
     """Log to stderr in `fmt` (`text` or `json`), every line with its request id; the
-    CLI calls this once (the library itself never adds handlers).
+    CLI calls this once (the library itself never adds handlers). Like
+    `logging.basicConfig`, it leaves a root logger that already has other handlers alone
+    (an embedding application's, or a test runner's).
 
     Returns:
-        the handler installed on the root logger.
+        the handler installed on the root logger, or None when it was left alone.
     """
-    handler = logging.StreamHandler(sys.stderr)
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if isinstance(h, _Handler)]
+    if len(ours) != len(root.handlers):
+        return None
+    for old in ours:
+        root.removeHandler(old)
+    handler = _Handler(sys.stderr)
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(_TEXT_FORMAT))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     for name in _QUIET:

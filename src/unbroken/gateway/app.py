@@ -25,10 +25,12 @@ from unbroken.client import AsyncClient
 from unbroken.core.attempt import Timeouts
 from unbroken.core.backoff import RetryPolicy
 from unbroken.core.pricing import PriceTable
+from unbroken.core.routes import Route
 from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.errors import UnbrokenError
 from unbroken.gateway.accesslog import RequestRecord, current_request, write_access_line
 from unbroken.gateway.asgi import Exchange, Receive, Scope, Send
+from unbroken.gateway.cache import AnswerCache, RecordingStream
 from unbroken.gateway.keys import Caller, KeyRing
 from unbroken.gateway.limits import Limiter
 from unbroken.gateway.metrics import GatewayMetrics
@@ -38,6 +40,7 @@ from unbroken.gateway.quota import rate_limit_headers
 from unbroken.gateway.relay import RelayResult, StreamRelay
 from unbroken.gateway.request import ChatRequest, parse_chat_request
 from unbroken.gateway.routing import ModelRouter, ServedModels, base_routes
+from unbroken.gateway.serving import BreakerWatch
 from unbroken.gateway.sessions import SESSIONS_PATH, SessionEndpoints, open_session_store
 from unbroken.gateway.telemetry import SpanHook, Telemetry
 from unbroken.gateway.upstream import LeanTransport
@@ -149,7 +152,9 @@ class Gateway:
         self.metrics = GatewayMetrics(self.registry)
         self.router = ModelRouter(settings)
         self.telemetry = Telemetry(tracer_provider, g.otel_endpoint)
-        hooks: list[Hook] = [PrometheusHook(self.registry)]
+        # Follows the breakers the client reports (only on the client built here).
+        self.breakers = BreakerWatch()
+        hooks: list[Hook] = [PrometheusHook(self.registry), self.breakers]
         if self.telemetry.enabled:
             hooks.append(SpanHook())
         self.client = upstream or build_upstream(settings, hooks, prices=self.router.prices)
@@ -157,6 +162,7 @@ class Gateway:
         self.keys = KeyRing(g, self.store)
         self.sessions = SessionEndpoints(self, open_session_store(g.sessions))
         self.limiter = Limiter(self.store, g.slot_lease_s)
+        self.cache = AnswerCache(g.cache, self.registry) if g.cache.enabled else None
         routes = settings.upstream_routes()
         self.scrub = Scrubber([settings.api_key, *(r.api_key for r in routes)])
         self.route_names = frozenset(r.name for r in routes)
@@ -206,6 +212,8 @@ class Gateway:
         """Close the upstream client and the store."""
         await self.client.aclose()
         await self.sessions.aclose()
+        if self.cache is not None:
+            await self.cache.aclose()
         await self.store.aclose()
         self.telemetry.shutdown()
 
@@ -357,7 +365,12 @@ class Gateway:
                 headers[name] = raw_value.decode("latin-1")
         return headers
 
-    def _check_draining(self) -> None:
+    def serving_route(self) -> Route:
+        """The route the next answer would start on: the first whose breaker is not open."""
+        return self.breakers.first_allowed(self.client.routes)
+
+    def check_draining(self) -> None:
+        """Raise the 503 of a draining gateway."""
         if self.draining:
             raise GatewayError(
                 503,
@@ -369,7 +382,7 @@ class Gateway:
 
     async def _chat(self, ex: Exchange) -> None:
         g = self.settings.gateway
-        self._check_draining()
+        self.check_draining()
         caller = await self.keys.identify(ex.header(b"authorization"))
         request = parse_chat_request(
             await ex.read_body(g.max_body_bytes), self.models, self.route_names
@@ -399,6 +412,11 @@ class Gateway:
         record = current_request()
         if record is not None:
             record.key, record.model = caller.name, request.model
+        cache_key = None
+        if self.cache is not None:
+            cache_key = self.cache.key(request)
+            if await self._from_cache(ex, caller, request, cache_key):
+                return
         try:
             admission = await self.limiter.admit(caller, request.estimated_tokens, time.time())
         except GatewayError as exc:
@@ -462,10 +480,19 @@ class Gateway:
                 fallbacks=self.router.fallback_routes(request.fallbacks) or None,
                 routes=self.router.routes_for(request.model),
             )
-            if request.stream:
-                result = await relay.stream(stream)
+            if cache_key is not None:
+                stream = RecordingStream(stream)
+            try:
+                if request.stream:
+                    result = await relay.stream(stream)
+                else:
+                    result = await relay.json(stream)
+            except GatewayError as exc:
+                if cache_key is None or not await self._degrade(ex, request, cache_key, exc):
+                    raise
             else:
-                result = await relay.json(stream)
+                if isinstance(stream, RecordingStream):
+                    await self._remember(cache_key, stream, result)
         finally:
             self._relays.discard(relay)
             self.metrics.active.dec()
@@ -484,6 +511,58 @@ class Gateway:
                 self.metrics.chunks.inc(result.n_chunks)
                 if result.n_keepalives:
                     self.metrics.keepalives.inc(result.n_keepalives)
+
+    # -- the answer cache (gateway/cache.py) ---------------------------------------------------
+
+    async def _from_cache(
+        self, ex: Exchange, caller: Caller, request: ChatRequest, key: str
+    ) -> bool:
+        """Answer from the cache when serve mode has a hit or the upstream is known to be
+        down; True when the request was answered here."""
+        cache = self.cache
+        assert cache is not None  # noqa: S101 - called only with a cache
+        serves, down = cache.serves(caller, request), cache.upstream_down()
+        if not serves and not down:
+            return False
+        entry = await cache.get(key)
+        if entry is None:
+            cache.miss()
+            if down:
+                raise cache.unavailable()
+            return False
+        await cache.replay(ex, entry, "stale" if down else "hit", stream=request.stream)
+        return True
+
+    async def _degrade(
+        self, ex: Exchange, request: ChatRequest, key: str, error: GatewayError
+    ) -> bool:
+        """After an answer failed before any output: count it and, when the failure is the
+        upstream's, stand in with a stale entry; True when the request was answered.
+
+        Raises:
+            GatewayError: 503 with Retry-After when there is no entry to stand in.
+        """
+        cache = self.cache
+        assert cache is not None  # noqa: S101 - called only with a cache
+        if error.status not in (502, 503, 504) or not cache.settings.degrade:
+            return False
+        cache.record(failed_before_output=True)
+        entry = await cache.get(key)
+        if entry is None:
+            cache.miss()
+            raise cache.unavailable() from error
+        await cache.replay(ex, entry, "stale", stream=request.stream)
+        return True
+
+    async def _remember(
+        self, key: str | None, stream: RecordingStream, result: RelayResult | None
+    ) -> None:
+        cache = self.cache
+        if cache is None or key is None or result is None or result.reason != "complete":
+            return
+        cache.record(failed_before_output=False)
+        if isinstance(result.completion, Answer):
+            await cache.remember(key, stream, result.completion)
 
     async def _models(self, ex: Exchange) -> None:
         caller = await self.keys.identify(ex.header(b"authorization"))

@@ -46,6 +46,7 @@ def route_of(settings: RouteSettings) -> Route:
         settings.api_key,
         settings.model,
         settings.dialect,  # type: ignore[arg-type]  # RouteSettings checked the dialect
+        settings.context_tokens,
     )
 
 

@@ -9,22 +9,33 @@
                                          both turns once the answer is complete
 
 A session belongs to the key that created it; other keys get 404, as if it did not exist.
-The history is trimmed to the context window (core.window) on every turn.
+The history is trimmed on every turn (core.window) to the context window of the route that
+will serve the turn (its `context_tokens`, DeepSeek's 128K when unset), with estimates
+calibrated per route on the prompt tokens that route reported for earlier turns.
+
+The endpoints see the gateway through `SessionHost`, so this module does not import
+gateway.app (which imports it).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any, Protocol
 
 import msgspec
 
-from unbroken.core.window import messages_for_request, trim_to_budget
-from unbroken.core.wire import ChatCompletion
-from unbroken.errors import StoreError
+from unbroken.core.routes import Route
+from unbroken.core.window import (
+    Calibration,
+    estimate_message_tokens,
+    messages_for_request,
+    trim_to_budget,
+)
+from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.gateway.asgi import Exchange
-from unbroken.gateway.keys import Caller
+from unbroken.gateway.keys import Caller, KeyRing
 from unbroken.gateway.problems import GatewayError
-from unbroken.gateway.request import parse_chat_request
+from unbroken.gateway.request import ChatRequest, parse_chat_request
 from unbroken.sessions.session import (
     DEFAULT_CONTEXT_TOKENS,
     DEFAULT_RESERVE_TOKENS,
@@ -35,19 +46,52 @@ from unbroken.sessions.store import (
     MemorySessionStore,
     RedisSessionStore,
     SessionInfo,
+    SessionNotFound,
     SQLiteSessionStore,
     default_sessions_path,
 )
-from unbroken.settings import data_home
+from unbroken.settings import Settings, data_home
 
-if TYPE_CHECKING:
-    from unbroken.gateway.app import Gateway
-
-__all__ = ["SESSIONS_PATH", "SessionEndpoints", "open_session_store"]
+__all__ = ["SESSIONS_PATH", "SessionEndpoints", "SessionHost", "open_session_store"]
 
 SESSIONS_PATH = "/v1/sessions"
 # The largest session message accepted (the body limit still applies on top).
 MAX_CONTENT_CHARS = 1_000_000
+
+
+class SessionHost(Protocol):
+    """What the session endpoints need from the gateway (`gateway.app.Gateway` is one)."""
+
+    @property
+    def settings(self) -> Settings:
+        """The gateway's settings."""
+
+    @property
+    def keys(self) -> KeyRing:
+        """Who may call."""
+
+    @property
+    def models(self) -> Collection[str]:
+        """The model names clients may ask for (`in` also answers for patterns)."""
+
+    @property
+    def route_names(self) -> frozenset[str]:
+        """The configured route names (allowed in `fallbacks`)."""
+
+    def check_draining(self) -> None:
+        """Raise the 503 of a gateway that is shutting down."""
+
+    def serving_route(self) -> Route:
+        """The route the next answer would start on."""
+
+    async def serve_chat(
+        self,
+        ex: Exchange,
+        caller: Caller,
+        request: ChatRequest,
+        after: Callable[[ChatCompletion], Awaitable[None]] | None = None,
+    ) -> None:
+        """Admit, relay and book one chat request; `after` runs with the whole answer."""
 
 
 def open_session_store(spec: str) -> AsyncSessionStore:
@@ -88,9 +132,11 @@ class _NewSession(msgspec.Struct, forbid_unknown_fields=True):
 class SessionEndpoints:
     """The /v1/sessions handlers of one gateway."""
 
-    def __init__(self, gateway: Gateway, store: AsyncSessionStore) -> None:
+    def __init__(self, gateway: SessionHost, store: AsyncSessionStore) -> None:
         self._gateway = gateway
         self.store = store
+        # Per route name: how far our token estimates are from that route's counts.
+        self.calibrations: dict[str, Calibration] = {}
 
     async def aclose(self) -> None:
         """Release the store."""
@@ -133,10 +179,8 @@ class SessionEndpoints:
     ) -> tuple[SessionInfo, list[dict[str, Any]]]:
         try:
             info, messages = await self.store.load(session_id)
-        except StoreError as exc:
-            if "no session" in exc.message:
-                raise _not_found(session_id) from None
-            raise
+        except SessionNotFound:
+            raise _not_found(session_id) from None
         if info.owner != caller.id:
             raise _not_found(session_id)
         return info, messages
@@ -164,7 +208,7 @@ class SessionEndpoints:
 
     async def _message(self, ex: Exchange, caller: Caller, session_id: str) -> None:
         gateway = self._gateway
-        gateway._check_draining()
+        gateway.check_draining()
         raw = await ex.read_body(gateway.settings.gateway.max_body_bytes)
         try:
             body = msgspec.json.decode(raw)
@@ -190,21 +234,49 @@ class SessionEndpoints:
                 )
         info, history = await self._owned(caller, session_id)
         user = {"role": "user", "content": content}
+        route = gateway.serving_route()
+        calibration = self.calibrations.get(route.name, Calibration())
         trimmed = trim_to_budget(
-            [*history, user], DEFAULT_CONTEXT_TOKENS - DEFAULT_RESERVE_TOKENS
+            [*history, user], session_budget(route, body.get("max_tokens")), calibration=calibration
         ).messages
-        is_deepseek = gateway.client.routes[0].dialect == "deepseek"
+        estimate = sum(estimate_message_tokens(m) for m in trimmed)
         messages = messages_for_request(
-            trimmed, is_deepseek=is_deepseek, has_tools=bool(body.get("tools"))
+            trimmed, is_deepseek=route.dialect == "deepseek", has_tools=bool(body.get("tools"))
         )
         chat = {"stream": True, **body, "model": body.get("model") or info.model}
         chat["messages"] = messages
         request = parse_chat_request(msgspec.json.encode(chat), gateway.models, gateway.route_names)
 
         async def store_turns(completion: ChatCompletion) -> None:
+            self._calibrate(completion, estimate)
             await self.store.append(session_id, [user, reply_message(completion)])
 
         await gateway.serve_chat(ex, caller, request, after=store_turns)
+
+    def _calibrate(self, completion: ChatCompletion, estimate: int) -> None:
+        # As the SDK's sessions do: a clean single attempt's prompt is exactly what was
+        # estimated, so its reported prompt_tokens calibrate the route that served it.
+        if not isinstance(completion, Answer):
+            return
+        attempts = completion.unbroken.attempts
+        usage = attempts[0].usage if len(attempts) == 1 else None
+        if usage is None or attempts[0].usage_estimated:
+            return
+        name = attempts[0].route
+        self.calibrations[name] = self.calibrations.get(name, Calibration()).update(
+            estimate, usage.prompt_tokens
+        )
+
+
+def session_budget(route: Route, max_tokens: object = None) -> int:
+    """The prompt tokens a session turn may send on `route`: its context window (DeepSeek's
+    when unknown) less the room kept for the answer (`max_tokens` when given, else
+    `DEFAULT_RESERVE_TOKENS`, never more than half the window)."""
+    context = route.context_tokens or DEFAULT_CONTEXT_TOKENS
+    reserve = DEFAULT_RESERVE_TOKENS
+    if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0:
+        reserve = max_tokens
+    return context - min(reserve, context // 2)
 
 
 def _method(method: str, path: str, allowed: str) -> GatewayError:

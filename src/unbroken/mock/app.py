@@ -33,6 +33,7 @@ from unbroken.mock.respond import Job, send_json_answer, send_stream
 from unbroken.mock.stats import LogEntry, MockStats
 from unbroken.mock.text import (
     Answer,
+    PrefixMismatch,
     apply_stop,
     canonical_messages,
     generate_answer,
@@ -439,7 +440,15 @@ class MockApp:
         full, _ = apply_stop(full, request.stop)
         rest = full
         if request.prefix is not None:
-            rest = split_answer(full, *request.prefix)
+            try:
+                rest = split_answer(full, *request.prefix)
+            except PrefixMismatch as exc:
+                # A real server would continue whatever it was given; the mock refuses, so a
+                # client that resumes with the wrong text fails loudly and is counted.
+                self.stats.prefix_mismatches += 1
+                raise ApiError(
+                    400, error_body(str(exc), "invalid_request_error"), kind="prefix_mismatch"
+                ) from None
         cap = request.max_tokens
         if cap is None and n_tokens is None:
             cap = request.default_max_tokens

@@ -99,6 +99,8 @@ class MockStats:
         self.streams_cancelled = 0
         self.chunks_sent = 0
         self.bytes_sent = 0
+        # Continuations whose prefix was not the start of the answer (mock.text).
+        self.prefix_mismatches = 0
         self._log.clear()
         if not hasattr(self, "streams_active"):
             self.streams_active = 0
@@ -139,6 +141,7 @@ class MockStats:
             },
             "chunks_sent": self.chunks_sent,
             "bytes_sent": self.bytes_sent,
+            "prefix_mismatches": self.prefix_mismatches,
         }
 
     def recent(self, limit: int) -> list[dict[str, object]]:

@@ -21,6 +21,7 @@ from unbroken.mock.corpus import ANSWER_SENTENCES, REASONING_SENTENCES, draw_pie
 
 __all__ = [
     "Answer",
+    "PrefixMismatch",
     "ToolCallPlan",
     "canonical_messages",
     "conversation_digest",
@@ -38,7 +39,9 @@ __all__ = [
 # answer's length (a longer answer only appends). Lengths come from a third generator, or
 # from the caller (`X-Mock-Tokens`). Everything downstream - stop sequences, max_tokens, the
 # skip of a continuation's prefix - works on these pieces by character position, so the
-# continuation of any prefix of an answer is exactly the rest of that answer.
+# continuation of any prefix of an answer is exactly the rest of that answer. A prefix is
+# first compared with the answer's own text: one that is not the start of it (a client that
+# resumes with the wrong bytes) raises PrefixMismatch rather than being continued.
 
 _ARG_WORDS = ("北京", "Paris", "東京 🚀", "São Paulo", 'say "hi"', "a\\b", "línea\n2", "Zürich")
 
@@ -333,18 +336,59 @@ def apply_stop(answer: Answer, stop: Sequence[str]) -> tuple[Answer, bool]:
     return Answer(answer.reasoning, _cut(answer.content, min(hits)), answer.tool_calls), True
 
 
+class PrefixMismatch(ValueError):
+    """A continuation's prefix is not the start of the answer it continues.
+
+    Attributes:
+        part: `content` or `reasoning`.
+        at: the first character position where the prefix and the answer differ.
+        n_prefix: the prefix's length in characters.
+        n_answer: the length of that part of the answer.
+    """
+
+    def __init__(self, part: str, at: int, n_prefix: int, n_answer: int) -> None:
+        super().__init__(
+            f"the assistant prefix is not the start of the answer it continues: its {part} "
+            f"differs from the answer's at character {at} (prefix {n_prefix} characters, "
+            f"answer {n_answer})"
+        )
+        self.part = part
+        self.at = at
+        self.n_prefix = n_prefix
+        self.n_answer = n_answer
+
+
+def _check_prefix(part: str, prefix: str, text: str, *, whole: bool) -> None:
+    """Raise PrefixMismatch unless `prefix` starts `text` (equals it when `whole`)."""
+    if text.startswith(prefix) and (not whole or len(prefix) == len(text)):
+        return
+    at = next(
+        (i for i, (a, b) in enumerate(zip(prefix, text, strict=False)) if a != b),
+        min(len(prefix), len(text)),
+    )
+    raise PrefixMismatch(part, at, len(prefix), len(text))
+
+
 def split_answer(
     answer: Answer, prefix_reasoning: str | None, prefix_content: str | None
 ) -> Answer:
-    """The rest of `answer` after a prefix, by character position.
+    """The rest of `answer` after a prefix, by character position, once the prefix is
+    checked against the answer's own text.
 
-    With a non-empty `prefix_content` the reasoning is taken as complete and the content
-    continues after `len(prefix_content)` characters; otherwise the reasoning continues
-    after `len(prefix_reasoning)` characters and the content starts from its beginning.
-    What the prefix says is not compared with the answer: only its length counts.
+    With a non-empty `prefix_content` the reasoning is taken as complete (a reasoning sent
+    with it must be the whole reasoning) and the content continues after the prefix, which
+    must start the content; otherwise the reasoning continues after `prefix_reasoning`,
+    which must start the reasoning, and the content starts from its beginning.
+
+    Raises:
+        PrefixMismatch: the prefix is not the start of the answer (a wrong resume).
     """
     if prefix_content:
+        if prefix_reasoning:
+            _check_prefix("reasoning", prefix_reasoning, answer.reasoning_text, whole=True)
+        _check_prefix("content", prefix_content, answer.content_text, whole=False)
         return Answer((), _skip(answer.content, len(prefix_content)), answer.tool_calls)
+    _check_prefix("reasoning", prefix_reasoning or "", answer.reasoning_text, whole=False)
     skipped = _skip(answer.reasoning, len(prefix_reasoning or ""))
     return Answer(skipped, answer.content, answer.tool_calls)
 

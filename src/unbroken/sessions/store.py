@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 import anyio.to_thread
 import msgspec
 
-from unbroken.errors import InvalidRequestError, StoreError
+from unbroken.errors import InvalidRequestError, SessionNotFound, StoreError
 
 if TYPE_CHECKING:
     import redis
@@ -31,6 +31,7 @@ __all__ = [
     "RedisSessionStore",
     "SQLiteSessionStore",
     "SessionInfo",
+    "SessionNotFound",
     "SessionStore",
     "default_sessions_path",
     "export_session",
@@ -69,7 +70,7 @@ class SessionStore(Protocol):
         """Add messages at the end, atomically (all or none)."""
 
     def load(self, session_id: str) -> tuple[SessionInfo, list[dict[str, Any]]]:
-        """The session and its messages, oldest first. Raises StoreError if unknown."""
+        """The session and its messages, oldest first. Raises SessionNotFound if unknown."""
 
     def update(
         self, session_id: str, *, title: str | None = None, model: str | None = None
@@ -139,7 +140,7 @@ class MemorySessionStore:
     def _get(self, session_id: str) -> SessionInfo:
         info = self._infos.get(session_id)
         if info is None:
-            raise StoreError(f"no session {session_id!r}")
+            raise SessionNotFound(session_id)
         return info
 
     def load(self, session_id: str) -> tuple[SessionInfo, list[dict[str, Any]]]:
@@ -261,7 +262,7 @@ class SQLiteSessionStore:
         with self._tx() as db:
             row = db.execute("SELECT title FROM sessions WHERE id = ?", (session_id,)).fetchone()
             if row is None:
-                raise StoreError(f"no session {session_id!r}")
+                raise SessionNotFound(session_id)
             db.executemany(
                 "INSERT INTO messages(session_id, body) VALUES (?, ?)",
                 [(session_id, _encode(m)) for m in messages],
@@ -279,7 +280,7 @@ class SQLiteSessionStore:
             (session_id,),
         ).fetchone()
         if row is None:
-            raise StoreError(f"no session {session_id!r}")
+            raise SessionNotFound(session_id)
         return SessionInfo(*row)
 
     def load(self, session_id: str) -> tuple[SessionInfo, list[dict[str, Any]]]:
@@ -407,7 +408,7 @@ class RedisSessionStore:
         meta, key = self._keys(session_id)
         raw = self._call(lambda: self._redis.hgetall(meta))
         if not raw:
-            raise StoreError(f"no session {session_id!r}")
+            raise SessionNotFound(session_id)
         fields = {k.decode(): v.decode() for k, v in raw.items()}
         count = self._call(lambda: self._redis.llen(key))
         return SessionInfo(

@@ -1,0 +1,255 @@
+"""What the sync and async drivers share about one attempt's HTTP exchange: the request
+(URL, body, headers, FIM translation), the status and error-body handling, the timer
+decisions and the end of the attempt. Only the I/O (send, read, sleep) is theirs.
+
+Callers never see an httpx exception from our API: `map_transport_error` turns each into
+ours at this boundary (httpx `map_httpcore_exceptions` style).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+import msgspec
+
+from unbroken.client._common import AnswerRun
+from unbroken.core.attempt import Attempt
+from unbroken.core.backoff import kind_of_status, parse_retry_after
+from unbroken.core.flow import AttemptOutcome
+from unbroken.core.routes import Route
+from unbroken.core.wire import ChatCompletionChunk, decode_error_body
+from unbroken.errors import (
+    TimeoutPhase,
+    UnbrokenError,
+    UpstreamConnectError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+    status_error_class,
+)
+
+__all__ = [
+    "MAX_ERROR_BODY_BYTES",
+    "USER_AGENT",
+    "Exchange",
+    "fim_body",
+    "map_transport_error",
+    "request_headers",
+    "status_error",
+]
+
+# Error bodies are read only this far: an HTML page from a proxy can be large, and nothing
+# past the first lines helps (protocol.md §4).
+MAX_ERROR_BODY_BYTES = 64 * 1024
+USER_AGENT = "unbroken/0.1"
+
+# A timer counts as fired when the clock is this close to its expiry (an httpx read
+# timeout set from the same expiry ends a hair before it).
+_TIMER_SLACK_S = 0.01
+
+
+def request_headers(route: Route, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Headers for a request on `route`. The key goes only into Authorization."""
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": "text/event-stream, application/json",
+        # The body is read raw into the SSE decoder: a compressed stream must not arrive.
+        "Accept-Encoding": "identity",
+        "User-Agent": USER_AGENT,
+    }
+    headers.update(route.headers)
+    if extra:
+        headers.update(extra)
+    if route.api_key:
+        headers["Authorization"] = f"Bearer {route.api_key}"
+    return headers
+
+
+def status_error(
+    route: Route, response: httpx.Response, body: bytes, *, now_epoch: float | None = None
+) -> UpstreamStatusError:
+    """The typed error for an HTTP error response (body already read, bounded): the class
+    openai uses for the status (`RateLimitError`...), with `body`, `response` and
+    `request_id`."""
+    status = response.status_code
+    headers = response.headers
+    error = decode_error_body(body)
+    retry_after = parse_retry_after(
+        headers.get("retry-after"),
+        headers.get("retry-after-ms"),
+        now_epoch=time.time() if now_epoch is None else now_epoch,
+    )
+    message = error.message or f"HTTP {status}"
+    decoded: Any
+    try:
+        decoded = msgspec.json.decode(body) if body else None
+    except msgspec.DecodeError:
+        decoded = body.decode("utf-8", "replace")[:2000]
+    cls = status_error_class(status)
+    return cls(
+        f"route {route.name!r} answered HTTP {status}: {message}",
+        status_code=status,
+        kind=kind_of_status(status, message, error.code),
+        error_type=error.type,
+        error_code=error.code,
+        retry_after_s=retry_after,
+        route=route.name,
+        body=decoded,
+        response=response,
+        request_id=headers.get("x-request-id"),
+    )
+
+
+def map_transport_error(exc: Exception, route: Route, *, got_headers: bool) -> UnbrokenError:
+    """Our error for an httpx exception raised while talking to `route`."""
+    name = route.name
+    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+        return UpstreamTimeout(
+            f"timed out connecting to route {name!r}", phase="connect", timeout_s=0.0, route=name
+        )
+    if isinstance(exc, httpx.TimeoutException) and not got_headers:
+        return UpstreamTimeout(
+            f"timed out waiting for response headers from route {name!r}",
+            phase="headers",
+            timeout_s=0.0,
+            route=name,
+        )
+    if isinstance(exc, httpx.ConnectError):
+        return UpstreamConnectError(
+            f"cannot connect to route {name!r}: {_reason(exc)}", kind="server_error", route=name
+        )
+    return UpstreamConnectError(
+        f"connection to route {name!r} failed{' mid-stream' if got_headers else ''}: "
+        f"{_reason(exc)}",
+        kind="server_error",
+        route=name,
+    )
+
+
+def _reason(exc: Exception) -> str:
+    # httpx messages name the URL at most, never headers, so no key can leak through them.
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# Keys of the chat-shaped body that a FIM request does not take (the flow plans every
+# answer as chat; the FIM exchange sends the prompt and the partial answer as one prompt).
+_NOT_FIM = frozenset(
+    {"messages", "continue_final_message", "add_generation_prompt", "tools", "tool_choice"}
+)
+
+
+def fim_body(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The `/completions` body for a chat-shaped FIM plan: the prompt is the first user
+    message, and a continuation's partial answer (its last assistant message, whatever
+    the dialect) is appended to it, so the model writes only the rest."""
+    messages = body.get("messages") or []
+    prompt = ""
+    for message in messages:
+        if message.get("role") == "user":
+            prompt = str(message.get("content") or "")
+            break
+    for message in reversed(messages):
+        if message.get("role") == "assistant":
+            prompt += str(message.get("content") or "")
+            break
+    fim = {k: v for k, v in body.items() if k not in _NOT_FIM}
+    fim["prompt"] = prompt
+    return fim
+
+
+class Exchange:
+    """One attempt's HTTP exchange, as both drivers run it:
+
+        request = exchange.request                 # send it (sync or async)
+        failed(exc, now)                           # send raised, or a timer fired
+        streaming(response, now)                   # False: read the error body, then
+            error_status(body, now)                #   the outcome
+        ended(fired, now)                          # the body ended, broke or timed out
+
+    `read_s` is the httpx read timeout of the request (the sync driver bounds the wait for
+    headers with it; the async one uses a cancel scope and passes None).
+    """
+
+    __slots__ = ("attempt", "request", "response", "route", "run")
+
+    def __init__(self, run: AnswerRun, attempt: Attempt, *, read_s: float | None) -> None:
+        self.run = run
+        self.attempt = attempt
+        route = self.route = attempt.plan.route
+        plan = attempt.plan
+        config = run.config
+        t = run.timeouts
+        if run.endpoint == "fim":
+            # DeepSeek serves FIM under /beta only; other servers at /completions.
+            url = config.url(route, "/completions", beta=route.dialect == "deepseek")
+            body = fim_body(plan.body)
+        else:
+            url = config.url(route, "/chat/completions", beta=plan.beta)
+            body = plan.body
+        if run.query:
+            url = url.copy_merge_params(run.query)
+        connect = t.connect_s if read_s is None or t.connect_s is None else min(t.connect_s, read_s)
+        self.request = httpx.Request(
+            "POST",
+            url,
+            content=msgspec.json.encode(body),
+            headers=request_headers(route, run.extra_headers),
+            extensions={
+                "timeout": {
+                    "connect": connect,
+                    "read": read_s,
+                    "write": t.connect_s,
+                    "pool": t.connect_s,
+                }
+            },
+        )
+        self.response: httpx.Response | None = None
+
+    def headers_wait(self) -> float | None:
+        """Seconds until the headers (or deadline) timer fires, or None."""
+        expiry = self.attempt.expiry()
+        return None if expiry is None else max(0.001, expiry[0] - time.monotonic())
+
+    def failed(self, exc: Exception | None, now: float) -> AttemptOutcome:
+        """Sending failed: `exc` from httpx, or None when our own timer cut the wait."""
+        attempt = self.attempt
+        expiry = attempt.expiry()
+        error: UnbrokenError
+        if expiry is not None and (exc is None or now >= expiry[0] - _TIMER_SLACK_S):
+            error = attempt.timeout_error(expiry[1])  # the headers or deadline timer
+        elif exc is None:
+            error = attempt.timeout_error("headers")
+        else:
+            error = map_transport_error(exc, self.route, got_headers=False)
+        attempt.finish(now, timed_out=True)
+        return self.run.end_attempt(attempt, now, status_code=None, error=error)
+
+    def streaming(self, response: httpx.Response, now: float) -> bool:
+        """The headers arrived; True when the body is the answer's stream (200)."""
+        self.response = response
+        self.attempt.on_headers(now)
+        return response.status_code == 200
+
+    def error_status(self, body: bytes, now: float) -> AttemptOutcome:
+        """The outcome of an error status, from its (bounded, maybe partial) body."""
+        response = self.response
+        assert response is not None  # noqa: S101 - streaming() came first
+        error = status_error(self.route, response, body[:MAX_ERROR_BODY_BYTES])
+        self.attempt.finish(now, timed_out=True)
+        return self.run.end_attempt(
+            self.attempt, now, status_code=response.status_code, error=error
+        )
+
+    def ended(
+        self, fired: TimeoutPhase | None, now: float
+    ) -> tuple[list[ChatCompletionChunk], AttemptOutcome]:
+        """The body ended, broke or a timer fired (`fired`): the last chunks to show and
+        the outcome."""
+        attempt = self.attempt
+        error = attempt.timeout_error(fired) if fired is not None else None
+        chunks = attempt.finish(now, timed_out=fired is not None)
+        status = self.response.status_code if self.response is not None else None
+        return chunks, self.run.end_attempt(attempt, now, status_code=status, error=error)
