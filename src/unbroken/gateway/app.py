@@ -27,7 +27,7 @@ from unbroken.core.backoff import RetryPolicy
 from unbroken.core.pricing import PriceTable
 from unbroken.core.routes import Route
 from unbroken.core.wire import Answer, ChatCompletion
-from unbroken.errors import UnbrokenError
+from unbroken.errors import StoreError, UnbrokenError
 from unbroken.gateway.accesslog import RequestRecord, current_request, write_access_line
 from unbroken.gateway.asgi import Exchange, Receive, Scope, Send
 from unbroken.gateway.cache import AnswerCache, RecordingStream
@@ -297,6 +297,8 @@ class Gateway:
             # UnbrokenError: a store failure (StoreError -> 503) or the like, outside a relay.
             error = exc if isinstance(exc, GatewayError) else from_unbroken(exc, self.scrub)
             record.error = error.code or str(error.status)
+            if isinstance(exc, StoreError):
+                self.metrics.store_errors.inc()
             if error.status in (401, 403, 413, 429):
                 self.metrics.rejections.labels(error.code or str(error.status)).inc()
             if not ex.started:
@@ -587,15 +589,22 @@ class Gateway:
         await ex.respond_json(200, report)
 
     async def _metrics(self, ex: Exchange) -> None:
+        # Each scrape checks the store, so an alert on it needs no readiness prober.
+        await self._store_up()
         await ex.respond(200, self.metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
 
     async def _healthz(self, ex: Exchange) -> None:
         await ex.respond_json(200, {"status": "ok"})
 
+    async def _store_up(self) -> bool:
+        up = await self.store.ping()
+        self.metrics.store_up.set(1 if up else 0)
+        return up
+
     async def _readyz(self, ex: Exchange) -> None:
         if self.draining:
             await ex.respond_json(503, {"status": "draining"})
-        elif not await self.store.ping():
+        elif not await self._store_up():
             await ex.respond_json(503, {"status": "store unavailable"})
         else:
             await ex.respond_json(200, {"status": "ready"})

@@ -36,7 +36,8 @@ class GatewayMetrics:
     `unbroken_gateway_active_requests`, `unbroken_gateway_chunks_total`,
     `unbroken_gateway_keepalives_total`, `unbroken_gateway_draining`,
     `unbroken_gateway_request_duration_seconds{endpoint,outcome}` (outcome: ok, rejected,
-    failed, or how an answer ended: complete, error, client_gone, slow_client, shutdown).
+    failed, or how an answer ended: complete, error, client_gone, slow_client, shutdown),
+    `unbroken_gateway_store_up`, `unbroken_gateway_store_errors_total`.
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -72,6 +73,16 @@ class GatewayMetrics:
         )
         self.draining = Gauge(
             "unbroken_gateway_draining", "1 while shutting down", registry=registry
+        )
+        self.store_up = Gauge(
+            "unbroken_gateway_store_up",
+            "1 when the state store answered the last readiness check, else 0",
+            registry=registry,
+        )
+        self.store_errors = Counter(
+            "unbroken_gateway_store_errors_total",
+            "Requests failed because the state store did not answer",
+            registry=registry,
         )
         self.duration = Histogram(
             "unbroken_gateway_request_duration_seconds",
