@@ -1,0 +1,163 @@
+"""Two gateways on one Redis behind nginx, configured by the very `deploy/nginx.conf` that
+compose.yaml uses: requests are spread over both gateways, streams pass through nginx
+unbuffered, and keys and usage are shared (a key's usage reads the same through any
+gateway)."""
+
+from __future__ import annotations
+
+import re
+import socket
+import string
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.integration.test_stores import redis_url  # noqa: F401 - the redis-server fixture
+from tests.support import free_port, require_binary
+from unbroken.gateway.app import create_app
+from unbroken.mock import MockConfig, MockServer, ServerThread
+from unbroken.settings import GatewaySettings, KeySettings, Settings, hash_key
+
+pytestmark = pytest.mark.integration
+
+NGINX_TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "nginx.conf"
+KEY = "sk-gw-shared-0123456789abcdef"
+MESSAGES = [{"role": "user", "content": "Spread me."}]
+
+
+def render_nginx_conf(work: str, listen: str, backends: list[str]) -> str:
+    """deploy/nginx.conf with its placeholders filled in (nginx's own `$vars` untouched)."""
+    servers = " ".join(f"server {b} max_fails=1 fail_timeout=5s;" for b in backends)
+    template = string.Template(NGINX_TEMPLATE.read_text(encoding="utf-8"))
+    return template.substitute(
+        NGINX_WORK=work, NGINX_LISTEN=listen, UNBROKEN_GATEWAYS=servers, **_NGINX_VARIABLES
+    )
+
+
+# nginx variables in the template, mapped to themselves so `substitute` keeps them (and
+# still fails on any placeholder we did not fill).
+_NGINX_VARIABLES = {
+    name: f"${name}"
+    for name in re.findall(r"\$([a-z_]+)", NGINX_TEMPLATE.read_text(encoding="utf-8"))
+}
+
+
+@contextmanager
+def nginx(backends: list[str]) -> Iterator[str]:
+    """nginx on a free loopback port in front of `backends`; yields its URL."""
+    binary = require_binary("nginx")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as work:
+        conf = Path(work) / "nginx.conf"
+        conf.write_text(render_nginx_conf(work, f"127.0.0.1:{port}", backends), encoding="utf-8")
+        proc = subprocess.Popen(
+            [binary, "-p", work, "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        proc.kill()
+                        pytest.fail(f"nginx did not start: {proc.communicate()[1]}")
+                    time.sleep(0.02)  # waiting for a separate process to listen
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def mock() -> Iterator[MockServer]:
+    with MockServer(MockConfig(seed=17, answer_tokens=(20, 24))) as server:
+        yield server
+
+
+def chat_requests(metrics: str) -> float:
+    found = re.findall(
+        r'^unbroken_gateway_requests_total\{endpoint="/v1/chat/completions",status="200"\} (\S+)',
+        metrics,
+        re.M,
+    )
+    return float(found[0]) if found else 0.0
+
+
+def test_two_gateways_behind_the_shipped_nginx_conf(
+    mock: MockServer,
+    redis_url: str,  # noqa: F811 - the fixture
+) -> None:
+    """Requests through nginx reach both gateways, a stream arrives in pieces over time
+    (no buffering), and /v1/usage through nginx counts the requests of both gateways."""
+    settings = Settings(
+        api_key="sk-up",
+        base_url=mock.url,
+        gateway=GatewaySettings(
+            store=redis_url,
+            keys=(KeySettings("shared", hash_key(KEY)),),
+            forward_headers=("x-mock-*",),
+        ),
+    )
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with ExitStack() as stack:
+        gateways = [
+            stack.enter_context(ServerThread(create_app(settings), lifespan="on")) for _ in range(2)
+        ]
+        url = stack.enter_context(nginx([f"127.0.0.1:{g.port}" for g in gateways]))
+        client = stack.enter_context(httpx.Client(base_url=url, timeout=20, headers=headers))
+        before = client.get("/v1/usage").json()["total"]["requests"]
+        for _ in range(6):
+            body = {"model": "deepseek-chat", "messages": MESSAGES}
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+        times = []
+        started = time.monotonic()
+        body = {"model": "deepseek-chat", "messages": MESSAGES, "stream": True}
+        with client.stream(
+            "POST", "/v1/chat/completions", json=body, headers={"X-Mock-Token-Ms": "40"}
+        ) as response:
+            assert response.status_code == 200
+            for data in response.iter_raw():
+                times.append((time.monotonic() - started, data))
+        usage = client.get("/v1/usage").json()["total"]["requests"]
+        per_gateway = [chat_requests(httpx.get(g.url + "/metrics").text) for g in gateways]
+    assert all(n >= 2 for n in per_gateway), per_gateway
+    assert sum(per_gateway) == 7
+    assert usage - before == 7
+    raw = b"".join(data for _, data in times)
+    assert raw.endswith(b"data: [DONE]\n\n")
+    # ~20 tokens 40 ms apart: the first event arrives long before the last one.
+    assert len(times) > 5
+    assert times[-1][0] - times[0][0] > 0.4
+
+
+def test_compose_runs_the_same_nginx_conf_with_every_placeholder_filled() -> None:
+    """compose.yaml mounts deploy/nginx.conf, substitutes exactly its placeholders, and
+    points nginx at gateway services that exist (two of them, on one Redis)."""
+    compose = yaml.safe_load((NGINX_TEMPLATE.parents[1] / "compose.yaml").read_text())
+    services = compose["services"]
+    nginx_service = services["nginx"]
+    assert "./deploy/nginx.conf:/etc/unbroken/nginx.conf.template:ro" in nginx_service["volumes"]
+    placeholders = set(re.findall(r"\$\{([A-Z_]+)\}", NGINX_TEMPLATE.read_text()))
+    assert placeholders == {"NGINX_WORK", "NGINX_LISTEN", "UNBROKEN_GATEWAYS"}
+    command = " ".join(nginx_service["command"])
+    assert set(re.findall(r"\$\$([A-Z_]+)", command)) == placeholders
+    assert placeholders <= set(nginx_service["environment"])
+    backends = re.findall(r"server (\w+):(\d+)", nginx_service["environment"]["UNBROKEN_GATEWAYS"])
+    assert [name for name, _ in backends] == ["gateway1", "gateway2"]
+    for name, port in backends:
+        environment = services[name]["environment"]
+        assert environment["UNBROKEN_GATEWAY_PORT"] == port
+        assert environment["UNBROKEN_GATEWAY_STORE"].startswith("redis://redis:")
+    assert "redis" in services
