@@ -123,9 +123,9 @@ def test_two_gateways_behind_the_shipped_nginx_conf(
             assert client.post("/v1/chat/completions", json=body).status_code == 200
         times = []
         started = time.monotonic()
-        body = {"model": "deepseek-chat", "messages": MESSAGES, "stream": True}
+        streamed = {"model": "deepseek-chat", "messages": MESSAGES, "stream": True}
         with client.stream(
-            "POST", "/v1/chat/completions", json=body, headers={"X-Mock-Token-Ms": "40"}
+            "POST", "/v1/chat/completions", json=streamed, headers={"X-Mock-Token-Ms": "40"}
         ) as response:
             assert response.status_code == 200
             for data in response.iter_raw():
