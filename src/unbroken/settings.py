@@ -322,6 +322,14 @@ class GatewaySettings:
             instance's slots expire after this).
         connect_s, headers_s, first_token_s, idle_s: upstream stream timers.
         retry_attempts, max_resumes, retry_wait_initial_s, retry_wait_max_s: upstream retries.
+        stream_ttl_s: how long a streamed answer's log stays readable after it ended.
+        stream_max_bytes, streams_max_bytes: the log's bound per stream and in total.
+        resumable: answers keep generating when their client disconnects (per request:
+            `"unbroken": {"resumable": true}` or `X-Unbroken-Resumable: 1`).
+        detach_grace_s: how long a detached answer waits for a reconnect before its
+            upstream is cancelled.
+        stream_lease_s: how long a dead instance's answers wait before another instance
+            takes them over (the writer renews its lease about every second).
         cache: the answer cache (`[gateway.cache]`).
     """
 
@@ -358,6 +366,12 @@ class GatewaySettings:
     max_resumes: int = 5
     retry_wait_initial_s: float = 0.25
     retry_wait_max_s: float = 8.0
+    stream_ttl_s: float = 600.0
+    stream_max_bytes: int = 64 * 1024 * 1024
+    streams_max_bytes: int = 1024 * 1024 * 1024
+    resumable: bool = False
+    detach_grace_s: float = 30.0
+    stream_lease_s: float = 3.0
     cache: CacheSettings = field(default_factory=CacheSettings)
 
     def __post_init__(self) -> None:
@@ -369,7 +383,14 @@ class GatewaySettings:
             raise ConfigError(
                 f"gateway store must be 'memory' or a redis:// URL, got {self.store[:60]!r}"
             )
-        for name in ("keepalive_s", "send_timeout_s", "drain_timeout_s", "slot_lease_s"):
+        for name in (
+            "keepalive_s",
+            "send_timeout_s",
+            "drain_timeout_s",
+            "slot_lease_s",
+            "stream_ttl_s",
+            "detach_grace_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"gateway {name} must be > 0, got {getattr(self, name)}")
         if self.max_body_bytes < 1024 or self.stream_buffer_bytes < 4096:
@@ -393,6 +414,14 @@ class GatewaySettings:
             raise ConfigError("two gateway keys have the same hash")
         if self.retry_attempts < 1:
             raise ConfigError(f"gateway retry_attempts must be >= 1, got {self.retry_attempts}")
+        if self.stream_lease_s < 1.5:
+            # renewed every ~1 s: a shorter lease would expire between two renewals
+            raise ConfigError(f"gateway stream_lease_s must be >= 1.5, got {self.stream_lease_s}")
+        if self.stream_max_bytes < 1024 or self.streams_max_bytes < self.stream_max_bytes:
+            raise ConfigError(
+                "gateway stream_max_bytes must be >= 1024 and streams_max_bytes >= "
+                f"stream_max_bytes, got {self.stream_max_bytes} and {self.streams_max_bytes}"
+            )
 
     @property
     def is_loopback(self) -> bool:
@@ -536,6 +565,12 @@ _GATEWAY_SCALARS: dict[str, Literal["str", "int", "float", "bool", "list"]] = {
     "log_format": "str",
     "access_log": "bool",
     "otel_endpoint": "str",
+    "stream_ttl_s": "float",
+    "stream_max_bytes": "int",
+    "streams_max_bytes": "int",
+    "resumable": "bool",
+    "detach_grace_s": "float",
+    "stream_lease_s": "float",
 }
 _GATEWAY_TABLES = frozenset({"routes", "keys", "limits", "model_list", "cache"})
 

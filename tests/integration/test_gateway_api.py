@@ -271,7 +271,7 @@ def test_configured_fallback_route_takes_over(upstream: MockServer) -> None:
             path="/v1/chat/completions",
         )
     assert read.content == content
-    assert b"route=backup" in read.raw
+    assert b'"route":"backup"' in read.raw  # the final event's `unbroken` field
 
 
 def test_upstream_key_never_leaves_the_gateway(upstream: MockServer) -> None:
@@ -312,7 +312,8 @@ def test_failure_after_start_is_an_error_event(upstream: MockServer) -> None:
         assert read.status == 200
         assert b"data: [DONE]" not in read.raw
         last = read.raw.strip().split(b"\n\n")[-1]
-        error = json.loads(last.removeprefix(b"data: "))["error"]
+        assert last.startswith(b"id: ")  # every event has its id
+        error = json.loads(last.split(b"data: ", 1)[1])["error"]
         assert error["type"] == "upstream_error"
         assert "attempts" in error["message"]
         refused = client.post(

@@ -186,6 +186,21 @@ def _banner(out: Console, url: str) -> None:
     )
 
 
+# What the demo shows of the final event's `unbroken` field.
+_META_KEYS = ("route", "attempts", "retries", "resumes", "fallbacks")
+
+
+def _final_meta(data: bytes) -> dict[str, object]:
+    """The `unbroken` field of the stream's final event, found in one read."""
+    import json
+
+    for line in data.split(b"\n"):
+        if line.startswith(b"data: {") and b'"unbroken"' in line:
+            meta = json.loads(line[6:]).get("unbroken")
+            return meta if isinstance(meta, dict) else {}
+    return {}
+
+
 def _self_demo(out: Console, url: str, mock: object, mock_config: object) -> None:
     import httpx
 
@@ -200,17 +215,17 @@ def _self_demo(out: Console, url: str, mock: object, mock_config: object) -> Non
     )
     decoder = ChatStreamDecoder()
     answer = ChunkAccumulator()
-    trailer = b""
+    meta: dict[str, object] = {}
     headers = {"X-Mock-Fault": DEMO_FAULT, "X-Mock-Fault-Key": uuid.uuid4().hex}
     body = {"model": "deepseek-chat", "messages": DEMO_MESSAGES, "stream": True}
     with httpx.stream(
         "POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=30.0
     ) as response:
         for data in response.iter_raw():
-            if b": unbroken" in data:
-                trailer = data[data.index(b": unbroken") :].split(b"\n")[0]
             for chunk in decoder.feed(data):
                 answer.feed(chunk)
+                if not chunk.choices and b'"unbroken"' in data:
+                    meta = _final_meta(data)
                 for choice in chunk.choices:
                     if choice.delta is not None and choice.delta.content:
                         out.print(choice.delta.content, end="", markup=False)
@@ -221,7 +236,7 @@ def _self_demo(out: Console, url: str, mock: object, mock_config: object) -> Non
     resets = stats["faults"].get("reset", 0)
     out.print(
         f"\nupstream: {stats['requests_total']} requests, {resets} reset; "
-        f"gateway: {trailer.decode(errors='replace').lstrip(': ')}"
+        "gateway: " + " ".join(f"{k}={meta.get(k)}" for k in _META_KEYS)
     )
     if got == expected:
         out.print(

@@ -29,7 +29,7 @@ from unbroken.core.accumulator import EventSplitter
 from unbroken.core.attempt import Attempt
 from unbroken.core.events import ChatEvent, ControlEvent, DoneEvent, TextEvent
 from unbroken.core.flow import AttemptOutcome, Connect
-from unbroken.core.wire import Answer, ChatCompletionChunk
+from unbroken.core.wire import Answer, ChatCompletion, ChatCompletionChunk, completion_to_chunks
 from unbroken.errors import TimeoutPhase, UpstreamError
 
 __all__ = ["AsyncChatStream", "AsyncClient", "AsyncStream"]
@@ -138,8 +138,13 @@ class AsyncClient(ClientBase):
         *,
         stream: bool,
         events: bool,
+        partial: ChatCompletion | None = None,
     ) -> tuple[AnswerRun, AsyncGenerator[StreamItem, None]]:
         run = self._new_run(model, messages, params, stream=stream)
+        if partial is not None:
+            # What was shown already: the flow's first attempt is then a continuation.
+            for chunk in completion_to_chunks(partial):
+                run.answer.feed(chunk)
         return run, self._run(run, with_events=events)
 
     async def _run(self, run: AnswerRun, *, with_events: bool) -> AsyncGenerator[StreamItem, None]:
@@ -454,6 +459,23 @@ class _AsyncCompletions:
         if stream:
             return result
         return await result.final()
+
+    async def resume(
+        self, *, partial: ChatCompletion, model: str, messages: Iterable[Any], **params: Any
+    ) -> AsyncStream:
+        """Continue an answer cut short: `partial` is what was already shown (for instance
+        folded from a stream log); the stream yields only the rest, through the same
+        resume mechanism as a broken stream (DeepSeek prefix completion...). The final
+        answer (`await stream.final()`) is the whole one, `partial` included.
+
+        Args:
+            partial: the answer so far, as `ChunkAccumulator.completion()` gives it.
+            model, messages, params: the original request, as for `create`.
+        """
+        run, items = self._client._start(
+            model, messages, params, stream=True, events=False, partial=partial
+        )
+        return AsyncStream(run, items)
 
 
 class _AsyncChat:

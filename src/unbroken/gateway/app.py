@@ -42,15 +42,23 @@ from unbroken.gateway.request import ChatRequest, parse_chat_request
 from unbroken.gateway.routing import ModelRouter, ServedModels, base_routes
 from unbroken.gateway.serving import BreakerWatch
 from unbroken.gateway.sessions import SESSIONS_PATH, SessionEndpoints, open_session_store
+from unbroken.gateway.streams import (
+    GATEWAY_HEADER,
+    STREAM_ID_HEADER,
+    STREAMS_PATH,
+    StreamHub,
+    open_stream_log,
+)
 from unbroken.gateway.telemetry import SpanHook, Telemetry
 from unbroken.gateway.upstream import LeanTransport
 from unbroken.gateway.usage import UsageBook, parse_usage_query
 from unbroken.instrumentation import Hook, PrometheusHook
 from unbroken.settings import Settings
 from unbroken.stores import Store, open_store
+from unbroken.stores.streamlog import StreamLog
 
 if TYPE_CHECKING:
-    from opentelemetry.trace import TracerProvider
+    from opentelemetry.trace import Span, TracerProvider
 
 __all__ = ["Gateway", "build_upstream", "create_app", "upstream_transport"]
 
@@ -81,7 +89,7 @@ _NEVER_FORWARDED = frozenset(
         "expect",
     }
 )
-_ALLOWED_HEADERS = b"authorization, content-type, x-request-id"
+_ALLOWED_HEADERS = b"authorization, content-type, x-request-id, last-event-id, x-unbroken-resumable"
 # Paths whose requests name or list models (so model discovery must be current).
 _MODEL_USERS = ("/v1/chat/", "/chat/", "/v1/models", "/models", "/v1/sessions")
 
@@ -134,6 +142,7 @@ class Gateway:
         registry: the Prometheus registry of `/metrics`; default a new one.
         tracer_provider: an OpenTelemetry tracer provider for the request spans; default
             an OTLP exporter on `gateway.otel_endpoint` when set, else no tracing.
+        stream_log: the log of streamed answers; default from `settings.gateway.store`.
     """
 
     def __init__(
@@ -144,6 +153,7 @@ class Gateway:
         upstream: AsyncClient | None = None,
         registry: CollectorRegistry | None = None,
         tracer_provider: TracerProvider | None = None,
+        stream_log: StreamLog | None = None,
     ) -> None:
         g = settings.gateway
         self.settings = settings
@@ -161,6 +171,7 @@ class Gateway:
         self.usage = UsageBook(self.store, self.router.prices)
         self.keys = KeyRing(g, self.store)
         self.sessions = SessionEndpoints(self, open_session_store(g.sessions))
+        self.streams = StreamHub(self, stream_log or open_stream_log(g))
         self.limiter = Limiter(self.store, g.slot_lease_s)
         self.cache = AnswerCache(g.cache, self.registry) if g.cache.enabled else None
         routes = settings.upstream_routes()
@@ -207,9 +218,11 @@ class Gateway:
         """End every in-flight answer now with a `shutting_down` error (drain deadline)."""
         for relay in list(self._relays):
             relay.stop("shutdown")
+        self.streams.abort()
 
     async def aclose(self) -> None:
-        """Close the upstream client and the store."""
+        """Close the stream hub (releasing its leases), the upstream client and the store."""
+        await self.streams.aclose()
         await self.client.aclose()
         await self.sessions.aclose()
         if self.cache is not None:
@@ -248,12 +261,15 @@ class Gateway:
                 origin = value
         if request_id is None or not _REQUEST_ID.fullmatch(request_id):
             request_id = uuid.uuid4().hex.encode()
-        headers = [(b"x-request-id", request_id)]
+        headers = [(b"x-request-id", request_id), GATEWAY_HEADER]
         if origin is not None and self._origin_allowed(origin):
             headers += [
                 (b"access-control-allow-origin", origin),
                 (b"vary", b"origin"),
-                (b"access-control-expose-headers", b"x-request-id, retry-after"),
+                (
+                    b"access-control-expose-headers",
+                    b"x-request-id, retry-after, x-unbroken-stream-id, x-unbroken-gateway",
+                ),
             ]
         return request_id, origin, headers
 
@@ -276,6 +292,9 @@ class Gateway:
             entry = self._routes.get(path)
             if entry is None and path.startswith(SESSIONS_PATH):
                 await self.sessions.handle(ex, method, path)
+                return
+            if entry is None and path.startswith(STREAMS_PATH + "/"):
+                await self.streams.handle(ex, method, path)
                 return
             if entry is None:
                 raise GatewayError(
@@ -397,9 +416,12 @@ class Gateway:
         caller: Caller,
         request: ChatRequest,
         after: Callable[[ChatCompletion], Awaitable[None]] | None = None,
+        session_id: str | None = None,
     ) -> None:
         """Admit, relay and book one checked chat request for `caller`; `after` runs with
-        the whole answer before its last byte is written (session turns are stored there)."""
+        the whole answer before its last byte is written (session turns are stored there).
+        A streamed answer goes through the stream log (gateway/streams.py); `session_id`
+        links the session to it."""
         g = self.settings.gateway
         if caller.models is not None:
             for model in (request.model, *request.fallbacks):
@@ -414,6 +436,7 @@ class Gateway:
         record = current_request()
         if record is not None:
             record.key, record.model = caller.name, request.model
+        resumable = self.streams.is_resumable(ex, request)
         cache_key = None
         if self.cache is not None:
             cache_key = self.cache.key(request)
@@ -428,17 +451,29 @@ class Gateway:
         ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
         request_id = dict(ex.headers_out)[b"x-request-id"]
         booked = False
+        final: ChatCompletion | None = None
+        upstream_headers = self._forwarded(ex, request_id)
+        span = None
+        if self.telemetry.enabled:
+            routes = self.router.routes_for(request.model) or self.client.routes
+            provider = "deepseek" if routes[0].dialect == "deepseek" else "openai"
+            span = self.telemetry.start(request, ex.header(b"traceparent"), provider)
+            self.telemetry.inject(span, upstream_headers)
+
+        answered: ChatCompletion | None = None
 
         async def complete(completion: ChatCompletion) -> None:
+            nonlocal answered
+            answered = completion
             if after is not None:
                 await after(completion)
             await book(completion)
 
         async def book(completion: ChatCompletion | None) -> None:
-            nonlocal booked
+            nonlocal booked, final
             if booked:
                 return
-            booked = True
+            booked, final = True, completion
             tokens = cost = None
             if completion is not None and completion.usage is not None:
                 tokens = completion.usage.total_tokens
@@ -451,27 +486,73 @@ class Gateway:
                 usage = completion.usage if completion is not None else None
                 await self.usage.record(caller.name, request.model, usage, cost or 0.0, now)
 
+        def renew() -> Awaitable[None]:
+            return self.limiter.renew(admission, time.time())
+
+        if request.stream:
+            try:
+                producer = await self.streams.start(
+                    caller,
+                    request,
+                    upstream_headers,
+                    resumable=resumable,
+                    on_complete=complete,
+                    on_end=book,
+                    renew_slot=renew if admission.lease is not None else None,
+                )
+            except BaseException:
+                await book(None)
+                raise
+            if session_id is not None:
+                await self.streams.log.link_session(session_id, producer.stream_id, time.time())
+            relay = StreamRelay(
+                ex,
+                self.scrub,
+                keepalive_s=g.keepalive_s,
+                send_timeout_s=g.send_timeout_s,
+                headers=[(STREAM_ID_HEADER, producer.stream_id.encode())],
+            )
+            producer.attach()
+            self.metrics.active.inc()
+            self._relays.add(relay)
+            result: RelayResult | None = None
+            try:
+                result = await relay.events(
+                    self.streams.follow(producer.stream_id, 0, producer=producer)
+                )
+            except GatewayError as exc:
+                if cache_key is None or not await self._degrade(ex, request, cache_key, exc):
+                    raise
+            else:
+                if cache_key is not None and result.reason == "complete":
+                    chunks = await self.streams.chunks(producer.stream_id)
+                    await self._remember(cache_key, chunks, answered)
+            finally:
+                self._relays.discard(relay)
+                self.metrics.active.dec()
+                producer.detach(time.time())
+                if result is None:
+                    result = relay.result
+                self._observe_answer(record, span, result, final or answered)
+                if result is not None:
+                    self.metrics.streams.labels(result.reason).inc()
+                    self.metrics.chunks.inc(result.n_chunks)
+                    if result.n_keepalives:
+                        self.metrics.keepalives.inc(result.n_keepalives)
+            return
+
         relay = StreamRelay(
             ex,
             self.scrub,
             keepalive_s=g.keepalive_s,
             send_timeout_s=g.send_timeout_s,
-            renew=(lambda: self.limiter.renew(admission, time.time()))
-            if admission.lease is not None
-            else None,
+            renew=renew if admission.lease is not None else None,
             renew_every_s=g.slot_lease_s / 3,
             on_complete=complete,
         )
         self.metrics.active.inc()
         self._relays.add(relay)
-        result: RelayResult | None = None
-        upstream_headers = self._forwarded(ex, request_id)
-        span = None
-        if self.telemetry.enabled:
-            routes = self.router.routes_for(request.model) or self.client.routes
-            provider = "deepseek" if routes[0].dialect == "deepseek" else "openai"
-            span = self.telemetry.start(request, ex.header(b"traceparent"), provider)
-            self.telemetry.inject(span, upstream_headers)
+        result = None
         try:
             stream = await self.client.chat.completions.create(
                 model=request.model,
@@ -485,34 +566,41 @@ class Gateway:
             if cache_key is not None:
                 stream = RecordingStream(stream)
             try:
-                if request.stream:
-                    result = await relay.stream(stream)
-                else:
-                    result = await relay.json(stream)
+                result = await relay.json(stream)
             except GatewayError as exc:
                 if cache_key is None or not await self._degrade(ex, request, cache_key, exc):
                     raise
             else:
-                if isinstance(stream, RecordingStream):
-                    await self._remember(cache_key, stream, result)
+                if isinstance(stream, RecordingStream) and cache_key is not None:
+                    await self._remember(cache_key, stream.encoded(), answered)
         finally:
             self._relays.discard(relay)
             self.metrics.active.dec()
             if result is None:
                 result = relay.result
             await book(result.completion if result is not None else None)
-            if record is not None:
-                record.answer(
-                    result.reason if result is not None else "error",
-                    result.completion if result is not None else None,
-                )
-            if span is not None and record is not None:
-                self.telemetry.end(span, record, result.completion if result is not None else None)
+            self._observe_answer(record, span, result, final)
             if result is not None:
                 self.metrics.streams.labels(result.reason).inc()
                 self.metrics.chunks.inc(result.n_chunks)
                 if result.n_keepalives:
                     self.metrics.keepalives.inc(result.n_keepalives)
+
+    def _observe_answer(
+        self,
+        record: RequestRecord | None,
+        span: Span | None,
+        result: RelayResult | None,
+        completion: ChatCompletion | None,
+    ) -> None:
+        # The access record and the span take the answer (or what arrived of it).
+        if record is None:
+            return
+        if completion is None and result is not None:
+            completion = result.completion
+        record.answer(result.reason if result is not None else "error", completion)
+        if span is not None:
+            self.telemetry.end(span, record, completion)
 
     # -- the answer cache (gateway/cache.py) ---------------------------------------------------
 
@@ -557,14 +645,14 @@ class Gateway:
         return True
 
     async def _remember(
-        self, key: str | None, stream: RecordingStream, result: RelayResult | None
+        self, key: str, chunks: list[bytes], completion: ChatCompletion | None
     ) -> None:
+        """After an answer was delivered whole: the upstream works; store the answer."""
         cache = self.cache
-        if cache is None or key is None or result is None or result.reason != "complete":
+        if cache is None or not isinstance(completion, Answer):
             return
         cache.record(failed_before_output=False)
-        if isinstance(result.completion, Answer):
-            await cache.remember(key, stream, result.completion)
+        await cache.remember(key, chunks, completion)
 
     async def _models(self, ex: Exchange) -> None:
         caller = await self.keys.identify(ex.header(b"authorization"))
@@ -620,6 +708,7 @@ def create_app(
     upstream: AsyncClient | None = None,
     registry: CollectorRegistry | None = None,
     tracer_provider: TracerProvider | None = None,
+    stream_log: StreamLog | None = None,
 ) -> Gateway:
     """Build the gateway ASGI app (see `Gateway`); settings default to `Settings.load()`."""
     return Gateway(
@@ -628,4 +717,5 @@ def create_app(
         upstream=upstream,
         registry=registry,
         tracer_provider=tracer_provider,
+        stream_log=stream_log,
     )

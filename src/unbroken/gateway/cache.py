@@ -90,6 +90,11 @@ class RecordingStream(AsyncStream):
         """See `AsyncStream.aclose`."""
         await self._inner.aclose()
 
+    def encoded(self) -> list[bytes]:
+        """The chunks kept, as the JSON the gateway relays."""
+        encode = msgspec.json.encode
+        return [encode(c) for c in self.chunks]
+
 
 class AnswerCache:
     """Lookups, storing and replays of cached answers (see the module docstring).
@@ -174,8 +179,9 @@ class AnswerCache:
             return None
         return decode_entry(data) if data is not None else None
 
-    async def remember(self, key: str, recorded: RecordingStream, answer: Answer) -> bool:
-        """Store a finished answer when `core.cache.is_storable` allows it.
+    async def remember(self, key: str, chunks: list[bytes], answer: Answer) -> bool:
+        """Store a finished answer (its chunks, as relayed) when `core.cache.is_storable`
+        allows it.
 
         Returns:
             True when it was stored.
@@ -188,8 +194,7 @@ class AnswerCache:
             tool_calls_ok=self.settings.store_tool_calls,
         ):
             return False
-        encode = msgspec.json.encode
-        entry = CachedAnswer(answer.model, time.time(), [encode(c) for c in recorded.chunks])
+        entry = CachedAnswer(answer.model, time.time(), chunks)
         try:
             await self.store.put(key, encode_entry(entry), time.time(), self.settings.ttl_s)
         except StoreError as exc:

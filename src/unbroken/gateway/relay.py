@@ -18,6 +18,9 @@ second. Its jobs:
 The headers are sent with the first chunk, so an upstream that fails fast still gets a
 real HTTP error status; after that, a failure is an OpenAI-style `data: {"error":...}`
 event and the stream ends without `[DONE]`, which every SDK reports as an error.
+
+`events()` relays a stream log instead of an SDK stream (gateway/streams.py): each event
+gets its `id:` line, and the log's own last events (`[DONE]`, or an error) end it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -80,6 +83,7 @@ class StreamRelay:
         renew_every_s: its period.
         on_complete: called with the whole answer before its last byte is written, so
             usage is booked before the client can send its next request.
+        headers: more response headers of the event stream.
     """
 
     def __init__(
@@ -92,8 +96,10 @@ class StreamRelay:
         renew: Callable[[], Awaitable[None]] | None = None,
         renew_every_s: float = 60.0,
         on_complete: Callable[[ChatCompletion], Awaitable[None]] | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         self._ex = ex
+        self._headers = list(_SSE_HEADERS) + (headers or [])
         self._scrub = scrub
         self._keepalive_s = keepalive_s
         self._send_timeout_s = send_timeout_s
@@ -115,7 +121,7 @@ class StreamRelay:
     # -- writing -----------------------------------------------------------------------------
 
     async def _start_sse(self) -> None:
-        await self._ex.start(200, list(_SSE_HEADERS))
+        await self._ex.start(200, self._headers)
 
     async def _write(self, data: bytes, more: bool = True) -> None:
         if self._busy:
@@ -195,7 +201,9 @@ class StreamRelay:
         self._scope.cancel()
 
     async def _shutdown_event(self) -> None:
-        with anyio.move_on_after(1.0), contextlib.suppress(Exception):
+        # OSError: the client is gone (uvicorn's ClientDisconnected); RuntimeError: the
+        # server refuses a message (the response already ended).
+        with anyio.move_on_after(1.0), contextlib.suppress(OSError, RuntimeError):
             if self._busy:
                 await self._idle.wait()
             if not self._ex.started:
@@ -215,6 +223,50 @@ class StreamRelay:
         """
         self._streaming = True
         return await self._run(stream, trailer)
+
+    async def events(self, source: AsyncGenerator[tuple[int, bytes], None]) -> RelayResult:
+        """Relay a stream log's events (`(sequence number, payload)`), each with its `id:`.
+
+        Raises:
+            GatewayError: `source` failed before anything was written (the caller sends it
+                as an HTTP error).
+        """
+        self._streaming = True
+        sidecar = self._loop.create_task(self._sidecar())
+        n = 0
+        result: RelayResult | None = None
+        error: GatewayError | None = None
+        try:
+            with self._scope:
+                try:
+                    write = self._write
+                    async for seq, payload in source:
+                        await write(b"id: %d\ndata: %b\n\n" % (seq, payload))
+                        n += 1
+                    await write(b"", False)
+                    result = RelayResult("complete", None, n, self.n_keepalives)
+                except GatewayError as exc:
+                    result = RelayResult("error", None, n, self.n_keepalives)
+                    await self._idle.wait()
+                    if self._ex.started:
+                        await self._write(b"data: " + exc.body() + b"\n\n", False)
+                    else:
+                        error = exc
+        finally:
+            sidecar.cancel()
+            with anyio.CancelScope(shield=True):
+                await source.aclose()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sidecar
+        if self._reason == "shutdown":
+            await self._shutdown_event()
+        if self._reason is not None:
+            result = RelayResult(self._reason, None, n, self.n_keepalives)
+        self.result = result
+        if error is not None and self._reason is None:
+            raise error
+        assert result is not None  # noqa: S101 - set unless cancelled, handled above
+        return result
 
     async def json(self, stream: AsyncStream) -> RelayResult:
         """Fold `stream` and send the completion as one JSON body.
@@ -266,8 +318,8 @@ class StreamRelay:
                         error = None
         finally:
             sidecar.cancel()
-            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                await stream.aclose()
+            with anyio.CancelScope(shield=True):
+                await _aclose(stream)
             with contextlib.suppress(asyncio.CancelledError):
                 await sidecar
         if self._reason == "shutdown":
@@ -289,10 +341,19 @@ _SHUTDOWN = GatewayError(
 )
 
 
+async def _aclose(stream: AsyncStream) -> None:
+    try:
+        await stream.aclose()
+    except (UnbrokenError, OSError) as exc:
+        # The upstream connection is going away anyway; a failure to close it politely is
+        # worth a line, not an error for a client that has its answer (or left).
+        logger.debug("closing the upstream stream failed: %s", type(exc).__name__)
+
+
 def _partial(stream: AsyncStream) -> ChatCompletion | None:
     try:
         return stream.current()
-    except Exception:  # the answer may be in any state when the client left
+    except UnbrokenError:  # the answer may be in any state when the client left
         return None
 
 

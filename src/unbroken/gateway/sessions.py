@@ -2,7 +2,8 @@
 
     POST   /v1/sessions                  create   {"model"?, "system"?, "title"?}
     GET    /v1/sessions                  list the caller's sessions
-    GET    /v1/sessions/{id}             one session and its messages
+    GET    /v1/sessions/{id}             one session and its messages (`live_stream_id`: the
+                                         answer being streamed now, or null)
     DELETE /v1/sessions/{id}             forget it
     POST   /v1/sessions/{id}/messages    {"content", "stream"?, any chat parameter}: answers
                                          (SSE or JSON, as /v1/chat/completions) and stores
@@ -59,8 +60,19 @@ SESSIONS_PATH = "/v1/sessions"
 MAX_CONTENT_CHARS = 1_000_000
 
 
+class LiveStreams(Protocol):
+    """Which answer a session is streaming now (`gateway.streams.StreamHub` is one)."""
+
+    async def live_stream(self, session_id: str) -> str | None:
+        """The stream id of the session's answer in progress, or None."""
+
+
 class SessionHost(Protocol):
     """What the session endpoints need from the gateway (`gateway.app.Gateway` is one)."""
+
+    @property
+    def streams(self) -> LiveStreams:
+        """The gateway's stream logs."""
 
     @property
     def settings(self) -> Settings:
@@ -90,6 +102,7 @@ class SessionHost(Protocol):
         caller: Caller,
         request: ChatRequest,
         after: Callable[[ChatCompletion], Awaitable[None]] | None = None,
+        session_id: str | None = None,
     ) -> None:
         """Admit, relay and book one chat request; `after` runs with the whole answer."""
 
@@ -159,7 +172,12 @@ class SessionEndpoints:
         if len(parts) == 1:
             if method == "GET":
                 info, messages = await self._owned(caller, session_id)
-                await ex.respond_json(200, {**_info(info), "messages": messages})
+                # The answer being streamed now, so a page reloaded mid-answer can follow it
+                # (GET /v1/streams/{id}); null when none is.
+                live = await self._gateway.streams.live_stream(session_id)
+                await ex.respond_json(
+                    200, {**_info(info), "messages": messages, "live_stream_id": live}
+                )
             elif method == "DELETE":
                 await self._owned(caller, session_id)
                 await self.store.delete(session_id)
@@ -251,7 +269,7 @@ class SessionEndpoints:
             self._calibrate(completion, estimate)
             await self.store.append(session_id, [user, reply_message(completion)])
 
-        await gateway.serve_chat(ex, caller, request, after=store_turns)
+        await gateway.serve_chat(ex, caller, request, after=store_turns, session_id=session_id)
 
     def _calibrate(self, completion: ChatCompletion, estimate: int) -> None:
         # As the SDK's sessions do: a clean single attempt's prompt is exactly what was

@@ -1,0 +1,826 @@
+"""Streamed answers as logs: the writer of each answer (`Producer`), following a log
+(`StreamHub.follow`), instance takeover, and the `/v1/streams/{id}` endpoints.
+
+Theory of operation
+-------------------
+An answer's *producer* task pulls chunks from the SDK's `AsyncStream` and appends each to
+the answer's log (memory, or Redis Streams) before anyone sees it: a reader never holds an
+event the log lacks, so a reconnect after any cut replays without a gap or a repeat. Every
+reader - the original POST's response, a `GET /v1/streams/{id}`, a long-poll - *follows*
+the log: read a page after its cursor, write it, wait for more.
+
+The producer holds the stream's lease (`core.streamlog`): the hub's ticker renews it about
+every second, and the renewal tells it about `DELETE` requests made on other instances and
+readers following it from elsewhere. Its readers gone, a producer stops at once unless the
+answer opted into detached generation (then it waits `detach_grace_s`). Stopping a producer
+on purpose (DELETE) ends the log with a `stop` finish and `[DONE]`; abandoning it releases
+the lease with the log left open, and a reconnect later continues it.
+
+Takeover: a reader that finds the log open but its lease dead (the instance died; or the
+answer was abandoned) takes the lease - a new epoch, which fences the old writer - rebuilds
+the partial answer from the log and continues it upstream with the SDK's resume
+(`AsyncClient.chat.completions.resume`), appending to the same log in the same sequence.
+The ticker's sweeper does the same for detached answers nobody reconnects to.
+Imports client, core, stores and gateway siblings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+import anyio
+import msgspec
+
+from unbroken.client import AsyncStream
+from unbroken.core.accumulator import ChunkAccumulator
+from unbroken.core.streamlog import (
+    Retention,
+    StreamInfo,
+    Verdict,
+    answer_digest,
+    check_stream_id,
+    judge_reconnect,
+    new_stream_id,
+    parse_event_id,
+    should_abandon,
+)
+from unbroken.core.wire import Answer, ChatCompletion, ChatCompletionChunk
+from unbroken.errors import InvalidRequestError, UnbrokenError
+from unbroken.gateway.asgi import Exchange
+from unbroken.gateway.keys import Caller
+from unbroken.gateway.problems import GatewayError, from_unbroken
+from unbroken.gateway.request import ChatRequest
+from unbroken.settings import GatewaySettings
+from unbroken.stores.streamlog import (
+    FencedError,
+    LogFullError,
+    MemoryStreamLog,
+    StreamLog,
+    UnknownStreamError,
+)
+
+if TYPE_CHECKING:
+    from unbroken.gateway.app import Gateway
+
+__all__ = ["STREAMS_PATH", "Producer", "StreamHub", "open_stream_log"]
+
+logger = logging.getLogger(__name__)
+
+STREAMS_PATH = "/v1/streams"
+STREAM_ID_HEADER = b"x-unbroken-stream-id"
+# Every response of the gateway says what it is, so the SDK knows it may reconnect.
+GATEWAY_HEADER = (b"x-unbroken-gateway", b"1")
+DONE = b"[DONE]"
+# One page of a replay: bounded in events and bytes, so replaying a long answer holds one
+# page in memory, not the answer.
+PAGE_EVENTS = 256
+PAGE_BYTES = 256 * 1024
+# How often the ticker renews leases (the issue's "about every second"), and sweeps.
+TICK_S = 1.0
+SWEEP_EVERY_S = 30.0
+ORPHANS_PER_TICK = 50
+# The longest a long-poll may wait.
+MAX_WAIT_S = 60.0
+_encode = msgspec.json.encode
+
+
+def open_stream_log(g: GatewaySettings) -> StreamLog:
+    """The stream log for the gateway's `store` setting (memory, or Redis Streams)."""
+    retention = Retention(
+        ttl_s=g.stream_ttl_s,
+        max_stream_bytes=g.stream_max_bytes,
+        max_total_bytes=g.streams_max_bytes,
+    )
+    if g.store == "memory":
+        return MemoryStreamLog(retention)
+    from unbroken.stores.redis_streamlog import RedisStreamLog
+
+    return RedisStreamLog.from_url(g.store, retention)
+
+
+def final_event(completion: ChatCompletion, stream_id: str, takeovers: int) -> bytes:
+    """The event before `[DONE]`: no choices, and an `unbroken` field with the SHA-256 of
+    choice 0's content and reasoning, so a client can prove it holds the log's bytes."""
+    content = reasoning = ""
+    finish = None
+    if completion.choices:
+        message = completion.choices[0].message
+        content = message.content or ""
+        reasoning = message.reasoning_content or ""
+        finish = completion.choices[0].finish_reason
+    digest = answer_digest(content, reasoning)
+    meta: dict[str, Any] = {
+        "stream_id": stream_id,
+        "content_sha256": digest.content_sha256,
+        "reasoning_sha256": digest.reasoning_sha256,
+        "finish_reason": finish,
+        "takeovers": takeovers,
+    }
+    if isinstance(completion, Answer):
+        info = completion.unbroken
+        meta.update(
+            route=info.route,
+            attempts=len(info.attempts),
+            retries=info.retries,
+            resumes=info.resumes,
+            fallbacks=info.fallbacks,
+        )
+    return _encode(
+        {
+            "id": completion.id,
+            "object": "chat.completion.chunk",
+            "created": completion.created,
+            "model": completion.model,
+            "choices": [],
+            "unbroken": meta,
+        }
+    )
+
+
+def _stop_chunk(completion: ChatCompletion | None) -> bytes:
+    head = completion or ChatCompletion()
+    return _encode(
+        {
+            "id": head.id,
+            "object": "chat.completion.chunk",
+            "created": head.created,
+            "model": head.model,
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        }
+    )
+
+
+OpenStream = Callable[[], Awaitable[AsyncStream]]
+
+
+class Producer:
+    """The writer of one answer's log (see the theory of operation).
+
+    Args:
+        hub: the hub it belongs to.
+        stream_id: the stream.
+        epoch: the lease epoch its appends carry.
+        n_events: events already in the log (a takeover continues after them).
+        resumable: keep generating without readers for `detach_grace_s`.
+        takeovers: how many times the stream changed hands before this writer.
+        on_complete: runs with the whole answer before its last events are appended.
+        on_end: runs once when the producer ends, with what it has of the answer.
+        renew_slot: renews the caller's concurrency slot (called every `slot_every_s`).
+    """
+
+    def __init__(
+        self,
+        hub: StreamHub,
+        stream_id: str,
+        epoch: int,
+        *,
+        n_events: int = 0,
+        resumable: bool,
+        takeovers: int = 0,
+        on_complete: Callable[[ChatCompletion], Awaitable[None]] | None = None,
+        on_end: Callable[[ChatCompletion | None], Awaitable[None]] | None = None,
+        renew_slot: Callable[[], Awaitable[None]] | None = None,
+        slot_every_s: float = 60.0,
+    ) -> None:
+        self.hub = hub
+        self.stream_id = stream_id
+        self.epoch = epoch
+        self.n_events = n_events
+        self.resumable = resumable
+        self.takeovers = takeovers
+        self._on_complete = on_complete
+        self._on_end = on_end
+        self._renew_slot = renew_slot
+        self._slot_every_s = slot_every_s
+        self._slot_at = time.monotonic()
+        self._scope = anyio.CancelScope()
+        self._changed = asyncio.Event()
+        self.first = asyncio.Event()  # set at the first append, or when the answer failed
+        self.failure: GatewayError | None = None
+        self.finished = False
+        self.reason: str | None = None  # why it stopped early: stopped, abandoned, fenced...
+        self.n_readers = 0
+        self.detached_at: float | None = time.time()
+        self.task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"Producer({self.stream_id!r}, epoch={self.epoch}, events={self.n_events})"
+
+    # -- readers ---------------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """A reader on this instance follows the answer."""
+        self.n_readers += 1
+        self.detached_at = None
+
+    def detach(self, now: float) -> None:
+        """A reader left; without the opt-in, the last one leaving stops the answer."""
+        self.n_readers = max(0, self.n_readers - 1)
+        if self.n_readers == 0:
+            self.detached_at = now
+            if not self.resumable and not self.finished:
+                self.stop("abandoned")
+
+    async def wait(self, after: int, timeout_s: float) -> None:
+        """Return when an event after `after` was appended, the producer ended, or after
+        `timeout_s`."""
+        if self.n_events > after or self.finished:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout_s)
+
+    # -- control ---------------------------------------------------------------------------
+
+    def stop(self, reason: str) -> None:
+        """Cancel the upstream now; `stopped` ends the log with a stop finish and [DONE],
+        anything else leaves it open for a takeover."""
+        if self.reason is None:
+            self.reason = reason
+        self._scope.cancel()
+
+    async def tick(self, log: StreamLog, lease_s: float, grace_s: float, now: float) -> None:
+        """Renew the lease; act on a stop request, a lost lease, or no readers."""
+        if self.finished:
+            return
+        info = await log.renew(self.stream_id, self.hub.instance, self.epoch, now, lease_s)
+        if info is None:
+            self.stop("fenced")
+            return
+        if info.stop_requested:
+            self.stop("stopped")
+            return
+        if should_abandon(
+            resumable=self.resumable,
+            n_local_readers=self.n_readers,
+            reader_at=info.reader_at,
+            detached_at=self.detached_at,
+            grace_s=grace_s,
+            now=now,
+        ):
+            self.stop("abandoned")
+            return
+        if self._renew_slot is not None and time.monotonic() - self._slot_at >= self._slot_every_s:
+            self._slot_at = time.monotonic()
+            await self._renew_slot()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def _append(self, payloads: list[bytes], *, end: bool = False) -> None:
+        self.n_events = await self.hub.log.append(
+            self.stream_id, self.epoch, payloads, time.time(), end=end
+        )
+        self._changed.set()
+        self._changed = asyncio.Event()
+        self.first.set()
+
+    async def run(self, open_stream: OpenStream) -> None:
+        """Produce the answer into the log (the task body)."""
+        stream: AsyncStream | None = None
+        completion: ChatCompletion | None = None
+        try:
+            with self._scope:
+                stream = await open_stream()
+                async for chunk in stream:
+                    await self._append([_encode(chunk)])
+                completion = await stream.final()
+                if self._on_complete is not None:
+                    await self._on_complete(completion)
+                final = final_event(completion, self.stream_id, self.takeovers)
+                await self._append([final, DONE], end=True)
+            if self._scope.cancelled_caught:
+                completion = _current(stream)
+                await self._cancelled(completion)
+        except FencedError:
+            self.reason = "fenced"
+            logger.info("stream %s was taken over; this writer stops", self.stream_id)
+        except UnbrokenError as exc:
+            completion = _current(stream)
+            error = from_unbroken(exc, self.hub.gateway.scrub)
+            if isinstance(exc, LogFullError):
+                error = GatewayError(507, exc.message, type="server_error", code="stream_log_full")
+            if self.n_events == 0:
+                self.failure = error
+            self.reason = "error"
+            logger.info("answer on stream %s failed: %s", self.stream_id, error.code)
+            with anyio.CancelScope(shield=True):
+                await self._end_quietly([error.body()])
+        finally:
+            self.finished = True
+            self.first.set()
+            self._changed.set()
+            with anyio.CancelScope(shield=True):
+                if stream is not None:
+                    await _close(stream)
+                self.hub._forget(self)
+                if self._on_end is not None:
+                    await self._on_end(completion if completion is not None else _current(stream))
+
+    async def _cancelled(self, completion: ChatCompletion | None) -> None:
+        with anyio.CancelScope(shield=True):
+            if self.reason == "stopped":
+                final = final_event(completion or ChatCompletion(), self.stream_id, self.takeovers)
+                await self._end_quietly([_stop_chunk(completion), final, DONE])
+            elif self.reason != "fenced":
+                # Abandoned (no reader) or shutting down: the log stays open and the lease
+                # free, so a reconnect (here or on another instance) continues the answer.
+                await self.hub.log.release(self.stream_id, self.hub.instance, self.epoch)
+
+    async def _end_quietly(self, payloads: list[bytes]) -> None:
+        try:
+            await self._append(payloads, end=True)
+        except FencedError:
+            pass  # another writer owns the log now; it ends it
+        except UnbrokenError as exc:
+            logger.warning("stream %s: could not end its log: %s", self.stream_id, exc.message)
+
+
+def _current(stream: AsyncStream | None) -> ChatCompletion | None:
+    if stream is None:
+        return None
+    try:
+        return stream.current()
+    except UnbrokenError:  # the answer may be in any state when it was cut
+        return None
+
+
+async def _close(stream: AsyncStream) -> None:
+    try:
+        await stream.aclose()
+    except (UnbrokenError, OSError) as exc:
+        logger.debug("closing an upstream stream failed: %s", type(exc).__name__)
+
+
+class StreamHub:
+    """The stream logs of one gateway instance: its producers, its readers, its ticker.
+
+    Args:
+        gateway: the gateway.
+        log: the stream log backend.
+    """
+
+    def __init__(self, gateway: Gateway, log: StreamLog) -> None:
+        self.gateway = gateway
+        self.log = log
+        self.settings = gateway.settings.gateway
+        self.instance = uuid.uuid4().hex
+        self._producers: dict[str, Producer] = {}
+        self._ticker: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def __repr__(self) -> str:
+        return f"StreamHub(log={self.log!r}, live={len(self._producers)})"
+
+    @property
+    def producers(self) -> list[Producer]:
+        """The answers this instance is writing."""
+        return list(self._producers.values())
+
+    def _forget(self, producer: Producer) -> None:
+        if self._producers.get(producer.stream_id) is producer:
+            del self._producers[producer.stream_id]
+
+    def _spawn(self, producer: Producer, open_stream: OpenStream) -> Producer:
+        self._producers[producer.stream_id] = producer
+        producer.task = asyncio.get_running_loop().create_task(producer.run(open_stream))
+        self._ensure_ticker()
+        return producer
+
+    # -- starting answers ------------------------------------------------------------------
+
+    def is_resumable(self, ex: Exchange, request: ChatRequest) -> bool:
+        """The detached-generation opt-in: body `"unbroken": {"resumable": true}` (taken
+        out of the upstream body here), header `X-Unbroken-Resumable: 1`, or the default.
+
+        Raises:
+            GatewayError: 400 for a malformed `unbroken` field.
+        """
+        options = request.extra.pop("unbroken", None)
+        if options is not None:
+            given = options.get("resumable") if isinstance(options, dict) else None
+            if not isinstance(options, dict) or not isinstance(given, bool | None):
+                raise GatewayError(
+                    400,
+                    'unbroken must be an object like {"resumable": true}',
+                    code="invalid_value",
+                    param="unbroken",
+                )
+            if given is not None:
+                return given
+        header = ex.header(b"x-unbroken-resumable")
+        if header is not None:
+            return header.strip() in (b"1", b"true", b"yes")
+        return self.settings.resumable
+
+    async def start(
+        self,
+        caller: Caller,
+        request: ChatRequest,
+        headers: dict[str, str],
+        *,
+        resumable: bool,
+        on_complete: Callable[[ChatCompletion], Awaitable[None]] | None,
+        on_end: Callable[[ChatCompletion | None], Awaitable[None]] | None,
+        renew_slot: Callable[[], Awaitable[None]] | None,
+    ) -> Producer:
+        """Create the stream's log and start producing `request` into it."""
+        stream_id = new_stream_id(os.urandom(16))
+        g = self.settings
+        saved = _encode(
+            {
+                "model": request.model,
+                "messages": request.messages,
+                "extra": request.extra,
+                "fallbacks": request.fallbacks,
+                "headers": headers,
+            }
+        )
+        lease = await self.log.create(
+            stream_id,
+            caller=caller.id,
+            request=saved,
+            resumable=resumable,
+            owner=self.instance,
+            now=time.time(),
+            lease_s=g.stream_lease_s,
+        )
+        producer = Producer(
+            self,
+            stream_id,
+            lease.epoch,
+            resumable=resumable,
+            on_complete=on_complete,
+            on_end=on_end,
+            renew_slot=renew_slot,
+            slot_every_s=g.slot_lease_s / 3,
+        )
+        client = self.gateway.client
+        router = self.gateway.router
+
+        async def open_stream() -> AsyncStream:
+            return await client.chat.completions.create(
+                model=request.model,
+                messages=request.messages,
+                stream=True,
+                extra_body=request.extra or None,
+                extra_headers=headers,
+                fallbacks=router.fallback_routes(request.fallbacks) or None,
+                routes=router.routes_for(request.model),
+            )
+
+        return self._spawn(producer, open_stream)
+
+    async def takeover(self, stream_id: str) -> Producer | None:
+        """Take over an answer whose writer is gone and continue it upstream; None when
+        another instance got there first (or the log ended meanwhile)."""
+        local = self._producers.get(stream_id)
+        if local is not None:
+            return local
+        g = self.settings
+        lease = await self.log.acquire(stream_id, self.instance, time.time(), g.stream_lease_s)
+        if lease is None:
+            return None
+        info = await self.log.info(stream_id)
+        raw = await self.log.request(stream_id)
+        if info is None or raw is None:
+            return None
+        saved = msgspec.json.decode(raw)
+        partial, n_events = await self._partial(stream_id)
+        producer = Producer(
+            self,
+            stream_id,
+            lease.epoch,
+            n_events=n_events,
+            resumable=info.resumable,
+            takeovers=lease.epoch - 1,
+        )
+        logger.info(
+            "taking over stream %s at event %d (epoch %d)", stream_id, n_events, lease.epoch
+        )
+        client = self.gateway.client
+        router = self.gateway.router
+
+        async def open_stream() -> AsyncStream:
+            common: dict[str, Any] = {
+                "model": saved["model"],
+                "messages": saved["messages"],
+                "extra_body": saved["extra"] or None,
+                "extra_headers": saved["headers"],
+                "fallbacks": router.fallback_routes(saved["fallbacks"]) or None,
+                "routes": router.routes_for(saved["model"]),
+            }
+            if partial is None:
+                return await client.chat.completions.create(stream=True, **common)
+            return await client.chat.completions.resume(partial=partial, **common)
+
+        return self._spawn(producer, open_stream)
+
+    async def _partial(self, stream_id: str) -> tuple[ChatCompletion | None, int]:
+        """The answer as far as the log holds it (read page by page), and the event count."""
+        acc = ChunkAccumulator()
+        after = 0
+        while True:
+            batch = await self.log.read(stream_id, after, limit=PAGE_EVENTS, max_bytes=PAGE_BYTES)
+            for seq, payload in batch.events:
+                after = seq
+                if payload.startswith(b'{"id"'):
+                    acc.feed(msgspec.json.decode(payload, type=ChatCompletionChunk))
+            if not batch.events:
+                return (acc.completion() if acc.has_output else None), after
+
+    async def chunks(self, stream_id: str) -> list[bytes]:
+        """The answer's chunks as logged (page by page), without the final `unbroken` event
+        and `[DONE]`: what the answer cache stores."""
+        chunks: list[bytes] = []
+        after = 0
+        while True:
+            batch = await self.log.read(stream_id, after, limit=PAGE_EVENTS, max_bytes=PAGE_BYTES)
+            if not batch.events:
+                return chunks
+            for seq, payload in batch.events:
+                after = seq
+                if payload.startswith(b'{"id"') and b'"unbroken":' not in payload:
+                    chunks.append(payload)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def _check(self, ex: Exchange, stream_id: str, after: int) -> tuple[Caller, StreamInfo]:
+        caller = await self.gateway.keys.identify(_authorization(ex))
+        info = await self.log.info(stream_id)
+        if info is None:
+            raise GatewayError(
+                404, f"no stream {stream_id!r}", type="not_found_error", code="stream_not_found"
+            )
+        verdict = judge_reconnect(info, caller.id, after, self.log.retention, time.time())
+        if verdict is Verdict.FORBIDDEN:
+            raise GatewayError(
+                403,
+                f"stream {stream_id!r} belongs to another key",
+                type="permission_error",
+                code="stream_forbidden",
+            )
+        if verdict is Verdict.EXPIRED:
+            raise GatewayError(
+                410,
+                f"stream {stream_id!r} expired (kept {self.log.retention.ttl_s:g} s after it "
+                "ended, gateway.stream_ttl_s); send the request again",
+                type="not_found_error",
+                code="stream_expired",
+            )
+        if verdict is Verdict.BAD_CURSOR:
+            raise GatewayError(
+                400,
+                f"event id {after} is past the end of stream {stream_id!r} ({info.n_events} "
+                "events)",
+                code="invalid_event_id",
+                param="Last-Event-ID",
+            )
+        return caller, info
+
+    async def _writer(self, stream_id: str) -> Producer | None:
+        """The local producer, after taking the stream over if its writer is gone."""
+        local = self._producers.get(stream_id)
+        if local is not None and not local.finished:
+            return local
+        info = await self.log.info(stream_id)
+        if info is None or info.ended:
+            return None
+        if info.lease is None or not info.lease.is_live(time.time()):
+            return await self.takeover(stream_id)
+        return None
+
+    async def follow(
+        self, stream_id: str, after: int, producer: Producer | None = None
+    ) -> AsyncGenerator[tuple[int, bytes], None]:
+        """The events after `after`, then live ones, until the log ends.
+
+        With a `producer` (the POST that started the answer), a failure before the first
+        event raises its `GatewayError` instead, so the client gets a real HTTP status.
+        """
+        log = self.log
+        if producer is not None:
+            await producer.first.wait()
+            if producer.failure is not None and after == 0:
+                raise producer.failure
+        touched = 0.0
+        while True:
+            try:
+                batch = await log.read(stream_id, after, limit=PAGE_EVENTS, max_bytes=PAGE_BYTES)
+            except UnknownStreamError:
+                raise GatewayError(
+                    410, f"stream {stream_id!r} expired", code="stream_expired"
+                ) from None
+            for seq, payload in batch.events:
+                yield seq, payload
+                after = seq
+            if batch.ended and after >= batch.n_events:
+                return
+            if batch.events:
+                continue
+            writer = self._producers.get(stream_id)
+            if writer is None or writer.finished:
+                now = time.time()
+                if now - touched >= TICK_S:
+                    touched = now
+                    await log.touch_reader(stream_id, now)
+                writer = await self._writer(stream_id)
+            if writer is not None:
+                await writer.wait(after, TICK_S)
+            else:
+                await log.wait(stream_id, after, TICK_S)
+
+    # -- endpoints -------------------------------------------------------------------------
+
+    async def handle(self, ex: Exchange, method: str, path: str) -> None:
+        """`GET /v1/streams/{id}` (SSE or long-poll JSON) and `DELETE /v1/streams/{id}`."""
+        raw_id = path[len(STREAMS_PATH) + 1 :]
+        try:
+            stream_id = check_stream_id(raw_id)
+        except InvalidRequestError as exc:
+            raise GatewayError(
+                404, exc.message, type="not_found_error", code="stream_not_found"
+            ) from None
+        query = parse_qs(ex.scope.get("query_string", b"").decode("latin-1"))
+        if method == "DELETE":
+            await self._stop(ex, stream_id)
+            return
+        if method != "GET":
+            raise GatewayError(
+                405,
+                f"method {method} is not allowed on {path[:200]}; use GET or DELETE",
+                code="method_not_allowed",
+                headers=[(b"allow", b"GET, DELETE")],
+            )
+        last = ex.header(b"last-event-id")
+        try:
+            # EventSource resends the original URL with the newest id in the header: the
+            # header wins over ?after=.
+            after = parse_event_id(
+                last.decode("latin-1") if last is not None else _first(query, "after")
+            )
+        except InvalidRequestError as exc:
+            raise GatewayError(400, exc.message, code="invalid_event_id", param="after") from None
+        await self._check(ex, stream_id, after)
+        accept = ex.header(b"accept") or b""
+        if b"application/json" in accept and b"text/event-stream" not in accept:
+            await self._long_poll(ex, stream_id, after, _first(query, "wait"))
+            return
+        await self._sse(ex, stream_id, after)
+
+    async def _sse(self, ex: Exchange, stream_id: str, after: int) -> None:
+        g = self.settings
+        gateway = self.gateway
+        from unbroken.gateway.relay import StreamRelay
+
+        relay = StreamRelay(
+            ex,
+            gateway.scrub,
+            keepalive_s=g.keepalive_s,
+            send_timeout_s=g.send_timeout_s,
+            headers=[(STREAM_ID_HEADER, stream_id.encode())],
+        )
+        writer = await self._writer(stream_id)
+        if writer is not None:
+            writer.attach()
+        gateway._relays.add(relay)
+        try:
+            await relay.events(self.follow(stream_id, after))
+        finally:
+            gateway._relays.discard(relay)
+            if writer is not None:
+                writer.detach(time.time())
+
+    async def _long_poll(self, ex: Exchange, stream_id: str, after: int, wait: str | None) -> None:
+        try:
+            wait_s = min(MAX_WAIT_S, max(0.0, float(wait))) if wait else 0.0
+        except ValueError:
+            raise GatewayError(
+                400, f"wait must be a number of seconds, got {str(wait)[:20]!r}", param="wait"
+            ) from None
+        deadline = time.monotonic() + wait_s
+        while True:
+            batch = await self.log.read(stream_id, after, limit=PAGE_EVENTS, max_bytes=PAGE_BYTES)
+            left = deadline - time.monotonic()
+            if batch.events or batch.ended or left <= 0:
+                break
+            writer = await self._writer(stream_id)
+            if writer is not None:
+                await writer.wait(after, min(left, TICK_S))
+            else:
+                await self.log.touch_reader(stream_id, time.time())
+                await self.log.wait(stream_id, after, min(left, TICK_S))
+        chunks = [p for _, p in batch.events if p != DONE]
+        last = batch.events[-1][0] if batch.events else after
+        done = batch.ended and last >= batch.n_events
+        body = (
+            b'{"events":['
+            + b",".join(chunks)
+            + b'],"next":"'
+            + str(last).encode()
+            + b'","done":'
+            + (b"true" if done else b"false")
+            + b"}"
+        )
+        await ex.respond(200, body, headers=[(STREAM_ID_HEADER, stream_id.encode())])
+
+    async def _stop(self, ex: Exchange, stream_id: str) -> None:
+        _, info = await self._check(ex, stream_id, 0)
+        stopped = not info.ended
+        local = self._producers.get(stream_id)
+        if local is not None and not local.finished:
+            local.stop("stopped")
+            if local.task is not None:
+                await asyncio.shield(local.task)
+        elif stopped:
+            await self.log.request_stop(stream_id)
+            # No live writer anywhere: end the log here, under a lease of our own.
+            lease = await self.log.acquire(
+                stream_id, self.instance, time.time(), self.settings.stream_lease_s
+            )
+            if lease is not None:
+                final = final_event(ChatCompletion(), stream_id, lease.epoch - 1)
+                with contextlib.suppress(FencedError):
+                    await self.log.append(
+                        stream_id,
+                        lease.epoch,
+                        [_stop_chunk(None), final, DONE],
+                        time.time(),
+                        end=True,
+                    )
+        await ex.respond_json(200, {"id": stream_id, "object": "stream", "stopped": stopped})
+
+    # -- the ticker ------------------------------------------------------------------------
+
+    def _ensure_ticker(self) -> None:
+        if self._ticker is None and not self._closing:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
+
+    async def _tick_forever(self) -> None:
+        g = self.settings
+        swept = time.monotonic()
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.time()
+            for producer in self.producers:
+                try:
+                    await producer.tick(self.log, g.stream_lease_s, g.detach_grace_s, now)
+                except UnbrokenError as exc:
+                    # A store hiccup: the lease lives a few seconds; the next tick retries.
+                    logger.warning("renewing stream %s failed: %s", producer.stream_id, exc)
+            try:
+                for stream_id in await self.log.orphans(now, ORPHANS_PER_TICK):
+                    await self.takeover(stream_id)
+                if time.monotonic() - swept >= SWEEP_EVERY_S:
+                    swept = time.monotonic()
+                    await self.log.sweep(now)
+            except UnbrokenError as exc:
+                logger.warning("stream sweeper: %s", exc)
+
+    async def live_stream(self, session_id: str) -> str | None:
+        """The id of the answer a session is getting now, if one is still being written."""
+        stream_id = await self.log.session_stream(session_id)
+        if stream_id is None:
+            return None
+        info = await self.log.info(stream_id)
+        return stream_id if info is not None and not info.ended else None
+
+    def abort(self) -> None:
+        """Stop every answer this instance writes, leaving their logs open for a takeover
+        (the drain deadline of a shutdown)."""
+        for producer in self.producers:
+            producer.stop("shutdown")
+
+    async def aclose(self) -> None:
+        """Stop the ticker and the producers (their leases are released), close the log."""
+        self._closing = True
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        tasks = [p.task for p in self.producers if p.task is not None]
+        self.abort()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+        await self.log.aclose()
+
+
+def _first(query: dict[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    return values[0] if values else None
+
+
+def _authorization(ex: Exchange) -> bytes | None:
+    """The Authorization header, or the RFC 6750 `access_token` query parameter (the
+    browser's EventSource cannot send headers)."""
+    header = ex.header(b"authorization")
+    if header is not None:
+        return header
+    token = _first(parse_qs(ex.scope.get("query_string", b"").decode("latin-1")), "access_token")
+    return None if token is None else b"Bearer " + token.encode("latin-1")

@@ -1,0 +1,476 @@
+"""RedisStreamLog: the `StreamLog` on Redis Streams, shared by several gateway instances.
+
+Per stream: a hash of its info (`{p}s:{id}`), a Redis Stream of its events
+(`{p}s:{id}:log`, entry ids `0-<seq>`, so the sequence is the entry id) and its request
+(`{p}s:{id}:req`). Store-wide: the payload byte total, a sorted set of expiry times (the
+sweeper's work list) and one of detached answers' lease expiries (the orphan list). Every
+write is one Lua script, so the lease epoch check and the append are atomic: a fenced
+writer can never append. Lease and retention rules are those of `core.streamlog`; the
+shared case table checks both backends against each other. Imports redis, core and errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+
+from unbroken.core.streamlog import Lease, Retention, StreamInfo
+from unbroken.errors import ConfigError, StoreError
+from unbroken.stores.redis import _translated
+from unbroken.stores.streamlog import Batch, FencedError, LogFullError, UnknownStreamError
+
+__all__ = ["RedisStreamLog"]
+
+T = TypeVar("T")
+
+_FMT = "local function fmt(x) return string.format('%.17g', x) end\n"
+
+# KEYS meta, req, exp, live; ARGV id, caller, request, resumable, owner, now, lease_s, keep_ms
+_CREATE = (
+    _FMT
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local now, lease_s = tonumber(ARGV[6]), tonumber(ARGV[7])
+redis.call('HSET', KEYS[1], 'caller', ARGV[2], 'created', ARGV[6], 'updated', ARGV[6],
+  'n', 0, 'bytes', 0, 'ended', 0, 'ended_at', '', 'owner', ARGV[5], 'epoch', 1,
+  'lease_exp', fmt(now + lease_s), 'stop', 0, 'reader_at', 0, 'resumable', ARGV[4], 'gone', 0)
+redis.call('SET', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[8])
+redis.call('PEXPIRE', KEYS[2], ARGV[8])
+redis.call('ZADD', KEYS[3], ARGV[9], ARGV[1])
+if ARGV[4] == '1' then redis.call('ZADD', KEYS[4], fmt(now + lease_s), ARGV[1]) end
+return 1
+"""
+)
+
+# KEYS meta, log, req, total, exp, live
+# ARGV id, epoch, now, end, max_stream, max_total, expires_at, keep_ms, prefix, payloads...
+_APPEND = """
+local m = redis.call('HMGET', KEYS[1], 'epoch', 'n', 'bytes', 'ended', 'gone')
+if not m[1] then return -1 end
+if m[5] == '1' or m[4] == '1' or tonumber(m[1]) ~= tonumber(ARGV[2]) then return -2 end
+local size = 0
+for i = 10, #ARGV do size = size + #ARGV[i] end
+local sb = tonumber(m[3])
+if sb + size > tonumber(ARGV[5]) then return -3 end
+local max_total = tonumber(ARGV[6])
+local total = tonumber(redis.call('GET', KEYS[4]) or '0')
+if total + size > max_total then
+  -- Oldest ended logs go first; an unfinished answer is never evicted for another.
+  local oldest = redis.call('ZRANGE', KEYS[5], 0, 199)
+  for _, sid in ipairs(oldest) do
+    if total + size <= max_total then break end
+    local meta = ARGV[9] .. 's:' .. sid
+    if sid ~= ARGV[1] and redis.call('HGET', meta, 'ended') == '1'
+       and redis.call('HGET', meta, 'gone') ~= '1' then
+      local b = tonumber(redis.call('HGET', meta, 'bytes') or '0')
+      redis.call('DEL', meta .. ':log', meta .. ':req')
+      redis.call('HSET', meta, 'gone', 1, 'bytes', 0)
+      redis.call('DECRBY', KEYS[4], b)
+      redis.call('ZREM', KEYS[5], sid)
+      total = total - b
+    end
+  end
+  if total + size > max_total then return -4 end
+end
+local n = tonumber(m[2])
+for i = 10, #ARGV do
+  n = n + 1
+  redis.call('XADD', KEYS[2], '0-' .. n, 'd', ARGV[i])
+end
+redis.call('HSET', KEYS[1], 'n', n, 'bytes', sb + size, 'updated', ARGV[3])
+redis.call('INCRBY', KEYS[4], size)
+if ARGV[4] == '1' then
+  redis.call('HSET', KEYS[1], 'ended', 1, 'ended_at', ARGV[3])
+  redis.call('ZREM', KEYS[6], ARGV[1])
+end
+redis.call('ZADD', KEYS[5], ARGV[7], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[8])
+redis.call('PEXPIRE', KEYS[2], ARGV[8])
+redis.call('PEXPIRE', KEYS[3], ARGV[8])
+return n
+"""
+
+# KEYS meta, live; ARGV id, owner, now, lease_s
+_ACQUIRE = (
+    _FMT
+    + """
+local m = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'lease_exp', 'ended', 'gone',
+  'resumable')
+if not m[2] then return -1 end
+if m[4] == '1' or m[5] == '1' then return 0 end
+local now = tonumber(ARGV[3])
+if now < tonumber(m[3]) and m[1] ~= ARGV[2] then return 0 end
+local epoch = tonumber(m[2]) + 1
+local expires = now + tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'epoch', epoch, 'lease_exp', fmt(expires),
+  'updated', ARGV[3])
+if m[6] == '1' then redis.call('ZADD', KEYS[2], fmt(expires), ARGV[1]) end
+return epoch
+"""
+)
+
+# KEYS meta, log, req, live, exp; ARGV id, owner, epoch, now, lease_s, expires_at, keep_ms
+_RENEW = (
+    _FMT
+    + """
+local m = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'gone', 'resumable', 'ended')
+if m[1] ~= ARGV[2] or tonumber(m[2]) ~= tonumber(ARGV[3]) or m[3] == '1' then return {} end
+local expires = tonumber(ARGV[4]) + tonumber(ARGV[5])
+redis.call('HSET', KEYS[1], 'lease_exp', fmt(expires), 'updated', ARGV[4])
+if m[4] == '1' and m[5] ~= '1' then redis.call('ZADD', KEYS[4], fmt(expires), ARGV[1]) end
+if m[5] ~= '1' then redis.call('ZADD', KEYS[5], ARGV[6], ARGV[1]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+redis.call('PEXPIRE', KEYS[2], ARGV[7])
+redis.call('PEXPIRE', KEYS[3], ARGV[7])
+return redis.call('HGETALL', KEYS[1])
+"""
+)
+
+# KEYS meta, live; ARGV id, owner, epoch
+_RELEASE = """
+local m = redis.call('HMGET', KEYS[1], 'owner', 'epoch')
+if m[1] == ARGV[2] and tonumber(m[2]) == tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], 'lease_exp', 0)
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
+return 1
+"""
+
+# KEYS meta; ARGV field, value
+_SET_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+# KEYS exp, total; ARGV now, prefix, tombstone_ms
+_SWEEP = """
+local now = tonumber(ARGV[1])
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1000)
+local n = 0
+for _, sid in ipairs(due) do
+  local meta = ARGV[2] .. 's:' .. sid
+  local m = redis.call('HMGET', meta, 'lease_exp', 'bytes', 'gone', 'ended')
+  if m[1] and m[4] ~= '1' and now < tonumber(m[1]) then
+    -- A writer still holds a live lease: not expired (its renewals move the score on).
+  else
+    if m[2] and m[3] ~= '1' then
+      redis.call('DECRBY', KEYS[2], tonumber(m[2]))
+      redis.call('HSET', meta, 'gone', 1, 'bytes', 0)
+      redis.call('PEXPIRE', meta, ARGV[3])
+      n = n + 1
+    end
+    redis.call('DEL', meta .. ':log', meta .. ':req')
+    redis.call('ZREM', KEYS[1], sid)
+  end
+end
+return n
+"""
+
+
+def _info(stream_id: str, raw: dict[str, str]) -> StreamInfo:
+    ended_at = raw.get("ended_at") or ""
+    return StreamInfo(
+        id=stream_id,
+        caller=raw["caller"],
+        created_at=float(raw["created"]),
+        updated_at=float(raw["updated"]),
+        n_events=int(raw["n"]),
+        n_bytes=int(raw["bytes"]),
+        ended=raw["ended"] == "1",
+        ended_at=float(ended_at) if ended_at else None,
+        lease=Lease(raw["owner"], int(raw["epoch"]), float(raw["lease_exp"])),
+        stop_requested=raw.get("stop") == "1",
+        reader_at=float(raw.get("reader_at") or 0),
+        resumable=raw.get("resumable") == "1",
+    )
+
+
+class RedisStreamLog:
+    """The `StreamLog` on Redis Streams (see the module docstring).
+
+    Args:
+        client: a `redis.asyncio.Redis` with `decode_responses=False` (payloads are bytes).
+        retention: how long and how much is kept.
+        prefix: the namespace of every key written.
+    """
+
+    def __init__(
+        self, client: aioredis.Redis, retention: Retention | None = None, prefix: str = "unbroken:"
+    ) -> None:
+        self._redis = client
+        self.retention = retention or Retention()
+        self._p = prefix
+        self._create = client.register_script(_CREATE)
+        self._append = client.register_script(_APPEND)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+        self._set = client.register_script(_SET_IF_EXISTS)
+        self._sweep = client.register_script(_SWEEP)
+
+    def __repr__(self) -> str:
+        return f"RedisStreamLog(prefix={self._p!r})"
+
+    @classmethod
+    def from_url(
+        cls, url: str, retention: Retention | None = None, prefix: str = "unbroken:"
+    ) -> RedisStreamLog:
+        """A log on the Redis at `url`.
+
+        Raises:
+            ConfigError: the URL is malformed.
+        """
+        try:
+            client = aioredis.from_url(url, socket_connect_timeout=2.0, socket_timeout=10.0)
+        except ValueError as exc:
+            raise ConfigError(f"gateway store: malformed Redis URL ({exc})") from None
+        return cls(client, retention, prefix)
+
+    def _keys(self, stream_id: str) -> tuple[str, str, str]:
+        meta = f"{self._p}s:{stream_id}"
+        return meta, meta + ":log", meta + ":req"
+
+    @property
+    def _total(self) -> str:
+        return f"{self._p}streams:bytes"
+
+    @property
+    def _exp(self) -> str:
+        return f"{self._p}streams:exp"
+
+    @property
+    def _live(self) -> str:
+        return f"{self._p}streams:live"
+
+    def _keep_ms(self) -> int:
+        # Redis' own expiry is a safety net behind the sweeper: the whole retention plus
+        # the tombstone time plus a minute, counted from the last write.
+        r = self.retention
+        return int((r.ttl_s + r.tombstone_s + 60) * 1000)
+
+    async def _run(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        with _translated(what):
+            return await call()
+
+    async def create(
+        self,
+        stream_id: str,
+        *,
+        caller: str,
+        request: bytes,
+        resumable: bool,
+        owner: str,
+        now: float,
+        lease_s: float,
+    ) -> Lease:
+        """See `StreamLog.create`."""
+        meta, _, req = self._keys(stream_id)
+        args: list[Any] = [
+            stream_id,
+            caller,
+            request,
+            "1" if resumable else "0",
+            owner,
+            repr(now),
+            repr(float(lease_s)),
+            self._keep_ms(),
+            repr(now + self.retention.ttl_s),
+        ]
+        created: Any = await self._run(
+            "create a stream log",
+            lambda: self._create(keys=[meta, req, self._exp, self._live], args=args),
+        )
+        if not int(created):
+            raise StoreError(f"stream {stream_id[:60]!r} exists already")
+        return Lease(owner, 1, now + lease_s)
+
+    async def append(
+        self, stream_id: str, epoch: int, payloads: Sequence[bytes], now: float, *, end: bool
+    ) -> int:
+        """See `StreamLog.append`."""
+        meta, log, req = self._keys(stream_id)
+        r = self.retention
+        args: list[Any] = [
+            stream_id,
+            epoch,
+            repr(now),
+            "1" if end else "0",
+            r.max_stream_bytes,
+            r.max_total_bytes,
+            repr(now + r.ttl_s),
+            self._keep_ms(),
+            self._p,
+            *payloads,
+        ]
+        keys = [meta, log, req, self._total, self._exp, self._live]
+        raw: Any = await self._run(
+            "append to a stream log", lambda: self._append(keys=keys, args=args)
+        )
+        n = int(raw)
+        if n == -1:
+            raise UnknownStreamError(f"no stream {stream_id[:60]!r}")
+        if n == -2:
+            raise FencedError(f"stream {stream_id!r}: epoch {epoch} may not append")
+        if n == -3:
+            raise LogFullError(
+                f"stream {stream_id!r} outgrew its log's bound of {r.max_stream_bytes} bytes "
+                "(gateway.stream_max_bytes)"
+            )
+        if n == -4:
+            raise LogFullError(
+                f"the stream logs are full ({r.max_total_bytes} bytes, "
+                f"gateway.streams_max_bytes); stream {stream_id!r} cannot be logged"
+            )
+        return n
+
+    async def read(self, stream_id: str, after: int, *, limit: int, max_bytes: int) -> Batch:
+        """See `StreamLog.read`."""
+        meta, log, _ = self._keys(stream_id)
+
+        async def both() -> list[Any]:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xrange(log, f"0-{after + 1}", "+", count=limit)
+                pipe.hmget(meta, ["n", "ended", "gone"])
+                return list(await pipe.execute())
+
+        entries, (n, ended, gone) = await self._run("read a stream log", both)
+        if n is None or gone == b"1":
+            raise UnknownStreamError(
+                f"no stream {stream_id[:60]!r}" if n is None else f"stream {stream_id!r} expired"
+            )
+        events: list[tuple[int, bytes]] = []
+        size = 0
+        for entry_id, fields in entries:
+            payload = fields[b"d"]
+            if events and size + len(payload) > max_bytes:
+                break
+            events.append((int(entry_id.split(b"-")[1]), payload))
+            size += len(payload)
+        return Batch(events, ended == b"1", int(n))
+
+    async def wait(self, stream_id: str, after: int, timeout_s: float) -> None:
+        """See `StreamLog.wait`: one XREAD BLOCK."""
+        _, log, _ = self._keys(stream_id)
+        block_ms = max(1, int(timeout_s * 1000))
+        await self._run(
+            "wait on a stream log",
+            lambda: self._redis.xread({log: f"0-{after}"}, count=1, block=block_ms),
+        )
+
+    async def info(self, stream_id: str) -> StreamInfo | None:
+        """See `StreamLog.info`."""
+        meta, _, _ = self._keys(stream_id)
+        raw: Any = await self._run("read a stream's info", lambda: self._redis.hgetall(meta))
+        if not raw:
+            return None
+        with _translated("read a stream's info"):
+            return _info(stream_id, {k.decode(): v.decode() for k, v in raw.items()})
+
+    async def request(self, stream_id: str) -> bytes | None:
+        """See `StreamLog.request`."""
+        _, _, req = self._keys(stream_id)
+        raw: Any = await self._run("read a stream's request", lambda: self._redis.get(req))
+        return None if raw is None else bytes(raw)
+
+    async def acquire(self, stream_id: str, owner: str, now: float, lease_s: float) -> Lease | None:
+        """See `StreamLog.acquire`."""
+        meta, _, _ = self._keys(stream_id)
+        args = [stream_id, owner, repr(now), repr(float(lease_s))]
+        raw: Any = await self._run(
+            "take a stream's lease", lambda: self._acquire(keys=[meta, self._live], args=args)
+        )
+        epoch = int(raw)
+        if epoch == -1:
+            raise UnknownStreamError(f"no stream {stream_id[:60]!r}")
+        return Lease(owner, epoch, now + lease_s) if epoch > 0 else None
+
+    async def renew(
+        self, stream_id: str, owner: str, epoch: int, now: float, lease_s: float
+    ) -> StreamInfo | None:
+        """See `StreamLog.renew`."""
+        meta, log, req = self._keys(stream_id)
+        args: list[Any] = [
+            stream_id,
+            owner,
+            epoch,
+            repr(now),
+            repr(float(lease_s)),
+            repr(now + self.retention.ttl_s),
+            self._keep_ms(),
+        ]
+        raw: Any = await self._run(
+            "renew a stream's lease",
+            lambda: self._renew(keys=[meta, log, req, self._live, self._exp], args=args),
+        )
+        if not raw:
+            return None
+        pairs = iter(raw)
+        with _translated("renew a stream's lease"):
+            return _info(
+                stream_id, {k.decode(): v.decode() for k, v in zip(pairs, pairs, strict=True)}
+            )
+
+    async def release(self, stream_id: str, owner: str, epoch: int) -> None:
+        """See `StreamLog.release`."""
+        meta, _, _ = self._keys(stream_id)
+        await self._run(
+            "release a stream's lease",
+            lambda: self._release(keys=[meta, self._live], args=[stream_id, owner, epoch]),
+        )
+
+    async def request_stop(self, stream_id: str) -> None:
+        """See `StreamLog.request_stop`."""
+        meta, _, _ = self._keys(stream_id)
+        raw: Any = await self._run(
+            "ask a stream to stop", lambda: self._set(keys=[meta], args=["stop", "1"])
+        )
+        if not int(raw):
+            raise UnknownStreamError(f"no stream {stream_id[:60]!r}")
+
+    async def touch_reader(self, stream_id: str, now: float) -> None:
+        """See `StreamLog.touch_reader`."""
+        meta, _, _ = self._keys(stream_id)
+        await self._run(
+            "mark a stream's reader", lambda: self._set(keys=[meta], args=["reader_at", repr(now)])
+        )
+
+    async def orphans(self, now: float, limit: int) -> list[str]:
+        """See `StreamLog.orphans`."""
+        raw: Any = await self._run(
+            "list orphaned streams",
+            lambda: self._redis.zrangebyscore(self._live, "-inf", repr(now), start=0, num=limit),
+        )
+        return [item.decode() for item in raw]
+
+    async def sweep(self, now: float) -> int:
+        """See `StreamLog.sweep`."""
+        tomb_ms = max(1, int(self.retention.tombstone_s * 1000))
+        raw: Any = await self._run(
+            "sweep stream logs",
+            lambda: self._sweep(keys=[self._exp, self._total], args=[repr(now), self._p, tomb_ms]),
+        )
+        return int(raw)
+
+    async def link_session(self, session_id: str, stream_id: str, now: float) -> None:
+        """See `StreamLog.link_session`."""
+        ttl_ms = int((self.retention.ttl_s + self.retention.tombstone_s) * 1000)
+        await self._run(
+            "link a session to its stream",
+            lambda: self._redis.set(f"{self._p}session-stream:{session_id}", stream_id, px=ttl_ms),
+        )
+
+    async def session_stream(self, session_id: str) -> str | None:
+        """See `StreamLog.session_stream`."""
+        raw: Any = await self._run(
+            "read a session's stream",
+            lambda: self._redis.get(f"{self._p}session-stream:{session_id}"),
+        )
+        return None if raw is None else bytes(raw).decode()
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._redis.aclose()

@@ -1,0 +1,408 @@
+"""The stream log interface, and its embedded backend (`MemoryStreamLog`).
+
+One interface, two backends: this one (one process, the default) and `RedisStreamLog`
+(`stores/redis_streamlog.py`, shared by several gateway instances). One table of behaviour
+cases runs against both (`tests/integration/test_streamlog.py`). Ids, leases, epochs and
+retention are `core.streamlog` values; time is passed in (Unix seconds). Imports core,
+errors and asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from unbroken.core.streamlog import (
+    Lease,
+    Retention,
+    Room,
+    StreamInfo,
+    acquire_lease,
+    release_lease,
+    renew_lease,
+)
+from unbroken.errors import StoreError
+
+__all__ = [
+    "Batch",
+    "FencedError",
+    "LogFullError",
+    "MemoryStreamLog",
+    "StreamLog",
+    "UnknownStreamError",
+]
+
+# Tombstones (expired streams still answered with 410) kept at most, oldest dropped first.
+MAX_TOMBSTONES = 100_000
+
+
+class FencedError(StoreError):
+    """The writer's epoch is no longer the stream's: another writer took over (or the log
+    ended); it must stop at once."""
+
+
+class LogFullError(StoreError):
+    """The append does not fit the retention bounds (per stream or in total)."""
+
+
+class UnknownStreamError(StoreError):
+    """No such stream (never created, or forgotten after its tombstone time)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Events read from a log.
+
+    Attributes:
+        events: (sequence number, payload) pairs, in order.
+        ended: the log had ended when it was read.
+        n_events: how many events the log held then.
+    """
+
+    events: list[tuple[int, bytes]]
+    ended: bool
+    n_events: int
+
+
+class StreamLog(Protocol):
+    """Where streamed answers are logged, event by event (see `core.streamlog`).
+
+    Failures raise `StoreError` (or the subclasses above).
+    """
+
+    retention: Retention
+
+    async def create(
+        self,
+        stream_id: str,
+        *,
+        caller: str,
+        request: bytes,
+        resumable: bool,
+        owner: str,
+        now: float,
+        lease_s: float,
+    ) -> Lease:
+        """Start a stream's log, with `owner` holding its first lease (epoch 1)."""
+
+    async def append(
+        self, stream_id: str, epoch: int, payloads: Sequence[bytes], now: float, *, end: bool
+    ) -> int:
+        """Append `payloads` as the next events; `end` makes the last one the log's last.
+
+        Returns:
+            the sequence number of the last event appended.
+
+        Raises:
+            FencedError: `epoch` is not the current one, or the log has ended.
+            LogFullError: the payloads do not fit (nothing is appended).
+            UnknownStreamError: no such stream.
+        """
+
+    async def read(self, stream_id: str, after: int, *, limit: int, max_bytes: int) -> Batch:
+        """Events after `after`: at most `limit`, and at most `max_bytes` of payload
+        unless one event alone is bigger (it is returned by itself).
+
+        Raises:
+            UnknownStreamError: no such stream, or its events expired.
+        """
+
+    async def wait(self, stream_id: str, after: int, timeout_s: float) -> None:
+        """Return when the log holds an event after `after`, or after `timeout_s`."""
+
+    async def info(self, stream_id: str) -> StreamInfo | None:
+        """What is known of the stream (also of an expired one, for a while), or None."""
+
+    async def request(self, stream_id: str) -> bytes | None:
+        """The request the stream answers (what a takeover sends upstream again)."""
+
+    async def acquire(self, stream_id: str, owner: str, now: float, lease_s: float) -> Lease | None:
+        """Take the writer's lease (`core.streamlog.acquire_lease`); None when another
+        owner holds a live one or the log has ended."""
+
+    async def renew(
+        self, stream_id: str, owner: str, epoch: int, now: float, lease_s: float
+    ) -> StreamInfo | None:
+        """Renew the lease; the stream's info (stop requests, readers elsewhere), or None
+        when the writer is fenced."""
+
+    async def release(self, stream_id: str, owner: str, epoch: int) -> None:
+        """Give the lease up (a reconnect may take it over at once)."""
+
+    async def request_stop(self, stream_id: str) -> None:
+        """Ask the writer to stop (it sees the request when it renews its lease)."""
+
+    async def touch_reader(self, stream_id: str, now: float) -> None:
+        """Record that a reader follows the stream (detached writers wait for readers)."""
+
+    async def orphans(self, now: float, limit: int) -> list[str]:
+        """Streams whose answer opted into detached generation, whose log has not ended
+        and whose writer's lease expired (its instance died): a sweeper takes them over."""
+
+    async def sweep(self, now: float) -> int:
+        """Forget expired logs (their events; a tombstone stays); returns how many."""
+
+    async def link_session(self, session_id: str, stream_id: str, now: float) -> None:
+        """Record `stream_id` as the answer a session is getting now."""
+
+    async def session_stream(self, session_id: str) -> str | None:
+        """The stream last linked to a session, if it is still known."""
+
+    async def aclose(self) -> None:
+        """Release connections."""
+
+
+@dataclass(slots=True)
+class _Stream:
+    info: StreamInfo
+    request: bytes
+    events: list[bytes] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    gone: bool = False  # events forgotten (a tombstone)
+
+
+class MemoryStreamLog:
+    """The embedded `StreamLog`: dicts in this process (one event loop, so every method
+    is atomic). Readers wait on an `asyncio.Event` per stream, set on every append.
+
+    Args:
+        retention: how long and how much is kept.
+    """
+
+    def __init__(self, retention: Retention | None = None) -> None:
+        self.retention = retention or Retention()
+        self._streams: OrderedDict[str, _Stream] = OrderedDict()
+        self._sessions: dict[str, str] = {}
+        self._total = 0
+
+    def __repr__(self) -> str:
+        return f"MemoryStreamLog(streams={len(self._streams)}, bytes={self._total})"
+
+    @property
+    def total_bytes(self) -> int:
+        """Payload bytes held by all logs."""
+        return self._total
+
+    def _get(self, stream_id: str) -> _Stream:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise UnknownStreamError(f"no stream {stream_id[:60]!r}")
+        return stream
+
+    async def create(
+        self,
+        stream_id: str,
+        *,
+        caller: str,
+        request: bytes,
+        resumable: bool,
+        owner: str,
+        now: float,
+        lease_s: float,
+    ) -> Lease:
+        """See `StreamLog.create`."""
+        if stream_id in self._streams:
+            raise StoreError(f"stream {stream_id[:60]!r} exists already")
+        lease = Lease(owner, 1, now + lease_s)
+        info = StreamInfo(
+            id=stream_id,
+            caller=caller,
+            created_at=now,
+            updated_at=now,
+            n_events=0,
+            n_bytes=0,
+            ended=False,
+            ended_at=None,
+            lease=lease,
+            resumable=resumable,
+        )
+        self._streams[stream_id] = _Stream(info, request)
+        return lease
+
+    def _evict_for(self, size: int, keep: str) -> bool:
+        # Oldest ended logs go first; an unfinished answer is never evicted for another.
+        for sid, stream in list(self._streams.items()):
+            if self.retention.room(0, self._total, size) is Room.OK:
+                return True
+            if sid != keep and stream.info.ended and not stream.gone:
+                self._forget(stream)
+        return self.retention.room(0, self._total, size) is Room.OK
+
+    def _forget(self, stream: _Stream) -> None:
+        self._total -= stream.info.n_bytes
+        stream.events = []
+        stream.gone = True
+        stream.request = b""
+
+    async def append(
+        self, stream_id: str, epoch: int, payloads: Sequence[bytes], now: float, *, end: bool
+    ) -> int:
+        """See `StreamLog.append`."""
+        stream = self._get(stream_id)
+        info = stream.info
+        if stream.gone or info.ended or info.lease is None or info.lease.epoch != epoch:
+            raise FencedError(f"stream {stream_id!r}: epoch {epoch} may not append")
+        size = sum(len(p) for p in payloads)
+        room = self.retention.room(info.n_bytes, self._total, size)
+        if room is Room.TOTAL_FULL and self._evict_for(size, stream_id):
+            room = Room.OK
+        if room is not Room.OK:
+            raise LogFullError(_full_message(stream_id, room, self.retention))
+        stream.events.extend(payloads)
+        self._total += size
+        stream.info = replace(
+            info,
+            n_events=info.n_events + len(payloads),
+            n_bytes=info.n_bytes + size,
+            updated_at=now,
+            ended=end,
+            ended_at=now if end else None,
+        )
+        stream.changed.set()
+        stream.changed = asyncio.Event()
+        return stream.info.n_events
+
+    async def read(self, stream_id: str, after: int, *, limit: int, max_bytes: int) -> Batch:
+        """See `StreamLog.read`."""
+        stream = self._get(stream_id)
+        if stream.gone:
+            raise UnknownStreamError(f"stream {stream_id!r} expired")
+        events: list[tuple[int, bytes]] = []
+        size = 0
+        for seq in range(after + 1, min(stream.info.n_events, after + limit) + 1):
+            payload = stream.events[seq - 1]
+            if events and size + len(payload) > max_bytes:
+                break
+            events.append((seq, payload))
+            size += len(payload)
+        return Batch(events, stream.info.ended, stream.info.n_events)
+
+    async def wait(self, stream_id: str, after: int, timeout_s: float) -> None:
+        """See `StreamLog.wait`."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.info.n_events > after or stream.info.ended:
+            return
+        try:
+            await asyncio.wait_for(stream.changed.wait(), timeout_s)
+        except TimeoutError:
+            return
+
+    async def info(self, stream_id: str) -> StreamInfo | None:
+        """See `StreamLog.info`."""
+        stream = self._streams.get(stream_id)
+        return None if stream is None else stream.info
+
+    async def request(self, stream_id: str) -> bytes | None:
+        """See `StreamLog.request`."""
+        stream = self._streams.get(stream_id)
+        return None if stream is None or stream.gone else stream.request
+
+    async def acquire(self, stream_id: str, owner: str, now: float, lease_s: float) -> Lease | None:
+        """See `StreamLog.acquire`."""
+        stream = self._get(stream_id)
+        if stream.info.ended or stream.gone:
+            return None
+        lease = acquire_lease(stream.info.lease, owner, now, lease_s)
+        if lease is not None:
+            stream.info = replace(stream.info, lease=lease, updated_at=now)
+        return lease
+
+    async def renew(
+        self, stream_id: str, owner: str, epoch: int, now: float, lease_s: float
+    ) -> StreamInfo | None:
+        """See `StreamLog.renew`."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.gone:
+            return None
+        lease = renew_lease(stream.info.lease, owner, epoch, now, lease_s)
+        if lease is None:
+            return None
+        stream.info = replace(stream.info, lease=lease, updated_at=now)
+        return stream.info
+
+    async def release(self, stream_id: str, owner: str, epoch: int) -> None:
+        """See `StreamLog.release`."""
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            stream.info = replace(stream.info, lease=release_lease(stream.info.lease, owner, epoch))
+
+    async def request_stop(self, stream_id: str) -> None:
+        """See `StreamLog.request_stop`."""
+        stream = self._get(stream_id)
+        stream.info = replace(stream.info, stop_requested=True)
+
+    async def touch_reader(self, stream_id: str, now: float) -> None:
+        """See `StreamLog.touch_reader`."""
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            stream.info = replace(stream.info, reader_at=now)
+
+    async def orphans(self, now: float, limit: int) -> list[str]:
+        """See `StreamLog.orphans`."""
+        found = []
+        for sid, stream in self._streams.items():
+            info = stream.info
+            if (
+                info.resumable
+                and not info.ended
+                and not stream.gone
+                and info.lease is not None
+                and info.lease.expires_at > 0  # released on purpose: not an orphan
+                and not info.lease.is_live(now)
+            ):
+                found.append(sid)
+                if len(found) >= limit:
+                    break
+        return found
+
+    async def sweep(self, now: float) -> int:
+        """See `StreamLog.sweep`."""
+        n = 0
+        retention = self.retention
+        tombstones = 0
+        for sid, stream in list(self._streams.items()):
+            if stream.gone:
+                tombstones += 1
+                if now >= stream.info.expires_at(retention) + retention.tombstone_s:
+                    del self._streams[sid]
+                    tombstones -= 1
+            elif stream.info.is_expired(retention, now):
+                self._forget(stream)
+                tombstones += 1
+                n += 1
+        for sid, stream in list(self._streams.items()):
+            if tombstones <= MAX_TOMBSTONES:
+                break
+            if stream.gone:
+                del self._streams[sid]
+                tombstones -= 1
+        for session_id, sid in list(self._sessions.items()):
+            if sid not in self._streams:
+                del self._sessions[session_id]
+        return n
+
+    async def link_session(self, session_id: str, stream_id: str, now: float) -> None:
+        """See `StreamLog.link_session`."""
+        self._sessions[session_id] = stream_id
+
+    async def session_stream(self, session_id: str) -> str | None:
+        """See `StreamLog.session_stream`."""
+        return self._sessions.get(session_id)
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
+
+
+def _full_message(stream_id: str, room: Room, retention: Retention) -> str:
+    if room is Room.STREAM_FULL:
+        return (
+            f"stream {stream_id!r} outgrew its log's bound of {retention.max_stream_bytes} "
+            "bytes (gateway.stream_max_bytes)"
+        )
+    return (
+        f"the stream logs are full ({retention.max_total_bytes} bytes, "
+        f"gateway.streams_max_bytes); stream {stream_id!r} cannot be logged"
+    )

@@ -1,0 +1,271 @@
+"""The memory and Redis stream logs behave the same: one table of cases runs against both
+(Redis on a real redis-server on a free loopback port)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from unbroken.core.streamlog import Lease, Retention
+from unbroken.stores.streamlog import (
+    Batch,
+    FencedError,
+    LogFullError,
+    MemoryStreamLog,
+    StreamLog,
+    UnknownStreamError,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.anyio]
+
+S1 = "strm_" + "1" * 32
+S2 = "strm_" + "2" * 32
+S3 = "strm_" + "3" * 32
+RETENTION = Retention(ttl_s=100, max_stream_bytes=2048, max_total_bytes=4096, tombstone_s=50)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def log(request: pytest.FixtureRequest) -> AsyncIterator[StreamLog]:
+    """Each backend, empty."""
+    if request.param == "memory":
+        yield MemoryStreamLog(RETENTION)
+        return
+    from unbroken.stores.redis_streamlog import RedisStreamLog
+
+    url = request.getfixturevalue("redis_url")
+    redis_log = RedisStreamLog.from_url(url, RETENTION, prefix="test-log:")
+    await redis_log._redis.flushdb()
+    yield redis_log
+    await redis_log.aclose()
+
+
+async def create(log: StreamLog, sid: str, owner: str = "A", *, resumable: bool = False) -> Lease:
+    return await log.create(
+        sid, caller="k1", request=b'{"q":1}', resumable=resumable, owner=owner, now=0.0, lease_s=3
+    )
+
+
+def err(exc: BaseException) -> str:
+    return type(exc).__name__
+
+
+# Each case: a list of (method, args, kwargs) run in order; results are compared with the
+# expected list (exceptions by class name). `info` results are reduced to a few fields.
+CASES: list[tuple[str, list[tuple[str, tuple[Any, ...], dict[str, Any]]], list[Any]]] = [
+    (
+        "append then read in pages",
+        [
+            ("append", (S1, 1, [b"a", b"bb"], 1.0), {"end": False}),
+            ("append", (S1, 1, [b"ccc"], 2.0), {"end": False}),
+            ("read", (S1, 0), {"limit": 2, "max_bytes": 100}),
+            ("read", (S1, 2), {"limit": 10, "max_bytes": 100}),
+            ("read", (S1, 3), {"limit": 10, "max_bytes": 100}),
+        ],
+        [
+            2,
+            3,
+            Batch([(1, b"a"), (2, b"bb")], False, 3),
+            Batch([(3, b"ccc")], False, 3),
+            Batch([], False, 3),
+        ],
+    ),
+    (
+        "max_bytes cuts a page, but one big event still comes alone",
+        [
+            ("append", (S1, 1, [b"x" * 600, b"y" * 600], 1.0), {"end": True}),
+            ("read", (S1, 0), {"limit": 10, "max_bytes": 700}),
+            ("read", (S1, 0), {"limit": 10, "max_bytes": 10}),
+        ],
+        [
+            2,
+            Batch([(1, b"x" * 600)], True, 2),
+            Batch([(1, b"x" * 600)], True, 2),
+        ],
+    ),
+    (
+        "an ended log takes no more appends and no new lease",
+        [
+            ("append", (S1, 1, [b"[DONE]"], 1.0), {"end": True}),
+            ("append", (S1, 1, [b"late"], 2.0), {"end": False}),
+            ("acquire", (S1, "B", 10.0, 3.0), {}),
+        ],
+        [1, "FencedError", None],
+    ),
+    (
+        "takeover after expiry fences the old writer",
+        [
+            ("append", (S1, 1, [b"a"], 1.0), {"end": False}),
+            ("acquire", (S1, "B", 2.0, 3.0), {}),
+            ("acquire", (S1, "B", 3.0, 3.0), {}),
+            ("append", (S1, 1, [b"from A"], 3.5), {"end": False}),
+            ("renew", (S1, "A", 1, 3.5, 3.0), {}),
+            ("append", (S1, 2, [b"from B"], 3.5), {"end": False}),
+            ("read", (S1, 1), {"limit": 10, "max_bytes": 100}),
+        ],
+        [1, None, Lease("B", 2, 6.0), "FencedError", None, 2, Batch([(2, b"from B")], False, 2)],
+    ),
+    (
+        "renew extends the lease and reports stop requests and readers",
+        [
+            ("renew", (S1, "A", 1, 2.0, 3.0), {}),
+            ("request_stop", (S1,), {}),
+            ("touch_reader", (S1, 4.0), {}),
+            ("renew", (S1, "A", 1, 4.5, 3.0), {}),
+            ("acquire", (S1, "B", 6.0, 3.0), {}),
+        ],
+        [
+            {"lease": Lease("A", 1, 5.0), "stop": False, "reader_at": 0.0},
+            None,
+            None,
+            {"lease": Lease("A", 1, 7.5), "stop": True, "reader_at": 4.0},
+            None,
+        ],
+    ),
+    (
+        "a released lease is free at once, and not an orphan",
+        [
+            ("release", (S2, "A", 1), {}),
+            ("orphans", (1.0, 10), {}),
+            ("acquire", (S2, "B", 1.0, 3.0), {}),
+            ("release", (S2, "A", 1), {}),
+            ("info", (S2,), {}),
+        ],
+        [None, [], Lease("B", 2, 4.0), None, {"lease": Lease("B", 2, 4.0), "stop": False}],
+    ),
+    (
+        "orphans: detached answers whose writer died",
+        [
+            ("orphans", (2.0, 10), {}),
+            ("orphans", (3.0, 10), {}),
+            ("append", (S3, 1, [b"[DONE]"], 3.0), {"end": True}),
+            ("orphans", (3.0, 10), {}),
+        ],
+        [[], [S3], 1, []],
+    ),
+    (
+        "per-stream bound",
+        [
+            ("append", (S1, 1, [b"x" * 2000], 1.0), {"end": False}),
+            ("append", (S1, 1, [b"x" * 100], 1.0), {"end": False}),
+            ("read", (S1, 0), {"limit": 10, "max_bytes": 10}),
+        ],
+        [1, "LogFullError", Batch([(1, b"x" * 2000)], False, 1)],
+    ),
+    (
+        "total bound: ended logs are evicted, unfinished ones are not",
+        [
+            ("append", (S1, 1, [b"x" * 2000], 1.0), {"end": True}),
+            ("append", (S2, 1, [b"y" * 2000], 1.0), {"end": False}),
+            ("append", (S3, 1, [b"z" * 1000], 1.0), {"end": False}),
+            ("read", (S1, 0), {"limit": 10, "max_bytes": 10}),
+            ("append", (S3, 1, [b"z" * 1200], 1.0), {"end": False}),
+        ],
+        [1, 1, 1, "UnknownStreamError", "LogFullError"],
+    ),
+    (
+        "expiry: swept after ttl, then a tombstone, then forgotten",
+        [
+            ("append", (S1, 1, [b"a"], 1.0), {"end": True}),
+            ("sweep", (100.0,), {}),
+            ("read", (S1, 0), {"limit": 10, "max_bytes": 10}),
+            ("sweep", (101.0,), {}),
+            ("read", (S1, 0), {"limit": 10, "max_bytes": 10}),
+            ("info", (S1,), {}),
+            ("request", (S1,), {}),
+        ],
+        [
+            1,
+            2,  # S2 and S3: unfinished, last written at 0
+            Batch([(1, b"a")], True, 1),
+            1,
+            "UnknownStreamError",
+            {"lease": Lease("A", 1, 3.0), "stop": False},
+            None,
+        ],
+    ),
+    (
+        "unknown streams",
+        [
+            ("append", ("strm_" + "9" * 32, 1, [b"a"], 1.0), {"end": False}),
+            ("read", ("strm_" + "9" * 32, 0), {"limit": 1, "max_bytes": 1}),
+            ("info", ("strm_" + "9" * 32,), {}),
+            ("acquire", ("strm_" + "9" * 32, "A", 1.0, 3.0), {}),
+            ("request_stop", ("strm_" + "9" * 32,), {}),
+            ("session_stream", ("sess1",), {}),
+        ],
+        [
+            "UnknownStreamError",
+            "UnknownStreamError",
+            None,
+            "UnknownStreamError",
+            "UnknownStreamError",
+            None,
+        ],
+    ),
+    (
+        "sessions link to their live stream; requests are kept",
+        [
+            ("link_session", ("sess1", S1, 1.0), {}),
+            ("session_stream", ("sess1",), {}),
+            ("request", (S1,), {}),
+        ],
+        [None, S1, b'{"q":1}'],
+    ),
+]
+
+
+def reduce(result: Any) -> Any:
+    if hasattr(result, "caller"):  # StreamInfo
+        return {"lease": result.lease, "stop": result.stop_requested, "reader_at": result.reader_at}
+    return result
+
+
+@pytest.mark.parametrize(("name", "ops", "expected"), CASES, ids=[c[0] for c in CASES])
+async def test_log_case(
+    log: StreamLog, name: str, ops: list[tuple[str, tuple[Any, ...], dict[str, Any]]], expected: Any
+) -> None:
+    """Both backends give the same result for every operation of the case."""
+    await create(log, S1)
+    await create(log, S2)
+    await create(log, S3, resumable=True)
+    results: list[Any] = []
+    for method, args, kwargs in ops:
+        try:
+            result = reduce(await getattr(log, method)(*args, **kwargs))
+        except (FencedError, LogFullError, UnknownStreamError) as exc:
+            result = err(exc)
+        results.append(result)
+    # an expected info names the fields it checks
+    for i, item in enumerate(results):
+        if isinstance(item, dict) and isinstance(expected[i], dict):
+            results[i] = {k: v for k, v in item.items() if k in expected[i]}
+    assert results == expected
+
+
+async def test_create_twice_is_refused(log: StreamLog) -> None:
+    """A stream id is created once."""
+    await create(log, S1)
+    with pytest.raises(Exception, match="exists already"):
+        await create(log, S1)
+
+
+async def test_wait_returns_on_append_or_timeout(log: StreamLog) -> None:
+    """A waiter wakes when an event arrives after its cursor, or at its timeout."""
+    import anyio
+
+    await create(log, S1)
+    with anyio.fail_after(3):
+        await log.wait(S1, 0, 0.05)  # times out quietly
+        async with anyio.create_task_group() as tg:
+
+            async def writer() -> None:
+                await anyio.sleep(0.05)
+                await log.append(S1, 1, [b"a"], 1.0, end=False)
+
+            tg.start_soon(writer)
+            await log.wait(S1, 0, 2.5)
+        batch = await log.read(S1, 0, limit=10, max_bytes=100)
+        assert batch.events == [(1, b"a")]
+        await log.wait(S1, 0, 2.5)  # already there: returns at once
