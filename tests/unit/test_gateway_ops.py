@@ -288,3 +288,35 @@ def test_access_line_text_and_json() -> None:
     assert data["status"] == 502
     assert data["key"] == "alice"
     assert data["message"] == line
+
+
+def test_answer_outcomes_are_a_fixed_set_never_class_names() -> None:
+    """The outcome label of an answer that failed is an error kind, a timeout phase,
+    `connect_error`, `protocol_error` or `error`, also through RetriesExhausted."""
+    from unbroken.client._common import _error_outcome
+    from unbroken.errors import (
+        ProtocolError,
+        ResumeError,
+        RetriesExhausted,
+        UpstreamConnectError,
+        UpstreamStatusError,
+        UpstreamTimeout,
+        retries_exhausted,
+    )
+
+    reset = UpstreamConnectError("reset")
+    overloaded = UpstreamStatusError("busy", status_code=503, kind="overloaded")
+    exhausted = retries_exhausted("gave up", attempts=3, last=overloaded)
+    exhausted.__cause__ = overloaded
+    broken = RetriesExhausted("gave up", attempts=2)
+    broken.__cause__ = ProtocolError("bad chunk")
+    cases = {
+        reset: "connect_error",
+        overloaded: "overloaded",
+        UpstreamTimeout("slow", phase="first_token", timeout_s=1.0): "timeout_first_token",
+        exhausted: "overloaded",
+        broken: "protocol_error",
+        ResumeError("gone"): "error",
+    }
+    for error, outcome in cases.items():
+        assert _error_outcome(error) == outcome

@@ -68,6 +68,8 @@ from unbroken.core.wire import (
 from unbroken.errors import (
     ConfigError,
     InvalidRequestError,
+    ProtocolError,
+    RetriesExhausted,
     UnbrokenError,
     UpstreamError,
     UpstreamTimeout,
@@ -680,7 +682,7 @@ class AnswerRun:
         billed = self.billed or Usage()
         kind = outcome or "complete"
         if error is not None:
-            kind = error.kind if isinstance(error, UpstreamError) else type(error).__name__
+            kind = _error_outcome(error)
         self.config.hooks.answer(
             AnswerRecord(
                 route=route,
@@ -698,6 +700,21 @@ class AnswerRun:
                 cost_usd=self.cost.total_usd,
             )
         )
+
+
+def _error_outcome(error: UnbrokenError) -> str:
+    # A fixed set of label values (error kinds, timeout phases): never a class name, so a
+    # dashboard or an alert can count on them.
+    if isinstance(error, UpstreamTimeout):
+        return f"timeout_{error.phase}"
+    if isinstance(error, UpstreamError):
+        return error.kind if error.status_code or error.kind != "unknown" else "connect_error"
+    if isinstance(error, ProtocolError):
+        return "protocol_error"
+    cause = error.__cause__
+    if isinstance(error, RetriesExhausted) and isinstance(cause, UnbrokenError):
+        return _error_outcome(cause)
+    return "error"
 
 
 def _outcome_name(state: EndState | None, error: UnbrokenError | None) -> str:
