@@ -6,78 +6,24 @@ gateway)."""
 from __future__ import annotations
 
 import re
-import socket
-import string
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from pathlib import Path
+from contextlib import ExitStack
 
 import httpx
 import pytest
 import yaml
 
 from tests.integration.test_stores import redis_url  # noqa: F401 - the redis-server fixture
-from tests.support import free_port, require_binary
+from tests.nginx import NGINX_TEMPLATE, nginx
 from unbroken.gateway.app import create_app
 from unbroken.mock import MockConfig, MockServer, ServerThread
 from unbroken.settings import GatewaySettings, KeySettings, Settings, hash_key
 
 pytestmark = pytest.mark.integration
 
-NGINX_TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "nginx.conf"
 KEY = "sk-gw-shared-0123456789abcdef"
 MESSAGES = [{"role": "user", "content": "Spread me."}]
-
-
-def render_nginx_conf(work: str, listen: str, backends: list[str]) -> str:
-    """deploy/nginx.conf with its placeholders filled in (nginx's own `$vars` untouched)."""
-    servers = " ".join(f"server {b} max_fails=1 fail_timeout=5s;" for b in backends)
-    template = string.Template(NGINX_TEMPLATE.read_text(encoding="utf-8"))
-    return template.substitute(
-        NGINX_WORK=work, NGINX_LISTEN=listen, UNBROKEN_GATEWAYS=servers, **_NGINX_VARIABLES
-    )
-
-
-# nginx variables in the template, mapped to themselves so `substitute` keeps them (and
-# still fails on any placeholder we did not fill).
-_NGINX_VARIABLES = {
-    name: f"${name}"
-    for name in re.findall(r"\$([a-z_]+)", NGINX_TEMPLATE.read_text(encoding="utf-8"))
-}
-
-
-@contextmanager
-def nginx(backends: list[str]) -> Iterator[str]:
-    """nginx on a free loopback port in front of `backends`; yields its URL."""
-    binary = require_binary("nginx")
-    port = free_port()
-    with tempfile.TemporaryDirectory() as work:
-        conf = Path(work) / "nginx.conf"
-        conf.write_text(render_nginx_conf(work, f"127.0.0.1:{port}", backends), encoding="utf-8")
-        proc = subprocess.Popen(
-            [binary, "-p", work, "-c", str(conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        proc.kill()
-                        pytest.fail(f"nginx did not start: {proc.communicate()[1]}")
-                    time.sleep(0.02)  # waiting for a separate process to listen
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            proc.terminate()
-            proc.communicate(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -156,6 +156,8 @@ def test_usage_agrees_with_the_mock_and_prices_at_another_model(
     ).json()
     forbidden = gateway.get("/v1/usage", params={"key": "carol"}, headers=bearer(alice["key"]))
 
+    listed = gateway.get("/v1/models", headers=bearer(alice["key"]))
+    assert listed.headers["x-ratelimit-limit-requests"] == "6"
     assert mine["key"] == "alice"
     assert mine["total"]["requests"] == 3
     assert everyone["total"]["requests"] == 4

@@ -656,6 +656,7 @@ class Gateway:
 
     async def _models(self, ex: Exchange) -> None:
         caller = await self.keys.identify(ex.header(b"authorization"))
+        ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
         names = sorted(self.models if caller.models is None else self.models & set(caller.models))
         await ex.respond_json(
             200,
@@ -670,6 +671,7 @@ class Gateway:
 
     async def _usage(self, ex: Exchange) -> None:
         caller = await self.keys.identify(ex.header(b"authorization"))
+        ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
         query = dict(parse_qsl(ex.scope.get("query_string", b"").decode("latin-1")))
         report = await self.usage.report(
             parse_usage_query(query, caller, self.router.prices, time.time())
