@@ -220,8 +220,7 @@ def rotate(
     store: str | None = _STORE,
     as_json: bool = _JSON,
 ) -> None:
-    """Replace a key's secret (same name, role, limits and models) and print it once; the
-    old secret stops working."""
+    """Give a key a new secret (same name, role, limits, models), shown once; the old one stops."""
     url, _ = _store_url(config, store)
     secret = _new_secret()
 
