@@ -224,6 +224,28 @@ def openapi(models: list[str]) -> dict[str, Any]:
                 }
             },
             **_SESSIONS,
+            "/v1/usage": {
+                "get": {
+                    "summary": "Requests, tokens and cost by day and model (an admin: any key's)",
+                    "parameters": [
+                        {"name": name, "in": "query", "required": False, "schema": {"type": kind}}
+                        for name, kind in (
+                            ("days", "integer"),
+                            ("start", "string"),
+                            ("end", "string"),
+                            ("key", "string"),
+                            ("price_at", "string"),
+                        )
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "rows per day, key and model, and totals",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        },
+                        **_error_responses(400, 401, 403),
+                    },
+                }
+            },
             "/metrics": {
                 "get": {
                     "summary": "Prometheus metrics",
