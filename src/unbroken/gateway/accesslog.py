@@ -228,6 +228,8 @@ def configure_logging(level: str = "info", fmt: str = "text") -> logging.Handler
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     for name in _QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # The access log is switched by gateway.access_log, not by the level of other lines.
+    logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO)
     return handler
 
 
