@@ -45,10 +45,13 @@ class ModelTarget:
         route: the name of a `[[gateway.routes]]` entry (or `default`).
         model: the model to ask that route for; None keeps the route's own `model`, or else
             passes the requested name through (what a wildcard wants).
+        context_tokens: that model's context window there (default: the entry's, else the
+            route's); a request too long for one target moves on to a larger one.
     """
 
     route: str
     model: str | None = None
+    context_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,14 +102,23 @@ def _target(item: object, where: str) -> ModelTarget:
         return ModelTarget(_string(item, where))
     if not isinstance(item, dict):
         raise ConfigError(f"{where} must be a route name or a table {{route = ..., model = ...}}")
-    unknown = sorted(set(item) - {"route", "model"})
+    unknown = sorted(set(item) - {"route", "model", "context_tokens"})
     if unknown:
-        raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)}; known: model, route")
+        raise ConfigError(
+            f"unknown key(s) in {where}: {', '.join(unknown)}; known: context_tokens, model, route"
+        )
     model = item.get("model")
     return ModelTarget(
         _string(item.get("route"), f"{where}.route"),
         None if model is None else _string(model, f"{where}.model"),
+        _context(item.get("context_tokens"), f"{where}.context_tokens"),
     )
+
+
+def _context(value: object, where: str) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{where} must be an integer >= 1")
+    return value
 
 
 def _price(item: object, where: str) -> PriceSettings:
@@ -176,11 +188,7 @@ def parse_model_list(items: object, route_names: tuple[str, ...]) -> tuple[Model
             if public in seen:
                 raise ConfigError(f"{where}: the model name {public!r} is listed twice")
             seen.add(public)
-        context = item.get("context_tokens")
-        if context is not None and (
-            isinstance(context, bool) or not isinstance(context, int) or context < 1
-        ):
-            raise ConfigError(f"{where}.context_tokens must be an integer >= 1")
+        context = _context(item.get("context_tokens"), f"{where}.context_tokens")
         price = item.get("price")
         entries.append(
             ModelSettings(

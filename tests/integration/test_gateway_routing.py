@@ -225,3 +225,50 @@ context_tokens = 65536
     expected = (hit * 0.5 + miss * 2.0 + usage["completion_tokens"] * 8.0) / 1e6
     assert body["unbroken"]["cost_usd"] == pytest.approx(expected)
     assert expected > 0
+
+
+def test_context_sizes_from_the_model_list_drive_context_fallbacks(tmp_path: Path) -> None:
+    """A target whose model has a small window (per the TOML) answers short requests; a
+    request too long for it moves on to the target with the larger window."""
+    with (
+        MockServer(MockConfig(seed=3, answer_tokens=(3, 6), context_tokens=2048)) as small,
+        MockServer(MockConfig(seed=3, answer_tokens=(3, 6))) as large,
+    ):
+        config = tmp_path / "unbroken.toml"
+        config.write_text(
+            f"""
+[[gateway.routes]]
+name = "small"
+base_url = "{small.url}"
+api_key = "sk-up"
+
+[[gateway.routes]]
+name = "large"
+base_url = "{large.url}"
+api_key = "sk-up"
+
+[[gateway.model_list]]
+name = "house"
+routes = [
+  {{ route = "small", model = "deepseek-chat", context_tokens = 2048 }},
+  {{ route = "large", model = "deepseek-chat", context_tokens = 131072 }},
+]
+""",
+            encoding="utf-8",
+        )
+        settings = Settings.load(config, environ={})
+        long_prompt = [{"role": "user", "content": "word " * 4000}]
+        with gateway(settings) as client:
+            short = chat(client, "house")
+            long = client.post(
+                "/v1/chat/completions", json={"model": "house", "messages": long_prompt}
+            )
+    assert short.status_code == 200, short.text
+    assert short.json()["unbroken"]["route"] == "small:deepseek-chat"
+    assert long.status_code == 200, long.text
+    meta = long.json()["unbroken"]
+    assert meta["route"] == "large:deepseek-chat"
+    assert [(a["route"], a["outcome"]) for a in meta["attempts"]] == [
+        ("small:deepseek-chat", "context_length_exceeded"),
+        ("large:deepseek-chat", "complete"),
+    ]

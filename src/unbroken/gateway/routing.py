@@ -178,7 +178,7 @@ class ModelRouter:
                     base.api_key,
                     upstream,
                     base.dialect,
-                    entry.context_tokens or base.context_tokens,
+                    target.context_tokens or entry.context_tokens or base.context_tokens,
                     base.headers,
                     base.beta_path,
                 )
