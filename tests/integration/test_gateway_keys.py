@@ -161,6 +161,8 @@ def test_usage_agrees_with_the_mock_and_prices_at_another_model(
     assert mine["key"] == "alice"
     assert mine["total"]["requests"] == 3
     assert everyone["total"]["requests"] == 4
+    served = mock.stats()["requests"]["POST /chat/completions"]
+    assert sum(served.values()) == everyone["total"]["requests"]
     mock_prompt = sum(e["prompt_tokens"] for e in chats)
     mock_completion = sum(e["completion_tokens"] for e in chats)
     assert everyone["total"]["prompt_tokens"] == mock_prompt
