@@ -20,6 +20,17 @@ settings.register_profile("ci", max_examples=150, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that use the redis-server fixture, directly or through a store parameter named
+    `redis`, carry the `redis` marker (`-m "not redis"` deselects them where no
+    redis-server can run)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params.values() if callspec is not None else ()
+        if "redis_url" in getattr(item, "fixturenames", ()) or "redis" in params:
+            item.add_marker(pytest.mark.redis)
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     """Async tests run on asyncio (anyio's pytest plugin, STYLE.md §9)."""
@@ -28,7 +39,8 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real redis-server on a free loopback port, for the whole test session."""
+    """A real redis-server on a free loopback port (no persistence), one for the whole
+    test session; tests keep apart by key prefix or flush it themselves."""
     binary = require_binary("redis-server")
     port = free_port()
     workdir = tmp_path_factory.mktemp("redis")

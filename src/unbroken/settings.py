@@ -330,6 +330,10 @@ class GatewaySettings:
             upstream is cancelled.
         stream_lease_s: how long a dead instance's answers wait before another instance
             takes them over (the writer renews its lease about every second).
+        ws_queue_frames: frames queued per WebSocket connection before a client that does
+            not read is cut (after `send_timeout_s`).
+        ws_ping_interval_s, ws_ping_timeout_s: WebSocket heartbeat: a ping this often, and
+            the connection closed when its pong is this late.
         cache: the answer cache (`[gateway.cache]`).
     """
 
@@ -372,6 +376,9 @@ class GatewaySettings:
     resumable: bool = False
     detach_grace_s: float = 30.0
     stream_lease_s: float = 3.0
+    ws_queue_frames: int = 256
+    ws_ping_interval_s: float = 20.0
+    ws_ping_timeout_s: float = 20.0
     cache: CacheSettings = field(default_factory=CacheSettings)
 
     def __post_init__(self) -> None:
@@ -390,9 +397,13 @@ class GatewaySettings:
             "slot_lease_s",
             "stream_ttl_s",
             "detach_grace_s",
+            "ws_ping_interval_s",
+            "ws_ping_timeout_s",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"gateway {name} must be > 0, got {getattr(self, name)}")
+        if self.ws_queue_frames < 1:
+            raise ConfigError(f"gateway ws_queue_frames must be >= 1, got {self.ws_queue_frames}")
         if self.max_body_bytes < 1024 or self.stream_buffer_bytes < 4096:
             raise ConfigError("gateway max_body_bytes must be >= 1024, stream_buffer_bytes >= 4096")
         if self.log_format not in _LOG_FORMATS:
@@ -571,6 +582,9 @@ _GATEWAY_SCALARS: dict[str, Literal["str", "int", "float", "bool", "list"]] = {
     "resumable": "bool",
     "detach_grace_s": "float",
     "stream_lease_s": "float",
+    "ws_queue_frames": "int",
+    "ws_ping_interval_s": "float",
+    "ws_ping_timeout_s": "float",
 }
 _GATEWAY_TABLES = frozenset({"routes", "keys", "limits", "model_list", "cache"})
 

@@ -137,17 +137,18 @@ def gateway(settings: Settings) -> Iterator[httpx.Client]:
 
 
 def sse(response: httpx.Response) -> tuple[list[str], list[dict[str, Any]]]:
-    """The comments and answer chunks of an SSE body (a fresh stream's closing event, the
-    stream log's digest, is not part of the answer and is left out)."""
+    """The comments and chunks of an SSE body (a fresh stream's `id:` lines and its
+    stream-log final event, which a cache replay does not have, left out)."""
     comments, chunks = [], []
     for block in response.text.split("\n\n"):
-        for line in block.split("\n"):
-            if line.startswith(":"):
-                comments.append(line)
-            elif line.startswith("data: {"):
-                chunk = json.loads(line[6:])
-                if chunk.get("choices") or chunk.get("unbroken", {}).get("cache"):
-                    chunks.append(chunk)
+        if block.startswith("id: "):
+            block = block.split("\n", 1)[1]
+        if block.startswith(":"):
+            comments.append(block)
+        elif block.startswith("data: ") and block != "data: [DONE]":
+            chunk = json.loads(block[6:])
+            if "stream_id" not in chunk.get("unbroken", {}):
+                chunks.append(chunk)
     assert response.text.endswith("data: [DONE]\n\n")
     return comments, chunks
 

@@ -69,7 +69,13 @@ def test_chat_answers_stops_on_ctrl_c_and_resumes_a_session(tmp_path: Path) -> N
     slow.expect(PROMPT)
     slow.sendline("tell me more")
     slow.expect("tell me more")
-    slow.expect(r"\S", timeout=10)  # the first token is on screen
+    history = [
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": expected},
+        {"role": "user", "content": "tell me more"},
+    ]
+    more = answer_text("deepseek-chat", history, config=MockConfig())[1]
+    slow.expect_exact(more[:2], timeout=10)  # the answer's first tokens are on screen
     slow.sendintr()
     slow.expect("stopped")
     slow.expect(PROMPT)

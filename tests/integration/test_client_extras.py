@@ -1,14 +1,16 @@
-"""Client instrumentation (Prometheus), async cancellation, and HTTP/2 availability."""
+"""Client instrumentation (Prometheus), async cancellation, and HTTP/2 on the wire."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.h2server import ANSWER, H2ChatServer
 from unbroken import AsyncClient, Client, PrometheusHook, RetryPolicy, Route
 from unbroken.mock import MockConfig, MockServer
 
@@ -93,10 +95,18 @@ async def test_cancelling_the_task_closes_the_upstream(upstream: MockServer) -> 
     assert upstream.stats()["streams"]["cancelled"] == before + 1
 
 
-def test_http2_is_available() -> None:
-    """http2=True builds a client (the h2 package is installed with the [http2] extra)."""
-    with Client(api_key="sk", base_url="https://api.deepseek.com", http2=True) as c:
-        assert c.routes[0].name == "default"
+def test_http2_is_spoken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """http2=True talks HTTP/2: an HTTP/2-only TLS server (ALPN `h2`, h2 frames) streams
+    the whole answer to it."""
+    with H2ChatServer(tmp_path) as server:
+        monkeypatch.setenv("SSL_CERT_FILE", str(server.ca_path))
+        with Client(
+            api_key="sk", base_url=server.url, http2=True, retry=RetryPolicy(attempts=1)
+        ) as c:
+            done = c.chat.completions.create(model="deepseek-chat", messages=MESSAGES)
+    assert done.choices[0].message.content == "".join(ANSWER)
+    assert server.protocols == ["h2"]
+    assert server.paths == ["/chat/completions"]
 
 
 def test_closed_stream_is_recorded_once_and_keeps_what_arrived(upstream: MockServer) -> None:

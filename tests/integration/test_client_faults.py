@@ -8,9 +8,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import pytest
 
 import unbroken
+from tests.healing import assert_fault_fired, expected_requests
 from unbroken import (
     AsyncClient,
     Client,
@@ -102,6 +104,7 @@ def test_sync_fault_heals_into_the_whole_answer(
 ) -> None:
     """Each healing fault ends with the answer byte-identical to the fault-free one."""
     reasoning, content = expected(model)
+    mismatches = upstream.stats()["prefix_mismatches"]
     with client(upstream) as c:
         stream = c.chat.completions.create(
             model=model, messages=MESSAGES, stream=True, extra_headers=_key(spec, model, "sync")
@@ -128,6 +131,9 @@ def test_sync_fault_heals_into_the_whole_answer(
     assert final.usage.completion_tokens > 0
     assert final.unbroken is not None
     assert final.unbroken.attempts[-1].outcome == "complete"
+    # The fault fired (the mock says so) and was healed by the retries it needed.
+    assert len(final.unbroken.attempts) == expected_requests(spec)
+    assert_fault_fired(upstream, _key(spec, model, "sync")["X-Mock-Fault-Key"], spec, mismatches)
 
 
 @pytest.mark.anyio
@@ -137,6 +143,7 @@ async def test_async_fault_heals_into_the_whole_answer(
 ) -> None:
     """The async client heals every fault into the same whole answer."""
     reasoning, content = expected(model)
+    mismatches = upstream.stats()["prefix_mismatches"]
     async with aclient(upstream) as c:
         stream = await c.chat.completions.create(
             model=model, messages=MESSAGES, stream=True, extra_headers=_key(spec, model, "async")
@@ -148,6 +155,10 @@ async def test_async_fault_heals_into_the_whole_answer(
     assert "".join(texts) == content
     assert final.choices[0].message.content == content
     assert (final.choices[0].message.reasoning_content or "") == reasoning
+    assert final.unbroken is not None
+    assert len(final.unbroken.attempts) == expected_requests(spec)
+    key = _key(spec, model, "async")["X-Mock-Fault-Key"]
+    await anyio.to_thread.run_sync(assert_fault_fired, upstream, key, spec, mismatches)
 
 
 # Faults that must end in a typed error (no route can help), with what arrived attached.

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 import unbroken
+from tests.healing import logged
 from unbroken import (
     AsyncClient,
     Client,
@@ -250,8 +251,10 @@ def test_unknown_parameter_is_dropped_and_remembered() -> None:
 def test_prefill_refusal_switches_to_instruction_and_keeps_the_real_error() -> None:
     """A route that rejects assistant prefill is continued by instruction; when that cannot
     help either, the error reported is the one that broke the stream, not the 400."""
+    sent: list[list[dict[str, Any]]] = []
 
     def reject(body: dict[str, Any], path: str) -> str | None:
+        sent.append(body["messages"])
         last = body["messages"][-1]
         if last.get("role") == "assistant":
             return "assistant prefill is not supported"
@@ -281,6 +284,22 @@ def test_prefill_refusal_switches_to_instruction_and_keeps_the_real_error() -> N
     assert isinstance(cause, unbroken.UpstreamTruncated), repr(cause)
     assert error.partial is not None
     assert content().startswith(error.partial.choices[0].message.content or "")
+    # What went over the wire: the first request, a prefill continuation (refused), then the
+    # switch: the partial answer as a plain assistant turn and a user turn asking to go on.
+    assert sent[0] == MESSAGES
+    assert sent[1][-1]["role"] == "assistant"
+    assert len(sent) >= 3, sent
+    switched = sent[2]
+    assert switched[: len(MESSAGES)] == MESSAGES
+    assert switched[-2]["role"] == "assistant"
+    assert "prefix" not in switched[-2]
+    assert content().startswith(switched[-2]["content"])
+    assert switched[-2]["content"]
+    assert switched[-1]["role"] == "user"
+    assert "cut off" in switched[-1]["content"]
+    assert "continue" in switched[-1]["content"].lower()
+    # Every later continuation stays on instruction: no prefill is tried again.
+    assert all(m[-1]["role"] == "user" for m in sent[2:])
 
 
 def test_chat_stream_reports_retrying_and_done(upstream: MockServer) -> None:
@@ -370,23 +389,28 @@ def test_max_tokens_budget_is_kept_across_a_resume(upstream: MockServer) -> None
     """The continuation asks only for the remaining budget; the answer ends with length."""
     with Client(api_key="sk", base_url=upstream.url, retry=FAST) as c:
         clean = c.chat.completions.create(model="deepseek-chat", messages=MESSAGES, max_tokens=12)
+        key = f"m{time.time()}"
         broken = c.chat.completions.create(
             model="deepseek-chat",
             messages=MESSAGES,
             max_tokens=12,
-            extra_headers={
-                "X-Mock-Fault": "reset after=5 times=1",
-                "X-Mock-Fault-Key": f"m{time.time()}",
-            },
+            extra_headers={"X-Mock-Fault": "reset after=5 times=1", "X-Mock-Fault-Key": key},
         )
     assert clean.choices[0].finish_reason == "length"
     assert broken.choices[0].finish_reason == "length"
     assert broken.unbroken is not None
-    resume = broken.unbroken.attempts[-1]
+    first, resume = broken.unbroken.attempts
     assert resume.kind == "resume"
-    assert (clean.choices[0].message.content or "").startswith(
-        (broken.choices[0].message.content or "")[:10]
-    )
+    # The whole text, not a few characters: the budget left after the break was spent on
+    # the same tokens the clean answer got.
+    assert broken.choices[0].message.content == clean.choices[0].message.content
+    # The mock's side: the continuation was capped at what was left of the 12 tokens (the
+    # rest of the answer is longer, so the mock's count of it is the max_tokens it was sent).
+    entries = logged(upstream, key, 2)
+    assert [e["outcome"] for e in entries] == ["reset", "ok"]
+    assert first.usage is not None
+    assert 0 < first.usage.completion_tokens < 12
+    assert entries[1]["completion_tokens"] == 12 - first.usage.completion_tokens
 
 
 def test_dialect_none_restarts_only_when_asked(upstream: MockServer) -> None:
@@ -458,20 +482,30 @@ def test_usage_and_cost_are_billed_across_attempts(upstream: MockServer) -> None
 
 
 def test_rate_limit_spaces_requests() -> None:
-    """requests_per_minute makes a burst wait for the bucket instead of sending."""
+    """requests_per_minute makes a burst wait for the bucket instead of sending: seen from
+    the server, no stretch of requests ever beats a full bucket plus its refill."""
     config = MockConfig(seed=5, answer_tokens=(2, 3))
+    rpm, n = 120, 124
     with (
         MockServer(config) as server,
         Client(
-            api_key="sk", base_url=server.url, rate_limit=RateLimit(requests_per_minute=120)
+            api_key="sk", base_url=server.url, rate_limit=RateLimit(requests_per_minute=rpm)
         ) as c,
     ):
-        start = time.monotonic()
-        for _ in range(122):
+        for _ in range(n):
             c.chat.completions.create(model="deepseek-chat", messages=MESSAGES)
-        elapsed = time.monotonic() - start
-    # 120 in the first burst, then one every 0.5 s.
-    assert elapsed >= 0.9
+        arrived = [e["time"] for e in server.log(1000)]
+    assert len(arrived) == n
+    capacity, rate = rpm, rpm / 60.0
+    # A token bucket's promise, checked on the mock's arrival times: requests i..j (both
+    # included) need j - i + 1 tokens, at most a full bucket plus what refilled meanwhile
+    # (100 ms of slack for the time between taking a token and arriving).
+    worst = max(
+        (j - i + 1) - (capacity + rate * (arrived[j] - arrived[i] + 0.1))
+        for i in range(n)
+        for j in range(i, n)
+    )
+    assert worst <= 0, worst
 
 
 def test_closing_a_stream_cancels_upstream(upstream: MockServer) -> None:

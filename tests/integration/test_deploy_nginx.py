@@ -14,7 +14,6 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration.test_stores import redis_url  # noqa: F401 - the redis-server fixture
 from tests.nginx import NGINX_TEMPLATE, nginx
 from unbroken.gateway.app import create_app
 from unbroken.mock import MockConfig, MockServer, ServerThread
@@ -43,7 +42,7 @@ def chat_requests(metrics: str) -> float:
 
 def test_two_gateways_behind_the_shipped_nginx_conf(
     mock: MockServer,
-    redis_url: str,  # noqa: F811 - the fixture
+    redis_url: str,
 ) -> None:
     """Requests through nginx reach both gateways, a stream arrives in pieces over time
     (no buffering), and /v1/usage through nginx counts the requests of both gateways."""

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.healing import assert_fault_fired
 from tests.servers import raw_exchange, read_stream
 from unbroken.gateway.app import create_app
 from unbroken.mock import MockConfig, MockServer, ServerThread, answer_text
@@ -85,10 +86,13 @@ HEALING = [
 
 
 @pytest.mark.parametrize(("spec", "model"), HEALING)
-def test_stream_through_upstream_faults_is_whole(api: httpx.Client, spec: str, model: str) -> None:
+def test_stream_through_upstream_faults_is_whole(
+    api: httpx.Client, upstream: MockServer, spec: str, model: str
+) -> None:
     """Every healing upstream fault ends downstream in the whole answer, byte-identical to
     the fault-free one, with one role, one finish and [DONE]."""
     reasoning, content = answer_text(model, MESSAGES, config=MOCK)
+    mismatches = upstream.stats()["prefix_mismatches"]
     read = read_stream(
         api,
         {"model": model, "messages": MESSAGES, "stream": True},
@@ -105,6 +109,9 @@ def test_stream_through_upstream_faults_is_whole(api: httpx.Client, spec: str, m
     roles = [c for c in read.chunks for ch in c.choices if ch.delta and ch.delta.role]
     assert len(roles) == 1
     assert read.raw.count(b"data: [DONE]") == 1
+    # The gateway forwarded the fault headers, the fault fired, and every resume continued
+    # the answer's own text.
+    assert_fault_fired(upstream, f"api:{model}:{spec}", spec, mismatches)
 
 
 def test_non_stream_answer_and_alias_path(api: httpx.Client) -> None:

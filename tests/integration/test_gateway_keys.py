@@ -13,7 +13,6 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from tests.integration.test_stores import redis_url  # noqa: F401 - the redis-server fixture
 from unbroken.cli.commands import app as cli
 from unbroken.core.pricing import DEFAULT_PRICES
 from unbroken.gateway.app import create_app
@@ -32,7 +31,7 @@ def mock() -> Iterator[MockServer]:
 
 
 @pytest.fixture
-def config(tmp_path: Path, redis_url: str, mock: MockServer) -> Path:  # noqa: F811 - fixture
+def config(tmp_path: Path, redis_url: str, mock: MockServer) -> Path:
     import anyio
 
     from unbroken.stores.redis import RedisStore

@@ -13,7 +13,6 @@ import anyio
 import httpx
 import pytest
 
-from tests.integration.test_stores import redis_url  # noqa: F401 - the redis-server fixture
 from unbroken.gateway.app import create_app
 from unbroken.mock import MockConfig, MockServer, ServerThread
 from unbroken.settings import GatewaySettings, KeySettings, LimitSettings, Settings, hash_key

@@ -223,6 +223,20 @@ def test_long_session_is_trimmed_to_the_window(upstream: MockServer) -> None:
     assert session._h.dropped > 0
     assert len(session.messages) == 25
     assert log["status"] == 200
+    # What was sent, as the mock saw it: at most the window less the reserve...
+    assert log["prompt_tokens"] <= 1500 - 500
+    # ...and, since the mock's answer is a function of the conversation it got, the last
+    # answer names it: the system prompt and the newest messages, from a user turn on.
+    *history, reply = session.messages
+    sent = [
+        k
+        for k in range(1, len(history))
+        if answer_text("deepseek-chat", [history[0], *history[-k:]], config=CONFIG)[1]
+        == reply["content"]
+    ]
+    assert len(sent) == 1, sent
+    assert history[-sent[0]]["role"] == "user"
+    assert 1 < sent[0] < len(history) - 1  # some turns kept, older ones dropped
 
 
 @pytest.mark.anyio

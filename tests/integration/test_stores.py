@@ -5,55 +5,18 @@ also match core.ratelimit.TokenBucket, whose math the Redis Lua script repeats."
 from __future__ import annotations
 
 import math
-import socket
-import subprocess
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from tests.support import require_binary
+from tests.support import free_port
 from unbroken.core.ratelimit import TokenBucket
 from unbroken.errors import StoreError
 from unbroken.settings import KeySettings, LimitSettings, hash_key
 from unbroken.stores import MemoryStore, Store, open_store
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    """A throwaway redis-server on a free loopback port (no persistence)."""
-    binary = require_binary("redis-server")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            pytest.fail("redis-server did not start")
-        time.sleep(0.02)  # waiting for a separate process to listen
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -220,7 +183,7 @@ async def test_keys_round_trip(store: Store) -> None:
 @pytest.mark.anyio
 async def test_redis_failure_is_a_store_error() -> None:
     """An unreachable Redis raises StoreError (never a redis exception) and fails ping."""
-    unreachable = open_store(f"redis://127.0.0.1:{_free_port()}/0")
+    unreachable = open_store(f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(StoreError):
         await unreachable.take("b", 1, 1, 1, 0.0)
     assert not await unreachable.ping()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import msgspec
 import pytest
 from hypothesis import given
@@ -424,3 +426,74 @@ def test_completion_with_a_null_error_key_is_a_completion() -> None:
     )
     assert completion.id == "x"
     assert completion.choices[0].message.content == "fine"
+
+
+def _pieces(draw: st.DrawFn, text: str) -> list[str]:
+    """`text` cut at drawn points (at least one piece, so "" stays "")."""
+    cuts = sorted(set(draw(st.lists(st.integers(0, len(text)), max_size=6))))
+    bounds = [0, *cuts, len(text)]
+    pieces = [text[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+    return pieces or [text]
+
+
+@st.composite
+def fragmented(draw: st.DrawFn) -> tuple[ChatCompletion, list[ChatCompletionChunk]]:
+    """A completion and a stream of it that cuts every text field into several deltas,
+    sends each tool call as a head fragment plus argument fragments, and interleaves the
+    choices' chunks (and the tool calls within a choice) in a drawn order."""
+    completion = draw(completions())
+    lanes: list[list[ChunkChoice]] = []
+    for choice in completion.choices:
+        msg, i = choice.message, choice.index
+        deltas = [Delta(role=msg.role)]
+        if msg.reasoning_content is not None:
+            deltas += [Delta(reasoning_content=p) for p in _pieces(draw, msg.reasoning_content)]
+        if msg.content is not None:
+            deltas += [Delta(content=p) for p in _pieces(draw, msg.content)]
+        if msg.refusal is not None:
+            deltas += [Delta(refusal=p) for p in _pieces(draw, msg.refusal)]
+        calls: list[list[ToolCallDelta]] = []
+        for k, call in enumerate(msg.tool_calls or ()):
+            first, *rest = _pieces(draw, call.function.arguments)
+            fragments = [
+                ToolCallDelta(
+                    index=k,
+                    id=call.id,
+                    type=call.type,
+                    function=FunctionDelta(call.function.name, first),
+                )
+            ]
+            fragments += [ToolCallDelta(index=k, function=FunctionDelta(arguments=p)) for p in rest]
+            calls.append(fragments)
+        # Tool-call fragments of different indexes interleave; each index keeps its order.
+        while any(calls):
+            k = draw(st.sampled_from([n for n, c in enumerate(calls) if c]))
+            deltas.append(Delta(tool_calls=[calls[k].pop(0)]))
+        lane = [ChunkChoice(index=i, delta=d) for d in deltas]
+        lane.append(ChunkChoice(index=i, delta=Delta(), finish_reason=choice.finish_reason))
+        lanes.append(lane)
+    chunks = []
+    while any(lanes):
+        n = draw(st.sampled_from([n for n, lane in enumerate(lanes) if lane]))
+        chunks.append(
+            ChatCompletionChunk(
+                id=completion.id,
+                created=completion.created,
+                model=completion.model,
+                choices=[lanes[n].pop(0)],
+            )
+        )
+    return completion, chunks
+
+
+@given(fragmented())
+def test_split_and_interleaved_fragments_fold_to_the_completion(
+    case: tuple[ChatCompletion, list[ChatCompletionChunk]],
+) -> None:
+    """Text fields cut anywhere, tool calls in fragments, choices and tool calls
+    interleaved: the fold still gives each choice's message and finish back."""
+    completion, chunks = case
+    folded = fold(chunks)
+    assert [(c.index, c.message, c.finish_reason) for c in folded.choices] == [
+        (c.index, c.message, c.finish_reason) for c in completion.choices
+    ]

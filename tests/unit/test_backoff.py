@@ -10,7 +10,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from unbroken.core.backoff import (
-    RETRYABLE_STATUSES,
     Decision,
     RetryBudget,
     RetryPolicy,
@@ -277,7 +276,8 @@ def status_error(status: int, message: str = "") -> UpstreamStatusError:
     return UpstreamStatusError(message, status_code=status, kind=kind_of_status(status, message))
 
 
-@pytest.mark.parametrize("status", sorted(RETRYABLE_STATUSES | {501, 599}))
+# A literal list, not the code's own set: a status dropped from the code must fail here.
+@pytest.mark.parametrize("status", [408, 409, 425, 429, *range(500, 600)])
 def test_transient_statuses_are_retried(status: int) -> None:
     """408, 409, 425, 429 and every 5xx are retried."""
     assert classify(status_error(status)) is Decision.RETRY

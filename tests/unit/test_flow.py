@@ -56,15 +56,27 @@ def sse(
 _CACHE: dict[tuple[Any, ...], bytes] = {}
 
 
+WRONG_PREFIX = "<a continuation of text this model never wrote>"
+
+
 @dataclass
 class Upstream:
     """A model that answers REASONING + CONTENT and continues any prefix exactly (or, for
-    the instruction dialect, repeats `overlap` characters first, as real models do)."""
+    the instruction dialect, repeats `overlap` characters first, as real models do).
+
+    A continuation's prefix is compared with the answer's own text: one that is not the
+    start of it (a resume that sent the wrong text, even of the right length) is counted in
+    `mismatches` and continued with WRONG_PREFIX, as a real model continues whatever it is
+    given, so the consumer's text is wrong too."""
 
     reasoner: bool = False
     overlap: int = 0
+    mismatches: int = 0
 
     def answer(self, plan: AttemptPlan) -> bytes:
+        reasoning_done, content_done, _ = self._prefix(plan)
+        if not (CONTENT.startswith(content_done) and REASONING.startswith(reasoning_done)):
+            self.mismatches += 1
         key = (
             self.reasoner,
             self.overlap,
@@ -77,33 +89,39 @@ class Upstream:
             blob = _CACHE[key] = self._answer(plan)
         return blob
 
-    def _answer(self, plan: AttemptPlan) -> bytes:
+    def _prefix(self, plan: AttemptPlan) -> tuple[str, str, str]:
+        """(reasoning, content) the request says were already written, and the overlap the
+        model repeats first."""
         messages = plan.body["messages"]
         last = messages[-1]
-        reasoning_done, content_done = "", ""
-        repeat = ""
         if plan.beta and last.get("prefix"):
-            content_done = last["content"]
-            reasoning_done = last.get("reasoning_content", "")
-        elif plan.body.get("continue_final_message"):
-            content_done = last["content"]
-            reasoning_done = REASONING if self.reasoner else ""
-        elif last.get("content") == CONTINUE_INSTRUCTION:
+            return last.get("reasoning_content", ""), last["content"], ""
+        if plan.body.get("continue_final_message"):
+            return REASONING if self.reasoner else "", last["content"], ""
+        if last.get("content") == CONTINUE_INSTRUCTION:
             content_done = messages[-2]["content"]
-            reasoning_done = REASONING if self.reasoner else ""
             repeat = (
                 content_done[max(0, len(content_done) - self.overlap) :] if self.overlap else ""
             )
+            return REASONING if self.reasoner else "", content_done, repeat
+        return "", "", ""
+
+    def _answer(self, plan: AttemptPlan) -> bytes:
+        reasoning_done, content_done, repeat = self._prefix(plan)
         out = [sse({"role": "assistant", "content": ""})]
         if self.reasoner and plan.continuation is not None and plan.continuation.hide_reasoning:
             out.append(sse({"reasoning_content": "(a new line of thought)"}))
         if self.reasoner:
-            out += [
-                sse({"reasoning_content": p}) for p in pieces(REASONING[len(reasoning_done) :], 1)
-            ]
+            rest = REASONING[len(reasoning_done) :]
+            if not REASONING.startswith(reasoning_done):
+                rest = WRONG_PREFIX
+            out += [sse({"reasoning_content": p}) for p in pieces(rest, 1)]
         if repeat:
             out.append(sse({"content": repeat}))
-        out += [sse({"content": p}) for p in pieces(CONTENT[len(content_done) :], 2)]
+        rest = CONTENT[len(content_done) :]
+        if not CONTENT.startswith(content_done):
+            rest = WRONG_PREFIX
+        out += [sse({"content": p}) for p in pieces(rest, 2)]
         out.append(
             sse(
                 {"content": ""},
@@ -131,8 +149,10 @@ def run(
     dialect: Dialect = "deepseek",
     policy: RetryPolicy | None = None,
     statuses: dict[int, int] | None = None,
+    plans: list[AttemptPlan] | None = None,
 ) -> tuple[str, str, int, list[str], list[AttemptPlan]]:
-    """Drive the flow purely; returns (text, reasoning, roles, finishes, plans)."""
+    """Drive the flow purely; returns (text, reasoning, roles, finishes, plans); the plans
+    also go to `plans` when given (to see them when the flow raises)."""
     route = Route("sim", "http://sim", dialect=dialect)
     answer = ChunkAccumulator()
     flow = answer_flow(
@@ -147,7 +167,7 @@ def run(
         options=FlowOptions(),
     )
     text, thoughts, roles, finishes = [], [], 0, []
-    plans: list[AttemptPlan] = []
+    plans = [] if plans is None else plans
     now = 0.0
     outcome: AttemptOutcome | None = None
     action = next(flow)
@@ -224,6 +244,7 @@ def test_every_cut_point_gives_the_whole_answer(dialect: Dialect, how: str, step
         assert text == CONTENT, (dialect, how, at)
         assert roles == 1
         assert finishes == ["stop"]
+    assert upstream.mismatches == 0
 
 
 @settings(deadline=None)
@@ -243,6 +264,7 @@ def test_reasoner_two_breaks_anywhere(data: st.DataObject) -> None:
     assert roles == 1
     assert finishes == ["stop"]
     assert all(p.beta for p in plans if p.continuation is not None)
+    assert upstream.mismatches == 0
 
 
 @settings(deadline=None)
@@ -257,6 +279,7 @@ def test_other_dialects_hide_a_second_line_of_thought(at: int, dialect: Dialect)
     assert REASONING.startswith(reasoning)
     assert "new line of thought" not in reasoning
     assert roles == 1
+    assert upstream.mismatches == 0
 
 
 def test_break_before_any_output_is_a_plain_retry() -> None:
@@ -292,7 +315,16 @@ def test_resume_cap_raises_with_the_partial_answer() -> None:
 
 def test_attempt_cap_raises() -> None:
     """attempts bounds the number of requests of one answer."""
-    with pytest.raises(UnbrokenError):
+    plans: list[AttemptPlan] = []
+    with pytest.raises(RetriesExhausted) as info:
         run(
-            Upstream(), [], statuses=dict.fromkeys(range(1, 9), 503), policy=RetryPolicy(attempts=3)
+            Upstream(),
+            [],
+            statuses=dict.fromkeys(range(1, 9), 503),
+            policy=RetryPolicy(attempts=3),
+            plans=plans,
         )
+    assert [p.kind for p in plans] == ["first", "retry", "retry"]
+    assert info.value.attempts == 3
+    assert isinstance(info.value.__cause__, UpstreamStatusError)
+    assert info.value.__cause__.status_code == 503

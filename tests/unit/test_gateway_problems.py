@@ -4,6 +4,7 @@ upstream auth details and keys never show, Retry-After is whole seconds."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -43,6 +44,12 @@ TABLE: list[tuple[UnbrokenError, int, str, str]] = [
         "bad_request",
     ),
     (status(422, "bad temperature"), 422, "invalid_request_error", "upstream_rejected"),
+    (  # a message that is passed on keeps its text but loses key tails and keys
+        status(400, f"bad request from ****cdef, i.e. {KEY}, or sk-other0123"),
+        400,
+        "invalid_request_error",
+        "upstream_rejected",
+    ),
     (
         status(401, "Authentication Fails, Your api key: ****cdef is invalid"),
         502,
@@ -78,7 +85,8 @@ def test_status_table(error: UnbrokenError, code: int, kind: str, name: str) -> 
     body = json.loads(mapped.body())
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert KEY not in mapped.message
-    assert "****" not in mapped.message.replace("***", "")
+    # No key tail (`****cdef`) nor sk- key survives: only the `***` placeholder may.
+    assert re.search(r"\*{2,}[A-Za-z0-9_-]|sk-[A-Za-z0-9_-]", mapped.message) is None
     assert "cdef" not in mapped.message
 
 

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from unbroken.gateway.problems import GatewayError
 from unbroken.gateway.request import parse_chat_request
@@ -67,3 +70,72 @@ def test_wrong_values_name_the_field(body: dict[str, object], param: str) -> Non
         parse(body)
     assert info.value.status == 400
     assert info.value.param == param
+
+
+# Structured bad bodies: a valid body with exactly one field made wrong, drawn from a
+# literal table of (field path, bad values, the `param` the error must name). Random bytes
+# almost only reach the invalid-JSON branch; these reach every check behind it.
+_not_int = st.text(max_size=4) | st.booleans() | st.lists(st.integers(), max_size=2)
+_not_str = st.integers() | st.booleans() | st.dictionaries(st.text(max_size=3), st.integers())
+_not_bool: st.SearchStrategy[object] = st.integers() | st.text(max_size=4) | st.just([])
+BAD: list[tuple[tuple[str | int, ...], st.SearchStrategy[object], str]] = [
+    (("model",), _not_str | st.just(""), "model"),
+    (("model",), st.sampled_from(["gpt-4", "deepseek", "main"]), "model"),
+    (("messages",), _not_str | st.just([]) | st.text(max_size=5), "messages"),
+    (("messages", 0), st.integers() | st.text(max_size=5) | st.none() | st.just([]), "messages[0]"),
+    (("messages", 0, "role"), _not_str | st.sampled_from(["bot", "", "USER"]), "messages[0].role"),
+    (
+        ("messages", 0, "content"),
+        st.integers() | st.booleans() | st.just({}),
+        "messages[0].content",
+    ),
+    (("stream",), _not_bool, "stream"),
+    (("max_tokens",), _not_int | st.integers(max_value=0) | st.floats(1, 9), "max_tokens"),
+    (("n",), st.integers(17, 10**6) | st.integers(max_value=0) | _not_int, "n"),
+    (("temperature",), st.floats(2.001, 1e9) | st.floats(-1e9, -0.001) | _not_int, "temperature"),
+    (("top_p",), st.floats(1.001, 1e9) | st.floats(-1e9, -0.001), "top_p"),
+    (("top_logprobs",), st.integers(21, 10**6) | st.integers(max_value=-1), "top_logprobs"),
+    (("logprobs",), _not_bool, "logprobs"),
+    (("tools",), _not_str | st.text(max_size=4), "tools"),
+    (("stop",), st.lists(st.integers(), min_size=1, max_size=3), "stop"),
+    (("stop",), st.integers() | st.booleans(), "stop"),
+    (("stream_options",), st.integers() | st.text(max_size=4), "stream_options"),
+    (("stream_options", "include_usage"), st.integers() | st.text(max_size=4), "stream_options"),
+    (("fallbacks",), st.integers() | st.text(min_size=1, max_size=4), "fallbacks"),
+    (("fallbacks",), st.lists(st.integers(), min_size=1, max_size=2), "fallbacks"),
+    (("fallbacks",), st.just(["deepseek-chat"] * 9), "fallbacks"),
+    (("fallbacks",), st.sampled_from([["https://evil.example"], ["gpt-4"]]), "fallbacks"),
+]
+
+
+def _body_with(path: tuple[str | int, ...], value: object) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": "deepseek-chat",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "fallbacks": ["backup"],
+    }
+    target: Any = body
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return body
+
+
+def test_the_base_body_is_valid() -> None:
+    """Without the mutation the body passes, so each failure below is the mutation's."""
+    parse(_body_with(("user",), "u1"))
+
+
+@pytest.mark.parametrize(("path", "values", "param"), BAD)
+@given(data=st.data())
+def test_one_wrong_field_is_named(
+    path: tuple[str | int, ...], values: st.SearchStrategy[object], param: str, data: st.DataObject
+) -> None:
+    """A body wrong in one field is a 4xx whose `param` names that field."""
+    body = _body_with(path, data.draw(values))
+    with pytest.raises(GatewayError) as info:
+        parse(body)
+    assert info.value.status in (400, 404)
+    assert info.value.param == param, (body, info.value.message)

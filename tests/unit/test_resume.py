@@ -8,7 +8,7 @@ import itertools
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unbroken.core.resume import (
@@ -340,3 +340,46 @@ def test_full_restart_is_dropped(text: str, data: st.DataObject, window: int) ->
     pieces = cut(text, data.draw(st.lists(st.integers(0, 500), max_size=8)))
     output, _ = trim(text[:c], pieces, window=window)
     assert text[:c] + output == text
+
+
+# Repetitive text over a tiny alphabet: many stretches match, so the trimmer's choice (the
+# longest repeat, or a restart) is exercised where unique characters never reach it.
+repetitive_text = st.lists(st.sampled_from(["ab", "a", "b", "ab ", "🚀", "ä"]), max_size=40).map(
+    "".join
+)
+
+
+@settings(max_examples=300)  # cheap, and ambiguous repeats are what it is here for
+@given(
+    text=repetitive_text,
+    data=st.data(),
+    window=st.integers(1, 200),
+    min_overlap=st.integers(1, 6),
+)
+def test_trimming_repetitive_text_drops_only_a_real_repeat(
+    text: str, data: st.DataObject, window: int, min_overlap: int
+) -> None:
+    """Property on repetitive text: the output is the continuation less a leading stretch
+    that is either nothing, a real repeat of the prefix's end (>= min_overlap), or a
+    restart (it begins like the prefix, as far as the window sees, and is as long); and
+    never less than the repeat actually made."""
+    c = data.draw(st.integers(0, len(text)))
+    limit = min(c, window)
+    k = data.draw(st.integers(min(min_overlap, limit), limit)) if c else 0
+    if 0 < k < min_overlap:
+        k = 0
+    prefix, continuation = text[:c], text[c - k :]
+    pieces = cut(continuation, data.draw(st.lists(st.integers(0, 100), max_size=8)))
+    output, _ = trim(prefix, pieces, window=window, min_overlap=min_overlap)
+    assert continuation.endswith(output)
+    dropped = continuation[: len(continuation) - len(output)]
+    is_repeat = len(dropped) >= min_overlap and prefix.endswith(dropped)
+    # A restart is recognised on the first `window` characters; the rest of the prefix's
+    # length is then skipped unseen (documented: it is dropped piece by piece).
+    seen = min(window, c)
+    is_restart = (
+        len(dropped) == min(c, len(continuation))
+        and dropped[:seen] == prefix[: len(dropped)][:seen]
+    )
+    assert dropped == "" or is_repeat or is_restart, (prefix, continuation, dropped)
+    assert len(dropped) >= k

@@ -9,13 +9,16 @@ byte per feed (h11 `test_io.py` style). Timer, status, retry and resume parts ru
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
 
+from unbroken import Client, ResumedEvent
 from unbroken.core import (
     ChatEvent,
     ChatStreamDecoder,
@@ -803,8 +806,6 @@ def test_tv37_consumer_sees_resumed_event_and_summed_usage() -> None:
                 action = flow.send(None)
             assert isinstance(action, Connect)
             plan = action.plan
-            if plan.continuation is not None:
-                seen.append("resumed")
             attempt = Attempt(plan, answer, now=now, prior_usage=prior if attempts else None)
             attempts.append(attempt)
             shown: list[ChatCompletionChunk] = []
@@ -819,7 +820,6 @@ def test_tv37_consumer_sees_resumed_event_and_summed_usage() -> None:
     assert seen == [
         role(0),
         text(0, "Hel"),
-        "resumed",
         text(0, "lo!"),
         finish(0, "stop"),
         usage(26, 3, 29, 0, 26),
@@ -829,6 +829,39 @@ def test_tv37_consumer_sees_resumed_event_and_summed_usage() -> None:
     assert (attempts[0].usage, attempts[1].usage) == (None, Usage(14, 2, 16, 0, 14))
     assert answer.usage == billed
     assert answer.content() == "Hello!"
+
+
+def test_tv37_chat_stream_shows_resumed_between_the_texts() -> None:
+    """TV37 through the public ChatStream: an upstream that sends TV25 and then, to the beta
+    continuation, TV37's rest; the events observed are text "Hel", resumed at offset 3,
+    text "lo!", and the whole answer is done."""
+    requests: list[httpx.Request] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        reads = TV25 if len(requests) == 1 else TV37_CONTINUATION
+        return httpx.Response(
+            200,
+            headers={"content-type": "text/event-stream"},
+            stream=httpx.ByteStream(b"".join(reads)),
+        )
+
+    http = httpx.Client(transport=httpx.MockTransport(upstream))
+    with Client(api_key="sk", http_client=http, retry=RetryPolicy(wait_initial_s=0.0)) as client:
+        stream = client.chat.stream(model="deepseek-chat", messages=BODY["messages"])
+        events = [e for e in stream if e.type in ("text", "resumed", "done")]
+    http.close()
+    kinds = [(e.type, e.text if isinstance(e, TextEvent) else None) for e in events]
+    assert kinds == [("text", "Hel"), ("resumed", None), ("text", "lo!"), ("done", None)]
+    resumed = events[1]
+    assert isinstance(resumed, ResumedEvent)
+    assert (resumed.attempt, resumed.index, resumed.offset) == (2, 0, 3)
+    assert requests[1].url.path == "/beta/chat/completions"
+    assert json.loads(requests[1].content)["messages"][-1] == {
+        "role": "assistant",
+        "content": "Hel",
+        "prefix": True,
+    }
 
 
 @pytest.mark.parametrize(

@@ -69,6 +69,26 @@ def test_trim_properties(messages: list[dict[str, Any]], budget: int) -> None:
     total = sum(estimate_message_tokens(m) for m in kept)
     assert result.tokens == total
     assert result.over_budget == (total > budget)
+    # Tight: exactly the newest units that fit are kept. The oracle groups units itself (the
+    # generator puts each tool result right after its call) and counts by brute force.
+    units: list[list[dict[str, Any]]] = []
+    for m in messages[len(system) :]:
+        if m["role"] == "tool":
+            units[-1].append(m)
+        else:
+            units.append([m])
+    fixed = sum(estimate_message_tokens(m) for m in system)
+
+    def fits(k: int) -> bool:
+        tail = [m for unit in units[-k:] for m in unit]
+        return fixed + sum(estimate_message_tokens(m) for m in tail) <= budget
+
+    best = max(
+        k
+        for k in range(1, len(units) + 1)
+        if k == 1 or (fits(k) and units[-k][0]["role"] == "user")
+    )
+    assert len(rest) == sum(len(unit) for unit in units[-best:])
 
 
 def test_trim_drops_oldest_turns_first() -> None:

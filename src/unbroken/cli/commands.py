@@ -17,6 +17,7 @@ def root() -> None:
 
 def _register() -> None:
     # Commands defined in their own modules join the one app here.
+    from unbroken.cli.bench_cmds import bench
     from unbroken.cli.chat_cmds import ask, chat
     from unbroken.cli.gateway_cmds import demo, serve
     from unbroken.cli.keys_cmds import keys_app
@@ -26,6 +27,7 @@ def _register() -> None:
     app.command()(chat)
     app.command()(ask)
     app.add_typer(keys_app, name="keys")
+    app.command()(bench)
 
 
 _register()

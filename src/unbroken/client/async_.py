@@ -25,10 +25,12 @@ from unbroken.client._driver import (
     status_error,
 )
 from unbroken.client._options import DEFAULT_MAX_CONNECTIONS, ClientOptions
+from unbroken.client._reconnect import GIVE_UP_STATUSES, OPT_IN, Reconnects
 from unbroken.core.accumulator import EventSplitter
 from unbroken.core.attempt import Attempt
 from unbroken.core.events import ChatEvent, ControlEvent, DoneEvent, TextEvent
 from unbroken.core.flow import AttemptOutcome, Connect
+from unbroken.core.stream import ChatStreamDecoder
 from unbroken.core.wire import Answer, ChatCompletion, ChatCompletionChunk, completion_to_chunks
 from unbroken.errors import TimeoutPhase, UpstreamError
 
@@ -181,6 +183,7 @@ class AsyncClient(ClientBase):
         self, run: AnswerRun, attempt: Attempt, outcome: _Outcome
     ) -> AsyncGenerator[ChatCompletionChunk, None]:
         ex = Exchange(run, attempt, read_s=None)
+        ex.request.headers[OPT_IN[0]] = OPT_IN[1]
         response = None
         try:
             with anyio.move_on_after(_remaining(attempt.expiry())):
@@ -208,6 +211,7 @@ class AsyncClient(ClientBase):
                 outcome.append(ex.error_status(body, time.monotonic()))
                 return
             decoder = attempt.decoder
+            reconnects = Reconnects(run, ex.route, response)
             reader = response.aiter_raw().__aiter__()
             timer = _StreamTimer.start(attempt, response)
             fired: TimeoutPhase | None = None
@@ -225,13 +229,27 @@ class AsyncClient(ClientBase):
                             if scope.cancelled_caught and expiry is not None:
                                 fired = expiry[1]
                                 break
-                    except StopAsyncIteration:
-                        break
-                    except httpx.HTTPError as exc:
-                        logger.debug(
-                            "stream from route %s broke: %s", ex.route.name, type(exc).__name__
-                        )
-                        break
+                    except (StopAsyncIteration, httpx.HTTPError) as exc:
+                        if isinstance(exc, httpx.HTTPError):
+                            logger.debug(
+                                "stream from route %s broke: %s",
+                                ex.route.name,
+                                type(exc).__name__,
+                            )
+                        if decoder.finished or (timer is not None and timer.fired):
+                            break
+                        # A gateway keeps the answer in its log: read on from there.
+                        again = await self._reconnect(reconnects, decoder)
+                        if again is None:
+                            break
+                        with anyio.CancelScope(shield=True):
+                            await response.aclose()
+                        response = ex.response = again
+                        reader = response.aiter_raw().__aiter__()
+                        if timer is not None:
+                            timer.cancel()
+                            timer = _StreamTimer.start(attempt, response)
+                        continue
                     chunks = attempt.feed(data, time.monotonic())
                     for chunk in chunks:
                         yield chunk
@@ -251,6 +269,43 @@ class AsyncClient(ClientBase):
         finally:
             with anyio.CancelScope(shield=True):
                 await response.aclose()
+                if not outcome and response.status_code == 200:
+                    # The consumer stopped the answer: a gateway would go on generating.
+                    await self._stop_remote(Reconnects(run, ex.route, response))
+
+    async def _send_raw(self, request: httpx.Request) -> httpx.Response:
+        if self._transport is not None:
+            return await self._transport.handle_async_request(request)
+        return await self._http.send(request, stream=True)
+
+    async def _reconnect(
+        self, reconnects: Reconnects, decoder: ChatStreamDecoder
+    ) -> httpx.Response | None:
+        """A response that goes on with the answer from the gateway's log, or None."""
+        while (delay := reconnects.next_delay()) is not None:
+            await anyio.sleep(delay)
+            try:
+                response = await self._send_raw(reconnects.request(decoder.last_event_id))
+            except httpx.HTTPError:
+                continue
+            if response.status_code == 200:
+                decoder.reconnected()
+                return response
+            await response.aclose()
+            if response.status_code in GIVE_UP_STATUSES:
+                return None
+        return None
+
+    async def _stop_remote(self, reconnects: Reconnects) -> None:
+        request = reconnects.stop_request()
+        if request is None:
+            return
+        try:
+            with anyio.move_on_after(2.0):
+                response = await self._send_raw(request)
+                await response.aclose()
+        except httpx.HTTPError as exc:
+            logger.debug("stopping the gateway's answer failed: %s", type(exc).__name__)
 
 
 class _StreamTimer:

@@ -23,10 +23,12 @@ from unbroken.client._driver import (
     status_error,
 )
 from unbroken.client._options import DEFAULT_MAX_CONNECTIONS, ClientOptions
+from unbroken.client._reconnect import GIVE_UP_STATUSES, OPT_IN, Reconnects
 from unbroken.core.accumulator import EventSplitter
 from unbroken.core.attempt import Attempt, Timeouts
 from unbroken.core.events import ChatEvent, ControlEvent, DoneEvent, TextEvent
 from unbroken.core.flow import AttemptOutcome, Connect
+from unbroken.core.stream import ChatStreamDecoder
 from unbroken.core.wire import Answer, ChatCompletionChunk
 from unbroken.errors import TimeoutPhase, UpstreamError
 
@@ -277,6 +279,7 @@ class Client(ClientBase):
         first_wait = None if expiry is None else max(0.001, expiry[0] - time.monotonic())
         ex = Exchange(run, attempt, read_s=first_wait)
         request = ex.request
+        request.headers[OPT_IN[0]] = OPT_IN[1]
         try:
             if self._transport is not None:
                 response = self._transport.handle_request(request)
@@ -285,6 +288,7 @@ class Client(ClientBase):
         except httpx.HTTPError as exc:
             return ex.failed(exc, time.monotonic())
         watch = None
+        ended = False
         try:
             if not ex.streaming(response, time.monotonic()):
                 body = b""
@@ -295,34 +299,83 @@ class Client(ClientBase):
                             break
                 except httpx.HTTPError:
                     pass  # a partial error body still names the error
+                ended = True
                 return ex.error_status(body, time.monotonic())
             request.extensions["timeout"]["read"] = _backstop(run.timeouts)
             watch = self._watchdog.watch(attempt, _socket_of(response))
             decoder = attempt.decoder
-            try:
-                for data in response.iter_raw():
-                    chunks = attempt.feed(data, time.monotonic())
-                    if chunks:
-                        yield from chunks
-                    # After [DONE] the body's end is read too (it follows at once), so the
-                    # connection goes back to the pool; a server that keeps streaming after
-                    # [DONE] is cut by the idle timer, and a complete stream stays complete.
-                    if decoder.error is not None:
-                        break
-            except httpx.HTTPError as exc:
-                if watch.fired is None and not (decoder.done or decoder.error is not None):
-                    logger.debug(
-                        "stream from route %s broke: %s", ex.route.name, type(exc).__name__
-                    )
+            reconnects = Reconnects(run, ex.route, response)
+            while True:
+                try:
+                    for data in response.iter_raw():
+                        chunks = attempt.feed(data, time.monotonic())
+                        if chunks:
+                            yield from chunks
+                        # After [DONE] the body's end is read too (it follows at once), so
+                        # the connection goes back to the pool; a server that keeps
+                        # streaming after [DONE] is cut by the idle timer.
+                        if decoder.error is not None:
+                            break
+                except httpx.HTTPError as exc:
+                    if watch.fired is None and not decoder.finished:
+                        logger.debug(
+                            "stream from route %s broke: %s", ex.route.name, type(exc).__name__
+                        )
+                if decoder.finished or watch.fired is not None:
+                    break
+                # A gateway keeps the answer in its log: read on from there.
+                again = self._reconnect(reconnects, decoder)
+                if again is None:
+                    break
+                response.close()
+                response = ex.response = again
+                self._watchdog.unwatch(watch)
+                watch = self._watchdog.watch(attempt, _socket_of(response))
             fired = watch.fired
             self._watchdog.unwatch(watch)
             chunks, outcome = ex.ended(fired, time.monotonic())
             yield from chunks
+            ended = True
             return outcome
         finally:
             if watch is not None:
                 self._watchdog.unwatch(watch)
             response.close()
+            if not ended and response.status_code == 200:
+                # The consumer stopped the answer: a gateway would go on generating.
+                self._stop_remote(Reconnects(run, ex.route, response))
+
+    def _send_raw(self, request: httpx.Request) -> httpx.Response:
+        if self._transport is not None:
+            return self._transport.handle_request(request)
+        return self._http.send(request, stream=True)
+
+    def _reconnect(
+        self, reconnects: Reconnects, decoder: ChatStreamDecoder
+    ) -> httpx.Response | None:
+        """A response that goes on with the answer from the gateway's log, or None."""
+        while (delay := reconnects.next_delay()) is not None:
+            time.sleep(delay)
+            try:
+                response = self._send_raw(reconnects.request(decoder.last_event_id))
+            except httpx.HTTPError:
+                continue
+            if response.status_code == 200:
+                decoder.reconnected()
+                return response
+            response.close()
+            if response.status_code in GIVE_UP_STATUSES:
+                return None
+        return None
+
+    def _stop_remote(self, reconnects: Reconnects) -> None:
+        request = reconnects.stop_request()
+        if request is None:
+            return
+        try:
+            self._send_raw(request).close()
+        except httpx.HTTPError as exc:
+            logger.debug("stopping the gateway's answer failed: %s", type(exc).__name__)
 
 
 def _backstop(t: Timeouts) -> float | None:

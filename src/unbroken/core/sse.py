@@ -133,6 +133,19 @@ class SSEDecoder:
             raise self._error
         return items
 
+    def reconnected(self) -> None:
+        """A new connection continues the stream (WHATWG SSE "reestablish the
+        connection"): what was buffered of an unfinished event is discarded - the server
+        sends it again after `last_event_id` - while `last_event_id` is kept."""
+        self._pending = []
+        self._pending_size = 0
+        self._data = []
+        self._size = 0
+        self._event_type = ""
+        self._id_buffer = self.last_event_id
+        self._bom_checked = False
+        self._skip_lf = False
+
     def flush(self) -> list[SSEItem]:
         """End of input: per spec the unterminated block is discarded.
 

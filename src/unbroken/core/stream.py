@@ -181,6 +181,16 @@ class ChatStreamDecoder:
                 self.n_ignored += 1
         return chunks
 
+    @property
+    def last_event_id(self) -> str:
+        """The id of the last complete event (what a reconnect sends as Last-Event-ID)."""
+        return self._sse.last_event_id
+
+    def reconnected(self) -> None:
+        """The stream goes on over a new connection: drop the unfinished event (see
+        `SSEDecoder.reconnected`); chunks already decoded stay decoded."""
+        self._sse.reconnected()
+
     def flush(self) -> list[ChatCompletionChunk]:
         """End of input: decode a JSON body, or salvage an unterminated `data: [DONE]`."""
         if self.done or self.error is not None:

@@ -21,12 +21,16 @@ MESSAGE_OVERHEAD_TOKENS = 4
 
 def _is_wide(code: int) -> bool:
     # CJK radicals..unified ideographs, Hangul, compatibility ideographs, CJK punctuation
-    # and full-width forms: the characters DeepSeek's "Chinese" rate applies to.
+    # and full-width forms, the kana supplements, and the CJK extensions B.. and their
+    # compatibility supplement (planes 2 and 3): the characters DeepSeek's "Chinese" rate
+    # applies to.
     return (
         0x2E80 <= code <= 0x9FFF
         or 0xAC00 <= code <= 0xD7AF
         or 0xF900 <= code <= 0xFAFF
         or 0xFF00 <= code <= 0xFFEF
+        or 0x1AFF0 <= code <= 0x1B16F
+        or 0x20000 <= code <= 0x3FFFF
     )
 
 

@@ -14,14 +14,14 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import parse_qsl
 
 import anyio
 import httpx
 from prometheus_client import CollectorRegistry
 
-from unbroken.client import AsyncClient
+from unbroken.client import AsyncClient, AsyncStream
 from unbroken.core.attempt import Timeouts
 from unbroken.core.backoff import RetryPolicy
 from unbroken.core.pricing import PriceTable
@@ -32,7 +32,7 @@ from unbroken.gateway.accesslog import RequestRecord, current_request, write_acc
 from unbroken.gateway.asgi import Exchange, Receive, Scope, Send
 from unbroken.gateway.cache import AnswerCache, RecordingStream
 from unbroken.gateway.keys import Caller, KeyRing
-from unbroken.gateway.limits import Limiter
+from unbroken.gateway.limits import Admission, Limiter
 from unbroken.gateway.metrics import GatewayMetrics
 from unbroken.gateway.openapi import openapi
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
@@ -46,25 +46,28 @@ from unbroken.gateway.streams import (
     GATEWAY_HEADER,
     STREAM_ID_HEADER,
     STREAMS_PATH,
+    Producer,
     StreamHub,
     open_stream_log,
 )
 from unbroken.gateway.telemetry import SpanHook, Telemetry
 from unbroken.gateway.upstream import LeanTransport
 from unbroken.gateway.usage import UsageBook, parse_usage_query
+from unbroken.gateway.ws import WS_PATH, ChatSocket
 from unbroken.instrumentation import Hook, PrometheusHook
 from unbroken.settings import Settings
 from unbroken.stores import Store, open_store
 from unbroken.stores.streamlog import StreamLog
 
 if TYPE_CHECKING:
-    from opentelemetry.trace import Span, TracerProvider
+    from opentelemetry.trace import TracerProvider
 
 __all__ = ["Gateway", "build_upstream", "create_app", "upstream_transport"]
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Exchange], Awaitable[None]]
+_T = TypeVar("_T")
 
 # A client's X-Request-ID is kept when it looks like an id; anything else is replaced, so
 # no one can inject text into our logs or headers through it.
@@ -140,9 +143,9 @@ class Gateway:
         store: the state store; default from `settings.gateway.store`.
         upstream: the SDK client to use upstream; default `build_upstream(settings)`.
         registry: the Prometheus registry of `/metrics`; default a new one.
+        stream_log: the log of streamed answers; default from `settings.gateway.store`.
         tracer_provider: an OpenTelemetry tracer provider for the request spans; default
             an OTLP exporter on `gateway.otel_endpoint` when set, else no tracing.
-        stream_log: the log of streamed answers; default from `settings.gateway.store`.
     """
 
     def __init__(
@@ -152,8 +155,8 @@ class Gateway:
         store: Store | None = None,
         upstream: AsyncClient | None = None,
         registry: CollectorRegistry | None = None,
-        tracer_provider: TracerProvider | None = None,
         stream_log: StreamLog | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         g = settings.gateway
         self.settings = settings
@@ -234,6 +237,7 @@ class Gateway:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                self.streams.start_ticker()  # leases, the orphan sweeper, retention
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.aclose()
@@ -249,6 +253,12 @@ class Gateway:
             await self._http(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
+        elif kind == "websocket":
+            if scope["path"] == WS_PATH:
+                await ChatSocket(self, scope, receive, send).run()
+            else:
+                await receive()  # websocket.connect
+                await send({"type": "websocket.close", "code": 1008})
 
     def _common_headers(
         self, scope: Scope
@@ -276,6 +286,13 @@ class Gateway:
     def _origin_allowed(self, origin: bytes) -> bool:
         return "*" in self._origins or origin.decode("latin-1") in self._origins
 
+    def origin_allowed_ws(self, origin: bytes, host: bytes | None) -> bool:
+        """May a page from `origin` open a WebSocket to `host`? Browsers do not apply CORS
+        to WebSockets, so the gateway checks: an allowed origin, or its own pages."""
+        if self._origin_allowed(origin):
+            return True
+        return host is not None and origin.split(b"://", 1)[-1] == host
+
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
@@ -293,7 +310,7 @@ class Gateway:
             if entry is None and path.startswith(SESSIONS_PATH):
                 await self.sessions.handle(ex, method, path)
                 return
-            if entry is None and path.startswith(STREAMS_PATH + "/"):
+            if entry is None and path.startswith((STREAMS_PATH + "/", "/streams/")):
                 await self.streams.handle(ex, method, path)
                 return
             if entry is None:
@@ -371,14 +388,21 @@ class Gateway:
     # -- endpoints ---------------------------------------------------------------------------
 
     def _forwarded(self, ex: Exchange, request_id: bytes) -> dict[str, str]:
-        headers = {"X-Request-ID": request_id.decode("latin-1")}
-        traceparent = ex.header(b"traceparent")
-        if traceparent is not None and not self.telemetry.enabled:
-            # No span of ours: the client's trace context goes upstream as is.
-            headers["traceparent"] = traceparent.decode("latin-1")
+        return self.forwarded_headers(ex.scope, request_id)
+
+    def forwarded_headers(self, scope: Scope, request_id: bytes | None) -> dict[str, str]:
+        """The request headers passed upstream: the request id (a new one when None) and
+        those `forward_headers` names, never Authorization, Host or hop-by-hop ones."""
+        rid = request_id.decode("latin-1") if request_id is not None else uuid.uuid4().hex
+        headers = {"X-Request-ID": rid}
+        if not self.telemetry.enabled:
+            # No span of ours: a client's trace context goes upstream as is.
+            for name, value in scope.get("headers", ()):
+                if name == b"traceparent":
+                    headers["traceparent"] = value.decode("latin-1")
         if not self._exact and not self._prefixes:
             return headers
-        for raw_name, raw_value in ex.scope.get("headers", ()):
+        for raw_name, raw_value in scope.get("headers", ()):
             name = raw_name.decode("latin-1")
             if name in _NEVER_FORWARDED:
                 continue
@@ -410,6 +434,123 @@ class Gateway:
         )
         await self.serve_chat(ex, caller, request)
 
+    def check_models(self, caller: Caller, request: ChatRequest) -> None:
+        """Refuse a request for a model the caller's key may not use.
+
+        Raises:
+            GatewayError: 403 naming the key and the model.
+        """
+        if caller.models is None:
+            return
+        for model in (request.model, *request.fallbacks):
+            if model in self.models and model not in caller.models:
+                raise GatewayError(
+                    403,
+                    f"key {caller.name!r} may not use the model {model!r}",
+                    type="permission_error",
+                    code="model_not_allowed",
+                    param="model",
+                )
+
+    async def start_answer(
+        self,
+        caller: Caller,
+        request: ChatRequest,
+        headers: dict[str, str],
+        *,
+        resumable: bool,
+        after: Callable[[ChatCompletion], Awaitable[None]] | None = None,
+        session_id: str | None = None,
+        cache_key: str | None = None,
+    ) -> Producer:
+        """Admit a checked streamed request and start producing it into the stream log
+        (SSE and WebSocket answers both start here); usage is booked when it ends, and a
+        whole answer is stored under `cache_key` in the answer cache."""
+        producer, _ = await self._start_answer(
+            caller,
+            request,
+            headers,
+            resumable=resumable,
+            after=after,
+            session_id=session_id,
+            cache_key=cache_key,
+        )
+        return producer
+
+    async def _start_answer(
+        self,
+        caller: Caller,
+        request: ChatRequest,
+        headers: dict[str, str],
+        *,
+        resumable: bool,
+        after: Callable[[ChatCompletion], Awaitable[None]] | None = None,
+        session_id: str | None = None,
+        cache_key: str | None = None,
+        traceparent: bytes | None = None,
+    ) -> tuple[Producer, _Booking]:
+        booking = await _Booking.admit(self.limiter, caller, request, after, self.usage)
+        self._trace(booking, request, headers, traceparent)
+        recorded: list[RecordingStream] = []
+
+        def record(stream: AsyncStream) -> AsyncStream:
+            recorded.append(RecordingStream(stream))
+            return recorded[-1]
+
+        async def complete(completion: ChatCompletion) -> None:
+            await booking.complete(completion)
+            if cache_key is not None and recorded:
+                # Kept from the producer, so an answer that finished detached is cached too.
+                await self._remember(cache_key, recorded[-1].encoded(), completion)
+
+        try:
+            producer = await self.streams.start(
+                caller,
+                request,
+                headers,
+                resumable=resumable,
+                on_complete=complete,
+                on_end=booking.book,
+                renew_slot=booking.renew if booking.admission.lease is not None else None,
+                wrap=record if cache_key is not None else None,
+            )
+        except BaseException:
+            await booking.book(None)
+            raise
+        if session_id is not None:
+            await self.streams.log.link_session(session_id, producer.stream_id, time.time())
+        return producer, booking
+
+    def _trace(
+        self,
+        booking: _Booking,
+        request: ChatRequest,
+        headers: dict[str, str],
+        traceparent: bytes | None,
+    ) -> None:
+        # The request's span (when tracing): its traceparent goes upstream, and it ends
+        # when the answer is booked, however and wherever it ends.
+        if not self.telemetry.enabled:
+            return
+        routes = self.router.routes_for(request.model) or self.client.routes
+        provider = "deepseek" if routes[0].dialect == "deepseek" else "openai"
+        span = self.telemetry.start(request, traceparent, provider)
+        self.telemetry.inject(span, headers)
+        booking.on_booked = lambda completion, completed: self.telemetry.end(
+            span, "complete" if completed else "error", completion
+        )
+
+    async def _admitted(self, ex: Exchange, caller: Caller, admit: Awaitable[_T]) -> _T:
+        # OpenAI's x-ratelimit-* headers on the answer, and on a 429 of our limits.
+        try:
+            admitted = await admit
+        except GatewayError as exc:
+            if exc.status == 429:
+                ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
+            raise
+        ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
+        return admitted
+
     async def serve_chat(
         self,
         ex: Exchange,
@@ -423,16 +564,7 @@ class Gateway:
         A streamed answer goes through the stream log (gateway/streams.py); `session_id`
         links the session to it."""
         g = self.settings.gateway
-        if caller.models is not None:
-            for model in (request.model, *request.fallbacks):
-                if model in self.models and model not in caller.models:
-                    raise GatewayError(
-                        403,
-                        f"key {caller.name!r} may not use the model {model!r}",
-                        type="permission_error",
-                        code="model_not_allowed",
-                        param="model",
-                    )
+        self.check_models(caller, request)
         record = current_request()
         if record is not None:
             record.key, record.model = caller.name, request.model
@@ -442,69 +574,23 @@ class Gateway:
             cache_key = self.cache.key(request)
             if await self._from_cache(ex, caller, request, cache_key):
                 return
-        try:
-            admission = await self.limiter.admit(caller, request.estimated_tokens, time.time())
-        except GatewayError as exc:
-            if exc.status == 429:
-                ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
-            raise
-        ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
         request_id = dict(ex.headers_out)[b"x-request-id"]
-        booked = False
-        final: ChatCompletion | None = None
-        upstream_headers = self._forwarded(ex, request_id)
-        span = None
-        if self.telemetry.enabled:
-            routes = self.router.routes_for(request.model) or self.client.routes
-            provider = "deepseek" if routes[0].dialect == "deepseek" else "openai"
-            span = self.telemetry.start(request, ex.header(b"traceparent"), provider)
-            self.telemetry.inject(span, upstream_headers)
-
-        answered: ChatCompletion | None = None
-
-        async def complete(completion: ChatCompletion) -> None:
-            nonlocal answered
-            answered = completion
-            if after is not None:
-                await after(completion)
-            await book(completion)
-
-        async def book(completion: ChatCompletion | None) -> None:
-            nonlocal booked, final
-            if booked:
-                return
-            booked, final = True, completion
-            tokens = cost = None
-            if completion is not None and completion.usage is not None:
-                tokens = completion.usage.total_tokens
-            if isinstance(completion, Answer):
-                cost = completion.unbroken.cost_usd
-            # Books usage and frees the slot even when uvicorn cancels us at shutdown.
-            with anyio.CancelScope(shield=True):
-                now = time.time()
-                await self.limiter.finish(admission, tokens, cost or 0.0, now)
-                usage = completion.usage if completion is not None else None
-                await self.usage.record(caller.name, request.model, usage, cost or 0.0, now)
-
-        def renew() -> Awaitable[None]:
-            return self.limiter.renew(admission, time.time())
-
+        headers = self._forwarded(ex, request_id)
         if request.stream:
-            try:
-                producer = await self.streams.start(
+            producer, streamed = await self._admitted(
+                ex,
+                caller,
+                self._start_answer(
                     caller,
                     request,
-                    upstream_headers,
+                    headers,
                     resumable=resumable,
-                    on_complete=complete,
-                    on_end=book,
-                    renew_slot=renew if admission.lease is not None else None,
-                )
-            except BaseException:
-                await book(None)
-                raise
-            if session_id is not None:
-                await self.streams.log.link_session(session_id, producer.stream_id, time.time())
+                    after=after,
+                    session_id=session_id,
+                    cache_key=cache_key,
+                    traceparent=ex.header(b"traceparent"),
+                ),
+            )
             relay = StreamRelay(
                 ex,
                 self.scrub,
@@ -523,32 +609,26 @@ class Gateway:
             except GatewayError as exc:
                 if cache_key is None or not await self._degrade(ex, request, cache_key, exc):
                     raise
-            else:
-                if cache_key is not None and result.reason == "complete":
-                    chunks = await self.streams.chunks(producer.stream_id)
-                    await self._remember(cache_key, chunks, answered)
             finally:
                 self._relays.discard(relay)
                 self.metrics.active.dec()
                 producer.detach(time.time())
-                if result is None:
-                    result = relay.result
-                self._observe_answer(record, span, result, final or answered)
-                if result is not None:
-                    self.metrics.streams.labels(result.reason).inc()
-                    self.metrics.chunks.inc(result.n_chunks)
-                    if result.n_keepalives:
-                        self.metrics.keepalives.inc(result.n_keepalives)
+                self._count(result or relay.result)
+                _observe(record, result or relay.result, streamed.final)
             return
 
+        booking = await self._admitted(
+            ex, caller, _Booking.admit(self.limiter, caller, request, after, self.usage)
+        )
+        self._trace(booking, request, headers, ex.header(b"traceparent"))
         relay = StreamRelay(
             ex,
             self.scrub,
             keepalive_s=g.keepalive_s,
             send_timeout_s=g.send_timeout_s,
-            renew=renew if admission.lease is not None else None,
+            renew=booking.renew if booking.admission.lease is not None else None,
             renew_every_s=g.slot_lease_s / 3,
-            on_complete=complete,
+            on_complete=booking.complete,
         )
         self.metrics.active.inc()
         self._relays.add(relay)
@@ -559,7 +639,7 @@ class Gateway:
                 messages=request.messages,
                 stream=True,
                 extra_body=request.extra or None,
-                extra_headers=upstream_headers,
+                extra_headers=headers,
                 fallbacks=self.router.fallback_routes(request.fallbacks) or None,
                 routes=self.router.routes_for(request.model),
             )
@@ -572,35 +652,26 @@ class Gateway:
                     raise
             else:
                 if isinstance(stream, RecordingStream) and cache_key is not None:
-                    await self._remember(cache_key, stream.encoded(), answered)
+                    await self._remember(cache_key, stream.encoded(), result.completion)
         finally:
             self._relays.discard(relay)
             self.metrics.active.dec()
             if result is None:
                 result = relay.result
-            await book(result.completion if result is not None else None)
-            self._observe_answer(record, span, result, final)
-            if result is not None:
-                self.metrics.streams.labels(result.reason).inc()
-                self.metrics.chunks.inc(result.n_chunks)
-                if result.n_keepalives:
-                    self.metrics.keepalives.inc(result.n_keepalives)
+            await booking.book(result.completion if result is not None else None)
+            self._count(result)
+            _observe(record, result, booking.final)
 
-    def _observe_answer(
-        self,
-        record: RequestRecord | None,
-        span: Span | None,
-        result: RelayResult | None,
-        completion: ChatCompletion | None,
-    ) -> None:
-        # The access record and the span take the answer (or what arrived of it).
-        if record is None:
-            return
-        if completion is None and result is not None:
-            completion = result.completion
-        record.answer(result.reason if result is not None else "error", completion)
-        if span is not None:
-            self.telemetry.end(span, record, completion)
+    def _count(self, result: RelayResult | None) -> None:
+        if result is not None:
+            self.metrics.streams.labels(result.reason).inc()
+            self.metrics.chunks.inc(result.n_chunks)
+            if result.n_keepalives:
+                self.metrics.keepalives.inc(result.n_keepalives)
+
+    async def live_stream(self, session_id: str) -> str | None:
+        """The stream id of the answer a session is getting now (gateway/streams.py)."""
+        return await self.streams.live_stream(session_id)
 
     # -- the answer cache (gateway/cache.py) ---------------------------------------------------
 
@@ -678,6 +749,11 @@ class Gateway:
         )
         await ex.respond_json(200, report)
 
+    async def _store_up(self) -> bool:
+        up = await self.store.ping()
+        self.metrics.store_up.set(1 if up else 0)
+        return up
+
     async def _metrics(self, ex: Exchange) -> None:
         # Each scrape checks the store, so an alert on it needs no readiness prober.
         await self._store_up()
@@ -685,11 +761,6 @@ class Gateway:
 
     async def _healthz(self, ex: Exchange) -> None:
         await ex.respond_json(200, {"status": "ok"})
-
-    async def _store_up(self) -> bool:
-        up = await self.store.ping()
-        self.metrics.store_up.set(1 if up else 0)
-        return up
 
     async def _readyz(self, ex: Exchange) -> None:
         if self.draining:
@@ -709,8 +780,8 @@ def create_app(
     store: Store | None = None,
     upstream: AsyncClient | None = None,
     registry: CollectorRegistry | None = None,
-    tracer_provider: TracerProvider | None = None,
     stream_log: StreamLog | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> Gateway:
     """Build the gateway ASGI app (see `Gateway`); settings default to `Settings.load()`."""
     return Gateway(
@@ -718,6 +789,97 @@ def create_app(
         store=store,
         upstream=upstream,
         registry=registry,
-        tracer_provider=tracer_provider,
         stream_log=stream_log,
+        tracer_provider=tracer_provider,
     )
+
+
+def _observe(
+    record: RequestRecord | None, result: RelayResult | None, completion: ChatCompletion | None
+) -> None:
+    # The access record takes the answer (or what arrived of it).
+    if record is not None:
+        if completion is None and result is not None:
+            completion = result.completion
+        record.answer(result.reason if result is not None else "error", completion)
+
+
+class _Booking:
+    """One admitted request's hold on its caller's limits: usage is booked (and the
+    concurrency slot freed) exactly once, however the answer ends."""
+
+    __slots__ = (
+        "_after",
+        "_limiter",
+        "_model",
+        "_usage",
+        "admission",
+        "booked",
+        "completed",
+        "final",
+        "on_booked",
+    )
+
+    def __init__(
+        self,
+        limiter: Limiter,
+        admission: Admission,
+        after: Callable[[ChatCompletion], Awaitable[None]] | None,
+        usage: UsageBook | None = None,
+        model: str = "",
+    ) -> None:
+        self._limiter = limiter
+        self._after = after
+        self._usage = usage
+        self._model = model
+        self.admission = admission
+        self.booked = False
+        self.completed = False
+        # What was booked: the whole answer, or what arrived of it.
+        self.final: ChatCompletion | None = None
+        self.on_booked: Callable[[ChatCompletion | None, bool], None] | None = None
+
+    @classmethod
+    async def admit(
+        cls,
+        limiter: Limiter,
+        caller: Caller,
+        request: ChatRequest,
+        after: Callable[[ChatCompletion], Awaitable[None]] | None,
+        usage: UsageBook | None = None,
+    ) -> _Booking:
+        """Admit `request` (raises the limiter's 429) and hold its booking."""
+        admission = await limiter.admit(caller, request.estimated_tokens, time.time())
+        return cls(limiter, admission, after, usage, request.model)
+
+    async def complete(self, completion: ChatCompletion) -> None:
+        """The whole answer: run `after` (session turns), then book it."""
+        self.completed = True
+        if self._after is not None:
+            await self._after(completion)
+        await self.book(completion)
+
+    async def book(self, completion: ChatCompletion | None) -> None:
+        """Book the answer's usage and cost (once) and free the slot."""
+        if self.booked:
+            return
+        self.booked, self.final = True, completion
+        tokens = cost = None
+        if completion is not None and completion.usage is not None:
+            tokens = completion.usage.total_tokens
+        if isinstance(completion, Answer):
+            cost = completion.unbroken.cost_usd
+        # Books usage and frees the slot even when the server cancels us at shutdown.
+        with anyio.CancelScope(shield=True):
+            now = time.time()
+            await self._limiter.finish(self.admission, tokens, cost or 0.0, now)
+            if self._usage is not None:
+                usage = completion.usage if completion is not None else None
+                caller = self.admission.caller.name
+                await self._usage.record(caller, self._model, usage, cost or 0.0, now)
+        if self.on_booked is not None:
+            self.on_booked(completion, self.completed)
+
+    def renew(self) -> Awaitable[None]:
+        """Extend the concurrency slot's lease."""
+        return self._limiter.renew(self.admission, time.time())

@@ -157,7 +157,9 @@ def parse_chat_request(raw: bytes, models: Collection[str], routes: Collection[s
     options = body.get("stream_options")
     if isinstance(options, dict) and not isinstance(options.get("include_usage", False), bool):
         raise _bad("stream_options.include_usage must be a boolean", "stream_options")
-    fallbacks = body.pop("fallbacks", None) or []
+    fallbacks = body.pop("fallbacks", None)
+    if fallbacks is None:
+        fallbacks = []
     if not isinstance(fallbacks, list) or not all(isinstance(f, str) for f in fallbacks):
         raise _bad(
             "fallbacks must be an array of model or route names", "fallbacks", "invalid_type"

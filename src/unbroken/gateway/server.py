@@ -123,7 +123,12 @@ def serve(
         gateway,
         loop=loop,
         http=_protocol_class(),
-        ws="none",
+        # The websockets implementation: it pings, and its send waits when the client does
+        # not read, which is what /v1/chat/ws's backpressure needs.
+        ws="websockets-sansio",
+        ws_ping_interval=settings.ws_ping_interval_s,
+        ws_ping_timeout=settings.ws_ping_timeout_s,
+        ws_max_size=settings.max_body_bytes,
         lifespan="on",
         access_log=False,
         proxy_headers=False,

@@ -60,19 +60,8 @@ SESSIONS_PATH = "/v1/sessions"
 MAX_CONTENT_CHARS = 1_000_000
 
 
-class LiveStreams(Protocol):
-    """Which answer a session is streaming now (`gateway.streams.StreamHub` is one)."""
-
-    async def live_stream(self, session_id: str) -> str | None:
-        """The stream id of the session's answer in progress, or None."""
-
-
 class SessionHost(Protocol):
     """What the session endpoints need from the gateway (`gateway.app.Gateway` is one)."""
-
-    @property
-    def streams(self) -> LiveStreams:
-        """The gateway's stream logs."""
 
     @property
     def settings(self) -> Settings:
@@ -104,7 +93,11 @@ class SessionHost(Protocol):
         after: Callable[[ChatCompletion], Awaitable[None]] | None = None,
         session_id: str | None = None,
     ) -> None:
-        """Admit, relay and book one chat request; `after` runs with the whole answer."""
+        """Admit, relay and book one chat request; `after` runs with the whole answer; a
+        streamed answer's log is linked to `session_id`."""
+
+    async def live_stream(self, session_id: str) -> str | None:
+        """The stream id of the answer the session is getting now, if any."""
 
 
 def open_session_store(spec: str) -> AsyncSessionStore:
@@ -174,7 +167,7 @@ class SessionEndpoints:
                 info, messages = await self._owned(caller, session_id)
                 # The answer being streamed now, so a page reloaded mid-answer can follow it
                 # (GET /v1/streams/{id}); null when none is.
-                live = await self._gateway.streams.live_stream(session_id)
+                live = await self._gateway.live_stream(session_id)
                 await ex.respond_json(
                     200, {**_info(info), "messages": messages, "live_stream_id": live}
                 )

@@ -32,6 +32,7 @@ import logging
 import os
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -87,6 +88,9 @@ PAGE_BYTES = 256 * 1024
 TICK_S = 1.0
 SWEEP_EVERY_S = 30.0
 ORPHANS_PER_TICK = 50
+# Recent events a producer keeps for the readers on its own instance, so following a live
+# answer does not read the log back from the store for every event.
+TAIL_EVENTS = 256
 # The longest a long-poll may wait.
 MAX_WAIT_S = 60.0
 _encode = msgspec.json.encode
@@ -203,8 +207,10 @@ class Producer:
         self._slot_at = time.monotonic()
         self._scope = anyio.CancelScope()
         self._changed = asyncio.Event()
+        self.tail: deque[tuple[int, bytes]] = deque(maxlen=TAIL_EVENTS)
         self.first = asyncio.Event()  # set at the first append, or when the answer failed
         self.failure: GatewayError | None = None
+        self.completion: ChatCompletion | None = None  # the whole answer, once complete
         self.finished = False
         self.reason: str | None = None  # why it stopped early: stopped, abandoned, fenced...
         self.n_readers = 0
@@ -274,9 +280,9 @@ class Producer:
     # -- writing ---------------------------------------------------------------------------
 
     async def _append(self, payloads: list[bytes], *, end: bool = False) -> None:
-        self.n_events = await self.hub.log.append(
-            self.stream_id, self.epoch, payloads, time.time(), end=end
-        )
+        n = await self.hub.log.append(self.stream_id, self.epoch, payloads, time.time(), end=end)
+        self.tail.extend(zip(range(n - len(payloads) + 1, n + 1), payloads, strict=True))
+        self.n_events = n
         self._changed.set()
         self._changed = asyncio.Event()
         self.first.set()
@@ -290,7 +296,7 @@ class Producer:
                 stream = await open_stream()
                 async for chunk in stream:
                     await self._append([_encode(chunk)])
-                completion = await stream.final()
+                completion = self.completion = await stream.final()
                 if self._on_complete is not None:
                     await self._on_complete(completion)
                 final = final_event(completion, self.stream_id, self.takeovers)
@@ -429,8 +435,10 @@ class StreamHub:
         on_complete: Callable[[ChatCompletion], Awaitable[None]] | None,
         on_end: Callable[[ChatCompletion | None], Awaitable[None]] | None,
         renew_slot: Callable[[], Awaitable[None]] | None,
+        wrap: Callable[[AsyncStream], AsyncStream] | None = None,
     ) -> Producer:
-        """Create the stream's log and start producing `request` into it."""
+        """Create the stream's log and start producing `request` into it (`wrap` wraps the
+        SDK stream, as the answer cache's recorder does)."""
         stream_id = new_stream_id(os.urandom(16))
         g = self.settings
         saved = _encode(
@@ -465,7 +473,7 @@ class StreamHub:
         router = self.gateway.router
 
         async def open_stream() -> AsyncStream:
-            return await client.chat.completions.create(
+            stream = await client.chat.completions.create(
                 model=request.model,
                 messages=request.messages,
                 stream=True,
@@ -474,6 +482,7 @@ class StreamHub:
                 fallbacks=router.fallback_routes(request.fallbacks) or None,
                 routes=router.routes_for(request.model),
             )
+            return stream if wrap is None else wrap(stream)
 
         return self._spawn(producer, open_stream)
 
@@ -553,6 +562,15 @@ class StreamHub:
 
     async def _check(self, ex: Exchange, stream_id: str, after: int) -> tuple[Caller, StreamInfo]:
         caller = await self.gateway.keys.identify(_authorization(ex))
+        return caller, await self.check(caller, stream_id, after)
+
+    async def check(self, caller: Caller, stream_id: str, after: int) -> StreamInfo:
+        """May `caller` read `stream_id` after event `after`?
+
+        Raises:
+            GatewayError: 404 unknown, 403 another key's, 410 expired, 400 a cursor past
+                the end.
+        """
         info = await self.log.info(stream_id)
         if info is None:
             raise GatewayError(
@@ -582,7 +600,7 @@ class StreamHub:
                 code="invalid_event_id",
                 param="Last-Event-ID",
             )
-        return caller, info
+        return info
 
     async def _writer(self, stream_id: str) -> Producer | None:
         """The local producer, after taking the stream over if its writer is gone."""
@@ -611,6 +629,18 @@ class StreamHub:
                 raise producer.failure
         touched = 0.0
         while True:
+            local = self._producers.get(stream_id)
+            if local is not None and local.tail and local.tail[0][0] <= after + 1:
+                # Live on this instance: serve from the producer's tail, not the store.
+                fresh = [event for event in local.tail if event[0] > after]
+                for seq, payload in fresh:
+                    yield seq, payload
+                    after = seq
+                if fresh:
+                    continue
+                if not local.finished:
+                    await local.wait(after, TICK_S)
+                    continue
             try:
                 batch = await log.read(stream_id, after, limit=PAGE_EVENTS, max_bytes=PAGE_BYTES)
             except UnknownStreamError:
@@ -640,7 +670,8 @@ class StreamHub:
 
     async def handle(self, ex: Exchange, method: str, path: str) -> None:
         """`GET /v1/streams/{id}` (SSE or long-poll JSON) and `DELETE /v1/streams/{id}`."""
-        raw_id = path[len(STREAMS_PATH) + 1 :]
+        # /v1/streams/{id}, or /streams/{id} for clients whose base URL lacks the /v1
+        raw_id = path.removeprefix(STREAMS_PATH).removeprefix("/streams")[1:]
         try:
             stream_id = check_stream_id(raw_id)
         except InvalidRequestError as exc:
@@ -731,7 +762,21 @@ class StreamHub:
         await ex.respond(200, body, headers=[(STREAM_ID_HEADER, stream_id.encode())])
 
     async def _stop(self, ex: Exchange, stream_id: str) -> None:
-        _, info = await self._check(ex, stream_id, 0)
+        caller = await self.gateway.keys.identify(_authorization(ex))
+        stopped = await self.stop_stream(caller, stream_id)
+        await ex.respond_json(200, {"id": stream_id, "object": "stream", "stopped": stopped})
+
+    async def writer(self, stream_id: str) -> Producer | None:
+        """The local producer of a live stream, taking it over if its writer is gone."""
+        return await self._writer(stream_id)
+
+    async def stop_stream(self, caller: Caller, stream_id: str) -> bool:
+        """Stop a stream's generation (wherever its writer runs); False when it had ended.
+
+        Raises:
+            GatewayError: as `check`.
+        """
+        info = await self.check(caller, stream_id, 0)
         stopped = not info.ended
         local = self._producers.get(stream_id)
         if local is not None and not local.finished:
@@ -754,9 +799,14 @@ class StreamHub:
                         time.time(),
                         end=True,
                     )
-        await ex.respond_json(200, {"id": stream_id, "object": "stream", "stopped": stopped})
+        return stopped
 
     # -- the ticker ------------------------------------------------------------------------
+
+    def start_ticker(self) -> None:
+        """Start renewing leases, sweeping for orphans and expired logs (at startup; a
+        producer starts it too, for apps run without lifespan events)."""
+        self._ensure_ticker()
 
     def _ensure_ticker(self) -> None:
         if self._ticker is None and not self._closing:

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from unbroken.core.breaker import BreakerState
 from unbroken.errors import ConfigError
+from unbroken.gateway.accesslog import RequestRecord
 from unbroken.instrumentation import AnswerRecord, AttemptRecord
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, TracerProvider
 
-    from unbroken.gateway.accesslog import RequestRecord
+    from unbroken.core.wire import ChatCompletion
     from unbroken.gateway.request import ChatRequest
 
 __all__ = ["SpanHook", "Telemetry"]
@@ -135,21 +136,23 @@ class Telemetry:
 
         self._propagator.inject(headers, context=set_span_in_context(span))
 
-    def end(self, span: Span, record: RequestRecord, response: Any) -> None:
-        """Set the response attributes from the finished request and end the span.
+    def end(self, span: Span, outcome: str, response: ChatCompletion | None) -> None:
+        """Set the response attributes and end the span.
 
         Args:
             span: from `start`.
-            record: the request's access record (outcome, usage, route...).
+            outcome: `complete`, or how the answer failed.
             response: the completion (or what arrived of it), if any.
         """
         from opentelemetry.trace import StatusCode
 
         _SPAN.set(None)
+        record = RequestRecord("", "", "", 0.0, 0.0)
+        record.answer(outcome, response)
         if response is not None:
-            if getattr(response, "id", ""):
+            if response.id:
                 span.set_attribute("gen_ai.response.id", response.id)
-            if getattr(response, "model", ""):
+            if response.model:
                 span.set_attribute("gen_ai.response.model", response.model)
             reasons = [c.finish_reason for c in response.choices if c.finish_reason]
             if reasons:
@@ -164,9 +167,9 @@ class Telemetry:
                 span.set_attribute(f"unbroken.{name}", value)
         if record.ttft_s is not None:
             span.set_attribute("unbroken.time_to_first_token_s", record.ttft_s)
-        if record.outcome not in ("complete", "ok", None):
-            span.set_attribute("error.type", record.error or record.outcome)
-            span.set_status(StatusCode.ERROR, record.error or record.outcome)
+        if outcome != "complete":
+            span.set_attribute("error.type", outcome)
+            span.set_status(StatusCode.ERROR, outcome)
         span.end()
 
     def shutdown(self) -> None:
