@@ -288,8 +288,8 @@ class GatewaySettings:
             `base_url` with the top-level `api_key`.
         models: the model names clients may ask for on every route (and `/v1/models`
             lists); empty (the default) with no `model_list` serves what the upstream's
-            `/models` lists, refreshed every `model_refresh_s`, or passes any name through
-            when the upstream has no `/models`.
+            `/models` lists (see gateway/routing.py), or passes any name through when the
+            upstream has no `/models`.
         model_list: public names (aliases, wildcards) mapped to ordered upstream targets,
             with prices and context sizes (`[[gateway.model_list]]`).
         model_refresh_s: how often discovered model names are fetched again.

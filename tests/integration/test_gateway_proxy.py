@@ -171,9 +171,8 @@ def test_plain_http_upstream_through_http_proxy() -> None:
         got = answer_through({"UNBROKEN_BASE_URL": mock.url, "http_proxy": proxy.url})
         paths = sorted(entry["path"] for entry in mock.log())
     assert got == expected()
-    # Model discovery, then the answer on the same proxied connection (kept alive).
-    assert proxy.lines == [f"GET {mock.url}/models HTTP/1.1"]
-    assert paths == ["/chat/completions", "/models"]
+    assert proxy.lines == [f"POST {mock.url}/chat/completions HTTP/1.1"]
+    assert paths == ["/chat/completions"]
 
 
 def test_no_proxy_bypasses_the_proxy(trusted: str) -> None:

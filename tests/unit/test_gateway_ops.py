@@ -143,13 +143,15 @@ def test_prices_come_from_the_model_list_then_the_built_in_table() -> None:
 
 @pytest.mark.anyio
 async def test_discovery_lists_then_passes_through() -> None:
-    """With no list the upstream's /models decides; a 404 there means pass-through; an
-    unreachable upstream is asked again soon, not every request."""
+    """With no list DeepSeek's names are served until the upstream's /models is asked;
+    then its names are; a 404 there means pass-through, and so does an upstream that
+    cannot answer (asked again soon, not on every request)."""
     from unbroken.errors import UpstreamConnectError, UpstreamStatusError
 
     r = router([])
     assert r.discovers
-    assert "anything" in r.served  # nothing known yet: pass-through
+    assert sorted(r.served) == ["deepseek-chat", "deepseek-reasoner"]
+    assert "anything" not in r.served
     calls = 0
 
     async def listing() -> list[Any]:
@@ -176,13 +178,17 @@ async def test_discovery_lists_then_passes_through() -> None:
     async def failing() -> list[Any]:
         raise UpstreamStatusError("busy", status_code=503)
 
+    await r.refresh(listing, 2000.0)
+    assert "m2" not in r.served
     await r.refresh(down, 5000.0)
+    assert "m2" in r.served
+    assert sorted(r.served) == ["m1"]
     await r.refresh(failing, 5031.0)
     assert "m2" in r.served
     static = router([], models=("only",))
     assert not static.discovers
     await static.refresh(listing, 0.0)
-    assert calls == 1
+    assert calls == 2  # the listing at 2000 s, none for the static router
 
 
 @pytest.mark.parametrize(

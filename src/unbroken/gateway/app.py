@@ -93,8 +93,6 @@ _NEVER_FORWARDED = frozenset(
     }
 )
 _ALLOWED_HEADERS = b"authorization, content-type, x-request-id, last-event-id, x-unbroken-resumable"
-# Paths whose requests name or list models (so model discovery must be current).
-_MODEL_USERS = ("/v1/chat/", "/chat/", "/v1/models", "/models", "/v1/sessions")
 
 
 def build_upstream(
@@ -303,7 +301,7 @@ class Gateway:
             if method == "OPTIONS":
                 await self._preflight(ex, origin)
                 return
-            if path.startswith(_MODEL_USERS):
+            if path in ("/v1/models", "/models"):
                 # Discovery mode: the upstream's model names, fetched when due.
                 await self.router.refresh(self.client.models.list, time.monotonic())
             entry = self._routes.get(path)
@@ -429,9 +427,15 @@ class Gateway:
         g = self.settings.gateway
         self.check_draining()
         caller = await self.keys.identify(ex.header(b"authorization"))
-        request = parse_chat_request(
-            await ex.read_body(g.max_body_bytes), self.models, self.route_names
-        )
+        raw = await ex.read_body(g.max_body_bytes)
+        try:
+            request = parse_chat_request(raw, self.models, self.route_names)
+        except GatewayError as exc:
+            if exc.code != "model_not_found" or not self.router.discovers:
+                raise
+            # A name not served yet: ask the upstream what it serves (when due), then check.
+            await self.router.refresh(self.client.models.list, time.monotonic())
+            request = parse_chat_request(raw, self.models, self.route_names)
         await self.serve_chat(ex, caller, request)
 
     def check_models(self, caller: Caller, request: ChatRequest) -> None:

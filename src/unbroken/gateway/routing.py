@@ -6,9 +6,12 @@ Three modes, chosen by the settings:
   * a model list (`[[gateway.model_list]]`): each public name, alias or glob pattern maps to
     its own ordered targets (route + upstream model); the first matching entry wins;
   * a static list (`gateway.models`): those names, on every configured route;
-  * neither: discovery. The names are what the first route's `GET /models` lists, fetched
-    on first use and again every `model_refresh_s`. An upstream without `/models` (404,
-    or an answer that is not a model list) puts the router in pass-through: every name is
+  * neither: discovery. Until it asks, the router serves DeepSeek's two names. The first
+    request for another name, and `GET /v1/models`, fetch the first route's `GET /models`;
+    from then on its names are served, fetched again (on the next such need) once
+    `model_refresh_s` has passed. So a DeepSeek upstream costs no extra request, and a
+    vLLM server's own names work from the first request. An upstream without `/models`
+    (404) or one that cannot be reached puts the router in pass-through: every name is
     accepted and sent upstream as is, so the upstream's own 404 reaches the client.
 Prices and context sizes of the model list feed the SDK's price table and the routes.
 Imports core, client errors, settings and gateway siblings.
@@ -120,6 +123,11 @@ class ServedModels:
     def __len__(self) -> int:
         return len(self._names)
 
+    @property
+    def names(self) -> frozenset[str]:
+        """The concrete names (patterns and pass-through aside)."""
+        return self._names
+
     def __and__(self, other: object) -> frozenset[str]:
         if not isinstance(other, set | frozenset):
             return NotImplemented
@@ -150,7 +158,9 @@ class ModelRouter:
             else:
                 names.add(entry.name)
             names.update(entry.aliases)
-        self.served = ServedModels(frozenset(names), tuple(patterns), self.discovers)
+        if self.discovers:
+            names.update(DEFAULT_MODELS)
+        self.served = ServedModels(frozenset(names), tuple(patterns), False)
 
     def entry(self, model: str) -> ModelSettings | None:
         """The model-list entry serving `model`, if any."""
@@ -197,7 +207,8 @@ class ModelRouter:
         return out
 
     async def refresh(self, fetch: Callable[[], Awaitable[list[Any]]], now: float) -> None:
-        """In discovery mode, fetch the upstream's model names when they are due.
+        """In discovery mode, fetch the upstream's model names when they are due (the
+        gateway calls this for a listing, and for a request naming a model not served).
 
         Args:
             fetch: lists the upstream's models (`AsyncClient.models.list`).
@@ -218,10 +229,13 @@ class ModelRouter:
                     self.served = ServedModels(frozenset(), (), True)
                     self._next_fetch = now + self._refresh_s
                 else:
+                    self.served = ServedModels(self.served.names, (), True)
                     self._next_fetch = now + RETRY_DISCOVERY_S
                 return
             except UnbrokenError as exc:
                 logger.warning("cannot list the upstream's models: %s", exc.message)
+                # Let requests through: the upstream will say what it serves.
+                self.served = ServedModels(self.served.names, (), True)
                 self._next_fetch = now + RETRY_DISCOVERY_S
                 return
             names = frozenset(
