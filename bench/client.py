@@ -22,7 +22,7 @@ from _mockproc import mock_process
 
 import unbroken
 
-MESSAGES = [{"role": "user", "content": "benchmark"}]
+MESSAGES: list[Any] = [{"role": "user", "content": "benchmark"}]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -79,7 +79,7 @@ def single_openai(url: str, n: int) -> tuple[int, list[float]]:
     count, ttft = 0, 0.0
     for _ in client.chat.completions.create(
         model="deepseek-chat",
-        messages=MESSAGES,  # type: ignore[arg-type]
+        messages=MESSAGES,
         stream=True,
         extra_headers={"X-Mock-Tokens": str(n)},
     ):
@@ -134,7 +134,7 @@ def concurrent_openai(url: str, streams: int, n: int) -> tuple[int, list[float]]
             return await _many(
                 lambda: client.chat.completions.create(
                     model="deepseek-chat",
-                    messages=MESSAGES,  # type: ignore[arg-type]
+                    messages=MESSAGES,
                     stream=True,
                     extra_headers={"X-Mock-Tokens": str(n)},
                 ),

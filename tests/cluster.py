@@ -20,10 +20,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
 
+from tests.nginx import render_nginx_conf
 from tests.support import free_port
 
 __all__ = [
@@ -90,7 +92,7 @@ def gateway_process(
         [sys.executable, "-c", SERVE, "--port", str(port), "--upstream", upstream],
         env=environ,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=None if os.environ.get("UNBROKEN_TEST_GATEWAY_LOGS") else subprocess.DEVNULL,
     )
     try:
         _wait_port(port, proc, "the gateway")
@@ -101,47 +103,14 @@ def gateway_process(
         proc.wait(10)
 
 
-NGINX_CONF = """
-daemon off;
-worker_processes 1;
-pid {work}/nginx.pid;
-error_log {work}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {work}/body;
-  proxy_temp_path {work}/proxy;
-  fastcgi_temp_path {work}/fastcgi;
-  uwsgi_temp_path {work}/uwsgi;
-  scgi_temp_path {work}/scgi;
-  upstream gateways {{
-{servers}
-  }}
-  server {{
-    listen 127.0.0.1:{port};
-    location / {{
-      proxy_pass http://gateways;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffering off;
-      proxy_request_buffering off;
-      proxy_read_timeout 300s;
-      proxy_connect_timeout 2s;
-      proxy_next_upstream error timeout;
-    }}
-  }}
-}}
-"""
-
-
 @contextmanager
 def nginx(binary: str, backends: list[str]) -> Iterator[str]:
-    """nginx round-robin over `backends` (host:port), buffering off; yields its URL."""
+    """nginx round-robin over `backends` (host:port), buffering off, configured by the
+    shipped deploy/nginx.conf (the file compose.yaml runs); yields its URL."""
     port = free_port()
     with tempfile.TemporaryDirectory() as workdir:
-        servers = "\n".join(f"    server {b} max_fails=1 fail_timeout=5s;" for b in backends)
         conf = Path(workdir) / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(work=workdir, servers=servers, port=port))
+        conf.write_text(render_nginx_conf(workdir, f"127.0.0.1:{port}", backends))
         proc = subprocess.Popen(
             [binary, "-p", workdir, "-c", str(conf)],
             stdout=subprocess.DEVNULL,
@@ -169,6 +138,7 @@ class FaultProxy:
         self.target = target
         self._cut = cut
         self._n = 0
+        self._open: set[asyncio.StreamWriter] = set()
         self.n_cut = 0
         self.port = 0
         self._loop = asyncio.new_event_loop()
@@ -216,6 +186,7 @@ class FaultProxy:
             writer.close()
             return
         up_writer.write(head)
+        self._open.add(writer)
 
         async def pump(
             src: asyncio.StreamReader, dst: asyncio.StreamWriter, limit: int | None
@@ -238,7 +209,20 @@ class FaultProxy:
             finally:
                 dst.close()
 
-        await asyncio.gather(pump(reader, up_writer, None), pump(up_reader, writer, limit))
+        try:
+            await asyncio.gather(pump(reader, up_writer, None), pump(up_reader, writer, limit))
+        finally:
+            self._open.discard(writer)
+
+    def cut_all(self) -> None:
+        """Reset every open client connection now (a network loss for everyone)."""
+
+        def cut() -> None:
+            for writer in list(self._open):
+                writer.transport.abort()
+                self.n_cut += 1
+
+        self._loop.call_soon_threadsafe(cut)
 
 
 @dataclass
@@ -316,12 +300,15 @@ class LossRun:
         readers: one per stream.
         killed_at: when the loss was caused (monotonic).
         gaps_s: for each stream that lost its connection, the seconds from the loss to
-            its next byte.
+            its next byte (which may be replayed from the log).
+        stalls_s: for the same streams, the longest wait for a byte after the loss
+            (for a dead writer: until the new one produces).
     """
 
     readers: list[Reader]
     killed_at: float
     gaps_s: list[float]
+    stalls_s: list[float]
 
 
 async def run_with_loss(
@@ -357,13 +344,14 @@ async def run_with_loss(
         killed_at = time.monotonic()
         lose()
         readers = await asyncio.gather(*tasks)
-    gaps = []
+    gaps, stalls = [], []
     for reader in readers:
         if reader.reconnects:
-            after = [t for t in reader.byte_times if t > killed_at]
-            if after:
-                gaps.append(after[0] - killed_at)
-    return LossRun(list(readers), killed_at, gaps)
+            after = [killed_at] + [t for t in reader.byte_times if t > killed_at]
+            if len(after) > 1:
+                gaps.append(after[1] - killed_at)
+                stalls.append(max(b - a for a, b in pairwise(after)))
+    return LossRun(list(readers), killed_at, gaps, stalls)
 
 
 def percentile(values: list[float], q: float) -> float:

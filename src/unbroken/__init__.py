@@ -4,12 +4,16 @@ that arrive whole. Public SDK surface: re-exports only, no logic."""
 from unbroken.client import (
     AsyncChatStream,
     AsyncClient,
+    AsyncHTTPTransport,
     AsyncStream,
+    AsyncTextStream,
     ChatStream,
     Client,
     ClientOptions,
+    HTTPTransport,
     RateLimit,
     Stream,
+    TextStream,
 )
 from unbroken.core.accumulator import ChunkAccumulator
 from unbroken.core.attempt import Timeouts
@@ -33,7 +37,17 @@ from unbroken.core.pricing import Price, PriceTable
 from unbroken.core.routes import Route
 from unbroken.core.sse import SSEDecoder
 from unbroken.core.stream import ChatStreamDecoder
-from unbroken.core.wire import Answer, AnswerMeta, ChatCompletion, ChatCompletionChunk, Usage
+from unbroken.core.wire import (
+    Answer,
+    AnswerMeta,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Model,
+    ModelsPage,
+    TextAnswer,
+    TextCompletion,
+    Usage,
+)
 from unbroken.errors import (
     APIConnectionError,
     APIError,
@@ -78,7 +92,9 @@ __all__ = [
     "AnswerMeta",
     "AsyncChatStream",
     "AsyncClient",
+    "AsyncHTTPTransport",
     "AsyncStream",
+    "AsyncTextStream",
     "AuthenticationError",
     "BadRequestError",
     "ChatCompletion",
@@ -96,8 +112,11 @@ __all__ = [
     "EncodeError",
     "FellBackEvent",
     "FinishEvent",
+    "HTTPTransport",
     "InternalServerError",
     "InvalidRequestError",
+    "Model",
+    "ModelsPage",
     "NotFoundError",
     "PermissionDeniedError",
     "Price",
@@ -122,7 +141,10 @@ __all__ = [
     "Settings",
     "StoreError",
     "Stream",
+    "TextAnswer",
+    "TextCompletion",
     "TextEvent",
+    "TextStream",
     "Timeouts",
     "ToolCallEvent",
     "UnbrokenError",

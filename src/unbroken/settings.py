@@ -33,6 +33,7 @@ __all__ = [
     "env_api_key",
     "env_client",
     "hash_key",
+    "openai_api_key",
 ]
 
 # DeepSeek's documented OpenAI-format base URL (protocol.md §1.1).
@@ -335,6 +336,12 @@ class GatewaySettings:
         ws_ping_interval_s, ws_ping_timeout_s: WebSocket heartbeat: a ping this often, and
             the connection closed when its pong is this late.
         cache: the answer cache (`[gateway.cache]`).
+        widget_secret: the HS256 secret of widget tokens (JWTs the shop's backend mints for
+            shoppers, docs/web.md); never shown. At least 32 characters.
+        widget_jwks: a JWKS file of the public keys of widget tokens (RS256, ES256, EdDSA).
+        widget_issuer, widget_audience: required `iss` / `aud` of widget tokens, when set.
+        widget_max_ttl_s: the longest lifetime (`exp` - now) a widget token may claim.
+        widget_limits: the limits of each widget token subject (`sub`), over `limits`.
     """
 
     host: str = "127.0.0.1"
@@ -380,8 +387,21 @@ class GatewaySettings:
     ws_ping_interval_s: float = 20.0
     ws_ping_timeout_s: float = 20.0
     cache: CacheSettings = field(default_factory=CacheSettings)
+    widget_secret: str | None = field(default=None, repr=False)
+    widget_jwks: str | None = None
+    widget_issuer: str | None = None
+    widget_audience: str | None = None
+    widget_max_ttl_s: float = 3600.0
+    widget_limits: LimitSettings = field(default_factory=LimitSettings)
 
     def __post_init__(self) -> None:
+        if self.widget_secret is not None and len(self.widget_secret) < 32:
+            raise ConfigError(
+                "gateway widget_secret must be at least 32 characters (HS256 needs a key as "
+                "long as its hash); generate one with `openssl rand -hex 32`"
+            )
+        if self.widget_max_ttl_s <= 0:
+            raise ConfigError(f"gateway widget_max_ttl_s must be > 0, got {self.widget_max_ttl_s}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"gateway port must be within [0, 65535], got {self.port}")
         if self.store != "memory" and not self.store.startswith(
@@ -439,6 +459,11 @@ class GatewaySettings:
         """True when `host` is a loopback address."""
         return _is_loopback(self.host)
 
+    @property
+    def has_widget_tokens(self) -> bool:
+        """True when widget tokens (a secret or a JWKS file) are configured."""
+        return bool(self.widget_secret or self.widget_jwks)
+
     def check_exposure(self) -> None:
         """Refuse to serve a non-loopback address without keys unless explicitly allowed.
 
@@ -448,6 +473,7 @@ class GatewaySettings:
         if (
             not self.keys
             and not self.keys_in_store
+            and not self.has_widget_tokens
             and not self.is_loopback
             and not self.allow_unauthenticated
         ):
@@ -585,8 +611,13 @@ _GATEWAY_SCALARS: dict[str, Literal["str", "int", "float", "bool", "list"]] = {
     "ws_queue_frames": "int",
     "ws_ping_interval_s": "float",
     "ws_ping_timeout_s": "float",
+    "widget_secret": "str",
+    "widget_jwks": "str",
+    "widget_issuer": "str",
+    "widget_audience": "str",
+    "widget_max_ttl_s": "float",
 }
-_GATEWAY_TABLES = frozenset({"routes", "keys", "limits", "model_list", "cache"})
+_GATEWAY_TABLES = frozenset({"routes", "keys", "limits", "model_list", "cache", "widget_limits"})
 
 
 def _unknown(table: Mapping[str, object], allowed: frozenset[str], where: str) -> None:
@@ -732,6 +763,12 @@ def _from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         changes["limits"] = LimitSettings.parse(limits, "gateway.limits")
     if "cache" in gateway_table:
         changes["cache"] = _cache(gateway_table["cache"], CacheSettings(), "gateway.cache")
+    if "widget_limits" in gateway_table:
+        limits = gateway_table["widget_limits"]
+        if not isinstance(limits, dict):
+            raise ConfigError("gateway.widget_limits must be a table")
+        _unknown(limits, _LIMIT_FIELDS, "[gateway.widget_limits]")
+        changes["widget_limits"] = LimitSettings.parse(limits, "gateway.widget_limits")
     gateway = _gateway_env(GatewaySettings(**changes), env)
     base_url = data.get("base_url", DEFAULT_BASE_URL)
     if not isinstance(base_url, str):
@@ -837,6 +874,12 @@ def env_client(environ: Mapping[str, str] | None = None) -> tuple[str | None, st
     if key is None and base is not None and "deepseek.com" not in base:
         key = env.get("OPENAI_API_KEY") or None
     return key, base
+
+
+def openai_api_key(environ: Mapping[str, str] | None = None) -> str | None:
+    """OPENAI_API_KEY, for the CLI talking to a --base-url (a gateway's key, say)."""
+    env = os.environ if environ is None else environ
+    return env.get("OPENAI_API_KEY") or None
 
 
 def data_home(environ: Mapping[str, str] | None = None) -> str | None:

@@ -48,6 +48,7 @@ class MockProcess:
     """The mock DeepSeek in its own process, read through its admin endpoints."""
 
     url: str
+    gateway_pid: int = 0
 
     def stats(self) -> dict[str, Any]:
         return dict(httpx.get(f"{self.url}/_mock/stats", timeout=10).json())
@@ -60,7 +61,7 @@ class MockProcess:
         httpx.post(f"{self.url}/_mock/reset", timeout=10).raise_for_status()
 
 
-def _start(args: list[str], env: dict[str, str], stack: contextlib.ExitStack) -> str:
+def _start(args: list[str], env: dict[str, str], stack: contextlib.ExitStack) -> tuple[str, int]:
     proc = subprocess.Popen(
         [sys.executable, "-c", _MAIN, *args],
         stdout=subprocess.PIPE,
@@ -81,7 +82,7 @@ def _start(args: list[str], env: dict[str, str], stack: contextlib.ExitStack) ->
     line = proc.stdout.readline().decode()  # the URL line, printed once listening
     match = re.search(r"http://127\.0\.0\.1:\d+", line)
     assert match, f"no URL in {line!r}"
-    return match.group(0)
+    return match.group(0), proc.pid
 
 
 @pytest.fixture(scope="module")
@@ -93,16 +94,16 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MockProcess
     src = str(Path(__file__).resolve().parents[2] / "src")
     env = {**os.environ, "PYTHONPATH": src, "DEEPSEEK_API_KEY": "sk-demo"}
     with contextlib.ExitStack() as stack:
-        mock_url = _start(
+        mock_url, _ = _start(
             ["mock", "--port", "0", "--seed", "7", "--token-ms", str(DEMO_TOKEN_MS)], env, stack
         )
-        gateway_url = _start(
+        gateway_url, gateway_pid = _start(
             ["serve", "--port", "0", "--upstream", mock_url, "--config", str(config),
              "--log-level", "warning"],
             env,
             stack,
         )  # fmt: skip
-        yield MockProcess(mock_url), f"{gateway_url}/v1"
+        yield MockProcess(mock_url, gateway_pid), f"{gateway_url}/v1"
 
 
 def _run(args: list[str]) -> Any:
@@ -169,9 +170,11 @@ def test_bench_against_the_demo_with_a_fault_mix(
     assert stats["faults"]["reset"] == sum(1 for r in rows if r["fault"].startswith("reset"))
     # Every token the mock sent reached the tool once (the gateway drops what it resumed
     # past), plus the references' tokens.
-    assert _mock_tokens_sent(log) == (
-        s["tokens_received"] + report["references"]["completion_tokens"]
-    )
+    tokens = s["tokens_received"] + report["references"]["completion_tokens"]
+    assert _mock_tokens_sent(log) == tokens
+    # The same from the counters alone: every 200 answer's role chunk, and each answer
+    # that ended normally its usage chunk and [DONE], are chunks but not tokens.
+    assert stats["chunks_sent"] - stats["statuses"]["200"] - 2 * stats["outcomes"]["ok"] == tokens
 
     pngs = sorted(tmp_path.glob("*.png"))
     assert [p.name for p in pngs] == ["bench-latency.png", "bench-throughput.png", "bench-ttft.png"]
@@ -190,17 +193,24 @@ def test_cut_to_next_byte_matches_the_mock_log(
     10 ms of the mock's log (the cut request's end to the resume's arrival)."""
     mock, url = demo
     mock.reset()
-    result = _run(
-        [url, "-c", "1", "-n", "4", "-d", "30", "--fault", "reset after=8 times=1",
-         "--no-plots", "--out", str(tmp_path)]
+    # Its own process, as a user runs it: the test runner's heap and tracer stay out of
+    # the timings.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    proc = subprocess.run(
+        [sys.executable, "-c", _MAIN, "bench", url, "-c", "1", "-n", "1", "-d", "30",
+         "--fault", "reset after=8 times=1", "--no-plots", "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=False,
     )  # fmt: skip
-    assert result.exit_code == 0, result.output
+    assert proc.returncode == 0, proc.stderr.decode()
     rows = _rows(tmp_path / "bench.csv")
-    assert len(rows) == 4
+    assert len(rows) == 1
     log = sorted(mock.log(100), key=lambda e: e["seq"])
     cuts = [e for e in log if e["outcome"] == "reset"]
     resumes = [e for e in log if e["path"] == "/beta/chat/completions"]
-    assert len(cuts) == len(resumes) == 4
+    assert len(cuts) == len(resumes) == 1
     for row, cut, resume in zip(rows, cuts, resumes, strict=True):
         # ttft is 0: the resumed answer's first token leaves as the resume arrives.
         by_mock_ms = (resume["time"] - cut["time"]) * 1000 - cut["duration_ms"]
@@ -291,6 +301,10 @@ def test_three_modes_side_by_side(demo: tuple[MockProcess, str], tmp_path: Path)
         (["http://127.0.0.1:9/v1", "--preset", "sales-peak"], "needs --rate"),
         (["http://127.0.0.1:9/v1", "--mode", "carrier-pigeon"], "unknown --mode"),
         (["http://127.0.0.1:9/v1", "--prompts", "/nonexistent/p.txt"], "cannot read"),
+        (["http://127.0.0.1:9/v1", "--watch-pid", "999999999"], "no process 999999999"),
+        (["http://127.0.0.1:9/v1", "-H", "no colon"], "bad --header"),
+        (["http://127.0.0.1:9/v1", "--rate", "5", "--arrival", "bursty"], "unknown --arrival"),
+        (["http://127.0.0.1:9/v1", "--preset", "black-friday", "--rate", "5"], "unknown preset"),
     ],
 )
 def test_bad_options_are_one_line_errors(args: list[str], message: str) -> None:
@@ -416,3 +430,44 @@ def test_open_loop_shapes(
     rows = _rows(tmp_path / "bench.csv")
     assert all(5 <= int(r["completion_tokens"]) <= 20 for r in rows)
     assert max(float(r["start_s"]) for r in rows) < 1.5
+
+
+def test_watch_pid_charges_the_gateway_cpu(demo: tuple[MockProcess, str], tmp_path: Path) -> None:
+    """--watch-pid reports the CPU the gateway process spent on the load."""
+    mock, url = demo
+    result = _run(
+        [url, "-c", "4", "-d", "1", "--watch-pid", str(mock.gateway_pid), "--no-plots",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "CPU ms/request" in " ".join(result.output.split())
+    cost = json.loads((tmp_path / "bench.json").read_text())["server"]["stream"]
+    assert cost["cpu_s"] > 0
+    assert cost["cpu_ms_per_request"] > 0
+    assert cost["cpu_us_per_token"] > 0
+
+
+def test_a_prompt_file_is_cycled(demo: tuple[MockProcess, str], tmp_path: Path) -> None:
+    """Prompts come from a file (plain lines and JSON lines), in order, and the blocking
+    mode reads whole answers; a prompt file with a bad JSON line is refused."""
+    mock, _ = demo
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(
+        'hi\n\n{"prompt": "a much longer second question about returns"}\n', encoding="utf-8"
+    )
+    mock.reset()
+    result = _run(
+        [mock.url, "--api-key", "sk-test", "-c", "1", "-n", "4", "--prompts", str(prompts),
+         "--mode", "blocking", "--no-plots", "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = _rows(tmp_path / "bench.csv")
+    assert [r["error"] for r in rows] == [""] * 4
+    # Two prompts of different lengths, alternating: the prompt token counts alternate.
+    counts = [int(r["prompt_tokens"]) for r in rows]
+    assert counts[0] == counts[2] != counts[1] == counts[3]
+    assert mock.stats()["requests_total"] == 4
+    prompts.write_text('{"question": "no prompt key"}\n', encoding="utf-8")
+    refused = _run([mock.url, "--prompts", str(prompts)])
+    assert refused.exit_code == 2
+    assert 'needs a "prompt" string' in " ".join(refused.output.split())

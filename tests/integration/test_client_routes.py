@@ -216,13 +216,32 @@ def _rejecting_app(reject: Callable[[dict[str, Any], str], str | None]) -> Any:
         async def replay() -> dict[str, Any]:
             nonlocal replayed
             if replayed:
-                return await receive()  # type: ignore[no-any-return]
+                message: dict[str, Any] = await receive()
+                return message
             replayed = True
             return {"type": "http.request", "body": raw, "more_body": False}
 
         await inner(scope, replay, send)
 
     return app
+
+
+@pytest.mark.parametrize("fallbacks", [["b"], ["b", "a"]])
+def test_naming_configured_routes_in_fallbacks_changes_nothing(
+    upstream: MockServer, fallbacks: list[str]
+) -> None:
+    """Configured routes are tried in their own order; naming them in `fallbacks` neither
+    moves them forward nor tries them twice (as documented)."""
+    routes = [faulty(upstream, "a", "402"), healthy(upstream)]
+    with Client(routes=routes, retry=FAST) as c:
+        done = c.chat.completions.create(
+            model="deepseek-chat", messages=MESSAGES, fallbacks=fallbacks
+        )
+    assert done.unbroken is not None
+    assert [(a.route, a.kind) for a in done.unbroken.attempts] == [
+        ("a", "first"),
+        ("b", "fallback"),
+    ]
 
 
 def test_unknown_parameter_is_dropped_and_remembered() -> None:
@@ -559,7 +578,7 @@ def test_api_key_never_leaks(upstream: MockServer, caplog: pytest.LogCaptureFixt
 def test_models_and_balance(upstream: MockServer) -> None:
     """/models and /user/balance are served as DeepSeek shapes."""
     with Client(api_key="sk", base_url=upstream.url) as c:
-        ids = [m["id"] for m in c.models.list()]
+        ids = [m.id for m in c.models.list()]
         balance = c.balance()
     assert "deepseek-chat" in ids
     assert balance["is_available"] is True
@@ -571,7 +590,7 @@ async def test_async_fallback_and_models(upstream: MockServer) -> None:
     routes = [faulty(upstream, "a", "reset after=4"), healthy(upstream)]
     async with AsyncClient(routes=routes, retry=FAST, breaker_threshold=1) as c:
         done = await c.chat.completions.create(model="deepseek-chat", messages=MESSAGES)
-        ids = [m["id"] for m in await c.models.list()]
+        ids = [m.id for m in await c.models.list()]
         balance = await c.balance()
         events = [e.type async for e in c.chat.stream(model="deepseek-chat", messages=MESSAGES)]
     assert done.choices[0].message.content == content()
@@ -583,7 +602,9 @@ async def test_async_fallback_and_models(upstream: MockServer) -> None:
 
 
 def test_same_chunks_as_the_official_sdk(upstream: MockServer) -> None:
-    """On a healthy stream, unbroken and the official openai SDK see the same chunks."""
+    """On a healthy stream, unbroken and the official openai SDK see the same chunks; with
+    include_usage, unbroken moves DeepSeek's usage (on the finish chunk) into OpenAI's own
+    last chunk with no choices."""
     import openai
 
     official = openai.OpenAI(api_key="sk", base_url=upstream.url)
@@ -598,12 +619,16 @@ def test_same_chunks_as_the_official_sdk(upstream: MockServer) -> None:
     mine = list(ours.chat.completions.create(**kwargs))
     official.close()
     ours.close()
+    usage_chunk = mine.pop()
+    assert usage_chunk.choices == []
+    assert usage_chunk.usage is not None
+    assert theirs[-1]["usage"] == {**theirs[-1]["usage"], **_usage(usage_chunk.usage)}
     assert len(theirs) == len(mine)
     assert len({a["id"] for a in theirs}) == len({b.id for b in mine}) == 1
+    assert all(b.usage is None for b in mine)
     for a, b in zip(theirs, mine, strict=True):
         assert a["model"] == b.model
         assert a["object"] == b.object
-        assert a["usage"] == (None if b.usage is None else {**a["usage"], **_usage(b.usage)})
         for x, y in zip(a["choices"], b.choices, strict=True):
             assert x["index"] == y.index
             assert x["finish_reason"] == y.finish_reason

@@ -110,6 +110,11 @@ def test_every_event_has_an_id_and_the_final_event_proves_the_text(upstream: Moc
             f"/v1/streams/{stream_id}?after=1", headers={"Last-Event-ID": str(len(events) - 1)}
         )
         assert parse_events(header_wins.content) == events[-1:]
+        # After the last event, EventSource is told to stop reconnecting.
+        past_end = client.get(
+            f"/v1/streams/{stream_id}", headers={"Last-Event-ID": str(len(events))}
+        )
+        assert past_end.status_code == 204
 
 
 def test_reconnect_mid_answer_costs_no_upstream_request(upstream: MockServer) -> None:
@@ -182,6 +187,9 @@ def test_without_opt_in_a_disconnect_cancels_and_a_reconnect_takes_over(
         assert fold([d for _, d in events]).content(0) == expected()
         final = json.loads(events[-2][1])["unbroken"]
         assert final["takeovers"] == 1
+        metrics = client.get("/metrics").text
+        assert "unbroken_gateway_stream_takeovers_total 1.0" in metrics
+        assert "unbroken_gateway_stream_writers 0.0" in metrics
     assert upstream.stats()["requests_total"] == 2
 
 
@@ -226,3 +234,39 @@ def test_session_records_its_live_stream(upstream: MockServer) -> None:
             assert client.get(f"/v1/sessions/{session}").json()["live_stream_id"] == stream_id
         client.get(f"/v1/streams/{stream_id}")  # follow it to its end
         assert client.get(f"/v1/sessions/{session}").json()["live_stream_id"] is None
+
+
+def test_an_answer_past_its_log_bound_ends_with_an_error(upstream: MockServer) -> None:
+    """An answer that outgrows stream_max_bytes ends with a stream_log_full error event,
+    and its log ends too (a reconnect gets the same ending)."""
+    with (
+        gateway(upstream.url, stream_max_bytes=4096) as server,
+        httpx.Client(base_url=server.url, timeout=20) as client,
+    ):
+        response = client.post("/v1/chat/completions", json=BODY, headers={"X-Mock-Tokens": "200"})
+        events = parse_events(response.content)
+        error = json.loads(events[-1][1])["error"]
+        assert error["code"] == "stream_log_full"
+        assert "stream_max_bytes" in error["message"]
+        stream_id = response.headers["x-unbroken-stream-id"]
+        assert parse_events(client.get(f"/v1/streams/{stream_id}").content) == events
+
+
+def test_redis_store_logs_batches_and_reconnects(upstream: MockServer, redis_url: str) -> None:
+    """With the Redis store (appends batched while one is in flight), the same contract:
+    ids 1..n, a reconnect mid-answer without a new upstream request, identical text."""
+    with (
+        gateway(upstream.url, store=redis_url) as server,
+        httpx.Client(base_url=server.url, timeout=20) as client,
+    ):
+        fast = client.post("/v1/chat/completions", json=BODY, headers={"X-Mock-Tokens": "60"})
+        events = parse_events(fast.content)
+        assert [i for i, _ in events] == list(range(1, len(events) + 1))
+        assert fold([d for _, d in events]).content(0) == expected()
+        stream_id, raw = read_some(client, 8, {**SLOW, "X-Unbroken-Resumable": "1"})
+        first = parse_events(raw[: raw.rindex(b"\n\n") + 2])
+        rest = client.get(f"/v1/streams/{stream_id}", headers={"Last-Event-ID": str(first[-1][0])})
+        both = first + parse_events(rest.content)
+        assert [i for i, _ in both] == list(range(1, len(both) + 1))
+        assert fold([d for _, d in both]).content(0) == expected()
+    assert upstream.stats()["requests_total"] == 2

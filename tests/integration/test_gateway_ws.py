@@ -288,3 +288,36 @@ def test_heartbeat_closes_a_connection_that_never_answers_pings(mock: MockServer
         sock.close()
     assert seen[:1] == b"\x89"  # a ping frame came first
     assert elapsed < 5
+
+
+def test_hundred_streams_cut_at_random_resume_byte_identical(mock: MockServer) -> None:
+    """100 WebSocket answers whose connections a TCP proxy cuts at random byte offsets:
+    every client resumes on a new connection and ends with the fault-free answer, each
+    event exactly once."""
+    import asyncio
+
+    from tests.cluster import FaultProxy
+    from tests.wsloss import cut_first_connections, run_ws_loss
+
+    bodies = [
+        {**BODY, "messages": [{"role": "user", "content": f"Question {i} about sizes"}]}
+        for i in range(100)
+    ]
+    with gateway(mock) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        expected = [reference(server, b) for b in bodies]
+        with FaultProxy(("127.0.0.1", port), cut_first_connections(7, 400, 1_200)) as proxy:
+            run = asyncio.run(
+                run_ws_loss(
+                    proxy.url.replace("http", "ws") + "/v1/chat/ws",
+                    ws_url(server),
+                    bodies,
+                    concurrency=100,
+                )
+            )
+            n_cut = proxy.n_cut
+    assert n_cut == 100
+    assert run.reconnects == n_cut
+    assert run.answers == expected
+    for events in run.events:
+        assert events == list(range(1, len(events) + 1))

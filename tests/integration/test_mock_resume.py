@@ -96,7 +96,9 @@ def test_continuation_usage_counts_only_new_tokens(api: httpx.Client) -> None:
     text_chunks = [
         c for c in first.chunks if c.choices and c.choices[0].delta and c.choices[0].delta.content
     ]
-    delivered = "".join(c.choices[0].delta.content or "" for c in text_chunks[:5])  # type: ignore[union-attr]
+    delivered = "".join(
+        delta.content or "" for c in text_chunks[:5] if (delta := c.choices[0].delta) is not None
+    )
     prefix = {"role": "assistant", "content": delivered, "prefix": True}
     result = read_stream(
         api,

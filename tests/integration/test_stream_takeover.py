@@ -12,6 +12,7 @@ import signal
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from tests.cluster import (
@@ -56,6 +57,22 @@ def check(readers: list[Reader]) -> None:
         assert final["stream_id"] == reader.stream_id
 
 
+def long_poll(client: httpx.Client, stream_id: str) -> list[object]:
+    """Every event of a stream, page by page with the long-poll form."""
+    after: str = "0"
+    events: list[object] = []
+    while True:
+        page = client.get(
+            f"/v1/streams/{stream_id}",
+            params={"after": after, "wait": "5"},
+            headers={"Accept": "application/json"},
+        ).json()
+        events += page["events"]
+        after = page["next"]
+        if page["done"]:
+            return events
+
+
 def test_instance_loss_behind_nginx(upstream: MockServer, redis_url: str) -> None:
     """kill -9 of one of two gateways mid-answer: its clients reconnect through nginx,
     the other instance takes their answers over, and all 100 end identical."""
@@ -72,6 +89,12 @@ def test_instance_loss_behind_nginx(upstream: MockServer, redis_url: str) -> Non
         run = asyncio.run(
             run_with_loss(front, BODY, HEADERS, N_STREAMS, lambda: a.send_signal(signal.SIGKILL))
         )
+        # A long-poll client reaches the same answers, through nginx, after the takeover.
+        moved = [r for r in run.readers if r.reconnects][:10]
+        with httpx.Client(base_url=front, timeout=20) as client:
+            for reader in moved:
+                logged = [reader.events[i] for i in sorted(reader.events)][:-1]  # no [DONE]
+                assert long_poll(client, reader.stream_id) == [json.loads(p) for p in logged]
     check(run.readers)
     moved = [r for r in run.readers if r.reconnects]
     assert 20 <= len(moved) <= 80  # round robin gave the dead instance about half
@@ -111,7 +134,6 @@ def test_sweeper_finishes_a_detached_answer_of_a_dead_instance(
 ) -> None:
     """Nobody reconnects: the surviving instance's sweeper takes the dead one's detached
     answer over and finishes it into the log, which then replays whole."""
-    import httpx
     import redis
 
     upstream.reset()

@@ -150,8 +150,16 @@ CASES: list[tuple[str, list[tuple[str, tuple[Any, ...], dict[str, Any]]], list[A
             ("append", (S1, 1, [b"x" * 2000], 1.0), {"end": False}),
             ("append", (S1, 1, [b"x" * 100], 1.0), {"end": False}),
             ("read", (S1, 0), {"limit": 10, "max_bytes": 10}),
+            ("append", (S1, 1, [b"e" * 100, b"[DONE]"], 1.0), {"end": True}),
+            ("read", (S1, 1), {"limit": 10, "max_bytes": 1000}),
         ],
-        [1, "LogFullError", Batch([(1, b"x" * 2000)], False, 1)],
+        [
+            1,
+            "LogFullError",
+            Batch([(1, b"x" * 2000)], False, 1),
+            3,  # the last events still fit, so the log can end
+            Batch([(2, b"e" * 100), (3, b"[DONE]")], True, 3),
+        ],
     ),
     (
         "total bound: ended logs are evicted, unfinished ones are not",

@@ -194,7 +194,6 @@ def test_head_fields_first_non_empty_wins() -> None:
     done = acc.completion()
     assert (done.id, done.model, done.created, done.system_fingerprint) == ("c9", "gpt", 5, "fp")
     assert done.choices == []
-    assert not acc.all_finished
 
 
 def test_last_usage_wins_and_absent_usage_never_clears() -> None:
@@ -242,7 +241,6 @@ def test_finish_reason_later_value_replaces() -> None:
     for reason in ["length", None, "stop"]:
         acc.feed(ChatCompletionChunk(choices=[ChunkChoice(delta=Delta(), finish_reason=reason)]))
     assert acc.finish_reason() == "stop"
-    assert acc.all_finished
 
 
 # -- wire decoding -----------------------------------------------------------------------

@@ -27,6 +27,7 @@ SCRUB = Scrubber([KEY, None, ""])
 
 
 def status(code: int, message: str = "boom", **kw: object) -> UpstreamStatusError:
+    # **kw carries kind / retry_after_s, typed loosely here for the table's brevity.
     return UpstreamStatusError(message, status_code=code, route="main", **kw)  # type: ignore[arg-type]
 
 

@@ -4,6 +4,7 @@ summaries and answer integrity."""
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import statistics
 
@@ -12,7 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.unit.test_layering import CORE_FORBIDDEN, SRC, imports_of
+from unbroken.core.events import Comment, SSEEvent
 from unbroken.errors import ConfigError
+from unbroken.loadtest.answer import AnswerRead
+from unbroken.loadtest.faults import parse_cut, parse_fault_mix
 from unbroken.loadtest.schedule import (
     LoadShape,
     arrival_times,
@@ -29,7 +33,7 @@ from unbroken.loadtest.stats import (
 )
 
 
-@pytest.mark.parametrize("name", ["schedule.py", "stats.py"])
+@pytest.mark.parametrize("name", ["schedule.py", "stats.py", "answer.py", "faults.py"])
 def test_pure_modules_do_no_io(name: str) -> None:
     """schedule and stats import no I/O, clock or logging module (the pure core of bench)."""
     for module, _ in imports_of(SRC / "loadtest" / name):
@@ -246,3 +250,68 @@ def test_throughput_series_buckets_by_end() -> None:
     assert series == [(0.0, 1.0, 1.0, 10.0), (1.0, 1.0, 1.0, 20.0), (2.0, 1.0, 0.0, 0.0)]
     with pytest.raises(ValueError, match="bucket"):
         throughput_series(records, 0.0, 1.0)
+
+
+def _event(data: object, event_id: str = "") -> SSEEvent:
+    return SSEEvent(data if isinstance(data, str) else json.dumps(data), id=event_id)
+
+
+def _delta(text: str) -> dict[str, object]:
+    return {"choices": [{"index": 0, "delta": {"content": text}}]}
+
+
+def test_reading_an_answer() -> None:
+    """Text chunks are timed, the usage and the gateway's account are kept, [DONE] ends it,
+    and the gap at a mock fault's chunk is the cut-to-next-byte latency."""
+    read = AnswerRead(RequestRecord(0, "stream", 0.0), t0=10.0)
+    read.feed([_event({"choices": [{"index": 0, "delta": {"role": "assistant"}}]}, "1")], 10.01)
+    read.feed([_event(_delta("Hel"), "2"), Comment(" keep-alive")], 10.02)
+    read.feed([_event(_delta("lo"), "3")], 10.03)
+    read.feed([_event(_delta(", 世界"), "4")], 10.33)  # the cut after mock chunk 3
+    read.feed(
+        [_event({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3}})], 10.34
+    )
+    read.feed([_event({"choices": [], "unbroken": {"attempts": 2, "resumes": 1}}, "9")], 10.35)
+    read.feed([_event("[DONE]")], 10.36)
+    assert read.finished
+    read.finish(99.0, cut_after=3)
+    r = read.record
+    assert (r.text, r.n_chunks, r.error) == ("Hello, 世界", 3, None)
+    assert r.ttft_s == pytest.approx(0.02)
+    assert r.e2e_s == pytest.approx(0.36)
+    assert r.gaps_s == pytest.approx([0.01, 0.30])
+    assert r.cut_gap_s == pytest.approx(0.30)
+    assert (r.prompt_tokens, r.completion_tokens, r.attempts, r.resumes) == (5, 3, 2, 1)
+    assert read.last_id == "9"
+
+
+def test_reading_a_broken_answer() -> None:
+    """An error event is `stream_error`; an answer without [DONE] is `truncated`; the
+    trailer comment of an older gateway gives the attempts."""
+    broken = AnswerRead(RequestRecord(0, "stream", 0.0), t0=0.0)
+    broken.feed([_event(_delta("a")), _event({"error": {"message": "boom"}})], 0.1)
+    broken.finish(0.2, cut_after=None)
+    assert broken.record.error == "stream_error"
+    cut = AnswerRead(RequestRecord(1, "stream", 0.0), t0=0.0)
+    cut.feed([_event(_delta("a")), Comment(" unbroken route=a attempts=3 retries=2 resumes=0")], 1)
+    cut.finish(2.0, cut_after=5)  # the stream ended before the fault's chunk
+    assert (cut.record.error, cut.record.attempts, cut.record.cut_gap_s) == ("truncated", 3, None)
+    empty = AnswerRead(RequestRecord(2, "stream", 0.0), t0=1.0)
+    empty.finish(4.0, cut_after=None)
+    assert (empty.record.e2e_s, empty.record.ttft_s) == (3.0, None)
+
+
+def test_fault_mix_entries() -> None:
+    """[P:]SPEC parses; a mid-stream fault names the chunk it breaks after."""
+    mix = parse_fault_mix("0.25:reset after=12 times=1")
+    assert (mix.spec, mix.probability, mix.cut_after) == ("reset after=12 times=1", 0.25, 12)
+    assert parse_fault_mix("stall ms=100").cut_after == 2  # the mock's default `after`
+    assert parse_fault_mix("429 times=1").cut_after is None
+    assert parse_fault_mix("reset after=3; crlf").probability == 1.0
+    with pytest.raises(ConfigError, match="bad fault"):
+        parse_fault_mix("1.5:reset")
+    assert str(parse_cut("cut")) == "cut after_bytes=2000"
+    assert str(parse_cut(" cut after_ms=250 ")) == "cut after_ms=250"
+    assert parse_cut("cut after_bytes=1500").after_bytes == 1500
+    with pytest.raises(ConfigError, match="bad proxy fault"):
+        parse_cut("drop after=3")

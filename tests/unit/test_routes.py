@@ -27,6 +27,7 @@ def test_route_rejects_invalid_values(kwargs: dict[str, str], match: str) -> Non
 @pytest.mark.parametrize("dialect", DIALECTS)
 def test_every_dialect_is_accepted(dialect: str) -> None:
     """All four documented dialects build a route."""
+    # A plain str on purpose: a config file gives one, and the check is at run time.
     assert Route("r", "http://x", dialect=dialect).dialect == dialect  # type: ignore[arg-type]
 
 
@@ -37,6 +38,9 @@ def test_every_dialect_is_accepted(dialect: str) -> None:
         ("https://api.deepseek.com/", False, "https://api.deepseek.com/chat/completions"),
         ("https://api.deepseek.com", True, "https://api.deepseek.com/beta/chat/completions"),
         ("https://api.deepseek.com/v1", True, "https://api.deepseek.com/beta/chat/completions"),
+        ("https://api.deepseek.com/beta", True, "https://api.deepseek.com/beta/chat/completions"),
+        ("https://api.deepseek.com/beta/", True, "https://api.deepseek.com/beta/chat/completions"),
+        ("https://api.deepseek.com/beta", False, "https://api.deepseek.com/chat/completions"),
         ("https://api.deepseek.com/v1/", False, "https://api.deepseek.com/v1/chat/completions"),
         ("http://vllm:8000/v1", False, "http://vllm:8000/v1/chat/completions"),
     ],

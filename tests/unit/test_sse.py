@@ -210,7 +210,7 @@ def test_encode_event_all_fields() -> None:
 def test_encode_event_rejects_unrepresentable(kwargs: dict[str, object]) -> None:
     """Values SSE cannot carry raise EncodeError naming them."""
     with pytest.raises(EncodeError):
-        encode_event("x", **kwargs)  # type: ignore[arg-type]
+        encode_event("x", **kwargs)  # type: ignore[arg-type]  # bad values on purpose
 
 
 def test_encode_comment_rejects_line_break() -> None:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import unicodedata
 
+import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from unbroken import Client
 from unbroken.core.tokens import (
     MESSAGE_OVERHEAD_TOKENS,
     add_usage,
     estimate_prompt_tokens,
     estimate_tokens,
     estimate_usage,
+    max_tokens_of,
 )
 from unbroken.core.wire import CompletionTokensDetails, PromptTokensDetails, Usage
 
@@ -159,3 +163,81 @@ def test_add_usage_keeps_absent_fields_absent() -> None:
     assert total.prompt_cache_hit_tokens is None
     assert total.prompt_tokens_details is None
     assert total.completion_tokens_details is None
+
+
+@pytest.mark.parametrize(
+    ("body", "cap"),
+    [
+        ({"max_tokens": 60}, 60),
+        ({"max_completion_tokens": 7}, 7),
+        ({"max_tokens": 5, "max_completion_tokens": 9}, 5),
+        ({"max_tokens": None, "max_completion_tokens": 9}, 9),
+        ({"max_tokens": True}, None),
+        ({"max_tokens": 0}, None),
+        ({"max_tokens": "60"}, None),
+        ({}, None),
+    ],
+)
+def test_max_tokens_of(body: dict[str, object], cap: int | None) -> None:
+    assert max_tokens_of(body) == cap
+
+
+def test_estimated_usage_never_exceeds_max_tokens() -> None:
+    """271 characters of English estimate to 82 tokens; with max_tokens 60 the server
+    cannot have billed more than 60, so neither does the estimate."""
+    text = ("The quick brown fox jumps over the lazy dog. " * 7)[:271]
+    assert estimate_tokens(text) == 82
+    capped = estimate_usage(10, text, max_tokens=60)
+    assert (capped.completion_tokens, capped.total_tokens) == (60, 70)
+    both = estimate_usage(10, text, "r" * 300, max_tokens=60)
+    assert both.completion_tokens == 60
+    assert both.completion_tokens_details is not None
+    assert both.completion_tokens_details.reasoning_tokens == 60
+    assert estimate_usage(10, "short", max_tokens=60).completion_tokens == 2
+
+
+def test_a_server_without_usage_is_billed_at_most_max_tokens() -> None:
+    """A stream with no usage (llama.cpp's server sends none) ends at max_tokens: the
+    client's estimate of what was billed stays within max_tokens."""
+    text = ("The quick brown fox jumps over the lazy dog. " * 7)[:271]
+    pieces = [text[i : i + 5] for i in range(0, len(text), 5)]
+    chunks = [
+        {
+            "id": "l",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "m",
+            "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}],
+        }
+        for p in pieces
+    ]
+    chunks.append(
+        {
+            "id": "l",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "m",
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}],
+        }
+    )
+    blob = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks)
+    blob += b"data: [DONE]\n\n"
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, headers={"content-type": "text/event-stream"}, stream=httpx.ByteStream(blob)
+        )
+
+    http = httpx.Client(transport=httpx.MockTransport(upstream))
+    with Client(api_key="sk", http_client=http, dialect="none") as client:
+        done = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "go"}], max_tokens=60
+        )
+    http.close()
+    assert done.choices[0].message.content == text
+    assert done.usage is not None
+    assert done.usage.completion_tokens == 60
+    assert done.unbroken is not None
+    assert done.unbroken.usage_estimated
+    assert done.unbroken.answer_usage is not None
+    assert done.unbroken.answer_usage.completion_tokens <= 60

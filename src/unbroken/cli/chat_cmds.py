@@ -39,7 +39,7 @@ from unbroken.sessions.store import (
     SQLiteSessionStore,
     default_sessions_path,
 )
-from unbroken.settings import Settings, data_home
+from unbroken.settings import Settings, data_home, openai_api_key
 
 __all__ = ["ask", "chat"]
 
@@ -54,10 +54,17 @@ Ctrl+C stops the current answer; it does not quit."""
 
 @contextlib.contextmanager
 def _client(
-    base_url: str | None, model: str, console: Console, mock_token_ms: float
+    base_url: str | None,
+    model: str,
+    console: Console,
+    mock_token_ms: float,
+    api_key: str | None = None,
 ) -> Iterator[Client]:
     settings = Settings.from_env()
-    if base_url is None and settings.api_key is None:
+    # A key for --base-url (a gateway's, say) may also come as OPENAI_API_KEY, as openai's
+    # tools read it; DeepSeek's own URL only ever gets DEEPSEEK_API_KEY.
+    key = api_key or settings.api_key or (openai_api_key() if base_url else None)
+    if base_url is None and key is None:
         from unbroken.mock import Latency, MockConfig, MockServer
 
         console.print(
@@ -70,8 +77,15 @@ def _client(
         ):
             yield client
         return
-    with Client(api_key=settings.api_key or "sk-none", base_url=base_url or settings.base_url) as c:
+    with Client(api_key=key or "sk-none", base_url=base_url or settings.base_url) as c:
         yield c
+
+
+def _console(*, stderr: bool = False) -> Console:
+    console = Console(highlight=False, stderr=stderr)
+    # Piped or redirected, lines are never hard-wrapped at the console width.
+    console.soft_wrap = not console.is_terminal
+    return console
 
 
 def _store(spec: str | None, no_store: bool) -> SessionStore:
@@ -167,11 +181,14 @@ def chat(
     mock_token_ms: float = typer.Option(
         15.0, help="token interval of the built-in mock (demos and tests)"
     ),
+    api_key: str | None = typer.Option(
+        None, help="the key (default DEEPSEEK_API_KEY; OPENAI_API_KEY with --base-url)"
+    ),
 ) -> None:
     """Chat in the terminal: live streaming, reasoning dimmed, Ctrl+C stops an answer."""
-    console = Console(highlight=False)
+    console = _console()
     db = _store(store, no_store)
-    with _client(base_url, model, console, mock_token_ms) as client:
+    with _client(base_url, model, console, mock_token_ms, api_key) as client:
         current = (
             ChatSession.load(client, db, session)
             if session
@@ -266,17 +283,25 @@ def _answer(session: ChatSession, question: str, console: Console) -> None:
 
 
 def ask(
-    question: str = typer.Argument(..., help="the question"),
+    question: str = typer.Argument(..., help="the question; - reads it from stdin"),
     model: str = typer.Option("deepseek-chat", help="model to ask"),
     base_url: str | None = typer.Option(None, help="any OpenAI-compatible server or gateway"),
     system: str | None = typer.Option(None, help="system prompt"),
     json_output: bool = typer.Option(False, "--json", help="print the whole completion as JSON"),
     mock_token_ms: float = typer.Option(0.0, help="token interval of the built-in mock"),
+    api_key: str | None = typer.Option(
+        None, help="the key (default DEEPSEEK_API_KEY; OPENAI_API_KEY with --base-url)"
+    ),
 ) -> None:
     """Ask once and print the answer (plain text when piped)."""
-    console = Console(highlight=False, stderr=False)
-    errors = Console(stderr=True, highlight=False)
-    with _client(base_url, model, errors, mock_token_ms) as client:
+    console = _console()
+    errors = _console(stderr=True)
+    if question == "-":
+        question = sys.stdin.read().strip()
+        if not question:
+            errors.print("unbroken ask: stdin was empty; nothing to ask", style="red")
+            raise typer.Exit(2)
+    with _client(base_url, model, errors, mock_token_ms, api_key) as client:
         session = ChatSession(client, model=model, system=system)
         if json_output:
             done = session.ask(question)

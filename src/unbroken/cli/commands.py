@@ -10,8 +10,20 @@ from unbroken.errors import ConfigError
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="unbroken: whole answers")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from unbroken import __version__
+
+        print(f"unbroken {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def root() -> None:
+def root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print the version and exit"
+    ),
+) -> None:
     """Streaming chat completions that arrive whole."""
 
 

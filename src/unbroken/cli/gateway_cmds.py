@@ -56,12 +56,18 @@ def serve(
     log_format: str | None = typer.Option(
         None, "--log-format", help="text or json (default: gateway.log_format, text)"
     ),
+    workers: int | None = typer.Option(
+        None,
+        help="gateway processes on the port (default: one per core with a Redis store, "
+        "else 1); several need gateway.store = redis:// and shared sessions",
+    ),
 ) -> None:
     """Serve the OpenAI-compatible gateway until SIGTERM or Ctrl+C (then drain)."""
     from unbroken.gateway.accesslog import configure_logging
     from unbroken.gateway.app import create_app
     from unbroken.gateway.server import bind
     from unbroken.gateway.server import serve as run_server
+    from unbroken.gateway.workers import check_workers, default_workers, serve_workers
     from unbroken.settings import Settings
 
     err = Console(stderr=True)
@@ -86,6 +92,8 @@ def serve(
             settings = dataclasses.replace(settings, base_url=upstream)
         settings = dataclasses.replace(settings, gateway=gateway_settings)
         gateway_settings.check_exposure()
+        n_workers = workers if workers is not None else default_workers(gateway_settings)
+        check_workers(gateway_settings, n_workers)
     except ConfigError as exc:
         raise _fail(err, exc.message) from None
     g = settings.gateway
@@ -95,19 +103,26 @@ def serve(
         err.print(f"[yellow]no gateway keys configured: serving {where}[/yellow]")
     if not any(r.api_key for r in settings.upstream_routes()):
         err.print("[yellow]no upstream key: set DEEPSEEK_API_KEY or api_key_env[/yellow]")
+    upstreams = ", ".join(f"{r.name}={r.base_url}" for r in settings.upstream_routes())
+    processes = f", {n_workers} workers" if n_workers > 1 else ""
+
+    def ready(url: str) -> None:
+        print(
+            f"unbroken gateway on {url} (upstream {upstreams}{processes}); Ctrl+C or SIGTERM "
+            "drains",
+            flush=True,
+        )
+
     try:
+        if n_workers > 1:
+            code = serve_workers(settings, n_workers, on_ready=ready)
+            if code:
+                raise typer.Exit(code)
+            return
         sock = bind(g.host, g.port)
     except OSError as exc:
         raise _fail(err, f"cannot listen on {g.host}:{g.port}: {exc.strerror or exc}") from None
     app = create_app(settings)
-    upstreams = ", ".join(f"{r.name}={r.base_url}" for r in settings.upstream_routes())
-
-    def ready(url: str) -> None:
-        print(
-            f"unbroken gateway on {url} (upstream {upstreams}); Ctrl+C or SIGTERM drains",
-            flush=True,
-        )
-
     run_server(app, sock, on_ready=ready)
 
 
@@ -184,6 +199,7 @@ def _banner(out: Console, url: str) -> None:
         markup=False,
         soft_wrap=True,
     )
+    out.print(f"  or open {url}/ in a browser for the chat page\n", markup=False)
 
 
 # What the demo shows of the final event's `unbroken` field.

@@ -5,16 +5,21 @@ Imports core, errors, settings, instrumentation and httpx; never the gateway or 
 
 from unbroken.client._common import RateLimit
 from unbroken.client._options import ClientOptions
-from unbroken.client.async_ import AsyncChatStream, AsyncClient, AsyncStream
-from unbroken.client.sync import ChatStream, Client, Stream
+from unbroken.client.async_ import AsyncChatStream, AsyncClient, AsyncStream, AsyncTextStream
+from unbroken.client.sync import ChatStream, Client, Stream, TextStream
+from unbroken.client.transport import AsyncHTTPTransport, HTTPTransport
 
 __all__ = [
     "AsyncChatStream",
     "AsyncClient",
+    "AsyncHTTPTransport",
     "AsyncStream",
+    "AsyncTextStream",
     "ChatStream",
     "Client",
     "ClientOptions",
+    "HTTPTransport",
     "RateLimit",
     "Stream",
+    "TextStream",
 ]

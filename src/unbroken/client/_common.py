@@ -55,6 +55,7 @@ from unbroken.core.tokens import (
     estimate_prompt_tokens,
     estimate_tokens,
     estimate_usage,
+    max_tokens_of,
 )
 from unbroken.core.wire import (
     Answer,
@@ -374,6 +375,7 @@ class AnswerRun:
         endpoint: Endpoint = "chat",
         query: Mapping[str, Any] | None = None,
         extra_headers: Mapping[str, str] | None = None,
+        usage_chunk: bool = False,
     ) -> None:
         self.config = config
         self.query = dict(query) if query else None
@@ -423,6 +425,10 @@ class AnswerRun:
         self.final_plan: AttemptPlan | None = None
         self.events: list[ControlEvent] = []
         self.chunks: list[ChatCompletionChunk] = []
+        # The last attempt's HTTP response (`stream.response`, `with_raw_response`).
+        self.response: httpx.Response | None = None
+        # The caller asked for OpenAI's usage chunk (`stream_options.include_usage`).
+        self.usage_chunk = usage_chunk
         self._token_reserve = 0
         self._recorded = False
         self._plan: AttemptPlan | None = None
@@ -485,6 +491,16 @@ class AnswerRun:
         self.answer.feed(chunk)
         self.chunks.append(chunk)
 
+    def final_usage_chunk(self) -> ChatCompletionChunk:
+        """OpenAI's last chunk of an `include_usage` stream: no choices, the billed usage."""
+        return ChatCompletionChunk(
+            id=self.answer.id,
+            created=self.answer.created,
+            model=self.answer.model,
+            choices=[],
+            usage=self.billed,
+        )
+
     def take_chunks(self) -> list[ChatCompletionChunk]:
         """Chunks the run made up itself (a `length` finish without a request), to show."""
         chunks, self.chunks = self.chunks, []
@@ -540,6 +556,7 @@ class AnswerRun:
             prior_usage=self.billed,
             hold_tool_calls=self.config.hold_tool_calls,
             max_event_bytes=self.config.max_event_bytes,
+            text_completions=self.endpoint == "fim",
         )
 
     def end_attempt(
@@ -560,7 +577,10 @@ class AnswerRun:
         if usage is None and status_code == 200:
             # Broken before its usage chunk: the tokens it produced were still billed.
             usage = estimate_usage(
-                self.prompt_estimate, attempt.acc.content(), attempt.acc.reasoning()
+                self.prompt_estimate,
+                attempt.acc.content(),
+                attempt.acc.reasoning(),
+                max_tokens=max_tokens_of(plan.body),
             )
             estimated = True
         if usage is not None:
@@ -628,9 +648,11 @@ class AnswerRun:
         if complete and usage is not None:
             self._own_completion += usage.completion_tokens
         elif attempt.acc.has_output:
-            self._own_completion += estimate_tokens(attempt.acc.content()) + estimate_tokens(
+            estimate = estimate_tokens(attempt.acc.content()) + estimate_tokens(
                 attempt.acc.reasoning()
             )
+            cap = max_tokens_of(plan.body)
+            self._own_completion += estimate if cap is None else min(estimate, cap)
             self._own_estimated = True
 
     def _answer_usage(self) -> Usage:
@@ -809,6 +831,10 @@ class ClientBase:
         tighten_only: bool = False,
     ) -> AnswerRun:
         options = ChatParams.pop(params)
+        stream_options = params.get("stream_options")
+        usage_chunk = (
+            isinstance(stream_options, Mapping) and stream_options.get("include_usage") is True
+        )
         body = build_body(
             model, messages, stream=stream, params=params, extra_body=options.extra_body
         )
@@ -824,6 +850,7 @@ class ClientBase:
             timeouts=timeouts,
             endpoint=endpoint,
             query=options.extra_query,
+            usage_chunk=usage_chunk and stream,
             extra_headers={
                 **self._config.headers,
                 **(extra_headers or {}),

@@ -208,11 +208,6 @@ class Exchange:
         )
         self.response: httpx.Response | None = None
 
-    def headers_wait(self) -> float | None:
-        """Seconds until the headers (or deadline) timer fires, or None."""
-        expiry = self.attempt.expiry()
-        return None if expiry is None else max(0.001, expiry[0] - time.monotonic())
-
     def failed(self, exc: Exception | None, now: float) -> AttemptOutcome:
         """Sending failed: `exc` from httpx, or None when our own timer cut the wait."""
         attempt = self.attempt
@@ -229,7 +224,7 @@ class Exchange:
 
     def streaming(self, response: httpx.Response, now: float) -> bool:
         """The headers arrived; True when the body is the answer's stream (200)."""
-        self.response = response
+        self.response = self.run.response = response
         self.attempt.on_headers(now)
         return response.status_code == 200
 

@@ -28,8 +28,9 @@ OPT_IN = ("X-Unbroken-Resumable", "1")
 # gateway instance takes over a dead one's answer (its lease expires within seconds; the
 # GET itself then waits for the new writer).
 DELAYS_S = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
-# Answers that say the log cannot help (gone, expired, not ours, a bad id): resume upstream.
-GIVE_UP_STATUSES = frozenset({400, 401, 403, 404, 410})
+# Answers that say the log cannot help (nothing more, gone, expired, not ours, a bad id):
+# resume upstream.
+GIVE_UP_STATUSES = frozenset({204, 400, 401, 403, 404, 410})
 
 
 class Reconnects:

@@ -8,15 +8,23 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+)
 from types import TracebackType
 from typing import Any, Literal, Unpack, overload
+from urllib.parse import quote
 
 import anyio
 import httpx
 import msgspec
 
-from unbroken.client._common import AnswerRun, ClientBase
+from unbroken.client._common import AnswerRun, ClientBase, Endpoint
 from unbroken.client._driver import (
     MAX_ERROR_BODY_BYTES,
     Exchange,
@@ -26,15 +34,36 @@ from unbroken.client._driver import (
 )
 from unbroken.client._options import DEFAULT_MAX_CONNECTIONS, ClientOptions
 from unbroken.client._reconnect import GIVE_UP_STATUSES, OPT_IN, Reconnects
+from unbroken.client._results import (
+    RAW,
+    APIResponse,
+    AsyncAPIResponse,
+    UsageShaper,
+    fim_messages,
+    models_page,
+    one_model,
+    text_answer,
+    text_chunk,
+)
 from unbroken.core.accumulator import EventSplitter
 from unbroken.core.attempt import Attempt
 from unbroken.core.events import ChatEvent, ControlEvent, DoneEvent, TextEvent
 from unbroken.core.flow import AttemptOutcome, Connect
+from unbroken.core.sentences import SentenceSplitter
 from unbroken.core.stream import ChatStreamDecoder
-from unbroken.core.wire import Answer, ChatCompletion, ChatCompletionChunk, completion_to_chunks
+from unbroken.core.wire import (
+    Answer,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Model,
+    ModelsPage,
+    TextAnswer,
+    TextCompletion,
+    completion_to_chunks,
+)
 from unbroken.errors import TimeoutPhase, UpstreamError
 
-__all__ = ["AsyncChatStream", "AsyncClient", "AsyncStream"]
+__all__ = ["AsyncChatStream", "AsyncClient", "AsyncStream", "AsyncTextStream"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +88,25 @@ class AsyncClient(ClientBase):
         super().__init__(api_key, base_url, options)
         self._setup_http(http_client, transport)
         self.chat = _AsyncChat(self)
+        self.completions = _AsyncTextCompletions(self)
         self.models = _AsyncModels(self)
+
+    @classmethod
+    def _without_key(
+        cls,
+        api_key: str | None,
+        base_url: str | None,
+        options: dict[str, Any],
+        transport: httpx.AsyncBaseTransport | None,
+    ) -> AsyncClient:
+        """A client whose requests may carry their own key (for the transports)."""
+        self = cls.__new__(cls)
+        ClientBase.__init__(self, api_key, base_url, options, need_key=False)
+        self._setup_http(None, transport)
+        self.chat = _AsyncChat(self)
+        self.completions = _AsyncTextCompletions(self)
+        self.models = _AsyncModels(self)
+        return self
 
     def _setup_http(
         self, http_client: httpx.AsyncClient | None, transport: httpx.AsyncBaseTransport | None
@@ -81,18 +128,27 @@ class AsyncClient(ClientBase):
     def with_options(self, **changes: Any) -> AsyncClient:
         """A copy with some options changed (openai's `with_options`), sharing the
         connection pool: `client.with_options(timeout=5, max_retries=0).chat...`."""
+        changes = dict(changes)
+        http_client = changes.pop("http_client", None)
         api_key, base_url, options = self._copy_options(changes)
-        http_client = changes.pop("http_client", None) or self._http
-        return AsyncClient(
-            api_key, base_url, http_client=http_client, **options
-        )  # checked by ClientConfig.build
+        copy = AsyncClient(
+            api_key,
+            base_url,
+            http_client=http_client or (self._http if self._transport is None else None),
+            transport=self._transport if http_client is None else None,
+            **options,  # checked by ClientConfig.build
+        )
+        copy._owns_http = False  # the pool stays this client's
+        return copy
 
     copy = with_options
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool (if this client made it)."""
         if self._owns_http:
             await self._http.aclose()
+
+    close = aclose  # openai's AsyncOpenAI names it close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -105,7 +161,7 @@ class AsyncClient(ClientBase):
     ) -> None:
         await self.aclose()
 
-    async def _get_json(self, path: str) -> Any:
+    async def _get_json(self, path: str) -> tuple[Any, httpx.Response]:
         route = self._config.routes[0]
         t = self._config.timeouts
         try:
@@ -119,13 +175,13 @@ class AsyncClient(ClientBase):
         if response.status_code != 200:
             raise status_error(route, response, response.content[:MAX_ERROR_BODY_BYTES])
         try:
-            return msgspec.json.decode(response.content)
+            return msgspec.json.decode(response.content), response
         except msgspec.DecodeError as exc:
             raise UpstreamError(f"route {route.name!r} sent invalid JSON for {path}") from exc
 
     async def balance(self) -> dict[str, Any]:
         """DeepSeek's `GET /user/balance` (amounts are strings, as the API sends them)."""
-        data = await self._get_json("/user/balance")
+        data, _ = await self._get_json("/user/balance")
         if not isinstance(data, dict):
             raise UpstreamError("the balance endpoint did not return an object")
         return data
@@ -140,9 +196,10 @@ class AsyncClient(ClientBase):
         *,
         stream: bool,
         events: bool,
+        endpoint: Endpoint = "chat",
         partial: ChatCompletion | None = None,
     ) -> tuple[AnswerRun, AsyncGenerator[StreamItem, None]]:
-        run = self._new_run(model, messages, params, stream=stream)
+        run = self._new_run(model, messages, params, stream=stream, endpoint=endpoint)
         if partial is not None:
             # What was shown already: the flow's first attempt is then a continuation.
             for chunk in completion_to_chunks(partial):
@@ -390,22 +447,54 @@ def _remaining(expiry: tuple[float, Any] | None) -> float:
 
 class AsyncStream:
     """The chunks of one answer (async). `async for chunk in stream`, `await stream.final()`,
-    `await stream.aclose()` or `async with stream`."""
+    `await stream.aclose()` or `async with stream`; see `Stream`."""
 
     def __init__(self, run: AnswerRun, items: AsyncGenerator[StreamItem, None]) -> None:
         self._run = run
         self._items = items
         self._completion: Answer | None = None
+        self._shape = UsageShaper(run.usage_chunk)
+        self._usage_due = run.usage_chunk
+        self._peeked: list[ChatCompletionChunk] = []
 
     def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]:
         return self
 
     async def __anext__(self) -> ChatCompletionChunk:
-        try:
-            return await self._items.__anext__()  # type: ignore[return-value]  # chunks only here
-        except StopAsyncIteration:
-            self._completion = self._run.completion(time.monotonic())
-            raise
+        if self._peeked:
+            return self._peeked.pop()
+        while True:
+            try:
+                chunk: ChatCompletionChunk = await self._items.__anext__()  # type: ignore[assignment]  # chunks only here
+            except StopAsyncIteration:
+                if self._completion is None:
+                    self._completion = self._run.completion(time.monotonic())
+                if self._usage_due:
+                    self._usage_due = False
+                    return self._run.final_usage_chunk()
+                raise
+            if chunk.usage is None:
+                return chunk
+            shown = self._shape.step(chunk)
+            if shown is not None:
+                return shown
+
+    async def start(self) -> httpx.Response:
+        """Send the request now (before iterating) and return the response of the attempt
+        that streams; also available as `response` afterwards."""
+        if self._run.response is None and not self._peeked and self._completion is None:
+            with contextlib.suppress(StopAsyncIteration):
+                self._peeked.append(await self.__anext__())
+        return self.response
+
+    @property
+    def response(self) -> httpx.Response:
+        """The HTTP response of the attempt that is streaming (openai's `stream.response`;
+        known once iteration started, or after `await stream.start()`)."""
+        response = self._run.response
+        if response is None:
+            raise RuntimeError("no response yet: iterate the stream or await start() first")
+        return response
 
     async def final(self) -> Answer:
         """Consume what is left and return the whole answer."""
@@ -418,9 +507,22 @@ class AsyncStream:
         """The answer as far as it arrived (also after `aclose()` or an error)."""
         return self._completion or self._run.completion(time.monotonic())
 
+    async def sentences(self) -> AsyncIterator[str]:
+        """The answer text of choice 0 as whole sentences (see `Stream.sentences`)."""
+        splitter = SentenceSplitter()
+        async for chunk in self:
+            for choice in chunk.choices:
+                if choice.index == 0 and choice.delta is not None and choice.delta.content:
+                    for sentence in splitter.feed(choice.delta.content):
+                        yield sentence
+        for sentence in splitter.flush():
+            yield sentence
+
     async def aclose(self) -> None:
         """Stop the answer and close its connection."""
         await self._items.aclose()
+
+    close = aclose
 
     async def __aenter__(self) -> AsyncStream:
         return self
@@ -431,6 +533,44 @@ class AsyncStream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        await self.aclose()
+
+
+class AsyncTextStream:
+    """The chunks of a FIM answer (async) as openai's `Completion` chunks."""
+
+    def __init__(self, stream: AsyncStream) -> None:
+        self._stream = stream
+
+    def __aiter__(self) -> AsyncIterator[TextCompletion]:
+        return self
+
+    async def __anext__(self) -> TextCompletion:
+        return text_chunk(await self._stream.__anext__())
+
+    async def start(self) -> httpx.Response:
+        """Send the request now; see `AsyncStream.start`."""
+        return await self._stream.start()
+
+    @property
+    def response(self) -> httpx.Response:
+        """The HTTP response of the attempt that is streaming."""
+        return self._stream.response
+
+    async def final(self) -> TextAnswer:
+        """Consume what is left and return the whole answer."""
+        return text_answer(await self._stream.final())
+
+    async def aclose(self) -> None:
+        """Stop the answer and close its connection."""
+        await self._stream.aclose()
+
+    close = aclose
+
+    async def __aenter__(self) -> AsyncTextStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
 
@@ -491,10 +631,60 @@ class AsyncChatStream:
         await self.aclose()
 
 
-class _AsyncCompletions:
+class _AsyncResource:
+    """A group of endpoints; `with_raw_response` / `with_streaming_response` as in openai."""
+
     def __init__(self, client: AsyncClient) -> None:
         self._client = client
 
+    @property
+    def with_raw_response(self) -> Any:
+        """The same methods; awaiting one gives an `APIResponse` (`.parse()`, `.headers`)."""
+        return _AsyncRaw(self, streaming=False)
+
+    @property
+    def with_streaming_response(self) -> Any:
+        """The same methods, each an `async with` giving an `AsyncAPIResponse`."""
+        return _AsyncRaw(self, streaming=True)
+
+
+class _AsyncRaw:
+    def __init__(self, resource: _AsyncResource, *, streaming: bool) -> None:
+        self._resource = resource
+        self._streaming = streaming
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self._resource, name)
+
+        async def run(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+            token = RAW.start()
+            try:
+                value = await method(*args, **kwargs)
+            finally:
+                noted = RAW.stop(token)
+            if isinstance(value, AsyncStream | AsyncTextStream):
+                stream = value
+                await stream.start()
+                return value, (lambda: stream.response, stream.aclose)
+            return value, (noted, None)
+
+        async def raw(*args: Any, **kwargs: Any) -> APIResponse[Any]:
+            value, (response, _) = await run(args, kwargs)
+            return APIResponse(value, response)
+
+        @contextlib.asynccontextmanager
+        async def streaming(*args: Any, **kwargs: Any) -> AsyncIterator[AsyncAPIResponse[Any]]:
+            value, (response, close) = await run(args, kwargs)
+            result = AsyncAPIResponse(value, response, close)
+            try:
+                yield result
+            finally:
+                await result.close()
+
+        return streaming if self._streaming else raw
+
+
+class _AsyncCompletions(_AsyncResource):
     @overload
     async def create(
         self, *, model: str, messages: Iterable[Any], stream: Literal[False] = False, **params: Any
@@ -513,7 +703,9 @@ class _AsyncCompletions:
         result = AsyncStream(run, items)
         if stream:
             return result
-        return await result.final()
+        answer = await result.final()
+        RAW.note(run)
+        return answer
 
     async def resume(
         self, *, partial: ChatCompletion, model: str, messages: Iterable[Any], **params: Any
@@ -533,6 +725,55 @@ class _AsyncCompletions:
         return AsyncStream(run, items)
 
 
+class _AsyncTextCompletions(_AsyncResource):
+    @overload
+    async def create(
+        self,
+        *,
+        model: str,
+        prompt: str,
+        suffix: str | None = None,
+        stream: Literal[False] = False,
+        **params: Any,
+    ) -> TextAnswer: ...
+
+    @overload
+    async def create(
+        self,
+        *,
+        model: str,
+        prompt: str,
+        suffix: str | None = None,
+        stream: Literal[True],
+        **params: Any,
+    ) -> AsyncTextStream: ...
+
+    async def create(
+        self,
+        *,
+        model: str,
+        prompt: str,
+        suffix: str | None = None,
+        stream: bool = False,
+        **params: Any,
+    ) -> TextAnswer | AsyncTextStream:
+        """A FIM completion; see `Client.completions.create`."""
+        run, items = self._client._start(
+            model,
+            fim_messages(prompt),
+            {**params, "suffix": suffix},
+            stream=stream,
+            events=False,
+            endpoint="fim",
+        )
+        result = AsyncTextStream(AsyncStream(run, items))
+        if stream:
+            return result
+        answer = await result.final()
+        RAW.note(run)
+        return answer
+
+
 class _AsyncChat:
     def __init__(self, client: AsyncClient) -> None:
         self._client = client
@@ -544,14 +785,34 @@ class _AsyncChat:
         return AsyncChatStream(run, items)
 
 
-class _AsyncModels:
-    def __init__(self, client: AsyncClient) -> None:
-        self._client = client
+class _ModelsPager:
+    """`client.models.list()` of the async client: await it for the page, or `async for`
+    over the models (as openai's AsyncPaginator)."""
 
-    async def list(self) -> list[dict[str, Any]]:
-        """`GET /models`: the models the first route serves."""
-        data = await self._client._get_json("/models")
-        items = data.get("data") if isinstance(data, dict) else None
-        if not isinstance(items, list):
-            raise UpstreamError("the models endpoint did not return a list")
-        return items
+    def __init__(self, fetch: Callable[[], Awaitable[ModelsPage]]) -> None:
+        self._fetch = fetch
+
+    def __await__(self) -> Generator[Any, None, ModelsPage]:
+        return self._fetch().__await__()
+
+    async def __aiter__(self) -> AsyncIterator[Model]:
+        for model in await self._fetch():
+            yield model
+
+
+class _AsyncModels(_AsyncResource):
+    def list(self) -> _ModelsPager:
+        """`GET /models`: await it for the page (`.data`), or `async for` the models."""
+
+        async def fetch() -> ModelsPage:
+            data, response = await self._client._get_json("/models")
+            RAW.note(response)
+            return models_page(data)
+
+        return _ModelsPager(fetch)
+
+    async def retrieve(self, model: str) -> Model:
+        """`GET /models/{model}`: one model (a 404 raises `NotFoundError`)."""
+        data, response = await self._client._get_json(f"/models/{quote(model, safe='')}")
+        RAW.note(response)
+        return one_model(data)

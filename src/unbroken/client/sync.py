@@ -7,14 +7,15 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Literal, Unpack, overload
+from urllib.parse import quote
 
 import httpx
 import msgspec
 
-from unbroken.client._common import AnswerRun, ClientBase
+from unbroken.client._common import AnswerRun, ClientBase, Endpoint
 from unbroken.client._driver import (
     MAX_ERROR_BODY_BYTES,
     Exchange,
@@ -24,15 +25,33 @@ from unbroken.client._driver import (
 )
 from unbroken.client._options import DEFAULT_MAX_CONNECTIONS, ClientOptions
 from unbroken.client._reconnect import GIVE_UP_STATUSES, OPT_IN, Reconnects
+from unbroken.client._results import (
+    RAW,
+    APIResponse,
+    UsageShaper,
+    fim_messages,
+    models_page,
+    one_model,
+    text_answer,
+    text_chunk,
+)
 from unbroken.core.accumulator import EventSplitter
 from unbroken.core.attempt import Attempt, Timeouts
 from unbroken.core.events import ChatEvent, ControlEvent, DoneEvent, TextEvent
 from unbroken.core.flow import AttemptOutcome, Connect
+from unbroken.core.sentences import SentenceSplitter
 from unbroken.core.stream import ChatStreamDecoder
-from unbroken.core.wire import Answer, ChatCompletionChunk
+from unbroken.core.wire import (
+    Answer,
+    ChatCompletionChunk,
+    Model,
+    ModelsPage,
+    TextAnswer,
+    TextCompletion,
+)
 from unbroken.errors import TimeoutPhase, UpstreamError
 
-__all__ = ["ChatStream", "Client", "Stream"]
+__all__ = ["ChatStream", "Client", "Stream", "TextStream"]
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +171,25 @@ class Client(ClientBase):
         super().__init__(api_key, base_url, options)
         self._setup_http(http_client, transport)
         self.chat = _Chat(self)
+        self.completions = _TextCompletions(self)
         self.models = _Models(self)
+
+    @classmethod
+    def _without_key(
+        cls,
+        api_key: str | None,
+        base_url: str | None,
+        options: dict[str, Any],
+        transport: httpx.BaseTransport | None,
+    ) -> Client:
+        """A client whose requests may carry their own key (for the transports)."""
+        self = cls.__new__(cls)
+        ClientBase.__init__(self, api_key, base_url, options, need_key=False)
+        self._setup_http(None, transport)
+        self.chat = _Chat(self)
+        self.completions = _TextCompletions(self)
+        self.models = _Models(self)
+        return self
 
     def _setup_http(
         self, http_client: httpx.Client | None, transport: httpx.BaseTransport | None
@@ -160,7 +197,7 @@ class Client(ClientBase):
         # Streams go straight to the transport: httpx's client layer (cookies, auth,
         # redirects, URL merging) has nothing to do here. A caller's http_client is used
         # as given (its send()).
-        self._owns_http = http_client is None and transport is None
+        self._owns_http = http_client is None
         self._transport: httpx.BaseTransport | None = None
         if http_client is None:
             n = self._options.get("max_connections", DEFAULT_MAX_CONNECTIONS)
@@ -175,8 +212,9 @@ class Client(ClientBase):
     def with_options(self, **changes: Any) -> Client:
         """A copy with some options changed (openai's `with_options`), sharing the
         connection pool: `client.with_options(timeout=5, max_retries=0).chat...`."""
-        api_key, base_url, options = self._copy_options(changes)
+        changes = dict(changes)
         http_client = changes.pop("http_client", None)
+        api_key, base_url, options = self._copy_options(changes)
         copy = Client(
             api_key,
             base_url,
@@ -184,6 +222,7 @@ class Client(ClientBase):
             transport=self._transport if http_client is None else None,
             **options,  # checked by ClientConfig.build
         )
+        copy._owns_http = False  # the pool stays this client's
         return copy
 
     copy = with_options
@@ -207,7 +246,7 @@ class Client(ClientBase):
 
     # -- plain endpoints -----------------------------------------------------------------
 
-    def _get_json(self, path: str) -> Any:
+    def _get_json(self, path: str) -> tuple[Any, httpx.Response]:
         route = self._config.routes[0]
         t = self._config.timeouts
         try:
@@ -221,13 +260,13 @@ class Client(ClientBase):
         if response.status_code != 200:
             raise status_error(route, response, response.content[:MAX_ERROR_BODY_BYTES])
         try:
-            return msgspec.json.decode(response.content)
+            return msgspec.json.decode(response.content), response
         except msgspec.DecodeError as exc:
             raise UpstreamError(f"route {route.name!r} sent invalid JSON for {path}") from exc
 
     def balance(self) -> dict[str, Any]:
         """DeepSeek's `GET /user/balance` (amounts are strings, as the API sends them)."""
-        data = self._get_json("/user/balance")
+        data, _ = self._get_json("/user/balance")
         if not isinstance(data, dict):
             raise UpstreamError("the balance endpoint did not return an object")
         return data
@@ -242,8 +281,9 @@ class Client(ClientBase):
         *,
         stream: bool,
         events: bool,
+        endpoint: Endpoint = "chat",
     ) -> tuple[AnswerRun, Iterator[StreamItem]]:
-        run = self._new_run(model, messages, params, stream=stream)
+        run = self._new_run(model, messages, params, stream=stream, endpoint=endpoint)
         return run, self._run(run, with_events=events)
 
     def _run(self, run: AnswerRun, *, with_events: bool) -> Iterator[StreamItem]:
@@ -388,23 +428,52 @@ class Stream:
 
     Iterate it (each chunk once), or use it as a context manager; `close()` stops the
     answer and closes its connection at once. After the last chunk, `final()` gives the
-    folded completion with billed usage, cost and the `unbroken` meta.
+    folded completion with billed usage, cost and the `unbroken` meta. With
+    `stream_options={"include_usage": True}` the last chunk has no choices and carries the
+    billed usage, as OpenAI sends it. `response` is the last attempt's HTTP response.
     """
 
     def __init__(self, run: AnswerRun, items: Iterator[StreamItem]) -> None:
         self._run = run
         self._items = items
         self._completion: Answer | None = None
+        self._shape = UsageShaper(run.usage_chunk)
+        self._usage_due = run.usage_chunk
+        self._peeked: list[ChatCompletionChunk] = []
 
     def __iter__(self) -> Iterator[ChatCompletionChunk]:
         return self
 
     def __next__(self) -> ChatCompletionChunk:
-        try:
-            return self._items.__next__()  # type: ignore[return-value]  # chunks only here
-        except StopIteration:
-            self._completion = self._run.completion(time.monotonic())
-            raise
+        if self._peeked:
+            return self._peeked.pop()
+        while True:
+            try:
+                chunk: ChatCompletionChunk = self._items.__next__()  # type: ignore[assignment]  # chunks only here
+            except StopIteration:
+                if self._completion is None:
+                    self._completion = self._run.completion(time.monotonic())
+                if self._usage_due:
+                    self._usage_due = False
+                    return self._run.final_usage_chunk()
+                raise
+            if chunk.usage is None:
+                return chunk
+            shown = self._shape.step(chunk)
+            if shown is not None:
+                return shown
+
+    @property
+    def response(self) -> httpx.Response:
+        """The HTTP response of the attempt that is streaming (openai's `stream.response`);
+        asking for it before iterating starts the request."""
+        if self._run.response is None and not self._peeked and self._completion is None:
+            with contextlib.suppress(StopIteration):
+                self._peeked.append(self.__next__())
+        response = self._run.response
+        if response is None:
+            raise RuntimeError("the answer ended before any response arrived")
+        return response
 
     def final(self) -> Answer:
         """Consume what is left and return the whole answer."""
@@ -416,6 +485,16 @@ class Stream:
     def current(self) -> Answer:
         """The answer as far as it arrived (also after `close()` or an error)."""
         return self._completion or self._run.completion(time.monotonic())
+
+    def sentences(self) -> Iterator[str]:
+        """The answer text of choice 0 as whole sentences (for text-to-speech): each ends
+        at a Chinese or English sentence end; the rest comes last."""
+        splitter = SentenceSplitter()
+        for chunk in self:
+            for choice in chunk.choices:
+                if choice.index == 0 and choice.delta is not None and choice.delta.content:
+                    yield from splitter.feed(choice.delta.content)
+        yield from splitter.flush()
 
     def close(self) -> None:
         """Stop the answer and close its connection."""
@@ -432,6 +511,43 @@ class Stream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.close()
+
+
+class TextStream:
+    """The chunks of a FIM answer as openai's `Completion` chunks (`chunk.choices[0].text`);
+    otherwise as `Stream`."""
+
+    def __init__(self, stream: Stream) -> None:
+        self._stream = stream
+
+    def __iter__(self) -> Iterator[TextCompletion]:
+        return self
+
+    def __next__(self) -> TextCompletion:
+        return text_chunk(self._stream.__next__())
+
+    @property
+    def response(self) -> httpx.Response:
+        """The HTTP response of the attempt that is streaming."""
+        return self._stream.response
+
+    def final(self) -> TextAnswer:
+        """Consume what is left and return the whole answer."""
+        return text_answer(self._stream.final())
+
+    def current(self) -> TextAnswer:
+        """The answer as far as it arrived."""
+        return text_answer(self._stream.current())
+
+    def close(self) -> None:
+        """Stop the answer and close its connection."""
+        self._stream.close()
+
+    def __enter__(self) -> TextStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -497,10 +613,47 @@ class ChatStream:
         self.close()
 
 
-class _Completions:
+class _Resource:
+    """A group of endpoints; `with_raw_response` / `with_streaming_response` give the same
+    methods returning an `APIResponse` (as in openai)."""
+
     def __init__(self, client: Client) -> None:
         self._client = client
 
+    @property
+    def with_raw_response(self) -> Any:
+        """The same methods, each returning an `APIResponse` (`.parse()`, `.headers`)."""
+        return _Raw(self)
+
+    @property
+    def with_streaming_response(self) -> Any:
+        """The same methods, each returning an `APIResponse` to use in a `with` block."""
+        return _Raw(self)
+
+
+class _Raw:
+    def __init__(self, resource: _Resource) -> None:
+        self._resource = resource
+
+    def __getattr__(self, name: str) -> Callable[..., APIResponse[Any]]:
+        method = getattr(self._resource, name)
+
+        def call(*args: Any, **kwargs: Any) -> APIResponse[Any]:
+            token = RAW.start()
+            try:
+                value = method(*args, **kwargs)
+            finally:
+                noted = RAW.stop(token)
+            if isinstance(value, Stream | TextStream):
+                stream = value
+                stream.response  # noqa: B018 - starts the request, so the headers are known
+                return APIResponse(value, lambda: stream.response, stream.close)
+            return APIResponse(value, noted)
+
+        return call
+
+
+class _Completions(_Resource):
     @overload
     def create(
         self, *, model: str, messages: Iterable[Any], stream: Literal[False] = False, **params: Any
@@ -518,9 +671,9 @@ class _Completions:
 
         Every DeepSeek/OpenAI parameter is accepted by name (temperature, max_tokens,
         tools, tool_choice, response_format, stop, logprobs, seed, thinking...), plus
-        `extra_headers`, `extra_body`, `timeout` (seconds for the whole answer),
-        `fallbacks` (models or routes to try next) and `restart` (start over when a broken
-        answer cannot be continued).
+        `extra_headers`, `extra_body`, `extra_query`, `timeout` (openai's: each wait),
+        `deadline` (seconds for the whole answer), `fallbacks` (models or routes to try
+        next) and `restart` (start over when a broken answer cannot be continued).
 
         Returns:
             a `Stream` of chunks when `stream=True`, else the whole `Answer` (a
@@ -533,7 +686,69 @@ class _Completions:
         result = Stream(run, items)
         if stream:
             return result
-        return result.final()
+        answer = result.final()
+        RAW.note(run)
+        return answer
+
+
+class _TextCompletions(_Resource):
+    @overload
+    def create(
+        self,
+        *,
+        model: str,
+        prompt: str,
+        suffix: str | None = None,
+        stream: Literal[False] = False,
+        **params: Any,
+    ) -> TextAnswer: ...
+
+    @overload
+    def create(
+        self,
+        *,
+        model: str,
+        prompt: str,
+        suffix: str | None = None,
+        stream: Literal[True],
+        **params: Any,
+    ) -> TextStream: ...
+
+    def create(
+        self,
+        *,
+        model: str,
+        prompt: str,
+        suffix: str | None = None,
+        stream: bool = False,
+        **params: Any,
+    ) -> TextAnswer | TextStream:
+        """A FIM (fill in the middle) completion, as openai's `client.completions.create`:
+        the text between `prompt` and `suffix`, from DeepSeek's `/beta/completions` (or
+        `/completions` on other routes). A broken completion continues from its partial
+        text, like a chat answer.
+
+        Returns:
+            a `TextStream` when `stream=True`, else the whole `TextAnswer`.
+
+        Raises:
+            UnbrokenError: the answer could not be delivered; `partial` holds what came.
+        """
+        messages = fim_messages(prompt)
+        run, items = self._client._start(
+            model,
+            messages,
+            {**params, "suffix": suffix},
+            stream=stream,
+            events=False,
+            endpoint="fim",
+        )
+        result = TextStream(Stream(run, items))
+        if stream:
+            return result
+        answer = result.final()
+        RAW.note(run)
+        return answer
 
 
 class _Chat:
@@ -548,14 +763,16 @@ class _Chat:
         return ChatStream(run, items)
 
 
-class _Models:
-    def __init__(self, client: Client) -> None:
-        self._client = client
+class _Models(_Resource):
+    def list(self) -> ModelsPage:
+        """`GET /models`: the models the first route serves, as a page (iterate it, or
+        read `.data`)."""
+        data, response = self._client._get_json("/models")
+        RAW.note(response)
+        return models_page(data)
 
-    def list(self) -> list[dict[str, Any]]:
-        """`GET /models`: the models the first route serves."""
-        data = self._client._get_json("/models")
-        items = data.get("data") if isinstance(data, dict) else None
-        if not isinstance(items, list):
-            raise UpstreamError("the models endpoint did not return a list")
-        return items
+    def retrieve(self, model: str) -> Model:
+        """`GET /models/{model}`: one model (a 404 raises `NotFoundError`)."""
+        data, response = self._client._get_json(f"/models/{quote(model, safe='')}")
+        RAW.note(response)
+        return one_model(data)

@@ -316,13 +316,6 @@ class ChunkAccumulator:
                 return True
         return False
 
-    @property
-    def all_finished(self) -> bool:
-        """True when at least one choice started and every started choice has finished."""
-        return bool(self._choices) and all(
-            s.finish_reason is not None for s in self._choices.values()
-        )
-
     def completion(self) -> ChatCompletion:
         """The folded answer as a `chat.completion` (choices ordered by index)."""
         choices = []

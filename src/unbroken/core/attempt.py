@@ -84,6 +84,7 @@ class Attempt:
         prior_usage: billed usage of the earlier attempts (added to this one's usage).
         hold_tool_calls: hold tool-call fragments until the choice finishes.
         max_event_bytes: SSE event size limit.
+        text_completions: the body is a FIM answer (`text_completion` chunks).
     """
 
     __slots__ = (
@@ -123,6 +124,7 @@ class Attempt:
         prior_usage: Usage | None = None,
         hold_tool_calls: bool = True,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        text_completions: bool = False,
     ) -> None:
         self.plan = plan
         self._answer = answer
@@ -130,7 +132,9 @@ class Attempt:
         self._deadline_at = deadline_at
         self._prior = prior_usage
         self._hold = hold_tool_calls
-        self.decoder = ChatStreamDecoder(max_event_bytes=max_event_bytes)
+        self.decoder = ChatStreamDecoder(
+            max_event_bytes=max_event_bytes, text_completions=text_completions
+        )
         self.acc = ChunkAccumulator()
         self.started_at = now
         self.headers_at: float | None = None

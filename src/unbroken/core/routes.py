@@ -60,9 +60,13 @@ class Route:
         """The full URL of `path` (e.g. `/chat/completions`) on this route.
 
         DeepSeek's beta base is `https://api.deepseek.com/beta`: a `/v1` suffix on the base
-        URL is dropped before the beta path is added.
+        URL is dropped before the beta path is added. A base URL that already ends in the
+        beta path (DeepSeek's docs suggest one for prefix completion and FIM) is the root
+        plus that path: it is not added twice, and plain paths go to the root.
         """
         base = self.base_url.rstrip("/")
+        if self.beta_path and base.endswith(self.beta_path):
+            base = base[: -len(self.beta_path)]
         if beta:
             if base.endswith("/v1"):
                 base = base[:-3]

@@ -22,6 +22,8 @@ from unbroken.core.wire import (
     completion_to_chunks,
     decode_chunk,
     decode_completion,
+    decode_text_chunk,
+    decode_text_completion,
     excerpt,
     parse_error_object,
     upstream_error_from_object,
@@ -84,11 +86,14 @@ class ChatStreamDecoder:
 
     Args:
         max_event_bytes: the limit for one SSE event, and for a whole JSON body.
+        text_completions: the body is a FIM answer (`text_completion` chunks).
     """
 
     __slots__ = (
         "_body",
         "_body_size",
+        "_decode_chunk",
+        "_decode_completion",
         "_max",
         "_mode",
         "_sse",
@@ -98,8 +103,13 @@ class ChatStreamDecoder:
         "n_ignored",
     )
 
-    def __init__(self, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+    def __init__(
+        self, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, text_completions: bool = False
+    ) -> None:
         self._sse = SSEDecoder(max_event_bytes)
+        # FIM answers (`text_completion`) are read as chat chunks (see decode_text_chunk).
+        self._decode_chunk = decode_text_chunk if text_completions else decode_chunk
+        self._decode_completion = decode_text_completion if text_completions else decode_completion
         self._max = max_event_bytes
         self._mode: Literal["sse", "json"] | None = None
         self._body: list[bytes] = []
@@ -165,7 +175,7 @@ class ChatStreamDecoder:
                     self.n_ignored += 1
                     continue
                 try:
-                    chunks.append(decode_chunk(text))
+                    chunks.append(self._decode_chunk(text))
                 except UnbrokenError as exc:
                     self.error = exc
                     break
@@ -199,7 +209,7 @@ class ChatStreamDecoder:
             body = b"".join(self._body)
             self._body = []
             try:
-                completion = decode_completion(body)
+                completion = self._decode_completion(body)
             except UnbrokenError as exc:
                 self.error = exc
                 return []

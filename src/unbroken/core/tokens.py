@@ -9,11 +9,11 @@ limit reservations, context trimming); whatever the API reports replaces it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from unbroken.core.wire import CompletionTokensDetails, PromptTokensDetails, Usage
 
-__all__ = ["add_usage", "estimate_tokens", "estimate_usage"]
+__all__ = ["add_usage", "estimate_tokens", "estimate_usage", "max_tokens_of"]
 
 # A message costs a few tokens of framing (role markers) besides its text.
 MESSAGE_OVERHEAD_TOKENS = 4
@@ -58,10 +58,36 @@ def estimate_prompt_tokens(texts: Iterable[str]) -> int:
     return sum(estimate_tokens(t) + MESSAGE_OVERHEAD_TOKENS for t in texts)
 
 
-def estimate_usage(prompt_tokens: int, completion_text: str, reasoning_text: str = "") -> Usage:
-    """A usage record estimated from text (for an attempt that reported none)."""
+def max_tokens_of(body: Mapping[str, object]) -> int | None:
+    """The completion-token cap a request body sets (`max_tokens`, else
+    `max_completion_tokens`), or None when it sets no positive integer."""
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def estimate_usage(
+    prompt_tokens: int,
+    completion_text: str,
+    reasoning_text: str = "",
+    *,
+    max_tokens: int | None = None,
+) -> Usage:
+    """A usage record estimated from text (for an attempt that reported none).
+
+    Args:
+        prompt_tokens: the prompt's tokens (reported or estimated).
+        completion_text, reasoning_text: what the attempt produced.
+        max_tokens: the attempt's completion cap: a server never bills more than it
+            allowed, so neither does the estimate.
+    """
     reasoning = estimate_tokens(reasoning_text)
     completion = estimate_tokens(completion_text) + reasoning
+    if max_tokens is not None and completion > max_tokens:
+        completion = max_tokens
+        reasoning = min(reasoning, max_tokens)
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion,

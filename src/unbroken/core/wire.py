@@ -8,6 +8,7 @@ msgspec Structs: typed, attribute-shaped like the official `openai` SDK
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -29,30 +30,74 @@ __all__ = [
     "Function",
     "FunctionDelta",
     "Message",
+    "Model",
+    "ModelsPage",
     "PromptTokensDetails",
+    "TextAnswer",
+    "TextChoice",
+    "TextCompletion",
     "TokenLogprob",
     "ToolCall",
     "ToolCallDelta",
     "TopLogprob",
     "Usage",
+    "WireModel",
     "completion_to_chunks",
     "decode_chunk",
     "decode_completion",
     "decode_error_body",
+    "decode_text_chunk",
+    "decode_text_completion",
     "excerpt",
     "parse_error_object",
     "upstream_error_from_object",
 ]
 
 
-class FunctionDelta(msgspec.Struct, omit_defaults=True):
+class WireModel(msgspec.Struct):
+    """Base of the wire types: the dump methods code written for the `openai` package
+    calls on its pydantic models (`model_dump`, `model_dump_json`, `to_dict`, `to_json`)."""
+
+    def model_dump(self, *, exclude_none: bool = False, **_: Any) -> dict[str, Any]:
+        """The object as plain dicts and lists (pydantic's `model_dump`). Other pydantic
+        arguments are accepted and ignored."""
+        data: dict[str, Any] = msgspec.to_builtins(self)
+        return _drop_none(data) if exclude_none else data
+
+    def model_dump_json(
+        self, *, indent: int | None = None, exclude_none: bool = False, **_: Any
+    ) -> str:
+        """The object as a JSON string (pydantic's `model_dump_json`)."""
+        data = self.model_dump(exclude_none=exclude_none)
+        return json.dumps(
+            data, ensure_ascii=False, indent=indent, separators=None if indent else (",", ":")
+        )
+
+    def to_dict(self, *, exclude_none: bool = False, **_: Any) -> dict[str, Any]:
+        """openai's `to_dict`: the object as plain dicts and lists."""
+        return self.model_dump(exclude_none=exclude_none)
+
+    def to_json(self, *, indent: int | None = 2, exclude_none: bool = False, **_: Any) -> str:
+        """openai's `to_json`: the object as JSON, indented by 2 by default."""
+        return self.model_dump_json(indent=indent, exclude_none=exclude_none)
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+class FunctionDelta(WireModel, omit_defaults=True):
     """A fragment of a function call: `name` on the first fragment, `arguments` pieces after."""
 
     name: str | None = None
     arguments: str | None = None
 
 
-class ToolCallDelta(msgspec.Struct, omit_defaults=True):
+class ToolCallDelta(WireModel, omit_defaults=True):
     """A fragment of tool call `index` (missing `index` means the array position)."""
 
     index: int | None = None
@@ -61,7 +106,7 @@ class ToolCallDelta(msgspec.Struct, omit_defaults=True):
     function: FunctionDelta | None = None
 
 
-class TopLogprob(msgspec.Struct):
+class TopLogprob(WireModel):
     """One alternative token and its log probability."""
 
     token: str
@@ -69,7 +114,7 @@ class TopLogprob(msgspec.Struct):
     bytes: list[int] | None = None
 
 
-class TokenLogprob(msgspec.Struct):
+class TokenLogprob(WireModel):
     """Log probability of one sampled token, with the most likely alternatives."""
 
     token: str
@@ -78,14 +123,14 @@ class TokenLogprob(msgspec.Struct):
     top_logprobs: list[TopLogprob] = []
 
 
-class ChoiceLogprobs(msgspec.Struct):
+class ChoiceLogprobs(WireModel):
     """Log probabilities of a choice's answer (and, in DeepSeek thinking mode, reasoning)."""
 
     content: list[TokenLogprob] | None = None
     reasoning_content: list[TokenLogprob] | None = None
 
 
-class Delta(msgspec.Struct, omit_defaults=True):
+class Delta(WireModel, omit_defaults=True):
     """What one chunk adds to a choice. `reasoning` is Ollama's/OpenRouter's name for
     `reasoning_content`; `reasoning_text` gives whichever is set."""
 
@@ -102,7 +147,7 @@ class Delta(msgspec.Struct, omit_defaults=True):
         return self.reasoning_content if self.reasoning_content is not None else self.reasoning
 
 
-class ChunkChoice(msgspec.Struct):
+class ChunkChoice(WireModel):
     """One choice in a streamed chunk. Azure annotation chunks carry no `delta`."""
 
     index: int = 0
@@ -111,19 +156,19 @@ class ChunkChoice(msgspec.Struct):
     finish_reason: str | None = None
 
 
-class PromptTokensDetails(msgspec.Struct, omit_defaults=True):
+class PromptTokensDetails(WireModel, omit_defaults=True):
     """OpenAI-style breakdown of prompt tokens."""
 
     cached_tokens: int | None = None
 
 
-class CompletionTokensDetails(msgspec.Struct, omit_defaults=True):
+class CompletionTokensDetails(WireModel, omit_defaults=True):
     """Breakdown of completion tokens; `reasoning_tokens` counts chain-of-thought tokens."""
 
     reasoning_tokens: int | None = None
 
 
-class Usage(msgspec.Struct):
+class Usage(WireModel):
     """Token usage. DeepSeek: prompt = cache hit + cache miss; completion includes reasoning."""
 
     prompt_tokens: int = 0
@@ -141,7 +186,7 @@ class Usage(msgspec.Struct):
         return None if details is None else details.reasoning_tokens
 
 
-class ErrorObject(msgspec.Struct):
+class ErrorObject(WireModel):
     """An error as providers report it: `{"error": {message, type, param, code}}`."""
 
     message: str = ""
@@ -150,7 +195,7 @@ class ErrorObject(msgspec.Struct):
     code: str | int | None = None
 
 
-class ChatCompletionChunk(msgspec.Struct):
+class ChatCompletionChunk(WireModel):
     """One `chat.completion.chunk` of a stream."""
 
     id: str = ""
@@ -162,14 +207,14 @@ class ChatCompletionChunk(msgspec.Struct):
     usage: Usage | None = None
 
 
-class Function(msgspec.Struct):
+class Function(WireModel):
     """A complete function call; `arguments` is a JSON string that may not be valid JSON."""
 
     name: str = ""
     arguments: str = ""
 
 
-class ToolCall(msgspec.Struct):
+class ToolCall(WireModel):
     """A complete tool call of an assistant message."""
 
     id: str = ""
@@ -177,7 +222,7 @@ class ToolCall(msgspec.Struct):
     function: Function = msgspec.field(default_factory=Function)
 
 
-class Message(msgspec.Struct):
+class Message(WireModel):
     """The assistant message of a non-streamed choice (or of a folded stream)."""
 
     role: str = "assistant"
@@ -187,7 +232,7 @@ class Message(msgspec.Struct):
     refusal: str | None = None
 
 
-class Choice(msgspec.Struct):
+class Choice(WireModel):
     """One choice of a non-streamed completion."""
 
     index: int = 0
@@ -196,7 +241,7 @@ class Choice(msgspec.Struct):
     finish_reason: str | None = None
 
 
-class AttemptInfo(msgspec.Struct, omit_defaults=True):
+class AttemptInfo(WireModel, omit_defaults=True):
     """One HTTP attempt behind an answer (see `AnswerMeta`)."""
 
     route: str
@@ -208,7 +253,7 @@ class AttemptInfo(msgspec.Struct, omit_defaults=True):
     usage_estimated: bool = False
 
 
-class AnswerMeta(msgspec.Struct, omit_defaults=True):
+class AnswerMeta(WireModel, omit_defaults=True):
     """What it took to deliver an answer (unbroken's addition to a completion).
 
     Attributes:
@@ -244,7 +289,7 @@ class AnswerMeta(msgspec.Struct, omit_defaults=True):
     duration_s: float = 0.0
 
 
-class ChatCompletion(msgspec.Struct):
+class ChatCompletion(WireModel):
     """A whole `chat.completion`: the non-streamed answer, or a folded stream."""
 
     id: str = ""
@@ -264,6 +309,56 @@ class Answer(ChatCompletion):
     unbroken: AnswerMeta = msgspec.field(default_factory=AnswerMeta)
 
 
+class TextChoice(WireModel):
+    """One choice of a text (FIM) completion: `text` instead of a message or delta."""
+
+    index: int = 0
+    text: str = ""
+    logprobs: Any = None
+    finish_reason: str | None = None
+
+
+class TextCompletion(WireModel):
+    """A `text_completion` (DeepSeek FIM, `/beta/completions`): a streamed chunk or the
+    whole answer, shaped as openai's `Completion`."""
+
+    id: str = ""
+    object: str = "text_completion"
+    created: int = 0
+    model: str = ""
+    system_fingerprint: str | None = None
+    choices: list[TextChoice] = []
+    usage: Usage | None = None
+
+
+class TextAnswer(TextCompletion):
+    """The FIM completion an unbroken client returns, with `unbroken` as on `Answer`."""
+
+    unbroken: AnswerMeta = msgspec.field(default_factory=AnswerMeta)
+
+
+class Model(WireModel):
+    """One model of `GET /models` (openai's `Model`)."""
+
+    id: str = ""
+    object: str = "model"
+    created: int = 0
+    owned_by: str = ""
+
+
+class ModelsPage(WireModel):
+    """`GET /models`: iterate it for the models, or read `data` (openai's `SyncPage`)."""
+
+    object: str = "list"
+    data: list[Model] = []
+
+    def __iter__(self) -> Iterator[Model]:
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
 class _ErrorFrame(msgspec.Struct):
     # Every error shape a 200 stream can carry: `{"error": {...}}` (OpenAI, DeepSeek,
     # current vLLM), `{"object": "error", "message": ...}` (old vLLM), and a string `error`.
@@ -276,6 +371,7 @@ class _ErrorFrame(msgspec.Struct):
 
 
 _chunk_decoder = msgspec.json.Decoder(ChatCompletionChunk)
+_text_decoder = msgspec.json.Decoder(TextCompletion)
 _completion_decoder = msgspec.json.Decoder(ChatCompletion)
 _frame_decoder = msgspec.json.Decoder(_ErrorFrame)
 
@@ -390,6 +486,72 @@ def decode_chunk(data: bytes | str) -> ChatCompletionChunk:
         raise ProtocolError(
             f"malformed chunk from the upstream ({exc}): {excerpt(data)}", excerpt=excerpt(data)
         ) from exc
+
+
+def decode_text_chunk(data: bytes | str) -> ChatCompletionChunk:
+    """Decode one streamed `text_completion` (FIM) event as a chat chunk: each choice's
+    `text` becomes its `delta.content`, so the flow, the accumulator and resume treat a
+    FIM answer as any other (logprobs of that shape are dropped).
+
+    Raises:
+        UpstreamStreamError: the event is an error object.
+        ProtocolError: the data is not JSON or not a completion.
+    """
+    if (_ERROR_MARK in data if isinstance(data, bytes) else '"error"' in data) and (
+        error := parse_error_object(data)
+    ) is not None:
+        raise upstream_error_from_object(error)
+    try:
+        text = _text_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(
+            f"malformed completion chunk from the upstream ({exc}): {excerpt(data)}",
+            excerpt=excerpt(data),
+        ) from exc
+    return ChatCompletionChunk(
+        id=text.id,
+        created=text.created,
+        model=text.model,
+        system_fingerprint=text.system_fingerprint,
+        choices=[
+            ChunkChoice(
+                index=c.index,
+                delta=Delta(content=c.text) if c.text else None,
+                finish_reason=c.finish_reason,
+            )
+            for c in text.choices
+        ],
+        usage=text.usage,
+    )
+
+
+def decode_text_completion(data: bytes | str) -> ChatCompletion:
+    """Decode a whole non-streamed `text_completion` body as a chat completion (see
+    `decode_text_chunk`).
+
+    Raises:
+        UpstreamStreamError: the body is an error object.
+        ProtocolError: the body is empty, not JSON or not a completion.
+    """
+    raw = (data.encode() if isinstance(data, str) else data).strip()
+    if not raw:
+        raise ProtocolError("the upstream sent an empty body", excerpt="")
+    chunk = decode_text_chunk(raw)
+    return ChatCompletion(
+        id=chunk.id,
+        created=chunk.created,
+        model=chunk.model,
+        system_fingerprint=chunk.system_fingerprint,
+        choices=[
+            Choice(
+                index=c.index,
+                message=Message(content=c.delta.content if c.delta else ""),
+                finish_reason=c.finish_reason,
+            )
+            for c in chunk.choices
+        ],
+        usage=chunk.usage,
+    )
 
 
 def decode_completion(data: bytes | str) -> ChatCompletion:

@@ -10,11 +10,12 @@ client, core, stores, instrumentation, settings and gateway siblings.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl
 
 import anyio
@@ -53,6 +54,8 @@ from unbroken.gateway.streams import (
 from unbroken.gateway.telemetry import SpanHook, Telemetry
 from unbroken.gateway.upstream import LeanTransport
 from unbroken.gateway.usage import UsageBook, parse_usage_query
+from unbroken.gateway.web import WebUI
+from unbroken.gateway.widget_tokens import WidgetTokens
 from unbroken.gateway.ws import WS_PATH, ChatSocket
 from unbroken.instrumentation import Hook, PrometheusHook
 from unbroken.settings import Settings
@@ -170,7 +173,7 @@ class Gateway:
             hooks.append(SpanHook())
         self.client = upstream or build_upstream(settings, hooks, prices=self.router.prices)
         self.usage = UsageBook(self.store, self.router.prices)
-        self.keys = KeyRing(g, self.store)
+        self.keys = KeyRing(g, self.store, WidgetTokens(g).caller if g.has_widget_tokens else None)
         self.sessions = SessionEndpoints(self, open_session_store(g.sessions))
         self.streams = StreamHub(self, stream_log or open_stream_log(g))
         self.limiter = Limiter(self.store, g.slot_lease_s)
@@ -178,6 +181,7 @@ class Gateway:
         routes = settings.upstream_routes()
         self.scrub = Scrubber([settings.api_key, *(r.api_key for r in routes)])
         self.route_names = frozenset(r.name for r in routes)
+        self.web = WebUI(frozenset(self.models), auth_required=self.keys.required)
         self.draining = False
         self._relays: set[StreamRelay] = set()
         self._origins = frozenset(g.cors_origins)
@@ -197,6 +201,10 @@ class Gateway:
 
     def __repr__(self) -> str:
         return f"Gateway(routes={sorted(self.route_names)}, store={self.store!r})"
+
+    async def _upstream_models(self) -> list[Any]:
+        # The first route's model list, as the router reads it ({"id": ...} items).
+        return [{"id": getattr(model, "id", None)} for model in await self.client.models.list()]
 
     @property
     def models(self) -> ServedModels:
@@ -303,13 +311,16 @@ class Gateway:
                 return
             if path in ("/v1/models", "/models"):
                 # Discovery mode: the upstream's model names, fetched when due.
-                await self.router.refresh(self.client.models.list, time.monotonic())
+                await self.router.refresh(self._upstream_models, time.monotonic())
             entry = self._routes.get(path)
             if entry is None and path.startswith(SESSIONS_PATH):
                 await self.sessions.handle(ex, method, path)
                 return
             if entry is None and path.startswith((STREAMS_PATH + "/", "/streams/")):
                 await self.streams.handle(ex, method, path)
+                return
+            if entry is None and self.web.handles(path):
+                await self.web.handle(ex, method, path)
                 return
             if entry is None:
                 raise GatewayError(
@@ -434,7 +445,7 @@ class Gateway:
             if exc.code != "model_not_found" or not self.router.discovers:
                 raise
             # A name not served yet: ask the upstream what it serves (when due), then check.
-            await self.router.refresh(self.client.models.list, time.monotonic())
+            await self.router.refresh(self._upstream_models, time.monotonic())
             request = parse_chat_request(raw, self.models, self.route_names)
         await self.serve_chat(ex, caller, request)
 
@@ -764,7 +775,8 @@ class Gateway:
         await ex.respond(200, self.metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
 
     async def _healthz(self, ex: Exchange) -> None:
-        await ex.respond_json(200, {"status": "ok"})
+        # The process id tells `--workers` processes apart (an operator's question).
+        await ex.respond_json(200, {"status": "ok", "pid": os.getpid()})
 
     async def _readyz(self, ex: Exchange) -> None:
         if self.draining:

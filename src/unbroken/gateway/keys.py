@@ -7,6 +7,7 @@ settings, stores and gateway siblings.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from unbroken.gateway.problems import GatewayError
@@ -50,9 +51,17 @@ class KeyRing:
     Args:
         settings: the gateway settings (keys, default limits, `keys_in_store`).
         store: where stored keys live.
+        widget: turns a widget token (a JWT) into its caller, or raises a 401
+            (`WidgetTokens.caller`); None when widget tokens are not configured.
     """
 
-    def __init__(self, settings: GatewaySettings, store: Store) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        store: Store,
+        widget: Callable[[str], Caller] | None = None,
+    ) -> None:
+        self._widget = widget
         self._defaults = settings.limits
         self._keys = {k.sha256: k for k in settings.keys}
         self._store = store if settings.keys_in_store else None
@@ -63,7 +72,7 @@ class KeyRing:
     @property
     def required(self) -> bool:
         """True when requests must carry a gateway key."""
-        return bool(self._keys) or self._store is not None
+        return bool(self._keys) or self._store is not None or self._widget is not None
 
     def _caller(self, key: KeySettings) -> Caller:
         return Caller(
@@ -91,6 +100,8 @@ class KeyRing:
                 type="authentication_error",
                 code="missing_api_key",
             )
+        if self._widget is not None and token.count(".") == 2 and token.startswith("eyJ"):
+            return self._widget(token)  # a JWT: a widget token, never a gateway key
         digest = hash_key(token)
         key = self._keys.get(digest)
         if key is None and self._store is not None:

@@ -37,7 +37,8 @@ class GatewayMetrics:
     `unbroken_gateway_keepalives_total`, `unbroken_gateway_draining`,
     `unbroken_gateway_request_duration_seconds{endpoint,outcome}` (outcome: ok, rejected,
     failed, or how an answer ended: complete, error, client_gone, slow_client, shutdown),
-    `unbroken_gateway_store_up`, `unbroken_gateway_store_errors_total`.
+    `unbroken_gateway_store_up`, `unbroken_gateway_store_errors_total`,
+    `unbroken_gateway_stream_writers`, `unbroken_gateway_stream_takeovers_total`.
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -89,6 +90,16 @@ class GatewayMetrics:
             "HTTP request duration, from arrival to the last byte, by endpoint and outcome",
             ["endpoint", "outcome"],
             buckets=_DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.stream_writers = Gauge(
+            "unbroken_gateway_stream_writers",
+            "Answers this instance is writing into the stream log",
+            registry=registry,
+        )
+        self.stream_takeovers = Counter(
+            "unbroken_gateway_stream_takeovers_total",
+            "Answers this instance took over from a writer that died or gave up",
             registry=registry,
         )
 

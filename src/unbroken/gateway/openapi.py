@@ -158,6 +158,51 @@ _SESSIONS: dict[str, Any] = {
 }
 
 
+_SSE_OR_JSON = {
+    "text/event-stream": {"schema": {"type": "string"}},
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "properties": {
+                "events": {"type": "array", "items": {"type": "object"}},
+                "next": {"type": "string"},
+                "done": {"type": "boolean"},
+            },
+        }
+    },
+}
+_STREAMS: dict[str, Any] = {
+    "/v1/streams/{id}": {
+        "get": {
+            "summary": "Read a streamed answer from its log (docs/streams.md): SSE replays the "
+            "events after Last-Event-ID (or ?after=) then follows live to data: [DONE]; with "
+            "Accept: application/json, one long-poll page",
+            "parameters": [
+                _ID,
+                {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
+                {"name": "after", "in": "query", "schema": {"type": "string"}},
+                {"name": "wait", "in": "query", "schema": {"type": "number", "maximum": 60}},
+                {"name": "access_token", "in": "query", "schema": {"type": "string"}},
+            ],
+            "responses": {
+                "200": {"description": "events, or a long-poll page", "content": _SSE_OR_JSON},
+                "204": {"description": "the stream ended before the given event id"},
+                **_error_responses(400, 401, 403, 404, 410),
+            },
+        },
+        "delete": {
+            "summary": "Stop the answer: the upstream is cancelled and the log ends with a "
+            "stop finish and [DONE]",
+            "parameters": [_ID],
+            "responses": {
+                "200": {"description": "{id, object: stream, stopped}", "content": _JSON_OBJECT},
+                **_error_responses(401, 403, 404, 410),
+            },
+        },
+    }
+}
+
+
 def openapi(models: list[str]) -> dict[str, Any]:
     """The OpenAPI document, listing the served `models` in the examples."""
     return {
@@ -246,6 +291,7 @@ def openapi(models: list[str]) -> dict[str, Any]:
                     },
                 }
             },
+            **_STREAMS,
             "/metrics": {
                 "get": {
                     "summary": "Prometheus metrics",

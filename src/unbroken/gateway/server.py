@@ -28,9 +28,9 @@ logger = logging.getLogger(__name__)
 
 # Time left to uvicorn after our drain deadline to flush the shutdown error events.
 ABORT_GRACE_S = 3.0
-# The asyncio loop rather than uvloop: measured with bench/gateway.py at 256 streams of 5 ms
-# tokens, uvloop fell behind (19,000 of 25,600 chunks/s, first token p50 0.9 s, 45 us of CPU
-# per chunk) where asyncio kept up (29,000 chunks/s, 0.25 s, 30 us); at 32 streams they tie.
+# The asyncio loop rather than uvloop: at 256 streams of 5 ms tokens uvloop fell behind the
+# mock's pace where asyncio kept up (an earlier bench/gateway.py comparison; at 32 streams they
+# tied). What the gateway does on this loop is in docs/gateway.md's table (bench/gateway.py).
 # The mock made the same choice (mock/server.py).
 DEFAULT_LOOP = "asyncio"
 
@@ -53,8 +53,10 @@ def _protocol_class() -> type[Any]:
     return TransportExposingProtocol
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on (host, port); port 0 picks a free one.
+def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening socket on (host, port); port 0 picks a free one. With `reuse_port`,
+    several processes listen on one port and the kernel spreads connections over them
+    (`--workers`, gateway/workers.py).
 
     Raises:
         OSError: the address is in use or cannot be bound.
@@ -65,6 +67,8 @@ def bind(host: str, port: int) -> socket.socket:
     # until the client's delayed ACK (~40 ms per request).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))

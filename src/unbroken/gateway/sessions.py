@@ -4,10 +4,13 @@
     GET    /v1/sessions                  list the caller's sessions
     GET    /v1/sessions/{id}             one session and its messages (`live_stream_id`: the
                                          answer being streamed now, or null)
+    PATCH  /v1/sessions/{id}             rename: {"title"}
     DELETE /v1/sessions/{id}             forget it
-    POST   /v1/sessions/{id}/messages    {"content", "stream"?, any chat parameter}: answers
-                                         (SSE or JSON, as /v1/chat/completions) and stores
-                                         both turns once the answer is complete
+    POST   /v1/sessions/{id}/messages    {"content", "stream"?, "keep"?, any chat parameter}:
+                                         answers (SSE or JSON, as /v1/chat/completions) and
+                                         stores both turns once the answer is complete;
+                                         `keep: N` answers after the first N stored messages
+                                         only and replaces the rest (regenerate, edit)
 
 A session belongs to the key that created it; other keys get 404, as if it did not exist.
 The history is trimmed on every turn (core.window) to the context window of the route that
@@ -135,6 +138,14 @@ class _NewSession(msgspec.Struct, forbid_unknown_fields=True):
     title: str = ""
 
 
+class _Rename(msgspec.Struct, forbid_unknown_fields=True):
+    title: str
+
+
+# The longest session title accepted.
+MAX_TITLE_CHARS = 200
+
+
 class SessionEndpoints:
     """The /v1/sessions handlers of one gateway."""
 
@@ -175,8 +186,10 @@ class SessionEndpoints:
                 await self._owned(caller, session_id)
                 await self.store.delete(session_id)
                 await ex.respond_json(200, {"id": session_id, "object": "session", "deleted": True})
+            elif method == "PATCH":
+                await self._rename(ex, caller, session_id)
             else:
-                raise _method(method, path, "GET, DELETE")
+                raise _method(method, path, "GET, PATCH, DELETE")
             return
         if len(parts) == 2 and parts[1] == "messages":
             if method != "POST":
@@ -217,6 +230,25 @@ class SessionEndpoints:
         info, _ = await self.store.load(info.id)
         await ex.respond_json(201, _info(info))
 
+    async def _rename(self, ex: Exchange, caller: Caller, session_id: str) -> None:
+        raw = await ex.read_body(self._gateway.settings.gateway.max_body_bytes)
+        try:
+            body = msgspec.json.decode(raw or b"{}", type=_Rename)
+        except msgspec.DecodeError as exc:
+            raise GatewayError(400, f"invalid rename body: {exc}", code="invalid_body") from None
+        title = " ".join(body.title.split())
+        if len(title) > MAX_TITLE_CHARS:
+            raise GatewayError(
+                400,
+                f"title must be at most {MAX_TITLE_CHARS} characters",
+                code="invalid_value",
+                param="title",
+            )
+        await self._owned(caller, session_id)
+        await self.store.update(session_id, title=title)
+        info, _ = await self._owned(caller, session_id)
+        await ex.respond_json(200, _info(info))
+
     async def _message(self, ex: Exchange, caller: Caller, session_id: str) -> None:
         gateway = self._gateway
         gateway.check_draining()
@@ -243,7 +275,17 @@ class SessionEndpoints:
                     code="invalid_value",
                     param=reserved,
                 )
+        keep = body.pop("keep", None)
         info, history = await self._owned(caller, session_id)
+        if keep is not None:
+            if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep <= len(history):
+                raise GatewayError(
+                    400,
+                    f"keep must be an integer from 0 to the {len(history)} stored messages",
+                    code="invalid_value",
+                    param="keep",
+                )
+            history = history[:keep]
         user = {"role": "user", "content": content}
         route = gateway.serving_route()
         calibration = self.calibrations.get(route.name, Calibration())
@@ -260,7 +302,7 @@ class SessionEndpoints:
 
         async def store_turns(completion: ChatCompletion) -> None:
             self._calibrate(completion, estimate)
-            await self.store.append(session_id, [user, reply_message(completion)])
+            await self.store.append(session_id, [user, reply_message(completion)], keep=keep)
 
         await gateway.serve_chat(ex, caller, request, after=store_turns, session_id=session_id)
 

@@ -207,7 +207,13 @@ class Producer:
         self._slot_at = time.monotonic()
         self._scope = anyio.CancelScope()
         self._changed = asyncio.Event()
+        self._n_waiting = 0
         self.tail: deque[tuple[int, bytes]] = deque(maxlen=TAIL_EVENTS)
+        # Group commit for a remote log: events pushed while an append is in flight go
+        # together in the next one, so the upstream is read on meanwhile.
+        self._batched = getattr(hub.log, "is_remote", False)
+        self._pending: list[bytes] = []
+        self._flush: asyncio.Task[None] | None = None
         self.first = asyncio.Event()  # set at the first append, or when the answer failed
         self.failure: GatewayError | None = None
         self.completion: ChatCompletion | None = None  # the whole answer, once complete
@@ -240,8 +246,14 @@ class Producer:
         `timeout_s`."""
         if self.n_events > after or self.finished:
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout_s)
+        self._n_waiting += 1
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._changed.wait()
+        except TimeoutError:
+            return
+        finally:
+            self._n_waiting -= 1
 
     # -- control ---------------------------------------------------------------------------
 
@@ -279,13 +291,56 @@ class Producer:
 
     # -- writing ---------------------------------------------------------------------------
 
+    async def _push(self, payload: bytes) -> None:
+        """Append one event (see `_batched`); raises what an earlier append raised."""
+        if not self._batched:
+            await self._append([payload])
+            return
+        self._pending.append(payload)
+        flush = self._flush
+        if flush is not None and flush.done():
+            self._flush = None
+            flush.result()
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().create_task(self._drain())
+        elif len(self._pending) >= TAIL_EVENTS:
+            await self._settle()  # the log is slow: stop reading upstream until it catches up
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            await self._append(batch)
+
+    async def _settle(self) -> None:
+        """Wait until every pushed event is in the log (raising what an append raised)."""
+        while (flush := self._flush) is not None:
+            try:
+                await asyncio.shield(flush)
+            finally:
+                if flush.done() and self._flush is flush:
+                    self._flush = None
+        if self._pending:
+            await self._drain()
+
+    async def _settle_quietly(self) -> None:
+        try:
+            await self._settle()
+        except UnbrokenError as exc:
+            logger.debug("stream %s: pending events not logged: %s", self.stream_id, exc)
+            self._pending = []
+
     async def _append(self, payloads: list[bytes], *, end: bool = False) -> None:
         n = await self.hub.log.append(self.stream_id, self.epoch, payloads, time.time(), end=end)
-        self.tail.extend(zip(range(n - len(payloads) + 1, n + 1), payloads, strict=True))
+        if len(payloads) == 1:
+            self.tail.append((n, payloads[0]))
+        else:
+            self.tail.extend(zip(range(n - len(payloads) + 1, n + 1), payloads, strict=True))
         self.n_events = n
-        self._changed.set()
-        self._changed = asyncio.Event()
-        self.first.set()
+        if self._n_waiting:
+            self._changed.set()
+            self._changed = asyncio.Event()
+        if not self.first.is_set():
+            self.first.set()
 
     async def run(self, open_stream: OpenStream) -> None:
         """Produce the answer into the log (the task body)."""
@@ -295,7 +350,8 @@ class Producer:
             with self._scope:
                 stream = await open_stream()
                 async for chunk in stream:
-                    await self._append([_encode(chunk)])
+                    await self._push(_encode(chunk))
+                await self._settle()
                 completion = self.completion = await stream.final()
                 if self._on_complete is not None:
                     await self._on_complete(completion)
@@ -308,6 +364,8 @@ class Producer:
             self.reason = "fenced"
             logger.info("stream %s was taken over; this writer stops", self.stream_id)
         except UnbrokenError as exc:
+            with anyio.CancelScope(shield=True):
+                await self._settle_quietly()
             completion = _current(stream)
             error = from_unbroken(exc, self.hub.gateway.scrub)
             if isinstance(exc, LogFullError):
@@ -323,6 +381,7 @@ class Producer:
             self.first.set()
             self._changed.set()
             with anyio.CancelScope(shield=True):
+                await self._settle_quietly()
                 if stream is not None:
                     await _close(stream)
                 self.hub._forget(self)
@@ -331,6 +390,7 @@ class Producer:
 
     async def _cancelled(self, completion: ChatCompletion | None) -> None:
         with anyio.CancelScope(shield=True):
+            await self._settle_quietly()
             if self.reason == "stopped":
                 final = final_event(completion or ChatCompletion(), self.stream_id, self.takeovers)
                 await self._end_quietly([_stop_chunk(completion), final, DONE])
@@ -392,9 +452,13 @@ class StreamHub:
     def _forget(self, producer: Producer) -> None:
         if self._producers.get(producer.stream_id) is producer:
             del self._producers[producer.stream_id]
+            self.gateway.metrics.stream_writers.dec()
 
     def _spawn(self, producer: Producer, open_stream: OpenStream) -> Producer:
         self._producers[producer.stream_id] = producer
+        self.gateway.metrics.stream_writers.inc()
+        if producer.takeovers:
+            self.gateway.metrics.stream_takeovers.inc()
         producer.task = asyncio.get_running_loop().create_task(producer.run(open_stream))
         self._ensure_ticker()
         return producer
@@ -631,8 +695,12 @@ class StreamHub:
         while True:
             local = self._producers.get(stream_id)
             if local is not None and local.tail and local.tail[0][0] <= after + 1:
-                # Live on this instance: serve from the producer's tail, not the store.
-                fresh = [event for event in local.tail if event[0] > after]
+                tail = local.tail
+                # Live on this instance: serve from the producer's tail, not the store. Ids
+                # in the tail are consecutive: the new ones are its last `n_new`, indexed
+                # from the right end (where a deque is quick to index).
+                n_new = tail[-1][0] - after
+                fresh = [tail[-i] for i in range(n_new, 0, -1)]
                 for seq, payload in fresh:
                     yield seq, payload
                     after = seq
@@ -656,11 +724,13 @@ class StreamHub:
                 continue
             writer = self._producers.get(stream_id)
             if writer is None or writer.finished:
+                writer = None
                 now = time.time()
                 if now - touched >= TICK_S:
+                    # Once a second: say a reader follows, and look for a dead writer.
                     touched = now
                     await log.touch_reader(stream_id, now)
-                writer = await self._writer(stream_id)
+                    writer = await self._writer(stream_id)
             if writer is not None:
                 await writer.wait(after, TICK_S)
             else:
@@ -698,10 +768,16 @@ class StreamHub:
             )
         except InvalidRequestError as exc:
             raise GatewayError(400, exc.message, code="invalid_event_id", param="after") from None
-        await self._check(ex, stream_id, after)
+        _, info = await self._check(ex, stream_id, after)
         accept = ex.header(b"accept") or b""
         if b"application/json" in accept and b"text/event-stream" not in accept:
             await self._long_poll(ex, stream_id, after, _first(query, "wait"))
+            return
+        if info.ended and after >= info.n_events:
+            # Nothing more will ever come: 204 tells EventSource to stop reconnecting
+            # (WHATWG SSE: a 204 fails the connection without a retry).
+            await ex.start(204, [(STREAM_ID_HEADER, stream_id.encode())])
+            await ex.send({"type": "http.response.body", "body": b""})
             return
         await self._sse(ex, stream_id, after)
 

@@ -335,6 +335,11 @@ class ChatSocket:
                 if frame is None:
                     break
                 await send({"type": "websocket.send", "text": frame.decode()})
+                if not self._outbox.empty():
+                    # Let the loop deliver a lost connection before the next write: a send
+                    # that finds the socket writable never yields, and writes to a dead
+                    # socket are only counted (and logged) by asyncio.
+                    await asyncio.sleep(0)
             await send({"type": "websocket.close", "code": self._close_code})
         except OSError:
             pass  # the connection is gone; the reader sees the disconnect

@@ -11,48 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import socket
 import struct
 import time
-from dataclasses import dataclass
 
-from unbroken.errors import ConfigError
+from unbroken.loadtest.faults import CutRule
 
-__all__ = ["CutRule", "FaultProxy", "parse_cut"]
+__all__ = ["FaultProxy"]
 
-_CUT = re.compile(r"^cut(?:\s+(after_bytes|after_ms)=(\d+(?:\.\d+)?))?$")
 # Read size of the relay: one socket read, as a reverse proxy would do.
 READ_BYTES = 65536
-
-
-@dataclass(frozen=True, slots=True)
-class CutRule:
-    """Where the proxy cuts a connection: after `after_bytes` bytes of the response, or
-    `after_ms` after the response's first byte (whichever is set)."""
-
-    after_bytes: int | None = None
-    after_ms: float | None = None
-
-    def __str__(self) -> str:
-        if self.after_ms is not None:
-            return f"cut after_ms={self.after_ms:g}"
-        return f"cut after_bytes={self.after_bytes}"
-
-
-def parse_cut(spec: str) -> CutRule:
-    """Parse a proxy fault: `cut after_bytes=B` or `cut after_ms=T` (`cut` alone: 2000 bytes).
-
-    Raises:
-        ConfigError: naming the spec when it is not one of those.
-    """
-    match = _CUT.match(spec.strip())
-    if match is None:
-        raise ConfigError(f"bad proxy fault {spec!r}: use 'cut after_bytes=B' or 'cut after_ms=T'")
-    name, value = match.groups()
-    if name == "after_ms":
-        return CutRule(after_ms=float(value))
-    return CutRule(after_bytes=int(float(value)) if value else 2000)
 
 
 class FaultProxy:

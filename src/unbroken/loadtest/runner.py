@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import random
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -39,8 +37,10 @@ import msgspec
 from unbroken.core.events import Comment, SSEEvent
 from unbroken.core.sse import SSEDecoder
 from unbroken.errors import ConfigError
+from unbroken.loadtest.answer import AnswerRead, apply_usage
+from unbroken.loadtest.faults import FaultMix
 from unbroken.loadtest.procstat import cpu_seconds
-from unbroken.loadtest.proxy import CutRule, FaultProxy
+from unbroken.loadtest.proxy import FaultProxy
 from unbroken.loadtest.schedule import (
     LoadShape,
     TokenDistribution,
@@ -49,59 +49,15 @@ from unbroken.loadtest.schedule import (
 )
 from unbroken.loadtest.stats import RequestRecord, compare_answer
 
-__all__ = ["BenchConfig", "BenchRun", "FaultMix", "Mode", "parse_fault_mix"]
+__all__ = ["MODES", "BenchConfig", "BenchRun", "Mode"]
 
 Mode = Literal["stream", "blocking", "longpoll"]
 MODES: tuple[Mode, ...] = ("blocking", "stream", "longpoll")
 
-# The gateway's trailer comment: `: unbroken route=R attempts=N retries=N resumes=N ...`.
-_TRAILER = re.compile(r"unbroken route=\S+ attempts=(\d+) retries=\d+ resumes=(\d+)")
-_AFTER = re.compile(r"(?:^|\s)after=(\d+)")
-# Kinds of mock faults that break a stream in the middle (the cut the recovery figures
-# are about); the others refuse, slow or mangle a request.
-_CUTS = ("reset", "close", "stall", "malformed", "error", "done_early", "insufficient")
 # Long-poll: how long one poll may wait on the server (the endpoint's `wait` parameter).
 LONGPOLL_WAIT_S = 5.0
 STREAM_ID_HEADER = "x-unbroken-stream-id"
 RESUMABLE_HEADER = "X-Unbroken-Resumable"
-
-
-@dataclass(frozen=True, slots=True)
-class FaultMix:
-    """One entry of the fault mix: `spec` sent as `X-Mock-Fault` (or a proxy cut) with
-    probability `probability`."""
-
-    spec: str
-    probability: float
-    proxy: CutRule | None = None
-
-    @property
-    def cut_after(self) -> int | None:
-        """The mock chunk the fault breaks the stream after (`after=N`), if it names one."""
-        if self.proxy is not None or not any(self.spec.startswith(k) for k in _CUTS):
-            return None
-        match = _AFTER.search(self.spec)
-        return int(match.group(1)) if match else 2  # the mock's default `after`
-
-
-def parse_fault_mix(text: str, *, proxy: CutRule | None = None) -> FaultMix:
-    """Parse `[PROBABILITY:]SPEC` (the mock CLI's form); probability defaults to 1.
-
-    Raises:
-        ConfigError: naming the value when the probability is not within 0-1.
-    """
-    head, sep, rest = text.partition(":")
-    probability = 1.0
-    spec = text
-    if sep:
-        try:
-            probability = float(head)
-            spec = rest.strip()
-        except ValueError:
-            spec = text
-    if not 0.0 <= probability <= 1.0 or not spec:
-        raise ConfigError(f"bad fault {text!r}: use [PROBABILITY:]SPEC with 0 <= P <= 1")
-    return FaultMix(spec, probability, proxy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,21 +115,6 @@ class _Planned:
     messages: list[dict[str, str]]
     max_tokens: int | None
     fault: FaultMix | None
-
-
-@dataclass(slots=True)
-class _Read:
-    """Per-stream reading state."""
-
-    record: RequestRecord
-    t0: float
-    text: list[str] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)
-    done: bool = False
-    finished: bool = False
-    error: str | None = None
-    last_id: str = ""
-    end: float | None = None
 
 
 class BenchRun:
@@ -454,7 +395,7 @@ class BenchRun:
             return
         message = (data["choices"] or [{}])[0].get("message") or {}
         record.text = (message.get("reasoning_content") or "") + (message.get("content") or "")
-        _usage(record, data.get("usage"))
+        apply_usage(record, data.get("usage"))
         meta = data.get("unbroken")
         if isinstance(meta, dict) and isinstance(meta.get("attempts"), list):
             record.attempts = len(meta["attempts"])
@@ -472,7 +413,7 @@ class BenchRun:
         record: RequestRecord,
         t0: float,
     ) -> None:
-        read = _Read(record, t0)
+        read = AnswerRead(record, t0)
         stream_id: str | None = None
         decoder = SSEDecoder()
         local_port: int | None = None
@@ -489,17 +430,17 @@ class BenchRun:
                 local_port = _local_port(response)
                 async for data in response.aiter_bytes():
                     record.n_bytes += len(data)
-                    _feed(read, decoder.feed(data), time.perf_counter())
+                    read.feed(decoder.feed(data), time.perf_counter())
                     if read.finished:
                         break
         except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
             cut_at = self._cut_time(local_port)
             if cut_at is None or stream_id is None:
-                _finish(read, plan)
+                read.finish(time.perf_counter(), plan.fault.cut_after if plan.fault else None)
                 record.error = "reset" if isinstance(exc, httpx.ReadError) else "truncated"
                 return
             await self._reconnect(direct, stream_id, read, cut_at)
-        _finish(read, plan)
+        read.finish(time.perf_counter(), plan.fault.cut_after if plan.fault else None)
 
     def _cut_time(self, local_port: int | None) -> float | None:
         if self._proxy is None or local_port is None:
@@ -507,7 +448,7 @@ class BenchRun:
         return self._proxy.cuts.get(local_port)
 
     async def _reconnect(
-        self, client: httpx.AsyncClient, stream_id: str, read: _Read, cut_at: float
+        self, client: httpx.AsyncClient, stream_id: str, read: AnswerRead, cut_at: float
     ) -> None:
         """Read the rest of a cut answer from the endpoint's stream log (SSE resume)."""
         n_before = len(read.times)
@@ -524,7 +465,7 @@ class BenchRun:
                 return
             async for data in response.aiter_bytes():
                 read.record.n_bytes += len(data)
-                _feed(read, decoder.feed(data), time.perf_counter())
+                read.feed(decoder.feed(data), time.perf_counter())
                 if read.finished:
                     break
         if len(read.times) > n_before:
@@ -539,7 +480,7 @@ class BenchRun:
         record: RequestRecord,
         t0: float,
     ) -> None:
-        read = _Read(record, t0)
+        read = AnswerRead(record, t0)
         async with client.stream(
             "POST", url, json=self._body(plan, stream=True), headers=self._fault_headers(plan)
         ) as response:
@@ -584,12 +525,12 @@ class BenchRun:
                     data = event.get("data", event)
                     text = data if isinstance(data, str) else msgspec.json.encode(data).decode()
                     items.append(SSEEvent(text, id=str(event.get("id", ""))))
-            _feed(read, items, now)
+            read.feed(items, now)
             after = str(page.get("next") or after)
             if page.get("done"):
                 # The log ended; its `[DONE]` is not among the events, the flag says it.
                 read.done = read.finished = True
-        _finish(read, plan)
+        read.finish(time.perf_counter(), plan.fault.cut_after if plan.fault else None)
 
     # -- references ------------------------------------------------------------------------
 
@@ -628,68 +569,3 @@ def _local_port(response: httpx.Response) -> int | None:
         return None
     addr = stream.get_extra_info("client_addr")
     return int(addr[1]) if addr else None
-
-
-def _usage(record: RequestRecord, usage: object) -> None:
-    if isinstance(usage, dict):
-        record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        record.completion_tokens = int(usage.get("completion_tokens") or 0)
-
-
-def _feed(read: _Read, items: list[Any], now: float) -> None:
-    record = read.record
-    read.end = now
-    for item in items:
-        if isinstance(item, Comment):
-            match = _TRAILER.search(item.text)
-            if match:
-                record.attempts = int(match.group(1))
-                record.resumes = int(match.group(2))
-            continue
-        if not isinstance(item, SSEEvent):
-            continue
-        if item.id:
-            read.last_id = item.id
-        if item.data == "[DONE]":
-            read.done = True
-            read.finished = True
-            continue
-        chunk = msgspec.json.decode(item.data)
-        if not isinstance(chunk, dict):
-            continue
-        if "error" in chunk:
-            read.error = "stream_error"
-            read.finished = True
-            continue
-        for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") or {}
-            piece = (delta.get("reasoning_content") or "") + (delta.get("content") or "")
-            if piece:
-                if not read.times:
-                    record.ttft_s = now - read.t0
-                read.times.append(now)
-                read.text.append(piece)
-        if chunk.get("usage"):
-            _usage(record, chunk["usage"])
-        meta = chunk.get("unbroken")
-        if isinstance(meta, dict) and isinstance(meta.get("attempts"), int):
-            # A gateway's stream log ends with an event that says what the answer took.
-            record.attempts = meta["attempts"]
-            record.resumes = int(meta.get("resumes") or 0)
-
-
-def _finish(read: _Read, plan: _Planned) -> None:
-    record = read.record
-    record.e2e_s = (read.end or time.perf_counter()) - read.t0
-    record.text = "".join(read.text)
-    record.n_chunks = len(read.times)
-    record.gaps_s = [b - a for a, b in itertools.pairwise(read.times)]
-    if read.error is not None:
-        record.error = read.error
-    elif not read.done and record.error is None:
-        record.error = "truncated"
-    after = plan.fault.cut_after if plan.fault is not None else None
-    # A mock fault `after=N` breaks the stream after chunk N, the role chunk being chunk 1:
-    # the gap before answer-text chunk N (0-based N-1) is the one the cut caused.
-    if after is not None and after >= 2 and len(read.times) >= after and record.cut_gap_s is None:
-        record.cut_gap_s = read.times[after - 1] - read.times[after - 2]

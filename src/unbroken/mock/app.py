@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
+from urllib.parse import unquote
 
 from unbroken.mock.admin import config_view, query_int, reconfigure
 from unbroken.mock.apierrors import (
@@ -27,6 +28,14 @@ from unbroken.mock.apierrors import (
 from unbroken.mock.config import Latency, MockConfig
 from unbroken.mock.exchange import Closed, Exchange, Receive, Scope, Send
 from unbroken.mock.faults import FaultBook, FaultPlan, FaultSpecError, parse_faults
+from unbroken.mock.fim import (
+    FIM_PATHS,
+    MODEL_ITEM_PREFIXES,
+    TextChunkRenderer,
+    fim_chat_body,
+    model_object,
+    text_completion_body,
+)
 from unbroken.mock.render import answer_message, encode_json
 from unbroken.mock.request import ChatRequest, parse_chat_request
 from unbroken.mock.respond import Job, send_json_answer, send_stream
@@ -169,11 +178,13 @@ class MockApp:
         if path.startswith("/_mock/"):
             await self._admin(ex, receive, method, path, scope)
             return
+        fim = path in FIM_PATHS
+        model_item = path.startswith(MODEL_ITEM_PREFIXES)
         allowed = (
             "POST"
-            if path in _CHAT_PATHS
+            if path in _CHAT_PATHS or fim
             else "GET"
-            if path in _MODEL_PATHS or path in _BALANCE_PATHS
+            if path in _MODEL_PATHS or path in _BALANCE_PATHS or model_item
             else None
         )
         if allowed is None:
@@ -206,8 +217,10 @@ class MockApp:
             await ex.respond(200, body, _JSON)
         elif path in _BALANCE_PATHS:
             await ex.respond(200, self._balance(), _JSON)
+        elif model_item:
+            await ex.respond(200, model_object(unquote(path.split("/models/", 1)[1])), _JSON)
         else:
-            await self._chat(ex, receive, path, headers, entry)
+            await self._chat(ex, receive, path, headers, entry, fim=fim)
 
     def _authenticate(self, header: bytes | None) -> None:
         scheme, _, key = (header or b"").decode("latin-1").partition(" ")
@@ -264,9 +277,13 @@ class MockApp:
         path: str,
         headers: Mapping[bytes, bytes],
         entry: LogEntry,
+        *,
+        fim: bool = False,
     ) -> None:
         arrived = ex.loop.time()
         raw = await self._read_body(receive)
+        if fim:  # served as chat, rendered as text_completion (mock.fim)
+            raw = fim_chat_body(raw, self.config)
         request = parse_chat_request(raw, is_beta=path.startswith("/beta/"))
         entry.model = request.model
         entry.stream = request.stream
@@ -323,7 +340,11 @@ class MockApp:
             latency=latency,
             plan=plan,
             send_bytes=self.config.send_bytes,
+            usage_chunk=self.config.usage_chunk,
         )
+        if fim:
+            job.renderer = TextChunkRenderer
+            job.body = text_completion_body
         ex.bom = plan.bom
         ex.split = plan.split
         ex.gap_s = plan.gap_ms / 1000.0

@@ -121,6 +121,9 @@ class MockConfig:
         send_bytes: the most bytes coalesced into one write when several chunks are due.
         log_size: how many recent requests `/_mock/log` keeps.
         cache_entries: how many persisted prompt prefixes the context cache keeps.
+        usage_chunk: with `include_usage`, send the usage in one more chunk with
+            `"choices": []`, as OpenAI and vLLM do (off: DeepSeek's documented shape,
+            usage on the finish chunk, protocol.md §1.5).
     """
 
     seed: int = 0
@@ -136,6 +139,7 @@ class MockConfig:
     send_bytes: int = 64 * 1024
     log_size: int = 1000
     cache_entries: int = 100_000
+    usage_chunk: bool = False
 
     def __post_init__(self) -> None:
         for name in ("answer_tokens", "reasoning_tokens"):

@@ -258,11 +258,6 @@ class FaultPlan:
     data_prefix: bytes = b"data: "
     bom: bool = False
 
-    @property
-    def is_empty(self) -> bool:
-        """True when no fault applies."""
-        return not self.kinds
-
     @classmethod
     def build(cls, faults: Sequence[Fault]) -> FaultPlan:
         """Merge faults into one plan.

@@ -110,7 +110,7 @@ class ChunkRenderer:
 
     @property
     def end_of_event(self) -> bytes:
-        """The blank line that ends an event."""
+        """The blank line that ends an event (mock/fim.py's usage chunk ends with it)."""
         return self._end
 
     def role(self) -> bytes:

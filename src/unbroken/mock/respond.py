@@ -4,11 +4,13 @@ the latency model and the in-answer faults. Imports the standard library and moc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from unbroken.mock.config import Latency
 from unbroken.mock.exchange import Exchange
 from unbroken.mock.faults import Fault, FaultPlan
+from unbroken.mock.fim import usage_chunk_events
 from unbroken.mock.render import ChunkRenderer, Usage, completion_body
 from unbroken.mock.stats import MockStats
 from unbroken.mock.text import Answer, limit_answer
@@ -59,6 +61,10 @@ class Job:
     n_chunks: int = 0
     stalled_s: float = 0.0
     completed: bool = field(default=False)
+    # FIM answers render as `text_completion` (mock.fim); chat answers as chat chunks.
+    renderer: type[ChunkRenderer] = ChunkRenderer
+    usage_chunk: bool = False
+    body: Callable[..., bytes] = completion_body
 
     def usage(self, answer: Answer) -> Usage:
         """The usage of `answer` (what was actually generated)."""
@@ -120,7 +126,7 @@ async def send_stream(ex: Exchange, job: Job, arrived: float, stats: MockStats) 
         Closed: the client left, or a fault cut the connection.
     """
     plan = job.plan
-    renderer = ChunkRenderer(
+    renderer = job.renderer(
         job.completion_id,
         job.created,
         job.model,
@@ -133,7 +139,10 @@ async def send_stream(ex: Exchange, job: Job, arrived: float, stats: MockStats) 
     answer = job.answer
     events = renderer.events(answer)
     n_tokens = len(events) - 1
-    events.append(renderer.final(job.finish_reason, job.usage(answer)))
+    if job.usage_chunk and job.include_usage:
+        events.extend(usage_chunk_events(renderer, job.finish_reason, job.usage(answer)))
+    else:
+        events.append(renderer.final(job.finish_reason, job.usage(answer)))
     if not plan.no_done:
         events.append(renderer.done())
     if plan.storm:
@@ -254,7 +263,7 @@ async def send_json_answer(ex: Exchange, job: Job, arrived: float) -> str:
     if insufficient is not None:
         answer, _ = limit_answer(answer, max(insufficient.after - 1, 0))
         finish_reason = "insufficient_system_resource"
-    body = completion_body(
+    body = job.body(
         job.completion_id,
         job.created,
         job.model,

@@ -44,6 +44,7 @@ def http_protocol_class() -> type[Any]:
     if importlib.util.find_spec("httptools") is not None:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
     else:  # pragma: no cover - httptools is installed with the [gateway] extra
+        # Either class serves as the base; mypy types `Base` by the first import only.
         from uvicorn.protocols.http.h11_impl import H11Protocol as Base  # type: ignore[assignment]
 
     class TransportExposingProtocol(Base):

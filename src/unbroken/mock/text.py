@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 from unbroken.mock.corpus import ANSWER_SENTENCES, REASONING_SENTENCES, draw_pieces
+from unbroken.mock.tools import wanted_tools
 
 __all__ = [
+    "ECHO_PREFIX",
     "Answer",
     "PrefixMismatch",
     "ToolCallPlan",
@@ -42,6 +44,10 @@ __all__ = [
 # continuation of any prefix of an answer is exactly the rest of that answer. A prefix is
 # first compared with the answer's own text: one that is not the start of it (a client that
 # resumes with the wrong bytes) raises PrefixMismatch rather than being continued.
+
+# A last user message that starts with this is answered with the rest of it, verbatim: a way
+# for tests to make the "model" say something exact (Markdown, an XSS payload).
+ECHO_PREFIX = "/echo "
 
 _ARG_WORDS = ("北京", "Paris", "東京 🚀", "São Paulo", 'say "hi"', "a\\b", "línea\n2", "Zürich")
 
@@ -208,8 +214,7 @@ def _tool_names(
     last = conversation[-1] if conversation else {}
     wanted: list[str] = []
     if last.get("role") == "user":
-        text = message_text(last.get("content")).lower()
-        wanted = [name for name in names if name.lower() in text]
+        wanted = wanted_tools(message_text(last.get("content")), tools)
     if not wanted and tool_choice == "required":
         wanted = names[:1]
     return wanted
@@ -281,6 +286,11 @@ def generate_answer(
     names = _tool_names(conversation, tools, tool_choice) if tools else []
     if names:
         return Answer(reasoning, (), _tool_calls(digest, names, tools))
+    last = conversation[-1] if conversation else {}
+    said = message_text(last.get("content")) if last.get("role") == "user" else ""
+    if said.startswith(ECHO_PREFIX):
+        echoed = said[len(ECHO_PREFIX) :]
+        return Answer(reasoning, _pieces_of(echoed, _rng(digest, b"echo"), 1, 4))
     words = draw_pieces(_rng(digest, b"say"), n_content, ANSWER_SENTENCES)
     if json_mode:
         document = {

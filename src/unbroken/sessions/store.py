@@ -66,8 +66,11 @@ class SessionStore(Protocol):
     def create(self, *, model: str = "", title: str = "", owner: str = "") -> SessionInfo:
         """A new, empty session."""
 
-    def append(self, session_id: str, messages: Sequence[dict[str, Any]]) -> None:
-        """Add messages at the end, atomically (all or none)."""
+    def append(
+        self, session_id: str, messages: Sequence[dict[str, Any]], *, keep: int | None = None
+    ) -> None:
+        """Add messages at the end, atomically (all or none); with `keep`, first drop every
+        stored message after the first `keep` (in the same transaction)."""
 
     def load(self, session_id: str) -> tuple[SessionInfo, list[dict[str, Any]]]:
         """The session and its messages, oldest first. Raises SessionNotFound if unknown."""
@@ -125,10 +128,14 @@ class MemorySessionStore:
             self._messages[info.id] = []
         return info
 
-    def append(self, session_id: str, messages: Sequence[dict[str, Any]]) -> None:
+    def append(
+        self, session_id: str, messages: Sequence[dict[str, Any]], *, keep: int | None = None
+    ) -> None:
         with self._lock:
             info = self._get(session_id)
             stored = self._messages[session_id]
+            if keep is not None:
+                del stored[keep:]
             stored.extend(_decode(_encode(list(messages))))  # a copy the caller cannot change
             self._infos[session_id] = msgspec.structs.replace(
                 info,
@@ -258,11 +265,19 @@ class SQLiteSessionStore:
             )
         return info
 
-    def append(self, session_id: str, messages: Sequence[dict[str, Any]]) -> None:
+    def append(
+        self, session_id: str, messages: Sequence[dict[str, Any]], *, keep: int | None = None
+    ) -> None:
         with self._tx() as db:
             row = db.execute("SELECT title FROM sessions WHERE id = ?", (session_id,)).fetchone()
             if row is None:
                 raise SessionNotFound(session_id)
+            if keep is not None:
+                db.execute(
+                    "DELETE FROM messages WHERE session_id = ? AND seq NOT IN "
+                    "(SELECT seq FROM messages WHERE session_id = ? ORDER BY seq LIMIT ?)",
+                    (session_id, session_id, keep),
+                )
             db.executemany(
                 "INSERT INTO messages(session_id, body) VALUES (?, ?)",
                 [(session_id, _encode(m)) for m in messages],
@@ -380,6 +395,7 @@ class RedisSessionStore:
 
         def run() -> None:
             pipe = self._redis.pipeline()
+            # redis-py types `mapping` invariantly; our str/float values are what it accepts.
             pipe.hset(meta, mapping=fields)  # type: ignore[arg-type]
             pipe.zadd(f"{self._p}index", {info.id: now})
             pipe.zadd(f"{self._p}owner:{owner}", {info.id: now})
@@ -388,20 +404,27 @@ class RedisSessionStore:
         self._call(run)
         return info
 
-    def append(self, session_id: str, messages: Sequence[dict[str, Any]]) -> None:
+    def append(
+        self, session_id: str, messages: Sequence[dict[str, Any]], *, keep: int | None = None
+    ) -> None:
         meta, key = self._keys(session_id)
         info = self._meta(session_id)
         now = time.time()
 
         def run() -> None:
             pipe = self._redis.pipeline(transaction=True)
-            pipe.rpush(key, *[_encode(m) for m in messages])
+            if keep == 0:
+                pipe.delete(key)
+            elif keep is not None:
+                pipe.ltrim(key, 0, keep - 1)
+            if messages:
+                pipe.rpush(key, *[_encode(m) for m in messages])
             pipe.hset(meta, mapping={"updated_s": now, "title": info.title or _title(messages)})
             pipe.zadd(f"{self._p}index", {session_id: now})
             pipe.zadd(f"{self._p}owner:{info.owner}", {session_id: now})
             pipe.execute()
 
-        if messages:
+        if messages or keep is not None:
             self._call(run)
 
     def _meta(self, session_id: str) -> SessionInfo:
@@ -437,6 +460,7 @@ class RedisSessionStore:
             "model": info.model if model is None else model,
             "updated_s": time.time(),
         }
+        # redis-py types `mapping` invariantly; our str/float values are what it accepts.
         self._call(lambda: self._redis.hset(meta, mapping=fields))  # type: ignore[arg-type]
 
     def list(self, *, owner: str | None = None, limit: int = 100) -> list[SessionInfo]:
@@ -487,9 +511,11 @@ class AsyncSessionStore:
         """See SessionStore.create."""
         return await self._run(self.store.create, model=model, title=title, owner=owner)
 
-    async def append(self, session_id: str, messages: Sequence[dict[str, Any]]) -> None:
+    async def append(
+        self, session_id: str, messages: Sequence[dict[str, Any]], *, keep: int | None = None
+    ) -> None:
         """See SessionStore.append."""
-        await self._run(self.store.append, session_id, messages)
+        await self._run(self.store.append, session_id, messages, keep=keep)
 
     async def load(self, session_id: str) -> tuple[SessionInfo, list[dict[str, Any]]]:
         """See SessionStore.load."""

@@ -19,11 +19,20 @@ import redis.asyncio as aioredis
 from unbroken.core.streamlog import Lease, Retention, StreamInfo
 from unbroken.errors import ConfigError, StoreError
 from unbroken.stores.redis import _translated
-from unbroken.stores.streamlog import Batch, FencedError, LogFullError, UnknownStreamError
+from unbroken.stores.streamlog import (
+    END_SLACK_BYTES,
+    Batch,
+    FencedError,
+    LogFullError,
+    UnknownStreamError,
+)
 
 __all__ = ["RedisStreamLog"]
 
 T = TypeVar("T")
+
+# Connections of one instance's log client (Redis serves 10,000 clients by default).
+MAX_CONNECTIONS = 4096
 
 _FMT = "local function fmt(x) return string.format('%.17g', x) end\n"
 
@@ -46,18 +55,20 @@ return 1
 )
 
 # KEYS meta, log, req, total, exp, live
-# ARGV id, epoch, now, end, max_stream, max_total, expires_at, keep_ms, prefix, payloads...
+# ARGV id, epoch, now, end, max_stream, max_total, expires_at, keep_ms, prefix, end_slack,
+#      payloads...
 _APPEND = """
 local m = redis.call('HMGET', KEYS[1], 'epoch', 'n', 'bytes', 'ended', 'gone')
 if not m[1] then return -1 end
 if m[5] == '1' or m[4] == '1' or tonumber(m[1]) ~= tonumber(ARGV[2]) then return -2 end
 local size = 0
-for i = 10, #ARGV do size = size + #ARGV[i] end
+for i = 11, #ARGV do size = size + #ARGV[i] end
 local sb = tonumber(m[3])
-if sb + size > tonumber(ARGV[5]) then return -3 end
+local slack = ARGV[4] == '1' and size <= tonumber(ARGV[10])
+if sb + size > tonumber(ARGV[5]) and not slack then return -3 end
 local max_total = tonumber(ARGV[6])
 local total = tonumber(redis.call('GET', KEYS[4]) or '0')
-if total + size > max_total then
+if total + size > max_total and not slack then
   -- Oldest ended logs go first; an unfinished answer is never evicted for another.
   local oldest = redis.call('ZRANGE', KEYS[5], 0, 199)
   for _, sid in ipairs(oldest) do
@@ -76,20 +87,24 @@ if total + size > max_total then
   if total + size > max_total then return -4 end
 end
 local n = tonumber(m[2])
-for i = 10, #ARGV do
+for i = 11, #ARGV do
   n = n + 1
   redis.call('XADD', KEYS[2], '0-' .. n, 'd', ARGV[i])
 end
 redis.call('HSET', KEYS[1], 'n', n, 'bytes', sb + size, 'updated', ARGV[3])
 redis.call('INCRBY', KEYS[4], size)
-if ARGV[4] == '1' then
-  redis.call('HSET', KEYS[1], 'ended', 1, 'ended_at', ARGV[3])
-  redis.call('ZREM', KEYS[6], ARGV[1])
+if ARGV[4] == '1' or n == #ARGV - 10 then
+  -- The first and the last append set the expiries; the lease renewals (every second)
+  -- move them on in between, which keeps the per-chunk script short.
+  if ARGV[4] == '1' then
+    redis.call('HSET', KEYS[1], 'ended', 1, 'ended_at', ARGV[3])
+    redis.call('ZREM', KEYS[6], ARGV[1])
+  end
+  redis.call('ZADD', KEYS[5], ARGV[7], ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[8])
+  redis.call('PEXPIRE', KEYS[2], ARGV[8])
+  redis.call('PEXPIRE', KEYS[3], ARGV[8])
 end
-redis.call('ZADD', KEYS[5], ARGV[7], ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[8])
-redis.call('PEXPIRE', KEYS[2], ARGV[8])
-redis.call('PEXPIRE', KEYS[3], ARGV[8])
 return n
 """
 
@@ -212,6 +227,9 @@ class RedisStreamLog:
         self._set = client.register_script(_SET_IF_EXISTS)
         self._sweep = client.register_script(_SWEEP)
 
+    # Appends are round trips: writers batch the events that arrive meanwhile.
+    is_remote = True
+
     def __repr__(self) -> str:
         return f"RedisStreamLog(prefix={self._p!r})"
 
@@ -225,7 +243,14 @@ class RedisStreamLog:
             ConfigError: the URL is malformed.
         """
         try:
-            client = aioredis.from_url(url, socket_connect_timeout=2.0, socket_timeout=10.0)
+            # Each reader waiting for a live event holds a connection (XREAD BLOCK), so the
+            # pool is sized for thousands of readers, not redis-py's default 100.
+            client = aioredis.from_url(
+                url,
+                socket_connect_timeout=2.0,
+                socket_timeout=10.0,
+                max_connections=MAX_CONNECTIONS,
+            )
         except ValueError as exc:
             raise ConfigError(f"gateway store: malformed Redis URL ({exc})") from None
         return cls(client, retention, prefix)
@@ -304,6 +329,7 @@ class RedisStreamLog:
             repr(now + r.ttl_s),
             self._keep_ms(),
             self._p,
+            END_SLACK_BYTES,
             *payloads,
         ]
         keys = [meta, log, req, self._total, self._exp, self._live]

@@ -27,6 +27,7 @@ from unbroken.core.streamlog import (
 from unbroken.errors import StoreError
 
 __all__ = [
+    "END_SLACK_BYTES",
     "Batch",
     "FencedError",
     "LogFullError",
@@ -37,6 +38,9 @@ __all__ = [
 
 # Tombstones (expired streams still answered with 410) kept at most, oldest dropped first.
 MAX_TOMBSTONES = 100_000
+# The last events of a log (a stop finish, the final event, an error, [DONE]) fit past the
+# bounds by this much, so a log that hit them can still end.
+END_SLACK_BYTES = 4096
 
 
 class FencedError(StoreError):
@@ -91,7 +95,8 @@ class StreamLog(Protocol):
     async def append(
         self, stream_id: str, epoch: int, payloads: Sequence[bytes], now: float, *, end: bool
     ) -> int:
-        """Append `payloads` as the next events; `end` makes the last one the log's last.
+        """Append `payloads` as the next events; `end` makes the last one the log's last
+        (last events of up to `END_SLACK_BYTES` fit past the bounds).
 
         Returns:
             the sequence number of the last event appended.
@@ -157,11 +162,33 @@ class StreamLog(Protocol):
 
 @dataclass(slots=True)
 class _Stream:
-    info: StreamInfo
+    # The fields that change on every append are kept apart from the frozen `base`, so an
+    # append allocates nothing but the list slot; `info` is built when asked for.
+    base: StreamInfo
     request: bytes
     events: list[bytes] = field(default_factory=list)
+    n_events: int = 0
+    n_bytes: int = 0
+    updated_at: float = 0.0
+    ended_at: float | None = None
+    n_waiting: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     gone: bool = False  # events forgotten (a tombstone)
+
+    @property
+    def ended(self) -> bool:
+        return self.ended_at is not None
+
+    @property
+    def info(self) -> StreamInfo:
+        return replace(
+            self.base,
+            n_events=self.n_events,
+            n_bytes=self.n_bytes,
+            updated_at=self.updated_at,
+            ended=self.ended_at is not None,
+            ended_at=self.ended_at,
+        )
 
 
 class MemoryStreamLog:
@@ -219,7 +246,7 @@ class MemoryStreamLog:
             lease=lease,
             resumable=resumable,
         )
-        self._streams[stream_id] = _Stream(info, request)
+        self._streams[stream_id] = _Stream(info, request, updated_at=now)
         return lease
 
     def _evict_for(self, size: int, keep: str) -> bool:
@@ -227,12 +254,13 @@ class MemoryStreamLog:
         for sid, stream in list(self._streams.items()):
             if self.retention.room(0, self._total, size) is Room.OK:
                 return True
-            if sid != keep and stream.info.ended and not stream.gone:
+            if sid != keep and stream.ended and not stream.gone:
                 self._forget(stream)
         return self.retention.room(0, self._total, size) is Room.OK
 
     def _forget(self, stream: _Stream) -> None:
-        self._total -= stream.info.n_bytes
+        self._total -= stream.n_bytes
+        stream.n_bytes = 0
         stream.events = []
         stream.gone = True
         stream.request = b""
@@ -242,28 +270,28 @@ class MemoryStreamLog:
     ) -> int:
         """See `StreamLog.append`."""
         stream = self._get(stream_id)
-        info = stream.info
-        if stream.gone or info.ended or info.lease is None or info.lease.epoch != epoch:
+        lease = stream.base.lease
+        if stream.gone or stream.ended_at is not None or lease is None or lease.epoch != epoch:
             raise FencedError(f"stream {stream_id!r}: epoch {epoch} may not append")
         size = sum(len(p) for p in payloads)
-        room = self.retention.room(info.n_bytes, self._total, size)
+        room = self.retention.room(stream.n_bytes, self._total, size)
+        if end and size <= END_SLACK_BYTES:
+            room = Room.OK
         if room is Room.TOTAL_FULL and self._evict_for(size, stream_id):
             room = Room.OK
         if room is not Room.OK:
             raise LogFullError(_full_message(stream_id, room, self.retention))
         stream.events.extend(payloads)
         self._total += size
-        stream.info = replace(
-            info,
-            n_events=info.n_events + len(payloads),
-            n_bytes=info.n_bytes + size,
-            updated_at=now,
-            ended=end,
-            ended_at=now if end else None,
-        )
-        stream.changed.set()
-        stream.changed = asyncio.Event()
-        return stream.info.n_events
+        stream.n_bytes += size
+        stream.n_events += len(payloads)
+        stream.updated_at = now
+        if end:
+            stream.ended_at = now
+        if stream.n_waiting:
+            stream.changed.set()
+            stream.changed = asyncio.Event()
+        return stream.n_events
 
     async def read(self, stream_id: str, after: int, *, limit: int, max_bytes: int) -> Batch:
         """See `StreamLog.read`."""
@@ -272,23 +300,27 @@ class MemoryStreamLog:
             raise UnknownStreamError(f"stream {stream_id!r} expired")
         events: list[tuple[int, bytes]] = []
         size = 0
-        for seq in range(after + 1, min(stream.info.n_events, after + limit) + 1):
+        for seq in range(after + 1, min(stream.n_events, after + limit) + 1):
             payload = stream.events[seq - 1]
             if events and size + len(payload) > max_bytes:
                 break
             events.append((seq, payload))
             size += len(payload)
-        return Batch(events, stream.info.ended, stream.info.n_events)
+        return Batch(events, stream.ended, stream.n_events)
 
     async def wait(self, stream_id: str, after: int, timeout_s: float) -> None:
         """See `StreamLog.wait`."""
         stream = self._streams.get(stream_id)
-        if stream is None or stream.info.n_events > after or stream.info.ended:
+        if stream is None or stream.n_events > after or stream.ended:
             return
+        stream.n_waiting += 1
         try:
-            await asyncio.wait_for(stream.changed.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await stream.changed.wait()
         except TimeoutError:
             return
+        finally:
+            stream.n_waiting -= 1
 
     async def info(self, stream_id: str) -> StreamInfo | None:
         """See `StreamLog.info`."""
@@ -303,11 +335,12 @@ class MemoryStreamLog:
     async def acquire(self, stream_id: str, owner: str, now: float, lease_s: float) -> Lease | None:
         """See `StreamLog.acquire`."""
         stream = self._get(stream_id)
-        if stream.info.ended or stream.gone:
+        if stream.ended or stream.gone:
             return None
-        lease = acquire_lease(stream.info.lease, owner, now, lease_s)
+        lease = acquire_lease(stream.base.lease, owner, now, lease_s)
         if lease is not None:
-            stream.info = replace(stream.info, lease=lease, updated_at=now)
+            stream.base = replace(stream.base, lease=lease)
+            stream.updated_at = now
         return lease
 
     async def renew(
@@ -317,37 +350,38 @@ class MemoryStreamLog:
         stream = self._streams.get(stream_id)
         if stream is None or stream.gone:
             return None
-        lease = renew_lease(stream.info.lease, owner, epoch, now, lease_s)
+        lease = renew_lease(stream.base.lease, owner, epoch, now, lease_s)
         if lease is None:
             return None
-        stream.info = replace(stream.info, lease=lease, updated_at=now)
+        stream.base = replace(stream.base, lease=lease)
+        stream.updated_at = now
         return stream.info
 
     async def release(self, stream_id: str, owner: str, epoch: int) -> None:
         """See `StreamLog.release`."""
         stream = self._streams.get(stream_id)
         if stream is not None:
-            stream.info = replace(stream.info, lease=release_lease(stream.info.lease, owner, epoch))
+            stream.base = replace(stream.base, lease=release_lease(stream.base.lease, owner, epoch))
 
     async def request_stop(self, stream_id: str) -> None:
         """See `StreamLog.request_stop`."""
         stream = self._get(stream_id)
-        stream.info = replace(stream.info, stop_requested=True)
+        stream.base = replace(stream.base, stop_requested=True)
 
     async def touch_reader(self, stream_id: str, now: float) -> None:
         """See `StreamLog.touch_reader`."""
         stream = self._streams.get(stream_id)
         if stream is not None:
-            stream.info = replace(stream.info, reader_at=now)
+            stream.base = replace(stream.base, reader_at=now)
 
     async def orphans(self, now: float, limit: int) -> list[str]:
         """See `StreamLog.orphans`."""
         found = []
         for sid, stream in self._streams.items():
-            info = stream.info
+            info = stream.base  # the lease and the opt-in; `ended` is the stream's own
             if (
                 info.resumable
-                and not info.ended
+                and not stream.ended
                 and not stream.gone
                 and info.lease is not None
                 and info.lease.expires_at > 0  # released on purpose: not an orphan
