@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.nginx import render_nginx_conf
 from tests.support import free_port
 
 __all__ = [
@@ -102,48 +103,14 @@ def gateway_process(
         proc.wait(10)
 
 
-NGINX_CONF = """
-daemon off;
-worker_processes 1;
-pid {work}/nginx.pid;
-error_log {work}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {work}/body;
-  proxy_temp_path {work}/proxy;
-  fastcgi_temp_path {work}/fastcgi;
-  uwsgi_temp_path {work}/uwsgi;
-  scgi_temp_path {work}/scgi;
-  upstream gateways {{
-{servers}
-  }}
-  server {{
-    listen 127.0.0.1:{port};
-    location / {{
-      proxy_pass http://gateways;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host $host;
-      proxy_buffering off;
-      proxy_request_buffering off;
-      proxy_read_timeout 300s;
-      proxy_connect_timeout 2s;
-      proxy_next_upstream error timeout;
-    }}
-  }}
-}}
-"""
-
-
 @contextmanager
 def nginx(binary: str, backends: list[str]) -> Iterator[str]:
-    """nginx round-robin over `backends` (host:port), buffering off; yields its URL."""
+    """nginx round-robin over `backends` (host:port), buffering off, configured by the
+    shipped deploy/nginx.conf (the file compose.yaml runs); yields its URL."""
     port = free_port()
     with tempfile.TemporaryDirectory() as workdir:
-        servers = "\n".join(f"    server {b} max_fails=1 fail_timeout=5s;" for b in backends)
         conf = Path(workdir) / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(work=workdir, servers=servers, port=port))
+        conf.write_text(render_nginx_conf(workdir, f"127.0.0.1:{port}", backends))
         proc = subprocess.Popen(
             [binary, "-p", workdir, "-c", str(conf)],
             stdout=subprocess.DEVNULL,

@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from unbroken.errors import ConfigError
+from unbroken.modelconf import ModelSettings, parse_model_list
 
 __all__ = [
     "DEFAULT_BASE_URL",
     "DEFAULT_GATEWAY_PORT",
+    "DEFAULT_MODELS",
     "GatewaySettings",
     "KeySettings",
     "LimitSettings",
@@ -41,6 +43,10 @@ DEFAULT_GATEWAY_PORT = 8788
 # The models DeepSeek serves under its stable aliases (protocol.md §1.2).
 DEFAULT_MODELS = ("deepseek-chat", "deepseek-reasoner")
 _DIALECTS = ("deepseek", "vllm", "instruction", "none")
+_ROLES = ("user", "admin")
+_LOG_FORMATS = ("text", "json")
+# The proxy variables the gateway's upstream transport honours (curl's and httpx's names).
+_PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 
@@ -166,14 +172,18 @@ class KeySettings:
         sha256: hex SHA-256 of the key (`hash_key`).
         limits: this key's limits; unset ones fall back to `GatewaySettings.limits`.
         models: the models this key may use; None allows every served model.
+        role: `user`, or `admin` (may read every key's usage).
     """
 
     name: str
     sha256: str = field(repr=False)
     limits: LimitSettings = field(default_factory=LimitSettings)
     models: tuple[str, ...] | None = None
+    role: str = "user"
 
     def __post_init__(self) -> None:
+        if self.role not in _ROLES:
+            raise ConfigError(f"key {self.name!r}: role must be user or admin, got {self.role!r}")
         digest = self.sha256
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise ConfigError(
@@ -277,7 +287,17 @@ class GatewaySettings:
         host, port: where to listen.
         routes: upstream routes in order; empty means one route `default` on the top-level
             `base_url` with the top-level `api_key`.
-        models: the model names clients may ask for (and `/v1/models` lists).
+        models: the model names clients may ask for on every route (and `/v1/models`
+            lists); empty (the default) with no `model_list` serves what the upstream's
+            `/models` lists (see gateway/routing.py), or passes any name through when the
+            upstream has no `/models`.
+        model_list: public names (aliases, wildcards) mapped to ordered upstream targets,
+            with prices and context sizes (`[[gateway.model_list]]`).
+        model_refresh_s: how often discovered model names are fetched again.
+        log_format: `text` or `json` (the access log and every other log line).
+        access_log: write one line per request (logger `unbroken.access`).
+        otel_endpoint: an OTLP/HTTP traces endpoint (`http://collector:4318/v1/traces`);
+            empty disables the exporter (the `[otel]` extra).
         keys: gateway API keys (hashed). With none, the gateway serves without
             authentication, and only on loopback unless `allow_unauthenticated`.
         limits: default per-key limits (the anonymous caller's too).
@@ -285,8 +305,10 @@ class GatewaySettings:
         store: `memory` or a `redis://` / `rediss://` URL for limits, counters and keys.
         sessions: where `/v1/sessions` keeps conversations: `memory`, `sqlite` (a file in
             the data directory), `sqlite:PATH`, or a `redis://` URL.
-        keys_in_store: also accept keys kept in the store (`Store.put_key`); implies that
-            every API request needs a key.
+        keys_in_store: also accept keys kept in the store (`unbroken keys create`); implies
+            that every API request needs a key.
+        key_cache_s: how long a stored key's lookup is cached (a revoked key stops working
+            within it).
         cors_origins: browser origins allowed to call the API (`*` for any).
         forward_headers: request headers passed upstream (names, or prefixes ending in
             `*`); Authorization, Host and hop-by-hop headers never are.
@@ -349,13 +371,19 @@ class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = DEFAULT_GATEWAY_PORT
     routes: tuple[RouteSettings, ...] = ()
-    models: tuple[str, ...] = DEFAULT_MODELS
+    models: tuple[str, ...] = ()
+    model_list: tuple[ModelSettings, ...] = ()
+    model_refresh_s: float = 300.0
+    log_format: str = "text"
+    access_log: bool = True
+    otel_endpoint: str = ""
     keys: tuple[KeySettings, ...] = ()
     limits: LimitSettings = field(default_factory=LimitSettings)
     allow_unauthenticated: bool = False
     store: str = "memory"
     sessions: str = "memory"
     keys_in_store: bool = False
+    key_cache_s: float = 5.0
     cors_origins: tuple[str, ...] = ()
     forward_headers: tuple[str, ...] = ()
     max_body_bytes: int = 4 * 1024 * 1024
@@ -442,8 +470,10 @@ class GatewaySettings:
             raise ConfigError(f"gateway ws_queue_frames must be >= 1, got {self.ws_queue_frames}")
         if self.max_body_bytes < 1024 or self.stream_buffer_bytes < 4096:
             raise ConfigError("gateway max_body_bytes must be >= 1024, stream_buffer_bytes >= 4096")
-        if not self.models:
-            raise ConfigError("gateway models must name at least one model")
+        if self.log_format not in _LOG_FORMATS:
+            raise ConfigError(f"gateway log_format must be text or json, got {self.log_format!r}")
+        if self.model_refresh_s <= 0:
+            raise ConfigError(f"gateway model_refresh_s must be > 0, got {self.model_refresh_s}")
         if self.sessions not in ("memory", "sqlite") and not self.sessions.startswith(
             ("sqlite:", "redis://", "rediss://", "unix://")
         ):
@@ -546,12 +576,15 @@ class Settings:
         base_url: the upstream base URL (`UNBROKEN_BASE_URL`).
         max_event_bytes: the largest SSE event accepted (`UNBROKEN_MAX_EVENT_BYTES`).
         gateway: the gateway's settings.
+        proxy_env: `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY` (upper or lower
+            case) as found in the environment, for the gateway's upstream transport.
     """
 
     api_key: str | None = None
     base_url: str = DEFAULT_BASE_URL
     max_event_bytes: int = 16 * 1024 * 1024
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    proxy_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if self.max_event_bytes < 1024:
@@ -589,6 +622,7 @@ class Settings:
             base_url=env.get("UNBROKEN_BASE_URL") or DEFAULT_BASE_URL,
             max_event_bytes=_int(env, "UNBROKEN_MAX_EVENT_BYTES", 16 * 1024 * 1024),
             gateway=_gateway_env(GatewaySettings(), env),
+            proxy_env=_proxy_env(env),
         )
 
     @classmethod
@@ -628,6 +662,7 @@ _GATEWAY_SCALARS: dict[str, Literal["str", "int", "float", "bool", "list"]] = {
     "store": "str",
     "sessions": "str",
     "keys_in_store": "bool",
+    "key_cache_s": "float",
     "cors_origins": "list",
     "forward_headers": "list",
     "models": "list",
@@ -663,6 +698,10 @@ _GATEWAY_SCALARS: dict[str, Literal["str", "int", "float", "bool", "list"]] = {
     "retry_budget_ratio": "float",
     "retry_budget_min_per_s": "float",
     "retry_budget_window_s": "float",
+    "model_refresh_s": "float",
+    "log_format": "str",
+    "access_log": "bool",
+    "otel_endpoint": "str",
     "stream_ttl_s": "float",
     "stream_max_bytes": "int",
     "streams_max_bytes": "int",
@@ -678,7 +717,7 @@ _GATEWAY_SCALARS: dict[str, Literal["str", "int", "float", "bool", "list"]] = {
     "widget_audience": "str",
     "widget_max_ttl_s": "float",
 }
-_GATEWAY_TABLES = frozenset({"routes", "keys", "limits", "cache", "widget_limits"})
+_GATEWAY_TABLES = frozenset({"routes", "keys", "limits", "model_list", "cache", "widget_limits"})
 
 
 def _unknown(table: Mapping[str, object], allowed: frozenset[str], where: str) -> None:
@@ -747,7 +786,7 @@ def _keys(items: object) -> tuple[KeySettings, ...]:
     if not isinstance(items, list):
         raise ConfigError("gateway.keys must be an array of tables ([[gateway.keys]])")
     keys = []
-    allowed = frozenset({"name", "sha256", "models"}) | _LIMIT_FIELDS
+    allowed = frozenset({"name", "sha256", "models", "role"}) | _LIMIT_FIELDS
     for i, item in enumerate(items):
         where = f"gateway.keys[{i}]"
         if not isinstance(item, dict):
@@ -756,13 +795,16 @@ def _keys(items: object) -> tuple[KeySettings, ...]:
         name, digest = item.get("name", f"key{i}"), item.get("sha256")
         if not isinstance(name, str) or not isinstance(digest, str):
             raise ConfigError(f"{where} needs a string `sha256` (hash_key of the key)")
-        models = item.get("models")
+        models, role = item.get("models"), item.get("role", "user")
+        if not isinstance(role, str):
+            raise ConfigError(f"{where}.role must be user or admin")
         keys.append(
             KeySettings(
                 name,
                 digest.lower(),
                 LimitSettings.parse(item, where),
                 None if models is None else _strings(models, f"{where}.models"),
+                role,
             )
         )
     return tuple(keys)
@@ -810,6 +852,9 @@ def _from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         changes["routes"] = _routes(gateway_table["routes"], env)
     if "keys" in gateway_table:
         changes["keys"] = _keys(gateway_table["keys"])
+    if "model_list" in gateway_table:
+        route_names = tuple(r.name for r in changes.get("routes", ())) or ("default",)
+        changes["model_list"] = parse_model_list(gateway_table["model_list"], route_names)
     if "limits" in gateway_table:
         limits = gateway_table["limits"]
         if not isinstance(limits, dict):
@@ -836,6 +881,7 @@ def _from_mapping(data: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         base_url=env.get("UNBROKEN_BASE_URL") or base_url,
         max_event_bytes=_int(env, "UNBROKEN_MAX_EVENT_BYTES", max_event),
         gateway=gateway,
+        proxy_env=_proxy_env(env),
     )
 
 
@@ -893,6 +939,15 @@ def _gateway_env(gateway: GatewaySettings, env: Mapping[str, str]) -> GatewaySet
     if cache_env:
         changes["cache"] = _cache(cache_env, gateway.cache, "UNBROKEN_GATEWAY_CACHE", env=True)
     return replace(gateway, **changes) if changes else gateway
+
+
+def _proxy_env(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    found = []
+    for name in _PROXY_VARIABLES:
+        value = env.get(name) or env.get(name.lower())
+        if value:
+            found.append((name, value))
+    return tuple(found)
 
 
 def debug_enabled(environ: Mapping[str, str] | None = None) -> bool:

@@ -144,6 +144,7 @@ def test_models_health_ready_openapi(api: httpx.Client) -> None:
     spec = api.get("/openapi.json").json()
     assert spec["openapi"].startswith("3.")
     assert "/v1/chat/completions" in spec["paths"]
+    assert "/v1/usage" in spec["paths"]
     assert "fallbacks" in spec["components"]["schemas"]["ChatRequest"]["properties"]
 
 

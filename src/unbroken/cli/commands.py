@@ -32,11 +32,13 @@ def _register() -> None:
     from unbroken.cli.bench_cmds import bench
     from unbroken.cli.chat_cmds import ask, chat
     from unbroken.cli.gateway_cmds import demo, serve
+    from unbroken.cli.keys_cmds import keys_app
 
     app.command()(demo)
     app.command()(serve)
     app.command()(chat)
     app.command()(ask)
+    app.add_typer(keys_app, name="keys")
     app.command()(bench)
 
 

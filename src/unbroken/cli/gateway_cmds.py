@@ -7,7 +7,6 @@ imported inside the commands, so `unbroken --help` stays fast.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 import uuid
 from pathlib import Path
@@ -54,6 +53,9 @@ def serve(
         "reach it can spend your upstream credit)",
     ),
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
+    log_format: str | None = typer.Option(
+        None, "--log-format", help="text or json (default: gateway.log_format, text)"
+    ),
     workers: int | None = typer.Option(
         None,
         help="gateway processes on the port (default: one per core with a Redis store, "
@@ -61,6 +63,7 @@ def serve(
     ),
 ) -> None:
     """Serve the OpenAI-compatible gateway until SIGTERM or Ctrl+C (then drain)."""
+    from unbroken.gateway.accesslog import configure_logging
     from unbroken.gateway.app import create_app
     from unbroken.gateway.server import bind
     from unbroken.gateway.server import serve as run_server
@@ -68,13 +71,11 @@ def serve(
     from unbroken.settings import Settings
 
     err = Console(stderr=True)
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     try:
         settings = Settings.load(None if config is None else Path(config))
         changes: dict[str, Any] = {}
+        if log_format is not None:
+            changes["log_format"] = log_format
         if host is not None:
             changes["host"] = host
         if port is not None:
@@ -96,6 +97,7 @@ def serve(
     except ConfigError as exc:
         raise _fail(err, exc.message) from None
     g = settings.gateway
+    configure_logging(log_level, g.log_format)
     if not g.keys and not g.keys_in_store:
         where = "loopback only" if g.is_loopback else "WITHOUT authentication (allowed by flag)"
         err.print(f"[yellow]no gateway keys configured: serving {where}[/yellow]")

@@ -69,6 +69,8 @@ from unbroken.core.wire import (
 from unbroken.errors import (
     ConfigError,
     InvalidRequestError,
+    ProtocolError,
+    RetriesExhausted,
     UnbrokenError,
     UpstreamError,
     UpstreamTimeout,
@@ -267,13 +269,16 @@ class ClientConfig:
             budget = self.budgets[(route.name, key)] = self.budget.clone()
         return budget
 
-    def resolve_routes(self, fallbacks: Sequence[str | Route] | None) -> list[Route]:
-        """The routes for one request: the configured ones, then its own fallbacks.
+    def resolve_routes(
+        self, fallbacks: Sequence[str | Route] | None, routes: Sequence[Route] | None = None
+    ) -> list[Route]:
+        """The routes for one request: `routes` (default: the configured ones), then its
+        own fallbacks.
 
         A fallback is a Route, the name of a configured route, or a model name (asked for
         on the first configured route).
         """
-        resolved = list(self.routes)
+        resolved = list(self.routes if routes is None else routes)
         by_name = {r.name: r for r in self.routes}
         for item in fallbacks or ():
             if isinstance(item, Route):
@@ -713,7 +718,7 @@ class AnswerRun:
         billed = self.billed or Usage()
         kind = outcome or "complete"
         if error is not None:
-            kind = error.kind if isinstance(error, UpstreamError) else type(error).__name__
+            kind = _error_outcome(error)
         self.config.hooks.answer(
             AnswerRecord(
                 route=route,
@@ -731,6 +736,21 @@ class AnswerRun:
                 cost_usd=self.cost.total_usd,
             )
         )
+
+
+def _error_outcome(error: UnbrokenError) -> str:
+    # A fixed set of label values (error kinds, timeout phases): never a class name, so a
+    # dashboard or an alert can count on them.
+    if isinstance(error, UpstreamTimeout):
+        return f"timeout_{error.phase}"
+    if isinstance(error, UpstreamError):
+        return error.kind if error.status_code or error.kind != "unknown" else "connect_error"
+    if isinstance(error, ProtocolError):
+        return "protocol_error"
+    cause = error.__cause__
+    if isinstance(error, RetriesExhausted) and isinstance(cause, UnbrokenError):
+        return _error_outcome(cause)
+    return "error"
 
 
 def _outcome_name(state: EndState | None, error: UnbrokenError | None) -> str:
@@ -839,7 +859,7 @@ class ClientBase:
         return AnswerRun(
             self._config,
             body,
-            routes or self._config.resolve_routes(options.fallbacks),
+            routes or self._config.resolve_routes(options.fallbacks, options.routes),
             now=time.monotonic(),
             restart=options.restart,
             deadline_s=options.deadline,

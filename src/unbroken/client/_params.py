@@ -30,6 +30,8 @@ class ChatParams:
         budget_key: whose share of the routes' retry budgets this answer uses (the gateway
             passes its caller's key name, so one key's failures cannot spend the recovery
             of the others); "" shares one budget per route.
+        routes: routes to use for this request instead of the configured ones (a gateway
+            routing one public model name to its own upstreams).
     """
 
     extra_headers: Mapping[str, str] = field(default_factory=dict)
@@ -39,6 +41,7 @@ class ChatParams:
     fallbacks: Sequence[str | Route] | None = None
     restart: bool = False
     budget_key: str = ""
+    routes: Sequence[Route] | None = None
     extra_query: Mapping[str, Any] | None = None
 
     @classmethod
@@ -55,6 +58,7 @@ class ChatParams:
         fallbacks = params.pop("fallbacks", None)
         restart = params.pop("restart", False)
         budget_key = params.pop("budget_key", "")
+        routes = params.pop("routes", None)
         query = params.pop("extra_query", None)
         if query is not None and not isinstance(query, Mapping):
             raise InvalidRequestError("extra_query must be a mapping")
@@ -76,6 +80,12 @@ class ChatParams:
             isinstance(fallbacks, str) or not isinstance(fallbacks, Sequence)
         ):
             raise InvalidRequestError("fallbacks must be a list of model names or routes")
+        if routes is not None and (
+            not isinstance(routes, Sequence)
+            or not routes
+            or not all(isinstance(r, Route) for r in routes)
+        ):
+            raise InvalidRequestError("routes must be a non-empty list of Route objects")
         if not isinstance(restart, bool):
             raise InvalidRequestError("restart must be True or False")
         if not isinstance(budget_key, str):
@@ -90,6 +100,7 @@ class ChatParams:
             fallbacks=fallbacks,
             restart=restart,
             budget_key=budget_key,
+            routes=routes,
             extra_query=query,
         )
 

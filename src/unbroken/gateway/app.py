@@ -15,6 +15,8 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import parse_qsl
 
 import anyio
 import httpx
@@ -23,9 +25,11 @@ from prometheus_client import CollectorRegistry
 from unbroken.client import AsyncClient, AsyncStream
 from unbroken.core.attempt import Timeouts
 from unbroken.core.backoff import RetryBudget, RetryPolicy
+from unbroken.core.pricing import PriceTable
 from unbroken.core.routes import Route
 from unbroken.core.wire import Answer, ChatCompletion
-from unbroken.errors import UnbrokenError
+from unbroken.errors import StoreError, UnbrokenError
+from unbroken.gateway.accesslog import RequestRecord, current_request, write_access_line
 from unbroken.gateway.asgi import Exchange, Receive, Scope, Send
 from unbroken.gateway.budget import Bookings
 from unbroken.gateway.cache import AnswerCache, RecordingStream
@@ -36,8 +40,10 @@ from unbroken.gateway.limits import Admission, Limiter
 from unbroken.gateway.metrics import GatewayMetrics
 from unbroken.gateway.openapi import allowed_methods, openapi
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
+from unbroken.gateway.quota import rate_limit_headers
 from unbroken.gateway.relay import RelayResult, StreamRelay
 from unbroken.gateway.request import ChatRequest, parse_chat_request
+from unbroken.gateway.routing import ModelRouter, ServedModels, base_routes
 from unbroken.gateway.serving import BreakerWatch
 from unbroken.gateway.session_limits import SessionLimits
 from unbroken.gateway.sessions import SESSIONS_PATH, SessionEndpoints, open_session_store
@@ -49,7 +55,9 @@ from unbroken.gateway.streams import (
     StreamHub,
     open_stream_log,
 )
+from unbroken.gateway.telemetry import SpanHook, Telemetry
 from unbroken.gateway.upstream import LeanTransport
+from unbroken.gateway.usage import UsageBook, parse_usage_query
 from unbroken.gateway.web import WebUI
 from unbroken.gateway.widget_tokens import WidgetTokens
 from unbroken.gateway.ws import WS_PATH, ChatSocket
@@ -58,11 +66,15 @@ from unbroken.settings import Settings
 from unbroken.stores import Store, open_store
 from unbroken.stores.streamlog import StreamLog
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
 __all__ = ["Gateway", "build_upstream", "create_app", "upstream_transport"]
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Exchange], Awaitable[None]]
+_T = TypeVar("_T")
 
 # A client's X-Request-ID is kept when it looks like an id; anything else is replaced, so
 # no one can inject text into our logs or headers through it.
@@ -94,16 +106,14 @@ def build_upstream(
     settings: Settings,
     hooks: list[Hook],
     transport: httpx.AsyncBaseTransport | None = None,
+    prices: PriceTable | None = None,
 ) -> AsyncClient:
     """The shared `AsyncClient` for the configured routes, on `transport` (default: a new
     `upstream_transport(settings)`); closing the AsyncClient closes the transport."""
     g = settings.gateway
-    routes = [
-        Route(r.name, r.base_url, r.api_key, r.model, r.dialect, r.context_tokens)  # type: ignore[arg-type]  # RouteSettings checked the dialect
-        for r in settings.upstream_routes()
-    ]
     return AsyncClient(
-        routes=routes,
+        routes=base_routes(settings),
+        prices=prices,
         timeouts=Timeouts(
             connect_s=g.connect_s,
             headers_s=g.headers_s,
@@ -130,8 +140,10 @@ def build_upstream(
 
 def upstream_transport(settings: Settings) -> LeanTransport:
     """The transport of the upstream calls: a `LeanTransport` whose read-ahead is the
-    per-stream buffer bound."""
-    return LeanTransport(high_water_bytes=settings.gateway.stream_buffer_bytes)
+    per-stream buffer bound, through the proxies of `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`."""
+    return LeanTransport(
+        high_water_bytes=settings.gateway.stream_buffer_bytes, proxy_env=dict(settings.proxy_env)
+    )
 
 
 class Gateway:
@@ -143,6 +155,8 @@ class Gateway:
         upstream: the SDK client to use upstream; default `build_upstream(settings)`.
         registry: the Prometheus registry of `/metrics`; default a new one.
         stream_log: the log of streamed answers; default from `settings.gateway.store`.
+        tracer_provider: an OpenTelemetry tracer provider for the request spans; default
+            an OTLP exporter on `gateway.otel_endpoint` when set, else no tracing.
     """
 
     def __init__(
@@ -153,6 +167,7 @@ class Gateway:
         upstream: AsyncClient | None = None,
         registry: CollectorRegistry | None = None,
         stream_log: StreamLog | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         g = settings.gateway
         self.settings = settings
@@ -160,11 +175,15 @@ class Gateway:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = GatewayMetrics(self.registry)
         self.guard = Guard(g, self.metrics)
+        self.router = ModelRouter(settings)
+        self.telemetry = Telemetry(tracer_provider, g.otel_endpoint)
         # Follows the breakers the client reports (only on the client built here).
         self.breakers = BreakerWatch()
-        self.client = upstream or build_upstream(
-            settings, [PrometheusHook(self.registry), self.breakers]
-        )
+        hooks: list[Hook] = [PrometheusHook(self.registry), self.breakers]
+        if self.telemetry.enabled:
+            hooks.append(SpanHook())
+        self.client = upstream or build_upstream(settings, hooks, prices=self.router.prices)
+        self.usage = UsageBook(self.store, self.router.prices)
         self.keys = KeyRing(g, self.store, WidgetTokens(g).caller if g.has_widget_tokens else None)
         self.policy = RequestPolicy(g, keys_required=self.keys.required)
         self.sessions = SessionEndpoints(
@@ -177,9 +196,8 @@ class Gateway:
         self.cache = AnswerCache(g.cache, self.registry) if g.cache.enabled else None
         routes = settings.upstream_routes()
         self.scrub = Scrubber([settings.api_key, *(r.api_key for r in routes)])
-        self.models = frozenset(g.models)
         self.route_names = frozenset(r.name for r in routes)
-        self.web = WebUI(self.models, auth_required=self.keys.required)
+        self.web = WebUI(frozenset(self.models), auth_required=self.keys.required)
         # DeepSeek answers with one choice; asking it for more would only be retried.
         self._max_choices = 1 if all(r.dialect == "deepseek" for r in routes) else 16
         self.draining = False
@@ -196,10 +214,20 @@ class Gateway:
             "/healthz": ("GET", self._healthz),
             "/readyz": ("GET", self._readyz),
             "/openapi.json": ("GET", self._openapi),
+            "/v1/usage": ("GET", self._usage),
         }
 
     def __repr__(self) -> str:
         return f"Gateway(routes={sorted(self.route_names)}, store={self.store!r})"
+
+    async def _upstream_models(self) -> list[Any]:
+        # The first route's model list, as the router reads it ({"id": ...} items).
+        return [{"id": getattr(model, "id", None)} for model in await self.client.models.list()]
+
+    @property
+    def models(self) -> ServedModels:
+        """The model names served (see `gateway.routing`)."""
+        return self.router.served
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -228,6 +256,7 @@ class Gateway:
         if self.cache is not None:
             await self.cache.aclose()
         await self.store.aclose()
+        self.telemetry.shutdown()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -294,11 +323,15 @@ class Gateway:
         method: str = scope["method"]
         request_id, origin, headers = self._common_headers(scope)
         ex = Exchange(scope, receive, send, headers, self.settings.gateway.gzip_min_bytes)
+        record = RequestRecord.begin(request_id.decode(), method, path)
         try:
             self.policy.check(scope)
             if method == "OPTIONS":
                 await self._preflight(ex, origin)
                 return
+            if path in ("/v1/models", "/models"):
+                # Discovery mode: the upstream's model names, fetched when due.
+                await self.router.refresh(self._upstream_models, time.monotonic())
             entry = self._routes.get(path)
             if entry is None and path.startswith(SESSIONS_PATH):
                 await self.sessions.handle(ex, method, path)
@@ -323,12 +356,16 @@ class Gateway:
         except (GatewayError, UnbrokenError) as exc:
             # UnbrokenError: a store failure (StoreError -> 503) or the like, outside a relay.
             error = exc if isinstance(exc, GatewayError) else from_unbroken(exc, self.scrub)
+            record.error = error.code or str(error.status)
+            if isinstance(exc, StoreError):
+                self.metrics.store_errors.inc()
             if error.status in (401, 403, 413, 415, 429):
                 self.metrics.rejections.labels(error.code or str(error.status)).inc()
             if not ex.started:
                 await ex.respond_error(error)
         except Exception:
             # A bug must not kill the process, hang the client or show it a traceback.
+            record.error = "internal_error"
             logger.exception(
                 "unexpected error on %s %s", method, path, extra={"request_id": request_id}
             )
@@ -343,6 +380,10 @@ class Gateway:
                 )
         finally:
             self.metrics.request(path, ex.status)
+            record.finish(ex.status)
+            self.metrics.observe(path, record.outcome or "ok", record.duration_s)
+            if self.settings.gateway.access_log:
+                write_access_line(record)
 
     async def _preflight(self, ex: Exchange, origin: bytes | None) -> None:
         if origin is None:
@@ -381,6 +422,11 @@ class Gateway:
         those `forward_headers` names, never Authorization, Host or hop-by-hop ones."""
         rid = request_id.decode("latin-1") if request_id is not None else uuid.uuid4().hex
         headers = {"X-Request-ID": rid}
+        if not self.telemetry.enabled:
+            # No span of ours: a client's trace context goes upstream as is.
+            for name, value in scope.get("headers", ()):
+                if name == b"traceparent":
+                    headers["traceparent"] = value.decode("latin-1")
         if not self._exact and not self._prefixes:
             return headers
         for raw_name, raw_value in scope.get("headers", ()):
@@ -410,9 +456,15 @@ class Gateway:
         g = self.settings.gateway
         self.check_draining()
         caller = await self.keys.identify(ex.header(b"authorization"))
-        request = parse_chat_request(
-            await ex.read_body(g.max_body_bytes), self.models, self.route_names
-        )
+        raw = await ex.read_body(g.max_body_bytes)
+        try:
+            request = parse_chat_request(raw, self.models, self.route_names)
+        except GatewayError as exc:
+            if exc.code != "model_not_found" or not self.router.discovers:
+                raise
+            # A name not served yet: ask the upstream what it serves (when due), then check.
+            await self.router.refresh(self._upstream_models, time.monotonic())
+            request = parse_chat_request(raw, self.models, self.route_names)
         await self.serve_chat(ex, caller, request)
 
     def check_models(self, caller: Caller, request: ChatRequest) -> None:
@@ -456,7 +508,31 @@ class Gateway:
         """Admit a checked streamed request and start producing it into the stream log
         (SSE and WebSocket answers both start here); usage is booked when it ends, and a
         whole answer is stored under `cache_key` in the answer cache."""
+        producer, _ = await self._start_answer(
+            caller,
+            request,
+            headers,
+            resumable=resumable,
+            after=after,
+            session_id=session_id,
+            cache_key=cache_key,
+        )
+        return producer
+
+    async def _start_answer(
+        self,
+        caller: Caller,
+        request: ChatRequest,
+        headers: dict[str, str],
+        *,
+        resumable: bool,
+        after: Callable[[ChatCompletion], Awaitable[None]] | None = None,
+        session_id: str | None = None,
+        cache_key: str | None = None,
+        traceparent: bytes | None = None,
+    ) -> tuple[Producer, _Booking]:
         booking = await _Booking.admit(self, caller, request, after)
+        self._trace(booking, request, headers, traceparent)
         recorded: list[RecordingStream] = []
 
         def record(stream: AsyncStream) -> AsyncStream:
@@ -485,7 +561,37 @@ class Gateway:
             raise
         if session_id is not None:
             await self.streams.log.link_session(session_id, producer.stream_id, time.time())
-        return producer
+        return producer, booking
+
+    def _trace(
+        self,
+        booking: _Booking,
+        request: ChatRequest,
+        headers: dict[str, str],
+        traceparent: bytes | None,
+    ) -> None:
+        # The request's span (when tracing): its traceparent goes upstream, and it ends
+        # when the answer is booked, however and wherever it ends.
+        if not self.telemetry.enabled:
+            return
+        routes = self.router.routes_for(request.model) or self.client.routes
+        provider = "deepseek" if routes[0].dialect == "deepseek" else "openai"
+        span = self.telemetry.start(request, traceparent, provider)
+        self.telemetry.inject(span, headers)
+        booking.on_booked = lambda completion, completed: self.telemetry.end(
+            span, "complete" if completed else "error", completion
+        )
+
+    async def _admitted(self, ex: Exchange, caller: Caller, admit: Awaitable[_T]) -> _T:
+        # OpenAI's x-ratelimit-* headers on the answer, and on a 429 of our limits.
+        try:
+            admitted = await admit
+        except GatewayError as exc:
+            if exc.status == 429:
+                ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
+            raise
+        ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
+        return admitted
 
     async def serve_chat(
         self,
@@ -501,6 +607,9 @@ class Gateway:
         links the session to it."""
         g = self.settings.gateway
         self.check_models(caller, request)
+        record = current_request()
+        if record is not None:
+            record.key, record.model = caller.name, request.model
         resumable = self.streams.is_resumable(ex, request)
         cache_key = None
         if self.cache is not None:
@@ -510,14 +619,19 @@ class Gateway:
         request_id = dict(ex.headers_out)[b"x-request-id"]
         headers = self._forwarded(ex, request_id)
         if request.stream:
-            producer = await self.start_answer(
+            producer, streamed = await self._admitted(
+                ex,
                 caller,
-                request,
-                headers,
-                resumable=resumable,
-                after=after,
-                session_id=session_id,
-                cache_key=cache_key,
+                self._start_answer(
+                    caller,
+                    request,
+                    headers,
+                    resumable=resumable,
+                    after=after,
+                    session_id=session_id,
+                    cache_key=cache_key,
+                    traceparent=ex.header(b"traceparent"),
+                ),
             )
             relay = StreamRelay(
                 ex,
@@ -542,9 +656,11 @@ class Gateway:
                 self.metrics.active.dec()
                 producer.detach(time.time())
                 self._count(result or relay.result)
+                _observe(record, result or relay.result, streamed.final)
             return
 
-        booking = await _Booking.admit(self, caller, request, after)
+        booking = await self._admitted(ex, caller, _Booking.admit(self, caller, request, after))
+        self._trace(booking, request, headers, ex.header(b"traceparent"))
         relay = StreamRelay(
             ex,
             self.scrub,
@@ -564,7 +680,8 @@ class Gateway:
                 stream=True,
                 extra_body=request.extra or None,
                 extra_headers=headers,
-                fallbacks=request.fallbacks or None,
+                fallbacks=self.router.fallback_routes(request.fallbacks) or None,
+                routes=self.router.routes_for(request.model),
                 budget_key=caller.id,  # each key recovers from its own share
             )
             if cache_key is not None:
@@ -584,6 +701,7 @@ class Gateway:
                 result = relay.result
             await booking.book(result.completion if result is not None else None)
             self._count(result)
+            _observe(record, result, booking.final)
 
     def _count(self, result: RelayResult | None) -> None:
         if result is not None:
@@ -650,6 +768,7 @@ class Gateway:
 
     async def _models(self, ex: Exchange) -> None:
         caller = await self.keys.identify(ex.header(b"authorization"))
+        ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
         names = sorted(self.models if caller.models is None else self.models & set(caller.models))
         await ex.respond_json(
             200,
@@ -662,7 +781,23 @@ class Gateway:
             },
         )
 
+    async def _usage(self, ex: Exchange) -> None:
+        caller = await self.keys.identify(ex.header(b"authorization"))
+        ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
+        query = dict(parse_qsl(ex.scope.get("query_string", b"").decode("latin-1")))
+        report = await self.usage.report(
+            parse_usage_query(query, caller, self.router.prices, time.time())
+        )
+        await ex.respond_json(200, report)
+
+    async def _store_up(self) -> bool:
+        up = await self.store.ping()
+        self.metrics.store_up.set(1 if up else 0)
+        return up
+
     async def _metrics(self, ex: Exchange) -> None:
+        # Each scrape checks the store, so an alert on it needs no readiness prober.
+        await self._store_up()
         await ex.respond(200, self.metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
 
     async def _healthz(self, ex: Exchange) -> None:
@@ -672,7 +807,7 @@ class Gateway:
     async def _readyz(self, ex: Exchange) -> None:
         if self.draining:
             await ex.respond_json(503, {"status": "draining"})
-        elif not await self.store.ping():
+        elif not await self._store_up():
             await ex.respond_json(503, {"status": "store unavailable"})
         else:
             await ex.respond_json(200, {"status": "ready"})
@@ -700,6 +835,7 @@ def create_app(
     upstream: AsyncClient | None = None,
     registry: CollectorRegistry | None = None,
     stream_log: StreamLog | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> Gateway:
     """Build the gateway ASGI app (see `Gateway`); settings default to `Settings.load()`."""
     return Gateway(
@@ -708,26 +844,55 @@ def create_app(
         upstream=upstream,
         registry=registry,
         stream_log=stream_log,
+        tracer_provider=tracer_provider,
     )
+
+
+def _observe(
+    record: RequestRecord | None, result: RelayResult | None, completion: ChatCompletion | None
+) -> None:
+    # The access record takes the answer (or what arrived of it).
+    if record is not None:
+        if completion is None and result is not None:
+            completion = result.completion
+        record.answer(result.reason if result is not None else "error", completion)
 
 
 class _Booking:
     """One admitted request's hold on its caller's limits: usage is booked (and the
     concurrency slot freed) exactly once, however the answer ends."""
 
-    __slots__ = ("_after", "_bookings", "_limiter", "admission", "booked")
+    __slots__ = (
+        "_after",
+        "_bookings",
+        "_limiter",
+        "_model",
+        "_usage",
+        "admission",
+        "booked",
+        "completed",
+        "final",
+        "on_booked",
+    )
 
     def __init__(
         self,
         gateway: Gateway,
         admission: Admission,
         after: Callable[[ChatCompletion], Awaitable[None]] | None,
+        model: str = "",
     ) -> None:
         self._limiter = gateway.limiter
         self._bookings = gateway.bookings
         self._after = after
+        self._usage: UsageBook | None = gateway.usage
+        self._model = model
         self.admission = admission
         self.booked = False
+        self.completed = False
+        # What was booked: the whole answer, or what arrived of it.
+        self.final: ChatCompletion | None = None
+        self.on_booked: Callable[[ChatCompletion | None, bool], None] | None = None
 
     @classmethod
     async def admit(
@@ -743,10 +908,11 @@ class _Booking:
         if not request.max_tokens:
             reserve += gateway.settings.gateway.reserve_tokens
         admission = await gateway.limiter.admit(caller, reserve, time.time())
-        return cls(gateway, admission, after)
+        return cls(gateway, admission, after, request.model)
 
     async def complete(self, completion: ChatCompletion) -> None:
         """The whole answer: run `after` (session turns), then book it."""
+        self.completed = True
         if self._after is not None:
             try:
                 await self._after(completion)
@@ -760,7 +926,7 @@ class _Booking:
         """Book the answer's usage and cost (once) and free the slot."""
         if self.booked:
             return
-        self.booked = True
+        self.booked, self.final = True, completion
         tokens = cost = None
         if completion is not None and completion.usage is not None:
             tokens = completion.usage.total_tokens
@@ -769,7 +935,20 @@ class _Booking:
         # Books usage and frees the slot even when the server cancels us at shutdown; a
         # store failure queues the booking instead of failing a delivered answer.
         with anyio.CancelScope(shield=True):
+            now = time.time()
             await self._bookings.settle(self.admission, tokens, cost or 0.0)
+            if self._usage is not None:
+                usage = completion.usage if completion is not None else None
+                caller = self.admission.caller.name
+                try:
+                    await self._usage.record(caller, self._model, usage, cost or 0.0, now)
+                except StoreError as exc:
+                    # The answer is delivered and its limits are settled (or queued);
+                    # the usage report misses it rather than the client losing it.
+                    self._bookings.count_failure("usage_not_recorded")
+                    logger.warning("usage of a delivered answer not recorded: %s", exc)
+        if self.on_booked is not None:
+            self.on_booked(completion, self.completed)
 
     def renew(self) -> Awaitable[None]:
         """Extend the concurrency slot's lease."""

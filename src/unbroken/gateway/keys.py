@@ -16,9 +16,8 @@ from unbroken.stores.base import Store
 
 __all__ = ["ANONYMOUS", "Caller", "KeyRing"]
 
-# Store lookups (hits and misses) are cached this long, so a flood of bad keys costs the
-# store one read per key per interval, and a revoked key stops working within it.
-CACHE_S = 5.0
+# Store lookups (hits and misses) are cached `gateway.key_cache_s`, so a flood of bad keys
+# costs the store one read per key per interval, and a revoked key stops working within it.
 CACHE_MAX = 10_000
 
 
@@ -31,16 +30,19 @@ class Caller:
         name: the key's label, for logs and error messages (never the key).
         limits: its effective limits.
         models: the models it may use (None: all served models).
+        role: `user`, or `admin` (reads every key's usage); the anonymous caller of a
+            gateway without keys is an admin.
     """
 
     id: str
     name: str
     limits: LimitSettings
     models: tuple[str, ...] | None = None
+    role: str = "user"
 
 
 ANONYMOUS_NAME = "anonymous"
-ANONYMOUS = Caller("anonymous", ANONYMOUS_NAME, LimitSettings())
+ANONYMOUS = Caller("anonymous", ANONYMOUS_NAME, LimitSettings(), role="admin")
 
 
 class KeyRing:
@@ -63,8 +65,9 @@ class KeyRing:
         self._defaults = settings.limits
         self._keys = {k.sha256: k for k in settings.keys}
         self._store = store if settings.keys_in_store else None
+        self._cache_s = settings.key_cache_s
         self._cache: dict[str, tuple[float, KeySettings | None]] = {}
-        self._anonymous = Caller("anonymous", ANONYMOUS_NAME, settings.limits)
+        self._anonymous = Caller("anonymous", ANONYMOUS_NAME, settings.limits, role="admin")
 
     @property
     def required(self) -> bool:
@@ -72,7 +75,13 @@ class KeyRing:
         return bool(self._keys) or self._store is not None or self._widget is not None
 
     def _caller(self, key: KeySettings) -> Caller:
-        return Caller(f"k:{key.sha256[:24]}", key.name, key.limits.over(self._defaults), key.models)
+        return Caller(
+            f"k:{key.sha256[:24]}",
+            key.name,
+            key.limits.over(self._defaults),
+            key.models,
+            key.role,
+        )
 
     async def identify(self, authorization: bytes | None) -> Caller:
         """The caller of a request with this `Authorization` header.
@@ -115,5 +124,5 @@ class KeyRing:
         key = await self._store.get_key(digest)
         if len(self._cache) >= CACHE_MAX:
             self._cache.clear()
-        self._cache[digest] = (now + CACHE_S, key)
+        self._cache[digest] = (now + self._cache_s, key)
         return key

@@ -5,7 +5,7 @@ endpoint, status, reason; never a key, a user or a prompt. Imports prometheus_cl
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["ENDPOINTS", "GatewayMetrics"]
 
@@ -20,8 +20,11 @@ ENDPOINTS = frozenset(
         "/healthz",
         "/readyz",
         "/openapi.json",
+        "/v1/usage",
     }
 )
+# Request durations: from a health check's microseconds to a reasoner's many minutes.
+_DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 
 
 class GatewayMetrics:
@@ -32,6 +35,9 @@ class GatewayMetrics:
     `unbroken_gateway_streams_total{outcome}` (complete, error, client_gone, slow_client),
     `unbroken_gateway_active_requests`, `unbroken_gateway_chunks_total`,
     `unbroken_gateway_keepalives_total`, `unbroken_gateway_draining`,
+    `unbroken_gateway_request_duration_seconds{endpoint,outcome}` (outcome: ok, rejected,
+    failed, or how an answer ended: complete, error, client_gone, slow_client, shutdown),
+    `unbroken_gateway_store_up`, `unbroken_gateway_store_errors_total`,
     `unbroken_gateway_stream_writers`, `unbroken_gateway_stream_takeovers_total`.
     """
 
@@ -69,6 +75,23 @@ class GatewayMetrics:
         self.draining = Gauge(
             "unbroken_gateway_draining", "1 while shutting down", registry=registry
         )
+        self.store_up = Gauge(
+            "unbroken_gateway_store_up",
+            "1 when the state store answered the last readiness check, else 0",
+            registry=registry,
+        )
+        self.store_errors = Counter(
+            "unbroken_gateway_store_errors_total",
+            "Requests failed because the state store did not answer",
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "unbroken_gateway_request_duration_seconds",
+            "HTTP request duration, from arrival to the last byte, by endpoint and outcome",
+            ["endpoint", "outcome"],
+            buckets=_DURATION_BUCKETS,
+            registry=registry,
+        )
         self.stream_writers = Gauge(
             "unbroken_gateway_stream_writers",
             "Answers this instance is writing into the stream log",
@@ -84,6 +107,11 @@ class GatewayMetrics:
         """Count one finished HTTP request."""
         endpoint = path if path in ENDPOINTS else "other"
         self.requests.labels(endpoint, str(status)).inc()
+
+    def observe(self, path: str, outcome: str, duration_s: float) -> None:
+        """Observe one finished request's duration (`outcome` from a fixed set)."""
+        endpoint = path if path in ENDPOINTS else "other"
+        self.duration.labels(endpoint, outcome).observe(duration_s)
 
     def render(self) -> bytes:
         """The text exposition of the registry."""

@@ -23,6 +23,7 @@ METHODS: dict[str, tuple[str, ...]] = {
     "/v1/sessions/{id}": ("GET", "PATCH", "DELETE"),
     "/v1/sessions/{id}/messages": ("POST",),
     "/v1/streams/{id}": ("GET", "DELETE"),
+    "/v1/usage": ("GET",),
     "/streams/{id}": ("GET", "DELETE"),
     "/metrics": ("GET",),
     "/healthz": ("GET",),
@@ -529,6 +530,28 @@ def _paths(models: list[str], routes: list[str], chat_fields: dict[str, Any]) ->
                     "content": _json(_session_message(models, chat_fields)),
                 },
                 "responses": {"200": _ANSWER, **_errors(*_CHAT_ERRORS)},
+            }
+        },
+        "/v1/usage": {
+            "get": {
+                "summary": "Requests, tokens and cost by day and model (an admin: any key's)",
+                "parameters": [
+                    {"name": name, "in": "query", "required": False, "schema": {"type": kind}}
+                    for name, kind in (
+                        ("days", "integer"),
+                        ("start", "string"),
+                        ("end", "string"),
+                        ("key", "string"),
+                        ("price_at", "string"),
+                    )
+                ],
+                "responses": {
+                    "200": {
+                        "description": "rows per day, key and model, and totals",
+                        "content": _json({"type": "object"}),
+                    },
+                    **_errors(401, 403),
+                },
             }
         },
         "/v1/streams/{id}": {

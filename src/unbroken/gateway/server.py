@@ -112,6 +112,8 @@ class _DrainingServer(uvicorn.Server):
                 grace,
                 self._gateway.n_active,
                 self._drain_s,
+                # A signal handler runs inside whatever request was executing: not its line.
+                extra={"request_id": "-"},
             )
             self._gateway.begin_drain()
             if self._loop is not None:

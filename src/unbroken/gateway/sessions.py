@@ -24,7 +24,7 @@ gateway.app (which imports it).
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Protocol
 
 import msgspec
@@ -85,8 +85,8 @@ class SessionHost(Protocol):
         """Who may call."""
 
     @property
-    def models(self) -> frozenset[str]:
-        """The model names clients may ask for."""
+    def models(self) -> Collection[str]:
+        """The model names clients may ask for (`in` also answers for patterns)."""
 
     @property
     def route_names(self) -> frozenset[str]:

@@ -555,6 +555,7 @@ class StreamHub:
             slot_every_s=g.slot_lease_s / 3,
         )
         client = self.gateway.client
+        router = self.gateway.router
 
         async def open_stream() -> AsyncStream:
             stream = await client.chat.completions.create(
@@ -563,7 +564,8 @@ class StreamHub:
                 stream=True,
                 extra_body=request.extra or None,
                 extra_headers=headers,
-                fallbacks=request.fallbacks or None,
+                fallbacks=router.fallback_routes(request.fallbacks) or None,
+                routes=router.routes_for(request.model),
                 # Each key recovers from its own share of the retry budgets.
                 budget_key=caller.id,
             )
@@ -599,6 +601,7 @@ class StreamHub:
             "taking over stream %s at event %d (epoch %d)", stream_id, n_events, lease.epoch
         )
         client = self.gateway.client
+        router = self.gateway.router
 
         async def open_stream() -> AsyncStream:
             common: dict[str, Any] = {
@@ -606,7 +609,8 @@ class StreamHub:
                 "messages": saved["messages"],
                 "extra_body": saved["extra"] or None,
                 "extra_headers": saved["headers"],
-                "fallbacks": saved["fallbacks"] or None,
+                "fallbacks": router.fallback_routes(saved["fallbacks"]) or None,
+                "routes": router.routes_for(saved["model"]),
             }
             if partial is None:
                 return await client.chat.completions.create(stream=True, **common)

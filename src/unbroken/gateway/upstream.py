@@ -6,7 +6,8 @@ per read (h11 events, per-read timeouts, pool scans). This transport keeps httpx
 `AsyncClient` but reads each response straight from a protocol callback into a list, with
 flow control (reading pauses past `high_water_bytes`, so a slow downstream client makes the
 upstream wait instead of the gateway buffering), keep-alive reuse and httpx's exception types.
-HTTP/1.1 only. Imports httpx and httptools (the `[gateway]` extra).
+HTTP/1.1 only. Upstreams are reached through the proxies of `proxy_env` (see
+gateway/proxy.py). Imports httpx and httptools (the `[gateway]` extra).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import httptools
 import httpx
 
 from unbroken.errors import UpstreamConnectError
+from unbroken.gateway.proxy import Proxy, ProxyConfig, open_tunnel
 
 __all__ = ["LeanTransport"]
 
@@ -42,6 +44,9 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.parser: Any = None
+        # Set for a plain-http upstream reached through a forwarding proxy.
+        self.absolute_form = False
+        self.proxy_authorization: bytes | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -158,6 +163,20 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+def _request_bytes(request: httpx.Request, body: bytes, conn: _Connection) -> bytes:
+    url = request.url
+    target = url.raw_path
+    if conn.absolute_form:
+        target = url.raw_scheme + b"://" + url.netloc + url.raw_path
+    head = [request.method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
+    for name, value in request.headers.raw:
+        head += [name, b": ", value, b"\r\n"]
+    if conn.proxy_authorization is not None:
+        head += [b"Proxy-Authorization: ", conn.proxy_authorization, b"\r\n"]
+    head.append(b"\r\n")
+    return b"".join(head) + body
+
+
 class _ResponseStream(httpx.AsyncByteStream):
     def __init__(self, pool: LeanTransport, conn: _Connection, read_timeout: float | None):
         self._pool = pool
@@ -205,6 +224,10 @@ class LeanTransport(httpx.AsyncBaseTransport):
             timeout, then fails with httpx.PoolTimeout).
         high_water_bytes: response bytes read ahead of the consumer before reading pauses.
         ssl_context: for https upstreams (default: the system's trust store).
+        proxy_env: HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY (`Settings.proxy_env`).
+
+    Raises:
+        ConfigError: a proxy URL in `proxy_env` is malformed.
     """
 
     def __init__(
@@ -212,7 +235,9 @@ class LeanTransport(httpx.AsyncBaseTransport):
         max_connections: int = 1000,
         high_water_bytes: int = DEFAULT_HIGH_WATER,
         ssl_context: ssl.SSLContext | None = None,
+        proxy_env: dict[str, str] | None = None,
     ) -> None:
+        self._proxies = ProxyConfig.from_env(proxy_env or {})
         self._max = max_connections
         self._high = high_water_bytes
         self._ssl = ssl_context
@@ -268,15 +293,22 @@ class LeanTransport(httpx.AsyncBaseTransport):
         context = None
         if scheme == "https":
             context = self._ssl or ssl.create_default_context()
+        proxy = self._proxies.select(scheme, host, port)
         try:
             async with asyncio.timeout(timeouts.get("connect")):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(loop, key, self._high),
-                    host,
-                    port,
-                    ssl=context,
-                    server_hostname=host if context else None,
-                )
+                if proxy is not None and context is not None:
+                    conn = await self._tunnel(loop, key, proxy, context, timeouts)
+                else:
+                    # No proxy, or a plain-http upstream sent to its proxy in absolute form.
+                    _, conn = await loop.create_connection(
+                        lambda: _Connection(loop, key, self._high),
+                        proxy.host if proxy is not None else host,
+                        proxy.port if proxy is not None else port,
+                        ssl=context,
+                        server_hostname=host if context else None,
+                    )
+                    conn.proxy_authorization = proxy.authorization if proxy else None
+                    conn.absolute_form = proxy is not None
         except TimeoutError:
             self._open -= 1
             raise httpx.ConnectTimeout(f"timed out connecting to {host}:{port}") from None
@@ -299,6 +331,28 @@ class LeanTransport(httpx.AsyncBaseTransport):
             raise
         return conn
 
+    async def _tunnel(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        key: tuple[str, str, int],
+        proxy: Proxy,
+        context: ssl.SSLContext,
+        timeouts: dict[str, float | None],
+    ) -> _Connection:
+        _, host, port = key
+        raw = await open_tunnel(proxy, host, port, timeouts.get("connect"))
+        conn = _Connection(loop, key, self._high)
+        raw.set_protocol(conn)
+        try:
+            tls = await loop.start_tls(raw, conn, context, server_hostname=host)
+        except BaseException:
+            raw.abort()
+            raise
+        if tls is None:  # pragma: no cover - only when the loop closes under us
+            raise httpx.ConnectError(f"TLS to {host}:{port} through the proxy did not start")
+        conn.connection_made(tls)
+        return conn
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send `request` and return once the response headers arrived."""
         url = request.url
@@ -306,19 +360,15 @@ class LeanTransport(httpx.AsyncBaseTransport):
         if scheme not in ("http", "https"):
             raise httpx.UnsupportedProtocol(f"unsupported URL scheme {scheme!r}")
         port = url.port or (443 if scheme == "https" else 80)
-        key = (scheme, url.host, port)
+        key = (scheme, url.raw_host.decode("ascii"), port)
         timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
         if isinstance(request.stream, httpx.ByteStream):
             body = request.content
         else:
             body = b"".join([part async for part in request.stream])  # type: ignore[union-attr]  # async stream
-        head = [request.method.encode("ascii"), b" ", url.raw_path, b" HTTP/1.1\r\n"]
-        for name, value in request.headers.raw:
-            head += [name, b": ", value, b"\r\n"]
-        head.append(b"\r\n")
-        payload = b"".join(head) + body
         for tries in range(2):
             conn = await self._connect(key, timeouts)
+            payload = _request_bytes(request, body, conn)
             reused = conn.idle_since > 0
             conn.begin()
             try:

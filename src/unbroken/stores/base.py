@@ -7,6 +7,7 @@ settings only.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 from unbroken.settings import KeySettings
@@ -55,6 +56,19 @@ class Store(Protocol):
 
     async def get(self, key: str, now: float) -> float:
         """The value of counter `key` (0 when absent or expired)."""
+
+    async def level(self, key: str, capacity: float, refill_per_s: float, now: float) -> float:
+        """The tokens in bucket `key` now (a full bucket when absent); changes nothing."""
+
+    async def add_usage(self, day: str, amounts: Mapping[str, float], ttl_s: float) -> None:
+        """Add each amount to its field of the usage table of `day` (created empty,
+        forgotten `ttl_s` after its last write)."""
+
+    async def get_usage(self, day: str) -> dict[str, float]:
+        """Every field of the usage table of `day` ({} when absent)."""
+
+    async def list_keys(self) -> list[KeySettings]:
+        """Every stored gateway key."""
 
     async def get_key(self, digest: str) -> KeySettings | None:
         """The gateway key stored under its SHA-256 `digest`, or None."""

@@ -6,6 +6,8 @@ Single event loop, no awaits inside a method, so every method is atomic. Bucket 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from unbroken.core.ratelimit import BucketState, TokenBucket
 from unbroken.settings import KeySettings
 
@@ -20,6 +22,7 @@ class MemoryStore:
         self._slots: dict[str, dict[str, float]] = {}
         self._counters: dict[str, tuple[float, float]] = {}
         self._keys: dict[str, KeySettings] = {}
+        self._usage: dict[str, dict[str, float]] = {}
 
     def __repr__(self) -> str:
         return f"MemoryStore(buckets={len(self._buckets)}, keys={len(self._keys)})"
@@ -85,6 +88,25 @@ class MemoryStore:
         """See `Store.get`."""
         value, expires = self._counters.get(key, (0.0, 0.0))
         return value if expires > now else 0.0
+
+    async def level(self, key: str, capacity: float, refill_per_s: float, now: float) -> float:
+        """See `Store.level`."""
+        bucket = TokenBucket(capacity, refill_per_s)
+        return bucket.level(self._buckets.get(key) or bucket.initial(now), now)
+
+    async def add_usage(self, day: str, amounts: Mapping[str, float], ttl_s: float) -> None:
+        """See `Store.add_usage` (the memory store keeps every day until it stops)."""
+        table = self._usage.setdefault(day, {})
+        for name, amount in amounts.items():
+            table[name] = table.get(name, 0.0) + amount
+
+    async def get_usage(self, day: str) -> dict[str, float]:
+        """See `Store.get_usage`."""
+        return dict(self._usage.get(day, {}))
+
+    async def list_keys(self) -> list[KeySettings]:
+        """See `Store.list_keys`."""
+        return list(self._keys.values())
 
     async def get_key(self, digest: str) -> KeySettings | None:
         """See `Store.get_key`."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -135,6 +135,7 @@ def _key_to_json(key: KeySettings) -> str:
             "sha256": key.sha256,
             "limits": limits,
             "models": None if key.models is None else list(key.models),
+            "role": key.role,
         }
     )
 
@@ -147,6 +148,7 @@ def _key_from_json(raw: str) -> KeySettings:
         sha256=str(data["sha256"]),
         limits=LimitSettings(**data.get("limits") or {}),
         models=None if models is None else tuple(models),
+        role=str(data.get("role", "user")),
     )
 
 
@@ -275,6 +277,52 @@ class RedisStore:
         if value is None or expires is None or float(expires) <= now:
             return 0.0
         return float(value)
+
+    async def level(self, key: str, capacity: float, refill_per_s: float, now: float) -> float:
+        """See `Store.level` (the take script's refill, read-only)."""
+        raw: Any = await self._run(
+            "read a bucket",
+            lambda: self._redis.hmget(f"{self._prefix}bucket:{key}", ["t", "u"]),
+        )
+        tokens, updated = raw
+        if tokens is None or updated is None:
+            return float(capacity)
+        elapsed = max(0.0, now - float(updated))
+        return min(float(capacity), float(tokens) + elapsed * refill_per_s)
+
+    async def add_usage(self, day: str, amounts: Mapping[str, float], ttl_s: float) -> None:
+        """See `Store.add_usage`: HINCRBYFLOAT per field in one transaction."""
+        name = f"{self._prefix}usage:{day}"
+
+        async def write() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for field, amount in amounts.items():
+                    pipe.hincrbyfloat(name, field, amount)
+                pipe.pexpire(name, math.ceil(ttl_s * 1000))
+                await pipe.execute()
+
+        await self._run("add usage", write)
+
+    async def get_usage(self, day: str) -> dict[str, float]:
+        """See `Store.get_usage`."""
+        raw: Any = await self._run(
+            "read usage", lambda: self._redis.hgetall(f"{self._prefix}usage:{day}")
+        )
+        with _translated("read usage"):
+            return {str(k): float(v) for k, v in raw.items()}
+
+    async def list_keys(self) -> list[KeySettings]:
+        """See `Store.list_keys` (SCAN, so Redis is never blocked by a long listing)."""
+
+        async def scan() -> list[str]:
+            return [k async for k in self._redis.scan_iter(match=f"{self._prefix}key:*")]
+
+        names = await self._run("list keys", scan)
+        if not names:
+            return []
+        raws: Any = await self._run("list keys", lambda: self._redis.mget(names))
+        with _translated("list keys"):
+            return [_key_from_json(raw) for raw in raws if raw is not None]
 
     async def get_key(self, digest: str) -> KeySettings | None:
         """See `Store.get_key`."""

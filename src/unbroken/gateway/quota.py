@@ -1,0 +1,55 @@
+"""OpenAI's rate-limit headers (`x-ratelimit-{limit,remaining,reset}-{requests,tokens}`)
+from a caller's requests- and tokens-per-minute buckets.
+
+OpenAI sends the reset as a Go duration (`1s`, `6m0s`, `20ms`): the time until the bucket
+is full again. A limit the key does not have is not announced. Imports stores and
+gateway siblings.
+"""
+
+from __future__ import annotations
+
+import math
+
+from unbroken.gateway.keys import Caller
+from unbroken.stores.base import Store
+
+__all__ = ["go_duration", "rate_limit_headers"]
+
+
+def go_duration(seconds: float) -> str:
+    """`seconds` as Go's `time.Duration.String()` prints it, to the millisecond."""
+    ms = max(0, math.ceil(seconds * 1000))
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+async def rate_limit_headers(store: Store, caller: Caller, now: float) -> list[tuple[bytes, bytes]]:
+    """The rate-limit headers of `caller` at Unix time `now` (after its request was taken)."""
+    headers: list[tuple[bytes, bytes]] = []
+    limits = caller.limits
+    for kind, per_minute in (
+        ("requests", limits.requests_per_minute),
+        ("tokens", limits.tokens_per_minute),
+    ):
+        if per_minute is None:
+            continue
+        refill = per_minute / 60.0
+        bucket = "rpm" if kind == "requests" else "tpm"
+        level = await store.level(f"{bucket}:{caller.id}", per_minute, refill, now)
+        headers += [
+            (f"x-ratelimit-limit-{kind}".encode(), str(int(per_minute)).encode()),
+            (f"x-ratelimit-remaining-{kind}".encode(), str(max(0, math.floor(level))).encode()),
+            (
+                f"x-ratelimit-reset-{kind}".encode(),
+                go_duration((per_minute - level) / refill).encode(),
+            ),
+        ]
+    return headers
