@@ -130,7 +130,9 @@ def test_usage_agrees_with_the_mock_and_prices_at_another_model(
 ) -> None:
     """/v1/usage counts what the mock counted (requests and tokens); a key reads only its
     own, an admin reads every key's, priced at another model's prices on request."""
-    alice = json.loads(keys(config, "create", "alice", "--rpm", "6", "--tpm", "60", "--json"))
+    # Each request reserves its prompt and `reserve_tokens` (4,096) against tokens/min until
+    # its usage is known: three must fit in the bucket.
+    alice = json.loads(keys(config, "create", "alice", "--rpm", "6", "--tpm", "20000", "--json"))
     carol = json.loads(keys(config, "create", "carol", "--json"))
     admin = json.loads(keys(config, "create", "ops", "--admin", "--json"))
     mock.reset()
@@ -140,8 +142,8 @@ def test_usage_agrees_with_the_mock_and_prices_at_another_model(
     last = responses[2].headers
     assert last["x-ratelimit-limit-requests"] == "6"
     assert last["x-ratelimit-remaining-requests"] == "3"  # refills one per 10 s
-    assert last["x-ratelimit-limit-tokens"] == "60"
-    assert int(last["x-ratelimit-remaining-tokens"]) < 60  # refills one per second
+    assert last["x-ratelimit-limit-tokens"] == "20000"
+    assert int(last["x-ratelimit-remaining-tokens"]) < 20000  # settled to real usage since
     assert last["x-ratelimit-reset-requests"].endswith("s")
     assert "x-ratelimit-limit-requests" not in responses[3].headers  # carol has no limits
 

@@ -536,14 +536,21 @@ def _paths(models: list[str], routes: list[str], chat_fields: dict[str, Any]) ->
             "get": {
                 "summary": "Requests, tokens and cost by day and model (an admin: any key's)",
                 "parameters": [
-                    {"name": name, "in": "query", "required": False, "schema": {"type": kind}}
-                    for name, kind in (
-                        ("days", "integer"),
-                        ("start", "string"),
-                        ("end", "string"),
-                        ("key", "string"),
-                        ("price_at", "string"),
-                    )
+                    {
+                        "name": "days",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 93},
+                    },
+                    *(
+                        {
+                            "name": name,
+                            "in": "query",
+                            "schema": {"type": "string", "format": "date"},
+                        }
+                        for name in ("start", "end")
+                    ),
+                    {"name": "key", "in": "query", "schema": {"type": "string"}},
+                    {"name": "price_at", "in": "query", "schema": {"enum": models}},
                 ],
                 "responses": {
                     "200": {
