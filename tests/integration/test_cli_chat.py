@@ -69,7 +69,15 @@ def test_chat_answers_stops_on_ctrl_c_and_resumes_a_session(tmp_path: Path) -> N
     slow.expect(PROMPT)
     slow.sendline("tell me more")
     slow.expect("tell me more")
-    slow.expect(r"\S", timeout=10)  # some output after the question (not checked to be the answer)
+    history = [
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": expected},
+        {"role": "user", "content": "tell me more"},
+    ]
+    more = answer_text("deepseek-chat", history, config=MockConfig())[1]
+    first = more.lstrip()[:3]  # the answer's own first characters are on screen
+    assert len(first.strip()) == 3
+    slow.expect_exact(first, timeout=10)
     slow.sendintr()
     slow.expect("stopped")
     slow.expect(PROMPT)
