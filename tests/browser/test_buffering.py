@@ -33,7 +33,9 @@ class BufferingProxy:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _HOP]
+        # The client's Host goes through, as a reverse proxy sends it (nginx's
+        # `proxy_set_header Host $host`): the gateway checks it against the page's Origin.
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _HOP - {b"host"}]
         query = scope["query_string"].decode()
         url = self.upstream + scope["path"] + (f"?{query}" if query else "")
         async with httpx.AsyncClient(timeout=60) as client:

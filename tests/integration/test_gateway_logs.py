@@ -134,6 +134,10 @@ def test_every_request_has_one_access_line_and_no_secret_is_logged(
             assert r["request_id"] not in by_id
             by_id[r["request_id"]] = r
         for request_id, status in seen:
+            assert request_id in by_id, (
+                [i for i, s in enumerate(seen) if s[0] == request_id],
+                status,
+            )
             assert by_id[request_id]["status"] == status
         assert len(access) == len(seen)
         first = by_id[seen[0][0]]

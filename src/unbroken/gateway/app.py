@@ -179,10 +179,14 @@ class Gateway:
         self.telemetry = Telemetry(tracer_provider, g.otel_endpoint)
         # Follows the breakers the client reports (only on the client built here).
         self.breakers = BreakerWatch()
-        hooks: list[Hook] = [PrometheusHook(self.registry), self.breakers]
-        if self.telemetry.enabled:
-            hooks.append(SpanHook())
-        self.client = upstream or build_upstream(settings, hooks, prices=self.router.prices)
+        if upstream is None:
+            # The hooks register collectors: only for the client built here (a caller's own
+            # client brings its own, on the registry it passed).
+            hooks: list[Hook] = [PrometheusHook(self.registry), self.breakers]
+            if self.telemetry.enabled:
+                hooks.append(SpanHook())
+            upstream = build_upstream(settings, hooks, prices=self.router.prices)
+        self.client = upstream
         self.usage = UsageBook(self.store, self.router.prices)
         self.keys = KeyRing(g, self.store, WidgetTokens(g).caller if g.has_widget_tokens else None)
         self.policy = RequestPolicy(g, keys_required=self.keys.required)

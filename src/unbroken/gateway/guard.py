@@ -36,6 +36,7 @@ from typing import Any, cast
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from unbroken.gateway.accesslog import ACCESS_LOGGER
 from unbroken.gateway.asgi import TRANSPORT_EXTENSION
 from unbroken.gateway.metrics import GatewayMetrics
 from unbroken.gateway.problems import error_body
@@ -371,6 +372,10 @@ class LogLimiter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """True to let `record` through."""
+        if record.name == ACCESS_LOGGER:
+            # One line per request by contract (operators count on it); its volume is the
+            # traffic's, and `gateway.access_log = false` turns it off.
+            return True
         key = (record.name, str(record.msg))
         now = self._clock()
         state = self._seen.get(key)
