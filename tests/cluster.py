@@ -89,7 +89,19 @@ def gateway_process(
     )
     environ.update({f"UNBROKEN_GATEWAY_{k.upper()}": v for k, v in env.items()})
     proc = subprocess.Popen(
-        [sys.executable, "-c", SERVE, "--port", str(port), "--upstream", upstream],
+        # One process per instance (no --workers supervisor), so SIGKILL takes the instance
+        # and its writers down at once instead of letting forked workers drain.
+        [
+            sys.executable,
+            "-c",
+            SERVE,
+            "--port",
+            str(port),
+            "--upstream",
+            upstream,
+            "--workers",
+            "1",
+        ],
         env=environ,
         stdout=subprocess.DEVNULL,
         stderr=None if os.environ.get("UNBROKEN_TEST_GATEWAY_LOGS") else subprocess.DEVNULL,
