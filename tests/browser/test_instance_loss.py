@@ -4,13 +4,9 @@ Redis behind nginx, and the page in a real browser continues to the fault-free a
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -19,15 +15,12 @@ from typing import Any
 import pytest
 
 from tests.browser.conftest import ASSISTANT, MESSAGE, MOCK, SEND
+from tests.cluster import _wait_port, gateway_process
 from tests.support import free_port, require_binary
 from unbroken.mock import MockServer, answer_text
 
 pytestmark = pytest.mark.browser
 
-SERVE = (
-    "import sys, typer; from unbroken.cli.gateway_cmds import serve; "
-    "app = typer.Typer(); app.command()(serve); app(sys.argv[1:])"
-)
 N_TOKENS = 200  # 4 s at 20 ms a token
 NGINX = """
 daemon off;
@@ -65,56 +58,6 @@ http {{
 """
 
 
-def _wait_port(port: int, proc: subprocess.Popen[Any], what: str) -> None:
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"{what} did not start") from None
-            time.sleep(0.02)  # waiting for another process to listen
-
-
-@contextmanager
-def gateway_process(mock_url: str, redis_url: str) -> Iterator[tuple[subprocess.Popen[Any], int]]:
-    """`unbroken serve` on Redis (limits, stream log, sessions) in a subprocess."""
-    port = free_port()
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("UNBROKEN_")}
-    environ.update(
-        DEEPSEEK_API_KEY="sk-up",
-        PYTHONPATH=os.pathsep.join(sys.path),
-        UNBROKEN_GATEWAY_STORE=redis_url,
-        UNBROKEN_GATEWAY_SESSIONS=redis_url,
-        UNBROKEN_GATEWAY_FORWARD_HEADERS="x-mock-*",
-    )
-    proc = subprocess.Popen(
-        # One process per instance, so kill -9 takes the instance's only worker with it.
-        [
-            sys.executable,
-            "-c",
-            SERVE,
-            "--port",
-            str(port),
-            "--upstream",
-            mock_url,
-            "--workers",
-            "1",
-        ],
-        env=environ,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_port(port, proc, "the gateway")
-        yield proc, port
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-
-
 @contextmanager
 def nginx(ports: list[int]) -> Iterator[str]:
     binary = require_binary("nginx")
@@ -142,7 +85,13 @@ def test_answer_survives_the_loss_of_its_gateway_instance(
     """kill -9 of the instance streaming the answer: the page reconnects through nginx to
     the other instance, which takes the stream over; the text is the fault-free answer."""
     with ExitStack() as stack:
-        gateways = [stack.enter_context(gateway_process(mock.url, redis_url)) for _ in range(2)]
+        gateways = [
+            (proc, int(base.rsplit(":", 1)[1]))
+            for proc, base in (
+                stack.enter_context(gateway_process(mock.url, redis_url, sessions=redis_url))
+                for _ in range(2)
+            )
+        ]
         url = stack.enter_context(nginx([port for _, port in gateways]))
         context.set_extra_http_headers({"X-Mock-Tokens": str(N_TOKENS)})
         page = context.new_page()
