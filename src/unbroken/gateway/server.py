@@ -1,5 +1,5 @@
-"""Running the gateway under uvicorn: a bound socket, the asyncio loop (see DEFAULT_LOOP)
-with httptools, and SIGTERM handling that drains.
+"""Running the gateway under uvicorn: a bound socket, uvloop (see DEFAULT_LOOP) with
+httptools, and SIGTERM handling that drains.
 
 On SIGTERM (or the first Ctrl+C) the gateway stops admitting chat requests (`/readyz` turns
 503 at once); after SIGTERM the listener keeps accepting for `drain_grace_s` (new chats get
@@ -31,11 +31,12 @@ logger = logging.getLogger(__name__)
 
 # Time left to uvicorn after our drain deadline to flush the shutdown error events.
 ABORT_GRACE_S = 3.0
-# The asyncio loop rather than uvloop: at 256 streams of 5 ms tokens uvloop fell behind the
-# mock's pace where asyncio kept up (an earlier bench/gateway.py comparison; at 32 streams they
-# tied). What the gateway does on this loop is in docs/gateway.md's table (bench/gateway.py).
-# The mock made the same choice (mock/server.py).
-DEFAULT_LOOP = "asyncio"
+# uvloop (uvicorn's "auto" picks it when installed; it comes with the [gateway] extra): at 32
+# streams of 5 ms tokens the asyncio loop cost the gateway 101 us of CPU per relayed chunk,
+# uvloop 75 us (bench/gateway.py, one run each). An earlier comparison had uvloop fall behind
+# at 256 streams; that was the per-chunk task switches and ASGI sends of the relay, since gone
+# (gateway/relay.py `LiveSink`).
+DEFAULT_LOOP = "auto"
 
 
 # File descriptors kept free beyond the connection cap: upstream connections, the store,
@@ -140,7 +141,7 @@ def serve(
         gateway: the app.
         sock: a listening socket (`bind`).
         on_ready: called with the base URL before serving.
-        loop: `asyncio` (default) or `uvloop`.
+        loop: `auto` (uvloop when installed, the default), `asyncio` or `uvloop`.
     """
     settings = gateway.settings.gateway
     _fit_connection_cap(gateway.guard)
