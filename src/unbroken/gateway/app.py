@@ -650,7 +650,7 @@ class Gateway:
             result: RelayResult | None = None
             try:
                 result = await relay.events(
-                    self.streams.follow(producer.stream_id, 0, producer=producer)
+                    self.streams.follow(producer.stream_id, 0, producer=producer, sink=relay.sink())
                 )
             except GatewayError as exc:
                 if cache_key is None or not await self._degrade(ex, request, cache_key, exc):
@@ -711,6 +711,8 @@ class Gateway:
         if result is not None:
             self.metrics.streams.labels(result.reason).inc()
             self.metrics.chunks.inc(result.n_chunks)
+            if result.n_direct:
+                self.metrics.chunks_direct.inc(result.n_direct)
             if result.n_keepalives:
                 self.metrics.keepalives.inc(result.n_keepalives)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 
+from unbroken.gateway.direct import DIRECT_EXTENSION, DirectBody
 from unbroken.gateway.problems import GatewayError
 
 __all__ = ["TRANSPORT_EXTENSION", "Exchange", "Message", "Receive", "Scope", "Send"]
@@ -72,6 +73,10 @@ class Exchange:
     def transport(self) -> Any:
         """The connection's transport when the server exposes it, else None."""
         return self.scope.get("extensions", {}).get(TRANSPORT_EXTENSION)
+
+    def direct_body(self) -> DirectBody | None:
+        """The response's direct body writer (gateway/direct.py) when the server offers it."""
+        return self.scope.get("extensions", {}).get(DIRECT_EXTENSION)  # type: ignore[no-any-return]  # set by gateway/guard.py
 
     async def read_body(self, limit: int) -> bytes:
         """The whole request body.

@@ -38,6 +38,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 from unbroken.gateway.accesslog import ACCESS_LOGGER
 from unbroken.gateway.asgi import TRANSPORT_EXTENSION
+from unbroken.gateway.direct import DIRECT_EXTENSION, DirectBody
 from unbroken.gateway.metrics import GatewayMetrics
 from unbroken.gateway.problems import error_body
 from unbroken.settings import GatewaySettings
@@ -305,6 +306,13 @@ class GuardedProtocol(HttpToolsProtocol):
         self._phase = Phase.BODY
         self._arm(self.guard.body_timeout_s, self._body_timeout)
         super().on_headers_complete()
+        # None before the first request, when that one is a WebSocket upgrade.
+        cycle = cast("RequestResponseCycle | None", self.cycle)
+        if cycle is not None and cycle.scope is self.scope:
+            # The fast path of streamed answers (gateway/direct.py); the request's ASGI
+            # task starts on the next loop iteration, after this.
+            extensions = cast("dict[str, Any]", self.scope).setdefault("extensions", {})
+            extensions[DIRECT_EXTENSION] = DirectBody(cycle)
 
     def on_body(self, body: bytes) -> None:
         if self._timer is not None:

@@ -34,6 +34,7 @@ class GatewayMetrics:
     `unbroken_gateway_rejections_total{reason}` (limits, auth, bad input),
     `unbroken_gateway_streams_total{outcome}` (complete, error, client_gone, slow_client),
     `unbroken_gateway_active_requests`, `unbroken_gateway_chunks_total`,
+    `unbroken_gateway_chunks_direct_total` (of those, written by the live fast path),
     `unbroken_gateway_keepalives_total`, `unbroken_gateway_draining`,
     `unbroken_gateway_request_duration_seconds{endpoint,outcome}` (outcome: ok, rejected,
     failed, or how an answer ended: complete, error, client_gone, slow_client, shutdown),
@@ -66,6 +67,11 @@ class GatewayMetrics:
         )
         self.chunks = Counter(
             "unbroken_gateway_chunks_total", "Chunks relayed downstream", registry=registry
+        )
+        self.chunks_direct = Counter(
+            "unbroken_gateway_chunks_direct_total",
+            "Chunks written straight to the connection by the live fast path",
+            registry=registry,
         )
         self.keepalives = Counter(
             "unbroken_gateway_keepalives_total",

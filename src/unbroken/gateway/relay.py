@@ -20,7 +20,13 @@ real HTTP error status; after that, a failure is an OpenAI-style `data: {"error"
 event and the stream ends without `[DONE]`, which every SDK reports as an error.
 
 `events()` relays a stream log instead of an SDK stream (gateway/streams.py): each event
-gets its `id:` line, and the log's own last events (`[DONE]`, or an error) end it.
+gets its `id:` line, and the log's own last events (`[DONE]`, or an error) end it. While
+the reader has caught up with a producer on this instance, the relay's `LiveSink` takes the
+producer's new events from the producer's own task and writes them straight to the
+connection (gateway/direct.py), so a live answer costs no wake-up of the reader's task and
+no ASGI send per event; when the client stops draining (the transport pauses) or a
+keep-alive is being written, the sink refuses and the reader goes back to reading the log
+and `send`, which waits for the client (and the sidecar cuts it past `send_timeout_s`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -38,9 +44,10 @@ from unbroken.client import AsyncStream
 from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.errors import UnbrokenError
 from unbroken.gateway.asgi import Exchange, Message
+from unbroken.gateway.direct import DirectBody
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
 
-__all__ = ["RelayResult", "StreamRelay"]
+__all__ = ["LiveSink", "RelayResult", "StreamRelay"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +73,14 @@ class RelayResult:
         completion: the whole answer, or what arrived of it (with billed usage), if any.
         n_chunks: chunks written downstream.
         n_keepalives: keep-alive comments written.
+        n_direct: of the chunks, those the live fast path wrote (`LiveSink`).
     """
 
     reason: str
     completion: ChatCompletion | None
     n_chunks: int = 0
     n_keepalives: int = 0
+    n_direct: int = 0
 
 
 class StreamRelay:
@@ -118,8 +127,17 @@ class StreamRelay:
         self._last_write = self._loop.time()
         self._reason: str | None = None
         self._streaming = True
+        # Written by the `LiveSink`: events, and whether any since the sidecar's last tick
+        # (the sidecar keeps the time, so a direct write reads no clock).
+        self._n_direct = 0
+        self._wrote = False
         self.n_keepalives = 0
         self.result: RelayResult | None = None
+
+    def sink(self) -> LiveSink | None:
+        """The direct path for a producer on this instance, when the server offers one."""
+        direct = self._ex.direct_body()
+        return None if direct is None else LiveSink(self, direct)
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -158,6 +176,9 @@ class StreamRelay:
                     receiver = asyncio.ensure_future(self._ex.receive())
                     continue
                 now = loop.time()
+                if self._wrote:
+                    self._wrote = False
+                    self._last_write = now
                 if self._sending_since and now - self._sending_since > self._send_timeout_s:
                     transport = self._ex.transport()
                     if transport is not None:
@@ -247,8 +268,10 @@ class StreamRelay:
                         await write(b"id: %d\ndata: %b\n\n" % (seq, payload))
                         n += 1
                     await write(b"", False)
+                    n += self._n_direct
                     result = RelayResult("complete", None, n, self.n_keepalives)
                 except GatewayError as exc:
+                    n += self._n_direct
                     result = RelayResult("error", None, n, self.n_keepalives)
                     await self._idle.wait()
                     if self._ex.started:
@@ -264,7 +287,11 @@ class StreamRelay:
         if self._reason == "shutdown":
             await self._shutdown_event()
         if self._reason is not None:
+            if result is None:
+                n += self._n_direct
             result = RelayResult(self._reason, None, n, self.n_keepalives)
+        if result is not None:
+            result.n_direct = self._n_direct
         self.result = result
         if error is not None and self._reason is None:
             raise error
@@ -334,6 +361,47 @@ class StreamRelay:
             raise error
         assert result is not None  # noqa: S101 - set unless cancelled, handled above
         return result
+
+
+class LiveSink:
+    """A relay's direct path from a producer on this instance (see the theory of operation;
+    gateway/streams.py `Producer.hand_off` feeds it).
+
+    Attributes:
+        last: the id of the last event written.
+    """
+
+    __slots__ = ("_direct", "_relay", "last")
+
+    def __init__(self, relay: StreamRelay, direct: DirectBody) -> None:
+        self._relay = relay
+        self._direct = direct
+        self.last = 0
+
+    def ready(self) -> bool:
+        """Whether events may be written directly now."""
+        relay = self._relay
+        return not relay._busy and relay._reason is None and self._direct.writable()
+
+    def feed(self, first: int, payloads: Sequence[bytes]) -> bool:
+        """Write events `first`, `first + 1`, ... in one write; False when they may not be
+        written directly now (nothing was written: the reader takes over again)."""
+        relay = self._relay
+        if relay._busy:
+            return False
+        if len(payloads) == 1:
+            body = b"id: %d\ndata: %b\n\n" % (first, payloads[0])
+        else:
+            body = b"".join(
+                b"id: %d\ndata: %b\n\n" % (seq, payload)
+                for seq, payload in enumerate(payloads, first)
+            )
+        if not self._direct.write(body):
+            return False
+        self.last = first + len(payloads) - 1
+        relay._n_direct += len(payloads)
+        relay._wrote = True
+        return True
 
 
 _SHUTDOWN = GatewayError(

@@ -9,6 +9,13 @@ event the log lacks, so a reconnect after any cut replays without a gap or a rep
 reader - the original POST's response, a `GET /v1/streams/{id}`, a long-poll - *follows*
 the log: read a page after its cursor, write it, wait for more.
 
+A reader on the producer's own instance that has caught up hands itself to the producer
+(`Producer.hand_off`): the producer then writes each new event to it from its own task (the
+relay's `LiveSink`, gateway/relay.py) right after appending it to the log, until the sink
+refuses one (the client is not draining) or the answer ends; the reader then reads on from
+the tail or the log as before. Appending first keeps the rule: no reader holds an event the
+log lacks.
+
 The producer holds the stream's lease (`core.streamlog`): the hub's ticker renews it about
 every second, and the renewal tells it about `DELETE` requests made on other instances and
 readers following it from elsewhere. Its readers gone, a producer stops at once unless the
@@ -33,8 +40,8 @@ import os
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
 import anyio
@@ -165,6 +172,19 @@ def _stop_chunk(completion: ChatCompletion | None) -> bytes:
 OpenStream = Callable[[], Awaitable[AsyncStream]]
 
 
+class EventSink(Protocol):
+    """A reader that takes a producer's events as they are appended (gateway/relay.py
+    `LiveSink`)."""
+
+    last: int
+
+    def ready(self) -> bool:
+        """Whether it can take events now."""
+
+    def feed(self, first: int, payloads: Sequence[bytes]) -> bool:
+        """Take events `first`, `first + 1`, ...; False when it cannot (it took none)."""
+
+
 class Producer:
     """The writer of one answer's log (see the theory of operation).
 
@@ -222,6 +242,8 @@ class Producer:
         self.finished = False
         self.reason: str | None = None  # why it stopped early: stopped, abandoned, fenced...
         self.n_readers = 0
+        # Readers handed off to this producer (`hand_off`), each with the future it parks on.
+        self._sinks: dict[EventSink, asyncio.Future[None]] = {}
         self.detached_at: float | None = time.time()
         self.task: asyncio.Task[None] | None = None
 
@@ -256,6 +278,34 @@ class Producer:
             return
         finally:
             self._n_waiting -= 1
+
+    async def hand_off(self, sink: EventSink, after: int) -> int:
+        """Let `sink` take the events appended after `after` (the last one appended) from
+        this producer's task, until it refuses one or the producer ends; returns the id of
+        the last event it took (the reader goes on from there)."""
+        if after != self.n_events or self.finished:
+            return after
+        sink.last = after
+        parked = asyncio.get_running_loop().create_future()
+        self._sinks[sink] = parked
+        try:
+            await parked
+        finally:
+            self._sinks.pop(sink, None)
+        return sink.last
+
+    def _feed(self, first: int, payloads: Sequence[bytes]) -> None:
+        for sink, parked in list(self._sinks.items()):
+            if not sink.feed(first, payloads):
+                del self._sinks[sink]
+                if not parked.done():
+                    parked.set_result(None)
+
+    def _release_sinks(self) -> None:
+        for parked in self._sinks.values():
+            if not parked.done():
+                parked.set_result(None)
+        self._sinks.clear()
 
     # -- control ---------------------------------------------------------------------------
 
@@ -352,11 +402,18 @@ class Producer:
                 self.degraded = True
                 self.tail = deque(self.tail)  # unbounded: the store cannot page for readers
                 n = self.n_events + len(payloads)
+        self._appended(payloads, n)
+
+    def _appended(self, payloads: list[bytes], n: int) -> None:
+        """`payloads` are in the log, the last as event `n`: keep them in the tail, hand
+        them to the sinks, wake the waiting readers."""
         if len(payloads) == 1:
             self.tail.append((n, payloads[0]))
         else:
             self.tail.extend(zip(range(n - len(payloads) + 1, n + 1), payloads, strict=True))
         self.n_events = n
+        if self._sinks:
+            self._feed(n - len(payloads) + 1, payloads)
         if self._n_waiting:
             self._changed.set()
             self._changed = asyncio.Event()
@@ -401,6 +458,7 @@ class Producer:
             self.finished = True
             self.first.set()
             self._changed.set()
+            self._release_sinks()
             with anyio.CancelScope(shield=True):
                 await self._settle_quietly()
                 if stream is not None:
@@ -702,12 +760,18 @@ class StreamHub:
         return None
 
     async def follow(
-        self, stream_id: str, after: int, producer: Producer | None = None
+        self,
+        stream_id: str,
+        after: int,
+        producer: Producer | None = None,
+        sink: EventSink | None = None,
     ) -> AsyncGenerator[tuple[int, bytes], None]:
         """The events after `after`, then live ones, until the log ends.
 
         With a `producer` (the POST that started the answer), a failure before the first
         event raises its `GatewayError` instead, so the client gets a real HTTP status.
+        With a `sink`, live events of a producer on this instance go to the sink instead,
+        whenever it is ready (see the theory of operation); the rest are yielded.
         """
         log = self.log
         if producer is not None:
@@ -730,7 +794,10 @@ class StreamHub:
                 if fresh:
                     continue
                 if not local.finished:
-                    await local.wait(after, TICK_S)
+                    if sink is not None and sink.ready():
+                        after = await local.hand_off(sink, after)
+                    else:
+                        await local.wait(after, TICK_S)
                     continue
             if local is not None and local.degraded and local.finished:
                 return  # the store failed during the answer: its tail was all of it
@@ -823,9 +890,12 @@ class StreamHub:
             writer.attach()
         gateway._relays.add(relay)
         try:
-            await relay.events(self.follow(stream_id, after))
+            await relay.events(self.follow(stream_id, after, sink=relay.sink()))
         finally:
             gateway._relays.discard(relay)
+            if relay.result is not None:  # a reconnect relays chunks too
+                gateway.metrics.chunks.inc(relay.result.n_chunks)
+                gateway.metrics.chunks_direct.inc(relay.result.n_direct)
             if writer is not None:
                 writer.detach(time.time())
 
