@@ -269,7 +269,7 @@ class AsyncClient(ClientBase):
                 return
             decoder = attempt.decoder
             reconnects = Reconnects(run, ex.route, response)
-            reader = response.aiter_raw().__aiter__()
+            reader = _raw_reader(response)
             timer = _StreamTimer.start(attempt, response)
             fired: TimeoutPhase | None = None
             try:
@@ -302,7 +302,7 @@ class AsyncClient(ClientBase):
                         with anyio.CancelScope(shield=True):
                             await response.aclose()
                         response = ex.response = again
-                        reader = response.aiter_raw().__aiter__()
+                        reader = _raw_reader(response)
                         if timer is not None:
                             timer.cancel()
                             timer = _StreamTimer.start(attempt, response)
@@ -440,6 +440,19 @@ def _aborter(response: httpx.Response) -> Callable[[], None] | None:
             sock.shutdown(socket.SHUT_RDWR)
 
     return shutdown
+
+
+def _raw_reader(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The body of a streamed response as read, from its transport's stream directly:
+    httpx's `aiter_raw` adds an async generator, a context manager and byte counting to
+    every read (one more frame per relayed chunk on the gateway's hot path, which relays
+    thousands a second); what it also does - refuse a consumed stream, close at the end -
+    the attempt does itself (the response is closed in its `finally`)."""
+    stream = response.stream
+    if isinstance(stream, httpx.AsyncByteStream) and not response.is_stream_consumed:
+        response.is_stream_consumed = True
+        return stream.__aiter__()
+    return response.aiter_raw().__aiter__()
 
 
 def _remaining(expiry: tuple[float, Any] | None) -> float:

@@ -232,6 +232,8 @@ class Producer:
         # Group commit for a remote log: events pushed while an append is in flight go
         # together in the next one, so the upstream is read on meanwhile.
         self._batched = getattr(hub.log, "is_remote", False)
+        # The memory log appends without a coroutine (one less per chunk).
+        self._append_now: Callable[..., int] | None = getattr(hub.log, "append_now", None)
         self._pending: list[bytes] = []
         self._flush: asyncio.Task[None] | None = None
         self.first = asyncio.Event()  # set at the first append, or when the answer failed
@@ -346,7 +348,12 @@ class Producer:
     async def _push(self, payload: bytes) -> None:
         """Append one event (see `_batched`); raises what an earlier append raised."""
         if not self._batched:
-            await self._append([payload])
+            if self._append_now is not None and not self.degraded:
+                payloads = [payload]
+                n = self._append_now(self.stream_id, self.epoch, payloads, time.time(), end=False)
+                self._appended(payloads, n)
+            else:
+                await self._append([payload])
             return
         self._pending.append(payload)
         flush = self._flush

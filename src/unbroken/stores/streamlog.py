@@ -269,11 +269,18 @@ class MemoryStreamLog:
         self, stream_id: str, epoch: int, payloads: Sequence[bytes], now: float, *, end: bool
     ) -> int:
         """See `StreamLog.append`."""
+        return self.append_now(stream_id, epoch, payloads, now, end=end)
+
+    def append_now(
+        self, stream_id: str, epoch: int, payloads: Sequence[bytes], now: float, *, end: bool
+    ) -> int:
+        """`append` without a coroutine: a producer on this process calls it once per
+        relayed chunk (gateway/streams.py)."""
         stream = self._get(stream_id)
         lease = stream.base.lease
         if stream.gone or stream.ended_at is not None or lease is None or lease.epoch != epoch:
             raise FencedError(f"stream {stream_id!r}: epoch {epoch} may not append")
-        size = sum(len(p) for p in payloads)
+        size = len(payloads[0]) if len(payloads) == 1 else sum(map(len, payloads))
         room = self.retention.room(stream.n_bytes, self._total, size)
         if end and size <= END_SLACK_BYTES:
             room = Room.OK
