@@ -10,7 +10,7 @@ import dataclasses
 import random
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -439,6 +439,8 @@ class AnswerRun:
         self.response: httpx.Response | None = None
         # The caller asked for OpenAI's usage chunk (`stream_options.include_usage`).
         self.usage_chunk = usage_chunk
+        # Takes content chunks as they are decoded (`AsyncStream.set_chunk_sink`).
+        self.chunk_sink: Callable[[ChatCompletionChunk], bool] | None = None
         self._token_reserve = 0
         self._recorded = False
         self._plan: AttemptPlan | None = None

@@ -388,6 +388,21 @@ class Producer:
             logger.debug("stream %s: pending events not logged: %s", self.stream_id, exc)
             self._pending = []
 
+    def _take(self, chunk: ChatCompletionChunk) -> bool:
+        """The SDK stream's chunk sink: append `chunk` to the (in-process) log now. False
+        when it is not taken here: the stream yields it and `_push` appends it (and raises
+        what the log raises)."""
+        append = self._append_now
+        if append is None or self.degraded or self.reason is not None:
+            return False
+        payloads = [_encode(chunk)]
+        try:
+            n = append(self.stream_id, self.epoch, payloads, time.time(), end=False)
+        except UnbrokenError:
+            return False
+        self._appended(payloads, n)
+        return True
+
     async def _append(self, payloads: list[bytes], *, end: bool = False) -> None:
         if self.degraded:
             n = self.n_events + len(payloads)
@@ -434,6 +449,10 @@ class Producer:
         try:
             with self._scope:
                 stream = await open_stream()
+                if type(stream) is AsyncStream and self._append_now is not None:
+                    # Chunks go into the log from the upstream's data callback (not through
+                    # a wrapper such as the answer cache's recorder, which must see them).
+                    stream.set_chunk_sink(self._take)
                 async for chunk in stream:
                     await self._push(_encode(chunk))
                 await self._settle()

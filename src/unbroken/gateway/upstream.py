@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httptools
@@ -63,6 +63,7 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.paused = False
         self.delimited = True
+        self._tap: Callable[[bytes], None] | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -106,6 +107,10 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        tap = self._tap
+        if tap is not None:
+            tap(body)  # taken at once (see `tap`): nothing buffered, no reader to wake
+            return
         self.body.append(body)
         self.buffered += len(body)
         if self.buffered > self.high and not self.paused and self.transport is not None:
@@ -134,6 +139,24 @@ class _Connection(asyncio.Protocol):
         finally:
             self.waiter = None
 
+    def tap(
+        self, on_body: Callable[[bytes], None] | None, waiter: asyncio.Future[None] | None
+    ) -> bool:
+        """Hand the response's body bytes to `on_body` as they arrive, from the data
+        callback, instead of buffering them for the reader; `waiter` is resolved when the
+        response completes or fails. False (nothing changed) while bytes are buffered or
+        the response has ended: read those first. `tap(None, None)` stops it.
+
+        Why: the gateway's SDK client decodes and relays each chunk from here
+        (client/async_.py `_FastLane`), with no task wake-up per chunk."""
+        if on_body is not None and (
+            self.body or self.complete or self.error is not None or self.closed
+        ):
+            return False
+        self._tap = on_body
+        self.waiter = waiter
+        return True
+
     def take(self) -> bytes:
         body = self.body
         data = body[0] if len(body) == 1 else b"".join(body)
@@ -145,7 +168,7 @@ class _Connection(asyncio.Protocol):
         return data
 
     def begin(self) -> None:
-        self._reset()
+        self._reset()  # a tap ends with its response
         self.delimited = False
 
     @property
