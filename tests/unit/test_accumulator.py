@@ -135,6 +135,20 @@ def test_text_split_into_any_deltas_folds_to_the_text(text: str, sizes: list[int
     assert "".join(seen) == text == acc.content()
 
 
+@given(
+    st.lists(st.sampled_from(["a", "\u00e9", "\ud83d", "\ude80", " "]), min_size=60, max_size=200)
+)
+def test_long_answers_fold_whole_through_the_piece_joining(pieces: list[str]) -> None:
+    """Past MAX_PIECES deltas the kept pieces are joined into one; content and reasoning
+    still fold to join_text of every delta, surrogate halves cut at any join included."""
+    acc = ChunkAccumulator()
+    for piece in pieces:
+        delta = Delta(content=piece, reasoning_content=piece)
+        acc.feed(ChatCompletionChunk(choices=[ChunkChoice(delta=delta)]))
+    assert acc.content() == join_text(pieces)
+    assert acc.reasoning() == join_text(pieces)
+
+
 def test_tool_call_fragments_fold_by_index() -> None:
     """id, type and name come from the first fragment; arguments concatenate per index."""
     acc = ChunkAccumulator()

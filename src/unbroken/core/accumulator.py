@@ -93,6 +93,18 @@ def join_text(pieces: list[str]) -> str:
     return text
 
 
+# Text pieces kept before they are joined into one: a str per token cost ~55 bytes each
+# (a gateway holds every live answer twice, in the run and in its attempt). Joining with
+# "".join early is what `join_text` does first anyway.
+MAX_PIECES = 64
+
+
+def _add_piece(pieces: list[str], piece: str) -> None:
+    pieces.append(piece)
+    if len(pieces) >= MAX_PIECES:
+        pieces[:] = ["".join(pieces)]
+
+
 def _is_high_surrogate(text: str) -> bool:
     return "\ud800" <= text[-1] <= "\udbff"
 
@@ -225,12 +237,12 @@ class ChunkAccumulator:
                 if delta.content is not None:
                     if state.content is None:
                         state.content = []
-                    state.content.append(delta.content)
+                    _add_piece(state.content, delta.content)
                 reasoning = delta.reasoning_text
                 if reasoning is not None:
                     if state.reasoning is None:
                         state.reasoning = []
-                    state.reasoning.append(reasoning)
+                    _add_piece(state.reasoning, reasoning)
                 if delta.tool_calls:
                     self._fold_tools(state, delta)
                 if delta.refusal is not None:

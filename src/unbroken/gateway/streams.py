@@ -98,6 +98,8 @@ ORPHANS_PER_TICK = 50
 # Recent events a producer keeps for the readers on its own instance, so following a live
 # answer does not read the log back from the store for every event.
 TAIL_EVENTS = 256
+# The same with an in-process log (memory), which readers read cheaply.
+LOCAL_TAIL_EVENTS = 8
 # The longest a long-poll may wait.
 MAX_WAIT_S = 60.0
 _encode = msgspec.json.encode
@@ -228,12 +230,16 @@ class Producer:
         self._scope = anyio.CancelScope()
         self._changed = asyncio.Event()
         self._n_waiting = 0
-        self.tail: deque[tuple[int, bytes]] = deque(maxlen=TAIL_EVENTS)
+        # The memory log appends without a coroutine (one less per chunk), and is read
+        # without a round trip: a short tail does (the log packs its events; a tail holding
+        # a whole answer's payloads cost ~60 KB per live stream).
+        self._append_now: Callable[..., int] | None = getattr(hub.log, "append_now", None)
+        self.tail: deque[tuple[int, bytes]] = deque(
+            maxlen=TAIL_EVENTS if self._append_now is None else LOCAL_TAIL_EVENTS
+        )
         # Group commit for a remote log: events pushed while an append is in flight go
         # together in the next one, so the upstream is read on meanwhile.
         self._batched = getattr(hub.log, "is_remote", False)
-        # The memory log appends without a coroutine (one less per chunk).
-        self._append_now: Callable[..., int] | None = getattr(hub.log, "append_now", None)
         self._pending: list[bytes] = []
         self._flush: asyncio.Task[None] | None = None
         self.first = asyncio.Event()  # set at the first append, or when the answer failed

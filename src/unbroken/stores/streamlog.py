@@ -25,6 +25,7 @@ from unbroken.core.streamlog import (
     renew_lease,
 )
 from unbroken.errors import StoreError
+from unbroken.stores.packed import PackedEvents
 
 __all__ = [
     "END_SLACK_BYTES",
@@ -166,7 +167,7 @@ class _Stream:
     # append allocates nothing but the list slot; `info` is built when asked for.
     base: StreamInfo
     request: bytes
-    events: list[bytes] = field(default_factory=list)
+    events: PackedEvents = field(default_factory=PackedEvents)
     n_events: int = 0
     n_bytes: int = 0
     updated_at: float = 0.0
@@ -193,7 +194,8 @@ class _Stream:
 
 class MemoryStreamLog:
     """The embedded `StreamLog`: dicts in this process (one event loop, so every method
-    is atomic). Readers wait on an `asyncio.Event` per stream, set on every append.
+    is atomic), each log's events packed (stores/packed.py). Readers wait on an
+    `asyncio.Event` per stream, set on every append.
 
     Args:
         retention: how long and how much is kept.
@@ -261,7 +263,7 @@ class MemoryStreamLog:
     def _forget(self, stream: _Stream) -> None:
         self._total -= stream.n_bytes
         stream.n_bytes = 0
-        stream.events = []
+        stream.events = PackedEvents()
         stream.gone = True
         stream.request = b""
 
@@ -289,6 +291,8 @@ class MemoryStreamLog:
         if room is not Room.OK:
             raise LogFullError(_full_message(stream_id, room, self.retention))
         stream.events.extend(payloads)
+        if end:
+            stream.events.seal()
         self._total += size
         stream.n_bytes += size
         stream.n_events += len(payloads)
@@ -305,15 +309,17 @@ class MemoryStreamLog:
         stream = self._get(stream_id)
         if stream.gone:
             raise UnknownStreamError(f"stream {stream_id!r} expired")
-        events: list[tuple[int, bytes]] = []
+        packed = stream.events
+        last = after
         size = 0
         for seq in range(after + 1, min(stream.n_events, after + limit) + 1):
-            payload = stream.events[seq - 1]
-            if events and size + len(payload) > max_bytes:
+            length = packed.length(seq)
+            if last > after and size + length > max_bytes:
                 break
-            events.append((seq, payload))
-            size += len(payload)
-        return Batch(events, stream.ended, stream.n_events)
+            last = seq
+            size += length
+        payloads = packed.get(after + 1, last) if last > after else []
+        return Batch(list(enumerate(payloads, after + 1)), stream.ended, stream.n_events)
 
     async def wait(self, stream_id: str, after: int, timeout_s: float) -> None:
         """See `StreamLog.wait`."""
