@@ -41,7 +41,10 @@ import argparse
 import asyncio
 import hashlib
 import json
+import math
 import os
+import re
+import resource
 import shutil
 import socket
 import statistics
@@ -51,7 +54,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +76,14 @@ MOCK_CONFIG = (
 # Streams per worker at each concurrency: enough samples, bounded time (LiteLLM relays
 # about 1,400 chunks/s, so 256 x 200 chunks already take it ~40 s).
 ROUNDS = {1: 8, 32: 2, 256: 1, 1024: 1}
+# Open files a soak process keeps beyond its streams' sockets (listeners, logs, the store).
+SOAK_SPARE_FDS = 512
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# One stream as the load process saw it: time to the first chunk, chunks, whether [DONE]
+# came, the HTTP status.
+Result = tuple[float | None, int, bool, int]
+# Refused requests of this load process by status and error code.
+REFUSALS: dict[str, int] = {}
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 # -- /proc -------------------------------------------------------------------------------------
@@ -149,9 +159,7 @@ class RssSampler:
 # -- the load process ----------------------------------------------------------------------
 
 
-async def _one(
-    port: int, path: str, auth: str, index: int, results: list[tuple[float | None, int, bool]]
-) -> None:
+async def _one(port: int, path: str, auth: str, index: int, results: list[Result]) -> None:
     body = json.dumps(
         {
             "model": "deepseek-chat",
@@ -170,11 +178,17 @@ async def _one(
     n = 0
     tail = b""
     done = False
+    status = 0
+    refused = b""  # the head and body of a refusal
     try:
         while True:
             data = await reader.read(65536)
             if not data:
                 break
+            if not status:
+                status = int(data[9:12]) if data.startswith(b"HTTP/1.1 ") else -1
+            if status != 200 and len(refused) < 4096:
+                refused += data
             window = tail + data
             if first is None and b"data: {" in window:
                 first = time.perf_counter() - started
@@ -188,11 +202,17 @@ async def _one(
             tail = window[-16:]
     finally:
         writer.close()
-    results.append((first, n, done))
+    if status != 200:
+        found = re.search(rb'"code": ?"([^"]+)"', refused) or re.search(
+            rb'"type": ?"([^"]+)"', refused
+        )
+        reason = f"{status} {found.group(1).decode() if found else refused[:60]!r}"
+        REFUSALS[reason] = REFUSALS.get(reason, 0) + 1
+    results.append((first, n, done, status))
 
 
 async def _load(port: int, path: str, auth: str, concurrency: int, rounds: int) -> dict[str, Any]:
-    results: list[tuple[float | None, int, bool]] = []
+    results: list[Result] = []
     stream_s = CHUNKS * TOKEN_MS / 1000.0
 
     async def worker(w: int) -> None:
@@ -820,22 +840,35 @@ def _load_average() -> str:
 async def _soak_load(
     port: int, path: str, auth: str, n: int, ramp_s: float, limit_s: float
 ) -> dict[str, Any]:
-    results: list[tuple[float | None, int, bool]] = []
+    results: list[Result] = []
     failures: dict[str, int] = {}
+    open_now = 0
+    peak = 0
 
     async def one(i: int) -> None:
+        nonlocal open_now, peak
         await asyncio.sleep(i * ramp_s / n)  # spread the opening over ramp_s
+        open_now += 1
+        peak = max(peak, open_now)
         try:
             await _one(port, path, auth, i, results)
         except (OSError, asyncio.IncompleteReadError) as exc:
             failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
+        finally:
+            open_now -= 1
 
     started = time.perf_counter()
     try:
         await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), limit_s)
     except TimeoutError:
         failures["timeout"] = n - len(results) - sum(failures.values())
-    return {"wall": time.perf_counter() - started, "results": results, "failures": failures}
+    return {
+        "wall": time.perf_counter() - started,
+        "results": results,
+        "failures": failures,
+        "peak_open": peak,
+        "refusals": REFUSALS,
+    }
 
 
 def soak_main(argv: list[str]) -> None:
@@ -847,27 +880,63 @@ def soak_main(argv: list[str]) -> None:
     print(json.dumps(out))
 
 
-def soak(streams: int, tokens: int, ramp_s: float) -> None:
+def raise_open_files() -> int:
+    """The open-files soft limit raised to the hard one (the children inherit it); returns
+    the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
+def soak_workers(streams: int, open_files: int) -> int:
+    """Gateway processes needed to hold `streams` relayed streams: each holds two sockets
+    (the client's and the upstream's) and the open-files limit is per process."""
+    return max(1, math.ceil((2 * streams + SOAK_SPARE_FDS) / open_files))
+
+
+def soak(streams: int, tokens: int, ramp_s: float, workers: int) -> None:
     """`streams` concurrent streams of `tokens` tokens 1 s apart through the gateway; each
     checked whole (as many chunks as one answer alone gets, and [DONE]); RSS reported."""
+    open_files = raise_open_files()
+    if streams + SOAK_SPARE_FDS > open_files:
+        raise SystemExit(
+            f"soak: {streams} streams need {streams + SOAK_SPARE_FDS} open files in the load "
+            f"process and the mock, the hard limit is {open_files} (ulimit -Hn)"
+        )
+    workers = workers or soak_workers(streams, open_files)
     config = (
         f"MockConfig(seed=1, answer_tokens=({tokens}, {tokens}), latency=Latency(token_ms=1000.0))"
     )
-    # The readiness probe is a whole (non-streamed) answer: `tokens` seconds at 1 token/s.
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        mock_process(config) as mock_url,
-        unbroken_server(mock_url, Path(tmp), ready_s=60.0 + tokens) as target,
-    ):
+    # Every stream comes from 127.0.0.1: the per-client cap must let them all in.
+    env = {
+        "UNBROKEN_GATEWAY_MAX_CONNECTIONS": str(streams + 64),
+        "UNBROKEN_GATEWAY_MAX_CONNECTIONS_PER_CLIENT": str(streams + 64),
+    }
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        mock_url = stack.enter_context(mock_process(config))
+        if workers > 1:
+            # Several processes share limits, sessions and stream logs through Redis.
+            redis_url = stack.enter_context(redis_process())
+            env |= {"UNBROKEN_GATEWAY_STORE": redis_url, "UNBROKEN_GATEWAY_SESSIONS": redis_url}
+        # The readiness probe is a whole (non-streamed) answer: `tokens` seconds at 1 token/s.
+        target = stack.enter_context(
+            unbroken_server(mock_url, tmp, workers=workers, extra_env=env, ready_s=60.0 + tokens)
+        )
         # Whole: as many chunks as one answer alone through the gateway, and [DONE].
-        reference: list[tuple[float | None, int, bool]] = []
+        reference: list[Result] = []
         asyncio.run(_one(target.port, target.path, target.auth, 0, reference))
         expected = reference[0][1]
         rss_before = rss_bytes(target.pid)
-        limit_s = ramp_s + tokens + 60.0
+        limit_s = ramp_s + tokens + 120.0
+        store = "a Redis store" if workers > 1 else "the memory store"
         print(
             f"soak: {streams} streams of {tokens} tokens at 1 token/s ({expected} chunks "
-            f"each), opened over {ramp_s:g} s, bounded at {limit_s:g} s; "
+            f"each), opened over {ramp_s:g} s, bounded at {limit_s:g} s; gateway "
+            f"--workers {workers} on {store} (open-files limit {open_files} per process); "
             f"load average {_load_average()}",
             flush=True,
         )
@@ -896,16 +965,20 @@ def soak(streams: int, tokens: int, ramp_s: float) -> None:
         growth = max(0, sampler.peak - rss_before)
         counts: dict[str, int] = {}
         for r in results:
-            key = f"{r[1]} chunks{'' if r[2] else ' no [DONE]'}"
+            key = f"{r[1]} chunks{'' if r[2] else ' no [DONE]'}, status {r[3]}"
             counts[key] = counts.get(key, 0) + 1
         print(
             f"soak: {whole}/{streams} whole, {len(results) - whole} cut or short, failures "
-            f"{data['failures'] or 'none'}; wall {data['wall']:.1f} s; TTFT p50 "
-            f"{pct(ttfts, 0.5) * 1000:.1f} ms p99 {pct(ttfts, 0.99) * 1000:.1f} ms; gateway RSS "
-            f"{rss_before / 2**20:.0f} MiB before, {sampler.peak / 2**20:.0f} MiB peak "
-            f"({growth / streams / 1024:.1f} KiB per stream)"
+            f"{data['failures'] or 'none'}; {data['peak_open']} open at once at the peak; "
+            f"wall {data['wall']:.1f} s; TTFT p50 {pct(ttfts, 0.5) * 1000:.1f} ms p99 "
+            f"{pct(ttfts, 0.99) * 1000:.1f} ms"
         )
-        print(f"soak: streams by what they got: {counts}")
+        print(
+            f"soak: gateway RSS {rss_before / 2**20:.0f} MiB before, "
+            f"{sampler.peak / 2**20:.0f} MiB at the peak, {growth / streams / 1024:.1f} KiB "
+            f"per stream; load average {_load_average()}"
+        )
+        print(f"soak: streams by what they got: {counts}; refusals {data['refusals'] or 'none'}")
 
 
 # -- workers: one process against two --------------------------------------------------------
@@ -1001,6 +1074,12 @@ def main() -> None:
     parser.add_argument("--soak-tokens", type=int, default=20, help="tokens per soak stream")
     parser.add_argument("--soak-ramp", type=float, default=10.0, help="seconds to open them")
     parser.add_argument(
+        "--soak-workers",
+        type=int,
+        default=0,
+        help="gateway processes for the soak (default: as many as the open-files limit needs)",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=0,
@@ -1008,8 +1087,9 @@ def main() -> None:
         help="instead: chunks/s with --workers 2 against 1, at concurrency C (e.g. 256)",
     )
     args = parser.parse_args()
+    raise_open_files()
     if args.soak:
-        soak(args.soak, args.soak_tokens, args.soak_ramp)
+        soak(args.soak, args.soak_tokens, args.soak_ramp, args.soak_workers)
         return
     if args.workers:
         compare_workers(args.workers)
