@@ -100,6 +100,7 @@ async def test_scripts_redis_lost_are_loaded_again(log: RedisStreamLog) -> None:
     await log.release(sid(1), "A", 1)
     info = await log.info(sid(1))
     assert info is not None
+    assert info.lease is not None
     assert info.lease.expires_at == 0
 
 
