@@ -6,22 +6,33 @@ process (200 chunks per stream: the role chunk, 198 tokens 5 ms apart, the usage
   unbroken  `unbroken serve` (this repository's gateway)
   litellm   LiteLLM's proxy (litellm[proxy]==LITELLM_VERSION, installed into
             bench/.venv-litellm on first use)
-  nginx     `proxy_buffering off`: the thin-relay floor (apt-get installs it if missing)
-  pyrelay   the least a Python relay can do (asyncio streams, bytes passed through): the
-            floor of any Python gateway on this machine
+  nginx     `proxy_buffering off`: a relay in C (apt-get installs it if missing)
+  floor     the floor of a Python relay: uvloop + asyncio.Protocol on both sides, bytes
+            passed through as read
+  pyrelay   an asyncio streams relay on the default loop, bytes passed through: not the
+            floor (streams and the default loop cost several times the floor's CPU)
 
-At concurrency 1, 32 and 256 a separate load process keeps that many streams in flight (a
-closed loop; workers start staggered over one stream's duration, so starts are spread as in
-steady state), and the script reports per target: time to first token p50/p99 and its
+At concurrency 1, 32, 256 and 1024 (--levels) a separate load process keeps that many streams
+in flight (a closed loop; workers start staggered over one stream's duration, so starts are
+spread as in steady state), and the script reports per target: time to first token p50/p99 and its
 overhead over `direct`, chunks/s, CPU-seconds per 1,000 chunks of the server process (utime +
-stime from /proc, children included), and the peak RSS growth per concurrent stream.
+stime from /proc, children included), and the peak RSS growth per concurrent stream, with the
+ratios of unbroken's CPU per chunk to the floor's, nginx's and LiteLLM's.
 Each (concurrency, target) is run --repeat times (default 3) and every figure is the median
 of those runs.
 
 The two gateways are set up alike: both check a Bearer key on every request (unbroken a
 gateway key from a config file, LiteLLM its master key), both log at WARNING with no
 per-request access log, both run one worker process.
-Run: python bench/gateway.py [--levels 1,32,256] [--repeat 3] [--skip litellm,nginx,pyrelay]
+
+  --soak N     N concurrent slow streams (1 token/s) through the gateway, each checked
+               whole against one answer alone; the gateway's RSS reported
+  --workers C  chunks/s at concurrency C through `unbroken serve --workers 2` against
+               `--workers 1`, both on a Redis store (redis-server started on a free port)
+
+Run: python bench/gateway.py [--levels 1,32,256,1024] [--repeat 3]
+                               [--skip litellm,nginx,floor,pyrelay]
+     python bench/gateway.py --soak 10000      python bench/gateway.py --workers 256
 """
 
 from __future__ import annotations
@@ -30,8 +41,12 @@ import argparse
 import asyncio
 import hashlib
 import json
+import math
 import os
+import re
+import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -39,7 +54,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +75,15 @@ MOCK_CONFIG = (
 )
 # Streams per worker at each concurrency: enough samples, bounded time (LiteLLM relays
 # about 1,400 chunks/s, so 256 x 200 chunks already take it ~40 s).
-ROUNDS = {1: 8, 32: 2, 256: 1}
+ROUNDS = {1: 8, 32: 2, 256: 1, 1024: 1}
+# Open files a soak process keeps beyond its streams' sockets (listeners, logs, the store).
+SOAK_SPARE_FDS = 512
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# One stream as the load process saw it: time to the first chunk, chunks, whether [DONE]
+# came, the HTTP status.
+Result = tuple[float | None, int, bool, int]
+# Refused requests of this load process by status and error code.
+REFUSALS: dict[str, int] = {}
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 # -- /proc -------------------------------------------------------------------------------------
@@ -137,9 +159,7 @@ class RssSampler:
 # -- the load process ----------------------------------------------------------------------
 
 
-async def _one(
-    port: int, path: str, auth: str, index: int, results: list[tuple[float | None, int, bool]]
-) -> None:
+async def _one(port: int, path: str, auth: str, index: int, results: list[Result]) -> None:
     body = json.dumps(
         {
             "model": "deepseek-chat",
@@ -158,11 +178,17 @@ async def _one(
     n = 0
     tail = b""
     done = False
+    status = 0
+    refused = b""  # the head and body of a refusal
     try:
         while True:
             data = await reader.read(65536)
             if not data:
                 break
+            if not status:
+                status = int(data[9:12]) if data.startswith(b"HTTP/1.1 ") else -1
+            if status != 200 and len(refused) < 4096:
+                refused += data
             window = tail + data
             if first is None and b"data: {" in window:
                 first = time.perf_counter() - started
@@ -176,11 +202,17 @@ async def _one(
             tail = window[-16:]
     finally:
         writer.close()
-    results.append((first, n, done))
+    if status != 200:
+        found = re.search(rb'"code": ?"([^"]+)"', refused) or re.search(
+            rb'"type": ?"([^"]+)"', refused
+        )
+        reason = f"{status} {found.group(1).decode() if found else refused[:60]!r}"
+        REFUSALS[reason] = REFUSALS.get(reason, 0) + 1
+    results.append((first, n, done, status))
 
 
 async def _load(port: int, path: str, auth: str, concurrency: int, rounds: int) -> dict[str, Any]:
-    results: list[tuple[float | None, int, bool]] = []
+    results: list[Result] = []
     stream_s = CHUNKS * TOKEN_MS / 1000.0
 
     async def worker(w: int) -> None:
@@ -226,7 +258,7 @@ def _wait_ready(
     body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "warm"}]}
     while True:
         try:
-            response = httpx.post(url, json=body, headers=headers, timeout=10)
+            response = httpx.post(url, json=body, headers=headers, timeout=limit_s)
             if response.status_code == 200:
                 return
         except httpx.HTTPError:
@@ -239,7 +271,14 @@ def _wait_ready(
 
 
 @contextmanager
-def unbroken_server(mock_url: str, workdir: Path) -> Iterator[Target]:
+def unbroken_server(
+    mock_url: str,
+    workdir: Path,
+    *,
+    workers: int = 1,
+    extra_env: dict[str, str] | None = None,
+    ready_s: float = 30.0,
+) -> Iterator[Target]:
     port = free_port()
     config = workdir / "unbroken.toml"
     digest = hashlib.sha256(GATEWAY_KEY.encode()).hexdigest()
@@ -251,7 +290,7 @@ def unbroken_server(mock_url: str, workdir: Path) -> Iterator[Target]:
         "import sys, typer; from unbroken.cli.gateway_cmds import serve; "
         "app = typer.Typer(); app.command()(serve); app(sys.argv[1:])"
     )
-    env = {**os.environ, "DEEPSEEK_API_KEY": "sk-bench"}
+    env = {**os.environ, "DEEPSEEK_API_KEY": "sk-bench", **(extra_env or {})}
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -265,6 +304,8 @@ def unbroken_server(mock_url: str, workdir: Path) -> Iterator[Target]:
             mock_url,
             "--log-level",
             "warning",
+            "--workers",
+            str(workers),
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -275,7 +316,7 @@ def unbroken_server(mock_url: str, workdir: Path) -> Iterator[Target]:
             f"http://127.0.0.1:{port}/v1/chat/completions",
             {"Authorization": f"Bearer {GATEWAY_KEY}"},
             proc,
-            30,
+            ready_s,
         )
         yield Target("unbroken", proc.pid, port, "/v1/chat/completions", GATEWAY_KEY)
     finally:
@@ -517,6 +558,143 @@ def pyrelay_server(mock_port: int) -> Iterator[Target]:
         proc.wait(10)
 
 
+# -- the floor: uvloop + asyncio.Protocol, bytes passed through ---------------------------
+
+
+class _UpstreamSide(asyncio.Protocol):
+    """The upstream half of one floor connection: every byte read goes straight to the
+    downstream transport; the end of a chunked answer readies the pair for the next request."""
+
+    def __init__(self, down: _FloorSide) -> None:
+        self.down = down
+        self.transport: asyncio.Transport | None = None
+        self.tail = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        down = self.down.transport
+        if down is not None:
+            down.write(data)
+        self.tail = (self.tail + data)[-7:] if len(data) < 7 else data[-7:]
+        if self.tail.endswith(b"0\r\n\r\n"):
+            self.tail = b""
+            self.down.answer_done()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.down.upstream_lost()
+
+
+class _FloorSide(asyncio.Protocol):
+    """The downstream half: frames requests by their Content-Length, one upstream
+    keep-alive connection per downstream connection, flow control both ways."""
+
+    def __init__(self, mock_port: int) -> None:
+        self.mock_port = mock_port
+        self.transport: asyncio.Transport | None = None
+        self.upstream: _UpstreamSide | None = None
+        self.connecting = False
+        self.buffer = b""
+        self.pending: list[bytes] = []
+        self.connect_task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            length = 0
+            for line in self.buffer[:end].split(b"\r\n")[1:]:
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            total = end + 4 + length
+            if len(self.buffer) < total:
+                return
+            request, self.buffer = self.buffer[:total], self.buffer[total:]
+            self._send(request)
+
+    def _send(self, request: bytes) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.write(request)
+            return
+        self.pending.append(request)
+        if not self.connecting:
+            self.connecting = True
+            loop = asyncio.get_running_loop()
+            self.connect_task = loop.create_task(self._connect(loop))
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            _, up = await loop.create_connection(
+                lambda: _UpstreamSide(self), "127.0.0.1", self.mock_port
+            )
+        except OSError:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self.upstream = up
+        for request in self.pending:
+            assert up.transport is not None
+            up.transport.write(request)
+        self.pending.clear()
+
+    def answer_done(self) -> None:
+        """Nothing to do between answers: the next request goes on the same upstream."""
+
+    def upstream_lost(self) -> None:
+        self.upstream = None
+        self.connecting = False
+        if self.transport is not None:
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.close()
+
+
+async def _floor(port: int, mock_port: int) -> None:
+    """The floor of a Python relay: uvloop, asyncio.Protocol on both sides, each upstream
+    read written downstream as is (no parsing beyond request framing)."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _FloorSide(mock_port), "127.0.0.1", port)
+    await server.serve_forever()
+
+
+@contextmanager
+def floor_server(mock_port: int) -> Iterator[Target]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--floor", str(port), str(mock_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_ready(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            {"Authorization": "Bearer sk"},
+            proc,
+            20,
+        )
+        yield Target("floor", proc.pid, port, "/v1/chat/completions")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 # -- measuring -----------------------------------------------------------------------------
 
 
@@ -592,7 +770,8 @@ def report(concurrency: int, rows: dict[str, dict[str, float]], repeat: int) -> 
     rounds = ROUNDS.get(concurrency, 1)
     print(
         f"\nconcurrency {concurrency}: {concurrency * rounds} streams x {CHUNKS} chunks, "
-        f"{TOKEN_MS:g} ms between tokens; medians of {repeat} runs"
+        f"{TOKEN_MS:g} ms between tokens; medians of {repeat} runs; "
+        f"load average {_load_average()}"
     )
     print(
         f"{'target':<9} {'ok':>9} {'ttft p50':>9} {'p99':>8} {'overhead p50':>13} {'p99':>8} "
@@ -610,25 +789,311 @@ def report(concurrency: int, rows: dict[str, dict[str, float]], repeat: int) -> 
             f"{r['ttft99']:>6.2f}ms {over50:>11.2f}ms {over99:>6.2f}ms {r['rate']:>9.0f} "
             f"{cpu:>9} {us:>9} {mem:>11}"
         )
-    ours, theirs, floor = rows.get("unbroken"), rows.get("litellm"), rows.get("nginx")
-    python = rows.get("pyrelay")
-    if theirs and python:
-        ratio = theirs["us_per_chunk"] / python["us_per_chunk"]
-        print(f"  CPU per chunk: litellm / bare Python relay = {ratio:.1f}x")
+    ours, floor = rows.get("unbroken"), rows.get("floor")
+    for name in ("floor", "nginx", "pyrelay"):
+        peer = rows.get(name)
+        if ours and peer:
+            ratio = ours["us_per_chunk"] / peer["us_per_chunk"]
+            print(f"  CPU per chunk: unbroken / {name} = {ratio:.2f}x")
+    theirs = rows.get("litellm")
     if ours and theirs:
         ratio = theirs["us_per_chunk"] / ours["us_per_chunk"]
         print(f"  CPU per chunk: litellm / unbroken = {ratio:.1f}x")
-    if ours and floor:
-        ratio = ours["us_per_chunk"] / floor["us_per_chunk"]
-        print(f"  CPU per chunk: unbroken / nginx = {ratio:.1f}x")
+    if floor and rows.get("nginx"):
+        ratio = floor["us_per_chunk"] / rows["nginx"]["us_per_chunk"]
+        print(f"  CPU per chunk: floor / nginx = {ratio:.2f}x")
+
+
+def summarize(summary: dict[int, dict[str, dict[str, float]]]) -> None:
+    """unbroken at every level on one line each: CPU per chunk and its ratios, TTFT
+    overhead, memory per concurrent stream."""
+    print(
+        f"\nunbroken by level: {'us/chunk':>8} {'/floor':>7} {'/nginx':>7} {'litellm/':>9} "
+        f"{'TTFT overhead p50':>18} {'p99':>9} {'KiB/stream':>11}"
+    )
+    for level, rows in summary.items():
+        ours, base = rows.get("unbroken"), rows.get("direct")
+        if ours is None or base is None:
+            continue
+        us = ours["us_per_chunk"]
+        ratios = {
+            name: (f"{us / rows[name]['us_per_chunk']:.2f}x" if name in rows else "-")
+            for name in ("floor", "nginx")
+        }
+        lite = f"{rows['litellm']['us_per_chunk'] / us:.1f}x" if "litellm" in rows else "-"
+        print(
+            f"  concurrency {level:<5} {us:>8.1f} {ratios['floor']:>7} {ratios['nginx']:>7} "
+            f"{lite:>9} "
+            f"{ours['ttft50'] - base['ttft50']:>16.2f}ms "
+            f"{ours['ttft99'] - base['ttft99']:>7.2f}ms {ours['mem_per_stream_kib']:>11.1f}"
+        )
+
+
+def _load_average() -> str:
+    one, five, _ = os.getloadavg()
+    return f"{one:.1f} (5 min {five:.1f}) on {os.cpu_count()} CPUs"
+
+
+# -- soak: many slow streams at once ---------------------------------------------------------
+
+
+async def _soak_load(
+    port: int, path: str, auth: str, n: int, ramp_s: float, limit_s: float
+) -> dict[str, Any]:
+    results: list[Result] = []
+    failures: dict[str, int] = {}
+    open_now = 0
+    peak = 0
+
+    async def one(i: int) -> None:
+        nonlocal open_now, peak
+        await asyncio.sleep(i * ramp_s / n)  # spread the opening over ramp_s
+        open_now += 1
+        peak = max(peak, open_now)
+        try:
+            await _one(port, path, auth, i, results)
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
+        finally:
+            open_now -= 1
+
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), limit_s)
+    except TimeoutError:
+        failures["timeout"] = n - len(results) - sum(failures.values())
+    return {
+        "wall": time.perf_counter() - started,
+        "results": results,
+        "failures": failures,
+        "peak_open": peak,
+        "refusals": REFUSALS,
+    }
+
+
+def soak_main(argv: list[str]) -> None:
+    """Entry of the soak's load process: prints one JSON line."""
+    port, path, auth, n, ramp_s, limit_s = argv
+    import uvloop
+
+    out = uvloop.run(_soak_load(int(port), path, auth, int(n), float(ramp_s), float(limit_s)))
+    print(json.dumps(out))
+
+
+def raise_open_files() -> int:
+    """The open-files soft limit raised to the hard one (the children inherit it); returns
+    the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
+def soak_workers(streams: int, open_files: int) -> int:
+    """Gateway processes needed to hold `streams` relayed streams: each holds two sockets
+    (the client's and the upstream's) and the open-files limit is per process."""
+    return max(1, math.ceil((2 * streams + SOAK_SPARE_FDS) / open_files))
+
+
+def soak(streams: int, tokens: int, ramp_s: float, workers: int) -> None:
+    """`streams` concurrent streams of `tokens` tokens 1 s apart through the gateway; each
+    checked whole (as many chunks as one answer alone gets, and [DONE]); RSS reported."""
+    open_files = raise_open_files()
+    if streams + SOAK_SPARE_FDS > open_files:
+        raise SystemExit(
+            f"soak: {streams} streams need {streams + SOAK_SPARE_FDS} open files in the load "
+            f"process and the mock, the hard limit is {open_files} (ulimit -Hn)"
+        )
+    workers = workers or soak_workers(streams, open_files)
+    config = (
+        f"MockConfig(seed=1, answer_tokens=({tokens}, {tokens}), latency=Latency(token_ms=1000.0))"
+    )
+    # Every stream comes from 127.0.0.1: the per-client cap must let them all in.
+    env = {
+        "UNBROKEN_GATEWAY_MAX_CONNECTIONS": str(streams + 64),
+        "UNBROKEN_GATEWAY_MAX_CONNECTIONS_PER_CLIENT": str(streams + 64),
+    }
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        mock_url = stack.enter_context(mock_process(config))
+        if workers > 1:
+            # Several processes share limits, sessions and stream logs through Redis.
+            redis_url = stack.enter_context(redis_process())
+            env |= {"UNBROKEN_GATEWAY_STORE": redis_url, "UNBROKEN_GATEWAY_SESSIONS": redis_url}
+        # The readiness probe is a whole (non-streamed) answer: `tokens` seconds at 1 token/s.
+        target = stack.enter_context(
+            unbroken_server(mock_url, tmp, workers=workers, extra_env=env, ready_s=60.0 + tokens)
+        )
+        # Whole: as many chunks as one answer alone through the gateway, and [DONE].
+        reference: list[Result] = []
+        asyncio.run(_one(target.port, target.path, target.auth, 0, reference))
+        expected = reference[0][1]
+        rss_before = rss_bytes(target.pid)
+        limit_s = ramp_s + tokens + 120.0
+        store = "a Redis store" if workers > 1 else "the memory store"
+        print(
+            f"soak: {streams} streams of {tokens} tokens at 1 token/s ({expected} chunks "
+            f"each), opened over {ramp_s:g} s, bounded at {limit_s:g} s; gateway "
+            f"--workers {workers} on {store} (open-files limit {open_files} per process); "
+            f"load average {_load_average()}",
+            flush=True,
+        )
+        with RssSampler(target.pid) as sampler:
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--soak-client",
+                    str(target.port),
+                    target.path,
+                    target.auth,
+                    str(streams),
+                    str(ramp_s),
+                    str(limit_s),
+                ],
+                capture_output=True,
+                timeout=limit_s + 60,
+                text=True,
+                check=True,
+            )
+        data = json.loads(out.stdout)
+        results = data["results"]
+        whole = sum(1 for r in results if r[2] and r[1] == expected)
+        ttfts = [r[0] for r in results if r[0] is not None]
+        growth = max(0, sampler.peak - rss_before)
+        counts: dict[str, int] = {}
+        for r in results:
+            key = f"{r[1]} chunks{'' if r[2] else ' no [DONE]'}, status {r[3]}"
+            counts[key] = counts.get(key, 0) + 1
+        print(
+            f"soak: {whole}/{streams} whole, {len(results) - whole} cut or short, failures "
+            f"{data['failures'] or 'none'}; {data['peak_open']} open at once at the peak; "
+            f"wall {data['wall']:.1f} s; TTFT p50 {pct(ttfts, 0.5) * 1000:.1f} ms p99 "
+            f"{pct(ttfts, 0.99) * 1000:.1f} ms"
+        )
+        print(
+            f"soak: gateway RSS {rss_before / 2**20:.0f} MiB before, "
+            f"{sampler.peak / 2**20:.0f} MiB at the peak, {growth / streams / 1024:.1f} KiB "
+            f"per stream; load average {_load_average()}"
+        )
+        print(f"soak: streams by what they got: {counts}; refusals {data['refusals'] or 'none'}")
+
+
+# -- workers: one process against two --------------------------------------------------------
+
+
+@contextmanager
+def redis_process() -> Iterator[str]:
+    """A throwaway redis-server on a free loopback port (no persistence)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise RuntimeError("redis-server is not installed; --workers needs it")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as workdir:
+        proc = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                workdir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=1):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise RuntimeError("redis-server did not start") from None
+                    time.sleep(0.05)  # waiting for redis-server to listen
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def compare_workers(concurrency: int) -> None:
+    """Chunks/s at saturation through `unbroken serve --workers 2` against `--workers 1`,
+    both on a Redis store (the state several workers share), the mock measured alone too."""
+    rounds = ROUNDS.get(concurrency, 1)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        mock_process(MOCK_CONFIG) as mock_url,
+        redis_process() as redis_url,
+    ):
+        mock_port = int(mock_url.rsplit(":", 1)[1])
+        env = {"UNBROKEN_GATEWAY_STORE": redis_url, "UNBROKEN_GATEWAY_SESSIONS": redis_url}
+        rows: dict[str, dict[str, float]] = {
+            "direct": measure(
+                Target("direct", 0, mock_port, "/v1/chat/completions"), concurrency, rounds
+            )
+        }
+        for n in (1, 2):
+            with unbroken_server(mock_url, Path(tmp), workers=n, extra_env=env) as target:
+                rows[f"{n} worker{'s' if n > 1 else ''}"] = measure(target, concurrency, rounds)
+        print(
+            f"\nworkers at concurrency {concurrency} (Redis store): {os.cpu_count()} CPUs "
+            "shared by the mock, the load process and the workers, so two workers cannot get "
+            f"two whole cores here; load average {_load_average()}"
+        )
+        for name, r in rows.items():
+            print(
+                f"  {name:<9} {int(r['complete'])}/{int(r['streams'])} whole, "
+                f"{r['rate']:>7.0f} chunks/s, TTFT p50 {r['ttft50']:.1f} ms"
+                + ("" if name == "direct" else f", {r['us_per_chunk']:.1f} us CPU per chunk")
+            )
+        ratio = rows["2 workers"]["rate"] / rows["1 worker"]["rate"]
+        print(f"  chunks/s, 2 workers / 1 worker = {ratio:.2f}x")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--levels", default="1,32,256", help="concurrency levels")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
-    parser.add_argument("--skip", default="", help="targets to skip: litellm,nginx,pyrelay")
+    parser.add_argument("--levels", default="1,32,256,1024", help="concurrency levels")
+    parser.add_argument("--skip", default="", help="targets to skip: litellm,nginx,floor,pyrelay")
+    parser.add_argument(
+        "--soak",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: N concurrent slow streams (1 token/s) through the gateway (e.g. 10000)",
+    )
+    parser.add_argument("--soak-tokens", type=int, default=20, help="tokens per soak stream")
+    parser.add_argument("--soak-ramp", type=float, default=10.0, help="seconds to open them")
+    parser.add_argument(
+        "--soak-workers",
+        type=int,
+        default=0,
+        help="gateway processes for the soak (default: as many as the open-files limit needs)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="C",
+        help="instead: chunks/s with --workers 2 against 1, at concurrency C (e.g. 256)",
+    )
     args = parser.parse_args()
+    raise_open_files()
+    if args.soak:
+        soak(args.soak, args.soak_tokens, args.soak_ramp, args.soak_workers)
+        return
+    if args.workers:
+        compare_workers(args.workers)
+        return
     levels = [int(x) for x in args.levels.split(",") if x]
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
@@ -637,16 +1102,18 @@ def main() -> None:
         mock_port = int(mock_url.rsplit(":", 1)[1])
         targets: list[Target] = [Target("direct", 0, mock_port, "/v1/chat/completions")]
         targets.append(stack.enter_context(unbroken_server(mock_url, workdir)))
-        if "litellm" not in skip:
-            lite = stack.enter_context(litellm_server(mock_url, workdir))
-            if lite is not None:
-                targets.append(lite)
+        if "floor" not in skip:
+            targets.append(stack.enter_context(floor_server(mock_port)))
         if "nginx" not in skip:
             relay = stack.enter_context(nginx_server(mock_port, workdir))
             if relay is not None:
                 targets.append(relay)
         if "pyrelay" not in skip:
             targets.append(stack.enter_context(pyrelay_server(mock_port)))
+        if "litellm" not in skip:
+            lite = stack.enter_context(litellm_server(mock_url, workdir))
+            if lite is not None:
+                targets.append(lite)
         print(
             f"mock at {mock_url}; targets: {', '.join(t.name for t in targets)}; "
             f"{os.cpu_count()} CPUs"
@@ -658,16 +1125,19 @@ def main() -> None:
                 rows[target.name] = measure_median(target, concurrency, args.repeat)
             report(concurrency, rows, args.repeat)
             summary[concurrency] = rows
-        c32 = summary.get(32, {})
-        if "unbroken" in c32 and "direct" in c32:
-            over = c32["unbroken"]["ttft50"] - c32["direct"]["ttft50"]
-            print(f"\nunbroken TTFT overhead p50 at concurrency 32 = {over:.2f} ms")
+        summarize(summary)
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
         load_main(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--soak-client":
+        soak_main(sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "--pyrelay":
         asyncio.run(_pyrelay(int(sys.argv[2]), int(sys.argv[3])))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--floor":
+        import uvloop
+
+        uvloop.run(_floor(int(sys.argv[2]), int(sys.argv[3])))
     else:
         main()

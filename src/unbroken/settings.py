@@ -333,6 +333,9 @@ class GatewaySettings:
         body_timeout_s: the longest pause between two pieces of a request body (408).
         max_connections: open connections per process; more are answered 503 and closed.
         max_connections_per_client: open connections per client address.
+        upstream_connections: connections to the upstreams open at once per process (a
+            request waits for a free one up to `headers_s`); 0 sizes the pool from
+            `max_connections` and the open-files limit (gateway/upstream.py `pool_size`).
         drain_grace_s: on SIGTERM, how long the listener keeps accepting (new chats get
             503 with Retry-After, `/readyz` 503) before draining starts.
         reserve_tokens: the completion tokens a request without `max_tokens` reserves
@@ -410,6 +413,7 @@ class GatewaySettings:
     body_timeout_s: float = 30.0
     max_connections: int = 4096
     max_connections_per_client: int = 1024
+    upstream_connections: int = 0
     drain_grace_s: float = 5.0
     reserve_tokens: int = 4096
     store_failure: str = "closed"
@@ -524,6 +528,11 @@ class GatewaySettings:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"gateway {name} must be >= 1, got {getattr(self, name)}")
+        if self.upstream_connections < 0:
+            raise ConfigError(
+                "gateway upstream_connections must be >= 1, or 0 to size the pool from "
+                f"max_connections and the open-files limit, got {self.upstream_connections}"
+            )
         if self.max_head_bytes < 1024:
             raise ConfigError(f"gateway max_head_bytes must be >= 1024, got {self.max_head_bytes}")
         if self.sessions_per_minute <= 0:
@@ -688,6 +697,7 @@ _GATEWAY_SCALARS: dict[str, Literal["str", "int", "float", "bool", "list"]] = {
     "body_timeout_s": "float",
     "max_connections": "int",
     "max_connections_per_client": "int",
+    "upstream_connections": "int",
     "drain_grace_s": "float",
     "reserve_tokens": "int",
     "store_failure": "str",

@@ -56,7 +56,7 @@ from unbroken.gateway.streams import (
     open_stream_log,
 )
 from unbroken.gateway.telemetry import SpanHook, Telemetry
-from unbroken.gateway.upstream import LeanTransport
+from unbroken.gateway.upstream import LeanTransport, pool_size
 from unbroken.gateway.usage import UsageBook, parse_usage_query
 from unbroken.gateway.web import WebUI
 from unbroken.gateway.widget_tokens import WidgetTokens
@@ -139,10 +139,14 @@ def build_upstream(
 
 
 def upstream_transport(settings: Settings) -> LeanTransport:
-    """The transport of the upstream calls: a `LeanTransport` whose read-ahead is the
-    per-stream buffer bound, through the proxies of `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`."""
+    """The transport of the upstream calls: a `LeanTransport` of `pool_size` connections
+    whose read-ahead is the per-stream buffer bound, through the proxies of
+    `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`."""
+    g = settings.gateway
     return LeanTransport(
-        high_water_bytes=settings.gateway.stream_buffer_bytes, proxy_env=dict(settings.proxy_env)
+        max_connections=pool_size(g.upstream_connections, g.max_connections),
+        high_water_bytes=g.stream_buffer_bytes,
+        proxy_env=dict(settings.proxy_env),
     )
 
 

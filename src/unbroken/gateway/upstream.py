@@ -13,6 +13,7 @@ gateway/proxy.py). Imports httpx and httptools (the `[gateway]` extra).
 from __future__ import annotations
 
 import asyncio
+import resource
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,16 +22,48 @@ from typing import Any
 import httptools
 import httpx
 
-from unbroken.errors import UpstreamConnectError
+from unbroken.errors import ConfigError, UpstreamConnectError
 from unbroken.gateway.proxy import Proxy, ProxyConfig, open_tunnel
 
-__all__ = ["LeanTransport"]
+__all__ = ["LeanTransport", "pool_size"]
 
 # How long an idle connection is reused; below uvicorn's default keep-alive (5 s), so we
 # rarely pick a connection the server is closing.
 KEEPALIVE_EXPIRY_S = 4.0
 # Read-ahead per response before reading pauses (the gateway's per-stream buffer bound).
 DEFAULT_HIGH_WATER = 256 * 1024
+# File descriptors an automatically sized pool leaves to the listener, the store and logs
+# (as gateway/server.py's SPARE_FDS does for the connection cap).
+SPARE_FDS = 256
+# The smallest automatically sized pool.
+MIN_POOL = 16
+
+
+def pool_size(configured: int, max_connections: int, open_files: int | None = None) -> int:
+    """How many upstream connections the gateway keeps open at once, per process.
+
+    A relayed stream holds one downstream and one upstream connection, so by default the
+    pool matches the downstream cap `max_connections`; the two together must fit the
+    open-files limit (which the server raises to its hard value), so each gets at most half
+    of it, less spares.
+
+    Args:
+        configured: `gateway.upstream_connections`; used as is when > 0.
+        max_connections: `gateway.max_connections`.
+        open_files: the open-files limit; default the process's hard RLIMIT_NOFILE.
+
+    Raises:
+        ConfigError: `configured` is negative.
+    """
+    if configured < 0:
+        raise ConfigError(f"gateway upstream_connections must be >= 0, got {configured}")
+    if configured:
+        return configured
+    if open_files is None:
+        open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if open_files == resource.RLIM_INFINITY:
+            return max_connections
+    return max(MIN_POOL, min(max_connections, (open_files - SPARE_FDS) // 2))
 
 
 class _Connection(asyncio.Protocol):

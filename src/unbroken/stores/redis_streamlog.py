@@ -7,14 +7,23 @@ sweeper's work list) and one of detached answers' lease expiries (the orphan lis
 write is one Lua script, so the lease epoch check and the append are atomic: a fenced
 writer can never append. Lease and retention rules are those of `core.streamlog`; the
 shared case table checks both backends against each other. Imports redis, core and errors.
+
+The writes every live answer makes (create, append, renew, release) are coalesced: the
+calls made in one turn of the event loop, across all answers of the process, go to Redis as
+one pipeline (`_Coalescer`), so thousands of streams cost a few round trips per turn rather
+than one per chunk. Each script still runs atomically on its own; only the transport is
+shared.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from unbroken.core.streamlog import Lease, Retention, StreamInfo
 from unbroken.errors import ConfigError, StoreError
@@ -186,6 +195,74 @@ return n
 """
 
 
+class _Coalescer:
+    """Script calls made in one turn of the event loop, sent together as one pipeline.
+
+    The first call of a turn schedules the flush (`call_soon`); every call made before it
+    runs joins the same pipeline, and each caller gets its own script's reply or error.
+    Scripts go by their SHA (EVALSHA); a Redis that lost them (a restart, SCRIPT FLUSH)
+    answers NOSCRIPT, and those calls are sent again once the scripts are loaded.
+    """
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._redis = client
+        self._queue: list[tuple[AsyncScript, list[Any], list[Any], asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def call(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Awaitable[Any]:
+        """Queue one script call; the awaitable gives its reply (or raises its error)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._queue:
+            loop.call_soon(self._flush)
+        self._queue.append((script, keys, args, future))
+        return future
+
+    def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._sending.add(task)  # a strong reference until it is done
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(
+        self, batch: list[tuple[AsyncScript, list[Any], list[Any], asyncio.Future[Any]]]
+    ) -> None:
+        try:
+            replies = await self._execute(batch)
+            lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if lost:
+                for script in {id(batch[i][0]): batch[i][0] for i in lost}.values():
+                    await self._redis.script_load(script.script)
+                again = await self._execute([batch[i] for i in lost])
+                for i, reply in zip(lost, again, strict=True):
+                    replies[i] = reply
+        except Exception as exc:  # the connection failed: every call of the batch did
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except BaseException:  # cancelled (the loop is closing): so are the callers
+            for *_, future in batch:
+                future.cancel()
+            raise
+        for (*_, future), reply in zip(batch, replies, strict=True):
+            if future.done():  # its caller was cancelled meanwhile
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    async def _execute(
+        self, batch: list[tuple[AsyncScript, list[Any], list[Any], asyncio.Future[Any]]]
+    ) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for script, keys, args, _ in batch:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))
+
+
 def _info(stream_id: str, raw: dict[str, str]) -> StreamInfo:
     ended_at = raw.get("ended_at") or ""
     return StreamInfo(
@@ -226,6 +303,7 @@ class RedisStreamLog:
         self._release = client.register_script(_RELEASE)
         self._set = client.register_script(_SET_IF_EXISTS)
         self._sweep = client.register_script(_SWEEP)
+        self._writes = _Coalescer(client)
 
     # Appends are round trips: writers batch the events that arrive meanwhile.
     is_remote = True
@@ -307,7 +385,7 @@ class RedisStreamLog:
         ]
         created: Any = await self._run(
             "create a stream log",
-            lambda: self._create(keys=[meta, req, self._exp, self._live], args=args),
+            lambda: self._writes.call(self._create, [meta, req, self._exp, self._live], args),
         )
         if not int(created):
             raise StoreError(f"stream {stream_id[:60]!r} exists already")
@@ -334,7 +412,7 @@ class RedisStreamLog:
         ]
         keys = [meta, log, req, self._total, self._exp, self._live]
         raw: Any = await self._run(
-            "append to a stream log", lambda: self._append(keys=keys, args=args)
+            "append to a stream log", lambda: self._writes.call(self._append, keys, args)
         )
         n = int(raw)
         if n == -1:
@@ -430,7 +508,7 @@ class RedisStreamLog:
         ]
         raw: Any = await self._run(
             "renew a stream's lease",
-            lambda: self._renew(keys=[meta, log, req, self._live, self._exp], args=args),
+            lambda: self._writes.call(self._renew, [meta, log, req, self._live, self._exp], args),
         )
         if not raw:
             return None
@@ -445,7 +523,7 @@ class RedisStreamLog:
         meta, _, _ = self._keys(stream_id)
         await self._run(
             "release a stream's lease",
-            lambda: self._release(keys=[meta, self._live], args=[stream_id, owner, epoch]),
+            lambda: self._writes.call(self._release, [meta, self._live], [stream_id, owner, epoch]),
         )
 
     async def request_stop(self, stream_id: str) -> None:

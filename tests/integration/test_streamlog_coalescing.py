@@ -1,0 +1,117 @@
+"""The Redis stream log sends the writes of many answers made in one event-loop turn as one
+pipeline: each call still gets its own reply or error, scripts Redis lost are loaded again,
+and a failed connection fails every call of its batch (as a StoreError)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.support import free_port
+from unbroken.core.streamlog import Retention
+from unbroken.errors import StoreError
+from unbroken.stores.redis_streamlog import RedisStreamLog
+from unbroken.stores.streamlog import UnknownStreamError
+
+pytestmark = [pytest.mark.integration, pytest.mark.anyio]
+
+RETENTION = Retention(ttl_s=100, max_stream_bytes=1 << 20, max_total_bytes=1 << 24)
+N = 200
+
+
+def sid(i: int) -> str:
+    return f"strm_{i:032d}"
+
+
+@pytest.fixture
+async def log(redis_url: str) -> AsyncIterator[RedisStreamLog]:
+    redis_log = RedisStreamLog.from_url(redis_url, RETENTION, prefix="test-coalesce:")
+    await redis_log._redis.flushdb()
+    yield redis_log
+    await redis_log.aclose()
+
+
+async def connected_clients(log: RedisStreamLog) -> int:
+    info = await log._redis.info("clients")
+    return int(info["connected_clients"])
+
+
+async def test_concurrent_appends_share_one_pipeline(log: RedisStreamLog) -> None:
+    """N answers appending in the same turn: every append lands in its own stream, over
+    one connection (one per call would open N)."""
+    before = await connected_clients(log)
+    await asyncio.gather(
+        *(
+            log.create(
+                sid(i), caller="k", request=b"{}", resumable=False, owner="A", now=0.0, lease_s=3
+            )
+            for i in range(N)
+        )
+    )
+    first = await asyncio.gather(
+        *(log.append(sid(i), 1, [b"a%d" % i], 1.0, end=False) for i in range(N))
+    )
+    second = await asyncio.gather(
+        *(log.append(sid(i), 1, [b"b", b"c"], 2.0, end=i % 2 == 0) for i in range(N))
+    )
+    assert first == [1] * N
+    assert second == [3] * N
+    assert await connected_clients(log) - before <= 2
+    batch = await log.read(sid(7), 0, limit=10, max_bytes=1000)
+    assert batch.events == [(1, b"a7"), (2, b"b"), (3, b"c")]
+    assert not batch.ended
+    assert (await log.read(sid(8), 0, limit=10, max_bytes=1000)).ended
+
+
+async def test_each_call_gets_its_own_reply_or_error(log: RedisStreamLog) -> None:
+    """In one batch: a good append, one to a stream that does not exist, and one whose key
+    holds the wrong type (a Redis error): only the last two fail, each with its own error."""
+    await log.create(
+        sid(1), caller="k", request=b"{}", resumable=False, owner="A", now=0.0, lease_s=3
+    )
+    await log._redis.set(f"test-coalesce:s:{sid(3)}", b"not a hash")
+    results = await asyncio.gather(
+        log.append(sid(1), 1, [b"x"], 1.0, end=False),
+        log.append(sid(2), 1, [b"x"], 1.0, end=False),
+        log.append(sid(3), 1, [b"x"], 1.0, end=False),
+        return_exceptions=True,
+    )
+    assert results[0] == 1
+    assert isinstance(results[1], UnknownStreamError)
+    assert isinstance(results[2], StoreError)
+    assert "WRONGTYPE" in str(results[2])
+
+
+async def test_scripts_redis_lost_are_loaded_again(log: RedisStreamLog) -> None:
+    """After SCRIPT FLUSH (as after a Redis restart) a batch of writes still succeeds."""
+    await log.create(
+        sid(1), caller="k", request=b"{}", resumable=False, owner="A", now=0.0, lease_s=3
+    )
+    await log._redis.script_flush()
+    lease_info, n = await asyncio.gather(
+        log.renew(sid(1), "A", 1, 1.0, 3.0),
+        log.append(sid(1), 1, [b"x", b"y"], 1.0, end=False),
+    )
+    assert lease_info is not None
+    assert n == 2
+    await log._redis.script_flush()
+    await log.release(sid(1), "A", 1)
+    info = await log.info(sid(1))
+    assert info is not None
+    assert info.lease is not None
+    assert info.lease.expires_at == 0
+
+
+async def test_a_dead_redis_fails_every_call_of_the_batch() -> None:
+    """No Redis behind the URL: every coalesced call raises a StoreError."""
+    dead = RedisStreamLog.from_url(f"redis://127.0.0.1:{free_port()}/0", RETENTION)
+    try:
+        results = await asyncio.gather(
+            *(dead.append(sid(i), 1, [b"x"], 1.0, end=False) for i in range(5)),
+            return_exceptions=True,
+        )
+    finally:
+        await dead.aclose()
+    assert all(isinstance(r, StoreError) for r in results), results
