@@ -439,20 +439,18 @@ class _FastLane:
         return taken
 
     def _on_body(self, data: bytes) -> None:
+        pending = self.pending
         try:
-            chunks = self._attempt.feed(data, time.monotonic())
+            for chunk in self._attempt.feed(data, time.monotonic()):
+                if pending or chunk.usage is not None:
+                    pending.append(chunk)
+                elif not self._sink(chunk):
+                    self.refused = True
+                    pending.append(chunk)
         except Exception as exc:  # raised again from `run`, in the generator
             self.error = exc
             self._wake()
             return
-        pending = self.pending
-        sink = self._sink
-        for chunk in chunks:
-            if pending or chunk.usage is not None:
-                pending.append(chunk)
-            elif not sink(chunk):
-                self.refused = True
-                pending.append(chunk)
         if pending or self._attempt.decoder.error is not None:
             self._wake()
 

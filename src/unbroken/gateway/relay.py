@@ -387,7 +387,7 @@ class LiveSink:
         """Write events `first`, `first + 1`, ... in one write; False when they may not be
         written directly now (nothing was written: the reader takes over again)."""
         relay = self._relay
-        if relay._busy:
+        if relay._busy or relay._reason is not None:
             return False
         if len(payloads) == 1:
             body = b"id: %d\ndata: %b\n\n" % (first, payloads[0])

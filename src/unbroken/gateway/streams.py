@@ -303,11 +303,11 @@ class Producer:
         return sink.last
 
     def _feed(self, first: int, payloads: Sequence[bytes]) -> None:
-        for sink, parked in list(self._sinks.items()):
-            if not sink.feed(first, payloads):
-                del self._sinks[sink]
-                if not parked.done():
-                    parked.set_result(None)
+        refused = [sink for sink in self._sinks if not sink.feed(first, payloads)]
+        for sink in refused:
+            parked = self._sinks.pop(sink)
+            if not parked.done():
+                parked.set_result(None)
 
     def _release_sinks(self) -> None:
         for parked in self._sinks.values():

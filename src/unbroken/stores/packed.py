@@ -39,15 +39,6 @@ class PackedEvents:
     def __len__(self) -> int:
         return len(self._lengths)
 
-    @property
-    def packed_bytes(self) -> int:
-        """Bytes held: compressed blocks, raw events of the open block, lengths."""
-        return (
-            sum(map(len, self._blocks))
-            + sum(map(len, self._live))
-            + self._lengths.itemsize * len(self._lengths)
-        )
-
     def length(self, seq: int) -> int:
         """The payload size of event `seq`."""
         return self._lengths[seq - 1]
@@ -56,9 +47,13 @@ class PackedEvents:
         """Append events; a block that fills up is compressed."""
         if not self._lengths and payloads:
             self._zdict = payloads[0][:ZDICT_MAX_BYTES]
-        self._lengths.extend(map(len, payloads))
         live = self._live
-        live.extend(payloads)
+        if len(payloads) == 1:  # the common case: one chunk per append
+            self._lengths.append(len(payloads[0]))
+            live.append(payloads[0])
+        else:
+            self._lengths.extend(map(len, payloads))
+            live.extend(payloads)
         while len(live) >= BLOCK_EVENTS:
             self._seal(BLOCK_EVENTS)
 
