@@ -252,7 +252,7 @@ def test_retry_replaces_the_last_answer(upstream: MockServer, tmp_path: Path) ->
         first = session.ask("first question").choices[0].message.content
         old = session.ask("second question").choices[0].message.content
         asked = upstream.log(limit=1)[-1]
-        history = [
+        history: list[dict[str, object]] = [
             {"role": "user", "content": "first question"},
             {"role": "assistant", "content": first},
             {"role": "user", "content": "second question"},
