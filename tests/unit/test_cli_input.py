@@ -47,6 +47,7 @@ def test_history_is_kept_across_sessions(tmp_path: Path) -> None:
     assert _typed(history, "second\r") == "second"
     assert _typed(history, f"{UP}{UP}\r") == "first"
     assert "+second" in history.read_text()
+    assert history.stat().st_mode & 0o077 == 0  # private to the user
 
 
 def test_ctrl_c_and_ctrl_d(tmp_path: Path) -> None:

@@ -96,6 +96,8 @@ def build_session(
     from prompt_toolkit.key_binding import KeyBindings
 
     history.parent.mkdir(parents=True, exist_ok=True)
+    # What the user typed is theirs alone, as the session database next to it.
+    history.touch(mode=0o600, exist_ok=True)
     bindings = KeyBindings()
 
     @bindings.add("enter")
