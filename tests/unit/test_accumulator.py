@@ -136,17 +136,21 @@ def test_text_split_into_any_deltas_folds_to_the_text(text: str, sizes: list[int
 
 
 @given(
-    st.lists(st.sampled_from(["a", "\u00e9", "\ud83d", "\ude80", " "]), min_size=60, max_size=200)
+    st.lists(
+        st.sampled_from(["a", "", "\u00e9", "\ud83d", "\ude80", " "]), min_size=60, max_size=200
+    )
 )
 def test_long_answers_fold_whole_through_the_piece_joining(pieces: list[str]) -> None:
     """Past MAX_PIECES deltas the kept pieces are joined into one; content and reasoning
-    still fold to join_text of every delta, surrogate halves cut at any join included."""
+    still fold to join_text of every delta, surrogate halves cut at any join included, and
+    the deltas are still counted."""
     acc = ChunkAccumulator()
     for piece in pieces:
         delta = Delta(content=piece, reasoning_content=piece)
         acc.feed(ChatCompletionChunk(choices=[ChunkChoice(delta=delta)]))
     assert acc.content() == join_text(pieces)
     assert acc.reasoning() == join_text(pieces)
+    assert acc.n_text_deltas() == 2 * sum(1 for piece in pieces if piece)
 
 
 def test_tool_call_fragments_fold_by_index() -> None:

@@ -62,6 +62,7 @@ class _Choice:
         "logprobs",
         "logprobs_content",
         "logprobs_reasoning",
+        "n_text_deltas",
         "reasoning",
         "refusal",
         "role",
@@ -70,6 +71,9 @@ class _Choice:
 
     def __init__(self) -> None:
         self.role: str | None = None
+        # Non-empty content and reasoning deltas: counted as they come, since the pieces
+        # themselves are joined past MAX_PIECES.
+        self.n_text_deltas = 0
         self.content: list[str] | None = None
         self.reasoning: list[str] | None = None
         self.refusal: list[str] | None = None
@@ -238,11 +242,13 @@ class ChunkAccumulator:
                     if state.content is None:
                         state.content = []
                     _add_piece(state.content, delta.content)
+                    state.n_text_deltas += delta.content != ""
                 reasoning = delta.reasoning_text
                 if reasoning is not None:
                     if state.reasoning is None:
                         state.reasoning = []
                     _add_piece(state.reasoning, reasoning)
+                    state.n_text_deltas += reasoning != ""
                 if delta.tool_calls:
                     self._fold_tools(state, delta)
                 if delta.refusal is not None:
@@ -325,10 +331,7 @@ class ChunkAccumulator:
         it streamed, where the server sends one token per delta, as DeepSeek, OpenAI and
         vLLM do (DeepSeek's `completion_tokens` is this count)."""
         state = self._choices.get(index)
-        if state is None:
-            return 0
-        pieces = (*(state.content or ()), *(state.reasoning or ()))
-        return sum(1 for piece in pieces if piece)
+        return 0 if state is None else state.n_text_deltas
 
     @property
     def has_output(self) -> bool:
