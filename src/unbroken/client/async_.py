@@ -45,8 +45,10 @@ from unbroken.client._results import (
     text_answer,
     text_chunk,
 )
+from unbroken.client.cache import REPLAY_TICK_S, AnswerCache, CachedChunk, CacheEvent
 from unbroken.core.accumulator import EventSplitter
 from unbroken.core.attempt import Attempt
+from unbroken.core.cache import CacheStatus, replay_batches
 from unbroken.core.events import ChatEvent, ControlEvent, DoneEvent, TextEvent
 from unbroken.core.flow import AttemptOutcome, Connect
 from unbroken.core.sentences import SentenceSplitter
@@ -61,13 +63,13 @@ from unbroken.core.wire import (
     TextCompletion,
     completion_to_chunks,
 )
-from unbroken.errors import TimeoutPhase, UpstreamError
+from unbroken.errors import TimeoutPhase, UnbrokenError, UpstreamError
 
 __all__ = ["AsyncChatStream", "AsyncClient", "AsyncStream", "AsyncTextStream"]
 
 logger = logging.getLogger(__name__)
 
-StreamItem = ChatCompletionChunk | ControlEvent
+StreamItem = ChatCompletionChunk | ControlEvent | CacheEvent
 _Outcome = list[AttemptOutcome]
 
 
@@ -144,9 +146,12 @@ class AsyncClient(ClientBase):
     copy = with_options
 
     async def aclose(self) -> None:
-        """Close the connection pool (if this client made it)."""
+        """Close the connection pool (if this client made it) and an answer cache made
+        from a spec."""
         if self._owns_http:
             await self._http.aclose()
+        if self._owns_cache and self._config.cache is not None:
+            await self._config.cache.aclose()
 
     close = aclose  # openai's AsyncOpenAI names it close()
 
@@ -204,7 +209,80 @@ class AsyncClient(ClientBase):
             # What was shown already: the flow's first attempt is then a continuation.
             for chunk in completion_to_chunks(partial):
                 run.answer.feed(chunk)
-        return run, self._run(run, with_events=events)
+        items = self._run(run, with_events=events)
+        cache = self._config.cache
+        if cache is not None and endpoint == "chat" and partial is None:
+            items = self._cached(cache, run, items, paced=stream, events=events)
+        return run, items
+
+    async def _cached(
+        self,
+        cache: AnswerCache,
+        run: AnswerRun,
+        items: AsyncGenerator[StreamItem, None],
+        *,
+        paced: bool,
+        events: bool,
+    ) -> AsyncGenerator[StreamItem, None]:
+        """The answer through the answer cache (see `unbroken.client.cache`)."""
+        key = cache.key(run.body)
+        if cache.serves(run.body):
+            data = await cache.aget(key)
+            hit = None if data is None else cache.replay(data, "hit", time.time())
+            if hit is not None:
+                await items.aclose()  # never started: nothing to stop
+                async for item in self._replay(run, hit, "hit", paced=paced, events=events):
+                    yield item
+                return
+        shown: list[ChatCompletionChunk] = []
+        try:
+            async for item in items:
+                if isinstance(item, ChatCompletionChunk):
+                    shown.append(item)
+                yield item
+        except UnbrokenError as exc:
+            # Only before any output: a stand-in after part of an answer would repeat it.
+            if shown or not cache.degrades(exc):
+                raise
+            data = await cache.aget(key)
+            stale = None if data is None else cache.replay(data, "stale", time.time())
+            if stale is None:
+                raise
+            async for item in self._replay(
+                run, stale, "stale", paced=False, events=events, error=exc
+            ):
+                yield item
+            return
+        answer = run.completion(time.monotonic())
+        if cache.storable(answer):
+            await cache.aput(key, cache.entry(answer, shown, time.time()))
+
+    async def _replay(
+        self,
+        run: AnswerRun,
+        replay: tuple[list[CachedChunk], float],
+        status: CacheStatus,
+        *,
+        paced: bool,
+        events: bool,
+        error: UnbrokenError | None = None,
+    ) -> AsyncGenerator[StreamItem, None]:
+        chunks, age_s = replay
+        run.from_cache(status, time.monotonic())
+        if events:
+            yield CacheEvent(status, age_s, "" if error is None else error.message)
+        cache = self._config.cache
+        pace_s = cache.pace_s if cache is not None and paced and status == "hit" else 0.0
+        started = time.monotonic()
+        sent = 0
+        for offset, end in replay_batches(len(chunks), pace_s, REPLAY_TICK_S):
+            delay = started + offset - time.monotonic()
+            if delay > 0:
+                await anyio.sleep(delay)  # the typing effect of a paced hit
+            for chunk in chunks[sent:end]:
+                run.answer.feed(chunk)
+                yield chunk
+            sent = end
 
     async def _run(self, run: AnswerRun, *, with_events: bool) -> AsyncGenerator[StreamItem, None]:
         # Closing or cancelling the stream lands here: the answer is recorded once.
@@ -466,7 +544,7 @@ class AsyncStream:
             return self._peeked.pop()
         while True:
             try:
-                chunk: ChatCompletionChunk = await self._items.__anext__()  # type: ignore[assignment]  # chunks only here
+                chunk = await self._items.__anext__()
             except StopAsyncIteration:
                 if self._completion is None:
                     self._completion = self._run.completion(time.monotonic())
@@ -474,6 +552,8 @@ class AsyncStream:
                     self._usage_due = False
                     return self._run.final_usage_chunk()
                 raise
+            if not isinstance(chunk, ChatCompletionChunk):
+                continue  # events go to AsyncChatStream only; a stream's run yields none
             if chunk.usage is None:
                 return chunk
             shown = self._shape.step(chunk)
@@ -575,7 +655,7 @@ class AsyncTextStream:
         await self.aclose()
 
 
-AsyncStreamEvent = ChatEvent | ControlEvent | DoneEvent
+AsyncStreamEvent = ChatEvent | ControlEvent | CacheEvent | DoneEvent
 
 
 class AsyncChatStream:

@@ -35,8 +35,10 @@ from unbroken.client._results import (
     text_answer,
     text_chunk,
 )
+from unbroken.client.cache import REPLAY_TICK_S, AnswerCache, CachedChunk, CacheEvent
 from unbroken.core.accumulator import EventSplitter
 from unbroken.core.attempt import Attempt, Timeouts
+from unbroken.core.cache import CacheStatus, replay_batches
 from unbroken.core.events import ChatEvent, ControlEvent, DoneEvent, TextEvent
 from unbroken.core.flow import AttemptOutcome, Connect
 from unbroken.core.sentences import SentenceSplitter
@@ -49,13 +51,13 @@ from unbroken.core.wire import (
     TextAnswer,
     TextCompletion,
 )
-from unbroken.errors import TimeoutPhase, UpstreamError
+from unbroken.errors import TimeoutPhase, UnbrokenError, UpstreamError
 
 __all__ = ["ChatStream", "Client", "Stream", "TextStream"]
 
 logger = logging.getLogger(__name__)
 
-StreamItem = ChatCompletionChunk | ControlEvent
+StreamItem = ChatCompletionChunk | ControlEvent | CacheEvent
 
 
 class _Watch:
@@ -228,10 +230,13 @@ class Client(ClientBase):
     copy = with_options
 
     def close(self) -> None:
-        """Close the connection pool (if this client made it) and the watchdog."""
+        """Close the connection pool (if this client made it), the watchdog, and an
+        answer cache made from a spec."""
         self._watchdog.close()
         if self._owns_http:
             self._http.close()
+        if self._owns_cache and self._config.cache is not None:
+            self._config.cache.close()
 
     def __enter__(self) -> Client:
         return self
@@ -284,7 +289,75 @@ class Client(ClientBase):
         endpoint: Endpoint = "chat",
     ) -> tuple[AnswerRun, Iterator[StreamItem]]:
         run = self._new_run(model, messages, params, stream=stream, endpoint=endpoint)
-        return run, self._run(run, with_events=events)
+        items = self._run(run, with_events=events)
+        cache = self._config.cache
+        if cache is not None and endpoint == "chat":
+            items = self._cached(cache, run, items, paced=stream, events=events)
+        return run, items
+
+    def _cached(
+        self,
+        cache: AnswerCache,
+        run: AnswerRun,
+        items: Iterator[StreamItem],
+        *,
+        paced: bool,
+        events: bool,
+    ) -> Iterator[StreamItem]:
+        """The answer through the answer cache (see `unbroken.client.cache`)."""
+        key = cache.key(run.body)
+        if cache.serves(run.body):
+            data = cache.get(key)
+            hit = None if data is None else cache.replay(data, "hit", time.time())
+            if hit is not None:
+                yield from self._replay(run, hit, "hit", paced=paced, events=events)
+                return
+        shown: list[ChatCompletionChunk] = []
+        try:
+            for item in items:
+                if isinstance(item, ChatCompletionChunk):
+                    shown.append(item)
+                yield item
+        except UnbrokenError as exc:
+            # Only before any output: a stand-in after part of an answer would repeat it.
+            if shown or not cache.degrades(exc):
+                raise
+            data = cache.get(key)
+            stale = None if data is None else cache.replay(data, "stale", time.time())
+            if stale is None:
+                raise
+            yield from self._replay(run, stale, "stale", paced=False, events=events, error=exc)
+            return
+        answer = run.completion(time.monotonic())
+        if cache.storable(answer):
+            cache.put(key, cache.entry(answer, shown, time.time()))
+
+    def _replay(
+        self,
+        run: AnswerRun,
+        replay: tuple[list[CachedChunk], float],
+        status: CacheStatus,
+        *,
+        paced: bool,
+        events: bool,
+        error: UnbrokenError | None = None,
+    ) -> Iterator[StreamItem]:
+        chunks, age_s = replay
+        run.from_cache(status, time.monotonic())
+        if events:
+            yield CacheEvent(status, age_s, "" if error is None else error.message)
+        cache = self._config.cache
+        pace_s = cache.pace_s if cache is not None and paced and status == "hit" else 0.0
+        started = time.monotonic()
+        sent = 0
+        for offset, end in replay_batches(len(chunks), pace_s, REPLAY_TICK_S):
+            delay = started + offset - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)  # the typing effect of a paced hit
+            for chunk in chunks[sent:end]:
+                run.answer.feed(chunk)
+                yield chunk
+            sent = end
 
     def _run(self, run: AnswerRun, *, with_events: bool) -> Iterator[StreamItem]:
         # Closing or cancelling the stream lands here: the answer is recorded once.
@@ -449,7 +522,7 @@ class Stream:
             return self._peeked.pop()
         while True:
             try:
-                chunk: ChatCompletionChunk = self._items.__next__()  # type: ignore[assignment]  # chunks only here
+                chunk = self._items.__next__()
             except StopIteration:
                 if self._completion is None:
                     self._completion = self._run.completion(time.monotonic())
@@ -457,6 +530,8 @@ class Stream:
                     self._usage_due = False
                     return self._run.final_usage_chunk()
                 raise
+            if not isinstance(chunk, ChatCompletionChunk):
+                continue  # events go to ChatStream only; a Stream's run yields none
             if chunk.usage is None:
                 return chunk
             shown = self._shape.step(chunk)
@@ -551,7 +626,7 @@ class TextStream:
         self.close()
 
 
-StreamEvent = ChatEvent | ControlEvent | DoneEvent
+StreamEvent = ChatEvent | ControlEvent | CacheEvent | DoneEvent
 
 
 class ChatStream:
@@ -568,7 +643,7 @@ class ChatStream:
         self._completion: Answer | None = None
         self._events = self._generate()
 
-    def _generate(self) -> Iterator[StreamEvent]:
+    def _generate(self) -> Generator[StreamEvent, None, None]:
         split = self._splitter.split
         for item in self._items:
             if isinstance(item, ChatCompletionChunk):
@@ -596,7 +671,7 @@ class ChatStream:
 
     def close(self) -> None:
         """Stop the answer and close its connection."""
-        self._events.close()  # type: ignore[attr-defined]
+        self._events.close()
         close = getattr(self._items, "close", None)
         if close is not None:
             close()
