@@ -54,9 +54,9 @@ def client(upstream: MockServer, cache: Any, **kwargs: Any) -> Client:
 
 
 def content(chunks: list[unbroken.ChatCompletionChunk]) -> tuple[str, str]:
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    reasoning = "".join(c.choices[0].delta.reasoning_content or "" for c in chunks if c.choices)
-    return reasoning, text
+    deltas = [c.choices[0].delta for c in chunks if c.choices and c.choices[0].delta]
+    reasoning = "".join(d.reasoning_content or "" for d in deltas if d)
+    return reasoning, "".join(d.content or "" for d in deltas if d)
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -289,7 +289,7 @@ def test_bad_cache_options_are_typed_errors(upstream: MockServer) -> None:
     """A cache option of the wrong kind, an unknown spec, a bad TTL, or a cache given to a
     transport: a ConfigError naming what was wrong."""
     with pytest.raises(ConfigError, match="int"):
-        Client(api_key="sk-test", base_url=upstream.url, cache=42)  # type: ignore[typeddict-item]  # the wrong type on purpose
+        Client(api_key="sk-test", base_url=upstream.url, cache=42)  # type: ignore[arg-type]  # the wrong type on purpose
     with pytest.raises(ConfigError, match="ftp://x"):
         Client(api_key="sk-test", base_url=upstream.url, cache="ftp://x")
     with pytest.raises(ConfigError, match="ttl_s"):
