@@ -54,9 +54,9 @@ def client(upstream: MockServer, cache: Any, **kwargs: Any) -> Client:
 
 
 def content(chunks: list[unbroken.ChatCompletionChunk]) -> tuple[str, str]:
-    deltas = [c.choices[0].delta for c in chunks if c.choices and c.choices[0].delta]
-    reasoning = "".join(d.reasoning_content or "" for d in deltas if d)
-    return reasoning, "".join(d.content or "" for d in deltas if d)
+    deltas = [d for c in chunks if c.choices and (d := c.choices[0].delta) is not None]
+    reasoning = "".join(d.reasoning_content or "" for d in deltas)
+    return reasoning, "".join(d.content or "" for d in deltas)
 
 
 @pytest.fixture(params=["memory", "sqlite"])
