@@ -17,7 +17,7 @@ from collections.abc import (
     Iterable,
 )
 from types import TracebackType
-from typing import Any, Literal, Unpack, overload
+from typing import TYPE_CHECKING, Any, Literal, Unpack, overload
 from urllib.parse import quote
 
 import anyio
@@ -45,6 +45,7 @@ from unbroken.client._results import (
     text_answer,
     text_chunk,
 )
+from unbroken.client._wsproto import check_transport, load_sockets
 from unbroken.client.cache import REPLAY_TICK_S, AnswerCache, CachedChunk, CacheEvent
 from unbroken.core.accumulator import EventSplitter
 from unbroken.core.attempt import Attempt
@@ -65,6 +66,9 @@ from unbroken.core.wire import (
 )
 from unbroken.errors import TimeoutPhase, UnbrokenError, UpstreamError
 
+if TYPE_CHECKING:
+    from unbroken.client._ws import AsyncSockets
+
 __all__ = ["AsyncChatStream", "AsyncClient", "AsyncStream", "AsyncTextStream"]
 
 logger = logging.getLogger(__name__)
@@ -84,11 +88,17 @@ class AsyncClient(ClientBase):
         base_url: str | None = None,
         *,
         http_client: httpx.AsyncClient | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | Literal["http", "websocket"] | None = None,
         **options: Unpack[ClientOptions],
     ) -> None:
         super().__init__(api_key, base_url, options)
-        self._setup_http(http_client, transport)
+        self._sockets: AsyncSockets | None = None
+        self._owns_sockets = False
+        pool = transport if isinstance(transport, httpx.AsyncBaseTransport) else None
+        if check_transport(transport, httpx.AsyncBaseTransport):
+            self._sockets = load_sockets().AsyncSockets()
+            self._owns_sockets = True
+        self._setup_http(http_client, pool)
         self.chat = _AsyncChat(self)
         self.completions = _AsyncTextCompletions(self)
         self.models = _AsyncModels(self)
@@ -104,6 +114,8 @@ class AsyncClient(ClientBase):
         """A client whose requests may carry their own key (for the transports)."""
         self = cls.__new__(cls)
         ClientBase.__init__(self, api_key, base_url, options, need_key=False)
+        self._sockets = None
+        self._owns_sockets = False
         self._setup_http(None, transport)
         self.chat = _AsyncChat(self)
         self.completions = _AsyncTextCompletions(self)
@@ -141,6 +153,7 @@ class AsyncClient(ClientBase):
             **options,  # checked by ClientConfig.build
         )
         copy._owns_http = False  # the pool stays this client's
+        copy._sockets = self._sockets  # and so do its WebSocket connections
         return copy
 
     copy = with_options
@@ -150,6 +163,8 @@ class AsyncClient(ClientBase):
         from a spec."""
         if self._owns_http:
             await self._http.aclose()
+        if self._owns_sockets and self._sockets is not None:
+            await self._sockets.aclose()
         if self._owns_cache and self._config.cache is not None:
             await self._config.cache.aclose()
 
@@ -306,7 +321,12 @@ class AsyncClient(ClientBase):
                         await anyio.sleep(min(wait, 60.0))
                 attempt = run.new_attempt(action.plan, time.monotonic())
                 outcome: _Outcome = []
-                async for chunk in self._attempt(run, attempt, outcome):
+                sockets = self._sockets
+                if sockets is not None and run.endpoint == "chat" and not run.query:
+                    attempts = sockets.attempt(run, attempt, outcome)
+                else:
+                    attempts = self._attempt(run, attempt, outcome)
+                async for chunk in attempts:
                     yield chunk
                 action = run.next_action(outcome[0], time.monotonic())
             for chunk in run.take_chunks():

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from types import TracebackType
-from typing import Any, Literal, Unpack, overload
+from typing import TYPE_CHECKING, Any, Literal, Unpack, overload
 from urllib.parse import quote
 
 import httpx
@@ -35,6 +35,7 @@ from unbroken.client._results import (
     text_answer,
     text_chunk,
 )
+from unbroken.client._wsproto import check_transport, load_sockets
 from unbroken.client.cache import REPLAY_TICK_S, AnswerCache, CachedChunk, CacheEvent
 from unbroken.core.accumulator import EventSplitter
 from unbroken.core.attempt import Attempt, Timeouts
@@ -52,6 +53,9 @@ from unbroken.core.wire import (
     TextCompletion,
 )
 from unbroken.errors import TimeoutPhase, UnbrokenError, UpstreamError
+
+if TYPE_CHECKING:
+    from unbroken.client._ws import SyncSockets
 
 __all__ = ["ChatStream", "Client", "Stream", "TextStream"]
 
@@ -167,11 +171,17 @@ class Client(ClientBase):
         base_url: str | None = None,
         *,
         http_client: httpx.Client | None = None,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.BaseTransport | Literal["http", "websocket"] | None = None,
         **options: Unpack[ClientOptions],
     ) -> None:
         super().__init__(api_key, base_url, options)
-        self._setup_http(http_client, transport)
+        self._sockets: SyncSockets | None = None
+        self._owns_sockets = False
+        pool = transport if isinstance(transport, httpx.BaseTransport) else None
+        if check_transport(transport, httpx.BaseTransport):
+            self._sockets = load_sockets().SyncSockets()
+            self._owns_sockets = True
+        self._setup_http(http_client, pool)
         self.chat = _Chat(self)
         self.completions = _TextCompletions(self)
         self.models = _Models(self)
@@ -187,6 +197,8 @@ class Client(ClientBase):
         """A client whose requests may carry their own key (for the transports)."""
         self = cls.__new__(cls)
         ClientBase.__init__(self, api_key, base_url, options, need_key=False)
+        self._sockets = None
+        self._owns_sockets = False
         self._setup_http(None, transport)
         self.chat = _Chat(self)
         self.completions = _TextCompletions(self)
@@ -225,6 +237,7 @@ class Client(ClientBase):
             **options,  # checked by ClientConfig.build
         )
         copy._owns_http = False  # the pool stays this client's
+        copy._sockets = self._sockets  # and so do its WebSocket connections
         return copy
 
     copy = with_options
@@ -235,6 +248,8 @@ class Client(ClientBase):
         self._watchdog.close()
         if self._owns_http:
             self._http.close()
+        if self._owns_sockets and self._sockets is not None:
+            self._sockets.close()
         if self._owns_cache and self._config.cache is not None:
             self._config.cache.close()
 
@@ -377,7 +392,11 @@ class Client(ClientBase):
                     while (wait := config.limiter.take(time.monotonic(), tokens)) > 0:
                         time.sleep(min(wait, 60.0))
                 attempt = run.new_attempt(action.plan, time.monotonic())
-                outcome = yield from self._attempt(run, attempt)
+                sockets = self._sockets
+                if sockets is not None and run.endpoint == "chat" and not run.query:
+                    outcome = yield from sockets.attempt(run, attempt)
+                else:
+                    outcome = yield from self._attempt(run, attempt)
                 action = run.next_action(outcome, time.monotonic())
             yield from run.take_chunks()
         finally:

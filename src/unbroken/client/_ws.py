@@ -1,0 +1,447 @@
+"""The WebSocket transport of Client and AsyncClient (`transport="websocket"`): shared
+connections to an unbroken gateway's `/v1/chat/ws` and the attempt drivers over them.
+
+One connection per route and header set carries every answer of the client; a reader (a
+thread for Client, a task for AsyncClient) routes each frame to its answer's queue by id.
+When a connection drops, each answer on it reconnects (the first one opens the new
+connection, the others join it) and sends `resume` after the last event it holds. The
+decisions are `_wsproto.WsAttempt`'s; here is only I/O. Needs the `websockets` package
+(`pip install 'unbroken[websocket]'`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Mapping
+from typing import TYPE_CHECKING
+
+import anyio
+import httpx
+from websockets.asyncio.client import ClientConnection as AsyncConnection
+from websockets.asyncio.client import connect as aconnect
+from websockets.exceptions import InvalidStatus, WebSocketException
+from websockets.sync.client import ClientConnection as SyncConnection
+from websockets.sync.client import connect
+
+from unbroken.client._common import AnswerRun
+from unbroken.client._driver import MAX_ERROR_BODY_BYTES, status_error
+from unbroken.client._reconnect import DELAYS_S
+from unbroken.client._wsproto import (
+    Frame,
+    Lost,
+    WsAttempt,
+    decode_frame,
+    socket_headers,
+    socket_key,
+    socket_url,
+)
+from unbroken.core.attempt import Attempt
+from unbroken.core.flow import AttemptOutcome
+from unbroken.core.routes import Route
+from unbroken.core.wire import ChatCompletionChunk
+from unbroken.errors import TimeoutPhase, UnbrokenError, UpstreamConnectError
+
+if TYPE_CHECKING:
+    from unbroken.core.attempt import Timeouts
+
+__all__ = ["AsyncSockets", "SyncSockets"]
+
+logger = logging.getLogger(__name__)
+
+Item = Frame | Lost
+_SocketKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
+class _Closed(Exception):
+    """The connection is closed: the answer must move to a new one."""
+
+
+def _open_error(exc: Exception, route: Route, url: str) -> UnbrokenError:
+    """Our error for a failed WebSocket handshake (as `map_transport_error` for HTTP)."""
+    if isinstance(exc, InvalidStatus):
+        response = exc.response
+        body = bytes(response.body or b"")[:MAX_ERROR_BODY_BYTES]
+        fake = httpx.Response(
+            response.status_code,
+            headers=list(response.headers.raw_items()),
+            request=httpx.Request("GET", url.replace("ws", "http", 1)),
+        )
+        error = status_error(route, fake, body)
+        if response.status_code in (403, 404, 405):
+            error.message += (
+                f" (transport='websocket' needs an unbroken gateway at route {route.name!r})"
+            )
+            error.args = (error.message,)
+        return error
+    reason = str(exc) or type(exc).__name__
+    return UpstreamConnectError(
+        f"cannot open the WebSocket to route {route.name!r}: {reason[:200]}",
+        kind="server_error",
+        route=route.name,
+    )
+
+
+def _remaining(attempt: Attempt) -> tuple[float | None, TimeoutPhase | None]:
+    expiry = attempt.expiry()
+    if expiry is None:
+        return None, None
+    return max(0.0, expiry[0] - time.monotonic()), expiry[1]
+
+
+def _connect_s(timeouts: Timeouts, wait: float | None) -> float | None:
+    limits = [x for x in (timeouts.connect_s, wait) if x is not None]
+    return max(0.001, min(limits)) if limits else None
+
+
+# -- blocking ---------------------------------------------------------------------------------
+
+
+class _SyncSocket:
+    """One connection and the thread that reads it."""
+
+    def __init__(self, url: str, headers: Mapping[str, str], open_s: float | None, max_size: int):
+        self.ws: SyncConnection = connect(
+            url,
+            additional_headers=dict(headers),
+            user_agent_header=None,
+            open_timeout=open_s,
+            compression=None,  # small JSON frames: deflate costs more CPU than it saves
+            max_size=max_size,
+        )
+        self.closed = False
+        self._lock = threading.Lock()
+        self._queues: dict[str, queue.SimpleQueue[Item]] = {}
+        self._thread = threading.Thread(target=self._read, name="unbroken-ws", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for message in self.ws:
+                frame = decode_frame(message)
+                if frame is None or frame.id is None:
+                    continue  # not ours to route (a malformed or connection-level frame)
+                q = self._queues.get(frame.id)
+                if q is not None:
+                    q.put(frame)
+        except (WebSocketException, OSError) as exc:
+            logger.debug("websocket closed: %s", type(exc).__name__)
+        finally:
+            with self._lock:
+                self.closed = True
+                queues = list(self._queues.values())
+            for q in queues:
+                q.put(Lost(self))
+
+    def register(self, rid: str, q: queue.SimpleQueue[Item]) -> None:
+        with self._lock:
+            if self.closed:
+                raise _Closed
+            self._queues[rid] = q
+
+    def unregister(self, rid: str) -> None:
+        with self._lock:
+            self._queues.pop(rid, None)
+
+    def send(self, frame: bytes) -> None:
+        try:
+            self.ws.send(frame.decode())
+        except (WebSocketException, OSError) as exc:
+            raise _Closed from exc
+
+    def close(self) -> None:
+        with contextlib.suppress(WebSocketException, OSError):
+            self.ws.close()
+        self._thread.join(5.0)
+
+
+class SyncSockets:
+    """The connections of one Client, and the attempt driver over them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sockets: dict[_SocketKey, _SyncSocket] = {}
+
+    def _socket(
+        self,
+        key: _SocketKey,
+        headers: Mapping[str, str],
+        open_s: float | None,
+        max_size: int,
+        stale: _SyncSocket | None,
+    ) -> _SyncSocket:
+        with self._lock:
+            sock = self._sockets.get(key)
+            if sock is None or sock.closed or sock is stale:
+                # Opened under the lock: the other answers of a dropped connection wait
+                # for this one instead of opening one each.
+                sock = self._sockets[key] = _SyncSocket(key[0], headers, open_s, max_size)
+            return sock
+
+    def close(self) -> None:
+        """Close every connection."""
+        with self._lock:
+            sockets = list(self._sockets.values())
+            self._sockets.clear()
+        for sock in sockets:
+            sock.close()
+
+    def attempt(
+        self, run: AnswerRun, attempt: Attempt
+    ) -> Generator[ChatCompletionChunk, None, AttemptOutcome]:
+        """One attempt over the route's shared connection (see `_wsproto.WsAttempt`)."""
+        wx = WsAttempt(run, attempt)
+        url = socket_url(run, wx.route)
+        headers = socket_headers(run, wx.route)
+        key = socket_key(url, headers)
+        max_size = run.config.max_event_bytes
+        q: queue.SimpleQueue[Item] = queue.SimpleQueue()
+        sock: _SyncSocket | None = None
+
+        def join(stale: _SyncSocket | None) -> _SyncSocket:
+            wait, _ = _remaining(attempt)
+            new = self._socket(key, headers, _connect_s(run.timeouts, wait), max_size, stale)
+            new.register(wx.rid, q)
+            return new
+
+        try:
+            try:
+                sock = join(None)
+                sock.send(wx.create_frame())
+            except (_Closed, WebSocketException, OSError) as exc:
+                return self._open_failed(wx, exc, url)
+            fired: TimeoutPhase | None = None
+            while not wx.over:
+                wait, phase = _remaining(attempt)
+                try:
+                    item = q.get(timeout=wait)
+                except queue.Empty:
+                    fired = phase
+                    break
+                if isinstance(item, Lost):
+                    if item.socket is not sock:
+                        continue  # a late notice from a connection this answer left
+                    if not wx.lost(time.monotonic()):
+                        break
+                    sock = self._resume(wx, join, sock)
+                    if sock is None:
+                        break
+                    continue
+                chunks = wx.on_frame(item, time.monotonic())
+                if chunks:
+                    yield from chunks
+            if wx.outcome is not None:
+                return wx.outcome
+            chunks, outcome = wx.ended(fired, time.monotonic())
+            yield from chunks
+            return outcome
+        finally:
+            if sock is not None:
+                frame = wx.cancel_frame()
+                if frame is not None:
+                    with contextlib.suppress(_Closed):
+                        sock.send(frame)  # stopped early or timed out: stop the gateway too
+                sock.unregister(wx.rid)
+
+    @staticmethod
+    def _resume(
+        wx: WsAttempt, join: Callable[[_SyncSocket | None], _SyncSocket], old: _SyncSocket
+    ) -> _SyncSocket | None:
+        old.unregister(wx.rid)
+        for delay in DELAYS_S:
+            if delay:
+                time.sleep(delay)  # backing off while the gateway comes back
+            try:
+                sock = join(old)
+                sock.send(wx.resume_frame())
+            except (_Closed, WebSocketException, OSError):
+                continue
+            return sock
+        wx.over = True  # the log is out of reach: the flow continues the answer upstream
+        return None
+
+    @staticmethod
+    def _open_failed(wx: WsAttempt, exc: Exception, url: str) -> AttemptOutcome:
+        now = time.monotonic()
+        if isinstance(exc, TimeoutError):
+            return wx.failed(wx.attempt.timeout_error("connect"), now)
+        return wx.failed(_open_error(exc, wx.route, url), now)
+
+
+# -- async ------------------------------------------------------------------------------------
+
+
+class _AsyncSocket:
+    """One connection and the task that reads it (asyncio only: websockets' client)."""
+
+    def __init__(self, ws: AsyncConnection) -> None:
+        self.ws = ws
+        self.loop = asyncio.get_running_loop()
+        self.closed = False
+        self._queues: dict[str, asyncio.Queue[Item]] = {}
+        self._reader = self.loop.create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.ws:
+                frame = decode_frame(message)
+                if frame is None or frame.id is None:
+                    continue
+                q = self._queues.get(frame.id)
+                if q is not None:
+                    q.put_nowait(frame)
+        except (WebSocketException, OSError) as exc:
+            logger.debug("websocket closed: %s", type(exc).__name__)
+        finally:
+            self.closed = True
+            for q in self._queues.values():
+                q.put_nowait(Lost(self))
+
+    def register(self, rid: str, q: asyncio.Queue[Item]) -> None:
+        if self.closed:
+            raise _Closed
+        self._queues[rid] = q
+
+    def unregister(self, rid: str) -> None:
+        self._queues.pop(rid, None)
+
+    async def send(self, frame: bytes) -> None:
+        try:
+            await self.ws.send(frame.decode())
+        except (WebSocketException, OSError) as exc:
+            raise _Closed from exc
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(WebSocketException, OSError):
+            await self.ws.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+class AsyncSockets:
+    """The connections of one AsyncClient, and the attempt driver over them."""
+
+    def __init__(self) -> None:
+        self._sockets: dict[_SocketKey, _AsyncSocket] = {}
+        # A lock serves one loop: a client used from several loops (asyncio.run twice)
+        # gets a lock, and connections, per loop.
+        self._locks: dict[_SocketKey, tuple[asyncio.AbstractEventLoop, asyncio.Lock]] = {}
+
+    async def _socket(
+        self,
+        key: _SocketKey,
+        headers: Mapping[str, str],
+        open_s: float | None,
+        max_size: int,
+        stale: _AsyncSocket | None,
+    ) -> _AsyncSocket:
+        loop = asyncio.get_running_loop()
+        held = self._locks.get(key)
+        if held is None or held[0] is not loop:
+            held = self._locks[key] = (loop, asyncio.Lock())
+        async with held[1]:
+            sock = self._sockets.get(key)
+            if sock is None or sock.closed or sock is stale or sock.loop is not loop:
+                with anyio.fail_after(open_s):
+                    ws = await aconnect(
+                        key[0],
+                        additional_headers=dict(headers),
+                        user_agent_header=None,
+                        open_timeout=None,  # the fail_after above bounds it
+                        compression=None,
+                        max_size=max_size,
+                    )
+                sock = self._sockets[key] = _AsyncSocket(ws)
+            return sock
+
+    async def aclose(self) -> None:
+        """Close the connections made on the running loop (others died with their loop)."""
+        loop = asyncio.get_running_loop()
+        sockets = list(self._sockets.values())
+        self._sockets.clear()
+        for sock in sockets:
+            if sock.loop is loop:
+                await sock.aclose()
+
+    async def attempt(
+        self, run: AnswerRun, attempt: Attempt, outcome: list[AttemptOutcome]
+    ) -> AsyncGenerator[ChatCompletionChunk, None]:
+        """One attempt over the route's shared connection; appends its outcome."""
+        wx = WsAttempt(run, attempt)
+        url = socket_url(run, wx.route)
+        headers = socket_headers(run, wx.route)
+        key = socket_key(url, headers)
+        max_size = run.config.max_event_bytes
+        q: asyncio.Queue[Item] = asyncio.Queue()
+        sock: _AsyncSocket | None = None
+
+        async def join(stale: _AsyncSocket | None) -> _AsyncSocket:
+            wait, _ = _remaining(attempt)
+            new = await self._socket(key, headers, _connect_s(run.timeouts, wait), max_size, stale)
+            new.register(wx.rid, q)
+            return new
+
+        try:
+            try:
+                sock = await join(None)
+                await sock.send(wx.create_frame())
+            except (_Closed, WebSocketException, OSError, TimeoutError) as exc:
+                outcome.append(SyncSockets._open_failed(wx, exc, url))
+                return
+            fired: TimeoutPhase | None = None
+            while not wx.over:
+                wait, phase = _remaining(attempt)
+                item: Item | None = None
+                with anyio.move_on_after(wait):
+                    item = await q.get()
+                if item is None:
+                    fired = phase
+                    break
+                if isinstance(item, Lost):
+                    if item.socket is not sock:
+                        continue
+                    if not wx.lost(time.monotonic()):
+                        break
+                    sock.unregister(wx.rid)
+                    sock = await self._resume(wx, join, sock)
+                    if sock is None:
+                        break
+                    continue
+                for chunk in wx.on_frame(item, time.monotonic()):
+                    yield chunk
+            if wx.outcome is not None:
+                outcome.append(wx.outcome)
+                return
+            chunks, result = wx.ended(fired, time.monotonic())
+            for chunk in chunks:
+                yield chunk
+            outcome.append(result)
+        finally:
+            if sock is not None:
+                frame = wx.cancel_frame()
+                if frame is not None:
+                    with anyio.CancelScope(shield=True), contextlib.suppress(_Closed):
+                        await sock.send(frame)
+                sock.unregister(wx.rid)
+
+    @staticmethod
+    async def _resume(
+        wx: WsAttempt,
+        join: Callable[[_AsyncSocket | None], Awaitable[_AsyncSocket]],
+        old: _AsyncSocket,
+    ) -> _AsyncSocket | None:
+        for delay in DELAYS_S:
+            if delay:
+                await anyio.sleep(delay)
+            try:
+                sock = await join(old)
+                await sock.send(wx.resume_frame())
+            except (_Closed, WebSocketException, OSError, TimeoutError):
+                continue
+            return sock
+        wx.over = True
+        return None
