@@ -30,7 +30,6 @@ from websockets.sync.client import connect
 
 from unbroken.client._common import AnswerRun
 from unbroken.client._driver import MAX_ERROR_BODY_BYTES, status_error
-from unbroken.client._reconnect import DELAYS_S
 from unbroken.client._wsproto import (
     Frame,
     Lost,
@@ -105,6 +104,8 @@ class _SyncSocket:
     """One connection and the thread that reads it."""
 
     def __init__(self, url: str, headers: Mapping[str, str], open_s: float | None, max_size: int):
+        # Entered as its own context manager: websockets >= 17.1 wants that of a connection
+        # kept open across calls (closed by `close()`), and older versions accept it.
         self.ws: SyncConnection = connect(
             url,
             additional_headers=dict(headers),
@@ -112,8 +113,10 @@ class _SyncSocket:
             open_timeout=open_s,
             compression=None,  # small JSON frames: deflate costs more CPU than it saves
             max_size=max_size,
-        )
+        ).__enter__()
         self.closed = False
+        # An error frame without an id: the gateway refused the connection (a bad key).
+        self.refusal: Frame | None = None
         self._lock = threading.Lock()
         self._queues: dict[str, queue.SimpleQueue[Item]] = {}
         self._thread = threading.Thread(target=self._read, name="unbroken-ws", daemon=True)
@@ -123,8 +126,16 @@ class _SyncSocket:
         try:
             for message in self.ws:
                 frame = decode_frame(message)
-                if frame is None or frame.id is None:
-                    continue  # not ours to route (a malformed or connection-level frame)
+                if frame is None:
+                    continue
+                if frame.id is None:
+                    if frame.type == "error":
+                        with self._lock:
+                            self.refusal = frame
+                            queues = list(self._queues.values())
+                        for each in queues:
+                            each.put(frame)
+                    continue
                 q = self._queues.get(frame.id)
                 if q is not None:
                     q.put(frame)
@@ -138,10 +149,14 @@ class _SyncSocket:
                 q.put(Lost(self))
 
     def register(self, rid: str, q: queue.SimpleQueue[Item]) -> None:
+        # Joining a connection that was refused or closed meanwhile: the answer reads that
+        # from its queue, as if it had been there.
         with self._lock:
-            if self.closed:
-                raise _Closed
             self._queues[rid] = q
+            if self.refusal is not None:
+                q.put(self.refusal)
+            if self.closed:
+                q.put(Lost(self))
 
     def unregister(self, rid: str) -> None:
         with self._lock:
@@ -211,9 +226,10 @@ class SyncSockets:
         try:
             try:
                 sock = join(None)
-                sock.send(wx.create_frame())
-            except (_Closed, WebSocketException, OSError) as exc:
+            except (WebSocketException, OSError) as exc:
                 return self._open_failed(wx, exc, url)
+            with contextlib.suppress(_Closed):  # a closed connection says so in the queue
+                sock.send(wx.create_frame())
             fired: TimeoutPhase | None = None
             while not wx.over:
                 wait, phase = _remaining(attempt)
@@ -252,14 +268,15 @@ class SyncSockets:
         wx: WsAttempt, join: Callable[[_SyncSocket | None], _SyncSocket], old: _SyncSocket
     ) -> _SyncSocket | None:
         old.unregister(wx.rid)
-        for delay in DELAYS_S:
+        while (delay := wx.next_delay()) is not None:
             if delay:
                 time.sleep(delay)  # backing off while the gateway comes back
             try:
                 sock = join(old)
-                sock.send(wx.resume_frame())
-            except (_Closed, WebSocketException, OSError):
+            except (WebSocketException, OSError):
                 continue
+            with contextlib.suppress(_Closed):  # then a Lost notice follows in the queue
+                sock.send(wx.resume_frame())
             return sock
         wx.over = True  # the log is out of reach: the flow continues the answer upstream
         return None
@@ -282,6 +299,7 @@ class _AsyncSocket:
         self.ws = ws
         self.loop = asyncio.get_running_loop()
         self.closed = False
+        self.refusal: Frame | None = None
         self._queues: dict[str, asyncio.Queue[Item]] = {}
         self._reader = self.loop.create_task(self._read())
 
@@ -289,7 +307,13 @@ class _AsyncSocket:
         try:
             async for message in self.ws:
                 frame = decode_frame(message)
-                if frame is None or frame.id is None:
+                if frame is None:
+                    continue
+                if frame.id is None:
+                    if frame.type == "error":
+                        self.refusal = frame
+                        for each in self._queues.values():
+                            each.put_nowait(frame)
                     continue
                 q = self._queues.get(frame.id)
                 if q is not None:
@@ -302,9 +326,11 @@ class _AsyncSocket:
                 q.put_nowait(Lost(self))
 
     def register(self, rid: str, q: asyncio.Queue[Item]) -> None:
-        if self.closed:
-            raise _Closed
         self._queues[rid] = q
+        if self.refusal is not None:
+            q.put_nowait(self.refusal)
+        if self.closed:
+            q.put_nowait(Lost(self))
 
     def unregister(self, rid: str) -> None:
         self._queues.pop(rid, None)
@@ -388,10 +414,11 @@ class AsyncSockets:
         try:
             try:
                 sock = await join(None)
-                await sock.send(wx.create_frame())
-            except (_Closed, WebSocketException, OSError, TimeoutError) as exc:
+            except (WebSocketException, OSError, TimeoutError) as exc:
                 outcome.append(SyncSockets._open_failed(wx, exc, url))
                 return
+            with contextlib.suppress(_Closed):  # a closed connection says so in the queue
+                await sock.send(wx.create_frame())
             fired: TimeoutPhase | None = None
             while not wx.over:
                 wait, phase = _remaining(attempt)
@@ -434,14 +461,15 @@ class AsyncSockets:
         join: Callable[[_AsyncSocket | None], Awaitable[_AsyncSocket]],
         old: _AsyncSocket,
     ) -> _AsyncSocket | None:
-        for delay in DELAYS_S:
+        while (delay := wx.next_delay()) is not None:
             if delay:
                 await anyio.sleep(delay)
             try:
                 sock = await join(old)
-                await sock.send(wx.resume_frame())
-            except (_Closed, WebSocketException, OSError, TimeoutError):
+            except (WebSocketException, OSError, TimeoutError):
                 continue
+            with contextlib.suppress(_Closed):
+                await sock.send(wx.resume_frame())
             return sock
         wx.over = True
         return None

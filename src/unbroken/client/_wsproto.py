@@ -11,10 +11,11 @@ answer of the client; frames are routed to answers by their `id`. For one attemp
 
 A chunk frame becomes the SSE event the gateway's HTTP stream would carry (`id:` + `data:`)
 and goes into the attempt's decoder, so timers, splicing, tool-call holding and the end
-of the stream are judged exactly as for SSE. An `error` frame before the first chunk is
-the gateway refusing the request: it maps to the status, hence the error class, that the
-HTTP path would have given (`status_of`). After a chunk it is an error inside the stream,
-as a `data: {"error": ...}` event is. A drop before `started` is a connection error (the
+of the stream are judged exactly as for SSE. An `error` frame before the first chunk
+(the gateway refused the request, or its upstream failed before any output) maps to the
+status, hence the error class, that the gateway's HTTP answer carries for it
+(`status_of`); after a chunk it is an error inside the stream, as a `data: {"error": ...}`
+event is over SSE. A drop before `started` is a connection error (the
 flow retries it); a refused `resume` ends the attempt as broken (the flow continues the
 answer upstream). Imports core, errors, httpx and msgspec.
 """
@@ -31,6 +32,7 @@ import msgspec
 
 from unbroken.client._common import AnswerRun
 from unbroken.client._driver import USER_AGENT, Exchange
+from unbroken.client._reconnect import DELAYS_S
 from unbroken.core.attempt import Attempt
 from unbroken.core.flow import AttemptOutcome
 from unbroken.core.routes import Route
@@ -185,6 +187,7 @@ class WsAttempt:
         "attempt",
         "ex",
         "n_events",
+        "n_reconnects",
         "outcome",
         "over",
         "resuming",
@@ -202,6 +205,7 @@ class WsAttempt:
         self._body = attempt.plan.body
         self.stream_id: str | None = None
         self.n_events = 0
+        self.n_reconnects = 0  # in a row, without a chunk since
         self.resuming = False
         self.over = False
         # The gateway ended the answer (done or error): nothing to cancel there.
@@ -237,6 +241,7 @@ class WsAttempt:
         if kind == "chunk" and frame.data:
             self.n_events += 1
             self.resuming = False
+            self.n_reconnects = 0
             if self.ex.response is None:
                 self._started(now)
             event = frame.event.encode()
@@ -297,6 +302,15 @@ class WsAttempt:
             )
             return False
         return True
+
+    def next_delay(self) -> float | None:
+        """The wait before the next reconnect, or None: out of tries (the gateway's delays
+        of an SSE reconnect, `client._reconnect.DELAYS_S`)."""
+        if self.n_reconnects >= len(DELAYS_S):
+            return None
+        delay = DELAYS_S[self.n_reconnects]
+        self.n_reconnects += 1
+        return delay
 
     def failed(self, error: UnbrokenError, now: float) -> AttemptOutcome:
         """The attempt failed before it streamed (no connection, a refused handshake)."""
