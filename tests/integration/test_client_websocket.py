@@ -143,33 +143,37 @@ def test_gateway_errors_map_to_the_http_classes(server: ServerThread) -> None:
 
 
 def test_answers_share_one_connection(server: ServerThread) -> None:
-    """Ten concurrent AsyncClient answers go over one WebSocket (one TCP connection
-    through a counting proxy), each whole and its own."""
+    """Concurrent AsyncClient answers share WebSocket connections, up to the gateway's 32
+    answers per connection: 40 answers take two TCP connections through a counting proxy,
+    each answer whole and its own."""
     port = int(server.url.rsplit(":", 1)[1])
     http_base = server.url + "/v1"
+    slow = {"X-Mock-Token-Ms": "5"}  # every answer is still running when the last starts
 
     async def run(base: str) -> list[str]:
         async with AsyncClient(api_key=GATEWAY_KEY, base_url=base, transport="websocket") as c:
 
             async def one(n: int) -> str:
-                answer = await c.chat.completions.create(model="deepseek-chat", messages=ask(n))
+                answer = await c.chat.completions.create(
+                    model="deepseek-chat", messages=ask(n), extra_headers=slow
+                )
                 return answer.choices[0].message.content or ""
 
-            return list(await asyncio.gather(*(one(n) for n in range(10))))
+            return list(await asyncio.gather(*(one(n) for n in range(40))))
 
     with Client(api_key=GATEWAY_KEY, base_url=http_base) as http:
         expected = [
             http.chat.completions.create(model="deepseek-chat", messages=ask(n))
             .choices[0]
             .message.content
-            for n in range(10)
+            for n in range(40)
         ]
     with FaultProxy(("127.0.0.1", port), lambda i, head: None) as proxy:
         got = asyncio.run(run(proxy.url + "/v1"))
         n_connections = proxy._n
     assert got == expected
-    assert len(set(got)) == 10
-    assert n_connections == 1
+    assert len(set(got)) == 40
+    assert n_connections == 2
 
 
 def test_cut_connection_resumes_byte_identical_sync(server: ServerThread) -> None:

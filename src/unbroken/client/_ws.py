@@ -53,6 +53,9 @@ __all__ = ["AsyncSockets", "SyncSockets"]
 logger = logging.getLogger(__name__)
 
 Item = Frame | Lost
+# Answers one connection carries at once: the gateway's limit per connection
+# (gateway/ws.py MAX_ACTIVE); more answers open another connection.
+MAX_ANSWERS_PER_SOCKET = 32
 _SocketKey = tuple[str, tuple[tuple[str, str], ...]]
 
 
@@ -162,6 +165,10 @@ class _SyncSocket:
         with self._lock:
             self._queues.pop(rid, None)
 
+    @property
+    def n_answers(self) -> int:
+        return len(self._queues)
+
     def send(self, frame: bytes) -> None:
         try:
             self.ws.send(frame.decode())
@@ -179,28 +186,33 @@ class SyncSockets:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._sockets: dict[_SocketKey, _SyncSocket] = {}
+        self._sockets: dict[_SocketKey, list[_SyncSocket]] = {}
 
-    def _socket(
+    def _join(
         self,
         key: _SocketKey,
         headers: Mapping[str, str],
         open_s: float | None,
         max_size: int,
-        stale: _SyncSocket | None,
+        rid: str,
+        q: queue.SimpleQueue[Item],
     ) -> _SyncSocket:
+        """Register answer `rid` on an open connection with room, opening one if none."""
         with self._lock:
-            sock = self._sockets.get(key)
-            if sock is None or sock.closed or sock is stale:
+            sockets = self._sockets[key] = [s for s in self._sockets.get(key, ()) if not s.closed]
+            sock = next((s for s in sockets if s.n_answers < MAX_ANSWERS_PER_SOCKET), None)
+            if sock is None:
                 # Opened under the lock: the other answers of a dropped connection wait
                 # for this one instead of opening one each.
-                sock = self._sockets[key] = _SyncSocket(key[0], headers, open_s, max_size)
+                sock = _SyncSocket(key[0], headers, open_s, max_size)
+                sockets.append(sock)
+            sock.register(rid, q)
             return sock
 
     def close(self) -> None:
         """Close every connection."""
         with self._lock:
-            sockets = list(self._sockets.values())
+            sockets = [s for group in self._sockets.values() for s in group]
             self._sockets.clear()
         for sock in sockets:
             sock.close()
@@ -217,15 +229,13 @@ class SyncSockets:
         q: queue.SimpleQueue[Item] = queue.SimpleQueue()
         sock: _SyncSocket | None = None
 
-        def join(stale: _SyncSocket | None) -> _SyncSocket:
+        def join() -> _SyncSocket:
             wait, _ = _remaining(attempt)
-            new = self._socket(key, headers, _connect_s(run.timeouts, wait), max_size, stale)
-            new.register(wx.rid, q)
-            return new
+            return self._join(key, headers, _connect_s(run.timeouts, wait), max_size, wx.rid, q)
 
         try:
             try:
-                sock = join(None)
+                sock = join()
             except (WebSocketException, OSError) as exc:
                 return self._open_failed(wx, exc, url)
             with contextlib.suppress(_Closed):  # a closed connection says so in the queue
@@ -265,14 +275,14 @@ class SyncSockets:
 
     @staticmethod
     def _resume(
-        wx: WsAttempt, join: Callable[[_SyncSocket | None], _SyncSocket], old: _SyncSocket
+        wx: WsAttempt, join: Callable[[], _SyncSocket], old: _SyncSocket
     ) -> _SyncSocket | None:
         old.unregister(wx.rid)
         while (delay := wx.next_delay()) is not None:
             if delay:
                 time.sleep(delay)  # backing off while the gateway comes back
             try:
-                sock = join(old)
+                sock = join()
             except (WebSocketException, OSError):
                 continue
             with contextlib.suppress(_Closed):  # then a Lost notice follows in the queue
@@ -335,6 +345,10 @@ class _AsyncSocket:
     def unregister(self, rid: str) -> None:
         self._queues.pop(rid, None)
 
+    @property
+    def n_answers(self) -> int:
+        return len(self._queues)
+
     async def send(self, frame: bytes) -> None:
         try:
             await self.ws.send(frame.decode())
@@ -352,26 +366,31 @@ class AsyncSockets:
     """The connections of one AsyncClient, and the attempt driver over them."""
 
     def __init__(self) -> None:
-        self._sockets: dict[_SocketKey, _AsyncSocket] = {}
+        self._sockets: dict[_SocketKey, list[_AsyncSocket]] = {}
         # A lock serves one loop: a client used from several loops (asyncio.run twice)
         # gets a lock, and connections, per loop.
         self._locks: dict[_SocketKey, tuple[asyncio.AbstractEventLoop, asyncio.Lock]] = {}
 
-    async def _socket(
+    async def _join(
         self,
         key: _SocketKey,
         headers: Mapping[str, str],
         open_s: float | None,
         max_size: int,
-        stale: _AsyncSocket | None,
+        rid: str,
+        q: asyncio.Queue[Item],
     ) -> _AsyncSocket:
+        """Register answer `rid` on an open connection with room, opening one if none."""
         loop = asyncio.get_running_loop()
         held = self._locks.get(key)
         if held is None or held[0] is not loop:
             held = self._locks[key] = (loop, asyncio.Lock())
         async with held[1]:
-            sock = self._sockets.get(key)
-            if sock is None or sock.closed or sock is stale or sock.loop is not loop:
+            sockets = self._sockets[key] = [
+                s for s in self._sockets.get(key, ()) if not s.closed and s.loop is loop
+            ]
+            sock = next((s for s in sockets if s.n_answers < MAX_ANSWERS_PER_SOCKET), None)
+            if sock is None:
                 with anyio.fail_after(open_s):
                     ws = await aconnect(
                         key[0],
@@ -381,13 +400,15 @@ class AsyncSockets:
                         compression=None,
                         max_size=max_size,
                     )
-                sock = self._sockets[key] = _AsyncSocket(ws)
+                sock = _AsyncSocket(ws)
+                sockets.append(sock)
+            sock.register(rid, q)
             return sock
 
     async def aclose(self) -> None:
         """Close the connections made on the running loop (others died with their loop)."""
         loop = asyncio.get_running_loop()
-        sockets = list(self._sockets.values())
+        sockets = [s for group in self._sockets.values() for s in group]
         self._sockets.clear()
         for sock in sockets:
             if sock.loop is loop:
@@ -405,15 +426,15 @@ class AsyncSockets:
         q: asyncio.Queue[Item] = asyncio.Queue()
         sock: _AsyncSocket | None = None
 
-        async def join(stale: _AsyncSocket | None) -> _AsyncSocket:
+        async def join() -> _AsyncSocket:
             wait, _ = _remaining(attempt)
-            new = await self._socket(key, headers, _connect_s(run.timeouts, wait), max_size, stale)
-            new.register(wx.rid, q)
-            return new
+            return await self._join(
+                key, headers, _connect_s(run.timeouts, wait), max_size, wx.rid, q
+            )
 
         try:
             try:
-                sock = await join(None)
+                sock = await join()
             except (WebSocketException, OSError, TimeoutError) as exc:
                 outcome.append(SyncSockets._open_failed(wx, exc, url))
                 return
@@ -458,14 +479,14 @@ class AsyncSockets:
     @staticmethod
     async def _resume(
         wx: WsAttempt,
-        join: Callable[[_AsyncSocket | None], Awaitable[_AsyncSocket]],
+        join: Callable[[], Awaitable[_AsyncSocket]],
         old: _AsyncSocket,
     ) -> _AsyncSocket | None:
         while (delay := wx.next_delay()) is not None:
             if delay:
                 await anyio.sleep(delay)
             try:
-                sock = await join(old)
+                sock = await join()
             except (WebSocketException, OSError, TimeoutError):
                 continue
             with contextlib.suppress(_Closed):
