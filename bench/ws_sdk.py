@@ -8,7 +8,8 @@ client's first WebSocket at a random byte offset; the client reconnects through 
 proxy and resumes after its last event. Every answer is compared with the same request's
 fault-free answer over HTTP, and each answer must have taken one attempt (resumed from the
 gateway's log, not continued upstream). A second phase multiplexes all the answers on one
-client's single connection and cuts it once.
+client (32 per connection, the gateway's limit, so 100 answers take 4 connections) and
+cuts its first connection once.
 
 Run: python bench/ws_sdk.py [--streams 100] [--rounds 3] [--token-ms 5]
 """
@@ -67,7 +68,7 @@ async def _shared(base: str, streams: int) -> list[tuple[str, int]]:
 
 
 def one_round(streams: int, token_ms: float, seed: int) -> tuple[int, int, int, int, float]:
-    """(separate: identical, cut; shared: identical, cut; seconds of the separate phase)."""
+    """(a connection each: identical, cut; shared: identical, cut; seconds of the first)."""
     config = MockConfig(seed=seed, latency=Latency(token_ms=token_ms))
     rng = random.Random(seed)
     with MockServer(config) as mock:
