@@ -101,6 +101,11 @@ def one_round(streams: int, token_ms: float, seed: int) -> tuple[int, int, int, 
             with FaultProxy(("127.0.0.1", port), lambda i, head: 8_000 if i == 0 else None) as p2:
                 shared = asyncio.run(_shared(p2.url + "/v1", streams))
                 n_cut_shared = p2.n_cut
+    for phase, got in (("a connection each", separate), ("shared", shared)):
+        for i, ((text, attempts), want) in enumerate(zip(got, expected, strict=True)):
+            if (text, attempts) != (want, 1):
+                same = "same text" if text == want else f"text differs ({len(text)}/{len(want)})"
+                print(f"    {phase}: answer {i}: {same}, {attempts} attempts")
     whole_separate = sum(got == (want, 1) for got, want in zip(separate, expected, strict=True))
     whole_shared = sum(got == (want, 1) for got, want in zip(shared, expected, strict=True))
     return whole_separate, n_cut_separate, whole_shared, n_cut_shared, elapsed
