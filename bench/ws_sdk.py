@@ -11,13 +11,14 @@ gateway's log, not continued upstream). A second phase multiplexes all the answe
 client (32 per connection, the gateway's limit, so 100 answers take 4 connections) and
 cuts its first connection once.
 
-Run: python bench/ws_sdk.py [--streams 100] [--rounds 3] [--token-ms 5]
+Run: python bench/ws_sdk.py [--streams 100] [--rounds 3] [--token-ms 5] [-v]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import random
 import statistics
 import sys
@@ -39,6 +40,7 @@ def _messages(i: int) -> list[dict[str, str]]:
 
 
 async def _answer(client: AsyncClient, i: int) -> tuple[str, int]:
+    """The text of answer `i` and how many attempts it took (failed ones are named)."""
     stream = await client.chat.completions.create(
         model="deepseek-chat", messages=_messages(i), stream=True
     )
@@ -48,7 +50,10 @@ async def _answer(client: AsyncClient, i: int) -> tuple[str, int]:
         if c.choices and c.choices[0].delta is not None
     ]
     answer = await stream.final()
-    return "".join(parts), len(answer.unbroken.attempts)
+    attempts = answer.unbroken.attempts
+    if len(attempts) > 1:
+        print(f"    answer {i}: attempts {[(a.kind, a.outcome) for a in attempts]}")
+    return "".join(parts), len(attempts)
 
 
 async def _separate(base: str, streams: int) -> list[tuple[str, int]]:
@@ -104,7 +109,9 @@ def one_round(streams: int, token_ms: float, seed: int) -> tuple[int, int, int, 
     for phase, got in (("a connection each", separate), ("shared", shared)):
         for i, ((text, attempts), want) in enumerate(zip(got, expected, strict=True)):
             if (text, attempts) != (want, 1):
-                same = "same text" if text == want else f"text differs ({len(text)}/{len(want)})"
+                same = (
+                    "same text" if text == want else f"text differs ({len(text)}/{len(want or '')})"
+                )
                 print(f"    {phase}: answer {i}: {same}, {attempts} attempts")
     whole_separate = sum(got == (want, 1) for got, want in zip(separate, expected, strict=True))
     whole_shared = sum(got == (want, 1) for got, want in zip(shared, expected, strict=True))
@@ -112,6 +119,10 @@ def one_round(streams: int, token_ms: float, seed: int) -> tuple[int, int, int, 
 
 
 def main() -> None:
+    if "-v" in sys.argv:
+        sys.argv.remove("-v")
+        logging.basicConfig(level=logging.WARNING)
+        logging.getLogger("unbroken.client").setLevel(logging.DEBUG)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)

@@ -95,9 +95,13 @@ def _remaining(attempt: Attempt) -> tuple[float | None, TimeoutPhase | None]:
     return max(0.0, expiry[0] - time.monotonic()), expiry[1]
 
 
-def _connect_s(timeouts: Timeouts, wait: float | None) -> float | None:
-    limits = [x for x in (timeouts.connect_s, wait) if x is not None]
-    return max(0.001, min(limits)) if limits else None
+def _open_s(timeouts: Timeouts, wait: float | None) -> float | None:
+    # The handshake is the TCP connect and the upgrade's response: the connect timer alone
+    # would cut a busy gateway's answer, which the HTTP path waits for under the headers
+    # timer (`wait`, the attempt's next expiry). Without timers, the connect limit.
+    if wait is not None:
+        return max(0.001, wait)
+    return timeouts.connect_s
 
 
 # -- blocking ---------------------------------------------------------------------------------
@@ -231,7 +235,7 @@ class SyncSockets:
 
         def join() -> _SyncSocket:
             wait, _ = _remaining(attempt)
-            return self._join(key, headers, _connect_s(run.timeouts, wait), max_size, wx.rid, q)
+            return self._join(key, headers, _open_s(run.timeouts, wait), max_size, wx.rid, q)
 
         try:
             try:
@@ -288,14 +292,18 @@ class SyncSockets:
             with contextlib.suppress(_Closed):  # then a Lost notice follows in the queue
                 sock.send(wx.resume_frame())
             return sock
+        logger.debug("answer %s: every reconnect failed; continuing upstream", wx.rid)
         wx.over = True  # the log is out of reach: the flow continues the answer upstream
         return None
 
     @staticmethod
     def _open_failed(wx: WsAttempt, exc: Exception, url: str) -> AttemptOutcome:
+        logger.debug("opening the websocket to route %s failed: %r", wx.route.name, exc)
         now = time.monotonic()
         if isinstance(exc, TimeoutError):
-            return wx.failed(wx.attempt.timeout_error("connect"), now)
+            expiry = wx.attempt.expiry()
+            phase: TimeoutPhase = "connect" if expiry is None else expiry[1]
+            return wx.failed(wx.attempt.timeout_error(phase), now)
         return wx.failed(_open_error(exc, wx.route, url), now)
 
 
@@ -428,9 +436,7 @@ class AsyncSockets:
 
         async def join() -> _AsyncSocket:
             wait, _ = _remaining(attempt)
-            return await self._join(
-                key, headers, _connect_s(run.timeouts, wait), max_size, wx.rid, q
-            )
+            return await self._join(key, headers, _open_s(run.timeouts, wait), max_size, wx.rid, q)
 
         try:
             try:
@@ -492,5 +498,6 @@ class AsyncSockets:
             with contextlib.suppress(_Closed):
                 await sock.send(wx.resume_frame())
             return sock
+        logger.debug("answer %s: every reconnect failed; continuing upstream", wx.rid)
         wx.over = True
         return None

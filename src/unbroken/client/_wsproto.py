@@ -23,6 +23,7 @@ answer upstream). Imports core, errors, httpx and msgspec.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
@@ -44,6 +45,8 @@ from unbroken.errors import (
     UpstreamConnectError,
     UpstreamStatusError,
 )
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "WS_PATH",
@@ -260,7 +263,9 @@ class WsAttempt:
             self.server_ended = self.over = True
             raw = bytes(frame.error) or b"{}"
             if self.resuming:
-                return []  # the log cannot go on: the attempt ends broken, the flow decides
+                # The log cannot go on: the attempt ends broken, the flow decides.
+                logger.debug("answer %s: resume refused: %s", self.rid, raw[:200])
+                return []
             if self.n_events == 0:
                 self._refused(raw, now)
                 return []
@@ -292,6 +297,7 @@ class WsAttempt:
         if self.over:
             return False
         if self.stream_id is None:
+            logger.debug("answer %s: connection lost before it started", self.rid)
             self.failed(
                 UpstreamConnectError(
                     f"the WebSocket to route {self.route.name!r} closed before the answer started",
