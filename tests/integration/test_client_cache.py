@@ -106,6 +106,30 @@ def test_serve_mode_replays_a_hit_with_reasoning_and_marks(
     assert "".join(e.text for e in events if isinstance(e, TextEvent)) == expected[1]
 
 
+def test_a_paced_hit_keeps_the_typing_effect(upstream: MockServer) -> None:
+    """With pace_s a streamed hit is spread out: the chunks come in 50 ms batches at the
+    pace, so the whole replay takes at least the last batch's offset (a lower bound only:
+    the test never depends on the machine being fast)."""
+    messages = ask("Tell me about the shop's history.")
+    pace_s = 0.01
+    cache = AnswerCache(serve=True, pace_s=pace_s)
+    with client(upstream, cache) as c:
+        c.chat.completions.create(model="deepseek-chat", messages=messages, temperature=0)
+        started = time.monotonic()
+        chunks = list(
+            c.chat.completions.create(
+                model="deepseek-chat", messages=messages, temperature=0, stream=True
+            )
+        )
+        elapsed = time.monotonic() - started
+    cache.close()
+    per_batch = int(0.05 / pace_s)  # frames due within one tick go together
+    last_batch_at = (len(chunks) - 1) // per_batch * per_batch * pace_s
+    assert all(isinstance(chunk, CachedChunk) for chunk in chunks)
+    assert last_batch_at >= 0.2  # a long enough answer for the bound to mean something
+    assert elapsed >= last_batch_at
+
+
 def test_serve_mode_leaves_sampled_requests_to_the_upstream(upstream: MockServer) -> None:
     """A request above serve_max_temperature (or with no temperature: the API's 1) goes
     upstream even when its answer is cached."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -288,3 +289,31 @@ def test_a_server_without_the_socket_says_so(mock: MockServer) -> None:
         pytest.raises(unbroken.UpstreamStatusError, match="unbroken gateway"),
     ):
         c.chat.completions.create(model="deepseek-chat", messages=QUESTION)
+
+
+def test_stopping_a_stream_early_cancels_the_gateway_answer(
+    server: ServerThread, mock: MockServer
+) -> None:
+    """Closing a WebSocket stream after a few chunks sends `cancel`: the mock logs the
+    request as cancelled within seconds, long before its 2,000 tokens (10 s) would end,
+    and the connection goes on serving answers."""
+    headers = {"X-Mock-Token-Ms": "5", "X-Mock-Tokens": "2000"}
+    question = [{"role": "user", "content": "Tell me everything about the jacket."}]
+    before = len(mock.log(1000))
+    with Client(api_key=GATEWAY_KEY, base_url=server.url + "/v1", transport="websocket") as c:
+        stream = c.chat.completions.create(
+            model="deepseek-chat", messages=question, stream=True, extra_headers=headers
+        )
+        for n, _ in enumerate(stream):
+            if n == 5:
+                break
+        stream.close()
+        again = c.chat.completions.create(model="deepseek-chat", messages=QUESTION)
+    assert again.choices[0].finish_reason == "stop"
+    cancelled: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 5
+    while not cancelled and time.monotonic() < deadline:
+        cancelled = [e for e in mock.log(1000)[before:] if e.get("outcome") == "cancelled"]
+        time.sleep(0.05)  # polling the mock's log: it is written when a request ends
+    assert cancelled
+    assert cancelled[0]["chunks"] < 2000

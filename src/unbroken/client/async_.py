@@ -268,6 +268,8 @@ class AsyncClient(ClientBase):
             ):
                 yield item
             return
+        finally:
+            await items.aclose()  # stopped early: the answer's own cleanup runs now
         answer = run.completion(time.monotonic())
         if cache.storable(answer):
             await cache.aput(key, cache.entry(answer, shown, time.time()))

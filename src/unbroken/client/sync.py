@@ -343,6 +343,10 @@ class Client(ClientBase):
                 raise
             yield from self._replay(run, stale, "stale", paced=False, events=events, error=exc)
             return
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # stopped early: the answer's own cleanup runs now, not at collection
         answer = run.completion(time.monotonic())
         if cache.storable(answer):
             cache.put(key, cache.entry(answer, shown, time.time()))
