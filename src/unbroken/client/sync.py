@@ -158,7 +158,10 @@ class Client(ClientBase):
         base_url: the upstream; default `DEEPSEEK_BASE_URL`, `OPENAI_BASE_URL`, then
             `https://api.deepseek.com`. A base ending in `/beta` works too.
         http_client: an `httpx.Client` to send with instead of building one.
-        transport: an httpx transport for the pool this client builds.
+        transport: an httpx transport for the pool this client builds, or
+            `"websocket"`: chat answers go over an unbroken gateway's `/v1/chat/ws`, several
+            on one connection, resumed after a dropped connection (needs the `websocket`
+            extra; see docs/websocket.md). `"http"` (the default) is HTTP/SSE.
         **options: see `ClientOptions`.
 
     Raises:
@@ -654,7 +657,8 @@ StreamEvent = ChatEvent | ControlEvent | CacheEvent | DoneEvent
 
 class ChatStream:
     """Typed events of one answer: text, reasoning, tool-call fragments, finish, usage,
-    retrying, resumed, fell_back, restarted and, last, done (with the whole completion).
+    retrying, resumed, fell_back, restarted, cache (an answer replayed from the answer
+    cache) and, last, done (with the whole completion).
 
     `final()` consumes what is left and returns the completion; `close()` stops it.
     """
