@@ -74,7 +74,7 @@ def _open_error(exc: Exception, route: Route, url: str) -> UnbrokenError:
             request=httpx.Request("GET", url.replace("ws", "http", 1)),
         )
         error = status_error(route, fake, body)
-        if response.status_code in (403, 404, 405):
+        if response.status_code in (404, 405):
             error.message += (
                 f" (transport='websocket' needs an unbroken gateway at route {route.name!r})"
             )
@@ -110,7 +110,9 @@ def _open_s(timeouts: Timeouts, wait: float | None) -> float | None:
 class _SyncSocket:
     """One connection and the thread that reads it."""
 
-    def __init__(self, url: str, headers: Mapping[str, str], open_s: float | None, max_size: int):
+    def __init__(
+        self, url: str, headers: Mapping[str, str], open_s: float | None, max_size: int
+    ) -> None:
         # Entered as its own context manager: websockets >= 17.1 wants that of a connection
         # kept open across calls (closed by `close()`), and older versions accept it.
         self.ws: SyncConnection = connect(
@@ -191,6 +193,7 @@ class SyncSockets:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sockets: dict[_SocketKey, list[_SyncSocket]] = {}
+        self._closed = False
 
     def _join(
         self,
@@ -203,6 +206,9 @@ class SyncSockets:
     ) -> _SyncSocket:
         """Register answer `rid` on an open connection with room, opening one if none."""
         with self._lock:
+            if self._closed:
+                # Not a new connection behind the caller's back (a resume after close()).
+                raise ConnectionError("the client is closed")
             sockets = self._sockets[key] = [s for s in self._sockets.get(key, ()) if not s.closed]
             sock = next((s for s in sockets if s.n_answers < MAX_ANSWERS_PER_SOCKET), None)
             if sock is None:
@@ -216,6 +222,7 @@ class SyncSockets:
     def close(self) -> None:
         """Close every connection."""
         with self._lock:
+            self._closed = True
             sockets = [s for group in self._sockets.values() for s in group]
             self._sockets.clear()
         for sock in sockets:
@@ -378,6 +385,7 @@ class AsyncSockets:
         # A lock serves one loop: a client used from several loops (asyncio.run twice)
         # gets a lock, and connections, per loop.
         self._locks: dict[_SocketKey, tuple[asyncio.AbstractEventLoop, asyncio.Lock]] = {}
+        self._closed = False
 
     async def _join(
         self,
@@ -389,6 +397,8 @@ class AsyncSockets:
         q: asyncio.Queue[Item],
     ) -> _AsyncSocket:
         """Register answer `rid` on an open connection with room, opening one if none."""
+        if self._closed:
+            raise ConnectionError("the client is closed")
         loop = asyncio.get_running_loop()
         held = self._locks.get(key)
         if held is None or held[0] is not loop:
@@ -415,6 +425,7 @@ class AsyncSockets:
 
     async def aclose(self) -> None:
         """Close the connections made on the running loop (others died with their loop)."""
+        self._closed = True
         loop = asyncio.get_running_loop()
         sockets = [s for group in self._sockets.values() for s in group]
         self._sockets.clear()
