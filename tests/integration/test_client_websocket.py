@@ -317,3 +317,38 @@ def test_stopping_a_stream_early_cancels_the_gateway_answer(
         time.sleep(0.05)  # polling the mock's log: it is written when a request ends
     assert cancelled
     assert cancelled[0]["chunks"] < 2000
+
+
+def test_async_errors_and_timers(server: ServerThread) -> None:
+    """AsyncClient over the WebSocket: a wrong key is an AuthenticationError, a stalled
+    answer trips the idle timer, and a closed client opens no new connection."""
+    base = server.url + "/v1"
+    stall = {"X-Mock-Fault": "stall after=3 ms=5000"}
+
+    async def run() -> tuple[BaseException, BaseException, BaseException]:
+        async with AsyncClient(
+            api_key="sk-wrong-key-000000000000", base_url=base, transport="websocket"
+        ) as bad:
+            with pytest.raises(unbroken.AuthenticationError) as refused:
+                await bad.chat.completions.create(model="deepseek-chat", messages=QUESTION)
+        client = AsyncClient(
+            api_key=GATEWAY_KEY,
+            base_url=base,
+            transport="websocket",
+            retry=RetryPolicy(attempts=1),
+            timeouts=Timeouts(idle_s=0.3),
+        )
+        with pytest.raises(UpstreamTimeout) as idle:
+            await client.chat.completions.create(
+                model="deepseek-chat", messages=QUESTION, extra_headers=stall
+            )
+        await client.aclose()
+        with pytest.raises(unbroken.APIConnectionError) as closed:
+            await client.chat.completions.create(model="deepseek-chat", messages=QUESTION)
+        return refused.value, idle.value, closed.value
+
+    refused, idle, closed = asyncio.run(run())
+    assert getattr(refused, "status_code", None) == 401
+    assert isinstance(idle, UpstreamTimeout)
+    assert idle.phase == "idle"
+    assert "closed" in str(closed)
