@@ -322,3 +322,18 @@ def test_bad_cache_options_are_typed_errors(upstream: MockServer) -> None:
         AnswerCache(pace_s=-1)
     with pytest.raises(ConfigError, match="transports"):
         unbroken.HTTPTransport(cache="memory")
+
+
+def test_a_backend_object_is_wrapped_with_the_defaults(upstream: MockServer) -> None:
+    """`cache=` a backend of unbroken.stores.cache: degrade mode with the default TTL, the
+    backend left open for its owner."""
+    store = MemoryAnswerStore()
+    messages = ask("Do you ship abroad?")
+    with client(upstream, store) as c:
+        fresh = c.chat.completions.create(model="deepseek-chat", messages=messages)
+        stale = c.chat.completions.create(
+            model="deepseek-chat", messages=messages, extra_headers=DOWN
+        )
+    assert stale.unbroken.cache == "stale"
+    assert stale.choices[0].message.content == fresh.choices[0].message.content
+    assert "entries=1" in repr(store)
