@@ -324,10 +324,12 @@ def test_bad_cache_options_are_typed_errors(upstream: MockServer) -> None:
         unbroken.HTTPTransport(cache="memory")
 
 
-def test_a_backend_object_is_wrapped_with_the_defaults(upstream: MockServer) -> None:
-    """`cache=` a backend of unbroken.stores.cache: degrade mode with the default TTL, the
-    backend left open for its owner."""
-    store = MemoryAnswerStore()
+def test_a_backend_object_is_wrapped_with_the_defaults(
+    upstream: MockServer, tmp_path: Path
+) -> None:
+    """`cache=` a backend of unbroken.stores.cache: degrade mode with the default TTL; the
+    backend stays open for its owner when the client closes."""
+    store = SQLiteAnswerStore(tmp_path / "owned.db")
     messages = ask("Do you ship abroad?")
     with client(upstream, store) as c:
         fresh = c.chat.completions.create(model="deepseek-chat", messages=messages)
@@ -336,4 +338,12 @@ def test_a_backend_object_is_wrapped_with_the_defaults(upstream: MockServer) -> 
         )
     assert stale.unbroken.cache == "stale"
     assert stale.choices[0].message.content == fresh.choices[0].message.content
-    assert "entries=1" in repr(store)
+    key = AnswerCache.key({"model": "deepseek-chat", "messages": messages})
+
+    async def still_open() -> bytes | None:
+        try:
+            return await store.get(key, time.time())
+        finally:
+            await store.aclose()
+
+    assert anyio.run(still_open) is not None

@@ -798,10 +798,13 @@ class ClientBase:
     ) -> None:
         self._options = dict(options)
         self._config = ClientConfig.build(api_key, base_url, options, need_key=need_key)
-        # A cache made here from a spec is this client's to close; copies share the object.
-        self._owns_cache = self._config.cache is not None and self._config.cache is not (
-            options.get("cache")
-        )
+        # What this client closes of its cache: all of one made from a spec, the wrapper
+        # (not the backend) of a backend object, nothing of an AnswerCache passed in (nor
+        # a copy's, which shares the object).
+        given = options.get("cache")
+        self._cache_close: Literal["all", "wrapper", "none"] = "none"
+        if self._config.cache is not None and self._config.cache is not given:
+            self._cache_close = "all" if isinstance(given, str) else "wrapper"
         if self._config.cache is not None:
             self._options["cache"] = self._config.cache
         self._given = (api_key, base_url)

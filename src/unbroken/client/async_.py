@@ -165,8 +165,8 @@ class AsyncClient(ClientBase):
             await self._http.aclose()
         if self._owns_sockets and self._sockets is not None:
             await self._sockets.aclose()
-        if self._owns_cache and self._config.cache is not None:
-            await self._config.cache.aclose()
+        if self._cache_close != "none" and self._config.cache is not None:
+            await self._config.cache.aclose(store=self._cache_close == "all")
 
     close = aclose  # openai's AsyncOpenAI names it close()
 

@@ -225,9 +225,11 @@ class AnswerCache:
         """Forget every entry; returns how many were removed."""
         return await self.store.delete(None)
 
-    async def aclose(self) -> None:
-        """Close the backend."""
-        await self.store.aclose()
+    async def aclose(self, *, store: bool = True) -> None:
+        """Close the backend (unless `store=False`: a backend someone else owns stays
+        open) and the private loop thread."""
+        if store:
+            await self.store.aclose()
         self._stop_loop()
 
     # -- the store, blocking ---------------------------------------------------------------------
@@ -244,8 +246,12 @@ class AnswerCache:
         """`aclear` for a blocking caller."""
         return self._call(self.aclear())
 
-    def close(self) -> None:
-        """Close the backend and the private loop thread."""
+    def close(self, *, store: bool = True) -> None:
+        """Close the backend (unless `store=False`: a backend someone else owns stays
+        open) and the private loop thread."""
+        if not store:
+            self._stop_loop()
+            return
         if self._loop is None:
             # Never used from a blocking client: closing needs no thread of its own.
             asyncio.run(self.store.aclose())

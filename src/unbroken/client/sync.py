@@ -253,8 +253,8 @@ class Client(ClientBase):
             self._http.close()
         if self._owns_sockets and self._sockets is not None:
             self._sockets.close()
-        if self._owns_cache and self._config.cache is not None:
-            self._config.cache.close()
+        if self._cache_close != "none" and self._config.cache is not None:
+            self._config.cache.close(store=self._cache_close == "all")
 
     def __enter__(self) -> Client:
         return self
