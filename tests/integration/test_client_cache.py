@@ -99,6 +99,7 @@ def test_serve_mode_replays_a_hit_with_reasoning_and_marks(
     }
     assert not any(isinstance(c, CachedChunk) for c in first)
     assert answer.unbroken.cache == "hit"
+    assert stream.response.headers["x-unbroken-cache"] == "hit"
     assert answer.choices[0].message.content == expected[1]
     assert answer.choices[0].message.reasoning_content == expected[0]
     assert isinstance(events[0], CacheEvent)

@@ -711,6 +711,9 @@ class AnswerRun:
         self.cache_status = status
         if self.billed is None:
             self.billed = Usage()
+        # No HTTP response carries a cached answer: this one stands for it, marked as the
+        # gateway marks its replays (`stream.response`, `with_raw_response`).
+        self.response = httpx.Response(200, headers={"x-unbroken-cache": status})
         self._record_answer(now, None, outcome=f"cache_{status}")
 
     def close(self, now: float) -> None:
