@@ -15,6 +15,7 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
+from unbroken.client._cached import cached
 from unbroken.client._common import AnswerRun, ClientBase, Endpoint
 from unbroken.client._driver import (
     MAX_ERROR_BODY_BYTES,
@@ -36,10 +37,9 @@ from unbroken.client._results import (
     text_chunk,
 )
 from unbroken.client._wsproto import check_transport, load_sockets
-from unbroken.client.cache import REPLAY_TICK_S, AnswerCache, CachedChunk, CacheEvent
+from unbroken.client.cache import CacheEvent
 from unbroken.core.accumulator import EventSplitter
 from unbroken.core.attempt import Attempt, Timeouts
-from unbroken.core.cache import CacheStatus, replay_batches
 from unbroken.core.events import ChatEvent, ControlEvent, DoneEvent, TextEvent
 from unbroken.core.flow import AttemptOutcome, Connect
 from unbroken.core.sentences import SentenceSplitter
@@ -52,7 +52,7 @@ from unbroken.core.wire import (
     TextAnswer,
     TextCompletion,
 )
-from unbroken.errors import TimeoutPhase, UnbrokenError, UpstreamError
+from unbroken.errors import TimeoutPhase, UpstreamError
 
 if TYPE_CHECKING:
     from unbroken.client._ws import SyncSockets
@@ -310,76 +310,8 @@ class Client(ClientBase):
         items = self._run(run, with_events=events)
         cache = self._config.cache
         if cache is not None and endpoint == "chat":
-            items = self._cached(cache, run, items, paced=stream, events=events)
+            items = cached(cache, run, items, paced=stream, events=events)
         return run, items
-
-    def _cached(
-        self,
-        cache: AnswerCache,
-        run: AnswerRun,
-        items: Iterator[StreamItem],
-        *,
-        paced: bool,
-        events: bool,
-    ) -> Iterator[StreamItem]:
-        """The answer through the answer cache (see `unbroken.client.cache`)."""
-        key = cache.key(run.body)
-        if cache.serves(run.body):
-            data = cache.get(key)
-            hit = None if data is None else cache.replay(data, "hit", time.time())
-            if hit is not None:
-                yield from self._replay(run, hit, "hit", paced=paced, events=events)
-                return
-        shown: list[ChatCompletionChunk] = []
-        try:
-            for item in items:
-                if isinstance(item, ChatCompletionChunk):
-                    shown.append(item)
-                yield item
-        except UnbrokenError as exc:
-            # Only before any output: a stand-in after part of an answer would repeat it.
-            if shown or not cache.degrades(exc):
-                raise
-            data = cache.get(key)
-            stale = None if data is None else cache.replay(data, "stale", time.time())
-            if stale is None:
-                raise
-            yield from self._replay(run, stale, "stale", paced=False, events=events, error=exc)
-            return
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()  # stopped early: the answer's own cleanup runs now, not at collection
-        answer = run.completion(time.monotonic())
-        if cache.storable(answer):
-            cache.put(key, cache.entry(answer, shown, time.time()))
-
-    def _replay(
-        self,
-        run: AnswerRun,
-        replay: tuple[list[CachedChunk], float],
-        status: CacheStatus,
-        *,
-        paced: bool,
-        events: bool,
-        error: UnbrokenError | None = None,
-    ) -> Iterator[StreamItem]:
-        chunks, age_s = replay
-        run.from_cache(status, time.monotonic())
-        if events:
-            yield CacheEvent(status, age_s, "" if error is None else error.message)
-        cache = self._config.cache
-        pace_s = cache.pace_s if cache is not None and paced and status == "hit" else 0.0
-        started = time.monotonic()
-        sent = 0
-        for offset, end in replay_batches(len(chunks), pace_s, REPLAY_TICK_S):
-            delay = started + offset - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)  # the typing effect of a paced hit
-            for chunk in chunks[sent:end]:
-                run.answer.feed(chunk)
-                yield chunk
-            sent = end
 
     def _run(self, run: AnswerRun, *, with_events: bool) -> Iterator[StreamItem]:
         # Closing or cancelling the stream lands here: the answer is recorded once.
