@@ -221,7 +221,14 @@ def test_a_client_that_stops_reading_is_still_cut(upstream: MockServer) -> None:
         body = json.dumps({"model": "deepseek-chat", "messages": MESSAGES, "stream": True})
         sock.sendall(
             request_bytes(
-                server, "POST", "/v1/chat/completions", body.encode(), X_Mock_Tokens="300000"
+                server,
+                "POST",
+                "/v1/chat/completions",
+                body.encode(),
+                X_Mock_Tokens="300000",
+                # Paced (about 15 s for the whole answer), so what is pulled before the
+                # cut does not depend on how fast a loaded machine reads the upstream.
+                X_Mock_Token_Ms="0.05",
             )
         )
         try:
