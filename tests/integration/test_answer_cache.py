@@ -65,6 +65,26 @@ async def test_store_get_put_expire_delete(answer_store: AnswerStore) -> None:
 
 
 @pytest.mark.anyio
+async def test_store_delete_model_forgets_only_that_models_entries(
+    answer_store: AnswerStore,
+) -> None:
+    """delete_model removes the entries tagged with that model (and counts them), leaves
+    the others, and finds nothing the second time."""
+    now = 1_000.0
+    await answer_store.put("a1", b"x", now, 60.0, model="deepseek-chat")
+    await answer_store.put("a2", b"y", now, 60.0, model="deepseek-chat")
+    await answer_store.put("b1", b"z", now, 60.0, model="deepseek-reasoner")
+    await answer_store.put("u", b"w", now, 60.0)
+    assert await answer_store.delete_model("deepseek-chat") == 2
+    assert await answer_store.get("a1", now + 1) is None
+    assert await answer_store.get("a2", now + 1) is None
+    assert await answer_store.get("b1", now + 1) == b"z"
+    assert await answer_store.get("u", now + 1) == b"w"
+    assert await answer_store.delete_model("deepseek-chat") == 0
+    assert await answer_store.delete() == 2
+
+
+@pytest.mark.anyio
 async def test_store_expiry(answer_store: AnswerStore) -> None:
     """An entry past its TTL is a miss (Redis expires it itself, so its TTL is real time)."""
     if isinstance(answer_store, RedisAnswerStore):
