@@ -68,7 +68,8 @@ def ask(api: httpx.Client, question: str, model: str = "deepseek-chat") -> str |
     response = api.post("/v1/chat/completions", json=body(question, model), headers=AS_USER)
     assert response.status_code == 200, response.text
     assert response.text.endswith("data: [DONE]\n\n")
-    return response.headers.get("x-unbroken-cache")
+    mark: str | None = response.headers.get("x-unbroken-cache")
+    return mark
 
 
 def warm(api: httpx.Client, *questions: tuple[str, str]) -> None:
