@@ -4,7 +4,9 @@ the gateway's serve and degrade modes against a real mock DeepSeek over loopback
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -313,3 +315,35 @@ def test_cache_settings_from_toml_and_env(tmp_path: Path) -> None:
         CacheSettings(pace_s=-1)
     with pytest.raises(ConfigError, match="ttl_s"):
         CacheSettings(ttl_s=0)
+
+
+def test_paced_hits_share_one_tick_and_keep_the_typing_effect(mock: MockServer) -> None:
+    """Two hits replayed at the same time at 20 ms a chunk: each arrives whole and equal to
+    the fresh answer, spread over about its chunks' time (never early: the last chunk is
+    due at (n-1) x pace), in several writes rather than one."""
+    body = {"model": "deepseek-chat", "messages": QUESTION, "stream": True, "temperature": 0}
+    pace_s = 0.02
+    settings = gateway_settings(mock.url, serve_models=("deepseek-chat",), pace_s=pace_s)
+
+    def replay(api: httpx.Client) -> tuple[str, float, int]:
+        started = time.perf_counter()
+        reads = 0
+        with api.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.headers["x-unbroken-cache"] == "hit"
+            text = ""
+            for piece in response.iter_text():
+                reads += 1
+                text += piece
+        return text, time.perf_counter() - started, reads
+
+    with gateway(settings) as api:
+        _, fresh = sse(api.post("/v1/chat/completions", json=body))
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda _: replay(api), range(2)))
+    n_events = len(fresh) + 1  # the chunks and [DONE]
+    for text, elapsed_s, reads in results:
+        chunks = [json.loads(b[6:]) for b in text.split("\n\n") if b.startswith("data: {")]
+        assert [c.pop("unbroken") for c in chunks] == [{"cache": "hit"}] * len(fresh)
+        assert chunks == fresh
+        assert elapsed_s >= (n_events - 1) * pace_s
+        assert reads >= 3
