@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.browser.conftest import ASSISTANT, MESSAGE, SEND, gateway_settings, shot
+from tests.browser.test_buffering import BufferingProxy
 from tests.nginx import nginx
 from unbroken.gateway.app import create_app
 from unbroken.mock import MockServer, ServerThread
@@ -157,3 +158,38 @@ def test_websocket_answer_resumes_after_a_drop(context: Any, proxy: str, mock: M
     assert int(resumes[0]["after"]) > 0
     assert [f["type"] for f in sent if f.get("type") == "create"] == ["create"]
     assert stored_answers(proxy, page)[-1] == final["content"]
+
+
+@pytest.fixture
+def refusing_proxy(gateway: ServerThread) -> Iterator[str]:
+    """The buffering proxy of test_buffering.py, which refuses WebSocket upgrades."""
+    with ServerThread(BufferingProxy(gateway.url), "127.0.0.1", 0) as server:
+        yield server.url
+
+
+def test_page_stays_on_sse_when_websockets_are_refused(
+    context: Any, refusing_proxy: str, mock: MockServer
+) -> None:
+    """Behind a buffering proxy that also refuses WebSocket upgrades, the page tries the
+    socket once for the next answer, gets that answer over SSE instead (whole, stored),
+    and does not try again on this page."""
+    context.set_extra_http_headers({"X-Mock-Tokens": "100"})
+    page = context.new_page()
+    sockets: list[Any] = []
+    page.on("websocket", lambda ws: sockets.append(ws))
+    page.goto(refusing_proxy + "/")
+    page.wait_for_selector('.ub-app[data-ready="true"]')
+    ask(page, "hello")
+    page.wait_for_selector(f'{ASSISTANT}[data-state="done"]', timeout=20_000)
+    assert page.locator('.ub-app[data-transport="websocket"]').count() == 1
+    ask(page, "and again")
+    page.wait_for_selector(f'{ASSISTANT}[data-state="done"] >> nth=1', timeout=30_000)
+    second = latest(page)
+    assert second["transport"] == "sse"
+    assert second["state"] == "done"
+    assert page.locator('.ub-app[data-transport="websocket"]').count() == 0
+    notice = page.locator('[role="status"]').text_content() or ""
+    assert "buffers streamed responses" in notice
+    assert "WebSocket" not in notice
+    assert len(sockets) == 1
+    assert stored_answers(refusing_proxy, page)[-1] == second["content"]

@@ -584,42 +584,34 @@ class Chat {
     };
     try {
       const headers = await this.headers();
+      const onRead = (n, at) => {
+        readAt = at;
+      };
+      const onReconnect = () => this.say("Connection lost; reconnecting…");
+      const sse = () =>
+        open
+          ? readAnswer({ open: () => open(headers, controller.signal), base: this.base, headers, signal: controller.signal, onStart, onRead, onEvent, onReconnect })
+          : followStream({ base: this.base, headers, streamId, signal: controller.signal, onStart: () => {}, onRead, onEvent, onReconnect });
       const result = await (viaSocket
-        ? this.socket.answer({
-            create: await prepare().then(({ sessionId, body }) => ({ session_id: sessionId, body })),
-            signal: controller.signal,
-            onStart,
-            onRead: (n, at) => {
-              readAt = at;
-            },
-            onChunk,
-            onReconnect: () => this.say("Connection lost; reconnecting…"),
-          })
-        : open
-        ? readAnswer({
-            open: () => open(headers, controller.signal),
-            base: this.base,
-            headers,
-            signal: controller.signal,
-            onStart,
-            onRead: (n, at) => {
-              readAt = at;
-            },
-            onEvent,
-            onReconnect: () => this.say("Connection lost; reconnecting…"),
-          })
-        : followStream({
-            base: this.base,
-            headers,
-            streamId,
-            signal: controller.signal,
-            onStart: () => {},
-            onRead: (n, at) => {
-              readAt = at;
-            },
-            onEvent,
-            onReconnect: () => this.say("Connection lost; reconnecting…"),
-          }));
+        ? this.socket
+            .answer({
+              create: await prepare().then(({ sessionId, body }) => ({ session_id: sessionId, body })),
+              signal: controller.signal,
+              onStart,
+              onRead,
+              onChunk,
+              onReconnect,
+            })
+            .catch((error) => {
+              if (!error.unavailable) throw error;
+              // Something on the way refuses WebSockets: this page stays on SSE.
+              this.transport = "sse";
+              this.socketRefused = true;
+              delete this.app.dataset.transport;
+              item.transport = "sse";
+              return sse();
+            })
+        : sse());
       this.say("");
       this.paint(item);
       if (item.finishReason === "stop" && active.stopping) item.stopped = true;
@@ -631,8 +623,8 @@ class Chat {
       }
       const spread = (item.timing.lastTokenAt ?? 0) - (item.timing.firstTokenAt ?? 0);
       const waited = (item.timing.firstTokenAt ?? 0) - item.timing.sentAt;
-      if (!viaSocket && events >= 8 && spread <= BUFFERED_SPREAD_MS && waited >= BUFFERED_WAIT_MS) {
-        if (typeof WebSocket === "function") {
+      if (item.transport === "sse" && events >= 8 && spread <= BUFFERED_SPREAD_MS && waited >= BUFFERED_WAIT_MS) {
+        if (typeof WebSocket === "function" && !this.socketRefused) {
           this.useWebSocket();
           this.say("This answer arrived all at once: a proxy between you and the gateway buffers streamed responses. Switched to a WebSocket for the next answers.");
         } else {

@@ -30,6 +30,7 @@ export class ChatSocket {
     this.opening = null;
     this.answers = new Map(); // request id -> {ws, onFrame, drop}
     this.seq = 0;
+    this.everOpened = false;
     // The browser knows the network is gone before TCP does: drop the socket now; the
     // answers resume on a new one once the network is back.
     window.addEventListener("offline", () => this.drop());
@@ -52,12 +53,18 @@ export class ChatSocket {
           return;
         }
         opened = true;
+        this.everOpened = true;
         this.ws = ws;
         resolve(ws);
       };
       ws.onmessage = (message) => this.dispatch(ws, message.data);
       ws.onclose = () => {
-        if (!opened) reject(new Error("the WebSocket to the gateway closed while opening"));
+        if (!opened) {
+          const error = new Error("the WebSocket to the gateway could not be opened");
+          // Never opened on this page: something on the way refuses WebSockets.
+          error.unavailable = !this.everOpened;
+          reject(error);
+        }
         this.dropped(ws);
       };
     }).finally(() => {
@@ -103,7 +110,9 @@ export class ChatSocket {
    * Streams one answer, as `readAnswer` does over SSE: `create` holds the create frame's
    * fields (`{session_id, body}`); chunks go to `onChunk(chunk)` and each frame's arrival to
    * `onRead(1, at)`; `onStart(streamId)`, `onReconnect(attempt)`. Resolves with
-   * `{done, streamId, lastId}`.
+   * `{done, streamId, lastId}`. Rejects with `error.unavailable` set when the socket
+   * cannot be opened and never could on this page (nothing was sent: the caller may ask
+   * over SSE instead).
    */
   async answer({ create, signal, onStart, onChunk, onRead, onReconnect }) {
     this.seq += 1;
@@ -163,7 +172,7 @@ export class ChatSocket {
           ws.send(JSON.stringify(frame));
         });
       } catch (error) {
-        if (signal?.aborted || error.fatal || error.name === "AbortError") throw error;
+        if (signal?.aborted || error.fatal || error.unavailable || error.name === "AbortError") throw error;
         outcome = { dropped: true, error };
       }
       if (outcome.done) return { done: true, streamId, lastId };
