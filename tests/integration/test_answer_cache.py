@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -347,3 +347,34 @@ def test_paced_hits_share_one_tick_and_keep_the_typing_effect(mock: MockServer) 
         assert chunks == fresh
         assert elapsed_s >= (n_events - 1) * pace_s
         assert reads >= 3
+
+
+def test_a_client_that_leaves_ends_its_paced_replay(mock: MockServer) -> None:
+    """A paced hit whose client closes the connection after the first piece stops at the
+    next tick, not when its whole pace has run out (seconds later)."""
+    body = {"model": "deepseek-chat", "messages": QUESTION, "stream": True, "temperature": 0}
+    settings = gateway_settings(mock.url, serve_models=("deepseek-chat",), pace_s=0.1)
+    app = create_app(settings)
+    cache = app.cache
+    assert cache is not None
+    with (
+        ServerThread(app, lifespan="on") as server,
+        httpx.Client(base_url=server.url, timeout=20.0) as api,
+    ):
+        _, fresh = sse(api.post("/v1/chat/completions", json=body))
+        assert len(fresh) > 20  # a replay of 2 s and more at 0.1 s a chunk
+        with api.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.headers["x-unbroken-cache"] == "hit"
+            next(response.iter_raw())
+            assert eventually(lambda: cache.n_replaying == 1)
+        assert eventually(lambda: cache.n_replaying == 0)
+
+
+def eventually(condition: Callable[[], bool], within_s: float = 1.0) -> bool:
+    """Whether `condition` (state of the gateway's thread) holds within `within_s`."""
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)  # polling another thread's state, bounded by the deadline
+    return True

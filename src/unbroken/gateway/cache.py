@@ -149,7 +149,12 @@ class ReplayClock:
         self._timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
-        return f"ReplayClock(tick_s={self.tick_s}, waiting={len(self._waiters)})"
+        return f"ReplayClock(tick_s={self.tick_s}, waiting={self.n_waiting})"
+
+    @property
+    def n_waiting(self) -> int:
+        """Replays waiting for the next tick."""
+        return sum(not w.done() for w in self._waiters)
 
     async def tick(self) -> None:
         """Return at the next tick."""
@@ -400,19 +405,31 @@ class AnswerCache:
         loop = asyncio.get_running_loop()
         started = loop.time()
         sent = sent_bytes = 0
-        while True:
-            due = frames_due(loop.time() - started, pace_s, n_frames)
-            if due > sent:
-                end = ends[due - 1]
-                piece = body[sent_bytes:end]
-                if sent == 0:
-                    piece = comment + piece
-                sent, sent_bytes = due, end
-                more = due < n_frames
-                await ex.send({"type": "http.response.body", "body": piece, "more_body": more})
-                if not more:
-                    return
-            await self.clock.tick()
+        # A client that leaves mid-replay ends it (the server's send would otherwise accept
+        # and drop every later piece until the whole pace has run out).
+        gone: list[bool] = []
+        watcher = loop.create_task(_watch_disconnect(ex, gone))
+        try:
+            while not gone:
+                due = frames_due(loop.time() - started, pace_s, n_frames)
+                if due > sent:
+                    end = ends[due - 1]
+                    piece = body[sent_bytes:end]
+                    if sent == 0:
+                        piece = comment + piece
+                    sent, sent_bytes = due, end
+                    more = due < n_frames
+                    await ex.send({"type": "http.response.body", "body": piece, "more_body": more})
+                    if not more:
+                        return
+                await self.clock.tick()
+        finally:
+            watcher.cancel()
+
+    @property
+    def n_replaying(self) -> int:
+        """Paced replays waiting for the next tick."""
+        return self.clock.n_waiting
 
     def miss(self) -> None:
         """Count a lookup that found nothing."""
@@ -431,6 +448,18 @@ class AnswerCache:
     async def aclose(self) -> None:
         """Close the backend."""
         await self.store.aclose()
+
+
+async def _watch_disconnect(ex: Exchange, gone: list[bool]) -> None:
+    """Append to `gone` when the client has gone. The request body was read, so the only
+    message left to receive is `http.disconnect` (at the end of the response too)."""
+    try:
+        while (await ex.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # a server that cannot tell: the replay runs to its end
+        logger.debug("no disconnect notice for a paced replay", exc_info=True)
+        return
+    gone.append(True)
 
 
 def _folded(entry: CachedAnswer, status: CacheStatus) -> bytes:
