@@ -150,6 +150,11 @@ def one_run(tokens: int, requests: int, pace_s: float) -> dict[str, float]:
         return figures
 
 
+def _ratio(a: float, b: float) -> str:
+    # CPU time comes in clock ticks (10 ms): a short run can measure 0.
+    return f"{a / b:.1f}x" if b > 0 else "n/a (too short to measure)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=2000)
@@ -178,7 +183,7 @@ def main() -> None:
         print(
             f"{pace_s * 1000:>9.1f} ms {med['miss_us_per_chunk']:>14.2f} "
             f"{med['hit_us_per_chunk']:>13.2f} "
-            f"{med['miss_us_per_chunk'] / med['hit_us_per_chunk']:>5.1f}x "
+            f"{_ratio(med['miss_us_per_chunk'], med['hit_us_per_chunk']):>6} "
             f"{med['stale_p50_ms']:>13.1f} {med['stale_max_ms']:>13.1f} "
             f"{med['miss_s'] * 1000:>13.1f}"
         )
@@ -189,9 +194,9 @@ def main() -> None:
         f"{'met' if paced_hit <= 5 else 'NOT met'} paced"
     )
     print(
-        f"paced hit {paced_hit:.2f} us/chunk: {paced_hit / at_once_hit:.1f}x the hit replayed "
-        f"at once ({at_once_hit:.2f} us), {paced_miss / paced_hit:.1f}x cheaper than a miss "
-        f"relayed from the upstream ({paced_miss:.2f} us)"
+        f"paced hit {paced_hit:.2f} us/chunk: {_ratio(paced_hit, at_once_hit)} the hit "
+        f"replayed at once ({at_once_hit:.2f} us), {_ratio(paced_miss, paced_hit)} cheaper "
+        f"than a miss relayed from the upstream ({paced_miss:.2f} us)"
     )
     print(
         f"whole stale answer p50 {stale_p50:.1f} ms (target <= 50 ms): "
