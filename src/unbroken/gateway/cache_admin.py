@@ -2,7 +2,10 @@
 
     DELETE /v1/cache/entries/{key}     one entry, by its key (`v1:<sha256 hex>`)
     POST   /v1/cache/invalidate        the entry of a chat request (the body, as sent to
-                                       /v1/chat/completions: its normalized key)
+                                       /v1/chat/completions: its normalized key; only
+                                       `model` and `messages` are checked, since a
+                                       request for a model no longer served may still
+                                       have an entry)
     DELETE /v1/cache?model=<name>      every entry of a model (of every model without it)
 
 Each answers `{"object": "cache.invalidation", "scope": ..., "deleted": n}`. A user key gets
@@ -16,8 +19,9 @@ import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
+from unbroken.core.cache import cache_key
 from unbroken.gateway.problems import GatewayError
-from unbroken.gateway.request import parse_chat_request
+from unbroken.gateway.request import decode_json
 
 if TYPE_CHECKING:
     from unbroken.gateway.app import Gateway
@@ -96,8 +100,7 @@ class CacheAdmin:
         result: dict[str, Any]
         if path == _INVALIDATE:
             raw = await ex.read_body(gateway.settings.gateway.max_body_bytes)
-            request = parse_chat_request(raw, gateway.models, gateway.route_names)
-            key = cache.key(request)
+            key = cache_key(_chat_body(raw))
             deleted = await cache.invalidate_key(key, "request")
             result = {"scope": "request", "key": key, "deleted": deleted}
         elif path == CACHE_PATH:
@@ -120,6 +123,37 @@ class CacheAdmin:
             deleted = await cache.invalidate_key(key, "key")
             result = {"scope": "key", "key": key, "deleted": deleted}
         await ex.respond_json(200, {"object": "cache.invalidation", **result})
+
+
+def _chat_body(raw: bytes) -> dict[str, Any]:
+    """The chat request to invalidate: a JSON object with a model name and messages. The
+    key is computed from the body as the lookup computes it from the parsed request (the
+    parser checks fields, it does not change the ones that make the key)."""
+    body = decode_json(raw) if raw.strip() else None
+    if not isinstance(body, dict):
+        raise GatewayError(
+            400,
+            "the body must be the chat request (a JSON object) whose cached answer to forget",
+            code="invalid_json",
+        )
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise GatewayError(
+            400, "model must be a non-empty string", code="invalid_type", param="model"
+        )
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise GatewayError(
+            400,
+            "messages must be a non-empty array of messages",
+            code="invalid_type",
+            param="messages",
+        )
+    if not all(isinstance(m, dict) for m in messages):
+        raise GatewayError(
+            400, "each of messages must be an object", code="invalid_type", param="messages"
+        )
+    return body
 
 
 def _model_param(ex: Exchange) -> str | None:

@@ -348,6 +348,19 @@ _INVALIDATION = {
     },
 }
 
+# What POST /v1/cache/invalidate checks: the rest of a chat request only goes into its key
+# (a request for a model no longer served may still have an entry).
+_INVALIDATE_BODY = {
+    "type": "object",
+    "required": ["model", "messages"],
+    "description": "a chat request as sent to /v1/chat/completions; the fields that shape "
+    "the answer make its cache key (docs/cache.md)",
+    "properties": {
+        "model": {"type": "string", "minLength": 1},
+        "messages": {"type": "array", "minItems": 1, "items": {"type": "object"}},
+    },
+}
+
 _ERROR_TEXT = {
     400: "malformed request",
     401: "missing or invalid gateway key",
@@ -598,7 +611,7 @@ def _paths(models: list[str], routes: list[str], chat_fields: dict[str, Any]) ->
             "post": {
                 "summary": "Admin: forget the cached answer of a chat request (its "
                 "normalized key, as /v1/chat/completions would look it up)",
-                "requestBody": {"required": True, "content": _json(_chat_request(models, routes))},
+                "requestBody": {"required": True, "content": _json(_INVALIDATE_BODY)},
                 "responses": {
                     "200": {"description": "what was removed", "content": _json(_INVALIDATION)},
                     **_errors(401, 403, 404),
