@@ -50,10 +50,15 @@ def nginx(backends: list[str], edit: Callable[[str], str] | None = None) -> Iter
             stderr=subprocess.PIPE,
             text=True,
         )
+        # nginx writes its pid file once its sockets are bound: until then a connection
+        # could reach another process that took the port meanwhile.
+        pid_file = Path(work) / "nginx.pid"
         try:
             deadline = time.monotonic() + 10
             while True:
                 try:
+                    if not pid_file.exists():
+                        raise ConnectionRefusedError
                     socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
                     break
                 except OSError:

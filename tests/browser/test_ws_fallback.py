@@ -79,7 +79,9 @@ def test_page_behind_a_buffering_proxy_streams_over_the_websocket(
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     sockets: list[Any] = []
     page.on("websocket", lambda ws: sockets.append(ws))
-    page.goto(proxy + "/")
+    loaded = page.goto(proxy + "/")
+    assert loaded is not None
+    assert loaded.ok, loaded.status
     page.wait_for_selector('.ub-app[data-ready="true"]')
 
     ask(page, "hello")
@@ -130,7 +132,9 @@ def test_websocket_answer_resumes_after_a_drop(context: Any, proxy: str, mock: M
         "websocket",
         lambda ws: ws.on("framesent", lambda payload: sent.append(json.loads(payload))),
     )
-    page.goto(proxy + "/")
+    loaded = page.goto(proxy + "/")
+    assert loaded is not None
+    assert loaded.ok, loaded.status
     page.wait_for_selector('.ub-app[data-ready="true"]')
     ask(page, "hello")
     page.wait_for_selector(f'{ASSISTANT}[data-state="done"]', timeout=20_000)
@@ -177,7 +181,9 @@ def test_page_stays_on_sse_when_websockets_are_refused(
     page = context.new_page()
     sockets: list[Any] = []
     page.on("websocket", lambda ws: sockets.append(ws))
-    page.goto(refusing_proxy + "/")
+    loaded = page.goto(refusing_proxy + "/")
+    assert loaded is not None
+    assert loaded.ok, loaded.status
     page.wait_for_selector('.ub-app[data-ready="true"]')
     ask(page, "hello")
     page.wait_for_selector(f'{ASSISTANT}[data-state="done"]', timeout=20_000)
