@@ -17,6 +17,7 @@ from unbroken.core.cache import (
     is_storable,
     mark_chunk,
     render_replay,
+    replay_batches,
     replay_comment,
 )
 from unbroken.errors import ConfigError
@@ -191,3 +192,31 @@ def test_frames_due_refuses_a_negative_pace() -> None:
     """A negative pace is a ConfigError naming pace_s."""
     with pytest.raises(ConfigError, match="pace_s"):
         frames_due(1.0, -0.1, 3)
+
+
+def test_replay_batches_at_once_and_empty() -> None:
+    """Pace 0 writes everything at once; nothing to write gives no batch."""
+    assert replay_batches(5, 0.0, 0.02) == [(0.0, 5)]
+    assert replay_batches(0, 0.01, 0.02) == []
+
+
+@given(st.integers(1, 500), st.floats(0.0005, 0.2), st.floats(0.001, 0.1))
+def test_replay_batches_cover_every_frame_in_order(n: int, pace: float, tick: float) -> None:
+    """Batches end at increasing indexes up to n; no batch is written before its first
+    frame is due, nor later than one tick before its last."""
+    batches = replay_batches(n, pace, tick)
+    ends = [end for _, end in batches]
+    assert ends == sorted(set(ends))
+    assert ends[-1] == n
+    start = 0
+    for offset, end in batches:
+        assert offset == pytest.approx(start * pace)
+        assert (end - 1) * pace - offset <= max(tick, pace) + 1e-9
+        start = end
+
+
+@pytest.mark.parametrize(("pace", "tick"), [(-0.1, 0.02), (0.01, 0.0)])
+def test_replay_batches_refuse_bad_pacing(pace: float, tick: float) -> None:
+    """A negative pace or a non-positive tick is a ConfigError naming both."""
+    with pytest.raises(ConfigError, match="pace_s"):
+        replay_batches(3, pace, tick)

@@ -45,6 +45,7 @@ __all__ = [
     "is_storable",
     "mark_chunk",
     "render_replay",
+    "replay_batches",
     "replay_comment",
 ]
 
@@ -233,3 +234,30 @@ def frames_due(elapsed_s: float, pace_s: float, n_frames: int) -> int:
     if pace_s == 0:
         return n_frames
     return min(n_frames, max(0, int(elapsed_s / pace_s)) + 1)
+
+
+def replay_batches(n_frames: int, pace_s: float, tick_s: float) -> list[tuple[float, int]]:
+    """When to write a replay's frames: (offset in seconds, end index) pairs; at each offset
+    the frames up to that end index (exclusive) are written (the SDK's paced replays).
+
+    Frame i is due at `i * pace_s`. Frames due within the same `tick_s` are written
+    together, so a paced replay costs one timer per tick, not per chunk; `pace_s == 0`
+    writes everything at once.
+
+    Raises:
+        ConfigError: a negative pace or a tick that is not positive.
+    """
+    if pace_s < 0 or tick_s <= 0:
+        raise ConfigError(
+            f"cache replay pace_s must be >= 0 and tick_s > 0, not {pace_s} and {tick_s}"
+        )
+    if n_frames <= 0:
+        return []
+    if pace_s == 0:
+        return [(0.0, n_frames)]
+    per_tick = max(1, int(tick_s / pace_s))
+    # A batch goes out when its first frame is due: its later frames arrive up to one
+    # tick early, which a typing effect does not show.
+    return [
+        (start * pace_s, min(start + per_tick, n_frames)) for start in range(0, n_frames, per_tick)
+    ]

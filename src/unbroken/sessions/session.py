@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from unbroken.client.async_ import AsyncChatStream, AsyncClient
+from unbroken.client.cache import CacheEvent
 from unbroken.client.sync import ChatStream, Client
 from unbroken.core.events import ChatEvent as _ChatEvent
 from unbroken.core.events import ControlEvent, DoneEvent
@@ -40,7 +41,7 @@ DEFAULT_CONTEXT_TOKENS = 128_000
 # Room kept for the answer (DeepSeek chat's default max_tokens is 4K).
 DEFAULT_RESERVE_TOKENS = 8_192
 
-SessionEvent = _ChatEvent | ControlEvent | DoneEvent
+SessionEvent = _ChatEvent | ControlEvent | CacheEvent | DoneEvent
 
 
 class _History:
