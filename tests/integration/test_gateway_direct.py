@@ -9,16 +9,12 @@ import json
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import pytest
 
+from tests.support import gateway_thread as gateway
 from unbroken.core import ChatStreamDecoder, ChunkAccumulator
-from unbroken.gateway.app import create_app
-from unbroken.gateway.guard import guarded_protocol
 from unbroken.mock import MockConfig, MockServer, ServerThread, answer_text
-from unbroken.settings import GatewaySettings, Settings
 
 pytestmark = pytest.mark.integration
 
@@ -29,18 +25,6 @@ MESSAGES = [{"role": "user", "content": "Stream for a while."}]
 def upstream() -> Iterator[MockServer]:
     """A fresh mock per test: one test reads its stream counters."""
     with MockServer(MockConfig(seed=4)) as server:
-        yield server
-
-
-@contextmanager
-def gateway(url: str, **options: Any) -> Iterator[ServerThread]:
-    settings = Settings(
-        api_key="sk-up",
-        base_url=url,
-        gateway=GatewaySettings(forward_headers=("x-mock-*",), **options),
-    )
-    app = create_app(settings)
-    with ServerThread(app, lifespan="on", http=guarded_protocol(app.guard)) as server:
         yield server
 
 
