@@ -755,6 +755,7 @@ def measure(target: Target, concurrency: int, rounds: int) -> dict[str, float]:
         "ttft50": pct(ttfts, 0.5) * 1000,
         "ttft99": pct(ttfts, 0.99) * 1000,
         "cpu_per_1k": cpu / chunks * 1000 if chunks else float("nan"),
+        "cores": cpu / data["wall"],
         "us_per_chunk": cpu / chunks * 1e6 if chunks else float("nan"),
         "mem_per_stream_kib": max(0, sampler.peak - rss_before) / concurrency / 1024,
     }
@@ -920,7 +921,7 @@ def soak(streams: int, tokens: int, ramp_s: float, workers: int) -> None:
         mock_url = stack.enter_context(mock_process(config))
         if workers > 1:
             # Several processes share limits, sessions and stream logs through Redis.
-            redis_url = stack.enter_context(redis_process())
+            redis_url, _ = stack.enter_context(redis_process())
             env |= {"UNBROKEN_GATEWAY_STORE": redis_url, "UNBROKEN_GATEWAY_SESSIONS": redis_url}
         # The readiness probe is a whole (non-streamed) answer: `tokens` seconds at 1 token/s.
         target = stack.enter_context(
@@ -985,8 +986,8 @@ def soak(streams: int, tokens: int, ramp_s: float, workers: int) -> None:
 
 
 @contextmanager
-def redis_process() -> Iterator[str]:
-    """A throwaway redis-server on a free loopback port (no persistence)."""
+def redis_process() -> Iterator[tuple[str, int]]:
+    """A throwaway redis-server on a free loopback port (no persistence): its URL and pid."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server is not installed; --workers needs it")
@@ -1019,44 +1020,66 @@ def redis_process() -> Iterator[str]:
                     if time.monotonic() > deadline or proc.poll() is not None:
                         raise RuntimeError("redis-server did not start") from None
                     time.sleep(0.05)  # waiting for redis-server to listen
-            yield f"redis://127.0.0.1:{port}/0"
+            yield f"redis://127.0.0.1:{port}/0", proc.pid
         finally:
             proc.terminate()
             proc.wait(10)
 
 
-def compare_workers(concurrency: int) -> None:
+def compare_workers(concurrency: int, repeat: int) -> None:
     """Chunks/s at saturation through `unbroken serve --workers 2` against `--workers 1`,
-    both on a Redis store (the state several workers share), the mock measured alone too."""
+    both on a Redis store (the state several workers share), the mock measured alone too.
+
+    On a machine with fewer free cores than the workers plus the mock, the load process and
+    Redis need, the measured chunks/s ratio is bounded by the cores there are; so each row
+    also shows the cores its gateway used and its CPU per chunk, and the capacity at
+    saturation (each worker with a core of its own: workers / CPU per chunk) is printed
+    beside the measured ratio. Redis' own CPU per chunk is shown, since a shared Redis must
+    keep up too.
+    """
     rounds = ROUNDS.get(concurrency, 1)
     with (
         tempfile.TemporaryDirectory() as tmp,
         mock_process(MOCK_CONFIG) as mock_url,
-        redis_process() as redis_url,
+        redis_process() as (redis_url, redis_pid),
     ):
         mock_port = int(mock_url.rsplit(":", 1)[1])
         env = {"UNBROKEN_GATEWAY_STORE": redis_url, "UNBROKEN_GATEWAY_SESSIONS": redis_url}
-        rows: dict[str, dict[str, float]] = {
-            "direct": measure(
-                Target("direct", 0, mock_port, "/v1/chat/completions"), concurrency, rounds
-            )
-        }
+        direct = Target("direct", 0, mock_port, "/v1/chat/completions")
+        rows: dict[str, dict[str, float]] = {"direct": measure_median(direct, concurrency, repeat)}
         for n in (1, 2):
             with unbroken_server(mock_url, Path(tmp), workers=n, extra_env=env) as target:
-                rows[f"{n} worker{'s' if n > 1 else ''}"] = measure(target, concurrency, rounds)
+                runs = []
+                for _ in range(repeat):
+                    before = cpu_seconds(redis_pid)
+                    run = measure(target, concurrency, rounds)
+                    run["redis_us"] = (cpu_seconds(redis_pid) - before) / run["chunks"] * 1e6
+                    runs.append(run)
+                rows[f"{n} worker{'s' if n > 1 else ''}"] = {
+                    key: statistics.median(run[key] for run in runs) for key in runs[0]
+                }
         print(
-            f"\nworkers at concurrency {concurrency} (Redis store): {os.cpu_count()} CPUs "
-            "shared by the mock, the load process and the workers, so two workers cannot get "
-            f"two whole cores here; load average {_load_average()}"
+            f"\nworkers at concurrency {concurrency} (Redis store), medians of {repeat} runs: "
+            f"{os.cpu_count()} CPUs shared by the mock, the load process, Redis and the "
+            f"workers; load average {_load_average()}"
         )
         for name, r in rows.items():
-            print(
+            line = (
                 f"  {name:<9} {int(r['complete'])}/{int(r['streams'])} whole, "
                 f"{r['rate']:>7.0f} chunks/s, TTFT p50 {r['ttft50']:.1f} ms"
-                + ("" if name == "direct" else f", {r['us_per_chunk']:.1f} us CPU per chunk")
             )
-        ratio = rows["2 workers"]["rate"] / rows["1 worker"]["rate"]
-        print(f"  chunks/s, 2 workers / 1 worker = {ratio:.2f}x")
+            if name != "direct":
+                workers = 2 if name.startswith("2") else 1
+                line += (
+                    f", gateway {r['us_per_chunk']:.1f} us CPU per chunk on {r['cores']:.2f} "
+                    f"cores, Redis {r['redis_us']:.1f} us per chunk; capacity "
+                    f"{workers * 1e6 / r['us_per_chunk']:.0f} chunks/s"
+                )
+            print(line)
+        one, two = rows["1 worker"], rows["2 workers"]
+        print(f"  chunks/s measured, 2 workers / 1 worker = {two['rate'] / one['rate']:.2f}x")
+        capacity = 2 * one["us_per_chunk"] / two["us_per_chunk"]
+        print(f"  capacity at saturation, 2 workers / 1 worker = {capacity:.2f}x")
 
 
 def main() -> None:
@@ -1092,7 +1115,7 @@ def main() -> None:
         soak(args.soak, args.soak_tokens, args.soak_ramp, args.soak_workers)
         return
     if args.workers:
-        compare_workers(args.workers)
+        compare_workers(args.workers, args.repeat)
         return
     levels = [int(x) for x in args.levels.split(",") if x]
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}
