@@ -1,5 +1,6 @@
 """Chaos: many streams against the mock with a seeded mix of faults, through unbroken (sync
-and async) and the official openai SDK, side by side in one run; and the correlated break.
+and async), the official openai SDK, and the official SDK through `unbroken.HTTPTransport`,
+side by side in one run; and the correlated break.
 
 Mix scenario: each stream i gets a fault drawn from the mix (seeded; `done_early` included),
 applied to its first attempt, or to its first two attempts for a share of them ("hit
@@ -8,8 +9,11 @@ client: completed %, byte-identical to the fault-free answer %, silent truncatio
 answer that ended as a success but is not the whole answer), duplicated and missing
 characters (difflib against the fault-free answer), extra latency (each stream against
 itself in a fault-free run with the same client and concurrency; p50 and p99 of those
-differences), and extra tokens billed: the mock's own logged completion_tokens of the
-faulted run minus those of the fault-free run.
+differences), extra tokens billed: the mock's own logged completion_tokens of the
+faulted run minus those of the fault-free run, and the client's CPU per chunk in the
+fault-free run (this process's CPU time over the chunks the client yielded; the mock runs in
+its own process). The SDK through the transport must be 100% whole and byte-identical across
+the whole mix; its cost per chunk is printed beside the plain SDK's.
 
 Correlated scenario (`--correlated`): N streams at once (default 500), each reset by the
 mock after the same number of chunks (`reset after=10 times=1`), so every in-flight
@@ -97,6 +101,7 @@ class Outcome:
     seconds: float = 0.0
     billed_tokens: int = 0
     error: str = ""
+    chunks: int = 0
 
 
 def mock_log(url: str) -> list[dict[str, Any]]:
@@ -136,6 +141,21 @@ def peak_rate(entries: list[dict[str, Any]], *, window_s: float = 0.1) -> float:
 class Row:
     name: str
     outcomes: list[Outcome] = field(default_factory=list)
+    cpu_s: float = 0.0  # this process's CPU time for the whole pass
+
+    @property
+    def cpu_per_chunk_s(self) -> float:
+        """CPU per chunk the client yielded (0 when the runner does not count chunks)."""
+        chunks = sum(o.chunks for o in self.outcomes)
+        return self.cpu_s / chunks if chunks else 0.0
+
+
+def run_pool(name: str, cases: list[Case], concurrency: int, one: Callable[[Case], Outcome]) -> Row:
+    """`one` over `cases` in `concurrency` threads, with the CPU time it took."""
+    cpu = time.process_time()
+    with ThreadPoolExecutor(concurrency) as pool:
+        outcomes = list(pool.map(one, cases))
+    return Row(name, outcomes, time.process_time() - cpu)
 
 
 def make_cases(n: int, seed: int) -> list[Case]:
@@ -173,6 +193,7 @@ def run_unbroken_sync(url: str, cases: list[Case], concurrency: int) -> Row:
             )
             parts: list[str] = []
             for chunk in stream:
+                out.chunks += 1
                 parts.extend(ch.delta.content or "" for ch in chunk.choices if ch.delta)
             final = stream.final()
             out.text = "".join(parts)
@@ -183,10 +204,9 @@ def run_unbroken_sync(url: str, cases: list[Case], concurrency: int) -> Row:
         out.seconds = time.perf_counter() - start
         return out
 
-    with ThreadPoolExecutor(concurrency) as pool:
-        outcomes = list(pool.map(one, cases))
+    row = run_pool("unbroken sync", cases, concurrency, one)
     client.close()
-    return Row("unbroken sync", outcomes)
+    return row
 
 
 def run_unbroken_async(url: str, cases: list[Case], concurrency: int) -> Row:
@@ -209,6 +229,7 @@ def run_unbroken_async(url: str, cases: list[Case], concurrency: int) -> Row:
                         )
                         parts: list[str] = []
                         async for chunk in stream:
+                            out.chunks += 1
                             parts.extend(ch.delta.content or "" for ch in chunk.choices if ch.delta)
                         final = await stream.final()
                         out.text = "".join(parts)
@@ -221,30 +242,43 @@ def run_unbroken_async(url: str, cases: list[Case], concurrency: int) -> Row:
 
             return list(await asyncio.gather(*(one(c) for c in cases)))
 
-    return Row("unbroken async", asyncio.run(main()))
+    cpu = time.process_time()
+    outcomes = asyncio.run(main())
+    return Row("unbroken async", outcomes, time.process_time() - cpu)
 
 
-def run_openai(url: str, cases: list[Case], concurrency: int) -> Row:
+def sdk_client(url: str, *, transport: bool) -> Any:
+    """The official SDK with its defaults, except a read timeout so stalls end (its default
+    of 600 s would hang the run; max_retries=2 is the SDK's own default). With the
+    transport, unbroken's timers and retry policy (the same as the unbroken rows') heal."""
     import openai
 
-    # Its defaults, except a read timeout so stalls end (its default of 600 s would
-    # hang the run); max_retries=2 is the SDK's own default.
-    client = openai.OpenAI(api_key="sk", base_url=url, timeout=5.0)
+    if not transport:
+        return openai.OpenAI(api_key="sk", base_url=url, timeout=5.0)
+    http = httpx.Client(transport=unbroken.HTTPTransport(timeouts=TIMEOUTS, retry=RETRY, seed=3))
+    return openai.OpenAI(api_key="sk", base_url=url, timeout=5.0, http_client=http)  # type: ignore[arg-type]  # typed for httpx2, takes httpx
+
+
+def run_sdk(url: str, cases: list[Case], concurrency: int, *, transport: bool) -> Row:
+    """The official SDK over `cases`, plain or through `unbroken.HTTPTransport`."""
+    client = sdk_client(url, transport=transport)
+    flavour = "transport" if transport else "openai"
 
     def one(case: Case) -> Outcome:
         start = time.perf_counter()
         out = Outcome()
         try:
-            stream = client.chat.completions.create(  # type: ignore[call-overload]
+            stream = client.chat.completions.create(
                 model="deepseek-chat",
                 messages=case.messages,
                 stream=True,
                 stream_options={"include_usage": True},
-                extra_headers=case.headers("openai"),
+                extra_headers=case.headers(flavour),
             )
             parts: list[str] = []
             finish, usage = None, 0
             for chunk in stream:
+                out.chunks += 1
                 for ch in chunk.choices:
                     parts.append(ch.delta.content or "")
                     finish = ch.finish_reason or finish
@@ -261,10 +295,19 @@ def run_openai(url: str, cases: list[Case], concurrency: int) -> Row:
         out.seconds = time.perf_counter() - start
         return out
 
-    with ThreadPoolExecutor(concurrency) as pool:
-        outcomes = list(pool.map(one, cases))
+    row = run_pool("openai+transport" if transport else "openai SDK", cases, concurrency, one)
     client.close()
-    return Row("openai SDK", outcomes)
+    return row
+
+
+def run_openai(url: str, cases: list[Case], concurrency: int) -> Row:
+    """The plain official SDK."""
+    return run_sdk(url, cases, concurrency, transport=False)
+
+
+def run_openai_transport(url: str, cases: list[Case], concurrency: int) -> Row:
+    """The official SDK through `unbroken.HTTPTransport`."""
+    return run_sdk(url, cases, concurrency, transport=True)
 
 
 def diff_counts(expected: str, got: str) -> tuple[int, int]:
@@ -353,6 +396,11 @@ def report_runs(name: str, runs: list[dict[str, Any]]) -> None:
         f"{med['peak_rate']:.0f} req/s  prefix mismatches {med['prefix_mismatches']:.0f}  "
         f"({med['seconds']:.1f} s; median of {len(runs)})"
     )
+    if med["cpu_per_chunk_us"]:
+        print(
+            f"  {'':<22} client CPU per chunk {med['cpu_per_chunk_us']:.1f} us "
+            "(fault-free run; the mock runs in its own process)"
+        )
     if runs[-1]["errors"]:
         print(f"  {'':<22} errors: {dict(sorted(runs[-1]['errors'].items()))}")
 
@@ -382,6 +430,7 @@ def measure(
         peak_rate=peak_rate(entries),
         prefix_mismatches=prefix_mismatches(url),
         seconds=seconds,
+        cpu_per_chunk_us=1e6 * clean.cpu_per_chunk_s,
     )
     return metrics
 
@@ -512,7 +561,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=1, help="runs per client (medians)")
-    parser.add_argument("--skip-openai", action="store_true")
+    parser.add_argument(
+        "--skip-openai", action="store_true", help="no openai SDK rows (plain and transport)"
+    )
     parser.add_argument("--correlated", action="store_true", help="the correlated break")
     args = parser.parse_args()
     ok = True
@@ -536,22 +587,46 @@ def main() -> None:
     faulted = sum(1 for c in cases if c.fault)
     twice = sum(1 for c in cases if "times=2" in c.fault)
     print(f"{n} streams, {faulted} with a fault ({twice} hit twice), seed {args.seed}")
+    costs: dict[str, float] = {}
     with mock_process(CONFIG_EXPR) as url:
         runners: list[Callable[[str, list[Case], int], Row]] = [
             run_unbroken_sync,
             run_unbroken_async,
         ]
         if not args.skip_openai:
-            runners.append(run_openai)
+            runners += [run_openai, run_openai_transport]
         for runner in runners:
             runs = [measure(url, runner, cases, args.concurrency) for _ in range(args.repeat)]
             name = runner(url, [], 1).name
             report_runs(name, runs)
+            costs[name] = median_of(runs, "cpu_per_chunk_us")
             if name.startswith("unbroken"):
                 # Never silent: every answer is byte-identical or a typed error.
                 ok = ok and all(
                     r["silent"] == 0 and r["dup"] == 0 and r["prefix_mismatches"] == 0 for r in runs
                 )
+            if name == "openai+transport":
+                # The official SDK made unbreakable: every answer whole and byte-identical.
+                transport_ok = all(
+                    r["completed"] == n
+                    and r["identical"] == n
+                    and r["dup"] == r["miss"] == 0
+                    and r["prefix_mismatches"] == 0
+                    for r in runs
+                )
+                ok = ok and transport_ok
+                print(
+                    "bar: the openai SDK through unbroken.HTTPTransport 100% whole and "
+                    "byte-identical, 0 duplicated, 0 missing, 0 prefix mismatches:",
+                    _verdict(transport_ok),
+                )
+    if "openai+transport" in costs:
+        sdk, through = costs["openai SDK"], costs["openai+transport"]
+        print(
+            f"cost per chunk (client CPU, fault-free): openai SDK through HTTPTransport "
+            f"{through:.1f} us, plain openai SDK {sdk:.1f} us, ratio "
+            f"{through / max(sdk, 1e-9):.2f}x"
+        )
     print(
         "bar: unbroken 0 silent truncations (each answer byte-identical or a typed error), "
         "0 duplicated, 0 prefix mismatches:",

@@ -2,11 +2,14 @@
 that arrive whole. Public SDK surface: re-exports only, no logic."""
 
 from unbroken.client import (
+    AnswerCache,
     AsyncChatStream,
     AsyncClient,
     AsyncHTTPTransport,
     AsyncStream,
     AsyncTextStream,
+    CachedChunk,
+    CacheEvent,
     ChatStream,
     Client,
     ClientOptions,
@@ -89,6 +92,7 @@ __all__ = [
     "APIStatusError",
     "APITimeoutError",
     "Answer",
+    "AnswerCache",
     "AnswerMeta",
     "AsyncChatStream",
     "AsyncClient",
@@ -97,6 +101,8 @@ __all__ = [
     "AsyncTextStream",
     "AuthenticationError",
     "BadRequestError",
+    "CacheEvent",
+    "CachedChunk",
     "ChatCompletion",
     "ChatCompletionChunk",
     "ChatEvent",

@@ -239,6 +239,73 @@ def test_long_session_is_trimmed_to_the_window(upstream: MockServer) -> None:
     assert 1 < sent[0] < len(history) - 1  # some turns kept, older ones dropped
 
 
+def _roles_and_contents(messages: list[dict[str, object]]) -> list[tuple[object, object]]:
+    return [(m["role"], m["content"]) for m in messages]
+
+
+def test_retry_replaces_the_last_answer(upstream: MockServer, tmp_path: Path) -> None:
+    """retry() sends the last question without the old answer and replaces the old
+    exchange in memory and in the store: the question stays once, the new answer follows."""
+    db = SQLiteSessionStore(tmp_path / "r.db")
+    with Client(api_key="sk", base_url=upstream.url) as client:
+        session = ChatSession(client, store=db)
+        first = session.ask("first question").choices[0].message.content
+        old = session.ask("second question").choices[0].message.content
+        asked = upstream.log(limit=1)[-1]
+        history: list[dict[str, object]] = [
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "second question"},
+        ]
+        # Another seed, so the mock's new answer differs from the old one; the mock's
+        # answer is a function of the conversation it got, so it also names what was sent.
+        text = "".join(e.text for e in session.retry(seed=4242) if isinstance(e, TextEvent))
+        retried = upstream.log(limit=1)[-1]
+    expected = answer_text("deepseek-chat", history, seed=4242, config=CONFIG)[1]
+    assert text == expected != old
+    assert retried["prompt_tokens"] == asked["prompt_tokens"]  # the same prompt, no old answer
+    want = [*_roles_and_contents(history), ("assistant", expected)]
+    assert _roles_and_contents(session.messages) == want
+    assert session.id is not None
+    info, stored = db.load(session.id)
+    assert _roles_and_contents(stored) == want
+    assert info.n_messages == 4
+    assert [m["content"] for m in stored].count("second question") == 1
+
+
+def test_retry_after_a_system_change_and_failures(upstream: MockServer) -> None:
+    """A retry cuts the stored list at the same turn even when /system changed the memory
+    only; a failed retry changes nothing; an empty session has nothing to retry."""
+    store = MemorySessionStore()
+    with Client(api_key="sk", base_url=upstream.url, retry=RetryPolicy(attempts=1)) as client:
+        session = ChatSession(client, store=store)
+        with pytest.raises(InvalidRequestError, match="nothing to retry"):
+            session.retry()
+        session.ask("a question")
+        session.set_system("be brief")  # in memory only: one message more than stored
+        before = session.messages
+        with pytest.raises(Exception, match="401"):
+            for _ in session.retry(extra_headers={"X-Mock-Fault": "401"}):
+                pass
+        assert session.messages == before
+        again = session.retry(seed=99)
+        for _ in again:
+            pass
+    assert session.id is not None
+    _, stored = store.load(session.id)
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    assert stored == session.messages[1:]
+    assert (
+        stored[1]["content"]
+        == answer_text(
+            "deepseek-chat",
+            [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a question"}],
+            seed=99,
+            config=CONFIG,
+        )[1]
+    )
+
+
 @pytest.mark.anyio
 async def test_async_session(upstream: MockServer, tmp_path: Path) -> None:
     """AsyncChatSession streams, stores and reloads like the sync one."""
@@ -250,6 +317,7 @@ async def test_async_session(upstream: MockServer, tmp_path: Path) -> None:
         assert session.id is not None
         again = await AsyncChatSession.load(client, store, session.id)
         await again.ask("more")
+        retried = [e.text async for e in again.retry(seed=5) if isinstance(e, TextEvent)]
         await again.add_tool_result("x", "y")
     _, stored = await store.load(session.id)
     assert [m["role"] for m in stored] == [
@@ -260,6 +328,8 @@ async def test_async_session(upstream: MockServer, tmp_path: Path) -> None:
         "assistant",
         "tool",
     ]
+    assert [m["content"] for m in stored].count("more") == 1
+    assert stored[4]["content"] == "".join(retried)
     assert len(await store.list()) == 1
     await store.aclose()
 

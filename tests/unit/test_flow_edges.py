@@ -27,6 +27,7 @@ from unbroken.core.flow import (
 )
 from unbroken.core.resume import CONTINUE_INSTRUCTION
 from unbroken.core.routes import Route, RouteHealth
+from unbroken.core.tokens import estimate_tokens
 from unbroken.errors import (
     RetriesExhausted,
     TimeoutPhase,
@@ -671,7 +672,7 @@ def test_choice_that_never_started_is_requested_alone() -> None:
 def test_spent_max_tokens_ends_without_another_request() -> None:
     """When what was shown used up max_tokens, the answer ends with no further request."""
     body = {**BODY, "max_tokens": 2}
-    run = drive([ok(text("Hello world", finish=None))], body=body)
+    run = drive([ok(text("Hello", " world", finish=None))], body=body)
     assert run.error is None
     assert len(run.plans) == 1
     assert run.ended == [EndChoice(0, "length")]  # the consumer is shown a length finish
@@ -684,12 +685,57 @@ def test_spent_max_tokens_for_every_choice() -> None:
     """n > 1: every choice whose max_tokens is spent ends; none needs a request."""
     body = {**BODY, "max_tokens": 2, "n": 2}
     run = drive(
-        [ok(two_choices("Hello world", "Other words"))],
+        [ok(two_choices("Hello", "Other") + two_choices(" world", " words"))],
         body=body,
         options=FlowOptions(n_choices=2),
     )
     assert (run.error, len(run.plans)) == (None, 1)
     assert [e.index for e in run.ended] == [0, 1]
+
+
+def test_resumed_max_tokens_counts_the_tokens_streamed() -> None:
+    """A continuation asks for max_tokens minus the tokens the broken attempts streamed
+    (one per delta, as the upstream counts them), not minus a text estimate, so the whole
+    answer ends at max_tokens exactly, also after a second break."""
+    body = {**BODY, "max_tokens": 20}
+    # 4 tokens whose text estimates at 7 ("Streaming" alone is 3), then 3 and 2 more.
+    first = text("Streaming", " answers", " arrive", " whole", finish=None)
+    second = text(" and", " never", " break", finish=None)
+    run = drive([ok(first), ok(second), ok(text(" .", "..", finish="length"))], body=body)
+    assert run.error is None
+    assert [p.body.get("max_tokens") for p in run.plans] == [20, 16, 13]
+    assert run.answer.n_text_deltas() == 9
+
+
+def test_resumed_max_tokens_counts_reasoning_deltas() -> None:
+    """Reasoning deltas are tokens too (DeepSeek's max_tokens covers the reasoning)."""
+    body = {**BODY, "max_tokens": 50}
+    broken = (
+        sse({"role": "assistant", "reasoning_content": ""})
+        + b"".join(sse({"reasoning_content": p}) for p in ["Let me", " think", " hard"])
+        + b"".join(sse({"content": p}) for p in ["The", " answer"])
+    )
+    run = drive([ok(broken), ok(text(" is", " 42"))], body=body)
+    assert run.plans[1].body["max_tokens"] == 45
+    assert run.answer.n_text_deltas() == 7
+    assert ChunkAccumulator().n_text_deltas(3) == 0
+
+
+def test_resumed_max_tokens_after_a_trimmed_continuation_is_estimated() -> None:
+    """Text that went through the overlap trimmer (an instruction continuation) no longer
+    arrives one token per delta: the remaining budget falls back to the text estimate."""
+    body = {**BODY, "max_tokens": 100}
+    routes = routes_named("a", dialect="instruction")
+    first = text("Streaming", " answers", finish=None)
+    run = drive(
+        [ok(first), ok(text(" arrive", " whole", finish=None)), ok(text(" ok"))],
+        routes=routes,
+        body=body,
+    )
+    assert run.error is None
+    assert run.plans[1].body["max_tokens"] == 98  # 2 deltas, before any trimming
+    shown = run.answer.content()
+    assert run.plans[2].body["max_tokens"] == 100 - estimate_tokens(shown)
 
 
 # -- what counts as the end ----------------------------------------------------------------

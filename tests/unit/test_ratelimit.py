@@ -118,7 +118,10 @@ def test_tokens_stay_within_zero_and_capacity(
                     assert wait == math.inf
                 else:
                     assert wait > 0.0
-                    assert bucket.level(new, new.updated_s + wait) == pytest.approx(amount)
+                    # The wait is at least 1e-9 s, so it may bring a hair more than needed.
+                    after = bucket.level(new, new.updated_s + wait)
+                    assert after >= amount or after == pytest.approx(amount)
+                    assert after == pytest.approx(amount, abs=1e-8)
         elif what == "refund":
             new = bucket.refund(state, amount, now)
             assert new.tokens == min(capacity, level + amount)

@@ -10,26 +10,19 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 import typer
 from rich.console import Console
-from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from unbroken.cli.lineinput import MULTILINE_HELP, line_reader
+from unbroken.cli.render import Turn, render_answer
 from unbroken.client.sync import Client
-from unbroken.core.events import (
-    DoneEvent,
-    FellBackEvent,
-    ReasoningEvent,
-    RestartedEvent,
-    ResumedEvent,
-    RetryingEvent,
-    TextEvent,
-)
+from unbroken.core.events import TextEvent
 from unbroken.errors import UnbrokenError
 from unbroken.sessions.session import ChatSession
 from unbroken.sessions.store import (
@@ -43,13 +36,15 @@ from unbroken.settings import Settings, data_home, openai_api_key
 
 __all__ = ["ask", "chat"]
 
-HELP = """commands:
+HELP = f"""commands:
   /new                 start a new session        /sessions       list saved sessions
   /load ID             resume a saved session     /system TEXT    set the system prompt
   /model NAME          switch model               /cost           tokens and cost so far
-  /retry               ask the last question again /reasoning     show the last reasoning
-  /help                this help                  /exit           leave (or Ctrl+D)
-Ctrl+C stops the current answer; it does not quit."""
+  /retry               a new answer to the last question, replacing the old one
+  /reasoning           show the last reasoning    /help           this help
+  /exit                leave (or Ctrl+D)
+keys: {MULTILINE_HELP}
+Ctrl+C stops the current answer (or drops the line being typed); it does not quit."""
 
 
 @contextlib.contextmanager
@@ -96,60 +91,14 @@ def _store(spec: str | None, no_store: bool) -> SessionStore:
     return SQLiteSessionStore(spec or default_sessions_path(data_home()))
 
 
-@dataclass
-class _Turn:
-    """What the renderer saw of one answer."""
-
-    reasoning: list[str] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    ttft_s: float | None = None
-
-
-def _render(events: Iterator[object], console: Console, started: float, pretty: bool) -> _Turn:
-    turn = _Turn()
-    live: Live | None = None
-    try:
-        for event in events:
-            if isinstance(event, ReasoningEvent):
-                turn.reasoning.append(event.text)
-                if pretty:
-                    if live is None:
-                        live = Live(console=console, transient=True, auto_refresh=False)
-                        live.start()
-                    tail = "".join(turn.reasoning)[-400:].replace("\n", " ")
-                    live.update(Text(f"thinking… {tail}", style="dim italic"), refresh=True)
-            elif isinstance(event, TextEvent):
-                if turn.ttft_s is None:
-                    turn.ttft_s = time.monotonic() - started
-                if live is not None:
-                    live.stop()
-                    live = None
-                    thought = "".join(turn.reasoning)
-                    console.print(
-                        f"[dim]▸ thought {len(thought)} chars (/reasoning to expand)[/dim]"
-                    )
-                turn.text.append(event.text)
-                console.print(event.text, end="", markup=False, highlight=False, soft_wrap=True)
-            elif isinstance(event, RetryingEvent | ResumedEvent | FellBackEvent | RestartedEvent):
-                turn.notes.append(event.type)
-                if isinstance(event, RestartedEvent):
-                    console.print("\n[yellow]↺ restarting the answer[/yellow]")
-            elif isinstance(event, DoneEvent):
-                break
-    finally:
-        if live is not None:
-            live.stop()
-    return turn
-
-
-def _summary(session: ChatSession, turn: _Turn) -> str:
+def _summary(session: ChatSession, turn: Turn, max_tokens: int | None = None) -> str:
     last = session.last
     parts = []
     if turn.ttft_s is not None:
         parts.append(f"first token {turn.ttft_s:.2f}s")
     if last is not None and last.usage is not None:
-        parts.append(f"{last.usage.completion_tokens} tokens")
+        cap = f" / {max_tokens}" if max_tokens is not None else ""
+        parts.append(f"{last.usage.completion_tokens}{cap} tokens")
     if last is not None:
         parts.append(f"${last.unbroken.cost_usd:.5f}")
         if last.unbroken.resumes:
@@ -184,8 +133,12 @@ def chat(
     api_key: str | None = typer.Option(
         None, help="the key (default DEEPSEEK_API_KEY; OPENAI_API_KEY with --base-url)"
     ),
+    max_tokens: int | None = typer.Option(
+        None, min=1, help="cap on each answer's tokens (a live count is shown against it)"
+    ),
 ) -> None:
-    """Chat in the terminal: live streaming, reasoning dimmed, Ctrl+C stops an answer."""
+    """Chat in the terminal: line editing and history, live streaming, reasoning dimmed,
+    Ctrl+C stops an answer. Alt+Enter or a line ending in \\ starts a new line."""
     console = _console()
     db = _store(store, no_store)
     with _client(base_url, model, console, mock_token_ms, api_key) as client:
@@ -196,10 +149,12 @@ def chat(
         )
         console.print(f"[bold]unbroken chat[/bold] · {current.model} · session {current.id}")
         console.print("[dim]/help for commands[/dim]")
-        last_question: str | None = None
+        reader = line_reader(lambda: console.input("[bold cyan]you ›[/bold cyan] "), data_home())
+        # A question whose answer was stopped or failed (so it is not in the session).
+        unanswered: str | None = None
         while True:
             try:
-                line = console.input("[bold cyan]you ›[/bold cyan] ")
+                line = reader.read()
             except EOFError:
                 console.print()
                 break
@@ -252,34 +207,43 @@ def chat(
                     )
                     console.print(Text(text or "(no reasoning)", style="dim"))
                 elif command == "/retry":
-                    if last_question is None:
+                    if unanswered is not None:
+                        unanswered = _answer(current, unanswered, console, max_tokens)
+                    elif not any(m["role"] == "user" for m in current.messages):
                         console.print("[dim]nothing to retry[/dim]")
                     else:
-                        _answer(current, last_question, console)
+                        _answer(current, None, console, max_tokens)
                 else:
                     console.print(f"[red]unknown command {escape(command)}[/red] (/help)")
                 continue
-            last_question = line
-            _answer(current, line, console)
+            unanswered = _answer(current, line, console, max_tokens)
     db.close()
 
 
-def _answer(session: ChatSession, question: str, console: Console) -> None:
+def _answer(
+    session: ChatSession, question: str | None, console: Console, max_tokens: int | None
+) -> str | None:
+    """Ask `question` (None: regenerate the last answer) and show the answer; returns the
+    question when it got no complete answer (stopped or failed), None otherwise."""
     started = time.monotonic()
-    events = session.send(question)
+    params: dict[str, Any] = {} if max_tokens is None else {"max_tokens": max_tokens}
+    events = session.retry(**params) if question is None else session.send(question, **params)
     try:
-        turn = _render(events, console, started, pretty=console.is_terminal)
+        turn = render_answer(
+            events, console, started, pretty=console.is_terminal, max_tokens=max_tokens
+        )
     except KeyboardInterrupt:
         close = getattr(events, "close", None)
         if close is not None:
             close()
         console.print("\n[yellow]⏹ stopped[/yellow]")
-        return
+        return question
     except UnbrokenError as exc:
         console.print(f"\n[red]error: {escape(exc.message)}[/red]")
-        return
+        return question
     console.print()
-    console.print(f"[dim]{_summary(session, turn)}[/dim]")
+    console.print(f"[dim]{_summary(session, turn, max_tokens)}[/dim]")
+    return None
 
 
 def ask(
@@ -292,6 +256,9 @@ def ask(
     api_key: str | None = typer.Option(
         None, help="the key (default DEEPSEEK_API_KEY; OPENAI_API_KEY with --base-url)"
     ),
+    max_tokens: int | None = typer.Option(
+        None, min=1, help="cap on the answer's tokens (on a terminal, a live count against it)"
+    ),
 ) -> None:
     """Ask once and print the answer (plain text when piped)."""
     console = _console()
@@ -302,7 +269,8 @@ def ask(
             errors.print("unbroken ask: stdin was empty; nothing to ask", style="red")
             raise typer.Exit(2)
     with _client(base_url, model, errors, mock_token_ms, api_key) as client:
-        session = ChatSession(client, model=model, system=system)
+        params: dict[str, Any] = {} if max_tokens is None else {"max_tokens": max_tokens}
+        session = ChatSession(client, model=model, system=system, **params)
         if json_output:
             done = session.ask(question)
             sys.stdout.write(msgspec.json.encode(done).decode() + "\n")
@@ -314,6 +282,8 @@ def ask(
                     sys.stdout.flush()
             sys.stdout.write("\n")
             return
-        turn = _render(session.send(question), console, time.monotonic(), pretty=True)
+        turn = render_answer(
+            session.send(question), console, time.monotonic(), pretty=True, max_tokens=max_tokens
+        )
         console.print()
-        errors.print(f"[dim]{_summary(session, turn)}[/dim]")
+        errors.print(f"[dim]{_summary(session, turn, max_tokens)}[/dim]")

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import msgspec
@@ -77,6 +77,9 @@ from unbroken.errors import (
 )
 from unbroken.instrumentation import AnswerRecord, AttemptRecord, Hooks
 from unbroken.settings import DEFAULT_BASE_URL, env_client
+
+if TYPE_CHECKING:
+    from unbroken.client.cache import AnswerCache
 
 __all__ = ["AnswerRun", "ClientBase", "ClientConfig", "Endpoint", "RateLimit", "build_body"]
 
@@ -167,6 +170,7 @@ class ClientConfig:
     hold_tool_calls: bool
     max_event_bytes: int
     rng: random.Random
+    cache: AnswerCache | None = None
     health: dict[str, RouteHealth] = field(default_factory=dict)
     breaker_states: dict[str, BreakerState] = field(default_factory=dict)
     budgets: dict[tuple[str, str], RetryBudget] = field(default_factory=dict)
@@ -225,6 +229,8 @@ class ClientConfig:
         names = [r.name for r in route_list]
         if len(set(names)) != len(names):
             raise ConfigError(f"route names must be unique, got {names}")
+        from unbroken.client.cache import as_cache  # the cache imports stores, used rarely
+
         return cls(
             routes=route_list,
             timeouts=timeouts_for(options),
@@ -238,6 +244,7 @@ class ClientConfig:
             hold_tool_calls=options.get("hold_tool_calls", True),
             max_event_bytes=options.get("max_event_bytes", DEFAULT_MAX_EVENT_BYTES),
             rng=random.Random(options.get("seed")),  # noqa: S311 - backoff jitter, not crypto
+            cache=as_cache(options.get("cache")),
             headers=option_headers(options),
             query=dict(options.get("default_query") or {}),
         )
@@ -445,6 +452,8 @@ class AnswerRun:
         self._own_prompt: int | None = None
         self._own_completion = 0
         self._own_estimated = False
+        # `hit` or `stale` once the answer is replayed from the answer cache.
+        self.cache_status: str | None = None
         config.hooks.stream_start()
 
     # -- flow ------------------------------------------------------------------------------
@@ -693,7 +702,19 @@ class AnswerRun:
             answer_usage_estimated=self._own_estimated or self._own_prompt is None,
             ttft_s=None if self.first_token_at is None else self.first_token_at - self.started_at,
             duration_s=now - self.started_at,
+            cache=self.cache_status,
         )
+
+    def from_cache(self, status: str, now: float) -> None:
+        """The answer is replayed from the answer cache (`hit` or `stale`): nothing more is
+        billed for it, and it is recorded once, as `cache_hit` or `cache_stale`."""
+        self.cache_status = status
+        if self.billed is None:
+            self.billed = Usage()
+        # No HTTP response carries a cached answer: this one stands for it, marked as the
+        # gateway marks its replays (`stream.response`, `with_raw_response`).
+        self.response = httpx.Response(200, headers={"x-unbroken-cache": status})
+        self._record_answer(now, None, outcome=f"cache_{status}")
 
     def close(self, now: float) -> None:
         """The consumer stopped the answer (closed the stream, cancelled its task): record
@@ -780,6 +801,15 @@ class ClientBase:
     ) -> None:
         self._options = dict(options)
         self._config = ClientConfig.build(api_key, base_url, options, need_key=need_key)
+        # What this client closes of its cache: all of one made from a spec, the wrapper
+        # (not the backend) of a backend object, nothing of an AnswerCache passed in (nor
+        # a copy's, which shares the object).
+        given = options.get("cache")
+        self._cache_close: Literal["all", "wrapper", "none"] = "none"
+        if self._config.cache is not None and self._config.cache is not given:
+            self._cache_close = "all" if isinstance(given, str) else "wrapper"
+        if self._config.cache is not None:
+            self._options["cache"] = self._config.cache
         self._given = (api_key, base_url)
 
     def __repr__(self) -> str:

@@ -20,7 +20,9 @@ from unbroken.errors import ConfigError
 
 if TYPE_CHECKING:
     from unbroken.client._common import RateLimit
+    from unbroken.client.cache import AnswerCache
     from unbroken.instrumentation import Hook
+    from unbroken.stores.cache import AnswerStore
 
 __all__ = ["ClientOptions", "apply_timeout", "check_options", "policy_for"]
 
@@ -63,6 +65,11 @@ class ClientOptions(TypedDict, total=False):
         max_connections: connection pool size (default 1000).
         max_event_bytes: the largest SSE event accepted.
         seed: seed of the backoff jitter (tests).
+        cache: an answer cache (`unbroken.AnswerCache`, a backend of
+            `unbroken.stores.cache`, or a spec: `memory`, `sqlite:///path/cache.db`,
+            `redis://...`): stop answers are stored; hits are served (serve mode) or stand
+            in when every attempt failed (degrade mode, the default). Client and
+            AsyncClient only.
     """
 
     organization: str | None
@@ -87,6 +94,7 @@ class ClientOptions(TypedDict, total=False):
     max_connections: int
     max_event_bytes: int
     seed: int | None
+    cache: AnswerCache | AnswerStore | str | None
 
 
 def check_options(options: Mapping[str, Any]) -> None:

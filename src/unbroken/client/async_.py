@@ -17,13 +17,14 @@ from collections.abc import (
     Iterable,
 )
 from types import TracebackType
-from typing import Any, Literal, Unpack, overload
+from typing import TYPE_CHECKING, Any, Literal, Unpack, overload
 from urllib.parse import quote
 
 import anyio
 import httpx
 import msgspec
 
+from unbroken.client._cached import acached
 from unbroken.client._common import AnswerRun, ClientBase, Endpoint
 from unbroken.client._driver import (
     MAX_ERROR_BODY_BYTES,
@@ -45,6 +46,8 @@ from unbroken.client._results import (
     text_answer,
     text_chunk,
 )
+from unbroken.client._wsproto import check_transport, load_sockets
+from unbroken.client.cache import CacheEvent
 from unbroken.core.accumulator import EventSplitter
 from unbroken.core.attempt import Attempt
 from unbroken.core.events import ChatEvent, ControlEvent, DoneEvent, TextEvent
@@ -63,11 +66,14 @@ from unbroken.core.wire import (
 )
 from unbroken.errors import TimeoutPhase, UpstreamError
 
+if TYPE_CHECKING:
+    from unbroken.client._ws import AsyncSockets
+
 __all__ = ["AsyncChatStream", "AsyncClient", "AsyncStream", "AsyncTextStream"]
 
 logger = logging.getLogger(__name__)
 
-StreamItem = ChatCompletionChunk | ControlEvent
+StreamItem = ChatCompletionChunk | ControlEvent | CacheEvent
 _Outcome = list[AttemptOutcome]
 
 
@@ -82,11 +88,17 @@ class AsyncClient(ClientBase):
         base_url: str | None = None,
         *,
         http_client: httpx.AsyncClient | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | Literal["http", "websocket"] | None = None,
         **options: Unpack[ClientOptions],
     ) -> None:
         super().__init__(api_key, base_url, options)
-        self._setup_http(http_client, transport)
+        self._sockets: AsyncSockets | None = None
+        self._owns_sockets = False
+        pool = transport if isinstance(transport, httpx.AsyncBaseTransport) else None
+        if check_transport(transport, httpx.AsyncBaseTransport):
+            self._sockets = load_sockets().AsyncSockets()
+            self._owns_sockets = True
+        self._setup_http(http_client, pool)
         self.chat = _AsyncChat(self)
         self.completions = _AsyncTextCompletions(self)
         self.models = _AsyncModels(self)
@@ -102,6 +114,8 @@ class AsyncClient(ClientBase):
         """A client whose requests may carry their own key (for the transports)."""
         self = cls.__new__(cls)
         ClientBase.__init__(self, api_key, base_url, options, need_key=False)
+        self._sockets = None
+        self._owns_sockets = False
         self._setup_http(None, transport)
         self.chat = _AsyncChat(self)
         self.completions = _AsyncTextCompletions(self)
@@ -139,14 +153,20 @@ class AsyncClient(ClientBase):
             **options,  # checked by ClientConfig.build
         )
         copy._owns_http = False  # the pool stays this client's
+        copy._sockets = self._sockets  # and so do its WebSocket connections
         return copy
 
     copy = with_options
 
     async def aclose(self) -> None:
-        """Close the connection pool (if this client made it)."""
+        """Close the connection pool (if this client made it) and an answer cache made
+        from a spec."""
         if self._owns_http:
             await self._http.aclose()
+        if self._owns_sockets and self._sockets is not None:
+            await self._sockets.aclose()
+        if self._cache_close != "none" and self._config.cache is not None:
+            await self._config.cache.aclose(store=self._cache_close == "all")
 
     close = aclose  # openai's AsyncOpenAI names it close()
 
@@ -204,7 +224,11 @@ class AsyncClient(ClientBase):
             # What was shown already: the flow's first attempt is then a continuation.
             for chunk in completion_to_chunks(partial):
                 run.answer.feed(chunk)
-        return run, self._run(run, with_events=events)
+        items = self._run(run, with_events=events)
+        cache = self._config.cache
+        if cache is not None and endpoint == "chat" and partial is None:
+            items = acached(cache, run, items, paced=stream, events=events)
+        return run, items
 
     async def _run(self, run: AnswerRun, *, with_events: bool) -> AsyncGenerator[StreamItem, None]:
         # Closing or cancelling the stream lands here: the answer is recorded once.
@@ -228,7 +252,12 @@ class AsyncClient(ClientBase):
                         await anyio.sleep(min(wait, 60.0))
                 attempt = run.new_attempt(action.plan, time.monotonic())
                 outcome: _Outcome = []
-                async for chunk in self._attempt(run, attempt, outcome):
+                sockets = self._sockets
+                if sockets is not None and run.endpoint == "chat" and not run.query:
+                    attempts = sockets.attempt(run, attempt, outcome)
+                else:
+                    attempts = self._attempt(run, attempt, outcome)
+                async for chunk in attempts:
                     yield chunk
                 action = run.next_action(outcome[0], time.monotonic())
             for chunk in run.take_chunks():
@@ -466,7 +495,7 @@ class AsyncStream:
             return self._peeked.pop()
         while True:
             try:
-                chunk: ChatCompletionChunk = await self._items.__anext__()  # type: ignore[assignment]  # chunks only here
+                chunk = await self._items.__anext__()
             except StopAsyncIteration:
                 if self._completion is None:
                     self._completion = self._run.completion(time.monotonic())
@@ -474,6 +503,8 @@ class AsyncStream:
                     self._usage_due = False
                     return self._run.final_usage_chunk()
                 raise
+            if not isinstance(chunk, ChatCompletionChunk):
+                continue  # events go to AsyncChatStream only; a stream's run yields none
             if chunk.usage is None:
                 return chunk
             shown = self._shape.step(chunk)
@@ -575,7 +606,7 @@ class AsyncTextStream:
         await self.aclose()
 
 
-AsyncStreamEvent = ChatEvent | ControlEvent | DoneEvent
+AsyncStreamEvent = ChatEvent | ControlEvent | CacheEvent | DoneEvent
 
 
 class AsyncChatStream:

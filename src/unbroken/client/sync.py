@@ -9,12 +9,13 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from types import TracebackType
-from typing import Any, Literal, Unpack, overload
+from typing import TYPE_CHECKING, Any, Literal, Unpack, overload
 from urllib.parse import quote
 
 import httpx
 import msgspec
 
+from unbroken.client._cached import cached
 from unbroken.client._common import AnswerRun, ClientBase, Endpoint
 from unbroken.client._driver import (
     MAX_ERROR_BODY_BYTES,
@@ -35,6 +36,8 @@ from unbroken.client._results import (
     text_answer,
     text_chunk,
 )
+from unbroken.client._wsproto import check_transport, load_sockets
+from unbroken.client.cache import CacheEvent
 from unbroken.core.accumulator import EventSplitter
 from unbroken.core.attempt import Attempt, Timeouts
 from unbroken.core.events import ChatEvent, ControlEvent, DoneEvent, TextEvent
@@ -51,11 +54,14 @@ from unbroken.core.wire import (
 )
 from unbroken.errors import TimeoutPhase, UpstreamError
 
+if TYPE_CHECKING:
+    from unbroken.client._ws import SyncSockets
+
 __all__ = ["ChatStream", "Client", "Stream", "TextStream"]
 
 logger = logging.getLogger(__name__)
 
-StreamItem = ChatCompletionChunk | ControlEvent
+StreamItem = ChatCompletionChunk | ControlEvent | CacheEvent
 
 
 class _Watch:
@@ -152,7 +158,10 @@ class Client(ClientBase):
         base_url: the upstream; default `DEEPSEEK_BASE_URL`, `OPENAI_BASE_URL`, then
             `https://api.deepseek.com`. A base ending in `/beta` works too.
         http_client: an `httpx.Client` to send with instead of building one.
-        transport: an httpx transport for the pool this client builds.
+        transport: an httpx transport for the pool this client builds, or
+            `"websocket"`: chat answers go over an unbroken gateway's `/v1/chat/ws`, several
+            on one connection, resumed after a dropped connection (needs the `websocket`
+            extra; see docs/websocket.md). `"http"` (the default) is HTTP/SSE.
         **options: see `ClientOptions`.
 
     Raises:
@@ -165,11 +174,17 @@ class Client(ClientBase):
         base_url: str | None = None,
         *,
         http_client: httpx.Client | None = None,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.BaseTransport | Literal["http", "websocket"] | None = None,
         **options: Unpack[ClientOptions],
     ) -> None:
         super().__init__(api_key, base_url, options)
-        self._setup_http(http_client, transport)
+        self._sockets: SyncSockets | None = None
+        self._owns_sockets = False
+        pool = transport if isinstance(transport, httpx.BaseTransport) else None
+        if check_transport(transport, httpx.BaseTransport):
+            self._sockets = load_sockets().SyncSockets()
+            self._owns_sockets = True
+        self._setup_http(http_client, pool)
         self.chat = _Chat(self)
         self.completions = _TextCompletions(self)
         self.models = _Models(self)
@@ -185,6 +200,8 @@ class Client(ClientBase):
         """A client whose requests may carry their own key (for the transports)."""
         self = cls.__new__(cls)
         ClientBase.__init__(self, api_key, base_url, options, need_key=False)
+        self._sockets = None
+        self._owns_sockets = False
         self._setup_http(None, transport)
         self.chat = _Chat(self)
         self.completions = _TextCompletions(self)
@@ -223,15 +240,21 @@ class Client(ClientBase):
             **options,  # checked by ClientConfig.build
         )
         copy._owns_http = False  # the pool stays this client's
+        copy._sockets = self._sockets  # and so do its WebSocket connections
         return copy
 
     copy = with_options
 
     def close(self) -> None:
-        """Close the connection pool (if this client made it) and the watchdog."""
+        """Close the connection pool (if this client made it), the watchdog, and an
+        answer cache made from a spec."""
         self._watchdog.close()
         if self._owns_http:
             self._http.close()
+        if self._owns_sockets and self._sockets is not None:
+            self._sockets.close()
+        if self._cache_close != "none" and self._config.cache is not None:
+            self._config.cache.close(store=self._cache_close == "all")
 
     def __enter__(self) -> Client:
         return self
@@ -284,7 +307,11 @@ class Client(ClientBase):
         endpoint: Endpoint = "chat",
     ) -> tuple[AnswerRun, Iterator[StreamItem]]:
         run = self._new_run(model, messages, params, stream=stream, endpoint=endpoint)
-        return run, self._run(run, with_events=events)
+        items = self._run(run, with_events=events)
+        cache = self._config.cache
+        if cache is not None and endpoint == "chat":
+            items = cached(cache, run, items, paced=stream, events=events)
+        return run, items
 
     def _run(self, run: AnswerRun, *, with_events: bool) -> Iterator[StreamItem]:
         # Closing or cancelling the stream lands here: the answer is recorded once.
@@ -304,7 +331,11 @@ class Client(ClientBase):
                     while (wait := config.limiter.take(time.monotonic(), tokens)) > 0:
                         time.sleep(min(wait, 60.0))
                 attempt = run.new_attempt(action.plan, time.monotonic())
-                outcome = yield from self._attempt(run, attempt)
+                sockets = self._sockets
+                if sockets is not None and run.endpoint == "chat" and not run.query:
+                    outcome = yield from sockets.attempt(run, attempt)
+                else:
+                    outcome = yield from self._attempt(run, attempt)
                 action = run.next_action(outcome, time.monotonic())
             yield from run.take_chunks()
         finally:
@@ -449,7 +480,7 @@ class Stream:
             return self._peeked.pop()
         while True:
             try:
-                chunk: ChatCompletionChunk = self._items.__next__()  # type: ignore[assignment]  # chunks only here
+                chunk = self._items.__next__()
             except StopIteration:
                 if self._completion is None:
                     self._completion = self._run.completion(time.monotonic())
@@ -457,6 +488,8 @@ class Stream:
                     self._usage_due = False
                     return self._run.final_usage_chunk()
                 raise
+            if not isinstance(chunk, ChatCompletionChunk):
+                continue  # events go to ChatStream only; a Stream's run yields none
             if chunk.usage is None:
                 return chunk
             shown = self._shape.step(chunk)
@@ -551,12 +584,13 @@ class TextStream:
         self.close()
 
 
-StreamEvent = ChatEvent | ControlEvent | DoneEvent
+StreamEvent = ChatEvent | ControlEvent | CacheEvent | DoneEvent
 
 
 class ChatStream:
     """Typed events of one answer: text, reasoning, tool-call fragments, finish, usage,
-    retrying, resumed, fell_back, restarted and, last, done (with the whole completion).
+    retrying, resumed, fell_back, restarted, cache (an answer replayed from the answer
+    cache) and, last, done (with the whole completion).
 
     `final()` consumes what is left and returns the completion; `close()` stops it.
     """
@@ -568,7 +602,7 @@ class ChatStream:
         self._completion: Answer | None = None
         self._events = self._generate()
 
-    def _generate(self) -> Iterator[StreamEvent]:
+    def _generate(self) -> Generator[StreamEvent, None, None]:
         split = self._splitter.split
         for item in self._items:
             if isinstance(item, ChatCompletionChunk):
@@ -596,7 +630,7 @@ class ChatStream:
 
     def close(self) -> None:
         """Stop the answer and close its connection."""
-        self._events.close()  # type: ignore[attr-defined]
+        self._events.close()
         close = getattr(self._items, "close", None)
         if close is not None:
             close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 import types
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Unpack
 
@@ -29,6 +29,7 @@ from unbroken.core.routes import Route
 from unbroken.core.wire import ChatCompletionChunk
 from unbroken.errors import (
     APIStatusError,
+    ConfigError,
     UnbrokenError,
     UpstreamConnectError,
     UpstreamError,
@@ -336,6 +337,7 @@ class HTTPTransport(httpx.BaseTransport):
         transport: httpx.BaseTransport | None = None,
         **options: Unpack[ClientOptions],
     ) -> None:
+        _no_cache(options)
         self._fixed = bool(base_url or options.get("routes"))
         self._client = Client._without_key(api_key, base_url, dict(options), transport)
         self._passthrough = self._client._transport or httpx.HTTPTransport()
@@ -388,6 +390,7 @@ class AsyncHTTPTransport(httpx.AsyncBaseTransport):
         transport: httpx.AsyncBaseTransport | None = None,
         **options: Unpack[ClientOptions],
     ) -> None:
+        _no_cache(options)
         self._fixed = bool(base_url or options.get("routes"))
         self._client = AsyncClient._without_key(api_key, base_url, dict(options), transport)
         self._passthrough = self._client._transport or httpx.AsyncHTTPTransport()
@@ -428,3 +431,13 @@ class AsyncHTTPTransport(httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         """Close the upstream connection pool."""
         await self._client.aclose()
+
+
+def _no_cache(options: Mapping[str, Any]) -> None:
+    # A cached answer has no HTTP response of its own for the SDK behind the transport to
+    # read; the answer cache is Client's and AsyncClient's (or the gateway's).
+    if options.get("cache") is not None:
+        raise ConfigError(
+            "cache= is an option of Client and AsyncClient (or the gateway's [gateway.cache]), "
+            "not of the httpx transports"
+        )

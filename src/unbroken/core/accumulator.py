@@ -308,6 +308,16 @@ class ChunkAccumulator:
         state = self._choices.get(index)
         return "" if state is None or state.reasoning is None else join_text(state.reasoning)
 
+    def n_text_deltas(self, index: int = 0) -> int:
+        """How many non-empty content and reasoning deltas choice `index` got: the tokens
+        it streamed, where the server sends one token per delta, as DeepSeek, OpenAI and
+        vLLM do (DeepSeek's `completion_tokens` is this count)."""
+        state = self._choices.get(index)
+        if state is None:
+            return 0
+        pieces = (*(state.content or ()), *(state.reasoning or ()))
+        return sum(1 for piece in pieces if piece)
+
     @property
     def has_output(self) -> bool:
         """True once any choice received non-empty text, reasoning or a tool-call fragment."""

@@ -228,6 +228,9 @@ class _Flow:
         self.last_error: UnbrokenError | None = None
         self.budget_wait_s = 0.0
         self.budget_route = ""
+        # Choices whose shown text went through the overlap trimmer: their deltas no
+        # longer count tokens, so their remaining max_tokens is estimated from the text.
+        self.trimmed: set[int] = set()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -614,12 +617,17 @@ def _plan(
         # Nothing to continue (a blank JSON-mode answer is asked again from scratch; the
         # spaces already shown keep the new JSON valid).
         return plan(single, kind, index)
+    # The upstream counts what it generated, one token per streamed delta; a text
+    # estimate is ~20% off either way, so a resumed answer would end short of max_tokens
+    # or past it. Text passed through the overlap trimmer lost that one-to-one shape.
+    spent = None if index in state.trimmed else answer.n_text_deltas(index)
     continuation = plan_continuation(
         single,
         dialect=route_health.dialect(route),
         content=content,
         reasoning=reasoning,
         caller_prefix=opts.caller_prefix,
+        spent_tokens=spent,
     )
     if continuation is None:
         if not opts.restart:
@@ -629,7 +637,10 @@ def _plan(
                 f"restart is off; the answer broke with: {error.message if error else '?'}",
                 partial=answer.completion(),
             )
+        state.trimmed.discard(index)  # a restart shows the choice afresh, token by token
         return plan(single, "restart", index)
     if continuation.max_tokens_spent:
         return None
+    if continuation.trim_overlap:
+        state.trimmed.add(index)
     return plan(continuation.body, kind, index, continuation)

@@ -74,7 +74,9 @@ class TokenBucket:
             return BucketState(available - cost, stamp), 0.0
         if cost > self.capacity:
             return BucketState(available, stamp), math.inf
-        return BucketState(available, stamp), (cost - available) / self.refill_per_s
+        # Never 0.0 when nothing was taken (a float shortfall can underflow), or a caller
+        # that waits `wait_s` and tries again would spin.
+        return BucketState(available, stamp), max((cost - available) / self.refill_per_s, 1e-9)
 
     def refund(self, state: BucketState, amount: float, now: float) -> BucketState:
         """Give back `amount` tokens (an estimate turned out too high); capped at capacity."""

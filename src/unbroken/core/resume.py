@@ -109,6 +109,7 @@ def plan_continuation(
     content: str,
     reasoning: str,
     caller_prefix: str = "",
+    spent_tokens: int | None = None,
 ) -> Continuation | None:
     """Build the request that continues a broken answer, or None when `dialect` cannot.
 
@@ -119,13 +120,18 @@ def plan_continuation(
         reasoning: the reasoning text delivered so far.
         caller_prefix: an assistant prefix the caller's own request ended with (prefix
             completion); the continuation's prefix is caller_prefix + content.
+        spent_tokens: the completion tokens the upstream already produced for this
+            choice, when known (counted as streamed); else estimated from the text. The
+            continuation's `max_tokens` is what remains of the original.
     """
     if dialect == "none":
         return None
     new = {k: v for k, v in body.items() if k not in ("n", "fallbacks")}
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, int) and not isinstance(max_tokens, bool):
-        remaining = max_tokens - estimate_tokens(content) - estimate_tokens(reasoning)
+        if spent_tokens is None:
+            spent_tokens = estimate_tokens(content) + estimate_tokens(reasoning)
+        remaining = max_tokens - spent_tokens
         if remaining <= 0:
             return Continuation(max_tokens_spent=True)
         new["max_tokens"] = remaining

@@ -271,6 +271,7 @@ class AnswerMeta(WireModel, omit_defaults=True):
         answer_usage_estimated: part of `answer_usage` was estimated.
         ttft_s: time to the first token shown.
         duration_s: total time.
+        cache: `hit` or `stale` when the answer came from the answer cache, else None.
     """
 
     route: str = ""
@@ -287,6 +288,7 @@ class AnswerMeta(WireModel, omit_defaults=True):
     answer_usage_estimated: bool = False
     ttft_s: float | None = None
     duration_s: float = 0.0
+    cache: str | None = None
 
 
 class ChatCompletion(WireModel):

@@ -4,6 +4,8 @@ context window, and survive restarts (with a store).
 A session keeps the whole history; each request sends the system prompt and the newest
 turns that fit `context_tokens - reserve_tokens` (core.window). Both turns of an exchange
 are stored together once the answer is complete, so a failed answer leaves no half turn.
+`retry()` asks the last question again without the old answer, and the new exchange
+replaces the old one (in memory and in the store, in one write).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from unbroken.client.async_ import AsyncChatStream, AsyncClient
+from unbroken.client.cache import CacheEvent
 from unbroken.client.sync import ChatStream, Client
 from unbroken.core.events import ChatEvent as _ChatEvent
 from unbroken.core.events import ControlEvent, DoneEvent
@@ -38,7 +41,7 @@ DEFAULT_CONTEXT_TOKENS = 128_000
 # Room kept for the answer (DeepSeek chat's default max_tokens is 4K).
 DEFAULT_RESERVE_TOKENS = 8_192
 
-SessionEvent = _ChatEvent | ControlEvent | DoneEvent
+SessionEvent = _ChatEvent | ControlEvent | CacheEvent | DoneEvent
 
 
 class _History:
@@ -86,12 +89,21 @@ class _History:
             return message
         return None
 
+    def retry_point(self) -> tuple[int, list[dict[str, Any]]]:
+        """Where the last exchange starts, and its question: the last user message and
+        everything after it (the answer, tool turns) are what a retry replaces."""
+        for index in range(len(self.messages) - 1, -1, -1):
+            if self.messages[index].get("role") == "user":
+                return index, [dict(self.messages[index])]
+        raise InvalidRequestError("nothing to retry: the session has no question yet")
+
     def request(
-        self, pending: list[dict[str, Any]], params: dict[str, Any]
+        self, pending: list[dict[str, Any]], params: dict[str, Any], keep: int | None = None
     ) -> tuple[list[dict[str, Any]], int]:
         merged = {**self.params, **params}
+        history = self.messages if keep is None else self.messages[:keep]
         trimmed = trim_to_budget(
-            self.messages + pending,
+            history + pending,
             self.context_tokens - self.reserve_tokens,
             calibration=self.calibration,
         )
@@ -103,9 +115,11 @@ class _History:
         return messages, estimate
 
     def finish(
-        self, pending: list[dict[str, Any]], done: Answer, estimate: int
+        self, pending: list[dict[str, Any]], done: Answer, estimate: int, keep: int | None = None
     ) -> list[dict[str, Any]]:
         new = [*pending, reply_message(done)]
+        if keep is not None:
+            del self.messages[keep:]
         self.messages.extend(new)
         self.last = done
         meta = done.unbroken
@@ -186,6 +200,9 @@ class ChatSession:
             params=params,
         )
         self.id: str | None = None
+        # Messages in memory minus messages in the store: `set_system` changes only the
+        # memory, and a retry must cut the stored list at the same turn as the memory's.
+        self._drift = 0
         if store is not None:
             self.id = store.create(model=model, owner=owner).id
             if self._h.messages:
@@ -241,7 +258,9 @@ class ChatSession:
 
     def set_system(self, text: str | None) -> None:
         """Replace the system prompt (kept in memory; stored sessions keep their history)."""
+        before = len(self._h.messages)
         self._h.set_system(text)
+        self._drift += len(self._h.messages) - before
 
     def add_tool_result(self, tool_call_id: str, content: str) -> None:
         """Add the result of a tool call the model asked for."""
@@ -253,17 +272,33 @@ class ChatSession:
     def send(self, content: str | None, **params: Any) -> Iterator[SessionEvent]:
         """Send a user message (or None after tool results) and stream the answer's events.
         Both turns are stored when the answer completes."""
-        pending = _pending(content)
-        messages, estimate = self._h.request(pending, params)
+        return self._exchange(_pending(content), None, params)
+
+    def retry(self, **params: Any) -> Iterator[SessionEvent]:
+        """Regenerate the last answer: the last question is sent again with the history
+        before it (not the old answer), and once the new answer completes it replaces the
+        old exchange, so the question stays once. A stopped or failed retry changes nothing.
+
+        Raises:
+            InvalidRequestError: the session has no question yet.
+        """
+        keep, pending = self._h.retry_point()
+        return self._exchange(pending, keep, params)
+
+    def _exchange(
+        self, pending: list[dict[str, Any]], keep: int | None, params: dict[str, Any]
+    ) -> Iterator[SessionEvent]:
+        messages, estimate = self._h.request(pending, params, keep)
         stream: ChatStream = self._client.chat.stream(
             model=self._h.model, messages=messages, **{**self._h.params, **params}
         )
         try:
             for event in stream:
                 if isinstance(event, DoneEvent):
-                    new = self._h.finish(pending, event.completion, estimate)
+                    new = self._h.finish(pending, event.completion, estimate, keep)
                     if self._store is not None and self.id is not None:
-                        self._store.append(self.id, new)
+                        stored_keep = None if keep is None else keep - self._drift
+                        self._store.append(self.id, new, keep=stored_keep)
                 yield event
         finally:
             stream.close()
@@ -346,19 +381,28 @@ class AsyncChatSession:
         if self._store is not None and self.id is not None:
             await self._store.append(self.id, [message])
 
-    async def send(self, content: str | None, **params: Any) -> AsyncIterator[SessionEvent]:
+    def send(self, content: str | None, **params: Any) -> AsyncIterator[SessionEvent]:
         """Send a user message (or None) and stream the answer's events; see ChatSession."""
-        pending = _pending(content)
-        messages, estimate = self._h.request(pending, params)
+        return self._exchange(_pending(content), None, params)
+
+    def retry(self, **params: Any) -> AsyncIterator[SessionEvent]:
+        """Regenerate the last answer; see ChatSession.retry."""
+        keep, pending = self._h.retry_point()
+        return self._exchange(pending, keep, params)
+
+    async def _exchange(
+        self, pending: list[dict[str, Any]], keep: int | None, params: dict[str, Any]
+    ) -> AsyncIterator[SessionEvent]:
+        messages, estimate = self._h.request(pending, params, keep)
         stream: AsyncChatStream = self._client.chat.stream(
             model=self._h.model, messages=messages, **{**self._h.params, **params}
         )
         try:
             async for event in stream:
                 if isinstance(event, DoneEvent):
-                    new = self._h.finish(pending, event.completion, estimate)
+                    new = self._h.finish(pending, event.completion, estimate, keep)
                     if self._store is not None and self.id is not None:
-                        await self._store.append(self.id, new)
+                        await self._store.append(self.id, new, keep=keep)
                 yield event
         finally:
             await stream.aclose()
