@@ -394,14 +394,15 @@ class Producer:
             logger.debug("stream %s: pending events not logged: %s", self.stream_id, exc)
             self._pending = []
 
-    def _take(self, chunk: ChatCompletionChunk) -> bool:
-        """The SDK stream's chunk sink: append `chunk` to the (in-process) log now. False
-        when it is not taken here: the stream yields it and `_push` appends it (and raises
-        what the log raises)."""
+    def _take(self, chunks: list[ChatCompletionChunk]) -> bool:
+        """The SDK stream's chunk sink: append `chunks` (those of one upstream read) to the
+        (in-process) log now, in one append, and so to a live reader in one write. False
+        when they are not taken here: the stream yields them and `_push` appends them (and
+        raises what the log raises)."""
         append = self._append_now
         if append is None or self.degraded or self.reason is not None:
             return False
-        payloads = [_encode(chunk)]
+        payloads = [_encode(chunks[0])] if len(chunks) == 1 else [_encode(c) for c in chunks]
         try:
             n = append(self.stream_id, self.epoch, payloads, time.time(), end=False)
         except UnbrokenError:
