@@ -303,8 +303,11 @@ class Producer:
         return sink.last
 
     def _feed(self, first: int, payloads: Sequence[bytes]) -> None:
-        refused = [sink for sink in self._sinks if not sink.feed(first, payloads)]
-        for sink in refused:
+        refused: list[EventSink] | None = None  # no list per event while every sink takes
+        for sink in self._sinks:
+            if not sink.feed(first, payloads):
+                refused = [sink] if refused is None else [*refused, sink]
+        for sink in refused or ():
             parked = self._sinks.pop(sink)
             if not parked.done():
                 parked.set_result(None)
