@@ -9,7 +9,7 @@ import string
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,23 +35,30 @@ def render_nginx_conf(work: str, listen: str, backends: list[str]) -> str:
 
 
 @contextmanager
-def nginx(backends: list[str]) -> Iterator[str]:
-    """nginx on a free loopback port in front of `backends` (host:port); yields its URL."""
+def nginx(backends: list[str], edit: Callable[[str], str] | None = None) -> Iterator[str]:
+    """nginx on a free loopback port in front of `backends` (host:port); yields its URL.
+    `edit` changes the rendered configuration first (a test's misconfigured proxy)."""
     binary = require_binary("nginx")
     port = free_port()
     with tempfile.TemporaryDirectory() as work:
         conf = Path(work) / "nginx.conf"
-        conf.write_text(render_nginx_conf(work, f"127.0.0.1:{port}", backends), encoding="utf-8")
+        text = render_nginx_conf(work, f"127.0.0.1:{port}", backends)
+        conf.write_text(edit(text) if edit is not None else text, encoding="utf-8")
         proc = subprocess.Popen(
             [binary, "-p", work, "-c", str(conf)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
         )
+        # nginx writes its pid file once its sockets are bound: until then a connection
+        # could reach another process that took the port meanwhile.
+        pid_file = Path(work) / "nginx.pid"
         try:
             deadline = time.monotonic() + 10
             while True:
                 try:
+                    if not pid_file.exists():
+                        raise ConnectionRefusedError
                     socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
                     break
                 except OSError:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+
+from unbroken.mock import ServerThread
 
 
 def require_binary(name: str) -> str:
@@ -29,3 +34,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def gateway_thread(url: str, **options: Any) -> Iterator[ServerThread]:
+    """An in-process gateway in front of `url` (a mock), served as `unbroken serve` serves
+    it (the guarded protocol, so the live direct-write path is on), forwarding the mock's
+    `x-mock-*` control headers; `options` are GatewaySettings fields."""
+    from unbroken.gateway.app import create_app
+    from unbroken.gateway.guard import guarded_protocol
+    from unbroken.settings import GatewaySettings, Settings
+
+    settings = Settings(
+        api_key="sk-up",
+        base_url=url,
+        gateway=GatewaySettings(forward_headers=("x-mock-*",), **options),
+    )
+    app = create_app(settings)
+    with ServerThread(app, lifespan="on", http=guarded_protocol(app.guard)) as server:
+        yield server

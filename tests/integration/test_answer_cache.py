@@ -4,7 +4,9 @@ the gateway's serve and degrade modes against a real mock DeepSeek over loopback
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,26 @@ async def test_store_get_put_expire_delete(answer_store: AnswerStore) -> None:
     assert await answer_store.delete("absent") == 0
     assert await answer_store.delete() == 1
     assert await answer_store.get("other", now + 1) is None
+
+
+@pytest.mark.anyio
+async def test_store_delete_model_forgets_only_that_models_entries(
+    answer_store: AnswerStore,
+) -> None:
+    """delete_model removes the entries tagged with that model (and counts them), leaves
+    the others, and finds nothing the second time."""
+    now = 1_000.0
+    await answer_store.put("a1", b"x", now, 60.0, model="deepseek-chat")
+    await answer_store.put("a2", b"y", now, 60.0, model="deepseek-chat")
+    await answer_store.put("b1", b"z", now, 60.0, model="deepseek-reasoner")
+    await answer_store.put("u", b"w", now, 60.0)
+    assert await answer_store.delete_model("deepseek-chat") == 2
+    assert await answer_store.get("a1", now + 1) is None
+    assert await answer_store.get("a2", now + 1) is None
+    assert await answer_store.get("b1", now + 1) == b"z"
+    assert await answer_store.get("u", now + 1) == b"w"
+    assert await answer_store.delete_model("deepseek-chat") == 0
+    assert await answer_store.delete() == 2
 
 
 @pytest.mark.anyio
@@ -293,3 +315,66 @@ def test_cache_settings_from_toml_and_env(tmp_path: Path) -> None:
         CacheSettings(pace_s=-1)
     with pytest.raises(ConfigError, match="ttl_s"):
         CacheSettings(ttl_s=0)
+
+
+def test_paced_hits_share_one_tick_and_keep_the_typing_effect(mock: MockServer) -> None:
+    """Two hits replayed at the same time at 20 ms a chunk: each arrives whole and equal to
+    the fresh answer, spread over about its chunks' time (never early: the last chunk is
+    due at (n-1) x pace), in several writes rather than one."""
+    body = {"model": "deepseek-chat", "messages": QUESTION, "stream": True, "temperature": 0}
+    pace_s = 0.02
+    settings = gateway_settings(mock.url, serve_models=("deepseek-chat",), pace_s=pace_s)
+
+    def replay(api: httpx.Client) -> tuple[str, float, int]:
+        started = time.perf_counter()
+        reads = 0
+        with api.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.headers["x-unbroken-cache"] == "hit"
+            text = ""
+            for piece in response.iter_text():
+                reads += 1
+                text += piece
+        return text, time.perf_counter() - started, reads
+
+    with gateway(settings) as api:
+        _, fresh = sse(api.post("/v1/chat/completions", json=body))
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda _: replay(api), range(2)))
+    n_events = len(fresh) + 1  # the chunks and [DONE]
+    for text, elapsed_s, reads in results:
+        chunks = [json.loads(b[6:]) for b in text.split("\n\n") if b.startswith("data: {")]
+        assert [c.pop("unbroken") for c in chunks] == [{"cache": "hit"}] * len(fresh)
+        assert chunks == fresh
+        assert elapsed_s >= (n_events - 1) * pace_s
+        assert reads >= 3
+
+
+def test_a_client_that_leaves_ends_its_paced_replay(mock: MockServer) -> None:
+    """A paced hit whose client closes the connection after the first piece stops at the
+    next tick, not when its whole pace has run out (seconds later)."""
+    body = {"model": "deepseek-chat", "messages": QUESTION, "stream": True, "temperature": 0}
+    settings = gateway_settings(mock.url, serve_models=("deepseek-chat",), pace_s=0.1)
+    app = create_app(settings)
+    cache = app.cache
+    assert cache is not None
+    with (
+        ServerThread(app, lifespan="on") as server,
+        httpx.Client(base_url=server.url, timeout=20.0) as api,
+    ):
+        _, fresh = sse(api.post("/v1/chat/completions", json=body))
+        assert len(fresh) > 20  # a replay of 2 s and more at 0.1 s a chunk
+        with api.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.headers["x-unbroken-cache"] == "hit"
+            next(response.iter_raw())
+            assert eventually(lambda: cache.n_replaying == 1)
+        assert eventually(lambda: cache.n_replaying == 0)
+
+
+def eventually(condition: Callable[[], bool], within_s: float = 1.0) -> bool:
+    """Whether `condition` (state of the gateway's thread) holds within `within_s`."""
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)  # polling another thread's state, bounded by the deadline
+    return True

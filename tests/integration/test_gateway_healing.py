@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import itertools
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -16,10 +15,10 @@ import openai
 import pytest
 
 from tests.servers import raw_exchange
+from tests.support import gateway_thread as gateway
 from unbroken.core import ChatStreamDecoder, ChunkAccumulator
-from unbroken.gateway.app import create_app
-from unbroken.mock import MockConfig, MockServer, ServerThread, answer_text
-from unbroken.settings import GatewaySettings, KeySettings, Settings, hash_key
+from unbroken.mock import MockConfig, MockServer, answer_text
+from unbroken.settings import KeySettings, hash_key
 
 pytestmark = pytest.mark.integration
 
@@ -31,17 +30,6 @@ BODY = {"model": "deepseek-chat", "messages": MESSAGES, "stream": True}
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[MockServer]:
     with MockServer(CONFIG) as server:
-        yield server
-
-
-@contextmanager
-def gateway(url: str, **options: Any) -> Iterator[ServerThread]:
-    settings = Settings(
-        api_key="sk-up",
-        base_url=url,
-        gateway=GatewaySettings(forward_headers=("x-mock-*",), **options),
-    )
-    with ServerThread(create_app(settings), lifespan="on") as server:
         yield server
 
 

@@ -12,17 +12,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.servers import raw_exchange
+from tests.support import gateway_thread as gateway
 from unbroken.core import ChatStreamDecoder, ChunkAccumulator
-from unbroken.gateway.app import create_app
-from unbroken.mock import MockConfig, MockServer, ServerThread, answer_text
-from unbroken.settings import GatewaySettings, Settings
+from unbroken.mock import MockConfig, MockServer, answer_text
 
 pytestmark = pytest.mark.integration
 
@@ -38,17 +36,6 @@ SERVE = (
 def upstream() -> Iterator[MockServer]:
     """A fresh mock per test: these tests read its stream counters."""
     with MockServer(MockConfig(seed=4)) as server:
-        yield server
-
-
-@contextmanager
-def gateway(url: str, **options: Any) -> Iterator[ServerThread]:
-    settings = Settings(
-        api_key="sk-up",
-        base_url=url,
-        gateway=GatewaySettings(forward_headers=("x-mock-*",), **options),
-    )
-    with ServerThread(create_app(settings), lifespan="on") as server:
         yield server
 
 

@@ -8,16 +8,14 @@ import hashlib
 import json
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import httpx
 import pytest
 
+from tests.support import gateway_thread as gateway
 from unbroken.core import ChatStreamDecoder, ChunkAccumulator
-from unbroken.gateway.app import create_app
-from unbroken.mock import MockConfig, MockServer, ServerThread, answer_text
-from unbroken.settings import GatewaySettings, KeySettings, Settings, hash_key
+from unbroken.mock import MockConfig, MockServer, answer_text
+from unbroken.settings import KeySettings, hash_key
 
 pytestmark = pytest.mark.integration
 
@@ -31,17 +29,6 @@ SLOW = {"X-Mock-Tokens": "60", "X-Mock-Token-Ms": "15"}
 def upstream() -> Iterator[MockServer]:
     """A fresh mock per test: the tests read its counters."""
     with MockServer(MOCK) as server:
-        yield server
-
-
-@contextmanager
-def gateway(url: str, **options: Any) -> Iterator[ServerThread]:
-    settings = Settings(
-        api_key="sk-up",
-        base_url=url,
-        gateway=GatewaySettings(forward_headers=("x-mock-*",), **options),
-    )
-    with ServerThread(create_app(settings), lifespan="on") as server:
         yield server
 
 

@@ -13,10 +13,12 @@ from unbroken.core.cache import (
     cache_key,
     decode_entry,
     encode_entry,
+    frames_due,
     is_storable,
     mark_chunk,
+    render_replay,
     replay_batches,
-    replay_frames,
+    replay_comment,
 )
 from unbroken.errors import ConfigError
 
@@ -144,17 +146,52 @@ def test_mark_chunk_adds_the_status_and_keeps_every_field() -> None:
     assert marked == chunk
 
 
-def test_replay_frames_comment_chunks_and_done() -> None:
-    """A replay opens with a comment naming status and age, then one event per chunk."""
+def test_replay_comment_and_rendered_events() -> None:
+    """A replay opens with a comment naming status and age; the rendered body is one marked
+    event per chunk then [DONE], and `ends` cut it into exactly those events."""
     entry = CachedAnswer("m", 100.0, [b'{"n":1}', b'{"n":2}'])
-    frames = replay_frames(entry, "hit", now=160.4)
-    assert frames[0] == b": unbroken cache=hit age=60s\n\n"
-    assert frames[1:3] == [
+    assert replay_comment(entry, "hit", now=160.4) == b": unbroken cache=hit age=60s\n\n"
+    assert replay_comment(entry, "stale", now=50.0) == b": unbroken cache=stale age=0s\n\n"
+    rendered = render_replay(entry, "hit")
+    starts = [0, *rendered.ends[:-1]]
+    events = [rendered.body[a:b] for a, b in zip(starts, rendered.ends, strict=True)]
+    assert events == [
         b'data: {"unbroken":{"cache":"hit"},"n":1}\n\n',
         b'data: {"unbroken":{"cache":"hit"},"n":2}\n\n',
+        b"data: [DONE]\n\n",
     ]
-    assert frames[-1] == b"data: [DONE]\n\n"
-    assert replay_frames(entry, "stale", now=50.0)[0] == b": unbroken cache=stale age=0s\n\n"
+    assert rendered.ends[-1] == len(rendered.body)
+
+
+def test_frames_due_at_once_and_at_the_start() -> None:
+    """Pace 0 makes every event due at once; a paced replay's first event is due at 0
+    (also for a clock read a hair before the start), and an empty one has none."""
+    assert frames_due(0.0, 0.0, 5) == 5
+    assert frames_due(0.0, 0.01, 5) == 1
+    assert frames_due(-0.001, 0.01, 5) == 1
+    assert frames_due(3.0, 0.01, 0) == 0
+
+
+@given(st.integers(1, 500), st.floats(0.0005, 0.2), st.lists(st.floats(0, 200), max_size=30))
+def test_frames_due_never_early_never_back_and_ends_whole(
+    n: int, pace: float, times: list[float]
+) -> None:
+    """Read at increasing times, the count never goes back, never includes an event before
+    its time (i * pace) nor leaves out one whose time has come, and ends at n."""
+    last = 0
+    for elapsed in sorted(times):
+        due = frames_due(elapsed, pace, n)
+        assert due >= last
+        assert (due - 1) * pace <= elapsed + 1e-9
+        assert due == n or due * pace > elapsed - 1e-9
+        last = due
+    assert frames_due(n * pace, pace, n) == n
+
+
+def test_frames_due_refuses_a_negative_pace() -> None:
+    """A negative pace is a ConfigError naming pace_s."""
+    with pytest.raises(ConfigError, match="pace_s"):
+        frames_due(1.0, -0.1, 3)
 
 
 def test_replay_batches_at_once_and_empty() -> None:

@@ -37,13 +37,16 @@ __all__ = [
     "CACHE_KEY_VERSION",
     "CacheStatus",
     "CachedAnswer",
+    "RenderedReplay",
     "cache_key",
     "decode_entry",
     "encode_entry",
+    "frames_due",
     "is_storable",
     "mark_chunk",
+    "render_replay",
     "replay_batches",
-    "replay_frames",
+    "replay_comment",
 ]
 
 CacheStatus = Literal["hit", "stale"]
@@ -186,19 +189,56 @@ def mark_chunk(chunk: bytes, status: CacheStatus) -> bytes:
     return b'{"unbroken":{"cache":"' + status.encode() + b'"},' + chunk[1:]
 
 
-def replay_frames(entry: CachedAnswer, status: CacheStatus, now: float) -> list[bytes]:
-    """The SSE frames of a replayed entry: a comment naming the cache status and the
-    entry's age, one `data:` event per chunk, then `[DONE]`."""
+def replay_comment(entry: CachedAnswer, status: CacheStatus, now: float) -> bytes:
+    """The SSE comment a replay opens with: the cache status and the entry's age."""
     age_s = max(0.0, now - entry.created)
-    frames = [f": unbroken cache={status} age={age_s:.0f}s\n\n".encode()]
-    frames += [b"data: " + mark_chunk(c, status) + b"\n\n" for c in entry.chunks]
+    return f": unbroken cache={status} age={age_s:.0f}s\n\n".encode()
+
+
+class RenderedReplay(msgspec.Struct, frozen=True):
+    """A replay's SSE bytes, rendered once per entry and status and then written in slices.
+
+    Attributes:
+        body: one `data:` event per chunk (marked with the status), then `data: [DONE]`.
+        ends: the end offset in `body` of each of those events, in order.
+    """
+
+    body: bytes
+    ends: list[int]
+
+
+def render_replay(entry: CachedAnswer, status: CacheStatus) -> RenderedReplay:
+    """The SSE events of a replayed entry, as one buffer (see `RenderedReplay`)."""
+    frames = [b"data: " + mark_chunk(c, status) + b"\n\n" for c in entry.chunks]
     frames.append(b"data: [DONE]\n\n")
-    return frames
+    ends = []
+    end = 0
+    for frame in frames:
+        end += len(frame)
+        ends.append(end)
+    return RenderedReplay(b"".join(frames), ends)
+
+
+def frames_due(elapsed_s: float, pace_s: float, n_frames: int) -> int:
+    """How many of a paced replay's `n_frames` events are due `elapsed_s` after it began.
+
+    Event i is due at `i * pace_s`, so the first goes at once; `pace_s == 0` makes every
+    event due at once. A writer that wakes on a shared tick writes the events that became
+    due since its last write: at most one tick late, never early.
+
+    Raises:
+        ConfigError: a negative pace.
+    """
+    if pace_s < 0:
+        raise ConfigError(f"cache replay pace_s must be >= 0, not {pace_s}")
+    if pace_s == 0:
+        return n_frames
+    return min(n_frames, max(0, int(elapsed_s / pace_s)) + 1)
 
 
 def replay_batches(n_frames: int, pace_s: float, tick_s: float) -> list[tuple[float, int]]:
     """When to write a replay's frames: (offset in seconds, end index) pairs; at each offset
-    the frames up to that end index (exclusive) are written.
+    the frames up to that end index (exclusive) are written (the SDK's paced replays).
 
     Frame i is due at `i * pace_s`. Frames due within the same `tick_s` are written
     together, so a paced replay costs one timer per tick, not per chunk; `pace_s == 0`

@@ -33,6 +33,7 @@ from unbroken.gateway.accesslog import RequestRecord, current_request, write_acc
 from unbroken.gateway.asgi import Exchange, Receive, Scope, Send
 from unbroken.gateway.budget import Bookings
 from unbroken.gateway.cache import AnswerCache, RecordingStream
+from unbroken.gateway.cache_admin import CacheAdmin
 from unbroken.gateway.exposure import RequestPolicy
 from unbroken.gateway.guard import Guard
 from unbroken.gateway.keys import Caller, KeyRing
@@ -202,6 +203,7 @@ class Gateway:
         self.bookings = Bookings(self.limiter, self.registry)
         self.limiter.on_store_failure = self.bookings.count_failure
         self.cache = AnswerCache(g.cache, self.registry) if g.cache.enabled else None
+        self.cache_admin = CacheAdmin(self)
         routes = settings.upstream_routes()
         self.scrub = Scrubber([settings.api_key, *(r.api_key for r in routes)])
         self.route_names = frozenset(r.name for r in routes)
@@ -346,6 +348,9 @@ class Gateway:
                 return
             if entry is None and path.startswith((STREAMS_PATH + "/", "/streams/")):
                 await self.streams.handle(ex, method, path)
+                return
+            if entry is None and CacheAdmin.handles(path):
+                await self.cache_admin.handle(ex, method, path)
                 return
             if entry is None and self.web.handles(path):
                 await self.web.handle(ex, method, path)
@@ -551,7 +556,7 @@ class Gateway:
             await booking.complete(completion)
             if cache_key is not None and recorded:
                 # Kept from the producer, so an answer that finished detached is cached too.
-                await self._remember(cache_key, recorded[-1].encoded(), completion)
+                await self._remember(cache_key, recorded[-1].encoded(), completion, request.model)
 
         try:
             producer = await self.streams.start(
@@ -701,7 +706,9 @@ class Gateway:
                     raise
             else:
                 if isinstance(stream, RecordingStream) and cache_key is not None:
-                    await self._remember(cache_key, stream.encoded(), result.completion)
+                    await self._remember(
+                        cache_key, stream.encoded(), result.completion, request.model
+                    )
         finally:
             self._relays.discard(relay)
             self.metrics.active.dec()
@@ -767,14 +774,14 @@ class Gateway:
         return True
 
     async def _remember(
-        self, key: str, chunks: list[bytes], completion: ChatCompletion | None
+        self, key: str, chunks: list[bytes], completion: ChatCompletion | None, model: str
     ) -> None:
         """After an answer was delivered whole: the upstream works; store the answer."""
         cache = self.cache
         if cache is None or not isinstance(completion, Answer):
             return
         cache.record(failed_before_output=False)
-        await cache.remember(key, chunks, completion)
+        await cache.remember(key, chunks, completion, model)
 
     async def _models(self, ex: Exchange) -> None:
         caller = await self.keys.identify(ex.header(b"authorization"))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -32,12 +33,14 @@ from unbroken.core.breaker import CircuitBreaker
 from unbroken.core.cache import (
     CachedAnswer,
     CacheStatus,
+    RenderedReplay,
     cache_key,
     decode_entry,
     encode_entry,
+    frames_due,
     is_storable,
-    replay_batches,
-    replay_frames,
+    render_replay,
+    replay_comment,
 )
 from unbroken.core.wire import Answer, ChatCompletionChunk, decode_chunk
 from unbroken.errors import StoreError
@@ -50,14 +53,20 @@ from unbroken.stores.cache import AnswerStore, open_answer_store
 if TYPE_CHECKING:
     from unbroken.settings import CacheSettings
 
-__all__ = ["AnswerCache", "RecordingStream"]
+__all__ = ["AnswerCache", "CacheHit", "RecordingStream", "ReplayClock"]
 
 logger = logging.getLogger(__name__)
 
-# One timer and one write per this many seconds of a paced replay (frames due together go
-# together): 20 updates a second still reads as typing, and bench/cache.py measured each
-# tick at 50-90 us of CPU, so a shorter tick would cost more than the chunks themselves.
-REPLAY_TICK_S = 0.05
+# Paced replays wake together on one shared tick of this many seconds and each writes the
+# frames that became due since its last write. A paced hit's cost is its writes, not its
+# chunks: one socket write per tick and stream (bench/cache.py, 20 streams at 5 ms a chunk:
+# 11-13 us per chunk with a 50 ms timer per stream, 5.7 us with this shared tick at 50 ms,
+# 4.0-4.5 us at 100 ms). Ten updates a second still reads as typing: each carries 100 ms
+# of text (5 chunks at the default 20 ms pace), not a whole paragraph.
+REPLAY_TICK_S = 0.1
+# Decoded entries and their rendered replays kept in memory (by bytes of stored entry), so
+# a hot FAQ answer is decoded and rendered once, not per hit.
+RENDERED_MAX_BYTES = 32 * 1024 * 1024
 _SSE = b"text/event-stream; charset=utf-8"
 
 
@@ -96,6 +105,76 @@ class RecordingStream(AsyncStream):
         return [encode(c) for c in self.chunks]
 
 
+class CacheHit:
+    """A looked-up entry, with its replays rendered on first use (see `AnswerCache.get`).
+
+    Attributes:
+        entry: the decoded entry.
+        raw: the stored bytes it was decoded from (a later lookup that finds the same bytes
+            reuses this hit).
+    """
+
+    __slots__ = ("_rendered", "entry", "raw")
+
+    def __init__(self, entry: CachedAnswer, raw: bytes) -> None:
+        self.entry = entry
+        self.raw = raw
+        self._rendered: dict[CacheStatus, RenderedReplay] = {}
+
+    def __repr__(self) -> str:
+        return f"CacheHit(model={self.entry.model!r}, chunks={len(self.entry.chunks)})"
+
+    def rendered(self, status: CacheStatus) -> RenderedReplay:
+        """The SSE events of this entry marked `status`, rendered once."""
+        replay = self._rendered.get(status)
+        if replay is None:
+            replay = self._rendered[status] = render_replay(self.entry, status)
+        return replay
+
+
+class ReplayClock:
+    """One shared tick for every paced replay of a process.
+
+    A replay awaits `tick()` between writes; one timer, aligned to multiples of `tick_s`
+    on the loop's clock, wakes every waiting replay in the same loop iteration. With a
+    timer per stream, N streams cost N timers and up to N separate wake-ups per tick.
+
+    Args:
+        tick_s: the tick.
+    """
+
+    def __init__(self, tick_s: float = REPLAY_TICK_S) -> None:
+        self.tick_s = tick_s
+        self._waiters: list[asyncio.Future[None]] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"ReplayClock(tick_s={self.tick_s}, waiting={self.n_waiting})"
+
+    @property
+    def n_waiting(self) -> int:
+        """Replays waiting for the next tick."""
+        return sum(not w.done() for w in self._waiters)
+
+    async def tick(self) -> None:
+        """Return at the next tick."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        if self._timer is None:
+            tick_s = self.tick_s
+            self._timer = loop.call_at((loop.time() // tick_s + 1) * tick_s, self._fire)
+        # A cancelled waiter only cancels its own future: the others still wake.
+        await waiter
+
+    def _fire(self) -> None:
+        self._timer = None
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
 class AnswerCache:
     """Lookups, storing and replays of cached answers (see the module docstring).
 
@@ -116,6 +195,9 @@ class AnswerCache:
         self.breaker = CircuitBreaker(
             failure_threshold=settings.degrade_after_failures, cooldown_s=settings.probe_after_s
         )
+        self.clock = ReplayClock()
+        self._hits: OrderedDict[str, CacheHit] = OrderedDict()
+        self._hits_bytes = 0
         self._serve_models = frozenset(settings.serve_models)
         self._serve_keys = frozenset(settings.serve_keys)
         self.lookups = Counter(
@@ -134,6 +216,23 @@ class AnswerCache:
             "Answer-cache backend failures (the request goes on without the cache)",
             registry=registry,
         )
+        self.invalidations = Counter(
+            "unbroken_gateway_cache_invalidations_total",
+            "Admin invalidations of the answer cache by scope (key, request, model, all)",
+            ["scope"],
+            registry=registry,
+        )
+        self.invalidated = Counter(
+            "unbroken_gateway_cache_invalidated_entries_total",
+            "Answer-cache entries removed by admin invalidations",
+            registry=registry,
+        )
+        # Every series exists from the start at 0, so a rate() or an alert on one is defined
+        # before its first event.
+        for result in ("hit", "miss", "stale"):
+            self.lookups.labels(result)
+        for scope in ("key", "request", "model", "all"):
+            self.invalidations.labels(scope)
 
     def __repr__(self) -> str:
         return f"AnswerCache(store={self.store!r})"
@@ -169,19 +268,48 @@ class AnswerCache:
 
     # -- the store ---------------------------------------------------------------------------
 
-    async def get(self, key: str) -> CachedAnswer | None:
-        """The entry under `key`; a backend failure counts as a miss (and is counted)."""
+    async def get(self, key: str) -> CacheHit | None:
+        """The entry under `key`; a backend failure counts as a miss (and is counted).
+
+        The store is asked every time (it owns expiry and invalidation); when it returns the
+        bytes of the last lookup, the entry decoded and rendered then is reused.
+        """
         try:
             data = await self.store.get(key, time.time())
         except StoreError as exc:
             self.errors.inc()
             logger.warning("answer cache lookup failed: %s", exc)
             return None
-        return decode_entry(data) if data is not None else None
+        if data is None:
+            self._forget(key)
+            return None
+        hit = self._hits.get(key)
+        if hit is not None and (hit.raw is data or hit.raw == data):
+            self._hits.move_to_end(key)
+            return hit
+        entry = decode_entry(data)
+        if entry is None:
+            self._forget(key)
+            return None
+        self._forget(key)
+        hit = self._hits[key] = CacheHit(entry, data)
+        # Rendered, a replay is about as big as its entry; each status kept is one more.
+        self._hits_bytes += 3 * len(data)
+        while self._hits_bytes > RENDERED_MAX_BYTES and len(self._hits) > 1:
+            self._forget(next(iter(self._hits)))
+        return hit
 
-    async def remember(self, key: str, chunks: list[bytes], answer: Answer) -> bool:
+    def _forget(self, key: str) -> None:
+        hit = self._hits.pop(key, None)
+        if hit is not None:
+            self._hits_bytes -= 3 * len(hit.raw)
+
+    async def remember(
+        self, key: str, chunks: list[bytes], answer: Answer, model: str | None = None
+    ) -> bool:
         """Store a finished answer (its chunks, as relayed) when `core.cache.is_storable`
-        allows it.
+        allows it, tagged with the model asked for (`model`, default the answer's), so
+        `invalidate_model` finds it.
 
         Returns:
             True when it was stored.
@@ -196,7 +324,13 @@ class AnswerCache:
             return False
         entry = CachedAnswer(answer.model, time.time(), chunks)
         try:
-            await self.store.put(key, encode_entry(entry), time.time(), self.settings.ttl_s)
+            await self.store.put(
+                key,
+                encode_entry(entry),
+                time.time(),
+                self.settings.ttl_s,
+                model=model or answer.model,
+            )
         except StoreError as exc:
             self.errors.inc()
             logger.warning("answer cache store failed: %s", exc)
@@ -204,19 +338,55 @@ class AnswerCache:
         self.stores.inc()
         return True
 
+    # -- invalidation (gateway/cache_admin.py) -------------------------------------------------
+
+    async def invalidate_key(self, key: str, scope: str = "key") -> int:
+        """Forget the entry under `key`; returns how many were removed (0 or 1).
+
+        Raises:
+            StoreError: the backend failed (nothing is counted).
+        """
+        self._forget(key)
+        return self._invalidated(scope, await self.store.delete(key))
+
+    async def invalidate_model(self, model: str) -> int:
+        """Forget every entry stored for requests of `model`; returns how many."""
+        self._forget_all()
+        return self._invalidated("model", await self.store.delete_model(model))
+
+    async def invalidate_all(self) -> int:
+        """Forget every entry; returns how many."""
+        self._forget_all()
+        return self._invalidated("all", await self.store.delete())
+
+    def _forget_all(self) -> None:
+        # Only a memo: a lookup checks it against the store's bytes anyway.
+        self._hits.clear()
+        self._hits_bytes = 0
+
+    def _invalidated(self, scope: str, n: int) -> int:
+        self.invalidations.labels(scope).inc()
+        self.invalidated.inc(n)
+        return n
+
     # -- replay ------------------------------------------------------------------------------
 
     async def replay(
-        self, ex: Exchange, entry: CachedAnswer, status: CacheStatus, *, stream: bool
+        self, ex: Exchange, hit: CacheHit, status: CacheStatus, *, stream: bool
     ) -> None:
-        """Answer from `entry`: SSE paced per `pace_s` (a hit) or at once (stale), or one
-        JSON completion when the request did not stream."""
+        """Answer from `hit`: SSE paced per `pace_s` (a hit) or at once (stale), or one
+        JSON completion when the request did not stream.
+
+        A paced replay writes slices of the replay rendered once per entry (no per-chunk
+        work), waking on the shared `ReplayClock` tick: one write per tick per stream.
+        """
         self.lookups.labels(status).inc()
         header = [(b"x-unbroken-cache", status.encode())]
         if not stream:
-            await ex.respond(200, _folded(entry, status), headers=header)
+            await ex.respond(200, _folded(hit.entry, status), headers=header)
             return
-        frames = replay_frames(entry, status, time.time())
+        rendered = hit.rendered(status)
+        comment = replay_comment(hit.entry, status, time.time())
         await ex.start(
             200,
             [
@@ -227,17 +397,39 @@ class AnswerCache:
             ],
         )
         pace_s = self.settings.pace_s if status == "hit" else 0.0
+        body, ends = rendered.body, rendered.ends
+        n_frames = len(ends)
+        if pace_s == 0:
+            await ex.send({"type": "http.response.body", "body": comment + body})
+            return
         loop = asyncio.get_running_loop()
         started = loop.time()
-        sent = 0
-        for offset, end in replay_batches(len(frames), pace_s, REPLAY_TICK_S):
-            delay = started + offset - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            body = b"".join(frames[sent:end])
-            sent = end
-            more = end < len(frames)
-            await ex.send({"type": "http.response.body", "body": body, "more_body": more})
+        sent = sent_bytes = 0
+        # A client that leaves mid-replay ends it (the server's send would otherwise accept
+        # and drop every later piece until the whole pace has run out).
+        gone: list[bool] = []
+        watcher = loop.create_task(_watch_disconnect(ex, gone))
+        try:
+            while not gone:
+                due = frames_due(loop.time() - started, pace_s, n_frames)
+                if due > sent:
+                    end = ends[due - 1]
+                    piece = body[sent_bytes:end]
+                    if sent == 0:
+                        piece = comment + piece
+                    sent, sent_bytes = due, end
+                    more = due < n_frames
+                    await ex.send({"type": "http.response.body", "body": piece, "more_body": more})
+                    if not more:
+                        return
+                await self.clock.tick()
+        finally:
+            watcher.cancel()
+
+    @property
+    def n_replaying(self) -> int:
+        """Paced replays waiting for the next tick."""
+        return self.clock.n_waiting
 
     def miss(self) -> None:
         """Count a lookup that found nothing."""
@@ -256,6 +448,18 @@ class AnswerCache:
     async def aclose(self) -> None:
         """Close the backend."""
         await self.store.aclose()
+
+
+async def _watch_disconnect(ex: Exchange, gone: list[bool]) -> None:
+    """Append to `gone` when the client has gone. The request body was read, so the only
+    message left to receive is `http.disconnect` (at the end of the response too)."""
+    try:
+        while (await ex.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # a server that cannot tell: the replay runs to its end
+        logger.debug("no disconnect notice for a paced replay", exc_info=True)
+        return
+    gone.append(True)
 
 
 def _folded(entry: CachedAnswer, status: CacheStatus) -> bytes:

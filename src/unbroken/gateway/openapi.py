@@ -24,6 +24,9 @@ METHODS: dict[str, tuple[str, ...]] = {
     "/v1/sessions/{id}/messages": ("POST",),
     "/v1/streams/{id}": ("GET", "DELETE"),
     "/v1/usage": ("GET",),
+    "/v1/cache": ("DELETE",),
+    "/v1/cache/invalidate": ("POST",),
+    "/v1/cache/entries/{key}": ("DELETE",),
     "/streams/{id}": ("GET", "DELETE"),
     "/metrics": ("GET",),
     "/healthz": ("GET",),
@@ -42,6 +45,8 @@ def allowed_methods(path: str) -> tuple[str, ...] | None:
     parts = path.split("/")
     if path.startswith("/streams/") and len(parts) == 3 and parts[2]:
         return METHODS["/streams/{id}"]
+    if path.startswith("/v1/cache/entries/") and len(parts) == 5 and parts[4]:
+        return METHODS["/v1/cache/entries/{key}"]
     if path.startswith(("/v1/sessions/", "/v1/streams/")) and len(parts) in (4, 5) and parts[3]:
         parts[3] = "{id}"
         return METHODS.get("/".join(parts))
@@ -331,11 +336,36 @@ _STATUS = {
     "properties": {"status": {"type": "string"}},
 }
 
+_INVALIDATION = {
+    "type": "object",
+    "required": ["object", "scope", "deleted"],
+    "properties": {
+        "object": {"const": "cache.invalidation"},
+        "scope": {"enum": ["key", "request", "model", "all"]},
+        "deleted": {"type": "integer", "minimum": 0},
+        "key": {"type": "string"},
+        "model": {"type": "string"},
+    },
+}
+
+# What POST /v1/cache/invalidate checks: the rest of a chat request only goes into its key
+# (a request for a model no longer served may still have an entry).
+_INVALIDATE_BODY = {
+    "type": "object",
+    "required": ["model", "messages"],
+    "description": "a chat request as sent to /v1/chat/completions; the fields that shape "
+    "the answer make its cache key (docs/cache.md)",
+    "properties": {
+        "model": {"type": "string", "minLength": 1},
+        "messages": {"type": "array", "minItems": 1, "items": {"type": "object"}},
+    },
+}
+
 _ERROR_TEXT = {
     400: "malformed request",
     401: "missing or invalid gateway key",
-    403: "a model, host or origin the caller may not use",
-    404: "no such model, session or stream",
+    403: "a model, host or origin the caller may not use (or an admin-only endpoint)",
+    404: "no such model, session or stream (or no answer cache)",
     405: "method not allowed",
     408: "the request head or body was too slow",
     410: "the stream expired (kept stream_ttl_s after its answer ended)",
@@ -558,6 +588,50 @@ def _paths(models: list[str], routes: list[str], chat_fields: dict[str, Any]) ->
                         "content": _json({"type": "object"}),
                     },
                     **_errors(401, 403),
+                },
+            }
+        },
+        "/v1/cache": {
+            "delete": {
+                "summary": "Admin: forget cached answers, of one model or (without model) all",
+                "parameters": [
+                    {
+                        "name": "model",
+                        "in": "query",
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 256},
+                    }
+                ],
+                "responses": {
+                    "200": {"description": "what was removed", "content": _json(_INVALIDATION)},
+                    **_errors(401, 403, 404),
+                },
+            }
+        },
+        "/v1/cache/invalidate": {
+            "post": {
+                "summary": "Admin: forget the cached answer of a chat request (its "
+                "normalized key, as /v1/chat/completions would look it up)",
+                "requestBody": {"required": True, "content": _json(_INVALIDATE_BODY)},
+                "responses": {
+                    "200": {"description": "what was removed", "content": _json(_INVALIDATION)},
+                    **_errors(401, 403, 404),
+                },
+            }
+        },
+        "/v1/cache/entries/{key}": {
+            "delete": {
+                "summary": "Admin: forget one cached answer by its key",
+                "parameters": [
+                    {
+                        "name": "key",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": "^v[0-9]{1,4}:[0-9a-f]{64}$"},
+                    }
+                ],
+                "responses": {
+                    "200": {"description": "what was removed", "content": _json(_INVALIDATION)},
+                    **_errors(401, 403, 404),
                 },
             }
         },

@@ -299,6 +299,21 @@ class SessionEndpoints:
         body = decode_json(raw)
         if not isinstance(body, dict):
             raise GatewayError(400, "the body must be a JSON object", code="invalid_body")
+        request, store_turns = await self.prepare_message(caller, session_id, body)
+        await gateway.serve_chat(ex, caller, request, after=store_turns, session_id=session_id)
+
+    async def prepare_message(
+        self, caller: Caller, session_id: str, body: dict[str, Any]
+    ) -> tuple[ChatRequest, Callable[[ChatCompletion], Awaitable[None]]]:
+        """The chat request of a session message (`body` as POSTed to
+        `/v1/sessions/{id}/messages`; consumed) and the callback that stores both turns
+        once the answer is whole. The WebSocket's session `create` uses it too.
+
+        Raises:
+            GatewayError: 400 for a bad body, 404 for a session the caller does not own,
+                413 for a session grown too large.
+        """
+        gateway = self._gateway
         content = body.pop("content", None)
         if not isinstance(content, str) or not content or len(content) > MAX_CONTENT_CHARS:
             raise GatewayError(
@@ -349,7 +364,7 @@ class SessionEndpoints:
             self._calibrate(completion, estimate)
             await self.store.append(session_id, [user, reply_message(completion)], keep=keep)
 
-        await gateway.serve_chat(ex, caller, request, after=store_turns, session_id=session_id)
+        return request, store_turns
 
     def _calibrate(self, completion: ChatCompletion, estimate: int) -> None:
         # As the SDK's sessions do: a clean single attempt's prompt is exactly what was

@@ -7,6 +7,8 @@ Frames are JSON text.
 
     client -> server   {"type": "auth", "token": "<gateway key>"}          (browsers)
                        {"type": "create", "id": "r1", "body": {<chat request>}}
+                       {"type": "create", "id": "r1", "session_id": "...",
+                        "body": {"content": "..."}}                        (a session turn)
                        {"type": "cancel", "id": "r1"}
                        {"type": "resume", "id": "r2", "stream_id": "...", "after": "17"}
     server -> client   {"type": "started", "id": "r1", "stream_id": "..."}
@@ -167,7 +169,7 @@ class ChatSocket:
                 continue
             try:
                 if kind == "create":
-                    await self._create(caller, rid, frame.get("body"))
+                    await self._create(caller, rid, frame.get("body"), frame.get("session_id"))
                 elif kind == "resume":
                     await self._resume(caller, rid, frame.get("stream_id"), frame.get("after"))
                 elif kind == "cancel":
@@ -205,7 +207,9 @@ class ChatSocket:
 
     # -- requests ----------------------------------------------------------------------------
 
-    async def _create(self, caller: Caller, rid: str | None, body: object) -> None:
+    async def _create(
+        self, caller: Caller, rid: str | None, body: object, session_id: object = None
+    ) -> None:
         gateway = self.gateway
         if rid is None:
             raise _bad("create needs an id")
@@ -221,14 +225,27 @@ class ChatSocket:
         if not isinstance(body, dict):
             raise _bad("create needs a body: the chat completion request object")
         gateway.check_draining()
-        request = parse_chat_request(_encode(body), gateway.models, gateway.route_names)
+        after = None
+        if session_id is None:
+            request = parse_chat_request(_encode(body), gateway.models, gateway.route_names)
+        elif isinstance(session_id, str) and 0 < len(session_id) <= _MAX_ID:
+            # A session turn, as POST /v1/sessions/{id}/messages: the body is the message
+            # ({"content": ...}); both turns are stored when the answer is whole.
+            request, after = await gateway.sessions.prepare_message(caller, session_id, body)
+        else:
+            raise _bad(f"session_id must be a string of 1-{_MAX_ID} characters")
         gateway.check_models(caller, request)
         resumable = True
         options = request.extra.pop("unbroken", None)
         if isinstance(options, dict) and isinstance(options.get("resumable"), bool):
             resumable = options["resumable"]
         producer = await gateway.start_answer(
-            caller, request, self._forwarded(), resumable=resumable
+            caller,
+            request,
+            self._forwarded(),
+            resumable=resumable,
+            after=after,
+            session_id=session_id if after is not None else None,
         )
         producer.attach()
         self._producers[rid] = producer

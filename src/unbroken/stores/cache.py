@@ -2,10 +2,11 @@
 
 `MemoryAnswerStore` (embedded, bounded in bytes, least recently used out first),
 `SQLiteAnswerStore` (a file, survives restarts; sqlite3 in a worker thread) and
-`RedisAnswerStore` (shared by every gateway instance). One table of cases runs against the
-three (tests/integration/test_answer_cache.py). What an entry holds and how keys are made
-is `core.cache`; here are only bytes. Imports errors and the standard library (redis
-lazily, for the `[redis]` extra).
+`RedisAnswerStore` (shared by every gateway instance). Each entry may carry the model that
+produced it, so an operator can forget one model's entries. One table of cases runs
+against the three (tests/integration/test_answer_cache.py). What an entry holds and how
+keys are made is `core.cache`; here are only bytes. Imports errors and the standard
+library (redis lazily, for the `[redis]` extra).
 """
 
 from __future__ import annotations
@@ -44,11 +45,16 @@ class AnswerStore(Protocol):
     async def get(self, key: str, now: float) -> bytes | None:
         """The value stored under `key`, or None when absent or expired."""
 
-    async def put(self, key: str, value: bytes, now: float, ttl_s: float) -> None:
-        """Store `value` under `key` until `now + ttl_s`."""
+    async def put(
+        self, key: str, value: bytes, now: float, ttl_s: float, *, model: str = ""
+    ) -> None:
+        """Store `value` under `key` until `now + ttl_s`, tagged with `model`."""
 
     async def delete(self, key: str | None = None) -> int:
         """Forget `key` (every entry when None); returns how many were removed."""
+
+    async def delete_model(self, model: str) -> int:
+        """Forget every entry tagged with `model`; returns how many were removed."""
 
     async def aclose(self) -> None:
         """Release connections."""
@@ -63,7 +69,7 @@ class MemoryAnswerStore:
             raise ConfigError(f"answer cache max_bytes must be > 0, not {max_bytes}")
         self._max_bytes = max_bytes
         self._bytes = 0
-        self._entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, bytes, str]] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"MemoryAnswerStore(entries={len(self._entries)}, bytes={self._bytes})"
@@ -73,21 +79,23 @@ class MemoryAnswerStore:
         item = self._entries.get(key)
         if item is None:
             return None
-        expires, value = item
+        expires, value, _ = item
         if expires <= now:
             self._drop(key)
             return None
         self._entries.move_to_end(key)
         return value
 
-    async def put(self, key: str, value: bytes, now: float, ttl_s: float) -> None:
+    async def put(
+        self, key: str, value: bytes, now: float, ttl_s: float, *, model: str = ""
+    ) -> None:
         """See `AnswerStore.put`; a value larger than the whole bound is not stored."""
         if len(value) > self._max_bytes:
             return
         self._drop(key)
         while self._bytes + len(value) > self._max_bytes:
             self._drop(next(iter(self._entries)))
-        self._entries[key] = (now + ttl_s, value)
+        self._entries[key] = (now + ttl_s, value, model)
         self._bytes += len(value)
 
     def _drop(self, key: str) -> bool:
@@ -106,6 +114,13 @@ class MemoryAnswerStore:
         self._bytes = 0
         return n
 
+    async def delete_model(self, model: str) -> int:
+        """See `AnswerStore.delete_model`."""
+        keys = [key for key, (_, _, tag) in self._entries.items() if tag == model]
+        for key in keys:
+            self._drop(key)
+        return len(keys)
+
     async def aclose(self) -> None:
         """Nothing to release."""
 
@@ -120,9 +135,14 @@ class SQLiteAnswerStore:
             self._db = sqlite3.connect(self._path, check_same_thread=False, timeout=10.0)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(
-                "CREATE TABLE IF NOT EXISTS answers"
-                " (key TEXT PRIMARY KEY, expires REAL NOT NULL, value BLOB NOT NULL)"
+                "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, expires REAL NOT NULL,"
+                " value BLOB NOT NULL, model TEXT NOT NULL DEFAULT '')"
             )
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(answers)")}
+            if "model" not in columns:
+                # A cache file from before entries were tagged: its rows get no model.
+                self._db.execute("ALTER TABLE answers ADD COLUMN model TEXT NOT NULL DEFAULT ''")
+            self._db.execute("CREATE INDEX IF NOT EXISTS answers_model ON answers (model)")
             self._db.commit()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the answer cache at {self._path!r}: {exc}") from exc
@@ -150,12 +170,14 @@ class SQLiteAnswerStore:
         row = cursor.fetchone()
         return bytes(row[0]) if row is not None else None
 
-    async def put(self, key: str, value: bytes, now: float, ttl_s: float) -> None:
+    async def put(
+        self, key: str, value: bytes, now: float, ttl_s: float, *, model: str = ""
+    ) -> None:
         """See `AnswerStore.put`; expired rows are swept on the way."""
         await self._run("DELETE FROM answers WHERE expires <= ?", (now,))
         await self._run(
-            "INSERT OR REPLACE INTO answers (key, expires, value) VALUES (?, ?, ?)",
-            (key, now + ttl_s, value),
+            "INSERT OR REPLACE INTO answers (key, expires, value, model) VALUES (?, ?, ?, ?)",
+            (key, now + ttl_s, value, model),
         )
 
     async def delete(self, key: str | None = None) -> int:
@@ -166,6 +188,11 @@ class SQLiteAnswerStore:
             cursor = await self._run("DELETE FROM answers WHERE key = ?", (key,))
         return cursor.rowcount
 
+    async def delete_model(self, model: str) -> int:
+        """See `AnswerStore.delete_model`."""
+        cursor = await self._run("DELETE FROM answers WHERE model = ?", (model,))
+        return cursor.rowcount
+
     async def aclose(self) -> None:
         """Close the database."""
         with self._lock:
@@ -173,11 +200,14 @@ class SQLiteAnswerStore:
 
 
 class RedisAnswerStore:
-    """Entries as Redis strings with a millisecond expiry (`SET PX`), under `prefix`."""
+    """Entries as Redis strings with a millisecond expiry (`SET PX`), under `prefix`; each
+    model's entry keys in a set under `prefix + "models:" + model`, which expires with the
+    newest of them (cache keys are `v1:<hex>`, so the two never collide)."""
 
     def __init__(self, client: aioredis.Redis, prefix: str = "unbroken:cache:") -> None:
         self._client = client
         self._prefix = prefix
+        self._models = prefix + "models:"
 
     def __repr__(self) -> str:
         return f"RedisAnswerStore(prefix={self._prefix!r})"
@@ -210,25 +240,59 @@ class RedisAnswerStore:
         value = await self._call("get", self._client.get(self._prefix + key))
         return value if isinstance(value, bytes) else None
 
-    async def put(self, key: str, value: bytes, now: float, ttl_s: float) -> None:
+    async def put(
+        self, key: str, value: bytes, now: float, ttl_s: float, *, model: str = ""
+    ) -> None:
         """See `AnswerStore.put`."""
         ttl_ms = max(1, round(ttl_s * 1000))
-        await self._call("put", self._client.set(self._prefix + key, value, px=ttl_ms))
+        if not model:
+            await self._call("put", self._client.set(self._prefix + key, value, px=ttl_ms))
+            return
+        pipe = self._client.pipeline(transaction=True)
+        pipe.set(self._prefix + key, value, px=ttl_ms)
+        pipe.sadd(self._models + model, self._prefix + key)
+        pipe.pexpire(self._models + model, ttl_ms)
+        await self._call("put", pipe.execute())
 
     async def delete(self, key: str | None = None) -> int:
         """See `AnswerStore.delete`; the whole-cache form scans the prefix."""
         if key is not None:
             n = await self._call("delete", self._client.delete(self._prefix + key))
             return int(n)
+        from redis.exceptions import RedisError
+
         removed = 0
-        async for name in self._client.scan_iter(match=self._prefix + "*", count=500):
-            n = await self._call("delete", self._client.delete(name))
-            removed += int(n)
+        try:
+            async for name in self._client.scan_iter(match=self._prefix + "*", count=500):
+                n = await self._call("delete", self._client.delete(name))
+                if not name.startswith(self._models.encode()):
+                    removed += int(n)
+        except RedisError as exc:
+            raise StoreError(f"redis answer cache failed to scan: {type(exc).__name__}") from exc
         return removed
+
+    async def delete_model(self, model: str) -> int:
+        """See `AnswerStore.delete_model`: one script, so an entry stored meanwhile is
+        either removed with the others or keeps its place in the model's set."""
+        n = await self._call(
+            "delete a model's entries", self._client.eval(_DELETE_MODEL, 1, self._models + model)
+        )
+        return int(n)
 
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self._client.aclose()
+
+
+# Deletes the entries a model's set names (those already expired count nothing), then the set.
+_DELETE_MODEL = """
+local n = 0
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  n = n + redis.call('DEL', key)
+end
+redis.call('DEL', KEYS[1])
+return n
+"""
 
 
 def open_answer_store(spec: str, *, max_bytes: int = DEFAULT_MEMORY_BYTES) -> AnswerStore:

@@ -3,6 +3,7 @@
 // arrive. The DOM it builds follows the selector contract in docs/web.md.
 
 import { HttpError, followStream, httpError, readAnswer } from "./stream.js";
+import { ChatSocket, socketUrl } from "./socket.js";
 import { MarkdownView } from "./render.js";
 
 const KEY_STORAGE = "unbroken.gateway-key";
@@ -53,6 +54,10 @@ class Chat {
     this.active = null; // the answer being streamed
     this.prices = {};
     this.authRequired = false;
+    // "sse", or "websocket" once an answer came all at once through a buffering proxy: then
+    // every later answer of this page goes over /v1/chat/ws (for the page's lifetime).
+    this.transport = "sse";
+    this.socket = null;
     this.build();
   }
 
@@ -138,13 +143,23 @@ class Chat {
 
   // -- HTTP -----------------------------------------------------------------------------------
 
+  async secret() {
+    if (this.getToken) return this.getToken();
+    return storage("session")?.getItem(KEY_STORAGE) || null;
+  }
+
   async headers(extra = {}) {
     const headers = { ...extra };
-    let secret = null;
-    if (this.getToken) secret = await this.getToken();
-    else secret = storage("session")?.getItem(KEY_STORAGE) || null;
+    const secret = await this.secret();
     if (secret) headers.Authorization = `Bearer ${secret}`;
     return headers;
+  }
+
+  /** Send the next answers over the WebSocket (SSE is buffered on the way). */
+  useWebSocket() {
+    this.transport = "websocket";
+    this.app.dataset.transport = "websocket";
+    this.socket = this.socket || new ChatSocket({ url: socketUrl(this.base), getSecret: () => this.secret() });
   }
 
   async api(method, path, body) {
@@ -451,6 +466,7 @@ class Chat {
       }
     }
     if (item.stopped) parts.push("stopped");
+    if (item.transport === "websocket") parts.push("via WebSocket");
     item.metaEl.textContent = parts.join(" · ");
   }
 
@@ -480,7 +496,7 @@ class Chat {
     const user = this.addUser(text, keep ?? this.stored);
     const item = this.addAssistant();
     item.user = user;
-    this.run(item, async (headers, signal) => {
+    this.run(item, async () => {
       const sessionId = await this.ensureSession(text);
       await this.syncing;
       user.at = keep ?? this.stored;
@@ -491,13 +507,7 @@ class Chat {
         stream_options: { include_usage: true },
       };
       if (keep !== undefined && keep !== this.stored) body.keep = keep;
-      return fetch(`${this.base}/v1/sessions/${encodeURIComponent(sessionId)}/messages`, {
-        method: "POST",
-        headers: { ...headers, "Content-Type": "application/json", "X-Unbroken-Resumable": "1" },
-        body: JSON.stringify(body),
-        signal,
-        cache: "no-store",
-      });
+      return { sessionId, body };
     });
   }
 
@@ -506,7 +516,23 @@ class Chat {
     this.run(item, null, streamId);
   }
 
-  async run(item, open, streamId) {
+  /** Stream an answer into `item`: a new turn (`prepare()` gives its session and message
+   * body; over SSE or the WebSocket), or the live stream `streamId` (SSE). */
+  async run(item, prepare, streamId) {
+    const viaSocket = Boolean(prepare) && this.transport === "websocket";
+    item.transport = viaSocket ? "websocket" : "sse";
+    const open = prepare
+      ? async (headers, signal) => {
+          const { sessionId, body } = await prepare();
+          return fetch(`${this.base}/v1/sessions/${encodeURIComponent(sessionId)}/messages`, {
+            method: "POST",
+            headers: { ...headers, "Content-Type": "application/json", "X-Unbroken-Resumable": "1" },
+            body: JSON.stringify(body),
+            signal,
+            cache: "no-store",
+          });
+        }
+      : null;
     const controller = new AbortController();
     const active = { item, controller, streamId: streamId || null, stopping: false };
     this.active = active;
@@ -523,6 +549,9 @@ class Chat {
       } catch (_) {
         return;
       }
+      onChunk(chunk);
+    };
+    const onChunk = (chunk) => {
       if (chunk.error) {
         throw new HttpError(0, chunk.error.message || "the answer failed", chunk.error.code);
       }
@@ -549,36 +578,40 @@ class Chat {
       if (choice && choice.finish_reason) item.finishReason = choice.finish_reason;
       if (chunk.usage) item.usage = chunk.usage;
     };
+    const onStart = (id) => {
+      active.streamId = id;
+      item.el.dataset.streamId = id || "";
+    };
     try {
       const headers = await this.headers();
-      const result = await (open
-        ? readAnswer({
-            open: () => open(headers, controller.signal),
-            base: this.base,
-            headers,
-            signal: controller.signal,
-            onStart: (id) => {
-              active.streamId = id;
-              item.el.dataset.streamId = id || "";
-            },
-            onRead: (n, at) => {
-              readAt = at;
-            },
-            onEvent,
-            onReconnect: () => this.say("Connection lost; reconnecting…"),
-          })
-        : followStream({
-            base: this.base,
-            headers,
-            streamId,
-            signal: controller.signal,
-            onStart: () => {},
-            onRead: (n, at) => {
-              readAt = at;
-            },
-            onEvent,
-            onReconnect: () => this.say("Connection lost; reconnecting…"),
-          }));
+      const onRead = (n, at) => {
+        readAt = at;
+      };
+      const onReconnect = () => this.say("Connection lost; reconnecting…");
+      const sse = () =>
+        open
+          ? readAnswer({ open: () => open(headers, controller.signal), base: this.base, headers, signal: controller.signal, onStart, onRead, onEvent, onReconnect })
+          : followStream({ base: this.base, headers, streamId, signal: controller.signal, onStart: () => {}, onRead, onEvent, onReconnect });
+      const result = await (viaSocket
+        ? this.socket
+            .answer({
+              create: await prepare().then(({ sessionId, body }) => ({ session_id: sessionId, body })),
+              signal: controller.signal,
+              onStart,
+              onRead,
+              onChunk,
+              onReconnect,
+            })
+            .catch((error) => {
+              if (!error.unavailable) throw error;
+              // Something on the way refuses WebSockets: this page stays on SSE.
+              this.transport = "sse";
+              this.socketRefused = true;
+              delete this.app.dataset.transport;
+              item.transport = "sse";
+              return sse();
+            })
+        : sse());
       this.say("");
       this.paint(item);
       if (item.finishReason === "stop" && active.stopping) item.stopped = true;
@@ -590,8 +623,13 @@ class Chat {
       }
       const spread = (item.timing.lastTokenAt ?? 0) - (item.timing.firstTokenAt ?? 0);
       const waited = (item.timing.firstTokenAt ?? 0) - item.timing.sentAt;
-      if (events >= 8 && spread <= BUFFERED_SPREAD_MS && waited >= BUFFERED_WAIT_MS) {
-        this.say("This answer arrived all at once: a proxy between you and the gateway buffers streamed responses.");
+      if (item.transport === "sse" && events >= 8 && spread <= BUFFERED_SPREAD_MS && waited >= BUFFERED_WAIT_MS) {
+        if (typeof WebSocket === "function" && !this.socketRefused) {
+          this.useWebSocket();
+          this.say("This answer arrived all at once: a proxy between you and the gateway buffers streamed responses. Switched to a WebSocket for the next answers.");
+        } else {
+          this.say("This answer arrived all at once: a proxy between you and the gateway buffers streamed responses.");
+        }
       }
     } catch (error) {
       this.paint(item);
@@ -716,6 +754,8 @@ class Chat {
       ttftMs: i.timing && i.timing.firstTokenAt !== undefined ? i.timing.firstTokenAt - i.timing.sentAt : null,
       firstTokenAt: i.timing ? i.timing.firstTokenAt ?? null : null,
       firstVisibleAt: i.timing ? i.timing.firstVisibleAt ?? null : null,
+      lastTokenAt: i.timing ? i.timing.lastTokenAt ?? null : null,
+      transport: i.transport || null,
     }));
   }
 }

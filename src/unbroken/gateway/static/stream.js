@@ -78,7 +78,8 @@ export async function httpError(response) {
   return new HttpError(response.status, message, code);
 }
 
-const sleep = (ms, signal) =>
+/** Resolves after `ms`, or at once when `signal` aborts. */
+export const sleep = (ms, signal) =>
   new Promise((resolve) => {
     const timer = setTimeout(resolve, ms);
     signal?.addEventListener("abort", () => {
@@ -87,7 +88,8 @@ const sleep = (ms, signal) =>
     });
   });
 
-function waitOnline(signal) {
+/** Resolves once the browser is online (at once when it is, or when `signal` aborts). */
+export function waitOnline(signal) {
   if (navigator.onLine) return Promise.resolve();
   return new Promise((resolve) => {
     const done = () => {
