@@ -125,7 +125,9 @@ def test_client_that_stops_reading_is_cut_and_its_upstream_cancelled(
         )
         sock.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"X-Mock-Tokens: 300000\r\nContent-Length: "
+            # Paced (about 15 s for the whole answer), so what is pulled before the cut does
+            # not depend on how fast the machine reads the upstream.
+            b"X-Mock-Tokens: 300000\r\nX-Mock-Token-Ms: 0.05\r\nContent-Length: "
             + str(len(payload)).encode()
             + b"\r\n\r\n"
             + payload

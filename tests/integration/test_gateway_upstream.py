@@ -13,6 +13,8 @@ import anyio
 import httpx
 import pytest
 
+from unbroken.client import AsyncClient
+from unbroken.core.wire import ChatCompletionChunk
 from unbroken.gateway.upstream import LeanTransport
 from unbroken.mock import MockConfig, MockServer
 
@@ -114,3 +116,47 @@ async def test_read_ahead_pauses_for_a_slow_consumer(
     assert conn.buffered < 8192 + 256 * 1024
     assert len(first) > 0
     await response.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_chunk_sink_takes_the_chunks_of_one_read_together(upstream: MockServer) -> None:
+    """On this transport the SDK stream's chunk sink gets the chunks of one upstream read
+    as one list (the gateway appends and writes them once): an answer streamed without
+    delays arrives in reads of several events, the sink sees lists longer than one, and
+    the chunks it took plus those the stream yielded are the whole answer, in order."""
+    # The first token comes late (the tap is open by then), the rest in one burst.
+    headers = {"X-Mock-Ttft-Ms": "100", "X-Mock-Token-Ms": "0", "X-Mock-Tokens": "600"}
+    messages = [{"role": "user", "content": "t"}]
+    async with AsyncClient(
+        api_key="sk", base_url=upstream.url, transport=LeanTransport()
+    ) as client:
+        plain = await client.chat.completions.create(
+            model="deepseek-chat", messages=messages, stream=True, extra_headers=headers
+        )
+        expected = _text([c async for c in plain])
+
+        batches: list[list[ChatCompletionChunk]] = []
+
+        def sink(chunks: list[ChatCompletionChunk]) -> bool:
+            batches.append(list(chunks))
+            return True
+
+        stream = await client.chat.completions.create(
+            model="deepseek-chat", messages=messages, stream=True, extra_headers=headers
+        )
+        stream.set_chunk_sink(sink)
+        yielded = [c async for c in stream]
+    taken = [c for batch in batches for c in batch]
+    assert max(len(batch) for batch in batches) > 1
+    assert all(c.usage is None for c in taken)
+    # The sink takes from the first tapped read on; the stream yields what was read before
+    # the tap (and the usage chunk, after).
+    assert expected
+    head = [c for c in yielded if c.usage is None]
+    assert _text([*head, *taken]) == expected
+
+
+def _text(chunks: list[ChatCompletionChunk]) -> str:
+    return "".join(
+        c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].delta
+    )

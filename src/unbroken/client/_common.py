@@ -446,8 +446,9 @@ class AnswerRun:
         self.response: httpx.Response | None = None
         # The caller asked for OpenAI's usage chunk (`stream_options.include_usage`).
         self.usage_chunk = usage_chunk
-        # Takes content chunks as they are decoded (`AsyncStream.set_chunk_sink`).
-        self.chunk_sink: Callable[[ChatCompletionChunk], bool] | None = None
+        # Takes content chunks as they are decoded, those of one read together
+        # (`AsyncStream.set_chunk_sink`).
+        self.chunk_sink: Callable[[list[ChatCompletionChunk]], bool] | None = None
         self._token_reserve = 0
         self._recorded = False
         self._plan: AttemptPlan | None = None

@@ -430,7 +430,10 @@ class _FastLane:
     __slots__ = ("_attempt", "_conn", "_sink", "_waiter", "error", "pending", "refused")
 
     def __init__(
-        self, conn: _Tappable, attempt: Attempt, sink: Callable[[ChatCompletionChunk], bool]
+        self,
+        conn: _Tappable,
+        attempt: Attempt,
+        sink: Callable[[list[ChatCompletionChunk]], bool],
     ) -> None:
         self._conn = conn
         self._attempt = attempt
@@ -470,12 +473,23 @@ class _FastLane:
     def _on_body(self, data: bytes) -> None:
         pending = self.pending
         try:
-            for chunk in self._attempt.feed(data, time.monotonic()):
-                if pending or chunk.usage is not None:
-                    pending.append(chunk)
-                elif not self._sink(chunk):
+            chunks = self._attempt.feed(data, time.monotonic())
+            if pending:
+                pending.extend(chunks)
+            elif chunks:
+                # The chunks of one read before any usage chunk go to the sink together:
+                # one log append and one client write for all of them (a loaded gateway
+                # reads several events at once; the write syscall was ~40% of its CPU).
+                n = 0
+                for chunk in chunks:
+                    if chunk.usage is not None:
+                        break
+                    n += 1
+                if n and not self._sink(chunks if n == len(chunks) else chunks[:n]):
                     self.refused = True
-                    pending.append(chunk)
+                    n = 0
+                if n < len(chunks):
+                    pending.extend(chunks[n:])
         except Exception as exc:  # raised again from `run`, in the generator
             self.error = exc
             self._wake()
@@ -619,12 +633,13 @@ class AsyncStream:
             if shown is not None:
                 return shown
 
-    def set_chunk_sink(self, sink: Callable[[ChatCompletionChunk], bool] | None) -> None:
+    def set_chunk_sink(self, sink: Callable[[list[ChatCompletionChunk]], bool] | None) -> None:
         """Give content chunks (those without usage) to `sink` as they are decoded, from the
         connection's data callback, instead of through iteration: a consumer that can take
         a chunk at once (the gateway's stream log) saves a task wake-up per chunk. `sink`
-        returns False for a chunk it does not take; that one, and the rest of its attempt,
-        are iterated as usual. Keep iterating the stream: it drives the answer, and yields
+        gets the chunks decoded from one read together (one or more, in order) and takes
+        all of them or, returning False, none; those, and the rest of their attempt, are
+        iterated as usual. Keep iterating the stream: it drives the answer, and yields
         every chunk the sink did not take, in order. Only on transports whose connections
         can be tapped (the gateway's upstream transport); elsewhere the sink is not called.
         """

@@ -390,13 +390,15 @@ class LiveSink:
         if relay._busy or relay._reason is not None:
             return False
         if len(payloads) == 1:
-            body = b"id: %d\ndata: %b\n\n" % (first, payloads[0])
+            written = self._direct.write_event(first, payloads[0])
         else:
-            body = b"".join(
-                b"id: %d\ndata: %b\n\n" % (seq, payload)
-                for seq, payload in enumerate(payloads, first)
+            written = self._direct.write(
+                b"".join(
+                    b"id: %d\ndata: %b\n\n" % (seq, payload)
+                    for seq, payload in enumerate(payloads, first)
+                )
             )
-        if not self._direct.write(body):
+        if not written:
             return False
         self.last = first + len(payloads) - 1
         relay._n_direct += len(payloads)

@@ -303,8 +303,11 @@ class Producer:
         return sink.last
 
     def _feed(self, first: int, payloads: Sequence[bytes]) -> None:
-        refused = [sink for sink in self._sinks if not sink.feed(first, payloads)]
-        for sink in refused:
+        refused: list[EventSink] | None = None  # no list per event while every sink takes
+        for sink in self._sinks:
+            if not sink.feed(first, payloads):
+                refused = [sink] if refused is None else [*refused, sink]
+        for sink in refused or ():
             parked = self._sinks.pop(sink)
             if not parked.done():
                 parked.set_result(None)
@@ -394,14 +397,15 @@ class Producer:
             logger.debug("stream %s: pending events not logged: %s", self.stream_id, exc)
             self._pending = []
 
-    def _take(self, chunk: ChatCompletionChunk) -> bool:
-        """The SDK stream's chunk sink: append `chunk` to the (in-process) log now. False
-        when it is not taken here: the stream yields it and `_push` appends it (and raises
-        what the log raises)."""
+    def _take(self, chunks: list[ChatCompletionChunk]) -> bool:
+        """The SDK stream's chunk sink: append `chunks` (those of one upstream read) to the
+        (in-process) log now, in one append, and so to a live reader in one write. False
+        when they are not taken here: the stream yields them and `_push` appends them (and
+        raises what the log raises)."""
         append = self._append_now
         if append is None or self.degraded or self.reason is not None:
             return False
-        payloads = [_encode(chunk)]
+        payloads = [_encode(chunks[0])] if len(chunks) == 1 else [_encode(c) for c in chunks]
         try:
             n = append(self.stream_id, self.epoch, payloads, time.time(), end=False)
         except UnbrokenError:
