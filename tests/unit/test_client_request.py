@@ -1,0 +1,69 @@
+"""The SDK's request builder (`client._driver.post_request`) against httpx's own: the same
+request, byte for byte, for every shape of headers a caller can give."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from unbroken.client._driver import post_request
+
+URL = httpx.URL("http://127.0.0.1:8000/v1/chat/completions?x=1")
+TIMEOUT: dict[str, float | None] = {"connect": 5.0, "read": None, "write": 5.0, "pool": 5.0}
+BASE = {
+    "Content-Type": "application/json",
+    "Accept": "text/event-stream, application/json",
+    "User-Agent": "unbroken/0.1",
+}
+
+
+def _httpx(
+    url: httpx.URL, content: bytes, headers: dict[str, Any], also: tuple[str, str] | None
+) -> httpx.Request:
+    request = httpx.Request(
+        "POST", url, content=content, headers=headers, extensions={"timeout": TIMEOUT}
+    )
+    if also is not None:
+        request.headers[also[0]] = also[1]
+    return request
+
+
+CASES = [
+    pytest.param({**BASE, "Authorization": "Bearer sk-1"}, None, id="plain"),
+    pytest.param({**BASE, "X-Request-ID": "abc"}, ("X-Unbroken-Resumable", "1"), id="also-new"),
+    pytest.param(
+        {**BASE, "x-unbroken-resumable": "0", "X-UNBROKEN-RESUMABLE": "2"},
+        ("X-Unbroken-Resumable", "1"),
+        id="also-replaces-first-drops-rest",
+    ),
+    pytest.param({**BASE, "host": "example.test"}, None, id="own-host"),
+    pytest.param({**BASE, "content-length": "99"}, None, id="own-content-length"),
+    pytest.param({**BASE, "Transfer-Encoding": "chunked"}, None, id="transfer-encoding"),
+    pytest.param({**BASE, "X-Raw": b"\xe9t\xe9"}, None, id="bytes-value"),
+]
+
+
+@pytest.mark.parametrize(("headers", "also"), CASES)
+@pytest.mark.parametrize("content", [b'{"model":"m"}', b""], ids=["body", "empty"])
+def test_post_request_is_the_request_httpx_builds(
+    headers: dict[str, Any], also: tuple[str, str] | None, content: bytes
+) -> None:
+    ours = post_request(URL, content, headers, dict(TIMEOUT), also=also)
+    theirs = _httpx(URL, content, headers, also)
+    assert ours.method == theirs.method
+    assert ours.url == theirs.url
+    assert ours.headers.raw == theirs.headers.raw
+    assert ours.headers.encoding == theirs.headers.encoding
+    assert ours.content == theirs.content
+    assert ours.extensions == theirs.extensions
+    assert isinstance(ours.stream, httpx.ByteStream)
+    assert b"".join(ours.stream) == content
+
+
+def test_post_request_rejects_what_httpx_rejects() -> None:
+    with pytest.raises(TypeError):
+        post_request(URL, b"{}", {"X-Count": 3}, dict(TIMEOUT))  # type: ignore[dict-item]
+    with pytest.raises(UnicodeEncodeError):
+        post_request(URL, b"{}", {"X-Name": "caf\u00e9"}, dict(TIMEOUT))
