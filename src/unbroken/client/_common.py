@@ -432,7 +432,7 @@ class AnswerRun:
             ),
         )
         self._started = False
-        self.prompt_estimate = estimate_prompt_tokens(_texts(body))
+        self._prompt_estimate: int | None = None
         self.billed: Usage | None = None
         self.cost = Cost()
         self.estimated = False
@@ -458,6 +458,15 @@ class AnswerRun:
         # `hit` or `stale` once the answer is replayed from the answer cache.
         self.cache_status: str | None = None
         config.hooks.stream_start()
+
+    @property
+    def prompt_estimate(self) -> int:
+        """The prompt's estimated tokens, worked out when first needed: an answer that
+        reports its usage never needs it, and a long non-ASCII prompt costs ~0.1 us per
+        character to estimate."""
+        if self._prompt_estimate is None:
+            self._prompt_estimate = estimate_prompt_tokens(_texts(self.body))
+        return self._prompt_estimate
 
     # -- flow ------------------------------------------------------------------------------
 
