@@ -67,3 +67,7 @@ def test_post_request_rejects_what_httpx_rejects() -> None:
         post_request(URL, b"{}", {"X-Count": 3}, dict(TIMEOUT))  # type: ignore[dict-item]
     with pytest.raises(UnicodeEncodeError):
         post_request(URL, b"{}", {"X-Name": "caf\u00e9"}, dict(TIMEOUT))
+    with pytest.raises(AttributeError):
+        post_request(URL, b"{}", {3: "x"}, dict(TIMEOUT))  # type: ignore[dict-item]
+    with pytest.raises(AttributeError):
+        httpx.Request("POST", URL, content=b"{}", headers={3: "x"})  # type: ignore[arg-type]
