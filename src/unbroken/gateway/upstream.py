@@ -256,6 +256,10 @@ class _ResponseStream(httpx.AsyncByteStream):
                 raise httpx.ReadTimeout("timed out reading the upstream response") from None
 
     async def aclose(self) -> None:
+        self.close_now()
+
+    def close_now(self) -> None:
+        """Close without waiting (the SDK then needs no cancel shield around it)."""
         if self._done:
             return
         self._done = True
