@@ -618,14 +618,13 @@ class AnswerRun:
                 max_tokens=max_tokens_of(plan.body),
             )
             estimated = True
+        model = str(plan.body.get("model", ""))
         if usage is not None:
             self.billed = add_usage(self.billed, usage)
-            model = str(plan.body.get("model", ""))
             self.cost = self.cost + self.config.prices.cost(model, usage)
             self.estimated = self.estimated or estimated
         self._count_own(attempt, plan, verdict)
         outcome_name = _outcome_name(verdict.state if verdict else None, error)
-        model = str(plan.body.get("model", ""))
         self.infos.append(
             AttemptInfo(
                 route=plan.route.name,

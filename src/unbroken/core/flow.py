@@ -583,7 +583,8 @@ def _plan(
     waited: float,
     from_route: str | None,
 ) -> AttemptPlan | None:
-    base = {k: v for k, v in body.items() if k not in route_health.dropped_params}
+    dropped = route_health.dropped_params
+    base = {k: v for k, v in body.items() if k not in dropped} if dropped else dict(body)
     if route.model is not None:
         base["model"] = route.model
 
