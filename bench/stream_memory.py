@@ -73,7 +73,7 @@ def _dump(signum: int, frame: object) -> None:
         kind = type(obj)
         name = f"{kind.__module__}.{kind.__qualname__}"
         if kind.__name__ in ("coroutine", "async_generator", "generator"):
-            name += f" {obj.__qualname__}"  # type: ignore[attr-defined]
+            name += f" {obj.__qualname__}"
         elif isinstance(obj, asyncio.Task):
             name += f" of {getattr(obj.get_coro(), '__qualname__', '?')}"
         size = sys.getsizeof(obj)
