@@ -398,7 +398,7 @@ def gateway(mock_url: str, workdir: Path, out: Path, frames: int, streams: int) 
     }
     launcher = [sys.executable, __file__, "--serve"]
     with unbroken_server(
-        mock_url, workdir, extra_env=env, launcher=launcher, probe="/v1/models"
+        mock_url, workdir, extra_env=env, launcher=launcher, probe="/v1/models", ready_s=120
     ) as target:
         yield target
 

@@ -205,7 +205,9 @@ class ChunkAccumulator:
 
     def __init__(self) -> None:
         self._choices: dict[int, _Choice] = {}
-        self._splitter = EventSplitter()
+        # Made on the first `feed_events`: folding alone (two accumulators per answer in a
+        # gateway) needs none, and one cost ~350 bytes per live stream.
+        self._splitter: EventSplitter | None = None
         self.id = ""
         self.model = ""
         self.created = 0
@@ -295,7 +297,10 @@ class ChunkAccumulator:
     def feed_events(self, chunk: ChatCompletionChunk) -> list[ChatEvent]:
         """Fold one chunk and return the chat events it carries (see `EventSplitter`)."""
         self.feed(chunk)
-        return self._splitter.split(chunk)
+        splitter = self._splitter
+        if splitter is None:
+            splitter = self._splitter = EventSplitter()
+        return splitter.split(chunk)
 
     # -- queries -------------------------------------------------------------------------
 
