@@ -45,14 +45,19 @@ from gateway import Target, floor_server, rss_bytes, unbroken_server
 
 # Env of the gateway process: where it writes what SIGUSR1 asks for.
 DUMP_ENV = "STREAM_MEMORY_DIR"
-# The request every stream sends (as bench/gateway.py's load does).
-BODY = json.dumps(
-    {
-        "model": "deepseek-chat",
-        "stream": True,
-        "messages": [{"role": "user", "content": "benchmark 1"}],
-    }
-).encode()
+
+
+def request_body(prompt_bytes: int) -> bytes:
+    """The request every stream sends: bench/gateway.py's, or a user message of
+    `prompt_bytes` bytes (to see what a larger conversation costs per stream)."""
+    content = "benchmark 1" if prompt_bytes <= 0 else ("lorem ipsum " * prompt_bytes)[:prompt_bytes]
+    return json.dumps(
+        {
+            "model": "deepseek-chat",
+            "stream": True,
+            "messages": [{"role": "user", "content": content}],
+        }
+    ).encode()
 
 
 # -- inside the gateway process ------------------------------------------------------------
@@ -142,8 +147,9 @@ def serve_main(argv: list[str]) -> None:
 class Holder:
     """Streams to one target, read continuously on an event loop in a thread."""
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, body: bytes) -> None:
         self.target = target
+        self.body = body
         self.counts: list[int] = []
         self.done = 0
         self.failed: dict[str, int] = {}
@@ -159,7 +165,7 @@ class Holder:
         head = (
             f"POST {t.path} HTTP/1.1\r\nHost: 127.0.0.1:{t.port}\r\n"
             f"Content-Type: application/json\r\nAuthorization: Bearer {t.auth}\r\n"
-            f"Content-Length: {len(BODY)}\r\n\r\n"
+            f"Content-Length: {len(self.body)}\r\n\r\n"
         ).encode()
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", t.port, limit=1 << 20)
@@ -167,7 +173,7 @@ class Holder:
             self.failed[type(exc).__name__] = self.failed.get(type(exc).__name__, 0) + 1
             return
         self._writers.append(writer)
-        writer.write(head + BODY)
+        writer.write(head + self.body)
         tail = b""
         while True:
             data = await reader.read(65536)
@@ -244,7 +250,8 @@ def _settle(pid: int, quiet_s: float = 1.0) -> None:
 
 def hold(target: Target, args: argparse.Namespace, out: Path | None) -> dict[str, Any]:
     """Warm the target up, take its baseline, hold args.streams streams mid-answer, measure."""
-    warm = Holder(target)
+    body = request_body(args.prompt_bytes)
+    warm = Holder(target, body)
     warm.open(32, 0.5)
     warm.wait(3, 120)
     warm.close()
@@ -255,7 +262,7 @@ def hold(target: Target, args: argparse.Namespace, out: Path | None) -> dict[str
         _ask(target.pid, signal.SIGUSR1, out, "0.done")
     before = rss_bytes(target.pid)
     streams = args.traced_streams if target.name == "traced" else args.streams
-    holder = Holder(target)
+    holder = Holder(target, body)
     try:
         holder.open(streams, args.ramp)
         took = holder.wait(args.chunks, args.ramp + args.chunks * args.token_ms / 1000 * 4 + 120)
@@ -417,6 +424,9 @@ def main() -> None:
     )
     parser.add_argument("--frames", type=int, default=6, help="tracemalloc frames kept")
     parser.add_argument("--top", type=int, default=15, help="rows per breakdown")
+    parser.add_argument(
+        "--prompt-bytes", type=int, default=0, help="a user message of this size (default: tiny)"
+    )
     parser.add_argument("--skip", default="", help="targets to skip: floor,unbroken,traced")
     args = parser.parse_args()
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}
@@ -427,7 +437,8 @@ def main() -> None:
     )
     print(
         f"{args.streams} streams held open until each has {args.chunks} chunks "
-        f"({args.token_ms:g} ms between tokens, answers of {answer} tokens); "
+        f"({args.token_ms:g} ms between tokens, answers of {answer} tokens, "
+        f"{len(request_body(args.prompt_bytes))}-byte requests); "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )

@@ -230,7 +230,8 @@ class Exchange:
         self.request = httpx.Request(
             "POST",
             url,
-            content=msgspec.json.encode(body),
+            # Exact size: msgspec's buffer is up to 1.5x the JSON, held for the attempt.
+            content=bytes(memoryview(msgspec.json.encode(body))),
             headers=request_headers(route, run.extra_headers),
             extensions={
                 "timeout": {

@@ -659,14 +659,21 @@ class StreamHub:
         SDK stream, as the answer cache's recorder does)."""
         stream_id = new_stream_id(os.urandom(16))
         g = self.settings
-        saved = _encode(
-            {
-                "model": request.model,
-                "messages": request.messages,
-                "extra": request.extra,
-                "fallbacks": request.fallbacks,
-                "headers": headers,
-            }
+        # Copied to its exact size: msgspec returns its growth buffer (up to 1.5x the JSON),
+        # and the log keeps this for the answer's lifetime and after (an 8 KB request held
+        # 12 KB; bench/stream_memory.py --prompt-bytes 8000).
+        saved = bytes(
+            memoryview(
+                _encode(
+                    {
+                        "model": request.model,
+                        "messages": request.messages,
+                        "extra": request.extra,
+                        "fallbacks": request.fallbacks,
+                        "headers": headers,
+                    }
+                )
+            )
         )
         lease = await self.log.create(
             stream_id,
