@@ -283,7 +283,10 @@ def unbroken_server(
     ready_s: float = 30.0,
     log: Path | None = None,
     probe: str = "/v1/chat/completions",
+    launcher: list[str] | None = None,
 ) -> Iterator[Target]:
+    """`unbroken serve` in its own process; `launcher` replaces `python -c <code>` (the
+    serve command's arguments follow it), e.g. to run it under a profiler."""
     port = free_port()
     config = workdir / "unbroken.toml"
     digest = hashlib.sha256(GATEWAY_KEY.encode()).hexdigest()
@@ -300,9 +303,7 @@ def unbroken_server(
     env = {**os.environ, "DEEPSEEK_API_KEY": "sk-bench", **(extra_env or {})}
     proc = subprocess.Popen(
         [
-            sys.executable,
-            "-c",
-            code,
+            *(launcher or [sys.executable, "-c", code]),
             "--config",
             str(config),
             "--port",
@@ -682,7 +683,7 @@ async def _floor(port: int, mock_port: int) -> None:
 
 
 @contextmanager
-def floor_server(mock_port: int) -> Iterator[Target]:
+def floor_server(mock_port: int, probe: str = "/v1/chat/completions") -> Iterator[Target]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, __file__, "--floor", str(port), str(mock_port)],
@@ -690,12 +691,7 @@ def floor_server(mock_port: int) -> Iterator[Target]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_ready(
-            f"http://127.0.0.1:{port}/v1/chat/completions",
-            {"Authorization": "Bearer sk"},
-            proc,
-            20,
-        )
+        _wait_ready(f"http://127.0.0.1:{port}{probe}", {"Authorization": "Bearer sk"}, proc, 20)
         yield Target("floor", proc.pid, port, "/v1/chat/completions")
     finally:
         proc.terminate()

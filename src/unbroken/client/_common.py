@@ -378,6 +378,42 @@ class AnswerRun:
     make `new_attempt(plan, now)` and report `end_attempt(...)`.
     """
 
+    # A gateway keeps one per live answer: no instance dict (~1.5 KB with these attributes).
+    __slots__ = (
+        "_flow",
+        "_own_completion",
+        "_own_estimated",
+        "_own_prompt",
+        "_plan",
+        "_recorded",
+        "_started",
+        "_token_reserve",
+        "answer",
+        "billed",
+        "body",
+        "cache_status",
+        "chunk_sink",
+        "chunks",
+        "config",
+        "cost",
+        "counts",
+        "deadline_at",
+        "endpoint",
+        "estimated",
+        "events",
+        "extra_headers",
+        "final_plan",
+        "first_token_at",
+        "infos",
+        "prompt_estimate",
+        "query",
+        "response",
+        "routes",
+        "started_at",
+        "timeouts",
+        "usage_chunk",
+    )
+
     def __init__(
         self,
         config: ClientConfig,

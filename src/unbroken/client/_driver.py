@@ -295,7 +295,8 @@ class Exchange:
         connect = t.connect_s if read_s is None or t.connect_s is None else min(t.connect_s, read_s)
         self.request = post_request(
             url,
-            msgspec.json.encode(body),
+            # Exact size: msgspec's buffer is up to 1.5x the JSON, held for the attempt.
+            bytes(memoryview(msgspec.json.encode(body))),
             request_headers(route, run.extra_headers),
             {"connect": connect, "read": read_s, "write": t.connect_s, "pool": t.connect_s},
             also=also,

@@ -478,6 +478,7 @@ class Gateway:
             # A name not served yet: ask the upstream what it serves (when due), then check.
             await self.router.refresh(self._upstream_models, time.monotonic())
             request = parse_chat_request(raw, self.models, self.route_names)
+        del raw  # parsed: not kept for the whole answer (its size again per live stream)
         await self.serve_chat(ex, caller, request)
 
     def check_models(self, caller: Caller, request: ChatRequest) -> None:

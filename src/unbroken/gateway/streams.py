@@ -37,9 +37,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
@@ -47,6 +47,7 @@ from urllib.parse import parse_qs
 import anyio
 import msgspec
 
+from unbroken._flag import Flag
 from unbroken.client import AsyncStream
 from unbroken.core.accumulator import ChunkAccumulator
 from unbroken.core.streamlog import (
@@ -202,6 +203,40 @@ class Producer:
         renew_slot: renews the caller's concurrency slot (called every `slot_every_s`).
     """
 
+    # One per live answer: no instance dict (~1 KB with this many attributes).
+    __slots__ = (
+        "_append_now",
+        "_batched",
+        "_changed",
+        "_flush",
+        "_n_waiting",
+        "_on_complete",
+        "_on_end",
+        "_pending",
+        "_renew_slot",
+        "_scope",
+        "_sinks",
+        "_slot_at",
+        "_slot_every_s",
+        "_tail_max",
+        "completion",
+        "degraded",
+        "detached_at",
+        "epoch",
+        "failure",
+        "finished",
+        "first",
+        "hub",
+        "n_events",
+        "n_readers",
+        "reason",
+        "resumable",
+        "stream_id",
+        "tail",
+        "takeovers",
+        "task",
+    )
+
     def __init__(
         self,
         hub: StreamHub,
@@ -228,21 +263,22 @@ class Producer:
         self._slot_every_s = slot_every_s
         self._slot_at = time.monotonic()
         self._scope = anyio.CancelScope()
-        self._changed = asyncio.Event()
+        self._changed = Flag()
         self._n_waiting = 0
         # The memory log appends without a coroutine (one less per chunk), and is read
         # without a round trip: a short tail does (the log packs its events; a tail holding
         # a whole answer's payloads cost ~60 KB per live stream).
         self._append_now: Callable[..., int] | None = getattr(hub.log, "append_now", None)
-        self.tail: deque[tuple[int, bytes]] = deque(
-            maxlen=TAIL_EVENTS if self._append_now is None else LOCAL_TAIL_EVENTS
-        )
+        # A list trimmed to `_tail_max`, not a deque(maxlen=...): a deque's first block holds
+        # 64 slots (~760 bytes) per live answer for the 8 events kept here.
+        self._tail_max = TAIL_EVENTS if self._append_now is None else LOCAL_TAIL_EVENTS
+        self.tail: list[tuple[int, bytes]] = []
         # Group commit for a remote log: events pushed while an append is in flight go
         # together in the next one, so the upstream is read on meanwhile.
         self._batched = getattr(hub.log, "is_remote", False)
         self._pending: list[bytes] = []
         self._flush: asyncio.Task[None] | None = None
-        self.first = asyncio.Event()  # set at the first append, or when the answer failed
+        self.first = Flag()  # set at the first append, or when the answer failed
         # The log failed mid-answer (store outage): the rest lives in `tail` only.
         self.degraded = False
         self.failure: GatewayError | None = None
@@ -432,23 +468,26 @@ class Producer:
                     exc.message,
                 )
                 self.degraded = True
-                self.tail = deque(self.tail)  # unbounded: the store cannot page for readers
+                self._tail_max = sys.maxsize  # unbounded: the store cannot page for readers
                 n = self.n_events + len(payloads)
         self._appended(payloads, n)
 
     def _appended(self, payloads: list[bytes], n: int) -> None:
         """`payloads` are in the log, the last as event `n`: keep them in the tail, hand
         them to the sinks, wake the waiting readers."""
+        tail = self.tail
         if len(payloads) == 1:
-            self.tail.append((n, payloads[0]))
+            tail.append((n, payloads[0]))
         else:
-            self.tail.extend(zip(range(n - len(payloads) + 1, n + 1), payloads, strict=True))
+            tail.extend(zip(range(n - len(payloads) + 1, n + 1), payloads, strict=True))
+        if len(tail) > self._tail_max:
+            del tail[: len(tail) - self._tail_max]
         self.n_events = n
         if self._sinks:
             self._feed(n - len(payloads) + 1, payloads)
         if self._n_waiting:
             self._changed.set()
-            self._changed = asyncio.Event()
+            self._changed = Flag()
         if not self.first.is_set():
             self.first.set()
 
@@ -620,14 +659,21 @@ class StreamHub:
         SDK stream, as the answer cache's recorder does)."""
         stream_id = new_stream_id(os.urandom(16))
         g = self.settings
-        saved = _encode(
-            {
-                "model": request.model,
-                "messages": request.messages,
-                "extra": request.extra,
-                "fallbacks": request.fallbacks,
-                "headers": headers,
-            }
+        # Copied to its exact size: msgspec returns its growth buffer (up to 1.5x the JSON),
+        # and the log keeps this for the answer's lifetime and after (an 8 KB request held
+        # 12 KB; bench/stream_memory.py --prompt-bytes 8000).
+        saved = bytes(
+            memoryview(
+                _encode(
+                    {
+                        "model": request.model,
+                        "messages": request.messages,
+                        "extra": request.extra,
+                        "fallbacks": request.fallbacks,
+                        "headers": headers,
+                    }
+                )
+            )
         )
         lease = await self.log.create(
             stream_id,
@@ -821,7 +867,7 @@ class StreamHub:
                 tail = local.tail
                 # Live on this instance: serve from the producer's tail, not the store. Ids
                 # in the tail are consecutive: the new ones are its last `n_new`, indexed
-                # from the right end (where a deque is quick to index).
+                # from the right end.
                 n_new = tail[-1][0] - after
                 fresh = [tail[-i] for i in range(n_new, 0, -1)]
                 for seq, payload in fresh:

@@ -460,9 +460,12 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 await conn.wait(read_timeout)
             except TimeoutError:
                 raise httpx.ReadTimeout("timed out waiting for the upstream's headers") from None
+        # httpx keeps its own copy of the headers: the connection's list goes now, not with
+        # the response (~600 bytes per live stream).
+        headers, conn.headers = conn.headers, []
         return httpx.Response(
             conn.status,
-            headers=conn.headers,
+            headers=headers,
             stream=_ResponseStream(self, conn, read_timeout),
             # The connection is the network stream: the SDK's stream timers abort() it.
             extensions={"http_version": b"HTTP/1.1", "network_stream": conn},

@@ -4,7 +4,7 @@ One interface, two backends: this one (one process, the default) and `RedisStrea
 (`stores/redis_streamlog.py`, shared by several gateway instances). One table of behaviour
 cases runs against both (`tests/integration/test_streamlog.py`). Ids, leases, epochs and
 retention are `core.streamlog` values; time is passed in (Unix seconds). Imports core,
-errors and asyncio.
+errors, asyncio and unbroken._flag.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from unbroken._flag import Flag
 from unbroken.core.streamlog import (
     Lease,
     Retention,
@@ -173,7 +174,7 @@ class _Stream:
     updated_at: float = 0.0
     ended_at: float | None = None
     n_waiting: int = 0
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    changed: Flag = field(default_factory=Flag)
     gone: bool = False  # events forgotten (a tombstone)
 
     @property
@@ -195,7 +196,7 @@ class _Stream:
 class MemoryStreamLog:
     """The embedded `StreamLog`: dicts in this process (one event loop, so every method
     is atomic), each log's events packed (stores/packed.py). Readers wait on an
-    `asyncio.Event` per stream, set on every append.
+    asyncio.Event-like `Flag` (unbroken._flag) per stream, set on every append.
 
     Args:
         retention: how long and how much is kept.
@@ -301,7 +302,7 @@ class MemoryStreamLog:
             stream.ended_at = now
         if stream.n_waiting:
             stream.changed.set()
-            stream.changed = asyncio.Event()
+            stream.changed = Flag()
         return stream.n_events
 
     async def read(self, stream_id: str, after: int, *, limit: int, max_bytes: int) -> Batch:
