@@ -238,12 +238,20 @@ class ChunkAccumulator:
             if delta is not None:
                 if delta.role is not None and state.role is None:
                     state.role = delta.role
-                if delta.content is not None:
-                    if state.content is None:
-                        state.content = []
-                    _add_piece(state.content, delta.content)
-                    state.n_text_deltas += delta.content != ""
-                reasoning = delta.reasoning_text
+                content = delta.content
+                if content is not None:
+                    pieces = state.content
+                    if pieces is None:
+                        pieces = state.content = []
+                    # `_add_piece` inlined: this runs twice per relayed chunk.
+                    pieces.append(content)
+                    if len(pieces) >= MAX_PIECES:
+                        pieces[:] = ["".join(pieces)]
+                    if content:
+                        state.n_text_deltas += 1
+                reasoning = delta.reasoning_content
+                if reasoning is None:
+                    reasoning = delta.reasoning
                 if reasoning is not None:
                     if state.reasoning is None:
                         state.reasoning = []

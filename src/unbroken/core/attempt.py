@@ -129,6 +129,7 @@ class Attempt:
         "_hold",
         "_id",
         "_json",
+        "_kept",
         "_map",
         "_prior",
         "_rewrite",
@@ -140,6 +141,7 @@ class Attempt:
         "first_token_at",
         "headers_at",
         "last_data_at",
+        "payloads",
         "plan",
         "started_at",
         "verdict",
@@ -176,6 +178,9 @@ class Attempt:
         self._blank: ChatCompletionChunk | None = None
         self._json = is_json_mode(plan.body)
         self.verdict: StreamEnd | None = None
+        # The upstream's own JSON of the chunks the last `feed` returned, when it is theirs
+        # byte for byte: one chunk, its read's only event, unchanged here (see `feed`).
+        self.payloads: list[bytes] | None = None
         target = 0 if plan.choice_index is None else plan.choice_index
         self._map = plan.choice_index if plan.choice_index else None
         self._id = answer.id or None
@@ -186,6 +191,7 @@ class Attempt:
         self._trim = None
         if continuation is not None and continuation.trim_overlap:
             self._trim = OverlapTrimmer(answer.content(target))
+        self._kept = True
         self._rewrite = (
             bool(self._id or self._map is not None or self._strip_role or self._hide_reasoning)
             or (self._trim is not None)
@@ -263,17 +269,28 @@ class Attempt:
     # -- data ------------------------------------------------------------------------------
 
     def feed(self, data: bytes, now: float) -> list[ChatCompletionChunk]:
-        """One read of the body; returns the chunks to show the consumer."""
-        chunks = self.decoder.feed(data)
+        """One read of the body; returns the chunks to show the consumer, and sets
+        `payloads` to their upstream bytes when those can be relayed as they are: a read of
+        one event whose chunk nothing here changed (no seam rewrite, no interrupting finish
+        hidden, none held back)."""
+        self.payloads = None
+        decoder = self.decoder
+        chunks = decoder.feed(data)
         if not chunks:
             return chunks
         self.last_data_at = now
-        return self._deliver(chunks, now)
+        out = self._deliver(chunks, now)
+        raw = decoder.raw
+        if raw is not None and len(out) == 1 and out[0] is chunks[0] and self._kept:
+            self.payloads = [raw]
+        return out
 
     def _deliver(self, chunks: list[ChatCompletionChunk], now: float) -> list[ChatCompletionChunk]:
         acc = self.acc
         answer = self._answer
         out: list[ChatCompletionChunk] = []
+        # Whether the chunks leave as they came (`payloads`).
+        self._kept = not self._rewrite
         for chunk in chunks:
             acc.feed(chunk)
             for choice in chunk.choices:
@@ -281,6 +298,7 @@ class Attempt:
                 # shown: the consumer sees one finish, the real one.
                 if choice.finish_reason is not None and choice.finish_reason in INTERRUPTED_REASONS:
                     choice.finish_reason = None
+                    self._kept = False
             if self.first_token_at is None and _has_token(chunk):
                 self.first_token_at = now
             if self._rewrite:

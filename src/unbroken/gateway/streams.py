@@ -243,6 +243,7 @@ class Producer:
         self._pending: list[bytes] = []
         self._flush: asyncio.Task[None] | None = None
         self.first = asyncio.Event()  # set at the first append, or when the answer failed
+        self._unset = True  # `first` not set by an append yet (no method call per append)
         # The log failed mid-answer (store outage): the rest lives in `tail` only.
         self.degraded = False
         self.failure: GatewayError | None = None
@@ -307,7 +308,9 @@ class Producer:
         for sink in self._sinks:
             if not sink.feed(first, payloads):
                 refused = [sink] if refused is None else [*refused, sink]
-        for sink in refused or ():
+        if refused is None:
+            return
+        for sink in refused:
             parked = self._sinks.pop(sink)
             if not parked.done():
                 parked.set_result(None)
@@ -397,15 +400,17 @@ class Producer:
             logger.debug("stream %s: pending events not logged: %s", self.stream_id, exc)
             self._pending = []
 
-    def _take(self, chunks: list[ChatCompletionChunk]) -> bool:
+    def _take(self, chunks: list[ChatCompletionChunk], payloads: list[bytes] | None) -> bool:
         """The SDK stream's chunk sink: append `chunks` (those of one upstream read) to the
-        (in-process) log now, in one append, and so to a live reader in one write. False
-        when they are not taken here: the stream yields them and `_push` appends them (and
-        raises what the log raises)."""
+        (in-process) log now, in one append, and so to a live reader in one write; as
+        `payloads`, their upstream bytes, when the stream gives them. False when they are
+        not taken here: the stream yields them and `_push` appends them (and raises what the
+        log raises)."""
         append = self._append_now
         if append is None or self.degraded or self.reason is not None:
             return False
-        payloads = [_encode(chunks[0])] if len(chunks) == 1 else [_encode(c) for c in chunks]
+        if payloads is None:
+            payloads = [_encode(c) for c in chunks]
         try:
             n = append(self.stream_id, self.epoch, payloads, time.time(), end=False)
         except UnbrokenError:
@@ -441,15 +446,18 @@ class Producer:
         them to the sinks, wake the waiting readers."""
         if len(payloads) == 1:
             self.tail.append((n, payloads[0]))
+            if self._sinks:
+                self._feed(n, payloads)
         else:
             self.tail.extend(zip(range(n - len(payloads) + 1, n + 1), payloads, strict=True))
+            if self._sinks:
+                self._feed(n - len(payloads) + 1, payloads)
         self.n_events = n
-        if self._sinks:
-            self._feed(n - len(payloads) + 1, payloads)
         if self._n_waiting:
             self._changed.set()
             self._changed = asyncio.Event()
-        if not self.first.is_set():
+        if self._unset:
+            self._unset = False
             self.first.set()
 
     async def run(self, open_stream: OpenStream) -> None:
@@ -462,7 +470,7 @@ class Producer:
                 if type(stream) is AsyncStream and self._append_now is not None:
                     # Chunks go into the log from the upstream's data callback (not through
                     # a wrapper such as the answer cache's recorder, which must see them).
-                    stream.set_chunk_sink(self._take)
+                    stream.set_chunk_sink(self._take, with_payloads=True)
                 async for chunk in stream:
                     await self._push(_encode(chunk))
                 await self._settle()
