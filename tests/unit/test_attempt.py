@@ -699,3 +699,19 @@ def test_held_tool_calls_are_released_re_encoded() -> None:
     assert payloads(attempt) is None
     assert len(attempt.feed(sse({}, "tool_calls"), 1.0)) == 2
     assert payloads(attempt) is None
+
+
+def test_a_first_attempt_folds_once_and_keeps_its_fold_after_finishing() -> None:
+    """An attempt that starts the answer shares its fold until it finishes: its
+    accumulator then equals the answer's, and chunks the answer gets afterwards (another
+    attempt's) are not the attempt's."""
+    answer = ChunkAccumulator()
+    attempt = Attempt(AttemptPlan(route=ROUTE, body={}), answer, now=0.0)
+    feed_all(attempt, sse({"role": "assistant", "content": "Hel"}), sse({"content": "lo"}))
+    assert attempt.acc.content() == "Hello"
+    assert attempt.acc.n_chunks == 2
+    answer.feed(ChatCompletionChunk(choices=[ChunkChoice(delta=Delta(content="!"))]))
+    assert answer.content() == "Hello!"
+    assert attempt.acc.content() == "Hello"
+    assert attempt.verdict is not None
+    assert attempt.verdict.state is EndState.TRUNCATED

@@ -5,6 +5,8 @@ Imports only the standard library and core siblings.
 
 from __future__ import annotations
 
+from typing import Any
+
 from unbroken.core.events import (
     ChatEvent,
     FinishEvent,
@@ -82,6 +84,27 @@ class _Choice:
         self.logprobs_content: list[TokenLogprob] | None = None
         self.logprobs_reasoning: list[TokenLogprob] | None = None
         self.finish_reason: str | None = None
+
+    def copy(self) -> _Choice:
+        twin = _Choice()
+        twin.role = self.role
+        twin.n_text_deltas = self.n_text_deltas
+        twin.content = _copied(self.content)
+        twin.reasoning = _copied(self.reasoning)
+        twin.refusal = _copied(self.refusal)
+        for key, tool in self.tools.items():
+            copied = twin.tools[key] = _Tool()
+            copied.id, copied.type, copied.name = tool.id, tool.type, tool.name
+            copied.args = list(tool.args)
+        twin.logprobs = self.logprobs
+        twin.logprobs_content = _copied(self.logprobs_content)
+        twin.logprobs_reasoning = _copied(self.logprobs_reasoning)
+        twin.finish_reason = self.finish_reason
+        return twin
+
+
+def _copied(items: list[Any] | None) -> list[Any] | None:
+    return None if items is None else list(items)
 
 
 def join_text(pieces: list[str]) -> str:
@@ -297,6 +320,21 @@ class ChunkAccumulator:
             if state.logprobs_reasoning is None:
                 state.logprobs_reasoning = []
             state.logprobs_reasoning.extend(logprobs.reasoning_content)
+
+    def copy(self) -> ChunkAccumulator:
+        """An independent accumulator in the same state (what was folded so far)."""
+        twin = ChunkAccumulator()
+        twin.id = self.id
+        twin.model = self.model
+        twin.created = self.created
+        twin.system_fingerprint = self.system_fingerprint
+        twin.usage = self.usage
+        twin.n_chunks = self.n_chunks
+        twin._splitter._roles = set(self._splitter._roles)
+        twin._splitter._held = dict(self._splitter._held)
+        for index, state in self._choices.items():
+            twin._choices[index] = state.copy()
+        return twin
 
     def feed_events(self, chunk: ChatCompletionChunk) -> list[ChatEvent]:
         """Fold one chunk and return the chat events it carries (see `EventSplitter`)."""

@@ -120,6 +120,7 @@ class Attempt:
     """
 
     __slots__ = (
+        "_acc",
         "_answer",
         "_blank",
         "_created",
@@ -136,7 +137,6 @@ class Attempt:
         "_strip_role",
         "_timeouts",
         "_trim",
-        "acc",
         "decoder",
         "first_token_at",
         "headers_at",
@@ -169,7 +169,6 @@ class Attempt:
         self.decoder = ChatStreamDecoder(
             max_event_bytes=max_event_bytes, text_completions=text_completions
         )
-        self.acc = ChunkAccumulator()
         self.started_at = now
         self.headers_at: float | None = None
         self.first_token_at: float | None = None
@@ -197,6 +196,26 @@ class Attempt:
             or (self._trim is not None)
             or (prior_usage is not None)
         )
+        # The attempt's own fold. None while it would equal the answer's: on an attempt
+        # that starts the answer and rewrites nothing, every chunk goes to both alike
+        # until one is held back or changed (see `_diverge`), so it is folded once.
+        self._acc: ChunkAccumulator | None = (
+            None if not self._rewrite and answer.n_chunks == 0 else ChunkAccumulator()
+        )
+
+    @property
+    def acc(self) -> ChunkAccumulator:
+        """This attempt's stream as delivered, folded (its end state, usage and text)."""
+        if self._acc is None:
+            self._acc = self._answer.copy()
+        return self._acc
+
+    def _diverge(self, chunk: ChatCompletionChunk) -> None:
+        # `chunk` is about to reach the answer changed, later or never: from here on the
+        # attempt folds its own copy (with `chunk` as it came).
+        if self._acc is None:
+            self._acc = self._answer.copy()
+            self._acc.feed(chunk)
 
     # -- timers ----------------------------------------------------------------------------
 
@@ -286,17 +305,18 @@ class Attempt:
         return out
 
     def _deliver(self, chunks: list[ChatCompletionChunk], now: float) -> list[ChatCompletionChunk]:
-        acc = self.acc
         answer = self._answer
         out: list[ChatCompletionChunk] = []
         # Whether the chunks leave as they came (`payloads`).
         self._kept = not self._rewrite
         for chunk in chunks:
-            acc.feed(chunk)
+            if self._acc is not None:
+                self._acc.feed(chunk)
             for choice in chunk.choices:
                 # An interrupting finish (insufficient_system_resource...) is resumed, not
                 # shown: the consumer sees one finish, the real one.
                 if choice.finish_reason is not None and choice.finish_reason in INTERRUPTED_REASONS:
+                    self._diverge(chunk)
                     choice.finish_reason = None
                     self._kept = False
             if self.first_token_at is None and _has_token(chunk):
@@ -310,11 +330,13 @@ class Attempt:
             if self._json and _has_finish(chunk) and self._is_blank(chunk):
                 # JSON mode can end with an answer of spaces (DeepSeek blanks non-JSON
                 # output): its finish is held back and the attempt judged a failure.
+                self._diverge(chunk)
                 self._blank = chunk
                 continue
             tools = self._hold and _has_tool_calls(chunk)
             if tools or (self._hold and self._held):
                 if tools and not _has_finish(chunk):
+                    self._diverge(chunk)
                     self._held.append(chunk)
                     continue
                 out.extend(self._held)
