@@ -148,7 +148,11 @@ class ChatStreamDecoder:
             payload = self._sse.one_data_event(data)
             # The hot path: one chunk per read. Its bytes, valid UTF-8, decode as their text
             # does (msgspec checks UTF-8 only in the fields it reads).
-            if payload is not None and payload[:1] == b"{" and _is_utf8(payload):
+            if (
+                payload is not None
+                and payload.startswith(b"{")
+                and (payload.isascii() or _is_utf8(payload))
+            ):
                 try:
                     chunk = self._decode_chunk(payload)
                 except UnbrokenError as exc:
@@ -258,8 +262,6 @@ class ChatStreamDecoder:
 
 
 def _is_utf8(data: bytes) -> bool:
-    if data.isascii():
-        return True
     try:
         data.decode("utf-8")
     except UnicodeDecodeError:
