@@ -40,6 +40,7 @@ from unbroken.gateway.direct import DirectBody  # noqa: E402
 from unbroken.gateway.keys import Caller  # noqa: E402
 from unbroken.gateway.relay import LiveSink, StreamRelay  # noqa: E402
 from unbroken.gateway.request import ChatRequest  # noqa: E402
+from unbroken.gateway.server import GC_THRESHOLDS  # noqa: E402
 from unbroken.gateway.upstream import _Connection  # noqa: E402
 from unbroken.settings import GatewaySettings, LimitSettings, Settings  # noqa: E402
 
@@ -221,7 +222,8 @@ async def run(bench: Bench, streams: int, profile: str | None) -> None:
         await bench.gateway_once(gw)
         bench.floor_once()
     gc.collect()
-    gc.freeze()  # as `unbroken serve` does after start-up
+    gc.freeze()  # as `unbroken serve` does after start-up, with its thresholds
+    gc.set_threshold(*GC_THRESHOLDS)
     ours: list[float] = []
     floor: list[float] = []
     profiler = cProfile.Profile() if profile else None
