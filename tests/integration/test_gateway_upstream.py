@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import httpx
+import msgspec
 import pytest
 
 from unbroken.client import AsyncClient
@@ -154,6 +155,45 @@ async def test_a_chunk_sink_takes_the_chunks_of_one_read_together(upstream: Mock
     assert expected
     head = [c for c in yielded if c.usage is None]
     assert _text([*head, *taken]) == expected
+
+
+@pytest.mark.anyio
+async def test_a_payload_sink_gets_the_upstream_bytes_of_each_chunk_read_alone(
+    upstream: MockServer,
+) -> None:
+    """With `with_payloads=True` a chunk read alone (tokens 10 ms apart) comes with the
+    upstream's own JSON of it: bytes that decode to that chunk, and that re-encoding gives
+    back for the mock's chunks."""
+    headers = {"X-Mock-Ttft-Ms": "100", "X-Mock-Token-Ms": "10", "X-Mock-Tokens": "20"}
+    messages = [{"role": "user", "content": "t"}]
+    taken: list[tuple[list[ChatCompletionChunk], list[bytes] | None]] = []
+
+    def sink(chunks: list[ChatCompletionChunk], payloads: list[bytes] | None) -> bool:
+        taken.append((list(chunks), payloads))
+        return True
+
+    async with AsyncClient(
+        api_key="sk", base_url=upstream.url, transport=LeanTransport()
+    ) as client:
+        plain = await client.chat.completions.create(
+            model="deepseek-chat", messages=messages, stream=True, extra_headers=headers
+        )
+        expected = _text([c async for c in plain])
+        stream = await client.chat.completions.create(
+            model="deepseek-chat", messages=messages, stream=True, extra_headers=headers
+        )
+        stream.set_chunk_sink(sink, with_payloads=True)
+        yielded = [c async for c in stream]
+    with_bytes = [(chunks, payloads) for chunks, payloads in taken if payloads is not None]
+    assert len(with_bytes) >= 10
+    for chunks, payloads in with_bytes:
+        assert payloads is not None
+        assert len(chunks) == len(payloads) == 1
+        assert msgspec.json.decode(payloads[0], type=ChatCompletionChunk) == chunks[0]
+        assert msgspec.json.encode(chunks[0]) == payloads[0]
+    head = [c for c in yielded if c.usage is None]
+    assert expected
+    assert _text([*head, *(c for chunks, _ in taken for c in chunks)]) == expected
 
 
 def _text(chunks: list[ChatCompletionChunk]) -> str:

@@ -513,3 +513,71 @@ def test_split_and_interleaved_fragments_fold_to_the_completion(
     assert [(c.index, c.message, c.finish_reason) for c in folded.choices] == [
         (c.index, c.message, c.finish_reason) for c in completion.choices
     ]
+
+
+def test_a_copy_folds_on_alone() -> None:
+    """`copy()` holds what was folded (text, reasoning, refusal, tool calls, logprobs,
+    usage); chunks fed to the copy afterwards leave the original as it was."""
+    acc = ChunkAccumulator()
+    call = ToolCallDelta(index=0, id="t1", type="function", function=FunctionDelta("f", "{"))
+    logprobs = ChoiceLogprobs(content=[TokenLogprob(token="a", logprob=-0.1)])
+    acc.feed(
+        ChatCompletionChunk(
+            id="c",
+            model="m",
+            choices=[
+                ChunkChoice(
+                    delta=Delta(
+                        role="assistant",
+                        content="Hi",
+                        reasoning_content="hm",
+                        refusal="no",
+                        tool_calls=[call],
+                    ),
+                    logprobs=logprobs,
+                )
+            ],
+            usage=Usage(prompt_tokens=1),
+        )
+    )
+    twin = acc.copy()
+    assert twin.completion() == acc.completion()
+    assert twin.n_chunks == acc.n_chunks == 1
+    more = ToolCallDelta(index=0, function=FunctionDelta(arguments="}"))
+    twin.feed(
+        ChatCompletionChunk(
+            choices=[
+                ChunkChoice(
+                    delta=Delta(content="!", tool_calls=[more]),
+                    logprobs=logprobs,
+                    finish_reason="stop",
+                )
+            ]
+        )
+    )
+    assert twin.content() == "Hi!"
+    assert acc.content() == "Hi"
+    assert acc.finish_reason() is None
+    message = acc.completion().choices[0].message
+    assert message.tool_calls is not None
+    assert message.tool_calls[0].function.arguments == "{"
+    logged = acc.completion().choices[0].logprobs
+    assert logged is not None
+    assert logged.content is not None
+    assert len(logged.content) == 1
+
+
+def test_a_copy_keeps_the_event_split_state_apart() -> None:
+    """A copy made after events were split goes on from the same state (a role shown once,
+    a held surrogate) without sharing it with the original."""
+    acc = ChunkAccumulator()
+    acc.feed_events(ChatCompletionChunk(choices=[ChunkChoice(delta=Delta(role="assistant"))]))
+    acc.feed_events(ChatCompletionChunk(choices=[ChunkChoice(delta=Delta(content="a\ud83d"))]))
+    twin = acc.copy()
+    again = ChatCompletionChunk(
+        choices=[ChunkChoice(delta=Delta(role="assistant", content="\ude00"))]
+    )
+    assert twin.feed_events(again) == [TextEvent(0, "\U0001f600")]
+    assert acc.feed_events(again) == [TextEvent(0, "\U0001f600")]
+    assert acc.feed_events(again) == [TextEvent(0, "\ude00")]
+    assert twin.feed_events(again) == [TextEvent(0, "\ude00")]

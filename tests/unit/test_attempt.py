@@ -645,3 +645,73 @@ def test_recheck_is_sooner_while_the_first_token_is_awaited() -> None:
         timeouts=Timeouts(headers_s=None, first_token_s=None, idle_s=None),
     )
     assert silent.recheck_at(1.0) is None
+
+
+# -- payloads: the upstream's own bytes ----------------------------------------------------
+
+
+def payloads(attempt: Attempt) -> list[bytes] | None:
+    return attempt.payloads  # a call: mypy keeps no narrowing across `feed`
+
+
+def test_unchanged_chunks_of_a_first_attempt_keep_their_upstream_bytes() -> None:
+    """On a first attempt a chunk read alone is relayed as its upstream bytes; a read of
+    two, a comment, and the [DONE] give none."""
+    answer = ChunkAccumulator()
+    attempt = Attempt(AttemptPlan(route=ROUTE, body={}), answer, now=0.0)
+    attempt.feed(b": keep-alive\n\n", 0.5)
+    assert payloads(attempt) is None
+    role = sse({"role": "assistant", "content": ""})
+    attempt.feed(role, 1.0)
+    assert payloads(attempt) == [role[6:-2]]
+    assert len(attempt.feed(sse({"content": "a"}) + sse({"content": "b"}), 1.0)) == 2
+    assert payloads(attempt) is None
+    attempt.feed(DONE, 1.0)
+    assert payloads(attempt) is None
+
+
+def test_a_continuation_re_encodes_its_chunks() -> None:
+    """At a resume seam chunks are rewritten (id, role), so their bytes are not relayed."""
+    attempt = Attempt(continuation_plan(), shown_answer("Hel"), now=0.0)
+    attempt.feed(b": x\n\n", 0.5)
+    (out,) = attempt.feed(sse({"content": "lo"}), 1.0)
+    assert out.id == "c1"
+    assert payloads(attempt) is None
+
+
+def test_a_hidden_interrupting_finish_re_encodes_its_chunk() -> None:
+    """A chunk whose interrupting finish_reason is hidden is not its upstream bytes."""
+    attempt = Attempt(AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0)
+    attempt.feed(b": x\n\n", 0.5)
+    attempt.feed(sse({"content": "a"}), 1.0)
+    assert payloads(attempt) is not None
+    (out,) = attempt.feed(sse({}, "insufficient_system_resource"), 1.0)
+    assert out.choices[0].finish_reason is None
+    assert payloads(attempt) is None
+
+
+def test_held_tool_calls_are_released_re_encoded() -> None:
+    """Tool-call fragments held back and released with their finish give no bytes."""
+    attempt = Attempt(AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0)
+    attempt.feed(b": x\n\n", 0.5)
+    call = {"index": 0, "id": "t", "type": "function", "function": {"name": "f"}}
+    assert attempt.feed(sse({"tool_calls": [call]}), 1.0) == []
+    assert payloads(attempt) is None
+    assert len(attempt.feed(sse({}, "tool_calls"), 1.0)) == 2
+    assert payloads(attempt) is None
+
+
+def test_a_first_attempt_folds_once_and_keeps_its_fold_after_finishing() -> None:
+    """An attempt that starts the answer shares its fold until it finishes: its
+    accumulator then equals the answer's, and chunks the answer gets afterwards (another
+    attempt's) are not the attempt's."""
+    answer = ChunkAccumulator()
+    attempt = Attempt(AttemptPlan(route=ROUTE, body={}), answer, now=0.0)
+    feed_all(attempt, sse({"role": "assistant", "content": "Hel"}), sse({"content": "lo"}))
+    assert attempt.acc.content() == "Hello"
+    assert attempt.acc.n_chunks == 2
+    answer.feed(ChatCompletionChunk(choices=[ChunkChoice(delta=Delta(content="!"))]))
+    assert answer.content() == "Hello!"
+    assert attempt.acc.content() == "Hello"
+    assert attempt.verdict is not None
+    assert attempt.verdict.state is EndState.TRUNCATED

@@ -298,3 +298,62 @@ def test_flush_ignores_a_field_that_only_starts_with_data() -> None:
     """At EOF an unterminated `database:` line is not data; only `data` is salvaged."""
     assert decode_all(b"database: x") == []
     assert decode_all(b"data:x") == [IncompleteEvent("x")]
+
+
+# -- one_data_event: the one-event read ----------------------------------------------------
+
+
+def test_one_data_event_returns_the_data_of_a_lone_event() -> None:
+    """A read that is one `data: ` event gives its data bytes and dispatches it as `feed`
+    would (last_event_id takes the id buffer); the decoder is left clean."""
+    decoder = SSEDecoder()
+    assert decoder.feed(b"id: 7\n") == []
+    assert decoder.last_event_id == ""
+    assert decoder.one_data_event(b'data: {"a":1}\n\n') == b'{"a":1}'
+    assert decoder.last_event_id == "7"
+    assert decoder.feed(b"data: x\n\n") == [SSEEvent("x", "message", "7")]
+    assert decoder.feed(b"data: y") == []
+    assert decoder.one_data_event(b"data: z\n\n") is None  # holds part of a line
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        b"data: a\n\ndata: b\n\n",  # two events
+        b"data: a\ndata: b\n\n",  # two data lines
+        b"data: a\n",  # no blank line yet
+        b"data: a\r\n\r\n",  # CR line ends
+        b"data:a\n\n",  # no space after the colon
+        b"event: x\ndata: a\n\n",  # another field
+        b"data: a\n\n\n",  # a blank line more
+        b"",
+    ],
+)
+def test_one_data_event_refuses_anything_else(read: bytes) -> None:
+    """Any other read gives None and consumes nothing: `feed` then decodes it."""
+    decoder = SSEDecoder()
+    decoder.feed(b": start\n\n")
+    assert decoder.one_data_event(read) is None
+    whole = SSEDecoder()
+    whole.feed(b": start\n\n")
+    assert decoder.feed(read) == whole.feed(read)
+
+
+def test_one_data_event_leaves_the_decoder_state_to_feed() -> None:
+    """Before the BOM check, after a CR, with an event type buffered, past the size limit
+    or after an oversize error, the read is left to `feed`."""
+    fresh = SSEDecoder()
+    assert fresh.one_data_event(b"data: a\n\n") is None
+    after_cr = SSEDecoder()
+    after_cr.feed(b"data: a\r")
+    assert after_cr.one_data_event(b"data: b\n\n") is None
+    typed = SSEDecoder()
+    typed.feed(b": x\n\nevent: ping\n")
+    assert typed.one_data_event(b"data: b\n\n") is None
+    small = SSEDecoder(max_event_bytes=4)
+    small.feed(b": x\n\n")
+    assert small.one_data_event(b"data: 1234\n\n") is None
+    assert small.one_data_event(b"data: 123\n\n") == b"123"
+    with pytest.raises(ProtocolError):
+        small.feed(b"data: 12345\n\n")
+    assert small.one_data_event(b"data: 1\n\n") is None

@@ -6,6 +6,7 @@ import pytest
 
 from unbroken.core.accumulator import ChunkAccumulator
 from unbroken.core.stream import ChatStreamDecoder, EndState, classify_end
+from unbroken.core.wire import Delta
 from unbroken.errors import ProtocolError, UpstreamStreamError
 
 HEAD = b'"id":"c1","object":"chat.completion.chunk","created":1,"model":"deepseek-chat"'
@@ -195,3 +196,57 @@ def test_done_without_finish_is_truncated_unless_the_route_omits_it() -> None:
     assert (early.state, early.ended_early) == (EndState.TRUNCATED, True)
     lax = classify_end(acc, decoder, omits_finish=True)
     assert (lax.state, lax.missing_finish, lax.ended_early) == (EndState.COMPLETE, True, False)
+
+
+# -- the one-event read (the upstream's own bytes) -----------------------------------------
+
+
+def raw(decoder: ChatStreamDecoder) -> bytes | None:
+    return decoder.raw  # a call: mypy keeps no narrowing across `feed`
+
+
+def test_a_read_of_one_event_keeps_its_bytes() -> None:
+    """A read holding exactly one chunk event decodes as any other and keeps the event's
+    data bytes as `raw`; a read of two events, or a partial one, has no `raw`."""
+    decoder = ChatStreamDecoder()
+    decoder.feed(b": keep-alive\n\n")
+    one = chunk(b'{"content":"Hi"}')
+    assert [c.choices[0].delta for c in decoder.feed(one)] == [Delta(content="Hi")]
+    assert raw(decoder) == one[len(b"data: ") : -2]
+    assert len(decoder.feed(one + one)) == 2
+    assert raw(decoder) is None
+    assert decoder.feed(one[:20]) == []
+    assert raw(decoder) is None
+    assert len(decoder.feed(one[20:])) == 1
+    assert raw(decoder) is None  # the event did not come in one read
+
+
+def test_a_one_event_read_decodes_non_ascii_and_replaces_invalid_utf8() -> None:
+    """Non-ASCII text keeps its bytes; bytes that are not UTF-8 are decoded with
+    replacement characters, as the text path does, and are not kept."""
+    decoder = ChatStreamDecoder()
+    decoder.feed(b": hi\n\n")
+    text = chunk('{"content":"请稍"}'.encode())
+    assert decoder.feed(text)[0].choices[0].delta == Delta(content="请稍")
+    assert raw(decoder) == text[6:-2]
+    (bad,) = decoder.feed(chunk(b'{"content":"a\xffb"}'))
+    assert bad.choices[0].delta == Delta(content="a\ufffdb")
+    assert raw(decoder) is None
+
+
+def test_a_one_event_error_frame_ends_the_stream() -> None:
+    """An error frame read alone is the stream's error, as in any read."""
+    decoder = ChatStreamDecoder()
+    decoder.feed(b": hi\n\n")
+    assert decoder.feed(b'data: {"error":{"message":"overloaded","code":"busy"}}\n\n') == []
+    assert isinstance(decoder.error, UpstreamStreamError)
+    assert raw(decoder) is None
+
+
+def test_fim_chunks_keep_no_bytes() -> None:
+    """A FIM chunk is reshaped into a chat chunk, so its bytes are not the chunk's."""
+    decoder = ChatStreamDecoder(text_completions=True)
+    decoder.feed(b": hi\n\n")
+    (fim,) = decoder.feed(b'data: {"id":"f","choices":[{"index":0,"text":"x"}]}\n\n')
+    assert fim.choices[0].delta == Delta(content="x")
+    assert raw(decoder) is None

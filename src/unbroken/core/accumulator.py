@@ -5,6 +5,8 @@ Imports only the standard library and core siblings.
 
 from __future__ import annotations
 
+from typing import Any
+
 from unbroken.core.events import (
     ChatEvent,
     FinishEvent,
@@ -82,6 +84,27 @@ class _Choice:
         self.logprobs_content: list[TokenLogprob] | None = None
         self.logprobs_reasoning: list[TokenLogprob] | None = None
         self.finish_reason: str | None = None
+
+    def copy(self) -> _Choice:
+        twin = _Choice()
+        twin.role = self.role
+        twin.n_text_deltas = self.n_text_deltas
+        twin.content = _copied(self.content)
+        twin.reasoning = _copied(self.reasoning)
+        twin.refusal = _copied(self.refusal)
+        for key, tool in self.tools.items():
+            copied = twin.tools[key] = _Tool()
+            copied.id, copied.type, copied.name = tool.id, tool.type, tool.name
+            copied.args = list(tool.args)
+        twin.logprobs = self.logprobs
+        twin.logprobs_content = _copied(self.logprobs_content)
+        twin.logprobs_reasoning = _copied(self.logprobs_reasoning)
+        twin.finish_reason = self.finish_reason
+        return twin
+
+
+def _copied(items: list[Any] | None) -> list[Any] | None:
+    return None if items is None else list(items)
 
 
 def join_text(pieces: list[str]) -> str:
@@ -242,12 +265,20 @@ class ChunkAccumulator:
             if delta is not None:
                 if delta.role is not None and state.role is None:
                     state.role = delta.role
-                if delta.content is not None:
-                    if state.content is None:
-                        state.content = []
-                    _add_piece(state.content, delta.content)
-                    state.n_text_deltas += delta.content != ""
-                reasoning = delta.reasoning_text
+                content = delta.content
+                if content is not None:
+                    pieces = state.content
+                    if pieces is None:
+                        pieces = state.content = []
+                    # `_add_piece` inlined: this runs twice per relayed chunk.
+                    pieces.append(content)
+                    if len(pieces) >= MAX_PIECES:
+                        pieces[:] = ["".join(pieces)]
+                    if content:
+                        state.n_text_deltas += 1
+                reasoning = delta.reasoning_content
+                if reasoning is None:
+                    reasoning = delta.reasoning
                 if reasoning is not None:
                     if state.reasoning is None:
                         state.reasoning = []
@@ -293,6 +324,23 @@ class ChunkAccumulator:
             if state.logprobs_reasoning is None:
                 state.logprobs_reasoning = []
             state.logprobs_reasoning.extend(logprobs.reasoning_content)
+
+    def copy(self) -> ChunkAccumulator:
+        """An independent accumulator in the same state (what was folded so far)."""
+        twin = ChunkAccumulator()
+        twin.id = self.id
+        twin.model = self.model
+        twin.created = self.created
+        twin.system_fingerprint = self.system_fingerprint
+        twin.usage = self.usage
+        twin.n_chunks = self.n_chunks
+        if self._splitter is not None:
+            twin._splitter = EventSplitter()
+            twin._splitter._roles = set(self._splitter._roles)
+            twin._splitter._held = dict(self._splitter._held)
+        for index, state in self._choices.items():
+            twin._choices[index] = state.copy()
+        return twin
 
     def feed_events(self, chunk: ChatCompletionChunk) -> list[ChatEvent]:
         """Fold one chunk and return the chat events it carries (see `EventSplitter`)."""

@@ -120,6 +120,7 @@ class Attempt:
     """
 
     __slots__ = (
+        "_acc",
         "_answer",
         "_blank",
         "_created",
@@ -129,17 +130,18 @@ class Attempt:
         "_hold",
         "_id",
         "_json",
+        "_kept",
         "_map",
         "_prior",
         "_rewrite",
         "_strip_role",
         "_timeouts",
         "_trim",
-        "acc",
         "decoder",
         "first_token_at",
         "headers_at",
         "last_data_at",
+        "payloads",
         "plan",
         "started_at",
         "verdict",
@@ -167,7 +169,6 @@ class Attempt:
         self.decoder = ChatStreamDecoder(
             max_event_bytes=max_event_bytes, text_completions=text_completions
         )
-        self.acc = ChunkAccumulator()
         self.started_at = now
         self.headers_at: float | None = None
         self.first_token_at: float | None = None
@@ -176,6 +177,9 @@ class Attempt:
         self._blank: ChatCompletionChunk | None = None
         self._json = is_json_mode(plan.body)
         self.verdict: StreamEnd | None = None
+        # The upstream's own JSON of the chunks the last `feed` returned, when it is theirs
+        # byte for byte: one chunk, its read's only event, unchanged here (see `feed`).
+        self.payloads: list[bytes] | None = None
         target = 0 if plan.choice_index is None else plan.choice_index
         self._map = plan.choice_index if plan.choice_index else None
         self._id = answer.id or None
@@ -186,11 +190,32 @@ class Attempt:
         self._trim = None
         if continuation is not None and continuation.trim_overlap:
             self._trim = OverlapTrimmer(answer.content(target))
+        self._kept = True
         self._rewrite = (
             bool(self._id or self._map is not None or self._strip_role or self._hide_reasoning)
             or (self._trim is not None)
             or (prior_usage is not None)
         )
+        # The attempt's own fold. None while it would equal the answer's: on an attempt
+        # that starts the answer and rewrites nothing, every chunk goes to both alike
+        # until one is held back or changed (see `_diverge`), so it is folded once.
+        self._acc: ChunkAccumulator | None = (
+            None if not self._rewrite and answer.n_chunks == 0 else ChunkAccumulator()
+        )
+
+    @property
+    def acc(self) -> ChunkAccumulator:
+        """This attempt's stream as delivered, folded (its end state, usage and text)."""
+        if self._acc is None:
+            self._acc = self._answer.copy()
+        return self._acc
+
+    def _diverge(self, chunk: ChatCompletionChunk) -> None:
+        # `chunk` is about to reach the answer changed, later or never: from here on the
+        # attempt folds its own copy (with `chunk` as it came).
+        if self._acc is None:
+            self._acc = self._answer.copy()
+            self._acc.feed(chunk)
 
     # -- timers ----------------------------------------------------------------------------
 
@@ -263,24 +288,41 @@ class Attempt:
     # -- data ------------------------------------------------------------------------------
 
     def feed(self, data: bytes, now: float) -> list[ChatCompletionChunk]:
-        """One read of the body; returns the chunks to show the consumer."""
-        chunks = self.decoder.feed(data)
+        """One read of the body; returns the chunks to show the consumer, and sets
+        `payloads` to their upstream bytes when those can be relayed as they are: a read of
+        one event whose chunk nothing here changed (no seam rewrite, no interrupting finish
+        hidden, none held back)."""
+        self.payloads = None
+        decoder = self.decoder
+        chunks = decoder.feed(data)
         if not chunks:
             return chunks
         self.last_data_at = now
-        return self._deliver(chunks, now)
+        out = self._deliver(chunks, now)
+        raw = decoder.raw
+        if raw is not None and len(out) == 1 and out[0] is chunks[0] and self._kept:
+            self.payloads = [raw]
+        return out
 
     def _deliver(self, chunks: list[ChatCompletionChunk], now: float) -> list[ChatCompletionChunk]:
-        acc = self.acc
         answer = self._answer
         out: list[ChatCompletionChunk] = []
+        # Whether the chunks leave as they came (`payloads`).
+        self._kept = not self._rewrite
+        hold = self._hold
         for chunk in chunks:
-            acc.feed(chunk)
+            if self._acc is not None:
+                self._acc.feed(chunk)
+            tools = False
             for choice in chunk.choices:
                 # An interrupting finish (insufficient_system_resource...) is resumed, not
                 # shown: the consumer sees one finish, the real one.
                 if choice.finish_reason is not None and choice.finish_reason in INTERRUPTED_REASONS:
+                    self._diverge(chunk)
                     choice.finish_reason = None
+                    self._kept = False
+                if hold and choice.delta is not None and choice.delta.tool_calls:
+                    tools = True
             if self.first_token_at is None and _has_token(chunk):
                 self.first_token_at = now
             if self._rewrite:
@@ -292,11 +334,12 @@ class Attempt:
             if self._json and _has_finish(chunk) and self._is_blank(chunk):
                 # JSON mode can end with an answer of spaces (DeepSeek blanks non-JSON
                 # output): its finish is held back and the attempt judged a failure.
+                self._diverge(chunk)
                 self._blank = chunk
                 continue
-            tools = self._hold and _has_tool_calls(chunk)
-            if tools or (self._hold and self._held):
+            if tools or (hold and self._held):
                 if tools and not _has_finish(chunk):
+                    self._diverge(chunk)
                     self._held.append(chunk)
                     continue
                 out.extend(self._held)
@@ -406,14 +449,6 @@ def _is_void(chunk: ChatCompletionChunk) -> bool:
         ):
             return False
     return True
-
-
-def _has_tool_calls(chunk: ChatCompletionChunk) -> bool:
-    # A plain loop: called per chunk, it is ~3x cheaper than any() over a generator.
-    for choice in chunk.choices:  # noqa: SIM110
-        if choice.delta is not None and choice.delta.tool_calls:
-            return True
-    return False
 
 
 def _has_finish(chunk: ChatCompletionChunk) -> bool:

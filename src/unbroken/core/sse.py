@@ -133,6 +133,33 @@ class SSEDecoder:
             raise self._error
         return items
 
+    def one_data_event(self, data: bytes) -> bytes | None:
+        """The data of `data` when the read is exactly one event of one `data: ` line
+        (`data: X\n\n`, no CR) and the decoder holds nothing of an earlier one; else None,
+        with nothing consumed (call `feed`). The event is dispatched as `feed` would:
+        its type is `message` and `last_event_id` takes the id buffer.
+
+        Why: a chat stream read one event per read (a loaded gateway's reads) skips the
+        line splitting, the str decode and the `SSEEvent`; the caller gets the bytes, to
+        decode once and to relay as they came.
+        """
+        if (
+            self._pending
+            or self._data
+            or self._skip_lf
+            or self._event_type
+            or not self._bom_checked
+            or self._error is not None
+            or data[:6] != b"data: "
+            or data.find(b"\n", 6) != len(data) - 2
+            or data[-1:] != b"\n"
+            or b"\r" in data
+            or len(data) - 7 > self._max
+        ):
+            return None
+        self.last_event_id = self._id_buffer
+        return data[6:-2]
+
     def reconnected(self) -> None:
         """A new connection continues the stream (WHATWG SSE "reestablish the
         connection"): what was buffered of an unfinished event is discarded - the server

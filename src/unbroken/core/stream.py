@@ -99,11 +99,13 @@ class ChatStreamDecoder:
         "_decode_completion",
         "_max",
         "_mode",
+        "_raw_ok",
         "_sse",
         "done",
         "error",
         "n_comments",
         "n_ignored",
+        "raw",
     )
 
     def __init__(
@@ -121,6 +123,11 @@ class ChatStreamDecoder:
         self.error: UnbrokenError | None = None
         self.n_comments = 0
         self.n_ignored = 0
+        # A FIM chunk is reshaped into a chat chunk: its bytes are not the chunk's.
+        self._raw_ok = not text_completions
+        # The upstream's own JSON of the one chunk the last `feed` returned, when it came
+        # as the only event of its read (valid UTF-8); else None.
+        self.raw: bytes | None = None
 
     @property
     def finished(self) -> bool:
@@ -134,8 +141,26 @@ class ChatStreamDecoder:
 
     def feed(self, data: bytes) -> list[ChatCompletionChunk]:
         """Decode one read of the body; return the chunks it completed."""
+        self.raw = None
         if self.done or self.error is not None:
             return []
+        if self._mode == "sse":
+            payload = self._sse.one_data_event(data)
+            # The hot path: one chunk per read. Its bytes, valid UTF-8, decode as their text
+            # does (msgspec checks UTF-8 only in the fields it reads).
+            if (
+                payload is not None
+                and payload.startswith(b"{")
+                and (payload.isascii() or _is_utf8(payload))
+            ):
+                try:
+                    chunk = self._decode_chunk(payload)
+                except UnbrokenError as exc:
+                    self.error = exc
+                    return []
+                if self._raw_ok:
+                    self.raw = payload
+                return [chunk]
         if self._mode is None:
             start = data.lstrip(_WHITESPACE)
             if not start:
@@ -234,6 +259,14 @@ class ChatStreamDecoder:
         if error is None:
             error = ErrorObject(message=excerpt(text, 200))
         return upstream_error_from_object(error)
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def classify_end(

@@ -29,22 +29,32 @@ class DirectBody:
         cycle: uvicorn's `RequestResponseCycle` of the request (httptools protocol).
     """
 
-    __slots__ = ("_cycle",)
+    __slots__ = ("_cycle", "_flow", "_streaming", "_transport")
 
     def __init__(self, cycle: Any) -> None:
         self._cycle = cycle
+        self._flow = cycle.flow
+        self._transport = cycle.transport
+        # Headers sent, chunked, not HEAD: once true, true for the rest of the response
+        # (checked once instead of per write).
+        self._streaming = False
 
     def writable(self) -> bool:
         """Whether `write` would write now (see the module docstring)."""
         cycle = self._cycle
-        return bool(
-            cycle.response_started
-            and cycle.chunked_encoding
-            and not cycle.response_complete
-            and not cycle.disconnected
-            and not cycle.flow.write_paused
-            and not cycle.transport.is_closing()
-            and cycle.scope["method"] != "HEAD"
+        if not self._streaming:
+            if not (
+                cycle.response_started
+                and cycle.chunked_encoding
+                and cycle.scope["method"] != "HEAD"
+            ):
+                return False
+            self._streaming = True
+        return not (
+            cycle.response_complete
+            or cycle.disconnected
+            or self._flow.write_paused
+            or self._transport.is_closing()
         )
 
     def write(self, body: bytes) -> bool:
@@ -52,7 +62,7 @@ class DirectBody:
         written this way now (nothing was written: use the ASGI `send`)."""
         if not self.writable():
             return False
-        self._cycle.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        self._transport.write(b"%x\r\n%b\r\n" % (len(body), body))
         return True
 
     def write_event(self, seq: int, data: bytes) -> bool:
@@ -61,5 +71,5 @@ class DirectBody:
         if not self.writable():
             return False
         head = b"id: %d\ndata: " % seq
-        self._cycle.transport.write(b"%x\r\n%b%b\n\n\r\n" % (len(head) + len(data) + 2, head, data))
+        self._transport.write(b"%x\r\n%b%b\n\n\r\n" % (len(head) + len(data) + 2, head, data))
         return True

@@ -219,6 +219,7 @@ class Producer:
         "_slot_at",
         "_slot_every_s",
         "_tail_max",
+        "_unset",
         "completion",
         "degraded",
         "detached_at",
@@ -279,6 +280,7 @@ class Producer:
         self._pending: list[bytes] = []
         self._flush: asyncio.Task[None] | None = None
         self.first = Flag()  # set at the first append, or when the answer failed
+        self._unset = True  # `first` not set by an append yet (no method call per append)
         # The log failed mid-answer (store outage): the rest lives in `tail` only.
         self.degraded = False
         self.failure: GatewayError | None = None
@@ -343,7 +345,9 @@ class Producer:
         for sink in self._sinks:
             if not sink.feed(first, payloads):
                 refused = [sink] if refused is None else [*refused, sink]
-        for sink in refused or ():
+        if refused is None:
+            return
+        for sink in refused:
             parked = self._sinks.pop(sink)
             if not parked.done():
                 parked.set_result(None)
@@ -433,15 +437,17 @@ class Producer:
             logger.debug("stream %s: pending events not logged: %s", self.stream_id, exc)
             self._pending = []
 
-    def _take(self, chunks: list[ChatCompletionChunk]) -> bool:
+    def _take(self, chunks: list[ChatCompletionChunk], payloads: list[bytes] | None) -> bool:
         """The SDK stream's chunk sink: append `chunks` (those of one upstream read) to the
-        (in-process) log now, in one append, and so to a live reader in one write. False
-        when they are not taken here: the stream yields them and `_push` appends them (and
-        raises what the log raises)."""
+        (in-process) log now, in one append, and so to a live reader in one write; as
+        `payloads`, their upstream bytes, when the stream gives them. False when they are
+        not taken here: the stream yields them and `_push` appends them (and raises what the
+        log raises)."""
         append = self._append_now
         if append is None or self.degraded or self.reason is not None:
             return False
-        payloads = [_encode(chunks[0])] if len(chunks) == 1 else [_encode(c) for c in chunks]
+        if payloads is None:
+            payloads = [_encode(c) for c in chunks]
         try:
             n = append(self.stream_id, self.epoch, payloads, time.time(), end=False)
         except UnbrokenError:
@@ -488,7 +494,8 @@ class Producer:
         if self._n_waiting:
             self._changed.set()
             self._changed = Flag()
-        if not self.first.is_set():
+        if self._unset:
+            self._unset = False
             self.first.set()
 
     async def run(self, open_stream: OpenStream) -> None:
@@ -501,7 +508,7 @@ class Producer:
                 if type(stream) is AsyncStream and self._append_now is not None:
                     # Chunks go into the log from the upstream's data callback (not through
                     # a wrapper such as the answer cache's recorder, which must see them).
-                    stream.set_chunk_sink(self._take)
+                    stream.set_chunk_sink(self._take, with_payloads=True)
                 async for chunk in stream:
                     await self._push(_encode(chunk))
                 await self._settle()

@@ -279,18 +279,26 @@ class MemoryStreamLog:
     ) -> int:
         """`append` without a coroutine: a producer on this process calls it once per
         relayed chunk (gateway/streams.py)."""
-        stream = self._get(stream_id)
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            stream = self._get(stream_id)  # raises
         lease = stream.base.lease
         if stream.gone or stream.ended_at is not None or lease is None or lease.epoch != epoch:
             raise FencedError(f"stream {stream_id!r}: epoch {epoch} may not append")
         size = len(payloads[0]) if len(payloads) == 1 else sum(map(len, payloads))
-        room = self.retention.room(stream.n_bytes, self._total, size)
-        if end and size <= END_SLACK_BYTES:
-            room = Room.OK
-        if room is Room.TOTAL_FULL and self._evict_for(size, stream_id):
-            room = Room.OK
-        if room is not Room.OK:
-            raise LogFullError(_full_message(stream_id, room, self.retention))
+        retention = self.retention
+        # The common case without a call: room in the stream and in the store.
+        if (
+            stream.n_bytes + size > retention.max_stream_bytes
+            or self._total + size > retention.max_total_bytes
+        ):
+            room = retention.room(stream.n_bytes, self._total, size)
+            if end and size <= END_SLACK_BYTES:
+                room = Room.OK
+            if room is Room.TOTAL_FULL and self._evict_for(size, stream_id):
+                room = Room.OK
+            if room is not Room.OK:
+                raise LogFullError(_full_message(stream_id, room, self.retention))
         stream.events.extend(payloads)
         if end:
             stream.events.seal()

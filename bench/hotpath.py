@@ -1,0 +1,280 @@
+"""The gateway's Python work per relayed chunk, in process, against the floor's.
+
+Records one 200-chunk DeepSeek stream from the mock (the answer bench/gateway.py relays),
+then pushes its bytes, one SSE event per read as a loaded gateway reads them (c=256),
+through the real objects of the gateway's hot path: the upstream connection's protocol
+(`_Connection.data_received`, httptools) -> the SDK's `_FastLane` -> `Attempt.feed` ->
+`Producer._take` -> the memory stream log's `append_now` -> the relay's `LiveSink` ->
+`DirectBody.write_event` -> a transport stand-in that only counts bytes. Side by side, the
+floor relay of bench/gateway.py (`_UpstreamSide.data_received`: uvloop + Protocol, bytes
+passed through) writes the same reads into the same stand-in. Prints the median us per
+chunk of each and the ratio.
+
+A measuring aid for this path only: the syscalls, the event loop's own work and the
+per-request costs (routing, limits, the response head, usage) are not in it, so its ratio
+is not bench/gateway.py's. Run: `python bench/hotpath.py [--streams N] [--profile FILE]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import gc
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from _mockproc import mock_process  # noqa: E402 - after the path insert above
+from gateway import CHUNKS, _UpstreamSide  # noqa: E402
+
+from unbroken.gateway.app import Gateway  # noqa: E402
+from unbroken.gateway.direct import DirectBody  # noqa: E402
+from unbroken.gateway.keys import Caller  # noqa: E402
+from unbroken.gateway.relay import LiveSink, StreamRelay  # noqa: E402
+from unbroken.gateway.request import ChatRequest  # noqa: E402
+from unbroken.gateway.server import GC_THRESHOLDS  # noqa: E402
+from unbroken.gateway.upstream import _Connection  # noqa: E402
+from unbroken.settings import GatewaySettings, LimitSettings, Settings  # noqa: E402
+
+# No pacing: the recording is replayed read by read, so the mock's timing does not matter.
+RECORD_CONFIG = f"MockConfig(seed=1, answer_tokens=({CHUNKS - 2}, {CHUNKS - 2}))"
+BODY = (
+    b'{"model":"deepseek-chat","stream":true,"stream_options":{"include_usage":true},'
+    b'"messages":[{"role":"user","content":"benchmark 1"}]}'
+)
+
+
+class CountingTransport:
+    """A transport that counts what is written and does nothing else."""
+
+    def __init__(self, on_write: Any = None) -> None:
+        self.n_bytes = 0
+        self.on_write = on_write  # told of each write (the upstream requests)
+
+    def write(self, data: bytes) -> None:
+        self.n_bytes += len(data)
+        if self.on_write is not None:
+            self.on_write()
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+def record(url: str) -> tuple[bytes, list[bytes]]:
+    """The response head and the body's chunked frames (one event each) of one answer."""
+    host, port = url.removeprefix("http://").split(":")
+    head = (
+        f"POST /chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Authorization: Bearer sk\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(BODY)}\r\n\r\n"
+    ).encode()
+    raw = b""
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(head + BODY)
+        while not raw.endswith(b"0\r\n\r\n"):
+            data = sock.recv(1 << 16)
+            if not data:
+                break
+            raw += data
+    end = raw.index(b"\r\n\r\n") + 4
+    response_head, chunked = raw[:end], raw[end:]
+    body = b""
+    while chunked:
+        size_end = chunked.index(b"\r\n")
+        size = int(chunked[:size_end], 16)
+        body += chunked[size_end + 2 : size_end + 2 + size]
+        chunked = chunked[size_end + 2 + size + 2 :]
+    # One event per frame, as the mock paced at 5 ms per token sends them.
+    frames = [b"%x\r\n%b\n\n\r\n" % (len(e) + 2, e) for e in body.split(b"\n\n") if e]
+    frames.append(b"0\r\n\r\n")
+    return response_head, frames
+
+
+def counting_cycle(transport: CountingTransport) -> Any:
+    """What `DirectBody` reads of uvicorn's request cycle, for a response being streamed."""
+    return SimpleNamespace(
+        response_started=True,
+        chunked_encoding=True,
+        response_complete=False,
+        disconnected=False,
+        flow=SimpleNamespace(write_paused=False),
+        transport=transport,
+        scope={"method": "POST"},
+    )
+
+
+class Bench:
+    def __init__(self, head: bytes, frames: list[bytes]) -> None:
+        self.head = head
+        self.frames = frames
+        # The frames of content chunks: the role chunk to the last token (the usage chunk,
+        # [DONE] and the body's end go through the generator path, once per answer).
+        self.timed = [f for f in frames if b'"content":' in f and b'"usage":{' not in f]
+        self.rest = frames[len(self.timed) :]
+        assert frames[: len(self.timed)] == self.timed, "content frames come first"
+        # The upstream connections in the order they were sent a request.
+        self.sent: list[_Connection] = []
+
+    async def setup(self) -> Gateway:
+        loop = asyncio.get_running_loop()
+
+        async def create_connection(factory: Any, *args: Any, **kwargs: Any) -> Any:
+            conn = factory()
+            transport = CountingTransport(lambda: self.sent.append(conn))
+            conn.connection_made(transport)
+            return transport, conn
+
+        loop.create_connection = create_connection  # type: ignore[method-assign,assignment]  # the stand-in upstream
+        settings = Settings(
+            api_key="sk-up",
+            base_url="http://127.0.0.1:9",
+            gateway=GatewaySettings(access_log=False),
+        )
+        return Gateway(settings)
+
+    async def gateway_once(self, gw: Gateway) -> float:
+        """One answer through the gateway's objects; us of Python work per timed chunk."""
+        caller = Caller(id="bench", name="bench", limits=LimitSettings())
+        request = ChatRequest(
+            model="deepseek-chat",
+            messages=[{"role": "user", "content": "benchmark 1"}],
+            stream=True,
+            fallbacks=[],
+            extra={},
+            estimated_tokens=10,
+        )
+        n_sent = len(self.sent)
+        producer = await gw.streams.start(
+            caller,
+            request,
+            {},
+            resumable=False,
+            on_complete=None,
+            on_end=None,
+            renew_slot=None,
+        )
+        producer.attach()
+        await _until(lambda: len(self.sent) > n_sent)  # the upstream request was sent
+        conn = self.sent[-1]
+        conn.data_received(self.head)
+        await _until(lambda: conn._tap is not None)  # the SDK stream taps the connection
+        down = CountingTransport()
+        relay = StreamRelay(None, gw.scrub, keepalive_s=15.0, send_timeout_s=10.0)  # type: ignore[arg-type]  # the sink reads no exchange
+        sink = LiveSink(relay, DirectBody(counting_cycle(down)))
+        handed = asyncio.ensure_future(producer.hand_off(sink, producer.n_events))
+        await asyncio.sleep(0)
+        feed = conn.data_received
+        timed = self.timed
+        started = time.thread_time_ns()
+        for frame in timed:
+            feed(frame)
+        elapsed = time.thread_time_ns() - started
+        assert sink.last == len(timed), f"the sink took {sink.last} of {len(timed)} chunks"
+        for frame in self.rest:
+            feed(frame)
+        assert producer.task is not None
+        await producer.task
+        await handed
+        assert producer.completion is not None, producer.reason
+        producer.detach(time.time())
+        return elapsed / 1000 / len(timed)
+
+    def floor_once(self) -> float:
+        """The same reads through the floor relay's upstream protocol."""
+        down = CountingTransport()
+        side = _UpstreamSide(SimpleNamespace(transport=down, answer_done=lambda: None))  # type: ignore[arg-type]  # the floor's downstream side, as far as it is used
+        feed = side.data_received
+        started = time.thread_time_ns()
+        for frame in self.timed:
+            feed(frame)
+        elapsed = time.thread_time_ns() - started
+        for frame in self.rest:
+            feed(frame)
+        return elapsed / 1000 / len(self.timed)
+
+
+async def run(bench: Bench, streams: int, profile: str | None) -> None:
+    gw = await bench.setup()
+    for _ in range(5):  # warm up (imports, first-call caches)
+        await bench.gateway_once(gw)
+        bench.floor_once()
+    gc.collect()
+    gc.freeze()  # as `unbroken serve` does after start-up, with its thresholds
+    gc.set_threshold(*GC_THRESHOLDS)
+    ours: list[float] = []
+    floor: list[float] = []
+    profiler = cProfile.Profile() if profile else None
+    for _ in range(streams):
+        if profiler is not None:
+            profiler.enable()
+        ours.append(await bench.gateway_once(gw))
+        if profiler is not None:
+            profiler.disable()
+        floor.append(bench.floor_once())
+    if profiler is not None and profile is not None:
+        profiler.dump_stats(profile)
+    await gw.client.aclose()
+    unbroken_us = statistics.median(ours)
+    floor_us = statistics.median(floor)
+    print(
+        f"{len(bench.timed)} chunks/answer, {streams} answers, one event per read "
+        f"(Python work only: no syscalls, no event loop)"
+    )
+    print(f"unbroken  {unbroken_us:7.2f} us/chunk (median; p90 {_p90(ours):.2f})")
+    print(f"floor     {floor_us:7.2f} us/chunk (median; p90 {_p90(floor):.2f})")
+    print(f"ratio     {unbroken_us / floor_us:7.1f}x the floor")
+
+
+async def _until(condition: Any) -> None:
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0)  # let the gateway's tasks run one step
+    raise RuntimeError("the gateway did not get there")
+
+
+def _p90(values: list[float]) -> float:
+    return sorted(values)[int(0.9 * (len(values) - 1))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=200, help="answers measured")
+    parser.add_argument("--profile", default=None, help="write a cProfile of the gateway side")
+    args = parser.parse_args()
+    with mock_process(RECORD_CONFIG) as url:
+        head, frames = record(url)
+    bench = Bench(head, frames)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is part of the [gateway] extra
+        asyncio.run(run(bench, args.streams, args.profile))
+    else:
+        uvloop.run(run(bench, args.streams, args.profile))
+
+
+if __name__ == "__main__":
+    main()
