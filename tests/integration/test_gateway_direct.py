@@ -150,9 +150,10 @@ def test_live_answers_are_whole_and_well_framed_on_a_kept_connection(
                 assert content(chunks) == expected(60)
         direct = metric(server, "unbroken_gateway_chunks_direct_total")
         total = metric(server, "unbroken_gateway_chunks_total")
-    # The first event of each answer goes through `send` (it carries the headers).
+    # The first events of each answer go through `send` (they carry the headers), and so
+    # do its last two (the response ends in the same write).
     assert total >= 2 * 62
-    assert direct >= total - 2 * 3, (direct, total)
+    assert direct >= total - 2 * 5, (direct, total)
 
 
 def test_a_reconnect_follows_the_live_answer_directly(upstream: MockServer) -> None:

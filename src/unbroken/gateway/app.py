@@ -659,7 +659,9 @@ class Gateway:
             result: RelayResult | None = None
             try:
                 result = await relay.events(
-                    self.streams.follow(producer.stream_id, 0, producer=producer, sink=relay.sink())
+                    self.streams.follow_batches(
+                        producer.stream_id, 0, producer=producer, sink=relay.sink()
+                    )
                 )
             except GatewayError as exc:
                 if cache_key is None or not await self._degrade(ex, request, cache_key, exc):

@@ -43,7 +43,7 @@ import msgspec
 from unbroken.client import AsyncStream
 from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.errors import UnbrokenError
-from unbroken.gateway.asgi import Exchange, Message
+from unbroken.gateway.asgi import Exchange, Message, ResponseHooks
 from unbroken.gateway.direct import DirectBody
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
 
@@ -62,6 +62,8 @@ _SSE_HEADERS = [
 # then fails to parse as JSON. A bare comment line is ignored by every SSE reader.
 _KEEPALIVE = b": keep-alive\n"
 _DONE = b"data: [DONE]\n\n"
+# The payload of a stream log's last event (gateway/streams.py `DONE`).
+_DONE_PAYLOAD = b"[DONE]"
 
 
 @dataclass(slots=True)
@@ -133,6 +135,13 @@ class StreamRelay:
         self._wrote = False
         self.n_keepalives = 0
         self.result: RelayResult | None = None
+        # The sidecar (see `_watch`): its period, the server's hooks, its timer, the
+        # keep-alive or renewal it runs, and when it last renewed.
+        self._tick_s = min(1.0, keepalive_s / 2, send_timeout_s / 4)
+        self._hooks: ResponseHooks | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._chore: asyncio.Task[None] | None = None
+        self._last_renew = self._last_write
 
     def sink(self) -> LiveSink | None:
         """The direct path for a producer on this instance, when the server offers one."""
@@ -148,12 +157,16 @@ class StreamRelay:
         if self._busy:
             await self._idle.wait()
         ex = self._ex
-        if not ex.started:
-            await self._start_sse()
         self._busy = True
         self._sending_since = now = self._loop.time()
         try:
-            await ex.send({"type": "http.response.body", "body": data, "more_body": more})
+            if ex.started:
+                await ex.send({"type": "http.response.body", "body": data, "more_body": more})
+            elif data and more:
+                await ex.start_with(200, self._headers, data)  # the head in the same write
+            else:
+                await self._start_sse()
+                await ex.send({"type": "http.response.body", "body": data, "more_body": more})
         finally:
             self._busy = False
             self._sending_since = 0.0
@@ -161,39 +174,109 @@ class StreamRelay:
 
     # -- the sidecar -------------------------------------------------------------------------
 
+    def _watch(self) -> asyncio.Task[None] | None:
+        """Start the sidecar: when the server offers `ResponseHooks` (gateway/guard.py), a
+        disconnect callback and a timer, else a task parked in `receive()` (the task, its
+        receiver and their cancellation cost ~20 us per request)."""
+        hooks = self._ex.hooks()
+        if hooks is None:
+            return self._loop.create_task(self._sidecar())
+        self._hooks = hooks
+        hooks.watch(self._client_gone)
+        self._timer = self._loop.call_later(self._tick_s, self._on_tick)
+        return None
+
+    def _unwatch(self, sidecar: asyncio.Task[None] | None) -> None:
+        """Stop the sidecar (its chore, if one runs, is cancelled; `_stopped` waits for it)."""
+        if sidecar is not None:
+            sidecar.cancel()
+            return
+        if self._hooks is not None:
+            self._hooks.unwatch()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._chore is not None:
+            self._chore.cancel()
+
+    async def _stopped(self, sidecar: asyncio.Task[None] | None) -> None:
+        """Wait for the sidecar stopped by `_unwatch` (re-raising what it failed with)."""
+        task = sidecar if sidecar is not None else self._chore
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _client_gone(self) -> None:
+        self._stop("client_gone")
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_tick(self) -> None:
+        now = self._loop.time()
+        chore = self._chore
+        if chore is not None and chore.done() and not chore.cancelled() and chore.exception():
+            # A failed keep-alive or renewal ends the sidecar, as it ended the task version;
+            # `_stopped` re-raises it.
+            self._timer = None
+            return
+        if not self._checks(now):
+            self._timer = None
+            return
+        if chore is None or chore.done():
+            keepalive = self._keepalive_due(now)
+            renew = self._renew is not None and self._renew_due(now)
+            if keepalive or renew:
+                self._chore = self._loop.create_task(self._chores(keepalive, renew))
+        self._timer = self._loop.call_at(now + self._tick_s, self._on_tick)
+
+    async def _chores(self, keepalive: bool, renew: bool) -> None:
+        if keepalive:
+            await self._keepalive()
+        if renew and self._renew is not None:
+            await self._renew()
+
+    def _checks(self, now: float) -> bool:
+        """A tick's checks; False when the client was cut for not reading."""
+        if self._wrote:
+            self._wrote = False
+            self._last_write = now
+        if self._sending_since and now - self._sending_since > self._send_timeout_s:
+            transport = self._ex.transport()
+            if transport is not None:
+                transport.abort()
+            self._stop("slow_client")
+            return False
+        return True
+
+    def _keepalive_due(self, now: float) -> bool:
+        return self._streaming and not self._busy and now - self._last_write >= self._keepalive_s
+
+    def _renew_due(self, now: float) -> bool:
+        if now - self._last_renew >= self._renew_every_s:
+            self._last_renew = now
+            return True
+        return False
+
     async def _sidecar(self) -> None:
-        loop = self._loop
-        tick = min(1.0, self._keepalive_s / 2, self._send_timeout_s / 4)
         receiver: asyncio.Future[Message] = asyncio.ensure_future(self._ex.receive())
-        last_renew = loop.time()
         try:
             while True:
-                done, _ = await asyncio.wait({receiver}, timeout=tick)
+                done, _ = await asyncio.wait({receiver}, timeout=self._tick_s)
                 if done:
                     if receiver.result()["type"] == "http.disconnect":
                         self._stop("client_gone")
                         return
                     receiver = asyncio.ensure_future(self._ex.receive())
                     continue
-                now = loop.time()
-                if self._wrote:
-                    self._wrote = False
-                    self._last_write = now
-                if self._sending_since and now - self._sending_since > self._send_timeout_s:
-                    transport = self._ex.transport()
-                    if transport is not None:
-                        transport.abort()
-                    self._stop("slow_client")
+                now = self._loop.time()
+                if not self._checks(now):
                     return
-                if (
-                    self._streaming
-                    and not self._busy
-                    and now - self._last_write >= self._keepalive_s
-                ):
+                if self._keepalive_due(now):
                     await self._keepalive()
-                if self._renew is not None and now - last_renew >= self._renew_every_s:
-                    last_renew = now
-                    await self._renew()
+                renew = self._renew
+                if renew is not None and self._renew_due(now):
+                    await renew()
         finally:
             receiver.cancel()
 
@@ -248,15 +331,16 @@ class StreamRelay:
         self._streaming = True
         return await self._run(stream, trailer)
 
-    async def events(self, source: AsyncGenerator[tuple[int, bytes], None]) -> RelayResult:
-        """Relay a stream log's events (`(sequence number, payload)`), each with its `id:`.
+    async def events(self, source: AsyncGenerator[list[tuple[int, bytes]], None]) -> RelayResult:
+        """Relay a stream log's events (lists of `(sequence number, payload)`, each list
+        written at once), each with its `id:`.
 
         Raises:
             GatewayError: `source` failed before anything was written (the caller sends it
                 as an HTTP error).
         """
         self._streaming = True
-        sidecar = self._loop.create_task(self._sidecar())
+        sidecar = self._watch()
         n = 0
         result: RelayResult | None = None
         error: GatewayError | None = None
@@ -264,10 +348,21 @@ class StreamRelay:
             with self._scope:
                 try:
                     write = self._write
-                    async for seq, payload in source:
-                        await write(b"id: %d\ndata: %b\n\n" % (seq, payload))
-                        n += 1
-                    await write(b"", False)
+                    ended = False
+                    async for batch in source:
+                        if len(batch) == 1:
+                            data = b"id: %d\ndata: %b\n\n" % batch[0]
+                        else:
+                            data = b"".join(b"id: %d\ndata: %b\n\n" % event for event in batch)
+                        # `[DONE]` is a log's last event: the response ends in the same
+                        # write (one write less per answer).
+                        ended = batch[-1][1] == _DONE_PAYLOAD
+                        await write(data, not ended)
+                        n += len(batch)
+                        if ended:
+                            break
+                    if not ended:
+                        await write(b"", False)
                     n += self._n_direct
                     result = RelayResult("complete", None, n, self.n_keepalives)
                 except GatewayError as exc:
@@ -279,11 +374,10 @@ class StreamRelay:
                     else:
                         error = exc
         finally:
-            sidecar.cancel()
+            self._unwatch(sidecar)
             with anyio.CancelScope(shield=True):
                 await source.aclose()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sidecar
+            await self._stopped(sidecar)
         if self._reason == "shutdown":
             await self._shutdown_event()
         if self._reason is not None:
@@ -308,7 +402,7 @@ class StreamRelay:
         return await self._run(stream, False)
 
     async def _run(self, stream: AsyncStream, trailer: bool) -> RelayResult:
-        sidecar = self._loop.create_task(self._sidecar())
+        sidecar = self._watch()
         n = 0
         result: RelayResult | None = None
         error: GatewayError | None = None
@@ -347,11 +441,10 @@ class StreamRelay:
                         await self._write(event, False)
                         error = None
         finally:
-            sidecar.cancel()
+            self._unwatch(sidecar)
             with anyio.CancelScope(shield=True):
                 await _aclose(stream)
-            with contextlib.suppress(asyncio.CancelledError):
-                await sidecar
+            await self._stopped(sidecar)
         if self._reason == "shutdown":
             await self._shutdown_event()
         if self._reason is not None:

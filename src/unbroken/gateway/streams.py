@@ -470,6 +470,9 @@ class Producer:
                 if self._on_complete is not None:
                     await self._on_complete(completion)
                 final = final_event(completion, self.stream_id, self.takeovers)
+                # The live readers take the last events from the tail, so each ends its
+                # response in the same write (one write less per answer).
+                self._release_sinks()
                 await self._append([final, DONE], end=True)
             if self._scope.cancelled_caught:
                 completion = _current(stream)
@@ -802,7 +805,21 @@ class StreamHub:
         producer: Producer | None = None,
         sink: EventSink | None = None,
     ) -> AsyncGenerator[tuple[int, bytes], None]:
-        """The events after `after`, then live ones, until the log ends.
+        """The events after `after`, then live ones, until the log ends (one at a time; see
+        `follow_batches`)."""
+        async for batch in self.follow_batches(stream_id, after, producer, sink):
+            for event in batch:
+                yield event
+
+    async def follow_batches(
+        self,
+        stream_id: str,
+        after: int,
+        producer: Producer | None = None,
+        sink: EventSink | None = None,
+    ) -> AsyncGenerator[list[tuple[int, bytes]], None]:
+        """The events after `after`, then live ones, until the log ends, as lists of the
+        consecutive events available at once (a relay writes each list in one write).
 
         With a `producer` (the POST that started the answer), a failure before the first
         event raises its `GatewayError` instead, so the client gets a real HTTP status.
@@ -823,11 +840,10 @@ class StreamHub:
                 # in the tail are consecutive: the new ones are its last `n_new`, indexed
                 # from the right end (where a deque is quick to index).
                 n_new = tail[-1][0] - after
-                fresh = [tail[-i] for i in range(n_new, 0, -1)]
-                for seq, payload in fresh:
-                    yield seq, payload
-                    after = seq
-                if fresh:
+                if n_new > 0:
+                    fresh = [tail[-i] for i in range(n_new, 0, -1)]
+                    after = fresh[-1][0]
+                    yield fresh
                     continue
                 if not local.finished:
                     if sink is not None and sink.ready():
@@ -843,9 +859,9 @@ class StreamHub:
                 raise GatewayError(
                     410, f"stream {stream_id!r} expired", code="stream_expired"
                 ) from None
-            for seq, payload in batch.events:
-                yield seq, payload
-                after = seq
+            if batch.events:
+                after = batch.events[-1][0]
+                yield batch.events
             if batch.ended and after >= batch.n_events:
                 return
             if batch.events:
@@ -926,7 +942,7 @@ class StreamHub:
             writer.attach()
         gateway._relays.add(relay)
         try:
-            await relay.events(self.follow(stream_id, after, sink=relay.sink()))
+            await relay.events(self.follow_batches(stream_id, after, sink=relay.sink()))
         finally:
             gateway._relays.discard(relay)
             if relay.result is not None:  # a reconnect relays chunks too
