@@ -666,7 +666,11 @@ class Gateway:
             try:
                 result = await relay.events(
                     self.streams.follow_batches(
-                        producer.stream_id, 0, producer=producer, sink=relay.sink()
+                        producer.stream_id,
+                        0,
+                        producer=producer,
+                        sink=relay.sink(),
+                        head=relay.head_sink(),
                     )
                 )
             except GatewayError as exc:

@@ -46,6 +46,9 @@ class ResponseHooks(Protocol):
         """Send the response's `start` and the first `body` part (more to come) in one
         write."""
 
+    def start_now(self, start: Message, body: Message) -> bool:
+        """`start_with` from synchronous code: False (nothing sent) when it cannot now."""
+
     def watch(self, on_lost: Callable[[], None]) -> None:
         """Call `on_lost` once when the client disconnects."""
 
@@ -166,6 +169,25 @@ class Exchange:
             return
         await self.send(start)
         await self.send(part)
+
+    def start_now(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        """`start_with` without awaiting, from a callback: False (nothing sent) when the
+        server offers no `ResponseHooks` or cannot send both at once now."""
+        hooks = self.hooks()
+        if hooks is None or self.started:
+            return False
+        start = {
+            "type": "http.response.start",
+            "status": status,
+            "headers": headers + self.headers_out,
+        }
+        if not hooks.start_now(
+            start, {"type": "http.response.body", "body": body, "more_body": True}
+        ):
+            return False
+        self.started = True
+        self.status = status
+        return True
 
     async def respond(
         self,

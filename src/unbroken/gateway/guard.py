@@ -30,7 +30,7 @@ import http
 import logging
 import time
 from asyncio import TimerHandle
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, cast
 
 import httptools
@@ -421,6 +421,32 @@ class CycleHooks:
             if held.parts:
                 transport.write(b"".join(held.parts))
 
+    def start_now(self, start: Message, body: Message) -> bool:
+        """`start_with` from a callback (no await): False, and nothing sent, unless
+        uvicorn's `send` would write both at once now (the response not started, the client
+        connected and draining, more body to come)."""
+        cycle = self.cycle
+        if (
+            cycle.response_started
+            or cycle.disconnected
+            or cycle.flow.write_paused
+            or cycle.transport.is_closing()
+            or body.get("more_body") is not True
+        ):
+            return False
+        transport = cycle.transport
+        held = _HeldWrites(transport)
+        cycle.transport = held  # type: ignore[assignment]  # write() is all send uses
+        try:
+            # uvicorn's send awaits only to drain a paused transport: it completes here.
+            _complete(cycle.send(start))  # type: ignore[arg-type]  # an ASGI message
+            _complete(cycle.send(body))  # type: ignore[arg-type]  # an ASGI message
+        finally:
+            cycle.transport = transport
+            if held.parts:
+                transport.write(b"".join(held.parts))
+        return True
+
     def watch(self, on_lost: Callable[[], None]) -> None:
         """Call `on_lost` (once, from the loop) when the client is gone."""
         cycle = self.cycle
@@ -440,6 +466,16 @@ class CycleHooks:
         on_lost, self._on_lost = self._on_lost, None
         if on_lost is not None:
             on_lost()
+
+
+def _complete(coro: Coroutine[Any, Any, None]) -> None:
+    """Run a coroutine that does not suspend to its end, from synchronous code."""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    coro.close()
+    raise RuntimeError("a send that should not wait suspended")
 
 
 def guarded_protocol(guard: Guard) -> type[GuardedProtocol]:

@@ -49,7 +49,7 @@ from unbroken.gateway.asgi import Exchange, Message, ResponseHooks
 from unbroken.gateway.direct import DirectBody
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
 
-__all__ = ["LiveSink", "RelayResult", "StreamRelay"]
+__all__ = ["HeadSink", "LiveSink", "RelayResult", "StreamRelay"]
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +150,11 @@ class StreamRelay:
         """The direct path for a producer on this instance, when the server offers one."""
         direct = self._ex.direct_body()
         return None if direct is None else LiveSink(self, direct)
+
+    def head_sink(self) -> HeadSink | None:
+        """The first events' direct path for a producer on this instance (see `HeadSink`),
+        when the server offers it."""
+        return None if self._ex.hooks() is None else HeadSink(self)
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -552,6 +557,50 @@ class _TaskScope:
             return False
         # Ours alone: a cancellation from outside (server shutdown) goes on.
         return task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError
+
+
+class HeadSink:
+    """A relay's direct path for the first events of an answer, before its response has
+    started: the producer's first append writes the status line, the headers and those
+    events in one write from the producer's own task (gateway/guard.py
+    `CycleHooks.start_now`), so the first token reaches the client without waiting for the
+    reader's task to wake (a loop iteration, busy under load). It takes one append: the
+    next one wakes the reader, which goes on as usual (`LiveSink`).
+
+    Attributes:
+        last: the id of the last event written.
+    """
+
+    __slots__ = ("_relay", "last")
+
+    def __init__(self, relay: StreamRelay) -> None:
+        self._relay = relay
+        self.last = 0
+
+    def ready(self) -> bool:
+        """Whether the response can start here now."""
+        relay = self._relay
+        return not relay._busy and relay._reason is None and not relay._ex.started
+
+    def feed(self, first: int, payloads: Sequence[bytes]) -> bool:
+        """Start the response with events `first`, `first + 1`, ...; False when it cannot
+        (nothing was written: the reader takes over)."""
+        if self.last or not self.ready():
+            return False
+        relay = self._relay
+        data = b"".join(
+            b"id: %d\ndata: %b\n\n" % (seq, payload) for seq, payload in enumerate(payloads, first)
+        )
+        try:
+            started = relay._ex.start_now(200, relay._headers, data)
+        except RuntimeError:  # the server refused the message: the reader's write will say
+            return False
+        if not started:
+            return False
+        self.last = first + len(payloads) - 1
+        relay._n_direct += len(payloads)
+        relay._wrote = True
+        return True
 
 
 _SHUTDOWN = GatewayError(

@@ -817,6 +817,7 @@ class StreamHub:
         after: int,
         producer: Producer | None = None,
         sink: EventSink | None = None,
+        head: EventSink | None = None,
     ) -> AsyncGenerator[list[tuple[int, bytes]], None]:
         """The events after `after`, then live ones, until the log ends, as lists of the
         consecutive events available at once (a relay writes each list in one write).
@@ -824,11 +825,16 @@ class StreamHub:
         With a `producer` (the POST that started the answer), a failure before the first
         event raises its `GatewayError` instead, so the client gets a real HTTP status.
         With a `sink`, live events of a producer on this instance go to the sink instead,
-        whenever it is ready (see the theory of operation); the rest are yielded.
+        whenever it is ready (see the theory of operation); the rest are yielded. With a
+        `head` too (and `after` 0), the producer's first events go to it (it starts the
+        response) before any wake-up of this reader.
         """
         log = self.log
         if producer is not None:
-            await producer.first.wait()
+            if head is not None and after == 0 and head.ready():
+                after = await producer.hand_off(head, 0)
+            else:
+                await producer.first.wait()
             if producer.failure is not None and after == 0:
                 raise producer.failure
         touched = 0.0
