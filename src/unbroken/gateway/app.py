@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl
 
-import anyio
 import httpx
 from prometheus_client import CollectorRegistry
 
@@ -50,6 +49,7 @@ from unbroken.gateway.quota import has_rate_limits, rate_limit_headers
 from unbroken.gateway.relay import RelayResult, StreamRelay
 from unbroken.gateway.request import ChatRequest, parse_chat_request
 from unbroken.gateway.routing import ModelRouter, ServedModels, base_routes
+from unbroken.gateway.scopes import cancel_scope
 from unbroken.gateway.serving import BreakerWatch
 from unbroken.gateway.session_limits import SessionLimits
 from unbroken.gateway.sessions import SESSIONS_PATH, SessionEndpoints, open_session_store
@@ -963,7 +963,7 @@ class _Booking:
             cost = completion.unbroken.cost_usd
         # Books usage and frees the slot even when the server cancels us at shutdown; a
         # store failure queues the booking instead of failing a delivered answer.
-        with anyio.CancelScope(shield=True):
+        with cancel_scope(shield=True):
             now = time.time()
             await self._bookings.settle(self.admission, tokens, cost or 0.0)
             if self._usage is not None:

@@ -48,6 +48,7 @@ from unbroken.errors import UnbrokenError
 from unbroken.gateway.asgi import Exchange, Message, ResponseHooks
 from unbroken.gateway.direct import DirectBody
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
+from unbroken.gateway.scopes import cancel_scope
 
 __all__ = ["HeadSink", "LiveSink", "RelayResult", "StreamRelay"]
 
@@ -412,7 +413,7 @@ class StreamRelay:
 
     async def _run(self, stream: AsyncStream, trailer: bool) -> RelayResult:
         # The SDK's stream runs anyio code, whose cancellation needs an anyio scope.
-        scope = anyio.CancelScope()
+        scope = cancel_scope()
         if self._scope.cancel_called:
             scope.cancel()
         self._scope = scope
@@ -456,7 +457,7 @@ class StreamRelay:
                         error = None
         finally:
             self._unwatch(sidecar)
-            with anyio.CancelScope(shield=True):
+            with cancel_scope(shield=True):
                 await _aclose(stream)
             await self._stopped(sidecar)
         if self._reason == "shutdown":
@@ -599,7 +600,9 @@ class HeadSink:
             return False
         self.last = first + len(payloads) - 1
         relay._n_direct += len(payloads)
-        relay._wrote = True
+        # Its time, not the sidecar's next tick: once a request, and the keep-alive that
+        # may follow a silence is then due `keepalive_s` after this write, not a tick later.
+        relay._last_write = relay._loop.time()
         return True
 
 

@@ -44,7 +44,6 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
-import anyio
 import msgspec
 
 from unbroken.client import AsyncStream
@@ -66,6 +65,7 @@ from unbroken.gateway.asgi import Exchange
 from unbroken.gateway.keys import Caller
 from unbroken.gateway.problems import GatewayError, from_unbroken
 from unbroken.gateway.request import ChatRequest
+from unbroken.gateway.scopes import cancel_scope
 from unbroken.settings import GatewaySettings
 from unbroken.stores.streamlog import (
     FencedError,
@@ -227,7 +227,7 @@ class Producer:
         self._renew_slot = renew_slot
         self._slot_every_s = slot_every_s
         self._slot_at = time.monotonic()
-        self._scope = anyio.CancelScope()
+        self._scope = cancel_scope()
         self._changed = asyncio.Event()
         self._n_waiting = 0
         # The memory log appends without a coroutine (one less per chunk), and is read
@@ -481,7 +481,7 @@ class Producer:
             self.reason = "fenced"
             logger.info("stream %s was taken over; this writer stops", self.stream_id)
         except UnbrokenError as exc:
-            with anyio.CancelScope(shield=True):
+            with cancel_scope(shield=True):
                 await self._settle_quietly()
             completion = _current(stream)
             error = from_unbroken(exc, self.hub.gateway.scrub)
@@ -491,14 +491,14 @@ class Producer:
                 self.failure = error
             self.reason = "error"
             logger.info("answer on stream %s failed: %s", self.stream_id, error.code)
-            with anyio.CancelScope(shield=True):
+            with cancel_scope(shield=True):
                 await self._end_quietly([error.body()])
         finally:
             self.finished = True
             self.first.set()
             self._changed.set()
             self._release_sinks()
-            with anyio.CancelScope(shield=True):
+            with cancel_scope(shield=True):
                 await self._settle_quietly()
                 if stream is not None:
                     await _close(stream)
@@ -507,7 +507,7 @@ class Producer:
                     await self._on_end(completion if completion is not None else _current(stream))
 
     async def _cancelled(self, completion: ChatCompletion | None) -> None:
-        with anyio.CancelScope(shield=True):
+        with cancel_scope(shield=True):
             await self._settle_quietly()
             if self.reason == "stopped":
                 final = final_event(completion or ChatCompletion(), self.stream_id, self.takeovers)
