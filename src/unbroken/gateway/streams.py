@@ -489,6 +489,9 @@ class Producer:
                 error = GatewayError(507, exc.message, type="server_error", code="stream_log_full")
             if self.n_events == 0:
                 self.failure = error
+                # No sink may start the response with the error event: the reader answers
+                # with the error's own HTTP status instead.
+                self._release_sinks()
             self.reason = "error"
             logger.info("answer on stream %s failed: %s", self.stream_id, error.code)
             with cancel_scope(shield=True):
@@ -807,9 +810,12 @@ class StreamHub:
     ) -> AsyncGenerator[tuple[int, bytes], None]:
         """The events after `after`, then live ones, until the log ends (one at a time; see
         `follow_batches`)."""
-        async for batch in self.follow_batches(stream_id, after, producer, sink):
-            for event in batch:
-                yield event
+        async with contextlib.aclosing(
+            self.follow_batches(stream_id, after, producer, sink)
+        ) as batches:
+            async for batch in batches:
+                for event in batch:
+                    yield event
 
     async def follow_batches(
         self,
