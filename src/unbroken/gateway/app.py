@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl
 
-import anyio
 import httpx
 from prometheus_client import CollectorRegistry
 
@@ -29,7 +28,12 @@ from unbroken.core.pricing import PriceTable
 from unbroken.core.routes import Route
 from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.errors import StoreError, UnbrokenError
-from unbroken.gateway.accesslog import RequestRecord, current_request, write_access_line
+from unbroken.gateway.accesslog import (
+    RequestRecord,
+    current_request,
+    new_request_id,
+    write_access_line,
+)
 from unbroken.gateway.asgi import Exchange, Receive, Scope, Send
 from unbroken.gateway.budget import Bookings
 from unbroken.gateway.cache import AnswerCache, RecordingStream
@@ -41,10 +45,11 @@ from unbroken.gateway.limits import Admission, Limiter
 from unbroken.gateway.metrics import GatewayMetrics
 from unbroken.gateway.openapi import allowed_methods, openapi
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
-from unbroken.gateway.quota import rate_limit_headers
+from unbroken.gateway.quota import has_rate_limits, rate_limit_headers
 from unbroken.gateway.relay import RelayResult, StreamRelay
 from unbroken.gateway.request import ChatRequest, parse_chat_request
 from unbroken.gateway.routing import ModelRouter, ServedModels, base_routes
+from unbroken.gateway.scopes import cancel_scope
 from unbroken.gateway.serving import BreakerWatch
 from unbroken.gateway.session_limits import SessionLimits
 from unbroken.gateway.sessions import SESSIONS_PATH, SessionEndpoints, open_session_store
@@ -305,7 +310,7 @@ class Gateway:
             elif name == b"origin":
                 origin = value
         if request_id is None or not _REQUEST_ID.fullmatch(request_id):
-            request_id = uuid.uuid4().hex.encode()
+            request_id = new_request_id()
         headers = [(b"x-request-id", request_id), GATEWAY_HEADER]
         if origin is not None and self._origin_allowed(origin):
             headers += [
@@ -601,10 +606,11 @@ class Gateway:
         try:
             admitted = await admit
         except GatewayError as exc:
-            if exc.status == 429:
+            if exc.status == 429 and has_rate_limits(caller):
                 ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
             raise
-        ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
+        if has_rate_limits(caller):  # a store round trip only when there is one to announce
+            ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
         return admitted
 
     async def serve_chat(
@@ -660,7 +666,13 @@ class Gateway:
             result: RelayResult | None = None
             try:
                 result = await relay.events(
-                    self.streams.follow(producer.stream_id, 0, producer=producer, sink=relay.sink())
+                    self.streams.follow_batches(
+                        producer.stream_id,
+                        0,
+                        producer=producer,
+                        sink=relay.sink(),
+                        head=relay.head_sink(),
+                    )
                 )
             except GatewayError as exc:
                 if cache_key is None or not await self._degrade(ex, request, cache_key, exc):
@@ -721,7 +733,7 @@ class Gateway:
 
     def _count(self, result: RelayResult | None) -> None:
         if result is not None:
-            self.metrics.streams.labels(result.reason).inc()
+            self.metrics.stream_ended(result.reason)
             self.metrics.chunks.inc(result.n_chunks)
             if result.n_direct:
                 self.metrics.chunks_direct.inc(result.n_direct)
@@ -952,7 +964,7 @@ class _Booking:
             cost = completion.unbroken.cost_usd
         # Books usage and frees the slot even when the server cancels us at shutdown; a
         # store failure queues the booking instead of failing a delivered answer.
-        with anyio.CancelScope(shield=True):
+        with cancel_scope(shield=True):
             now = time.time()
             await self._bookings.settle(self.admission, tokens, cost or 0.0)
             if self._usage is not None:

@@ -7,14 +7,23 @@ from __future__ import annotations
 
 import gzip
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
 from unbroken.gateway.direct import DIRECT_EXTENSION, DirectBody
 from unbroken.gateway.problems import GatewayError
 
-__all__ = ["TRANSPORT_EXTENSION", "Exchange", "Message", "Receive", "Scope", "Send"]
+__all__ = [
+    "RESPONSE_EXTENSION",
+    "TRANSPORT_EXTENSION",
+    "Exchange",
+    "Message",
+    "Receive",
+    "ResponseHooks",
+    "Scope",
+    "Send",
+]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -24,7 +33,27 @@ Send = Callable[[Message], Awaitable[None]]
 # The scope extension under which our uvicorn protocol exposes the connection's transport
 # (the mock's server uses the same name), so a slow client can be cut at once.
 TRANSPORT_EXTENSION = "unbroken.transport"
+# The scope extension under which the gateway's protocol offers `ResponseHooks`
+# (gateway/guard.py `CycleHooks`).
+RESPONSE_EXTENSION = "unbroken.response"
 _JSON = b"application/json"
+
+
+class ResponseHooks(Protocol):
+    """What the gateway's own server protocol offers a request beyond ASGI."""
+
+    async def start_with(self, start: Message, body: Message) -> None:
+        """Send the response's `start` and the first `body` part (more to come) in one
+        write."""
+
+    def start_now(self, start: Message, body: Message) -> bool:
+        """`start_with` from synchronous code: False (nothing sent) when it cannot now."""
+
+    def watch(self, on_lost: Callable[[], None]) -> None:
+        """Call `on_lost` once when the client disconnects."""
+
+    def unwatch(self) -> None:
+        """Stop watching."""
 
 
 class Exchange:
@@ -116,6 +145,49 @@ class Exchange:
         await self.send(
             {"type": "http.response.start", "status": status, "headers": headers + self.headers_out}
         )
+
+    def hooks(self) -> ResponseHooks | None:
+        """The server's `ResponseHooks` for this request, when it offers them."""
+        return self.scope.get("extensions", {}).get(RESPONSE_EXTENSION)  # type: ignore[no-any-return]  # set by gateway/guard.py
+
+    async def start_with(
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> None:
+        """`start`, then `body` as the first part of a body with more to come: in one write
+        when the server offers it (`ResponseHooks.start_with`)."""
+        self.started = True
+        self.status = status
+        start = {
+            "type": "http.response.start",
+            "status": status,
+            "headers": headers + self.headers_out,
+        }
+        part = {"type": "http.response.body", "body": body, "more_body": True}
+        hooks = self.hooks()
+        if hooks is not None:
+            await hooks.start_with(start, part)
+            return
+        await self.send(start)
+        await self.send(part)
+
+    def start_now(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        """`start_with` without awaiting, from a callback: False (nothing sent) when the
+        server offers no `ResponseHooks` or cannot send both at once now."""
+        hooks = self.hooks()
+        if hooks is None or self.started:
+            return False
+        start = {
+            "type": "http.response.start",
+            "status": status,
+            "headers": headers + self.headers_out,
+        }
+        if not hooks.start_now(
+            start, {"type": "http.response.body", "body": body, "more_body": True}
+        ):
+            return False
+        self.started = True
+        self.status = status
+        return True
 
     async def respond(
         self,

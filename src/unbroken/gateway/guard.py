@@ -30,7 +30,7 @@ import http
 import logging
 import time
 from asyncio import TimerHandle
-from collections.abc import Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, cast
 
 import httptools
@@ -38,13 +38,13 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 from unbroken._flag import Flag
 from unbroken.gateway.accesslog import ACCESS_LOGGER
-from unbroken.gateway.asgi import TRANSPORT_EXTENSION
+from unbroken.gateway.asgi import RESPONSE_EXTENSION, TRANSPORT_EXTENSION, Message
 from unbroken.gateway.direct import DIRECT_EXTENSION, DirectBody
 from unbroken.gateway.metrics import GatewayMetrics
 from unbroken.gateway.problems import error_body
 from unbroken.settings import GatewaySettings
 
-__all__ = ["Guard", "LogLimiter", "guarded_protocol", "install_log_limits"]
+__all__ = ["CycleHooks", "Guard", "LogLimiter", "guarded_protocol", "install_log_limits"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._counted: str | None = None
         self._closed = False
         self._refusal: _Refusal | None = None
+        self._hooks: CycleHooks | None = None  # those of the latest request
 
     # -- connection --------------------------------------------------------------------------
 
@@ -182,6 +183,12 @@ class GuardedProtocol(HttpToolsProtocol):
             self._counted = None
         self._closed = True
         super().connection_lost(exc)
+        self._lost()
+
+    def _lost(self) -> None:
+        hooks = self._hooks
+        if hooks is not None and hooks.cycle.disconnected:
+            hooks.lost()
 
     def _arm(self, delay_s: float, callback: Any) -> None:
         self._disarm()
@@ -207,6 +214,7 @@ class GuardedProtocol(HttpToolsProtocol):
             # The app sees a disconnect, and its writes go nowhere.
             cycle.disconnected = True
             cycle.message_event.set()
+            self._lost()
         self.transport.close()
 
     # -- timers ------------------------------------------------------------------------------
@@ -333,6 +341,7 @@ class GuardedProtocol(HttpToolsProtocol):
             extensions[DIRECT_EXTENSION] = DirectBody(cycle)
             # uvicorn's asyncio.Event costs a 760-byte deque per request (unbroken._flag).
             cycle.message_event = Flag()  # type: ignore[assignment]  # the same interface
+            self._hooks = extensions[RESPONSE_EXTENSION] = CycleHooks(cycle)
 
     def on_body(self, body: bytes) -> None:
         if self._timer is not None:
@@ -372,6 +381,121 @@ class GuardedProtocol(HttpToolsProtocol):
         """uvicorn's plain-text 400, as our JSON error."""
         self.guard.refused("bad_request")
         self._refuse(400, "malformed HTTP request", "bad_request")
+
+
+class _HeldWrites:
+    """A stand-in for a cycle's transport while uvicorn renders a response's head and first
+    body part: keeps the bytes, so they go out in one write."""
+
+    __slots__ = ("parts", "transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+class CycleHooks:
+    """What the gateway's protocol offers one request's app beyond ASGI (the scope extension
+    `RESPONSE_EXTENSION`, gateway/asgi.py `ResponseHooks`).
+
+    * `start_with` sends the response's start and its first body part in one write:
+      uvicorn's own `send` renders both into `_HeldWrites`, and the joined bytes are
+      written as soon as both are rendered, in the same step (one write syscall less per
+      answer). Only for a body with more to come (ending the response may close the
+      transport, which must follow the bytes), and only while the transport takes writes.
+      `start_now` does the same from a callback (the producer's first append).
+    * `watch` calls back when the client disconnects (what `receive()` would return as
+      `http.disconnect`), so a relay needs no task parked in `receive()` to notice.
+
+    Args:
+        cycle: uvicorn's `RequestResponseCycle` of the request (httptools protocol).
+    """
+
+    __slots__ = ("_on_lost", "cycle")
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self.cycle = cycle
+        self._on_lost: Callable[[], None] | None = None
+
+    async def start_with(self, start: Message, body: Message) -> None:
+        """Send `start` then `body` as uvicorn's ASGI `send` would, in one write."""
+        cycle = self.cycle
+        if cycle.flow.write_paused or body.get("more_body") is not True:
+            await cycle.send(start)  # type: ignore[arg-type]  # an ASGI message
+            await cycle.send(body)  # type: ignore[arg-type]  # an ASGI message
+            return
+        transport = cycle.transport
+        held = _HeldWrites(transport)
+        cycle.transport = held  # type: ignore[assignment]  # write() is all send uses
+        try:
+            await cycle.send(start)  # type: ignore[arg-type]  # an ASGI message
+            await cycle.send(body)  # type: ignore[arg-type]  # an ASGI message
+        finally:
+            cycle.transport = transport
+            if held.parts:
+                transport.write(b"".join(held.parts))
+
+    def start_now(self, start: Message, body: Message) -> bool:
+        """`start_with` from a callback (no await): False, and nothing sent, unless
+        uvicorn's `send` would write both at once now (the response not started, the client
+        connected and draining, more body to come)."""
+        cycle = self.cycle
+        if (
+            cycle.response_started
+            or cycle.disconnected
+            or cycle.flow.write_paused
+            or cycle.transport.is_closing()
+            or body.get("more_body") is not True
+        ):
+            return False
+        transport = cycle.transport
+        held = _HeldWrites(transport)
+        cycle.transport = held  # type: ignore[assignment]  # write() is all send uses
+        try:
+            # uvicorn's send awaits only to drain a paused transport: it completes here.
+            _complete(cycle.send(start))  # type: ignore[arg-type]  # an ASGI message
+            _complete(cycle.send(body))  # type: ignore[arg-type]  # an ASGI message
+        finally:
+            cycle.transport = transport
+            if held.parts:
+                transport.write(b"".join(held.parts))
+        return True
+
+    def watch(self, on_lost: Callable[[], None]) -> None:
+        """Call `on_lost` (once, from the loop) when the client is gone."""
+        cycle = self.cycle
+        # As `receive()` does before it waits: a paused read would not see the close.
+        cycle.flow.resume_reading()
+        if cycle.disconnected:
+            asyncio.get_running_loop().call_soon(on_lost)
+            return
+        self._on_lost = on_lost
+
+    def unwatch(self) -> None:
+        """Stop watching (the relay ended)."""
+        self._on_lost = None
+
+    def lost(self) -> None:
+        """The protocol saw the client go (the cycle is marked disconnected)."""
+        on_lost, self._on_lost = self._on_lost, None
+        if on_lost is not None:
+            on_lost()
+
+
+def _complete(coro: Coroutine[Any, Any, None]) -> None:
+    """Run a coroutine that does not suspend to its end, from synchronous code."""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    coro.close()
+    raise RuntimeError("a send that should not wait suspended")
 
 
 def guarded_protocol(guard: Guard) -> type[GuardedProtocol]:

@@ -66,13 +66,17 @@ class KeyRing:
         self._keys = {k.sha256: k for k in settings.keys}
         self._store = store if settings.keys_in_store else None
         self._cache_s = settings.key_cache_s
-        self._cache: dict[str, tuple[float, KeySettings | None]] = {}
+        self._cache: dict[str, tuple[float, Caller | None]] = {}
         self._anonymous = Caller("anonymous", ANONYMOUS_NAME, settings.limits, role="admin")
+        # Callers are frozen: one per configured key, not one per request (merging the
+        # limits cost ~5 us a request).
+        self._callers = {digest: self._caller(key) for digest, key in self._keys.items()}
+        self._required = bool(self._keys) or self._store is not None or widget is not None
 
     @property
     def required(self) -> bool:
         """True when requests must carry a gateway key."""
-        return bool(self._keys) or self._store is not None or self._widget is not None
+        return self._required
 
     def _caller(self, key: KeySettings) -> Caller:
         return Caller(
@@ -89,7 +93,7 @@ class KeyRing:
         Raises:
             GatewayError: 401 when a key is required and missing or unknown.
         """
-        if not self.required:
+        if not self._required:
             return self._anonymous
         scheme, _, token = (authorization or b"").decode("latin-1").partition(" ")
         token = token.strip()
@@ -103,26 +107,27 @@ class KeyRing:
         if self._widget is not None and token.count(".") == 2 and token.startswith("eyJ"):
             return self._widget(token)  # a JWT: a widget token, never a gateway key
         digest = hash_key(token)
-        key = self._keys.get(digest)
-        if key is None and self._store is not None:
-            key = await self._lookup(digest)
-        if key is None:
+        caller = self._callers.get(digest)
+        if caller is None and self._store is not None:
+            caller = await self._lookup(digest)
+        if caller is None:
             raise GatewayError(
                 401,
                 "invalid gateway API key; check the key or ask the gateway operator for one",
                 type="authentication_error",
                 code="invalid_api_key",
             )
-        return self._caller(key)
+        return caller
 
-    async def _lookup(self, digest: str) -> KeySettings | None:
+    async def _lookup(self, digest: str) -> Caller | None:
         now = time.monotonic()
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             return cached[1]
         assert self._store is not None  # noqa: S101 - checked by the caller
         key = await self._store.get_key(digest)
+        caller = None if key is None else self._caller(key)
         if len(self._cache) >= CACHE_MAX:
             self._cache.clear()
-        self._cache[digest] = (now + self._cache_s, key)
-        return key
+        self._cache[digest] = (now + self._cache_s, caller)
+        return caller

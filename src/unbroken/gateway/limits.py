@@ -11,7 +11,6 @@ last admitted ones used beyond their reservation. Imports settings, stores and s
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import uuid
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from unbroken.errors import StoreError
 from unbroken.gateway.keys import Caller
 from unbroken.gateway.problems import GatewayError
+from unbroken.gateway.usage import day_of
 from unbroken.stores.base import Store
 
 __all__ = ["Admission", "Limiter"]
@@ -46,10 +46,6 @@ class Admission:
     unchecked: bool = False
     tokens_booked: bool = False
     cost_booked: bool = False
-
-
-def _day(now: float) -> str:
-    return dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m-%d")
 
 
 def _to_midnight(now: float) -> float:
@@ -101,12 +97,12 @@ class Limiter:
                 self.on_store_failure(outcome)
             if not self.fail_open:
                 raise
-            return Admission(caller, _day(now), unchecked=True)
+            return Admission(caller, day_of(now), unchecked=True)
 
     async def _admit(self, caller: Caller, estimated_tokens: int, now: float) -> Admission:
         limits = caller.limits
         store = self._store
-        admission = Admission(caller, _day(now))
+        admission = Admission(caller, day_of(now))
         cid = caller.id
         if limits.daily_tokens is not None:
             # Reserve, then look: the add is atomic, so every admitted request's reservation

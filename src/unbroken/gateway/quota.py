@@ -13,7 +13,7 @@ import math
 from unbroken.gateway.keys import Caller
 from unbroken.stores.base import Store
 
-__all__ = ["go_duration", "rate_limit_headers"]
+__all__ = ["go_duration", "has_rate_limits", "rate_limit_headers"]
 
 
 def go_duration(seconds: float) -> str:
@@ -29,6 +29,12 @@ def go_duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{secs}s"
     return f"{secs}s"
+
+
+def has_rate_limits(caller: Caller) -> bool:
+    """Whether `caller` has a limit `rate_limit_headers` announces (else they are none)."""
+    limits = caller.limits
+    return limits.requests_per_minute is not None or limits.tokens_per_minute is not None
 
 
 async def rate_limit_headers(store: Store, caller: Caller, now: float) -> list[tuple[bytes, bytes]]:

@@ -36,6 +36,8 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
 
 import anyio
 import msgspec
@@ -44,11 +46,12 @@ from unbroken._flag import Flag
 from unbroken.client import AsyncStream
 from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.errors import UnbrokenError
-from unbroken.gateway.asgi import Exchange, Message
+from unbroken.gateway.asgi import Exchange, Message, ResponseHooks
 from unbroken.gateway.direct import DirectBody
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
+from unbroken.gateway.scopes import cancel_scope
 
-__all__ = ["LiveSink", "RelayResult", "StreamRelay"]
+__all__ = ["HeadSink", "LiveSink", "RelayResult", "StreamRelay"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +66,8 @@ _SSE_HEADERS = [
 # then fails to parse as JSON. A bare comment line is ignored by every SSE reader.
 _KEEPALIVE = b": keep-alive\n"
 _DONE = b"data: [DONE]\n\n"
+# The payload of a stream log's last event (gateway/streams.py `DONE`).
+_DONE_PAYLOAD = b"[DONE]"
 
 
 @dataclass(slots=True)
@@ -102,10 +107,13 @@ class StreamRelay:
     # One per live answer: no instance dict (~1 KB with this many attributes).
     __slots__ = (
         "_busy",
+        "_chore",
         "_ex",
         "_headers",
+        "_hooks",
         "_idle",
         "_keepalive_s",
+        "_last_renew",
         "_last_write",
         "_loop",
         "_n_direct",
@@ -118,6 +126,8 @@ class StreamRelay:
         "_send_timeout_s",
         "_sending_since",
         "_streaming",
+        "_tick_s",
+        "_timer",
         "_wrote",
         "n_keepalives",
         "result",
@@ -143,7 +153,8 @@ class StreamRelay:
         self._renew = renew
         self._renew_every_s = renew_every_s
         self._on_complete = on_complete
-        self._scope = anyio.CancelScope()
+        # What `_stop` cancels: the relay's body (`_run` swaps in an anyio scope).
+        self._scope: anyio.CancelScope | _TaskScope = _TaskScope()
         self._loop = asyncio.get_running_loop()
         self._busy = False
         self._idle = Flag()
@@ -158,11 +169,23 @@ class StreamRelay:
         self._wrote = False
         self.n_keepalives = 0
         self.result: RelayResult | None = None
+        # The sidecar (see `_watch`): its period, the server's hooks, its timer, the
+        # keep-alive or renewal it runs, and when it last renewed.
+        self._tick_s = min(1.0, keepalive_s / 2, send_timeout_s / 4)
+        self._hooks: ResponseHooks | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._chore: asyncio.Task[None] | None = None
+        self._last_renew = self._last_write
 
     def sink(self) -> LiveSink | None:
         """The direct path for a producer on this instance, when the server offers one."""
         direct = self._ex.direct_body()
         return None if direct is None else LiveSink(self, direct)
+
+    def head_sink(self) -> HeadSink | None:
+        """The first events' direct path for a producer on this instance (see `HeadSink`),
+        when the server offers it."""
+        return None if self._ex.hooks() is None else HeadSink(self)
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -173,12 +196,16 @@ class StreamRelay:
         if self._busy:
             await self._idle.wait()
         ex = self._ex
-        if not ex.started:
-            await self._start_sse()
         self._busy = True
         self._sending_since = now = self._loop.time()
         try:
-            await ex.send({"type": "http.response.body", "body": data, "more_body": more})
+            if ex.started:
+                await ex.send({"type": "http.response.body", "body": data, "more_body": more})
+            elif data and more:
+                await ex.start_with(200, self._headers, data)  # the head in the same write
+            else:
+                await self._start_sse()
+                await ex.send({"type": "http.response.body", "body": data, "more_body": more})
         finally:
             self._busy = False
             self._sending_since = 0.0
@@ -186,39 +213,111 @@ class StreamRelay:
 
     # -- the sidecar -------------------------------------------------------------------------
 
+    def _watch(self) -> asyncio.Task[None] | None:
+        """Start the sidecar: when the server offers `ResponseHooks` (gateway/guard.py), a
+        disconnect callback and a timer, else a task parked in `receive()` (the task, its
+        receiver and their cancellation cost ~20 us per request)."""
+        hooks = self._ex.hooks()
+        if hooks is None:
+            return self._loop.create_task(self._sidecar())
+        self._hooks = hooks
+        hooks.watch(self._client_gone)
+        self._timer = self._loop.call_later(self._tick_s, self._on_tick)
+        return None
+
+    def _unwatch(self, sidecar: asyncio.Task[None] | None) -> None:
+        """Stop the sidecar (its chore, if one runs, is cancelled; `_stopped` waits for it)."""
+        if sidecar is not None:
+            sidecar.cancel()
+            return
+        if self._hooks is not None:
+            self._hooks.unwatch()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._chore is not None:
+            self._chore.cancel()
+
+    async def _stopped(self, sidecar: asyncio.Task[None] | None) -> None:
+        """Wait for the sidecar stopped by `_unwatch` (re-raising what it failed with)."""
+        task = sidecar if sidecar is not None else self._chore
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _client_gone(self) -> None:
+        self._stop("client_gone")
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_tick(self) -> None:
+        now = self._loop.time()
+        chore = self._chore
+        if chore is not None and chore.done() and not chore.cancelled() and chore.exception():
+            # A failed keep-alive or renewal ends the sidecar, as it ended the task version;
+            # `_stopped` re-raises it.
+            self._timer = None
+            return
+        if not self._checks(now):
+            self._timer = None
+            return
+        if chore is None or chore.done():
+            keepalive = self._keepalive_due(now)
+            renew = self._renew is not None and self._renew_due(now)
+            if keepalive or renew:
+                self._chore = self._loop.create_task(self._chores(keepalive, renew))
+        self._timer = self._loop.call_at(now + self._tick_s, self._on_tick)
+
+    async def _chores(self, keepalive: bool, renew: bool) -> None:
+        if keepalive:
+            await self._keepalive()
+        if renew and self._renew is not None:
+            await self._renew()
+
+    def _checks(self, now: float) -> bool:
+        """A tick's checks; False when the client was cut for not reading."""
+        if self._wrote:
+            self._wrote = False
+            self._last_write = now
+        if self._sending_since and now - self._sending_since > self._send_timeout_s:
+            transport = self._ex.transport()
+            if transport is not None:
+                transport.abort()
+            self._stop("slow_client")
+            return False
+        return True
+
+    def _keepalive_due(self, now: float) -> bool:
+        return self._streaming and not self._busy and now - self._last_write >= self._keepalive_s
+
+    def _renew_due(self, now: float) -> bool:
+        if now - self._last_renew >= self._renew_every_s:
+            self._last_renew = now
+            return True
+        return False
+
     async def _sidecar(self) -> None:
-        loop = self._loop
-        tick = min(1.0, self._keepalive_s / 2, self._send_timeout_s / 4)
-        receive = self._ex.receive
-        last_renew = loop.time()
-        while True:
-            # The receive is awaited here, not in a task of its own: one task, coroutine and
-            # context less per live stream (~1 KB, bench/stream_memory.py). Cancelling a
-            # receive that waits loses nothing (uvicorn takes a message only once it came).
-            message: Message | None = None
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(tick):
-                    message = await receive()
-            if message is not None:
-                if message["type"] == "http.disconnect":
-                    self._stop("client_gone")
+        receiver: asyncio.Future[Message] = asyncio.ensure_future(self._ex.receive())
+        try:
+            while True:
+                done, _ = await asyncio.wait({receiver}, timeout=self._tick_s)
+                if done:
+                    if receiver.result()["type"] == "http.disconnect":
+                        self._stop("client_gone")
+                        return
+                    receiver = asyncio.ensure_future(self._ex.receive())
+                    continue
+                now = self._loop.time()
+                if not self._checks(now):
                     return
-                continue
-            now = loop.time()
-            if self._wrote:
-                self._wrote = False
-                self._last_write = now
-            if self._sending_since and now - self._sending_since > self._send_timeout_s:
-                transport = self._ex.transport()
-                if transport is not None:
-                    transport.abort()
-                self._stop("slow_client")
-                return
-            if self._streaming and not self._busy and now - self._last_write >= self._keepalive_s:
-                await self._keepalive()
-            if self._renew is not None and now - last_renew >= self._renew_every_s:
-                last_renew = now
-                await self._renew()
+                if self._keepalive_due(now):
+                    await self._keepalive()
+                renew = self._renew
+                if renew is not None and self._renew_due(now):
+                    await renew()
+        finally:
+            receiver.cancel()
 
     async def _keepalive(self) -> None:
         self._busy = True
@@ -271,15 +370,16 @@ class StreamRelay:
         self._streaming = True
         return await self._run(stream, trailer)
 
-    async def events(self, source: AsyncGenerator[tuple[int, bytes], None]) -> RelayResult:
-        """Relay a stream log's events (`(sequence number, payload)`), each with its `id:`.
+    async def events(self, source: AsyncGenerator[list[tuple[int, bytes]], None]) -> RelayResult:
+        """Relay a stream log's events (lists of `(sequence number, payload)`, each list
+        written at once), each with its `id:`.
 
         Raises:
             GatewayError: `source` failed before anything was written (the caller sends it
                 as an HTTP error).
         """
         self._streaming = True
-        sidecar = self._loop.create_task(self._sidecar())
+        sidecar = self._watch()
         n = 0
         result: RelayResult | None = None
         error: GatewayError | None = None
@@ -287,10 +387,21 @@ class StreamRelay:
             with self._scope:
                 try:
                     write = self._write
-                    async for seq, payload in source:
-                        await write(b"id: %d\ndata: %b\n\n" % (seq, payload))
-                        n += 1
-                    await write(b"", False)
+                    ended = False
+                    async for batch in source:
+                        if len(batch) == 1:
+                            data = b"id: %d\ndata: %b\n\n" % batch[0]
+                        else:
+                            data = b"".join(b"id: %d\ndata: %b\n\n" % event for event in batch)
+                        # `[DONE]` is a log's last event: the response ends in the same
+                        # write (one write less per answer).
+                        ended = batch[-1][1] == _DONE_PAYLOAD
+                        await write(data, not ended)
+                        n += len(batch)
+                        if ended:
+                            break
+                    if not ended:
+                        await write(b"", False)
                     n += self._n_direct
                     result = RelayResult("complete", None, n, self.n_keepalives)
                 except GatewayError as exc:
@@ -302,11 +413,11 @@ class StreamRelay:
                     else:
                         error = exc
         finally:
-            sidecar.cancel()
-            with anyio.CancelScope(shield=True):
-                await source.aclose()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sidecar
+            self._unwatch(sidecar)
+            # Not shielded: no cancellation is pending past the scope, and a log's follower
+            # (StreamHub.follow_batches) awaits nothing when closed.
+            await source.aclose()
+            await self._stopped(sidecar)
         if self._reason == "shutdown":
             await self._shutdown_event()
         if self._reason is not None:
@@ -331,12 +442,17 @@ class StreamRelay:
         return await self._run(stream, False)
 
     async def _run(self, stream: AsyncStream, trailer: bool) -> RelayResult:
-        sidecar = self._loop.create_task(self._sidecar())
+        # The SDK's stream runs anyio code, whose cancellation needs an anyio scope.
+        scope = cancel_scope()
+        if self._scope.cancel_called:
+            scope.cancel()
+        self._scope = scope
+        sidecar = self._watch()
         n = 0
         result: RelayResult | None = None
         error: GatewayError | None = None
         try:
-            with self._scope:
+            with scope:
                 try:
                     if self._streaming:
                         encode = msgspec.json.encode
@@ -370,11 +486,10 @@ class StreamRelay:
                         await self._write(event, False)
                         error = None
         finally:
-            sidecar.cancel()
-            with anyio.CancelScope(shield=True):
+            self._unwatch(sidecar)
+            with cancel_scope(shield=True):
                 await _aclose(stream)
-            with contextlib.suppress(asyncio.CancelledError):
-                await sidecar
+            await self._stopped(sidecar)
         if self._reason == "shutdown":
             await self._shutdown_event()
         if self._reason is not None:
@@ -426,6 +541,98 @@ class LiveSink:
         self.last = first + len(payloads) - 1
         relay._n_direct += len(payloads)
         relay._wrote = True
+        return True
+
+
+class _TaskScope:
+    """`anyio.CancelScope`'s cancellation for a body that runs no anyio code (`events()`):
+    `cancel()` cancels the task once, and the scope swallows that cancellation where it
+    ends, as `asyncio.timeout` does. An anyio scope's creation, entry and exit cost ~8 us
+    a request; this ~1 us."""
+
+    __slots__ = ("_cancelling", "_inside", "_task", "cancel_called")
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[Any] | None = None
+        self._cancelling = 0
+        self._inside = False
+        self.cancel_called = False
+
+    def __enter__(self) -> _TaskScope:
+        task = asyncio.current_task()
+        assert task is not None  # noqa: S101 - entered in a task
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._inside = True
+        if self.cancel_called:
+            task.cancel()
+        return self
+
+    def cancel(self) -> None:
+        """Cancel the body (now if it runs, else as soon as it starts)."""
+        if self.cancel_called:
+            return
+        self.cancel_called = True
+        if self._inside and self._task is not None:
+            self._task.cancel()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        self._inside = False
+        task = self._task
+        if not self.cancel_called or task is None:
+            return False
+        # Ours alone: a cancellation from outside (server shutdown) goes on.
+        return task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError
+
+
+class HeadSink:
+    """A relay's direct path for the first events of an answer, before its response has
+    started: the producer's first append writes the status line, the headers and those
+    events in one write from the producer's own task (gateway/guard.py
+    `CycleHooks.start_now`), so the first token reaches the client without waiting for the
+    reader's task to wake (a loop iteration, busy under load). It takes one append: the
+    next one wakes the reader, which goes on as usual (`LiveSink`).
+
+    Attributes:
+        last: the id of the last event written.
+    """
+
+    __slots__ = ("_relay", "last")
+
+    def __init__(self, relay: StreamRelay) -> None:
+        self._relay = relay
+        self.last = 0
+
+    def ready(self) -> bool:
+        """Whether the response can start here now."""
+        relay = self._relay
+        return not relay._busy and relay._reason is None and not relay._ex.started
+
+    def feed(self, first: int, payloads: Sequence[bytes]) -> bool:
+        """Start the response with events `first`, `first + 1`, ...; False when it cannot
+        (nothing was written: the reader takes over)."""
+        if self.last or not self.ready():
+            return False
+        relay = self._relay
+        data = b"".join(
+            b"id: %d\ndata: %b\n\n" % (seq, payload) for seq, payload in enumerate(payloads, first)
+        )
+        try:
+            started = relay._ex.start_now(200, relay._headers, data)
+        except RuntimeError:  # the server refused the message: the reader's write will say
+            return False
+        if not started:
+            return False
+        self.last = first + len(payloads) - 1
+        relay._n_direct += len(payloads)
+        # Its time, not the sidecar's next tick: once a request, and the keep-alive that
+        # may follow a silence is then due `keepalive_s` after this write, not a tick later.
+        relay._last_write = relay._loop.time()
         return True
 
 

@@ -199,7 +199,8 @@ def parse_chat_request(raw: bytes, models: Collection[str], routes: Collection[s
                 "invalid_type",
             )
     for spec in _FIELDS:
-        _check_field(body, spec)
+        if spec[0] in body:  # most requests set few of them: no call for the others
+            _check_field(body, spec)
 
     stop = body.get("stop")
     if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):

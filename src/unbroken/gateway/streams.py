@@ -44,7 +44,6 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
-import anyio
 import msgspec
 
 from unbroken._flag import Flag
@@ -67,6 +66,7 @@ from unbroken.gateway.asgi import Exchange
 from unbroken.gateway.keys import Caller
 from unbroken.gateway.problems import GatewayError, from_unbroken
 from unbroken.gateway.request import ChatRequest
+from unbroken.gateway.scopes import cancel_scope
 from unbroken.settings import GatewaySettings
 from unbroken.stores.streamlog import (
     FencedError,
@@ -263,7 +263,7 @@ class Producer:
         self._renew_slot = renew_slot
         self._slot_every_s = slot_every_s
         self._slot_at = time.monotonic()
-        self._scope = anyio.CancelScope()
+        self._scope = cancel_scope()
         self._changed = Flag()
         self._n_waiting = 0
         # The memory log appends without a coroutine (one less per chunk), and is read
@@ -516,6 +516,9 @@ class Producer:
                 if self._on_complete is not None:
                     await self._on_complete(completion)
                 final = final_event(completion, self.stream_id, self.takeovers)
+                # The live readers take the last events from the tail, so each ends its
+                # response in the same write (one write less per answer).
+                self._release_sinks()
                 await self._append([final, DONE], end=True)
             if self._scope.cancelled_caught:
                 completion = _current(stream)
@@ -524,7 +527,7 @@ class Producer:
             self.reason = "fenced"
             logger.info("stream %s was taken over; this writer stops", self.stream_id)
         except UnbrokenError as exc:
-            with anyio.CancelScope(shield=True):
+            with cancel_scope(shield=True):
                 await self._settle_quietly()
             completion = _current(stream)
             error = from_unbroken(exc, self.hub.gateway.scrub)
@@ -532,16 +535,19 @@ class Producer:
                 error = GatewayError(507, exc.message, type="server_error", code="stream_log_full")
             if self.n_events == 0:
                 self.failure = error
+                # No sink may start the response with the error event: the reader answers
+                # with the error's own HTTP status instead.
+                self._release_sinks()
             self.reason = "error"
             logger.info("answer on stream %s failed: %s", self.stream_id, error.code)
-            with anyio.CancelScope(shield=True):
+            with cancel_scope(shield=True):
                 await self._end_quietly([error.body()])
         finally:
             self.finished = True
             self.first.set()
             self._changed.set()
             self._release_sinks()
-            with anyio.CancelScope(shield=True):
+            with cancel_scope(shield=True):
                 await self._settle_quietly()
                 if stream is not None:
                     await _close(stream)
@@ -550,7 +556,7 @@ class Producer:
                     await self._on_end(completion if completion is not None else _current(stream))
 
     async def _cancelled(self, completion: ChatCompletion | None) -> None:
-        with anyio.CancelScope(shield=True):
+        with cancel_scope(shield=True):
             await self._settle_quietly()
             if self.reason == "stopped":
                 final = final_event(completion or ChatCompletion(), self.stream_id, self.takeovers)
@@ -855,16 +861,39 @@ class StreamHub:
         producer: Producer | None = None,
         sink: EventSink | None = None,
     ) -> AsyncGenerator[tuple[int, bytes], None]:
-        """The events after `after`, then live ones, until the log ends.
+        """The events after `after`, then live ones, until the log ends (one at a time; see
+        `follow_batches`)."""
+        async with contextlib.aclosing(
+            self.follow_batches(stream_id, after, producer, sink)
+        ) as batches:
+            async for batch in batches:
+                for event in batch:
+                    yield event
+
+    async def follow_batches(
+        self,
+        stream_id: str,
+        after: int,
+        producer: Producer | None = None,
+        sink: EventSink | None = None,
+        head: EventSink | None = None,
+    ) -> AsyncGenerator[list[tuple[int, bytes]], None]:
+        """The events after `after`, then live ones, until the log ends, as lists of the
+        consecutive events available at once (a relay writes each list in one write).
 
         With a `producer` (the POST that started the answer), a failure before the first
         event raises its `GatewayError` instead, so the client gets a real HTTP status.
         With a `sink`, live events of a producer on this instance go to the sink instead,
-        whenever it is ready (see the theory of operation); the rest are yielded.
+        whenever it is ready (see the theory of operation); the rest are yielded. With a
+        `head` too (and `after` 0), the producer's first events go to it (it starts the
+        response) before any wake-up of this reader.
         """
         log = self.log
         if producer is not None:
-            await producer.first.wait()
+            if head is not None and after == 0 and head.ready():
+                after = await producer.hand_off(head, 0)
+            else:
+                await producer.first.wait()
             if producer.failure is not None and after == 0:
                 raise producer.failure
         touched = 0.0
@@ -876,11 +905,10 @@ class StreamHub:
                 # in the tail are consecutive: the new ones are its last `n_new`, indexed
                 # from the right end.
                 n_new = tail[-1][0] - after
-                fresh = [tail[-i] for i in range(n_new, 0, -1)]
-                for seq, payload in fresh:
-                    yield seq, payload
-                    after = seq
-                if fresh:
+                if n_new > 0:
+                    fresh = [tail[-i] for i in range(n_new, 0, -1)]
+                    after = fresh[-1][0]
+                    yield fresh
                     continue
                 if not local.finished:
                     if sink is not None and sink.ready():
@@ -896,9 +924,9 @@ class StreamHub:
                 raise GatewayError(
                     410, f"stream {stream_id!r} expired", code="stream_expired"
                 ) from None
-            for seq, payload in batch.events:
-                yield seq, payload
-                after = seq
+            if batch.events:
+                after = batch.events[-1][0]
+                yield batch.events
             if batch.ended and after >= batch.n_events:
                 return
             if batch.events:
@@ -979,7 +1007,7 @@ class StreamHub:
             writer.attach()
         gateway._relays.add(relay)
         try:
-            await relay.events(self.follow(stream_id, after, sink=relay.sink()))
+            await relay.events(self.follow_batches(stream_id, after, sink=relay.sink()))
         finally:
             gateway._relays.discard(relay)
             if relay.result is not None:  # a reconnect relays chunks too

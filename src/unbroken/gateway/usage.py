@@ -10,6 +10,7 @@ Imports core, settings, stores and gateway siblings.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,16 @@ _METRICS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "
 
 def day_of(now: float) -> str:
     """The UTC day of Unix time `now`, as YYYY-MM-DD."""
-    return dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m-%d")
+    # Unix time has 86,400 s per day: the day number keys a cache of the formatted
+    # day (every answer books usage and admits under its day; strftime took ~3 us).
+    if now % 86400.0 >= 86399.999999:  # fromtimestamp may round up to the next day
+        return dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y-%m-%d")
+    return _day_label(int(now // 86400.0))
+
+
+@functools.lru_cache(maxsize=4)
+def _day_label(day: int) -> str:
+    return dt.datetime.fromtimestamp(day * 86400.0, dt.UTC).strftime("%Y-%m-%d")
 
 
 @dataclass(frozen=True, slots=True)
