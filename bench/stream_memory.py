@@ -360,35 +360,49 @@ def breakdown(out: Path, streams: int, top: int) -> None:
             f"  {stat.size_diff / streams:>8.0f} {stat.count_diff / streams:>7.1f}  "
             f"{_where(frame.filename, frame.lineno)}"
         )
-    b, a = _by_own_line(before), _by_own_line(after)
-    diffs = sorted(
-        ((a[k][0] - b.get(k, [0, 0])[0], a[k][1] - b.get(k, [0, 0])[1], k) for k in a),
-        reverse=True,
+    tables = (
+        (
+            "by the innermost line of unbroken on the stack",
+            "blocks",
+            "line",
+            _by_own_line(before),
+            _by_own_line(after),
+        ),
+        (
+            "gc-tracked objects by type (sys.getsizeof, shallow)",
+            "objects",
+            "type",
+            *_swapped(out, "types"),
+        ),
+        (
+            "containers by the attribute holding them (shallow)",
+            "objects",
+            "owner.attribute",
+            *_swapped(out, "owners"),
+        ),
     )
-    print(f"\nby the innermost line of unbroken on the stack (top {top}), per stream:")
-    print(f"  {'bytes':>8} {'blocks':>7}  line")
-    for size, count, key in diffs[:top]:
-        print(f"  {size / streams:>8.0f} {count / streams:>7.1f}  {key}")
-    tb = json.loads((out / "0.types.json").read_text(encoding="utf-8"))
-    ta = json.loads((out / "1.types.json").read_text(encoding="utf-8"))
-    kinds = sorted(
-        ((v[1] - tb.get(k, [0, 0])[1], v[0] - tb.get(k, [0, 0])[0], k) for k, v in ta.items()),
-        reverse=True,
-    )
-    print(f"\ngc-tracked objects by type (top {top}; sys.getsizeof, shallow), per stream:")
-    print(f"  {'bytes':>8} {'objects':>7}  type")
-    for size, count, key in kinds[:top]:
-        print(f"  {size / streams:>8.0f} {count / streams:>7.2f}  {key}")
-    ob = json.loads((out / "0.owners.json").read_text(encoding="utf-8"))
-    oa = json.loads((out / "1.owners.json").read_text(encoding="utf-8"))
-    held = sorted(
-        ((v[1] - ob.get(k, [0, 0])[1], v[0] - ob.get(k, [0, 0])[0], k) for k, v in oa.items()),
-        reverse=True,
-    )
-    print(f"\ncontainers by the attribute holding them (top {top}; shallow), per stream:")
-    print(f"  {'bytes':>8} {'objects':>7}  owner.attribute")
-    for size, count, key in held[:top]:
-        print(f"  {size / streams:>8.0f} {count / streams:>7.2f}  {key}")
+    for title, unit, label, was, now in tables:
+        grown = sorted(
+            (
+                (v[0] - was.get(k, [0, 0])[0], v[1] - was.get(k, [0, 0])[1], k)
+                for k, v in now.items()
+            ),
+            reverse=True,
+        )
+        print(f"\n{title} (top {top}), per stream:")
+        print(f"  {'bytes':>8} {unit:>7}  {label}")
+        for size, count, key in grown[:top]:
+            print(f"  {size / streams:>8.0f} {count / streams:>7.2f}  {key}")
+
+
+def _swapped(out: Path, name: str) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """The before/after dumps of `name` as [bytes, count] per key (the dumps hold
+    [count, bytes])."""
+    dumps = []
+    for i in (0, 1):
+        raw = json.loads((out / f"{i}.{name}.json").read_text(encoding="utf-8"))
+        dumps.append({k: [v[1], v[0]] for k, v in raw.items()})
+    return dumps[0], dumps[1]
 
 
 # -- main ----------------------------------------------------------------------------------
