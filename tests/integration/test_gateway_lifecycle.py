@@ -214,7 +214,9 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 def _refused(url: str) -> bool:
     try:
         httpx.get(url + "/healthz", timeout=1)
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.RemoteProtocolError):
+        # A connection that raced the listener's close is accepted by the kernel and then
+        # closed unanswered: as refused as a reset (the callers check when it happened).
         return True
     return False
 
