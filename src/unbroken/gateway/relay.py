@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -389,10 +389,7 @@ class StreamRelay:
                     write = self._write
                     ended = False
                     async for batch in source:
-                        if len(batch) == 1:
-                            data = b"id: %d\ndata: %b\n\n" % batch[0]
-                        else:
-                            data = b"".join(b"id: %d\ndata: %b\n\n" % event for event in batch)
+                        data = _frame(batch[0]) if len(batch) == 1 else _frames(batch)
                         # `[DONE]` is a log's last event: the response ends in the same
                         # write (one write less per answer).
                         ended = batch[-1][1] == _DONE_PAYLOAD
@@ -530,12 +527,7 @@ class LiveSink:
         if len(payloads) == 1:
             written = self._direct.write_event(first, payloads[0])
         else:
-            written = self._direct.write(
-                b"".join(
-                    b"id: %d\ndata: %b\n\n" % (seq, payload)
-                    for seq, payload in enumerate(payloads, first)
-                )
-            )
+            written = self._direct.write(_frames(enumerate(payloads, first)))
         if not written:
             return False
         self.last = first + len(payloads) - 1
@@ -619,9 +611,7 @@ class HeadSink:
         if self.last or not self.ready():
             return False
         relay = self._relay
-        data = b"".join(
-            b"id: %d\ndata: %b\n\n" % (seq, payload) for seq, payload in enumerate(payloads, first)
-        )
+        data = _frames(enumerate(payloads, first))
         try:
             started = relay._ex.start_now(200, relay._headers, data)
         except RuntimeError:  # the server refused the message: the reader's write will say
@@ -634,6 +624,16 @@ class HeadSink:
         # may follow a silence is then due `keepalive_s` after this write, not a tick later.
         relay._last_write = relay._loop.time()
         return True
+
+
+def _frame(event: tuple[int, bytes]) -> bytes:
+    """The SSE frame of one log event (its id and data)."""
+    return b"id: %d\ndata: %b\n\n" % event
+
+
+def _frames(events: Iterable[tuple[int, bytes]]) -> bytes:
+    """The SSE frames of log events, joined for one write."""
+    return b"".join(map(_frame, events))
 
 
 _SHUTDOWN = GatewayError(

@@ -902,11 +902,10 @@ class StreamHub:
             if local is not None and local.tail and local.tail[0][0] <= after + 1:
                 tail = local.tail
                 # Live on this instance: serve from the producer's tail, not the store. Ids
-                # in the tail are consecutive: the new ones are its last `n_new`, indexed
-                # from the right end.
+                # in the tail are consecutive: the new ones are its last `n_new`.
                 n_new = tail[-1][0] - after
                 if n_new > 0:
-                    fresh = [tail[-i] for i in range(n_new, 0, -1)]
+                    fresh = tail[-n_new:]
                     after = fresh[-1][0]
                     yield fresh
                     continue
