@@ -139,6 +139,31 @@ class ChatStreamDecoder:
         """True when the body turned out to be a whole JSON document, not SSE."""
         return self._mode == "json"
 
+    def feed_one(self, data: bytes) -> ChatCompletionChunk | None:
+        """`feed`'s hot path for a relay: the chunk when `data` is exactly one SSE event of
+        a chunk's JSON (valid UTF-8, see `SSEDecoder.one_data_event`), with `raw` its bytes;
+        else None with nothing consumed (call `feed`), or None once such an event did not
+        decode (`error` is set; `feed` then returns nothing). No list per read.
+
+        Raises nothing that `feed` would not: a decoding error is kept in `error`.
+        """
+        if self._mode != "sse" or not self._raw_ok or self.done or self.error is not None:
+            return None
+        payload = self._sse.one_data_event(data)
+        if (
+            payload is None
+            or not payload.startswith(b"{")
+            or not (payload.isascii() or _is_utf8(payload))
+        ):
+            return None
+        try:
+            chunk = self._decode_chunk(payload)
+        except UnbrokenError as exc:
+            self.error = exc
+            return None
+        self.raw = payload
+        return chunk
+
     def feed(self, data: bytes) -> list[ChatCompletionChunk]:
         """Decode one read of the body; return the chunks it completed."""
         self.raw = None
