@@ -729,6 +729,7 @@ RELAY_READS = [
     sse({"content": "c"}),  # folded into both accumulators
     sse({"tool_calls": [CALL]}),  # held
     sse({"content": "d"}),  # releases the held fragment
+    sse({"content": "e"}, id="c3"),  # another head: decoded, folded into both
     b"data: " + b'{"id":"c2","choices":[{"index":0,"delta":{"content":"\xff"}}]}' + b"\n\n",
     sse({"content": ""}, "stop", usage=USAGE),  # usage: never as bytes
     DONE,  # not a chunk's JSON
@@ -757,9 +758,9 @@ def test_relay_one_is_feed_with_lone_unchanged_chunks_as_their_bytes() -> None:
             assert payloads(relayed) == payloads(fed)
         assert relayed.first_token_at == fed.first_token_at
         assert relayed.last_data_at == fed.last_data_at
-    assert n_bytes == 3  # the role, the UTF-8 text and "c" after the hidden finish
+    assert n_bytes == 4  # the role, the UTF-8 text, "c" and "e" after the hidden finish
     assert fed.finish(9.0) == relayed.finish(9.0) == []
-    assert relayed_answer.content() == fed_answer.content() == "Héabcd\ufffd"
+    assert relayed_answer.content() == fed_answer.content() == "Héabcde\ufffd"
     assert relayed.acc.content() == fed.acc.content()
     assert relayed.acc.finish_reason(0) == fed.acc.finish_reason(0) == "stop"
     assert relayed.usage == fed.usage == BILLED
@@ -788,3 +789,27 @@ def test_relay_one_re_encodes_what_a_seam_rewrites() -> None:
     event = b'data: {"id":"t","object":"text_completion","choices":[{"index":0,"text":"x"}]}\n\n'
     assert not isinstance(text.relay_one(event, 1.0), bytes)
     assert not isinstance(text.relay_one(event, 1.0), bytes)
+
+
+def test_relay_one_folds_text_like_feed_from_the_first_token_on() -> None:
+    """Text events like the last but their text are folded as text: the first token's time
+    (after an empty text), many pieces, empty texts, all as `feed` folds them."""
+    reads = [
+        sse({"role": "assistant", "content": ""}),
+        sse({"content": ""}),  # the template, no token yet
+        *(sse({"content": f"w{i} "}) for i in range(40)),
+        sse({"content": ""}),
+        sse({}, "stop"),
+    ]
+    fed = Attempt(AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0)
+    relayed = Attempt(AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0)
+    got = [relayed.relay_one(read, 1.0 + i) for i, read in enumerate(reads)]
+    assert [fed.feed(read, 1.0 + i) for i, read in enumerate(reads)]
+    assert sum(isinstance(g, bytes) for g in got) == len(reads) - 1  # all but the finish
+    assert relayed.first_token_at == fed.first_token_at == 3.0
+    assert relayed.acc.content() == fed.acc.content() == "".join(f"w{i} " for i in range(40))
+    assert relayed.acc.n_chunks == fed.acc.n_chunks == len(reads)
+    relayed.finish(9.0)
+    fed.finish(9.0)
+    assert relayed.verdict == fed.verdict
+    assert relayed.acc.completion() == fed.acc.completion()

@@ -8,6 +8,7 @@ next stream timer fires.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from unbroken.core.accumulator import ChunkAccumulator
 from unbroken.core.flow import AttemptPlan
@@ -316,11 +317,24 @@ class Attempt:
         its upstream bytes are returned instead of a list (one call, no list per chunk);
         otherwise what `feed` returns, with `payloads` set as `feed` sets it."""
         decoder = self.decoder
-        chunk = decoder.feed_one(data) if self._plain else None
-        if chunk is None:
+        got = decoder.feed_one(data) if self._plain else None
+        if got is None:
             return self.feed(data, now)
         self.payloads = None
         self.last_data_at = now
+        raw = decoder.raw
+        assert raw is not None  # noqa: S101 - `feed_one` set it with what it returned
+        if type(got) is str:
+            if not self._held:
+                # A text chunk like the last but its text: folded as text, never decoded.
+                if self.first_token_at is None and got:
+                    self.first_token_at = now
+                if self._acc is not None:
+                    self._acc.feed_text(decoder.text_index, got)
+                self._answer.feed_text(decoder.text_index, got)
+                return raw
+            got = decoder.text_chunk()  # it releases held tool calls: `_deliver` does
+        chunk = cast(ChatCompletionChunk, got)
         if chunk.usage is None and not self._held:
             hold = self._hold
             for choice in chunk.choices:
@@ -335,8 +349,6 @@ class Attempt:
                 if self._acc is not None:
                     self._acc.feed(chunk)
                 self._answer.feed(chunk)
-                raw = decoder.raw
-                assert raw is not None  # noqa: S101 - `feed_one` set it with the chunk
                 return raw
         return self._out([chunk], now)
 
