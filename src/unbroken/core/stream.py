@@ -8,7 +8,6 @@ the end states complete / interrupted / error / stalled / truncated.
 from __future__ import annotations
 
 import enum
-import re
 from typing import Literal
 
 import msgspec
@@ -47,9 +46,6 @@ COMPLETE_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", 
 INTERRUPTED_REASONS = frozenset({"insufficient_system_resource", "error", "abort"})
 
 _WHITESPACE = b" \t\r\n"
-# The bytes of a JSON string's text that decode as they are: no quote, backslash or control
-# character (JSON escapes those), so no line end either.
-_PLAIN_TEXT = re.compile(rb'[^"\\\x00-\x1f]*').fullmatch
 _CONTENT_KEY = b'"content":"'
 
 
@@ -170,15 +166,20 @@ class ChatStreamDecoder:
         if head and data.startswith(head) and data.endswith(self._tail):
             end = len(data) - len(self._tail)
             if end >= len(head) and len(data) - 7 <= self._max:
-                plain = data[len(head) : end]
-                if _PLAIN_TEXT(plain) is not None:
-                    try:
-                        text: str | None = plain.decode()
-                    except UnicodeDecodeError:
-                        text = None
-                    if text is not None and self._sse.take_one():
-                        self.raw = data[6:-2]
-                        return text
+                try:
+                    text: str | None = data[len(head) : end].decode()
+                except UnicodeDecodeError:
+                    text = None
+                # `_is_plain` inlined (~0.1 us a chunk less than a call and a regex).
+                if (
+                    text is not None
+                    and '"' not in text
+                    and "\\" not in text
+                    and text.isprintable()
+                    and self._sse.take_one()
+                ):
+                    self.raw = data[6:-2]
+                    return text
         payload = self._sse.one_data_event(data)
         if (
             payload is None
@@ -222,9 +223,9 @@ class ChatStreamDecoder:
             or delta.refusal is not None
         ):
             return
-        text = delta.content.encode()
-        if _PLAIN_TEXT(text) is None:
+        if not _is_plain(delta.content):
             return
+        text = delta.content.encode()
         needle = _CONTENT_KEY + text + b'"'
         at = payload.find(needle)
         if at < 0 or payload.find(needle, at + 1) >= 0:
@@ -354,6 +355,12 @@ class ChatStreamDecoder:
         if error is None:
             error = ErrorObject(message=excerpt(text, 200))
         return upstream_error_from_object(error)
+
+
+def _is_plain(text: str) -> bool:
+    """Whether JSON holds `text` as its UTF-8 bytes: no quote, backslash or control
+    character (JSON escapes those); `isprintable` refuses a few more (NBSP, U+2028...)."""
+    return '"' not in text and "\\" not in text and text.isprintable()
 
 
 def _is_utf8(data: bytes) -> bool:

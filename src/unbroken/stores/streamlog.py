@@ -319,14 +319,15 @@ class MemoryStreamLog:
         bench/hotpath.py). Raises what `append_now` raises."""
         stream = self._streams.get(stream_id)
         size = len(payload)
+        retention = self.retention
         if (
             stream is None
             or stream.gone
             or stream.ended_at is not None
-            or stream.base.lease is None
-            or stream.base.lease.epoch != epoch
-            or stream.n_bytes + size > self.retention.max_stream_bytes
-            or self._total + size > self.retention.max_total_bytes
+            or (lease := stream.base.lease) is None
+            or lease.epoch != epoch
+            or stream.n_bytes + size > retention.max_stream_bytes
+            or self._total + size > retention.max_total_bytes
         ):
             # Not the common case (fenced, unknown, full): `append_now` says why, or makes room.
             return self.append_now(stream_id, epoch, (payload,), now, end=False)
