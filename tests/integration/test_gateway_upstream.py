@@ -196,6 +196,55 @@ async def test_a_payload_sink_gets_the_upstream_bytes_of_each_chunk_read_alone(
     assert _text([*head, *(c for chunks, _ in taken for c in chunks)]) == expected
 
 
+@pytest.mark.anyio
+async def test_a_one_sink_gets_each_lone_chunk_as_bytes_and_a_refusal_is_yielded(
+    upstream: MockServer,
+) -> None:
+    """With `one`, a content chunk read alone goes to `one` as just its upstream bytes
+    (decoding to the chunk the plain stream yields), the other reads to the sink; when `one`
+    refuses, that chunk and the rest of the attempt are yielded instead, in order, with
+    nothing lost or repeated."""
+    headers = {"X-Mock-Ttft-Ms": "100", "X-Mock-Token-Ms": "10", "X-Mock-Tokens": "30"}
+    messages = [{"role": "user", "content": "t"}]
+    seen: list[ChatCompletionChunk] = []  # what the sink and `one` took, in order
+    n_ones = 0
+
+    def sink(chunks: list[ChatCompletionChunk], payloads: list[bytes] | None) -> bool:
+        seen.extend(chunks)
+        return True
+
+    def one(payload: bytes) -> bool:
+        nonlocal n_ones
+        if n_ones >= 12:
+            return False
+        n_ones += 1
+        seen.append(msgspec.json.decode(payload, type=ChatCompletionChunk))
+        return True
+
+    async with AsyncClient(
+        api_key="sk", base_url=upstream.url, transport=LeanTransport()
+    ) as client:
+        plain = await client.chat.completions.create(
+            model="deepseek-chat", messages=messages, stream=True, extra_headers=headers
+        )
+        expected = [c async for c in plain if c.usage is None]
+        stream = await client.chat.completions.create(
+            model="deepseek-chat", messages=messages, stream=True, extra_headers=headers
+        )
+        stream.set_chunk_sink(sink, with_payloads=True, one=one)
+        yielded = [c async for c in stream if c.usage is None]
+        answer = await stream.final()
+    assert n_ones == 12
+    assert len(yielded) > len(expected) - len(seen) - 3  # the rest after the refusal
+    # What was read before the tap, then what was taken, then the rest, yielded.
+    # (The two answers differ in id and created only.)
+    want = [c.choices for c in expected]
+    n_head = want.index(seen[0].choices)
+    assert [c.choices for c in [*yielded[:n_head], *seen, *yielded[n_head:]]] == want
+    assert len({c.id for c in [*yielded, *seen]}) == 1
+    assert answer.choices[0].message.content == _text(expected)
+
+
 def _text(chunks: list[ChatCompletionChunk]) -> str:
     return "".join(
         c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].delta

@@ -581,3 +581,23 @@ def test_a_copy_keeps_the_event_split_state_apart() -> None:
     assert acc.feed_events(again) == [TextEvent(0, "\U0001f600")]
     assert acc.feed_events(again) == [TextEvent(0, "\ude00")]
     assert twin.feed_events(again) == [TextEvent(0, "\ude00")]
+
+
+def test_feed_text_folds_as_a_text_chunk_does() -> None:
+    """`feed_text(i, text)` folds what a chunk with only that content for choice i does,
+    on a choice seen before or not, with or without content yet."""
+    by_chunks, by_text = ChunkAccumulator(), ChunkAccumulator()
+    head = ChatCompletionChunk(
+        id="c", model="m", choices=[ChunkChoice(index=0, delta=Delta(role="assistant"))]
+    )
+    by_chunks.feed(head)
+    by_text.feed(head)
+    for index, text in [(0, "a"), (2, "b"), (0, ""), *((1, f"{i}") for i in range(20))]:
+        by_chunks.feed(
+            ChatCompletionChunk(
+                id="c", model="m", choices=[ChunkChoice(index=index, delta=Delta(content=text))]
+            )
+        )
+        by_text.feed_text(index, text)
+    assert by_text.completion() == by_chunks.completion()
+    assert by_text.n_chunks == by_chunks.n_chunks

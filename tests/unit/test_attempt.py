@@ -13,7 +13,7 @@ from unbroken.core.attempt import Attempt, Timeouts
 from unbroken.core.flow import AttemptPlan
 from unbroken.core.resume import Continuation
 from unbroken.core.routes import Route
-from unbroken.core.stream import EndState
+from unbroken.core.stream import ChatStreamDecoder, EndState
 from unbroken.core.wire import ChatCompletionChunk, ChunkChoice, Delta, Usage
 from unbroken.errors import ConfigError, TimeoutPhase
 
@@ -715,3 +715,101 @@ def test_a_first_attempt_folds_once_and_keeps_its_fold_after_finishing() -> None
     assert attempt.acc.content() == "Hello"
     assert attempt.verdict is not None
     assert attempt.verdict.state is EndState.TRUNCATED
+
+
+# -- relay_one: the relay's one-call path --------------------------------------------------
+
+CALL = {"index": 0, "id": "t", "type": "function", "function": {"name": "f"}}
+RELAY_READS = [
+    b": keep-alive\n\n",  # a comment: no chunk
+    sse({"role": "assistant", "content": ""}),  # the role chunk: no token yet
+    sse({"content": "H\xe9"}),  # valid UTF-8, not ASCII
+    sse({"content": "a"}) + sse({"content": "b"}),  # two events in one read
+    sse({}, "insufficient_system_resource"),  # hidden: the attempt folds its own copy
+    sse({"content": "c"}),  # folded into both accumulators
+    sse({"tool_calls": [CALL]}),  # held
+    sse({"content": "d"}),  # releases the held fragment
+    sse({"content": "e"}, id="c3"),  # another head: decoded, folded into both
+    b"data: " + b'{"id":"c2","choices":[{"index":0,"delta":{"content":"\xff"}}]}' + b"\n\n",
+    sse({"content": ""}, "stop", usage=USAGE),  # usage: never as bytes
+    DONE,  # not a chunk's JSON
+    sse({"content": "late"}),  # after [DONE]: nothing
+]
+
+
+def test_relay_one_is_feed_with_lone_unchanged_chunks_as_their_bytes() -> None:
+    """`relay_one` returns a lone unchanged content chunk as its upstream bytes (what
+    `feed` would give as `payloads`) and otherwise exactly what `feed` returns; both fold
+    the same answer and attempt, and time the first token alike."""
+    fed_answer, relayed_answer = ChunkAccumulator(), ChunkAccumulator()
+    fed = Attempt(AttemptPlan(route=ROUTE, body={}), fed_answer, now=0.0)
+    relayed = Attempt(AttemptPlan(route=ROUTE, body={}), relayed_answer, now=0.0)
+    n_bytes = 0
+    for i, read in enumerate(RELAY_READS):
+        got = relayed.relay_one(read, 1.0 + i)
+        chunks = fed.feed(read, 1.0 + i)
+        if isinstance(got, bytes):
+            n_bytes += 1
+            assert payloads(fed) == [got]
+            assert [msgspec.json.decode(got, type=ChatCompletionChunk)] == chunks
+            assert payloads(relayed) is None
+        else:
+            assert got == chunks
+            assert payloads(relayed) == payloads(fed)
+        assert relayed.first_token_at == fed.first_token_at
+        assert relayed.last_data_at == fed.last_data_at
+    assert n_bytes == 4  # the role, the UTF-8 text, "c" and "e" after the hidden finish
+    assert fed.finish(9.0) == relayed.finish(9.0) == []
+    assert relayed_answer.content() == fed_answer.content() == "Héabcde\ufffd"
+    assert relayed.acc.content() == fed.acc.content()
+    assert relayed.acc.finish_reason(0) == fed.acc.finish_reason(0) == "stop"
+    assert relayed.usage == fed.usage == BILLED
+    assert relayed.verdict == fed.verdict
+
+
+def test_relay_one_decodes_a_malformed_chunk_into_an_error() -> None:
+    """A lone event that is not a chunk ends the stream with the decoder's error, as `feed`
+    does."""
+    attempt = Attempt(AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0)
+    assert attempt.relay_one(b": x\n\n", 0.5) == []
+    assert attempt.relay_one(b'data: {"choices": 7}\n\n', 1.0) == []
+    assert attempt.decoder.error is not None
+    assert attempt.relay_one(sse({"content": "a"}), 1.0) == []
+
+
+def test_relay_one_re_encodes_what_a_seam_rewrites() -> None:
+    """A continuation's chunks are rewritten, so `relay_one` gives them as `feed` does."""
+    attempt = Attempt(continuation_plan(), shown_answer("Hel"), now=0.0)
+    attempt.relay_one(b": x\n\n", 0.5)
+    (out,) = attempt.relay_one(sse({"content": "lo"}), 1.0)
+    assert isinstance(out, ChatCompletionChunk)
+    assert out.id == "c1"
+    text = Attempt(AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0)
+    text.decoder = ChatStreamDecoder(text_completions=True)
+    event = b'data: {"id":"t","object":"text_completion","choices":[{"index":0,"text":"x"}]}\n\n'
+    assert not isinstance(text.relay_one(event, 1.0), bytes)
+    assert not isinstance(text.relay_one(event, 1.0), bytes)
+
+
+def test_relay_one_folds_text_like_feed_from_the_first_token_on() -> None:
+    """Text events like the last but their text are folded as text: the first token's time
+    (after an empty text), many pieces, empty texts, all as `feed` folds them."""
+    reads = [
+        sse({"role": "assistant", "content": ""}),
+        sse({"content": ""}),  # the template, no token yet
+        *(sse({"content": f"w{i} "}) for i in range(40)),
+        sse({"content": ""}),
+        sse({}, "stop"),
+    ]
+    fed = Attempt(AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0)
+    relayed = Attempt(AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0)
+    got = [relayed.relay_one(read, 1.0 + i) for i, read in enumerate(reads)]
+    assert [fed.feed(read, 1.0 + i) for i, read in enumerate(reads)]
+    assert sum(isinstance(g, bytes) for g in got) == len(reads) - 1  # all but the finish
+    assert relayed.first_token_at == fed.first_token_at == 3.0
+    assert relayed.acc.content() == fed.acc.content() == "".join(f"w{i} " for i in range(40))
+    assert relayed.acc.n_chunks == fed.acc.n_chunks == len(reads)
+    relayed.finish(9.0)
+    fed.finish(9.0)
+    assert relayed.verdict == fed.verdict
+    assert relayed.acc.completion() == fed.acc.completion()

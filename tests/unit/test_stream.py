@@ -6,7 +6,7 @@ import pytest
 
 from unbroken.core.accumulator import ChunkAccumulator
 from unbroken.core.stream import ChatStreamDecoder, EndState, classify_end
-from unbroken.core.wire import Delta
+from unbroken.core.wire import ChatCompletionChunk, Delta
 from unbroken.errors import ProtocolError, UpstreamStreamError
 
 HEAD = b'"id":"c1","object":"chat.completion.chunk","created":1,"model":"deepseek-chat"'
@@ -250,3 +250,114 @@ def test_fim_chunks_keep_no_bytes() -> None:
     (fim,) = decoder.feed(b'data: {"id":"f","choices":[{"index":0,"text":"x"}]}\n\n')
     assert fim.choices[0].delta == Delta(content="x")
     assert raw(decoder) is None
+
+
+# -- feed_one: the relay's one-event path and its text template ----------------------------
+
+
+def one(decoder: ChatStreamDecoder, read: bytes) -> ChatCompletionChunk | str | None:
+    return decoder.feed_one(read)
+
+
+def decoded_like_feed(read: bytes, *before: bytes) -> ChatCompletionChunk:
+    """The chunk `feed` decodes from `read` after `before`."""
+    decoder = ChatStreamDecoder()
+    for earlier in before:
+        decoder.feed(earlier)
+    (decoded,) = decoder.feed(read)
+    return decoded
+
+
+def test_a_text_event_like_the_last_comes_as_its_text() -> None:
+    """After a plain text chunk, an event that is byte for byte the same but its text
+    comes as that text (the chunk `feed` would decode holds it), with `raw` its bytes."""
+    decoder = ChatStreamDecoder()
+    assert one(decoder, b": hi\n\n") is None  # not SSE yet: read it with `feed`
+    decoder.feed(b": hi\n\n")
+    role = chunk(b'{"role":"assistant","content":""}')
+    assert isinstance(one(decoder, role), ChatCompletionChunk)  # no template from a role
+    first = chunk(b'{"content":"Hel"}')
+    assert isinstance(one(decoder, first), ChatCompletionChunk)
+    for text in ("lo", " w\u00f6rld \U0001f600", "", "a'b/c"):
+        read = chunk(b'{"content":"' + text.encode() + b'"}')
+        assert one(decoder, read) == text
+        assert raw(decoder) == read[6:-2]
+        assert decoded_like_feed(read).choices[0].delta == Delta(content=text)
+        assert decoder.text_chunk() == decoded_like_feed(read)
+    assert decoder.text_index == 0
+    assert decoder.last_event_id == ""
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        chunk(b'{"content":"a\\"b"}'),  # an escape: decoded
+        chunk(b'{"content":"a\\u00e9"}'),
+        chunk(b'{"content":"caf\xc3"}'),  # not UTF-8
+        chunk(b'{"content":"x"}', b'"stop"'),  # another tail
+        chunk(b'{"content":"x"}')[:-2] + b"\r\n\r\n",
+        chunk(b'{"content":"a\tb"}'),  # a control character
+        b'data: {"id":"c2"' + chunk(b'{"content":"x"}')[len(b'data: {"id":"c1"') :],
+    ],
+)
+def test_an_event_unlike_the_template_is_decoded(read: bytes) -> None:
+    """Anything but the template's bytes around plain text (no escape, quote or control
+    character, valid UTF-8) is decoded as `feed` decodes it, or left to `feed`."""
+    decoder = ChatStreamDecoder()
+    decoder.feed(b": hi\n\n")
+    assert isinstance(one(decoder, chunk(b'{"content":"Hel"}')), ChatCompletionChunk)
+    got = one(decoder, read)
+    assert not isinstance(got, str)
+    if got is None:
+        assert decoder.error is not None or decoder.feed(read) == [
+            decoded_like_feed(read, b": hi\n\n")
+        ]
+    else:
+        assert got == decoded_like_feed(read, b": hi\n\n")
+
+
+def test_a_text_event_after_a_partial_line_is_left_to_feed() -> None:
+    """With part of an earlier line held, a read like the template is not an event of its
+    own: `feed` joins it."""
+    decoder = ChatStreamDecoder()
+    decoder.feed(b": hi\n\n")
+    one(decoder, chunk(b'{"content":"Hel"}'))
+    assert decoder.feed(b": par") == []
+    read = chunk(b'{"content":"lo"}')
+    assert one(decoder, read) is None
+    assert decoder.feed(read) == []  # `: par` + `data: ...`: one comment line
+    assert decoder.n_comments == 2
+
+
+def test_the_template_needs_a_plain_text_chunk_with_its_text_once() -> None:
+    """No template from a chunk that is not text only, nor from one whose text is not in its
+    JSON as it is, once; an event no longer than the template's head and tail, or over the
+    size limit, is not taken as text either."""
+    decoder = ChatStreamDecoder(max_event_bytes=200)
+    decoder.feed(b": hi\n\n")
+    not_templates = [
+        chunk(b'{"content":"a"}', b'"stop"'),
+        chunk(b'{"content":"a","reasoning_content":"b"}'),
+        chunk(b'{"tool_calls":[]}'),
+        chunk(b'{"content":"a\\u00e9"}'),  # its text is escaped in the JSON
+        chunk(b'{"content":"a\\"b"}'),  # its text holds a quote
+        b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"a"}}],'
+        b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}\n\n',
+        b'data: {"id":"c","choices":[]}\n\n',
+    ]
+    for read in not_templates:
+        assert isinstance(one(decoder, read), ChatCompletionChunk)
+    # `"content":"a"` twice (a repeated key): no template.
+    twice = b'data: {"choices":[{"index":0,"delta":{"content":"a","content":"a"}}]}\n\n'
+    assert isinstance(one(decoder, twice), ChatCompletionChunk)
+    assert isinstance(one(decoder, twice), ChatCompletionChunk)
+    head, tail = b'data: {"choices":[{"index":3,"delta":{"content":"', b'"}}]}\n\n'
+    assert isinstance(one(decoder, head + b"a" + tail), ChatCompletionChunk)
+    assert one(decoder, head + b"b" + tail) == "b"
+    assert decoder.text_index == 3
+    # Head and tail overlap in a read shorter than both: not text.
+    assert not isinstance(one(decoder, head + tail[1:]), str)
+    big = head + b"x" * 300 + tail
+    assert one(decoder, big) is None
+    assert decoder.feed(big) == []
+    assert isinstance(decoder.error, ProtocolError)

@@ -63,6 +63,7 @@ from unbroken.core.wire import (
     TextAnswer,
     TextCompletion,
     completion_to_chunks,
+    decode_chunk,
 )
 from unbroken.errors import TimeoutPhase, UpstreamError
 
@@ -450,6 +451,7 @@ class _FastLane:
     __slots__ = (
         "_attempt",
         "_conn",
+        "_one",
         "_payload_sink",
         "_sink",
         "_waiter",
@@ -469,6 +471,8 @@ class _FastLane:
         self._sink = sink
         # A sink that also takes the chunks' upstream bytes (`set_chunk_sink`).
         self._payload_sink = sink.sink if isinstance(sink, _PayloadSink) else None
+        # ... and one chunk read alone as just its bytes (the hot path of a relayed chunk).
+        self._one = sink.one if isinstance(sink, _PayloadSink) else None
         self._waiter: asyncio.Future[None] | None = None
         self.pending: list[ChatCompletionChunk] = []
         self.error: Exception | None = None
@@ -505,7 +509,21 @@ class _FastLane:
         pending = self.pending
         attempt = self._attempt
         try:
-            chunks = attempt.feed(data, time.monotonic())
+            one = self._one
+            if one is not None and not pending:
+                # The hot path: one chunk, relayed as its upstream bytes in one call (no
+                # chunk list, no payload list; bench/hotpath.py).
+                got = attempt.relay_one(data, time.monotonic())
+                if type(got) is bytes:
+                    if not one(got):
+                        # Refused: yielded instead, as it was decoded (its bytes unchanged).
+                        self.refused = True
+                        pending.append(decode_chunk(got))
+                        self._wake()
+                    return
+                chunks = cast("list[ChatCompletionChunk]", got)
+            else:
+                chunks = attempt.feed(data, time.monotonic())
             if pending:
                 pending.extend(chunks)
             elif (
@@ -553,12 +571,15 @@ class _PayloadSink:
     """A chunk sink that also takes the upstream bytes of the chunks (see
     `AsyncStream.set_chunk_sink`); called as a plain sink, it gets None for them."""
 
-    __slots__ = ("sink",)
+    __slots__ = ("one", "sink")
 
     def __init__(
-        self, sink: Callable[[list[ChatCompletionChunk], list[bytes] | None], bool]
+        self,
+        sink: Callable[[list[ChatCompletionChunk], list[bytes] | None], bool],
+        one: Callable[[bytes], bool] | None = None,
     ) -> None:
         self.sink = sink
+        self.one = one
 
     def __call__(self, chunks: list[ChatCompletionChunk]) -> bool:
         return self.sink(chunks, None)
@@ -719,9 +740,12 @@ class AsyncStream:
         sink: Callable[[list[ChatCompletionChunk], list[bytes] | None], bool],
         *,
         with_payloads: Literal[True],
+        one: Callable[[bytes], bool] | None = None,
     ) -> None: ...
 
-    def set_chunk_sink(self, sink: Any, *, with_payloads: bool = False) -> None:
+    def set_chunk_sink(
+        self, sink: Any, *, with_payloads: bool = False, one: Callable[[bytes], bool] | None = None
+    ) -> None:
         """Give content chunks (those without usage) to `sink` as they are decoded, from the
         connection's data callback, instead of through iteration: a consumer that can take
         a chunk at once (the gateway's stream log) saves a task wake-up per chunk. `sink`
@@ -736,8 +760,15 @@ class AsyncStream:
         those bytes are the chunk as decoded - a read of one event that nothing changed
         (no rewrite at a resume seam, no interrupting finish hidden) - else None, and the
         chunks must be encoded. Relaying the bytes saves re-encoding every chunk.
+
+        With `one` too, a read of one such chunk (no usage) goes to `one(payload)` alone,
+        as its upstream bytes, the chunk already folded into the answer: True when taken;
+        False yields the chunk instead, like a refusing `sink`. Why: no chunk list and no
+        payload list per relayed chunk.
         """
-        self._run.chunk_sink = _PayloadSink(sink) if with_payloads and sink is not None else sink
+        self._run.chunk_sink = (
+            _PayloadSink(sink, one) if with_payloads and sink is not None else sink
+        )
 
     async def start(self) -> httpx.Response:
         """Send the request now (before iterating) and return the response of the attempt

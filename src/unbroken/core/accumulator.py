@@ -295,6 +295,23 @@ class ChunkAccumulator:
             if choice.finish_reason is not None:
                 state.finish_reason = choice.finish_reason
 
+    def feed_text(self, index: int, text: str) -> None:
+        """`feed` of a chunk that only brings `text` as choice `index`'s content (no role,
+        finish or usage), its head (id, model...) that of a chunk folded before: the
+        relay's text chunks (core/stream.py `ChatStreamDecoder.feed_one`), not decoded."""
+        self.n_chunks += 1
+        state = self._choices.get(index)
+        if state is None:
+            state = self._choices[index] = _Choice()
+        pieces = state.content
+        if pieces is None:
+            pieces = state.content = []
+        pieces.append(text)
+        if len(pieces) >= MAX_PIECES:
+            pieces[:] = ["".join(pieces)]
+        if text:
+            state.n_text_deltas += 1
+
     @staticmethod
     def _fold_tools(state: _Choice, delta: Delta) -> None:
         for position, fragment in enumerate(delta.tool_calls or ()):

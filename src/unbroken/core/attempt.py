@@ -8,6 +8,7 @@ next stream timer fires.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 from unbroken.core.accumulator import ChunkAccumulator
 from unbroken.core.flow import AttemptPlan
@@ -132,6 +133,7 @@ class Attempt:
         "_json",
         "_kept",
         "_map",
+        "_plain",
         "_prior",
         "_rewrite",
         "_strip_role",
@@ -196,6 +198,9 @@ class Attempt:
             or (self._trim is not None)
             or (prior_usage is not None)
         )
+        # Chunks can leave as they came (`relay_one`): nothing is rewritten at a seam and no
+        # JSON-mode blank answer must be watched for.
+        self._plain = not self._rewrite and not self._json
         # The attempt's own fold. None while it would equal the answer's: on an attempt
         # that starts the answer and rewrites nothing, every chunk goes to both alike
         # until one is held back or changed (see `_diverge`), so it is folded once.
@@ -293,16 +298,59 @@ class Attempt:
         one event whose chunk nothing here changed (no seam rewrite, no interrupting finish
         hidden, none held back)."""
         self.payloads = None
-        decoder = self.decoder
-        chunks = decoder.feed(data)
+        chunks = self.decoder.feed(data)
         if not chunks:
             return chunks
         self.last_data_at = now
+        return self._out(chunks, now)
+
+    def _out(self, chunks: list[ChatCompletionChunk], now: float) -> list[ChatCompletionChunk]:
         out = self._deliver(chunks, now)
-        raw = decoder.raw
+        raw = self.decoder.raw
         if raw is not None and len(out) == 1 and out[0] is chunks[0] and self._kept:
             self.payloads = [raw]
         return out
+
+    def relay_one(self, data: bytes, now: float) -> bytes | list[ChatCompletionChunk]:
+        """`feed` for a relay's hot path: when the read is one event whose chunk leaves as
+        it came (what `payloads` would say) and carries no usage, the chunk is folded and
+        its upstream bytes are returned instead of a list (one call, no list per chunk);
+        otherwise what `feed` returns, with `payloads` set as `feed` sets it."""
+        decoder = self.decoder
+        got = decoder.feed_one(data) if self._plain else None
+        if got is None:
+            return self.feed(data, now)
+        self.payloads = None
+        self.last_data_at = now
+        raw = decoder.raw
+        assert raw is not None  # noqa: S101 - `feed_one` set it with what it returned
+        if type(got) is str:
+            if not self._held:
+                # A text chunk like the last but its text: folded as text, never decoded.
+                if self.first_token_at is None and got:
+                    self.first_token_at = now
+                if self._acc is not None:
+                    self._acc.feed_text(decoder.text_index, got)
+                self._answer.feed_text(decoder.text_index, got)
+                return raw
+            got = decoder.text_chunk()  # it releases held tool calls: `_deliver` does
+        chunk = cast(ChatCompletionChunk, got)
+        if chunk.usage is None and not self._held:
+            hold = self._hold
+            for choice in chunk.choices:
+                reason = choice.finish_reason
+                if (reason is not None and reason in INTERRUPTED_REASONS) or (
+                    hold and choice.delta is not None and choice.delta.tool_calls
+                ):
+                    break  # hidden or held: `_deliver` decides
+            else:
+                if self.first_token_at is None and _has_token(chunk):
+                    self.first_token_at = now
+                if self._acc is not None:
+                    self._acc.feed(chunk)
+                self._answer.feed(chunk)
+                return raw
+        return self._out([chunk], now)
 
     def _deliver(self, chunks: list[ChatCompletionChunk], now: float) -> list[ChatCompletionChunk]:
         answer = self._answer

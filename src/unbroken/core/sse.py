@@ -160,6 +160,27 @@ class SSEDecoder:
         self.last_event_id = self._id_buffer
         return data[6:-2]
 
+    def take_one(self) -> bool:
+        """Whether a read that is exactly one event of one `data: ` line (`data: X\n\n`, no
+        CR, within `max_event_bytes`: the caller checked its bytes) is that event alone: the
+        decoder holds nothing of an earlier one. If so it is dispatched as `feed` would (its
+        type `message`, `last_event_id` takes the id buffer); else nothing changed.
+
+        Why: a caller that knows the read's shape already (a chunk of the same bytes as the
+        last but its text, core/stream.py) skips `one_data_event`'s scans of the bytes.
+        """
+        if (
+            self._pending
+            or self._data
+            or self._skip_lf
+            or self._event_type
+            or not self._bom_checked
+            or self._error is not None
+        ):
+            return False
+        self.last_event_id = self._id_buffer
+        return True
+
     def reconnected(self) -> None:
         """A new connection continues the stream (WHATWG SSE "reestablish the
         connection"): what was buffered of an unfinished event is discarded - the server

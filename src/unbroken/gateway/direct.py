@@ -68,8 +68,20 @@ class DirectBody:
     def write_event(self, seq: int, data: bytes) -> bool:
         """`write` of the SSE event `id: seq` with `data`, framed in one formatting (the
         one-event case of every relayed chunk: no intermediate copy of the event)."""
-        if not self.writable():
+        # `writable` inlined once the response streams: this runs once per relayed chunk.
+        cycle = self._cycle
+        if not self._streaming and not self.writable():
             return False
-        head = b"id: %d\ndata: " % seq
-        self._transport.write(b"%x\r\n%b%b\n\n\r\n" % (len(head) + len(data) + 2, head, data))
+        transport = self._transport
+        if (
+            cycle.response_complete
+            or cycle.disconnected
+            or self._flow.write_paused
+            or transport.is_closing()
+        ):
+            return False
+        # One formatting for the chunk's size line and the event (~45 ns less than two):
+        # `id: <seq>\ndata: ` is 11 bytes and the digits, `\n\n` 2 more.
+        digits = 1 if seq < 10 else 2 if seq < 100 else 3 if seq < 1000 else len(b"%d" % seq)
+        transport.write(b"%x\r\nid: %d\ndata: %b\n\n\r\n" % (13 + len(data) + digits, seq, data))
         return True

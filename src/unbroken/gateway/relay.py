@@ -535,6 +535,16 @@ class LiveSink:
         relay._wrote = True
         return True
 
+    def feed_one(self, seq: int, payload: bytes) -> bool:
+        """`feed` of the one event `seq`: a relayed chunk's hot path (no sequence)."""
+        relay = self._relay
+        if relay._busy or relay._reason is not None or not self._direct.write_event(seq, payload):
+            return False
+        self.last = seq
+        relay._n_direct += 1
+        relay._wrote = True
+        return True
+
 
 class _TaskScope:
     """`anyio.CancelScope`'s cancellation for a body that runs no anyio code (`events()`):
@@ -624,6 +634,10 @@ class HeadSink:
         # may follow a silence is then due `keepalive_s` after this write, not a tick later.
         relay._last_write = relay._loop.time()
         return True
+
+    def feed_one(self, seq: int, payload: bytes) -> bool:
+        """`feed` of the one event `seq`."""
+        return self.feed(seq, (payload,))
 
 
 def _frame(event: tuple[int, bytes]) -> bytes:

@@ -187,6 +187,9 @@ class EventSink(Protocol):
     def feed(self, first: int, payloads: Sequence[bytes]) -> bool:
         """Take events `first`, `first + 1`, ...; False when it cannot (it took none)."""
 
+    def feed_one(self, seq: int, payload: bytes) -> bool:
+        """`feed` of the one event `seq` (the relay's hot path: no sequence per event)."""
+
 
 class Producer:
     """The writer of one answer's log (see the theory of operation).
@@ -206,6 +209,7 @@ class Producer:
     # One per live answer: no instance dict (~1 KB with this many attributes).
     __slots__ = (
         "_append_now",
+        "_append_one",
         "_batched",
         "_changed",
         "_flush",
@@ -270,10 +274,15 @@ class Producer:
         # without a round trip: a short tail does (the log packs its events; a tail holding
         # a whole answer's payloads cost ~60 KB per live stream).
         self._append_now: Callable[..., int] | None = getattr(hub.log, "append_now", None)
+        self._append_one: Callable[[str, int, bytes, float], int] | None = getattr(
+            hub.log, "append_one", None
+        )
         # A list trimmed to `_tail_max`, not a deque(maxlen=...): a deque's first block holds
         # 64 slots (~760 bytes) per live answer for the 8 events kept here.
         self._tail_max = TAIL_EVENTS if self._append_now is None else LOCAL_TAIL_EVENTS
-        self.tail: list[tuple[int, bytes]] = []
+        # The payloads of the last events appended, the last being event `n_events` (no
+        # (id, payload) tuple per event: readers number them, `tail_events`).
+        self.tail: list[bytes] = []
         # Group commit for a remote log: events pushed while an append is in flight go
         # together in the next one, so the upstream is read on meanwhile.
         self._batched = getattr(hub.log, "is_remote", False)
@@ -340,13 +349,24 @@ class Producer:
             self._sinks.pop(sink, None)
         return sink.last
 
+    def tail_events(self, after: int) -> list[tuple[int, bytes]] | None:
+        """The events after `after` held in the tail (empty when there are none yet), or
+        None when the tail does not reach back to `after + 1`."""
+        tail = self.tail
+        n_new = self.n_events - after
+        if not tail or n_new > len(tail):
+            return None
+        return list(enumerate(tail[len(tail) - n_new :], after + 1)) if n_new > 0 else []
+
     def _feed(self, first: int, payloads: Sequence[bytes]) -> None:
         refused: list[EventSink] | None = None  # no list per event while every sink takes
         for sink in self._sinks:
             if not sink.feed(first, payloads):
                 refused = [sink] if refused is None else [*refused, sink]
-        if refused is None:
-            return
+        if refused is not None:
+            self._refused(refused)
+
+    def _refused(self, refused: list[EventSink]) -> None:
         for sink in refused:
             parked = self._sinks.pop(sink)
             if not parked.done():
@@ -455,6 +475,37 @@ class Producer:
         self._appended(payloads, n)
         return True
 
+    def _take_one(self, payload: bytes) -> bool:
+        """`_take` of one chunk as its upstream bytes (the SDK stream's `one` sink): the
+        hot path of a relayed chunk, the log append and the live readers' write in one
+        call, no list or tuple per chunk (bench/hotpath.py)."""
+        append = self._append_one
+        if append is None or self.degraded or self.reason is not None:
+            return False
+        try:
+            n = append(self.stream_id, self.epoch, payload, time.time())
+        except UnbrokenError:
+            return False
+        tail = self.tail
+        tail.append(payload)
+        if len(tail) > self._tail_max:
+            del tail[0]
+        self.n_events = n
+        if self._sinks:
+            refused: list[EventSink] | None = None
+            for sink in self._sinks:
+                if not sink.feed_one(n, payload):
+                    refused = [sink] if refused is None else [*refused, sink]
+            if refused is not None:
+                self._refused(refused)
+        if self._n_waiting:
+            self._changed.set()
+            self._changed = Flag()
+        if self._unset:
+            self._unset = False
+            self.first.set()
+        return True
+
     async def _append(self, payloads: list[bytes], *, end: bool = False) -> None:
         if self.degraded:
             n = self.n_events + len(payloads)
@@ -483,9 +534,9 @@ class Producer:
         them to the sinks, wake the waiting readers."""
         tail = self.tail
         if len(payloads) == 1:
-            tail.append((n, payloads[0]))
+            tail.append(payloads[0])
         else:
-            tail.extend(zip(range(n - len(payloads) + 1, n + 1), payloads, strict=True))
+            tail.extend(payloads)
         if len(tail) > self._tail_max:
             del tail[: len(tail) - self._tail_max]
         self.n_events = n
@@ -508,7 +559,7 @@ class Producer:
                 if type(stream) is AsyncStream and self._append_now is not None:
                     # Chunks go into the log from the upstream's data callback (not through
                     # a wrapper such as the answer cache's recorder, which must see them).
-                    stream.set_chunk_sink(self._take, with_payloads=True)
+                    stream.set_chunk_sink(self._take, with_payloads=True, one=self._take_one)
                 async for chunk in stream:
                     await self._push(_encode(chunk))
                 await self._settle()
@@ -899,13 +950,10 @@ class StreamHub:
         touched = 0.0
         while True:
             local = self._producers.get(stream_id) or producer
-            if local is not None and local.tail and local.tail[0][0] <= after + 1:
-                tail = local.tail
-                # Live on this instance: serve from the producer's tail, not the store. Ids
-                # in the tail are consecutive: the new ones are its last `n_new`.
-                n_new = tail[-1][0] - after
-                if n_new > 0:
-                    fresh = tail[-n_new:]
+            fresh = local.tail_events(after) if local is not None else None
+            if local is not None and fresh is not None:
+                # Live on this instance: serve from the producer's tail, not the store.
+                if fresh:
                     after = fresh[-1][0]
                     yield fresh
                     continue

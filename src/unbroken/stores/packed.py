@@ -57,6 +57,17 @@ class PackedEvents:
         while len(live) >= BLOCK_EVENTS:
             self._seal(BLOCK_EVENTS)
 
+    def add(self, payload: bytes) -> None:
+        """Append one event (`extend` of one, without the sequence: the relay's hot path)."""
+        lengths = self._lengths
+        if not lengths:
+            self._zdict = payload[:ZDICT_MAX_BYTES]
+        lengths.append(len(payload))
+        live = self._live
+        live.append(payload)
+        if len(live) >= BLOCK_EVENTS:
+            self._seal(BLOCK_EVENTS)
+
     def seal(self) -> None:
         """Compress the open block (the log ended: nothing follows)."""
         if self._live:

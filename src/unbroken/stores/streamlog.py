@@ -313,6 +313,34 @@ class MemoryStreamLog:
             stream.changed = Flag()
         return stream.n_events
 
+    def append_one(self, stream_id: str, epoch: int, payload: bytes, now: float) -> int:
+        """`append_now` of one event that does not end the log: a producer on this process
+        calls it for each chunk relayed as its upstream bytes (no sequence built per chunk;
+        bench/hotpath.py). Raises what `append_now` raises."""
+        stream = self._streams.get(stream_id)
+        size = len(payload)
+        retention = self.retention
+        if (
+            stream is None
+            or stream.gone
+            or stream.ended_at is not None
+            or (lease := stream.base.lease) is None
+            or lease.epoch != epoch
+            or stream.n_bytes + size > retention.max_stream_bytes
+            or self._total + size > retention.max_total_bytes
+        ):
+            # Not the common case (fenced, unknown, full): `append_now` says why, or makes room.
+            return self.append_now(stream_id, epoch, (payload,), now, end=False)
+        stream.events.add(payload)
+        self._total += size
+        stream.n_bytes += size
+        stream.n_events += 1
+        stream.updated_at = now
+        if stream.n_waiting:
+            stream.changed.set()
+            stream.changed = Flag()
+        return stream.n_events
+
     async def read(self, stream_id: str, after: int, *, limit: int, max_bytes: int) -> Batch:
         """See `StreamLog.read`."""
         stream = self._get(stream_id)
