@@ -130,6 +130,7 @@ class AsyncClient(ClientBase):
         # With a caller's http_client, its send() is used as given.
         self._owns_http = http_client is None
         self._transport: httpx.AsyncBaseTransport | None = None
+        self._post: _SendPost | None = None
         if http_client is None:
             n = self._options.get("max_connections", DEFAULT_MAX_CONNECTIONS)
             self._transport = transport or httpx.AsyncHTTPTransport(
@@ -137,6 +138,8 @@ class AsyncClient(ClientBase):
                 limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
             )
             http_client = httpx.AsyncClient(transport=self._transport, follow_redirects=False)
+            post = getattr(self._transport, "send_post", None)
+            self._post = cast("_SendPost", post) if callable(post) else None
         self._http = http_client
 
     def with_options(self, **changes: Any) -> AsyncClient:
@@ -270,7 +273,7 @@ class AsyncClient(ClientBase):
     ) -> AsyncGenerator[ChatCompletionChunk, None]:
         ex = Exchange(run, attempt, read_s=None, also=OPT_IN)
         try:
-            response = await self._headers(ex.request, attempt.expiry())
+            response = await self._headers(ex, attempt.expiry())
         except httpx.HTTPError as exc:
             outcome.append(ex.failed(exc, time.monotonic()))
             return
@@ -371,26 +374,35 @@ class AsyncClient(ClientBase):
                     await self._stop_remote(Reconnects(run, ex.route, response))
 
     async def _headers(
-        self, request: httpx.Request, expiry: tuple[float, Any] | None
+        self, ex: Exchange, expiry: tuple[float, Any] | None
     ) -> httpx.Response | None:
-        """Send `request`; its response once the headers arrived, or None when `expiry`
-        (the headers or deadline timer) passed first."""
+        """Send the exchange's request; its response once the headers arrived, or None
+        when `expiry` (the headers or deadline timer) passed first."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # another anyio backend (trio)
             with anyio.move_on_after(_remaining(expiry)):
-                return await self._send_raw(request)
+                return await self._send(ex)
             return None
         # asyncio's own timeout: the same cancellation (anyio's scopes cancel through it),
         # for ~5 us less than an anyio scope per attempt (bench: scripts in the report).
         when = None if expiry is None else loop.time() + _remaining(expiry)
         try:
             async with asyncio.timeout_at(when) as timer:
-                return await self._send_raw(request)
+                return await self._send(ex)
         except TimeoutError:
             if not timer.expired():
                 raise  # not ours
             return None
+
+    def _send(self, ex: Exchange) -> Awaitable[httpx.Response]:
+        post = self._post
+        if post is not None:
+            # No httpx.Request: the transport takes the POST's parts (~20 us a request
+            # less, and nothing of the request held while the answer streams).
+            content = ex.content()
+            return post(ex.url, ex.head(content), content, ex.timeouts)
+        return self._send_raw(ex.request)
 
     async def _send_raw(self, request: httpx.Request) -> httpx.Response:
         if self._transport is not None:
@@ -425,6 +437,16 @@ class AsyncClient(ClientBase):
                 await response.aclose()
         except httpx.HTTPError as exc:
             logger.debug("stopping the gateway's answer failed: %s", type(exc).__name__)
+
+
+class _SendPost(Protocol):
+    """A transport's POST from its raw parts, without an httpx.Request (the gateway's
+    upstream transport, gateway/upstream.py `LeanTransport.send_post`): `head` is the
+    header lines as `Exchange.head` makes them, `timeouts` httpx's timeout extension."""
+
+    def __call__(
+        self, url: httpx.URL, head: bytes, content: bytes, timeouts: dict[str, float | None]
+    ) -> Awaitable[httpx.Response]: ...
 
 
 class _Tappable(Protocol):

@@ -219,18 +219,15 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
-def _request_bytes(request: httpx.Request, body: bytes, conn: _Connection) -> bytes:
-    url = request.url
+def _request_bytes(
+    method: bytes, url: httpx.URL, head: bytes, body: bytes, conn: _Connection
+) -> bytes:
     target = url.raw_path
     if conn.absolute_form:
         target = url.raw_scheme + b"://" + url.netloc + url.raw_path
-    head = [request.method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
-    for name, value in request.headers.raw:
-        head += [name, b": ", value, b"\r\n"]
     if conn.proxy_authorization is not None:
-        head += [b"Proxy-Authorization: ", conn.proxy_authorization, b"\r\n"]
-    head.append(b"\r\n")
-    return b"".join(head) + body
+        head += b"Proxy-Authorization: " + conn.proxy_authorization + b"\r\n"
+    return b"".join((method, b" ", target, b" HTTP/1.1\r\n", head, b"\r\n", body))
 
 
 class _ResponseStream(httpx.AsyncByteStream):
@@ -415,20 +412,40 @@ class LeanTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send `request` and return once the response headers arrived."""
-        url = request.url
+        if isinstance(request.stream, httpx.ByteStream):
+            body = request.content
+        else:
+            body = b"".join([part async for part in request.stream])  # type: ignore[union-attr]  # async stream
+        head = b"".join([b"%s: %s\r\n" % pair for pair in request.headers.raw])
+        return await self.send_post(
+            request.url,
+            head,
+            body,
+            request.extensions.get("timeout", {}),
+            method=request.method.encode("ascii"),
+        )
+
+    async def send_post(
+        self,
+        url: httpx.URL,
+        head: bytes,
+        body: bytes,
+        timeouts: dict[str, float | None],
+        *,
+        method: bytes = b"POST",
+    ) -> httpx.Response:
+        """Send a request from its parts and return once the response headers arrived:
+        `head` is its header lines (each `Name: value` and CRLF, Host included),
+        `timeouts` httpx's timeout extension. The SDK sends its POSTs this way
+        (client/async_.py `_SendPost`): no httpx.Request is built or kept."""
         scheme = url.scheme
         if scheme not in ("http", "https"):
             raise httpx.UnsupportedProtocol(f"unsupported URL scheme {scheme!r}")
         port = url.port or (443 if scheme == "https" else 80)
         key = (scheme, url.raw_host.decode("ascii"), port)
-        timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
-        if isinstance(request.stream, httpx.ByteStream):
-            body = request.content
-        else:
-            body = b"".join([part async for part in request.stream])  # type: ignore[union-attr]  # async stream
         for tries in range(2):
             conn = await self._connect(key, timeouts)
-            payload = _request_bytes(request, body, conn)
+            payload = _request_bytes(method, url, head, body, conn)
             reused = conn.idle_since > 0
             conn.begin()
             try:
