@@ -178,6 +178,9 @@ class ClientConfig:
     headers: dict[str, str] = field(default_factory=dict)
     query: dict[str, Any] = field(default_factory=dict)
     urls: dict[tuple[str, str, bool], httpx.URL] = field(default_factory=dict)
+    # Per route: the encoded header lines every request on it starts with (client/_driver.py
+    # `Exchange.head`), by id(route).
+    heads: dict[int, Any] = field(default_factory=dict)
 
     @classmethod
     def build(

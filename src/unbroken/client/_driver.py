@@ -264,6 +264,42 @@ def fim_body(body: Mapping[str, Any]) -> dict[str, Any]:
     return fim
 
 
+# Request headers `header_pairs` places or replaces itself.
+_AUTOMATIC = frozenset({"host", "content-length", "transfer-encoding"})
+# Names a request's own headers would replace: those and `request_headers`' defaults.
+_REPLACED = _AUTOMATIC | {
+    "content-type",
+    "accept",
+    "accept-encoding",
+    "user-agent",
+    "authorization",
+}
+
+
+def _fixed_head(
+    cache: dict[int, Any], route: Route, url: httpx.URL
+) -> tuple[Route, bytes, bytes, bytes, frozenset[str]] | None:
+    """The header lines every request on `route` starts with (Host, the defaults, the
+    route's headers), its Authorization line, and the lower-case names of both; None when
+    the route's own headers replace a default (then each request is built in full)."""
+    fixed = cache.get(id(route))
+    if fixed is not None and fixed[0] is route and fixed[1] == url.netloc:
+        return fixed if fixed[2] else None
+    own = frozenset(name.lower() for name in route.headers)
+    if own & _REPLACED:
+        cache[id(route)] = (route, url.netloc, b"", b"", own)
+        return None
+    static = request_headers(route)
+    pairs = header_pairs(url, b"-", static)[:-1]  # without its Content-Length
+    auth = b""
+    if route.api_key:
+        name, value = pairs.pop()
+        auth = b"%s: %s\r\n" % (name, value)
+    prefix = b"".join([b"%s: %s\r\n" % pair for pair in pairs])
+    fixed = cache[id(route)] = (route, url.netloc, prefix, auth, own | _REPLACED)
+    return fixed
+
+
 class Exchange:
     """One attempt's HTTP exchange, as both drivers run it:
 
@@ -337,6 +373,25 @@ class Exchange:
     def head(self, content: bytes) -> bytes:
         """The request's header lines (`Name: value\\r\\n` each, no blank line after them),
         the bytes `request` would send with `content`."""
+        fixed = _fixed_head(self.run.config.heads, self.route, self.url)
+        if fixed is not None and content:
+            # The route's own lines encoded once; only the request's extra headers per
+            # request (~3 us less), when none of them replaces one of the route's.
+            _, _, prefix, auth, names = fixed
+            also = self._also
+            lines = [prefix]
+            for name, value in self.run.extra_headers.items():
+                if type(name) is not str or type(value) is not str:
+                    break
+                lower = name.lower()
+                if lower in names or (also is not None and lower == also[0].lower()):
+                    break
+                lines.append(f"{name}: {value}\r\n".encode("ascii"))
+            else:
+                lines += [auth, b"Content-Length: %d\r\n" % len(content)]
+                if also is not None:
+                    lines.append(f"{also[0]}: {also[1]}\r\n".encode())
+                return b"".join(lines)
         pairs = header_pairs(
             self.url, content, request_headers(self.route, self.run.extra_headers), also=self._also
         )
