@@ -219,6 +219,7 @@ async def test_the_sdk_sends_through_send_post_the_bytes_of_its_httpx_request() 
         writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 2\r\n\r\n{}")
         await writer.drain()
         writer.close()
+        await writer.wait_closed()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -252,3 +253,47 @@ async def test_the_sdk_sends_through_send_post_the_bytes_of_its_httpx_request() 
     finally:
         await client.aclose()
         server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.anyio
+async def test_response_headers_are_the_upstreams_in_order() -> None:
+    """LeanTransport's responses keep their headers packed until read; read, they are
+    the upstream's, in order, repeated names and empty values included."""
+    head = (
+        b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 2\r\nX-Dup: a\r\n"
+        b"Retry-After: 3\r\nx-dup: b\r\nX-Empty: \r\n\r\n{}"
+    )
+
+    closed = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head)
+        await writer.drain()
+        await reader.read()  # until the pool closes its idle connection
+        writer.close()
+        await writer.wait_closed()
+        closed.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = LeanTransport()
+    try:
+        async with httpx.AsyncClient(transport=transport) as client:
+            response = await client.get(f"http://127.0.0.1:{port}/x")
+        assert response.status_code == 429
+        assert response.headers.raw == [
+            (b"Content-Length", b"2"),
+            (b"X-Dup", b"a"),
+            (b"Retry-After", b"3"),
+            (b"x-dup", b"b"),
+            (b"X-Empty", b""),
+        ]
+        assert response.headers.get_list("x-dup") == ["a", "b"]
+        assert response.content == b"{}"
+        with anyio.fail_after(5):
+            await closed.wait()
+    finally:
+        server.close()
+        await server.wait_closed()

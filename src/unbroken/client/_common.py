@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
@@ -362,6 +363,20 @@ def build_body(
     return body
 
 
+# An answer's retry/resume/fallback/restart counts before any (read-only, shared).
+_NO_COUNTS: Mapping[str, int] = MappingProxyType(
+    {"retry": 0, "resume": 0, "fallback": 0, "restart": 0}
+)
+# The options of most answers, shared (one object less per live answer).
+_PLAIN_FLOW = FlowOptions()
+
+
+def _flow_options(restart: bool, n_choices: int, caller_prefix: str) -> FlowOptions:
+    if not restart and n_choices == 1 and not caller_prefix:
+        return _PLAIN_FLOW
+    return FlowOptions(restart=restart, n_choices=n_choices, caller_prefix=caller_prefix)
+
+
 def _texts(body: Mapping[str, Any]) -> list[str]:
     texts = []
     for message in body.get("messages") or ():
@@ -436,7 +451,10 @@ class AnswerRun:
         self.config = config
         self.query = dict(query) if query else None
         self.endpoint: Endpoint = endpoint
-        self.extra_headers = dict(extra_headers or {})
+        # Ours when given: `_new_run` builds it for the run (one dict less per live answer).
+        self.extra_headers = (
+            extra_headers if type(extra_headers) is dict else dict(extra_headers or {})
+        )
         self.body = body
         self.routes = routes
         self.answer = ChunkAccumulator()
@@ -466,9 +484,7 @@ class AnswerRun:
             budgets={r.name: config.route_budget(r, budget_key) for r in routes},
             rng=config.rng,
             now=now,
-            options=FlowOptions(
-                restart=restart, n_choices=int(body.get("n", 1)), caller_prefix=caller_prefix
-            ),
+            options=_flow_options(restart, int(body.get("n", 1)), caller_prefix),
         )
         self._started = False
         self._prompt_estimate: int | None = None
@@ -476,7 +492,8 @@ class AnswerRun:
         self.cost = Cost()
         self.estimated = False
         self.infos: list[AttemptInfo] = []
-        self.counts = {"retry": 0, "resume": 0, "fallback": 0, "restart": 0}
+        # Shared until an attempt counts (one dict less per live answer).
+        self.counts: Mapping[str, int] = _NO_COUNTS
         self.first_token_at: float | None = None
         self.final_plan: AttemptPlan | None = None
         self.events: list[ControlEvent] = []
@@ -580,22 +597,28 @@ class AnswerRun:
         chunks, self.chunks = self.chunks, []
         return chunks
 
+    def _count(self, kind: str) -> None:
+        counts = self.counts
+        if not isinstance(counts, dict):
+            counts = self.counts = dict(counts)
+        counts[kind] += 1
+
     def _announce(self, plan: AttemptPlan) -> None:
         error = plan.reason.message if plan.reason is not None else ""
         index = plan.choice_index or 0
         if plan.kind == "fallback":
-            self.counts["fallback"] += 1
+            self._count("fallback")
             self.events.append(
                 FellBackEvent(plan.number, plan.from_route or "", plan.route.name, error)
             )
         elif plan.kind == "retry":
-            self.counts["retry"] += 1
+            self._count("retry")
         if plan.kind == "restart":
-            self.counts["restart"] += 1
+            self._count("restart")
             self.answer.discard(index)
             self.events.append(RestartedEvent(plan.number, index, plan.route.name, error))
         elif plan.continuation is not None:
-            self.counts["resume"] += 1
+            self._count("resume")
             self.events.append(
                 ResumedEvent(
                     plan.number, plan.route.name, index, len(self.answer.content(index)), error

@@ -318,12 +318,12 @@ class Exchange:
     __slots__ = (
         "_also",
         "_body",
+        "_read_s",
         "_request",
         "attempt",
         "response",
         "route",
         "run",
-        "timeouts",
         "url",
     )
 
@@ -340,7 +340,6 @@ class Exchange:
         route = self.route = attempt.plan.route
         plan = attempt.plan
         config = run.config
-        t = run.timeouts
         if run.endpoint == "fim":
             # DeepSeek serves FIM under /beta only; other servers at /completions.
             # `auto` counts as DeepSeek's until the route has rejected `/beta`.
@@ -353,17 +352,17 @@ class Exchange:
         if run.query:
             url = url.copy_merge_params(run.query)
         self.url = url
-        connect = t.connect_s if read_s is None or t.connect_s is None else min(t.connect_s, read_s)
-        # httpx's timeout extension: {"connect", "read", "write", "pool"}.
-        self.timeouts: dict[str, float | None] = {
-            "connect": connect,
-            "read": read_s,
-            "write": t.connect_s,
-            "pool": t.connect_s,
-        }
+        self._read_s = read_s
         self._also = also
         self._request: httpx.Request | None = None
         self.response: httpx.Response | None = None
+
+    def timeouts(self) -> dict[str, float | None]:
+        """httpx's timeout extension of the request: {"connect", "read", "write", "pool"}."""
+        t = self.run.timeouts
+        read_s = self._read_s
+        connect = t.connect_s if read_s is None or t.connect_s is None else min(t.connect_s, read_s)
+        return {"connect": connect, "read": read_s, "write": t.connect_s, "pool": t.connect_s}
 
     def content(self) -> bytes:
         """The request's JSON body."""
@@ -405,7 +404,7 @@ class Exchange:
                 self.url,
                 self.content(),
                 request_headers(self.route, self.run.extra_headers),
-                self.timeouts,
+                self.timeouts(),
                 also=self._also,
             )
         return self._request

@@ -295,7 +295,8 @@ class AsyncClient(ClientBase):
                 return
             decoder = attempt.decoder
             reconnects: Reconnects | None = None  # made when the stream breaks
-            reader = _raw_reader(response)
+            # Made when first read from: a tapped answer may never need it.
+            reader: AsyncIterator[bytes] | None = None
             timer = _StreamTimer.start(attempt, response)
             # Only with a timer: the lane has no per-read timeout of its own.
             lane = _FastLane.open(run, attempt, response) if timer is not None else None
@@ -312,6 +313,8 @@ class AsyncClient(ClientBase):
                             if lane.refused:
                                 lane = None
                             continue
+                    if reader is None:
+                        reader = _raw_reader(response)
                     try:
                         if timer is not None:
                             data = await reader.__anext__()
@@ -401,7 +404,7 @@ class AsyncClient(ClientBase):
             # No httpx.Request: the transport takes the POST's parts (~20 us a request
             # less, and nothing of the request held while the answer streams).
             content = ex.content()
-            return post(ex.url, ex.head(content), content, ex.timeouts)
+            return post(ex.url, ex.head(content), content, ex.timeouts())
         return self._send_raw(ex.request)
 
     async def _send_raw(self, request: httpx.Request) -> httpx.Response:

@@ -37,6 +37,8 @@ DEFAULT_HIGH_WATER = 256 * 1024
 SPARE_FDS = 256
 # The smallest automatically sized pool.
 MIN_POOL = 16
+# URLs whose pool key is remembered (the routes' few; reconnect URLs, each new, flush it).
+MAX_KNOWN_URLS = 256
 
 
 def pool_size(configured: int, max_connections: int, open_files: int | None = None) -> int:
@@ -268,6 +270,39 @@ class _ResponseStream(httpx.AsyncByteStream):
             self._pool._forget(conn)
 
 
+class _LeanResponse(httpx.Response):
+    """An httpx.Response whose headers stay one bytes object (names and values separated by
+    NUL, which llhttp refuses inside a header) until first read.
+
+    Why: a streamed answer keeps its response while it streams, and httpx's Headers holds
+    three objects per header (~1.2 KB per live stream for a dozen headers); the SDK reads
+    them only when the stream breaks or the status is an error."""
+
+    def __init__(
+        self,
+        status_code: int,
+        raw_headers: bytes,
+        stream: httpx.AsyncByteStream,
+        extensions: dict[str, Any],
+    ) -> None:
+        super().__init__(status_code, stream=stream, extensions=extensions)
+        self._raw_headers: bytes | None = raw_headers
+
+    @property  # httpx's is a plain attribute: the same type, made when first read
+    def headers(self) -> httpx.Headers:
+        raw = self._raw_headers
+        if raw is not None:
+            self._raw_headers = None
+            parts = raw.split(b"\0")
+            self._headers = httpx.Headers(list(zip(parts[0::2], parts[1::2], strict=True)))
+        return self._headers
+
+    @headers.setter
+    def headers(self, value: httpx.Headers) -> None:
+        self._raw_headers = None
+        self._headers = value
+
+
 class UpstreamCertificateError(UpstreamConnectError):
     """The upstream's TLS certificate failed verification (untrusted, expired, or for
     another name); never retried."""
@@ -301,9 +336,29 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._open = 0
         self._waiters: list[asyncio.Future[None]] = []
+        self._keys: dict[int, tuple[httpx.URL, tuple[str, str, int]]] = {}
+        self._interned: dict[tuple[str, str, int], tuple[str, str, int]] = {}
 
     def __repr__(self) -> str:
         return f"LeanTransport(open={self._open}, max={self._max})"
+
+    def _key(self, url: httpx.URL) -> tuple[str, str, int]:
+        """The pool key of `url`: the same tuple for every request to one upstream (the
+        SDK sends its URL objects again and again; ~1.5 us a request, and one key held
+        per connection)."""
+        known = self._keys.get(id(url))
+        if known is not None and known[0] is url:
+            return known[1]
+        scheme = url.scheme
+        if scheme not in ("http", "https"):
+            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {scheme!r}")
+        port = url.port or (443 if scheme == "https" else 80)
+        key = (scheme, url.raw_host.decode("ascii"), port)
+        key = self._interned.setdefault(key, key)
+        if len(self._keys) >= MAX_KNOWN_URLS:  # the URLs of reconnects are each new
+            self._keys.clear()
+        self._keys[id(url)] = (url, key)
+        return key
 
     def _release(self, conn: _Connection) -> None:
         conn.idle_since = conn.loop.time()
@@ -438,11 +493,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         `head` is its header lines (each `Name: value` and CRLF, Host included),
         `timeouts` httpx's timeout extension. The SDK sends its POSTs this way
         (client/async_.py `_SendPost`): no httpx.Request is built or kept."""
-        scheme = url.scheme
-        if scheme not in ("http", "https"):
-            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {scheme!r}")
-        port = url.port or (443 if scheme == "https" else 80)
-        key = (scheme, url.raw_host.decode("ascii"), port)
+        key = self._key(url)
         for tries in range(2):
             conn = await self._connect(key, timeouts)
             payload = _request_bytes(method, url, head, body, conn)
@@ -477,15 +528,17 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 await conn.wait(read_timeout)
             except TimeoutError:
                 raise httpx.ReadTimeout("timed out waiting for the upstream's headers") from None
-        # httpx keeps its own copy of the headers: the connection's list goes now, not with
-        # the response (~600 bytes per live stream).
-        headers, conn.headers = conn.headers, []
-        return httpx.Response(
+        # The response keeps the headers as one bytes object: the connection's list goes
+        # now, not with the response (~600 bytes per live stream).
+        headers = conn.headers
+        raw = b"\0".join([part for pair in headers for part in pair])
+        headers.clear()
+        return _LeanResponse(
             conn.status,
-            headers=headers,
-            stream=_ResponseStream(self, conn, read_timeout),
+            raw,
+            _ResponseStream(self, conn, read_timeout),
             # The connection is the network stream: the SDK's stream timers abort() it.
-            extensions={"http_version": b"HTTP/1.1", "network_stream": conn},
+            {"http_version": b"HTTP/1.1", "network_stream": conn},
         )
 
     async def aclose(self) -> None:
