@@ -278,16 +278,17 @@ _REPLACED = _AUTOMATIC | {
 
 def _fixed_head(
     cache: dict[int, Any], route: Route, url: httpx.URL
-) -> tuple[Route, bytes, bytes, bytes, frozenset[str]] | None:
+) -> tuple[Route, httpx.URL, bytes, bytes, bytes, frozenset[str]] | None:
     """The header lines every request on `route` starts with (Host, the defaults, the
     route's headers), its Authorization line, and the lower-case names of both; None when
     the route's own headers replace a default (then each request is built in full)."""
     fixed = cache.get(id(route))
-    if fixed is not None and fixed[0] is route and fixed[1] == url.netloc:
-        return fixed if fixed[2] else None
+    # The routes' URLs are made once (`ClientConfig.url`): mostly the same object again.
+    if fixed is not None and fixed[0] is route and (fixed[1] is url or fixed[2] == url.netloc):
+        return fixed if fixed[3] else None
     own = frozenset(name.lower() for name in route.headers)
     if own & _REPLACED:
-        cache[id(route)] = (route, url.netloc, b"", b"", own)
+        cache[id(route)] = (route, url, url.netloc, b"", b"", own)
         return None
     static = request_headers(route)
     pairs = header_pairs(url, b"-", static)[:-1]  # without its Content-Length
@@ -296,7 +297,7 @@ def _fixed_head(
         name, value = pairs.pop()
         auth = b"%s: %s\r\n" % (name, value)
     prefix = b"".join([b"%s: %s\r\n" % pair for pair in pairs])
-    fixed = cache[id(route)] = (route, url.netloc, prefix, auth, own | _REPLACED)
+    fixed = cache[id(route)] = (route, url, url.netloc, prefix, auth, own | _REPLACED)
     return fixed
 
 
@@ -376,7 +377,7 @@ class Exchange:
         if fixed is not None and content:
             # The route's own lines encoded once; only the request's extra headers per
             # request (~3 us less), when none of them replaces one of the route's.
-            _, _, prefix, auth, names = fixed
+            _, _, _, prefix, auth, names = fixed
             also = self._also
             lines = [prefix]
             for name, value in self.run.extra_headers.items():
