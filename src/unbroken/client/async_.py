@@ -262,6 +262,7 @@ class AsyncClient(ClientBase):
                     attempts = self._attempt(run, attempt, outcome)
                 async for chunk in attempts:
                     yield chunk
+                    del chunk  # not held while the attempt waits for the next one
                 action = run.next_action(outcome[0], time.monotonic())
             for chunk in run.take_chunks():
                 yield chunk
@@ -306,8 +307,11 @@ class AsyncClient(ClientBase):
                     if lane is not None:
                         taken = await lane.run()
                         if taken is not None:
-                            for chunk in taken:
-                                yield chunk
+                            # By index and dropped after: no chunk held while the lane
+                            # waits (a live answer would keep its first ones).
+                            for i in range(len(taken)):
+                                yield taken[i]
+                            taken = None
                             if decoder.error is not None:
                                 break
                             if lane.refused:
@@ -352,8 +356,10 @@ class AsyncClient(ClientBase):
                             timer = _StreamTimer.start(attempt, response)
                         continue
                     chunks = attempt.feed(data, time.monotonic())
-                    for chunk in chunks:
-                        yield chunk
+                    del data
+                    for i in range(len(chunks)):
+                        yield chunks[i]
+                    del chunks
                     # After [DONE] the body's end is read too (it follows at once), so the
                     # connection goes back to the pool; a server that keeps streaming after
                     # [DONE] is cut by the idle timer, and a complete stream stays complete.
