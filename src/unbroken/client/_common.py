@@ -293,7 +293,7 @@ class ClientConfig:
         live answer, ~2 us a request)."""
         ids = (key, *map(id, routes))
         known = self.maps.get(ids)
-        if known is not None and all(a is b for a, b in zip(known[0], routes, strict=True)):
+        if known is not None:  # the same routes: the entry keeps them, so no id is reused
             return known[1], known[2]
         health = {r.name: self.route_health(r) for r in routes}
         budgets = {r.name: self.route_budget(r, key) for r in routes}
@@ -380,7 +380,7 @@ def build_body(
     # known (DeepSeek sends it anyway; OpenAI-style servers need include_usage).
     body["stream"] = True
     if "stream_options" not in body:
-        body["stream_options"] = {"include_usage": True}
+        body["stream_options"] = _INCLUDE_USAGE
     n = body.get("n", 1)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise InvalidRequestError(f"n must be a positive integer, got {n!r}")
@@ -391,6 +391,16 @@ def build_body(
 _NO_COUNTS: Mapping[str, int] = MappingProxyType(
     {"retry": 0, "resume": 0, "fallback": 0, "restart": 0}
 )
+# The empty lists of every AnswerRun's events and made-up chunks: never appended to
+# (`_event`, `_end_choice` start a list of their own); given out empty by drain/take.
+_NO_EVENTS: list[ControlEvent] = []
+_NO_CHUNKS: list[ChatCompletionChunk] = []
+# Likewise the attempts' infos until the first attempt ends, and the cost before any.
+_NO_INFOS: list[AttemptInfo] = []
+_NO_COST = Cost()  # frozen
+# `stream_options` as the SDK sets it: shared by the bodies (nothing changes a body's
+# values in place; continuations copy), one dict less per live answer.
+_INCLUDE_USAGE = {"include_usage": True}
 # The options of most answers, shared (one object less per live answer).
 _PLAIN_FLOW = FlowOptions()
 
@@ -513,15 +523,16 @@ class AnswerRun:
         self._started = False
         self._prompt_estimate: int | None = None
         self.billed: Usage | None = None
-        self.cost = Cost()
+        self.cost = _NO_COST
         self.estimated = False
-        self.infos: list[AttemptInfo] = []
+        self.infos: list[AttemptInfo] = _NO_INFOS
         # Shared until an attempt counts (one dict less per live answer).
         self.counts: Mapping[str, int] = _NO_COUNTS
         self.first_token_at: float | None = None
         self.final_plan: AttemptPlan | None = None
-        self.events: list[ControlEvent] = []
-        self.chunks: list[ChatCompletionChunk] = []
+        # Shared empty lists until something is added (two lists less per live answer).
+        self.events: list[ControlEvent] = _NO_EVENTS
+        self.chunks: list[ChatCompletionChunk] = _NO_CHUNKS
         # The last attempt's HTTP response (`stream.response`, `with_raw_response`).
         self.response: httpx.Response | None = None
         # The caller asked for OpenAI's usage chunk (`stream_options.include_usage`).
@@ -579,7 +590,7 @@ class AnswerRun:
             return self.next_action(None, now)
         if isinstance(action, Sleep):
             route = self.infos[-1].route if self.infos else ""
-            self.events.append(
+            self._event(
                 RetryingEvent(
                     attempt=len(self.infos),
                     delay_s=action.seconds,
@@ -604,6 +615,8 @@ class AnswerRun:
             ],
         )
         self.answer.feed(chunk)
+        if self.chunks is _NO_CHUNKS:
+            self.chunks = []
         self.chunks.append(chunk)
 
     def final_usage_chunk(self) -> ChatCompletionChunk:
@@ -618,7 +631,7 @@ class AnswerRun:
 
     def take_chunks(self) -> list[ChatCompletionChunk]:
         """Chunks the run made up itself (a `length` finish without a request), to show."""
-        chunks, self.chunks = self.chunks, []
+        chunks, self.chunks = self.chunks, _NO_CHUNKS
         return chunks
 
     def _count(self, kind: str) -> None:
@@ -632,18 +645,16 @@ class AnswerRun:
         index = plan.choice_index or 0
         if plan.kind == "fallback":
             self._count("fallback")
-            self.events.append(
-                FellBackEvent(plan.number, plan.from_route or "", plan.route.name, error)
-            )
+            self._event(FellBackEvent(plan.number, plan.from_route or "", plan.route.name, error))
         elif plan.kind == "retry":
             self._count("retry")
         if plan.kind == "restart":
             self._count("restart")
             self.answer.discard(index)
-            self.events.append(RestartedEvent(plan.number, index, plan.route.name, error))
+            self._event(RestartedEvent(plan.number, index, plan.route.name, error))
         elif plan.continuation is not None:
             self._count("resume")
-            self.events.append(
+            self._event(
                 ResumedEvent(
                     plan.number, plan.route.name, index, len(self.answer.content(index)), error
                 )
@@ -651,8 +662,13 @@ class AnswerRun:
 
     def drain_events(self) -> list[ControlEvent]:
         """Control events since the last call (for `chat.stream`)."""
-        events, self.events = self.events, []
+        events, self.events = self.events, _NO_EVENTS
         return events
+
+    def _event(self, event: ControlEvent) -> None:
+        if self.events is _NO_EVENTS:
+            self.events = []
+        self.events.append(event)
 
     # -- attempts --------------------------------------------------------------------------
 
@@ -711,6 +727,8 @@ class AnswerRun:
             self.estimated = self.estimated or estimated
         self._count_own(attempt, plan, verdict)
         outcome_name = _outcome_name(verdict.state if verdict else None, error)
+        if self.infos is _NO_INFOS:
+            self.infos = []
         self.infos.append(
             AttemptInfo(
                 route=plan.route.name,

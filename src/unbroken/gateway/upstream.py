@@ -239,14 +239,18 @@ class _ResponseStream(httpx.AsyncByteStream):
         self._timeout = read_timeout
         self._done = False
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        # Its own iterator, not an async generator: nothing more is held while a tapped
+        # answer streams (~220 bytes per live stream).
+        return self
+
+    async def __anext__(self) -> bytes:
         conn = self._conn
         while True:
             if conn.body:
-                yield conn.take()
-                continue
+                return conn.take()
             if conn.complete:
-                return
+                raise StopAsyncIteration
             if conn.error is not None:
                 raise conn.error
             try:
@@ -270,6 +274,10 @@ class _ResponseStream(httpx.AsyncByteStream):
             self._pool._forget(conn)
 
 
+# The history of every _LeanResponse (httpx's client assigns a new list, never appends).
+_NO_HISTORY: list[httpx.Response] = []
+
+
 class _LeanResponse(httpx.Response):
     """An httpx.Response whose headers stay one bytes object (names and values separated by
     NUL, which llhttp refuses inside a header) until first read.
@@ -286,20 +294,22 @@ class _LeanResponse(httpx.Response):
         extensions: dict[str, Any],
     ) -> None:
         super().__init__(status_code, stream=stream, extensions=extensions)
-        self._raw_headers: bytes | None = raw_headers
+        self._raw_headers = raw_headers
+        self._headers: httpx.Headers | None = None  # not httpx's empty one: made when read
+        self.history = _NO_HISTORY  # no redirects here: shared, not a list per response
 
     @property  # httpx's is a plain attribute: the same type, made when first read
     def headers(self) -> httpx.Headers:
-        raw = self._raw_headers
-        if raw is not None:
-            self._raw_headers = None
-            parts = raw.split(b"\0")
-            self._headers = httpx.Headers(list(zip(parts[0::2], parts[1::2], strict=True)))
-        return self._headers
+        headers = self._headers
+        if headers is None:
+            parts = self._raw_headers.split(b"\0") if self._raw_headers else []
+            headers = self._headers = httpx.Headers(list(zip(parts[::2], parts[1::2], strict=True)))
+            self._raw_headers = b""
+        return headers
 
     @headers.setter
     def headers(self, value: httpx.Headers) -> None:
-        self._raw_headers = None
+        self._raw_headers = b""
         self._headers = value
 
 
