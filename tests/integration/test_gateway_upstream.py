@@ -297,3 +297,31 @@ async def test_response_headers_are_the_upstreams_in_order() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.anyio
+async def test_a_response_without_headers_has_none() -> None:
+    """A response with no header at all (its body ends with the connection)."""
+    closed = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\nbye")
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        closed.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with httpx.AsyncClient(transport=LeanTransport()) as client:
+            response = await client.get(f"http://127.0.0.1:{port}/x")
+        assert response.status_code == 200
+        assert response.headers.raw == []
+        assert response.content == b"bye"
+        with anyio.fail_after(5):
+            await closed.wait()
+    finally:
+        server.close()
+        await server.wait_closed()
