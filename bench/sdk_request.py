@@ -11,14 +11,22 @@ in the same run, two peers sending the same request on the same loop:
 
 Printed: CPU us per request of each (this process only; medians of --repeat rounds), and
 the SDK's share above the raw client. Run: python bench/sdk_request.py [--requests 2000]
+
+With --memory N: the Python memory each holds per live stream instead (tracemalloc), N
+streams of a slow answer held open mid-answer, the SDK's with the gateway's payload sink;
+the tasks that drive the SDK's streams are left out (the gateway's producer task exists
+either way), the connection is counted for both.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import inspect
 import os
 import time
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -35,6 +43,10 @@ from unbroken.instrumentation import PrometheusHook
 from unbroken.settings import Settings
 
 MOCK = "MockConfig(seed=1, answer_tokens=(3, 3), latency=Latency(token_ms=1.0))"
+# Answers that last longer than a --memory run.
+SLOW_MOCK = "MockConfig(seed=1, answer_tokens=(2000, 2000), latency=Latency(token_ms=100.0))"
+# Chunks each held stream has received when memory is measured.
+MEMORY_CHUNKS = 3
 MESSAGES: list[Any] = [{"role": "user", "content": "hello there, how are you"}]
 BODY = msgspec.json.encode(
     {
@@ -149,12 +161,136 @@ async def cpu_per_request(one: One, requests: int, concurrency: int) -> float:
     return 1e6 * (time.process_time() - cpu0) / (requests // concurrency * concurrency)
 
 
+class _RawStream(_Raw):
+    def __init__(self) -> None:
+        super().__init__()
+        self.n_body = 0
+
+    def on_body(self, body: bytes) -> None:
+        self.n_body += 1
+
+
+async def raw_streams(url: str, n: int) -> tuple[list[Any], Callable[[], int]]:
+    """`n` raw connections, each reading a streamed answer (the body parsed, dropped)."""
+    host, port = url.rsplit("/", 1)[1].split(":")
+    head = (
+        f"POST /chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        "Content-Type: application/json\r\nAuthorization: Bearer sk\r\n"
+        f"Content-Length: {len(BODY)}\r\n\r\n"
+    ).encode()
+    loop = asyncio.get_running_loop()
+    conns: list[_RawStream] = []
+    for _ in range(n):
+        _, conn = await loop.create_connection(_RawStream, host, int(port))
+        assert conn.transport is not None
+        conn.transport.write(head + BODY)
+        conns.append(conn)
+    return conns, lambda: min(c.n_body for c in conns)
+
+
+async def sdk_streams(url: str, n: int) -> tuple[list[Any], Callable[[], int]]:
+    """`n` SDK streams as the gateway opens them (payload sink), each driven by a task."""
+    env = {"DEEPSEEK_API_KEY": "sk-bench", "UNBROKEN_BASE_URL": url}
+    client = build_upstream(
+        Settings.from_env(env), [PrometheusHook(CollectorRegistry()), BreakerWatch()]
+    )
+    routes = client.routes
+    got = [0] * n
+
+    async def one(i: int) -> None:
+        stream = await client.chat.completions.create(
+            model="deepseek-chat",
+            messages=MESSAGES,
+            stream=True,
+            extra_headers={"X-Request-ID": os.urandom(8).hex()},
+            routes=routes,
+            budget_key="bench",
+        )
+
+        def sink(chunks: list[Any], payloads: list[bytes] | None) -> bool:
+            got[i] += len(chunks)
+            return True
+
+        stream.set_chunk_sink(sink, with_payloads=True)
+        async for _ in stream:
+            got[i] += 1
+
+    tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
+    return [client, tasks], lambda: min(got)
+
+
+async def held_per_stream(
+    url: str, n: int, start: Callable[[str, int], Awaitable[tuple[list[Any], Callable[[], int]]]]
+) -> float:
+    """Python bytes held per live stream, `n` streams each past MEMORY_CHUNKS chunks."""
+    gc.collect()
+    tracemalloc.start(1)
+    before = tracemalloc.take_snapshot()
+    held, least = await start(url, n)
+    while least() < MEMORY_CHUNKS:  # noqa: ASYNC110 - polls counters the callbacks bump
+        await asyncio.sleep(0.05)
+    gc.collect()
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    # Not the streams': the driving tasks (their objects, registry and coroutines).
+    leave_out = [
+        tracemalloc.Filter(False, asyncio.tasks.__file__),
+        tracemalloc.Filter(False, "*/_weakrefset.py"),
+        tracemalloc.Filter(False, asyncio.runners.__file__),
+    ]
+    lines, first = inspect.getsourcelines(sdk_streams)
+    driver = range(first, first + len(lines))
+    stats = [
+        stat
+        for stat in after.filter_traces(leave_out).compare_to(
+            before.filter_traces(leave_out), "lineno"
+        )
+        if not (stat.traceback[0].filename == __file__ and stat.traceback[0].lineno in driver)
+    ]
+    for item in held:
+        if isinstance(item, list):
+            for task in item:
+                task.cancel()
+            await asyncio.gather(*item, return_exceptions=True)
+        elif isinstance(item, _RawStream) and item.transport is not None:
+            item.transport.abort()
+        else:
+            await item.aclose()
+    return sum(stat.size_diff for stat in stats) / n
+
+
+def memory(n: int) -> None:
+    import uvloop
+
+    with mock_process(SLOW_MOCK) as url:
+
+        async def run() -> dict[str, float]:
+            await held_per_stream(url, 20, sdk_streams)  # warm up (imports, caches)
+            return {
+                "sdk": await held_per_stream(url, n, sdk_streams),
+                "raw": await held_per_stream(url, n, raw_streams),
+            }
+
+        held = uvloop.run(run())
+    print(f"Python bytes held per live stream ({n} streams, {MEMORY_CHUNKS}+ chunks each):")
+    for name, value in held.items():
+        print(f"  {name:<5} {value:7.0f}")
+    print(
+        f"  SDK share above the raw client: {held['sdk'] - held['raw']:.0f} bytes "
+        f"(sdk/raw {held['sdk'] / held['raw']:.1f}x)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--memory", type=int, default=0, metavar="N", help="see the doc")
     args = parser.parse_args()
+    if args.memory:
+        memory(args.memory)
+        return
     import uvloop
 
     with mock_process(MOCK) as url:

@@ -4,6 +4,7 @@ pauses instead of buffering a whole answer."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -15,7 +16,9 @@ import msgspec
 import pytest
 
 from unbroken.client import AsyncClient
+from unbroken.client._driver import Exchange
 from unbroken.core.wire import ChatCompletionChunk
+from unbroken.errors import InternalServerError
 from unbroken.gateway.upstream import LeanTransport
 from unbroken.mock import MockConfig, MockServer
 
@@ -249,3 +252,125 @@ def _text(chunks: list[ChatCompletionChunk]) -> str:
     return "".join(
         c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].delta
     )
+
+
+@pytest.mark.anyio
+async def test_the_sdk_sends_through_send_post_the_bytes_of_its_httpx_request() -> None:
+    """The SDK hands LeanTransport a POST's parts (`send_post`, no httpx.Request); the
+    upstream receives byte for byte what the same attempt's httpx.Request sent through
+    `handle_async_request` gives."""
+    received: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        received.append(head + await reader.readexactly(length))
+        writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = LeanTransport()
+    client = AsyncClient(
+        api_key="sk-test", base_url=f"http://127.0.0.1:{port}", transport=transport, max_retries=0
+    )
+    sent: list[httpx.Request] = []
+    original = Exchange.head
+
+    def head(ex: Exchange, content: bytes) -> bytes:
+        sent.append(ex.request)  # the httpx.Request of the same attempt, to replay below
+        return original(ex, content)
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(Exchange, "head", head)
+            with pytest.raises(InternalServerError):
+                await client.chat.completions.create(
+                    model="deepseek-chat",
+                    messages=[{"role": "user", "content": "caf\u00e9"}],
+                    extra_headers={"X-Request-ID": "abc"},
+                )
+        response = await transport.handle_async_request(sent[0])
+        await response.aclose()
+        assert len(received) == 2
+        assert received[0] == received[1]
+        assert received[0].startswith(b"POST /chat/completions HTTP/1.1\r\nHost: 127.0.0.1:")
+        assert b"\r\nX-Request-ID: abc\r\n" in received[0]
+        assert b"\r\nAuthorization: Bearer sk-test\r\n" in received[0]
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.anyio
+async def test_response_headers_are_the_upstreams_in_order() -> None:
+    """LeanTransport's responses keep their headers packed until read; read, they are
+    the upstream's, in order, repeated names and empty values included."""
+    head = (
+        b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 2\r\nX-Dup: a\r\n"
+        b"Retry-After: 3\r\nx-dup: b\r\nX-Empty: \r\n\r\n{}"
+    )
+
+    closed = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head)
+        await writer.drain()
+        await reader.read()  # until the pool closes its idle connection
+        writer.close()
+        await writer.wait_closed()
+        closed.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = LeanTransport()
+    try:
+        async with httpx.AsyncClient(transport=transport) as client:
+            response = await client.get(f"http://127.0.0.1:{port}/x")
+        assert response.status_code == 429
+        assert response.headers.raw == [
+            (b"Content-Length", b"2"),
+            (b"X-Dup", b"a"),
+            (b"Retry-After", b"3"),
+            (b"x-dup", b"b"),
+            (b"X-Empty", b""),
+        ]
+        assert response.headers.get_list("x-dup") == ["a", "b"]
+        assert response.content == b"{}"
+        with anyio.fail_after(5):
+            await closed.wait()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.anyio
+async def test_a_response_without_headers_has_none() -> None:
+    """A response with no header at all (its body ends with the connection)."""
+    closed = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\nbye")
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        closed.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with httpx.AsyncClient(transport=LeanTransport()) as client:
+            response = await client.get(f"http://127.0.0.1:{port}/x")
+        assert response.status_code == 200
+        assert response.headers.raw == []
+        assert response.content == b"bye"
+        with anyio.fail_after(5):
+            await closed.wait()
+    finally:
+        server.close()
+        await server.wait_closed()

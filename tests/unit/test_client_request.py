@@ -3,12 +3,17 @@ request, byte for byte, for every shape of headers a caller can give."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
 import pytest
 
-from unbroken.client._driver import post_request
+from unbroken.client import AsyncClient
+from unbroken.client._driver import Exchange, post_request
+from unbroken.client._reconnect import OPT_IN
+from unbroken.core.flow import Connect
+from unbroken.core.routes import Route
 
 URL = httpx.URL("http://127.0.0.1:8000/v1/chat/completions?x=1")
 TIMEOUT: dict[str, float | None] = {"connect": 5.0, "read": None, "write": 5.0, "pool": 5.0}
@@ -71,3 +76,42 @@ def test_post_request_rejects_what_httpx_rejects() -> None:
         post_request(URL, b"{}", {3: "x"}, dict(TIMEOUT))  # type: ignore[dict-item]
     with pytest.raises(AttributeError):
         httpx.Request("POST", URL, content=b"{}", headers={3: "x"})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("route_headers", "extra", "api_key"),
+    [
+        pytest.param({}, {"X-Request-ID": "abc"}, "sk-1", id="plain"),
+        pytest.param({"X-Route": "r"}, {"X-Request-ID": "abc"}, None, id="no-key"),
+        pytest.param({"User-Agent": "mine"}, {}, "sk-1", id="route-replaces-default"),
+        pytest.param({"authorization": "Basic x"}, {}, "sk-1", id="route-own-authorization"),
+        pytest.param({"X-Route": "r"}, {"x-route": "e"}, "sk-1", id="extra-replaces-route"),
+        pytest.param({}, {"Accept": "text/plain"}, "sk-1", id="extra-replaces-default"),
+        pytest.param({}, {"x-unbroken-resumable": "0"}, "sk-1", id="extra-replaces-also"),
+        pytest.param({}, {"Host": "other.test"}, "sk-1", id="extra-host"),
+    ],
+)
+def test_an_exchange_head_is_its_request_headers(
+    route_headers: dict[str, str], extra: dict[str, str], api_key: str | None
+) -> None:
+    """`Exchange.head` (the header lines a transport taking a POST's parts sends, cached
+    per route) is the httpx.Request's headers, whatever the route and the request set."""
+    route = Route(
+        name="r", base_url="http://127.0.0.1:9/v1", api_key=api_key, headers=route_headers
+    )
+    client = AsyncClient(routes=[route])
+    for _ in range(2):  # the second request on the route uses its cached lines
+        run = client._new_run(
+            "deepseek-chat",
+            [{"role": "user", "content": "hi"}],
+            {"extra_headers": extra},
+            stream=True,
+        )
+        action = run.next_action(None, time.monotonic())
+        assert isinstance(action, Connect)
+        attempt = run.new_attempt(action.plan, time.monotonic())
+        ex = Exchange(run, attempt, read_s=None, also=OPT_IN)
+        content = ex.content()
+        expected = b"".join(b"%s: %s\r\n" % pair for pair in ex.request.headers.raw)
+        assert ex.head(content) == expected
+        assert content == ex.request.content

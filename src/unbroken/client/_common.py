@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
@@ -86,6 +87,8 @@ __all__ = ["AnswerRun", "ClientBase", "ClientConfig", "Endpoint", "RateLimit", "
 # What an answer asks for: a chat completion, or a FIM completion (DeepSeek /beta/completions).
 Endpoint = Literal["chat", "fim"]
 
+# Route lists whose flow maps a client keeps (`ClientConfig.route_maps`).
+MAX_ROUTE_MAPS = 256
 # Completion tokens reserved against a tokens-per-minute limit when the request sets no
 # max_tokens; the real count replaces it when the usage arrives.
 DEFAULT_COMPLETION_ESTIMATE = 1024
@@ -178,6 +181,11 @@ class ClientConfig:
     headers: dict[str, str] = field(default_factory=dict)
     query: dict[str, Any] = field(default_factory=dict)
     urls: dict[tuple[str, str, bool], httpx.URL] = field(default_factory=dict)
+    # Per route: the encoded header lines every request on it starts with (client/_driver.py
+    # `Exchange.head`), by id(route).
+    heads: dict[int, Any] = field(default_factory=dict)
+    # Per list of routes and budget key: the flow's health and budget maps (`route_maps`).
+    maps: dict[tuple[object, ...], Any] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -276,6 +284,24 @@ class ClientConfig:
             budget = self.budgets[(route.name, key)] = self.budget.clone()
         return budget
 
+    def route_maps(
+        self, routes: Sequence[Route], key: str = ""
+    ) -> tuple[dict[str, RouteHealth], dict[str, RetryBudget]]:
+        """The health and retry budget of each of `routes` by name (the budgets of `key`),
+        as `answer_flow` reads them; the same two dicts for every answer on the same
+        routes (the flow never changes the maps, only what they hold: two dicts less per
+        live answer, ~2 us a request)."""
+        ids = (key, *map(id, routes))
+        known = self.maps.get(ids)
+        if known is not None:  # the same routes: the entry keeps them, so no id is reused
+            return known[1], known[2]
+        health = {r.name: self.route_health(r) for r in routes}
+        budgets = {r.name: self.route_budget(r, key) for r in routes}
+        if len(self.maps) >= MAX_ROUTE_MAPS:  # per-request fallbacks may each be new
+            self.maps.clear()
+        self.maps[ids] = (tuple(routes), health, budgets)
+        return health, budgets
+
     def resolve_routes(
         self, fallbacks: Sequence[str | Route] | None, routes: Sequence[Route] | None = None
     ) -> list[Route]:
@@ -286,6 +312,8 @@ class ClientConfig:
         on the first configured route).
         """
         resolved = list(self.routes if routes is None else routes)
+        if not fallbacks:
+            return resolved
         by_name = {r.name: r for r in self.routes}
         for item in fallbacks or ():
             if isinstance(item, Route):
@@ -352,11 +380,35 @@ def build_body(
     # known (DeepSeek sends it anyway; OpenAI-style servers need include_usage).
     body["stream"] = True
     if "stream_options" not in body:
-        body["stream_options"] = {"include_usage": True}
+        body["stream_options"] = _INCLUDE_USAGE
     n = body.get("n", 1)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise InvalidRequestError(f"n must be a positive integer, got {n!r}")
     return body
+
+
+# An answer's retry/resume/fallback/restart counts before any (read-only, shared).
+_NO_COUNTS: Mapping[str, int] = MappingProxyType(
+    {"retry": 0, "resume": 0, "fallback": 0, "restart": 0}
+)
+# The empty lists of every AnswerRun's events and made-up chunks: never appended to
+# (`_event`, `_end_choice` start a list of their own); given out empty by drain/take.
+_NO_EVENTS: list[ControlEvent] = []
+_NO_CHUNKS: list[ChatCompletionChunk] = []
+# Likewise the attempts' infos until the first attempt ends, and the cost before any.
+_NO_INFOS: list[AttemptInfo] = []
+_NO_COST = Cost()  # frozen
+# `stream_options` as the SDK sets it: shared by the bodies (nothing changes a body's
+# values in place; continuations copy), one dict less per live answer.
+_INCLUDE_USAGE = {"include_usage": True}
+# The options of most answers, shared (one object less per live answer).
+_PLAIN_FLOW = FlowOptions()
+
+
+def _flow_options(restart: bool, n_choices: int, caller_prefix: str) -> FlowOptions:
+    if not restart and n_choices == 1 and not caller_prefix:
+        return _PLAIN_FLOW
+    return FlowOptions(restart=restart, n_choices=n_choices, caller_prefix=caller_prefix)
 
 
 def _texts(body: Mapping[str, Any]) -> list[str]:
@@ -433,7 +485,10 @@ class AnswerRun:
         self.config = config
         self.query = dict(query) if query else None
         self.endpoint: Endpoint = endpoint
-        self.extra_headers = dict(extra_headers or {})
+        # Ours when given: `_new_run` builds it for the run (one dict less per live answer).
+        self.extra_headers = (
+            extra_headers if type(extra_headers) is dict else dict(extra_headers or {})
+        )
         self.body = body
         self.routes = routes
         self.answer = ChunkAccumulator()
@@ -446,7 +501,7 @@ class AnswerRun:
         self.timeouts = timeouts or config.timeouts
         if deadline != self.timeouts.deadline_s:  # so a deadline timeout names its limit
             self.timeouts = dataclasses.replace(self.timeouts, deadline_s=deadline)
-        health = {r.name: config.route_health(r) for r in routes}
+        health, budgets = config.route_maps(routes, budget_key)
         messages = body.get("messages") or []
         last = messages[-1] if messages else {}
         caller_prefix = ""
@@ -460,24 +515,24 @@ class AnswerRun:
             health,
             self.answer,
             policy=policy,
-            budgets={r.name: config.route_budget(r, budget_key) for r in routes},
+            budgets=budgets,
             rng=config.rng,
             now=now,
-            options=FlowOptions(
-                restart=restart, n_choices=int(body.get("n", 1)), caller_prefix=caller_prefix
-            ),
+            options=_flow_options(restart, int(body.get("n", 1)), caller_prefix),
         )
         self._started = False
         self._prompt_estimate: int | None = None
         self.billed: Usage | None = None
-        self.cost = Cost()
+        self.cost = _NO_COST
         self.estimated = False
-        self.infos: list[AttemptInfo] = []
-        self.counts = {"retry": 0, "resume": 0, "fallback": 0, "restart": 0}
+        self.infos: list[AttemptInfo] = _NO_INFOS
+        # Shared until an attempt counts (one dict less per live answer).
+        self.counts: Mapping[str, int] = _NO_COUNTS
         self.first_token_at: float | None = None
         self.final_plan: AttemptPlan | None = None
-        self.events: list[ControlEvent] = []
-        self.chunks: list[ChatCompletionChunk] = []
+        # Shared empty lists until something is added (two lists less per live answer).
+        self.events: list[ControlEvent] = _NO_EVENTS
+        self.chunks: list[ChatCompletionChunk] = _NO_CHUNKS
         # The last attempt's HTTP response (`stream.response`, `with_raw_response`).
         self.response: httpx.Response | None = None
         # The caller asked for OpenAI's usage chunk (`stream_options.include_usage`).
@@ -535,7 +590,7 @@ class AnswerRun:
             return self.next_action(None, now)
         if isinstance(action, Sleep):
             route = self.infos[-1].route if self.infos else ""
-            self.events.append(
+            self._event(
                 RetryingEvent(
                     attempt=len(self.infos),
                     delay_s=action.seconds,
@@ -560,6 +615,8 @@ class AnswerRun:
             ],
         )
         self.answer.feed(chunk)
+        if self.chunks is _NO_CHUNKS:
+            self.chunks = []
         self.chunks.append(chunk)
 
     def final_usage_chunk(self) -> ChatCompletionChunk:
@@ -574,26 +631,30 @@ class AnswerRun:
 
     def take_chunks(self) -> list[ChatCompletionChunk]:
         """Chunks the run made up itself (a `length` finish without a request), to show."""
-        chunks, self.chunks = self.chunks, []
+        chunks, self.chunks = self.chunks, _NO_CHUNKS
         return chunks
+
+    def _count(self, kind: str) -> None:
+        counts = self.counts
+        if not isinstance(counts, dict):
+            counts = self.counts = dict(counts)
+        counts[kind] += 1
 
     def _announce(self, plan: AttemptPlan) -> None:
         error = plan.reason.message if plan.reason is not None else ""
         index = plan.choice_index or 0
         if plan.kind == "fallback":
-            self.counts["fallback"] += 1
-            self.events.append(
-                FellBackEvent(plan.number, plan.from_route or "", plan.route.name, error)
-            )
+            self._count("fallback")
+            self._event(FellBackEvent(plan.number, plan.from_route or "", plan.route.name, error))
         elif plan.kind == "retry":
-            self.counts["retry"] += 1
+            self._count("retry")
         if plan.kind == "restart":
-            self.counts["restart"] += 1
+            self._count("restart")
             self.answer.discard(index)
-            self.events.append(RestartedEvent(plan.number, index, plan.route.name, error))
+            self._event(RestartedEvent(plan.number, index, plan.route.name, error))
         elif plan.continuation is not None:
-            self.counts["resume"] += 1
-            self.events.append(
+            self._count("resume")
+            self._event(
                 ResumedEvent(
                     plan.number, plan.route.name, index, len(self.answer.content(index)), error
                 )
@@ -601,8 +662,13 @@ class AnswerRun:
 
     def drain_events(self) -> list[ControlEvent]:
         """Control events since the last call (for `chat.stream`)."""
-        events, self.events = self.events, []
+        events, self.events = self.events, _NO_EVENTS
         return events
+
+    def _event(self, event: ControlEvent) -> None:
+        if self.events is _NO_EVENTS:
+            self.events = []
+        self.events.append(event)
 
     # -- attempts --------------------------------------------------------------------------
 
@@ -661,6 +727,8 @@ class AnswerRun:
             self.estimated = self.estimated or estimated
         self._count_own(attempt, plan, verdict)
         outcome_name = _outcome_name(verdict.state if verdict else None, error)
+        if self.infos is _NO_INFOS:
+            self.infos = []
         self.infos.append(
             AttemptInfo(
                 route=plan.route.name,

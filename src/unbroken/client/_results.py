@@ -58,6 +58,11 @@ class UsageShaper:
     def __init__(self, wanted: bool) -> None:
         self._wanted = wanted
 
+    @classmethod
+    def of(cls, wanted: bool) -> UsageShaper:
+        """The shaper for `wanted`, shared (it keeps nothing else)."""
+        return _SHAPERS[wanted]
+
     def step(self, chunk: ChatCompletionChunk) -> ChatCompletionChunk | None:
         """The chunk to show for `chunk` (None: skip it)."""
         if chunk.usage is None:
@@ -72,6 +77,9 @@ class UsageShaper:
     def wanted(self) -> bool:
         """The consumer asked for the usage chunk."""
         return self._wanted
+
+
+_SHAPERS = {wanted: UsageShaper(wanted) for wanted in (False, True)}
 
 
 def text_chunk(chunk: ChatCompletionChunk) -> TextCompletion:

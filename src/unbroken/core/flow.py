@@ -201,6 +201,28 @@ class _Flow:
     """The state of one answer's flow and one decision method per failure class (see
     `answer_flow`). Every `_on_*` method returns the next step or raises the final error."""
 
+    # A gateway holds one per live answer: no instance dict.
+    __slots__ = (
+        "answer",
+        "budget_route",
+        "budget_wait_s",
+        "budgets",
+        "deadline",
+        "first_error",
+        "health",
+        "last_error",
+        "now",
+        "number",
+        "policy",
+        "resumes",
+        "retries",
+        "rng",
+        "route_index",
+        "routes",
+        "same_route",
+        "trimmed",
+    )
+
     def __init__(
         self,
         routes: Sequence[Route],
@@ -230,7 +252,8 @@ class _Flow:
         self.budget_route = ""
         # Choices whose shown text went through the overlap trimmer: their deltas no
         # longer count tokens, so their remaining max_tokens is estimated from the text.
-        self.trimmed: set[int] = set()
+        # A tuple: rarely more than empty, and an empty set is 216 bytes per live answer.
+        self.trimmed: tuple[int, ...] = ()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -584,9 +607,14 @@ def _plan(
     from_route: str | None,
 ) -> AttemptPlan | None:
     dropped = route_health.dropped_params
-    base = {k: v for k, v in body.items() if k not in dropped} if dropped else dict(body)
-    if route.model is not None:
-        base["model"] = route.model
+    model = route.model
+    # Not modified here nor by the shells: the plan shares the body unless it differs (a
+    # copy per answer held while it streams).
+    base = body
+    if dropped or (model is not None and model != body.get("model")):
+        base = {k: v for k, v in body.items() if k not in dropped}
+        if model is not None:
+            base["model"] = model
 
     def plan(
         payload: dict[str, Any],
@@ -638,10 +666,11 @@ def _plan(
                 f"restart is off; the answer broke with: {error.message if error else '?'}",
                 partial=answer.completion(),
             )
-        state.trimmed.discard(index)  # a restart shows the choice afresh, token by token
+        # A restart shows the choice afresh, token by token.
+        state.trimmed = tuple(i for i in state.trimmed if i != index)
         return plan(single, "restart", index)
     if continuation.max_tokens_spent:
         return None
-    if continuation.trim_overlap:
-        state.trimmed.add(index)
+    if continuation.trim_overlap and index not in state.trimmed:
+        state.trimmed += (index,)
     return plan(continuation.body, kind, index, continuation)

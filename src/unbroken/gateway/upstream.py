@@ -37,6 +37,8 @@ DEFAULT_HIGH_WATER = 256 * 1024
 SPARE_FDS = 256
 # The smallest automatically sized pool.
 MIN_POOL = 16
+# URLs whose pool key is remembered (the routes' few; reconnect URLs, each new, flush it).
+MAX_KNOWN_URLS = 256
 
 
 def pool_size(configured: int, max_connections: int, open_files: int | None = None) -> int:
@@ -219,18 +221,15 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
-def _request_bytes(request: httpx.Request, body: bytes, conn: _Connection) -> bytes:
-    url = request.url
+def _request_bytes(
+    method: bytes, url: httpx.URL, head: bytes, body: bytes, conn: _Connection
+) -> bytes:
     target = url.raw_path
     if conn.absolute_form:
         target = url.raw_scheme + b"://" + url.netloc + url.raw_path
-    head = [request.method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
-    for name, value in request.headers.raw:
-        head += [name, b": ", value, b"\r\n"]
     if conn.proxy_authorization is not None:
-        head += [b"Proxy-Authorization: ", conn.proxy_authorization, b"\r\n"]
-    head.append(b"\r\n")
-    return b"".join(head) + body
+        head += b"Proxy-Authorization: " + conn.proxy_authorization + b"\r\n"
+    return b"".join((method, b" ", target, b" HTTP/1.1\r\n", head, b"\r\n", body))
 
 
 class _ResponseStream(httpx.AsyncByteStream):
@@ -240,14 +239,18 @@ class _ResponseStream(httpx.AsyncByteStream):
         self._timeout = read_timeout
         self._done = False
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        # Its own iterator, not an async generator: nothing more is held while a tapped
+        # answer streams (~220 bytes per live stream).
+        return self
+
+    async def __anext__(self) -> bytes:
         conn = self._conn
         while True:
             if conn.body:
-                yield conn.take()
-                continue
+                return conn.take()
             if conn.complete:
-                return
+                raise StopAsyncIteration
             if conn.error is not None:
                 raise conn.error
             try:
@@ -269,6 +272,45 @@ class _ResponseStream(httpx.AsyncByteStream):
         else:
             conn.abort()
             self._pool._forget(conn)
+
+
+# The history of every _LeanResponse (httpx's client assigns a new list, never appends).
+_NO_HISTORY: list[httpx.Response] = []
+
+
+class _LeanResponse(httpx.Response):
+    """An httpx.Response whose headers stay one bytes object (names and values separated by
+    NUL, which llhttp refuses inside a header) until first read.
+
+    Why: a streamed answer keeps its response while it streams, and httpx's Headers holds
+    three objects per header (~1.2 KB per live stream for a dozen headers); the SDK reads
+    them only when the stream breaks or the status is an error."""
+
+    def __init__(
+        self,
+        status_code: int,
+        raw_headers: bytes,
+        stream: httpx.AsyncByteStream,
+        extensions: dict[str, Any],
+    ) -> None:
+        super().__init__(status_code, stream=stream, extensions=extensions)
+        self._raw_headers = raw_headers
+        self._headers: httpx.Headers | None = None  # not httpx's empty one: made when read
+        self.history = _NO_HISTORY  # no redirects here: shared, not a list per response
+
+    @property  # httpx's is a plain attribute: the same type, made when first read
+    def headers(self) -> httpx.Headers:
+        headers = self._headers
+        if headers is None:
+            parts = self._raw_headers.split(b"\0") if self._raw_headers else []
+            headers = self._headers = httpx.Headers(list(zip(parts[::2], parts[1::2], strict=True)))
+            self._raw_headers = b""
+        return headers
+
+    @headers.setter
+    def headers(self, value: httpx.Headers) -> None:
+        self._raw_headers = b""
+        self._headers = value
 
 
 class UpstreamCertificateError(UpstreamConnectError):
@@ -304,9 +346,29 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._open = 0
         self._waiters: list[asyncio.Future[None]] = []
+        self._keys: dict[int, tuple[httpx.URL, tuple[str, str, int]]] = {}
+        self._interned: dict[tuple[str, str, int], tuple[str, str, int]] = {}
 
     def __repr__(self) -> str:
         return f"LeanTransport(open={self._open}, max={self._max})"
+
+    def _key(self, url: httpx.URL) -> tuple[str, str, int]:
+        """The pool key of `url`: the same tuple for every request to one upstream (the
+        SDK sends its URL objects again and again; ~1.5 us a request, and one key held
+        per connection)."""
+        known = self._keys.get(id(url))
+        if known is not None and known[0] is url:
+            return known[1]
+        scheme = url.scheme
+        if scheme not in ("http", "https"):
+            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {scheme!r}")
+        port = url.port or (443 if scheme == "https" else 80)
+        key = (scheme, url.raw_host.decode("ascii"), port)
+        key = self._interned.setdefault(key, key)
+        if len(self._keys) >= MAX_KNOWN_URLS:  # the URLs of reconnects are each new
+            self._keys.clear()
+        self._keys[id(url)] = (url, key)
+        return key
 
     def _release(self, conn: _Connection) -> None:
         conn.idle_since = conn.loop.time()
@@ -415,20 +477,36 @@ class LeanTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send `request` and return once the response headers arrived."""
-        url = request.url
-        scheme = url.scheme
-        if scheme not in ("http", "https"):
-            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {scheme!r}")
-        port = url.port or (443 if scheme == "https" else 80)
-        key = (scheme, url.raw_host.decode("ascii"), port)
-        timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
         if isinstance(request.stream, httpx.ByteStream):
             body = request.content
         else:
             body = b"".join([part async for part in request.stream])  # type: ignore[union-attr]  # async stream
+        head = b"".join([b"%s: %s\r\n" % pair for pair in request.headers.raw])
+        return await self.send_post(
+            request.url,
+            head,
+            body,
+            request.extensions.get("timeout", {}),
+            method=request.method.encode("ascii"),
+        )
+
+    async def send_post(
+        self,
+        url: httpx.URL,
+        head: bytes,
+        body: bytes,
+        timeouts: dict[str, float | None],
+        *,
+        method: bytes = b"POST",
+    ) -> httpx.Response:
+        """Send a request from its parts and return once the response headers arrived:
+        `head` is its header lines (each `Name: value` and CRLF, Host included),
+        `timeouts` httpx's timeout extension. The SDK sends its POSTs this way
+        (client/async_.py `_SendPost`): no httpx.Request is built or kept."""
+        key = self._key(url)
         for tries in range(2):
             conn = await self._connect(key, timeouts)
-            payload = _request_bytes(request, body, conn)
+            payload = _request_bytes(method, url, head, body, conn)
             reused = conn.idle_since > 0
             conn.begin()
             try:
@@ -460,15 +538,17 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 await conn.wait(read_timeout)
             except TimeoutError:
                 raise httpx.ReadTimeout("timed out waiting for the upstream's headers") from None
-        # httpx keeps its own copy of the headers: the connection's list goes now, not with
-        # the response (~600 bytes per live stream).
-        headers, conn.headers = conn.headers, []
-        return httpx.Response(
+        # The response keeps the headers as one bytes object: the connection's list goes
+        # now, not with the response (~600 bytes per live stream).
+        headers = conn.headers
+        raw = b"\0".join([part for pair in headers for part in pair])
+        headers.clear()
+        return _LeanResponse(
             conn.status,
-            headers=headers,
-            stream=_ResponseStream(self, conn, read_timeout),
+            raw,
+            _ResponseStream(self, conn, read_timeout),
             # The connection is the network stream: the SDK's stream timers abort() it.
-            extensions={"http_version": b"HTTP/1.1", "network_stream": conn},
+            {"http_version": b"HTTP/1.1", "network_stream": conn},
         )
 
     async def aclose(self) -> None:
