@@ -256,7 +256,7 @@ def _text(chunks: list[ChatCompletionChunk]) -> str:
 
 @pytest.mark.anyio
 async def test_the_sdk_sends_through_send_post_the_bytes_of_its_httpx_request() -> None:
-    """The SDK hands LeanTransport a POST's parts (`send_post`, no httpx.Request); the
+    """The SDK hands LeanTransport a POST's parts (`unbroken_send_post`, no httpx.Request); the
     upstream receives byte for byte what the same attempt's httpx.Request sent through
     `handle_async_request` gives."""
     received: list[bytes] = []

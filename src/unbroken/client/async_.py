@@ -140,7 +140,9 @@ class AsyncClient(ClientBase):
                 limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
             )
             http_client = httpx.AsyncClient(transport=self._transport, follow_redirects=False)
-            post = getattr(self._transport, "send_post", None)
+            # A name of our own, so a caller's transport is never taken for the lean one by
+            # an unrelated method.
+            post = getattr(self._transport, "unbroken_send_post", None)
             self._post = cast("_SendPost", post) if callable(post) else None
         self._http = http_client
 
@@ -452,7 +454,7 @@ class AsyncClient(ClientBase):
 
 class _SendPost(Protocol):
     """A transport's POST from its raw parts, without an httpx.Request (the gateway's
-    upstream transport, gateway/upstream.py `LeanTransport.send_post`): `head` is the
+    upstream transport, gateway/upstream.py `LeanTransport.unbroken_send_post`): `head` is the
     header lines as `Exchange.head` makes them, `timeouts` httpx's timeout extension."""
 
     def __call__(

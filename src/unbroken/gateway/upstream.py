@@ -482,7 +482,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         else:
             body = b"".join([part async for part in request.stream])  # type: ignore[union-attr]  # async stream
         head = b"".join([b"%s: %s\r\n" % pair for pair in request.headers.raw])
-        return await self.send_post(
+        return await self.unbroken_send_post(
             request.url,
             head,
             body,
@@ -490,7 +490,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
             method=request.method.encode("ascii"),
         )
 
-    async def send_post(
+    async def unbroken_send_post(
         self,
         url: httpx.URL,
         head: bytes,
