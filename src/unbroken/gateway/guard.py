@@ -29,12 +29,16 @@ import enum
 import http
 import logging
 import time
+import urllib.parse
 from asyncio import TimerHandle
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, cast
 
 import httptools
+from uvicorn.logging import TRACE_LOG_LEVEL
+from uvicorn.protocols.http.flow_control import FlowControl, service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.utils import get_local_addr, get_remote_addr
 
 from unbroken._flag import Flag
 from unbroken.gateway.accesslog import ACCESS_LOGGER
@@ -138,6 +142,28 @@ class _Pipeline(list[Any]):
         self.insert(0, item)
 
 
+class _FlowControl(FlowControl):
+    """uvicorn's flow control with a `Flag` for its writable event (an asyncio.Event holds a
+    760-byte deque; see unbroken._flag)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self.read_paused = False
+        self.write_paused = False
+        writable = Flag()
+        writable.set()
+        self._is_writable_event = writable  # type: ignore[assignment]  # same interface
+
+
+def _address(info: Any) -> tuple[str, int | None] | None:
+    """A socket name as uvicorn puts it in the scope (`protocols.utils.get_*_addr`)."""
+    if isinstance(info, tuple):
+        return (str(info[0]), int(info[1]))
+    if isinstance(info, str):
+        return (info, None)
+    return None
+
+
 class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol under a `Guard` (see the theory of operation); it also
     exposes the transport in the scope, so a slow client can be cut at once."""
@@ -151,6 +177,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self.pipeline = _Pipeline()  # type: ignore[assignment]  # the deque methods uvicorn uses
         self._phase = Phase.HEAD
         self._timer: TimerHandle | None = None
+        self._deadline = 0.0  # of the phase's timer (loop time)
         self._head_bytes = 0
         self._n_headers = 0
         self._counted: str | None = None
@@ -161,11 +188,26 @@ class GuardedProtocol(HttpToolsProtocol):
     # -- connection --------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn narrows the type too
-        super().connection_made(transport)
-        # As for the cycle's message_event (on_headers_complete): a Flag, not an Event.
-        writable = Flag()
-        writable.set()
-        self.flow._is_writable_event = writable  # type: ignore[assignment]  # same interface
+        # uvicorn's connection_made, leaner (one socket lookup for both addresses, the flow
+        # control made with its Flag at once), then the guard's admission.
+        self.connections.add(self)
+        self.transport = transport
+        self.flow = _FlowControl(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.server = _address(sock.getsockname())
+            try:
+                peer = sock.getpeername()
+            except OSError:  # as uvicorn: seen with uvloop on a unix socket
+                peer = None
+            self.client = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
+        else:
+            self.server = get_local_addr(transport)
+            self.client = get_remote_addr(transport)
+        self.scheme = "https" if transport.get_extra_info("sslcontext") else "http"
+        if self.logger.level <= TRACE_LOG_LEVEL:
+            prefix = f"{self.client[0]}:{self.client[1]} - " if self.client else ""
+            self.logger.log(TRACE_LOG_LEVEL, "%sHTTP connection made", prefix)
         client = self.client[0] if self.client else ""
         reason = self.guard.admit(client)
         if reason is not None:
@@ -174,7 +216,7 @@ class GuardedProtocol(HttpToolsProtocol):
             self._refuse(503, f"{who} has too many open connections; retry later", reason, 1)
             return
         self._counted = client
-        self._arm(self.guard.head_timeout_s, self._head_timeout)
+        self._set_deadline(self.guard.head_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -190,14 +232,31 @@ class GuardedProtocol(HttpToolsProtocol):
         if hooks is not None and hooks.cycle.disconnected:
             hooks.lost()
 
-    def _arm(self, delay_s: float, callback: Any) -> None:
-        self._disarm()
-        self._timer = self.loop.call_later(delay_s, callback)
+    def _set_deadline(self, delay_s: float) -> None:
+        """The phase's timer runs out `delay_s` from now. One timer per connection, moved
+        lazily: a later deadline is picked up when the armed timer fires (a call_later and a
+        cancel per request read cost ~2 us, and the head, body and renewals made 3 each)."""
+        deadline = self.loop.time() + delay_s
+        self._deadline = deadline
+        if self._timer is None or self._timer.when() > deadline:
+            self._disarm()
+            self._timer = self.loop.call_at(deadline, self._expired)
 
     def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self._closed or self._phase is Phase.APP:
+            return
+        if self.loop.time() < self._deadline:
+            self._timer = self.loop.call_at(self._deadline, self._expired)
+        elif self._phase is Phase.HEAD:
+            self._head_timeout()
+        else:
+            self._body_timeout()
 
     def _refuse(
         self, status: int, message: str, code: str, retry_after_s: int | None = None
@@ -220,7 +279,6 @@ class GuardedProtocol(HttpToolsProtocol):
     # -- timers ------------------------------------------------------------------------------
 
     def _head_timeout(self) -> None:
-        self._timer = None
         self.guard.refused("head_timeout")
         self._refuse(
             408,
@@ -229,10 +287,9 @@ class GuardedProtocol(HttpToolsProtocol):
         )
 
     def _body_timeout(self) -> None:
-        self._timer = None
         if self.flow.read_paused:
             # The app is not reading yet; the client cannot be blamed for waiting.
-            self._arm(self.guard.body_timeout_s, self._body_timeout)
+            self._set_deadline(self.guard.body_timeout_s)
             return
         self.guard.refused("body_timeout")
         self._refuse(
@@ -248,7 +305,7 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         self._unset_keepalive_if_required()
         if self._phase is Phase.HEAD and self._timer is None:
-            self._arm(self.guard.head_timeout_s, self._head_timeout)
+            self._set_deadline(self.guard.head_timeout_s)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -269,11 +326,23 @@ class GuardedProtocol(HttpToolsProtocol):
             self.guard.refused("bad_request")
             self._refuse(400, f"malformed HTTP request: {exc}"[:160], "bad_request")
             return
-        if self._phase is Phase.HEAD and not self._closed:
+        self._after_read(len(data))
+
+    def _after_read(self, n_bytes: int) -> None:
+        # The timer follows the phase a read ended in (the parser's callbacks only move the
+        # phase): a whole request in one read arms nothing more.
+        if self._closed:
+            return
+        if self._phase is Phase.HEAD:
             # Bytes of a head still incomplete: httptools buffers the header being read.
-            self._head_bytes += len(data)
+            self._head_bytes += n_bytes
             if self._head_bytes > self.guard.max_head_bytes:
                 self._too_large_head()
+        elif self._phase is Phase.BODY:
+            # A piece of body (or the head's end): the body timer starts over.
+            self._set_deadline(self.guard.body_timeout_s)
+        else:
+            self._disarm()
 
     def _too_large_head(self) -> None:
         self.guard.refused("header_too_large")
@@ -289,16 +358,32 @@ class GuardedProtocol(HttpToolsProtocol):
         self._refusal = _Refusal(status, message, code)
         return self._refusal
 
+    # The parser callbacks below are uvicorn's (0.35-0.55) merged with the guard's counts in
+    # one call each, and `on_headers_complete` makes the cycle with its Flag, direct body and
+    # hooks at once (no asyncio.Event made to be replaced, no second scope lookup).
+
     def on_message_begin(self) -> None:
-        super().on_message_begin()
-        scope = cast("dict[str, Any]", self.scope)
-        scope.setdefault("extensions", {})[TRANSPORT_EXTENSION] = self.transport
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+        self.scope = {
+            "type": "http",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,  # type: ignore[typeddict-item]  # set by connection_made
+            "root_path": self.root_path,
+            "headers": self.headers,
+            "state": self.app_state.copy(),
+            "extensions": {TRANSPORT_EXTENSION: self.transport},  # type: ignore[dict-item]  # any values
+        }
         self._head_bytes = 0
         self._n_headers = 0
 
     def on_url(self, url: bytes) -> None:
         self._count_head(len(url))
-        super().on_url(url)
+        self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._n_headers += 1
@@ -309,7 +394,12 @@ class GuardedProtocol(HttpToolsProtocol):
                 "too_many_headers",
             )
         self._count_head(len(name) + len(value) + 4)
-        super().on_header(name, value)
+        name = name.lower()
+        # llhttp keeps trailing whitespace, which RFC 9110 section 5.5 excludes from a value.
+        value = value.rstrip(b" \t")
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def _count_head(self, n: int) -> None:
         self._head_bytes += n
@@ -322,7 +412,8 @@ class GuardedProtocol(HttpToolsProtocol):
             )
 
     def on_headers_complete(self) -> None:
-        version = self.parser.get_http_version()
+        parser = self.parser
+        version = parser.get_http_version()
         if version not in ("1.0", "1.1"):
             raise self._stop(
                 505 if version != "0.9" else 400,
@@ -330,27 +421,55 @@ class GuardedProtocol(HttpToolsProtocol):
                 "unsupported_http_version",
             )
         self._phase = Phase.BODY
-        self._arm(self.guard.body_timeout_s, self._body_timeout)
-        super().on_headers_complete()
-        # None before the first request, when that one is a WebSocket upgrade.
-        cycle = cast("RequestResponseCycle | None", self.cycle)
-        if cycle is not None and cycle.scope is self.scope:
-            # The fast path of streamed answers (gateway/direct.py); the request's ASGI
-            # task starts on the next loop iteration, after this.
-            extensions = cast("dict[str, Any]", self.scope).setdefault("extensions", {})
-            extensions[DIRECT_EXTENSION] = DirectBody(cycle)
+        scope = cast("dict[str, Any]", self.scope)
+        scope["method"] = parser.get_method().decode("ascii")
+        if version != "1.1":
+            scope["http_version"] = version
+        if parser.should_upgrade() and self._should_upgrade():
+            return  # data_received hands the connection to the WebSocket protocol
+        parsed_url = httptools.parse_url(self.url)
+        raw_path = parsed_url.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        root_path = self.root_path
+        scope["path"] = root_path + path
+        scope["raw_path"] = root_path.encode("ascii") + raw_path
+        scope["query_string"] = parsed_url.query or b""
+        app: Any = self.app
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            app = service_unavailable
+            self.logger.warning("Exceeded concurrency limit.")
+        existing = cast("RequestResponseCycle | None", self.cycle)  # None before the first
+        cycle = self.cycle = RequestResponseCycle(
+            scope=self.scope,
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
             # uvicorn's asyncio.Event costs a 760-byte deque per request (unbroken._flag).
-            cycle.message_event = Flag()  # type: ignore[assignment]  # the same interface
-            self._hooks = extensions[RESPONSE_EXTENSION] = CycleHooks(cycle)
-
-    def on_body(self, body: bytes) -> None:
-        if self._timer is not None:
-            self._arm(self.guard.body_timeout_s, self._body_timeout)
-        super().on_body(body)
+            message_event=Flag(),  # type: ignore[arg-type]  # the same interface
+            expect_100_continue=self.expect_100_continue,
+            keep_alive=version != "1.0" and parser.should_keep_alive(),
+            on_response=self.on_response_complete,
+        )
+        # The fast path of streamed answers (gateway/direct.py) and the response hooks.
+        extensions = scope["extensions"]
+        extensions[DIRECT_EXTENSION] = DirectBody(cycle)
+        self._hooks = extensions[RESPONSE_EXTENSION] = CycleHooks(cycle)
+        if existing is None or existing.response_complete:
+            # The request's ASGI task starts on the next loop iteration.
+            self._start_asgi_task(cycle, app)
+        else:
+            # A pipelined request waits for the one before it.
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, app))
 
     def on_message_complete(self) -> None:
-        self._disarm()
-        self._phase = Phase.APP
+        self._phase = Phase.APP  # data_received stops the timer
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
