@@ -8,13 +8,16 @@ Theory of operation
 Each connection is in one of three phases:
   * HEAD: waiting for or reading a request head. The head timer runs from the connection's
     first moment (a silent connection is a slowloris too) or, after a keep-alive response,
-    from the first byte of the next head; uvicorn's keep-alive timer covers the idle time
-    between requests. Bytes of an unfinished head are counted as they arrive, so a huge
-    header is refused after `max_head_bytes` plus one read, never buffered whole.
+    from the first byte of the next head; the keep-alive timeout (uvicorn's
+    `timeout_keep_alive`) covers the idle time between requests. Bytes of an unfinished
+    head are counted as they arrive, so a huge header is refused after `max_head_bytes`
+    plus one read, never buffered whole.
   * BODY: the head is complete and the body is not. The body timer is re-armed by every
     piece of body; it does not fire while reading is paused (the app is not reading yet).
   * APP: the request is whole and the app owns the connection until the response is
     complete, which returns it to HEAD.
+All of these are one timer per connection, whose deadline moves with the phase; the timer
+is re-made only when a deadline comes earlier than it (see `_set_deadline`).
 A WebSocket upgrade hands the connection to uvicorn's WebSocket protocol: the timers stop,
 and the connection stays counted until it closes.
 A refusal writes one JSON error with `Connection: close` (unless the app already started a
@@ -178,6 +181,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._phase = Phase.HEAD
         self._timer: TimerHandle | None = None
         self._deadline = 0.0  # of the phase's timer (loop time)
+        self._idle = False  # between a response and the next request's first byte
         self._head_bytes = 0
         self._n_headers = 0
         self._counted: str | None = None
@@ -253,6 +257,10 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         if self.loop.time() < self._deadline:
             self._timer = self.loop.call_at(self._deadline, self._expired)
+        elif self._idle:
+            # uvicorn's keep-alive timeout: an idle connection is closed without a word.
+            if not self.transport.is_closing():
+                self.transport.close()
         elif self._phase is Phase.HEAD:
             self._head_timeout()
         else:
@@ -267,7 +275,9 @@ class GuardedProtocol(HttpToolsProtocol):
         self._closed = True
         self._disarm()
         cycle: RequestResponseCycle | None = self.cycle  # None before the first request
-        if cycle is None or not cycle.response_started:
+        # No response in progress: none yet, or the previous request's is whole (a slow
+        # head on a kept-alive connection gets its 408 too).
+        if cycle is None or not cycle.response_started or cycle.response_complete:
             self.transport.write(_response(status, message, code, retry_after_s))
         if cycle is not None:
             # The app sees a disconnect, and its writes go nowhere.
@@ -304,7 +314,11 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._closed:
             return
         self._unset_keepalive_if_required()
-        if self._phase is Phase.HEAD and self._timer is None:
+        if self._idle:
+            # The first bytes of the next head: the head timer runs from here.
+            self._idle = False
+            self._set_deadline(self.guard.head_timeout_s)
+        elif self._phase is Phase.HEAD and self._timer is None:
             self._set_deadline(self.guard.head_timeout_s)
         try:
             self.parser.feed_data(data)
@@ -341,8 +355,8 @@ class GuardedProtocol(HttpToolsProtocol):
         elif self._phase is Phase.BODY:
             # A piece of body (or the head's end): the body timer starts over.
             self._set_deadline(self.guard.body_timeout_s)
-        else:
-            self._disarm()
+        # In APP the timer stays armed and does nothing when it fires: the response's end
+        # moves it on as the keep-alive timer.
 
     def _too_large_head(self) -> None:
         self.guard.refused("header_too_large")
@@ -473,9 +487,21 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
+        # uvicorn's, with the connection's one timer as the keep-alive timer: left armed
+        # since the head, it is moved, not re-made (a call_later and a cancel less a request).
         self._phase = Phase.HEAD
         self._head_bytes = 0
-        super().on_response_complete()
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self._unset_keepalive_if_required()
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self._idle = True
+            self._set_deadline(self.timeout_keep_alive)
 
     def handle_websocket_upgrade(self) -> None:
         """Hand the connection to uvicorn's WebSocket protocol; it stays counted against the
