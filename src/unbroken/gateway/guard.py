@@ -173,6 +173,23 @@ class GuardedProtocol(HttpToolsProtocol):
 
     guard: Guard
 
+    # The guard's own state in slots: uvicorn's ~28 attributes fill the instance dict, and
+    # past 30 keys CPython turns a split (shared-keys) dict into a combined one of ~1.6 KB
+    # per connection (bench/stream_memory.py, tracemalloc).
+    __slots__ = (
+        "_closed",
+        "_counted",
+        "_deadline",
+        "_head_bytes",
+        "_hooks",
+        "_idle",
+        "_n_headers",
+        "_phase",
+        "_refusal",
+        "_timer",
+        "url",
+    )
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Pipelined requests wait here (rarely any): a deque's first block was ~760 bytes
@@ -391,6 +408,12 @@ class GuardedProtocol(HttpToolsProtocol):
             "headers": self.headers,
             "state": self.app_state.copy(),
             "extensions": {TRANSPORT_EXTENSION: self.transport},  # type: ignore[dict-item]  # any values
+            # Set by on_headers_complete; here so the dict is made at its final size (no
+            # resize and copy when they are set).
+            "method": "",
+            "path": "",
+            "raw_path": b"",
+            "query_string": b"",
         }
         self._head_bytes = 0
         self._n_headers = 0
@@ -645,7 +668,7 @@ def _complete(coro: Coroutine[Any, Any, None]) -> None:
 
 def guarded_protocol(guard: Guard) -> type[GuardedProtocol]:
     """The protocol class to give uvicorn (`http=`) for a gateway process under `guard`."""
-    return type("GatewayHttpProtocol", (GuardedProtocol,), {"guard": guard})
+    return type("GatewayHttpProtocol", (GuardedProtocol,), {"guard": guard, "__slots__": ()})
 
 
 class LogLimiter(logging.Filter):
