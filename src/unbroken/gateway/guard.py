@@ -34,14 +34,25 @@ import logging
 import time
 import urllib.parse
 from asyncio import TimerHandle
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import httptools
 from uvicorn.logging import TRACE_LOG_LEVEL
 from uvicorn.protocols.http.flow_control import FlowControl, service_unavailable
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
-from uvicorn.protocols.utils import get_local_addr, get_remote_addr
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+from uvicorn.protocols.utils import (
+    get_client_addr,
+    get_local_addr,
+    get_path_with_query_string,
+    get_remote_addr,
+)
 
 from unbroken._flag import Flag
 from unbroken.gateway.accesslog import ACCESS_LOGGER
@@ -551,33 +562,89 @@ class GuardedProtocol(HttpToolsProtocol):
         self._refuse(400, "malformed HTTP request", "bad_request")
 
 
-class _HeldWrites:
-    """A stand-in for a cycle's transport while uvicorn renders a response's head and first
-    body part: keeps the bytes, so they go out in one write."""
+def _start_bytes(cycle: RequestResponseCycle, start: Message, body: Message) -> bytes:
+    """The bytes uvicorn's `RequestResponseCycle.send` writes for `start` then `body` (more
+    to come) when both go out at once, with the cycle's response state set as its send
+    sets it. Rendered here, not through two sends into a held transport (two coroutines
+    driven by hand, a regex search per header name and value): the same checks, one search
+    over all names and one over all values.
 
-    __slots__ = ("parts", "transport")
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
-        self.parts: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.parts.append(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.transport, name)
+    Raises:
+        RuntimeError: as uvicorn's send, for a bad header or body; nothing is changed then.
+    """
+    status: int = start["status"]
+    pairs = cycle.default_headers + list(start.get("headers", ()))
+    # A forbidden character in any name (or value) is one in their concatenation (tab, the
+    # values' separator, is allowed in a value).
+    if HEADER_RE.search(b"".join([name for name, _ in pairs])):
+        raise RuntimeError("Invalid HTTP header name.")
+    if HEADER_VALUE_RE.search(b"\t".join([value for _, value in pairs])):
+        raise RuntimeError("Invalid HTTP header value.")
+    chunked = cycle.chunked_encoding
+    length = cycle.expected_content_length
+    keep_alive = cycle.keep_alive
+    has_close = False
+    content = [STATUS_LINE[status]]
+    for name, value in pairs:
+        name = name.lower()
+        if name == b"content-length" and chunked is None:
+            length = int(value.decode())
+            chunked = False
+        elif name == b"transfer-encoding" and value.lower() == b"chunked":
+            length = 0
+            chunked = True
+        elif name == b"connection" and b"close" in [
+            token.lower().strip() for token in value.split(b",")
+        ]:
+            keep_alive = False
+            has_close = True
+        content += (name, b": ", value, b"\r\n")
+    if not keep_alive and not has_close:
+        content.append(b"connection: close\r\n")
+    head_request = cycle.scope["method"] == "HEAD"
+    if chunked is None and not head_request and status not in (204, 304):
+        chunked = True
+        content.append(b"transfer-encoding: chunked\r\n")
+    content.append(b"\r\n")
+    data: bytes = body.get("body", b"")
+    if head_request:
+        length = 0
+    elif chunked:
+        if data:
+            content += (b"%x\r\n" % len(data), data, b"\r\n")
+    else:
+        if len(data) > length:
+            raise RuntimeError("Response content longer than Content-Length")
+        length -= len(data)
+        content.append(data)
+    cycle.response_started = True
+    cycle.waiting_for_100_continue = False
+    cycle.chunked_encoding = chunked
+    cycle.expected_content_length = length
+    cycle.keep_alive = keep_alive
+    if cycle.access_log:
+        scope = cycle.scope
+        cycle.access_logger.info(
+            '%s - "%s %s HTTP/%s" %d',
+            get_client_addr(scope),
+            scope["method"],
+            get_path_with_query_string(scope),
+            scope["http_version"],
+            status,
+        )
+    return b"".join(content)
 
 
 class CycleHooks:
     """What the gateway's protocol offers one request's app beyond ASGI (the scope extension
     `RESPONSE_EXTENSION`, gateway/asgi.py `ResponseHooks`).
 
-    * `start_with` sends the response's start and its first body part in one write:
-      uvicorn's own `send` renders both into `_HeldWrites`, and the joined bytes are
-      written as soon as both are rendered, in the same step (one write syscall less per
-      answer). Only for a body with more to come (ending the response may close the
-      transport, which must follow the bytes), and only while the transport takes writes.
-      `start_now` does the same from a callback (the producer's first append).
+    * `start_with` sends the response's start and its first body part in one write, the
+      bytes uvicorn's own `send` would write for them (`_start_bytes`; one write syscall
+      less per answer). Only for a body with more to come (ending the response may close
+      the transport, which must follow the bytes), and only while the transport takes
+      writes; otherwise through uvicorn's `send`. `start_now` does the same from a
+      callback (the producer's first append).
     * `watch` calls back when the client disconnects (what `receive()` would return as
       `http.disconnect`), so a relay needs no task parked in `receive()` to notice.
 
@@ -591,48 +658,37 @@ class CycleHooks:
         self.cycle = cycle
         self._on_lost: Callable[[], None] | None = None
 
-    async def start_with(self, start: Message, body: Message) -> None:
-        """Send `start` then `body` as uvicorn's ASGI `send` would, in one write."""
+    def _direct(self, body: Message) -> bool:
+        """Whether `start` and `body` may be written at once now: the response not started,
+        the client connected and draining, more body to come."""
         cycle = self.cycle
-        if cycle.flow.write_paused or body.get("more_body") is not True:
-            await cycle.send(start)  # type: ignore[arg-type]  # an ASGI message
-            await cycle.send(body)  # type: ignore[arg-type]  # an ASGI message
-            return
-        transport = cycle.transport
-        held = _HeldWrites(transport)
-        cycle.transport = held  # type: ignore[assignment]  # write() is all send uses
-        try:
-            await cycle.send(start)  # type: ignore[arg-type]  # an ASGI message
-            await cycle.send(body)  # type: ignore[arg-type]  # an ASGI message
-        finally:
-            cycle.transport = transport
-            if held.parts:
-                transport.write(b"".join(held.parts))
-
-    def start_now(self, start: Message, body: Message) -> bool:
-        """`start_with` from a callback (no await): False, and nothing sent, unless
-        uvicorn's `send` would write both at once now (the response not started, the client
-        connected and draining, more body to come)."""
-        cycle = self.cycle
-        if (
+        return not (
             cycle.response_started
             or cycle.disconnected
             or cycle.flow.write_paused
             or cycle.transport.is_closing()
             or body.get("more_body") is not True
-        ):
+        )
+
+    async def start_with(self, start: Message, body: Message) -> None:
+        """Send `start` then `body` as uvicorn's ASGI `send` would, in one write."""
+        if self.start_now(start, body):
+            return
+        cycle = self.cycle
+        await cycle.send(start)  # type: ignore[arg-type]  # an ASGI message
+        await cycle.send(body)  # type: ignore[arg-type]  # an ASGI message
+
+    def start_now(self, start: Message, body: Message) -> bool:
+        """`start_with` from a callback (no await): False, and nothing sent, unless
+        uvicorn's `send` would write both at once now (see `_direct`).
+
+        Raises:
+            RuntimeError: as uvicorn's send, for a bad header or body (nothing sent).
+        """
+        if not self._direct(body):
             return False
-        transport = cycle.transport
-        held = _HeldWrites(transport)
-        cycle.transport = held  # type: ignore[assignment]  # write() is all send uses
-        try:
-            # uvicorn's send awaits only to drain a paused transport: it completes here.
-            _complete(cycle.send(start))  # type: ignore[arg-type]  # an ASGI message
-            _complete(cycle.send(body))  # type: ignore[arg-type]  # an ASGI message
-        finally:
-            cycle.transport = transport
-            if held.parts:
-                transport.write(b"".join(held.parts))
+        cycle = self.cycle
+        cycle.transport.write(_start_bytes(cycle, start, body))
         return True
 
     def watch(self, on_lost: Callable[[], None]) -> None:
@@ -654,16 +710,6 @@ class CycleHooks:
         on_lost, self._on_lost = self._on_lost, None
         if on_lost is not None:
             on_lost()
-
-
-def _complete(coro: Coroutine[Any, Any, None]) -> None:
-    """Run a coroutine that does not suspend to its end, from synchronous code."""
-    try:
-        coro.send(None)
-    except StopIteration:
-        return
-    coro.close()
-    raise RuntimeError("a send that should not wait suspended")
 
 
 def guarded_protocol(guard: Guard) -> type[GuardedProtocol]:
