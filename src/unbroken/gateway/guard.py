@@ -31,6 +31,8 @@ import asyncio
 import enum
 import http
 import logging
+import os
+import threading
 import time
 import urllib.parse
 from asyncio import TimerHandle
@@ -71,6 +73,18 @@ logger = logging.getLogger(__name__)
 FLOODABLE_LOGGERS = ("asyncio", "uvicorn.error", "unbroken")
 
 
+# Forks of this process so far (as seen by the child): a loop remembered before a fork is
+# not the child's.
+_forks = [0]
+
+
+def _forked() -> None:
+    _forks[0] += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 class Phase(enum.Enum):
     HEAD = "head"
     BODY = "body"
@@ -98,6 +112,17 @@ class Guard:
         # The listener's address when it is bound to one (not a wildcard): every connection
         # it accepts has it as its local address, so none asks the kernel (~4 us each).
         self.local_address: tuple[str, int] | None = None
+        self._loop: tuple[int, int, asyncio.AbstractEventLoop] | None = None  # see event_loop
+
+    def event_loop(self) -> asyncio.AbstractEventLoop:
+        """The running event loop (call from it), remembered per thread and process: asyncio
+        looks it up with a getpid() per call on Python 3.11 (a fork, below, forgets it)."""
+        cached = self._loop
+        thread = threading.get_ident()
+        if cached is None or cached[0] != thread or cached[1] != _forks[0]:
+            loop = asyncio.get_running_loop()
+            self._loop = cached = (thread, _forks[0], loop)
+        return cached[2]
 
     def admit(self, client: str) -> str | None:
         """Count a new connection from `client`, or say why it is refused."""
@@ -205,6 +230,10 @@ class GuardedProtocol(HttpToolsProtocol):
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("_loop") is None:
+            # uvicorn's server makes protocols without their loop, and uvicorn then asks
+            # asyncio for it: on Python 3.11 a getpid() system call per connection.
+            kwargs["_loop"] = self.guard.event_loop()
         super().__init__(*args, **kwargs)
         # Pipelined requests wait here (rarely any): a deque's first block was ~760 bytes
         # per connection.
