@@ -432,7 +432,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._refusal = _Refusal(status, message, code)
         return self._refusal
 
-    # The parser callbacks below are uvicorn's (0.35-0.55) merged with the guard's counts in
+    # The parser callbacks below are uvicorn's (as of 0.55) merged with the guard's counts in
     # one call each, and `on_headers_complete` makes the cycle with its Flag, direct body and
     # hooks at once (no asyncio.Event made to be replaced, no second scope lookup).
 
