@@ -24,10 +24,12 @@ pytestmark = pytest.mark.integration
 
 
 @contextmanager
-def guarded(mock_url: str, **options: Any) -> Iterator[ServerThread]:
+def guarded(mock_url: str, keep_alive_s: float = 5.0, **options: Any) -> Iterator[ServerThread]:
     settings = Settings(api_key="sk-up", base_url=mock_url, gateway=GatewaySettings(**options))
     app = create_app(settings)
-    with ServerThread(app, lifespan="on", http=guarded_protocol(app.guard)) as server:
+    with ServerThread(
+        app, lifespan="on", http=guarded_protocol(app.guard), timeout_keep_alive=keep_alive_s
+    ) as server:
         yield server
 
 
@@ -112,6 +114,51 @@ def test_slow_heads_get_408_and_are_closed_while_others_are_served(mock: MockSer
     assert statuses == {408}
     assert parse(results[0])[2]["error"]["code"] == "request_timeout"
     assert took < 3.0
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """One response with a Content-Length (the connection stays open): status, body."""
+    sock.settimeout(5.0)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    length = next(
+        int(v) for k, _, v in (h.partition(":") for h in lines[1:]) if k.lower() == "content-length"
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(lines[0].split()[1]), body
+
+
+def closed_after(sock: socket.socket, timeout_s: float) -> tuple[float, bytes]:
+    """Seconds until the server closes `sock`, and what it sent before."""
+    started = time.monotonic()
+    raw = read_all(sock, timeout_s)
+    return time.monotonic() - started, raw
+
+
+def test_idle_keep_alive_connections_close_and_a_next_head_is_timed(mock: MockServer) -> None:
+    """After a response, an idle connection is closed silently at the keep-alive timeout;
+    on another one the next request's first bytes start the (shorter) head timer: 408."""
+    request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with (
+        guarded(mock.url, keep_alive_s=1.0, head_timeout_s=0.3) as server,
+        connect(server) as idle,
+        connect(server) as slow,
+    ):
+        idle.sendall(request)
+        slow.sendall(request)
+        assert read_response(idle)[0] == 200
+        assert read_response(slow)[0] == 200
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and no more
+        slow_s, slow_raw = closed_after(slow, 5.0)
+        idle_s, idle_raw = closed_after(idle, 5.0)
+    assert parse(slow_raw)[0] == 408
+    assert slow_s < 0.9  # the head timer, not the keep-alive one
+    assert idle_raw == b""
+    assert 0.3 < idle_s + slow_s < 3.0  # ~1 s after its response
 
 
 def test_a_stalled_body_gets_408(mock: MockServer) -> None:

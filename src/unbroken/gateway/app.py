@@ -9,6 +9,7 @@ client, core, stores, instrumentation, settings and gateway siblings.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -552,6 +553,34 @@ class Gateway:
     ) -> tuple[Producer, _Booking]:
         booking = await _Booking.admit(self, caller, request, after)
         self._trace(booking, request, headers, traceparent)
+        on_complete: Callable[[ChatCompletion], Awaitable[None]] = booking.complete
+        wrap: Callable[[AsyncStream], AsyncStream] | None = None
+        if cache_key is not None:
+            # Only with the answer cache: its recorder and the completion that stores the
+            # answer (closures made per request otherwise for nothing).
+            on_complete, wrap = self._recorded(booking, request.model, cache_key)
+        try:
+            producer = await self.streams.start(
+                caller,
+                request,
+                headers,
+                resumable=resumable,
+                on_complete=on_complete,
+                on_end=booking.book,
+                renew_slot=booking.renew if booking.admission.lease is not None else None,
+                wrap=wrap,
+            )
+        except BaseException:
+            await booking.book(None)
+            raise
+        if session_id is not None:
+            await self.streams.log.link_session(session_id, producer.stream_id, time.time())
+        return producer, booking
+
+    def _recorded(
+        self, booking: _Booking, model: str, cache_key: str
+    ) -> tuple[Callable[[ChatCompletion], Awaitable[None]], Callable[[AsyncStream], AsyncStream]]:
+        """A producer's completion and stream wrapper that keep its answer in the cache."""
         recorded: list[RecordingStream] = []
 
         def record(stream: AsyncStream) -> AsyncStream:
@@ -560,27 +589,11 @@ class Gateway:
 
         async def complete(completion: ChatCompletion) -> None:
             await booking.complete(completion)
-            if cache_key is not None and recorded:
+            if recorded:
                 # Kept from the producer, so an answer that finished detached is cached too.
-                await self._remember(cache_key, recorded[-1].encoded(), completion, request.model)
+                await self._remember(cache_key, recorded[-1].encoded(), completion, model)
 
-        try:
-            producer = await self.streams.start(
-                caller,
-                request,
-                headers,
-                resumable=resumable,
-                on_complete=complete,
-                on_end=booking.book,
-                renew_slot=booking.renew if booking.admission.lease is not None else None,
-                wrap=record if cache_key is not None else None,
-            )
-        except BaseException:
-            await booking.book(None)
-            raise
-        if session_id is not None:
-            await self.streams.log.link_session(session_id, producer.stream_id, time.time())
-        return producer, booking
+        return complete, record
 
     def _trace(
         self,
@@ -665,6 +678,11 @@ class Gateway:
             self._relays.add(relay)
             result: RelayResult | None = None
             try:
+                # The producer's task (spawned just now) runs first, to its upstream write:
+                # the first token waits for that, while this reader's setup has until the
+                # upstream's first bytes (~60 us of wall time less to the first token at 32
+                # streams, for one task step more).
+                await asyncio.sleep(0)
                 result = await relay.events(
                     self.streams.follow_batches(
                         producer.stream_id,

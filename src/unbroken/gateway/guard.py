@@ -8,13 +8,16 @@ Theory of operation
 Each connection is in one of three phases:
   * HEAD: waiting for or reading a request head. The head timer runs from the connection's
     first moment (a silent connection is a slowloris too) or, after a keep-alive response,
-    from the first byte of the next head; uvicorn's keep-alive timer covers the idle time
-    between requests. Bytes of an unfinished head are counted as they arrive, so a huge
-    header is refused after `max_head_bytes` plus one read, never buffered whole.
+    from the first byte of the next head; the keep-alive timeout (uvicorn's
+    `timeout_keep_alive`) covers the idle time between requests. Bytes of an unfinished
+    head are counted as they arrive, so a huge header is refused after `max_head_bytes`
+    plus one read, never buffered whole.
   * BODY: the head is complete and the body is not. The body timer is re-armed by every
     piece of body; it does not fire while reading is paused (the app is not reading yet).
   * APP: the request is whole and the app owns the connection until the response is
     complete, which returns it to HEAD.
+All of these are one timer per connection, whose deadline moves with the phase; the timer
+is re-made only when a deadline comes earlier than it (see `_set_deadline`).
 A WebSocket upgrade hands the connection to uvicorn's WebSocket protocol: the timers stop,
 and the connection stays counted until it closes.
 A refusal writes one JSON error with `Connection: close` (unless the app already started a
@@ -28,13 +31,30 @@ import asyncio
 import enum
 import http
 import logging
+import os
+import threading
 import time
+import urllib.parse
 from asyncio import TimerHandle
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.logging import TRACE_LOG_LEVEL
+from uvicorn.protocols.http.flow_control import FlowControl, service_unavailable
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+from uvicorn.protocols.utils import (
+    get_client_addr,
+    get_local_addr,
+    get_path_with_query_string,
+    get_remote_addr,
+)
 
 from unbroken._flag import Flag
 from unbroken.gateway.accesslog import ACCESS_LOGGER
@@ -51,6 +71,18 @@ logger = logging.getLogger(__name__)
 # Loggers that a flood of bad connections can make write: asyncio (accept errors), uvicorn
 # (protocol and ASGI errors) and the gateway's own.
 FLOODABLE_LOGGERS = ("asyncio", "uvicorn.error", "unbroken")
+
+
+# Forks of this process so far (as seen by the child): a loop remembered before a fork is
+# not the child's.
+_forks = [0]
+
+
+def _forked() -> None:
+    _forks[0] += 1
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 class Phase(enum.Enum):
@@ -77,6 +109,20 @@ class Guard:
         self.metrics = metrics
         self.n_connections = 0
         self.per_client: dict[str, int] = {}
+        # The listener's address when it is bound to one (not a wildcard): every connection
+        # it accepts has it as its local address, so none asks the kernel (~4 us each).
+        self.local_address: tuple[str, int] | None = None
+        self._loop: tuple[int, int, asyncio.AbstractEventLoop] | None = None  # see event_loop
+
+    def event_loop(self) -> asyncio.AbstractEventLoop:
+        """The running event loop (call from it), remembered per thread and process: asyncio
+        looks it up with a getpid() per call on Python 3.11 (a fork, below, forgets it)."""
+        cached = self._loop
+        thread = threading.get_ident()
+        if cached is None or cached[0] != thread or cached[1] != _forks[0]:
+            loop = asyncio.get_running_loop()
+            self._loop = cached = (thread, _forks[0], loop)
+        return cached[2]
 
     def admit(self, client: str) -> str | None:
         """Count a new connection from `client`, or say why it is refused."""
@@ -138,19 +184,64 @@ class _Pipeline(list[Any]):
         self.insert(0, item)
 
 
+class _FlowControl(FlowControl):
+    """uvicorn's flow control with a `Flag` for its writable event (an asyncio.Event holds a
+    760-byte deque; see unbroken._flag)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self.read_paused = False
+        self.write_paused = False
+        writable = Flag()
+        writable.set()
+        self._is_writable_event = writable  # type: ignore[assignment]  # same interface
+
+
+def _address(info: Any) -> tuple[str, int | None] | None:
+    """A socket name as uvicorn puts it in the scope (`protocols.utils.get_*_addr`)."""
+    if isinstance(info, tuple):
+        return (str(info[0]), int(info[1]))
+    if isinstance(info, str):
+        return (info, None)
+    return None
+
+
 class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol under a `Guard` (see the theory of operation); it also
     exposes the transport in the scope, so a slow client can be cut at once."""
 
     guard: Guard
 
+    # The guard's own state in slots: uvicorn's ~28 attributes fill the instance dict, and
+    # past 30 keys CPython turns a split (shared-keys) dict into a combined one of ~1.6 KB
+    # per connection (bench/stream_memory.py, tracemalloc).
+    __slots__ = (
+        "_closed",
+        "_counted",
+        "_deadline",
+        "_head_bytes",
+        "_hooks",
+        "_idle",
+        "_n_headers",
+        "_phase",
+        "_refusal",
+        "_timer",
+        "url",
+    )
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("_loop") is None:
+            # uvicorn's server makes protocols without their loop, and uvicorn then asks
+            # asyncio for it: on Python 3.11 a getpid() system call per connection.
+            kwargs["_loop"] = self.guard.event_loop()
         super().__init__(*args, **kwargs)
         # Pipelined requests wait here (rarely any): a deque's first block was ~760 bytes
         # per connection.
         self.pipeline = _Pipeline()  # type: ignore[assignment]  # the deque methods uvicorn uses
         self._phase = Phase.HEAD
         self._timer: TimerHandle | None = None
+        self._deadline = 0.0  # of the phase's timer (loop time)
+        self._idle = False  # between a response and the next request's first byte
         self._head_bytes = 0
         self._n_headers = 0
         self._counted: str | None = None
@@ -161,11 +252,26 @@ class GuardedProtocol(HttpToolsProtocol):
     # -- connection --------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn narrows the type too
-        super().connection_made(transport)
-        # As for the cycle's message_event (on_headers_complete): a Flag, not an Event.
-        writable = Flag()
-        writable.set()
-        self.flow._is_writable_event = writable  # type: ignore[assignment]  # same interface
+        # uvicorn's connection_made, leaner (one socket lookup for both addresses, the flow
+        # control made with its Flag at once), then the guard's admission.
+        self.connections.add(self)
+        self.transport = transport
+        self.flow = _FlowControl(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.server = self.guard.local_address or _address(sock.getsockname())
+            try:
+                peer = sock.getpeername()
+            except OSError:  # as uvicorn: seen with uvloop on a unix socket
+                peer = None
+            self.client = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
+        else:
+            self.server = get_local_addr(transport)
+            self.client = get_remote_addr(transport)
+        self.scheme = "https" if transport.get_extra_info("sslcontext") else "http"
+        if self.logger.level <= TRACE_LOG_LEVEL:
+            prefix = f"{self.client[0]}:{self.client[1]} - " if self.client else ""
+            self.logger.log(TRACE_LOG_LEVEL, "%sHTTP connection made", prefix)
         client = self.client[0] if self.client else ""
         reason = self.guard.admit(client)
         if reason is not None:
@@ -174,7 +280,7 @@ class GuardedProtocol(HttpToolsProtocol):
             self._refuse(503, f"{who} has too many open connections; retry later", reason, 1)
             return
         self._counted = client
-        self._arm(self.guard.head_timeout_s, self._head_timeout)
+        self._set_deadline(self.guard.head_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -190,14 +296,35 @@ class GuardedProtocol(HttpToolsProtocol):
         if hooks is not None and hooks.cycle.disconnected:
             hooks.lost()
 
-    def _arm(self, delay_s: float, callback: Any) -> None:
-        self._disarm()
-        self._timer = self.loop.call_later(delay_s, callback)
+    def _set_deadline(self, delay_s: float) -> None:
+        """The phase's timer runs out `delay_s` from now. One timer per connection, moved
+        lazily: a later deadline is picked up when the armed timer fires (a call_later and a
+        cancel per request read cost ~2 us, and the head, body and renewals made 3 each)."""
+        deadline = self.loop.time() + delay_s
+        self._deadline = deadline
+        if self._timer is None or self._timer.when() > deadline:
+            self._disarm()
+            self._timer = self.loop.call_at(deadline, self._expired)
 
     def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self._closed or self._phase is Phase.APP:
+            return
+        if self.loop.time() < self._deadline:
+            self._timer = self.loop.call_at(self._deadline, self._expired)
+        elif self._idle:
+            # uvicorn's keep-alive timeout: an idle connection is closed without a word.
+            if not self.transport.is_closing():
+                self.transport.close()
+        elif self._phase is Phase.HEAD:
+            self._head_timeout()
+        else:
+            self._body_timeout()
 
     def _refuse(
         self, status: int, message: str, code: str, retry_after_s: int | None = None
@@ -208,7 +335,9 @@ class GuardedProtocol(HttpToolsProtocol):
         self._closed = True
         self._disarm()
         cycle: RequestResponseCycle | None = self.cycle  # None before the first request
-        if cycle is None or not cycle.response_started:
+        # No response in progress: none yet, or the previous request's is whole (a slow
+        # head on a kept-alive connection gets its 408 too).
+        if cycle is None or not cycle.response_started or cycle.response_complete:
             self.transport.write(_response(status, message, code, retry_after_s))
         if cycle is not None:
             # The app sees a disconnect, and its writes go nowhere.
@@ -220,7 +349,6 @@ class GuardedProtocol(HttpToolsProtocol):
     # -- timers ------------------------------------------------------------------------------
 
     def _head_timeout(self) -> None:
-        self._timer = None
         self.guard.refused("head_timeout")
         self._refuse(
             408,
@@ -229,10 +357,9 @@ class GuardedProtocol(HttpToolsProtocol):
         )
 
     def _body_timeout(self) -> None:
-        self._timer = None
         if self.flow.read_paused:
             # The app is not reading yet; the client cannot be blamed for waiting.
-            self._arm(self.guard.body_timeout_s, self._body_timeout)
+            self._set_deadline(self.guard.body_timeout_s)
             return
         self.guard.refused("body_timeout")
         self._refuse(
@@ -247,8 +374,12 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._closed:
             return
         self._unset_keepalive_if_required()
-        if self._phase is Phase.HEAD and self._timer is None:
-            self._arm(self.guard.head_timeout_s, self._head_timeout)
+        if self._idle:
+            # The first bytes of the next head: the head timer runs from here.
+            self._idle = False
+            self._set_deadline(self.guard.head_timeout_s)
+        elif self._phase is Phase.HEAD and self._timer is None:
+            self._set_deadline(self.guard.head_timeout_s)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -269,11 +400,23 @@ class GuardedProtocol(HttpToolsProtocol):
             self.guard.refused("bad_request")
             self._refuse(400, f"malformed HTTP request: {exc}"[:160], "bad_request")
             return
-        if self._phase is Phase.HEAD and not self._closed:
+        self._after_read(len(data))
+
+    def _after_read(self, n_bytes: int) -> None:
+        # The timer follows the phase a read ended in (the parser's callbacks only move the
+        # phase): a whole request in one read arms nothing more.
+        if self._closed:
+            return
+        if self._phase is Phase.HEAD:
             # Bytes of a head still incomplete: httptools buffers the header being read.
-            self._head_bytes += len(data)
+            self._head_bytes += n_bytes
             if self._head_bytes > self.guard.max_head_bytes:
                 self._too_large_head()
+        elif self._phase is Phase.BODY:
+            # A piece of body (or the head's end): the body timer starts over.
+            self._set_deadline(self.guard.body_timeout_s)
+        # In APP the timer stays armed and does nothing when it fires: the response's end
+        # moves it on as the keep-alive timer.
 
     def _too_large_head(self) -> None:
         self.guard.refused("header_too_large")
@@ -289,16 +432,38 @@ class GuardedProtocol(HttpToolsProtocol):
         self._refusal = _Refusal(status, message, code)
         return self._refusal
 
+    # The parser callbacks below are uvicorn's (as of 0.55) merged with the guard's counts in
+    # one call each, and `on_headers_complete` makes the cycle with its Flag, direct body and
+    # hooks at once (no asyncio.Event made to be replaced, no second scope lookup).
+
     def on_message_begin(self) -> None:
-        super().on_message_begin()
-        scope = cast("dict[str, Any]", self.scope)
-        scope.setdefault("extensions", {})[TRANSPORT_EXTENSION] = self.transport
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+        self.scope = {
+            "type": "http",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,  # type: ignore[typeddict-item]  # set by connection_made
+            "root_path": self.root_path,
+            "headers": self.headers,
+            "state": self.app_state.copy(),
+            "extensions": {TRANSPORT_EXTENSION: self.transport},  # type: ignore[dict-item]  # any values
+            # Set by on_headers_complete; here so the dict is made at its final size (no
+            # resize and copy when they are set).
+            "method": "",
+            "path": "",
+            "raw_path": b"",
+            "query_string": b"",
+        }
         self._head_bytes = 0
         self._n_headers = 0
 
     def on_url(self, url: bytes) -> None:
         self._count_head(len(url))
-        super().on_url(url)
+        self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._n_headers += 1
@@ -309,7 +474,12 @@ class GuardedProtocol(HttpToolsProtocol):
                 "too_many_headers",
             )
         self._count_head(len(name) + len(value) + 4)
-        super().on_header(name, value)
+        name = name.lower()
+        # llhttp keeps trailing whitespace, which RFC 9110 section 5.5 excludes from a value.
+        value = value.rstrip(b" \t")
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def _count_head(self, n: int) -> None:
         self._head_bytes += n
@@ -322,7 +492,8 @@ class GuardedProtocol(HttpToolsProtocol):
             )
 
     def on_headers_complete(self) -> None:
-        version = self.parser.get_http_version()
+        parser = self.parser
+        version = parser.get_http_version()
         if version not in ("1.0", "1.1"):
             raise self._stop(
                 505 if version != "0.9" else 400,
@@ -330,33 +501,73 @@ class GuardedProtocol(HttpToolsProtocol):
                 "unsupported_http_version",
             )
         self._phase = Phase.BODY
-        self._arm(self.guard.body_timeout_s, self._body_timeout)
-        super().on_headers_complete()
-        # None before the first request, when that one is a WebSocket upgrade.
-        cycle = cast("RequestResponseCycle | None", self.cycle)
-        if cycle is not None and cycle.scope is self.scope:
-            # The fast path of streamed answers (gateway/direct.py); the request's ASGI
-            # task starts on the next loop iteration, after this.
-            extensions = cast("dict[str, Any]", self.scope).setdefault("extensions", {})
-            extensions[DIRECT_EXTENSION] = DirectBody(cycle)
+        scope = cast("dict[str, Any]", self.scope)
+        scope["method"] = parser.get_method().decode("ascii")
+        if version != "1.1":
+            scope["http_version"] = version
+        if parser.should_upgrade() and self._should_upgrade():
+            return  # data_received hands the connection to the WebSocket protocol
+        parsed_url = httptools.parse_url(self.url)
+        raw_path = parsed_url.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        root_path = self.root_path
+        scope["path"] = root_path + path
+        scope["raw_path"] = root_path.encode("ascii") + raw_path
+        scope["query_string"] = parsed_url.query or b""
+        app: Any = self.app
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            app = service_unavailable
+            self.logger.warning("Exceeded concurrency limit.")
+        existing = cast("RequestResponseCycle | None", self.cycle)  # None before the first
+        cycle = self.cycle = RequestResponseCycle(
+            scope=self.scope,
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
             # uvicorn's asyncio.Event costs a 760-byte deque per request (unbroken._flag).
-            cycle.message_event = Flag()  # type: ignore[assignment]  # the same interface
-            self._hooks = extensions[RESPONSE_EXTENSION] = CycleHooks(cycle)
-
-    def on_body(self, body: bytes) -> None:
-        if self._timer is not None:
-            self._arm(self.guard.body_timeout_s, self._body_timeout)
-        super().on_body(body)
+            message_event=Flag(),  # type: ignore[arg-type]  # the same interface
+            expect_100_continue=self.expect_100_continue,
+            keep_alive=version != "1.0" and parser.should_keep_alive(),
+            on_response=self.on_response_complete,
+        )
+        # The fast path of streamed answers (gateway/direct.py) and the response hooks.
+        extensions = scope["extensions"]
+        extensions[DIRECT_EXTENSION] = DirectBody(cycle)
+        self._hooks = extensions[RESPONSE_EXTENSION] = CycleHooks(cycle)
+        if existing is None or existing.response_complete:
+            # The request's ASGI task starts on the next loop iteration.
+            self._start_asgi_task(cycle, app)
+        else:
+            # A pipelined request waits for the one before it.
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, app))
 
     def on_message_complete(self) -> None:
-        self._disarm()
-        self._phase = Phase.APP
+        self._phase = Phase.APP  # data_received stops the timer
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
+        # uvicorn's, with the connection's one timer as the keep-alive timer: left armed
+        # since the head, it is moved, not re-made (a call_later and a cancel less a request).
         self._phase = Phase.HEAD
         self._head_bytes = 0
-        super().on_response_complete()
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self._unset_keepalive_if_required()
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self._idle = True
+            self._set_deadline(self.timeout_keep_alive)
 
     def handle_websocket_upgrade(self) -> None:
         """Hand the connection to uvicorn's WebSocket protocol; it stays counted against the
@@ -383,33 +594,89 @@ class GuardedProtocol(HttpToolsProtocol):
         self._refuse(400, "malformed HTTP request", "bad_request")
 
 
-class _HeldWrites:
-    """A stand-in for a cycle's transport while uvicorn renders a response's head and first
-    body part: keeps the bytes, so they go out in one write."""
+def _start_bytes(cycle: RequestResponseCycle, start: Message, body: Message) -> bytes:
+    """The bytes uvicorn's `RequestResponseCycle.send` writes for `start` then `body` (more
+    to come) when both go out at once, with the cycle's response state set as its send
+    sets it. Rendered here, not through two sends into a held transport (two coroutines
+    driven by hand, a regex search per header name and value): the same checks, one search
+    over all names and one over all values.
 
-    __slots__ = ("parts", "transport")
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
-        self.parts: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.parts.append(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.transport, name)
+    Raises:
+        RuntimeError: as uvicorn's send, for a bad header or body; nothing is changed then.
+    """
+    status: int = start["status"]
+    pairs = cycle.default_headers + list(start.get("headers", ()))
+    # A forbidden character in any name (or value) is one in their concatenation (tab, the
+    # values' separator, is allowed in a value).
+    if HEADER_RE.search(b"".join([name for name, _ in pairs])):
+        raise RuntimeError("Invalid HTTP header name.")
+    if HEADER_VALUE_RE.search(b"\t".join([value for _, value in pairs])):
+        raise RuntimeError("Invalid HTTP header value.")
+    chunked = cycle.chunked_encoding
+    length = cycle.expected_content_length
+    keep_alive = cycle.keep_alive
+    has_close = False
+    content = [STATUS_LINE[status]]
+    for name, value in pairs:
+        name = name.lower()
+        if name == b"content-length" and chunked is None:
+            length = int(value.decode())
+            chunked = False
+        elif name == b"transfer-encoding" and value.lower() == b"chunked":
+            length = 0
+            chunked = True
+        elif name == b"connection" and b"close" in [
+            token.lower().strip() for token in value.split(b",")
+        ]:
+            keep_alive = False
+            has_close = True
+        content += (name, b": ", value, b"\r\n")
+    if not keep_alive and not has_close:
+        content.append(b"connection: close\r\n")
+    head_request = cycle.scope["method"] == "HEAD"
+    if chunked is None and not head_request and status not in (204, 304):
+        chunked = True
+        content.append(b"transfer-encoding: chunked\r\n")
+    content.append(b"\r\n")
+    data: bytes = body.get("body", b"")
+    if head_request:
+        length = 0
+    elif chunked:
+        if data:
+            content += (b"%x\r\n" % len(data), data, b"\r\n")
+    else:
+        if len(data) > length:
+            raise RuntimeError("Response content longer than Content-Length")
+        length -= len(data)
+        content.append(data)
+    cycle.response_started = True
+    cycle.waiting_for_100_continue = False
+    cycle.chunked_encoding = chunked
+    cycle.expected_content_length = length
+    cycle.keep_alive = keep_alive
+    if cycle.access_log:
+        scope = cycle.scope
+        cycle.access_logger.info(
+            '%s - "%s %s HTTP/%s" %d',
+            get_client_addr(scope),
+            scope["method"],
+            get_path_with_query_string(scope),
+            scope["http_version"],
+            status,
+        )
+    return b"".join(content)
 
 
 class CycleHooks:
     """What the gateway's protocol offers one request's app beyond ASGI (the scope extension
     `RESPONSE_EXTENSION`, gateway/asgi.py `ResponseHooks`).
 
-    * `start_with` sends the response's start and its first body part in one write:
-      uvicorn's own `send` renders both into `_HeldWrites`, and the joined bytes are
-      written as soon as both are rendered, in the same step (one write syscall less per
-      answer). Only for a body with more to come (ending the response may close the
-      transport, which must follow the bytes), and only while the transport takes writes.
-      `start_now` does the same from a callback (the producer's first append).
+    * `start_with` sends the response's start and its first body part in one write, the
+      bytes uvicorn's own `send` would write for them (`_start_bytes`; one write syscall
+      less per answer). Only for a body with more to come (ending the response may close
+      the transport, which must follow the bytes), and only while the transport takes
+      writes; otherwise through uvicorn's `send`. `start_now` does the same from a
+      callback (the producer's first append).
     * `watch` calls back when the client disconnects (what `receive()` would return as
       `http.disconnect`), so a relay needs no task parked in `receive()` to notice.
 
@@ -423,48 +690,37 @@ class CycleHooks:
         self.cycle = cycle
         self._on_lost: Callable[[], None] | None = None
 
-    async def start_with(self, start: Message, body: Message) -> None:
-        """Send `start` then `body` as uvicorn's ASGI `send` would, in one write."""
+    def _direct(self, body: Message) -> bool:
+        """Whether `start` and `body` may be written at once now: the response not started,
+        the client connected and draining, more body to come."""
         cycle = self.cycle
-        if cycle.flow.write_paused or body.get("more_body") is not True:
-            await cycle.send(start)  # type: ignore[arg-type]  # an ASGI message
-            await cycle.send(body)  # type: ignore[arg-type]  # an ASGI message
-            return
-        transport = cycle.transport
-        held = _HeldWrites(transport)
-        cycle.transport = held  # type: ignore[assignment]  # write() is all send uses
-        try:
-            await cycle.send(start)  # type: ignore[arg-type]  # an ASGI message
-            await cycle.send(body)  # type: ignore[arg-type]  # an ASGI message
-        finally:
-            cycle.transport = transport
-            if held.parts:
-                transport.write(b"".join(held.parts))
-
-    def start_now(self, start: Message, body: Message) -> bool:
-        """`start_with` from a callback (no await): False, and nothing sent, unless
-        uvicorn's `send` would write both at once now (the response not started, the client
-        connected and draining, more body to come)."""
-        cycle = self.cycle
-        if (
+        return not (
             cycle.response_started
             or cycle.disconnected
             or cycle.flow.write_paused
             or cycle.transport.is_closing()
             or body.get("more_body") is not True
-        ):
+        )
+
+    async def start_with(self, start: Message, body: Message) -> None:
+        """Send `start` then `body` as uvicorn's ASGI `send` would, in one write."""
+        if self.start_now(start, body):
+            return
+        cycle = self.cycle
+        await cycle.send(start)  # type: ignore[arg-type]  # an ASGI message
+        await cycle.send(body)  # type: ignore[arg-type]  # an ASGI message
+
+    def start_now(self, start: Message, body: Message) -> bool:
+        """`start_with` from a callback (no await): False, and nothing sent, unless
+        uvicorn's `send` would write both at once now (see `_direct`).
+
+        Raises:
+            RuntimeError: as uvicorn's send, for a bad header or body (nothing sent).
+        """
+        if not self._direct(body):
             return False
-        transport = cycle.transport
-        held = _HeldWrites(transport)
-        cycle.transport = held  # type: ignore[assignment]  # write() is all send uses
-        try:
-            # uvicorn's send awaits only to drain a paused transport: it completes here.
-            _complete(cycle.send(start))  # type: ignore[arg-type]  # an ASGI message
-            _complete(cycle.send(body))  # type: ignore[arg-type]  # an ASGI message
-        finally:
-            cycle.transport = transport
-            if held.parts:
-                transport.write(b"".join(held.parts))
+        cycle = self.cycle
+        cycle.transport.write(_start_bytes(cycle, start, body))
         return True
 
     def watch(self, on_lost: Callable[[], None]) -> None:
@@ -488,19 +744,9 @@ class CycleHooks:
             on_lost()
 
 
-def _complete(coro: Coroutine[Any, Any, None]) -> None:
-    """Run a coroutine that does not suspend to its end, from synchronous code."""
-    try:
-        coro.send(None)
-    except StopIteration:
-        return
-    coro.close()
-    raise RuntimeError("a send that should not wait suspended")
-
-
 def guarded_protocol(guard: Guard) -> type[GuardedProtocol]:
     """The protocol class to give uvicorn (`http=`) for a gateway process under `guard`."""
-    return type("GatewayHttpProtocol", (GuardedProtocol,), {"guard": guard})
+    return type("GatewayHttpProtocol", (GuardedProtocol,), {"guard": guard, "__slots__": ()})
 
 
 class LogLimiter(logging.Filter):

@@ -6,15 +6,35 @@ settings, stores and gateway siblings.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from unbroken.gateway.problems import GatewayError
-from unbroken.settings import GatewaySettings, KeySettings, LimitSettings, hash_key
+from unbroken.settings import GatewaySettings, KeySettings, LimitSettings
 from unbroken.stores.base import Store
 
 __all__ = ["ANONYMOUS", "Caller", "KeyRing"]
+
+# SHA-256 for the per-request key lookup: CPython's own implementation when present (it is
+# `hash_key`'s digest, ~3 us a request cheaper than OpenSSL's in the serving process), else
+# hashlib's.
+_sha256: Callable[[bytes], Any]
+try:
+    from _sha2 import sha256 as _sha256  # type: ignore[import-not-found,no-redef,unused-ignore]  # CPython >= 3.12
+except ImportError:  # pragma: no cover - by Python version
+    try:
+        from _sha256 import sha256 as _sha256  # type: ignore[import-not-found,no-redef,unused-ignore]  # CPython 3.11
+    except ImportError:
+        _sha256 = hashlib.sha256
+
+
+def key_digest(key: str) -> str:
+    """`settings.hash_key(key)`: the hex SHA-256 of the key's UTF-8 bytes."""
+    return str(_sha256(key.encode("utf-8")).hexdigest())
+
 
 # Store lookups (hits and misses) are cached `gateway.key_cache_s`, so a flood of bad keys
 # costs the store one read per key per interval, and a revoked key stops working within it.
@@ -106,7 +126,7 @@ class KeyRing:
             )
         if self._widget is not None and token.count(".") == 2 and token.startswith("eyJ"):
             return self._widget(token)  # a JWT: a widget token, never a gateway key
-        digest = hash_key(token)
+        digest = key_digest(token)
         caller = self._callers.get(digest)
         if caller is None and self._store is not None:
             caller = await self._lookup(digest)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import ipaddress
 import logging
 import resource
 import signal
@@ -186,6 +187,8 @@ def serve(
     )
     server = _DrainingServer(config, gateway, settings.drain_timeout_s, settings.drain_grace_s)
     host, port = sock.getsockname()[:2]
+    if not ipaddress.ip_address(host).is_unspecified:
+        gateway.guard.local_address = (host, port)
     if on_ready is not None:
         shown = f"[{host}]" if ":" in host else host
         on_ready(f"http://{shown}:{port}")

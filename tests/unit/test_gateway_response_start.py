@@ -1,0 +1,129 @@
+"""`CycleHooks.start_now` renders a response's start and first body part itself: the bytes
+and the cycle's response state must be exactly what uvicorn's own ASGI `send` makes of the
+same two messages, and a message uvicorn refuses is refused with nothing written."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+from unbroken.gateway.guard import CycleHooks
+
+pytestmark = pytest.mark.anyio
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+_STATE = ("response_started", "chunked_encoding", "expected_content_length", "keep_alive")
+
+
+def _cycle(method: str = "POST", keep_alive: bool = True) -> tuple[RequestResponseCycle, Any]:
+    transport = _Transport()
+    scope = {
+        "type": "http",
+        "method": method,
+        "http_version": "1.1",
+        "client": ("127.0.0.1", 5000),
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+    }
+    cycle = RequestResponseCycle(
+        scope=scope,  # type: ignore[arg-type]  # the keys send reads
+        transport=transport,  # type: ignore[arg-type]  # what send uses
+        flow=FlowControl(transport),  # type: ignore[arg-type]  # what send uses
+        logger=logging.getLogger("test"),
+        access_logger=logging.getLogger("test.access"),
+        access_log=False,
+        default_headers=[(b"date", b"Thu, 03 Dec 2026 10:00:00 GMT")],
+        message_event=asyncio.Event(),
+        expect_100_continue=False,
+        keep_alive=keep_alive,
+        on_response=lambda: None,
+    )
+    return cycle, transport
+
+
+def _messages(headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[Any, Any]:
+    start = {"type": "http.response.start", "status": 200, "headers": headers}
+    return start, {"type": "http.response.body", "body": body, "more_body": True}
+
+
+SSE = [(b"content-type", b"text/event-stream"), (b"X-Request-ID", b"abc")]
+CASES = {
+    "chunked": ("POST", True, SSE),
+    "explicit chunked": ("POST", True, [*SSE, (b"transfer-encoding", b"chunked")]),
+    "content-length": ("POST", True, [(b"content-length", b"40")]),
+    "connection close": ("POST", True, [*SSE, (b"Connection", b"keep-alive, Close")]),
+    "no keep-alive": ("POST", False, SSE),
+    "HEAD": ("HEAD", True, SSE),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+async def test_the_start_is_uvicorns_own(case: str) -> None:
+    method, keep_alive, headers = CASES[case]
+    ours, ours_transport = _cycle(method, keep_alive)
+    theirs, theirs_transport = _cycle(method, keep_alive)
+    start, body = _messages(headers, b"data: x\n\n")
+    assert CycleHooks(ours).start_now(start, body)
+    await theirs.send(start)
+    await theirs.send(body)
+    assert ours_transport.writes == [b"".join(theirs_transport.writes)]
+    assert len(theirs_transport.writes) == (1 if method == "HEAD" else 2)  # ours: one write
+    for name in (*_STATE, "waiting_for_100_continue"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "error"),
+    [
+        ([(b"x-bad name", b"v")], b"x", "Invalid HTTP header name."),
+        ([(b"x-ok", b"line\r\nbreak")], b"x", "Invalid HTTP header value."),
+        ([(b"content-length", b"2")], b"three", "Response content longer than Content-Length"),
+    ],
+)
+async def test_what_uvicorn_refuses_is_refused_with_nothing_sent(
+    headers: list[tuple[bytes, bytes]], body: bytes, error: str
+) -> None:
+    cycle, transport = _cycle()
+    before = [getattr(cycle, name) for name in _STATE]
+    with pytest.raises(RuntimeError, match=error):
+        CycleHooks(cycle).start_now(*_messages(headers, body))
+    assert transport.writes == []
+    assert [getattr(cycle, name) for name in _STATE] == before
+
+
+async def test_no_direct_start_once_started_or_gone() -> None:
+    """A started response, a gone client or a closing transport: nothing is written."""
+    for change in ("response_started", "disconnected", "closing"):
+        cycle, transport = _cycle()
+        if change == "closing":
+            transport.closed = True
+        else:
+            setattr(cycle, change, True)
+        assert not CycleHooks(cycle).start_now(*_messages(SSE, b"x"))
+        assert transport.writes == []
