@@ -144,20 +144,14 @@ class SSEDecoder:
         decode once and to relay as they came.
         """
         if (
-            self._pending
-            or self._data
-            or self._skip_lf
-            or self._event_type
-            or not self._bom_checked
-            or self._error is not None
-            or data[:6] != b"data: "
+            data[:6] != b"data: "
             or data.find(b"\n", 6) != len(data) - 2
             or data[-1:] != b"\n"
             or b"\r" in data
             or len(data) - 7 > self._max
+            or not self.take_one()
         ):
             return None
-        self.last_event_id = self._id_buffer
         return data[6:-2]
 
     def take_one(self) -> bool:

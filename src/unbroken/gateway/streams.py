@@ -486,6 +486,7 @@ class Producer:
             n = append(self.stream_id, self.epoch, payload, time.time())
         except UnbrokenError:
             return False
+        # `_appended` spelt out for one payload: this runs once per relayed chunk.
         tail = self.tail
         tail.append(payload)
         if len(tail) > self._tail_max:
