@@ -499,13 +499,18 @@ class Producer:
                     refused = [sink] if refused is None else [*refused, sink]
             if refused is not None:
                 self._refused(refused)
+        if self._n_waiting or self._unset:  # rarely: no call per chunk otherwise
+            self._wake_readers()
+        return True
+
+    def _wake_readers(self) -> None:
+        """Readers waiting for events wake; `first` is set by the first append."""
         if self._n_waiting:
             self._changed.set()
             self._changed = Flag()
         if self._unset:
             self._unset = False
             self.first.set()
-        return True
 
     async def _append(self, payloads: list[bytes], *, end: bool = False) -> None:
         if self.degraded:
@@ -543,12 +548,8 @@ class Producer:
         self.n_events = n
         if self._sinks:
             self._feed(n - len(payloads) + 1, payloads)
-        if self._n_waiting:
-            self._changed.set()
-            self._changed = Flag()
-        if self._unset:
-            self._unset = False
-            self.first.set()
+        if self._n_waiting or self._unset:  # rarely: no call per chunk otherwise
+            self._wake_readers()
 
     async def run(self, open_stream: OpenStream) -> None:
         """Produce the answer into the log (the task body)."""
