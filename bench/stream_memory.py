@@ -27,6 +27,7 @@ import gc
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -333,7 +334,7 @@ def _by_own_line(snapshot: tracemalloc.Snapshot) -> dict[str, list[int]]:
     allocation's own line when no frame is ours)."""
     out: dict[str, list[int]] = {}
     for stat in snapshot.statistics("traceback"):
-        frames = list(stat.traceback)  # innermost first
+        frames = list(stat.traceback)[::-1]  # a Traceback lists the oldest frame first
         ours = next(
             (f for f in frames if "/unbroken/" in f.filename and not _ROOT(f.filename)),
             frames[0],
@@ -442,6 +443,13 @@ def main() -> None:
         "--prompt-bytes", type=int, default=0, help="a user message of this size (default: tiny)"
     )
     parser.add_argument("--skip", default="", help="targets to skip: floor,unbroken,traced")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="a directory to keep the traced run's dumps in (tracemalloc snapshots 0.snap "
+        "before and 1.snap while held), for a closer look",
+    )
     args = parser.parse_args()
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}
     answer = int(args.chunks * 4 + args.ramp * 1000 / args.token_ms + 600)
@@ -479,6 +487,8 @@ def main() -> None:
                     n = args.traced_streams
                     print(f"\n{name}: breakdown of the {n} held streams", flush=True)
                     breakdown(out, n, args.top)
+                    if args.keep is not None:
+                        shutil.copytree(out, args.keep, dirs_exist_ok=True)
     print(
         f"\n{'target':<9} {'streams':>7} {'RSS before':>10} {'held':>9} {'KiB/stream':>11}"
         "  chunks min/median"
