@@ -389,14 +389,18 @@ class StreamRelay:
                     write = self._write
                     ended = False
                     async for batch in source:
-                        data = _frame(batch[0]) if len(batch) == 1 else _frames(batch)
                         # `[DONE]` is a log's last event: the response ends in the same
                         # write (one write less per answer).
                         ended = batch[-1][1] == _DONE_PAYLOAD
-                        await write(data, not ended)
                         n += len(batch)
+                        await write(
+                            _frame(batch[0]) if len(batch) == 1 else _frames(batch), not ended
+                        )
                         if ended:
                             break
+                        # Not held while the next batch is awaited (a live answer's reader
+                        # waits there for most of its life): ~490 bytes with its frame.
+                        del batch
                     if not ended:
                         await write(b"", False)
                     n += self._n_direct
@@ -500,7 +504,7 @@ class StreamRelay:
 
 class LiveSink:
     """A relay's direct path from a producer on this instance (see the theory of operation;
-    gateway/streams.py `Producer.hand_off` feeds it).
+    gateway/streams.py `Producer.park` feeds it).
 
     Attributes:
         last: the id of the last event written.
