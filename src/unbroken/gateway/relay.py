@@ -37,7 +37,7 @@ import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import msgspec
@@ -125,9 +125,10 @@ class StreamRelay:
         "_scrub",
         "_send_timeout_s",
         "_sending_since",
+        "_slot",
         "_streaming",
         "_tick_s",
-        "_timer",
+        "_wheel",
         "_wrote",
         "n_keepalives",
         "result",
@@ -169,11 +170,12 @@ class StreamRelay:
         self._wrote = False
         self.n_keepalives = 0
         self.result: RelayResult | None = None
-        # The sidecar (see `_watch`): its period, the server's hooks, its timer, the
-        # keep-alive or renewal it runs, and when it last renewed.
+        # The sidecar (see `_watch`): its period, the server's hooks, the tick wheel it is
+        # on and its slot there, the keep-alive or renewal it runs, and when it last renewed.
         self._tick_s = min(1.0, keepalive_s / 2, send_timeout_s / 4)
         self._hooks: ResponseHooks | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._wheel: _TickWheel | None = None
+        self._slot = 0
         self._chore: asyncio.Task[None] | None = None
         self._last_renew = self._last_write
 
@@ -215,15 +217,23 @@ class StreamRelay:
 
     def _watch(self) -> asyncio.Task[None] | None:
         """Start the sidecar: when the server offers `ResponseHooks` (gateway/guard.py), a
-        disconnect callback and a timer, else a task parked in `receive()` (the task, its
-        receiver and their cancellation cost ~20 us per request)."""
+        disconnect callback and a place on the loop's tick wheel (`_TickWheel`), else a task
+        parked in `receive()` (the task, its receiver and their cancellation cost ~20 us per
+        request)."""
         hooks = self._ex.hooks()
         if hooks is None:
             return self._loop.create_task(self._sidecar())
         self._hooks = hooks
         hooks.watch(self._client_gone)
-        self._timer = self._loop.call_later(self._tick_s, self._on_tick)
+        self._wheel = _TickWheel.of(self._loop, self._tick_s)
+        self._slot = self._wheel.add(self)
         return None
+
+    def _off_wheel(self) -> None:
+        wheel = self._wheel
+        if wheel is not None:
+            self._wheel = None
+            wheel.remove(self, self._slot)
 
     def _unwatch(self, sidecar: asyncio.Task[None] | None) -> None:
         """Stop the sidecar (its chore, if one runs, is cancelled; `_stopped` waits for it)."""
@@ -232,9 +242,7 @@ class StreamRelay:
             return
         if self._hooks is not None:
             self._hooks.unwatch()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._off_wheel()
         if self._chore is not None:
             self._chore.cancel()
 
@@ -247,27 +255,25 @@ class StreamRelay:
 
     def _client_gone(self) -> None:
         self._stop("client_gone")
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._off_wheel()
 
-    def _on_tick(self) -> None:
-        now = self._loop.time()
+    def _on_tick(self, now: float) -> bool:
+        """The sidecar's tick (from its `_TickWheel`); False ends its ticks."""
         chore = self._chore
         if chore is not None and chore.done() and not chore.cancelled() and chore.exception():
             # A failed keep-alive or renewal ends the sidecar, as it ended the task version;
             # `_stopped` re-raises it.
-            self._timer = None
-            return
+            self._wheel = None
+            return False
         if not self._checks(now):
-            self._timer = None
-            return
+            self._wheel = None
+            return False
         if chore is None or chore.done():
             keepalive = self._keepalive_due(now)
             renew = self._renew is not None and self._renew_due(now)
             if keepalive or renew:
                 self._chore = self._loop.create_task(self._chores(keepalive, renew))
-        self._timer = self._loop.call_at(now + self._tick_s, self._on_tick)
+        return True
 
     async def _chores(self, keepalive: bool, renew: bool) -> None:
         if keepalive:
@@ -500,6 +506,81 @@ class StreamRelay:
             raise error
         assert result is not None  # noqa: S101 - set unless cancelled, handled above
         return result
+
+
+# Slots of a tick wheel (see `_TickWheel`): how many times a tick its timer fires.
+WHEEL_SLOTS = 8
+
+
+class _TickWheel:
+    """One loop timer for the sidecars of every relay with the same tick period: it fires
+    `WHEEL_SLOTS` times a period and ticks one slot's relays each time, so each relay is
+    ticked once a period (its first tick about a period after it joined) and the work is
+    spread over the period.
+
+    Why: a timer per relay, re-armed every tick, held ~700 bytes per live answer (a uvloop
+    TimerHandle and UVTimer, a bound method; bench/stream_memory.py), and cost a call_at a
+    tick each.
+    """
+
+    __slots__ = ("_cursor", "_handle", "_key", "_loop", "_n", "_slots", "_step")
+
+    # The wheels of the running loops, by (loop, period); a wheel leaves when it empties.
+    _wheels: ClassVar[dict[tuple[asyncio.AbstractEventLoop, float], _TickWheel]] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, period_s: float) -> None:
+        self._loop = loop
+        self._key = (loop, period_s)
+        self._step = period_s / WHEEL_SLOTS
+        self._slots: list[dict[StreamRelay, None]] = [{} for _ in range(WHEEL_SLOTS)]
+        self._cursor = 0  # the slot the timer ticks next
+        self._handle: asyncio.TimerHandle | None = None
+        self._n = 0
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop, period_s: float) -> _TickWheel:
+        """The wheel of `loop` for `period_s`."""
+        wheel = cls._wheels.get((loop, period_s))
+        if wheel is None:
+            wheel = cls._wheels[(loop, period_s)] = cls(loop, period_s)
+        return wheel
+
+    def add(self, relay: StreamRelay) -> int:
+        """Tick `relay` from about a period from now on; its slot (for `remove`)."""
+        slot = (self._cursor - 1) % WHEEL_SLOTS  # the slot ticked last from now
+        self._slots[slot][relay] = None
+        self._n += 1
+        if self._handle is None:
+            self._handle = self._loop.call_later(self._step, self._turn)
+        return slot
+
+    def remove(self, relay: StreamRelay, slot: int) -> None:
+        """Stop ticking `relay` (no-op when it is not on the wheel)."""
+        if relay in self._slots[slot]:
+            del self._slots[slot][relay]
+            self._left()
+
+    def _left(self) -> None:
+        self._n -= 1
+        if self._n == 0:
+            if self._handle is not None:
+                self._handle.cancel()
+                self._handle = None
+            if self._wheels.get(self._key) is self:
+                del self._wheels[self._key]
+
+    def _turn(self) -> None:
+        self._handle = None
+        slot = self._slots[self._cursor]
+        self._cursor = (self._cursor + 1) % WHEEL_SLOTS
+        if slot:
+            now = self._loop.time()
+            for relay in list(slot):
+                if relay in slot and not relay._on_tick(now):
+                    del slot[relay]
+                    self._left()
+        if self._n and self._handle is None:
+            self._handle = self._loop.call_later(self._step, self._turn)
 
 
 class LiveSink:
