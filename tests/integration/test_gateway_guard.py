@@ -270,3 +270,46 @@ def test_websocket_upgrades_pass_the_guard_and_stay_counted(mock: MockServer) ->
         with pytest.raises(InvalidStatus) as refused:
             ws_connect(rebinding, open_timeout=5, additional_headers={"Host": "evil.example"})
         assert refused.value.response.status_code == 403
+
+
+def test_a_connection_serves_requests_after_a_long_answer(mock: MockServer) -> None:
+    """A streamed answer that outlasts the head timeout (the guard then lets the connection's
+    parser go, between messages) is followed on the same connection by another request, sent
+    while the answer still streams (pipelined) and answered after it, then by a third."""
+    body = json.dumps(
+        {"model": "deepseek-chat", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    chat = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nX-Mock-Token-Ms: 40\r\nX-Mock-Tokens: 30\r\n"
+        b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+    )
+    health = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with (
+        guarded(mock.url, head_timeout_s=0.3, forward_headers=["x-mock-*"]) as server,
+        connect(server) as sock,
+    ):
+        sock.sendall(chat)
+        sock.settimeout(10.0)
+        started = time.monotonic()
+        streamed = b""
+        # Past the head timeout, with the answer still streaming (30 tokens, 40 ms apart).
+        while time.monotonic() - started < 0.6 and b"data: [DONE]" not in streamed:
+            streamed += _recv(sock)
+        assert b"data: [DONE]" not in streamed, "the answer ended before the head timeout"
+        sock.sendall(health)
+        while not streamed.endswith(b"\r\n\r\n") or b"\r\n0\r\n\r\n" not in streamed:
+            streamed += _recv(sock)
+        answer, _, second = streamed.partition(b"\r\n0\r\n\r\n")
+        assert b"data: [DONE]" in answer
+        while b'"status":"ok"' not in second:
+            second += _recv(sock)
+        assert second.startswith(b"HTTP/1.1 200")
+        sock.sendall(health)
+        assert read_response(sock)[0] == 200
+
+
+def _recv(sock: socket.socket) -> bytes:
+    data = sock.recv(65536)
+    assert data, "the gateway closed the connection"
+    return data
