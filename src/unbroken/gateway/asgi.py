@@ -99,6 +99,11 @@ class Exchange:
             self._headers = dict(self.scope.get("headers", ()))
         return self._headers.get(name)
 
+    def forget_headers(self) -> None:
+        """Let the request headers' dict go (`header` makes it again if asked): a live
+        answer does not hold it (224 bytes; bench/stream_memory.py)."""
+        self._headers = None
+
     def transport(self) -> Any:
         """The connection's transport when the server exposes it, else None."""
         return self.scope.get("extensions", {}).get(TRANSPORT_EXTENSION)

@@ -66,6 +66,8 @@ _SSE_HEADERS = [
 # then fails to parse as JSON. A bare comment line is ignored by every SSE reader.
 _KEEPALIVE = b": keep-alive\n"
 _DONE = b"data: [DONE]\n\n"
+# A relay's response headers once they were sent.
+_SENT: list[tuple[bytes, bytes]] = []
 # The payload of a stream log's last event (gateway/streams.py `DONE`).
 _DONE_PAYLOAD = b"[DONE]"
 
@@ -193,6 +195,8 @@ class StreamRelay:
 
     async def _start_sse(self) -> None:
         await self._ex.start(200, self._headers)
+        # Sent: not held for the answer's life (~200 bytes).
+        self._headers = _SENT
 
     async def _write(self, data: bytes, more: bool = True) -> None:
         if self._busy:
@@ -205,6 +209,7 @@ class StreamRelay:
                 await ex.send({"type": "http.response.body", "body": data, "more_body": more})
             elif data and more:
                 await ex.start_with(200, self._headers, data)  # the head in the same write
+                self._headers = _SENT
             else:
                 await self._start_sse()
                 await ex.send({"type": "http.response.body", "body": data, "more_body": more})
@@ -713,6 +718,7 @@ class HeadSink:
             return False
         if not started:
             return False
+        relay._headers = _SENT  # not held for the answer's life (~200 bytes)
         self.last = first + len(payloads) - 1
         relay._n_direct += len(payloads)
         # Its time, not the sidecar's next tick: once a request, and the keep-alive that
