@@ -121,6 +121,10 @@ class Guard:
         # it accepts has it as its local address, so none asks the kernel (~4 us each).
         self.local_address: tuple[str, int] | None = None
         self._loop: tuple[int, int, asyncio.AbstractEventLoop] | None = None  # see event_loop
+        # See task_done: the set, and its discard method.
+        self._discard: (
+            tuple[set[asyncio.Task[None]], Callable[[asyncio.Task[None]], None]] | None
+        ) = None
 
     def event_loop(self) -> asyncio.AbstractEventLoop:
         """The running event loop (call from it), remembered per thread and process: asyncio
@@ -151,6 +155,12 @@ class Guard:
             self.per_client[client] = held
         else:
             self.per_client.pop(client, None)
+
+    def task_done(self, tasks: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+        """`tasks.discard`, made once for the server's set of request tasks."""
+        if self._discard is None or self._discard[0] is not tasks:
+            self._discard = (tasks, tasks.discard)
+        return self._discard[1]
 
     def refused(self, reason: str) -> None:
         """Count one refusal."""
@@ -578,6 +588,16 @@ class GuardedProtocol(HttpToolsProtocol):
         self._phase = Phase.APP  # data_received stops the timer
         self._parsing = False
         super().on_message_complete()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        # uvicorn's, with one `tasks.discard` bound method for every request (uvicorn made
+        # one a request, held by the task for its life: 72 bytes per live answer).
+        if self.config.reset_contextvars:
+            super()._start_asgi_task(cycle, app)
+            return
+        task = self.loop.create_task(cycle.run_asgi(app))
+        task.add_done_callback(self.guard.task_done(self.tasks))
+        self.tasks.add(task)
 
     def on_response_complete(self) -> None:
         # uvicorn's, with the connection's one timer as the keep-alive timer: left armed
