@@ -195,8 +195,13 @@ class StreamRelay:
 
     async def _start_sse(self) -> None:
         await self._ex.start(200, self._headers)
-        # Sent: not held for the answer's life (~200 bytes).
+        self._sent()
+
+    def _sent(self) -> None:
+        """The response's head is out: its headers, and the request's, are not held for the
+        answer's life (~200 and ~500 bytes)."""
         self._headers = _SENT
+        self._ex.started_streaming()
 
     async def _write(self, data: bytes, more: bool = True) -> None:
         if self._busy:
@@ -209,7 +214,7 @@ class StreamRelay:
                 await ex.send({"type": "http.response.body", "body": data, "more_body": more})
             elif data and more:
                 await ex.start_with(200, self._headers, data)  # the head in the same write
-                self._headers = _SENT
+                self._sent()
             else:
                 await self._start_sse()
                 await ex.send({"type": "http.response.body", "body": data, "more_body": more})
@@ -718,7 +723,7 @@ class HeadSink:
             return False
         if not started:
             return False
-        relay._headers = _SENT  # not held for the answer's life (~200 bytes)
+        relay._sent()
         self.last = first + len(payloads) - 1
         relay._n_direct += len(payloads)
         # Its time, not the sidecar's next tick: once a request, and the keep-alive that
