@@ -220,6 +220,10 @@ class Gateway:
         self._max_choices = 1 if all(r.dialect == "deepseek" for r in routes) else 16
         self.draining = False
         self._relays: set[StreamRelay] = set()
+        # The ASGI entry of `http` scopes, for a server that knows the scope's type before
+        # it calls the app (gateway/guard.py): one coroutine less on every request's stack,
+        # 256 bytes per live answer (bench/stream_memory.py).
+        self.asgi_http: Callable[[Scope, Receive, Send], Awaitable[None]] = self._http
         self._origins = frozenset(g.cors_origins)
         self._exact = frozenset(h.lower() for h in g.forward_headers if not h.endswith("*"))
         self._prefixes = tuple(h.lower()[:-1] for h in g.forward_headers if h.endswith("*"))

@@ -595,6 +595,9 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.config.reset_contextvars:
             super()._start_asgi_task(cycle, app)
             return
+        if app is self.app:
+            # The app's own entry of HTTP requests, when it has one (gateway/app.py).
+            app = getattr(app, "asgi_http", app)
         task = self.loop.create_task(cycle.run_asgi(app))
         task.add_done_callback(self.guard.task_done(self.tasks))
         self.tasks.add(task)
