@@ -141,7 +141,7 @@ def test_text_split_into_any_deltas_folds_to_the_text(text: str, sizes: list[int
     )
 )
 def test_long_answers_fold_whole_through_the_piece_joining(pieces: list[str]) -> None:
-    """Past MAX_PIECES deltas the kept pieces are joined into one; content and reasoning
+    """Past MAX_PIECES deltas the kept pieces are folded; content and reasoning
     still fold to join_text of every delta, surrogate halves cut at any join included, and
     the deltas are still counted."""
     acc = ChunkAccumulator()

@@ -74,7 +74,7 @@ class _Choice:
     def __init__(self) -> None:
         self.role: str | None = None
         # Non-empty content and reasoning deltas: counted as they come, since the pieces
-        # themselves are joined past MAX_PIECES.
+        # themselves are folded past MAX_PIECES.
         self.n_text_deltas = 0
         self.content: list[str] | None = None
         self.reasoning: list[str] | None = None
@@ -120,18 +120,27 @@ def join_text(pieces: list[str]) -> str:
     return text
 
 
-# Text pieces kept before they are joined into one: a str per token cost ~55 bytes each
-# (a gateway holds every live answer twice, in the run and in its attempt). Joining with
-# "".join early is what `join_text` does first anyway. 16, not 64: a live stream holds
-# ~8 pieces on average instead of ~32 (~1.3 KB less, bench/stream_memory.py); rejoining the
-# text every 16 tokens costs ~0.1 us per chunk even at 8,000-token answers.
-MAX_PIECES = 16
+# Text pieces kept before they are folded: a str per token costs ~55 bytes (a gateway holds
+# every live answer's text, bench/hotpath.py --memory). Folding (`_fold`) joins the recent
+# pieces into one and, once they outgrow a sixteenth of the rest, everything into one: a
+# live answer holds ~5 strs (~0.3 KB less than joining all every 16 tokens), and each
+# character is copied a bounded number of times however long the answer.
+MAX_PIECES = 8
+
+
+def _fold(pieces: list[str]) -> None:
+    """Join `pieces` (the bulk, then the recent pieces) as the module comment says."""
+    recent = "".join(pieces[1:])
+    if len(recent) * 16 < len(pieces[0]):
+        pieces[1:] = [recent]
+    else:
+        pieces[:] = [pieces[0] + recent]
 
 
 def _add_piece(pieces: list[str], piece: str) -> None:
     pieces.append(piece)
     if len(pieces) >= MAX_PIECES:
-        pieces[:] = ["".join(pieces)]
+        _fold(pieces)
 
 
 def _is_high_surrogate(text: str) -> bool:
@@ -273,7 +282,7 @@ class ChunkAccumulator:
                     # `_add_piece` inlined: this runs twice per relayed chunk.
                     pieces.append(content)
                     if len(pieces) >= MAX_PIECES:
-                        pieces[:] = ["".join(pieces)]
+                        _fold(pieces)
                     if content:
                         state.n_text_deltas += 1
                 reasoning = delta.reasoning_content
@@ -308,7 +317,7 @@ class ChunkAccumulator:
             pieces = state.content = []
         pieces.append(text)
         if len(pieces) >= MAX_PIECES:
-            pieces[:] = ["".join(pieces)]
+            _fold(pieces)
         if text:
             state.n_text_deltas += 1
 
