@@ -601,3 +601,31 @@ def test_feed_text_folds_as_a_text_chunk_does() -> None:
         by_text.feed_text(index, text)
     assert by_text.completion() == by_chunks.completion()
     assert by_text.n_chunks == by_chunks.n_chunks
+
+
+def test_feed_text_folds_reasoning_as_a_reasoning_chunk_does() -> None:
+    """`feed_text(i, text, True)` folds what a chunk with only that reasoning_content (and
+    content null) does: reasoning before content, on choices seen before or not, empty
+    texts not counted as tokens."""
+    by_chunks, by_text = ChunkAccumulator(), ChunkAccumulator()
+    head = ChatCompletionChunk(
+        id="c", model="m", choices=[ChunkChoice(index=0, delta=Delta(role="assistant"))]
+    )
+    by_chunks.feed(head)
+    by_text.feed(head)
+    steps = [
+        (0, "", True),
+        *((0, f"r{i} ", True) for i in range(20)),
+        (3, "x", True),
+        (0, "", False),
+        *((0, f"c{i}", False) for i in range(12)),
+        (3, "y", False),
+    ]
+    for index, text, reasoning in steps:
+        delta = Delta(reasoning_content=text) if reasoning else Delta(content=text)
+        by_chunks.feed(ChatCompletionChunk(id="c", choices=[ChunkChoice(index=index, delta=delta)]))
+        by_text.feed_text(index, text, reasoning)
+    assert by_text.completion() == by_chunks.completion()
+    assert by_text.reasoning(0) == "".join(f"r{i} " for i in range(20))
+    assert by_text.n_text_deltas(0) == by_chunks.n_text_deltas(0) == 32
+    assert by_text.n_chunks == by_chunks.n_chunks

@@ -304,17 +304,23 @@ class ChunkAccumulator:
             if choice.finish_reason is not None:
                 state.finish_reason = choice.finish_reason
 
-    def feed_text(self, index: int, text: str) -> None:
-        """`feed` of a chunk that only brings `text` as choice `index`'s content (no role,
-        finish or usage), its head (id, model...) that of a chunk folded before: the
-        relay's text chunks (core/stream.py `ChatStreamDecoder.feed_one`), not decoded."""
+    def feed_text(self, index: int, text: str, reasoning: bool = False) -> None:
+        """`feed` of a chunk that only brings `text` as choice `index`'s content (its
+        reasoning_content with `reasoning`; no role, finish or usage), its head (id,
+        model...) that of a chunk folded before: the relay's text chunks (core/stream.py
+        `ChatStreamDecoder.feed_one`), not decoded."""
         self.n_chunks += 1
         state = self._choices.get(index)
         if state is None:
             state = self._choices[index] = _Choice()
-        pieces = state.content
-        if pieces is None:
-            pieces = state.content = []
+        if reasoning:
+            pieces = state.reasoning
+            if pieces is None:
+                pieces = state.reasoning = []
+        else:
+            pieces = state.content
+            if pieces is None:
+                pieces = state.content = []
         pieces.append(text)
         if len(pieces) >= MAX_PIECES:
             _fold(pieces)
