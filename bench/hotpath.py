@@ -51,7 +51,10 @@ from unbroken.gateway.upstream import _Connection  # noqa: E402
 from unbroken.settings import GatewaySettings, LimitSettings, Settings  # noqa: E402
 
 # No pacing: the recording is replayed read by read, so the mock's timing does not matter.
-RECORD_CONFIG = f"MockConfig(seed=1, answer_tokens=({CHUNKS - 2}, {CHUNKS - 2}))"
+RECORD_CONFIG = (
+    f"MockConfig(seed=1, answer_tokens=({CHUNKS - 2}, {CHUNKS - 2}), "
+    f"reasoning_tokens=({CHUNKS // 2}, {CHUNKS // 2}))"
+)
 # Where `--memory` holds its answers: 100 to 119 chunks, evenly (bench/stream_memory.py holds
 # them from 100 chunks on, median 110), so the stream log's blocks are seen at every fill.
 HELD_CHUNKS = 100
@@ -67,7 +70,7 @@ MEMORY_FILES = (
     "core/attempt.py",
 )
 BODY = (
-    b'{"model":"deepseek-chat","stream":true,"stream_options":{"include_usage":true},'
+    b'{"model":"%s","stream":true,"stream_options":{"include_usage":true},'
     b'"messages":[{"role":"user","content":"benchmark 1"}]}'
 )
 
@@ -103,17 +106,18 @@ class CountingTransport:
         return default
 
 
-def record(url: str) -> tuple[bytes, list[bytes]]:
+def record(url: str, model: str) -> tuple[bytes, list[bytes]]:
     """The response head and the body's chunked frames (one event each) of one answer."""
+    body = BODY % model.encode()
     host, port = url.removeprefix("http://").split(":")
     head = (
         f"POST /chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
         f"Authorization: Bearer sk\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(BODY)}\r\n\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     raw = b""
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(head + BODY)
+        sock.sendall(head + body)
         while not raw.endswith(b"0\r\n\r\n"):
             data = sock.recv(1 << 16)
             if not data:
@@ -158,7 +162,8 @@ class Answer:
 
 
 class Bench:
-    def __init__(self, head: bytes, frames: list[bytes]) -> None:
+    def __init__(self, head: bytes, frames: list[bytes], model: str = "deepseek-chat") -> None:
+        self.model = model
         self.head = head
         self.frames = frames
         # The frames of content chunks: the role chunk to the last token (the usage chunk,
@@ -191,7 +196,7 @@ class Bench:
         read, a live reader handed off to the producer: ready for the body's reads."""
         caller = Caller(id="bench", name="bench", limits=LimitSettings())
         request = ChatRequest(
-            model="deepseek-chat",
+            model=self.model,
             messages=[{"role": "user", "content": "benchmark 1"}],
             stream=True,
             fallbacks=[],
@@ -350,12 +355,17 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=200, help="answers measured")
     parser.add_argument("--profile", default=None, help="write a cProfile of the gateway side")
     parser.add_argument(
+        "--model",
+        default="deepseek-chat",
+        help="the answer relayed: deepseek-reasoner's has 100 reasoning chunks first",
+    )
+    parser.add_argument(
         "--memory", type=int, default=0, help="hold this many answers open; print memory"
     )
     args = parser.parse_args()
     with mock_process(RECORD_CONFIG) as url:
-        head, frames = record(url)
-    bench = Bench(head, frames)
+        head, frames = record(url, args.model)
+    bench = Bench(head, frames, args.model)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is part of the [gateway] extra
