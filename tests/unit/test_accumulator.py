@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from unbroken.core import accumulator
 from unbroken.core.accumulator import ChunkAccumulator, join_text
 from unbroken.core.events import ReasoningEvent, RoleEvent, TextEvent, ToolCallEvent
 from unbroken.core.stream import fold
@@ -629,3 +630,36 @@ def test_feed_text_folds_reasoning_as_a_reasoning_chunk_does() -> None:
     assert by_text.reasoning(0) == "".join(f"r{i} " for i in range(20))
     assert by_text.n_text_deltas(0) == by_chunks.n_text_deltas(0) == 32
     assert by_text.n_chunks == by_chunks.n_chunks
+
+
+def test_model_fingerprint_and_role_are_kept_once_for_all_answers() -> None:
+    """Answers of the same model share its str (and fingerprint's, role's); distinct models
+    are shared up to a bound, long ones never; the folded answers are unchanged."""
+
+    def answer(model: str, fingerprint: str = "fp_1") -> ChunkAccumulator:
+        acc = ChunkAccumulator()
+        delta = Delta(role="".join(["assis", "tant"]), content="x")
+        acc.feed(
+            ChatCompletionChunk(
+                id="c",
+                model="".join(model),  # a str of its own, as each decode makes
+                system_fingerprint="".join(fingerprint),
+                choices=[ChunkChoice(delta=delta)],
+            )
+        )
+        return acc
+
+    accumulator._SHARED.clear()  # what earlier tests' answers left there
+    first, second = answer("shared-model"), answer("shared-model")
+    assert first.model is second.model
+    assert first.system_fingerprint is second.system_fingerprint
+    assert first.role() is second.role()
+    assert second.completion().model == "shared-model"
+    long_name = "m" * (accumulator.SHARED_MAX_CHARS + 1)
+    assert answer(long_name).model is not answer(long_name).model
+    for i in range(accumulator.SHARED_MAX + 10):
+        answer(f"model-{i}")
+    assert len(accumulator._SHARED) == accumulator.SHARED_MAX
+    last = f"model-{accumulator.SHARED_MAX + 5}"
+    assert answer(last).model is not answer(last).model
+    assert answer(last).completion().model == last

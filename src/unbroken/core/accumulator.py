@@ -5,7 +5,6 @@ Imports only the standard library and core siblings.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from unbroken.core.events import (
@@ -144,6 +143,24 @@ def _add_piece(pieces: list[str], piece: str) -> None:
         _fold(pieces)
 
 
+# The model, fingerprint and role of an answer: the same few strs in every live answer, kept
+# once each instead of a copy per answer (~200 bytes per held stream, bench/hotpath.py
+# --memory). Bounded: an upstream that names a new model per answer fills it, then is
+# simply not shared.
+_SHARED: dict[str, str] = {}
+SHARED_MAX = 256
+SHARED_MAX_CHARS = 128
+
+
+def _share(text: str) -> str:
+    shared = _SHARED.get(text)
+    if shared is not None:
+        return shared
+    if len(_SHARED) < SHARED_MAX and len(text) <= SHARED_MAX_CHARS:
+        _SHARED[text] = text
+    return text
+
+
 def _is_high_surrogate(text: str) -> bool:
     return "\ud800" <= text[-1] <= "\udbff"
 
@@ -252,13 +269,11 @@ class ChunkAccumulator:
         if not self.id and chunk.id:
             self.id = chunk.id
         if not self.model and chunk.model:
-            # Interned (model, fingerprint, role): the same few strs in every live answer
-            # instead of a copy each (~200 bytes per held stream, bench/hotpath.py --memory).
-            self.model = sys.intern(chunk.model)
+            self.model = _share(chunk.model)
         if not self.created and chunk.created:
             self.created = chunk.created
         if self.system_fingerprint is None and chunk.system_fingerprint:
-            self.system_fingerprint = sys.intern(chunk.system_fingerprint)
+            self.system_fingerprint = _share(chunk.system_fingerprint)
         if chunk.usage is not None:
             self.usage = chunk.usage
 
@@ -276,7 +291,7 @@ class ChunkAccumulator:
                 state = self._choices[choice.index] = _Choice()
             if delta is not None:
                 if delta.role is not None and state.role is None:
-                    state.role = sys.intern(delta.role)
+                    state.role = _share(delta.role)
                 content = delta.content
                 if content is not None:
                     pieces = state.content
