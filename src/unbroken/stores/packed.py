@@ -19,9 +19,10 @@ __all__ = ["BLOCK_EVENTS", "PackedEvents"]
 
 # Events per compressed block. 16, not 32: a live answer keeps up to this many events raw
 # (~300 bytes each) on top of the 8 the relay's producer keeps anyway (gateway/streams.py
-# `LOCAL_TAIL_EVENTS`): bench/hotpath.py --memory, 1.5 KB less per live answer at 100-119
-# chunks, for ~11 bytes an event compressed instead of ~10. 8 saved 0.2 KB more but cost
-# 0.3 us more per chunk (a seal's fixed cost, ~10 us in the relay's loop).
+# `LOCAL_TAIL_EVENTS`): 1.5 KB less per live answer at 100-119 chunks (bench/hotpath.py
+# --memory; bench/stream_memory.py traced: 14.1 -> 9.4 payloads held), for ~11 bytes an
+# event compressed instead of ~10 and ~0.15 us more per chunk (bench/hotpath.py: a seal
+# costs ~6-10 us, mostly fixed). 8 saved 0.2 KB more for another 0.3 us.
 BLOCK_EVENTS = 16
 # zlib's fastest level: level 6 saved 10% more for 2.3x the time.
 LEVEL = 1
