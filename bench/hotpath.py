@@ -13,6 +13,11 @@ chunk of each and the ratio.
 A measuring aid for this path only: the syscalls, the event loop's own work and the
 per-request costs (routing, limits, the response head, usage) are not in it, so its ratio
 is not bench/gateway.py's. Run: `python bench/hotpath.py [--streams N] [--profile FILE]`.
+
+`--memory N` instead holds N answers open after `HELD_CHUNKS` chunks each, traced by
+tracemalloc, and prints the Python memory they hold per answer (all of it, and the lines of
+the decoder, the accumulator and the stream log that allocated it); the floor relay holds
+nothing per answer between reads, so that figure is the whole difference.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import socket
 import statistics
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -45,9 +51,26 @@ from unbroken.gateway.upstream import _Connection  # noqa: E402
 from unbroken.settings import GatewaySettings, LimitSettings, Settings  # noqa: E402
 
 # No pacing: the recording is replayed read by read, so the mock's timing does not matter.
-RECORD_CONFIG = f"MockConfig(seed=1, answer_tokens=({CHUNKS - 2}, {CHUNKS - 2}))"
+RECORD_CONFIG = (
+    f"MockConfig(seed=1, answer_tokens=({CHUNKS - 2}, {CHUNKS - 2}), "
+    f"reasoning_tokens=({CHUNKS // 2}, {CHUNKS // 2}))"
+)
+# Where `--memory` holds its answers: 100 to 119 chunks, evenly (bench/stream_memory.py holds
+# them from 100 chunks on, median 110), so the stream log's blocks are seen at every fill.
+HELD_CHUNKS = 100
+HELD_SPREAD = 20
+# The files whose allocations `--memory` lists line by line.
+MEMORY_FILES = (
+    "core/stream.py",
+    "core/sse.py",
+    "core/accumulator.py",
+    "core/wire.py",
+    "stores/packed.py",
+    "stores/streamlog.py",
+    "core/attempt.py",
+)
 BODY = (
-    b'{"model":"deepseek-chat","stream":true,"stream_options":{"include_usage":true},'
+    b'{"model":"%s","stream":true,"stream_options":{"include_usage":true},'
     b'"messages":[{"role":"user","content":"benchmark 1"}]}'
 )
 
@@ -83,17 +106,18 @@ class CountingTransport:
         return default
 
 
-def record(url: str) -> tuple[bytes, list[bytes]]:
+def record(url: str, model: str) -> tuple[bytes, list[bytes]]:
     """The response head and the body's chunked frames (one event each) of one answer."""
+    body = BODY % model.encode()
     host, port = url.removeprefix("http://").split(":")
     head = (
         f"POST /chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
         f"Authorization: Bearer sk\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(BODY)}\r\n\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     raw = b""
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(head + BODY)
+        sock.sendall(head + body)
         while not raw.endswith(b"0\r\n\r\n"):
             data = sock.recv(1 << 16)
             if not data:
@@ -126,8 +150,20 @@ def counting_cycle(transport: CountingTransport) -> Any:
     )
 
 
+class Answer:
+    """An answer being relayed: its producer, upstream connection and live reader."""
+
+    def __init__(self, producer: Any, conn: _Connection, sink: LiveSink, handed: Any) -> None:
+        self.producer = producer
+        self.conn = conn
+        self.sink = sink
+        self.handed = handed
+        self.n_fed = 0  # the body's frames fed so far (`--memory`)
+
+
 class Bench:
-    def __init__(self, head: bytes, frames: list[bytes]) -> None:
+    def __init__(self, head: bytes, frames: list[bytes], model: str = "deepseek-chat") -> None:
+        self.model = model
         self.head = head
         self.frames = frames
         # The frames of content chunks: the role chunk to the last token (the usage chunk,
@@ -155,11 +191,12 @@ class Bench:
         )
         return Gateway(settings)
 
-    async def gateway_once(self, gw: Gateway) -> float:
-        """One answer through the gateway's objects; us of Python work per timed chunk."""
+    async def open_answer(self, gw: Gateway) -> Answer:
+        """One answer started through the gateway's objects, its upstream response head
+        read, a live reader handed off to the producer: ready for the body's reads."""
         caller = Caller(id="bench", name="bench", limits=LimitSettings())
         request = ChatRequest(
-            model="deepseek-chat",
+            model=self.model,
             messages=[{"role": "user", "content": "benchmark 1"}],
             stream=True,
             fallbacks=[],
@@ -186,21 +223,70 @@ class Bench:
         sink = LiveSink(relay, DirectBody(counting_cycle(down)))
         handed = asyncio.ensure_future(producer.hand_off(sink, producer.n_events))
         await asyncio.sleep(0)
-        feed = conn.data_received
+        return Answer(producer, conn, sink, handed)
+
+    async def close_answer(self, answer: Answer, frames: list[bytes]) -> None:
+        """Feed the answer's remaining `frames` and wait until it completed."""
+        producer = answer.producer
+        for frame in frames:
+            answer.conn.data_received(frame)
+        assert producer.task is not None
+        await producer.task
+        await answer.handed
+        assert producer.completion is not None, producer.reason
+        producer.detach(time.time())
+
+    async def gateway_once(self, gw: Gateway) -> float:
+        """One answer through the gateway's objects; us of Python work per timed chunk."""
+        answer = await self.open_answer(gw)
+        feed = answer.conn.data_received
         timed = self.timed
         started = time.thread_time_ns()
         for frame in timed:
             feed(frame)
         elapsed = time.thread_time_ns() - started
-        assert sink.last == len(timed), f"the sink took {sink.last} of {len(timed)} chunks"
-        for frame in self.rest:
-            feed(frame)
-        assert producer.task is not None
-        await producer.task
-        await handed
-        assert producer.completion is not None, producer.reason
-        producer.detach(time.time())
+        last = answer.sink.last
+        assert last == len(timed), f"the sink took {last} of {len(timed)} chunks"
+        await self.close_answer(answer, self.rest)
         return elapsed / 1000 / len(timed)
+
+    async def held(self, gw: Gateway, n: int) -> None:
+        """Hold `n` answers open at `HELD_CHUNKS` chunks; print what they hold per answer."""
+        gc.collect()
+        tracemalloc.start(8)
+        before = tracemalloc.take_snapshot()
+        answers = []
+        for i in range(n):
+            answer = await self.open_answer(gw)
+            answer.n_fed = HELD_CHUNKS + i % HELD_SPREAD
+            for frame in self.timed[: answer.n_fed]:
+                answer.conn.data_received(frame)
+            answers.append(answer)
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+        total = sum(d.size_diff for d in after.compare_to(before, "filename"))
+        print(
+            f"{n} answers held at {HELD_CHUNKS}-{HELD_CHUNKS + HELD_SPREAD - 1} chunks "
+            f"(Python allocations, tracemalloc)"
+        )
+        print(f"all         {total / n / 1024:7.2f} KiB/answer")
+        ours = [
+            d
+            for d in after.compare_to(before, "lineno")
+            if any(d.traceback[0].filename.endswith(f) for f in MEMORY_FILES)
+        ]
+        mine = sum(d.size_diff for d in ours)
+        print(f"log+decoder+accumulator {mine / n / 1024:5.2f} KiB/answer, by allocation line:")
+        for d in sorted(ours, key=lambda d: -d.size_diff)[:12]:
+            line = d.traceback[0]
+            where = "/".join(line.filename.split("/")[-2:])
+            print(
+                f"  {d.size_diff / n:7.0f} B {d.count_diff / n:5.1f} blocks  {where}:{line.lineno}"
+            )
+        print("floor       0.00 KiB/answer (bytes passed through: nothing held between reads)")
+        for answer in answers:
+            await self.close_answer(answer, self.timed[answer.n_fed :] + self.rest)
 
     def floor_once(self) -> float:
         """The same reads through the floor relay's upstream protocol."""
@@ -216,11 +302,15 @@ class Bench:
         return elapsed / 1000 / len(self.timed)
 
 
-async def run(bench: Bench, streams: int, profile: str | None) -> None:
+async def run(bench: Bench, streams: int, profile: str | None, memory: int) -> None:
     gw = await bench.setup()
     for _ in range(5):  # warm up (imports, first-call caches)
         await bench.gateway_once(gw)
         bench.floor_once()
+    if memory:
+        await bench.held(gw, memory)
+        await gw.client.aclose()
+        return
     gc.collect()
     gc.freeze()  # as `unbroken serve` does after start-up, with its thresholds
     gc.set_threshold(*GC_THRESHOLDS)
@@ -264,16 +354,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=200, help="answers measured")
     parser.add_argument("--profile", default=None, help="write a cProfile of the gateway side")
+    parser.add_argument(
+        "--model",
+        default="deepseek-chat",
+        help="the answer relayed: deepseek-reasoner's has 100 reasoning chunks first",
+    )
+    parser.add_argument(
+        "--memory", type=int, default=0, help="hold this many answers open; print memory"
+    )
     args = parser.parse_args()
     with mock_process(RECORD_CONFIG) as url:
-        head, frames = record(url)
-    bench = Bench(head, frames)
+        head, frames = record(url, args.model)
+    bench = Bench(head, frames, args.model)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is part of the [gateway] extra
-        asyncio.run(run(bench, args.streams, args.profile))
+        asyncio.run(run(bench, args.streams, args.profile, args.memory))
     else:
-        uvloop.run(run(bench, args.streams, args.profile))
+        uvloop.run(run(bench, args.streams, args.profile, args.memory))
 
 
 if __name__ == "__main__":

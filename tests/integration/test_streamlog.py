@@ -280,7 +280,7 @@ async def test_wait_returns_on_append_or_timeout(log: StreamLog) -> None:
 
 
 async def test_reads_across_packed_blocks_match_what_was_appended(log: StreamLog) -> None:
-    """Past many blocks of packed events (memory: 32 per zlib block), with batches that
+    """Past many blocks of packed events (memory: 8 per zlib block), with batches that
     straddle blocks, any page read gives back exactly the payloads appended, in order,
     while the log is open and after it ended (the last block sealed)."""
     import random

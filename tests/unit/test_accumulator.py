@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from unbroken.core import accumulator
 from unbroken.core.accumulator import ChunkAccumulator, join_text
 from unbroken.core.events import ReasoningEvent, RoleEvent, TextEvent, ToolCallEvent
 from unbroken.core.stream import fold
@@ -141,7 +142,7 @@ def test_text_split_into_any_deltas_folds_to_the_text(text: str, sizes: list[int
     )
 )
 def test_long_answers_fold_whole_through_the_piece_joining(pieces: list[str]) -> None:
-    """Past MAX_PIECES deltas the kept pieces are joined into one; content and reasoning
+    """Past MAX_PIECES deltas the kept pieces are folded; content and reasoning
     still fold to join_text of every delta, surrogate halves cut at any join included, and
     the deltas are still counted."""
     acc = ChunkAccumulator()
@@ -601,3 +602,64 @@ def test_feed_text_folds_as_a_text_chunk_does() -> None:
         by_text.feed_text(index, text)
     assert by_text.completion() == by_chunks.completion()
     assert by_text.n_chunks == by_chunks.n_chunks
+
+
+def test_feed_text_folds_reasoning_as_a_reasoning_chunk_does() -> None:
+    """`feed_text(i, text, True)` folds what a chunk with only that reasoning_content (and
+    content null) does: reasoning before content, on choices seen before or not, empty
+    texts not counted as tokens."""
+    by_chunks, by_text = ChunkAccumulator(), ChunkAccumulator()
+    head = ChatCompletionChunk(
+        id="c", model="m", choices=[ChunkChoice(index=0, delta=Delta(role="assistant"))]
+    )
+    by_chunks.feed(head)
+    by_text.feed(head)
+    steps = [
+        (0, "", True),
+        *((0, f"r{i} ", True) for i in range(20)),
+        (3, "x", True),
+        (0, "", False),
+        *((0, f"c{i}", False) for i in range(12)),
+        (3, "y", False),
+    ]
+    for index, text, reasoning in steps:
+        delta = Delta(reasoning_content=text) if reasoning else Delta(content=text)
+        by_chunks.feed(ChatCompletionChunk(id="c", choices=[ChunkChoice(index=index, delta=delta)]))
+        by_text.feed_text(index, text, reasoning)
+    assert by_text.completion() == by_chunks.completion()
+    assert by_text.reasoning(0) == "".join(f"r{i} " for i in range(20))
+    assert by_text.n_text_deltas(0) == by_chunks.n_text_deltas(0) == 32
+    assert by_text.n_chunks == by_chunks.n_chunks
+
+
+def test_model_fingerprint_and_role_are_kept_once_for_all_answers() -> None:
+    """Answers of the same model share its str (and fingerprint's, role's); distinct models
+    are shared up to a bound, long ones never; the folded answers are unchanged."""
+
+    def answer(model: str, fingerprint: str = "fp_1") -> ChunkAccumulator:
+        acc = ChunkAccumulator()
+        delta = Delta(role="".join(["assis", "tant"]), content="x")
+        acc.feed(
+            ChatCompletionChunk(
+                id="c",
+                model="".join(model),  # a str of its own, as each decode makes
+                system_fingerprint="".join(fingerprint),
+                choices=[ChunkChoice(delta=delta)],
+            )
+        )
+        return acc
+
+    accumulator._SHARED.clear()  # what earlier tests' answers left there
+    first, second = answer("shared-model"), answer("shared-model")
+    assert first.model is second.model
+    assert first.system_fingerprint is second.system_fingerprint
+    assert first.role() is second.role()
+    assert second.completion().model == "shared-model"
+    long_name = "m" * (accumulator.SHARED_MAX_CHARS + 1)
+    assert answer(long_name).model is not answer(long_name).model
+    for i in range(accumulator.SHARED_MAX + 10):
+        answer(f"model-{i}")
+    assert len(accumulator._SHARED) == accumulator.SHARED_MAX
+    last = f"model-{accumulator.SHARED_MAX + 5}"
+    assert answer(last).model is not answer(last).model
+    assert answer(last).completion().model == last

@@ -767,6 +767,52 @@ def test_relay_one_is_feed_with_lone_unchanged_chunks_as_their_bytes() -> None:
     assert relayed.verdict == fed.verdict
 
 
+def test_relay_one_folds_a_reasoners_stream_like_feed() -> None:
+    """A reasoner's answer (reasoning, then content, then reasoning again, a hidden
+    interrupting finish between, a second choice, a held tool call, usage) through
+    `relay_one` and through `feed`: the same bytes out, folds, first token time and end."""
+    reads = [
+        sse({"role": "assistant", "content": None, "reasoning_content": ""}),
+        sse({"content": None, "reasoning_content": ""}),  # the template, no token yet
+        *(sse({"content": None, "reasoning_content": f"r{i} "}) for i in range(20)),
+        sse({"content": None, "reasoning_content": "\u00e9\u2028"}),  # not plain: decoded
+        sse({"content": None, "reasoning_content": "x"}, index=1),  # another choice
+        sse({"content": None, "reasoning_content": "y"}, index=1),
+        sse({"content": "A", "reasoning_content": None}),
+        *(sse({"content": f"c{i}", "reasoning_content": None}) for i in range(10)),
+        sse({"content": None, "reasoning_content": "again"}),
+        sse({"content": None, "reasoning_content": "again"}),
+        sse({}, "insufficient_system_resource"),
+        sse({"content": None, "reasoning_content": "after"}),
+        sse({"tool_calls": [CALL]}),  # held
+        sse({"content": None, "reasoning_content": "z"}),  # releases it
+        sse({"content": "", "reasoning_content": None}, "stop", usage=USAGE),
+        DONE,
+    ]
+    fed = Attempt(AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0)
+    relayed = Attempt(AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0)
+    n_text = 0
+    for i, read in enumerate(reads):
+        template = relayed.decoder._head
+        got = relayed.relay_one(read, 1.0 + i)
+        chunks = fed.feed(read, 1.0 + i)
+        if isinstance(got, bytes):
+            n_text += bool(template) and read.startswith(template)
+            assert payloads(fed) == [got]
+            assert [msgspec.json.decode(got, type=ChatCompletionChunk)] == chunks
+        else:
+            assert got == chunks
+        assert relayed.first_token_at == fed.first_token_at
+    assert relayed.first_token_at == 3.0  # the first non-empty reasoning
+    assert n_text >= 28  # the reasoning and content texts after the first of each
+    assert fed.finish(99.0) == relayed.finish(99.0) == []
+    assert relayed.acc.completion() == fed.acc.completion()
+    assert relayed.acc.reasoning(0).startswith("r0 r1 ")
+    assert relayed.acc.n_text_deltas(0) == fed.acc.n_text_deltas(0)
+    assert relayed.usage == fed.usage == BILLED
+    assert relayed.verdict == fed.verdict
+
+
 def test_relay_one_decodes_a_malformed_chunk_into_an_error() -> None:
     """A lone event that is not a chunk ends the stream with the decoder's error, as `feed`
     does."""

@@ -289,10 +289,71 @@ def test_a_text_event_like_the_last_comes_as_its_text() -> None:
 
 
 @pytest.mark.parametrize(
+    ("json_text", "as_text"),
+    [
+        (b'a\\"b\\"', True),  # quotes
+        (b"\\n\\n", True),  # newlines
+        (b"\\\\", True),  # a backslash
+        (b"\\t|\\u00e9|\\u4e2d\\/", True),
+        (b"\\ud83d\\ude00", True),  # a surrogate pair
+        (b"\\ud83d", False),  # half of one: the chunk decoder's lenient path
+        ("\U0001f469\u200d\U0001f4bb \u00a0\u2028".encode(), True),  # not printable
+    ],
+)
+def test_a_text_event_with_escapes_comes_as_its_text(json_text: bytes, as_text: bool) -> None:
+    """Text the template's bytes hold as a JSON string with escapes (or characters
+    `isprintable` refuses) comes as the string's value, as `feed` would decode it; what
+    the string decoder refuses is decoded as a chunk."""
+    decoder = ChatStreamDecoder()
+    decoder.feed(b": hi\n\n")
+    assert isinstance(one(decoder, chunk(b'{"content":"Hel"}')), ChatCompletionChunk)
+    read = chunk(b'{"content":"' + json_text + b'"}')
+    decoded = decoded_like_feed(read)
+    got = one(decoder, read)
+    assert raw(decoder) == read[6:-2]
+    if as_text:
+        assert got == decoded.choices[0].delta.content  # type: ignore[union-attr]
+        assert decoder.text_chunk() == decoded
+    else:
+        assert got == decoded
+
+
+def test_a_reasoning_event_like_the_last_comes_as_its_text() -> None:
+    """A reasoner's chunks (`content` null, then `reasoning_content` null) are templates too:
+    reasoning text comes as a str with `text_reasoning`, and the first answer chunk, unlike
+    the reasoning template, is decoded and becomes the next template."""
+    decoder = ChatStreamDecoder()
+    decoder.feed(b": hi\n\n")
+    role = chunk(b'{"role":"assistant","content":null,"reasoning_content":""}')
+    assert isinstance(one(decoder, role), ChatCompletionChunk)
+    first = chunk(b'{"content":null,"reasoning_content":"Let"}')
+    assert isinstance(one(decoder, first), ChatCompletionChunk)
+    for text in (" me", " th\u00efnk \U0001f914", ""):
+        read = chunk(b'{"content":null,"reasoning_content":"' + text.encode() + b'"}')
+        assert one(decoder, read) == text
+        assert decoder.text_reasoning
+        assert raw(decoder) == read[6:-2]
+        assert decoder.text_chunk() == decoded_like_feed(read)
+        assert decoder.text_chunk().choices[0].delta == Delta(reasoning_content=text)
+    answer = chunk(b'{"content":"So","reasoning_content":null}')
+    assert one(decoder, answer) == decoded_like_feed(answer)
+    read = chunk(b'{"content":" yes","reasoning_content":null}')
+    assert one(decoder, read) == " yes"
+    assert not decoder.text_reasoning
+    assert decoder.text_chunk() == decoded_like_feed(read)
+    # Back to reasoning: not the template, decoded (and learnt again).
+    again = chunk(b'{"content":null,"reasoning_content":"hm"}')
+    assert one(decoder, again) == decoded_like_feed(again)
+    assert one(decoder, again) == "hm"
+    assert decoder.text_reasoning
+
+
+@pytest.mark.parametrize(
     "read",
     [
-        chunk(b'{"content":"a\\"b"}'),  # an escape: decoded
-        chunk(b'{"content":"a\\u00e9"}'),
+        chunk(b'{"content":"a","x":"b"}'),  # a quote ends the string: another shape
+        chunk(b'{"content":"a\\"}'),  # the tail's quote is escaped: not JSON
+        chunk(b'{"content":"a\\q"}'),  # a bad escape
         chunk(b'{"content":"caf\xc3"}'),  # not UTF-8
         chunk(b'{"content":"x"}', b'"stop"'),  # another tail
         chunk(b'{"content":"x"}')[:-2] + b"\r\n\r\n",
@@ -301,8 +362,8 @@ def test_a_text_event_like_the_last_comes_as_its_text() -> None:
     ],
 )
 def test_an_event_unlike_the_template_is_decoded(read: bytes) -> None:
-    """Anything but the template's bytes around plain text (no escape, quote or control
-    character, valid UTF-8) is decoded as `feed` decodes it, or left to `feed`."""
+    """Anything but the template's bytes around a JSON string's bytes (valid UTF-8, no
+    control character) is decoded as `feed` decodes it, or left to `feed`."""
     decoder = ChatStreamDecoder()
     decoder.feed(b": hi\n\n")
     assert isinstance(one(decoder, chunk(b'{"content":"Hel"}')), ChatCompletionChunk)
@@ -338,6 +399,8 @@ def test_the_template_needs_a_plain_text_chunk_with_its_text_once() -> None:
     not_templates = [
         chunk(b'{"content":"a"}', b'"stop"'),
         chunk(b'{"content":"a","reasoning_content":"b"}'),
+        chunk(b'{"reasoning_content":"a","reasoning":"a"}'),
+        chunk(b'{"reasoning_content":"a\\nb"}'),  # its reasoning is escaped in the JSON
         chunk(b'{"tool_calls":[]}'),
         chunk(b'{"content":"a\\u00e9"}'),  # its text is escaped in the JSON
         chunk(b'{"content":"a\\"b"}'),  # its text holds a quote

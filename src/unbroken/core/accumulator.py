@@ -74,7 +74,7 @@ class _Choice:
     def __init__(self) -> None:
         self.role: str | None = None
         # Non-empty content and reasoning deltas: counted as they come, since the pieces
-        # themselves are joined past MAX_PIECES.
+        # themselves are folded past MAX_PIECES.
         self.n_text_deltas = 0
         self.content: list[str] | None = None
         self.reasoning: list[str] | None = None
@@ -120,18 +120,45 @@ def join_text(pieces: list[str]) -> str:
     return text
 
 
-# Text pieces kept before they are joined into one: a str per token cost ~55 bytes each
-# (a gateway holds every live answer twice, in the run and in its attempt). Joining with
-# "".join early is what `join_text` does first anyway. 16, not 64: a live stream holds
-# ~8 pieces on average instead of ~32 (~1.3 KB less, bench/stream_memory.py); rejoining the
-# text every 16 tokens costs ~0.1 us per chunk even at 8,000-token answers.
-MAX_PIECES = 16
+# Text pieces kept before they are folded: a str per token costs ~55 bytes (a gateway holds
+# every live answer's text, bench/hotpath.py --memory). Folding (`_fold`) joins the recent
+# pieces into one and, once they outgrow a sixteenth of the rest, everything into one: a
+# live answer holds ~5 strs (~0.3 KB less than joining all every 16 tokens), and each
+# character is copied a bounded number of times however long the answer.
+MAX_PIECES = 8
+
+
+def _fold(pieces: list[str]) -> None:
+    """Join `pieces` (the bulk, then the recent pieces) as the module comment says."""
+    recent = "".join(pieces[1:])
+    if len(recent) * 16 < len(pieces[0]):
+        pieces[1:] = [recent]
+    else:
+        pieces[:] = [pieces[0] + recent]
 
 
 def _add_piece(pieces: list[str], piece: str) -> None:
     pieces.append(piece)
     if len(pieces) >= MAX_PIECES:
-        pieces[:] = ["".join(pieces)]
+        _fold(pieces)
+
+
+# The model, fingerprint and role of an answer: the same few strs in every live answer, kept
+# once each instead of a copy per answer (~200 bytes per held stream, bench/hotpath.py
+# --memory). Bounded: an upstream that names a new model per answer fills it, then is
+# simply not shared.
+_SHARED: dict[str, str] = {}
+SHARED_MAX = 256
+SHARED_MAX_CHARS = 128
+
+
+def _share(text: str) -> str:
+    shared = _SHARED.get(text)
+    if shared is not None:
+        return shared
+    if len(_SHARED) < SHARED_MAX and len(text) <= SHARED_MAX_CHARS:
+        _SHARED[text] = text
+    return text
 
 
 def _is_high_surrogate(text: str) -> bool:
@@ -242,11 +269,11 @@ class ChunkAccumulator:
         if not self.id and chunk.id:
             self.id = chunk.id
         if not self.model and chunk.model:
-            self.model = chunk.model
+            self.model = _share(chunk.model)
         if not self.created and chunk.created:
             self.created = chunk.created
         if self.system_fingerprint is None and chunk.system_fingerprint:
-            self.system_fingerprint = chunk.system_fingerprint
+            self.system_fingerprint = _share(chunk.system_fingerprint)
         if chunk.usage is not None:
             self.usage = chunk.usage
 
@@ -264,7 +291,7 @@ class ChunkAccumulator:
                 state = self._choices[choice.index] = _Choice()
             if delta is not None:
                 if delta.role is not None and state.role is None:
-                    state.role = delta.role
+                    state.role = _share(delta.role)
                 content = delta.content
                 if content is not None:
                     pieces = state.content
@@ -273,7 +300,7 @@ class ChunkAccumulator:
                     # `_add_piece` inlined: this runs twice per relayed chunk.
                     pieces.append(content)
                     if len(pieces) >= MAX_PIECES:
-                        pieces[:] = ["".join(pieces)]
+                        _fold(pieces)
                     if content:
                         state.n_text_deltas += 1
                 reasoning = delta.reasoning_content
@@ -295,20 +322,26 @@ class ChunkAccumulator:
             if choice.finish_reason is not None:
                 state.finish_reason = choice.finish_reason
 
-    def feed_text(self, index: int, text: str) -> None:
-        """`feed` of a chunk that only brings `text` as choice `index`'s content (no role,
-        finish or usage), its head (id, model...) that of a chunk folded before: the
-        relay's text chunks (core/stream.py `ChatStreamDecoder.feed_one`), not decoded."""
+    def feed_text(self, index: int, text: str, reasoning: bool = False) -> None:
+        """`feed` of a chunk that only brings `text` as choice `index`'s content (its
+        reasoning_content with `reasoning`; no role, finish or usage), its head (id,
+        model...) that of a chunk folded before: the relay's text chunks (core/stream.py
+        `ChatStreamDecoder.feed_one`), not decoded."""
         self.n_chunks += 1
         state = self._choices.get(index)
         if state is None:
             state = self._choices[index] = _Choice()
-        pieces = state.content
-        if pieces is None:
-            pieces = state.content = []
+        if reasoning:
+            pieces = state.reasoning
+            if pieces is None:
+                pieces = state.reasoning = []
+        else:
+            pieces = state.content
+            if pieces is None:
+                pieces = state.content = []
         pieces.append(text)
         if len(pieces) >= MAX_PIECES:
-            pieces[:] = ["".join(pieces)]
+            _fold(pieces)
         if text:
             state.n_text_deltas += 1
 

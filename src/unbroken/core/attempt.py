@@ -330,8 +330,8 @@ class Attempt:
                 if self.first_token_at is None and got:
                     self.first_token_at = now
                 if self._acc is not None:
-                    self._acc.feed_text(decoder.text_index, got)
-                self._answer.feed_text(decoder.text_index, got)
+                    self._acc.feed_text(decoder.text_index, got, decoder.text_reasoning)
+                self._answer.feed_text(decoder.text_index, got, decoder.text_reasoning)
                 return raw
             got = decoder.text_chunk()  # it releases held tool calls: `_deliver` does
         chunk = cast(ChatCompletionChunk, got)

@@ -47,6 +47,7 @@ INTERRUPTED_REASONS = frozenset({"insufficient_system_resource", "error", "abort
 
 _WHITESPACE = b" \t\r\n"
 _CONTENT_KEY = b'"content":"'
+_REASONING_KEY = b'"reasoning_content":"'
 
 
 class EndState(enum.Enum):
@@ -96,20 +97,24 @@ class ChatStreamDecoder:
     __slots__ = (
         "_body",
         "_body_size",
+        "_clean",
         "_decode_chunk",
         "_decode_completion",
         "_head",
         "_max",
         "_mode",
+        "_n_tail",
         "_raw_ok",
         "_sse",
         "_tail",
+        "_text_at",
         "done",
         "error",
         "n_comments",
         "n_ignored",
         "raw",
         "text_index",
+        "text_reasoning",
     )
 
     def __init__(
@@ -133,10 +138,17 @@ class ChatStreamDecoder:
         # as the only event of its read (valid UTF-8); else None.
         self.raw: bytes | None = None
         # The text template (see `feed_one`): the bytes of the last plain text chunk's event
-        # before and after its content's text, and its choice. Empty: none yet.
+        # before and after its text, its choice, and whether the text is reasoning (else
+        # content). Empty: none yet.
         self._head = b""
         self._tail = b""
+        self._text_at = self._n_tail = 0  # their lengths (no `len` call per chunk)
         self.text_index = 0
+        self.text_reasoning = False
+        # The SSE decoder holds nothing of an earlier event and its `last_event_id` is
+        # current: what `SSEDecoder.take_one` checks, known true after it took an event
+        # until `_sse.feed` runs again (saves a call per relayed chunk, ~0.1 us).
+        self._clean = False
 
     @property
     def finished(self) -> bool:
@@ -155,37 +167,38 @@ class ChatStreamDecoder:
         decode (`error` is set; `feed` then returns nothing). No list per read.
 
         A str instead of the chunk: the event is byte for byte the last plain text chunk's
-        (`id` to `finish_reason`: one choice, `text_index`, with only content) but for its
-        content, which is that str. The chunk is not decoded (`text_chunk` does): a relay
-        that folds the text and forwards `raw` needs no more (bench/hotpath.py: ~1 us per
-        chunk less than a decode and a fold).
+        (`id` to `finish_reason`: one choice, `text_index`, with only content, or only
+        reasoning_content when `text_reasoning`) but for that text's JSON string, whose
+        value is the str (escapes and all). The chunk is not decoded (`text_chunk` does): a
+        relay that folds the text and forwards `raw` needs no more (bench/hotpath.py: ~1 us
+        per chunk less than a decode and a fold).
         """
         if self._mode != "sse" or not self._raw_ok or self.done or self.error is not None:
             return None
         head = self._head
         if head and data.startswith(head) and data.endswith(self._tail):
-            end = len(data) - len(self._tail)
-            if end >= len(head) and len(data) - 7 <= self._max:
+            size = len(data)
+            start, end = self._text_at, size - self._n_tail
+            if end >= start and size - 7 <= self._max:
+                text: str | None
                 try:
-                    text: str | None = data[len(head) : end].decode()
+                    text = data[start:end].decode()
                 except UnicodeDecodeError:
                     text = None
                 # `_is_plain` inlined (~0.1 us a chunk less than a call and a regex).
-                if (
-                    text is not None
-                    and '"' not in text
-                    and "\\" not in text
-                    and text.isprintable()
-                    and self._sse.take_one()
-                ):
+                if text is not None and ('"' in text or "\\" in text or not text.isprintable()):
+                    # Escapes (a newline, a quote...) or characters `_is_plain` refuses:
+                    # the JSON string's value, when these bytes are one (~0.2 us, not a
+                    # decode of the chunk's ~3 us).
+                    text = _json_text(data[start:end])
+                if text is not None and (self._clean or self._take_one()):
                     self.raw = data[6:-2]
                     return text
         payload = self._sse.one_data_event(data)
-        if (
-            payload is None
-            or not payload.startswith(b"{")
-            or not (payload.isascii() or _is_utf8(payload))
-        ):
+        if payload is None:
+            return None
+        self._clean = True
+        if not payload.startswith(b"{") or not (payload.isascii() or _is_utf8(payload)):
             return None
         try:
             chunk = self._decode_chunk(payload)
@@ -196,6 +209,10 @@ class ChatStreamDecoder:
         self._learn(chunk, payload)
         return chunk
 
+    def _take_one(self) -> bool:
+        self._clean = self._sse.take_one()
+        return self._clean
+
     def text_chunk(self) -> ChatCompletionChunk:
         """The chunk of the text event `feed_one` just returned as a str (from `raw`).
 
@@ -205,8 +222,9 @@ class ChatStreamDecoder:
         return self._decode_chunk(self.raw or b"")
 
     def _learn(self, chunk: ChatCompletionChunk, payload: bytes) -> None:
-        # A plain text chunk (one choice, content only) whose content's bytes are in its
-        # JSON as they are, once: the template of the text chunks that follow.
+        # A plain text chunk (one choice, content or reasoning_content only) whose text's
+        # bytes are in its JSON as they are, once: the template of the text chunks that
+        # follow.
         if chunk.usage is not None or len(chunk.choices) != 1:
             return
         choice = chunk.choices[0]
@@ -215,25 +233,33 @@ class ChatStreamDecoder:
             delta is None
             or choice.finish_reason is not None
             or choice.logprobs is not None
-            or delta.content is None
             or delta.role is not None
-            or delta.reasoning_content is not None
             or delta.reasoning is not None
             or delta.tool_calls
             or delta.refusal is not None
         ):
             return
-        if not _is_plain(delta.content):
+        if delta.reasoning_content is None:
+            if delta.content is None:
+                return
+            text, key, reasoning = delta.content, _CONTENT_KEY, False
+        elif delta.content is None:
+            text, key, reasoning = delta.reasoning_content, _REASONING_KEY, True
+        else:
             return
-        text = delta.content.encode()
-        needle = _CONTENT_KEY + text + b'"'
+        if not _is_plain(text):
+            return
+        needle = key + text.encode() + b'"'
         at = payload.find(needle)
         if at < 0 or payload.find(needle, at + 1) >= 0:
             return
-        start = at + len(_CONTENT_KEY)
+        start = at + len(key)
         self._head = b"data: " + payload[:start]
-        self._tail = payload[start + len(text) :] + b"\n\n"
+        self._tail = payload[start + len(needle) - len(key) - 1 :] + b"\n\n"
+        self._text_at = len(self._head)
+        self._n_tail = len(self._tail)
         self.text_index = choice.index
+        self.text_reasoning = reasoning
 
     def feed(self, data: bytes) -> list[ChatCompletionChunk]:
         """Decode one read of the body; return the chunks it completed."""
@@ -244,6 +270,8 @@ class ChatStreamDecoder:
             payload = self._sse.one_data_event(data)
             # The hot path: one chunk per read. Its bytes, valid UTF-8, decode as their text
             # does (msgspec checks UTF-8 only in the fields it reads).
+            if payload is not None:
+                self._clean = True
             if (
                 payload is not None
                 and payload.startswith(b"{")
@@ -277,6 +305,7 @@ class ChatStreamDecoder:
                 return []
             self._body.append(data)
             return []
+        self._clean = False
         try:
             items = self._sse.feed(data)
         except ProtocolError as exc:
@@ -323,6 +352,7 @@ class ChatStreamDecoder:
     def reconnected(self) -> None:
         """The stream goes on over a new connection: drop the unfinished event (see
         `SSEDecoder.reconnected`); chunks already decoded stay decoded."""
+        self._clean = False
         self._sse.reconnected()
 
     def flush(self) -> list[ChatCompletionChunk]:
@@ -339,6 +369,7 @@ class ChatStreamDecoder:
                 return []
             self.done = True
             return completion_to_chunks(completion)
+        self._clean = False
         try:
             items = self._sse.flush()
         except ProtocolError as exc:
@@ -361,6 +392,19 @@ def _is_plain(text: str) -> bool:
     """Whether JSON holds `text` as its UTF-8 bytes: no quote, backslash or control
     character (JSON escapes those); `isprintable` refuses a few more (NBSP, U+2028...)."""
     return '"' not in text and "\\" not in text and text.isprintable()
+
+
+_TEXT = msgspec.json.Decoder(str)
+
+
+def _json_text(body: bytes) -> str | None:
+    """The value of the JSON string whose bytes between its quotes are `body`, as the
+    chunk decoder reads it; None when `body` is not such bytes (an unescaped quote ends the
+    string early, a control character, a bad escape, invalid UTF-8)."""
+    try:
+        return _TEXT.decode(b'"' + body + b'"')
+    except msgspec.DecodeError:
+        return None
 
 
 def _is_utf8(data: bytes) -> bool:
