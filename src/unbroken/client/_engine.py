@@ -61,6 +61,8 @@ _DONE = 7  # over: StopAsyncIteration from now on
 
 # `_out` when nothing is due (never appended to: items are given out of lists of their own).
 _NOTHING: list[Any] = []
+# A fast lane's `pending` when nothing waits to be yielded (never appended to).
+_NO_CHUNKS: list[ChatCompletionChunk] = []
 
 
 class Engine:
@@ -430,7 +432,8 @@ class _FastLane:
         # ... and one chunk read alone as just its bytes (the hot path of a relayed chunk).
         self._one = sink.one if isinstance(sink, _PayloadSink) else None
         self._waiter: asyncio.Future[None] | None = None
-        self.pending: list[ChatCompletionChunk] = []
+        # Shared and empty until a chunk must be yielded (one list less per live answer).
+        self.pending: list[ChatCompletionChunk] = _NO_CHUNKS
         self.error: Exception | None = None
         self.refused = False  # the sink refused a chunk: no lane for the rest of the attempt
 
@@ -463,10 +466,12 @@ class _FastLane:
         """The chunks to yield, in order (raises what the data callback raised)."""
         if self.error is not None:
             raise self.error
-        taken, self.pending = self.pending, []
+        taken, self.pending = self.pending, _NO_CHUNKS
         return taken
 
     def _on_body(self, data: bytes) -> None:
+        # `pending` is the shared empty list until a chunk must be yielded: never appended
+        # to while empty.
         pending = self.pending
         attempt = self._attempt
         try:
@@ -479,7 +484,7 @@ class _FastLane:
                     if not one(got):
                         # Refused: yielded instead, as it was decoded (its bytes unchanged).
                         self.refused = True
-                        pending.append(decode_chunk(got))
+                        self.pending = [decode_chunk(got)]
                         self._wake()
                     return
                 chunks = cast("list[ChatCompletionChunk]", got)
@@ -495,7 +500,7 @@ class _FastLane:
                 # The hot path: one chunk, relayed as its upstream bytes (no re-encoding).
                 if not self._payload_sink(chunks, attempt.payloads):
                     self.refused = True
-                    pending.extend(chunks)
+                    self.pending = [*chunks]
             elif chunks:
                 # The chunks of one read before any usage chunk go to the sink together:
                 # one log append and one client write for all of them (a loaded gateway
@@ -509,12 +514,12 @@ class _FastLane:
                     self.refused = True
                     n = 0
                 if n < len(chunks):
-                    pending.extend(chunks[n:])
+                    self.pending = chunks[n:]
         except Exception as exc:  # raised again from `taken`, in the engine
             self.error = exc
             self._wake()
             return
-        if pending or self._attempt.decoder.error is not None:
+        if self.pending or self._attempt.decoder.error is not None:
             self._wake()
 
     def _take(self, chunks: list[ChatCompletionChunk]) -> bool:

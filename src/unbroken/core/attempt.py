@@ -86,6 +86,11 @@ class Timeouts:
                 raise ConfigError(f"timeout {name} must be > 0 or None, got {value}")
 
 
+# What an attempt holds back while it holds nothing: shared, never appended to (`_deliver`
+# starts a list of its own), one list less per live answer.
+_NOT_HELD: list[ChatCompletionChunk] = []
+
+
 # Theory of operation
 # -------------------
 # Per read: the decoder yields this attempt's chunks; each is folded into the attempt's own
@@ -175,7 +180,7 @@ class Attempt:
         self.headers_at: float | None = None
         self.first_token_at: float | None = None
         self.last_data_at = now
-        self._held: list[ChatCompletionChunk] = []
+        self._held = _NOT_HELD
         self._blank: ChatCompletionChunk | None = None
         self._json = is_json_mode(plan.body)
         self.verdict: StreamEnd | None = None
@@ -388,12 +393,14 @@ class Attempt:
             if tools or (hold and self._held):
                 if tools and not _has_finish(chunk):
                     self._diverge(chunk)
+                    if self._held is _NOT_HELD:
+                        self._held = []
                     self._held.append(chunk)
                     continue
                 out.extend(self._held)
                 for held in self._held:
                     answer.feed(held)
-                self._held = []
+                self._held = _NOT_HELD
             answer.feed(chunk)
             out.append(chunk)
         return out
@@ -464,7 +471,7 @@ class Attempt:
             for held in self._held:
                 self._answer.feed(held)
             out.extend(self._held)
-        self._held = []
+        self._held = _NOT_HELD
         return out
 
     @property
