@@ -117,20 +117,26 @@ class Engine:
         self._action: Connect | Sleep | None = None
         self._clear()
 
+    # The attempt's parts, typed as its phases read them: set before those phases run, None
+    # otherwise (no `cast` call per read on the way of every answer).
+    _attempt: Attempt
+    _ex: Exchange
+    _response: httpx.Response
+    _result: AttemptOutcome
+    _outcome: list[AttemptOutcome]
+    _sub: AsyncGenerator[ChatCompletionChunk, None]
+
     def _clear(self) -> None:
         """Forget the attempt (it ended, or none runs)."""
-        self._attempt: Attempt | None = None
-        self._ex: Exchange | None = None
-        self._response: httpx.Response | None = None
+        none: Any = None
+        self._attempt = self._ex = self._response = self._result = none
+        self._outcome = self._sub = none
         self._timer: _StreamTimer | None = None
         self._lane: _FastLane | None = None
         self._reader: AsyncIterator[bytes] | None = None
         self._reconnects: Reconnects | None = None
         self._fired: TimeoutPhase | None = None
-        self._result: AttemptOutcome | None = None
         self._reported = False  # the attempt's outcome went to the run
-        self._sub: AsyncGenerator[ChatCompletionChunk, None] | None = None
-        self._outcome: list[AttemptOutcome] | None = None
 
     def __aiter__(self) -> Engine:
         return self
@@ -146,7 +152,8 @@ class Engine:
                 raise StopAsyncIteration
             try:
                 if phase == _LANE:
-                    lane = cast("_FastLane", self._lane)
+                    lane = self._lane
+                    assert lane is not None  # noqa: S101 - set with the phase
                     waiter = lane.tap()
                     if waiter is None:
                         await self._read()  # bytes are buffered, or the body ended
@@ -265,7 +272,7 @@ class Engine:
         taken: list[Any] = lane.taken()
         if taken:
             self._out = taken[::-1]
-        if cast(Attempt, self._attempt).decoder.error is not None:
+        if self._attempt.decoder.error is not None:
             self._phase = _ENDING
         elif lane.refused:  # no lane for the rest of the attempt
             self._lane = None
@@ -273,8 +280,8 @@ class Engine:
 
     async def _read(self) -> None:
         """One read of the body (reconnecting to an unbroken gateway's log when it broke)."""
-        attempt = cast(Attempt, self._attempt)
-        response = cast(httpx.Response, self._response)
+        attempt = self._attempt
+        response = self._response
         reader = self._reader
         if reader is None:  # made when first read from: a tapped answer may never need it
             reader = self._reader = _raw_reader(response)
@@ -307,15 +314,15 @@ class Engine:
 
     async def _broke(self, exc: BaseException) -> None:
         """The body ended or broke: the attempt ends, or goes on from a gateway's log."""
-        ex = cast(Exchange, self._ex)
+        ex = self._ex
         if isinstance(exc, httpx.HTTPError):
             logger.debug("stream from route %s broke: %s", ex.route.name, type(exc).__name__)
-        decoder = cast(Attempt, self._attempt).decoder
+        decoder = self._attempt.decoder
         timer = self._timer
         if decoder.finished or (timer is not None and timer.fired):
             self._phase = _ENDING
             return
-        response = cast(httpx.Response, self._response)
+        response = self._response
         # A gateway keeps the answer in its log: read on from there.
         if self._reconnects is None:  # from the headers of the attempt's response
             self._reconnects = Reconnects(self._run, ex.route, response)
@@ -331,7 +338,7 @@ class Engine:
         self._phase = _READ
         if timer is not None:
             timer.cancel()
-            self._timer = _StreamTimer.start(cast(Attempt, self._attempt), again)
+            self._timer = _StreamTimer.start(self._attempt, again)
 
     def _end(self) -> None:
         timer = self._timer
@@ -340,25 +347,25 @@ class Engine:
             timer.cancel()
             fired = fired or timer.fired
             self._timer = None
-        chunks, self._result = cast(Exchange, self._ex).ended(fired, time.monotonic())
+        chunks, self._result = self._ex.ended(fired, time.monotonic())
         self._phase = _CLOSE
         if chunks:
             self._out = chunks[::-1]
 
     async def _close(self) -> None:
         self._reported = True
-        response = cast(httpx.Response, self._response)
+        response = self._response
         if not _close_now(response):
             with anyio.CancelScope(shield=True):
                 await response.aclose()
-        self._settle(cast(AttemptOutcome, self._result))
+        self._settle(self._result)
 
     async def _socket(self) -> None:
-        sub = cast("AsyncGenerator[ChatCompletionChunk, None]", self._sub)
+        sub = self._sub
         try:
             self._out = [await sub.__anext__()]
         except StopAsyncIteration:
-            self._settle(cast("list[AttemptOutcome]", self._outcome)[0])
+            self._settle(self._outcome[0])
 
     async def _abandon(self) -> None:
         """What the generators' `finally` blocks ran when the answer stops early."""
@@ -378,7 +385,7 @@ class Engine:
                         await response.aclose()
                 if not self._reported and response.status_code == 200:
                     # The consumer stopped the answer: a gateway would go on generating.
-                    ex = cast(Exchange, self._ex)
+                    ex = self._ex
                     with anyio.CancelScope(shield=True):
                         await self._client._stop_remote(Reconnects(self._run, ex.route, response))
         finally:
