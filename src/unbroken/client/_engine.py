@@ -29,7 +29,7 @@ from unbroken.core.wire import ChatCompletionChunk, decode_chunk
 from unbroken.errors import TimeoutPhase
 
 if TYPE_CHECKING:
-    from unbroken.client.async_ import AsyncClient
+    from unbroken.client.async_ import AsyncClient, AsyncStream
 
 __all__ = ["Engine", "Items", "StreamItem"]
 
@@ -104,6 +104,7 @@ class Engine:
         "_response",
         "_result",
         "_run",
+        "_stream",
         "_sub",
         "_timer",
     )
@@ -115,6 +116,7 @@ class Engine:
         self._phase = _START
         self._out: list[Any] = _NOTHING
         self._action: Connect | Sleep | None = None
+        self._stream: AsyncStream | None = None
         self._clear()
 
     # The attempt's parts, typed as its phases read them: set before those phases run, None
@@ -138,6 +140,14 @@ class Engine:
         self._fired: TimeoutPhase | None = None
         self._reported = False  # the attempt's outcome went to the run
 
+    def attach(self, stream: AsyncStream) -> bool:
+        """Shape the chunks for `stream` (its `shown` and `ended`): it iterates this engine
+        directly. False (nothing changed) when the engine gives events too."""
+        if self._events:
+            return False
+        self._stream = stream
+        return True
+
     def __aiter__(self) -> Engine:
         return self
 
@@ -145,10 +155,18 @@ class Engine:
         while True:
             out = self._out
             if out:
-                item: StreamItem = out.pop()
-                return item
+                item = out.pop()
+                stream = self._stream
+                if stream is None or item.usage is None:
+                    return item  # type: ignore[no-any-return]  # from a list of items
+                item = stream.shown(item)
+                if item is not None:
+                    return item
+                continue
             phase = self._phase
             if phase == _DONE:
+                if self._stream is not None:
+                    return self._stream.ended()
                 raise StopAsyncIteration
             try:
                 if phase == _LANE:

@@ -306,6 +306,10 @@ class _SendPost(Protocol):
     ) -> Awaitable[httpx.Response]: ...
 
 
+async def _given(chunk: ChatCompletionChunk) -> ChatCompletionChunk:
+    return chunk
+
+
 # What every AsyncStream has peeked before `start()`: nothing (never appended to).
 _NOT_PEEKED: list[ChatCompletionChunk] = []
 
@@ -315,7 +319,7 @@ class AsyncStream:
     `await stream.aclose()` or `async with stream`; see `Stream`."""
 
     # A gateway keeps one per live answer: no instance dict.
-    __slots__ = ("_completion", "_items", "_peeked", "_run", "_shape", "_usage_due")
+    __slots__ = ("_completion", "_engine", "_items", "_peeked", "_run", "_shape", "_usage_due")
 
     def __init__(self, run: AnswerRun, items: Items) -> None:
         self._run = run
@@ -324,30 +328,49 @@ class AsyncStream:
         self._shape = UsageShaper.of(run.usage_chunk)
         self._usage_due = run.usage_chunk
         self._peeked: list[ChatCompletionChunk] = _NOT_PEEKED
+        # Iterated directly, the engine shapes its chunks for this stream (`shown`, `ended`):
+        # no coroutine of the stream's own around each of its steps (one frame less held by
+        # a live answer, bench/sdk_request.py --memory).
+        self._engine = items if type(items) is Engine and items.attach(self) else None
 
     def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]:
         return self
 
-    async def __anext__(self) -> ChatCompletionChunk:
+    def __anext__(self) -> Awaitable[ChatCompletionChunk]:
         if self._peeked:
-            return self._peeked.pop()
+            return _given(self._peeked.pop())
+        engine = self._engine
+        if engine is not None:
+            return engine.__anext__()  # type: ignore[return-value]  # chunks only (attach)
+        return self._next()
+
+    async def _next(self) -> ChatCompletionChunk:
         while True:
             try:
                 chunk = await self._items.__anext__()
             except StopAsyncIteration:
-                if self._completion is None:
-                    self._completion = self._run.completion(time.monotonic())
-                if self._usage_due:
-                    self._usage_due = False
-                    return self._run.final_usage_chunk()
-                raise
+                return self.ended()
             if not isinstance(chunk, ChatCompletionChunk):
                 continue  # events go to AsyncChatStream only; a stream's run yields none
             if chunk.usage is None:
                 return chunk
-            shown = self._shape.step(chunk)
+            shown = self.shown(chunk)
             if shown is not None:
                 return shown
+
+    def shown(self, chunk: ChatCompletionChunk) -> ChatCompletionChunk | None:
+        """A chunk with usage as this stream shows it (None: not at all)."""
+        return self._shape.step(chunk)
+
+    def ended(self) -> ChatCompletionChunk:
+        """The answer's items ended: OpenAI's usage chunk when due (once), else raise
+        StopAsyncIteration."""
+        if self._completion is None:
+            self._completion = self._run.completion(time.monotonic())
+        if self._usage_due:
+            self._usage_due = False
+            return self._run.final_usage_chunk()
+        raise StopAsyncIteration
 
     @overload
     def set_chunk_sink(self, sink: Callable[[list[ChatCompletionChunk]], bool] | None) -> None: ...
