@@ -260,8 +260,32 @@ class Engine:
         run = self._run
         ex = self._ex = Exchange(run, attempt, read_s=None, also=OPT_IN)
         try:
-            response = await self._client._headers(ex, attempt.expiry())
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # another anyio backend (trio)
+            loop = None
+        timer: _StreamTimer | None = None
+        try:
+            if loop is None:
+                response = await self._client._headers(ex, attempt.expiry())
+            else:
+                # The attempt's one timer, armed now: it cancels this wait for the
+                # headers, then aborts the response's connection (no asyncio.timeout of
+                # its own for the headers: ~5 us and a timer handle less per attempt).
+                task = asyncio.current_task(loop)
+                assert task is not None  # noqa: S101 - awaited in a task
+                timer = self._timer = _StreamTimer(loop, attempt, None, task)
+                timer._arm()
+                cancelling = task.cancelling()
+                try:
+                    response = await self._client._send(ex)
+                except asyncio.CancelledError:
+                    # Ours when the timer fired and nobody else cancelled (as asyncio.timeout).
+                    if timer.fired is None or task.uncancel() > cancelling:
+                        raise
+                    response = None
         except httpx.HTTPError as exc:
+            if timer is not None:
+                timer.cancel()
             self._settle(ex.failed(exc, time.monotonic()))
             return
         if response is None:  # the headers (or deadline) timer fired
@@ -269,6 +293,9 @@ class Engine:
             return
         self._response = response
         if not ex.streaming(response, time.monotonic()):
+            if timer is not None:
+                timer.cancel()
+                self._timer = None
             body = b""
             try:
                 with anyio.move_on_after(_remaining(attempt.expiry())):
@@ -281,7 +308,9 @@ class Engine:
             self._result = ex.error_status(body, time.monotonic())
             self._phase = _CLOSE
             return
-        timer = self._timer = _StreamTimer.start(attempt, response)
+        if timer is not None and not timer.attach(response):
+            timer.cancel()
+            timer = self._timer = None
         # Only with a timer: the lane has no per-read timeout of its own.
         lane = self._lane = _FastLane.open(run, attempt, response) if timer is not None else None
         self._phase = _READ if lane is None else _LANE
@@ -580,23 +609,26 @@ _TIMER_CONTEXT = contextvars.Context()
 
 
 class _StreamTimer:
-    """The body's stream timers without a timer per read: one loop timer armed at the next
+    """An attempt's timers without a timer per read: one loop timer armed at the next
     expiry. When it fires early (data came since, so the expiry moved later) it re-arms;
-    when the expiry has really passed it records the phase and aborts the connection, which
-    ends the pending read at once. Cancel scopes cannot span the generator's yields, and
-    one per read cost ~15 us per chunk."""
+    when the expiry has really passed it records the phase and ends the wait: it cancels
+    the task waiting for the headers, or once they came (`attach`) aborts the response's
+    connection, which ends the pending read at once. Cancel scopes cannot span the
+    engine's steps, and one per read cost ~15 us per chunk."""
 
-    __slots__ = ("_abort", "_attempt", "_handle", "_loop", "fired")
+    __slots__ = ("_abort", "_attempt", "_handle", "_loop", "_task", "fired")
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         attempt: Attempt,
-        abort: Callable[[], None],
+        abort: Callable[[], None] | None,
+        task: asyncio.Task[Any] | None = None,
     ) -> None:
         self._loop = loop
         self._attempt = attempt
         self._abort = abort
+        self._task = task
         self._handle: asyncio.TimerHandle | None = None
         self.fired: TimeoutPhase | None = None
 
@@ -613,6 +645,16 @@ class _StreamTimer:
         timer = cls(loop, attempt, abort)
         timer._arm()
         return timer
+
+    def attach(self, response: httpx.Response) -> bool:
+        """The headers came: abort `response`'s connection when a timer expires from now
+        on. False (nothing changed) when it cannot be aborted."""
+        abort = _aborter(response)
+        if abort is None:
+            return False
+        self._abort = abort
+        self._task = None
+        return True
 
     def _arm(self) -> None:
         now = time.monotonic()
@@ -631,7 +673,10 @@ class _StreamTimer:
             return
         if time.monotonic() >= expiry[0]:
             self.fired = expiry[1]
-            self._abort()
+            if self._abort is not None:
+                self._abort()
+            elif self._task is not None:
+                self._task.cancel()
         else:
             self._arm()
 
