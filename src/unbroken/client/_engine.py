@@ -9,9 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import heapq
+import itertools
 import logging
+import math
 import socket
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -608,15 +612,91 @@ class _PayloadSink:
 _TIMER_CONTEXT = contextvars.Context()
 
 
-class _StreamTimer:
-    """An attempt's timers without a timer per read: one loop timer armed at the next
-    expiry. When it fires early (data came since, so the expiry moved later) it re-arms;
-    when the expiry has really passed it records the phase and ends the wait: it cancels
-    the task waiting for the headers, or once they came (`attach`) aborts the response's
-    connection, which ends the pending read at once. Cancel scopes cannot span the
-    engine's steps, and one per read cost ~15 us per chunk."""
+class _Timers:
+    """The stream timers of one event loop in one heap, under one loop timer armed at the
+    earliest entry. Why: a live attempt then holds a heap entry (a tuple) instead of a loop
+    timer handle, its libuv timer and a bound method (~260 bytes per live answer on
+    uvloop), and arming costs a heap push. A disarmed timer's entry is skipped at its time,
+    or dropped with the others when they make up half the heap."""
 
-    __slots__ = ("_abort", "_attempt", "_handle", "_loop", "_task", "fired")
+    __slots__ = ("_at", "_handle", "_heap", "_stale")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _StreamTimer]] = []
+        self._handle: asyncio.TimerHandle | None = None
+        self._at = math.inf  # when the loop timer fires (inf: not armed)
+        self._stale = 0  # entries in the heap whose timer no longer waits on them
+
+    def push(self, when: float, timer: _StreamTimer) -> tuple[float, int, _StreamTimer]:
+        """Call `timer._check()` at `when` (monotonic); the entry to keep for `drop`."""
+        entry = (when, next(_SEQUENCE), timer)
+        heapq.heappush(self._heap, entry)
+        if when < self._at:
+            self._wake_at(when)
+        return entry
+
+    def drop(self) -> None:
+        """An entry went stale: its timer was disarmed."""
+        self._stale += 1
+        heap = self._heap
+        if self._stale > _MIN_STALE and self._stale * 2 > len(heap):
+            heap[:] = [entry for entry in heap if entry[2]._entry is entry]
+            heapq.heapify(heap)
+            self._stale = 0
+
+    def _wake_at(self, when: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._at = when
+        # In a context of its own, shared: the checks read no context variable, and each
+        # handle would copy the current context.
+        self._handle = asyncio.get_running_loop().call_later(
+            max(0.0, when - time.monotonic()), self._fire, context=_TIMER_CONTEXT
+        )
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._at = math.inf
+        heap = self._heap
+        now = time.monotonic()
+        try:
+            while heap and heap[0][0] <= now:
+                entry = heapq.heappop(heap)
+                timer = entry[2]
+                if timer._entry is entry:
+                    timer._entry = None
+                    timer._check()  # may push a new entry
+                else:
+                    self._stale -= 1
+        finally:  # the others stay armed whatever one check raised
+            if heap and heap[0][0] < self._at:
+                self._wake_at(heap[0][0])
+
+
+# The timers of each event loop (an AsyncClient may serve several loops, one at a time).
+_TIMERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Timers] = weakref.WeakKeyDictionary()
+# Ties in a timer heap go by arming order (entries never compare their timers).
+_SEQUENCE = itertools.count()
+# Stale entries tolerated before a heap is compacted.
+_MIN_STALE = 64
+
+
+def _timers(loop: asyncio.AbstractEventLoop) -> _Timers:
+    timers = _TIMERS.get(loop)
+    if timers is None:
+        timers = _TIMERS[loop] = _Timers()
+    return timers
+
+
+class _StreamTimer:
+    """An attempt's timers without a timer per read: one entry in the loop's timer heap
+    (`_Timers`) at the next expiry. When it fires early (data came since, so the expiry
+    moved later) it re-arms; when the expiry has really passed it records the phase and
+    ends the wait: it cancels the task waiting for the headers, or once they came
+    (`attach`) aborts the response's connection, which ends the pending read at once.
+    Cancel scopes cannot span the engine's steps, and one per read cost ~15 us per chunk."""
+
+    __slots__ = ("_abort", "_attempt", "_entry", "_task", "_timers", "fired")
 
     def __init__(
         self,
@@ -625,11 +705,11 @@ class _StreamTimer:
         abort: Callable[[], None] | None,
         task: asyncio.Task[Any] | None = None,
     ) -> None:
-        self._loop = loop
+        self._timers = _timers(loop)
         self._attempt = attempt
         self._abort = abort
         self._task = task
-        self._handle: asyncio.TimerHandle | None = None
+        self._entry: tuple[float, int, _StreamTimer] | None = None
         self.fired: TimeoutPhase | None = None
 
     @classmethod
@@ -657,14 +737,9 @@ class _StreamTimer:
         return True
 
     def _arm(self) -> None:
-        now = time.monotonic()
-        when = self._attempt.recheck_at(now)
+        when = self._attempt.recheck_at(time.monotonic())
         if when is not None:
-            # In a context of its own, shared: the check reads no context variable, and
-            # each handle would copy the current context (~0.3 us, a Context held).
-            self._handle = self._loop.call_later(
-                max(0.0, when - now), self._check, context=_TIMER_CONTEXT
-            )
+            self._entry = self._timers.push(when, self)
 
     def _check(self) -> None:
         expiry = self._attempt.expiry()
@@ -682,8 +757,12 @@ class _StreamTimer:
 
     def cancel(self) -> None:
         """Disarm (the attempt ended)."""
-        if self._handle is not None:
-            self._handle.cancel()
+        if self._entry is not None:
+            self._entry = None
+            self._timers.drop()
+        # Its stale entry may stay in the heap a while: it holds nothing of the attempt.
+        none: Any = None
+        self._attempt = self._abort = self._task = none
 
 
 def _aborter(response: httpx.Response) -> Callable[[], None] | None:
