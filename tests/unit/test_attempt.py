@@ -476,6 +476,19 @@ def test_first_token_timer_runs_from_the_request_and_idle_only_after_it() -> Non
     assert attempt.expiry() == (145.0, "idle")
 
 
+def test_the_earliest_timer_wins_across_phases() -> None:
+    """Data before the headers were noted (a shell that notes them late): idle runs from
+    the first token, yet an earlier headers limit still wins, and a shorter idle limit wins
+    over a later headers limit."""
+    for idle_s, expected in ((20.0, (10.0, "headers")), (3.0, (8.0, "idle"))):
+        timeouts = Timeouts(headers_s=10.0, first_token_s=30.0, idle_s=idle_s)
+        attempt = Attempt(
+            AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0, timeouts=timeouts
+        )
+        attempt.feed(sse({"content": "a"}), 5.0)
+        assert attempt.expiry() == expected
+
+
 def test_keep_alives_reset_no_timer() -> None:
     """Comments (`: keep-alive`) are not data: a queued stream that only sends keep-alives
     is cut by the first-token limit, not earlier by idle; after the first token they do not

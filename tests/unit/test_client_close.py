@@ -1,6 +1,6 @@
 """How the async driver closes an attempt's response: at once when its body can close
 without waiting (the gateway's upstream responses), else through `aclose()` under a
-cancel shield (`client.async_._close_now`)."""
+cancel shield (`client._engine._close_now`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 
-from unbroken.client.async_ import _close_now
+from unbroken.client._engine import _close_now
 
 
 class _Body(httpx.AsyncByteStream):

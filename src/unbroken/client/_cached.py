@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 import anyio
 
 from unbroken.client._common import AnswerRun
+from unbroken.client._engine import Items
 from unbroken.client.cache import REPLAY_TICK_S, AnswerCache, CachedChunk, CacheEvent
 from unbroken.core.cache import CacheStatus, replay_batches
 from unbroken.core.events import ControlEvent
@@ -103,7 +104,7 @@ def _replay(
 async def acached(
     cache: AnswerCache,
     run: AnswerRun,
-    items: AsyncGenerator[Item, None],
+    items: Items,
     *,
     paced: bool,
     events: bool,

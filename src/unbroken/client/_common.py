@@ -38,13 +38,13 @@ from unbroken.core.events import (
     RetryingEvent,
 )
 from unbroken.core.flow import (
+    AnswerFlow,
     AttemptOutcome,
     AttemptPlan,
     Connect,
     EndChoice,
     FlowOptions,
     Sleep,
-    answer_flow,
 )
 from unbroken.core.pricing import Cost, PriceTable
 from unbroken.core.ratelimit import BucketState, TokenBucket
@@ -311,7 +311,11 @@ class ClientConfig:
         A fallback is a Route, the name of a configured route, or a model name (asked for
         on the first configured route).
         """
-        resolved = list(self.routes if routes is None else routes)
+        given = self.routes if routes is None else routes
+        if not fallbacks and type(given) is list:
+            # Shared, not copied: a run only reads its routes (one list less per live answer).
+            return given
+        resolved = list(given)
         if not fallbacks:
             return resolved
         by_name = {r.name: r for r in self.routes}
@@ -439,7 +443,6 @@ class AnswerRun:
         "_plan",
         "_prompt_estimate",
         "_recorded",
-        "_started",
         "_token_reserve",
         "answer",
         "billed",
@@ -509,7 +512,7 @@ class AnswerRun:
         caller_continues = caller_continues or bool(body.get("continue_final_message"))
         if isinstance(last, dict) and last.get("role") == "assistant" and caller_continues:
             caller_prefix = str(last.get("content") or "")
-        self._flow = answer_flow(
+        self._flow = AnswerFlow(
             body,
             routes,
             health,
@@ -520,7 +523,6 @@ class AnswerRun:
             now=now,
             options=_flow_options(restart, int(body.get("n", 1)), caller_prefix),
         )
-        self._started = False
         self._prompt_estimate: int | None = None
         self.billed: Usage | None = None
         self.cost = _NO_COST
@@ -568,16 +570,12 @@ class AnswerRun:
             UnbrokenError: the answer failed; `partial` holds what was shown.
         """
         try:
-            if not self._started:
-                self._started = True
-                action = next(self._flow)
-            else:
-                action = self._flow.send(outcome)
-        except StopIteration as stop:
-            self.final_plan = stop.value
-            self.config.report_breakers(self.routes)
-            self._record_answer(now, None)
-            return None
+            action = self._flow.send(outcome)
+            if action is None:
+                self.final_plan = self._flow.result
+                self.config.report_breakers(self.routes)
+                self._record_answer(now, None)
+                return None
         except UnbrokenError as exc:
             self.config.report_breakers(self.routes)
             if exc.partial is None and self.answer.has_output:

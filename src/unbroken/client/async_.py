@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
-import socket
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -34,8 +32,9 @@ from unbroken.client._driver import (
     request_headers,
     status_error,
 )
+from unbroken.client._engine import Engine, Items, _PayloadSink, _remaining
 from unbroken.client._options import DEFAULT_MAX_CONNECTIONS, ClientOptions
-from unbroken.client._reconnect import GIVE_UP_STATUSES, OPT_IN, Reconnects
+from unbroken.client._reconnect import GIVE_UP_STATUSES, Reconnects
 from unbroken.client._results import (
     RAW,
     APIResponse,
@@ -50,9 +49,7 @@ from unbroken.client._results import (
 from unbroken.client._wsproto import check_transport, load_sockets
 from unbroken.client.cache import CacheEvent
 from unbroken.core.accumulator import EventSplitter
-from unbroken.core.attempt import Attempt
 from unbroken.core.events import ChatEvent, ControlEvent, DoneEvent, TextEvent
-from unbroken.core.flow import AttemptOutcome, Connect
 from unbroken.core.sentences import SentenceSplitter
 from unbroken.core.stream import ChatStreamDecoder
 from unbroken.core.wire import (
@@ -64,9 +61,8 @@ from unbroken.core.wire import (
     TextAnswer,
     TextCompletion,
     completion_to_chunks,
-    decode_chunk,
 )
-from unbroken.errors import TimeoutPhase, UpstreamError
+from unbroken.errors import UpstreamError
 
 if TYPE_CHECKING:
     from unbroken.client._ws import AsyncSockets
@@ -74,9 +70,6 @@ if TYPE_CHECKING:
 __all__ = ["AsyncChatStream", "AsyncClient", "AsyncStream", "AsyncTextStream"]
 
 logger = logging.getLogger(__name__)
-
-StreamItem = ChatCompletionChunk | ControlEvent | CacheEvent
-_Outcome = list[AttemptOutcome]
 
 
 class AsyncClient(ClientBase):
@@ -225,166 +218,17 @@ class AsyncClient(ClientBase):
         events: bool,
         endpoint: Endpoint = "chat",
         partial: ChatCompletion | None = None,
-    ) -> tuple[AnswerRun, AsyncGenerator[StreamItem, None]]:
+    ) -> tuple[AnswerRun, Items]:
         run = self._new_run(model, messages, params, stream=stream, endpoint=endpoint)
         if partial is not None:
             # What was shown already: the flow's first attempt is then a continuation.
             for chunk in completion_to_chunks(partial):
                 run.answer.feed(chunk)
-        items = self._run(run, with_events=events)
+        items: Items = Engine(self, run, with_events=events)
         cache = self._config.cache
         if cache is not None and endpoint == "chat" and partial is None:
             items = acached(cache, run, items, paced=stream, events=events)
         return run, items
-
-    async def _run(self, run: AnswerRun, *, with_events: bool) -> AsyncGenerator[StreamItem, None]:
-        # Closing or cancelling the stream lands here: the answer is recorded once.
-        try:
-            config = self._config
-            action = run.next_action(None, time.monotonic())
-            while action is not None:
-                for chunk in run.take_chunks():
-                    yield chunk
-                if with_events:
-                    for event in run.drain_events():
-                        yield event
-                if not isinstance(action, Connect):
-                    await anyio.sleep(action.seconds)
-                    action = run.next_action(None, time.monotonic())
-                    continue
-                if config.limiter.active:
-                    tokens = run.reserve_tokens()
-                    # A bucket refills with time, not on an event: polling it is the design.
-                    while (wait := config.limiter.take(time.monotonic(), tokens)) > 0:  # noqa: ASYNC110
-                        await anyio.sleep(min(wait, 60.0))
-                attempt = run.new_attempt(action.plan, time.monotonic())
-                outcome: _Outcome = []
-                sockets = self._sockets
-                if sockets is not None and run.endpoint == "chat" and not run.query:
-                    attempts = sockets.attempt(run, attempt, outcome)
-                else:
-                    attempts = self._attempt(run, attempt, outcome)
-                async for chunk in attempts:
-                    yield chunk
-                    del chunk  # not held while the attempt waits for the next one
-                action = run.next_action(outcome[0], time.monotonic())
-            for chunk in run.take_chunks():
-                yield chunk
-        finally:
-            run.close(time.monotonic())
-
-    async def _attempt(
-        self, run: AnswerRun, attempt: Attempt, outcome: _Outcome
-    ) -> AsyncGenerator[ChatCompletionChunk, None]:
-        ex = Exchange(run, attempt, read_s=None, also=OPT_IN)
-        try:
-            response = await self._headers(ex, attempt.expiry())
-        except httpx.HTTPError as exc:
-            outcome.append(ex.failed(exc, time.monotonic()))
-            return
-        if response is None:  # the headers (or deadline) timer fired
-            outcome.append(ex.failed(None, time.monotonic()))
-            return
-        try:
-            if not ex.streaming(response, time.monotonic()):
-                body = b""
-                try:
-                    with anyio.move_on_after(_remaining(attempt.expiry())):
-                        async for part in response.aiter_raw():
-                            body += part
-                            if len(body) >= MAX_ERROR_BODY_BYTES:
-                                break
-                except httpx.HTTPError:
-                    pass  # a partial error body still names the error
-                outcome.append(ex.error_status(body, time.monotonic()))
-                return
-            decoder = attempt.decoder
-            reconnects: Reconnects | None = None  # made when the stream breaks
-            # Made when first read from: a tapped answer may never need it.
-            reader: AsyncIterator[bytes] | None = None
-            timer = _StreamTimer.start(attempt, response)
-            # Only with a timer: the lane has no per-read timeout of its own.
-            lane = _FastLane.open(run, attempt, response) if timer is not None else None
-            fired: TimeoutPhase | None = None
-            try:
-                while True:
-                    if lane is not None:
-                        taken = await lane.run()
-                        if taken is not None:
-                            # By index and dropped after: no chunk held while the lane
-                            # waits (a live answer would keep its first ones).
-                            for i in range(len(taken)):
-                                yield taken[i]
-                            taken = None
-                            if decoder.error is not None:
-                                break
-                            if lane.refused:
-                                lane = None
-                            continue
-                    if reader is None:
-                        reader = _raw_reader(response)
-                    try:
-                        if timer is not None:
-                            data = await reader.__anext__()
-                        else:
-                            # No way to abort this response's connection from a timer:
-                            # bound each read by the next expiry instead (slower).
-                            expiry = attempt.expiry()
-                            with anyio.move_on_after(_remaining(expiry)) as scope:
-                                data = await reader.__anext__()
-                            if scope.cancelled_caught and expiry is not None:
-                                fired = expiry[1]
-                                break
-                    except (StopAsyncIteration, httpx.HTTPError) as exc:
-                        if isinstance(exc, httpx.HTTPError):
-                            logger.debug(
-                                "stream from route %s broke: %s",
-                                ex.route.name,
-                                type(exc).__name__,
-                            )
-                        if decoder.finished or (timer is not None and timer.fired):
-                            break
-                        # A gateway keeps the answer in its log: read on from there.
-                        if reconnects is None:  # from the headers of the attempt's response
-                            reconnects = Reconnects(run, ex.route, response)
-                        again = await self._reconnect(reconnects, decoder)
-                        if again is None:
-                            break
-                        with anyio.CancelScope(shield=True):
-                            await response.aclose()
-                        response = ex.response = again
-                        reader = _raw_reader(response)
-                        lane = None
-                        if timer is not None:
-                            timer.cancel()
-                            timer = _StreamTimer.start(attempt, response)
-                        continue
-                    chunks = attempt.feed(data, time.monotonic())
-                    del data
-                    for i in range(len(chunks)):
-                        yield chunks[i]
-                    del chunks
-                    # After [DONE] the body's end is read too (it follows at once), so the
-                    # connection goes back to the pool; a server that keeps streaming after
-                    # [DONE] is cut by the idle timer, and a complete stream stays complete.
-                    if decoder.error is not None:
-                        break
-            finally:
-                if timer is not None:
-                    timer.cancel()
-                    fired = fired or timer.fired
-            chunks, result = ex.ended(fired, time.monotonic())
-            for chunk in chunks:
-                yield chunk
-            outcome.append(result)
-        finally:
-            if not _close_now(response):
-                with anyio.CancelScope(shield=True):
-                    await response.aclose()
-            if not outcome and response.status_code == 200:
-                # The consumer stopped the answer: a gateway would go on generating.
-                with anyio.CancelScope(shield=True):
-                    await self._stop_remote(Reconnects(run, ex.route, response))
 
     async def _headers(
         self, ex: Exchange, expiry: tuple[float, Any] | None
@@ -462,278 +306,8 @@ class _SendPost(Protocol):
     ) -> Awaitable[httpx.Response]: ...
 
 
-class _Tappable(Protocol):
-    """A network stream that hands body bytes to a callback as they arrive (the gateway's
-    upstream connections, gateway/upstream.py)."""
-
-    def tap(
-        self, on_body: Callable[[bytes], None] | None, waiter: asyncio.Future[None] | None
-    ) -> bool: ...
-
-
-class _FastLane:
-    """Chunks decoded in the connection's data callback and given to the run's chunk sink
-    there (`AsyncStream.set_chunk_sink`), while the attempt's generator waits for the
-    response to end, for a chunk the sink does not take, or for one it must not (a usage
-    chunk, shaped by the stream): those come back from `run` in order, to be yielded.
-
-    Why: a chunk read through the generators costs a task wake-up and five coroutine frames
-    resumed and unwound; the gateway relays thousands of chunks a second through here
-    (bench/gateway.py load at 32 streams of 5 ms tokens: 60 -> 46 us of CPU per chunk).
-    """
-
-    __slots__ = (
-        "_attempt",
-        "_conn",
-        "_one",
-        "_payload_sink",
-        "_sink",
-        "_waiter",
-        "error",
-        "pending",
-        "refused",
-    )
-
-    def __init__(
-        self,
-        conn: _Tappable,
-        attempt: Attempt,
-        sink: Callable[[list[ChatCompletionChunk]], bool],
-    ) -> None:
-        self._conn = conn
-        self._attempt = attempt
-        self._sink = sink
-        # A sink that also takes the chunks' upstream bytes (`set_chunk_sink`).
-        self._payload_sink = sink.sink if isinstance(sink, _PayloadSink) else None
-        # ... and one chunk read alone as just its bytes (the hot path of a relayed chunk).
-        self._one = sink.one if isinstance(sink, _PayloadSink) else None
-        self._waiter: asyncio.Future[None] | None = None
-        self.pending: list[ChatCompletionChunk] = []
-        self.error: Exception | None = None
-        self.refused = False  # the sink refused a chunk: no lane for the rest of the attempt
-
-    @classmethod
-    def open(cls, run: AnswerRun, attempt: Attempt, response: httpx.Response) -> _FastLane | None:
-        """A lane when the run has a chunk sink and the response's connection can be
-        tapped, else None."""
-        sink = run.chunk_sink
-        conn = response.extensions.get("network_stream")
-        if sink is None or not callable(getattr(conn, "tap", None)):
-            return None
-        return cls(cast("_Tappable", conn), attempt, sink)
-
-    async def run(self) -> list[ChatCompletionChunk] | None:
-        """Tap the connection until something must be yielded or the response ended;
-        the chunks to yield, or None when it cannot be tapped now (read it as usual)."""
-        waiter = asyncio.get_running_loop().create_future()
-        if not self._conn.tap(self._on_body, waiter):
-            return None
-        self._waiter = waiter
-        try:
-            await waiter
-        finally:
-            self._conn.tap(None, None)
-            self._waiter = None
-        if self.error is not None:
-            raise self.error
-        taken, self.pending = self.pending, []
-        return taken
-
-    def _on_body(self, data: bytes) -> None:
-        pending = self.pending
-        attempt = self._attempt
-        try:
-            one = self._one
-            if one is not None and not pending:
-                # The hot path: one chunk, relayed as its upstream bytes in one call (no
-                # chunk list, no payload list; bench/hotpath.py).
-                got = attempt.relay_one(data, time.monotonic())
-                if type(got) is bytes:
-                    if not one(got):
-                        # Refused: yielded instead, as it was decoded (its bytes unchanged).
-                        self.refused = True
-                        pending.append(decode_chunk(got))
-                        self._wake()
-                    return
-                chunks = cast("list[ChatCompletionChunk]", got)
-            else:
-                chunks = attempt.feed(data, time.monotonic())
-            if pending:
-                pending.extend(chunks)
-            elif (
-                self._payload_sink is not None
-                and attempt.payloads is not None
-                and chunks[0].usage is None
-            ):
-                # The hot path: one chunk, relayed as its upstream bytes (no re-encoding).
-                if not self._payload_sink(chunks, attempt.payloads):
-                    self.refused = True
-                    pending.extend(chunks)
-            elif chunks:
-                # The chunks of one read before any usage chunk go to the sink together:
-                # one log append and one client write for all of them (a loaded gateway
-                # reads several events at once; the write syscall was ~40% of its CPU).
-                n = 0
-                for chunk in chunks:
-                    if chunk.usage is not None:
-                        break
-                    n += 1
-                if n and not self._take(chunks if n == len(chunks) else chunks[:n]):
-                    self.refused = True
-                    n = 0
-                if n < len(chunks):
-                    pending.extend(chunks[n:])
-        except Exception as exc:  # raised again from `run`, in the generator
-            self.error = exc
-            self._wake()
-            return
-        if pending or self._attempt.decoder.error is not None:
-            self._wake()
-
-    def _take(self, chunks: list[ChatCompletionChunk]) -> bool:
-        if self._payload_sink is not None:
-            return self._payload_sink(chunks, None)
-        return self._sink(chunks)
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-
-class _PayloadSink:
-    """A chunk sink that also takes the upstream bytes of the chunks (see
-    `AsyncStream.set_chunk_sink`); called as a plain sink, it gets None for them."""
-
-    __slots__ = ("one", "sink")
-
-    def __init__(
-        self,
-        sink: Callable[[list[ChatCompletionChunk], list[bytes] | None], bool],
-        one: Callable[[bytes], bool] | None = None,
-    ) -> None:
-        self.sink = sink
-        self.one = one
-
-    def __call__(self, chunks: list[ChatCompletionChunk]) -> bool:
-        return self.sink(chunks, None)
-
-
-_TIMER_CONTEXT = contextvars.Context()
-
-
-class _StreamTimer:
-    """The body's stream timers without a timer per read: one loop timer armed at the next
-    expiry. When it fires early (data came since, so the expiry moved later) it re-arms;
-    when the expiry has really passed it records the phase and aborts the connection, which
-    ends the pending read at once. Cancel scopes cannot span the generator's yields, and
-    one per read cost ~15 us per chunk."""
-
-    __slots__ = ("_abort", "_attempt", "_handle", "_loop", "fired")
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        attempt: Attempt,
-        abort: Callable[[], None],
-    ) -> None:
-        self._loop = loop
-        self._attempt = attempt
-        self._abort = abort
-        self._handle: asyncio.TimerHandle | None = None
-        self.fired: TimeoutPhase | None = None
-
-    @classmethod
-    def start(cls, attempt: Attempt, response: httpx.Response) -> _StreamTimer | None:
-        """A timer for `response`, or None when it cannot be aborted (or not on asyncio)."""
-        abort = _aborter(response)
-        if abort is None:
-            return None
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # another anyio backend (trio)
-            return None
-        timer = cls(loop, attempt, abort)
-        timer._arm()
-        return timer
-
-    def _arm(self) -> None:
-        now = time.monotonic()
-        when = self._attempt.recheck_at(now)
-        if when is not None:
-            # In a context of its own, shared: the check reads no context variable, and
-            # each handle would copy the current context (~0.3 us, a Context held).
-            self._handle = self._loop.call_later(
-                max(0.0, when - now), self._check, context=_TIMER_CONTEXT
-            )
-
-    def _check(self) -> None:
-        expiry = self._attempt.expiry()
-        if expiry is None:
-            self._arm()  # nothing due yet; look again when something may be
-            return
-        if time.monotonic() >= expiry[0]:
-            self.fired = expiry[1]
-            self._abort()
-        else:
-            self._arm()
-
-    def cancel(self) -> None:
-        """Disarm (the attempt ended)."""
-        if self._handle is not None:
-            self._handle.cancel()
-
-
-def _aborter(response: httpx.Response) -> Callable[[], None] | None:
-    """A callable that breaks the response's connection (ending any pending read)."""
-    stream = response.extensions.get("network_stream")
-    if stream is None:
-        return None
-    abort = getattr(stream, "abort", None)
-    if callable(abort):
-        return abort  # type: ignore[no-any-return]  # our LeanTransport's connection
-    sock = stream.get_extra_info("socket")
-    if sock is None:
-        return None
-
-    def shutdown() -> None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-
-    return shutdown
-
-
-def _close_now(response: httpx.Response) -> bool:
-    """Close `response` as `response.aclose()` does, when its body has a `close_now()`
-    that never waits (the gateway's upstream responses, gateway/upstream.py); False
-    (nothing done) otherwise: close it shielded from cancellation.
-
-    Why: a close that never waits cannot be cancelled half-way, and the shield scope
-    cost ~8 us per attempt on the gateway's path."""
-    close_now = getattr(response.stream, "close_now", None)
-    if not callable(close_now):
-        return False
-    if not response.is_closed:
-        response.is_closed = True
-        close_now()
-    return True
-
-
-def _raw_reader(response: httpx.Response) -> AsyncIterator[bytes]:
-    """The body of a streamed response as read, from its transport's stream directly:
-    httpx's `aiter_raw` adds an async generator, a context manager and byte counting to
-    every read (one more frame per relayed chunk on the gateway's hot path, which relays
-    thousands a second); what it also does - refuse a consumed stream, close at the end -
-    the attempt does itself (the response is closed in its `finally`)."""
-    stream = response.stream
-    if isinstance(stream, httpx.AsyncByteStream) and not response.is_stream_consumed:
-        response.is_stream_consumed = True
-        return stream.__aiter__()
-    return response.aiter_raw().__aiter__()
-
-
-def _remaining(expiry: tuple[float, Any] | None) -> float:
-    return float("inf") if expiry is None else max(0.0, expiry[0] - time.monotonic())
+async def _given(chunk: ChatCompletionChunk) -> ChatCompletionChunk:
+    return chunk
 
 
 # What every AsyncStream has peeked before `start()`: nothing (never appended to).
@@ -745,39 +319,58 @@ class AsyncStream:
     `await stream.aclose()` or `async with stream`; see `Stream`."""
 
     # A gateway keeps one per live answer: no instance dict.
-    __slots__ = ("_completion", "_items", "_peeked", "_run", "_shape", "_usage_due")
+    __slots__ = ("_completion", "_engine", "_items", "_peeked", "_run", "_shape", "_usage_due")
 
-    def __init__(self, run: AnswerRun, items: AsyncGenerator[StreamItem, None]) -> None:
+    def __init__(self, run: AnswerRun, items: Items) -> None:
         self._run = run
         self._items = items
         self._completion: Answer | None = None
         self._shape = UsageShaper.of(run.usage_chunk)
         self._usage_due = run.usage_chunk
         self._peeked: list[ChatCompletionChunk] = _NOT_PEEKED
+        # Iterated directly, the engine shapes its chunks for this stream (`shown`, `ended`):
+        # no coroutine of the stream's own around each of its steps (one frame less held by
+        # a live answer, bench/sdk_request.py --memory).
+        self._engine = items if type(items) is Engine and items.attach(self) else None
 
     def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]:
         return self
 
-    async def __anext__(self) -> ChatCompletionChunk:
+    def __anext__(self) -> Awaitable[ChatCompletionChunk]:
         if self._peeked:
-            return self._peeked.pop()
+            return _given(self._peeked.pop())
+        engine = self._engine
+        if engine is not None:
+            return engine.__anext__()  # type: ignore[return-value]  # chunks only (attach)
+        return self._next()
+
+    async def _next(self) -> ChatCompletionChunk:
         while True:
             try:
                 chunk = await self._items.__anext__()
             except StopAsyncIteration:
-                if self._completion is None:
-                    self._completion = self._run.completion(time.monotonic())
-                if self._usage_due:
-                    self._usage_due = False
-                    return self._run.final_usage_chunk()
-                raise
+                return self.ended()
             if not isinstance(chunk, ChatCompletionChunk):
                 continue  # events go to AsyncChatStream only; a stream's run yields none
             if chunk.usage is None:
                 return chunk
-            shown = self._shape.step(chunk)
+            shown = self.shown(chunk)
             if shown is not None:
                 return shown
+
+    def shown(self, chunk: ChatCompletionChunk) -> ChatCompletionChunk | None:
+        """A chunk with usage as this stream shows it (None: not at all)."""
+        return self._shape.step(chunk)
+
+    def ended(self) -> ChatCompletionChunk:
+        """The answer's items ended: OpenAI's usage chunk when due (once), else raise
+        StopAsyncIteration."""
+        if self._completion is None:
+            self._completion = self._run.completion(time.monotonic())
+        if self._usage_due:
+            self._usage_due = False
+            return self._run.final_usage_chunk()
+        raise StopAsyncIteration
 
     @overload
     def set_chunk_sink(self, sink: Callable[[list[ChatCompletionChunk]], bool] | None) -> None: ...
@@ -919,7 +512,7 @@ AsyncStreamEvent = ChatEvent | ControlEvent | CacheEvent | DoneEvent
 class AsyncChatStream:
     """Typed events of one answer (async); see `ChatStream`."""
 
-    def __init__(self, run: AnswerRun, items: AsyncGenerator[StreamItem, None]) -> None:
+    def __init__(self, run: AnswerRun, items: Items) -> None:
         self._run = run
         self._items = items
         self._splitter = EventSplitter()

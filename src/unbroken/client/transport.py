@@ -21,6 +21,7 @@ import httpx
 import msgspec
 
 from unbroken.client._common import AnswerRun, ClientBase, Endpoint
+from unbroken.client._engine import Engine
 from unbroken.client._options import ClientOptions
 from unbroken.client._results import DONE, fim_messages, sse_event, text_answer, text_chunk
 from unbroken.client.async_ import AsyncClient, AsyncStream
@@ -408,7 +409,7 @@ class AsyncHTTPTransport(httpx.AsyncBaseTransport):
         if call is None:
             return await self._passthrough.handle_async_request(request)
         run = _start(self._client, call, request)
-        stream = AsyncStream(run, self._client._run(run, with_events=False))
+        stream = AsyncStream(run, Engine(self._client, run, with_events=False))
         try:
             if not call.stream:
                 answer = await stream.final()

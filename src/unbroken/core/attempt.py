@@ -86,6 +86,11 @@ class Timeouts:
                 raise ConfigError(f"timeout {name} must be > 0 or None, got {value}")
 
 
+# What an attempt holds back while it holds nothing: shared, never appended to (`_deliver`
+# starts a list of its own), one list less per live answer.
+_NOT_HELD: list[ChatCompletionChunk] = []
+
+
 # Theory of operation
 # -------------------
 # Per read: the decoder yields this attempt's chunks; each is folded into the attempt's own
@@ -175,7 +180,7 @@ class Attempt:
         self.headers_at: float | None = None
         self.first_token_at: float | None = None
         self.last_data_at = now
-        self._held: list[ChatCompletionChunk] = []
+        self._held = _NOT_HELD
         self._blank: ChatCompletionChunk | None = None
         self._json = is_json_mode(plan.body)
         self.verdict: StreamEnd | None = None
@@ -232,35 +237,40 @@ class Attempt:
         """The limit of `phase` for this attempt (capped by `failover_s` when a fallback
         route exists), None when disabled."""
         t = self._timeouts
-        value = {
-            "connect": t.connect_s,
-            "headers": t.headers_s,
-            "first_token": t.first_token_s,
-            "idle": t.idle_s,
-            "deadline": t.deadline_s,
-        }[phase]
-        if (
-            phase in ("headers", "first_token")
-            and self.plan.has_fallback
-            and t.failover_s is not None
-        ):
+        # Branches, not a dict of the five per call: `expiry` asks on every timer check.
+        if phase == "headers":
+            value = t.headers_s
+        elif phase == "first_token":
+            value = t.first_token_s
+        elif phase == "idle":
+            return t.idle_s
+        elif phase == "connect":
+            return t.connect_s
+        else:
+            return t.deadline_s
+        if self.plan.has_fallback and t.failover_s is not None:
             value = t.failover_s if value is None else min(value, t.failover_s)
         return value
 
     def expiry(self) -> tuple[float, TimeoutPhase] | None:
         """When the next timer fires and which, or None when none is armed."""
-        candidates: list[tuple[float, TimeoutPhase]] = []
+        # On a tie the earlier-checked phase wins: no headers is the more precise diagnosis.
+        best: tuple[float, TimeoutPhase] | None = None
         if self.headers_at is None and (headers := self.limit("headers")) is not None:
-            candidates.append((self.started_at + headers, "headers"))
+            best = (self.started_at + headers, "headers")
         if self.first_token_at is None:
             if (first := self.limit("first_token")) is not None:
-                candidates.append((self.started_at + first, "first_token"))
-        elif self._timeouts.idle_s is not None:
-            candidates.append((self.last_data_at + self._timeouts.idle_s, "idle"))
-        if self._deadline_at is not None:
-            candidates.append((self._deadline_at, "deadline"))
-        # On a tie the earlier-listed phase wins: no headers is the more precise diagnosis.
-        return min(candidates, key=_when) if candidates else None
+                when = self.started_at + first
+                if best is None or when < best[0]:
+                    best = (when, "first_token")
+        elif (idle := self._timeouts.idle_s) is not None:
+            when = self.last_data_at + idle
+            if best is None or when < best[0]:
+                best = (when, "idle")
+        deadline = self._deadline_at
+        if deadline is not None and (best is None or deadline < best[0]):
+            best = (deadline, "deadline")
+        return best
 
     def recheck_at(self, now: float) -> float | None:
         """When a shell that keeps one timer per attempt should look at `expiry()` again:
@@ -388,12 +398,14 @@ class Attempt:
             if tools or (hold and self._held):
                 if tools and not _has_finish(chunk):
                     self._diverge(chunk)
+                    if self._held is _NOT_HELD:
+                        self._held = []
                     self._held.append(chunk)
                     continue
                 out.extend(self._held)
                 for held in self._held:
                     answer.feed(held)
-                self._held = []
+                self._held = _NOT_HELD
             answer.feed(chunk)
             out.append(chunk)
         return out
@@ -464,7 +476,7 @@ class Attempt:
             for held in self._held:
                 self._answer.feed(held)
             out.extend(self._held)
-        self._held = []
+        self._held = _NOT_HELD
         return out
 
     @property
@@ -479,10 +491,6 @@ def _has_token(chunk: ChatCompletionChunk) -> bool:
         if delta is not None and (delta.content or delta.reasoning_text or delta.tool_calls):
             return True
     return False
-
-
-def _when(candidate: tuple[float, TimeoutPhase]) -> float:
-    return candidate[0]
 
 
 def _is_void(chunk: ChatCompletionChunk) -> bool:

@@ -28,6 +28,7 @@ from unbroken.errors import (
 
 __all__ = [
     "Action",
+    "AnswerFlow",
     "AttemptKind",
     "AttemptOutcome",
     "AttemptPlan",
@@ -424,26 +425,6 @@ class _Flow:
             return self.same_route >= self.policy.server_error_retries
         return False
 
-    # -- the retry budget --------------------------------------------------------------------
-
-    def take_budget(self, failure: UnbrokenError) -> Generator[Action, None, None]:
-        """Take a retry-budget token of the current route, pacing (sleeping with jitter)
-        while it is spent; an answer is failed by the budget only at its deadline."""
-        route = self.route
-        budget = self.budgets[route.name]
-        while (wait := budget.acquire(self.now, self.rng)) > 0:
-            if self.deadline is not None and self.now + wait >= self.deadline:
-                self.budget_route = route.name
-                self.give_up(
-                    self.cause(failure),
-                    f"the retry budget of route {route.name!r} is spent (too many recent "
-                    "retries) and the deadline leaves no time to wait for it",
-                )
-            self.budget_wait_s += wait
-            self.budget_route = route.name
-            yield Sleep(wait, failure, "budget")
-            self.now += wait
-
 
 def _fits_more(candidate: Route, current: Route) -> bool:
     if (candidate.base_url, candidate.model, candidate.api_key, dict(candidate.headers)) == (
@@ -509,77 +490,230 @@ def answer_flow(
     failure of a continuation keeps the first error that broke the stream, so a later
     refusal never hides the real cause.
     """
-    if not routes:
-        raise ValueError("answer_flow needs at least one route")
-    opts = options or FlowOptions()
-    if budgets is None:
-        budgets = {route.name: RetryBudget() for route in routes}
-    flow = _Flow(routes, health, answer, budgets, policy, rng, now)
-    flow.route_index = _first_allowed(routes, health, now, 0)
-    budgets[routes[flow.route_index].name].on_request(now)
-    kind: AttemptKind = "first"
-    waited = 0.0
-    from_route: str | None = None
-    pending = list(range(max(1, opts.n_choices)))
+    flow = AnswerFlow(
+        body,
+        routes,
+        health,
+        answer,
+        policy=policy,
+        rng=rng,
+        now=now,
+        budgets=budgets,
+        options=options,
+    )
+    action = flow.send(None)
+    while action is not None:
+        action = flow.send((yield action))
+    assert flow.result is not None  # noqa: S101 - set when None is returned
+    return flow.result
 
-    while True:
-        route = flow.route
-        route_health = health[route.name]
+
+# Where an AnswerFlow stands: what it waits to be sent (see `AnswerFlow.send`).
+_START = 0  # nothing yet
+_CONNECTED = 1  # the outcome of the Connect it returned
+_ENDED_CHOICE = 2  # None after an EndChoice
+_SLEPT = 3  # None after the backoff Sleep of a failure
+_PACED = 4  # None after a Sleep that waited for the retry budget
+# The choices of an answer with one (shared; the pending choices are a tuple).
+_ONE_CHOICE = (0,)
+
+
+class AnswerFlow(_Flow):
+    """`answer_flow` as an object, for the shells: `send(None)` first, then after each
+    action `send(outcome)` for a Connect (its `AttemptOutcome`) or `send(None)` for a Sleep
+    or an EndChoice; each returns the next action, or None when the answer is complete
+    (`result` is then the plan that completed it). Raises what `answer_flow` raises; not
+    sent anything after that or after None. Same arguments as `answer_flow`.
+
+    Why: a live answer holds these slots instead of a suspended generator's frame (~400
+    bytes per answer in a gateway)."""
+
+    __slots__ = (
+        "_body",
+        "_failure",
+        "_from_route",
+        "_kind",
+        "_opts",
+        "_pending",
+        "_plan",
+        "_stage",
+        "_step",
+        "_wait",
+        "_waited",
+        "result",
+    )
+
+    def __init__(
+        self,
+        body: dict[str, Any],
+        routes: Sequence[Route],
+        health: Mapping[str, RouteHealth],
+        answer: ChunkAccumulator,
+        *,
+        policy: RetryPolicy,
+        rng: random.Random,
+        now: float,
+        budgets: Mapping[str, RetryBudget] | None = None,
+        options: FlowOptions | None = None,
+    ) -> None:
+        if not routes:
+            raise ValueError("answer_flow needs at least one route")
+        opts = options or FlowOptions()
+        if budgets is None:
+            budgets = {route.name: RetryBudget() for route in routes}
+        super().__init__(routes, health, answer, budgets, policy, rng, now)
+        self.route_index = _first_allowed(routes, health, now, 0)
+        budgets[routes[self.route_index].name].on_request(now)
+        self._body = body
+        self._opts = opts
+        self._kind: AttemptKind = "first"
+        self._waited = 0.0
+        self._from_route: str | None = None
+        n = max(1, opts.n_choices)
+        self._pending: tuple[int, ...] = _ONE_CHOICE if n == 1 else tuple(range(n))
+        self._stage = _START
+        self._plan: AttemptPlan | None = None
+        self._step: _Next | None = None
+        self._failure: UnbrokenError | None = None
+        self._wait = 0.0
+        self.result: AttemptPlan | None = None
+
+    def send(self, value: AttemptOutcome | None) -> Action | None:
+        """The next action after `value` (see the class), or None: the answer is complete."""
+        stage = self._stage
+        if stage == _CONNECTED:
+            assert value is not None  # noqa: S101 - the shell must send an outcome for Connect
+            return self._after(value)
+        if stage == _ENDED_CHOICE and not self._pending:
+            self.result = AttemptPlan(
+                route=self.route, body=self._body, kind=self._kind, number=self.number
+            )
+            return None
+        if stage == _SLEPT:
+            step = self._step
+            assert step is not None  # noqa: S101 - set with the stage
+            self.now += step.delay
+            return self._charge(step)
+        if stage == _PACED:
+            self.now += self._wait
+            return self._paced()
+        return self._top()
+
+    def _top(self) -> Action:
+        """The next attempt (or the end of a choice that needs none)."""
+        route = self.route
         plan = _plan(
-            body, route, route_health, answer, opts, pending, flow, kind, waited, from_route
+            self._body,
+            route,
+            self.health[route.name],
+            self.answer,
+            self._opts,
+            self._pending,
+            self,
+            self._kind,
+            self._waited,
+            self._from_route,
         )
         if plan is None:
             # max_tokens was used up by what was already shown: that choice ends in "length".
-            yield EndChoice(pending.pop(0))
-            if not pending:
-                return AttemptPlan(route=route, body=body, kind=kind, number=flow.number)
-            continue
-        flow.number += 1
-        outcome = yield Connect(plan)
-        assert outcome is not None  # noqa: S101 - the shell must send an outcome for Connect
+            index = self._pending[0]
+            self._pending = self._pending[1:]
+            self._stage = _ENDED_CHOICE
+            return EndChoice(index)
+        self.number += 1
+        self._plan = plan
+        self._stage = _CONNECTED
+        return Connect(plan)
+
+    def _after(self, outcome: AttemptOutcome) -> Action | None:
+        plan = self._plan
+        assert plan is not None  # noqa: S101 - set with the stage
+        answer = self.answer
+        route = plan.route
         failure = _failure(outcome.end, outcome.error)
-        flow.now = outcome.now
+        self.now = outcome.now
         if failure is None:
-            route_health.breaker.record_success(flow.now)
+            self.health[route.name].breaker.record_success(self.now)
             # `[DONE]` while a choice had no finish_reason on a route that omits it: the
             # server chose to end; resuming would ask again forever.
             ended = outcome.end is not None and outcome.end.missing_finish
+            pending = self._pending
             if plan.choice_index is None:
-                pending = [] if ended else [i for i in pending if answer.finish_reason(i) is None]
-            elif ended or answer.finish_reason(plan.choice_index) is not None:
-                pending.pop(0)
-            if not pending:
-                return plan
-            if flow.number >= policy.attempts:
-                error = UpstreamTruncated(
-                    f"choice {pending[0]} is still unfinished after {flow.number} attempts"
+                pending = (
+                    () if ended else tuple(i for i in pending if answer.finish_reason(i) is None)
                 )
-                flow.give_up(error, f"gave up after {flow.number} attempts")
-            kind, waited, from_route = "resume", 0.0, None
-            flow.same_route = 0
-            continue
+            elif ended or answer.finish_reason(plan.choice_index) is not None:
+                pending = pending[1:]
+            self._pending = pending
+            if not pending:
+                self.result = plan
+                return None
+            if self.number >= self.policy.attempts:
+                error = UpstreamTruncated(
+                    f"choice {pending[0]} is still unfinished after {self.number} attempts"
+                )
+                self.give_up(error, f"gave up after {self.number} attempts")
+            self._kind, self._waited, self._from_route = "resume", 0.0, None
+            self.same_route = 0
+            return self._top()
 
-        if flow.first_error is None and answer.has_output:
-            flow.first_error = failure
-        flow.last_error = failure
-        step = flow.decide(plan, failure)
+        if self.first_error is None and answer.has_output:
+            self.first_error = failure
+        self.last_error = failure
+        step = self.decide(plan, failure)
         if plan.choice_index is None:
-            pending = [i for i in pending if answer.finish_reason(i) is None] or pending
-        from_route = route.name if step.route_index != flow.route_index else None
-        if from_route is not None:
-            flow.route_index, flow.same_route = step.route_index, 0
-        waited = step.delay
+            self._pending = (
+                tuple(i for i in self._pending if answer.finish_reason(i) is None) or self._pending
+            )
+        self._from_route = route.name if step.route_index != self.route_index else None
+        if self._from_route is not None:
+            self.route_index, self.same_route = step.route_index, 0
+        self._waited = step.delay
+        self._step = step
+        self._failure = failure
         if step.delay > 0:
-            flow.retries += 1
-            yield Sleep(step.delay, failure, step.why)
-            flow.now += step.delay
+            self.retries += 1
+            self._stage = _SLEPT
+            return Sleep(step.delay, failure, step.why)
+        return self._charge(step)
+
+    def _charge(self, step: _Next) -> Action:
         if step.charge:
-            flow.same_route += 1
-            yield from flow.take_budget(failure)
+            self.same_route += 1
+            return self._paced()
+        return self._next(step)
+
+    def _paced(self) -> Action:
+        """Take a retry-budget token of the current route, pacing (sleeping with jitter)
+        while it is spent; an answer is failed by the budget only at its deadline."""
+        failure = self._failure
+        step = self._step
+        assert failure is not None  # noqa: S101 - set with the step
+        assert step is not None  # noqa: S101 - set before it is charged
+        route = self.route
+        wait = self.budgets[route.name].acquire(self.now, self.rng)
+        if wait <= 0:
+            return self._next(step)
+        if self.deadline is not None and self.now + wait >= self.deadline:
+            self.budget_route = route.name
+            self.give_up(
+                self.cause(failure),
+                f"the retry budget of route {route.name!r} is spent (too many recent "
+                "retries) and the deadline leaves no time to wait for it",
+            )
+        self.budget_wait_s += wait
+        self.budget_route = route.name
+        self._wait = wait
+        self._stage = _PACED
+        return Sleep(wait, failure, "budget")
+
+    def _next(self, step: _Next) -> Action:
         kind = step.kind
-        if answer.has_output and kind in ("retry", "fallback"):
-            flow.resumes += 1
+        if self.answer.has_output and kind in ("retry", "fallback"):
+            self.resumes += 1
             kind = "resume" if kind == "retry" else kind
+        self._kind = kind
+        return self._top()
 
 
 def _first_allowed(
@@ -600,7 +734,7 @@ def _plan(
     route_health: RouteHealth,
     answer: ChunkAccumulator,
     opts: FlowOptions,
-    pending: list[int],
+    pending: tuple[int, ...],
     state: _Flow,
     kind: AttemptKind,
     waited: float,

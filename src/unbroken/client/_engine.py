@@ -1,0 +1,817 @@
+"""Engine: the items of one answer for AsyncClient - the retry loop around `AnswerRun`
+and each attempt's HTTP exchange - as one object stepped by `__anext__`, not a chain of
+async generators. Also the attempt's helpers: the fast lane (chunks relayed from the
+connection's data callback), the stream timer, closing and reading a response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import heapq
+import itertools
+import logging
+import math
+import socket
+import time
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+import anyio
+import httpx
+
+from unbroken.client._common import AnswerRun
+from unbroken.client._driver import MAX_ERROR_BODY_BYTES, Exchange
+from unbroken.client._reconnect import OPT_IN, Reconnects
+from unbroken.client.cache import CacheEvent
+from unbroken.core.attempt import Attempt
+from unbroken.core.events import ControlEvent
+from unbroken.core.flow import AttemptOutcome, Connect, Sleep
+from unbroken.core.wire import ChatCompletionChunk, decode_chunk
+from unbroken.errors import TimeoutPhase
+
+if TYPE_CHECKING:
+    from unbroken.client.async_ import AsyncClient, AsyncStream
+
+__all__ = ["Engine", "Items", "StreamItem"]
+
+logger = logging.getLogger("unbroken.client.async_")
+
+StreamItem = ChatCompletionChunk | ControlEvent | CacheEvent
+
+
+class Items(Protocol):
+    """What AsyncStream, AsyncChatStream and the answer cache iterate: an `Engine`, or an
+    async generator over one (the cache's)."""
+
+    def __aiter__(self) -> AsyncIterator[StreamItem]: ...
+
+    def __anext__(self) -> Coroutine[Any, Any, StreamItem]: ...
+
+    def aclose(self) -> Coroutine[Any, Any, None]: ...
+
+
+# The phases of an Engine (see its theory of operation).
+_START = 0  # not stepped yet
+_ACTION = 1  # the run's next action is due (a Sleep or a Connect)
+_LANE = 2  # the body streams through the fast lane
+_READ = 3  # the body is read by awaiting each read
+_ENDING = 4  # the body ended, broke or timed out: judge the attempt
+_CLOSE = 5  # the attempt's last chunks were taken: close its response, then act on
+_SOCKET = 6  # the attempt runs over the WebSocket transport (its own generator)
+_DONE = 7  # over: StopAsyncIteration from now on
+
+# `_out` when nothing is due (never appended to: items are given out of lists of their own).
+_NOTHING: list[Any] = []
+# A fast lane's `pending` when nothing waits to be yielded (never appended to).
+_NO_CHUNKS: list[ChatCompletionChunk] = []
+
+
+class Engine:
+    """The items of one answer (async): its chunks, and with `with_events` its control
+    events, as `async for` gives them.
+
+    Theory of operation: one object per answer holds what the generators `_run` (the
+    retry loop) and `_attempt` (one HTTP attempt) held in their frames, and `__anext__`
+    steps it through phases: START -> ACTION (take the run's made-up chunks and events;
+    sleep for a Sleep; for a Connect, send and wait for the headers, reading an error
+    body to its end) -> LANE or READ (the body: through the fast lane, from the
+    connection's data callback, or read by read; a broken body of an unbroken gateway
+    reconnects to its log) -> ENDING (judge the attempt) -> CLOSE (once its last chunks
+    were taken: close the response, give the outcome to the run) -> ACTION, or DONE when
+    the run has no next action. Items due wait in `_out` (reversed, popped), and each
+    step that has some returns them first. Closing or cancelling the stream, or an
+    error, runs what the generators' `finally` blocks ran: the stream timer stops, the
+    response is closed, an unbroken gateway is told to stop an answer the consumer left
+    (no outcome yet), and the run records a cancelled answer. Why: a live answer holds
+    one suspended frame (this `__anext__`, waiting on the fast lane's future) instead of
+    five, and a request costs no generator hand-offs (bench/sdk_request.py).
+    """
+
+    # A gateway holds one per live answer: no instance dict.
+    __slots__ = (
+        "_action",
+        "_attempt",
+        "_client",
+        "_events",
+        "_ex",
+        "_fired",
+        "_lane",
+        "_out",
+        "_outcome",
+        "_phase",
+        "_reader",
+        "_reconnects",
+        "_reported",
+        "_response",
+        "_result",
+        "_run",
+        "_stream",
+        "_sub",
+        "_timer",
+    )
+
+    def __init__(self, client: AsyncClient, run: AnswerRun, *, with_events: bool) -> None:
+        self._client = client
+        self._run = run
+        self._events = with_events
+        self._phase = _START
+        self._out: list[Any] = _NOTHING
+        self._action: Connect | Sleep | None = None
+        self._stream: AsyncStream | None = None
+        self._clear()
+
+    # The attempt's parts, typed as its phases read them: set before those phases run, None
+    # otherwise (no `cast` call per read on the way of every answer).
+    _attempt: Attempt
+    _ex: Exchange
+    _response: httpx.Response
+    _result: AttemptOutcome
+    _outcome: list[AttemptOutcome]
+    _sub: AsyncGenerator[ChatCompletionChunk, None]
+
+    def _clear(self) -> None:
+        """Forget the attempt (it ended, or none runs)."""
+        none: Any = None
+        self._attempt = self._ex = self._response = self._result = none
+        self._outcome = self._sub = none
+        self._timer: _StreamTimer | None = None
+        self._lane: _FastLane | None = None
+        self._reader: AsyncIterator[bytes] | None = None
+        self._reconnects: Reconnects | None = None
+        self._fired: TimeoutPhase | None = None
+        self._reported = False  # the attempt's outcome went to the run
+
+    def attach(self, stream: AsyncStream) -> bool:
+        """Shape the chunks for `stream` (its `shown` and `ended`): it iterates this engine
+        directly. False (nothing changed) when the engine gives events too."""
+        if self._events:
+            return False
+        self._stream = stream
+        return True
+
+    def __aiter__(self) -> Engine:
+        return self
+
+    async def __anext__(self) -> StreamItem:
+        while True:
+            out = self._out
+            if out:
+                item = out.pop()
+                stream = self._stream
+                if stream is None or item.usage is None:
+                    return item  # type: ignore[no-any-return]  # from a list of items
+                item = stream.shown(item)
+                if item is not None:
+                    return item
+                continue
+            phase = self._phase
+            if phase == _DONE:
+                if self._stream is not None:
+                    return self._stream.ended()
+                raise StopAsyncIteration
+            try:
+                if phase == _LANE:
+                    lane = self._lane
+                    assert lane is not None  # noqa: S101 - set with the phase
+                    waiter = lane.tap()
+                    if waiter is None:
+                        await self._read()  # bytes are buffered, or the body ended
+                        continue
+                    try:
+                        await waiter
+                    finally:
+                        lane.untap()
+                    self._took(lane)
+                elif phase == _READ:
+                    await self._read()
+                elif phase == _START:
+                    self._act(self._run.next_action(None, time.monotonic()))
+                elif phase == _ACTION:
+                    await self._begin()
+                elif phase == _ENDING:
+                    self._end()
+                elif phase == _CLOSE:
+                    await self._close()
+                else:  # _SOCKET
+                    await self._socket()
+            except BaseException:
+                await self._abandon()
+                raise
+
+    async def aclose(self) -> None:
+        """Stop the answer: close its connection; the run records it as cancelled (once).
+        Nothing happens to an answer never iterated."""
+        if self._phase == _START:
+            self._phase = _DONE
+        elif self._phase != _DONE:
+            await self._abandon()
+        self._out = _NOTHING
+
+    # -- the run's actions ------------------------------------------------------------------
+
+    def _act(self, action: Connect | Sleep | None) -> None:
+        run = self._run
+        items: list[Any] = run.take_chunks()
+        if action is None:
+            self._phase = _DONE
+            run.close(time.monotonic())  # a no-op: the run recorded its end
+        else:
+            if self._events:
+                events = run.drain_events()
+                if events:
+                    items = [*items, *events]
+            self._action = action
+            self._phase = _ACTION
+        if items:
+            self._out = items[::-1]
+
+    def _settle(self, result: AttemptOutcome) -> None:
+        """The attempt is over: its outcome goes to the run, which says what is next."""
+        self._clear()
+        self._act(self._run.next_action(result, time.monotonic()))
+
+    async def _begin(self) -> None:
+        action = self._action
+        self._action = None
+        run = self._run
+        if not isinstance(action, Connect):
+            assert action is not None  # noqa: S101 - set with the ACTION phase
+            await anyio.sleep(action.seconds)
+            self._act(run.next_action(None, time.monotonic()))
+            return
+        limiter = run.config.limiter
+        if limiter.active:
+            tokens = run.reserve_tokens()
+            # A bucket refills with time, not on an event: polling it is the design.
+            while (wait := limiter.take(time.monotonic(), tokens)) > 0:  # noqa: ASYNC110
+                await anyio.sleep(min(wait, 60.0))
+        attempt = self._attempt = run.new_attempt(action.plan, time.monotonic())
+        sockets = self._client._sockets
+        if sockets is not None and run.endpoint == "chat" and not run.query:
+            outcome = self._outcome = []
+            self._sub = sockets.attempt(run, attempt, outcome)
+            self._phase = _SOCKET
+            return
+        await self._open(attempt)
+
+    # -- one HTTP attempt -------------------------------------------------------------------
+
+    async def _open(self, attempt: Attempt) -> None:
+        """Send the attempt's request; on to its body, or to the next action."""
+        run = self._run
+        ex = self._ex = Exchange(run, attempt, read_s=None, also=OPT_IN)
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # another anyio backend (trio)
+            loop = None
+        timer: _StreamTimer | None = None
+        try:
+            if loop is None:
+                response = await self._client._headers(ex, attempt.expiry())
+            else:
+                # The attempt's one timer, armed now: it cancels this wait for the
+                # headers, then aborts the response's connection (no asyncio.timeout of
+                # its own for the headers: ~5 us and a timer handle less per attempt).
+                task = asyncio.current_task(loop)
+                assert task is not None  # noqa: S101 - awaited in a task
+                timer = self._timer = _StreamTimer(loop, attempt, None, task)
+                timer._arm()
+                cancelling = task.cancelling()
+                try:
+                    response = await self._client._send(ex)
+                except asyncio.CancelledError:
+                    # Ours when the timer fired and nobody else cancelled (as asyncio.timeout).
+                    if timer.fired is None or task.uncancel() > cancelling:
+                        raise
+                    response = None
+        except httpx.HTTPError as exc:
+            if timer is not None:
+                timer.cancel()
+            self._settle(ex.failed(exc, time.monotonic()))
+            return
+        if response is None:  # the headers (or deadline) timer fired
+            self._settle(ex.failed(None, time.monotonic()))
+            return
+        self._response = response
+        if not ex.streaming(response, time.monotonic()):
+            if timer is not None:
+                timer.cancel()
+                self._timer = None
+            body = b""
+            try:
+                with anyio.move_on_after(_remaining(attempt.expiry())):
+                    async for part in response.aiter_raw():
+                        body += part
+                        if len(body) >= MAX_ERROR_BODY_BYTES:
+                            break
+            except httpx.HTTPError:
+                pass  # a partial error body still names the error
+            self._result = ex.error_status(body, time.monotonic())
+            self._phase = _CLOSE
+            return
+        if timer is not None and not timer.attach(response):
+            timer.cancel()
+            timer = self._timer = None
+        # Only with a timer: the lane has no per-read timeout of its own.
+        lane = self._lane = _FastLane.open(run, attempt, response) if timer is not None else None
+        self._phase = _READ if lane is None else _LANE
+
+    def _took(self, lane: _FastLane) -> None:
+        taken: list[Any] = lane.taken()
+        if taken:
+            self._out = taken[::-1]
+        if self._attempt.decoder.error is not None:
+            self._phase = _ENDING
+        elif lane.refused:  # no lane for the rest of the attempt
+            self._lane = None
+            self._phase = _READ
+
+    async def _read(self) -> None:
+        """One read of the body (reconnecting to an unbroken gateway's log when it broke)."""
+        attempt = self._attempt
+        response = self._response
+        reader = self._reader
+        if reader is None:  # made when first read from: a tapped answer may never need it
+            reader = self._reader = _raw_reader(response)
+        timer = self._timer
+        try:
+            if timer is not None:
+                data = await reader.__anext__()
+            else:
+                # No way to abort this response's connection from a timer: bound each
+                # read by the next expiry instead (slower).
+                expiry = attempt.expiry()
+                with anyio.move_on_after(_remaining(expiry)) as scope:
+                    data = await reader.__anext__()
+                if scope.cancelled_caught and expiry is not None:
+                    self._fired = expiry[1]
+                    self._phase = _ENDING
+                    return
+        except (StopAsyncIteration, httpx.HTTPError) as exc:
+            await self._broke(exc)
+            return
+        chunks: list[Any] = attempt.feed(data, time.monotonic())
+        del data
+        if chunks:
+            self._out = chunks[::-1]
+        # After [DONE] the body's end is read too (it follows at once), so the connection
+        # goes back to the pool; a server that keeps streaming after [DONE] is cut by the
+        # idle timer, and a complete stream stays complete.
+        if attempt.decoder.error is not None:
+            self._phase = _ENDING
+
+    async def _broke(self, exc: BaseException) -> None:
+        """The body ended or broke: the attempt ends, or goes on from a gateway's log."""
+        ex = self._ex
+        if isinstance(exc, httpx.HTTPError):
+            logger.debug("stream from route %s broke: %s", ex.route.name, type(exc).__name__)
+        decoder = self._attempt.decoder
+        timer = self._timer
+        if decoder.finished or (timer is not None and timer.fired):
+            self._phase = _ENDING
+            return
+        response = self._response
+        # A gateway keeps the answer in its log: read on from there.
+        if self._reconnects is None:  # from the headers of the attempt's response
+            self._reconnects = Reconnects(self._run, ex.route, response)
+        again = await self._client._reconnect(self._reconnects, decoder)
+        if again is None:
+            self._phase = _ENDING
+            return
+        with anyio.CancelScope(shield=True):
+            await response.aclose()
+        self._response = ex.response = again
+        self._reader = _raw_reader(again)
+        self._lane = None
+        self._phase = _READ
+        if timer is not None:
+            timer.cancel()
+            self._timer = _StreamTimer.start(self._attempt, again)
+
+    def _end(self) -> None:
+        timer = self._timer
+        fired = self._fired
+        if timer is not None:
+            timer.cancel()
+            fired = fired or timer.fired
+            self._timer = None
+        chunks, self._result = self._ex.ended(fired, time.monotonic())
+        self._phase = _CLOSE
+        if chunks:
+            self._out = chunks[::-1]
+
+    async def _close(self) -> None:
+        self._reported = True
+        response = self._response
+        if not _close_now(response):
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+        self._settle(self._result)
+
+    async def _socket(self) -> None:
+        sub = self._sub
+        try:
+            self._out = [await sub.__anext__()]
+        except StopAsyncIteration:
+            self._settle(self._outcome[0])
+
+    async def _abandon(self) -> None:
+        """What the generators' `finally` blocks ran when the answer stops early."""
+        self._phase = _DONE
+        self._out = _NOTHING
+        try:
+            if self._timer is not None:
+                self._timer.cancel()
+            sub = self._sub
+            if sub is not None:
+                with anyio.CancelScope(shield=True):
+                    await sub.aclose()
+            response = self._response
+            if response is not None:
+                if not _close_now(response):
+                    with anyio.CancelScope(shield=True):
+                        await response.aclose()
+                if not self._reported and response.status_code == 200:
+                    # The consumer stopped the answer: a gateway would go on generating.
+                    ex = self._ex
+                    with anyio.CancelScope(shield=True):
+                        await self._client._stop_remote(Reconnects(self._run, ex.route, response))
+        finally:
+            self._clear()
+            self._run.close(time.monotonic())
+
+
+class _Tappable(Protocol):
+    """A network stream that hands body bytes to a callback as they arrive (the gateway's
+    upstream connections, gateway/upstream.py)."""
+
+    def tap(
+        self, on_body: Callable[[bytes], None] | None, waiter: asyncio.Future[None] | None
+    ) -> bool: ...
+
+
+class _FastLane:
+    """Chunks decoded in the connection's data callback and given to the run's chunk sink
+    there (`AsyncStream.set_chunk_sink`), while the engine waits for the response to end,
+    for a chunk the sink does not take, or for one it must not (a usage chunk, shaped by
+    the stream): those come back from `taken` in order, to be yielded.
+
+    Why: a chunk read through the generators costs a task wake-up and five coroutine frames
+    resumed and unwound; the gateway relays thousands of chunks a second through here
+    (bench/gateway.py load at 32 streams of 5 ms tokens: 60 -> 46 us of CPU per chunk).
+    """
+
+    __slots__ = (
+        "_attempt",
+        "_conn",
+        "_one",
+        "_payload_sink",
+        "_sink",
+        "_waiter",
+        "error",
+        "pending",
+        "refused",
+    )
+
+    def __init__(
+        self,
+        conn: _Tappable,
+        attempt: Attempt,
+        sink: Callable[[list[ChatCompletionChunk]], bool],
+    ) -> None:
+        self._conn = conn
+        self._attempt = attempt
+        self._sink = sink
+        # A sink that also takes the chunks' upstream bytes (`set_chunk_sink`).
+        self._payload_sink = sink.sink if isinstance(sink, _PayloadSink) else None
+        # ... and one chunk read alone as just its bytes (the hot path of a relayed chunk).
+        self._one = sink.one if isinstance(sink, _PayloadSink) else None
+        self._waiter: asyncio.Future[None] | None = None
+        # Shared and empty until a chunk must be yielded (one list less per live answer).
+        self.pending: list[ChatCompletionChunk] = _NO_CHUNKS
+        self.error: Exception | None = None
+        self.refused = False  # the sink refused a chunk: no lane for the rest of the attempt
+
+    @classmethod
+    def open(cls, run: AnswerRun, attempt: Attempt, response: httpx.Response) -> _FastLane | None:
+        """A lane when the run has a chunk sink and the response's connection can be
+        tapped, else None."""
+        sink = run.chunk_sink
+        conn = response.extensions.get("network_stream")
+        if sink is None or not callable(getattr(conn, "tap", None)):
+            return None
+        return cls(cast("_Tappable", conn), attempt, sink)
+
+    def tap(self) -> asyncio.Future[None] | None:
+        """Tap the connection: the future resolved when something must be yielded or the
+        response ended (then `untap()` and `taken()`), or None when it cannot be tapped
+        now (read it as usual)."""
+        waiter = asyncio.get_running_loop().create_future()
+        if not self._conn.tap(self._on_body, waiter):
+            return None
+        self._waiter = waiter
+        return waiter
+
+    def untap(self) -> None:
+        """Stop the tap (its future resolved, or the wait was interrupted)."""
+        self._conn.tap(None, None)
+        self._waiter = None
+
+    def taken(self) -> list[ChatCompletionChunk]:
+        """The chunks to yield, in order (raises what the data callback raised)."""
+        if self.error is not None:
+            raise self.error
+        taken, self.pending = self.pending, _NO_CHUNKS
+        return taken
+
+    def _on_body(self, data: bytes) -> None:
+        # `pending` is the shared empty list until a chunk must be yielded: never appended
+        # to while empty.
+        pending = self.pending
+        attempt = self._attempt
+        try:
+            one = self._one
+            if one is not None and not pending:
+                # The hot path: one chunk, relayed as its upstream bytes in one call (no
+                # chunk list, no payload list; bench/hotpath.py).
+                got = attempt.relay_one(data, time.monotonic())
+                if type(got) is bytes:
+                    if not one(got):
+                        # Refused: yielded instead, as it was decoded (its bytes unchanged).
+                        self.refused = True
+                        self.pending = [decode_chunk(got)]
+                        self._wake()
+                    return
+                chunks = cast("list[ChatCompletionChunk]", got)
+            else:
+                chunks = attempt.feed(data, time.monotonic())
+            if pending:
+                pending.extend(chunks)
+            elif (
+                self._payload_sink is not None
+                and attempt.payloads is not None
+                and chunks[0].usage is None
+            ):
+                # The hot path: one chunk, relayed as its upstream bytes (no re-encoding).
+                if not self._payload_sink(chunks, attempt.payloads):
+                    self.refused = True
+                    self.pending = [*chunks]
+            elif chunks:
+                # The chunks of one read before any usage chunk go to the sink together:
+                # one log append and one client write for all of them (a loaded gateway
+                # reads several events at once; the write syscall was ~40% of its CPU).
+                n = 0
+                for chunk in chunks:
+                    if chunk.usage is not None:
+                        break
+                    n += 1
+                if n and not self._take(chunks if n == len(chunks) else chunks[:n]):
+                    self.refused = True
+                    n = 0
+                if n < len(chunks):
+                    self.pending = chunks[n:]
+        except Exception as exc:  # raised again from `taken`, in the engine
+            self.error = exc
+            self._wake()
+            return
+        if self.pending or self._attempt.decoder.error is not None:
+            self._wake()
+
+    def _take(self, chunks: list[ChatCompletionChunk]) -> bool:
+        if self._payload_sink is not None:
+            return self._payload_sink(chunks, None)
+        return self._sink(chunks)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class _PayloadSink:
+    """A chunk sink that also takes the upstream bytes of the chunks (see
+    `AsyncStream.set_chunk_sink`); called as a plain sink, it gets None for them."""
+
+    __slots__ = ("one", "sink")
+
+    def __init__(
+        self,
+        sink: Callable[[list[ChatCompletionChunk], list[bytes] | None], bool],
+        one: Callable[[bytes], bool] | None = None,
+    ) -> None:
+        self.sink = sink
+        self.one = one
+
+    def __call__(self, chunks: list[ChatCompletionChunk]) -> bool:
+        return self.sink(chunks, None)
+
+
+_TIMER_CONTEXT = contextvars.Context()
+
+
+class _Timers:
+    """The stream timers of one event loop in one heap, under one loop timer armed at the
+    earliest entry. Why: a live attempt then holds a heap entry (a tuple) instead of a loop
+    timer handle, its libuv timer and a bound method (~260 bytes per live answer on
+    uvloop), and arming costs a heap push. A disarmed timer's entry is skipped at its time,
+    or dropped with the others when they make up half the heap."""
+
+    __slots__ = ("_at", "_handle", "_heap", "_stale")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _StreamTimer]] = []
+        self._handle: asyncio.TimerHandle | None = None
+        self._at = math.inf  # when the loop timer fires (inf: not armed)
+        self._stale = 0  # entries in the heap whose timer no longer waits on them
+
+    def push(self, when: float, timer: _StreamTimer) -> tuple[float, int, _StreamTimer]:
+        """Call `timer._check()` at `when` (monotonic); the entry to keep for `drop`."""
+        entry = (when, next(_SEQUENCE), timer)
+        heapq.heappush(self._heap, entry)
+        if when < self._at:
+            self._wake_at(when)
+        return entry
+
+    def drop(self) -> None:
+        """An entry went stale: its timer was disarmed."""
+        self._stale += 1
+        heap = self._heap
+        if self._stale > _MIN_STALE and self._stale * 2 > len(heap):
+            heap[:] = [entry for entry in heap if entry[2]._entry is entry]
+            heapq.heapify(heap)
+            self._stale = 0
+
+    def _wake_at(self, when: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._at = when
+        # In a context of its own, shared: the checks read no context variable, and each
+        # handle would copy the current context.
+        self._handle = asyncio.get_running_loop().call_later(
+            max(0.0, when - time.monotonic()), self._fire, context=_TIMER_CONTEXT
+        )
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._at = math.inf
+        heap = self._heap
+        now = time.monotonic()
+        try:
+            while heap and heap[0][0] <= now:
+                entry = heapq.heappop(heap)
+                timer = entry[2]
+                if timer._entry is entry:
+                    timer._entry = None
+                    timer._check()  # may push a new entry
+                else:
+                    self._stale -= 1
+        finally:  # the others stay armed whatever one check raised
+            if heap and heap[0][0] < self._at:
+                self._wake_at(heap[0][0])
+
+
+# The timers of each event loop (an AsyncClient may serve several loops, one at a time).
+_TIMERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Timers] = weakref.WeakKeyDictionary()
+# Ties in a timer heap go by arming order (entries never compare their timers).
+_SEQUENCE = itertools.count()
+# Stale entries tolerated before a heap is compacted.
+_MIN_STALE = 64
+
+
+def _timers(loop: asyncio.AbstractEventLoop) -> _Timers:
+    timers = _TIMERS.get(loop)
+    if timers is None:
+        timers = _TIMERS[loop] = _Timers()
+    return timers
+
+
+class _StreamTimer:
+    """An attempt's timers without a timer per read: one entry in the loop's timer heap
+    (`_Timers`) at the next expiry. When it fires early (data came since, so the expiry
+    moved later) it re-arms; when the expiry has really passed it records the phase and
+    ends the wait: it cancels the task waiting for the headers, or once they came
+    (`attach`) aborts the response's connection, which ends the pending read at once.
+    Cancel scopes cannot span the engine's steps, and one per read cost ~15 us per chunk."""
+
+    __slots__ = ("_abort", "_attempt", "_entry", "_task", "_timers", "fired")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        attempt: Attempt,
+        abort: Callable[[], None] | None,
+        task: asyncio.Task[Any] | None = None,
+    ) -> None:
+        self._timers = _timers(loop)
+        self._attempt = attempt
+        self._abort = abort
+        self._task = task
+        self._entry: tuple[float, int, _StreamTimer] | None = None
+        self.fired: TimeoutPhase | None = None
+
+    @classmethod
+    def start(cls, attempt: Attempt, response: httpx.Response) -> _StreamTimer | None:
+        """A timer for `response`, or None when it cannot be aborted (or not on asyncio)."""
+        abort = _aborter(response)
+        if abort is None:
+            return None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # another anyio backend (trio)
+            return None
+        timer = cls(loop, attempt, abort)
+        timer._arm()
+        return timer
+
+    def attach(self, response: httpx.Response) -> bool:
+        """The headers came: abort `response`'s connection when a timer expires from now
+        on. False (nothing changed) when it cannot be aborted."""
+        abort = _aborter(response)
+        if abort is None:
+            return False
+        self._abort = abort
+        self._task = None
+        return True
+
+    def _arm(self) -> None:
+        when = self._attempt.recheck_at(time.monotonic())
+        if when is not None:
+            self._entry = self._timers.push(when, self)
+
+    def _check(self) -> None:
+        expiry = self._attempt.expiry()
+        if expiry is None:
+            self._arm()  # nothing due yet; look again when something may be
+            return
+        if time.monotonic() >= expiry[0]:
+            self.fired = expiry[1]
+            if self._abort is not None:
+                self._abort()
+            elif self._task is not None:
+                self._task.cancel()
+        else:
+            self._arm()
+
+    def cancel(self) -> None:
+        """Disarm (the attempt ended)."""
+        if self._entry is not None:
+            self._entry = None
+            self._timers.drop()
+        # Its stale entry may stay in the heap a while: it holds nothing of the attempt.
+        none: Any = None
+        self._attempt = self._abort = self._task = none
+
+
+def _aborter(response: httpx.Response) -> Callable[[], None] | None:
+    """A callable that breaks the response's connection (ending any pending read)."""
+    stream = response.extensions.get("network_stream")
+    if stream is None:
+        return None
+    abort = getattr(stream, "abort", None)
+    if callable(abort):
+        return abort  # type: ignore[no-any-return]  # our LeanTransport's connection
+    sock = stream.get_extra_info("socket")
+    if sock is None:
+        return None
+
+    def shutdown() -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    return shutdown
+
+
+def _close_now(response: httpx.Response) -> bool:
+    """Close `response` as `response.aclose()` does, when its body has a `close_now()`
+    that never waits (the gateway's upstream responses, gateway/upstream.py); False
+    (nothing done) otherwise: close it shielded from cancellation.
+
+    Why: a close that never waits cannot be cancelled half-way, and the shield scope
+    cost ~8 us per attempt on the gateway's path."""
+    close_now = getattr(response.stream, "close_now", None)
+    if not callable(close_now):
+        return False
+    if not response.is_closed:
+        response.is_closed = True
+        close_now()
+    return True
+
+
+def _raw_reader(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The body of a streamed response as read, from its transport's stream directly:
+    httpx's `aiter_raw` adds an async generator, a context manager and byte counting to
+    every read (one more frame per relayed chunk on the gateway's hot path, which relays
+    thousands a second); what it also does - refuse a consumed stream, close at the end -
+    the attempt does itself (the response is closed in its `finally`)."""
+    stream = response.stream
+    if isinstance(stream, httpx.AsyncByteStream) and not response.is_stream_consumed:
+        response.is_stream_consumed = True
+        return stream.__aiter__()
+    return response.aiter_raw().__aiter__()
+
+
+def _remaining(expiry: tuple[float, Any] | None) -> float:
+    return float("inf") if expiry is None else max(0.0, expiry[0] - time.monotonic())
