@@ -15,6 +15,17 @@ pytestmark = pytest.mark.anyio
 PERIOD_S = 0.08
 
 
+class Failing:
+    """A relay whose tick raises."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def _on_tick(self, now: float) -> bool:
+        self.calls += 1
+        raise RuntimeError("tick failed")
+
+
 class Ticked:
     """Stands in for a StreamRelay: counts its ticks, stops after `stop_after`."""
 
@@ -53,3 +64,18 @@ async def test_each_relay_is_ticked_once_a_period_until_it_stops_or_leaves() -> 
     await asyncio.sleep(PERIOD_S * 2)  # time for ticks that must not come
     assert len(leaving.times) == ticks
     assert len(stopping.times) == 3
+
+
+async def test_a_relay_whose_tick_fails_leaves_and_the_others_keep_ticking(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loop = asyncio.get_running_loop()
+    wheel = _TickWheel.of(loop, PERIOD_S)
+    failing, other = Failing(), Ticked(stop_after=3)
+    # Both in the same slot, the failing one ticked first.
+    wheel.add(failing)  # type: ignore[arg-type]  # duck-typed relay
+    wheel.add(other)  # type: ignore[arg-type]  # duck-typed relay
+    await asyncio.wait_for(other.stopped.wait(), 5.0)
+    assert failing.calls == 1
+    assert "a relay's tick failed" in caplog.text
+    assert _TickWheel.of(loop, PERIOD_S) is not wheel  # both left: the wheel emptied

@@ -586,7 +586,16 @@ class _TickWheel:
         if slot:
             now = self._loop.time()
             for relay in list(slot):
-                if relay in slot and not relay._on_tick(now):
+                if relay not in slot:
+                    continue
+                try:
+                    keep = relay._on_tick(now)
+                except Exception:
+                    # One relay's failure must not stop the ticks (keep-alives, slow-client
+                    # cuts) of every other relay on the wheel: that one is no longer ticked.
+                    logger.exception("a relay's tick failed; its sidecar stops")
+                    keep = False
+                if not keep:
                     del slot[relay]
                     self._left()
         if self._n and self._handle is None:
