@@ -43,6 +43,7 @@ class ConnectProxy:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
 
     @property
     def url(self) -> str:
@@ -57,6 +58,7 @@ class ConnectProxy:
             writer.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
         try:
             head = await reader.readuntil(b"\r\n\r\n")
         except (asyncio.IncompleteReadError, OSError):
@@ -87,6 +89,7 @@ class ConnectProxy:
             up_reader, up_writer = await asyncio.open_connection(url.hostname, url.port or 80)
             kept = [line for line in lines if not line.lower().startswith("proxy-authorization")]
             up_writer.write("\r\n".join(kept).encode("latin-1"))
+        self._writers.add(up_writer)
         await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
 
     async def _start(self) -> None:
@@ -102,9 +105,15 @@ class ConnectProxy:
         async def stop() -> None:
             assert self._server is not None
             self._server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            # Closed on this loop before it closes: a writer collected after that warns
+            # ("loop is closed"), and the warning failed a test that ran later.
+            for writer in self._writers:
+                writer.close()
+            await asyncio.sleep(0)  # the transports' close callbacks run
 
         asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
