@@ -12,7 +12,11 @@ chunk of each and the ratio.
 
 A measuring aid for this path only: the syscalls, the event loop's own work and the
 per-request costs (routing, limits, the response head, usage) are not in it, so its ratio
-is not bench/gateway.py's. Run: `python bench/hotpath.py [--streams N] [--profile FILE]`.
+is not bench/gateway.py's. It also prints the client writes per chunk (the floor writes once
+per read). Run: `python bench/hotpath.py [--streams N] [--profile FILE] [--interleave N]
+[--per-read K]`. `--interleave 256` relays 256 answers at once, one read each in turn, as a
+gateway at c=256 reads them: each chunk then finds its answer's objects cold in the CPU
+caches. `--per-read 2` reads two events at once, as a saturated gateway often does.
 
 `--memory N` instead holds N answers open after `HELD_CHUNKS` chunks each, traced by
 tracemalloc, and prints the Python memory they hold per answer (all of it, and the lines of
@@ -80,10 +84,12 @@ class CountingTransport:
 
     def __init__(self, on_write: Any = None) -> None:
         self.n_bytes = 0
+        self.n_writes = 0
         self.on_write = on_write  # told of each write (the upstream requests)
 
     def write(self, data: bytes) -> None:
         self.n_bytes += len(data)
+        self.n_writes += 1
         if self.on_write is not None:
             self.on_write()
 
@@ -153,8 +159,16 @@ def counting_cycle(transport: CountingTransport) -> Any:
 class Answer:
     """An answer being relayed: its producer, upstream connection and live reader."""
 
-    def __init__(self, producer: Any, conn: _Connection, sink: LiveSink, handed: Any) -> None:
+    def __init__(
+        self,
+        producer: Any,
+        conn: _Connection,
+        sink: LiveSink,
+        handed: Any,
+        down: CountingTransport,
+    ) -> None:
         self.producer = producer
+        self.down = down  # the client's transport
         self.conn = conn
         self.sink = sink
         self.handed = handed
@@ -162,7 +176,9 @@ class Answer:
 
 
 class Bench:
-    def __init__(self, head: bytes, frames: list[bytes], model: str = "deepseek-chat") -> None:
+    def __init__(
+        self, head: bytes, frames: list[bytes], model: str = "deepseek-chat", per_read: int = 1
+    ) -> None:
         self.model = model
         self.head = head
         self.frames = frames
@@ -171,6 +187,14 @@ class Bench:
         self.timed = [f for f in frames if b'"content":' in f and b'"usage":{' not in f]
         self.rest = frames[len(self.timed) :]
         assert frames[: len(self.timed)] == self.timed, "content frames come first"
+        self.per_read = per_read
+        # The timed frames as the reads that bring them, `per_read` at a time.
+        self.reads = [
+            b"".join(self.timed[i : i + per_read]) for i in range(0, len(self.timed), per_read)
+        ]
+        # Client writes per timed chunk, over the measured answers (gateway, floor).
+        self.writes: list[float] = []
+        self.floor_writes: list[float] = []
         # The upstream connections in the order they were sent a request.
         self.sent: list[_Connection] = []
 
@@ -223,7 +247,7 @@ class Bench:
         sink = LiveSink(relay, DirectBody(counting_cycle(down)))
         handed = asyncio.ensure_future(producer.hand_off(sink, producer.n_events))
         await asyncio.sleep(0)
-        return Answer(producer, conn, sink, handed)
+        return Answer(producer, conn, sink, handed, down)
 
     async def close_answer(self, answer: Answer, frames: list[bytes]) -> None:
         """Feed the answer's remaining `frames` and wait until it completed."""
@@ -242,13 +266,33 @@ class Bench:
         feed = answer.conn.data_received
         timed = self.timed
         started = time.thread_time_ns()
-        for frame in timed:
-            feed(frame)
+        for data in self.reads:
+            feed(data)
         elapsed = time.thread_time_ns() - started
+        self.writes.append(answer.down.n_writes / len(timed))
         last = answer.sink.last
         assert last == len(timed), f"the sink took {last} of {len(timed)} chunks"
         await self.close_answer(answer, self.rest)
         return elapsed / 1000 / len(timed)
+
+    async def interleaved_once(self, gw: Gateway, n: int) -> float:
+        """`n` answers at once, fed one read each in turn (as a loaded gateway's reads
+        come: each chunk meets its answer's objects cold in the CPU caches); us of Python
+        work per timed chunk."""
+        answers = [await self.open_answer(gw) for _ in range(n)]
+        feeds = [answer.conn.data_received for answer in answers]
+        timed = self.timed
+        started = time.thread_time_ns()
+        for data in self.reads:
+            for feed in feeds:
+                feed(data)
+        elapsed = time.thread_time_ns() - started
+        self.writes.append(answers[0].down.n_writes / len(timed))
+        for answer in answers:
+            last = answer.sink.last
+            assert last == len(timed), f"the sink took {last} of {len(timed)} chunks"
+            await self.close_answer(answer, self.rest)
+        return elapsed / 1000 / len(timed) / n
 
     async def held(self, gw: Gateway, n: int) -> None:
         """Hold `n` answers open at `HELD_CHUNKS` chunks; print what they hold per answer."""
@@ -288,21 +332,29 @@ class Bench:
         for answer in answers:
             await self.close_answer(answer, self.timed[answer.n_fed :] + self.rest)
 
-    def floor_once(self) -> float:
-        """The same reads through the floor relay's upstream protocol."""
-        down = CountingTransport()
-        side = _UpstreamSide(SimpleNamespace(transport=down, answer_done=lambda: None))  # type: ignore[arg-type]  # the floor's downstream side, as far as it is used
-        feed = side.data_received
+    def floor_once(self, n: int = 1) -> float:
+        """The same reads through the floor relay's upstream protocol (`n` relays fed in
+        turn, as `interleaved_once` feeds its answers)."""
+        feeds = []
+        for _ in range(n):
+            down = CountingTransport()
+            side = _UpstreamSide(SimpleNamespace(transport=down, answer_done=lambda: None))  # type: ignore[arg-type]  # the floor's downstream side, as far as it is used
+            feeds.append(side.data_received)
         started = time.thread_time_ns()
-        for frame in self.timed:
-            feed(frame)
+        for data in self.reads:
+            for feed in feeds:
+                feed(data)
         elapsed = time.thread_time_ns() - started
+        self.floor_writes.append(down.n_writes / len(self.timed))
         for frame in self.rest:
-            feed(frame)
-        return elapsed / 1000 / len(self.timed)
+            for feed in feeds:
+                feed(frame)
+        return elapsed / 1000 / len(self.timed) / n
 
 
-async def run(bench: Bench, streams: int, profile: str | None, memory: int) -> None:
+async def run(
+    bench: Bench, streams: int, profile: str | None, memory: int, interleave: int
+) -> None:
     gw = await bench.setup()
     for _ in range(5):  # warm up (imports, first-call caches)
         await bench.gateway_once(gw)
@@ -317,25 +369,34 @@ async def run(bench: Bench, streams: int, profile: str | None, memory: int) -> N
     ours: list[float] = []
     floor: list[float] = []
     profiler = cProfile.Profile() if profile else None
-    for _ in range(streams):
+    rounds = streams if interleave <= 1 else max(3, streams // interleave)
+    for _ in range(rounds):
         if profiler is not None:
             profiler.enable()
-        ours.append(await bench.gateway_once(gw))
+        if interleave > 1:
+            ours.append(await bench.interleaved_once(gw, interleave))
+        else:
+            ours.append(await bench.gateway_once(gw))
         if profiler is not None:
             profiler.disable()
-        floor.append(bench.floor_once())
+        floor.append(bench.floor_once(max(1, interleave)))
     if profiler is not None and profile is not None:
         profiler.dump_stats(profile)
     await gw.client.aclose()
     unbroken_us = statistics.median(ours)
     floor_us = statistics.median(floor)
+    at_once = f", {interleave} at once fed in turn" if interleave > 1 else ""
     print(
-        f"{len(bench.timed)} chunks/answer, {streams} answers, one event per read "
-        f"(Python work only: no syscalls, no event loop)"
+        f"{len(bench.timed)} chunks/answer, {rounds * max(1, interleave)} answers{at_once}, "
+        f"{bench.per_read} event(s) per read (Python work only: no syscalls, no event loop)"
     )
     print(f"unbroken  {unbroken_us:7.2f} us/chunk (median; p90 {_p90(ours):.2f})")
     print(f"floor     {floor_us:7.2f} us/chunk (median; p90 {_p90(floor):.2f})")
     print(f"ratio     {unbroken_us / floor_us:7.1f}x the floor")
+    print(
+        f"client writes per chunk: unbroken {statistics.median(bench.writes):.2f}, "
+        f"floor {statistics.median(bench.floor_writes):.2f}"
+    )
 
 
 async def _until(condition: Any) -> None:
@@ -362,16 +423,25 @@ def main() -> None:
     parser.add_argument(
         "--memory", type=int, default=0, help="hold this many answers open; print memory"
     )
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        help="relay this many answers at once, one read each in turn (cold caches, as at c=N)",
+    )
+    parser.add_argument(
+        "--per-read", type=int, default=1, help="events per upstream read (a loaded gateway's)"
+    )
     args = parser.parse_args()
     with mock_process(RECORD_CONFIG) as url:
         head, frames = record(url, args.model)
-    bench = Bench(head, frames, args.model)
+    bench = Bench(head, frames, args.model, args.per_read)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is part of the [gateway] extra
-        asyncio.run(run(bench, args.streams, args.profile, args.memory))
+        asyncio.run(run(bench, args.streams, args.profile, args.memory, args.interleave))
     else:
-        uvloop.run(run(bench, args.streams, args.profile, args.memory))
+        uvloop.run(run(bench, args.streams, args.profile, args.memory, args.interleave))
 
 
 if __name__ == "__main__":
