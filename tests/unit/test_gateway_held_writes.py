@@ -1,0 +1,164 @@
+"""An upstream read that brings several events reaches each live client in one write
+(gateway/upstream.py `_Connection.data_received` holds the direct writes, gateway/direct.py
+`hold_writes`/`release_writes`); a read of one event is written at once; the framing and
+the order are those of one write per event."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from unbroken.gateway.direct import DirectBody, hold_writes, release_writes
+from unbroken.gateway.upstream import _Connection
+
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+class Wire:
+    """A stand-in transport: records each write."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closing = False
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def client(wire: Wire) -> DirectBody:
+    """A DirectBody on a streaming response whose transport is `wire`."""
+    cycle = SimpleNamespace(
+        response_started=True,
+        chunked_encoding=True,
+        response_complete=False,
+        disconnected=False,
+        flow=SimpleNamespace(write_paused=False),
+        transport=wire,
+        scope={"method": "POST"},
+    )
+    return DirectBody(cycle)
+
+
+def frame(event: bytes) -> bytes:
+    """`event` as one chunked frame of the upstream's body."""
+    return b"%x\r\n%b\r\n" % (len(event), event)
+
+
+def expected(seq: int, event: bytes) -> bytes:
+    """What a client gets for event `seq` whose upstream event is `event`."""
+    data = event.removeprefix(b"data: ").removesuffix(b"\n\n")
+    body = b"id: %d\ndata: %b\n\n" % (seq, data)
+    return b"%x\r\n%b\r\n" % (len(body), body)
+
+
+EVENTS = [b'data: {"n":%d,"text":"token %d"}\n\n' % (i, i) for i in range(1, 6)]
+
+
+@pytest.fixture
+def upstream() -> Iterator[tuple[_Connection, list[Wire]]]:
+    """An upstream connection past its response head, tapped by a relay that writes each
+    event to two clients (as two live readers of one answer)."""
+    loop = asyncio.new_event_loop()
+    conn = _Connection(loop, ("http", "upstream", 80), 1 << 20)
+    conn.connection_made(Wire())  # type: ignore[arg-type]  # a stand-in stream transport
+    conn.begin()
+    conn.data_received(HEAD)
+    assert conn.headers_done
+    wires = [Wire(), Wire()]
+    bodies = [client(wire) for wire in wires]
+    seqs = iter(range(1, 100))
+    partial = [b""]  # an event's bytes so far (a frame may span reads)
+
+    def relay(data: bytes) -> None:
+        *events, partial[0] = (partial[0] + data).split(b"\n\n")
+        for event in events:
+            seq = next(seqs)
+            for body in bodies:
+                assert body.write_event(seq, event.removeprefix(b"data: "))
+
+    assert conn.tap(relay, None)
+    yield conn, wires
+    loop.close()
+
+
+def test_a_read_of_one_event_is_written_at_once(upstream: tuple[_Connection, Any]) -> None:
+    conn, wires = upstream
+    conn.data_received(frame(EVENTS[0]))
+    conn.data_received(frame(EVENTS[1]))
+    for wire in wires:
+        assert wire.writes == [expected(1, EVENTS[0]), expected(2, EVENTS[1])]
+
+
+def test_a_read_of_several_events_is_one_write_per_client(
+    upstream: tuple[_Connection, Any],
+) -> None:
+    conn, wires = upstream
+    conn.data_received(b"".join(frame(e) for e in EVENTS[:3]))
+    conn.data_received(frame(EVENTS[3]))
+    for wire in wires:
+        assert wire.writes == [
+            b"".join(expected(i, e) for i, e in enumerate(EVENTS[:3], 1)),
+            expected(4, EVENTS[3]),
+        ]
+
+
+def test_a_read_ending_in_part_of_a_frame_writes_its_whole_events(
+    upstream: tuple[_Connection, Any],
+) -> None:
+    conn, wires = upstream
+    rest = frame(EVENTS[2])
+    conn.data_received(frame(EVENTS[0]) + frame(EVENTS[1]) + rest[:7])
+    conn.data_received(rest[7:])
+    for wire in wires:
+        assert wire.writes == [
+            expected(1, EVENTS[0]) + expected(2, EVENTS[1]),
+            expected(3, EVENTS[2]),
+        ]
+
+
+def test_held_writes_are_written_when_the_read_turns_out_malformed(
+    upstream: tuple[_Connection, Any],
+) -> None:
+    """The events before a framing error still reach the clients, and the next writes are
+    not held any more."""
+    conn, wires = upstream
+    conn.data_received(frame(EVENTS[0]) + frame(EVENTS[1]) + b"zz\r\nnot a chunk\r\n")
+    assert conn.error is not None
+    for wire in wires:
+        assert wire.writes == [expected(1, EVENTS[0]) + expected(2, EVENTS[1])]
+    wire = Wire()
+    assert client(wire).write_event(7, b"{}")
+    assert wire.writes == [expected(7, b"data: {}\n\n")]
+
+
+def test_a_client_closed_while_held_gets_nothing_more() -> None:
+    open_wire, closed_wire = Wire(), Wire()
+    bodies = [client(open_wire), client(closed_wire)]
+    hold_writes()
+    try:
+        for body in bodies:
+            assert body.write(b"one")
+            assert body.write(b"two")
+        assert open_wire.writes == closed_wire.writes == []
+        closed_wire.closing = True
+    finally:
+        release_writes()
+    assert open_wire.writes == [b"3\r\none\r\n3\r\ntwo\r\n"]
+    assert closed_wire.writes == []
