@@ -16,7 +16,8 @@ is not bench/gateway.py's. It also prints the client writes per chunk (the floor
 per read). Run: `python bench/hotpath.py [--streams N] [--profile FILE] [--interleave N]
 [--per-read K]`. `--interleave 256` relays 256 answers at once, one read each in turn, as a
 gateway at c=256 reads them: each chunk then finds its answer's objects cold in the CPU
-caches. `--per-read 2` reads two events at once, as a saturated gateway often does.
+caches. `--per-read 2` reads two frames at once, as a saturated gateway often does;
+`--per-frame 2` sends two events in one chunked frame, as a loaded upstream often does.
 
 `--memory N` instead holds N answers open after `HELD_CHUNKS` chunks each, traced by
 tracemalloc, and prints the Python memory they hold per answer (all of it, and the lines of
@@ -177,7 +178,12 @@ class Answer:
 
 class Bench:
     def __init__(
-        self, head: bytes, frames: list[bytes], model: str = "deepseek-chat", per_read: int = 1
+        self,
+        head: bytes,
+        frames: list[bytes],
+        model: str = "deepseek-chat",
+        per_read: int = 1,
+        per_frame: int = 1,
     ) -> None:
         self.model = model
         self.head = head
@@ -188,10 +194,15 @@ class Bench:
         self.rest = frames[len(self.timed) :]
         assert frames[: len(self.timed)] == self.timed, "content frames come first"
         self.per_read = per_read
-        # The timed frames as the reads that bring them, `per_read` at a time.
-        self.reads = [
-            b"".join(self.timed[i : i + per_read]) for i in range(0, len(self.timed), per_read)
+        self.per_frame = per_frame
+        # The timed events `per_frame` to a chunked frame (a loaded upstream sends several
+        # in one), and the frames as the reads that bring them, `per_read` at a time.
+        events = [f[f.index(b"\r\n") + 2 : -2] for f in self.timed]
+        framed = [
+            b"%x\r\n%b\r\n" % (len(e), e)
+            for e in (b"".join(events[i : i + per_frame]) for i in range(0, len(events), per_frame))
         ]
+        self.reads = [b"".join(framed[i : i + per_read]) for i in range(0, len(framed), per_read)]
         # Client writes per timed chunk, over the measured answers (gateway, floor).
         self.writes: list[float] = []
         self.floor_writes: list[float] = []
@@ -388,7 +399,8 @@ async def run(
     at_once = f", {interleave} at once fed in turn" if interleave > 1 else ""
     print(
         f"{len(bench.timed)} chunks/answer, {rounds * max(1, interleave)} answers{at_once}, "
-        f"{bench.per_read} event(s) per read (Python work only: no syscalls, no event loop)"
+        f"{bench.per_frame} event(s) per frame, {bench.per_read} frame(s) per read "
+        "(Python work only: no syscalls, no event loop)"
     )
     print(f"unbroken  {unbroken_us:7.2f} us/chunk (median; p90 {_p90(ours):.2f})")
     print(f"floor     {floor_us:7.2f} us/chunk (median; p90 {_p90(floor):.2f})")
@@ -429,13 +441,14 @@ def main() -> None:
         default=0,
         help="relay this many answers at once, one read each in turn (cold caches, as at c=N)",
     )
+    parser.add_argument("--per-read", type=int, default=1, help="chunked frames per upstream read")
     parser.add_argument(
-        "--per-read", type=int, default=1, help="events per upstream read (a loaded gateway's)"
+        "--per-frame", type=int, default=1, help="events per chunked frame (a loaded upstream's)"
     )
     args = parser.parse_args()
     with mock_process(RECORD_CONFIG) as url:
         head, frames = record(url, args.model)
-    bench = Bench(head, frames, args.model, args.per_read)
+    bench = Bench(head, frames, args.model, args.per_read, args.per_frame)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is part of the [gateway] extra

@@ -374,3 +374,100 @@ async def test_a_response_without_headers_has_none() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+def _event(delta: dict[str, Any], finish: str | None = None, usage: Any = None) -> bytes:
+    chunk = {
+        "id": "r1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "deepseek-chat",
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+    if usage is not None:
+        chunk["choices"] = []
+        chunk["usage"] = usage
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("refuse_at", [None, 4])
+async def test_a_frame_of_several_events_goes_to_one_event_by_event(
+    refuse_at: int | None,
+) -> None:
+    """An upstream frame of several text events (a loaded upstream sends them so) reaches
+    `one` event by event, as their bytes, not the sink as one decoded list; when `one`
+    refuses inside such a frame, that chunk and the rest are yielded, in order."""
+    texts = [f"t{i} " for i in range(9)]
+    role = _event({"role": "assistant", "content": ""})
+    events = [_event({"content": text}) for text in texts]
+    usage = {"prompt_tokens": 1, "completion_tokens": 9, "total_tokens": 10}
+    frames = [
+        role + events[0],
+        b"".join(events[1:4]),
+        b"".join(events[4:8]),
+        events[8] + _event({"content": ""}, "stop") + _event({}, usage=usage),
+        b"data: [DONE]\n\n",
+    ]
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        for frame in frames:
+            await asyncio.sleep(0.05)  # each frame a read of its own, the tap open
+            writer.write(b"%x\r\n%b\r\n" % (len(frame), frame))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    batches: list[list[ChatCompletionChunk]] = []
+    ones: list[bytes] = []
+    seen: list[ChatCompletionChunk] = []  # what the sink and `one` took, in order
+
+    def sink(chunks: list[ChatCompletionChunk], payloads: list[bytes] | None) -> bool:
+        batches.append(list(chunks))
+        seen.extend(chunks)
+        return True
+
+    def one(payload: bytes) -> bool:
+        if len(ones) == refuse_at:
+            return False
+        ones.append(payload)
+        seen.append(msgspec.json.decode(payload, type=ChatCompletionChunk))
+        return True
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with AsyncClient(
+            api_key="sk", base_url=f"http://127.0.0.1:{port}", transport=LeanTransport()
+        ) as client:
+            stream = await client.chat.completions.create(
+                model="deepseek-chat", messages=[{"role": "user", "content": "t"}], stream=True
+            )
+            stream.set_chunk_sink(sink, with_payloads=True, one=one)
+            yielded = [c async for c in stream if c.usage is None]
+            answer = await stream.final()
+    finally:
+        server.close()
+        await server.wait_closed()
+    # No read's events decoded together: one at a time, to `one` but for the first event
+    # (the sink gets it while the decoder learns that the body is SSE).
+    assert all(len(batch) == 1 for batch in batches)
+    assert len(batches) <= 1
+    relayable = [e[6:-2] for e in [*events, _event({"content": ""}, "stop")]]
+    start = relayable.index(ones[0])  # t0's, or t1's if the first frame beat the tap
+    assert start <= 1
+    # Each as it came, in order (the finish too, usage never), up to a refusal.
+    assert ones == relayable[start : None if refuse_at is None else start + refuse_at]
+    # What was read before the tap, what was taken, then the rest, yielded.
+    want = [msgspec.json.decode(e[6:-2], type=ChatCompletionChunk).choices for e in [role, *events]]
+    n_head = want.index(seen[0].choices)
+    got = [*yielded[:n_head], *seen, *yielded[n_head:]]
+    assert _text(got) == "".join(texts)
+    assert answer.choices[0].message.content == "".join(texts)

@@ -13,7 +13,7 @@ from unbroken.core.attempt import Attempt, Timeouts
 from unbroken.core.flow import AttemptPlan
 from unbroken.core.resume import Continuation
 from unbroken.core.routes import Route
-from unbroken.core.stream import ChatStreamDecoder, EndState
+from unbroken.core.stream import ChatStreamDecoder, EndState, several_events, split_events
 from unbroken.core.wire import ChatCompletionChunk, ChunkChoice, Delta, Usage
 from unbroken.errors import ConfigError, TimeoutPhase
 
@@ -752,16 +752,24 @@ RELAY_READS = [
 
 def test_relay_one_is_feed_with_lone_unchanged_chunks_as_their_bytes() -> None:
     """`relay_one` returns a lone unchanged content chunk as its upstream bytes (what
-    `feed` would give as `payloads`) and otherwise exactly what `feed` returns; both fold
-    the same answer and attempt, and time the first token alike."""
+    `feed` would give as `payloads`), None for a read of several whole events (each then
+    relayed alone gives the chunks `feed` decodes from the read, as their bytes), and
+    otherwise exactly what `feed` returns; both fold the same answer and attempt, and
+    time the first token alike."""
     fed_answer, relayed_answer = ChunkAccumulator(), ChunkAccumulator()
     fed = Attempt(AttemptPlan(route=ROUTE, body={}), fed_answer, now=0.0)
     relayed = Attempt(AttemptPlan(route=ROUTE, body={}), relayed_answer, now=0.0)
-    n_bytes = 0
+    n_bytes = n_split = 0
     for i, read in enumerate(RELAY_READS):
         got = relayed.relay_one(read, 1.0 + i)
         chunks = fed.feed(read, 1.0 + i)
-        if isinstance(got, bytes):
+        if got is None:
+            assert several_events(read)
+            outs = [relayed.relay_one(event, 1.0 + i) for event in split_events(read)]
+            assert all(isinstance(out, bytes) for out in outs)
+            assert [msgspec.json.decode(out, type=ChatCompletionChunk) for out in outs] == chunks  # type: ignore[arg-type]  # bytes, checked above
+            n_split += len(outs)
+        elif isinstance(got, bytes):
             n_bytes += 1
             assert payloads(fed) == [got]
             assert [msgspec.json.decode(got, type=ChatCompletionChunk)] == chunks
@@ -772,6 +780,7 @@ def test_relay_one_is_feed_with_lone_unchanged_chunks_as_their_bytes() -> None:
         assert relayed.first_token_at == fed.first_token_at
         assert relayed.last_data_at == fed.last_data_at
     assert n_bytes == 4  # the role, the UTF-8 text, "c" and "e" after the hidden finish
+    assert n_split == 2  # "a" and "b", read together
     assert fed.finish(9.0) == relayed.finish(9.0) == []
     assert relayed_answer.content() == fed_answer.content() == "Héabcde\ufffd"
     assert relayed.acc.content() == fed.acc.content()
@@ -840,7 +849,9 @@ def test_relay_one_re_encodes_what_a_seam_rewrites() -> None:
     """A continuation's chunks are rewritten, so `relay_one` gives them as `feed` does."""
     attempt = Attempt(continuation_plan(), shown_answer("Hel"), now=0.0)
     attempt.relay_one(b": x\n\n", 0.5)
-    (out,) = attempt.relay_one(sse({"content": "lo"}), 1.0)
+    got = attempt.relay_one(sse({"content": "lo"}), 1.0)
+    assert isinstance(got, list)
+    (out,) = got
     assert isinstance(out, ChatCompletionChunk)
     assert out.id == "c1"
     text = Attempt(AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0)

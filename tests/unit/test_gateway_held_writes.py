@@ -119,6 +119,15 @@ def test_a_read_of_several_events_is_one_write_per_client(
         ]
 
 
+def test_a_frame_of_several_events_is_one_write_per_client(
+    upstream: tuple[_Connection, Any],
+) -> None:
+    conn, wires = upstream
+    conn.data_received(frame(b"".join(EVENTS[:3])))
+    for wire in wires:
+        assert wire.writes == [b"".join(expected(i, e) for i, e in enumerate(EVENTS[:3], 1))]
+
+
 def test_a_read_ending_in_part_of_a_frame_writes_its_whole_events(
     upstream: tuple[_Connection, Any],
 ) -> None:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from unbroken.core.accumulator import ChunkAccumulator
-from unbroken.core.stream import ChatStreamDecoder, EndState, classify_end
+from unbroken.core.stream import (
+    ChatStreamDecoder,
+    EndState,
+    classify_end,
+    several_events,
+    split_events,
+)
 from unbroken.core.wire import ChatCompletionChunk, Delta
 from unbroken.errors import ProtocolError, UpstreamStreamError
 
@@ -253,6 +259,43 @@ def test_fim_chunks_keep_no_bytes() -> None:
 
 
 # -- feed_one: the relay's one-event path and its text template ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("read", "several"),
+    [
+        (b"data: a\n\n", False),  # one event
+        (b"data: a\n\ndata: b\n\n", True),
+        (b"data: a\n\n: c\n\ndata: b\n\n", True),  # a comment between
+        (b"data: a\n\ndata: b", False),  # the second not whole yet
+        (b"data: a\n\n\n", True),  # a blank line more
+        (b"\n\n", False),
+        (b"data: a", False),
+        (b"", False),
+    ],
+)
+def test_several_events_and_their_split(read: bytes, several: bool) -> None:
+    """`several_events` says whether a read is more than one whole event; `split_events`
+    cuts any read after each blank line, and the pieces decode as the read does."""
+    assert several_events(read) is several
+    pieces = split_events(read)
+    assert b"".join(pieces) == read
+    assert all(piece.count(b"\n\n") <= 1 for piece in pieces)
+    assert not several or len(pieces) > 1
+    whole, piecewise = ChatStreamDecoder(), ChatStreamDecoder()
+    assert whole._sse.feed(read) == [e for piece in pieces for e in piecewise._sse.feed(piece)]
+
+
+def test_two_text_events_in_one_read_are_not_one_text() -> None:
+    """A read of two text events like the last starts with the template's head and ends
+    with its tail: not taken as one text (nothing consumed), and `feed` decodes both."""
+    decoder = ChatStreamDecoder()
+    decoder.feed(b": hi\n\n")
+    assert isinstance(decoder.feed_one(chunk(b'{"content":"a"}')), ChatCompletionChunk)
+    assert decoder.feed_one(chunk(b'{"content":"b"}')) == "b"
+    read = chunk(b'{"content":"c"}') + chunk(b'{"content":"d"}')
+    assert decoder.feed_one(read) is None
+    assert [c.choices[0].delta.content for c in decoder.feed(read)] == ["c", "d"]  # type: ignore[union-attr]  # text deltas
 
 
 def one(decoder: ChatStreamDecoder, read: bytes) -> ChatCompletionChunk | str | None:

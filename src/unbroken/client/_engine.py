@@ -29,6 +29,7 @@ from unbroken.client.cache import CacheEvent
 from unbroken.core.attempt import Attempt
 from unbroken.core.events import ControlEvent
 from unbroken.core.flow import AttemptOutcome, Connect, Sleep
+from unbroken.core.stream import split_events
 from unbroken.core.wire import ChatCompletionChunk, decode_chunk
 from unbroken.errors import TimeoutPhase
 
@@ -544,6 +545,15 @@ class _FastLane:
                         self.refused = True
                         self.pending = [decode_chunk(got)]
                         self._wake()
+                    return
+                if got is None:
+                    # Several events in one read (a loaded upstream sends them so): each
+                    # on this hot path in turn, not decoded and re-encoded together
+                    # (bench/hotpath.py --per-frame 2: 7.5 -> 4.6 us a chunk).
+                    for event in split_events(data):
+                        self._on_body(event)
+                        if self.error is not None:
+                            return  # raised from `taken`: the rest of the read is moot
                     return
                 chunks = cast("list[ChatCompletionChunk]", got)
             else:

@@ -20,6 +20,7 @@ from unbroken.core.stream import (
     EndState,
     StreamEnd,
     classify_end,
+    several_events,
 )
 from unbroken.core.tokens import add_usage
 from unbroken.core.wire import ChatCompletionChunk, Delta, Usage
@@ -321,14 +322,18 @@ class Attempt:
             self.payloads = [raw]
         return out
 
-    def relay_one(self, data: bytes, now: float) -> bytes | list[ChatCompletionChunk]:
+    def relay_one(self, data: bytes, now: float) -> bytes | list[ChatCompletionChunk] | None:
         """`feed` for a relay's hot path: when the read is one event whose chunk leaves as
         it came (what `payloads` would say) and carries no usage, the chunk is folded and
         its upstream bytes are returned instead of a list (one call, no list per chunk);
-        otherwise what `feed` returns, with `payloads` set as `feed` sets it."""
+        None, nothing consumed, when the read is several whole events that could be so
+        (`several_events`): relay each of `split_events(data)` in turn instead; otherwise
+        what `feed` returns, with `payloads` set as `feed` sets it."""
         decoder = self.decoder
         got = decoder.feed_one(data) if self._plain else None
         if got is None:
+            if self._plain and several_events(data):
+                return None
             return self.feed(data, now)
         self.payloads = None
         self.last_data_at = now
