@@ -28,7 +28,7 @@ class Counting(asyncio.Protocol):
     made = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        type(self).made += 1
+        Counting.made += 1
         transport.close()
 
 
@@ -107,11 +107,18 @@ def test_out_of_fds_pauses_then_accepts_again(monkeypatch: pytest.MonkeyPatch) -
     Counting.made = 0
 
     async def main(sock: socket.socket) -> tuple[bool, int, int]:
-        acceptor = Acceptor(asyncio.get_running_loop(), sock, Counting)
+        all_made = asyncio.Event()
+
+        class Fifth(Counting):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
+                if Counting.made == 5:
+                    all_made.set()
+
+        acceptor = Acceptor(asyncio.get_running_loop(), sock, Fifth)
         await turns(3)
         paused, made = acceptor.serving, Counting.made
-        while Counting.made < 5:
-            await asyncio.sleep(0.01)  # the retry is a timer: wait for its effect
+        await all_made.wait()  # the retry is a timer: wait for its effect
         acceptor.close()
         return paused, made, Counting.made
 
