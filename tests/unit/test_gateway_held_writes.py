@@ -6,6 +6,7 @@ the order are those of one write per event."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -171,3 +172,36 @@ def test_a_client_closed_while_held_gets_nothing_more() -> None:
         release_writes()
     assert open_wire.writes == [b"3\r\none\r\n3\r\ntwo\r\n"]
     assert closed_wire.writes == []
+
+
+def test_a_hold_is_the_holding_threads_only() -> None:
+    """Another thread's event loop (an embedded gateway, a test's) writes at once while
+    this one holds, and holds and releases its own writes without touching these."""
+    here, there = Wire(), Wire()
+    mine, theirs = client(here), client(there)
+    seen: list[list[bytes]] = []
+
+    def other_thread() -> None:
+        assert theirs.write(b"now")
+        seen.append(list(there.writes))
+        hold_writes()
+        try:
+            assert theirs.write(b"a")
+            assert theirs.write(b"b")
+            seen.append(list(there.writes))
+        finally:
+            release_writes()
+
+    hold_writes()
+    try:
+        assert mine.write(b"one")
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+        assert mine.write(b"two")
+        assert here.writes == []
+    finally:
+        release_writes()
+    assert seen == [[b"3\r\nnow\r\n"], [b"3\r\nnow\r\n"]]
+    assert there.writes == [b"3\r\nnow\r\n", b"1\r\na\r\n1\r\nb\r\n"]
+    assert here.writes == [b"3\r\none\r\n3\r\ntwo\r\n"]

@@ -14,6 +14,7 @@ drain (flow control) and ends the response. Imports uvicorn's httptools protocol
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 __all__ = ["DIRECT_EXTENSION", "DirectBody", "hold_writes", "release_writes"]
@@ -21,29 +22,41 @@ __all__ = ["DIRECT_EXTENSION", "DirectBody", "hold_writes", "release_writes"]
 # The scope extension under which the gateway's protocol (gateway/guard.py) offers it.
 DIRECT_EXTENSION = "unbroken.direct_body"
 
-# While not None (`hold_writes`), the bodies with writes held back, written by
-# `release_writes`. Why: an upstream read that brings several events (a loaded gateway's
-# often do: ~1.6 a read at 256 streams, bench/gateway.py) then reaches each client in one
-# write, not one per event, as a relay passing the read's bytes through does (the write
-# syscall is ~30% of the gateway's CPU).
-_held: list[DirectBody] | None = None
+# Threads holding writes now (`hold_writes`), and each one's bodies with writes held back,
+# written by `release_writes`. Why: an upstream read that brings several events (a loaded
+# gateway's often do: ~1.6 a read at 256 streams, bench/gateway.py) then reaches each client
+# in one write, not one per event, as a relay passing the read's bytes through does (the
+# write syscall is ~30% of the gateway's CPU). Per thread: event loops in other threads of
+# the process (tests, embedding) write as they would; a write reads only the count while
+# none holds (~10 ns, not a thread-local's ~40).
+_n_holding = 0
+_holding_lock = threading.Lock()
+_local = threading.local()
 
 
 def hold_writes() -> None:
-    """Hold back the body writes made from now on until `release_writes` (the caller's
-    callback must call it before returning: nothing else writes in between)."""
-    global _held  # one loop callback's scope, see `_held`
-    if _held is None:
-        _held = []
+    """Hold back the body writes this thread makes from now on until `release_writes`
+    (the caller's loop callback must call it before returning: nothing else writes to
+    the held bodies' transports in between)."""
+    global _n_holding
+    if getattr(_local, "held", None) is None:
+        _local.held = []
+        with _holding_lock:
+            _n_holding += 1
 
 
 def release_writes() -> None:
-    """Write what `hold_writes` held back, each body's in one write, and stop holding."""
-    global _held
-    held, _held = _held, None
-    if held:
-        for body in held:
-            body._release()
+    """Write what `hold_writes` held back in this thread, each body's in one write, and
+    stop holding."""
+    global _n_holding
+    held: list[DirectBody] | None = getattr(_local, "held", None)
+    if held is None:
+        return
+    _local.held = None
+    with _holding_lock:
+        _n_holding -= 1
+    for body in held:
+        body._release()
 
 
 class DirectBody:
@@ -89,10 +102,10 @@ class DirectBody:
         if not self.writable():
             return False
         frame = b"%x\r\n%b\r\n" % (len(body), body)
-        if _held is None:
+        if not _n_holding:
             self._transport.write(frame)
         else:
-            self._hold(frame, _held)
+            self._hold(frame)
         return True
 
     def write_event(self, seq: int, data: bytes) -> bool:
@@ -114,13 +127,17 @@ class DirectBody:
         # `id: <seq>\ndata: ` is 11 bytes and the digits, `\n\n` 2 more.
         digits = 1 if seq < 10 else 2 if seq < 100 else 3 if seq < 1000 else len(b"%d" % seq)
         frame = b"%x\r\nid: %d\ndata: %b\n\n\r\n" % (13 + len(data) + digits, seq, data)
-        if _held is None:
+        if not _n_holding:
             transport.write(frame)
         else:
-            self._hold(frame, _held)
+            self._hold(frame)
         return True
 
-    def _hold(self, frame: bytes, held: list[DirectBody]) -> None:
+    def _hold(self, frame: bytes) -> None:
+        held: list[DirectBody] | None = getattr(_local, "held", None)
+        if held is None:  # another thread holds its writes, not this one
+            self._transport.write(frame)
+            return
         # The transport's state, checked above, cannot change before `release_writes`:
         # nothing writes to it in between.
         mine = self._held
