@@ -30,8 +30,13 @@ DIRECT_EXTENSION = "unbroken.direct_body"
 # the process (tests, embedding) write as they would; a write reads only the count while
 # none holds (~10 ns, not a thread-local's ~40).
 _n_holding = 0
-_holding_lock = threading.Lock()
-_local = threading.local()
+
+
+class _Holding(threading.local):
+    held: list[DirectBody] | None = None  # this thread's bodies with writes held back
+
+
+_local = _Holding()
 
 
 def hold_writes() -> None:
@@ -39,22 +44,22 @@ def hold_writes() -> None:
     (the caller's loop callback must call it before returning: nothing else writes to
     the held bodies' transports in between)."""
     global _n_holding
-    if getattr(_local, "held", None) is None:
+    if _local.held is None:
         _local.held = []
-        with _holding_lock:
-            _n_holding += 1
+        # Unlocked: only a hint for the writes' fast path (`_hold` asks this thread's
+        # state), so threads racing here cost at most a check per write, never a write.
+        _n_holding += 1
 
 
 def release_writes() -> None:
     """Write what `hold_writes` held back in this thread, each body's in one write, and
     stop holding."""
     global _n_holding
-    held: list[DirectBody] | None = getattr(_local, "held", None)
+    held = _local.held
     if held is None:
         return
     _local.held = None
-    with _holding_lock:
-        _n_holding -= 1
+    _n_holding -= 1
     for body in held:
         body._release()
 
@@ -134,7 +139,7 @@ class DirectBody:
         return True
 
     def _hold(self, frame: bytes) -> None:
-        held: list[DirectBody] | None = getattr(_local, "held", None)
+        held = _local.held
         if held is None:  # another thread holds its writes, not this one
             self._transport.write(frame)
             return
