@@ -63,6 +63,7 @@ from unbroken.core.streamlog import (
 from unbroken.core.wire import Answer, ChatCompletion, ChatCompletionChunk
 from unbroken.errors import InvalidRequestError, StoreError, UnbrokenError
 from unbroken.gateway.asgi import Exchange
+from unbroken.gateway.detach import Detached, Parked
 from unbroken.gateway.keys import Caller
 from unbroken.gateway.problems import GatewayError, from_unbroken
 from unbroken.gateway.request import ChatRequest
@@ -956,6 +957,9 @@ class StreamHub:
         producer: Producer | None = None,
         sink: EventSink | None = None,
         head: EventSink | None = None,
+        *,
+        detach: bool = False,
+        resumed: bool = False,
     ) -> AsyncGenerator[list[tuple[int, bytes]], None]:
         """The events after `after`, then live ones, until the log ends, as lists of the
         consecutive events available at once (a relay writes each list in one write).
@@ -965,10 +969,17 @@ class StreamHub:
         With a `sink`, live events of a producer on this instance go to the sink instead,
         whenever it is ready (see the theory of operation); the rest are yielded. With a
         `head` too (and `after` 0), the producer's first events go to it (it starts the
-        response) before any wake-up of this reader.
+        response) before any wake-up of this reader. With `detach`, handing itself to the
+        producer raises `Parked` instead of awaiting (gateway/detach.py); `resumed` goes on
+        after such a hand-off (the producer's first events were seen then).
         """
         log = self.log
-        if producer is not None:
+        if resumed and sink is not None and not sink.ready():
+            # Woken because the relay stopped (or the client is not draining): a reader
+            # awaiting the hand-off is cancelled there, so this one is too, before it reads
+            # on (a stopped reader must not take over a log its producer just released).
+            await asyncio.sleep(0)
+        if producer is not None and not resumed:
             ready = head is not None and after == 0 and head.ready()
             parked = producer.park(head, 0) if ready and head is not None else None
             if parked is not None and head is not None:
@@ -993,6 +1004,9 @@ class StreamHub:
                 if not local.finished:
                     parked = local.park(sink, after) if sink is not None and sink.ready() else None
                     if parked is not None and sink is not None:
+                        if detach:
+                            # The reader's task ends here; it resumes in a new one.
+                            raise Parked(Detached(parked, local, sink))
                         # No list of the last events held while parked (~160 bytes).
                         fresh = None
                         try:

@@ -1,0 +1,196 @@
+"""A live answer's reader without a task while its producer writes to the client.
+
+Why it exists: once a streamed answer's reader has caught up, its producer writes every new
+event straight to the client (gateway/relay.py `LiveSink`), and the reader only waits for
+the producer to hand the response back (the client stopped draining, a keep-alive is being
+written, the answer ended, the client left). Waiting, its request task held the whole
+coroutine chain of the request - uvicorn's `run_asgi`, `Gateway._http`, `serve_chat`,
+`StreamRelay.events`, `StreamHub.follow_batches` - with their frames, the task and its
+context: ~3 KB per live answer (bench/stream_memory.py). Instead the reader *detaches*:
+
+* `StreamHub.follow_batches` (asked to) raises `Parked` where it would await its parked
+  future; each layer of the chain catches it on the way up, skips its own cleanup and
+  writes down in the `Detached` what its rest needs (the relay, the producer, the request's
+  record...); the server's task body (`run_asgi` here, in place of uvicorn's) ends the task
+  without completing the response;
+* when the parked future resolves (the producer refused an event or ended; or the relay
+  was stopped: client gone, slow client, shutdown), `Detached.wake` starts a new task in
+  the request's context that runs the rest of the same layers (`Gateway._http_resume`):
+  they pick up where the reader left off, may detach again, and at the end do what each
+  layer did (the relay's result, metrics, the access log record, uvicorn's checks).
+
+Only a server that runs the request through `run_asgi` offers it (the scope extension
+`DETACH_EXTENSION`, gateway/guard.py); anywhere else the reader awaits as before.
+Imports uvicorn's httptools cycle type only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+__all__ = ["DETACH_EXTENSION", "Detached", "Parked", "run_asgi"]
+
+logger = logging.getLogger(__name__)
+
+# The scope extension under which the gateway's protocol offers detaching.
+DETACH_EXTENSION = "unbroken.detach"
+
+
+class Detached:
+    """What the rest of a detached reader needs, filled by each layer as `Parked` passes.
+
+    Attributes:
+        future: what the reader waits for (the producer's `park` future).
+        producer: the producer it is parked on (`taken_back` on resuming).
+        sink: the sink the producer writes to.
+    The other attributes are the state of the layers above, each set by its layer.
+    """
+
+    # One per live answer: no instance dict.
+    __slots__ = (
+        "_spawn",
+        "cache_key",
+        "cycle",
+        "ex",
+        "future",
+        "gateway",
+        "method",
+        "observed",
+        "origin",
+        "path",
+        "producer",
+        "record",
+        "relay",
+        "request_id",
+        "sink",
+        "stream_id",
+        "streamed",
+        "writer",
+    )
+
+    def __init__(self, future: asyncio.Future[None], producer: Any, sink: Any) -> None:
+        self.future = future
+        self.producer = producer
+        self.sink = sink
+        # Set by the layers above (gateway/relay.py, gateway/app.py) as `Parked` passes.
+        self.relay: Any = None
+        self.gateway: Any = None
+        self.writer: Any = None  # the answer's producer (the reader's own attach/detach)
+        self.stream_id = ""
+        self.streamed: Any = None
+        self.cache_key: str | None = None
+        self.observed: Any = None
+        self.ex: Any = None
+        self.record: Any = None
+        self.path = ""
+        self.method = ""
+        self.request_id = b""
+        self.origin: Any = None
+        self.cycle: RequestResponseCycle | None = None
+        self._spawn: Callable[[RequestResponseCycle, Detached], None] | None = None
+
+    def park(
+        self,
+        cycle: RequestResponseCycle,
+        spawn: Callable[[RequestResponseCycle, Detached], None],
+    ) -> None:
+        """The task ends here: resume (`spawn(cycle, self)`, in this context) once the
+        future resolves."""
+        self.cycle = cycle
+        self._spawn = spawn
+        # The callback runs in a copy of this context (the request's: its access record).
+        self.future.add_done_callback(self.wake, context=contextvars.copy_context())
+
+    def wake(self, _: asyncio.Future[None]) -> None:
+        """The future resolved: run the rest of the request in a new task (called in the
+        request's context, which the task copies)."""
+        spawn, cycle = self._spawn, self.cycle
+        assert spawn is not None  # noqa: S101 - set by park
+        assert cycle is not None  # noqa: S101 - set by park
+        spawn(cycle, self)
+
+
+class Parked(BaseException):
+    """Raised through a request's coroutine chain when its reader detaches (not an error:
+    a BaseException, so no `except Exception` of the chain takes it for one)."""
+
+    def __init__(self, detached: Detached) -> None:
+        super().__init__()
+        self.detached = detached
+
+
+async def run_asgi(cycle: RequestResponseCycle, app: Any) -> None:
+    """uvicorn's `RequestResponseCycle.run_asgi`, for an app whose reader may detach."""
+    parked: Detached | None = None
+    try:
+        try:
+            result = await app(cycle.scope, cycle.receive, cycle.send)
+        except Parked as exc:
+            parked = exc.detached
+        except BaseException as exc:
+            await _failed(cycle, exc)
+        else:
+            await _returned(cycle, result)
+    finally:
+        if parked is None:
+            cycle.on_response = _nothing
+    if parked is not None:
+        _park(cycle, parked)
+
+
+async def resume_asgi(cycle: RequestResponseCycle, detached: Detached) -> None:
+    """The rest of a detached request (see the module docstring), as `run_asgi` ends it."""
+    parked: Detached | None = None
+    try:
+        try:
+            await detached.gateway._http_resume(detached)
+        except Parked as exc:
+            parked = exc.detached
+        except BaseException as exc:
+            await _failed(cycle, exc)
+        else:
+            await _returned(cycle, None)
+    finally:
+        if parked is None:
+            cycle.on_response = _nothing
+    del detached
+    if parked is not None:
+        _park(cycle, parked)
+
+
+def _park(cycle: RequestResponseCycle, detached: Detached) -> None:
+    protocol = cycle.on_response.__self__  # type: ignore[attr-defined]  # GuardedProtocol's bound method
+    detached.park(cycle, protocol.resume_task)
+
+
+def _nothing() -> None:
+    return None
+
+
+async def _failed(cycle: RequestResponseCycle, exc: BaseException) -> None:
+    # As uvicorn's run_asgi.
+    cycle.logger.error("Exception in ASGI application\n", exc_info=exc)
+    if not cycle.response_started:
+        await cycle.send_500_response()
+    else:
+        cycle.transport.close()
+
+
+async def _returned(cycle: RequestResponseCycle, result: Any) -> None:
+    # As uvicorn's run_asgi.
+    if result is not None:
+        cycle.logger.error("ASGI callable should return None, but returned '%s'.", result)
+        cycle.transport.close()
+    elif not cycle.response_started and not cycle.disconnected:
+        cycle.logger.error("ASGI callable returned without starting response.")
+        await cycle.send_500_response()
+    elif not cycle.response_complete and not cycle.disconnected:
+        cycle.logger.error("ASGI callable returned without completing response.")
+        cycle.transport.close()
