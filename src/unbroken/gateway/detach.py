@@ -105,8 +105,9 @@ class Detached:
         future resolves."""
         self.cycle = cycle
         self._spawn = spawn
-        # The callback runs in a copy of this context (the request's: its access record).
-        self.future.add_done_callback(self.wake, context=contextvars.copy_context())
+        # The callback runs in a copy of this context (the request's: its access record);
+        # the callback is this object (`__call__`), not a bound method made for it.
+        self.future.add_done_callback(self, context=contextvars.copy_context())
 
     def wake(self, _: asyncio.Future[None]) -> None:
         """The future resolved: run the rest of the request in a new task (called in the
@@ -115,6 +116,8 @@ class Detached:
         assert spawn is not None  # noqa: S101 - set by park
         assert cycle is not None  # noqa: S101 - set by park
         spawn(cycle, self)
+
+    __call__ = wake
 
 
 class Parked(BaseException):

@@ -598,10 +598,13 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         if app is self.app:
             # The app's own entry of HTTP requests, when it has one (gateway/app.py).
-            app = getattr(app, "asgi_http", app)
-        # uvicorn's run_asgi, but a live answer's reader may end the task early and resume
-        # in a new one (gateway/detach.py).
-        cycle.scope["extensions"][DETACH_EXTENSION] = True  # type: ignore[assignment]  # any values
+            http = getattr(app, "asgi_http", None)
+            if http is not None:
+                app = http
+                # uvicorn's run_asgi below, but this app's live answer's reader may end the
+                # task early and resume in a new one (gateway/detach.py): offered only to
+                # it (a middleware in between would see its call end early).
+                cycle.scope["extensions"][DETACH_EXTENSION] = True  # type: ignore[assignment]  # any values
         task = self.loop.create_task(run_asgi(cycle, app))
         task.add_done_callback(self.guard.task_done(self.tasks))
         self.tasks.add(task)

@@ -106,6 +106,8 @@ LOCAL_TAIL_EVENTS = 8
 # The longest a long-poll may wait.
 MAX_WAIT_S = 60.0
 _encode = msgspec.json.encode
+# The `_pending` of every producer that does not batch (it stays empty).
+_NO_PENDING: list[bytes] = []
 
 
 def open_stream_log(g: GatewaySettings) -> StreamLog:
@@ -275,10 +277,8 @@ class Producer:
         # The memory log appends without a coroutine (one less per chunk), and is read
         # without a round trip: a short tail does (the log packs its events; a tail holding
         # a whole answer's payloads cost ~60 KB per live stream).
-        self._append_now: Callable[..., int] | None = getattr(hub.log, "append_now", None)
-        self._append_one: Callable[[str, int, bytes, float], int] | None = getattr(
-            hub.log, "append_one", None
-        )
+        # Bound once per hub, not per producer (two bound methods: 128 bytes a live answer).
+        self._append_now, self._append_one = hub.log_appenders()
         # A list trimmed to `_tail_max`, not a deque(maxlen=...): a deque's first block holds
         # 64 slots (~760 bytes) per live answer for the events kept here. None with the
         # memory log, which readers read in place (`tail_events`): its open block holds the
@@ -290,7 +290,9 @@ class Producer:
         # Group commit for a remote log: events pushed while an append is in flight go
         # together in the next one, so the upstream is read on meanwhile.
         self._batched = getattr(hub.log, "is_remote", False)
-        self._pending: list[bytes] = []
+        # Only a batching producer appends here: the others share one empty list (56 bytes
+        # a live answer).
+        self._pending: list[bytes] = [] if self._batched else _NO_PENDING
         self._flush: asyncio.Task[None] | None = None
         self.first = Flag()  # set at the first append, or when the answer failed
         self._unset = True  # `first` not set by an append yet (no method call per append)
@@ -486,7 +488,7 @@ class Producer:
             await self._settle()
         except UnbrokenError as exc:
             logger.debug("stream %s: pending events not logged: %s", self.stream_id, exc)
-            self._pending = []
+            self._pending = [] if self._batched else _NO_PENDING
 
     def _take(self, chunks: list[ChatCompletionChunk], payloads: list[bytes] | None) -> bool:
         """The SDK stream's chunk sink: append `chunks` (those of one upstream read) to the
@@ -696,11 +698,27 @@ class StreamHub:
         self.settings = gateway.settings.gateway
         self.instance = uuid.uuid4().hex
         self._producers: dict[str, Producer] = {}
+        self._appenders: tuple[Any, Any, StreamLog] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._closing = False
 
     def __repr__(self) -> str:
         return f"StreamHub(log={self.log!r}, live={len(self._producers)})"
+
+    def log_appenders(
+        self,
+    ) -> tuple[Callable[..., int] | None, Callable[[str, int, bytes, float], int] | None]:
+        """The log's `append_now` and `append_one` when it has them (the memory log), bound
+        once and shared by the producers."""
+        appenders = self._appenders
+        if appenders is None or appenders[2] is not self.log:
+            log = self.log
+            appenders = self._appenders = (
+                getattr(log, "append_now", None),
+                getattr(log, "append_one", None),
+                log,
+            )
+        return appenders[0], appenders[1]
 
     @property
     def producers(self) -> list[Producer]:
