@@ -851,13 +851,7 @@ class Gateway:
         except Parked as exc:
             # Parked again: the same state goes on, with the new hand-off.
             parked = True
-            again = exc.detached
-            detached.future, detached.producer, detached.sink = (
-                again.future,
-                again.producer,
-                again.sink,
-            )
-            exc.detached = detached
+            exc.detached.carry(detached)
             raise
         except GatewayError as exc:
             cache_key = detached.cache_key

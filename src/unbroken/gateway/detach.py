@@ -6,16 +6,16 @@ the producer to hand the response back (the client stopped draining, a keep-aliv
 written, the answer ended, the client left). Waiting, its request task held the whole
 coroutine chain of the request - uvicorn's `run_asgi`, `Gateway._http`, `serve_chat`,
 `StreamRelay.events`, `StreamHub.follow_batches` - with their frames, the task and its
-context: ~3 KB per live answer (bench/stream_memory.py). Instead the reader *detaches*:
+context: ~2.5 KB per live answer (bench/stream_memory.py). Instead the reader *detaches*:
 
-* `StreamHub.follow_batches` (asked to) raises `Parked` where it would await its parked
-  future; each layer of the chain catches it on the way up, skips its own cleanup and
-  writes down in the `Detached` what its rest needs (the relay, the producer, the request's
-  record...); the server's task body (`run_asgi` here, in place of uvicorn's) ends the task
-  without completing the response;
-* when the parked future resolves (the producer refused an event or ended; or the relay
-  was stopped: client gone, slow client, shutdown), `Detached.wake` starts a new task in
-  the request's context that runs the rest of the same layers (`Gateway._http_resume`):
+* `StreamHub.follow_batches` (asked to) hands the reader to the producer with a `Detached`
+  as its waiter and raises `Parked` where it would await a future; each layer of the chain
+  catches it on the way up, skips its own cleanup and writes down in the `Detached` what
+  its rest needs (the relay, the producer, the request's record...); the server's task body
+  (`run_asgi` here, in place of uvicorn's) ends the task without completing the response;
+* when the producer wakes it (it refused an event, or ended; or the relay was stopped:
+  client gone, slow client, shutdown), `Detached.set_result` starts a new task in the
+  request's context that runs the rest of the same layers (`Gateway._http_resume`):
   they pick up where the reader left off, may detach again, and at the end do what each
   layer did (the relay's result, metrics, the access log record, uvicorn's checks).
 
@@ -26,7 +26,6 @@ Imports uvicorn's httptools cycle type only.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import logging
 from collections.abc import Callable
@@ -44,10 +43,14 @@ DETACH_EXTENSION = "unbroken.detach"
 
 
 class Detached:
-    """What the rest of a detached reader needs, filled by each layer as `Parked` passes.
+    """A detached reader: what it waits for, and what the rest of its request needs (filled
+    by each layer as `Parked` passes).
+
+    It is its own waiter in the producer's hand-off (`Producer.park`): the producer (or
+    the relay, when stopped) calls `set_result` once, and the rest of the request starts
+    in a new task - no future with a done callback per live answer (~200 bytes).
 
     Attributes:
-        future: what the reader waits for (the producer's `park` future).
         producer: the producer it is parked on (`taken_back` on resuming).
         sink: the sink the producer writes to.
     The other attributes are the state of the layers above, each set by its layer.
@@ -55,15 +58,15 @@ class Detached:
 
     # One per live answer: no instance dict.
     __slots__ = (
+        "_ctx",
+        "_done",
         "_spawn",
         "cache_key",
         "cycle",
         "ex",
-        "future",
         "gateway",
         "method",
         "observed",
-        "origin",
         "path",
         "producer",
         "record",
@@ -75,10 +78,10 @@ class Detached:
         "writer",
     )
 
-    def __init__(self, future: asyncio.Future[None], producer: Any, sink: Any) -> None:
-        self.future = future
+    def __init__(self, producer: Any, sink: Any) -> None:
         self.producer = producer
         self.sink = sink
+        self._done = False
         # Set by the layers above (gateway/relay.py, gateway/app.py) as `Parked` passes.
         self.relay: Any = None
         self.gateway: Any = None
@@ -92,32 +95,53 @@ class Detached:
         self.path = ""
         self.method = ""
         self.request_id = b""
-        self.origin: Any = None
         self.cycle: RequestResponseCycle | None = None
-        self._spawn: Callable[[RequestResponseCycle, Detached], None] | None = None
+        self._spawn: Callable[[RequestResponseCycle, Detached, contextvars.Context], None] | None
+        self._spawn = None
+        self._ctx: contextvars.Context | None = None
+
+    def carry(self, before: Detached) -> None:
+        """Take the layers' state of the hand-off `before` (a reader detaching again)."""
+        self.gateway, self.writer, self.stream_id = before.gateway, before.writer, before.stream_id
+        self.streamed, self.cache_key, self.observed = (
+            before.streamed,
+            before.cache_key,
+            before.observed,
+        )
+        self.ex, self.record, self.path = before.ex, before.record, before.path
+        self.method, self.request_id = before.method, before.request_id
 
     def park(
         self,
         cycle: RequestResponseCycle,
-        spawn: Callable[[RequestResponseCycle, Detached], None],
+        spawn: Callable[[RequestResponseCycle, Detached, contextvars.Context], None],
     ) -> None:
-        """The task ends here: resume (`spawn(cycle, self)`, in this context) once the
-        future resolves."""
+        """The task ends here: `spawn(cycle, self, context)` runs the rest once
+        `set_result` is called (in a copy of this context: the request's, with its access
+        record)."""
         self.cycle = cycle
         self._spawn = spawn
-        # The callback runs in a copy of this context (the request's: its access record);
-        # the callback is this object (`__call__`), not a bound method made for it.
-        self.future.add_done_callback(self, context=contextvars.copy_context())
+        self._ctx = contextvars.copy_context()
+        if self._done:  # resolved before the task ended (not seen: nothing awaits between)
+            self._done = False
+            self.set_result(None)
 
-    def wake(self, _: asyncio.Future[None]) -> None:
-        """The future resolved: run the rest of the request in a new task (called in the
-        request's context, which the task copies)."""
-        spawn, cycle = self._spawn, self.cycle
-        assert spawn is not None  # noqa: S101 - set by park
-        assert cycle is not None  # noqa: S101 - set by park
-        spawn(cycle, self)
+    # The waiter's interface (`asyncio.Future`'s, as `Producer.park` uses it).
 
-    __call__ = wake
+    def done(self) -> bool:
+        """Whether the reader was woken."""
+        return self._done
+
+    def set_result(self, _: None) -> None:
+        """Wake the reader: the rest of its request starts in a new task."""
+        if self._done:
+            return
+        self._done = True
+        spawn, cycle, ctx = self._spawn, self.cycle, self._ctx
+        if spawn is None or cycle is None or ctx is None:
+            return  # not parked yet: `park` wakes it
+        self._ctx = None
+        spawn(cycle, self, ctx)
 
 
 class Parked(BaseException):

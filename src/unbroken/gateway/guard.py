@@ -28,6 +28,7 @@ Imports uvicorn, httptools and gateway siblings.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import http
 import logging
@@ -609,9 +610,12 @@ class GuardedProtocol(HttpToolsProtocol):
         task.add_done_callback(self.guard.task_done(self.tasks))
         self.tasks.add(task)
 
-    def resume_task(self, cycle: RequestResponseCycle, detached: Detached) -> None:
-        """Run the rest of a detached request (gateway/detach.py) in a new request task."""
-        task = self.loop.create_task(resume_asgi(cycle, detached))
+    def resume_task(
+        self, cycle: RequestResponseCycle, detached: Detached, context: contextvars.Context
+    ) -> None:
+        """Run the rest of a detached request (gateway/detach.py) in a new request task, in
+        the request's `context`."""
+        task = self.loop.create_task(resume_asgi(cycle, detached), context=context)
         task.add_done_callback(self.guard.task_done(self.tasks))
         self.tasks.add(task)
 

@@ -47,7 +47,7 @@ from unbroken.client import AsyncStream
 from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.errors import UnbrokenError
 from unbroken.gateway.asgi import Exchange, Message, ResponseHooks
-from unbroken.gateway.detach import Parked
+from unbroken.gateway.detach import Detached, Parked
 from unbroken.gateway.direct import DirectBody
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
 from unbroken.gateway.scopes import cancel_scope
@@ -173,10 +173,10 @@ class StreamRelay:
         # (the sidecar keeps the time, so a direct write reads no clock).
         self._n_direct = 0
         self._wrote = False
-        # A detached reader (gateway/detach.py): the events it wrote before, and the future
-        # that resumes it (resolved by `_stop`).
+        # A detached reader (gateway/detach.py): the events it wrote before, and the waiter
+        # that resumes it (woken by `_stop`).
         self._n_sent = 0
-        self._parked: asyncio.Future[None] | None = None
+        self._parked: Detached | None = None
         self.n_keepalives = 0
         self.result: RelayResult | None = None
         # The sidecar (see `_watch`): its period, the server's hooks, the tick wheel it is
@@ -450,7 +450,7 @@ class StreamRelay:
             # The reader detaches: the sidecar and the counts stay for its resumption.
             parked = True
             self._n_sent = n
-            self._parked = exc.detached.future
+            self._parked = exc.detached
             exc.detached.relay = self
             raise
         finally:

@@ -195,6 +195,17 @@ class EventSink(Protocol):
         """`feed` of the one event `seq` (the relay's hot path: no sequence per event)."""
 
 
+class Waiter(Protocol):
+    """What a parked reader waits on: an `asyncio.Future[None]`, or a detached reader
+    (gateway/detach.py `Detached`)."""
+
+    def done(self) -> bool:
+        """Whether it was woken."""
+
+    def set_result(self, result: None) -> None:
+        """Wake it."""
+
+
 class Producer:
     """The writer of one answer's log (see the theory of operation).
 
@@ -304,7 +315,7 @@ class Producer:
         self.reason: str | None = None  # why it stopped early: stopped, abandoned, fenced...
         self.n_readers = 0
         # Readers handed off to this producer (`park`), each with the future it parks on.
-        self._sinks: dict[EventSink, asyncio.Future[None]] = {}
+        self._sinks: dict[EventSink, Waiter] = {}
         self.detached_at: float | None = time.time()
         self.task: asyncio.Task[None] | None = None
 
@@ -367,6 +378,15 @@ class Producer:
         parked = asyncio.get_running_loop().create_future()
         self._sinks[sink] = parked
         return parked
+
+    def park_waiter(self, sink: EventSink, after: int, waiter: Waiter) -> bool:
+        """`park` with the reader's own `waiter` in place of a future (a detached reader,
+        gateway/detach.py): False, and nothing parked, when `park` would give None."""
+        if after != self.n_events or self.finished:
+            return False
+        sink.last = after
+        self._sinks[sink] = waiter
+        return True
 
     def taken_back(self, sink: EventSink) -> int:
         """The reader takes over from `sink` (after its `park` future resolved, or was
@@ -1031,11 +1051,13 @@ class StreamHub:
                     yield fresh
                     continue
                 if not local.finished:
+                    if detach and sink is not None and sink.ready():
+                        waiter = Detached(local, sink)
+                        if local.park_waiter(sink, after, waiter):
+                            # The reader's task ends here; it resumes in a new one.
+                            raise Parked(waiter)
                     parked = local.park(sink, after) if sink is not None and sink.ready() else None
                     if parked is not None and sink is not None:
-                        if detach:
-                            # The reader's task ends here; it resumes in a new one.
-                            raise Parked(Detached(parked, local, sink))
                         # No list of the last events held while parked (~160 bytes).
                         fresh = None
                         try:
