@@ -159,3 +159,46 @@ def test_a_detached_readers_client_leaving_cancels_the_upstream(upstream: MockSe
             assert time.monotonic() < deadline, "the chat never ended"
             time.sleep(0.02)  # polling the gateway's metrics; no event to wait on
         assert metric(server, 'unbroken_gateway_streams_total{outcome="client_gone"}') == 1
+
+
+def test_a_reconnect_detaches_too_and_gets_exactly_the_rest(upstream: MockServer) -> None:
+    """A GET /v1/streams/{id} reconnect that caught up holds no task either, and gets
+    exactly the events after its Last-Event-ID."""
+    with gateway(upstream.url) as server:
+        with socket.create_connection((server.host, server.port), timeout=10) as first:
+            first.sendall(
+                request_bytes(
+                    server,
+                    "POST",
+                    "/v1/chat/completions",
+                    BODY,
+                    X_Mock_Tokens="120",
+                    X_Mock_Token_Ms="20",
+                    X_Unbroken_Resumable="1",
+                )
+            )
+            _, headers, head = Reader(first).response(stop_after=600)
+        stream_id = headers["x-unbroken-stream-id"]
+        seen = events(head.rsplit(b"\n\n", 1)[0] + b"\n\n")
+        with socket.create_connection((server.host, server.port), timeout=10) as second:
+            second.sendall(
+                request_bytes(
+                    server,
+                    "GET",
+                    f"/v1/streams/{stream_id}",
+                    Authorization="Bearer x",
+                    Accept="text/event-stream",
+                    Last_Event_ID=str(seen[-1][0]),
+                )
+            )
+            reader = Reader(second)
+            status, _, part = reader.response(stop_after=1000)
+            tasks_mid_answer = request_tasks(server)
+            rest = part + _drain(reader)
+        assert status == 200
+        assert tasks_mid_answer == 0
+        got = seen + events(rest)
+        assert [seq for seq, _ in got] == list(range(1, len(got) + 1))
+        assert got[-1][1] == b"[DONE]"
+        chunks = [d for _, d in got if d != b"[DONE]" and b'"unbroken":' not in d]
+        assert content(chunks) == expected(120)

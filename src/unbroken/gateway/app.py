@@ -402,7 +402,10 @@ class Gateway:
         ex, record = detached.ex, detached.record
         parked = False
         try:
-            await self._chat_resume(detached)
+            if detached.writer is None:  # a GET /v1/streams/{id} (no answer of its own)
+                await self.streams.sse_resume(detached)
+            else:
+                await self._chat_resume(detached)
         except Parked:
             parked = True
             raise

@@ -85,9 +85,10 @@ class Detached:
         # Set by the layers above (gateway/relay.py, gateway/app.py) as `Parked` passes.
         self.relay: Any = None
         self.gateway: Any = None
-        self.writer: Any = None  # the answer's producer (the reader's own attach/detach)
+        # The POST's own producer (None for a GET /v1/streams/{id} reconnect).
+        self.writer: Any = None
         self.stream_id = ""
-        self.streamed: Any = None
+        self.streamed: Any = None  # a POST's booking; a GET reconnect's local writer
         self.cache_key: str | None = None
         self.observed: Any = None
         self.ex: Any = None

@@ -64,7 +64,7 @@ from unbroken.core.streamlog import (
 from unbroken.core.wire import Answer, ChatCompletion, ChatCompletionChunk
 from unbroken.errors import InvalidRequestError, StoreError, UnbrokenError
 from unbroken.gateway.asgi import Exchange
-from unbroken.gateway.detach import Detached, Parked
+from unbroken.gateway.detach import DETACH_EXTENSION, Detached, Parked
 from unbroken.gateway.keys import Caller
 from unbroken.gateway.problems import GatewayError, from_unbroken
 from unbroken.gateway.request import ChatRequest
@@ -1157,15 +1157,53 @@ class StreamHub:
         if writer is not None:
             writer.attach()
         gateway._relays.add(relay)
+        # A caught-up reader may detach, as a POST's does (gateway/detach.py).
+        detach = ex.scope.get("extensions", {}).get(DETACH_EXTENSION) is True
+        parked = False
         try:
-            await relay.events(self.follow_batches(stream_id, after, sink=relay.sink()))
+            await relay.events(
+                self.follow_batches(
+                    stream_id, after, sink=relay.sink(), detach=detach and ex.hooks() is not None
+                )
+            )
+        except Parked as exc:
+            parked = True
+            detached = exc.detached
+            detached.gateway, detached.stream_id, detached.streamed = gateway, stream_id, writer
+            raise
         finally:
-            gateway._relays.discard(relay)
-            if relay.result is not None:  # a reconnect relays chunks too
-                gateway.metrics.chunks.inc(relay.result.n_chunks)
-                gateway.metrics.chunks_direct.inc(relay.result.n_direct)
-            if writer is not None:
-                writer.detach(time.time())
+            if not parked:
+                self._sse_done(relay, writer)
+
+    async def sse_resume(self, detached: Detached) -> None:
+        """The rest of `_sse` for a detached reader (gateway/detach.py)."""
+        relay = detached.relay
+        writer: Producer | None = detached.streamed
+        after = detached.producer.taken_back(detached.sink)
+        parked = False
+        try:
+            await relay.events(
+                self.follow_batches(
+                    detached.stream_id, after, sink=detached.sink, detach=True, resumed=True
+                ),
+                resumed=True,
+            )
+        except Parked as exc:
+            parked = True
+            exc.detached.carry(detached)
+            raise
+        finally:
+            if not parked:
+                self._sse_done(relay, writer)
+
+    def _sse_done(self, relay: Any, writer: Producer | None) -> None:
+        gateway = self.gateway
+        gateway._relays.discard(relay)
+        if relay.result is not None:  # a reconnect relays chunks too
+            gateway.metrics.chunks.inc(relay.result.n_chunks)
+            gateway.metrics.chunks_direct.inc(relay.result.n_direct)
+        if writer is not None:
+            writer.detach(time.time())
 
     async def _long_poll(self, ex: Exchange, stream_id: str, after: int, wait: str | None) -> None:
         try:
