@@ -27,6 +27,10 @@ connection (gateway/direct.py), so a live answer costs no wake-up of the reader'
 no ASGI send per event; when the client stops draining (the transport pauses) or a
 keep-alive is being written, the sink refuses and the reader goes back to reading the log
 and `send`, which waits for the client (and the sidecar cuts it past `send_timeout_s`).
+Under the gateway's own server, a reader whose sink the producer took does not even wait
+in a task: it *detaches* (gateway/detach.py) - `events()` lets `Parked` through with the
+relay's state kept (its sidecar stays on the tick wheel, `_stop` wakes the reader) and
+goes on `resumed` in the new task that continues the request.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ A reader on the producer's own instance that has caught up hands itself to the p
 relay's `LiveSink`, gateway/relay.py) right after appending it to the log, until the sink
 refuses one (the client is not draining) or the answer ends; the reader then reads on from
 the tail or the log as before. Appending first keeps the rule: no reader holds an event the
-log lacks.
+log lacks. Under the gateway's own server such a reader holds no task meanwhile: it
+detaches (gateway/detach.py; `follow_batches(detach=True)` raises `Parked` after the
+hand-off) and the producer's hand-back starts the rest of its request in a new task.
 
 The producer holds the stream's lease (`core.streamlog`): the hub's ticker renews it about
 every second, and the renewal tells it about `DELETE` requests made on other instances and
