@@ -317,6 +317,26 @@ async def test_reads_across_packed_blocks_match_what_was_appended(log: StreamLog
             assert batch_read.ended is ended
 
 
+async def test_memory_events_read_in_place_match_what_was_appended() -> None:
+    """The memory log's `events_now` (a local producer's readers read it instead of a
+    tail): any range of a live log, in and past packed blocks, is what was appended; a
+    caught-up reader gets nothing; a range the log does not hold, or an unknown stream,
+    is None."""
+    log = MemoryStreamLog(Retention(ttl_s=100, max_stream_bytes=1 << 20, max_total_bytes=1 << 21))
+    lease = await create(log, S1)
+    model = [b'{"i":%d}' % i for i in range(1, 41)]
+    for payload in model:
+        log.append_one(S1, lease.epoch, payload, 1.0)
+    for after in range(len(model) + 1):
+        for last in range(after, len(model) + 1):
+            got = log.events_now(S1, after, last)
+            assert got == list(enumerate(model[after:last], after + 1))
+    assert log.events_now(S1, 40, 40) == []
+    assert log.events_now(S1, 39, 41) is None
+    assert log.events_now(S1, 5, 4) is None
+    assert log.events_now(S2, 0, 0) is None
+
+
 async def test_renew_many_answers_each_lease_as_renew_does(log: StreamLog) -> None:
     """`renew_many` renews every lease of the list, in order, as `renew` of that lease alone
     would: a `Renewal` (stop requested, reader_at), or None for a fenced writer or an unknown

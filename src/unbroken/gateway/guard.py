@@ -28,6 +28,7 @@ Imports uvicorn, httptools and gateway siblings.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import http
 import logging
@@ -60,6 +61,7 @@ from uvicorn.protocols.utils import (
 from unbroken._flag import Flag
 from unbroken.gateway.accesslog import ACCESS_LOGGER
 from unbroken.gateway.asgi import RESPONSE_EXTENSION, TRANSPORT_EXTENSION, Message
+from unbroken.gateway.detach import DETACH_EXTENSION, Detached, resume_asgi, run_asgi
 from unbroken.gateway.direct import DIRECT_EXTENSION, DirectBody
 from unbroken.gateway.metrics import GatewayMetrics
 from unbroken.gateway.problems import error_body
@@ -597,8 +599,23 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         if app is self.app:
             # The app's own entry of HTTP requests, when it has one (gateway/app.py).
-            app = getattr(app, "asgi_http", app)
-        task = self.loop.create_task(cycle.run_asgi(app))
+            http = getattr(app, "asgi_http", None)
+            if http is not None:
+                app = http
+                # uvicorn's run_asgi below, but this app's live answer's reader may end the
+                # task early and resume in a new one (gateway/detach.py): offered only to
+                # it (a middleware in between would see its call end early).
+                cycle.scope["extensions"][DETACH_EXTENSION] = True  # type: ignore[assignment]  # any values
+        task = self.loop.create_task(run_asgi(cycle, app))
+        task.add_done_callback(self.guard.task_done(self.tasks))
+        self.tasks.add(task)
+
+    def resume_task(
+        self, cycle: RequestResponseCycle, detached: Detached, context: contextvars.Context
+    ) -> None:
+        """Run the rest of a detached request (gateway/detach.py) in a new request task, in
+        the request's `context`."""
+        task = self.loop.create_task(resume_asgi(cycle, detached), context=context)
         task.add_done_callback(self.guard.task_done(self.tasks))
         self.tasks.add(task)
 

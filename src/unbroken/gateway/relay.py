@@ -27,6 +27,10 @@ connection (gateway/direct.py), so a live answer costs no wake-up of the reader'
 no ASGI send per event; when the client stops draining (the transport pauses) or a
 keep-alive is being written, the sink refuses and the reader goes back to reading the log
 and `send`, which waits for the client (and the sidecar cuts it past `send_timeout_s`).
+Under the gateway's own server, a reader whose sink the producer took does not even wait
+in a task: it *detaches* (gateway/detach.py) - `events()` lets `Parked` through with the
+relay's state kept (its sidecar stays on the tick wheel, `_stop` wakes the reader) and
+goes on `resumed` in the new task that continues the request.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from unbroken.client import AsyncStream
 from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.errors import UnbrokenError
 from unbroken.gateway.asgi import Exchange, Message, ResponseHooks
+from unbroken.gateway.detach import Detached, Parked
 from unbroken.gateway.direct import DirectBody
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
 from unbroken.gateway.scopes import cancel_scope
@@ -119,7 +124,9 @@ class StreamRelay:
         "_last_write",
         "_loop",
         "_n_direct",
+        "_n_sent",
         "_on_complete",
+        "_parked",
         "_reason",
         "_renew",
         "_renew_every_s",
@@ -170,6 +177,10 @@ class StreamRelay:
         # (the sidecar keeps the time, so a direct write reads no clock).
         self._n_direct = 0
         self._wrote = False
+        # A detached reader (gateway/detach.py): the events it wrote before, and the waiter
+        # that resumes it (woken by `_stop`).
+        self._n_sent = 0
+        self._parked: Detached | None = None
         self.n_keepalives = 0
         self.result: RelayResult | None = None
         # The sidecar (see `_watch`): its period, the server's hooks, the tick wheel it is
@@ -361,6 +372,10 @@ class StreamRelay:
         if self._reason is None:
             self._reason = reason
         self._scope.cancel()
+        parked = self._parked
+        if parked is not None and not parked.done():
+            # A detached reader has no task to cancel: it resumes, and ends at once.
+            parked.set_result(None)
 
     async def _shutdown_event(self) -> None:
         # OSError: the client is gone (uvicorn's ClientDisconnected); RuntimeError: the
@@ -386,19 +401,25 @@ class StreamRelay:
         self._streaming = True
         return await self._run(stream, trailer)
 
-    async def events(self, source: AsyncGenerator[list[tuple[int, bytes]], None]) -> RelayResult:
+    async def events(
+        self, source: AsyncGenerator[list[tuple[int, bytes]], None], *, resumed: bool = False
+    ) -> RelayResult:
         """Relay a stream log's events (lists of `(sequence number, payload)`, each list
-        written at once), each with its `id:`.
+        written at once), each with its `id:`. `Parked` from `source` passes through with
+        the relay's state kept (its sidecar goes on); the relay goes on with `resumed` and
+        the source that continues it (gateway/detach.py).
 
         Raises:
             GatewayError: `source` failed before anything was written (the caller sends it
                 as an HTTP error).
         """
         self._streaming = True
-        sidecar = self._watch()
-        n = 0
+        self._parked = None
+        sidecar = None if resumed else self._watch()
+        n = self._n_sent
         result: RelayResult | None = None
         error: GatewayError | None = None
+        parked = False
         try:
             with self._scope:
                 try:
@@ -429,12 +450,20 @@ class StreamRelay:
                         await self._write(b"data: " + exc.body() + b"\n\n", False)
                     else:
                         error = exc
+        except Parked as exc:
+            # The reader detaches: the sidecar and the counts stay for its resumption.
+            parked = True
+            self._n_sent = n
+            self._parked = exc.detached
+            exc.detached.relay = self
+            raise
         finally:
-            self._unwatch(sidecar)
-            # Not shielded: no cancellation is pending past the scope, and a log's follower
-            # (StreamHub.follow_batches) awaits nothing when closed.
-            await source.aclose()
-            await self._stopped(sidecar)
+            if not parked:
+                self._unwatch(sidecar)
+                # Not shielded: no cancellation is pending past the scope, and a log's
+                # follower (StreamHub.follow_batches) awaits nothing when closed.
+                await source.aclose()
+                await self._stopped(sidecar)
         if self._reason == "shutdown":
             await self._shutdown_event()
         if self._reason is not None:
@@ -690,6 +719,8 @@ class _TaskScope:
     ) -> bool:
         self._inside = False
         task = self._task
+        # Not held past the body: a detached reader's ended task (gateway/detach.py).
+        self._task = None
         if not self.cancel_called or task is None:
             return False
         # Ours alone: a cancellation from outside (server shutdown) goes on.

@@ -14,7 +14,9 @@ A reader on the producer's own instance that has caught up hands itself to the p
 relay's `LiveSink`, gateway/relay.py) right after appending it to the log, until the sink
 refuses one (the client is not draining) or the answer ends; the reader then reads on from
 the tail or the log as before. Appending first keeps the rule: no reader holds an event the
-log lacks.
+log lacks. Under the gateway's own server such a reader holds no task meanwhile: it
+detaches (gateway/detach.py; `follow_batches(detach=True)` raises `Parked` after the
+hand-off) and the producer's hand-back starts the rest of its request in a new task.
 
 The producer holds the stream's lease (`core.streamlog`): the hub's ticker renews it about
 every second, and the renewal tells it about `DELETE` requests made on other instances and
@@ -64,6 +66,7 @@ from unbroken.core.streamlog import (
 from unbroken.core.wire import Answer, ChatCompletion, ChatCompletionChunk
 from unbroken.errors import InvalidRequestError, StoreError, UnbrokenError
 from unbroken.gateway.asgi import Exchange
+from unbroken.gateway.detach import DETACH_EXTENSION, Detached, Parked
 from unbroken.gateway.keys import Caller
 from unbroken.gateway.problems import GatewayError, from_unbroken
 from unbroken.gateway.request import ChatRequest
@@ -105,6 +108,8 @@ LOCAL_TAIL_EVENTS = 8
 # The longest a long-poll may wait.
 MAX_WAIT_S = 60.0
 _encode = msgspec.json.encode
+# The `_pending` of every producer that does not batch (it stays empty).
+_NO_PENDING: list[bytes] = []
 
 
 def open_stream_log(g: GatewaySettings) -> StreamLog:
@@ -192,6 +197,17 @@ class EventSink(Protocol):
         """`feed` of the one event `seq` (the relay's hot path: no sequence per event)."""
 
 
+class Waiter(Protocol):
+    """What a parked reader waits on: an `asyncio.Future[None]`, or a detached reader
+    (gateway/detach.py `Detached`)."""
+
+    def done(self) -> bool:
+        """Whether it was woken."""
+
+    def set_result(self, result: None) -> None:
+        """Wake it."""
+
+
 class Producer:
     """The writer of one answer's log (see the theory of operation).
 
@@ -274,20 +290,22 @@ class Producer:
         # The memory log appends without a coroutine (one less per chunk), and is read
         # without a round trip: a short tail does (the log packs its events; a tail holding
         # a whole answer's payloads cost ~60 KB per live stream).
-        self._append_now: Callable[..., int] | None = getattr(hub.log, "append_now", None)
-        self._append_one: Callable[[str, int, bytes, float], int] | None = getattr(
-            hub.log, "append_one", None
-        )
+        # Bound once per hub, not per producer (two bound methods: 128 bytes a live answer).
+        self._append_now, self._append_one = hub.log_appenders()
         # A list trimmed to `_tail_max`, not a deque(maxlen=...): a deque's first block holds
-        # 64 slots (~760 bytes) per live answer for the 8 events kept here.
-        self._tail_max = TAIL_EVENTS if self._append_now is None else LOCAL_TAIL_EVENTS
+        # 64 slots (~760 bytes) per live answer for the events kept here. None with the
+        # memory log, which readers read in place (`tail_events`): its open block holds the
+        # same events (a tail of 8 cost ~0.6 KB per live answer; bench/stream_memory.py).
+        self._tail_max = TAIL_EVENTS if self._append_now is None else 0
         # The payloads of the last events appended, the last being event `n_events` (no
         # (id, payload) tuple per event: readers number them, `tail_events`).
         self.tail: list[bytes] = []
         # Group commit for a remote log: events pushed while an append is in flight go
         # together in the next one, so the upstream is read on meanwhile.
         self._batched = getattr(hub.log, "is_remote", False)
-        self._pending: list[bytes] = []
+        # Only a batching producer appends here: the others share one empty list (56 bytes
+        # a live answer).
+        self._pending: list[bytes] = [] if self._batched else _NO_PENDING
         self._flush: asyncio.Task[None] | None = None
         self.first = Flag()  # set at the first append, or when the answer failed
         self._unset = True  # `first` not set by an append yet (no method call per append)
@@ -299,7 +317,7 @@ class Producer:
         self.reason: str | None = None  # why it stopped early: stopped, abandoned, fenced...
         self.n_readers = 0
         # Readers handed off to this producer (`park`), each with the future it parks on.
-        self._sinks: dict[EventSink, asyncio.Future[None]] = {}
+        self._sinks: dict[EventSink, Waiter] = {}
         self.detached_at: float | None = time.time()
         self.task: asyncio.Task[None] | None = None
 
@@ -363,6 +381,15 @@ class Producer:
         self._sinks[sink] = parked
         return parked
 
+    def park_waiter(self, sink: EventSink, after: int, waiter: Waiter) -> bool:
+        """`park` with the reader's own `waiter` in place of a future (a detached reader,
+        gateway/detach.py): False, and nothing parked, when `park` would give None."""
+        if after != self.n_events or self.finished:
+            return False
+        sink.last = after
+        self._sinks[sink] = waiter
+        return True
+
     def taken_back(self, sink: EventSink) -> int:
         """The reader takes over from `sink` (after its `park` future resolved, or was
         cancelled): the id of the last event the sink took."""
@@ -371,9 +398,15 @@ class Producer:
 
     def tail_events(self, after: int) -> list[tuple[int, bytes]] | None:
         """The events after `after` held in the tail (empty when there are none yet), or
-        None when the tail does not reach back to `after + 1`."""
-        tail = self.tail
+        None when the tail does not reach back to `after + 1`. With the memory log, the
+        log's own (its last `LOCAL_TAIL_EVENTS` at most)."""
         n_new = self.n_events - after
+        if self._append_now is not None and not self.degraded:
+            # The memory log: read in place, as far back as a tail reached.
+            if n_new > LOCAL_TAIL_EVENTS:
+                return None
+            return self.hub.log.events_now(self.stream_id, after, self.n_events)  # type: ignore[attr-defined, no-any-return]  # MemoryStreamLog's
+        tail = self.tail
         if not tail or n_new > len(tail):
             return None
         return list(enumerate(tail[len(tail) - n_new :], after + 1)) if n_new > 0 else []
@@ -477,7 +510,7 @@ class Producer:
             await self._settle()
         except UnbrokenError as exc:
             logger.debug("stream %s: pending events not logged: %s", self.stream_id, exc)
-            self._pending = []
+            self._pending = [] if self._batched else _NO_PENDING
 
     def _take(self, chunks: list[ChatCompletionChunk], payloads: list[bytes] | None) -> bool:
         """The SDK stream's chunk sink: append `chunks` (those of one upstream read) to the
@@ -687,11 +720,27 @@ class StreamHub:
         self.settings = gateway.settings.gateway
         self.instance = uuid.uuid4().hex
         self._producers: dict[str, Producer] = {}
+        self._appenders: tuple[Any, Any, StreamLog] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._closing = False
 
     def __repr__(self) -> str:
         return f"StreamHub(log={self.log!r}, live={len(self._producers)})"
+
+    def log_appenders(
+        self,
+    ) -> tuple[Callable[..., int] | None, Callable[[str, int, bytes, float], int] | None]:
+        """The log's `append_now` and `append_one` when it has them (the memory log), bound
+        once and shared by the producers."""
+        appenders = self._appenders
+        if appenders is None or appenders[2] is not self.log:
+            log = self.log
+            appenders = self._appenders = (
+                getattr(log, "append_now", None),
+                getattr(log, "append_one", None),
+                log,
+            )
+        return appenders[0], appenders[1]
 
     @property
     def producers(self) -> list[Producer]:
@@ -959,6 +1008,9 @@ class StreamHub:
         producer: Producer | None = None,
         sink: EventSink | None = None,
         head: EventSink | None = None,
+        *,
+        detach: bool = False,
+        resumed: bool = False,
     ) -> AsyncGenerator[list[tuple[int, bytes]], None]:
         """The events after `after`, then live ones, until the log ends, as lists of the
         consecutive events available at once (a relay writes each list in one write).
@@ -968,10 +1020,17 @@ class StreamHub:
         With a `sink`, live events of a producer on this instance go to the sink instead,
         whenever it is ready (see the theory of operation); the rest are yielded. With a
         `head` too (and `after` 0), the producer's first events go to it (it starts the
-        response) before any wake-up of this reader.
+        response) before any wake-up of this reader. With `detach`, handing itself to the
+        producer raises `Parked` instead of awaiting (gateway/detach.py); `resumed` goes on
+        after such a hand-off (the producer's first events were seen then).
         """
         log = self.log
-        if producer is not None:
+        if resumed and sink is not None and not sink.ready():
+            # Woken because the relay stopped (or the client is not draining): a reader
+            # awaiting the hand-off is cancelled there, so this one is too, before it reads
+            # on (a stopped reader must not take over a log its producer just released).
+            await asyncio.sleep(0)
+        if producer is not None and not resumed:
             ready = head is not None and after == 0 and head.ready()
             parked = producer.park(head, 0) if ready and head is not None else None
             if parked is not None and head is not None:
@@ -994,6 +1053,11 @@ class StreamHub:
                     yield fresh
                     continue
                 if not local.finished:
+                    if detach and sink is not None and sink.ready():
+                        waiter = Detached(local, sink)
+                        if local.park_waiter(sink, after, waiter):
+                            # The reader's task ends here; it resumes in a new one.
+                            raise Parked(waiter)
                     parked = local.park(sink, after) if sink is not None and sink.ready() else None
                     if parked is not None and sink is not None:
                         # No list of the last events held while parked (~160 bytes).
@@ -1095,15 +1159,53 @@ class StreamHub:
         if writer is not None:
             writer.attach()
         gateway._relays.add(relay)
+        # A caught-up reader may detach, as a POST's does (gateway/detach.py).
+        detach = ex.scope.get("extensions", {}).get(DETACH_EXTENSION) is True
+        parked = False
         try:
-            await relay.events(self.follow_batches(stream_id, after, sink=relay.sink()))
+            await relay.events(
+                self.follow_batches(
+                    stream_id, after, sink=relay.sink(), detach=detach and ex.hooks() is not None
+                )
+            )
+        except Parked as exc:
+            parked = True
+            detached = exc.detached
+            detached.gateway, detached.stream_id, detached.streamed = gateway, stream_id, writer
+            raise
         finally:
-            gateway._relays.discard(relay)
-            if relay.result is not None:  # a reconnect relays chunks too
-                gateway.metrics.chunks.inc(relay.result.n_chunks)
-                gateway.metrics.chunks_direct.inc(relay.result.n_direct)
-            if writer is not None:
-                writer.detach(time.time())
+            if not parked:
+                self._sse_done(relay, writer)
+
+    async def sse_resume(self, detached: Detached) -> None:
+        """The rest of `_sse` for a detached reader (gateway/detach.py)."""
+        relay = detached.relay
+        writer: Producer | None = detached.streamed
+        after = detached.producer.taken_back(detached.sink)
+        parked = False
+        try:
+            await relay.events(
+                self.follow_batches(
+                    detached.stream_id, after, sink=detached.sink, detach=True, resumed=True
+                ),
+                resumed=True,
+            )
+        except Parked as exc:
+            parked = True
+            exc.detached.carry(detached)
+            raise
+        finally:
+            if not parked:
+                self._sse_done(relay, writer)
+
+    def _sse_done(self, relay: Any, writer: Producer | None) -> None:
+        gateway = self.gateway
+        gateway._relays.discard(relay)
+        if relay.result is not None:  # a reconnect relays chunks too
+            gateway.metrics.chunks.inc(relay.result.n_chunks)
+            gateway.metrics.chunks_direct.inc(relay.result.n_direct)
+        if writer is not None:
+            writer.detach(time.time())
 
     async def _long_poll(self, ex: Exchange, stream_id: str, after: int, wait: str | None) -> None:
         try:

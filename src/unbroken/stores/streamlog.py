@@ -367,6 +367,17 @@ class MemoryStreamLog:
         payloads = packed.get(after + 1, last) if last > after else []
         return Batch(list(enumerate(payloads, after + 1)), stream.ended, stream.n_events)
 
+    def events_now(self, stream_id: str, after: int, last: int) -> list[tuple[int, bytes]] | None:
+        """Events `after + 1` to `last` read without a coroutine (a producer on this process
+        serves its readers from here: gateway/streams.py `Producer.tail_events`); None when
+        the log does not hold them (unknown, forgotten, or shorter)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.gone or last > stream.n_events or after > last:
+            return None
+        if after == last:
+            return []
+        return list(enumerate(stream.events.get(after + 1, last), after + 1))
+
     async def wait(self, stream_id: str, after: int, timeout_s: float) -> None:
         """See `StreamLog.wait`."""
         stream = self._streams.get(stream_id)
