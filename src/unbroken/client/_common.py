@@ -405,6 +405,9 @@ _NO_COST = Cost()  # frozen
 # `stream_options` as the SDK sets it: shared by the bodies (nothing changes a body's
 # values in place; continuations copy), one dict less per live answer.
 _INCLUDE_USAGE = {"include_usage": True}
+# The extra headers of an answer without any: shared, never changed (read only, as every
+# run's `extra_headers`).
+_NO_HEADERS: dict[str, str] = {}
 # The options of most answers, shared (one object less per live answer).
 _PLAIN_FLOW = FlowOptions()
 
@@ -413,6 +416,19 @@ def _flow_options(restart: bool, n_choices: int, caller_prefix: str) -> FlowOpti
     if not restart and n_choices == 1 and not caller_prefix:
         return _PLAIN_FLOW
     return FlowOptions(restart=restart, n_choices=n_choices, caller_prefix=caller_prefix)
+
+
+def _merged_headers(
+    client: dict[str, str], given: Mapping[str, str] | None, own: Mapping[str, str]
+) -> dict[str, str]:
+    """A run's extra headers: the client's, then the call's, then the request's own
+    (`extra_headers=`; a dict of the run's own, made by ChatParams.pop): that dict itself
+    when the others add nothing (one dict less per live answer, ~180 bytes)."""
+    if client or given:
+        return {**client, **(given or {}), **own}
+    if not own:
+        return _NO_HEADERS
+    return own if type(own) is dict else dict(own)
 
 
 def _texts(body: Mapping[str, Any]) -> list[str]:
@@ -490,7 +506,11 @@ class AnswerRun:
         self.endpoint: Endpoint = endpoint
         # Ours when given: `_new_run` builds it for the run (one dict less per live answer).
         self.extra_headers = (
-            extra_headers if type(extra_headers) is dict else dict(extra_headers or {})
+            extra_headers
+            if type(extra_headers) is dict
+            else dict(extra_headers)
+            if extra_headers
+            else _NO_HEADERS
         )
         self.body = body
         self.routes = routes
@@ -1010,10 +1030,8 @@ class ClientBase:
             endpoint=endpoint,
             query=options.extra_query,
             usage_chunk=usage_chunk and stream,
-            extra_headers={
-                **self._config.headers,
-                **(extra_headers or {}),
-                **options.extra_headers,
-            },
+            extra_headers=_merged_headers(
+                self._config.headers, extra_headers, options.extra_headers
+            ),
             budget_key=options.budget_key,
         )

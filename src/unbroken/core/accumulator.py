@@ -61,6 +61,7 @@ class _Choice:
     __slots__ = (
         "content",
         "finish_reason",
+        "index",
         "logprobs",
         "logprobs_content",
         "logprobs_reasoning",
@@ -71,7 +72,8 @@ class _Choice:
         "tools",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, index: int) -> None:
+        self.index = index
         self.role: str | None = None
         # Non-empty content and reasoning deltas: counted as they come, since the pieces
         # themselves are folded past MAX_PIECES.
@@ -79,23 +81,27 @@ class _Choice:
         self.content: list[str] | None = None
         self.reasoning: list[str] | None = None
         self.refusal: list[str] | None = None
-        self.tools: dict[int, _Tool] = {}
+        # None until a tool-call fragment arrives (an empty dict is 64 bytes per live answer).
+        self.tools: dict[int, _Tool] | None = None
         self.logprobs = False
         self.logprobs_content: list[TokenLogprob] | None = None
         self.logprobs_reasoning: list[TokenLogprob] | None = None
         self.finish_reason: str | None = None
 
     def copy(self) -> _Choice:
-        twin = _Choice()
+        twin = _Choice(self.index)
         twin.role = self.role
         twin.n_text_deltas = self.n_text_deltas
         twin.content = _copied(self.content)
         twin.reasoning = _copied(self.reasoning)
         twin.refusal = _copied(self.refusal)
-        for key, tool in self.tools.items():
-            copied = twin.tools[key] = _Tool()
-            copied.id, copied.type, copied.name = tool.id, tool.type, tool.name
-            copied.args = list(tool.args)
+        if self.tools:
+            tools: dict[int, _Tool] = {}
+            for key, tool in self.tools.items():
+                copied = tools[key] = _Tool()
+                copied.id, copied.type, copied.name = tool.id, tool.type, tool.name
+                copied.args = list(tool.args)
+            twin.tools = tools
         twin.logprobs = self.logprobs
         twin.logprobs_content = _copied(self.logprobs_content)
         twin.logprobs_reasoning = _copied(self.logprobs_reasoning)
@@ -159,6 +165,10 @@ def _share(text: str) -> str:
     if len(_SHARED) < SHARED_MAX and len(text) <= SHARED_MAX_CHARS:
         _SHARED[text] = text
     return text
+
+
+def _by_index(state: _Choice) -> int:
+    return state.index
 
 
 def _is_high_surrogate(text: str) -> bool:
@@ -243,7 +253,8 @@ class ChunkAccumulator:
     """
 
     __slots__ = (
-        "_choices",
+        "_first",
+        "_more",
         "_splitter",
         "created",
         "id",
@@ -254,7 +265,10 @@ class ChunkAccumulator:
     )
 
     def __init__(self) -> None:
-        self._choices: dict[int, _Choice] = {}
+        # The first choice started, and the others by index when there are any: most answers
+        # have one choice, and a dict of one was 224 bytes per live stream.
+        self._first: _Choice | None = None
+        self._more: dict[int, _Choice] | None = None
         # Made on the first `feed_events`: folding alone (two accumulators per answer in a
         # gateway) needs none, and one cost ~350 bytes per live stream.
         self._splitter: EventSplitter | None = None
@@ -286,9 +300,9 @@ class ChunkAccumulator:
             delta = choice.delta
             if delta is None and choice.finish_reason is None:
                 continue
-            state = self._choices.get(choice.index)
-            if state is None:
-                state = self._choices[choice.index] = _Choice()
+            state = self._first
+            if state is None or state.index != choice.index:
+                state = self._state(choice.index)
             if delta is not None:
                 if delta.role is not None and state.role is None:
                     state.role = _share(delta.role)
@@ -328,9 +342,9 @@ class ChunkAccumulator:
         model...) that of a chunk folded before: the relay's text chunks (core/stream.py
         `ChatStreamDecoder.feed_one`), not decoded."""
         self.n_chunks += 1
-        state = self._choices.get(index)
-        if state is None:
-            state = self._choices[index] = _Choice()
+        state = self._first
+        if state is None or state.index != index:
+            state = self._state(index)
         if reasoning:
             pieces = state.reasoning
             if pieces is None:
@@ -345,13 +359,44 @@ class ChunkAccumulator:
         if text:
             state.n_text_deltas += 1
 
+    def _get(self, index: int) -> _Choice | None:
+        state = self._first
+        if state is not None and state.index == index:
+            return state
+        more = self._more
+        return None if more is None else more.get(index)
+
+    def _state(self, index: int) -> _Choice:
+        """Choice `index`'s state, started now if it was not."""
+        state = self._get(index)
+        if state is None:
+            state = _Choice(index)
+            if self._first is None:
+                self._first = state
+            else:
+                if self._more is None:
+                    self._more = {}
+                self._more[index] = state
+        return state
+
+    def _states(self) -> list[_Choice]:
+        """The states of the choices started, by index."""
+        states = [] if self._first is None else [self._first]
+        if self._more:
+            states += self._more.values()
+            states.sort(key=_by_index)
+        return states
+
     @staticmethod
     def _fold_tools(state: _Choice, delta: Delta) -> None:
+        tools = state.tools
+        if tools is None:
+            tools = state.tools = {}
         for position, fragment in enumerate(delta.tool_calls or ()):
             key = position if fragment.index is None else fragment.index
-            tool = state.tools.get(key)
+            tool = tools.get(key)
             if tool is None:
-                tool = state.tools[key] = _Tool()
+                tool = tools[key] = _Tool()
             if tool.id is None and fragment.id:
                 tool.id = fragment.id
             if tool.type is None and fragment.type:
@@ -388,8 +433,10 @@ class ChunkAccumulator:
             twin._splitter = EventSplitter()
             twin._splitter._roles = set(self._splitter._roles)
             twin._splitter._held = dict(self._splitter._held)
-        for index, state in self._choices.items():
-            twin._choices[index] = state.copy()
+        if self._first is not None:
+            twin._first = self._first.copy()
+        if self._more is not None:
+            twin._more = {index: state.copy() for index, state in self._more.items()}
         return twin
 
     def feed_events(self, chunk: ChatCompletionChunk) -> list[ChatEvent]:
@@ -405,43 +452,47 @@ class ChunkAccumulator:
     @property
     def indexes(self) -> list[int]:
         """The indexes of the choices started so far, ascending."""
-        return sorted(self._choices)
+        return [state.index for state in self._states()]
 
     def role(self, index: int = 0) -> str | None:
         """The role choice `index` announced, if any."""
-        state = self._choices.get(index)
+        state = self._get(index)
         return None if state is None else state.role
 
     def discard(self, index: int) -> None:
         """Forget choice `index` (the consumer was told to discard it: a restart)."""
-        self._choices.pop(index, None)
+        first = self._first
+        if first is not None and first.index == index:
+            self._first = None
+        elif self._more is not None:
+            self._more.pop(index, None)
 
     def finish_reason(self, index: int = 0) -> str | None:
         """The finish_reason of choice `index` so far (None while it runs)."""
-        state = self._choices.get(index)
+        state = self._get(index)
         return None if state is None else state.finish_reason
 
     def content(self, index: int = 0) -> str:
         """The answer text of choice `index` so far."""
-        state = self._choices.get(index)
+        state = self._get(index)
         return "" if state is None or state.content is None else join_text(state.content)
 
     def reasoning(self, index: int = 0) -> str:
         """The reasoning text of choice `index` so far."""
-        state = self._choices.get(index)
+        state = self._get(index)
         return "" if state is None or state.reasoning is None else join_text(state.reasoning)
 
     def n_text_deltas(self, index: int = 0) -> int:
         """How many non-empty content and reasoning deltas choice `index` got: the tokens
         it streamed, where the server sends one token per delta, as DeepSeek, OpenAI and
         vLLM do (DeepSeek's `completion_tokens` is this count)."""
-        state = self._choices.get(index)
+        state = self._get(index)
         return 0 if state is None else state.n_text_deltas
 
     @property
     def has_output(self) -> bool:
         """True once any choice received non-empty text, reasoning or a tool-call fragment."""
-        for state in self._choices.values():
+        for state in self._states():
             if state.tools or any(state.content or ()) or any(state.reasoning or ()):
                 return True
         return False
@@ -449,8 +500,8 @@ class ChunkAccumulator:
     def completion(self) -> ChatCompletion:
         """The folded answer as a `chat.completion` (choices ordered by index)."""
         choices = []
-        for index in sorted(self._choices):
-            state = self._choices[index]
+        for state in self._states():
+            index = state.index
             tool_calls = None
             if state.tools:
                 tool_calls = [
