@@ -30,7 +30,7 @@ import anyio
 import httpx
 
 from unbroken.client._common import AnswerRun
-from unbroken.client._driver import MAX_ERROR_BODY_BYTES, Exchange
+from unbroken.client._driver import MAX_ERROR_BODY_BYTES, Exchange, attempt_ended
 from unbroken.client._reconnect import OPT_IN, Reconnects
 from unbroken.client.cache import CacheEvent
 from unbroken.core.attempt import Attempt
@@ -103,7 +103,6 @@ class Engine:
         "_attempt",
         "_client",
         "_events",
-        "_ex",
         "_fired",
         "_lane",
         "_out",
@@ -133,7 +132,6 @@ class Engine:
     # The attempt's parts, typed as its phases read them: set before those phases run, None
     # otherwise (no `cast` call per read on the way of every answer).
     _attempt: Attempt
-    _ex: Exchange
     _response: httpx.Response
     _result: AttemptOutcome
     _outcome: list[AttemptOutcome]
@@ -142,7 +140,7 @@ class Engine:
     def _clear(self) -> None:
         """Forget the attempt (it ended, or none runs)."""
         none: Any = None
-        self._attempt = self._ex = self._response = self._result = none
+        self._attempt = self._response = self._result = none
         self._outcome = self._sub = none
         self._timer: _StreamTimer | None = None
         self._lane: _FastLane | None = None
@@ -177,6 +175,8 @@ class Engine:
             out = self._out
             if out:
                 item = out.pop()
+                if not out:  # not held empty while the answer streams on (56 bytes)
+                    self._out = _NOTHING
                 stream = self._stream
                 if stream is None or item.usage is None:
                     return item  # type: ignore[no-any-return]  # from a list of items
@@ -293,7 +293,9 @@ class Engine:
     async def _open(self, attempt: Attempt) -> None:
         """Send the attempt's request; on to its body, or to the next action."""
         run = self._run
-        ex = self._ex = Exchange(run, attempt, read_s=None, also=OPT_IN)
+        # Not kept: what the body's end needs is the attempt's and the response's (one object
+        # less per live answer, ~100 bytes).
+        ex = Exchange(run, attempt, read_s=None, also=OPT_IN)
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:  # another anyio backend (trio)
@@ -396,9 +398,9 @@ class Engine:
 
     async def _broke(self, exc: BaseException) -> None:
         """The body ended or broke: the attempt ends, or goes on from a gateway's log."""
-        ex = self._ex
+        route = self._attempt.plan.route
         if isinstance(exc, httpx.HTTPError):
-            logger.debug("stream from route %s broke: %s", ex.route.name, type(exc).__name__)
+            logger.debug("stream from route %s broke: %s", route.name, type(exc).__name__)
         decoder = self._attempt.decoder
         timer = self._timer
         if decoder.finished or (timer is not None and timer.fired):
@@ -407,14 +409,14 @@ class Engine:
         response = self._response
         # A gateway keeps the answer in its log: read on from there.
         if self._reconnects is None:  # from the headers of the attempt's response
-            self._reconnects = Reconnects(self._run, ex.route, response)
+            self._reconnects = Reconnects(self._run, route, response)
         again = await self._client._reconnect(self._reconnects, decoder)
         if again is None:
             self._phase = _ENDING
             return
         with anyio.CancelScope(shield=True):
             await response.aclose()
-        self._response = ex.response = again
+        self._response = again
         self._reader = _raw_reader(again)
         self._lane = None
         self._phase = _READ
@@ -429,7 +431,9 @@ class Engine:
             timer.cancel()
             fired = fired or timer.fired
             self._timer = None
-        chunks, self._result = self._ex.ended(fired, time.monotonic())
+        chunks, self._result = attempt_ended(
+            self._run, self._attempt, self._response.status_code, fired, time.monotonic()
+        )
         self._phase = _CLOSE
         if chunks:
             self._out = chunks[::-1]
@@ -467,9 +471,9 @@ class Engine:
                         await response.aclose()
                 if not self._reported and response.status_code == 200:
                     # The consumer stopped the answer: a gateway would go on generating.
-                    ex = self._ex
+                    route = self._attempt.plan.route
                     with anyio.CancelScope(shield=True):
-                        await self._client._stop_remote(Reconnects(self._run, ex.route, response))
+                        await self._client._stop_remote(Reconnects(self._run, route, response))
         finally:
             self._clear()
             self._run.close(time.monotonic())
@@ -834,7 +838,7 @@ class _StreamTimer:
         self,
         loop: asyncio.AbstractEventLoop,
         attempt: Attempt,
-        abort: Callable[[], None] | None,
+        abort: _Abortable | None,
         task: asyncio.Task[Any] | None = None,
     ) -> None:
         self._timers = _timers(loop)
@@ -881,7 +885,7 @@ class _StreamTimer:
         if time.monotonic() >= expiry[0]:
             self.fired = expiry[1]
             if self._abort is not None:
-                self._abort()
+                self._abort.abort()
             elif self._task is not None:
                 self._task.cancel()
         else:
@@ -897,23 +901,38 @@ class _StreamTimer:
         self._attempt = self._abort = self._task = none
 
 
-def _aborter(response: httpx.Response) -> Callable[[], None] | None:
-    """A callable that breaks the response's connection (ending any pending read)."""
+class _Abortable(Protocol):
+    """What breaks a response's connection, ending any pending read: `abort()`."""
+
+    def abort(self) -> None: ...
+
+
+class _Shutdown:
+    """Aborts a connection by shutting its socket down."""
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+
+def _aborter(response: httpx.Response) -> _Abortable | None:
+    """What breaks the response's connection (ending any pending read): the connection
+    itself when it has `abort()` (our LeanTransport's: no bound method held per live
+    answer, 64 bytes), else its socket's shutdown."""
     stream = response.extensions.get("network_stream")
     if stream is None:
         return None
-    abort = getattr(stream, "abort", None)
-    if callable(abort):
-        return abort  # type: ignore[no-any-return]  # our LeanTransport's connection
+    if callable(getattr(stream, "abort", None)):
+        return cast(_Abortable, stream)
     sock = stream.get_extra_info("socket")
     if sock is None:
         return None
-
-    def shutdown() -> None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-
-    return shutdown
+    return _Shutdown(sock)
 
 
 def _close_now(response: httpx.Response) -> bool:
