@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import contextvars
 import heapq
-import itertools
 import logging
 import math
 import socket
@@ -750,33 +749,36 @@ _TIMER_CONTEXT = contextvars.Context()
 
 class _Timers:
     """The stream timers of one event loop in one heap, under one loop timer armed at the
-    earliest entry. Why: a live attempt then holds a heap entry (a tuple) instead of a loop
+    earliest entry. Why: a live attempt then holds its place in the heap instead of a loop
     timer handle, its libuv timer and a bound method (~260 bytes per live answer on
-    uvloop), and arming costs a heap push. A disarmed timer's entry is skipped at its time,
-    or dropped with the others when they make up half the heap."""
+    uvloop), and arming costs a heap push. The heap holds the timers themselves, ordered
+    by when each is due (no entry tuple per live answer, 64 bytes): a timer is in it at
+    most once, and its time never changes there (it is pushed again only once popped). A
+    disarmed timer is skipped at its time, or dropped with the others when they make up
+    half the heap."""
 
     __slots__ = ("_at", "_handle", "_heap", "_stale")
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, _StreamTimer]] = []
+        self._heap: list[_StreamTimer] = []
         self._handle: asyncio.TimerHandle | None = None
         self._at = math.inf  # when the loop timer fires (inf: not armed)
         self._stale = 0  # entries in the heap whose timer no longer waits on them
 
-    def push(self, when: float, timer: _StreamTimer) -> tuple[float, int, _StreamTimer]:
-        """Call `timer._check()` at `when` (monotonic); the entry to keep for `drop`."""
-        entry = (when, next(_SEQUENCE), timer)
-        heapq.heappush(self._heap, entry)
+    def push(self, timer: _StreamTimer) -> None:
+        """Call `timer._check()` at `timer._when` (monotonic) unless it is disarmed first
+        (`_armed` false, then `drop`); it must not be in the heap."""
+        heapq.heappush(self._heap, timer)
+        when = timer._when
         if when < self._at:
             self._wake_at(when)
-        return entry
 
     def drop(self) -> None:
         """An entry went stale: its timer was disarmed."""
         self._stale += 1
         heap = self._heap
         if self._stale > _MIN_STALE and self._stale * 2 > len(heap):
-            heap[:] = [entry for entry in heap if entry[2]._entry is entry]
+            heap[:] = [timer for timer in heap if timer._armed]
             heapq.heapify(heap)
             self._stale = 0
 
@@ -796,23 +798,20 @@ class _Timers:
         heap = self._heap
         now = time.monotonic()
         try:
-            while heap and heap[0][0] <= now:
-                entry = heapq.heappop(heap)
-                timer = entry[2]
-                if timer._entry is entry:
-                    timer._entry = None
-                    timer._check()  # may push a new entry
+            while heap and heap[0]._when <= now:
+                timer = heapq.heappop(heap)
+                if timer._armed:
+                    timer._armed = False
+                    timer._check()  # may push it again
                 else:
                     self._stale -= 1
         finally:  # the others stay armed whatever one check raised
-            if heap and heap[0][0] < self._at:
-                self._wake_at(heap[0][0])
+            if heap and heap[0]._when < self._at:
+                self._wake_at(heap[0]._when)
 
 
 # The timers of each event loop (an AsyncClient may serve several loops, one at a time).
 _TIMERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Timers] = weakref.WeakKeyDictionary()
-# Ties in a timer heap go by arming order (entries never compare their timers).
-_SEQUENCE = itertools.count()
 # Stale entries tolerated before a heap is compacted.
 _MIN_STALE = 64
 
@@ -832,7 +831,7 @@ class _StreamTimer:
     (`attach`) aborts the response's connection, which ends the pending read at once.
     Cancel scopes cannot span the engine's steps, and one per read cost ~15 us per chunk."""
 
-    __slots__ = ("_abort", "_attempt", "_entry", "_task", "_timers", "fired")
+    __slots__ = ("_abort", "_armed", "_attempt", "_task", "_timers", "_when", "fired")
 
     def __init__(
         self,
@@ -845,7 +844,8 @@ class _StreamTimer:
         self._attempt = attempt
         self._abort = abort
         self._task = task
-        self._entry: tuple[float, int, _StreamTimer] | None = None
+        self._armed = False  # in the heap, and to be checked at `_when`
+        self._when = 0.0
         self.fired: TimeoutPhase | None = None
 
     @classmethod
@@ -862,6 +862,10 @@ class _StreamTimer:
         timer._arm()
         return timer
 
+    def __lt__(self, other: _StreamTimer) -> bool:
+        # The heap's order (ties in any order).
+        return self._when < other._when
+
     def attach(self, response: httpx.Response) -> bool:
         """The headers came: abort `response`'s connection when a timer expires from now
         on. False (nothing changed) when it cannot be aborted."""
@@ -875,7 +879,9 @@ class _StreamTimer:
     def _arm(self) -> None:
         when = self._attempt.recheck_at(time.monotonic())
         if when is not None:
-            self._entry = self._timers.push(when, self)
+            self._when = when
+            self._armed = True
+            self._timers.push(self)
 
     def _check(self) -> None:
         expiry = self._attempt.expiry()
@@ -893,8 +899,8 @@ class _StreamTimer:
 
     def cancel(self) -> None:
         """Disarm (the attempt ended)."""
-        if self._entry is not None:
-            self._entry = None
+        if self._armed:
+            self._armed = False
             self._timers.drop()
         # Its stale entry may stay in the heap a while: it holds nothing of the attempt.
         none: Any = None
