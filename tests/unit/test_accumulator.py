@@ -142,9 +142,8 @@ def test_text_split_into_any_deltas_folds_to_the_text(text: str, sizes: list[int
     )
 )
 def test_long_answers_fold_whole_through_the_piece_joining(pieces: list[str]) -> None:
-    """Past MAX_PIECES deltas the kept pieces are folded; content and reasoning
-    still fold to join_text of every delta, surrogate halves cut at any join included, and
-    the deltas are still counted."""
+    """Long answers kept as UTF-8: content and reasoning fold to join_text of every
+    delta, surrogate halves cut at any join included, and the deltas are counted."""
     acc = ChunkAccumulator()
     for piece in pieces:
         delta = Delta(content=piece, reasoning_content=piece)
@@ -696,3 +695,15 @@ def test_discarding_the_only_choice_leaves_none() -> None:
     acc.discard(0)
     acc.discard(0)
     assert (acc.indexes, acc.has_output, acc.content()) == ([], False, "")
+
+
+def test_feed_text_rejoins_surrogate_halves_across_deltas() -> None:
+    """Text relayed as its JSON's escapes may cut a pair in two (`\\ud83d`, `\\ude80`): the
+    halves are kept and rejoined; a lone half reads as U+FFFD."""
+    acc = ChunkAccumulator()
+    for text in ["go ", "\ud83d", "\ude80", "!"]:
+        acc.feed_text(0, text)
+    acc.feed_text(0, "\ud83d", reasoning=True)
+    assert acc.content() == "go \U0001f680!"
+    assert acc.reasoning() == "\ufffd"
+    assert acc.n_text_deltas() == 5

@@ -75,11 +75,13 @@ class _Choice:
     def __init__(self, index: int) -> None:
         self.index = index
         self.role: str | None = None
-        # Non-empty content and reasoning deltas: counted as they come, since the pieces
-        # themselves are folded past MAX_PIECES.
+        # Non-empty content and reasoning deltas: counted as they come (the text is kept
+        # whole, not as its deltas).
         self.n_text_deltas = 0
-        self.content: list[str] | None = None
-        self.reasoning: list[str] | None = None
+        # The text so far as UTF-8 (surrogate halves as `surrogatepass` writes them),
+        # appended in place (see `_text`).
+        self.content: bytearray | None = None
+        self.reasoning: bytearray | None = None
         self.refusal: list[str] | None = None
         # None until a tool-call fragment arrives (an empty dict is 64 bytes per live answer).
         self.tools: dict[int, _Tool] | None = None
@@ -92,8 +94,8 @@ class _Choice:
         twin = _Choice(self.index)
         twin.role = self.role
         twin.n_text_deltas = self.n_text_deltas
-        twin.content = _copied(self.content)
-        twin.reasoning = _copied(self.reasoning)
+        twin.content = None if self.content is None else bytearray(self.content)
+        twin.reasoning = None if self.reasoning is None else bytearray(self.reasoning)
         twin.refusal = _copied(self.refusal)
         if self.tools:
             tools: dict[int, _Tool] = {}
@@ -126,27 +128,24 @@ def join_text(pieces: list[str]) -> str:
     return text
 
 
-# Text pieces kept before they are folded: a str per token costs ~55 bytes (a gateway holds
-# every live answer's text, bench/hotpath.py --memory). Folding (`_fold`) joins the recent
-# pieces into one and, once they outgrow a sixteenth of the rest, everything into one: a
-# live answer holds ~5 strs (~0.3 KB less than joining all every 16 tokens), and each
-# character is copied a bounded number of times however long the answer.
-MAX_PIECES = 8
+# A choice's text is kept as one bytearray of UTF-8, each delta appended in place: a str
+# per delta cost ~55 bytes, and folding them into a few strs still left ~400 bytes
+# around the text of a 110-token answer, against ~100 for the bytearray (a gateway holds
+# every live answer's text; bench/hotpath.py per chunk: no slower). Text decoded from JSON
+# may hold UTF-16 surrogate halves (`\ud83d`): they are kept as `surrogatepass` writes
+# them, and rejoined by `join_text` when the text is read.
 
 
-def _fold(pieces: list[str]) -> None:
-    """Join `pieces` (the bulk, then the recent pieces) as the module comment says."""
-    recent = "".join(pieces[1:])
-    if len(recent) * 16 < len(pieces[0]):
-        pieces[1:] = [recent]
-    else:
-        pieces[:] = [pieces[0] + recent]
+def _utf8(text: str) -> bytes:
+    """`text` as UTF-8, surrogate halves included."""
+    return text.encode("utf-8", "surrogatepass")
 
 
-def _add_piece(pieces: list[str], piece: str) -> None:
-    pieces.append(piece)
-    if len(pieces) >= MAX_PIECES:
-        _fold(pieces)
+def _text(data: bytearray) -> str:
+    """The text kept as `data` (see the comment above)."""
+    if data.isascii():
+        return data.decode("ascii")
+    return join_text([data.decode("utf-8", "surrogatepass")])
 
 
 # The model, fingerprint and role of an answer: the same few strs in every live answer, kept
@@ -308,13 +307,13 @@ class ChunkAccumulator:
                     state.role = _share(delta.role)
                 content = delta.content
                 if content is not None:
-                    pieces = state.content
-                    if pieces is None:
-                        pieces = state.content = []
-                    # `_add_piece` inlined: this runs twice per relayed chunk.
-                    pieces.append(content)
-                    if len(pieces) >= MAX_PIECES:
-                        _fold(pieces)
+                    kept = state.content
+                    if kept is None:
+                        kept = state.content = bytearray()
+                    try:  # (`_utf8` inlined: this runs twice per relayed chunk)
+                        kept += content.encode()
+                    except UnicodeEncodeError:  # surrogate halves
+                        kept += _utf8(content)
                     if content:
                         state.n_text_deltas += 1
                 reasoning = delta.reasoning_content
@@ -322,8 +321,8 @@ class ChunkAccumulator:
                     reasoning = delta.reasoning
                 if reasoning is not None:
                     if state.reasoning is None:
-                        state.reasoning = []
-                    _add_piece(state.reasoning, reasoning)
+                        state.reasoning = bytearray()
+                    state.reasoning += _utf8(reasoning)
                     state.n_text_deltas += reasoning != ""
                 if delta.tool_calls:
                     self._fold_tools(state, delta)
@@ -346,16 +345,17 @@ class ChunkAccumulator:
         if state is None or state.index != index:
             state = self._state(index)
         if reasoning:
-            pieces = state.reasoning
-            if pieces is None:
-                pieces = state.reasoning = []
+            kept = state.reasoning
+            if kept is None:
+                kept = state.reasoning = bytearray()
         else:
-            pieces = state.content
-            if pieces is None:
-                pieces = state.content = []
-        pieces.append(text)
-        if len(pieces) >= MAX_PIECES:
-            _fold(pieces)
+            kept = state.content
+            if kept is None:
+                kept = state.content = bytearray()
+        try:
+            kept += text.encode()
+        except UnicodeEncodeError:  # surrogate halves
+            kept += _utf8(text)
         if text:
             state.n_text_deltas += 1
 
@@ -475,12 +475,12 @@ class ChunkAccumulator:
     def content(self, index: int = 0) -> str:
         """The answer text of choice `index` so far."""
         state = self._get(index)
-        return "" if state is None or state.content is None else join_text(state.content)
+        return "" if state is None or state.content is None else _text(state.content)
 
     def reasoning(self, index: int = 0) -> str:
         """The reasoning text of choice `index` so far."""
         state = self._get(index)
-        return "" if state is None or state.reasoning is None else join_text(state.reasoning)
+        return "" if state is None or state.reasoning is None else _text(state.reasoning)
 
     def n_text_deltas(self, index: int = 0) -> int:
         """How many non-empty content and reasoning deltas choice `index` got: the tokens
@@ -492,10 +492,7 @@ class ChunkAccumulator:
     @property
     def has_output(self) -> bool:
         """True once any choice received non-empty text, reasoning or a tool-call fragment."""
-        for state in self._states():
-            if state.tools or any(state.content or ()) or any(state.reasoning or ()):
-                return True
-        return False
+        return any(state.tools or state.content or state.reasoning for state in self._states())
 
     def completion(self) -> ChatCompletion:
         """The folded answer as a `chat.completion` (choices ordered by index)."""
@@ -517,9 +514,9 @@ class ChunkAccumulator:
                     index=index,
                     message=Message(
                         role=state.role or "assistant",
-                        content=None if state.content is None else join_text(state.content),
+                        content=None if state.content is None else _text(state.content),
                         reasoning_content=(
-                            None if state.reasoning is None else join_text(state.reasoning)
+                            None if state.reasoning is None else _text(state.reasoning)
                         ),
                         tool_calls=tool_calls,
                         refusal=None if state.refusal is None else join_text(state.refusal),
