@@ -164,3 +164,35 @@ def test_sweeper_finishes_a_detached_answer_of_a_dead_instance(
     reader.stream_id = stream_id
     check([reader])
     assert json.loads(reader.events[reader.last_id - 1])["unbroken"]["takeovers"] == 1
+
+
+def test_a_stop_asked_of_another_instance_ends_the_answer_at_its_writer(
+    upstream: MockServer, redis_url: str
+) -> None:
+    """DELETE through the instance that does not write the answer: it records the stop in
+    the shared store, the writer's next lease renewal sees it, and the client reading from
+    the writer gets a stop finish and [DONE] long before the answer's natural end."""
+    upstream.reset()
+    slow = {**HEADERS, "X-Mock-Tokens": "2000", "X-Mock-Token-Ms": "20"}
+    with (
+        gateway_process(upstream.url, redis_url) as (_, url_a),
+        gateway_process(upstream.url, redis_url) as (_, url_b),
+        httpx.Client(timeout=20) as client,
+        client.stream("POST", url_a + "/v1/chat/completions", json=BODY, headers=slow) as response,
+    ):
+        stream_id = response.headers["x-unbroken-stream-id"]
+        reader = Reader()
+        buffer = bytearray()
+        chunks = response.iter_raw()
+        reader.feed(next(chunks), buffer)
+        stopped = client.delete(f"{url_b}/v1/streams/{stream_id}")
+        assert stopped.json() == {"id": stream_id, "object": "stream", "stopped": True}
+        for data in chunks:
+            reader.feed(data, buffer)
+    assert reader.done
+    payloads = [reader.events[i] for i in sorted(reader.events)]
+    answer = fold(payloads)
+    assert answer.finish_reason(0) == "stop"
+    # 2,000 tokens take 40 s; a lease renewal comes every second
+    assert len(payloads) < 1000
+    assert upstream.stats()["streams"]["cancelled"] == 1

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from unbroken.core.streamlog import Lease, Retention
+from unbroken.core.streamlog import Lease, Renewal, Retention
 from unbroken.stores.streamlog import (
     Batch,
     FencedError,
@@ -315,3 +315,52 @@ async def test_reads_across_packed_blocks_match_what_was_appended(log: StreamLog
                 size = sum(map(len, got))
                 assert len(got) == limit or not more or size + len(more[0]) > max_bytes
             assert batch_read.ended is ended
+
+
+async def test_renew_many_answers_each_lease_as_renew_does(log: StreamLog) -> None:
+    """`renew_many` renews every lease of the list, in order, as `renew` of that lease alone
+    would: a `Renewal` (stop requested, reader_at), or None for a fenced writer or an unknown
+    stream; the renewed leases last as `renew` makes them last."""
+    await create(log, S1)
+    await create(log, S2, owner="B")
+    await create(log, S3, resumable=True)
+    await log.request_stop(S3)
+    await log.touch_reader(S1, 1.5)
+    unknown = "strm_" + "9" * 32
+    results = await log.renew_many(
+        "A", [(S1, 1), (S2, 1), (unknown, 1), (S3, 1), (S3, 2)], 2.0, 3.0
+    )
+    assert results == [Renewal(False, 1.5), None, None, Renewal(True, 0.0), None]
+    # renewed to 5.0: another owner cannot take S1 at 4.0 (it could at 3.5 without it)
+    assert await log.acquire(S1, "B", 4.0, 3.0) is None
+    info = await log.info(S3)
+    assert info is not None
+    assert info.lease == Lease("A", 1, 5.0)
+    assert await log.renew_many("A", [], 2.0, 3.0) == []
+
+
+async def test_renew_many_on_redis_fails_one_item_alone(redis_url: str) -> None:
+    """On Redis, a lease whose key holds the wrong type gets a StoreError in its place; the
+    other leases of the same call are renewed, also past one script call's 500 leases."""
+    from unbroken.errors import StoreError
+    from unbroken.stores.redis_streamlog import RENEW_MANY_CHUNK, RedisStreamLog
+
+    log = RedisStreamLog.from_url(redis_url, RETENTION, prefix="test-renew-many:")
+    try:
+        await log._redis.flushdb()
+        ids = ["strm_" + f"{i:032d}" for i in range(RENEW_MANY_CHUNK + 3)]
+        for sid in ids:
+            await create(log, sid)
+        await log._redis.set(f"test-renew-many:s:{S2}", b"not a hash")
+        leases = [(sid, 1) for sid in ids]
+        leases.insert(RENEW_MANY_CHUNK - 1, (S2, 1))
+        results = await log.renew_many("A", leases, 2.0, 3.0)
+        failed = results.pop(RENEW_MANY_CHUNK - 1)
+        assert isinstance(failed, StoreError)
+        assert S2 in str(failed)
+        assert results == [Renewal(False, 0.0)] * len(ids)
+        info = await log.info(ids[-1])
+        assert info is not None
+        assert info.lease == Lease("A", 1, 5.0)
+    finally:
+        await log.aclose()

@@ -38,6 +38,7 @@ __all__ = [
     "STREAM_ID_PREFIX",
     "AnswerDigest",
     "Lease",
+    "Renewal",
     "Retention",
     "Room",
     "StreamInfo",
@@ -206,6 +207,15 @@ class Retention:
         if total_bytes + size > self.max_total_bytes:
             return Room.TOTAL_FULL
         return Room.OK
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """What a writer learns when it renews its lease: whether a `DELETE` asked it to stop,
+    and when a reader last said it follows the stream (Unix seconds; 0 for never)."""
+
+    stop_requested: bool
+    reader_at: float
 
 
 @dataclass(frozen=True, slots=True)

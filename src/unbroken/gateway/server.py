@@ -19,11 +19,13 @@ import logging
 import resource
 import signal
 import socket
+import sys
 from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
 
+from unbroken.gateway.accept import Acceptor
 from unbroken.gateway.app import Gateway
 from unbroken.gateway.guard import Guard, guarded_protocol, install_log_limits
 
@@ -31,6 +33,8 @@ __all__ = ["bind", "serve"]
 
 logger = logging.getLogger(__name__)
 
+# uvicorn's exit status when the app's lifespan startup fails (uvicorn.server's own).
+STARTUP_FAILURE = 3
 # Time left to uvicorn after our drain deadline to flush the shutdown error events.
 ABORT_GRACE_S = 3.0
 # uvloop (uvicorn's "auto" picks it when installed; it comes with the [gateway] extra): at 32
@@ -118,8 +122,27 @@ class _DrainingServer(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        await super().startup(sockets)
+        # uvicorn's startup for the sockets `serve` passes, but with the listener an
+        # `Acceptor` (gateway/accept.py: a batch of connections per readiness, where
+        # uvloop's server takes one per turn of the loop).
+        self._loop = loop = asyncio.get_running_loop()
+        if sockets is None:  # pragma: no cover - `serve` always binds its socket first
+            await super().startup(sockets)
+            tune_gc()
+            return
+        await self.lifespan.startup()
+        if self.lifespan.should_exit:
+            sys.exit(STARTUP_FAILURE)
+        config = self.config
+
+        def create_protocol() -> asyncio.Protocol:
+            protocol: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]  # uvicorn's protocols take these
+                config=config, server_state=self.server_state, app_state=self.lifespan.state
+            )
+            return protocol
+
+        self.servers = [Acceptor(loop, sock, create_protocol) for sock in sockets]  # type: ignore[misc]  # uvicorn uses close() and wait_closed() of each
+        self.started = True
         tune_gc()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:

@@ -50,6 +50,7 @@ from unbroken._flag import Flag
 from unbroken.client import AsyncStream
 from unbroken.core.accumulator import ChunkAccumulator
 from unbroken.core.streamlog import (
+    Renewal,
     Retention,
     StreamInfo,
     Verdict,
@@ -406,17 +407,15 @@ class Producer:
             self.reason = reason
         self._scope.cancel()
 
-    async def tick(self, log: StreamLog, lease_s: float, grace_s: float, now: float) -> None:
-        """Renew the lease; act on a stop request, a lost lease, or no readers."""
-        if self.finished:
-            return
-        info = await log.renew(self.stream_id, self.hub.instance, self.epoch, now, lease_s)
+    def renewed(self, info: Renewal | None, grace_s: float, now: float) -> bool:
+        """Act on a lease renewal's answer (`StreamLog.renew_many`): a lost lease, a stop
+        request, or no readers stop the stream. True when it goes on."""
         if info is None:
             self.stop("fenced")
-            return
+            return False
         if info.stop_requested:
             self.stop("stopped")
-            return
+            return False
         if should_abandon(
             resumable=self.resumable,
             n_local_readers=self.n_readers,
@@ -426,7 +425,11 @@ class Producer:
             now=now,
         ):
             self.stop("abandoned")
-            return
+            return False
+        return True
+
+    async def renew_slot_if_due(self) -> None:
+        """Renew the caller's concurrency slot when a third of its lease has passed."""
         if self._renew_slot is not None and time.monotonic() - self._slot_at >= self._slot_every_s:
             self._slot_at = time.monotonic()
             await self._renew_slot()
@@ -1192,12 +1195,25 @@ class StreamHub:
         while True:
             await asyncio.sleep(TICK_S)
             now = time.time()
-            for producer in self.producers:
-                try:
-                    await producer.tick(self.log, g.stream_lease_s, g.detach_grace_s, now)
-                except UnbrokenError as exc:
-                    # A store hiccup: the lease lives a few seconds; the next tick retries.
-                    logger.warning("renewing stream %s failed: %s", producer.stream_id, exc)
+            live = [p for p in self.producers if not p.finished]
+            # Every lease in one call: on Redis one pipeline a tick, not one round trip per
+            # live stream in sequence (10,000 streams made 10,000 calls a second).
+            try:
+                infos = await self.log.renew_many(
+                    self.instance, [(p.stream_id, p.epoch) for p in live], now, g.stream_lease_s
+                )
+            except UnbrokenError as exc:
+                # A store hiccup: the lease lives a few seconds; the next tick retries.
+                logger.warning("renewing %d streams failed: %s", len(live), exc)
+                infos = []
+            for producer, info in zip(live, infos, strict=False):
+                if isinstance(info, UnbrokenError):
+                    logger.warning("renewing stream %s failed: %s", producer.stream_id, info)
+                elif not producer.finished and producer.renewed(info, g.detach_grace_s, now):
+                    try:
+                        await producer.renew_slot_if_due()
+                    except UnbrokenError as exc:
+                        logger.warning("renewing stream %s failed: %s", producer.stream_id, exc)
             try:
                 for stream_id in await self.log.orphans(now, ORPHANS_PER_TICK):
                     await self.takeover(stream_id)

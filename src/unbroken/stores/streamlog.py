@@ -18,6 +18,7 @@ from typing import Protocol
 from unbroken._flag import Flag
 from unbroken.core.streamlog import (
     Lease,
+    Renewal,
     Retention,
     Room,
     StreamInfo,
@@ -135,6 +136,14 @@ class StreamLog(Protocol):
     ) -> StreamInfo | None:
         """Renew the lease; the stream's info (stop requests, readers elsewhere), or None
         when the writer is fenced."""
+
+    async def renew_many(
+        self, owner: str, leases: Sequence[tuple[str, int]], now: float, lease_s: float
+    ) -> list[Renewal | StoreError | None]:
+        """`renew` of each `(stream_id, epoch)` of `owner`, in order, at once (a store
+        behind a network sends them in one round trip), answering only what the writer
+        acts on: a `Renewal`, None when the writer is fenced, or the `StoreError` of a
+        stream the store cannot read (the others are still renewed)."""
 
     async def release(self, stream_id: str, owner: str, epoch: int) -> None:
         """Give the lease up (a reconnect may take it over at once)."""
@@ -406,6 +415,16 @@ class MemoryStreamLog:
         stream.base = replace(stream.base, lease=lease)
         stream.updated_at = now
         return stream.info
+
+    async def renew_many(
+        self, owner: str, leases: Sequence[tuple[str, int]], now: float, lease_s: float
+    ) -> list[Renewal | StoreError | None]:
+        """See `StreamLog.renew_many`."""
+        out: list[Renewal | StoreError | None] = []
+        for stream_id, epoch in leases:
+            info = await self.renew(stream_id, owner, epoch, now, lease_s)
+            out.append(None if info is None else Renewal(info.stop_requested, info.reader_at))
+        return out
 
     async def release(self, stream_id: str, owner: str, epoch: int) -> None:
         """See `StreamLog.release`."""

@@ -1,0 +1,120 @@
+"""Accepting connections in batches: the gateway's listener.
+
+Why it exists: uvloop's server (`loop.create_server`) accepts through libuv, which since
+libuv 1.45 accepts one connection per readiness of the listening socket, so at most one per
+turn of the event loop. A gateway busy relaying hundreds of streams turns its loop a few
+hundred times a second; new connections then queued in the kernel's backlog faster than
+they were taken: at 256 streams of 5 ms tokens (bench/gateway.py's load, 256 new streams a
+second) the time from a client's connect to the gateway's `connection_made` reached 0.6 s at
+the 90th percentile, which was the whole time-to-first-token tail. `Acceptor` takes every
+connection waiting (up to `ACCEPT_BATCH`) each time the listener is readable, as asyncio's
+own selector loop does, and hands each to the loop with `connect_accepted_socket`.
+Imports asyncio and socket only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Callable
+
+__all__ = ["ACCEPT_BATCH", "Acceptor"]
+
+logger = logging.getLogger(__name__)
+
+# Connections taken per readiness of the listener at most (asyncio takes its backlog's worth,
+# 100 by default): enough to drain a burst in a few turns, few enough that a storm of
+# connects does not hold up the streams already being relayed.
+ACCEPT_BATCH = 128
+# Out of file descriptors: stop accepting this long (as asyncio does), the connections wait
+# in the backlog meanwhile.
+RETRY_AFTER_S = 1.0
+_OUT_OF_FDS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class Acceptor:
+    """Accept connections on a listening socket and serve each with a new protocol.
+
+    Duck-types the part of `asyncio.Server` uvicorn uses (`close`, `wait_closed`).
+
+    Args:
+        loop: the running loop.
+        sock: a bound, listening TCP socket (left open by `close`: its owner closes it).
+        protocol_factory: makes the protocol of one connection.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        protocol_factory: Callable[[], asyncio.Protocol],
+    ) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._factory = protocol_factory
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._serving = False
+        self._retry: asyncio.TimerHandle | None = None
+        sock.setblocking(False)
+        self._start()
+
+    def __repr__(self) -> str:
+        return f"Acceptor({self._sock.getsockname()!r}, serving={self._serving})"
+
+    @property
+    def serving(self) -> bool:
+        """Whether the listener is watched (False once closed or while out of fds)."""
+        return self._serving
+
+    def _start(self) -> None:
+        self._retry = None
+        self._loop.add_reader(self._sock.fileno(), self._accept)
+        self._serving = True
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue  # the client gave up while queued: the next one may be there
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_FDS:
+                    raise
+                # The connections stay in the backlog; taking them again later beats
+                # spinning on a listener that stays readable.
+                logger.error("accepting connections paused for %g s: %s", RETRY_AFTER_S, exc)
+                self._loop.remove_reader(self._sock.fileno())
+                self._serving = False
+                self._retry = self._loop.call_later(RETRY_AFTER_S, self._start)
+                return
+            conn.setblocking(False)
+            # Accepted sockets inherit TCP_NODELAY on Linux, not everywhere.
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = self._loop.create_task(self._connect(conn))
+            self._tasks.add(task)  # a strong reference until it is done
+            task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, conn)
+        except (ConnectionError, OSError) as exc:  # reset before the transport was made
+            logger.debug("an accepted connection failed at once: %s", exc)
+            conn.close()
+
+    def close(self) -> None:
+        """Stop accepting (connections already made go on)."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._serving:
+            self._loop.remove_reader(self._sock.fileno())
+            self._serving = False
+
+    async def wait_closed(self) -> None:
+        """Wait for the connections being set up when `close` was called."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
