@@ -478,7 +478,7 @@ class Engine:
             self._run.close(time.monotonic())
 
 
-class _LaneWait(Generator[Any, Any, "StreamItem"]):
+class _LaneWait(Coroutine[Any, Any, "StreamItem"]):
     """`Engine._next` while the answer streams through the fast lane, as the iterator an
     `await` drives (what `Engine.__anext__` returns then): it taps the lane, gives the
     awaiting task the lane's future, and once that is resolved takes the lane's chunks; a
@@ -495,8 +495,10 @@ class _LaneWait(Generator[Any, Any, "StreamItem"]):
         self._waiter: asyncio.Future[None] | None = None
         self._inner: Coroutine[Any, Any, StreamItem] | None = None
 
-    def __await__(self) -> _LaneWait:
-        return self
+    def __await__(self) -> Generator[Any, Any, StreamItem]:
+        # Itself: a coroutine-like iterator (a Coroutine, so `asyncio.create_task` takes it
+        # as it took `__anext__`'s coroutine; not a native one, so `await` drives it).
+        return cast("Generator[Any, Any, StreamItem]", self)
 
     def __next__(self) -> Any:
         return self.send(None)
