@@ -160,16 +160,16 @@ class Engine:
         return self
 
     def __anext__(self) -> Awaitable[StreamItem]:
-        if self._phase == _LANE and not self._out:
-            # A live answer's usual wait: on the fast lane's future, in a small awaitable
-            # instead of a suspended `_next` frame (bench/sdk_request.py --memory: ~220
-            # bytes less per live stream).
-            lane = self._lane
-            assert lane is not None  # noqa: S101 - set with the phase
-            return _LaneWait(self, lane)
+        if self._run.chunk_sink is not None:
+            # A fast lane may run (only with a sink): the answer's long wait on the lane's
+            # future then happens in a small awaitable instead of a suspended `_next` frame
+            # (bench/sdk_request.py --memory: ~220 bytes less per live stream).
+            return _LaneWait(self)
         return self._next()
 
-    async def _next(self) -> StreamItem:
+    async def _next(self, lane_exit: bool = False) -> StreamItem:
+        """The next item. With `lane_exit`, `_AT_LANE` instead of waiting on the fast lane
+        (for `_LaneWait`, which waits itself)."""
         while True:
             out = self._out
             if out:
@@ -190,6 +190,8 @@ class Engine:
                 raise StopAsyncIteration
             try:
                 if phase == _LANE:
+                    if lane_exit:
+                        return _AT_LANE  # type: ignore[no-any-return]  # see the docstring
                     lane = self._lane
                     assert lane is not None  # noqa: S101 - set with the phase
                     waiter = lane.tap()
@@ -229,7 +231,7 @@ class Engine:
         except BaseException:
             await self._abandon()
             raise
-        return await self._next()
+        return await self._next(lane_exit=True)
 
     async def aclose(self) -> None:
         """Stop the answer: close its connection; the run records it as cancelled (once).
@@ -478,6 +480,10 @@ class Engine:
             self._run.close(time.monotonic())
 
 
+# What `Engine._next(lane_exit=True)` returns when the answer reached its fast lane.
+_AT_LANE: Any = object()
+
+
 class _LaneWait(Coroutine[Any, Any, "StreamItem"]):
     """`Engine._next` while the answer streams through the fast lane, as the iterator an
     `await` drives (what `Engine.__anext__` returns then): it taps the lane, gives the
@@ -489,9 +495,9 @@ class _LaneWait(Coroutine[Any, Any, "StreamItem"]):
 
     __slots__ = ("_engine", "_inner", "_lane", "_waiter")
 
-    def __init__(self, engine: Engine, lane: _FastLane) -> None:
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._lane = lane
+        self._lane: _FastLane | None = None  # the lane waited on (with `_waiter`)
         self._waiter: asyncio.Future[None] | None = None
         self._inner: Coroutine[Any, Any, StreamItem] | None = None
 
@@ -507,9 +513,8 @@ class _LaneWait(Coroutine[Any, Any, "StreamItem"]):
         """One step (see the class): the future to wait on, or StopIteration(item)."""
         inner = self._inner
         if inner is not None:
-            return inner.send(value)
+            return self._pass(inner.send, value)
         engine = self._engine
-        lane = self._lane
         waiter = self._waiter
         # (What goes on in a coroutine is started after the `try`: its StopIteration is
         # the item, not an error of this step.)
@@ -518,23 +523,25 @@ class _LaneWait(Coroutine[Any, Any, "StreamItem"]):
             if waiter is not None:
                 waiter.result()  # woken: raises if the future was cancelled
                 self._waiter = None
+                lane = self._lane
+                assert lane is not None  # noqa: S101 - set with the waiter
                 lane.untap()
                 engine._took(lane)
-            if engine._out or engine._phase != _LANE or engine._lane is not lane:
+            lane = engine._lane
+            if engine._out or engine._phase != _LANE or lane is None:
                 waiter = None
-                then = engine._next()
+                then = engine._next(lane_exit=True)
             else:
                 waiter = lane.tap()
                 if waiter is None:  # bytes are buffered, or the body ended
                     then = engine._read_on()
         except BaseException as exc:
-            if self._waiter is not None:
-                self._waiter = None
-                lane.untap()
+            self._untap()
             return self._delegate(engine._failed(exc))
         if waiter is None:
             assert then is not None  # noqa: S101 - made with waiter None
             return self._delegate(then)
+        self._lane = lane
         self._waiter = waiter
         if waiter.done():
             return self.send(None)
@@ -551,11 +558,10 @@ class _LaneWait(Coroutine[Any, Any, "StreamItem"]):
             exc = exc.with_traceback(tb)
         inner = self._inner
         if inner is not None:
-            return inner.throw(exc)
+            return self._pass(inner.throw, exc)
         if self._waiter is None:  # not started: raised as a coroutine not started would
             raise exc
-        self._waiter = None
-        self._lane.untap()
+        self._untap()
         return self._delegate(self._engine._failed(exc))
 
     def close(self) -> None:
@@ -575,10 +581,27 @@ class _LaneWait(Coroutine[Any, Any, "StreamItem"]):
             inner.close()
         raise RuntimeError("the engine's wait ignored GeneratorExit")
 
+    def _untap(self) -> None:
+        if self._waiter is not None and self._lane is not None:
+            self._waiter = None
+            self._lane.untap()
+
     def _delegate(self, inner: Coroutine[Any, Any, StreamItem]) -> Any:
         self._inner = inner
         self._waiter = None
-        return inner.send(None)
+        return self._pass(inner.send, None)
+
+    def _pass(self, step: Callable[[Any], Any], arg: Any) -> Any:
+        # One step of the engine's coroutine; when it reached the fast lane (`_AT_LANE`),
+        # this waits there itself (the coroutine ended: no frame held while the answer
+        # streams).
+        try:
+            return step(arg)
+        except StopIteration as stop:
+            if stop.value is not _AT_LANE:
+                raise
+        self._inner = None
+        return self.send(None)
 
 
 class _Tappable(Protocol):
