@@ -17,41 +17,47 @@ class Flag:
     """A drop-in for `asyncio.Event` (`set`, `clear`, `is_set`, `await wait()`) whose
     waiters' list is made on the first wait."""
 
-    __slots__ = ("_value", "_waiters")
+    # One slot: True (set), False (unset, nobody waits) or the waiters' list (unset): a
+    # gateway holds six per live stream (40 bytes each, not 48).
+    __slots__ = ("_state",)
 
     def __init__(self) -> None:
-        self._value = False
-        self._waiters: list[asyncio.Future[None]] | None = None
+        self._state: bool | list[asyncio.Future[None]] = False
 
     def __repr__(self) -> str:
-        return f"Flag({'set' if self._value else 'unset'})"
+        return f"Flag({'set' if self._state is True else 'unset'})"
 
     def is_set(self) -> bool:
         """Whether the flag is set."""
-        return self._value
+        return self._state is True
 
     def set(self) -> None:
         """Set the flag and wake every waiter."""
-        if not self._value:
-            self._value = True
-            for waiter in self._waiters or ():
+        state = self._state
+        if state is not True:
+            self._state = True
+            for waiter in state or ():
                 if not waiter.done():
                     waiter.set_result(None)
 
     def clear(self) -> None:
         """Unset the flag: later waiters wait for the next `set`."""
-        self._value = False
+        if self._state is True:
+            self._state = False
 
     async def wait(self) -> bool:
         """Return (True) once the flag is set; at once when it is."""
-        if self._value:
+        waiters = self._state
+        if waiters is True:
             return True
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self._waiters is None:
-            self._waiters = []
-        self._waiters.append(waiter)
+        if waiters is False:
+            waiters = self._state = []
+        waiters.append(waiter)
         try:
             await waiter
             return True
         finally:
-            self._waiters.remove(waiter)
+            waiters.remove(waiter)
+            if not waiters and self._state is waiters:
+                self._state = False  # nobody waits: the list goes

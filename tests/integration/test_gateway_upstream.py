@@ -5,9 +5,10 @@ pauses instead of buffering a whole answer."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any
 
 import anyio
@@ -17,6 +18,7 @@ import pytest
 
 from unbroken.client import AsyncClient
 from unbroken.client._driver import Exchange
+from unbroken.client.async_ import AsyncStream
 from unbroken.core.wire import ChatCompletionChunk
 from unbroken.errors import InternalServerError
 from unbroken.gateway.upstream import LeanTransport
@@ -471,3 +473,68 @@ async def test_a_frame_of_several_events_goes_to_one_event_by_event(
     got = [*yielded[:n_head], *seen, *yielded[n_head:]]
     assert _text(got) == "".join(texts)
     assert answer.choices[0].message.content == "".join(texts)
+
+
+@pytest.mark.anyio
+async def test_a_step_of_a_tapped_stream_runs_as_a_task_and_its_cancel_stops_the_answer(
+    upstream: MockServer,
+) -> None:
+    """What `__anext__` returns while the answer streams into the sink can run as an
+    asyncio task, as a coroutine can, and waits without a suspended engine coroutine (the
+    memory a gateway holds per live answer; the first token comes after the headers, so
+    the wait starts before any item); cancelling that task while it waits stops the
+    answer (the sink takes nothing more) and keeps what came (`current()`); a stream read
+    one task per item gives the whole answer."""
+    headers = {"X-Mock-Ttft-Ms": "50", "X-Mock-Token-Ms": "20", "X-Mock-Tokens": "200"}
+    messages = [{"role": "user", "content": "t"}]
+    async with AsyncClient(
+        api_key="sk", base_url=upstream.url, transport=LeanTransport()
+    ) as client:
+        taken: list[ChatCompletionChunk] = []
+        yielded: list[ChatCompletionChunk] = []
+        stream = await client.chat.completions.create(
+            model="deepseek-chat", messages=messages, stream=True, extra_headers=headers
+        )
+
+        def sink(chunks: list[ChatCompletionChunk]) -> bool:
+            taken.extend(chunks)
+            return True
+
+        stream.set_chunk_sink(sink)
+        while True:  # the items read before the tap, each in a task of its own
+            step = asyncio.create_task(_step(stream))
+            await asyncio.sleep(0.3)
+            if not step.done():
+                break  # waiting while the sink takes the answer
+            yielded.append(step.result())
+        assert taken
+        gc.collect()
+        frames = [o for o in gc.get_objects() if isinstance(o, Coroutine)]
+        assert not [f for f in frames if "Engine" in getattr(f, "__qualname__", "")]
+        step.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await step
+        n_taken = len(taken)
+        await asyncio.sleep(0.2)
+        assert len(taken) == n_taken
+        assert stream.current().choices[0].message.content == _text([*yielded, *taken])
+
+        whole = await client.chat.completions.create(
+            model="deepseek-chat", messages=messages, stream=True, extra_headers=headers
+        )
+        whole.set_chunk_sink(lambda chunks: True)
+        while True:
+            try:
+                await asyncio.create_task(_step(whole))
+            except StopAsyncIteration:
+                break
+        answer = await whole.final()
+    assert answer.choices[0].finish_reason is not None
+    assert len(answer.choices[0].message.content or "") > len(_text(taken))
+
+
+def _step(stream: AsyncStream) -> Coroutine[Any, Any, ChatCompletionChunk]:
+    # What `__anext__` returns while a sink is set: a coroutine for create_task.
+    step = stream.__anext__()
+    assert isinstance(step, Coroutine)
+    return step

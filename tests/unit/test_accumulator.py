@@ -142,9 +142,8 @@ def test_text_split_into_any_deltas_folds_to_the_text(text: str, sizes: list[int
     )
 )
 def test_long_answers_fold_whole_through_the_piece_joining(pieces: list[str]) -> None:
-    """Past MAX_PIECES deltas the kept pieces are folded; content and reasoning
-    still fold to join_text of every delta, surrogate halves cut at any join included, and
-    the deltas are still counted."""
+    """Long answers kept as UTF-8: content and reasoning fold to join_text of every
+    delta, surrogate halves cut at any join included, and the deltas are counted."""
     acc = ChunkAccumulator()
     for piece in pieces:
         delta = Delta(content=piece, reasoning_content=piece)
@@ -663,3 +662,48 @@ def test_model_fingerprint_and_role_are_kept_once_for_all_answers() -> None:
     last = f"model-{accumulator.SHARED_MAX + 5}"
     assert answer(last).model is not answer(last).model
     assert answer(last).completion().model == last
+
+
+def _text_chunk(index: int, text: str) -> ChatCompletionChunk:
+    return ChatCompletionChunk(
+        id="c", choices=[ChunkChoice(index=index, delta=Delta(content=text))]
+    )
+
+
+def test_choices_started_out_of_order_are_kept_apart_and_by_index() -> None:
+    acc = ChunkAccumulator()
+    for index, text in [(2, "c"), (0, "a"), (1, "b"), (0, "A"), (2, "C")]:
+        acc.feed(_text_chunk(index, text))
+    acc.feed_text(1, "B")
+    assert acc.indexes == [0, 1, 2]
+    assert [acc.content(i) for i in (0, 1, 2)] == ["aA", "bB", "cC"]
+    assert [c.message.content for c in acc.completion().choices] == ["aA", "bB", "cC"]
+    twin = acc.copy()
+    acc.discard(1)  # not the first started
+    acc.discard(7)  # never started: nothing happens
+    assert acc.indexes == [0, 2]
+    assert twin.indexes == [0, 1, 2]
+    acc.discard(2)  # the first started: a new choice takes its place
+    acc.feed_text(3, "d")
+    assert acc.indexes == [0, 3]
+    assert (acc.content(3), acc.content(2), twin.content(2)) == ("d", "", "cC")
+
+
+def test_discarding_the_only_choice_leaves_none() -> None:
+    acc = ChunkAccumulator()
+    acc.feed(_text_chunk(0, "a"))
+    acc.discard(0)
+    acc.discard(0)
+    assert (acc.indexes, acc.has_output, acc.content()) == ([], False, "")
+
+
+def test_feed_text_rejoins_surrogate_halves_across_deltas() -> None:
+    """Text relayed as its JSON's escapes may cut a pair in two (`\\ud83d`, `\\ude80`): the
+    halves are kept and rejoined; a lone half reads as U+FFFD."""
+    acc = ChunkAccumulator()
+    for text in ["go ", "\ud83d", "\ude80", "!"]:
+        acc.feed_text(0, text)
+    acc.feed_text(0, "\ud83d", reasoning=True)
+    assert acc.content() == "go \U0001f680!"
+    assert acc.reasoning() == "\ufffd"
+    assert acc.n_text_deltas() == 5

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -20,6 +21,13 @@ pytestmark = pytest.mark.anyio
 ROUTE = Route("primary", "https://api.example")
 # Only the headers timer runs: it expires once, 50 ms after the request.
 TIMEOUTS = Timeouts(headers_s=0.05, first_token_s=None, idle_s=None)
+
+
+class _Abort:
+    """A connection's abort, as the timer calls it."""
+
+    def __init__(self, call: Callable[[], None]) -> None:
+        self.abort = call
 
 
 def _attempt() -> Attempt:
@@ -38,10 +46,10 @@ async def test_disarmed_timers_leave_the_heap_and_never_fire() -> None:
         aborted.append("live")
         done.set()
 
-    live = _StreamTimer(loop, _attempt(), live_abort)
+    live = _StreamTimer(loop, _attempt(), _Abort(live_abort))
     live._arm()
     for _ in range(200):
-        dead = _StreamTimer(loop, _attempt(), lambda: aborted.append("dead"))
+        dead = _StreamTimer(loop, _attempt(), _Abort(lambda: aborted.append("dead")))
         dead._arm()
         dead.cancel()
     assert len(_timers(loop)._heap) <= 1 + 200 // 2 + 1  # compacted as stale entries grew

@@ -52,12 +52,33 @@ async def test_a_cancelled_waiter_is_forgotten_and_others_still_wake() -> None:
     cancelled.cancel()
     with pytest.raises(asyncio.CancelledError):
         await cancelled
-    assert flag._waiters is not None
-    assert len(flag._waiters) == 1
+    assert isinstance(flag._state, list)
+    assert len(flag._state) == 1  # only the waiter still waiting
+    assert repr(flag) == "Flag(unset)"
     flag.set()
     assert await kept is True
-    assert flag._waiters == []
+    assert _state(flag) is True
     assert repr(flag) == "Flag(set)"
+
+
+async def test_the_waiters_list_goes_when_the_last_waiter_leaves() -> None:
+    flag = Flag()
+    waiter = asyncio.create_task(flag.wait())
+    await asyncio.sleep(0)
+    flag.clear()  # unset already: the waiter keeps waiting
+    assert isinstance(flag._state, list)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert _state(flag) is False
+    flag.set()
+    flag.clear()
+    assert _state(flag) is False
+
+
+def _state(flag: Flag) -> object:
+    # Read afresh (not narrowed by an earlier isinstance check).
+    return flag._state
 
 
 def test_a_flag_is_smaller_than_an_event() -> None:

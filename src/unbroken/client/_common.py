@@ -405,6 +405,9 @@ _NO_COST = Cost()  # frozen
 # `stream_options` as the SDK sets it: shared by the bodies (nothing changes a body's
 # values in place; continuations copy), one dict less per live answer.
 _INCLUDE_USAGE = {"include_usage": True}
+# The extra headers of an answer without any: shared, never changed (read only, as every
+# run's `extra_headers`).
+_NO_HEADERS: dict[str, str] = {}
 # The options of most answers, shared (one object less per live answer).
 _PLAIN_FLOW = FlowOptions()
 
@@ -413,6 +416,19 @@ def _flow_options(restart: bool, n_choices: int, caller_prefix: str) -> FlowOpti
     if not restart and n_choices == 1 and not caller_prefix:
         return _PLAIN_FLOW
     return FlowOptions(restart=restart, n_choices=n_choices, caller_prefix=caller_prefix)
+
+
+def _merged_headers(
+    client: dict[str, str], given: Mapping[str, str] | None, own: Mapping[str, str]
+) -> dict[str, str]:
+    """A run's extra headers: the client's, then the call's, then the request's own
+    (`extra_headers=`; a dict of the run's own, made by ChatParams.pop): that dict itself
+    when the others add nothing (one dict less per live answer, ~180 bytes)."""
+    if client or given:
+        return {**client, **(given or {}), **own}
+    if not own:
+        return _NO_HEADERS
+    return own if type(own) is dict else dict(own)
 
 
 def _texts(body: Mapping[str, Any]) -> list[str]:
@@ -426,44 +442,42 @@ def _texts(body: Mapping[str, Any]) -> list[str]:
     return texts
 
 
-class AnswerRun:
+class AnswerRun(AnswerFlow):
     """Bookkeeping around one answer: drives the flow, makes attempts, sums billing, builds
     the control events and the final completion, and feeds the hooks.
 
     The drivers call `next_action(outcome)` until it returns None; for each Connect they
     make `new_attempt(plan, now)` and report `end_attempt(...)`.
+
+    The answer's flow is this object itself (an `AnswerFlow` it steps with `send`): one
+    object per live answer instead of two, sharing the answer, body, routes and deadline
+    (~80 bytes less per live stream in a gateway).
     """
 
     # A gateway keeps one per live answer: no instance dict (~1.5 KB with these attributes).
     __slots__ = (
-        "_flow",
+        "_attempt_plan",
         "_own_completion",
         "_own_estimated",
         "_own_prompt",
-        "_plan",
         "_prompt_estimate",
         "_recorded",
         "_token_reserve",
-        "answer",
         "billed",
-        "body",
         "cache_status",
         "chunk_sink",
         "chunks",
         "config",
         "cost",
         "counts",
-        "deadline_at",
         "endpoint",
         "estimated",
         "events",
         "extra_headers",
-        "final_plan",
         "first_token_at",
         "infos",
         "query",
         "response",
-        "routes",
         "started_at",
         "timeouts",
         "usage_chunk",
@@ -490,17 +504,17 @@ class AnswerRun:
         self.endpoint: Endpoint = endpoint
         # Ours when given: `_new_run` builds it for the run (one dict less per live answer).
         self.extra_headers = (
-            extra_headers if type(extra_headers) is dict else dict(extra_headers or {})
+            extra_headers
+            if type(extra_headers) is dict
+            else dict(extra_headers)
+            if extra_headers
+            else _NO_HEADERS
         )
-        self.body = body
-        self.routes = routes
-        self.answer = ChunkAccumulator()
         self.started_at = now
         policy = config.retry
         deadline = deadline_s or policy.deadline_s or config.timeouts.deadline_s
         if deadline != policy.deadline_s:
             policy = dataclasses.replace(policy, deadline_s=deadline)
-        self.deadline_at = None if deadline is None else now + deadline
         self.timeouts = timeouts or config.timeouts
         if deadline != self.timeouts.deadline_s:  # so a deadline timeout names its limit
             self.timeouts = dataclasses.replace(self.timeouts, deadline_s=deadline)
@@ -512,11 +526,12 @@ class AnswerRun:
         caller_continues = caller_continues or bool(body.get("continue_final_message"))
         if isinstance(last, dict) and last.get("role") == "assistant" and caller_continues:
             caller_prefix = str(last.get("content") or "")
-        self._flow = AnswerFlow(
+        # Its deadline is `deadline_at`: now + `deadline`, the policy's.
+        super().__init__(
             body,
             routes,
             health,
-            self.answer,
+            ChunkAccumulator(),
             policy=policy,
             budgets=budgets,
             rng=config.rng,
@@ -531,7 +546,6 @@ class AnswerRun:
         # Shared until an attempt counts (one dict less per live answer).
         self.counts: Mapping[str, int] = _NO_COUNTS
         self.first_token_at: float | None = None
-        self.final_plan: AttemptPlan | None = None
         # Shared empty lists until something is added (two lists less per live answer).
         self.events: list[ControlEvent] = _NO_EVENTS
         self.chunks: list[ChatCompletionChunk] = _NO_CHUNKS
@@ -544,13 +558,28 @@ class AnswerRun:
         self.chunk_sink: Callable[[list[ChatCompletionChunk]], bool] | None = None
         self._token_reserve = 0
         self._recorded = False
-        self._plan: AttemptPlan | None = None
+        self._attempt_plan: AttemptPlan | None = None
         self._own_prompt: int | None = None
         self._own_completion = 0
         self._own_estimated = False
         # `hit` or `stale` once the answer is replayed from the answer cache.
         self.cache_status: str | None = None
         config.hooks.stream_start()
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The request's body (stream on; not modified)."""
+        return self._body
+
+    @property
+    def deadline_at(self) -> float | None:
+        """The answer's deadline (monotonic), if any."""
+        return self.deadline
+
+    @property
+    def final_plan(self) -> AttemptPlan | None:
+        """The plan of the attempt that completed the answer (None until it is complete)."""
+        return self.result
 
     @property
     def prompt_estimate(self) -> int:
@@ -570,9 +599,8 @@ class AnswerRun:
             UnbrokenError: the answer failed; `partial` holds what was shown.
         """
         try:
-            action = self._flow.send(outcome)
+            action = self.send(outcome)
             if action is None:
-                self.final_plan = self._flow.result
                 self.config.report_breakers(self.routes)
                 self._record_answer(now, None)
                 return None
@@ -681,7 +709,7 @@ class AnswerRun:
 
     def new_attempt(self, plan: AttemptPlan, now: float) -> Attempt:
         """The Attempt object for a Connect plan."""
-        self._plan = plan
+        self._attempt_plan = plan
         return Attempt(
             plan,
             self.answer,
@@ -847,8 +875,9 @@ class AnswerRun:
         if not self.config.hooks:
             return
         last = self.infos[-1] if self.infos else None
-        route = last.route if last else self._plan.route.name if self._plan else ""
-        model = last.model if last else str(self._plan.body.get("model", "")) if self._plan else ""
+        plan = self._attempt_plan
+        route = last.route if last else plan.route.name if plan else ""
+        model = last.model if last else str(plan.body.get("model", "")) if plan else ""
         billed = self.billed or Usage()
         kind = outcome or "complete"
         if error is not None:
@@ -1010,10 +1039,8 @@ class ClientBase:
             endpoint=endpoint,
             query=options.extra_query,
             usage_chunk=usage_chunk and stream,
-            extra_headers={
-                **self._config.headers,
-                **(extra_headers or {}),
-                **options.extra_headers,
-            },
+            extra_headers=_merged_headers(
+                self._config.headers, extra_headers, options.extra_headers
+            ),
             budget_key=options.budget_key,
         )

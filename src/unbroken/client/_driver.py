@@ -36,6 +36,7 @@ __all__ = [
     "MAX_ERROR_BODY_BYTES",
     "USER_AGENT",
     "Exchange",
+    "attempt_ended",
     "fim_body",
     "map_transport_error",
     "post_request",
@@ -445,8 +446,14 @@ class Exchange:
     ) -> tuple[list[ChatCompletionChunk], AttemptOutcome]:
         """The body ended, broke or a timer fired (`fired`): the last chunks to show and
         the outcome."""
-        attempt = self.attempt
-        error = attempt.timeout_error(fired) if fired is not None else None
-        chunks = attempt.finish(now, timed_out=fired is not None)
         status = self.response.status_code if self.response is not None else None
-        return chunks, self.run.end_attempt(attempt, now, status_code=status, error=error)
+        return attempt_ended(self.run, self.attempt, status, fired, now)
+
+
+def attempt_ended(
+    run: AnswerRun, attempt: Attempt, status: int | None, fired: TimeoutPhase | None, now: float
+) -> tuple[list[ChatCompletionChunk], AttemptOutcome]:
+    """`Exchange.ended` of an exchange whose response had `status` (None: no response)."""
+    error = attempt.timeout_error(fired) if fired is not None else None
+    chunks = attempt.finish(now, timed_out=fired is not None)
+    return chunks, run.end_attempt(attempt, now, status_code=status, error=error)

@@ -61,6 +61,7 @@ class _Choice:
     __slots__ = (
         "content",
         "finish_reason",
+        "index",
         "logprobs",
         "logprobs_content",
         "logprobs_reasoning",
@@ -71,31 +72,38 @@ class _Choice:
         "tools",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, index: int) -> None:
+        self.index = index
         self.role: str | None = None
-        # Non-empty content and reasoning deltas: counted as they come, since the pieces
-        # themselves are folded past MAX_PIECES.
+        # Non-empty content and reasoning deltas: counted as they come (the text is kept
+        # whole, not as its deltas).
         self.n_text_deltas = 0
-        self.content: list[str] | None = None
-        self.reasoning: list[str] | None = None
+        # The text so far as UTF-8 (surrogate halves as `surrogatepass` writes them),
+        # appended in place (see `_text`).
+        self.content: bytearray | None = None
+        self.reasoning: bytearray | None = None
         self.refusal: list[str] | None = None
-        self.tools: dict[int, _Tool] = {}
+        # None until a tool-call fragment arrives (an empty dict is 64 bytes per live answer).
+        self.tools: dict[int, _Tool] | None = None
         self.logprobs = False
         self.logprobs_content: list[TokenLogprob] | None = None
         self.logprobs_reasoning: list[TokenLogprob] | None = None
         self.finish_reason: str | None = None
 
     def copy(self) -> _Choice:
-        twin = _Choice()
+        twin = _Choice(self.index)
         twin.role = self.role
         twin.n_text_deltas = self.n_text_deltas
-        twin.content = _copied(self.content)
-        twin.reasoning = _copied(self.reasoning)
+        twin.content = None if self.content is None else bytearray(self.content)
+        twin.reasoning = None if self.reasoning is None else bytearray(self.reasoning)
         twin.refusal = _copied(self.refusal)
-        for key, tool in self.tools.items():
-            copied = twin.tools[key] = _Tool()
-            copied.id, copied.type, copied.name = tool.id, tool.type, tool.name
-            copied.args = list(tool.args)
+        if self.tools:
+            tools: dict[int, _Tool] = {}
+            for key, tool in self.tools.items():
+                copied = tools[key] = _Tool()
+                copied.id, copied.type, copied.name = tool.id, tool.type, tool.name
+                copied.args = list(tool.args)
+            twin.tools = tools
         twin.logprobs = self.logprobs
         twin.logprobs_content = _copied(self.logprobs_content)
         twin.logprobs_reasoning = _copied(self.logprobs_reasoning)
@@ -120,27 +128,24 @@ def join_text(pieces: list[str]) -> str:
     return text
 
 
-# Text pieces kept before they are folded: a str per token costs ~55 bytes (a gateway holds
-# every live answer's text, bench/hotpath.py --memory). Folding (`_fold`) joins the recent
-# pieces into one and, once they outgrow a sixteenth of the rest, everything into one: a
-# live answer holds ~5 strs (~0.3 KB less than joining all every 16 tokens), and each
-# character is copied a bounded number of times however long the answer.
-MAX_PIECES = 8
+# A choice's text is kept as one bytearray of UTF-8, each delta appended in place: a str
+# per delta cost ~55 bytes, and folding them into a few strs still left ~400 bytes
+# around the text of a 110-token answer, against ~100 for the bytearray (a gateway holds
+# every live answer's text; bench/hotpath.py per chunk: no slower). Text decoded from JSON
+# may hold UTF-16 surrogate halves (`\ud83d`): they are kept as `surrogatepass` writes
+# them, and rejoined by `join_text` when the text is read.
 
 
-def _fold(pieces: list[str]) -> None:
-    """Join `pieces` (the bulk, then the recent pieces) as the module comment says."""
-    recent = "".join(pieces[1:])
-    if len(recent) * 16 < len(pieces[0]):
-        pieces[1:] = [recent]
-    else:
-        pieces[:] = [pieces[0] + recent]
+def _utf8(text: str) -> bytes:
+    """`text` as UTF-8, surrogate halves included."""
+    return text.encode("utf-8", "surrogatepass")
 
 
-def _add_piece(pieces: list[str], piece: str) -> None:
-    pieces.append(piece)
-    if len(pieces) >= MAX_PIECES:
-        _fold(pieces)
+def _text(data: bytearray) -> str:
+    """The text kept as `data` (see the comment above)."""
+    if data.isascii():
+        return data.decode("ascii")
+    return join_text([data.decode("utf-8", "surrogatepass")])
 
 
 # The model, fingerprint and role of an answer: the same few strs in every live answer, kept
@@ -159,6 +164,10 @@ def _share(text: str) -> str:
     if len(_SHARED) < SHARED_MAX and len(text) <= SHARED_MAX_CHARS:
         _SHARED[text] = text
     return text
+
+
+def _by_index(state: _Choice) -> int:
+    return state.index
 
 
 def _is_high_surrogate(text: str) -> bool:
@@ -243,7 +252,8 @@ class ChunkAccumulator:
     """
 
     __slots__ = (
-        "_choices",
+        "_first",
+        "_more",
         "_splitter",
         "created",
         "id",
@@ -254,7 +264,10 @@ class ChunkAccumulator:
     )
 
     def __init__(self) -> None:
-        self._choices: dict[int, _Choice] = {}
+        # The first choice started, and the others by index when there are any: most answers
+        # have one choice, and a dict of one was 224 bytes per live stream.
+        self._first: _Choice | None = None
+        self._more: dict[int, _Choice] | None = None
         # Made on the first `feed_events`: folding alone (two accumulators per answer in a
         # gateway) needs none, and one cost ~350 bytes per live stream.
         self._splitter: EventSplitter | None = None
@@ -286,21 +299,21 @@ class ChunkAccumulator:
             delta = choice.delta
             if delta is None and choice.finish_reason is None:
                 continue
-            state = self._choices.get(choice.index)
-            if state is None:
-                state = self._choices[choice.index] = _Choice()
+            state = self._first
+            if state is None or state.index != choice.index:
+                state = self._state(choice.index)
             if delta is not None:
                 if delta.role is not None and state.role is None:
                     state.role = _share(delta.role)
                 content = delta.content
                 if content is not None:
-                    pieces = state.content
-                    if pieces is None:
-                        pieces = state.content = []
-                    # `_add_piece` inlined: this runs twice per relayed chunk.
-                    pieces.append(content)
-                    if len(pieces) >= MAX_PIECES:
-                        _fold(pieces)
+                    kept = state.content
+                    if kept is None:
+                        kept = state.content = bytearray()
+                    try:  # (`_utf8` inlined: this runs twice per relayed chunk)
+                        kept += content.encode()
+                    except UnicodeEncodeError:  # surrogate halves
+                        kept += _utf8(content)
                     if content:
                         state.n_text_deltas += 1
                 reasoning = delta.reasoning_content
@@ -308,8 +321,8 @@ class ChunkAccumulator:
                     reasoning = delta.reasoning
                 if reasoning is not None:
                     if state.reasoning is None:
-                        state.reasoning = []
-                    _add_piece(state.reasoning, reasoning)
+                        state.reasoning = bytearray()
+                    state.reasoning += _utf8(reasoning)
                     state.n_text_deltas += reasoning != ""
                 if delta.tool_calls:
                     self._fold_tools(state, delta)
@@ -328,30 +341,62 @@ class ChunkAccumulator:
         model...) that of a chunk folded before: the relay's text chunks (core/stream.py
         `ChatStreamDecoder.feed_one`), not decoded."""
         self.n_chunks += 1
-        state = self._choices.get(index)
-        if state is None:
-            state = self._choices[index] = _Choice()
+        state = self._first
+        if state is None or state.index != index:
+            state = self._state(index)
         if reasoning:
-            pieces = state.reasoning
-            if pieces is None:
-                pieces = state.reasoning = []
+            kept = state.reasoning
+            if kept is None:
+                kept = state.reasoning = bytearray()
         else:
-            pieces = state.content
-            if pieces is None:
-                pieces = state.content = []
-        pieces.append(text)
-        if len(pieces) >= MAX_PIECES:
-            _fold(pieces)
+            kept = state.content
+            if kept is None:
+                kept = state.content = bytearray()
+        try:
+            kept += text.encode()
+        except UnicodeEncodeError:  # surrogate halves
+            kept += _utf8(text)
         if text:
             state.n_text_deltas += 1
 
+    def _get(self, index: int) -> _Choice | None:
+        state = self._first
+        if state is not None and state.index == index:
+            return state
+        more = self._more
+        return None if more is None else more.get(index)
+
+    def _state(self, index: int) -> _Choice:
+        """Choice `index`'s state, started now if it was not."""
+        state = self._get(index)
+        if state is None:
+            state = _Choice(index)
+            if self._first is None:
+                self._first = state
+            else:
+                if self._more is None:
+                    self._more = {}
+                self._more[index] = state
+        return state
+
+    def _states(self) -> list[_Choice]:
+        """The states of the choices started, by index."""
+        states = [] if self._first is None else [self._first]
+        if self._more:
+            states += self._more.values()
+            states.sort(key=_by_index)
+        return states
+
     @staticmethod
     def _fold_tools(state: _Choice, delta: Delta) -> None:
+        tools = state.tools
+        if tools is None:
+            tools = state.tools = {}
         for position, fragment in enumerate(delta.tool_calls or ()):
             key = position if fragment.index is None else fragment.index
-            tool = state.tools.get(key)
+            tool = tools.get(key)
             if tool is None:
-                tool = state.tools[key] = _Tool()
+                tool = tools[key] = _Tool()
             if tool.id is None and fragment.id:
                 tool.id = fragment.id
             if tool.type is None and fragment.type:
@@ -388,8 +433,10 @@ class ChunkAccumulator:
             twin._splitter = EventSplitter()
             twin._splitter._roles = set(self._splitter._roles)
             twin._splitter._held = dict(self._splitter._held)
-        for index, state in self._choices.items():
-            twin._choices[index] = state.copy()
+        if self._first is not None:
+            twin._first = self._first.copy()
+        if self._more is not None:
+            twin._more = {index: state.copy() for index, state in self._more.items()}
         return twin
 
     def feed_events(self, chunk: ChatCompletionChunk) -> list[ChatEvent]:
@@ -405,52 +452,53 @@ class ChunkAccumulator:
     @property
     def indexes(self) -> list[int]:
         """The indexes of the choices started so far, ascending."""
-        return sorted(self._choices)
+        return [state.index for state in self._states()]
 
     def role(self, index: int = 0) -> str | None:
         """The role choice `index` announced, if any."""
-        state = self._choices.get(index)
+        state = self._get(index)
         return None if state is None else state.role
 
     def discard(self, index: int) -> None:
         """Forget choice `index` (the consumer was told to discard it: a restart)."""
-        self._choices.pop(index, None)
+        first = self._first
+        if first is not None and first.index == index:
+            self._first = None
+        elif self._more is not None:
+            self._more.pop(index, None)
 
     def finish_reason(self, index: int = 0) -> str | None:
         """The finish_reason of choice `index` so far (None while it runs)."""
-        state = self._choices.get(index)
+        state = self._get(index)
         return None if state is None else state.finish_reason
 
     def content(self, index: int = 0) -> str:
         """The answer text of choice `index` so far."""
-        state = self._choices.get(index)
-        return "" if state is None or state.content is None else join_text(state.content)
+        state = self._get(index)
+        return "" if state is None or state.content is None else _text(state.content)
 
     def reasoning(self, index: int = 0) -> str:
         """The reasoning text of choice `index` so far."""
-        state = self._choices.get(index)
-        return "" if state is None or state.reasoning is None else join_text(state.reasoning)
+        state = self._get(index)
+        return "" if state is None or state.reasoning is None else _text(state.reasoning)
 
     def n_text_deltas(self, index: int = 0) -> int:
         """How many non-empty content and reasoning deltas choice `index` got: the tokens
         it streamed, where the server sends one token per delta, as DeepSeek, OpenAI and
         vLLM do (DeepSeek's `completion_tokens` is this count)."""
-        state = self._choices.get(index)
+        state = self._get(index)
         return 0 if state is None else state.n_text_deltas
 
     @property
     def has_output(self) -> bool:
         """True once any choice received non-empty text, reasoning or a tool-call fragment."""
-        for state in self._choices.values():
-            if state.tools or any(state.content or ()) or any(state.reasoning or ()):
-                return True
-        return False
+        return any(state.tools or state.content or state.reasoning for state in self._states())
 
     def completion(self) -> ChatCompletion:
         """The folded answer as a `chat.completion` (choices ordered by index)."""
         choices = []
-        for index in sorted(self._choices):
-            state = self._choices[index]
+        for state in self._states():
+            index = state.index
             tool_calls = None
             if state.tools:
                 tool_calls = [
@@ -466,9 +514,9 @@ class ChunkAccumulator:
                     index=index,
                     message=Message(
                         role=state.role or "assistant",
-                        content=None if state.content is None else join_text(state.content),
+                        content=None if state.content is None else _text(state.content),
                         reasoning_content=(
-                            None if state.reasoning is None else join_text(state.reasoning)
+                            None if state.reasoning is None else _text(state.reasoning)
                         ),
                         tool_calls=tool_calls,
                         refusal=None if state.refusal is None else join_text(state.refusal),

@@ -130,21 +130,14 @@ class Attempt:
         "_acc",
         "_answer",
         "_blank",
-        "_created",
         "_deadline_at",
         "_held",
-        "_hide_reasoning",
         "_hold",
-        "_id",
         "_json",
         "_kept",
-        "_map",
         "_plain",
-        "_prior",
-        "_rewrite",
-        "_strip_role",
+        "_seam",
         "_timeouts",
-        "_trim",
         "decoder",
         "first_token_at",
         "headers_at",
@@ -172,7 +165,6 @@ class Attempt:
         self._answer = answer
         self._timeouts = timeouts or Timeouts()
         self._deadline_at = deadline_at
-        self._prior = prior_usage
         self._hold = hold_tool_calls
         self.decoder = ChatStreamDecoder(
             max_event_bytes=max_event_bytes, text_completions=text_completions
@@ -189,29 +181,30 @@ class Attempt:
         # byte for byte: one chunk, its read's only event, unchanged here (see `feed`).
         self.payloads: list[bytes] | None = None
         target = 0 if plan.choice_index is None else plan.choice_index
-        self._map = plan.choice_index if plan.choice_index else None
-        self._id = answer.id or None
-        self._created = answer.created
-        self._strip_role = answer.role(target) is not None
         continuation = plan.continuation
-        self._hide_reasoning = continuation is not None and continuation.hide_reasoning
-        self._trim = None
-        if continuation is not None and continuation.trim_overlap:
-            self._trim = OverlapTrimmer(answer.content(target))
-        self._kept = True
-        self._rewrite = (
-            bool(self._id or self._map is not None or self._strip_role or self._hide_reasoning)
-            or (self._trim is not None)
-            or (prior_usage is not None)
+        seam = _Seam(
+            answer.id or None,
+            answer.created,
+            plan.choice_index if plan.choice_index else None,
+            answer.role(target) is not None,
+            continuation is not None and continuation.hide_reasoning,
+            OverlapTrimmer(answer.content(target))
+            if continuation is not None and continuation.trim_overlap
+            else None,
+            prior_usage,
         )
+        # What a continuation rewrites at its seam; None when nothing (the first attempt of
+        # an answer: no object held for it, ~50 bytes per live answer).
+        self._seam = seam if seam.rewrites() else None
+        self._kept = True
         # Chunks can leave as they came (`relay_one`): nothing is rewritten at a seam and no
         # JSON-mode blank answer must be watched for.
-        self._plain = not self._rewrite and not self._json
+        self._plain = self._seam is None and not self._json
         # The attempt's own fold. None while it would equal the answer's: on an attempt
         # that starts the answer and rewrites nothing, every chunk goes to both alike
         # until one is held back or changed (see `_diverge`), so it is folded once.
         self._acc: ChunkAccumulator | None = (
-            None if not self._rewrite and answer.n_chunks == 0 else ChunkAccumulator()
+            None if self._seam is None and answer.n_chunks == 0 else ChunkAccumulator()
         )
 
     @property
@@ -371,7 +364,8 @@ class Attempt:
         answer = self._answer
         out: list[ChatCompletionChunk] = []
         # Whether the chunks leave as they came (`payloads`).
-        self._kept = not self._rewrite
+        seam = self._seam
+        self._kept = seam is None
         hold = self._hold
         for chunk in chunks:
             if self._acc is not None:
@@ -388,8 +382,8 @@ class Attempt:
                     tools = True
             if self.first_token_at is None and _has_token(chunk):
                 self.first_token_at = now
-            if self._rewrite:
-                self._splice(chunk)
+            if seam is not None:
+                seam.splice(chunk)
                 if _is_void(chunk):
                     # A seam's leftovers (a role already shown, text the trimmer holds):
                     # an empty chunk tells the consumer nothing.
@@ -414,34 +408,6 @@ class Attempt:
             answer.feed(chunk)
             out.append(chunk)
         return out
-
-    def _splice(self, chunk: ChatCompletionChunk) -> None:
-        if self._id is not None:
-            chunk.id = self._id
-            chunk.created = self._created
-        for choice in chunk.choices:
-            if self._map is not None and choice.index == 0:
-                choice.index = self._map
-            delta = choice.delta
-            if delta is None:
-                if self._trim is not None and choice.finish_reason is not None:
-                    rest = self._trim.flush()
-                    if rest:
-                        choice.delta = Delta(content=rest)
-                continue
-            if self._strip_role:
-                delta.role = None
-            if self._hide_reasoning:
-                delta.reasoning_content = None
-                delta.reasoning = None
-            if self._trim is not None:
-                text = self._trim.feed(delta.content) if delta.content else ""
-                if choice.finish_reason is not None:
-                    text += self._trim.flush()
-                if delta.content is not None or text:
-                    delta.content = text
-        if chunk.usage is not None and self._prior is not None:
-            chunk.usage = add_usage(self._prior, chunk.usage)
 
     def _is_blank(self, chunk: ChatCompletionChunk) -> bool:
         for choice in chunk.choices:
@@ -488,6 +454,71 @@ class Attempt:
     def usage(self) -> Usage | None:
         """The usage this attempt reported (None if it broke before its usage chunk)."""
         return self.acc.usage
+
+
+class _Seam:
+    """What a continuation's chunks get at the seam with the answer shown (see the theory
+    of operation): the answer's id and created, the choice its choice 0 becomes, whether
+    the role (already shown) and the reasoning are dropped, the overlap trimmer, and the
+    usage of the earlier attempts to add."""
+
+    __slots__ = ("created", "hide_reasoning", "id", "map", "prior", "strip_role", "trim")
+
+    def __init__(
+        self,
+        id: str | None,
+        created: int,
+        map: int | None,
+        strip_role: bool,
+        hide_reasoning: bool,
+        trim: OverlapTrimmer | None,
+        prior: Usage | None,
+    ) -> None:
+        self.id = id
+        self.created = created
+        self.map = map
+        self.strip_role = strip_role
+        self.hide_reasoning = hide_reasoning
+        self.trim = trim
+        self.prior = prior
+
+    def rewrites(self) -> bool:
+        """Whether any chunk may change at this seam."""
+        return (
+            bool(self.id or self.map is not None or self.strip_role or self.hide_reasoning)
+            or (self.trim is not None)
+            or (self.prior is not None)
+        )
+
+    def splice(self, chunk: ChatCompletionChunk) -> None:
+        """Rewrite `chunk` for the seam, in place."""
+        if self.id is not None:
+            chunk.id = self.id
+            chunk.created = self.created
+        trim = self.trim
+        for choice in chunk.choices:
+            if self.map is not None and choice.index == 0:
+                choice.index = self.map
+            delta = choice.delta
+            if delta is None:
+                if trim is not None and choice.finish_reason is not None:
+                    rest = trim.flush()
+                    if rest:
+                        choice.delta = Delta(content=rest)
+                continue
+            if self.strip_role:
+                delta.role = None
+            if self.hide_reasoning:
+                delta.reasoning_content = None
+                delta.reasoning = None
+            if trim is not None:
+                text = trim.feed(delta.content) if delta.content else ""
+                if choice.finish_reason is not None:
+                    text += trim.flush()
+                if delta.content is not None or text:
+                    delta.content = text
+        if chunk.usage is not None and self.prior is not None:
+            chunk.usage = add_usage(self.prior, chunk.usage)
 
 
 def _has_token(chunk: ChatCompletionChunk) -> bool:

@@ -48,6 +48,9 @@ COMPLETE_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", 
 INTERRUPTED_REASONS = frozenset({"insufficient_system_resource", "error", "abort"})
 
 _WHITESPACE = b" \t\r\n"
+# `ChatStreamDecoder._body` while it holds nothing: shared, never appended to (one list
+# less per live stream; only a JSON body or keep-alive newlines before one fill it).
+_NO_BODY: list[bytes] = []
 _CONTENT_KEY = b'"content":"'
 _REASONING_KEY = b'"reasoning_content":"'
 
@@ -128,7 +131,7 @@ class ChatStreamDecoder:
         self._decode_completion = decode_text_completion if text_completions else decode_completion
         self._max = max_event_bytes
         self._mode: Literal["sse", "json"] | None = None
-        self._body: list[bytes] = []
+        self._body: list[bytes] = _NO_BODY
         self._body_size = 0
         self.done = False
         self.error: UnbrokenError | None = None
@@ -291,12 +294,13 @@ class ChatStreamDecoder:
         if self._mode is None:
             start = data.lstrip(_WHITESPACE)
             if not start:
-                self._body.append(data)  # DeepSeek keep-alive newlines before a JSON body
+                # DeepSeek keep-alive newlines before a JSON body.
+                self._body = [*self._body, data]
                 return []
             self._mode = "json" if start[:1] == b"{" else "sse"
             if self._mode == "sse":
                 data = b"".join(self._body) + data
-                self._body = []
+                self._body = _NO_BODY
         if self._mode == "json":
             self._body_size += len(data)
             if self._body_size > self._max:
@@ -304,9 +308,12 @@ class ChatStreamDecoder:
                     f"the JSON body exceeds the {self._max}-byte limit (max_event_bytes)",
                     excerpt=excerpt(data[:120]),
                 )
-                self._body = []
+                self._body = _NO_BODY
                 return []
-            self._body.append(data)
+            if self._body:
+                self._body.append(data)
+            else:
+                self._body = [data]
             return []
         self._clean = False
         try:
@@ -364,7 +371,7 @@ class ChatStreamDecoder:
             return []
         if self._mode != "sse":
             body = b"".join(self._body)
-            self._body = []
+            self._body = _NO_BODY
             try:
                 completion = self._decode_completion(body)
             except UnbrokenError as exc:
