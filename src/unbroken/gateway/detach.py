@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -156,10 +156,21 @@ class Parked(BaseException):
 
 async def run_asgi(cycle: RequestResponseCycle, app: Any) -> None:
     """uvicorn's `RequestResponseCycle.run_asgi`, for an app whose reader may detach."""
+    await _run(cycle, app(cycle.scope, cycle.receive, cycle.send))
+
+
+async def resume_asgi(cycle: RequestResponseCycle, detached: Detached) -> None:
+    """The rest of a detached request (see the module docstring), as `run_asgi` ends it."""
+    await _run(cycle, detached.gateway._http_resume(detached))
+
+
+async def _run(cycle: RequestResponseCycle, step: Awaitable[Any]) -> None:
+    """Await a request's `step`; end the request as uvicorn does, or park it when its
+    reader detached."""
     parked: Detached | None = None
     try:
         try:
-            result = await app(cycle.scope, cycle.receive, cycle.send)
+            result = await step
         except Parked as exc:
             parked = exc.detached
         except BaseException as exc:
@@ -169,26 +180,7 @@ async def run_asgi(cycle: RequestResponseCycle, app: Any) -> None:
     finally:
         if parked is None:
             cycle.on_response = _nothing
-    if parked is not None:
-        _park(cycle, parked)
-
-
-async def resume_asgi(cycle: RequestResponseCycle, detached: Detached) -> None:
-    """The rest of a detached request (see the module docstring), as `run_asgi` ends it."""
-    parked: Detached | None = None
-    try:
-        try:
-            await detached.gateway._http_resume(detached)
-        except Parked as exc:
-            parked = exc.detached
-        except BaseException as exc:
-            await _failed(cycle, exc)
-        else:
-            await _returned(cycle, None)
-    finally:
-        if parked is None:
-            cycle.on_response = _nothing
-    del detached
+    del step
     if parked is not None:
         _park(cycle, parked)
 
