@@ -7,7 +7,7 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from unbroken.stores.packed import BLOCK_EVENTS, PackedEvents
+from unbroken.stores.packed import BLOCK_EVENTS, PackedEvents, _template
 
 
 def _chunk(i: int, text: bytes) -> bytes:
@@ -87,3 +87,146 @@ def test_any_bytes_round_trip(model: list[bytes], data: st.DataObject) -> None:
         last = data.draw(st.integers(first, len(model)))
         assert packed.get(first, last) == model[first - 1 : last]
     assert len(packed) == len(model)
+
+
+def _answer(texts: list[bytes], key: bytes = b"content") -> list[bytes]:
+    """A streamed answer's events: a role chunk, a chunk per text, a finish, the final
+    event and [DONE]."""
+    head = (
+        b'{"id":"0af341a7","object":"chat.completion.chunk","created":1796435975,'
+        b'"model":"deepseek-chat","system_fingerprint":"fp_1","choices":[{"index":0,'
+    )
+    tail = b'"},"logprobs":null,"finish_reason":null}],"usage":null}'
+    return [
+        head + b'"delta":{"role":"assistant","content":""},"logprobs":null}]}',
+        *(head + b'"delta":{"' + key + b'":"' + text + tail for text in texts),
+        head + b'"delta":{},"logprobs":null,"finish_reason":"stop"}]}',
+        b'{"id":"0af341a7","choices":[],"unbroken":{"stream_id":"strm_1"}}',
+        b"[DONE]",
+    ]
+
+
+def _read_all_ranges(packed: PackedEvents, model: list[bytes]) -> None:
+    assert len(packed) == len(model)
+    for first in range(1, len(model) + 1, 3):
+        for last in range(first, len(model) + 1, 5):
+            assert packed.get(first, last) == model[first - 1 : last]
+    assert packed.get(1, len(model)) == model
+
+
+def test_text_chunks_are_kept_as_their_text() -> None:
+    """A text answer's chunks differ only in their text: the open block and the sealed
+    blocks between the first and the last hold the text only (no zlib), and every range
+    reads back byte for byte, open and sealed, escapes and quotes in the text included."""
+    texts = [b"word%d" % i if i % 7 else b'a \\"quoted\\" \\\\ %d\\n' % i for i in range(150)]
+    model = _answer(texts)
+    packed = PackedEvents()
+    for payload in model[:-3]:
+        packed.add(payload)
+    assert len(packed._open) < 12 * BLOCK_EVENTS  # middles, not ~250-byte events
+    _read_all_ranges(packed, model[:-3])
+    packed.extend(model[-3:])
+    packed.seal()
+    _read_all_ranges(packed, model)
+    kinds = [end & 15 for end in packed._ends]
+    assert kinds[0] == 0
+    assert kinds[-1] == 0
+    assert kinds.count(1) >= len(kinds) - 3  # the text's: kept as their middles
+    assert len(packed._packed) < sum(map(len, texts)) + 600  # ~the text, and two deflates
+
+
+def test_a_template_never_covers_an_event_shorter_than_head_and_tail() -> None:
+    """An event that starts with the head and ends with the tail, where the two overlap in
+    it, is kept whole: it has no middle."""
+    model = _answer([b"one", b"two", b"three"])
+    packed = PackedEvents()
+    packed.extend(model[:4])
+    head, tail = packed._head, packed._tail
+    assert head.endswith(b'"content":"')
+    assert tail.startswith(b'"},')
+    overlapping = head + tail[1:]  # the head's closing quote is the tail's opening one
+    assert overlapping.startswith(head)
+    assert overlapping.endswith(tail)
+    packed.add(overlapping)
+    packed.add(model[4])
+    assert packed.get(5, 6) == [overlapping, model[4]]
+    packed.seal()
+    assert packed.get(1, 6) == [*model[:4], overlapping, model[4]]
+
+
+def test_a_new_kind_of_chunk_gets_its_own_template() -> None:
+    """Reasoning, then content (another key): each run of blocks keeps its own template,
+    and the blocks of both read back."""
+    reasoning = _answer([b"think%d" % i for i in range(40)], b"reasoning_content")
+    content = _answer([b"say%d" % i for i in range(40)])
+    model = [*reasoning[:-3], *content[1:]]
+    packed = PackedEvents()
+    packed.extend(model)
+    packed.seal()
+    assert len(packed._templates) == 4
+    assert {end & 15 for end in packed._ends} == {0, 1, 2}
+    _read_all_ranges(packed, model)
+
+
+def test_templates_are_bounded() -> None:
+    """A log whose chunks change shape every few blocks stops learning templates at the
+    limit; the rest is deflated and reads back."""
+    model: list[bytes] = [b"first"]
+    for shape in range(20):
+        key = b"key%02d" % shape
+        model += [
+            b'{"id":"0af341a7-0af341a7-0af341a7","' + key + b'":"t%d","end":"xxxxxxxxxxxx"}' % i
+            for i in range(3 * BLOCK_EVENTS)
+        ]
+    packed = PackedEvents()
+    packed.extend(model)
+    packed.seal()
+    assert len(packed._templates) == 2 * 15
+    _read_all_ranges(packed, model)
+    # Shapes that never fill a block of their own: each learned template replaces the
+    # last one, which no block names.
+    model = [model[0]] + [e for e in model[1:] if b'"t4' not in e and b'"t3' not in e]
+    packed = PackedEvents()
+    packed.extend(model)
+    assert packed._templates[0].endswith(b'"key19":"')
+    assert len(packed._templates) == 2
+    assert all(end & 15 == 0 for end in packed._ends)
+    _read_all_ranges(packed, model)
+
+
+def test_a_template_ends_at_the_closing_quote() -> None:
+    """The tail starts at the text's closing quote, not at an escaped quote in the text;
+    the head ends where the text starts; too little in common is no template."""
+    head = b'{"id":"0123456789abcdef0123456789","a":"'
+    assert _template(head + b'p\\"' + b'"}', head + b'q\\"' + b'"}') == (head, b'"}')
+    assert _template(head + b"pp" + b'"}', head + b"pq" + b'"}') == (head, b'"}')
+    assert _template(b'{"a":"x"}', b'{"a":"y"}') is None
+
+
+_PIECES = st.sampled_from([b'{"a":"', b'","b":"', b'"}', b"x", b"\\", b'"', b":", b"0" * 20])
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.builds(b"".join, st.lists(_PIECES, max_size=12)),
+            st.builds(_chunk, st.integers(0, 3), st.binary(max_size=5)),
+            st.builds(lambda t: _answer([t])[1], st.sampled_from([b"", b"a", b'\\"', b'"', b"}"])),
+        ),
+        max_size=80,
+    ),
+    st.data(),
+)
+def test_templated_events_round_trip(model: list[bytes], data: st.DataObject) -> None:
+    """Events that share heads and tails in every way (quotes, backslashes, overlaps, empty
+    middles) read back as added, open and sealed."""
+    packed = PackedEvents()
+    for payload in model:
+        packed.add(payload)
+    if data.draw(st.booleans()):
+        packed.seal()
+    if model:
+        first = data.draw(st.integers(1, len(model)))
+        last = data.draw(st.integers(first, len(model)))
+        assert packed.get(first, last) == model[first - 1 : last]
+    assert packed.get(1, len(model)) == model if model else True

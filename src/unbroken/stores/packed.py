@@ -1,12 +1,20 @@
-"""Packed event storage for the memory stream log (stores/streamlog.py): a log's events as
-raw-deflate blocks of `BLOCK_EVENTS` events, compressed against the log's first event, all
-in one bytearray (no object per block), plus the raw events of the block being filled and
-an array of lengths. Imports zlib and array.
+"""Packed event storage for the memory stream log (stores/streamlog.py): a log's events in
+blocks of `BLOCK_EVENTS` events, all in one bytearray (no object per block or event), plus
+the block being filled and an array of lengths. Imports zlib and array.
 
 Why: one bytes object per event kept a finished 200-chunk answer in ~62 KB (54 KB of JSON
 plus object headers), most of the gateway's memory per stream (bench/gateway.py). Chunks of
-one answer repeat their id, model and fingerprint: blocks at zlib level 1 with the first
-event as preset dictionary hold them in ~11 bytes an event.
+one answer repeat their id, model and fingerprint around a few bytes of text.
+
+Templates: the log learns a *template* from two consecutive events that share a head and a
+tail (all but the text of two text chunks: `..."content":"` and `"},"logprobs":...`); an
+event that starts with the head and ends with the tail is kept as its middle only, both in
+the open block and, when every event of a sealed block fits and their middles are short, in
+the sealed block (uncompressed: a token's few bytes, ~5 bytes an event against deflate's
+~11, and no zlib call). Every other block is raw deflate, compressed against a preset
+dictionary (the template's head, or the block's first event). Reads rebuild each event
+byte for byte (head + middle + tail): a template only ever applies to events that start and
+end with it and are at least as long as both together.
 """
 
 from __future__ import annotations
@@ -17,12 +25,10 @@ from collections.abc import Sequence
 
 __all__ = ["BLOCK_EVENTS", "PackedEvents"]
 
-# Events per compressed block. 16, not 32: a live answer keeps up to this many events raw
-# (~300 bytes each) on top of the 8 the relay's producer keeps anyway (gateway/streams.py
-# `LOCAL_TAIL_EVENTS`): 1.5 KB less per live answer at 100-119 chunks (bench/hotpath.py
-# --memory; bench/stream_memory.py traced: 14.1 -> 9.4 payloads held), for ~11 bytes an
-# event compressed instead of ~10 and ~0.15 us more per chunk (bench/hotpath.py: a seal
-# costs ~6-10 us, mostly fixed). 8 saved 0.2 KB more for another 0.3 us.
+# Events per block. Smaller blocks hold fewer raw events while open; with templates the
+# open block holds middles only (~40 bytes an event less than whole events), so this only
+# weighs the compression of untemplated blocks (~11 bytes an event at 16, ~10 at 32) and
+# the cost of a seal (a deflate ~6-10 us, mostly fixed; a block of middles ~0.3 us).
 BLOCK_EVENTS = 16
 # zlib's fastest level: level 6 saved 10% more for 2.3x the time.
 LEVEL = 1
@@ -33,23 +39,61 @@ LEVEL = 1
 # more per chunk; memLevel 1 was slower again, its hash chains too long).
 WBITS = -13
 MEM_LEVEL = 6
-# The preset dictionary is the log's first event, cut to this.
+# The preset dictionary is cut to this.
 ZDICT_MAX_BYTES = 4096
+# A template's head and tail together are at least this long (else it is not worth one).
+MIN_TEMPLATE_BYTES = 32
+# A sealed block of templated events keeps their middles uncompressed when they average at
+# most this many bytes (deflate takes ~11 bytes an event of such blocks); else it is
+# deflated whole.
+RAW_MAX_BYTES = 12
+# Templates one log keeps (a block names its template in 4 bits; 0 is a deflated block).
+MAX_TEMPLATES = 15
+_KIND_BITS = 4
+_KIND_MASK = (1 << _KIND_BITS) - 1
+_NO_TEMPLATES: tuple[bytes, ...] = ()
 
 
 class PackedEvents:
-    """The events of one log, numbered from 1 (see the module docstring)."""
+    """The events of one log, numbered from 1 (see the module docstring). Nothing is added
+    after `seal`."""
 
-    __slots__ = ("_ends", "_lengths", "_live", "_packed", "_zdict")
+    __slots__ = (
+        "_at",
+        "_cut",
+        "_ends",
+        "_head",
+        "_lengths",
+        "_n_used",
+        "_open",
+        "_packed",
+        "_tail",
+        "_templates",
+        "_tried",
+        "_whole",
+        "_zdict",
+    )
 
     def __init__(self) -> None:
-        # The compressed blocks, one after the other, and where each ends.
+        # The sealed blocks, one after the other, and for each `end << 4 | kind`: where it
+        # ends, and 0 for deflated or the number of the template whose middles it holds.
         self._packed = bytearray()
-        self._ends = array("I")
+        self._ends = array("Q")
         # Two bytes an event while every event is below 64 KiB (`_grow` widens it).
         self._lengths = array("H")
-        self._live: list[bytes] = []
-        self._zdict = b""
+        # The open block: its events one after the other, each as its middle under the
+        # current template, or whole (bit i of `_whole` set; set off the hot path).
+        self._open = bytearray()
+        self._whole = 0
+        # The templates learned (head, tail, head, tail...); the current one is the last,
+        # also in `_head` and `_tail` (empty: none). `_n_used` of them are named by blocks.
+        self._templates = _NO_TEMPLATES
+        self._head = b""
+        self._tail = b""
+        self._at = self._cut = 0  # the head's length, and the head's and the tail's
+        self._n_used = 0
+        self._tried = False  # a template was learned (or tried) in the open block
+        self._zdict: bytes | None = None  # chosen at the first deflate
 
     def __len__(self) -> int:
         return len(self._lengths)
@@ -59,65 +103,178 @@ class PackedEvents:
         return self._lengths[seq - 1]
 
     def extend(self, payloads: Sequence[bytes]) -> None:
-        """Append events; a block that fills up is compressed."""
+        """Append events; a block that fills up is sealed."""
         for payload in payloads:
             self.add(payload)
 
     def add(self, payload: bytes) -> None:
-        """Append one event (the relay's hot path)."""
+        """Append one event (the relay's hot path: ~0.2 us more than appending it to a list,
+        ~0.3 us less than its share of a deflated block's seal; bench/hotpath.py)."""
         lengths = self._lengths
-        if not lengths:
-            self._zdict = payload[:ZDICT_MAX_BYTES]
+        size = len(payload)
         try:
-            lengths.append(len(payload))
+            lengths.append(size)
         except OverflowError:
-            self._grow(len(payload))
-        live = self._live
-        live.append(payload)
-        if len(live) >= BLOCK_EVENTS:
+            lengths = self._grow(size)
+        cut = self._cut
+        if cut and size >= cut and payload.startswith(self._head) and payload.endswith(self._tail):
+            at = self._at
+            block = self._open
+            block += payload[at : at + size - cut]
+        else:
+            self._miss(payload)
+        if not len(lengths) % BLOCK_EVENTS:
             self._seal()
 
-    def _grow(self, size: int) -> None:
-        self._lengths = array("I", self._lengths)
-        self._lengths.append(size)
+    def _miss(self, payload: bytes) -> None:
+        """An event the template does not fit: kept whole, or, when it follows another
+        whole event of the open block (not the log's first: a role chunk) in a block with
+        no templated event yet, learn a template from the two (once a block at most)."""
+        lengths = self._lengths
+        n = (len(lengths) - 1) % BLOCK_EVENTS  # its place in the block
+        whole = self._whole
+        if not self._tried and n > 0 and whole == (1 << n) - 1 and len(lengths) > 2:
+            self._tried = True
+            prev = bytes(self._open[len(self._open) - lengths[-2] :])
+            learned = _template(prev, payload)
+            if learned is not None and self._learn(*learned):
+                head, tail = learned
+                self._open += payload[len(head) : len(payload) - len(tail)]
+                return
+        self._whole = whole | 1 << n
+        self._open += payload
+
+    def _learn(self, head: bytes, tail: bytes) -> bool:
+        templates = self._templates
+        if len(templates) // 2 > self._n_used:
+            templates = templates[:-2]  # the current one: no block names it yet
+        elif len(templates) // 2 >= MAX_TEMPLATES:
+            return False
+        self._templates = (*templates, head, tail)
+        self._head = head
+        self._tail = tail
+        self._at = len(head)
+        self._cut = len(head) + len(tail)
+        return True
+
+    def _grow(self, size: int) -> array[int]:
+        lengths = self._lengths = array("I", self._lengths)
+        lengths.append(size)
+        return lengths
 
     def seal(self) -> None:
-        """Compress the open block (the log ended: nothing follows)."""
-        if self._live:
+        """Seal the open block (the log ended: nothing follows)."""
+        if len(self._lengths) > len(self._ends) * BLOCK_EVENTS:
             self._seal()
 
     def _seal(self) -> None:
-        packer = zlib.compressobj(LEVEL, zlib.DEFLATED, WBITS, MEM_LEVEL, zdict=self._zdict)
+        n = len(self._lengths) - len(self._ends) * BLOCK_EVENTS
+        block = self._open
         packed = self._packed
-        packed += packer.compress(b"".join(self._live))
-        packed += packer.flush()
-        self._ends.append(len(packed))
-        self._live.clear()
+        if not self._whole and len(block) <= RAW_MAX_BYTES * n:
+            kind = self._n_used = len(self._templates) // 2
+            packed += block
+        else:
+            kind = 0
+            events = self._open_events(n)
+            zdict = self._zdict
+            if zdict is None:
+                zdict = self._zdict = (self._head or events[0])[:ZDICT_MAX_BYTES]
+            packer = zlib.compressobj(LEVEL, zlib.DEFLATED, WBITS, MEM_LEVEL, zdict=zdict)
+            packed += packer.compress(b"".join(events))
+            packed += packer.flush()
+        self._ends.append(len(packed) << _KIND_BITS | kind)
+        block.clear()
+        self._whole = 0
+        self._tried = False
 
-    def _inflate(self, block: int) -> bytes:
-        start = self._ends[block - 1] if block else 0
-        unpacker = zlib.decompressobj(WBITS, zdict=self._zdict)
-        return unpacker.decompress(self._packed[start : self._ends[block]]) + unpacker.flush()
+    def _open_events(self, n: int) -> list[bytes]:
+        """The `n` events of the open block."""
+        coded = ~self._whole & ((1 << n) - 1)
+        first = len(self._ends) * BLOCK_EVENTS
+        return self._rebuild(self._open, first, n, coded, self._head, self._tail)
+
+    def _rebuild(
+        self, data: bytes | bytearray, first: int, count: int, coded: int, head: bytes, tail: bytes
+    ) -> list[bytes]:
+        """The `count` events from event index `first` (0-based) whose pieces `data` holds
+        one after the other: whole, or (bit i of `coded`) the middle of `head` + ... + `tail`."""
+        out: list[bytes] = []
+        lengths = self._lengths
+        cut = len(head) + len(tail)
+        offset = 0
+        for i in range(count):
+            size = lengths[first + i]
+            if coded >> i & 1:
+                end = offset + size - cut
+                out.append(head + data[offset:end] + tail)
+            else:
+                end = offset + size
+                out.append(bytes(data[offset:end]))
+            offset = end
+        return out
+
+    def _block(self, block: int) -> list[bytes]:
+        """The events of sealed block `block` (0-based)."""
+        ends = self._ends
+        start = ends[block - 1] >> _KIND_BITS if block else 0
+        end, kind = ends[block] >> _KIND_BITS, ends[block] & _KIND_MASK
+        first = block * BLOCK_EVENTS
+        count = min(BLOCK_EVENTS, len(self._lengths) - first)
+        if kind:
+            head, tail = self._templates[2 * kind - 2], self._templates[2 * kind - 1]
+            return self._rebuild(
+                self._packed[start:end], first, count, (1 << count) - 1, head, tail
+            )
+        unpacker = zlib.decompressobj(WBITS, zdict=self._zdict or b"")
+        raw = unpacker.decompress(self._packed[start:end]) + unpacker.flush()
+        return self._rebuild(raw, first, count, 0, b"", b"")
 
     def get(self, first: int, last: int) -> list[bytes]:
         """Events `first` to `last` (inclusive, within 1..len)."""
         out: list[bytes] = []
-        lengths = self._lengths
         n_sealed = len(self._ends)
         seq = first
         while seq <= last:
             block = (seq - 1) // BLOCK_EVENTS
             start = block * BLOCK_EVENTS + 1
             if block < n_sealed:
-                raw = self._inflate(block)
-                offset = sum(lengths[start - 1 : seq - 1])
-                end = min(last, start + BLOCK_EVENTS - 1)
-                for i in range(seq - 1, end):
-                    size = lengths[i]
-                    out.append(raw[offset : offset + size])
-                    offset += size
-                seq = end + 1
+                events = self._block(block)
             else:
-                out.extend(self._live[seq - start : last - start + 1])
-                break
+                events = self._open_events(len(self._lengths) - start + 1)
+            end = min(last, start + len(events) - 1)
+            out.extend(events[seq - start : end - start + 1])
+            seq = end + 1
         return out
+
+
+def _template(prev: bytes, cur: bytes) -> tuple[bytes, bytes] | None:
+    """The head and tail `cur` shares with `prev`, cut where a JSON string's value starts
+    (after `:"`) and ends (its closing quote), so the next chunks' text falls between them;
+    None when they share less than `MIN_TEMPLATE_BYTES`. Only on a miss (binary searches of
+    a few C comparisons, ~2 us)."""
+    limit = min(len(prev), len(cur))
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) >> 1
+        if cur.startswith(prev[:mid]):
+            lo = mid
+        else:
+            hi = mid - 1
+    value = cur.rfind(b':"', 0, lo)
+    head = value + 2 if value >= 0 else cur.rfind(b'"', 0, lo) + 1
+    lo, hi = 0, limit - head
+    while lo < hi:
+        mid = (lo + hi + 1) >> 1
+        if cur.endswith(prev[len(prev) - mid :]):
+            lo = mid
+        else:
+            hi = mid - 1
+    # The closing quote: the first quote of the shared tail not escaped by a backslash.
+    quote = cur.find(b'"', len(cur) - lo)
+    while quote > 0 and cur[quote - 1] == 0x5C:
+        quote = cur.find(b'"', quote + 1)
+    tail = len(cur) - quote if quote >= 0 else 0
+    if head + tail < MIN_TEMPLATE_BYTES:
+        return None
+    return cur[:head], cur[len(cur) - tail :]
