@@ -236,11 +236,13 @@ class Producer:
         "_pending",
         "_renew_slot",
         "_scope",
+        "_sink",
         "_sinks",
         "_slot_at",
         "_slot_every_s",
         "_tail_max",
         "_unset",
+        "_waiter",
         "completion",
         "degraded",
         "detached_at",
@@ -285,7 +287,8 @@ class Producer:
         self._slot_every_s = slot_every_s
         self._slot_at = time.monotonic()
         self._scope = cancel_scope()
-        self._changed = Flag()
+        # Made by the first `wait` (a live answer's readers mostly wait as sinks: ~40 bytes).
+        self._changed: Flag | None = None
         self._n_waiting = 0
         # The memory log appends without a coroutine (one less per chunk), and is read
         # without a round trip: a short tail does (the log packs its events; a tail holding
@@ -299,7 +302,7 @@ class Producer:
         self._tail_max = TAIL_EVENTS if self._append_now is None else 0
         # The payloads of the last events appended, the last being event `n_events` (no
         # (id, payload) tuple per event: readers number them, `tail_events`).
-        self.tail: list[bytes] = []
+        self.tail: list[bytes] = [] if self._tail_max else _NO_PENDING
         # Group commit for a remote log: events pushed while an append is in flight go
         # together in the next one, so the upstream is read on meanwhile.
         self._batched = getattr(hub.log, "is_remote", False)
@@ -316,8 +319,12 @@ class Producer:
         self.finished = False
         self.reason: str | None = None  # why it stopped early: stopped, abandoned, fenced...
         self.n_readers = 0
-        # Readers handed off to this producer (`park`), each with the future it parks on.
-        self._sinks: dict[EventSink, Waiter] = {}
+        # Readers handed off to this producer (`park`), each with the future it parks on:
+        # the first in `_sink` and `_waiter`, any others in `_sinks` (a dict with one reader
+        # held ~220 bytes per live answer, and nearly every answer has one reader).
+        self._sink: EventSink | None = None
+        self._waiter: Waiter | None = None
+        self._sinks: dict[EventSink, Waiter] | None = None
         self.detached_at: float | None = time.time()
         self.task: asyncio.Task[None] | None = None
 
@@ -346,8 +353,11 @@ class Producer:
             return
         self._n_waiting += 1
         try:
+            changed = self._changed
+            if changed is None:
+                changed = self._changed = Flag()
             async with asyncio.timeout(timeout_s):
-                await self._changed.wait()
+                await changed.wait()
         except TimeoutError:
             return
         finally:
@@ -378,7 +388,7 @@ class Producer:
             return None
         sink.last = after
         parked = asyncio.get_running_loop().create_future()
-        self._sinks[sink] = parked
+        self._add_sink(sink, parked)
         return parked
 
     def park_waiter(self, sink: EventSink, after: int, waiter: Waiter) -> bool:
@@ -387,13 +397,40 @@ class Producer:
         if after != self.n_events or self.finished:
             return False
         sink.last = after
-        self._sinks[sink] = waiter
+        self._add_sink(sink, waiter)
         return True
+
+    def _add_sink(self, sink: EventSink, waiter: Waiter) -> None:
+        if self._sink is None or self._sink is sink:
+            self._sink, self._waiter = sink, waiter
+        elif self._sinks is None:
+            self._sinks = {sink: waiter}
+        else:
+            self._sinks[sink] = waiter
+
+    def _pop_sink(self, sink: EventSink) -> Waiter | None:
+        """`sink`'s waiter, `sink` no longer fed; None when it was not."""
+        more = self._sinks
+        if self._sink is not sink:
+            return more.pop(sink, None) if more else None
+        waiter = self._waiter
+        if more:  # the next oldest takes the first place
+            first = next(iter(more))
+            self._sink, self._waiter = first, more.pop(first)
+        else:
+            self._sink = self._waiter = None
+        return waiter
+
+    def _all_sinks(self) -> list[EventSink]:
+        first = self._sink
+        if first is None:
+            return []
+        return [first, *self._sinks] if self._sinks else [first]
 
     def taken_back(self, sink: EventSink) -> int:
         """The reader takes over from `sink` (after its `park` future resolved, or was
         cancelled): the id of the last event the sink took."""
-        self._sinks.pop(sink, None)
+        self._pop_sink(sink)
         return sink.last
 
     def tail_events(self, after: int) -> list[tuple[int, bytes]] | None:
@@ -412,24 +449,31 @@ class Producer:
         return list(enumerate(tail[len(tail) - n_new :], after + 1)) if n_new > 0 else []
 
     def _feed(self, first: int, payloads: Sequence[bytes]) -> None:
-        refused: list[EventSink] | None = None  # no list per event while every sink takes
-        for sink in self._sinks:
-            if not sink.feed(first, payloads):
-                refused = [sink] if refused is None else [*refused, sink]
-        if refused is not None:
+        refused = [sink for sink in self._all_sinks() if not sink.feed(first, payloads)]
+        if refused:
+            self._refused(refused)
+
+    def _feed_one_more(self, n: int, payload: bytes, taken: bool) -> None:
+        """`_take_one`'s feed past the first sink (which took event `n`, or not)."""
+        refused = [] if taken or self._sink is None else [self._sink]
+        refused += [sink for sink in self._sinks or () if not sink.feed_one(n, payload)]
+        if refused:
             self._refused(refused)
 
     def _refused(self, refused: list[EventSink]) -> None:
         for sink in refused:
-            parked = self._sinks.pop(sink)
-            if not parked.done():
+            parked = self._pop_sink(sink)
+            if parked is not None and not parked.done():
                 parked.set_result(None)
 
     def _release_sinks(self) -> None:
-        for parked in self._sinks.values():
+        waiters = [] if self._waiter is None else [self._waiter]
+        if self._sinks:
+            waiters += self._sinks.values()
+        self._sink = self._waiter = self._sinks = None
+        for parked in waiters:
             if not parked.done():
                 parked.set_result(None)
-        self._sinks.clear()
 
     # -- control ---------------------------------------------------------------------------
 
@@ -542,27 +586,27 @@ class Producer:
         except UnbrokenError:
             return False
         # `_appended` spelt out for one payload: this runs once per relayed chunk.
-        tail = self.tail
-        tail.append(payload)
-        if len(tail) > self._tail_max:
-            del tail[0]
+        if self._tail_max:  # not with the memory log (its open block holds the events)
+            tail = self.tail
+            tail.append(payload)
+            if len(tail) > self._tail_max:
+                del tail[0]
         self.n_events = n
-        if self._sinks:
-            refused: list[EventSink] | None = None
-            for sink in self._sinks:
-                if not sink.feed_one(n, payload):
-                    refused = [sink] if refused is None else [*refused, sink]
-            if refused is not None:
-                self._refused(refused)
+        sink = self._sink
+        if sink is not None:
+            taken = sink.feed_one(n, payload)
+            if not taken or self._sinks:
+                self._feed_one_more(n, payload, taken)
         if self._n_waiting or self._unset:  # rarely: no call per chunk otherwise
             self._wake_readers()
         return True
 
     def _wake_readers(self) -> None:
         """Readers waiting for events wake; `first` is set by the first append."""
-        if self._n_waiting:
-            self._changed.set()
-            self._changed = Flag()
+        changed = self._changed
+        if self._n_waiting and changed is not None:
+            changed.set()
+            self._changed = None
         if self._unset:
             self._unset = False
             self.first.set()
@@ -587,21 +631,24 @@ class Producer:
                 )
                 self.degraded = True
                 self._tail_max = sys.maxsize  # unbounded: the store cannot page for readers
+                if self.tail is _NO_PENDING:
+                    self.tail = []
                 n = self.n_events + len(payloads)
         self._appended(payloads, n)
 
     def _appended(self, payloads: list[bytes], n: int) -> None:
         """`payloads` are in the log, the last as event `n`: keep them in the tail, hand
         them to the sinks, wake the waiting readers."""
-        tail = self.tail
-        if len(payloads) == 1:
-            tail.append(payloads[0])
-        else:
-            tail.extend(payloads)
-        if len(tail) > self._tail_max:
-            del tail[: len(tail) - self._tail_max]
+        if self._tail_max:
+            tail = self.tail
+            if len(payloads) == 1:
+                tail.append(payloads[0])
+            else:
+                tail.extend(payloads)
+            if len(tail) > self._tail_max:
+                del tail[: len(tail) - self._tail_max]
         self.n_events = n
-        if self._sinks:
+        if self._sink is not None:
             self._feed(n - len(payloads) + 1, payloads)
         if self._n_waiting or self._unset:  # rarely: no call per chunk otherwise
             self._wake_readers()
@@ -622,10 +669,12 @@ class Producer:
                     stream.set_chunk_sink(self._take, with_payloads=True, one=self._take_one)
                 async for chunk in stream:
                     payload = _encode(chunk)
-                    # Not held while the next one is awaited: on the direct path that is
-                    # the role chunk, kept for the whole answer (~0.6 KB per live stream).
+                    # Neither is held while the next one is awaited: on the direct path
+                    # that is the role chunk, kept for the whole answer (~0.6 KB per live
+                    # stream each; the log keeps the payload's bytes, not the object).
                     del chunk
                     await self._push(payload)
+                    del payload
                 await self._settle()
                 completion = self.completion = await stream.final()
                 if self._on_complete is not None:
@@ -660,7 +709,8 @@ class Producer:
         finally:
             self.finished = True
             self.first.set()
-            self._changed.set()
+            if self._changed is not None:
+                self._changed.set()
             self._release_sinks()
             with cancel_scope(shield=True):
                 await self._settle_quietly()
