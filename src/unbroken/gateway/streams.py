@@ -110,6 +110,8 @@ MAX_WAIT_S = 60.0
 _encode = msgspec.json.encode
 # The `_pending` of every producer that does not batch (it stays empty).
 _NO_PENDING: list[bytes] = []
+# `Producer._cancel`: not producing (`stop` does not cancel), producing, cancelled by `stop`.
+_IDLE, _LIVE, _CANCELLING = "idle", "live", "cancelling"
 
 
 def open_stream_log(g: GatewaySettings) -> StreamLog:
@@ -228,6 +230,7 @@ class Producer:
         "_append_now",
         "_append_one",
         "_batched",
+        "_cancel",
         "_changed",
         "_flush",
         "_n_waiting",
@@ -235,7 +238,6 @@ class Producer:
         "_on_end",
         "_pending",
         "_renew_slot",
-        "_scope",
         "_sink",
         "_sinks",
         "_slot_at",
@@ -286,7 +288,8 @@ class Producer:
         self._renew_slot = renew_slot
         self._slot_every_s = slot_every_s
         self._slot_at = time.monotonic()
-        self._scope = cancel_scope()
+        # Whether `stop` may cancel the task now (see `stop`).
+        self._cancel = _IDLE
         # Made by the first `wait` (a live answer's readers mostly wait as sinks: ~40 bytes).
         self._changed: Flag | None = None
         self._n_waiting = 0
@@ -479,10 +482,24 @@ class Producer:
 
     def stop(self, reason: str) -> None:
         """Cancel the upstream now; `stopped` ends the log with a stop finish and [DONE],
-        anything else leaves it open for a takeover."""
+        anything else leaves it open for a takeover.
+
+        The task is cancelled once, natively, and only while it produces (`run` takes that
+        cancellation back and ends the answer): an anyio CancelScope per producer held ~1 KB
+        per live answer (the scope, two sets, anyio's state of the task;
+        bench/stream_memory.py). Before the task produces, `run` sees `reason` and does not
+        start; after, its clean-up is not cancelled. From the task itself the cancellation
+        is sent from the loop, so it always lands at an await of the task (never after
+        `run` stopped producing, in its clean-up)."""
         if self.reason is None:
             self.reason = reason
-        self._scope.cancel()
+        task = self.task
+        if self._cancel is _LIVE and task is not None:
+            if task is asyncio.current_task():
+                asyncio.get_running_loop().call_soon(self.stop, reason)
+                return
+            self._cancel = _CANCELLING
+            task.cancel()
 
     def renewed(self, info: Renewal | None, grace_s: float, now: float) -> bool:
         """Act on a lease renewal's answer (`StreamLog.renew_many`): a lost lease, a stop
@@ -657,8 +674,16 @@ class Producer:
         """Produce the answer into the log (the task body)."""
         stream: AsyncStream | None = None
         completion: ChatCompletion | None = None
+        task = asyncio.current_task()
+        assert task is not None  # noqa: S101 - a coroutine run by a task
+        cancelling = task.cancelling()
         try:
-            with self._scope:
+            # Stopped before it started (`stop`): as a cancellation at the first await.
+            stopped = self.reason is not None
+            self._cancel = _IDLE if stopped else _LIVE
+            try:
+                if stopped:
+                    raise asyncio.CancelledError
                 stream = await open_stream()
                 # The opener and what it closes over (the request, its headers) are the
                 # SDK's now: not held for the answer's life (~700 bytes a live answer).
@@ -684,7 +709,20 @@ class Producer:
                 # response in the same write (one write less per answer).
                 self._release_sinks()
                 await self._append([final, DONE], end=True)
-            if self._scope.cancelled_caught:
+            except asyncio.CancelledError:
+                # `stop`'s cancellation (taken back), or another's (raised on).
+                ours = self._cancel is not _LIVE
+                if self._cancel is _CANCELLING:
+                    self._cancel = _IDLE
+                    task.uncancel()
+                if not ours or task.cancelling() > cancelling:
+                    raise
+                stopped = True
+            finally:
+                if self._cancel is _CANCELLING:  # delivered, and swallowed on the way
+                    task.uncancel()
+                self._cancel = _IDLE
+            if stopped:
                 completion = _current(stream)
                 await self._cancelled(completion)
         except FencedError:

@@ -183,7 +183,7 @@ class _Stream:
     updated_at: float = 0.0
     ended_at: float | None = None
     n_waiting: int = 0
-    changed: Flag = field(default_factory=Flag)
+    changed: Flag | None = None  # made by the first `wait` (~40 bytes a live stream)
     gone: bool = False  # events forgotten (a tombstone)
 
     @property
@@ -317,9 +317,9 @@ class MemoryStreamLog:
         stream.updated_at = now
         if end:
             stream.ended_at = now
-        if stream.n_waiting:
+        if stream.n_waiting and stream.changed is not None:
             stream.changed.set()
-            stream.changed = Flag()
+            stream.changed = None
         return stream.n_events
 
     def append_one(self, stream_id: str, epoch: int, payload: bytes, now: float) -> int:
@@ -345,9 +345,9 @@ class MemoryStreamLog:
         stream.n_bytes += size
         stream.n_events += 1
         stream.updated_at = now
-        if stream.n_waiting:
+        if stream.n_waiting and stream.changed is not None:
             stream.changed.set()
-            stream.changed = Flag()
+            stream.changed = None
         return stream.n_events
 
     async def read(self, stream_id: str, after: int, *, limit: int, max_bytes: int) -> Batch:
@@ -385,8 +385,11 @@ class MemoryStreamLog:
             return
         stream.n_waiting += 1
         try:
+            changed = stream.changed
+            if changed is None:
+                changed = stream.changed = Flag()
             async with asyncio.timeout(timeout_s):
-                await stream.changed.wait()
+                await changed.wait()
         except TimeoutError:
             return
         finally:

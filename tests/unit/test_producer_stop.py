@@ -1,0 +1,166 @@
+"""gateway/streams.py `Producer.stop`: the producer's task is cancelled natively, once,
+only while it produces; `run` takes that cancellation back and ends the answer as asked,
+and any other cancellation goes on (a shutdown's)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from unbroken.client import AsyncStream
+from unbroken.gateway.app import Gateway
+from unbroken.gateway.streams import DONE, Producer, StreamHub
+from unbroken.settings import GatewaySettings, RouteSettings, Settings
+
+
+def _gateway() -> Gateway:
+    settings = Settings(
+        gateway=GatewaySettings(routes=(RouteSettings("a", "http://127.0.0.1:9/v1"),))
+    )
+    return Gateway(settings)
+
+
+async def _producer(hub: StreamHub, stream_id: str) -> Producer:
+    log = hub.log
+    lease = await log.create(
+        stream_id,
+        caller="k",
+        request=b"{}",
+        resumable=False,
+        owner=hub.instance,
+        now=1.0,
+        lease_s=60.0,
+    )
+    return Producer(hub, stream_id, lease.epoch, resumable=False)
+
+
+def _run(body: Callable[[StreamHub], Awaitable[None]]) -> None:
+    async def main() -> None:
+        gateway = _gateway()
+        try:
+            await body(gateway.streams)
+        finally:
+            await gateway.streams.aclose()
+
+    asyncio.run(main())
+
+
+async def _events(hub: StreamHub, stream_id: str) -> list[bytes]:
+    batch = await hub.log.read(stream_id, 0, limit=100, max_bytes=1 << 20)
+    return [payload for _, payload in batch.events]
+
+
+def test_a_stop_while_the_upstream_is_asked_ends_the_log_with_a_stop_finish() -> None:
+    async def body(hub: StreamHub) -> None:
+        asked = asyncio.Event()
+
+        async def open_stream() -> AsyncStream:
+            asked.set()
+            await asyncio.Event().wait()  # an upstream that never answers
+            raise AssertionError("unreachable")
+
+        producer = hub._spawn(await _producer(hub, "strm_" + "1" * 32), open_stream)
+        await asked.wait()
+        producer.stop("stopped")
+        assert producer.task is not None
+        await producer.task
+        assert not producer.task.cancelled()
+        assert producer.task.cancelling() == 0  # taken back: its clean-up ran uncancelled
+        assert producer.finished
+        events = await _events(hub, producer.stream_id)
+        assert b'"finish_reason":"stop"' in events[0]
+        assert events[-1] == DONE
+        assert (await hub.log.info(producer.stream_id)).ended  # type: ignore[union-attr]
+
+    _run(body)
+
+
+def test_a_stop_before_the_task_runs_never_asks_the_upstream() -> None:
+    async def body(hub: StreamHub) -> None:
+        calls: list[int] = []
+
+        async def open_stream() -> AsyncStream:
+            calls.append(1)
+            raise AssertionError("asked")
+
+        producer = hub._spawn(await _producer(hub, "strm_" + "2" * 32), open_stream)
+        producer.stop("stopped")  # the task has not run a step yet
+        assert producer.task is not None
+        await producer.task
+        assert calls == []
+        assert (await _events(hub, producer.stream_id))[-1] == DONE
+
+    _run(body)
+
+
+def test_a_stop_from_the_producers_own_task_lands_at_its_next_await() -> None:
+    async def body(hub: StreamHub) -> None:
+        box: dict[str, Any] = {}
+        reached: list[str] = []
+
+        async def open_stream() -> AsyncStream:
+            box["producer"].stop("abandoned")  # e.g. a callback run by the task itself
+            reached.append("after stop")
+            await asyncio.sleep(5)
+            reached.append("not cancelled")
+            raise AssertionError("unreachable")
+
+        box["producer"] = producer = await _producer(hub, "strm_" + "3" * 32)
+        hub._spawn(producer, open_stream)
+        assert producer.task is not None
+        await asyncio.wait_for(producer.task, 2)
+        assert reached == ["after stop"]
+        assert producer.reason == "abandoned"
+        info = await hub.log.info(producer.stream_id)
+        assert info is not None
+        assert not info.ended  # abandoned: the log stays open for a takeover
+        assert info.lease is not None
+        assert info.lease.expires_at == 0  # and its lease free
+
+    _run(body)
+
+
+def test_another_cancellation_is_not_taken_for_a_stop() -> None:
+    async def body(hub: StreamHub) -> None:
+        asked = asyncio.Event()
+
+        async def open_stream() -> AsyncStream:
+            asked.set()
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        producer = hub._spawn(await _producer(hub, "strm_" + "4" * 32), open_stream)
+        await asked.wait()
+        assert producer.task is not None
+        producer.task.cancel()  # not `stop`: a shutdown cancelling every task
+        with pytest.raises(asyncio.CancelledError):
+            await producer.task
+        assert producer.reason is None
+        assert producer.finished
+        assert await _events(hub, producer.stream_id) == []
+
+    _run(body)
+
+
+def test_a_stop_and_another_cancellation_together_go_on_as_the_other() -> None:
+    async def body(hub: StreamHub) -> None:
+        asked = asyncio.Event()
+
+        async def open_stream() -> AsyncStream:
+            asked.set()
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        producer = hub._spawn(await _producer(hub, "strm_" + "5" * 32), open_stream)
+        await asked.wait()
+        assert producer.task is not None
+        producer.stop("stopped")
+        producer.task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await producer.task
+        assert producer.finished
+
+    _run(body)
