@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from unbroken._flag import Flag
@@ -173,10 +173,17 @@ class StreamLog(Protocol):
 
 @dataclass(slots=True)
 class _Stream:
-    # The fields that change on every append are kept apart from the frozen `base`, so an
-    # append allocates nothing but the list slot; `info` is built when asked for.
-    base: StreamInfo
+    # `StreamInfo`'s fields, kept here (not as a frozen StreamInfo replaced on every lease
+    # renewal: ~130 bytes less per live stream, and no StreamInfo made a renewal);
+    # `info` is built when asked for.
+    id: str
+    caller: str
+    created_at: float
+    resumable: bool
     request: bytes
+    lease: Lease | None
+    stop_requested: bool = False
+    reader_at: float = 0.0
     events: PackedEvents = field(default_factory=PackedEvents)
     n_events: int = 0
     n_bytes: int = 0
@@ -192,13 +199,19 @@ class _Stream:
 
     @property
     def info(self) -> StreamInfo:
-        return replace(
-            self.base,
+        return StreamInfo(
+            id=self.id,
+            caller=self.caller,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
             n_events=self.n_events,
             n_bytes=self.n_bytes,
-            updated_at=self.updated_at,
             ended=self.ended_at is not None,
             ended_at=self.ended_at,
+            lease=self.lease,
+            stop_requested=self.stop_requested,
+            reader_at=self.reader_at,
+            resumable=self.resumable,
         )
 
 
@@ -246,19 +259,9 @@ class MemoryStreamLog:
         if stream_id in self._streams:
             raise StoreError(f"stream {stream_id[:60]!r} exists already")
         lease = Lease(owner, 1, now + lease_s)
-        info = StreamInfo(
-            id=stream_id,
-            caller=caller,
-            created_at=now,
-            updated_at=now,
-            n_events=0,
-            n_bytes=0,
-            ended=False,
-            ended_at=None,
-            lease=lease,
-            resumable=resumable,
+        self._streams[stream_id] = _Stream(
+            stream_id, caller, now, resumable, request, lease, updated_at=now
         )
-        self._streams[stream_id] = _Stream(info, request, updated_at=now)
         return lease
 
     def _evict_for(self, size: int, keep: str) -> bool:
@@ -291,7 +294,7 @@ class MemoryStreamLog:
         stream = self._streams.get(stream_id)
         if stream is None:
             stream = self._get(stream_id)  # raises
-        lease = stream.base.lease
+        lease = stream.lease
         if stream.gone or stream.ended_at is not None or lease is None or lease.epoch != epoch:
             raise FencedError(f"stream {stream_id!r}: epoch {epoch} may not append")
         size = len(payloads[0]) if len(payloads) == 1 else sum(map(len, payloads))
@@ -333,7 +336,7 @@ class MemoryStreamLog:
             stream is None
             or stream.gone
             or stream.ended_at is not None
-            or (lease := stream.base.lease) is None
+            or (lease := stream.lease) is None
             or lease.epoch != epoch
             or stream.n_bytes + size > retention.max_stream_bytes
             or self._total + size > retention.max_total_bytes
@@ -410,9 +413,9 @@ class MemoryStreamLog:
         stream = self._get(stream_id)
         if stream.ended or stream.gone:
             return None
-        lease = acquire_lease(stream.base.lease, owner, now, lease_s)
+        lease = acquire_lease(stream.lease, owner, now, lease_s)
         if lease is not None:
-            stream.base = replace(stream.base, lease=lease)
+            stream.lease = lease
             stream.updated_at = now
         return lease
 
@@ -420,15 +423,21 @@ class MemoryStreamLog:
         self, stream_id: str, owner: str, epoch: int, now: float, lease_s: float
     ) -> StreamInfo | None:
         """See `StreamLog.renew`."""
+        stream = self._renew(stream_id, owner, epoch, now, lease_s)
+        return None if stream is None else stream.info
+
+    def _renew(
+        self, stream_id: str, owner: str, epoch: int, now: float, lease_s: float
+    ) -> _Stream | None:
         stream = self._streams.get(stream_id)
         if stream is None or stream.gone:
             return None
-        lease = renew_lease(stream.base.lease, owner, epoch, now, lease_s)
+        lease = renew_lease(stream.lease, owner, epoch, now, lease_s)
         if lease is None:
             return None
-        stream.base = replace(stream.base, lease=lease)
+        stream.lease = lease
         stream.updated_at = now
-        return stream.info
+        return stream
 
     async def renew_many(
         self, owner: str, leases: Sequence[tuple[str, int]], now: float, lease_s: float
@@ -436,39 +445,39 @@ class MemoryStreamLog:
         """See `StreamLog.renew_many`."""
         out: list[Renewal | StoreError | None] = []
         for stream_id, epoch in leases:
-            info = await self.renew(stream_id, owner, epoch, now, lease_s)
-            out.append(None if info is None else Renewal(info.stop_requested, info.reader_at))
+            stream = self._renew(stream_id, owner, epoch, now, lease_s)
+            out.append(None if stream is None else Renewal(stream.stop_requested, stream.reader_at))
         return out
 
     async def release(self, stream_id: str, owner: str, epoch: int) -> None:
         """See `StreamLog.release`."""
         stream = self._streams.get(stream_id)
         if stream is not None:
-            stream.base = replace(stream.base, lease=release_lease(stream.base.lease, owner, epoch))
+            stream.lease = release_lease(stream.lease, owner, epoch)
 
     async def request_stop(self, stream_id: str) -> None:
         """See `StreamLog.request_stop`."""
         stream = self._get(stream_id)
-        stream.base = replace(stream.base, stop_requested=True)
+        stream.stop_requested = True
 
     async def touch_reader(self, stream_id: str, now: float) -> None:
         """See `StreamLog.touch_reader`."""
         stream = self._streams.get(stream_id)
         if stream is not None:
-            stream.base = replace(stream.base, reader_at=now)
+            stream.reader_at = now
 
     async def orphans(self, now: float, limit: int) -> list[str]:
         """See `StreamLog.orphans`."""
         found = []
         for sid, stream in self._streams.items():
-            info = stream.base  # the lease and the opt-in; `ended` is the stream's own
+            lease = stream.lease
             if (
-                info.resumable
+                stream.resumable
                 and not stream.ended
                 and not stream.gone
-                and info.lease is not None
-                and info.lease.expires_at > 0  # released on purpose: not an orphan
-                and not info.lease.is_live(now)
+                and lease is not None
+                and lease.expires_at > 0  # released on purpose: not an orphan
+                and not lease.is_live(now)
             ):
                 found.append(sid)
                 if len(found) >= limit:
