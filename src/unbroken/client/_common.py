@@ -735,23 +735,26 @@ class AnswerRun(AnswerFlow):
         verdict = attempt.verdict
         if self.first_token_at is None and attempt.first_token_at is not None:
             self.first_token_at = attempt.first_token_at
-        usage = attempt.usage
+        fold = attempt.acc
+        usage = fold.usage
         estimated = False
         if usage is None and status_code == 200:
             # Broken before its usage chunk: the tokens it produced were still billed.
             usage = estimate_usage(
                 self.prompt_estimate,
-                attempt.acc.content(),
-                attempt.acc.reasoning(),
+                fold.content(),
+                fold.reasoning(),
                 max_tokens=max_tokens_of(plan.body),
             )
             estimated = True
         model = str(plan.body.get("model", ""))
         if usage is not None:
             self.billed = add_usage(self.billed, usage)
-            self.cost = self.cost + self.config.prices.cost(model, usage)
+            cost = self.config.prices.cost(model, usage)
+            # (The first attempt's cost is the answer's: no sum with zero made.)
+            self.cost = cost if self.cost is _NO_COST else self.cost + cost
             self.estimated = self.estimated or estimated
-        self._count_own(attempt, plan, verdict)
+        self._count_own(fold, plan, verdict)
         outcome_name = _outcome_name(verdict.state if verdict else None, error)
         if self.infos is _NO_INFOS:
             self.infos = []
@@ -775,7 +778,7 @@ class AnswerRun(AnswerFlow):
                     status_code=status_code,
                     outcome=outcome_name,
                     duration_s=now - attempt.started_at,
-                    n_chunks=attempt.acc.n_chunks,
+                    n_chunks=fold.n_chunks,
                     prompt_tokens=usage.prompt_tokens if usage else 0,
                     completion_tokens=usage.completion_tokens if usage else 0,
                     usage_estimated=estimated,
@@ -800,21 +803,21 @@ class AnswerRun(AnswerFlow):
             unbroken=self._meta(now, last),
         )
 
-    def _count_own(self, attempt: Attempt, plan: AttemptPlan, verdict: StreamEnd | None) -> None:
+    def _count_own(
+        self, fold: ChunkAccumulator, plan: AttemptPlan, verdict: StreamEnd | None
+    ) -> None:
         # The answer's own tokens: the original prompt once, plus what each attempt added
         # to the text shown (reported for a complete attempt, estimated for a broken one).
         if plan.kind == "restart":
             self._own_completion = 0
-        usage = attempt.usage
+        usage = fold.usage
         if plan.continuation is None and usage is not None and self._own_prompt is None:
             self._own_prompt = usage.prompt_tokens
         complete = verdict is not None and verdict.state is EndState.COMPLETE
         if complete and usage is not None:
             self._own_completion += usage.completion_tokens
-        elif attempt.acc.has_output:
-            estimate = estimate_tokens(attempt.acc.content()) + estimate_tokens(
-                attempt.acc.reasoning()
-            )
+        elif fold.has_output:
+            estimate = estimate_tokens(fold.content()) + estimate_tokens(fold.reasoning())
             cap = max_tokens_of(plan.body)
             self._own_completion += estimate if cap is None else min(estimate, cap)
             self._own_estimated = True

@@ -750,6 +750,19 @@ def _plan(
         if model is not None:
             base["model"] = model
 
+    if not answer.has_output:
+        # The plan of most attempts, made directly: `plan` is a closure, kept for the rest.
+        return AttemptPlan(
+            route=route,
+            body=base,
+            kind=kind,
+            number=state.number + 1,
+            reason=state.last_error,
+            waited_s=waited,
+            from_route=from_route,
+            has_fallback=state.has_fallback(),
+        )
+
     def plan(
         payload: dict[str, Any],
         how: AttemptKind,
@@ -770,8 +783,6 @@ def _plan(
             has_fallback=state.has_fallback(),
         )
 
-    if not answer.has_output:
-        return plan(base, kind)
     index = pending[0]
     content = answer.content(index)
     reasoning = answer.reasoning(index)
