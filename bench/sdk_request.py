@@ -19,7 +19,7 @@ on it beside the bare transport on the same peer (`lean`: the POST's parts in, t
 read, the response closed). The SDK's share is the difference.
 
 With --memory N: the Python memory each holds per live stream instead (tracemalloc), N
-streams of a slow answer held open mid-answer, the SDK's with the gateway's payload sink;
+streams of a slow answer held open mid-answer, the SDK's with the gateway's sinks;
 the tasks that drive the SDK's streams are left out (the gateway's producer task exists
 either way), the connection is counted for both.
 """
@@ -211,7 +211,8 @@ async def raw_streams(url: str, n: int) -> tuple[list[Any], Callable[[], int]]:
 
 
 async def sdk_streams(url: str, n: int) -> tuple[list[Any], Callable[[], int]]:
-    """`n` SDK streams as the gateway opens them (payload sink), each driven by a task."""
+    """`n` SDK streams as the gateway opens them (payload and one-chunk sinks), each driven
+    by a task."""
     env = {"DEEPSEEK_API_KEY": "sk-bench", "UNBROKEN_BASE_URL": url}
     client = build_upstream(
         Settings.from_env(env), [PrometheusHook(CollectorRegistry()), BreakerWatch()]
@@ -233,7 +234,11 @@ async def sdk_streams(url: str, n: int) -> tuple[list[Any], Callable[[], int]]:
             got[i] += len(chunks)
             return True
 
-        stream.set_chunk_sink(sink, with_payloads=True)
+        def one_sink(payload: bytes) -> bool:
+            got[i] += 1
+            return True
+
+        stream.set_chunk_sink(sink, with_payloads=True, one=one_sink)
         async for chunk in stream:
             # As the gateway's producer: the chunk not held while the next is awaited.
             del chunk
