@@ -1,12 +1,13 @@
-"""An answer's accounting (`AnswerRun`'s books): shared while nothing is accounted, the
-answer's own once something is - and the shared one never written to."""
+"""An answer's accounting (`AnswerRun`'s books) and its flow's recovery state: shared while
+nothing is accounted or failed, the answer's own once something is - and the shared ones
+never written to."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from unbroken.client._common import _NO_BOOKS, AnswerRun, ClientBase, _Books
-from unbroken.core.flow import Connect, Sleep
+from unbroken.core.flow import _NO_RECOVERY, Connect, Sleep, _Recovery
 from unbroken.core.wire import ChatCompletionChunk, ChunkChoice, Delta, Usage
 from unbroken.errors import UpstreamStatusError
 from unbroken.instrumentation import AnswerRecord, AttemptRecord
@@ -44,9 +45,9 @@ def _chunk(text: str, finish: str | None = None, usage: Usage | None = None) -> 
     )
 
 
-def _pristine() -> dict[str, object]:
-    fresh = _Books()
-    return {name: getattr(fresh, name) for name in _Books.__slots__}
+def _pristine(cls: type[Any]) -> dict[str, object]:
+    fresh = cls()
+    return {name: getattr(fresh, name) for name in cls.__slots__}
 
 
 def _answer(client: ClientBase, hooks: _Seen, *, fail_first: bool) -> AnswerRun:
@@ -81,17 +82,24 @@ def _encode(chunk: ChatCompletionChunk) -> bytes:
     return msgspec.json.encode(chunk)
 
 
-def test_the_shared_books_are_never_written_to() -> None:
-    """Answers that complete, retry (counts, events) and are cancelled each account in books
-    of their own; the shared empty books keep every default (a write to them would show in
-    every later answer)."""
+def test_the_shared_books_and_recovery_are_never_written_to() -> None:
+    """Answers that complete, retry (counts, events, a backoff) and are cancelled each
+    account in books of their own, and a retried one's flow keeps its failure in recovery
+    state of its own; the shared empty ones keep every default (a write to them would show
+    in every later answer)."""
     hooks = _Seen()
     client = ClientBase("sk", "http://127.0.0.1:9", {"hooks": [hooks], "seed": 1})
     plain = _answer(client, hooks, fail_first=False)
     retried = _answer(client, hooks, fail_first=True)
     cancelled = client._new_run("deepseek-chat", MESSAGES, {}, stream=True)
     cancelled.close(2.0)
-    assert {name: getattr(_NO_BOOKS, name) for name in _Books.__slots__} == _pristine()
+    assert {name: getattr(_NO_BOOKS, name) for name in _Books.__slots__} == _pristine(_Books)
+    assert {name: getattr(_NO_RECOVERY, name) for name in _Recovery.__slots__} == _pristine(
+        _Recovery
+    )
+    assert plain.rec is _NO_RECOVERY  # nothing failed: no recovery state of its own
+    assert retried.rec is not _NO_RECOVERY
+    assert (retried.rec.retries, retried.rec.last_error is not None) == (1, True)
     assert len({id(plain._books), id(retried._books), id(cancelled._books), id(_NO_BOOKS)}) == 4
     first, second = plain.completion(3.0), retried.completion(3.0)
     assert first.usage == Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)
