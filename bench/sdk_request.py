@@ -12,8 +12,14 @@ in the same run, two peers sending the same request on the same loop:
 Printed: CPU us per request of each (this process only; medians of --repeat rounds), and
 the SDK's share above the raw client. Run: python bench/sdk_request.py [--requests 2000]
 
+With --inprocess: no sockets and no mock process (a quieter figure on a busy machine): the
+gateway's LeanTransport on connections whose peer is a loop callback answering each request
+with the mock's 5-chunk answer, one event per loop turn, parsed as from a socket; the SDK
+on it beside the bare transport on the same peer (`lean`: the POST's parts in, the body
+read, the response closed). The SDK's share is the difference.
+
 With --memory N: the Python memory each holds per live stream instead (tracemalloc), N
-streams of a slow answer held open mid-answer, the SDK's with the gateway's payload sink;
+streams of a slow answer held open mid-answer, the SDK's with the gateway's sinks;
 the tasks that drive the SDK's streams are left out (the gateway's producer task exists
 either way), the connection is counted for both.
 """
@@ -38,7 +44,7 @@ from prometheus_client import CollectorRegistry
 
 from unbroken.gateway.app import build_upstream
 from unbroken.gateway.serving import BreakerWatch
-from unbroken.gateway.upstream import LeanTransport
+from unbroken.gateway.upstream import LeanTransport, _Connection
 from unbroken.instrumentation import PrometheusHook
 from unbroken.settings import Settings
 
@@ -125,9 +131,15 @@ def lean_client(url: str) -> One:
 
 def sdk_client(url: str) -> One:
     env = {"DEEPSEEK_API_KEY": "sk-bench", "UNBROKEN_BASE_URL": url}
-    client = build_upstream(
-        Settings.from_env(env), [PrometheusHook(CollectorRegistry()), BreakerWatch()]
+    return sdk_on(
+        build_upstream(
+            Settings.from_env(env), [PrometheusHook(CollectorRegistry()), BreakerWatch()]
+        )
     )
+
+
+def sdk_on(client: Any) -> One:
+    """One request as the gateway makes it, on `client` (an upstream AsyncClient)."""
     routes = client.routes
 
     async def one() -> None:
@@ -141,13 +153,23 @@ def sdk_client(url: str) -> One:
             routes=routes,
             budget_key="bench",
         )
-        stream.set_chunk_sink(lambda chunks: True)
-        async for _ in stream:
-            pass
+        # As the gateway's producer: its payload sink and its one-chunk sink, and no chunk
+        # held while the next is awaited.
+        stream.set_chunk_sink(_take, with_payloads=True, one=_take_one)
+        async for chunk in stream:
+            del chunk
         await stream.final()
         await stream.aclose()
 
     return one
+
+
+def _take(chunks: list[Any], payloads: list[bytes] | None) -> bool:
+    return True
+
+
+def _take_one(payload: bytes) -> bool:
+    return True
 
 
 async def cpu_per_request(one: One, requests: int, concurrency: int) -> float:
@@ -189,7 +211,8 @@ async def raw_streams(url: str, n: int) -> tuple[list[Any], Callable[[], int]]:
 
 
 async def sdk_streams(url: str, n: int) -> tuple[list[Any], Callable[[], int]]:
-    """`n` SDK streams as the gateway opens them (payload sink), each driven by a task."""
+    """`n` SDK streams as the gateway opens them (payload and one-chunk sinks), each driven
+    by a task."""
     env = {"DEEPSEEK_API_KEY": "sk-bench", "UNBROKEN_BASE_URL": url}
     client = build_upstream(
         Settings.from_env(env), [PrometheusHook(CollectorRegistry()), BreakerWatch()]
@@ -211,8 +234,14 @@ async def sdk_streams(url: str, n: int) -> tuple[list[Any], Callable[[], int]]:
             got[i] += len(chunks)
             return True
 
-        stream.set_chunk_sink(sink, with_payloads=True)
-        async for _ in stream:
+        def one_sink(payload: bytes) -> bool:
+            got[i] += 1
+            return True
+
+        stream.set_chunk_sink(sink, with_payloads=True, one=one_sink)
+        async for chunk in stream:
+            # As the gateway's producer: the chunk not held while the next is awaited.
+            del chunk
             got[i] += 1
 
     tasks = [asyncio.ensure_future(one(i)) for i in range(n)]
@@ -281,15 +310,131 @@ def memory(n: int) -> None:
     )
 
 
+# The mock's answer to a request, as the in-process peer sends it: the head, then each
+# event in its own chunked frame (one per loop turn), then the end of the body.
+_EVENT = (
+    b'{"id":"8ca01c93-3c49-49d2-9cf0-5d59554728df","object":"chat.completion.chunk",'
+    b'"created":1796457753,"model":"deepseek-chat","system_fingerprint":'
+    b'"fp_5417b77867_prod0820_fp8_kvcache","choices":[{"index":0,"delta":%s,"logprobs":null,'
+    b'"finish_reason":%s}],"usage":%s}'
+)
+_USAGE = (
+    b'{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15,"prompt_tokens_details":'
+    b'{"cached_tokens":0},"prompt_cache_hit_tokens":0,"prompt_cache_miss_tokens":12}'
+)
+_EVENTS = [
+    _EVENT % (b'{"role":"assistant","content":""}', b"null", b"null"),
+    _EVENT % (b'{"content":"Hello"}', b"null", b"null"),
+    _EVENT % (b'{"content":" and"}', b"null", b"null"),
+    _EVENT % (b'{"content":" welcome"}', b"null", b"null"),
+    _EVENT % (b'{"content":""}', b'"stop"', _USAGE),
+    b"[DONE]",
+]
+_PARTS = [
+    b"HTTP/1.1 200 OK\r\ndate: Sat, 05 Dec 2026 08:02:33 GMT\r\nserver: uvicorn\r\n"
+    b"content-type: text/event-stream; charset=utf-8\r\ncache-control: no-cache\r\n"
+    b"x-accel-buffering: no\r\ntransfer-encoding: chunked\r\n\r\n",
+    *(b"%x\r\n%s\r\n" % (len(e) + 8, b"data: " + e + b"\n\n") for e in _EVENTS),
+    b"0\r\n\r\n",
+]
+
+
+class _Peer:
+    """The transport of an in-process connection: each request written is answered with
+    `_PARTS`, fed to the connection's protocol one per loop turn."""
+
+    def __init__(self, conn: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._conn = conn
+        self._loop = loop
+
+    def write(self, data: bytes) -> None:
+        self._feed(0)
+
+    def _feed(self, i: int) -> None:
+        self._conn.data_received(_PARTS[i])
+        if i + 1 < len(_PARTS):
+            self._loop.call_soon(self._feed, i + 1)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def abort(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class _InProcess(LeanTransport):
+    """A LeanTransport whose new connections are `_Peer`s instead of sockets."""
+
+    async def _connect(self, key: Any, timeouts: Any) -> Any:
+        idle = self._idle.get(key)
+        if idle:
+            return idle.pop()
+        loop = asyncio.get_running_loop()
+        self._open += 1
+        conn = _Connection(loop, key, self._high)
+        conn.connection_made(_Peer(conn, loop))  # type: ignore[arg-type]  # a stand-in
+        return conn
+
+
+def in_process(requests: int, repeat: int) -> None:
+    import uvloop
+
+    url = "http://127.0.0.1:9"
+    env = {"DEEPSEEK_API_KEY": "sk-bench", "UNBROKEN_BASE_URL": url}
+    client = build_upstream(
+        Settings.from_env(env),
+        [PrometheusHook(CollectorRegistry()), BreakerWatch()],
+        transport=_InProcess(),
+    )
+    bare = _InProcess()
+    target = httpx.URL(url + "/chat/completions")
+    head = (
+        b"Host: 127.0.0.1:9\r\nContent-Type: application/json\r\nAuthorization: Bearer sk\r\n"
+        b"X-Request-ID: 0123456789abcdef\r\nContent-Length: %d\r\n" % len(BODY)
+    )
+    timeouts: dict[str, float | None] = {"connect": 5.0, "read": None, "write": 5.0, "pool": 5.0}
+
+    async def lean() -> None:
+        response = await bare.unbroken_send_post(target, head, BODY, timeouts)
+        async for _ in response.stream:  # type: ignore[union-attr]  # an async stream
+            pass
+        await response.aclose()
+
+    async def run() -> dict[str, list[float]]:
+        clients = {"sdk": sdk_on(client), "lean": lean}
+        results: dict[str, list[float]] = {name: [] for name in clients}
+        for _ in range(repeat):
+            for name, one in clients.items():
+                results[name].append(await cpu_per_request(one, requests, 1))
+        return results
+
+    results = uvloop.run(run())
+    med = {name: sorted(values)[len(values) // 2] for name, values in results.items()}
+    print(f"CPU us per request in-process (median of {repeat}, {requests} requests each):")
+    for name, value in med.items():
+        print(f"  {name:<5} {value:7.1f}")
+    print(f"  SDK share above the bare transport: {med['sdk'] - med['lean']:.1f} us")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--memory", type=int, default=0, metavar="N", help="see the doc")
+    parser.add_argument("--inprocess", action="store_true", help="see the doc")
     args = parser.parse_args()
     if args.memory:
         memory(args.memory)
+        return
+    if args.inprocess:
+        in_process(args.requests, args.repeat)
         return
     import uvloop
 

@@ -442,6 +442,59 @@ def _texts(body: Mapping[str, Any]) -> list[str]:
     return texts
 
 
+class _Books:
+    """An answer's accounting (billing, attempts, counts, the chunks and events the run
+    made up), apart from the run: a live answer has nothing accounted until its first
+    attempt ends, and until then shares `_NO_BOOKS` (~110 bytes less per live answer than
+    these as slots of the run; bench/sdk_request.py --memory)."""
+
+    __slots__ = (
+        "billed",
+        "cache_status",
+        "chunks",
+        "cost",
+        "counts",
+        "estimated",
+        "events",
+        "first_token_at",
+        "infos",
+        "own_completion",
+        "own_estimated",
+        "own_prompt",
+        "prompt_estimate",
+        "recorded",
+        "token_reserve",
+    )
+
+    def __init__(self) -> None:
+        self.billed: Usage | None = None
+        self.cost = _NO_COST
+        # Some attempt's tokens were estimated.
+        self.estimated = False
+        self.infos: list[AttemptInfo] = _NO_INFOS
+        # Shared until an attempt counts (one dict less per answer).
+        self.counts: Mapping[str, int] = _NO_COUNTS
+        self.first_token_at: float | None = None
+        # Shared empty lists until something is added (`chat.stream`'s events, the chunks
+        # the run makes up itself).
+        self.events: list[ControlEvent] = _NO_EVENTS
+        self.chunks: list[ChatCompletionChunk] = _NO_CHUNKS
+        self.token_reserve = 0
+        self.recorded = False
+        self.prompt_estimate: int | None = None
+        # The answer's own usage (see `AnswerRun._count_own`).
+        self.own_prompt: int | None = None
+        self.own_completion = 0
+        self.own_estimated = False
+        # `hit` or `stale` once the answer is replayed from the answer cache.
+        self.cache_status: str | None = None
+
+
+# The books of every answer with nothing accounted yet: never written to (`AnswerRun._write`
+# makes an answer its own first).
+_NO_BOOKS = _Books()
+
+
 class AnswerRun(AnswerFlow):
     """Bookkeeping around one answer: drives the flow, makes attempts, sums billing, builds
     the control events and the final completion, and feeds the hooks.
@@ -457,25 +510,11 @@ class AnswerRun(AnswerFlow):
     # A gateway keeps one per live answer: no instance dict (~1.5 KB with these attributes).
     __slots__ = (
         "_attempt_plan",
-        "_own_completion",
-        "_own_estimated",
-        "_own_prompt",
-        "_prompt_estimate",
-        "_recorded",
-        "_token_reserve",
-        "billed",
-        "cache_status",
+        "_books",
         "chunk_sink",
-        "chunks",
         "config",
-        "cost",
-        "counts",
         "endpoint",
-        "estimated",
-        "events",
         "extra_headers",
-        "first_token_at",
-        "infos",
         "query",
         "response",
         "started_at",
@@ -538,17 +577,8 @@ class AnswerRun(AnswerFlow):
             now=now,
             options=_flow_options(restart, int(body.get("n", 1)), caller_prefix),
         )
-        self._prompt_estimate: int | None = None
-        self.billed: Usage | None = None
-        self.cost = _NO_COST
-        self.estimated = False
-        self.infos: list[AttemptInfo] = _NO_INFOS
-        # Shared until an attempt counts (one dict less per live answer).
-        self.counts: Mapping[str, int] = _NO_COUNTS
-        self.first_token_at: float | None = None
-        # Shared empty lists until something is added (two lists less per live answer).
-        self.events: list[ControlEvent] = _NO_EVENTS
-        self.chunks: list[ChatCompletionChunk] = _NO_CHUNKS
+        # Its accounting: shared (nothing accounted) until `_write` makes it its own.
+        self._books = _NO_BOOKS
         # The last attempt's HTTP response (`stream.response`, `with_raw_response`).
         self.response: httpx.Response | None = None
         # The caller asked for OpenAI's usage chunk (`stream_options.include_usage`).
@@ -556,15 +586,25 @@ class AnswerRun(AnswerFlow):
         # Takes content chunks as they are decoded, those of one read together
         # (`AsyncStream.set_chunk_sink`).
         self.chunk_sink: Callable[[list[ChatCompletionChunk]], bool] | None = None
-        self._token_reserve = 0
-        self._recorded = False
         self._attempt_plan: AttemptPlan | None = None
-        self._own_prompt: int | None = None
-        self._own_completion = 0
-        self._own_estimated = False
-        # `hit` or `stale` once the answer is replayed from the answer cache.
-        self.cache_status: str | None = None
         config.hooks.stream_start()
+
+    def _write(self) -> _Books:
+        """The answer's books, to write to (its own from now on)."""
+        books = self._books
+        if books is _NO_BOOKS:
+            books = self._books = _Books()
+        return books
+
+    @property
+    def billed(self) -> Usage | None:
+        """The usage billed so far: every attempt's, summed (None before any)."""
+        return self._books.billed
+
+    @property
+    def first_token_at(self) -> float | None:
+        """When the first token was shown (monotonic), once an attempt that had one ended."""
+        return self._books.first_token_at
 
     @property
     def body(self) -> dict[str, Any]:
@@ -586,9 +626,10 @@ class AnswerRun(AnswerFlow):
         """The prompt's estimated tokens, worked out when first needed: an answer that
         reports its usage never needs it, and a long non-ASCII prompt costs ~0.1 us per
         character to estimate."""
-        if self._prompt_estimate is None:
-            self._prompt_estimate = estimate_prompt_tokens(_texts(self.body))
-        return self._prompt_estimate
+        estimate = self._books.prompt_estimate
+        if estimate is None:
+            estimate = self._write().prompt_estimate = estimate_prompt_tokens(_texts(self.body))
+        return estimate
 
     # -- flow ------------------------------------------------------------------------------
 
@@ -615,10 +656,11 @@ class AnswerRun(AnswerFlow):
             self._end_choice(action)
             return self.next_action(None, now)
         if isinstance(action, Sleep):
-            route = self.infos[-1].route if self.infos else ""
+            infos = self._books.infos
+            route = infos[-1].route if infos else ""
             self._event(
                 RetryingEvent(
-                    attempt=len(self.infos),
+                    attempt=len(infos),
                     delay_s=action.seconds,
                     error=action.reason.message,
                     route=route,
@@ -641,9 +683,10 @@ class AnswerRun(AnswerFlow):
             ],
         )
         self.answer.feed(chunk)
-        if self.chunks is _NO_CHUNKS:
-            self.chunks = []
-        self.chunks.append(chunk)
+        books = self._write()
+        if books.chunks is _NO_CHUNKS:
+            books.chunks = []
+        books.chunks.append(chunk)
 
     def final_usage_chunk(self) -> ChatCompletionChunk:
         """OpenAI's last chunk of an `include_usage` stream: no choices, the billed usage."""
@@ -652,18 +695,22 @@ class AnswerRun(AnswerFlow):
             created=self.answer.created,
             model=self.answer.model,
             choices=[],
-            usage=self.billed,
+            usage=self._books.billed,
         )
 
     def take_chunks(self) -> list[ChatCompletionChunk]:
         """Chunks the run made up itself (a `length` finish without a request), to show."""
-        chunks, self.chunks = self.chunks, _NO_CHUNKS
+        books = self._books
+        chunks = books.chunks
+        if chunks is not _NO_CHUNKS:  # (then the books are the answer's own)
+            books.chunks = _NO_CHUNKS
         return chunks
 
     def _count(self, kind: str) -> None:
-        counts = self.counts
+        books = self._write()
+        counts = books.counts
         if not isinstance(counts, dict):
-            counts = self.counts = dict(counts)
+            counts = books.counts = dict(counts)
         counts[kind] += 1
 
     def _announce(self, plan: AttemptPlan) -> None:
@@ -688,24 +735,29 @@ class AnswerRun(AnswerFlow):
 
     def drain_events(self) -> list[ControlEvent]:
         """Control events since the last call (for `chat.stream`)."""
-        events, self.events = self.events, _NO_EVENTS
+        books = self._books
+        events = books.events
+        if events is not _NO_EVENTS:  # (then the books are the answer's own)
+            books.events = _NO_EVENTS
         return events
 
     def _event(self, event: ControlEvent) -> None:
-        if self.events is _NO_EVENTS:
-            self.events = []
-        self.events.append(event)
+        books = self._write()
+        if books.events is _NO_EVENTS:
+            books.events = []
+        books.events.append(event)
 
     # -- attempts --------------------------------------------------------------------------
 
     def reserve_tokens(self) -> int:
         """Tokens to take from a tokens-per-minute limit before the first attempt."""
-        if self._token_reserve:
+        if self._books.token_reserve:
             return 0
         max_tokens = self.body.get("max_tokens") or self.body.get("max_completion_tokens")
         completion = max_tokens if isinstance(max_tokens, int) else DEFAULT_COMPLETION_ESTIMATE
-        self._token_reserve = self.prompt_estimate + completion
-        return self._token_reserve
+        reserve = self.prompt_estimate + completion
+        self._write().token_reserve = reserve
+        return reserve
 
     def new_attempt(self, plan: AttemptPlan, now: float) -> Attempt:
         """The Attempt object for a Connect plan."""
@@ -716,7 +768,7 @@ class AnswerRun(AnswerFlow):
             now=now,
             timeouts=self.timeouts,
             deadline_at=self.deadline_at,
-            prior_usage=self.billed,
+            prior_usage=self._books.billed,
             hold_tool_calls=self.config.hold_tool_calls,
             max_event_bytes=self.config.max_event_bytes,
             text_completions=self.endpoint == "fim",
@@ -733,29 +785,33 @@ class AnswerRun(AnswerFlow):
         """Account for a finished attempt and build its outcome for the flow."""
         plan = attempt.plan
         verdict = attempt.verdict
-        if self.first_token_at is None and attempt.first_token_at is not None:
-            self.first_token_at = attempt.first_token_at
-        usage = attempt.usage
+        books = self._write()
+        if books.first_token_at is None and attempt.first_token_at is not None:
+            books.first_token_at = attempt.first_token_at
+        fold = attempt.acc
+        usage = fold.usage
         estimated = False
         if usage is None and status_code == 200:
             # Broken before its usage chunk: the tokens it produced were still billed.
             usage = estimate_usage(
                 self.prompt_estimate,
-                attempt.acc.content(),
-                attempt.acc.reasoning(),
+                fold.content(),
+                fold.reasoning(),
                 max_tokens=max_tokens_of(plan.body),
             )
             estimated = True
         model = str(plan.body.get("model", ""))
         if usage is not None:
-            self.billed = add_usage(self.billed, usage)
-            self.cost = self.cost + self.config.prices.cost(model, usage)
-            self.estimated = self.estimated or estimated
-        self._count_own(attempt, plan, verdict)
+            books.billed = add_usage(books.billed, usage)
+            cost = self.config.prices.cost(model, usage)
+            # (The first attempt's cost is the answer's: no sum with zero made.)
+            books.cost = cost if books.cost is _NO_COST else books.cost + cost
+            books.estimated = books.estimated or estimated
+        self._count_own(books, fold, plan, verdict)
         outcome_name = _outcome_name(verdict.state if verdict else None, error)
-        if self.infos is _NO_INFOS:
-            self.infos = []
-        self.infos.append(
+        if books.infos is _NO_INFOS:
+            books.infos = []
+        books.infos.append(
             AttemptInfo(
                 route=plan.route.name,
                 model=model,
@@ -775,7 +831,7 @@ class AnswerRun(AnswerFlow):
                     status_code=status_code,
                     outcome=outcome_name,
                     duration_s=now - attempt.started_at,
-                    n_chunks=attempt.acc.n_chunks,
+                    n_chunks=fold.n_chunks,
                     prompt_tokens=usage.prompt_tokens if usage else 0,
                     completion_tokens=usage.completion_tokens if usage else 0,
                     usage_estimated=estimated,
@@ -788,7 +844,8 @@ class AnswerRun(AnswerFlow):
     def completion(self, now: float) -> Answer:
         """The answer so far (or whole), with billed usage and the `unbroken` meta."""
         folded = self.answer.completion()
-        last = self.infos[-1] if self.infos else None
+        books = self._books
+        last = books.infos[-1] if books.infos else None
         return Answer(
             id=folded.id,
             object=folded.object,
@@ -796,62 +853,68 @@ class AnswerRun(AnswerFlow):
             model=folded.model or (last.model if last is not None else ""),
             system_fingerprint=folded.system_fingerprint,
             choices=folded.choices,
-            usage=self.billed,
+            usage=books.billed,
             unbroken=self._meta(now, last),
         )
 
-    def _count_own(self, attempt: Attempt, plan: AttemptPlan, verdict: StreamEnd | None) -> None:
+    @staticmethod
+    def _count_own(
+        books: _Books, fold: ChunkAccumulator, plan: AttemptPlan, verdict: StreamEnd | None
+    ) -> None:
         # The answer's own tokens: the original prompt once, plus what each attempt added
         # to the text shown (reported for a complete attempt, estimated for a broken one).
         if plan.kind == "restart":
-            self._own_completion = 0
-        usage = attempt.usage
-        if plan.continuation is None and usage is not None and self._own_prompt is None:
-            self._own_prompt = usage.prompt_tokens
+            books.own_completion = 0
+        usage = fold.usage
+        if plan.continuation is None and usage is not None and books.own_prompt is None:
+            books.own_prompt = usage.prompt_tokens
         complete = verdict is not None and verdict.state is EndState.COMPLETE
         if complete and usage is not None:
-            self._own_completion += usage.completion_tokens
-        elif attempt.acc.has_output:
-            estimate = estimate_tokens(attempt.acc.content()) + estimate_tokens(
-                attempt.acc.reasoning()
-            )
+            books.own_completion += usage.completion_tokens
+        elif fold.has_output:
+            estimate = estimate_tokens(fold.content()) + estimate_tokens(fold.reasoning())
             cap = max_tokens_of(plan.body)
-            self._own_completion += estimate if cap is None else min(estimate, cap)
-            self._own_estimated = True
+            books.own_completion += estimate if cap is None else min(estimate, cap)
+            books.own_estimated = True
 
     def _answer_usage(self) -> Usage:
-        prompt = self._own_prompt if self._own_prompt is not None else self.prompt_estimate
+        books = self._books
+        prompt = books.own_prompt if books.own_prompt is not None else self.prompt_estimate
         return Usage(
             prompt_tokens=prompt,
-            completion_tokens=self._own_completion,
-            total_tokens=prompt + self._own_completion,
+            completion_tokens=books.own_completion,
+            total_tokens=prompt + books.own_completion,
         )
 
     def _meta(self, now: float, last: AttemptInfo | None) -> AnswerMeta:
+        answer_usage = self._answer_usage()  # (first: it may write the prompt's estimate)
+        books = self._books
+        counts = books.counts
         return AnswerMeta(
             route=last.route if last else "",
             model=last.model if last else "",
-            attempts=list(self.infos),
-            retries=self.counts["retry"],
-            resumes=self.counts["resume"],
-            fallbacks=self.counts["fallback"],
-            restarts=self.counts["restart"],
-            cost_usd=self.cost.total_usd,
-            cost_known=self.cost.known,
-            usage_estimated=self.estimated,
-            answer_usage=self._answer_usage(),
-            answer_usage_estimated=self._own_estimated or self._own_prompt is None,
-            ttft_s=None if self.first_token_at is None else self.first_token_at - self.started_at,
+            attempts=list(books.infos),
+            retries=counts["retry"],
+            resumes=counts["resume"],
+            fallbacks=counts["fallback"],
+            restarts=counts["restart"],
+            cost_usd=books.cost.total_usd,
+            cost_known=books.cost.known,
+            usage_estimated=books.estimated,
+            answer_usage=answer_usage,
+            answer_usage_estimated=books.own_estimated or books.own_prompt is None,
+            ttft_s=None if books.first_token_at is None else books.first_token_at - self.started_at,
             duration_s=now - self.started_at,
-            cache=self.cache_status,
+            cache=books.cache_status,
         )
 
     def from_cache(self, status: str, now: float) -> None:
         """The answer is replayed from the answer cache (`hit` or `stale`): nothing more is
         billed for it, and it is recorded once, as `cache_hit` or `cache_stale`."""
-        self.cache_status = status
-        if self.billed is None:
-            self.billed = Usage()
+        books = self._write()
+        books.cache_status = status
+        if books.billed is None:
+            books.billed = Usage()
         # No HTTP response carries a cached answer: this one stands for it, marked as the
         # gateway marks its replays (`stream.response`, `with_raw_response`).
         self.response = httpx.Response(200, headers={"x-unbroken-cache": status})
@@ -860,25 +923,27 @@ class AnswerRun(AnswerFlow):
     def close(self, now: float) -> None:
         """The consumer stopped the answer (closed the stream, cancelled its task): record
         it as cancelled, once, so the active-streams gauge and the limits stay right."""
-        if not self._recorded:
+        if not self._books.recorded:
             self._record_answer(now, None, outcome="cancelled")
 
     def _record_answer(
         self, now: float, error: UnbrokenError | None, outcome: str | None = None
     ) -> None:
-        if self._recorded:
+        if self._books.recorded:
             return
-        self._recorded = True
+        books = self._write()
+        books.recorded = True
         limiter = self.config.limiter
-        if self._token_reserve and self.billed is not None:
-            limiter.correct(now, self._token_reserve, self.billed.total_tokens)
+        if books.token_reserve and books.billed is not None:
+            limiter.correct(now, books.token_reserve, books.billed.total_tokens)
         if not self.config.hooks:
             return
-        last = self.infos[-1] if self.infos else None
+        infos = books.infos
+        last = infos[-1] if infos else None
         plan = self._attempt_plan
         route = last.route if last else plan.route.name if plan else ""
         model = last.model if last else str(plan.body.get("model", "")) if plan else ""
-        billed = self.billed or Usage()
+        billed = books.billed or Usage()
         kind = outcome or "complete"
         if error is not None:
             kind = _error_outcome(error)
@@ -887,16 +952,16 @@ class AnswerRun(AnswerFlow):
                 route=route,
                 model=model,
                 outcome=kind,
-                attempts=len(self.infos),
-                resumes=self.counts["resume"],
-                fallbacks=self.counts["fallback"],
+                attempts=len(infos),
+                resumes=books.counts["resume"],
+                fallbacks=books.counts["fallback"],
                 ttft_s=None
-                if self.first_token_at is None
-                else self.first_token_at - self.started_at,
+                if books.first_token_at is None
+                else books.first_token_at - self.started_at,
                 duration_s=now - self.started_at,
                 prompt_tokens=billed.prompt_tokens,
                 completion_tokens=billed.completion_tokens,
-                cost_usd=self.cost.total_usd,
+                cost_usd=books.cost.total_usd,
             )
         )
 

@@ -172,18 +172,10 @@ class Engine:
         """The next item. With `lane_exit`, `_AT_LANE` instead of waiting on the fast lane
         (for `_LaneWait`, which waits itself)."""
         while True:
-            out = self._out
-            if out:
-                item = out.pop()
-                if not out:  # not held empty while the answer streams on (56 bytes)
-                    self._out = _NOTHING
-                stream = self._stream
-                if stream is None or item.usage is None:
+            if self._out:
+                item = self._due()
+                if item is not _NONE:
                     return item  # type: ignore[no-any-return]  # from a list of items
-                item = stream.shown(item)
-                if item is not None:
-                    return item
-                continue
             phase = self._phase
             if phase == _DONE:
                 if self._stream is not None:
@@ -219,6 +211,22 @@ class Engine:
             except BaseException:
                 await self._abandon()
                 raise
+
+    def _due(self) -> Any:
+        """The next of the items due (`_out`), as the stream shows it; `_NONE` when it
+        shows none of them (`_out` is then empty)."""
+        out = self._out
+        while out:
+            item = out.pop()
+            if not out:  # not held empty while the answer streams on (56 bytes)
+                self._out = _NOTHING
+            stream = self._stream
+            if stream is None or item.usage is None:
+                return item
+            item = stream.shown(item)
+            if item is not None:
+                return item
+        return _NONE
 
     async def _failed(self, exc: BaseException) -> StreamItem:
         """What `_next` does when a step raises `exc` (for `_LaneWait`)."""
@@ -483,6 +491,8 @@ class Engine:
 
 # What `Engine._next(lane_exit=True)` returns when the answer reached its fast lane.
 _AT_LANE: Any = object()
+# What `Engine._due` returns when no item is due.
+_NONE: Any = object()
 
 
 class _LaneWait(Coroutine[Any, Any, "StreamItem"]):
@@ -517,19 +527,35 @@ class _LaneWait(Coroutine[Any, Any, "StreamItem"]):
             return self._pass(inner.send, value)
         engine = self._engine
         waiter = self._waiter
-        # (What goes on in a coroutine is started after the `try`: its StopIteration is
-        # the item, not an error of this step.)
-        then: Coroutine[Any, Any, StreamItem] | None = None
-        try:
-            if waiter is not None:
+        if waiter is not None:
+            try:
                 waiter.result()  # woken: raises if the future was cancelled
                 self._waiter = None
                 lane = self._lane
                 assert lane is not None  # noqa: S101 - set with the waiter
                 lane.untap()
                 engine._took(lane)
+            except BaseException as exc:
+                self._untap()
+                return self._delegate(engine._failed(exc))
+        # What `_next` gives before any step, given here without a coroutine of the
+        # engine's (items due, such as a usage chunk the lane took, and the end; ~1 us each,
+        # a few per answer): outside the `try`, as there.
+        if engine._out:
+            item = engine._due()
+            if item is not _NONE:
+                raise StopIteration(item)
+        if engine._phase == _DONE:
+            stream = engine._stream
+            if stream is None:
+                raise StopAsyncIteration
+            raise StopIteration(stream.ended())
+        # (What goes on in a coroutine is started after the `try`: its StopIteration is
+        # the item, not an error of this step.)
+        then: Coroutine[Any, Any, StreamItem] | None = None
+        try:
             lane = engine._lane
-            if engine._out or engine._phase != _LANE or lane is None:
+            if engine._phase != _LANE or lane is None:
                 waiter = None
                 then = engine._next(lane_exit=True)
             else:

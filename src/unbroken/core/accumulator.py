@@ -492,6 +492,9 @@ class ChunkAccumulator:
     @property
     def has_output(self) -> bool:
         """True once any choice received non-empty text, reasoning or a tool-call fragment."""
+        if self._more is None:  # one choice or none: no list of the states (asked per attempt)
+            first = self._first
+            return first is not None and bool(first.tools or first.content or first.reasoning)
         return any(state.tools or state.content or state.reasoning for state in self._states())
 
     def completion(self) -> ChatCompletion:

@@ -180,22 +180,27 @@ class Attempt:
         # The upstream's own JSON of the chunks the last `feed` returned, when it is theirs
         # byte for byte: one chunk, its read's only event, unchanged here (see `feed`).
         self.payloads: list[bytes] | None = None
-        target = 0 if plan.choice_index is None else plan.choice_index
         continuation = plan.continuation
-        seam = _Seam(
-            answer.id or None,
-            answer.created,
-            plan.choice_index if plan.choice_index else None,
-            answer.role(target) is not None,
-            continuation is not None and continuation.hide_reasoning,
-            OverlapTrimmer(answer.content(target))
-            if continuation is not None and continuation.trim_overlap
-            else None,
-            prior_usage,
-        )
         # What a continuation rewrites at its seam; None when nothing (the first attempt of
         # an answer: no object held for it, ~50 bytes per live answer).
-        self._seam = seam if seam.rewrites() else None
+        self._seam: _Seam | None = None
+        continues = continuation is not None or prior_usage is not None
+        if continues or answer.n_chunks or plan.choice_index:
+            # (Not made for the first attempt of an answer, which has nothing to rewrite:
+            # no id, role or text shown before it, no earlier usage; ~1 us a request.)
+            target = 0 if plan.choice_index is None else plan.choice_index
+            seam = _Seam(
+                answer.id or None,
+                answer.created,
+                plan.choice_index if plan.choice_index else None,
+                answer.role(target) is not None,
+                continuation is not None and continuation.hide_reasoning,
+                OverlapTrimmer(answer.content(target))
+                if continuation is not None and continuation.trim_overlap
+                else None,
+                prior_usage,
+            )
+            self._seam = seam if seam.rewrites() else None
         self._kept = True
         # Chunks can leave as they came (`relay_one`): nothing is rewritten at a seam and no
         # JSON-mode blank answer must be watched for.

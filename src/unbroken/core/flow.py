@@ -198,6 +198,51 @@ class _Next:
     charge: bool = False
 
 
+class _Recovery:
+    """What an answer's flow keeps about its failures and the waits and continuations they
+    caused (see `_Flow.rec`)."""
+
+    __slots__ = (
+        "budget_route",
+        "budget_wait_s",
+        "failure",
+        "first_error",
+        "from_route",
+        "last_error",
+        "resumes",
+        "retries",
+        "same_route",
+        "step",
+        "trimmed",
+        "wait",
+        "waited",
+    )
+
+    def __init__(self) -> None:
+        self.resumes = 0
+        self.retries = 0  # backoff sleeps (the n of the delay formula)
+        self.same_route = 0  # retries on the current route since it was chosen
+        self.first_error: UnbrokenError | None = None
+        self.last_error: UnbrokenError | None = None
+        self.budget_wait_s = 0.0
+        self.budget_route = ""
+        # Choices whose shown text went through the overlap trimmer: their deltas no
+        # longer count tokens, so their remaining max_tokens is estimated from the text.
+        # A tuple: rarely more than empty, and an empty set is 216 bytes per live answer.
+        self.trimmed: tuple[int, ...] = ()
+        # The last failure's decision and the waits before the next attempt.
+        self.step: _Next | None = None
+        self.failure: UnbrokenError | None = None
+        self.wait = 0.0  # the retry budget's pacing wait being slept
+        self.waited = 0.0  # the backoff slept before the next attempt
+        self.from_route: str | None = None  # the route the next attempt falls back from
+
+
+# The recovery state of every flow that has had no failure: never written to (`_Flow.recovery`
+# makes a flow its own first).
+_NO_RECOVERY = _Recovery()
+
+
 class _Flow:
     """The state of one answer's flow and one decision method per failure class (see
     `answer_flow`). Every `_on_*` method returns the next step or raises the final error."""
@@ -205,23 +250,16 @@ class _Flow:
     # A gateway holds one per live answer: no instance dict.
     __slots__ = (
         "answer",
-        "budget_route",
-        "budget_wait_s",
         "budgets",
         "deadline",
-        "first_error",
         "health",
-        "last_error",
         "now",
         "number",
         "policy",
-        "resumes",
-        "retries",
+        "rec",
         "rng",
         "route_index",
         "routes",
-        "same_route",
-        "trimmed",
     )
 
     def __init__(
@@ -244,19 +282,18 @@ class _Flow:
         self.deadline = None if policy.deadline_s is None else now + policy.deadline_s
         self.route_index = 0
         self.number = 0  # attempts made
-        self.resumes = 0
-        self.retries = 0  # backoff sleeps (the n of the delay formula)
-        self.same_route = 0  # retries on the current route since it was chosen
-        self.first_error: UnbrokenError | None = None
-        self.last_error: UnbrokenError | None = None
-        self.budget_wait_s = 0.0
-        self.budget_route = ""
-        # Choices whose shown text went through the overlap trimmer: their deltas no
-        # longer count tokens, so their remaining max_tokens is estimated from the text.
-        # A tuple: rarely more than empty, and an empty set is 216 bytes per live answer.
-        self.trimmed: tuple[int, ...] = ()
+        # Shared (nothing failed) until `recovery` makes it the flow's own: most answers
+        # never fail, and these were 13 slots of every live answer (~100 bytes).
+        self.rec = _NO_RECOVERY
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def recovery(self) -> _Recovery:
+        """The recovery state, to write to (the flow's own from now on)."""
+        rec = self.rec
+        if rec is _NO_RECOVERY:
+            rec = self.rec = _Recovery()
+        return rec
 
     @property
     def route(self) -> Route:
@@ -264,7 +301,7 @@ class _Flow:
 
     def cause(self, failure: UnbrokenError) -> UnbrokenError:
         """The error to report: the first one that broke a shown answer, if any."""
-        return self.first_error or failure
+        return self.rec.first_error or failure
 
     def give_up(self, error: UnbrokenError, why: str | None) -> NoReturn:
         """Raise the error that ends the answer, with the partial answer attached: the error
@@ -273,10 +310,11 @@ class _Flow:
         says the budget played a part."""
         partial = self.answer.completion() if self.answer.has_output else None
         budget = ""
-        if self.budget_wait_s > 0:
+        rec = self.rec
+        if rec.budget_wait_s > 0:
             budget = (
-                f" (after waiting {self.budget_wait_s:.1f} s for the retry budget of route "
-                f"{self.budget_route!r})"
+                f" (after waiting {rec.budget_wait_s:.1f} s for the retry budget of route "
+                f"{rec.budget_route!r})"
             )
         if why is None or self.number <= 1:
             error.partial = partial
@@ -306,7 +344,7 @@ class _Flow:
     def fall_back(self, failure: UnbrokenError, *, context: bool = False) -> _Next:
         nxt = self.next_route(failure if context else None)
         if nxt is None:
-            self.give_up(failure if self.first_error is None else self.cause(failure), None)
+            self.give_up(failure if self.rec.first_error is None else self.cause(failure), None)
         return _Next(nxt, "fallback")
 
     def has_fallback(self) -> bool:
@@ -392,8 +430,9 @@ class _Flow:
         shown = self.answer.has_output
         if self.number >= self.policy.attempts:
             self.give_up(self.cause(failure), f"gave up after {self.number} attempts")
-        if shown and self.resumes >= self.policy.max_resumes:
-            self.give_up(self.cause(failure), f"gave up after {self.resumes} continuations")
+        resumes = self.rec.resumes
+        if shown and resumes >= self.policy.max_resumes:
+            self.give_up(self.cause(failure), f"gave up after {resumes} continuations")
         if self.has_fallback() and (
             _is_silent(failure)
             or not health.breaker.allow(self.now)
@@ -411,7 +450,7 @@ class _Flow:
             if nxt is None:
                 self.give_up(self.cause(failure), "the server asked to retry too late")
             return _Next(nxt, "fallback")
-        delay = self.policy.delay(self.retries + 1, self.rng)
+        delay = self.policy.delay(self.rec.retries + 1, self.rng)
         if kind is Failure.RATE_LIMITED:
             delay += self.policy.rate_limit_wait_s
         return self.same_route_retry(failure, delay, "backoff")
@@ -420,9 +459,9 @@ class _Flow:
         if isinstance(failure, UpstreamError) and failure.retry_after_s is not None:
             return False  # a server that says when to come back is waited for (as asked)
         if kind is Failure.RATE_LIMITED:
-            return self.same_route >= self.policy.rate_limit_retries
+            return self.rec.same_route >= self.policy.rate_limit_retries
         if kind is Failure.SERVER:
-            return self.same_route >= self.policy.server_error_retries
+            return self.rec.same_route >= self.policy.server_error_retries
         return False
 
 
@@ -530,16 +569,11 @@ class AnswerFlow(_Flow):
 
     __slots__ = (
         "_body",
-        "_failure",
-        "_from_route",
         "_kind",
         "_opts",
         "_pending",
         "_plan",
         "_stage",
-        "_step",
-        "_wait",
-        "_waited",
         "result",
     )
 
@@ -567,15 +601,10 @@ class AnswerFlow(_Flow):
         self._body = body
         self._opts = opts
         self._kind: AttemptKind = "first"
-        self._waited = 0.0
-        self._from_route: str | None = None
         n = max(1, opts.n_choices)
         self._pending: tuple[int, ...] = _ONE_CHOICE if n == 1 else tuple(range(n))
         self._stage = _START
         self._plan: AttemptPlan | None = None
-        self._step: _Next | None = None
-        self._failure: UnbrokenError | None = None
-        self._wait = 0.0
         self.result: AttemptPlan | None = None
 
     def send(self, value: AttemptOutcome | None) -> Action | None:
@@ -590,18 +619,19 @@ class AnswerFlow(_Flow):
             )
             return None
         if stage == _SLEPT:
-            step = self._step
+            step = self.rec.step
             assert step is not None  # noqa: S101 - set with the stage
             self.now += step.delay
             return self._charge(step)
         if stage == _PACED:
-            self.now += self._wait
+            self.now += self.rec.wait
             return self._paced()
         return self._top()
 
     def _top(self) -> Action:
         """The next attempt (or the end of a choice that needs none)."""
         route = self.route
+        rec = self.rec
         plan = _plan(
             self._body,
             route,
@@ -611,8 +641,8 @@ class AnswerFlow(_Flow):
             self._pending,
             self,
             self._kind,
-            self._waited,
-            self._from_route,
+            rec.waited,
+            rec.from_route,
         )
         if plan is None:
             # max_tokens was used up by what was already shown: that choice ends in "length".
@@ -653,41 +683,44 @@ class AnswerFlow(_Flow):
                     f"choice {pending[0]} is still unfinished after {self.number} attempts"
                 )
                 self.give_up(error, f"gave up after {self.number} attempts")
-            self._kind, self._waited, self._from_route = "resume", 0.0, None
-            self.same_route = 0
+            self._kind = "resume"
+            rec = self.recovery()
+            rec.waited, rec.from_route, rec.same_route = 0.0, None, 0
             return self._top()
 
-        if self.first_error is None and answer.has_output:
-            self.first_error = failure
-        self.last_error = failure
+        rec = self.recovery()
+        if rec.first_error is None and answer.has_output:
+            rec.first_error = failure
+        rec.last_error = failure
         step = self.decide(plan, failure)
         if plan.choice_index is None:
             self._pending = (
                 tuple(i for i in self._pending if answer.finish_reason(i) is None) or self._pending
             )
-        self._from_route = route.name if step.route_index != self.route_index else None
-        if self._from_route is not None:
-            self.route_index, self.same_route = step.route_index, 0
-        self._waited = step.delay
-        self._step = step
-        self._failure = failure
+        rec.from_route = route.name if step.route_index != self.route_index else None
+        if rec.from_route is not None:
+            self.route_index, rec.same_route = step.route_index, 0
+        rec.waited = step.delay
+        rec.step = step
+        rec.failure = failure
         if step.delay > 0:
-            self.retries += 1
+            rec.retries += 1
             self._stage = _SLEPT
             return Sleep(step.delay, failure, step.why)
         return self._charge(step)
 
     def _charge(self, step: _Next) -> Action:
         if step.charge:
-            self.same_route += 1
+            self.recovery().same_route += 1
             return self._paced()
         return self._next(step)
 
     def _paced(self) -> Action:
         """Take a retry-budget token of the current route, pacing (sleeping with jitter)
         while it is spent; an answer is failed by the budget only at its deadline."""
-        failure = self._failure
-        step = self._step
+        rec = self.recovery()
+        failure = rec.failure
+        step = rec.step
         assert failure is not None  # noqa: S101 - set with the step
         assert step is not None  # noqa: S101 - set before it is charged
         route = self.route
@@ -695,22 +728,22 @@ class AnswerFlow(_Flow):
         if wait <= 0:
             return self._next(step)
         if self.deadline is not None and self.now + wait >= self.deadline:
-            self.budget_route = route.name
+            rec.budget_route = route.name
             self.give_up(
                 self.cause(failure),
                 f"the retry budget of route {route.name!r} is spent (too many recent "
                 "retries) and the deadline leaves no time to wait for it",
             )
-        self.budget_wait_s += wait
-        self.budget_route = route.name
-        self._wait = wait
+        rec.budget_wait_s += wait
+        rec.budget_route = route.name
+        rec.wait = wait
         self._stage = _PACED
         return Sleep(wait, failure, "budget")
 
     def _next(self, step: _Next) -> Action:
         kind = step.kind
         if self.answer.has_output and kind in ("retry", "fallback"):
-            self.resumes += 1
+            self.recovery().resumes += 1
             kind = "resume" if kind == "retry" else kind
         self._kind = kind
         return self._top()
@@ -750,6 +783,19 @@ def _plan(
         if model is not None:
             base["model"] = model
 
+    if not answer.has_output:
+        # The plan of most attempts, made directly: `plan` is a closure, kept for the rest.
+        return AttemptPlan(
+            route=route,
+            body=base,
+            kind=kind,
+            number=state.number + 1,
+            reason=state.rec.last_error,
+            waited_s=waited,
+            from_route=from_route,
+            has_fallback=state.has_fallback(),
+        )
+
     def plan(
         payload: dict[str, Any],
         how: AttemptKind,
@@ -764,14 +810,12 @@ def _plan(
             number=state.number + 1,
             choice_index=index,
             continuation=continuation,
-            reason=state.last_error,
+            reason=state.rec.last_error,
             waited_s=waited,
             from_route=from_route,
             has_fallback=state.has_fallback(),
         )
 
-    if not answer.has_output:
-        return plan(base, kind)
     index = pending[0]
     content = answer.content(index)
     reasoning = answer.reasoning(index)
@@ -783,7 +827,7 @@ def _plan(
     # The upstream counts what it generated, one token per streamed delta; a text
     # estimate is ~20% off either way, so a resumed answer would end short of max_tokens
     # or past it. Text passed through the overlap trimmer lost that one-to-one shape.
-    spent = None if index in state.trimmed else answer.n_text_deltas(index)
+    spent = None if index in state.rec.trimmed else answer.n_text_deltas(index)
     continuation = plan_continuation(
         single,
         dialect=route_health.dialect(route),
@@ -794,17 +838,18 @@ def _plan(
     )
     if continuation is None:
         if not opts.restart:
-            error = state.first_error or state.last_error
+            error = state.rec.first_error or state.rec.last_error
             raise UpstreamError(
                 f"route {route.name!r} cannot continue a broken answer (dialect 'none') and "
                 f"restart is off; the answer broke with: {error.message if error else '?'}",
                 partial=answer.completion(),
             )
         # A restart shows the choice afresh, token by token.
-        state.trimmed = tuple(i for i in state.trimmed if i != index)
+        rec = state.recovery()
+        rec.trimmed = tuple(i for i in rec.trimmed if i != index)
         return plan(single, "restart", index)
     if continuation.max_tokens_spent:
         return None
-    if continuation.trim_overlap and index not in state.trimmed:
-        state.trimmed += (index,)
+    if continuation.trim_overlap and index not in state.rec.trimmed:
+        state.recovery().trimmed += (index,)
     return plan(continuation.body, kind, index, continuation)

@@ -278,6 +278,9 @@ class ChatStreamDecoder:
             # does (msgspec checks UTF-8 only in the fields it reads).
             if payload is not None:
                 self._clean = True
+                if payload == b"[DONE]":  # every stream's end: not parsed a second time
+                    self.done = True
+                    return []
             if (
                 payload is not None
                 and payload.startswith(b"{")
