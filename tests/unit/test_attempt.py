@@ -820,6 +820,7 @@ def test_relay_one_folds_a_reasoners_stream_like_feed() -> None:
         chunks = fed.feed(read, 1.0 + i)
         if isinstance(got, bytes):
             n_text += bool(template) and read.startswith(template)
+            assert relayed.decoder.raw is None  # handed on: not held until the next read
             assert payloads(fed) == [got]
             assert [msgspec.json.decode(got, type=ChatCompletionChunk)] == chunks
         else:

@@ -326,7 +326,8 @@ class Attempt:
         its upstream bytes are returned instead of a list (one call, no list per chunk);
         None, nothing consumed, when the read is several whole events that could be so
         (`several_events`): relay each of `split_events(data)` in turn instead; otherwise
-        what `feed` returns, with `payloads` set as `feed` sets it."""
+        what `feed` returns, with `payloads` set as `feed` sets it. Bytes returned are no
+        longer the decoder's `raw` (None): the caller holds the only reference."""
         decoder = self.decoder
         got = decoder.feed_one(data) if self._plain else None
         if got is None:
@@ -345,6 +346,9 @@ class Attempt:
                 if self._acc is not None:
                     self._acc.feed_text(decoder.text_index, got, decoder.text_reasoning)
                 self._answer.feed_text(decoder.text_index, got, decoder.text_reasoning)
+                # Handed on: the decoder need not hold the event's bytes until the next
+                # read (~290 bytes per held stream; bench/stream_memory.py).
+                decoder.raw = None
                 return raw
             got = decoder.text_chunk()  # it releases held tool calls: `_deliver` does
         chunk = cast(ChatCompletionChunk, got)
@@ -362,6 +366,7 @@ class Attempt:
                 if self._acc is not None:
                     self._acc.feed(chunk)
                 self._answer.feed(chunk)
+                decoder.raw = None  # handed on (as above)
                 return raw
         return self._out([chunk], now)
 

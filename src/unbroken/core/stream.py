@@ -140,7 +140,8 @@ class ChatStreamDecoder:
         # A FIM chunk is reshaped into a chat chunk: its bytes are not the chunk's.
         self._raw_ok = not text_completions
         # The upstream's own JSON of the one chunk the last `feed` returned, when it came
-        # as the only event of its read (valid UTF-8); else None.
+        # as the only event of its read (valid UTF-8); else None (also once
+        # `Attempt.relay_one` handed them on).
         self.raw: bytes | None = None
         # The text template (see `feed_one`): the bytes of the last plain text chunk's event
         # before and after its text, its choice, and whether the text is reasoning (else
