@@ -1030,8 +1030,18 @@ class StreamHub:
             # awaiting the hand-off is cancelled there, so this one is too, before it reads
             # on (a stopped reader must not take over a log its producer just released).
             await asyncio.sleep(0)
+        if resumed and producer is not None and after == 0 and producer.failure is not None:
+            raise producer.failure  # detached before the first event, which never came
         if producer is not None and not resumed:
             ready = head is not None and after == 0 and head.ready()
+            if ready and detach and head is not None:
+                # Handed to the producer before the first token, the reader's task ends
+                # now: the head sink writes the response from the first event on, and
+                # the reader resumes when it refuses one or the answer ends (one task
+                # wake-up and one `send` less per answer).
+                waiter = Detached(producer, head)
+                if producer.park_waiter(head, 0, waiter):
+                    raise Parked(waiter)
             parked = producer.park(head, 0) if ready and head is not None else None
             if parked is not None and head is not None:
                 try:
