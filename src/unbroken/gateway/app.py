@@ -9,7 +9,6 @@ client, core, stores, instrumentation, settings and gateway siblings.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
@@ -754,11 +753,9 @@ class Gateway:
             detach = detachable and ex.scope.get("extensions", {}).get(DETACH_EXTENSION) is True
             parked = False
             try:
-                # The producer's task (spawned just now) runs first, to its upstream write:
-                # the first token waits for that, while this reader's setup has until the
-                # upstream's first bytes (~60 us of wall time less to the first token at 32
-                # streams, for one task step more).
-                await asyncio.sleep(0)
+                # No `sleep(0)` to let the producer's task (spawned just now) write upstream
+                # first: this reader hands itself to the producer before the first token
+                # and its task ends here at once (gateway/detach.py), one task step less.
                 result = await relay.events(
                     self.streams.follow_batches(
                         producer.stream_id,
