@@ -789,10 +789,17 @@ class HeadSink(LiveSink):
         return True
 
     def feed_one(self, seq: int, payload: bytes) -> bool:
-        """`feed` of the one event `seq` (a relayed chunk's hot path once live)."""
-        if self._live:
-            return LiveSink.feed_one(self, seq, payload)
-        return self.feed(seq, (payload,))
+        """`feed` of the one event `seq`: once live, a relayed chunk's hot path for the
+        rest of the answer (`LiveSink.feed_one` inlined: no call more per chunk)."""
+        if not self._live:
+            return self.feed(seq, (payload,))
+        relay = self._relay
+        if relay._busy or relay._reason is not None or not self._direct.write_event(seq, payload):
+            return False
+        self.last = seq
+        relay._n_direct += 1
+        relay._wrote = True
+        return True
 
 
 def _frame(event: tuple[int, bytes]) -> bytes:
