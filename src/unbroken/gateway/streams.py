@@ -16,7 +16,9 @@ refuses one (the client is not draining) or the answer ends; the reader then rea
 the tail or the log as before. Appending first keeps the rule: no reader holds an event the
 log lacks. Under the gateway's own server such a reader holds no task meanwhile: it
 detaches (gateway/detach.py; `follow_batches(detach=True)` raises `Parked` after the
-hand-off) and the producer's hand-back starts the rest of its request in a new task.
+hand-off) and the producer's hand-back starts the rest of its request in a new task. The
+POST that starts an answer hands its reader over before the first event, with the relay's
+`HeadSink` (which starts the response with the first events, then goes on as a `LiveSink`).
 
 The producer holds the stream's lease (`core.streamlog`): the hub's ticker renews it about
 every second, and the renewal tells it about `DELETE` requests made on other instances and
