@@ -305,8 +305,11 @@ class StreamRelay:
     def _checks(self, now: float) -> bool:
         """A tick's checks; False when the client was cut for not reading."""
         if self._wrote:
+            # The sink wrote since the last tick, a tick ago at most: taken as a tick ago
+            # (not `now`, which let the keep-alive after a silence slip a tick: 5.1 s gaps
+            # with keepalive_s 3.5), so one follows within keepalive_s and a tick.
             self._wrote = False
-            self._last_write = now
+            self._last_write = max(self._last_write, now - self._tick_s)
         if self._sending_since and now - self._sending_since > self._send_timeout_s:
             transport = self._ex.transport()
             if transport is not None:
