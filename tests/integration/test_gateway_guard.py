@@ -298,13 +298,15 @@ def test_a_connection_serves_requests_after_a_long_answer(mock: MockServer) -> N
             streamed += _recv(sock)
         assert b"data: [DONE]" not in streamed, "the answer ended before the head timeout"
         sock.sendall(health)
-        # Until the answer's last chunk: the next response may come in the same read.
+        # Until the answer's last chunk: the next response may come in the same read. SSE
+        # keep-alives would keep a stalled answer's reads going, so the wait has an end.
+        deadline = started + 20.0
         while b"\r\n0\r\n\r\n" not in streamed:
-            streamed += _recv(sock)
+            streamed += _recv_until(sock, deadline, streamed)
         answer, _, second = streamed.partition(b"\r\n0\r\n\r\n")
         assert b"data: [DONE]" in answer
         while b'"status":"ok"' not in second:
-            second += _recv(sock)
+            second += _recv_until(sock, deadline, streamed + second)
         assert second.startswith(b"HTTP/1.1 200")
         sock.sendall(health)
         assert read_response(sock)[0] == 200
@@ -314,3 +316,9 @@ def _recv(sock: socket.socket) -> bytes:
     data = sock.recv(65536)
     assert data, "the gateway closed the connection"
     return data
+
+
+def _recv_until(sock: socket.socket, deadline: float, seen: bytes) -> bytes:
+    """One read, failing with the last bytes seen once `deadline` (monotonic) has passed."""
+    assert time.monotonic() < deadline, f"no end by the deadline; last bytes: {seen[-600:]!r}"
+    return _recv(sock)
