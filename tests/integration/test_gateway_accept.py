@@ -60,7 +60,7 @@ async def turns(n: int) -> None:
 
 def test_every_queued_connection_is_made_within_a_few_turns() -> None:
     """40 connections waiting in the backlog are all made within 5 turns of the loop (one
-    readiness of the listener, a task per connection, its connection_made)."""
+    readiness of the listener, then each one's connection_made)."""
     Counting.made = 0
 
     async def main(sock: socket.socket) -> int:
@@ -72,6 +72,50 @@ def test_every_queued_connection_is_made_within_a_few_turns() -> None:
 
     with listener() as sock, queued(sock, N):
         assert uvloop.run(main(sock)) == N
+
+
+def test_queued_connections_are_made_with_no_task_in_between() -> None:
+    """The transports are made when the listener is readable, not in a task a turn later:
+    every queued connection has had its `connection_made` two turns on (the listener's
+    readiness, then the loop's call of `connection_made`; a task per connection took three)."""
+    Counting.made = 0
+
+    async def main(sock: socket.socket) -> tuple[int, int]:
+        acceptor = Acceptor(asyncio.get_running_loop(), sock, Counting)
+        await turns(2)
+        made_then = Counting.made
+        acceptor.close()
+        await acceptor.wait_closed()
+        return made_then, Counting.made
+
+    with listener() as sock, queued(sock, 10):
+        assert uvloop.run(main(sock)) == (10, 10)
+
+
+def test_a_connection_failing_while_made_is_closed_and_the_others_are_made() -> None:
+    """A connection whose setup fails at once (its protocol cannot be made: reset) is
+    closed, and the acceptor goes on with the connections queued behind it."""
+    Counting.made = 0
+    calls = [0]
+
+    def factory() -> asyncio.Protocol:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise ConnectionResetError("reset while being made")
+        return Counting()
+
+    async def main(sock: socket.socket) -> int:
+        acceptor = Acceptor(asyncio.get_running_loop(), sock, factory)
+        await turns(5)
+        acceptor.close()
+        await acceptor.wait_closed()
+        return Counting.made
+
+    with listener() as sock, queued(sock, 4) as clients:
+        assert uvloop.run(main(sock)) == 3
+        clients[0].settimeout(5)
+        assert clients[0].recv(1) == b""  # closed by the gateway, not left hanging
+        assert calls[0] == 4
 
 
 def test_close_stops_accepting() -> None:
@@ -93,11 +137,12 @@ class OutOfFds(socket.socket):
 
     failed = False
 
-    def accept(self) -> tuple[socket.socket, object]:
+    # The C accept, which `Acceptor` calls (as `socket.accept` does).
+    def _accept(self) -> tuple[int, object]:
         if not self.failed:
             self.failed = True
             raise OSError(errno.EMFILE, "Too many open files")
-        return super().accept()
+        return super()._accept()  # type: ignore[misc, no-any-return]  # the C socket's
 
 
 def test_out_of_fds_pauses_then_accepts_again(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -83,6 +83,49 @@ def test_a_caught_up_reader_holds_no_task_and_the_answer_ends_whole(
         assert metric(server, "unbroken_gateway_chunks_direct_total") > 40
 
 
+def test_a_reader_detaches_before_the_first_token_and_every_chunk_goes_direct(
+    upstream: MockServer,
+) -> None:
+    """While the upstream has not sent the first token the request already has no task
+    (its reader handed itself to the producer with the response's head sink), and every
+    event but the last two (the final chunk and [DONE], which the resumed reader writes
+    as it ends the response) reaches the client from the producer: none through `send`."""
+    with gateway(upstream.url) as server:
+        with socket.create_connection((server.host, server.port), timeout=15) as sock:
+            sock.sendall(
+                request_bytes(
+                    server,
+                    "POST",
+                    "/v1/chat/completions",
+                    BODY,
+                    X_Mock_Tokens="6",
+                    X_Mock_Ttft_Ms="4000",
+                    X_Mock_Token_Ms="40",
+                )
+            )
+            deadline = time.monotonic() + 10
+            while int(upstream.stats()["streams"]["started"]) < 1:
+                assert time.monotonic() < deadline, "the upstream never got the request"
+                time.sleep(0.01)  # polling the mock's counters; no event to wait on
+            # Well before the first token (4 s away) the request's task is gone.
+            deadline = time.monotonic() + 2
+            while request_tasks(server) != 0:
+                assert time.monotonic() < deadline, "the reader still has a task"
+                time.sleep(0.01)  # polling the server's task set; no event to wait on
+            assert int(upstream.stats()["streams"]["completed"]) == 0
+            reader = Reader(sock)
+            status, _, body = reader.response()
+        assert status == 200
+        got = events(body)
+        assert [seq for seq, _ in got] == list(range(1, len(got) + 1))
+        chunks = [d for _, d in got if d != b"[DONE]" and b'"unbroken":' not in d]
+        assert content(chunks) == expected(6)
+        assert metric(server, 'unbroken_gateway_streams_total{outcome="complete"}') == 1
+        total = metric(server, "unbroken_gateway_chunks_total")
+        assert total == len(got)
+        assert metric(server, "unbroken_gateway_chunks_direct_total") == total - 2
+
+
 def test_a_reader_that_pauses_gets_the_whole_answer(upstream: MockServer) -> None:
     """A client that stops reading for a while (the transport pauses, the producer's sink
     refuses, the reader resumes and writes through `send`) then reads on gets it all."""

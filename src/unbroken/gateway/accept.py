@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 __all__ = ["ACCEPT_BATCH", "Acceptor"]
 
@@ -54,10 +56,16 @@ class Acceptor:
         self._loop = loop
         self._sock = sock
         self._factory = protocol_factory
-        self._tasks: set[asyncio.Task[object]] = set()
+        # The futures of connections being made (`_step`).
+        self._waiting: set[asyncio.Future[Any]] = set()
         self._serving = False
         self._retry: asyncio.TimerHandle | None = None
         sock.setblocking(False)
+        # `socket.accept` without its per-connection enum conversions of the listener's
+        # family and type (5 `enum` calls a connection): the C accept, and the
+        # connection's socket made from these ints.
+        self._accept_fd: Callable[[], tuple[int, object]] = sock._accept  # type: ignore[attr-defined]  # the C socket's, as socket.accept uses
+        self._kind = (int(sock.family), int(sock.type), sock.proto)
         self._start()
 
     def __repr__(self) -> str:
@@ -76,7 +84,7 @@ class Acceptor:
     def _accept(self) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _ = self._sock.accept()
+                fd, _ = self._accept_fd()
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -91,19 +99,39 @@ class Acceptor:
                 self._serving = False
                 self._retry = self._loop.call_later(RETRY_AFTER_S, self._start)
                 return
+            family, kind, proto = self._kind
+            conn = socket.socket(family, kind, proto, fd)
             conn.setblocking(False)
             # Accepted sockets inherit TCP_NODELAY on Linux, not everywhere.
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = self._loop.create_task(self._connect(conn))
-            self._tasks.add(task)  # a strong reference until it is done
-            task.add_done_callback(self._tasks.discard)
+            self._step(self._loop.connect_accepted_socket(self._factory, conn), conn)
 
-    async def _connect(self, conn: socket.socket) -> None:
+    def _step(
+        self, connect: Coroutine[Any, Any, object], conn: socket.socket, waited: Any = None
+    ) -> None:
+        """Drive `connect_accepted_socket` by hand, as a task would: it makes the transport
+        at once and then only waits for `connection_made`. Why no task: a task per
+        connection and its two steps cost CPU for nothing (with the C accept above, ~5 us
+        less of ~80 per connection: 3000 connections through an `Acceptor`, alternating
+        with the task version, medians), and the transport is made in this loop turn
+        instead of the next."""
+        if waited is not None:
+            self._waiting.discard(waited)
         try:
-            await self._loop.connect_accepted_socket(self._factory, conn)
-        except (ConnectionError, OSError) as exc:  # reset before the transport was made
-            logger.debug("an accepted connection failed at once: %s", exc)
+            waiter = connect.send(None)
+        except StopIteration:
+            return
+        except (ConnectionError, OSError, asyncio.CancelledError) as exc:
+            # Reset before the transport was made (or the loop is closing).
+            logger.debug("an accepted connection failed at once: %r", exc)
             conn.close()
+            return
+        step = functools.partial(self._step, connect, conn)
+        if waiter is None:  # a bare yield: asyncio's `sleep(0)`
+            self._loop.call_soon(step)
+            return
+        self._waiting.add(waiter)  # a strong reference until it is done
+        waiter.add_done_callback(step)
 
     def close(self) -> None:
         """Stop accepting (connections already made go on)."""
@@ -116,5 +144,5 @@ class Acceptor:
 
     async def wait_closed(self) -> None:
         """Wait for the connections being set up when `close` was called."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._waiting:
+            await asyncio.gather(*self._waiting, return_exceptions=True)

@@ -755,9 +755,10 @@ class Gateway:
             parked = False
             try:
                 # The producer's task (spawned just now) runs first, to its upstream write:
-                # the first token waits for that, while this reader's setup has until the
-                # upstream's first bytes (~60 us of wall time less to the first token at 32
-                # streams, for one task step more).
+                # the first token waits for that, and this reader's setup (which ends its
+                # task, handing it to the producer) has until the upstream's first bytes
+                # (~50-70 us less from the request's head to the upstream write at 32
+                # streams, for one task step more; a per-stage probe, alternating).
                 await asyncio.sleep(0)
                 result = await relay.events(
                     self.streams.follow_batches(

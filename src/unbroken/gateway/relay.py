@@ -200,7 +200,7 @@ class StreamRelay:
     def head_sink(self) -> HeadSink | None:
         """The first events' direct path for a producer on this instance (see `HeadSink`),
         when the server offers it."""
-        return None if self._ex.hooks() is None else HeadSink(self)
+        return None if self._ex.hooks() is None else HeadSink(self, self._ex.direct_body())
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -305,8 +305,11 @@ class StreamRelay:
     def _checks(self, now: float) -> bool:
         """A tick's checks; False when the client was cut for not reading."""
         if self._wrote:
+            # The sink wrote since the last tick, a tick ago at most: taken as a tick ago
+            # (not `now`, which let the keep-alive after a silence slip a tick: 5.1 s gaps
+            # with keepalive_s 3.5), so one follows within keepalive_s and a tick.
             self._wrote = False
-            self._last_write = now
+            self._last_write = max(self._last_write, now - self._tick_s)
         if self._sending_since and now - self._sending_since > self._send_timeout_s:
             transport = self._ex.transport()
             if transport is not None:
@@ -727,35 +730,51 @@ class _TaskScope:
         return task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError
 
 
-class HeadSink:
-    """A relay's direct path for the first events of an answer, before its response has
-    started: the producer's first append writes the status line, the headers and those
-    events in one write from the producer's own task (gateway/guard.py
-    `CycleHooks.start_now`), so the first token reaches the client without waiting for the
-    reader's task to wake (a loop iteration, busy under load). It takes one append: the
-    next one wakes the reader, which goes on as usual (`LiveSink`).
+class HeadSink(LiveSink):
+    """A relay's direct path from the first events of an answer on: the producer's first
+    append writes the status line, the headers and those events in one write from the
+    producer's own task (gateway/guard.py `CycleHooks.start_now`), so the first token
+    reaches the client without waiting for the reader's task to wake (a loop iteration,
+    busy under load); from then on it is a `LiveSink` (when the server offers the direct
+    body), so the reader is not woken for the second append either: parked on it before
+    the first token, a detachable reader ends its task at once (gateway/detach.py).
 
     Attributes:
         last: the id of the last event written.
     """
 
-    __slots__ = ("_relay", "last")
+    __slots__ = ("_can_live", "_live")
 
-    def __init__(self, relay: StreamRelay) -> None:
+    def __init__(self, relay: StreamRelay, direct: DirectBody | None) -> None:
+        # `LiveSink.__init__`'s fields; without a direct body, the response's start only.
         self._relay = relay
+        self._direct = direct  # type: ignore[assignment]  # read only when `_can_live`
         self.last = 0
+        self._can_live = direct is not None
+        self._live = False  # the response has started: events go as a `LiveSink`'s
 
     def ready(self) -> bool:
-        """Whether the response can start here now."""
+        """Whether the response can start here now, or (started) events be written."""
         relay = self._relay
-        return not relay._busy and relay._reason is None and not relay._ex.started
+        if self._live or relay._ex.started:
+            return self._can_live and LiveSink.ready(self)
+        return not relay._busy and relay._reason is None
 
     def feed(self, first: int, payloads: Sequence[bytes]) -> bool:
-        """Start the response with events `first`, `first + 1`, ...; False when it cannot
-        (nothing was written: the reader takes over)."""
-        if self.last or not self.ready():
-            return False
+        """Start the response with events `first`, `first + 1`, ..., or write them as a
+        `LiveSink` once it has started; False when it cannot (nothing was written: the
+        reader takes over)."""
+        if self._live:
+            return LiveSink.feed(self, first, payloads)
         relay = self._relay
+        if relay._ex.started:
+            # Started by the reader (a keep-alive before the first token): on as a LiveSink.
+            if not self._can_live:
+                return False
+            self._live = True
+            return LiveSink.feed(self, first, payloads)
+        if relay._busy or relay._reason is not None:
+            return False
         data = _frames(enumerate(payloads, first))
         try:
             started = relay._ex.start_now(200, relay._headers, data)
@@ -769,11 +788,21 @@ class HeadSink:
         # Its time, not the sidecar's next tick: once a request, and the keep-alive that
         # may follow a silence is then due `keepalive_s` after this write, not a tick later.
         relay._last_write = relay._loop.time()
+        self._live = self._can_live
         return True
 
     def feed_one(self, seq: int, payload: bytes) -> bool:
-        """`feed` of the one event `seq`."""
-        return self.feed(seq, (payload,))
+        """`feed` of the one event `seq`: once live, a relayed chunk's hot path for the
+        rest of the answer (`LiveSink.feed_one` inlined: no call more per chunk)."""
+        if not self._live:
+            return self.feed(seq, (payload,))
+        relay = self._relay
+        if relay._busy or relay._reason is not None or not self._direct.write_event(seq, payload):
+            return False
+        self.last = seq
+        relay._n_direct += 1
+        relay._wrote = True
+        return True
 
 
 def _frame(event: tuple[int, bytes]) -> bytes:

@@ -16,7 +16,9 @@ refuses one (the client is not draining) or the answer ends; the reader then rea
 the tail or the log as before. Appending first keeps the rule: no reader holds an event the
 log lacks. Under the gateway's own server such a reader holds no task meanwhile: it
 detaches (gateway/detach.py; `follow_batches(detach=True)` raises `Parked` after the
-hand-off) and the producer's hand-back starts the rest of its request in a new task.
+hand-off) and the producer's hand-back starts the rest of its request in a new task. The
+POST that starts an answer hands its reader over before the first event, with the relay's
+`HeadSink` (which starts the response with the first events, then goes on as a `LiveSink`).
 
 The producer holds the stream's lease (`core.streamlog`): the hub's ticker renews it about
 every second, and the renewal tells it about `DELETE` requests made on other instances and
@@ -1118,8 +1120,18 @@ class StreamHub:
             # awaiting the hand-off is cancelled there, so this one is too, before it reads
             # on (a stopped reader must not take over a log its producer just released).
             await asyncio.sleep(0)
+        if resumed and producer is not None and after == 0 and producer.failure is not None:
+            raise producer.failure  # detached before the first event, which never came
         if producer is not None and not resumed:
             ready = head is not None and after == 0 and head.ready()
+            if ready and detach and head is not None:
+                # Handed to the producer before the first token, the reader's task ends
+                # now: the head sink writes the response from the first event on, and
+                # the reader resumes when it refuses one or the answer ends (one task
+                # wake-up and one `send` less per answer).
+                waiter = Detached(producer, head)
+                if producer.park_waiter(head, 0, waiter):
+                    raise Parked(waiter)
             parked = producer.park(head, 0) if ready and head is not None else None
             if parked is not None and head is not None:
                 try:
