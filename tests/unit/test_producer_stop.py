@@ -53,22 +53,28 @@ async def _events(hub: StreamHub, stream_id: str) -> list[bytes]:
     return [payload for _, payload in batch.events]
 
 
+async def _stuck(hub: StreamHub, digit: str) -> tuple[Producer, asyncio.Task[None]]:
+    """A producer whose upstream was asked and never answers, and its task (waiting there)."""
+    asked = asyncio.Event()
+
+    async def open_stream() -> AsyncStream:
+        asked.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    producer = hub._spawn(await _producer(hub, "strm_" + digit * 32), open_stream)
+    await asked.wait()
+    assert producer.task is not None
+    return producer, producer.task
+
+
 def test_a_stop_while_the_upstream_is_asked_ends_the_log_with_a_stop_finish() -> None:
     async def body(hub: StreamHub) -> None:
-        asked = asyncio.Event()
-
-        async def open_stream() -> AsyncStream:
-            asked.set()
-            await asyncio.Event().wait()  # an upstream that never answers
-            raise AssertionError("unreachable")
-
-        producer = hub._spawn(await _producer(hub, "strm_" + "1" * 32), open_stream)
-        await asked.wait()
+        producer, task = await _stuck(hub, "1")
         producer.stop("stopped")
-        assert producer.task is not None
-        await producer.task
-        assert not producer.task.cancelled()
-        assert producer.task.cancelling() == 0  # taken back: its clean-up ran uncancelled
+        await task
+        assert not task.cancelled()
+        assert task.cancelling() == 0  # taken back: its clean-up ran uncancelled
         assert producer.finished
         events = await _events(hub, producer.stream_id)
         assert b'"finish_reason":"stop"' in events[0]
@@ -125,19 +131,10 @@ def test_a_stop_from_the_producers_own_task_lands_at_its_next_await() -> None:
 
 def test_another_cancellation_is_not_taken_for_a_stop() -> None:
     async def body(hub: StreamHub) -> None:
-        asked = asyncio.Event()
-
-        async def open_stream() -> AsyncStream:
-            asked.set()
-            await asyncio.Event().wait()
-            raise AssertionError("unreachable")
-
-        producer = hub._spawn(await _producer(hub, "strm_" + "4" * 32), open_stream)
-        await asked.wait()
-        assert producer.task is not None
-        producer.task.cancel()  # not `stop`: a shutdown cancelling every task
+        producer, task = await _stuck(hub, "4")
+        task.cancel()  # not `stop`: a shutdown cancelling every task
         with pytest.raises(asyncio.CancelledError):
-            await producer.task
+            await task
         assert producer.reason is None
         assert producer.finished
         assert await _events(hub, producer.stream_id) == []
@@ -147,20 +144,11 @@ def test_another_cancellation_is_not_taken_for_a_stop() -> None:
 
 def test_a_stop_and_another_cancellation_together_go_on_as_the_other() -> None:
     async def body(hub: StreamHub) -> None:
-        asked = asyncio.Event()
-
-        async def open_stream() -> AsyncStream:
-            asked.set()
-            await asyncio.Event().wait()
-            raise AssertionError("unreachable")
-
-        producer = hub._spawn(await _producer(hub, "strm_" + "5" * 32), open_stream)
-        await asked.wait()
-        assert producer.task is not None
+        producer, task = await _stuck(hub, "5")
         producer.stop("stopped")
-        producer.task.cancel()
+        task.cancel()
         with pytest.raises(asyncio.CancelledError):
-            await producer.task
+            await task
         assert producer.finished
 
     _run(body)
