@@ -36,6 +36,11 @@ def upstream() -> Iterator[MockServer]:
         yield server
 
 
+def chat_request(server: ServerThread, **headers: str) -> bytes:
+    """A streamed chat POST with these (mock) headers, as bytes to send."""
+    return request_bytes(server, "POST", "/v1/chat/completions", BODY, **headers)
+
+
 def request_tasks(server: ServerThread) -> int:
     """The gateway server's request tasks now (uvicorn's set of them)."""
     uvicorn_server: Any = server._server
@@ -50,16 +55,7 @@ def test_a_caught_up_reader_holds_no_task_and_the_answer_ends_whole(
     with gateway(upstream.url) as server:
         with socket.create_connection((server.host, server.port), timeout=10) as sock:
             reader = Reader(sock)
-            sock.sendall(
-                request_bytes(
-                    server,
-                    "POST",
-                    "/v1/chat/completions",
-                    BODY,
-                    X_Mock_Tokens="80",
-                    X_Mock_Token_Ms="20",
-                )
-            )
+            sock.sendall(chat_request(server, X_Mock_Tokens="80", X_Mock_Token_Ms="20"))
             # The first events, then the task count while the rest streams in.
             _, _, head = reader.response(stop_after=1500)
             tasks_mid_answer = request_tasks(server)
@@ -93,15 +89,7 @@ def test_a_reader_detaches_before_the_first_token_and_every_chunk_goes_direct(
     with gateway(upstream.url) as server:
         with socket.create_connection((server.host, server.port), timeout=15) as sock:
             sock.sendall(
-                request_bytes(
-                    server,
-                    "POST",
-                    "/v1/chat/completions",
-                    BODY,
-                    X_Mock_Tokens="6",
-                    X_Mock_Ttft_Ms="4000",
-                    X_Mock_Token_Ms="40",
-                )
+                chat_request(server, X_Mock_Tokens="6", X_Mock_Ttft_Ms="4000", X_Mock_Token_Ms="40")
             )
             deadline = time.monotonic() + 10
             while int(upstream.stats()["streams"]["started"]) < 1:
@@ -135,16 +123,7 @@ def test_a_reader_that_pauses_gets_the_whole_answer(upstream: MockServer) -> Non
         sock.connect((server.host, server.port))
         sock.settimeout(20)
         with sock:
-            sock.sendall(
-                request_bytes(
-                    server,
-                    "POST",
-                    "/v1/chat/completions",
-                    BODY,
-                    X_Mock_Tokens="20000",
-                    X_Mock_Token_Ms="0.05",
-                )
-            )
+            sock.sendall(chat_request(server, X_Mock_Tokens="20000", X_Mock_Token_Ms="0.05"))
             reader = Reader(sock)
             _, _, head = reader.response(stop_after=2000)
             # Not reading until the upstream has sent the whole answer: the gateway's
@@ -182,16 +161,7 @@ def test_a_detached_readers_client_leaving_cancels_the_upstream(upstream: MockSe
     the chat ends as client_gone, once."""
     with gateway(upstream.url) as server:
         with socket.create_connection((server.host, server.port), timeout=10) as sock:
-            sock.sendall(
-                request_bytes(
-                    server,
-                    "POST",
-                    "/v1/chat/completions",
-                    BODY,
-                    X_Mock_Tokens="5000",
-                    X_Mock_Token_Ms="10",
-                )
-            )
+            sock.sendall(chat_request(server, X_Mock_Tokens="5000", X_Mock_Token_Ms="10"))
             Reader(sock).response(stop_after=1500)
             assert request_tasks(server) == 0
         deadline = time.monotonic() + 10
@@ -210,14 +180,8 @@ def test_a_reconnect_detaches_too_and_gets_exactly_the_rest(upstream: MockServer
     with gateway(upstream.url) as server:
         with socket.create_connection((server.host, server.port), timeout=10) as first:
             first.sendall(
-                request_bytes(
-                    server,
-                    "POST",
-                    "/v1/chat/completions",
-                    BODY,
-                    X_Mock_Tokens="120",
-                    X_Mock_Token_Ms="20",
-                    X_Unbroken_Resumable="1",
+                chat_request(
+                    server, X_Mock_Tokens="120", X_Mock_Token_Ms="20", X_Unbroken_Resumable="1"
                 )
             )
             _, headers, head = Reader(first).response(stop_after=600)
