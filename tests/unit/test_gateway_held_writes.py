@@ -205,3 +205,67 @@ def test_a_hold_is_the_holding_threads_only() -> None:
     assert seen == [[b"3\r\nnow\r\n"], [b"3\r\nnow\r\n"]]
     assert there.writes == [b"3\r\nnow\r\n", b"1\r\na\r\n1\r\nb\r\n"]
     assert here.writes == [b"3\r\none\r\n3\r\ntwo\r\n"]
+
+
+@pytest.fixture
+def untapped() -> Iterator[tuple[_Connection, list[Wire], Any, asyncio.AbstractEventLoop]]:
+    """An upstream connection past its response head, not tapped yet, and a relay (as the
+    `upstream` fixture's) to tap it with."""
+    loop = asyncio.new_event_loop()
+    conn = _Connection(loop, ("http", "upstream", 80), 1 << 20)
+    conn.connection_made(Wire())  # type: ignore[arg-type]  # a stand-in stream transport
+    conn.begin()
+    conn.data_received(HEAD)
+    wires = [Wire(), Wire()]
+    bodies = [client(wire) for wire in wires]
+    seqs = iter(range(1, 100))
+
+    def relay(data: bytes) -> None:
+        for event in data.split(b"\n\n")[:-1]:
+            seq = next(seqs)
+            for body in bodies:
+                assert body.write_event(seq, event.removeprefix(b"data: "))
+
+    yield conn, wires, relay, loop
+    loop.close()
+
+
+def test_events_buffered_before_the_tap_are_one_write_per_client(untapped: Any) -> None:
+    """The first events often arrive with the response's head, before the reader taps:
+    tapping relays them at once, in one write per client, not one per event."""
+    conn, wires, relay, _loop = untapped
+    conn.data_received(b"".join(frame(e) for e in EVENTS[:3]))
+    assert conn.body
+    assert not wires[0].writes
+    assert conn.tap(relay, None)
+    assert not conn.body
+    conn.data_received(frame(EVENTS[3]))
+    for wire in wires:
+        assert wire.writes == [
+            b"".join(expected(i, e) for i, e in enumerate(EVENTS[:3], 1)),
+            expected(4, EVENTS[3]),
+        ]
+
+
+def test_a_complete_response_buffered_before_the_tap_is_relayed_and_its_waiter_woken(
+    untapped: Any,
+) -> None:
+    conn, wires, relay, loop = untapped
+    conn.data_received(b"".join(frame(e) for e in EVENTS[:2]) + b"0\r\n\r\n")
+    assert conn.complete
+    waiter = loop.create_future()
+    assert conn.tap(relay, waiter)
+    assert waiter.done()
+    for wire in wires:
+        assert wire.writes == [expected(1, EVENTS[0]) + expected(2, EVENTS[1])]
+    # Ended, nothing buffered: nothing to tap (the reader sees the end).
+    assert not conn.tap(relay, loop.create_future())
+
+
+def test_a_failed_response_is_not_tapped_and_its_bytes_are_the_readers(untapped: Any) -> None:
+    conn, wires, relay, _loop = untapped
+    conn.data_received(frame(EVENTS[0]))
+    conn.connection_lost(None)
+    assert not conn.tap(relay, None)
+    assert conn.body  # read before the error, as ever
+    assert wires[0].writes == []

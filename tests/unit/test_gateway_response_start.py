@@ -12,6 +12,7 @@ import pytest
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
+from unbroken.gateway.direct import DIRECT_EXTENSION, DirectBody, hold_writes, release_writes
 from unbroken.gateway.guard import CycleHooks
 
 pytestmark = pytest.mark.anyio
@@ -127,3 +128,31 @@ async def test_no_direct_start_once_started_or_gone() -> None:
             setattr(cycle, change, True)
         assert not CycleHooks(cycle).start_now(*_messages(SSE, b"x"))
         assert transport.writes == []
+
+
+async def test_a_direct_start_while_writes_are_held_goes_out_with_the_held_events() -> None:
+    """An upstream read that brings the answer's first events: the response's head and
+    all of them reach the client in one write, in order, when the writes are released."""
+    cycle, transport = _cycle()
+    direct = DirectBody(cycle)
+    cycle.scope["extensions"] = {DIRECT_EXTENSION: direct}  # type: ignore[dict-item]  # the server's
+    start, body = _messages(SSE, b"first")
+    hold_writes()
+    try:
+        assert CycleHooks(cycle).start_now(start, body)
+        assert direct.write(b"second")
+        assert transport.writes == []
+    finally:
+        release_writes()
+    head, rest = transport.writes[0].split(b"\r\n\r\n", 1)
+    assert len(transport.writes) == 1
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert rest == b"5\r\nfirst\r\n6\r\nsecond\r\n"
+
+
+async def test_a_direct_start_with_no_writes_held_is_written_at_once() -> None:
+    cycle, transport = _cycle()
+    cycle.scope["extensions"] = {DIRECT_EXTENSION: DirectBody(cycle)}  # type: ignore[dict-item]  # the server's
+    assert CycleHooks(cycle).start_now(*_messages(SSE, b"first"))
+    assert len(transport.writes) == 1
+    assert transport.writes[0].endswith(b"\r\n\r\n5\r\nfirst\r\n")

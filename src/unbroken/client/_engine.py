@@ -697,9 +697,11 @@ class _FastLane:
         response ended (then `untap()` and `taken()`), or None when it cannot be tapped
         now (read it as usual)."""
         waiter = asyncio.get_running_loop().create_future()
-        if not self._conn.tap(self._on_body, waiter):
-            return None
+        # Set first: the connection may hand buffered bytes to `_on_body` within `tap`.
         self._waiter = waiter
+        if not self._conn.tap(self._on_body, waiter):
+            self._waiter = None
+            return None
         return waiter
 
     def untap(self) -> None:

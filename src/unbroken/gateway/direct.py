@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-__all__ = ["DIRECT_EXTENSION", "DirectBody", "hold_writes", "release_writes"]
+__all__ = ["DIRECT_EXTENSION", "DirectBody", "hold_writes", "release_writes", "writes_held"]
 
 # The scope extension under which the gateway's protocol (gateway/guard.py) offers it.
 DIRECT_EXTENSION = "unbroken.direct_body"
@@ -49,6 +49,11 @@ def hold_writes() -> None:
         # Unlocked: only a hint for the writes' fast path (`_hold` asks this thread's
         # state), so threads racing here cost at most a check per write, never a write.
         _n_holding += 1
+
+
+def writes_held() -> bool:
+    """Whether this thread holds its body writes now (`hold_writes`)."""
+    return _local.held is not None
 
 
 def release_writes() -> None:
@@ -112,6 +117,14 @@ class DirectBody:
         else:
             self._hold(frame)
         return True
+
+    def write_raw(self, data: bytes) -> None:
+        """Write `data` as it is (the response's head, rendered by the caller), now or
+        with the writes held (`hold_writes`), before what is written after it."""
+        if not _n_holding:
+            self._transport.write(data)
+        else:
+            self._hold(data)
 
     def write_event(self, seq: int, data: bytes) -> bool:
         """`write` of the SSE event `id: seq` with `data`, framed in one formatting (the

@@ -62,7 +62,7 @@ from unbroken._flag import Flag
 from unbroken.gateway.accesslog import ACCESS_LOGGER
 from unbroken.gateway.asgi import RESPONSE_EXTENSION, TRANSPORT_EXTENSION, Message
 from unbroken.gateway.detach import DETACH_EXTENSION, Detached, resume_asgi, run_asgi
-from unbroken.gateway.direct import DIRECT_EXTENSION, DirectBody
+from unbroken.gateway.direct import DIRECT_EXTENSION, DirectBody, writes_held
 from unbroken.gateway.metrics import GatewayMetrics
 from unbroken.gateway.problems import error_body
 from unbroken.settings import GatewaySettings
@@ -89,6 +89,8 @@ os.register_at_fork(after_in_child=_forked)
 
 
 # The scope's `asgi` entry of the ASGI versions uvicorn speaks.
+# A scope's extensions when it has none (never written to).
+_NO_EXTENSIONS: dict[str, Any] = {}
 _ASGI_INFO: dict[str, ASGIVersions] = {
     "2.0": {"version": "2.0", "spec_version": "2.3"},
     "3.0": {"version": "3.0", "spec_version": "2.3"},
@@ -787,7 +789,16 @@ class CycleHooks:
         if not self._direct(body):
             return False
         cycle = self.cycle
-        cycle.transport.write(_start_bytes(cycle, start, body))
+        data = _start_bytes(cycle, start, body)
+        # While writes are held (an upstream read of several events), the head and first
+        # events go out with the rest of the read, in the direct body's one write.
+        direct: DirectBody | None = None
+        if writes_held():
+            direct = cycle.scope.get("extensions", _NO_EXTENSIONS).get(DIRECT_EXTENSION)  # type: ignore[assignment]  # set in `_start_asgi_task`
+        if direct is not None:
+            direct.write_raw(data)
+        else:
+            cycle.transport.write(data)
         return True
 
     def watch(self, on_lost: Callable[[], None]) -> None:

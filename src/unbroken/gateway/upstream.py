@@ -23,7 +23,7 @@ import httptools
 import httpx
 
 from unbroken.errors import ConfigError, UpstreamConnectError
-from unbroken.gateway.direct import hold_writes, release_writes
+from unbroken.gateway.direct import hold_writes, release_writes, writes_held
 from unbroken.gateway.proxy import Proxy, ProxyConfig, open_tunnel
 
 __all__ = ["LeanTransport", "pool_size"]
@@ -276,16 +276,35 @@ class _Connection(asyncio.Protocol):
         """Hand the response's body bytes to `on_body` as they arrive, from the data
         callback, instead of buffering them for the reader; `waiter` is resolved when the
         response completes or fails. False (nothing changed) while bytes are buffered or
-        the response has ended: read those first. `tap(None, None)` stops it.
+        the response has ended with nothing buffered, or failed: read those first.
+        Bytes buffered before the tap (the first events often come with the response's
+        head, before the reader could tap) go to `on_body` now, in one read, their direct
+        writes held and written together, as a read of several events from the data
+        callback is; `waiter` is resolved then if the response is complete.
+        `tap(None, None)` stops it.
 
         Why: the gateway's SDK client decodes and relays each chunk from here
         (client/async_.py `_FastLane`), with no task wake-up per chunk."""
         if on_body is not None and (
-            self.body or self.complete or self.error is not None or self.closed
+            self.error is not None or self.closed or (self.complete and not self.body)
         ):
             return False
         self._tap = on_body
         self.waiter = waiter
+        if on_body is not None and self.body:
+            # One client write for the buffered events instead of one each (~2 write
+            # syscalls less per 5-chunk answer: ~35 us of CPU each under load).
+            data = self.take()
+            held = not writes_held()
+            if held:
+                hold_writes()
+            try:
+                on_body(data)
+            finally:
+                if held:
+                    release_writes()
+            if self.complete:
+                self._wake()
         return True
 
     def take(self) -> bytes:
