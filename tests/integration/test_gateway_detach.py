@@ -84,8 +84,9 @@ def test_a_reader_detaches_before_the_first_token_and_every_chunk_goes_direct(
 ) -> None:
     """While the upstream has not sent the first token the request already has no task
     (its reader handed itself to the producer with the response's head sink), and every
-    event but the last two (the final chunk and [DONE], which the resumed reader writes
-    as it ends the response) reaches the client from the producer: none through `send`."""
+    event but the last three (the usage chunk, the final chunk and [DONE], which the
+    resumed reader writes together as it ends the response) reaches the client from the
+    producer: none through `send`."""
     with gateway(upstream.url) as server:
         with socket.create_connection((server.host, server.port), timeout=15) as sock:
             sock.sendall(
@@ -111,7 +112,8 @@ def test_a_reader_detaches_before_the_first_token_and_every_chunk_goes_direct(
         assert metric(server, 'unbroken_gateway_streams_total{outcome="complete"}') == 1
         total = metric(server, "unbroken_gateway_chunks_total")
         assert total == len(got)
-        assert metric(server, "unbroken_gateway_chunks_direct_total") == total - 2
+        assert b'"usage"' in got[-3][1]
+        assert metric(server, "unbroken_gateway_chunks_direct_total") == total - 3
 
 
 def test_a_reader_that_pauses_gets_the_whole_answer(upstream: MockServer) -> None:

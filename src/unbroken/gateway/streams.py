@@ -696,6 +696,11 @@ class Producer:
                     stream.set_chunk_sink(self._take, with_payloads=True, one=self._take_one)
                 async for chunk in stream:
                     payload = _encode(chunk)
+                    if chunk.usage is not None and self._sink is not None:
+                        # The usage chunk ends an answer: the live readers take it from the
+                        # log with the final event and [DONE], in the write that ends their
+                        # response (one write less per answer, strace; ~30 us of CPU).
+                        self._release_sinks()
                     # Neither is held while the next one is awaited: on the direct path
                     # that is the role chunk, kept for the whole answer (~0.6 KB per live
                     # stream each; the log keeps the payload's bytes, not the object).
