@@ -88,9 +88,9 @@ def _forked() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 
-# The scope's `asgi` entry of the ASGI versions uvicorn speaks.
 # A scope's extensions when it has none (never written to).
 _NO_EXTENSIONS: dict[str, Any] = {}
+# The scope's `asgi` entry of the ASGI versions uvicorn speaks.
 _ASGI_INFO: dict[str, ASGIVersions] = {
     "2.0": {"version": "2.0", "spec_version": "2.3"},
     "3.0": {"version": "3.0", "spec_version": "2.3"},
