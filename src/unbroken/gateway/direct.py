@@ -41,7 +41,7 @@ _local = _Holding()
 # The framing of an event `seq` of `n` bytes, from tables instead of a formatting: the
 # chunk's size line for each frame size below `_TABLE`, and `id: <seq>\ndata: ` for each
 # seq below it (bench/hotpath.py: ~60-80 ns of the ~170 a `%x`/`%d` formatting of each
-# relayed chunk took; ~0.2 MB once per process). Larger ones are formatted.
+# relayed chunk took; ~0.4 MB once per process). Larger ones are formatted.
 _TABLE = 4096
 _SIZE_LINES = [b"%x\r\n" % size for size in range(_TABLE)]
 _ID_LINES = [b"id: %d\ndata: " % seq for seq in range(_TABLE)]
@@ -124,8 +124,9 @@ class DirectBody:
         return True
 
     def write_event(self, seq: int, data: bytes) -> bool:
-        """`write` of the SSE event `id: seq` with `data`, framed in one formatting (the
-        one-event case of every relayed chunk: no intermediate copy of the event)."""
+        """`write` of the SSE event `id: seq` (a log event's id: >= 0) with `data`, framed
+        in one join (the one-event case of every relayed chunk: no intermediate copy of the
+        event)."""
         # `writable` inlined once the response streams: this runs once per relayed chunk.
         cycle = self._cycle
         if not self._streaming and not self.writable():
