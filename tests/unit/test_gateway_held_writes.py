@@ -269,3 +269,18 @@ def test_a_failed_response_is_not_tapped_and_its_bytes_are_the_readers(untapped:
     assert not conn.tap(relay, None)
     assert conn.body  # read before the error, as ever
     assert wires[0].writes == []
+
+
+@pytest.mark.parametrize("seq", [1, 9, 10, 99, 100, 999, 1000, 4095, 4096, 4097, 123_456])
+@pytest.mark.parametrize("size", [0, 1, 300, 4060, 4070, 4095, 4200])
+def test_an_event_is_framed_as_one_chunk_of_its_id_and_data(seq: int, size: int) -> None:
+    """Each id and size, on either side of the framing's tables (gateway/direct.py): one
+    chunk whose size line counts the event's bytes, `id: <seq>`, `data: ` and the payload."""
+    payload = bytes(48 + i % 64 for i in range(size))
+    wire = Wire()
+    assert client(wire).write_event(seq, payload)
+    [written] = wire.writes
+    size_line, _, rest = written.partition(b"\r\n")
+    event = b"id: " + str(seq).encode() + b"\ndata: " + payload + b"\n\n"
+    assert rest == event + b"\r\n"
+    assert int(size_line, 16) == len(event)
