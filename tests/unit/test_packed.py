@@ -7,6 +7,7 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
+from unbroken.core.stream import ChatStreamDecoder
 from unbroken.stores.packed import BLOCK_EVENTS, PackedEvents, _template
 
 
@@ -229,3 +230,52 @@ def test_templated_events_round_trip(model: list[bytes], data: st.DataObject) ->
     packed = _round_trip(model, data)
     if model:
         assert packed.get(1, len(model)) == model
+
+
+class _Decoded:
+    """A template source as the gateway's: the SDK stream's decoder of the same events."""
+
+    def __init__(self) -> None:
+        self.decoder = ChatStreamDecoder()
+
+    def text_template(self) -> tuple[bytes, bytes] | None:
+        return self.decoder.text_template
+
+    def feed(self, payload: bytes) -> None:
+        """Decode `payload`'s event as a relay does."""
+        event = b"data: " + payload + b"\n\n"
+        if self.decoder.feed_one(event) is None:
+            assert self.decoder.feed(event)
+
+
+def test_a_learned_template_is_the_sources_bytes_when_they_are_equal() -> None:
+    """The log of a relayed answer keeps the decoder's template objects, not equal copies
+    (~300 bytes per live stream), and reads back the same; a source whose template differs
+    (another answer's) is not taken; a sealed log no longer holds its source."""
+    model = _answer([b"word%d" % i for i in range(40)])
+    source = _Decoded()
+    packed = PackedEvents()
+    packed.source = source
+    for payload in model[:-3]:
+        source.feed(payload)
+        packed.add(payload)
+    shared = source.text_template()
+    assert shared is not None
+    assert packed._head is shared[0]
+    assert packed._tail is shared[1]
+    packed.extend(model[-3:])
+    packed.seal()
+    assert packed.source is None
+    _read_all_ranges(packed, model)
+
+    other = _Decoded()
+    for payload in _answer([b"x"], key=b"reasoning_content")[:2]:
+        other.feed(payload)
+    assert other.text_template() is not None
+    packed = PackedEvents()
+    packed.source = other
+    packed.extend(model)
+    packed.seal()
+    assert packed._head != other.text_template()  # its own template: the text chunks'
+    assert packed._head.endswith(b'"content":"')
+    _read_all_ranges(packed, model)

@@ -22,8 +22,9 @@ from __future__ import annotations
 import zlib
 from array import array
 from collections.abc import Sequence
+from typing import Protocol
 
-__all__ = ["BLOCK_EVENTS", "PackedEvents"]
+__all__ = ["BLOCK_EVENTS", "PackedEvents", "TemplateSource"]
 
 # Events per block. Smaller blocks hold fewer raw events while open; with templates the
 # open block holds middles only (~40 bytes an event less than whole events), so this only
@@ -54,9 +55,21 @@ _KIND_MASK = (1 << _KIND_BITS) - 1
 _NO_TEMPLATES: tuple[bytes, ...] = ()
 
 
+class TemplateSource(Protocol):
+    """What may already hold a template's bytes (the SDK stream whose chunks are added:
+    `AsyncStream.text_template`)."""
+
+    def text_template(self) -> tuple[bytes, bytes] | None:
+        """A head and a tail, or None."""
+
+
 class PackedEvents:
     """The events of one log, numbered from 1 (see the module docstring). Nothing is added
-    after `seal`."""
+    after `seal`.
+
+    `source`, when set, is asked for its template whenever one is learned: equal bytes are
+    kept as its objects, not as copies (the decoder's of a relayed answer and the log's
+    are the same ~300 bytes; bench/stream_memory.py). Whoever sets it unsets it."""
 
     __slots__ = (
         "_at",
@@ -72,6 +85,7 @@ class PackedEvents:
         "_tried",
         "_whole",
         "_zdict",
+        "source",
     )
 
     def __init__(self) -> None:
@@ -94,6 +108,7 @@ class PackedEvents:
         self._n_used = 0
         self._tried = False  # a template was learned (or tried) in the open block
         self._zdict: bytes | None = None  # chosen at the first deflate
+        self.source: TemplateSource | None = None
 
     def __len__(self) -> int:
         return len(self._lengths)
@@ -150,6 +165,9 @@ class PackedEvents:
             templates = templates[:-2]  # the current one: no block names it yet
         elif len(templates) // 2 >= MAX_TEMPLATES:
             return False
+        shared = None if self.source is None else self.source.text_template()
+        if shared is not None and shared[0] == head and shared[1] == tail:
+            head, tail = shared
         self._templates = (*templates, head, tail)
         self._head = head
         self._tail = tail
@@ -164,6 +182,7 @@ class PackedEvents:
 
     def seal(self) -> None:
         """Seal the open block (the log ended: nothing follows)."""
+        self.source = None
         if len(self._lengths) > len(self._ends) * BLOCK_EVENTS:
             self._seal()
 
