@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from unbroken.core.stream import ChatStreamDecoder
-from unbroken.stores.packed import BLOCK_EVENTS, PackedEvents, _template
+from unbroken.stores.packed import BLOCK_EVENTS, PackedEvents, TemplateSource, _template
 
 
 def _chunk(i: int, text: bytes) -> bytes:
@@ -130,7 +130,8 @@ def test_text_chunks_are_kept_as_their_text() -> None:
     packed = PackedEvents()
     for payload in model[:-3]:
         packed.add(payload)
-    assert len(packed._open) < 12 * BLOCK_EVENTS  # middles, not ~250-byte events
+    open_block = len(packed._packed) - (packed._ends[-1] >> 4)
+    assert open_block < 12 * BLOCK_EVENTS  # middles, not ~250-byte events
     _read_all_ranges(packed, model[:-3])
     packed.extend(model[-3:])
     packed.seal()
@@ -248,6 +249,10 @@ class _Decoded:
             assert self.decoder.feed(event)
 
 
+def _source_of(packed: PackedEvents) -> TemplateSource | None:
+    return packed.source  # read through a call: not the type the test assigned
+
+
 def test_a_learned_template_is_the_sources_bytes_when_they_are_equal() -> None:
     """The log of a relayed answer keeps the decoder's template objects, not equal copies
     (~300 bytes per live stream), and reads back the same; a source whose template differs
@@ -265,17 +270,18 @@ def test_a_learned_template_is_the_sources_bytes_when_they_are_equal() -> None:
     assert packed._tail is shared[1]
     packed.extend(model[-3:])
     packed.seal()
-    assert packed.source is None
+    assert _source_of(packed) is None
     _read_all_ranges(packed, model)
 
     other = _Decoded()
     for payload in _answer([b"x"], key=b"reasoning_content")[:2]:
         other.feed(payload)
-    assert other.text_template() is not None
+    reasoning = other.text_template()
+    assert reasoning is not None
     packed = PackedEvents()
     packed.source = other
     packed.extend(model)
     packed.seal()
-    assert packed._head != other.text_template()  # its own template: the text chunks'
+    assert (packed._head, packed._tail) != reasoning  # its own: the content chunks'
     assert packed._head.endswith(b'"content":"')
     _read_all_ranges(packed, model)
