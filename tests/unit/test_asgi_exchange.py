@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import Any
 
 from unbroken.gateway.asgi import Exchange
@@ -28,12 +29,19 @@ def _exchange(receive: Any, send: Any) -> Exchange:
     return Exchange({"type": "http", "headers": []}, receive, send, [], 1024)
 
 
+def _run(step: Awaitable[Any]) -> Any:
+    async def main() -> Any:
+        return await step
+
+    return asyncio.run(main())
+
+
 def test_the_servers_own_methods_are_called_through_the_server() -> None:
     server = _Server()
     ex = _exchange(server.receive, server.send)
-    asyncio.run(ex.send({"type": "http.response.body"}))
+    _run(ex.send({"type": "http.response.body"}))
     assert server.sent == [("send", {"type": "http.response.body"})]
-    assert asyncio.run(ex.receive())["body"] == b"x"
+    assert _run(ex.receive())["body"] == b"x"
     assert ex._send is None  # held as the server, not as two bound methods
 
 
@@ -42,13 +50,13 @@ def test_any_other_callables_are_kept_and_called_as_given() -> None:
     function, is called itself, never the object's `send`."""
     server = _Server()
     ex = _exchange(server.receive, server.wrapped_send)
-    asyncio.run(ex.send({"type": "a"}))
+    _run(ex.send({"type": "a"}))
     seen: list[Any] = []
 
     async def send(message: Any) -> None:
         seen.append(message)
 
     plain = _exchange(server.receive, send)
-    asyncio.run(plain.send({"type": "b"}))
+    _run(plain.send({"type": "b"}))
     assert server.sent == [("wrapped", {"type": "a"})]
     assert seen == [{"type": "b"}]
