@@ -815,11 +815,11 @@ def test_relay_one_folds_a_reasoners_stream_like_feed() -> None:
     relayed = Attempt(AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0)
     n_text = 0
     for i, read in enumerate(reads):
-        template = relayed.decoder._head
+        template = relayed.decoder.text_template
         got = relayed.relay_one(read, 1.0 + i)
         chunks = fed.feed(read, 1.0 + i)
         if isinstance(got, bytes):
-            n_text += bool(template) and read.startswith(template)
+            n_text += template is not None and read.startswith(b"data: " + template[0])
             assert relayed.decoder.raw is None  # handed on: not held until the next read
             assert payloads(fed) == [got]
             assert [msgspec.json.decode(got, type=ChatCompletionChunk)] == chunks

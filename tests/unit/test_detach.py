@@ -106,7 +106,12 @@ def test_a_waiter_woken_before_it_parks_resumes_once_when_it_parks() -> None:
     assert waiter.done()
     assert spawned == []
     cycle: Any = object()  # not used by the waiter itself
-    waiter.park(cycle, lambda cycle, d, ctx: spawned.append(d))
+
+    class Resumer:
+        def resume_task(self, cycle: Any, detached: Detached, context: Any) -> None:
+            spawned.append(detached)
+
+    waiter.park(cycle, Resumer())
     assert spawned == [waiter]
     waiter.set_result(None)
     assert spawned == [waiter]

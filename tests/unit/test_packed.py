@@ -7,7 +7,8 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from unbroken.stores.packed import BLOCK_EVENTS, PackedEvents, _template
+from unbroken.core.stream import ChatStreamDecoder
+from unbroken.stores.packed import BLOCK_EVENTS, PackedEvents, TemplateSource, _template
 
 
 def _chunk(i: int, text: bytes) -> bytes:
@@ -129,7 +130,8 @@ def test_text_chunks_are_kept_as_their_text() -> None:
     packed = PackedEvents()
     for payload in model[:-3]:
         packed.add(payload)
-    assert len(packed._open) < 12 * BLOCK_EVENTS  # middles, not ~250-byte events
+    open_block = len(packed._packed) - (packed._ends[-1] >> 4)
+    assert open_block < 12 * BLOCK_EVENTS  # middles, not ~250-byte events
     _read_all_ranges(packed, model[:-3])
     packed.extend(model[-3:])
     packed.seal()
@@ -229,3 +231,57 @@ def test_templated_events_round_trip(model: list[bytes], data: st.DataObject) ->
     packed = _round_trip(model, data)
     if model:
         assert packed.get(1, len(model)) == model
+
+
+class _Decoded:
+    """A template source as the gateway's: the SDK stream's decoder of the same events."""
+
+    def __init__(self) -> None:
+        self.decoder = ChatStreamDecoder()
+
+    def text_template(self) -> tuple[bytes, bytes] | None:
+        return self.decoder.text_template
+
+    def feed(self, payload: bytes) -> None:
+        """Decode `payload`'s event as a relay does."""
+        event = b"data: " + payload + b"\n\n"
+        if self.decoder.feed_one(event) is None:
+            assert self.decoder.feed(event)
+
+
+def _source_of(packed: PackedEvents) -> TemplateSource | None:
+    return packed.source  # read through a call: not the type the test assigned
+
+
+def test_a_learned_template_is_the_sources_bytes_when_they_are_equal() -> None:
+    """The log of a relayed answer keeps the decoder's template objects, not equal copies
+    (~300 bytes per live stream), and reads back the same; a source whose template differs
+    (another answer's) is not taken; a sealed log no longer holds its source."""
+    model = _answer([b"word%d" % i for i in range(40)])
+    source = _Decoded()
+    packed = PackedEvents()
+    packed.source = source
+    for payload in model[:-3]:
+        source.feed(payload)
+        packed.add(payload)
+    shared = source.text_template()
+    assert shared is not None
+    assert packed._head is shared[0]
+    assert packed._tail is shared[1]
+    packed.extend(model[-3:])
+    packed.seal()
+    assert _source_of(packed) is None
+    _read_all_ranges(packed, model)
+
+    other = _Decoded()
+    for payload in _answer([b"x"], key=b"reasoning_content")[:2]:
+        other.feed(payload)
+    reasoning = other.text_template()
+    assert reasoning is not None
+    packed = PackedEvents()
+    packed.source = other
+    packed.extend(model)
+    packed.seal()
+    assert (packed._head, packed._tail) != reasoning  # its own: the content chunks'
+    assert packed._head.endswith(b'"content":"')
+    _read_all_ranges(packed, model)

@@ -157,6 +157,11 @@ class Engine:
         self._stream = stream
         return True
 
+    def text_template(self) -> tuple[bytes, bytes] | None:
+        """The attempt's text template (`ChatStreamDecoder.text_template`), if any."""
+        attempt: Attempt | None = self._attempt  # None between attempts (`_clear`)
+        return None if attempt is None else attempt.decoder.text_template
+
     def __aiter__(self) -> Engine:
         return self
 

@@ -439,6 +439,14 @@ class AsyncStream:
         """The answer as far as it arrived (also after `aclose()` or an error)."""
         return self._completion or self._run.completion(time.monotonic())
 
+    def text_template(self) -> tuple[bytes, bytes] | None:
+        """The JSON around the text of the answer's plain text chunks, as the running
+        attempt learned it (`ChatStreamDecoder.text_template`), or None: a consumer keeping
+        those chunks' bytes (the gateway's stream log) can keep these objects for its own
+        template instead of equal copies."""
+        engine = self._engine
+        return None if engine is None else engine.text_template()
+
     async def sentences(self) -> AsyncIterator[str]:
         """The answer text of choice 0 as whole sentences (see `Stream.sentences`)."""
         splitter = SentenceSplitter()

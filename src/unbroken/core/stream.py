@@ -143,12 +143,15 @@ class ChatStreamDecoder:
         # as the only event of its read (valid UTF-8); else None (also once
         # `Attempt.relay_one` handed them on).
         self.raw: bytes | None = None
-        # The text template (see `feed_one`): the bytes of the last plain text chunk's event
-        # before and after its text, its choice, and whether the text is reasoning (else
-        # content). Empty: none yet.
+        # The text template (see `feed_one`): the bytes of the last plain text chunk's JSON
+        # before and after its text (not its event's `data: ` and blank line: these bytes
+        # are `text_template`, shared with the gateway's stream log, ~340 bytes a live
+        # stream less than a copy each), its choice, and whether the text is reasoning
+        # (else content). Empty: none yet.
         self._head = b""
         self._tail = b""
-        self._text_at = self._n_tail = 0  # their lengths (no `len` call per chunk)
+        # Where the text starts in the event, and the bytes after it (no `len` per chunk).
+        self._text_at = self._n_tail = 0
         self.text_index = 0
         self.text_reasoning = False
         # The SSE decoder holds nothing of an earlier event and its `last_event_id` is
@@ -182,7 +185,13 @@ class ChatStreamDecoder:
         if self._mode != "sse" or not self._raw_ok or self.done or self.error is not None:
             return None
         head = self._head
-        if head and data.startswith(head) and data.endswith(self._tail):
+        if (
+            head
+            and data.startswith(head, 6)
+            and data.endswith(self._tail, 0, -2)
+            and data.startswith(b"data: ")
+            and data.endswith(b"\n\n")
+        ):
             size = len(data)
             start, end = self._text_at, size - self._n_tail
             if end >= start and size - 7 <= self._max:
@@ -215,6 +224,13 @@ class ChatStreamDecoder:
         self.raw = payload
         self._learn(chunk, payload)
         return chunk
+
+    @property
+    def text_template(self) -> tuple[bytes, bytes] | None:
+        """The JSON of the last plain text chunk before and after its text (see `feed_one`),
+        or None before one. A log that keeps text chunks as their text can keep these very
+        bytes objects as its template instead of equal copies (stores/packed.py)."""
+        return (self._head, self._tail) if self._head else None
 
     def _take_one(self) -> bool:
         self._clean = self._sse.take_one()
@@ -261,10 +277,10 @@ class ChatStreamDecoder:
         if at < 0 or payload.find(needle, at + 1) >= 0:
             return
         start = at + len(key)
-        self._head = b"data: " + payload[:start]
-        self._tail = payload[start + len(needle) - len(key) - 1 :] + b"\n\n"
-        self._text_at = len(self._head)
-        self._n_tail = len(self._tail)
+        self._head = payload[:start]
+        self._tail = payload[start + len(needle) - len(key) - 1 :]
+        self._text_at = len(self._head) + 6  # after `data: `
+        self._n_tail = len(self._tail) + 2  # and the blank line
         self.text_index = choice.index
         self.text_reasoning = reasoning
 

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
@@ -40,6 +40,16 @@ logger = logging.getLogger(__name__)
 
 # The scope extension under which the gateway's protocol offers detaching.
 DETACH_EXTENSION = "unbroken.detach"
+
+
+class Resumer(Protocol):
+    """What runs the rest of a parked request: the connection's protocol
+    (`GatewayHttpProtocol.resume_task`)."""
+
+    def resume_task(
+        self, cycle: RequestResponseCycle, detached: Detached, context: contextvars.Context
+    ) -> None:
+        """Run the rest of `detached`'s request in a new task, in `context`."""
 
 
 class Detached:
@@ -60,7 +70,7 @@ class Detached:
     __slots__ = (
         "_ctx",
         "_done",
-        "_spawn",
+        "_resumer",
         "cache_key",
         "cycle",
         "ex",
@@ -97,8 +107,7 @@ class Detached:
         self.method = ""
         self.request_id = b""
         self.cycle: RequestResponseCycle | None = None
-        self._spawn: Callable[[RequestResponseCycle, Detached, contextvars.Context], None] | None
-        self._spawn = None
+        self._resumer: Resumer | None = None
         self._ctx: contextvars.Context | None = None
 
     def carry(self, before: Detached) -> None:
@@ -112,16 +121,13 @@ class Detached:
         self.ex, self.record, self.path = before.ex, before.record, before.path
         self.method, self.request_id = before.method, before.request_id
 
-    def park(
-        self,
-        cycle: RequestResponseCycle,
-        spawn: Callable[[RequestResponseCycle, Detached, contextvars.Context], None],
-    ) -> None:
-        """The task ends here: `spawn(cycle, self, context)` runs the rest once
-        `set_result` is called (in a copy of this context: the request's, with its access
-        record)."""
+    def park(self, cycle: RequestResponseCycle, resumer: Resumer) -> None:
+        """The task ends here: `resumer.resume_task(cycle, self, context)` runs the rest
+        once `set_result` is called (in a copy of this context: the request's, with its
+        access record). The resumer (the connection's protocol), not its bound method, is
+        held while parked: 64 bytes less per live answer (bench/stream_memory.py)."""
         self.cycle = cycle
-        self._spawn = spawn
+        self._resumer = resumer
         self._ctx = contextvars.copy_context()
         if self._done:  # resolved before the task ended (not seen: nothing awaits between)
             self._done = False
@@ -138,11 +144,11 @@ class Detached:
         if self._done:
             return
         self._done = True
-        spawn, cycle, ctx = self._spawn, self.cycle, self._ctx
-        if spawn is None or cycle is None or ctx is None:
+        resumer, cycle, ctx = self._resumer, self.cycle, self._ctx
+        if resumer is None or cycle is None or ctx is None:
             return  # not parked yet: `park` wakes it
         self._ctx = None
-        spawn(cycle, self, ctx)
+        resumer.resume_task(cycle, self, ctx)
 
 
 class Parked(BaseException):
@@ -187,7 +193,7 @@ async def _run(cycle: RequestResponseCycle, step: Awaitable[Any]) -> None:
 
 def _park(cycle: RequestResponseCycle, detached: Detached) -> None:
     protocol = cycle.on_response.__self__  # type: ignore[attr-defined]  # GuardedProtocol's bound method
-    detached.park(cycle, protocol.resume_task)
+    detached.park(cycle, protocol)
 
 
 def _nothing() -> None:

@@ -22,8 +22,9 @@ from __future__ import annotations
 import zlib
 from array import array
 from collections.abc import Sequence
+from typing import Protocol
 
-__all__ = ["BLOCK_EVENTS", "PackedEvents"]
+__all__ = ["BLOCK_EVENTS", "PackedEvents", "TemplateSource"]
 
 # Events per block. Smaller blocks hold fewer raw events while open; with templates the
 # open block holds middles only (~40 bytes an event less than whole events), so this only
@@ -54,9 +55,21 @@ _KIND_MASK = (1 << _KIND_BITS) - 1
 _NO_TEMPLATES: tuple[bytes, ...] = ()
 
 
+class TemplateSource(Protocol):
+    """What may already hold a template's bytes (the SDK stream whose chunks are added:
+    `AsyncStream.text_template`)."""
+
+    def text_template(self) -> tuple[bytes, bytes] | None:
+        """A head and a tail, or None."""
+
+
 class PackedEvents:
     """The events of one log, numbered from 1 (see the module docstring). Nothing is added
-    after `seal`."""
+    after `seal`.
+
+    `source`, when set, is asked for its template whenever one is learned: equal bytes are
+    kept as its objects, not as copies (the decoder's of a relayed answer and the log's
+    are the same ~300 bytes; bench/stream_memory.py). Whoever sets it unsets it."""
 
     __slots__ = (
         "_at",
@@ -65,25 +78,26 @@ class PackedEvents:
         "_head",
         "_lengths",
         "_n_used",
-        "_open",
         "_packed",
         "_tail",
         "_templates",
         "_tried",
         "_whole",
         "_zdict",
+        "source",
     )
 
     def __init__(self) -> None:
         # The sealed blocks, one after the other, and for each `end << 4 | kind`: where it
         # ends, and 0 for deflated or the number of the template whose middles it holds.
+        # Then the open block (from the last end): its events one after the other, each as
+        # its middle under the current template, or whole (bit i of `_whole` set; set off
+        # the hot path). One bytearray, not one more for the open block: ~60 bytes less
+        # per live stream, and a block of middles is sealed where it is, with no copy.
         self._packed = bytearray()
         self._ends = array("Q")
         # Two bytes an event while every event is below 64 KiB (`_grow` widens it).
         self._lengths = array("H")
-        # The open block: its events one after the other, each as its middle under the
-        # current template, or whole (bit i of `_whole` set; set off the hot path).
-        self._open = bytearray()
         self._whole = 0
         # The templates learned (head, tail, head, tail...); the current one is the last,
         # also in `_head` and `_tail` (empty: none). `_n_used` of them are named by blocks.
@@ -94,6 +108,7 @@ class PackedEvents:
         self._n_used = 0
         self._tried = False  # a template was learned (or tried) in the open block
         self._zdict: bytes | None = None  # chosen at the first deflate
+        self.source: TemplateSource | None = None
 
     def __len__(self) -> int:
         return len(self._lengths)
@@ -119,7 +134,7 @@ class PackedEvents:
         cut = self._cut
         if cut and size >= cut and payload.startswith(self._head) and payload.endswith(self._tail):
             at = self._at
-            block = self._open
+            block = self._packed
             block += payload[at : at + size - cut]
         else:
             self._miss(payload)
@@ -135,14 +150,15 @@ class PackedEvents:
         whole = self._whole
         if not self._tried and n > 0 and whole == (1 << n) - 1 and len(lengths) > 2:
             self._tried = True
-            prev = bytes(self._open[len(self._open) - lengths[-2] :])
+            packed = self._packed
+            prev = bytes(packed[len(packed) - lengths[-2] :])
             learned = _template(prev, payload)
             if learned is not None and self._learn(*learned):
                 head, tail = learned
-                self._open += payload[len(head) : len(payload) - len(tail)]
+                self._packed += payload[len(head) : len(payload) - len(tail)]
                 return
         self._whole = whole | 1 << n
-        self._open += payload
+        self._packed += payload
 
     def _learn(self, head: bytes, tail: bytes) -> bool:
         templates = self._templates
@@ -150,6 +166,9 @@ class PackedEvents:
             templates = templates[:-2]  # the current one: no block names it yet
         elif len(templates) // 2 >= MAX_TEMPLATES:
             return False
+        shared = None if self.source is None else self.source.text_template()
+        if shared is not None and shared[0] == head and shared[1] == tail:
+            head, tail = shared
         self._templates = (*templates, head, tail)
         self._head = head
         self._tail = tail
@@ -164,16 +183,16 @@ class PackedEvents:
 
     def seal(self) -> None:
         """Seal the open block (the log ended: nothing follows)."""
+        self.source = None
         if len(self._lengths) > len(self._ends) * BLOCK_EVENTS:
             self._seal()
 
     def _seal(self) -> None:
         n = len(self._lengths) - len(self._ends) * BLOCK_EVENTS
-        block = self._open
         packed = self._packed
-        if not self._whole and len(block) <= RAW_MAX_BYTES * n:
-            kind = self._n_used = len(self._templates) // 2
-            packed += block
+        start = self._open_at()
+        if not self._whole and len(packed) - start <= RAW_MAX_BYTES * n:
+            kind = self._n_used = len(self._templates) // 2  # the middles stay as they are
         else:
             kind = 0
             events = self._open_events(n)
@@ -181,10 +200,10 @@ class PackedEvents:
             if zdict is None:
                 zdict = self._zdict = (self._head or events[0])[:ZDICT_MAX_BYTES]
             packer = zlib.compressobj(LEVEL, zlib.DEFLATED, WBITS, MEM_LEVEL, zdict=zdict)
+            del packed[start:]
             packed += packer.compress(b"".join(events))
             packed += packer.flush()
         self._ends.append(len(packed) << _KIND_BITS | kind)
-        block.clear()
         self._whole = 0
         self._tried = False
 
@@ -192,7 +211,13 @@ class PackedEvents:
         """The `n` events of the open block."""
         coded = ~self._whole & ((1 << n) - 1)
         first = len(self._ends) * BLOCK_EVENTS
-        return self._rebuild(self._open, first, n, coded, self._head, self._tail)
+        block = self._packed[self._open_at() :]
+        return self._rebuild(block, first, n, coded, self._head, self._tail)
+
+    def _open_at(self) -> int:
+        """Where the open block starts in `_packed`."""
+        ends = self._ends
+        return ends[-1] >> _KIND_BITS if ends else 0
 
     def _rebuild(
         self, data: bytes | bytearray, first: int, count: int, coded: int, head: bytes, tail: bytes

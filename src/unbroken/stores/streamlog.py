@@ -26,7 +26,7 @@ from unbroken.core.streamlog import (
     release_lease,
 )
 from unbroken.errors import StoreError
-from unbroken.stores.packed import PackedEvents
+from unbroken.stores.packed import PackedEvents, TemplateSource
 
 __all__ = [
     "END_SLACK_BYTES",
@@ -378,6 +378,13 @@ class MemoryStreamLog:
             size += length
         payloads = packed.get(after + 1, last) if last > after else []
         return Batch(list(enumerate(payloads, after + 1)), stream.ended, stream.n_events)
+
+    def share_template(self, stream_id: str, source: TemplateSource | None) -> None:
+        """Templates the log of `stream_id` learns are taken from `source` when it holds the
+        same bytes (`PackedEvents.source`); None stops asking it (the writer is done)."""
+        stream = self._streams.get(stream_id)
+        if stream is not None and not stream.gone:
+            stream.events.source = source
 
     def events_now(self, stream_id: str, after: int, last: int) -> list[tuple[int, bytes]] | None:
         """Events `after + 1` to `last` read without a coroutine (a producer on this process
