@@ -54,7 +54,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import (
+    AbstractContextManager,
+    ExitStack,
+    contextmanager,
+    nullcontext,
+    suppress,
+)
 from pathlib import Path
 from typing import Any
 
@@ -730,8 +736,14 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def measure(target: Target, concurrency: int, rounds: int) -> dict[str, float]:
-    """One load run against one target; figures of the run."""
+def measure(
+    target: Target,
+    concurrency: int,
+    rounds: int,
+    watch: AbstractContextManager[object] | None = None,
+) -> dict[str, float]:
+    """One load run against one target; figures of the run. `watch`, when given, is entered
+    around the load run only (after the warm-up), e.g. to charge each worker's CPU."""
     # Warm-up: connections, imports, caches.
     subprocess.run(
         [
@@ -750,7 +762,7 @@ def measure(target: Target, concurrency: int, rounds: int) -> dict[str, float]:
     )
     rss_before = rss_bytes(target.pid)
     cpu_before = cpu_seconds(target.pid)
-    with RssSampler(target.pid) as sampler:
+    with RssSampler(target.pid) as sampler, watch or nullcontext():
         out = subprocess.run(
             [
                 sys.executable,
@@ -1099,60 +1111,218 @@ def redis_process() -> Iterator[tuple[str, int]]:
             proc.wait(10)
 
 
-def compare_workers(concurrency: int, repeat: int) -> None:
-    """Chunks/s at saturation through `unbroken serve --workers 2` against `--workers 1`,
-    both on a Redis store (the state several workers share), the mock measured alone too.
+def _redis_call(port: int, *args: str) -> bytes:
+    """One command to the bench's redis-server over RESP; the raw reply (bulk or status)."""
+    payload = f"*{len(args)}\r\n".encode() + b"".join(
+        f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(payload)
+        reply = b""
+        while True:
+            reply += sock.recv(65536)
+            if reply[:1] in (b"+", b"-") and reply.endswith(b"\r\n"):
+                return reply
+            if reply[:1] == b"$" and b"\r\n" in reply:
+                size = int(reply[1 : reply.index(b"\r\n")])
+                if len(reply) >= reply.index(b"\r\n") + 2 + size + 2:
+                    return reply
 
-    On a machine with fewer free cores than the workers plus the mock, the load process and
-    Redis need, the measured chunks/s ratio is bounded by the cores there are; so each row
-    also shows the cores its gateway used and its CPU per chunk, and the capacity at
-    saturation (each worker with a core of its own: workers / CPU per chunk) is printed
-    beside the measured ratio. Redis' own CPU per chunk is shown, since a shared Redis must
-    keep up too.
-    """
-    rounds = ROUNDS.get(concurrency, 1)
+
+def _redis_commands(port: int) -> dict[str, int]:
+    """Calls per Redis command since the last CONFIG RESETSTAT."""
+    text = _redis_call(port, "INFO", "commandstats").decode(errors="replace")
+    return {
+        found.group(1): int(found.group(2))
+        for found in re.finditer(r"cmdstat_([\w|]+):calls=(\d+)", text)
+    }
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    """Inodes of the sockets process `pid` holds open."""
+    inodes: set[str] = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in fds:
+        with suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    return inodes
+
+
+def _established_on(port: int) -> set[str]:
+    """Inodes of the established TCP connections whose local port is `port`."""
+    found: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with suppress(OSError), open(table, encoding="ascii") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    found.add(fields[9])
+    return found
+
+
+class WorkerWatch:
+    """Around one load run: each gateway worker's CPU (utime + stime from /proc) and, sampled
+    every 250 ms in a thread, how many of the gateway's client connections each one holds,
+    i.e. how the kernel's SO_REUSEPORT hashing spread the streams."""
+
+    def __init__(self, supervisor: int, port: int) -> None:
+        self.port = port
+        self.pids = [p for p in _tree(supervisor) if p != supervisor] or [supervisor]
+        self.cpu = dict.fromkeys(self.pids, 0.0)
+        self.held = dict.fromkeys(self.pids, 0)
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._started = 0.0
+        self.wall = 0.0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            live = _established_on(self.port)
+            if not live:
+                continue
+            self.samples += 1
+            for pid in self.pids:
+                self.held[pid] += len(_socket_inodes(pid) & live)
+
+    def __enter__(self) -> WorkerWatch:
+        self.cpu = {pid: -cpu_seconds(pid) for pid in self.pids}
+        self._started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.wall = time.perf_counter() - self._started
+        for pid in self.pids:
+            self.cpu[pid] += cpu_seconds(pid)
+
+    def figures(self) -> dict[str, float]:
+        """Per worker (w0, w1, ...): cores used over the run and mean client connections."""
+        out: dict[str, float] = {}
+        for i, pid in enumerate(self.pids):
+            out[f"w{i}_cores"] = self.cpu[pid] / self.wall
+            out[f"w{i}_conns"] = self.held[pid] / max(1, self.samples)
+        return out
+
+
+def _workers_setup(
+    target: Target, redis_port: int, redis_pid: int, concurrency: int, repeat: int
+) -> dict[str, float]:
+    """`repeat` load runs of `concurrency` streams against a gateway (one or more workers):
+    medians of the figures, each worker's cores and connections, and Redis' CPU and calls
+    per relayed chunk."""
+    runs = []
+    for _ in range(repeat):
+        watch = WorkerWatch(target.pid, target.port)
+        before = cpu_seconds(redis_pid)
+        _redis_call(redis_port, "CONFIG", "RESETSTAT")
+        run = measure(target, concurrency, ROUNDS.get(concurrency, 1), watch=watch)
+        calls = _redis_commands(redis_port)
+        run["redis_us"] = (cpu_seconds(redis_pid) - before) / run["chunks"] * 1e6
+        run["redis_calls"] = sum(calls.values()) / run["chunks"]
+        for name, count in calls.items():
+            run[f"redis:{name}"] = count / run["chunks"]
+        run.update(watch.figures())
+        runs.append(run)
+    keys = set().union(*runs)
+    return {key: statistics.median(run.get(key, 0.0) for run in runs) for key in keys}
+
+
+def compare_workers(per_process: int, repeat: int) -> None:
+    """`unbroken serve --workers 2` against `--workers 1` at equal load per process: one
+    worker relaying `per_process` streams, two workers relaying `per_process` each (twice
+    the streams in all), every process on the same Redis store (the state workers share).
+
+    Why equal load per process: a gateway process's CPU per chunk depends on how many
+    streams it relays (more streams, more work per turn of its event loop), so comparing
+    one worker at N streams with two at N/2 each mixes that effect into the ratio. At
+    saturation every worker is as loaded as it can be; the nearest this run comes is each
+    process at the same load. Chunks/s at saturation cannot be measured on a machine with
+    fewer free cores than the workers plus the mock, the load process and Redis (two cores
+    here): so beside the measured chunks/s each row shows its processes' CPU per chunk, the
+    cores each worker used (how far from saturation: 1.00 is a full core) and how the
+    connections were spread; the estimate at saturation is processes / CPU per chunk.
+    The mock alone at both stream counts shows what the machine offers. One worker at the
+    doubled stream count is shown too (the earlier comparison's one-worker side)."""
+    both = 2 * per_process
+    setups = [(1, per_process), (2, both), (1, both)]
     with (
         tempfile.TemporaryDirectory() as tmp,
         mock_process(MOCK_CONFIG) as mock_url,
         redis_process() as (redis_url, redis_pid),
     ):
+        redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
         mock_port = int(mock_url.rsplit(":", 1)[1])
         env = {"UNBROKEN_GATEWAY_STORE": redis_url, "UNBROKEN_GATEWAY_SESSIONS": redis_url}
         direct = Target("direct", 0, mock_port, "/v1/chat/completions")
-        rows: dict[str, dict[str, float]] = {"direct": measure_median(direct, concurrency, repeat)}
+        rows: dict[tuple[int, int], dict[str, float]] = {
+            (0, c): measure_median(direct, c, repeat) for c in (per_process, both)
+        }
         for n in (1, 2):
             with unbroken_server(mock_url, Path(tmp), workers=n, extra_env=env) as target:
-                runs = []
-                for _ in range(repeat):
-                    before = cpu_seconds(redis_pid)
-                    run = measure(target, concurrency, rounds)
-                    run["redis_us"] = (cpu_seconds(redis_pid) - before) / run["chunks"] * 1e6
-                    runs.append(run)
-                rows[f"{n} worker{'s' if n > 1 else ''}"] = {
-                    key: statistics.median(run[key] for run in runs) for key in runs[0]
-                }
+                for workers, streams in setups:
+                    if workers == n:
+                        rows[(n, streams)] = _workers_setup(
+                            target, redis_port, redis_pid, streams, repeat
+                        )
         print(
-            f"\nworkers at concurrency {concurrency} (Redis store), medians of {repeat} runs: "
-            f"{os.cpu_count()} CPUs shared by the mock, the load process, Redis and the "
-            f"workers; load average {_load_average()}"
+            f"\nworkers at {per_process} streams per process (Redis store), medians of "
+            f"{repeat} runs: {os.cpu_count()} CPUs shared by the mock, the load process, "
+            f"Redis and the workers; load average {_load_average()}"
         )
-        for name, r in rows.items():
-            line = (
-                f"  {name:<9} {int(r['complete'])}/{int(r['streams'])} whole, "
-                f"{r['rate']:>7.0f} chunks/s, TTFT p50 {r['ttft50']:.1f} ms"
+        for (workers, streams), r in rows.items():
+            name = "mock alone" if workers == 0 else f"{workers} worker{'s' if workers > 1 else ''}"
+            print(
+                f"  {name:<10} {streams:>4} streams: {int(r['complete'])}/{int(r['streams'])} "
+                f"whole, {r['rate']:>7.0f} chunks/s, TTFT p50 {r['ttft50']:.1f} ms"
             )
-            if name != "direct":
-                workers = 2 if name.startswith("2") else 1
-                line += (
-                    f", gateway {r['us_per_chunk']:.1f} us CPU per chunk on {r['cores']:.2f} "
-                    f"cores, Redis {r['redis_us']:.1f} us per chunk; capacity "
-                    f"{workers * 1e6 / r['us_per_chunk']:.0f} chunks/s"
-                )
-            print(line)
-        one, two = rows["1 worker"], rows["2 workers"]
-        print(f"  chunks/s measured, 2 workers / 1 worker = {two['rate'] / one['rate']:.2f}x")
-        capacity = 2 * one["us_per_chunk"] / two["us_per_chunk"]
-        print(f"  capacity at saturation, 2 workers / 1 worker = {capacity:.2f}x")
+            if workers == 0:
+                continue
+            cores = [r[f"w{i}_cores"] for i in range(workers)]
+            conns = [r[f"w{i}_conns"] for i in range(workers)]
+            top = sorted(
+                ((k.removeprefix("redis:"), v) for k, v in r.items() if k.startswith("redis:")),
+                key=lambda kv: -kv[1],
+            )[:4]
+            print(
+                f"      gateway {r['us_per_chunk']:.1f} us CPU per chunk per process, "
+                f"{r['rate'] / workers:.0f} chunks/s per process; cores per worker "
+                f"{' / '.join(f'{c:.2f}' for c in cores)}; connections per worker "
+                f"{' / '.join(f'{c:.0f}' for c in conns)}; estimate at saturation "
+                f"{workers * 1e6 / r['us_per_chunk']:.0f} chunks/s"
+            )
+            print(
+                f"      Redis {r['redis_us']:.1f} us CPU and {r['redis_calls']:.2f} calls per "
+                f"chunk ({', '.join(f'{k} {v:.2f}' for k, v in top)})"
+            )
+        one, two, old = rows[(1, per_process)], rows[(2, both)], rows[(1, both)]
+        print(
+            f"  2 workers x {per_process} against 1 worker x {per_process} (equal load per "
+            f"process):"
+        )
+        print(
+            f"    chunks/s measured: {two['rate'] / one['rate']:.2f}x (the mock alone: "
+            f"{rows[(0, both)]['rate'] / rows[(0, per_process)]['rate']:.2f}x)"
+        )
+        print(
+            f"    estimate at saturation (processes / CPU per chunk): "
+            f"{2 * one['us_per_chunk'] / two['us_per_chunk']:.2f}x; what the second worker "
+            f"adds per chunk: gateway {two['us_per_chunk'] - one['us_per_chunk']:+.1f} us, "
+            f"Redis {two['redis_us'] - one['redis_us']:+.1f} us"
+        )
+        print(
+            f"  2 workers x {per_process} against 1 worker x {both} (equal streams in all): "
+            f"measured {two['rate'] / old['rate']:.2f}x, estimate "
+            f"{2 * old['us_per_chunk'] / two['us_per_chunk']:.2f}x"
+        )
 
 
 def main() -> None:
@@ -1184,7 +1354,7 @@ def main() -> None:
         type=int,
         default=0,
         metavar="C",
-        help="instead: chunks/s with --workers 2 against 1, at concurrency C (e.g. 256)",
+        help="instead: --workers 2 against 1 at C streams per process (e.g. 128)",
     )
     args = parser.parse_args()
     raise_open_files()
