@@ -54,13 +54,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import (
-    AbstractContextManager,
-    ExitStack,
-    contextmanager,
-    nullcontext,
-    suppress,
-)
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -736,14 +730,8 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def measure(
-    target: Target,
-    concurrency: int,
-    rounds: int,
-    watch: AbstractContextManager[object] | None = None,
-) -> dict[str, float]:
-    """One load run against one target; figures of the run. `watch`, when given, is entered
-    around the load run only (after the warm-up), e.g. to charge each worker's CPU."""
+def measure(target: Target, concurrency: int, rounds: int) -> dict[str, float]:
+    """One load run against one target; figures of the run."""
     # Warm-up: connections, imports, caches.
     subprocess.run(
         [
@@ -762,7 +750,7 @@ def measure(
     )
     rss_before = rss_bytes(target.pid)
     cpu_before = cpu_seconds(target.pid)
-    with RssSampler(target.pid) as sampler, watch or nullcontext():
+    with RssSampler(target.pid) as sampler:
         out = subprocess.run(
             [
                 sys.executable,
@@ -1167,15 +1155,19 @@ def _established_on(port: int) -> set[str]:
 
 
 class WorkerWatch:
-    """Around one load run: each gateway worker's CPU (utime + stime from /proc) and, sampled
-    every 250 ms in a thread, how many of the gateway's client connections each one holds,
-    i.e. how the kernel's SO_REUSEPORT hashing spread the streams."""
+    """Around one load run: the CPU (utime + stime from /proc) of a gateway's process tree
+    and of each worker, and, sampled every 250 ms in a thread, how many of the gateway's
+    client connections each worker holds, i.e. how the kernel's SO_REUSEPORT hashing spread
+    the streams."""
 
     def __init__(self, supervisor: int, port: int) -> None:
+        self.supervisor = supervisor
         self.port = port
         self.pids = [p for p in _tree(supervisor) if p != supervisor] or [supervisor]
         self.cpu = dict.fromkeys(self.pids, 0.0)
+        self.total = 0.0
         self.held = dict.fromkeys(self.pids, 0)
+        self.written = dict.fromkeys(self.pids, 0)
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -1193,6 +1185,8 @@ class WorkerWatch:
 
     def __enter__(self) -> WorkerWatch:
         self.cpu = {pid: -cpu_seconds(pid) for pid in self.pids}
+        self.written = {pid: -_bytes_written(pid) for pid in self.pids}
+        self.total = -cpu_seconds(self.supervisor)
         self._started = time.perf_counter()
         self._thread.start()
         return self
@@ -1203,126 +1197,226 @@ class WorkerWatch:
         self.wall = time.perf_counter() - self._started
         for pid in self.pids:
             self.cpu[pid] += cpu_seconds(pid)
+            self.written[pid] += _bytes_written(pid)
+        self.total += cpu_seconds(self.supervisor)
 
-    def figures(self) -> dict[str, float]:
-        """Per worker (w0, w1, ...): cores used over the run and mean client connections."""
-        out: dict[str, float] = {}
-        for i, pid in enumerate(self.pids):
-            out[f"w{i}_cores"] = self.cpu[pid] / self.wall
-            out[f"w{i}_conns"] = self.held[pid] / max(1, self.samples)
-        return out
+    def cores(self, wall: float) -> list[float]:
+        """Cores each worker used over `wall` seconds of load (1.00: a full core, i.e.
+        saturated)."""
+        return [self.cpu[pid] / wall for pid in self.pids]
+
+    def shares(self) -> list[float]:
+        """Each worker's share of the bytes the workers wrote (nearly all of it the streams'
+        chunks to their clients): how the relayed traffic was spread."""
+        total = sum(self.written.values()) or 1
+        return [self.written[pid] / total for pid in self.pids]
+
+    def connections(self) -> list[float]:
+        """Client connections each worker held, averaged over the samples."""
+        return [self.held[pid] / max(1, self.samples) for pid in self.pids]
 
 
-def _workers_setup(
-    target: Target, redis_port: int, redis_pid: int, concurrency: int, repeat: int
-) -> dict[str, float]:
-    """`repeat` load runs of `concurrency` streams against a gateway (one or more workers):
-    medians of the figures, each worker's cores and connections, and Redis' CPU and calls
-    per relayed chunk."""
-    runs = []
-    for _ in range(repeat):
-        watch = WorkerWatch(target.pid, target.port)
-        before = cpu_seconds(redis_pid)
-        _redis_call(redis_port, "CONFIG", "RESETSTAT")
-        run = measure(target, concurrency, ROUNDS.get(concurrency, 1), watch=watch)
-        calls = _redis_commands(redis_port)
-        run["redis_us"] = (cpu_seconds(redis_pid) - before) / run["chunks"] * 1e6
-        run["redis_calls"] = sum(calls.values()) / run["chunks"]
-        for name, count in calls.items():
-            run[f"redis:{name}"] = count / run["chunks"]
-        run.update(watch.figures())
-        runs.append(run)
-    keys = set().union(*runs)
-    return {key: statistics.median(run.get(key, 0.0) for run in runs) for key in keys}
+def _bytes_written(pid: int) -> int:
+    """Bytes process `pid` has written (to sockets and files), from /proc/<pid>/io."""
+    try:
+        with open(f"/proc/{pid}/io", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("wchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _load_args(target: Target, concurrency: int, rounds: int) -> list[str]:
+    return [
+        sys.executable,
+        __file__,
+        "--client",
+        str(target.port),
+        target.path,
+        target.auth,
+        str(concurrency),
+        str(rounds),
+    ]
+
+
+def _parallel_run(
+    loads: list[Target],
+    gateways: list[Target],
+    concurrency: int,
+    redis_port: int,
+    redis_pid: int,
+) -> dict[str, Any]:
+    """One load process of `concurrency` streams per entry of `loads`, all at once, through
+    `gateways` (the processes charged): delivered chunks/s, the gateways' CPU per chunk per
+    process, each worker's cores and connections, Redis' CPU and calls per chunk."""
+    rounds = ROUNDS.get(concurrency, 1)
+    for target in {t.port: t for t in loads}.values():  # warm-up: connections, imports
+        subprocess.run(
+            _load_args(target, min(concurrency, 8), 1), check=True, capture_output=True, timeout=600
+        )
+    watches = [WorkerWatch(g.pid, g.port) for g in gateways]
+    redis_before = cpu_seconds(redis_pid)
+    _redis_call(redis_port, "CONFIG", "RESETSTAT")
+    with ExitStack() as stack:
+        for watch in watches:
+            stack.enter_context(watch)
+        procs = [
+            subprocess.Popen(_load_args(t, concurrency, rounds), stdout=subprocess.PIPE, text=True)
+            for t in loads
+        ]
+        outs = [json.loads(proc.communicate(timeout=900)[0]) for proc in procs]
+    calls = _redis_commands(redis_port)
+    results = [r for out in outs for r in out["results"]]
+    chunks = sum(r[1] for r in results)
+    ttfts = [r[0] for r in results if r[0] is not None]
+    processes = sum(len(w.pids) for w in watches)
+    run: dict[str, Any] = {
+        "streams": len(results),
+        "complete": sum(1 for r in results if r[2] and r[1] >= CHUNKS - 1),
+        "rate": sum(sum(r[1] for r in out["results"]) / out["wall"] for out in outs),
+        "ttft50": pct(ttfts, 0.5) * 1000,
+        "processes": processes,
+        "us_per_chunk": sum(w.total for w in watches) / chunks * 1e6,
+        # Over the load's own wall time (its start-up, before the first stream, excluded).
+        "cores": [c for w in watches for c in w.cores(max(out["wall"] for out in outs))],
+        "connections": [c for w in watches for c in w.connections()],
+        "shares": [c for w in watches for c in w.shares()],
+        "redis_us": (cpu_seconds(redis_pid) - redis_before) / chunks * 1e6,
+        "redis_calls": sum(calls.values()) / chunks,
+        "redis_top": {name: count / chunks for name, count in calls.items()},
+    }
+    return run
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of every figure of `runs` (element-wise for lists, per key for dicts)."""
+    out: dict[str, Any] = {}
+    for key, first in runs[0].items():
+        if isinstance(first, list):
+            out[key] = [statistics.median(r[key][i] for r in runs) for i in range(len(first))]
+        elif isinstance(first, dict):
+            names = set().union(*(r[key] for r in runs))
+            out[key] = {n: statistics.median(r[key].get(n, 0.0) for r in runs) for n in names}
+        else:
+            out[key] = statistics.median(r[key] for r in runs)
+    return out
 
 
 def compare_workers(per_process: int, repeat: int) -> None:
-    """`unbroken serve --workers 2` against `--workers 1` at equal load per process: one
-    worker relaying `per_process` streams, two workers relaying `per_process` each (twice
-    the streams in all), every process on the same Redis store (the state workers share).
+    """`unbroken serve --workers 2` against `--workers 1` at equal load per process and on
+    an equally loaded machine, every gateway on one Redis store (the state workers share).
 
-    Why equal load per process: a gateway process's CPU per chunk depends on how many
-    streams it relays (more streams, more work per turn of its event loop), so comparing
-    one worker at N streams with two at N/2 each mixes that effect into the ratio. At
-    saturation every worker is as loaded as it can be; the nearest this run comes is each
-    process at the same load. Chunks/s at saturation cannot be measured on a machine with
-    fewer free cores than the workers plus the mock, the load process and Redis (two cores
-    here): so beside the measured chunks/s each row shows its processes' CPU per chunk, the
-    cores each worker used (how far from saturation: 1.00 is a full core) and how the
-    connections were spread; the estimate at saturation is processes / CPU per chunk.
-    The mock alone at both stream counts shows what the machine offers. One worker at the
-    doubled stream count is shown too (the earlier comparison's one-worker side)."""
+    A gateway process's CPU per chunk depends on how many streams it relays (more streams,
+    more work per turn of its event loop) and on how busy the machine is (on a busier machine
+    more chunks wait per read, per write and per Redis append, and each costs less). So:
+      1 worker   two `--workers 1` gateways on two ports, each relaying `per_process` streams
+                 from its own load process, at once: the per-process figures of one worker
+      2 workers  one `--workers 2` gateway relaying 2 x `per_process` streams from two load
+                 processes at once, the kernel spreading them over its workers
+    Both carry the same streams through the same mock, load processes and Redis; what
+    differs is what a second worker behind the same port costs. Their runs alternate, so a
+    change in the machine's other load hits both alike. Chunks/s at saturation cannot be
+    measured on a machine with fewer free cores than the workers plus the mock, the load
+    processes and Redis (two cores here): so each row shows the CPU per chunk per process,
+    the cores each worker used (1.00 = a full core: saturated) and the connections each
+    held; the estimate at saturation is processes / CPU per chunk. One worker alone (no
+    second gateway beside it) at `per_process` and at twice that many streams is shown too:
+    the comparisons an earlier version of this bench made."""
     both = 2 * per_process
-    setups = [(1, per_process), (2, both), (1, both)]
     with (
         tempfile.TemporaryDirectory() as tmp,
         mock_process(MOCK_CONFIG) as mock_url,
         redis_process() as (redis_url, redis_pid),
+        ExitStack() as stack,
     ):
         redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
         mock_port = int(mock_url.rsplit(":", 1)[1])
         env = {"UNBROKEN_GATEWAY_STORE": redis_url, "UNBROKEN_GATEWAY_SESSIONS": redis_url}
         direct = Target("direct", 0, mock_port, "/v1/chat/completions")
-        rows: dict[tuple[int, int], dict[str, float]] = {
-            (0, c): measure_median(direct, c, repeat) for c in (per_process, both)
+        mock_rates = {c: measure_median(direct, c, repeat)["rate"] for c in (per_process, both)}
+        gateways = []
+        for name, n, store in (("a", 1, env), ("b", 1, env), ("two", 2, env), ("memory", 1, {})):
+            workdir = Path(tmp) / name
+            workdir.mkdir()
+            gateways.append(
+                stack.enter_context(unbroken_server(mock_url, workdir, workers=n, extra_env=store))
+            )
+        one_a, one_b, two, memory = gateways
+        setups = {
+            f"1 worker x {per_process}, beside another": (
+                [one_a, one_b],
+                [one_a, one_b],
+                per_process,
+            ),
+            f"2 workers x {per_process}": ([two, two], [two], per_process),
+            f"1 worker x {per_process}, alone": ([one_a], [one_a], per_process),
+            f"1 worker x {both}, alone": ([one_a], [one_a], both),
+            f"1 worker x {per_process}, alone, memory store": ([memory], [memory], per_process),
         }
-        for n in (1, 2):
-            with unbroken_server(mock_url, Path(tmp), workers=n, extra_env=env) as target:
-                for workers, streams in setups:
-                    if workers == n:
-                        rows[(n, streams)] = _workers_setup(
-                            target, redis_port, redis_pid, streams, repeat
-                        )
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in setups}
+        for _ in range(repeat):
+            for name, (loads, charged, streams) in setups.items():
+                runs[name].append(_parallel_run(loads, charged, streams, redis_port, redis_pid))
+        rows = {name: _median_run(done) for name, done in runs.items()}
         print(
             f"\nworkers at {per_process} streams per process (Redis store), medians of "
-            f"{repeat} runs: {os.cpu_count()} CPUs shared by the mock, the load process, "
-            f"Redis and the workers; load average {_load_average()}"
+            f"{repeat} runs, alternating: {os.cpu_count()} CPUs shared by the mock, the load "
+            f"processes, Redis and the gateways; load average {_load_average()}"
         )
-        for (workers, streams), r in rows.items():
-            name = "mock alone" if workers == 0 else f"{workers} worker{'s' if workers > 1 else ''}"
+        print(
+            f"  mock alone: {mock_rates[per_process]:.0f} chunks/s at {per_process} streams, "
+            f"{mock_rates[both]:.0f} at {both} (what the machine offers)"
+        )
+        for name, r in rows.items():
+            top = sorted(r["redis_top"].items(), key=lambda kv: -kv[1])[:4]
+            per = r["rate"] / r["processes"]
             print(
-                f"  {name:<10} {streams:>4} streams: {int(r['complete'])}/{int(r['streams'])} "
-                f"whole, {r['rate']:>7.0f} chunks/s, TTFT p50 {r['ttft50']:.1f} ms"
+                f"  {name}: {int(r['complete'])}/{int(r['streams'])} whole, "
+                f"{r['rate']:.0f} chunks/s in all, {per:.0f} per process, TTFT p50 "
+                f"{r['ttft50']:.1f} ms"
             )
-            if workers == 0:
-                continue
-            cores = [r[f"w{i}_cores"] for i in range(workers)]
-            conns = [r[f"w{i}_conns"] for i in range(workers)]
-            top = sorted(
-                ((k.removeprefix("redis:"), v) for k, v in r.items() if k.startswith("redis:")),
-                key=lambda kv: -kv[1],
-            )[:4]
             print(
-                f"      gateway {r['us_per_chunk']:.1f} us CPU per chunk per process, "
-                f"{r['rate'] / workers:.0f} chunks/s per process; cores per worker "
-                f"{' / '.join(f'{c:.2f}' for c in cores)}; connections per worker "
-                f"{' / '.join(f'{c:.0f}' for c in conns)}; estimate at saturation "
-                f"{workers * 1e6 / r['us_per_chunk']:.0f} chunks/s"
+                f"      gateway {r['us_per_chunk']:.1f} us CPU per chunk per process; cores per "
+                f"worker {' / '.join(f'{c:.2f}' for c in r['cores'])}; connections per worker "
+                f"{' / '.join(f'{c:.0f}' for c in r['connections'])}, bytes written "
+                f"{' / '.join(f'{c:.0%}' for c in r['shares'])}; estimate at saturation "
+                f"{1e6 / r['us_per_chunk']:.0f} chunks/s per process"
             )
             print(
                 f"      Redis {r['redis_us']:.1f} us CPU and {r['redis_calls']:.2f} calls per "
                 f"chunk ({', '.join(f'{k} {v:.2f}' for k, v in top)})"
             )
-        one, two, old = rows[(1, per_process)], rows[(2, both)], rows[(1, both)]
-        print(
-            f"  2 workers x {per_process} against 1 worker x {per_process} (equal load per "
-            f"process):"
+        one, pair = (
+            rows[f"1 worker x {per_process}, beside another"],
+            rows[f"2 workers x {per_process}"],
         )
         print(
-            f"    chunks/s measured: {two['rate'] / one['rate']:.2f}x (the mock alone: "
-            f"{rows[(0, both)]['rate'] / rows[(0, per_process)]['rate']:.2f}x)"
+            f"  2 workers against 1 worker, {per_process} streams per process, same machine load:"
         )
         print(
-            f"    estimate at saturation (processes / CPU per chunk): "
-            f"{2 * one['us_per_chunk'] / two['us_per_chunk']:.2f}x; what the second worker "
-            f"adds per chunk: gateway {two['us_per_chunk'] - one['us_per_chunk']:+.1f} us, "
-            f"Redis {two['redis_us'] - one['redis_us']:+.1f} us"
+            f"    chunks/s measured: {pair['rate'] / (one['rate'] / 2):.2f}x "
+            f"(neither saturated: see the cores per worker)"
         )
         print(
-            f"  2 workers x {per_process} against 1 worker x {both} (equal streams in all): "
-            f"measured {two['rate'] / old['rate']:.2f}x, estimate "
-            f"{2 * old['us_per_chunk'] / two['us_per_chunk']:.2f}x"
+            f"    estimate at saturation (2 / CPU per chunk against 1 / CPU per chunk): "
+            f"{2 * one['us_per_chunk'] / pair['us_per_chunk']:.2f}x; what the second worker "
+            f"adds per chunk: gateway {pair['us_per_chunk'] - one['us_per_chunk']:+.1f} us, "
+            f"Redis {pair['redis_us'] - one['redis_us']:+.1f} us, "
+            f"{pair['redis_calls'] - one['redis_calls']:+.2f} Redis calls"
         )
+        for name in (
+            f"1 worker x {per_process}, alone",
+            f"1 worker x {both}, alone",
+            f"1 worker x {per_process}, alone, memory store",
+        ):
+            alone = rows[name]
+            print(
+                f"  2 workers x {per_process} against {name}: measured "
+                f"{pair['rate'] / alone['rate']:.2f}x, estimate "
+                f"{2 * alone['us_per_chunk'] / pair['us_per_chunk']:.2f}x"
+            )
 
 
 def main() -> None:
