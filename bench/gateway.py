@@ -27,12 +27,15 @@ per-request access log, both run one worker process.
 
   --soak N     N concurrent slow streams (1 token/s) through the gateway, each checked
                whole against one answer alone; the gateway's RSS reported
-  --workers C  chunks/s at concurrency C through `unbroken serve --workers 2` against
-               `--workers 1`, both on a Redis store (redis-server started on a free port)
+  --workers C  `unbroken serve --workers 2` against `--workers 1` at C streams per process
+               and the same load on the machine (one worker measured beside a second
+               one-worker gateway), all on one Redis store (redis-server on a free port):
+               chunks/s, CPU per chunk per process, each worker's cores and share of the
+               traffic, Redis' CPU and commands per chunk, the estimate at saturation
 
 Run: python bench/gateway.py [--levels 1,32,256,1024] [--repeat 3]
                                [--skip litellm,nginx,floor,pyrelay]
-     python bench/gateway.py --soak 10000      python bench/gateway.py --workers 256
+     python bench/gateway.py --soak 10000      python bench/gateway.py --workers 128
 """
 
 from __future__ import annotations
