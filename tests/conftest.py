@@ -7,10 +7,12 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
 
+import unbroken
 from tests.support import free_port, require_binary
 
 # Property tests: a quick profile for the edit-test loop, a thorough one for CI
@@ -18,6 +20,19 @@ from tests.support import free_port, require_binary
 settings.register_profile("dev", max_examples=30, deadline=None)
 settings.register_profile("ci", max_examples=150, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse to test another checkout's code: a PYTHONPATH inherited from the caller (or a
+    stale install) would have this process import that tree, while the gateway and mock
+    subprocesses run this one, so the results and the coverage would mix two trees."""
+    here = config.rootpath / "src" / "unbroken"
+    imported = Path(unbroken.__file__).resolve().parent
+    if imported != here.resolve():
+        raise pytest.UsageError(
+            f"the tests import unbroken from {imported}, not from this checkout ({here}); "
+            "unset PYTHONPATH or reinstall with `pip install -e .`"
+        )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
