@@ -254,14 +254,18 @@ async def _load(port: int, path: str, auth: str, concurrency: int, rounds: int) 
 
 
 def load_main(argv: list[str]) -> None:
-    """Entry of the load process: prints one JSON line."""
-    port, path, auth, concurrency, rounds = argv
+    """Entry of the load process: prints one JSON line. An optional sixth argument, a
+    time.time() instant, delays the first stream until then (several load processes that
+    must run at once start together, whatever their own start-up took)."""
+    port, path, auth, concurrency, rounds = argv[:5]
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop comes with the [gateway] extra
         pass
+    if len(argv) > 5:
+        time.sleep(max(0.0, float(argv[5]) - time.time()))  # the agreed start
     out = asyncio.run(_load(int(port), path, auth, int(concurrency), int(rounds)))
     print(json.dumps(out))
 
@@ -1265,8 +1269,13 @@ def _parallel_run(
     with ExitStack() as stack:
         for watch in watches:
             stack.enter_context(watch)
+        # Every load process starts its streams at one instant, 1 s from now (a Python
+        # process starts in ~0.3 s; staggered starts would leave the machine less loaded).
+        start = str(time.time() + 1.0)
         procs = [
-            subprocess.Popen(_load_args(t, concurrency, rounds), stdout=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                [*_load_args(t, concurrency, rounds), start], stdout=subprocess.PIPE, text=True
+            )
             for t in loads
         ]
         outs = [json.loads(proc.communicate(timeout=900)[0]) for proc in procs]
@@ -1285,7 +1294,8 @@ def _parallel_run(
         # Over the load's own wall time (its start-up, before the first stream, excluded).
         "cores": [c for w in watches for c in w.cores(max(out["wall"] for out in outs))],
         "connections": [c for w in watches for c in w.connections()],
-        "shares": [c for w in watches for c in w.shares()],
+        # How a gateway of several workers spread the traffic over them.
+        "shares": [c for w in watches if len(w.pids) > 1 for c in w.shares()],
         "redis_us": (cpu_seconds(redis_pid) - redis_before) / chunks * 1e6,
         "redis_calls": sum(calls.values()) / chunks,
         "redis_top": {name: count / chunks for name, count in calls.items()},
@@ -1375,6 +1385,11 @@ def compare_workers(per_process: int, repeat: int) -> None:
         for name, r in rows.items():
             top = sorted(r["redis_top"].items(), key=lambda kv: -kv[1])[:4]
             per = r["rate"] / r["processes"]
+            split = (
+                f", bytes written {' / '.join(f'{c:.0%}' for c in r['shares'])}"
+                if r["shares"]
+                else ""
+            )
             print(
                 f"  {name}: {int(r['complete'])}/{int(r['streams'])} whole, "
                 f"{r['rate']:.0f} chunks/s in all, {per:.0f} per process, TTFT p50 "
@@ -1383,17 +1398,23 @@ def compare_workers(per_process: int, repeat: int) -> None:
             print(
                 f"      gateway {r['us_per_chunk']:.1f} us CPU per chunk per process; cores per "
                 f"worker {' / '.join(f'{c:.2f}' for c in r['cores'])}; connections per worker "
-                f"{' / '.join(f'{c:.0f}' for c in r['connections'])}, bytes written "
-                f"{' / '.join(f'{c:.0%}' for c in r['shares'])}; estimate at saturation "
-                f"{1e6 / r['us_per_chunk']:.0f} chunks/s per process"
+                f"{' / '.join(f'{c:.0f}' for c in r['connections'])}{split}; estimate at "
+                f"saturation {1e6 / r['us_per_chunk']:.0f} chunks/s per process"
             )
             print(
                 f"      Redis {r['redis_us']:.1f} us CPU and {r['redis_calls']:.2f} calls per "
                 f"chunk ({', '.join(f'{k} {v:.2f}' for k, v in top)})"
             )
-        one, pair = (
-            rows[f"1 worker x {per_process}, beside another"],
-            rows[f"2 workers x {per_process}"],
+        one_name, pair_name = (
+            f"1 worker x {per_process}, beside another",
+            f"2 workers x {per_process}",
+        )
+        one, pair = rows[one_name], rows[pair_name]
+        # Each repetition's two runs follow each other: their ratio is the one least moved by
+        # the machine's other load drifting over the whole bench.
+        paired = sorted(
+            2 * a["us_per_chunk"] / b["us_per_chunk"]
+            for a, b in zip(runs[one_name], runs[pair_name], strict=True)
         )
         print(
             f"  2 workers against 1 worker, {per_process} streams per process, same machine load:"
@@ -1408,6 +1429,10 @@ def compare_workers(per_process: int, repeat: int) -> None:
             f"adds per chunk: gateway {pair['us_per_chunk'] - one['us_per_chunk']:+.1f} us, "
             f"Redis {pair['redis_us'] - one['redis_us']:+.1f} us, "
             f"{pair['redis_calls'] - one['redis_calls']:+.2f} Redis calls"
+        )
+        print(
+            f"    the same estimate from each repetition's adjacent runs: median "
+            f"{statistics.median(paired):.2f}x, range {paired[0]:.2f}x to {paired[-1]:.2f}x"
         )
         for name in (
             f"1 worker x {per_process}, alone",
