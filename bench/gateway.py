@@ -27,12 +27,15 @@ per-request access log, both run one worker process.
 
   --soak N     N concurrent slow streams (1 token/s) through the gateway, each checked
                whole against one answer alone; the gateway's RSS reported
-  --workers C  chunks/s at concurrency C through `unbroken serve --workers 2` against
-               `--workers 1`, both on a Redis store (redis-server started on a free port)
+  --workers C  `unbroken serve --workers 2` against `--workers 1` at C streams per process
+               and the same load on the machine (one worker measured beside a second
+               one-worker gateway), all on one Redis store (redis-server on a free port):
+               chunks/s, CPU per chunk per process, each worker's cores and share of the
+               traffic, Redis' CPU and commands per chunk, the estimate at saturation
 
 Run: python bench/gateway.py [--levels 1,32,256,1024] [--repeat 3]
                                [--skip litellm,nginx,floor,pyrelay]
-     python bench/gateway.py --soak 10000      python bench/gateway.py --workers 256
+     python bench/gateway.py --soak 10000      python bench/gateway.py --workers 128
 """
 
 from __future__ import annotations
@@ -251,14 +254,18 @@ async def _load(port: int, path: str, auth: str, concurrency: int, rounds: int) 
 
 
 def load_main(argv: list[str]) -> None:
-    """Entry of the load process: prints one JSON line."""
-    port, path, auth, concurrency, rounds = argv
+    """Entry of the load process: prints one JSON line. An optional sixth argument, a
+    time.time() instant, delays the first stream until then (several load processes that
+    must run at once start together, whatever their own start-up took)."""
+    port, path, auth, concurrency, rounds = argv[:5]
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop comes with the [gateway] extra
         pass
+    if len(argv) > 5:
+        time.sleep(max(0.0, float(argv[5]) - time.time()))  # the agreed start
     out = asyncio.run(_load(int(port), path, auth, int(concurrency), int(rounds)))
     print(json.dumps(out))
 
@@ -1099,60 +1106,345 @@ def redis_process() -> Iterator[tuple[str, int]]:
             proc.wait(10)
 
 
-def compare_workers(concurrency: int, repeat: int) -> None:
-    """Chunks/s at saturation through `unbroken serve --workers 2` against `--workers 1`,
-    both on a Redis store (the state several workers share), the mock measured alone too.
+def _redis_call(port: int, *args: str) -> bytes:
+    """One command to the bench's redis-server over RESP; the raw reply (bulk or status)."""
+    payload = f"*{len(args)}\r\n".encode() + b"".join(
+        f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(payload)
+        reply = b""
+        while True:
+            reply += sock.recv(65536)
+            if reply[:1] in (b"+", b"-") and reply.endswith(b"\r\n"):
+                return reply
+            if reply[:1] == b"$" and b"\r\n" in reply:
+                size = int(reply[1 : reply.index(b"\r\n")])
+                if len(reply) >= reply.index(b"\r\n") + 2 + size + 2:
+                    return reply
 
-    On a machine with fewer free cores than the workers plus the mock, the load process and
-    Redis need, the measured chunks/s ratio is bounded by the cores there are; so each row
-    also shows the cores its gateway used and its CPU per chunk, and the capacity at
-    saturation (each worker with a core of its own: workers / CPU per chunk) is printed
-    beside the measured ratio. Redis' own CPU per chunk is shown, since a shared Redis must
-    keep up too.
-    """
+
+def _redis_commands(port: int) -> dict[str, int]:
+    """Calls per Redis command since the last CONFIG RESETSTAT."""
+    text = _redis_call(port, "INFO", "commandstats").decode(errors="replace")
+    return {
+        found.group(1): int(found.group(2))
+        for found in re.finditer(r"cmdstat_([\w|]+):calls=(\d+)", text)
+    }
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    """Inodes of the sockets process `pid` holds open."""
+    inodes: set[str] = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in fds:
+        with suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    return inodes
+
+
+def _established_on(port: int) -> set[str]:
+    """Inodes of the established TCP connections whose local port is `port`."""
+    found: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with suppress(OSError), open(table, encoding="ascii") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    found.add(fields[9])
+    return found
+
+
+class WorkerWatch:
+    """Around one load run: the CPU (utime + stime from /proc) of a gateway's process tree
+    and of each worker, and, sampled every 250 ms in a thread, how many of the gateway's
+    client connections each worker holds, i.e. how the kernel's SO_REUSEPORT hashing spread
+    the streams."""
+
+    def __init__(self, supervisor: int, port: int) -> None:
+        self.supervisor = supervisor
+        self.port = port
+        self.pids = [p for p in _tree(supervisor) if p != supervisor] or [supervisor]
+        self.cpu = dict.fromkeys(self.pids, 0.0)
+        self.total = 0.0
+        self.held = dict.fromkeys(self.pids, 0)
+        self.written = dict.fromkeys(self.pids, 0)
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._started = 0.0
+        self.wall = 0.0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            live = _established_on(self.port)
+            if not live:
+                continue
+            self.samples += 1
+            for pid in self.pids:
+                self.held[pid] += len(_socket_inodes(pid) & live)
+
+    def __enter__(self) -> WorkerWatch:
+        self.cpu = {pid: -cpu_seconds(pid) for pid in self.pids}
+        self.written = {pid: -_bytes_written(pid) for pid in self.pids}
+        self.total = -cpu_seconds(self.supervisor)
+        self._started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.wall = time.perf_counter() - self._started
+        for pid in self.pids:
+            self.cpu[pid] += cpu_seconds(pid)
+            self.written[pid] += _bytes_written(pid)
+        self.total += cpu_seconds(self.supervisor)
+
+    def cores(self, wall: float) -> list[float]:
+        """Cores each worker used over `wall` seconds of load (1.00: a full core, i.e.
+        saturated)."""
+        return [self.cpu[pid] / wall for pid in self.pids]
+
+    def shares(self) -> list[float]:
+        """Each worker's share of the bytes the workers wrote (nearly all of it the streams'
+        chunks to their clients): how the relayed traffic was spread."""
+        total = sum(self.written.values()) or 1
+        return [self.written[pid] / total for pid in self.pids]
+
+    def connections(self) -> list[float]:
+        """Client connections each worker held, averaged over the samples."""
+        return [self.held[pid] / max(1, self.samples) for pid in self.pids]
+
+
+def _bytes_written(pid: int) -> int:
+    """Bytes process `pid` has written (to sockets and files), from /proc/<pid>/io."""
+    try:
+        with open(f"/proc/{pid}/io", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("wchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _load_args(target: Target, concurrency: int, rounds: int) -> list[str]:
+    return [
+        sys.executable,
+        __file__,
+        "--client",
+        str(target.port),
+        target.path,
+        target.auth,
+        str(concurrency),
+        str(rounds),
+    ]
+
+
+def _parallel_run(
+    loads: list[Target],
+    gateways: list[Target],
+    concurrency: int,
+    redis_port: int,
+    redis_pid: int,
+) -> dict[str, Any]:
+    """One load process of `concurrency` streams per entry of `loads`, all at once, through
+    `gateways` (the processes charged): delivered chunks/s, the gateways' CPU per chunk per
+    process, each worker's cores and connections, Redis' CPU and calls per chunk."""
     rounds = ROUNDS.get(concurrency, 1)
+    for target in {t.port: t for t in loads}.values():  # warm-up: connections, imports
+        subprocess.run(
+            _load_args(target, min(concurrency, 8), 1), check=True, capture_output=True, timeout=600
+        )
+    watches = [WorkerWatch(g.pid, g.port) for g in gateways]
+    redis_before = cpu_seconds(redis_pid)
+    _redis_call(redis_port, "CONFIG", "RESETSTAT")
+    with ExitStack() as stack:
+        for watch in watches:
+            stack.enter_context(watch)
+        # Every load process starts its streams at one instant, 1 s from now (a Python
+        # process starts in ~0.3 s; staggered starts would leave the machine less loaded).
+        start = str(time.time() + 1.0)
+        procs = [
+            subprocess.Popen(
+                [*_load_args(t, concurrency, rounds), start], stdout=subprocess.PIPE, text=True
+            )
+            for t in loads
+        ]
+        outs = [json.loads(proc.communicate(timeout=900)[0]) for proc in procs]
+    calls = _redis_commands(redis_port)
+    results = [r for out in outs for r in out["results"]]
+    chunks = sum(r[1] for r in results)
+    ttfts = [r[0] for r in results if r[0] is not None]
+    processes = sum(len(w.pids) for w in watches)
+    run: dict[str, Any] = {
+        "streams": len(results),
+        "complete": sum(1 for r in results if r[2] and r[1] >= CHUNKS - 1),
+        "rate": sum(sum(r[1] for r in out["results"]) / out["wall"] for out in outs),
+        "ttft50": pct(ttfts, 0.5) * 1000,
+        "processes": processes,
+        "us_per_chunk": sum(w.total for w in watches) / chunks * 1e6,
+        # Over the load's own wall time (its start-up, before the first stream, excluded).
+        "cores": [c for w in watches for c in w.cores(max(out["wall"] for out in outs))],
+        "connections": [c for w in watches for c in w.connections()],
+        # How a gateway of several workers spread the traffic over them.
+        "shares": [c for w in watches if len(w.pids) > 1 for c in w.shares()],
+        "redis_us": (cpu_seconds(redis_pid) - redis_before) / chunks * 1e6,
+        "redis_calls": sum(calls.values()) / chunks,
+        "redis_top": {name: count / chunks for name, count in calls.items()},
+    }
+    return run
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of every figure of `runs` (element-wise for lists, per key for dicts)."""
+    out: dict[str, Any] = {}
+    for key, first in runs[0].items():
+        if isinstance(first, list):
+            out[key] = [statistics.median(r[key][i] for r in runs) for i in range(len(first))]
+        elif isinstance(first, dict):
+            names = set().union(*(r[key] for r in runs))
+            out[key] = {n: statistics.median(r[key].get(n, 0.0) for r in runs) for n in names}
+        else:
+            out[key] = statistics.median(r[key] for r in runs)
+    return out
+
+
+def compare_workers(per_process: int, repeat: int) -> None:
+    """`unbroken serve --workers 2` against `--workers 1` at equal load per process and on
+    an equally loaded machine, every gateway on one Redis store (the state workers share).
+
+    A gateway process's CPU per chunk depends on how many streams it relays (more streams,
+    more work per turn of its event loop) and on how busy the machine is (on a busier machine
+    more chunks wait per read, per write and per Redis append, and each costs less). So:
+      1 worker   two `--workers 1` gateways on two ports, each relaying `per_process` streams
+                 from its own load process, at once: the per-process figures of one worker
+      2 workers  one `--workers 2` gateway relaying 2 x `per_process` streams from two load
+                 processes at once, the kernel spreading them over its workers
+    Both carry the same streams through the same mock, load processes and Redis; what
+    differs is what a second worker behind the same port costs. Their runs alternate, so a
+    change in the machine's other load hits both alike. Chunks/s at saturation cannot be
+    measured on a machine with fewer free cores than the workers plus the mock, the load
+    processes and Redis (two cores here): so each row shows the CPU per chunk per process,
+    the cores each worker used (1.00 = a full core: saturated) and the connections each
+    held; the estimate at saturation is processes / CPU per chunk. One worker alone (no
+    second gateway beside it) at `per_process` and at twice that many streams is shown too:
+    the comparisons an earlier version of this bench made."""
+    both = 2 * per_process
     with (
         tempfile.TemporaryDirectory() as tmp,
         mock_process(MOCK_CONFIG) as mock_url,
         redis_process() as (redis_url, redis_pid),
+        ExitStack() as stack,
     ):
+        redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
         mock_port = int(mock_url.rsplit(":", 1)[1])
         env = {"UNBROKEN_GATEWAY_STORE": redis_url, "UNBROKEN_GATEWAY_SESSIONS": redis_url}
         direct = Target("direct", 0, mock_port, "/v1/chat/completions")
-        rows: dict[str, dict[str, float]] = {"direct": measure_median(direct, concurrency, repeat)}
-        for n in (1, 2):
-            with unbroken_server(mock_url, Path(tmp), workers=n, extra_env=env) as target:
-                runs = []
-                for _ in range(repeat):
-                    before = cpu_seconds(redis_pid)
-                    run = measure(target, concurrency, rounds)
-                    run["redis_us"] = (cpu_seconds(redis_pid) - before) / run["chunks"] * 1e6
-                    runs.append(run)
-                rows[f"{n} worker{'s' if n > 1 else ''}"] = {
-                    key: statistics.median(run[key] for run in runs) for key in runs[0]
-                }
+        mock_rates = {c: measure_median(direct, c, repeat)["rate"] for c in (per_process, both)}
+        gateways = []
+        for name, n, store in (("a", 1, env), ("b", 1, env), ("two", 2, env), ("memory", 1, {})):
+            workdir = Path(tmp) / name
+            workdir.mkdir()
+            gateways.append(
+                stack.enter_context(unbroken_server(mock_url, workdir, workers=n, extra_env=store))
+            )
+        one_a, one_b, two, memory = gateways
+        setups = {
+            f"1 worker x {per_process}, beside another": (
+                [one_a, one_b],
+                [one_a, one_b],
+                per_process,
+            ),
+            f"2 workers x {per_process}": ([two, two], [two], per_process),
+            f"1 worker x {per_process}, alone": ([one_a], [one_a], per_process),
+            f"1 worker x {both}, alone": ([one_a], [one_a], both),
+            f"1 worker x {per_process}, alone, memory store": ([memory], [memory], per_process),
+        }
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in setups}
+        for _ in range(repeat):
+            for name, (loads, charged, streams) in setups.items():
+                runs[name].append(_parallel_run(loads, charged, streams, redis_port, redis_pid))
+        rows = {name: _median_run(done) for name, done in runs.items()}
         print(
-            f"\nworkers at concurrency {concurrency} (Redis store), medians of {repeat} runs: "
-            f"{os.cpu_count()} CPUs shared by the mock, the load process, Redis and the "
-            f"workers; load average {_load_average()}"
+            f"\nworkers at {per_process} streams per process (Redis store), medians of "
+            f"{repeat} runs, alternating: {os.cpu_count()} CPUs shared by the mock, the load "
+            f"processes, Redis and the gateways; load average {_load_average()}"
+        )
+        print(
+            f"  mock alone: {mock_rates[per_process]:.0f} chunks/s at {per_process} streams, "
+            f"{mock_rates[both]:.0f} at {both} (what the machine offers)"
         )
         for name, r in rows.items():
-            line = (
-                f"  {name:<9} {int(r['complete'])}/{int(r['streams'])} whole, "
-                f"{r['rate']:>7.0f} chunks/s, TTFT p50 {r['ttft50']:.1f} ms"
+            top = sorted(r["redis_top"].items(), key=lambda kv: -kv[1])[:4]
+            per = r["rate"] / r["processes"]
+            split = (
+                f", bytes written {' / '.join(f'{c:.0%}' for c in r['shares'])}"
+                if r["shares"]
+                else ""
             )
-            if name != "direct":
-                workers = 2 if name.startswith("2") else 1
-                line += (
-                    f", gateway {r['us_per_chunk']:.1f} us CPU per chunk on {r['cores']:.2f} "
-                    f"cores, Redis {r['redis_us']:.1f} us per chunk; capacity "
-                    f"{workers * 1e6 / r['us_per_chunk']:.0f} chunks/s"
-                )
-            print(line)
-        one, two = rows["1 worker"], rows["2 workers"]
-        print(f"  chunks/s measured, 2 workers / 1 worker = {two['rate'] / one['rate']:.2f}x")
-        capacity = 2 * one["us_per_chunk"] / two["us_per_chunk"]
-        print(f"  capacity at saturation, 2 workers / 1 worker = {capacity:.2f}x")
+            print(
+                f"  {name}: {int(r['complete'])}/{int(r['streams'])} whole, "
+                f"{r['rate']:.0f} chunks/s in all, {per:.0f} per process, TTFT p50 "
+                f"{r['ttft50']:.1f} ms"
+            )
+            print(
+                f"      gateway {r['us_per_chunk']:.1f} us CPU per chunk per process; cores per "
+                f"worker {' / '.join(f'{c:.2f}' for c in r['cores'])}; connections per worker "
+                f"{' / '.join(f'{c:.0f}' for c in r['connections'])}{split}; estimate at "
+                f"saturation {1e6 / r['us_per_chunk']:.0f} chunks/s per process"
+            )
+            print(
+                f"      Redis {r['redis_us']:.1f} us CPU and {r['redis_calls']:.2f} calls per "
+                f"chunk ({', '.join(f'{k} {v:.2f}' for k, v in top)})"
+            )
+        one_name, pair_name = (
+            f"1 worker x {per_process}, beside another",
+            f"2 workers x {per_process}",
+        )
+        one, pair = rows[one_name], rows[pair_name]
+        # Each repetition's two runs follow each other: their ratio is the one least moved by
+        # the machine's other load drifting over the whole bench.
+        paired = sorted(
+            2 * a["us_per_chunk"] / b["us_per_chunk"]
+            for a, b in zip(runs[one_name], runs[pair_name], strict=True)
+        )
+        print(
+            f"  2 workers against 1 worker, {per_process} streams per process, same machine load:"
+        )
+        print(
+            f"    chunks/s measured: {pair['rate'] / (one['rate'] / 2):.2f}x "
+            f"(neither saturated: see the cores per worker)"
+        )
+        print(
+            f"    estimate at saturation (2 / CPU per chunk against 1 / CPU per chunk): "
+            f"{2 * one['us_per_chunk'] / pair['us_per_chunk']:.2f}x; what the second worker "
+            f"adds per chunk: gateway {pair['us_per_chunk'] - one['us_per_chunk']:+.1f} us, "
+            f"Redis {pair['redis_us'] - one['redis_us']:+.1f} us, "
+            f"{pair['redis_calls'] - one['redis_calls']:+.2f} Redis calls"
+        )
+        print(
+            f"    the same estimate from each repetition's adjacent runs: median "
+            f"{statistics.median(paired):.2f}x, range {paired[0]:.2f}x to {paired[-1]:.2f}x"
+        )
+        for name in (
+            f"1 worker x {per_process}, alone",
+            f"1 worker x {both}, alone",
+            f"1 worker x {per_process}, alone, memory store",
+        ):
+            alone = rows[name]
+            print(
+                f"  2 workers x {per_process} against {name}: measured "
+                f"{pair['rate'] / alone['rate']:.2f}x, estimate "
+                f"{2 * alone['us_per_chunk'] / pair['us_per_chunk']:.2f}x"
+            )
 
 
 def main() -> None:
@@ -1184,7 +1476,7 @@ def main() -> None:
         type=int,
         default=0,
         metavar="C",
-        help="instead: chunks/s with --workers 2 against 1, at concurrency C (e.g. 256)",
+        help="instead: --workers 2 against 1 at C streams per process (e.g. 128)",
     )
     args = parser.parse_args()
     raise_open_files()
