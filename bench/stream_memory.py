@@ -80,6 +80,8 @@ def _dump(signum: int, frame: object) -> None:
         name = f"{kind.__module__}.{kind.__qualname__}"
         if kind.__name__ in ("coroutine", "async_generator", "generator"):
             name += f" {obj.__qualname__}"
+        elif isinstance(obj, types.MethodType):
+            name += f" {getattr(obj.__func__, '__qualname__', '?')}"
         elif isinstance(obj, asyncio.Task):
             name += f" of {getattr(obj.get_coro(), '__qualname__', '?')}"
         size = sys.getsizeof(obj)
