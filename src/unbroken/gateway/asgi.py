@@ -144,8 +144,10 @@ class Exchange:
         """The response has started (a streamed answer's head is out): nothing reads the
         request's headers any more, so they go, emptied in place from the scope's list
         (uvicorn's protocol holds it too): ~500 bytes per live answer
-        (bench/stream_memory.py)."""
+        (bench/stream_memory.py). Its own headers are out too: their tuples go (~70
+        bytes; `respond_error` and the like answer only before the head)."""
         self._headers = None
+        self.headers_out.clear()
         headers = self.scope.get("headers")
         if isinstance(headers, list):
             headers.clear()
