@@ -38,6 +38,7 @@ import types
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
+from types import MethodType
 from typing import Any
 
 import httpx
@@ -80,6 +81,8 @@ def _dump(signum: int, frame: object) -> None:
         name = f"{kind.__module__}.{kind.__qualname__}"
         if kind.__name__ in ("coroutine", "async_generator", "generator"):
             name += f" {obj.__qualname__}"
+        elif kind is MethodType:
+            name += f" {getattr(obj.__func__, '__qualname__', '?')}"
         elif isinstance(obj, asyncio.Task):
             name += f" of {getattr(obj.get_coro(), '__qualname__', '?')}"
         size = sys.getsizeof(obj)

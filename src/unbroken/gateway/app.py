@@ -618,7 +618,7 @@ class Gateway:
     ) -> tuple[Producer, _Booking]:
         booking = await _Booking.admit(self, caller, request, after)
         self._trace(booking, request, headers, traceparent)
-        on_complete: Callable[[ChatCompletion], Awaitable[None]] = booking.complete
+        on_complete: Callable[[ChatCompletion], Awaitable[None]] | None = None
         wrap: Callable[[AsyncStream], AsyncStream] | None = None
         if cache_key is not None:
             # Only with the answer cache: its recorder and the completion that stores the
@@ -631,7 +631,7 @@ class Gateway:
                 headers,
                 resumable=resumable,
                 on_complete=on_complete,
-                on_end=booking.book,
+                booking=booking,
                 renew_slot=booking.renew if booking.admission.lease is not None else None,
                 wrap=wrap,
             )

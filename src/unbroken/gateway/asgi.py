@@ -39,6 +39,14 @@ RESPONSE_EXTENSION = "unbroken.response"
 _JSON = b"application/json"
 
 
+class LostWatcher(Protocol):
+    """Who `ResponseHooks.watch` tells of a lost client: held as the object, not as a bound
+    method (64 bytes per live answer; bench/stream_memory.py)."""
+
+    def client_gone(self) -> None:
+        """The client disconnected."""
+
+
 class ResponseHooks(Protocol):
     """What the gateway's own server protocol offers a request beyond ASGI."""
 
@@ -49,8 +57,8 @@ class ResponseHooks(Protocol):
     def start_now(self, start: Message, body: Message) -> bool:
         """`start_with` from synchronous code: False (nothing sent) when it cannot now."""
 
-    def watch(self, on_lost: Callable[[], None]) -> None:
-        """Call `on_lost` once when the client disconnects."""
+    def watch(self, watcher: LostWatcher) -> None:
+        """Call `watcher.client_gone()` once when the client disconnects."""
 
     def unwatch(self) -> None:
         """Stop watching."""
@@ -136,8 +144,10 @@ class Exchange:
         """The response has started (a streamed answer's head is out): nothing reads the
         request's headers any more, so they go, emptied in place from the scope's list
         (uvicorn's protocol holds it too): ~500 bytes per live answer
-        (bench/stream_memory.py)."""
+        (bench/stream_memory.py). Its own headers are out too: their tuples go (~70
+        bytes; `respond_error` and the like answer only before the head)."""
         self._headers = None
+        self.headers_out.clear()
         headers = self.scope.get("headers")
         if isinstance(headers, list):
             headers.clear()

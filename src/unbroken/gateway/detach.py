@@ -192,8 +192,8 @@ async def _run(cycle: RequestResponseCycle, step: Awaitable[Any]) -> None:
 
 
 def _park(cycle: RequestResponseCycle, detached: Detached) -> None:
-    protocol = cycle.on_response.__self__  # type: ignore[attr-defined]  # GuardedProtocol's bound method
-    detached.park(cycle, protocol)
+    protocol = cycle.on_response  # the GuardedProtocol itself (its `__call__`)
+    detached.park(cycle, protocol)  # type: ignore[arg-type]  # a GuardedProtocol, a Resumer
 
 
 def _nothing() -> None:

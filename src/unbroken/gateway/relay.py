@@ -245,7 +245,7 @@ class StreamRelay:
         if hooks is None:
             return self._loop.create_task(self._sidecar())
         self._hooks = hooks
-        hooks.watch(self._client_gone)
+        hooks.watch(self)
         self._wheel = _TickWheel.of(self._loop, self._tick_s)
         self._slot = self._wheel.add(self)
         return None
@@ -274,7 +274,8 @@ class StreamRelay:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def _client_gone(self) -> None:
+    def client_gone(self) -> None:
+        """The client disconnected (`ResponseHooks.watch`)."""
         self._stop("client_gone")
         self._off_wheel()
 

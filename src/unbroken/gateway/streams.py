@@ -212,6 +212,18 @@ class Waiter(Protocol):
         """Wake it."""
 
 
+class Booking(Protocol):
+    """What an answer's producer reports to its request's booking (gateway/app.py
+    `_Booking`): held as the object, not as two bound methods (~130 bytes per live answer;
+    bench/stream_memory.py)."""
+
+    async def complete(self, completion: ChatCompletion) -> None:
+        """The whole answer (before its last events are appended)."""
+
+    async def book(self, completion: ChatCompletion | None) -> None:
+        """The producer ended, with what it has of the answer (once)."""
+
+
 class Producer:
     """The writer of one answer's log (see the theory of operation).
 
@@ -222,8 +234,11 @@ class Producer:
         n_events: events already in the log (a takeover continues after them).
         resumable: keep generating without readers for `detach_grace_s`.
         takeovers: how many times the stream changed hands before this writer.
-        on_complete: runs with the whole answer before its last events are appended.
+        on_complete: runs with the whole answer before its last events are appended
+            (instead of `booking.complete`).
         on_end: runs once when the producer ends, with what it has of the answer.
+        booking: told of the whole answer (`complete`, unless `on_complete` is given) and,
+            after `on_end`, of the end (`book`).
         renew_slot: renews the caller's concurrency slot (called every `slot_every_s`).
     """
 
@@ -232,6 +247,7 @@ class Producer:
         "_append_now",
         "_append_one",
         "_batched",
+        "_booking",
         "_cancel",
         "_changed",
         "_flush",
@@ -278,6 +294,7 @@ class Producer:
         on_end: Callable[[ChatCompletion | None], Awaitable[None]] | None = None,
         renew_slot: Callable[[], Awaitable[None]] | None = None,
         slot_every_s: float = 60.0,
+        booking: Booking | None = None,
     ) -> None:
         self.hub = hub
         self.stream_id = stream_id
@@ -287,6 +304,7 @@ class Producer:
         self.takeovers = takeovers
         self._on_complete = on_complete
         self._on_end = on_end
+        self._booking = booking
         self._renew_slot = renew_slot
         self._slot_every_s = slot_every_s
         self._slot_at = time.monotonic()
@@ -719,6 +737,8 @@ class Producer:
                 completion = self.completion = await stream.final()
                 if self._on_complete is not None:
                     await self._on_complete(completion)
+                elif self._booking is not None:
+                    await self._booking.complete(completion)
                 final = final_event(completion, self.stream_id, self.takeovers)
                 # The live readers take the last events from the tail, so each ends its
                 # response in the same write (one write less per answer).
@@ -772,8 +792,12 @@ class Producer:
                 if stream is not None:
                     await _close(stream)
                 self.hub._forget(self)
+                if completion is None:
+                    completion = _current(stream)
                 if self._on_end is not None:
-                    await self._on_end(completion if completion is not None else _current(stream))
+                    await self._on_end(completion)
+                if self._booking is not None:
+                    await self._booking.book(completion)
 
     def _share_template(self, source: AsyncStream | None) -> None:
         share = getattr(self.hub.log, "share_template", None)  # the memory log's
@@ -904,10 +928,11 @@ class StreamHub:
         headers: dict[str, str],
         *,
         resumable: bool,
-        on_complete: Callable[[ChatCompletion], Awaitable[None]] | None,
-        on_end: Callable[[ChatCompletion | None], Awaitable[None]] | None,
+        on_complete: Callable[[ChatCompletion], Awaitable[None]] | None = None,
+        on_end: Callable[[ChatCompletion | None], Awaitable[None]] | None = None,
         renew_slot: Callable[[], Awaitable[None]] | None,
         wrap: Callable[[AsyncStream], AsyncStream] | None = None,
+        booking: Booking | None = None,
     ) -> Producer:
         """Create the stream's log and start producing `request` into it (`wrap` wraps the
         SDK stream, as the answer cache's recorder does)."""
@@ -947,6 +972,7 @@ class StreamHub:
             on_end=on_end,
             renew_slot=renew_slot,
             slot_every_s=g.slot_lease_s / 3,
+            booking=booking,
         )
         client = self.gateway.client
         router = self.gateway.router
