@@ -9,21 +9,24 @@ writer can never append. Lease and retention rules are those of `core.streamlog`
 shared case table checks both backends against each other. Imports redis, core and errors.
 
 The writes every live answer makes (create, append, renew, release) are coalesced: the
-calls made in one turn of the event loop, across all answers of the process, go to Redis as
-one pipeline (`_Coalescer`), so thousands of streams cost a few round trips per turn rather
-than one per chunk. Each script still runs atomically on its own; only the transport is
-shared.
+calls made in one turn of the event loop, across all answers of the process, go to Redis in
+one write on one long-lived connection (`_Coalescer`), so thousands of streams cost a few
+round trips per turn rather than one per chunk. Each script still runs atomically on its
+own; only the transport is shared.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from unbroken.core.streamlog import Lease, Renewal, Retention, StreamInfo
 from unbroken.errors import ConfigError, StoreError
@@ -250,56 +253,101 @@ return n
 """
 
 
-class _Coalescer:
-    """Script calls made in one turn of the event loop, sent together as one pipeline.
+def _pack(parts: Sequence[bytes | str | int]) -> bytes:
+    """One command in RESP (an array of bulk strings): what redis-py's packer makes, without
+    its per-argument encoder calls (an append's ~20 arguments cost ~25 us there)."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        raw = part if isinstance(part, bytes) else str(part).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    return b"".join(out)
 
-    The first call of a turn schedules the flush (`call_soon`); every call made before it
-    runs joins the same pipeline, and each caller gets its own script's reply or error.
+
+_Call = tuple[AsyncScript, list[Any], list[Any], "asyncio.Future[Any]"]
+
+
+class _Coalescer:
+    """Script calls made in one turn of the event loop, sent together on one connection.
+
+    One long-lived task (the pump) owns a connection of its own: woken by the first call of
+    a turn, it writes every call queued by then in one write, reads their replies in order
+    and hands each caller its own script's reply or error; calls made meanwhile go in the
+    next batch. No pipeline object, pool checkout or task per batch, and no task per write
+    (redis-py's socket timeout is a `wait_for`, i.e. a task, per command: the connection
+    here has none, and one `asyncio.timeout` bounds each batch instead).
+
     Scripts go by their SHA (EVALSHA); a Redis that lost them (a restart, SCRIPT FLUSH)
-    answers NOSCRIPT, and those calls are sent again once the scripts are loaded.
+    answers NOSCRIPT, and those calls are sent again once the scripts are loaded. Calls go
+    out in the order they were made and Redis runs one connection's commands in order, so
+    one answer's appends land in the order its producer made them.
     """
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
-        self._queue: list[tuple[AsyncScript, list[Any], list[Any], asyncio.Future[Any]]] = []
-        self._sending: set[asyncio.Task[None]] = set()
+        self._queue: list[_Call] = []
+        self._wake: asyncio.Future[None] | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._conn: Any = None  # a redis.asyncio Connection, made at the first batch
+        timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+        self._timeout_s: float = float(timeout) if timeout else 10.0
 
     def call(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Awaitable[Any]:
         """Queue one script call; the awaitable gives its reply (or raises its error)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        if not self._queue:
-            loop.call_soon(self._flush)
         self._queue.append((script, keys, args, future))
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            if not wake.done():
+                wake.set_result(None)  # the pump runs in the next turn, with all queued
+        elif self._pump is None or self._pump.done() or self._loop is not loop:
+            self._start(loop)
         return future
 
-    def _flush(self) -> None:
-        batch, self._queue = self._queue, []
-        if batch:
-            task = asyncio.get_running_loop().create_task(self._send(batch))
-            self._sending.add(task)  # a strong reference until it is done
-            task.add_done_callback(self._sending.discard)
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is not loop:
+            self._conn = None  # bound to another (closed) loop
+        self._loop = loop
+        self._pump = loop.create_task(self._run())
 
-    async def _send(
-        self, batch: list[tuple[AsyncScript, list[Any], list[Any], asyncio.Future[Any]]]
-    ) -> None:
+    async def _run(self) -> None:
+        # The task's first step runs in a later turn: the calls of this one join the batch.
+        while True:
+            if not self._queue:
+                wake = self._wake = asyncio.get_running_loop().create_future()
+                await wake
+            batch, self._queue = self._queue, []
+            await self._send(batch)
+
+    async def _send(self, batch: list[_Call]) -> None:
         try:
-            replies = await self._execute(batch)
-            lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-            if lost:
-                for script in {id(batch[i][0]): batch[i][0] for i in lost}.values():
-                    await self._redis.script_load(script.script)
-                again = await self._execute([batch[i] for i in lost])
-                for i, reply in zip(lost, again, strict=True):
-                    replies[i] = reply
+            async with asyncio.timeout(self._timeout_s):
+                replies = await self._execute(batch)
+                lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+                if lost:
+                    for script in {id(batch[i][0]): batch[i][0] for i in lost}.values():
+                        await self._redis.script_load(script.script)
+                    again = await self._execute([batch[i] for i in lost])
+                    for i, reply in zip(lost, again, strict=True):
+                        replies[i] = reply
         except Exception as exc:  # the connection failed: every call of the batch did
+            await self._drop()
+            if isinstance(exc, TimeoutError):
+                exc = RedisTimeoutError(f"no reply from Redis in {self._timeout_s:g} s")
+            elif isinstance(exc, OSError):
+                exc = RedisConnectionError(str(exc))
             for *_, future in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
-        except BaseException:  # cancelled (the loop is closing): so are the callers
+        except BaseException:  # cancelled (the log is closing): so are the callers
             for *_, future in batch:
                 future.cancel()
+            conn, self._conn = self._conn, None
+            if conn is not None:  # replies may be unread: the connection is not reused
+                await conn.disconnect(nowait=True)
             raise
         for (*_, future), reply in zip(batch, replies, strict=True):
             if future.done():  # its caller was cancelled meanwhile
@@ -309,13 +357,43 @@ class _Coalescer:
             else:
                 future.set_result(reply)
 
-    async def _execute(
-        self, batch: list[tuple[AsyncScript, list[Any], list[Any], asyncio.Future[Any]]]
-    ) -> list[Any]:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for script, keys, args, _ in batch:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            return list(await pipe.execute(raise_on_error=False))
+    async def _execute(self, batch: list[_Call]) -> list[Any]:
+        conn = self._conn
+        if conn is None:
+            pool = self._redis.connection_pool
+            # Not from the pool: no socket timeout (see the class docstring), held for good.
+            conn = self._conn = pool.connection_class(
+                **{**pool.connection_kwargs, "socket_timeout": None}
+            )
+        await conn.send_packed_command(
+            b"".join(
+                _pack((b"EVALSHA", script.sha, len(keys), *keys, *args))
+                for script, keys, args, _ in batch
+            ),
+            check_health=False,
+        )
+        replies: list[Any] = []
+        for _ in batch:
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as exc:  # this call's own error; the next replies follow
+                replies.append(exc)
+        return replies
+
+    async def _drop(self) -> None:
+        """Close the connection after a failure (the next batch connects again)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.disconnect(nowait=True)
+
+    async def aclose(self) -> None:
+        """Stop the pump (its callers' calls are cancelled) and close its connection."""
+        pump, self._pump = self._pump, None
+        if pump is not None and not pump.done() and self._loop is asyncio.get_running_loop():
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+        await self._drop()
 
 
 def _info(stream_id: str, raw: dict[str, str]) -> StreamInfo:
@@ -661,5 +739,6 @@ class RedisStreamLog:
         return None if raw is None else bytes(raw).decode()
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool and the writes' connection."""
+        await self._writes.aclose()
         await self._redis.aclose()
