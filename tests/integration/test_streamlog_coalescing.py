@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+import redis.asyncio as aioredis
 
 from tests.support import free_port
 from unbroken.core.streamlog import Retention
@@ -115,3 +116,57 @@ async def test_a_dead_redis_fails_every_call_of_the_batch() -> None:
     finally:
         await dead.aclose()
     assert all(isinstance(r, StoreError) for r in results), results
+
+
+async def test_a_redis_that_stops_answering_fails_the_batch_in_the_socket_timeout(
+    redis_url: str,
+) -> None:
+    """The writes' connection has no socket timeout of its own (see `_Coalescer`): one
+    bound per batch, the client's socket timeout, fails the calls of a Redis that does not
+    answer, and once it answers again the next call goes through on a new connection."""
+    client = aioredis.from_url(redis_url, socket_timeout=0.3)
+    slow = RedisStreamLog(client, RETENTION, prefix="test-coalesce-timeout:")
+    control = aioredis.from_url(redis_url)
+    try:
+        await slow.create(
+            sid(1), caller="k", request=b"{}", resumable=False, owner="A", now=0.0, lease_s=3
+        )
+        await control.execute_command("CLIENT", "PAUSE", 20_000, "WRITE")
+        try:
+            async with asyncio.timeout(5):  # without the bound: never
+                results = await asyncio.gather(
+                    slow.append(sid(1), 1, [b"x"], 1.0, end=False),
+                    slow.append(sid(1), 1, [b"y"], 1.0, end=False),
+                    return_exceptions=True,
+                )
+        finally:
+            await control.execute_command("CLIENT", "UNPAUSE")
+        assert all(isinstance(r, StoreError) for r in results), results
+        assert all("Timeout" in str(r) for r in results), results
+        # The paused calls' connection was closed: Redis never ran them.
+        n = await slow.append(sid(1), 1, [b"z"], 2.0, end=False)
+        batch = await slow.read(sid(1), 0, limit=10, max_bytes=1000)
+        assert n == 1
+        assert batch.events == [(1, b"z")]
+    finally:
+        await slow.aclose()
+        await control.aclose()
+
+
+async def test_writes_go_on_after_redis_closed_their_connection(log: RedisStreamLog) -> None:
+    """Redis dropped the writes' connection (CLIENT KILL, as in a failover): the next
+    batch connects again, and an answer's appends go on numbered in order."""
+    await log.create(
+        sid(1), caller="k", request=b"{}", resumable=False, owner="A", now=0.0, lease_s=3
+    )
+    assert await log.append(sid(1), 1, [b"a"], 1.0, end=False) == 1
+    killed = await log._redis.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    assert int(killed) >= 1
+    first = await asyncio.gather(
+        log.append(sid(1), 1, [b"b"], 1.0, end=False), return_exceptions=True
+    )
+    assert first == [2] or isinstance(first[0], StoreError), first
+    n = await log.append(sid(1), 1, [b"c"], 2.0, end=False)
+    batch = await log.read(sid(1), 0, limit=10, max_bytes=1000)
+    assert batch.events[-1] == (n, b"c")
+    assert [i for i, _ in batch.events] == list(range(1, n + 1))
