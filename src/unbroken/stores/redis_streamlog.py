@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -263,32 +264,43 @@ def _pack(parts: Sequence[bytes | str | int]) -> bytes:
     return b"".join(out)
 
 
-_Call = tuple[AsyncScript, list[Any], list[Any], "asyncio.Future[Any]"]
+# A queued script call: the script, its keys and arguments, the caller's future, and
+# whether it is a call sent again after NOSCRIPT (sent again once only).
+_Call = tuple[AsyncScript, list[Any], list[Any], "asyncio.Future[Any]", bool]
 
 
 class _Coalescer:
     """Script calls made in one turn of the event loop, sent together on one connection.
 
-    One long-lived task (the pump) owns a connection of its own: woken by the first call of
-    a turn, it writes every call queued by then in one write, reads their replies in order
-    and hands each caller its own script's reply or error; calls made meanwhile go in the
-    next batch. No pipeline object, pool checkout or task per batch, and no task per write
-    (redis-py's socket timeout is a `wait_for`, i.e. a task, per command: the connection
-    here has none, and one `asyncio.timeout` bounds each batch instead).
+    Two long-lived tasks share a connection of their own. The writer, woken by the first
+    call of a turn, writes every call queued by then in one write; the reader reads the
+    replies of the batches written, in order, and hands each caller its own script's reply
+    or error. A batch is written without waiting for the replies of the one before (Redis
+    answers one connection's commands in order), so a call waits for Redis, not for the
+    round trip of an earlier batch. No pipeline object, pool checkout or task per batch,
+    and no task per write (redis-py's socket timeout is a `wait_for`, i.e. a task, per
+    command: the connection here has none, and one `asyncio.timeout` bounds each batch's
+    write and each batch's replies instead).
 
     Scripts go by their SHA (EVALSHA); a Redis that lost them (a restart, SCRIPT FLUSH)
     answers NOSCRIPT, and those calls are sent again once the scripts are loaded. Calls go
-    out in the order they were made and Redis runs one connection's commands in order, so
-    one answer's appends land in the order its producer made them.
+    out in the order they were made and Redis runs one connection's commands in order; a
+    writer awaits each append before the next, so one answer's appends stay in order
+    across batches too. A failed connection fails every call written on it and not yet
+    answered (a StoreError to each caller); the next batch connects again.
     """
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
         self._queue: list[_Call] = []
-        self._wake: asyncio.Future[None] | None = None
-        self._pump: asyncio.Task[None] | None = None
+        self._inflight: deque[list[_Call]] = deque()  # written, replies not read yet
+        self._wake: asyncio.Future[None] | None = None  # the writer waits for calls
+        self._due: asyncio.Future[None] | None = None  # the reader waits for a batch
+        self._writer: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._reloads: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._conn: Any = None  # a redis.asyncio Connection, made at the first batch
+        self._conn: Any = None  # a redis.asyncio Connection while one is up
         timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
         self._timeout_s: float = float(timeout) if timeout else 10.0
 
@@ -296,104 +308,164 @@ class _Coalescer:
         """Queue one script call; the awaitable gives its reply (or raises its error)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((script, keys, args, future))
+        self._enqueue((script, keys, args, future, False), loop)
+        return future
+
+    def _enqueue(self, call: _Call, loop: asyncio.AbstractEventLoop) -> None:
+        self._queue.append(call)
         wake = self._wake
         if wake is not None:
             self._wake = None
             if not wake.done():
-                wake.set_result(None)  # the pump runs in the next turn, with all queued
-        elif self._pump is None or self._pump.done() or self._loop is not loop:
-            self._start(loop)
-        return future
+                wake.set_result(None)  # the writer runs in the next turn, with all queued
+        elif self._writer is None or self._writer.done() or self._loop is not loop:
+            if self._loop is not loop:  # the tasks and connection of another (closed) loop
+                self._loop, self._conn, self._reader = loop, None, None
+                self._inflight.clear()
+            # The task's first step runs in a later turn: the calls of this one join.
+            self._writer = loop.create_task(self._write_loop())
 
-    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._loop is not loop:
-            self._conn = None  # bound to another (closed) loop
-        self._loop = loop
-        self._pump = loop.create_task(self._run())
-
-    async def _run(self) -> None:
-        # The task's first step runs in a later turn: the calls of this one join the batch.
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
-                wake = self._wake = asyncio.get_running_loop().create_future()
+                wake = self._wake = loop.create_future()
                 await wake
             batch, self._queue = self._queue, []
-            await self._send(batch)
+            conn = self._conn
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    if conn is None:
+                        conn = await self._connect()
+                    data = b"".join(
+                        _pack((b"EVALSHA", script.sha, len(keys), *keys, *args))
+                        for script, keys, args, _, _ in batch
+                    )
+                    self._inflight.append(batch)
+                    due = self._due
+                    if due is not None:
+                        self._due = None
+                        due.set_result(None)
+                    await conn.send_packed_command(data, check_health=False)
+            except Exception as exc:
+                await self._fail(conn, exc, batch)
+            except BaseException:  # cancelled (the log is closing): so are the callers
+                self._cancel_all(batch)
+                raise
 
-    async def _send(self, batch: list[_Call]) -> None:
+    async def _connect(self) -> Any:
+        pool = self._redis.connection_pool
+        # Not from the pool: no socket timeout (see the class docstring), held for good.
+        conn: Any = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
         try:
-            async with asyncio.timeout(self._timeout_s):
-                replies = await self._execute(batch)
-                lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-                if lost:
-                    for script in {id(batch[i][0]): batch[i][0] for i in lost}.values():
-                        await self._redis.script_load(script.script)
-                    again = await self._execute([batch[i] for i in lost])
-                    for i, reply in zip(lost, again, strict=True):
-                        replies[i] = reply
-        except Exception as exc:  # the connection failed: every call of the batch did
-            await self._drop()
-            if isinstance(exc, TimeoutError):
-                exc = RedisTimeoutError(f"no reply from Redis in {self._timeout_s:g} s")
-            elif isinstance(exc, OSError):
-                exc = RedisConnectionError(str(exc))
-            for *_, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        except BaseException:  # cancelled (the log is closing): so are the callers
-            for *_, future in batch:
-                future.cancel()
-            conn, self._conn = self._conn, None
-            if conn is not None:  # replies may be unread: the connection is not reused
-                await conn.disconnect(nowait=True)
+            await conn.connect()
+        except BaseException:
+            await conn.disconnect(nowait=True)
             raise
-        for (*_, future), reply in zip(batch, replies, strict=True):
+        self._conn = conn
+        self._reader = asyncio.get_running_loop().create_task(self._read_loop(conn))
+        return conn
+
+    async def _read_loop(self, conn: Any) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._conn is conn:
+                if not self._inflight:
+                    due = self._due = loop.create_future()
+                    await due
+                    continue
+                batch = self._inflight[0]
+                replies: list[Any] = []
+                async with asyncio.timeout(self._timeout_s):
+                    for _ in batch:
+                        try:
+                            replies.append(await conn.read_response())
+                        except ResponseError as exc:  # this call's own error; more follow
+                            replies.append(exc)
+                if self._conn is not conn:  # failed meanwhile: its callers were told
+                    return
+                self._inflight.popleft()
+                self._answer(batch, replies)
+        except Exception as exc:
+            await self._fail(conn, exc, None)
+        except BaseException:
+            self._cancel_all(None)
+            raise
+
+    def _answer(self, batch: list[_Call], replies: list[Any]) -> None:
+        lost: list[_Call] = []
+        for call, reply in zip(batch, replies, strict=True):
+            future = call[3]
             if future.done():  # its caller was cancelled meanwhile
                 continue
-            if isinstance(reply, Exception):
+            if isinstance(reply, NoScriptError) and not call[4]:
+                lost.append(call)
+            elif isinstance(reply, Exception):
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
+        if lost:
+            task = asyncio.get_running_loop().create_task(self._reload(lost))
+            self._reloads.add(task)  # a strong reference until it is done
+            task.add_done_callback(self._reloads.discard)
 
-    async def _execute(self, batch: list[_Call]) -> list[Any]:
-        conn = self._conn
-        if conn is None:
-            pool = self._redis.connection_pool
-            # Not from the pool: no socket timeout (see the class docstring), held for good.
-            conn = self._conn = pool.connection_class(
-                **{**pool.connection_kwargs, "socket_timeout": None}
-            )
-        await conn.send_packed_command(
-            b"".join(
-                _pack((b"EVALSHA", script.sha, len(keys), *keys, *args))
-                for script, keys, args, _ in batch
-            ),
-            check_health=False,
-        )
-        replies: list[Any] = []
-        for _ in batch:
-            try:
-                replies.append(await conn.read_response())
-            except ResponseError as exc:  # this call's own error; the next replies follow
-                replies.append(exc)
-        return replies
+    async def _reload(self, lost: list[_Call]) -> None:
+        """Load the scripts Redis lost, then send their calls again (once)."""
+        try:
+            for script in {id(call[0]): call[0] for call in lost}.values():
+                await self._redis.script_load(script.script)
+        except Exception as exc:
+            for call in lost:
+                if not call[3].done():
+                    call[3].set_exception(exc)
+            return
+        loop = asyncio.get_running_loop()
+        for script, keys, args, future, _ in lost:
+            self._enqueue((script, keys, args, future, True), loop)
 
-    async def _drop(self) -> None:
-        """Close the connection after a failure (the next batch connects again)."""
-        conn, self._conn = self._conn, None
+    async def _fail(self, conn: Any, exc: Exception, batch: list[_Call] | None) -> None:
+        """`conn` failed: every call written on it and not answered fails with `exc` (and
+        `batch`, whose write failed); the next batch connects again."""
+        if isinstance(exc, TimeoutError):
+            exc = RedisTimeoutError(f"no reply from Redis in {self._timeout_s:g} s")
+        elif isinstance(exc, OSError):
+            exc = RedisConnectionError(str(exc))
+        failed: list[list[_Call]] = [batch] if batch is not None else []
+        if conn is not None and self._conn is conn:
+            self._conn = None
+            failed += self._inflight
+            self._inflight.clear()
+            due = self._due
+            if due is not None:  # the reader of `conn` ends
+                self._due = None
+                due.set_result(None)
+        for calls in failed:
+            for call in calls:
+                if not call[3].done():
+                    call[3].set_exception(exc)
         if conn is not None:
             await conn.disconnect(nowait=True)
 
+    def _cancel_all(self, batch: list[_Call] | None) -> None:
+        for calls in [*([batch] if batch else []), *self._inflight, self._queue]:
+            for call in calls:
+                call[3].cancel()
+        self._inflight.clear()
+        self._queue = []
+
     async def aclose(self) -> None:
-        """Stop the pump (its callers' calls are cancelled) and close its connection."""
-        pump, self._pump = self._pump, None
-        if pump is not None and not pump.done() and self._loop is asyncio.get_running_loop():
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
-        await self._drop()
+        """Stop both tasks (the calls not answered are cancelled) and close the connection."""
+        tasks = [t for t in (self._writer, self._reader, *self._reloads) if t is not None]
+        self._writer = self._reader = None
+        if self._loop is asyncio.get_running_loop():
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.disconnect(nowait=True)
 
 
 def _info(stream_id: str, raw: dict[str, str]) -> StreamInfo:
