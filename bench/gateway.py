@@ -741,34 +741,13 @@ def measure(target: Target, concurrency: int, rounds: int) -> dict[str, float]:
     """One load run against one target; figures of the run."""
     # Warm-up: connections, imports, caches.
     subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "--client",
-            str(target.port),
-            target.path,
-            target.auth,
-            str(min(concurrency, 8)),
-            "1",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=600,
+        _load_args(target, min(concurrency, 8), 1), check=True, capture_output=True, timeout=600
     )
     rss_before = rss_bytes(target.pid)
     cpu_before = cpu_seconds(target.pid)
     with RssSampler(target.pid) as sampler:
         out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--client",
-                str(target.port),
-                target.path,
-                target.auth,
-                str(concurrency),
-                str(rounds),
-            ],
+            _load_args(target, concurrency, rounds),
             check=True,
             capture_output=True,
             timeout=900,

@@ -4,14 +4,12 @@ in the write that ends their response), not in a write of its own."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+from tests.unit.producing import log_events, new_producer, run_hub
 from unbroken.core.wire import ChatCompletion, ChatCompletionChunk, ChunkChoice, Delta, Usage
-from unbroken.gateway.app import Gateway
-from unbroken.gateway.streams import DONE, Producer
-from unbroken.settings import GatewaySettings, RouteSettings, Settings
+from unbroken.gateway.streams import DONE, StreamHub
 
 
 class _Upstream:
@@ -64,47 +62,30 @@ def _chunk(content: str | None = None, usage: Usage | None = None) -> ChatComple
 
 
 def test_the_usage_chunk_goes_to_live_readers_with_the_final_event() -> None:
-    async def main() -> None:
-        gateway = Gateway(
-            Settings(gateway=GatewaySettings(routes=(RouteSettings("a", "http://127.0.0.1:9/v1"),)))
+    async def body(hub: StreamHub) -> None:
+        stream_id = "strm_" + "5" * 32
+        producer = await new_producer(hub, stream_id)
+        usage = Usage(3, 2, 5)
+        upstream = _Upstream(
+            [_chunk("hel"), _chunk("lo"), _chunk(usage=usage)], ChatCompletion(id="a")
         )
-        hub = gateway.streams
-        try:
-            stream_id = "strm_" + "5" * 32
-            lease = await hub.log.create(
-                stream_id,
-                caller="k",
-                request=b"{}",
-                resumable=False,
-                owner=hub.instance,
-                now=1.0,
-                lease_s=60.0,
-            )
-            producer = Producer(hub, stream_id, lease.epoch, resumable=False)
-            usage = Usage(3, 2, 5)
-            upstream = _Upstream(
-                [_chunk("hel"), _chunk("lo"), _chunk(usage=usage)], ChatCompletion(id="a")
-            )
 
-            async def open_stream() -> Any:
-                return upstream
+        async def open_stream() -> Any:
+            return upstream
 
-            sink = _Sink()
-            hub._spawn(producer, open_stream)
-            woken = producer.park(sink, 0)  # a live reader, parked before the first token
-            assert woken is not None
-            assert producer.task is not None
-            await producer.task
-            assert woken.done()
-            assert sink.fed == [1, 2]  # the content chunks, as they came
-            batch = await hub.log.read(stream_id, 0, limit=100, max_bytes=1 << 20)
-            events = [payload for _, payload in batch.events]
-            assert len(events) == 5
-            assert b'"usage"' in events[2]
-            assert b'"prompt_tokens":3' in events[2]
-            assert b'"unbroken"' in events[3]
-            assert events[4] == DONE
-        finally:
-            await hub.aclose()
+        sink = _Sink()
+        hub._spawn(producer, open_stream)
+        woken = producer.park(sink, 0)  # a live reader, parked before the first token
+        assert woken is not None
+        assert producer.task is not None
+        await producer.task
+        assert woken.done()
+        assert sink.fed == [1, 2]  # the content chunks, as they came
+        events = await log_events(hub, stream_id)
+        assert len(events) == 5
+        assert b'"usage"' in events[2]
+        assert b'"prompt_tokens":3' in events[2]
+        assert b'"unbroken"' in events[3]
+        assert events[4] == DONE
 
-    asyncio.run(main())
+    run_hub(body)

@@ -5,52 +5,13 @@ and any other cancellation goes on (a shutdown's)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
+from tests.unit.producing import log_events, new_producer, run_hub
 from unbroken.client import AsyncStream
-from unbroken.gateway.app import Gateway
 from unbroken.gateway.streams import DONE, Producer, StreamHub
-from unbroken.settings import GatewaySettings, RouteSettings, Settings
-
-
-def _gateway() -> Gateway:
-    settings = Settings(
-        gateway=GatewaySettings(routes=(RouteSettings("a", "http://127.0.0.1:9/v1"),))
-    )
-    return Gateway(settings)
-
-
-async def _producer(hub: StreamHub, stream_id: str) -> Producer:
-    log = hub.log
-    lease = await log.create(
-        stream_id,
-        caller="k",
-        request=b"{}",
-        resumable=False,
-        owner=hub.instance,
-        now=1.0,
-        lease_s=60.0,
-    )
-    return Producer(hub, stream_id, lease.epoch, resumable=False)
-
-
-def _run(body: Callable[[StreamHub], Awaitable[None]]) -> None:
-    async def main() -> None:
-        gateway = _gateway()
-        try:
-            await body(gateway.streams)
-        finally:
-            await gateway.streams.aclose()
-
-    asyncio.run(main())
-
-
-async def _events(hub: StreamHub, stream_id: str) -> list[bytes]:
-    batch = await hub.log.read(stream_id, 0, limit=100, max_bytes=1 << 20)
-    return [payload for _, payload in batch.events]
 
 
 async def _stuck(hub: StreamHub, digit: str) -> tuple[Producer, asyncio.Task[None]]:
@@ -62,7 +23,7 @@ async def _stuck(hub: StreamHub, digit: str) -> tuple[Producer, asyncio.Task[Non
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
-    producer = hub._spawn(await _producer(hub, "strm_" + digit * 32), open_stream)
+    producer = hub._spawn(await new_producer(hub, "strm_" + digit * 32), open_stream)
     await asked.wait()
     assert producer.task is not None
     return producer, producer.task
@@ -76,12 +37,12 @@ def test_a_stop_while_the_upstream_is_asked_ends_the_log_with_a_stop_finish() ->
         assert not task.cancelled()
         assert task.cancelling() == 0  # taken back: its clean-up ran uncancelled
         assert producer.finished
-        events = await _events(hub, producer.stream_id)
+        events = await log_events(hub, producer.stream_id)
         assert b'"finish_reason":"stop"' in events[0]
         assert events[-1] == DONE
         assert (await hub.log.info(producer.stream_id)).ended  # type: ignore[union-attr]
 
-    _run(body)
+    run_hub(body)
 
 
 def test_a_stop_before_the_task_runs_never_asks_the_upstream() -> None:
@@ -92,14 +53,14 @@ def test_a_stop_before_the_task_runs_never_asks_the_upstream() -> None:
             calls.append(1)
             raise AssertionError("asked")
 
-        producer = hub._spawn(await _producer(hub, "strm_" + "2" * 32), open_stream)
+        producer = hub._spawn(await new_producer(hub, "strm_" + "2" * 32), open_stream)
         producer.stop("stopped")  # the task has not run a step yet
         assert producer.task is not None
         await producer.task
         assert calls == []
-        assert (await _events(hub, producer.stream_id))[-1] == DONE
+        assert (await log_events(hub, producer.stream_id))[-1] == DONE
 
-    _run(body)
+    run_hub(body)
 
 
 def test_a_stop_from_the_producers_own_task_lands_at_its_next_await() -> None:
@@ -114,7 +75,7 @@ def test_a_stop_from_the_producers_own_task_lands_at_its_next_await() -> None:
             reached.append("not cancelled")
             raise AssertionError("unreachable")
 
-        box["producer"] = producer = await _producer(hub, "strm_" + "3" * 32)
+        box["producer"] = producer = await new_producer(hub, "strm_" + "3" * 32)
         hub._spawn(producer, open_stream)
         assert producer.task is not None
         await asyncio.wait_for(producer.task, 2)
@@ -126,7 +87,7 @@ def test_a_stop_from_the_producers_own_task_lands_at_its_next_await() -> None:
         assert info.lease is not None
         assert info.lease.expires_at == 0  # and its lease free
 
-    _run(body)
+    run_hub(body)
 
 
 def test_another_cancellation_is_not_taken_for_a_stop() -> None:
@@ -137,9 +98,9 @@ def test_another_cancellation_is_not_taken_for_a_stop() -> None:
             await task
         assert producer.reason is None
         assert producer.finished
-        assert await _events(hub, producer.stream_id) == []
+        assert await log_events(hub, producer.stream_id) == []
 
-    _run(body)
+    run_hub(body)
 
 
 def test_a_stop_and_another_cancellation_together_go_on_as_the_other() -> None:
@@ -151,4 +112,4 @@ def test_a_stop_and_another_cancellation_together_go_on_as_the_other() -> None:
             await task
         assert producer.finished
 
-    _run(body)
+    run_hub(body)
