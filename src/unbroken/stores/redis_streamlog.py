@@ -501,6 +501,10 @@ class RedisStreamLog:
         self._redis = client
         self.retention = retention or Retention()
         self._p = prefix
+        # The store-wide keys (made once: an append names three of them).
+        self._total = f"{prefix}streams:bytes"
+        self._exp = f"{prefix}streams:exp"
+        self._live = f"{prefix}streams:live"
         self._create = client.register_script(_CREATE)
         self._append = client.register_script(_APPEND)
         self._acquire = client.register_script(_ACQUIRE)
@@ -542,18 +546,6 @@ class RedisStreamLog:
     def _keys(self, stream_id: str) -> tuple[str, str, str]:
         meta = f"{self._p}s:{stream_id}"
         return meta, meta + ":log", meta + ":req"
-
-    @property
-    def _total(self) -> str:
-        return f"{self._p}streams:bytes"
-
-    @property
-    def _exp(self) -> str:
-        return f"{self._p}streams:exp"
-
-    @property
-    def _live(self) -> str:
-        return f"{self._p}streams:live"
 
     def _keep_ms(self) -> int:
         # Redis' own expiry is a safety net behind the sweeper: the whole retention plus
@@ -617,9 +609,8 @@ class RedisStreamLog:
             *payloads,
         ]
         keys = [meta, log, req, self._total, self._exp, self._live]
-        raw: Any = await self._run(
-            "append to a stream log", lambda: self._writes.call(self._append, keys, args)
-        )
+        with _translated("append to a stream log"):  # no `_run` coroutine: once a chunk
+            raw: Any = await self._writes.call(self._append, keys, args)
         n = int(raw)
         if n == -1:
             raise UnknownStreamError(f"no stream {stream_id[:60]!r}")
