@@ -5,9 +5,11 @@ and a failed connection fails every call of its batch (as a StoreError)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Callable
 
 import pytest
+import redis.asyncio as aioredis
 
 from tests.support import free_port
 from unbroken.core.streamlog import Retention
@@ -31,6 +33,15 @@ async def log(redis_url: str) -> AsyncIterator[RedisStreamLog]:
     await redis_log._redis.flushdb()
     yield redis_log
     await redis_log.aclose()
+
+
+async def turns_until(condition: Callable[[], bool]) -> None:
+    """Let the event loop turn until `condition` holds (a few turns at most)."""
+    for _ in range(100):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the condition did not come true")
 
 
 async def connected_clients(log: RedisStreamLog) -> int:
@@ -115,3 +126,82 @@ async def test_a_dead_redis_fails_every_call_of_the_batch() -> None:
     finally:
         await dead.aclose()
     assert all(isinstance(r, StoreError) for r in results), results
+
+
+async def test_a_redis_that_stops_answering_fails_the_batch_in_the_socket_timeout(
+    redis_url: str,
+) -> None:
+    """The writes' connection has no socket timeout of its own (see `_Coalescer`): one
+    bound per batch, the client's socket timeout, fails the calls of a Redis that does not
+    answer, and once it answers again the next call goes through on a new connection."""
+    client = aioredis.from_url(redis_url, socket_timeout=0.3)
+    slow = RedisStreamLog(client, RETENTION, prefix="test-coalesce-timeout:")
+    control = aioredis.from_url(redis_url)
+    try:
+        await slow.create(
+            sid(1), caller="k", request=b"{}", resumable=False, owner="A", now=0.0, lease_s=3
+        )
+        await control.client_pause(20_000, all=False)
+        try:
+            async with asyncio.timeout(5):  # without the bound: never
+                results = await asyncio.gather(
+                    slow.append(sid(1), 1, [b"x"], 1.0, end=False),
+                    slow.append(sid(1), 1, [b"y"], 1.0, end=False),
+                    return_exceptions=True,
+                )
+        finally:
+            await control.client_unpause()
+        assert all(isinstance(r, StoreError) for r in results), results
+        assert all("Timeout" in str(r) for r in results), results
+        # The paused calls' connection was closed: Redis never ran them.
+        n = await slow.append(sid(1), 1, [b"z"], 2.0, end=False)
+        batch = await slow.read(sid(1), 0, limit=10, max_bytes=1000)
+        assert n == 1
+        assert batch.events == [(1, b"z")]
+    finally:
+        await slow.aclose()
+        await control.aclose()
+
+
+async def test_writes_go_on_after_redis_closed_their_connection(log: RedisStreamLog) -> None:
+    """Redis dropped the writes' connection (CLIENT KILL, as in a failover): the next
+    batch connects again, and an answer's appends go on numbered in order."""
+    await log.create(
+        sid(1), caller="k", request=b"{}", resumable=False, owner="A", now=0.0, lease_s=3
+    )
+    assert await log.append(sid(1), 1, [b"a"], 1.0, end=False) == 1
+    killed = await log._redis.client_kill_filter(_type="normal", skipme=True)
+    assert int(killed) >= 1
+    # Written on the closed connection (an error), or on a new one.
+    with contextlib.suppress(StoreError):
+        assert await log.append(sid(1), 1, [b"b"], 1.0, end=False) == 2
+    n = await log.append(sid(1), 1, [b"c"], 2.0, end=False)
+    batch = await log.read(sid(1), 0, limit=10, max_bytes=1000)
+    assert batch.events[-1] == (n, b"c")
+    assert [i for i, _ in batch.events] == list(range(1, n + 1))
+
+
+async def test_a_lost_connection_fails_every_batch_written_on_it(log: RedisStreamLog) -> None:
+    """Batches are written without waiting for the replies of the one before: when the
+    connection is lost with two batches unanswered, the callers of both get a StoreError
+    (none is left waiting, none gets another's reply), and Redis ran none of them."""
+    for i in (1, 2):
+        await log.create(
+            sid(i), caller="k", request=b"{}", resumable=False, owner="A", now=0.0, lease_s=3
+        )
+    inflight = log._writes._inflight
+    await log._redis.client_pause(20_000, all=False)
+    try:
+        first = asyncio.ensure_future(log.append(sid(1), 1, [b"x"], 1.0, end=False))
+        await turns_until(lambda: len(inflight) == 1)  # the writer wrote the first batch
+        second = asyncio.ensure_future(log.append(sid(2), 1, [b"y"], 1.0, end=False))
+        await turns_until(lambda: len(inflight) == 2)
+        await log._redis.client_kill_filter(_type="normal", skipme=True)
+    finally:
+        await log._redis.client_unpause()
+    async with asyncio.timeout(5):  # a batch left unanswered would wait 10 s (the timeout)
+        results = await asyncio.gather(first, second, return_exceptions=True)
+    assert all(isinstance(r, StoreError) for r in results), results
+    assert await log.append(sid(2), 1, [b"z"], 2.0, end=False) == 1
+    assert (await log.read(sid(1), 0, limit=10, max_bytes=1000)).events == []
+    assert (await log.read(sid(2), 0, limit=10, max_bytes=1000)).events == [(1, b"z")]

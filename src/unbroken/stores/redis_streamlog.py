@@ -9,21 +9,25 @@ writer can never append. Lease and retention rules are those of `core.streamlog`
 shared case table checks both backends against each other. Imports redis, core and errors.
 
 The writes every live answer makes (create, append, renew, release) are coalesced: the
-calls made in one turn of the event loop, across all answers of the process, go to Redis as
-one pipeline (`_Coalescer`), so thousands of streams cost a few round trips per turn rather
-than one per chunk. Each script still runs atomically on its own; only the transport is
-shared.
+calls made in one turn of the event loop, across all answers of the process, go to Redis in
+one write on one long-lived connection (`_Coalescer`), so thousands of streams cost a few
+round trips per turn rather than one per chunk. Each script still runs atomically on its
+own; only the transport is shared.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from unbroken.core.streamlog import Lease, Renewal, Retention, StreamInfo
 from unbroken.errors import ConfigError, StoreError
@@ -250,72 +254,218 @@ return n
 """
 
 
-class _Coalescer:
-    """Script calls made in one turn of the event loop, sent together as one pipeline.
+def _pack(parts: Sequence[bytes | str | int]) -> bytes:
+    """One command in RESP (an array of bulk strings): what redis-py's packer makes, without
+    its per-argument encoder calls (an append's ~20 arguments cost ~25 us there)."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        raw = part if isinstance(part, bytes) else str(part).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    return b"".join(out)
 
-    The first call of a turn schedules the flush (`call_soon`); every call made before it
-    runs joins the same pipeline, and each caller gets its own script's reply or error.
+
+# A queued script call: the script, its keys and arguments, the caller's future, and
+# whether it is a call sent again after NOSCRIPT (sent again once only).
+_Call = tuple[AsyncScript, list[Any], list[Any], "asyncio.Future[Any]", bool]
+
+
+class _Coalescer:
+    """Script calls made in one turn of the event loop, sent together on one connection.
+
+    Two long-lived tasks share a connection of their own. The writer, woken by the first
+    call of a turn, writes every call queued by then in one write; the reader reads the
+    replies of the batches written, in order, and hands each caller its own script's reply
+    or error. A batch is written without waiting for the replies of the one before (Redis
+    answers one connection's commands in order), so a call waits for Redis, not for the
+    round trip of an earlier batch. No pipeline object, pool checkout or task per batch,
+    and no task per write (redis-py's socket timeout is a `wait_for`, i.e. a task, per
+    command: the connection here has none, and one `asyncio.timeout` bounds each batch's
+    write and each batch's replies instead).
+
     Scripts go by their SHA (EVALSHA); a Redis that lost them (a restart, SCRIPT FLUSH)
-    answers NOSCRIPT, and those calls are sent again once the scripts are loaded.
+    answers NOSCRIPT, and those calls are sent again once the scripts are loaded. Calls go
+    out in the order they were made and Redis runs one connection's commands in order; a
+    writer awaits each append before the next, so one answer's appends stay in order
+    across batches too. A failed connection fails every call written on it and not yet
+    answered (a StoreError to each caller); the next batch connects again.
     """
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
-        self._queue: list[tuple[AsyncScript, list[Any], list[Any], asyncio.Future[Any]]] = []
-        self._sending: set[asyncio.Task[None]] = set()
+        self._queue: list[_Call] = []
+        self._inflight: deque[list[_Call]] = deque()  # written, replies not read yet
+        self._wake: asyncio.Future[None] | None = None  # the writer waits for calls
+        self._due: asyncio.Future[None] | None = None  # the reader waits for a batch
+        self._writer: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._reloads: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._conn: Any = None  # a redis.asyncio Connection while one is up
+        timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+        self._timeout_s: float = float(timeout) if timeout else 10.0
 
     def call(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Awaitable[Any]:
         """Queue one script call; the awaitable gives its reply (or raises its error)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        if not self._queue:
-            loop.call_soon(self._flush)
-        self._queue.append((script, keys, args, future))
+        self._enqueue((script, keys, args, future, False), loop)
         return future
 
-    def _flush(self) -> None:
-        batch, self._queue = self._queue, []
-        if batch:
-            task = asyncio.get_running_loop().create_task(self._send(batch))
-            self._sending.add(task)  # a strong reference until it is done
-            task.add_done_callback(self._sending.discard)
+    def _enqueue(self, call: _Call, loop: asyncio.AbstractEventLoop) -> None:
+        self._queue.append(call)
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            if not wake.done():
+                wake.set_result(None)  # the writer runs in the next turn, with all queued
+        elif self._writer is None or self._writer.done() or self._loop is not loop:
+            if self._loop is not loop:  # the tasks and connection of another (closed) loop
+                self._loop, self._conn, self._reader = loop, None, None
+                self._inflight.clear()
+            # The task's first step runs in a later turn: the calls of this one join.
+            self._writer = loop.create_task(self._write_loop())
 
-    async def _send(
-        self, batch: list[tuple[AsyncScript, list[Any], list[Any], asyncio.Future[Any]]]
-    ) -> None:
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                wake = self._wake = loop.create_future()
+                await wake
+            batch, self._queue = self._queue, []
+            conn = self._conn
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    if conn is None:
+                        conn = await self._connect()
+                    data = b"".join(
+                        _pack((b"EVALSHA", script.sha, len(keys), *keys, *args))
+                        for script, keys, args, _, _ in batch
+                    )
+                    self._inflight.append(batch)
+                    due = self._due
+                    if due is not None:
+                        self._due = None
+                        due.set_result(None)
+                    await conn.send_packed_command(data, check_health=False)
+            except Exception as exc:
+                await self._fail(conn, exc, batch)
+            except BaseException:  # cancelled (the log is closing): so are the callers
+                self._cancel_all(batch)
+                raise
+
+    async def _connect(self) -> Any:
+        pool = self._redis.connection_pool
+        # Not from the pool: no socket timeout (see the class docstring), held for good.
+        conn: Any = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
         try:
-            replies = await self._execute(batch)
-            lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-            if lost:
-                for script in {id(batch[i][0]): batch[i][0] for i in lost}.values():
-                    await self._redis.script_load(script.script)
-                again = await self._execute([batch[i] for i in lost])
-                for i, reply in zip(lost, again, strict=True):
-                    replies[i] = reply
-        except Exception as exc:  # the connection failed: every call of the batch did
-            for *_, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        except BaseException:  # cancelled (the loop is closing): so are the callers
-            for *_, future in batch:
-                future.cancel()
+            await conn.connect()
+        except BaseException:
+            await conn.disconnect(nowait=True)
             raise
-        for (*_, future), reply in zip(batch, replies, strict=True):
+        self._conn = conn
+        self._reader = asyncio.get_running_loop().create_task(self._read_loop(conn))
+        return conn
+
+    async def _read_loop(self, conn: Any) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._conn is conn:
+                if not self._inflight:
+                    due = self._due = loop.create_future()
+                    await due
+                    continue
+                batch = self._inflight[0]
+                replies: list[Any] = []
+                async with asyncio.timeout(self._timeout_s):
+                    for _ in batch:
+                        try:
+                            replies.append(await conn.read_response())
+                        except ResponseError as exc:  # this call's own error; more follow
+                            replies.append(exc)
+                if self._conn is not conn:  # failed meanwhile: its callers were told
+                    return
+                self._inflight.popleft()
+                self._answer(batch, replies)
+        except Exception as exc:
+            await self._fail(conn, exc, None)
+        except BaseException:
+            self._cancel_all(None)
+            raise
+
+    def _answer(self, batch: list[_Call], replies: list[Any]) -> None:
+        lost: list[_Call] = []
+        for call, reply in zip(batch, replies, strict=True):
+            future = call[3]
             if future.done():  # its caller was cancelled meanwhile
                 continue
-            if isinstance(reply, Exception):
+            if isinstance(reply, NoScriptError) and not call[4]:
+                lost.append(call)
+            elif isinstance(reply, Exception):
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
+        if lost:
+            task = asyncio.get_running_loop().create_task(self._reload(lost))
+            self._reloads.add(task)  # a strong reference until it is done
+            task.add_done_callback(self._reloads.discard)
 
-    async def _execute(
-        self, batch: list[tuple[AsyncScript, list[Any], list[Any], asyncio.Future[Any]]]
-    ) -> list[Any]:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for script, keys, args, _ in batch:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            return list(await pipe.execute(raise_on_error=False))
+    async def _reload(self, lost: list[_Call]) -> None:
+        """Load the scripts Redis lost, then send their calls again (once)."""
+        try:
+            for script in {id(call[0]): call[0] for call in lost}.values():
+                await self._redis.script_load(script.script)
+        except Exception as exc:
+            for call in lost:
+                if not call[3].done():
+                    call[3].set_exception(exc)
+            return
+        loop = asyncio.get_running_loop()
+        for script, keys, args, future, _ in lost:
+            self._enqueue((script, keys, args, future, True), loop)
+
+    async def _fail(self, conn: Any, exc: Exception, batch: list[_Call] | None) -> None:
+        """`conn` failed: every call written on it and not answered fails with `exc` (and
+        `batch`, whose write failed); the next batch connects again."""
+        if isinstance(exc, TimeoutError):
+            exc = RedisTimeoutError(f"no reply from Redis in {self._timeout_s:g} s")
+        elif isinstance(exc, OSError):
+            exc = RedisConnectionError(str(exc))
+        failed: list[list[_Call]] = [batch] if batch is not None else []
+        if conn is not None and self._conn is conn:
+            self._conn = None
+            failed += self._inflight
+            self._inflight.clear()
+            due = self._due
+            if due is not None:  # the reader of `conn` ends
+                self._due = None
+                due.set_result(None)
+        for calls in failed:
+            for call in calls:
+                if not call[3].done():
+                    call[3].set_exception(exc)
+        if conn is not None:
+            await conn.disconnect(nowait=True)
+
+    def _cancel_all(self, batch: list[_Call] | None) -> None:
+        for calls in [*([batch] if batch else []), *self._inflight, self._queue]:
+            for call in calls:
+                call[3].cancel()
+        self._inflight.clear()
+        self._queue = []
+
+    async def aclose(self) -> None:
+        """Stop both tasks (the calls not answered are cancelled) and close the connection."""
+        tasks = [t for t in (self._writer, self._reader, *self._reloads) if t is not None]
+        self._writer = self._reader = None
+        if self._loop is asyncio.get_running_loop():
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.disconnect(nowait=True)
 
 
 def _info(stream_id: str, raw: dict[str, str]) -> StreamInfo:
@@ -351,6 +501,10 @@ class RedisStreamLog:
         self._redis = client
         self.retention = retention or Retention()
         self._p = prefix
+        # The store-wide keys (made once: an append names three of them).
+        self._total = f"{prefix}streams:bytes"
+        self._exp = f"{prefix}streams:exp"
+        self._live = f"{prefix}streams:live"
         self._create = client.register_script(_CREATE)
         self._append = client.register_script(_APPEND)
         self._acquire = client.register_script(_ACQUIRE)
@@ -392,18 +546,6 @@ class RedisStreamLog:
     def _keys(self, stream_id: str) -> tuple[str, str, str]:
         meta = f"{self._p}s:{stream_id}"
         return meta, meta + ":log", meta + ":req"
-
-    @property
-    def _total(self) -> str:
-        return f"{self._p}streams:bytes"
-
-    @property
-    def _exp(self) -> str:
-        return f"{self._p}streams:exp"
-
-    @property
-    def _live(self) -> str:
-        return f"{self._p}streams:live"
 
     def _keep_ms(self) -> int:
         # Redis' own expiry is a safety net behind the sweeper: the whole retention plus
@@ -467,9 +609,8 @@ class RedisStreamLog:
             *payloads,
         ]
         keys = [meta, log, req, self._total, self._exp, self._live]
-        raw: Any = await self._run(
-            "append to a stream log", lambda: self._writes.call(self._append, keys, args)
-        )
+        with _translated("append to a stream log"):  # no `_run` coroutine: once a chunk
+            raw: Any = await self._writes.call(self._append, keys, args)
         n = int(raw)
         if n == -1:
             raise UnknownStreamError(f"no stream {stream_id[:60]!r}")
@@ -661,5 +802,6 @@ class RedisStreamLog:
         return None if raw is None else bytes(raw).decode()
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool and the writes' connection."""
+        await self._writes.aclose()
         await self._redis.aclose()
