@@ -42,7 +42,7 @@ def test_the_servers_own_methods_are_called_through_the_server() -> None:
     _run(ex.send({"type": "http.response.body"}))
     assert server.sent == [("send", {"type": "http.response.body"})]
     assert _run(ex.receive())["body"] == b"x"
-    assert ex._send is None  # held as the server, not as two bound methods
+    assert ex._io is server  # held as the server, not as two bound methods
 
 
 def test_any_other_callables_are_kept_and_called_as_given() -> None:

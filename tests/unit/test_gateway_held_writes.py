@@ -107,17 +107,22 @@ def test_a_read_of_one_event_is_written_at_once(upstream: tuple[_Connection, Any
         assert wire.writes == [expected(1, EVENTS[0]), expected(2, EVENTS[1])]
 
 
+def _three_then_one(wires: list[Wire]) -> None:
+    """Each client got events 1-3 in one write, then event 4 in another."""
+    for wire in wires:
+        assert wire.writes == [
+            b"".join(expected(i, e) for i, e in enumerate(EVENTS[:3], 1)),
+            expected(4, EVENTS[3]),
+        ]
+
+
 def test_a_read_of_several_events_is_one_write_per_client(
     upstream: tuple[_Connection, Any],
 ) -> None:
     conn, wires = upstream
     conn.data_received(b"".join(frame(e) for e in EVENTS[:3]))
     conn.data_received(frame(EVENTS[3]))
-    for wire in wires:
-        assert wire.writes == [
-            b"".join(expected(i, e) for i, e in enumerate(EVENTS[:3], 1)),
-            expected(4, EVENTS[3]),
-        ]
+    _three_then_one(wires)
 
 
 def test_a_frame_of_several_events_is_one_write_per_client(
@@ -240,11 +245,7 @@ def test_events_buffered_before_the_tap_are_one_write_per_client(untapped: Any) 
     assert conn.tap(relay, None)
     assert not conn.body
     conn.data_received(frame(EVENTS[3]))
-    for wire in wires:
-        assert wire.writes == [
-            b"".join(expected(i, e) for i, e in enumerate(EVENTS[:3], 1)),
-            expected(4, EVENTS[3]),
-        ]
+    _three_then_one(wires)
 
 
 def test_a_complete_response_buffered_before_the_tap_is_relayed_and_its_waiter_woken(

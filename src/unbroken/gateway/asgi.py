@@ -64,6 +64,16 @@ class ResponseHooks(Protocol):
         """Stop watching."""
 
 
+class _Io:
+    """An ASGI `receive` and `send` that are not one server object's own methods."""
+
+    __slots__ = ("receive", "send")
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self.receive = receive
+        self.send = send
+
+
 class Exchange:
     """One HTTP request and its response state.
 
@@ -75,9 +85,7 @@ class Exchange:
 
     __slots__ = (
         "_headers",
-        "_receive",
-        "_send",
-        "_server",
+        "_io",
         "gzip_min_bytes",
         "headers_out",
         "scope",
@@ -104,13 +112,9 @@ class Exchange:
             and getattr(type(server), "receive", None) is getattr(receive, "__func__", None)
             and getattr(type(server), "send", None) is getattr(send, "__func__", None)
         ):
-            self._server: Any = server
-            self._receive: Receive | None = None
-            self._send: Send | None = None
+            self._io: Any = server
         else:
-            self._server = None
-            self._receive = receive
-            self._send = send
+            self._io = _Io(receive, send)
         self.headers_out = headers_out
         self.gzip_min_bytes = gzip_min_bytes
         self.started = False
@@ -120,14 +124,12 @@ class Exchange:
     @property
     def receive(self) -> Receive:
         """The ASGI `receive`."""
-        server = self._server
-        return self._receive if server is None else server.receive  # type: ignore[return-value]  # set when no server
+        return self._io.receive  # type: ignore[no-any-return]  # the server's or `_Io`'s
 
     @property
     def send(self) -> Send:
         """The ASGI `send`."""
-        server = self._server
-        return self._send if server is None else server.send  # type: ignore[return-value]  # set when no server
+        return self._io.send  # type: ignore[no-any-return]  # the server's or `_Io`'s
 
     def header(self, name: bytes) -> bytes | None:
         """A request header (lowercase `name`); the last one wins when repeated."""
