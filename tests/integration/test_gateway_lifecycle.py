@@ -214,9 +214,10 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 def _refused(url: str) -> bool:
     try:
         httpx.get(url + "/healthz", timeout=1)
-    except (httpx.ConnectError, httpx.RemoteProtocolError):
+    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
         # A connection that raced the listener's close is accepted by the kernel and then
-        # closed unanswered: as refused as a reset (the callers check when it happened).
+        # closed unanswered, or reset when the listener closes with it still queued: both
+        # are refusals (the callers check when it happened).
         return True
     return False
 
