@@ -24,9 +24,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis._parsers.base import BaseParser
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import InvalidResponse, NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from unbroken.core.streamlog import Lease, Renewal, Retention, StreamInfo
@@ -268,146 +269,219 @@ def _pack(parts: Sequence[bytes | bytearray | memoryview | str | int | float]) -
 # whether it is a call sent again after NOSCRIPT (sent again once only).
 _Call = tuple[AsyncScript, list[Any], list[Any], "asyncio.Future[Any]", bool]
 
+_CRLF = b"\r\n"
+
+
+def _reply(buf: bytearray, at: int) -> tuple[Any, int]:
+    """The RESP reply that starts at `at` in `buf`, and where the next one starts (-1 when
+    the reply is not all there yet). An error reply is returned as its exception."""
+    end = buf.find(_CRLF, at)
+    if end < 0:
+        return None, -1
+    kind = buf[at]
+    if kind == 58:  # ':' an integer: an append's reply
+        return int(buf[at + 1 : end]), end + 2
+    if kind == 36:  # '$' a bulk string
+        n = int(buf[at + 1 : end])
+        if n < 0:
+            return None, end + 2
+        stop = end + 2 + n
+        if len(buf) < stop + 2:
+            return None, -1
+        return bytes(buf[end + 2 : stop]), stop + 2
+    if kind == 42:  # '*' an array
+        n = int(buf[at + 1 : end])
+        if n < 0:
+            return None, end + 2
+        items: list[Any] = []
+        at = end + 2
+        for _ in range(n):
+            item, at = _reply(buf, at)
+            if at < 0:
+                return None, -1
+            items.append(item)
+        return items, at
+    if kind == 43:  # '+' a status
+        return bytes(buf[at + 1 : end]), end + 2
+    if kind == 45:  # '-' an error: redis-py's exception for it (NoScriptError...)
+        message = buf[at + 1 : end].decode(errors="replace")
+        return BaseParser.parse_error(message), end + 2  # type: ignore[no-untyped-call]
+    if kind == 95:  # '_' RESP3's null
+        return None, end + 2
+    raise InvalidResponse(f"unexpected reply from Redis: {bytes(buf[at : end + 2])[:40]!r}")
+
 
 class _Coalescer:
     """Script calls made in one turn of the event loop, sent together on one connection.
 
-    Two long-lived tasks share a connection of their own. The writer, woken by the first
-    call of a turn, writes every call queued by then in one write; the reader reads the
-    replies of the batches written, in order, and hands each caller its own script's reply
-    or error. A batch is written without waiting for the replies of the one before (Redis
-    answers one connection's commands in order), so a call waits for Redis, not for the
-    round trip of an earlier batch. No pipeline object, pool checkout or task per batch,
-    and no task per write (redis-py's socket timeout is a `wait_for`, i.e. a task, per
-    command: the connection here has none, and one `asyncio.timeout` bounds each batch's
-    write and each batch's replies instead).
+    The first call of a turn schedules a flush (a callback, not a task) that writes every
+    call queued by then in one write. The replies are read by the connection's own protocol
+    as they arrive (`_received`): each caller's future gets its own script's reply or error
+    in the same loop turn as the bytes, with no reader task between them and no turn per
+    reply. A batch is written without waiting for the replies of the one before (Redis
+    answers one connection's commands in order). redis-py connects (TLS, AUTH, SELECT);
+    its transport is then taken over, so no pipeline object, pool checkout, task or
+    `wait_for` is made per batch or per call. One timer fails the calls of a Redis that
+    sends nothing for the client's socket timeout while replies are due.
 
     Scripts go by their SHA (EVALSHA); a Redis that lost them (a restart, SCRIPT FLUSH)
     answers NOSCRIPT, and those calls are sent again once the scripts are loaded. Calls go
-    out in the order they were made and Redis runs one connection's commands in order; a
-    writer awaits each append before the next, so one answer's appends stay in order
-    across batches too. A failed connection fails every call written on it and not yet
-    answered (a StoreError to each caller); the next batch connects again.
+    out in the order they were made and Redis runs one connection's commands in order, so
+    a call made after another of the same answer (its create, then its appends) is run
+    after it, whether or not the first one's reply has come back. A failed connection fails
+    every call written on it and not yet answered (a StoreError to each caller); the next
+    flush connects again.
     """
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
         self._queue: list[_Call] = []
-        self._inflight: deque[list[_Call]] = deque()  # written, replies not read yet
-        self._wake: asyncio.Future[None] | None = None  # the writer waits for calls
-        self._due: asyncio.Future[None] | None = None  # the reader waits for a batch
-        self._writer: asyncio.Task[None] | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._inflight: deque[_Call] = deque()  # written, reply not read yet
+        self._flush_due = False
+        self._connecting: asyncio.Task[None] | None = None
         self._reloads: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._conn: Any = None  # a redis.asyncio Connection while one is up
+        self._conn: Any = None  # the redis.asyncio Connection that connected
+        self._transport: asyncio.WriteTransport | None = None  # while one is up
+        self._buf = bytearray()  # reply bytes not parsed yet
+        self._timer: asyncio.TimerHandle | None = None
+        self._heard_at = 0.0  # when Redis last sent (or the first reply was due)
         timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
         self._timeout_s: float = float(timeout) if timeout else 10.0
 
-    def call(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Awaitable[Any]:
-        """Queue one script call; the awaitable gives its reply (or raises its error)."""
+    def call(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> asyncio.Future[Any]:
+        """Queue one script call; the future gives its reply (or raises its error)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._enqueue((script, keys, args, future, False), loop)
         return future
 
     def _enqueue(self, call: _Call, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is not loop:  # the connection and tasks of another (closed) loop
+            self._loop, self._transport, self._connecting = loop, None, None
+            self._inflight.clear()
+            self._flush_due, self._timer = False, None
         self._queue.append(call)
-        wake = self._wake
-        if wake is not None:
-            self._wake = None
-            if not wake.done():
-                wake.set_result(None)  # the writer runs in the next turn, with all queued
-        elif self._writer is None or self._writer.done() or self._loop is not loop:
-            if self._loop is not loop:  # the tasks and connection of another (closed) loop
-                self._loop, self._conn, self._reader = loop, None, None
-                self._inflight.clear()
-            # The task's first step runs in a later turn: the calls of this one join.
-            self._writer = loop.create_task(self._write_loop())
+        if not self._flush_due:
+            self._flush_due = True
+            # Runs in the next turn: the calls of this one join.
+            loop.call_soon(self._flush)
 
-    async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._queue:
-                wake = self._wake = loop.create_future()
-                await wake
-            batch, self._queue = self._queue, []
-            conn = self._conn
-            try:
-                async with asyncio.timeout(self._timeout_s):
-                    if conn is None:
-                        conn = await self._connect()
-                    data = b"".join(
-                        _pack((b"EVALSHA", script.sha, len(keys), *keys, *args))
-                        for script, keys, args, _, _ in batch
-                    )
-                    self._inflight.append(batch)
-                    due = self._due
-                    if due is not None:
-                        self._due = None
-                        due.set_result(None)
-                    await conn.send_packed_command(data, check_health=False)
-            except Exception as exc:
-                await self._fail(conn, exc, batch)
-            except BaseException:  # cancelled (the log is closing): so are the callers
-                self._cancel_all(batch)
-                raise
+    def _flush(self) -> None:
+        self._flush_due = False
+        if not self._queue:
+            return
+        transport = self._transport
+        if transport is None:
+            if self._connecting is None:
+                loop = asyncio.get_running_loop()
+                self._connecting = loop.create_task(self._connect())
+            return  # flushed once connected
+        batch, self._queue = self._queue, []
+        data = b"".join(
+            _pack((b"EVALSHA", script.sha, len(keys), *keys, *args))
+            for script, keys, args, _, _ in batch
+        )
+        if not self._inflight:
+            self._heard_at = asyncio.get_running_loop().time()
+            if self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(self._timeout_s, self._check)
+        self._inflight.extend(batch)
+        transport.write(data)
 
-    async def _connect(self) -> Any:
+    async def _connect(self) -> None:
         pool = self._redis.connection_pool
-        # Not from the pool: no socket timeout (see the class docstring), held for good.
+        # Not from the pool: held for good; replies are read by `_Replies`, bounded by
+        # `_check` (the connection's socket timeout is not used).
         conn: Any = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
         try:
-            await conn.connect()
+            async with asyncio.timeout(self._timeout_s):
+                await conn.connect()
+            transport = conn._writer.transport
+        except Exception as exc:
+            self._connecting = None
+            await conn.disconnect(nowait=True)
+            failed, self._queue = self._queue, []
+            error = _connection_error(exc, self._timeout_s)
+            for call in failed:
+                if not call[3].done():
+                    call[3].set_exception(error)
+            return
         except BaseException:
+            self._connecting = None
             await conn.disconnect(nowait=True)
             raise
-        self._conn = conn
-        self._reader = asyncio.get_running_loop().create_task(self._read_loop(conn))
-        return conn
+        self._connecting = None
+        self._conn, self._transport = conn, transport
+        self._buf = bytearray()
+        transport.set_protocol(_Replies(self, transport))
+        self._flush()
 
-    async def _read_loop(self, conn: Any) -> None:
-        loop = asyncio.get_running_loop()
+    def _received(self, transport: asyncio.BaseTransport, data: bytes) -> None:
+        if transport is not self._transport:
+            return
+        buf = self._buf
+        buf += data
+        inflight = self._inflight
+        at = 0
+        lost: list[_Call] | None = None
         try:
-            while self._conn is conn:
-                if not self._inflight:
-                    due = self._due = loop.create_future()
-                    await due
+            while inflight:
+                reply, after = _reply(buf, at)
+                if after < 0:
+                    break
+                at = after
+                call = inflight.popleft()
+                future = call[3]
+                if future.done():  # its caller was cancelled meanwhile
                     continue
-                batch = self._inflight[0]
-                replies: list[Any] = []
-                async with asyncio.timeout(self._timeout_s):
-                    for _ in batch:
-                        try:
-                            replies.append(await conn.read_response())
-                        except ResponseError as exc:  # this call's own error; more follow
-                            replies.append(exc)
-                if self._conn is not conn:  # failed meanwhile: its callers were told
-                    return
-                self._inflight.popleft()
-                self._answer(batch, replies)
-        except Exception as exc:
-            await self._fail(conn, exc, None)
-        except BaseException:
-            self._cancel_all(None)
-            raise
-
-    def _answer(self, batch: list[_Call], replies: list[Any]) -> None:
-        lost: list[_Call] = []
-        for call, reply in zip(batch, replies, strict=True):
-            future = call[3]
-            if future.done():  # its caller was cancelled meanwhile
-                continue
-            if isinstance(reply, NoScriptError) and not call[4]:
-                lost.append(call)
-            elif isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
+                if isinstance(reply, NoScriptError) and not call[4]:
+                    lost = [call] if lost is None else [*lost, call]
+                elif isinstance(reply, Exception):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+            if at < len(buf) and not inflight:
+                raise InvalidResponse("Redis sent a reply no call waits for")
+        except (ValueError, InvalidResponse) as exc:
+            self._drop(exc)
+            return
+        del buf[:at]
+        self._heard_at = asyncio.get_running_loop().time()
         if lost:
             task = asyncio.get_running_loop().create_task(self._reload(lost))
             self._reloads.add(task)  # a strong reference until it is done
             task.add_done_callback(self._reloads.discard)
+
+    def _check(self) -> None:
+        """The timer: fail the connection when Redis owes replies and sent nothing for the
+        socket timeout; else look again when it could be."""
+        self._timer = None
+        if not self._inflight or self._transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        silent = loop.time() - self._heard_at
+        if silent >= self._timeout_s:
+            self._drop(TimeoutError())
+        else:
+            self._timer = loop.call_later(self._timeout_s - silent, self._check)
+
+    def _drop(self, exc: BaseException | None) -> None:
+        """The connection failed: every call written on it and not answered fails."""
+        transport, self._transport = self._transport, None
+        if transport is None:
+            return
+        self._close_conn()
+        self._buf = bytearray()
+        error = _connection_error(exc, self._timeout_s)
+        failed = list(self._inflight)
+        self._inflight.clear()
+        for call in failed:
+            if not call[3].done():
+                call[3].set_exception(error)
+        if self._queue and not self._flush_due:  # made meanwhile: on a new connection
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     async def _reload(self, lost: list[_Call]) -> None:
         """Load the scripts Redis lost, then send their calls again (once)."""
@@ -423,49 +497,57 @@ class _Coalescer:
         for script, keys, args, future, _ in lost:
             self._enqueue((script, keys, args, future, True), loop)
 
-    async def _fail(self, conn: Any, exc: Exception, batch: list[_Call] | None) -> None:
-        """`conn` failed: every call written on it and not answered fails with `exc` (and
-        `batch`, whose write failed); the next batch connects again."""
-        if isinstance(exc, TimeoutError):
-            exc = RedisTimeoutError(f"no reply from Redis in {self._timeout_s:g} s")
-        elif isinstance(exc, OSError):
-            exc = RedisConnectionError(str(exc))
-        failed: list[list[_Call]] = [batch] if batch is not None else []
-        if conn is not None and self._conn is conn:
-            self._conn = None
-            failed += self._inflight
-            self._inflight.clear()
-            due = self._due
-            if due is not None:  # the reader of `conn` ends
-                self._due = None
-                due.set_result(None)
-        for calls in failed:
-            for call in calls:
-                if not call[3].done():
-                    call[3].set_exception(exc)
-        if conn is not None:
-            await conn.disconnect(nowait=True)
-
-    def _cancel_all(self, batch: list[_Call] | None) -> None:
-        for calls in [*([batch] if batch else []), *self._inflight, self._queue]:
-            for call in calls:
-                call[3].cancel()
-        self._inflight.clear()
-        self._queue = []
-
     async def aclose(self) -> None:
-        """Stop both tasks (the calls not answered are cancelled) and close the connection."""
-        tasks = [t for t in (self._writer, self._reader, *self._reloads) if t is not None]
-        self._writer = self._reader = None
+        """Stop (the calls not answered are cancelled) and close the connection."""
+        tasks = [t for t in (self._connecting, *self._reloads) if t is not None]
+        self._connecting = None
         if self._loop is asyncio.get_running_loop():
             for task in tasks:
                 task.cancel()
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if self._timer is not None:
+                self._timer.cancel()
+        self._timer = None
+        for call in [*self._inflight, *self._queue]:
+            call[3].cancel()
+        self._inflight.clear()
+        self._queue = []
+        self._transport = None
+        self._close_conn()
+
+    def _close_conn(self) -> None:
+        # Through redis-py's connection, which closes the transport and forgets it (its
+        # finalizer warns of a connection it still holds).
         conn, self._conn = self._conn, None
         if conn is not None:
-            await conn.disconnect(nowait=True)
+            conn._close()
+
+
+def _connection_error(exc: BaseException | None, timeout_s: float) -> Exception:
+    if isinstance(exc, TimeoutError):
+        return RedisTimeoutError(f"no reply from Redis in {timeout_s:g} s")
+    if isinstance(exc, RedisError):
+        return exc
+    if exc is None:
+        return RedisConnectionError("Redis closed the connection")
+    return RedisConnectionError(str(exc) or type(exc).__name__)
+
+
+class _Replies(asyncio.Protocol):
+    """The coalescer's connection, once taken over from redis-py: bytes go to `_received`."""
+
+    def __init__(self, owner: _Coalescer, transport: asyncio.BaseTransport) -> None:
+        self._owner = owner
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._owner._received(self._transport, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._owner._transport is self._transport:
+            self._owner._drop(exc)
 
 
 def _info(stream_id: str, raw: dict[str, str]) -> StreamInfo:
