@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -54,6 +55,7 @@ from unbroken._flag import Flag
 from unbroken.client import AsyncStream
 from unbroken.core.accumulator import ChunkAccumulator
 from unbroken.core.streamlog import (
+    Lease,
     Renewal,
     Retention,
     StreamInfo,
@@ -250,12 +252,15 @@ class Producer:
         "_booking",
         "_cancel",
         "_changed",
+        "_created",
+        "_error",
         "_flush",
         "_n_waiting",
         "_on_complete",
         "_on_end",
         "_pending",
         "_renew_slot",
+        "_sending",
         "_sink",
         "_sinks",
         "_slot_at",
@@ -326,13 +331,20 @@ class Producer:
         # The payloads of the last events appended, the last being event `n_events` (no
         # (id, payload) tuple per event: readers number them, `tail_events`).
         self.tail: list[bytes] = [] if self._tail_max else _NO_PENDING
-        # Group commit for a remote log: events pushed while an append is in flight go
-        # together in the next one, so the upstream is read on meanwhile.
-        self._batched = getattr(hub.log, "is_remote", False)
+        # Group commit for a remote log (one with `append_soon`: Redis): events pushed while
+        # an append is in flight go together in the next one, so the upstream is read on
+        # meanwhile. An append is a future with a callback (`_sent`), not a task: its
+        # reply reaches the readers in the loop turn it arrives in.
+        self._batched = hasattr(hub.log, "append_soon")
         # Only a batching producer appends here: the others share one empty list (56 bytes
         # a live answer).
         self._pending: list[bytes] = [] if self._batched else _NO_PENDING
-        self._flush: asyncio.Task[None] | None = None
+        self._sending: list[bytes] = _NO_PENDING  # the events of the append in flight
+        self._flush: asyncio.Future[Any] | None = None  # the append in flight
+        self._error: UnbrokenError | None = None  # what an append raised, raised by `_push`
+        # A new stream's log being created (`StreamHub.start`): awaited before the first
+        # append is sent, so the create has run; the upstream is asked meanwhile.
+        self._created: asyncio.Future[Lease] | None = None
         self.first = Flag()  # set at the first append, or when the answer failed
         self._unset = True  # `first` not set by an append yet (no method call per append)
         # The log failed mid-answer (store outage): the rest lives in `tail` only.
@@ -561,30 +573,70 @@ class Producer:
                 await self._append([payload])
             return
         self._pending.append(payload)
-        flush = self._flush
-        if flush is not None and flush.done():
-            self._flush = None
-            flush.result()
+        error = self._error
+        if error is not None:
+            self._error = None
+            raise error
         if self._flush is None:
-            self._flush = asyncio.get_running_loop().create_task(self._drain())
+            if self._created is not None:
+                await self._await_created()
+            self._send()
         elif len(self._pending) >= TAIL_EVENTS:
             await self._settle()  # the log is slow: stop reading upstream until it catches up
 
-    async def _drain(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            await self._append(batch)
+    async def _await_created(self) -> None:
+        """Wait for the stream's create (mostly answered before the upstream's first
+        token); its error fails the answer: nothing was logged."""
+        created, self._created = self._created, None
+        if created is not None:
+            await created
+
+    def _send(self) -> None:
+        """Append the pending events (a remote log); `_sent` takes the reply."""
+        batch, self._pending = self._pending, []
+        if self.degraded:
+            self._appended(batch, self.n_events + len(batch))
+            return
+        self._sending = batch
+        flush = self._flush = self.hub.log.append_soon(  # type: ignore[attr-defined]
+            self.stream_id, self.epoch, batch, time.time(), end=False
+        )
+        flush.add_done_callback(self._sent)
+
+    def _sent(self, flush: asyncio.Future[Any]) -> None:
+        """An append's reply: hand its events on, then append what was pushed meanwhile."""
+        batch, self._sending = self._sending, _NO_PENDING
+        self._flush = None
+        if flush.cancelled():  # the log is closing
+            self._error = StoreError("the stream log closed")
+            return
+        try:
+            n = self.hub.log.append_result(flush, self.stream_id, self.epoch)  # type: ignore[attr-defined]
+        except (FencedError, LogFullError, UnknownStreamError) as exc:
+            self._error = exc
+            return
+        except StoreError as exc:
+            self._degrade(exc)
+            n = self.n_events + len(batch)
+        self._appended(batch, n)
+        if self._pending:
+            self._send()
 
     async def _settle(self) -> None:
         """Wait until every pushed event is in the log (raising what an append raised)."""
+        loop = asyncio.get_running_loop()
         while (flush := self._flush) is not None:
-            try:
-                await asyncio.shield(flush)
-            finally:
-                if flush.done() and self._flush is flush:
-                    self._flush = None
+            # Not the append's own future: a cancelled wait must not cancel the append.
+            done: asyncio.Future[None] = loop.create_future()
+            flush.add_done_callback(functools.partial(_wake, done))
+            await done
+        error = self._error
+        if error is not None:
+            self._error = None
+            raise error
         if self._pending:
-            await self._drain()
+            batch, self._pending = self._pending, []
+            await self._append(batch)
 
     async def _settle_quietly(self) -> None:
         try:
@@ -592,6 +644,7 @@ class Producer:
         except UnbrokenError as exc:
             logger.debug("stream %s: pending events not logged: %s", self.stream_id, exc)
             self._pending = [] if self._batched else _NO_PENDING
+            self._error = None
 
     def _take(self, chunks: list[ChatCompletionChunk], payloads: list[bytes] | None) -> bool:
         """The SDK stream's chunk sink: append `chunks` (those of one upstream read) to the
@@ -653,6 +706,8 @@ class Producer:
             self.first.set()
 
     async def _append(self, payloads: list[bytes], *, end: bool = False) -> None:
+        if self._created is not None:
+            await self._await_created()
         if self.degraded:
             n = self.n_events + len(payloads)
         else:
@@ -663,19 +718,20 @@ class Producer:
             except (FencedError, LogFullError, UnknownStreamError):
                 raise
             except StoreError as exc:
-                # A store outage must not cost the readers here an answer being delivered:
-                # the rest is kept in memory for them (a reconnect elsewhere cannot have it).
-                logger.warning(
-                    "stream %s: log unavailable, finishing from memory: %s",
-                    self.stream_id,
-                    exc.message,
-                )
-                self.degraded = True
-                self._tail_max = sys.maxsize  # unbounded: the store cannot page for readers
-                if self.tail is _NO_PENDING:
-                    self.tail = []
+                self._degrade(exc)
                 n = self.n_events + len(payloads)
         self._appended(payloads, n)
+
+    def _degrade(self, exc: StoreError) -> None:
+        # A store outage must not cost the readers here an answer being delivered: the
+        # rest is kept in memory for them (a reconnect elsewhere cannot have it).
+        logger.warning(
+            "stream %s: log unavailable, finishing from memory: %s", self.stream_id, exc.message
+        )
+        self.degraded = True
+        self._tail_max = sys.maxsize  # unbounded: the store cannot page for readers
+        if self.tail is _NO_PENDING:
+            self.tail = []
 
     def _appended(self, payloads: list[bytes], n: int) -> None:
         """`payloads` are in the log, the last as event `n`: keep them in the tail, hand
@@ -787,6 +843,9 @@ class Producer:
             self._release_sinks()
             if stream is not None:
                 self._share_template(None)  # the log holds no SDK stream past its writer
+            created, self._created = self._created, None
+            if created is not None:  # never awaited: its error is not to be logged as lost
+                created.add_done_callback(_retrieved)
             with cancel_scope(shield=True):
                 await self._settle_quietly()
                 if stream is not None:
@@ -822,6 +881,16 @@ class Producer:
             pass  # another writer owns the log now; it ends it
         except UnbrokenError as exc:
             logger.warning("stream %s: could not end its log: %s", self.stream_id, exc.message)
+
+
+def _wake(waiter: asyncio.Future[None], _: object) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _current(stream: AsyncStream | None) -> ChatCompletion | None:
@@ -954,19 +1023,38 @@ class StreamHub:
                 )
             )
         )
-        lease = await self.log.create(
-            stream_id,
-            caller=caller.id,
-            request=saved,
-            resumable=resumable,
-            owner=self.instance,
-            now=time.time(),
-            lease_s=g.stream_lease_s,
-        )
+        create_soon = getattr(self.log, "create_soon", None)
+        created: asyncio.Future[Lease] | None = None
+        if create_soon is None:
+            lease = await self.log.create(
+                stream_id,
+                caller=caller.id,
+                request=saved,
+                resumable=resumable,
+                owner=self.instance,
+                now=time.time(),
+                lease_s=g.stream_lease_s,
+            )
+            epoch = lease.epoch
+        else:
+            # A remote log: the create goes out with this turn's writes and the upstream
+            # is asked meanwhile (one Redis round trip less before the first token); the
+            # producer waits for it before its first append, so an event is never logged
+            # (nor delivered) on a log that failed to be made. A new log's epoch is 1.
+            created = create_soon(
+                stream_id,
+                caller=caller.id,
+                request=saved,
+                resumable=resumable,
+                owner=self.instance,
+                now=time.time(),
+                lease_s=g.stream_lease_s,
+            )
+            epoch = 1
         producer = Producer(
             self,
             stream_id,
-            lease.epoch,
+            epoch,
             resumable=resumable,
             on_complete=on_complete,
             on_end=on_end,
@@ -974,6 +1062,7 @@ class StreamHub:
             slot_every_s=g.slot_lease_s / 3,
             booking=booking,
         )
+        producer._created = created
         client = self.gateway.client
         router = self.gateway.router
 

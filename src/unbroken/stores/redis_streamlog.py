@@ -651,6 +651,33 @@ class RedisStreamLog:
         lease_s: float,
     ) -> Lease:
         """See `StreamLog.create`."""
+        return await self.create_soon(
+            stream_id,
+            caller=caller,
+            request=request,
+            resumable=resumable,
+            owner=owner,
+            now=now,
+            lease_s=lease_s,
+        )
+
+    def create_soon(
+        self,
+        stream_id: str,
+        *,
+        caller: str,
+        request: bytes,
+        resumable: bool,
+        owner: str,
+        now: float,
+        lease_s: float,
+    ) -> asyncio.Future[Lease]:
+        """`create`, queued now: its future gives the lease (or raises a `StoreError`).
+
+        Nothing waits for Redis meanwhile, so a new answer's upstream request is made while
+        its log is created. Redis runs the calls of this log in the order they are made:
+        anything made after this call runs after it.
+        """
         meta, _, req = self._keys(stream_id)
         args: list[Any] = [
             stream_id,
@@ -663,18 +690,43 @@ class RedisStreamLog:
             self._keep_ms(),
             repr(now + self.retention.ttl_s),
         ]
-        created: Any = await self._run(
-            "create a stream log",
-            lambda: self._writes.call(self._create, [meta, req, self._exp, self._live], args),
-        )
-        if not int(created):
-            raise StoreError(f"stream {stream_id[:60]!r} exists already")
-        return Lease(owner, 1, now + lease_s)
+        reply = self._writes.call(self._create, [meta, req, self._exp, self._live], args)
+        lease: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+
+        def created(reply: asyncio.Future[Any]) -> None:
+            if lease.done():  # its caller gave up
+                return
+            if reply.cancelled():
+                lease.cancel()
+                return
+            try:
+                with _translated("create a stream log"):
+                    if not int(reply.result()):
+                        raise StoreError(f"stream {stream_id[:60]!r} exists already")
+            except StoreError as exc:
+                lease.set_exception(exc)
+                return
+            lease.set_result(Lease(owner, 1, now + lease_s))
+
+        reply.add_done_callback(created)
+        return lease
 
     async def append(
         self, stream_id: str, epoch: int, payloads: Sequence[bytes], now: float, *, end: bool
     ) -> int:
         """See `StreamLog.append`."""
+        reply = self.append_soon(stream_id, epoch, payloads, now, end=end)
+        with _translated("append to a stream log"):
+            n = int(await reply)
+        return n if n > 0 else self._appended(n, stream_id, epoch)
+
+    def append_soon(
+        self, stream_id: str, epoch: int, payloads: Sequence[bytes], now: float, *, end: bool
+    ) -> asyncio.Future[Any]:
+        """`append`, queued now: the future gives Redis' reply, which `append_result`
+        turns into append's result or error. A writer appending through this (a callback on
+        the future, no coroutine or task per append) costs no loop turn between the reply
+        and its readers."""
         meta, log, req = self._keys(stream_id)
         r = self.retention
         args: list[Any] = [
@@ -691,13 +743,24 @@ class RedisStreamLog:
             *payloads,
         ]
         keys = [meta, log, req, self._total, self._exp, self._live]
-        with _translated("append to a stream log"):  # no `_run` coroutine: once a chunk
-            raw: Any = await self._writes.call(self._append, keys, args)
-        n = int(raw)
+        return self._writes.call(self._append, keys, args)
+
+    def append_result(self, reply: asyncio.Future[Any], stream_id: str, epoch: int) -> int:
+        """The event number of the last event appended by `reply` (an `append_soon`).
+
+        Raises:
+            What `append` raises.
+        """
+        with _translated("append to a stream log"):
+            n = int(reply.result())
+        return n if n > 0 else self._appended(n, stream_id, epoch)
+
+    def _appended(self, n: int, stream_id: str, epoch: int) -> int:
         if n == -1:
             raise UnknownStreamError(f"no stream {stream_id[:60]!r}")
         if n == -2:
             raise FencedError(f"stream {stream_id!r}: epoch {epoch} may not append")
+        r = self.retention
         if n == -3:
             raise LogFullError(
                 f"stream {stream_id!r} outgrew its log's bound of {r.max_stream_bytes} bytes "
