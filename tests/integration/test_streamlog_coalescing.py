@@ -205,3 +205,55 @@ async def test_a_lost_connection_fails_every_batch_written_on_it(log: RedisStrea
     assert await log.append(sid(2), 1, [b"z"], 2.0, end=False) == 1
     assert (await log.read(sid(1), 0, limit=10, max_bytes=1000)).events == []
     assert (await log.read(sid(2), 0, limit=10, max_bytes=1000)).events == [(1, b"z")]
+
+
+async def test_a_create_and_appends_made_before_its_reply_run_after_it(
+    log: RedisStreamLog,
+) -> None:
+    """`create_soon` does not wait for Redis: appends made right after it (in the same
+    turn, and in the next ones) run after it, so the first one finds the stream."""
+    created = log.create_soon(
+        sid(1), caller="k", request=b"{}", resumable=True, owner="A", now=0.0, lease_s=3
+    )
+    first = log.append_soon(sid(1), 1, [b"a"], 1.0, end=False)
+    await asyncio.sleep(0)  # the next turn: another batch
+    second = log.append_soon(sid(1), 1, [b"b", b"c"], 1.0, end=True)
+    assert not created.done()  # nothing waited for its reply
+    lease = await created
+    await asyncio.wait((first, second))
+    assert lease.epoch == 1
+    assert log.append_result(first, sid(1), 1) == 1
+    assert log.append_result(second, sid(1), 1) == 3
+    batch = await log.read(sid(1), 0, limit=10, max_bytes=1000)
+    assert batch.events == [(1, b"a"), (2, b"b"), (3, b"c")]
+    assert batch.ended
+
+
+async def test_a_create_redis_refuses_fails_its_future(log: RedisStreamLog) -> None:
+    await log.create(
+        sid(1), caller="k", request=b"{}", resumable=False, owner="A", now=0.0, lease_s=3
+    )
+    again = log.create_soon(
+        sid(1), caller="k", request=b"{}", resumable=False, owner="A", now=0.0, lease_s=3
+    )
+    with pytest.raises(StoreError, match="exists already"):
+        await again
+
+
+async def test_a_caller_that_gave_up_does_not_shift_the_replies(log: RedisStreamLog) -> None:
+    """Three appends in one batch, the middle one's caller cancelled before the replies
+    came: the other two get their own stream's reply."""
+    for i in (1, 2, 3):
+        await log.create(
+            sid(i), caller="k", request=b"{}", resumable=False, owner="A", now=0.0, lease_s=3
+        )
+    await log.append(sid(3), 1, [b"x", b"y"], 1.0, end=False)
+    calls = [
+        asyncio.ensure_future(log.append(sid(i), 1, [b"z"], 2.0, end=False)) for i in (1, 2, 3)
+    ]
+    await asyncio.sleep(0)  # the calls are queued
+    calls[1].cancel()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert results[0] == 1
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert results[2] == 3

@@ -589,7 +589,11 @@ class Producer:
         token); its error fails the answer: nothing was logged."""
         created, self._created = self._created, None
         if created is not None:
-            await created
+            try:
+                await created
+            except StoreError as exc:
+                self._pending = []  # never to be logged, nor delivered
+                raise _NotCreated(exc.message) from exc
 
     def _send(self) -> None:
         """Append the pending events (a remote log); `_sent` takes the reply."""
@@ -833,8 +837,9 @@ class Producer:
                 self._release_sinks()
             self.reason = "error"
             logger.info("answer on stream %s failed: %s", self.stream_id, error.code)
-            with cancel_scope(shield=True):
-                await self._end_quietly([error.body()])
+            if not isinstance(exc, _NotCreated):  # else there is no log to end
+                with cancel_scope(shield=True):
+                    await self._end_quietly([error.body()])
         finally:
             self.finished = True
             self.first.set()
@@ -881,6 +886,10 @@ class Producer:
             pass  # another writer owns the log now; it ends it
         except UnbrokenError as exc:
             logger.warning("stream %s: could not end its log: %s", self.stream_id, exc.message)
+
+
+class _NotCreated(StoreError):
+    """The stream's log could not be created: the answer fails, nothing is appended."""
 
 
 def _wake(waiter: asyncio.Future[None], _: object) -> None:
