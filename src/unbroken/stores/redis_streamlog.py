@@ -58,7 +58,8 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local now, lease_s = tonumber(ARGV[6]), tonumber(ARGV[7])
 redis.call('HSET', KEYS[1], 'caller', ARGV[2], 'created', ARGV[6], 'updated', ARGV[6],
   'n', 0, 'bytes', 0, 'ended', 0, 'ended_at', '', 'owner', ARGV[5], 'epoch', 1,
-  'lease_exp', fmt(now + lease_s), 'stop', 0, 'reader_at', 0, 'resumable', ARGV[4], 'gone', 0)
+  'lease_exp', fmt(now + lease_s), 'stop', 0, 'reader_at', 0, 'resumable', ARGV[4], 'gone', 0,
+  'kept', ARGV[6])
 redis.call('SET', KEYS[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[8])
 redis.call('PEXPIRE', KEYS[2], ARGV[8])
@@ -81,7 +82,8 @@ local sb = tonumber(m[3])
 local slack = ARGV[4] == '1' and size <= tonumber(ARGV[10])
 if sb + size > tonumber(ARGV[5]) and not slack then return -3 end
 local max_total = tonumber(ARGV[6])
-local total = tonumber(redis.call('GET', KEYS[4]) or '0')
+-- Reserved at once (no GET first): the other logs' total is the new one less this size.
+local total = redis.call('INCRBY', KEYS[4], size) - size
 if total + size > max_total and not slack then
   -- Oldest ended logs go first; an unfinished answer is never evicted for another.
   local oldest = redis.call('ZRANGE', KEYS[5], 0, 199)
@@ -98,7 +100,10 @@ if total + size > max_total and not slack then
       total = total - b
     end
   end
-  if total + size > max_total then return -4 end
+  if total + size > max_total then
+    redis.call('DECRBY', KEYS[4], size)
+    return -4
+  end
 end
 local n = tonumber(m[2])
 for i = 11, #ARGV do
@@ -106,7 +111,6 @@ for i = 11, #ARGV do
   redis.call('XADD', KEYS[2], '0-' .. n, 'd', ARGV[i])
 end
 redis.call('HSET', KEYS[1], 'n', n, 'bytes', sb + size, 'updated', ARGV[3])
-redis.call('INCRBY', KEYS[4], size)
 if ARGV[4] == '1' or n == #ARGV - 10 then
   -- The first and the last append set the expiries; the lease renewals (every second)
   -- move them on in between, which keeps the per-chunk script short.
@@ -176,11 +180,16 @@ _INFO_FIELDS = (
     "resumable",
 )
 
+# How often a live answer's lease renewals move Redis' expiry of its keys on (seconds):
+# under the minute of slack `_keep_ms` leaves past the sweeper's deadline.
+KEEP_REFRESH_S = 30
+
 # KEYS live, exp; ARGV prefix, owner, now, lease_s, expires_at, keep_ms, then (id, epoch)
 # pairs. `_RENEW` for many leases at once; per lease, '' when its writer is fenced, 'E' when
 # its meta key is not a hash, else 'S' or 'R' (stop requested or not) and its reader_at.
 _RENEW_MANY = (
     _FMT
+    + f"local KEEP_REFRESH_S = {KEEP_REFRESH_S}\n"
     + """
 local now, lease_s = tonumber(ARGV[3]), tonumber(ARGV[4])
 local expires = fmt(now + lease_s)
@@ -192,16 +201,23 @@ for i = 7, #ARGV, 2 do
     out[#out + 1] = 'E'
   else
     local m = redis.call('HMGET', meta, 'owner', 'epoch', 'gone', 'resumable', 'ended',
-      'stop', 'reader_at')
+      'stop', 'reader_at', 'kept')
     if m[1] ~= ARGV[2] or tonumber(m[2]) ~= tonumber(ARGV[i + 1]) or m[3] == '1' then
       out[#out + 1] = ''
     else
-      redis.call('HSET', meta, 'lease_exp', expires, 'updated', ARGV[3])
+      if m[5] == '1' or now - tonumber(m[8] or '0') < KEEP_REFRESH_S then
+        redis.call('HSET', meta, 'lease_exp', expires, 'updated', ARGV[3])
+      else
+        -- Redis' expiry moves on every KEEP_REFRESH_S, not every renewal (three calls
+        -- per live answer and second): it stays that much less than a minute ahead of
+        -- the sweeper's, which it backs up.
+        redis.call('HSET', meta, 'lease_exp', expires, 'updated', ARGV[3], 'kept', ARGV[3])
+        redis.call('PEXPIRE', meta, ARGV[6])
+        redis.call('PEXPIRE', meta .. ':log', ARGV[6])
+        redis.call('PEXPIRE', meta .. ':req', ARGV[6])
+      end
       if m[4] == '1' and m[5] ~= '1' then redis.call('ZADD', KEYS[1], expires, sid) end
       if m[5] ~= '1' then redis.call('ZADD', KEYS[2], ARGV[5], sid) end
-      redis.call('PEXPIRE', meta, ARGV[6])
-      redis.call('PEXPIRE', meta .. ':log', ARGV[6])
-      redis.call('PEXPIRE', meta .. ':req', ARGV[6])
       out[#out + 1] = (m[6] == '1' and 'S' or 'R') .. (m[7] or '0')
     end
   end
