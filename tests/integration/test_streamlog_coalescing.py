@@ -211,22 +211,53 @@ async def test_a_create_and_appends_made_before_its_reply_run_after_it(
     log: RedisStreamLog,
 ) -> None:
     """`create_soon` does not wait for Redis: appends made right after it (in the same
-    turn, and in the next ones) run after it, so the first one finds the stream."""
+    turn, and in the next ones) run after it, so the first one finds the stream; each
+    `append_then` reply comes to its callback, in order."""
+    replies: list[int] = []
+    both = asyncio.get_running_loop().create_future()
+
+    def then(reply: object) -> None:
+        replies.append(log.append_reply(reply, sid(1), 1))
+        if len(replies) == 2:
+            both.set_result(None)
+
     created = log.create_soon(
         sid(1), caller="k", request=b"{}", resumable=True, owner="A", now=0.0, lease_s=3
     )
-    first = log.append_soon(sid(1), 1, [b"a"], 1.0, end=False)
+    log.append_then(sid(1), 1, [b"a"], 1.0, end=False, then=then)
     await asyncio.sleep(0)  # the next turn: another batch
-    second = log.append_soon(sid(1), 1, [b"b", b"c"], 1.0, end=True)
+    log.append_then(sid(1), 1, [b"b", b"c"], 1.0, end=True, then=then)
     assert not created.done()  # nothing waited for its reply
     lease = await created
-    await asyncio.wait((first, second))
+    await both
     assert lease.epoch == 1
-    assert log.append_result(first, sid(1), 1) == 1
-    assert log.append_result(second, sid(1), 1) == 3
+    assert replies == [1, 3]
     batch = await log.read(sid(1), 0, limit=10, max_bytes=1000)
     assert batch.events == [(1, b"a"), (2, b"b"), (3, b"c")]
     assert batch.ended
+
+
+async def test_an_append_then_callback_gets_errors_as_append_raises_them(
+    log: RedisStreamLog,
+) -> None:
+    """A stream that does not exist, and a Redis error: `append_reply` raises what
+    `append` would."""
+    await log._redis.set(f"test-coalesce:s:{sid(3)}", b"not a hash")
+    got: list[object] = []
+    done = asyncio.get_running_loop().create_future()
+
+    def then(reply: object) -> None:
+        got.append(reply)
+        if len(got) == 2:
+            done.set_result(None)
+
+    log.append_then(sid(2), 1, [b"x"], 1.0, end=False, then=then)
+    log.append_then(sid(3), 1, [b"x"], 1.0, end=False, then=then)
+    await done
+    with pytest.raises(UnknownStreamError):
+        log.append_reply(got[0], sid(2), 1)
+    with pytest.raises(StoreError, match="WRONGTYPE"):
+        log.append_reply(got[1], sid(3), 1)
 
 
 async def test_a_create_redis_refuses_fails_its_future(log: RedisStreamLog) -> None:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import sys
@@ -331,16 +330,16 @@ class Producer:
         # The payloads of the last events appended, the last being event `n_events` (no
         # (id, payload) tuple per event: readers number them, `tail_events`).
         self.tail: list[bytes] = [] if self._tail_max else _NO_PENDING
-        # Group commit for a remote log (one with `append_soon`: Redis): events pushed while
+        # Group commit for a remote log (one with `append_then`: Redis): events pushed while
         # an append is in flight go together in the next one, so the upstream is read on
-        # meanwhile. An append is a future with a callback (`_sent`), not a task: its
-        # reply reaches the readers in the loop turn it arrives in.
-        self._batched = hasattr(hub.log, "append_soon")
+        # meanwhile. An append is a callback (`_sent`), not a task: its reply reaches the
+        # readers in the loop turn it arrives in.
+        self._batched = hasattr(hub.log, "append_then")
         # Only a batching producer appends here: the others share one empty list (56 bytes
         # a live answer).
         self._pending: list[bytes] = [] if self._batched else _NO_PENDING
         self._sending: list[bytes] = _NO_PENDING  # the events of the append in flight
-        self._flush: asyncio.Future[Any] | None = None  # the append in flight
+        self._flush: asyncio.Future[None] | None = None  # `_settle` waits for `_sent`
         self._error: UnbrokenError | None = None  # what an append raised, raised by `_push`
         # A new stream's log being created (`StreamHub.start`): awaited before the first
         # append is sent, so the create has run; the upstream is asked meanwhile.
@@ -577,7 +576,7 @@ class Producer:
         if error is not None:
             self._error = None
             raise error
-        if self._flush is None:
+        if self._sending is _NO_PENDING:  # no append in flight
             if self._created is not None:
                 await self._await_created()
             self._send()
@@ -602,38 +601,40 @@ class Producer:
             self._appended(batch, self.n_events + len(batch))
             return
         self._sending = batch
-        flush = self._flush = self.hub.log.append_soon(  # type: ignore[attr-defined]
-            self.stream_id, self.epoch, batch, time.time(), end=False
+        self.hub.log.append_then(  # type: ignore[attr-defined]
+            self.stream_id, self.epoch, batch, time.time(), end=False, then=self._sent
         )
-        flush.add_done_callback(self._sent)
 
-    def _sent(self, flush: asyncio.Future[Any]) -> None:
+    def _sent(self, reply: Any) -> None:
         """An append's reply: hand its events on, then append what was pushed meanwhile."""
         batch, self._sending = self._sending, _NO_PENDING
-        self._flush = None
-        if flush.cancelled():  # the log is closing
+        if isinstance(reply, asyncio.CancelledError):  # the log is closing
             self._error = StoreError("the stream log closed")
-            return
-        try:
-            n = self.hub.log.append_result(flush, self.stream_id, self.epoch)  # type: ignore[attr-defined]
-        except (FencedError, LogFullError, UnknownStreamError) as exc:
-            self._error = exc
-            return
-        except StoreError as exc:
-            self._degrade(exc)
-            n = self.n_events + len(batch)
-        self._appended(batch, n)
-        if self._pending:
-            self._send()
+        else:
+            try:
+                n = self.hub.log.append_reply(reply, self.stream_id, self.epoch)  # type: ignore[attr-defined]
+            except (FencedError, LogFullError, UnknownStreamError) as exc:
+                self._error = exc
+            except StoreError as exc:
+                self._degrade(exc)
+                n = self.n_events + len(batch)
+            if self._error is None:
+                self._appended(batch, n)
+                if self._pending:
+                    self._send()
+        waiter = self._flush
+        if waiter is not None and self._sending is _NO_PENDING:
+            self._flush = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _settle(self) -> None:
         """Wait until every pushed event is in the log (raising what an append raised)."""
-        loop = asyncio.get_running_loop()
-        while (flush := self._flush) is not None:
-            # Not the append's own future: a cancelled wait must not cancel the append.
-            done: asyncio.Future[None] = loop.create_future()
-            flush.add_done_callback(functools.partial(_wake, done))
-            await done
+        while self._sending is not _NO_PENDING:
+            waiter = self._flush
+            if waiter is None or waiter.done():
+                waiter = self._flush = asyncio.get_running_loop().create_future()
+            await waiter
         error = self._error
         if error is not None:
             self._error = None
@@ -890,11 +891,6 @@ class Producer:
 
 class _NotCreated(StoreError):
     """The stream's log could not be created: the answer fails, nothing is appended."""
-
-
-def _wake(waiter: asyncio.Future[None], _: object) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:

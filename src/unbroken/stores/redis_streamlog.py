@@ -281,9 +281,40 @@ def _pack(parts: Sequence[bytes | bytearray | memoryview | str | int | float]) -
     return b"".join(out)
 
 
-# A queued script call: the script, its keys and arguments, the caller's future, and
-# whether it is a call sent again after NOSCRIPT (sent again once only).
-_Call = tuple[AsyncScript, list[Any], list[Any], "asyncio.Future[Any]", bool]
+class _Then:
+    """In place of a call's future: the reply (or its error, as an exception object) goes
+    to `fn` as soon as it is read, in that loop turn (a future's callbacks run in the next
+    one)."""
+
+    __slots__ = ("_done", "_fn")
+
+    def __init__(self, fn: Callable[[Any], None]) -> None:
+        self._fn = fn
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, reply: Any) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._fn(reply)
+        except Exception as exc:  # the caller's bug: not the next replies' reader's
+            asyncio.get_running_loop().call_exception_handler(
+                {"message": "a Redis reply's callback failed", "exception": exc}
+            )
+
+    set_exception = set_result
+
+    def cancel(self) -> None:
+        self.set_result(asyncio.CancelledError())
+
+
+# A queued script call: the script, its keys and arguments, the caller's future (or
+# `_Then`), and whether it is a call sent again after NOSCRIPT (sent again once only).
+_Call = tuple[AsyncScript, list[Any], list[Any], "asyncio.Future[Any] | _Then", bool]
 
 _CRLF = b"\r\n"
 
@@ -371,6 +402,13 @@ class _Coalescer:
         future: asyncio.Future[Any] = loop.create_future()
         self._enqueue((script, keys, args, future, False), loop)
         return future
+
+    def call_then(
+        self, script: AsyncScript, keys: list[Any], args: list[Any], then: Callable[[Any], None]
+    ) -> None:
+        """Queue one script call; `then` gets its reply, or its error as an exception
+        object, in the loop turn the reply is read in."""
+        self._enqueue((script, keys, args, _Then(then), False), asyncio.get_running_loop())
 
     def _enqueue(self, call: _Call, loop: asyncio.AbstractEventLoop) -> None:
         if self._loop is not loop:  # the connection and tasks of another (closed) loop
@@ -731,18 +769,46 @@ class RedisStreamLog:
         self, stream_id: str, epoch: int, payloads: Sequence[bytes], now: float, *, end: bool
     ) -> int:
         """See `StreamLog.append`."""
-        reply = self.append_soon(stream_id, epoch, payloads, now, end=end)
-        with _translated("append to a stream log"):
-            n = int(await reply)
+        keys, args = self._append_call(stream_id, epoch, payloads, now, end)
+        with _translated("append to a stream log"):  # no `_run` coroutine: once a chunk
+            n = int(await self._writes.call(self._append, keys, args))
         return n if n > 0 else self._appended(n, stream_id, epoch)
 
-    def append_soon(
-        self, stream_id: str, epoch: int, payloads: Sequence[bytes], now: float, *, end: bool
-    ) -> asyncio.Future[Any]:
-        """`append`, queued now: the future gives Redis' reply, which `append_result`
-        turns into append's result or error. A writer appending through this (a callback on
-        the future, no coroutine or task per append) costs no loop turn between the reply
-        and its readers."""
+    def append_then(
+        self,
+        stream_id: str,
+        epoch: int,
+        payloads: Sequence[bytes],
+        now: float,
+        *,
+        end: bool,
+        then: Callable[[Any], None],
+    ) -> None:
+        """`append`, queued now: `then` gets Redis' reply, which `append_reply` turns into
+        append's result or error, in the loop turn it is read in. A writer appending
+        through this has no coroutine, task or future per append, and its readers get an
+        event in the turn its append's reply arrives in."""
+        keys, args = self._append_call(stream_id, epoch, payloads, now, end)
+        self._writes.call_then(self._append, keys, args, then)
+
+    def append_reply(self, reply: Any, stream_id: str, epoch: int) -> int:
+        """The event number of the last event appended, from an `append_then` reply.
+
+        Raises:
+            What `append` raises; a `StoreError` when the log closed meanwhile.
+        """
+        if isinstance(reply, BaseException):
+            if isinstance(reply, RedisError):
+                with _translated("append to a stream log"):
+                    raise reply
+            raise StoreError(f"redis store failed to append to a stream log: {reply!r}")
+        with _translated("append to a stream log"):
+            n = int(reply)
+        return n if n > 0 else self._appended(n, stream_id, epoch)
+
+    def _append_call(
+        self, stream_id: str, epoch: int, payloads: Sequence[bytes], now: float, end: bool
+    ) -> tuple[list[Any], list[Any]]:
         meta, log, req = self._keys(stream_id)
         r = self.retention
         args: list[Any] = [
@@ -758,18 +824,7 @@ class RedisStreamLog:
             END_SLACK_BYTES,
             *payloads,
         ]
-        keys = [meta, log, req, self._total, self._exp, self._live]
-        return self._writes.call(self._append, keys, args)
-
-    def append_result(self, reply: asyncio.Future[Any], stream_id: str, epoch: int) -> int:
-        """The event number of the last event appended by `reply` (an `append_soon`).
-
-        Raises:
-            What `append` raises.
-        """
-        with _translated("append to a stream log"):
-            n = int(reply.result())
-        return n if n > 0 else self._appended(n, stream_id, epoch)
+        return [meta, log, req, self._total, self._exp, self._live], args
 
     def _appended(self, n: int, stream_id: str, epoch: int) -> int:
         if n == -1:
