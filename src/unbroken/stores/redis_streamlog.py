@@ -362,7 +362,9 @@ class _Coalescer:
     """Script calls made in one turn of the event loop, sent together on one connection.
 
     The first call of a turn schedules a flush (a callback, not a task) that writes every
-    call queued by then in one write. The replies are read by the connection's own protocol
+    call queued by then in one write; when Redis owes no reply on the connection, that
+    first call is written at once instead (no turn to wait for), and the others of the
+    turn follow together. The replies are read by the connection's own protocol
     as they arrive (`_received`): each caller's future gets its own script's reply or error
     in the same loop turn as the bytes, with no reader task between them and no turn per
     reply. A batch is written without waiting for the replies of the one before (Redis
@@ -417,6 +419,11 @@ class _Coalescer:
             self._flush_due, self._timer = False, None
         self._queue.append(call)
         if not self._flush_due:
+            if not self._inflight and self._transport is not None and len(self._queue) == 1:
+                # Redis owes nothing on the connection: this call goes at once (no turn to
+                # wait); the ones made after it in this turn go together in the next.
+                self._flush()
+                return
             self._flush_due = True
             # Runs in the next turn: the calls of this one join.
             loop.call_soon(self._flush)
@@ -744,25 +751,31 @@ class RedisStreamLog:
             self._keep_ms(),
             repr(now + self.retention.ttl_s),
         ]
-        reply = self._writes.call(self._create, [meta, req, self._exp, self._live], args)
         lease: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
 
-        def created(reply: asyncio.Future[Any]) -> None:
+        def created(reply: Any) -> None:  # in the turn the reply is read
             if lease.done():  # its caller gave up
                 return
-            if reply.cancelled():
+            if isinstance(reply, asyncio.CancelledError):
                 lease.cancel()
                 return
             try:
                 with _translated("create a stream log"):
-                    if not int(reply.result()):
+                    if isinstance(reply, BaseException):
+                        raise reply
+                    if not int(reply):
                         raise StoreError(f"stream {stream_id[:60]!r} exists already")
             except StoreError as exc:
                 lease.set_exception(exc)
                 return
+            except Exception as exc:  # not Redis' own error: still the store's failure
+                lease.set_exception(
+                    StoreError(f"redis store failed to create a stream log: {exc!r}")
+                )
+                return
             lease.set_result(Lease(owner, 1, now + lease_s))
 
-        reply.add_done_callback(created)
+        self._writes.call_then(self._create, [meta, req, self._exp, self._live], args, created)
         return lease
 
     async def append(
