@@ -14,10 +14,18 @@ A measuring aid for this path only: the syscalls, the event loop's own work and 
 per-request costs (routing, limits, the response head, usage) are not in it, so its ratio
 is not bench/gateway.py's. It also prints the client writes per chunk (the floor writes once
 per read). Run: `python bench/hotpath.py [--streams N] [--profile FILE] [--interleave N]
-[--per-read K]`. `--interleave 256` relays 256 answers at once, one read each in turn, as a
-gateway at c=256 reads them: each chunk then finds its answer's objects cold in the CPU
-caches. `--per-read 2` reads two frames at once, as a saturated gateway often does;
-`--per-frame 2` sends two events in one chunked frame, as a loaded upstream often does.
+[--per-read K] [--per-frame K] [--send]`. `--interleave 256` relays 256 answers at once,
+one read each in turn, as a gateway at c=256 reads them: each chunk then finds its answer's
+objects cold in the CPU caches. `--per-read 2` reads two frames at once, as a saturated
+gateway often does; `--per-frame 2` sends two events in one chunked frame, as a loaded
+upstream often does.
+
+`--send` writes each client write to a TCP socket over the loopback interface (its peer
+drained between answers, untimed), as `transport.write` sends at once on a writable socket:
+the figures then hold the write syscall (the floor's too) and its effect on the Python work
+that follows it. Why: timed in a running gateway, the upstream read's callback chain takes
+~3x this script's figure; most of that is the client's write syscall, made inside the
+chain, and the rest the Python work meeting colder CPU caches after it (docs/gateway.md).
 
 `--memory N` instead holds N answers open after `HELD_CHUNKS` chunks each, traced by
 tracemalloc, and prints the Python memory they hold per answer (all of it, and the lines of
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import gc
 import socket
@@ -81,16 +90,21 @@ BODY = (
 
 
 class CountingTransport:
-    """A transport that counts what is written and does nothing else."""
+    """A transport that counts what is written and, given a connected TCP socket, sends it
+    there (`--send`); else does nothing more."""
 
-    def __init__(self, on_write: Any = None) -> None:
+    def __init__(self, on_write: Any = None, sock: socket.socket | None = None) -> None:
         self.n_bytes = 0
         self.n_writes = 0
         self.on_write = on_write  # told of each write (the upstream requests)
+        self.send = None if sock is None else sock.send
 
     def write(self, data: bytes) -> None:
         self.n_bytes += len(data)
         self.n_writes += 1
+        if self.send is not None:
+            # The send syscall uvloop's `transport.write` makes at once on a writable socket.
+            self.send(data)
         if self.on_write is not None:
             self.on_write()
 
@@ -144,6 +158,39 @@ def record(url: str, model: str) -> tuple[bytes, list[bytes]]:
     return response_head, frames
 
 
+class Loopback:
+    """TCP connections over the loopback interface, as the gateway's clients' (`--send`):
+    the sending ends for the transports, the receiving ends drained between answers."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.peers: list[socket.socket] = []
+        self.ours: list[socket.socket] = []
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(self.listener.getsockname())
+        peer, _ = self.listener.accept()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as uvicorn's
+        peer.setblocking(False)
+        self.ours.append(sock)
+        self.peers.append(peer)
+        return sock
+
+    def drain(self) -> None:
+        """Read what the peers hold (an answer's ~60 KB fits in their buffers)."""
+        for peer in self.peers:
+            with contextlib.suppress(BlockingIOError):
+                while peer.recv(1 << 20):
+                    pass
+
+    def close(self) -> None:
+        self.drain()
+        for sock in (*self.ours, *self.peers):
+            sock.close()
+        self.ours.clear()
+        self.peers.clear()
+
+
 def counting_cycle(transport: CountingTransport) -> Any:
     """What `DirectBody` reads of uvicorn's request cycle, for a response being streamed."""
     return SimpleNamespace(
@@ -184,6 +231,7 @@ class Bench:
         model: str = "deepseek-chat",
         per_read: int = 1,
         per_frame: int = 1,
+        send: bool = False,
     ) -> None:
         self.model = model
         self.head = head
@@ -195,6 +243,8 @@ class Bench:
         assert frames[: len(self.timed)] == self.timed, "content frames come first"
         self.per_read = per_read
         self.per_frame = per_frame
+        # The client writes go to TCP sockets (`--send`): the syscall is in the figures.
+        self.loopback = Loopback() if send else None
         # The timed events `per_frame` to a chunked frame (a loaded upstream sends several
         # in one), and the frames as the reads that bring them, `per_read` at a time.
         events = [f[f.index(b"\r\n") + 2 : -2] for f in self.timed]
@@ -253,12 +303,20 @@ class Bench:
         conn = self.sent[-1]
         conn.data_received(self.head)
         await _until(lambda: conn._tap is not None)  # the SDK stream taps the connection
-        down = CountingTransport()
+        down = CountingTransport(sock=self._client_socket())
         relay = StreamRelay(None, gw.scrub, keepalive_s=15.0, send_timeout_s=10.0)  # type: ignore[arg-type]  # the sink reads no exchange
         sink = LiveSink(relay, DirectBody(counting_cycle(down)))
         handed = asyncio.ensure_future(producer.hand_off(sink, producer.n_events))
         await asyncio.sleep(0)
         return Answer(producer, conn, sink, handed, down)
+
+    def _client_socket(self) -> socket.socket | None:
+        return None if self.loopback is None else self.loopback.connect()
+
+    def _close_sockets(self) -> None:
+        """Close the client sockets (`--send`), once their answers are written: not timed."""
+        if self.loopback is not None:
+            self.loopback.close()
 
     async def close_answer(self, answer: Answer, frames: list[bytes]) -> None:
         """Feed the answer's remaining `frames` and wait until it completed."""
@@ -284,6 +342,7 @@ class Bench:
         last = answer.sink.last
         assert last == len(timed), f"the sink took {last} of {len(timed)} chunks"
         await self.close_answer(answer, self.rest)
+        self._close_sockets()
         return elapsed / 1000 / len(timed)
 
     async def interleaved_once(self, gw: Gateway, n: int) -> float:
@@ -303,6 +362,7 @@ class Bench:
             last = answer.sink.last
             assert last == len(timed), f"the sink took {last} of {len(timed)} chunks"
             await self.close_answer(answer, self.rest)
+        self._close_sockets()
         return elapsed / 1000 / len(timed) / n
 
     async def held(self, gw: Gateway, n: int) -> None:
@@ -342,13 +402,14 @@ class Bench:
         print("floor       0.00 KiB/answer (bytes passed through: nothing held between reads)")
         for answer in answers:
             await self.close_answer(answer, self.timed[answer.n_fed :] + self.rest)
+        self._close_sockets()
 
     def floor_once(self, n: int = 1) -> float:
         """The same reads through the floor relay's upstream protocol (`n` relays fed in
         turn, as `interleaved_once` feeds its answers)."""
         feeds = []
         for _ in range(n):
-            down = CountingTransport()
+            down = CountingTransport(sock=self._client_socket())
             side = _UpstreamSide(SimpleNamespace(transport=down, answer_done=lambda: None))  # type: ignore[arg-type]  # the floor's downstream side, as far as it is used
             feeds.append(side.data_received)
         started = time.thread_time_ns()
@@ -360,6 +421,7 @@ class Bench:
         for frame in self.rest:
             for feed in feeds:
                 feed(frame)
+        self._close_sockets()
         return elapsed / 1000 / len(self.timed) / n
 
 
@@ -400,7 +462,11 @@ async def run(
     print(
         f"{len(bench.timed)} chunks/answer, {rounds * max(1, interleave)} answers{at_once}, "
         f"{bench.per_frame} event(s) per frame, {bench.per_read} frame(s) per read "
-        "(Python work only: no syscalls, no event loop)"
+        + (
+            "(Python work and the client write syscalls: no event loop)"
+            if bench.loopback is not None
+            else "(Python work only: no syscalls, no event loop)"
+        )
     )
     print(f"unbroken  {unbroken_us:7.2f} us/chunk (median; p90 {_p90(ours):.2f})")
     print(f"floor     {floor_us:7.2f} us/chunk (median; p90 {_p90(floor):.2f})")
@@ -445,10 +511,15 @@ def main() -> None:
     parser.add_argument(
         "--per-frame", type=int, default=1, help="events per chunked frame (a loaded upstream's)"
     )
+    parser.add_argument(
+        "--send",
+        action="store_true",
+        help="write to TCP loopback sockets: the client write syscalls are in the figures",
+    )
     args = parser.parse_args()
     with mock_process(RECORD_CONFIG) as url:
         head, frames = record(url, args.model)
-    bench = Bench(head, frames, args.model, args.per_read, args.per_frame)
+    bench = Bench(head, frames, args.model, args.per_read, args.per_frame, args.send)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is part of the [gateway] extra
