@@ -27,6 +27,10 @@ that follows it. Why: timed in a running gateway, the upstream read's callback c
 ~3x this script's figure; most of that is the client's write syscall, made inside the
 chain, and the rest the Python work meeting colder CPU caches after it (docs/gateway.md).
 
+`--bytecodes` instead traces one answer's reads and prints the bytecodes run per chunk by
+function (CPython's opcode events): a count that does not move with the host's load, and
+what a chunk's cost follows when the caches are cold.
+
 `--memory N` instead holds N answers open after `HELD_CHUNKS` chunks each, traced by
 tracemalloc, and prints the Python memory they hold per answer (all of it, and the lines of
 the decoder, the accumulator and the stream log that allocated it); the floor relay holds
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import cProfile
 import gc
@@ -46,7 +51,7 @@ import sys
 import time
 import tracemalloc
 from pathlib import Path
-from types import SimpleNamespace
+from types import FrameType, SimpleNamespace
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
@@ -386,6 +391,42 @@ class Bench:
         self._close_sockets()
         return elapsed / 1000 / len(timed) / n
 
+    async def bytecodes(self, gw: Gateway) -> None:
+        """Print the bytecodes run per timed chunk, by function (one answer, traced)."""
+        counts: collections.Counter[str] = collections.Counter()
+
+        def tracer(frame: FrameType, event: str, arg: Any) -> Any:
+            frame.f_trace_opcodes = True
+            frame.f_trace_lines = False
+            if event == "opcode":
+                code = frame.f_code
+                where = code.co_filename.rpartition("/unbroken/")[2] or code.co_filename
+                counts[f"{where}:{code.co_name}"] += 1
+            return tracer
+
+        answer = await self.open_answer(gw)
+        feed = answer.conn.data_received
+        skip = len(self.reads) // 10  # the answer's first reads (role, template) untraced
+        for data in self.reads[:skip]:
+            feed(data)
+        traced = self.reads[skip:]
+        sys.settrace(tracer)
+        try:
+            for data in traced:
+                feed(data)
+        finally:
+            sys.settrace(None)
+        await self.close_answer(answer, self.rest)
+        self._close_sockets()
+        n = len(traced)
+        print(
+            f"bytecodes per chunk: {sum(counts.values()) / n:.0f} "
+            f"(reads {skip + 1}-{len(self.reads)} of one answer; the transport stand-in's "
+            "own included)"
+        )
+        for where, count in counts.most_common(16):
+            print(f"  {count / n:6.1f}  {where}")
+
     async def held(self, gw: Gateway, n: int) -> None:
         """Hold `n` answers open at `HELD_CHUNKS` chunks; print what they hold per answer."""
         gc.collect()
@@ -443,7 +484,12 @@ class Bench:
 
 
 async def run(
-    bench: Bench, streams: int, profile: str | None, memory: int, interleave: int
+    bench: Bench,
+    streams: int,
+    profile: str | None,
+    memory: int,
+    interleave: int,
+    bytecodes: bool = False,
 ) -> None:
     gw = await bench.setup()
     for _ in range(5):  # warm up (imports, first-call caches)
@@ -451,6 +497,10 @@ async def run(
         bench.floor_once()
     if memory:
         await bench.held(gw, memory)
+        await gw.client.aclose()
+        return
+    if bytecodes:
+        await bench.bytecodes(gw)
         await gw.client.aclose()
         return
     gc.collect()
@@ -534,6 +584,11 @@ def main() -> None:
         "--per-frame", type=int, default=1, help="events per chunked frame (a loaded upstream's)"
     )
     parser.add_argument(
+        "--bytecodes",
+        action="store_true",
+        help="print the bytecodes run per chunk, by function, instead of timing",
+    )
+    parser.add_argument(
         "--send",
         action="store_true",
         help="write to TCP loopback sockets: the client write syscalls are in the figures",
@@ -552,9 +607,13 @@ def main() -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is part of the [gateway] extra
-        asyncio.run(run(bench, args.streams, args.profile, args.memory, args.interleave))
+        asyncio.run(
+            run(bench, args.streams, args.profile, args.memory, args.interleave, args.bytecodes)
+        )
     else:
-        uvloop.run(run(bench, args.streams, args.profile, args.memory, args.interleave))
+        uvloop.run(
+            run(bench, args.streams, args.profile, args.memory, args.interleave, args.bytecodes)
+        )
 
 
 if __name__ == "__main__":
