@@ -14,10 +14,22 @@ A measuring aid for this path only: the syscalls, the event loop's own work and 
 per-request costs (routing, limits, the response head, usage) are not in it, so its ratio
 is not bench/gateway.py's. It also prints the client writes per chunk (the floor writes once
 per read). Run: `python bench/hotpath.py [--streams N] [--profile FILE] [--interleave N]
-[--per-read K]`. `--interleave 256` relays 256 answers at once, one read each in turn, as a
-gateway at c=256 reads them: each chunk then finds its answer's objects cold in the CPU
-caches. `--per-read 2` reads two frames at once, as a saturated gateway often does;
-`--per-frame 2` sends two events in one chunked frame, as a loaded upstream often does.
+[--per-read K] [--per-frame K] [--send]`. `--interleave 256` relays 256 answers at once,
+one read each in turn, as a gateway at c=256 reads them: each chunk then finds its answer's
+objects cold in the CPU caches. `--per-read 2` reads two frames at once, as a saturated
+gateway often does; `--per-frame 2` sends two events in one chunked frame, as a loaded
+upstream often does.
+
+`--send` writes each client write to a TCP socket over the loopback interface (its peer
+drained between answers, untimed), as `transport.write` sends at once on a writable socket:
+the figures then hold the write syscall (the floor's too) and its effect on the Python work
+that follows it. Why: timed in a running gateway, the upstream read's callback chain takes
+~3x this script's figure; most of that is the client's write syscall, made inside the
+chain, and the rest the Python work meeting colder CPU caches after it (docs/gateway.md).
+
+`--bytecodes` instead traces one answer's reads and prints the bytecodes run per chunk by
+function (CPython's opcode events): a count that does not move with the host's load, and
+what a chunk's cost follows when the caches are cold.
 
 `--memory N` instead holds N answers open after `HELD_CHUNKS` chunks each, traced by
 tracemalloc, and prints the Python memory they hold per answer (all of it, and the lines of
@@ -29,6 +41,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import contextlib
 import cProfile
 import gc
 import socket
@@ -37,7 +51,7 @@ import sys
 import time
 import tracemalloc
 from pathlib import Path
-from types import SimpleNamespace
+from types import FrameType, SimpleNamespace
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
@@ -81,16 +95,21 @@ BODY = (
 
 
 class CountingTransport:
-    """A transport that counts what is written and does nothing else."""
+    """A transport that counts what is written and, given a connected TCP socket, sends it
+    there (`--send`); else does nothing more."""
 
-    def __init__(self, on_write: Any = None) -> None:
+    def __init__(self, on_write: Any = None, sock: socket.socket | None = None) -> None:
         self.n_bytes = 0
         self.n_writes = 0
         self.on_write = on_write  # told of each write (the upstream requests)
+        self.send = None if sock is None else sock.send
 
     def write(self, data: bytes) -> None:
         self.n_bytes += len(data)
         self.n_writes += 1
+        if self.send is not None:
+            # The send syscall uvloop's `transport.write` makes at once on a writable socket.
+            self.send(data)
         if self.on_write is not None:
             self.on_write()
 
@@ -144,6 +163,39 @@ def record(url: str, model: str) -> tuple[bytes, list[bytes]]:
     return response_head, frames
 
 
+class Loopback:
+    """TCP connections over the loopback interface, as the gateway's clients' (`--send`):
+    the sending ends for the transports, the receiving ends drained between answers."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.peers: list[socket.socket] = []
+        self.ours: list[socket.socket] = []
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(self.listener.getsockname())
+        peer, _ = self.listener.accept()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as uvicorn's
+        peer.setblocking(False)
+        self.ours.append(sock)
+        self.peers.append(peer)
+        return sock
+
+    def drain(self) -> None:
+        """Read what the peers hold (an answer's ~60 KB fits in their buffers)."""
+        for peer in self.peers:
+            with contextlib.suppress(BlockingIOError):
+                while peer.recv(1 << 20):
+                    pass
+
+    def close(self) -> None:
+        self.drain()
+        for sock in (*self.ours, *self.peers):
+            sock.close()
+        self.ours.clear()
+        self.peers.clear()
+
+
 def counting_cycle(transport: CountingTransport) -> Any:
     """What `DirectBody` reads of uvicorn's request cycle, for a response being streamed."""
     return SimpleNamespace(
@@ -184,6 +236,8 @@ class Bench:
         model: str = "deepseek-chat",
         per_read: int = 1,
         per_frame: int = 1,
+        send: bool = False,
+        cold_kib: int = 0,
     ) -> None:
         self.model = model
         self.head = head
@@ -195,6 +249,10 @@ class Bench:
         assert frames[: len(self.timed)] == self.timed, "content frames come first"
         self.per_read = per_read
         self.per_frame = per_frame
+        # The client writes go to TCP sockets (`--send`): the syscall is in the figures.
+        self.loopback = Loopback() if send else None
+        # Written over between feeds (`--cold`), to evict the answers' data from the caches.
+        self.cold = bytearray(cold_kib * 1024) if cold_kib else None
         # The timed events `per_frame` to a chunked frame (a loaded upstream sends several
         # in one), and the frames as the reads that bring them, `per_read` at a time.
         events = [f[f.index(b"\r\n") + 2 : -2] for f in self.timed]
@@ -253,12 +311,46 @@ class Bench:
         conn = self.sent[-1]
         conn.data_received(self.head)
         await _until(lambda: conn._tap is not None)  # the SDK stream taps the connection
-        down = CountingTransport()
+        down = CountingTransport(sock=self._client_socket())
         relay = StreamRelay(None, gw.scrub, keepalive_s=15.0, send_timeout_s=10.0)  # type: ignore[arg-type]  # the sink reads no exchange
         sink = LiveSink(relay, DirectBody(counting_cycle(down)))
         handed = asyncio.ensure_future(producer.hand_off(sink, producer.n_events))
         await asyncio.sleep(0)
         return Answer(producer, conn, sink, handed, down)
+
+    def _feed_all(self, feeds: list[Any]) -> int:
+        """Feed each read to each of `feeds` in turn; the ns they took (thread CPU time;
+        with `--cold`, of the feeds alone, the caches written over before each)."""
+        cold = self.cold
+        if cold is None:
+            started = time.thread_time_ns()
+            for data in self.reads:
+                for feed in feeds:
+                    feed(data)
+            return time.thread_time_ns() - started
+        # Thread CPU time, not wall time: a busy host preempts the process between reads.
+        clock = time.thread_time_ns
+        ones = b"\x01" * len(cold[::64])
+        elapsed = 0
+        for data in self.reads:
+            for feed in feeds:
+                cold[::64] = ones  # a write to each cache line: the caches hold other data
+                started = clock()
+                feed(data)
+                elapsed += clock() - started
+        # Less the clock's own cost (a system call), timed the same way.
+        for _ in range(len(self.reads) * len(feeds)):
+            started = clock()
+            elapsed -= clock() - started
+        return elapsed
+
+    def _client_socket(self) -> socket.socket | None:
+        return None if self.loopback is None else self.loopback.connect()
+
+    def _close_sockets(self) -> None:
+        """Close the client sockets (`--send`), once their answers are written: not timed."""
+        if self.loopback is not None:
+            self.loopback.close()
 
     async def close_answer(self, answer: Answer, frames: list[bytes]) -> None:
         """Feed the answer's remaining `frames` and wait until it completed."""
@@ -274,16 +366,13 @@ class Bench:
     async def gateway_once(self, gw: Gateway) -> float:
         """One answer through the gateway's objects; us of Python work per timed chunk."""
         answer = await self.open_answer(gw)
-        feed = answer.conn.data_received
         timed = self.timed
-        started = time.thread_time_ns()
-        for data in self.reads:
-            feed(data)
-        elapsed = time.thread_time_ns() - started
+        elapsed = self._feed_all([answer.conn.data_received])
         self.writes.append(answer.down.n_writes / len(timed))
         last = answer.sink.last
         assert last == len(timed), f"the sink took {last} of {len(timed)} chunks"
         await self.close_answer(answer, self.rest)
+        self._close_sockets()
         return elapsed / 1000 / len(timed)
 
     async def interleaved_once(self, gw: Gateway, n: int) -> float:
@@ -293,17 +382,50 @@ class Bench:
         answers = [await self.open_answer(gw) for _ in range(n)]
         feeds = [answer.conn.data_received for answer in answers]
         timed = self.timed
-        started = time.thread_time_ns()
-        for data in self.reads:
-            for feed in feeds:
-                feed(data)
-        elapsed = time.thread_time_ns() - started
+        elapsed = self._feed_all(feeds)
         self.writes.append(answers[0].down.n_writes / len(timed))
         for answer in answers:
             last = answer.sink.last
             assert last == len(timed), f"the sink took {last} of {len(timed)} chunks"
             await self.close_answer(answer, self.rest)
+        self._close_sockets()
         return elapsed / 1000 / len(timed) / n
+
+    async def bytecodes(self, gw: Gateway) -> None:
+        """Print the bytecodes run per timed chunk, by function (one answer, traced)."""
+        counts: collections.Counter[str] = collections.Counter()
+
+        def tracer(frame: FrameType, event: str, arg: Any) -> Any:
+            frame.f_trace_opcodes = True
+            frame.f_trace_lines = False
+            if event == "opcode":
+                code = frame.f_code
+                where = code.co_filename.rpartition("/unbroken/")[2] or code.co_filename
+                counts[f"{where}:{code.co_name}"] += 1
+            return tracer
+
+        answer = await self.open_answer(gw)
+        feed = answer.conn.data_received
+        skip = len(self.reads) // 10  # the answer's first reads (role, template) untraced
+        for data in self.reads[:skip]:
+            feed(data)
+        traced = self.reads[skip:]
+        sys.settrace(tracer)
+        try:
+            for data in traced:
+                feed(data)
+        finally:
+            sys.settrace(None)
+        await self.close_answer(answer, self.rest)
+        self._close_sockets()
+        n = len(traced)
+        print(
+            f"bytecodes per chunk: {sum(counts.values()) / n:.0f} "
+            f"(reads {skip + 1}-{len(self.reads)} of one answer; the transport stand-in's "
+            "own included)"
+        )
+        for where, count in counts.most_common(16):
+            print(f"  {count / n:6.1f}  {where}")
 
     async def held(self, gw: Gateway, n: int) -> None:
         """Hold `n` answers open at `HELD_CHUNKS` chunks; print what they hold per answer."""
@@ -342,29 +464,32 @@ class Bench:
         print("floor       0.00 KiB/answer (bytes passed through: nothing held between reads)")
         for answer in answers:
             await self.close_answer(answer, self.timed[answer.n_fed :] + self.rest)
+        self._close_sockets()
 
     def floor_once(self, n: int = 1) -> float:
         """The same reads through the floor relay's upstream protocol (`n` relays fed in
         turn, as `interleaved_once` feeds its answers)."""
         feeds = []
         for _ in range(n):
-            down = CountingTransport()
+            down = CountingTransport(sock=self._client_socket())
             side = _UpstreamSide(SimpleNamespace(transport=down, answer_done=lambda: None))  # type: ignore[arg-type]  # the floor's downstream side, as far as it is used
             feeds.append(side.data_received)
-        started = time.thread_time_ns()
-        for data in self.reads:
-            for feed in feeds:
-                feed(data)
-        elapsed = time.thread_time_ns() - started
+        elapsed = self._feed_all(feeds)
         self.floor_writes.append(down.n_writes / len(self.timed))
         for frame in self.rest:
             for feed in feeds:
                 feed(frame)
+        self._close_sockets()
         return elapsed / 1000 / len(self.timed) / n
 
 
 async def run(
-    bench: Bench, streams: int, profile: str | None, memory: int, interleave: int
+    bench: Bench,
+    streams: int,
+    profile: str | None,
+    memory: int,
+    interleave: int,
+    bytecodes: bool = False,
 ) -> None:
     gw = await bench.setup()
     for _ in range(5):  # warm up (imports, first-call caches)
@@ -372,6 +497,10 @@ async def run(
         bench.floor_once()
     if memory:
         await bench.held(gw, memory)
+        await gw.client.aclose()
+        return
+    if bytecodes:
+        await bench.bytecodes(gw)
         await gw.client.aclose()
         return
     gc.collect()
@@ -400,7 +529,16 @@ async def run(
     print(
         f"{len(bench.timed)} chunks/answer, {rounds * max(1, interleave)} answers{at_once}, "
         f"{bench.per_frame} event(s) per frame, {bench.per_read} frame(s) per read "
-        "(Python work only: no syscalls, no event loop)"
+        + (
+            "(Python work and the client write syscalls: no event loop)"
+            if bench.loopback is not None
+            else "(Python work only: no syscalls, no event loop)"
+        )
+        + (
+            ""
+            if bench.cold is None
+            else f", caches cold ({len(bench.cold) >> 10} KiB written over before each read)"
+        )
     )
     print(f"unbroken  {unbroken_us:7.2f} us/chunk (median; p90 {_p90(ours):.2f})")
     print(f"floor     {floor_us:7.2f} us/chunk (median; p90 {_p90(floor):.2f})")
@@ -445,16 +583,37 @@ def main() -> None:
     parser.add_argument(
         "--per-frame", type=int, default=1, help="events per chunked frame (a loaded upstream's)"
     )
+    parser.add_argument(
+        "--bytecodes",
+        action="store_true",
+        help="print the bytecodes run per chunk, by function, instead of timing",
+    )
+    parser.add_argument(
+        "--send",
+        action="store_true",
+        help="write to TCP loopback sockets: the client write syscalls are in the figures",
+    )
+    parser.add_argument(
+        "--cold",
+        type=int,
+        default=0,
+        metavar="KIB",
+        help="write over this many KiB before each read (caches cold, as in a busy gateway)",
+    )
     args = parser.parse_args()
     with mock_process(RECORD_CONFIG) as url:
         head, frames = record(url, args.model)
-    bench = Bench(head, frames, args.model, args.per_read, args.per_frame)
+    bench = Bench(head, frames, args.model, args.per_read, args.per_frame, args.send, args.cold)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is part of the [gateway] extra
-        asyncio.run(run(bench, args.streams, args.profile, args.memory, args.interleave))
+        asyncio.run(
+            run(bench, args.streams, args.profile, args.memory, args.interleave, args.bytecodes)
+        )
     else:
-        uvloop.run(run(bench, args.streams, args.profile, args.memory, args.interleave))
+        uvloop.run(
+            run(bench, args.streams, args.profile, args.memory, args.interleave, args.bytecodes)
+        )
 
 
 if __name__ == "__main__":

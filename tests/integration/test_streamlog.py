@@ -317,6 +317,58 @@ async def test_reads_across_packed_blocks_match_what_was_appended(log: StreamLog
             assert batch_read.ended is ended
 
 
+@pytest.mark.parametrize("seed", range(4))
+async def test_memory_append_one_counts_as_append_now_does(seed: int) -> None:
+    """The memory log's `append_one` (a producer's one-event path) leaves every count as
+    `append_now` of that one event does: the event's number, the stream's events and
+    bytes, the store's bytes, and the same `LogFullError` once a stream or the store is
+    full; what it appended reads back byte for byte. Two streams, so the store's count is
+    not one stream's."""
+    import random
+
+    rng = random.Random(seed)
+    retention = Retention(ttl_s=100, max_stream_bytes=1500, max_total_bytes=2400)
+    one, now_log = MemoryStreamLog(retention), MemoryStreamLog(retention)
+    epochs = {}
+    for sid in (S1, S2):
+        epochs[sid] = (await create(one, sid)).epoch
+        assert (await create(now_log, sid)).epoch == epochs[sid]
+    model: dict[str, list[bytes]] = {S1: [], S2: []}
+    n_full = 0
+    for i in range(200):
+        sid = rng.choice((S1, S2))
+        payload = b'{"i":%d,"t":"%b"}' % (i, b"x" * rng.randrange(0, 60))
+        got: list[object] = []
+        for log in (one, now_log):
+            try:
+                if log is one:
+                    got.append(log.append_one(sid, epochs[sid], payload, float(i)))
+                else:
+                    got.append(log.append_now(sid, epochs[sid], [payload], float(i), end=False))
+            except LogFullError as exc:
+                got.append(str(exc))
+        assert got[0] == got[1]
+        if isinstance(got[0], int):
+            model[sid].append(payload)
+        else:
+            n_full += 1
+        assert one.total_bytes == now_log.total_bytes == sum(map(len, model[S1] + model[S2]))
+        for sid in (S1, S2):
+            info, other = await one.info(sid), await now_log.info(sid)
+            assert info is not None
+            assert other is not None
+            assert (info.n_events, info.n_bytes, info.updated_at) == (
+                other.n_events,
+                other.n_bytes,
+                other.updated_at,
+            )
+            assert info.n_events == len(model[sid])
+            assert info.n_bytes == sum(map(len, model[sid]))
+    for sid in (S1, S2):
+        assert one.events_now(sid, 0, len(model[sid])) == list(enumerate(model[sid], 1))
+    assert n_full, "a stream or the store filled up"
+
+
 async def test_memory_events_read_in_place_match_what_was_appended() -> None:
     """The memory log's `events_now` (a local producer's readers read it instead of a
     tail): any range of a live log, in and past packed blocks, is what was appended; a

@@ -332,6 +332,29 @@ def test_a_text_event_like_the_last_comes_as_its_text() -> None:
 
 
 @pytest.mark.parametrize(
+    "end",
+    [
+        b"data: [DONE]\n\n",  # the stream's end
+        b'data: {"error":{"message":"overloaded","code":"busy"}}\n\n',  # an error frame
+        b"data: {not json}\n\n",  # a chunk that does not decode
+    ],
+)
+def test_no_text_event_is_taken_once_the_stream_ended(end: bytes) -> None:
+    """Once `[DONE]` or an error ended the stream, `feed_one` takes no event, not even one
+    that fits the text template byte for byte (the template is checked first)."""
+    decoder = ChatStreamDecoder()
+    decoder.feed(b": hi\n\n")
+    assert isinstance(one(decoder, chunk(b'{"content":"Hel"}')), ChatCompletionChunk)
+    later = chunk(b'{"content":"lo"}')
+    assert one(decoder, later) == "lo"  # the template fits
+    if decoder.feed_one(end) is None:
+        decoder.feed(end)
+    assert decoder.finished
+    assert one(decoder, later) is None
+    assert decoder.feed(later) == []
+
+
+@pytest.mark.parametrize(
     ("json_text", "as_text"),
     [
         (b'a\\"b\\"', True),  # quotes

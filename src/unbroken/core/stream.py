@@ -182,15 +182,18 @@ class ChatStreamDecoder:
         relay that folds the text and forwards `raw` needs no more (bench/hotpath.py: ~1 us
         per chunk less than a decode and a fold).
         """
-        if self._mode != "sse" or not self._raw_ok or self.done or self.error is not None:
-            return None
         head = self._head
+        # A template is only learned in SSE mode from the upstream's own bytes (`_learn`,
+        # below the mode's check): with one, only the stream's end is checked here (fewer
+        # bytecodes per chunk, each ~0.1 us when a busy gateway's caches are cold).
         if (
             head
             and data.startswith(head, 6)
             and data.endswith(self._tail, 0, -2)
             and data.startswith(b"data: ")
             and data.endswith(b"\n\n")
+            and not self.done
+            and self.error is None
         ):
             size = len(data)
             start, end = self._text_at, size - self._n_tail
@@ -210,6 +213,8 @@ class ChatStreamDecoder:
                 if text is not None and (self._clean or self._take_one()):
                     self.raw = data[6:-2]
                     return text
+        if self._mode != "sse" or not self._raw_ok or self.done or self.error is not None:
+            return None
         payload = self._sse.one_data_event(data)
         if payload is None:
             return None

@@ -342,25 +342,26 @@ class MemoryStreamLog:
         stream = self._streams.get(stream_id)
         size = len(payload)
         retention = self.retention
+        # The sums are checked and then stored as they are (fewer bytecodes per chunk).
         if (
             stream is None
             or stream.gone
             or stream.ended_at is not None
             or stream.epoch != epoch
-            or stream.n_bytes + size > retention.max_stream_bytes
-            or self._total + size > retention.max_total_bytes
+            or (n_bytes := stream.n_bytes + size) > retention.max_stream_bytes
+            or (total := self._total + size) > retention.max_total_bytes
         ):
             # Not the common case (fenced, unknown, full): `append_now` says why, or makes room.
             return self.append_now(stream_id, epoch, (payload,), now, end=False)
         stream.events.add(payload)
-        self._total += size
-        stream.n_bytes += size
-        stream.n_events += 1
+        self._total = total
+        stream.n_bytes = n_bytes
+        n = stream.n_events = stream.n_events + 1
         stream.updated_at = now
         if stream.n_waiting and stream.changed is not None:
             stream.changed.set()
             stream.changed = None
-        return stream.n_events
+        return n
 
     async def read(self, stream_id: str, after: int, *, limit: int, max_bytes: int) -> Batch:
         """See `StreamLog.read`."""
