@@ -1,6 +1,6 @@
-"""stores/redis_streamlog.py `_reply`: the log's connection parses Redis' replies itself (no
-reader task): every reply is read whole, whatever the reads it arrives in, and an
-incomplete one waits for its bytes."""
+"""stores/redis_streamlog.py `_reply_reader`: the log's connection parses Redis' replies
+itself (no reader task): every reply is read whole, whatever the reads it arrives in, an
+incomplete one waits for its bytes, and errors come as redis-py's exceptions."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 
-from unbroken.stores.redis_streamlog import _reply
+from unbroken.stores.redis_streamlog import _MORE, _reply_reader
 
 _values = st.recursive(
     st.one_of(st.integers(-(2**63), 2**63 - 1), st.binary(max_size=40), st.none()),
@@ -30,15 +30,11 @@ def _resp(value: Any) -> bytes:
     return b"*%d\r\n" % len(value) + b"".join(_resp(item) for item in value)
 
 
-def _read_all(buf: bytearray) -> tuple[list[Any], int]:
-    out, at = [], 0
-    while at < len(buf):
-        value, after = _reply(buf, at)
-        if after < 0:
-            break
+def _read_all(reader: Any) -> list[Any]:
+    out = []
+    while (value := reader.gets()) is not _MORE:
         out.append(value)
-        at = after
-    return out, at
+    return out
 
 
 @given(st.lists(_values, min_size=1, max_size=6), st.data())
@@ -47,32 +43,34 @@ def test_replies_split_anywhere_are_read_whole_and_in_order(
 ) -> None:
     wire = b"".join(_resp(v) for v in values)
     cut = data.draw(st.integers(0, len(wire)))
-    buf = bytearray(wire[:cut])
-    first, at = _read_all(buf)
+    reader = _reply_reader()
+    reader.feed(wire[:cut])
+    first = _read_all(reader)
     # What was read is a prefix of the replies; the rest waits for its bytes.
     assert first == values[: len(first)]
-    del buf[:at]
-    buf += wire[cut:]
-    rest, at = _read_all(buf)
-    assert first + rest == values
-    assert at == len(buf)
+    reader.feed(wire[cut:])
+    assert first + _read_all(reader) == values
+    assert not reader.has_data()
 
 
 def test_error_replies_are_redis_py_exceptions() -> None:
-    noscript, after = _reply(bytearray(b"-NOSCRIPT No matching script.\r\n:1\r\n"), 0)
+    reader = _reply_reader()
+    reader.feed(b"-NOSCRIPT No matching script.\r\n:1\r\n-WRONGTYPE Operation against a key\r\n")
+    noscript, one, wrong = _read_all(reader)
     assert isinstance(noscript, NoScriptError)
-    assert _reply(bytearray(b"-NOSCRIPT No matching script.\r\n:1\r\n"), after) == (1, after + 4)
-    wrong, _ = _reply(bytearray(b"-WRONGTYPE Operation against a key\r\n"), 0)
+    assert one == 1
     assert isinstance(wrong, ResponseError)
     assert "Operation against a key" in str(wrong)
 
 
 def test_statuses_and_resp3_nulls() -> None:
-    assert _reply(bytearray(b"+OK\r\n"), 0) == (b"OK", 5)
-    assert _reply(bytearray(b"_\r\n"), 0) == (None, 3)
-    assert _reply(bytearray(b"*-1\r\n"), 0) == (None, 5)
+    reader = _reply_reader()
+    reader.feed(b"+OK\r\n_\r\n*-1\r\n")
+    assert _read_all(reader) == [b"OK", None, None]
 
 
 def test_an_unknown_reply_type_is_a_protocol_error() -> None:
-    with pytest.raises(InvalidResponse, match="unexpected reply"):
-        _reply(bytearray(b"?what\r\n"), 0)
+    reader = _reply_reader()
+    reader.feed(b"?what\r\n")
+    with pytest.raises(InvalidResponse, match="reply type"):
+        reader.gets()

@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+import hiredis
 import redis.asyncio as aioredis
 from redis._parsers.base import BaseParser
 from redis.commands.core import AsyncScript
@@ -319,43 +320,20 @@ _Call = tuple[AsyncScript, list[Any], list[Any], "asyncio.Future[Any] | _Then", 
 _CRLF = b"\r\n"
 
 
-def _reply(buf: bytearray, at: int) -> tuple[Any, int]:
-    """The RESP reply that starts at `at` in `buf`, and where the next one starts (-1 when
-    the reply is not all there yet). An error reply is returned as its exception."""
-    end = buf.find(_CRLF, at)
-    if end < 0:
-        return None, -1
-    kind = buf[at]
-    if kind == 58:  # ':' an integer: an append's reply
-        return int(buf[at + 1 : end]), end + 2
-    if kind == 36:  # '$' a bulk string
-        n = int(buf[at + 1 : end])
-        if n < 0:
-            return None, end + 2
-        stop = end + 2 + n
-        if len(buf) < stop + 2:
-            return None, -1
-        return bytes(buf[end + 2 : stop]), stop + 2
-    if kind == 42:  # '*' an array
-        n = int(buf[at + 1 : end])
-        if n < 0:
-            return None, end + 2
-        items: list[Any] = []
-        at = end + 2
-        for _ in range(n):
-            item, at = _reply(buf, at)
-            if at < 0:
-                return None, -1
-            items.append(item)
-        return items, at
-    if kind == 43:  # '+' a status
-        return bytes(buf[at + 1 : end]), end + 2
-    if kind == 45:  # '-' an error: redis-py's exception for it (NoScriptError...)
-        message = buf[at + 1 : end].decode(errors="replace")
-        return BaseParser.parse_error(message), end + 2  # type: ignore[no-untyped-call]
-    if kind == 95:  # '_' RESP3's null
-        return None, end + 2
-    raise InvalidResponse(f"unexpected reply from Redis: {bytes(buf[at : end + 2])[:40]!r}")
+# `_reply_reader().gets()` when the next reply is not all there yet.
+_MORE = object()
+
+
+def _reply_reader() -> hiredis.Reader:
+    """An incremental reader of one connection's RESP replies (hiredis): bytes go in with
+    `feed` as they arrive, `gets` gives each whole reply (or `_MORE`). An error reply is
+    returned as redis-py's exception for it (NoScriptError...), a malformed one raises
+    InvalidResponse."""
+    return hiredis.Reader(
+        protocolError=InvalidResponse,
+        replyError=BaseParser.parse_error,
+        notEnoughData=_MORE,
+    )
 
 
 class _Coalescer:
@@ -392,7 +370,7 @@ class _Coalescer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: Any = None  # the redis.asyncio Connection that connected
         self._transport: asyncio.WriteTransport | None = None  # while one is up
-        self._buf = bytearray()  # reply bytes not parsed yet
+        self._replies = _reply_reader()  # reply bytes not parsed yet
         self._timer: asyncio.TimerHandle | None = None
         self._heard_at = 0.0  # when Redis last sent (or the first reply was due)
         timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
@@ -474,24 +452,22 @@ class _Coalescer:
             raise
         self._connecting = None
         self._conn, self._transport = conn, transport
-        self._buf = bytearray()
+        self._replies = _reply_reader()
         transport.set_protocol(_Replies(self, transport))
         self._flush()
 
     def _received(self, transport: asyncio.BaseTransport, data: bytes) -> None:
         if transport is not self._transport:
             return
-        buf = self._buf
-        buf += data
+        replies = self._replies
         inflight = self._inflight
-        at = 0
         lost: list[_Call] | None = None
         try:
+            replies.feed(data)
             while inflight:
-                reply, after = _reply(buf, at)
-                if after < 0:
+                reply = replies.gets()
+                if reply is _MORE:
                     break
-                at = after
                 call = inflight.popleft()
                 future = call[3]
                 if future.done():  # its caller was cancelled meanwhile
@@ -502,12 +478,11 @@ class _Coalescer:
                     future.set_exception(reply)
                 else:
                     future.set_result(reply)
-            if at < len(buf) and not inflight:
+            if not inflight and replies.has_data():
                 raise InvalidResponse("Redis sent a reply no call waits for")
-        except (ValueError, InvalidResponse) as exc:
+        except InvalidResponse as exc:
             self._drop(exc)
             return
-        del buf[:at]
         self._heard_at = asyncio.get_running_loop().time()
         if lost:
             task = asyncio.get_running_loop().create_task(self._reload(lost))
@@ -533,7 +508,7 @@ class _Coalescer:
         if transport is None:
             return
         self._close_conn()
-        self._buf = bytearray()
+        self._replies = _reply_reader()
         error = _connection_error(exc, self._timeout_s)
         failed = list(self._inflight)
         self._inflight.clear()
