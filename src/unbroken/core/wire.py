@@ -8,7 +8,7 @@ msgspec Structs: typed, attribute-shaped like the official `openai` SDK
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import msgspec
@@ -42,6 +42,7 @@ __all__ = [
     "TopLogprob",
     "Usage",
     "WireModel",
+    "chunk_text",
     "completion_to_chunks",
     "decode_chunk",
     "decode_completion",
@@ -669,3 +670,52 @@ def completion_to_chunks(completion: ChatCompletion) -> list[ChatCompletionChunk
         else:
             chunks.append(ChatCompletionChunk(**head, usage=completion.usage))
     return chunks
+
+
+# Only what a choice's text needs of a chunk (`chunk_text`): msgspec skips the rest unread.
+class _TextDelta(msgspec.Struct):
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+
+
+class _TextChoice(msgspec.Struct):
+    index: int = 0
+    delta: _TextDelta | None = None
+
+
+class _TextChunk(msgspec.Struct):
+    choices: list[_TextChoice] = []
+
+
+_text_chunk_decoder = msgspec.json.Decoder(_TextChunk)
+
+
+def chunk_text(payloads: Iterable[bytes], index: int, reasoning: bool) -> list[str]:
+    """The pieces of choice `index`'s content (its reasoning with `reasoning`:
+    `reasoning_content`, or `reasoning` when only that is set) in the JSON of these chunks,
+    in order: what `ChunkAccumulator` folds of them. Payloads that are not chunks (`[DONE]`,
+    an error event) add nothing. Reads a chunk several times faster than `decode_chunk`."""
+    pieces: list[str] = []
+    for payload in payloads:
+        if payload[:1] != b"{":
+            continue
+        try:
+            chunk = _text_chunk_decoder.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            chunk = _lenient(payload, _TextChunk)  # lone surrogate halves (see `_lenient`)
+            if chunk is None:
+                continue
+        for choice in chunk.choices:
+            delta = choice.delta
+            if choice.index != index or delta is None:
+                continue
+            if reasoning:
+                text = delta.reasoning_content
+                if text is None:
+                    text = delta.reasoning
+            else:
+                text = delta.content
+            if text:
+                pieces.append(text)
+    return pieces

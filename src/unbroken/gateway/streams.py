@@ -52,7 +52,7 @@ import msgspec
 
 from unbroken._flag import Flag
 from unbroken.client import AsyncStream
-from unbroken.core.accumulator import ChunkAccumulator
+from unbroken.core.accumulator import ChunkAccumulator, join_text
 from unbroken.core.streamlog import (
     Renewal,
     Retention,
@@ -65,7 +65,7 @@ from unbroken.core.streamlog import (
     parse_event_id,
     should_abandon,
 )
-from unbroken.core.wire import Answer, ChatCompletion, ChatCompletionChunk
+from unbroken.core.wire import Answer, ChatCompletion, ChatCompletionChunk, chunk_text
 from unbroken.errors import InvalidRequestError, StoreError, UnbrokenError
 from unbroken.gateway.asgi import Exchange
 from unbroken.gateway.detach import DETACH_EXTENSION, Detached, Parked
@@ -716,6 +716,10 @@ class Producer:
                     # Chunks go into the log from the upstream's data callback (not through
                     # a wrapper such as the answer cache's recorder, which must see them).
                     stream.set_chunk_sink(self, with_payloads=True, one=self._take_one)
+                    if self.n_events == 0:
+                        # The log holds the answer's text: the SDK keeps no copy of it
+                        # (~0.5 KB per live stream at 100 chunks; bench/stream_memory.py).
+                        stream.keep_text_in(self)
                     # The log keeps the decoder's template, not an equal copy (~340 bytes
                     # per live stream; bench/stream_memory.py).
                     self._share_template(stream)
@@ -798,6 +802,17 @@ class Producer:
                     await self._on_end(completion)
                 if self._booking is not None:
                     await self._booking.book(completion)
+
+    def text_mark(self) -> int:
+        """`TextSource.text_mark`: the events in the log."""
+        return self.n_events
+
+    def text_since(self, mark: int, until: int | None, index: int, reasoning: bool) -> str:
+        """`TextSource.text_since`: read back from the (memory) log."""
+        last = self.n_events if until is None else until
+        events = self.hub.log.events_now(self.stream_id, mark, last)  # type: ignore[attr-defined]  # MemoryStreamLog's (a text source only on it)
+        pieces = chunk_text((payload for _, payload in events or ()), index, reasoning)
+        return join_text(pieces)
 
     def _share_template(self, source: AsyncStream | None) -> None:
         share = getattr(self.hub.log, "share_template", None)  # the memory log's
