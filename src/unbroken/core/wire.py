@@ -51,6 +51,7 @@ __all__ = [
     "decode_text_completion",
     "excerpt",
     "parse_error_object",
+    "template_text",
     "upstream_error_from_object",
 ]
 
@@ -698,24 +699,69 @@ def chunk_text(payloads: Iterable[bytes], index: int, reasoning: bool) -> list[s
     an error event) add nothing. Reads a chunk several times faster than `decode_chunk`."""
     pieces: list[str] = []
     for payload in payloads:
-        if payload[:1] != b"{":
-            continue
-        try:
-            chunk = _text_chunk_decoder.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            chunk = _lenient(payload, _TextChunk)  # lone surrogate halves (see `_lenient`)
-            if chunk is None:
-                continue
-        for choice in chunk.choices:
-            delta = choice.delta
-            if choice.index != index or delta is None:
-                continue
-            if reasoning:
-                text = delta.reasoning_content
-                if text is None:
-                    text = delta.reasoning
-            else:
-                text = delta.content
-            if text:
-                pieces.append(text)
+        pieces += _chunk_pieces(payload, index, reasoning)
     return pieces
+
+
+def _chunk_pieces(payload: bytes, index: int, reasoning: bool) -> list[str]:
+    """The text pieces `chunk_text` takes from one payload."""
+    if payload[:1] != b"{":
+        return []
+    try:
+        chunk = _text_chunk_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        chunk = _lenient(payload, _TextChunk)  # lone surrogate halves (see `_lenient`)
+        if chunk is None:
+            return []
+    pieces: list[str] = []
+    for choice in chunk.choices:
+        delta = choice.delta
+        if choice.index != index or delta is None:
+            continue
+        if reasoning:
+            text = delta.reasoning_content
+            if text is None:
+                text = delta.reasoning
+        else:
+            text = delta.content
+        if text:
+            pieces.append(text)
+    return pieces
+
+
+def template_text(
+    head: bytes, tail: bytes, values: bytes, index: int, reasoning: bool
+) -> str | None:
+    """`chunk_text`, joined, of chunks `head + value + tail` whose string values follow
+    one another in `values` (none of them ending in a backslash), read from `values` as
+    one JSON string: None when that cannot be done (a quote in them, or a template this
+    cannot read), and then the chunks are to be decoded (the gateway's stream log keeps a
+    block of text chunks so: stores/packed.py)."""
+    if b'"' in values:
+        return None
+    probe = head + b"x" + tail
+    try:
+        _text_chunk_decoder.decode(probe)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None  # (a template is cut around a string value of a chunk)
+    got = _chunk_pieces(probe, index, reasoning)
+    if not got:
+        return ""  # the value is another choice's or field's text
+    if got != ["x"]:
+        return None  # text around the value too
+    if b"\\" not in values:
+        try:
+            return values.decode()  # no escape: the value is the text as UTF-8
+        except UnicodeDecodeError:
+            return None
+    data = b'"' + values + b'"'
+    try:
+        return _string_decoder.decode(data)
+    except msgspec.DecodeError:  # lone surrogate halves (see `_lenient`)
+        try:
+            return json.loads(data)  # type: ignore[no-any-return]  # a JSON string
+        except ValueError:
+            return None
+
+
+_string_decoder = msgspec.json.Decoder(str)

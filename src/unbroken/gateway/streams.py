@@ -65,7 +65,7 @@ from unbroken.core.streamlog import (
     parse_event_id,
     should_abandon,
 )
-from unbroken.core.wire import Answer, ChatCompletion, ChatCompletionChunk, chunk_text
+from unbroken.core.wire import Answer, ChatCompletion, ChatCompletionChunk
 from unbroken.errors import InvalidRequestError, StoreError, UnbrokenError
 from unbroken.gateway.asgi import Exchange
 from unbroken.gateway.detach import DETACH_EXTENSION, Detached, Parked
@@ -810,9 +810,8 @@ class Producer:
     def text_since(self, mark: int, until: int | None, index: int, reasoning: bool) -> str:
         """`TextSource.text_since`: read back from the (memory) log."""
         last = self.n_events if until is None else until
-        events = self.hub.log.events_now(self.stream_id, mark, last)  # type: ignore[attr-defined]  # MemoryStreamLog's (a text source only on it)
-        pieces = chunk_text((payload for _, payload in events or ()), index, reasoning)
-        return join_text(pieces)
+        log: Any = self.hub.log  # a MemoryStreamLog (a text source only on it)
+        return join_text(log.text_now(self.stream_id, mark, last, index, reasoning) or [])
 
     def _share_template(self, source: AsyncStream | None) -> None:
         share = getattr(self.hub.log, "share_template", None)  # the memory log's
