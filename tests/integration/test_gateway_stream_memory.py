@@ -69,25 +69,31 @@ def _held_text_bytes(root: object, stop: tuple[type, ...]) -> int:
 
 def test_the_answer_text_is_held_by_the_log_only(upstream: MockServer) -> None:
     """Mid-answer, the producer's SDK answer accumulator holds none of the text streamed so
-    far (the log does); the answer ends whole: the text the client got, its SHA-256 in the
-    final event, and the usage chunk."""
+    far (the log does), and reads it back whole."""
     from unbroken.gateway.streams import Producer, StreamHub
 
+    # A long answer: the client reads a part of it, well before the upstream's end.
+    headers = {"X-Mock-Tokens": "400", "X-Mock-Token-Ms": "25"}
     with gateway(upstream.url) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         raw = b""
-        with client.stream("POST", "/v1/chat/completions", json=BODY, headers=SLOW) as response:
-            measured = False
+        with client.stream("POST", "/v1/chat/completions", json=BODY, headers=headers) as response:
             for data in response.iter_raw():
                 raw += data
-                if not measured and raw.count(b"\n\n") >= 60:
-                    streamed = fold([d for _, d in parse_events(raw)]).content(0)
-                    answer = _producing_stream(streamed)._run.answer
-                    held = _held_text_bytes(answer, (Producer, StreamHub))
-                    assert len(streamed) > 150
-                    assert held < 100, (held, len(streamed))
-                    measured = True
-        assert measured
-    events = parse_events(raw)
+                if raw.count(b"\n\n") >= 40:
+                    break
+            streamed = fold([d for _, d in parse_events(raw)]).content(0)
+            answer = _producing_stream(streamed)._run.answer
+            held = _held_text_bytes(answer, (Producer, StreamHub))
+    assert len(streamed) > 100
+    assert held < 100, (held, len(streamed))
+
+
+def test_the_answer_ends_whole(upstream: MockServer) -> None:
+    """The text the client got, its SHA-256 in the final event, and the usage chunk."""
+    headers = {"X-Mock-Tokens": "120", "X-Mock-Token-Ms": "2"}
+    with gateway(upstream.url) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        response = client.post("/v1/chat/completions", json=BODY, headers=headers)
+    events = parse_events(response.content)
     assert events[-1][1] == b"[DONE]"
     content = fold([d for _, d in events]).content(0)
     final = json.loads(events[-2][1])
