@@ -442,8 +442,8 @@ class AsyncStream:
     def keep_text_in(self, source: TextSource) -> bool:
         """Keep no copy of the answer's text here: `source` logs every chunk this stream
         gives (to its chunk sink, and by iteration) in order, and is read back when the text
-        is needed (`final`, `current`, a resume). Only before the first chunk: False, and
-        nothing changed, after it (`ChunkAccumulator.keep_text_in`)."""
+        is needed (`final`, `current`, a resume). Only while no text came: False, and
+        nothing changed, after that (`ChunkAccumulator.keep_text_in`)."""
         return self._run.answer.keep_text_in(source)
 
     def text_template(self) -> tuple[bytes, bytes] | None:
