@@ -497,18 +497,12 @@ class Gateway:
     # -- endpoints ---------------------------------------------------------------------------
 
     def _forwarded(self, ex: Exchange, request_id: bytes) -> dict[str, str]:
-        record = current_request()
-        # The access record's str of the same id, not one more per live answer.
-        rid = record.request_id if record is not None else request_id
-        return self.forwarded_headers(ex.scope, rid)
+        return self.forwarded_headers(ex.scope, request_id)
 
-    def forwarded_headers(self, scope: Scope, request_id: bytes | str | None) -> dict[str, str]:
+    def forwarded_headers(self, scope: Scope, request_id: bytes | None) -> dict[str, str]:
         """The request headers passed upstream: the request id (a new one when None) and
         those `forward_headers` names, never Authorization, Host or hop-by-hop ones."""
-        if request_id is None:
-            rid = uuid.uuid4().hex
-        else:
-            rid = request_id if isinstance(request_id, str) else request_id.decode("latin-1")
+        rid = request_id.decode("latin-1") if request_id is not None else uuid.uuid4().hex
         headers = {"X-Request-ID": rid}
         if not self.telemetry.enabled:
             # No span of ours: a client's trace context goes upstream as is.

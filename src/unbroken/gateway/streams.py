@@ -250,7 +250,6 @@ class Producer:
         "_booking",
         "_cancel",
         "_changed",
-        "_first",
         "_flush",
         "_n_waiting",
         "_on_complete",
@@ -270,6 +269,7 @@ class Producer:
         "epoch",
         "failure",
         "finished",
+        "first",
         "hub",
         "n_events",
         "n_readers",
@@ -333,10 +333,8 @@ class Producer:
         # a live answer).
         self._pending: list[bytes] = [] if self._batched else _NO_PENDING
         self._flush: asyncio.Task[None] | None = None
-        # `first`, made when first asked for (most answers' readers never wait for it: 40
-        # bytes a live answer); `_unset`: no append yet (no method call per append).
-        self._first: Flag | None = None
-        self._unset = True
+        self.first = Flag()  # set at the first append, or when the answer failed
+        self._unset = True  # `first` not set by an append yet (no method call per append)
         # The log failed mid-answer (store outage): the rest lives in `tail` only.
         self.degraded = False
         self.failure: GatewayError | None = None
@@ -355,16 +353,6 @@ class Producer:
 
     def __repr__(self) -> str:
         return f"Producer({self.stream_id!r}, epoch={self.epoch}, events={self.n_events})"
-
-    @property
-    def first(self) -> Flag:
-        """Set at the first append, or when the answer ended (failed) before one."""
-        first = self._first
-        if first is None:
-            first = self._first = Flag()
-            if not self._unset or self.finished:
-                first.set()
-        return first
 
     # -- readers ---------------------------------------------------------------------------
 
@@ -662,8 +650,7 @@ class Producer:
             self._changed = None
         if self._unset:
             self._unset = False
-            if self._first is not None:
-                self._first.set()
+            self.first.set()
 
     async def _append(self, payloads: list[bytes], *, end: bool = False) -> None:
         if self.degraded:
@@ -798,8 +785,7 @@ class Producer:
                 await self._end_quietly([error.body()])
         finally:
             self.finished = True
-            if self._first is not None:
-                self._first.set()
+            self.first.set()
             if self._changed is not None:
                 self._changed.set()
             self._release_sinks()
