@@ -15,6 +15,7 @@ import pytest
 from tests.integration.test_gateway_streams import fold, parse_events
 from tests.support import gateway_thread as gateway
 from unbroken.client import AsyncStream
+from unbroken.core.accumulator import ChunkAccumulator
 from unbroken.mock import MockConfig, MockServer
 
 pytestmark = pytest.mark.integration
@@ -35,18 +36,19 @@ def upstream() -> Iterator[MockServer]:
         yield server
 
 
-def _producing_stream(streamed: str) -> AsyncStream:
-    """The SDK stream a gateway producer is reading now, whose answer begins `streamed`."""
-    gc.collect()  # (streams of earlier tests)
+def _answer_of(stream_id: str) -> ChunkAccumulator:
+    """The answer accumulator of the SDK stream the producer of `stream_id` reads (found
+    without reading the answer: its log is being written on the gateway's thread)."""
+    from unbroken.gateway.streams import Producer
+
+    objects = gc.get_objects()
+    (producer,) = [o for o in objects if isinstance(o, Producer) and o.stream_id == stream_id]
     (stream,) = [
-        obj
-        for obj in gc.get_objects()
-        if isinstance(obj, AsyncStream)
-        and obj._run.chunk_sink is not None
-        and obj._completion is None
-        and obj._run.answer.content().startswith(streamed)
+        o
+        for o in objects
+        if isinstance(o, AsyncStream) and getattr(o._run.chunk_sink, "sink", None) is producer
     ]
-    return stream
+    return stream._run.answer
 
 
 def _held_text_bytes(root: object, stop: tuple[type, ...]) -> int:
@@ -77,13 +79,13 @@ def test_the_answer_text_is_held_by_the_log_only(upstream: MockServer) -> None:
     with gateway(upstream.url) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         raw = b""
         with client.stream("POST", "/v1/chat/completions", json=BODY, headers=headers) as response:
+            stream_id = response.headers["x-unbroken-stream-id"]
             for data in response.iter_raw():
                 raw += data
                 if raw.count(b"\n\n") >= 40:
                     break
             streamed = fold([d for _, d in parse_events(raw)]).content(0)
-            answer = _producing_stream(streamed)._run.answer
-            held = _held_text_bytes(answer, (Producer, StreamHub))
+            held = _held_text_bytes(_answer_of(stream_id), (Producer, StreamHub))
     assert len(streamed) > 100
     assert held < 100, (held, len(streamed))
 
