@@ -48,7 +48,7 @@ from unbroken.client._results import (
 )
 from unbroken.client._wsproto import check_transport, load_sockets
 from unbroken.client.cache import CacheEvent
-from unbroken.core.accumulator import EventSplitter
+from unbroken.core.accumulator import EventSplitter, TextSource
 from unbroken.core.events import ChatEvent, ControlEvent, DoneEvent, TextEvent
 from unbroken.core.sentences import SentenceSplitter
 from unbroken.core.stream import ChatStreamDecoder
@@ -438,6 +438,13 @@ class AsyncStream:
     def current(self) -> Answer:
         """The answer as far as it arrived (also after `aclose()` or an error)."""
         return self._completion or self._run.completion(time.monotonic())
+
+    def keep_text_in(self, source: TextSource) -> bool:
+        """Keep no copy of the answer's text here: `source` logs every chunk this stream
+        gives (to its chunk sink, and by iteration) in order, and is read back when the text
+        is needed (`final`, `current`, a resume). Only while no text came: False, and
+        nothing changed, after that (`ChunkAccumulator.keep_text_in`)."""
+        return self._run.answer.keep_text_in(source)
 
     def text_template(self) -> tuple[bytes, bytes] | None:
         """The JSON around the text of the answer's plain text chunks, as the running

@@ -5,7 +5,7 @@ Imports only the standard library and core siblings.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from unbroken.core.events import (
     ChatEvent,
@@ -29,7 +29,7 @@ from unbroken.core.wire import (
     Usage,
 )
 
-__all__ = ["ChunkAccumulator", "EventSplitter", "join_text"]
+__all__ = ["ChunkAccumulator", "EventSplitter", "TextSource", "join_text"]
 
 # Theory of operation
 # -------------------
@@ -45,6 +45,47 @@ __all__ = ["ChunkAccumulator", "EventSplitter", "join_text"]
 #
 # A choice counts as *started* once a delta or a finish_reason arrived for it; annotation
 # choices without either do not start one.
+
+
+class TextSource(Protocol):
+    """Where a `ChunkAccumulator` reads the text of its choices instead of keeping a copy
+    (`ChunkAccumulator.keep_text_in`): a log of the chunks it folds, in the same order
+    (the gateway's stream log)."""
+
+    def text_mark(self) -> int:
+        """A mark of how far the log is (a choice whose text starts now: its chunks follow)."""
+
+    def text_since(self, mark: int, until: int | None, index: int, reasoning: bool) -> str:
+        """Choice `index`'s content (its reasoning with `reasoning`) in the chunks logged
+        after mark `mark`, up to mark `until` (None: all of them)."""
+
+
+class _Elsewhere:
+    """A choice's text kept by a `TextSource`, not here: after mark `mark` (up to mark
+    `until` in a snapshot). An append only notes that it was not empty (so it is true once
+    some text came, as a bytearray is)."""
+
+    __slots__ = ("any", "mark", "until")
+
+    def __init__(self, mark: int, until: int | None = None) -> None:
+        self.mark = mark
+        self.until = until
+        self.any = False
+
+    def __iadd__(self, data: bytes) -> _Elsewhere:
+        if data:
+            self.any = True
+        return self
+
+    # (mypy checks `+=` on a union of types through `__add__`; nothing else adds one.)
+    __add__ = __iadd__
+
+    def __bool__(self) -> bool:
+        return self.any
+
+
+# A choice's text as kept: its UTF-8 (see `_text`), or where a `TextSource` holds it.
+_Kept = bytearray | _Elsewhere
 
 
 class _Tool:
@@ -80,8 +121,8 @@ class _Choice:
         self.n_text_deltas = 0
         # The text so far as UTF-8 (surrogate halves as `surrogatepass` writes them),
         # appended in place (see `_text`).
-        self.content: bytearray | None = None
-        self.reasoning: bytearray | None = None
+        self.content: _Kept | None = None
+        self.reasoning: _Kept | None = None
         self.refusal: list[str] | None = None
         # None until a tool-call fragment arrives (an empty dict is 64 bytes per live answer).
         self.tools: dict[int, _Tool] | None = None
@@ -90,12 +131,14 @@ class _Choice:
         self.logprobs_reasoning: list[TokenLogprob] | None = None
         self.finish_reason: str | None = None
 
-    def copy(self) -> _Choice:
+    def copy(self, source: TextSource | None, until: int | None) -> _Choice:
+        """A twin that keeps its text itself (read from `source` where that holds it), or,
+        `until` given, that leaves it there up to that mark (a snapshot)."""
         twin = _Choice(self.index)
         twin.role = self.role
         twin.n_text_deltas = self.n_text_deltas
-        twin.content = None if self.content is None else bytearray(self.content)
-        twin.reasoning = None if self.reasoning is None else bytearray(self.reasoning)
+        twin.content = _owned(self.content, source, until, self.index, False)
+        twin.reasoning = _owned(self.reasoning, source, until, self.index, True)
         twin.refusal = _copied(self.refusal)
         if self.tools:
             tools: dict[int, _Tool] = {}
@@ -109,6 +152,23 @@ class _Choice:
         twin.logprobs_reasoning = _copied(self.logprobs_reasoning)
         twin.finish_reason = self.finish_reason
         return twin
+
+
+def _owned(
+    kept: _Kept | None, source: TextSource | None, until: int | None, index: int, reasoning: bool
+) -> _Kept | None:
+    """A copy of `kept` as bytes of its own, or (`until` given, for a snapshot) as where
+    the source holds it up to `until`."""
+    if kept is None:
+        return None
+    if isinstance(kept, _Elsewhere):
+        if until is not None:
+            twin = _Elsewhere(kept.mark, until if kept.until is None else kept.until)
+            twin.any = kept.any
+            return twin
+        assert source is not None  # noqa: S101 - an _Elsewhere is made with a source only
+        return bytearray(_utf8(source.text_since(kept.mark, kept.until, index, reasoning)))
+    return bytearray(kept)
 
 
 def _copied(items: list[Any] | None) -> list[Any] | None:
@@ -254,6 +314,7 @@ class ChunkAccumulator:
     __slots__ = (
         "_first",
         "_more",
+        "_source",
         "_splitter",
         "created",
         "id",
@@ -271,6 +332,8 @@ class ChunkAccumulator:
         # Made on the first `feed_events`: folding alone (two accumulators per answer in a
         # gateway) needs none, and one cost ~350 bytes per live stream.
         self._splitter: EventSplitter | None = None
+        # Where the text of the choices is read, when not kept here (`keep_text_in`).
+        self._source: TextSource | None = None
         self.id = ""
         self.model = ""
         self.created = 0
@@ -309,7 +372,7 @@ class ChunkAccumulator:
                 if content is not None:
                     kept = state.content
                     if kept is None:
-                        kept = state.content = bytearray()
+                        kept = state.content = self._new_text()
                     try:  # (`_utf8` inlined: this runs twice per relayed chunk)
                         kept += content.encode()
                     except UnicodeEncodeError:  # surrogate halves
@@ -321,7 +384,7 @@ class ChunkAccumulator:
                     reasoning = delta.reasoning
                 if reasoning is not None:
                     if state.reasoning is None:
-                        state.reasoning = bytearray()
+                        state.reasoning = self._new_text()
                     state.reasoning += _utf8(reasoning)
                     state.n_text_deltas += reasoning != ""
                 if delta.tool_calls:
@@ -347,17 +410,49 @@ class ChunkAccumulator:
         if reasoning:
             kept = state.reasoning
             if kept is None:
-                kept = state.reasoning = bytearray()
+                kept = state.reasoning = self._new_text()
         else:
             kept = state.content
             if kept is None:
-                kept = state.content = bytearray()
+                kept = state.content = self._new_text()
         try:
             kept += text.encode()
         except UnicodeEncodeError:  # surrogate halves
             kept += _utf8(text)
         if text:
             state.n_text_deltas += 1
+
+    def keep_text_in(self, source: TextSource) -> bool:
+        """Keep no copy of the text (content, reasoning) of the answer: `source`, a log of
+        the chunks folded here in the same order, holds it, and is read when the text is
+        asked for (`content`, `completion`, `copy`...). Only while no text came (a role
+        chunk's empty content may have): False, and nothing changed, after that. The chunks
+        folded before are logged before those after, if not already.
+
+        Why: a gateway logs each answer's chunks (gateway/streams.py); the text kept here
+        as well was a second copy of every live answer's text (bench/stream_memory.py)."""
+        states = self._states()
+        if self._source is not None or any(s.content or s.reasoning for s in states):
+            return False
+        self._source = source
+        for state in states:  # an empty text: what is logged from now on is all of it
+            if state.content is not None:
+                state.content = _Elsewhere(source.text_mark())
+            if state.reasoning is not None:
+                state.reasoning = _Elsewhere(source.text_mark())
+        return True
+
+    def _new_text(self) -> _Kept:
+        """The text kept of a choice's content or reasoning that starts now."""
+        source = self._source
+        return bytearray() if source is None else _Elsewhere(source.text_mark())
+
+    def _read(self, state: _Choice, kept: _Kept, reasoning: bool) -> str:
+        """The text `kept` (choice `state`'s content, or its reasoning with `reasoning`)."""
+        if isinstance(kept, _Elsewhere):
+            assert self._source is not None  # noqa: S101 - an _Elsewhere is made with a source only
+            return self._source.text_since(kept.mark, kept.until, state.index, reasoning)
+        return _text(kept)
 
     def _get(self, index: int) -> _Choice | None:
         state = self._first
@@ -422,6 +517,20 @@ class ChunkAccumulator:
 
     def copy(self) -> ChunkAccumulator:
         """An independent accumulator in the same state (what was folded so far)."""
+        return self._twin(None)
+
+    def snapshot(self) -> ChunkAccumulator:
+        """`copy` for reading only: the state folded so far, never fed again. Its text,
+        when a `TextSource` holds it (`keep_text_in`), stays there (read up to the
+        source's mark of now), not copied."""
+        source = self._source
+        if source is None:
+            return self._twin(None)
+        twin = self._twin(source.text_mark())
+        twin._source = source
+        return twin
+
+    def _twin(self, until: int | None) -> ChunkAccumulator:
         twin = ChunkAccumulator()
         twin.id = self.id
         twin.model = self.model
@@ -433,10 +542,11 @@ class ChunkAccumulator:
             twin._splitter = EventSplitter()
             twin._splitter._roles = set(self._splitter._roles)
             twin._splitter._held = dict(self._splitter._held)
+        source = self._source
         if self._first is not None:
-            twin._first = self._first.copy()
+            twin._first = self._first.copy(source, until)
         if self._more is not None:
-            twin._more = {index: state.copy() for index, state in self._more.items()}
+            twin._more = {index: state.copy(source, until) for index, state in self._more.items()}
         return twin
 
     def feed_events(self, chunk: ChatCompletionChunk) -> list[ChatEvent]:
@@ -475,12 +585,16 @@ class ChunkAccumulator:
     def content(self, index: int = 0) -> str:
         """The answer text of choice `index` so far."""
         state = self._get(index)
-        return "" if state is None or state.content is None else _text(state.content)
+        if state is None or state.content is None:
+            return ""
+        return self._read(state, state.content, False)
 
     def reasoning(self, index: int = 0) -> str:
         """The reasoning text of choice `index` so far."""
         state = self._get(index)
-        return "" if state is None or state.reasoning is None else _text(state.reasoning)
+        if state is None or state.reasoning is None:
+            return ""
+        return self._read(state, state.reasoning, True)
 
     def n_text_deltas(self, index: int = 0) -> int:
         """How many non-empty content and reasoning deltas choice `index` got: the tokens
@@ -517,9 +631,15 @@ class ChunkAccumulator:
                     index=index,
                     message=Message(
                         role=state.role or "assistant",
-                        content=None if state.content is None else _text(state.content),
+                        content=(
+                            None
+                            if state.content is None
+                            else self._read(state, state.content, False)
+                        ),
                         reasoning_content=(
-                            None if state.reasoning is None else _text(state.reasoning)
+                            None
+                            if state.reasoning is None
+                            else self._read(state, state.reasoning, True)
                         ),
                         tool_calls=tool_calls,
                         refusal=None if state.refusal is None else join_text(state.refusal),

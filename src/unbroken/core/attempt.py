@@ -438,8 +438,12 @@ class Attempt:
             tail = self.decoder.flush()
             if tail:
                 out = self._deliver(tail, now)
+        if self._acc is None:
+            # Its fold from here on, as it ends (nothing feeds it now): a snapshot, which
+            # leaves a text the answer's `TextSource` holds there (a copy reads it back).
+            self._acc = self._answer.snapshot()
         self.verdict = classify_end(
-            self.acc,
+            self._acc,
             self.decoder,
             timed_out=timed_out,
             omits_finish=self.plan.route.omits_finish_reason,

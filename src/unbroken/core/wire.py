@@ -8,7 +8,7 @@ msgspec Structs: typed, attribute-shaped like the official `openai` SDK
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import msgspec
@@ -42,6 +42,7 @@ __all__ = [
     "TopLogprob",
     "Usage",
     "WireModel",
+    "chunk_text",
     "completion_to_chunks",
     "decode_chunk",
     "decode_completion",
@@ -50,6 +51,7 @@ __all__ = [
     "decode_text_completion",
     "excerpt",
     "parse_error_object",
+    "template_text",
     "upstream_error_from_object",
 ]
 
@@ -669,3 +671,97 @@ def completion_to_chunks(completion: ChatCompletion) -> list[ChatCompletionChunk
         else:
             chunks.append(ChatCompletionChunk(**head, usage=completion.usage))
     return chunks
+
+
+# Only what a choice's text needs of a chunk (`chunk_text`): msgspec skips the rest unread.
+class _TextDelta(msgspec.Struct):
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+
+
+class _TextChoice(msgspec.Struct):
+    index: int = 0
+    delta: _TextDelta | None = None
+
+
+class _TextChunk(msgspec.Struct):
+    choices: list[_TextChoice] = []
+
+
+_text_chunk_decoder = msgspec.json.Decoder(_TextChunk)
+
+
+def chunk_text(payloads: Iterable[bytes], index: int, reasoning: bool) -> list[str]:
+    """The pieces of choice `index`'s content (its reasoning with `reasoning`:
+    `reasoning_content`, or `reasoning` when only that is set) in the JSON of these chunks,
+    in order: what `ChunkAccumulator` folds of them. Payloads that are not chunks (`[DONE]`,
+    an error event) add nothing. Reads a chunk several times faster than `decode_chunk`."""
+    pieces: list[str] = []
+    for payload in payloads:
+        pieces += _chunk_pieces(payload, index, reasoning)
+    return pieces
+
+
+def _chunk_pieces(payload: bytes, index: int, reasoning: bool) -> list[str]:
+    """The text pieces `chunk_text` takes from one payload."""
+    if payload[:1] != b"{":
+        return []
+    try:
+        chunk = _text_chunk_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        chunk = _lenient(payload, _TextChunk)  # lone surrogate halves (see `_lenient`)
+        if chunk is None:
+            return []
+    pieces: list[str] = []
+    for choice in chunk.choices:
+        delta = choice.delta
+        if choice.index != index or delta is None:
+            continue
+        if reasoning:
+            text = delta.reasoning_content
+            if text is None:
+                text = delta.reasoning
+        else:
+            text = delta.content
+        if text:
+            pieces.append(text)
+    return pieces
+
+
+def template_text(
+    head: bytes, tail: bytes, values: bytes, index: int, reasoning: bool
+) -> str | None:
+    """`chunk_text`, joined, of chunks `head + value + tail` whose string values follow
+    one another in `values` (none of them ending in a backslash), read from `values` as
+    one JSON string: None when that cannot be done (a quote in them, or a template this
+    cannot read), and then the chunks are to be decoded (the gateway's stream log keeps a
+    block of text chunks so: stores/packed.py)."""
+    if b'"' in values:
+        return None
+    probe = head + b"x" + tail
+    try:
+        _text_chunk_decoder.decode(probe)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None  # (a template is cut around a string value of a chunk)
+    got = _chunk_pieces(probe, index, reasoning)
+    if not got:
+        return ""  # the value is another choice's or field's text
+    if got != ["x"]:
+        return None  # text around the value too
+    if b"\\" not in values:
+        try:
+            return values.decode()  # no escape: the value is the text as UTF-8
+        except UnicodeDecodeError:
+            return None
+    data = b'"' + values + b'"'
+    try:
+        return _string_decoder.decode(data)
+    except msgspec.DecodeError:  # lone surrogate halves (see `_lenient`)
+        try:
+            return json.loads(data)  # type: ignore[no-any-return]  # a JSON string
+        except ValueError:
+            return None
+
+
+_string_decoder = msgspec.json.Decoder(str)

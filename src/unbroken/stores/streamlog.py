@@ -387,6 +387,17 @@ class MemoryStreamLog:
         if stream is not None and not stream.gone:
             stream.events.source = source
 
+    def text_now(
+        self, stream_id: str, after: int, last: int, index: int, reasoning: bool
+    ) -> list[str] | None:
+        """The pieces of choice `index`'s content (its reasoning with `reasoning`) in events
+        `after + 1` to `last` (`PackedEvents.text`), read without a coroutine; None when
+        the log does not hold them (unknown, forgotten, or shorter)."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.gone or last > stream.n_events or after > last:
+            return None
+        return stream.events.text(after + 1, last, index, reasoning) if after < last else []
+
     def events_now(self, stream_id: str, after: int, last: int) -> list[tuple[int, bytes]] | None:
         """Events `after + 1` to `last` read without a coroutine (a producer on this process
         serves its readers from here: gateway/streams.py `Producer.tail_events`); None when

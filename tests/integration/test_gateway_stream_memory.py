@@ -1,0 +1,124 @@
+"""What a live streamed answer holds in the gateway (memory store): the answer's text once,
+in its stream log, not again in the SDK stream that produces it; the answer still ends
+whole, with its digest and usage, and still resumes from the log."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.integration.test_gateway_streams import fold, parse_events
+from tests.support import gateway_thread as gateway
+from unbroken.client import AsyncStream
+from unbroken.core.accumulator import ChunkAccumulator
+from unbroken.mock import MockConfig, MockServer
+
+pytestmark = pytest.mark.integration
+
+MOCK = MockConfig(seed=5)
+BODY = {
+    "model": "deepseek-chat",
+    "messages": [{"role": "user", "content": "Say a good deal about memory."}],
+    "stream": True,
+    "stream_options": {"include_usage": True},
+}
+SLOW = {"X-Mock-Tokens": "120", "X-Mock-Token-Ms": "20"}
+
+
+@pytest.fixture
+def upstream() -> Iterator[MockServer]:
+    with MockServer(MOCK) as server:
+        yield server
+
+
+def _answer_of(stream_id: str) -> ChunkAccumulator:
+    """The answer accumulator of the SDK stream the producer of `stream_id` reads (found
+    without reading the answer: its log is being written on the gateway's thread)."""
+    from unbroken.gateway.streams import Producer
+
+    objects = gc.get_objects()
+    (producer,) = [o for o in objects if isinstance(o, Producer) and o.stream_id == stream_id]
+    (stream,) = [
+        o
+        for o in objects
+        if isinstance(o, AsyncStream) and getattr(o._run.chunk_sink, "sink", None) is producer
+    ]
+    return stream._run.answer
+
+
+def _held_text_bytes(root: object, stop: tuple[type, ...]) -> int:
+    """Bytes of the str, bytes and bytearray objects reachable from `root`, not through
+    objects of the `stop` types (the gateway's producer, hub and log)."""
+    seen: set[int] = set()
+    todo = [root]
+    total = 0
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (type, *stop)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, str | bytes | bytearray):
+            total += len(obj)
+            continue
+        todo.extend(gc.get_referents(obj))
+    return total
+
+
+def test_the_answer_text_is_held_by_the_log_only(upstream: MockServer) -> None:
+    """Mid-answer, the producer's SDK answer accumulator holds none of the text streamed so
+    far (the log does), and reads it back whole."""
+    from unbroken.gateway.streams import Producer, StreamHub
+
+    # A long answer: the client reads a part of it, well before the upstream's end.
+    headers = {"X-Mock-Tokens": "400", "X-Mock-Token-Ms": "25"}
+    with gateway(upstream.url) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        raw = b""
+        with client.stream("POST", "/v1/chat/completions", json=BODY, headers=headers) as response:
+            stream_id = response.headers["x-unbroken-stream-id"]
+            for data in response.iter_raw():
+                raw += data
+                if raw.count(b"\n\n") >= 40:
+                    break
+            streamed = fold([d for _, d in parse_events(raw)]).content(0)
+            held = _held_text_bytes(_answer_of(stream_id), (Producer, StreamHub))
+    assert len(streamed) > 100
+    assert held < 100, (held, len(streamed))
+
+
+def test_the_answer_ends_whole(upstream: MockServer) -> None:
+    """The text the client got, its SHA-256 in the final event, and the usage chunk."""
+    headers = {"X-Mock-Tokens": "120", "X-Mock-Token-Ms": "2"}
+    with gateway(upstream.url) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        response = client.post("/v1/chat/completions", json=BODY, headers=headers)
+    events = parse_events(response.content)
+    assert events[-1][1] == b"[DONE]"
+    content = fold([d for _, d in events]).content(0)
+    final = json.loads(events[-2][1])
+    assert final["unbroken"]["content_sha256"] == hashlib.sha256(content.encode()).hexdigest()
+    usage = json.loads(events[-3][1])["usage"]
+    assert usage["completion_tokens"] == 120
+
+
+def test_a_reconnect_mid_answer_replays_the_text(upstream: MockServer) -> None:
+    """A resumable answer whose client left: the reconnect gets the whole text from the log
+    and the final event's digest of it."""
+    with gateway(upstream.url) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        raw = b""
+        headers = {**SLOW, "X-Unbroken-Resumable": "1"}
+        with client.stream("POST", "/v1/chat/completions", json=BODY, headers=headers) as response:
+            stream_id = response.headers["x-unbroken-stream-id"]
+            for data in response.iter_raw():
+                raw += data
+                if raw.count(b"\n\n") >= 20:
+                    break
+        replay = client.get(f"/v1/streams/{stream_id}")
+    events = parse_events(replay.content)
+    content = fold([d for _, d in events]).content(0)
+    final = json.loads(events[-2][1])
+    assert final["unbroken"]["content_sha256"] == hashlib.sha256(content.encode()).hexdigest()
+    assert len(content) > 150

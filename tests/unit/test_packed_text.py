@@ -1,0 +1,131 @@
+"""stores/packed.py `PackedEvents.text` and core.wire `template_text`: a choice's text read
+from a log's packed events (a block of middles in one decode) is what decoding every event
+gives (core.wire `chunk_text`)."""
+
+from __future__ import annotations
+
+import msgspec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from unbroken.core.accumulator import join_text
+from unbroken.core.wire import (
+    ChatCompletionChunk,
+    ChunkChoice,
+    Delta,
+    chunk_text,
+    template_text,
+)
+from unbroken.stores.packed import BLOCK_EVENTS, PackedEvents
+
+
+def _payload(text: str, *, index: int = 0, reasoning: bool = False) -> bytes:
+    delta = Delta(reasoning_content=text) if reasoning else Delta(content=text)
+    return msgspec.json.encode(
+        ChatCompletionChunk(
+            id="chatcmpl-0123456789abcdef",
+            model="deepseek-chat",
+            created=1733400000,
+            system_fingerprint="fp_0123",
+            choices=[ChunkChoice(index=index, delta=delta)],
+        )
+    )
+
+
+ROLE = msgspec.json.encode(
+    ChatCompletionChunk(id="x", choices=[ChunkChoice(delta=Delta(role="assistant", content=""))])
+)
+
+
+def _log(payloads: list[bytes]) -> PackedEvents:
+    events = PackedEvents()
+    events.extend(payloads)
+    return events
+
+
+def _same(events: PackedEvents, payloads: list[bytes], first: int, last: int) -> None:
+    for index, reasoning in ((0, False), (0, True), (1, False)):
+        got = join_text(events.text(first, last, index, reasoning))
+        want = join_text(chunk_text(payloads[first - 1 : last], index, reasoning))
+        assert got == want, (first, last, index, reasoning)
+
+
+def test_blocks_of_text_are_read_whole() -> None:
+    """Every range of a log of plain text, escaped text (newlines, quotes, backslashes at a
+    middle's end) and a role chunk: the text of every event, decoded."""
+    texts = [f" tok{i}" for i in range(70)]
+    texts[20] = "line\n"
+    texts[40] = 'a "quote"'
+    texts[50] = "ends with \\"
+    texts[51] = "n after it"
+    payloads = [ROLE, *(_payload(t) for t in texts)]
+    events = _log(payloads)
+    n = len(payloads)
+    for first, last in ((1, n), (2, n), (1, BLOCK_EVENTS), (BLOCK_EVENTS + 1, 2 * BLOCK_EVENTS)):
+        _same(events, payloads, first, last)
+    for first in range(1, n + 1, 5):
+        _same(events, payloads, first, min(n, first + 23))
+    assert join_text(events.text(1, n, 0, False)) == "".join(texts)
+    events.seal()
+    _same(events, payloads, 1, n)
+
+
+def test_another_field_or_choice_reads_nothing() -> None:
+    payloads = [ROLE, *(_payload(f"r{i}", reasoning=True) for i in range(40))]
+    events = _log(payloads)
+    assert events.text(1, 40, 0, False) == []
+    assert "".join(events.text(1, 41, 0, True)) == "".join(f"r{i}" for i in range(40))
+    assert "".join(events.text(1, 41, 1, True)) == ""
+
+
+def test_long_middles_and_surrogates() -> None:
+    """Deflated blocks (long middles), escaped emoji halves and non-ASCII text."""
+    texts = ["a fairly long piece of text, longer than a token " * 2 for _ in range(20)]
+    texts += ["\u00e9t\u00e9", "HIGH", "LOW", "done"]
+    # The halves escaped one per chunk, as some servers send an emoji.
+    payloads = [ROLE]
+    for text in texts:
+        payload = _payload(text).replace(b"HIGH", b"\\ud83d").replace(b"LOW", b"\\ude80")
+        payloads.append(payload)
+    events = _log(payloads)
+    _same(events, payloads, 1, len(payloads))
+    text = join_text(events.text(1, len(payloads), 0, False))
+    assert text.endswith("\u00e9t\u00e9\U0001f680done")
+
+
+def test_template_text() -> None:
+    head, tail = _payload("").split(b'"content":"')
+    head += b'"content":"'
+    assert template_text(head, tail, b"a b", 0, False) == "a b"
+    assert template_text(head, tail, b"a\\nb", 0, False) == "a\nb"
+    assert template_text(head, tail, b"\\ud83d\\ude80", 0, False) == "\U0001f680"
+    assert template_text(head, tail, b"\\ud83d", 0, False) == "\ud83d"
+    assert template_text(head, tail, b'a\\"b', 0, False) is None  # a quote: decode each
+    assert template_text(head, tail, b"ab", 1, False) == ""  # another choice's text
+    assert template_text(head, tail, b"ab", 0, True) == ""
+    assert template_text(b'{"choices":[', b"]}", b"x", 0, False) is None  # not a string value
+    around = b'{"choices":[{"delta":{"content":"a'  # text before the value's own
+    assert template_text(around, tail, b"b", 0, False) is None
+    assert template_text(head, tail, b"\xff", 0, False) is None  # not UTF-8
+    assert template_text(head, tail, b"\\x", 0, False) is None  # not a JSON string
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 1),
+            st.booleans(),
+            st.text(alphabet=st.sampled_from('ab \n"\\\u00e9\U0001f680'), max_size=6),
+        ),
+        min_size=1,
+        max_size=60,
+    ),
+    st.data(),
+)
+def test_any_log_reads_as_decoded(parts: list[tuple[int, bool, str]], data: st.DataObject) -> None:
+    payloads = [ROLE, *(_payload(t, index=i, reasoning=r) for i, r, t in parts)]
+    events = _log(payloads)
+    first = data.draw(st.integers(1, len(payloads)))
+    last = data.draw(st.integers(first, len(payloads)))
+    _same(events, payloads, first, last)
