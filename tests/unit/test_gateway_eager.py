@@ -90,8 +90,8 @@ def test_a_first_step_that_ends_or_raises_ends_the_task_so(run: Any) -> None:
         done, start = eager_task(loop, returns())
         start.step_now()
         assert await done == "at once"
-        failed, start = eager_task(loop, raises())
-        start.step_now()
+        failed, raising = eager_task(loop, raises())
+        raising.step_now()
         with pytest.raises(ValueError, match="bad"):
             await failed
 
@@ -187,5 +187,6 @@ def test_close_closes_the_coroutine_unrun() -> None:
 
     coro = body()
     EagerStart(coro, contextvars.copy_context()).close()
-    assert coro.cr_frame is None  # closed (never started: no warning either)
+    with pytest.raises(RuntimeError, match="cannot reuse"):
+        coro.send(None)  # closed (never started: no warning either)
     assert ran == []
