@@ -16,7 +16,7 @@ import asyncio
 import resource
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
 from typing import Any, cast
 
 import httptools
@@ -73,6 +73,96 @@ def pool_size(configured: int, max_connections: int, open_files: int | None = No
 # to (two lists less per live stream, ~110 bytes: a tapped answer buffers no body).
 _NO_BODY: list[bytes] = []
 _NO_HEADERS: list[tuple[bytes, bytes]] = []
+
+
+# `_HeadWait` states.
+_PENDING, _WOKEN, _CANCELLED = 0, 1, 2
+
+
+class _HeadWait:
+    """The wait for a response's head: as much of a future as a task awaits, whose waking
+    can run the waiting task's step from the connection's data callback itself (`run_now`)
+    instead of in a later turn of the loop.
+
+    Why: the head (with the answer's first events, in the same read) woke the producer's
+    task through a future, in a later turn of a loop busy with other streams' reads; that
+    wait was on the way to every first token. The step that follows the head takes the
+    answer's body from the connection (`tap`) and writes the client's response head with
+    the first events (gateway/guard.py `start_now`): from `run_now`, in the read's callback.
+    Woken any other way (a connection lost, a cancellation), it wakes its task as a future
+    does, from the loop."""
+
+    __slots__ = ("_asyncio_future_blocking", "_ctx", "_handle", "_loop", "_state", "_wakeup")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._state = _PENDING
+        self._wakeup: Callable[[Any], object] | None = None  # the task's (one waiter)
+        self._ctx: Any = None
+        self._handle: asyncio.Handle | None = None  # the wake-up scheduled on the loop
+        self._asyncio_future_blocking = False
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        if self._state == _PENDING:
+            self._asyncio_future_blocking = True
+            yield self  # to the task, which adds its wake-up
+        self.result()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def done(self) -> bool:
+        return self._state != _PENDING
+
+    def cancelled(self) -> bool:
+        return self._state == _CANCELLED
+
+    def result(self) -> None:
+        if self._state == _CANCELLED:
+            raise asyncio.CancelledError
+        if self._state == _PENDING:
+            raise asyncio.InvalidStateError("the head has not arrived")
+
+    def add_done_callback(self, fn: Callable[[Any], object], *, context: Any = None) -> None:
+        if self._state != _PENDING:
+            self._loop.call_soon(fn, self, context=context)
+            return
+        self._wakeup, self._ctx = fn, context
+
+    def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
+        if self._wakeup is not None and self._wakeup == fn:
+            self._wakeup = self._ctx = None
+            return 1
+        return 0
+
+    def _end(self, state: int) -> bool:
+        if self._state != _PENDING:
+            return False
+        self._state = state
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._handle = self._loop.call_soon(wakeup, self, context=self._ctx)
+        return True
+
+    def set_result(self, result: None) -> None:
+        self._end(_WOKEN)
+
+    def cancel(self, msg: Any = None) -> bool:
+        return self._end(_CANCELLED)
+
+    def run_now(self) -> None:
+        """Run the task's wake-up scheduled by `set_result` now, from a loop callback (not
+        from a task: one task's step cannot run inside another's)."""
+        handle, wakeup = self._handle, self._wakeup
+        if handle is None or wakeup is None or asyncio.current_task(self._loop) is not None:
+            return
+        self._handle = self._wakeup = None
+        handle.cancel()
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None:
+            ctx.run(wakeup, self)
+        else:
+            wakeup(self)
 
 
 class _Parsing:
@@ -173,7 +263,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.complete = False
         self.error: BaseException | None = None
-        self.waiter: asyncio.Future[None] | None = None
+        self.waiter: asyncio.Future[None] | _HeadWait | None = None
         self.paused = False
         self.delimited = True
         self._tap: Callable[[bytes], None] | None = None
@@ -204,6 +294,11 @@ class _Connection(asyncio.Protocol):
         finally:
             if held:
                 release_writes()
+        waiter = self.waiter
+        if type(waiter) is _HeadWait:
+            # The head came (or the read failed): the waiting step runs now, with this
+            # read's events parsed and buffered for it (see `_HeadWait`).
+            waiter.run_now()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -683,6 +778,13 @@ class LeanTransport(httpx.AsyncBaseTransport):
         while not conn.headers_done:
             if conn.error is not None:
                 raise conn.error
+            if read_timeout is None:
+                conn.waiter = head = _HeadWait(conn.loop)
+                try:
+                    await head
+                finally:
+                    conn.waiter = None
+                continue
             try:
                 await conn.wait(read_timeout)
             except TimeoutError:
