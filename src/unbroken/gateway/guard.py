@@ -603,7 +603,7 @@ class GuardedProtocol(HttpToolsProtocol):
         extensions[DIRECT_EXTENSION] = DirectBody(cycle)
         self._hooks = extensions[RESPONSE_EXTENSION] = CycleHooks(cycle)
         if existing is None or existing.response_complete:
-            # The request's ASGI task starts on the next loop iteration.
+            # The request's ASGI task: its first step runs once this read is parsed.
             self._start_asgi_task(cycle, app)
         else:
             # A pipelined request waits for the one before it.
