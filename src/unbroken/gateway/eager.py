@@ -32,29 +32,24 @@ __all__ = ["EagerStart", "eager_task"]
 
 _T = TypeVar("_T")
 
-# `EagerStart._state`: not stepped yet, first step done by `step_now` (its outcome kept),
-# running (every step goes to the coroutine).
-_NEW, _STEPPED, _RUNNING = 0, 1, 2
+# `EagerStart._state`: not stepped yet, first step done by `step_now` (it yielded; or it
+# ended, raising), running (every step goes to the coroutine).
+_NEW, _STEPPED, _RAISED, _RUNNING = 0, 1, 2, 3
 
 
 class EagerStart(Coroutine[Any, Any, _T]):
     """A task's coroutine whose first step `step_now` may run before the loop does (see
-    the module docstring). Made by `eager_task`.
+    the module docstring). Made by `eager_task`."""
 
-    Attributes:
-        task: the task running it.
-    """
-
-    # One per live answer (the producer's task holds it): no instance dict.
-    __slots__ = ("_coro", "_ctx", "_out", "_raised", "_state", "task")
+    # One per live answer (the producer's task holds it): no instance dict, four slots.
+    __slots__ = ("_coro", "_ctx", "_out", "_state")
 
     def __init__(self, coro: Coroutine[Any, Any, _T], ctx: contextvars.Context) -> None:
         self._coro = coro
         self._ctx: contextvars.Context | None = ctx
         self._state = _NEW
-        self._out: Any = None  # what the first step yielded (or its StopIteration)
-        self._raised = False  # `_out` is an exception to raise
-        self.task: asyncio.Task[_T] | None = None
+        # Its task until `step_now` runs; then what the first step yielded or raised.
+        self._out: Any = None
 
     def __await__(self) -> Generator[Any, Any, _T]:
         return self  # type: ignore[return-value]  # a coroutine-like iterator
@@ -67,7 +62,7 @@ class EagerStart(Coroutine[Any, Any, _T]):
 
         Called from a loop callback or from another task's step (that task is the current
         one again afterwards)."""
-        task = self.task
+        task = self._out
         ctx = self._ctx
         if self._state != _NEW or task is None or ctx is None:
             return False
@@ -81,7 +76,7 @@ class EagerStart(Coroutine[Any, Any, _T]):
         try:
             self._out = ctx.run(self._coro.send, None)
         except BaseException as exc:
-            self._out, self._raised = exc, True
+            self._out, self._state = exc, _RAISED
         finally:
             _leave_task(loop, task)
             if outer is not None:
@@ -90,32 +85,27 @@ class EagerStart(Coroutine[Any, Any, _T]):
 
     def send(self, value: Any) -> Any:
         """The task's step: the first one gives what `step_now` kept."""
-        if self._state == _RUNNING:
-            return self._coro.send(value)
-        if self._state == _NEW:
-            self._state = _RUNNING
-            self._ctx = None
+        state = self._state
+        if state == _RUNNING:
             return self._coro.send(value)
         self._state = _RUNNING
-        out, self._out = self._out, None
-        if self._raised:
-            self._raised = False
+        out, self._out, self._ctx = self._out, None, None
+        if state == _NEW:
+            return self._coro.send(value)
+        if state == _RAISED:
             raise out
         return out
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
         """Raise into the coroutine (a cancellation): after `step_now`, where it waits."""
-        if self._state == _STEPPED:
-            self._state = _RUNNING
-            out, self._out = self._out, None
-            if self._raised:
-                self._raised = False
-                raise out  # it ended already: the cancellation came too late
-            if isinstance(out, asyncio.Future):
-                # As a task cancelled while it waits: its future is cancelled too.
-                out.cancel()
+        state = self._state
         self._state = _RUNNING
-        self._ctx = None
+        out, self._out, self._ctx = self._out, None, None
+        if state == _RAISED:
+            raise out  # it ended already: the cancellation came too late
+        if state == _STEPPED and isinstance(out, asyncio.Future):
+            # As a task cancelled while it waits: its future is cancelled too.
+            out.cancel()
         if val is None and tb is None:
             return self._coro.throw(typ)
         return self._coro.throw(typ, val, tb)
@@ -135,5 +125,5 @@ def eager_task(
     ctx = contextvars.copy_context()
     start: EagerStart[_T] = EagerStart(coro, ctx)
     task = loop.create_task(start, context=ctx)
-    start.task = task
+    start._out = task  # for `step_now`
     return task, start
