@@ -15,7 +15,7 @@ loop's current task (as the task itself would: `asyncio.current_task()`, timeout
 cancel scopes see it) in the task's context, and keeps what the step gave (the future it
 waits on, its result or its exception); the task's own first step, when the loop runs it,
 takes that instead of stepping again. Without `step_now` the task runs as any other.
-Imports asyncio only.
+Imports asyncio and contextvars only.
 """
 
 from __future__ import annotations
