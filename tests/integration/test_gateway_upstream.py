@@ -64,6 +64,46 @@ async def test_sequential_requests_reuse_one_connection(
     assert bodies[0].count(b"data: {") == bodies[2].count(b"data: {")
 
 
+async def _settled(transport: LeanTransport) -> None:
+    """Until the connections being opened ahead are open (a turn first: a request's own
+    task starts them)."""
+    await asyncio.sleep(0)
+    await asyncio.wait_for(asyncio.gather(*transport._ahead_tasks), 10)
+    assert not transport._ahead_tasks
+
+
+@pytest.mark.anyio
+async def test_requests_outgrowing_the_pool_find_a_connection_opened_ahead(
+    upstream: MockServer, lean: tuple[httpx.AsyncClient, LeanTransport]
+) -> None:
+    """A request that finds no idle connection while others are busy connects and opens one
+    more ahead; the next such request takes that one (no connect of its own) and opens the
+    next one ahead. A request alone opens nothing ahead; closing closes them all."""
+    client, transport = lean
+    url = upstream.url + "/chat/completions"
+
+    def idle() -> int:
+        return sum(len(conns) for conns in transport._idle.values())
+
+    async with client.stream("POST", url, content=BODY, headers=HEADERS) as first:
+        assert first.status_code == 200
+        await _settled(transport)
+        assert (transport._open, idle()) == (1, 0)
+        async with client.stream("POST", url, content=BODY, headers=HEADERS) as second:
+            assert second.status_code == 200
+            await _settled(transport)
+            assert (transport._open, idle()) == (3, 1)  # its own, and one ahead
+            async with client.stream("POST", url, content=BODY, headers=HEADERS) as third:
+                assert third.status_code == 200
+                await _settled(transport)
+                # It took the one opened ahead (its own connect would make 5).
+                assert (transport._open, idle()) == (4, 1)
+            for response in (first, second):
+                await response.aread()
+    await transport.aclose()
+    assert transport._open == 0
+
+
 @pytest.mark.anyio
 async def test_refused_connection_is_an_httpx_connect_error(
     lean: tuple[httpx.AsyncClient, LeanTransport],

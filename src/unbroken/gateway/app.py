@@ -9,7 +9,6 @@ client, core, stores, instrumentation, settings and gateway siblings.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
@@ -754,12 +753,13 @@ class Gateway:
             detach = detachable and ex.scope.get("extensions", {}).get(DETACH_EXTENSION) is True
             parked = False
             try:
-                # The producer's task (spawned just now) runs first, to its upstream write:
-                # the first token waits for that, and this reader's setup (which ends its
-                # task, handing it to the producer) has until the upstream's first bytes
-                # (~50-70 us less from the request's head to the upstream write at 32
-                # streams, for one task step more; a per-stage probe, alternating).
-                await asyncio.sleep(0)
+                # The producer's first step runs now, to its upstream write: the first
+                # token waits for that, and this reader's setup (which ends its task,
+                # handing it to the producer) has until the upstream's first bytes. Now,
+                # not in the producer task's own turn (gateway/eager.py): with the request's
+                # own first step run as its bytes arrive (gateway/guard.py), the upstream
+                # request is written in the loop turn the client's request arrived in.
+                producer.start_now()
                 result = await relay.events(
                     self.streams.follow_batches(
                         producer.stream_id,

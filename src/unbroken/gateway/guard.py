@@ -63,6 +63,7 @@ from unbroken.gateway.accesslog import ACCESS_LOGGER
 from unbroken.gateway.asgi import RESPONSE_EXTENSION, TRANSPORT_EXTENSION, LostWatcher, Message
 from unbroken.gateway.detach import DETACH_EXTENSION, Detached, resume_asgi, run_asgi
 from unbroken.gateway.direct import DIRECT_EXTENSION, DirectBody, writes_held
+from unbroken.gateway.eager import EagerStart, eager_task
 from unbroken.gateway.metrics import GatewayMetrics
 from unbroken.gateway.problems import error_body
 from unbroken.settings import GatewaySettings
@@ -241,6 +242,7 @@ class GuardedProtocol(HttpToolsProtocol):
         "_closed",
         "_counted",
         "_deadline",
+        "_eager",
         "_head_bytes",
         "_hooks",
         "_idle",
@@ -272,6 +274,9 @@ class GuardedProtocol(HttpToolsProtocol):
         self._refusal: _Refusal | None = None
         self._hooks: CycleHooks | None = None  # those of the latest request
         self._parsing = False  # a request's message has begun and not completed
+        # The request task made by the read being parsed, started when the read is parsed
+        # (see `data_received`).
+        self._eager: EagerStart[None] | None = None
 
     # -- connection --------------------------------------------------------------------------
 
@@ -420,6 +425,7 @@ class GuardedProtocol(HttpToolsProtocol):
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
+            self._start_eager()
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
             # Otherwise (no WebSocket implementation) the request goes on as plain HTTP.
@@ -429,15 +435,29 @@ class GuardedProtocol(HttpToolsProtocol):
             if refusal is not None:
                 self.guard.refused(refusal.code)
                 self._refuse(refusal.status, refusal.message, refusal.code)
+                self._start_eager()
                 return
             self.guard.refused("bad_request")
             self._refuse(400, "malformed HTTP request", "bad_request")
+            self._start_eager()
             return
         except httptools.HttpParserError as exc:
             self.guard.refused("bad_request")
             self._refuse(400, f"malformed HTTP request: {exc}"[:160], "bad_request")
+            self._start_eager()
             return
         self._after_read(len(data))
+        self._start_eager()
+
+    def _start_eager(self) -> None:
+        """Run the first step of the request task this read made, now: a request whose
+        body came with its head is validated, admitted and sent upstream in this loop turn
+        (gateway/eager.py), not in the task's first turn. Only once the read is parsed
+        (httptools reports the head before the body) and its timer set."""
+        eager = self._eager
+        if eager is not None:
+            self._eager = None
+            eager.step_now()
 
     def _after_read(self, n_bytes: int) -> None:
         # The timer follows the phase a read ended in (the parser's callbacks only move the
@@ -583,7 +603,7 @@ class GuardedProtocol(HttpToolsProtocol):
         extensions[DIRECT_EXTENSION] = DirectBody(cycle)
         self._hooks = extensions[RESPONSE_EXTENSION] = CycleHooks(cycle)
         if existing is None or existing.response_complete:
-            # The request's ASGI task starts on the next loop iteration.
+            # The request's ASGI task: its first step runs once this read is parsed.
             self._start_asgi_task(cycle, app)
         else:
             # A pipelined request waits for the one before it.
@@ -610,7 +630,10 @@ class GuardedProtocol(HttpToolsProtocol):
                 # task early and resume in a new one (gateway/detach.py): offered only to
                 # it (a middleware in between would see its call end early).
                 cycle.scope["extensions"][DETACH_EXTENSION] = True  # type: ignore[assignment]  # any values
-        task = self.loop.create_task(run_asgi(cycle, app))
+        # Scheduled as uvicorn schedules it; the read that made it runs its first step when
+        # parsed (`_start_eager`). A request started later (a pipelined one, when the one
+        # before it ends) just waits for its turn.
+        task, self._eager = eager_task(self.loop, run_asgi(cycle, app))
         task.add_done_callback(self.guard.task_done(self.tasks))
         self.tasks.add(task)
 
@@ -640,6 +663,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.pipeline:
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
+            self._eager = None  # it starts in its turn (this may be inside another task)
         else:
             self._idle = True
             self._set_deadline(self.timeout_keep_alive)

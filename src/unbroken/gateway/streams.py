@@ -70,6 +70,7 @@ from unbroken.core.wire import Answer, ChatCompletion, ChatCompletionChunk
 from unbroken.errors import InvalidRequestError, StoreError, UnbrokenError
 from unbroken.gateway.asgi import Exchange
 from unbroken.gateway.detach import DETACH_EXTENSION, Detached, Parked
+from unbroken.gateway.eager import EagerStart, eager_task
 from unbroken.gateway.keys import Caller
 from unbroken.gateway.problems import GatewayError, from_unbroken
 from unbroken.gateway.request import ChatRequest
@@ -368,6 +369,16 @@ class Producer:
         return f"Producer({self.stream_id!r}, epoch={self.epoch}, events={self.n_events})"
 
     # -- readers ---------------------------------------------------------------------------
+
+    def start_now(self) -> None:
+        """Run the task's first step now, up to its first wait (the upstream request
+        written, its response awaited), instead of in the task's own loop turn (gateway/
+        eager.py): the first token waits for that write, and the reader that calls this
+        then sets itself up (and ends its task) while the upstream answers."""
+        task = self.task
+        start = task.get_coro() if task is not None else None
+        if isinstance(start, EagerStart):
+            start.step_now()
 
     def attach(self) -> None:
         """A reader on this instance follows the answer."""
@@ -1055,7 +1066,7 @@ class StreamHub:
         self.gateway.metrics.stream_writers.inc()
         if producer.takeovers:
             self.gateway.metrics.stream_takeovers.inc()
-        producer.task = asyncio.get_running_loop().create_task(producer.run(open_stream))
+        producer.task, _ = eager_task(asyncio.get_running_loop(), producer.run(open_stream))
         self._ensure_ticker()
         return producer
 

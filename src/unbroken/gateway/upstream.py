@@ -13,10 +13,11 @@ gateway/proxy.py). Imports httpx and httptools (the `[gateway]` extra).
 from __future__ import annotations
 
 import asyncio
+import logging
 import resource
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
 from typing import Any, cast
 
 import httptools
@@ -27,6 +28,8 @@ from unbroken.gateway.direct import hold_writes, release_writes, writes_held
 from unbroken.gateway.proxy import Proxy, ProxyConfig, open_tunnel
 
 __all__ = ["LeanTransport", "pool_size"]
+
+logger = logging.getLogger(__name__)
 
 # How long an idle connection is reused; below uvicorn's default keep-alive (5 s), so we
 # rarely pick a connection the server is closing.
@@ -40,6 +43,9 @@ SPARE_FDS = 256
 MIN_POOL = 16
 # URLs whose pool key is remembered (the routes' few; reconnect URLs, each new, flush it).
 MAX_KNOWN_URLS = 256
+# Connections opened ahead at once per upstream while requests outgrow the pool (see
+# `LeanTransport._open_ahead`).
+AHEAD = 2
 
 
 def pool_size(configured: int, max_connections: int, open_files: int | None = None) -> int:
@@ -73,6 +79,96 @@ def pool_size(configured: int, max_connections: int, open_files: int | None = No
 # to (two lists less per live stream, ~110 bytes: a tapped answer buffers no body).
 _NO_BODY: list[bytes] = []
 _NO_HEADERS: list[tuple[bytes, bytes]] = []
+
+
+# `_HeadWait` states.
+_PENDING, _WOKEN, _CANCELLED = 0, 1, 2
+
+
+class _HeadWait:
+    """The wait for a response's head: as much of a future as a task awaits, whose waking
+    can run the waiting task's step from the connection's data callback itself (`run_now`)
+    instead of in a later turn of the loop.
+
+    Why: the head (with the answer's first events, in the same read) woke the producer's
+    task through a future, in a later turn of a loop busy with other streams' reads; that
+    wait was on the way to every first token. The step that follows the head takes the
+    answer's body from the connection (`tap`) and writes the client's response head with
+    the first events (gateway/guard.py `start_now`): from `run_now`, in the read's callback.
+    Woken any other way (a connection lost, a cancellation), it wakes its task as a future
+    does, from the loop."""
+
+    __slots__ = ("_asyncio_future_blocking", "_ctx", "_handle", "_loop", "_state", "_wakeup")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._state = _PENDING
+        self._wakeup: Callable[[Any], object] | None = None  # the task's (one waiter)
+        self._ctx: Any = None
+        self._handle: asyncio.Handle | None = None  # the wake-up scheduled on the loop
+        self._asyncio_future_blocking = False
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        if self._state == _PENDING:
+            self._asyncio_future_blocking = True
+            yield self  # to the task, which adds its wake-up
+        self.result()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def done(self) -> bool:
+        return self._state != _PENDING
+
+    def cancelled(self) -> bool:
+        return self._state == _CANCELLED
+
+    def result(self) -> None:
+        if self._state == _CANCELLED:
+            raise asyncio.CancelledError
+        if self._state == _PENDING:
+            raise asyncio.InvalidStateError("the head has not arrived")
+
+    def add_done_callback(self, fn: Callable[[Any], object], *, context: Any = None) -> None:
+        if self._state != _PENDING:
+            self._loop.call_soon(fn, self, context=context)
+            return
+        self._wakeup, self._ctx = fn, context
+
+    def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
+        if self._wakeup is not None and self._wakeup == fn:
+            self._wakeup = self._ctx = None
+            return 1
+        return 0
+
+    def _end(self, state: int) -> bool:
+        if self._state != _PENDING:
+            return False
+        self._state = state
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._handle = self._loop.call_soon(wakeup, self, context=self._ctx)
+        return True
+
+    def set_result(self, result: None) -> None:
+        self._end(_WOKEN)
+
+    def cancel(self, msg: Any = None) -> bool:
+        return self._end(_CANCELLED)
+
+    def run_now(self) -> None:
+        """Run the task's wake-up scheduled by `set_result` now, from a loop callback (not
+        from a task: one task's step cannot run inside another's)."""
+        handle, wakeup = self._handle, self._wakeup
+        if handle is None or wakeup is None or asyncio.current_task(self._loop) is not None:
+            return
+        self._handle = self._wakeup = None
+        handle.cancel()
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None:
+            ctx.run(wakeup, self)
+        else:
+            wakeup(self)
 
 
 class _Parsing:
@@ -173,7 +269,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.complete = False
         self.error: BaseException | None = None
-        self.waiter: asyncio.Future[None] | None = None
+        self.waiter: asyncio.Future[None] | _HeadWait | None = None
         self.paused = False
         self.delimited = True
         self._tap: Callable[[bytes], None] | None = None
@@ -204,6 +300,11 @@ class _Connection(asyncio.Protocol):
         finally:
             if held:
                 release_writes()
+        waiter = self.waiter
+        if type(waiter) is _HeadWait:
+            # The head came (or the read failed): the waiting step runs now, with this
+            # read's events parsed and buffered for it (see `_HeadWait`).
+            waiter.run_now()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -490,6 +591,10 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self._interned: dict[tuple[str, str, int], tuple[str, str, int]] = {}
         # The connections' parser callbacks, and the loop they are for (see `_Parsing`).
         self._parsing: tuple[asyncio.AbstractEventLoop, _Parsing] | None = None
+        # Connections being opened ahead, per upstream, and their tasks (`_open_ahead`).
+        self._opening: dict[tuple[str, str, int], int] = {}
+        self._ahead_tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     def _parsing_for(self, loop: asyncio.AbstractEventLoop) -> _Parsing:
         parsing = self._parsing
@@ -542,9 +647,13 @@ class LeanTransport(httpx.AsyncBaseTransport):
         while idle:
             conn = idle.pop()
             if conn.reusable:
+                if not idle and self._open > 1:
+                    self._open_ahead(key, timeouts)  # the last idle one, others busy
                 return conn
             conn.abort()
             self._open -= 1
+        if self._open > 0:
+            self._open_ahead(key, timeouts)  # none idle, others busy
         pool_s = timeouts.get("pool")
         deadline = None if pool_s is None else time.monotonic() + pool_s
         while self._open >= self._max:
@@ -558,6 +667,50 @@ class LeanTransport(httpx.AsyncBaseTransport):
             idle = self._idle.get(key)
             if idle:
                 return await self._connect(key, timeouts)
+        return await self._new(loop, key, timeouts)
+
+    def _open_ahead(self, key: tuple[str, str, int], timeouts: dict[str, float | None]) -> None:
+        """Open a connection to `key` ahead of the request that will need it, in a task of
+        its own, when requests outgrow the pool: one that took the last idle connection,
+        or found none, while others are busy (at most `AHEAD` at once per upstream, and
+        never the pool's last places).
+
+        Why: a request that opens its connection waits for the connect, a loop turn (more
+        with TLS, a proxy, a name to resolve), on the way to its first token: at 256 new
+        streams a second through bench/gateway.py, 239 of 256 requests connected (117 ms
+        p50 from the request's bytes to the upstream write under that load, 0.15 ms on an
+        idle connection; a per-request probe). A connection opened ahead waits idle, as
+        any other, and is closed after `KEEPALIVE_EXPIRY_S` if no request takes it."""
+        opening = self._opening.get(key, 0)
+        if opening >= AHEAD or self._closed or self._open + opening + 2 > self._max:
+            return
+        self._opening[key] = opening + 1
+        task = asyncio.get_running_loop().create_task(self._ahead(key, dict(timeouts)))
+        self._ahead_tasks.add(task)
+        task.add_done_callback(self._ahead_tasks.discard)
+
+    async def _ahead(self, key: tuple[str, str, int], timeouts: dict[str, float | None]) -> None:
+        try:
+            conn = await self._new(asyncio.get_running_loop(), key, timeouts)
+        except Exception as exc:
+            # The request that needs one connects (and reports a failure) itself.
+            logger.debug("opening an upstream connection ahead failed: %r", exc)
+            return
+        finally:
+            self._opening[key] -= 1
+        if self._closed:
+            conn.abort()
+            self._open -= 1
+            return
+        self._release(conn)
+
+    async def _new(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        key: tuple[str, str, int],
+        timeouts: dict[str, float | None],
+    ) -> _Connection:
+        """Open a connection to `key` (counted in the pool)."""
         self._open += 1
         scheme, host, port = key
         context = None
@@ -683,6 +836,13 @@ class LeanTransport(httpx.AsyncBaseTransport):
         while not conn.headers_done:
             if conn.error is not None:
                 raise conn.error
+            if read_timeout is None:
+                conn.waiter = head = _HeadWait(conn.loop)
+                try:
+                    await head
+                finally:
+                    conn.waiter = None
+                continue
             try:
                 await conn.wait(read_timeout)
             except TimeoutError:
@@ -700,7 +860,10 @@ class LeanTransport(httpx.AsyncBaseTransport):
         )
 
     async def aclose(self) -> None:
-        """Close every idle connection."""
+        """Close every idle connection (and those being opened ahead)."""
+        self._closed = True
+        for task in list(self._ahead_tasks):
+            task.cancel()
         for idle in self._idle.values():
             for conn in idle:
                 conn.abort()

@@ -1,0 +1,114 @@
+"""The way to an answer's first token on the gateway's own protocol: a chat request whose
+bytes arrive in one read is checked, admitted and sent upstream within that read's loop
+callback (gateway/eager.py, guard.py `_start_eager`, streams.py `Producer.start_now`), not
+in later turns of the loop; the answer is then relayed whole as before."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+import uvicorn
+from uvicorn.server import ServerState
+
+from unbroken.gateway.app import create_app
+from unbroken.gateway.guard import guarded_protocol
+from unbroken.mock import MockConfig, MockServer
+from unbroken.settings import GatewaySettings, Settings
+
+pytestmark = pytest.mark.integration
+
+CHAT = "/v1/chat/completions"
+
+
+def chat_bytes(n: int) -> bytes:
+    body = json.dumps(
+        {
+            "model": "deepseek-chat",
+            "stream": True,
+            "messages": [{"role": "user", "content": f"question {n}"}],
+        }
+    ).encode()
+    head = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+def chats_seen(mock: MockServer) -> int:
+    """Chat requests the mock has received (its own counters; it serves in its thread)."""
+    by_route: dict[str, dict[str, int]] = mock.stats()["requests"]
+    return sum(
+        sum(by_status.values())
+        for route, by_status in by_route.items()
+        if route.endswith("/chat/completions")
+    )
+
+
+async def answer(reader: asyncio.StreamReader) -> bytes:
+    """One streamed response, read to its chunked end."""
+    data = b""
+    while not (b"data: [DONE]" in data and data.endswith(b"0\r\n\r\n")):
+        part = await asyncio.wait_for(reader.read(65536), 10)
+        assert part, f"the gateway closed the connection; got {data[-300:]!r}"
+        data += part
+    return data
+
+
+def serve_on_uvloop(main: Any) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def test_the_upstream_request_is_written_in_the_turn_the_request_arrives() -> None:
+    with MockServer(MockConfig(seed=2)) as mock:
+        app = create_app(Settings(api_key="sk-up", base_url=mock.url, gateway=GatewaySettings()))
+        config = uvicorn.Config(app, http=guarded_protocol(app.guard), lifespan="off")
+        config.load()
+        state = ServerState()
+        protocols: list[asyncio.Protocol] = []
+
+        def protocol() -> asyncio.Protocol:
+            made: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]  # uvicorn's protocols take these
+                config=config, server_state=state, app_state={}
+            )
+            protocols.append(made)
+            return made
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            server = await loop.create_server(protocol, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                # A first answer: the upstream connection is open and idle in the pool.
+                writer.write(chat_bytes(1))
+                first = await answer(reader)
+                assert first.startswith(b"HTTP/1.1 200")
+                before = chats_seen(mock)
+                # The next request's bytes as the loop hands a read to the protocol; the
+                # loop does not turn until the mock has seen the upstream request (or the
+                # deadline passes: then it was left for a later turn).
+                protocols[0].data_received(chat_bytes(2))
+                deadline = time.monotonic() + 10
+                while chats_seen(mock) == before and time.monotonic() < deadline:
+                    # Blocking on purpose: the loop must not turn; the mock serves in its thread.
+                    time.sleep(0.005)  # noqa: ASYNC251
+                assert chats_seen(mock) == before + 1, "not sent upstream within the read"
+                second = await answer(reader)
+                assert second.startswith(b"HTTP/1.1 200")
+                assert second.count(b"data: {") >= 3  # role, content..., usage: whole
+            finally:
+                writer.close()
+                server.close()
+                await app.aclose()
+
+        serve_on_uvloop(main)

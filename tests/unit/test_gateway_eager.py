@@ -1,0 +1,192 @@
+"""Tasks whose first step runs at once (gateway/eager.py): `step_now` runs the coroutine up
+to its first wait in the caller's turn, as the task (current task, context); the task then
+goes on from that wait, ends with what the step ended with, and is cancelled as a task
+waiting there would be. Without `step_now` the task runs as any other."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from typing import Any
+
+import pytest
+
+from unbroken.gateway.eager import EagerStart, eager_task
+
+VAR: contextvars.ContextVar[str] = contextvars.ContextVar("VAR", default="unset")
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Any:
+    """Runs `main()` to its end on a new loop of each kind (the gateway serves on uvloop)."""
+
+    def go(main: Any) -> Any:
+        if request.param == "uvloop":
+            uvloop = pytest.importorskip("uvloop")
+            loop = uvloop.new_event_loop()
+        else:
+            loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(main())
+        finally:
+            loop.close()
+
+    return go
+
+
+def test_step_now_runs_the_first_step_at_once_as_the_task_in_its_context(run: Any) -> None:
+    seen: list[Any] = []
+
+    async def body(gate: asyncio.Future[str]) -> str:
+        seen.append((asyncio.current_task(), VAR.get()))
+        VAR.set("inside")
+        got = await gate
+        seen.append((asyncio.current_task(), VAR.get()))
+        return got
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        gate: asyncio.Future[str] = loop.create_future()
+        VAR.set("outer")
+        task, start = eager_task(loop, body(gate))
+        assert start.step_now()
+        assert seen == [(task, "outer")]  # ran before any turn of the loop
+        assert VAR.get() == "outer"  # its context is the task's copy, not the caller's
+        assert not start.step_now()  # once only
+        gate.set_result("done")
+        assert await task == "done"
+        assert seen[1] == (task, "inside")
+
+    run(main)
+
+
+def test_without_step_now_the_task_runs_in_its_turn(run: Any) -> None:
+    order: list[str] = []
+
+    async def body() -> int:
+        order.append("task")
+        await asyncio.sleep(0)
+        return 7
+
+    async def main() -> None:
+        task, start = eager_task(asyncio.get_running_loop(), body())
+        order.append("caller")
+        assert await task == 7
+        assert not start.step_now()  # the task started itself
+
+    run(main)
+    assert order == ["caller", "task"]
+
+
+def test_a_first_step_that_ends_or_raises_ends_the_task_so(run: Any) -> None:
+    async def returns() -> str:
+        return "at once"
+
+    async def raises() -> None:
+        raise ValueError("bad")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        done, start = eager_task(loop, returns())
+        start.step_now()
+        assert await done == "at once"
+        failed, raising = eager_task(loop, raises())
+        raising.step_now()
+        with pytest.raises(ValueError, match="bad"):
+            await failed
+
+    run(main)
+
+
+def test_step_now_inside_another_task_gives_the_current_task_back(run: Any) -> None:
+    async def inner() -> asyncio.Task[Any] | None:
+        return asyncio.current_task()
+
+    async def main() -> None:
+        outer = asyncio.current_task()
+        task, start = eager_task(asyncio.get_running_loop(), inner())
+        start.step_now()
+        assert asyncio.current_task() is outer
+        assert await task is task
+
+    run(main)
+
+
+def test_a_bare_yield_in_the_first_step_is_a_turn_of_the_task(run: Any) -> None:
+    async def body() -> str:
+        await asyncio.sleep(0)
+        return "after a turn"
+
+    async def main() -> None:
+        task, start = eager_task(asyncio.get_running_loop(), body())
+        start.step_now()
+        assert await task == "after a turn"
+
+    run(main)
+
+
+def test_cancelled_after_step_now_cancels_the_wait_and_the_task(run: Any) -> None:
+    cleaned: list[str] = []
+
+    async def body(gate: asyncio.Future[None]) -> None:
+        try:
+            await gate
+        finally:
+            cleaned.append("finally")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        gate: asyncio.Future[None] = loop.create_future()
+        task, start = eager_task(loop, body(gate))
+        start.step_now()
+        task.cancel()  # before the task's own first step
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert gate.cancelled()
+        assert cleaned == ["finally"]
+
+    run(main)
+
+
+def test_cancelled_after_a_first_step_that_ended_keeps_its_result(run: Any) -> None:
+    async def returns() -> int:
+        return 3
+
+    async def main() -> None:
+        task, start = eager_task(asyncio.get_running_loop(), returns())
+        start.step_now()
+        task.cancel()  # too late: the coroutine has ended
+        assert await task == 3
+
+    run(main)
+
+
+def test_cancelled_while_it_waits_after_its_first_turn(run: Any) -> None:
+    async def body(gate: asyncio.Future[None]) -> None:
+        await gate
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        gate: asyncio.Future[None] = loop.create_future()
+        task, start = eager_task(loop, body(gate))
+        start.step_now()
+        await asyncio.sleep(0)  # the task took the kept wait
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert gate.cancelled()
+
+    run(main)
+
+
+def test_close_closes_the_coroutine_unrun() -> None:
+    ran: list[str] = []
+
+    async def body() -> None:
+        ran.append("ran")
+
+    coro = body()
+    EagerStart(coro, contextvars.copy_context()).close()
+    with pytest.raises(RuntimeError, match="cannot reuse"):
+        coro.send(None)  # closed (never started: no warning either)
+    assert ran == []
