@@ -7,7 +7,7 @@ import math
 import random
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from unbroken.core.backoff import (
@@ -181,6 +181,8 @@ def test_budget_paces_a_crowd_instead_of_refusing() -> None:
     assert budget.acquire(max(waits) + 10.0, rng) == 0.0
 
 
+# The clock read first at -1: the budget counts its seconds from there, not from 0.
+@example(ratio=0.0, min_per_s=1.0, cap=1.0, steps=[("retry", -1.0), ("retry", 1.5)])
 @given(
     ratio=st.floats(0.0, 3.0),
     min_per_s=st.floats(0.0, 3.0),
@@ -193,22 +195,27 @@ def test_budget_bounds_retries(
     ratio: float, min_per_s: float, cap: float, steps: list[tuple[str, float]]
 ) -> None:
     """Property: retries <= start + ratio*requests + min_per_s*seconds, whatever the
-    sequence, and tokens stay within [0, cap]."""
+    sequence, and tokens stay within [0, cap]. The seconds run from the budget's first
+    reading of the clock (which may be before 0: the steps go back as well as forward)."""
     budget = RetryBudget(ratio, min_per_s, cap, window_s=30.0)
     start_tokens = budget.tokens
-    now = start = latest = 0.0
+    now = latest = 0.0
+    start: float | None = None
     requests = retries = 0
     rng = random.Random(0)
     for what, step in steps:
         now += step
         latest = max(latest, now)
+        if start is None:
+            start = now
         if what == "request":
             budget.on_request(now)
             requests += 1
         elif budget.acquire(now, rng) == 0.0:
             retries += 1
         assert 0.0 <= budget.tokens <= cap
-    assert retries <= start_tokens + ratio * requests + min_per_s * (latest - start) + 1e-9
+    seconds = 0.0 if start is None else latest - start
+    assert retries <= start_tokens + ratio * requests + min_per_s * seconds + 1e-9
 
 
 def test_budget_clone_has_the_settings_and_a_fresh_balance() -> None:
