@@ -16,24 +16,6 @@ from unbroken.gateway.eager import EagerStart, eager_task
 VAR: contextvars.ContextVar[str] = contextvars.ContextVar("VAR", default="unset")
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Any:
-    """Runs `main()` to its end on a new loop of each kind (the gateway serves on uvloop)."""
-
-    def go(main: Any) -> Any:
-        if request.param == "uvloop":
-            uvloop = pytest.importorskip("uvloop")
-            loop = uvloop.new_event_loop()
-        else:
-            loop = asyncio.new_event_loop()
-        try:
-            return loop.run_until_complete(main())
-        finally:
-            loop.close()
-
-    return go
-
-
 def test_step_now_runs_the_first_step_at_once_as_the_task_in_its_context(run: Any) -> None:
     seen: list[Any] = []
 

@@ -45,24 +45,6 @@ def frame(event: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(event), event)
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Any:
-    """Runs `main()` to its end on a new loop of each kind (the gateway serves on uvloop)."""
-
-    def go(main: Any) -> Any:
-        if request.param == "uvloop":
-            uvloop = pytest.importorskip("uvloop")
-            loop = uvloop.new_event_loop()
-        else:
-            loop = asyncio.new_event_loop()
-        try:
-            return loop.run_until_complete(main())
-        finally:
-            loop.close()
-
-    return go
-
-
 def connection(loop: asyncio.AbstractEventLoop) -> tuple[_Connection, Wire]:
     conn = _Connection(loop, ("http", "upstream", 80), 1 << 20)
     wire = Wire()
