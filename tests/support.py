@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import socket
@@ -53,3 +54,21 @@ def gateway_thread(url: str, **options: Any) -> Iterator[ServerThread]:
     app = create_app(settings)
     with ServerThread(app, lifespan="on", http=guarded_protocol(app.guard)) as server:
         yield server
+
+
+def held_text_bytes(root: object, *, stop: tuple[type, ...] = (), skip: object = None) -> int:
+    """Bytes of the str, bytes and bytearray objects reachable from `root`, not through
+    `skip` nor objects of the `stop` types (what holds the text on purpose, e.g. a log)."""
+    seen = {id(skip)}
+    todo = [root]
+    total = 0
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (type, *stop)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, str | bytes | bytearray):
+            total += len(obj)
+            continue
+        todo.extend(gc.get_referents(obj))
+    return total

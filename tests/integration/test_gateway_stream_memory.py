@@ -14,6 +14,7 @@ import pytest
 
 from tests.integration.test_gateway_streams import fold, parse_events
 from tests.support import gateway_thread as gateway
+from tests.support import held_text_bytes
 from unbroken.client import AsyncStream
 from unbroken.core.accumulator import ChunkAccumulator
 from unbroken.mock import MockConfig, MockServer
@@ -51,24 +52,6 @@ def _answer_of(stream_id: str) -> ChunkAccumulator:
     return stream._run.answer
 
 
-def _held_text_bytes(root: object, stop: tuple[type, ...]) -> int:
-    """Bytes of the str, bytes and bytearray objects reachable from `root`, not through
-    objects of the `stop` types (the gateway's producer, hub and log)."""
-    seen: set[int] = set()
-    todo = [root]
-    total = 0
-    while todo:
-        obj = todo.pop()
-        if id(obj) in seen or isinstance(obj, (type, *stop)):
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, str | bytes | bytearray):
-            total += len(obj)
-            continue
-        todo.extend(gc.get_referents(obj))
-    return total
-
-
 def test_the_answer_text_is_held_by_the_log_only(upstream: MockServer) -> None:
     """Mid-answer, the producer's SDK answer accumulator holds none of the text streamed so
     far (the log does), and reads it back whole."""
@@ -85,7 +68,7 @@ def test_the_answer_text_is_held_by_the_log_only(upstream: MockServer) -> None:
                 if raw.count(b"\n\n") >= 40:
                     break
             streamed = fold([d for _, d in parse_events(raw)]).content(0)
-            held = _held_text_bytes(_answer_of(stream_id), (Producer, StreamHub))
+            held = held_text_bytes(_answer_of(stream_id), stop=(Producer, StreamHub))
     assert len(streamed) > 100
     assert held < 100, (held, len(streamed))
 

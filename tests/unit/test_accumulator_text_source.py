@@ -4,13 +4,13 @@ same text, completion and copies as one that keeps it."""
 
 from __future__ import annotations
 
-import gc
 import sys
 
 import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.support import held_text_bytes
 from unbroken.core.accumulator import ChunkAccumulator, join_text
 from unbroken.core.wire import (
     ChatCompletionChunk,
@@ -70,24 +70,6 @@ def _both(chunks: list[ChatCompletionChunk]) -> tuple[ChunkAccumulator, ChunkAcc
     return kept, lean, log
 
 
-def _held_text_bytes(root: object, skip: object) -> int:
-    """Bytes of the str, bytes and bytearray objects reachable from `root` (not through
-    `skip`, the log)."""
-    seen = {id(skip)}
-    todo = [root]
-    total = 0
-    while todo:
-        obj = todo.pop()
-        if id(obj) in seen or isinstance(obj, type):
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, str | bytes | bytearray):
-            total += len(obj)
-            continue
-        todo.extend(gc.get_referents(obj))
-    return total
-
-
 def test_the_text_is_not_kept_twice() -> None:
     """The text folded is held by the log only: the accumulator holds a few bytes however
     long it is (one keeping it holds all of it)."""
@@ -95,8 +77,8 @@ def test_the_text_is_not_kept_twice() -> None:
     pieces = [text[i : i + 5] for i in range(0, len(text), 5)]
     chunks = [_chunk("", role="assistant"), *(_chunk(p) for p in pieces)]
     kept, lean, log = _both(chunks)
-    assert _held_text_bytes(kept, log) >= len(text)
-    assert _held_text_bytes(lean, log) < 100
+    assert held_text_bytes(kept, skip=log) >= len(text)
+    assert held_text_bytes(lean, skip=log) < 100
     assert lean.content() == kept.content() == text
     assert lean.completion() == kept.completion()
 
@@ -112,7 +94,7 @@ def test_feed_text_keeps_no_copy_either() -> None:
         lean.feed_text(0, piece, reasoning)
         chunk = _chunk(None, reasoning=piece) if reasoning else _chunk(piece)
         log.payloads.append(msgspec.json.encode(chunk))
-    assert _held_text_bytes(lean, log) < 100
+    assert held_text_bytes(lean, skip=log) < 100
     assert lean.reasoning() == "think hard"
     assert lean.content() == "Hi you"
     assert lean.n_text_deltas() == 4
@@ -133,7 +115,7 @@ def test_only_while_no_text_came() -> None:
         acc.feed(chunk)
         log.payloads.append(msgspec.json.encode(chunk))
     assert (acc.content(), acc.reasoning(1), acc.role()) == ("Hi", "hm", "assistant")
-    assert _held_text_bytes(acc, log) < 100
+    assert held_text_bytes(acc, skip=log) < 100
     kept = ChunkAccumulator()
     kept.feed(_chunk("kept"))
     assert not kept.keep_text_in(ChunkLog())
@@ -177,7 +159,7 @@ def test_a_copy_keeps_its_own_text() -> None:
     assert twin.reasoning() == "why"
     assert log.reads == reads
     assert lean.content() == "shared"
-    assert _held_text_bytes(twin, log) >= len("shared twin only")
+    assert held_text_bytes(twin, skip=log) >= len("shared twin only")
 
 
 def test_several_choices_and_usage() -> None:
@@ -250,7 +232,7 @@ def test_a_snapshot_leaves_the_text_in_the_log() -> None:
         lean.feed(chunk)
         log.payloads.append(msgspec.json.encode(chunk))
     assert log.reads == reads
-    assert _held_text_bytes(frozen, log) < 100
+    assert held_text_bytes(frozen, skip=log) < 100
     assert frozen.has_output
     assert (frozen.content(), frozen.reasoning()) == ("before", "r")
     assert (lean.content(), lean.reasoning()) == ("before after", "r more")
@@ -258,7 +240,7 @@ def test_a_snapshot_leaves_the_text_in_the_log() -> None:
     assert again.content() == "before"
     owned = frozen.copy()
     assert (owned.content(), owned.reasoning()) == ("before", "r")
-    assert _held_text_bytes(owned, log) >= len("before")
+    assert held_text_bytes(owned, skip=log) >= len("before")
 
 
 def test_a_snapshot_without_a_source_is_a_copy() -> None:
