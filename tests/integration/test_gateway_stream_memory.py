@@ -132,7 +132,9 @@ def _held_by_the_mock(obj: object) -> bool:
 def test_a_live_answer_holds_its_request_once_as_objects(upstream: MockServer) -> None:
     """Mid-answer, the conversation and the headers sent upstream are not held as objects
     (the producer's SDK call holds them as their JSON, to resume or retry with), nor is the
-    request id's bytes (the access record has it); the answer still ends whole."""
+    request id's bytes (the access record has it), nor a `first` flag of its own once its
+    first event is out; the answer still ends whole."""
+    from unbroken.gateway import streams
     from unbroken.gateway.streams import Producer
 
     prompt = "Say a good deal about packed conversations."
@@ -168,6 +170,8 @@ def test_a_live_answer_holds_its_request_once_as_objects(upstream: MockServer) -
                 and not _held_by_the_mock(o)
             ]
             held_headers = getattr(stream._run, "_headers", None)
+            # Its first event is out: the shared set flag, not one of its own.
+            own_first = producer.first is not getattr(streams, "_FIRST_SET", None)
             # The request id's bytes are in no gateway object (the access record has it).
             rid = request_id.encode()
             rid_holders = [
@@ -185,6 +189,7 @@ def test_a_live_answer_holds_its_request_once_as_objects(upstream: MockServer) -
     assert isinstance(held_headers, bytes)
     assert json.loads(held_headers)["X-Request-ID"] == request_id
     assert rid_holders == []
+    assert not own_first
     events = parse_events(raw)
     assert events[-1][1] == b"[DONE]"
     assert json.loads(events[-3][1])["usage"]["completion_tokens"] == 200
