@@ -133,8 +133,10 @@ def test_a_live_answer_holds_its_request_once_as_objects(upstream: MockServer) -
     """Mid-answer, the conversation and the headers sent upstream are not held as objects
     (the producer's SDK call holds them as their JSON, to resume or retry with), nor is the
     request id's bytes (the access record has it), nor a `first` flag of its own once its
-    first event is out; the answer still ends whole."""
+    first event is out, nor its relay a keep-alive flag between keep-alives; the answer
+    still ends whole."""
     from unbroken.gateway import streams
+    from unbroken.gateway.relay import StreamRelay
     from unbroken.gateway.streams import Producer
 
     prompt = "Say a good deal about packed conversations."
@@ -172,6 +174,8 @@ def test_a_live_answer_holds_its_request_once_as_objects(upstream: MockServer) -
             held_headers = getattr(stream._run, "_headers", None)
             # Its first event is out: the shared set flag, not one of its own.
             own_first = producer.first is not getattr(streams, "_FIRST_SET", None)
+            # No keep-alive being written: its relay holds no flag for one.
+            idle_flags = [o._idle for o in objects if isinstance(o, StreamRelay)]
             # The request id's bytes are in no gateway object (the access record has it).
             rid = request_id.encode()
             rid_holders = [
@@ -190,6 +194,8 @@ def test_a_live_answer_holds_its_request_once_as_objects(upstream: MockServer) -
     assert json.loads(held_headers)["X-Request-ID"] == request_id
     assert rid_holders == []
     assert not own_first
+    assert idle_flags
+    assert all(flag is None for flag in idle_flags)
     events = parse_events(raw)
     assert events[-1][1] == b"[DONE]"
     assert json.loads(events[-3][1])["usage"]["completion_tokens"] == 200
