@@ -129,7 +129,7 @@ def _held_by_the_mock(obj: object) -> bool:
     return any(type(r).__module__.startswith("unbroken.mock") for r in gc.get_referrers(obj))
 
 
-def test_a_live_answer_holds_its_request_once_as_objects(upstream: MockServer) -> None:
+def test_a_live_answer_holds_its_request_packed_and_no_idle_flags(upstream: MockServer) -> None:
     """Mid-answer, the conversation and the headers sent upstream are not held as objects
     (the producer's SDK call holds them as their JSON, to resume or retry with), nor is the
     request id's bytes (the access record has it), nor a `first` flag of its own once its
