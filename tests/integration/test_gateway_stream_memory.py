@@ -105,3 +105,80 @@ def test_a_reconnect_mid_answer_replays_the_text(upstream: MockServer) -> None:
     final = json.loads(events[-2][1])
     assert final["unbroken"]["content_sha256"] == hashlib.sha256(content.encode()).hexdigest()
     assert len(content) > 150
+
+
+def _held_by_the_mock(obj: object) -> bool:
+    """Held by the mock upstream (running in this process), which keeps its requests."""
+    return any(type(r).__module__.startswith("unbroken.mock") for r in gc.get_referrers(obj))
+
+
+def test_a_live_answer_holds_its_request_packed_and_no_idle_flags(upstream: MockServer) -> None:
+    """Mid-answer, the conversation and the headers sent upstream are not held as objects
+    (the producer's SDK call holds them as their JSON, to resume or retry with), nor is the
+    request id's bytes (the access record has it), nor a `first` flag of its own once its
+    first event is out, nor its relay a keep-alive flag between keep-alives; the answer
+    still ends whole."""
+    from unbroken.gateway import streams
+    from unbroken.gateway.relay import StreamRelay
+    from unbroken.gateway.streams import Producer
+
+    prompt = "Say a good deal about packed conversations."
+    body = {**BODY, "messages": [{"role": "user", "content": prompt}]}
+    headers = {"X-Mock-Tokens": "200", "X-Mock-Token-Ms": "10"}
+    with gateway(upstream.url) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        raw = b""
+        with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response:
+            stream_id = response.headers["x-unbroken-stream-id"]
+            request_id = response.headers["x-request-id"]
+            reads = response.iter_raw()
+            for data in reads:
+                raw += data
+                if raw.count(b"\n\n") >= 20:
+                    break
+            objects = gc.get_objects()
+            (producer,) = [
+                o for o in objects if isinstance(o, Producer) and o.stream_id == stream_id
+            ]
+            (stream,) = [
+                o
+                for o in objects
+                if isinstance(o, AsyncStream)
+                and getattr(o._run.chunk_sink, "sink", None) is producer
+            ]
+            held = stream._run._body["messages"]
+            lists = [
+                o
+                for o in objects
+                if type(o) is list
+                and o is not body["messages"]
+                and any(isinstance(m, dict) and m.get("content") == prompt for m in o)
+                and not _held_by_the_mock(o)
+            ]
+            held_headers = getattr(stream._run, "_headers", None)
+            # Its first event is out: the shared set flag, not one of its own.
+            own_first = producer.first is not getattr(streams, "_FIRST_SET", None)
+            # No keep-alive being written: its relay holds no flag for one.
+            idle_flags = [o._idle for o in objects if isinstance(o, StreamRelay)]
+            # The request id's bytes are in no gateway object (the access record has it).
+            rid = request_id.encode()
+            rid_holders = [
+                type(o).__name__
+                for o in objects
+                if str(type(o).__module__).startswith("unbroken.gateway")
+                and any(type(r) is bytes and r == rid for r in gc.get_referents(o))
+            ]
+            del objects, producer, stream
+            for data in reads:
+                raw += data
+    assert isinstance(held, bytes)
+    assert json.loads(held) == body["messages"]
+    assert lists == []
+    assert isinstance(held_headers, bytes)
+    assert json.loads(held_headers)["X-Request-ID"] == request_id
+    assert rid_holders == []
+    assert not own_first
+    assert idle_flags
+    assert all(flag is None for flag in idle_flags)
+    events = parse_events(raw)
+    assert events[-1][1] == b"[DONE]"
+    assert json.loads(events[-3][1])["usage"]["completion_tokens"] == 200

@@ -123,14 +123,14 @@ def test_carry_takes_the_layers_state() -> None:
     before.gateway, before.writer, before.stream_id = "g", "w", "strm"
     before.streamed, before.cache_key, before.observed = "b", "k", "o"
     before.ex, before.record, before.path = "ex", "r", "/v1/chat/completions"
-    before.method, before.request_id = "POST", b"id"
+    before.method = "POST"
     again = Detached(producer="p2", sink="s2")
     again.carry(before)
     assert (again.producer, again.sink) == ("p2", "s2")
     assert (again.gateway, again.writer, again.stream_id) == ("g", "w", "strm")
     assert (again.streamed, again.cache_key, again.observed) == ("b", "k", "o")
     assert (again.ex, again.record, again.path) == ("ex", "r", "/v1/chat/completions")
-    assert (again.method, again.request_id) == ("POST", b"id")
+    assert again.method == "POST"
 
 
 async def test_a_parked_app_ends_its_task_and_resumes_in_its_context() -> None:

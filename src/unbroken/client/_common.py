@@ -408,6 +408,15 @@ _INCLUDE_USAGE = {"include_usage": True}
 # The extra headers of an answer without any: shared, never changed (read only, as every
 # run's `extra_headers`).
 _NO_HEADERS: dict[str, str] = {}
+
+
+class _PackedHeaders(bytes):
+    """A run's extra headers as their JSON object while an attempt streams
+    (`AnswerRun.pack_request`)."""
+
+    __slots__ = ()
+
+
 # The options of most answers, shared (one object less per live answer).
 _PLAIN_FLOW = FlowOptions()
 
@@ -511,10 +520,10 @@ class AnswerRun(AnswerFlow):
     __slots__ = (
         "_attempt_plan",
         "_books",
+        "_headers",
         "chunk_sink",
         "config",
         "endpoint",
-        "extra_headers",
         "query",
         "response",
         "started_at",
@@ -542,7 +551,7 @@ class AnswerRun(AnswerFlow):
         self.query = dict(query) if query else None
         self.endpoint: Endpoint = endpoint
         # Ours when given: `_new_run` builds it for the run (one dict less per live answer).
-        self.extra_headers = (
+        self._headers: dict[str, str] | _PackedHeaders = (
             extra_headers
             if type(extra_headers) is dict
             else dict(extra_headers)
@@ -589,6 +598,24 @@ class AnswerRun(AnswerFlow):
         self._attempt_plan: AttemptPlan | None = None
         config.hooks.stream_start()
 
+    @property
+    def extra_headers(self) -> dict[str, str]:
+        """The request's own headers (`extra_headers=` and the client's; not modified)."""
+        headers = self._headers
+        if type(headers) is _PackedHeaders:
+            headers = self._headers = msgspec.json.decode(headers)
+        return headers  # type: ignore[return-value]  # a dict once unpacked
+
+    def pack_request(self, plan: AttemptPlan) -> None:
+        """`plan`'s request is sent and its answer streams: its messages and this run's
+        headers are held as their JSON until another attempt (or a reader) needs them
+        (`AnswerFlow.pack_messages`; ~0.3 KB less per live stream in a gateway,
+        bench/stream_memory.py)."""
+        self.pack_messages(plan)
+        headers = self._headers
+        if headers and type(headers) is dict:
+            self._headers = _PackedHeaders(msgspec.json.encode(headers))
+
     def _write(self) -> _Books:
         """The answer's books, to write to (its own from now on)."""
         books = self._books
@@ -608,8 +635,9 @@ class AnswerRun(AnswerFlow):
 
     @property
     def body(self) -> dict[str, Any]:
-        """The request's body (stream on; not modified)."""
-        return self._body
+        """The request's body (stream on; not modified but for its `messages`, held as their
+        JSON while an attempt streams and read back here: `pack_request`)."""
+        return self.unpacked_body()
 
     @property
     def deadline_at(self) -> float | None:

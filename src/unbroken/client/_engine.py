@@ -360,6 +360,8 @@ class Engine:
             self._result = ex.error_status(body, time.monotonic())
             self._phase = _CLOSE
             return
+        # Sent, and streaming: its messages and headers are not held as objects meanwhile.
+        run.pack_request(attempt.plan)
         if timer is not None and not timer.attach(response):
             timer.cancel()
             timer = self._timer = None

@@ -371,6 +371,7 @@ class Client(ClientBase):
                     pass  # a partial error body still names the error
                 ended = True
                 return ex.error_status(body, time.monotonic())
+            run.pack_request(attempt.plan)  # not held as objects while it streams
             request.extensions["timeout"]["read"] = _backstop(run.timeouts)
             watch = self._watchdog.watch(attempt, _socket_of(response))
             decoder = attempt.decoder

@@ -12,6 +12,8 @@ from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
+import msgspec
+
 from unbroken.core.accumulator import ChunkAccumulator
 from unbroken.core.backoff import Failure, RetryBudget, RetryPolicy, failure_class
 from unbroken.core.resume import Continuation, is_json_mode, plan_continuation, rejected_param
@@ -35,6 +37,7 @@ __all__ = [
     "Connect",
     "EndChoice",
     "FlowOptions",
+    "PackedMessages",
     "Sleep",
     "WaitReason",
     "answer_flow",
@@ -557,6 +560,13 @@ _PACED = 4  # None after a Sleep that waited for the retry budget
 _ONE_CHOICE = (0,)
 
 
+class PackedMessages(bytes):
+    """A request body's `messages` held as their JSON while an attempt streams
+    (`AnswerFlow.pack_messages`); never sent as such."""
+
+    __slots__ = ()
+
+
 class AnswerFlow(_Flow):
     """`answer_flow` as an object, for the shells: `send(None)` first, then after each
     action `send(outcome)` for a Connect (its `AttemptOutcome`) or `send(None)` for a Sleep
@@ -607,6 +617,34 @@ class AnswerFlow(_Flow):
         self._plan: AttemptPlan | None = None
         self.result: AttemptPlan | None = None
 
+    def pack_messages(self, plan: AttemptPlan) -> None:
+        """`plan`'s request is sent and its answer streams: until another attempt is
+        planned, the body holds its `messages` as their JSON (one `PackedMessages`) instead
+        of a list of dicts and strings, in the body and in `plan`'s when that shares them.
+        An attempt that streams reads none of them (only the body's other fields); the next
+        plan, `unpacked_body` and the final plan get them back.
+
+        The body is the shell's own (`build_body` makes it): its `messages` entry is swapped
+        in place, and back (as an equal list) by `unpacked_body`. Why: a live answer held
+        its conversation as objects while it streamed (~0.2 KB per live stream for one short
+        message; bench/stream_memory.py)."""
+        body = self._body
+        messages = body.get("messages")
+        if type(messages) is not list:
+            return  # none (a body without messages), or packed already
+        packed = PackedMessages(msgspec.json.encode(messages))
+        body["messages"] = packed
+        if plan.body is not body and plan.body.get("messages") is messages:
+            plan.body["messages"] = packed  # the body as adapted to its route (`_plan`)
+
+    def unpacked_body(self) -> dict[str, Any]:
+        """The request's body with its messages as objects (see `pack_messages`)."""
+        body = self._body
+        messages = body.get("messages")
+        if type(messages) is PackedMessages:
+            body["messages"] = msgspec.json.decode(messages)
+        return body
+
     def send(self, value: AttemptOutcome | None) -> Action | None:
         """The next action after `value` (see the class), or None: the answer is complete."""
         stage = self._stage
@@ -615,7 +653,7 @@ class AnswerFlow(_Flow):
             return self._after(value)
         if stage == _ENDED_CHOICE and not self._pending:
             self.result = AttemptPlan(
-                route=self.route, body=self._body, kind=self._kind, number=self.number
+                route=self.route, body=self.unpacked_body(), kind=self._kind, number=self.number
             )
             return None
         if stage == _SLEPT:
@@ -633,7 +671,7 @@ class AnswerFlow(_Flow):
         route = self.route
         rec = self.rec
         plan = _plan(
-            self._body,
+            self.unpacked_body(),
             route,
             self.health[route.name],
             self.answer,

@@ -81,7 +81,6 @@ class Detached:
         "producer",
         "record",
         "relay",
-        "request_id",
         "sink",
         "stream_id",
         "streamed",
@@ -105,7 +104,6 @@ class Detached:
         self.record: Any = None
         self.path = ""
         self.method = ""
-        self.request_id = b""
         self.cycle: RequestResponseCycle | None = None
         self._resumer: Resumer | None = None
         self._ctx: contextvars.Context | None = None
@@ -119,7 +117,7 @@ class Detached:
             before.observed,
         )
         self.ex, self.record, self.path = before.ex, before.record, before.path
-        self.method, self.request_id = before.method, before.request_id
+        self.method = before.method
 
     def park(self, cycle: RequestResponseCycle, resumer: Resumer) -> None:
         """The task ends here: `resumer.resume_task(cycle, self, context)` runs the rest

@@ -207,17 +207,34 @@ class _Pipeline(list[Any]):
         self.insert(0, item)
 
 
+# The writable event of every connection whose writes are not paused: shared, set, never
+# cleared (`_FlowControl`).
+_WRITABLE = Flag()
+_WRITABLE.set()
+
+
 class _FlowControl(FlowControl):
     """uvicorn's flow control with a `Flag` for its writable event (an asyncio.Event holds a
-    760-byte deque; see unbroken._flag)."""
+    760-byte deque; see unbroken._flag): the shared set `_WRITABLE` while writes flow, one of
+    its own only while they are paused (48 bytes less per live answer)."""
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
         self.read_paused = False
         self.write_paused = False
-        writable = Flag()
-        writable.set()
-        self._is_writable_event = writable  # type: ignore[assignment]  # same interface
+        self._is_writable_event = _WRITABLE  # type: ignore[assignment]  # same interface
+
+    def pause_writing(self) -> None:
+        if not self.write_paused:
+            self.write_paused = True
+            self._is_writable_event = Flag()  # type: ignore[assignment]  # unset: `drain` waits
+
+    def resume_writing(self) -> None:
+        if self.write_paused:
+            self.write_paused = False
+            paused = self._is_writable_event
+            self._is_writable_event = _WRITABLE  # type: ignore[assignment]  # same interface
+            paused.set()
 
 
 def _address(info: Any) -> tuple[str, int | None] | None:

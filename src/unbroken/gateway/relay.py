@@ -167,8 +167,9 @@ class StreamRelay:
         self._scope: anyio.CancelScope | _TaskScope = _TaskScope()
         self._loop = asyncio.get_running_loop()
         self._busy = False
-        self._idle = Flag()
-        self._idle.set()
+        # Unset while a keep-alive is written (writers wait for it); None otherwise, as set:
+        # a Flag only for a keep-alive's write, not one per live answer (48 bytes).
+        self._idle: Flag | None = None
         self._sending_since = 0.0
         self._last_write = self._loop.time()
         self._reason: str | None = None
@@ -216,7 +217,7 @@ class StreamRelay:
 
     async def _write(self, data: bytes, more: bool = True) -> None:
         if self._busy:
-            await self._idle.wait()
+            await self._idle_wait()
         ex = self._ex
         self._busy = True
         self._sending_since = now = self._loop.time()
@@ -352,7 +353,7 @@ class StreamRelay:
 
     async def _keepalive(self) -> None:
         self._busy = True
-        self._idle.clear()
+        idle = self._idle = Flag()
         try:
             with anyio.fail_after(self._send_timeout_s):
                 if not self._ex.started:
@@ -366,7 +367,14 @@ class StreamRelay:
             self._stop("slow_client")
         finally:
             self._busy = False
-            self._idle.set()
+            self._idle = None
+            idle.set()
+
+    async def _idle_wait(self) -> None:
+        """Until no keep-alive is being written."""
+        idle = self._idle
+        if idle is not None:
+            await idle.wait()
 
     def stop(self, reason: str) -> None:
         """End the relay now (`shutdown` also tells the client why, in an error event)."""
@@ -386,7 +394,7 @@ class StreamRelay:
         # server refuses a message (the response already ended).
         with anyio.move_on_after(1.0), contextlib.suppress(OSError, RuntimeError):
             if self._busy:
-                await self._idle.wait()
+                await self._idle_wait()
             if not self._ex.started:
                 await self._ex.respond_error(_SHUTDOWN)
                 return
@@ -449,7 +457,7 @@ class StreamRelay:
                 except GatewayError as exc:
                     n += self._n_direct
                     result = RelayResult("error", None, n, self.n_keepalives)
-                    await self._idle.wait()
+                    await self._idle_wait()
                     if self._ex.started:
                         await self._write(b"data: " + exc.body() + b"\n\n", False)
                     else:
@@ -520,7 +528,7 @@ class StreamRelay:
                         if self._on_complete is not None:
                             await self._on_complete(completion)
                         # The keep-alive lock also guards this single write.
-                        await self._idle.wait()
+                        await self._idle_wait()
                         await self._ex.respond(200, msgspec.json.encode(completion))
                     result = RelayResult("complete", completion, n, self.n_keepalives)
                 except UnbrokenError as exc:
@@ -530,7 +538,7 @@ class StreamRelay:
                     logger.info(
                         "answer failed: %s (%s)", error.code, type(exc).__name__, extra={"n": n}
                     )
-                    await self._idle.wait()
+                    await self._idle_wait()
                     if self._ex.started:
                         event = b"data: " + error.body() + b"\n\n"
                         await self._write(event, False)

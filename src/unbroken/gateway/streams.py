@@ -118,6 +118,10 @@ _NO_PENDING: list[bytes] = []
 _AWAITING_CREATE: list[bytes] = []
 # `Producer._cancel`: not producing (`stop` does not cancel), producing, cancelled by `stop`.
 _IDLE, _LIVE, _CANCELLING = "idle", "live", "cancelling"
+# `Producer.first` once set by the first append: shared, set, never cleared (a producer's
+# own Flag is only needed until then: 48 bytes a live answer; bench/stream_memory.py).
+_FIRST_SET = Flag()
+_FIRST_SET.set()
 
 
 def open_stream_log(g: GatewaySettings) -> StreamLog:
@@ -347,7 +351,8 @@ class Producer:
         # A new stream's log being created (`StreamHub.start`): awaited before the first
         # append is sent, so the create has run; the upstream is asked meanwhile.
         self._created: asyncio.Future[Lease] | None = None
-        self.first = Flag()  # set at the first append, or when the answer failed
+        # Set at the first append (then the shared `_FIRST_SET`), or when the answer failed.
+        self.first = Flag()
         self._unset = True  # `first` not set by an append yet (no method call per append)
         # The log failed mid-answer (store outage): the rest lives in `tail` only.
         self.degraded = False
@@ -786,7 +791,8 @@ class Producer:
             self._changed = None
         if self._unset:
             self._unset = False
-            self.first.set()
+            first, self.first = self.first, _FIRST_SET
+            first.set()  # wakes those that waited on the producer's own
 
     async def _append(self, payloads: list[bytes], *, end: bool = False) -> None:
         if self._created is not None:
