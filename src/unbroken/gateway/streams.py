@@ -1135,34 +1135,25 @@ class StreamHub:
                 )
             )
         )
-        create_soon = getattr(self.log, "create_soon", None)
+        # A remote log (`create_soon`): the create goes out with this turn's writes and
+        # the upstream is asked meanwhile (one Redis round trip less before the first
+        # token); the producer waits for it before its first append, so an event is never
+        # logged (nor delivered) on a log that failed to be made. A new log's epoch is 1.
+        create = getattr(self.log, "create_soon", None) or self.log.create
+        making: Awaitable[Lease] = create(
+            stream_id,
+            caller=caller.id,
+            request=saved,
+            resumable=resumable,
+            owner=self.instance,
+            now=time.time(),
+            lease_s=g.stream_lease_s,
+        )
         created: asyncio.Future[Lease] | None = None
-        if create_soon is None:
-            lease = await self.log.create(
-                stream_id,
-                caller=caller.id,
-                request=saved,
-                resumable=resumable,
-                owner=self.instance,
-                now=time.time(),
-                lease_s=g.stream_lease_s,
-            )
-            epoch = lease.epoch
+        if isinstance(making, asyncio.Future):
+            created, epoch = making, 1
         else:
-            # A remote log: the create goes out with this turn's writes and the upstream
-            # is asked meanwhile (one Redis round trip less before the first token); the
-            # producer waits for it before its first append, so an event is never logged
-            # (nor delivered) on a log that failed to be made. A new log's epoch is 1.
-            created = create_soon(
-                stream_id,
-                caller=caller.id,
-                request=saved,
-                resumable=resumable,
-                owner=self.instance,
-                now=time.time(),
-                lease_s=g.stream_lease_s,
-            )
-            epoch = 1
+            epoch = (await making).epoch
         producer = Producer(
             self,
             stream_id,
