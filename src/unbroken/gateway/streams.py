@@ -951,7 +951,8 @@ class Producer:
                     # finished stream is cyclic garbage (stream, engine, run), freed by a
                     # rare full collection (gateway/server.py GC_THRESHOLDS): unhooked, the
                     # producer and its tail (a Redis log's last events) go by refcount now.
-                    stream.set_chunk_sink(None)
+                    if type(stream) is AsyncStream:  # (a cache's recorder has no sink)
+                        stream.set_chunk_sink(None)
                 self.hub._forget(self)
                 if completion is None:
                     completion = _current(stream)
