@@ -953,6 +953,12 @@ class Producer:
                 await self._settle_quietly()
                 if stream is not None:
                     await _close(stream)
+                    # The SDK stream's chunk sink is this producer's bound methods, and the
+                    # finished stream is cyclic garbage (stream, engine, run), freed by a
+                    # rare full collection (gateway/server.py GC_THRESHOLDS): unhooked, the
+                    # producer and its tail (a Redis log's last events) go by refcount now.
+                    if type(stream) is AsyncStream:  # (a cache's recorder has no sink)
+                        stream.set_chunk_sink(None)
                 self.hub._forget(self)
                 if completion is None:
                     completion = _current(stream)
