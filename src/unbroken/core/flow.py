@@ -2,7 +2,8 @@
 
 Written once as a generator that yields actions and is sent outcomes (httpx `auth_flow`
 style); `Client`, `AsyncClient` and the gateway only drive it. Imports the standard library,
-`unbroken.errors` and core siblings only; time and chance come in as arguments.
+msgspec (a streaming answer's messages held as their JSON), `unbroken.errors` and core
+siblings only; time and chance come in as arguments.
 """
 
 from __future__ import annotations
