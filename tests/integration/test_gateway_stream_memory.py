@@ -47,7 +47,9 @@ def _answer_of(stream_id: str) -> ChunkAccumulator:
     (stream,) = [
         o
         for o in objects
-        if isinstance(o, AsyncStream) and getattr(o._run.chunk_sink, "sink", None) is producer
+        # The producer is where its accumulator reads the text (`keep_text_in`); its chunk
+        # sink is let go when the answer ends.
+        if isinstance(o, AsyncStream) and getattr(o._run.answer, "_source", None) is producer
     ]
     return stream._run.answer
 
