@@ -633,9 +633,6 @@ class RedisStreamLog:
         self._sweep = client.register_script(_SWEEP)
         self._writes = _Coalescer(client)
 
-    # Appends are round trips: writers batch the events that arrive meanwhile.
-    is_remote = True
-
     def __repr__(self) -> str:
         return f"RedisStreamLog(prefix={self._p!r})"
 
