@@ -614,7 +614,10 @@ class Gateway:
         session_id: str | None = None,
         cache_key: str | None = None,
         traceparent: bytes | None = None,
+        start_now: bool = False,
     ) -> tuple[Producer, _Booking]:
+        """`start_answer`'s work, and the booking; `start_now`: the producer's first step
+        (to its upstream write) runs as soon as it exists (see `serve_chat`)."""
         booking = await _Booking.admit(self, caller, request, after)
         self._trace(booking, request, headers, traceparent)
         on_complete: Callable[[ChatCompletion], Awaitable[None]] | None = None
@@ -637,6 +640,8 @@ class Gateway:
         except BaseException:
             await booking.book(None)
             raise
+        if start_now:
+            producer.start_now()
         if session_id is not None:
             await self.streams.log.link_session(session_id, producer.stream_id, time.time())
         return producer, booking
@@ -731,6 +736,15 @@ class Gateway:
                     session_id=session_id,
                     cache_key=cache_key,
                     traceparent=ex.header(b"traceparent"),
+                    # The producer's first step runs at once, to its upstream write: the
+                    # first token waits for that write, and what is left here (the session
+                    # link, the rate-limit headers, this reader's setup, which ends its
+                    # task and hands it to the producer) has until the upstream's first
+                    # bytes. At once, not in the producer task's own turn (gateway/eager.py):
+                    # with the request's own first step run as its bytes arrive (gateway/
+                    # guard.py), the upstream request is written in the loop turn the
+                    # client's request arrived in.
+                    start_now=True,
                 ),
             )
             # The producer's and the SDK's now: not held here for the answer's life (the
@@ -753,13 +767,6 @@ class Gateway:
             detach = detachable and ex.scope.get("extensions", {}).get(DETACH_EXTENSION) is True
             parked = False
             try:
-                # The producer's first step runs now, to its upstream write: the first
-                # token waits for that, and this reader's setup (which ends its task,
-                # handing it to the producer) has until the upstream's first bytes. Now,
-                # not in the producer task's own turn (gateway/eager.py): with the request's
-                # own first step run as its bytes arrive (gateway/guard.py), the upstream
-                # request is written in the loop turn the client's request arrived in.
-                producer.start_now()
                 result = await relay.events(
                     self.streams.follow_batches(
                         producer.stream_id,

@@ -543,14 +543,18 @@ class GuardedProtocol(HttpToolsProtocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._n_headers += 1
-        if self._n_headers > self.guard.max_headers:
+        # `_count_head`'s count inline: one call less per header.
+        guard = self.guard
+        n_headers = self._n_headers = self._n_headers + 1
+        if n_headers > guard.max_headers:
             raise self._stop(
                 431,
-                f"the request has more than {self.guard.max_headers} header fields",
+                f"the request has more than {guard.max_headers} header fields",
                 "too_many_headers",
             )
-        self._count_head(len(name) + len(value) + 4)
+        head_bytes = self._head_bytes = self._head_bytes + len(name) + len(value) + 4
+        if head_bytes > guard.max_head_bytes:
+            self._count_head(0)  # raises
         name = name.lower()
         # llhttp keeps trailing whitespace, which RFC 9110 section 5.5 excludes from a value.
         value = value.rstrip(b" \t")

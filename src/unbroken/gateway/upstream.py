@@ -78,7 +78,10 @@ def pool_size(configured: int, max_connections: int, open_files: int | None = No
 # The `body` and `headers` of a connection while they hold nothing: shared, never appended
 # to (two lists less per live stream, ~110 bytes: a tapped answer buffers no body).
 _NO_BODY: list[bytes] = []
-_NO_HEADERS: list[tuple[bytes, bytes]] = []
+_NO_HEADERS: list[bytes] = []
+# The lengths of the header names that say how a body is delimited (content-length,
+# transfer-encoding): only a name of one of these lengths is lowercased and compared.
+_DELIMITING_LENGTHS = (14, 17)
 
 
 # `_HeadWait` states.
@@ -261,7 +264,9 @@ class _Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self.parser = httptools.HttpResponseParser(self.parsing)
         self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = _NO_HEADERS
+        # The response's header names and values, one after the other (as `_LeanResponse`
+        # keeps them: joined, no pair made per header).
+        self.headers: list[bytes] = _NO_HEADERS
         self.body: list[bytes] = _NO_BODY
         self.buffered = 0
         self.got_bytes = False
@@ -318,15 +323,17 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks -----------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.headers is _NO_HEADERS:
-            self.headers = [(name, value)]
+        headers = self.headers
+        if headers is _NO_HEADERS:
+            self.headers = [name, value]
         else:
-            self.headers.append((name, value))
-        lower = name.lower()
-        if lower == b"content-length" or (
-            lower == b"transfer-encoding" and b"chunked" in value.lower()
-        ):
-            self.delimited = True
+            headers += (name, value)
+        if len(name) in _DELIMITING_LENGTHS:
+            lower = name.lower()
+            if lower == b"content-length" or (
+                lower == b"transfer-encoding" and b"chunked" in value.lower()
+            ):
+                self.delimited = True
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
@@ -849,8 +856,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 raise httpx.ReadTimeout("timed out waiting for the upstream's headers") from None
         # The response keeps the headers as one bytes object: the connection's list goes
         # now, not with the response (~600 bytes per live stream).
-        headers = conn.headers
-        raw = b"\0".join([part for pair in headers for part in pair])
+        raw = b"\0".join(conn.headers)
         conn.headers = _NO_HEADERS
         return _LeanResponse(
             conn.status,
