@@ -60,3 +60,27 @@ def test_interleaved_reads_reach_their_own_connection(
             assert got == body
     finally:
         loop.close()
+
+
+def test_a_body_is_delimited_by_its_length_or_chunks_whatever_the_names_case() -> None:
+    """Only Content-Length or a chunked Transfer-Encoding delimit a body (any case); other
+    headers, names of the same lengths included, leave it to end with the connection."""
+    cases = [
+        (b"Content-Length: 2\r\n", True),
+        (b"CONTENT-length: 2\r\n", True),
+        (b"Transfer-Encoding: chunked\r\n", True),
+        (b"transfer-ENCODING: gzip, Chunked\r\n", True),
+        (b"Transfer-Encoding: gzip\r\n", False),
+        (b"Content-Lengtx: 2\r\nX-Transfer-Encod: chunked\r\n", False),
+        (b"", False),
+    ]
+    loop = asyncio.new_event_loop()
+    try:
+        for lines, delimited in cases:
+            conn = _Connection(loop, ("http", "u", 80), 1 << 20)
+            conn.begin()
+            conn.data_received(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n" + lines + b"\r\n")
+            assert conn.headers_done
+            assert conn.delimited is delimited, lines
+    finally:
+        loop.close()
