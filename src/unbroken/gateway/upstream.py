@@ -539,12 +539,23 @@ class _LeanResponse(httpx.Response):
         stream: httpx.AsyncByteStream,
         conn: _Connection,
     ) -> None:
-        super().__init__(status_code, stream=stream)
+        # httpx's `Response.__init__(status_code, stream=stream)` spelt out, without the
+        # empty Headers, dict and list it makes to be replaced here: this runs on the way
+        # to every answer's first token (tests/unit/test_upstream_parsing.py checks that
+        # it sets what httpx's sets).
+        self.status_code = status_code
+        self._request: httpx.Request | None = None
+        self.next_request: httpx.Request | None = None
         # Not httpx's copy into a dict: ~130 bytes less per live stream.
         self.extensions = _Extensions(conn)  # type: ignore[assignment]  # read-only: httpx and the SDK only read it
+        self.history = _NO_HISTORY  # no redirects here: shared, not a list per response
+        self.is_closed = False
+        self.is_stream_consumed = False
+        self.default_encoding = "utf-8"
+        self.stream = stream
+        self._num_bytes_downloaded = 0
         self._raw_headers = raw_headers
         self._headers: httpx.Headers | None = None  # not httpx's empty one: made when read
-        self.history = _NO_HISTORY  # no redirects here: shared, not a list per response
 
     @property  # httpx's is a plain attribute: the same type, made when first read
     def headers(self) -> httpx.Headers:
