@@ -193,7 +193,15 @@ class _Parsing:
         self.on_message_complete = self._on_message_complete
 
     def _on_header(self, name: bytes, value: bytes) -> None:
-        self.conn.on_header(name, value)
+        # `_Connection.on_header` spelt out: one call less per header of every response.
+        conn = self.conn
+        headers = conn.headers
+        if headers is _NO_HEADERS:
+            conn.headers = [name, value]
+        else:
+            headers += (name, value)
+        if len(name) in _DELIMITING_LENGTHS:
+            conn.delimiting(name, value)
 
     def _on_headers_complete(self) -> None:
         self.conn.on_headers_complete()
@@ -322,18 +330,15 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks -----------------------------------------------------------------
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        headers = self.headers
-        if headers is _NO_HEADERS:
-            self.headers = [name, value]
-        else:
-            headers += (name, value)
-        if len(name) in _DELIMITING_LENGTHS:
-            lower = name.lower()
-            if lower == b"content-length" or (
-                lower == b"transfer-encoding" and b"chunked" in value.lower()
-            ):
-                self.delimited = True
+    # (Each header is taken by `_Parsing._on_header`.)
+
+    def delimiting(self, name: bytes, value: bytes) -> None:
+        """Note a header that delimits the body (Content-Length, chunked encoding)."""
+        lower = name.lower()
+        if lower == b"content-length" or (
+            lower == b"transfer-encoding" and b"chunked" in value.lower()
+        ):
+            self.delimited = True
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
