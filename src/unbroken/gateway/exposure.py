@@ -65,20 +65,20 @@ class RequestPolicy:
         self._check_host = self.is_open and settings.is_loopback
         self._origins = frozenset(settings.cors_origins)
 
-    def check(self, scope: Scope) -> None:
-        """Refuse the request if it breaks the policy.
+    def check(self, scope: Scope, by_name: dict[bytes, bytes] | None = None) -> None:
+        """Refuse the request if it breaks the policy (`by_name`: the scope's headers by
+        name, when made already).
 
         Raises:
             GatewayError: 403 for a foreign Host or Origin, 415 for a body that is not
                 declared JSON (no-key mode) or is encoded.
         """
         if not self.is_open:
-            # With keys only the body's encoding is checked: one name compared per header,
-            # nothing decoded (this runs before every request).
-            raw = None
-            for name, value in scope.get("headers", ()):
-                if name == b"content-encoding":
-                    raw = value  # the last one, as below
+            # With keys only the body's encoding is checked: one lookup (this runs before
+            # every request).
+            if by_name is None:
+                by_name = dict(scope.get("headers", ()))
+            raw = by_name.get(b"content-encoding")  # the last one, as below
             if raw is not None:
                 _check_encoding(raw.decode("latin-1"))
             return
