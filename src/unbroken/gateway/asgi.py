@@ -136,7 +136,10 @@ class Exchange:
 
     def header(self, name: bytes) -> bytes | None:
         """A request header (lowercase `name`); the last one wins when repeated."""
-        return self.request_headers().get(name)
+        headers = self._headers
+        if headers is None:
+            headers = self.request_headers()
+        return headers.get(name)
 
     def request_headers(self) -> dict[bytes, bytes]:
         """The request's headers by lowercase name; the last one wins when repeated."""
@@ -185,13 +188,17 @@ class Exchange:
             message = await self.receive()
             if message["type"] == "http.disconnect":
                 raise GatewayError(499, "the client closed the connection", code="client_gone")
-            chunk = message.get("body", b"")
+            chunk: bytes = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise self._too_large(limit)
-            parts.append(chunk)
             if not message.get("more_body", False):
+                # Mostly the whole body in one message: no list made and joined for it.
+                if not parts:
+                    return chunk
+                parts.append(chunk)
                 return b"".join(parts)
+            parts.append(chunk)
 
     @staticmethod
     def _too_large(limit: int) -> GatewayError:
