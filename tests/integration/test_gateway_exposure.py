@@ -113,6 +113,22 @@ def test_encoded_bodies_are_refused(open_gateway: httpx.Client) -> None:
     assert code(response) == "unsupported_content_encoding"
 
 
+def test_keyed_mode_refuses_encoded_bodies_too(upstream: MockServer) -> None:
+    """With keys as without: a gzip-encoded body is 415; `identity` is no encoding."""
+    keys = (KeySettings("k", hash_key(KEY)),)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with running(upstream.url, keys=keys) as server, httpx.Client(base_url=server.url) as client:
+        refused = client.post(
+            "/v1/chat/completions", json=BODY, headers={**auth, "Content-Encoding": "gzip"}
+        )
+        plain = client.post(
+            "/v1/chat/completions", json=BODY, headers={**auth, "Content-Encoding": "identity"}
+        )
+    assert refused.status_code == 415
+    assert code(refused) == "unsupported_content_encoding"
+    assert plain.status_code == 200
+
+
 @pytest.mark.parametrize("depth", [200, 960, 5000, 100_000])
 def test_deeply_nested_json_is_a_400(open_gateway: httpx.Client, depth: int) -> None:
     """Nesting past the limit is a 400 invalid_json in chat bodies, never a 500."""

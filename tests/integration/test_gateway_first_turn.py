@@ -17,7 +17,8 @@ from uvicorn.server import ServerState
 from unbroken.gateway.app import create_app
 from unbroken.gateway.guard import guarded_protocol
 from unbroken.mock import MockConfig, MockServer
-from unbroken.settings import GatewaySettings, Settings
+from unbroken.settings import GatewaySettings, LimitSettings, Settings
+from unbroken.stores.memory import MemoryStore
 
 pytestmark = pytest.mark.integration
 
@@ -68,9 +69,25 @@ def serve_on_uvloop(main: Any) -> None:
         loop.close()
 
 
-def test_the_upstream_request_is_written_in_the_turn_the_request_arrives() -> None:
+class RemoteLevels(MemoryStore):
+    """A memory store whose bucket levels (the rate-limit headers' reads) answer in a later
+    turn of the loop, as a remote store's round trip does."""
+
+    async def level(self, key: str, capacity: float, refill_per_s: float, now: float) -> float:
+        await asyncio.sleep(0)
+        return await super().level(key, capacity, refill_per_s, now)
+
+
+@pytest.mark.parametrize("limited", [False, True], ids=["plain", "rate_limited"])
+def test_the_upstream_request_is_written_in_the_turn_the_request_arrives(limited: bool) -> None:
+    """`rate_limited`: the answer's x-ratelimit-* headers are read from the store after the
+    upstream request is written, not before it."""
     with MockServer(MockConfig(seed=2)) as mock:
-        app = create_app(Settings(api_key="sk-up", base_url=mock.url, gateway=GatewaySettings()))
+        limits = LimitSettings(requests_per_minute=1000) if limited else LimitSettings()
+        app = create_app(
+            Settings(api_key="sk-up", base_url=mock.url, gateway=GatewaySettings(limits=limits)),
+            store=RemoteLevels(),
+        )
         config = uvicorn.Config(app, http=guarded_protocol(app.guard), lifespan="off")
         config.load()
         state = ServerState()
@@ -106,6 +123,7 @@ def test_the_upstream_request_is_written_in_the_turn_the_request_arrives() -> No
                 second = await answer(reader)
                 assert second.startswith(b"HTTP/1.1 200")
                 assert second.count(b"data: {") >= 3  # role, content..., usage: whole
+                assert (b"x-ratelimit-limit-requests: 1000" in second) is limited
             finally:
                 writer.close()
                 server.close()

@@ -95,6 +95,21 @@ def test_too_many_header_fields_get_431(mock: MockServer) -> None:
     assert body["error"]["code"] == "too_many_headers"
 
 
+def test_max_headers_fields_are_served_one_more_is_431(mock: MockServer) -> None:
+    """The limit counts every field of a request's head, Host included."""
+    with guarded(mock.url, max_headers=20) as server:
+        for n_fields, status in ((20, 200), (21, 431)):
+            fields = b"".join(b"X-%d: 1\r\n" % i for i in range(n_fields - 2))
+            with connect(server) as sock:
+                sock.sendall(
+                    b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                    + fields
+                    + b"\r\n"
+                )
+                got, _, _ = parse(read_all(sock))
+            assert got == status, n_fields
+
+
 def test_slow_heads_get_408_and_are_closed_while_others_are_served(mock: MockServer) -> None:
     """50 slowloris connections (and a silent one) are all answered 408 and closed within
     the head timeout, and a normal request meanwhile gets its answer."""

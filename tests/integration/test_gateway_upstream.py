@@ -578,3 +578,76 @@ def _step(stream: AsyncStream) -> Coroutine[Any, Any, ChatCompletionChunk]:
     step = stream.__anext__()
     assert isinstance(step, Coroutine)
     return step
+
+
+def _chunk(delta: dict[str, Any], finish: str | None = None, usage: bool = False) -> bytes:
+    data: dict[str, Any] = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "deepseek-chat",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    if usage:
+        data["usage"] = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    event = b"data: " + json.dumps(data).encode() + b"\n\n"
+    return b"%x\r\n%b\r\n" % (len(event), event)
+
+
+@pytest.mark.anyio
+async def test_the_events_that_come_with_the_head_reach_the_sink_before_the_request_is_packed() -> (
+    None
+):
+    """The first events, read with the response's head, go to the chunk sink (in a
+    gateway: the client's first write) before the streaming request's messages are packed
+    as JSON (`AnswerRun.pack_request`); they are packed for the rest of the answer."""
+    later = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        )
+        await reader.readexactly(length)
+        # The head and the first events in one write (one read on the other side).
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + _chunk({"role": "assistant", "content": ""})
+            + _chunk({"content": "Hello"})
+        )
+        await writer.drain()
+        await later.wait()
+        writer.write(
+            _chunk({"content": " there"})
+            + _chunk({}, "stop")
+            + _chunk({}, None, usage=True)
+            + b"%x\r\ndata: [DONE]\n\n\r\n0\r\n\r\n" % len(b"data: [DONE]\n\n")
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    held: list[type] = []
+    try:
+        async with AsyncClient(
+            api_key="sk", base_url=f"http://127.0.0.1:{port}", transport=LeanTransport()
+        ) as client:
+            stream = await client.chat.completions.create(
+                model="deepseek-chat", messages=[{"role": "user", "content": "t"}], stream=True
+            )
+
+            def sink(chunks: list[ChatCompletionChunk]) -> bool:
+                held.append(type(stream._run._body["messages"]))
+                later.set()
+                return True
+
+            stream.set_chunk_sink(sink)
+            [c async for c in stream]
+    finally:
+        server.close()
+    assert held[0] is list  # the events that came with the head: not packed yet
+    assert len(held) > 1
+    assert all(t is not list for t in held[1:])  # packed after

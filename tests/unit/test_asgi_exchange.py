@@ -6,7 +6,10 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Any
 
+import pytest
+
 from unbroken.gateway.asgi import Exchange
+from unbroken.gateway.problems import GatewayError
 
 
 class _Server:
@@ -60,3 +63,27 @@ def test_any_other_callables_are_kept_and_called_as_given() -> None:
     _run(plain.send({"type": "b"}))
     assert server.sent == [("wrapped", {"type": "a"})]
     assert seen == [{"type": "b"}]
+
+
+def _body_in(parts: list[bytes]) -> Any:
+    messages = [
+        {"type": "http.request", "body": part, "more_body": i < len(parts) - 1}
+        for i, part in enumerate(parts)
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    return receive
+
+
+def test_a_body_is_read_whole_from_one_message_or_several() -> None:
+    async def send(message: Any) -> None:
+        raise AssertionError("nothing is sent")
+
+    assert _run(_exchange(_body_in([b"whole"]), send).read_body(100)) == b"whole"
+    assert _run(_exchange(_body_in([b"a", b"", b"bc"]), send).read_body(100)) == b"abc"
+    for parts in ([b"x" * 101], [b"x" * 60, b"x" * 41]):
+        with pytest.raises(GatewayError) as info:
+            _run(_exchange(_body_in(parts), send).read_body(100))
+        assert info.value.status == 413

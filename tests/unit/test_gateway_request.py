@@ -144,3 +144,13 @@ def test_one_wrong_field_is_named(
         parse(body)
     assert info.value.status in (400, 404)
     assert info.value.param == param, (body, info.value.message)
+
+
+def test_of_several_wrong_fields_the_first_in_the_body_is_named() -> None:
+    """The body's fields are checked in the order they came: the error names the first."""
+    base: dict[str, object] = {"model": "deepseek-chat", "messages": [{"role": "user"}]}
+    for first, second in (("temperature", "max_tokens"), ("max_tokens", "temperature")):
+        body = {**base, first: "x", second: "y"}
+        with pytest.raises(GatewayError) as info:
+            parse(body)
+        assert info.value.param == first

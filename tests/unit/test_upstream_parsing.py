@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import random
 
+import httpx
 from hypothesis import given
 from hypothesis import strategies as st
 
-from unbroken.gateway.upstream import _Connection, _Parsing
+from unbroken.gateway.upstream import _Connection, _LeanResponse, _Parsing
 
 
 def _response(body: bytes, status: int) -> bytes:
@@ -58,5 +59,52 @@ def test_interleaved_reads_reach_their_own_connection(
             assert conn.complete
             got = b"".join(tapped[i]) if i in tapped else b"".join(conn.body)
             assert got == body
+    finally:
+        loop.close()
+
+
+def test_a_body_is_delimited_by_its_length_or_chunks_whatever_the_names_case() -> None:
+    """Only Content-Length or a chunked Transfer-Encoding delimit a body (any case); other
+    headers, names of the same lengths included, leave it to end with the connection."""
+    cases = [
+        (b"Content-Length: 2\r\n", True),
+        (b"CONTENT-length: 2\r\n", True),
+        (b"Transfer-Encoding: chunked\r\n", True),
+        (b"transfer-ENCODING: gzip, Chunked\r\n", True),
+        (b"Transfer-Encoding: gzip\r\n", False),
+        (b"Content-Lengtx: 2\r\nX-Transfer-Encod: chunked\r\n", False),
+        (b"", False),
+    ]
+    loop = asyncio.new_event_loop()
+    try:
+        for lines, delimited in cases:
+            conn = _Connection(loop, ("http", "u", 80), 1 << 20)
+            conn.begin()
+            conn.data_received(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n" + lines + b"\r\n")
+            assert conn.headers_done
+            assert conn.delimited is delimited, lines
+    finally:
+        loop.close()
+
+
+def test_a_lean_response_sets_what_httpx_sets_on_a_response() -> None:
+    """`_LeanResponse` sets httpx's Response attributes itself (not through httpx's
+    `__init__`): every one httpx sets is there, equal to httpx's own but for those it keeps
+    its own way (the headers, made when read; its extensions; the shared history)."""
+    loop = asyncio.new_event_loop()
+    try:
+        conn = _Connection(loop, ("http", "u", 80), 1 << 20)
+        stream = httpx.ByteStream(b"body")
+        lean = _LeanResponse(201, b"X-A\0one\0x-b\0two", stream, conn)
+        plain = httpx.Response(201, stream=stream)
+        names = set(vars(plain))
+        assert names - {"headers"} <= set(vars(lean))
+        for name in names - {"headers", "extensions", "history"}:
+            assert getattr(lean, name) == getattr(plain, name), name
+        assert lean.history == []
+        assert lean.extensions["network_stream"] is conn
+        assert lean.headers.raw == [(b"X-A", b"one"), (b"x-b", b"two")]
+        assert lean.read() == b"body"
+        assert lean.is_success
     finally:
         loop.close()

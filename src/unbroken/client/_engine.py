@@ -360,14 +360,18 @@ class Engine:
             self._result = ex.error_status(body, time.monotonic())
             self._phase = _CLOSE
             return
-        # Sent, and streaming: its messages and headers are not held as objects meanwhile.
-        run.pack_request(attempt.plan)
         if timer is not None and not timer.attach(response):
             timer.cancel()
             timer = self._timer = None
         # Only with a timer: the lane has no per-read timeout of its own.
         lane = self._lane = _FastLane.open(run, attempt, response) if timer is not None else None
-        self._phase = _READ if lane is None else _LANE
+        if lane is None:
+            # Sent, and streaming: its messages and headers are not held as objects
+            # meanwhile. (With a lane, once it is tapped: see `_LaneWait.send`.)
+            run.pack_request(attempt.plan)
+            self._phase = _READ
+        else:
+            self._phase = _LANE
 
     def _took(self, lane: _FastLane) -> None:
         taken: list[Any] = lane.taken()
@@ -567,6 +571,11 @@ class _LaneWait(Coroutine[Any, Any, "StreamItem"]):
                 then = engine._next(lane_exit=True)
             else:
                 waiter = lane.tap()
+                # The attempt streams: its request is not held as objects meanwhile
+                # (`Engine._open`). Packed here, after the tap gave the chunk sink the
+                # events that came with the response's head (in a gateway, the client's
+                # first write), not on their way; a no-op once packed.
+                engine._run.pack_request(engine._attempt.plan)
                 if waiter is None:  # bytes are buffered, or the body ended
                     then = engine._read_on()
         except BaseException as exc:

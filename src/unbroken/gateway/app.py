@@ -308,14 +308,10 @@ class Gateway:
                 await send({"type": "websocket.close", "code": 1008})
 
     def _common_headers(
-        self, scope: Scope
+        self, headers_in: dict[bytes, bytes]
     ) -> tuple[bytes, bytes | None, list[tuple[bytes, bytes]]]:
-        request_id = origin = None
-        for name, value in scope.get("headers", ()):
-            if name == b"x-request-id":
-                request_id = value
-            elif name == b"origin":
-                origin = value
+        request_id = headers_in.get(b"x-request-id")
+        origin = headers_in.get(b"origin")
         if request_id is None or not _REQUEST_ID.fullmatch(request_id):
             request_id = new_request_id()
         headers = [(b"x-request-id", request_id), GATEWAY_HEADER]
@@ -343,12 +339,18 @@ class Gateway:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
-        request_id, origin, headers = self._common_headers(scope)
-        ex = Exchange(scope, receive, send, headers, self.settings.gateway.gzip_min_bytes)
+        # The request's headers by name, made once: the lookups below and the handler's
+        # (`Exchange.header`) read it, not the header list once each.
+        headers_in = dict(scope.get("headers", ()))
+        request_id, origin, headers = self._common_headers(headers_in)
+        ex = Exchange(
+            scope, receive, send, headers, self.settings.gateway.gzip_min_bytes, headers_in
+        )
         record = RequestRecord.begin(request_id.decode(), method, path)
         parked = False
         try:
-            self.policy.check(scope)
+            self.policy.check(scope, headers_in)
+            del headers_in  # the exchange's now (it lets it go before a live answer streams)
             if method == "OPTIONS":
                 await self._preflight(ex, origin)
                 return
@@ -496,18 +498,26 @@ class Gateway:
     # -- endpoints ---------------------------------------------------------------------------
 
     def _forwarded(self, ex: Exchange, request_id: bytes) -> dict[str, str]:
-        return self.forwarded_headers(ex.scope, request_id)
+        return self.forwarded_headers(ex.scope, request_id, ex.request_headers())
 
-    def forwarded_headers(self, scope: Scope, request_id: bytes | None) -> dict[str, str]:
+    def forwarded_headers(
+        self,
+        scope: Scope,
+        request_id: bytes | None,
+        by_name: dict[bytes, bytes] | None = None,
+    ) -> dict[str, str]:
         """The request headers passed upstream: the request id (a new one when None) and
-        those `forward_headers` names, never Authorization, Host or hop-by-hop ones."""
+        those `forward_headers` names, never Authorization, Host or hop-by-hop ones
+        (`by_name`: the scope's headers by name, when made already)."""
         rid = request_id.decode("latin-1") if request_id is not None else uuid.uuid4().hex
         headers = {"X-Request-ID": rid}
         if not self.telemetry.enabled:
-            # No span of ours: a client's trace context goes upstream as is.
-            for name, value in scope.get("headers", ()):
-                if name == b"traceparent":
-                    headers["traceparent"] = value.decode("latin-1")
+            # No span of ours: a client's trace context goes upstream as is (the last one).
+            if by_name is None:
+                by_name = dict(scope.get("headers", ()))
+            traceparent = by_name.get(b"traceparent")
+            if traceparent is not None:
+                headers["traceparent"] = traceparent.decode("latin-1")
         if not self._exact and not self._prefixes:
             return headers
         for raw_name, raw_value in scope.get("headers", ()):
@@ -614,7 +624,10 @@ class Gateway:
         session_id: str | None = None,
         cache_key: str | None = None,
         traceparent: bytes | None = None,
+        start_now: bool = False,
     ) -> tuple[Producer, _Booking]:
+        """`start_answer`'s work, and the booking; `start_now`: the producer's first step
+        (to its upstream write) runs as soon as it exists (see `serve_chat`)."""
         booking = await _Booking.admit(self, caller, request, after)
         self._trace(booking, request, headers, traceparent)
         on_complete: Callable[[ChatCompletion], Awaitable[None]] | None = None
@@ -637,6 +650,8 @@ class Gateway:
         except BaseException:
             await booking.book(None)
             raise
+        if start_now:
+            producer.start_now()
         if session_id is not None:
             await self.streams.log.link_session(session_id, producer.stream_id, time.time())
         return producer, booking
@@ -731,6 +746,15 @@ class Gateway:
                     session_id=session_id,
                     cache_key=cache_key,
                     traceparent=ex.header(b"traceparent"),
+                    # The producer's first step runs at once, to its upstream write: the
+                    # first token waits for that write, and what is left here (the session
+                    # link, the rate-limit headers, this reader's setup, which ends its
+                    # task and hands it to the producer) has until the upstream's first
+                    # bytes. At once, not in the producer task's own turn (gateway/eager.py):
+                    # with the request's own first step run as its bytes arrive (gateway/
+                    # guard.py), the upstream request is written in the loop turn the
+                    # client's request arrived in.
+                    start_now=True,
                 ),
             )
             # The producer's and the SDK's now: not held here for the answer's life (the
@@ -753,13 +777,6 @@ class Gateway:
             detach = detachable and ex.scope.get("extensions", {}).get(DETACH_EXTENSION) is True
             parked = False
             try:
-                # The producer's first step runs now, to its upstream write: the first
-                # token waits for that, and this reader's setup (which ends its task,
-                # handing it to the producer) has until the upstream's first bytes. Now,
-                # not in the producer task's own turn (gateway/eager.py): with the request's
-                # own first step run as its bytes arrive (gateway/guard.py), the upstream
-                # request is written in the loop turn the client's request arrived in.
-                producer.start_now()
                 result = await relay.events(
                     self.streams.follow_batches(
                         producer.stream_id,

@@ -100,6 +100,7 @@ class Exchange:
         send: Send,
         headers_out: list[tuple[bytes, bytes]],
         gzip_min_bytes: int,
+        headers_in: dict[bytes, bytes] | None = None,
     ) -> None:
         self.scope = scope
         # The server's `receive` and `send` methods of one object (uvicorn's cycle): that
@@ -119,7 +120,9 @@ class Exchange:
         self.gzip_min_bytes = gzip_min_bytes
         self.started = False
         self.status = 0
-        self._headers: dict[bytes, bytes] | None = None
+        # The request's headers by name (`request_headers`): `headers_in` when the caller
+        # made it already, else made when first asked for.
+        self._headers: dict[bytes, bytes] | None = headers_in
 
     @property
     def receive(self) -> Receive:
@@ -133,9 +136,17 @@ class Exchange:
 
     def header(self, name: bytes) -> bytes | None:
         """A request header (lowercase `name`); the last one wins when repeated."""
-        if self._headers is None:
-            self._headers = dict(self.scope.get("headers", ()))
-        return self._headers.get(name)
+        headers = self._headers
+        if headers is None:
+            headers = self.request_headers()
+        return headers.get(name)
+
+    def request_headers(self) -> dict[bytes, bytes]:
+        """The request's headers by lowercase name; the last one wins when repeated."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = dict(self.scope.get("headers", ()))
+        return headers
 
     def forget_headers(self) -> None:
         """Let the request headers' dict go (`header` makes it again if asked): a live
@@ -177,13 +188,17 @@ class Exchange:
             message = await self.receive()
             if message["type"] == "http.disconnect":
                 raise GatewayError(499, "the client closed the connection", code="client_gone")
-            chunk = message.get("body", b"")
+            chunk: bytes = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise self._too_large(limit)
-            parts.append(chunk)
             if not message.get("more_body", False):
+                # Mostly the whole body in one message: no list made and joined for it.
+                if not parts:
+                    return chunk
+                parts.append(chunk)
                 return b"".join(parts)
+            parts.append(chunk)
 
     @staticmethod
     def _too_large(limit: int) -> GatewayError:

@@ -263,7 +263,6 @@ class GuardedProtocol(HttpToolsProtocol):
         "_head_bytes",
         "_hooks",
         "_idle",
-        "_n_headers",
         "_parsing",
         "_phase",
         "_refusal",
@@ -285,7 +284,6 @@ class GuardedProtocol(HttpToolsProtocol):
         self._deadline = 0.0  # of the phase's timer (loop time)
         self._idle = False  # between a response and the next request's first byte
         self._head_bytes = 0
-        self._n_headers = 0
         self._counted: str | None = None
         self._closed = False
         self._refusal: _Refusal | None = None
@@ -536,27 +534,31 @@ class GuardedProtocol(HttpToolsProtocol):
             "query_string": b"",
         }
         self._head_bytes = 0
-        self._n_headers = 0
 
     def on_url(self, url: bytes) -> None:
         self._count_head(len(url))
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._n_headers += 1
-        if self._n_headers > self.guard.max_headers:
+        # `_count_head`'s count inline: one call less per header; the fields so far are
+        # the message's list of them (made by `on_message_begin`).
+        guard = self.guard
+        headers = self.headers
+        if len(headers) >= guard.max_headers:
             raise self._stop(
                 431,
-                f"the request has more than {self.guard.max_headers} header fields",
+                f"the request has more than {guard.max_headers} header fields",
                 "too_many_headers",
             )
-        self._count_head(len(name) + len(value) + 4)
+        head_bytes = self._head_bytes = self._head_bytes + len(name) + len(value) + 4
+        if head_bytes > guard.max_head_bytes:
+            self._count_head(0)  # raises
         name = name.lower()
         # llhttp keeps trailing whitespace, which RFC 9110 section 5.5 excludes from a value.
         value = value.rstrip(b" \t")
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect_100_continue = True
-        self.headers.append((name, value))
+        headers.append((name, value))
 
     def _count_head(self, n: int) -> None:
         self._head_bytes += n

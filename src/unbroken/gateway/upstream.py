@@ -78,7 +78,10 @@ def pool_size(configured: int, max_connections: int, open_files: int | None = No
 # The `body` and `headers` of a connection while they hold nothing: shared, never appended
 # to (two lists less per live stream, ~110 bytes: a tapped answer buffers no body).
 _NO_BODY: list[bytes] = []
-_NO_HEADERS: list[tuple[bytes, bytes]] = []
+_NO_HEADERS: list[bytes] = []
+# The lengths of the header names that say how a body is delimited (content-length,
+# transfer-encoding): only a name of one of these lengths is lowercased and compared.
+_DELIMITING_LENGTHS = (14, 17)
 
 
 # `_HeadWait` states.
@@ -190,7 +193,15 @@ class _Parsing:
         self.on_message_complete = self._on_message_complete
 
     def _on_header(self, name: bytes, value: bytes) -> None:
-        self.conn.on_header(name, value)
+        # `_Connection.on_header` spelt out: one call less per header of every response.
+        conn = self.conn
+        headers = conn.headers
+        if headers is _NO_HEADERS:
+            conn.headers = [name, value]
+        else:
+            headers += (name, value)
+        if len(name) in _DELIMITING_LENGTHS:
+            conn.delimiting(name, value)
 
     def _on_headers_complete(self) -> None:
         self.conn.on_headers_complete()
@@ -261,7 +272,9 @@ class _Connection(asyncio.Protocol):
     def _reset(self) -> None:
         self.parser = httptools.HttpResponseParser(self.parsing)
         self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = _NO_HEADERS
+        # The response's header names and values, one after the other (as `_LeanResponse`
+        # keeps them: joined, no pair made per header).
+        self.headers: list[bytes] = _NO_HEADERS
         self.body: list[bytes] = _NO_BODY
         self.buffered = 0
         self.got_bytes = False
@@ -317,11 +330,10 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks -----------------------------------------------------------------
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self.headers is _NO_HEADERS:
-            self.headers = [(name, value)]
-        else:
-            self.headers.append((name, value))
+    # (Each header is taken by `_Parsing._on_header`.)
+
+    def delimiting(self, name: bytes, value: bytes) -> None:
+        """Note a header that delimits the body (Content-Length, chunked encoding)."""
         lower = name.lower()
         if lower == b"content-length" or (
             lower == b"transfer-encoding" and b"chunked" in value.lower()
@@ -532,12 +544,23 @@ class _LeanResponse(httpx.Response):
         stream: httpx.AsyncByteStream,
         conn: _Connection,
     ) -> None:
-        super().__init__(status_code, stream=stream)
+        # httpx's `Response.__init__(status_code, stream=stream)` spelt out, without the
+        # empty Headers, dict and list it makes to be replaced here: this runs on the way
+        # to every answer's first token (tests/unit/test_upstream_parsing.py checks that
+        # it sets what httpx's sets).
+        self.status_code = status_code
+        self._request: httpx.Request | None = None
+        self.next_request: httpx.Request | None = None
         # Not httpx's copy into a dict: ~130 bytes less per live stream.
         self.extensions = _Extensions(conn)  # type: ignore[assignment]  # read-only: httpx and the SDK only read it
+        self.history = _NO_HISTORY  # no redirects here: shared, not a list per response
+        self.is_closed = False
+        self.is_stream_consumed = False
+        self.default_encoding = "utf-8"
+        self.stream = stream
+        self._num_bytes_downloaded = 0
         self._raw_headers = raw_headers
         self._headers: httpx.Headers | None = None  # not httpx's empty one: made when read
-        self.history = _NO_HISTORY  # no redirects here: shared, not a list per response
 
     @property  # httpx's is a plain attribute: the same type, made when first read
     def headers(self) -> httpx.Headers:
@@ -849,8 +872,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 raise httpx.ReadTimeout("timed out waiting for the upstream's headers") from None
         # The response keeps the headers as one bytes object: the connection's list goes
         # now, not with the response (~600 bytes per live stream).
-        headers = conn.headers
-        raw = b"\0".join([part for pair in headers for part in pair])
+        raw = b"\0".join(conn.headers)
         conn.headers = _NO_HEADERS
         return _LeanResponse(
             conn.status,
