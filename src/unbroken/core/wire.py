@@ -733,11 +733,13 @@ def template_text(
     head: bytes, tail: bytes, values: bytes, index: int, reasoning: bool
 ) -> str | None:
     """`chunk_text`, joined, of chunks `head + value + tail` whose string values follow
-    one another in `values` (none of them ending in a backslash), read from `values` as
-    one JSON string: None when that cannot be done (a quote in them, or a template this
-    cannot read), and then the chunks are to be decoded (the gateway's stream log keeps a
-    block of text chunks so: stores/packed.py)."""
-    if b'"' in values:
+    one another in `values` (none of them ending in a backslash that escapes nothing),
+    read from `values` as one JSON string: None when that cannot be done (a quote not
+    escaped in them, or a template this cannot read), and then the chunks are to be
+    decoded (the gateway's stream log keeps a block of text chunks so: stores/packed.py)."""
+    if b'"' in values and b'"' in values.replace(b"\\\\", b"").replace(b'\\"', b""):
+        # A quote not escaped (the escapes read in order, as a JSON string's are): the
+        # values are not all string contents. Escaped ones (`\"`, common in code) are read.
         return None
     probe = head + b"x" + tail
     try:

@@ -58,6 +58,7 @@ RAW_MAX_BYTES = 12
 MAX_TEMPLATES = 15
 _KIND_BITS = 4
 _KIND_MASK = (1 << _KIND_BITS) - 1
+_BACKSLASH = ord("\\")  # a byte of `bytes`, as indexing reads it
 _NO_TEMPLATES: tuple[bytes, ...] = ()
 
 
@@ -304,14 +305,18 @@ class PackedEvents:
             head, tail = self._head, self._tail
             data = bytes(self._packed[start:])
         if b"\\" in data:
-            # Read as one JSON string, a middle ending in a backslash would escape the
-            # next one's first byte: such a block is read event by event.
+            # Read as one JSON string, a middle ending in a backslash that escapes nothing
+            # (an odd run of them) would escape the next one's first byte: such a block is
+            # read event by event. An escaped backslash (`\\`, an even run) ends one well.
             cut = len(head) + len(tail)
             lengths = self._lengths
             offset = 0
             for i in range(block * BLOCK_EVENTS, block * BLOCK_EVENTS + count):
-                offset += lengths[i] - cut
-                if data[offset - 1 : offset] == b"\\":
+                begin, offset = offset, offset + lengths[i] - cut
+                at = offset
+                while at > begin and data[at - 1] == _BACKSLASH:
+                    at -= 1
+                if (offset - at) % 2:
                     return None
         return count, head, tail, data
 
