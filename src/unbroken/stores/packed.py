@@ -28,7 +28,7 @@ from array import array
 from collections.abc import Sequence
 from typing import Protocol
 
-from unbroken.core.wire import chunk_text, template_text
+from unbroken.core.wire import chunk_text, template_reads, values_text
 
 __all__ = ["BLOCK_EVENTS", "PackedEvents", "TemplateSource"]
 
@@ -269,6 +269,9 @@ class PackedEvents:
         decode of the block, not one per event: ~10x less work)."""
         pieces: list[str] = []
         n_sealed = len(self._ends)
+        # What each template's chunks bring of the text (`template_reads`), asked once per
+        # template, not once per block: two decodes of a probe chunk each.
+        reads: dict[tuple[bytes, bytes], bool | None] = {}
         seq = first
         while seq <= last:
             block = (seq - 1) // BLOCK_EVENTS
@@ -276,7 +279,11 @@ class PackedEvents:
             end = min(last, start + BLOCK_EVENTS - 1, len(self._lengths))
             middles = self._middles(block, n_sealed) if seq == start else None
             if middles is not None and end == start + middles[0] - 1:
-                text = template_text(*middles[1:], index, reasoning)
+                _, head, tail, values = middles
+                template = (head, tail)
+                if template not in reads:
+                    reads[template] = template_reads(head, tail, index, reasoning)
+                text = values_text(values, reads[template])
                 if text is not None:
                     if text:
                         pieces.append(text)
