@@ -100,6 +100,22 @@ def test_feed_text_keeps_no_copy_either() -> None:
     assert lean.n_text_deltas() == 4
 
 
+def test_feed_text_of_nothing_is_no_output() -> None:
+    """An empty text on the relay's path is no delta and no output, as with the text kept
+    (and a surrogate half, which UTF-8 cannot encode, is text like any other)."""
+    lean = ChunkAccumulator()
+    lean.keep_text_in(ChunkLog())
+    lean.feed_text(0, "")
+    lean.feed_text(0, "", True)
+    kept = ChunkAccumulator()
+    kept.feed_text(0, "")
+    assert (lean.has_output, kept.has_output, lean.n_text_deltas()) == (False, False, 0)
+    lean.feed_text(0, "\ud83d")
+    kept.feed_text(0, "\ud83d")
+    assert (lean.has_output, kept.has_output) == (True, True)
+    assert lean.n_text_deltas() == kept.n_text_deltas() == 1
+
+
 def test_only_while_no_text_came() -> None:
     """Before any text: the role chunk's empty content (folded, logged or not yet) is no
     obstacle; once text came, or with a source already, nothing changes."""

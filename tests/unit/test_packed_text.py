@@ -100,7 +100,11 @@ def test_template_text() -> None:
     assert template_text(head, tail, b"a\\nb", 0, False) == "a\nb"
     assert template_text(head, tail, b"\\ud83d\\ude80", 0, False) == "\U0001f680"
     assert template_text(head, tail, b"\\ud83d", 0, False) == "\ud83d"
-    assert template_text(head, tail, b'a\\"b', 0, False) is None  # a quote: decode each
+    assert template_text(head, tail, b'a\\"b', 0, False) == 'a"b'  # an escaped quote
+    assert template_text(head, tail, b'a\\\\\\"b', 0, False) == 'a\\"b'
+    # A quote not escaped: the values are not all a string's contents (decode each).
+    assert template_text(head, tail, b'a\\\\"b', 0, False) is None  # after `\\`
+    assert template_text(head, tail, b'a","role":"b', 0, False) is None
     assert template_text(head, tail, b"ab", 1, False) == ""  # another choice's text
     assert template_text(head, tail, b"ab", 0, True) == ""
     assert template_text(b'{"choices":[', b"]}", b"x", 0, False) is None  # not a string value
@@ -129,3 +133,32 @@ def test_any_log_reads_as_decoded(parts: list[tuple[int, bool, str]], data: st.D
     first = data.draw(st.integers(1, len(payloads)))
     last = data.draw(st.integers(first, len(payloads)))
     _same(events, payloads, first, last)
+
+
+def test_escaped_quotes_and_backslashes_are_read_whole() -> None:
+    """A block whose middles hold escaped quotes, and one ending in an escaped backslash
+    (`\\\\`, an even run), is read in one decode; one ending in a backslash that escapes
+    nothing (an odd run, not a JSON string's end) is read event by event. Either way the
+    text is what decoding every event gives."""
+    texts = [f" tok{i}" for i in range(2 * BLOCK_EVENTS - 1)]
+    texts[BLOCK_EVENTS + 3] = 'say "resume"'
+    texts[BLOCK_EVENTS + 7] = "back\\"
+    payloads = [ROLE, *(_payload(t) for t in texts)]
+    events = _log(payloads)
+    events.seal()
+    # Block 0 holds the role chunk whole; block 1 holds middles only.
+    middles = events._middles(1, len(events._ends))
+    assert middles is not None
+    assert middles[0] == BLOCK_EVENTS
+    n = len(payloads)
+    _same(events, payloads, 1, n)
+    _same(events, payloads, BLOCK_EVENTS + 1, n)
+    assert join_text(events.text(2, n, 0, False)) == "".join(texts)
+    # Block 1's last event with an odd run of backslashes before its tail (a chunk that
+    # is no JSON): the block is read event by event, as decoding each reads it.
+    odd = [*payloads[:-1], _payload("x").replace(b'x"', b'x\\\\\\"')]
+    events = _log(odd)
+    events.seal()
+    assert events._middles(1, len(events._ends)) is None
+    _same(events, odd, 1, n)
+    _same(events, odd, BLOCK_EVENTS + 1, n)

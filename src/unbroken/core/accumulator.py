@@ -415,6 +415,13 @@ class ChunkAccumulator:
             kept = state.content
             if kept is None:
                 kept = state.content = self._new_text()
+        if type(kept) is _Elsewhere:
+            # Kept by the source (`keep_text_in`): no copy to append, so no encoding either
+            # (a relay's text chunk: an allocation and a call less).
+            if text:
+                kept.any = True
+                state.n_text_deltas += 1
+            return
         try:
             kept += text.encode()
         except UnicodeEncodeError:  # surrogate halves

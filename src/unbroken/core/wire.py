@@ -51,8 +51,10 @@ __all__ = [
     "decode_text_completion",
     "excerpt",
     "parse_error_object",
+    "template_reads",
     "template_text",
     "upstream_error_from_object",
+    "values_text",
 ]
 
 
@@ -733,12 +735,19 @@ def template_text(
     head: bytes, tail: bytes, values: bytes, index: int, reasoning: bool
 ) -> str | None:
     """`chunk_text`, joined, of chunks `head + value + tail` whose string values follow
-    one another in `values` (none of them ending in a backslash), read from `values` as
-    one JSON string: None when that cannot be done (a quote in them, or a template this
-    cannot read), and then the chunks are to be decoded (the gateway's stream log keeps a
-    block of text chunks so: stores/packed.py)."""
-    if b'"' in values:
-        return None
+    one another in `values` (none of them ending in a backslash that escapes nothing),
+    read from `values` as one JSON string: None when that cannot be done (a quote not
+    escaped in them, or a template this cannot read), and then the chunks are to be
+    decoded (the gateway's stream log keeps a block of text chunks so: stores/packed.py)."""
+    return values_text(values, template_reads(head, tail, index, reasoning))
+
+
+def template_reads(head: bytes, tail: bytes, index: int, reasoning: bool) -> bool | None:
+    """What chunks `head + value + tail` bring of choice `index`'s content (its reasoning
+    with `reasoning`), for `template_text`: True, their string value and nothing more;
+    False, nothing (the value is another choice's or field's text); None, it cannot be
+    said without decoding each (the template is cut around no string value, or text lies
+    around the value). The same for every block of a log under one template: asked once."""
     probe = head + b"x" + tail
     try:
         _text_chunk_decoder.decode(probe)
@@ -746,9 +755,20 @@ def template_text(
         return None  # (a template is cut around a string value of a chunk)
     got = _chunk_pieces(probe, index, reasoning)
     if not got:
+        return False
+    return True if got == ["x"] else None
+
+
+def values_text(values: bytes, reads: bool | None) -> str | None:
+    """`template_text` of `values` under a template `template_reads` said `reads` of."""
+    if b'"' in values and b'"' in values.replace(b"\\\\", b"").replace(b'\\"', b""):
+        # A quote not escaped (the escapes read in order, as a JSON string's are): the
+        # values are not all string contents. Escaped ones (`\"`, common in code) are read.
+        return None
+    if reads is None:
+        return None
+    if not reads:
         return ""  # the value is another choice's or field's text
-    if got != ["x"]:
-        return None  # text around the value too
     if b"\\" not in values:
         try:
             return values.decode()  # no escape: the value is the text as UTF-8

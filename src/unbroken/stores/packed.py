@@ -28,7 +28,7 @@ from array import array
 from collections.abc import Sequence
 from typing import Protocol
 
-from unbroken.core.wire import chunk_text, template_text
+from unbroken.core.wire import chunk_text, template_reads, values_text
 
 __all__ = ["BLOCK_EVENTS", "PackedEvents", "TemplateSource"]
 
@@ -58,6 +58,7 @@ RAW_MAX_BYTES = 12
 MAX_TEMPLATES = 15
 _KIND_BITS = 4
 _KIND_MASK = (1 << _KIND_BITS) - 1
+_BACKSLASH = ord("\\")  # a byte of `bytes`, as indexing reads it
 _NO_TEMPLATES: tuple[bytes, ...] = ()
 
 
@@ -268,6 +269,9 @@ class PackedEvents:
         decode of the block, not one per event: ~10x less work)."""
         pieces: list[str] = []
         n_sealed = len(self._ends)
+        # What each template's chunks bring of the text (`template_reads`), asked once per
+        # template, not once per block: two decodes of a probe chunk each.
+        reads: dict[tuple[bytes, bytes], bool | None] = {}
         seq = first
         while seq <= last:
             block = (seq - 1) // BLOCK_EVENTS
@@ -275,7 +279,11 @@ class PackedEvents:
             end = min(last, start + BLOCK_EVENTS - 1, len(self._lengths))
             middles = self._middles(block, n_sealed) if seq == start else None
             if middles is not None and end == start + middles[0] - 1:
-                text = template_text(*middles[1:], index, reasoning)
+                _, head, tail, values = middles
+                template = (head, tail)
+                if template not in reads:
+                    reads[template] = template_reads(head, tail, index, reasoning)
+                text = values_text(values, reads[template])
                 if text is not None:
                     if text:
                         pieces.append(text)
@@ -304,14 +312,18 @@ class PackedEvents:
             head, tail = self._head, self._tail
             data = bytes(self._packed[start:])
         if b"\\" in data:
-            # Read as one JSON string, a middle ending in a backslash would escape the
-            # next one's first byte: such a block is read event by event.
+            # Read as one JSON string, a middle ending in a backslash that escapes nothing
+            # (an odd run of them) would escape the next one's first byte: such a block is
+            # read event by event. An escaped backslash (`\\`, an even run) ends one well.
             cut = len(head) + len(tail)
             lengths = self._lengths
             offset = 0
             for i in range(block * BLOCK_EVENTS, block * BLOCK_EVENTS + count):
-                offset += lengths[i] - cut
-                if data[offset - 1 : offset] == b"\\":
+                begin, offset = offset, offset + lengths[i] - cut
+                at = offset
+                while at > begin and data[at - 1] == _BACKSLASH:
+                    at -= 1
+                if (offset - at) % 2:
                     return None
         return count, head, tail, data
 
