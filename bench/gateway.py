@@ -1750,8 +1750,11 @@ def saturation_point(idle: list[float], capped: list[bool], margin: float) -> in
 def _sat_line(step: dict[str, Any]) -> str:
     """One step as printed: chunks/s, CPU per chunk, each worker's cores and throttling."""
     shares = step["shares"]
+    # Chunks/s if every stream kept the mock's pace (a chunk every TOKEN_MS).
+    pace = step["concurrency"] * 1000 / TOKEN_MS
     return (
-        f"{step['rate']:>7.0f} chunks/s {step['whole']:>4}/{step['streams']:<4} whole, "
+        f"{step['rate']:>7.0f} chunks/s ({step['rate'] / pace:.0%} of the streams' pace) "
+        f"{step['whole']:>4}/{step['streams']:<4} whole, "
         f"{sum(step['cores']) / step['rate'] * 1e6:>5.1f} us/chunk, TTFT p50 "
         f"{step['ttft50']:>6.1f} ms; cores {' / '.join(f'{c:.2f}' for c in step['cores'])} "
         f"(throttled {' / '.join(f'{t:.0%}' for t in step['throttled'])})"
