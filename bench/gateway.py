@@ -361,7 +361,13 @@ def unbroken_server(
         yield Target("unbroken", proc.pid, port, "/v1/chat/completions", GATEWAY_KEY)
     finally:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            # A gateway that does not drain in time must not outlive the bench.
+            print(f"warning: the gateway (pid {proc.pid}) did not exit within 30 s of SIGTERM")
+            proc.kill()
+            proc.wait()
 
 
 def _litellm_version() -> str | None:
@@ -1591,8 +1597,8 @@ def _machine_times() -> tuple[float, float]:
 
 def _sat_load(port: int, path: str, auth: str, concurrency: int, start: float) -> dict[str, Any]:
     """Closed loop of `concurrency` streams from `start` (time.time()) on: the chunks read in
-    the window SAT_WARM_S to SAT_WARM_S + SAT_WINDOW_S after it; streams still open at the
-    window's end are closed."""
+    the window SAT_WARM_S to SAT_WARM_S + SAT_WINDOW_S after it; no stream starts after the
+    window, those open run to their end."""
     seen = [0]
 
     class Counting(_Reader):
@@ -1631,12 +1637,15 @@ def _sat_load(port: int, path: str, auth: str, concurrency: int, start: float) -
 
     async def run() -> dict[str, Any]:
         results: list[Result] = []
+        over = asyncio.Event()
         stream_s = CHUNKS * TOKEN_MS / 1000.0
 
         async def worker(w: int) -> None:
             await asyncio.sleep(w * stream_s / concurrency)  # staggered, as in steady state
-            for r in range(1_000_000):
+            r = 0
+            while not over.is_set():
                 await stream(w * 1000 + r, results)
+                r += 1
 
         await asyncio.sleep(max(0.0, start - time.time()))  # the agreed start
         tasks = [asyncio.ensure_future(worker(w)) for w in range(concurrency)]
@@ -1644,7 +1653,11 @@ def _sat_load(port: int, path: str, auth: str, concurrency: int, start: float) -
         first, t0 = seen[0], time.perf_counter()
         await asyncio.sleep(SAT_WINDOW_S)
         chunks, wall = seen[0] - first, time.perf_counter() - t0
-        for task in tasks:
+        # The streams open at the window's end run to their end (cut, they would only add
+        # the cancel path's work to the next step's and noise to the mock's log).
+        over.set()
+        _, pending = await asyncio.wait(tasks, timeout=120)
+        for task in pending:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         ttfts = [r[0] for r in results if r[0] is not None]
@@ -1654,6 +1667,8 @@ def _sat_load(port: int, path: str, auth: str, concurrency: int, start: float) -
             "whole": sum(1 for r in results if r[2] and r[1] >= CHUNKS - 1),
             "ttft50": pct(ttfts, 0.5) * 1000,
             "refused": dict(REFUSALS),
+            # Streams that ended short: (chunks, [DONE] seen, status), a few.
+            "short": [r[1:] for r in results if not (r[2] and r[1] >= CHUNKS - 1)][:5],
         }
 
     return asyncio.run(run())
@@ -1755,7 +1770,7 @@ def _sat_line(step: dict[str, Any]) -> str:
     return (
         f"{step['rate']:>7.0f} chunks/s ({step['rate'] / pace:.0%} of the streams' pace) "
         f"{step['whole']:>4}/{step['streams']:<4} whole, "
-        f"{sum(step['cores']) / step['rate'] * 1e6:>5.1f} us/chunk, TTFT p50 "
+        f"{sum(step['cores']) / max(1.0, step['rate']) * 1e6:>5.1f} us/chunk, TTFT p50 "
         f"{step['ttft50']:>6.1f} ms; cores {' / '.join(f'{c:.2f}' for c in step['cores'])} "
         f"(throttled {' / '.join(f'{t:.0%}' for t in step['throttled'])})"
         + (f", bytes {' / '.join(f'{s:.0%}' for s in shares)}" if shares else "")
@@ -1782,6 +1797,8 @@ def saturate_workers(cap: float, levels: list[int], repeat: int, margin: float) 
     after a step that left the machine less than `margin` idle (higher, the measure would be
     the machine's). The figure at saturation is the highest level at which every worker ran
     at its cap and the machine stayed `margin` idle, in every run: medians of the runs."""
+    with CpuCap("probe", cap):  # can this process cap CPU here at all? (before any start-up)
+        pass
     with (
         tempfile.TemporaryDirectory() as tmp,
         mock_process(MOCK_CONFIG) as mock_url,
@@ -1827,8 +1844,11 @@ def saturate_workers(cap: float, levels: list[int], repeat: int, margin: float) 
                         gateway, caps = gateways[n]
                         pair[n] = _sat_step(gateway, caps, level * n, others)
                         print(f"    {level:>3} x {n}: {_sat_line(pair[n])}", flush=True)
-                        if pair[n]["refused"]:
-                            print(f"      refused: {pair[n]['refused']}")
+                        if pair[n]["refused"] or pair[n]["short"]:
+                            print(
+                                f"      refused: {pair[n]['refused']}; streams ended short "
+                                f"(chunks, [DONE], status): {pair[n]['short']}"
+                            )
                     if min(step["idle"] for step in pair.values()) >= margin:
                         break
                     # The machine is shared: other load may have come and gone.
@@ -1852,7 +1872,8 @@ def _sat_report(
     """Per level, the medians of the runs that reached it; the figure at saturation."""
     print(
         f"\nworkers at saturation, each worker capped at {cap:g} core, medians of {len(runs)} "
-        "runs, alternating (chunks/s, CPU per chunk, cores per worker, the machine's idle share):"
+        "runs, alternating (chunks/s, CPU per chunk, cores per worker; the 1 / 2 worker "
+        "steps' other processes; the machine's least idle share):"
     )
     points = []
     for steps in runs:
@@ -1879,10 +1900,16 @@ def _sat_report(
             f"{cores[1][0]:.2f}), 2 workers {two:>6.0f} ({us[2]:.1f} us, "
             f"{' / '.join(f'{c:.2f}' for c in cores[2])}, bytes "
             f"{' / '.join(f'{c:.0%}' for c in shares)}): {statistics.median(ratios):.2f}x (runs "
-            f"{ratios[0]:.2f}x-{ratios[-1]:.2f}x); Redis "
-            f"{statistics.median(s[2][i]['others']['Redis'] for s in reached):.2f} core, mock "
-            f"{statistics.median(s[2][i]['others']['mock'] for s in reached):.2f}; idle >= "
-            f"{min(min(s[1][i]['idle'], s[2][i]['idle']) for s in reached):.0%}"
+            f"{ratios[0]:.2f}x-{ratios[-1]:.2f}x); "
+            + "; ".join(
+                f"{name} "
+                + " / ".join(
+                    f"{statistics.median(s[n][i]['others'][name] for s in reached):.2f}"
+                    for n in (1, 2)
+                )
+                for name in ("Redis", "mock", "load")
+            )
+            + f" core; idle >= {min(min(s[1][i]['idle'], s[2][i]['idle']) for s in reached):.0%}"
         )
     if any(p is None for p in points):
         print(
@@ -1960,7 +1987,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--sat-levels",
-        default="16,24,32,48,64,96",
+        default="16,24,32,48,64",
         help="streams per worker at each step of --saturate (until chunks/s stops growing)",
     )
     parser.add_argument(
@@ -1974,7 +2001,13 @@ def main() -> None:
     if args.saturate:
         # The cgroups are removed on the way out: let a SIGTERM unwind as Ctrl-C does.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-        levels = [int(x) for x in args.sat_levels.split(",") if x]
+        try:
+            cap_files(1, args.cpu_cap)
+            levels = [int(x) for x in args.sat_levels.split(",") if x]
+        except ValueError as e:
+            parser.error(f"--cpu-cap / --sat-levels: {e}")
+        if not levels or min(levels) < 1 or not 0 <= args.idle_margin < 1:
+            parser.error("--sat-levels needs streams >= 1, --idle-margin a share in [0, 1)")
         try:
             saturate_workers(args.cpu_cap, levels, args.repeat, args.idle_margin)
         except CpuCapError as e:
