@@ -1,5 +1,5 @@
 """The pure parts of `bench/gateway.py --saturate`: where the CPU cgroups go, what caps
-them, when a ramp of offered load stopped growing, which step is reported as saturation."""
+them, when a ramp of offered load stopped growing, which level is reported as saturation."""
 
 from __future__ import annotations
 
@@ -86,11 +86,15 @@ def test_saturated_needs_two_steps_without_growth() -> None:
     assert not gateway.saturated([1000.0, 2000.0, 1900.0, 2200.0])
 
 
-def test_saturation_point_stops_at_the_first_step_short_of_idle() -> None:
-    idle = [0.5, 0.4, 0.3, 0.05, 0.4]
-    assert gateway.saturation_point(idle, [False, True, True, True, True], 0.1) == 2
-    # Not at the cap before the machine ran short: nothing to report.
-    assert gateway.saturation_point(idle, [False, False, False, True, True], 0.1) is None
-    # A step below the cap after one at it (noise) does not move the point back.
-    assert gateway.saturation_point(idle, [True, True, False, True, True], 0.1) == 1
-    assert gateway.saturation_point([], [], 0.1) is None
+def test_saturation_level_is_the_highest_held_in_half_of_the_runs() -> None:
+    held = [
+        [True, True, True, False],
+        [True, True, False, True],
+        [False, True, True],  # a ramp that ended early
+    ]
+    assert gateway.saturation_level(held) == 2  # level 3 held in one run of three only
+    assert gateway.saturation_level([[True, False], [False, True]]) == 1  # half is enough
+    assert gateway.saturation_level([[True, False], [True, True], [False, False]]) == 0
+    assert gateway.saturation_level([[False, True], [False, False], [True, False]]) is None
+    assert gateway.saturation_level([[False], [False]]) is None
+    assert gateway.saturation_level([]) is None
