@@ -32,10 +32,20 @@ per-request access log, both run one worker process.
                one-worker gateway), all on one Redis store (redis-server on a free port):
                chunks/s, CPU per chunk per process, each worker's cores and share of the
                traffic, Redis' CPU and commands per chunk, the estimate at saturation
+  --saturate   `unbroken serve --workers 2` against `--workers 1` at saturation: each
+               worker process in a cgroup of its own capped at --cpu-cap cores (0.2), so
+               the workers, not the machine, are the limit (needs root and a cgroup v1 `cpu`
+               or v2 `cpu.max` controller; else it says so and exits 1); the offered load
+               rises by --sat-levels streams per worker, the two gateways alternating at each
+               level: chunks/s and the ratio, each worker's cores and throttled share, the
+               traffic split, Redis', the mock's and the load process' CPU, the machine's
+               idle share (a level leaving it under --idle-margin, 10%, is run again, then
+               ends the ramp)
 
 Run: python bench/gateway.py [--levels 1,32,256,1024] [--repeat 3]
                                [--skip litellm,nginx,floor,pyrelay]
      python bench/gateway.py --soak 10000      python bench/gateway.py --workers 128
+     python bench/gateway.py --saturate [--cpu-cap 0.2] [--sat-levels 16,24,32,48,64]
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -360,7 +371,13 @@ def unbroken_server(
         yield Target("unbroken", proc.pid, port, "/v1/chat/completions", GATEWAY_KEY)
     finally:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            # A gateway that does not drain in time must not outlive the bench.
+            print(f"warning: the gateway (pid {proc.pid}) did not exit within 30 s of SIGTERM")
+            proc.kill()
+            proc.wait()
 
 
 def _litellm_version() -> str | None:
@@ -1426,6 +1443,525 @@ def compare_workers(per_process: int, repeat: int) -> None:
             )
 
 
+# -- saturation: each worker under a CPU cap ---------------------------------------------------
+
+# A step's chunks/s must beat the best earlier step's by this share to count as growth.
+SATURATION_GAIN = 0.05
+# The scheduling period of the CPU caps: short, so a capped worker runs in slices of a few
+# milliseconds rather than in one 30 ms burst and 70 ms of nothing per 100 ms.
+CAP_PERIOD_US = 20_000
+# Seconds of each saturation step before its window (the staggered starts settle), and of it.
+SAT_WARM_S = 2.0
+SAT_WINDOW_S = 5.0
+# Times a level is run again when it left the machine less idle than the margin (other
+# processes on the machine may have been busy for a while).
+SAT_RETRIES = 2
+
+
+class CpuCapError(RuntimeError):
+    """A process's CPU cannot be capped here: no cgroup CPU controller, or not writable."""
+
+
+def cpu_cgroup_root(mounts: str, own: str, controllers: str | None) -> tuple[Path, int]:
+    """Where to make CPU cgroups, and the cgroup version, from /proc/self/mounts (`mounts`),
+    /proc/self/cgroup (`own`) and the cgroup2 mount's cgroup.controllers (`controllers`,
+    None if unreadable): a cgroup v1 `cpu` hierarchy if mounted, else a cgroup v2 one whose
+    controllers include cpu. The directory is this process's own cgroup in that hierarchy, so
+    the caps nest under whatever limits the bench itself runs with.
+
+    Raises:
+        CpuCapError: neither hierarchy is there.
+    """
+    v2_mount: str | None = None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        if fields[2] == "cgroup" and "cpu" in fields[3].split(","):
+            path = next(
+                (
+                    p
+                    for _, names, p in (
+                        e.split(":", 2) for e in own.splitlines() if e.count(":") >= 2
+                    )
+                    if "cpu" in names.split(",")
+                ),
+                "/",
+            )
+            return Path(fields[1]) / path.lstrip("/"), 1
+        if fields[2] == "cgroup2" and v2_mount is None:
+            v2_mount = fields[1]
+    if v2_mount is not None and controllers is not None and "cpu" in controllers.split():
+        path = next((e[3:] for e in own.splitlines() if e.startswith("0::")), "/")
+        return Path(v2_mount) / path.lstrip("/"), 2
+    raise CpuCapError(
+        "no cgroup CPU controller: neither a cgroup v1 'cpu' hierarchy nor a cgroup v2 "
+        "hierarchy with the cpu controller is mounted"
+    )
+
+
+def cap_files(version: int, cores: float, period_us: int = CAP_PERIOD_US) -> dict[str, str]:
+    """The files that cap a cgroup at `cores` of CPU, and what to write in them, in order.
+
+    Raises:
+        ValueError: `cores` not positive or the quota below the kernel's 1 ms minimum.
+    """
+    quota = round(cores * period_us)
+    if not cores > 0 or quota < 1000:
+        raise ValueError(f"a CPU cap of {cores} core is below 1 ms per {period_us} us period")
+    if version == 1:
+        return {"cpu.cfs_period_us": str(period_us), "cpu.cfs_quota_us": str(quota)}
+    return {"cpu.max": f"{quota} {period_us}"}
+
+
+class CpuCap:
+    """One cgroup capping every process put in it at `cores` of CPU together: made on
+    entry, its processes moved back to the parent cgroup and the cgroup removed on exit
+    (also on an error or Ctrl-C)."""
+
+    def __init__(self, name: str, cores: float) -> None:
+        def read(path: str) -> str | None:
+            try:
+                return Path(path).read_text(encoding="ascii")
+            except OSError:
+                return None
+
+        mounts, own = read("/proc/self/mounts") or "", read("/proc/self/cgroup") or ""
+        v2 = next(
+            (ln.split()[1] for ln in mounts.splitlines() if ln.split()[2:3] == ["cgroup2"]), ""
+        )
+        self.parent, self.version = cpu_cgroup_root(
+            mounts, own, read(f"{v2}/cgroup.controllers") if v2 else None
+        )
+        self.files = cap_files(self.version, cores)
+        self.cores = cores
+        self.path = self.parent / f"unbroken-bench-{os.getpid()}-{name}"
+        self.pids: list[int] = []
+
+    def __enter__(self) -> CpuCap:
+        try:
+            if self.version == 2:
+                control = self.parent / "cgroup.subtree_control"
+                if "cpu" not in control.read_text(encoding="ascii").split():
+                    control.write_text("+cpu", encoding="ascii")
+            self.path.mkdir()
+        except OSError as e:
+            raise CpuCapError(f"cannot make a CPU cgroup at {self.path}: {e}") from e
+        try:
+            for file, value in self.files.items():
+                (self.path / file).write_text(value, encoding="ascii")
+        except OSError as e:
+            self.path.rmdir()
+            raise CpuCapError(f"cannot cap the CPU of {self.path}: {e}") from e
+        return self
+
+    def add(self, pid: int) -> None:
+        """Put process `pid` (all its threads) in the cgroup."""
+        try:
+            (self.path / "cgroup.procs").write_text(str(pid), encoding="ascii")
+        except OSError as e:
+            raise CpuCapError(f"cannot put process {pid} in {self.path}: {e}") from e
+        self.pids.append(pid)
+
+    def throttled(self) -> tuple[int, int]:
+        """Scheduling periods so far, and those in which the cap stopped the cgroup."""
+        stat = dict(
+            line.split()
+            for line in (self.path / "cpu.stat").read_text(encoding="ascii").splitlines()
+            if len(line.split()) == 2
+        )
+        return int(stat.get("nr_periods", 0)), int(stat.get("nr_throttled", 0))
+
+    def __exit__(self, *exc: object) -> None:
+        # A cgroup with processes in it cannot be removed: move them back first.
+        with suppress(OSError):
+            for pid in (self.path / "cgroup.procs").read_text(encoding="ascii").split():
+                with suppress(OSError):
+                    (self.parent / "cgroup.procs").write_text(pid, encoding="ascii")
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.02)  # a process moved out a moment ago is still counted
+        print(f"warning: could not remove the cgroup {self.path}", file=sys.stderr)
+
+
+def saturated(rates: list[float], gain: float = SATURATION_GAIN) -> bool:
+    """Whether a ramp's chunks/s stopped growing: its last two steps did not beat the best
+    step before them by `gain` (two, so that one noisy step does not end the ramp)."""
+    if len(rates) < 3:
+        return False
+    before = max(rates[:-2])
+    return max(rates[-2:]) < before * (1 + gain)
+
+
+def _machine_times() -> tuple[float, float]:
+    """The machine's (idle + iowait, total) CPU time from /proc/stat, in ticks."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [float(x) for x in f.readline().split()[1:]]
+    return fields[3] + fields[4], sum(fields[:8])  # guest time is already in user
+
+
+def _sat_load(port: int, path: str, auth: str, concurrency: int, start: float) -> dict[str, Any]:
+    """Closed loop of `concurrency` streams from `start` (time.time()) on: the chunks read in
+    the window SAT_WARM_S to SAT_WARM_S + SAT_WINDOW_S after it; no stream starts after the
+    window, those open run to their end."""
+    seen = [0]
+
+    class Counting(_Reader):
+        def data_received(self, data: bytes) -> None:
+            before = self.n
+            super().data_received(data)
+            seen[0] += self.n - before
+
+    async def stream(index: int, results: list[Result]) -> None:
+        # _one with the counting reader: the same request, read the same way.
+        loop = asyncio.get_running_loop()
+        body = json.dumps(
+            {
+                "model": "deepseek-chat",
+                "stream": True,
+                "messages": [{"role": "user", "content": f"benchmark {index % 7}"}],
+            }
+        ).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json"
+            f"\r\nAuthorization: Bearer {auth}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        finished: asyncio.Future[None] = loop.create_future()
+        transport, reader = await loop.create_connection(
+            lambda: Counting(finished), "127.0.0.1", port
+        )
+        reader.started = time.perf_counter()
+        transport.write(head + body)
+        try:
+            await finished
+        finally:
+            transport.close()
+        if reader.status != 200:
+            REFUSALS[str(reader.status)] = REFUSALS.get(str(reader.status), 0) + 1
+        results.append((reader.first, reader.n, reader.done, reader.status))
+
+    async def run() -> dict[str, Any]:
+        results: list[Result] = []
+        over = asyncio.Event()
+        stream_s = CHUNKS * TOKEN_MS / 1000.0
+
+        async def worker(w: int) -> None:
+            await asyncio.sleep(w * stream_s / concurrency)  # staggered, as in steady state
+            r = 0
+            while not over.is_set():
+                await stream(w * 1000 + r, results)
+                r += 1
+
+        await asyncio.sleep(max(0.0, start - time.time()))  # the agreed start
+        tasks = [asyncio.ensure_future(worker(w)) for w in range(concurrency)]
+        await asyncio.sleep(max(0.0, start + SAT_WARM_S - time.time()))
+        first, t0 = seen[0], time.perf_counter()
+        await asyncio.sleep(SAT_WINDOW_S)
+        chunks, wall = seen[0] - first, time.perf_counter() - t0
+        # The streams open at the window's end run to their end (cut, they would only add
+        # the cancel path's work to the next step's and noise to the mock's log).
+        over.set()
+        _, pending = await asyncio.wait(tasks, timeout=120)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        ttfts = [r[0] for r in results if r[0] is not None]
+        return {
+            "rate": chunks / wall,
+            "streams": len(results),
+            "whole": sum(1 for r in results if r[2] and r[1] >= CHUNKS - 1),
+            "ttft50": pct(ttfts, 0.5) * 1000,
+            "refused": dict(REFUSALS),
+            # Streams that ended short: (chunks, [DONE] seen, status), a few.
+            "short": [r[1:] for r in results if not (r[2] and r[1] >= CHUNKS - 1)][:5],
+        }
+
+    return asyncio.run(run())
+
+
+def sat_client_main(argv: list[str]) -> None:
+    """Entry of a saturation load process: prints one JSON line."""
+    port, path, auth, concurrency, start = argv[:5]
+    import uvloop
+
+    uvloop.install()
+    print(json.dumps(_sat_load(int(port), path, auth, int(concurrency), float(start))))
+
+
+def _mock_pid() -> int:
+    """The mock process this bench started (its CPU is reported beside Redis')."""
+    for pid in _tree(os.getpid()):
+        with suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"from unbroken.mock import" in f.read():
+                return pid
+    return 0
+
+
+def _sat_step(
+    gateway: Target, caps: list[CpuCap], concurrency: int, others: dict[str, int]
+) -> dict[str, Any]:
+    """One step of offered load against a capped gateway: chunks/s in the load's window,
+    each worker's cores and throttled share and traffic share, the CPU of `others` (name ->
+    pid), the machine's idle share."""
+    start = time.time() + 1.0  # a Python process starts in ~0.3 s
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--sat-client",
+            str(gateway.port),
+            gateway.path,
+            gateway.auth,
+            str(concurrency),
+            str(start),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(max(0.0, start + SAT_WARM_S - time.time()))  # to the load's window
+        watch = WorkerWatch(gateway.pid, gateway.port)
+        if sorted(watch.pids) != sorted(p for cap in caps for p in cap.pids):
+            raise RuntimeError(
+                f"the gateway's workers changed ({watch.pids}, capped {[c.pids for c in caps]})"
+            )
+        idle0, total0 = _machine_times()
+        others = {**others, "load": proc.pid}
+        other0 = {name: cpu_seconds(pid) for name, pid in others.items()}
+        periods0 = [cap.throttled() for cap in caps]
+        with watch:
+            time.sleep(SAT_WINDOW_S)  # the load's window
+        idle1, total1 = _machine_times()
+        periods1 = [cap.throttled() for cap in caps]
+        other1 = {name: cpu_seconds(pid) for name, pid in others.items()}
+        out = json.loads(proc.communicate(timeout=120)[0])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    by_pid = dict(zip(watch.pids, watch.cores(watch.wall), strict=True))
+    return {
+        **out,
+        "concurrency": concurrency,
+        "cores": [by_pid[p] for cap in caps for p in cap.pids],
+        "throttled": [
+            (b[1] - a[1]) / max(1, b[0] - a[0]) for a, b in zip(periods0, periods1, strict=True)
+        ],
+        "shares": watch.shares() if len(watch.pids) > 1 else [],
+        "others": {n: (other1[n] - other0[n]) / watch.wall for n in others},
+        "idle": (idle1 - idle0) / max(1.0, total1 - total0),
+    }
+
+
+def saturation_level(held: list[list[bool]]) -> int | None:
+    """The level to report as saturation, from each run's levels (`held[run][level]`: every
+    worker ran at its cap and the machine kept its idle margin; a run that ended early has
+    fewer): the highest level held in at least half of the runs; None if none is."""
+    found = None
+    for i in range(max((len(run) for run in held), default=0)):
+        if 2 * sum(1 for run in held if len(run) > i and run[i]) >= len(held):
+            found = i
+    return found
+
+
+def _sat_line(step: dict[str, Any]) -> str:
+    """One step as printed: chunks/s, CPU per chunk, each worker's cores and throttling."""
+    shares = step["shares"]
+    # Chunks/s if every stream kept the mock's pace (a chunk every TOKEN_MS).
+    pace = step["concurrency"] * 1000 / TOKEN_MS
+    return (
+        f"{step['rate']:>7.0f} chunks/s ({step['rate'] / pace:.0%} of the streams' pace) "
+        f"{step['whole']:>4}/{step['streams']:<4} whole, "
+        f"{sum(step['cores']) / max(1.0, step['rate']) * 1e6:>5.1f} us/chunk, TTFT p50 "
+        f"{step['ttft50']:>6.1f} ms; cores {' / '.join(f'{c:.2f}' for c in step['cores'])} "
+        f"(throttled {' / '.join(f'{t:.0%}' for t in step['throttled'])})"
+        + (f", bytes {' / '.join(f'{s:.0%}' for s in shares)}" if shares else "")
+        + f"; {', '.join(f'{n} {c:.2f}' for n, c in step['others'].items())}; idle "
+        f"{step['idle']:.0%}"
+    )
+
+
+def _idle(pair: dict[int, dict[str, Any]]) -> float:
+    """The machine's idle share in the less idle of a level's two steps."""
+    return float(min(step["idle"] for step in pair.values()))
+
+
+def _capped(step: dict[str, Any], cap: float) -> bool:
+    """Whether every worker of a step ran at its cap (90% of it: the cap was the limit)."""
+    return all(c >= 0.9 * cap for c in step["cores"])
+
+
+def saturate_workers(cap: float, levels: list[int], repeat: int, margin: float) -> None:
+    """`unbroken serve --workers 2` against `--workers 1` at saturation: chunks/s when each
+    worker's CPU is the limit, every gateway on one Redis store.
+
+    Each worker process (not the supervisor, Redis, the mock nor the load process) runs in
+    its own cgroup capped at `cap` cores, so the workers saturate while the machine keeps
+    cores to spare for the rest. The offered load rises step by step, `levels` streams per
+    worker (one load process of level x workers streams); at each level the 1-worker and the
+    2-worker gateway run one after the other (their order swapped every run), so each pair
+    meets the same machine. A level that leaves the machine less than `margin` idle is run
+    again (SAT_RETRIES times; the machine is shared) and, if it still does, does not hold; a
+    ramp ends when both gateways' chunks/s stopped growing, or after two levels in a row
+    short of the margin (higher, the measure would be the machine's). The figure at
+    saturation is the highest level that held (every worker at its cap, the margin kept) in
+    at least half of the runs: medians of those runs."""
+    with CpuCap("probe", cap):  # can this process cap CPU here at all? (before any start-up)
+        pass
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        mock_process(MOCK_CONFIG) as mock_url,
+        redis_process() as (redis_url, redis_pid),
+        ExitStack() as stack,
+    ):
+        env = {"UNBROKEN_GATEWAY_STORE": redis_url, "UNBROKEN_GATEWAY_SESSIONS": redis_url}
+        gateways: dict[int, tuple[Target, list[CpuCap]]] = {}
+        for n in (1, 2):
+            workdir = Path(tmp) / f"w{n}"
+            workdir.mkdir()
+            gateway = stack.enter_context(
+                unbroken_server(mock_url, workdir, workers=n, extra_env=env)
+            )
+            # The workers: a 1-worker gateway serves in the process started, a larger one
+            # in the children it forks.
+            pids = [p for p in _tree(gateway.pid) if p != gateway.pid] or [gateway.pid]
+            caps = []
+            for i, pid in enumerate(pids):
+                capped = stack.enter_context(CpuCap(f"w{n}-{i}", cap))
+                capped.add(pid)
+                caps.append(capped)
+            gateways[n] = (gateway, caps)
+        others = {"Redis": redis_pid, "mock": _mock_pid()}
+        first = gateways[1][1][0]
+        print(
+            f"workers at saturation (Redis store): each worker in a cgroup capped at {cap:g} "
+            f"core ({first.parent}, cgroup v{first.version}); {os.cpu_count()} CPUs; streams of "
+            f"{CHUNKS} chunks {TOKEN_MS:g} ms apart; {SAT_WINDOW_S:g} s window per step; load "
+            f"average {_load_average()}",
+            flush=True,
+        )
+        # runs[r][n]: run r's steps of the n-worker gateway, one per level reached.
+        runs: list[dict[int, list[dict[str, Any]]]] = []
+        for r in range(repeat):
+            steps: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+            runs.append(steps)
+            print(f"  run {r + 1}/{repeat}:", flush=True)
+            short = 0  # levels in a row that left the machine under the margin
+            for level in levels:
+                best: dict[int, dict[str, Any]] = {}
+                for _ in range(1 + SAT_RETRIES):
+                    pair: dict[int, dict[str, Any]] = {}
+                    for n in (1, 2) if r % 2 == 0 else (2, 1):
+                        gateway, caps = gateways[n]
+                        pair[n] = _sat_step(gateway, caps, level * n, others)
+                        print(f"    {level:>3} x {n}: {_sat_line(pair[n])}", flush=True)
+                        if pair[n]["refused"] or pair[n]["short"]:
+                            print(
+                                f"      refused: {pair[n]['refused']}; streams ended short "
+                                f"(chunks, [DONE], status): {pair[n]['short']}"
+                            )
+                    if not best or _idle(pair) > _idle(best):
+                        best = pair
+                    if _idle(pair) >= margin:
+                        break
+                    # The machine is shared: other load may have come and gone.
+                    print(f"    the machine was less than {margin:.0%} idle: again", flush=True)
+                for n, step in best.items():
+                    step["held"] = _idle(best) >= margin and _capped(step, cap)
+                    steps[n].append(step)
+                short = short + 1 if _idle(best) < margin else 0
+                if short == 2:
+                    print(
+                        "    the ramp stops: two levels in a row left the machine under the "
+                        "margin (higher, it, not the capped workers, would be the limit)"
+                    )
+                    break
+                if all(saturated([s["rate"] for s in steps[n]]) for n in (1, 2)):
+                    break
+        _sat_report(runs, levels, cap, margin)
+
+
+def _sat_report(
+    runs: list[dict[int, list[dict[str, Any]]]], levels: list[int], cap: float, margin: float
+) -> None:
+    """Per level, the medians of the runs in which it held (every worker at its cap, the
+    machine `margin` idle); the figure at saturation."""
+    print(
+        f"\nworkers at saturation, each worker capped at {cap:g} core, {len(runs)} runs, "
+        "alternating; per level the medians of the runs where it held (every worker at its cap, "
+        f"the machine >= {margin:.0%} idle): chunks/s (CPU per chunk, cores per worker), the "
+        "1 / 2 worker steps' other processes:"
+    )
+    held = [[a["held"] and b["held"] for a, b in zip(s[1], s[2], strict=True)] for s in runs]
+    for i, level in enumerate(levels):
+        reached = [steps for steps, ok in zip(runs, held, strict=True) if len(ok) > i and ok[i]]
+        if not reached:
+            print(f"  {level:>3} streams per worker: held in no run")
+            continue
+        one = statistics.median(s[1][i]["rate"] for s in reached)
+        two = statistics.median(s[2][i]["rate"] for s in reached)
+        ratios = sorted(s[2][i]["rate"] / s[1][i]["rate"] for s in reached)
+        cores = {n: _median_list([s[n][i]["cores"] for s in reached]) for n in (1, 2)}
+        us = {
+            n: statistics.median(sum(s[n][i]["cores"]) / s[n][i]["rate"] * 1e6 for s in reached)
+            for n in (1, 2)
+        }
+        shares = _median_list([s[2][i]["shares"] for s in reached])
+        print(
+            f"  {level:>3} streams per worker, held in {len(reached)} of {len(runs)} runs: "
+            f"1 worker {one:>6.0f} ({us[1]:.1f} us, {cores[1][0]:.2f}), 2 workers {two:>6.0f} "
+            f"({us[2]:.1f} us, {' / '.join(f'{c:.2f}' for c in cores[2])}, bytes "
+            f"{' / '.join(f'{c:.0%}' for c in shares)}): {statistics.median(ratios):.2f}x (runs "
+            f"{ratios[0]:.2f}x-{ratios[-1]:.2f}x); "
+            + "; ".join(
+                f"{name} "
+                + " / ".join(
+                    f"{statistics.median(s[n][i]['others'][name] for s in reached):.2f}"
+                    for n in (1, 2)
+                )
+                for name in ("Redis", "mock", "load")
+            )
+            + f" core; idle >= {min(min(s[1][i]['idle'], s[2][i]['idle']) for s in reached):.0%}"
+        )
+    top = saturation_level(held)
+    if top is None:
+        print(
+            f"  no figure at saturation: no level held in half of the runs (every worker at its "
+            f"cap, the machine {margin:.0%} idle): raise --sat-levels or lower --cpu-cap"
+        )
+        return
+    reached = [steps for steps, ok in zip(runs, held, strict=True) if len(ok) > top and ok[top]]
+    one = statistics.median(s[1][top]["rate"] for s in reached)
+    two = statistics.median(s[2][top]["rate"] for s in reached)
+    ratios = sorted(s[2][top]["rate"] / s[1][top]["rate"] for s in reached)
+    print(
+        f"  at saturation ({levels[top]} streams per worker: the highest level held in at least "
+        f"half of the runs): 1 worker {one:.0f} chunks/s, 2 workers {two:.0f}: 2 workers / "
+        f"1 worker = {two / one:.2f}x (each run's pair: median {statistics.median(ratios):.2f}x, "
+        f"range {ratios[0]:.2f}x to {ratios[-1]:.2f}x)"
+    )
+    growing = [
+        n for n in (1, 2) if not all(saturated([s["rate"] for s in steps[n]]) for steps in runs)
+    ]
+    if growing:
+        print(
+            f"  chunks/s still grew with the offered load at the last level for "
+            f"{' and '.join(f'{n} worker' + ('s' if n > 1 else '') for n in growing)}: with "
+            "the CPU capped, a worker further behind reads more chunks per read and per turn "
+            "of its loop, so each chunk costs it less"
+        )
+
+
+def _median_list(rows: list[list[float]]) -> list[float]:
+    """Element-wise medians of equally long lists."""
+    return [statistics.median(r[i] for r in rows) for i in range(len(rows[0]))] if rows else []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
@@ -1457,8 +1993,42 @@ def main() -> None:
         metavar="C",
         help="instead: --workers 2 against 1 at C streams per process (e.g. 128)",
     )
+    parser.add_argument(
+        "--saturate",
+        action="store_true",
+        help="instead: --workers 2 against 1 at saturation, each worker under a CPU cap",
+    )
+    parser.add_argument(
+        "--cpu-cap", type=float, default=0.2, help="cores per worker under --saturate"
+    )
+    parser.add_argument(
+        "--sat-levels",
+        default="16,24,32,48,64",
+        help="streams per worker at each step of --saturate (until chunks/s stops growing)",
+    )
+    parser.add_argument(
+        "--idle-margin",
+        type=float,
+        default=0.10,
+        help="--saturate flags a step leaving the machine less idle than this share",
+    )
     args = parser.parse_args()
     raise_open_files()
+    if args.saturate:
+        # The cgroups are removed on the way out: let a SIGTERM unwind as Ctrl-C does.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        try:
+            cap_files(1, args.cpu_cap)
+            levels = [int(x) for x in args.sat_levels.split(",") if x]
+        except ValueError as e:
+            parser.error(f"--cpu-cap / --sat-levels: {e}")
+        if not levels or min(levels) < 1 or not 0 <= args.idle_margin < 1:
+            parser.error("--sat-levels needs streams >= 1, --idle-margin a share in [0, 1)")
+        try:
+            saturate_workers(args.cpu_cap, levels, args.repeat, args.idle_margin)
+        except CpuCapError as e:
+            sys.exit(f"--saturate: {e} (it needs root and a cgroup CPU controller)")
+        return
     if args.soak:
         soak(args.soak, args.soak_tokens, args.soak_ramp, args.soak_workers)
         return
@@ -1502,6 +2072,8 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
         load_main(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--sat-client":
+        sat_client_main(sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "--soak-client":
         soak_main(sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "--pyrelay":
