@@ -10,14 +10,15 @@ the 90th percentile, which was the whole time-to-first-token tail. `Acceptor` ta
 connection waiting (up to `ACCEPT_BATCH`) each time the listener is readable, as asyncio's
 own selector loop does, and hands each to the loop with `connect_accepted_socket`.
 
-It also reads what a connection brought with it as it is accepted (a client writes its request
-as soon as it is connected, and a busy gateway accepts it later): those bytes reach the
-protocol's `data_received` right after its `connection_made`, in the same turn of the loop.
-Why: the loop's own first read of a new connection came one more turn later (after a whole
-batch of other connections' reads): at 256 new streams a second, 3-20 ms p50 (45-150 ms p90)
-between `connection_made` and the request's `data_received`, on the way to every first token
-(a per-request probe). A protocol that closes its transport in `connection_made` must ignore
-them (the gateway's does: a refused connection reads nothing more).
+It also reads what a connection brought with it as it is accepted (a client writes its
+request as soon as it is connected, and a busy gateway accepts it later): those bytes reach
+the protocol's `data_received` right after its `connection_made`, in the same turn of the
+loop. Why: the loop's own first read of a new connection came one more turn later (after a
+whole batch of other connections' reads): at 256 new streams a second, 1-20 ms p50 (12-150
+ms p90) between `connection_made` and the request's `data_received`, on the way to every
+first token (a per-request probe on a loaded host). A protocol that closes its transport in
+`connection_made` must ignore them (the gateway's does: a refused connection reads nothing
+more).
 Imports asyncio and socket only.
 """
 
