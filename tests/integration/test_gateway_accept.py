@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -175,3 +176,111 @@ def test_out_of_fds_pauses_then_accepts_again(monkeypatch: pytest.MonkeyPatch) -
             assert uvloop.run(asyncio.wait_for(main(sock), 10)) == (False, 0, 5)
     finally:
         sock.close()
+
+
+class Recording(asyncio.Protocol):
+    """Records what reaches it, and where the turn of its `connection_made` ends (a
+    callback scheduled from it, which runs after those already scheduled)."""
+
+    def __init__(self) -> None:
+        self.events: list[object] = []
+        self.lost = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.events.append("made")
+        # Whether the loop still has bytes to read (it reads only after a poll).
+        fd = transport.get_extra_info("socket").fileno()  # uvloop's has no recv
+        with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                self.events.append(("unread", len(sock.recv(1 << 20, socket.MSG_PEEK))))
+            except BlockingIOError:
+                self.events.append(("unread", 0))
+        asyncio.get_running_loop().call_soon(self.events.append, "turn ends")
+
+    def data_received(self, data: bytes) -> None:
+        self.events.append(data)
+
+    def eof_received(self) -> None:
+        self.events.append("eof")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set_result(None)
+
+
+def _serve_one(sock: socket.socket, until_lost: bool = False) -> list[object]:
+    """The events of the one protocol an `Acceptor` on `sock` makes (within 5 turns, or
+    until its connection is lost)."""
+
+    async def main() -> list[object]:
+        made: list[Recording] = []
+
+        def factory() -> Recording:
+            made.append(Recording())
+            return made[-1]
+
+        acceptor = Acceptor(asyncio.get_running_loop(), sock, factory)
+        await turns(5)
+        if until_lost:
+            await asyncio.wait_for(made[0].lost, 10)
+        elif made and made[0].transport is not None:
+            made[0].transport.close()
+            await asyncio.wait_for(made[0].lost, 10)
+        acceptor.close()
+        await acceptor.wait_closed()
+        assert len(made) == 1
+        return made[0].events
+
+    events: list[object] = uvloop.run(main())
+    return events
+
+
+def test_bytes_waiting_at_accept_reach_the_protocol_in_the_turn_of_connection_made() -> None:
+    """A request written as soon as the client connected is in the socket when a busy
+    gateway accepts it: it is read then, and reaches `data_received` right after
+    `connection_made`, with no poll of the loop in between (the loop's own first read came
+    after one, and a loaded loop's poll runs hundreds of other reads first)."""
+    with listener() as sock, queued(sock, 1) as clients:
+        clients[0].sendall(b"POST / HTTP/1.1\r\n\r\n")
+        assert _serve_one(sock) == [
+            "made",
+            ("unread", 0),
+            b"POST / HTTP/1.1\r\n\r\n",
+            "turn ends",
+        ]
+
+
+def test_more_than_one_read_waiting_at_accept_arrives_whole_and_in_order() -> None:
+    """What the first read leaves in the socket follows from the loop's reads, in order,
+    and the client's close after it is seen as the end of the stream."""
+    sent = bytes(range(256)) * (3 * accept.FIRST_READ // 256 + 7)
+    first = accept.FIRST_READ + 1000  # more than one read, less than the socket buffers
+    with listener() as sock, queued(sock, 1) as clients:
+        client = clients[0]
+        client.sendall(sent[:first])
+
+        def write() -> None:
+            client.sendall(sent[first:])
+            client.shutdown(socket.SHUT_WR)
+
+        writer = threading.Thread(target=write)  # the rest would not fit: sent meanwhile
+        writer.start()
+        try:
+            events = _serve_one(sock, until_lost=True)
+        finally:
+            writer.join(10)
+    assert events[0] == "made"
+    assert events[2] == sent[: accept.FIRST_READ]  # read at accept, then the loop's reads
+    assert events[-1] == "eof"
+    assert b"".join(e for e in events if isinstance(e, bytes)) == sent
+
+
+def test_a_connection_closed_before_it_is_accepted_reads_nothing_and_ends() -> None:
+    """A client gone before its connection is accepted: no bytes, the end of the stream."""
+    with listener() as sock, queued(sock, 1) as clients:
+        clients[0].shutdown(socket.SHUT_WR)
+        events = _serve_one(sock, until_lost=True)
+    assert events[:2] == ["made", ("unread", 0)]
+    assert "eof" in events
+    assert not any(isinstance(e, bytes) for e in events)

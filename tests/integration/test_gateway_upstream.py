@@ -21,7 +21,7 @@ from unbroken.client._driver import Exchange
 from unbroken.client.async_ import AsyncStream
 from unbroken.core.wire import ChatCompletionChunk
 from unbroken.errors import InternalServerError
-from unbroken.gateway.upstream import LeanTransport
+from unbroken.gateway.upstream import AHEAD, LeanTransport
 from unbroken.mock import MockConfig, MockServer
 
 pytestmark = pytest.mark.integration
@@ -102,6 +102,47 @@ async def test_requests_outgrowing_the_pool_find_a_connection_opened_ahead(
                 await response.aread()
     await transport.aclose()
     assert transport._open == 0
+
+
+@pytest.mark.anyio
+async def test_a_burst_of_requests_finds_spares_opened_ahead(
+    upstream: MockServer, lean: tuple[httpx.AsyncClient, LeanTransport]
+) -> None:
+    """Requests read in one loop turn (a busy gateway reads several at once) find no
+    connection opened in between: while others are busy, those that find none open one
+    more ahead each, up to one per `AHEAD_SHARE` connections open at once (not `AHEAD`), so
+    the next burst finds them idle and sends at once. Each connect starts in the turn of
+    the request that wants it (a connection being opened ahead is counted at once)."""
+    client, transport = lean
+    url = upstream.url + "/chat/completions"
+
+    def idle() -> int:
+        return sum(len(conns) for conns in transport._idle.values())
+
+    def send() -> Coroutine[Any, Any, httpx.Response]:
+        request = client.build_request("POST", url, content=BODY, headers=HEADERS)
+        return client.send(request, stream=True)
+
+    busy = [await send() for _ in range(40)]  # one after another: a busy pool
+    await _settled(transport)
+    assert transport._open == 40 + idle()
+    burst = [asyncio.ensure_future(send()) for _ in range(24)]
+    await asyncio.sleep(0)  # the burst's requests all take (or open) a connection now
+    opening = sum(transport._opening.values())
+    assert opening > AHEAD
+    assert transport._open == 40 + 24 + opening  # counted: their connects started
+    busy += await asyncio.gather(*burst)
+    await _settled(transport)
+    spares = idle()
+    assert spares > AHEAD
+    # The next burst takes them: no connect of its own.
+    opened = transport._open
+    busy += await asyncio.gather(*(send() for _ in range(spares)))
+    await _settled(transport)
+    assert transport._open - opened == sum(transport._opening.values()) + idle()
+    for response in busy:
+        await response.aclose()
+    await transport.aclose()
 
 
 @pytest.mark.anyio

@@ -10,7 +10,7 @@ import pytest
 
 from unbroken.errors import ConfigError
 from unbroken.gateway.app import upstream_transport
-from unbroken.gateway.upstream import MIN_POOL, SPARE_FDS, pool_size
+from unbroken.gateway.upstream import MIN_POOL, SPARE_FDS, pool_size, spares_wanted
 from unbroken.settings import GatewaySettings, Settings
 
 
@@ -79,3 +79,24 @@ def test_a_bad_value_in_the_file_names_the_key(tmp_path: Path) -> None:
     config.write_text("[gateway]\nupstream_connections = -1\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"gateway\.upstream_connections must be an integer >= 0"):
         Settings.load(config, {})
+
+
+@pytest.mark.parametrize(
+    ("connect_s", "gap_s", "expected"),
+    [
+        # The requests expected while one connection is being opened.
+        (0.015, 0.004, 4),
+        (0.050, 0.004, 13),
+        (0.001, 0.004, 1),
+        # Requests slower than connects: none beyond the one that replaces a taken one.
+        (0.001, 1.0, 1),
+        # No connect measured yet.
+        (0.0, 0.004, 0),
+        # Requests all at once: as many as the caller's bound lets it open.
+        (0.001, 0.0, 1 << 30),
+    ],
+)
+def test_spares_cover_the_requests_expected_during_one_connect(
+    connect_s: float, gap_s: float, expected: int
+) -> None:
+    assert spares_wanted(connect_s, gap_s) == expected

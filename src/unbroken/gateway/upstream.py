@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import resource
 import ssl
 import time
@@ -25,6 +26,7 @@ import httpx
 
 from unbroken.errors import ConfigError, UpstreamConnectError
 from unbroken.gateway.direct import hold_writes, release_writes, writes_held
+from unbroken.gateway.eager import eager_task
 from unbroken.gateway.proxy import Proxy, ProxyConfig, open_tunnel
 
 __all__ = ["LeanTransport", "pool_size"]
@@ -43,9 +45,24 @@ SPARE_FDS = 256
 MIN_POOL = 16
 # URLs whose pool key is remembered (the routes' few; reconnect URLs, each new, flush it).
 MAX_KNOWN_URLS = 256
-# Connections opened ahead at once per upstream while requests outgrow the pool (see
-# `LeanTransport._open_ahead`).
+# Connections being opened ahead at once per upstream while requests outgrow the pool (see
+# `LeanTransport._open_ahead`): this many, or one per `AHEAD_SHARE` connections open if more.
 AHEAD = 2
+AHEAD_SHARE = 8
+# Weight of a new sample in the running means of the gap between requests and of the time a
+# connect takes (`spares_wanted`).
+MEAN_WEIGHT = 0.125
+
+
+def spares_wanted(connect_s: float, gap_s: float) -> int:
+    """Upstream connections to keep idle or being opened while requests outgrow the pool:
+    the requests expected during one connect (`connect_s` over the mean `gap_s` between
+    requests)."""
+    if connect_s <= 0.0:
+        return 0
+    if gap_s <= 0.0:
+        return 1 << 30  # bounded by the caller
+    return math.ceil(connect_s / gap_s)
 
 
 def pool_size(configured: int, max_connections: int, open_files: int | None = None) -> int:
@@ -617,6 +634,12 @@ class LeanTransport(httpx.AsyncBaseTransport):
         # Connections being opened ahead, per upstream, and their tasks (`_open_ahead`).
         self._opening: dict[tuple[str, str, int], int] = {}
         self._ahead_tasks: set[asyncio.Task[None]] = set()
+        # Running means of the time between requests taking a connection and of the time
+        # a connect takes (loop seconds), and the latest request's time: they size the
+        # spares (`spares_wanted`).
+        self._gap_s = 1.0
+        self._connect_s = 0.0
+        self._last_take = 0.0
         self._closed = False
 
     def _parsing_for(self, loop: asyncio.AbstractEventLoop) -> _Parsing:
@@ -666,17 +689,21 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self, key: tuple[str, str, int], timeouts: dict[str, float | None]
     ) -> _Connection:
         loop = asyncio.get_running_loop()
+        now = loop.time()
+        # A gap counts for a second at most: a pool idle for an hour wants no hour of
+        # requests to learn that they come faster.
+        self._gap_s += (min(now - self._last_take, 1.0) - self._gap_s) * MEAN_WEIGHT
+        self._last_take = now
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
             if conn.reusable:
-                if not idle and self._open > 1:
-                    self._open_ahead(key, timeouts)  # the last idle one, others busy
+                # Spares are opened once its request is written (`_exchange`).
                 return conn
             conn.abort()
             self._open -= 1
         if self._open > 0:
-            self._open_ahead(key, timeouts)  # none idle, others busy
+            self._open_ahead(key, timeouts, 0)  # none idle, others busy
         pool_s = timeouts.get("pool")
         deadline = None if pool_s is None else time.monotonic() + pool_s
         while self._open >= self._max:
@@ -692,25 +719,45 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 return await self._connect(key, timeouts)
         return await self._new(loop, key, timeouts)
 
-    def _open_ahead(self, key: tuple[str, str, int], timeouts: dict[str, float | None]) -> None:
-        """Open a connection to `key` ahead of the request that will need it, in a task of
-        its own, when requests outgrow the pool: one that took the last idle connection,
-        or found none, while others are busy (at most `AHEAD` at once per upstream, and
-        never the pool's last places).
+    def _open_ahead(
+        self, key: tuple[str, str, int], timeouts: dict[str, float | None], idle_left: int
+    ) -> None:
+        """Open connections to `key` ahead of the requests that will need them, each in a
+        task of its own whose connect starts now, when requests outgrow the pool: after a
+        request took a connection while others are busy, leaving `idle_left` idle. One when
+        none is left; more while the spares (idle or being opened) are fewer than the
+        requests expected during one connect (`spares_wanted`). At most `AHEAD` (or one per
+        `AHEAD_SHARE` connections open) being opened at once, never the pool's last places.
 
         Why: a request that opens its connection waits for the connect, a loop turn (more
         with TLS, a proxy, a name to resolve), on the way to its first token: at 256 new
         streams a second through bench/gateway.py, 239 of 256 requests connected (117 ms
         p50 from the request's bytes to the upstream write under that load, 0.15 ms on an
         idle connection; a per-request probe). A connection opened ahead waits idle, as
-        any other, and is closed after `KEEPALIVE_EXPIRY_S` if no request takes it."""
+        any other, and is closed after `KEEPALIVE_EXPIRY_S` if no request takes it.
+        With `AHEAD` at most, a burst outran them: at 256 new streams a second 60% of the
+        requests still connected, their first tokens 6-10x later than those that found a
+        connection (a probe per request); requests read in one loop turn (a busy loop reads
+        several) find none opened in between. The connect starts in the caller's turn
+        (eager start): a task's first turn came a loop turn later."""
         opening = self._opening.get(key, 0)
-        if opening >= AHEAD or self._closed or self._open + opening + 2 > self._max:
+        n = spares_wanted(self._connect_s, self._gap_s) - idle_left - opening
+        if idle_left == 0 and n < 1:
+            n = 1  # the one taken (or the request's own connect) replaced
+        n = min(
+            n,
+            max(AHEAD, self._open // AHEAD_SHARE) - opening,
+            self._max - self._open - opening - 1,  # never the pool's last places
+        )
+        if n < 1 or self._closed:
             return
-        self._opening[key] = opening + 1
-        task = asyncio.get_running_loop().create_task(self._ahead(key, dict(timeouts)))
-        self._ahead_tasks.add(task)
-        task.add_done_callback(self._ahead_tasks.discard)
+        self._opening[key] = opening + n
+        loop = asyncio.get_running_loop()
+        for _ in range(n):
+            task, start = eager_task(loop, self._ahead(key, dict(timeouts)))
+            self._ahead_tasks.add(task)
+            task.add_done_callback(self._ahead_tasks.discard)
+            start.step_now()
 
     async def _ahead(self, key: tuple[str, str, int], timeouts: dict[str, float | None]) -> None:
         try:
@@ -735,6 +782,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
     ) -> _Connection:
         """Open a connection to `key` (counted in the pool)."""
         self._open += 1
+        started = loop.time()
         scheme, host, port = key
         context = None
         if scheme == "https":
@@ -776,6 +824,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
         except BaseException:
             self._open -= 1
             raise
+        self._connect_s += (loop.time() - started - self._connect_s) * MEAN_WEIGHT
         return conn
 
     async def _tunnel(
@@ -835,7 +884,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
             reused = conn.idle_since > 0
             conn.begin()
             try:
-                return await self._exchange(conn, payload, timeouts)
+                return await self._exchange(conn, payload, timeouts, key if reused else None)
             except httpx.ReadError:
                 conn.abort()
                 self._forget(conn)
@@ -851,10 +900,19 @@ class LeanTransport(httpx.AsyncBaseTransport):
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     async def _exchange(
-        self, conn: _Connection, payload: bytes, timeouts: dict[str, float | None]
+        self,
+        conn: _Connection,
+        payload: bytes,
+        timeouts: dict[str, float | None],
+        idle_key: tuple[str, str, int] | None = None,
     ) -> httpx.Response:
+        """Send `payload` on `conn` and wait for the response's head; `idle_key`: the pool
+        key of a connection taken idle, whose spares are opened once the request is
+        written (their connects, ~40 us each, are not on its way)."""
         assert conn.transport is not None  # noqa: S101 - set by connection_made
         conn.transport.write(payload)
+        if idle_key is not None and self._open > 1:
+            self._open_ahead(idle_key, timeouts, len(self._idle.get(idle_key) or ()))
         read_timeout = timeouts.get("read")
         while not conn.headers_done:
             if conn.error is not None:
