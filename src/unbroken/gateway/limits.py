@@ -20,9 +20,9 @@ from unbroken.errors import StoreError
 from unbroken.gateway.keys import Caller
 from unbroken.gateway.problems import GatewayError
 from unbroken.gateway.usage import day_of
-from unbroken.stores.base import Store
+from unbroken.stores.base import Bucket, Store
 
-__all__ = ["Admission", "Limiter"]
+__all__ = ["Admission", "Limiter", "bucket_key"]
 
 # Daily counters outlive their UTC day by one more, so a late request still finds them.
 DAY_TTL_S = 2 * 86400.0
@@ -36,6 +36,9 @@ class Admission:
 
     Attributes:
         unchecked: admitted without limits because the store failed (fail-open).
+        requests_level: the requests-per-minute bucket's tokens once this request was
+            taken (None without that limit), for the rate-limit headers.
+        tokens_level: the same of the tokens-per-minute bucket.
     """
 
     caller: Caller
@@ -46,6 +49,14 @@ class Admission:
     unchecked: bool = False
     tokens_booked: bool = False
     cost_booked: bool = False
+    requests_level: float | None = None
+    tokens_level: float | None = None
+
+
+def bucket_key(kind: str, cid: str) -> str:
+    """The store key of caller `cid`'s `rpm` or `tpm` bucket: the id is a Redis hash tag,
+    so both buckets share a slot and one `Store.take_all` takes them on Redis Cluster."""
+    return f"{kind}:{{{cid}}}"
 
 
 def _to_midnight(now: float) -> float:
@@ -131,29 +142,40 @@ class Limiter:
                     "daily_cost_budget_exceeded",
                     _to_midnight(now),
                 )
-        rpm = limits.requests_per_minute
+        rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+        buckets: list[Bucket] = []
         if rpm is not None:
-            wait = await store.take(f"rpm:{cid}", rpm, rpm / 60.0, 1.0, now)
-            if wait > 0:
-                raise self._refuse(
-                    f"key {caller.name!r} is over its limit of {rpm:g} requests per minute",
-                    "requests_per_minute_exceeded",
-                    wait,
-                )
-        tpm = limits.tokens_per_minute
+            buckets.append(Bucket(bucket_key("rpm", cid), rpm, rpm / 60.0, 1.0))
+        cost = 0.0
         if tpm is not None:
             # A request bigger than the whole bucket still runs when the bucket is full.
             cost = float(min(max(estimated_tokens, 1), tpm))
-            wait = await store.take(f"tpm:{cid}", tpm, tpm / 60.0, cost, now)
-            if wait > 0:
-                await self._undo(admission, now, rpm=True)
+            buckets.append(Bucket(bucket_key("tpm", cid), tpm, tpm / 60.0, cost))
+        if buckets:
+            # Both buckets in one store call (one round trip before the upstream request),
+            # all or nothing; its levels are the answer's rate-limit headers.
+            taken = await store.take_all(buckets, now)
+            if taken.refused is not None:
+                # Nothing was taken from either bucket; the daily reservation goes back.
+                await self._undo(admission, now, rpm=False)
+                if rpm is not None and taken.refused == 0:
+                    raise self._refuse(
+                        f"key {caller.name!r} is over its limit of {rpm:g} requests per minute",
+                        "requests_per_minute_exceeded",
+                        taken.wait,
+                    )
                 raise self._refuse(
                     f"key {caller.name!r} is over its limit of {tpm:g} tokens per minute "
                     f"(this request needs about {cost:.0f})",
                     "tokens_per_minute_exceeded",
-                    wait,
+                    taken.wait,
                 )
-            admission.reserved_tokens = int(cost)
+            levels = iter(taken.levels)
+            if rpm is not None:
+                admission.requests_level = next(levels)
+            if tpm is not None:
+                admission.tokens_level = next(levels)
+                admission.reserved_tokens = int(cost)
         streams = limits.concurrent_streams
         if streams is not None:
             lease = uuid.uuid4().hex
@@ -187,10 +209,12 @@ class Limiter:
             admission.reserved_daily = 0.0
         if rpm and limits.requests_per_minute is not None:
             r = limits.requests_per_minute
-            await self._store.adjust(f"rpm:{cid}", r, r / 60.0, 1.0, now)
+            await self._store.adjust(bucket_key("rpm", cid), r, r / 60.0, 1.0, now)
         if admission.reserved_tokens and limits.tokens_per_minute is not None:
             t = limits.tokens_per_minute
-            await self._store.adjust(f"tpm:{cid}", t, t / 60.0, admission.reserved_tokens, now)
+            await self._store.adjust(
+                bucket_key("tpm", cid), t, t / 60.0, admission.reserved_tokens, now
+            )
             admission.reserved_tokens = 0
 
     async def renew(self, admission: Admission, now: float) -> None:
@@ -227,7 +251,7 @@ class Limiter:
         if tpm is not None and admission.reserved_tokens:
             delta = admission.reserved_tokens - (tokens or 0)
             if delta:
-                await store.adjust(f"tpm:{cid}", tpm, tpm / 60.0, float(delta), now)
+                await store.adjust(bucket_key("tpm", cid), tpm, tpm / 60.0, float(delta), now)
             admission.reserved_tokens = 0
         if not admission.tokens_booked:
             if admission.reserved_daily or (tokens and limits.daily_tokens is not None):
