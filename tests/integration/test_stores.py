@@ -13,8 +13,11 @@ import pytest
 from tests.support import free_port
 from unbroken.core.ratelimit import TokenBucket
 from unbroken.errors import StoreError
+from unbroken.gateway.keys import Caller
+from unbroken.gateway.limits import Limiter
 from unbroken.settings import KeySettings, LimitSettings, hash_key
 from unbroken.stores import MemoryStore, Store, open_store
+from unbroken.stores.base import Bucket, Taken
 
 pytestmark = pytest.mark.integration
 
@@ -130,6 +133,38 @@ CASES: list[tuple[str, list[tuple[Any, ...]], list[Any]]] = [
         ],
         [5.0, 5.25, 5.25, 0.0, 1.0, 0.0],
     ),
+    (
+        "take_all takes every cost and returns the levels after",
+        [("take_all", [Bucket("r", 3, 1, 1), Bucket("t", 10, 1, 4)], 0.0)],
+        [Taken(None, 0.0, (2.0, 6.0))],
+    ),
+    (
+        "take_all: a refusing second bucket takes nothing from the first",
+        [
+            ("take", "t", 10, 1, 8, 0.0),
+            ("take_all", [Bucket("r", 3, 1, 1), Bucket("t", 10, 1, 4)], 0.0),
+            ("level", "r", 3, 1, 0.0),
+            ("take_all", [Bucket("r", 3, 1, 1), Bucket("t", 10, 1, 4)], 2.0),
+        ],
+        [0.0, Taken(1, 2.0, (3.0, 2.0)), 3.0, Taken(None, 0.0, (2.0, 0.0))],
+    ),
+    (
+        "take_all: the first refusing bucket is named, the others keep their tokens",
+        [
+            ("take_all", [Bucket("r", 1, 0.5, 1), Bucket("t", 10, 1, 4)], 0.0),
+            ("take_all", [Bucket("r", 1, 0.5, 1), Bucket("t", 10, 1, 4)], 1.0),
+            ("level", "t", 10, 1, 1.0),
+            ("take_all", [Bucket("r", 1, 0.5, 1), Bucket("t", 10, 1, 20)], 2.0),
+            ("level", "r", 1, 0.5, 2.0),
+        ],
+        [
+            Taken(None, 0.0, (0.0, 6.0)),
+            Taken(0, 1.0, (0.5, 7.0)),
+            7.0,
+            Taken(1, math.inf, (1.0, 8.0)),
+            1.0,
+        ],
+    ),
 ]
 
 
@@ -188,3 +223,21 @@ async def test_redis_failure_is_a_store_error() -> None:
         await unreachable.take("b", 1, 1, 1, 0.0)
     assert not await unreachable.ping()
     await unreachable.aclose()
+
+
+@pytest.mark.anyio
+async def test_rate_limits_are_taken_in_one_redis_round_trip(redis_url: str) -> None:
+    """Admitting a request under requests- and tokens-per-minute limits is one script call
+    on Redis (it was one per bucket), and its levels need no read after it."""
+    from unbroken.stores.redis import RedisStore
+
+    store = open_store(redis_url)
+    assert isinstance(store, RedisStore)
+    await store._redis.flushdb()
+    caller = Caller("k:rt", "rt", LimitSettings(requests_per_minute=10, tokens_per_minute=1000))
+    await store._redis.config_resetstat()
+    admission = await Limiter(store, 60.0).admit(caller, 100, 1000.0)
+    stats = await store._redis.info("commandstats")
+    await store.aclose()
+    assert stats["cmdstat_evalsha"]["calls"] == 1
+    assert (admission.requests_level, admission.tokens_level) == (9.0, 900.0)
