@@ -17,7 +17,7 @@ from unbroken.gateway.keys import Caller
 from unbroken.gateway.limits import Limiter
 from unbroken.settings import KeySettings, LimitSettings, hash_key
 from unbroken.stores import MemoryStore, Store, open_store
-from unbroken.stores.base import Bucket, Taken
+from unbroken.stores.base import Bucket, Slot, Taken
 
 pytestmark = pytest.mark.integration
 
@@ -165,6 +165,27 @@ CASES: list[tuple[str, list[tuple[Any, ...]], list[Any]]] = [
             1.0,
         ],
     ),
+    (
+        "take_all with a slot: a held-out slot takes nothing; a free or own one is held",
+        [
+            ("acquire_slot", "s", "a", 1, 0.0, 10.0),
+            ("take_all", [Bucket("r", 3, 1, 1)], 1.0, Slot("s", "b", 1, 10.0)),
+            ("level", "r", 3, 1, 1.0),
+            ("take_all", [Bucket("r", 3, 1, 1)], 1.0, Slot("s", "a", 1, 10.0)),
+            ("take_all", [], 11.5, Slot("s", "b", 1, 10.0)),
+            ("acquire_slot", "s", "c", 1, 12.0, 10.0),
+            ("take_all", [Bucket("r", 3, 1, 5)], 12.0, Slot("s", "d", 1, 10.0)),
+        ],
+        [
+            True,
+            Taken(1, 0.0, (3.0,)),
+            3.0,
+            Taken(None, 0.0, (2.0,)),
+            Taken(None, 0.0, ()),
+            False,
+            Taken(0, math.inf, (3.0,)),
+        ],
+    ),
 ]
 
 
@@ -227,17 +248,20 @@ async def test_redis_failure_is_a_store_error() -> None:
 
 @pytest.mark.anyio
 async def test_rate_limits_are_taken_in_one_redis_round_trip(redis_url: str) -> None:
-    """Admitting a request under requests- and tokens-per-minute limits is one script call
-    on Redis (it was one per bucket), and its levels need no read after it."""
+    """Admitting a request under requests- and tokens-per-minute and concurrency limits is
+    one script call on Redis (it was one per bucket and one for the slot), and its levels
+    need no read after it."""
     from unbroken.stores.redis import RedisStore
 
     store = open_store(redis_url)
     assert isinstance(store, RedisStore)
     await store._redis.flushdb()
-    caller = Caller("k:rt", "rt", LimitSettings(requests_per_minute=10, tokens_per_minute=1000))
+    limits = LimitSettings(requests_per_minute=10, tokens_per_minute=1000, concurrent_streams=2)
+    caller = Caller("k:rt", "rt", limits)
     await store._redis.config_resetstat()
     admission = await Limiter(store, 60.0).admit(caller, 100, 1000.0)
     stats = await store._redis.info("commandstats")
     await store.aclose()
     assert stats["cmdstat_evalsha"]["calls"] == 1
     assert (admission.requests_level, admission.tokens_level) == (9.0, 900.0)
+    assert admission.lease is not None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from unbroken.gateway.keys import Caller
-from unbroken.gateway.limits import bucket_key
+from unbroken.gateway.limits import limit_key
 from unbroken.stores.base import Store
 
 __all__ = ["go_duration", "has_rate_limits", "level_headers", "rate_limit_headers"]
@@ -49,7 +49,7 @@ async def rate_limit_headers(store: Store, caller: Caller, now: float) -> list[t
         levels.append(
             None
             if per_minute is None
-            else await store.level(bucket_key(kind, caller.id), per_minute, per_minute / 60.0, now)
+            else await store.level(limit_key(kind, caller.id), per_minute, per_minute / 60.0, now)
         )
     return level_headers(caller, levels[0], levels[1])
 

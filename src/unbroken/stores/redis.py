@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 
 from unbroken.errors import ConfigError, StoreError
 from unbroken.settings import KeySettings, LimitSettings
-from unbroken.stores.base import Bucket, Taken
+from unbroken.stores.base import Bucket, Slot, Taken
 
 __all__ = ["RedisStore"]
 
@@ -61,19 +61,22 @@ return wait
 """
 )
 
-# KEYS bucket hashes; ARGV now, then capacity, refill_per_s, cost per key. Every bucket is
-# refilled and checked first, and written only when none refuses (a refused call takes
-# nothing). Returns {refused (1-based, 0 for none), wait, level per key} as strings: Lua
-# numbers would come back truncated to integers.
+# KEYS bucket hashes, then the slot zset when ARGV[2] = 1; ARGV now, with-slot, then
+# capacity, refill_per_s, cost per bucket, then lease, limit, lease_s for the slot. Every
+# bucket is refilled and checked, then the slot, and all are written only when none refuses
+# (a refused call takes nothing). Returns {refused (1-based, 0 for none), wait, level per
+# bucket} as strings: Lua numbers would come back truncated to integers.
 _TAKE_ALL = (
     _FMT
     + """
-local now = tonumber(ARGV[1])
+local now, with_slot = tonumber(ARGV[1]), ARGV[2] == '1'
+local n = #KEYS
+if with_slot then n = n - 1 end
 local levels, stamps = {}, {}
 local refused, wait = 0, '0'
-for i = 1, #KEYS do
-  local capacity, refill = tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i])
-  local cost = tonumber(ARGV[3 * i + 1])
+for i = 1, n do
+  local capacity, refill = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+  local cost = tonumber(ARGV[3 * i + 2])
   local s = redis.call('HMGET', KEYS[i], 't', 'u')
   local tokens, updated = capacity, now
   if s[1] then tokens, updated = tonumber(s[1]), tonumber(s[2]) end
@@ -87,15 +90,27 @@ for i = 1, #KEYS do
   end
   levels[i] = available
 end
+local slot, lease, lease_s = KEYS[n + 1], ARGV[3 * n + 3], tonumber(ARGV[3 * n + 5])
+if refused == 0 and with_slot then
+  redis.call('ZREMRANGEBYSCORE', slot, '-inf', fmt(now))
+  if not redis.call('ZSCORE', slot, lease) and
+     redis.call('ZCARD', slot) >= tonumber(ARGV[3 * n + 4]) then
+    refused = n + 1
+  end
+end
 local out = {tostring(refused), wait}
-for i = 1, #KEYS do
+for i = 1, n do
   if refused == 0 then
-    local capacity, refill = tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i])
-    levels[i] = levels[i] - tonumber(ARGV[3 * i + 1])
+    local capacity, refill = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+    levels[i] = levels[i] - tonumber(ARGV[3 * i + 2])
     redis.call('HSET', KEYS[i], 't', fmt(levels[i]), 'u', fmt(stamps[i]))
     redis.call('PEXPIRE', KEYS[i], math.ceil((capacity / refill + 60) * 1000))
   end
   out[i + 2] = fmt(levels[i])
+end
+if refused == 0 and with_slot then
+  redis.call('ZADD', slot, fmt(now + lease_s), lease)
+  redis.call('PEXPIRE', slot, math.ceil(lease_s * 1000) + 60000)
 end
 return out
 """
@@ -267,12 +282,17 @@ class RedisStore:
         )
         return math.inf if raw == "inf" else float(raw)
 
-    async def take_all(self, buckets: Sequence[Bucket], now: float) -> Taken:
-        """See `Store.take_all`: one script over all the buckets."""
+    async def take_all(
+        self, buckets: Sequence[Bucket], now: float, slot: Slot | None = None
+    ) -> Taken:
+        """See `Store.take_all`: one script over the buckets and the slot."""
         keys = [f"{self._prefix}bucket:{b.key}" for b in buckets]
-        args = [repr(now)]
+        args = [repr(now), "0" if slot is None else "1"]
         for b in buckets:
             args += [repr(float(b.capacity)), repr(float(b.refill_per_s)), repr(float(b.cost))]
+        if slot is not None:
+            keys.append(f"{self._prefix}slots:{slot.key}")
+            args += [slot.lease, str(int(slot.limit)), repr(float(slot.lease_s))]
         raw: Any = await self._run(
             "take from buckets", lambda: self._take_all(keys=keys, args=args)
         )
