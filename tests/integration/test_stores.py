@@ -15,6 +15,7 @@ from unbroken.core.ratelimit import TokenBucket
 from unbroken.errors import StoreError
 from unbroken.gateway.keys import Caller
 from unbroken.gateway.limits import Limiter
+from unbroken.gateway.problems import GatewayError
 from unbroken.settings import KeySettings, LimitSettings, hash_key
 from unbroken.stores import MemoryStore, Store, open_store
 from unbroken.stores.base import Bucket, Slot, Taken
@@ -265,3 +266,37 @@ async def test_rate_limits_are_taken_in_one_redis_round_trip(redis_url: str) -> 
     assert stats["cmdstat_evalsha"]["calls"] == 1
     assert (admission.requests_level, admission.tokens_level) == (9.0, 900.0)
     assert admission.lease is not None
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("limits", "code"),
+    [
+        (LimitSettings(requests_per_minute=1), "requests_per_minute_exceeded"),
+        (LimitSettings(tokens_per_minute=150), "tokens_per_minute_exceeded"),
+        (LimitSettings(concurrent_streams=1), "concurrency_limit_exceeded"),
+    ],
+    ids=["rpm", "tpm", "concurrency"],
+)
+async def test_a_refused_request_holds_nothing(
+    store: Store, limits: LimitSettings, code: str
+) -> None:
+    """A request refused by any of the rate or concurrency limits takes nothing: not from
+    the buckets, not a slot, not its daily token reservation."""
+    limits = LimitSettings(
+        requests_per_minute=limits.requests_per_minute or 100,
+        tokens_per_minute=limits.tokens_per_minute or 10_000,
+        concurrent_streams=limits.concurrent_streams or 10,
+        daily_tokens=1000,
+    )
+    caller = Caller("k:refused", "refused", limits)
+    limiter = Limiter(store, 60.0)
+    first = await limiter.admit(caller, 100, 1000.0)
+    with pytest.raises(GatewayError) as refused:
+        await limiter.admit(caller, 100, 1000.0)
+    assert refused.value.code == code
+    assert await store.get(f"tokens:k:refused:{first.day}", 1000.0) == 100.0
+    rpm = limits.requests_per_minute or 0
+    assert await store.level("rpm:{k:refused}", rpm, rpm / 60.0, 1000.0) == rpm - 1
+    tpm = limits.tokens_per_minute or 0
+    assert await store.level("tpm:{k:refused}", tpm, tpm / 60.0, 1000.0) == tpm - 100
