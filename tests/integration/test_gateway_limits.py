@@ -16,7 +16,7 @@ import pytest
 from unbroken.gateway.app import create_app
 from unbroken.mock import MockConfig, MockServer, ServerThread
 from unbroken.settings import GatewaySettings, KeySettings, LimitSettings, Settings, hash_key
-from unbroken.stores import open_store
+from unbroken.stores import MemoryStore, open_store
 
 pytestmark = pytest.mark.integration
 
@@ -28,6 +28,7 @@ KEYS = {
     "conc": LimitSettings(concurrent_streams=1),
     "daily": LimitSettings(daily_tokens=1),
     "cost": LimitSettings(daily_cost_usd=1e-9),
+    "both": LimitSettings(requests_per_minute=3, tokens_per_minute=100),
 }
 
 
@@ -137,6 +138,67 @@ def test_tokens_per_minute(http: httpx.Client) -> None:
     refusal(response, 429, "tokens_per_minute_exceeded")
     assert int(response.headers["retry-after"]) >= 1
     assert chat(http, "tpm", max_tokens=50).status_code == 200
+
+
+def test_rate_limit_headers_and_refusals_with_both_buckets(http: httpx.Client) -> None:
+    """rpm and tpm together: the headers count each admitted request; a request refused by
+    tpm takes nothing from rpm (its 429 shows the same requests left), and rpm refuses
+    first once it is empty."""
+    first = chat(http, "both", max_tokens=500)  # reserves the whole tpm bucket
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-limit-requests"] == "3"
+    assert first.headers["x-ratelimit-remaining-requests"] == "2"
+    assert first.headers["x-ratelimit-limit-tokens"] == "100"
+    assert first.headers["x-ratelimit-remaining-tokens"] == "0"
+    refused = chat(http, "both", max_tokens=95)
+    refusal(refused, 429, "tokens_per_minute_exceeded")
+    assert refused.headers["x-ratelimit-remaining-requests"] == "2"
+    streamed = chat(http, "both", max_tokens=1, stream=True)
+    assert streamed.status_code == 200
+    assert streamed.headers["x-ratelimit-remaining-requests"] == "1"
+    assert chat(http, "both", max_tokens=1).status_code == 200
+    refusal(chat(http, "both", max_tokens=1), 429, "requests_per_minute_exceeded")
+
+
+class CountingStore(MemoryStore):
+    """A memory store that counts its bucket calls (what a remote store's round trips
+    would be)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    async def take(self, *args: Any) -> float:
+        self.calls.append("take")
+        return await super().take(*args)
+
+    async def take_all(self, *args: Any) -> Any:
+        self.calls.append("take_all")
+        return await super().take_all(*args)
+
+    async def level(self, *args: Any) -> float:
+        self.calls.append("level")
+        return await super().level(*args)
+
+
+def test_an_admitted_request_is_one_bucket_call(upstream: MockServer) -> None:
+    """rpm and tpm are taken in one store call and the headers come from its levels: no
+    per-bucket take, no level read, streamed or not."""
+    key = KeySettings("both", hash_key(secret("both")), KEYS["both"])
+    store = CountingStore()
+    settings = Settings(
+        api_key="sk-up", base_url=upstream.url, gateway=GatewaySettings(keys=(key,))
+    )
+    with (
+        ServerThread(create_app(settings, store=store), lifespan="on") as server,
+        httpx.Client(base_url=server.url, timeout=20) as http,
+    ):
+        for stream in (False, True):
+            store.calls.clear()
+            response = chat(http, "both", max_tokens=10, stream=stream)
+            assert response.status_code == 200
+            assert int(response.headers["x-ratelimit-remaining-tokens"]) < 100
+            assert store.calls == ["take_all"]
 
 
 def test_concurrent_streams(http: httpx.Client, gateway: ServerThread) -> None:

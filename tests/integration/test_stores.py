@@ -13,8 +13,12 @@ import pytest
 from tests.support import free_port
 from unbroken.core.ratelimit import TokenBucket
 from unbroken.errors import StoreError
+from unbroken.gateway.keys import Caller
+from unbroken.gateway.limits import Limiter
+from unbroken.gateway.problems import GatewayError
 from unbroken.settings import KeySettings, LimitSettings, hash_key
 from unbroken.stores import MemoryStore, Store, open_store
+from unbroken.stores.base import Bucket, Slot, Taken
 
 pytestmark = pytest.mark.integration
 
@@ -130,6 +134,59 @@ CASES: list[tuple[str, list[tuple[Any, ...]], list[Any]]] = [
         ],
         [5.0, 5.25, 5.25, 0.0, 1.0, 0.0],
     ),
+    (
+        "take_all takes every cost and returns the levels after",
+        [("take_all", [Bucket("r", 3, 1, 1), Bucket("t", 10, 1, 4)], 0.0)],
+        [Taken(None, 0.0, (2.0, 6.0))],
+    ),
+    (
+        "take_all: a refusing second bucket takes nothing from the first",
+        [
+            ("take", "t", 10, 1, 8, 0.0),
+            ("take_all", [Bucket("r", 3, 1, 1), Bucket("t", 10, 1, 4)], 0.0),
+            ("level", "r", 3, 1, 0.0),
+            ("take_all", [Bucket("r", 3, 1, 1), Bucket("t", 10, 1, 4)], 2.0),
+        ],
+        [0.0, Taken(1, 2.0, (3.0, 2.0)), 3.0, Taken(None, 0.0, (2.0, 0.0))],
+    ),
+    (
+        "take_all: the first refusing bucket is named, the others keep their tokens",
+        [
+            ("take_all", [Bucket("r", 1, 0.5, 1), Bucket("t", 10, 1, 4)], 0.0),
+            ("take_all", [Bucket("r", 1, 0.5, 1), Bucket("t", 10, 1, 4)], 1.0),
+            ("level", "t", 10, 1, 1.0),
+            ("take_all", [Bucket("r", 1, 0.5, 1), Bucket("t", 10, 1, 20)], 2.0),
+            ("level", "r", 1, 0.5, 2.0),
+        ],
+        [
+            Taken(None, 0.0, (0.0, 6.0)),
+            Taken(0, 1.0, (0.5, 7.0)),
+            7.0,
+            Taken(1, math.inf, (1.0, 8.0)),
+            1.0,
+        ],
+    ),
+    (
+        "take_all with a slot: a held-out slot takes nothing; a free or own one is held",
+        [
+            ("acquire_slot", "s", "a", 1, 0.0, 10.0),
+            ("take_all", [Bucket("r", 3, 1, 1)], 1.0, Slot("s", "b", 1, 10.0)),
+            ("level", "r", 3, 1, 1.0),
+            ("take_all", [Bucket("r", 3, 1, 1)], 1.0, Slot("s", "a", 1, 10.0)),
+            ("take_all", [], 11.5, Slot("s", "b", 1, 10.0)),
+            ("acquire_slot", "s", "c", 1, 12.0, 10.0),
+            ("take_all", [Bucket("r", 3, 1, 5)], 12.0, Slot("s", "d", 1, 10.0)),
+        ],
+        [
+            True,
+            Taken(1, 0.0, (3.0,)),
+            3.0,
+            Taken(None, 0.0, (2.0,)),
+            Taken(None, 0.0, ()),
+            False,
+            Taken(0, math.inf, (3.0,)),
+        ],
+    ),
 ]
 
 
@@ -188,3 +245,58 @@ async def test_redis_failure_is_a_store_error() -> None:
         await unreachable.take("b", 1, 1, 1, 0.0)
     assert not await unreachable.ping()
     await unreachable.aclose()
+
+
+@pytest.mark.anyio
+async def test_rate_limits_are_taken_in_one_redis_round_trip(redis_url: str) -> None:
+    """Admitting a request under requests- and tokens-per-minute and concurrency limits is
+    one script call on Redis (it was one per bucket and one for the slot), and its levels
+    need no read after it."""
+    from unbroken.stores.redis import RedisStore
+
+    store = open_store(redis_url)
+    assert isinstance(store, RedisStore)
+    await store._redis.flushdb()
+    limits = LimitSettings(requests_per_minute=10, tokens_per_minute=1000, concurrent_streams=2)
+    caller = Caller("k:rt", "rt", limits)
+    await store._redis.config_resetstat()
+    admission = await Limiter(store, 60.0).admit(caller, 100, 1000.0)
+    stats = await store._redis.info("commandstats")
+    await store.aclose()
+    assert stats["cmdstat_evalsha"]["calls"] == 1
+    assert (admission.requests_level, admission.tokens_level) == (9.0, 900.0)
+    assert admission.lease is not None
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("limits", "code"),
+    [
+        (LimitSettings(requests_per_minute=1), "requests_per_minute_exceeded"),
+        (LimitSettings(tokens_per_minute=150), "tokens_per_minute_exceeded"),
+        (LimitSettings(concurrent_streams=1), "concurrency_limit_exceeded"),
+    ],
+    ids=["rpm", "tpm", "concurrency"],
+)
+async def test_a_refused_request_holds_nothing(
+    store: Store, limits: LimitSettings, code: str
+) -> None:
+    """A request refused by any of the rate or concurrency limits takes nothing: not from
+    the buckets, not a slot, not its daily token reservation."""
+    limits = LimitSettings(
+        requests_per_minute=limits.requests_per_minute or 100,
+        tokens_per_minute=limits.tokens_per_minute or 10_000,
+        concurrent_streams=limits.concurrent_streams or 10,
+        daily_tokens=1000,
+    )
+    caller = Caller("k:refused", "refused", limits)
+    limiter = Limiter(store, 60.0)
+    first = await limiter.admit(caller, 100, 1000.0)
+    with pytest.raises(GatewayError) as refused:
+        await limiter.admit(caller, 100, 1000.0)
+    assert refused.value.code == code
+    assert await store.get(f"tokens:k:refused:{first.day}", 1000.0) == 100.0
+    rpm = limits.requests_per_minute or 0
+    assert await store.level("rpm:{k:refused}", rpm, rpm / 60.0, 1000.0) == rpm - 1
+    tpm = limits.tokens_per_minute or 0
+    assert await store.level("tpm:{k:refused}", tpm, tpm / 60.0, 1000.0) == tpm - 100

@@ -46,7 +46,7 @@ from unbroken.gateway.limits import Admission, Limiter
 from unbroken.gateway.metrics import GatewayMetrics
 from unbroken.gateway.openapi import allowed_methods, openapi
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
-from unbroken.gateway.quota import has_rate_limits, rate_limit_headers
+from unbroken.gateway.quota import has_rate_limits, level_headers, rate_limit_headers
 from unbroken.gateway.relay import RelayResult, StreamRelay
 from unbroken.gateway.request import ChatRequest, parse_chat_request
 from unbroken.gateway.routing import ModelRouter, ServedModels, base_routes
@@ -693,7 +693,13 @@ class Gateway:
             span, "complete" if completed else "error", completion
         )
 
-    async def _admitted(self, ex: Exchange, caller: Caller, admit: Awaitable[_T]) -> _T:
+    async def _admitted(
+        self,
+        ex: Exchange,
+        caller: Caller,
+        admit: Awaitable[_T],
+        booking_of: Callable[[_T], _Booking],
+    ) -> _T:
         # OpenAI's x-ratelimit-* headers on the answer, and on a 429 of our limits.
         try:
             admitted = await admit
@@ -701,8 +707,14 @@ class Gateway:
             if exc.status == 429 and has_rate_limits(caller):
                 ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
             raise
-        if has_rate_limits(caller):  # a store round trip only when there is one to announce
-            ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
+        if has_rate_limits(caller):
+            admission = booking_of(admitted).admission
+            if admission.unchecked:  # the store failed at admission: no levels from it
+                ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
+            else:  # the levels the admission's take returned: no store round trip
+                ex.headers_out += level_headers(
+                    caller, admission.requests_level, admission.tokens_level
+                )
         return admitted
 
     async def serve_chat(
@@ -756,6 +768,7 @@ class Gateway:
                     # client's request arrived in.
                     start_now=True,
                 ),
+                lambda started: started[1],
             )
             # The producer's and the SDK's now: not held here for the answer's life (the
             # request's containers: ~330 bytes; bench/stream_memory.py).
@@ -802,7 +815,9 @@ class Gateway:
                     self._chat_done(relay, producer, result, record, streamed)
             return
 
-        booking = await self._admitted(ex, caller, _Booking.admit(self, caller, request, after))
+        booking = await self._admitted(
+            ex, caller, _Booking.admit(self, caller, request, after), lambda booked: booked
+        )
         self._trace(booking, request, headers, ex.header(b"traceparent"))
         relay = StreamRelay(
             ex,

@@ -20,9 +20,9 @@ from unbroken.errors import StoreError
 from unbroken.gateway.keys import Caller
 from unbroken.gateway.problems import GatewayError
 from unbroken.gateway.usage import day_of
-from unbroken.stores.base import Store
+from unbroken.stores.base import Bucket, Slot, Store
 
-__all__ = ["Admission", "Limiter"]
+__all__ = ["Admission", "Limiter", "limit_key"]
 
 # Daily counters outlive their UTC day by one more, so a late request still finds them.
 DAY_TTL_S = 2 * 86400.0
@@ -36,6 +36,9 @@ class Admission:
 
     Attributes:
         unchecked: admitted without limits because the store failed (fail-open).
+        requests_level: the requests-per-minute bucket's tokens once this request was
+            taken (None without that limit), for the rate-limit headers.
+        tokens_level: the same of the tokens-per-minute bucket.
     """
 
     caller: Caller
@@ -46,6 +49,15 @@ class Admission:
     unchecked: bool = False
     tokens_booked: bool = False
     cost_booked: bool = False
+    requests_level: float | None = None
+    tokens_level: float | None = None
+
+
+def limit_key(kind: str, cid: str) -> str:
+    """The store key of caller `cid`'s `rpm` or `tpm` bucket or its `slots`: the id is a
+    Redis hash tag, so all share a hash slot and one `Store.take_all` takes them on Redis
+    Cluster."""
+    return f"{kind}:{{{cid}}}"
 
 
 def _to_midnight(now: float) -> float:
@@ -131,41 +143,54 @@ class Limiter:
                     "daily_cost_budget_exceeded",
                     _to_midnight(now),
                 )
-        rpm = limits.requests_per_minute
+        rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
+        buckets: list[Bucket] = []
         if rpm is not None:
-            wait = await store.take(f"rpm:{cid}", rpm, rpm / 60.0, 1.0, now)
-            if wait > 0:
-                raise self._refuse(
-                    f"key {caller.name!r} is over its limit of {rpm:g} requests per minute",
-                    "requests_per_minute_exceeded",
-                    wait,
-                )
-        tpm = limits.tokens_per_minute
+            buckets.append(Bucket(limit_key("rpm", cid), rpm, rpm / 60.0, 1.0))
+        cost = 0.0
         if tpm is not None:
             # A request bigger than the whole bucket still runs when the bucket is full.
             cost = float(min(max(estimated_tokens, 1), tpm))
-            wait = await store.take(f"tpm:{cid}", tpm, tpm / 60.0, cost, now)
-            if wait > 0:
-                await self._undo(admission, now, rpm=True)
-                raise self._refuse(
-                    f"key {caller.name!r} is over its limit of {tpm:g} tokens per minute "
-                    f"(this request needs about {cost:.0f})",
-                    "tokens_per_minute_exceeded",
-                    wait,
-                )
-            admission.reserved_tokens = int(cost)
+            buckets.append(Bucket(limit_key("tpm", cid), tpm, tpm / 60.0, cost))
         streams = limits.concurrent_streams
+        slot = None
         if streams is not None:
-            lease = uuid.uuid4().hex
-            if not await store.acquire_slot(f"slots:{cid}", lease, streams, now, self.lease_s):
-                await self._undo(admission, now, rpm=True)
+            slot = Slot(limit_key("slots", cid), uuid.uuid4().hex, streams, self.lease_s)
+        if not buckets and slot is None:
+            return admission
+        # Both buckets and the slot in one store call (one round trip before the upstream
+        # request), all or nothing; its levels are the answer's rate-limit headers.
+        taken = await store.take_all(buckets, now, slot)
+        if taken.refused is not None:
+            # Nothing was taken; the daily reservation goes back.
+            await self._undo(admission, now)
+            if taken.refused == len(buckets):
                 raise self._refuse(
                     f"key {caller.name!r} already has {streams} requests in flight "
                     "(its concurrency limit)",
                     "concurrency_limit_exceeded",
                     1.0,
                 )
-            admission.lease = lease
+            if rpm is not None and taken.refused == 0:
+                raise self._refuse(
+                    f"key {caller.name!r} is over its limit of {rpm:g} requests per minute",
+                    "requests_per_minute_exceeded",
+                    taken.wait,
+                )
+            raise self._refuse(
+                f"key {caller.name!r} is over its limit of {tpm:g} tokens per minute "
+                f"(this request needs about {cost:.0f})",
+                "tokens_per_minute_exceeded",
+                taken.wait,
+            )
+        levels = iter(taken.levels)
+        if rpm is not None:
+            admission.requests_level = next(levels)
+        if tpm is not None:
+            admission.tokens_level = next(levels)
+            admission.reserved_tokens = int(cost)
+        if slot is not None:
+            admission.lease = slot.lease
         return admission
 
     def _refuse(self, message: str, code: str, wait_s: float) -> GatewayError:
@@ -178,26 +203,17 @@ class Limiter:
             retry_after_s=retry,
         )
 
-    async def _undo(self, admission: Admission, now: float, *, rpm: bool) -> None:
-        limits = admission.caller.limits
-        cid = admission.caller.id
+    async def _undo(self, admission: Admission, now: float) -> None:
         if admission.reserved_daily:
-            key = f"tokens:{cid}:{admission.day}"
+            key = f"tokens:{admission.caller.id}:{admission.day}"
             await self._store.add(key, -admission.reserved_daily, now, DAY_TTL_S)
             admission.reserved_daily = 0.0
-        if rpm and limits.requests_per_minute is not None:
-            r = limits.requests_per_minute
-            await self._store.adjust(f"rpm:{cid}", r, r / 60.0, 1.0, now)
-        if admission.reserved_tokens and limits.tokens_per_minute is not None:
-            t = limits.tokens_per_minute
-            await self._store.adjust(f"tpm:{cid}", t, t / 60.0, admission.reserved_tokens, now)
-            admission.reserved_tokens = 0
 
     async def renew(self, admission: Admission, now: float) -> None:
         """Keep a long request's concurrency slot."""
         if admission.lease is not None:
             await self._store.renew_slot(
-                f"slots:{admission.caller.id}", admission.lease, now, self.lease_s
+                limit_key("slots", admission.caller.id), admission.lease, now, self.lease_s
             )
 
     async def finish(
@@ -221,13 +237,13 @@ class Limiter:
         cid = admission.caller.id
         store = self._store
         if admission.lease is not None:
-            await store.release_slot(f"slots:{cid}", admission.lease)
+            await store.release_slot(limit_key("slots", cid), admission.lease)
             admission.lease = None
         tpm = limits.tokens_per_minute
         if tpm is not None and admission.reserved_tokens:
             delta = admission.reserved_tokens - (tokens or 0)
             if delta:
-                await store.adjust(f"tpm:{cid}", tpm, tpm / 60.0, float(delta), now)
+                await store.adjust(limit_key("tpm", cid), tpm, tpm / 60.0, float(delta), now)
             admission.reserved_tokens = 0
         if not admission.tokens_booked:
             if admission.reserved_daily or (tokens and limits.daily_tokens is not None):

@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 
 from unbroken.gateway.keys import Caller
+from unbroken.gateway.limits import limit_key
 from unbroken.stores.base import Store
 
-__all__ = ["go_duration", "has_rate_limits", "rate_limit_headers"]
+__all__ = ["go_duration", "has_rate_limits", "level_headers", "rate_limit_headers"]
 
 
 def go_duration(seconds: float) -> str:
@@ -38,18 +39,35 @@ def has_rate_limits(caller: Caller) -> bool:
 
 
 async def rate_limit_headers(store: Store, caller: Caller, now: float) -> list[tuple[bytes, bytes]]:
-    """The rate-limit headers of `caller` at Unix time `now` (after its request was taken)."""
+    """The rate-limit headers of `caller` at Unix time `now`, read from `store`."""
+    limits = caller.limits
+    levels: list[float | None] = []
+    for kind, per_minute in (
+        ("rpm", limits.requests_per_minute),
+        ("tpm", limits.tokens_per_minute),
+    ):
+        levels.append(
+            None
+            if per_minute is None
+            else await store.level(limit_key(kind, caller.id), per_minute, per_minute / 60.0, now)
+        )
+    return level_headers(caller, levels[0], levels[1])
+
+
+def level_headers(
+    caller: Caller, requests_level: float | None, tokens_level: float | None
+) -> list[tuple[bytes, bytes]]:
+    """The rate-limit headers of `caller` whose buckets hold these levels (the admission's,
+    after its request was taken: see `Limiter.admit`); a limit without a level is left out."""
     headers: list[tuple[bytes, bytes]] = []
     limits = caller.limits
-    for kind, per_minute in (
-        ("requests", limits.requests_per_minute),
-        ("tokens", limits.tokens_per_minute),
+    for kind, per_minute, level in (
+        ("requests", limits.requests_per_minute, requests_level),
+        ("tokens", limits.tokens_per_minute, tokens_level),
     ):
-        if per_minute is None:
+        if per_minute is None or level is None:
             continue
         refill = per_minute / 60.0
-        bucket = "rpm" if kind == "requests" else "tpm"
-        level = await store.level(f"{bucket}:{caller.id}", per_minute, refill, now)
         headers += [
             (f"x-ratelimit-limit-{kind}".encode(), str(int(per_minute)).encode()),
             (f"x-ratelimit-remaining-{kind}".encode(), str(max(0, math.floor(level))).encode()),

@@ -7,12 +7,47 @@ settings only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple, Protocol
 
 from unbroken.settings import KeySettings
 
-__all__ = ["Store"]
+__all__ = ["Bucket", "Slot", "Store", "Taken"]
+
+
+class Bucket(NamedTuple):
+    """One bucket of a `Store.take_all`: take `cost` of bucket `key` (created full)."""
+
+    key: str
+    capacity: float
+    refill_per_s: float
+    cost: float
+
+
+class Slot(NamedTuple):
+    """The slot of a `Store.take_all`: hold one of `limit` slots of `key` under `lease` for
+    `lease_s`, as `Store.acquire_slot`."""
+
+    key: str
+    lease: str
+    limit: int
+    lease_s: float
+
+
+class Taken(NamedTuple):
+    """What `Store.take_all` did.
+
+    Attributes:
+        refused: the index of the first bucket that could not give its cost, or
+            `len(buckets)` when they could but the slot is all held (nothing was taken from
+            any bucket, no slot is held), or None when every cost was taken.
+        wait: that bucket's `take` wait (0.0 when none or the slot refused).
+        levels: each bucket's tokens after the call (as `level` would read them then).
+    """
+
+    refused: int | None
+    wait: float
+    levels: tuple[float, ...]
 
 
 class Store(Protocol):
@@ -31,6 +66,15 @@ class Store(Protocol):
             0.0 when taken; else the seconds until they will be there (nothing is taken),
             `math.inf` when `cost > capacity`.
         """
+
+    async def take_all(
+        self, buckets: Sequence[Bucket], now: float, slot: Slot | None = None
+    ) -> Taken:
+        """Take every bucket's cost and then the slot, or nothing: as `take` on each bucket
+        in order and `acquire_slot`, except that when one refuses, nothing is taken from any
+        bucket and no slot is held. One atomic operation (one round trip on Redis, where the
+        keys must share a hash slot for Redis Cluster: tag them, e.g. `rpm:{id}` and
+        `tpm:{id}`); the bucket keys are distinct."""
 
     async def adjust(
         self, key: str, capacity: float, refill_per_s: float, delta: float, now: float

@@ -6,10 +6,11 @@ Single event loop, no awaits inside a method, so every method is atomic. Bucket 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from unbroken.core.ratelimit import BucketState, TokenBucket
 from unbroken.settings import KeySettings
+from unbroken.stores.base import Bucket, Slot, Taken
 
 __all__ = ["MemoryStore"]
 
@@ -36,6 +37,39 @@ class MemoryStore:
         new, wait = bucket.take(state, cost, now)
         self._buckets[key] = new
         return wait
+
+    async def take_all(
+        self, buckets: Sequence[Bucket], now: float, slot: Slot | None = None
+    ) -> Taken:
+        """See `Store.take_all`."""
+        taken: list[tuple[str, BucketState]] = []
+        refused: int | None = None
+        wait = 0.0
+        for index, (key, capacity, refill_per_s, cost) in enumerate(buckets):
+            bucket = TokenBucket(capacity, refill_per_s)
+            new, wait = bucket.take(self._buckets.get(key) or bucket.initial(now), cost, now)
+            if wait > 0:
+                refused = index
+                break
+            taken.append((key, new))
+        if refused is None and slot is not None:
+            live = {
+                lease for lease, expires in self._slots.get(slot.key, {}).items() if expires > now
+            }
+            if slot.lease not in live and len(live) >= slot.limit:
+                refused = len(buckets)
+        if refused is not None:
+            levels = [
+                TokenBucket(b.capacity, b.refill_per_s).level(
+                    self._buckets.get(b.key) or BucketState(b.capacity, now), now
+                )
+                for b in buckets
+            ]
+            return Taken(refused, wait, tuple(levels))
+        if slot is not None:
+            await self.acquire_slot(slot.key, slot.lease, slot.limit, now, slot.lease_s)
+        self._buckets.update(taken)
+        return Taken(None, 0.0, tuple(state.tokens for _, state in taken))
 
     async def adjust(
         self, key: str, capacity: float, refill_per_s: float, delta: float, now: float

@@ -1,17 +1,18 @@
 """RedisStore: the shared store for several gateway instances (redis.asyncio).
 
-Each operation is one atomic Lua script on one key, so it is safe under any number of
-instances and with Redis Cluster. The bucket script is `core.ratelimit.TokenBucket` written
-again in Lua, on the same doubles, and `tests/integration/test_stores.py` runs one table of
-cases against both stores. Numbers are stored with `%.17g` so floats round-trip exactly.
-Imports redis (the `[redis]` extra), errors and settings.
+Each operation is one atomic Lua script on one key (`take_all`: on keys of one hash slot),
+so it is safe under any number of instances and with Redis Cluster. The bucket scripts are
+`core.ratelimit.TokenBucket` written again in Lua, on the same doubles, and
+`tests/integration/test_stores.py` runs one table of cases against both stores. Numbers are
+stored with `%.17g` so floats round-trip exactly. Imports redis (the `[redis]` extra), errors
+and settings.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -20,6 +21,7 @@ from redis.exceptions import RedisError
 
 from unbroken.errors import ConfigError, StoreError
 from unbroken.settings import KeySettings, LimitSettings
+from unbroken.stores.base import Bucket, Slot, Taken
 
 __all__ = ["RedisStore"]
 
@@ -56,6 +58,61 @@ end
 redis.call('HSET', KEYS[1], 't', fmt(available), 'u', fmt(stamp))
 redis.call('PEXPIRE', KEYS[1], math.ceil((capacity / refill + 60) * 1000))
 return wait
+"""
+)
+
+# KEYS bucket hashes, then the slot zset when ARGV[2] = 1; ARGV now, with-slot, then
+# capacity, refill_per_s, cost per bucket, then lease, limit, lease_s for the slot. Every
+# bucket is refilled and checked, then the slot, and all are written only when none refuses
+# (a refused call takes nothing). Returns {refused (1-based, 0 for none), wait, level per
+# bucket} as strings: Lua numbers would come back truncated to integers.
+_TAKE_ALL = (
+    _FMT
+    + """
+local now, with_slot = tonumber(ARGV[1]), ARGV[2] == '1'
+local n = #KEYS
+if with_slot then n = n - 1 end
+local levels, stamps = {}, {}
+local refused, wait = 0, '0'
+for i = 1, n do
+  local capacity, refill = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+  local cost = tonumber(ARGV[3 * i + 2])
+  local s = redis.call('HMGET', KEYS[i], 't', 'u')
+  local tokens, updated = capacity, now
+  if s[1] then tokens, updated = tonumber(s[1]), tonumber(s[2]) end
+  local elapsed = now - updated
+  if elapsed < 0 then elapsed = 0 end
+  local available = math.min(capacity, tokens + elapsed * refill)
+  stamps[i] = math.max(now, updated)
+  if refused == 0 and cost > available then
+    refused = i
+    if cost > capacity then wait = 'inf' else wait = fmt((cost - available) / refill) end
+  end
+  levels[i] = available
+end
+local slot, lease, lease_s = KEYS[n + 1], ARGV[3 * n + 3], tonumber(ARGV[3 * n + 5])
+if refused == 0 and with_slot then
+  redis.call('ZREMRANGEBYSCORE', slot, '-inf', fmt(now))
+  if not redis.call('ZSCORE', slot, lease) and
+     redis.call('ZCARD', slot) >= tonumber(ARGV[3 * n + 4]) then
+    refused = n + 1
+  end
+end
+local out = {tostring(refused), wait}
+for i = 1, n do
+  if refused == 0 then
+    local capacity, refill = tonumber(ARGV[3 * i]), tonumber(ARGV[3 * i + 1])
+    levels[i] = levels[i] - tonumber(ARGV[3 * i + 2])
+    redis.call('HSET', KEYS[i], 't', fmt(levels[i]), 'u', fmt(stamps[i]))
+    redis.call('PEXPIRE', KEYS[i], math.ceil((capacity / refill + 60) * 1000))
+  end
+  out[i + 2] = fmt(levels[i])
+end
+if refused == 0 and with_slot then
+  redis.call('ZADD', slot, fmt(now + lease_s), lease)
+  redis.call('PEXPIRE', slot, math.ceil(lease_s * 1000) + 60000)
+end
+return out
 """
 )
 
@@ -177,6 +234,7 @@ class RedisStore:
         self._redis = client
         self._prefix = prefix
         self._take = client.register_script(_TAKE)
+        self._take_all = client.register_script(_TAKE_ALL)
         self._adjust = client.register_script(_ADJUST)
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
@@ -223,6 +281,25 @@ class RedisStore:
             lambda: self._take(keys=[f"{self._prefix}bucket:{key}"], args=args),
         )
         return math.inf if raw == "inf" else float(raw)
+
+    async def take_all(
+        self, buckets: Sequence[Bucket], now: float, slot: Slot | None = None
+    ) -> Taken:
+        """See `Store.take_all`: one script over the buckets and the slot."""
+        keys = [f"{self._prefix}bucket:{b.key}" for b in buckets]
+        args = [repr(now), "0" if slot is None else "1"]
+        for b in buckets:
+            args += [repr(float(b.capacity)), repr(float(b.refill_per_s)), repr(float(b.cost))]
+        if slot is not None:
+            keys.append(f"{self._prefix}slots:{slot.key}")
+            args += [slot.lease, str(int(slot.limit)), repr(float(slot.lease_s))]
+        raw: Any = await self._run(
+            "take from buckets", lambda: self._take_all(keys=keys, args=args)
+        )
+        with _translated("take from buckets"):
+            refused = int(raw[0])
+            wait = math.inf if raw[1] == "inf" else float(raw[1])
+            return Taken(refused - 1 if refused else None, wait, tuple(map(float, raw[2:])))
 
     async def adjust(
         self, key: str, capacity: float, refill_per_s: float, delta: float, now: float
