@@ -8,7 +8,8 @@ streaming for up to `drain_timeout_s`; streams still open then get an SSE error 
 the gateway is shutting down, and the process exits. Closing the gateway after that
 (`Gateway.aclose`: stream hub, store...) is bounded by `CLOSE_TIMEOUT_S`, and a watchdog
 thread ends the process `EXIT_MARGIN_S` past all these bounds whatever still runs; a second
-SIGTERM or Ctrl+C during the shutdown ends it at once. Imports uvicorn and gateway siblings.
+SIGTERM or Ctrl+C during the shutdown (a second apart from the first, at least) ends it at
+once. Imports uvicorn and gateway siblings.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 
@@ -45,6 +47,9 @@ ABORT_GRACE_S = 3.0
 # Time after the drain, its abort grace and the close bound, for uvicorn's and the
 # interpreter's last steps, before the watchdog ends the process.
 EXIT_MARGIN_S = 5.0
+# A signal this soon after the first is the same one delivered twice (to the process group
+# and by the supervisor), not a second request.
+SAME_SIGNAL_S = 1.0
 # The exit status of a shutdown cut short (watchdog or second signal).
 FORCED_EXIT = 1
 # uvloop (uvicorn's "auto" picks it when installed; it comes with the [gateway] extra): at 32
@@ -131,7 +136,7 @@ class _DrainingServer(uvicorn.Server):
         self._grace_s = grace_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._exited = threading.Event()
-        self._signalled = False
+        self._signalled_at: float | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         # uvicorn's startup for the sockets `serve` passes, but with the listener an
@@ -185,12 +190,16 @@ class _DrainingServer(uvicorn.Server):
             self._exited.set()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._signalled:
+        now = time.monotonic()
+        if self._signalled_at is not None:
             # A second SIGTERM or Ctrl+C: the operator wants out now (uvicorn would only
-            # stop waiting for connections, and a second SIGTERM not even that).
-            self._exit_now(f"second {signal.Signals(sig).name} during shutdown")
+            # stop waiting for connections, and a second SIGTERM not even that). One that
+            # follows the first closely is the same request delivered twice: to the whole
+            # process group (Ctrl+C, systemd) and forwarded by `--workers`' supervisor.
+            if now - self._signalled_at >= SAME_SIGNAL_S:
+                self._exit_now(f"second {signal.Signals(sig).name} during shutdown")
             return
-        self._signalled = True
+        self._signalled_at = now
         if not self._gateway.draining:
             # SIGTERM comes from an orchestrator: keep the listener open for the grace
             # period so its probes see /readyz 503 and new chats get 503 + Retry-After
