@@ -1,9 +1,11 @@
 """Shutdown is bounded: a gateway on a Redis store that stops answering (redis-server frozen
-with SIGSTOP) still exits within drain + grace + the close bound after SIGTERM, and a second
-SIGTERM during shutdown exits at once."""
+with SIGSTOP), or whose client's close never returns (even ignoring cancellation), still
+exits within grace + drain + the close bound + a margin after SIGTERM, and a second SIGTERM
+during shutdown exits at once."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -60,14 +62,78 @@ def upstream() -> Iterator[MockServer]:
         yield server
 
 
-def _gateway_on(url: str, store: str) -> tuple[subprocess.Popen[str], str]:
+def _gateway_on(url: str, store: str, **env: str) -> tuple[subprocess.Popen[str], str]:
+    # One worker, as the process that hangs is a worker (with a Redis store the default is
+    # a supervisor and workers).
     return _start_gateway(
         url,
+        "--workers",
+        "1",
         UNBROKEN_GATEWAY_STORE=store,
         UNBROKEN_GATEWAY_SESSIONS=store,
         UNBROKEN_GATEWAY_DRAIN_TIMEOUT_S=str(DRAIN_S),
         UNBROKEN_GATEWAY_DRAIN_GRACE_S=str(GRACE_S),
+        **env,
     )
+
+
+# A sitecustomize for the gateway's process making redis-py's `Redis.aclose` never return:
+# the store's close waits on a peer that never answers. With IGNORE set, it also swallows
+# its cancellation, as a badly written close can.
+STUCK_CLOSE = """
+import asyncio
+import redis.asyncio
+
+IGNORE = {ignore}
+
+
+async def aclose(self, *args, **kwargs):
+    while True:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            if not IGNORE:
+                raise
+
+
+redis.asyncio.Redis.aclose = aclose
+"""
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("ignore", [False, True], ids=["cancellable", "ignores-cancel"])
+def test_sigterm_exits_in_bounded_time_when_closing_the_store_never_ends(
+    upstream: MockServer,
+    frozen_redis: tuple[subprocess.Popen[bytes], str],
+    tmp_path: Path,
+    ignore: bool,
+) -> None:
+    """A close step that never ends (even one ignoring its cancellation) is abandoned past
+    the close bound, with an error naming it, and the process exits as after any drain."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(STUCK_CLOSE.format(ignore=ignore), encoding="utf-8")
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    _, store = frozen_redis
+    proc, url = _gateway_on(upstream.url, store, PYTHONPATH=path)
+    try:
+        assert httpx.get(url + "/healthz", timeout=10).status_code == 200
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        bound = DRAIN_S + GRACE_S + ABORT_GRACE_S + CLOSE_TIMEOUT_S + EXIT_MARGIN_S
+        try:
+            code = proc.wait(bound + 1)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the gateway did not exit within {bound + 1} s of SIGTERM")
+        took = time.monotonic() - signalled
+        assert proc.stderr is not None
+        errors = proc.stderr.read()
+        assert "did not finish within" in errors
+        assert store.split("//")[1] not in errors  # no store address (credentials) in logs
+        assert code in (0, -signal.SIGTERM), code
+        assert took < DRAIN_S + GRACE_S + ABORT_GRACE_S + CLOSE_TIMEOUT_S + 2
+    finally:
+        _stop(proc)
 
 
 @pytest.mark.redis
