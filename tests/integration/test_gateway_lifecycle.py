@@ -141,7 +141,7 @@ def test_client_that_stops_reading_is_cut_and_its_upstream_cancelled(
     assert sent < 25_000_000, sent
 
 
-def _start_gateway(mock_url: str, **env: str) -> tuple[subprocess.Popen[str], str]:
+def _start_gateway(mock_url: str, *args: str, **env: str) -> tuple[subprocess.Popen[str], str]:
     environ = {
         **os.environ,
         "DEEPSEEK_API_KEY": "sk-up",
@@ -159,6 +159,7 @@ def _start_gateway(mock_url: str, **env: str) -> tuple[subprocess.Popen[str], st
             mock_url,
             "--log-level",
             "warning",
+            *args,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

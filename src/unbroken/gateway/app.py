@@ -9,6 +9,7 @@ client, core, stores, instrumentation, settings and gateway siblings.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -83,6 +84,11 @@ logger = logging.getLogger(__name__)
 # A handler may return what is left of its work (the chat's relay), for `_http` to await
 # in its place: the handler's own coroutine is then not held for an answer's life.
 Handler = Callable[[Exchange], Awaitable[Awaitable[None] | None]]
+# What closing the gateway (`Gateway.aclose`: stream hub, bookings, upstream client,
+# sessions, cache, store) may take in all after the drain: past it the steps left are
+# abandoned, so a store that stops answering cannot keep the process from exiting.
+CLOSE_TIMEOUT_S = 10.0
+
 _T = TypeVar("_T")
 
 # A client's X-Request-ID is kept when it looks like an id; anything else is replaced, so
@@ -269,16 +275,46 @@ class Gateway:
             relay.stop("shutdown")
         self.streams.abort()
 
-    async def aclose(self) -> None:
-        """Close the stream hub (releasing its leases), the upstream client and the store."""
-        await self.streams.aclose()
-        await self.bookings.aclose()
-        await self.client.aclose()
-        await self.sessions.aclose()
+    async def aclose(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Close the stream hub (releasing its leases), bookings, the upstream client, the
+        sessions, the cache and the store, in that order, within `timeout_s` in all.
+
+        A step still running at the deadline is abandoned (cancelled, not awaited) and the
+        steps after it are skipped: an error names them, so a store that stops answering
+        cannot keep the process from exiting.
+        """
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("stream hub", self.streams.aclose),
+            ("bookings", self.bookings.aclose),
+            ("upstream client", self.client.aclose),
+            ("sessions", self.sessions.aclose),
+        ]
         if self.cache is not None:
-            await self.cache.aclose()
-        await self.store.aclose()
-        self.telemetry.shutdown()
+            steps.append(("answer cache", self.cache.aclose))
+        steps.append(("store", self.store.aclose))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        try:
+            for i, (name, close) in enumerate(steps):
+                # Each step in a task waited with a timeout, rather than cancelled in place:
+                # a step that swallows its cancellation cannot hold the rest either.
+                task = asyncio.ensure_future(close())
+                done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
+                if not done:
+                    task.cancel()
+                    skipped = ", ".join(n for n, _ in steps[i + 1 :]) or "none"
+                    logger.error(
+                        "shutdown: closing the %s did not finish within %g s; abandoned "
+                        "(steps skipped: %s)",
+                        name,
+                        timeout_s,
+                        skipped,
+                        extra={"request_id": "-"},
+                    )
+                    return
+                task.result()
+        finally:
+            self.telemetry.shutdown()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

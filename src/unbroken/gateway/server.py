@@ -5,7 +5,11 @@ On SIGTERM (or the first Ctrl+C) the gateway stops admitting chat requests (`/re
 503 at once); after SIGTERM the listener keeps accepting for `drain_grace_s` (new chats get
 503 with Retry-After) before uvicorn stops accepting connections; in-flight answers keep
 streaming for up to `drain_timeout_s`; streams still open then get an SSE error event saying
-the gateway is shutting down, and the process exits. Imports uvicorn and gateway siblings.
+the gateway is shutting down, and the process exits. Closing the gateway after that
+(`Gateway.aclose`: stream hub, store...) is bounded by `CLOSE_TIMEOUT_S`, and a watchdog
+thread ends the process `EXIT_MARGIN_S` past all these bounds whatever still runs; a second
+SIGTERM or Ctrl+C during the shutdown (a second apart from the first, at least) ends it at
+once. Imports uvicorn and gateway siblings.
 """
 
 from __future__ import annotations
@@ -16,17 +20,20 @@ import functools
 import gc
 import ipaddress
 import logging
+import os
 import resource
 import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
 
 from unbroken.gateway.accept import Acceptor
-from unbroken.gateway.app import Gateway
+from unbroken.gateway.app import CLOSE_TIMEOUT_S, Gateway
 from unbroken.gateway.guard import Guard, guarded_protocol, install_log_limits
 
 __all__ = ["bind", "serve"]
@@ -37,6 +44,14 @@ logger = logging.getLogger(__name__)
 STARTUP_FAILURE = 3
 # Time left to uvicorn after our drain deadline to flush the shutdown error events.
 ABORT_GRACE_S = 3.0
+# Time after the drain, its abort grace and the close bound, for uvicorn's and the
+# interpreter's last steps, before the watchdog ends the process.
+EXIT_MARGIN_S = 5.0
+# A signal this soon after the first is the same one delivered twice (to the process group
+# and by the supervisor), not a second request.
+SAME_SIGNAL_S = 1.0
+# The exit status of a shutdown cut short (watchdog or second signal).
+FORCED_EXIT = 1
 # uvloop (uvicorn's "auto" picks it when installed; it comes with the [gateway] extra): at 32
 # streams of 5 ms tokens the asyncio loop cost the gateway 101 us of CPU per relayed chunk,
 # uvloop 75 us (bench/gateway.py, one run each). An earlier comparison had uvloop fall behind
@@ -120,6 +135,8 @@ class _DrainingServer(uvicorn.Server):
         self._drain_s = drain_s
         self._grace_s = grace_s
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._exited = threading.Event()
+        self._signalled_at: float | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         # uvicorn's startup for the sockets `serve` passes, but with the listener an
@@ -145,7 +162,44 @@ class _DrainingServer(uvicorn.Server):
         self.started = True
         tune_gc()
 
+    def _exit_now(self, why: str) -> None:
+        """End the process at once: a shutdown cut short."""
+        logger.error("shutdown: %s; exiting now", why, extra={"request_id": "-"})
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        os._exit(FORCED_EXIT)
+
+    def _start_watchdog(self, grace: float) -> None:
+        """A thread that ends the process if it still runs past every shutdown bound: the
+        listener's grace, the drain, its abort grace, the close bound and a margin. A
+        thread, not a loop timer: it fires even when the loop is blocked or its last
+        steps wait on a task that ignores cancellation."""
+        limit = grace + self._drain_s + ABORT_GRACE_S + CLOSE_TIMEOUT_S + EXIT_MARGIN_S
+
+        def watch() -> None:
+            if not self._exited.wait(limit):
+                self._exit_now(f"still running {limit:g} s after the signal")
+
+        threading.Thread(target=watch, name="shutdown-watchdog", daemon=True).start()
+
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            super().run(sockets)
+        finally:
+            self._exited.set()
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        if self._signalled_at is not None:
+            # A second SIGTERM or Ctrl+C: the operator wants out now (uvicorn would only
+            # stop waiting for connections, and a second SIGTERM not even that). One that
+            # follows the first closely is the same request delivered twice: to the whole
+            # process group (Ctrl+C, systemd) and forwarded by `--workers`' supervisor.
+            if now - self._signalled_at >= SAME_SIGNAL_S:
+                self._exit_now(f"second {signal.Signals(sig).name} during shutdown")
+            return
+        self._signalled_at = now
         if not self._gateway.draining:
             # SIGTERM comes from an orchestrator: keep the listener open for the grace
             # period so its probes see /readyz 503 and new chats get 503 + Retry-After
@@ -160,6 +214,7 @@ class _DrainingServer(uvicorn.Server):
                 extra={"request_id": "-"},
             )
             self._gateway.begin_drain()
+            self._start_watchdog(grace)
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(
                     self._loop.call_later, grace + self._drain_s, self._gateway.abort_streams
