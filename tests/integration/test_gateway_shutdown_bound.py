@@ -14,10 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
 from tests.integration.test_gateway_lifecycle import BODY, _start_gateway, _stop
-from tests.support import free_port, require_binary
+from tests.support import redis_server
 from unbroken.gateway.app import CLOSE_TIMEOUT_S
 from unbroken.gateway.server import ABORT_GRACE_S, EXIT_MARGIN_S, FORCED_EXIT, SAME_SIGNAL_S
 from unbroken.mock import MockConfig, MockServer
@@ -31,29 +30,8 @@ GRACE_S = 0.0
 @pytest.fixture
 def frozen_redis(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A private redis-server (this test freezes it, so not the shared one)."""
-    binary = require_binary("redis-server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis(port=port, socket_timeout=1).ping()
-                break
-            except redis.RedisError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.02)  # waiting for the server to listen
-        yield proc, f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.send_signal(signal.SIGCONT)
-        proc.kill()
-        proc.wait(10)
+    with redis_server(tmp_path) as server:
+        yield server
 
 
 @pytest.fixture
