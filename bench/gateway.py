@@ -219,7 +219,14 @@ class _Reader(asyncio.Protocol):
                 self.finished.set_exception(exc)
 
 
-async def _one(port: int, path: str, auth: str, index: int, results: list[Result]) -> None:
+async def _one(
+    port: int,
+    path: str,
+    auth: str,
+    index: int,
+    results: list[Result],
+    reader_class: type[_Reader] = _Reader,
+) -> None:
     body = json.dumps(
         {
             "model": "deepseek-chat",
@@ -233,7 +240,9 @@ async def _one(port: int, path: str, auth: str, index: int, results: list[Result
     ).encode()
     loop = asyncio.get_running_loop()
     finished: asyncio.Future[None] = loop.create_future()
-    transport, reader = await loop.create_connection(lambda: _Reader(finished), "127.0.0.1", port)
+    transport, reader = await loop.create_connection(
+        lambda: reader_class(finished), "127.0.0.1", port
+    )
     reader.started = time.perf_counter()
     transport.write(head + body)
     try:
@@ -1618,32 +1627,7 @@ def _sat_load(port: int, path: str, auth: str, concurrency: int, start: float) -
             seen[0] += self.n - before
 
     async def stream(index: int, results: list[Result]) -> None:
-        # _one with the counting reader: the same request, read the same way.
-        loop = asyncio.get_running_loop()
-        body = json.dumps(
-            {
-                "model": "deepseek-chat",
-                "stream": True,
-                "messages": [{"role": "user", "content": f"benchmark {index % 7}"}],
-            }
-        ).encode()
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json"
-            f"\r\nAuthorization: Bearer {auth}\r\nContent-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        finished: asyncio.Future[None] = loop.create_future()
-        transport, reader = await loop.create_connection(
-            lambda: Counting(finished), "127.0.0.1", port
-        )
-        reader.started = time.perf_counter()
-        transport.write(head + body)
-        try:
-            await finished
-        finally:
-            transport.close()
-        if reader.status != 200:
-            REFUSALS[str(reader.status)] = REFUSALS.get(str(reader.status), 0) + 1
-        results.append((reader.first, reader.n, reader.done, reader.status))
+        await _one(port, path, auth, index, results, Counting)
 
     async def run() -> dict[str, Any]:
         results: list[Result] = []
