@@ -5,6 +5,7 @@ subprocess, and a public bind without keys is refused."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -223,6 +224,22 @@ def _refused(url: str) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def long_answer(url: str, timeout: float = 30) -> Iterator[httpx.Response]:
+    """A chat answer streaming from the gateway at `url`: 5,000 tokens 20 ms apart, longer
+    than any drain a test sets."""
+    with (
+        httpx.Client(base_url=url, timeout=timeout) as client,
+        client.stream(
+            "POST",
+            "/v1/chat/completions",
+            json=BODY,
+            headers={"X-Mock-Tokens": "5000", "X-Mock-Token-Ms": "20"},
+        ) as response,
+    ):
+        yield response
+
+
 def test_sigterm_ends_streams_past_the_drain_timeout(upstream: MockServer) -> None:
     """A stream still running at the drain deadline gets a shutting_down error event and
     the process exits soon after."""
@@ -230,15 +247,7 @@ def test_sigterm_ends_streams_past_the_drain_timeout(upstream: MockServer) -> No
         upstream.url, UNBROKEN_GATEWAY_DRAIN_TIMEOUT_S="0.5", UNBROKEN_GATEWAY_DRAIN_GRACE_S="0"
     )
     try:
-        with (
-            httpx.Client(base_url=url, timeout=20) as client,
-            client.stream(
-                "POST",
-                "/v1/chat/completions",
-                json=BODY,
-                headers={"X-Mock-Tokens": "5000", "X-Mock-Token-Ms": "20"},
-            ) as response,
-        ):
+        with long_answer(url, timeout=20) as response:
             lines = response.iter_lines()
             next(lines)
             signalled = time.monotonic()

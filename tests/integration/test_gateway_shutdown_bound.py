@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.test_gateway_lifecycle import BODY, _start_gateway, _stop
+from tests.integration.test_gateway_lifecycle import _start_gateway, _stop, long_answer
 from tests.support import redis_server
 from unbroken.gateway.app import CLOSE_TIMEOUT_S
 from unbroken.gateway.server import ABORT_GRACE_S, EXIT_MARGIN_S, FORCED_EXIT, SAME_SIGNAL_S
@@ -123,15 +123,7 @@ def test_sigterm_exits_in_bounded_time_when_the_store_stops_answering(
     redis_proc, store = frozen_redis
     proc, url = _gateway_on(upstream.url, store)
     try:
-        with (
-            httpx.Client(base_url=url, timeout=30) as client,
-            client.stream(
-                "POST",
-                "/v1/chat/completions",
-                json=BODY,
-                headers={"X-Mock-Tokens": "5000", "X-Mock-Token-Ms": "20"},
-            ) as response,
-        ):
+        with long_answer(url) as response:
             next(response.iter_raw())
             redis_proc.send_signal(signal.SIGSTOP)
             signalled = time.monotonic()
@@ -156,15 +148,7 @@ def test_second_sigterm_during_the_drain_exits_at_once(upstream: MockServer) -> 
         upstream.url, UNBROKEN_GATEWAY_DRAIN_TIMEOUT_S="20", UNBROKEN_GATEWAY_DRAIN_GRACE_S="0"
     )
     try:
-        with (
-            httpx.Client(base_url=url, timeout=30) as client,
-            client.stream(
-                "POST",
-                "/v1/chat/completions",
-                json=BODY,
-                headers={"X-Mock-Tokens": "5000", "X-Mock-Token-Ms": "20"},
-            ) as response,
-        ):
+        with long_answer(url) as response:
             reads = response.iter_raw()
             next(reads)
             proc.send_signal(signal.SIGTERM)
