@@ -52,12 +52,13 @@ class MemoryStore:
                 refused = index
                 break
             taken.append((key, new))
-        if refused is None and slot is not None:
-            live = {
-                lease for lease, expires in self._slots.get(slot.key, {}).items() if expires > now
-            }
-            if slot.lease not in live and len(live) >= slot.limit:
-                refused = len(buckets)
+        # No await inside `acquire_slot`: the slot and the buckets are taken atomically.
+        if (
+            refused is None
+            and slot is not None
+            and not await self.acquire_slot(slot.key, slot.lease, slot.limit, now, slot.lease_s)
+        ):
+            refused = len(buckets)
         if refused is not None:
             levels = [
                 TokenBucket(b.capacity, b.refill_per_s).level(
@@ -66,8 +67,6 @@ class MemoryStore:
                 for b in buckets
             ]
             return Taken(refused, wait, tuple(levels))
-        if slot is not None:
-            await self.acquire_slot(slot.key, slot.lease, slot.limit, now, slot.lease_s)
         self._buckets.update(taken)
         return Taken(None, 0.0, tuple(state.tokens for _, state in taken))
 
