@@ -8,13 +8,13 @@ from typing import Any
 import msgspec
 import pytest
 
-from unbroken.core.accumulator import ChunkAccumulator
+from unbroken.core.accumulator import ChunkAccumulator, join_text
 from unbroken.core.attempt import Attempt, Timeouts
 from unbroken.core.flow import AttemptPlan
 from unbroken.core.resume import Continuation
 from unbroken.core.routes import Route
 from unbroken.core.stream import ChatStreamDecoder, EndState, several_events, split_events
-from unbroken.core.wire import ChatCompletionChunk, ChunkChoice, Delta, Usage
+from unbroken.core.wire import ChatCompletionChunk, ChunkChoice, Delta, Usage, chunk_text
 from unbroken.errors import ConfigError, TimeoutPhase
 
 ROUTE = Route("primary", "https://api.example")
@@ -884,3 +884,140 @@ def test_relay_one_folds_text_like_feed_from_the_first_token_on() -> None:
     fed.finish(9.0)
     assert relayed.verdict == fed.verdict
     assert relayed.acc.completion() == fed.acc.completion()
+
+
+# -- relay_one's fused path: text chunks whose text the answer's log keeps -------------------
+
+
+class TextLog:
+    """The log a gateway's answer keeps its text in (`ChunkAccumulator.keep_text_in`): each
+    relayed event's JSON, appended after `relay_one` gave it (its bytes, or its chunks
+    encoded), read back with `chunk_text`."""
+
+    def __init__(self) -> None:
+        self.payloads: list[bytes] = []
+
+    def text_mark(self) -> int:
+        return len(self.payloads)
+
+    def text_since(self, mark: int, until: int | None, index: int, reasoning: bool) -> str:
+        return join_text(chunk_text(self.payloads[mark:until], index, reasoning))
+
+    def log(self, got: bytes | list[ChatCompletionChunk] | None) -> None:
+        if isinstance(got, bytes):
+            self.payloads.append(got)
+        elif got:
+            self.payloads += [msgspec.json.encode(chunk) for chunk in got]
+
+
+def text_event(text: str, *, reasoning: bool = False, index: int = 0) -> bytes:
+    """A text chunk of DeepSeek's shape (both text fields present, one null)."""
+    delta = (
+        {"content": None, "reasoning_content": text}
+        if reasoning
+        else {"content": text, "reasoning_content": None}
+    )
+    return sse(delta, index=index)
+
+
+FUSED_READS = [
+    b": keep-alive\n\n",
+    sse({"role": "assistant", "content": "", "reasoning_content": None}),
+    text_event("", reasoning=True),  # decoded: the reasoning template
+    *(text_event(f"r{i} ", reasoning=True) for i in range(6)),  # fused
+    text_event("", reasoning=True),  # fused, no token
+    text_event("line\n", reasoning=True),  # an escape: the general way
+    text_event("Hi"),  # content: decoded, a new template
+    *(text_event(f"w{i} ") for i in range(6)),  # fused
+    b": keep-alive\n\n",  # the SSE decoder read on: the next is not fused
+    text_event("after"),
+    text_event('a "quote"'),  # escaped: the general way
+    text_event("\u2028"),  # not printable: the general way
+    text_event("caf\u00e9 \u4e2d"),  # UTF-8 text: fused
+    b": a comment cut",  # its line goes on in the next read: that is no event of its own
+    text_event("lost"),
+    text_event("found"),
+    text_event("x").replace(b'"x"', b'"x\xff"'),  # invalid UTF-8: the general way
+    text_event("x", index=1),  # another choice: decoded
+    text_event("y", index=1),  # its template, but the answer's first choice is 0
+    text_event("back"),  # choice 0 again: decoded
+    text_event("one") + text_event("two"),  # several events: relayed one by one
+    text_event("split")[:20],  # an event cut across reads
+    text_event("split")[20:],
+    sse({"tool_calls": [CALL]}),  # held
+    text_event("held"),  # releases it: the general way
+    *(text_event(f"t{i} ") for i in range(3)),
+    sse({}, "insufficient_system_resource"),  # the attempt folds its own copy from here
+    *(text_event(f"z{i}") for i in range(3)),  # the general way (the attempt's fold)
+    sse({"content": "", "reasoning_content": None}, "stop", usage=USAGE),
+    DONE,
+    text_event("late"),  # after [DONE]: nothing
+]
+
+
+def relay_read(attempt: Attempt, log: TextLog, read: bytes, now: float) -> list[bytes]:
+    """`read` relayed as a gateway relays it (several events one by one): the bytes of the
+    events relayed as their upstream bytes."""
+    got = attempt.relay_one(read, now)
+    if got is None:
+        return [b for event in split_events(read) for b in relay_read(attempt, log, event, now)]
+    log.log(got)
+    return [got] if isinstance(got, bytes) else []
+
+
+def test_fused_text_path_folds_as_feed_does() -> None:
+    """Text events on the decoder's template, relayed for an answer whose log keeps its
+    text (a gateway's), give their upstream bytes and fold as `feed` folds them: the same
+    text, deltas, chunk count, first token and data times, usage and end, whatever comes
+    between (comments, escapes, invalid UTF-8, another choice, split and joined events,
+    held tool calls, a hidden finish, [DONE])."""
+    fed_answer, answer = ChunkAccumulator(), ChunkAccumulator()
+    log = TextLog()
+    assert answer.keep_text_in(log)
+    fed = Attempt(AttemptPlan(route=ROUTE, body={}), fed_answer, now=0.0)
+    relayed = Attempt(AttemptPlan(route=ROUTE, body={}), answer, now=0.0)
+    n_bytes = 0
+    for i, read in enumerate(FUSED_READS):
+        out = relay_read(relayed, log, read, 1.0 + i)
+        chunks = fed.feed(read, 1.0 + i)
+        n_bytes += len(out)
+        assert [msgspec.json.decode(b, type=ChatCompletionChunk) for b in out] == [
+            c for c in chunks if not c.usage
+        ][: len(out)]
+        assert relayed.decoder.raw is None or not out
+        assert payloads(relayed) is None or not out
+        assert relayed.first_token_at == fed.first_token_at
+        assert relayed.last_data_at == fed.last_data_at
+        assert answer.n_chunks == fed_answer.n_chunks
+        assert answer.content(0) == fed_answer.content(0)
+        assert answer.reasoning(0) == fed_answer.reasoning(0)
+        assert answer.n_text_deltas(0) == fed_answer.n_text_deltas(0)
+    assert n_bytes >= 20
+    assert relayed.first_token_at == 4.0  # the first non-empty reasoning
+    assert fed.finish(99.0) == relayed.finish(99.0) == []
+    assert answer.completion() == fed_answer.completion()
+    assert relayed.acc.completion() == fed.acc.completion()
+    assert relayed.usage == fed.usage == BILLED
+    assert relayed.verdict == fed.verdict
+
+
+def test_fused_text_path_keeps_the_event_size_limit() -> None:
+    """A text event on the template past `max_event_bytes` is refused as the decoder
+    refuses it, not relayed."""
+    limit = len(text_event("abcdef")) - 7
+    fed_answer, answer = ChunkAccumulator(), ChunkAccumulator()
+    log = TextLog()
+    answer.keep_text_in(log)
+    fed = Attempt(AttemptPlan(route=ROUTE, body={}), fed_answer, now=0.0, max_event_bytes=limit)
+    relayed = Attempt(AttemptPlan(route=ROUTE, body={}), answer, now=0.0, max_event_bytes=limit)
+    relayed.relay_one(b": x\n\n", 0.5)
+    fed.feed(b": x\n\n", 0.5)
+    for read in (text_event("abc"), text_event("def"), text_event("a longer text")):
+        got = relayed.relay_one(read, 1.0)
+        log.log(got)
+        chunks = fed.feed(read, 1.0)
+        assert isinstance(got, bytes) == bool(chunks)
+        assert (relayed.decoder.error is None) == (fed.decoder.error is None)
+    assert isinstance(relayed.decoder.error, type(fed.decoder.error))
+    assert relayed.decoder.error is not None
+    assert answer.content(0) == fed_answer.content(0) == "abcdef"

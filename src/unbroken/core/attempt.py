@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import cast
 
-from unbroken.core.accumulator import ChunkAccumulator
+from unbroken.core.accumulator import ChunkAccumulator, _Elsewhere
 from unbroken.core.flow import AttemptPlan
 from unbroken.core.resume import OverlapTrimmer, is_json_mode
 from unbroken.core.sse import DEFAULT_MAX_EVENT_BYTES
@@ -329,6 +329,53 @@ class Attempt:
         what `feed` returns, with `payloads` set as `feed` sets it. Bytes returned are no
         longer the decoder's `raw` (None): the caller holds the only reference."""
         decoder = self.decoder
+        head = decoder._head
+        # The fused hot path: a text event on the decoder's template (`feed_one`'s first
+        # branch) whose plain text the answer keeps in its source, not here (a gateway's:
+        # `ChunkAccumulator.feed_text` on an `_Elsewhere`), while nothing is held and the
+        # attempt folds into the answer alone, spelt out in one frame: two calls and their
+        # attribute loads less per relayed chunk (bench/hotpath.py --bytecodes). Anything
+        # else goes the general way below, which does the same for these events. (A
+        # template implies `_plain`: only `feed_one` learns one, called only when it holds.)
+        if (
+            head
+            and data.startswith(head, 6)
+            and data.endswith(decoder._tail, 0, -2)
+            and data.startswith(b"data: ")
+            and data.endswith(b"\n\n")
+            and decoder._clean
+            and not self._held
+            and self._acc is None
+            and not decoder.done
+            and decoder.error is None
+        ):
+            size = len(data)
+            start = decoder._text_at
+            end = size - decoder._n_tail
+            if end >= start and size - 7 <= decoder._max:
+                try:
+                    text = data[start:end].decode()
+                except UnicodeDecodeError:
+                    text = '"'  # not plain: the general way says what it is
+                state = self._answer._first
+                if (
+                    '"' not in text
+                    and "\\" not in text
+                    and text.isprintable()
+                    and state is not None
+                    and state.index == decoder.text_index
+                ):
+                    kept = state.reasoning if decoder.text_reasoning else state.content
+                    if type(kept) is _Elsewhere:
+                        self.payloads = decoder.raw = None
+                        self.last_data_at = now
+                        self._answer.n_chunks += 1
+                        if text:
+                            kept.any = True
+                            state.n_text_deltas += 1
+                            if self.first_token_at is None:
+                                self.first_token_at = now
+                        return data[6:-2]
         got = decoder.feed_one(data) if self._plain else None
         if got is None:
             if self._plain and several_events(data):

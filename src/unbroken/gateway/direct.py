@@ -49,6 +49,11 @@ _EVENT_END = b"\n\n\r\n"  # the event's blank line and the chunk's CRLF
 _join = b"".join
 
 
+def _long_frame(seq: int, data: bytes) -> bytes:
+    """The chunk of event `seq` with `data`, formatted (past the framing tables)."""
+    return b"%x\r\nid: %d\ndata: %b\n\n\r\n" % (len(b"%d" % seq) + len(data) + 13, seq, data)
+
+
 def hold_writes() -> None:
     """Hold back the body writes this thread makes from now on until `release_writes`
     (the caller's loop callback must call it before returning: nothing else writes to
@@ -156,11 +161,7 @@ class DirectBody:
             head = _ID_LINES[seq]
             frame = _join((_SIZE_LINES[len(head) + len(data) + 2], head, data, _EVENT_END))
         except IndexError:
-            frame = b"%x\r\nid: %d\ndata: %b\n\n\r\n" % (
-                len(b"%d" % seq) + len(data) + 13,
-                seq,
-                data,
-            )
+            frame = _long_frame(seq, data)
         if not _n_holding:
             transport.write(frame)
         else:

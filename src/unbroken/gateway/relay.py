@@ -50,9 +50,17 @@ from unbroken._flag import Flag
 from unbroken.client import AsyncStream
 from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.errors import UnbrokenError
+from unbroken.gateway import direct as _writes  # its `_n_holding`, read at each write
 from unbroken.gateway.asgi import Exchange, Message, ResponseHooks
 from unbroken.gateway.detach import Detached, Parked
-from unbroken.gateway.direct import DirectBody
+from unbroken.gateway.direct import (  # the framing `LiveSink.feed_one` spells out
+    _EVENT_END,
+    _ID_LINES,
+    _SIZE_LINES,
+    DirectBody,
+    _join,
+    _long_frame,
+)
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
 from unbroken.gateway.scopes import cancel_scope
 
@@ -651,12 +659,13 @@ class LiveSink:
         last: the id of the last event written.
     """
 
-    __slots__ = ("_direct", "_relay", "last")
+    __slots__ = ("_direct", "_live", "_relay", "last")
 
     def __init__(self, relay: StreamRelay, direct: DirectBody) -> None:
         self._relay = relay
         self._direct = direct
         self.last = 0
+        self._live = True  # (a `HeadSink` is not until its response starts)
 
     def ready(self) -> bool:
         """Whether events may be written directly now."""
@@ -681,10 +690,40 @@ class LiveSink:
         return True
 
     def feed_one(self, seq: int, payload: bytes) -> bool:
-        """`feed` of the one event `seq`: a relayed chunk's hot path (no sequence)."""
+        """`feed` of the one event `seq`: a relayed chunk's hot path (no sequence). Once
+        the response streams, `DirectBody.write_event` is spelt out here: a call and its
+        loads less per relayed chunk (bench/hotpath.py --bytecodes); the bytes written and
+        the checks are its own (tests/unit/test_fused_path.py pins them)."""
+        if not self._live:
+            return self.feed(seq, (payload,))  # a `HeadSink` whose response has not started
         relay = self._relay
-        if relay._busy or relay._reason is not None or not self._direct.write_event(seq, payload):
+        if relay._busy or relay._reason is not None:
             return False
+        body = self._direct
+        if not body._streaming:
+            if not body.write_event(seq, payload):
+                return False
+        else:
+            cycle = body._cycle
+            transport = body._transport
+            if (
+                cycle.response_complete
+                or cycle.disconnected
+                or body._flow.write_paused
+                or transport.is_closing()
+            ):
+                return False
+            try:  # `write_event`'s framing tables
+                head = _ID_LINES[seq]
+                frame = _join(
+                    (_SIZE_LINES[len(head) + len(payload) + 2], head, payload, _EVENT_END)
+                )
+            except IndexError:
+                frame = _long_frame(seq, payload)
+            if not _writes._n_holding:
+                transport.write(frame)
+            else:
+                body._hold(frame)
         self.last = seq
         relay._n_direct += 1
         relay._wrote = True
@@ -752,7 +791,7 @@ class HeadSink(LiveSink):
         last: the id of the last event written.
     """
 
-    __slots__ = ("_can_live", "_live")
+    __slots__ = ("_can_live",)
 
     def __init__(self, relay: StreamRelay, direct: DirectBody | None) -> None:
         # `LiveSink.__init__`'s fields; without a direct body, the response's start only.
@@ -798,19 +837,6 @@ class HeadSink(LiveSink):
         # may follow a silence is then due `keepalive_s` after this write, not a tick later.
         relay._last_write = relay._loop.time()
         self._live = self._can_live
-        return True
-
-    def feed_one(self, seq: int, payload: bytes) -> bool:
-        """`feed` of the one event `seq`: once live, a relayed chunk's hot path for the
-        rest of the answer (`LiveSink.feed_one` inlined: no call more per chunk)."""
-        if not self._live:
-            return self.feed(seq, (payload,))
-        relay = self._relay
-        if relay._busy or relay._reason is not None or not self._direct.write_event(seq, payload):
-            return False
-        self.last = seq
-        relay._n_direct += 1
-        relay._wrote = True
         return True
 
 
