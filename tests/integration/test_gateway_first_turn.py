@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import select
+import socket
 import time
 from typing import Any
 
@@ -16,6 +18,7 @@ from uvicorn.server import ServerState
 
 from unbroken.gateway.app import create_app
 from unbroken.gateway.guard import guarded_protocol
+from unbroken.gateway.upstream import LeanTransport
 from unbroken.mock import MockConfig, MockServer
 from unbroken.settings import GatewaySettings, LimitSettings, Settings
 from unbroken.stores.memory import MemoryStore
@@ -124,6 +127,80 @@ def test_the_upstream_request_is_written_in_the_turn_the_request_arrives(limited
                 assert second.startswith(b"HTTP/1.1 200")
                 assert second.count(b"data: {") >= 3  # role, content..., usage: whole
                 assert (b"x-ratelimit-limit-requests: 1000" in second) is limited
+            finally:
+                writer.close()
+                server.close()
+                await app.aclose()
+
+        serve_on_uvloop(main)
+
+
+def test_an_answer_started_from_the_ready_queue_is_relayed_from_the_heads_read() -> None:
+    """Request bytes that came with the connection as it was accepted reach the protocol
+    from the loop's ready queue (gateway/accept.py); the producer's task made there has its
+    own first step only in the loop's next pass over that queue, after the next poll for
+    I/O (uvloop). The upstream's head read in that poll goes on to the client's response
+    head and first events within the read's callback, not one or two passes later."""
+    with MockServer(MockConfig(seed=2)) as mock:
+        app = create_app(Settings(api_key="sk-up", base_url=mock.url))
+        config = uvicorn.Config(app, http=guarded_protocol(app.guard), lifespan="off")
+        config.load()
+        state = ServerState()
+        protocols: list[asyncio.Protocol] = []
+
+        def protocol() -> asyncio.Protocol:
+            made: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]  # uvicorn's protocols take these
+                config=config, server_state=state, app_state={}
+            )
+            protocols.append(made)
+            return made
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            server = await loop.create_server(protocol, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            client = writer.get_extra_info("socket")
+            try:
+                writer.write(chat_bytes(1))
+                assert (await answer(reader)).startswith(b"HTTP/1.1 200")
+                # The pool's idle upstream connections (the next request takes one).
+                pool = app.client._transport
+                assert isinstance(pool, LeanTransport)
+                upstream = [
+                    conn.transport.get_extra_info("socket")
+                    for idle in pool._idle.values()
+                    for conn in idle
+                    if conn.transport is not None
+                ]
+                assert upstream
+                seen: list[bool] = []
+
+                def before_the_next_pass() -> None:
+                    # A timer due now runs after the poll and before the ready queue.
+                    seen.append(bool(select.select([client], [], [], 0)[0]))
+
+                def accepted_with_bytes() -> None:
+                    protocols[0].data_received(chat_bytes(2))  # sent upstream here
+                    # The loop must not turn before the upstream's head and first event
+                    # are in its socket (peeked at, left for the loop's read).
+                    readable = select.select(upstream, [], [], 10)[0]
+                    assert readable, "the upstream did not answer"
+                    deadline = time.monotonic() + 10
+                    # (uvloop's socket objects do not read: a duplicate of its descriptor.)
+                    with socket.fromfd(readable[0].fileno(), socket.AF_INET, 0) as peek:
+                        while b"data: {" not in peek.recv(65536, socket.MSG_PEEK):
+                            assert time.monotonic() < deadline, "no event from the upstream"
+                            # Blocking on purpose: the loop must not turn; the mock serves
+                            # in its thread.
+                            time.sleep(0.001)
+                    loop.call_later(0, before_the_next_pass)
+
+                loop.call_soon(accepted_with_bytes)
+                second = await answer(reader)
+                assert seen == [True], "the response started after the head's read"
+                assert second.startswith(b"HTTP/1.1 200")
+                assert second.count(b"data: {") >= 3  # role, content..., usage: whole
             finally:
                 writer.close()
                 server.close()

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from unbroken.gateway.eager import EagerStart, eager_task
+from unbroken.gateway.upstream import _HeadWait
 
 VAR: contextvars.ContextVar[str] = contextvars.ContextVar("VAR", default="unset")
 
@@ -172,3 +173,118 @@ def test_close_closes_the_coroutine_unrun() -> None:
     with pytest.raises(RuntimeError, match="cannot reuse"):
         coro.send(None)  # closed (never started: no warning either)
     assert ran == []
+
+
+def test_a_wait_over_before_the_tasks_first_step_is_gone_past_in_that_step(run: Any) -> None:
+    """The task's own first step finds the kept wait done: it goes on at once, not after
+    waking itself from the loop one more turn later."""
+    seen: list[str] = []
+
+    async def body(gate: asyncio.Future[str]) -> None:
+        seen.append(await gate)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        gate: asyncio.Future[str] = loop.create_future()
+        task, start = eager_task(loop, body(gate))
+        start.step_now()
+        gate.set_result("past")  # before the task's first step
+        await asyncio.sleep(0)  # one turn: the task's first step runs before this one ends
+        assert seen == ["past"]
+        await task
+
+    run(main)
+
+
+def test_a_wait_over_before_the_tasks_first_step_with_an_error_raises_there(run: Any) -> None:
+    async def body(gate: asyncio.Future[str]) -> str:
+        try:
+            return await gate
+        except ValueError as exc:
+            return f"caught {exc}"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        gate: asyncio.Future[str] = loop.create_future()
+        task, start = eager_task(loop, body(gate))
+        start.step_now()
+        gate.set_exception(ValueError("bad"))
+        assert await task == "caught bad"
+
+    run(main)
+
+
+def test_a_head_read_before_the_tasks_first_step_runs_the_next_step_in_that_read(
+    run: Any,
+) -> None:
+    """A wait woken from the callback that ends it (the upstream head's, `_HeadWait.
+    run_now`) runs the coroutine's next step in that callback even when the task made from
+    a loop callback has not had its own first step yet; the task goes on from there."""
+    steps: list[Any] = []
+
+    async def body(head: _HeadWait, then: asyncio.Future[str]) -> str:
+        await head
+        steps.append(("after head", asyncio.current_task(), VAR.get()))
+        return await then
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        head = _HeadWait(loop)
+        then: asyncio.Future[str] = loop.create_future()
+        made: list[asyncio.Task[str]] = []
+        in_read: list[list[Any]] = []
+        done = loop.create_future()
+
+        def request_read() -> None:  # makes the task and runs its first step
+            VAR.set("request")
+            task, start = eager_task(loop, body(head, then))
+            made.append(task)
+            start.step_now()
+
+        def head_read() -> None:  # as the upstream's data callback: not in a task
+            head.set_result(None)
+            head.run_now()
+            in_read.append(list(steps))
+            done.set_result(None)
+
+        def reads() -> None:
+            # Both before the task's own first step (queued after this callback's turn).
+            request_read()
+            head_read()
+
+        loop.call_soon(reads)
+        await done
+        assert in_read == [[("after head", made[0], "request")]]
+        then.set_result("whole")
+        assert await made[0] == "whole"
+
+    run(main)
+
+
+def test_a_head_wait_woken_from_the_loop_before_the_tasks_first_step(run: Any) -> None:
+    """Woken otherwise (a lost connection: no `run_now`), the step runs from the loop, once,
+    whoever comes first: the task's first step or the wake-up."""
+    steps: list[str] = []
+
+    async def body(head: _HeadWait) -> str:
+        await head
+        steps.append("after head")
+        return "ok"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        head = _HeadWait(loop)
+        made: list[asyncio.Task[str]] = []
+
+        def request_read() -> None:
+            task, start = eager_task(loop, body(head))
+            made.append(task)
+            start.step_now()
+            head.set_result(None)
+
+        loop.call_soon(request_read)
+        await asyncio.sleep(0)
+        assert await made[0] == "ok"
+        assert steps == ["after head"]
+
+    run(main)

@@ -15,6 +15,18 @@ loop's current task (as the task itself would: `asyncio.current_task()`, timeout
 cancel scopes see it) in the task's context, and keeps what the step gave (the future it
 waits on, its result or its exception); the task's own first step, when the loop runs it,
 takes that instead of stepping again. Without `step_now` the task runs as any other.
+
+The task's own first step may come late: a task made from a callback of the loop's ready
+queue (the request bytes a connection brought with it as it was accepted, gateway/accept.py)
+has its first step in the loop's next pass over that queue, after the next poll for I/O, on
+uvloop. What the first step waited on may end before then (the upstream's head, from that
+poll). Two things keep such an end from costing more turns of the loop:
+* a wait that can wake its waiter from the callback that ends it (`wakes_now`, gateway/
+  upstream.py `_HeadWait`) wakes the `EagerStart` itself until the task takes it over: the
+  next step runs from that callback, as the task's would (`_woken`);
+* a first step of the task that finds the kept wait already over goes on at once, as
+  awaiting a done future does, instead of handing it to the task (which would wake itself
+  from the loop one more turn later).
 Imports asyncio and contextvars only.
 """
 
@@ -41,15 +53,17 @@ class EagerStart(Coroutine[Any, Any, _T]):
     """A task's coroutine whose first step `step_now` may run before the loop does (see
     the module docstring). Made by `eager_task`."""
 
-    # One per live answer (the producer's task holds it): no instance dict, four slots.
-    __slots__ = ("_coro", "_ctx", "_out", "_state")
+    # One per live answer (the producer's task holds it): no instance dict, five slots.
+    __slots__ = ("_coro", "_ctx", "_out", "_state", "_task")
 
     def __init__(self, coro: Coroutine[Any, Any, _T], ctx: contextvars.Context) -> None:
         self._coro = coro
         self._ctx: contextvars.Context | None = ctx
         self._state = _NEW
-        # Its task until `step_now` runs; then what the first step yielded or raised.
+        # What the steps run before the task's own first step yielded or raised.
         self._out: Any = None
+        # The task (set by `eager_task`), until it takes its coroutine over.
+        self._task: asyncio.Task[_T] | None = None
 
     def __await__(self) -> Generator[Any, Any, _T]:
         return self  # type: ignore[return-value]  # a coroutine-like iterator
@@ -62,45 +76,65 @@ class EagerStart(Coroutine[Any, Any, _T]):
 
         Called from a loop callback or from another task's step (that task is the current
         one again afterwards)."""
-        task = self._out
-        ctx = self._ctx
+        task, ctx = self._task, self._ctx
         if self._state != _NEW or task is None or ctx is None:
             return False
         self._state = _STEPPED
-        self._ctx = None
+        self._step(task, ctx)
+        return True
+
+    def _step(self, task: asyncio.Task[_T], ctx: contextvars.Context) -> None:
+        """One step of the coroutine as its task would run it (the current task, in its
+        context), kept for the task."""
         loop = task.get_loop()
         outer = asyncio.current_task(loop)
         if outer is not None:
             _leave_task(loop, outer)
         _enter_task(loop, task)
         try:
-            self._out = ctx.run(self._coro.send, None)
+            out = self._out = ctx.run(self._coro.send, None)
         except BaseException as exc:
             self._out, self._state = exc, _RAISED
+            self._task = self._ctx = None
+        else:
+            if getattr(out, "wakes_now", False) and not out.done():
+                # Until the task's first step adds its own wake-up (which replaces this one).
+                out.add_done_callback(self._woken)
         finally:
             _leave_task(loop, task)
             if outer is not None:
                 _enter_task(loop, outer)
-        return True
+
+    def _woken(self, wait: Any) -> None:
+        """The kept wait ended before the task's first step: the next step runs now."""
+        task, ctx = self._task, self._ctx
+        if self._state == _STEPPED and self._out is wait and task is not None and ctx is not None:
+            wait._asyncio_future_blocking = False  # as the task does with what it takes
+            self._step(task, ctx)
 
     def send(self, value: Any) -> Any:
-        """The task's step: the first one gives what `step_now` kept."""
+        """The task's step: the first one gives what `step_now` kept, or goes on past it if
+        that wait is over already."""
         state = self._state
         if state == _RUNNING:
             return self._coro.send(value)
         self._state = _RUNNING
-        out, self._out, self._ctx = self._out, None, None
+        out, self._out, self._ctx, self._task = self._out, None, None, None
         if state == _NEW:
             return self._coro.send(value)
         if state == _RAISED:
             raise out
+        if getattr(out, "_asyncio_future_blocking", False) and out.done():
+            # The task would only wake itself from the loop, a turn later, to send this.
+            out._asyncio_future_blocking = False
+            return self._coro.send(None)
         return out
 
     def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
         """Raise into the coroutine (a cancellation): after `step_now`, where it waits."""
         state = self._state
         self._state = _RUNNING
-        out, self._out, self._ctx = self._out, None, None
+        out, self._out, self._ctx, self._task = self._out, None, None, None
         if state == _RAISED:
             raise out  # it ended already: the cancellation came too late
         if state == _STEPPED and isinstance(out, asyncio.Future):
@@ -113,7 +147,7 @@ class EagerStart(Coroutine[Any, Any, _T]):
     def close(self) -> None:
         """Close the coroutine."""
         self._state = _RUNNING
-        self._out = self._ctx = None
+        self._out = self._ctx = self._task = None
         self._coro.close()
 
 
@@ -125,5 +159,5 @@ def eager_task(
     ctx = contextvars.copy_context()
     start: EagerStart[_T] = EagerStart(coro, ctx)
     task = loop.create_task(start, context=ctx)
-    start._out = task  # for `step_now`
+    start._task = task  # for `step_now`
     return task, start

@@ -120,6 +120,10 @@ class _HeadWait:
 
     __slots__ = ("_asyncio_future_blocking", "_ctx", "_handle", "_loop", "_state", "_wakeup")
 
+    # `run_now` wakes the waiter from the read's callback: a task whose first step has not
+    # run yet is woken so by its `EagerStart` (gateway/eager.py).
+    wakes_now = True
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._state = _PENDING
