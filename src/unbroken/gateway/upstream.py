@@ -925,9 +925,9 @@ class LeanTransport(httpx.AsyncBaseTransport):
 
         Why the wait: the upstream works on this request meanwhile, and a connect opened
         then is one more connection for it to accept before it answers (at 32 streams
-        through bench/gateway.py, a request that opened a spare got its upstream head
-        0.2-0.4 ms later than one that did not, p50 of a per-request probe); the next
-        request is still several connects away."""
+        through bench/gateway.py, the requests that add streams got their upstream heads
+        0.15-0.2 ms sooner with it opened after the head, p50 of a per-request probe run
+        alternately on both); the next request is still several connects away."""
         assert conn.transport is not None  # noqa: S101 - set by connection_made
         conn.transport.write(payload)
         replace_later = False
