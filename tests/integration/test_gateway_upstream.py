@@ -5,6 +5,7 @@ pauses instead of buffering a whole answer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import socket
@@ -142,6 +143,116 @@ async def test_a_burst_of_requests_finds_spares_opened_ahead(
     assert transport._open - opened == sum(transport._opening.values()) + idle()
     for response in busy:
         await response.aclose()
+    await transport.aclose()
+
+
+class _HeldUpstream:
+    """A raw HTTP/1.1 upstream on 127.0.0.1 that counts the connections it accepts and
+    answers each request with a chunked head only when told (`answer`), its body left open
+    (a busy stream) until `end`."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.requests: asyncio.Queue[asyncio.StreamWriter] = asyncio.Queue()
+        self.handlers: set[asyncio.Task[Any]] = set()
+        self.server: asyncio.Server | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> _HeldUpstream:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/chat/completions"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in self.handlers:
+            task.cancel()
+        await asyncio.gather(*self.handlers, return_exceptions=True)
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
+        try:
+            await self._requests(reader, writer)
+        finally:
+            writer.close()
+
+    async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.lower().split(b"\r\n")
+                    if line.startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                await self.requests.put(writer)
+
+    @staticmethod
+    def answer(writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n6\r\ndata: \r\n"
+        )
+
+    @staticmethod
+    def end(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"0\r\n\r\n")
+
+
+@pytest.mark.anyio
+async def test_a_request_taking_the_last_idle_connection_replaces_it_after_its_head(
+    lean: tuple[httpx.AsyncClient, LeanTransport],
+) -> None:
+    """Requests far apart (no burst), others busy: the one that takes the last idle
+    connection starts no connect while the upstream works on it (a connection the upstream
+    would accept before answering); its replacement is opened once its head is in. A
+    request that finds none idle still opens one ahead at once."""
+    client, transport = lean
+    async with _HeldUpstream() as upstream:
+
+        def send() -> Coroutine[Any, Any, httpx.Response]:
+            request = client.build_request("POST", upstream.url, content=BODY, headers=HEADERS)
+            return client.send(request, stream=True)
+
+        async def answered() -> httpx.Response:
+            sending = asyncio.ensure_future(send())
+            writer = await upstream.requests.get()
+            upstream.answer(writer)
+            writers.append(writer)
+            return await sending
+
+        writers: list[asyncio.StreamWriter] = []
+        busy = [await answered()]
+        # None idle, one busy: its own connect and one ahead, at once.
+        sending = asyncio.ensure_future(send())
+        writer = await upstream.requests.get()
+        assert transport._open == 3
+        upstream.answer(writer)
+        writers.append(writer)
+        busy.append(await sending)
+        await _settled(transport)
+        assert (transport._open, upstream.accepted) == (3, 3)
+        # The last idle one taken: nothing opened while its head is awaited.
+        sending = asyncio.ensure_future(send())
+        writer = await upstream.requests.get()
+        assert transport._open == 3
+        assert not transport._ahead_tasks
+        upstream.answer(writer)
+        writers.append(writer)
+        busy.append(await sending)
+        await _settled(transport)
+        assert (transport._open, upstream.accepted) == (4, 4)
+        assert sum(len(conns) for conns in transport._idle.values()) == 1
+        for w in writers:
+            upstream.end(w)
+        for response in busy:
+            await response.aread()
     await transport.aclose()
 
 

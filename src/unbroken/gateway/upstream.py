@@ -52,6 +52,12 @@ AHEAD_SHARE = 8
 # Weight of a new sample in the running means of the gap between requests and of the time a
 # connect takes (`spares_wanted`).
 MEAN_WEIGHT = 0.125
+# Requests this many connects apart (or more) are no burst: the connection that replaces the
+# last idle one taken is opened once that request's response head is in (`_exchange`). Wide,
+# since the head may take several connects under load and the next request must find it
+# open: at 32 streams of bench/gateway.py requests come ~30 ms apart and a connect takes
+# under 1 ms; at 256 (4 ms apart) spares are opened at once, as before.
+REPLACE_LATER_RATIO = 16.0
 
 
 def spares_wanted(connect_s: float, gap_s: float) -> int:
@@ -763,6 +769,11 @@ class LeanTransport(httpx.AsyncBaseTransport):
             task.add_done_callback(self._ahead_tasks.discard)
             start.step_now()
 
+    def _replace(self, key: tuple[str, str, int], timeouts: dict[str, float | None]) -> None:
+        """The spare deferred by `_exchange`, if still wanted (none idle, others busy)."""
+        if self._open > 1:
+            self._open_ahead(key, timeouts, len(self._idle.get(key) or ()))
+
     async def _ahead(self, key: tuple[str, str, int], timeouts: dict[str, float | None]) -> None:
         try:
             conn = await self._new(asyncio.get_running_loop(), key, timeouts)
@@ -911,12 +922,29 @@ class LeanTransport(httpx.AsyncBaseTransport):
         idle_key: tuple[str, str, int] | None = None,
     ) -> httpx.Response:
         """Send `payload` on `conn` and wait for the response's head; `idle_key`: the pool
-        key of a connection taken idle, whose spares are opened once the request is
-        written (their connects, ~40 us each, are not on its way)."""
+        key of a connection taken idle while others are busy, whose spares are opened once
+        the request is written (their connects, ~40 us each, are not on its way) - or,
+        when only the one taken is to be replaced and requests come several connects
+        apart (no burst), once the response's head is in and its first bytes are relayed.
+
+        Why the wait: the upstream works on this request meanwhile, and a connect opened
+        then is one more connection for it to accept before it answers (at 32 streams
+        through bench/gateway.py, the requests that add streams got their upstream heads
+        0.15-0.2 ms sooner with it opened after the head, p50 of a per-request probe run
+        alternately on both); the next request is still several connects away."""
         assert conn.transport is not None  # noqa: S101 - set by connection_made
         conn.transport.write(payload)
+        replace_later = False
         if idle_key is not None and self._open > 1:
-            self._open_ahead(idle_key, timeouts, len(self._idle.get(idle_key) or ()))
+            idle_left = len(self._idle.get(idle_key) or ())
+            if (
+                idle_left == 0
+                and not self._opening.get(idle_key)
+                and self._connect_s * REPLACE_LATER_RATIO <= self._gap_s
+            ):
+                replace_later = True
+            else:
+                self._open_ahead(idle_key, timeouts, idle_left)
         read_timeout = timeouts.get("read")
         while not conn.headers_done:
             if conn.error is not None:
@@ -932,6 +960,9 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 await conn.wait(read_timeout)
             except TimeoutError:
                 raise httpx.ReadTimeout("timed out waiting for the upstream's headers") from None
+        if replace_later and idle_key is not None:
+            # After the step this head resumes (which writes the client's first bytes).
+            conn.loop.call_soon(self._replace, idle_key, timeouts)
         # The response keeps the headers as one bytes object: the connection's list goes
         # now, not with the response (~600 bytes per live stream).
         raw = b"\0".join(conn.headers)
