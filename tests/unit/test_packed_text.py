@@ -183,3 +183,19 @@ def test_an_answers_end_reads_as_decoded_in_every_range() -> None:
     events.seal()
     _same(events, payloads, 1, n)
     _same(events, payloads, 2, n - 1)
+
+
+def test_a_run_with_a_quote_not_escaped_reads_block_by_block() -> None:
+    """Middles that are not all string contents (a quote not escaped: one chunk's value
+    holds another field) are read block by block, and each block as decoding gives."""
+    texts = [f" tok{i}" for i in range(5 * BLOCK_EVENTS)]
+    payloads = [ROLE, *(_payload(t) for t in texts)]
+    # A chunk on the template whose middle closes the string and adds a field.
+    odd = _payload("x").replace(b'"content":"x"', b'"content":"x","role":"y"')
+    payloads[3 * BLOCK_EVENTS + 2] = odd
+    events = _log(payloads)
+    events.seal()
+    n = len(payloads)
+    _same(events, payloads, 1, n)
+    _same(events, payloads, BLOCK_EVENTS + 1, n)
+    assert events._middles(1, len(events._ends), n) is not None  # one run to the end

@@ -277,16 +277,19 @@ class PackedEvents:
         # template, not once per block: two decodes of a probe chunk each.
         reads: dict[tuple[bytes, bytes], bool | None] = {}
         seq = first
+        single = 0  # up to this event, blocks are read one at a time
         while seq <= last:
             block = (seq - 1) // BLOCK_EVENTS
             start = block * BLOCK_EVENTS + 1
             end = min(last, start + BLOCK_EVENTS - 1, n)
             if seq == start:
-                middles = self._middles(block, n_sealed, last)
+                middles = self._middles(block, n_sealed, end if seq <= single else last)
                 if middles is not None:
                     text = self._values_text(middles, reads, index, reasoning)
                     if text is None and middles[0] > end:
-                        # Not all string contents: the block alone, as it is read by itself.
+                        # Not all string contents: the run's blocks one at a time (not
+                        # runs again from each of them: that would read it over and over).
+                        single = middles[0]
                         middles = self._middles(block, n_sealed, end)
                         if middles is not None:
                             text = self._values_text(middles, reads, index, reasoning)
