@@ -266,6 +266,11 @@ class Bench:
         self.floor_writes: list[float] = []
         # The upstream connections in the order they were sent a request.
         self.sent: list[_Connection] = []
+        # Thread CPU us per answer outside the timed reads: its start (the producer's start
+        # to the response head read and a reader handed off) and its end (the last frames'
+        # reads to the producer's end: read-back, final event, log seal, bookkeeping).
+        self.starts: list[float] = []
+        self.ends: list[float] = []
 
     async def setup(self) -> Gateway:
         loop = asyncio.get_running_loop()
@@ -365,13 +370,18 @@ class Bench:
 
     async def gateway_once(self, gw: Gateway) -> float:
         """One answer through the gateway's objects; us of Python work per timed chunk."""
+        clock = time.thread_time_ns
+        started = clock()
         answer = await self.open_answer(gw)
+        self.starts.append((clock() - started) / 1000)
         timed = self.timed
         elapsed = self._feed_all([answer.conn.data_received])
         self.writes.append(answer.down.n_writes / len(timed))
         last = answer.sink.last
         assert last == len(timed), f"the sink took {last} of {len(timed)} chunks"
+        started = clock()
         await self.close_answer(answer, self.rest)
+        self.ends.append((clock() - started) / 1000)
         self._close_sockets()
         return elapsed / 1000 / len(timed)
 
@@ -503,6 +513,22 @@ async def run(
         await bench.bytecodes(gw)
         await gw.client.aclose()
         return
+    # The memory log seals the last block of the answers that ended at the hub's tick, in a
+    # row (`MemoryStreamLog.seal_ended`): timed here (thread CPU), as part of an answer's end.
+    log: Any = gw.streams.log
+    seal_ended = getattr(log, "seal_ended", None)
+    sealing = [0, 0]  # ns, answers
+    if seal_ended is not None:
+        seal_ended()  # the warm-up's
+
+        def timed_seal() -> int:
+            started = time.thread_time_ns()
+            n: int = seal_ended()
+            sealing[0] += time.thread_time_ns() - started
+            sealing[1] += n
+            return n
+
+        log.seal_ended = timed_seal
     gc.collect()
     gc.freeze()  # as `unbroken serve` does after start-up, with its thresholds
     gc.set_threshold(*GC_THRESHOLDS)
@@ -547,6 +573,20 @@ async def run(
         f"client writes per chunk: unbroken {statistics.median(bench.writes):.2f}, "
         f"floor {statistics.median(bench.floor_writes):.2f}"
     )
+    if interleave <= 1:
+        starts, ends = bench.starts[5:], bench.ends[5:]  # past the warm-up's
+        print(
+            "per answer (thread CPU, outside the timed reads): "
+            f"start {statistics.median(starts):.1f} us (p90 {_p90(starts):.1f}), "
+            f"end {statistics.median(ends):.1f} us (p90 {_p90(ends):.1f})"
+        )
+    if seal_ended is not None:
+        log.seal_ended()  # what the ticker left
+        if sealing[1]:
+            print(
+                f"log seal at the tick: {sealing[0] / 1000 / sealing[1]:.1f} us per answer "
+                f"({sealing[1]} answers)"
+            )
 
 
 async def _until(condition: Any) -> None:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -16,6 +17,7 @@ from tests.support import gateway_thread as gateway
 from unbroken.core import ChatStreamDecoder, ChunkAccumulator
 from unbroken.mock import MockConfig, MockServer, answer_text
 from unbroken.settings import KeySettings, hash_key
+from unbroken.stores.packed import BLOCK_EVENTS
 
 pytestmark = pytest.mark.integration
 
@@ -257,3 +259,40 @@ def test_redis_store_logs_batches_and_reconnects(upstream: MockServer, redis_url
         assert [i for i, _ in both] == list(range(1, len(both) + 1))
         assert fold([d for _, d in both]).content(0) == expected()
     assert upstream.stats()["requests_total"] == 2
+
+
+def test_a_finished_answer_replays_the_same_once_its_log_is_sealed(upstream: MockServer) -> None:
+    """The memory log compresses an ended answer's last block at the hub's tick, not at its
+    end: replays before and after it are the answer's events, byte for byte."""
+    from unbroken.gateway.app import create_app
+    from unbroken.gateway.guard import guarded_protocol
+    from unbroken.mock import ServerThread
+    from unbroken.settings import GatewaySettings, Settings
+
+    settings = Settings(
+        api_key="sk-up",
+        base_url=upstream.url,
+        gateway=GatewaySettings(forward_headers=("x-mock-*",)),
+    )
+    app = create_app(settings)
+    with (
+        ServerThread(app, lifespan="on", http=guarded_protocol(app.guard)) as server,
+        httpx.Client(base_url=server.url, timeout=20) as client,
+    ):
+        response = client.post("/v1/chat/completions", json=BODY, headers={"X-Mock-Tokens": "60"})
+        stream_id = response.headers["x-unbroken-stream-id"]
+        events = parse_events(response.content)
+        assert events[-1][1] == b"[DONE]"
+        log: Any = app.streams.log
+        before = parse_events(client.get(f"/v1/streams/{stream_id}").content)
+        tail_before = client.get(f"/v1/streams/{stream_id}?after=50").content
+        # The tick comes about once a second; the log is then sealed (its last block too).
+        deadline = time.monotonic() + 10
+        while log._unsealed and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not log._unsealed
+        packed = log._streams[stream_id].events
+        assert len(packed._ends) * BLOCK_EVENTS >= len(packed)
+        assert before == events
+        assert parse_events(client.get(f"/v1/streams/{stream_id}").content) == events
+        assert client.get(f"/v1/streams/{stream_id}?after=50").content == tail_before

@@ -147,9 +147,9 @@ def test_escaped_quotes_and_backslashes_are_read_whole() -> None:
     events = _log(payloads)
     events.seal()
     # Block 0 holds the role chunk whole; block 1 holds middles only.
-    middles = events._middles(1, len(events._ends))
+    middles = events._middles(1, len(events._ends), 2 * BLOCK_EVENTS)
     assert middles is not None
-    assert middles[0] == BLOCK_EVENTS
+    assert middles[0] == 2 * BLOCK_EVENTS
     n = len(payloads)
     _same(events, payloads, 1, n)
     _same(events, payloads, BLOCK_EVENTS + 1, n)
@@ -159,6 +159,43 @@ def test_escaped_quotes_and_backslashes_are_read_whole() -> None:
     odd = [*payloads[:-1], _payload("x").replace(b'x"', b'x\\\\\\"')]
     events = _log(odd)
     events.seal()
-    assert events._middles(1, len(events._ends)) is None
+    assert events._middles(1, len(events._ends), 2 * BLOCK_EVENTS) is None
     _same(events, odd, 1, n)
     _same(events, odd, BLOCK_EVENTS + 1, n)
+
+
+def test_an_answers_end_reads_as_decoded_in_every_range() -> None:
+    """Blocks of middles read as one run (sealed blocks and the open block's first events),
+    up to an answer's last chunks kept whole (its finish and usage chunk, an event that is no
+    chunk): every range reads as decoding every event gives, sealed or not."""
+    texts = [f" tok{i}" for i in range(3 * BLOCK_EVENTS + 5)]
+    texts[BLOCK_EVENTS + 2] = "ends with \\\\"  # an escaped backslash ends a middle well
+    texts[2 * BLOCK_EVENTS + 4] = "line\n"
+    usage = _payload("").replace(b'"usage":null', b'"usage":{"total_tokens":9}')
+    assert usage != _payload("")
+    payloads = [ROLE, *(_payload(t) for t in texts), usage, b'{"choices":[]}', b"[DONE]"]
+    events = _log(payloads)
+    n = len(payloads)
+    assert events._whole  # the open block ends with whole events
+    for first in range(1, n + 1):
+        for last in range(first, n + 1):
+            _same(events, payloads, first, last)
+    events.seal()
+    _same(events, payloads, 1, n)
+    _same(events, payloads, 2, n - 1)
+
+
+def test_a_run_with_a_quote_not_escaped_reads_block_by_block() -> None:
+    """Middles that are not all string contents (a quote not escaped: one chunk's value
+    holds another field) are read block by block, and each block as decoding gives."""
+    texts = [f" tok{i}" for i in range(5 * BLOCK_EVENTS)]
+    payloads = [ROLE, *(_payload(t) for t in texts)]
+    # A chunk on the template whose middle closes the string and adds a field.
+    odd = _payload("x").replace(b'"content":"x"', b'"content":"x","role":"y"')
+    payloads[3 * BLOCK_EVENTS + 2] = odd
+    events = _log(payloads)
+    events.seal()
+    n = len(payloads)
+    _same(events, payloads, 1, n)
+    _same(events, payloads, BLOCK_EVENTS + 1, n)
+    assert events._middles(1, len(events._ends), n) is not None  # one run to the end

@@ -1660,6 +1660,11 @@ class StreamHub:
                         await producer.renew_slot_if_due()
                     except UnbrokenError as exc:
                         logger.warning("renewing stream %s failed: %s", producer.stream_id, exc)
+            # The memory log's ended logs are compressed here, in a row (not each at its
+            # answer's end).
+            seal_ended = getattr(self.log, "seal_ended", None)
+            if seal_ended is not None:
+                seal_ended()
             try:
                 for stream_id in await self.log.orphans(now, ORPHANS_PER_TICK):
                     await self.takeover(stream_id)

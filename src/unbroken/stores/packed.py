@@ -26,6 +26,8 @@ from __future__ import annotations
 import zlib
 from array import array
 from collections.abc import Sequence
+from itertools import accumulate
+from operator import sub
 from typing import Protocol
 
 from unbroken.core.wire import chunk_text, template_reads, values_text
@@ -264,68 +266,134 @@ class PackedEvents:
 
     def text(self, first: int, last: int, index: int, reasoning: bool) -> list[str]:
         """The pieces of choice `index`'s content (its reasoning with `reasoning`) in
-        events `first` to `last` (within 1..len), as core.wire `chunk_text` reads them: a
-        block of middles all under one template, not escaped, is read as it is kept (one
-        decode of the block, not one per event: ~10x less work)."""
+        events `first` to `last` (within 1..len), as core.wire `chunk_text` reads them:
+        consecutive blocks of middles all under one template, not escaped, are read as they
+        are kept (one decode of them all, not one per event: ~10x less work; and one per
+        run of blocks, not per block: an answer's end reads its text back at once)."""
         pieces: list[str] = []
         n_sealed = len(self._ends)
+        n = len(self._lengths)
         # What each template's chunks bring of the text (`template_reads`), asked once per
         # template, not once per block: two decodes of a probe chunk each.
         reads: dict[tuple[bytes, bytes], bool | None] = {}
         seq = first
+        single = 0  # up to this event, blocks are read one at a time
         while seq <= last:
             block = (seq - 1) // BLOCK_EVENTS
             start = block * BLOCK_EVENTS + 1
-            end = min(last, start + BLOCK_EVENTS - 1, len(self._lengths))
-            middles = self._middles(block, n_sealed) if seq == start else None
-            if middles is not None and end == start + middles[0] - 1:
-                _, head, tail, values = middles
-                template = (head, tail)
-                if template not in reads:
-                    reads[template] = template_reads(head, tail, index, reasoning)
-                text = values_text(values, reads[template])
-                if text is not None:
-                    if text:
-                        pieces.append(text)
-                    seq = end + 1
-                    continue
+            end = min(last, start + BLOCK_EVENTS - 1, n)
+            if seq == start:
+                middles = self._middles(block, n_sealed, end if seq <= single else last)
+                if middles is not None:
+                    text = self._values_text(middles, reads, index, reasoning)
+                    if text is None and middles[0] > end:
+                        # Not all string contents: the run's blocks one at a time (not
+                        # runs again from each of them: that would read it over and over).
+                        single = middles[0]
+                        middles = self._middles(block, n_sealed, end)
+                        if middles is not None:
+                            text = self._values_text(middles, reads, index, reasoning)
+                    if text is not None and middles is not None:
+                        if text:
+                            pieces.append(text)
+                        seq = middles[0] + 1
+                        continue
             pieces += chunk_text(self.get(seq, end), index, reasoning)
             seq = end + 1
         return pieces
 
-    def _middles(self, block: int, n_sealed: int) -> tuple[int, bytes, bytes, bytes] | None:
-        """Block `block`'s event count, template head and tail, and the middles of its
-        events, when it holds them all as middles of one template; else None."""
+    @staticmethod
+    def _values_text(
+        middles: tuple[int, bytes, bytes, bytes],
+        reads: dict[tuple[bytes, bytes], bool | None],
+        index: int,
+        reasoning: bool,
+    ) -> str | None:
+        _, head, tail, values = middles
+        template = (head, tail)
+        if template not in reads:
+            reads[template] = template_reads(head, tail, index, reasoning)
+        return values_text(values, reads[template])
+
+    def _middles(
+        self, block: int, n_sealed: int, stop: int
+    ) -> tuple[int, bytes, bytes, bytes] | None:
+        """The middles of block `block` and of the blocks after it under the same template,
+        all their events as middles and up to event `stop` at most: the last event's
+        number, the template's head and tail, and the middles one after the other; None
+        when block `block` is not such a block or does not end by `stop`."""
         ends = self._ends
-        start = ends[block - 1] >> _KIND_BITS if block else 0
+        lengths = self._lengths
+        n = len(lengths)
+        begin = ends[block - 1] >> _KIND_BITS if block else 0
+        first = block * BLOCK_EVENTS  # (0-based)
         if block < n_sealed:
             kind = ends[block] & _KIND_MASK
-            if not kind:
+            last = min(n, (block + 1) * BLOCK_EVENTS)
+            if not kind or last > stop:
                 return None
-            count = min(BLOCK_EVENTS, len(self._lengths) - block * BLOCK_EVENTS)
             head, tail = self._templates[2 * kind - 2], self._templates[2 * kind - 1]
-            data = bytes(self._packed[start : ends[block] >> _KIND_BITS])
-        elif self._whole or not self._cut:
-            return None
+            finish = ends[block] >> _KIND_BITS
+            # The sealed blocks after it under the same template (they follow one another
+            # in `_packed`), and the open block when it holds middles of it only.
+            while block + 1 < n_sealed:
+                if (
+                    ends[block + 1] & _KIND_MASK != kind
+                    or min(n, (block + 2) * BLOCK_EVENTS) > stop
+                ):
+                    break
+                block += 1
+                finish = ends[block] >> _KIND_BITS
+                last = min(n, (block + 1) * BLOCK_EVENTS)
+            if block + 1 == n_sealed and self._head == head and self._tail == tail:
+                run = self._open_run(n_sealed, stop)
+                if run is not None:
+                    last, finish = run
         else:
-            count = len(self._lengths) - n_sealed * BLOCK_EVENTS
+            run = self._open_run(n_sealed, stop)
+            if run is None:
+                return None
+            last, finish = run
             head, tail = self._head, self._tail
-            data = bytes(self._packed[start:])
+        data = bytes(self._packed[begin:finish])
         if b"\\" in data:
             # Read as one JSON string, a middle ending in a backslash that escapes nothing
-            # (an odd run of them) would escape the next one's first byte: such a block is
-            # read event by event. An escaped backslash (`\\`, an even run) ends one well.
+            # (an odd run of them) would escape the next one's first byte: such a run is
+            # read block by block, event by event. An escaped backslash (`\\\\`, an even
+            # run) ends one well. Only the blocks holding a backslash are looked at.
             cut = len(head) + len(tail)
-            lengths = self._lengths
-            offset = 0
-            for i in range(block * BLOCK_EVENTS, block * BLOCK_EVENTS + count):
-                begin, offset = offset, offset + lengths[i] - cut
-                at = offset
-                while at > begin and data[at - 1] == _BACKSLASH:
-                    at -= 1
-                if (offset - at) % 2:
+            for start in range(first, last, BLOCK_EVENTS):
+                block = start // BLOCK_EVENTS
+                at = ends[block - 1] >> _KIND_BITS if block else 0
+                until = ends[block] >> _KIND_BITS if block < n_sealed else finish
+                if data.find(b"\\", at - begin, until - begin) >= 0 and _odd_end(
+                    data, at - begin, lengths[start : min(last, start + BLOCK_EVENTS)], cut
+                ):
                     return None
-        return count, head, tail, data
+        return last, head, tail, data
+
+    def _open_run(self, n_sealed: int, stop: int) -> tuple[int, int] | None:
+        """The open block's first events kept as middles (all of them, or those before its
+        first whole one: an answer's last chunks, usage and final event, are whole), up to
+        event `stop`: the last one's number and where its middle ends in `_packed`; None
+        when there is none. They are middles of the current template: a template is learned
+        only after whole events of the block."""
+        cut = self._cut
+        if not cut:
+            return None
+        lengths = self._lengths
+        first = n_sealed * BLOCK_EVENTS
+        whole = self._whole
+        count = min(
+            len(lengths) - first if not whole else (whole & -whole).bit_length() - 1,
+            stop - first,
+        )
+        if count <= 0:
+            return None
+        if first + count == len(lengths):
+            return first + count, len(self._packed)
+        sizes = lengths[first : first + count]
+        return first + count, self._open_at() + sum(sizes) - count * cut
 
     def get(self, first: int, last: int) -> list[bytes]:
         """Events `first` to `last` (inclusive, within 1..len)."""
@@ -343,6 +411,27 @@ class PackedEvents:
             out.extend(events[seq - start : end - start + 1])
             seq = end + 1
         return out
+
+
+def _odd_end(data: bytes, offset: int, sizes: array[int], cut: int) -> bool:
+    """Whether a middle ends in an odd run of backslashes: the middles of events of these
+    `sizes` (less `cut`), one after the other in `data` from `offset`. The last byte of
+    each is found at once (C loops); only those that are a backslash are looked at closer."""
+    n = len(sizes)
+    # Middle i's last byte: offset + its size and those before it, less (i + 1) cuts, less 1.
+    at_ends = list(map(sub, accumulate(sizes), range(cut + 1 - offset, cut * n + 2 - offset, cut)))
+    last_bytes = bytes(map(data.__getitem__, at_ends))
+    i = last_bytes.find(b"\\")
+    while i >= 0:
+        size = sizes[i] - cut
+        if size:  # (an empty middle's byte is the one before it)
+            at = end = at_ends[i] + 1
+            while at > end - size and data[at - 1] == _BACKSLASH:
+                at -= 1
+            if (end - at) % 2:
+                return True
+        i = last_bytes.find(b"\\", i + 1)
+    return False
 
 
 def _template(prev: bytes, cur: bytes) -> tuple[bytes, bytes] | None:
