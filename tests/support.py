@@ -12,10 +12,14 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import msgspec
 import pytest
 
+from unbroken.core.wire import ChatCompletionChunk, ChunkChoice, Delta
+from unbroken.gateway.direct import DirectBody
 from unbroken.mock import ServerThread
 
 
@@ -105,3 +109,42 @@ def held_text_bytes(root: object, *, stop: tuple[type, ...] = (), skip: object =
             continue
         todo.extend(gc.get_referents(obj))
     return total
+
+
+def text_payload(
+    text: str, *, role: bool = False, index: int = 0, reasoning: bool = False
+) -> bytes:
+    """A chunk's JSON as an upstream sends it: one choice whose delta holds `text` (as
+    reasoning with `reasoning`; with the assistant's role with `role`)."""
+    if reasoning:
+        delta = Delta(reasoning_content=text)
+    else:
+        delta = Delta(role="assistant", content=text) if role else Delta(content=text)
+    return msgspec.json.encode(
+        ChatCompletionChunk(
+            id="chatcmpl-0123456789abcdef",
+            model="deepseek-chat",
+            created=1733400000,
+            system_fingerprint="fp_0123",
+            choices=[ChunkChoice(index=index, delta=delta)],
+        )
+    )
+
+
+def streaming_cycle(transport: object) -> Any:
+    """What a `DirectBody` reads of uvicorn's request cycle, for a streaming POST response
+    whose transport is `transport`."""
+    return SimpleNamespace(
+        response_started=True,
+        chunked_encoding=True,
+        response_complete=False,
+        disconnected=False,
+        flow=SimpleNamespace(write_paused=False),
+        transport=transport,
+        scope={"method": "POST"},
+    )
+
+
+def direct_body(transport: object) -> DirectBody:
+    """A `DirectBody` on a streaming response whose transport is `transport`."""
+    return DirectBody(streaming_cycle(transport))

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from tests.support import streaming_cycle
 from unbroken.gateway.direct import DirectBody, hold_writes, release_writes
 from unbroken.gateway.problems import Scrubber
 from unbroken.gateway.relay import HeadSink, LiveSink, StreamRelay
@@ -111,15 +112,7 @@ class Wire:
 def live(sink_type: type[LiveSink] = LiveSink) -> tuple[LiveSink, StreamRelay, Any, Wire]:
     """A sink on a streaming response (its relay, uvicorn's request cycle, the wire)."""
     wire = Wire()
-    cycle = SimpleNamespace(
-        response_started=True,
-        chunked_encoding=True,
-        response_complete=False,
-        disconnected=False,
-        flow=SimpleNamespace(write_paused=False),
-        transport=wire,
-        scope={"method": "POST"},
-    )
+    cycle = streaming_cycle(wire)
     exchange = SimpleNamespace(started=True)  # a `HeadSink`'s response has started
     relay = StreamRelay(exchange, Scrubber([]), keepalive_s=15.0, send_timeout_s=10.0)  # type: ignore[arg-type]  # the sinks read only `started` of it
     return sink_type(relay, DirectBody(cycle)), relay, cycle, wire

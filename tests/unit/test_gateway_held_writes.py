@@ -8,12 +8,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from unbroken.gateway.direct import DirectBody, hold_writes, release_writes
+from tests.support import direct_body
+from unbroken.gateway.direct import hold_writes, release_writes
 from unbroken.gateway.upstream import _Connection
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -43,18 +43,7 @@ class Wire:
         pass
 
 
-def client(wire: Wire) -> DirectBody:
-    """A DirectBody on a streaming response whose transport is `wire`."""
-    cycle = SimpleNamespace(
-        response_started=True,
-        chunked_encoding=True,
-        response_complete=False,
-        disconnected=False,
-        flow=SimpleNamespace(write_paused=False),
-        transport=wire,
-        scope={"method": "POST"},
-    )
-    return DirectBody(cycle)
+client = direct_body  # a DirectBody on a streaming response to the wire
 
 
 def frame(event: bytes) -> bytes:

@@ -5,24 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-import msgspec
-
-from unbroken.core.wire import ChatCompletionChunk, ChunkChoice, Delta
+from tests.support import text_payload
 from unbroken.stores.packed import BLOCK_EVENTS
 from unbroken.stores.streamlog import MAX_UNSEALED, MemoryStreamLog
 
-
-def _payload(text: str, *, role: bool = False) -> bytes:
-    delta = Delta(role="assistant", content=text) if role else Delta(content=text)
-    return msgspec.json.encode(
-        ChatCompletionChunk(
-            id="chatcmpl-0123456789abcdef",
-            model="deepseek-chat",
-            created=1733400000,
-            system_fingerprint="fp_0123",
-            choices=[ChunkChoice(index=0, delta=delta)],
-        )
-    )
+_payload = text_payload
 
 
 FINAL = b'{"choices":[],"unbroken":{"content_sha256":"' + b"0" * 64 + b'"}}'

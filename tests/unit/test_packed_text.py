@@ -8,6 +8,7 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support import text_payload
 from unbroken.core.accumulator import join_text
 from unbroken.core.wire import (
     ChatCompletionChunk,
@@ -18,18 +19,7 @@ from unbroken.core.wire import (
 )
 from unbroken.stores.packed import BLOCK_EVENTS, PackedEvents
 
-
-def _payload(text: str, *, index: int = 0, reasoning: bool = False) -> bytes:
-    delta = Delta(reasoning_content=text) if reasoning else Delta(content=text)
-    return msgspec.json.encode(
-        ChatCompletionChunk(
-            id="chatcmpl-0123456789abcdef",
-            model="deepseek-chat",
-            created=1733400000,
-            system_fingerprint="fp_0123",
-            choices=[ChunkChoice(index=index, delta=delta)],
-        )
-    )
+_payload = text_payload
 
 
 ROLE = msgspec.json.encode(
