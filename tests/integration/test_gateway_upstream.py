@@ -8,8 +8,9 @@ import asyncio
 import contextlib
 import gc
 import json
+import select
 import socket
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
 import anyio
@@ -803,3 +804,164 @@ async def test_the_events_that_come_with_the_head_reach_the_sink_before_the_requ
     assert held[0] is list  # the events that came with the head: not packed yet
     assert len(held) > 1
     assert all(t is not list for t in held[1:])  # packed after
+
+
+def _on_loop(name: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    if name == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+class _Watched(asyncio.Protocol):
+    """A protocol as the loop sees it: hands every event to `inner` (the transport's own
+    connection) and calls `after_made` once the connection's `connection_made` returned."""
+
+    def __init__(self, inner: asyncio.Protocol, after_made: Callable[[], None]) -> None:
+        self.inner = inner
+        self.after_made = after_made
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inner.connection_made(transport)
+        self.after_made()
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_a_request_that_connects_is_written_from_the_connections_callback(
+    loop_name: str,
+) -> None:
+    """A request that finds no idle connection opens one; its bytes are written upstream
+    from the callback in which the loop completes the connection (`connection_made`), not
+    from a later pass of the loop. The response is then read as ever and the connection
+    returns to the pool."""
+    seen: list[bytes] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        listener = socket.create_server(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        accepted: list[socket.socket] = []
+        connected = asyncio.Event()
+        connect = loop.create_connection
+
+        def after_made() -> None:
+            # The loop does not turn here: what the request wrote is in the upstream's
+            # socket now or was left for a later pass.
+            listener.settimeout(10)
+            server, _ = listener.accept()
+            accepted.append(server)
+            ready = select.select([server], [], [], 1)[0]
+            seen.append(server.recv(65536, socket.MSG_PEEK) if ready else b"")
+            connected.set()
+
+        async def watched_connect(factory: Any, *args: Any, **kwargs: Any) -> Any:
+            made: list[asyncio.Protocol] = []
+
+            def watched() -> asyncio.Protocol:
+                made.append(factory())
+                return _Watched(made[0], after_made)
+
+            transport, _ = await connect(watched, *args, **kwargs)
+            return transport, made[0]
+
+        loop.create_connection = watched_connect  # type: ignore[method-assign,assignment]  # watch the loop's calls
+        pool = LeanTransport()
+        try:
+            url = httpx.URL(f"http://127.0.0.1:{port}/chat/completions")
+            head = b"Host: 127.0.0.1\r\nContent-Length: 2\r\n"
+            sent = asyncio.ensure_future(pool.unbroken_send_post(url, head, b"{}", {}))
+            await asyncio.wait_for(connected.wait(), 10)
+            assert len(seen) == 1
+            assert seen[0].startswith(b"POST /chat/completions HTTP/1.1\r\n"), "written later"
+            accepted[0].recv(65536)
+            accepted[0].sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            response = await asyncio.wait_for(sent, 10)
+            assert response.status_code == 200
+            assert await response.aread() == b"ok"
+            await response.aclose()
+            assert pool._open == 1
+            assert len(pool._idle[("http", "127.0.0.1", port)]) == 1
+        finally:
+            await pool.aclose()
+            for server in accepted:
+                server.close()
+            listener.close()
+
+    _on_loop(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_a_request_cancelled_while_it_connects_closes_the_connection(loop_name: str) -> None:
+    """A request cancelled (its client gone) after its connect started and before the
+    connection is made: the cancellation reaches the caller, the connection is closed once
+    made and not counted, and nothing is left running."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        listener = socket.create_server(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        pool = LeanTransport()
+        try:
+            url = httpx.URL(f"http://127.0.0.1:{port}/chat/completions")
+            sent = loop.create_task(
+                pool.unbroken_send_post(url, b"Host: 127.0.0.1\r\nContent-Length: 0\r\n", b"", {})
+            )
+            await asyncio.sleep(0)  # its first step: the connect is under way
+            assert pool._open == 1
+            sent.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await sent
+            assert pool._open == 0
+            listener.settimeout(10)
+            server, _ = listener.accept()
+            with server:
+                server.settimeout(10)
+                # Closed with nothing written: EOF (or a reset).
+                with contextlib.suppress(ConnectionResetError):
+                    assert server.recv(65536) == b""
+            others = [t for t in asyncio.all_tasks(loop) if t is not asyncio.current_task()]
+            await asyncio.wait_for(asyncio.gather(*others, return_exceptions=True), 10)
+        finally:
+            await pool.aclose()
+            listener.close()
+
+    _on_loop(loop_name, main)
+
+
+@pytest.mark.anyio
+async def test_a_connect_past_its_timeout_is_an_httpx_connect_timeout() -> None:
+    """A connect timeout that ends before the connection is made: httpx.ConnectTimeout, and
+    no connection is counted."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    pool = LeanTransport()
+    try:
+        url = httpx.URL(f"http://127.0.0.1:{port}/chat/completions")
+        with pytest.raises(httpx.ConnectTimeout):
+            await pool.unbroken_send_post(
+                url, b"Host: 127.0.0.1\r\nContent-Length: 0\r\n", b"", {"connect": 0.0}
+            )
+        assert pool._open == 0
+    finally:
+        await pool.aclose()
+        listener.close()
