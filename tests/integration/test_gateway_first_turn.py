@@ -10,6 +10,7 @@ import json
 import select
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -81,6 +82,24 @@ class RemoteLevels(MemoryStore):
         return await super().level(key, capacity, refill_per_s, now)
 
 
+def recording_protocols(app: Any) -> tuple[Callable[[], asyncio.Protocol], list[asyncio.Protocol]]:
+    """A protocol factory serving `app` as `unbroken serve` does, and the list of the
+    protocols it made (a test hands one request bytes as the loop would)."""
+    config = uvicorn.Config(app, http=guarded_protocol(app.guard), lifespan="off")
+    config.load()
+    state = ServerState()
+    protocols: list[asyncio.Protocol] = []
+
+    def protocol() -> asyncio.Protocol:
+        made: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]  # uvicorn's protocols take these
+            config=config, server_state=state, app_state={}
+        )
+        protocols.append(made)
+        return made
+
+    return protocol, protocols
+
+
 @pytest.mark.parametrize("limited", [False, True], ids=["plain", "rate_limited"])
 def test_the_upstream_request_is_written_in_the_turn_the_request_arrives(limited: bool) -> None:
     """`rate_limited`: the answer's x-ratelimit-* headers are read from the store after the
@@ -91,17 +110,7 @@ def test_the_upstream_request_is_written_in_the_turn_the_request_arrives(limited
             Settings(api_key="sk-up", base_url=mock.url, gateway=GatewaySettings(limits=limits)),
             store=RemoteLevels(),
         )
-        config = uvicorn.Config(app, http=guarded_protocol(app.guard), lifespan="off")
-        config.load()
-        state = ServerState()
-        protocols: list[asyncio.Protocol] = []
-
-        def protocol() -> asyncio.Protocol:
-            made: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]  # uvicorn's protocols take these
-                config=config, server_state=state, app_state={}
-            )
-            protocols.append(made)
-            return made
+        protocol, protocols = recording_protocols(app)
 
         async def main() -> None:
             loop = asyncio.get_running_loop()
@@ -143,17 +152,7 @@ def test_an_answer_started_from_the_ready_queue_is_relayed_from_the_heads_read()
     head and first events within the read's callback, not one or two passes later."""
     with MockServer(MockConfig(seed=2)) as mock:
         app = create_app(Settings(api_key="sk-up", base_url=mock.url))
-        config = uvicorn.Config(app, http=guarded_protocol(app.guard), lifespan="off")
-        config.load()
-        state = ServerState()
-        protocols: list[asyncio.Protocol] = []
-
-        def protocol() -> asyncio.Protocol:
-            made: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]  # uvicorn's protocols take these
-                config=config, server_state=state, app_state={}
-            )
-            protocols.append(made)
-            return made
+        protocol, protocols = recording_protocols(app)
 
         async def main() -> None:
             loop = asyncio.get_running_loop()
