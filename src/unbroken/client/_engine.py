@@ -520,7 +520,7 @@ class _LaneWait(Coroutine[Any, Any, "StreamItem"]):
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._lane: _FastLane | None = None  # the lane waited on (with `_waiter`)
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: _TapWait | None = None
         self._inner: Coroutine[Any, Any, StreamItem] | None = None
 
     def __await__(self) -> Generator[Any, Any, StreamItem]:
@@ -647,13 +647,107 @@ class _LaneWait(Coroutine[Any, Any, "StreamItem"]):
         return self.send(None)
 
 
+# `_TapWait`'s states.
+_WAITING, _WOKEN, _CANCELLED = 0, 1, 2
+
+
+class _TapWait:
+    """The fast lane's wait (`_FastLane.tap`): as much of an asyncio future as its users
+    need - the task awaiting it (through `_LaneWait`: its wake-up, `cancel`, `result`) and
+    the connection and lane that resolve it (`done`, `set_result`) - in 80 bytes instead
+    of a future's 144: a gateway holds one per live answer for the answer's life. Over, it
+    wakes its callbacks from the loop, as a future does."""
+
+    __slots__ = ("_asyncio_future_blocking", "_ctx", "_fn", "_loop", "_more", "_state")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._state = _WAITING
+        # The awaiting task's wake-up and its context (one, as a rule), and the callbacks
+        # added after it, as (fn, context) pairs.
+        self._fn: Callable[[Any], object] | None = None
+        self._ctx: Any = None
+        self._more: list[tuple[Callable[[Any], object], Any]] | None = None
+        self._asyncio_future_blocking = False
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        if self._state == _WAITING:
+            self._asyncio_future_blocking = True
+            yield self  # to the task, which adds its wake-up
+        self.result()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop it was made in (the task awaiting it checks)."""
+        return self._loop
+
+    def done(self) -> bool:
+        """Whether it was resolved or cancelled."""
+        return self._state != _WAITING
+
+    def cancelled(self) -> bool:
+        """Whether it was cancelled."""
+        return self._state == _CANCELLED
+
+    def result(self) -> None:
+        """None once resolved; raises CancelledError once cancelled, InvalidStateError
+        before either."""
+        if self._state == _CANCELLED:
+            raise asyncio.CancelledError
+        if self._state == _WAITING:
+            raise asyncio.InvalidStateError("the lane's wait is not over")
+
+    def add_done_callback(self, fn: Callable[[Any], object], *, context: Any = None) -> None:
+        """Call `fn(self)` from the loop once it is over (soon, if it is)."""
+        if self._state != _WAITING:
+            self._loop.call_soon(fn, self, context=context)
+        elif self._fn is None:
+            self._fn, self._ctx = fn, context
+        elif self._more is None:
+            self._more = [(fn, context)]
+        else:
+            self._more.append((fn, context))
+
+    def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
+        """Forget `fn`'s callbacks; how many there were."""
+        n = 0
+        if self._fn is not None and self._fn == fn:
+            self._fn = self._ctx = None
+            n = 1
+        if self._more is not None:
+            kept = [pair for pair in self._more if pair[0] != fn]
+            n += len(self._more) - len(kept)
+            self._more = kept or None
+        return n
+
+    def set_result(self, result: None) -> None:
+        """Resolve it (the response ended, or a chunk must be yielded)."""
+        if self._state != _WAITING:
+            raise asyncio.InvalidStateError("the lane's wait is over already")
+        self._end(_WOKEN)
+
+    def cancel(self, msg: Any = None) -> bool:
+        """Cancel it (its task is cancelled); False when it was over already."""
+        if self._state != _WAITING:
+            return False
+        self._end(_CANCELLED)
+        return True
+
+    def _end(self, state: int) -> None:
+        self._state = state
+        fn, ctx, more = self._fn, self._ctx, self._more
+        self._fn = self._ctx = self._more = None
+        loop = self._loop
+        if fn is not None:
+            loop.call_soon(fn, self, context=ctx)
+        for fn, ctx in more or ():
+            loop.call_soon(fn, self, context=ctx)
+
+
 class _Tappable(Protocol):
     """A network stream that hands body bytes to a callback as they arrive (the gateway's
     upstream connections, gateway/upstream.py)."""
 
-    def tap(
-        self, on_body: Callable[[bytes], None] | None, waiter: asyncio.Future[None] | None
-    ) -> bool: ...
+    def tap(self, on_body: Callable[[bytes], None] | None, waiter: _TapWait | None) -> bool: ...
 
 
 class _FastLane:
@@ -692,7 +786,7 @@ class _FastLane:
         self._payload_sink = sink.sink if isinstance(sink, _PayloadSink) else None
         # ... and one chunk read alone as just its bytes (the hot path of a relayed chunk).
         self._one = sink.one if isinstance(sink, _PayloadSink) else None
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: _TapWait | None = None
         # Shared and empty until a chunk must be yielded (one list less per live answer).
         self.pending: list[ChatCompletionChunk] = _NO_CHUNKS
         self.error: Exception | None = None
@@ -708,11 +802,11 @@ class _FastLane:
             return None
         return cls(cast("_Tappable", conn), attempt, sink)
 
-    def tap(self) -> asyncio.Future[None] | None:
-        """Tap the connection: the future resolved when something must be yielded or the
+    def tap(self) -> _TapWait | None:
+        """Tap the connection: the wait resolved when something must be yielded or the
         response ended (then `untap()` and `taken()`), or None when it cannot be tapped
         now (read it as usual)."""
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = _TapWait(asyncio.get_running_loop())
         # Set first: the connection may hand buffered bytes to `_on_body` within `tap`.
         self._waiter = waiter
         if not self._conn.tap(self._on_body, waiter):
