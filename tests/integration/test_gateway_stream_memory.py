@@ -8,6 +8,7 @@ import gc
 import hashlib
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -181,6 +182,41 @@ def test_a_live_answer_holds_its_request_packed_and_no_idle_flags(upstream: Mock
     assert not own_first
     assert idle_flags
     assert all(flag is None for flag in idle_flags)
+    events = parse_events(raw)
+    assert events[-1][1] == b"[DONE]"
+    assert json.loads(events[-3][1])["usage"]["completion_tokens"] == 200
+
+
+def test_a_live_answers_producer_waits_on_the_lanes_slotted_wait(upstream: MockServer) -> None:
+    """Mid-answer, the producer's task waits for its SDK stream's fast lane on the lane's
+    slotted wait, not on an asyncio future (80 bytes against 144 per live answer); the
+    answer still ends whole."""
+    import asyncio
+
+    from unbroken.gateway.streams import Producer
+
+    headers = {"X-Mock-Tokens": "200", "X-Mock-Token-Ms": "10"}
+    with gateway(upstream.url) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        raw = b""
+        with client.stream("POST", "/v1/chat/completions", json=BODY, headers=headers) as response:
+            stream_id = response.headers["x-unbroken-stream-id"]
+            reads = response.iter_raw()
+            for data in reads:
+                raw += data
+                if raw.count(b"\n\n") >= 20:
+                    break
+            (producer,) = [
+                o for o in gc.get_objects() if isinstance(o, Producer) and o.stream_id == stream_id
+            ]
+            task: Any = producer.task
+            waiting_on = task._fut_waiter  # the C task's: what it awaits
+            del task
+            del producer
+            for data in reads:
+                raw += data
+    assert type(waiting_on).__name__ == "_TapWait"
+    assert not isinstance(waiting_on, asyncio.Future)
+    del waiting_on
     events = parse_events(raw)
     assert events[-1][1] == b"[DONE]"
     assert json.loads(events[-3][1])["usage"]["completion_tokens"] == 200
