@@ -96,3 +96,68 @@ def test_connections_from_one_host_share_its_str() -> None:
     assert second.client[0] is first.client[0]
     assert first.client[1] != second.client[1]
     assert first.scope["client"] == first.client
+
+
+def test_a_streamed_answer_lets_its_requests_parser_go_and_the_connection_serves_on() -> None:
+    """Once a streamed answer's head is out, its connection holds no request parser (at
+    once, not after the head timeout); the client's next request on the same connection
+    gets a new one and is answered whole."""
+    import gc
+    import json
+    import socket
+
+    from tests.support import gateway_thread
+    from unbroken.gateway.guard import GuardedProtocol
+    from unbroken.mock import MockConfig, MockServer
+
+    body = json.dumps(
+        {
+            "model": "deepseek-chat",
+            "stream": True,
+            "messages": [{"role": "user", "content": "parsers"}],
+        }
+    ).encode()
+
+    def chat(tokens: int, token_ms: int) -> bytes:
+        return (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"X-Mock-Tokens: {tokens}\r\nX-Mock-Token-Ms: {token_ms}\r\n\r\n"
+        ).encode() + body
+
+    def read_to_end(sock: socket.socket) -> bytes:
+        data = b""
+        while not data.endswith(b"0\r\n\r\n"):
+            part = sock.recv(65536)
+            assert part, data[-200:]
+            data += part
+        return data
+
+    with (
+        MockServer(MockConfig(seed=3)) as mock,
+        gateway_thread(mock.url, head_timeout_s=60) as server,
+        socket.create_connection((server.host, server.port), timeout=30) as sock,
+    ):
+        sock.sendall(chat(200, 10))
+        data = b""
+        while data.count(b"\n\n") < 10:
+            data += sock.recv(65536)
+        live = [
+            o
+            for o in gc.get_objects()
+            if isinstance(o, GuardedProtocol)
+            and not o.transport.is_closing()
+            and o.scope.get("path") == "/v1/chat/completions"
+        ]
+        assert len(live) == 1
+        parser: Any = live[0].parser
+        del live
+        first = data + read_to_end(sock)
+        # The same connection: the next answer is parsed and served.
+        sock.sendall(chat(5, 1))
+        second = read_to_end(sock)
+    assert parser is None
+    assert first.count(b"data: {") >= 200
+    assert b"data: [DONE]" in first
+    assert second.startswith(b"HTTP/1.1 200")
+    assert b"data: [DONE]" in second
