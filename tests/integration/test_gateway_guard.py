@@ -337,3 +337,31 @@ def _recv_until(sock: socket.socket, deadline: float, seen: bytes) -> bytes:
     """One read, failing with the last bytes seen once `deadline` (monotonic) has passed."""
     assert time.monotonic() < deadline, f"no end by the deadline; last bytes: {seen[-600:]!r}"
     return _recv(sock)
+
+
+def test_a_connection_idle_after_a_streamed_answer_closes_at_the_keep_alive_timeout(
+    mock: MockServer,
+) -> None:
+    """The streamed answer's start lets the connection's timer go (`streaming_started`);
+    the answer's end arms the keep-alive timer all the same."""
+    body = json.dumps(
+        {"model": "deepseek-chat", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    chat = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nX-Mock-Token-Ms: 10\r\nX-Mock-Tokens: 20\r\n"
+        b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+    )
+    with (
+        guarded(mock.url, keep_alive_s=1.0, forward_headers=["x-mock-*"]) as server,
+        connect(server) as sock,
+    ):
+        sock.sendall(chat)
+        sock.settimeout(10.0)
+        streamed = b""
+        while b"\r\n0\r\n\r\n" not in streamed:
+            streamed += _recv(sock)
+        idle_s, rest = closed_after(sock, 5.0)
+    assert b"data: [DONE]" in streamed
+    assert rest == b""
+    assert 0.5 < idle_s < 3.0  # ~1 s after the answer's end

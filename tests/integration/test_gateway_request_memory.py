@@ -99,9 +99,9 @@ def test_connections_from_one_host_share_its_str() -> None:
 
 
 def test_a_streamed_answer_lets_its_requests_parser_go_and_the_connection_serves_on() -> None:
-    """Once a streamed answer's head is out, its connection holds no request parser (at
-    once, not after the head timeout); the client's next request on the same connection
-    gets a new one and is answered whole."""
+    """Once a streamed answer's head is out, its connection holds no request parser and no
+    timer (at once, not after the head timeout); the client's next request on the same
+    connection gets a new parser and is answered whole."""
     import gc
     import json
     import socket
@@ -151,12 +151,14 @@ def test_a_streamed_answer_lets_its_requests_parser_go_and_the_connection_serves
         ]
         assert len(live) == 1
         parser: Any = live[0].parser
+        timer = live[0]._timer
         del live
         first = data + read_to_end(sock)
         # The same connection: the next answer is parsed and served.
         sock.sendall(chat(5, 1))
         second = read_to_end(sock)
     assert parser is None
+    assert timer is None
     assert first.count(b"data: {") >= 200
     assert b"data: [DONE]" in first
     assert second.startswith(b"HTTP/1.1 200")

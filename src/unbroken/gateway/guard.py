@@ -384,16 +384,18 @@ class GuardedProtocol(HttpToolsProtocol):
         else:
             self._body_timeout()
 
-    def release_parser(self) -> None:
+    def streaming_started(self) -> None:
         """A streamed answer's head is out (`CycleHooks.start_now`): the request's parser,
         between messages, is not needed until the client sends again (`data_received`
-        makes a new one), as when the head timer finds a long answer (`_expired`), but
-        now. Why not at the timer only: parsers let go all at once seconds later, when no
-        new connections take their memory again, stay in the process (~0.5 KB each,
-        bench/stream_memory.py); let go as each answer starts, the next connections'
-        parsers reuse it."""
+        makes a new one), nor the phase's timer, moot in APP (the response's end arms the
+        keep-alive timer): both go now, as when the head timer finds a long answer
+        (`_expired`). Why not at the timer only: let go all at once seconds later, when no
+        new connection takes their memory again, they stayed in the process as free memory
+        (~0.5 KB a parser, and the timer's handle; bench/stream_memory.py); let go as each
+        answer starts, the next connections' parsers and timers reuse it."""
         if self._phase is Phase.APP and not self._parsing and not self._closed:
             self.parser = None  # type: ignore[assignment]  # made again by data_received
+            self._disarm()
 
     def _refuse(
         self, status: int, message: str, code: str, retry_after_s: int | None = None
@@ -871,7 +873,7 @@ class CycleHooks:
             cycle.transport.write(data)
         protocol = cycle.on_response  # the connection's protocol (`on_headers_complete`)
         if isinstance(protocol, GuardedProtocol):
-            protocol.release_parser()
+            protocol.streaming_started()
         return True
 
     def watch(self, watcher: LostWatcher) -> None:
