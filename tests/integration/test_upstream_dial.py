@@ -266,7 +266,7 @@ def test_a_request_cancelled_while_its_socket_is_handed_to_the_loop_leaves_no_so
             sent[0].cancel()
             return await connect(*args, **kwargs)
 
-        loop.create_connection = cancelling_connect  # type: ignore[method-assign,assignment]  # cancel at the hand-over
+        loop.create_connection = cancelling_connect  # type: ignore[method-assign]  # cancel at the hand-over
         pool = LeanTransport()
         try:
             url = httpx.URL(f"http://127.0.0.1:{port}/chat/completions")

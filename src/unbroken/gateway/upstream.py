@@ -522,8 +522,9 @@ class _Dialing(asyncio.Transport):
         self.error: OSError | None = None  # the connect's failure
         sock = self._sock = socket.socket(family, socket.SOCK_STREAM)
         try:
+            # No TCP_NODELAY here: the request is one send, and the loop's transport sets
+            # it on the socket it takes.
             sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex(address)
             if err not in (0, errno.EINPROGRESS):
                 raise OSError(err, os.strerror(err))
@@ -562,8 +563,10 @@ class _Dialing(asyncio.Transport):
         exc = None if task.cancelled() else task.exception()
         conn = self._conn
         if conn.transport is self:
-            # The loop's transport never came: the connection is lost.
+            # The loop's transport never came (none took the socket, or it let it go):
+            # the connection is lost.
             self._closed = True
+            self._sock.close()
             conn.transport = None
             conn.connection_lost(exc if isinstance(exc, Exception) else None)
 
@@ -787,6 +790,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self._connect_s = 0.0
         self._last_take = 0.0
         self._closed = False
+        # What getaddrinfo gave for the addresses (not names) connected to (`_dial_plain`).
+        self._numeric: dict[tuple[str, int], list[Any]] = {}
 
     def _parsing_for(self, loop: asyncio.AbstractEventLoop) -> _Parsing:
         parsing = self._parsing
@@ -994,8 +999,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
         context: ssl.SSLContext | None,
         server_hostname: str | None,
     ) -> None:
-        """Connect `conn` to `host`:`port`; the caller's next step runs from the connection's
-        `connection_made` callback.
+        """Connect `conn` to `host`:`port` (with TLS; plain-http upstreams: `_dial_plain`);
+        the caller's next step runs from the connection's `connection_made` callback.
 
         Why: awaiting `loop.create_connection` itself, the caller woke from the loop's ready
         queue one pass after `connection_made` (which runs from that queue once the connect
@@ -1038,12 +1043,19 @@ class LeanTransport(httpx.AsyncBaseTransport):
         which the loop sees the connect complete. Each address of `host` is tried in turn;
         an OSError when none connects (the first one's if all failed alike)."""
         loop = conn.loop
-        try:
-            addresses = socket.getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
-            )
-        except socket.gaierror:
-            addresses = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = self._numeric.get((host, port))
+        if addresses is None:
+            try:
+                addresses = socket.getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+                )
+            except socket.gaierror:
+                # A name: resolved for each connect, as the loop's own connect does.
+                addresses = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            else:
+                if len(self._numeric) >= MAX_KNOWN_URLS:
+                    self._numeric.clear()
+                self._numeric[host, port] = addresses
         errors: list[OSError] = []
         for family, _, _, _, address in addresses:
             made = conn.waiter = _HeadWait(loop)
