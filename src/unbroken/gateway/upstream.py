@@ -13,9 +13,12 @@ gateway/proxy.py). Imports httpx and httptools (the `[gateway]` extra).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import math
+import os
 import resource
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator, Mapping
@@ -317,7 +320,13 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        dialing = self.transport
         self.transport = transport  # type: ignore[assignment]  # a stream transport
+        if type(dialing) is _Dialing:
+            # The request was written from the connect's completion (`_Dialing`): what
+            # the socket did not take goes now; the waiter is the response head's.
+            dialing.handed(transport)  # type: ignore[arg-type]  # a stream transport
+            return
         waiter = self.waiter
         if type(waiter) is _HeadWait:
             # A request waits for this connection (`LeanTransport._dial`): its next step,
@@ -480,6 +489,122 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
+
+
+class _Dialing(asyncio.Transport):
+    """A plain-http connection being opened on a socket of our own (`LeanTransport._dial_plain`):
+    the connection's transport from the moment the connect completes until the loop's
+    transport takes the socket (`_Connection.connection_made`). The request is written on
+    the socket from the callback in which the loop sees the connect complete.
+
+    Why: with `loop.create_connection(host, port)` the request waited, after the poll that
+    completed the connect, for the loop pass that wakes the connect's coroutine and the one
+    that runs `connection_made`: two more turns of a busy loop on the way to the first
+    token of every request that found no idle connection (uvloop runs a writer callback
+    from inside its poll). The socket is handed to `loop.create_connection(sock=...)` once
+    the request is written; the response is read through that transport as ever."""
+
+    def __init__(
+        self,
+        pool: LeanTransport,
+        conn: _Connection,
+        started: float,
+        family: int,
+        address: Any,
+    ) -> None:
+        super().__init__()
+        self._pool = pool
+        self._conn = conn
+        self._started = started
+        self._pending = b""  # request bytes the socket did not take
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.error: OSError | None = None  # the connect's failure
+        sock = self._sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            # No TCP_NODELAY here: the request is one send, and the loop's transport sets
+            # it on the socket it takes.
+            sock.setblocking(False)
+            err = sock.connect_ex(address)
+            if err not in (0, errno.EINPROGRESS):
+                raise OSError(err, os.strerror(err))
+            conn.loop.add_writer(sock.fileno(), self._writable)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _writable(self) -> None:
+        # Runs once: the connect completed or failed.
+        conn, sock = self._conn, self._sock
+        loop = conn.loop
+        loop.remove_writer(sock.fileno())
+        made = conn.waiter
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.error = OSError(err, os.strerror(err))
+            self._closed = True
+            sock.close()
+        else:
+            conn.transport = self
+        if made is not None:
+            made.set_result(None)
+            if type(made) is _HeadWait:
+                made.run_now()  # on success, the caller's step writes the request now
+        if err or self._closed:
+            return  # failed, or aborted by the step that ran
+        connect = loop.create_connection(lambda: conn, sock=sock)
+        task, start = eager_task(loop, self._pool._timed(self._started, connect))
+        self._task = task
+        task.add_done_callback(self._after_handing)
+        start.step_now()
+
+    def _after_handing(self, task: asyncio.Task[None]) -> None:
+        self._task = None
+        exc = None if task.cancelled() else task.exception()
+        conn = self._conn
+        if conn.transport is self:
+            # The loop's transport never came (none took the socket, or it let it go):
+            # the connection is lost.
+            self._closed = True
+            self._sock.close()
+            conn.transport = None
+            conn.connection_lost(exc if isinstance(exc, Exception) else None)
+
+    def handed(self, transport: asyncio.Transport) -> None:
+        """The loop's transport took the socket: the bytes left are written there."""
+        pending, self._pending = self._pending, b""
+        if pending:
+            transport.write(pending)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closed:
+            return
+        if not self._pending:
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # the loop's transport writes it again and reports the failure
+            data = data[sent:]
+        self._pending += bytes(data)
+
+    def is_closing(self) -> bool:
+        return self._closed
+
+    def abort(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        task = self._task
+        if task is not None:
+            task.cancel()  # the loop closes the socket it was given
+        else:
+            self._conn.loop.remove_writer(self._sock.fileno())
+            self._sock.close()
+
+    def close(self) -> None:
+        self.abort()
 
 
 def _connected(task: asyncio.Task[Any], made: _HeadWait) -> None:
@@ -665,6 +790,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
         self._connect_s = 0.0
         self._last_take = 0.0
         self._closed = False
+        # What getaddrinfo gave for the addresses (not names) connected to (`_dial_plain`).
+        self._numeric: dict[tuple[str, int], list[Any]] = {}
 
     def _parsing_for(self, loop: asyncio.AbstractEventLoop) -> _Parsing:
         parsing = self._parsing
@@ -825,14 +952,12 @@ class LeanTransport(httpx.AsyncBaseTransport):
                 else:
                     # No proxy, or a plain-http upstream sent to its proxy in absolute form.
                     conn = _Connection(loop, key, self._high, self._parsing_for(loop))
-                    await self._dial(
-                        conn,
-                        started,
-                        proxy.host if proxy is not None else host,
-                        proxy.port if proxy is not None else port,
-                        context,
-                        host if context else None,
-                    )
+                    to_host = proxy.host if proxy is not None else host
+                    to_port = proxy.port if proxy is not None else port
+                    if context is None:
+                        await self._dial_plain(conn, started, to_host, to_port)
+                    else:
+                        await self._dial(conn, started, to_host, to_port, context, host)
                     conn.proxy_authorization = proxy.authorization if proxy else None
                     conn.absolute_form = proxy is not None
         except TimeoutError:
@@ -874,8 +999,8 @@ class LeanTransport(httpx.AsyncBaseTransport):
         context: ssl.SSLContext | None,
         server_hostname: str | None,
     ) -> None:
-        """Connect `conn` to `host`:`port`; the caller's next step runs from the connection's
-        `connection_made` callback.
+        """Connect `conn` to `host`:`port` (with TLS; plain-http upstreams: `_dial_plain`);
+        the caller's next step runs from the connection's `connection_made` callback.
 
         Why: awaiting `loop.create_connection` itself, the caller woke from the loop's ready
         queue one pass after `connection_made` (which runs from that queue once the connect
@@ -911,6 +1036,49 @@ class LeanTransport(httpx.AsyncBaseTransport):
             raise
         finally:
             conn.waiter = None
+
+    async def _dial_plain(self, conn: _Connection, started: float, host: str, port: int) -> None:
+        """Connect `conn` to `host`:`port` over plain TCP on a socket of our own (see
+        `_Dialing`); the caller's next step, the request's write, runs from the callback in
+        which the loop sees the connect complete. Each address of `host` is tried in turn;
+        an OSError when none connects (the first one's if all failed alike)."""
+        loop = conn.loop
+        addresses = self._numeric.get((host, port))
+        if addresses is None:
+            try:
+                addresses = socket.getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+                )
+            except socket.gaierror:
+                # A name: resolved for each connect, as the loop's own connect does.
+                addresses = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            else:
+                if len(self._numeric) >= MAX_KNOWN_URLS:
+                    self._numeric.clear()
+                self._numeric[host, port] = addresses
+        errors: list[OSError] = []
+        for family, _, _, _, address in addresses:
+            made = conn.waiter = _HeadWait(loop)
+            try:
+                dialing = _Dialing(self, conn, started, family, address)
+            except OSError as exc:
+                errors.append(exc)
+                continue
+            try:
+                await made
+            except BaseException:
+                dialing.abort()
+                raise
+            finally:
+                conn.waiter = None
+            if dialing.error is None:
+                return
+            errors.append(dialing.error)
+        if not errors:
+            raise OSError(f"no address found for {host}")
+        if all(str(exc) == str(errors[0]) for exc in errors):
+            raise errors[0]
+        raise OSError("; ".join(str(exc) for exc in errors))
 
     async def _tunnel(
         self,
