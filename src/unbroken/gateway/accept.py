@@ -98,7 +98,7 @@ class Acceptor:
     def _accept(self) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                fd, _ = self._accept_fd()
+                fd, peer = self._accept_fd()
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -132,6 +132,11 @@ class Acceptor:
             self._step(self._loop.connect_accepted_socket(self._make, conn), conn)
             if made:
                 protocol = made.pop()
+                # The peer's address as accept gave it, before `connection_made` (which
+                # then asks the kernel for nothing): a protocol that wants it says so.
+                accepted = getattr(protocol, "accepted_from", None)
+                if accepted is not None:
+                    accepted(peer)
                 if first:
                     # After `connection_made`, which the loop has just scheduled.
                     self._loop.call_soon(protocol.data_received, first)
