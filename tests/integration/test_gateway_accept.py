@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -321,3 +322,35 @@ def test_a_protocol_that_does_not_ask_is_made_as_before() -> None:
     """Protocols without `accepted_from` (asyncio's, uvicorn's own) are not told."""
     with listener() as sock, queued(sock, 1):
         assert _serve_one(sock)[:1] == ["made"]
+
+
+def test_an_accepted_connection_is_non_blocking_with_nodelay_from_a_listener_without() -> None:
+    """The acceptor leaves both to the loop's transport: a connection accepted from a
+    listener without TCP_NODELAY still gets it (Nagle would hold a first chunk behind the
+    head until the client's delayed ACK), and is non-blocking."""
+
+    async def main() -> tuple[int, int]:
+        with listener() as sock, queued(sock, 1):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+            made: list[Recording] = []
+
+            def factory() -> Recording:
+                made.append(Recording())
+                return made[-1]
+
+            acceptor = Acceptor(asyncio.get_running_loop(), sock, factory)
+            await turns(5)
+            transport = made[0].transport
+            assert transport is not None
+            fd = transport.get_extra_info("socket").fileno()
+            with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as dup:
+                nodelay = dup.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            blocking = os.get_blocking(fd)
+            transport.close()
+            await asyncio.wait_for(made[0].lost, 10)
+            acceptor.close()
+            return nodelay, int(blocking)
+
+    nodelay, blocking = uvloop.run(main())
+    assert nodelay != 0
+    assert blocking == 0

@@ -46,6 +46,9 @@ FIRST_READ = 65536
 # in the backlog meanwhile.
 RETRY_AFTER_S = 1.0
 _OUT_OF_FDS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# The flag of a read that does not wait (where there is none, Windows, the socket is made
+# non-blocking first).
+_DONTWAIT: int = getattr(socket, "MSG_DONTWAIT", 0)
 
 
 class Acceptor:
@@ -115,11 +118,13 @@ class Acceptor:
                 return
             family, kind, proto = self._kind
             conn = socket.socket(family, kind, proto, fd)
-            conn.setblocking(False)
-            # Accepted sockets inherit TCP_NODELAY on Linux, not everywhere.
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # No setblocking(False) or TCP_NODELAY here: the loop's transport sets both
+            # (uvloop and asyncio alike, for a TCP socket), and each is a system call per
+            # connection. This one read must not wait: MSG_DONTWAIT.
+            if not _DONTWAIT:  # pragma: no cover - Windows
+                conn.setblocking(False)
             try:
-                first = conn.recv(FIRST_READ)
+                first = conn.recv(FIRST_READ, _DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 first = b""  # nothing yet: the loop reads it when it comes
             except OSError as exc:
