@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -284,3 +285,72 @@ def test_a_connection_closed_before_it_is_accepted_reads_nothing_and_ends() -> N
     assert events[:2] == ["made", ("unread", 0)]
     assert "eof" in events
     assert not any(isinstance(e, bytes) for e in events)
+
+
+class Told(Recording):
+    """A `Recording` that wants the peer's address from the acceptor."""
+
+    def accepted_from(self, peer: object) -> None:
+        self.events.append(("peer", peer))
+
+
+def test_a_protocol_that_asks_is_told_the_peer_address_before_connection_made() -> None:
+    """The address `accept` returned reaches the protocol before `connection_made`, so the
+    gateway's protocol need not ask the kernel for it (getpeername) per connection."""
+    with listener() as sock, queued(sock, 1) as clients:
+
+        async def main() -> list[object]:
+            made: list[Told] = []
+
+            def factory() -> Told:
+                made.append(Told())
+                return made[-1]
+
+            acceptor = Acceptor(asyncio.get_running_loop(), sock, factory)
+            await turns(5)
+            assert made[0].transport is not None
+            made[0].transport.close()
+            await asyncio.wait_for(made[0].lost, 10)
+            acceptor.close()
+            return made[0].events
+
+        events: list[object] = uvloop.run(main())
+        assert events[:2] == [("peer", clients[0].getsockname()), "made"]
+
+
+def test_a_protocol_that_does_not_ask_is_made_as_before() -> None:
+    """Protocols without `accepted_from` (asyncio's, uvicorn's own) are not told."""
+    with listener() as sock, queued(sock, 1):
+        assert _serve_one(sock)[:1] == ["made"]
+
+
+def test_an_accepted_connection_is_non_blocking_with_nodelay_from_a_listener_without() -> None:
+    """The acceptor leaves both to the loop's transport: a connection accepted from a
+    listener without TCP_NODELAY still gets it (Nagle would hold a first chunk behind the
+    head until the client's delayed ACK), and is non-blocking."""
+
+    async def main() -> tuple[int, int]:
+        with listener() as sock, queued(sock, 1):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+            made: list[Recording] = []
+
+            def factory() -> Recording:
+                made.append(Recording())
+                return made[-1]
+
+            acceptor = Acceptor(asyncio.get_running_loop(), sock, factory)
+            await turns(5)
+            transport = made[0].transport
+            assert transport is not None
+            fd = transport.get_extra_info("socket").fileno()
+            with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as dup:
+                nodelay = dup.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            blocking = os.get_blocking(fd)
+            transport.close()
+            await asyncio.wait_for(made[0].lost, 10)
+            acceptor.close()
+            return nodelay, int(blocking)
+
+    nodelay, blocking = uvloop.run(main())
+    assert nodelay != 0
+    assert blocking == 0

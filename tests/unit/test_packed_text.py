@@ -189,3 +189,33 @@ def test_a_run_with_a_quote_not_escaped_reads_block_by_block() -> None:
     _same(events, payloads, 1, n)
     _same(events, payloads, BLOCK_EVENTS + 1, n)
     assert events._middles(1, len(events._ends), n) is not None  # one run to the end
+
+
+def test_an_odd_backslash_is_found_in_any_block_of_a_run() -> None:
+    """A run of blocks of middles with escapes (`\\n`, an escaped backslash) in several
+    blocks reads whole; a middle ending in an odd run of backslashes in any one of its
+    blocks (sealed, or the open block's) stops the run from being read as one string, and
+    the text is what decoding every event gives either way."""
+    n_texts = 5 * BLOCK_EVENTS + 6
+    texts = [f" tok{i}" for i in range(n_texts)]
+    for i in range(3, n_texts, 7):  # escapes in every block, none at a middle's end...
+        texts[i] = f"a\nb{i}"
+    texts[2 * BLOCK_EVENTS + 1] = "ends with \\\\"  # ...but an escaped backslash (even)
+    payloads = [ROLE, *(_payload(t) for t in texts)]
+    events = _log(payloads)
+    n = len(payloads)
+    run = events._middles(1, len(events._ends), n)
+    assert run is not None
+    assert run[0] == n  # one run from block 1 to the open block's last event
+    _same(events, payloads, 1, n)
+    # On the template, its middle `x\\\` (an odd run: it escapes the tail's quote).
+    odd = _payload("QQQ").replace(b"QQQ", b"x\\\\\\")
+    for at in (BLOCK_EVENTS + 2, 3 * BLOCK_EVENTS + 5, 4 * BLOCK_EVENTS - 1, n - 2):
+        changed = [*payloads[:at], odd, *payloads[at + 1 :]]
+        events = _log(changed)
+        block = at // BLOCK_EVENTS  # (`at` is 0-based: event at + 1)
+        assert events._middles(1, len(events._ends), n) is None, at
+        if block > 1:  # the blocks before it still read as one run
+            assert events._middles(1, len(events._ends), block * BLOCK_EVENTS) is not None
+        _same(events, changed, 1, n)
+        _same(events, changed, BLOCK_EVENTS + 1, n)

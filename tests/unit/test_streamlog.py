@@ -192,3 +192,7 @@ def test_answer_digest_is_sha256_of_utf8() -> None:
     digest = answer_digest("héllo 🚀", "")
     assert digest.content_sha256 == hashlib.sha256("héllo 🚀".encode()).hexdigest()
     assert digest.reasoning_sha256 == hashlib.sha256(b"").hexdigest()
+    # Either text empty or not, in either place.
+    swapped = answer_digest("", "héllo 🚀")
+    assert swapped.content_sha256 == digest.reasoning_sha256
+    assert swapped.reasoning_sha256 == digest.content_sha256

@@ -323,9 +323,14 @@ class AnswerDigest:
     reasoning_sha256: str
 
 
+# The digest of an empty text (most answers have no reasoning): not hashed per answer.
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest() if text else _EMPTY_SHA256
+
+
 def answer_digest(content: str, reasoning: str) -> AnswerDigest:
     """The digests of `content` and `reasoning` (UTF-8)."""
-    return AnswerDigest(
-        hashlib.sha256(content.encode()).hexdigest(),
-        hashlib.sha256(reasoning.encode()).hexdigest(),
-    )
+    return AnswerDigest(_sha256(content), _sha256(reasoning))

@@ -46,6 +46,9 @@ FIRST_READ = 65536
 # in the backlog meanwhile.
 RETRY_AFTER_S = 1.0
 _OUT_OF_FDS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# The flag of a read that does not wait (where there is none, Windows, the socket is made
+# non-blocking first).
+_DONTWAIT: int = getattr(socket, "MSG_DONTWAIT", 0)
 
 
 class Acceptor:
@@ -98,7 +101,7 @@ class Acceptor:
     def _accept(self) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                fd, _ = self._accept_fd()
+                fd, peer = self._accept_fd()
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -115,11 +118,13 @@ class Acceptor:
                 return
             family, kind, proto = self._kind
             conn = socket.socket(family, kind, proto, fd)
-            conn.setblocking(False)
-            # Accepted sockets inherit TCP_NODELAY on Linux, not everywhere.
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # No setblocking(False) or TCP_NODELAY here: the loop's transport sets both
+            # (uvloop and asyncio alike, for a TCP socket), and each is a system call per
+            # connection. This one read must not wait: MSG_DONTWAIT.
+            if not _DONTWAIT:  # pragma: no cover - Windows
+                conn.setblocking(False)
             try:
-                first = conn.recv(FIRST_READ)
+                first = conn.recv(FIRST_READ, _DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 first = b""  # nothing yet: the loop reads it when it comes
             except OSError as exc:
@@ -132,6 +137,11 @@ class Acceptor:
             self._step(self._loop.connect_accepted_socket(self._make, conn), conn)
             if made:
                 protocol = made.pop()
+                # The peer's address as accept gave it, before `connection_made` (which
+                # then asks the kernel for nothing): a protocol that wants it says so.
+                accepted = getattr(protocol, "accepted_from", None)
+                if accepted is not None:
+                    accepted(peer)
                 if first:
                     # After `connection_made`, which the loop has just scheduled.
                     self._loop.call_soon(protocol.data_received, first)

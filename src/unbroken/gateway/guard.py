@@ -43,6 +43,7 @@ from typing import Any, cast
 
 import httptools
 from uvicorn._types import ASGIVersions
+from uvicorn.config import Config
 from uvicorn.logging import TRACE_LOG_LEVEL
 from uvicorn.protocols.http.flow_control import FlowControl, service_unavailable
 from uvicorn.protocols.http.httptools_impl import (
@@ -58,6 +59,7 @@ from uvicorn.protocols.utils import (
     get_path_with_query_string,
     get_remote_addr,
 )
+from uvicorn.server import ServerState
 
 from unbroken._flag import Flag
 from unbroken.gateway.accesslog import ACCESS_LOGGER
@@ -72,6 +74,9 @@ from unbroken.settings import GatewaySettings
 __all__ = ["CycleHooks", "Guard", "LogLimiter", "guarded_protocol", "install_log_limits"]
 
 logger = logging.getLogger(__name__)
+# uvicorn's protocol loggers (the same objects for the process's life).
+_ERROR_LOG = logging.getLogger("uvicorn.error")
+_ACCESS_LOG = logging.getLogger("uvicorn.access")
 
 # Loggers that a flood of bad connections can make write: asyncio (accept errors), uvicorn
 # (protocol and ASGI errors) and the gateway's own.
@@ -105,6 +110,10 @@ class Phase(enum.Enum):
     APP = "app"
 
 
+# What `Guard.from_config` takes from a uvicorn config.
+_ConfigValues = tuple[Any, Any, str, Any, "int | None", int]
+
+
 class Guard:
     """The HTTP-layer limits and the connection counts of one gateway process.
 
@@ -131,6 +140,26 @@ class Guard:
         self._discard: (
             tuple[set[asyncio.Task[None]], Callable[[asyncio.Task[None]], None]] | None
         ) = None
+        self._config: tuple[Config, _ConfigValues] | None = None  # see from_config
+
+    def from_config(self, config: Config) -> _ConfigValues:
+        """What a protocol takes from uvicorn's `config` (loaded on first use): its app, ws
+        protocol class, root path, ASGI version, concurrency limit and keep-alive timeout,
+        remembered for the config last asked about."""
+        cached = self._config
+        if cached is None or cached[0] is not config:
+            if not config.loaded:
+                config.load()
+            values = (
+                config.loaded_app,
+                config.ws_protocol_class,
+                config.root_path,
+                config.asgi_version,
+                config.limit_concurrency,
+                config.timeout_keep_alive,
+            )
+            self._config = cached = (config, values)
+        return cached[1]
 
     def event_loop(self) -> asyncio.AbstractEventLoop:
         """The running event loop (call from it), remembered per thread and process: asyncio
@@ -271,15 +300,52 @@ class GuardedProtocol(HttpToolsProtocol):
         "url",
     )
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if kwargs.get("_loop") is None:
-            # uvicorn's server makes protocols without their loop, and uvicorn then asks
-            # asyncio for it: on Python 3.11 a getpid() system call per connection.
-            kwargs["_loop"] = self.guard.event_loop()
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        # uvicorn's __init__ (as of 0.55), its attributes set in the same order, with what
+        # it looks up per connection taken once: the config's values (`Guard.from_config`)
+        # and the two loggers (`logging.getLogger` takes the logging lock). The loop too:
+        # uvicorn's server makes protocols without it, and asyncio's lookup makes a
+        # getpid() system call per connection on Python 3.11.
+        (app, ws_protocol_class, root_path, asgi_version, limit_concurrency, keep_alive) = (
+            self.guard.from_config(config)
+        )
+        self.config = config
+        self.app = app
+        self.loop = _loop or self.guard.event_loop()
+        self.logger = _ERROR_LOG
+        self.access_logger = _ACCESS_LOG
+        # Per connection, as uvicorn: a handler added while serving is used.
+        self.access_log = _ACCESS_LOG.hasHandlers()
+        self.parser = parser = httptools.HttpRequestParser(self)
+        parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self.ws_protocol_class = ws_protocol_class
+        self.root_path = root_path
+        self.asgi_version = asgi_version
+        self.limit_concurrency = limit_concurrency
+        self.app_state = app_state
+        self.timeout_keep_alive_task = None
+        self.timeout_keep_alive = keep_alive
+        self.server_state = server_state
+        self.connections = server_state.connections
+        self.tasks = server_state.tasks
+        self.transport = None  # type: ignore[assignment]  # set by connection_made
+        self.flow = None  # type: ignore[assignment]  # set by connection_made
+        self.server = None
+        self.client = None
+        self.scheme = None
         # Pipelined requests wait here (rarely any): a deque's first block was ~760 bytes
         # per connection.
         self.pipeline = _Pipeline()  # type: ignore[assignment]  # the deque methods uvicorn uses
+        self.scope = None  # type: ignore[assignment]  # set per request
+        self.headers = None  # type: ignore[assignment]  # set per request
+        self.expect_100_continue = False
+        self.cycle = None  # type: ignore[assignment]  # set per request
         self._phase = Phase.HEAD
         self._timer: TimerHandle | None = None
         self._deadline = 0.0  # of the phase's timer (loop time)
@@ -302,8 +368,11 @@ class GuardedProtocol(HttpToolsProtocol):
         self.connections.add(self)
         self.transport = transport
         self.flow = _FlowControl(transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
+        if self.client is not None and self.guard.local_address is not None:
+            # Both addresses known (`accepted_from`, the listener's): no socket object
+            # made by the loop, no getpeername() system call.
+            self.server = self.guard.local_address
+        elif (sock := transport.get_extra_info("socket")) is not None:
             self.server = self.guard.local_address or _address(sock.getsockname())
             try:
                 peer = sock.getpeername()
@@ -319,7 +388,7 @@ class GuardedProtocol(HttpToolsProtocol):
             self.server = get_local_addr(transport)
             self.client = get_remote_addr(transport)
         self.scheme = "https" if transport.get_extra_info("sslcontext") else "http"
-        if self.logger.level <= TRACE_LOG_LEVEL:
+        if self.logger.isEnabledFor(TRACE_LOG_LEVEL):  # cached by logging; no call to log()
             prefix = f"{self.client[0]}:{self.client[1]} - " if self.client else ""
             self.logger.log(TRACE_LOG_LEVEL, "%sHTTP connection made", prefix)
         client = self.client[0] if self.client else ""
@@ -331,6 +400,11 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         self._counted = client
         self._set_deadline(self.guard.head_timeout_s)
+
+    def accepted_from(self, peer: Any) -> None:
+        """The client's address as `accept` returned it (gateway/accept.py), before
+        `connection_made`."""
+        self.client = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()

@@ -356,20 +356,26 @@ class PackedEvents:
             last, finish = run
             head, tail = self._head, self._tail
         data = bytes(self._packed[begin:finish])
-        if b"\\" in data:
-            # Read as one JSON string, a middle ending in a backslash that escapes nothing
-            # (an odd run of them) would escape the next one's first byte: such a run is
-            # read block by block, event by event. An escaped backslash (`\\\\`, an even
-            # run) ends one well. Only the blocks holding a backslash are looked at.
+        # Read as one JSON string, a middle ending in a backslash that escapes nothing (an
+        # odd run of them) would escape the next one's first byte: such a run is read block
+        # by block, event by event. An escaped backslash (`\\\\`, an even run) ends one
+        # well. Only the blocks holding a backslash are looked at, found from the
+        # backslashes themselves (an answer's few escapes), not by a search in each block.
+        at = data.find(b"\\")
+        if at >= 0:
             cut = len(head) + len(tail)
-            for start in range(first, last, BLOCK_EVENTS):
-                block = start // BLOCK_EVENTS
-                at = ends[block - 1] >> _KIND_BITS if block else 0
-                until = ends[block] >> _KIND_BITS if block < n_sealed else finish
-                if data.find(b"\\", at - begin, until - begin) >= 0 and _odd_end(
-                    data, at - begin, lengths[start : min(last, start + BLOCK_EVENTS)], cut
-                ):
+            block = first // BLOCK_EVENTS  # the run's first block, whose middles start
+            start = 0  # here in `data`
+            while at >= 0:
+                until = (ends[block] >> _KIND_BITS if block < n_sealed else finish) - begin
+                if at >= until:  # not in this block: the next one
+                    block += 1
+                    start = until
+                    continue
+                seq = block * BLOCK_EVENTS
+                if _odd_end(data, start, lengths[seq : min(last, seq + BLOCK_EVENTS)], cut):
                     return None
+                at = data.find(b"\\", until)
         return last, head, tail, data
 
     def _open_run(self, n_sealed: int, stop: int) -> tuple[int, int] | None:

@@ -1,0 +1,154 @@
+"""The gateway's HTTP protocol as made per connection: what it takes from uvicorn's config
+once, and the addresses it learns from the acceptor instead of the kernel."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+import uvicorn
+from prometheus_client import CollectorRegistry
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from unbroken.gateway.accept import Acceptor
+from unbroken.gateway.guard import Guard, GuardedProtocol, guarded_protocol
+from unbroken.gateway.metrics import GatewayMetrics
+from unbroken.settings import GatewaySettings
+
+uvloop = pytest.importorskip("uvloop")
+
+pytestmark = pytest.mark.integration
+
+
+async def app(scope: Any, receive: Any, send: Any) -> None:  # pragma: no cover - not called
+    raise AssertionError("no request is made")
+
+
+def make_guard() -> Guard:
+    return Guard(GatewaySettings(), GatewayMetrics(CollectorRegistry()))
+
+
+def config(**options: Any) -> uvicorn.Config:
+    return uvicorn.Config(app, http="httptools", **options)
+
+
+def made(cls: type[HttpToolsProtocol], cfg: uvicorn.Config) -> HttpToolsProtocol:
+    loop = asyncio.new_event_loop()
+    try:
+        return cls(config=cfg, server_state=ServerState(), app_state={}, _loop=loop)
+    finally:
+        loop.close()
+
+
+def test_a_protocol_has_uvicorns_attributes_in_uvicorns_order() -> None:
+    """The guarded protocol sets what uvicorn's __init__ sets, in its order (a uvicorn that
+    adds one fails here), with the same values."""
+    cfg = config(root_path="/r", timeout_keep_alive=7, limit_concurrency=9)
+    ours = made(guarded_protocol(make_guard()), cfg)
+    theirs = made(HttpToolsProtocol, cfg)
+    assert list(vars(ours)) == list(vars(theirs))
+    for name in (
+        "config",
+        "app",
+        "logger",
+        "access_logger",
+        "access_log",
+        "ws_protocol_class",
+        "root_path",
+        "asgi_version",
+        "limit_concurrency",
+        "timeout_keep_alive",
+        "timeout_keep_alive_task",
+        "server",
+        "client",
+        "scheme",
+        "scope",
+        "headers",
+        "expect_100_continue",
+        "cycle",
+    ):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.parser is not theirs.parser
+
+
+def test_the_config_values_are_taken_once_and_again_for_another_config() -> None:
+    """Connections of one config share what was taken from it; a protocol made for another
+    config (a second server in the process) gets that config's values, not the first's."""
+    guard = make_guard()
+    cls = guarded_protocol(guard)
+    first = config(root_path="/a", timeout_keep_alive=3, limit_concurrency=5)
+    second = config(root_path="/b", timeout_keep_alive=4, limit_concurrency=None)
+    one, two = made(cls, first), made(cls, first)
+    assert guard.from_config(first) is guard.from_config(first)
+    assert (one.root_path, one.timeout_keep_alive, one.limit_concurrency) == ("/a", 3, 5)
+    assert one.app is two.app is first.loaded_app
+    other = made(cls, second)
+    assert (other.root_path, other.timeout_keep_alive, other.limit_concurrency) == ("/b", 4, None)
+    assert other.app is second.loaded_app is not first.loaded_app
+    assert made(cls, first).root_path == "/a"
+
+
+def test_the_access_log_switch_follows_handlers_added_while_serving() -> None:
+    """As in uvicorn, whether the access log is written is seen per connection."""
+    import logging
+
+    cls = guarded_protocol(make_guard())
+    cfg = config()
+    access = logging.getLogger("uvicorn.access")
+    handlers, propagate = access.handlers[:], access.propagate
+    access.handlers, access.propagate = [], False
+    try:
+        assert made(cls, cfg).access_log is False
+        access.addHandler(logging.NullHandler())
+        assert made(cls, cfg).access_log is True
+    finally:
+        access.handlers, access.propagate = handlers, propagate
+
+
+@pytest.mark.parametrize("bound", [True, False])
+def test_the_addresses_come_from_accept_and_match_the_kernels(bound: bool) -> None:
+    """Through an `Acceptor`, the protocol's client and server addresses are those of the
+    socket, and the client's connection is counted under its address; likewise when the
+    listener's address is not known to the guard (the loop's socket is asked then)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    guard = make_guard()
+    if bound:
+        guard.local_address = listener.getsockname()
+    cls = guarded_protocol(guard)
+
+    async def main() -> tuple[Any, Any, dict[str, int], tuple[str, int]]:
+        protocols: list[GuardedProtocol] = []
+        cfg = config()
+        state = ServerState()
+
+        def factory() -> GuardedProtocol:
+            protocols.append(cls(config=cfg, server_state=state, app_state={}))
+            return protocols[-1]
+
+        acceptor = Acceptor(asyncio.get_running_loop(), listener, factory)
+        client = socket.create_connection(listener.getsockname(), source_address=("127.0.0.2", 0))
+        try:
+            for _ in range(5):  # turns of the loop: the connect is complete, it is queued
+                await asyncio.sleep(0)
+            protocol = protocols[0]
+            counts = dict(guard.per_client)
+            return protocol.client, protocol.server, counts, client.getsockname()
+        finally:
+            client.close()
+            acceptor.close()
+            await asyncio.sleep(0)
+
+    try:
+        peer, server, counts, client_address = uvloop.run(main())
+    finally:
+        listener_address = listener.getsockname()
+        listener.close()
+    assert peer == client_address
+    assert peer[0] == "127.0.0.2"
+    assert server == listener_address
+    assert counts == {"127.0.0.2": 1}
