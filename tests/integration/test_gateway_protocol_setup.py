@@ -132,14 +132,21 @@ def test_the_addresses_come_from_accept_and_match_the_kernels(bound: bool) -> No
 
         acceptor = Acceptor(asyncio.get_running_loop(), listener, factory)
         client = socket.create_connection(listener.getsockname(), source_address=("127.0.0.2", 0))
+        second = socket.create_connection(listener.getsockname(), source_address=("127.0.0.2", 0))
         try:
-            for _ in range(5):  # turns of the loop: the connect is complete, it is queued
+            for _ in range(5):  # turns of the loop: the connects are complete, they are queued
                 await asyncio.sleep(0)
-            protocol = protocols[0]
+            protocol, other = protocols
+            # The host's str is one for both connections (interned), the ports their own.
+            assert other.client is not None
+            assert protocol.client is not None
+            assert other.client[0] is protocol.client[0]
+            assert other.client == second.getsockname()
             counts = dict(guard.per_client)
             return protocol.client, protocol.server, counts, client.getsockname()
         finally:
             client.close()
+            second.close()
             acceptor.close()
             await asyncio.sleep(0)
 
@@ -151,4 +158,4 @@ def test_the_addresses_come_from_accept_and_match_the_kernels(bound: bool) -> No
     assert peer == client_address
     assert peer[0] == "127.0.0.2"
     assert server == listener_address
-    assert counts == {"127.0.0.2": 1}
+    assert counts == {"127.0.0.2": 2}

@@ -403,8 +403,8 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def accepted_from(self, peer: Any) -> None:
         """The client's address as `accept` returned it (gateway/accept.py), before
-        `connection_made`."""
-        self.client = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else None
+        `connection_made`; the host's str interned as in `connection_made`."""
+        self.client = (sys.intern(str(peer[0])), int(peer[1])) if isinstance(peer, tuple) else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
