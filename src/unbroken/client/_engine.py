@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import anyio
 import httpx
 
+from unbroken._wait import WAITING, WOKEN, SlotWait
 from unbroken.client._common import AnswerRun
 from unbroken.client._driver import MAX_ERROR_BODY_BYTES, Exchange, attempt_ended
 from unbroken.client._reconnect import OPT_IN, Reconnects
@@ -647,100 +648,26 @@ class _LaneWait(Coroutine[Any, Any, "StreamItem"]):
         return self.send(None)
 
 
-# `_TapWait`'s states.
-_WAITING, _WOKEN, _CANCELLED = 0, 1, 2
+class _TapWait(SlotWait):
+    """The fast lane's wait (`_FastLane.tap`), resolved by the connection and the lane
+    (`done`, `set_result`) when a chunk must be yielded or the response ended: 80 bytes
+    where a future is 144, held by a gateway per live answer for the answer's life."""
 
+    __slots__ = ()
 
-class _TapWait:
-    """The fast lane's wait (`_FastLane.tap`): as much of an asyncio future as its users
-    need - the task awaiting it (through `_LaneWait`: its wake-up, `cancel`, `result`) and
-    the connection and lane that resolve it (`done`, `set_result`) - in 80 bytes instead
-    of a future's 144: a gateway holds one per live answer for the answer's life. Over, it
-    wakes its callbacks from the loop, as a future does."""
-
-    __slots__ = ("_asyncio_future_blocking", "_ctx", "_fn", "_loop", "_more", "_state")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._state = _WAITING
-        # The awaiting task's wake-up and its context (one, as a rule), and the callbacks
-        # added after it, as (fn, context) pairs.
-        self._fn: Callable[[Any], object] | None = None
-        self._ctx: Any = None
-        self._more: list[tuple[Callable[[Any], object], Any]] | None = None
-        self._asyncio_future_blocking = False
-
-    def __await__(self) -> Generator[Any, Any, None]:
-        if self._state == _WAITING:
-            self._asyncio_future_blocking = True
-            yield self  # to the task, which adds its wake-up
-        self.result()
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        """The loop it was made in (the task awaiting it checks)."""
-        return self._loop
-
-    def done(self) -> bool:
-        """Whether it was resolved or cancelled."""
-        return self._state != _WAITING
-
-    def cancelled(self) -> bool:
-        """Whether it was cancelled."""
-        return self._state == _CANCELLED
-
-    def result(self) -> None:
-        """None once resolved; raises CancelledError once cancelled, InvalidStateError
-        before either."""
-        if self._state == _CANCELLED:
-            raise asyncio.CancelledError
-        if self._state == _WAITING:
-            raise asyncio.InvalidStateError("the lane's wait is not over")
-
-    def add_done_callback(self, fn: Callable[[Any], object], *, context: Any = None) -> None:
-        """Call `fn(self)` from the loop once it is over (soon, if it is)."""
-        if self._state != _WAITING:
-            self._loop.call_soon(fn, self, context=context)
-        elif self._fn is None:
-            self._fn, self._ctx = fn, context
-        elif self._more is None:
-            self._more = [(fn, context)]
-        else:
-            self._more.append((fn, context))
-
-    def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
-        """Forget `fn`'s callbacks; how many there were."""
-        n = 0
-        if self._fn is not None and self._fn == fn:
-            self._fn = self._ctx = None
-            n = 1
-        if self._more is not None:
-            kept = [pair for pair in self._more if pair[0] != fn]
-            n += len(self._more) - len(kept)
-            self._more = kept or None
-        return n
+    not_over = "the lane's wait is not over"
 
     def set_result(self, result: None) -> None:
         """Resolve it (the response ended, or a chunk must be yielded)."""
-        if self._state != _WAITING:
+        if self._state != WAITING:
             raise asyncio.InvalidStateError("the lane's wait is over already")
-        self._end(_WOKEN)
+        self._end(WOKEN)
 
-    def cancel(self, msg: Any = None) -> bool:
-        """Cancel it (its task is cancelled); False when it was over already."""
-        if self._state != _WAITING:
-            return False
-        self._end(_CANCELLED)
-        return True
-
-    def _end(self, state: int) -> None:
-        self._state = state
-        fn, ctx, more = self._fn, self._ctx, self._more
-        self._fn = self._ctx = self._more = None
-        loop = self._loop
-        if fn is not None:
-            loop.call_soon(fn, self, context=ctx)
-        for fn, ctx in more or ():
-            loop.call_soon(fn, self, context=ctx)
+    def _end(self, state: int) -> asyncio.Handle | None:
+        handle = super()._end(state)
+        # Its task's wake-up let go at once: the lane keeps the wait until its next tap.
+        self._fn = self._ctx = None
+        return handle
 
 
 class _Tappable(Protocol):

@@ -21,12 +21,13 @@ import resource
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from typing import Any, cast
 
 import httptools
 import httpx
 
+from unbroken._wait import CANCELLED, WAITING, WOKEN, SlotWait
 from unbroken.errors import ConfigError, UpstreamConnectError
 from unbroken.gateway.direct import hold_writes, release_writes, writes_held
 from unbroken.gateway.eager import eager_task
@@ -110,11 +111,7 @@ _NO_HEADERS: list[bytes] = []
 _DELIMITING_LENGTHS = (14, 17)
 
 
-# `_HeadWait` states.
-_PENDING, _WOKEN, _CANCELLED = 0, 1, 2
-
-
-class _HeadWait:
+class _HeadWait(SlotWait):
     """The wait for a response's head (or for a new connection, `LeanTransport._dial`): as
     much of a future as a task awaits, whose waking can run the waiting task's step from
     the connection's callback itself (`run_now`) instead of in a later turn of the loop.
@@ -127,75 +124,38 @@ class _HeadWait:
     Woken any other way (a connection lost, a cancellation), it wakes its task as a future
     does, from the loop."""
 
-    __slots__ = ("_asyncio_future_blocking", "_ctx", "_handle", "_loop", "_state", "_wakeup")
+    __slots__ = ("_handle",)
+
+    not_over = "the head has not arrived"
 
     # `run_now` wakes the waiter from the read's callback: a task whose first step has not
     # run yet is woken so by its `EagerStart` (gateway/eager.py).
     wakes_now = True
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._state = _PENDING
-        self._wakeup: Callable[[Any], object] | None = None  # the task's (one waiter)
-        self._ctx: Any = None
+        super().__init__(loop)
         self._handle: asyncio.Handle | None = None  # the wake-up scheduled on the loop
-        self._asyncio_future_blocking = False
-
-    def __await__(self) -> Generator[Any, Any, None]:
-        if self._state == _PENDING:
-            self._asyncio_future_blocking = True
-            yield self  # to the task, which adds its wake-up
-        self.result()
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
-
-    def done(self) -> bool:
-        return self._state != _PENDING
-
-    def cancelled(self) -> bool:
-        return self._state == _CANCELLED
-
-    def result(self) -> None:
-        if self._state == _CANCELLED:
-            raise asyncio.CancelledError
-        if self._state == _PENDING:
-            raise asyncio.InvalidStateError("the head has not arrived")
-
-    def add_done_callback(self, fn: Callable[[Any], object], *, context: Any = None) -> None:
-        if self._state != _PENDING:
-            self._loop.call_soon(fn, self, context=context)
-            return
-        self._wakeup, self._ctx = fn, context
-
-    def remove_done_callback(self, fn: Callable[[Any], object]) -> int:
-        if self._wakeup is not None and self._wakeup == fn:
-            self._wakeup = self._ctx = None
-            return 1
-        return 0
-
-    def _end(self, state: int) -> bool:
-        if self._state != _PENDING:
-            return False
-        self._state = state
-        wakeup = self._wakeup
-        if wakeup is not None:
-            self._handle = self._loop.call_soon(wakeup, self, context=self._ctx)
-        return True
 
     def set_result(self, result: None) -> None:
-        self._end(_WOKEN)
+        """Resolve it (the head arrived, or the connection was made); a no-op once over."""
+        if self._state == WAITING:
+            self._handle = self._end(WOKEN)
 
     def cancel(self, msg: Any = None) -> bool:
-        return self._end(_CANCELLED)
+        """Cancel it (its task is cancelled, or the connection was lost); False when it was
+        over already."""
+        if self._state != WAITING:
+            return False
+        self._handle = self._end(CANCELLED)
+        return True
 
     def run_now(self) -> None:
         """Run the task's wake-up scheduled by `set_result` now, from a loop callback (not
         from a task: one task's step cannot run inside another's)."""
-        handle, wakeup = self._handle, self._wakeup
+        handle, wakeup = self._handle, self._fn
         if handle is None or wakeup is None or asyncio.current_task(self._loop) is not None:
             return
-        self._handle = self._wakeup = None
+        self._handle = self._fn = None
         handle.cancel()
         ctx, self._ctx = self._ctx, None
         if ctx is not None:
