@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import os
@@ -10,7 +11,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -148,3 +149,56 @@ def streaming_cycle(transport: object) -> Any:
 def direct_body(transport: object) -> DirectBody:
     """A `DirectBody` on a streaming response whose transport is `transport`."""
     return DirectBody(streaming_cycle(transport))
+
+
+def on_loop(name: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run `main` on a new event loop: asyncio's ("asyncio") or uvloop's ("uvloop", skipped
+    where uvloop is missing)."""
+    if name == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+class Watched(asyncio.Protocol):
+    """A protocol as the loop sees it: hands every event to `inner` (the transport's own
+    connection), and calls `before_made` before and `after_made` after the connection's
+    `connection_made`."""
+
+    def __init__(
+        self,
+        inner: asyncio.Protocol,
+        *,
+        before_made: Callable[[], None] | None = None,
+        after_made: Callable[[], None] | None = None,
+    ) -> None:
+        self.inner = inner
+        self.before_made = before_made
+        self.after_made = after_made
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.before_made is not None:
+            self.before_made()
+        self.inner.connection_made(transport)
+        if self.after_made is not None:
+            self.after_made()
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()

@@ -10,7 +10,7 @@ import gc
 import json
 import select
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any
 
 import anyio
@@ -18,6 +18,7 @@ import httpx
 import msgspec
 import pytest
 
+from tests.support import Watched, on_loop
 from unbroken.client import AsyncClient
 from unbroken.client._driver import Exchange
 from unbroken.client.async_ import AsyncStream
@@ -806,46 +807,6 @@ async def test_the_events_that_come_with_the_head_reach_the_sink_before_the_requ
     assert all(t is not list for t in held[1:])  # packed after
 
 
-def _on_loop(name: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    if name == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        loop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
-
-
-class _Watched(asyncio.Protocol):
-    """A protocol as the loop sees it: hands every event to `inner` (the transport's own
-    connection) and calls `after_made` once the connection's `connection_made` returned."""
-
-    def __init__(self, inner: asyncio.Protocol, after_made: Callable[[], None]) -> None:
-        self.inner = inner
-        self.after_made = after_made
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.inner.connection_made(transport)
-        self.after_made()
-
-    def data_received(self, data: bytes) -> None:
-        self.inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
-
-
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
 def test_a_request_that_connects_is_written_from_the_connections_callback(
     loop_name: str,
@@ -879,7 +840,7 @@ def test_a_request_that_connects_is_written_from_the_connections_callback(
 
             def watched() -> asyncio.Protocol:
                 made.append(factory())
-                return _Watched(made[0], after_made)
+                return Watched(made[0], after_made=after_made)
 
             transport, _ = await connect(watched, *args, **kwargs)
             return transport, made[0]
@@ -907,7 +868,7 @@ def test_a_request_that_connects_is_written_from_the_connections_callback(
                 server.close()
             listener.close()
 
-    _on_loop(loop_name, main)
+    on_loop(loop_name, main)
 
 
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
@@ -945,7 +906,7 @@ def test_a_request_cancelled_while_it_connects_closes_the_connection(loop_name: 
             await pool.aclose()
             listener.close()
 
-    _on_loop(loop_name, main)
+    on_loop(loop_name, main)
 
 
 @pytest.mark.anyio

@@ -11,12 +11,12 @@ import contextlib
 import os
 import select
 import socket
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.support import Watched, on_loop
 from unbroken.gateway.upstream import LeanTransport
 from unbroken.mock import MockConfig, MockServer
 
@@ -24,18 +24,6 @@ pytestmark = pytest.mark.integration
 
 LOOPS = ["asyncio", "uvloop"]
 HEAD = b"Host: 127.0.0.1\r\nContent-Length: 2\r\n"
-
-
-def _on_loop(name: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    if name == "uvloop":
-        uvloop = pytest.importorskip("uvloop")
-        loop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(main())
-    finally:
-        loop.close()
 
 
 def _fds() -> set[str]:
@@ -66,28 +54,6 @@ async def _others_done() -> None:
     await asyncio.wait_for(asyncio.gather(*others, return_exceptions=True), 10)
 
 
-class _Watched(asyncio.Protocol):
-    """The connection as the loop sees it: `before_made` runs before the connection's own
-    `connection_made`; every event is handed on."""
-
-    def __init__(self, inner: asyncio.Protocol, before_made: Callable[[], None]) -> None:
-        self.inner = inner
-        self.before_made = before_made
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.before_made()
-        self.inner.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.inner.connection_lost(exc)
-
-
 @pytest.mark.parametrize("loop_name", LOOPS)
 def test_the_request_is_written_before_the_loop_makes_its_transport(loop_name: str) -> None:
     """A request that opens its connection has its bytes on the upstream's socket before
@@ -115,7 +81,7 @@ def test_the_request_is_written_before_the_loop_makes_its_transport(loop_name: s
 
             def watched() -> asyncio.Protocol:
                 made.append(factory())
-                return _Watched(made[0], before_made)
+                return Watched(made[0], before_made=before_made)
 
             transport, _ = await connect(watched, *args, **kwargs)
             return transport, made[0]
@@ -144,7 +110,7 @@ def test_the_request_is_written_before_the_loop_makes_its_transport(loop_name: s
                 server.close()
             listener.close()
 
-    _on_loop(loop_name, main)
+    on_loop(loop_name, main)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -178,7 +144,7 @@ def test_a_body_larger_than_the_socket_takes_at_once_arrives_whole(loop_name: st
             await pool.aclose()
             server.close()
 
-    _on_loop(loop_name, main)
+    on_loop(loop_name, main)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -206,7 +172,7 @@ def test_a_refused_connect_is_an_httpx_connect_error_and_leaves_no_socket(
         finally:
             await pool.aclose()
 
-    _on_loop(loop_name, main)
+    on_loop(loop_name, main)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -243,7 +209,7 @@ def test_a_connect_past_its_timeout_is_a_connect_timeout_and_leaves_no_socket(
                 sock.close()
             listener.close()
 
-    _on_loop(loop_name, main)
+    on_loop(loop_name, main)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -290,7 +256,7 @@ def test_a_request_cancelled_while_its_socket_is_handed_to_the_loop_leaves_no_so
             await pool.aclose()
             listener.close()
 
-    _on_loop(loop_name, main)
+    on_loop(loop_name, main)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -321,4 +287,4 @@ def test_a_name_is_resolved_and_each_address_tried(loop_name: str) -> None:
             finally:
                 await pool.aclose()
 
-    _on_loop(loop_name, main)
+    on_loop(loop_name, main)
