@@ -66,7 +66,7 @@ from unbroken.gateway.keys import Caller  # noqa: E402
 from unbroken.gateway.relay import LiveSink, StreamRelay  # noqa: E402
 from unbroken.gateway.request import ChatRequest  # noqa: E402
 from unbroken.gateway.server import GC_THRESHOLDS  # noqa: E402
-from unbroken.gateway.upstream import _Connection  # noqa: E402
+from unbroken.gateway.upstream import LeanTransport, _Connection  # noqa: E402
 from unbroken.settings import GatewaySettings, LimitSettings, Settings  # noqa: E402
 
 # No pacing: the recording is replayed read by read, so the mock's timing does not matter.
@@ -282,6 +282,15 @@ class Bench:
             return transport, conn
 
         loop.create_connection = create_connection  # type: ignore[method-assign,assignment]  # the stand-in upstream
+
+        async def dial_plain(
+            lean: LeanTransport, conn: _Connection, started: float, host: str, port: int
+        ) -> None:
+            # Plain-http connects dial a socket of their own (`_dial_plain`); the stand-in
+            # upstream has none, so they go through the loop's connect (patched above).
+            await lean._dial(conn, started, host, port, None, None)
+
+        LeanTransport._dial_plain = dial_plain  # type: ignore[method-assign,assignment]
         settings = Settings(
             api_key="sk-up",
             base_url="http://127.0.0.1:9",
