@@ -21,6 +21,14 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 NUMBER = r"-?[\d.]+"
 
 CASES = {
+    "gateway": (
+        ["gateway.py", "--levels", "2", "--repeat", "1", "--skip", "litellm,nginx,pyrelay"],
+        [
+            rf"unbroken\s+2/2\s+{NUMBER}ms",
+            rf"floor\s+2/2\s+{NUMBER}ms",
+            rf"CPU per chunk: unbroken / floor = {NUMBER}x",
+        ],
+    ),
     "hotpath": (
         ["hotpath.py", "--streams", "5"],
         [
