@@ -74,7 +74,7 @@ from unbroken.gateway.eager import EagerStart, eager_task
 from unbroken.gateway.keys import Caller
 from unbroken.gateway.problems import GatewayError, from_unbroken
 from unbroken.gateway.request import ChatRequest
-from unbroken.gateway.scopes import cancel_scope
+from unbroken.gateway.scopes import shielded
 from unbroken.settings import GatewaySettings
 from unbroken.stores.streamlog import (
     FencedError,
@@ -922,7 +922,7 @@ class Producer:
             self.reason = "fenced"
             logger.info("stream %s was taken over; this writer stops", self.stream_id)
         except UnbrokenError as exc:
-            with cancel_scope(shield=True):
+            with shielded():
                 await self._settle_quietly()
             completion = _current(stream)
             error = from_unbroken(exc, self.hub.gateway.scrub)
@@ -936,7 +936,7 @@ class Producer:
             self.reason = "error"
             logger.info("answer on stream %s failed: %s", self.stream_id, error.code)
             if not isinstance(exc, _NotCreated):  # else there is no log to end
-                with cancel_scope(shield=True):
+                with shielded():
                     await self._end_quietly([error.body()])
         finally:
             self.finished = True
@@ -949,7 +949,7 @@ class Producer:
             created, self._created = self._created, None
             if created is not None:  # never awaited: its error is not to be logged as lost
                 created.add_done_callback(_retrieved)
-            with cancel_scope(shield=True):
+            with shielded():
                 await self._settle_quietly()
                 if stream is not None:
                     await _close(stream)
@@ -983,7 +983,7 @@ class Producer:
             share(self.stream_id, source)
 
     async def _cancelled(self, completion: ChatCompletion | None) -> None:
-        with cancel_scope(shield=True):
+        with shielded():
             await self._settle_quietly()
             if self.reason == "stopped":
                 final = final_event(completion or ChatCompletion(), self.stream_id, self.takeovers)
