@@ -163,3 +163,22 @@ def test_a_streamed_answer_lets_its_requests_parser_go_and_the_connection_serves
     assert b"data: [DONE]" in first
     assert second.startswith(b"HTTP/1.1 200")
     assert b"data: [DONE]" in second
+
+
+def test_a_finished_requests_cycle_goes_by_refcount() -> None:
+    """A request's cycle (uvicorn's, with the direct body and response hooks its scope
+    offered) is freed as soon as its connection and protocol are let go: no reference
+    cycle left for the garbage collector (which runs here only when called)."""
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()
+    try:
+        protocols = served({}, 2)
+        cycles = [weakref.ref(p.cycle) for p in protocols]
+        assert all(p.scope["path"] == "/healthz" for p in protocols)
+        del protocols
+        assert [ref() for ref in cycles] == [None, None]
+    finally:
+        gc.enable()

@@ -41,16 +41,18 @@ def upstream() -> Iterator[MockServer]:
 def _answer_of(stream_id: str) -> ChunkAccumulator:
     """The answer accumulator of the SDK stream the producer of `stream_id` reads (found
     without reading the answer: its log is being written on the gateway's thread)."""
-    from unbroken.gateway.streams import Producer
+    from unbroken.gateway.streams import Producer, _TextLink
 
     objects = gc.get_objects()
     (producer,) = [o for o in objects if isinstance(o, Producer) and o.stream_id == stream_id]
+    # The producer is where its accumulator reads the text (`keep_text_in`, through a link
+    # cut when the producer ends); its chunk sink is let go when the answer ends.
     (stream,) = [
         o
         for o in objects
-        # The producer is where its accumulator reads the text (`keep_text_in`); its chunk
-        # sink is let go when the answer ends.
-        if isinstance(o, AsyncStream) and getattr(o._run.answer, "_source", None) is producer
+        if isinstance(o, AsyncStream)
+        and isinstance(link := getattr(o._run.answer, "_source", None), _TextLink)
+        and link.producer is producer
     ]
     return stream._run.answer
 
@@ -66,12 +68,15 @@ def test_the_answer_text_is_held_by_the_log_only(upstream: MockServer) -> None:
         raw = b""
         with client.stream("POST", "/v1/chat/completions", json=BODY, headers=headers) as response:
             stream_id = response.headers["x-unbroken-stream-id"]
-            for data in response.iter_raw():
+            # Held, so the response stays open: the client reads on (mid-answer).
+            reads = response.iter_raw()
+            for data in reads:
                 raw += data
                 if raw.count(b"\n\n") >= 40:
                     break
             streamed = fold([d for _, d in parse_events(raw)]).content(0)
             held = held_text_bytes(_answer_of(stream_id), stop=(Producer, StreamHub))
+            del reads
     assert len(streamed) > 100
     assert held < 100, (held, len(streamed))
 
@@ -220,3 +225,29 @@ def test_a_live_answers_producer_waits_on_the_lanes_slotted_wait(upstream: MockS
     events = parse_events(raw)
     assert events[-1][1] == b"[DONE]"
     assert json.loads(events[-3][1])["usage"]["completion_tokens"] == 200
+
+
+def test_a_finished_answers_producer_goes_by_refcount(upstream: MockServer) -> None:
+    """Once an answer is over, its producer (with its task, booking and request record) is
+    freed by refcount: not left hanging off the finished SDK stream (cyclic garbage) until
+    a garbage collection, which runs here only when called. The answer is whole."""
+    from unbroken.gateway.streams import Producer
+
+    headers = {"X-Mock-Tokens": "30", "X-Mock-Token-Ms": "1"}
+    gc.collect()
+    gc.disable()
+    try:
+        with (
+            gateway(upstream.url) as server,
+            httpx.Client(base_url=server.url, timeout=30) as client,
+        ):
+            response = client.post("/v1/chat/completions", json=BODY, headers=headers)
+            stream_id = response.headers["x-unbroken-stream-id"]
+        # The server has shut down: every task of the gateway has ended.
+        left = [o for o in gc.get_objects() if isinstance(o, Producer)]
+        assert [p.stream_id for p in left if p.stream_id == stream_id] == []
+    finally:
+        gc.enable()
+    events = parse_events(response.content)
+    assert events[-1][1] == b"[DONE]"
+    assert json.loads(events[-3][1])["usage"]["completion_tokens"] == 30

@@ -51,7 +51,7 @@ from unbroken.gateway.quota import has_rate_limits, level_headers, rate_limit_he
 from unbroken.gateway.relay import RelayResult, StreamRelay
 from unbroken.gateway.request import ChatRequest, parse_chat_request
 from unbroken.gateway.routing import ModelRouter, ServedModels, base_routes
-from unbroken.gateway.scopes import cancel_scope
+from unbroken.gateway.scopes import shielded
 from unbroken.gateway.serving import BreakerWatch
 from unbroken.gateway.session_limits import SessionLimits
 from unbroken.gateway.sessions import SESSIONS_PATH, SessionEndpoints, open_session_store
@@ -498,6 +498,7 @@ class Gateway:
             )
 
     def _http_done(self, ex: Exchange, record: RequestRecord, path: str) -> None:
+        ex.finished()
         self.metrics.request(path, ex.status)
         record.finish(ex.status)
         self.metrics.observe(path, record.outcome or "ok", record.duration_s)
@@ -1178,7 +1179,7 @@ class _Booking:
             cost = completion.unbroken.cost_usd
         # Books usage and frees the slot even when the server cancels us at shutdown; a
         # store failure queues the booking instead of failing a delivered answer.
-        with cancel_scope(shield=True):
+        with shielded():
             now = time.time()
             await self._bookings.settle(self.admission, tokens, cost or 0.0)
             if self._usage is not None:

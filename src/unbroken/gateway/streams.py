@@ -74,7 +74,7 @@ from unbroken.gateway.eager import EagerStart, eager_task
 from unbroken.gateway.keys import Caller
 from unbroken.gateway.problems import GatewayError, from_unbroken
 from unbroken.gateway.request import ChatRequest
-from unbroken.gateway.scopes import cancel_scope
+from unbroken.gateway.scopes import shielded
 from unbroken.settings import GatewaySettings
 from unbroken.stores.streamlog import (
     FencedError,
@@ -207,6 +207,34 @@ class EventSink(Protocol):
 
     def feed_one(self, seq: int, payload: bytes) -> bool:
         """`feed` of the one event `seq` (the relay's hot path: no sequence per event)."""
+
+
+class _TextLink:
+    """Where a producer's SDK stream reads the answer's text back (`TextSource`, given to
+    `AsyncStream.keep_text_in`): the producer, through this link, cut when it has read the
+    completion. Why not the producer itself: the finished SDK stream is cyclic garbage
+    (stream <-> engine) until a collection, and the producer hung off it with its task,
+    booking and request record (~10 objects an answer more for the young generation's
+    collections, gc DEBUG_SAVEALL); cut, they go by refcount."""
+
+    __slots__ = ("producer",)
+
+    def __init__(self, producer: Producer) -> None:
+        self.producer: Producer | None = producer
+
+    def text_mark(self) -> int:
+        """`TextSource.text_mark`."""
+        return self._source().n_events
+
+    def text_since(self, mark: int, until: int | None, index: int, reasoning: bool) -> str:
+        """`TextSource.text_since`."""
+        return self._source().text_since(mark, until, index, reasoning)
+
+    def _source(self) -> Producer:
+        producer = self.producer
+        if producer is None:
+            raise RuntimeError("the answer's producer has ended: its text is in the stream log")
+        return producer
 
 
 class Waiter(Protocol):
@@ -843,6 +871,7 @@ class Producer:
         """Produce the answer into the log (the task body)."""
         stream: AsyncStream | None = None
         completion: ChatCompletion | None = None
+        text_link: _TextLink | None = None
         task = asyncio.current_task()
         assert task is not None  # noqa: S101 - a coroutine run by a task
         cancelling = task.cancelling()
@@ -864,7 +893,8 @@ class Producer:
                     if self.n_events == 0:
                         # The log holds the answer's text: the SDK keeps no copy of it
                         # (~0.5 KB per live stream at 100 chunks; bench/stream_memory.py).
-                        stream.keep_text_in(self)
+                        text_link = _TextLink(self)
+                        stream.keep_text_in(text_link)
                     # The log keeps the decoder's template, not an equal copy (~340 bytes
                     # per live stream; bench/stream_memory.py).
                     self._share_template(stream)
@@ -922,7 +952,7 @@ class Producer:
             self.reason = "fenced"
             logger.info("stream %s was taken over; this writer stops", self.stream_id)
         except UnbrokenError as exc:
-            with cancel_scope(shield=True):
+            with shielded():
                 await self._settle_quietly()
             completion = _current(stream)
             error = from_unbroken(exc, self.hub.gateway.scrub)
@@ -936,7 +966,7 @@ class Producer:
             self.reason = "error"
             logger.info("answer on stream %s failed: %s", self.stream_id, error.code)
             if not isinstance(exc, _NotCreated):  # else there is no log to end
-                with cancel_scope(shield=True):
+                with shielded():
                     await self._end_quietly([error.body()])
         finally:
             self.finished = True
@@ -949,7 +979,7 @@ class Producer:
             created, self._created = self._created, None
             if created is not None:  # never awaited: its error is not to be logged as lost
                 created.add_done_callback(_retrieved)
-            with cancel_scope(shield=True):
+            with shielded():
                 await self._settle_quietly()
                 if stream is not None:
                     await _close(stream)
@@ -962,6 +992,9 @@ class Producer:
                 self.hub._forget(self)
                 if completion is None:
                     completion = _current(stream)
+                if text_link is not None:
+                    # The SDK stream's text is read no more (the completion is made).
+                    text_link.producer = None
                 if self._on_end is not None:
                     await self._on_end(completion)
                 if self._booking is not None:
@@ -983,7 +1016,7 @@ class Producer:
             share(self.stream_id, source)
 
     async def _cancelled(self, completion: ChatCompletion | None) -> None:
-        with cancel_scope(shield=True):
+        with shielded():
             await self._settle_quietly()
             if self.reason == "stopped":
                 final = final_event(completion or ChatCompletion(), self.stream_id, self.takeovers)
