@@ -156,6 +156,9 @@ def test_failed_answer_stores_nothing(gateway: ServerThread) -> None:
     ("method", "path", "body", "status", "code"),
     [
         ("POST", "/v1/sessions", {"model": "nope"}, 400, "model_not_found"),
+        # An empty name is a name no model has, not the default (which is asked by leaving
+        # the model out, or null).
+        ("POST", "/v1/sessions", {"model": ""}, 400, "model_not_found"),
         ("POST", "/v1/sessions", {"colour": "red"}, 400, "invalid_body"),
         ("POST", "/v1/sessions/{sid}/messages", {"content": ""}, 400, "invalid_value"),
         ("POST", "/v1/sessions/{sid}/messages", {"content": 3}, 400, "invalid_value"),

@@ -255,7 +255,7 @@ class SessionEndpoints:
         except msgspec.DecodeError as exc:
             raise GatewayError(400, f"invalid session body: {exc}", code="invalid_body") from None
         models = self._gateway.models
-        model = body.model or sorted(models)[0]
+        model = sorted(models)[0] if body.model is None else body.model
         if model not in models:
             raise GatewayError(
                 400,
