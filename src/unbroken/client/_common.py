@@ -610,7 +610,8 @@ class AnswerRun(AnswerFlow):
         """`plan`'s request is sent and its answer streams: its messages and this run's
         headers are held as their JSON until another attempt (or a reader) needs them
         (`AnswerFlow.pack_messages`; ~0.3 KB less per live stream in a gateway,
-        bench/stream_memory.py)."""
+        bench/stream_memory.py). The messages are packed already when `Exchange.content`
+        encoded the request."""
         self.pack_messages(plan)
         headers = self._headers
         if headers and type(headers) is dict:

@@ -573,9 +573,10 @@ class _LaneWait(Coroutine[Any, Any, "StreamItem"]):
             else:
                 waiter = lane.tap()
                 # The attempt streams: its request is not held as objects meanwhile
-                # (`Engine._open`). Packed here, after the tap gave the chunk sink the
-                # events that came with the response's head (in a gateway, the client's
-                # first write), not on their way; a no-op once packed.
+                # (`Engine._open`): its headers are packed here, after the tap gave the
+                # chunk sink the events that came with the response's head (in a gateway,
+                # the client's first write), not on their way (its messages were packed
+                # as the request was encoded, `Exchange.content`); a no-op once packed.
                 engine._run.pack_request(engine._attempt.plan)
                 if waiter is None:  # bytes are buffered, or the body ended
                     then = engine._read_on()
