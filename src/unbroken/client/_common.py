@@ -1019,7 +1019,8 @@ def _outcome_name(state: EndState | None, error: UnbrokenError | None) -> str:
         return "connect_error"
     if error is not None:
         return "protocol_error"
-    return state.value if state is not None else "unknown"
+    # `_value_`: the member's value without the `value` property's call (~0.3 us).
+    return state._value_ if state is not None else "unknown"
 
 
 class ClientBase:
