@@ -6,15 +6,20 @@ stay low-cardinality (route, model, kind, phase): never a stream id, a user or a
 
 from __future__ import annotations
 
+import bisect
+import functools
 import logging
-from collections.abc import Sequence
+import math
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from unbroken.core.breaker import BreakerState
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter, Histogram
+    from prometheus_client.metrics import MetricWrapperBase
 
 __all__ = ["AnswerRecord", "AttemptRecord", "Hook", "Hooks", "PrometheusHook"]
 
@@ -99,36 +104,58 @@ class Hook(Protocol):
 class Hooks:
     """Fans records out to several hooks; a hook that raises is logged and skipped."""
 
-    __slots__ = ("_hooks",)
+    __slots__ = ("_answer", "_attempt", "_breaker", "_hooks", "_start")
 
     def __init__(self, hooks: Sequence[Hook] = ()) -> None:
         self._hooks = tuple(hooks)
+        # Each event's methods, bound once (no attribute lookup per record, three records
+        # or more per answer).
+        self._start = self._bound("on_stream_start")
+        self._attempt = self._bound("on_attempt")
+        self._answer = self._bound("on_answer")
+        self._breaker = self._bound("on_breaker")
+
+    def _bound(self, name: str) -> tuple[tuple[Hook, Callable[..., object]], ...]:
+        # A hook without the method fails (is logged) when the event comes, as before.
+        return tuple(
+            (hook, getattr(hook, name, None) or functools.partial(_missing, hook, name))
+            for hook in self._hooks
+        )
 
     def __bool__(self) -> bool:
         return bool(self._hooks)
 
-    def _each(self, name: str, *args: object) -> None:
-        for hook in self._hooks:
-            try:
-                getattr(hook, name)(*args)
-            except Exception:
-                logger.exception("instrumentation hook %r failed in %s", hook, name)
-
     def stream_start(self) -> None:
         """Fan out on_stream_start."""
-        self._each("on_stream_start")
+        for hook, method in self._start:
+            try:
+                method()
+            except Exception:
+                logger.exception("instrumentation hook %r failed in %s", hook, "on_stream_start")
 
     def attempt(self, record: AttemptRecord) -> None:
         """Fan out on_attempt."""
-        self._each("on_attempt", record)
+        for hook, method in self._attempt:
+            try:
+                method(record)
+            except Exception:
+                logger.exception("instrumentation hook %r failed in %s", hook, "on_attempt")
 
     def answer(self, record: AnswerRecord) -> None:
         """Fan out on_answer."""
-        self._each("on_answer", record)
+        for hook, method in self._answer:
+            try:
+                method(record)
+            except Exception:
+                logger.exception("instrumentation hook %r failed in %s", hook, "on_answer")
 
     def breaker(self, route: str, state: BreakerState) -> None:
         """Fan out on_breaker."""
-        self._each("on_breaker", route, state)
+        for hook, method in self._breaker:
+            try:
+                method(route, state)
+            except Exception:
+                logger.exception("instrumentation hook %r failed in %s", hook, "on_breaker")
 
     def wait(self, route: str, reason: str, seconds: float) -> None:
         """Fan out on_wait to the hooks that have it (it came after the others)."""
@@ -140,6 +167,10 @@ class Hooks:
                 method(route, reason, seconds)
             except Exception:
                 logger.exception("instrumentation hook %r failed in on_wait", hook)
+
+
+def _missing(hook: Hook, name: str, *args: object) -> None:
+    getattr(hook, name)(*args)  # raises AttributeError, unless the method appeared since
 
 
 _BREAKER_VALUE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
@@ -160,6 +191,13 @@ class PrometheusHook:
     `unbroken_retry_waits_total{route,reason}` and
     `unbroken_retry_wait_seconds_total{route,reason}` (waits before a retry: `backoff`,
     `retry_after`, or `budget` when the route's retry budget paced it).
+
+    What each answer and attempt adds is summed in the hook (under one lock) and added to
+    the collectors when any of them is collected (a scrape, `get_sample_value`): a
+    registry shows the same values as if each record went to the collectors at once.
+    Why: an answer's record touched eleven locked values through prometheus_client
+    (~3.7 us of the gateway's CPU per answer); summed here it costs one lock and a few
+    additions.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None, prefix: str = "unbroken") -> None:
@@ -167,42 +205,71 @@ class PrometheusHook:
 
         reg = registry if registry is not None else REGISTRY
         p = prefix
-        self.requests = Counter(
-            f"{p}_requests_total", "Answers by outcome", ["route", "model", "outcome"], registry=reg
+        flush = self._flush
+        self.requests = _flushed(
+            Counter(
+                f"{p}_requests_total",
+                "Answers by outcome",
+                ["route", "model", "outcome"],
+                registry=reg,
+            ),
+            flush,
         )
-        self.attempts = Counter(
-            f"{p}_attempts_total", "HTTP attempts", ["route", "kind", "outcome"], registry=reg
+        self.attempts = _flushed(
+            Counter(
+                f"{p}_attempts_total", "HTTP attempts", ["route", "kind", "outcome"], registry=reg
+            ),
+            flush,
         )
-        self.retries = Counter(f"{p}_retries_total", "Retries", ["route"], registry=reg)
-        self.resumes = Counter(f"{p}_resumes_total", "Continuations", ["route"], registry=reg)
-        self.fallbacks = Counter(f"{p}_fallbacks_total", "Fallbacks", ["route"], registry=reg)
-        self.errors = Counter(
-            f"{p}_errors_total", "Failed attempts by kind", ["route", "kind"], registry=reg
+        self.retries = _flushed(
+            Counter(f"{p}_retries_total", "Retries", ["route"], registry=reg), flush
+        )
+        self.resumes = _flushed(
+            Counter(f"{p}_resumes_total", "Continuations", ["route"], registry=reg), flush
+        )
+        self.fallbacks = _flushed(
+            Counter(f"{p}_fallbacks_total", "Fallbacks", ["route"], registry=reg), flush
+        )
+        self.errors = _flushed(
+            Counter(
+                f"{p}_errors_total", "Failed attempts by kind", ["route", "kind"], registry=reg
+            ),
+            flush,
         )
         self.circuit = Gauge(
             f"{p}_circuit_state", "0 closed, 1 half-open, 2 open", ["route"], registry=reg
         )
-        self.ttft = Histogram(
-            f"{p}_time_to_first_token_seconds",
-            "Time to the first token shown",
-            ["route"],
-            buckets=_TTFT_BUCKETS,
-            registry=reg,
+        self.ttft = _flushed(
+            Histogram(
+                f"{p}_time_to_first_token_seconds",
+                "Time to the first token shown",
+                ["route"],
+                buckets=_TTFT_BUCKETS,
+                registry=reg,
+            ),
+            flush,
         )
-        self.duration = Histogram(
-            f"{p}_answer_duration_seconds",
-            "Whole answer duration",
-            ["route"],
-            buckets=_DURATION_BUCKETS,
-            registry=reg,
+        self.duration = _flushed(
+            Histogram(
+                f"{p}_answer_duration_seconds",
+                "Whole answer duration",
+                ["route"],
+                buckets=_DURATION_BUCKETS,
+                registry=reg,
+            ),
+            flush,
         )
-        self.tokens = Counter(
-            f"{p}_tokens_total", "Billed tokens", ["route", "model", "type"], registry=reg
+        self.tokens = _flushed(
+            Counter(f"{p}_tokens_total", "Billed tokens", ["route", "model", "type"], registry=reg),
+            flush,
         )
-        self.cost = Counter(
-            f"{p}_cost_usd_total", "Billed cost (USD)", ["route", "model"], registry=reg
+        self.cost = _flushed(
+            Counter(f"{p}_cost_usd_total", "Billed cost (USD)", ["route", "model"], registry=reg),
+            flush,
         )
-        self.active = Gauge(f"{p}_active_streams", "Answers in progress", registry=reg)
+        self.active = _flushed(
+            Gauge(f"{p}_active_streams", "Answers in progress", registry=reg), flush
+        )
         self.waits = Counter(
             f"{p}_retry_waits_total", "Waits before a retry", ["route", "reason"], registry=reg
         )
@@ -212,25 +279,30 @@ class PrometheusHook:
             ["route", "reason"],
             registry=reg,
         )
-        # The labelled series of each label set, looked up once: `labels()` takes a lock
-        # and checks its arguments on every call, ~1 us each, 7-8 times per answer (the
-        # collectors are this hook's own; the series live as long as they do).
-        self._attempt_children: dict[tuple[str, str, str], tuple[Counter, ...]] = {}
-        self._answer_children: dict[tuple[str, str, str], _AnswerSeries] = {}
-        self._ttft_children: dict[str, Histogram] = {}
+        # What the records added since the collectors were last brought up to date, by
+        # label set (the series of each looked up once: `labels()` takes a lock and checks
+        # its arguments on every call). A sync client's records may come from several
+        # threads: the sums change under `_lock` only.
+        self._lock = threading.Lock()
+        self._started = 0  # answers started
+        self._ended = 0  # answers ended
+        self._attempt_sums: dict[tuple[str, str, str], _AttemptSum] = {}
+        self._answer_sums: dict[tuple[str, str, str], _AnswerSum] = {}
+        self._ttft_sums: dict[str, _Observed] = {}
 
     def on_stream_start(self) -> None:
         """An answer started."""
-        self.active.inc()
+        with self._lock:
+            self._started += 1
 
     def on_attempt(self, record: AttemptRecord) -> None:
         """Count the attempt by kind and outcome."""
         key = (record.route, record.kind, record.outcome)
-        children = self._attempt_children.get(key)
-        if children is None:
-            children = self._attempt_children[key] = self._attempt_series(*key)
-        for child in children:
-            child.inc()
+        with self._lock:
+            sums = self._attempt_sums.get(key)
+            if sums is None:
+                sums = self._attempt_sums[key] = _AttemptSum(self._attempt_series(*key))
+            sums.n += 1
 
     def _attempt_series(self, route: str, kind: str, outcome: str) -> tuple[Counter, ...]:
         series = [self.attempts.labels(route, kind, outcome)]
@@ -246,28 +318,31 @@ class PrometheusHook:
 
     def on_answer(self, record: AnswerRecord) -> None:
         """Count the answer, its tokens, cost and timings."""
-        self.active.dec()
         key = (record.route, record.model, record.outcome)
-        children = self._answer_children.get(key)
-        if children is None:
-            route, model, outcome = key
-            children = self._answer_children[key] = _AnswerSeries(
-                self.requests.labels(route, model, outcome),
-                self.duration.labels(route),
-                self.tokens.labels(route, model, "prompt"),
-                self.tokens.labels(route, model, "completion"),
-                self.cost.labels(route, model),
-            )
-        children.requests.inc()
-        if record.ttft_s is not None:
-            ttft = self._ttft_children.get(record.route)
-            if ttft is None:  # a route's series appears with its first time to first token
-                ttft = self._ttft_children[record.route] = self.ttft.labels(record.route)
-            ttft.observe(record.ttft_s)
-        children.duration.observe(record.duration_s)
-        children.prompt_tokens.inc(record.prompt_tokens)
-        children.completion_tokens.inc(record.completion_tokens)
-        children.cost.inc(record.cost_usd)
+        with self._lock:
+            self._ended += 1
+            sums = self._answer_sums.get(key)
+            if sums is None:
+                route, model, outcome = key
+                sums = self._answer_sums[key] = _AnswerSum(
+                    self.requests.labels(route, model, outcome),
+                    _Observed(self.duration.labels(route), _DURATION_BUCKETS),
+                    self.tokens.labels(route, model, "prompt"),
+                    self.tokens.labels(route, model, "completion"),
+                    self.cost.labels(route, model),
+                )
+            sums.n += 1
+            sums.duration.observe(record.duration_s)
+            sums.prompt_tokens += record.prompt_tokens
+            sums.completion_tokens += record.completion_tokens
+            sums.cost_usd += record.cost_usd
+            if record.ttft_s is not None:
+                ttft = self._ttft_sums.get(record.route)
+                if ttft is None:  # a route's series appears with its first time to first token
+                    ttft = self._ttft_sums[record.route] = _Observed(
+                        self.ttft.labels(record.route), _TTFT_BUCKETS
+                    )
+                ttft.observe(record.ttft_s)
 
     def on_breaker(self, route: str, state: BreakerState) -> None:
         """Publish the breaker state."""
@@ -278,13 +353,119 @@ class PrometheusHook:
         self.waits.labels(route, reason).inc()
         self.wait_seconds.labels(route, reason).inc(seconds)
 
+    def _flush(self) -> None:
+        """Add what the records summed to the collectors (before any of them is collected)."""
+        with self._lock:
+            moved = self._started - self._ended
+            if moved:
+                self.active.inc(moved)
+            self._started = self._ended = 0
+            for attempts in self._attempt_sums.values():
+                if attempts.n:
+                    for child in attempts.series:
+                        child.inc(attempts.n)
+                    attempts.n = 0
+            for answers in self._answer_sums.values():
+                if answers.n:
+                    answers.requests.inc(answers.n)
+                    answers.prompt.inc(answers.prompt_tokens)
+                    answers.completion.inc(answers.completion_tokens)
+                    answers.cost.inc(answers.cost_usd)
+                    answers.duration.flush()
+                    answers.n = answers.prompt_tokens = answers.completion_tokens = 0
+                    answers.cost_usd = 0.0
+            for ttft in self._ttft_sums.values():
+                ttft.flush()
 
-@dataclass(frozen=True, slots=True)
-class _AnswerSeries:
-    """The series one answer's record updates, for one (route, model, outcome)."""
 
-    requests: Counter
-    duration: Histogram
-    prompt_tokens: Counter
-    completion_tokens: Counter
-    cost: Counter
+class _AttemptSum:
+    """The attempts of one label set since the last flush, and the series they count in."""
+
+    __slots__ = ("n", "series")
+
+    def __init__(self, series: tuple[Counter, ...]) -> None:
+        self.series = series
+        self.n = 0
+
+
+class _AnswerSum:
+    """The answers of one (route, model, outcome) since the last flush, and their series."""
+
+    __slots__ = (
+        "completion",
+        "completion_tokens",
+        "cost",
+        "cost_usd",
+        "duration",
+        "n",
+        "prompt",
+        "prompt_tokens",
+        "requests",
+    )
+
+    def __init__(
+        self,
+        requests: Counter,
+        duration: _Observed,
+        prompt: Counter,
+        completion: Counter,
+        cost: Counter,
+    ) -> None:
+        self.requests = requests
+        self.duration = duration
+        self.prompt = prompt
+        self.completion = completion
+        self.cost = cost
+        self.n = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.cost_usd = 0.0
+
+
+class _Observed:
+    """Observations of one histogram series since the last flush: their sum and their
+    count per bucket (`Histogram.observe` puts a value in the first bucket whose upper
+    bound is not below it; the last bound is +Inf)."""
+
+    __slots__ = ("counts", "series", "sum", "upper")
+
+    def __init__(self, series: Histogram, buckets: tuple[float, ...]) -> None:
+        self.series = series
+        self.upper = (*map(float, buckets), math.inf)
+        self.counts = [0] * len(self.upper)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        if value <= math.inf:  # (NaN: in no bucket, as `observe` leaves it)
+            self.counts[bisect.bisect_left(self.upper, value)] += 1
+
+    def flush(self) -> None:
+        counts = self.counts
+        if not any(counts) and not self.sum:
+            return
+        # The histogram's own values, as `observe` changes them (prometheus_client keeps
+        # a value per bucket and one for the sum): one addition per bucket and flush.
+        series: Any = self.series
+        series._sum.inc(self.sum)
+        for i, n in enumerate(counts):
+            if n:
+                series._buckets[i].inc(n)
+                counts[i] = 0
+        self.sum = 0.0
+
+
+_M = TypeVar("_M", bound="MetricWrapperBase")
+
+
+def _flushed(metric: _M, flush: Callable[[], None]) -> _M:
+    """`metric`, made to call `flush` before it is collected (the registry calls each
+    collector's `collect`; a restricted registry too)."""
+    collect = metric.collect
+
+    def collect_flushed() -> Iterable[Any]:
+        flush()
+        return collect()
+
+    metric.collect = collect_flushed  # type: ignore[method-assign]  # this instance's only
+    return metric

@@ -22,6 +22,7 @@ from tests.support import Watched, on_loop
 from unbroken.client import AsyncClient
 from unbroken.client._driver import Exchange
 from unbroken.client.async_ import AsyncStream
+from unbroken.core.flow import PackedMessages
 from unbroken.core.wire import ChatCompletionChunk
 from unbroken.errors import InternalServerError
 from unbroken.gateway.upstream import AHEAD, LeanTransport
@@ -749,12 +750,14 @@ def _chunk(delta: dict[str, Any], finish: str | None = None, usage: bool = False
 
 
 @pytest.mark.anyio
-async def test_the_events_that_come_with_the_head_reach_the_sink_before_the_request_is_packed() -> (
+async def test_the_request_is_packed_as_it_is_encoded_before_the_first_events_reach_the_sink() -> (
     None
 ):
-    """The first events, read with the response's head, go to the chunk sink (in a
-    gateway: the client's first write) before the streaming request's messages are packed
-    as JSON (`AnswerRun.pack_request`); they are packed for the rest of the answer."""
+    """The streaming request's messages are packed as JSON when the request is encoded
+    (`Exchange.content`: that JSON is the wire's too), so nothing is left to pack after the
+    response's head: the first events, read with the head, reach the chunk sink (in a
+    gateway: the client's first write) with the messages packed already, and they stay
+    packed for the rest of the answer."""
     later = asyncio.Event()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -802,9 +805,8 @@ async def test_the_events_that_come_with_the_head_reach_the_sink_before_the_requ
             [c async for c in stream]
     finally:
         server.close()
-    assert held[0] is list  # the events that came with the head: not packed yet
     assert len(held) > 1
-    assert all(t is not list for t in held[1:])  # packed after
+    assert all(t is PackedMessages for t in held)  # packed from the request's encoding on
 
 
 @pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])

@@ -3,16 +3,18 @@ request, byte for byte, for every shape of headers a caller can give."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
 from unbroken.client import AsyncClient
 from unbroken.client._driver import Exchange, post_request
 from unbroken.client._reconnect import OPT_IN
-from unbroken.core.flow import Connect
+from unbroken.core.flow import Connect, PackedMessages, Sleep
 from unbroken.core.routes import Route
 
 URL = httpx.URL("http://127.0.0.1:8000/v1/chat/completions?x=1")
@@ -115,3 +117,38 @@ def test_an_exchange_head_is_its_request_headers(
         expected = b"".join(b"%s: %s\r\n" % pair for pair in ex.request.headers.raw)
         assert ex.head(content) == expected
         assert content == ex.request.content
+
+
+MESSAGES: list[Any] = [
+    {"role": "system", "content": "Answer in French: \u00e9t\u00e9, \u2028 and \U0001f600."},
+    {"role": "user", "content": [{"type": "text", "text": 'a "quoted" part\n'}]},
+    {"role": "assistant", "content": "Le d\u00e9but", "prefix": True},
+]
+
+
+def test_an_exchange_body_packs_the_messages_and_sends_their_json() -> None:
+    """`Exchange.content` packs a chat request's messages (`AnswerRun.pack_messages`) and
+    puts that JSON in the body as it is: the body sent is the body encoded whole, for
+    the first attempt and for one after a failure (the messages read back, packed again)."""
+    client = AsyncClient(routes=[Route(name="r", base_url="http://127.0.0.1:9/v1")])
+    run = client._new_run("deepseek-chat", [dict(m) for m in MESSAGES], {}, stream=True)
+    action = run.next_action(None, time.monotonic())
+    for _ in range(2):
+        assert isinstance(action, Connect)
+        attempt = run.new_attempt(action.plan, time.monotonic())
+        expected = msgspec.json.encode(run.body)
+        ex = Exchange(run, attempt, read_s=None, also=OPT_IN)
+        content = ex.content()
+        assert content == expected
+        assert ex.content(exact=False) == expected
+        # Held as their JSON from the encoding on, not as objects.
+        assert type(run._body["messages"]) is PackedMessages
+        assert msgspec.json.decode(run._body["messages"]) == MESSAGES
+        assert json.loads(ex.request.content) == {**json.loads(expected), "messages": MESSAGES}
+        # The attempt fails before its answer streams: the next one is planned from the
+        # messages read back.
+        outcome = ex.failed(httpx.ConnectError("refused"), time.monotonic())
+        action = run.next_action(outcome, time.monotonic())
+        if isinstance(action, Sleep):
+            action = run.next_action(None, time.monotonic())
+    assert run.body["messages"] == MESSAGES

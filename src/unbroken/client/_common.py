@@ -610,7 +610,8 @@ class AnswerRun(AnswerFlow):
         """`plan`'s request is sent and its answer streams: its messages and this run's
         headers are held as their JSON until another attempt (or a reader) needs them
         (`AnswerFlow.pack_messages`; ~0.3 KB less per live stream in a gateway,
-        bench/stream_memory.py)."""
+        bench/stream_memory.py). The messages are packed already when `Exchange.content`
+        encoded the request."""
         self.pack_messages(plan)
         headers = self._headers
         if headers and type(headers) is dict:
@@ -1018,7 +1019,8 @@ def _outcome_name(state: EndState | None, error: UnbrokenError | None) -> str:
         return "connect_error"
     if error is not None:
         return "protocol_error"
-    return state.value if state is not None else "unknown"
+    # `_value_`: the member's value without the `value` property's call (~0.3 us).
+    return state._value_ if state is not None else "unknown"
 
 
 class ClientBase:

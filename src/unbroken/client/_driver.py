@@ -20,7 +20,7 @@ import msgspec
 from unbroken.client._common import AnswerRun
 from unbroken.core.attempt import Attempt
 from unbroken.core.backoff import kind_of_status, parse_retry_after
-from unbroken.core.flow import AttemptOutcome
+from unbroken.core.flow import AttemptOutcome, PackedMessages
 from unbroken.core.routes import Route
 from unbroken.core.wire import ChatCompletionChunk, decode_error_body
 from unbroken.errors import (
@@ -366,10 +366,23 @@ class Exchange:
         connect = t.connect_s if read_s is None or t.connect_s is None else min(t.connect_s, read_s)
         return {"connect": connect, "read": read_s, "write": t.connect_s, "pool": t.connect_s}
 
-    def content(self) -> bytes:
-        """The request's JSON body."""
+    def content(self, *, exact: bool = True) -> bytes:
+        """The request's JSON body; with `exact=False` maybe in a larger buffer (for a
+        caller that copies it at once, into the request's bytes).
+
+        A chat request's messages are packed first (`AnswerRun.pack_messages`: held as
+        their JSON while the attempt streams), and that JSON goes into the body as it is:
+        the messages are encoded once per attempt, not for the wire and then again to
+        pack them (a long conversation's encoding was done twice per answer)."""
+        body = self._body
+        if body is self.attempt.plan.body:  # (a FIM body is made of it, without messages)
+            self.run.pack_messages(self.attempt.plan)
+            messages = body.get("messages")
+            if type(messages) is PackedMessages:
+                body = {**body, "messages": msgspec.Raw(messages)}
+        encoded = msgspec.json.encode(body)
         # Exact size: msgspec's buffer is up to 1.5x the JSON.
-        return bytes(memoryview(msgspec.json.encode(self._body)))
+        return bytes(memoryview(encoded)) if exact else encoded
 
     def head(self, content: bytes) -> bytes:
         """The request's header lines (`Name: value\\r\\n` each, no blank line after them),

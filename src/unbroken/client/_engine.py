@@ -527,7 +527,7 @@ class _LaneWait(Coroutine[Any, Any, "StreamItem"]):
     def __await__(self) -> Generator[Any, Any, StreamItem]:
         # Itself: a coroutine-like iterator (a Coroutine, so `asyncio.create_task` takes it
         # as it took `__anext__`'s coroutine; not a native one, so `await` drives it).
-        return cast("Generator[Any, Any, StreamItem]", self)
+        return self  # type: ignore[return-value]  # (no `cast` call per wait)
 
     def __next__(self) -> Any:
         return self.send(None)
@@ -573,9 +573,10 @@ class _LaneWait(Coroutine[Any, Any, "StreamItem"]):
             else:
                 waiter = lane.tap()
                 # The attempt streams: its request is not held as objects meanwhile
-                # (`Engine._open`). Packed here, after the tap gave the chunk sink the
-                # events that came with the response's head (in a gateway, the client's
-                # first write), not on their way; a no-op once packed.
+                # (`Engine._open`): its headers are packed here, after the tap gave the
+                # chunk sink the events that came with the response's head (in a gateway,
+                # the client's first write), not on their way (its messages were packed
+                # as the request was encoded, `Exchange.content`); a no-op once packed.
                 engine._run.pack_request(engine._attempt.plan)
                 if waiter is None:  # bytes are buffered, or the body ended
                     then = engine._read_on()
@@ -916,10 +917,20 @@ _TIMERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Timers] = weakref
 _MIN_STALE = 64
 
 
+# The last loop asked for and its timers (a client serves one loop, as a rule): no weak
+# dictionary lookup per attempt.
+_LAST_TIMERS: tuple[weakref.ref[asyncio.AbstractEventLoop], _Timers] | None = None
+
+
 def _timers(loop: asyncio.AbstractEventLoop) -> _Timers:
+    global _LAST_TIMERS  # a one-entry cache of _TIMERS
+    last = _LAST_TIMERS
+    if last is not None and last[0]() is loop:
+        return last[1]
     timers = _TIMERS.get(loop)
     if timers is None:
         timers = _TIMERS[loop] = _Timers()
+    _LAST_TIMERS = (weakref.ref(loop), timers)
     return timers
 
 

@@ -101,7 +101,8 @@ class CircuitBreaker:
         """The route answered."""
         self._failures = 0
         self._probing = False
-        self._fire(BreakerEvent.SUCCESS, now)
+        if self.state is not BreakerState.CLOSED:  # (a closed one stays closed: no lookup)
+            self._fire(BreakerEvent.SUCCESS, now)
 
     def record_failure(self, now: float) -> None:
         """The route failed (a retryable failure: 5xx, reset, timeout, 429)."""

@@ -619,9 +619,10 @@ class AnswerFlow(_Flow):
         self.result: AttemptPlan | None = None
 
     def pack_messages(self, plan: AttemptPlan) -> None:
-        """`plan`'s request is sent and its answer streams: until another attempt is
-        planned, the body holds its `messages` as their JSON (one `PackedMessages`) instead
-        of a list of dicts and strings, in the body and in `plan`'s when that shares them.
+        """`plan`'s request is sent (the shells pack as they encode it: the wire then
+        takes the packed JSON) and its answer streams: until another attempt is planned,
+        the body holds its `messages` as their JSON (one `PackedMessages`) instead of a
+        list of dicts and strings, in the body and in `plan`'s when that shares them.
         An attempt that streams reads none of them (only the body's other fields); the next
         plan, `unpacked_body` and the final plan get them back.
 
