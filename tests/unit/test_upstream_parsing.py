@@ -11,7 +11,7 @@ import httpx
 from hypothesis import given
 from hypothesis import strategies as st
 
-from unbroken.gateway.upstream import _Connection, _LeanResponse, _Parsing
+from unbroken.gateway.upstream import _Connection, _LeanResponse
 
 
 def _response(body: bytes, status: int) -> bytes:
@@ -34,8 +34,11 @@ def test_interleaved_reads_reach_their_own_connection(
     rng = random.Random(seed)
     loop = asyncio.new_event_loop()
     try:
-        parsing = _Parsing()
-        conns = [_Connection(loop, ("http", "u", 80), 1 << 20, parsing) for _ in bodies]
+        first = _Connection(loop, ("http", "u", 80), 1 << 20)
+        parsing = first.parsing
+        conns = [first] + [
+            _Connection(loop, ("http", "u", 80), 1 << 20, parsing) for _ in bodies[1:]
+        ]
         tapped: dict[int, list[bytes]] = {}
         for i, conn in enumerate(conns):
             conn.begin()

@@ -130,19 +130,14 @@ class Engine:
         self._stream: AsyncStream | None = None
         self._clear()
 
-    # The attempt's parts, typed as its phases read them: set before those phases run, None
-    # otherwise (no `cast` call per read on the way of every answer).
-    _attempt: Attempt
-    _response: httpx.Response
-    _result: AttemptOutcome
-    _outcome: list[AttemptOutcome]
-    _sub: AsyncGenerator[ChatCompletionChunk, None]
-
     def _clear(self) -> None:
         """Forget the attempt (it ended, or none runs)."""
-        none: Any = None
-        self._attempt = self._response = self._result = none
-        self._outcome = self._sub = none
+        # The attempt's parts: each set before the phases that read it run, None otherwise.
+        self._attempt: Attempt | None = None
+        self._response: httpx.Response | None = None
+        self._result: AttemptOutcome | None = None
+        self._outcome: list[AttemptOutcome] | None = None
+        self._sub: AsyncGenerator[ChatCompletionChunk, None] | None = None
         self._timer: _StreamTimer | None = None
         self._lane: _FastLane | None = None
         self._reader: AsyncIterator[bytes] | None = None
@@ -160,7 +155,7 @@ class Engine:
 
     def text_template(self) -> tuple[bytes, bytes] | None:
         """The attempt's text template (`ChatStreamDecoder.text_template`), if any."""
-        attempt: Attempt | None = self._attempt  # None between attempts (`_clear`)
+        attempt = self._attempt  # None between attempts (`_clear`)
         return None if attempt is None else attempt.decoder.text_template
 
     def __aiter__(self) -> Engine:
@@ -378,7 +373,9 @@ class Engine:
         taken: list[Any] = lane.taken()
         if taken:
             self._out = taken[::-1]
-        if self._attempt.decoder.error is not None:
+        attempt = self._attempt
+        assert attempt is not None  # noqa: S101 - set with the LANE phase
+        if attempt.decoder.error is not None:
             self._phase = _ENDING
         elif lane.refused:  # no lane for the rest of the attempt
             self._lane = None
@@ -388,6 +385,8 @@ class Engine:
         """One read of the body (reconnecting to an unbroken gateway's log when it broke)."""
         attempt = self._attempt
         response = self._response
+        assert attempt is not None  # noqa: S101 - set for READ
+        assert response is not None  # noqa: S101
         reader = self._reader
         if reader is None:  # made when first read from: a tapped answer may never need it
             reader = self._reader = _raw_reader(response)
@@ -420,15 +419,18 @@ class Engine:
 
     async def _broke(self, exc: BaseException) -> None:
         """The body ended or broke: the attempt ends, or goes on from a gateway's log."""
-        route = self._attempt.plan.route
+        attempt = self._attempt
+        response = self._response
+        assert attempt is not None  # noqa: S101 - set for READ
+        assert response is not None  # noqa: S101
+        route = attempt.plan.route
         if isinstance(exc, httpx.HTTPError):
             logger.debug("stream from route %s broke: %s", route.name, type(exc).__name__)
-        decoder = self._attempt.decoder
+        decoder = attempt.decoder
         timer = self._timer
         if decoder.finished or (timer is not None and timer.fired):
             self._phase = _ENDING
             return
-        response = self._response
         # A gateway keeps the answer in its log: read on from there.
         if self._reconnects is None:  # from the headers of the attempt's response
             self._reconnects = Reconnects(self._run, route, response)
@@ -444,7 +446,7 @@ class Engine:
         self._phase = _READ
         if timer is not None:
             timer.cancel()
-            self._timer = _StreamTimer.start(self._attempt, again)
+            self._timer = _StreamTimer.start(attempt, again)
 
     def _end(self) -> None:
         timer = self._timer
@@ -453,8 +455,12 @@ class Engine:
             timer.cancel()
             fired = fired or timer.fired
             self._timer = None
+        attempt = self._attempt
+        response = self._response
+        assert attempt is not None  # noqa: S101 - set for ENDING
+        assert response is not None  # noqa: S101
         chunks, self._result = attempt_ended(
-            self._run, self._attempt, self._response.status_code, fired, time.monotonic()
+            self._run, attempt, response.status_code, fired, time.monotonic()
         )
         self._phase = _CLOSE
         if chunks:
@@ -463,17 +469,23 @@ class Engine:
     async def _close(self) -> None:
         self._reported = True
         response = self._response
+        result = self._result
+        assert response is not None  # noqa: S101 - set for CLOSE
+        assert result is not None  # noqa: S101
         if not _close_now(response):
             with anyio.CancelScope(shield=True):
                 await response.aclose()
-        self._settle(self._result)
+        self._settle(result)
 
     async def _socket(self) -> None:
         sub = self._sub
+        outcome = self._outcome
+        assert sub is not None  # noqa: S101 - set for SOCKET
+        assert outcome is not None  # noqa: S101
         try:
             self._out = [await sub.__anext__()]
         except StopAsyncIteration:
-            self._settle(self._outcome[0])
+            self._settle(outcome[0])
 
     async def _abandon(self) -> None:
         """What the generators' `finally` blocks ran when the answer stops early."""
@@ -493,7 +505,9 @@ class Engine:
                         await response.aclose()
                 if not self._reported and response.status_code == 200:
                     # The consumer stopped the answer: a gateway would go on generating.
-                    route = self._attempt.plan.route
+                    attempt = self._attempt
+                    assert attempt is not None  # noqa: S101 - set with its response
+                    route = attempt.plan.route
                     with anyio.CancelScope(shield=True):
                         await self._client._stop_remote(Reconnects(self._run, route, response))
         finally:
@@ -577,7 +591,9 @@ class _LaneWait(Coroutine[Any, Any, "StreamItem"]):
                 # chunk sink the events that came with the response's head (in a gateway,
                 # the client's first write), not on their way (its messages were packed
                 # as the request was encoded, `Exchange.content`); a no-op once packed.
-                engine._run.pack_request(engine._attempt.plan)
+                attempt = engine._attempt
+                assert attempt is not None  # noqa: S101 - set with the LANE phase
+                engine._run.pack_request(attempt.plan)
                 if waiter is None:  # bytes are buffered, or the body ended
                     then = engine._read_on()
         except BaseException as exc:
@@ -725,7 +741,7 @@ class _FastLane:
         """A lane when the run has a chunk sink and the response's connection can be
         tapped, else None."""
         sink = run.chunk_sink
-        conn = response.extensions.get("network_stream")
+        conn = _network_stream(response)
         if sink is None or not callable(getattr(conn, "tap", None)):
             return None
         return cls(cast("_Tappable", conn), attempt, sink)
@@ -952,7 +968,7 @@ class _StreamTimer:
         task: asyncio.Task[Any] | None = None,
     ) -> None:
         self._timers = _timers(loop)
-        self._attempt = attempt
+        self._attempt: Attempt | None = attempt  # None once cancelled
         self._abort = abort
         self._task = task
         self._armed = False  # in the heap, and to be checked at `_when`
@@ -988,14 +1004,18 @@ class _StreamTimer:
         return True
 
     def _arm(self) -> None:
-        when = self._attempt.recheck_at(time.monotonic())
+        attempt = self._attempt
+        assert attempt is not None  # noqa: S101 - armed only until `cancel`
+        when = attempt.recheck_at(time.monotonic())
         if when is not None:
             self._when = when
             self._armed = True
             self._timers.push(self)
 
     def _check(self) -> None:
-        expiry = self._attempt.expiry()
+        attempt = self._attempt
+        assert attempt is not None  # noqa: S101 - checked only while armed
+        expiry = attempt.expiry()
         if expiry is None:
             self._arm()  # nothing due yet; look again when something may be
             return
@@ -1014,8 +1034,7 @@ class _StreamTimer:
             self._armed = False
             self._timers.drop()
         # Its stale entry may stay in the heap a while: it holds nothing of the attempt.
-        none: Any = None
-        self._attempt = self._abort = self._task = none
+        self._attempt = self._abort = self._task = None
 
 
 class _Abortable(Protocol):
@@ -1037,11 +1056,19 @@ class _Shutdown:
             self._sock.shutdown(socket.SHUT_RDWR)
 
 
+def _network_stream(response: httpx.Response) -> Any:
+    """The response's connection (its `network_stream` extension), if any."""
+    # Read through Any: httpx types the extensions as a dict, while a transport may give
+    # another mapping (gateway/upstream.py does), and compiled code checks declared types.
+    untyped: Any = response
+    return untyped.extensions.get("network_stream")
+
+
 def _aborter(response: httpx.Response) -> _Abortable | None:
     """What breaks the response's connection (ending any pending read): the connection
     itself when it has `abort()` (our LeanTransport's: no bound method held per live
     answer, 64 bytes), else its socket's shutdown."""
-    stream = response.extensions.get("network_stream")
+    stream = _network_stream(response)
     if stream is None:
         return None
     if callable(getattr(stream, "abort", None)):

@@ -77,8 +77,10 @@ class _Elsewhere:
             self.any = True
         return self
 
-    # (mypy checks `+=` on a union of types through `__add__`; nothing else adds one.)
-    __add__ = __iadd__
+    # (mypy checks `+=` on a union of types through `__add__`; nothing adds one. A def, not
+    # `__add__ = __iadd__`: mypyc compiles no aliased method.)
+    def __add__(self, data: bytes) -> _Elsewhere:  # pragma: no cover - never called
+        return self.__iadd__(data)
 
     def __bool__(self) -> bool:
         return self.any
@@ -230,8 +232,13 @@ def _by_index(state: _Choice) -> int:
     return state.index
 
 
+# Made with chr(), not "\ud800" literals: mypyc cannot store a lone surrogate as a C string.
+_HIGH_FIRST = chr(0xD800)
+_HIGH_LAST = chr(0xDBFF)
+
+
 def _is_high_surrogate(text: str) -> bool:
-    return "\ud800" <= text[-1] <= "\udbff"
+    return _HIGH_FIRST <= text[-1] <= _HIGH_LAST
 
 
 class EventSplitter:

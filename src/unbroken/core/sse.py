@@ -90,8 +90,11 @@ class SSEDecoder:
                 also completed events, they are returned first and the error is raised by
                 the next `feed` or `flush`, so no complete event is ever lost.
         """
-        if self._error is not None:
-            raise self._error
+        # (Read into a local: narrowing `self._error` to None here would hold, for mypy and
+        # mypyc's run-time type checks, past the `_lines` call below that may set it.)
+        error = self._error
+        if error is not None:
+            raise error
         if not self._bom_checked:
             # One BOM at the very start of the stream is dropped, even if split across reads.
             head = b"".join(self._pending) + data

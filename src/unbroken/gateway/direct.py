@@ -14,8 +14,9 @@ drain (flow control) and ends the response. Imports uvicorn's httptools protocol
 
 from __future__ import annotations
 
-import threading
 from typing import Any
+
+from unbroken.gateway._holding import Holding
 
 __all__ = ["DIRECT_EXTENSION", "DirectBody", "hold_writes", "release_writes", "writes_held"]
 
@@ -30,13 +31,7 @@ DIRECT_EXTENSION = "unbroken.direct_body"
 # the process (tests, embedding) write as they would; a write reads only the count while
 # none holds (~10 ns, not a thread-local's ~40).
 _n_holding = 0
-
-
-class _Holding(threading.local):
-    held: list[DirectBody] | None = None  # this thread's bodies with writes held back
-
-
-_local = _Holding()
+_local = Holding()  # this thread's bodies with writes held back
 
 # The framing of an event `seq` of `n` bytes, from tables instead of a formatting: the
 # chunk's size line for each frame size below `_TABLE`, and `id: <seq>\ndata: ` for each

@@ -796,7 +796,8 @@ class HeadSink(LiveSink):
     def __init__(self, relay: StreamRelay, direct: DirectBody | None) -> None:
         # `LiveSink.__init__`'s fields; without a direct body, the response's start only.
         self._relay = relay
-        self._direct = direct  # type: ignore[assignment]  # read only when `_can_live`
+        if direct is not None:  # unset without one: read only when `_can_live`
+            self._direct = direct
         self.last = 0
         self._can_live = direct is not None
         self._live = False  # the response has started: events go as a `LiveSink`'s

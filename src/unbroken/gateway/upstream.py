@@ -22,7 +22,7 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
-from typing import Any, cast
+from typing import Any
 
 import httptools
 import httpx
@@ -175,8 +175,8 @@ class _Parsing:
 
     __slots__ = ("conn", "on_body", "on_header", "on_headers_complete", "on_message_complete")
 
-    def __init__(self) -> None:
-        self.conn = cast("_Connection", None)
+    def __init__(self, conn: _Connection) -> None:
+        self.conn = conn  # the first connection that uses them, until another feeds
         self.on_header = self._on_header
         self.on_headers_complete = self._on_headers_complete
         self.on_body = self._on_body
@@ -247,7 +247,7 @@ class _Connection(asyncio.Protocol):
         parsing: _Parsing | None = None,
     ):
         self.loop = loop
-        self.parsing = parsing or _Parsing()
+        self.parsing = parsing or _Parsing(self)
         self.key = key
         self.high = high
         self.transport: asyncio.Transport | None = None
@@ -753,11 +753,17 @@ class LeanTransport(httpx.AsyncBaseTransport):
         # What getaddrinfo gave for the addresses (not names) connected to (`_dial_plain`).
         self._numeric: dict[tuple[str, int], list[Any]] = {}
 
-    def _parsing_for(self, loop: asyncio.AbstractEventLoop) -> _Parsing:
-        parsing = self._parsing
-        if parsing is None or parsing[0] is not loop:
-            parsing = self._parsing = (loop, _Parsing())
-        return parsing[1]
+    def _connection(
+        self, loop: asyncio.AbstractEventLoop, key: tuple[str, str, int]
+    ) -> _Connection:
+        """A new connection to `key` on `loop`, with the pool's parser callbacks for the loop
+        (the first connection's)."""
+        shared = self._parsing
+        if shared is not None and shared[0] is loop:
+            return _Connection(loop, key, self._high, shared[1])
+        conn = _Connection(loop, key, self._high)
+        self._parsing = (loop, conn.parsing)
+        return conn
 
     def __repr__(self) -> str:
         return f"LeanTransport(open={self._open}, max={self._max})"
@@ -911,7 +917,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
                     self._connect_took(started, loop)
                 else:
                     # No proxy, or a plain-http upstream sent to its proxy in absolute form.
-                    conn = _Connection(loop, key, self._high, self._parsing_for(loop))
+                    conn = self._connection(loop, key)
                     to_host = proxy.host if proxy is not None else host
                     to_port = proxy.port if proxy is not None else port
                     if context is None:
@@ -1050,7 +1056,7 @@ class LeanTransport(httpx.AsyncBaseTransport):
     ) -> _Connection:
         _, host, port = key
         raw = await open_tunnel(proxy, host, port, timeouts.get("connect"))
-        conn = _Connection(loop, key, self._high, self._parsing_for(loop))
+        conn = self._connection(loop, key)
         raw.set_protocol(conn)
         try:
             tls = await loop.start_tls(raw, conn, context, server_hostname=host)
