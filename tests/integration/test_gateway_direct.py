@@ -5,8 +5,10 @@ reconnect follows live on the same path, and a client that stops reading is stil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -252,3 +254,111 @@ def test_a_client_that_stops_reading_is_still_cut(upstream: MockServer) -> None:
         finally:
             sock.close()
         assert int(upstream.stats()["bytes_sent"]) < 25_000_000
+
+
+class _HeldEnd:
+    """A pass-through upstream in front of `mock` that holds back the end of each response
+    body (its chunked terminator `0\\r\\n\\r\\n`) until `release`: the upstream's usage chunk
+    and its body's end then reach the gateway in two reads, deterministically."""
+
+    def __init__(self, mock: MockServer) -> None:
+        self._mock = mock
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self.all_but_end_sent = threading.Event()
+        self._release = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def release(self) -> None:
+        self._release.set()
+
+    def close(self) -> None:
+        self._release.set()
+        self._server.close()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self._server.accept()
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            request = b""
+            while b"\r\n\r\n" not in request:
+                data = conn.recv(65536)
+                if not data:
+                    return  # a connection opened ahead and never used
+                request += data
+            head, _, body = request.partition(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            while len(body) < length:
+                body += conn.recv(65536)
+            address = self._mock.url.removeprefix("http://").rsplit(":", 1)
+            with socket.create_connection((address[0], int(address[1]))) as up:
+                up.sendall(head + b"\r\n\r\n" + body)
+                response = b""
+                while not response.endswith(b"\r\n0\r\n\r\n"):
+                    data = up.recv(65536)
+                    assert data, "the mock closed mid-response"
+                    response += data
+            conn.sendall(response[:-5])
+            self.all_but_end_sent.set()
+            self._release.wait()
+            conn.sendall(response[-5:])
+            conn.recv(1)  # until the gateway closes or reuses (then closes) it
+
+
+def test_an_answers_usage_chunk_goes_out_with_its_end_when_the_upstream_ends_later(
+    upstream: MockServer,
+) -> None:
+    """The upstream's usage chunk and its body's end come in two reads: the live reader
+    writes the usage event, the final event, [DONE] and the chunked body's end in one write
+    when the answer ends (not the usage event alone as it comes, then the rest); the
+    connection stays usable."""
+    held = _HeldEnd(upstream)
+    body = json.dumps({"model": "deepseek-chat", "messages": MESSAGES, "stream": True}).encode()
+    try:
+        with (
+            gateway(held.url) as server,
+            socket.create_connection((server.host, server.port), timeout=10) as sock,
+        ):
+            sock.sendall(
+                request_bytes(server, "POST", "/v1/chat/completions", body, X_Mock_Tokens="8")
+            )
+            assert held.all_but_end_sent.wait(10)
+            # Everything the gateway writes before the upstream's end: no usage event
+            # (a second's grace for a write that should not come).
+            early = b""
+            sock.settimeout(1.0)
+            with contextlib.suppress(TimeoutError):
+                while b'"prompt_tokens"' not in early:
+                    data = sock.recv(65536)
+                    assert data
+                    early += data
+            assert b'"prompt_tokens"' not in early
+            assert early.startswith(b"HTTP/1.1 200 ")
+            held.release()
+            sock.settimeout(10)
+            last = sock.recv(65536)  # the answer's end: one write
+            assert b'"prompt_tokens"' in last
+            assert last.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+            reader = Reader(sock)
+            reader.buffer = early + last
+            status, _, sse = reader.response()
+            assert status == 200
+            assert reader.buffer == b""
+            got = events(sse)
+            assert [seq for seq, _ in got] == list(range(1, len(got) + 1))
+            assert got[-1][1] == b"[DONE]"
+            assert content([d for _, d in got[:-1]]) == expected(8)
+            # The connection is kept for the next request.
+            sock.sendall(request_bytes(server, "GET", "/metrics"))
+            status, _, _ = reader.response()
+            assert status == 200
+    finally:
+        held.close()

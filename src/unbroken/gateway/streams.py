@@ -289,6 +289,7 @@ class Producer:
         "_created",
         "_error",
         "_flush",
+        "_muted",
         "_n_waiting",
         "_on_complete",
         "_on_end",
@@ -395,6 +396,9 @@ class Producer:
         self._sink: EventSink | None = None
         self._waiter: Waiter | None = None
         self._sinks: dict[EventSink, Waiter] | None = None
+        # The waiters of readers fed nothing more since the answer's usage chunk
+        # (`_mute_sinks`), released with the others by `_release_sinks`.
+        self._muted: list[Waiter] | None = None
         self.detached_at: float | None = time.time()
         self.task: asyncio.Task[None] | None = None
 
@@ -546,11 +550,28 @@ class Producer:
             if parked is not None and not parked.done():
                 parked.set_result(None)
 
-    def _release_sinks(self) -> None:
+    def _parked_waiters(self) -> list[Waiter]:
+        """The waiters of the parked readers, which are fed nothing from now on."""
         waiters = [] if self._waiter is None else [self._waiter]
         if self._sinks:
             waiters += self._sinks.values()
         self._sink = self._waiter = self._sinks = None
+        return waiters
+
+    def _mute_sinks(self) -> None:
+        """Feed the parked readers nothing more, but leave them parked until
+        `_release_sinks`: they then take the answer's last events from the log together,
+        in the write that ends their response (not the usage chunk in one write as soon
+        as it comes, and the rest in another when the upstream's body ends)."""
+        waiters = self._parked_waiters()
+        if waiters:
+            self._muted = waiters if self._muted is None else self._muted + waiters
+
+    def _release_sinks(self) -> None:
+        waiters = self._parked_waiters()
+        if self._muted is not None:
+            waiters += self._muted
+            self._muted = None
         for parked in waiters:
             if not parked.done():
                 parked.set_result(None)
@@ -908,13 +929,15 @@ class Producer:
                         # The usage chunk ends an answer: the live readers take it from the
                         # log with the final event and [DONE], in the write that ends their
                         # response: one write less per answer (5-chunk answers: 7.0 writes
-                        # each -> 3.9 with the held first events, strace).
+                        # each -> 3.9 with the held first events, strace). Muted, not
+                        # released: a reader released now wrote the usage chunk alone when
+                        # the upstream's body end came in a later read.
                         if self._created is not None:
                             # Readers released before the first event read the log: on
                             # Redis it must have been created (chunks queued from the data
                             # callback do not wait for the create, this does).
                             await self._await_created()
-                        self._release_sinks()
+                        self._mute_sinks()
                     # Neither is held while the next one is awaited: on the direct path
                     # that is the role chunk, kept for the whole answer (~0.6 KB per live
                     # stream each; the log keeps the payload's bytes, not the object).
