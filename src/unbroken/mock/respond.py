@@ -86,16 +86,21 @@ def _stream_headers() -> list[tuple[bytes, bytes]]:
 
 
 async def _keepalives(ex: Exchange, until_s: float, interval_s: float, beat: bytes) -> None:
-    """Send `beat` at once and every `interval_s` until the loop time `until_s`."""
+    """Send `beat` at once and every `interval_s` until the loop time `until_s`.
+
+    The beats keep to a fixed grid from the first one: a late wake-up (a busy loop) does not
+    push the later beats back, so a wait gets as many beats as its length says."""
     loop = ex.loop
+    started = loop.time()
+    beats = 0
     while True:
         await ex.write(beat)
-        remaining = until_s - loop.time()
-        if remaining <= 0:
-            return
-        await ex.sleep(min(interval_s, remaining))
-        if loop.time() >= until_s:
-            return
+        beats += 1
+        due = started + beats * interval_s
+        if due >= until_s:
+            break
+        await ex.sleep(due - loop.time())
+    await ex.sleep(until_s - loop.time())
 
 
 async def _stall(ex: Exchange, fault: Fault, latency: Latency, beat: bytes) -> float:
