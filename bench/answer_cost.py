@@ -53,18 +53,30 @@ WARM_ANSWERS = 50
 TRACED_SERVE = """
 import collections, gc, json, os, signal, sys
 counts = collections.Counter()
+calls = collections.Counter()
 def tracer(frame, event, arg):
+    code = frame.f_code
+    key = code.co_filename + ":" + code.co_qualname
+    if code.co_filename == "<string>":  # dataclasses' generated methods: name the class
+        key += "[" + type(frame.f_locals.get("self")).__qualname__ + "]"
+    calls[key] += 1
     frame.f_trace_opcodes = True
     frame.f_trace_lines = False
-    if event == "opcode":
-        code = frame.f_code
-        counts[code.co_filename + ":" + code.co_name] += 1
-    return tracer
+    return Local(key)
+class Local:  # not a closure: a closure that returns itself is a cycle per call
+    __slots__ = ("key",)
+    def __init__(self, key):
+        self.key = key
+    def __call__(self, frame, event, arg):
+        if event == "opcode":
+            counts[self.key] += 1
+        return self
 def on(*_):
     gc.collect()
     gc.garbage.clear()
     gc.set_debug(gc.DEBUG_SAVEALL)
     counts.clear()
+    calls.clear()
     sys.settrace(tracer)
 def off(*_):
     sys.settrace(None)
@@ -74,7 +86,7 @@ def off(*_):
     gc.garbage.clear()
     out = os.environ["ANSWER_COST_OUT"]
     with open(out + ".tmp", "w") as f:
-        json.dump({"counts": counts, "garbage": garbage}, f)
+        json.dump({"counts": counts, "calls": calls, "garbage": garbage}, f)
     os.replace(out + ".tmp", out)
 signal.signal(signal.SIGUSR1, on)
 signal.signal(signal.SIGUSR2, off)
@@ -229,9 +241,11 @@ def bytecodes(answers: int, tokens: int, top: int) -> None:
         f"bytecodes per answer: {total / n:.0f} ({n} answers of {tokens} tokens one after "
         f"another, {int(done['whole'])} whole; the gateway's main thread)"
     )
+    calls: dict[str, int] = data["calls"]
+    print(f"  {'bytecodes':>9} {'calls':>6}  (per answer; a coroutine's resumes count as calls)")
     for where, count in sorted(counts.items(), key=lambda kv: -kv[1])[:top]:
-        filename, _, name = where.rpartition(":")
-        print(f"  {count / n:7.1f}  {_short(filename)}:{name}")
+        filename, _, name = where.partition(":")
+        print(f"  {count / n:9.1f} {calls.get(where, 0) / n:6.1f}  {_short(filename)}:{name}")
     files: dict[str, int] = {}
     for where, count in counts.items():
         files[_short(where.rpartition(":")[0])] = (
