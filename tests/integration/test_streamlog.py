@@ -436,3 +436,30 @@ async def test_renew_many_on_redis_fails_one_item_alone(redis_url: str) -> None:
         assert info.lease == Lease("A", 1, 5.0)
     finally:
         await log.aclose()
+
+
+async def test_orphans_are_the_open_resumable_logs_whose_lease_expired(log: StreamLog) -> None:
+    """Only resumable logs that neither ended nor were forgotten are orphans, at most
+    `limit` of them; however many ended logs are held beside them."""
+    ids = ["strm_" + f"{i:032x}" for i in range(6)]
+    for i, sid in enumerate(ids):
+        await create(log, sid, resumable=i != 1)  # ids[1] did not opt in
+    await log.append(ids[2], 1, [b"[DONE]"], 1.0, end=True)
+
+    async def orphans(now: float, limit: int = 10) -> set[str]:
+        found = await log.orphans(now, limit)
+        assert len(found) == len(set(found)) <= limit
+        return set(found)
+
+    assert await orphans(2.0) == set()  # every lease still live (until 3.0)
+    assert await orphans(3.0) == {ids[0], ids[3], ids[4], ids[5]}
+    assert await orphans(3.0, 2) < {ids[0], ids[3], ids[4], ids[5]}
+    assert len(await orphans(3.0, 2)) == 2
+    await log.release(ids[3], "A", 1)  # released on purpose: not an orphan
+    assert await orphans(3.0) == {ids[0], ids[4], ids[5]}
+    assert await log.acquire(ids[4], "B", 3.0, 3.0) == Lease("B", 2, 6.0)
+    assert await orphans(4.0) == {ids[0], ids[5]}
+    assert await orphans(6.0) == {ids[0], ids[4], ids[5]}  # B's lease expired too
+    if isinstance(log, MemoryStreamLog):  # (Redis forgets by its keys' own expiry)
+        await log.sweep(200.0)  # past the retention: forgotten
+        assert await orphans(200.0) == set()

@@ -248,6 +248,11 @@ class MemoryStreamLog:
         self._total = 0
         # Ended logs whose open block is not sealed yet (`seal_ended`).
         self._unsealed: list[_Stream] = []
+        # The resumable logs neither ended nor forgotten, in the order they were made: the
+        # only ones `orphans` looks at (once a tick). Why: it looked at every log held, and
+        # a gateway holds every answer of the retention window (thousands), nearly all
+        # ended; the scan grew with the answers per second times the retention.
+        self._open_resumable: dict[str, _Stream] = {}
 
     def __repr__(self) -> str:
         return f"MemoryStreamLog(streams={len(self._streams)}, bytes={self._total})"
@@ -278,9 +283,11 @@ class MemoryStreamLog:
         if stream_id in self._streams:
             raise StoreError(f"stream {stream_id[:60]!r} exists already")
         until = now + lease_s
-        self._streams[stream_id] = _Stream(
+        stream = self._streams[stream_id] = _Stream(
             stream_id, caller, now, resumable, request, owner, 1, until, updated_at=now
         )
+        if resumable:
+            self._open_resumable[stream_id] = stream
         return Lease(owner, 1, until)
 
     def _evict_for(self, size: int, keep: str) -> bool:
@@ -298,6 +305,8 @@ class MemoryStreamLog:
         stream.events = PackedEvents()
         stream.gone = True
         stream.request = b""
+        if stream.resumable:
+            self._open_resumable.pop(stream.id, None)
 
     async def append(
         self, stream_id: str, epoch: int, payloads: Sequence[bytes], now: float, *, end: bool
@@ -345,6 +354,8 @@ class MemoryStreamLog:
         stream.updated_at = now
         if end:
             stream.ended_at = now
+            if stream.resumable:
+                self._open_resumable.pop(stream_id, None)
         if stream.n_waiting and stream.changed is not None:
             stream.changed.set()
             stream.changed = None
@@ -541,7 +552,7 @@ class MemoryStreamLog:
     async def orphans(self, now: float, limit: int) -> list[str]:
         """See `StreamLog.orphans`."""
         found = []
-        for sid, stream in self._streams.items():
+        for sid, stream in self._open_resumable.items():
             if (
                 stream.resumable
                 and not stream.ended
