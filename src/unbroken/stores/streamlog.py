@@ -569,23 +569,31 @@ class MemoryStreamLog:
         """See `StreamLog.sweep`."""
         n = 0
         retention = self.retention
+        ttl_s, tombstone_s = retention.ttl_s, retention.tombstone_s
         tombstones = 0
+        # `StreamInfo.expires_at` and `is_expired` read off the fields, not through a
+        # StreamInfo made per log: a sweep of the 60,000 logs 100 answers/s keep held the
+        # loop ~0.5 s every SWEEP_EVERY_S with one.
         for sid, stream in list(self._streams.items()):
+            ended_at = stream.ended_at
+            expires_at = (ended_at if ended_at is not None else stream.updated_at) + ttl_s
             if stream.gone:
                 tombstones += 1
-                if now >= stream.info.expires_at(retention) + retention.tombstone_s:
+                if now >= expires_at + tombstone_s:
                     del self._streams[sid]
                     tombstones -= 1
-            elif stream.info.is_expired(retention, now):
+            elif now >= expires_at and (ended_at is not None or not now < stream.lease_until):
+                # (an unfinished answer whose writer holds a live lease never expires)
                 self._forget(stream)
                 tombstones += 1
                 n += 1
-        for sid, stream in list(self._streams.items()):
-            if tombstones <= MAX_TOMBSTONES:
-                break
-            if stream.gone:
-                del self._streams[sid]
-                tombstones -= 1
+        if tombstones > MAX_TOMBSTONES:
+            for sid, stream in list(self._streams.items()):
+                if tombstones <= MAX_TOMBSTONES:
+                    break
+                if stream.gone:
+                    del self._streams[sid]
+                    tombstones -= 1
         for session_id, sid in list(self._sessions.items()):
             if sid not in self._streams:
                 del self._sessions[session_id]
