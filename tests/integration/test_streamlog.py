@@ -476,6 +476,7 @@ async def test_memory_sweep_forgets_what_stream_info_says_expired(
     from unbroken.stores import streamlog as streamlog_module
 
     monkeypatch.setattr(streamlog_module, "MAX_TOMBSTONES", 6)
+    monkeypatch.setattr(streamlog_module, "SWEEP_SLICE", 7)  # the loop's turns in between
     rng = random.Random(seed)
     retention = Retention(ttl_s=10, max_stream_bytes=4096, max_total_bytes=1 << 20, tombstone_s=5)
     log = MemoryStreamLog(retention)
