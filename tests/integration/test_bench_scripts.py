@@ -21,6 +21,23 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 NUMBER = r"-?[\d.]+"
 
 CASES = {
+    "answer_cost": (
+        ["answer_cost.py", "--levels", "1,2", "--answers", "10", "--repeat", "1"],
+        [
+            rf"unbroken\s+10/10\s+{NUMBER} \[",
+            rf"floor\s+10/10\s+{NUMBER} \[",
+            rf"CPU per answer: unbroken / floor = ({NUMBER}x|n/a)",
+            rf"TTFT overhead p50: unbroken {NUMBER} ms, floor {NUMBER} ms",
+        ],
+    ),
+    "answer_cost-bytecodes": (
+        ["answer_cost.py", "--bytecodes", "--answers", "5", "--top", "5"],
+        [
+            r"bytecodes per answer: \d+ \(5 answers of 3 tokens one after another, 5 whole",
+            rf"{NUMBER}\s+gateway/\w+\.py",
+            rf"objects found by the cyclic collector per answer: {NUMBER}",
+        ],
+    ),
     "gateway": (
         ["gateway.py", "--levels", "2", "--repeat", "1", "--skip", "litellm,nginx,pyrelay"],
         [

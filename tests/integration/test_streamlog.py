@@ -436,3 +436,91 @@ async def test_renew_many_on_redis_fails_one_item_alone(redis_url: str) -> None:
         assert info.lease == Lease("A", 1, 5.0)
     finally:
         await log.aclose()
+
+
+async def test_orphans_are_the_open_resumable_logs_whose_lease_expired(log: StreamLog) -> None:
+    """Only resumable logs that neither ended nor were forgotten are orphans, at most
+    `limit` of them; however many ended logs are held beside them."""
+    ids = ["strm_" + f"{i:032x}" for i in range(6)]
+    for i, sid in enumerate(ids):
+        await create(log, sid, resumable=i != 1)  # ids[1] did not opt in
+    await log.append(ids[2], 1, [b"[DONE]"], 1.0, end=True)
+
+    async def orphans(now: float, limit: int = 10) -> set[str]:
+        found = await log.orphans(now, limit)
+        assert len(found) == len(set(found)) <= limit
+        return set(found)
+
+    assert await orphans(2.0) == set()  # every lease still live (until 3.0)
+    assert await orphans(3.0) == {ids[0], ids[3], ids[4], ids[5]}
+    assert await orphans(3.0, 2) < {ids[0], ids[3], ids[4], ids[5]}
+    assert len(await orphans(3.0, 2)) == 2
+    await log.release(ids[3], "A", 1)  # released on purpose: not an orphan
+    assert await orphans(3.0) == {ids[0], ids[4], ids[5]}
+    assert await log.acquire(ids[4], "B", 3.0, 3.0) == Lease("B", 2, 6.0)
+    assert await orphans(4.0) == {ids[0], ids[5]}
+    assert await orphans(6.0) == {ids[0], ids[4], ids[5]}  # B's lease expired too
+    if isinstance(log, MemoryStreamLog):  # (Redis forgets by its keys' own expiry)
+        await log.sweep(200.0)  # past the retention: forgotten
+        assert await orphans(200.0) == set()
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_memory_sweep_forgets_what_stream_info_says_expired(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The memory log's sweep reads expiry off its fields: the logs it forgets, and the
+    tombstones it drops, are those `StreamInfo.is_expired` and `expires_at` name."""
+    import random
+
+    from unbroken.stores import streamlog as streamlog_module
+
+    monkeypatch.setattr(streamlog_module, "MAX_TOMBSTONES", 6)
+    monkeypatch.setattr(streamlog_module, "SWEEP_SLICE", 7)  # the loop's turns in between
+    rng = random.Random(seed)
+    retention = Retention(ttl_s=10, max_stream_bytes=4096, max_total_bytes=1 << 20, tombstone_s=5)
+    log = MemoryStreamLog(retention)
+    ids = ["strm_" + f"{i:032x}" for i in range(40)]
+    for sid in ids:
+        now = rng.uniform(0, 20)
+        await log.create(
+            sid, caller="k", request=b"{}", resumable=True, owner="A", now=now, lease_s=3
+        )
+        kind = rng.random()
+        if kind < 0.5:
+            log.append_now(sid, 1, [b"x", b"[DONE]"], now + rng.uniform(0, 5), end=True)
+        elif kind < 0.7:
+            log.append_now(sid, 1, [b"x"], now + rng.uniform(0, 5), end=False)
+        elif kind < 0.8:
+            await log.release(sid, "A", 1)
+        elif kind < 0.9:  # a writer alive past its log's expiry (a lease renewed long)
+            await log.renew(sid, "A", 1, now, rng.uniform(5, 40))
+    exact = 0
+    for now in (12.0, 14.0, 18.0, 21.0, 25.0, 27.0, 31.0, 33.0, 40.0, 42.0, 60.0):
+        held = {sid for sid in ids if sid in log._streams}
+        infos = {sid: await log.info(sid) for sid in held}
+        gone = {sid for sid in held if log._streams[sid].gone}
+        expect_forgotten = {
+            sid
+            for sid, info in infos.items()
+            if info is not None and sid not in gone and info.is_expired(retention, now)
+        }
+        expect_dropped = {
+            sid
+            for sid in gone
+            if (info := infos[sid]) is not None and now >= info.expires_at(retention) + 5
+        }
+        assert await log.sweep(now) == len(expect_forgotten)
+        for sid in expect_forgotten:  # a tombstone now (or dropped past MAX_TOMBSTONES)
+            assert sid not in log._streams or log._streams[sid].gone
+        for sid in held - expect_forgotten - gone:
+            assert not log._streams[sid].gone
+        held_gone = {sid for sid in ids if sid in log._streams and log._streams[sid].gone}
+        assert not held_gone & expect_dropped
+        assert len(held_gone) <= 6
+        due = (gone - expect_dropped) | expect_forgotten  # the tombstones to keep
+        exact += len(due) <= 6
+        if len(due) <= 6:  # (else the oldest go, to keep MAX_TOMBSTONES)
+            assert held_gone == due
+        assert {sid for sid in gone if sid not in log._streams} >= expect_dropped
+    assert exact  # the case ran at least once without the cap

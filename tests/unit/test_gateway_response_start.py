@@ -156,3 +156,27 @@ async def test_a_direct_start_with_no_writes_held_is_written_at_once() -> None:
     assert CycleHooks(cycle).start_now(*_messages(SSE, b"first"))
     assert len(transport.writes) == 1
     assert transport.writes[0].endswith(b"\r\n\r\n5\r\nfirst\r\n")
+
+
+async def test_names_seen_before_render_and_refuse_as_the_first_time() -> None:
+    """Header names already rendered once are not checked again: the bytes, a bad value
+    beside them and a bad new name among them are still uvicorn's."""
+    headers = [*SSE, (b"X-Stream-ID", b"s1"), (b"Cache-Control", b"no-cache")]
+    for _ in range(2):  # the second time with every name seen
+        ours, ours_transport = _cycle()
+        theirs, theirs_transport = _cycle()
+        start, body = _messages(headers, b"data: x\n\n")
+        assert CycleHooks(ours).start_now(start, body)
+        await theirs.send(start)
+        await theirs.send(body)
+        assert ours_transport.writes == [b"".join(theirs_transport.writes)]
+    for bad, error in [
+        ([*headers, (b"X-Stream-ID", b"s\r\n2")], "Invalid HTTP header value."),
+        ([*headers, (b"x-bad name", b"v")], "Invalid HTTP header name."),
+        ([(b"x-bad name", b"v"), *headers], "Invalid HTTP header name."),  # not kept
+    ]:
+        cycle, transport = _cycle()
+        with pytest.raises(RuntimeError, match=error):
+            CycleHooks(cycle).start_now(*_messages(bad, b"x"))
+        assert transport.writes == []
+        assert not cycle.response_started

@@ -285,3 +285,50 @@ def test_a_learned_template_is_the_sources_bytes_when_they_are_equal() -> None:
     assert (packed._head, packed._tail) != reasoning  # its own: the content chunks'
     assert packed._head.endswith(b'"content":"')
     _read_all_ranges(packed, model)
+
+
+def _template_by_search(prev: bytes, cur: bytes) -> tuple[bytes, bytes] | None:
+    """`_template` as it was first written (binary searches of `startswith`/`endswith`):
+    the reference the faster version must agree with."""
+    limit = min(len(prev), len(cur))
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) >> 1
+        if cur.startswith(prev[:mid]):
+            lo = mid
+        else:
+            hi = mid - 1
+    value = cur.rfind(b':"', 0, lo)
+    head = value + 2 if value >= 0 else cur.rfind(b'"', 0, lo) + 1
+    lo, hi = 0, limit - head
+    while lo < hi:
+        mid = (lo + hi + 1) >> 1
+        if cur.endswith(prev[len(prev) - mid :]):
+            lo = mid
+        else:
+            hi = mid - 1
+    quote = cur.find(b'"', len(cur) - lo)
+    while quote > 0 and cur[quote - 1] == 0x5C:
+        quote = cur.find(b'"', quote + 1)
+    tail = len(cur) - quote if quote >= 0 else 0
+    if head + tail < 32:
+        return None
+    return cur[:head], cur[len(cur) - tail :]
+
+
+_CHUNKISH = st.lists(st.sampled_from([b'"', b':"', b"\\", b"a", b"\x00", b"\xff", b"}"]))
+
+
+@given(
+    st.binary(max_size=40) | _CHUNKISH.map(b"".join),
+    st.binary(max_size=8) | _CHUNKISH.map(b"".join),
+    st.binary(max_size=8) | _CHUNKISH.map(b"".join),
+    st.binary(max_size=40) | _CHUNKISH.map(b"".join),
+)
+def test_template_finds_what_the_searches_found(
+    head: bytes, one: bytes, two: bytes, tail: bytes
+) -> None:
+    prev, cur = head + one + tail, head + two + tail
+    assert _template(prev, cur) == _template_by_search(prev, cur)
+    assert _template(cur, prev) == _template_by_search(cur, prev)
+    assert _template(prev, prev + tail) == _template_by_search(prev, prev + tail)

@@ -809,35 +809,47 @@ class GuardedProtocol(HttpToolsProtocol):
         self._refuse(400, "malformed HTTP request", "bad_request")
 
 
+# Response header names as given (the gateway's own, a few dozen) -> lowered, once checked
+# for forbidden characters: `_start_bytes` renders them with no check and no `lower()`.
+# Names that mean something to the response's framing are never in it.
+_PLAIN_NAMES: dict[bytes, bytes] = {}
+_MAX_PLAIN_NAMES = 256
+_MEANT = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+
+
 def _start_bytes(cycle: RequestResponseCycle, start: Message, body: Message) -> bytes:
     """The bytes uvicorn's `RequestResponseCycle.send` writes for `start` then `body` (more
     to come) when both go out at once, with the cycle's response state set as its send
     sets it. Rendered here, not through two sends into a held transport (two coroutines
     driven by hand, a regex search per header name and value): the same checks, one search
-    over all names and one over all values.
+    over all names not seen before (`_PLAIN_NAMES`) and one over all values.
 
     Raises:
         RuntimeError: as uvicorn's send, for a bad header or body; nothing is changed then.
     """
     status: int = start["status"]
     pairs = cycle.default_headers + list(start.get("headers", ()))
-    # A forbidden character in any name (or value) is one in their concatenation (tab, the
-    # values' separator, is allowed in a value).
-    if HEADER_RE.search(b"".join([name for name, _ in pairs])):
-        raise RuntimeError("Invalid HTTP header name.")
-    if HEADER_VALUE_RE.search(b"\t".join([value for _, value in pairs])):
-        raise RuntimeError("Invalid HTTP header value.")
     chunked = cycle.chunked_encoding
     length = cycle.expected_content_length
     keep_alive = cycle.keep_alive
     has_close = False
     content = [STATUS_LINE[status]]
+    values = []
+    new_names: list[tuple[bytes, bytes]] = []  # (as given, lowered)
+    length_value: bytes | None = None  # a Content-Length, read once the values are checked
     for name, value in pairs:
-        name = name.lower()
+        values.append(value)
+        lowered = _PLAIN_NAMES.get(name)
+        if lowered is not None:  # a name seen before, checked, of no meaning to HTTP here
+            content += (lowered, b": ", value, b"\r\n")
+            continue
+        raw, name = name, name.lower()
+        new_names.append((raw, name))
         if name == b"content-length" and chunked is None:
-            length = int(value.decode())
+            length_value = value
             chunked = False
         elif name == b"transfer-encoding" and value.lower() == b"chunked":
+            length_value = None
             length = 0
             chunked = True
         elif name == b"connection" and b"close" in [
@@ -846,6 +858,18 @@ def _start_bytes(cycle: RequestResponseCycle, start: Message, body: Message) -> 
             keep_alive = False
             has_close = True
         content += (name, b": ", value, b"\r\n")
+    # A forbidden character in any name (or value) is one in their concatenation (tab, the
+    # values' separator, is allowed in a value). Names seen before were checked then.
+    if new_names:
+        if HEADER_RE.search(b"".join([raw for raw, _ in new_names])):
+            raise RuntimeError("Invalid HTTP header name.")
+        for raw, name in new_names:
+            if name not in _MEANT and len(_PLAIN_NAMES) < _MAX_PLAIN_NAMES:
+                _PLAIN_NAMES[raw] = name
+    if HEADER_VALUE_RE.search(b"\t".join(values)):
+        raise RuntimeError("Invalid HTTP header value.")
+    if length_value is not None:
+        length = int(length_value.decode())
     if not keep_alive and not has_close:
         content.append(b"connection: close\r\n")
     head_request = cycle.scope["method"] == "HEAD"

@@ -411,12 +411,30 @@ class PackedEvents:
             start = block * BLOCK_EVENTS + 1
             if block < n_sealed:
                 events = self._block(block)
+                end = min(last, start + len(events) - 1)
+                out.extend(events[seq - start : end - start + 1])
             else:
-                events = self._open_events(len(self._lengths) - start + 1)
-            end = min(last, start + len(events) - 1)
-            out.extend(events[seq - start : end - start + 1])
+                end = last
+                out += self._open_from(seq - start, end - seq + 1)
             seq = end + 1
         return out
+
+    def _open_from(self, skip: int, count: int) -> list[bytes]:
+        """`count` events of the open block after its first `skip`: only those rebuilt (a
+        reader asks for the last few events of the block, an answer's end for its last
+        ones; rebuilding the block's all, as a seal does, was most of that read). Where
+        they start is the sizes before them less a template's bytes for each middle, all
+        counted in C (a sum, a bit count)."""
+        n = len(self._lengths) - len(self._ends) * BLOCK_EVENTS
+        coded = ~self._whole & ((1 << n) - 1)
+        first = len(self._ends) * BLOCK_EVENTS
+        cut = self._cut
+        start = self._open_at()
+        if skip:
+            before = sum(self._lengths[first : first + skip])
+            start += before - cut * (coded & ((1 << skip) - 1)).bit_count()
+        block = self._packed[start:]
+        return self._rebuild(block, first + skip, count, coded >> skip, self._head, self._tail)
 
 
 def _odd_end(data: bytes, offset: int, sizes: array[int], cut: int) -> bool:
@@ -443,25 +461,21 @@ def _odd_end(data: bytes, offset: int, sizes: array[int], cut: int) -> bool:
 def _template(prev: bytes, cur: bytes) -> tuple[bytes, bytes] | None:
     """The head and tail `cur` shares with `prev`, cut where a JSON string's value starts
     (after `:"`) and ends (its closing quote), so the next chunks' text falls between them;
-    None when they share less than `MIN_TEMPLATE_BYTES`. Only on a miss (binary searches of
-    a few C comparisons, ~2 us)."""
+    None when they share less than `MIN_TEMPLATE_BYTES`. Only on a miss, once an answer or
+    block at most."""
     limit = min(len(prev), len(cur))
-    lo, hi = 0, limit
-    while lo < hi:
-        mid = (lo + hi + 1) >> 1
-        if cur.startswith(prev[:mid]):
-            lo = mid
-        else:
-            hi = mid - 1
+    # The shared head's length: the bytes before the first that differs, found from the
+    # highest bit set in the two heads XORed as big-endian integers (in C, no search).
+    differ = int.from_bytes(prev[:limit], "big") ^ int.from_bytes(cur[:limit], "big")
+    lo = limit - (differ.bit_length() + 7) // 8
     value = cur.rfind(b':"', 0, lo)
     head = value + 2 if value >= 0 else cur.rfind(b'"', 0, lo) + 1
-    lo, hi = 0, limit - head
-    while lo < hi:
-        mid = (lo + hi + 1) >> 1
-        if cur.endswith(prev[len(prev) - mid :]):
-            lo = mid
-        else:
-            hi = mid - 1
+    # The shared tail's (not reaching into the head), the same way from the ends.
+    span = limit - head
+    differ = int.from_bytes(prev[len(prev) - span :], "little") ^ int.from_bytes(
+        cur[len(cur) - span :], "little"
+    )
+    lo = span - (differ.bit_length() + 7) // 8
     # The closing quote: the first quote of the shared tail not escaped by a backslash.
     quote = cur.find(b'"', len(cur) - lo)
     while quote > 0 and cur[quote - 1] == 0x5C:
