@@ -9,8 +9,17 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-import unbroken
-from tests.support import redis_server
+# This process runs the sources (coverage cannot see compiled code); the processes the tests
+# start (gateways, the CLI) run the compiled chunk path where it was built (unbroken/_native.py),
+# unless the caller set UNBROKEN_PURE_PYTHON=1 for them too.
+_PURE_FOR_ALL = os.environ.get("UNBROKEN_PURE_PYTHON")
+os.environ["UNBROKEN_PURE_PYTHON"] = "1"
+import unbroken  # noqa: E402 - after the mode above
+import unbroken.core.stream  # noqa: E402
+from tests.support import redis_server  # noqa: E402
+
+if _PURE_FOR_ALL is None:
+    del os.environ["UNBROKEN_PURE_PYTHON"]
 
 # Property tests: a quick profile for the edit-test loop, a thorough one for CI
 # (.ci/run sets HYPOTHESIS_PROFILE=ci). Tests with their own max_examples keep it.
@@ -30,6 +39,10 @@ def pytest_configure(config: pytest.Config) -> None:
             f"the tests import unbroken from {imported}, not from this checkout ({here}); "
             "unset PYTHONPATH or reinstall with `pip install -e .`"
         )
+    # The sources, not the compiled chunk path (src/unbroken/_compiled/): the coverage.
+    stream = Path(unbroken.core.stream.__file__).resolve()
+    if stream != here.resolve() / "core" / "stream.py":
+        raise pytest.UsageError(f"the tests import the compiled chunk path ({stream})")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
