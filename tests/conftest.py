@@ -9,17 +9,20 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-# This process runs the sources (coverage cannot see compiled code); the processes the tests
-# start (gateways, the CLI) run the compiled chunk path where it was built (unbroken/_native.py),
-# unless the caller set UNBROKEN_PURE_PYTHON=1 for them too.
-_PURE_FOR_ALL = os.environ.get("UNBROKEN_PURE_PYTHON")
+# The tests run the sources, in this process and in the processes they start (gateways, the
+# CLI): coverage measures Python source and cannot see the compiled chunk path
+# (unbroken/_native.py), and the results do not depend on whether `make` built it.
+# tests/integration/test_native_gateway.py runs gateways on the compiled chunk path, and
+# UNBROKEN_PURE_PYTHON=0 set by the caller has every process the tests start run it (this
+# one still runs the sources).
+_CALLER_MODE = os.environ.get("UNBROKEN_PURE_PYTHON")
 os.environ["UNBROKEN_PURE_PYTHON"] = "1"
 import unbroken  # noqa: E402 - after the mode above
 import unbroken.core.stream  # noqa: E402
 from tests.support import redis_server  # noqa: E402
 
-if _PURE_FOR_ALL is None:
-    del os.environ["UNBROKEN_PURE_PYTHON"]
+if _CALLER_MODE == "0":
+    os.environ["UNBROKEN_PURE_PYTHON"] = "0"
 
 # Property tests: a quick profile for the edit-test loop, a thorough one for CI
 # (.ci/run sets HYPOTHESIS_PROFILE=ci). Tests with their own max_examples keep it.

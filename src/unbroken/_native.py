@@ -4,8 +4,9 @@
 extensions kept apart from their sources, in src/unbroken/_compiled/, with a manifest of
 the sources they were built from. Imported first by the package, this module puts a finder
 in front of the import system that loads those extensions in place of the sources, unless:
-- `UNBROKEN_PURE_PYTHON=1` is set (the unit tests set it for their own process: coverage
-  cannot see compiled code, while the gateways they start run the extensions);
+- `UNBROKEN_PURE_PYTHON=1` is set (the tests set it for themselves and the processes they
+  start: coverage cannot see compiled code; tests/integration/test_native_gateway.py runs
+  gateways on the extensions);
 - none were built (no C compiler), or for another Python;
 - a source changed since the build: the sources run, and a warning says to rebuild.
 

@@ -1,5 +1,5 @@
-"""The compiled chunk path (unbroken/_native.py, tools/compile_native.py): this process runs
-the sources (coverage), a process started without `UNBROKEN_PURE_PYTHON=1` runs the
+"""The compiled chunk path (unbroken/_native.py, tools/compile_native.py): the tests run the
+sources (coverage), a process started without `UNBROKEN_PURE_PYTHON=1` runs the
 extensions `make` built, one with it the sources, and a source changed since the build runs
 as a source, with a warning."""
 
@@ -46,7 +46,7 @@ PROBE = (
 )
 
 
-def _built() -> None:
+def built() -> None:
     """Skip (fail in CI, which asks for every binary) when the extensions were not built."""
     if COMPILE.up_to_date():
         return
@@ -57,7 +57,13 @@ def _built() -> None:
 
 
 def _probe(src: Path, pure: bool) -> tuple[str, list[str], str]:
-    env = {k: v for k, v in os.environ.items() if k != _native.PURE_ENV}
+    # Not measured by coverage (its `patch = ["subprocess"]`): a copy of the package in
+    # `src` would be reported as a second, barely run package next to the checkout's.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k != _native.PURE_ENV and not k.startswith("COVERAGE_PROCESS_")
+    }
     env["PYTHONPATH"] = str(src)
     if pure:
         env[_native.PURE_ENV] = "1"
@@ -83,7 +89,7 @@ def test_this_process_runs_the_sources() -> None:
 
 
 def test_a_process_runs_the_extensions_built() -> None:
-    _built()
+    built()
     state, files, _ = _probe(SRC, pure=False)
     assert state.startswith("compiled with mypyc")
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
@@ -100,7 +106,7 @@ def test_a_process_asked_for_pure_python_runs_the_sources() -> None:
 
 
 def test_a_source_changed_since_the_build_runs_as_a_source(tmp_path: Path) -> None:
-    _built()
+    built()
     shutil.copytree(
         SRC / "unbroken", tmp_path / "unbroken", ignore=shutil.ignore_patterns("__pycache__")
     )
