@@ -107,7 +107,8 @@ def compile_into(target: Path) -> int:
             check=False,
         )
         if done.returncode != 0:
-            raise RuntimeError((done.stdout + done.stderr).strip().splitlines()[-1:])
+            last = (done.stdout + done.stderr).strip().splitlines()[-1:]
+            raise RuntimeError(f"mypyc failed: {last[0] if last else done.returncode}")
         suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
         modules = {}
         for file in MODULES:
@@ -144,12 +145,12 @@ def main() -> int:
     target = Path(tempfile.mkdtemp(prefix="_compiled.", dir=SRC / "unbroken"))
     try:
         if lacking is not None:
-            raise RuntimeError(f"no {lacking}")
+            raise RuntimeError(f"it needs {lacking}")
         n = compile_into(target)
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         shutil.rmtree(target, ignore_errors=True)
         shutil.rmtree(DIRECTORY, ignore_errors=True)
-        print(f"unbroken: the chunk path runs as pure Python, not compiled: {exc}")
+        print(f"unbroken: the chunk path is not compiled and runs as pure Python: {exc}")
         return 1 if require else 0
     # In place in one rename, so a process starting meanwhile sees the old build or the new.
     old = DIRECTORY.with_name(f"_compiled.old.{os.getpid()}")
