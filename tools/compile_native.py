@@ -34,9 +34,10 @@ DIRECTORY = SRC / "unbroken" / "_compiled"
 MANIFEST = DIRECTORY / "manifest.json"
 PURE_ENV = "UNBROKEN_PURE_PYTHON"
 
-# The modules a relayed chunk runs through (bench/hotpath.py --bytecodes), compiled together
-# (calls between them are C calls). gateway/streams.py is not: mypyc compiles no async
-# generator there and no `del` of an attribute.
+# The modules a relayed chunk runs through (bench/hotpath.py --bytecodes), and the gateway's
+# accept and eager start of each answer, compiled together (calls between them are C calls).
+# gateway/streams.py is not: mypyc compiles no async generator there and no `del` of an
+# attribute; nor are client/_common.py and core/flow.py: they subclass builtin types.
 MODULES = [
     "unbroken/_wait.py",
     "unbroken/client/_engine.py",
@@ -44,7 +45,9 @@ MODULES = [
     "unbroken/core/attempt.py",
     "unbroken/core/sse.py",
     "unbroken/core/stream.py",
+    "unbroken/gateway/accept.py",
     "unbroken/gateway/direct.py",
+    "unbroken/gateway/eager.py",
     "unbroken/gateway/relay.py",
     "unbroken/gateway/upstream.py",
     "unbroken/stores/packed.py",
