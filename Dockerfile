@@ -4,9 +4,18 @@
 # Settings come from the environment (UNBROKEN_*) or a TOML file passed with --config.
 
 FROM python:3.11-slim AS build
+# A C compiler for the chunk path compiled with mypyc (tools/compile_native.py), in this
+# stage only.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
 COPY src ./src
+COPY tools ./tools
+# The gateway's chunk path compiled into src/unbroken/_compiled/ (the wheel carries it);
+# --require: a build that cannot compile it fails rather than ship the sources silently.
+RUN pip install --no-cache-dir ".[gateway,redis,cli,otel]" "mypy>=2.4" \
+    && python tools/compile_native.py --require
 # Wheels for unbroken and its dependencies, so the final image needs no compiler or cache.
 RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[gateway,redis,cli,otel]"
 

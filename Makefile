@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test lint types unit bench clean
+.PHONY: demo test lint types unit native bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,17 +14,23 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The gateway's chunk path compiled with mypyc into src/unbroken/_compiled/ (a no-op when up
+# to date; without a C compiler it says so and the sources run). UNBROKEN_PURE_PYTHON=1 at
+# run time runs the sources anyway.
+native: $(STAMP)
+	$(BIN)/python tools/compile_native.py
+
+demo: native
 	$(BIN)/unbroken demo
 
 lint: $(STAMP)
-	$(BIN)/ruff format --check src tests bench
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench tools
+	$(BIN)/ruff check src tests bench tools
 
 types: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+unit: native
 	$(BIN)/pytest --cov=unbroken --cov-report= $(PYTEST_ARGS)
 	$(BIN)/coverage report --include='src/unbroken/core/*' --fail-under=100
 	$(BIN)/coverage report --fail-under=90
@@ -32,4 +38,4 @@ unit: $(STAMP)
 test: lint types unit
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .coverage
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .coverage src/unbroken/_compiled

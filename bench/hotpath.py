@@ -60,6 +60,7 @@ sys.path.insert(0, str(BENCH))
 from _mockproc import mock_process  # noqa: E402 - after the path insert above
 from gateway import CHUNKS, _UpstreamSide  # noqa: E402
 
+from unbroken import _native  # noqa: E402
 from unbroken.gateway.app import Gateway  # noqa: E402
 from unbroken.gateway.direct import DirectBody  # noqa: E402
 from unbroken.gateway.keys import Caller  # noqa: E402
@@ -537,7 +538,9 @@ async def run(
             sealing[1] += n
             return n
 
-        log.seal_ended = timed_seal
+        # A compiled log (mypyc) has no instance attributes to patch: its seal goes untimed.
+        with contextlib.suppress(AttributeError):
+            log.seal_ended = timed_seal
     gc.collect()
     gc.freeze()  # as `unbroken serve` does after start-up, with its thresholds
     gc.set_threshold(*GC_THRESHOLDS)
@@ -650,6 +653,13 @@ def main() -> None:
         help="write over this many KiB before each read (caches cold, as in a busy gateway)",
     )
     args = parser.parse_args()
+    if "unbroken.gateway.upstream" in _native.compiled_modules():
+        # The compiled module calls its methods directly: the patch would not be seen.
+        sys.exit(
+            "bench/hotpath.py: its stand-in upstream replaces LeanTransport._dial_plain, "
+            "which a compiled gateway/upstream.py does not look up; run it with "
+            f"{_native.PURE_ENV}=1 (or on a build without that module compiled)"
+        )
     with mock_process(RECORD_CONFIG) as url:
         head, frames = record(url, args.model)
     bench = Bench(head, frames, args.model, args.per_read, args.per_frame, args.send, args.cold)

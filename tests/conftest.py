@@ -9,8 +9,20 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-import unbroken
-from tests.support import redis_server
+# The tests run the sources, in this process and in the processes they start (gateways, the
+# CLI): coverage measures Python source and cannot see the compiled chunk path
+# (unbroken/_native.py), and the results do not depend on whether `make` built it.
+# tests/integration/test_native_gateway.py runs gateways on the compiled chunk path, and
+# UNBROKEN_PURE_PYTHON=0 set by the caller has every process the tests start run it (this
+# one still runs the sources).
+_CALLER_MODE = os.environ.get("UNBROKEN_PURE_PYTHON")
+os.environ["UNBROKEN_PURE_PYTHON"] = "1"
+import unbroken  # noqa: E402 - after the mode above
+import unbroken.core.stream  # noqa: E402
+from tests.support import redis_server  # noqa: E402
+
+if _CALLER_MODE == "0":
+    os.environ["UNBROKEN_PURE_PYTHON"] = "0"
 
 # Property tests: a quick profile for the edit-test loop, a thorough one for CI
 # (.ci/run sets HYPOTHESIS_PROFILE=ci). Tests with their own max_examples keep it.
@@ -30,6 +42,10 @@ def pytest_configure(config: pytest.Config) -> None:
             f"the tests import unbroken from {imported}, not from this checkout ({here}); "
             "unset PYTHONPATH or reinstall with `pip install -e .`"
         )
+    # The sources, not the compiled chunk path (src/unbroken/_compiled/): the coverage.
+    stream = Path(unbroken.core.stream.__file__).resolve()
+    if stream != here.resolve() / "core" / "stream.py":
+        raise pytest.UsageError(f"the tests import the compiled chunk path ({stream})")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

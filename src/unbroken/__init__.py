@@ -1,6 +1,8 @@
 """unbroken: streaming chat completions from DeepSeek (and any OpenAI-compatible server)
 that arrive whole. Public SDK surface: re-exports only, no logic."""
 
+# First: the compiled chunk path, when built, loads in place of its sources (unbroken/_native.py).
+from unbroken import _native  # noqa: F401
 from unbroken.client import (
     AnswerCache,
     AsyncChatStream,

@@ -7,6 +7,7 @@ imported inside the commands, so `unbroken --help` stays fast.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -16,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from unbroken import _native
 from unbroken.errors import ConfigError
 
 __all__ = ["demo", "serve"]
@@ -98,6 +100,8 @@ def serve(
         raise _fail(err, exc.message) from None
     g = settings.gateway
     configure_logging(log_level, g.log_format)
+    # Compiled with mypyc (built by `make`) or the sources: the CPU per chunk differs.
+    logging.getLogger("unbroken.gateway.server").info("chunk path: %s", _native.STATE)
     if not g.keys and not g.keys_in_store:
         where = "loopback only" if g.is_loopback else "WITHOUT authentication (allowed by flag)"
         err.print(f"[yellow]no gateway keys configured: serving {where}[/yellow]")
