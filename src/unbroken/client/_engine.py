@@ -153,6 +153,11 @@ class Engine:
         self._stream = stream
         return True
 
+    def detach(self) -> None:
+        """Let go of the stream `attach` gave (it iterates this engine through its own
+        `_next` from now on)."""
+        self._stream = None
+
     def text_template(self) -> tuple[bytes, bytes] | None:
         """The attempt's text template (`ChatStreamDecoder.text_template`), if any."""
         attempt = self._attempt  # None between attempts (`_clear`)
