@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from unbroken.core.breaker import BreakerState
+from unbroken.core.records import quick_init
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -26,6 +27,7 @@ __all__ = ["AnswerRecord", "AttemptRecord", "Hook", "Hooks", "PrometheusHook"]
 logger = logging.getLogger(__name__)
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class AttemptRecord:
     """One HTTP attempt of an answer.
@@ -54,6 +56,7 @@ class AttemptRecord:
     usage_estimated: bool = False
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class AnswerRecord:
     """One whole answer (all its attempts).

@@ -23,7 +23,7 @@ from collections.abc import (
     Coroutine,
     Generator,
 )
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import httpx
@@ -749,7 +749,7 @@ class _FastLane:
         conn = _network_stream(response)
         if sink is None or not callable(getattr(conn, "tap", None)):
             return None
-        return cls(cast("_Tappable", conn), attempt, sink)
+        return cls(conn, attempt, sink)  # (tappable: checked above)
 
     def tap(self) -> _TapWait | None:
         """Tap the connection: the wait resolved when something must be yielded or the
@@ -802,7 +802,7 @@ class _FastLane:
                         if self.error is not None:
                             return  # raised from `taken`: the rest of the read is moot
                     return
-                chunks = cast("list[ChatCompletionChunk]", got)
+                chunks: list[ChatCompletionChunk] = got  # type: ignore[assignment]  # (no call)
             else:
                 chunks = attempt.feed(data, time.monotonic())
             if pending:
@@ -1077,7 +1077,7 @@ def _aborter(response: httpx.Response) -> _Abortable | None:
     if stream is None:
         return None
     if callable(getattr(stream, "abort", None)):
-        return cast(_Abortable, stream)
+        return stream  # type: ignore[no-any-return]  # abortable, checked
     sock = stream.get_extra_info("socket")
     if sock is None:
         return None

@@ -8,7 +8,6 @@ next stream timer fires.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
 
 from unbroken.core.accumulator import ChunkAccumulator, _Elsewhere
 from unbroken.core.flow import AttemptPlan
@@ -398,7 +397,8 @@ class Attempt:
                 decoder.raw = None
                 return raw
             got = decoder.text_chunk()  # it releases held tool calls: `_deliver` does
-        chunk = cast(ChatCompletionChunk, got)
+        # (Not `cast`: a call per chunk; a chunk it is, after the checks above.)
+        chunk: ChatCompletionChunk = got  # type: ignore[assignment]
         if chunk.usage is None and not self._held:
             hold = self._hold
             for choice in chunk.choices:
