@@ -107,10 +107,12 @@ class Hook(Protocol):
 class Hooks:
     """Fans records out to several hooks; a hook that raises is logged and skipped."""
 
-    __slots__ = ("_answer", "_attempt", "_breaker", "_hooks", "_start")
+    __slots__ = ("_answer", "_attempt", "_breaker", "_hooks", "_start", "on")
 
     def __init__(self, hooks: Sequence[Hook] = ()) -> None:
         self._hooks = tuple(hooks)
+        # Any hook at all (what `bool()` says, without a call: asked several times an answer).
+        self.on = bool(self._hooks)
         # Each event's methods, bound once (no attribute lookup per record, three records
         # or more per answer).
         self._start = self._bound("on_stream_start")

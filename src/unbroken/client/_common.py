@@ -334,7 +334,7 @@ class ClientConfig:
 
     def report_breakers(self, routes: Iterable[Route]) -> None:
         """Tell the hooks about breakers that changed state."""
-        if not self.hooks:
+        if not self.hooks.on:
             return
         for route in routes:
             health = self.health.get(route.name)
@@ -612,7 +612,8 @@ class AnswerRun(AnswerFlow):
         (`AnswerFlow.pack_messages`; ~0.3 KB less per live stream in a gateway,
         bench/stream_memory.py). The messages are packed already when `Exchange.content`
         encoded the request."""
-        self.pack_messages(plan)
+        if type(self._body.get("messages")) is list:  # (else packed already: no call)
+            self.pack_messages(plan)
         headers = self._headers
         if headers and type(headers) is dict:
             self._headers = _PackedHeaders(msgspec.json.encode(headers))
@@ -696,7 +697,7 @@ class AnswerRun(AnswerFlow):
                     reason=action.why,
                 )
             )
-            if self.config.hooks:
+            if self.config.hooks.on:
                 self.config.hooks.wait(route, action.why, action.seconds)
         elif isinstance(action, Connect):
             self._announce(action.plan)
@@ -851,7 +852,7 @@ class AnswerRun(AnswerFlow):
                 usage_estimated=estimated,
             )
         )
-        if self.config.hooks:
+        if self.config.hooks.on:
             self.config.hooks.attempt(
                 AttemptRecord(
                     route=plan.route.name,
@@ -927,7 +928,7 @@ class AnswerRun(AnswerFlow):
             resumes=counts["resume"],
             fallbacks=counts["fallback"],
             restarts=counts["restart"],
-            cost_usd=books.cost.total_usd,
+            cost_usd=books.cost.input_usd + books.cost.output_usd,  # (`total_usd`)
             cost_known=books.cost.known,
             usage_estimated=books.estimated,
             answer_usage=answer_usage,
@@ -965,7 +966,7 @@ class AnswerRun(AnswerFlow):
         limiter = self.config.limiter
         if books.token_reserve and books.billed is not None:
             limiter.correct(now, books.token_reserve, books.billed.total_tokens)
-        if not self.config.hooks:
+        if not self.config.hooks.on:
             return
         infos = books.infos
         last = infos[-1] if infos else None
@@ -990,7 +991,7 @@ class AnswerRun(AnswerFlow):
                 duration_s=now - self.started_at,
                 prompt_tokens=billed.prompt_tokens,
                 completion_tokens=billed.completion_tokens,
-                cost_usd=books.cost.total_usd,
+                cost_usd=books.cost.input_usd + books.cost.output_usd,  # (`total_usd`)
             )
         )
 

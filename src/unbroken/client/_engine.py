@@ -453,6 +453,24 @@ class Engine:
             timer.cancel()
             self._timer = _StreamTimer.start(attempt, again)
 
+    def _lane_ended(self) -> None:
+        """The lane's body ended whole (read to its end after `[DONE]`): the attempt is
+        judged and closed here, as `_read` (the end read), `_broke`, `_end` and `_close`
+        do it in steps, without a reader or a coroutine (for `_LaneWait`). Items due
+        (the attempt's last chunks) are given first: the close then waits for the next
+        step, as in `_next`; so does a close that cannot be done at once."""
+        self._phase = _ENDING
+        self._end()
+        if self._out:
+            return
+        response = self._response
+        result = self._result
+        assert response is not None  # noqa: S101 - set for CLOSE
+        assert result is not None  # noqa: S101
+        if _close_now(response):
+            self._reported = True
+            self._settle(result)
+
     def _end(self) -> None:
         timer = self._timer
         fired = self._fired
@@ -600,12 +618,16 @@ class _LaneWait(Coroutine[Any, Any, "StreamItem"]):
                 assert attempt is not None  # noqa: S101 - set with the LANE phase
                 engine._run.pack_request(attempt.plan)
                 if waiter is None:  # bytes are buffered, or the body ended
-                    then = engine._read_on()
+                    if lane.drained() and attempt.decoder.finished:
+                        engine._lane_ended()
+                    else:
+                        then = engine._read_on()
         except BaseException as exc:
             self._untap()
             return self._delegate(engine._failed(exc))
         if waiter is None:
-            assert then is not None  # noqa: S101 - made with waiter None
+            if then is None:  # the attempt was judged here: on with what is due
+                return self.send(None)
             return self._delegate(then)
         self._lane = lane
         self._waiter = waiter
@@ -698,6 +720,10 @@ class _Tappable(Protocol):
 
     def tap(self, on_body: Callable[[bytes], None] | None, waiter: _TapWait | None) -> bool: ...
 
+    def drained(self) -> bool:
+        """The response is complete and all its body was handed on (a read would end)."""
+        ...
+
 
 class _FastLane:
     """Chunks decoded in the connection's data callback and given to the run's chunk sink
@@ -762,6 +788,10 @@ class _FastLane:
             self._waiter = None
             return None
         return waiter
+
+    def drained(self) -> bool:
+        """The connection's response ended, all of it handed on (`_Tappable.drained`)."""
+        return self._conn.drained()
 
     def untap(self) -> None:
         """Stop the tap (its future resolved, or the wait was interrupted)."""

@@ -371,7 +371,8 @@ class AsyncStream:
         if self._usage_due:
             self._usage_due = False
             return self._run.final_usage_chunk()
-        self._detach()
+        if self._engine is not None:
+            self._detach()
         raise StopAsyncIteration
 
     def _detach(self) -> None:
@@ -441,6 +442,8 @@ class AsyncStream:
 
     async def final(self) -> Answer:
         """Consume what is left and return the whole answer."""
+        if self._completion is not None and not self._usage_due and not self._peeked:
+            return self._completion  # the items ended: nothing is left (no step taken)
         async for _ in self:
             pass
         assert self._completion is not None  # noqa: S101 - set when iteration ends
@@ -481,7 +484,8 @@ class AsyncStream:
         try:
             await self._items.aclose()
         finally:
-            self._detach()
+            if self._engine is not None:
+                self._detach()
 
     close = aclose
 

@@ -715,9 +715,12 @@ class AnswerFlow(_Flow):
             ended = outcome.end is not None and outcome.end.missing_finish
             pending = self._pending
             if plan.choice_index is None:
-                pending = (
-                    () if ended else tuple(i for i in pending if answer.finish_reason(i) is None)
-                )
+                if ended:
+                    pending = ()
+                elif len(pending) == 1:  # (one choice: no generator)
+                    pending = () if answer.finish_reason(pending[0]) is not None else pending
+                else:
+                    pending = tuple(i for i in pending if answer.finish_reason(i) is None)
             elif ended or answer.finish_reason(plan.choice_index) is not None:
                 pending = pending[1:]
             self._pending = pending

@@ -422,6 +422,11 @@ class _Connection(asyncio.Protocol):
                 self._wake()
         return True
 
+    def drained(self) -> bool:
+        """The response is complete and its body all taken: a read would end (the SDK's
+        fast lane then ends the attempt without one, client/_engine.py)."""
+        return self.complete and not self.body
+
     def take(self) -> bytes:
         body = self.body
         data = body[0] if len(body) == 1 else b"".join(body)
