@@ -180,7 +180,7 @@ class ClientConfig:
 
     headers: dict[str, str] = field(default_factory=dict)
     query: dict[str, Any] = field(default_factory=dict)
-    urls: dict[tuple[str, str, bool], httpx.URL] = field(default_factory=dict)
+    urls: dict[tuple[str, str, str, bool], httpx.URL] = field(default_factory=dict)
     # Per route: the encoded header lines every request on it starts with (client/_driver.py
     # `Exchange.head`), by id(route).
     heads: dict[int, Any] = field(default_factory=dict)
@@ -259,7 +259,8 @@ class ClientConfig:
 
     def url(self, route: Route, path: str, *, beta: bool) -> httpx.URL:
         """The URL of `path` on `route` with the default query (built once per route)."""
-        key = (route.base_url + route.beta_path, path, beta)
+        # (Its parts, not their concatenation: a tuple of strings whose hashes are cached.)
+        key = (route.base_url, route.beta_path, path, beta)
         url = self.urls.get(key)
         if url is None:
             url = httpx.URL(route.url(path, beta=beta))

@@ -616,7 +616,9 @@ class _LaneWait(Coroutine[Any, Any, "StreamItem"]):
                 # as the request was encoded, `Exchange.content`); a no-op once packed.
                 attempt = engine._attempt
                 assert attempt is not None  # noqa: S101 - set with the LANE phase
-                engine._run.pack_request(attempt.plan)
+                if not lane.packed:  # (once: the attempt's request stays packed)
+                    lane.packed = True
+                    engine._run.pack_request(attempt.plan)
                 if waiter is None:  # bytes are buffered, or the body ended
                     if lane.drained() and attempt.decoder.finished:
                         engine._lane_ended()
@@ -744,6 +746,7 @@ class _FastLane:
         "_sink",
         "_waiter",
         "error",
+        "packed",
         "pending",
         "refused",
     )
@@ -766,6 +769,7 @@ class _FastLane:
         self.pending: list[ChatCompletionChunk] = _NO_CHUNKS
         self.error: Exception | None = None
         self.refused = False  # the sink refused a chunk: no lane for the rest of the attempt
+        self.packed = False  # the run's request was packed (`_LaneWait.send`)
 
     @classmethod
     def open(cls, run: AnswerRun, attempt: Attempt, response: httpx.Response) -> _FastLane | None:

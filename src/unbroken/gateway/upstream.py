@@ -649,6 +649,14 @@ class _Extensions(Mapping[str, Any]):
             return b"HTTP/1.1"
         raise KeyError(key)
 
+    def get(self, key: str, default: Any = None) -> Any:
+        """`Mapping.get` in one call (the SDK reads `network_stream` twice an answer)."""
+        if key == "network_stream":
+            return self._conn
+        if key == "http_version":
+            return b"HTTP/1.1"
+        return default
+
     def __iter__(self) -> Iterator[str]:
         return iter(("http_version", "network_stream"))
 
