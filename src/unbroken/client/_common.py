@@ -819,7 +819,7 @@ class AnswerRun(AnswerFlow):
         books = self._write()
         if books.first_token_at is None and attempt.first_token_at is not None:
             books.first_token_at = attempt.first_token_at
-        fold = attempt.acc
+        fold = attempt.folded()  # (read here only: no copy of the answer's fold)
         usage = fold.usage
         estimated = False
         if usage is None and status_code == 200:
