@@ -18,6 +18,10 @@ with the mock's 5-chunk answer, one event per loop turn, parsed as from a socket
 on it beside the bare transport on the same peer (`lean`: the POST's parts in, the body
 read, the response closed). The SDK's share is the difference.
 
+With --counts: figures the host's load does not move, for the in-process SDK answer: the
+bytecodes it runs (traced, by file and by function) and the objects each answer leaves to
+the garbage collector (collected with DEBUG_SAVEALL; 0 when reference counting frees it all).
+
 With --memory N: the Python memory each holds per live stream instead (tracemalloc), N
 streams of a slow answer held open mid-answer, the SDK's with the gateway's sinks;
 the tasks that drive the SDK's streams are left out (the gateway's producer task exists
