@@ -18,6 +18,10 @@ with the mock's 5-chunk answer, one event per loop turn, parsed as from a socket
 on it beside the bare transport on the same peer (`lean`: the POST's parts in, the body
 read, the response closed). The SDK's share is the difference.
 
+With --counts: figures the host's load does not move, for the in-process SDK answer: the
+bytecodes it runs (traced, by file and by function) and the objects each answer leaves to
+the garbage collector (collected with DEBUG_SAVEALL; 0 when reference counting frees it all).
+
 With --memory N: the Python memory each holds per live stream instead (tracemalloc), N
 streams of a slow answer held open mid-answer, the SDK's with the gateway's sinks;
 the tasks that drive the SDK's streams are left out (the gateway's producer task exists
@@ -28,12 +32,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import gc
 import inspect
 import os
+import sys
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable
+from types import FrameType
 from typing import Any
 
 import httptools
@@ -382,16 +389,74 @@ class _InProcess(LeanTransport):
         return conn
 
 
-def in_process(requests: int, repeat: int) -> None:
-    import uvloop
-
-    url = "http://127.0.0.1:9"
-    env = {"DEEPSEEK_API_KEY": "sk-bench", "UNBROKEN_BASE_URL": url}
-    client = build_upstream(
+def _in_process_client() -> Any:
+    env = {"DEEPSEEK_API_KEY": "sk-bench", "UNBROKEN_BASE_URL": "http://127.0.0.1:9"}
+    return build_upstream(
         Settings.from_env(env),
         [PrometheusHook(CollectorRegistry()), BreakerWatch()],
         transport=_InProcess(),
     )
+
+
+def counts(answers: int) -> None:
+    """Print the bytecodes one in-process SDK answer runs (by file, then the top
+    functions) and the objects each answer leaves to the garbage collector: figures the
+    host's load does not move."""
+    import uvloop
+
+    one = sdk_on(_in_process_client())
+    tally: collections.Counter[str] = collections.Counter()
+
+    def tracer(frame: FrameType, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        frame.f_trace_lines = False
+        if event == "opcode":
+            code = frame.f_code
+            where = code.co_filename.rpartition("/unbroken/")[2] or code.co_filename
+            tally[f"{where}:{code.co_name}"] += 1
+        return tracer
+
+    async def run() -> tuple[int, int]:
+        for _ in range(20):  # warm up (imports, caches, the connection)
+            await one()
+        sys.settrace(tracer)
+        try:
+            for _ in range(answers):
+                await one()
+        finally:
+            sys.settrace(None)
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(answers):
+                await one()
+            gc.collect()
+            garbage = len(gc.garbage)
+            gc.garbage.clear()
+        finally:
+            gc.set_debug(0)
+            gc.enable()
+        return sum(tally.values()), garbage
+
+    total, garbage = uvloop.run(run())
+    print(f"bytecodes per answer: {total / answers:.0f} (in-process, {answers} answers traced)")
+    files: collections.Counter[str] = collections.Counter()
+    for where, count in tally.items():
+        files[where.partition(":")[0]] += count
+    for where, count in files.most_common(12):
+        print(f"  {count / answers:6.0f}  {where}")
+    print("top functions:")
+    for where, count in tally.most_common(int(os.environ.get("TOP", "25"))):
+        print(f"  {count / answers:6.0f}  {where}")
+    print(f"objects left to the garbage collector per answer: {garbage / answers:.1f}")
+
+
+def in_process(requests: int, repeat: int) -> None:
+    import uvloop
+
+    url = "http://127.0.0.1:9"
+    client = _in_process_client()
     bare = _InProcess()
     target = httpx.URL(url + "/chat/completions")
     head = (
@@ -429,9 +494,17 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--memory", type=int, default=0, metavar="N", help="see the doc")
     parser.add_argument("--inprocess", action="store_true", help="see the doc")
+    parser.add_argument(
+        "--counts",
+        action="store_true",
+        help="in-process: bytecodes per answer and objects left to the collector",
+    )
     args = parser.parse_args()
     if args.memory:
         memory(args.memory)
+        return
+    if args.counts:
+        counts(50)
         return
     if args.inprocess:
         in_process(args.requests, args.repeat)

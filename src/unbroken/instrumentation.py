@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from unbroken.core.breaker import BreakerState
+from unbroken.core.records import quick_init
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -26,6 +27,7 @@ __all__ = ["AnswerRecord", "AttemptRecord", "Hook", "Hooks", "PrometheusHook"]
 logger = logging.getLogger(__name__)
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class AttemptRecord:
     """One HTTP attempt of an answer.
@@ -54,6 +56,7 @@ class AttemptRecord:
     usage_estimated: bool = False
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class AnswerRecord:
     """One whole answer (all its attempts).
@@ -104,10 +107,12 @@ class Hook(Protocol):
 class Hooks:
     """Fans records out to several hooks; a hook that raises is logged and skipped."""
 
-    __slots__ = ("_answer", "_attempt", "_breaker", "_hooks", "_start")
+    __slots__ = ("_answer", "_attempt", "_breaker", "_hooks", "_start", "on")
 
     def __init__(self, hooks: Sequence[Hook] = ()) -> None:
         self._hooks = tuple(hooks)
+        # Any hook at all (what `bool()` says, without a call: asked several times an answer).
+        self.on = bool(self._hooks)
         # Each event's methods, bound once (no attribute lookup per record, three records
         # or more per answer).
         self._start = self._bound("on_stream_start")

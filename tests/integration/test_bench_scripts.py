@@ -90,6 +90,13 @@ CASES = {
         ],
         [rf"sdk\s+{NUMBER}", rf"SDK share above the bare transport: {NUMBER} us"],
     ),
+    "sdk_request_counts": (
+        ["sdk_request.py", "--counts"],
+        [
+            rf"bytecodes per answer: {NUMBER}",
+            r"objects left to the garbage collector per answer: 0\.0",
+        ],
+    ),
     "syscalls": (
         ["syscalls.py", "--concurrency", "2", "--runs", "1"],
         [rf"user CPU us\s+{NUMBER}\s+{NUMBER}", rf"write\s+{NUMBER}\s+{NUMBER}"],

@@ -707,3 +707,23 @@ def test_feed_text_rejoins_surrogate_halves_across_deltas() -> None:
     assert acc.content() == "go \U0001f680!"
     assert acc.reasoning() == "\ufffd"
     assert acc.n_text_deltas() == 5
+
+
+def test_finish_reasons_of_the_choices_by_index() -> None:
+    """`finish_reasons`: each started choice's finish_reason by index, as `finish_reason`
+    answers for each of `indexes`; none before a choice."""
+    acc = ChunkAccumulator()
+    assert acc.finish_reasons == []
+    acc.feed(ChatCompletionChunk(id="c", choices=[ChunkChoice(index=2, delta=Delta(content="a"))]))
+    assert acc.finish_reasons == [None]
+    acc.feed(
+        ChatCompletionChunk(
+            id="c",
+            choices=[
+                ChunkChoice(index=0, delta=Delta(content="b"), finish_reason="stop"),
+                ChunkChoice(index=1, delta=Delta(content="c"), finish_reason="length"),
+            ],
+        )
+    )
+    assert acc.finish_reasons == ["stop", "length", None]
+    assert acc.finish_reasons == [acc.finish_reason(i) for i in acc.indexes]

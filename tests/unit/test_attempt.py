@@ -876,7 +876,7 @@ def test_relay_one_folds_text_like_feed_from_the_first_token_on() -> None:
     relayed = Attempt(AttemptPlan(route=ROUTE, body={}), ChunkAccumulator(), now=0.0)
     got = [relayed.relay_one(read, 1.0 + i) for i, read in enumerate(reads)]
     assert [fed.feed(read, 1.0 + i) for i, read in enumerate(reads)]
-    assert sum(isinstance(g, bytes) for g in got) == len(reads) - 1  # all but the finish
+    assert sum(isinstance(g, bytes) for g in got) == len(reads)  # the first read too
     assert relayed.first_token_at == fed.first_token_at == 3.0
     assert relayed.acc.content() == fed.acc.content() == "".join(f"w{i} " for i in range(40))
     assert relayed.acc.n_chunks == fed.acc.n_chunks == len(reads)
@@ -1021,3 +1021,38 @@ def test_fused_text_path_keeps_the_event_size_limit() -> None:
     assert isinstance(relayed.decoder.error, type(fed.decoder.error))
     assert relayed.decoder.error is not None
     assert answer.content(0) == fed_answer.content(0) == "abcdef"
+
+
+@pytest.mark.parametrize("diverged", [False, True], ids=["shared", "own"])
+def test_an_attempt_finished_without_keeping_is_read_from_its_fold_as_it_ended(
+    diverged: bool,
+) -> None:
+    """`finish(keep=False)` (a shell that reads the fold once, at once): an attempt that
+    folded into the answer alone is judged and read (`folded`) on the answer's own fold,
+    no snapshot taken, with the verdict and the values a kept snapshot gives; an attempt
+    with a fold of its own (here: held tool calls) reads that one, as `acc`."""
+    reads = [sse({"role": "assistant", "content": "Hel"}), sse({"content": "lo"})]
+    if diverged:
+        call = {"index": 0, "id": "t", "type": "function", "function": {"name": "f"}}
+        reads.append(sse({"tool_calls": [call]}))
+    reads += [sse({}, "stop", usage=USAGE), DONE]
+    made: list[tuple[Attempt, ChunkAccumulator]] = []
+    for keep in (True, False):
+        answer = ChunkAccumulator()
+        attempt = Attempt(AttemptPlan(route=ROUTE, body={}), answer, now=0.0)
+        for read in reads:
+            attempt.feed(read, 1.0)
+        attempt.finish(2.0, keep=keep)
+        made.append((attempt, answer))
+    (kept, _), (lean, answer) = made
+    assert lean.verdict == kept.verdict
+    fold = lean.folded()
+    assert (fold is answer) is not diverged
+    if diverged:
+        assert fold is lean.acc
+    assert (fold.usage, fold.content(), fold.n_chunks) == (
+        kept.acc.usage,
+        kept.acc.content(),
+        kept.acc.n_chunks,
+    )
+    assert kept.folded() is kept.acc

@@ -340,10 +340,12 @@ def test_one_data_event_refuses_anything_else(read: bytes) -> None:
 
 
 def test_one_data_event_leaves_the_decoder_state_to_feed() -> None:
-    """Before the BOM check, after a CR, with an event type buffered, past the size limit
-    or after an oversize error, the read is left to `feed`."""
-    fresh = SSEDecoder()
-    assert fresh.one_data_event(b"data: a\n\n") is None
+    """With part of a BOM held, after a CR, with an event type buffered, past the size
+    limit or after an oversize error, the read is left to `feed`."""
+    half_bom = SSEDecoder()
+    assert half_bom.feed(b"\xef\xbb") == []
+    assert half_bom.one_data_event(b"data: a\n\n") is None
+    assert half_bom.feed(b"\xbfdata: a\n\n") == [SSEEvent("a", "message", "")]
     after_cr = SSEDecoder()
     after_cr.feed(b"data: a\r")
     assert after_cr.one_data_event(b"data: b\n\n") is None
@@ -357,3 +359,13 @@ def test_one_data_event_leaves_the_decoder_state_to_feed() -> None:
     with pytest.raises(ProtocolError):
         small.feed(b"data: 12345\n\n")
     assert small.one_data_event(b"data: 1\n\n") is None
+
+
+def test_one_data_event_takes_a_streams_first_read() -> None:
+    """A stream's first read of one `data:` event (no BOM can lead it) is taken, dispatched
+    as `feed` dispatches it; a BOM after it is data, as after `feed`'s check."""
+    fresh = SSEDecoder()
+    assert fresh.one_data_event(b"data: a\n\n") == b"a"
+    whole = SSEDecoder()
+    assert whole.feed(b"data: a\n\n") == [SSEEvent("a", "message", "")]
+    assert fresh.feed(b"\xef\xbb\xbfdata: b\n\n") == whole.feed(b"\xef\xbb\xbfdata: b\n\n")

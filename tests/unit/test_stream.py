@@ -490,3 +490,88 @@ def test_the_template_needs_a_plain_text_chunk_with_its_text_once() -> None:
     assert one(decoder, big) is None
     assert decoder.feed(big) == []
     assert isinstance(decoder.error, ProtocolError)
+
+
+# -- the body's first read and its end on the one-event path --------------------------------
+
+
+def test_a_first_read_of_one_event_is_taken_by_feed_one() -> None:
+    """A body whose first read is one whole `data:` event is SSE: `feed_one` takes it (its
+    chunk, `raw` its bytes), as `feed` would decode it; what follows reads as usual."""
+    first = chunk(b'{"role":"assistant","content":""}')
+    decoder = ChatStreamDecoder()
+    got = decoder.feed_one(first)
+    assert got == decoded_like_feed(first)
+    assert decoder.raw == first[6:-2]
+    assert not decoder.is_json_body
+    assert isinstance(decoder.feed_one(chunk(b'{"content":"a"}')), ChatCompletionChunk)
+    assert decoder.feed_one(chunk(b'{"content":"b"}')) == "b"
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b'{"id":"c1","choices":[]}',  # a JSON body: `feed` sniffs it
+        b": keep-alive\n\n",  # a comment first
+        b"data: {}\n\ndata: {}\n\n",  # two events
+        b"\xef\xbb\xbfdata: {}\n\n",  # a BOM first
+    ],
+)
+def test_a_first_read_that_is_not_one_event_is_left_to_feed(first: bytes) -> None:
+    """Any other first read is left to `feed` (nothing consumed, the mode not decided)."""
+    decoder = ChatStreamDecoder()
+    assert decoder.feed_one(first) is None
+    assert decoder.raw is None
+    fresh = ChatStreamDecoder()
+    assert decoder.feed(first) == fresh.feed(first)
+    assert decoder.is_json_body is fresh.is_json_body
+
+
+def test_a_first_read_after_keep_alive_newlines_is_left_to_feed() -> None:
+    """Newlines before the first event (held while the mode is open) go with it to `feed`."""
+    decoder = ChatStreamDecoder()
+    assert decoder.feed(b"\n\n") == []
+    read = chunk(b'{"content":"a"}')
+    assert decoder.feed_one(read) is None
+    assert decoder.feed(read) == [decoded_like_feed(read)]
+
+
+def test_a_first_read_of_one_event_decodes_through_feed_as_before() -> None:
+    """`feed` takes a first read of one event on its one-event path: the chunk, `raw` its
+    bytes; invalid UTF-8 is decoded as the line splitting decodes it (replaced)."""
+    read = chunk(b'{"content":"a"}')
+    decoder = ChatStreamDecoder()
+    assert decoder.feed(read) == [decoded_like_feed(b": x\n\n" + read)]
+    assert decoder.raw == read[6:-2]
+    bad = chunk(b'{"content":"\xff"}')
+    decoder = ChatStreamDecoder()
+    assert decoder.feed_one(bad) is None
+    (decoded,) = decoder.feed(bad)
+    assert decoded.choices[0].delta is not None
+    assert decoded.choices[0].delta.content == "\ufffd"
+
+
+def test_done_on_the_one_event_path_ends_the_stream() -> None:
+    """`[DONE]` read by `feed_one` ends the stream there (`done`); `feed` then returns
+    nothing, and the end is complete."""
+    decoder = ChatStreamDecoder()
+    acc = ChunkAccumulator()
+    got = decoder.feed_one(chunk(b'{"content":"a"}', b'"stop"'))
+    assert isinstance(got, ChatCompletionChunk)
+    acc.feed(got)
+    assert decoder.feed_one(b"data: [DONE]\n\n") is None
+    assert decoder.done
+    assert decoder.feed(b"data: [DONE]\n\n") == []
+    assert classify_end(acc, decoder).state is EndState.COMPLETE
+
+
+def test_the_first_read_after_a_reconnect_takes_the_one_event_path() -> None:
+    """After a reconnect (the BOM check starts over) a read of one `data:` event, which no
+    BOM leads, is taken as one event; `last_event_id` kept."""
+    decoder = ChatStreamDecoder()
+    decoder.feed(b"id: 7\n" + chunk(b'{"content":"a"}')[:-1] + b"\n")
+    decoder.reconnected()
+    read = chunk(b'{"content":"b"}')
+    got = decoder.feed_one(read)
+    assert got == decoded_like_feed(read)
+    assert decoder.last_event_id == "7"

@@ -106,6 +106,11 @@ def test_a_lean_response_sets_what_httpx_sets_on_a_response() -> None:
             assert getattr(lean, name) == getattr(plain, name), name
         assert lean.history == []
         assert lean.extensions["network_stream"] is conn
+        # `get` answers as Mapping.get does (in one call of its own).
+        extensions = lean.extensions
+        for key in ("network_stream", "http_version", "other"):
+            assert extensions.get(key, "-") == dict(extensions).get(key, "-"), key
+        assert extensions.get("other") is None
         assert lean.headers.raw == [(b"X-A", b"one"), (b"x-b", b"two")]
         assert lean.read() == b"body"
         assert lean.is_success

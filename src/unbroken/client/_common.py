@@ -180,7 +180,7 @@ class ClientConfig:
 
     headers: dict[str, str] = field(default_factory=dict)
     query: dict[str, Any] = field(default_factory=dict)
-    urls: dict[tuple[str, str, bool], httpx.URL] = field(default_factory=dict)
+    urls: dict[tuple[str, str, str, bool], httpx.URL] = field(default_factory=dict)
     # Per route: the encoded header lines every request on it starts with (client/_driver.py
     # `Exchange.head`), by id(route).
     heads: dict[int, Any] = field(default_factory=dict)
@@ -259,7 +259,8 @@ class ClientConfig:
 
     def url(self, route: Route, path: str, *, beta: bool) -> httpx.URL:
         """The URL of `path` on `route` with the default query (built once per route)."""
-        key = (route.base_url + route.beta_path, path, beta)
+        # (Its parts, not their concatenation: a tuple of strings whose hashes are cached.)
+        key = (route.base_url, route.beta_path, path, beta)
         url = self.urls.get(key)
         if url is None:
             url = httpx.URL(route.url(path, beta=beta))
@@ -334,7 +335,7 @@ class ClientConfig:
 
     def report_breakers(self, routes: Iterable[Route]) -> None:
         """Tell the hooks about breakers that changed state."""
-        if not self.hooks:
+        if not self.hooks.on:
             return
         for route in routes:
             health = self.health.get(route.name)
@@ -612,7 +613,8 @@ class AnswerRun(AnswerFlow):
         (`AnswerFlow.pack_messages`; ~0.3 KB less per live stream in a gateway,
         bench/stream_memory.py). The messages are packed already when `Exchange.content`
         encoded the request."""
-        self.pack_messages(plan)
+        if type(self._body.get("messages")) is list:  # (else packed already: no call)
+            self.pack_messages(plan)
         headers = self._headers
         if headers and type(headers) is dict:
             self._headers = _PackedHeaders(msgspec.json.encode(headers))
@@ -696,7 +698,7 @@ class AnswerRun(AnswerFlow):
                     reason=action.why,
                 )
             )
-            if self.config.hooks:
+            if self.config.hooks.on:
                 self.config.hooks.wait(route, action.why, action.seconds)
         elif isinstance(action, Connect):
             self._announce(action.plan)
@@ -817,7 +819,7 @@ class AnswerRun(AnswerFlow):
         books = self._write()
         if books.first_token_at is None and attempt.first_token_at is not None:
             books.first_token_at = attempt.first_token_at
-        fold = attempt.acc
+        fold = attempt.folded()  # (read here only: no copy of the answer's fold)
         usage = fold.usage
         estimated = False
         if usage is None and status_code == 200:
@@ -851,7 +853,7 @@ class AnswerRun(AnswerFlow):
                 usage_estimated=estimated,
             )
         )
-        if self.config.hooks:
+        if self.config.hooks.on:
             self.config.hooks.attempt(
                 AttemptRecord(
                     route=plan.route.name,
@@ -927,7 +929,7 @@ class AnswerRun(AnswerFlow):
             resumes=counts["resume"],
             fallbacks=counts["fallback"],
             restarts=counts["restart"],
-            cost_usd=books.cost.total_usd,
+            cost_usd=books.cost.input_usd + books.cost.output_usd,  # (`total_usd`)
             cost_known=books.cost.known,
             usage_estimated=books.estimated,
             answer_usage=answer_usage,
@@ -965,7 +967,7 @@ class AnswerRun(AnswerFlow):
         limiter = self.config.limiter
         if books.token_reserve and books.billed is not None:
             limiter.correct(now, books.token_reserve, books.billed.total_tokens)
-        if not self.config.hooks:
+        if not self.config.hooks.on:
             return
         infos = books.infos
         last = infos[-1] if infos else None
@@ -990,7 +992,7 @@ class AnswerRun(AnswerFlow):
                 duration_s=now - self.started_at,
                 prompt_tokens=billed.prompt_tokens,
                 completion_tokens=billed.completion_tokens,
-                cost_usd=books.cost.total_usd,
+                cost_usd=books.cost.input_usd + books.cost.output_usd,  # (`total_usd`)
             )
         )
 

@@ -468,5 +468,7 @@ def attempt_ended(
 ) -> tuple[list[ChatCompletionChunk], AttemptOutcome]:
     """`Exchange.ended` of an exchange whose response had `status` (None: no response)."""
     error = attempt.timeout_error(fired) if fired is not None else None
-    chunks = attempt.finish(now, timed_out=fired is not None)
+    # (Not kept: `end_attempt` reads the attempt's fold at once, and the drivers let the
+    # attempt go after it.)
+    chunks = attempt.finish(now, timed_out=fired is not None, keep=False)
     return chunks, run.end_attempt(attempt, now, status_code=status, error=error)

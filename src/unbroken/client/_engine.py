@@ -23,7 +23,7 @@ from collections.abc import (
     Coroutine,
     Generator,
 )
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import httpx
@@ -152,6 +152,11 @@ class Engine:
             return False
         self._stream = stream
         return True
+
+    def detach(self) -> None:
+        """Let go of the stream `attach` gave (it iterates this engine through its own
+        `_next` from now on)."""
+        self._stream = None
 
     def text_template(self) -> tuple[bytes, bytes] | None:
         """The attempt's text template (`ChatStreamDecoder.text_template`), if any."""
@@ -448,6 +453,24 @@ class Engine:
             timer.cancel()
             self._timer = _StreamTimer.start(attempt, again)
 
+    def _lane_ended(self) -> None:
+        """The lane's body ended whole (read to its end after `[DONE]`): the attempt is
+        judged and closed here, as `_read` (the end read), `_broke`, `_end` and `_close`
+        do it in steps, without a reader or a coroutine (for `_LaneWait`). Items due
+        (the attempt's last chunks) are given first: the close then waits for the next
+        step, as in `_next`; so does a close that cannot be done at once."""
+        self._phase = _ENDING
+        self._end()
+        if self._out:
+            return
+        response = self._response
+        result = self._result
+        assert response is not None  # noqa: S101 - set for CLOSE
+        assert result is not None  # noqa: S101
+        if _close_now(response):
+            self._reported = True
+            self._settle(result)
+
     def _end(self) -> None:
         timer = self._timer
         fired = self._fired
@@ -593,14 +616,20 @@ class _LaneWait(Coroutine[Any, Any, "StreamItem"]):
                 # as the request was encoded, `Exchange.content`); a no-op once packed.
                 attempt = engine._attempt
                 assert attempt is not None  # noqa: S101 - set with the LANE phase
-                engine._run.pack_request(attempt.plan)
+                if not lane.packed:  # (once: the attempt's request stays packed)
+                    lane.packed = True
+                    engine._run.pack_request(attempt.plan)
                 if waiter is None:  # bytes are buffered, or the body ended
-                    then = engine._read_on()
+                    if lane.drained() and attempt.decoder.finished:
+                        engine._lane_ended()
+                    else:
+                        then = engine._read_on()
         except BaseException as exc:
             self._untap()
             return self._delegate(engine._failed(exc))
         if waiter is None:
-            assert then is not None  # noqa: S101 - made with waiter None
+            if then is None:  # the attempt was judged here: on with what is due
+                return self.send(None)
             return self._delegate(then)
         self._lane = lane
         self._waiter = waiter
@@ -693,6 +722,10 @@ class _Tappable(Protocol):
 
     def tap(self, on_body: Callable[[bytes], None] | None, waiter: _TapWait | None) -> bool: ...
 
+    def drained(self) -> bool:
+        """The response is complete and all its body was handed on (a read would end)."""
+        ...
+
 
 class _FastLane:
     """Chunks decoded in the connection's data callback and given to the run's chunk sink
@@ -713,6 +746,7 @@ class _FastLane:
         "_sink",
         "_waiter",
         "error",
+        "packed",
         "pending",
         "refused",
     )
@@ -735,6 +769,7 @@ class _FastLane:
         self.pending: list[ChatCompletionChunk] = _NO_CHUNKS
         self.error: Exception | None = None
         self.refused = False  # the sink refused a chunk: no lane for the rest of the attempt
+        self.packed = False  # the run's request was packed (`_LaneWait.send`)
 
     @classmethod
     def open(cls, run: AnswerRun, attempt: Attempt, response: httpx.Response) -> _FastLane | None:
@@ -744,7 +779,7 @@ class _FastLane:
         conn = _network_stream(response)
         if sink is None or not callable(getattr(conn, "tap", None)):
             return None
-        return cls(cast("_Tappable", conn), attempt, sink)
+        return cls(conn, attempt, sink)  # (tappable: checked above)
 
     def tap(self) -> _TapWait | None:
         """Tap the connection: the wait resolved when something must be yielded or the
@@ -757,6 +792,10 @@ class _FastLane:
             self._waiter = None
             return None
         return waiter
+
+    def drained(self) -> bool:
+        """The connection's response ended, all of it handed on (`_Tappable.drained`)."""
+        return self._conn.drained()
 
     def untap(self) -> None:
         """Stop the tap (its future resolved, or the wait was interrupted)."""
@@ -797,7 +836,7 @@ class _FastLane:
                         if self.error is not None:
                             return  # raised from `taken`: the rest of the read is moot
                     return
-                chunks = cast("list[ChatCompletionChunk]", got)
+                chunks: list[ChatCompletionChunk] = got  # type: ignore[assignment]  # (no call)
             else:
                 chunks = attempt.feed(data, time.monotonic())
             if pending:
@@ -1072,7 +1111,7 @@ def _aborter(response: httpx.Response) -> _Abortable | None:
     if stream is None:
         return None
     if callable(getattr(stream, "abort", None)):
-        return cast(_Abortable, stream)
+        return stream  # type: ignore[no-any-return]  # abortable, checked
     sock = stream.get_extra_info("socket")
     if sock is None:
         return None

@@ -65,10 +65,11 @@ class ChatParams:
         if query is not None and not isinstance(query, Mapping):
             raise InvalidRequestError("extra_query must be a mapping")
         # type(...) is ...: the common shapes pass without the ABC checks (~2 us a request).
-        if (type(headers) is not dict and not isinstance(headers, Mapping)) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
-        ):
+        if type(headers) is not dict and not isinstance(headers, Mapping):
             raise InvalidRequestError("extra_headers must map strings to strings")
+        for k, v in headers.items():  # (a loop: no generator per request)
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise InvalidRequestError("extra_headers must map strings to strings")
         if body is not None and not isinstance(body, Mapping):
             raise InvalidRequestError("extra_body must be a mapping")
         if timeout is not None and not isinstance(timeout, httpx.Timeout) and not _seconds(timeout):
@@ -83,12 +84,12 @@ class ChatParams:
             isinstance(fallbacks, str) or not isinstance(fallbacks, list | Sequence)
         ):
             raise InvalidRequestError("fallbacks must be a list of model names or routes")
-        if routes is not None and (
-            (type(routes) is not list and not isinstance(routes, Sequence))
-            or not routes
-            or not all(isinstance(r, Route) for r in routes)
-        ):
-            raise InvalidRequestError("routes must be a non-empty list of Route objects")
+        if routes is not None:
+            if (type(routes) is not list and not isinstance(routes, Sequence)) or not routes:
+                raise InvalidRequestError("routes must be a non-empty list of Route objects")
+            for r in routes:  # (a loop: no generator per request)
+                if not isinstance(r, Route):
+                    raise InvalidRequestError("routes must be a non-empty list of Route objects")
         if not isinstance(restart, bool):
             raise InvalidRequestError("restart must be True or False")
         if not isinstance(budget_key, str):

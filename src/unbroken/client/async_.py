@@ -371,7 +371,18 @@ class AsyncStream:
         if self._usage_due:
             self._usage_due = False
             return self._run.final_usage_chunk()
+        if self._engine is not None:
+            self._detach()
         raise StopAsyncIteration
+
+    def _detach(self) -> None:
+        """Iterate the engine through `_next` from now on: the engine lets go of this stream,
+        so the two make no reference cycle (the answer is freed by reference counting when
+        the caller lets go of the stream). Nothing shows: `_next` shapes as the engine did."""
+        engine = self._engine
+        if engine is not None:
+            self._engine = None
+            engine.detach()
 
     @overload
     def set_chunk_sink(self, sink: Callable[[list[ChatCompletionChunk]], bool] | None) -> None: ...
@@ -431,6 +442,8 @@ class AsyncStream:
 
     async def final(self) -> Answer:
         """Consume what is left and return the whole answer."""
+        if self._completion is not None and not self._usage_due and not self._peeked:
+            return self._completion  # the items ended: nothing is left (no step taken)
         async for _ in self:
             pass
         assert self._completion is not None  # noqa: S101 - set when iteration ends
@@ -468,7 +481,11 @@ class AsyncStream:
 
     async def aclose(self) -> None:
         """Stop the answer and close its connection."""
-        await self._items.aclose()
+        try:
+            await self._items.aclose()
+        finally:
+            if self._engine is not None:
+                self._detach()
 
     close = aclose
 

@@ -578,6 +578,14 @@ class ChunkAccumulator:
         """The indexes of the choices started so far, ascending."""
         return [state.index for state in self._states()]
 
+    @property
+    def finish_reasons(self) -> list[str | None]:
+        """The finish_reason of each choice started so far (None while it runs), by index."""
+        if self._more is None:  # one choice or none (asked at every attempt's end)
+            first = self._first
+            return [] if first is None else [first.finish_reason]
+        return [state.finish_reason for state in self._states()]
+
     def role(self, index: int = 0) -> str | None:
         """The role choice `index` announced, if any."""
         state = self._get(index)

@@ -8,7 +8,6 @@ next stream timer fires.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
 
 from unbroken.core.accumulator import ChunkAccumulator, _Elsewhere
 from unbroken.core.flow import AttemptPlan
@@ -398,7 +397,8 @@ class Attempt:
                 decoder.raw = None
                 return raw
             got = decoder.text_chunk()  # it releases held tool calls: `_deliver` does
-        chunk = cast(ChatCompletionChunk, got)
+        # (Not `cast`: a call per chunk; a chunk it is, after the checks above.)
+        chunk: ChatCompletionChunk = got  # type: ignore[assignment]
         if chunk.usage is None and not self._held:
             hold = self._hold
             for choice in chunk.choices:
@@ -476,21 +476,31 @@ class Attempt:
                 return True
         return False
 
-    def finish(self, now: float, *, timed_out: bool = False) -> list[ChatCompletionChunk]:
+    def finish(
+        self, now: float, *, timed_out: bool = False, keep: bool = True
+    ) -> list[ChatCompletionChunk]:
         """The body ended (EOF or `[DONE]`), broke or timed out: flush, judge the stream
         (`verdict`), and return the last chunks to show (held tool calls of a complete
-        stream, a salvaged JSON body...). A broken stream's held chunks are dropped unseen."""
+        stream, a salvaged JSON body...). A broken stream's held chunks are dropped unseen.
+
+        `keep=False`: for a shell that reads the attempt's fold once, at once (`folded()`),
+        and then lets the attempt go: an attempt that folded into the answer alone takes
+        no snapshot of it (~250 bytecodes and a copy of its choices per answer); `acc` then
+        shows the answer as it is when read, not as it was here."""
         out: list[ChatCompletionChunk] = []
         if not timed_out:
             tail = self.decoder.flush()
             if tail:
                 out = self._deliver(tail, now)
-        if self._acc is None:
+        if self._acc is None and keep:
             # Its fold from here on, as it ends (nothing feeds it now): a snapshot, which
             # leaves a text the answer's `TextSource` holds there (a copy reads it back).
             self._acc = self._answer.snapshot()
+        # Without `keep`, judged on the answer's own fold, which is the attempt's: nothing
+        # of the answer changes here then (held chunks and a blank answer made the attempt
+        # a fold of its own already, `_diverge`).
         self.verdict = classify_end(
-            self._acc,
+            self._answer if self._acc is None else self._acc,
             self.decoder,
             timed_out=timed_out,
             omits_finish=self.plan.route.omits_finish_reason,
@@ -515,6 +525,12 @@ class Attempt:
     def usage(self) -> Usage | None:
         """The usage this attempt reported (None if it broke before its usage chunk)."""
         return self.acc.usage
+
+    def folded(self) -> ChunkAccumulator:
+        """`acc` to read at once, as the attempt ends (`finish`), not to keep: the answer's
+        own fold when the attempt folded into it alone (no copy made), which shows what is
+        folded into the answer later (another attempt's chunks)."""
+        return self._answer if self._acc is None else self._acc
 
 
 class _Seam:

@@ -197,7 +197,8 @@ class RetryBudget:
     def on_request(self, now: float) -> None:
         """A new request (not a retry) started."""
         self._refill(now)
-        self._tokens = min(self.cap, self._tokens + self.ratio)
+        tokens = self._tokens + self.ratio
+        self._tokens = tokens if tokens < self.cap else self.cap  # (`min` without a call)
 
     def try_retry(self, now: float) -> bool:
         """Withdraw one token for a retry; False when the budget is spent."""

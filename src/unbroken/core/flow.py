@@ -17,6 +17,7 @@ import msgspec
 
 from unbroken.core.accumulator import ChunkAccumulator
 from unbroken.core.backoff import Failure, RetryBudget, RetryPolicy, failure_class
+from unbroken.core.records import quick_init
 from unbroken.core.resume import Continuation, is_json_mode, plan_continuation, rejected_param
 from unbroken.core.routes import Route, RouteHealth
 from unbroken.core.stream import EndState, StreamEnd
@@ -49,6 +50,7 @@ AttemptKind = Literal["first", "retry", "resume", "fallback", "restart", "param_
 WaitReason = Literal["backoff", "retry_after", "budget"]
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class AttemptPlan:
     """Everything the shell needs to run one attempt.
@@ -82,6 +84,7 @@ class AttemptPlan:
     has_fallback: bool = False
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Connect:
     """Action: run the attempt described by `plan`, then send its AttemptOutcome."""
@@ -89,6 +92,7 @@ class Connect:
     plan: AttemptPlan
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Sleep:
     """Action: wait `seconds`, then send None.
@@ -105,6 +109,7 @@ class Sleep:
     why: WaitReason = "backoff"
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class EndChoice:
     """Action: choice `index` ends with `finish_reason` and no further request (what was
@@ -117,6 +122,7 @@ class EndChoice:
 Action = Connect | Sleep | EndChoice
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class AttemptOutcome:
     """What happened to an attempt, reported by the shell.
@@ -709,9 +715,12 @@ class AnswerFlow(_Flow):
             ended = outcome.end is not None and outcome.end.missing_finish
             pending = self._pending
             if plan.choice_index is None:
-                pending = (
-                    () if ended else tuple(i for i in pending if answer.finish_reason(i) is None)
-                )
+                if ended:
+                    pending = ()
+                elif len(pending) == 1:  # (one choice: no generator)
+                    pending = () if answer.finish_reason(pending[0]) is not None else pending
+                else:
+                    pending = tuple(i for i in pending if answer.finish_reason(i) is None)
             elif ended or answer.finish_reason(plan.choice_index) is not None:
                 pending = pending[1:]
             self._pending = pending

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from unbroken.core.records import quick_init
 from unbroken.core.wire import Usage
 
 __all__ = ["DEFAULT_PRICES", "Cost", "Price", "PriceTable"]
@@ -32,6 +33,7 @@ DEFAULT_PRICES: Mapping[str, Price] = {
 }
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Cost:
     """The cost of some usage, in USD, with its parts. `known` is False when the model had

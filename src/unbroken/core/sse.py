@@ -178,10 +178,12 @@ class SSEDecoder:
             or self._data
             or self._skip_lf
             or self._event_type
-            or not self._bom_checked
             or self._error is not None
         ):
             return False
+        # Nothing pending and this read starts `data: `: no BOM can lead the stream (a
+        # stream's first read takes this path too, without `feed`'s BOM check).
+        self._bom_checked = True
         self.last_event_id = self._id_buffer
         return True
 

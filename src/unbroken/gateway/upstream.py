@@ -422,6 +422,11 @@ class _Connection(asyncio.Protocol):
                 self._wake()
         return True
 
+    def drained(self) -> bool:
+        """The response is complete and its body all taken: a read would end (the SDK's
+        fast lane then ends the attempt without one, client/_engine.py)."""
+        return self.complete and not self.body
+
     def take(self) -> bytes:
         body = self.body
         data = body[0] if len(body) == 1 else b"".join(body)
@@ -643,6 +648,14 @@ class _Extensions(Mapping[str, Any]):
         if key == "http_version":
             return b"HTTP/1.1"
         raise KeyError(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """`Mapping.get` in one call (the SDK reads `network_stream` twice an answer)."""
+        if key == "network_stream":
+            return self._conn
+        if key == "http_version":
+            return b"HTTP/1.1"
+        return default
 
     def __iter__(self) -> Iterator[str]:
         return iter(("http_version", "network_stream"))
