@@ -49,7 +49,12 @@ import msgspec
 from _mockproc import mock_process
 from prometheus_client import CollectorRegistry
 
-from unbroken.gateway.app import build_upstream
+# The sources, also where `make` compiled the chunk path (unbroken/_native.py): `_InProcess`
+# below subclasses LeanTransport, which a compiled gateway/upstream.py does not allow
+# ("interpreted classes cannot inherit from compiled"). The SDK itself is not compiled.
+os.environ["UNBROKEN_PURE_PYTHON"] = "1"
+
+from unbroken.gateway.app import build_upstream  # (after the mode above)
 from unbroken.gateway.serving import BreakerWatch
 from unbroken.gateway.upstream import LeanTransport, _Connection
 from unbroken.instrumentation import PrometheusHook

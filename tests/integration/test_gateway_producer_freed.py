@@ -33,7 +33,9 @@ def upstream() -> Iterator[MockServer]:
 def _producers(stream_id: str) -> int:
     from unbroken.gateway.streams import Producer
 
-    return sum(1 for o in gc.get_objects() if isinstance(o, Producer) and o.stream_id == stream_id)
+    return sum(
+        1 for o in gc.get_objects() if issubclass(type(o), Producer) and o.stream_id == stream_id
+    )
 
 
 def test_a_finished_redis_answer_is_freed_without_the_collector(
