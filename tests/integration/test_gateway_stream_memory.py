@@ -54,6 +54,7 @@ def _answer_of(stream_id: str) -> ChunkAccumulator:
         and isinstance(link := getattr(o._run.answer, "_source", None), _TextLink)
         and link.producer is producer
     ]
+    assert isinstance(stream, AsyncStream)
     return stream._run.answer
 
 
