@@ -51,13 +51,14 @@ import sys
 import time
 import tracemalloc
 from pathlib import Path
-from types import FrameType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from _mockproc import mock_process  # noqa: E402 - after the path insert above
+from _bytecodes import opcode_tracer  # noqa: E402 - after the path insert above
+from _mockproc import mock_process  # noqa: E402
 from gateway import CHUNKS, _UpstreamSide  # noqa: E402
 
 from unbroken import _native  # noqa: E402
@@ -415,14 +416,7 @@ class Bench:
         """Print the bytecodes run per timed chunk, by function (one answer, traced)."""
         counts: collections.Counter[str] = collections.Counter()
 
-        def tracer(frame: FrameType, event: str, arg: Any) -> Any:
-            frame.f_trace_opcodes = True
-            frame.f_trace_lines = False
-            if event == "opcode":
-                code = frame.f_code
-                where = code.co_filename.rpartition("/unbroken/")[2] or code.co_filename
-                counts[f"{where}:{code.co_name}"] += 1
-            return tracer
+        tracer = opcode_tracer(counts)
 
         answer = await self.open_answer(gw)
         feed = answer.conn.data_received

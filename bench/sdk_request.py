@@ -40,12 +40,12 @@ import sys
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable
-from types import FrameType
 from typing import Any
 
 import httptools
 import httpx
 import msgspec
+from _bytecodes import opcode_tracer
 from _mockproc import mock_process
 from prometheus_client import CollectorRegistry
 
@@ -412,14 +412,7 @@ def counts(answers: int) -> None:
     one = sdk_on(_in_process_client())
     tally: collections.Counter[str] = collections.Counter()
 
-    def tracer(frame: FrameType, event: str, arg: Any) -> Any:
-        frame.f_trace_opcodes = True
-        frame.f_trace_lines = False
-        if event == "opcode":
-            code = frame.f_code
-            where = code.co_filename.rpartition("/unbroken/")[2] or code.co_filename
-            tally[f"{where}:{code.co_name}"] += 1
-        return tracer
+    tracer = opcode_tracer(tally)
 
     async def run() -> tuple[int, int]:
         for _ in range(20):  # warm up (imports, caches, the connection)

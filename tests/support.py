@@ -21,6 +21,7 @@ import pytest
 
 from unbroken.core.wire import ChatCompletionChunk, ChunkChoice, Delta
 from unbroken.gateway.direct import DirectBody
+from unbroken.instrumentation import AnswerRecord, AttemptRecord
 from unbroken.mock import ServerThread
 
 
@@ -202,3 +203,23 @@ class Watched(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.inner.resume_writing()
+
+
+class RecordingHook:
+    """An SDK hook that keeps the attempt and answer records it was given."""
+
+    def __init__(self) -> None:
+        self.attempts: list[AttemptRecord] = []
+        self.answers: list[AnswerRecord] = []
+
+    def on_stream_start(self) -> None:
+        pass
+
+    def on_attempt(self, record: AttemptRecord) -> None:
+        self.attempts.append(record)
+
+    def on_answer(self, record: AnswerRecord) -> None:
+        self.answers.append(record)
+
+    def on_breaker(self, route: str, state: Any) -> None:
+        pass

@@ -6,33 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from tests.support import RecordingHook
 from unbroken.client._common import _NO_BOOKS, AnswerRun, ClientBase, _Books
 from unbroken.core.flow import _NO_RECOVERY, Connect, Sleep, _Recovery
 from unbroken.core.wire import ChatCompletionChunk, ChunkChoice, Delta, Usage
 from unbroken.errors import UpstreamStatusError
-from unbroken.instrumentation import AnswerRecord, AttemptRecord
 
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-class _Seen:
-    """A hook that keeps what it was given."""
-
-    def __init__(self) -> None:
-        self.attempts: list[AttemptRecord] = []
-        self.answers: list[AnswerRecord] = []
-
-    def on_stream_start(self) -> None:
-        pass
-
-    def on_attempt(self, record: AttemptRecord) -> None:
-        self.attempts.append(record)
-
-    def on_answer(self, record: AnswerRecord) -> None:
-        self.answers.append(record)
-
-    def on_breaker(self, route: str, state: Any) -> None:
-        pass
 
 
 def _chunk(text: str, finish: str | None = None, usage: Usage | None = None) -> Any:
@@ -50,7 +30,7 @@ def _pristine(cls: type[Any]) -> dict[str, object]:
     return {name: getattr(fresh, name) for name in cls.__slots__}
 
 
-def _answer(client: ClientBase, hooks: _Seen, *, fail_first: bool) -> AnswerRun:
+def _answer(client: ClientBase, hooks: RecordingHook, *, fail_first: bool) -> AnswerRun:
     run = client._new_run("deepseek-chat", MESSAGES, {}, stream=True)
     now = 1.0
     assert run._books is _NO_BOOKS  # nothing accounted yet: nothing of its own
@@ -87,7 +67,7 @@ def test_the_shared_books_and_recovery_are_never_written_to() -> None:
     account in books of their own, and a retried one's flow keeps its failure in recovery
     state of its own; the shared empty ones keep every default (a write to them would show
     in every later answer)."""
-    hooks = _Seen()
+    hooks = RecordingHook()
     client = ClientBase("sk", "http://127.0.0.1:9", {"hooks": [hooks], "seed": 1})
     plain = _answer(client, hooks, fail_first=False)
     retried = _answer(client, hooks, fail_first=True)

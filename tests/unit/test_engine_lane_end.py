@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
+from tests.support import RecordingHook
 from unbroken.client import AsyncClient
 from unbroken.core.routes import Route
 from unbroken.gateway.upstream import LeanTransport, _Connection
-from unbroken.instrumentation import AnswerRecord, AttemptRecord
 
 _EVENT = (
     b'{"id":"a","object":"chat.completion.chunk","created":1,"model":"deepseek-chat",'
@@ -86,24 +86,6 @@ class _InProcess(LeanTransport):
         return conn
 
 
-class _Recorder:
-    def __init__(self) -> None:
-        self.attempts: list[AttemptRecord] = []
-        self.answers: list[AnswerRecord] = []
-
-    def on_stream_start(self) -> None:
-        pass
-
-    def on_attempt(self, record: AttemptRecord) -> None:
-        self.attempts.append(record)
-
-    def on_answer(self, record: AnswerRecord) -> None:
-        self.answers.append(record)
-
-    def on_breaker(self, route: str, state: Any) -> None:
-        pass
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("parts", [APART, TOGETHER], ids=["end-apart", "end-together"])
 @pytest.mark.parametrize("sink", ["one", "list"])
@@ -111,7 +93,7 @@ async def test_a_lane_answer_ends_whole_and_frees_its_connection(
     parts: list[bytes], sink: str
 ) -> None:
     transport = _InProcess(parts)
-    hook = _Recorder()
+    hook = RecordingHook()
     client = AsyncClient(
         routes=[Route(name="r", base_url="http://127.0.0.1:9/v1", api_key="sk")],
         transport=transport,
