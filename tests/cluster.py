@@ -80,7 +80,13 @@ def gateway_process(
     """`unbroken serve` in a subprocess on a free port, on `store`; yields (process, URL).
     `env` adds UNBROKEN_GATEWAY_* settings (names without the prefix, lowercase)."""
     port = free_port()
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("UNBROKEN_")}
+    # No inherited gateway settings; the chunk path's mode (tests/conftest.py) is kept, so
+    # these gateways run the sources as every other process the suite starts.
+    environ = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("UNBROKEN_") or k == "UNBROKEN_PURE_PYTHON"
+    }
     environ.update(
         DEEPSEEK_API_KEY="sk-up",
         PYTHONPATH=os.pathsep.join(sys.path),
