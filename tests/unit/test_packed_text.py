@@ -123,6 +123,29 @@ def test_any_log_reads_as_decoded(parts: list[tuple[int, bool, str]], data: st.D
     first = data.draw(st.integers(1, len(payloads)))
     last = data.draw(st.integers(first, len(payloads)))
     _same(events, payloads, first, last)
+    events.seal()  # the open block deflated too
+    _same(events, payloads, first, last)
+
+
+def test_a_deflated_block_of_middles_reads_as_decoded() -> None:
+    """A deflated block holding whole events and middles (an answer's first and last
+    blocks): its runs of middles, middles with a quote or a backslash, whole events and
+    another choice's chunks between them read as decoding every event gives, in any range."""
+    texts = [f" tok{i}" for i in range(BLOCK_EVENTS - 1)]
+    texts[4] = 'a "quote"'
+    texts[7] = "ends with \\"
+    texts[8] = "\u00e9 after it"
+    payloads = [ROLE, *(_payload(t) for t in texts)]
+    payloads[11] = _payload("other", index=1)
+    payloads[13] = _payload("thought", reasoning=True)
+    events = _log(payloads)
+    assert len(events._ends) == 1
+    assert events._ends[0] & 15 == 0  # deflated, with middles in it
+    n = len(payloads)
+    for first in range(1, n + 1):
+        for last in range(first, n + 1):
+            _same(events, payloads, first, last)
+    assert join_text(events.text(1, n, 0, False)) == join_text(chunk_text(payloads, 0, False))
 
 
 def test_escaped_quotes_and_backslashes_are_read_whole() -> None:
