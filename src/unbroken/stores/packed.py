@@ -23,6 +23,7 @@ of middles without rebuilding its events where it can (core.wire `template_text`
 
 from __future__ import annotations
 
+import struct
 import zlib
 from array import array
 from collections.abc import Sequence
@@ -60,10 +61,9 @@ RAW_MAX_BYTES = 12
 MAX_TEMPLATES = 15
 _KIND_BITS = 4
 _KIND_MASK = (1 << _KIND_BITS) - 1
-# A deflated block's header (`_seal`), little endian: which of its events are middles (a
-# bit each), the lengths of their template's head and tail, then those.
-_CODED_BYTES = (BLOCK_EVENTS + 7) // 8
-_SIZE_BYTES = 4
+# A deflated block's header (`_seal`): which of its events are middles (a bit each, of
+# BLOCK_EVENTS <= 16), the lengths of their template's head and tail; then those.
+_HEADER = struct.Struct("<HII")
 _BACKSLASH = ord("\\")  # a byte of `bytes`, as indexing reads it
 _NO_TEMPLATES: tuple[bytes, ...] = ()
 
@@ -224,15 +224,7 @@ class PackedEvents:
                 zdict = self._head or bytes(packed[start : start + self._lengths[first]])
                 zdict = self._zdict = zdict[:ZDICT_MAX_BYTES]
             packer = zlib.compressobj(LEVEL, zlib.DEFLATED, WBITS, MEM_LEVEL, zdict=zdict)
-            header = b"".join(
-                (
-                    coded.to_bytes(_CODED_BYTES, "little"),
-                    len(head).to_bytes(_SIZE_BYTES, "little"),
-                    len(tail).to_bytes(_SIZE_BYTES, "little"),
-                    head,
-                    tail,
-                )
-            )
+            header = _HEADER.pack(coded, len(head), len(tail)) + head + tail
             with memoryview(packed) as view:
                 body = packer.compress(header) + packer.compress(view[start:]) + packer.flush()
             del packed[start:]
@@ -294,10 +286,8 @@ class PackedEvents:
         start in those bytes (after the header)."""
         unpacker = zlib.decompressobj(WBITS, zdict=self._zdict or b"")
         raw = unpacker.decompress(self._packed[start:end]) + unpacker.flush()
-        coded = int.from_bytes(raw[:_CODED_BYTES], "little")
-        at = _CODED_BYTES + 2 * _SIZE_BYTES
-        n_head = int.from_bytes(raw[_CODED_BYTES : _CODED_BYTES + _SIZE_BYTES], "little")
-        n_tail = int.from_bytes(raw[_CODED_BYTES + _SIZE_BYTES : at], "little")
+        coded, n_head, n_tail = _HEADER.unpack_from(raw)
+        at = _HEADER.size
         head = raw[at : at + n_head]
         tail = raw[at + n_head : at + n_head + n_tail]
         return raw, coded, head, tail, at + n_head + n_tail
