@@ -1,7 +1,6 @@
 """gateway/upstream.py: a tapped body's reads of whole chunked frames are read by the
-connection itself (`_Connection._frames`; by default where the module runs compiled), not
-by httptools; every other read is httptools'. Either way the tap gets what httptools'
-`on_body` gives, read by read."""
+connection itself (`_Connection._frames`), not by httptools; every other read is
+httptools'. Either way the tap gets what httptools' `on_body` gives, read by read."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from unbroken.gateway.upstream import _Connection, _Parsing
+from unbroken.gateway.upstream import _Connection
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
@@ -59,17 +58,9 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
-def _connection(loop: asyncio.AbstractEventLoop, read_frames: bool = True) -> _Connection:
-    conn = _Connection(loop, ("http", "u", 80), 1 << 20)
-    conn.parsing = _Parsing(conn, read_frames)
-    return conn
-
-
-def _tapped(
-    loop: asyncio.AbstractEventLoop, read_frames: bool = True
-) -> tuple[_Connection, list[list[bytes]]]:
+def _tapped(loop: asyncio.AbstractEventLoop) -> tuple[_Connection, list[list[bytes]]]:
     """A connection whose response head came, its body tapped: the tap's calls per read."""
-    conn = _connection(loop, read_frames)
+    conn = _Connection(loop, ("http", "u", 80), 1 << 20)
     conn.begin()
     conn.data_received(HEAD)
     reads: list[list[bytes]] = []
@@ -95,17 +86,15 @@ _BODIES = st.binary(min_size=1, max_size=40) | st.sampled_from(
     st.lists(_BODIES, min_size=1, max_size=8),
     st.lists(st.integers(1, 60) | st.just(0), min_size=1, max_size=8),
     st.booleans(),
-    st.booleans(),
 )
 def test_any_reads_give_the_tap_what_httptools_gives(
-    bodies: list[bytes], cuts: list[int], upper: bool, read_frames: bool
+    bodies: list[bytes], cuts: list[int], upper: bool
 ) -> None:
     """Reads cut anywhere (0: at the next frame's end): the tap's calls, read by read, are
-    httptools' `on_body` calls; the response completes (frames read without httptools or
-    not)."""
+    httptools' `on_body` calls; the response completes."""
     loop = asyncio.new_event_loop()
     try:
-        conn, reads = _tapped(loop, read_frames)
+        conn, reads = _tapped(loop)
         reference = _Bodies()
         reference.parser.feed_data(HEAD)
         frames = [_frame(b, (b"%X" if upper else b"%x") % len(b)) for b in bodies]
@@ -145,18 +134,6 @@ def test_reads_of_whole_frames_are_not_parsed_by_httptools(
     _feed(conn, reads, b"0\r\n\r\n")  # the body's end is httptools'
     assert conn.complete
     assert conn.error is None
-
-
-def test_without_read_frames_httptools_reads_every_read(
-    loop: asyncio.AbstractEventLoop,
-) -> None:
-    conn, reads = _tapped(loop, read_frames=False)
-    _feed(conn, reads, _frame(b"data: a\n\n"))
-    _feed(conn, reads, _frame(b"data: b\n\n"))
-    assert not conn._at_frame
-    conn.parser = _Refusing()
-    with pytest.raises(AssertionError):
-        _feed(conn, reads, _frame(b"data: c\n\n"))
 
 
 @pytest.mark.parametrize(
@@ -199,7 +176,7 @@ def test_a_malformed_frame_fails_the_response(loop: asyncio.AbstractEventLoop) -
 def test_a_tap_that_raises_fails_the_response(loop: asyncio.AbstractEventLoop) -> None:
     """As httptools fails a callback that raises: the response's error, the connection
     aborted, the read's later frames not handed on."""
-    conn = _connection(loop)
+    conn = _Connection(loop, ("http", "u", 80), 1 << 20)
     conn.begin()
     conn.data_received(HEAD)
     transport = _Transport()
@@ -222,7 +199,7 @@ def test_a_tap_that_raises_fails_the_response(loop: asyncio.AbstractEventLoop) -
 def test_frames_after_the_tap_stops_are_buffered(loop: asyncio.AbstractEventLoop) -> None:
     """A tap stopped while a read's frames are handed on: the rest are buffered for the
     reader, as httptools' `on_body` buffers them."""
-    conn = _connection(loop)
+    conn = _Connection(loop, ("http", "u", 80), 1 << 20)
     conn.begin()
     conn.data_received(HEAD)
     got: list[bytes] = []

@@ -21,7 +21,6 @@ import resource
 import socket
 import ssl
 import time
-import types
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from typing import Any
 
@@ -113,7 +112,6 @@ _DELIMITING_LENGTHS = (14, 17)
 # A chunked frame's size line read by `_frame`: up to this many hex digits (256 MiB); a
 # longer one is left to httptools.
 _MAX_SIZE_DIGITS = 7
-_HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 
 class _HeadWait(SlotWait):
@@ -172,27 +170,27 @@ class _HeadWait(SlotWait):
 def _frame(data: bytes, at: int, end: int) -> tuple[int, int]:
     """Where the body of the chunked frame at `data[at:end]` starts and stops; (0, 0) when
     that is not a whole frame (its size line of up to `_MAX_SIZE_DIGITS` hex digits, not 0,
-    and no extension; its body; a CRLF after each). C calls only (a loop over the size's
-    digits cost ~200 bytecodes a chunk where this module runs as Python)."""
-    line = data.find(b"\r\n", at, at + _MAX_SIZE_DIGITS + 2)
-    if line <= at:
+    and no extension; its body; a CRLF after each)."""
+    size = 0
+    i = at
+    limit = min(end, at + _MAX_SIZE_DIGITS)
+    while i < limit:
+        digit = data[i]
+        if 48 <= digit <= 57:  # 0-9
+            size = size * 16 + digit - 48
+        elif 97 <= digit <= 102:  # a-f
+            size = size * 16 + digit - 87
+        elif 65 <= digit <= 70:  # A-F
+            size = size * 16 + digit - 55
+        else:
+            break
+        i += 1
+    if not size or i + 1 >= end or data[i] != 13 or data[i + 1] != 10:
         return 0, 0
-    digits = data[at:line]
-    if digits.strip(_HEX_DIGITS):  # (what is left is not a hex digit)
+    stop = i + 2 + size
+    if stop + 2 > end or data[stop] != 13 or data[stop + 1] != 10:
         return 0, 0
-    size = int(digits, 16)
-    stop = line + 2 + size
-    if not size or stop + 2 > end or not data.startswith(b"\r\n", stop):
-        return 0, 0
-    return line + 2, stop
-
-
-# Whether this module runs compiled (mypyc: its functions are builtins): `_Parsing`'s
-# default for reading a relayed body's frames without httptools (`_Connection._frames`).
-# Why only then: run as Python, that read costs ~100 bytecodes a chunk more than
-# httptools' parse in C and its one callback (bench/hotpath.py --bytecodes); compiled, it
-# saves the callbacks' calls (~1 us of a chunk's CPU in a loaded gateway).
-_COMPILED = not isinstance(_frame, types.FunctionType)
+    return i + 2, stop
 
 
 class _Parsing:
@@ -214,17 +212,14 @@ class _Parsing:
         "on_message_complete",
     )
 
-    def __init__(self, conn: _Connection, read_frames: bool = _COMPILED) -> None:
-        """`read_frames`: tapped bodies' reads of whole frames are read by their connection,
-        not by httptools (`_Connection._frames`)."""
+    def __init__(self, conn: _Connection) -> None:
         self.conn = conn  # the first connection that uses them, until another feeds
         self.on_header = self._on_header
         self.on_headers_complete = self._on_headers_complete
         self.on_body = self._on_body
         self.on_message_complete = self._on_message_complete
-        if read_frames:  # (unset, httptools calls nothing: no call per frame it parses)
-            self.on_chunk_header = self._on_chunk_header
-            self.on_chunk_complete = self._on_chunk_complete
+        self.on_chunk_header = self._on_chunk_header
+        self.on_chunk_complete = self._on_chunk_complete
 
     def _on_header(self, name: bytes, value: bytes) -> None:
         # `_Connection.on_header` spelt out: one call less per header of every response.
@@ -367,15 +362,7 @@ class _Connection(asyncio.Protocol):
             # callbacks, the calls into them and out of them cost ~1 us of a relayed
             # chunk's CPU in a loaded gateway. Anything else is httptools'.
             if tap is None or not self._at_frame or not self._frames(data):
-                self._at_frame = False  # (until a frame ends: `_Parsing._on_chunk_complete`)
-                self.parsing.conn = self
-                self.parser.feed_data(data)
-                if self._at_frame and data[-2:] != b"\r\n":
-                    # Not at a frame's start: a frame ended, then the next one's size line
-                    # began.
-                    self._at_frame = False
-        except httptools.HttpParserError as exc:
-            self._malformed(exc)
+                self._parse(data)
         finally:
             if held:
                 release_writes()
@@ -385,31 +372,42 @@ class _Connection(asyncio.Protocol):
             # read's events parsed and buffered for it (see `_HeadWait`).
             waiter.run_now()
 
+    def _parse(self, data: bytes) -> None:
+        """Feed `data` to the parser (its callbacks run now)."""
+        self._at_frame = False  # (until a frame ends: `_Parsing._on_chunk_complete`)
+        self.parsing.conn = self
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._malformed(exc)
+            return
+        if self._at_frame and data[-2:] != b"\r\n":
+            # Not at a frame's start: a frame ended, then its follower's size line began.
+            self._at_frame = False
+
     def _frames(self, data: bytes) -> bool:
         """Hand each frame's body to the tap (or buffer it once untapped), as httptools'
         `on_body` would, when `data` is one or more whole frames of a chunked body and
         nothing else (no frame of size 0: the body's end; no extension), the parser at a
         frame's start: its state stays that. False, with nothing done, otherwise."""
         end = len(data)
-        start, stop = _frame(data, 0, end)
-        if not stop:
-            return False
-        at = stop + 2
-        while at < end:  # the read's other frames, all checked before any is handed on
-            at = _frame(data, at, end)[1] + 2
-            if at == 2:
+        at = 0
+        while at < end:
+            stop = _frame(data, at, end)[1]
+            if not stop:
                 return False
+            at = stop + 2
+        at = 0
         try:
-            while True:
+            while at < end:
+                start, stop = _frame(data, at, end)
                 body = data[start:stop]
                 tap = self._tap
                 if tap is not None:
                     tap(body)
                 else:
                     self.on_body(body)
-                if stop + 2 == end:
-                    break
-                start, stop = _frame(data, stop + 2, end)
+                at = stop + 2
         except Exception as exc:  # as httptools fails a callback that raises
             self._malformed(exc)
         return True
