@@ -109,9 +109,6 @@ _NO_HEADERS: list[bytes] = []
 # The lengths of the header names that say how a body is delimited (content-length,
 # transfer-encoding): only a name of one of these lengths is lowercased and compared.
 _DELIMITING_LENGTHS = (14, 17)
-# A chunked frame's size line read by `_frame`: up to this many hex digits (256 MiB); a
-# longer one is left to httptools.
-_MAX_SIZE_DIGITS = 7
 
 
 class _HeadWait(SlotWait):
@@ -167,32 +164,6 @@ class _HeadWait(SlotWait):
             wakeup(self)
 
 
-def _frame(data: bytes, at: int, end: int) -> tuple[int, int]:
-    """Where the body of the chunked frame at `data[at:end]` starts and stops; (0, 0) when
-    that is not a whole frame (its size line of up to `_MAX_SIZE_DIGITS` hex digits, not 0,
-    and no extension; its body; a CRLF after each)."""
-    size = 0
-    i = at
-    limit = min(end, at + _MAX_SIZE_DIGITS)
-    while i < limit:
-        digit = data[i]
-        if 48 <= digit <= 57:  # 0-9
-            size = size * 16 + digit - 48
-        elif 97 <= digit <= 102:  # a-f
-            size = size * 16 + digit - 87
-        elif 65 <= digit <= 70:  # A-F
-            size = size * 16 + digit - 55
-        else:
-            break
-        i += 1
-    if not size or i + 1 >= end or data[i] != 13 or data[i + 1] != 10:
-        return 0, 0
-    stop = i + 2 + size
-    if stop + 2 > end or data[stop] != 13 or data[stop + 1] != 10:
-        return 0, 0
-    return i + 2, stop
-
-
 class _Parsing:
     """The httptools callbacks of the connections of one pool, on one event loop: each
     connection sets itself as `conn` before it feeds its parser, whose callbacks run then,
@@ -202,15 +173,7 @@ class _Parsing:
     bound methods of a connection, ~260 bytes per live stream (bench/stream_memory.py);
     these are bound once per pool."""
 
-    __slots__ = (
-        "conn",
-        "on_body",
-        "on_chunk_complete",
-        "on_chunk_header",
-        "on_header",
-        "on_headers_complete",
-        "on_message_complete",
-    )
+    __slots__ = ("conn", "on_body", "on_header", "on_headers_complete", "on_message_complete")
 
     def __init__(self, conn: _Connection) -> None:
         self.conn = conn  # the first connection that uses them, until another feeds
@@ -218,8 +181,6 @@ class _Parsing:
         self.on_headers_complete = self._on_headers_complete
         self.on_body = self._on_body
         self.on_message_complete = self._on_message_complete
-        self.on_chunk_header = self._on_chunk_header
-        self.on_chunk_complete = self._on_chunk_complete
 
     def _on_header(self, name: bytes, value: bytes) -> None:
         # `_Connection.on_header` spelt out: one call less per header of every response.
@@ -246,14 +207,6 @@ class _Parsing:
     def _on_message_complete(self) -> None:
         self.conn.on_message_complete()
 
-    # The parser at a frame's start or not (`_Connection.data_received`): called only for
-    # the frames httptools parses, not for those `_Connection._frames` reads.
-    def _on_chunk_header(self) -> None:
-        self.conn._at_frame = False
-
-    def _on_chunk_complete(self) -> None:
-        self.conn._at_frame = True
-
 
 class _Connection(asyncio.Protocol):
     """One HTTP/1.1 connection; one response at a time (`parsing`: its pool's parser
@@ -261,7 +214,6 @@ class _Connection(asyncio.Protocol):
 
     # One per live answer: no instance dict (~300 bytes with this many attributes).
     __slots__ = (
-        "_at_frame",
         "_tap",
         "absolute_form",
         "body",
@@ -324,9 +276,6 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self.delimited = True
         self._tap: Callable[[bytes], None] | None = None
-        # The parser stands at the start of a chunked frame of the body: nothing of the
-        # next frame parsed yet (see `data_received`).
-        self._at_frame = False
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -347,22 +296,22 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
-        tap = self._tap
         # A tapped body's read of several events (several chunked frames, or a frame of
         # several): they reach each client in one write (gateway/direct.py `hold_writes`).
         # A frame of one single-line event has no LF before its last four bytes but its
         # size line's, within 10 bytes (one rfind, ~90 ns: a count of the CRLFs took 270);
         # a miss only costs a write per event, a false hit ~0.3 us.
-        held = tap is not None and data.rfind(b"\n", 0, -4) > 9
+        held = self._tap is not None and data.rfind(b"\n", 0, -4) > 9
         if held:
             hold_writes()
+        self.parsing.conn = self
         try:
-            # A tapped body's read of whole frames at a frame's start (a relayed chunk's
-            # read, nearly always) is read here (`_frames`), not by httptools: its
-            # callbacks, the calls into them and out of them cost ~1 us of a relayed
-            # chunk's CPU in a loaded gateway. Anything else is httptools'.
-            if tap is None or not self._at_frame or not self._frames(data):
-                self._parse(data)
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.error = httpx.RemoteProtocolError(f"malformed HTTP response: {exc}")
+            self._wake()
+            if self.transport is not None:
+                self.transport.abort()
         finally:
             if held:
                 release_writes()
@@ -371,53 +320,6 @@ class _Connection(asyncio.Protocol):
             # The head came (or the read failed): the waiting step runs now, with this
             # read's events parsed and buffered for it (see `_HeadWait`).
             waiter.run_now()
-
-    def _parse(self, data: bytes) -> None:
-        """Feed `data` to the parser (its callbacks run now)."""
-        self._at_frame = False  # (until a frame ends: `_Parsing._on_chunk_complete`)
-        self.parsing.conn = self
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._malformed(exc)
-            return
-        if self._at_frame and data[-2:] != b"\r\n":
-            # Not at a frame's start: a frame ended, then its follower's size line began.
-            self._at_frame = False
-
-    def _frames(self, data: bytes) -> bool:
-        """Hand each frame's body to the tap (or buffer it once untapped), as httptools'
-        `on_body` would, when `data` is one or more whole frames of a chunked body and
-        nothing else (no frame of size 0: the body's end; no extension), the parser at a
-        frame's start: its state stays that. False, with nothing done, otherwise."""
-        end = len(data)
-        at = 0
-        while at < end:
-            stop = _frame(data, at, end)[1]
-            if not stop:
-                return False
-            at = stop + 2
-        at = 0
-        try:
-            while at < end:
-                start, stop = _frame(data, at, end)
-                body = data[start:stop]
-                tap = self._tap
-                if tap is not None:
-                    tap(body)
-                else:
-                    self.on_body(body)
-                at = stop + 2
-        except Exception as exc:  # as httptools fails a callback that raises
-            self._malformed(exc)
-        return True
-
-    def _malformed(self, exc: Exception) -> None:
-        self._at_frame = False
-        self.error = httpx.RemoteProtocolError(f"malformed HTTP response: {exc}")
-        self._wake()
-        if self.transport is not None:
-            self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -464,7 +366,6 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.complete = True
-        self._at_frame = False  # the next response's head is next
         self._wake()
 
     # -- consumer side -----------------------------------------------------------------------
