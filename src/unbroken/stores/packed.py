@@ -11,8 +11,10 @@ tail (all but the text of two text chunks: `..."content":"` and `"},"logprobs":.
 event that starts with the head and ends with the tail is kept as its middle only, both in
 the open block and, when every event of a sealed block fits and their middles are short, in
 the sealed block (uncompressed: a token's few bytes, ~5 bytes an event against deflate's
-~11, and no zlib call). Every other block is raw deflate, compressed against a preset
-dictionary (the template's head, or the block's first event). Reads rebuild each event
+~11, and no zlib call). Every other block is raw deflate of the block as it was kept open
+(its middles and whole events, behind a header naming which are middles and their
+template), compressed against a preset dictionary (the log's first template's head, or the
+block's first event). Reads rebuild each event
 byte for byte (head + middle + tail): a template only ever applies to events that start and
 end with it and are at least as long as both together.
 
