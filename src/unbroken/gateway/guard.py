@@ -342,7 +342,7 @@ class _EachField:
 
     def __init__(self, protocol: GuardedProtocol) -> None:
         self.on_message_begin = protocol.on_message_begin
-        self.on_url = protocol.on_url
+        self.on_url = protocol._on_url
         self.on_header = protocol._on_header
         self.on_headers_complete = protocol.on_headers_complete
         self.on_body = protocol.on_body
@@ -847,6 +847,11 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
+        # The lean parser's (`_new_parser`): its head is within the limits as a whole
+        # (`_whole_message`), so its URL is not counted.
+        self.url += url
+
+    def _on_url(self, url: bytes) -> None:
         self._count_head(len(url))
         self.url += url
 
