@@ -33,7 +33,6 @@ import enum
 import http
 import logging
 import os
-import re
 import sys
 import threading
 import time
@@ -131,10 +130,6 @@ class Guard:
     def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
         self.max_head_bytes = settings.max_head_bytes
         self.max_headers = settings.max_headers
-        # The end of the longest head read in one pass (`_whole_message`): well within the
-        # head size limit as `_on_header` counts it (each field's name and value plus 4, and
-        # the URL: at most the size of the head before its blank line, plus one a field).
-        self.plain_end = self.max_head_bytes + 4 - self.max_headers
         self.head_timeout_s = settings.head_timeout_s
         self.body_timeout_s = settings.body_timeout_s
         self.max_connections = settings.max_connections
@@ -290,65 +285,6 @@ def _address(info: Any) -> tuple[str, int | None] | None:
     return None
 
 
-# A request head in the plain form: a request line, then one or more fields of a token name,
-# a colon and a value, each on its own line, every line ended by CRLF (no obs-fold, no bare
-# CR or LF), none of them an `Expect` or a `Transfer-Encoding` (the callbacks' way).
-_PLAIN_HEAD = re.compile(
-    rb"[^\r\n]+(?:\r\n(?!(?i:expect|transfer-encoding):)[-!#$%&'*+.^_`|~0-9A-Za-z]+:[^\r\n]*)+"
-    rb"\r\n\r\n"
-)
-# A field of a plain head: its name, and its value without the whitespace around it (llhttp
-# takes a value without the whitespace before it, `_on_header` strips that after it).
-_FIELD = re.compile(rb"\r\n([^:]+):[ \t]*([^\r]*?)[ \t]*(?=\r)")
-
-
-def _whole_message(
-    data: bytes, max_fields: int, max_end: int
-) -> tuple[list[tuple[bytes, bytes]], int] | None:
-    """The header fields (as `GuardedProtocol._on_header` makes them) of the request that
-    begins `data`, and where the request ends (past `data` when its body is not all in),
-    when `data` holds its whole head in the plain form (`_PLAIN_HEAD`) with no field name
-    twice, at most `max_fields` fields, and ending by `max_end` (see `Guard.plain_end`).
-    Otherwise None: the parser reports each field to `_on_header`, which counts, checks
-    and refuses. Read in C: no Python step a field."""
-    head = _PLAIN_HEAD.match(data)
-    if head is None:
-        return None
-    end = head.end()
-    pairs = _FIELD.findall(data, 0, end - 2)
-    if end > max_end or len(pairs) > max_fields:
-        return None
-    names, values = zip(*pairs, strict=True)
-    fields = list(zip(map(bytes.lower, names), values, strict=True))
-    by_name = dict(fields)
-    length = by_name.get(b"content-length", b"0")
-    if len(by_name) != len(fields) or not length.isdigit():
-        return None  # (a field twice: the parser's way; a bad length: the parser refuses)
-    return fields, end + int(length)
-
-
-class _EachField:
-    """A protocol's parser callbacks with `on_header` (`GuardedProtocol._on_header`), for a
-    parser that reports each header field."""
-
-    __slots__ = (
-        "on_body",
-        "on_header",
-        "on_headers_complete",
-        "on_message_begin",
-        "on_message_complete",
-        "on_url",
-    )
-
-    def __init__(self, protocol: GuardedProtocol) -> None:
-        self.on_message_begin = protocol.on_message_begin
-        self.on_url = protocol._on_url
-        self.on_header = protocol._on_header
-        self.on_headers_complete = protocol.on_headers_complete
-        self.on_body = protocol.on_body
-        self.on_message_complete = protocol.on_message_complete
-
-
 class _Cycle(RequestResponseCycle):
     """uvicorn's request cycle, made from its protocol (`GuardedProtocol`) with its start
     values that are the same for every request at the class level (read as uvicorn reads
@@ -356,10 +292,8 @@ class _Cycle(RequestResponseCycle):
 
     logger = _ERROR_LOG
     access_logger = _ACCESS_LOG
-    disconnected = False
     more_body = True
     response_started = False
-    response_complete = False
     chunked_encoding: bool | None = None
     expected_content_length = 0
 
@@ -381,6 +315,10 @@ class _Cycle(RequestResponseCycle):
         # The protocol itself (its `__call__`), not a bound method held by each request's
         # cycle (64 bytes per live answer; bench/stream_memory.py).
         self.on_response = protocol
+        # Read for every relayed chunk (gateway/direct.py): the instance's own, which is
+        # read faster than a class attribute.
+        self.disconnected = False
+        self.response_complete = False
         self.keep_alive = keep_alive
         self.waiting_for_100_continue = protocol.expect_100_continue
         self.body = bytearray()
@@ -419,12 +357,9 @@ class GuardedProtocol(HttpToolsProtocol):
         "_counted",
         "_deadline",
         "_eager",
-        "_fields",
         "_head_bytes",
         "_hooks",
         "_idle",
-        "_lean",
-        "_left",
         "_parsing",
         "_phase",
         "_refusal",
@@ -494,9 +429,6 @@ class GuardedProtocol(HttpToolsProtocol):
         # The request task made by the read being parsed, started when the read is parsed
         # (see `data_received`).
         self._eager: EagerStart[None] | None = None
-        self._lean = False  # the parser reports no header field (`_whole_message`)
-        self._left = 0  # bytes of the lean parser's message still to come
-        self._fields: list[tuple[bytes, bytes]] | None = None  # the next message's, if read
 
     def _make_for(
         self, config: Config, server_state: ServerState, app_state: dict[str, Any]
@@ -693,39 +625,11 @@ class GuardedProtocol(HttpToolsProtocol):
         elif self._phase is Phase.HEAD and self._timer is None:
             self._set_deadline(self.guard.head_timeout_s)
         parser: httptools.HttpRequestParser | None = self.parser
-        if not self._parsing:
-            # A message begins in this read. When the read holds its whole head (and no
-            # other message), its header fields are read here in one pass and a parser
-            # that reports none parses it: no Python call per field.
-            guard = self.guard
-            whole = _whole_message(data, guard.max_headers, guard.plain_end)
-            if whole is None:
-                self._fields = None
-                if self._lean:
-                    parser = None
-            else:
-                fields, end = whole
-                if end < len(data):  # another message follows (pipelined): as two reads
-                    self.data_received(data[:end])
-                    self.data_received(data[end:])
-                    return
-                self._fields = fields
-                self._left = end - len(data)
-                if not self._lean:
-                    parser = None
-                if parser is None:
-                    parser = self._new_parser(True)
-        elif self._lean:
-            left = self._left
-            if len(data) > left:  # the lean parser's message ends here, and another begins
-                self.data_received(data[:left])
-                self.data_received(data[left:])
-                return
-            self._left = left - len(data)
         if parser is None:
-            # None yet, dropped between messages (`_expired`), or of the other kind: a
-            # new one is the same state between messages.
-            parser = self._new_parser(False)
+            # None yet, or dropped between messages (`_expired`): a new one is the same
+            # state between messages.
+            parser = self.parser = httptools.HttpRequestParser(self)
+            parser.set_dangerous_leniencies(lenient_data_after_close=True)
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -752,14 +656,6 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         self._after_read(len(data))
         self._start_eager()
-
-    def _new_parser(self, lean: bool) -> httptools.HttpRequestParser:
-        """A new parser, `lean` (no header field reported: `_whole_message` read them) or
-        calling `_on_header` for each field."""
-        parser = self.parser = httptools.HttpRequestParser(self if lean else _EachField(self))
-        parser.set_dangerous_leniencies(lenient_data_after_close=True)
-        self._lean = lean
-        return parser
 
     def _start_eager(self) -> None:
         """Run the first step of the request task this read made, now: a request whose
@@ -805,21 +701,11 @@ class GuardedProtocol(HttpToolsProtocol):
     # one call each, and `on_headers_complete` makes the cycle with its Flag, direct body and
     # hooks at once (no asyncio.Event made to be replaced, no second scope lookup).
 
-    # A parser made with the protocol itself reports no header field (httptools binds the
-    # callbacks it finds when made): `data_received` read them (`_whole_message`). The
-    # parser of any other read reports each to `_on_header` (`_EachField`).
-    on_header = None  # type: ignore[assignment]
-
     def on_message_begin(self) -> None:
         self._parsing = True
         self.url = b""
         self.expect_100_continue = False
-        fields = self._fields
-        if fields is None:
-            self.headers = []
-        else:
-            self._fields = None
-            self.headers = fields
+        self.headers = []
         self.scope = {
             "type": "http",
             # One dict per ASGI version, shared (the app reads it): 184 bytes a request less.
@@ -847,15 +733,10 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
-        # The lean parser's (`_new_parser`): its head is within the limits as a whole
-        # (`_whole_message`), so its URL is not counted.
-        self.url += url
-
-    def _on_url(self, url: bytes) -> None:
         self._count_head(len(url))
         self.url += url
 
-    def _on_header(self, name: bytes, value: bytes) -> None:
+    def on_header(self, name: bytes, value: bytes) -> None:
         # `_count_head`'s count inline: one call less per header; the fields so far are
         # the message's list of them (made by `on_message_begin`).
         guard = self.guard
