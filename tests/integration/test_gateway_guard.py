@@ -395,12 +395,12 @@ def test_requests_sharing_reads_get_their_own_header_fields(mock: MockServer) ->
         guarded(mock.url, forward_headers=["x-mock-*"]) as server,
         connect(server) as sock,
     ):
+        # Writes sent at once (no Nagle delay): mostly separate reads, which may also
+        # come together; each request is answered by its own fields either way.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(first + second + third[:-7])
-        time.sleep(0.05)  # separate reads (a cut the test makes, not a race it waits out)
         sock.sendall(third[-7:] + fourth[:30])
-        time.sleep(0.05)
         sock.sendall(fourth[30:-5])
-        time.sleep(0.05)
         sock.sendall(fourth[-5:])
         raw = read_all(sock)
     assert _answers(raw) == [2, 5, 3, 4]
