@@ -365,3 +365,42 @@ def test_a_connection_idle_after_a_streamed_answer_closes_at_the_keep_alive_time
     assert b"data: [DONE]" in streamed
     assert rest == b""
     assert 0.5 < idle_s < 3.0  # ~1 s after the answer's end
+
+
+def _chat(tokens: int, *, close: bool = False) -> bytes:
+    body = json.dumps(
+        {"model": "deepseek-chat", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    return b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n%bX-Mock-Tokens: %d\r\n" % (
+        b"Connection: close\r\n" if close else b"",
+        tokens,
+    ) + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+
+
+def _answers(raw: bytes) -> list[int]:
+    """The content chunks of each streamed response in `raw`, in order."""
+    return [
+        part.count(b'"content":"') - part.count(b'"content":""')
+        for part in raw.split(b"HTTP/1.1 200 OK")[1:]
+    ]
+
+
+def test_requests_sharing_reads_get_their_own_header_fields(mock: MockServer) -> None:
+    """Each request is answered by its own header fields (here, the mock's token count
+    forwarded from `X-Mock-Tokens`) however the client's writes cut them: two in one
+    write, a body ending in the write that holds the next request whole, a head cut in
+    two, a head arriving with half its body."""
+    first, second, third, fourth = _chat(2), _chat(5), _chat(3), _chat(4, close=True)
+    with (
+        guarded(mock.url, forward_headers=["x-mock-*"]) as server,
+        connect(server) as sock,
+    ):
+        # Writes sent at once (no Nagle delay): mostly separate reads, which may also
+        # come together; each request is answered by its own fields either way.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(first + second + third[:-7])
+        sock.sendall(third[-7:] + fourth[:30])
+        sock.sendall(fourth[30:-5])
+        sock.sendall(fourth[-5:])
+        raw = read_all(sock)
+    assert _answers(raw) == [2, 5, 3, 4]

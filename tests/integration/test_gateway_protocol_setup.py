@@ -10,11 +10,13 @@ from typing import Any
 import pytest
 import uvicorn
 from prometheus_client import CollectorRegistry
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
+from unbroken._flag import Flag
 from unbroken.gateway.accept import Acceptor
-from unbroken.gateway.guard import Guard, GuardedProtocol, guarded_protocol
+from unbroken.gateway.guard import Guard, GuardedProtocol, _Cycle, guarded_protocol
 from unbroken.gateway.metrics import GatewayMetrics
 from unbroken.settings import GatewaySettings
 
@@ -44,12 +46,16 @@ def made(cls: type[HttpToolsProtocol], cfg: uvicorn.Config) -> HttpToolsProtocol
 
 
 def test_a_protocol_has_uvicorns_attributes_in_uvicorns_order() -> None:
-    """The guarded protocol sets what uvicorn's __init__ sets, in its order (a uvicorn that
-    adds one fails here), with the same values."""
+    """The guarded protocol has every attribute uvicorn's __init__ sets (a uvicorn that
+    adds one fails here), with the same values: set per connection, or (the same for every
+    connection) at its class level; likewise for a protocol of a second config."""
     cfg = config(root_path="/r", timeout_keep_alive=7, limit_concurrency=9)
-    ours = made(guarded_protocol(make_guard()), cfg)
+    cls = guarded_protocol(make_guard())
+    made(cls, config())  # the class holds the first config's values
+    ours = made(cls, cfg)
     theirs = made(HttpToolsProtocol, cfg)
-    assert list(vars(ours)) == list(vars(theirs))
+    for name in vars(theirs):
+        assert hasattr(ours, name), name
     for name in (
         "config",
         "app",
@@ -159,3 +165,31 @@ def test_the_addresses_come_from_accept_and_match_the_kernels(bound: bool) -> No
     assert peer[0] == "127.0.0.2"
     assert server == listener_address
     assert counts == {"127.0.0.2": 2}
+
+
+def test_a_request_cycle_has_uvicorns_attributes() -> None:
+    """The gateway's request cycle has every attribute uvicorn's cycle sets (a uvicorn that
+    adds one fails here), with the same start values, its protocol's."""
+    protocol: Any = made(guarded_protocol(make_guard()), config())
+    transport: Any = object()
+    protocol.transport = transport
+    protocol.flow = FlowControl(transport)
+    scope: Any = {"type": "http"}
+    event = Flag()
+    ours = _Cycle(protocol, scope, event, False)
+    theirs = RequestResponseCycle(
+        scope=scope,
+        transport=transport,
+        flow=protocol.flow,
+        logger=protocol.logger,
+        access_logger=protocol.access_logger,
+        access_log=protocol.access_log,
+        default_headers=protocol.server_state.default_headers,
+        message_event=event,  # type: ignore[arg-type]  # the same interface
+        expect_100_continue=protocol.expect_100_continue,
+        keep_alive=False,
+        on_response=protocol,
+    )
+    for name, value in vars(theirs).items():
+        assert getattr(ours, name) == value, name
+    assert ours.body is not theirs.body  # each request's own

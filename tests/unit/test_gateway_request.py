@@ -7,11 +7,11 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unbroken.gateway.problems import GatewayError
-from unbroken.gateway.request import parse_chat_request
+from unbroken.gateway.request import ChatRequest, _checked_request, parse_chat_request
 
 MODELS = frozenset({"deepseek-chat", "deepseek-reasoner"})
 ROUTES = frozenset({"main", "backup"})
@@ -154,3 +154,129 @@ def test_of_several_wrong_fields_the_first_in_the_body_is_named() -> None:
         with pytest.raises(GatewayError) as info:
             parse(body)
         assert info.value.param == first
+
+
+# Values for the checked fields: valid ones, values just outside a range, wrong types,
+# integral floats (turned into ints), null.
+_ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-3, max_value=30),
+    st.sampled_from([0.0, 1.0, 1.5, 2.0, 2.5, -2.0, -2.5, 0.5]),
+    st.sampled_from(["", "x", "user", "deepseek-chat", "main"]),
+    st.lists(st.sampled_from(["a", "main", "deepseek-reasoner", "nope"]), max_size=10),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.sampled_from(["include_usage", "type"]), st.sampled_from([True, None, "x"])),
+)
+_FIELD_NAMES = [
+    "model",
+    "messages",
+    "fallbacks",
+    "unbroken",
+    "other",
+    "stream",
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+    "temperature",
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "logprobs",
+    "top_logprobs",
+    "stream_options",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "user",
+    "stop",
+]
+_MESSAGE: st.SearchStrategy[dict[str, object]] = st.fixed_dictionaries(
+    {},
+    optional={
+        "role": st.sampled_from(["user", "system", "tool", "robot", 3, None]),
+        "content": st.one_of(
+            st.none(), st.text(max_size=5), st.just([{"text": "hi"}, 3]), st.integers(), st.just({})
+        ),
+        "name": st.just("n"),
+    },
+)
+
+
+def _outcome(body: dict[str, object]) -> object:
+    raw = json.dumps(body).encode()
+    try:
+        return parse_chat_request(raw, MODELS, ROUTES)
+    except GatewayError as exc:
+        return (exc.status, exc.code, exc.param, exc.message)
+
+
+def _outcome_checked(body: dict[str, object]) -> object:
+    try:
+        return _checked_request(json.loads(json.dumps(body)), MODELS, ROUTES)
+    except GatewayError as exc:
+        return (exc.status, exc.code, exc.param, exc.message)
+
+
+# Values each field takes, mostly valid, a few just past a bound: most bodies drawn pass
+# every check or fail one.
+_GOOD = {
+    "fallbacks": st.sampled_from([[], ["main"]]),
+    "stream": st.booleans(),
+    "max_tokens": st.integers(min_value=0, max_value=99),
+    "n": st.sampled_from([1, 16, 17, 2.0, None]),
+    "temperature": st.sampled_from([0, 2, 0.7, 2.01, -0.01]),
+    "top_p": st.sampled_from([0, 1, 1.01]),
+    "presence_penalty": st.sampled_from([-2, 2, 2.01, -2.01]),
+    "top_logprobs": st.sampled_from([0, 20, 21]),
+    "stream_options": st.sampled_from([{"include_usage": True}, {}, {"include_usage": 1}]),
+    "stop": st.sampled_from([["a"], "a", [1]]),
+}
+_FIELDS_DRAWN = st.dictionaries(
+    st.sampled_from(_FIELD_NAMES),
+    _ANY_VALUE,
+    max_size=2,
+)
+_GOOD_FIELDS = st.fixed_dictionaries({}, optional=_GOOD)
+_GOOD_MESSAGES = st.lists(
+    st.fixed_dictionaries({"role": st.just("user"), "content": st.text(max_size=9)}),
+    min_size=1,
+    max_size=2,
+)
+
+
+@settings(max_examples=400)
+@given(
+    good=_GOOD_FIELDS,
+    fields=st.one_of(st.just({}), _FIELDS_DRAWN),
+    messages=st.one_of(_GOOD_MESSAGES, st.lists(_MESSAGE, max_size=3), _ANY_VALUE),
+    model=st.sampled_from(["deepseek-chat", "deepseek-reasoner", "gpt", "", 3]),
+)
+def test_the_quick_check_decides_as_the_field_checks(
+    good: dict[str, object], fields: dict[str, object], messages: object, model: object
+) -> None:
+    """Every body gets from `parse_chat_request` (one msgspec conversion for the common
+    body) what the field-by-field checks give it: the same request or the same error."""
+    body: dict[str, object] = {"model": model, "messages": messages, **good, **fields}
+    assert _outcome(body) == _outcome_checked(body)
+
+
+def test_the_common_body_is_taken_apart_as_the_checks_do() -> None:
+    """The quick path's request equals the checks' request, extra fields in order."""
+    body = {
+        "model": "deepseek-chat",
+        "stream": True,
+        "messages": [{"role": "user", "content": "hello there"}],
+        "n": None,
+        "temperature": 1,
+        "max_completion_tokens": 7,
+        "fallbacks": [],
+        "zeta": 1,
+        "alpha": {"b": 2},
+    }
+    quick = _outcome(body)
+    assert quick == _outcome_checked(body)
+    assert isinstance(quick, ChatRequest)
+    assert list(quick.extra) == ["temperature", "max_completion_tokens", "zeta", "alpha"]
+    assert quick.max_tokens == 7

@@ -38,14 +38,19 @@ import threading
 import time
 import urllib.parse
 from asyncio import TimerHandle
+from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any, Literal
 
 import httptools
-from uvicorn._types import ASGIVersions
+from uvicorn._types import ASGIVersions, HTTPScope
 from uvicorn.config import Config
 from uvicorn.logging import TRACE_LOG_LEVEL
-from uvicorn.protocols.http.flow_control import FlowControl, service_unavailable
+from uvicorn.protocols.http.flow_control import (
+    HIGH_WATER_LIMIT,
+    FlowControl,
+    service_unavailable,
+)
 from uvicorn.protocols.http.httptools_impl import (
     HEADER_RE,
     HEADER_VALUE_RE,
@@ -237,6 +242,10 @@ class _Pipeline(list[Any]):
         self.insert(0, item)
 
 
+# The pipeline of every connection that has had no pipelined request (never added to).
+_NO_PIPELINE = _Pipeline()
+
+
 # The writable event of every connection whose writes are not paused: shared, set, never
 # cleared (`_FlowControl`).
 _WRITABLE = Flag()
@@ -276,6 +285,64 @@ def _address(info: Any) -> tuple[str, int | None] | None:
     return None
 
 
+class _Cycle(RequestResponseCycle):
+    """uvicorn's request cycle, made from its protocol (`GuardedProtocol`) with its start
+    values that are the same for every request at the class level (read as uvicorn reads
+    them, set on the instance when they change), and with `take_body`."""
+
+    logger = _ERROR_LOG
+    access_logger = _ACCESS_LOG
+    more_body = True
+    response_started = False
+    chunked_encoding: bool | None = None
+    expected_content_length = 0
+
+    def __init__(
+        self,
+        protocol: GuardedProtocol,
+        scope: HTTPScope,
+        message_event: Flag,
+        keep_alive: bool,
+    ) -> None:
+        # uvicorn's __init__ (as of 0.55) with the protocol's values, less the above.
+        self.scope = scope
+        self.transport = protocol.transport
+        self.flow = protocol.flow
+        self.access_log = protocol.access_log
+        self.default_headers = protocol.server_state.default_headers
+        # uvicorn's asyncio.Event costs a 760-byte deque per request (unbroken._flag).
+        self.message_event = message_event  # type: ignore[assignment]  # the same interface
+        # The protocol itself (its `__call__`), not a bound method held by each request's
+        # cycle (64 bytes per live answer; bench/stream_memory.py).
+        self.on_response = protocol
+        # Read for every relayed chunk (gateway/direct.py): the instance's own, which is
+        # read faster than a class attribute.
+        self.disconnected = False
+        self.response_complete = False
+        self.keep_alive = keep_alive
+        self.waiting_for_100_continue = protocol.expect_100_continue
+        self.body = bytearray()
+
+    def take_body(self) -> bytes | None:
+        """The whole request body, taken as `receive()` takes it, when `receive()` would
+        return it at once (the request is all in, nothing else to say): None otherwise.
+        For a reader of the whole body (gateway/asgi.py `Exchange.read_body`): no
+        coroutine and no message made for it."""
+        if (
+            self.more_body
+            or self.waiting_for_100_continue
+            or self.disconnected
+            or self.response_complete
+            or not self.message_event.is_set()
+        ):
+            return None
+        self.flow.resume_reading()
+        self.message_event.clear()
+        body = bytes(self.body)
+        self.body = bytearray()
+        return body
+
+
 class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol under a `Guard` (see the theory of operation); it also
     exposes the transport in the scope, so a slow client can be cut at once."""
@@ -300,6 +367,31 @@ class GuardedProtocol(HttpToolsProtocol):
         "url",
     )
 
+    # uvicorn's per-connection attributes whose start values are the same for every
+    # connection (see `__init__`).
+    logger = _ERROR_LOG
+    access_logger = _ACCESS_LOG
+    parser: httptools.HttpRequestParser = None  # type: ignore[assignment]  # see data_received
+    timeout_keep_alive_task: TimerHandle | None = None
+    transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
+    flow: FlowControl = None  # type: ignore[assignment]  # set by connection_made
+    server: tuple[str, int | None] | None = None
+    client: tuple[str, int] | None = None
+    scheme: Literal["http", "https"] | None = None
+    # Pipelined requests wait in a list of their own (rarely any; a deque's first block
+    # was ~760 bytes per connection), made for the first.
+    pipeline: deque[tuple[RequestResponseCycle, Any]] = _NO_PIPELINE  # type: ignore[assignment]  # the deque methods uvicorn uses
+    scope: HTTPScope = None  # type: ignore[assignment]  # set per request
+    headers: list[tuple[bytes, bytes]] = None  # type: ignore[assignment]  # set per request
+    expect_100_continue = False
+    cycle: RequestResponseCycle = None  # type: ignore[assignment]  # set per request
+    # The config, server state and lifespan state whose values the class holds (the first
+    # a protocol was made for: a process serves one), see `_make_for`.
+    _made_for: tuple[Config, ServerState, dict[str, Any]] | None = None
+    _reset_contextvars = False
+    _http_entry: Any = None
+    _task_done: Callable[[asyncio.Task[None]], None]
+
     def __init__(
         self,
         config: Config,
@@ -307,45 +399,23 @@ class GuardedProtocol(HttpToolsProtocol):
         app_state: dict[str, Any],
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        # uvicorn's __init__ (as of 0.55), its attributes set in the same order, with what
-        # it looks up per connection taken once: the config's values (`Guard.from_config`)
-        # and the two loggers (`logging.getLogger` takes the logging lock). The loop too:
-        # uvicorn's server makes protocols without it, and asyncio's lookup makes a
-        # getpid() system call per connection on Python 3.11.
-        (app, ws_protocol_class, root_path, asgi_version, limit_concurrency, keep_alive) = (
-            self.guard.from_config(config)
-        )
-        self.config = config
-        self.app = app
+        # uvicorn's __init__ (as of 0.55), with what is the same for every connection not
+        # set per connection: the start values below at the class level (read as uvicorn
+        # reads them, set on the instance when they change), and the config's and the
+        # server's values too (`_made_for`). The loop is looked up once per thread
+        # (`Guard.event_loop`): uvicorn's server makes protocols without it, and asyncio's
+        # lookup makes a getpid() system call per connection on Python 3.11.
+        made = self._made_for
+        if (
+            made is None
+            or made[0] is not config
+            or made[1] is not server_state
+            or made[2] is not app_state
+        ):
+            self._make_for(config, server_state, app_state)
         self.loop = _loop or self.guard.event_loop()
-        self.logger = _ERROR_LOG
-        self.access_logger = _ACCESS_LOG
         # Per connection, as uvicorn: a handler added while serving is used.
         self.access_log = _ACCESS_LOG.hasHandlers()
-        self.parser = parser = httptools.HttpRequestParser(self)
-        parser.set_dangerous_leniencies(lenient_data_after_close=True)
-        self.ws_protocol_class = ws_protocol_class
-        self.root_path = root_path
-        self.asgi_version = asgi_version
-        self.limit_concurrency = limit_concurrency
-        self.app_state = app_state
-        self.timeout_keep_alive_task = None
-        self.timeout_keep_alive = keep_alive
-        self.server_state = server_state
-        self.connections = server_state.connections
-        self.tasks = server_state.tasks
-        self.transport = None  # type: ignore[assignment]  # set by connection_made
-        self.flow = None  # type: ignore[assignment]  # set by connection_made
-        self.server = None
-        self.client = None
-        self.scheme = None
-        # Pipelined requests wait here (rarely any): a deque's first block was ~760 bytes
-        # per connection.
-        self.pipeline = _Pipeline()  # type: ignore[assignment]  # the deque methods uvicorn uses
-        self.scope = None  # type: ignore[assignment]  # set per request
-        self.headers = None  # type: ignore[assignment]  # set per request
-        self.expect_100_continue = False
-        self.cycle = None  # type: ignore[assignment]  # set per request
         self._phase = Phase.HEAD
         self._timer: TimerHandle | None = None
         self._deadline = 0.0  # of the phase's timer (loop time)
@@ -359,6 +429,35 @@ class GuardedProtocol(HttpToolsProtocol):
         # The request task made by the read being parsed, started when the read is parsed
         # (see `data_received`).
         self._eager: EagerStart[None] | None = None
+
+    def _make_for(
+        self, config: Config, server_state: ServerState, app_state: dict[str, Any]
+    ) -> None:
+        """Set uvicorn's attributes of `config` and the server (its config's values taken
+        once, `Guard.from_config`): at the class level for the first config and states a
+        protocol is made for, on the instance for any other."""
+        (app, ws_protocol_class, root_path, asgi_version, limit_concurrency, keep_alive) = (
+            self.guard.from_config(config)
+        )
+        target: Any = self
+        if type(self)._made_for is None:
+            target = type(self)
+            target._made_for = (config, server_state, app_state)
+        target.config = config
+        target.app = app
+        target.ws_protocol_class = ws_protocol_class
+        target.root_path = root_path
+        target.asgi_version = asgi_version
+        target.limit_concurrency = limit_concurrency
+        target.app_state = app_state
+        target.timeout_keep_alive = keep_alive
+        target.server_state = server_state
+        target.connections = server_state.connections
+        target.tasks = server_state.tasks
+        target._reset_contextvars = config.reset_contextvars
+        # The app's own entry of HTTP requests, when it has one (`_start_asgi_task`).
+        target._http_entry = getattr(app, "asgi_http", None)
+        target._task_done = self.guard.task_done(server_state.tasks)
 
     # -- connection --------------------------------------------------------------------------
 
@@ -525,9 +624,10 @@ class GuardedProtocol(HttpToolsProtocol):
             self._set_deadline(self.guard.head_timeout_s)
         elif self._phase is Phase.HEAD and self._timer is None:
             self._set_deadline(self.guard.head_timeout_s)
-        parser = cast("httptools.HttpRequestParser | None", self.parser)
+        parser: httptools.HttpRequestParser | None = self.parser
         if parser is None:
-            # Dropped between messages (`_expired`): a new one is the same state.
+            # None yet, or dropped between messages (`_expired`): a new one is the same
+            # state between messages.
             parser = self.parser = httptools.HttpRequestParser(self)
             parser.set_dangerous_leniencies(lenient_data_after_close=True)
         try:
@@ -677,7 +777,7 @@ class GuardedProtocol(HttpToolsProtocol):
                 "unsupported_http_version",
             )
         self._phase = Phase.BODY
-        scope = cast("dict[str, Any]", self.scope)
+        scope: dict[str, Any] = self.scope  # type: ignore[assignment]  # an HTTP scope
         scope["method"] = parser.get_method().decode("ascii")
         if version != "1.1":
             scope["http_version"] = version
@@ -689,30 +789,20 @@ class GuardedProtocol(HttpToolsProtocol):
         if "%" in path:
             path = urllib.parse.unquote(path)
         root_path = self.root_path
-        scope["path"] = root_path + path
-        scope["raw_path"] = root_path.encode("ascii") + raw_path
+        if root_path:
+            path = root_path + path
+            raw_path = root_path.encode("ascii") + raw_path
+        scope["path"] = path
+        scope["raw_path"] = raw_path
         scope["query_string"] = parsed_url.query or b""
         app: Any = self.app
         limit = self.limit_concurrency
         if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
             app = service_unavailable
             self.logger.warning("Exceeded concurrency limit.")
-        existing = cast("RequestResponseCycle | None", self.cycle)  # None before the first
-        cycle = self.cycle = RequestResponseCycle(
-            scope=self.scope,
-            transport=self.transport,
-            flow=self.flow,
-            logger=self.logger,
-            access_logger=self.access_logger,
-            access_log=self.access_log,
-            default_headers=self.server_state.default_headers,
-            # uvicorn's asyncio.Event costs a 760-byte deque per request (unbroken._flag).
-            message_event=Flag(),  # type: ignore[arg-type]  # the same interface
-            expect_100_continue=self.expect_100_continue,
-            keep_alive=version != "1.0" and parser.should_keep_alive(),
-            # The protocol itself (its `__call__`), not a bound method held by each
-            # request's cycle (64 bytes per live answer; bench/stream_memory.py).
-            on_response=self,
+        existing: RequestResponseCycle | None = self.cycle  # None before the first
+        cycle = self.cycle = _Cycle(
+            self, self.scope, Flag(), version != "1.0" and parser.should_keep_alive()
         )
         # The fast path of streamed answers (gateway/direct.py) and the response hooks.
         extensions = scope["extensions"]
@@ -724,33 +814,53 @@ class GuardedProtocol(HttpToolsProtocol):
         else:
             # A pipelined request waits for the one before it.
             self.flow.pause_reading()
-            self.pipeline.appendleft((cycle, app))
+            pipeline: Any = self.pipeline
+            if pipeline is _NO_PIPELINE:
+                pipeline = self.pipeline = _Pipeline()  # type: ignore[assignment]  # see `pipeline`
+            pipeline.appendleft((cycle, app))
+
+    def on_body(self, body: bytes) -> None:
+        # uvicorn's, with the cycle looked up once.
+        if self.parser.should_upgrade() and self._should_upgrade():
+            return  # (no cycle: see on_headers_complete)
+        cycle = self.cycle
+        if cycle.response_complete:
+            return
+        cycle.body += body
+        if len(cycle.body) > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()
+        cycle.message_event.set()
 
     def on_message_complete(self) -> None:
         self._phase = Phase.APP  # data_received stops the timer
         self._parsing = False
-        super().on_message_complete()
+        # uvicorn's, with the cycle looked up once.
+        if self.parser.should_upgrade() and self._should_upgrade():
+            return  # (no cycle: see on_headers_complete)
+        cycle = self.cycle
+        if cycle.response_complete:
+            return
+        cycle.more_body = False
+        cycle.message_event.set()
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         # uvicorn's, with one `tasks.discard` bound method for every request (uvicorn made
         # one a request, held by the task for its life: 72 bytes per live answer).
-        if self.config.reset_contextvars:
+        if self._reset_contextvars:
             super()._start_asgi_task(cycle, app)
             return
-        if app is self.app:
-            # The app's own entry of HTTP requests, when it has one (gateway/app.py).
-            http = getattr(app, "asgi_http", None)
-            if http is not None:
-                app = http
-                # uvicorn's run_asgi below, but this app's live answer's reader may end the
-                # task early and resume in a new one (gateway/detach.py): offered only to
-                # it (a middleware in between would see its call end early).
-                cycle.scope["extensions"][DETACH_EXTENSION] = True  # type: ignore[assignment]  # any values
+        if app is self.app and self._http_entry is not None:
+            # The app's own entry of HTTP requests (gateway/app.py): uvicorn's run_asgi
+            # below, but this app's live answer's reader may end the task early and
+            # resume in a new one (gateway/detach.py): offered only to it (a middleware
+            # in between would see its call end early).
+            app = self._http_entry
+            cycle.scope["extensions"][DETACH_EXTENSION] = True  # type: ignore[assignment]  # any values
         # Scheduled as uvicorn schedules it; the read that made it runs its first step when
         # parsed (`_start_eager`). A request started later (a pipelined one, when the one
         # before it ends) just waits for its turn.
         task, self._eager = eager_task(self.loop, run_asgi(cycle, app))
-        task.add_done_callback(self.guard.task_done(self.tasks))
+        task.add_done_callback(self._task_done)
         self.tasks.add(task)
 
     def resume_task(
