@@ -698,6 +698,9 @@ class AnswerRun(AnswerFlow):
             self._record_answer(now, exc)
             raise
         self.config.report_breakers(self.routes)
+        if type(action) is Connect:  # (most actions: no isinstance chain)
+            self._announce(action.plan)
+            return action
         if isinstance(action, EndChoice):
             self._end_choice(action)
             return self.next_action(None, now)
@@ -715,8 +718,6 @@ class AnswerRun(AnswerFlow):
             )
             if self.config.hooks.on:
                 self.config.hooks.wait(route, action.why, action.seconds)
-        elif isinstance(action, Connect):
-            self._announce(action.plan)
         return action
 
     def _end_choice(self, action: EndChoice) -> None:
@@ -760,6 +761,8 @@ class AnswerRun(AnswerFlow):
         counts[kind] += 1
 
     def _announce(self, plan: AttemptPlan) -> None:
+        if plan.kind == "first":
+            return  # (an answer's first attempt: nothing to count or tell)
         error = plan.reason.message if plan.reason is not None else ""
         index = plan.choice_index or 0
         if plan.kind == "fallback":
@@ -813,7 +816,7 @@ class AnswerRun(AnswerFlow):
             self.answer,
             now=now,
             timeouts=self.timeouts,
-            deadline_at=self.deadline_at,
+            deadline_at=self.deadline,
             prior_usage=self._books.billed,
             hold_tool_calls=self.config.hold_tool_calls,
             max_event_bytes=self.config.max_event_bytes,
@@ -854,7 +857,11 @@ class AnswerRun(AnswerFlow):
             books.cost = cost if books.cost is _NO_COST else books.cost + cost
             books.estimated = books.estimated or estimated
         self._count_own(books, fold, plan, verdict)
-        outcome_name = _outcome_name(verdict.state if verdict else None, error)
+        outcome_name = (
+            verdict.state._value_  # (a stream that ended by itself: no call)
+            if error is None and verdict is not None
+            else _outcome_name(verdict.state if verdict else None, error)
+        )
         if books.infos is _NO_INFOS:
             books.infos = []
         books.infos.append(
