@@ -163,10 +163,7 @@ def _is_silent(error: UnbrokenError | None) -> bool:
 
 
 def _failure(end: StreamEnd | None, error: UnbrokenError | None) -> UnbrokenError | None:
-    """The error of an attempt, or None when it completed. A stream whose every choice
-    finished is complete even if it then broke or stalled before `[DONE]` or its usage."""
-    if end is not None and end.state is EndState.COMPLETE:
-        return None
+    """The error of an attempt that did not complete (`AnswerFlow._after` tells)."""
     if error is not None:
         return error
     if end is None:  # a shell reported neither an end nor an error: treat it as cut short
@@ -681,7 +678,7 @@ class AnswerFlow(_Flow):
 
     def _top(self) -> Action:
         """The next attempt (or the end of a choice that needs none)."""
-        route = self.route
+        route = self.routes[self.route_index]  # (`route`, without the property's call)
         rec = self.rec
         plan = _plan(
             self.unpacked_body(),
@@ -711,13 +708,20 @@ class AnswerFlow(_Flow):
         assert plan is not None  # noqa: S101 - set with the stage
         answer = self.answer
         route = plan.route
-        failure = _failure(outcome.end, outcome.error)
+        end = outcome.end
+        # A stream whose every choice finished is complete even if it then broke or
+        # stalled before `[DONE]` or its usage (most attempts: no call for it).
+        failure = (
+            None
+            if end is not None and end.state is EndState.COMPLETE
+            else _failure(end, outcome.error)
+        )
         self.now = outcome.now
         if failure is None:
             self.health[route.name].breaker.record_success(self.now)
             # `[DONE]` while a choice had no finish_reason on a route that omits it: the
             # server chose to end; resuming would ask again forever.
-            ended = outcome.end is not None and outcome.end.missing_finish
+            ended = end is not None and end.missing_finish
             pending = self._pending
             if plan.choice_index is None:
                 if ended:
@@ -846,7 +850,7 @@ def _plan(
             reason=state.rec.last_error,
             waited_s=waited,
             from_route=from_route,
-            has_fallback=state.has_fallback(),
+            has_fallback=state.route_index < len(state.routes) - 1,  # (`has_fallback()`)
         )
 
     def plan(
