@@ -761,8 +761,8 @@ class AnswerRun(AnswerFlow):
         counts[kind] += 1
 
     def _announce(self, plan: AttemptPlan) -> None:
-        if plan.kind == "first":
-            return  # (an answer's first attempt: nothing to count or tell)
+        if plan.kind == "first" and plan.continuation is None:
+            return  # (an answer's first request: nothing to count or tell)
         error = plan.reason.message if plan.reason is not None else ""
         index = plan.choice_index or 0
         if plan.kind == "fallback":
