@@ -91,3 +91,26 @@ def test_the_shared_books_and_recovery_are_never_written_to() -> None:
     assert [r.outcome for r in hooks.answers] == ["complete", "complete", "cancelled"]
     assert [r.attempts for r in hooks.answers] == [1, 2, 0]
     assert len(hooks.attempts) == 3
+
+
+def test_a_first_request_that_continues_a_partial_answer_is_counted_as_a_resume() -> None:
+    """`resume(partial=...)`: the answer's first request continues what was shown: the run
+    counts it as a resume and tells it (a ResumedEvent), as for a broken stream."""
+    client = ClientBase("sk", "http://127.0.0.1:9", {"seed": 1})
+    run = client._new_run("deepseek-chat", MESSAGES, {}, stream=True)
+    run.answer.feed(_chunk("Hel"))  # shown already
+    action = run.next_action(None, 1.0)
+    assert isinstance(action, Connect)
+    assert action.plan.kind == "first"
+    assert action.plan.continuation is not None
+    assert run._books.counts["resume"] == 1
+    events = run.drain_events()
+    assert [type(e).__name__ for e in events] == ["ResumedEvent"]
+
+
+def test_a_plain_first_request_is_not_announced() -> None:
+    client = ClientBase("sk", "http://127.0.0.1:9", {"seed": 1})
+    run = client._new_run("deepseek-chat", MESSAGES, {}, stream=True)
+    assert isinstance(run.next_action(None, 1.0), Connect)
+    assert run._books is _NO_BOOKS  # nothing counted, nothing told
+    assert run.drain_events() == []

@@ -56,3 +56,31 @@ async def test_disarmed_timers_leave_the_heap_and_never_fire() -> None:
     await asyncio.wait_for(done.wait(), 10)
     assert aborted == ["live"]  # the disarmed ones expired in the same pass, unseen
     assert live.fired == "headers"
+
+
+async def test_a_timer_armed_in_the_next_loop_turn() -> None:
+    """`_arm_soon` (the engine arms an attempt's timer after the request's write): it arms
+    a live timer once, at the expiry counted from the attempt's start; a timer cancelled
+    before the loop got to it is not armed at all."""
+    loop = asyncio.get_running_loop()
+    fired: list[str] = []
+    done = asyncio.Event()
+
+    def live_abort() -> None:
+        fired.append("live")
+        done.set()
+
+    live = _StreamTimer(loop, _attempt(), _Abort(live_abort))
+    gone = _StreamTimer(loop, _attempt(), _Abort(lambda: fired.append("gone")))
+    loop.call_soon(live._arm_soon)
+    loop.call_soon(live._arm_soon)  # armed already by then: not pushed again
+    loop.call_soon(gone._arm_soon)
+    gone.cancel()
+    heap = _timers(loop)._heap
+    before = heap.count(live)
+    await asyncio.sleep(0)
+    assert heap.count(live) == before + 1
+    assert gone not in heap
+    await asyncio.wait_for(done.wait(), 10)
+    assert fired == ["live"]
+    assert live.fired == "headers"

@@ -35,6 +35,9 @@ END = b"0\r\n\r\n"
 # The reads of one response, one per loop turn: the end alone, or with the last events.
 APART = [HEAD, *FRAMES, END]
 TOGETHER = [HEAD, *FRAMES[:-2], FRAMES[-2] + FRAMES[-1] + END]
+# Several events in one frame (a loaded upstream's), and then the rest in one read.
+_SEVERAL = b"".join(b"data: " + e + b"\n\n" for e in EVENTS[:3])
+SEVERAL = [HEAD, b"%x\r\n%s\r\n" % (len(_SEVERAL), _SEVERAL), FRAMES[-2] + FRAMES[-1] + END]
 
 
 class _Peer:
@@ -87,8 +90,17 @@ class _InProcess(LeanTransport):
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("parts", [APART, TOGETHER], ids=["end-apart", "end-together"])
-@pytest.mark.parametrize("sink", ["one", "list"])
+@pytest.mark.parametrize(
+    ("parts", "sink"),
+    [
+        (APART, "one"),
+        (TOGETHER, "one"),
+        (SEVERAL, "one"),  # each of a read's events relayed as its bytes, in turn
+        (APART, "list"),
+        (TOGETHER, "list"),
+    ],
+    ids=["end-apart-one", "end-together-one", "several-a-frame-one", "end-apart", "end-together"],
+)
 async def test_a_lane_answer_ends_whole_and_frees_its_connection(
     parts: list[bytes], sink: str
 ) -> None:
@@ -137,4 +149,39 @@ async def test_a_lane_answer_ends_whole_and_frees_its_connection(
         # One connection, back in the pool after each answer: the second reuses it.
         assert [p.requests for p in transport.peers] == [n]
         assert transport._open == 1
+    await client.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("parts", [APART, SEVERAL], ids=["apart", "several-a-frame"])
+async def test_a_refused_chunk_and_the_rest_are_yielded_in_order(parts: list[bytes]) -> None:
+    """The sink refuses the second content chunk: it and every chunk after it are yielded,
+    in order, whether they came in reads of their own or in one read with it."""
+    client = AsyncClient(
+        routes=[Route(name="r", base_url="http://127.0.0.1:9/v1", api_key="sk")],
+        transport=_InProcess(parts),
+    )
+    stream = await client.chat.completions.create(
+        model="deepseek-chat", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    relayed: list[bytes] = []
+
+    def take(chunks: list[Any], payloads: list[bytes] | None) -> bool:
+        relayed.extend(payloads or [b"(encoded)"] * len(chunks))
+        return True
+
+    def take_one(payload: bytes) -> bool:
+        if b"Hi" in payload:
+            return False
+        relayed.append(payload)
+        return True
+
+    stream.set_chunk_sink(take, with_payloads=True, one=take_one)
+    yielded = [chunk async for chunk in stream]
+    answer = await stream.final()
+    assert len(relayed) == 1  # the role's
+    deltas = [c.choices[0].delta for c in yielded]
+    assert [d.content if d is not None else None for d in deltas] == ["Hi", " there", ""]
+    assert yielded[-1].choices[0].finish_reason == "stop"
+    assert answer.choices[0].message.content == "Hi there"
     await client.close()

@@ -186,6 +186,8 @@ class ClientConfig:
     heads: dict[int, Any] = field(default_factory=dict)
     # Per list of routes and budget key: the flow's health and budget maps (`route_maps`).
     maps: dict[tuple[object, ...], Any] = field(default_factory=dict)
+    # The routes `report_breakers` last looked at and `CircuitBreaker.changes` then.
+    reported: tuple[object, int] | None = None
 
     @classmethod
     def build(
@@ -337,6 +339,12 @@ class ClientConfig:
         """Tell the hooks about breakers that changed state."""
         if not self.hooks.on:
             return
+        # No breaker made nor changed since the same routes were looked at: nothing new
+        # (most steps of most answers: no loop over the routes, ~35 bytecodes).
+        changes = CircuitBreaker.changes
+        reported = self.reported
+        if reported is not None and reported[0] is routes and reported[1] == changes:
+            return
         for route in routes:
             health = self.health.get(route.name)
             if health is None:
@@ -345,6 +353,7 @@ class ClientConfig:
             if self.breaker_states.get(route.name) is not state:
                 self.breaker_states[route.name] = state
                 self.hooks.breaker(route.name, state)
+        self.reported = (routes, changes)
 
 
 _RESERVED = frozenset({"fallbacks", "restart"})
@@ -568,13 +577,17 @@ class AnswerRun(AnswerFlow):
         if deadline != self.timeouts.deadline_s:  # so a deadline timeout names its limit
             self.timeouts = dataclasses.replace(self.timeouts, deadline_s=deadline)
         health, budgets = config.route_maps(routes, budget_key)
-        messages = body.get("messages") or []
-        last = messages[-1] if messages else {}
         caller_prefix = ""
-        caller_continues = last.get("prefix") if isinstance(last, dict) else False
-        caller_continues = caller_continues or bool(body.get("continue_final_message"))
-        if isinstance(last, dict) and last.get("role") == "assistant" and caller_continues:
-            caller_prefix = str(last.get("content") or "")
+        messages = body.get("messages")
+        if messages:
+            last = messages[-1]
+            if (
+                isinstance(last, dict)
+                and last.get("role") == "assistant"
+                and (last.get("prefix") or body.get("continue_final_message"))
+            ):
+                caller_prefix = str(last.get("content") or "")
+        n = body.get("n", 1)
         # Its deadline is `deadline_at`: now + `deadline`, the policy's.
         super().__init__(
             body,
@@ -585,7 +598,9 @@ class AnswerRun(AnswerFlow):
             budgets=budgets,
             rng=config.rng,
             now=now,
-            options=_flow_options(restart, int(body.get("n", 1)), caller_prefix),
+            options=_PLAIN_FLOW
+            if n == 1 and not restart and not caller_prefix
+            else _flow_options(restart, int(n), caller_prefix),
         )
         # Its accounting: shared (nothing accounted) until `_write` makes it its own.
         self._books = _NO_BOOKS
@@ -683,6 +698,9 @@ class AnswerRun(AnswerFlow):
             self._record_answer(now, exc)
             raise
         self.config.report_breakers(self.routes)
+        if type(action) is Connect:  # (most actions: no isinstance chain)
+            self._announce(action.plan)
+            return action
         if isinstance(action, EndChoice):
             self._end_choice(action)
             return self.next_action(None, now)
@@ -700,8 +718,6 @@ class AnswerRun(AnswerFlow):
             )
             if self.config.hooks.on:
                 self.config.hooks.wait(route, action.why, action.seconds)
-        elif isinstance(action, Connect):
-            self._announce(action.plan)
         return action
 
     def _end_choice(self, action: EndChoice) -> None:
@@ -745,6 +761,8 @@ class AnswerRun(AnswerFlow):
         counts[kind] += 1
 
     def _announce(self, plan: AttemptPlan) -> None:
+        if plan.kind == "first" and plan.continuation is None:
+            return  # (an answer's first request: nothing to count or tell)
         error = plan.reason.message if plan.reason is not None else ""
         index = plan.choice_index or 0
         if plan.kind == "fallback":
@@ -798,7 +816,7 @@ class AnswerRun(AnswerFlow):
             self.answer,
             now=now,
             timeouts=self.timeouts,
-            deadline_at=self.deadline_at,
+            deadline_at=self.deadline,
             prior_usage=self._books.billed,
             hold_tool_calls=self.config.hold_tool_calls,
             max_event_bytes=self.config.max_event_bytes,
@@ -839,7 +857,11 @@ class AnswerRun(AnswerFlow):
             books.cost = cost if books.cost is _NO_COST else books.cost + cost
             books.estimated = books.estimated or estimated
         self._count_own(books, fold, plan, verdict)
-        outcome_name = _outcome_name(verdict.state if verdict else None, error)
+        outcome_name = (
+            verdict.state._value_  # (a stream that ended by itself: no call)
+            if error is None and verdict is not None
+            else _outcome_name(verdict.state if verdict else None, error)
+        )
         if books.infos is _NO_INFOS:
             books.infos = []
         books.infos.append(
@@ -1118,13 +1140,19 @@ class ClientBase:
         options = ChatParams.pop(params)
         stream_options = params.get("stream_options")
         usage_chunk = (
-            isinstance(stream_options, Mapping) and stream_options.get("include_usage") is True
+            stream_options is not None
+            and isinstance(stream_options, Mapping)
+            and stream_options.get("include_usage") is True
         )
         body = build_body(
             model, messages, stream=stream, params=params, extra_body=options.extra_body
         )
         given = options.timeout if options.timeout is not None else timeout
-        timeouts = apply_timeout(self._config.timeouts, given, tighten_only=tighten_only)
+        timeouts = (
+            self._config.timeouts
+            if given is None
+            else apply_timeout(self._config.timeouts, given, tighten_only=tighten_only)
+        )
         return AnswerRun(
             self._config,
             body,

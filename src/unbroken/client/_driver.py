@@ -18,7 +18,7 @@ import httpx
 import msgspec
 
 from unbroken.client._common import AnswerRun
-from unbroken.core.attempt import Attempt
+from unbroken.core.attempt import Attempt, Timeouts
 from unbroken.core.backoff import kind_of_status, parse_retry_after
 from unbroken.core.flow import AttemptOutcome, PackedMessages
 from unbroken.core.routes import Route
@@ -302,6 +302,12 @@ def _fixed_head(
     return fixed
 
 
+# The last timers `Exchange.timeouts` made the extension of (without a read limit), and it.
+_LAST_TIMEOUTS: tuple[Timeouts, dict[str, float | None]] | None = None
+# `Exchange.head`'s `also` headers: each one's lower-case name and its line.
+_ALSO_LINES: dict[tuple[str, str], tuple[str, bytes]] = {}
+
+
 class Exchange:
     """One attempt's HTTP exchange, as both drivers run it:
 
@@ -360,11 +366,19 @@ class Exchange:
         self.response: httpx.Response | None = None
 
     def timeouts(self) -> dict[str, float | None]:
-        """httpx's timeout extension of the request: {"connect", "read", "write", "pool"}."""
+        """httpx's timeout extension of the request: {"connect", "read", "write", "pool"}
+        (read only: the one of the same timers is shared)."""
+        global _LAST_TIMEOUTS  # a one-entry cache: most answers share the client's timers
         t = self.run.timeouts
         read_s = self._read_s
+        last = _LAST_TIMEOUTS
+        if last is not None and last[0] is t and read_s is None:
+            return last[1]
         connect = t.connect_s if read_s is None or t.connect_s is None else min(t.connect_s, read_s)
-        return {"connect": connect, "read": read_s, "write": t.connect_s, "pool": t.connect_s}
+        made = {"connect": connect, "read": read_s, "write": t.connect_s, "pool": t.connect_s}
+        if read_s is None:
+            _LAST_TIMEOUTS = (t, made)
+        return made
 
     def content(self, *, exact: bool = True) -> bytes:
         """The request's JSON body; with `exact=False` maybe in a larger buffer (for a
@@ -393,18 +407,28 @@ class Exchange:
             # request (~3 us less), when none of them replaces one of the route's.
             _, _, _, prefix, auth, names = fixed
             also = self._also
+            also_lower: str | None = None
+            also_line = b""
+            if also is not None:
+                # Its name's lower case and its line, made once per `also` (the engine's
+                # is always the same).
+                known = _ALSO_LINES.get(also)
+                if known is None:
+                    known = _ALSO_LINES[also] = (
+                        also[0].lower(),
+                        f"{also[0]}: {also[1]}\r\n".encode(),
+                    )
+                also_lower, also_line = known
             lines = [prefix]
             for name, value in self.run.extra_headers.items():
                 if type(name) is not str or type(value) is not str:
                     break
                 lower = name.lower()
-                if lower in names or (also is not None and lower == also[0].lower()):
+                if lower in names or lower == also_lower:
                     break
                 lines.append(f"{name}: {value}\r\n".encode("ascii"))
             else:
-                lines += [auth, b"Content-Length: %d\r\n" % len(content)]
-                if also is not None:
-                    lines.append(f"{also[0]}: {also[1]}\r\n".encode())
+                lines += [auth, b"Content-Length: %d\r\n" % len(content), also_line]
                 return b"".join(lines)
         pairs = header_pairs(
             self.url, content, request_headers(self.route, self.run.extra_headers), also=self._also

@@ -94,19 +94,21 @@ class ChatParams:
             raise InvalidRequestError("restart must be True or False")
         if not isinstance(budget_key, str):
             raise InvalidRequestError("budget_key must be a string")
-        return cls(
-            extra_headers=dict(headers),
-            extra_body=body,
-            timeout=timeout
-            if timeout is None or isinstance(timeout, httpx.Timeout)
-            else float(timeout),
-            deadline=None if deadline is None else float(deadline),
-            fallbacks=fallbacks,
-            restart=restart,
-            budget_key=budget_key,
-            routes=routes,
-            extra_query=query,
+        # Set field by field: the dataclass's `__init__` (keywords, a default-factory
+        # check) cost as much again, once per answer.
+        made: ChatParams = cls.__new__(cls)
+        made.extra_headers = dict(headers)
+        made.extra_body = body
+        made.timeout = (
+            timeout if timeout is None or isinstance(timeout, httpx.Timeout) else float(timeout)
         )
+        made.deadline = None if deadline is None else float(deadline)
+        made.fallbacks = fallbacks
+        made.restart = restart
+        made.budget_key = budget_key
+        made.routes = routes
+        made.extra_query = query
+        return made
 
 
 def _seconds(value: object) -> bool:

@@ -6,6 +6,7 @@ Imports the standard library and `unbroken.errors` only; time is passed in.
 from __future__ import annotations
 
 import enum
+from typing import ClassVar
 
 from unbroken.errors import ConfigError
 
@@ -65,6 +66,11 @@ class CircuitBreaker:
 
     __slots__ = ("_failures", "_opened_at", "_probing", "cooldown_s", "failure_threshold", "state")
 
+    # Breakers made and state changes of all of them, counted: a reader of the states that
+    # saw none since its last look knows them unchanged without looking at each
+    # (`ClientConfig.report_breakers`).
+    changes: ClassVar[int] = 0
+
     def __init__(self, failure_threshold: int = 5, cooldown_s: float = 30.0) -> None:
         if failure_threshold < 1 or cooldown_s < 0:
             raise ConfigError(
@@ -77,11 +83,14 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._probing = False
+        CircuitBreaker.changes += 1
 
     def _fire(self, event: BreakerEvent, now: float) -> None:
         new = transition(self.state, event)
-        if new is BreakerState.OPEN and self.state is not BreakerState.OPEN:
-            self._opened_at = now
+        if new is not self.state:
+            CircuitBreaker.changes += 1
+            if new is BreakerState.OPEN:
+                self._opened_at = now
         self.state = new
 
     def allow(self, now: float) -> bool:

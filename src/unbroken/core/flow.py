@@ -163,10 +163,7 @@ def _is_silent(error: UnbrokenError | None) -> bool:
 
 
 def _failure(end: StreamEnd | None, error: UnbrokenError | None) -> UnbrokenError | None:
-    """The error of an attempt, or None when it completed. A stream whose every choice
-    finished is complete even if it then broke or stalled before `[DONE]` or its usage."""
-    if end is not None and end.state is EndState.COMPLETE:
-        return None
+    """The error of an attempt that did not complete (`AnswerFlow._after` tells)."""
     if error is not None:
         return error
     if end is None:  # a shell reported neither an end nor an error: treat it as cut short
@@ -272,29 +269,18 @@ class _Flow:
         "routes",
     )
 
-    def __init__(
-        self,
-        routes: Sequence[Route],
-        health: Mapping[str, RouteHealth],
-        answer: ChunkAccumulator,
-        budgets: Mapping[str, RetryBudget],
-        policy: RetryPolicy,
-        rng: random.Random,
-        now: float,
-    ) -> None:
-        self.routes = routes
-        self.health = health
-        self.budgets = budgets
-        self.answer = answer
-        self.policy = policy
-        self.rng = rng
-        self.now = now
-        self.deadline = None if policy.deadline_s is None else now + policy.deadline_s
-        self.route_index = 0
-        self.number = 0  # attempts made
-        # Shared (nothing failed) until `recovery` makes it the flow's own: most answers
-        # never fail, and these were 13 slots of every live answer (~100 bytes).
-        self.rec = _NO_RECOVERY
+    # (Set up by `AnswerFlow.__init__`, its only subclass: one call less per answer.)
+    routes: Sequence[Route]
+    health: Mapping[str, RouteHealth]
+    budgets: Mapping[str, RetryBudget]
+    answer: ChunkAccumulator
+    policy: RetryPolicy
+    rng: random.Random
+    now: float
+    deadline: float | None
+    route_index: int
+    number: int
+    rec: _Recovery
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -612,9 +598,25 @@ class AnswerFlow(_Flow):
         opts = options or FlowOptions()
         if budgets is None:
             budgets = {route.name: RetryBudget() for route in routes}
-        super().__init__(routes, health, answer, budgets, policy, rng, now)
-        self.route_index = _first_allowed(routes, health, now, 0)
-        budgets[routes[self.route_index].name].on_request(now)
+        self.routes = routes
+        self.health = health
+        self.budgets = budgets
+        self.answer = answer
+        self.policy = policy
+        self.rng = rng
+        self.now = now
+        self.deadline = None if policy.deadline_s is None else now + policy.deadline_s
+        self.number = 0  # attempts made
+        # Shared (nothing failed) until `recovery` makes it the flow's own: most answers
+        # never fail, and these were 13 slots of every live answer (~100 bytes).
+        self.rec = _NO_RECOVERY
+        first = routes[0]
+        index = 0
+        if not health[first.name].breaker.allow(now):  # (most answers: no loop, no call)
+            index = _first_allowed(routes, health, now)
+            first = routes[index]
+        self.route_index = index
+        budgets[first.name].on_request(now)
         self._body = body
         self._opts = opts
         self._kind: AttemptKind = "first"
@@ -676,7 +678,7 @@ class AnswerFlow(_Flow):
 
     def _top(self) -> Action:
         """The next attempt (or the end of a choice that needs none)."""
-        route = self.route
+        route = self.routes[self.route_index]  # (`route`, without the property's call)
         rec = self.rec
         plan = _plan(
             self.unpacked_body(),
@@ -706,13 +708,20 @@ class AnswerFlow(_Flow):
         assert plan is not None  # noqa: S101 - set with the stage
         answer = self.answer
         route = plan.route
-        failure = _failure(outcome.end, outcome.error)
+        end = outcome.end
+        # A stream whose every choice finished is complete even if it then broke or
+        # stalled before `[DONE]` or its usage (most attempts: no call for it).
+        failure = (
+            None
+            if end is not None and end.state is EndState.COMPLETE
+            else _failure(end, outcome.error)
+        )
         self.now = outcome.now
         if failure is None:
             self.health[route.name].breaker.record_success(self.now)
             # `[DONE]` while a choice had no finish_reason on a route that omits it: the
             # server chose to end; resuming would ask again forever.
-            ended = outcome.end is not None and outcome.end.missing_finish
+            ended = end is not None and end.missing_finish
             pending = self._pending
             if plan.choice_index is None:
                 if ended:
@@ -798,16 +807,15 @@ class AnswerFlow(_Flow):
         return self._top()
 
 
-def _first_allowed(
-    routes: Sequence[Route], health: Mapping[str, RouteHealth], now: float, start: int
-) -> int:
-    for offset in range(len(routes)):
-        index = (start + offset) % len(routes)
+def _first_allowed(routes: Sequence[Route], health: Mapping[str, RouteHealth], now: float) -> int:
+    """The first route after the first one whose breaker lets the answer through (the
+    first one's refused it)."""
+    for index in range(1, len(routes)):
         if health[routes[index].name].breaker.allow(now):
             return index
     # Every breaker is open: the route that has no alternative is still tried (failing
     # fast with no route at all would turn a brown-out into an outage).
-    return start
+    return 0
 
 
 def _plan(
@@ -842,7 +850,7 @@ def _plan(
             reason=state.rec.last_error,
             waited_s=waited,
             from_route=from_route,
-            has_fallback=state.has_fallback(),
+            has_fallback=state.route_index < len(state.routes) - 1,  # (`has_fallback()`)
         )
 
     def plan(

@@ -32,6 +32,7 @@ import hashlib
 import re
 from dataclasses import dataclass, replace
 
+from unbroken.core.records import quick_init
 from unbroken.errors import ConfigError, InvalidRequestError
 
 __all__ = [
@@ -108,6 +109,7 @@ def parse_event_id(raw: str | None) -> int:
 # -- leases ----------------------------------------------------------------------------------
 
 
+@quick_init  # made per answer (its log's lease): ~3x faster to make
 @dataclass(frozen=True, slots=True)
 class Lease:
     """Who may append to a stream's log, and until when.
@@ -314,6 +316,7 @@ def should_abandon(
 # -- digests ---------------------------------------------------------------------------------
 
 
+@quick_init  # made per answer
 @dataclass(frozen=True, slots=True)
 class AnswerDigest:
     """SHA-256 (hex) of an answer's UTF-8 text, content and reasoning separately, so a

@@ -55,7 +55,10 @@ def estimate_tokens(text: str) -> int:
 
 def estimate_prompt_tokens(texts: Iterable[str]) -> int:
     """Estimated prompt tokens of messages with these texts."""
-    return sum(estimate_tokens(t) + MESSAGE_OVERHEAD_TOKENS for t in texts)
+    total = 0
+    for text in texts:  # (a loop: no generator per request)
+        total += estimate_tokens(text) + MESSAGE_OVERHEAD_TOKENS
+    return total
 
 
 def max_tokens_of(body: Mapping[str, object]) -> int | None:
