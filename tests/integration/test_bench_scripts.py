@@ -38,6 +38,16 @@ CASES = {
             rf"objects found by the cyclic collector per answer: {NUMBER}",
         ],
     ),
+    "ttft_phases": (
+        ["ttft_phases.py", "--levels", "2", "--repeat", "1"],
+        [
+            r"concurrency 2: 2 requests stamped over 1 runs",
+            rf"through unbroken p50 {NUMBER} ms",
+            rf"read -> upstream\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}",
+            rf"upstream -> head\s+{NUMBER}",
+            rf"head -> client\s+{NUMBER}",
+        ],
+    ),
     "gateway": (
         ["gateway.py", "--levels", "2", "--repeat", "1", "--skip", "litellm,nginx,pyrelay"],
         [
