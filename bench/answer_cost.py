@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import statistics
@@ -205,16 +204,6 @@ def _short(filename: str) -> str:
     return filename.rpartition("/unbroken/")[2] or filename.rpartition("/lib/python")[2]
 
 
-def _wait_file(path: Path, limit_s: float) -> dict[str, Any]:
-    deadline = time.monotonic() + limit_s
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the traced gateway wrote no counts in {limit_s} s")
-        time.sleep(0.05)  # the gateway writes them from its signal handler
-    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    return data
-
-
 def bytecodes(answers: int, tokens: int, top: int) -> None:
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "counts.json"
@@ -234,7 +223,9 @@ def bytecodes(answers: int, tokens: int, top: int) -> None:
         time.sleep(0.2)  # the gateway's loop runs the handler as it wakes
         done = run_once(runner, target, 1, answers, tokens)
         os.kill(target.pid, signal.SIGUSR2)
-        data = _wait_file(out, 60)
+        data: dict[str, Any] = gateway.read_json_when_written(
+            out, 60, "the traced gateway's counts"
+        )
     counts: dict[str, int] = data["counts"]
     n = answers
     total = sum(counts.values())

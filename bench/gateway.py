@@ -1677,6 +1677,17 @@ def sat_client_main(argv: list[str]) -> None:
     print(json.dumps(_sat_load(int(port), path, auth, int(concurrency), float(start))))
 
 
+def read_json_when_written(path: Path, limit_s: float, what: str) -> Any:
+    """The JSON a server process writes to `path` from a signal handler, once it is there
+    (it writes it whole, by a rename); `what` names it in the error after `limit_s`."""
+    deadline = time.monotonic() + limit_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not written in {limit_s} s")
+        time.sleep(0.05)  # the process writes it from its signal handler
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def _mock_pid() -> int:
     """The mock process this bench started (its CPU is reported beside Redis')."""
     for pid in _tree(os.getpid()):

@@ -23,7 +23,6 @@ Run: python bench/ttft_phases.py [--levels 32,256] [--repeat 2]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -122,29 +121,12 @@ def _spread(values: list[float]) -> str:
     return f"{p50:8.2f} {p90:8.2f} {p99:8.2f}"
 
 
-def _mock_pid(port: int) -> int:
-    for pid in os.listdir("/proc"):
-        if pid.isdigit() and f"port={port})" in _cmdline(int(pid)):
-            return int(pid)
-    raise RuntimeError(f"no mock process found on port {port}")
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
 def _read_stamps(path: Path, limit_s: float, skip: int) -> list[list[float]]:
     """The stamps the gateway wrote to `path`, in the order their connections were
     accepted, less the first `skip`; a request not stamped whole is left out."""
-    deadline = time.monotonic() + limit_s
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the probed gateway wrote no stamps in {limit_s} s")
-        time.sleep(0.05)  # it writes them from its signal handler
-    stamps: list[list[float | None]] = json.loads(path.read_text(encoding="utf-8"))
+    stamps: list[list[float | None]] = gateway.read_json_when_written(
+        path, limit_s, "the probed gateway's stamps"
+    )
     path.unlink()
     return [[t for t in s if t is not None] for s in stamps[skip:] if None not in s]
 
@@ -154,7 +136,7 @@ def run(levels: list[int], repeat: int) -> None:
         out = Path(tmp) / "stamps.json"
         mock_url = stack.enter_context(mock_process(gateway.MOCK_CONFIG))
         port = int(mock_url.rsplit(":", 1)[1])
-        direct = gateway.Target("direct", _mock_pid(port), port, "/v1/chat/completions")
+        direct = gateway.Target("direct", gateway._mock_pid(), port, "/v1/chat/completions")
         target = stack.enter_context(
             gateway.unbroken_server(
                 mock_url,
