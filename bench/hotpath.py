@@ -4,11 +4,11 @@ Records one 200-chunk DeepSeek stream from the mock (the answer bench/gateway.py
 then pushes its bytes, one SSE event per read as a loaded gateway reads them (c=256),
 through the real objects of the gateway's hot path: the upstream connection's protocol
 (`_Connection.data_received`, httptools) -> the SDK's `_FastLane` -> `Attempt.relay_one` ->
-`Producer._take_one` -> the memory stream log's `append_one` -> the relay's `LiveSink`
-(`DirectBody`'s framing) -> a transport stand-in that only counts bytes. Side by side, the
-floor relay of bench/gateway.py (`_UpstreamSide.data_received`: uvloop + Protocol, bytes
-passed through) writes the same reads into the same stand-in. Prints the median us per
-chunk of each and the ratio.
+the producer's `take_one` (gateway/relay.py `ProducerCore`) -> the memory stream log's
+`append_one` -> the relay's `LiveSink` (`DirectBody`'s framing) -> a transport stand-in
+that only counts bytes. Side by side, the floor relay of bench/gateway.py
+(`_UpstreamSide.data_received`: uvloop + Protocol, bytes passed through) writes the same
+reads into the same stand-in. Prints the median us per chunk of each and the ratio.
 
 A measuring aid for this path only: the syscalls, the event loop's own work and the
 per-request costs (routing, limits, the response head, usage) are not in it, so its ratio

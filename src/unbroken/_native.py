@@ -28,9 +28,20 @@ from collections.abc import Sequence
 from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["COMPILED", "MANIFEST", "PURE_ENV", "STATE", "compiled_modules"]
+__all__ = ["COMPILED", "MANIFEST", "PURE_ENV", "STATE", "compiled_modules", "mypyc_attr"]
+
+if TYPE_CHECKING:
+    # mypyc reads the decorator by its name in mypy_extensions (a build-time package only).
+    from mypy_extensions import mypyc_attr as mypyc_attr
+else:
+
+    def mypyc_attr(*_args: Any, **_kwargs: Any) -> Any:
+        """mypy_extensions' class decorator for mypyc's options, a no-op when run (the
+        compiled modules import it from here: this module is never compiled)."""
+        return lambda cls: cls
+
 
 # Set to 1, the process runs the sources even where the extensions were built.
 PURE_ENV = "UNBROKEN_PURE_PYTHON"

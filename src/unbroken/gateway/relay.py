@@ -38,15 +38,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import anyio
 import msgspec
 
 from unbroken._flag import Flag
+from unbroken._native import mypyc_attr
 from unbroken.client import AsyncStream
 from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.errors import UnbrokenError
@@ -64,7 +66,15 @@ from unbroken.gateway.direct import (  # the framing `LiveSink.feed_one` spells 
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
 from unbroken.gateway.scopes import cancel_scope
 
-__all__ = ["HeadSink", "LiveSink", "RelayResult", "StreamRelay"]
+__all__ = [
+    "EventSink",
+    "HeadSink",
+    "LiveSink",
+    "ProducerCore",
+    "RelayResult",
+    "StreamRelay",
+    "Waiter",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -839,6 +849,135 @@ class HeadSink(LiveSink):
         relay._last_write = relay._loop.time()
         self._live = self._can_live
         return True
+
+
+class EventSink(Protocol):
+    """A reader that takes a producer's events as they are appended (`LiveSink`)."""
+
+    last: int
+
+    def ready(self) -> bool:
+        """Whether it can take events now."""
+
+    def feed(self, first: int, payloads: Sequence[bytes]) -> bool:
+        """Take events `first`, `first + 1`, ...; False when it cannot (it took none)."""
+
+    def feed_one(self, seq: int, payload: bytes) -> bool:
+        """`feed` of the one event `seq` (the relay's hot path: no sequence per event)."""
+
+
+class Waiter(Protocol):
+    """What a parked reader waits on: an `asyncio.Future[None]`, or a detached reader
+    (gateway/detach.py `Detached`)."""
+
+    def done(self) -> bool:
+        """Whether it was woken."""
+
+    def set_result(self, result: None) -> None:
+        """Wake it."""
+
+
+# The log's append of one event: (stream id, epoch, payload, time.time()) -> its number
+# (stores/streamlog.py `MemoryStreamLog.append_one`).
+AppendOne = Callable[[str, int, bytes, float], int]
+
+
+@mypyc_attr(allow_interpreted_subclasses=True)
+class ProducerCore:
+    """What a relayed chunk runs through of an answer's producer (gateway/streams.py
+    `Producer`, its subclass, holds the rest): the log append of the chunk and the write
+    to its live readers, `take_one`. Here, not in gateway/streams.py, so that it is
+    compiled with the relay's sinks (tools/compile_native.py): interpreted, it was ~60
+    bytecodes a relayed chunk (bench/hotpath.py --bytecodes).
+
+    Attributes:
+        stream_id: the stream.
+        epoch: the lease epoch its appends carry.
+        n_events: events in the log.
+        degraded: the log failed mid-answer (store outage): the rest lives in `tail` only.
+        reason: why it stopped early (stopped, abandoned, fenced...), or None.
+        tail: the payloads of the last events appended, the last being event `n_events`.
+    """
+
+    __slots__ = (
+        "_append_one",
+        "_n_waiting",
+        "_sink",
+        "_sinks",
+        "_tail_max",
+        "_unset",
+        "degraded",
+        "epoch",
+        "n_events",
+        "reason",
+        "stream_id",
+        "tail",
+    )
+
+    def __init__(
+        self,
+        stream_id: str,
+        epoch: int,
+        n_events: int,
+        append_one: AppendOne | None,
+        tail_max: int,
+        tail: list[bytes],
+    ) -> None:
+        self.stream_id = stream_id
+        self.epoch = epoch
+        self.n_events = n_events
+        # The memory log's `append_one` (None with a remote log: its appends are batched).
+        self._append_one = append_one
+        self._tail_max = tail_max  # 0: no tail kept (the memory log's readers read it)
+        self.tail = tail
+        self.degraded = False
+        self.reason: str | None = None
+        # Readers handed off to the producer (`Producer.park`): the first in `_sink`, any
+        # others in `_sinks` (with the futures they park on).
+        self._sink: EventSink | None = None
+        self._sinks: dict[EventSink, Waiter] | None = None
+        self._n_waiting = 0  # readers waiting in `Producer.wait`
+        self._unset = True  # `Producer.first` not set by an append yet
+
+    def take_one(self, payload: bytes) -> bool:
+        """`Producer._take` of one chunk as its upstream bytes (the SDK stream's `one`
+        sink): the hot path of a relayed chunk, the log append and the live readers' write
+        in one call, no list or tuple per chunk (bench/hotpath.py). False when it is not
+        taken here: the stream yields it and the producer appends it."""
+        append = self._append_one
+        if append is None or self.degraded or self.reason is not None:
+            return False
+        try:
+            n = append(self.stream_id, self.epoch, payload, time.time())
+        except UnbrokenError:
+            return False
+        # `Producer._appended` spelt out for one payload: this runs once per relayed chunk.
+        if self._tail_max:  # not with the memory log (its open block holds the events)
+            tail = self.tail
+            tail.append(payload)
+            if len(tail) > self._tail_max:
+                del tail[0]
+        self.n_events = n
+        sink = self._sink
+        if sink is not None:
+            if isinstance(sink, LiveSink):
+                # A relay's sink: called natively (the protocol's call looks it up by name).
+                taken = sink.feed_one(n, payload)
+            else:
+                taken = sink.feed_one(n, payload)
+            if not taken or self._sinks:
+                self._feed_one_more(n, payload, taken)
+        if self._n_waiting or self._unset:  # rarely: no call per chunk otherwise
+            self._wake_readers()
+        return True
+
+    def _feed_one_more(self, n: int, payload: bytes, taken: bool) -> None:
+        """`take_one`'s feed past the first sink (which took event `n`, or not)."""
+        raise NotImplementedError  # (`Producer`'s)
+
+    def _wake_readers(self) -> None:
+        """Readers waiting for events wake; `first` is set by the first append."""
+        raise NotImplementedError  # (`Producer`'s)
 
 
 def _frame(event: tuple[int, bytes]) -> bytes:

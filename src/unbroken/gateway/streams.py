@@ -73,6 +73,7 @@ from unbroken.gateway.detach import DETACH_EXTENSION, Detached, Parked
 from unbroken.gateway.eager import EagerStart, eager_task
 from unbroken.gateway.keys import Caller
 from unbroken.gateway.problems import GatewayError, from_unbroken
+from unbroken.gateway.relay import EventSink, ProducerCore, Waiter
 from unbroken.gateway.request import ChatRequest
 from unbroken.gateway.scopes import shielded
 from unbroken.settings import GatewaySettings
@@ -193,22 +194,6 @@ def _stop_chunk(completion: ChatCompletion | None) -> bytes:
 OpenStream = Callable[[], Awaitable[AsyncStream]]
 
 
-class EventSink(Protocol):
-    """A reader that takes a producer's events as they are appended (gateway/relay.py
-    `LiveSink`)."""
-
-    last: int
-
-    def ready(self) -> bool:
-        """Whether it can take events now."""
-
-    def feed(self, first: int, payloads: Sequence[bytes]) -> bool:
-        """Take events `first`, `first + 1`, ...; False when it cannot (it took none)."""
-
-    def feed_one(self, seq: int, payload: bytes) -> bool:
-        """`feed` of the one event `seq` (the relay's hot path: no sequence per event)."""
-
-
 class _TextLink:
     """Where a producer's SDK stream reads the answer's text back (`TextSource`, given to
     `AsyncStream.keep_text_in`): the producer, through this link, cut when it has read the
@@ -237,17 +222,6 @@ class _TextLink:
         return producer
 
 
-class Waiter(Protocol):
-    """What a parked reader waits on: an `asyncio.Future[None]`, or a detached reader
-    (gateway/detach.py `Detached`)."""
-
-    def done(self) -> bool:
-        """Whether it was woken."""
-
-    def set_result(self, result: None) -> None:
-        """Wake it."""
-
-
 class Booking(Protocol):
     """What an answer's producer reports to its request's booking (gateway/app.py
     `_Booking`): held as the object, not as two bound methods (~130 bytes per live answer;
@@ -260,7 +234,7 @@ class Booking(Protocol):
         """The producer ended, with what it has of the answer (once)."""
 
 
-class Producer:
+class Producer(ProducerCore):
     """The writer of one answer's log (see the theory of operation).
 
     Args:
@@ -278,10 +252,10 @@ class Producer:
         renew_slot: renews the caller's concurrency slot (called every `slot_every_s`).
     """
 
-    # One per live answer: no instance dict (~1 KB with this many attributes).
+    # One per live answer: no instance dict (~1 KB with this many attributes). Those a
+    # relayed chunk reads are `ProducerCore`'s.
     __slots__ = (
         "_append_now",
-        "_append_one",
         "_batched",
         "_booking",
         "_cancel",
@@ -290,33 +264,22 @@ class Producer:
         "_error",
         "_flush",
         "_muted",
-        "_n_waiting",
         "_on_complete",
         "_on_end",
         "_pending",
         "_renew_slot",
         "_sending",
-        "_sink",
-        "_sinks",
         "_slot_at",
         "_slot_every_s",
-        "_tail_max",
-        "_unset",
         "_waiter",
         "completion",
-        "degraded",
         "detached_at",
-        "epoch",
         "failure",
         "finished",
         "first",
         "hub",
-        "n_events",
         "n_readers",
-        "reason",
         "resumable",
-        "stream_id",
-        "tail",
         "takeovers",
         "task",
     )
@@ -336,10 +299,21 @@ class Producer:
         slot_every_s: float = 60.0,
         booking: Booking | None = None,
     ) -> None:
+        # The memory log appends without a coroutine (one less per chunk), and is read
+        # without a round trip: a short tail does (the log packs its events; a tail holding
+        # a whole answer's payloads cost ~60 KB per live stream).
+        # Bound once per hub, not per producer (two bound methods: 128 bytes a live answer).
+        self._append_now, append_one = hub.log_appenders()
+        # A list trimmed to `_tail_max`, not a deque(maxlen=...): a deque's first block holds
+        # 64 slots (~760 bytes) per live answer for the events kept here. None with the
+        # memory log, which readers read in place (`tail_events`): its open block holds the
+        # same events (a tail of 8 cost ~0.6 KB per live answer; bench/stream_memory.py).
+        # The payloads are kept with no (id, payload) tuple per event: readers number them.
+        tail_max = TAIL_EVENTS if self._append_now is None else 0
+        ProducerCore.__init__(
+            self, stream_id, epoch, n_events, append_one, tail_max, [] if tail_max else _NO_PENDING
+        )
         self.hub = hub
-        self.stream_id = stream_id
-        self.epoch = epoch
-        self.n_events = n_events
         self.resumable = resumable
         self.takeovers = takeovers
         self._on_complete = on_complete
@@ -352,20 +326,6 @@ class Producer:
         self._cancel = _IDLE
         # Made by the first `wait` (a live answer's readers mostly wait as sinks: ~40 bytes).
         self._changed: Flag | None = None
-        self._n_waiting = 0
-        # The memory log appends without a coroutine (one less per chunk), and is read
-        # without a round trip: a short tail does (the log packs its events; a tail holding
-        # a whole answer's payloads cost ~60 KB per live stream).
-        # Bound once per hub, not per producer (two bound methods: 128 bytes a live answer).
-        self._append_now, self._append_one = hub.log_appenders()
-        # A list trimmed to `_tail_max`, not a deque(maxlen=...): a deque's first block holds
-        # 64 slots (~760 bytes) per live answer for the events kept here. None with the
-        # memory log, which readers read in place (`tail_events`): its open block holds the
-        # same events (a tail of 8 cost ~0.6 KB per live answer; bench/stream_memory.py).
-        self._tail_max = TAIL_EVENTS if self._append_now is None else 0
-        # The payloads of the last events appended, the last being event `n_events` (no
-        # (id, payload) tuple per event: readers number them, `tail_events`).
-        self.tail: list[bytes] = [] if self._tail_max else _NO_PENDING
         # Group commit for a remote log (one with `append_then`: Redis): events pushed while
         # an append is in flight go together in the next one, so the upstream is read on
         # meanwhile. An append is a callback (`_sent`), not a task: its reply reaches the
@@ -382,20 +342,14 @@ class Producer:
         self._created: asyncio.Future[Lease] | None = None
         # Set at the first append (then the shared `_FIRST_SET`), or when the answer failed.
         self.first = Flag()
-        self._unset = True  # `first` not set by an append yet (no method call per append)
-        # The log failed mid-answer (store outage): the rest lives in `tail` only.
-        self.degraded = False
         self.failure: GatewayError | None = None
         self.completion: ChatCompletion | None = None  # the whole answer, once complete
         self.finished = False
-        self.reason: str | None = None  # why it stopped early: stopped, abandoned, fenced...
         self.n_readers = 0
         # Readers handed off to this producer (`park`), each with the future it parks on:
         # the first in `_sink` and `_waiter`, any others in `_sinks` (a dict with one reader
         # held ~220 bytes per live answer, and nearly every answer has one reader).
-        self._sink: EventSink | None = None
         self._waiter: Waiter | None = None
-        self._sinks: dict[EventSink, Waiter] | None = None
         # The waiters of readers fed nothing more since the answer's usage chunk
         # (`_mute_sinks`), released with the others by `_release_sinks`.
         self._muted: list[Waiter] | None = None
@@ -538,7 +492,7 @@ class Producer:
             self._refused(refused)
 
     def _feed_one_more(self, n: int, payload: bytes, taken: bool) -> None:
-        """`_take_one`'s feed past the first sink (which took event `n`, or not)."""
+        """`take_one`'s feed past the first sink (which took event `n`, or not)."""
         refused = [] if taken or self._sink is None else [self._sink]
         refused += [sink for sink in self._sinks or () if not sink.feed_one(n, payload)]
         if refused:
@@ -805,33 +759,6 @@ class Producer:
     # for the answer's life: 64 bytes less per live stream (bench/stream_memory.py).
     __call__ = _take
 
-    def _take_one(self, payload: bytes) -> bool:
-        """`_take` of one chunk as its upstream bytes (the SDK stream's `one` sink): the
-        hot path of a relayed chunk, the log append and the live readers' write in one
-        call, no list or tuple per chunk (bench/hotpath.py)."""
-        append = self._append_one
-        if append is None or self.degraded or self.reason is not None:
-            return False
-        try:
-            n = append(self.stream_id, self.epoch, payload, time.time())
-        except UnbrokenError:
-            return False
-        # `_appended` spelt out for one payload: this runs once per relayed chunk.
-        if self._tail_max:  # not with the memory log (its open block holds the events)
-            tail = self.tail
-            tail.append(payload)
-            if len(tail) > self._tail_max:
-                del tail[0]
-        self.n_events = n
-        sink = self._sink
-        if sink is not None:
-            taken = sink.feed_one(n, payload)
-            if not taken or self._sinks:
-                self._feed_one_more(n, payload, taken)
-        if self._n_waiting or self._unset:  # rarely: no call per chunk otherwise
-            self._wake_readers()
-        return True
-
     def _wake_readers(self) -> None:
         """Readers waiting for events wake; `first` is set by the first append."""
         changed = self._changed
@@ -910,7 +837,7 @@ class Producer:
                 if type(stream) is AsyncStream and self._append_now is not None:
                     # Chunks go into the log from the upstream's data callback (not through
                     # a wrapper such as the answer cache's recorder, which must see them).
-                    stream.set_chunk_sink(self, with_payloads=True, one=self._take_one)
+                    stream.set_chunk_sink(self, with_payloads=True, one=self.take_one)
                     if self.n_events == 0:
                         # The log holds the answer's text: the SDK keeps no copy of it
                         # (~0.5 KB per live stream at 100 chunks; bench/stream_memory.py).
