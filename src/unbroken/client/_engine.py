@@ -23,7 +23,7 @@ from collections.abc import (
     Coroutine,
     Generator,
 )
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import anyio
 import httpx
@@ -731,6 +731,11 @@ class _Tappable(Protocol):
         ...
 
 
+# Bound once: compiled, `time.monotonic()` looks the module and its attribute up at each
+# call (the lane reads the clock once per relayed chunk).
+_monotonic: Final = time.monotonic
+
+
 class _FastLane:
     """Chunks decoded in the connection's data callback and given to the run's chunk sink
     there (`AsyncStream.set_chunk_sink`), while the engine waits for the response to end,
@@ -823,7 +828,7 @@ class _FastLane:
             if one is not None and not pending:
                 # The hot path: one chunk, relayed as its upstream bytes in one call (no
                 # chunk list, no payload list; bench/hotpath.py).
-                got = attempt.relay_one(data, time.monotonic())
+                got = attempt.relay_one(data, _monotonic())
                 if type(got) is bytes:
                     if not one(got):
                         # Refused: yielded instead, as it was decoded (its bytes unchanged).
@@ -839,7 +844,7 @@ class _FastLane:
                     return
                 chunks: list[ChatCompletionChunk] = got  # type: ignore[assignment]  # (no call)
             else:
-                chunks = attempt.feed(data, time.monotonic())
+                chunks = attempt.feed(data, _monotonic())
             self._give(chunks, pending)
         except Exception as exc:  # raised again from `taken`, in the engine
             self.error = exc
@@ -848,7 +853,7 @@ class _FastLane:
     def _several(self, data: bytes, attempt: Attempt, one: Callable[[bytes], bool]) -> None:
         """`_on_body` for each event of a read of several whole events, the hot path's
         steps inline (no call of `_on_body` per event, one clock read for the read)."""
-        now = time.monotonic()
+        now = _monotonic()
         for event in split_events(data):
             pending = self.pending
             if pending:  # a chunk waits to be yielded: the rest follows it

@@ -14,7 +14,7 @@ drain (flow control) and ends the response. Imports uvicorn's httptools protocol
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from unbroken.gateway._holding import Holding
 
@@ -30,7 +30,19 @@ DIRECT_EXTENSION = "unbroken.direct_body"
 # write syscall is ~30% of the gateway's CPU). Per thread: event loops in other threads of
 # the process (tests, embedding) write as they would; a write reads only the count while
 # none holds (~10 ns, not a thread-local's ~40).
-_n_holding = 0
+
+
+class _Count:
+    """A count in an object, not a module global: compiled, `_holding.n` is read in place
+    (a global changed at run time is looked up in the module's dict at each use)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+_holding: Final = _Count()  # threads holding writes now
 _local = Holding()  # this thread's bodies with writes held back
 
 # The framing of an event `seq` of `n` bytes, from tables instead of a formatting: the
@@ -38,10 +50,11 @@ _local = Holding()  # this thread's bodies with writes held back
 # seq below it (bench/hotpath.py: ~60-80 ns of the ~170 a `%x`/`%d` formatting of each
 # relayed chunk took; ~0.4 MB once per process). Larger ones are formatted.
 _TABLE = 4096
-_SIZE_LINES = [b"%x\r\n" % size for size in range(_TABLE)]
-_ID_LINES = [b"id: %d\ndata: " % seq for seq in range(_TABLE)]
-_EVENT_END = b"\n\n\r\n"  # the event's blank line and the chunk's CRLF
-_join = b"".join
+# Final: compiled, each is a C global, not a lookup in the module's dict at each use.
+_SIZE_LINES: Final = [b"%x\r\n" % size for size in range(_TABLE)]
+_ID_LINES: Final = [b"id: %d\ndata: " % seq for seq in range(_TABLE)]
+_EVENT_END: Final = b"\n\n\r\n"  # the event's blank line and the chunk's CRLF
+_join: Final = b"".join
 
 
 def _long_frame(seq: int, data: bytes) -> bytes:
@@ -53,12 +66,11 @@ def hold_writes() -> None:
     """Hold back the body writes this thread makes from now on until `release_writes`
     (the caller's loop callback must call it before returning: nothing else writes to
     the held bodies' transports in between)."""
-    global _n_holding
     if _local.held is None:
         _local.held = []
         # Unlocked: only a hint for the writes' fast path (`_hold` asks this thread's
         # state), so threads racing here cost at most a check per write, never a write.
-        _n_holding += 1
+        _holding.n += 1
 
 
 def writes_held() -> bool:
@@ -69,12 +81,11 @@ def writes_held() -> bool:
 def release_writes() -> None:
     """Write what `hold_writes` held back in this thread, each body's in one write, and
     stop holding."""
-    global _n_holding
     held = _local.held
     if held is None:
         return
     _local.held = None
-    _n_holding -= 1
+    _holding.n -= 1
     for body in held:
         body._release()
 
@@ -122,7 +133,7 @@ class DirectBody:
         if not self.writable():
             return False
         frame = b"%x\r\n%b\r\n" % (len(body), body)
-        if not _n_holding:
+        if not _holding.n:
             self._transport.write(frame)
         else:
             self._hold(frame)
@@ -131,7 +142,7 @@ class DirectBody:
     def write_raw(self, data: bytes) -> None:
         """Write `data` as it is (the response's head, rendered by the caller), now or
         with the writes held (`hold_writes`), before what is written after it."""
-        if not _n_holding:
+        if not _holding.n:
             self._transport.write(data)
         else:
             self._hold(data)
@@ -157,7 +168,7 @@ class DirectBody:
             frame = _join((_SIZE_LINES[len(head) + len(data) + 2], head, data, _EVENT_END))
         except IndexError:
             frame = _long_frame(seq, data)
-        if not _n_holding:
+        if not _holding.n:
             transport.write(frame)
         else:
             self._hold(frame)

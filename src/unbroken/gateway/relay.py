@@ -42,7 +42,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
 import anyio
 import msgspec
@@ -52,7 +52,6 @@ from unbroken._native import mypyc_attr
 from unbroken.client import AsyncStream
 from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.errors import UnbrokenError
-from unbroken.gateway import direct as _writes  # its `_n_holding`, read at each write
 from unbroken.gateway.asgi import Exchange, Message, ResponseHooks
 from unbroken.gateway.detach import Detached, Parked
 from unbroken.gateway.direct import (  # the framing `LiveSink.feed_one` spells out
@@ -60,11 +59,13 @@ from unbroken.gateway.direct import (  # the framing `LiveSink.feed_one` spells 
     _ID_LINES,
     _SIZE_LINES,
     DirectBody,
+    _holding,
     _join,
     _long_frame,
 )
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
 from unbroken.gateway.scopes import cancel_scope
+from unbroken.stores.streamlog import MemoryStreamLog
 
 __all__ = [
     "EventSink",
@@ -730,7 +731,7 @@ class LiveSink:
                 )
             except IndexError:
                 frame = _long_frame(seq, payload)
-            if not _writes._n_holding:
+            if not _holding.n:
                 transport.write(frame)
             else:
                 body._hold(frame)
@@ -877,9 +878,8 @@ class Waiter(Protocol):
         """Wake it."""
 
 
-# The log's append of one event: (stream id, epoch, payload, time.time()) -> its number
-# (stores/streamlog.py `MemoryStreamLog.append_one`).
-AppendOne = Callable[[str, int, bytes, float], int]
+# Bound once: compiled, `time.time()` looks the module and its attribute up at each call.
+_time: Final = time.time
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -900,7 +900,7 @@ class ProducerCore:
     """
 
     __slots__ = (
-        "_append_one",
+        "_log",
         "_n_waiting",
         "_sink",
         "_sinks",
@@ -919,15 +919,16 @@ class ProducerCore:
         stream_id: str,
         epoch: int,
         n_events: int,
-        append_one: AppendOne | None,
+        log: MemoryStreamLog | None,
         tail_max: int,
         tail: list[bytes],
     ) -> None:
         self.stream_id = stream_id
         self.epoch = epoch
         self.n_events = n_events
-        # The memory log's `append_one` (None with a remote log: its appends are batched).
-        self._append_one = append_one
+        # The memory log, whose `append_one` takes each chunk (None with a remote log: its
+        # appends are batched); held as the log, so that the call is a native one.
+        self._log = log
         self._tail_max = tail_max  # 0: no tail kept (the memory log's readers read it)
         self.tail = tail
         self.degraded = False
@@ -944,11 +945,11 @@ class ProducerCore:
         sink): the hot path of a relayed chunk, the log append and the live readers' write
         in one call, no list or tuple per chunk (bench/hotpath.py). False when it is not
         taken here: the stream yields it and the producer appends it."""
-        append = self._append_one
-        if append is None or self.degraded or self.reason is not None:
+        log = self._log
+        if log is None or self.degraded or self.reason is not None:
             return False
         try:
-            n = append(self.stream_id, self.epoch, payload, time.time())
+            n = log.append_one(self.stream_id, self.epoch, payload, _time())
         except UnbrokenError:
             return False
         # `Producer._appended` spelt out for one payload: this runs once per relayed chunk.

@@ -304,6 +304,7 @@ class Producer(ProducerCore):
         # a whole answer's payloads cost ~60 KB per live stream).
         # Bound once per hub, not per producer (two bound methods: 128 bytes a live answer).
         self._append_now, append_one = hub.log_appenders()
+        log = hub.log if append_one is not None else None
         # A list trimmed to `_tail_max`, not a deque(maxlen=...): a deque's first block holds
         # 64 slots (~760 bytes) per live answer for the events kept here. None with the
         # memory log, which readers read in place (`tail_events`): its open block holds the
@@ -311,7 +312,13 @@ class Producer(ProducerCore):
         # The payloads are kept with no (id, payload) tuple per event: readers number them.
         tail_max = TAIL_EVENTS if self._append_now is None else 0
         ProducerCore.__init__(
-            self, stream_id, epoch, n_events, append_one, tail_max, [] if tail_max else _NO_PENDING
+            self,
+            stream_id,
+            epoch,
+            n_events,
+            log if isinstance(log, MemoryStreamLog) else None,
+            tail_max,
+            [] if tail_max else _NO_PENDING,
         )
         self.hub = hub
         self.resumable = resumable

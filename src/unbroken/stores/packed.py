@@ -31,7 +31,7 @@ from array import array
 from collections.abc import Sequence
 from itertools import accumulate
 from operator import sub
-from typing import Protocol
+from typing import Final, Protocol
 
 from unbroken.core.wire import chunk_text, template_reads, values_text
 
@@ -41,7 +41,7 @@ __all__ = ["BLOCK_EVENTS", "PackedEvents", "TemplateSource"]
 # open block holds middles only (~40 bytes an event less than whole events), so this only
 # weighs the compression of untemplated blocks (~11 bytes an event at 16, ~10 at 32) and
 # the cost of a seal (a deflate ~6-10 us, mostly fixed; a block of middles ~0.3 us).
-BLOCK_EVENTS = 16
+BLOCK_EVENTS: Final = 16
 # zlib's fastest level: level 6 saved 10% more for 2.3x the time.
 LEVEL = 1
 # Raw deflate (no header, no checksum) with an 8 KiB window and a smaller hash table than

@@ -13,7 +13,7 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from unbroken._flag import Flag
 from unbroken.core.streamlog import (
@@ -50,7 +50,7 @@ END_SLACK_BYTES = 4096
 MAX_UNSEALED = 4096
 # `append_one` appends an event's length itself below this: every length array (`array("H")`
 # or, once widened, "I") takes it (`PackedEvents.add` widens the array for larger ones).
-_LENGTH_LIMIT = 1 << 16
+_LENGTH_LIMIT: Final = 1 << 16
 
 
 class FencedError(StoreError):
@@ -244,7 +244,11 @@ class MemoryStreamLog:
     """
 
     def __init__(self, retention: Retention | None = None) -> None:
-        self.retention = retention or Retention()
+        self._retention = retention or Retention()
+        # Its bounds as this log's own ints: compiled, `append_one` reads them natively, not
+        # as two attribute lookups on the dataclass per relayed chunk.
+        self._max_stream_bytes = self._retention.max_stream_bytes
+        self._max_total_bytes = self._retention.max_total_bytes
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
         self._sessions: dict[str, str] = {}
         self._total = 0
@@ -258,6 +262,17 @@ class MemoryStreamLog:
 
     def __repr__(self) -> str:
         return f"MemoryStreamLog(streams={len(self._streams)}, bytes={self._total})"
+
+    @property
+    def retention(self) -> Retention:
+        """How long and how much of the logs is kept."""
+        return self._retention
+
+    @retention.setter
+    def retention(self, retention: Retention) -> None:
+        self._retention = retention
+        self._max_stream_bytes = retention.max_stream_bytes
+        self._max_total_bytes = retention.max_total_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -369,15 +384,14 @@ class MemoryStreamLog:
         bench/hotpath.py). Raises what `append_now` raises."""
         stream = self._streams.get(stream_id)
         size = len(payload)
-        retention = self.retention
         # The sums are checked and then stored as they are (fewer bytecodes per chunk).
         if (
             stream is None
             or stream.gone
             or stream.ended_at is not None
             or stream.epoch != epoch
-            or (n_bytes := stream.n_bytes + size) > retention.max_stream_bytes
-            or (total := self._total + size) > retention.max_total_bytes
+            or (n_bytes := stream.n_bytes + size) > self._max_stream_bytes
+            or (total := self._total + size) > self._max_total_bytes
         ):
             # Not the common case (fenced, unknown, full): `append_now` says why, or makes room.
             return self.append_now(stream_id, epoch, (payload,), now, end=False)
