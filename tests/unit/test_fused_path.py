@@ -15,11 +15,12 @@ import msgspec
 import pytest
 
 from tests.support import streaming_cycle
+from unbroken.core.streamlog import Retention
 from unbroken.gateway.direct import DirectBody, hold_writes, release_writes
 from unbroken.gateway.problems import Scrubber
 from unbroken.gateway.relay import HeadSink, LiveSink, StreamRelay
 from unbroken.stores.packed import BLOCK_EVENTS, PackedEvents
-from unbroken.stores.streamlog import MemoryStreamLog
+from unbroken.stores.streamlog import LogFullError, MemoryStreamLog
 
 pytestmark = pytest.mark.anyio
 
@@ -93,6 +94,27 @@ async def test_append_one_keeps_what_append_now_keeps() -> None:
     read = fused.events_now("s", 0, len(PAYLOADS))
     assert read == list(enumerate(PAYLOADS, 1))
     assert read == general.events_now("s", 0, len(PAYLOADS))
+
+
+async def test_append_one_holds_to_the_retention_the_log_has_now() -> None:
+    """`append_one` checks a log's bounds as `append_now` does, also after its retention
+    was replaced (it reads them as the log's own copies)."""
+    log = MemoryStreamLog(Retention(max_stream_bytes=4096, max_total_bytes=8192))
+    await log.create(
+        "s", caller="k", request=b"{}", resumable=True, owner="me", now=1.0, lease_s=60.0
+    )
+    payload = chunk("x" * 1500)
+    assert log.append_one("s", 1, payload, 2.0) == 1
+    assert log.append_one("s", 1, payload, 2.0) == 2
+    with pytest.raises(LogFullError):  # the stream's 4096 bytes
+        log.append_one("s", 1, payload, 2.0)
+    log.retention = Retention(max_stream_bytes=1 << 20, max_total_bytes=1 << 21)
+    assert log.retention.max_stream_bytes == 1 << 20
+    assert log.append_one("s", 1, payload, 2.0) == 3
+    log.retention = Retention(max_stream_bytes=2048, max_total_bytes=8192)
+    with pytest.raises(LogFullError):
+        log.append_one("s", 1, payload, 2.0)
+    assert log.events_now("s", 0, 3) == [(1, payload), (2, payload), (3, payload)]
 
 
 class Wire:
