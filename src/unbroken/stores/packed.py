@@ -29,8 +29,6 @@ import struct
 import zlib
 from array import array
 from collections.abc import Sequence
-from itertools import accumulate
-from operator import sub
 from typing import Final, Protocol
 
 from unbroken.core.wire import chunk_text, template_reads, values_text
@@ -544,22 +542,21 @@ class PackedEvents:
 
 def _odd_end(data: bytes, offset: int, sizes: array[int], cut: int) -> bool:
     """Whether a middle ends in an odd run of backslashes: the middles of events of these
-    `sizes` (less `cut`), one after the other in `data` from `offset`. The last byte of
-    each is found at once (C loops); only those that are a backslash are looked at closer."""
-    n = len(sizes)
-    # Middle i's last byte: offset + its size and those before it, less (i + 1) cuts, less 1.
-    at_ends = list(map(sub, accumulate(sizes), range(cut + 1 - offset, cut * n + 2 - offset, cut)))
-    last_bytes = bytes(map(data.__getitem__, at_ends))
-    i = last_bytes.find(b"\\")
-    while i >= 0:
-        size = sizes[i] - cut
-        if size:  # (an empty middle's byte is the one before it)
-            at = end = at_ends[i] + 1
+    `sizes` (less `cut`), one after the other in `data` from `offset`. A plain loop over
+    them: compiled (tools/compile_native.py), each last byte is read in place (a chain of
+    map and accumulate iterators cost ~3 us a block there, most of the read-back of an
+    answer whose text holds escapes)."""
+    end = offset
+    for size in sizes:
+        size -= cut
+        end += size
+        # (An empty middle has no last byte: the byte before it is another's.)
+        if size and data[end - 1] == _BACKSLASH:
+            at = end
             while at > end - size and data[at - 1] == _BACKSLASH:
                 at -= 1
             if (end - at) % 2:
                 return True
-        i = last_bytes.find(b"\\", i + 1)
     return False
 
 
