@@ -148,6 +148,25 @@ def test_a_deflated_block_of_middles_reads_as_decoded() -> None:
     assert join_text(events.text(1, n, 0, False)) == join_text(chunk_text(payloads, 0, False))
 
 
+def test_a_deflated_block_reads_escapes_in_its_runs_and_odd_ends_alone() -> None:
+    """In a deflated block, middles holding escapes (an escaped quote, an escaped backslash
+    at the end) are read with the run around them; one ending in an odd run of backslashes
+    (it would escape the next middle's first byte) is decoded as its event. In any range,
+    the text is what decoding every event gives."""
+    texts = [f" tok{i}" for i in range(BLOCK_EVENTS - 1)]
+    texts[2] = 'say "resume"'
+    texts[5] = "ends with \\\\"
+    payloads = [ROLE, *(_payload(t) for t in texts)]
+    # On the template, its middle `x\\\` (an odd run: it escapes the tail's quote).
+    payloads[9] = _payload("QQQ").replace(b"QQQ", b"x\\\\\\")
+    events = _log(payloads)
+    assert events._ends[0] & 15 == 0  # deflated, with middles in it
+    n = len(payloads)
+    for first in range(1, n + 1):
+        for last in range(first, n + 1):
+            _same(events, payloads, first, last)
+
+
 def test_escaped_quotes_and_backslashes_are_read_whole() -> None:
     """A block whose middles hold escaped quotes, and one ending in an escaped backslash
     (`\\\\`, an even run), is read in one decode; one ending in a backslash that escapes

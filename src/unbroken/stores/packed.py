@@ -344,8 +344,9 @@ class PackedEvents:
     ) -> list[str]:
         """`text` of events `seq` to `last` of deflated block `block`: each run of its
         middles read at once as a block of middles is (`_values_text`), the other events
-        decoded one by one; a middle holding a backslash is decoded as its event (an escape
-        never spans two of them then). Why: an answer's first and last blocks are deflated
+        decoded one by one; a middle ending in an odd run of backslashes is decoded as its
+        event (an escape never spans two of them then: escapes within a middle, such as
+        `\\"`, are read in the run). Why: an answer's first and last blocks are deflated
         (the role chunk, the usage chunk are whole), and decoding all their events was
         most of the read-back of an answer's text at its end."""
         ends = self._ends
@@ -364,7 +365,9 @@ class PackedEvents:
                 end = offset + size - cut
                 if i >= seq - 1 - first:
                     middle = raw[offset:end]
-                    if middle.find(b"\\") < 0:
+                    # (One ending in an odd run of backslashes would escape the next
+                    # one's first byte, read together: it is decoded as its event.)
+                    if not middle.endswith(b"\\") or not _odd_tail(middle):
                         if events:
                             pieces += chunk_text(events, index, reasoning)
                             events = []
@@ -538,6 +541,14 @@ class PackedEvents:
             start += before - cut * (coded & ((1 << skip) - 1)).bit_count()
         block = self._packed[start:]
         return self._rebuild(block, first + skip, count, coded >> skip, self._head, self._tail)
+
+
+def _odd_tail(middle: bytes) -> bool:
+    """Whether `middle` ends in an odd run of backslashes (one that escapes what follows)."""
+    at = len(middle)
+    while at and middle[at - 1] == _BACKSLASH:
+        at -= 1
+    return (len(middle) - at) % 2 == 1
 
 
 def _odd_end(data: bytes, offset: int, sizes: array[int], cut: int) -> bool:
