@@ -37,7 +37,8 @@ PURE_ENV = "UNBROKEN_PURE_PYTHON"
 # The modules a relayed chunk runs through (bench/hotpath.py --bytecodes), and the gateway's
 # accept and eager start of each answer, compiled together (calls between them are C calls).
 # gateway/streams.py is not: mypyc compiles no async generator there and no `del` of an
-# attribute (its producer's per-chunk step is: gateway/relay.py `ProducerCore`); nor are client/_common.py and core/flow.py: they subclass builtin types.
+# attribute (its producer's per-chunk step is: gateway/relay.py `ProducerCore`); nor are
+# client/_common.py and core/flow.py: they subclass builtin types.
 MODULES = [
     "unbroken/_wait.py",
     "unbroken/client/_engine.py",
