@@ -869,10 +869,10 @@ class Gateway:
         self._relays.add(relay)
         result = None
         try:
-            stream = await self.client.chat.completions.create(
-                model=request.model,
-                messages=request.messages,
-                stream=True,
+            # Checked already (gateway/request.py): `stream_checked` takes it as it is.
+            stream = self.client.stream_checked(
+                request.model,
+                request.messages,
                 extra_body=request.extra or None,
                 extra_headers=headers,
                 fallbacks=self.router.fallback_routes(request.fallbacks) or None,
