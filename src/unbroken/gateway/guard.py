@@ -943,6 +943,27 @@ def _start_bytes(cycle: RequestResponseCycle, start: Message, body: Message) -> 
     length = cycle.expected_content_length
     keep_alive = cycle.keep_alive
     has_close = False
+    if pairs:
+        # The common head, whole: every name checked, lowered and rendered at once, in C
+        # (~20 bytecodes a header less than the loop below). Only when no name can mean
+        # anything to the framing (a substring test, so a name that merely contains one
+        # takes the loop too, which handles it as before).
+        names, values_ = zip(*pairs, strict=True)
+        all_lower = b"\n".join(names).lower()
+        if not (
+            b"content-length" in all_lower
+            or b"transfer-encoding" in all_lower
+            or b"connection" in all_lower
+        ):
+            if HEADER_RE.search(b"".join(names)):
+                raise RuntimeError("Invalid HTTP header name.")
+            if HEADER_VALUE_RE.search(b"\t".join(values_)):
+                raise RuntimeError("Invalid HTTP header value.")
+            content = [
+                STATUS_LINE[status],
+                b"".join(map(_LINE.__mod__, zip(all_lower.split(b"\n"), values_, strict=True))),
+            ]
+            return _start_rest(cycle, status, content, body, chunked, length, keep_alive, False)
     content = [STATUS_LINE[status]]
     values = []
     new_names: list[tuple[bytes, bytes]] = []  # (as given, lowered)
@@ -980,6 +1001,25 @@ def _start_bytes(cycle: RequestResponseCycle, start: Message, body: Message) -> 
         raise RuntimeError("Invalid HTTP header value.")
     if length_value is not None:
         length = int(length_value.decode())
+    return _start_rest(cycle, status, content, body, chunked, length, keep_alive, has_close)
+
+
+# One header line of a rendered head.
+_LINE = b"%s: %s\r\n"
+
+
+def _start_rest(
+    cycle: RequestResponseCycle,
+    status: int,
+    content: list[bytes],
+    body: Message,
+    chunked: bool | None,
+    length: int,
+    keep_alive: bool,
+    has_close: bool,
+) -> bytes:
+    """`_start_bytes` once the header lines are in `content`: the framing's lines, the
+    first body part, the cycle's response state, the access log line."""
     if not keep_alive and not has_close:
         content.append(b"connection: close\r\n")
     head_request = cycle.scope["method"] == "HEAD"
