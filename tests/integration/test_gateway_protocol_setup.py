@@ -265,3 +265,25 @@ def test_header_fields_reach_the_app_as_uvicorn_gives_them(head: bytes) -> None:
     assert scopes["ours"]["headers"] == scopes["theirs"]["headers"]
     assert scopes["ours"]["headers"][1] == (b"content-type", b"application/json")
     assert scopes["ours_expect"] == scopes["theirs_expect"] == (b"100-Continue" in head)
+
+
+def test_a_flood_of_fields_is_refused_at_the_first_too_many() -> None:
+    """Fields past `max_headers` are never listed: the read of a head with thousands of
+    tiny fields is refused (431) at the first one too many."""
+    guard = Guard(GatewaySettings(max_headers=20), GatewayMetrics(CollectorRegistry()))
+
+    async def main() -> tuple[HttpToolsProtocol, _Transport]:
+        protocol = guarded_protocol(guard)(
+            config=uvicorn.Config(app, http="httptools"), server_state=ServerState(), app_state={}
+        )
+        transport = _Transport()
+        protocol.connection_made(transport)
+        fields = b"".join(b"x%d: 1\r\n" % i for i in range(5000))
+        protocol.data_received(b"GET /healthz HTTP/1.1\r\n" + fields + b"\r\n")
+        return protocol, transport
+
+    protocol, transport = asyncio.run(main())
+    assert len(protocol.headers) == 20
+    assert transport.writes
+    assert transport.writes[0].startswith(b"HTTP/1.1 431 ")
+    assert b"too_many_headers" in transport.writes[0]
