@@ -155,10 +155,9 @@ def sdk_on(client: Any) -> One:
     routes = client.routes
 
     async def one() -> None:
-        stream = await client.chat.completions.create(
-            model="deepseek-chat",
-            messages=MESSAGES,
-            stream=True,
+        stream = client.stream_checked(
+            "deepseek-chat",
+            MESSAGES,
             extra_body=None,
             extra_headers={"X-Request-ID": os.urandom(8).hex()},
             fallbacks=None,
@@ -233,10 +232,9 @@ async def sdk_streams(url: str, n: int) -> tuple[list[Any], Callable[[], int]]:
     got = [0] * n
 
     async def one(i: int) -> None:
-        stream = await client.chat.completions.create(
-            model="deepseek-chat",
-            messages=MESSAGES,
-            stream=True,
+        stream = client.stream_checked(
+            "deepseek-chat",
+            MESSAGES,
             extra_headers={"X-Request-ID": os.urandom(8).hex()},
             routes=routes,
             budget_key="bench",

@@ -193,3 +193,97 @@ def test_a_request_cycle_has_uvicorns_attributes() -> None:
     for name, value in vars(theirs).items():
         assert getattr(ours, name) == value, name
     assert ours.body is not theirs.body  # each request's own
+
+
+class _Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 5000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+    def write(self, data: Any) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+HEAD_FIELDS = (
+    b"POST /v1/chat/completions HTTP/1.1\r\n"
+    b"Host: gw.test\r\n"
+    b"Content-Type: application/json  \r\n"
+    b"X-Mixed-CASE: Value With Spaces\t \r\n"
+    b"expect: 100-Continue\r\n"
+    b"X-Empty:\r\n"
+    b"x-dup: 1\r\n"
+    b"X-Dup: 2\r\n"
+    b"Content-Length: 2\r\n\r\n{}"
+)
+
+
+@pytest.mark.parametrize("head", [HEAD_FIELDS, HEAD_FIELDS.replace(b"100-Continue", b"x")])
+def test_header_fields_reach_the_app_as_uvicorn_gives_them(head: bytes) -> None:
+    """The fields the app sees (lowered names, values without trailing whitespace, in
+    order, duplicates kept) and the 100-continue flag are uvicorn's, though the guarded
+    protocol checks and converts them all at the head's end, not one by one."""
+    scopes: dict[str, Any] = {}
+
+    def recording(name: str) -> Any:
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            scopes[name] = scope
+
+        return app
+
+    async def feed(cls: type[HttpToolsProtocol], name: str) -> HttpToolsProtocol:
+        cfg = uvicorn.Config(recording(name), http="httptools")
+        protocol = cls(config=cfg, server_state=ServerState(), app_state={})
+        protocol.connection_made(_Transport())
+        protocol.data_received(head)
+        expect = protocol.expect_100_continue
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert protocol.expect_100_continue == expect or name == "theirs"
+        scopes[name + "_expect"] = expect
+        return protocol
+
+    async def main() -> None:
+        await feed(guarded_protocol(make_guard()), "ours")
+        await feed(HttpToolsProtocol, "theirs")
+
+    asyncio.run(main())
+    assert scopes["ours"]["headers"] == scopes["theirs"]["headers"]
+    assert scopes["ours"]["headers"][1] == (b"content-type", b"application/json")
+    assert scopes["ours_expect"] == scopes["theirs_expect"] == (b"100-Continue" in head)
+
+
+def test_a_flood_of_fields_is_refused_at_the_first_too_many() -> None:
+    """Fields past `max_headers` are never listed: the read of a head with thousands of
+    tiny fields is refused (431) at the first one too many."""
+    guard = Guard(GatewaySettings(max_headers=20), GatewayMetrics(CollectorRegistry()))
+
+    async def main() -> tuple[HttpToolsProtocol, _Transport]:
+        protocol = guarded_protocol(guard)(
+            config=uvicorn.Config(app, http="httptools"), server_state=ServerState(), app_state={}
+        )
+        transport = _Transport()
+        protocol.connection_made(transport)
+        fields = b"".join(b"x%d: 1\r\n" % i for i in range(5000))
+        protocol.data_received(b"GET /healthz HTTP/1.1\r\n" + fields + b"\r\n")
+        return protocol, transport
+
+    protocol, transport = asyncio.run(main())
+    assert len(protocol.headers) == 20
+    assert transport.writes
+    assert transport.writes[0].startswith(b"HTTP/1.1 431 ")
+    assert b"too_many_headers" in transport.writes[0]

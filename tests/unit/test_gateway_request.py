@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -10,8 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from unbroken.core.tokens import estimate_prompt_tokens
+from unbroken.gateway.app import Gateway, _Booking
+from unbroken.gateway.keys import Caller
 from unbroken.gateway.problems import GatewayError
 from unbroken.gateway.request import ChatRequest, _checked_request, parse_chat_request
+from unbroken.settings import GatewaySettings, LimitSettings, RouteSettings, Settings
 
 MODELS = frozenset({"deepseek-chat", "deepseek-reasoner"})
 ROUTES = frozenset({"main", "backup"})
@@ -280,3 +285,65 @@ def test_the_common_body_is_taken_apart_as_the_checks_do() -> None:
     assert isinstance(quick, ChatRequest)
     assert list(quick.extra) == ["temperature", "max_completion_tokens", "zeta", "alpha"]
     assert quick.max_tokens == 7
+
+
+def _unread(request: ChatRequest) -> bool:
+    """No estimate worked out yet."""
+    return request._estimate is None
+
+
+CJK_PROMPT = "\u4f60\u597d\uff0c\u4e16\u754c\u3002" * 400  # wide characters: 6 tenths each
+
+
+@pytest.mark.parametrize("max_tokens", [None, 50])
+def test_the_estimate_is_worked_out_when_read(max_tokens: int | None) -> None:
+    """Parsing leaves the prompt unestimated (a non-ASCII prompt costs a Python step per
+    character); read, the estimate is what it always was, on both parsing paths."""
+    body: dict[str, Any] = {
+        "model": "deepseek-chat",
+        "messages": [
+            {"role": "system", "content": "brief"},
+            {"role": "user", "content": CJK_PROMPT},
+        ],
+    }
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    for extra in ({}, {"fallbacks": ["backup"]}):  # the msgspec path, the checks' path
+        request = parse({**body, **extra})
+        assert isinstance(request, ChatRequest)
+        assert _unread(request)
+        expected = estimate_prompt_tokens(["brief", CJK_PROMPT]) + (max_tokens or 0)
+        assert request.estimated_tokens == expected
+        assert not _unread(request)
+        assert request.max_tokens == max_tokens
+
+
+@pytest.mark.parametrize(
+    ("limits", "estimated"),
+    [
+        (LimitSettings(), False),
+        (LimitSettings(requests_per_minute=100, concurrent_streams=5), False),
+        (LimitSettings(tokens_per_minute=100_000), True),
+        (LimitSettings(daily_tokens=100_000), True),
+    ],
+)
+def test_only_token_limits_estimate_the_prompt(limits: LimitSettings, estimated: bool) -> None:
+    """Admission reads the estimate (and reserves by it) only under token limits."""
+    settings_ = Settings(
+        gateway=GatewaySettings(routes=(RouteSettings("a", "http://127.0.0.1:9/v1"),))
+    )
+    gateway = Gateway(settings_)
+    caller = Caller(id="k:1", name="one", limits=limits)
+    body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": CJK_PROMPT}]}
+    request = parse_chat_request(json.dumps(body).encode(), gateway.models, gateway.route_names)
+
+    async def admit() -> Any:
+        booking = await _Booking.admit(gateway, caller, request, None)
+        await booking.book(None)
+        return booking.admission
+
+    admission = asyncio.run(admit())
+    assert _unread(request) is not estimated
+    if limits.tokens_per_minute is not None:
+        reserve = request.estimated_tokens + settings_.gateway.reserve_tokens
+        assert admission.tokens_level == 100_000 - reserve  # what the admission took

@@ -81,6 +81,20 @@ CASES = {
     "connection close": ("POST", True, [*SSE, (b"Connection", b"keep-alive, Close")]),
     "no keep-alive": ("POST", False, SSE),
     "HEAD": ("HEAD", True, SSE),
+    "gateway-shaped": (
+        "POST",
+        True,
+        [
+            *SSE,
+            (b"Cache-Control", b"no-cache"),
+            (b"x-unbroken-gateway", b"1"),
+            (b"X-Unbroken-Stream-ID", b"s-1"),
+            (b"x-empty", b""),
+            (b"x-tab", b"a\tb"),
+        ],
+    ),
+    "a name holding a framing name": ("POST", True, [*SSE, (b"x-connection-id", b"7")]),
+    "no headers": ("POST", True, []),
 }
 
 
@@ -103,6 +117,8 @@ async def test_the_start_is_uvicorns_own(case: str) -> None:
     ("headers", "body", "error"),
     [
         ([(b"x-bad name", b"v")], b"x", "Invalid HTTP header name."),
+        ([(b"x-ok", b"v"), (b"x-bad\nname", b"v")], b"x", "Invalid HTTP header name."),
+        ([(b"x-ok", b"v"), (b"x-bad\n", b"v")], b"x", "Invalid HTTP header name."),
         ([(b"x-ok", b"line\r\nbreak")], b"x", "Invalid HTTP header value."),
         ([(b"content-length", b"2")], b"three", "Response content longer than Content-Length"),
     ],

@@ -241,3 +241,37 @@ def test_a_server_without_usage_is_billed_at_most_max_tokens() -> None:
     assert done.unbroken.usage_estimated
     assert done.unbroken.answer_usage is not None
     assert done.unbroken.answer_usage.completion_tokens <= 60
+
+
+def _per_character(text: str) -> int:
+    """The rule a character at a time, with the ranges of the module's docstring."""
+    total = 0
+    for char in text:
+        code = ord(char)
+        if code < 0x80:
+            total += 3
+        elif (
+            0x2E80 <= code <= 0x9FFF
+            or 0xAC00 <= code <= 0xD7AF
+            or 0xF900 <= code <= 0xFAFF
+            or 0xFF00 <= code <= 0xFFEF
+            or 0x1AFF0 <= code <= 0x1B16F
+            or 0x20000 <= code <= 0x3FFFF
+        ):
+            total += 6
+        else:
+            total += 10
+    return -(-total // 10)
+
+
+EDGES = "\x7f\x80\u2e7f\u2e80\u9fff\ua000\uabff\uac00\ud7af\ud7b0\ud800\udfff\uf8ff\uf900"
+EDGES += "\ufaff\ufb00\ufeff\uff00\uffef\ufff0\U0001afef\U0001aff0\U0001b16f\U0001b170"
+EDGES += "\U0001ffff\U00020000\U0003ffff\U00040000\U0010ffff"
+
+
+@given(st.text(st.characters(codec=None, exclude_categories=()), max_size=300))
+def test_estimate_counts_each_class_as_the_rule_says(text: str) -> None:
+    """Property: the classes counted at once are the rule's, a character at a time (the
+    ranges' edges and lone surrogates included)."""
+    assert estimate_tokens(text) == _per_character(text)
+    assert estimate_tokens(text + EDGES) == _per_character(text + EDGES)

@@ -401,6 +401,30 @@ def build_body(
     return body
 
 
+def checked_body(
+    model: str, messages: list[dict[str, Any]], extra_body: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """`build_body` of a request whose parts were checked already (a gateway's parsed
+    request: a model name, a list of message objects with a role) and no other
+    parameters: the same body, without checking each message again.
+
+    Raises:
+        InvalidRequestError: no messages, or `n` is not a positive integer.
+    """
+    if not messages:
+        raise InvalidRequestError("messages must hold at least one message")
+    body: dict[str, Any] = {"model": model, "messages": list(messages)}
+    if extra_body:
+        body.update(extra_body)
+    body["stream"] = True
+    if "stream_options" not in body:
+        body["stream_options"] = _INCLUDE_USAGE
+    n = body.get("n", 1)
+    if type(n) is not int or n < 1:
+        raise InvalidRequestError(f"n must be a positive integer, got {n!r}")
+    return body
+
+
 # An answer's retry/resume/fallback/restart counts before any (read-only, shared).
 _NO_COUNTS: Mapping[str, int] = MappingProxyType(
     {"retry": 0, "resume": 0, "fallback": 0, "restart": 0}
@@ -1123,6 +1147,31 @@ class ClientBase:
         if "base_url" in changes and changes["base_url"] is not None:
             base_url = str(changes["base_url"])
         return api_key, base_url, options
+
+    def _checked_run(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        extra_body: Mapping[str, Any] | None,
+        extra_headers: Mapping[str, str] | None,
+        fallbacks: Sequence[str | Route] | None,
+        routes: Sequence[Route] | None,
+        budget_key: str,
+    ) -> AnswerRun:
+        """`_new_run` of a streamed request with these options only, checked by the caller
+        (`AsyncClient.stream_checked`): the same run, without `ChatParams.pop`'s checks."""
+        config = self._config
+        return AnswerRun(
+            config,
+            checked_body(model, messages, extra_body),
+            config.resolve_routes(fallbacks, routes),
+            now=time.monotonic(),
+            timeouts=config.timeouts,
+            extra_headers=_merged_headers(
+                config.headers, None, dict(extra_headers) if extra_headers else _NO_HEADERS
+            ),
+            budget_key=budget_key,
+        )
 
     def _new_run(
         self,

@@ -14,6 +14,8 @@ from collections.abc import (
     Callable,
     Generator,
     Iterable,
+    Mapping,
+    Sequence,
 )
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, Unpack, cast, overload
@@ -50,6 +52,7 @@ from unbroken.client._wsproto import check_transport, load_sockets
 from unbroken.client.cache import CacheEvent
 from unbroken.core.accumulator import EventSplitter, TextSource
 from unbroken.core.events import ChatEvent, ControlEvent, DoneEvent, TextEvent
+from unbroken.core.routes import Route
 from unbroken.core.sentences import SentenceSplitter
 from unbroken.core.stream import ChatStreamDecoder
 from unbroken.core.wire import (
@@ -229,6 +232,36 @@ class AsyncClient(ClientBase):
         if cache is not None and endpoint == "chat" and partial is None:
             items = acached(cache, run, items, paced=stream, events=events)
         return run, items
+
+    def stream_checked(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        *,
+        extra_body: Mapping[str, Any] | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        fallbacks: Sequence[str | Route] | None = None,
+        routes: Sequence[Route] | None = None,
+        budget_key: str = "",
+    ) -> AsyncStream:
+        """`await chat.completions.create(model=..., messages=..., stream=True, ...)` with
+        these options, for a caller that has checked them already (a gateway's parsed
+        request: `messages` a list of objects with a role, headers strings): the same
+        stream and the same request on the wire, without the public call's type checks of
+        each option and message (no coroutine either: the stream is returned at once).
+
+        Raises:
+            InvalidRequestError: no messages, or `n` (in `extra_body`) is not a positive
+                integer.
+        """
+        run = self._checked_run(
+            model, messages, extra_body, extra_headers, fallbacks, routes, budget_key
+        )
+        items: Items = Engine(self, run, with_events=False)
+        cache = self._config.cache
+        if cache is not None:
+            items = acached(cache, run, items, paced=True, events=False)
+        return AsyncStream(run, items)
 
     async def _headers(
         self, ex: Exchange, expiry: tuple[float, Any] | None

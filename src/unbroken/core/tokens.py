@@ -9,6 +9,7 @@ limit reservations, context trimming); whatever the API reports replaces it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 
 from unbroken.core.wire import CompletionTokensDetails, PromptTokensDetails, Usage
@@ -19,37 +20,28 @@ __all__ = ["add_usage", "estimate_tokens", "estimate_usage", "max_tokens_of"]
 MESSAGE_OVERHEAD_TOKENS = 4
 
 
-def _is_wide(code: int) -> bool:
-    # CJK radicals..unified ideographs, Hangul, compatibility ideographs, CJK punctuation
-    # and full-width forms, the kana supplements, and the CJK extensions B.. and their
-    # compatibility supplement (planes 2 and 3): the characters DeepSeek's "Chinese" rate
-    # applies to.
-    return (
-        0x2E80 <= code <= 0x9FFF
-        or 0xAC00 <= code <= 0xD7AF
-        or 0xF900 <= code <= 0xFAFF
-        or 0xFF00 <= code <= 0xFFEF
-        or 0x1AFF0 <= code <= 0x1B16F
-        or 0x20000 <= code <= 0x3FFFF
-    )
+# CJK radicals..unified ideographs, Hangul, compatibility ideographs, CJK punctuation and
+# full-width forms, the kana supplements, and the CJK extensions B.. and their compatibility
+# supplement (planes 2 and 3): the characters DeepSeek's "Chinese" rate applies to.
+# Runs of them: a regex step per run, not per character.
+_WIDE_RUNS = re.compile(
+    "[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef"
+    "\U0001aff0-\U0001b16f\U00020000-\U0003ffff]+"
+)
 
 
 def estimate_tokens(text: str) -> int:
     """Estimated tokens of `text` (see the module docstring for the rule)."""
     if not text:
         return 0
+    n = len(text)
     if text.isascii():
-        return -(-(len(text) * 3) // 10)
-    # Counted in tenths of a token: summing 0.3 as a float drifts (30 x 0.3 > 9).
-    tenths = 0
-    for char in text:
-        code = ord(char)
-        if code < 0x80:
-            tenths += 3
-        elif _is_wide(code):
-            tenths += 6
-        else:
-            tenths += 10
+        return -(-(n * 3) // 10)
+    # Each class counted in C (a Python step per character cost ~0.1 us: an 8 KB Chinese
+    # prompt took ~0.3 ms, now ~10 us), in tenths of a token: summing 0.3 as a float drifts.
+    n_ascii = len(text.encode("ascii", "ignore"))
+    n_wide = sum(map(len, _WIDE_RUNS.findall(text)))
+    tenths = 3 * n_ascii + 6 * n_wide + 10 * (n - n_ascii - n_wide)
     return -(-tenths // 10)
 
 

@@ -51,6 +51,15 @@ _OUT_OF_FDS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _DONTWAIT: int = getattr(socket, "MSG_DONTWAIT", 0)
 
 
+def _accepted_class(family: socket.AddressFamily, kind: socket.SocketKind) -> type[socket.socket]:
+    """A socket class whose `family` and `type` are those of a listener's connections, as
+    values: the loop reads both of every accepted socket, which `socket.socket` works out
+    through enum conversions (5 `enum` calls, ~110 bytecodes a connection)."""
+    return type(
+        "AcceptedSocket", (socket.socket,), {"__slots__": (), "family": family, "type": kind}
+    )
+
+
 class Acceptor:
     """Accept connections on a listening socket and serve each with a new protocol.
 
@@ -83,6 +92,7 @@ class Acceptor:
         # connection's socket made from these ints.
         self._accept_fd: Callable[[], tuple[int, object]] = sock._accept  # type: ignore[attr-defined]  # the C socket's, as socket.accept uses
         self._kind = (int(sock.family), int(sock.type), sock.proto)
+        self._socket_class = _accepted_class(sock.family, sock.type)
         self._start()
 
     def __repr__(self) -> str:
@@ -117,7 +127,7 @@ class Acceptor:
                 self._retry = self._loop.call_later(RETRY_AFTER_S, self._start)
                 return
             family, kind, proto = self._kind
-            conn = socket.socket(family, kind, proto, fd)
+            conn = self._socket_class(family, kind, proto, fd)
             # No setblocking(False) or TCP_NODELAY here: the loop's transport sets both
             # (uvloop and asyncio alike, for a TCP socket), and each is a system call per
             # connection. This one read must not wait: MSG_DONTWAIT.

@@ -869,10 +869,10 @@ class Gateway:
         self._relays.add(relay)
         result = None
         try:
-            stream = await self.client.chat.completions.create(
-                model=request.model,
-                messages=request.messages,
-                stream=True,
+            # Checked already (gateway/request.py): `stream_checked` takes it as it is.
+            stream = self.client.stream_checked(
+                request.model,
+                request.messages,
                 extra_body=request.extra or None,
                 extra_headers=headers,
                 fallbacks=self.router.fallback_routes(request.fallbacks) or None,
@@ -1149,9 +1149,13 @@ class _Booking:
     ) -> _Booking:
         """Admit `request` (raises the limiter's 429) and hold its booking: it reserves
         its `max_tokens`, or `reserve_tokens` when it has none (gateway/limits.py)."""
-        reserve = request.estimated_tokens
-        if not request.max_tokens:
-            reserve += gateway.settings.gateway.reserve_tokens
+        limits = caller.limits
+        reserve = 0
+        if limits.daily_tokens is not None or limits.tokens_per_minute is not None:
+            # Only token limits reserve tokens: the prompt is not estimated otherwise.
+            reserve = request.estimated_tokens
+            if not request.max_tokens:
+                reserve += gateway.settings.gateway.reserve_tokens
         admission = await gateway.limiter.admit(caller, reserve, time.time())
         return cls(gateway, admission, after, request.model)
 

@@ -40,6 +40,7 @@ import urllib.parse
 from asyncio import TimerHandle
 from collections import deque
 from collections.abc import Callable, Iterable
+from itertools import repeat
 from typing import Any, Literal
 
 import httptools
@@ -673,7 +674,8 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._closed:
             return
         if self._phase is Phase.HEAD:
-            # Bytes of a head still incomplete: httptools buffers the header being read.
+            # Bytes of a head still incomplete: httptools buffers the header being read,
+            # and `on_header` the fields so far (their bytes counted at the head's end).
             self._head_bytes += n_bytes
             if self._head_bytes > self.guard.max_head_bytes:
                 self._too_large_head()
@@ -737,25 +739,36 @@ class GuardedProtocol(HttpToolsProtocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # `_count_head`'s count inline: one call less per header; the fields so far are
-        # the message's list of them (made by `on_message_begin`).
-        guard = self.guard
+        # Kept as given: `_fields` counts their bytes, lowers and strips them all at once,
+        # in C (~15 bytecodes a header less). Their number is bounded here: a flood of
+        # tiny fields in one read is refused at the first one too many, not listed whole.
         headers = self.headers
-        if len(headers) >= guard.max_headers:
-            raise self._stop(
-                431,
-                f"the request has more than {guard.max_headers} header fields",
-                "too_many_headers",
-            )
-        head_bytes = self._head_bytes = self._head_bytes + len(name) + len(value) + 4
-        if head_bytes > guard.max_head_bytes:
-            self._count_head(0)  # raises
-        name = name.lower()
-        # llhttp keeps trailing whitespace, which RFC 9110 section 5.5 excludes from a value.
-        value = value.rstrip(b" \t")
-        if name == b"expect" and value.lower() == b"100-continue":
-            self.expect_100_continue = True
+        if len(headers) >= self.guard.max_headers:
+            raise self._too_many_fields()
         headers.append((name, value))
+
+    def _fields(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """The head's fields as uvicorn keeps them (names lowered; values without the
+        trailing whitespace that llhttp keeps and RFC 9110 section 5.5 excludes), in place,
+        once their bytes are counted against the head's limit; `Expect: 100-continue`
+        noted."""
+        names, values = zip(*fields, strict=True)
+        self._count_head(sum(map(len, names)) + sum(map(len, values)) + 4 * len(fields))
+        # (A name is a token: no newline in it.)
+        lowered = b"\n".join(names).lower().split(b"\n")
+        stripped = list(map(bytes.rstrip, values, repeat(b" \t")))
+        if b"expect" in lowered:
+            for name, value in zip(lowered, stripped, strict=True):
+                if name == b"expect" and value.lower() == b"100-continue":
+                    self.expect_100_continue = True
+        fields[:] = zip(lowered, stripped, strict=True)
+
+    def _too_many_fields(self) -> _Refusal:
+        return self._stop(
+            431,
+            f"the request has more than {self.guard.max_headers} header fields",
+            "too_many_headers",
+        )
 
     def _count_head(self, n: int) -> None:
         self._head_bytes += n
@@ -768,6 +781,8 @@ class GuardedProtocol(HttpToolsProtocol):
             )
 
     def on_headers_complete(self) -> None:
+        if self.headers:
+            self._fields(self.headers)
         parser = self.parser
         version = parser.get_http_version()
         if version not in ("1.0", "1.1"):
@@ -943,6 +958,27 @@ def _start_bytes(cycle: RequestResponseCycle, start: Message, body: Message) -> 
     length = cycle.expected_content_length
     keep_alive = cycle.keep_alive
     has_close = False
+    if pairs:
+        # The common head, whole: every name checked, lowered and rendered at once, in C
+        # (~20 bytecodes a header less than the loop below). Only when no name can mean
+        # anything to the framing (a substring test, so a name that merely contains one
+        # takes the loop too, which handles it as before).
+        names, values_ = zip(*pairs, strict=True)
+        all_lower = b"\n".join(names).lower()
+        if not (
+            b"content-length" in all_lower
+            or b"transfer-encoding" in all_lower
+            or b"connection" in all_lower
+        ):
+            if HEADER_RE.search(b"".join(names)):
+                raise RuntimeError("Invalid HTTP header name.")
+            if HEADER_VALUE_RE.search(b"\t".join(values_)):
+                raise RuntimeError("Invalid HTTP header value.")
+            content = [
+                STATUS_LINE[status],
+                b"".join(map(_LINE.__mod__, zip(all_lower.split(b"\n"), values_, strict=True))),
+            ]
+            return _start_rest(cycle, status, content, body, chunked, length, keep_alive, False)
     content = [STATUS_LINE[status]]
     values = []
     new_names: list[tuple[bytes, bytes]] = []  # (as given, lowered)
@@ -980,6 +1016,25 @@ def _start_bytes(cycle: RequestResponseCycle, start: Message, body: Message) -> 
         raise RuntimeError("Invalid HTTP header value.")
     if length_value is not None:
         length = int(length_value.decode())
+    return _start_rest(cycle, status, content, body, chunked, length, keep_alive, has_close)
+
+
+# One header line of a rendered head.
+_LINE = b"%s: %s\r\n"
+
+
+def _start_rest(
+    cycle: RequestResponseCycle,
+    status: int,
+    content: list[bytes],
+    body: Message,
+    chunked: bool | None,
+    length: int,
+    keep_alive: bool,
+    has_close: bool,
+) -> bytes:
+    """`_start_bytes` once the header lines are in `content`: the framing's lines, the
+    first body part, the cycle's response state, the access log line."""
     if not keep_alive and not has_close:
         content.append(b"connection: close\r\n")
     head_request = cycle.scope["method"] == "HEAD"

@@ -8,7 +8,6 @@ Imports msgspec, core.tokens and gateway siblings.
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -90,7 +89,6 @@ class _Checked(msgspec.Struct):
     stop: str | list[str] | None = None
 
 
-@dataclass(slots=True)
 class ChatRequest:
     """A checked chat request.
 
@@ -100,17 +98,72 @@ class ChatRequest:
         stream: stream the answer (SSE) or answer with one JSON body.
         fallbacks: route names or model names to try after the configured routes.
         extra: every other field, passed to the upstream as is.
-        estimated_tokens: prompt estimate plus `max_tokens` (for token limits).
+        estimated_tokens: prompt estimate plus `max_tokens` (for token limits); when not
+            given, worked out from `messages` the first time it is read.
         max_tokens: the completion budget the request set, if any.
     """
 
-    model: str
-    messages: list[dict[str, Any]]
-    stream: bool
-    fallbacks: list[str]
-    extra: dict[str, Any]
-    estimated_tokens: int
-    max_tokens: int | None = None
+    __slots__ = ("_estimate", "extra", "fallbacks", "max_tokens", "messages", "model", "stream")
+
+    def __init__(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        stream: bool,
+        fallbacks: list[str],
+        extra: dict[str, Any],
+        estimated_tokens: int | None = None,
+        max_tokens: int | None = None,
+    ) -> None:
+        self.model = model
+        self.messages = messages
+        self.stream = stream
+        self.fallbacks = fallbacks
+        self.extra = extra
+        self._estimate = estimated_tokens
+        self.max_tokens = max_tokens
+
+    @property
+    def estimated_tokens(self) -> int:
+        """Prompt estimate plus `max_tokens`. Worked out when first read: only token
+        limits read it, and a non-ASCII prompt costs a Python step per character to
+        estimate (an 8 KB Chinese prompt: ~1 ms on the way to the upstream request)."""
+        estimate = self._estimate
+        if estimate is None:
+            estimate = self._estimate = estimate_prompt_tokens(_texts(self.messages)) + int(
+                self.max_tokens or 0
+            )
+        return estimate
+
+    def __repr__(self) -> str:
+        return (
+            f"ChatRequest(model={self.model!r}, messages={self.messages!r}, "
+            f"stream={self.stream!r}, fallbacks={self.fallbacks!r}, extra={self.extra!r}, "
+            f"estimated_tokens={self.estimated_tokens!r}, max_tokens={self.max_tokens!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not ChatRequest:
+            return NotImplemented
+        return (
+            self.model,
+            self.messages,
+            self.stream,
+            self.fallbacks,
+            self.extra,
+            self.estimated_tokens,
+            self.max_tokens,
+        ) == (
+            other.model,
+            other.messages,
+            other.stream,
+            other.fallbacks,
+            other.extra,
+            other.estimated_tokens,
+            other.max_tokens,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the dataclass it was
 
 
 def _bad(message: str, param: str | None, code: str = "invalid_value") -> GatewayError:
@@ -218,15 +271,15 @@ def parse_chat_request(raw: bytes, models: Collection[str], routes: Collection[s
                 body.pop("fallbacks", None)
                 if checked.n is None:
                     body.pop("n", None)
-                max_tokens = checked.max_tokens or checked.max_completion_tokens or 0
+                max_tokens = checked.max_tokens or checked.max_completion_tokens or None
                 return ChatRequest(
                     model,
                     messages,
                     bool(body.pop("stream", False)),
                     [],
                     body,
-                    estimate_prompt_tokens(_texts(messages)) + max_tokens,
-                    max_tokens or None,
+                    None,  # estimated when read (token limits)
+                    max_tokens,
                 )
     return _checked_request(body, models, routes)
 
@@ -304,6 +357,5 @@ def _checked_request(body: Any, models: Collection[str], routes: Collection[str]
         # null is OpenAI's "not set"; the SDK counts choices by `n`, so it is left out.
         del body["n"]
     stream = bool(body.pop("stream", False))
-    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 0
-    estimate = estimate_prompt_tokens(_texts(messages)) + int(max_tokens)
-    return ChatRequest(model, messages, stream, fallbacks, body, estimate, max_tokens or None)
+    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or None
+    return ChatRequest(model, messages, stream, fallbacks, body, None, max_tokens)

@@ -1166,10 +1166,11 @@ class StreamHub:
         router = self.gateway.router
 
         async def open_stream() -> AsyncStream:
-            stream = await client.chat.completions.create(
-                model=request.model,
-                messages=request.messages,
-                stream=True,
+            # The request is parsed and checked (gateway/request.py): the SDK takes it as
+            # it is, without the public call's checks (`stream_checked`).
+            stream = client.stream_checked(
+                request.model,
+                request.messages,
                 extra_body=request.extra or None,
                 extra_headers=headers,
                 fallbacks=router.fallback_routes(request.fallbacks) or None,
