@@ -278,6 +278,27 @@ def test_a_client_that_leaves_ends_the_stream_and_the_pacer_lets_it_go() -> None
     asyncio.run(main())
 
 
+def test_a_connection_closing_under_the_stream_gets_no_more_writes() -> None:
+    """The transport closes (the server shutting down, a reset) before any disconnect
+    message reaches the handler: the pacer stops at its next slot."""
+
+    async def main() -> None:
+        pacer = Pacer()
+
+        async def close(transport: Transport, server: Server, task: Any) -> None:
+            await transport.written(4)
+            transport.close()
+
+        the_job = job(200, 5.0, pacer)
+        transport, _, _, _, outcome = await stream(the_job, during=close)
+        assert isinstance(outcome, Closed)
+        assert transport.writes_after_close == 0
+        assert the_job.n_chunks < 20
+        assert pacer.is_idle
+
+    asyncio.run(main())
+
+
 def test_a_handler_cancelled_while_paced_writes_nothing_more() -> None:
     async def main() -> None:
         pacer = Pacer()
