@@ -386,7 +386,7 @@ def test_write_shaping_keeps_the_awaited_path() -> None:
 
 
 def writable(ex: Exchange) -> bool:
-    return ex.transport_write is not None
+    return ex.chunked_transport is not None
 
 
 def _io() -> tuple[Any, Any]:

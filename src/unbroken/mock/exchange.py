@@ -300,10 +300,11 @@ class Exchange:
                 await self.sleep(self.gap_s)
 
     @property
-    def transport_write(self) -> Callable[[bytes], None] | None:
-        """The transport's `write` when body bytes may bypass the ASGI `send`: the server
-        frames chunks as this exchange does (`write_chunk`), the response has started and not
-        ended, and no write-shaping fault (BOM, cut, split) is set; None otherwise."""
+    def chunked_transport(self) -> Transport | None:
+        """The transport when body bytes may bypass the ASGI `send` (mock.pacer): the
+        server frames a body as HTTP/1.1 chunks written straight to it, the response has
+        started and not ended, and no write-shaping fault (BOM, cut, split) is set; None
+        otherwise. Whoever writes to it adds the body bytes to `n_bytes`."""
         transport = self._transport
         if (
             transport is None
@@ -315,13 +316,7 @@ class Exchange:
             or self.cut_bytes is not None
         ):
             return None
-        return transport.write
-
-    def write_chunk(self, write: Callable[[bytes], None], data: bytes) -> None:
-        """Write `data` as one HTTP/1.1 chunk with `write` (from `transport_write`): the
-        bytes uvicorn's `send` would write for it."""
-        self.n_bytes += len(data)
-        write(b"%x\r\n%b\r\n" % (len(data), data))
+        return transport
 
     async def end(self, data: bytes = b"") -> None:
         """Send the last body bytes and end the response cleanly."""

@@ -27,9 +27,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import math
-from collections.abc import Callable
 
-from unbroken.mock.exchange import Exchange
+from unbroken.mock.exchange import Exchange, Transport
 from unbroken.mock.stats import MockStats
 
 __all__ = ["PacedStream", "Pacer"]
@@ -40,6 +39,8 @@ SLOTS_PER_S = 1000.0
 # before the event's due time, so (unlike the awaited path's wake-ups, which allow 1 ms for
 # timers that fire early) no event goes early.
 DUE_SLACK_S = 1e-6
+# An HTTP/1.1 chunk of a body: exactly what uvicorn's `send` writes for one body message.
+CHUNK = b"%x\r\n%b\r\n"
 # The high-water mark assumed when a transport does not tell its own (asyncio's default).
 DEFAULT_HIGH_WATER = 64 * 1024
 
@@ -49,7 +50,7 @@ class PacedStream:
 
     Args:
         ex: the exchange (its response started, no write shaping).
-        write: the transport's write (`Exchange.transport_write`).
+        transport: the connection's transport (`Exchange.chunked_transport`).
         events: the encoded events of the whole answer.
         sent: events already written.
         t_first: loop time of the first event; token_s: seconds between two tokens (> 0).
@@ -63,12 +64,14 @@ class PacedStream:
         "ex",
         "high",
         "limit",
+        "n_bytes",
         "n_events",
         "n_tokens",
         "sent",
         "stats",
         "t_first",
         "token_s",
+        "transport",
         "waiter",
         "write",
     )
@@ -76,7 +79,7 @@ class PacedStream:
     def __init__(
         self,
         ex: Exchange,
-        write: Callable[[bytes], None],
+        transport: Transport,
         events: list[bytes],
         sent: int,
         t_first: float,
@@ -86,7 +89,7 @@ class PacedStream:
         stats: MockStats,
     ) -> None:
         self.ex = ex
-        self.write = write
+        self.write = transport.write
         self.events = events
         self.sent = sent
         self.n_events = len(events)
@@ -96,37 +99,35 @@ class PacedStream:
         self.limit = limit
         self.stats = stats
         self.waiter: asyncio.Future[None] | None = None
+        # Body bytes written (added to the exchange's count when the handler resumes).
+        self.n_bytes = 0
+        self.transport = transport
         high = DEFAULT_HIGH_WATER
-        limits = getattr(ex.transport, "get_write_buffer_limits", None)
+        limits = getattr(transport, "get_write_buffer_limits", None)
         if callable(limits):
             high = int(limits()[1])
         self.high = high
 
-    def wake_at(self) -> float:
-        """The loop time the next unsent event is due."""
+    def step(self, now: float) -> int:
+        """Write every event due at `now`; the slot of the next one, or 0 when the stream
+        leaves the pacer (written, closing, or its transport over the high-water mark)."""
+        transport = self.transport
+        if transport.is_closing():
+            return 0
         sent = self.sent
-        if sent == 0:
-            return self.t_first
-        return self.t_first + max(min(sent, self.n_tokens) - 1, 0) * self.token_s
-
-    def step(self, now: float) -> bool:
-        """Write every event due at `now`; True while the stream stays on the pacer."""
-        ex = self.ex
-        transport = ex.transport
-        if transport is None or transport.is_closing():
-            return False
-        sent = self.sent
-        n_events = self.n_events
-        if now >= self.t_first:
+        t_first = self.t_first
+        if now >= t_first:
+            token_s = self.token_s
+            n_tokens = self.n_tokens
             # The awaited path's due count (respond.send_stream), without its early margin.
-            k = int((now - self.t_first + DUE_SLACK_S) / self.token_s) + 1
-            due = n_events if k >= self.n_tokens else 1 + k
+            k = int((now - t_first + DUE_SLACK_S) / token_s) + 1
+            due = self.n_events if k >= n_tokens else 1 + k
             events = self.events
             limit = self.limit
             while sent < due:
                 if transport.get_write_buffer_size() > self.high:
                     self.sent = sent
-                    return False  # a slow reader: the awaited path waits for the drain
+                    return 0  # a slow reader: the awaited path waits for the drain
                 if due == sent + 1 or len(events[sent]) >= limit:
                     end = sent + 1
                     data = events[sent]
@@ -137,11 +138,19 @@ class PacedStream:
                         size += len(events[end])
                         end += 1
                     data = b"".join(events[sent:end])
-                ex.write_chunk(self.write, data)
+                # One HTTP/1.1 chunk: what uvicorn's `send` writes for this body.
+                self.write(CHUNK % (len(data), data))
+                self.n_bytes += len(data)
                 self.stats.chunks_sent += end - sent
                 sent = end
             self.sent = sent
-        return sent < n_events
+            if sent >= self.n_events:
+                return 0
+            # The next event is due at t_first + (sent - 1) x token_s: its slot.
+            return math.ceil(
+                (t_first + ((sent if sent < n_tokens else n_tokens) - 1) * token_s) * SLOTS_PER_S
+            )
+        return math.ceil(t_first * SLOTS_PER_S)
 
 
 class Pacer:
@@ -152,8 +161,6 @@ class Pacer:
         self._heap: list[int] = []
         self._timer: asyncio.TimerHandle | None = None
         self._armed = 0
-        # The last slot taken by the tick under way (0 outside ticks).
-        self._last = 0
         self.held = 0
 
     @property
@@ -169,25 +176,23 @@ class Pacer:
             Closed: the client left (or the server is shutting down).
         """
         ex = stream.ex
-        if not stream.step(ex.loop.time()):
+        slot = stream.step(ex.loop.time())
+        if not slot:
+            ex.n_bytes += stream.n_bytes
             return
         waiter = ex.park()
         stream.waiter = waiter
         try:
-            self._add(stream, stream.wake_at())
+            self._add(stream, slot)
             await waiter
         finally:
             stream.waiter = None
+            ex.n_bytes += stream.n_bytes
             if not waiter.done():  # cancelled: the pacer drops it at its slot
                 waiter.cancel()
         ex.unpark()
 
-    def _add(self, stream: PacedStream, wake: float) -> None:
-        # The first slot at or after `wake`: an event never goes before it is due.
-        slot = math.ceil(wake * SLOTS_PER_S)
-        last = self._last
-        if slot <= last:  # in a tick: a slot it already took would never be taken again
-            slot = last + 1
+    def _add(self, stream: PacedStream, slot: int) -> None:
         self.held += 1
         bucket = self._slots.get(slot)
         if bucket is not None:
@@ -195,8 +200,6 @@ class Pacer:
             return
         self._slots[slot] = [stream]
         heapq.heappush(self._heap, slot)
-        if last:
-            return  # in a tick, which arms the timer once at its end
         timer = self._timer
         if timer is None or slot < self._armed:
             if timer is not None:
@@ -212,29 +215,32 @@ class Pacer:
         now = loop.time()
         # Slots up to now; the float error of slot / SLOTS_PER_S is far below the margin.
         last = int(now * SLOTS_PER_S + 1e-6)
-        self._last = last
-        try:
-            self._take(last, now)
-        finally:
-            self._last = 0
-        if self._heap:
-            self._arm(loop, self._heap[0])
-
-    def _take(self, last: int, now: float) -> None:
         heap = self._heap
         slots = self._slots
+        pop = heapq.heappop
+        push = heapq.heappush
         while heap and heap[0] <= last:
-            for stream in slots.pop(heapq.heappop(heap)):
+            for stream in slots.pop(pop(heap)):
                 self.held -= 1
                 waiter = stream.waiter
                 if waiter is None or waiter.done():
                     continue  # its handler left (client gone, cancelled)
                 try:
-                    stays = stream.step(now)
+                    slot = stream.step(now)
                 except Exception as exc:  # the handler's to report, not every stream's
                     waiter.set_exception(exc)
                     continue
-                if stays:
-                    self._add(stream, stream.wake_at())
-                else:
+                if not slot:
                     waiter.set_result(None)
+                    continue
+                if slot <= last:  # float rounding: a slot this tick took is never taken again
+                    slot = last + 1
+                self.held += 1
+                bucket = slots.get(slot)
+                if bucket is None:
+                    slots[slot] = [stream]
+                    push(heap, slot)
+                else:
+                    bucket.append(stream)
+        if heap:
+            self._arm(loop, heap[0])

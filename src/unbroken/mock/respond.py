@@ -178,13 +178,13 @@ async def send_stream(ex: Exchange, job: Job, arrived: float, stats: MockStats) 
     paced = False
     while True:
         if pacer is not None:
-            write = ex.transport_write
-            if write is not None:
+            transport = ex.chunked_transport
+            if transport is not None:
                 if not paced:
                     paced = True
                     stats.streams_paced += 1
                 stream = PacedStream(
-                    ex, write, events, sent, t_first, token_s, n_tokens, limit, stats
+                    ex, transport, events, sent, t_first, token_s, n_tokens, limit, stats
                 )
                 try:
                     await pacer.send(stream)
