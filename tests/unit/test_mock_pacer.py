@@ -397,3 +397,39 @@ def _io() -> tuple[Any, Any]:
         return None
 
     return receive, send
+
+
+def test_a_pacer_serves_one_loop_at_a_time() -> None:
+    """Streams of a second loop take the awaited path while the first loop's are paced;
+    once the pacer is idle another loop may take it over (an app served again)."""
+    pacer = Pacer()
+
+    async def first() -> None:
+        assert pacer.serves(asyncio.get_running_loop())
+        other = asyncio.new_event_loop()
+        try:
+            loop = asyncio.get_running_loop()
+            transport = Transport(loop)
+            server = Server(transport)
+            ex = exchange(transport, server)
+            task = asyncio.ensure_future(
+                send_stream(ex, job(50, 5.0, pacer), loop.time(), MockStats())
+            )
+            await transport.written(2)
+            assert not pacer.is_idle
+            assert not pacer.serves(other)
+            server.leave()
+            with pytest.raises(Closed):
+                await task
+            await ex.aclose()
+        finally:
+            other.close()
+
+    asyncio.run(first())
+
+    async def second() -> None:
+        _, _, stats, _, outcome = await stream(job(3, 2.0, pacer))
+        assert outcome == "ok"
+        assert stats.streams_paced == 1
+
+    asyncio.run(second())

@@ -161,12 +161,28 @@ class Pacer:
         self._heap: list[int] = []
         self._timer: asyncio.TimerHandle | None = None
         self._armed = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.held = 0
 
     @property
     def is_idle(self) -> bool:
         """True when no stream waits on the pacer and no timer is armed."""
         return self.held == 0 and self._timer is None and not self._heap
+
+    def serves(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether streams of `loop` may use the pacer: the loop it serves, or another one
+        once that loop is closed or the pacer idle (an app served again after its server
+        stopped; what a closed loop left on the pacer is dropped)."""
+        served = self._loop
+        if loop is not served:
+            if served is not None and not served.is_closed() and not self.is_idle:
+                return False
+            self._slots.clear()
+            self._heap.clear()
+            self._timer = None
+            self.held = 0
+            self._loop = loop
+        return True
 
     async def send(self, stream: PacedStream) -> None:
         """Send `stream` until it is written, its connection closes, its transport backs

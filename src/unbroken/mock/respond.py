@@ -179,7 +179,7 @@ async def send_stream(ex: Exchange, job: Job, arrived: float, stats: MockStats) 
     while True:
         if pacer is not None:
             transport = ex.chunked_transport
-            if transport is not None:
+            if transport is not None and pacer.serves(loop):
                 if not paced:
                     paced = True
                     stats.streams_paced += 1
