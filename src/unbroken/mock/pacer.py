@@ -13,13 +13,14 @@ clock) at or after its next event's due time, never before it; one `call_at` ser
 earliest slot, and its callback takes every stream of every slot that is due, so all streams
 due within the same millisecond share one timer. A stream's step writes what is due as the
 awaited path does (the same due times, the same coalescing into writes of up to
-`send_bytes`), so the bytes and the schedule are the same; an event goes at most a slot
-(1 ms) after its due time on an idle loop, never before it. The pacer gives the stream back to
-its handler (sets its future) when the answer is written, when the connection is closing,
-or when the transport still buffers more than its high-water mark: a slow reader then
-continues on the awaited path, which waits for the transport to drain, and comes back to
-the pacer once the writes flow again. A client that leaves wakes the handler through the
-exchange's disconnect watch; the pacer drops the stream at its next slot.
+`send_bytes`), so the bytes and the schedule are the same: an event never goes before its
+due time, and at most a slot (1 ms) later than a timer of its own would have sent it. The
+pacer gives the stream back to its handler (sets its future) when the answer is written,
+when the connection is closing, or when the transport still buffers more than its
+high-water mark: a slow reader then continues on the awaited path, which waits for the
+transport to drain, and comes back to the pacer once the writes flow again. A client that
+leaves wakes the handler through the exchange's disconnect watch; the pacer drops the
+stream at its next slot.
 """
 
 from __future__ import annotations
