@@ -11,10 +11,15 @@ every phase is bounded in time.
   concurrent  --concurrent streams of --timed-tokens tokens at --token-ms, opened over
               --ramp-s; measured in the window where all of them are open at once: chunks
               delivered per second against the ideal, the worst gap between two reads of
-              each stream, how late each stream ends against its ideal schedule, and the
-              server's CPU share. The bar is 2,000 streams at 20 ms per token.
+              each stream, how late each stream ends against its ideal schedule, the
+              server's CPU share, and its CPU per chunk over the whole run (the figure the
+              gateway bench's `direct` row costs). The bar is 2,000 streams at 20 ms per token.
 
 Run: python bench/mock.py [--tokens N] [--streams S] [--concurrent C] [--token-ms MS]
+       [--skip-throughput] [--no-pace]
+The gateway bench's load on the mock: --skip-throughput --concurrent 256 --timed-tokens 200
+--token-ms 5. A/B between trees: PYTHONPATH=<tree>/src (the server runs that tree's mock);
+within one tree, --no-pace runs the mock with MockConfig.paced off (every stream its own task).
 """
 
 from __future__ import annotations
@@ -189,6 +194,9 @@ async def concurrent(
     ramp_s: float,
 ) -> None:
     request = build_request(host, port, tokens, token_ms)
+    # Warm-up (connections, code paths), as the gateway bench does before each run.
+    await asyncio.gather(*(one_stream(host, port, request) for _ in range(min(8, n_streams))))
+    server0 = cpu_seconds(pid)
     token_s = token_ms / 1000.0
     ideal = (tokens - 1) * token_s
     samples: list[tuple[float, float]] = []
@@ -206,6 +214,7 @@ async def concurrent(
     finished, pending = await asyncio.wait(tasks, timeout=limit_s)
     wall = time.perf_counter() - wall0
     own = cpu_seconds(os.getpid()) - own0
+    server = cpu_seconds(pid) - server0
     stop.set()
     await sampler
     for task in pending:
@@ -229,9 +238,14 @@ async def concurrent(
     window_end = min(r.ended for r in complete)
     ttfb = sorted(r.first_data - r.started for r in complete)
     late = sorted(r.ended - (r.first_data + ideal) for r in complete)
+    n_chunks = sum(r.n_events for r in results)
     print(
-        f"  first byte p50 {pct(ttfb, 0.5) * 1000:.0f} ms  p99 {pct(ttfb, 0.99) * 1000:.0f} ms"
-        f"  (request sent -> first chunk)"
+        f"  first byte p50 {pct(ttfb, 0.5) * 1000:.2f} ms  p90 {pct(ttfb, 0.9) * 1000:.2f} ms"
+        f"  p99 {pct(ttfb, 0.99) * 1000:.2f} ms  (request sent -> first chunk)"
+    )
+    print(
+        f"  server CPU {server / max(n_chunks, 1) * 1e6:.2f} us per chunk over the run "
+        f"({server:.2f} s CPU for {n_chunks:,} chunks)"
     )
     print(
         f"  late end   p50 {pct(late, 0.5) * 1000:.0f} ms  p99 {pct(late, 0.99) * 1000:.0f} ms"
@@ -268,9 +282,10 @@ async def concurrent(
     )
 
 
-def start_server(loop: str) -> tuple[subprocess.Popen[bytes], str, int]:
+def start_server(loop: str, no_pace: bool) -> tuple[subprocess.Popen[bytes], str, int]:
+    extra = ["--no-pace"] if no_pace else []
     process = subprocess.Popen(
-        [sys.executable, "-m", "unbroken.mock", "--port", "0", "--loop", loop],
+        [sys.executable, "-m", "unbroken.mock", "--port", "0", "--loop", loop, *extra],
         stdout=subprocess.PIPE,
     )
     assert process.stdout is not None
@@ -283,16 +298,17 @@ async def main(args: argparse.Namespace) -> None:
     # The load generator keeps ~1M timestamps; a full collection would pause it mid-run.
     gc.freeze()
     gc.disable()
-    process, host, port = start_server(args.loop)
+    process, host, port = start_server(args.loop, args.no_pace)
     try:
         await asyncio.sleep(0.3)  # let uvicorn finish starting (the socket already listens)
         print(
             f"mock server pid {process.pid} on {host}:{port} (loop: {args.loop}); "
             f"python {sys.version.split()[0]}"
         )
-        await asyncio.wait_for(
-            throughput(host, port, process.pid, args.tokens, args.streams), timeout=120
-        )
+        if not args.skip_throughput:
+            await asyncio.wait_for(
+                throughput(host, port, process.pid, args.tokens, args.streams), timeout=120
+            )
         await concurrent(
             host,
             port,
@@ -316,6 +332,10 @@ if __name__ == "__main__":
     parser.add_argument("--token-ms", type=float, default=20.0)
     parser.add_argument("--ramp-s", type=float, default=1.0)
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--skip-throughput", action="store_true", help="concurrent mode only")
+    parser.add_argument(
+        "--no-pace", action="store_true", help="the mock without its pacer (MockConfig.paced)"
+    )
     arguments = parser.parse_args()
     try:
         import uvloop

@@ -48,7 +48,14 @@ def test_stats_count_requests_streams_and_chunks(mock: MockServer) -> None:
     }
     assert stats["statuses"] == {"200": 4, "429": 1}
     assert stats["requests_total"] == 5
-    assert stats["streams"] == {"started": 2, "active": 0, "completed": 1, "cancelled": 1}
+    # The timed stream went through the pacer; the one with no delays did not.
+    assert stats["streams"] == {
+        "started": 2,
+        "active": 0,
+        "completed": 1,
+        "cancelled": 1,
+        "paced": 1,
+    }
     assert stats["chunks_sent"] >= 13
     assert stats["faults"] == {"429": 1}
     assert stats["bytes_sent"] > 0

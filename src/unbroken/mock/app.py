@@ -36,6 +36,7 @@ from unbroken.mock.fim import (
     model_object,
     text_completion_body,
 )
+from unbroken.mock.pacer import Pacer
 from unbroken.mock.render import answer_message, encode_json
 from unbroken.mock.request import ChatRequest, parse_chat_request
 from unbroken.mock.respond import Job, send_json_answer, send_stream
@@ -87,6 +88,8 @@ class MockApp:
         self.faults = FaultBook(_rules(self.config), self.config.fault_seed, time.monotonic())
         self._live: set[Exchange] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Sends the plain timed streams (mock.pacer); `is_idle` once none is left.
+        self.pacer = Pacer()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -344,6 +347,7 @@ class MockApp:
             plan=plan,
             send_bytes=self.config.send_bytes,
             usage_chunk=self.config.usage_chunk,
+            pacer=self.pacer if self.config.paced else None,
         )
         if fim:
             job.renderer = TextChunkRenderer

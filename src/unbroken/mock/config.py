@@ -126,6 +126,11 @@ class MockConfig:
         usage_chunk: with `include_usage`, send the usage in one more chunk with
             `"choices": []`, as OpenAI and vLLM do (off: DeepSeek's documented shape,
             usage on the finish chunk, protocol.md §1.5).
+        paced: send plain timed streams (no fault, a token interval) from one shared timer
+            per event loop, straight to the connection (the same bytes at the same times);
+            off, every stream wakes its own task per event and writes through the ASGI
+            `send`. Needs `MockServer` / `serve` (under another server streams go the
+            second way anyway).
     """
 
     seed: int = 0
@@ -143,6 +148,7 @@ class MockConfig:
     cache_entries: int = 100_000
     beta: bool = True
     usage_chunk: bool = False
+    paced: bool = True
 
     def __post_init__(self) -> None:
         for name in ("answer_tokens", "reasoning_tokens"):

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Literal, NoReturn, Protocol, cast
 
 __all__ = [
+    "CHUNKED_WRITES_EXTENSION",
     "TRANSPORT_EXTENSION",
     "Closed",
     "Exchange",
@@ -34,6 +35,10 @@ Send = Callable[[Message], Awaitable[None]]
 
 # The scope extension under which `mock.server` exposes the connection's transport.
 TRANSPORT_EXTENSION = "unbroken.transport"
+# The scope extension under which `mock.server` says that a response without a length goes out
+# in HTTP/1.1 chunked coding written straight to that transport: body bytes may then be framed
+# and written by the app between the server's own start and end of the response.
+CHUNKED_WRITES_EXTENSION = "unbroken.chunked_writes"
 
 _BOM = b"\xef\xbb\xbf"
 # How long a reset waits for the transport to hand buffered bytes to the kernel.
@@ -67,6 +72,12 @@ class Transport(Protocol):
 
     def abort(self) -> None:
         """Close at once, dropping buffered data."""
+
+    def write(self, data: bytes) -> None:
+        """Write bytes (buffered by the transport when the socket does not take them)."""
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes buffered, not yet taken by the socket."""
 
 
 def _as_transport(value: object) -> Transport | None:
@@ -116,6 +127,9 @@ class Exchange:
         self.cut_action: Literal["reset", "close"] = "close"
         extensions = scope.get("extensions") or {}
         self._transport = _as_transport(extensions.get(TRANSPORT_EXTENSION))
+        self._chunked_writes = self._transport is not None and bool(
+            extensions.get(CHUNKED_WRITES_EXTENSION)
+        )
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -191,6 +205,20 @@ class Exchange:
         finally:
             handle.cancel()
             self._waiter = None
+        self._check()
+
+    def park(self) -> asyncio.Future[None]:
+        """A future for the handler to await while something else (`mock.pacer`) sends for
+        it: it is done when that is over, or at once when the client leaves (then `unpark`
+        raises `Closed`)."""
+        self.watch()
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        return waiter
+
+    def unpark(self) -> None:
+        """After the future of `park`: raise `Closed` if the client left meanwhile."""
+        self._waiter = None
         self._check()
 
     async def wait_closed(self) -> None:
@@ -270,6 +298,25 @@ class Exchange:
             await self._send({"type": "http.response.body", "body": piece, "more_body": True})
             if self.gap_s > 0:
                 await self.sleep(self.gap_s)
+
+    @property
+    def chunked_transport(self) -> Transport | None:
+        """The transport when body bytes may bypass the ASGI `send` (mock.pacer): the
+        server frames a body as HTTP/1.1 chunks written straight to it, the response has
+        started and not ended, and no write-shaping fault (BOM, cut, split) is set; None
+        otherwise. Whoever writes to it adds the body bytes to `n_bytes`."""
+        transport = self._transport
+        if (
+            transport is None
+            or not self._chunked_writes
+            or not self.has_started
+            or self.has_ended
+            or self.bom
+            or self.split is not None
+            or self.cut_bytes is not None
+        ):
+            return None
+        return transport
 
     async def end(self, data: bytes = b"") -> None:
         """Send the last body bytes and end the response cleanly."""

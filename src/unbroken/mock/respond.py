@@ -11,6 +11,7 @@ from unbroken.mock.config import Latency
 from unbroken.mock.exchange import Exchange
 from unbroken.mock.faults import Fault, FaultPlan
 from unbroken.mock.fim import usage_chunk_events
+from unbroken.mock.pacer import PacedStream, Pacer
 from unbroken.mock.render import ChunkRenderer, Usage, completion_body
 from unbroken.mock.stats import MockStats
 from unbroken.mock.text import Answer, limit_answer
@@ -27,6 +28,9 @@ __all__ = ["Job", "send_json_answer", "send_stream"]
 # whole stream goes out in a few large writes, and under load a late wake-up catches up in
 # one write instead of falling further behind. A positional fault acts when exactly `after`
 # events were written; a stall shifts t_first by its length so the cadence resumes after it.
+# A plain timed stream (no fault, no write shaping) is sent by the loop's `Pacer` instead:
+# the same writes at the same times from one shared timer, without waking this task per
+# event; it comes back here for a slow reader (the awaited writes wait for the drain).
 
 
 @dataclass(slots=True)
@@ -44,6 +48,7 @@ class Job:
         plan: the faults of this request.
         send_bytes: the coalescing limit of one write.
         n_chunks: `data:` chunks written so far (updated while sending).
+        pacer: the loop's pacer for plain timed streams; None sends every stream here.
     """
 
     completion_id: str
@@ -65,6 +70,7 @@ class Job:
     renderer: type[ChunkRenderer] = ChunkRenderer
     usage_chunk: bool = False
     body: Callable[..., bytes] = completion_body
+    pacer: Pacer | None = None
 
     def usage(self, answer: Answer) -> Usage:
         """The usage of `answer` (what was actually generated)."""
@@ -166,7 +172,27 @@ async def send_stream(ex: Exchange, job: Job, arrived: float, stats: MockStats) 
     faults = [f for f in plan.events if f.after <= n_events]
     sent = 0
     limit = job.send_bytes
+    pacer = job.pacer
+    if plan.kinds or token_s <= 0:
+        pacer = None  # faults act here; with no delays a few large writes leave at once
+    paced = False
     while True:
+        if pacer is not None:
+            transport = ex.chunked_transport
+            if transport is not None and pacer.serves(loop):
+                if not paced:
+                    paced = True
+                    stats.streams_paced += 1
+                stream = PacedStream(
+                    ex, transport, events, sent, t_first, token_s, n_tokens, limit, stats
+                )
+                try:
+                    await pacer.send(stream)
+                finally:
+                    job.n_chunks += stream.sent - sent
+                    sent = stream.sent
+                if sent >= n_events:
+                    break
         next_fault = faults[0].after if faults else n_events
         now = loop.time()
         if now >= t_first:

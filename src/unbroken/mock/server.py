@@ -25,7 +25,7 @@ import uvicorn
 
 from unbroken.mock.app import MockApp, create_app
 from unbroken.mock.config import DEFAULT_PORT, MockConfig
-from unbroken.mock.exchange import TRANSPORT_EXTENSION
+from unbroken.mock.exchange import CHUNKED_WRITES_EXTENSION, TRANSPORT_EXTENSION
 
 __all__ = ["MockServer", "ServerThread", "http_protocol_class", "serve"]
 
@@ -49,7 +49,13 @@ def http_protocol_class() -> type[Any]:
 
     class TransportExposingProtocol(Base):
         """Adds `scope["extensions"]["unbroken.transport"]` to every HTTP scope, and turns
-        Nagle's algorithm off."""
+        Nagle's algorithm off.
+
+        Also `"unbroken.chunked_writes"`: uvicorn sends a response without a length in
+        chunked coding (HTTP/1.1 and 1.0 alike, HEAD and 204/304 aside) and keeps no count of
+        a chunked body, so the app may write body chunks, framed the same way, straight to the
+        transport between its `http.response.start` and its last `http.response.body`
+        (mock.pacer does)."""
 
         def connection_made(self, transport: Any) -> None:
             # asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP, which a
@@ -66,7 +72,9 @@ def http_protocol_class() -> type[Any]:
             super().on_message_begin()
             # uvicorn types the scope as a TypedDict without "extensions"; it is a dict.
             scope = cast("dict[str, Any]", self.scope)
-            scope.setdefault("extensions", {})[TRANSPORT_EXTENSION] = self.transport
+            extensions = scope.setdefault("extensions", {})
+            extensions[TRANSPORT_EXTENSION] = self.transport
+            extensions[CHUNKED_WRITES_EXTENSION] = True
 
     if Base.__name__ == "H11Protocol":  # pragma: no cover - the h11 path has no such hook
         return Base

@@ -97,6 +97,8 @@ class MockStats:
         self.streams_started = 0
         self.streams_completed = 0
         self.streams_cancelled = 0
+        # Streams sent (at least in part) by the pacer (mock.pacer).
+        self.streams_paced = 0
         self.chunks_sent = 0
         self.bytes_sent = 0
         # Continuations whose prefix was not the start of the answer (mock.text).
@@ -138,6 +140,7 @@ class MockStats:
                 "active": self.streams_active,
                 "completed": self.streams_completed,
                 "cancelled": self.streams_cancelled,
+                "paced": self.streams_paced,
             },
             "chunks_sent": self.chunks_sent,
             "bytes_sent": self.bytes_sent,
