@@ -3,36 +3,22 @@ stands for: the same request on the wire, the same run, the same chunks and answ
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.canned import sse_answer
 from unbroken.client import AsyncClient
 from unbroken.client.async_ import AsyncStream
 from unbroken.core.routes import Route
 from unbroken.errors import InvalidRequestError
 
-EVENTS = [
-    b'{"id":"a","object":"chat.completion.chunk","created":1,"model":"deepseek-chat",'
-    b'"choices":[{"index":0,"delta":{"role":"assistant","content":"Hi"},"finish_reason":null}]}',
-    b'{"id":"a","object":"chat.completion.chunk","created":1,"model":"deepseek-chat",'
-    b'"choices":[{"index":0,"delta":{"content":" there"},"finish_reason":"stop"}],'
-    b'"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}',
-]
-BODY = b"".join(b"data: " + e + b"\n\n" for e in EVENTS) + b"data: [DONE]\n\n"
-
-
-class _Body(httpx.AsyncByteStream):
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        yield BODY
-
 
 def _client(seen: list[httpx.Request], **options: Any) -> AsyncClient:
     def answer(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=_Body())
+        return sse_answer()
 
     return AsyncClient(
         api_key="sk-test",

@@ -6,12 +6,13 @@ raises the thresholds) in its peak memory."""
 from __future__ import annotations
 
 import gc
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeGuard
 
 import httpx
 import pytest
 
+from tests.canned import sse_answer
 from unbroken.client import AsyncClient
 from unbroken.client._common import AnswerRun
 from unbroken.client._engine import Engine
@@ -19,23 +20,9 @@ from unbroken.client.async_ import AsyncStream
 from unbroken.core.routes import Route
 from unbroken.core.wire import ChatCompletionChunk
 
-EVENTS = [
-    b'{"id":"a","object":"chat.completion.chunk","created":1,"model":"deepseek-chat",'
-    b'"choices":[{"index":0,"delta":{"role":"assistant","content":"Hi"},"finish_reason":null}]}',
-    b'{"id":"a","object":"chat.completion.chunk","created":1,"model":"deepseek-chat",'
-    b'"choices":[{"index":0,"delta":{"content":" there"},"finish_reason":"stop"}],'
-    b'"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}',
-]
-BODY = b"".join(b"data: " + e + b"\n\n" for e in EVENTS) + b"data: [DONE]\n\n"
-
-
-class _Body(httpx.AsyncByteStream):
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        yield BODY
-
 
 def _answer(request: httpx.Request) -> httpx.Response:
-    return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=_Body())
+    return sse_answer()
 
 
 @pytest.fixture

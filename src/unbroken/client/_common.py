@@ -387,6 +387,11 @@ def build_body(
     for key, value in params.items():
         if value is not None and key not in _RESERVED:
             body[key] = value
+    return _streamed(body, extra_body)
+
+
+def _streamed(body: dict[str, Any], extra_body: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`body` with `extra_body` on top, streamed with usage, its `n` checked."""
     if extra_body:
         body.update(extra_body)
     # The upstream is always streamed, also for stream=False: a stream can be resumed and
@@ -413,16 +418,7 @@ def checked_body(
     """
     if not messages:
         raise InvalidRequestError("messages must hold at least one message")
-    body: dict[str, Any] = {"model": model, "messages": list(messages)}
-    if extra_body:
-        body.update(extra_body)
-    body["stream"] = True
-    if "stream_options" not in body:
-        body["stream_options"] = _INCLUDE_USAGE
-    n = body.get("n", 1)
-    if type(n) is not int or n < 1:
-        raise InvalidRequestError(f"n must be a positive integer, got {n!r}")
-    return body
+    return _streamed({"model": model, "messages": list(messages)}, extra_body)
 
 
 # An answer's retry/resume/fallback/restart counts before any (read-only, shared).
