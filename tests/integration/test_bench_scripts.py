@@ -38,6 +38,13 @@ CASES = {
             rf"objects found by the cyclic collector per answer: {NUMBER}",
         ],
     ),
+    "ab": (
+        ["ab.py", "--old", ".", "--rounds", "1", "--concurrency", "2"],
+        [
+            rf"round 1: us/chunk old {NUMBER} new {NUMBER} \(new/old {NUMBER}\)",
+            rf"new/old us/chunk per round: median {NUMBER} .*new lower in \d of 1 rounds",
+        ],
+    ),
     "ttft_phases": (
         ["ttft_phases.py", "--levels", "2", "--repeat", "1"],
         [
