@@ -227,11 +227,17 @@ class AsyncClient(ClientBase):
             # What was shown already: the flow's first attempt is then a continuation.
             for chunk in completion_to_chunks(partial):
                 run.answer.feed(chunk)
+        return run, self._items(
+            run, events=events, paced=stream, cacheable=endpoint == "chat" and partial is None
+        )
+
+    def _items(self, run: AnswerRun, *, events: bool, paced: bool, cacheable: bool) -> Items:
+        """The engine of `run`, behind the answer cache when one is set and `cacheable`."""
         items: Items = Engine(self, run, with_events=events)
         cache = self._config.cache
-        if cache is not None and endpoint == "chat" and partial is None:
-            items = acached(cache, run, items, paced=stream, events=events)
-        return run, items
+        if cache is not None and cacheable:
+            items = acached(cache, run, items, paced=paced, events=events)
+        return items
 
     def stream_checked(
         self,
@@ -257,11 +263,7 @@ class AsyncClient(ClientBase):
         run = self._checked_run(
             model, messages, extra_body, extra_headers, fallbacks, routes, budget_key
         )
-        items: Items = Engine(self, run, with_events=False)
-        cache = self._config.cache
-        if cache is not None:
-            items = acached(cache, run, items, paced=True, events=False)
-        return AsyncStream(run, items)
+        return AsyncStream(run, self._items(run, events=False, paced=True, cacheable=True))
 
     async def _headers(
         self, ex: Exchange, expiry: tuple[float, Any] | None
