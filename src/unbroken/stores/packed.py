@@ -149,44 +149,72 @@ class PackedEvents:
             at = self._at
             block = self._packed
             block += payload[at : at + size - cut]
+        elif self._tried:
+            # No template is learned again in this block (an answer's usage chunk, its
+            # final event and [DONE] after its text): kept whole, without a call.
+            self._whole |= 1 << (len(lengths) - 1) % BLOCK_EVENTS
+            block = self._packed
+            block += payload
         else:
             self._miss(payload)
         if not len(lengths) % BLOCK_EVENTS:
             self._seal()
 
     def _miss(self, payload: bytes) -> None:
-        """An event the template does not fit: kept whole, or, when it follows another
-        whole event of the open block (not the log's first: a role chunk) in a block with
-        no templated event yet, learn a template from the two (once a block at most)."""
+        """An event the template does not fit, in a block where no template was learned
+        (or tried) yet: while every event of the block is whole, the source's template
+        when the event fits it (the decoder learned it from this very chunk: no bytes
+        compared nor copied, and the answer's first text chunk is a middle already), else
+        one learned from this event and the whole one before it (not the log's first: a
+        role chunk), once a block at most; else kept whole."""
         lengths = self._lengths
         n = (len(lengths) - 1) % BLOCK_EVENTS  # its place in the block
         whole = self._whole
-        if not self._tried and n > 0 and whole == (1 << n) - 1 and len(lengths) > 2:
-            self._tried = True
-            packed = self._packed
-            prev = bytes(packed[len(packed) - lengths[-2] :])
-            learned = _template(prev, payload)
-            if learned is not None and self._learn(*learned):
-                head, tail = learned
-                self._packed += payload[len(head) : len(payload) - len(tail)]
-                return
+        if whole != (1 << n) - 1:
+            self._tried = True  # a middle in the block: no template is learned in it
+        else:
+            source = self.source
+            shared = None if source is None else source.text_template()
+            if shared is not None:
+                head, tail = shared
+                cut = len(head) + len(tail)
+                if (
+                    len(payload) >= cut >= MIN_TEMPLATE_BYTES
+                    and payload.startswith(head)
+                    and payload.endswith(tail)
+                    and self._learn(head, tail)
+                ):
+                    self._packed += payload[len(head) : len(payload) - len(tail)]
+                    return
+            if n > 0 and len(lengths) > 2:
+                self._tried = True
+                packed = self._packed
+                prev = bytes(packed[len(packed) - lengths[-2] :])
+                learned = _template(prev, payload)
+                if learned is not None:
+                    head, tail = learned
+                    if shared is not None and shared[0] == head and shared[1] == tail:
+                        head, tail = shared  # the source's objects, not equal copies
+                    if self._learn(head, tail):
+                        self._packed += payload[len(head) : len(payload) - len(tail)]
+                        return
         self._whole = whole | 1 << n
         self._packed += payload
 
     def _learn(self, head: bytes, tail: bytes) -> bool:
+        """Make `head` and `tail` the current template (the open block's events from now
+        on); False at the bound of templates."""
         templates = self._templates
         if len(templates) // 2 > self._n_used:
             templates = templates[:-2]  # the current one: no block names it yet
         elif len(templates) // 2 >= MAX_TEMPLATES:
             return False
-        shared = None if self.source is None else self.source.text_template()
-        if shared is not None and shared[0] == head and shared[1] == tail:
-            head, tail = shared
         self._templates = (*templates, head, tail)
         self._head = head
         self._tail = tail
         self._at = len(head)
         self._cut = len(head) + len(tail)
+        self._tried = True
         return True
 
     def _grow(self, size: int) -> array[int]:
@@ -300,7 +328,6 @@ class PackedEvents:
         run of blocks, not per block: an answer's end reads its text back at once)."""
         pieces: list[str] = []
         n_sealed = len(self._ends)
-        n = len(self._lengths)
         # What each template's chunks bring of the text (`template_reads`), asked once per
         # template, not once per block: two decodes of a probe chunk each.
         reads: dict[tuple[bytes, bytes], bool | None] = {}
@@ -308,8 +335,19 @@ class PackedEvents:
         single = 0  # up to this event, blocks are read one at a time
         while seq <= last:
             block = (seq - 1) // BLOCK_EVENTS
+            if block >= n_sealed:
+                # The open block (a short answer's all): its runs of middles read as they
+                # are kept, its whole events decoded.
+                start = n_sealed * BLOCK_EVENTS
+                coded = ~self._whole & ((1 << (len(self._lengths) - start)) - 1)
+                data = bytes(self._packed[self._open_at() :])
+                template = (self._head, self._tail)
+                pieces += self._pieces(
+                    data, 0, start, seq, last, coded, template, reads, index, reasoning
+                )
+                break
             start = block * BLOCK_EVENTS + 1
-            end = min(last, start + BLOCK_EVENTS - 1, n)
+            end = min(last, start + BLOCK_EVENTS - 1)
             if seq == start:
                 middles = self._middles(block, n_sealed, end if seq <= single else last)
                 if middles is not None:
@@ -326,87 +364,89 @@ class PackedEvents:
                             pieces.append(text)
                         seq = middles[0] + 1
                         continue
-            if block < n_sealed and not self._ends[block] & _KIND_MASK:
-                pieces += self._inflated_text(block, seq, end, reads, index, reasoning)
+            if not self._ends[block] & _KIND_MASK:
+                ends = self._ends
+                raw, coded, head, tail, at = self._inflate(
+                    ends[block - 1] >> _KIND_BITS if block else 0, ends[block] >> _KIND_BITS
+                )
+                first0 = block * BLOCK_EVENTS
+                pieces += self._pieces(
+                    raw, at, first0, seq, end, coded, (head, tail), reads, index, reasoning
+                )
             else:
                 pieces += chunk_text(self.get(seq, end), index, reasoning)
             seq = end + 1
         return pieces
 
-    def _inflated_text(
+    def _pieces(
         self,
-        block: int,
+        data: bytes,
+        offset: int,
+        first: int,
         seq: int,
         last: int,
-        reads: dict[tuple[bytes, bytes], bool | None],
-        index: int,
-        reasoning: bool,
-    ) -> list[str]:
-        """`text` of events `seq` to `last` of deflated block `block`: each run of its
-        middles read at once as a block of middles is (`_values_text`), the other events
-        decoded one by one; a middle ending in an odd run of backslashes is decoded as its
-        event (an escape never spans two of them then: escapes within a middle, such as
-        `\\"`, are read in the run). Why: an answer's first and last blocks are deflated
-        (the role chunk, the usage chunk are whole), and decoding all their events was
-        most of the read-back of an answer's text at its end."""
-        ends = self._ends
-        start = ends[block - 1] >> _KIND_BITS if block else 0
-        raw, coded, head, tail, offset = self._inflate(start, ends[block] >> _KIND_BITS)
-        template = (head, tail)
-        cut = len(head) + len(tail)
-        lengths = self._lengths
-        first = block * BLOCK_EVENTS  # (0-based)
-        pieces: list[str] = []
-        run: list[bytes] = []  # middles, not read yet
-        events: list[bytes] = []  # events, not decoded yet
-        for i in range(last - first):
-            size = lengths[first + i]
-            if coded >> i & 1:
-                end = offset + size - cut
-                if i >= seq - 1 - first:
-                    middle = raw[offset:end]
-                    # (One ending in an odd run of backslashes would escape the next
-                    # one's first byte, read together: it is decoded as its event.)
-                    if not middle.endswith(b"\\") or not _odd_tail(middle):
-                        if events:
-                            pieces += chunk_text(events, index, reasoning)
-                            events = []
-                        run.append(middle)
-                    else:
-                        if run:
-                            pieces += self._run_text(run, template, reads, index, reasoning)
-                            run = []
-                        events.append(head + middle + tail)
-            else:
-                end = offset + size
-                if i >= seq - 1 - first:
-                    if run:
-                        pieces += self._run_text(run, template, reads, index, reasoning)
-                        run = []
-                    events.append(raw[offset:end])
-            offset = end
-        if run:
-            pieces += self._run_text(run, template, reads, index, reasoning)
-        if events:
-            pieces += chunk_text(events, index, reasoning)
-        return pieces
-
-    @staticmethod
-    def _run_text(
-        run: list[bytes],
+        coded: int,
         template: tuple[bytes, bytes],
         reads: dict[tuple[bytes, bytes], bool | None],
         index: int,
         reasoning: bool,
     ) -> list[str]:
-        """The text of consecutive middles of `template` that hold no backslash."""
+        """`text` of events `seq` to `last` of a block whose events from index `first`
+        (0-based) `data` holds one after the other from `offset`: whole, or (bit i of
+        `coded`) the middle of `template`. Each run of its middles is read at once as a
+        block of middles is (`_run_text`), the other events decoded one by one; a middle
+        ending in an odd run of backslashes is decoded as its event (an escape never spans
+        two of them then: escapes within a middle, such as `\\"`, are read in the run).
+        Why: an answer's first and last blocks hold whole events (the role chunk, the
+        usage chunk), and decoding all their events was most of the read-back of an
+        answer's text at its end."""
         head, tail = template
-        if template not in reads:
-            reads[template] = template_reads(head, tail, index, reasoning)
-        text = values_text(b"".join(run), reads[template])
-        if text is None:
-            return chunk_text([head + middle + tail for middle in run], index, reasoning)
-        return [text] if text else []
+        cut = len(head) + len(tail)
+        lengths = self._lengths
+        pieces: list[str] = []
+        events: list[bytes] = []  # whole events, not decoded yet
+        i = seq - 1 - first  # (the block's events before `seq` are passed over)
+        if i:
+            offset += sum(lengths[first : first + i]) - cut * (coded & ((1 << i) - 1)).bit_count()
+        stop = last - first
+        while i < stop:
+            rest = coded >> i
+            if rest & 1:
+                # A run of middles, found from the bits (to the next whole event): its
+                # bytes at once (a sum in C), not one slice per event.
+                whole = ~rest
+                j = min(stop, i + (whole & -whole).bit_length() - 1)
+                sizes = lengths[first + i : first + j]
+                end = offset + sum(sizes) - cut * (j - i)
+                text = None
+                # (A middle ending in an odd run of backslashes would escape the next one's
+                # first byte, read together: such a run is decoded as its events.)
+                if data.find(b"\\", offset, end) < 0 or not _odd_end(data, offset, sizes, cut):
+                    if template not in reads:
+                        reads[template] = template_reads(head, tail, index, reasoning)
+                    text = values_text(data[offset:end], reads[template])
+                if text is None:  # (not all string contents, or escapes as above)
+                    for size in sizes:
+                        size += offset - cut
+                        events.append(head + data[offset:size] + tail)
+                        offset = size
+                else:
+                    if events:
+                        pieces += chunk_text(events, index, reasoning)
+                        events = []
+                    if text:
+                        pieces.append(text)
+                    offset = end
+            else:
+                j = min(stop, i + (rest & -rest).bit_length() - 1) if rest else stop
+                for size in lengths[first + i : first + j]:
+                    end = offset + size
+                    events.append(data[offset:end])
+                    offset = end
+            i = j
+        if events:
+            pieces += chunk_text(events, index, reasoning)
+        return pieces
 
     @staticmethod
     def _values_text(
@@ -424,7 +464,7 @@ class PackedEvents:
     def _middles(
         self, block: int, n_sealed: int, stop: int
     ) -> tuple[int, bytes, bytes, bytes] | None:
-        """The middles of block `block` and of the blocks after it under the same template,
+        """The middles of sealed block `block` and of the blocks after it under the same template,
         all their events as middles and up to event `stop` at most: the last event's
         number, the template's head and tail, and the middles one after the other; None
         when block `block` is not such a block or does not end by `stop`."""
@@ -433,34 +473,24 @@ class PackedEvents:
         n = len(lengths)
         begin = ends[block - 1] >> _KIND_BITS if block else 0
         first = block * BLOCK_EVENTS  # (0-based)
-        if block < n_sealed:
-            kind = ends[block] & _KIND_MASK
-            last = min(n, (block + 1) * BLOCK_EVENTS)
-            if not kind or last > stop:
-                return None
-            head, tail = self._templates[2 * kind - 2], self._templates[2 * kind - 1]
+        kind = ends[block] & _KIND_MASK
+        last = min(n, (block + 1) * BLOCK_EVENTS)
+        if not kind or last > stop:
+            return None
+        head, tail = self._templates[2 * kind - 2], self._templates[2 * kind - 1]
+        finish = ends[block] >> _KIND_BITS
+        # The sealed blocks after it under the same template (they follow one another in
+        # `_packed`), and the open block's first events when they are middles of it.
+        while block + 1 < n_sealed:
+            if ends[block + 1] & _KIND_MASK != kind or min(n, (block + 2) * BLOCK_EVENTS) > stop:
+                break
+            block += 1
             finish = ends[block] >> _KIND_BITS
-            # The sealed blocks after it under the same template (they follow one another
-            # in `_packed`), and the open block when it holds middles of it only.
-            while block + 1 < n_sealed:
-                if (
-                    ends[block + 1] & _KIND_MASK != kind
-                    or min(n, (block + 2) * BLOCK_EVENTS) > stop
-                ):
-                    break
-                block += 1
-                finish = ends[block] >> _KIND_BITS
-                last = min(n, (block + 1) * BLOCK_EVENTS)
-            if block + 1 == n_sealed and self._head == head and self._tail == tail:
-                run = self._open_run(n_sealed, stop)
-                if run is not None:
-                    last, finish = run
-        else:
+            last = min(n, (block + 1) * BLOCK_EVENTS)
+        if block + 1 == n_sealed and self._head == head and self._tail == tail:
             run = self._open_run(n_sealed, stop)
-            if run is None:
-                return None
-            last, finish = run
-            head, tail = self._head, self._tail
+            if run is not None:
+                last, finish = run
         data = bytes(self._packed[begin:finish])
         # Read as one JSON string, a middle ending in a backslash that escapes nothing (an
         # odd run of them) would escape the next one's first byte: such a run is read block
@@ -509,8 +539,10 @@ class PackedEvents:
 
     def get(self, first: int, last: int) -> list[bytes]:
         """Events `first` to `last` (inclusive, within 1..len)."""
-        out: list[bytes] = []
         n_sealed = len(self._ends)
+        if first > n_sealed * BLOCK_EVENTS:  # all in the open block (an answer's end reads)
+            return self._open_from(first - 1 - n_sealed * BLOCK_EVENTS, last - first + 1)
+        out: list[bytes] = []
         seq = first
         while seq <= last:
             block = (seq - 1) // BLOCK_EVENTS
@@ -530,17 +562,30 @@ class PackedEvents:
         reader asks for the last few events of the block, an answer's end for its last
         ones; rebuilding the block's all, as a seal does, was most of that read). Where
         they start is the sizes before them less a template's bytes for each middle, all
-        counted in C (a sum, a bit count)."""
-        n = len(self._lengths) - len(self._ends) * BLOCK_EVENTS
-        coded = ~self._whole & ((1 << n) - 1)
-        first = len(self._ends) * BLOCK_EVENTS
+        counted in C (a sum, a bit count). One loop here, not `_rebuild`'s call: an
+        answer's end reads its open block twice (its text, then its last events)."""
+        lengths = self._lengths
+        first = len(self._ends) * BLOCK_EVENTS + skip
+        whole = self._whole >> skip
         cut = self._cut
         start = self._open_at()
         if skip:
-            before = sum(self._lengths[first : first + skip])
-            start += before - cut * (coded & ((1 << skip) - 1)).bit_count()
-        block = self._packed[start:]
-        return self._rebuild(block, first + skip, count, coded >> skip, self._head, self._tail)
+            before = sum(lengths[first - skip : first])
+            start += before - cut * (~self._whole & ((1 << skip) - 1)).bit_count()
+        packed = self._packed
+        head = self._head
+        tail = self._tail
+        out: list[bytes] = []
+        for i in range(first, first + count):
+            end = start + lengths[i]
+            if whole & 1:
+                out.append(bytes(packed[start:end]))
+            else:
+                end -= cut
+                out.append(head + packed[start:end] + tail)
+            whole >>= 1
+            start = end
+        return out
 
 
 def _odd_tail(middle: bytes) -> bool:

@@ -10,7 +10,6 @@ errors, asyncio and unbroken._flag.
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
@@ -249,7 +248,10 @@ class MemoryStreamLog:
         # as two attribute lookups on the dataclass per relayed chunk.
         self._max_stream_bytes = self._retention.max_stream_bytes
         self._max_total_bytes = self._retention.max_total_bytes
-        self._streams: OrderedDict[str, _Stream] = OrderedDict()
+        # In the order they were made (evictions take the oldest first): a dict, not an
+        # OrderedDict (its links cost ~50 bytes a log held, and compiled, a dict's `get`
+        # is a native call, once per relayed chunk).
+        self._streams: dict[str, _Stream] = {}
         self._sessions: dict[str, str] = {}
         self._total = 0
         # Ended logs whose open block is not sealed yet (`seal_ended`).
@@ -334,49 +336,63 @@ class MemoryStreamLog:
     def append_now(
         self, stream_id: str, epoch: int, payloads: Sequence[bytes], now: float, *, end: bool
     ) -> int:
-        """`append` without a coroutine: a producer on this process calls it once per
-        relayed chunk (gateway/streams.py)."""
+        """`append` without a coroutine: a producer on this process calls it for what it
+        appends outside the relayed chunks' `append_one` (an answer's usage chunk, its
+        last events; gateway/streams.py). One event that does not end the log is
+        `append_one`'s."""
+        if not end and len(payloads) == 1:
+            return self.append_one(stream_id, epoch, payloads[0], now)
+        return self._append(stream_id, epoch, payloads, now, end)
+
+    def _append(
+        self, stream_id: str, epoch: int, payloads: Sequence[bytes], now: float, end: bool
+    ) -> int:
+        """`append_now` of several events, of the last ones (`end`), or past the common
+        case of `append_one` (fenced, unknown, full: it says why, or makes room)."""
         stream = self._streams.get(stream_id)
         if stream is None:
             stream = self._get(stream_id)  # raises
         if stream.gone or stream.ended_at is not None or stream.epoch != epoch:
             raise FencedError(f"stream {stream_id!r}: epoch {epoch} may not append")
-        size = len(payloads[0]) if len(payloads) == 1 else sum(map(len, payloads))
-        retention = self.retention
+        size = sum(map(len, payloads))
+        n_bytes = stream.n_bytes + size
+        total = self._total + size
         # The common case without a call: room in the stream and in the store.
-        if (
-            stream.n_bytes + size > retention.max_stream_bytes
-            or self._total + size > retention.max_total_bytes
-        ):
+        if n_bytes > self._max_stream_bytes or total > self._max_total_bytes:
+            retention = self._retention
             room = retention.room(stream.n_bytes, self._total, size)
             if end and size <= END_SLACK_BYTES:
                 room = Room.OK
             if room is Room.TOTAL_FULL and self._evict_for(size, stream_id):
                 room = Room.OK
             if room is not Room.OK:
-                raise LogFullError(_full_message(stream_id, room, self.retention))
-        stream.events.extend(payloads)
+                raise LogFullError(_full_message(stream_id, room, retention))
+            total = self._total + size
+        events = stream.events
+        events.extend(payloads)
+        self._total = total
+        stream.n_bytes = n_bytes
+        n = stream.n_events = stream.n_events + len(payloads)
+        stream.updated_at = now
         if end:
             # The last block is sealed (deflated) later, with those of the other answers
             # that ended meanwhile (`seal_ended`, the hub's tick): deflating it cost
             # ~35 us of an answer's end among the relay's reads, ~10 us in a row with
             # others (bench/hotpath.py). Reads do not depend on it.
-            stream.events.source = None
-            self._unsealed.append(stream)
-            if len(self._unsealed) > MAX_UNSEALED:
-                self.seal_ended()
-        self._total += size
-        stream.n_bytes += size
-        stream.n_events += len(payloads)
-        stream.updated_at = now
-        if end:
+            events.source = None
             stream.ended_at = now
+            unsealed = self._unsealed
+            unsealed.append(stream)
+            if len(unsealed) > MAX_UNSEALED:
+                self.seal_ended()
             if stream.resumable:
                 self._open_resumable.pop(stream_id, None)
-        if stream.n_waiting and stream.changed is not None:
-            stream.changed.set()
+        # (`changed` is made by a `wait`; set with nobody waiting any more, it is harmless.)
+        changed = stream.changed
+        if changed is not None:
+            changed.set()
             stream.changed = None
-        return stream.n_events
+        return n
 
     def append_one(self, stream_id: str, epoch: int, payload: bytes, now: float) -> int:
         """`append_now` of one event that does not end the log: a producer on this process
@@ -393,8 +409,8 @@ class MemoryStreamLog:
             or (n_bytes := stream.n_bytes + size) > self._max_stream_bytes
             or (total := self._total + size) > self._max_total_bytes
         ):
-            # Not the common case (fenced, unknown, full): `append_now` says why, or makes room.
-            return self.append_now(stream_id, epoch, (payload,), now, end=False)
+            # Not the common case (fenced, unknown, full): `_append` says why, or makes room.
+            return self._append(stream_id, epoch, (payload,), now, False)
         events = stream.events
         cut = events._cut
         # `PackedEvents.add` of an event on the template, spelt out (a call and its loads
@@ -418,8 +434,9 @@ class MemoryStreamLog:
         stream.n_bytes = n_bytes
         n = stream.n_events = stream.n_events + 1
         stream.updated_at = now
-        if stream.n_waiting and stream.changed is not None:
-            stream.changed.set()
+        changed = stream.changed
+        if changed is not None:
+            changed.set()
             stream.changed = None
         return n
 
