@@ -6,11 +6,11 @@ stay low-cardinality (route, model, kind, phase): never a stream id, a user or a
 
 from __future__ import annotations
 
-import bisect
 import functools
 import logging
 import math
 import threading
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -289,8 +289,7 @@ class PrometheusHook:
         # its arguments on every call). A sync client's records may come from several
         # threads: the sums change under `_lock` only.
         self._lock = threading.Lock()
-        self._started = 0  # answers started
-        self._ended = 0  # answers ended
+        self._started = 0  # answers started (those ended: the answers' sums, `n`)
         self._attempt_sums: dict[tuple[str, str, str], _AttemptSum] = {}
         self._answer_sums: dict[tuple[str, str, str], _AnswerSum] = {}
         self._ttft_sums: dict[str, _Observed] = {}
@@ -325,7 +324,6 @@ class PrometheusHook:
         """Count the answer, its tokens, cost and timings."""
         key = (record.route, record.model, record.outcome)
         with self._lock:
-            self._ended += 1
             sums = self._answer_sums.get(key)
             if sums is None:
                 route, model, outcome = key
@@ -341,13 +339,20 @@ class PrometheusHook:
             sums.prompt_tokens += record.prompt_tokens
             sums.completion_tokens += record.completion_tokens
             sums.cost_usd += record.cost_usd
-            if record.ttft_s is not None:
-                ttft = self._ttft_sums.get(record.route)
-                if ttft is None:  # a route's series appears with its first time to first token
-                    ttft = self._ttft_sums[record.route] = _Observed(
-                        self.ttft.labels(record.route), _TTFT_BUCKETS
-                    )
-                ttft.observe(record.ttft_s)
+            ttft_s = record.ttft_s
+            if ttft_s is not None:
+                ttft = sums.ttft
+                if ttft is None:
+                    ttft = sums.ttft = self._ttft_of(record.route)
+                ttft.observe(ttft_s)
+
+    def _ttft_of(self, route: str) -> _Observed:
+        """The time to first token of `route` (a route's series appears with its first
+        observation; shared by the route's answers of every model and outcome)."""
+        ttft = self._ttft_sums.get(route)
+        if ttft is None:
+            ttft = self._ttft_sums[route] = _Observed(self.ttft.labels(route), _TTFT_BUCKETS)
+        return ttft
 
     def on_breaker(self, route: str, state: BreakerState) -> None:
         """Publish the breaker state."""
@@ -361,10 +366,10 @@ class PrometheusHook:
     def _flush(self) -> None:
         """Add what the records summed to the collectors (before any of them is collected)."""
         with self._lock:
-            moved = self._started - self._ended
+            moved = self._started - sum(answers.n for answers in self._answer_sums.values())
             if moved:
                 self.active.inc(moved)
-            self._started = self._ended = 0
+            self._started = 0
             for attempts in self._attempt_sums.values():
                 if attempts.n:
                     for child in attempts.series:
@@ -406,6 +411,7 @@ class _AnswerSum:
         "prompt",
         "prompt_tokens",
         "requests",
+        "ttft",
     )
 
     def __init__(
@@ -425,6 +431,8 @@ class _AnswerSum:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.cost_usd = 0.0
+        # The route's time to first token (`PrometheusHook._ttft_of`), once one came.
+        self.ttft: _Observed | None = None
 
 
 class _Observed:
@@ -442,8 +450,8 @@ class _Observed:
 
     def observe(self, value: float) -> None:
         self.sum += value
-        if value <= math.inf:  # (NaN: in no bucket, as `observe` leaves it)
-            self.counts[bisect.bisect_left(self.upper, value)] += 1
+        if value == value:  # (NaN: in no bucket, as `observe` leaves it)
+            self.counts[bisect_left(self.upper, value)] += 1
 
     def flush(self) -> None:
         counts = self.counts

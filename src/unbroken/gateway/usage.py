@@ -29,6 +29,8 @@ USAGE_TTL_S = 93 * 86400.0
 MAX_DAYS = 93
 _SEP = "\x1f"
 _METRICS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "cost_usd")
+# (key name, model) pairs whose field names `UsageBook` keeps made.
+_MAX_FIELDS = 4096
 
 
 def day_of(now: float) -> str:
@@ -121,26 +123,41 @@ class UsageBook:
     def __init__(self, store: Store, prices: PriceTable) -> None:
         self._store = store
         self._prices = prices
+        # The fields of each (key name, model) booked, made once (five strings an answer).
+        self._fields: dict[tuple[str, str], tuple[str, ...]] = {}
 
     async def record(
         self, key: str, model: str, usage: Usage | None, cost_usd: float, now: float
     ) -> None:
         """Add one answer: a request, its billed tokens (if any) and cost."""
-        prompt = completion = cached = 0
-        if usage is not None:
-            prompt, completion = usage.prompt_tokens, usage.completion_tokens
-            cached = usage.prompt_cache_hit_tokens or 0
-            if usage.prompt_cache_hit_tokens is None and usage.prompt_tokens_details is not None:
-                cached = usage.prompt_tokens_details.cached_tokens or 0
+        fields = self._fields.get((key, model))
+        if fields is None:
+            fields = self._fields_of(key, model)
+        if usage is None:
+            values: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, cost_usd)
+        else:
+            cached = usage.prompt_cache_hit_tokens
+            if cached is None:
+                details = usage.prompt_tokens_details
+                cached = details.cached_tokens if details is not None else 0
+            values = (
+                1.0,
+                float(usage.prompt_tokens),
+                float(cached or 0),
+                float(usage.completion_tokens),
+                cost_usd,
+            )
+        await self._store.add_usage(
+            day_of(now), dict(zip(fields, values, strict=True)), USAGE_TTL_S
+        )
+
+    def _fields_of(self, key: str, model: str) -> tuple[str, ...]:
         base = f"{key}{_SEP}{model}{_SEP}"
-        amounts = {
-            base + "requests": 1.0,
-            base + "prompt_tokens": float(prompt),
-            base + "cached_tokens": float(cached),
-            base + "completion_tokens": float(completion),
-            base + "cost_usd": cost_usd,
-        }
-        await self._store.add_usage(day_of(now), amounts, USAGE_TTL_S)
+        fields = tuple(base + metric for metric in _METRICS)
+        if len(self._fields) >= _MAX_FIELDS:  # (key names and models: few; bounded anyway)
+            self._fields.clear()
+        self._fields[key, model] = fields
+        return fields
 
     async def report(self, query: UsageQuery) -> dict[str, Any]:
         """The `/v1/usage` body: one row per day, key and model, and the totals."""

@@ -7,6 +7,8 @@ Single event loop, no awaits inside a method, so every method is atomic. Bucket 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import repeat
+from operator import add
 
 from unbroken.core.ratelimit import BucketState, TokenBucket
 from unbroken.settings import KeySettings
@@ -129,9 +131,14 @@ class MemoryStore:
 
     async def add_usage(self, day: str, amounts: Mapping[str, float], ttl_s: float) -> None:
         """See `Store.add_usage` (the memory store keeps every day until it stops)."""
-        table = self._usage.setdefault(day, {})
-        for name, amount in amounts.items():
-            table[name] = table.get(name, 0.0) + amount
+        table = self._usage.get(day)
+        if table is None:
+            table = self._usage[day] = {}
+        # Each field's sum, old + amount, made and stored in C (every answer books five
+        # fields: a loop of them was ~80 bytecodes an answer). Each name comes once, and
+        # its old value is read before it is stored.
+        sums = map(add, map(table.get, amounts, repeat(0.0)), amounts.values())
+        table.update(zip(amounts, sums, strict=True))
 
     async def get_usage(self, day: str) -> dict[str, float]:
         """See `Store.get_usage`."""

@@ -160,6 +160,23 @@ class PackedEvents:
         if not len(lengths) % BLOCK_EVENTS:
             self._seal()
 
+    def add_other(self, payload: bytes) -> None:
+        """`add` of an event the current template was found not to fit (the memory log's
+        `append_one` checks it before this call): no second check."""
+        lengths = self._lengths
+        try:
+            lengths.append(len(payload))
+        except OverflowError:
+            lengths = self._grow(len(payload))
+        if self._tried:
+            self._whole |= 1 << (len(lengths) - 1) % BLOCK_EVENTS
+            block = self._packed
+            block += payload
+        else:
+            self._miss(payload)
+        if not len(lengths) % BLOCK_EVENTS:
+            self._seal()
+
     def _miss(self, payload: bytes) -> None:
         """An event the template does not fit, in a block where no template was learned
         (or tried) yet: while every event of the block is whole, the source's template
@@ -174,7 +191,8 @@ class PackedEvents:
             self._tried = True  # a middle in the block: no template is learned in it
         else:
             source = self.source
-            shared = None if source is None else source.text_template()
+            # (Not for the log's first event: an answer's role chunk, before any text.)
+            shared = None if source is None or len(lengths) == 1 else source.text_template()
             if shared is not None:
                 head, tail = shared
                 cut = len(head) + len(tail)
@@ -205,11 +223,14 @@ class PackedEvents:
         """Make `head` and `tail` the current template (the open block's events from now
         on); False at the bound of templates."""
         templates = self._templates
-        if len(templates) // 2 > self._n_used:
-            templates = templates[:-2]  # the current one: no block names it yet
-        elif len(templates) // 2 >= MAX_TEMPLATES:
-            return False
-        self._templates = (*templates, head, tail)
+        if not templates:  # (a log's first)
+            self._templates = (head, tail)
+        else:
+            if len(templates) // 2 > self._n_used:
+                templates = templates[:-2]  # the current one: no block names it yet
+            elif len(templates) // 2 >= MAX_TEMPLATES:
+                return False
+            self._templates = (*templates, head, tail)
         self._head = head
         self._tail = tail
         self._at = len(head)

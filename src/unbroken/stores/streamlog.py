@@ -200,9 +200,11 @@ class _Stream:
     n_bytes: int = 0
     updated_at: float = 0.0
     ended_at: float | None = None
-    n_waiting: int = 0
     changed: Flag | None = None  # made by the first `wait` (~40 bytes a live stream)
     gone: bool = False  # events forgotten (a tombstone)
+    # The epoch that may append: the lease's while the log is open, -1 once it ended or
+    # was forgotten (`append_one` checks this one field per relayed chunk, not three).
+    writer: int = 1
 
     @property
     def ended(self) -> bool:
@@ -214,6 +216,12 @@ class _Stream:
 
     def hold(self, lease: Lease) -> None:
         self.owner, self.epoch, self.lease_until = lease.owner, lease.epoch, lease.expires_at
+        if self.writer >= 0:
+            self.writer = lease.epoch
+
+    def close(self) -> None:
+        """No more appends (the log ended, or was forgotten)."""
+        self.writer = -1
 
     @property
     def info(self) -> StreamInfo:
@@ -323,6 +331,7 @@ class MemoryStreamLog:
         stream.n_bytes = 0
         stream.events = PackedEvents()
         stream.gone = True
+        stream.close()
         stream.request = b""
         if stream.resumable:
             self._open_resumable.pop(stream.id, None)
@@ -381,6 +390,7 @@ class MemoryStreamLog:
             # others (bench/hotpath.py). Reads do not depend on it.
             events.source = None
             stream.ended_at = now
+            stream.close()
             unsealed = self._unsealed
             unsealed.append(stream)
             if len(unsealed) > MAX_UNSEALED:
@@ -403,9 +413,7 @@ class MemoryStreamLog:
         # The sums are checked and then stored as they are (fewer bytecodes per chunk).
         if (
             stream is None
-            or stream.gone
-            or stream.ended_at is not None
-            or stream.epoch != epoch
+            or stream.writer != epoch  # (fenced, ended, forgotten)
             or (n_bytes := stream.n_bytes + size) > self._max_stream_bytes
             or (total := self._total + size) > self._max_total_bytes
         ):
@@ -429,7 +437,7 @@ class MemoryStreamLog:
             if not len(lengths) % BLOCK_EVENTS:
                 events._seal()
         else:
-            events.add(payload)
+            events.add_other(payload)
         self._total = total
         stream.n_bytes = n_bytes
         n = stream.n_events = stream.n_events + 1
@@ -501,17 +509,14 @@ class MemoryStreamLog:
         stream = self._streams.get(stream_id)
         if stream is None or stream.n_events > after or stream.ended:
             return
-        stream.n_waiting += 1
+        changed = stream.changed
+        if changed is None:
+            changed = stream.changed = Flag()
         try:
-            changed = stream.changed
-            if changed is None:
-                changed = stream.changed = Flag()
             async with asyncio.timeout(timeout_s):
                 await changed.wait()
         except TimeoutError:
             return
-        finally:
-            stream.n_waiting -= 1
 
     async def info(self, stream_id: str) -> StreamInfo | None:
         """See `StreamLog.info`."""
