@@ -96,6 +96,7 @@ class PackedEvents:
         "_templates",
         "_tried",
         "_whole",
+        "_wholes",
         "_zdict",
         "source",
     )
@@ -112,6 +113,11 @@ class PackedEvents:
         # Two bytes an event while every event is below 64 KiB (`_grow` widens it).
         self._lengths = array("H")
         self._whole = 0
+        # The open block's whole events as they were added (also in `_packed`): its reads
+        # take them as they are (an answer's end reads its last events, whole, and its
+        # text, around its role and usage chunks), not cut out of `_packed` one by one.
+        # None while it holds none (a long answer's blocks after its first).
+        self._wholes: list[bytes] | None = None
         # The templates learned (head, tail, head, tail...); the current one is the last,
         # also in `_head` and `_tail` (empty: none). `_n_used` of them are named by blocks.
         self._templates = _NO_TEMPLATES
@@ -155,6 +161,11 @@ class PackedEvents:
             self._whole |= 1 << (len(lengths) - 1) % BLOCK_EVENTS
             block = self._packed
             block += payload
+            wholes = self._wholes
+            if wholes is None:
+                self._wholes = [payload]
+            else:
+                wholes.append(payload)
         else:
             self._miss(payload)
         if not len(lengths) % BLOCK_EVENTS:
@@ -172,6 +183,11 @@ class PackedEvents:
             self._whole |= 1 << (len(lengths) - 1) % BLOCK_EVENTS
             block = self._packed
             block += payload
+            wholes = self._wholes
+            if wholes is None:
+                self._wholes = [payload]
+            else:
+                wholes.append(payload)
         else:
             self._miss(payload)
         if not len(lengths) % BLOCK_EVENTS:
@@ -204,11 +220,10 @@ class PackedEvents:
                 ):
                     self._packed += payload[len(head) : len(payload) - len(tail)]
                     return
-            if n > 0 and len(lengths) > 2:
+            wholes = self._wholes
+            if n > 0 and len(lengths) > 2 and wholes is not None:
                 self._tried = True
-                packed = self._packed
-                prev = bytes(packed[len(packed) - lengths[-2] :])
-                learned = _template(prev, payload)
+                learned = _template(wholes[-1], payload)  # (the event before: whole)
                 if learned is not None:
                     head, tail = learned
                     if shared is not None and shared[0] == head and shared[1] == tail:
@@ -218,6 +233,11 @@ class PackedEvents:
                         return
         self._whole = whole | 1 << n
         self._packed += payload
+        wholes = self._wholes
+        if wholes is None:
+            self._wholes = [payload]
+        else:
+            wholes.append(payload)
 
     def _learn(self, head: bytes, tail: bytes) -> bool:
         """Make `head` and `tail` the current template (the open block's events from now
@@ -250,9 +270,10 @@ class PackedEvents:
             self._seal()
 
     def _seal(self) -> None:
-        n = len(self._lengths) - len(self._ends) * BLOCK_EVENTS
+        ends = self._ends
+        n = len(self._lengths) - len(ends) * BLOCK_EVENTS
         packed = self._packed
-        start = self._open_at()
+        start = ends[-1] >> _KIND_BITS if ends else 0  # (`_open_at`)
         whole = self._whole
         if not whole and len(packed) - start <= RAW_MAX_BYTES * n:
             kind = self._n_used = len(self._templates) // 2  # the middles stay as they are
@@ -274,12 +295,17 @@ class PackedEvents:
                 zdict = self._zdict = zdict[:ZDICT_MAX_BYTES]
             packer = zlib.compressobj(LEVEL, zlib.DEFLATED, WBITS, MEM_LEVEL, zdict=zdict)
             header = _HEADER.pack(coded, len(head), len(tail)) + head + tail
-            with memoryview(packed) as view:
-                body = packer.compress(header) + packer.compress(view[start:]) + packer.flush()
-            del packed[start:]
-            packed += body
-        self._ends.append(len(packed) << _KIND_BITS | kind)
+            if start:
+                with memoryview(packed) as view:
+                    body = packer.compress(header) + packer.compress(view[start:])
+                del packed[start:]
+            else:  # the log's first block (a short answer's all): no view, no copy
+                body = packer.compress(header) + packer.compress(packed)
+                packed.clear()
+            packed += body + packer.flush()
+        ends.append(len(packed) << _KIND_BITS | kind)
         self._whole = 0
+        self._wholes = None
         self._tried = False
 
     def _open_at(self) -> int:
@@ -361,10 +387,21 @@ class PackedEvents:
                 # are kept, its whole events decoded.
                 start = n_sealed * BLOCK_EVENTS
                 coded = ~self._whole & ((1 << (len(self._lengths) - start)) - 1)
-                data = bytes(self._packed[self._open_at() :])
+                data = bytes(
+                    self._packed[self._ends[-1] >> _KIND_BITS :] if n_sealed else self._packed
+                )
                 template = (self._head, self._tail)
                 pieces += self._pieces(
-                    data, 0, start, seq, last, coded, template, reads, index, reasoning
+                    data,
+                    0,
+                    start,
+                    seq,
+                    last,
+                    coded,
+                    template,
+                    reads,
+                    index,
+                    reasoning,
                 )
                 break
             start = block * BLOCK_EVENTS + 1
@@ -581,26 +618,34 @@ class PackedEvents:
     def _open_from(self, skip: int, count: int) -> list[bytes]:
         """`count` events of the open block after its first `skip`: only those rebuilt (a
         reader asks for the last few events of the block, an answer's end for its last
-        ones; rebuilding the block's all, as a seal does, was most of that read). Where
-        they start is the sizes before them less a template's bytes for each middle, all
-        counted in C (a sum, a bit count). One loop here, not `_rebuild`'s call: an
-        answer's end reads its open block twice (its text, then its last events)."""
+        ones; rebuilding the block's all, as a seal does, was most of that read), its whole
+        ones as they were added (`_wholes`; an answer's last events: no loop). Where the
+        middles start is the sizes before them less a template's bytes for each middle,
+        all counted in C (a sum, a bit count)."""
+        every = self._whole
+        whole = every >> skip
+        wholes = self._wholes
+        # The whole events before them (their place in `_wholes`).
+        k = (every & ((1 << skip) - 1)).bit_count()
+        mask = (1 << count) - 1
+        if whole & mask == mask and wholes is not None:
+            return wholes[k : k + count]
         lengths = self._lengths
-        first = len(self._ends) * BLOCK_EVENTS + skip
-        whole = self._whole >> skip
+        ends = self._ends
+        first = len(ends) * BLOCK_EVENTS + skip
         cut = self._cut
-        start = self._open_at()
+        start = ends[-1] >> _KIND_BITS if ends else 0  # (`_open_at`)
         if skip:
-            before = sum(lengths[first - skip : first])
-            start += before - cut * (~self._whole & ((1 << skip) - 1)).bit_count()
+            start += sum(lengths[first - skip : first]) - cut * (skip - k)
         packed = self._packed
         head = self._head
         tail = self._tail
         out: list[bytes] = []
         for i in range(first, first + count):
             end = start + lengths[i]
-            if whole & 1:
-                out.append(bytes(packed[start:end]))
+            if whole & 1 and wholes is not None:
+                out.append(wholes[k])
+                k += 1
             else:
                 end -= cut
                 out.append(head + packed[start:end] + tail)

@@ -340,7 +340,9 @@ class MemoryStreamLog:
         self, stream_id: str, epoch: int, payloads: Sequence[bytes], now: float, *, end: bool
     ) -> int:
         """See `StreamLog.append`."""
-        return self.append_now(stream_id, epoch, payloads, now, end=end)
+        if not end and len(payloads) == 1:
+            return self.append_one(stream_id, epoch, payloads[0], now)
+        return self._append(stream_id, epoch, payloads, now, end)
 
     def append_now(
         self, stream_id: str, epoch: int, payloads: Sequence[bytes], now: float, *, end: bool
