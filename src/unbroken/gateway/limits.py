@@ -233,26 +233,26 @@ class Limiter:
         Raises:
             StoreError: the store failed; the steps not yet done are still to do.
         """
-        limits = admission.caller.limits
-        cid = admission.caller.id
-        store = self._store
+        caller = admission.caller
+        limits = caller.limits
         if admission.lease is not None:
-            await store.release_slot(limit_key("slots", cid), admission.lease)
+            await self._store.release_slot(limit_key("slots", caller.id), admission.lease)
             admission.lease = None
-        tpm = limits.tokens_per_minute
-        if tpm is not None and admission.reserved_tokens:
+        if admission.reserved_tokens:  # (only with a tokens-per-minute limit)
+            tpm = limits.tokens_per_minute
             delta = admission.reserved_tokens - (tokens or 0)
-            if delta:
-                await store.adjust(limit_key("tpm", cid), tpm, tpm / 60.0, float(delta), now)
+            if tpm is not None and delta:
+                key = limit_key("tpm", caller.id)
+                await self._store.adjust(key, tpm, tpm / 60.0, float(delta), now)
             admission.reserved_tokens = 0
         if not admission.tokens_booked:
             if admission.reserved_daily or (tokens and limits.daily_tokens is not None):
                 delta_daily = (tokens or 0) - admission.reserved_daily
                 if delta_daily:
-                    key = f"tokens:{cid}:{admission.day}"
-                    await store.add(key, delta_daily, now, DAY_TTL_S)
+                    key = f"tokens:{caller.id}:{admission.day}"
+                    await self._store.add(key, delta_daily, now, DAY_TTL_S)
             admission.reserved_daily = 0.0
             admission.tokens_booked = True
-        if limits.daily_cost_usd is not None and cost_usd and not admission.cost_booked:
-            await store.add(f"cost:{cid}:{admission.day}", cost_usd, now, DAY_TTL_S)
+        if cost_usd and not admission.cost_booked and limits.daily_cost_usd is not None:
+            await self._store.add(f"cost:{caller.id}:{admission.day}", cost_usd, now, DAY_TTL_S)
         admission.cost_booked = True

@@ -373,36 +373,19 @@ class PackedEvents:
         consecutive blocks of middles all under one template, not escaped, are read as they
         are kept (one decode of them all, not one per event: ~10x less work; and one per
         run of blocks, not per block: an answer's end reads its text back at once)."""
-        pieces: list[str] = []
         n_sealed = len(self._ends)
         # What each template's chunks bring of the text (`template_reads`), asked once per
         # template, not once per block: two decodes of a probe chunk each.
         reads: dict[tuple[bytes, bytes], bool | None] = {}
+        if first > n_sealed * BLOCK_EVENTS:  # all in the open block (a short answer's all)
+            return self._open_text(n_sealed, first, last, reads, index, reasoning)
+        pieces: list[str] = []
         seq = first
         single = 0  # up to this event, blocks are read one at a time
         while seq <= last:
             block = (seq - 1) // BLOCK_EVENTS
             if block >= n_sealed:
-                # The open block (a short answer's all): its runs of middles read as they
-                # are kept, its whole events decoded.
-                start = n_sealed * BLOCK_EVENTS
-                coded = ~self._whole & ((1 << (len(self._lengths) - start)) - 1)
-                data = bytes(
-                    self._packed[self._ends[-1] >> _KIND_BITS :] if n_sealed else self._packed
-                )
-                template = (self._head, self._tail)
-                pieces += self._pieces(
-                    data,
-                    0,
-                    start,
-                    seq,
-                    last,
-                    coded,
-                    template,
-                    reads,
-                    index,
-                    reasoning,
-                )
+                pieces += self._open_text(n_sealed, seq, last, reads, index, reasoning)
                 break
             start = block * BLOCK_EVENTS + 1
             end = min(last, start + BLOCK_EVENTS - 1)
@@ -435,6 +418,24 @@ class PackedEvents:
                 pieces += chunk_text(self.get(seq, end), index, reasoning)
             seq = end + 1
         return pieces
+
+    def _open_text(
+        self,
+        n_sealed: int,
+        seq: int,
+        last: int,
+        reads: dict[tuple[bytes, bytes], bool | None],
+        index: int,
+        reasoning: bool,
+    ) -> list[str]:
+        """`text` of events `seq` to `last` of the open block (a short answer's all): its
+        runs of middles read as they are kept, its whole events decoded (`_pieces`)."""
+        start = n_sealed * BLOCK_EVENTS
+        coded = ~self._whole & ((1 << (len(self._lengths) - start)) - 1)
+        packed = self._packed
+        data = bytes(packed[self._ends[-1] >> _KIND_BITS :] if n_sealed else packed)
+        template = (self._head, self._tail)
+        return self._pieces(data, 0, start, seq, last, coded, template, reads, index, reasoning)
 
     def _pieces(
         self,
