@@ -80,9 +80,13 @@ class PackedEvents:
     """The events of one log, numbered from 1 (see the module docstring). Nothing is added
     after `seal`.
 
-    `source`, when set, is asked for its template whenever one is learned: equal bytes are
-    kept as its objects, not as copies (the decoder's of a relayed answer and the log's
-    are the same ~300 bytes; bench/stream_memory.py). Whoever sets it unsets it."""
+    `source`, when set, is asked for its template at the first event of a block the
+    current template does not fit (while the block holds no middle): an event that fits
+    the source's is kept as its middle under those very objects (the decoder of a relayed
+    answer learned them from that chunk: an answer's first text chunk is a middle, and no
+    template is learned from two events); a template learned from two events is kept as
+    the source's objects when their bytes are equal (the same ~300 bytes;
+    bench/stream_memory.py). Whoever sets it unsets it."""
 
     __slots__ = (
         "_at",
@@ -653,14 +657,6 @@ class PackedEvents:
             whole >>= 1
             start = end
         return out
-
-
-def _odd_tail(middle: bytes) -> bool:
-    """Whether `middle` ends in an odd run of backslashes (one that escapes what follows)."""
-    at = len(middle)
-    while at and middle[at - 1] == _BACKSLASH:
-        at -= 1
-    return (len(middle) - at) % 2 == 1
 
 
 def _odd_end(data: bytes, offset: int, sizes: array[int], cut: int) -> bool:
