@@ -352,24 +352,30 @@ class Attempt:
             start = decoder._text_at
             end = size - decoder._n_tail
             if end >= start and size - 7 <= decoder._max:
-                try:
-                    text = data[start:end].decode()
-                except UnicodeDecodeError:
-                    text = '"'  # not plain: the general way says what it is
+                # Plain text (`_is_plain`): printable ASCII but a quote or backslash, byte
+                # by byte (a token is a few bytes: no slice, str or method call by name,
+                # ~0.15 us a chunk); else decoded and checked as a str.
+                at = start
+                while at < end:
+                    byte = data[at]
+                    if byte < 32 or byte > 126 or byte == 34 or byte == 92:
+                        break
+                    at += 1
+                plain = at == end
+                if not plain:
+                    try:
+                        text = data[start:end].decode()
+                    except UnicodeDecodeError:
+                        text = '"'  # not plain: the general way says what it is
+                    plain = '"' not in text and "\\" not in text and text.isprintable()
                 state = self._answer._first
-                if (
-                    '"' not in text
-                    and "\\" not in text
-                    and text.isprintable()
-                    and state is not None
-                    and state.index == decoder.text_index
-                ):
+                if plain and state is not None and state.index == decoder.text_index:
                     kept = state.reasoning if decoder.text_reasoning else state.content
                     if type(kept) is _Elsewhere:
                         self.payloads = decoder.raw = None
                         self.last_data_at = now
                         self._answer.n_chunks += 1
-                        if text:
+                        if end > start:
                             kept.any = True
                             state.n_text_deltas += 1
                             if self.first_token_at is None:
