@@ -338,8 +338,6 @@ class Attempt:
         # template implies `_plain`: only `feed_one` learns one, called only when it holds.)
         if (
             head
-            and data.startswith(head, 6)
-            and data.endswith(decoder._tail, 0, -2)
             and data.startswith(b"data: ")
             and data.endswith(b"\n\n")
             and decoder._clean
@@ -348,10 +346,18 @@ class Attempt:
             and not decoder.done
             and decoder.error is None
         ):
+            # The event's JSON, cut first: its template's checks are then prefix and suffix
+            # compares mypyc makes in place (with offsets, each was a method call by name).
+            payload = data[6:-2]
             size = len(data)
             start = decoder._text_at
             end = size - decoder._n_tail
-            if end >= start and size - 7 <= decoder._max:
+            if (
+                payload.startswith(head)
+                and payload.endswith(decoder._tail)
+                and end >= start
+                and size - 7 <= decoder._max
+            ):
                 # Plain text (`_is_plain`): printable ASCII but a quote or backslash, byte
                 # by byte (a token is a few bytes: no slice, str or method call by name,
                 # ~0.15 us a chunk); else decoded and checked as a str.
@@ -380,7 +386,7 @@ class Attempt:
                             state.n_text_deltas += 1
                             if self.first_token_at is None:
                                 self.first_token_at = now
-                        return data[6:-2]
+                        return payload
         got = decoder.feed_one(data) if self._plain else None
         if got is None:
             if self._plain and several_events(data):

@@ -22,7 +22,7 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
-from typing import Any
+from typing import Any, Final
 
 import httptools
 import httpx
@@ -114,13 +114,14 @@ _DELIMITING_LENGTHS = (14, 17)
 # parser (see `_Connection._frames`): never for this response (a Content-Length, any
 # Transfer-Encoding but plain `chunked`, or the message ended), not known yet (no such
 # header seen), chunked but the parser is inside a frame, chunked with the parser between
-# frames (the only state a read is cut here in).
-_NEVER = -1
-_UNKNOWN = 0
-_IN_FRAME = 1
-_AT_FRAME = 2
+# frames (the only state a read is cut here in). Final: compiled, each is a C constant, not
+# a lookup in the module's dict at each use.
+_NEVER: Final = -1
+_UNKNOWN: Final = 0
+_IN_FRAME: Final = 1
+_AT_FRAME: Final = 2
 # The most hex digits of a chunk size cut here (larger frames go to the parser).
-_MAX_SIZE_DIGITS = 7
+_MAX_SIZE_DIGITS: Final = 7
 
 
 class _HeadWait(SlotWait):
@@ -588,7 +589,9 @@ def _frame_at(data: bytes, pos: int, n: int) -> tuple[int, int]:
     chunk extension, or not all of it) or the size is 0 (the body's end) or too large."""
     size = 0
     i = pos
-    limit = min(n, pos + _MAX_SIZE_DIGITS)
+    limit = pos + _MAX_SIZE_DIGITS
+    if limit > n:
+        limit = n
     while i < limit:
         c = data[i]
         if 48 <= c <= 57:
