@@ -776,16 +776,18 @@ class _FastLane:
         attempt: Attempt,
         sink: Callable[[list[ChatCompletionChunk]], bool],
     ) -> None:
-        self._conn = conn
+        # First, the fields `_on_body` reads for each relayed chunk: compiled, the fields
+        # lie in the order first set, and these then share the object's first cache line.
+        # Shared and empty until a chunk must be yielded (one list less per live answer).
+        self.pending: list[ChatCompletionChunk] = _NO_CHUNKS
         self._attempt = attempt
+        # One chunk read alone, as just its bytes (the hot path of a relayed chunk).
+        self._one = sink.one if isinstance(sink, _PayloadSink) else None
+        self._conn = conn
         self._sink = sink
         # A sink that also takes the chunks' upstream bytes (`set_chunk_sink`).
         self._payload_sink = sink.sink if isinstance(sink, _PayloadSink) else None
-        # ... and one chunk read alone as just its bytes (the hot path of a relayed chunk).
-        self._one = sink.one if isinstance(sink, _PayloadSink) else None
         self._waiter: _TapWait | None = None
-        # Shared and empty until a chunk must be yielded (one list less per live answer).
-        self.pending: list[ChatCompletionChunk] = _NO_CHUNKS
         self.error: Exception | None = None
         self.refused = False  # the sink refused a chunk: no lane for the rest of the attempt
         self.packed = False  # the run's request was packed (`_LaneWait.send`)

@@ -160,25 +160,30 @@ class Attempt:
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         text_completions: bool = False,
     ) -> None:
-        self.plan = plan
-        self._answer = answer
-        self._timeouts = timeouts or Timeouts()
-        self._deadline_at = deadline_at
-        self._hold = hold_tool_calls
+        # First, the fields `relay_one` reads for each relayed chunk: compiled, the fields
+        # lie in the order first set, and these then share the object's first cache lines
+        # (a busy gateway's chunk finds them cold).
         self.decoder = ChatStreamDecoder(
             max_event_bytes=max_event_bytes, text_completions=text_completions
         )
+        self._answer = answer
+        self._held = _NOT_HELD
+        self._acc: ChunkAccumulator | None = None  # (set below)
+        self.payloads: list[bytes] | None = None
+        self.last_data_at = now
+        self.first_token_at: float | None = None
+        self.plan = plan
+        self._timeouts = timeouts or Timeouts()
+        self._deadline_at = deadline_at
+        self._hold = hold_tool_calls
         self.started_at = now
         self.headers_at: float | None = None
-        self.first_token_at: float | None = None
-        self.last_data_at = now
-        self._held = _NOT_HELD
         self._blank: ChatCompletionChunk | None = None
         self._json = is_json_mode(plan.body)
         self.verdict: StreamEnd | None = None
-        # The upstream's own JSON of the chunks the last `feed` returned, when it is theirs
-        # byte for byte: one chunk, its read's only event, unchanged here (see `feed`).
-        self.payloads: list[bytes] | None = None
+        # (`payloads`, set above: the upstream's own JSON of the chunks the last `feed`
+        # returned, when it is theirs byte for byte: one chunk, its read's only event,
+        # unchanged here; see `feed`.)
         continuation = plan.continuation
         # What a continuation rewrites at its seam; None when nothing (the first attempt of
         # an answer: no object held for it, ~50 bytes per live answer).
@@ -207,9 +212,7 @@ class Attempt:
         # The attempt's own fold. None while it would equal the answer's: on an attempt
         # that starts the answer and rewrites nothing, every chunk goes to both alike
         # until one is held back or changed (see `_diverge`), so it is folded once.
-        self._acc: ChunkAccumulator | None = (
-            None if self._seam is None and answer.n_chunks == 0 else ChunkAccumulator()
-        )
+        self._acc = None if self._seam is None and answer.n_chunks == 0 else ChunkAccumulator()
 
     @property
     def acc(self) -> ChunkAccumulator:

@@ -175,6 +175,15 @@ class StreamRelay:
         on_complete: Callable[[ChatCompletion], Awaitable[None]] | None = None,
         headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
+        # First, the fields a `LiveSink` reads and writes for each relayed chunk: compiled,
+        # the fields lie in the order first set, and these then share the object's first
+        # cache line (a busy gateway's chunk finds it cold).
+        self._busy = False
+        self._reason: str | None = None
+        # Written by the `LiveSink`: events, and whether any since the sidecar's last tick
+        # (the sidecar keeps the time, so a direct write reads no clock).
+        self._n_direct = 0
+        self._wrote = False
         self._ex = ex
         self._headers = list(_SSE_HEADERS) + (headers or [])
         self._scrub = scrub
@@ -186,18 +195,12 @@ class StreamRelay:
         # What `_stop` cancels: the relay's body (`_run` swaps in an anyio scope).
         self._scope: anyio.CancelScope | _TaskScope = _TaskScope()
         self._loop = asyncio.get_running_loop()
-        self._busy = False
         # Unset while a keep-alive is written (writers wait for it); None otherwise, as set:
         # a Flag only for a keep-alive's write, not one per live answer (48 bytes).
         self._idle: Flag | None = None
         self._sending_since = 0.0
         self._last_write = self._loop.time()
-        self._reason: str | None = None
         self._streaming = True
-        # Written by the `LiveSink`: events, and whether any since the sidecar's last tick
-        # (the sidecar keeps the time, so a direct write reads no clock).
-        self._n_direct = 0
-        self._wrote = False
         # A detached reader (gateway/detach.py): the events it wrote before, and the waiter
         # that resumes it (woken by `_stop`).
         self._n_sent = 0

@@ -287,6 +287,12 @@ class _Connection(asyncio.Protocol):
         high: int,
         parsing: _Parsing | None = None,
     ):
+        # First, the fields `data_received` reads for each relayed chunk: compiled, the
+        # fields lie in the order first set, and these then share the object's first cache
+        # line (a busy gateway's read finds it cold). (`_reset` sets them for each response.)
+        self._lane: _FastLane | None = None
+        self.framing = _UNKNOWN
+        self.got_bytes = False
         self.loop = loop
         self.parsing = parsing or _Parsing(self)
         self.key = key
@@ -318,7 +324,7 @@ class _Connection(asyncio.Protocol):
         self.delimited = True
         self._tap: Callable[[bytes], None] | None = None
         # The tap when it is an SDK fast lane: called natively, and frames are cut for it.
-        self._lane: _FastLane | None = None
+        self._lane = None
         self.framing = _UNKNOWN
 
     # -- asyncio.Protocol --------------------------------------------------------------------
