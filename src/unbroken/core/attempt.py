@@ -361,15 +361,19 @@ class Attempt:
                 and end >= start
                 and size - 7 <= decoder._max
             ):
-                # Plain text (`_is_plain`): printable ASCII but a quote or backslash, byte
-                # by byte (a token is a few bytes: no slice, str or method call by name,
-                # ~0.15 us a chunk); else decoded and checked as a str.
+                # Plain text (`_is_plain`), byte by byte (a token is a few bytes: no slice,
+                # str or method call by name, ~0.15 us a chunk): printable ASCII but a quote
+                # or backslash, and the printable characters of Chinese text (`_cjk_at`);
+                # anything else is decoded and checked as a str.
                 at = start
                 while at < end:
                     byte = data[at]
-                    if byte < 32 or byte > 126 or byte == 34 or byte == 92:
+                    if 32 <= byte <= 126 and byte != 34 and byte != 92:
+                        at += 1
+                    elif byte >= 0xE3 and at + 2 < end and _cjk_at(data, at, byte):
+                        at += 3
+                    else:
                         break
-                    at += 1
                 plain = at == end
                 if not plain:
                     try:
@@ -611,6 +615,24 @@ class _Seam:
                     delta.content = text
         if chunk.usage is not None and self.prior is not None:
             chunk.usage = add_usage(self.prior, chunk.usage)
+
+
+def _cjk_at(data: bytes, at: int, lead: int) -> bool:
+    """Whether the three bytes at `at` (the first, `lead`) are the UTF-8 of a character of
+    Chinese text that `str.isprintable` takes (tests/unit/test_attempt.py checks them all):
+    U+4000-U+9FFF (CJK ideographs), U+3001-U+303F (CJK punctuation) or U+FF01-U+FF5F (the
+    full-width forms)."""
+    second = data[at + 1]
+    third = data[at + 2]
+    if third < 0x80 or third > 0xBF:
+        return False
+    if lead <= 0xE9:
+        if lead >= 0xE4:
+            return 0x80 <= second <= 0xBF
+        return lead == 0xE3 and second == 0x80 and third >= 0x81
+    if lead == 0xEF:
+        return (second == 0xBC and third >= 0x81) or (second == 0xBD and third <= 0x9F)
+    return False
 
 
 def _has_token(chunk: ChatCompletionChunk) -> bool:

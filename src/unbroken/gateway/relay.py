@@ -56,12 +56,10 @@ from unbroken.errors import UnbrokenError
 from unbroken.gateway.asgi import Exchange, Message, ResponseHooks
 from unbroken.gateway.detach import Detached, Parked
 from unbroken.gateway.direct import (  # the framing `LiveSink.feed_one` spells out
-    _EVENT_END,
     _ID_LINES,
     _SIZE_LINES,
     DirectBody,
     _holding,
-    _join,
     _long_frame,
 )
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
@@ -730,8 +728,11 @@ class LiveSink:
                 return False
             try:  # `write_event`'s framing tables
                 head = _ID_LINES[seq]
-                frame = _join(
-                    (_SIZE_LINES[len(head) + len(payload) + 2], head, payload, _EVENT_END)
+                # (Compiled, a %-format of bytes only is one concatenation: no tuple.)
+                frame = b"%b%b%b\n\n\r\n" % (
+                    _SIZE_LINES[len(head) + len(payload) + 2],
+                    head,
+                    payload,
                 )
             except IndexError:
                 frame = _long_frame(seq, payload)
