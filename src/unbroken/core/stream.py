@@ -193,16 +193,23 @@ class ChatStreamDecoder:
         # bytecodes per chunk, each ~0.1 us when a busy gateway's caches are cold).
         if (
             head
-            and data.startswith(head, 6)
-            and data.endswith(self._tail, 0, -2)
             and data.startswith(b"data: ")
             and data.endswith(b"\n\n")
             and not self.done
             and self.error is None
         ):
+            # The event's JSON, cut first (it is `raw` when taken): its template's checks
+            # are then prefix and suffix compares mypyc makes in place (with offsets, each
+            # was a method call by name).
+            body = data[6:-2]
             size = len(data)
             start, end = self._text_at, size - self._n_tail
-            if end >= start and size - 7 <= self._max:
+            if (
+                body.startswith(head)
+                and body.endswith(self._tail)
+                and end >= start
+                and size - 7 <= self._max
+            ):
                 text: str | None
                 try:
                     text = data[start:end].decode()
@@ -216,7 +223,7 @@ class ChatStreamDecoder:
                     # bytes span several events (`several_events`; a failed decode ~1 us).
                     text = None if "\n" in text else _json_text(data[start:end])
                 if text is not None and (self._clean or self._take_one()):
-                    self.raw = data[6:-2]
+                    self.raw = body
                     return text
         if self._mode != "sse":
             # The body's first read: an SSE body's when it starts an event (what `feed`'s
