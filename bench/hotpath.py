@@ -3,10 +3,13 @@
 Records one 200-chunk DeepSeek stream from the mock (the answer bench/gateway.py relays),
 then pushes its bytes, one SSE event per read as a loaded gateway reads them (c=256),
 through the real objects of the gateway's hot path: the upstream connection's protocol
-(`_Connection.data_received`, httptools) -> the SDK's `_FastLane` -> `Attempt.relay_one` ->
-the producer's `take_one` (gateway/relay.py `ProducerCore`) -> the memory stream log's
+(`_Connection.data_received`, which cuts whole chunked frames itself; httptools takes the
+rest) -> the SDK's `_FastLane` -> `Attempt.relay_one` -> the producer's `take_one`
+(gateway/relay.py `ProducerCore`, through its `_Taker`) -> the memory stream log's
 `append_one` -> the relay's `LiveSink` (`DirectBody`'s framing) -> a transport stand-in
-that only counts bytes. Side by side, the floor relay of bench/gateway.py
+that only counts bytes. The stand-in upstream is dialled as an https route (no TLS is
+spoken): its connects go through the patched `loop.create_connection`, so the script runs
+on the compiled build as on the sources. Side by side, the floor relay of bench/gateway.py
 (`_UpstreamSide.data_received`: uvloop + Protocol, bytes passed through) writes the same
 reads into the same stand-in. Prints the median us per chunk of each and the ratio.
 
