@@ -3,10 +3,13 @@
 Records one 200-chunk DeepSeek stream from the mock (the answer bench/gateway.py relays),
 then pushes its bytes, one SSE event per read as a loaded gateway reads them (c=256),
 through the real objects of the gateway's hot path: the upstream connection's protocol
-(`_Connection.data_received`, httptools) -> the SDK's `_FastLane` -> `Attempt.relay_one` ->
-the producer's `take_one` (gateway/relay.py `ProducerCore`) -> the memory stream log's
+(`_Connection.data_received`, which cuts whole chunked frames itself; httptools takes the
+rest) -> the SDK's `_FastLane` -> `Attempt.relay_one` -> the producer's `take_one`
+(gateway/relay.py `ProducerCore`, through its `_Taker`) -> the memory stream log's
 `append_one` -> the relay's `LiveSink` (`DirectBody`'s framing) -> a transport stand-in
-that only counts bytes. Side by side, the floor relay of bench/gateway.py
+that only counts bytes. The stand-in upstream is dialled as an https route (no TLS is
+spoken): its connects go through the patched `loop.create_connection`, so the script runs
+on the compiled build as on the sources. Side by side, the floor relay of bench/gateway.py
 (`_UpstreamSide.data_received`: uvloop + Protocol, bytes passed through) writes the same
 reads into the same stand-in. Prints the median us per chunk of each and the ratio.
 
@@ -61,14 +64,13 @@ from _bytecodes import opcode_tracer  # noqa: E402 - after the path insert above
 from _mockproc import mock_process  # noqa: E402
 from gateway import CHUNKS, _UpstreamSide  # noqa: E402
 
-from unbroken import _native  # noqa: E402
 from unbroken.gateway.app import Gateway  # noqa: E402
 from unbroken.gateway.direct import DirectBody  # noqa: E402
 from unbroken.gateway.keys import Caller  # noqa: E402
 from unbroken.gateway.relay import LiveSink, StreamRelay  # noqa: E402
 from unbroken.gateway.request import ChatRequest  # noqa: E402
 from unbroken.gateway.server import GC_THRESHOLDS  # noqa: E402
-from unbroken.gateway.upstream import LeanTransport, _Connection  # noqa: E402
+from unbroken.gateway.upstream import _Connection  # noqa: E402
 from unbroken.settings import GatewaySettings, LimitSettings, Settings  # noqa: E402
 
 # No pacing: the recording is replayed read by read, so the mock's timing does not matter.
@@ -284,18 +286,12 @@ class Bench:
             return transport, conn
 
         loop.create_connection = create_connection  # type: ignore[method-assign,assignment]  # the stand-in upstream
-
-        async def dial_plain(
-            lean: LeanTransport, conn: _Connection, started: float, host: str, port: int
-        ) -> None:
-            # Plain-http connects dial a socket of their own (`_dial_plain`); the stand-in
-            # upstream has none, so they go through the loop's connect (patched above).
-            await lean._dial(conn, started, host, port, None, None)
-
-        LeanTransport._dial_plain = dial_plain  # type: ignore[method-assign,assignment]
         settings = Settings(
             api_key="sk-up",
-            base_url="http://127.0.0.1:9",
+            # https: its connects go through `loop.create_connection` (patched above; a
+            # plain-http upstream's dial a socket of their own, which a compiled
+            # gateway/upstream.py calls directly, unpatchable); no TLS is spoken.
+            base_url="https://127.0.0.1:9",
             gateway=GatewaySettings(access_log=False),
         )
         return Gateway(settings)
@@ -647,13 +643,6 @@ def main() -> None:
         help="write over this many KiB before each read (caches cold, as in a busy gateway)",
     )
     args = parser.parse_args()
-    if "unbroken.gateway.upstream" in _native.compiled_modules():
-        # The compiled module calls its methods directly: the patch would not be seen.
-        sys.exit(
-            "bench/hotpath.py: its stand-in upstream replaces LeanTransport._dial_plain, "
-            "which a compiled gateway/upstream.py does not look up; run it with "
-            f"{_native.PURE_ENV}=1 (or on a build without that module compiled)"
-        )
     with mock_process(RECORD_CONFIG) as url:
         head, frames = record(url, args.model)
     bench = Bench(head, frames, args.model, args.per_read, args.per_frame, args.send, args.cold)

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from unbroken.core.accumulator import ChunkAccumulator, join_text
-from unbroken.core.attempt import Attempt, Timeouts
+from unbroken.core.attempt import Attempt, Timeouts, _cjk_at
 from unbroken.core.flow import AttemptPlan
 from unbroken.core.resume import Continuation
 from unbroken.core.routes import Route
@@ -934,6 +934,9 @@ FUSED_READS = [
     text_event('a "quote"'),  # escaped: the general way
     text_event("\u2028"),  # not printable: the general way
     text_event("caf\u00e9 \u4e2d"),  # UTF-8 text: fused
+    text_event("\u4e2d\u6587\uff0c\u6d4b\u8bd5\u3002 ok"),  # Chinese text: fused, bytewise
+    text_event("\u4e2d\u3000\u6587"),  # an ideographic space: not printable, the general way
+    text_event("\u4e2d\U0001f600"),  # past the three-byte characters: checked as a str
     b": a comment cut",  # its line goes on in the next read: that is no event of its own
     text_event("lost"),
     text_event("found"),
@@ -1056,3 +1059,27 @@ def test_an_attempt_finished_without_keeping_is_read_from_its_fold_as_it_ended(
         kept.acc.n_chunks,
     )
     assert kept.folded() is kept.acc
+
+
+def test_the_chinese_characters_checked_bytewise_are_printable_and_no_others() -> None:
+    """`_cjk_at` takes the UTF-8 of U+4000-U+9FFF, U+3001-U+303F and U+FF01-U+FF5F, each
+    printable in this Python (what `relay_one` would otherwise check on a str), and no
+    character around them, nor bytes that are not such a character's UTF-8."""
+    ranges = [(0x4000, 0x9FFF), (0x3001, 0x303F), (0xFF01, 0xFF5F)]
+    for first, last in ranges:
+        for code in range(first, last + 1):
+            char = chr(code)
+            assert char.isprintable(), hex(code)
+            data = char.encode()
+            assert _cjk_at(data, 0, data[0]), hex(code)
+    for code in (0x3000, 0x3040, 0x3FFF, 0xA000, 0xFF00, 0xFF60, 0xE000, 0xFFFD, 0x2028):
+        data = chr(code).encode()
+        assert not _cjk_at(data, 0, data[0]), hex(code)
+    for data in (
+        b"\xe4\x80\x41",
+        b"\xe4\xc0\x80",
+        b"\xe4\x7f\x80",
+        b"\xef\xbc\x80",
+        b"\xf0\x9f\x98",
+    ):
+        assert not _cjk_at(data, 0, data[0]), data

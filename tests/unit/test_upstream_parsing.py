@@ -6,12 +6,28 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
 import httpx
+import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from unbroken.gateway.upstream import _Connection, _LeanResponse
+from tests.support import direct_body
+from unbroken.client._engine import _FastLane, _PayloadSink
+from unbroken.core.accumulator import ChunkAccumulator
+from unbroken.core.attempt import Attempt
+from unbroken.core.flow import AttemptPlan
+from unbroken.core.routes import Route
+from unbroken.core.wire import ChatCompletionChunk
+from unbroken.gateway.upstream import (
+    _AT_FRAME,
+    _IN_FRAME,
+    _NEVER,
+    _Connection,
+    _frame_at,
+    _LeanResponse,
+)
 
 
 def _response(body: bytes, status: int) -> bytes:
@@ -114,5 +130,200 @@ def test_a_lean_response_sets_what_httpx_sets_on_a_response() -> None:
         assert lean.headers.raw == [(b"X-A", b"one"), (b"x-b", b"two")]
         assert lean.read() == b"body"
         assert lean.is_success
+    finally:
+        loop.close()
+
+
+class _Took:
+    """A chunk sink (`sink` and `one`) that takes every chunk and keeps its text."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.n_bytes = 0  # of the chunks taken as their upstream bytes (`one`)
+
+    def __call__(self, payload: bytes) -> bool:
+        self.texts.append(msgspec.json.decode(payload)["choices"][0]["delta"]["content"])
+        self.n_bytes += 1
+        return True
+
+    def sink(self, chunks: list[ChatCompletionChunk], payloads: list[bytes] | None) -> bool:
+        for chunk in chunks:
+            delta = chunk.choices[0].delta
+            assert delta is not None
+            self.texts.append(delta.content or "")
+        return True
+
+
+def _chunk_event(text: str) -> bytes:
+    chunk = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 7,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+    }
+    return b"data: " + msgspec.json.encode(chunk) + b"\n\n"
+
+
+def _tapped_lane(loop: asyncio.AbstractEventLoop) -> tuple[_Connection, _FastLane, _Took]:
+    """A connection whose response head was read, tapped by an SDK fast lane (a real one,
+    on a real attempt) whose `one` keeps what it takes."""
+    conn = _Connection(loop, ("http", "u", 80), 1 << 20)
+    conn.begin()
+    conn.data_received(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    attempt = Attempt(
+        AttemptPlan(route=Route("r", "http://u"), body={}), ChunkAccumulator(), now=0.0
+    )
+    took = _Took()
+    # (A connection is tappable: `_FastLane.open` checks it at run time.)
+    tappable: Any = conn
+    lane = _FastLane(tappable, attempt, _PayloadSink(took.sink, took))
+    assert conn.tap(lane, None)
+    return conn, lane, took
+
+
+@given(
+    st.lists(st.integers(1, 3), min_size=1, max_size=12),
+    st.lists(st.integers(1, 400), min_size=1, max_size=8),
+    st.booleans(),
+)
+def test_a_lane_takes_the_same_chunks_however_the_frames_are_cut(
+    per_frame: list[int], cuts: list[int], upper: bool
+) -> None:
+    """Read by read, frames cut by the connection (whole frames) or by the parser (the
+    rest: a frame's part, the body's end, a frame after a part) reach the lane as the
+    events they hold, in order; the body ends whole."""
+    loop = asyncio.new_event_loop()
+    try:
+        conn, lane, took = _tapped_lane(loop)
+        events: list[bytes] = []
+        wire = b""
+        for n in per_frame:
+            frame = b"".join(_chunk_event(f"w{len(events) + i} ") for i in range(n))
+            events.extend(_chunk_event(f"w{len(events) + i} ") for i in range(n))
+            size_line = b"%X\r\n" % len(frame) if upper else b"%x\r\n" % len(frame)
+            wire += size_line + frame + b"\r\n"
+        wire += b"7\r\ndata: [\r\n7\r\nDONE]\n\n\r\n0\r\n\r\n"
+        at = step = 0
+        while at < len(wire):
+            size = cuts[step % len(cuts)]
+            step += 1
+            conn.data_received(wire[at : at + size])
+            at += size
+        assert lane.error is None
+        assert conn.error is None
+        assert conn.complete
+        assert took.texts == [f"w{i} " for i in range(len(events))]
+        assert lane.taken() == []
+        assert lane._attempt.decoder.done
+    finally:
+        loop.close()
+
+
+def test_frames_are_cut_without_the_parser_only_between_two_of_a_plain_chunked_body() -> None:
+    """The connection cuts a read into frames itself only while the parser stands between
+    two frames of a plain chunked body: after a frame's part the parser takes the reads
+    until that frame ends, and a chunk extension, a size line cut short, the last frame or
+    a body delimited otherwise go to the parser as well."""
+    loop = asyncio.new_event_loop()
+    try:
+        conn, lane, took = _tapped_lane(loop)
+        one, two = _chunk_event("a"), _chunk_event("b")
+        assert conn.framing == _AT_FRAME
+        conn.data_received(b"%x\r\n%b\r\n" % (len(one), one))
+        assert conn.framing == _AT_FRAME
+        frame = b"%x\r\n%b\r\n" % (len(two), two)
+        conn.data_received(frame[:9])
+        assert conn.framing == _IN_FRAME  # the parser holds the frame's start
+        conn.data_received(frame[9:])
+        assert conn.framing == _AT_FRAME
+        # A chunk extension: the parser's (it drops it).
+        conn.data_received(b"%x;x=1\r\n%b\r\n" % (len(one), one))
+        assert conn.framing == _AT_FRAME
+        assert took.texts == ["a", "b", "a"]
+        # Relayed as their upstream bytes, but for the event that came in two parts.
+        assert took.n_bytes == 2
+        conn.data_received(b"0\r\n\r\n")
+        assert conn.complete
+        assert conn.framing == _NEVER
+        assert lane.taken() == []
+        # Delimited by its length, or by a coding besides chunked: the parser's alone.
+        for head in (b"Content-Length: 3\r\n", b"Transfer-Encoding: gzip, chunked\r\n"):
+            other = _Connection(loop, ("http", "u", 80), 1 << 20)
+            other.begin()
+            other.data_received(b"HTTP/1.1 200 OK\r\n" + head + b"\r\n")
+            assert other.framing == _NEVER
+    finally:
+        loop.close()
+
+
+def test_a_frame_cut_size_line_and_large_sizes_are_the_parsers() -> None:
+    """`_frame_at` finds no frame in a size line cut short, one of no hex digits, an
+    empty (last) frame or a size past its digits' limit; it finds one in the rest."""
+    assert _frame_at(b"1a\r\nxyz", 0, 7) == (4, 26)
+    assert _frame_at(b"__1A\r\n", 2, 6) == (6, 26)
+    assert _frame_at(b"1a\r", 0, 3) == (-1, 0)
+    assert _frame_at(b"1a", 0, 2) == (-1, 0)
+    assert _frame_at(b"\r\n", 0, 2) == (-1, 0)
+    assert _frame_at(b"0\r\n\r\n", 0, 5) == (-1, 0)
+    assert _frame_at(b"g\r\n", 0, 3) == (-1, 0)
+    assert _frame_at(b"fffffff\r\n", 0, 9) == (9, 0xFFFFFFF)
+    assert _frame_at(b"10000000\r\n", 0, 10) == (-1, 0)
+
+
+class _Wire:
+    """A client's stand-in transport: records each write."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_a_lanes_events_of_one_read_reach_the_client_in_one_write() -> None:
+    """Through a fast lane, a read of one event is written at once; the events of a read
+    of several frames, or of one frame of several events, reach the client in one write."""
+    loop = asyncio.new_event_loop()
+    try:
+        conn = _Connection(loop, ("http", "u", 80), 1 << 20)
+        conn.begin()
+        conn.data_received(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        wire = _Wire()
+        body = direct_body(wire)
+        seqs = iter(range(1, 100))
+
+        def one(payload: bytes) -> bool:
+            return body.write_event(next(seqs), payload)
+
+        attempt = Attempt(
+            AttemptPlan(route=Route("r", "http://u"), body={}), ChunkAccumulator(), now=0.0
+        )
+        tappable: Any = conn
+        lane = _FastLane(tappable, attempt, _PayloadSink(lambda chunks, payloads: False, one))
+        assert conn.tap(lane, None)
+        events = [_chunk_event(f"w{i}") for i in range(7)]
+        conn.data_received(b"%x\r\n%b\r\n" % (len(events[0]), events[0]))
+        conn.data_received(b"".join(b"%x\r\n%b\r\n" % (len(e), e) for e in events[1:3]))
+        several = b"".join(events[3:6])
+        conn.data_received(b"%x\r\n%b\r\n" % (len(several), several))
+        conn.data_received(b"%x\r\n%b\r\n" % (len(events[6]), events[6]))
+        assert lane.taken() == []
+        framed = [b"id: %d\ndata: %b\n\n" % (i, e[6:-2]) for i, e in enumerate(events, 1)]
+        chunks = [b"%x\r\n%b\r\n" % (len(f), f) for f in framed]
+        assert wire.writes == [
+            chunks[0],
+            b"".join(chunks[1:3]),
+            b"".join(chunks[3:6]),
+            chunks[6],
+        ]
     finally:
         loop.close()

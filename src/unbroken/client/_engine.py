@@ -43,7 +43,7 @@ from unbroken.errors import TimeoutPhase
 if TYPE_CHECKING:
     from unbroken.client.async_ import AsyncClient, AsyncStream
 
-__all__ = ["Engine", "Items", "StreamItem"]
+__all__ = ["Engine", "Items", "OneTaker", "StreamItem"]
 
 logger = logging.getLogger("unbroken.client.async_")
 
@@ -730,6 +730,16 @@ class _Tappable(Protocol):
         """The response is complete and all its body was handed on (a read would end)."""
         ...
 
+    def hold_client_writes(self) -> bool:
+        """Hold the writes to the clients (of the events the tap relays) until
+        `release_client_writes`, so that each client gets one write for them; False
+        (nothing to release) when they are held already."""
+        ...
+
+    def release_client_writes(self) -> None:
+        """Make the writes `hold_client_writes` held."""
+        ...
+
 
 # Bound once: compiled, `time.monotonic()` looks the module and its attribute up at each
 # call (the lane reads the clock once per relayed chunk).
@@ -766,16 +776,18 @@ class _FastLane:
         attempt: Attempt,
         sink: Callable[[list[ChatCompletionChunk]], bool],
     ) -> None:
-        self._conn = conn
+        # First, the fields `_on_body` reads for each relayed chunk: compiled, the fields
+        # lie in the order first set, and these then share the object's first cache line.
+        # Shared and empty until a chunk must be yielded (one list less per live answer).
+        self.pending: list[ChatCompletionChunk] = _NO_CHUNKS
         self._attempt = attempt
+        # One chunk read alone, as just its bytes (the hot path of a relayed chunk).
+        self._one = sink.one if isinstance(sink, _PayloadSink) else None
+        self._conn = conn
         self._sink = sink
         # A sink that also takes the chunks' upstream bytes (`set_chunk_sink`).
         self._payload_sink = sink.sink if isinstance(sink, _PayloadSink) else None
-        # ... and one chunk read alone as just its bytes (the hot path of a relayed chunk).
-        self._one = sink.one if isinstance(sink, _PayloadSink) else None
         self._waiter: _TapWait | None = None
-        # Shared and empty until a chunk must be yielded (one list less per live answer).
-        self.pending: list[ChatCompletionChunk] = _NO_CHUNKS
         self.error: Exception | None = None
         self.refused = False  # the sink refused a chunk: no lane for the rest of the attempt
         self.packed = False  # the run's request was packed (`_LaneWait.send`)
@@ -797,7 +809,9 @@ class _FastLane:
         waiter = _TapWait(asyncio.get_running_loop())
         # Set first: the connection may hand buffered bytes to `_on_body` within `tap`.
         self._waiter = waiter
-        if not self._conn.tap(self._on_body, waiter):
+        # The lane itself, not its bound `_on_body`: a connection that knows lanes calls
+        # `_on_body` natively (gateway/upstream.py), and no bound method is made per tap.
+        if not self._conn.tap(self, waiter):
             self._waiter = None
             return None
         return waiter
@@ -810,6 +824,11 @@ class _FastLane:
         """Stop the tap (its future resolved, or the wait was interrupted)."""
         self._conn.tap(None, None)
         self._waiter = None
+
+    def __call__(self, data: bytes) -> None:
+        """Take a read of the body (`_on_body`): what a connection calls, given the lane as
+        its tap."""
+        self._on_body(data)
 
     def taken(self) -> list[ChatCompletionChunk]:
         """The chunks to yield, in order (raises what the data callback raised)."""
@@ -830,7 +849,7 @@ class _FastLane:
                 # chunk list, no payload list; bench/hotpath.py).
                 got = attempt.relay_one(data, _monotonic())
                 if type(got) is bytes:
-                    if not one(got):
+                    if not one.take_one(got):
                         # Refused: yielded instead, as it was decoded (its bytes unchanged).
                         self.refused = True
                         self.pending = [decode_chunk(got)]
@@ -850,27 +869,34 @@ class _FastLane:
             self.error = exc
             self._wake()
 
-    def _several(self, data: bytes, attempt: Attempt, one: Callable[[bytes], bool]) -> None:
+    def _several(self, data: bytes, attempt: Attempt, one: OneTaker) -> None:
         """`_on_body` for each event of a read of several whole events, the hot path's
-        steps inline (no call of `_on_body` per event, one clock read for the read)."""
+        steps inline (no call of `_on_body` per event, one clock read for the read); the
+        events reach each client in one write (the connection holds the writes)."""
         now = _monotonic()
-        for event in split_events(data):
-            pending = self.pending
-            if pending:  # a chunk waits to be yielded: the rest follows it
-                self._give(attempt.feed(event, now), pending)
-                continue
-            got = attempt.relay_one(event, now)
-            if type(got) is bytes:
-                if not one(got):
-                    self.refused = True
-                    self.pending = [decode_chunk(got)]
-                    self._wake()
-            elif got is None:  # (not for one event: as `_on_body` would take it)
-                self._on_body(event)
-                if self.error is not None:
-                    return  # raised from `taken`: the rest of the read is moot
-            else:
-                self._give(got, pending)  # type: ignore[arg-type]  # a list (no call)
+        conn = self._conn
+        held = conn.hold_client_writes()
+        try:
+            for event in split_events(data):
+                pending = self.pending
+                if pending:  # a chunk waits to be yielded: the rest follows it
+                    self._give(attempt.feed(event, now), pending)
+                    continue
+                got = attempt.relay_one(event, now)
+                if type(got) is bytes:
+                    if not one.take_one(got):
+                        self.refused = True
+                        self.pending = [decode_chunk(got)]
+                        self._wake()
+                elif got is None:  # (not for one event: as `_on_body` would take it)
+                    self._on_body(event)
+                    if self.error is not None:
+                        return  # raised from `taken`: the rest of the read is moot
+                else:
+                    self._give(got, pending)  # type: ignore[arg-type]  # a list (no call)
+        finally:
+            if held:
+                conn.release_client_writes()
 
     def _give(self, chunks: list[ChatCompletionChunk], pending: list[ChatCompletionChunk]) -> None:
         """The chunks of a read (or of one of its events) that were not relayed as their
@@ -915,6 +941,46 @@ class _FastLane:
             waiter.set_result(None)
 
 
+class OneTaker:
+    """What takes a relayed chunk as its upstream bytes (`AsyncStream.set_chunk_sink`'s
+    `one`), as a native object: `take_one(payload)`, True when taken.
+
+    Why: the fast lane calls it for every relayed chunk; a bound method given as `one` is
+    called through Python's call protocol (its arguments parsed by a wrapper), a subclass
+    compiled with this module natively. A sink whose `one` is the bound `take_one` of an
+    object with `one_taker()` (the gateway's producer, gateway/relay.py) is called through
+    the `OneTaker` that makes; any other `one` through `_CallOne`."""
+
+    __slots__ = ()
+
+    def take_one(self, payload: bytes) -> bool:
+        """Take the chunk `payload`; False when it is not taken (it is yielded instead)."""
+        raise NotImplementedError
+
+
+class _CallOne(OneTaker):
+    """A `OneTaker` that calls a plain callable."""
+
+    __slots__ = ("_one",)
+
+    def __init__(self, one: Callable[[bytes], bool]) -> None:
+        self._one = one
+
+    def take_one(self, payload: bytes) -> bool:
+        return self._one(payload)
+
+
+def _one_taker(one: Callable[[bytes], bool]) -> OneTaker:
+    """The `OneTaker` that does what `one` does (see `OneTaker`)."""
+    owner = getattr(one, "__self__", None)
+    make = getattr(owner, "one_taker", None)
+    if make is not None and one == getattr(owner, "take_one", None):
+        taker = make()
+        if isinstance(taker, OneTaker):
+            return taker
+    return _CallOne(one)
+
+
 class _PayloadSink:
     """A chunk sink that also takes the upstream bytes of the chunks (see
     `AsyncStream.set_chunk_sink`); called as a plain sink, it gets None for them."""
@@ -927,7 +993,7 @@ class _PayloadSink:
         one: Callable[[bytes], bool] | None = None,
     ) -> None:
         self.sink = sink
-        self.one = one
+        self.one = None if one is None else _one_taker(one)
 
     def __call__(self, chunks: list[ChatCompletionChunk]) -> bool:
         return self.sink(chunks, None)

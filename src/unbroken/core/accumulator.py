@@ -335,6 +335,9 @@ class ChunkAccumulator:
         # The first choice started, and the others by index when there are any: most answers
         # have one choice, and a dict of one was 224 bytes per live stream.
         self._first: _Choice | None = None
+        # Next to `_first` (compiled, fields lie in the order first set): both are read for
+        # each relayed chunk (core/attempt.py `relay_one`).
+        self.n_chunks = 0
         self._more: dict[int, _Choice] | None = None
         # Made on the first `feed_events`: folding alone (two accumulators per answer in a
         # gateway) needs none, and one cost ~350 bytes per live stream.
@@ -346,7 +349,6 @@ class ChunkAccumulator:
         self.created = 0
         self.system_fingerprint: str | None = None
         self.usage: Usage | None = None
-        self.n_chunks = 0
 
     def _head(self, chunk: ChatCompletionChunk) -> None:
         if not self.id and chunk.id:

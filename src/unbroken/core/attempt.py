@@ -160,25 +160,30 @@ class Attempt:
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         text_completions: bool = False,
     ) -> None:
-        self.plan = plan
-        self._answer = answer
-        self._timeouts = timeouts or Timeouts()
-        self._deadline_at = deadline_at
-        self._hold = hold_tool_calls
+        # First, the fields `relay_one` reads for each relayed chunk: compiled, the fields
+        # lie in the order first set, and these then share the object's first cache lines
+        # (a busy gateway's chunk finds them cold).
         self.decoder = ChatStreamDecoder(
             max_event_bytes=max_event_bytes, text_completions=text_completions
         )
+        self._answer = answer
+        self._held = _NOT_HELD
+        self._acc: ChunkAccumulator | None = None  # (set below)
+        self.payloads: list[bytes] | None = None
+        self.last_data_at = now
+        self.first_token_at: float | None = None
+        self.plan = plan
+        self._timeouts = timeouts or Timeouts()
+        self._deadline_at = deadline_at
+        self._hold = hold_tool_calls
         self.started_at = now
         self.headers_at: float | None = None
-        self.first_token_at: float | None = None
-        self.last_data_at = now
-        self._held = _NOT_HELD
         self._blank: ChatCompletionChunk | None = None
         self._json = is_json_mode(plan.body)
         self.verdict: StreamEnd | None = None
-        # The upstream's own JSON of the chunks the last `feed` returned, when it is theirs
-        # byte for byte: one chunk, its read's only event, unchanged here (see `feed`).
-        self.payloads: list[bytes] | None = None
+        # (`payloads`, set above: the upstream's own JSON of the chunks the last `feed`
+        # returned, when it is theirs byte for byte: one chunk, its read's only event,
+        # unchanged here; see `feed`.)
         continuation = plan.continuation
         # What a continuation rewrites at its seam; None when nothing (the first attempt of
         # an answer: no object held for it, ~50 bytes per live answer).
@@ -207,9 +212,7 @@ class Attempt:
         # The attempt's own fold. None while it would equal the answer's: on an attempt
         # that starts the answer and rewrites nothing, every chunk goes to both alike
         # until one is held back or changed (see `_diverge`), so it is folded once.
-        self._acc: ChunkAccumulator | None = (
-            None if self._seam is None and answer.n_chunks == 0 else ChunkAccumulator()
-        )
+        self._acc = None if self._seam is None and answer.n_chunks == 0 else ChunkAccumulator()
 
     @property
     def acc(self) -> ChunkAccumulator:
@@ -338,8 +341,6 @@ class Attempt:
         # template implies `_plain`: only `feed_one` learns one, called only when it holds.)
         if (
             head
-            and data.startswith(head, 6)
-            and data.endswith(decoder._tail, 0, -2)
             and data.startswith(b"data: ")
             and data.endswith(b"\n\n")
             and decoder._clean
@@ -348,33 +349,51 @@ class Attempt:
             and not decoder.done
             and decoder.error is None
         ):
+            # The event's JSON, cut first: its template's checks are then prefix and suffix
+            # compares mypyc makes in place (with offsets, each was a method call by name).
+            payload = data[6:-2]
             size = len(data)
             start = decoder._text_at
             end = size - decoder._n_tail
-            if end >= start and size - 7 <= decoder._max:
-                try:
-                    text = data[start:end].decode()
-                except UnicodeDecodeError:
-                    text = '"'  # not plain: the general way says what it is
+            if (
+                payload.startswith(head)
+                and payload.endswith(decoder._tail)
+                and end >= start
+                and size - 7 <= decoder._max
+            ):
+                # Plain text (`_is_plain`), byte by byte (a token is a few bytes: no slice,
+                # str or method call by name, ~0.15 us a chunk): printable ASCII but a quote
+                # or backslash, and the printable characters of Chinese text (`_cjk_at`);
+                # anything else is decoded and checked as a str.
+                at = start
+                while at < end:
+                    byte = data[at]
+                    if 32 <= byte <= 126 and byte != 34 and byte != 92:
+                        at += 1
+                    elif byte >= 0xE3 and at + 2 < end and _cjk_at(data, at, byte):
+                        at += 3
+                    else:
+                        break
+                plain = at == end
+                if not plain:
+                    try:
+                        text = data[start:end].decode()
+                    except UnicodeDecodeError:
+                        text = '"'  # not plain: the general way says what it is
+                    plain = '"' not in text and "\\" not in text and text.isprintable()
                 state = self._answer._first
-                if (
-                    '"' not in text
-                    and "\\" not in text
-                    and text.isprintable()
-                    and state is not None
-                    and state.index == decoder.text_index
-                ):
+                if plain and state is not None and state.index == decoder.text_index:
                     kept = state.reasoning if decoder.text_reasoning else state.content
                     if type(kept) is _Elsewhere:
                         self.payloads = decoder.raw = None
                         self.last_data_at = now
                         self._answer.n_chunks += 1
-                        if text:
+                        if end > start:
                             kept.any = True
                             state.n_text_deltas += 1
                             if self.first_token_at is None:
                                 self.first_token_at = now
-                        return data[6:-2]
+                        return payload
         got = decoder.feed_one(data) if self._plain else None
         if got is None:
             if self._plain and several_events(data):
@@ -596,6 +615,24 @@ class _Seam:
                     delta.content = text
         if chunk.usage is not None and self.prior is not None:
             chunk.usage = add_usage(self.prior, chunk.usage)
+
+
+def _cjk_at(data: bytes, at: int, lead: int) -> bool:
+    """Whether the three bytes at `at` (the first, `lead`) are the UTF-8 of a character of
+    Chinese text that `str.isprintable` takes (tests/unit/test_attempt.py checks them all):
+    U+4000-U+9FFF (CJK ideographs), U+3001-U+303F (CJK punctuation) or U+FF01-U+FF5F (the
+    full-width forms)."""
+    second = data[at + 1]
+    third = data[at + 2]
+    if third < 0x80 or third > 0xBF:
+        return False
+    if lead <= 0xE9:
+        if lead >= 0xE4:
+            return 0x80 <= second <= 0xBF
+        return lead == 0xE3 and second == 0x80 and third >= 0x81
+    if lead == 0xEF:
+        return (second == 0xBC and third >= 0x81) or (second == 0xBD and third <= 0x9F)
+    return False
 
 
 def _has_token(chunk: ChatCompletionChunk) -> bool:

@@ -50,17 +50,16 @@ import msgspec
 from unbroken._flag import Flag
 from unbroken._native import mypyc_attr
 from unbroken.client import AsyncStream
+from unbroken.client._engine import OneTaker
 from unbroken.core.wire import Answer, ChatCompletion
 from unbroken.errors import UnbrokenError
 from unbroken.gateway.asgi import Exchange, Message, ResponseHooks
 from unbroken.gateway.detach import Detached, Parked
 from unbroken.gateway.direct import (  # the framing `LiveSink.feed_one` spells out
-    _EVENT_END,
     _ID_LINES,
     _SIZE_LINES,
     DirectBody,
     _holding,
-    _join,
     _long_frame,
 )
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
@@ -174,6 +173,15 @@ class StreamRelay:
         on_complete: Callable[[ChatCompletion], Awaitable[None]] | None = None,
         headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
+        # First, the fields a `LiveSink` reads and writes for each relayed chunk: compiled,
+        # the fields lie in the order first set, and these then share the object's first
+        # cache line (a busy gateway's chunk finds it cold).
+        self._busy = False
+        self._reason: str | None = None
+        # Written by the `LiveSink`: events, and whether any since the sidecar's last tick
+        # (the sidecar keeps the time, so a direct write reads no clock).
+        self._n_direct = 0
+        self._wrote = False
         self._ex = ex
         self._headers = list(_SSE_HEADERS) + (headers or [])
         self._scrub = scrub
@@ -185,18 +193,12 @@ class StreamRelay:
         # What `_stop` cancels: the relay's body (`_run` swaps in an anyio scope).
         self._scope: anyio.CancelScope | _TaskScope = _TaskScope()
         self._loop = asyncio.get_running_loop()
-        self._busy = False
         # Unset while a keep-alive is written (writers wait for it); None otherwise, as set:
         # a Flag only for a keep-alive's write, not one per live answer (48 bytes).
         self._idle: Flag | None = None
         self._sending_since = 0.0
         self._last_write = self._loop.time()
-        self._reason: str | None = None
         self._streaming = True
-        # Written by the `LiveSink`: events, and whether any since the sidecar's last tick
-        # (the sidecar keeps the time, so a direct write reads no clock).
-        self._n_direct = 0
-        self._wrote = False
         # A detached reader (gateway/detach.py): the events it wrote before, and the waiter
         # that resumes it (woken by `_stop`).
         self._n_sent = 0
@@ -726,8 +728,11 @@ class LiveSink:
                 return False
             try:  # `write_event`'s framing tables
                 head = _ID_LINES[seq]
-                frame = _join(
-                    (_SIZE_LINES[len(head) + len(payload) + 2], head, payload, _EVENT_END)
+                # (Compiled, a %-format of bytes only is one concatenation: no tuple.)
+                frame = b"%b%b%b\n\n\r\n" % (
+                    _SIZE_LINES[len(head) + len(payload) + 2],
+                    head,
+                    payload,
                 )
             except IndexError:
                 frame = _long_frame(seq, payload)
@@ -945,32 +950,13 @@ class ProducerCore:
         sink): the hot path of a relayed chunk, the log append and the live readers' write
         in one call, no list or tuple per chunk (bench/hotpath.py). False when it is not
         taken here: the stream yields it and the producer appends it."""
-        log = self._log
-        if log is None or self.degraded or self.reason is not None:
-            return False
-        try:
-            n = log.append_one(self.stream_id, self.epoch, payload, _time())
-        except UnbrokenError:
-            return False
-        # `Producer._appended` spelt out for one payload: this runs once per relayed chunk.
-        if self._tail_max:  # not with the memory log (its open block holds the events)
-            tail = self.tail
-            tail.append(payload)
-            if len(tail) > self._tail_max:
-                del tail[0]
-        self.n_events = n
-        sink = self._sink
-        if sink is not None:
-            if isinstance(sink, LiveSink):
-                # A relay's sink: called natively (the protocol's call looks it up by name).
-                taken = sink.feed_one(n, payload)
-            else:
-                taken = sink.feed_one(n, payload)
-            if not taken or self._sinks:
-                self._feed_one_more(n, payload, taken)
-        if self._n_waiting or self._unset:  # rarely: no call per chunk otherwise
-            self._wake_readers()
-        return True
+        return _take_one(self, payload)
+
+    def one_taker(self) -> OneTaker:
+        """`take_one` as a native object of its own (see `client._engine.OneTaker`): the
+        SDK's fast lane calls it natively (a method of this class, which interpreted code
+        subclasses, is called through Python's call protocol even from compiled code)."""
+        return _Taker(self)
 
     def _feed_one_more(self, n: int, payload: bytes, taken: bool) -> None:
         """`take_one`'s feed past the first sink (which took event `n`, or not)."""
@@ -979,6 +965,49 @@ class ProducerCore:
     def _wake_readers(self) -> None:
         """Readers waiting for events wake; `first` is set by the first append."""
         raise NotImplementedError  # (`Producer`'s)
+
+
+class _Taker(OneTaker):
+    """A producer's `take_one` for the SDK's fast lane (`ProducerCore.one_taker`); it
+    holds the producer, which holds nothing of it (no reference cycle)."""
+
+    __slots__ = ("_core",)
+
+    def __init__(self, core: ProducerCore) -> None:
+        self._core = core
+
+    def take_one(self, payload: bytes) -> bool:
+        return _take_one(self._core, payload)
+
+
+def _take_one(core: ProducerCore, payload: bytes) -> bool:
+    """`ProducerCore.take_one`: a function, so that `_Taker` calls it natively."""
+    log = core._log
+    if log is None or core.degraded or core.reason is not None:
+        return False
+    try:
+        n = log.append_one(core.stream_id, core.epoch, payload, _time())
+    except UnbrokenError:
+        return False
+    # `Producer._appended` spelt out for one payload: this runs once per relayed chunk.
+    if core._tail_max:  # not with the memory log (its open block holds the events)
+        tail = core.tail
+        tail.append(payload)
+        if len(tail) > core._tail_max:
+            del tail[0]
+    core.n_events = n
+    sink = core._sink
+    if sink is not None:
+        if isinstance(sink, LiveSink):
+            # A relay's sink: called natively (the protocol's call looks it up by name).
+            taken = sink.feed_one(n, payload)
+        else:
+            taken = sink.feed_one(n, payload)
+        if not taken or core._sinks:
+            core._feed_one_more(n, payload, taken)
+    if core._n_waiting or core._unset:  # rarely: no call per chunk otherwise
+        core._wake_readers()
+    return True
 
 
 def _frame(event: tuple[int, bytes]) -> bytes:

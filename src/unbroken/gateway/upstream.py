@@ -22,12 +22,13 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
-from typing import Any
+from typing import Any, Final
 
 import httptools
 import httpx
 
 from unbroken._wait import CANCELLED, WAITING, WOKEN, SlotWait
+from unbroken.client._engine import _FastLane
 from unbroken.errors import ConfigError, UpstreamConnectError
 from unbroken.gateway.direct import hold_writes, release_writes, writes_held
 from unbroken.gateway.eager import eager_task
@@ -109,6 +110,18 @@ _NO_HEADERS: list[bytes] = []
 # The lengths of the header names that say how a body is delimited (content-length,
 # transfer-encoding): only a name of one of these lengths is lowercased and compared.
 _DELIMITING_LENGTHS = (14, 17)
+# `_Connection.framing`: whether a read may be cut into chunked frames here, not by the
+# parser (see `_Connection._frames`): never for this response (a Content-Length, any
+# Transfer-Encoding but plain `chunked`, or the message ended), not known yet (no such
+# header seen), chunked but the parser is inside a frame, chunked with the parser between
+# frames (the only state a read is cut here in). Final: compiled, each is a C constant, not
+# a lookup in the module's dict at each use.
+_NEVER: Final = -1
+_UNKNOWN: Final = 0
+_IN_FRAME: Final = 1
+_AT_FRAME: Final = 2
+# The most hex digits of a chunk size cut here (larger frames go to the parser).
+_MAX_SIZE_DIGITS: Final = 7
 
 
 class _HeadWait(SlotWait):
@@ -173,7 +186,15 @@ class _Parsing:
     bound methods of a connection, ~260 bytes per live stream (bench/stream_memory.py);
     these are bound once per pool."""
 
-    __slots__ = ("conn", "on_body", "on_header", "on_headers_complete", "on_message_complete")
+    __slots__ = (
+        "conn",
+        "on_body",
+        "on_chunk_complete",
+        "on_chunk_header",
+        "on_header",
+        "on_headers_complete",
+        "on_message_complete",
+    )
 
     def __init__(self, conn: _Connection) -> None:
         self.conn = conn  # the first connection that uses them, until another feeds
@@ -181,6 +202,10 @@ class _Parsing:
         self.on_headers_complete = self._on_headers_complete
         self.on_body = self._on_body
         self.on_message_complete = self._on_message_complete
+        # Where the parser stands in a chunked body: frames are cut without it only while
+        # it stands between two (`_Connection._frames`).
+        self.on_chunk_header = self._on_chunk_header
+        self.on_chunk_complete = self._on_chunk_complete
 
     def _on_header(self, name: bytes, value: bytes) -> None:
         # `_Connection.on_header` spelt out: one call less per header of every response.
@@ -198,11 +223,25 @@ class _Parsing:
 
     def _on_body(self, body: bytes) -> None:
         conn = self.conn
+        lane = conn._lane
+        if lane is not None:
+            lane._on_body(body)  # a native call (not through the lane's `__call__`)
+            return
         tap = conn._tap
         if tap is not None:
-            tap(body)  # the relay's hot path: no call more than before
+            tap(body)
             return
         conn.on_body(body)
+
+    def _on_chunk_header(self) -> None:
+        conn = self.conn
+        if conn.framing == _AT_FRAME:
+            conn.framing = _IN_FRAME
+
+    def _on_chunk_complete(self) -> None:
+        conn = self.conn
+        if conn.framing == _IN_FRAME:
+            conn.framing = _AT_FRAME
 
     def _on_message_complete(self) -> None:
         self.conn.on_message_complete()
@@ -214,6 +253,7 @@ class _Connection(asyncio.Protocol):
 
     # One per live answer: no instance dict (~300 bytes with this many attributes).
     __slots__ = (
+        "_lane",
         "_tap",
         "absolute_form",
         "body",
@@ -222,6 +262,7 @@ class _Connection(asyncio.Protocol):
         "complete",
         "delimited",
         "error",
+        "framing",
         "got_bytes",
         "headers",
         "headers_done",
@@ -246,6 +287,12 @@ class _Connection(asyncio.Protocol):
         high: int,
         parsing: _Parsing | None = None,
     ):
+        # First, the fields `data_received` reads for each relayed chunk: compiled, the
+        # fields lie in the order first set, and these then share the object's first cache
+        # line (a busy gateway's read finds it cold). (`_reset` sets them for each response.)
+        self._lane: _FastLane | None = None
+        self.framing = _UNKNOWN
+        self.got_bytes = False
         self.loop = loop
         self.parsing = parsing or _Parsing(self)
         self.key = key
@@ -276,6 +323,9 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self.delimited = True
         self._tap: Callable[[bytes], None] | None = None
+        # The tap when it is an SDK fast lane: called natively, and frames are cut for it.
+        self._lane = None
+        self.framing = _UNKNOWN
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -295,6 +345,9 @@ class _Connection(asyncio.Protocol):
             waiter.run_now()
 
     def data_received(self, data: bytes) -> None:
+        lane = self._lane
+        if lane is not None and self.framing == _AT_FRAME and self._frames(data, lane):
+            return
         self.got_bytes = True
         # A tapped body's read of several events (several chunked frames, or a frame of
         # several): they reach each client in one write (gateway/direct.py `hold_writes`).
@@ -321,6 +374,64 @@ class _Connection(asyncio.Protocol):
             # read's events parsed and buffered for it (see `_HeadWait`).
             waiter.run_now()
 
+    def _frames(self, data: bytes, lane: _FastLane) -> bool:
+        """Cut a read of whole chunked frames (the parser standing between two) into their
+        bodies, each handed to `lane` as the parser would hand it; False (nothing done)
+        when the read does not start with a whole frame: the parser takes it all. A read
+        that ends inside a frame, or with the body's last (empty) frame, hands that part
+        to the parser, which stands between two frames then.
+
+        Why: a relayed chunk went through the parser's `feed_data` (a method looked up by
+        name), llhttp and two callbacks through Python's call protocol (the parser's body
+        callback, the lane's) before reaching the lane; cut here, it reaches it in one
+        native call (bench/hotpath.py)."""
+        n = len(data)
+        at, size = _frame_at(data, 0, n)
+        end = at + size
+        if at < 0 or end + 2 > n or data[end] != 13 or data[end + 1] != 10:
+            return False
+        self.got_bytes = True
+        if end + 2 == n:
+            # One frame: a relay's reads mostly are. (A frame of several events reaches
+            # each client in one write all the same: the lane holds the writes then,
+            # `hold_client_writes`.)
+            lane._on_body(data[at:end])
+            return True
+        held = not writes_held()
+        if held:
+            hold_writes()
+        try:
+            lane._on_body(data[at:end])
+            pos = end + 2
+            while pos < n:
+                at, size = _frame_at(data, pos, n)
+                end = at + size
+                if at < 0 or end + 2 > n or data[end] != 13 or data[end + 1] != 10:
+                    break
+                # (As the parser's callback, which reads the lane for each frame.)
+                now_lane = self._lane
+                if now_lane is None:
+                    break
+                now_lane._on_body(data[at:end])
+                pos = end + 2
+            if pos < n:
+                self._feed(data[pos:])
+        finally:
+            if held:
+                release_writes()
+        return True
+
+    def _feed(self, data: bytes) -> None:
+        """Feed `data` to the parser (as `data_received` does, its writes held)."""
+        self.parsing.conn = self
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.error = httpx.RemoteProtocolError(f"malformed HTTP response: {exc}")
+            self._wake()
+            if self.transport is not None:
+                self.transport.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self.headers_done and not self.complete and not self.delimited and exc is None:
@@ -337,16 +448,23 @@ class _Connection(asyncio.Protocol):
     def delimiting(self, name: bytes, value: bytes) -> None:
         """Note a header that delimits the body (Content-Length, chunked encoding)."""
         lower = name.lower()
-        if lower == b"content-length" or (
-            lower == b"transfer-encoding" and b"chunked" in value.lower()
-        ):
+        if lower == b"content-length":
             self.delimited = True
+            self.framing = _NEVER
+        elif lower == b"transfer-encoding":
+            coding = value.lower()
+            if b"chunked" in coding:
+                self.delimited = True
+            # Frames are cut here for a plain chunked body only (nothing else to undo).
+            self.framing = _IN_FRAME if coding == b"chunked" and not self.framing else _NEVER
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
         # Read now: once the message completes, llhttp already reports the next one's state.
         self.keep_alive = self.parser.should_keep_alive()
         self.headers_done = True
+        if self.framing == _IN_FRAME:
+            self.framing = _AT_FRAME  # the body's first frame starts next
         self._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -366,6 +484,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.complete = True
+        self.framing = _NEVER
         self._wake()
 
     # -- consumer side -----------------------------------------------------------------------
@@ -405,6 +524,7 @@ class _Connection(asyncio.Protocol):
         ):
             return False
         self._tap = on_body
+        self._lane = on_body if type(on_body) is _FastLane else None
         self.waiter = waiter
         if on_body is not None and self.body:
             # One client write for the buffered events (and the response's head, gateway/
@@ -421,6 +541,19 @@ class _Connection(asyncio.Protocol):
             if self.complete:
                 self._wake()
         return True
+
+    def hold_client_writes(self) -> bool:
+        """Hold the client writes made from here on (gateway/direct.py `hold_writes`), for
+        the tap's events of one read, until `release_client_writes`; False (nothing done)
+        when they are held already (the read's callback holds them)."""
+        if writes_held():
+            return False
+        hold_writes()
+        return True
+
+    def release_client_writes(self) -> None:
+        """Write what `hold_client_writes` held (gateway/direct.py `release_writes`)."""
+        release_writes()
 
     def drained(self) -> bool:
         """The response is complete and its body all taken: a read would end (the SDK's
@@ -454,6 +587,31 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
+
+
+def _frame_at(data: bytes, pos: int, n: int) -> tuple[int, int]:
+    """Where the body of the chunked frame at `pos` starts, and its size; (-1, 0) when
+    `data[pos:n]` does not start with a size line of hex digits and CRLF (none at all, a
+    chunk extension, or not all of it) or the size is 0 (the body's end) or too large."""
+    size = 0
+    i = pos
+    limit = pos + _MAX_SIZE_DIGITS
+    if limit > n:
+        limit = n
+    while i < limit:
+        c = data[i]
+        if 48 <= c <= 57:
+            size = size * 16 + c - 48
+        elif 97 <= c <= 102:
+            size = size * 16 + c - 87
+        elif 65 <= c <= 70:
+            size = size * 16 + c - 55
+        else:
+            break
+        i += 1
+    if i == pos or size == 0 or i + 1 >= n or data[i] != 13 or data[i + 1] != 10:
+        return -1, 0
+    return i + 2, size
 
 
 class _Dialing(asyncio.Transport):
