@@ -683,12 +683,11 @@ class Gateway:
                 booking=booking,
                 renew_slot=booking.renew if booking.admission.lease is not None else None,
                 wrap=wrap,
+                start_now=start_now,
             )
         except BaseException:
             await booking.book(None)
             raise
-        if start_now:
-            producer.start_now()
         if session_id is not None:
             await self.streams.log.link_session(session_id, producer.stream_id, time.time())
         return producer, booking

@@ -70,7 +70,7 @@ from unbroken.core.wire import Answer, ChatCompletion, ChatCompletionChunk
 from unbroken.errors import InvalidRequestError, StoreError, UnbrokenError
 from unbroken.gateway.asgi import Exchange
 from unbroken.gateway.detach import DETACH_EXTENSION, Detached, Parked
-from unbroken.gateway.eager import EagerStart, eager_task
+from unbroken.gateway.eager import EagerStart, current_tasks, eager_task
 from unbroken.gateway.keys import Caller
 from unbroken.gateway.problems import GatewayError, from_unbroken
 from unbroken.gateway.relay import EventSink, ProducerCore, Waiter
@@ -827,7 +827,7 @@ class Producer(ProducerCore):
         stream: AsyncStream | None = None
         completion: ChatCompletion | None = None
         text_link: _TextLink | None = None
-        task = asyncio.current_task()
+        task = current_tasks.get(asyncio.get_running_loop())
         assert task is not None  # noqa: S101 - a coroutine run by a task
         cancelling = task.cancelling()
         try:
@@ -1110,46 +1110,30 @@ class StreamHub:
         renew_slot: Callable[[], Awaitable[None]] | None,
         wrap: Callable[[AsyncStream], AsyncStream] | None = None,
         booking: Booking | None = None,
+        start_now: bool = False,
     ) -> Producer:
         """Create the stream's log and start producing `request` into it (`wrap` wraps the
-        SDK stream, as the answer cache's recorder does)."""
+        SDK stream, as the answer cache's recorder does); `start_now`: the producer's first
+        step (to its upstream write) runs before this returns (`Producer.start_now`)."""
         stream_id = new_stream_id(os.urandom(16))
         g = self.settings
-        # Copied to its exact size: msgspec returns its growth buffer (up to 1.5x the JSON),
-        # and the log keeps this for the answer's lifetime and after (an 8 KB request held
-        # 12 KB; bench/stream_memory.py --prompt-bytes 8000).
-        saved = bytes(
-            memoryview(
-                _encode(
-                    {
-                        "model": request.model,
-                        "messages": request.messages,
-                        "extra": request.extra,
-                        "fallbacks": request.fallbacks,
-                        "headers": headers,
-                    }
-                )
-            )
-        )
-        # A remote log (`create_soon`): the create goes out with this turn's writes and
-        # the upstream is asked meanwhile (one Redis round trip less before the first
-        # token); the producer waits for it before its first append, so an event is never
-        # logged (nor delivered) on a log that failed to be made. A new log's epoch is 1.
-        create = getattr(self.log, "create_soon", None) or self.log.create
-        making: Awaitable[Lease] = create(
-            stream_id,
-            caller=caller.id,
-            request=saved,
-            resumable=resumable,
-            owner=self.instance,
-            now=time.time(),
-            lease_s=g.stream_lease_s,
-        )
+        log = self.log
+        # The memory log's create, after the upstream write when the producer starts now:
+        # it waits for nothing, so it is done before any of the upstream's bytes can be
+        # read (a later turn of the loop), and the first token does not wait for it (the
+        # request's JSON, the log's records: ~200 bytecodes; bench/answer_cost.py).
+        # Until then the producer's appends wait for it (`_await_created`): one its first
+        # step makes (an answer that fails at once ends its log with the error).
+        later = start_now and isinstance(log, MemoryStreamLog)
         created: asyncio.Future[Lease] | None = None
-        if isinstance(making, asyncio.Future):
-            created, epoch = making, 1
+        if later:
+            created, epoch = asyncio.get_running_loop().create_future(), 1
         else:
-            epoch = (await making).epoch
+            making = self._create(log, stream_id, caller, request, headers, resumable)
+            if isinstance(making, asyncio.Future):
+                created, epoch = making, 1
+            else:
+                epoch = (await making).epoch
         producer = Producer(
             self,
             stream_id,
@@ -1180,7 +1164,65 @@ class StreamHub:
             )
             return stream if wrap is None else wrap(stream)
 
-        return self._spawn(producer, open_stream)
+        self._spawn(producer, open_stream)
+        if start_now:
+            producer.start_now()
+        if created is not None and later:
+            try:
+                lease = await self._create(log, stream_id, caller, request, headers, resumable)
+            except Exception as exc:
+                created.set_exception(exc)
+                # No log was made: nothing to end or release (as a fenced writer), and the
+                # upstream request already sent is given up.
+                producer.stop("fenced")
+                raise
+            created.set_result(lease)
+            # Nothing waits for it now (the log is there): not held for the answer's life.
+            producer._created = None
+        return producer
+
+    def _create(
+        self,
+        log: StreamLog,
+        stream_id: str,
+        caller: Caller,
+        request: ChatRequest,
+        headers: dict[str, str],
+        resumable: bool,
+    ) -> Awaitable[Lease]:
+        """Create the log of a new stream (its lease), the request kept in it.
+
+        A remote log (`create_soon`): the create goes out with this turn's writes and the
+        upstream is asked meanwhile (one Redis round trip less before the first token); the
+        producer waits for it before its first append, so an event is never logged (nor
+        delivered) on a log that failed to be made. A new log's epoch is 1."""
+        # Copied to its exact size: msgspec returns its growth buffer (up to 1.5x the JSON),
+        # and the log keeps this for the answer's lifetime and after (an 8 KB request held
+        # 12 KB; bench/stream_memory.py --prompt-bytes 8000).
+        saved = bytes(
+            memoryview(
+                _encode(
+                    {
+                        "model": request.model,
+                        "messages": request.messages,
+                        "extra": request.extra,
+                        "fallbacks": request.fallbacks,
+                        "headers": headers,
+                    }
+                )
+            )
+        )
+        create = getattr(log, "create_soon", None) or log.create
+        making: Awaitable[Lease] = create(
+            stream_id,
+            caller=caller.id,
+            request=saved,
+            resumable=resumable,
+            owner=self.instance,
+            now=time.time(),
+            lease_s=self.settings.stream_lease_s,
+        )
+        return making
 
     async def takeover(self, stream_id: str) -> Producer | None:
         """Take over an answer whose writer is gone and continue it upstream; None when
