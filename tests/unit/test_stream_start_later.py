@@ -12,12 +12,13 @@ import pytest
 
 from tests.unit.producing import log_events, run_hub
 from unbroken.client import AsyncStream
+from unbroken.core.streamlog import Lease
 from unbroken.errors import StoreError, UpstreamError
 from unbroken.gateway.keys import Caller
 from unbroken.gateway.request import ChatRequest
 from unbroken.gateway.streams import StreamHub
 from unbroken.settings import LimitSettings
-from unbroken.stores.streamlog import Lease, MemoryStreamLog
+from unbroken.stores.streamlog import MemoryStreamLog
 
 CALLER = Caller("k:test", "test", LimitSettings(), None)
 
