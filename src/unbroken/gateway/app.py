@@ -666,7 +666,8 @@ class Gateway:
         """`start_answer`'s work, and the booking; `start_now`: the producer's first step
         (to its upstream write) runs as soon as it exists (see `serve_chat`)."""
         booking = await _Booking.admit(self, caller, request, after)
-        self._trace(booking, request, headers, traceparent)
+        if self.telemetry.enabled:
+            self._trace(booking, request, headers, traceparent)
         on_complete: Callable[[ChatCompletion], Awaitable[None]] | None = None
         wrap: Callable[[AsyncStream], AsyncStream] | None = None
         if cache_key is not None:
@@ -717,10 +718,8 @@ class Gateway:
         headers: dict[str, str],
         traceparent: bytes | None,
     ) -> None:
-        # The request's span (when tracing): its traceparent goes upstream, and it ends
-        # when the answer is booked, however and wherever it ends.
-        if not self.telemetry.enabled:
-            return
+        # The request's span (call when tracing): its traceparent goes upstream, and it
+        # ends when the answer is booked, however and wherever it ends.
         routes = self.router.routes_for(request.model) or self.client.routes
         provider = "deepseek" if routes[0].dialect == "deepseek" else "openai"
         span = self.telemetry.start(request, traceparent, provider)
@@ -744,14 +743,17 @@ class Gateway:
                 ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
             raise
         if has_rate_limits(caller):
-            admission = booking_of(admitted).admission
-            if admission.unchecked:  # the store failed at admission: no levels from it
-                ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
-            else:  # the levels the admission's take returned: no store round trip
-                ex.headers_out += level_headers(
-                    caller, admission.requests_level, admission.tokens_level
-                )
+            await self._level_headers(ex, caller, booking_of(admitted).admission)
         return admitted
+
+    async def _level_headers(self, ex: Exchange, caller: Caller, admission: Admission) -> None:
+        """The x-ratelimit-* headers of an admitted request of a caller with rate limits."""
+        if admission.unchecked:  # the store failed at admission: no levels from it
+            ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
+        else:  # the levels the admission's take returned: no store round trip
+            ex.headers_out += level_headers(
+                caller, admission.requests_level, admission.tokens_level
+            )
 
     async def serve_chat(
         self,
@@ -782,10 +784,9 @@ class Gateway:
         request_id = dict(ex.headers_out)[b"x-request-id"]
         headers = self._forwarded(ex, request_id)
         if request.stream:
-            producer, streamed = await self._admitted(
-                ex,
-                caller,
-                self._start_answer(
+            # (`_admitted` spelt out: no coroutine and no function made for it per answer.)
+            try:
+                producer, streamed = await self._start_answer(
                     caller,
                     request,
                     headers,
@@ -803,9 +804,13 @@ class Gateway:
                     # guard.py), the upstream request is written in the loop turn the
                     # client's request arrived in.
                     start_now=True,
-                ),
-                lambda started: started[1],
-            )
+                )
+            except GatewayError as exc:
+                if exc.status == 429 and has_rate_limits(caller):
+                    ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
+                raise
+            if has_rate_limits(caller):
+                await self._level_headers(ex, caller, streamed.admission)
             # The producer's and the SDK's now: not held here for the answer's life (the
             # request's containers: ~330 bytes; bench/stream_memory.py).
             del headers, request
@@ -854,7 +859,8 @@ class Gateway:
         booking = await self._admitted(
             ex, caller, _Booking.admit(self, caller, request, after), lambda booked: booked
         )
-        self._trace(booking, request, headers, ex.header(b"traceparent"))
+        if self.telemetry.enabled:
+            self._trace(booking, request, headers, ex.header(b"traceparent"))
         relay = StreamRelay(
             ex,
             self.scrub,

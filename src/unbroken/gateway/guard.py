@@ -89,6 +89,8 @@ _ACCESS_LOG = logging.getLogger("uvicorn.access")
 FLOODABLE_LOGGERS = ("asyncio", "uvicorn.error", "unbroken")
 
 
+_intern = sys.intern
+
 # Forks of this process so far (as seen by the child): a loop remembered before a fork is
 # not the child's.
 _forks = [0]
@@ -504,7 +506,8 @@ class GuardedProtocol(HttpToolsProtocol):
     def accepted_from(self, peer: Any) -> None:
         """The client's address as `accept` returned it (gateway/accept.py), before
         `connection_made`; the host's str interned as in `connection_made`."""
-        self.client = (sys.intern(str(peer[0])), int(peer[1])) if isinstance(peer, tuple) else None
+        # (An IP socket's peer: a str and an int, as `connection_made` makes them.)
+        self.client = (_intern(peer[0]), peer[1]) if type(peer) is tuple else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -735,7 +738,10 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
-        self._count_head(len(url))
+        # Counted against the head's limit here, not in a call of its own.
+        n = self._head_bytes = self._head_bytes + len(url)
+        if n > self.guard.max_head_bytes:
+            raise self._head_too_large()
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -753,7 +759,12 @@ class GuardedProtocol(HttpToolsProtocol):
         once their bytes are counted against the head's limit; `Expect: 100-continue`
         noted."""
         names, values = zip(*fields, strict=True)
-        self._count_head(sum(map(len, names)) + sum(map(len, values)) + 4 * len(fields))
+        # Counted against the head's limit here, not in a call of its own.
+        n = self._head_bytes = (
+            self._head_bytes + sum(map(len, names)) + sum(map(len, values)) + 4 * len(fields)
+        )
+        if n > self.guard.max_head_bytes:
+            raise self._head_too_large()
         # (A name is a token: no newline in it.)
         lowered = b"\n".join(names).lower().split(b"\n")
         stripped = list(map(bytes.rstrip, values, repeat(b" \t")))
@@ -770,15 +781,12 @@ class GuardedProtocol(HttpToolsProtocol):
             "too_many_headers",
         )
 
-    def _count_head(self, n: int) -> None:
-        self._head_bytes += n
-        if self._head_bytes > self.guard.max_head_bytes:
-            raise self._stop(
-                431,
-                f"the request head exceeds the gateway's limit of "
-                f"{self.guard.max_head_bytes} bytes",
-                "header_too_large",
-            )
+    def _head_too_large(self) -> _Refusal:
+        return self._stop(
+            431,
+            f"the request head exceeds the gateway's limit of {self.guard.max_head_bytes} bytes",
+            "header_too_large",
+        )
 
     def on_headers_complete(self) -> None:
         if self.headers:

@@ -1063,13 +1063,20 @@ class StreamHub:
             del self._producers[producer.stream_id]
             self.gateway.metrics.stream_writers.dec()
 
-    def _spawn(self, producer: Producer, open_stream: OpenStream) -> Producer:
+    def _spawn(
+        self, producer: Producer, open_stream: OpenStream, start_now: bool = False
+    ) -> Producer:
+        """Start `producer`'s task; `start_now`: its first step runs now (`start_now` of the
+        producer, with its task's `EagerStart` at hand)."""
         self._producers[producer.stream_id] = producer
         self.gateway.metrics.stream_writers.inc()
         if producer.takeovers:
             self.gateway.metrics.stream_takeovers.inc()
-        producer.task, _ = eager_task(asyncio.get_running_loop(), producer.run(open_stream))
-        self._ensure_ticker()
+        producer.task, start = eager_task(asyncio.get_running_loop(), producer.run(open_stream))
+        if self._ticker is None:
+            self._ensure_ticker()
+        if start_now:
+            start.step_now()
         return producer
 
     # -- starting answers ------------------------------------------------------------------
@@ -1164,9 +1171,7 @@ class StreamHub:
             )
             return stream if wrap is None else wrap(stream)
 
-        self._spawn(producer, open_stream)
-        if start_now:
-            producer.start_now()
+        self._spawn(producer, open_stream, start_now)
         if created is not None and later:
             try:
                 lease = await self._create(log, stream_id, caller, request, headers, resumable)
