@@ -393,6 +393,7 @@ class GuardedProtocol(HttpToolsProtocol):
     _made_for: tuple[Config, ServerState, dict[str, Any]] | None = None
     _reset_contextvars = False
     _http_entry: Any = None
+    _asgi_info: ASGIVersions  # the scope's `asgi` (`_make_for`)
     _task_done: Callable[[asyncio.Task[None]], None]
 
     def __init__(
@@ -451,6 +452,10 @@ class GuardedProtocol(HttpToolsProtocol):
         target.ws_protocol_class = ws_protocol_class
         target.root_path = root_path
         target.asgi_version = asgi_version
+        target._asgi_info = _ASGI_INFO.get(asgi_version) or {
+            "version": asgi_version,
+            "spec_version": "2.3",
+        }
         target.limit_concurrency = limit_concurrency
         target.app_state = app_state
         target.timeout_keep_alive = keep_alive
@@ -714,8 +719,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self.scope = {
             "type": "http",
             # One dict per ASGI version, shared (the app reads it): 184 bytes a request less.
-            "asgi": _ASGI_INFO.get(self.asgi_version)
-            or {"version": self.asgi_version, "spec_version": "2.3"},
+            "asgi": self._asgi_info,
             "http_version": "1.1",
             "server": self.server,
             "client": self.client,

@@ -303,8 +303,7 @@ class Producer(ProducerCore):
         # without a round trip: a short tail does (the log packs its events; a tail holding
         # a whole answer's payloads cost ~60 KB per live stream).
         # Bound once per hub, not per producer (two bound methods: 128 bytes a live answer).
-        self._append_now, append_one = hub.log_appenders()
-        log = hub.log if append_one is not None else None
+        self._append_now, memory, batched, _ = hub.log_appenders()
         # A list trimmed to `_tail_max`, not a deque(maxlen=...): a deque's first block holds
         # 64 slots (~760 bytes) per live answer for the events kept here. None with the
         # memory log, which readers read in place (`tail_events`): its open block holds the
@@ -316,7 +315,7 @@ class Producer(ProducerCore):
             stream_id,
             epoch,
             n_events,
-            log if isinstance(log, MemoryStreamLog) else None,
+            memory,
             tail_max,
             [] if tail_max else _NO_PENDING,
         )
@@ -337,7 +336,7 @@ class Producer(ProducerCore):
         # an append is in flight go together in the next one, so the upstream is read on
         # meanwhile. An append is a callback (`_sent`), not a task: its reply reaches the
         # readers in the loop turn it arrives in.
-        self._batched = hasattr(hub.log, "append_then")
+        self._batched = batched
         # Only a batching producer appends here: the others share one empty list (56 bytes
         # a live answer).
         self._pending: list[bytes] = [] if self._batched else _NO_PENDING
@@ -1031,7 +1030,7 @@ class StreamHub:
         self.settings = gateway.settings.gateway
         self.instance = uuid.uuid4().hex
         self._producers: dict[str, Producer] = {}
-        self._appenders: tuple[Any, Any, StreamLog] | None = None
+        self._appenders: tuple[Any, MemoryStreamLog | None, bool, StreamLog] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -1040,18 +1039,22 @@ class StreamHub:
 
     def log_appenders(
         self,
-    ) -> tuple[Callable[..., int] | None, Callable[[str, int, bytes, float], int] | None]:
-        """The log's `append_now` and `append_one` when it has them (the memory log), bound
-        once and shared by the producers."""
+    ) -> tuple[Callable[..., int] | None, MemoryStreamLog | None, bool, StreamLog]:
+        """What a producer takes of the log, found once and shared by the producers: its
+        `append_now` when it has one (bound once: the memory log), the log itself when a
+        producer appends each chunk with its `append_one` (the memory log), whether it
+        appends in batches (`append_then`: Redis), and the log."""
         appenders = self._appenders
-        if appenders is None or appenders[2] is not self.log:
+        if appenders is None or appenders[3] is not self.log:
             log = self.log
+            one = getattr(log, "append_one", None) is not None
             appenders = self._appenders = (
                 getattr(log, "append_now", None),
-                getattr(log, "append_one", None),
+                log if one and isinstance(log, MemoryStreamLog) else None,
+                hasattr(log, "append_then"),
                 log,
             )
-        return appenders[0], appenders[1]
+        return appenders
 
     @property
     def producers(self) -> list[Producer]:
