@@ -65,7 +65,7 @@ from unbroken.gateway.streams import (
 )
 from unbroken.gateway.telemetry import SpanHook, Telemetry
 from unbroken.gateway.upstream import LeanTransport, pool_size
-from unbroken.gateway.usage import UsageBook, parse_usage_query
+from unbroken.gateway.usage import UsageBook, day_of, parse_usage_query
 from unbroken.gateway.web import WebUI
 from unbroken.gateway.widget_tokens import WidgetTokens
 from unbroken.gateway.ws import WS_PATH, ChatSocket
@@ -1154,6 +1154,10 @@ class _Booking:
     ) -> _Booking:
         """Admit `request` (raises the limiter's 429) and hold its booking: it reserves
         its `max_tokens`, or `reserve_tokens` when it has none (gateway/limits.py)."""
+        if caller.unlimited:
+            # The limiter's admission of a caller without limits, spelt out (no store, no
+            # refusal; gateway/limits.py `Limiter._admit`): two coroutines less an answer.
+            return cls(gateway, Admission(caller, day_of(time.time())), after, request.model)
         limits = caller.limits
         reserve = 0
         if limits.daily_tokens is not None or limits.tokens_per_minute is not None:
