@@ -94,6 +94,8 @@ _T = TypeVar("_T")
 # A client's X-Request-ID is kept when it looks like an id; anything else is replaced, so
 # no one can inject text into our logs or headers through it.
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+# The chat route's paths (`_http` takes them before the other routes).
+_CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 # Request headers that are the gateway's or the connection's, never the upstream's.
 _NEVER_FORWARDED = frozenset(
     {
@@ -234,6 +236,7 @@ class Gateway:
         self._exact = frozenset(h.lower() for h in g.forward_headers if not h.endswith("*"))
         self._prefixes = tuple(h.lower()[:-1] for h in g.forward_headers if h.endswith("*"))
         self._routes: dict[str, tuple[str, Handler]] = {
+            # (Taken first by `_http`: _CHAT_PATHS.)
             "/v1/chat/completions": ("POST", self._chat),
             "/chat/completions": ("POST", self._chat),
             "/v1/models": ("GET", self._models),
@@ -387,6 +390,10 @@ class Gateway:
         try:
             self.policy.check(scope, headers_in)
             del headers_in  # the exchange's now (it lets it go before a live answer streams)
+            if path in _CHAT_PATHS and method == "POST":
+                # A chat request (most of them): none of the other routes' checks.
+                await (await self._chat(ex))
+                return
             if method == "OPTIONS":
                 await self._preflight(ex, origin)
                 return
