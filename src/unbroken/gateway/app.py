@@ -591,7 +591,8 @@ class Gateway:
         """Identify, read and parse a chat request; what is left (`serve_chat`) is returned
         for `_http` to await: one coroutine less (272 bytes) on a live answer's stack."""
         g = self.settings.gateway
-        self.check_draining()
+        if self.draining:
+            self.check_draining()
         caller = await self.keys.identify(ex.header(b"authorization"))
         raw = await ex.read_body(g.max_body_bytes)
         try:
