@@ -49,6 +49,11 @@ def test_the_log_is_made_in_the_start_with_the_request_kept() -> None:
             assert info is not None
             assert info.caller == "k:test"
             assert producer._created is None  # nothing left to wait for
+            # The SDK stream's decoder template, shared with the log made after the first
+            # step that offered it (the log keeps no copy of its own).
+            assert isinstance(hub.log, MemoryStreamLog)
+            source = hub.log._streams[producer.stream_id].events.source
+            assert isinstance(source, AsyncStream)
             assert producer.task is not None
             assert not producer.task.done()
         finally:

@@ -1158,8 +1158,10 @@ class StreamHub:
         producer._created = created
         client = self.gateway.client
         router = self.gateway.router
+        opened: AsyncStream | None = None  # what `open_stream` returned (until this returns)
 
         async def open_stream() -> AsyncStream:
+            nonlocal opened
             # The request is parsed and checked (gateway/request.py): the SDK takes it as
             # it is, without the public call's checks (`stream_checked`).
             stream = client.stream_checked(
@@ -1172,7 +1174,8 @@ class StreamHub:
                 # Each key recovers from its own share of the retry budgets.
                 budget_key=caller.id,
             )
-            return stream if wrap is None else wrap(stream)
+            opened = stream if wrap is None else wrap(stream)
+            return opened
 
         self._spawn(producer, open_stream, start_now)
         if created is not None and later:
@@ -1187,6 +1190,14 @@ class StreamHub:
             created.set_result(lease)
             # Nothing waits for it now (the log is there): not held for the answer's life.
             producer._created = None
+            # As `Producer.run` did in its first step, when there was no log to take it:
+            # the log keeps the decoder's template, not a copy of it (~340 bytes a stream).
+            if (
+                type(opened) is AsyncStream
+                and producer._append_now is not None
+                and not producer.finished
+            ):
+                producer._share_template(opened)
         return producer
 
     def _create(
