@@ -15,7 +15,10 @@ their ranges in brackets.
 
 `--bytecodes` instead runs --answers answers one after another through a gateway whose
 main thread is traced (CPython opcode events, switched on and off by signals) and prints
-the bytecodes run per answer, by function and by file, and the objects the cyclic
+the bytecodes run per answer, by function and by file, then by stretch of the answer (from
+accept to the upstream request's write, from there to the upstream's head, from the head to
+the first write to the client, the rest) with the functions of the first and third, and the
+objects the cyclic
 collector found per answer (gc.DEBUG_SAVEALL): counts that do not move with the host's
 load. The first answers are run untraced (imports, spare connections, caches).
 
@@ -50,11 +53,25 @@ WARM_ANSWERS = 50
 # and SIGUSR2 disarms, writing its counts to $ANSWER_COST_OUT (the serve command's
 # arguments follow, as bench/gateway.py's launcher).
 TRACED_SERVE = """
-import collections, gc, json, os, signal, sys
+import asyncio, collections, gc, json, os, signal, sys
+import unbroken.gateway.accept as accept, unbroken.gateway.guard as guard
+import unbroken.gateway.upstream as upstream
 counts = collections.Counter()
 calls = collections.Counter()
+# The answer's stretches (see PHASES in bench/answer_cost.py): a call of one of these
+# functions starts one; the first write to a client's connection starts the last.
+phase = [3]
+marks = {accept.Acceptor._accept.__code__: 0, upstream.LeanTransport._exchange.__code__: 1,
+         upstream._Connection.on_headers_complete.__code__: 2}
+phased = collections.Counter()
+probe = set()
 def tracer(frame, event, arg):
     code = frame.f_code
+    if code in probe:
+        return None
+    at = marks.get(code)
+    if at is not None and at == (phase[0] + 1) % 4:  # in turn (a coroutine resumes with a call)
+        phase[0] = at
     key = code.co_filename + ":" + code.co_qualname
     if code.co_filename == "<string>":  # dataclasses' generated methods: name the class
         key += "[" + type(frame.f_locals.get("self")).__qualname__ + "]"
@@ -69,13 +86,45 @@ class Local:  # not a closure: a closure that returns itself is a cycle per call
     def __call__(self, frame, event, arg):
         if event == "opcode":
             counts[self.key] += 1
+            phased[phase[0], self.key] += 1
         return self
+class Proxy(asyncio.Transport):
+    # The client's transport, noting its first write (the end of the head's stretch).
+    def __init__(self, transport):
+        self._transport, self._written = transport, False
+    def write(self, data):
+        if not self._written:
+            self._written = True
+            if phase[0] == 2:
+                phase[0] = 3
+        self._transport.write(data)
+    def writelines(self, data):
+        self.write(b"".join(data))
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+def forward(name):
+    def call(self, *args, **kwargs):
+        return getattr(self._transport, name)(*args, **kwargs)
+    return call
+for name in ("is_closing", "close", "abort", "get_extra_info", "pause_reading",
+             "resume_reading", "is_reading", "set_write_buffer_limits",
+             "get_write_buffer_size", "can_write_eof", "write_eof", "set_protocol",
+             "get_protocol"):
+    setattr(Proxy, name, forward(name))
+    probe.add(getattr(Proxy, name).__code__)
+made = guard.GuardedProtocol.connection_made
+def connection_made(self, transport):
+    made(self, Proxy(transport))
+guard.GuardedProtocol.connection_made = connection_made
+probe.update(f.__code__ for f in (Proxy.__init__, Proxy.write, Proxy.writelines,
+                                  Proxy.__getattr__, connection_made))
 def on(*_):
     gc.collect()
     gc.garbage.clear()
     gc.set_debug(gc.DEBUG_SAVEALL)
     counts.clear()
     calls.clear()
+    phased.clear()
     sys.settrace(tracer)
 def off(*_):
     sys.settrace(None)
@@ -85,7 +134,8 @@ def off(*_):
     gc.garbage.clear()
     out = os.environ["ANSWER_COST_OUT"]
     with open(out + ".tmp", "w") as f:
-        json.dump({"counts": counts, "calls": calls, "garbage": garbage}, f)
+        json.dump({"counts": counts, "calls": calls, "garbage": garbage,
+                   "phased": [[p, k, n] for (p, k), n in phased.items()]}, f)
     os.replace(out + ".tmp", out)
 signal.signal(signal.SIGUSR1, on)
 signal.signal(signal.SIGUSR2, off)
@@ -93,6 +143,19 @@ import typer
 from unbroken.cli.gateway_cmds import serve
 app = typer.Typer(); app.command()(serve); app(sys.argv[1:])
 """
+
+
+# The stretches of an answer, in order, as the traced gateway splits its bytecodes: each
+# starts at its mark (TRACED_SERVE) and runs until the next one's; whether --bytecodes lists
+# its functions. The first and third are on the way to the first token. (The mock answers
+# here with no delay between tokens: the head's read brings the whole answer, and the third
+# stretch relays all of it, as the first client write holds the answer's events.)
+PHASES = [
+    ("entry: accept -> upstream write", True),
+    ("upstream write -> upstream head", False),
+    ("head -> first client write", True),
+    ("the rest: chunks, end, close", False),
+]
 
 
 def _mock_config(tokens: int) -> str:
@@ -246,6 +309,19 @@ def bytecodes(answers: int, tokens: int, top: int) -> None:
     print("by file:")
     for filename, count in sorted(files.items(), key=lambda kv: -kv[1])[:top]:
         print(f"  {count / n:7.1f}  {filename}")
+    stretches: list[dict[str, int]] = [{} for _ in PHASES]
+    for at, where, count in data["phased"]:
+        stretches[at][where] = count
+    print("by stretch of the answer (bytecodes per answer):")
+    for (name, _), counted in zip(PHASES, stretches, strict=True):
+        print(f"  {sum(counted.values()) / n:7.1f}  {name}")
+    for (name, shown), counted in zip(PHASES, stretches, strict=True):
+        if not shown:
+            continue
+        print(f"{name}, by function:")
+        for where, count in sorted(counted.items(), key=lambda kv: -kv[1])[:top]:
+            filename, _, function = where.partition(":")
+            print(f"  {count / n:9.1f}  {_short(filename)}:{function}")
     garbage: dict[str, int] = data["garbage"]
     print(f"objects found by the cyclic collector per answer: {sum(garbage.values()) / n:.1f}")
     for kind, count in sorted(garbage.items(), key=lambda kv: -kv[1])[:12]:

@@ -65,7 +65,7 @@ from unbroken.gateway.streams import (
 )
 from unbroken.gateway.telemetry import SpanHook, Telemetry
 from unbroken.gateway.upstream import LeanTransport, pool_size
-from unbroken.gateway.usage import UsageBook, parse_usage_query
+from unbroken.gateway.usage import UsageBook, day_of, parse_usage_query
 from unbroken.gateway.web import WebUI
 from unbroken.gateway.widget_tokens import WidgetTokens
 from unbroken.gateway.ws import WS_PATH, ChatSocket
@@ -94,6 +94,8 @@ _T = TypeVar("_T")
 # A client's X-Request-ID is kept when it looks like an id; anything else is replaced, so
 # no one can inject text into our logs or headers through it.
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+# The chat route's paths (`_http` takes them before the other routes).
+_CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 # Request headers that are the gateway's or the connection's, never the upstream's.
 _NEVER_FORWARDED = frozenset(
     {
@@ -234,6 +236,7 @@ class Gateway:
         self._exact = frozenset(h.lower() for h in g.forward_headers if not h.endswith("*"))
         self._prefixes = tuple(h.lower()[:-1] for h in g.forward_headers if h.endswith("*"))
         self._routes: dict[str, tuple[str, Handler]] = {
+            # (Taken first by `_http`: _CHAT_PATHS.)
             "/v1/chat/completions": ("POST", self._chat),
             "/chat/completions": ("POST", self._chat),
             "/v1/models": ("GET", self._models),
@@ -387,6 +390,10 @@ class Gateway:
         try:
             self.policy.check(scope, headers_in)
             del headers_in  # the exchange's now (it lets it go before a live answer streams)
+            if path in _CHAT_PATHS and method == "POST":
+                # A chat request (most of them): none of the other routes' checks.
+                await (await self._chat(ex))
+                return
             if method == "OPTIONS":
                 await self._preflight(ex, origin)
                 return
@@ -584,7 +591,8 @@ class Gateway:
         """Identify, read and parse a chat request; what is left (`serve_chat`) is returned
         for `_http` to await: one coroutine less (272 bytes) on a live answer's stack."""
         g = self.settings.gateway
-        self.check_draining()
+        if self.draining:
+            self.check_draining()
         caller = await self.keys.identify(ex.header(b"authorization"))
         raw = await ex.read_body(g.max_body_bytes)
         try:
@@ -666,7 +674,8 @@ class Gateway:
         """`start_answer`'s work, and the booking; `start_now`: the producer's first step
         (to its upstream write) runs as soon as it exists (see `serve_chat`)."""
         booking = await _Booking.admit(self, caller, request, after)
-        self._trace(booking, request, headers, traceparent)
+        if self.telemetry.enabled:
+            self._trace(booking, request, headers, traceparent)
         on_complete: Callable[[ChatCompletion], Awaitable[None]] | None = None
         wrap: Callable[[AsyncStream], AsyncStream] | None = None
         if cache_key is not None:
@@ -683,12 +692,11 @@ class Gateway:
                 booking=booking,
                 renew_slot=booking.renew if booking.admission.lease is not None else None,
                 wrap=wrap,
+                start_now=start_now,
             )
         except BaseException:
             await booking.book(None)
             raise
-        if start_now:
-            producer.start_now()
         if session_id is not None:
             await self.streams.log.link_session(session_id, producer.stream_id, time.time())
         return producer, booking
@@ -718,10 +726,8 @@ class Gateway:
         headers: dict[str, str],
         traceparent: bytes | None,
     ) -> None:
-        # The request's span (when tracing): its traceparent goes upstream, and it ends
-        # when the answer is booked, however and wherever it ends.
-        if not self.telemetry.enabled:
-            return
+        # The request's span (call when tracing): its traceparent goes upstream, and it
+        # ends when the answer is booked, however and wherever it ends.
         routes = self.router.routes_for(request.model) or self.client.routes
         provider = "deepseek" if routes[0].dialect == "deepseek" else "openai"
         span = self.telemetry.start(request, traceparent, provider)
@@ -745,14 +751,17 @@ class Gateway:
                 ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
             raise
         if has_rate_limits(caller):
-            admission = booking_of(admitted).admission
-            if admission.unchecked:  # the store failed at admission: no levels from it
-                ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
-            else:  # the levels the admission's take returned: no store round trip
-                ex.headers_out += level_headers(
-                    caller, admission.requests_level, admission.tokens_level
-                )
+            await self._level_headers(ex, caller, booking_of(admitted).admission)
         return admitted
+
+    async def _level_headers(self, ex: Exchange, caller: Caller, admission: Admission) -> None:
+        """The x-ratelimit-* headers of an admitted request of a caller with rate limits."""
+        if admission.unchecked:  # the store failed at admission: no levels from it
+            ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
+        else:  # the levels the admission's take returned: no store round trip
+            ex.headers_out += level_headers(
+                caller, admission.requests_level, admission.tokens_level
+            )
 
     async def serve_chat(
         self,
@@ -783,10 +792,9 @@ class Gateway:
         request_id = dict(ex.headers_out)[b"x-request-id"]
         headers = self._forwarded(ex, request_id)
         if request.stream:
-            producer, streamed = await self._admitted(
-                ex,
-                caller,
-                self._start_answer(
+            # (`_admitted` spelt out: no coroutine and no function made for it per answer.)
+            try:
+                producer, streamed = await self._start_answer(
                     caller,
                     request,
                     headers,
@@ -804,9 +812,13 @@ class Gateway:
                     # guard.py), the upstream request is written in the loop turn the
                     # client's request arrived in.
                     start_now=True,
-                ),
-                lambda started: started[1],
-            )
+                )
+            except GatewayError as exc:
+                if exc.status == 429 and has_rate_limits(caller):
+                    ex.headers_out += await rate_limit_headers(self.store, caller, time.time())
+                raise
+            if has_rate_limits(caller):
+                await self._level_headers(ex, caller, streamed.admission)
             # The producer's and the SDK's now: not held here for the answer's life (the
             # request's containers: ~330 bytes; bench/stream_memory.py).
             del headers, request
@@ -855,7 +867,8 @@ class Gateway:
         booking = await self._admitted(
             ex, caller, _Booking.admit(self, caller, request, after), lambda booked: booked
         )
-        self._trace(booking, request, headers, ex.header(b"traceparent"))
+        if self.telemetry.enabled:
+            self._trace(booking, request, headers, ex.header(b"traceparent"))
         relay = StreamRelay(
             ex,
             self.scrub,
@@ -1149,6 +1162,10 @@ class _Booking:
     ) -> _Booking:
         """Admit `request` (raises the limiter's 429) and hold its booking: it reserves
         its `max_tokens`, or `reserve_tokens` when it has none (gateway/limits.py)."""
+        if caller.unlimited:
+            # The limiter's admission of a caller without limits, spelt out (no store, no
+            # refusal; gateway/limits.py `Limiter._admit`): two coroutines less an answer.
+            return cls(gateway, Admission(caller, day_of(time.time())), after, request.model)
         limits = caller.limits
         reserve = 0
         if limits.daily_tokens is not None or limits.tokens_per_minute is not None:

@@ -89,6 +89,8 @@ _ACCESS_LOG = logging.getLogger("uvicorn.access")
 FLOODABLE_LOGGERS = ("asyncio", "uvicorn.error", "unbroken")
 
 
+_intern = sys.intern
+
 # Forks of this process so far (as seen by the child): a loop remembered before a fork is
 # not the child's.
 _forks = [0]
@@ -391,6 +393,7 @@ class GuardedProtocol(HttpToolsProtocol):
     _made_for: tuple[Config, ServerState, dict[str, Any]] | None = None
     _reset_contextvars = False
     _http_entry: Any = None
+    _asgi_info: ASGIVersions  # the scope's `asgi` (`_make_for`)
     _task_done: Callable[[asyncio.Task[None]], None]
 
     def __init__(
@@ -449,6 +452,10 @@ class GuardedProtocol(HttpToolsProtocol):
         target.ws_protocol_class = ws_protocol_class
         target.root_path = root_path
         target.asgi_version = asgi_version
+        target._asgi_info = _ASGI_INFO.get(asgi_version) or {
+            "version": asgi_version,
+            "spec_version": "2.3",
+        }
         target.limit_concurrency = limit_concurrency
         target.app_state = app_state
         target.timeout_keep_alive = keep_alive
@@ -504,7 +511,8 @@ class GuardedProtocol(HttpToolsProtocol):
     def accepted_from(self, peer: Any) -> None:
         """The client's address as `accept` returned it (gateway/accept.py), before
         `connection_made`; the host's str interned as in `connection_made`."""
-        self.client = (sys.intern(str(peer[0])), int(peer[1])) if isinstance(peer, tuple) else None
+        # (An IP socket's peer: a str and an int, as `connection_made` makes them.)
+        self.client = (_intern(peer[0]), peer[1]) if type(peer) is tuple else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -711,8 +719,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self.scope = {
             "type": "http",
             # One dict per ASGI version, shared (the app reads it): 184 bytes a request less.
-            "asgi": _ASGI_INFO.get(self.asgi_version)
-            or {"version": self.asgi_version, "spec_version": "2.3"},
+            "asgi": self._asgi_info,
             "http_version": "1.1",
             "server": self.server,
             "client": self.client,
@@ -735,7 +742,10 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
-        self._count_head(len(url))
+        # Counted against the head's limit here, not in a call of its own.
+        n = self._head_bytes = self._head_bytes + len(url)
+        if n > self.guard.max_head_bytes:
+            raise self._head_too_large()
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -753,7 +763,12 @@ class GuardedProtocol(HttpToolsProtocol):
         once their bytes are counted against the head's limit; `Expect: 100-continue`
         noted."""
         names, values = zip(*fields, strict=True)
-        self._count_head(sum(map(len, names)) + sum(map(len, values)) + 4 * len(fields))
+        # Counted against the head's limit here, not in a call of its own.
+        n = self._head_bytes = (
+            self._head_bytes + sum(map(len, names)) + sum(map(len, values)) + 4 * len(fields)
+        )
+        if n > self.guard.max_head_bytes:
+            raise self._head_too_large()
         # (A name is a token: no newline in it.)
         lowered = b"\n".join(names).lower().split(b"\n")
         stripped = list(map(bytes.rstrip, values, repeat(b" \t")))
@@ -770,15 +785,12 @@ class GuardedProtocol(HttpToolsProtocol):
             "too_many_headers",
         )
 
-    def _count_head(self, n: int) -> None:
-        self._head_bytes += n
-        if self._head_bytes > self.guard.max_head_bytes:
-            raise self._stop(
-                431,
-                f"the request head exceeds the gateway's limit of "
-                f"{self.guard.max_head_bytes} bytes",
-                "header_too_large",
-            )
+    def _head_too_large(self) -> _Refusal:
+        return self._stop(
+            431,
+            f"the request head exceeds the gateway's limit of {self.guard.max_head_bytes} bytes",
+            "header_too_large",
+        )
 
     def on_headers_complete(self) -> None:
         if self.headers:

@@ -154,7 +154,11 @@ class _DrainingServer(uvicorn.Server):
 
         def create_protocol() -> asyncio.Protocol:
             protocol: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]  # uvicorn's protocols take these
-                config=config, server_state=self.server_state, app_state=self.lifespan.state
+                config=config,
+                server_state=self.server_state,
+                app_state=self.lifespan.state,
+                # This process's running loop: the protocol need not look it up.
+                _loop=loop,
             )
             return protocol
 

@@ -70,7 +70,7 @@ from unbroken.core.wire import Answer, ChatCompletion, ChatCompletionChunk
 from unbroken.errors import InvalidRequestError, StoreError, UnbrokenError
 from unbroken.gateway.asgi import Exchange
 from unbroken.gateway.detach import DETACH_EXTENSION, Detached, Parked
-from unbroken.gateway.eager import EagerStart, eager_task
+from unbroken.gateway.eager import EagerStart, current_tasks, eager_task
 from unbroken.gateway.keys import Caller
 from unbroken.gateway.problems import GatewayError, from_unbroken
 from unbroken.gateway.relay import EventSink, ProducerCore, Waiter
@@ -303,8 +303,7 @@ class Producer(ProducerCore):
         # without a round trip: a short tail does (the log packs its events; a tail holding
         # a whole answer's payloads cost ~60 KB per live stream).
         # Bound once per hub, not per producer (two bound methods: 128 bytes a live answer).
-        self._append_now, append_one = hub.log_appenders()
-        log = hub.log if append_one is not None else None
+        self._append_now, memory, batched, _ = hub.log_appenders()
         # A list trimmed to `_tail_max`, not a deque(maxlen=...): a deque's first block holds
         # 64 slots (~760 bytes) per live answer for the events kept here. None with the
         # memory log, which readers read in place (`tail_events`): its open block holds the
@@ -316,7 +315,7 @@ class Producer(ProducerCore):
             stream_id,
             epoch,
             n_events,
-            log if isinstance(log, MemoryStreamLog) else None,
+            memory,
             tail_max,
             [] if tail_max else _NO_PENDING,
         )
@@ -337,7 +336,7 @@ class Producer(ProducerCore):
         # an append is in flight go together in the next one, so the upstream is read on
         # meanwhile. An append is a callback (`_sent`), not a task: its reply reaches the
         # readers in the loop turn it arrives in.
-        self._batched = hasattr(hub.log, "append_then")
+        self._batched = batched
         # Only a batching producer appends here: the others share one empty list (56 bytes
         # a live answer).
         self._pending: list[bytes] = [] if self._batched else _NO_PENDING
@@ -827,7 +826,7 @@ class Producer(ProducerCore):
         stream: AsyncStream | None = None
         completion: ChatCompletion | None = None
         text_link: _TextLink | None = None
-        task = asyncio.current_task()
+        task = current_tasks.get(asyncio.get_running_loop())
         assert task is not None  # noqa: S101 - a coroutine run by a task
         cancelling = task.cancelling()
         try:
@@ -1031,7 +1030,7 @@ class StreamHub:
         self.settings = gateway.settings.gateway
         self.instance = uuid.uuid4().hex
         self._producers: dict[str, Producer] = {}
-        self._appenders: tuple[Any, Any, StreamLog] | None = None
+        self._appenders: tuple[Any, MemoryStreamLog | None, bool, StreamLog] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -1040,18 +1039,22 @@ class StreamHub:
 
     def log_appenders(
         self,
-    ) -> tuple[Callable[..., int] | None, Callable[[str, int, bytes, float], int] | None]:
-        """The log's `append_now` and `append_one` when it has them (the memory log), bound
-        once and shared by the producers."""
+    ) -> tuple[Callable[..., int] | None, MemoryStreamLog | None, bool, StreamLog]:
+        """What a producer takes of the log, found once and shared by the producers: its
+        `append_now` when it has one (bound once: the memory log), the log itself when a
+        producer appends each chunk with its `append_one` (the memory log), whether it
+        appends in batches (`append_then`: Redis), and the log."""
         appenders = self._appenders
-        if appenders is None or appenders[2] is not self.log:
+        if appenders is None or appenders[3] is not self.log:
             log = self.log
+            one = getattr(log, "append_one", None) is not None
             appenders = self._appenders = (
                 getattr(log, "append_now", None),
-                getattr(log, "append_one", None),
+                log if one and isinstance(log, MemoryStreamLog) else None,
+                hasattr(log, "append_then"),
                 log,
             )
-        return appenders[0], appenders[1]
+        return appenders
 
     @property
     def producers(self) -> list[Producer]:
@@ -1063,13 +1066,20 @@ class StreamHub:
             del self._producers[producer.stream_id]
             self.gateway.metrics.stream_writers.dec()
 
-    def _spawn(self, producer: Producer, open_stream: OpenStream) -> Producer:
+    def _spawn(
+        self, producer: Producer, open_stream: OpenStream, start_now: bool = False
+    ) -> Producer:
+        """Start `producer`'s task; `start_now`: its first step runs now (`start_now` of the
+        producer, with its task's `EagerStart` at hand)."""
         self._producers[producer.stream_id] = producer
         self.gateway.metrics.stream_writers.inc()
         if producer.takeovers:
             self.gateway.metrics.stream_takeovers.inc()
-        producer.task, _ = eager_task(asyncio.get_running_loop(), producer.run(open_stream))
-        self._ensure_ticker()
+        producer.task, start = eager_task(asyncio.get_running_loop(), producer.run(open_stream))
+        if self._ticker is None:
+            self._ensure_ticker()
+        if start_now:
+            start.step_now()
         return producer
 
     # -- starting answers ------------------------------------------------------------------
@@ -1110,11 +1120,101 @@ class StreamHub:
         renew_slot: Callable[[], Awaitable[None]] | None,
         wrap: Callable[[AsyncStream], AsyncStream] | None = None,
         booking: Booking | None = None,
+        start_now: bool = False,
     ) -> Producer:
         """Create the stream's log and start producing `request` into it (`wrap` wraps the
-        SDK stream, as the answer cache's recorder does)."""
+        SDK stream, as the answer cache's recorder does); `start_now`: the producer's first
+        step (to its upstream write) runs before this returns (`Producer.start_now`)."""
         stream_id = new_stream_id(os.urandom(16))
         g = self.settings
+        log = self.log
+        # The memory log's create, after the upstream write when the producer starts now:
+        # it waits for nothing, so it is done before any of the upstream's bytes can be
+        # read (a later turn of the loop), and the first token does not wait for it (the
+        # request's JSON, the log's records: ~200 bytecodes; bench/answer_cost.py).
+        # Until then the producer's appends wait for it (`_await_created`): one its first
+        # step makes (an answer that fails at once ends its log with the error).
+        later = start_now and isinstance(log, MemoryStreamLog)
+        created: asyncio.Future[Lease] | None = None
+        if later:
+            created, epoch = asyncio.get_running_loop().create_future(), 1
+        else:
+            making = self._create(log, stream_id, caller, request, headers, resumable)
+            if isinstance(making, asyncio.Future):
+                created, epoch = making, 1
+            else:
+                epoch = (await making).epoch
+        producer = Producer(
+            self,
+            stream_id,
+            epoch,
+            resumable=resumable,
+            on_complete=on_complete,
+            on_end=on_end,
+            renew_slot=renew_slot,
+            slot_every_s=g.slot_lease_s / 3,
+            booking=booking,
+        )
+        producer._created = created
+        client = self.gateway.client
+        router = self.gateway.router
+        opened: AsyncStream | None = None  # what `open_stream` returned (until this returns)
+
+        async def open_stream() -> AsyncStream:
+            nonlocal opened
+            # The request is parsed and checked (gateway/request.py): the SDK takes it as
+            # it is, without the public call's checks (`stream_checked`).
+            stream = client.stream_checked(
+                request.model,
+                request.messages,
+                extra_body=request.extra or None,
+                extra_headers=headers,
+                fallbacks=router.fallback_routes(request.fallbacks) or None,
+                routes=router.routes_for(request.model),
+                # Each key recovers from its own share of the retry budgets.
+                budget_key=caller.id,
+            )
+            opened = stream if wrap is None else wrap(stream)
+            return opened
+
+        self._spawn(producer, open_stream, start_now)
+        if created is not None and later:
+            try:
+                lease = await self._create(log, stream_id, caller, request, headers, resumable)
+            except Exception as exc:
+                created.set_exception(exc)
+                # No log was made: nothing to end or release (as a fenced writer), and the
+                # upstream request already sent is given up.
+                producer.stop("fenced")
+                raise
+            created.set_result(lease)
+            # Nothing waits for it now (the log is there): not held for the answer's life.
+            producer._created = None
+            # As `Producer.run` did in its first step, when there was no log to take it:
+            # the log keeps the decoder's template, not a copy of it (~340 bytes a stream).
+            if (
+                type(opened) is AsyncStream
+                and producer._append_now is not None
+                and not producer.finished
+            ):
+                producer._share_template(opened)
+        return producer
+
+    def _create(
+        self,
+        log: StreamLog,
+        stream_id: str,
+        caller: Caller,
+        request: ChatRequest,
+        headers: dict[str, str],
+        resumable: bool,
+    ) -> Awaitable[Lease]:
+        """Create the log of a new stream (its lease), the request kept in it.
+
+        A remote log (`create_soon`): the create goes out with this turn's writes and the
+        upstream is asked meanwhile (one Redis round trip less before the first token); the
+        producer waits for it before its first append, so an event is never logged (nor
+        delivered) on a log that failed to be made. A new log's epoch is 1."""
         # Copied to its exact size: msgspec returns its growth buffer (up to 1.5x the JSON),
         # and the log keeps this for the answer's lifetime and after (an 8 KB request held
         # 12 KB; bench/stream_memory.py --prompt-bytes 8000).
@@ -1131,11 +1231,7 @@ class StreamHub:
                 )
             )
         )
-        # A remote log (`create_soon`): the create goes out with this turn's writes and
-        # the upstream is asked meanwhile (one Redis round trip less before the first
-        # token); the producer waits for it before its first append, so an event is never
-        # logged (nor delivered) on a log that failed to be made. A new log's epoch is 1.
-        create = getattr(self.log, "create_soon", None) or self.log.create
+        create = getattr(log, "create_soon", None) or log.create
         making: Awaitable[Lease] = create(
             stream_id,
             caller=caller.id,
@@ -1143,44 +1239,9 @@ class StreamHub:
             resumable=resumable,
             owner=self.instance,
             now=time.time(),
-            lease_s=g.stream_lease_s,
+            lease_s=self.settings.stream_lease_s,
         )
-        created: asyncio.Future[Lease] | None = None
-        if isinstance(making, asyncio.Future):
-            created, epoch = making, 1
-        else:
-            epoch = (await making).epoch
-        producer = Producer(
-            self,
-            stream_id,
-            epoch,
-            resumable=resumable,
-            on_complete=on_complete,
-            on_end=on_end,
-            renew_slot=renew_slot,
-            slot_every_s=g.slot_lease_s / 3,
-            booking=booking,
-        )
-        producer._created = created
-        client = self.gateway.client
-        router = self.gateway.router
-
-        async def open_stream() -> AsyncStream:
-            # The request is parsed and checked (gateway/request.py): the SDK takes it as
-            # it is, without the public call's checks (`stream_checked`).
-            stream = client.stream_checked(
-                request.model,
-                request.messages,
-                extra_body=request.extra or None,
-                extra_headers=headers,
-                fallbacks=router.fallback_routes(request.fallbacks) or None,
-                routes=router.routes_for(request.model),
-                # Each key recovers from its own share of the retry budgets.
-                budget_key=caller.id,
-            )
-            return stream if wrap is None else wrap(stream)
-
-        return self._spawn(producer, open_stream)
+        return making
 
     async def takeover(self, stream_id: str) -> Producer | None:
         """Take over an answer whose writer is gone and continue it upstream; None when
