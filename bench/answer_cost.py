@@ -46,13 +46,16 @@ sys.path.insert(0, str(BENCH))
 
 import gateway  # noqa: E402 - after the path insert above
 from _mockproc import mock_process  # noqa: E402
+from _proxy import FIRST_WRITE_PROXY  # noqa: E402
 
 WARM_ANSWERS = 50
 
 # The gateway process under --bytecodes: `unbroken serve` with a tracer that SIGUSR1 arms
 # and SIGUSR2 disarms, writing its counts to $ANSWER_COST_OUT (the serve command's
 # arguments follow, as bench/gateway.py's launcher).
-TRACED_SERVE = """
+TRACED_SERVE = (
+    FIRST_WRITE_PROXY
+    + """
 import asyncio, collections, gc, json, os, signal, sys
 import unbroken.gateway.accept as accept, unbroken.gateway.guard as guard
 import unbroken.gateway.upstream as upstream
@@ -88,36 +91,15 @@ class Local:  # not a closure: a closure that returns itself is a cycle per call
             counts[self.key] += 1
             phased[phase[0], self.key] += 1
         return self
-class Proxy(asyncio.Transport):
-    # The client's transport, noting its first write (the end of the head's stretch).
-    def __init__(self, transport):
-        self._transport, self._written = transport, False
-    def write(self, data):
-        if not self._written:
-            self._written = True
-            if phase[0] == 2:
-                phase[0] = 3
-        self._transport.write(data)
-    def writelines(self, data):
-        self.write(b"".join(data))
-    def __getattr__(self, name):
-        return getattr(self._transport, name)
-def forward(name):
-    def call(self, *args, **kwargs):
-        return getattr(self._transport, name)(*args, **kwargs)
-    return call
-for name in ("is_closing", "close", "abort", "get_extra_info", "pause_reading",
-             "resume_reading", "is_reading", "set_write_buffer_limits",
-             "get_write_buffer_size", "can_write_eof", "write_eof", "set_protocol",
-             "get_protocol"):
-    setattr(Proxy, name, forward(name))
-    probe.add(getattr(Proxy, name).__code__)
+def first_write():  # the end of the head's stretch
+    if phase[0] == 2:
+        phase[0] = 3
 made = guard.GuardedProtocol.connection_made
 def connection_made(self, transport):
-    made(self, Proxy(transport))
+    made(self, Proxy(transport, first_write))
 guard.GuardedProtocol.connection_made = connection_made
-probe.update(f.__code__ for f in (Proxy.__init__, Proxy.write, Proxy.writelines,
-                                  Proxy.__getattr__, connection_made))
+probe.update(PROXY_CODES)
+probe.update((first_write.__code__, connection_made.__code__))
 def on(*_):
     gc.collect()
     gc.garbage.clear()
@@ -143,6 +125,7 @@ import typer
 from unbroken.cli.gateway_cmds import serve
 app = typer.Typer(); app.command()(serve); app(sys.argv[1:])
 """
+)
 
 
 # The stretches of an answer, in order, as the traced gateway splits its bytecodes: each

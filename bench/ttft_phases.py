@@ -37,44 +37,27 @@ sys.path.insert(0, str(BENCH))
 
 import gateway  # noqa: E402 - after the path insert above
 from _mockproc import mock_process  # noqa: E402
+from _proxy import FIRST_WRITE_PROXY  # noqa: E402
 
 # The probed gateway: `unbroken serve` with its protocol's connection_made and
 # data_received and its upstream pool's `_exchange` wrapped to stamp each request (the
 # request's task inherits the stamp through a context variable set in the read that makes
 # it), and the client's transport behind a proxy that stamps its first write. SIGUSR1
 # clears the stamps, SIGUSR2 writes them to $TTFT_PHASES_OUT.
-PROBED_SERVE = r"""
+PROBED_SERVE = (
+    FIRST_WRITE_PROXY
+    + r"""
 import asyncio, contextvars, json, os, signal, sys, time
 import unbroken.gateway.guard as guard, unbroken.gateway.upstream as upstream
 now = time.perf_counter
 stamps = []
 current = contextvars.ContextVar("stamp", default=None)
-class Proxy(asyncio.Transport):
-    def __init__(self, transport, stamp):
-        self._transport, self._stamp = transport, stamp
-    def write(self, data):
-        if self._stamp[4] is None:
-            self._stamp[4] = now()
-        self._transport.write(data)
-    def writelines(self, data):
-        self.write(b"".join(data))
-    def __getattr__(self, name):
-        return getattr(self._transport, name)
-def forward(name):
-    def call(self, *args, **kwargs):
-        return getattr(self._transport, name)(*args, **kwargs)
-    return call
-for name in ("is_closing", "close", "abort", "get_extra_info", "pause_reading",
-             "resume_reading", "is_reading", "set_write_buffer_limits",
-             "get_write_buffer_size", "can_write_eof", "write_eof", "set_protocol",
-             "get_protocol"):
-    setattr(Proxy, name, forward(name))
 made, read, exchange = (guard.GuardedProtocol.connection_made,
     guard.GuardedProtocol.data_received, upstream.LeanTransport._exchange)
 def connection_made(self, transport):
     stamp = self._ttft_stamp = [now(), None, None, None, None]
     stamps.append(stamp)
-    made(self, Proxy(transport, stamp))
+    made(self, Proxy(transport, lambda: stamp.__setitem__(4, now())))
 def data_received(self, data):
     stamp = self.__dict__.get("_ttft_stamp")
     if stamp is not None and stamp[1] is None:
@@ -105,6 +88,7 @@ import typer
 from unbroken.cli.gateway_cmds import serve
 app = typer.Typer(); app.command()(serve); app(sys.argv[1:])
 """
+)
 
 STRETCHES = [
     ("accept -> read", 0, 1),
