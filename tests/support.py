@@ -152,6 +152,25 @@ def direct_body(transport: object) -> DirectBody:
     return DirectBody(streaming_cycle(transport))
 
 
+def answer_record(
+    outcome: str = "complete", ttft_s: float | None = 0.2, model: str = "m"
+) -> AnswerRecord:
+    """One answer's record of route "r" (1 attempt, 10 + 4 tokens, $0.25, 1.5 s)."""
+    return AnswerRecord(
+        route="r",
+        model=model,
+        outcome=outcome,
+        attempts=1,
+        resumes=0,
+        fallbacks=0,
+        ttft_s=ttft_s,
+        duration_s=1.5,
+        prompt_tokens=10,
+        completion_tokens=4,
+        cost_usd=0.25,
+    )
+
+
 def on_loop(name: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Run `main` on a new event loop: asyncio's ("asyncio") or uvloop's ("uvloop", skipped
     where uvloop is missing)."""

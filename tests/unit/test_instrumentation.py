@@ -9,25 +9,8 @@ import threading
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.support import answer_record
 from unbroken.instrumentation import AnswerRecord, AttemptRecord, Hooks, PrometheusHook
-
-
-def _answer(
-    outcome: str = "complete", ttft_s: float | None = 0.2, model: str = "m"
-) -> AnswerRecord:
-    return AnswerRecord(
-        route="r",
-        model=model,
-        outcome=outcome,
-        attempts=1,
-        resumes=0,
-        fallbacks=0,
-        ttft_s=ttft_s,
-        duration_s=1.5,
-        prompt_tokens=10,
-        completion_tokens=4,
-        cost_usd=0.25,
-    )
 
 
 def _attempt(kind: str, outcome: str) -> AttemptRecord:
@@ -51,9 +34,9 @@ def test_answers_add_up_per_label_set() -> None:
     hook = PrometheusHook(registry)
     for _ in range(3):
         hook.on_stream_start()
-    hook.on_answer(_answer())
-    hook.on_answer(_answer())
-    hook.on_answer(_answer(outcome="timeout_idle", model="n"))
+    hook.on_answer(answer_record())
+    hook.on_answer(answer_record())
+    hook.on_answer(answer_record(outcome="timeout_idle", model="n"))
     assert (
         _value(registry, "unbroken_requests_total", route="r", model="m", outcome="complete") == 2
     )
@@ -74,10 +57,10 @@ def test_no_ttft_series_before_a_first_token() -> None:
     registry = CollectorRegistry()
     hook = PrometheusHook(registry)
     hook.on_stream_start()
-    hook.on_answer(_answer(outcome="connect_error", ttft_s=None))
+    hook.on_answer(answer_record(outcome="connect_error", ttft_s=None))
     assert _value(registry, "unbroken_time_to_first_token_seconds_count", route="r") is None
     hook.on_stream_start()
-    hook.on_answer(_answer(outcome="connect_error", ttft_s=0.5))
+    hook.on_answer(answer_record(outcome="connect_error", ttft_s=0.5))
     assert _value(registry, "unbroken_time_to_first_token_seconds_count", route="r") == 1
 
 
@@ -160,11 +143,11 @@ def test_records_between_collections_add_up() -> None:
     hook.on_stream_start()
     hook.on_stream_start()
     assert _value(registry, "unbroken_active_streams") == 2
-    hook.on_answer(_answer())
+    hook.on_answer(answer_record())
     hook.on_attempt(_attempt("retry", "server_error"))
     assert _value(registry, "unbroken_active_streams") == 1
     assert _value(registry, "unbroken_retries_total", route="r") == 1
-    hook.on_answer(_answer(ttft_s=0.7))
+    hook.on_answer(answer_record(ttft_s=0.7))
     hook.on_attempt(_attempt("retry", "server_error"))
     assert _value(registry, "unbroken_active_streams") == 0
     assert _value(registry, "unbroken_retries_total", route="r") == 2
@@ -183,7 +166,7 @@ def test_a_restricted_registry_shows_the_records() -> None:
     registry = CollectorRegistry()
     hook = PrometheusHook(registry)
     hook.on_stream_start()
-    hook.on_answer(_answer())
+    hook.on_answer(answer_record())
     only = registry.restricted_registry(["unbroken_tokens_total"])
     samples = {(s.name, s.labels.get("type")): s.value for m in only.collect() for s in m.samples}
     assert samples[("unbroken_tokens_total", "prompt")] == 10
@@ -200,7 +183,7 @@ def test_records_from_several_threads_all_count() -> None:
         for _ in range(per_thread):
             hook.on_stream_start()
             hook.on_attempt(_attempt("first", "complete"))
-            hook.on_answer(_answer())
+            hook.on_answer(answer_record())
 
     threads = [threading.Thread(target=record) for _ in range(4)]
     interval = sys.getswitchinterval()
@@ -246,7 +229,7 @@ def test_a_hook_without_a_method_is_skipped_for_that_event(
     registry = CollectorRegistry()
     hooks = Hooks([partial, PrometheusHook(registry)])  # type: ignore[list-item]  # partial
     hooks.stream_start()
-    hooks.answer(_answer())
+    hooks.answer(answer_record())
     assert partial.answers == 1
     assert _value(registry, "unbroken_active_streams") == 0
     assert "failed in on_stream_start" in caplog.text

@@ -13,14 +13,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from tests.support import text_payload
+from tests.support import answer_record, text_payload
 from unbroken.core.accumulator import join_text
 from unbroken.core.pricing import PriceTable
 from unbroken.core.stream import ChatStreamDecoder
 from unbroken.core.wire import PromptTokensDetails, Usage, chunk_text
 from unbroken.gateway import usage as usage_module
 from unbroken.gateway.usage import UsageBook, day_of
-from unbroken.instrumentation import AnswerRecord, PrometheusHook
+from unbroken.instrumentation import PrometheusHook
 from unbroken.stores.memory import MemoryStore
 from unbroken.stores.packed import BLOCK_EVENTS, PackedEvents
 from unbroken.stores.streamlog import FencedError, MemoryStreamLog
@@ -285,22 +285,6 @@ def test_the_usage_field_names_kept_are_bounded(monkeypatch: pytest.MonkeyPatch)
     asyncio.run(main())
 
 
-def _record(model: str, outcome: str, ttft_s: float | None) -> AnswerRecord:
-    return AnswerRecord(
-        route="r",
-        model=model,
-        outcome=outcome,
-        attempts=1,
-        resumes=0,
-        fallbacks=0,
-        ttft_s=ttft_s,
-        duration_s=1.5,
-        prompt_tokens=10,
-        completion_tokens=4,
-        cost_usd=0.25,
-    )
-
-
 def test_a_routes_first_token_times_and_the_active_answers_add_up() -> None:
     """The time to first token is one series per route, whatever the model and outcome
     of the answers that observed it; the active answers are those started less those
@@ -309,14 +293,14 @@ def test_a_routes_first_token_times_and_the_active_answers_add_up() -> None:
     hook = PrometheusHook(registry)
     for _ in range(5):
         hook.on_stream_start()
-    hook.on_answer(_record("m1", "complete", 0.2))
-    hook.on_answer(_record("m2", "complete", 0.7))
-    hook.on_answer(_record("m2", "error", None))
+    hook.on_answer(answer_record("complete", 0.2, "m1"))
+    hook.on_answer(answer_record("complete", 0.7, "m2"))
+    hook.on_answer(answer_record("error", None, "m2"))
     assert registry.get_sample_value("unbroken_active_streams") == 2
     ttft = "unbroken_time_to_first_token_seconds"
     assert registry.get_sample_value(f"{ttft}_count", {"route": "r"}) == 2
     assert registry.get_sample_value(f"{ttft}_sum", {"route": "r"}) == pytest.approx(0.9)
-    hook.on_answer(_record("m1", "error", 0.1))
+    hook.on_answer(answer_record("error", 0.1, "m1"))
     hook.on_stream_start()
     assert registry.get_sample_value("unbroken_active_streams") == 2
     assert registry.get_sample_value(f"{ttft}_count", {"route": "r"}) == 3
