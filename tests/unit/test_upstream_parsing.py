@@ -380,7 +380,7 @@ def test_cut_frames_and_the_parsers_frames_mix_in_any_reads(
     assert lane.error is None
     assert lane._attempt.decoder.done
     if not extension & set(range(len(texts))) and not padded & set(range(len(texts))):
-        assert b"\"w" not in fed  # (each event's text starts so)
+        assert b'"w' not in fed  # (each event's text starts so)
 
 
 def test_a_frame_whose_data_is_not_followed_by_crlf_fails_the_response() -> None:

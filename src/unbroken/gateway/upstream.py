@@ -364,7 +364,15 @@ class _Connection(asyncio.Protocol):
             if line:
                 self._line = b""
                 data = line + data  # a size line cut short (rare): a copy of one read
-            self._cut(data, len(data))
+            self.got_bytes = True
+            held = not writes_held()
+            if held:
+                hold_writes()
+            try:
+                self._cut(data, len(data), 0, self._left)
+            finally:
+                if held:
+                    release_writes()
             return
         self.got_bytes = True
         # A tapped body's read of several events (several chunked frames, or a frame of
@@ -393,8 +401,8 @@ class _Connection(asyncio.Protocol):
 
     def _frames(self, data: bytes, lane: _FastLane) -> bool:
         """Cut a read into chunked frames (the parser standing between two), each frame's
-        body handed to `lane` as the parser would hand it; False (nothing done) when the
-        read does not start with a frame's size line: the parser takes it all.
+        body handed to `lane` as the parser would hand it (`_cut`); False (nothing done)
+        when the read does not start with a frame's size line: the parser takes it all.
 
         Why: a relayed chunk went through the parser's `feed_data` (a method looked up by
         name), llhttp and two callbacks through Python's call protocol (the parser's body
@@ -412,66 +420,82 @@ class _Connection(asyncio.Protocol):
             return True
         if at < 0 and not _line_start(data, 0, n):
             return False
-        self._cut(data, n)
-        return True
-
-    def _cut(self, data: bytes, n: int) -> None:
-        """Cut `data` (`n` bytes) into frames from where the last cut stopped (`_left`: in
-        a frame's body or its CRLF; or between two frames), their bodies handed on as the
-        parser hands them, a frame's part too; a read that ends inside a frame or its size
-        line leaves `framing` at `_CUT`, the next read goes on from there. What is not a
-        frame's size line of ours (a chunk extension, the last frame, a size too large) is
-        the parser's, fed at a frame's start; so is the rest of the body once the tap stops.
-        The client writes of the read are held, made together.
-
-        Why: a busy gateway's reads often end inside a frame; handing that part to the
-        parser left it inside the frame, and it took every read after until one ended
-        between two frames: under load (c=256) most of them (bench/hotpath.py --per-read)."""
         self.got_bytes = True
         held = not writes_held()
         if held:
             hold_writes()
         try:
-            left = self._left
-            pos = 0
-            while pos < n:
-                if left > 2:  # inside a frame's body
-                    end = pos + left - 2
-                    if end > n:
-                        end = n
-                    self._hand(data if pos == 0 and end == n else data[pos:end])
-                    left -= end - pos
-                    pos = end
-                elif left:  # the CRLF after a frame's body
-                    if data[pos] != (13 if left == 2 else 10):
-                        self._left = 0
-                        self.framing = _NEVER
-                        self._fail("a chunk's data is not followed by CRLF")
-                        return
-                    pos += 1
-                    left -= 1
-                elif self._lane is None:
-                    break  # the tap stopped: the parser's, from this frame's start
-                else:
-                    at, size = _frame_at(data, pos, n)
-                    if at >= 0:
-                        pos = at
-                        left = size + 2
-                    elif _line_start(data, pos, n):
-                        self._line = data[pos:]
-                        pos = n
-                    else:
-                        break
-            if pos < n:
-                self._left = 0
-                self.framing = _AT_FRAME
-                self._feed(data[pos:])
+            if at >= 0 and end + 2 < n and data[end] == 13 and data[end + 1] == 10:
+                lane._on_body(data[at:end])  # a whole frame first: `_cut` goes on after it
+                self._cut(data, n, end + 2, 0)
             else:
-                self._left = left
-                self.framing = _CUT if left or self._line else _AT_FRAME
+                self._cut(data, n, 0, 0)
         finally:
             if held:
                 release_writes()
+        return True
+
+    def _cut(self, data: bytes, n: int, pos: int, left: int) -> None:
+        """Cut `data[pos:n]` into chunked frames, `left` bytes of a frame's body and CRLF
+        still to come first: their bodies are handed on as the parser hands them, a frame's
+        part too. A read that ends inside a frame or its size line leaves `framing` at
+        `_CUT` (`_left`, `_line`): the next read goes on from there. What is not a size
+        line of ours (a chunk extension, the last frame, a size too large) goes to the
+        parser, from that frame's start; so does the rest of the body once the tap stops.
+        (The caller holds the client writes.)
+
+        Why: a busy gateway's reads often end inside a frame; handing that part to the
+        parser left it inside the frame, and it took every read after until one ended
+        between two frames: under load (c=256) most of them (bench/hotpath.py
+        --read-bytes)."""
+        while pos < n:
+            if not left:
+                lane = self._lane
+                if lane is None:
+                    break  # the tap stopped: the parser's, from this frame's start
+                at, size = _frame_at(data, pos, n)
+                if at < 0:
+                    if _line_start(data, pos, n):
+                        self._line = data[pos:]
+                        pos = n
+                    break
+                end = at + size
+                if end + 2 <= n:  # a whole frame
+                    if data[end] != 13 or data[end + 1] != 10:
+                        self._malformed()
+                        return
+                    lane._on_body(data[at:end])
+                    pos = end + 2
+                    continue
+                pos = at
+                left = size + 2
+            if left > 2:  # inside a frame's body
+                end = pos + left - 2
+                if end > n:
+                    end = n
+                self._hand(data if pos == 0 and end == n else data[pos:end])
+                left -= end - pos
+                pos = end
+            elif data[pos] == (13 if left == 2 else 10):  # the CRLF after a frame's body
+                pos += 1
+                left -= 1
+            else:
+                self._malformed()
+                return
+        if pos < n:
+            self._left = 0
+            self.framing = _AT_FRAME
+            self._feed(data[pos:])
+        else:
+            self._left = left
+            self.framing = _CUT if left or self._line else _AT_FRAME
+
+    def _malformed(self) -> None:
+        """A frame cut here is not followed by CRLF: the response fails (nothing more of it
+        is cut here or parsed)."""
+        self._left = 0
+        self.framing = _NEVER
+        self._fail("a chunk's data is not followed by CRLF")
 
     def _hand(self, body: bytes) -> None:
         """Hand a part of the body on as the parser's body callback does (`_Parsing`)."""
