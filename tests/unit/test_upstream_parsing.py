@@ -23,6 +23,7 @@ from unbroken.core.wire import ChatCompletionChunk
 from unbroken.gateway.upstream import (
     _AT_FRAME,
     _CUT,
+    _MAX_HELD,
     _NEVER,
     _Connection,
     _frame_at,
@@ -237,12 +238,13 @@ def test_frames_are_cut_without_the_parser_only_between_two_of_a_plain_chunked_b
         assert conn.framing == _AT_FRAME
         frame = b"%x\r\n%b\r\n" % (len(two), two)
         conn.data_received(frame[:9])
-        assert conn.framing == _CUT  # the connection holds the frame's place
-        assert conn._left == len(frame) - 9
+        assert conn.framing == _CUT  # the connection keeps the frame's start
+        assert (conn._line, conn._left) == (frame[:9], len(frame) - 9)
         conn.data_received(frame[9:-1])
-        assert (conn.framing, conn._left) == (_CUT, 1)  # its LF to come
+        assert (conn.framing, conn._line, conn._left) == (_CUT, frame[:-1], 1)  # its LF
+        assert took.texts == ["a"]  # handed on whole, once it is
         conn.data_received(frame[-1:])
-        assert (conn.framing, conn._left) == (_AT_FRAME, 0)
+        assert (conn.framing, conn._line, conn._left) == (_AT_FRAME, b"", 0)
         # A size line cut short: kept until the rest of it comes.
         conn.data_received(frame[:1])
         assert (conn.framing, conn._line) == (_CUT, frame[:1])
@@ -254,8 +256,8 @@ def test_frames_are_cut_without_the_parser_only_between_two_of_a_plain_chunked_b
         conn.data_received(b"%x;x=1\r\n%b\r\n" % (len(one), one))
         assert conn.framing == _AT_FRAME
         assert took.texts == ["a", "b", "b", "a"]
-        # Relayed as their upstream bytes, but for the event whose body came in parts.
-        assert took.n_bytes == 3
+        # Each relayed as its upstream bytes (whole), those that came in parts too.
+        assert took.n_bytes == 4
         conn.data_received(b"0\r\n\r\n")
         assert conn.complete
         assert conn.framing == _NEVER
@@ -301,8 +303,8 @@ def _wire(texts: list[list[str]], extension: set[int], padded: set[int]) -> byte
     return wire + b"7\r\ndata: [\r\n7\r\nDONE]\n\n\r\n0\r\n\r\n"
 
 
-def _read_in(wire: bytes, cuts: list[int]) -> tuple[list[str], _Connection, _FastLane, bytes]:
-    """Feed `wire` to a tapped lane's connection in reads ending at `cuts`: the texts
+def _read_in(wire: bytes, cuts: list[int]) -> tuple[_Took, _Connection, _FastLane, bytes]:
+    """Feed `wire` to a tapped lane's connection in reads ending at `cuts`: the chunks
     taken, the connection, its lane and what its parser was fed of the body."""
     loop = asyncio.new_event_loop()
     try:
@@ -314,7 +316,7 @@ def _read_in(wire: bytes, cuts: list[int]) -> tuple[list[str], _Connection, _Fas
             if cut > at:
                 conn.data_received(wire[at:cut])
                 at = cut
-        return took.texts, conn, lane, counting.fed
+        return took, conn, lane, counting.fed
     finally:
         loop.close()
 
@@ -340,8 +342,9 @@ def test_every_cut_of_an_answer_reaches_the_lane_whole_without_the_parser() -> N
     cut_ups = [[first] for first in range(len(wire) + 1)]
     cut_ups += [[first, second] for first in near for second in near if first < second]
     for cuts in cut_ups:
-        got, conn, lane, fed = _read_in(wire, cuts)
-        assert got == want, cuts
+        took, conn, lane, fed = _read_in(wire, cuts)
+        assert took.texts == want, cuts
+        assert took.n_bytes == len(want), cuts  # each event whole: its upstream bytes
         assert conn.complete
         assert conn.error is None
         assert lane.error is None
@@ -373,8 +376,8 @@ def test_cut_frames_and_the_parsers_frames_mix_in_any_reads(
         at += cuts[step % len(cuts)]
         step += 1
         ends.append(at)
-    got, conn, lane, fed = _read_in(wire, ends)
-    assert got == [t for frame in texts for t in frame]
+    took, conn, lane, fed = _read_in(wire, ends)
+    assert took.texts == [t for frame in texts for t in frame]
     assert conn.complete
     assert conn.error is None
     assert lane.error is None
@@ -383,9 +386,25 @@ def test_cut_frames_and_the_parsers_frames_mix_in_any_reads(
         assert b'"w' not in fed  # (each event's text starts so)
 
 
+def test_a_frame_too_large_to_keep_whole_is_the_parsers_across_reads() -> None:
+    """A frame past `_MAX_HELD` that a read ends inside of is not kept whole here: the
+    parser takes it from its start and hands it on in parts; the frames after it are cut
+    here again once a read starts between two."""
+    texts = [["a "], ["b" * (_MAX_HELD + 10)], ["c "], ["d "]]
+    wire = _wire(texts, set(), set())
+    second = wire.index(b"\r\n", wire.index(b"a ")) + 2
+    third = wire.index(b'"c ')
+    took, conn, lane, fed = _read_in(wire, list(range(second + 10, third - 100, 4096)))
+    assert took.texts == ["a ", "b" * (_MAX_HELD + 10), "c ", "d "]
+    assert conn.complete
+    assert lane.error is None
+    assert fed.startswith(wire[second : second + 10])  # the large frame's start on
+    assert wire.endswith(fed)
+
+
 def test_a_frame_whose_data_is_not_followed_by_crlf_fails_the_response() -> None:
     """A frame cut here whose body is not followed by CRLF: the response fails as a
-    malformed one (as the parser fails it), nothing after it taken."""
+    malformed one (as the parser fails it), that frame and nothing after it taken."""
     loop = asyncio.new_event_loop()
     try:
         conn, _lane, took = _tapped_lane(loop)
@@ -396,13 +415,13 @@ def test_a_frame_whose_data_is_not_followed_by_crlf_fails_the_response() -> None
         assert isinstance(conn.error, httpx.RemoteProtocolError)
         assert "CRLF" in str(conn.error)
         assert conn.framing == _NEVER
-        assert took.texts == ["a", "a"]
+        assert took.texts == ["a"]
     finally:
         loop.close()
 
 
 def test_a_tap_stopped_inside_a_cut_frame_gets_the_rest_of_it_buffered() -> None:
-    """The tap stops inside a frame cut here: the frame's rest is buffered for the reader
+    """The tap stops inside a frame cut here: that frame is buffered whole for the reader
     (as the parser buffers an untapped body), and the frames after it are the parser's."""
     loop = asyncio.new_event_loop()
     try:
@@ -415,7 +434,7 @@ def test_a_tap_stopped_inside_a_cut_frame_gets_the_rest_of_it_buffered() -> None
         conn.data_received(frame[20:] + b"%x\r\n%b\r\n0\r\n\r\n" % (len(two), two))
         assert conn.complete
         assert conn.error is None
-        assert conn.take() == one[20 - 4 :] + two
+        assert conn.take() == one + two
     finally:
         loop.close()
 

@@ -124,6 +124,9 @@ _AT_FRAME: Final = 2
 _CUT: Final = 3
 # The most hex digits of a chunk size cut here (larger frames go to the parser).
 _MAX_SIZE_DIGITS: Final = 7
+# The largest frame kept whole across reads (`_Connection._cut`): a larger one the parser
+# hands on in parts (an answer's frames are a few hundred bytes).
+_MAX_HELD: Final = 1 << 16
 
 
 class _HeadWait(SlotWait):
@@ -331,8 +334,8 @@ class _Connection(asyncio.Protocol):
         # The tap when it is an SDK fast lane: called natively, and frames are cut for it.
         self._lane = None
         self.framing = _UNKNOWN
-        # While `framing` is `_CUT`: the bytes of the frame in progress still to come (its
-        # body's rest and CRLF), and the start of a size line a read ended in.
+        # While `framing` is `_CUT`: the start of the frame (or of its size line) a read
+        # ended in, and how many bytes that frame still needs (0: its size line's rest).
         self._left = 0
         self._line = b""
 
@@ -360,19 +363,7 @@ class _Connection(asyncio.Protocol):
             if lane is not None and self._frames(data, lane):
                 return
         elif framing == _CUT:
-            line = self._line
-            if line:
-                self._line = b""
-                data = line + data  # a size line cut short (rare): a copy of one read
-            self.got_bytes = True
-            held = not writes_held()
-            if held:
-                hold_writes()
-            try:
-                self._cut(data, len(data), 0, self._left)
-            finally:
-                if held:
-                    release_writes()
+            self._go_on(data)
             return
         self.got_bytes = True
         # A tapped body's read of several events (several chunked frames, or a frame of
@@ -427,73 +418,92 @@ class _Connection(asyncio.Protocol):
         try:
             if at >= 0 and end + 2 < n and data[end] == 13 and data[end + 1] == 10:
                 lane._on_body(data[at:end])  # a whole frame first: `_cut` goes on after it
-                self._cut(data, n, end + 2, 0)
+                self._cut(data, n, end + 2)
             else:
-                self._cut(data, n, 0, 0)
+                self._cut(data, n, 0)
         finally:
             if held:
                 release_writes()
         return True
 
-    def _cut(self, data: bytes, n: int, pos: int, left: int) -> None:
-        """Cut `data[pos:n]` into chunked frames, `left` bytes of a frame's body and CRLF
-        still to come first: their bodies are handed on as the parser hands them, a frame's
-        part too. A read that ends inside a frame or its size line leaves `framing` at
-        `_CUT` (`_left`, `_line`): the next read goes on from there. What is not a size
-        line of ours (a chunk extension, the last frame, a size too large) goes to the
-        parser, from that frame's start; so does the rest of the body once the tap stops.
-        (The caller holds the client writes.)
+    def _go_on(self, data: bytes) -> None:
+        """Cut a read that goes on with the frame (or size line) the last read ended in,
+        kept in `_line`: the frame is handed on whole once this read completes it."""
+        line = self._line
+        left = self._left
+        n = len(data)
+        self.got_bytes = True
+        if left > n:  # the frame goes on past this read too
+            self._line = line + data
+            self._left = left - n
+            return
+        self._line = b""
+        self._left = 0
+        held = not writes_held()
+        if held:
+            hold_writes()
+        try:
+            if not left:  # a size line cut short (rare): a copy of this read
+                self._cut(line + data, len(line) + n, 0)
+                return
+            frame = line + data[:left]
+            at, size = _frame_at(frame, 0, len(frame))
+            end = at + size
+            if frame[end] != 13 or frame[end + 1] != 10:
+                self._malformed()
+                return
+            self._hand(frame[at:end])
+            self._cut(data, n, left)
+        finally:
+            if held:
+                release_writes()
+
+    def _cut(self, data: bytes, n: int, pos: int) -> None:
+        """Cut `data[pos:n]` into chunked frames, each frame's body handed on whole, as one
+        body callback of the parser's. A read that ends inside a frame (or its size line)
+        keeps that part (`_line`, `_left`: the bytes the frame still needs) and leaves
+        `framing` at `_CUT`: the next read goes on from there (`_go_on`). What is not a
+        frame of ours (a chunk extension, the last frame, a size past `_MAX_HELD` or its
+        digits) goes to the parser, from that frame's start; so does the rest of the body
+        once the tap stops. (The caller holds the client writes.)
 
         Why: a busy gateway's reads often end inside a frame; handing that part to the
         parser left it inside the frame, and it took every read after until one ended
-        between two frames: under load (c=256) most of them (bench/hotpath.py
-        --read-bytes)."""
+        between two frames: under load (c=256) most of them. And a frame handed on in
+        parts took the SDK lane's slow path (an event in parts is decoded line by line;
+        bench/hotpath.py --read-bytes)."""
         while pos < n:
-            if not left:
-                lane = self._lane
-                if lane is None:
-                    break  # the tap stopped: the parser's, from this frame's start
-                at, size = _frame_at(data, pos, n)
-                if at < 0:
-                    if _line_start(data, pos, n):
-                        self._line = data[pos:]
-                        pos = n
+            lane = self._lane
+            if lane is None:
+                break  # the tap stopped: the parser's, from this frame's start
+            at, size = _frame_at(data, pos, n)
+            if at < 0:
+                if _line_start(data, pos, n):
+                    self._line = data[pos:]
+                    pos = n
+                break
+            end = at + size
+            if end + 2 > n:
+                if size > _MAX_HELD:
                     break
-                end = at + size
-                if end + 2 <= n:  # a whole frame
-                    if data[end] != 13 or data[end + 1] != 10:
-                        self._malformed()
-                        return
-                    lane._on_body(data[at:end])
-                    pos = end + 2
-                    continue
-                pos = at
-                left = size + 2
-            if left > 2:  # inside a frame's body
-                end = pos + left - 2
-                if end > n:
-                    end = n
-                self._hand(data if pos == 0 and end == n else data[pos:end])
-                left -= end - pos
-                pos = end
-            elif data[pos] == (13 if left == 2 else 10):  # the CRLF after a frame's body
-                pos += 1
-                left -= 1
-            else:
+                self._line = data[pos:]  # the frame's start, its size line included
+                self._left = end + 2 - n
+                pos = n
+                break
+            if data[end] != 13 or data[end + 1] != 10:
                 self._malformed()
                 return
+            lane._on_body(data[at:end])
+            pos = end + 2
         if pos < n:
-            self._left = 0
             self.framing = _AT_FRAME
             self._feed(data[pos:])
         else:
-            self._left = left
-            self.framing = _CUT if left or self._line else _AT_FRAME
+            self.framing = _CUT if self._line else _AT_FRAME
 
     def _malformed(self) -> None:
         """A frame cut here is not followed by CRLF: the response fails (nothing more of it
         is cut here or parsed)."""
-        self._left = 0
         self.framing = _NEVER
         self._fail("a chunk's data is not followed by CRLF")
 
