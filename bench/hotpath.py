@@ -21,7 +21,8 @@ per read). Run: `python bench/hotpath.py [--streams N] [--profile FILE] [--inter
 one read each in turn, as a gateway at c=256 reads them: each chunk then finds its answer's
 objects cold in the CPU caches. `--per-read 2` reads two frames at once, as a saturated
 gateway often does; `--per-frame 2` sends two events in one chunked frame, as a loaded
-upstream often does.
+upstream often does; `--read-bytes N` cuts the frames' bytes into reads of N bytes, ending
+anywhere (inside a frame, its size line, its CRLF), as a saturated socket's reads do.
 
 `--send` writes each client write to a TCP socket over the loopback interface (its peer
 drained between answers, untimed), as `transport.write` sends at once on a writable socket:
@@ -242,6 +243,7 @@ class Bench:
         per_frame: int = 1,
         send: bool = False,
         cold_kib: int = 0,
+        read_bytes: int = 0,
     ) -> None:
         self.model = model
         self.head = head
@@ -265,6 +267,9 @@ class Bench:
             for e in (b"".join(events[i : i + per_frame]) for i in range(0, len(events), per_frame))
         ]
         self.reads = [b"".join(framed[i : i + per_read]) for i in range(0, len(framed), per_read)]
+        if read_bytes:
+            wire = b"".join(self.reads)
+            self.reads = [wire[i : i + read_bytes] for i in range(0, len(wire), read_bytes)]
         # Client writes per timed chunk, over the measured answers (gateway, floor).
         self.writes: list[float] = []
         self.floor_writes: list[float] = []
@@ -626,6 +631,12 @@ def main() -> None:
         "--per-frame", type=int, default=1, help="events per chunked frame (a loaded upstream's)"
     )
     parser.add_argument(
+        "--read-bytes",
+        type=int,
+        default=0,
+        help="cut the frames into reads of this many bytes (ending inside frames)",
+    )
+    parser.add_argument(
         "--bytecodes",
         action="store_true",
         help="print the bytecodes run per chunk, by function, instead of timing",
@@ -645,7 +656,16 @@ def main() -> None:
     args = parser.parse_args()
     with mock_process(RECORD_CONFIG) as url:
         head, frames = record(url, args.model)
-    bench = Bench(head, frames, args.model, args.per_read, args.per_frame, args.send, args.cold)
+    bench = Bench(
+        head,
+        frames,
+        args.model,
+        args.per_read,
+        args.per_frame,
+        args.send,
+        args.cold,
+        args.read_bytes,
+    )
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is part of the [gateway] extra

@@ -114,14 +114,19 @@ _DELIMITING_LENGTHS = (14, 17)
 # parser (see `_Connection._frames`): never for this response (a Content-Length, any
 # Transfer-Encoding but plain `chunked`, or the message ended), not known yet (no such
 # header seen), chunked but the parser is inside a frame, chunked with the parser between
-# frames (the only state a read is cut here in). Final: compiled, each is a C constant, not
-# a lookup in the module's dict at each use.
+# frames, or inside a frame this connection cut itself (the parser stands between two
+# then: `_Connection._left`, `_line`). Reads are cut here in the last two states. Final:
+# compiled, each is a C constant, not a lookup in the module's dict at each use.
 _NEVER: Final = -1
 _UNKNOWN: Final = 0
 _IN_FRAME: Final = 1
 _AT_FRAME: Final = 2
+_CUT: Final = 3
 # The most hex digits of a chunk size cut here (larger frames go to the parser).
 _MAX_SIZE_DIGITS: Final = 7
+# The largest frame kept whole across reads (`_Connection._cut`): a larger one the parser
+# hands on in parts (an answer's frames are a few hundred bytes).
+_MAX_HELD: Final = 1 << 16
 
 
 class _HeadWait(SlotWait):
@@ -254,6 +259,8 @@ class _Connection(asyncio.Protocol):
     # One per live answer: no instance dict (~300 bytes with this many attributes).
     __slots__ = (
         "_lane",
+        "_left",
+        "_line",
         "_tap",
         "absolute_form",
         "body",
@@ -292,6 +299,7 @@ class _Connection(asyncio.Protocol):
         # line (a busy gateway's read finds it cold). (`_reset` sets them for each response.)
         self._lane: _FastLane | None = None
         self.framing = _UNKNOWN
+        self._left = 0
         self.got_bytes = False
         self.loop = loop
         self.parsing = parsing or _Parsing(self)
@@ -326,6 +334,10 @@ class _Connection(asyncio.Protocol):
         # The tap when it is an SDK fast lane: called natively, and frames are cut for it.
         self._lane = None
         self.framing = _UNKNOWN
+        # While `framing` is `_CUT`: the start of the frame (or of its size line) a read
+        # ended in, and how many bytes that frame still needs (0: its size line's rest).
+        self._left = 0
+        self._line = b""
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -346,7 +358,12 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         lane = self._lane
-        if lane is not None and self.framing == _AT_FRAME and self._frames(data, lane):
+        framing = self.framing
+        if framing == _AT_FRAME:
+            if lane is not None and self._frames(data, lane):
+                return
+        elif framing == _CUT:
+            self._go_on(data)
             return
         self.got_bytes = True
         # A tapped body's read of several events (several chunked frames, or a frame of
@@ -361,13 +378,12 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self.error = httpx.RemoteProtocolError(f"malformed HTTP response: {exc}")
-            self._wake()
-            if self.transport is not None:
-                self.transport.abort()
+            self._fail(str(exc))
         finally:
             if held:
                 release_writes()
+        if self.framing == _AT_FRAME and not data.endswith(b"\r\n"):
+            self._inside()
         waiter = self.waiter
         if type(waiter) is _HeadWait:
             # The head came (or the read failed): the waiting step runs now, with this
@@ -375,11 +391,9 @@ class _Connection(asyncio.Protocol):
             waiter.run_now()
 
     def _frames(self, data: bytes, lane: _FastLane) -> bool:
-        """Cut a read of whole chunked frames (the parser standing between two) into their
-        bodies, each handed to `lane` as the parser would hand it; False (nothing done)
-        when the read does not start with a whole frame: the parser takes it all. A read
-        that ends inside a frame, or with the body's last (empty) frame, hands that part
-        to the parser, which stands between two frames then.
+        """Cut a read into chunked frames (the parser standing between two), each frame's
+        body handed to `lane` as the parser would hand it (`_cut`); False (nothing done)
+        when the read does not start with a frame's size line: the parser takes it all.
 
         Why: a relayed chunk went through the parser's `feed_data` (a method looked up by
         name), llhttp and two callbacks through Python's call protocol (the parser's body
@@ -388,38 +402,122 @@ class _Connection(asyncio.Protocol):
         n = len(data)
         at, size = _frame_at(data, 0, n)
         end = at + size
-        if at < 0 or end + 2 > n or data[end] != 13 or data[end + 1] != 10:
-            return False
-        self.got_bytes = True
-        if end + 2 == n:
-            # One frame: a relay's reads mostly are. (A frame of several events reaches
-            # each client in one write all the same: the lane holds the writes then,
-            # `hold_client_writes`.)
+        if at >= 0 and end + 2 == n and data[end] == 13 and data[end + 1] == 10:
+            # One whole frame: a relay's reads mostly are. (A frame of several events
+            # reaches each client in one write all the same: the lane holds the writes
+            # then, `hold_client_writes`.)
+            self.got_bytes = True
             lane._on_body(data[at:end])
             return True
+        if at < 0 and not _line_start(data, 0, n):
+            return False
+        self.got_bytes = True
         held = not writes_held()
         if held:
             hold_writes()
         try:
-            lane._on_body(data[at:end])
-            pos = end + 2
-            while pos < n:
-                at, size = _frame_at(data, pos, n)
-                end = at + size
-                if at < 0 or end + 2 > n or data[end] != 13 or data[end + 1] != 10:
-                    break
-                # (As the parser's callback, which reads the lane for each frame.)
-                now_lane = self._lane
-                if now_lane is None:
-                    break
-                now_lane._on_body(data[at:end])
-                pos = end + 2
-            if pos < n:
-                self._feed(data[pos:])
+            if at >= 0 and end + 2 < n and data[end] == 13 and data[end + 1] == 10:
+                lane._on_body(data[at:end])  # a whole frame first: `_cut` goes on after it
+                self._cut(data, n, end + 2)
+            else:
+                self._cut(data, n, 0)
         finally:
             if held:
                 release_writes()
         return True
+
+    def _go_on(self, data: bytes) -> None:
+        """Cut a read that goes on with the frame (or size line) the last read ended in,
+        kept in `_line`: the frame is handed on whole once this read completes it."""
+        line = self._line
+        left = self._left
+        n = len(data)
+        self.got_bytes = True
+        if left > n:  # the frame goes on past this read too
+            self._line = line + data
+            self._left = left - n
+            return
+        self._line = b""
+        self._left = 0
+        held = not writes_held()
+        if held:
+            hold_writes()
+        try:
+            if not left:  # a size line cut short (rare): a copy of this read
+                self._cut(line + data, len(line) + n, 0)
+                return
+            frame = line + data[:left]
+            at, size = _frame_at(frame, 0, len(frame))
+            end = at + size
+            if frame[end] != 13 or frame[end + 1] != 10:
+                self._malformed()
+                return
+            self._hand(frame[at:end])
+            self._cut(data, n, left)
+        finally:
+            if held:
+                release_writes()
+
+    def _cut(self, data: bytes, n: int, pos: int) -> None:
+        """Cut `data[pos:n]` into chunked frames, each frame's body handed on whole, as one
+        body callback of the parser's. A read that ends inside a frame (or its size line)
+        keeps that part (`_line`, `_left`: the bytes the frame still needs) and leaves
+        `framing` at `_CUT`: the next read goes on from there (`_go_on`). What is not a
+        frame of ours (a chunk extension, the last frame, a size past `_MAX_HELD` or its
+        digits) goes to the parser, from that frame's start; so does the rest of the body
+        once the tap stops. (The caller holds the client writes.)
+
+        Why: a busy gateway's reads often end inside a frame; handing that part to the
+        parser left it inside the frame, and it took every read after until one ended
+        between two frames: under load (c=256) most of them. And a frame handed on in
+        parts took the SDK lane's slow path (an event in parts is decoded line by line;
+        bench/hotpath.py --read-bytes)."""
+        while pos < n:
+            lane = self._lane
+            if lane is None:
+                break  # the tap stopped: the parser's, from this frame's start
+            at, size = _frame_at(data, pos, n)
+            if at < 0:
+                if _line_start(data, pos, n):
+                    self._line = data[pos:]
+                    pos = n
+                break
+            end = at + size
+            if end + 2 > n:
+                if size > _MAX_HELD:
+                    break
+                self._line = data[pos:]  # the frame's start, its size line included
+                self._left = end + 2 - n
+                pos = n
+                break
+            if data[end] != 13 or data[end + 1] != 10:
+                self._malformed()
+                return
+            lane._on_body(data[at:end])
+            pos = end + 2
+        if pos < n:
+            self.framing = _AT_FRAME
+            self._feed(data[pos:])
+        else:
+            self.framing = _CUT if self._line else _AT_FRAME
+
+    def _malformed(self) -> None:
+        """A frame cut here is not followed by CRLF: the response fails (nothing more of it
+        is cut here or parsed)."""
+        self.framing = _NEVER
+        self._fail("a chunk's data is not followed by CRLF")
+
+    def _hand(self, body: bytes) -> None:
+        """Hand a part of the body on as the parser's body callback does (`_Parsing`)."""
+        lane = self._lane
+        if lane is not None:
+            lane._on_body(body)
+            return
+        tap = self._tap
+        if tap is not None:
+            tap(body)
+            return
+        self.on_body(body)
 
     def _feed(self, data: bytes) -> None:
         """Feed `data` to the parser (as `data_received` does, its writes held)."""
@@ -427,10 +525,24 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self.error = httpx.RemoteProtocolError(f"malformed HTTP response: {exc}")
-            self._wake()
-            if self.transport is not None:
-                self.transport.abort()
+            self._fail(str(exc))
+            return
+        if self.framing == _AT_FRAME and not data.endswith(b"\r\n"):
+            self._inside()
+
+    def _inside(self) -> None:
+        """The parser was fed a read that ended past its last frame's CRLF (so inside the
+        next frame's size line): it is inside a frame until its next frame completes. (A
+        read it ends between two frames in ends with a CRLF: a size line's is a frame's
+        start, `_Parsing._on_chunk_header`.)"""
+        self.framing = _IN_FRAME
+
+    def _fail(self, reason: str) -> None:
+        """The response is malformed: fail it and drop the connection."""
+        self.error = httpx.RemoteProtocolError(f"malformed HTTP response: {reason}")
+        self._wake()
+        if self.transport is not None:
+            self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -612,6 +724,23 @@ def _frame_at(data: bytes, pos: int, n: int) -> tuple[int, int]:
     if i == pos or size == 0 or i + 1 >= n or data[i] != 13 or data[i + 1] != 10:
         return -1, 0
     return i + 2, size
+
+
+def _line_start(data: bytes, pos: int, n: int) -> bool:
+    """Whether `data[pos:n]` is the start of a size line `_frame_at` would find a frame in
+    once it is whole: hex digits (within the limit, not all zeros), perhaps a CR after."""
+    i = pos
+    nonzero = False
+    while i < n and i - pos < _MAX_SIZE_DIGITS:
+        c = data[i]
+        if 48 <= c <= 57 or 97 <= c <= 102 or 65 <= c <= 70:
+            nonzero = nonzero or c != 48
+            i += 1
+        else:
+            break
+    if not nonzero:
+        return False
+    return i == n or (i + 1 == n and data[i] == 13)
 
 
 class _Dialing(asyncio.Transport):
