@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from unbroken.core.stream import ChatStreamDecoder
 from unbroken.core.wire import ChatCompletionChunk, ChunkChoice, Delta
 from unbroken.gateway.direct import DirectBody
 from unbroken.instrumentation import AnswerRecord, AttemptRecord
@@ -169,6 +170,49 @@ def answer_record(
         completion_tokens=4,
         cost_usd=0.25,
     )
+
+
+class Wire:
+    """A stand-in stream transport: records each write; `closing` and `aborted` are what a
+    test sets or reads."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closing = False
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class DecodedSource:
+    """The template source of a relayed answer's log, as the gateway's: the SDK stream's
+    decoder of the same events (`feed` each event's payload; FINAL-like events the SDK
+    never sees are for the caller to skip)."""
+
+    def __init__(self) -> None:
+        self.decoder = ChatStreamDecoder()
+
+    def text_template(self) -> tuple[bytes, bytes] | None:
+        return self.decoder.text_template
+
+    def feed(self, payload: bytes) -> None:
+        """Decode `payload`'s event as a relay does."""
+        event = b"data: " + payload + b"\n\n"
+        if self.decoder.feed_one(event) is None:
+            assert self.decoder.feed(event)
 
 
 def on_loop(name: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:

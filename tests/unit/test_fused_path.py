@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from tests.support import streaming_cycle
+from tests.support import Wire, streaming_cycle
 from unbroken.core.streamlog import Retention
 from unbroken.gateway.direct import DirectBody, hold_writes, release_writes
 from unbroken.gateway.problems import Scrubber
@@ -115,20 +115,6 @@ async def test_append_one_holds_to_the_retention_the_log_has_now() -> None:
     with pytest.raises(LogFullError):
         log.append_one("s", 1, payload, 2.0)
     assert log.events_now("s", 0, 3) == [(1, payload), (2, payload), (3, payload)]
-
-
-class Wire:
-    """A stand-in client transport: records each write."""
-
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def is_closing(self) -> bool:
-        return self.closing
 
 
 def live(sink_type: type[LiveSink] = LiveSink) -> tuple[LiveSink, StreamRelay, Any, Wire]:

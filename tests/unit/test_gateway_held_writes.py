@@ -12,35 +12,11 @@ from typing import Any
 
 import pytest
 
-from tests.support import direct_body
+from tests.support import Wire, direct_body
 from unbroken.gateway.direct import hold_writes, release_writes
 from unbroken.gateway.upstream import _Connection
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-
-
-class Wire:
-    """A stand-in transport: records each write."""
-
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.closing = False
-        self.aborted = False
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def abort(self) -> None:
-        self.aborted = True
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 client = direct_body  # a DirectBody on a streaming response to the wire

@@ -13,10 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from tests.support import answer_record, text_payload
+from tests.support import DecodedSource, answer_record, text_payload
 from unbroken.core.accumulator import join_text
 from unbroken.core.pricing import PriceTable
-from unbroken.core.stream import ChatStreamDecoder
 from unbroken.core.wire import PromptTokensDetails, Usage, chunk_text
 from unbroken.gateway import usage as usage_module
 from unbroken.gateway.usage import UsageBook, day_of
@@ -30,22 +29,12 @@ FINAL = b'{"choices":[],"unbroken":{"stream_id":"strm_1"}}'
 DONE = b"[DONE]"
 
 
-class _Decoded:
-    """The template source of a relayed answer: the SDK stream's decoder of its events."""
-
-    def __init__(self) -> None:
-        self.decoder = ChatStreamDecoder()
-
-    def text_template(self) -> tuple[bytes, bytes] | None:
-        return self.decoder.text_template
+class _Decoded(DecodedSource):
+    """The template source of a relayed answer (the upstream's chunks only)."""
 
     def feed(self, payload: bytes) -> None:
-        """Decode `payload`'s event as a relay does (the upstream's chunks only)."""
-        if payload in (FINAL, DONE):
-            return
-        event = b"data: " + payload + b"\n\n"
-        if self.decoder.feed_one(event) is None:
-            assert self.decoder.feed(event)
+        if payload not in (FINAL, DONE):
+            super().feed(payload)
 
 
 def _answer(texts: list[str]) -> list[bytes]:

@@ -7,7 +7,7 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from unbroken.core.stream import ChatStreamDecoder
+from tests.support import DecodedSource
 from unbroken.stores.packed import BLOCK_EVENTS, PackedEvents, TemplateSource, _template
 
 
@@ -256,22 +256,6 @@ def test_templated_events_round_trip(model: list[bytes], data: st.DataObject) ->
         assert packed.get(1, len(model)) == model
 
 
-class _Decoded:
-    """A template source as the gateway's: the SDK stream's decoder of the same events."""
-
-    def __init__(self) -> None:
-        self.decoder = ChatStreamDecoder()
-
-    def text_template(self) -> tuple[bytes, bytes] | None:
-        return self.decoder.text_template
-
-    def feed(self, payload: bytes) -> None:
-        """Decode `payload`'s event as a relay does."""
-        event = b"data: " + payload + b"\n\n"
-        if self.decoder.feed_one(event) is None:
-            assert self.decoder.feed(event)
-
-
 def _source_of(packed: PackedEvents) -> TemplateSource | None:
     return packed.source  # read through a call: not the type the test assigned
 
@@ -281,7 +265,7 @@ def test_a_learned_template_is_the_sources_bytes_when_they_are_equal() -> None:
     (~300 bytes per live stream), and reads back the same; a source whose template differs
     (another answer's) is not taken; a sealed log no longer holds its source."""
     model = _answer([b"word%d" % i for i in range(40)])
-    source = _Decoded()
+    source = DecodedSource()
     packed = PackedEvents()
     packed.source = source
     for payload in model[:-3]:
@@ -296,7 +280,7 @@ def test_a_learned_template_is_the_sources_bytes_when_they_are_equal() -> None:
     assert _source_of(packed) is None
     _read_all_ranges(packed, model)
 
-    other = _Decoded()
+    other = DecodedSource()
     for payload in _answer([b"x"], key=b"reasoning_content")[:2]:
         other.feed(payload)
     reasoning = other.text_template()

@@ -12,33 +12,12 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support import Wire
 from unbroken.gateway.upstream import LeanTransport, _Connection
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 EVENT = b'data: {"n":1}\n\n'
 REQUEST = b"POST /chat/completions HTTP/1.1\r\nHost: upstream\r\n\r\n"
-
-
-class Wire:
-    """A stand-in transport: records each write."""
-
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def is_closing(self) -> bool:
-        return False
-
-    def abort(self) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 def frame(event: bytes) -> bytes:

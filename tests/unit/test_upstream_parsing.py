@@ -13,7 +13,7 @@ import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.support import direct_body
+from tests.support import Wire, direct_body
 from unbroken.client._engine import _FastLane, _PayloadSink
 from unbroken.core.accumulator import ChunkAccumulator
 from unbroken.core.attempt import Attempt
@@ -462,19 +462,6 @@ def test_a_frame_cut_size_line_and_large_sizes_are_the_parsers() -> None:
     assert not _line_start(b"10000000", 0, 8)
 
 
-class _Wire:
-    """A client's stand-in transport: records each write."""
-
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def is_closing(self) -> bool:
-        return False
-
-
 def test_a_lanes_events_of_one_read_reach_the_client_in_one_write() -> None:
     """Through a fast lane, a read of one event is written at once; the events of a read
     of several frames, or of one frame of several events, reach the client in one write."""
@@ -486,7 +473,7 @@ def test_a_lanes_events_of_one_read_reach_the_client_in_one_write() -> None:
             b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n"
         )
-        wire = _Wire()
+        wire = Wire()
         body = direct_body(wire)
         seqs = iter(range(1, 100))
 

@@ -161,15 +161,8 @@ class PackedEvents:
             block += payload[at : at + size - cut]
         elif self._tried:
             # No template is learned again in this block (an answer's usage chunk, its
-            # final event and [DONE] after its text): kept whole, without a call.
-            self._whole |= 1 << (len(lengths) - 1) % BLOCK_EVENTS
-            block = self._packed
-            block += payload
-            wholes = self._wholes
-            if wholes is None:
-                self._wholes = [payload]
-            else:
-                wholes.append(payload)
+            # final event and [DONE] after its text): kept whole.
+            self._keep_whole(payload, (len(lengths) - 1) % BLOCK_EVENTS)
         else:
             self._miss(payload)
         if not len(lengths) % BLOCK_EVENTS:
@@ -184,14 +177,7 @@ class PackedEvents:
         except OverflowError:
             lengths = self._grow(len(payload))
         if self._tried:
-            self._whole |= 1 << (len(lengths) - 1) % BLOCK_EVENTS
-            block = self._packed
-            block += payload
-            wholes = self._wholes
-            if wholes is None:
-                self._wholes = [payload]
-            else:
-                wholes.append(payload)
+            self._keep_whole(payload, (len(lengths) - 1) % BLOCK_EVENTS)
         else:
             self._miss(payload)
         if not len(lengths) % BLOCK_EVENTS:
@@ -235,7 +221,12 @@ class PackedEvents:
                     if self._learn(head, tail):
                         self._packed += payload[len(head) : len(payload) - len(tail)]
                         return
-        self._whole = whole | 1 << n
+        self._keep_whole(payload, n)
+
+    def _keep_whole(self, payload: bytes, n: int) -> None:
+        """Keep `payload`, the open block's event `n` (from 0), whole: its bytes as they
+        are, and the object itself until the block is sealed (`_wholes`)."""
+        self._whole |= 1 << n
         self._packed += payload
         wholes = self._wholes
         if wholes is None:
