@@ -70,7 +70,7 @@ from unbroken.core.wire import Answer, ChatCompletion, ChatCompletionChunk
 from unbroken.errors import InvalidRequestError, StoreError, UnbrokenError
 from unbroken.gateway.asgi import Exchange
 from unbroken.gateway.detach import DETACH_EXTENSION, Detached, Parked
-from unbroken.gateway.eager import EagerStart, current_tasks, eager_task
+from unbroken.gateway.eager import current_tasks, eager_task
 from unbroken.gateway.keys import Caller
 from unbroken.gateway.problems import GatewayError, from_unbroken
 from unbroken.gateway.relay import EventSink, ProducerCore, Waiter
@@ -366,16 +366,6 @@ class Producer(ProducerCore):
         return f"Producer({self.stream_id!r}, epoch={self.epoch}, events={self.n_events})"
 
     # -- readers ---------------------------------------------------------------------------
-
-    def start_now(self) -> None:
-        """Run the task's first step now, up to its first wait (the upstream request
-        written, its response awaited), instead of in the task's own loop turn (gateway/
-        eager.py): the first token waits for that write, and the reader that calls this
-        then sets itself up (and ends its task) while the upstream answers."""
-        task = self.task
-        start = task.get_coro() if task is not None else None
-        if isinstance(start, EagerStart):
-            start.step_now()
 
     def attach(self) -> None:
         """A reader on this instance follows the answer."""
@@ -1069,8 +1059,10 @@ class StreamHub:
     def _spawn(
         self, producer: Producer, open_stream: OpenStream, start_now: bool = False
     ) -> Producer:
-        """Start `producer`'s task; `start_now`: its first step runs now (`start_now` of the
-        producer, with its task's `EagerStart` at hand)."""
+        """Start `producer`'s task; `start_now`: its first step runs now, up to its first
+        wait (the upstream request written, its response awaited), instead of in the task's
+        own loop turn (gateway/eager.py): the first token waits for that write, and the
+        reader then sets itself up (and ends its task) while the upstream answers."""
         self._producers[producer.stream_id] = producer
         self.gateway.metrics.stream_writers.inc()
         if producer.takeovers:
@@ -1124,7 +1116,7 @@ class StreamHub:
     ) -> Producer:
         """Create the stream's log and start producing `request` into it (`wrap` wraps the
         SDK stream, as the answer cache's recorder does); `start_now`: the producer's first
-        step (to its upstream write) runs before this returns (`Producer.start_now`)."""
+        step (to its upstream write) runs before this returns (`_spawn`)."""
         stream_id = new_stream_id(os.urandom(16))
         g = self.settings
         log = self.log
