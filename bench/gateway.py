@@ -833,15 +833,21 @@ def report(concurrency: int, rows: dict[str, dict[str, float]], repeat: int) -> 
     for name in ("floor", "nginx", "pyrelay"):
         peer = rows.get(name)
         if ours and peer:
-            ratio = ours["us_per_chunk"] / peer["us_per_chunk"]
-            print(f"  CPU per chunk: unbroken / {name} = {ratio:.2f}x")
+            ratio = cpu_ratio(ours["us_per_chunk"], peer["us_per_chunk"], 2)
+            print(f"  CPU per chunk: unbroken / {name} = {ratio}")
     theirs = rows.get("litellm")
     if ours and theirs:
-        ratio = theirs["us_per_chunk"] / ours["us_per_chunk"]
-        print(f"  CPU per chunk: litellm / unbroken = {ratio:.1f}x")
+        ratio = cpu_ratio(theirs["us_per_chunk"], ours["us_per_chunk"], 1)
+        print(f"  CPU per chunk: litellm / unbroken = {ratio}")
     if floor and rows.get("nginx"):
-        ratio = floor["us_per_chunk"] / rows["nginx"]["us_per_chunk"]
-        print(f"  CPU per chunk: floor / nginx = {ratio:.2f}x")
+        ratio = cpu_ratio(floor["us_per_chunk"], rows["nginx"]["us_per_chunk"], 2)
+        print(f"  CPU per chunk: floor / nginx = {ratio}")
+
+
+def cpu_ratio(top: float, bottom: float, digits: int) -> str:
+    """`top / bottom` as "1.23x"; "n/a" when `bottom` is 0: /proc counts CPU in ticks
+    (10 ms), and a short run of a cheap server can use less than one."""
+    return f"{top / bottom:.{digits}f}x" if bottom > 0 else "n/a"
 
 
 def summarize(summary: dict[int, dict[str, dict[str, float]]]) -> None:
@@ -857,10 +863,10 @@ def summarize(summary: dict[int, dict[str, dict[str, float]]]) -> None:
             continue
         us = ours["us_per_chunk"]
         ratios = {
-            name: (f"{us / rows[name]['us_per_chunk']:.2f}x" if name in rows else "-")
+            name: (cpu_ratio(us, rows[name]["us_per_chunk"], 2) if name in rows else "-")
             for name in ("floor", "nginx")
         }
-        lite = f"{rows['litellm']['us_per_chunk'] / us:.1f}x" if "litellm" in rows else "-"
+        lite = cpu_ratio(rows["litellm"]["us_per_chunk"], us, 1) if "litellm" in rows else "-"
         print(
             f"  concurrency {level:<5} {us:>8.1f} {ratios['floor']:>7} {ratios['nginx']:>7} "
             f"{lite:>9} "

@@ -98,3 +98,11 @@ def test_saturation_level_is_the_highest_held_in_half_of_the_runs() -> None:
     assert gateway.saturation_level([[False, True], [False, False], [True, False]]) is None
     assert gateway.saturation_level([[False], [False]]) is None
     assert gateway.saturation_level([]) is None
+
+
+def test_a_cpu_ratio_over_a_peer_measured_at_zero_ticks_is_not_a_number() -> None:
+    """A short run of a cheap server can use less than one /proc tick of CPU: its ratio is
+    "n/a", not a division by zero that ends the bench."""
+    assert gateway.cpu_ratio(24.9, 16.4, 2) == "1.52x"
+    assert gateway.cpu_ratio(521.0, 24.9, 1) == "20.9x"
+    assert gateway.cpu_ratio(99.5, 0.0, 2) == "n/a"
