@@ -161,6 +161,14 @@ def test_failed_answer_stores_nothing(gateway: ServerThread) -> None:
         ("POST", "/v1/sessions", {"model": ""}, 400, "model_not_found"),
         ("POST", "/v1/sessions", {"colour": "red"}, 400, "invalid_body"),
         ("POST", "/v1/sessions/{sid}/messages", {"content": ""}, 400, "invalid_value"),
+        # Under the session's path a 404 would say the session is gone.
+        (
+            "POST",
+            "/v1/sessions/{sid}/messages",
+            {"content": "x", "model": "nope"},
+            400,
+            "model_not_found",
+        ),
         ("POST", "/v1/sessions/{sid}/messages", {"content": 3}, 400, "invalid_value"),
         (
             "POST",

@@ -358,7 +358,18 @@ class SessionEndpoints:
             "model": info.model if body.get("model") is None else body["model"],
         }
         chat["messages"] = messages
-        request = parse_chat_request(msgspec.json.encode(chat), gateway.models, gateway.route_names)
+        try:
+            request = parse_chat_request(
+                msgspec.json.encode(chat), gateway.models, gateway.route_names
+            )
+        except GatewayError as exc:
+            if exc.status != 404:
+                raise
+            # Under a session's path a 404 says the session is gone; a model this gateway
+            # does not serve is a bad body, as it is when the session is created.
+            raise GatewayError(
+                400, exc.message, code=exc.code, param=exc.param, type=exc.type
+            ) from None
 
         async def store_turns(completion: ChatCompletion) -> None:
             self._calibrate(completion, estimate)
