@@ -187,6 +187,7 @@ def test_failed_answer_stores_nothing(gateway: ServerThread) -> None:
         ("PUT", "/v1/sessions", None, 405, "method_not_allowed"),
         ("GET", "/v1/sessions/{sid}/messages", None, 405, "method_not_allowed"),
         ("GET", "/v1/sessions/{sid}/other", None, 404, "not_found"),
+        ("GET", "/v1/sessions/{sid}?after=%C2%B3", None, 400, "invalid_value"),
     ],
 )
 def test_bad_session_requests(

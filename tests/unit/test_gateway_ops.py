@@ -259,6 +259,7 @@ def test_usage_queries() -> None:
         ({"key": "bob"}, "admin_required"),
         ({"days": "0"}, "invalid_value"),
         ({"days": "x"}, "invalid_value"),
+        ({"days": "\u00b3"}, "invalid_value"),
         ({"start": "2026-13-01"}, "invalid_value"),
         ({"start": "2026-12-05"}, "invalid_value"),
         ({"start": "2020-01-01"}, "invalid_value"),

@@ -191,7 +191,7 @@ class Exchange:
             GatewayError: 413 past `limit` bytes (checked on Content-Length first).
         """
         length = self.header(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
             raise self._too_large(limit)
         # The server's cycle gives a body all in at once (gateway/guard.py `take_body`).
         take = getattr(self._io, "take_body", None)

@@ -50,7 +50,8 @@ def page_query(query_string: bytes, default: int, most: int) -> Page:
             400, "the query string has too many fields", code="invalid_value"
         ) from None
     raw_limit = params.get("limit", [str(default)])[-1]
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= most:
+    # str.isdigit() also takes "³", which int() refuses: ASCII digits only.
+    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= most:
         raise GatewayError(
             400,
             f"limit must be an integer in [1, {most}], got {raw_limit[:20]!r}",

@@ -193,7 +193,7 @@ class SessionEndpoints:
                 page = page_query(
                     ex.scope.get("query_string", b""), MAX_MESSAGES_PAGE, MAX_MESSAGES_PAGE
                 )
-                if page.after is not None and not page.after.isdigit():
+                if page.after is not None and not (page.after.isascii() and page.after.isdigit()):
                     raise GatewayError(
                         400,
                         f"after must be a message index, got {page.after[:40]!r}",

@@ -88,7 +88,7 @@ def parse_usage_query(
         start = _date(params["start"], "start")
     else:
         raw_days = params.get("days", "7")
-        if not raw_days.isdigit() or not 1 <= int(raw_days) <= MAX_DAYS:
+        if not (raw_days.isascii() and raw_days.isdigit()) or not 1 <= int(raw_days) <= MAX_DAYS:
             raise _bad(f"days must be an integer in [1, {MAX_DAYS}], got {raw_days[:20]!r}", "days")
         start = end - dt.timedelta(days=int(raw_days) - 1)
     if start > end:
