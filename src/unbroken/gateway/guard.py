@@ -260,6 +260,11 @@ class _FlowControl(FlowControl):
     760-byte deque; see unbroken._flag): the shared set `_WRITABLE` while writes flow, one of
     its own only while they are paused (48 bytes less per live answer)."""
 
+    # The direct body of the response the connection runs now (`_start_asgi_task`): a
+    # pause is reported to it (`DirectBody.changed`), whose writes check one flag while
+    # none happened. Only that response writes (a pipelined one starts after it ends).
+    body: DirectBody | None = None
+
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
         self.read_paused = False
@@ -270,6 +275,8 @@ class _FlowControl(FlowControl):
         if not self.write_paused:
             self.write_paused = True
             self._is_writable_event = Flag()  # type: ignore[assignment]  # unset: `drain` waits
+            if self.body is not None:
+                self.body.changed()
 
     def resume_writing(self) -> None:
         if self.write_paused:
@@ -521,7 +528,15 @@ class GuardedProtocol(HttpToolsProtocol):
             self._counted = None
         self._closed = True
         super().connection_lost(exc)
+        self._changed()
         self._lost()
+
+    def _changed(self) -> None:
+        """The running response's cycle may have changed (complete, client gone): its
+        direct body checks it again at its next write (`DirectBody.changed`)."""
+        flow = self.flow
+        if isinstance(flow, _FlowControl) and flow.body is not None:
+            flow.body.changed()
 
     def _lost(self) -> None:
         hooks = self._hooks
@@ -596,6 +611,7 @@ class GuardedProtocol(HttpToolsProtocol):
             # The app sees a disconnect, and its writes go nowhere.
             cycle.disconnected = True
             cycle.message_event.set()
+            self._changed()
             self._lost()
         self.transport.close()
 
@@ -873,6 +889,9 @@ class GuardedProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         # uvicorn's, with one `tasks.discard` bound method for every request (uvicorn made
         # one a request, held by the task for its life: 72 bytes per live answer).
+        flow = self.flow
+        if isinstance(flow, _FlowControl):  # pauses go to this response's direct body
+            flow.body = cycle.scope["extensions"].get(DIRECT_EXTENSION)  # type: ignore[assignment]  # a DirectBody, set in on_headers_complete
         if self._reset_contextvars:
             super()._start_asgi_task(cycle, app)
             return
@@ -906,6 +925,7 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         # uvicorn's, with the connection's one timer as the keep-alive timer: left armed
         # since the head, it is moved, not re-made (a call_later and a cancel less a request).
+        self._changed()  # (the response complete)
         self._phase = Phase.HEAD
         self._head_bytes = 0
         self.server_state.total_requests += 1

@@ -703,28 +703,23 @@ class LiveSink:
         return True
 
     def feed_one(self, seq: int, payload: bytes) -> bool:
-        """`feed` of the one event `seq`: a relayed chunk's hot path (no sequence). Once
-        the response streams, `DirectBody.write_event` is spelt out here: a call and its
-        loads less per relayed chunk (bench/hotpath.py --bytecodes); the bytes written and
-        the checks are its own (tests/unit/test_fused_path.py pins them)."""
+        """`feed` of the one event `seq`: a relayed chunk's hot path (no sequence). While
+        the body is open (`DirectBody._open`), `DirectBody.write_event` is spelt out
+        here: a call and its loads less per relayed chunk (bench/hotpath.py --bytecodes);
+        the bytes written and the checks are its own (tests/unit/test_fused_path.py and
+        tests/integration/test_gateway_direct_state.py pin them)."""
         if not self._live:
             return self.feed(seq, (payload,))  # a `HeadSink` whose response has not started
         relay = self._relay
         if relay._busy or relay._reason is not None:
             return False
         body = self._direct
-        if not body._streaming:
+        if not body._open:  # (not streaming yet, or its state changed: the full checks)
             if not body.write_event(seq, payload):
                 return False
         else:
-            cycle = body._cycle
             transport = body._transport
-            if (
-                cycle.response_complete
-                or cycle.disconnected
-                or body._flow.write_paused
-                or transport.is_closing()
-            ):
+            if transport.is_closing():
                 return False
             try:  # `write_event`'s framing tables
                 head = _ID_LINES[seq]
