@@ -532,11 +532,14 @@ class GuardedProtocol(HttpToolsProtocol):
         self._lost()
 
     def _changed(self) -> None:
-        """The running response's cycle may have changed (complete, client gone): its
-        direct body checks it again at its next write (`DirectBody.changed`)."""
+        """The running response is done (complete, client gone, refused): its direct body
+        checks its cycle again at its next write (`DirectBody.changed`), and finds it
+        done for good, so the flow control lets it go (no reference cycle through the body
+        and its cycle left for the garbage collector)."""
         flow = self.flow
         if isinstance(flow, _FlowControl) and flow.body is not None:
             flow.body.changed()
+            flow.body = None
 
     def _lost(self) -> None:
         hooks = self._hooks
