@@ -384,7 +384,7 @@ class GuardedProtocol(HttpToolsProtocol):
     parser: httptools.HttpRequestParser = None  # type: ignore[assignment]  # see data_received
     timeout_keep_alive_task: TimerHandle | None = None
     transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
-    flow: FlowControl = None  # type: ignore[assignment]  # set by connection_made
+    flow: _FlowControl = None  # type: ignore[assignment]  # set by connection_made
     server: tuple[str, int | None] | None = None
     client: tuple[str, int] | None = None
     scheme: Literal["http", "https"] | None = None
@@ -537,7 +537,7 @@ class GuardedProtocol(HttpToolsProtocol):
         done for good, so the flow control lets it go (no reference cycle through the body
         and its cycle left for the garbage collector)."""
         flow = self.flow
-        if isinstance(flow, _FlowControl) and flow.body is not None:
+        if flow.body is not None:
             flow.body.changed()
             flow.body = None
 
@@ -852,9 +852,12 @@ class GuardedProtocol(HttpToolsProtocol):
         )
         # The fast path of streamed answers (gateway/direct.py) and the response hooks.
         extensions = scope["extensions"]
-        extensions[DIRECT_EXTENSION] = DirectBody(cycle)
+        direct = extensions[DIRECT_EXTENSION] = DirectBody(cycle)
         self._hooks = extensions[RESPONSE_EXTENSION] = CycleHooks(cycle)
         if existing is None or existing.response_complete:
+            # Pauses go to the direct body of the response that runs now (a pipelined
+            # one's when it starts: `on_response_complete`).
+            self.flow.body = direct
             # The request's ASGI task: its first step runs once this read is parsed.
             self._start_asgi_task(cycle, app)
         else:
@@ -892,9 +895,6 @@ class GuardedProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         # uvicorn's, with one `tasks.discard` bound method for every request (uvicorn made
         # one a request, held by the task for its life: 72 bytes per live answer).
-        flow = self.flow
-        if isinstance(flow, _FlowControl):  # pauses go to this response's direct body
-            flow.body = cycle.scope["extensions"].get(DIRECT_EXTENSION)  # type: ignore[assignment]  # a DirectBody, set in on_headers_complete
         if self._reset_contextvars:
             super()._start_asgi_task(cycle, app)
             return
@@ -928,16 +928,23 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         # uvicorn's, with the connection's one timer as the keep-alive timer: left armed
         # since the head, it is moved, not re-made (a call_later and a cancel less a request).
-        self._changed()  # (the response complete)
+        flow = self.flow
+        body = flow.body
+        if body is not None:  # `_changed`, spelt out: once an answer
+            body.changed()
+            flow.body = None
         self._phase = Phase.HEAD
         self._head_bytes = 0
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
         self._unset_keepalive_if_required()
-        self.flow.resume_reading()
+        flow.resume_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
+            # Pauses go to the direct body of the response that runs now (set in
+            # on_headers_complete).
+            flow.body = cycle.scope["extensions"][DIRECT_EXTENSION]  # type: ignore[assignment]  # a DirectBody
             self._start_asgi_task(cycle, app)
             self._eager = None  # it starts in its turn (this may be inside another task)
         else:
