@@ -123,19 +123,27 @@ def live(sink_type: type[LiveSink] = LiveSink) -> tuple[LiveSink, StreamRelay, A
     cycle = streaming_cycle(wire)
     exchange = SimpleNamespace(started=True)  # a `HeadSink`'s response has started
     relay = StreamRelay(exchange, Scrubber([]), keepalive_s=15.0, send_timeout_s=10.0)  # type: ignore[arg-type]  # the sinks read only `started` of it
-    return sink_type(relay, DirectBody(cycle)), relay, cycle, wire
+    cycle.body = DirectBody(cycle)
+    return sink_type(relay, cycle.body), relay, cycle, wire
+
+
+# The cycle's changes, each reported to its body as the protocol reports it
+# (gateway/guard.py: the response's end, the connection's loss, a pause of its writes).
 
 
 def _cut(*, relay: StreamRelay, cycle: Any, wire: Wire) -> None:
     cycle.response_complete = True
+    cycle.body.changed()
 
 
 def _gone(*, relay: StreamRelay, cycle: Any, wire: Wire) -> None:
     cycle.disconnected = True
+    cycle.body.changed()
 
 
 def _paused(*, relay: StreamRelay, cycle: Any, wire: Wire) -> None:
     cycle.flow.write_paused = True
+    cycle.body.changed()
 
 
 def _closing(*, relay: StreamRelay, cycle: Any, wire: Wire) -> None:

@@ -16,13 +16,19 @@ from prometheus_client import CollectorRegistry
 from tests.support import DecodedSource, answer_record, text_payload
 from unbroken.core.accumulator import join_text
 from unbroken.core.pricing import PriceTable
+from unbroken.core.streamlog import Retention
 from unbroken.core.wire import PromptTokensDetails, Usage, chunk_text
 from unbroken.gateway import usage as usage_module
 from unbroken.gateway.usage import UsageBook, day_of
 from unbroken.instrumentation import PrometheusHook
 from unbroken.stores.memory import MemoryStore
 from unbroken.stores.packed import BLOCK_EVENTS, PackedEvents
-from unbroken.stores.streamlog import FencedError, MemoryStreamLog
+from unbroken.stores.streamlog import (
+    FencedError,
+    LogFullError,
+    MemoryStreamLog,
+    UnknownStreamError,
+)
 
 USAGE = text_payload("").replace(b'"usage":null', b'"usage":{"total_tokens":3}')
 FINAL = b'{"choices":[],"unbroken":{"stream_id":"strm_1"}}'
@@ -195,6 +201,58 @@ def test_appends_are_fenced_after_an_end_a_takeover_or_a_forget() -> None:
         log._forget(log._streams["gone"])
         with pytest.raises(FencedError):
             log.append_one("gone", epoch, b"y", 2.0)
+
+    asyncio.run(main())
+
+
+def test_a_held_handle_is_fenced_as_the_id_is() -> None:
+    """A writer's handle (`append_to`), taken while it held the lease, is fenced as
+    `append_one` by id is: after the log's end, another writer's takeover (whose appends
+    through its own handle go on), a forget, and the tombstone's removal; the bounds hold
+    for it too, and what it appends is what the id's reads give back."""
+
+    async def main() -> None:
+        log = MemoryStreamLog(Retention(max_stream_bytes=1024, max_total_bytes=4096))
+        with pytest.raises(UnknownStreamError):
+            log.handle("none")
+        epoch = await _create(log, "s")
+        handle = log.handle("s")
+        assert log.append_to(handle, epoch, b"abc", 1.0) == 1
+        assert log.append_one("s", epoch, b"de", 1.0) == 2
+        assert log.append_to(handle, epoch, b"f", 1.5) == 3
+        assert log.events_now("s", 0, 3) == [(1, b"abc"), (2, b"de"), (3, b"f")]
+        info = await log.info("s")
+        assert info is not None
+        assert (info.n_events, info.n_bytes, info.updated_at) == (3, 6, 1.5)
+        assert log.total_bytes == 6
+        with pytest.raises(LogFullError):  # 6 + 1019 > 1024: nothing appended
+            log.append_to(handle, epoch, b"x" * 1019, 2.0)
+        assert log.total_bytes == 6
+        waiter = asyncio.create_task(log.wait("s", 3, 10.0))
+        await asyncio.sleep(0)  # (parked on the stream's flag)
+        assert log.append_to(handle, epoch, b"g", 2.0) == 4
+        await asyncio.wait_for(waiter, 1.0)  # woken by the handle's append
+
+        lease = await log.acquire("s", "other", 9.0, 3.0)  # the first lease expired
+        assert lease is not None
+        with pytest.raises(FencedError):
+            log.append_to(handle, epoch, b"y", 9.5)
+        theirs = log.handle("s")
+        assert theirs is handle  # one record per log: the epoch is what fences
+        assert log.append_to(theirs, lease.epoch, b"y", 9.5) == 5
+
+        log.append_now("s", lease.epoch, [DONE], 9.6, end=True)
+        with pytest.raises(FencedError):
+            log.append_to(theirs, lease.epoch, b"z", 9.7)
+
+        epoch = await _create(log, "gone")
+        handle = log.handle("gone")
+        log._forget(handle)
+        with pytest.raises(FencedError):
+            log.append_to(handle, epoch, b"x", 2.0)
+        await log.sweep(1e12)  # the tombstone too: the id is unknown now
+        with pytest.raises(UnknownStreamError):
+            log.append_to(handle, epoch, b"x", 2.0)
 
     asyncio.run(main())
 

@@ -95,17 +95,31 @@ class DirectBody:
         cycle: uvicorn's `RequestResponseCycle` of the request (httptools protocol).
     """
 
-    __slots__ = ("_cycle", "_flow", "_held", "_streaming", "_transport")
+    # `_open` first: compiled, the fields lie in the order first set, and a relayed chunk
+    # reads it and `_transport` only (one cache line of the body; not the cycle's nor the
+    # flow control's, which a busy gateway's chunk finds cold).
+    __slots__ = ("_cycle", "_flow", "_held", "_open", "_streaming", "_transport")
 
     def __init__(self, cycle: Any) -> None:
+        # Streaming (below), and the response neither complete nor its client gone nor its
+        # writes paused, as last checked (`writable`): the one check of a write while
+        # true, the transport's `is_closing()` aside. Kept true only while it holds: the
+        # protocol calls `changed` when any of them may have become false (gateway/guard.py:
+        # the response's end, the connection's loss or refusal, a pause of its writes).
+        self._open = False
+        self._transport = cycle.transport
         self._cycle = cycle
         self._flow = cycle.flow
-        self._transport = cycle.transport
         # Headers sent, chunked, not HEAD: once true, true for the rest of the response
         # (checked once instead of per write).
         self._streaming = False
         # The frames held back (`hold_writes`): one, or several.
         self._held: bytes | list[bytes] | None = None
+
+    def changed(self) -> None:
+        """The cycle's state may have changed (its response completed, its client went,
+        its writes paused): the next write checks it all again (`writable`)."""
+        self._open = False
 
     def writable(self) -> bool:
         """Whether `write` would write now (see the module docstring)."""
@@ -118,12 +132,12 @@ class DirectBody:
             ):
                 return False
             self._streaming = True
-        return not (
-            cycle.response_complete
-            or cycle.disconnected
-            or self._flow.write_paused
-            or self._transport.is_closing()
+        # Checked from the cycle itself: a change the protocol reported (`changed`) is seen
+        # here, and `_open` is true again once it no longer holds (writes resumed).
+        self._open = is_open = not (
+            cycle.response_complete or cycle.disconnected or self._flow.write_paused
         )
+        return is_open and not self._transport.is_closing()
 
     def write(self, body: bytes) -> bool:
         """Write `body` (not empty) as one chunk of the response; False when it may not be
@@ -149,17 +163,12 @@ class DirectBody:
         """`write` of the SSE event `id: seq` (a log event's id: >= 0) with `data`, framed
         in one join (the one-event case of every relayed chunk: no intermediate copy of the
         event)."""
-        # `writable` inlined once the response streams: this runs once per relayed chunk.
-        cycle = self._cycle
-        if not self._streaming and not self.writable():
-            return False
+        # `writable` is one flag while it holds: this runs once per relayed chunk.
         transport = self._transport
-        if (
-            cycle.response_complete
-            or cycle.disconnected
-            or self._flow.write_paused
-            or transport.is_closing()
-        ):
+        if self._open:
+            if transport.is_closing():
+                return False
+        elif not self.writable():
             return False
         try:  # the framing's tables (above); no cost until an index is past them
             head = _ID_LINES[seq]

@@ -260,6 +260,11 @@ class _FlowControl(FlowControl):
     760-byte deque; see unbroken._flag): the shared set `_WRITABLE` while writes flow, one of
     its own only while they are paused (48 bytes less per live answer)."""
 
+    # The direct body of the response the connection runs now (`_start_asgi_task`): a
+    # pause is reported to it (`DirectBody.changed`), whose writes check one flag while
+    # none happened. Only that response writes (a pipelined one starts after it ends).
+    body: DirectBody | None = None
+
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
         self.read_paused = False
@@ -270,6 +275,8 @@ class _FlowControl(FlowControl):
         if not self.write_paused:
             self.write_paused = True
             self._is_writable_event = Flag()  # type: ignore[assignment]  # unset: `drain` waits
+            if self.body is not None:
+                self.body.changed()
 
     def resume_writing(self) -> None:
         if self.write_paused:
@@ -377,7 +384,7 @@ class GuardedProtocol(HttpToolsProtocol):
     parser: httptools.HttpRequestParser = None  # type: ignore[assignment]  # see data_received
     timeout_keep_alive_task: TimerHandle | None = None
     transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
-    flow: FlowControl = None  # type: ignore[assignment]  # set by connection_made
+    flow: _FlowControl = None  # type: ignore[assignment]  # set by connection_made
     server: tuple[str, int | None] | None = None
     client: tuple[str, int] | None = None
     scheme: Literal["http", "https"] | None = None
@@ -521,7 +528,18 @@ class GuardedProtocol(HttpToolsProtocol):
             self._counted = None
         self._closed = True
         super().connection_lost(exc)
+        self._changed()
         self._lost()
+
+    def _changed(self) -> None:
+        """The running response is done (complete, client gone, refused): its direct body
+        checks its cycle again at its next write (`DirectBody.changed`), and finds it
+        done for good, so the flow control lets it go (no reference cycle through the body
+        and its cycle left for the garbage collector)."""
+        flow = self.flow
+        if flow.body is not None:
+            flow.body.changed()
+            flow.body = None
 
     def _lost(self) -> None:
         hooks = self._hooks
@@ -596,6 +614,7 @@ class GuardedProtocol(HttpToolsProtocol):
             # The app sees a disconnect, and its writes go nowhere.
             cycle.disconnected = True
             cycle.message_event.set()
+            self._changed()
             self._lost()
         self.transport.close()
 
@@ -833,9 +852,12 @@ class GuardedProtocol(HttpToolsProtocol):
         )
         # The fast path of streamed answers (gateway/direct.py) and the response hooks.
         extensions = scope["extensions"]
-        extensions[DIRECT_EXTENSION] = DirectBody(cycle)
+        direct = extensions[DIRECT_EXTENSION] = DirectBody(cycle)
         self._hooks = extensions[RESPONSE_EXTENSION] = CycleHooks(cycle)
         if existing is None or existing.response_complete:
+            # Pauses go to the direct body of the response that runs now (a pipelined
+            # one's when it starts: `on_response_complete`).
+            self.flow.body = direct
             # The request's ASGI task: its first step runs once this read is parsed.
             self._start_asgi_task(cycle, app)
         else:
@@ -906,15 +928,23 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         # uvicorn's, with the connection's one timer as the keep-alive timer: left armed
         # since the head, it is moved, not re-made (a call_later and a cancel less a request).
+        flow = self.flow
+        body = flow.body
+        if body is not None:  # `_changed`, spelt out: once an answer
+            body.changed()
+            flow.body = None
         self._phase = Phase.HEAD
         self._head_bytes = 0
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
         self._unset_keepalive_if_required()
-        self.flow.resume_reading()
+        flow.resume_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
+            # Pauses go to the direct body of the response that runs now (set in
+            # on_headers_complete).
+            flow.body = cycle.scope["extensions"][DIRECT_EXTENSION]  # type: ignore[assignment]  # a DirectBody
             self._start_asgi_task(cycle, app)
             self._eager = None  # it starts in its turn (this may be inside another task)
         else:

@@ -64,7 +64,7 @@ from unbroken.gateway.direct import (  # the framing `LiveSink.feed_one` spells 
 )
 from unbroken.gateway.problems import GatewayError, Scrubber, from_unbroken
 from unbroken.gateway.scopes import cancel_scope
-from unbroken.stores.streamlog import MemoryStreamLog
+from unbroken.stores.streamlog import LogHandle, MemoryStreamLog
 
 __all__ = [
     "EventSink",
@@ -703,28 +703,23 @@ class LiveSink:
         return True
 
     def feed_one(self, seq: int, payload: bytes) -> bool:
-        """`feed` of the one event `seq`: a relayed chunk's hot path (no sequence). Once
-        the response streams, `DirectBody.write_event` is spelt out here: a call and its
-        loads less per relayed chunk (bench/hotpath.py --bytecodes); the bytes written and
-        the checks are its own (tests/unit/test_fused_path.py pins them)."""
+        """`feed` of the one event `seq`: a relayed chunk's hot path (no sequence). While
+        the body is open (`DirectBody._open`), `DirectBody.write_event` is spelt out
+        here: a call and its loads less per relayed chunk (bench/hotpath.py --bytecodes);
+        the bytes written and the checks are its own (tests/unit/test_fused_path.py and
+        tests/integration/test_gateway_direct_state.py pin them)."""
         if not self._live:
             return self.feed(seq, (payload,))  # a `HeadSink` whose response has not started
         relay = self._relay
         if relay._busy or relay._reason is not None:
             return False
         body = self._direct
-        if not body._streaming:
+        if not body._open:  # (not streaming yet, or its state changed: the full checks)
             if not body.write_event(seq, payload):
                 return False
         else:
-            cycle = body._cycle
             transport = body._transport
-            if (
-                cycle.response_complete
-                or cycle.disconnected
-                or body._flow.write_paused
-                or transport.is_closing()
-            ):
+            if transport.is_closing():
                 return False
             try:  # `write_event`'s framing tables
                 head = _ID_LINES[seq]
@@ -905,6 +900,7 @@ class ProducerCore:
     """
 
     __slots__ = (
+        "_handle",
         "_log",
         "_n_waiting",
         "_sink",
@@ -934,6 +930,9 @@ class ProducerCore:
         # The memory log, whose `append_one` takes each chunk (None with a remote log: its
         # appends are batched); held as the log, so that the call is a native one.
         self._log = log
+        # Its log's record, which `_take_one` appends to (no lookup by id per chunk):
+        # taken at the first append (the log may be created after the producer).
+        self._handle: LogHandle | None = None
         self._tail_max = tail_max  # 0: no tail kept (the memory log's readers read it)
         self.tail = tail
         self.degraded = False
@@ -985,8 +984,11 @@ def _take_one(core: ProducerCore, payload: bytes) -> bool:
     log = core._log
     if log is None or core.degraded or core.reason is not None:
         return False
+    handle = core._handle
     try:
-        n = log.append_one(core.stream_id, core.epoch, payload, _time())
+        if handle is None:
+            handle = core._handle = log.handle(core.stream_id)
+        n = log.append_to(handle, core.epoch, payload, _time())
     except UnbrokenError:
         return False
     # `Producer._appended` spelt out for one payload: this runs once per relayed chunk.

@@ -32,6 +32,7 @@ __all__ = [
     "Batch",
     "FencedError",
     "LogFullError",
+    "LogHandle",
     "MemoryStreamLog",
     "StreamLog",
     "UnknownStreamError",
@@ -241,6 +242,10 @@ class _Stream:
         )
 
 
+# A log as `MemoryStreamLog.handle` gives it to its writer (`append_to`).
+LogHandle = _Stream
+
+
 class MemoryStreamLog:
     """The embedded `StreamLog`: dicts in this process (one event loop, so every method
     is atomic), each log's events packed (stores/packed.py). Readers wait on an
@@ -411,16 +416,35 @@ class MemoryStreamLog:
         calls it for each chunk relayed as its upstream bytes (no sequence built per chunk;
         bench/hotpath.py). Raises what `append_now` raises."""
         stream = self._streams.get(stream_id)
+        if stream is None:
+            return self._append(stream_id, epoch, (payload,), now, False)  # raises
+        return self.append_to(stream, epoch, payload, now)
+
+    def handle(self, stream_id: str) -> LogHandle:
+        """The log of `stream_id` as `append_to` takes it: a producer holds it for its
+        answer's life, so that its chunks' appends look nothing up by id. The handle
+        fences nothing: `append_to` checks the epoch as `append_one` does.
+
+        Raises:
+            UnknownStreamError: no such stream.
+        """
+        return self._get(stream_id)
+
+    def append_to(self, stream: LogHandle, epoch: int, payload: bytes, now: float) -> int:
+        """`append_one` into the log `handle` gave (the relayed chunk's path: no lookup of
+        the stream by id, ~1 dict probe and its cold lines per chunk). Raises what
+        `append_now` raises: fenced (the writer's epoch is not `epoch`, or the log ended or
+        was forgotten), or full."""
         size = len(payload)
         # The sums are checked and then stored as they are (fewer bytecodes per chunk).
         if (
-            stream is None
-            or stream.writer != epoch  # (fenced, ended, forgotten)
+            stream.writer != epoch  # (fenced, ended, forgotten)
             or (n_bytes := stream.n_bytes + size) > self._max_stream_bytes
             or (total := self._total + size) > self._max_total_bytes
         ):
-            # Not the common case (fenced, unknown, full): `_append` says why, or makes room.
-            return self._append(stream_id, epoch, (payload,), now, False)
+            # Not the common case (fenced, forgotten, full): `_append` says why, or makes
+            # room (by id: the same answer as `append_one`'s for a forgotten log).
+            return self._append(stream.id, epoch, (payload,), now, False)
         events = stream.events
         cut = events._cut
         # `PackedEvents.add` of an event on the template, spelt out (a call and its loads
