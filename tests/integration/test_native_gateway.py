@@ -287,3 +287,59 @@ def test_usage_is_sent_and_booked(upstream: MockServer, gateway: Gateway) -> Non
             time.sleep(0.05)  # the booking is written after the answer's end
     for field in ("prompt_tokens", "completion_tokens"):
         assert total[field] - before[field] == sum(u[field] for u in sent)
+
+
+def test_upstream_faults_are_healed_by_the_compiled_sdk_run(
+    upstream: MockServer, gateway: Gateway
+) -> None:
+    """A 503 before the answer and a reset mid-answer are healed on the compiled chunk path
+    (the SDK's engine, the attempt, the relay): the client reads the whole answer once, and
+    the gateway counts the retry and the resume."""
+    _, content = answer_text("deepseek-chat", MESSAGES, config=MOCK, n_tokens=TOKENS)
+    faults = [("503 times=1", "retries"), ("reset after=20 times=1", "resumes")]
+    with httpx.Client(base_url=gateway.url, timeout=20, headers=AUTH) as client:
+        for spec, counted in faults:
+            name = f'unbroken_{counted}_total{{route="default"}}'
+            before = metric(client, name)
+            headers = {**PACED, "X-Mock-Fault": spec, "X-Mock-Fault-Key": f"native-{counted}"}
+            events = read(client, headers)
+            assert events[-1][1] == b"[DONE]"
+            datas = [data for _, data in events[:-1]]
+            assert fold(datas).content(0) == content
+            assert metric(client, name) == before + 1
+
+
+def test_a_live_follower_and_a_stop_run_compiled(upstream: MockServer, gateway: Gateway) -> None:
+    """A second client follows a live answer from another connection (GET
+    /v1/streams/{id}, reading the log the compiled relay appends to) and DELETE stops it; the follower's response ends with the stop finish and [DONE], the
+    upstream is cancelled, and the log replays exactly the ids 1..n."""
+    upstream.reset()
+    slow = {**AUTH, "X-Mock-Tokens": "2000", "X-Mock-Token-Ms": "20", "X-Unbroken-Resumable": "1"}
+    with httpx.Client(base_url=gateway.url, timeout=20) as client:
+        raw = b""
+        with client.stream("POST", "/v1/chat/completions", json=BODY, headers=slow) as response:
+            stream_id = response.headers["x-unbroken-stream-id"]
+            for data in response.iter_raw():
+                raw += data
+                if raw.count(b"\n\n") >= 3:
+                    break
+        first = parse_events(raw[: raw.rindex(b"\n\n") + 2])
+        after = {**AUTH, "Last-Event-ID": str(first[-1][0])}
+        followed = b""
+        with (
+            httpx.Client(base_url=gateway.url, timeout=20) as other,
+            other.stream("GET", f"/v1/streams/{stream_id}", headers=after) as live,
+        ):
+            assert live.status_code == 200
+            for data in live.iter_raw():
+                followed += data
+                if followed.count(b"\n\n") == 2:
+                    stopped = client.delete(f"/v1/streams/{stream_id}", headers=AUTH)
+                    assert stopped.json() == {"id": stream_id, "object": "stream", "stopped": True}
+        events = first + parse_events(followed)
+        assert [i for i, _ in events] == list(range(1, len(events) + 1))
+        assert events[-1][1] == b"[DONE]"
+        assert fold([d for _, d in events]).finish_reason(0) == "stop"
+        assert upstream.stats()["streams"]["cancelled"] == 1
+        replay = parse_events(client.get(f"/v1/streams/{stream_id}", headers=AUTH).content)
+        assert replay == events
