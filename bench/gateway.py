@@ -19,7 +19,9 @@ overhead over `direct`, chunks/s, CPU-seconds per 1,000 chunks of the server pro
 stime from /proc, children included), and the peak RSS growth per concurrent stream, with the
 ratios of unbroken's CPU per chunk to the floor's, nginx's and LiteLLM's.
 Each (concurrency, target) is run --repeat times (default 3) and every figure is the median
-of those runs.
+of those runs. The runs go round by round, every target once per round, so a change in the
+shared machine's speed during a level touches every target alike; each round's CPU ratios
+(unbroken to the floor, LiteLLM to unbroken) are printed too.
 
 The two gateways are set up alike: both check a Bearer key on every request (unbroken a
 gateway key from a config file, LiteLLM its master key), both log at WARNING with no
@@ -803,7 +805,32 @@ def measure(target: Target, concurrency: int, rounds: int) -> dict[str, float]:
 def measure_median(target: Target, concurrency: int, repeat: int) -> dict[str, float]:
     """`repeat` load runs against one target; the median of each figure."""
     runs = [measure(target, concurrency, ROUNDS.get(concurrency, 1)) for _ in range(repeat)]
+    return _median_figures(runs)
+
+
+def _median_figures(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The median of each figure over `runs`."""
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def report_rounds(runs: dict[str, list[dict[str, float]]]) -> None:
+    """The CPU ratio of unbroken to the floor and of LiteLLM to unbroken within each round
+    (the targets of a round run one after another): the median and every round's value."""
+    ours = runs.get("unbroken")
+    if not ours or len(ours) < 2:
+        return
+    for name, upper in (("floor", False), ("litellm", True)):
+        theirs = runs.get(name)
+        if not theirs:
+            continue
+        pairs = [(o["us_per_chunk"], t["us_per_chunk"]) for o, t in zip(ours, theirs, strict=True)]
+        if upper:
+            pairs = [(t, o) for o, t in pairs]
+        label = f"{name} / unbroken" if upper else f"unbroken / {name}"
+        known = [top / bottom for top, bottom in pairs if bottom > 0]
+        middle = f"{statistics.median(known):.2f}x" if known else "n/a"
+        shown = ", ".join(cpu_ratio(top, bottom, 2) for top, bottom in pairs)
+        print(f"  per round, {label}: median {middle} (rounds: {shown})")
 
 
 def report(concurrency: int, rows: dict[str, dict[str, float]], repeat: int) -> None:
@@ -2062,10 +2089,17 @@ def main() -> None:
         )
         summary: dict[int, dict[str, dict[str, float]]] = {}
         for concurrency in levels:
-            rows: dict[str, dict[str, float]] = {}
-            for target in targets:
-                rows[target.name] = measure_median(target, concurrency, args.repeat)
+            # Round by round, every target once per round: a drift of the shared machine's
+            # speed during the level then moves every target alike, and the per-round
+            # ratios show how steady each ratio is.
+            runs: dict[str, list[dict[str, float]]] = {t.name: [] for t in targets}
+            for _ in range(args.repeat):
+                for target in targets:
+                    rounds = ROUNDS.get(concurrency, 1)
+                    runs[target.name].append(measure(target, concurrency, rounds))
+            rows = {name: _median_figures(done) for name, done in runs.items()}
             report(concurrency, rows, args.repeat)
+            report_rounds(runs)
             summary[concurrency] = rows
         summarize(summary)
 
