@@ -78,6 +78,20 @@ async def _turns() -> None:
         await asyncio.sleep(0)
 
 
+async def _serving() -> tuple[_App, Any, _Transport]:
+    """The gateway's protocol on a stand-in transport, one GET's response started."""
+    app = _App()
+    cls = guarded_protocol(Guard(GatewaySettings(), GatewayMetrics(CollectorRegistry())))
+    protocol: Any = cls(
+        config=uvicorn.Config(app, http="httptools"), server_state=ServerState(), app_state={}
+    )
+    transport = _Transport()
+    protocol.connection_made(transport)
+    protocol.data_received(GET)
+    await _turns()
+    return app, protocol, transport
+
+
 def _sink(body: DirectBody) -> LiveSink:
     relay = StreamRelay(
         object(),  # type: ignore[arg-type]  # a LiveSink reads only the relay's own fields
@@ -90,15 +104,7 @@ def _sink(body: DirectBody) -> LiveSink:
 
 def test_the_protocol_tells_the_running_body_of_each_change() -> None:
     async def main() -> None:
-        app = _App()
-        cls = guarded_protocol(Guard(GatewaySettings(), GatewayMetrics(CollectorRegistry())))
-        protocol: Any = cls(
-            config=uvicorn.Config(app, http="httptools"), server_state=ServerState(), app_state={}
-        )
-        transport = _Transport()
-        protocol.connection_made(transport)
-        protocol.data_received(GET)
-        await _turns()
+        app, protocol, transport = await _serving()
         [first] = app.bodies
         sink = _sink(first)
         assert first.write(b"a")
@@ -156,15 +162,7 @@ def test_a_closing_transport_is_seen_with_the_flag_set() -> None:
     stops the fused path at once."""
 
     async def main() -> None:
-        app = _App()
-        cls = guarded_protocol(Guard(GatewaySettings(), GatewayMetrics(CollectorRegistry())))
-        protocol: Any = cls(
-            config=uvicorn.Config(app, http="httptools"), server_state=ServerState(), app_state={}
-        )
-        transport = _Transport()
-        protocol.connection_made(transport)
-        protocol.data_received(GET)
-        await _turns()
+        app, protocol, transport = await _serving()
         [body] = app.bodies
         sink = _sink(body)
         assert sink.feed_one(1, b"a")
