@@ -805,12 +805,7 @@ def measure(target: Target, concurrency: int, rounds: int) -> dict[str, float]:
 def measure_median(target: Target, concurrency: int, repeat: int) -> dict[str, float]:
     """`repeat` load runs against one target; the median of each figure."""
     runs = [measure(target, concurrency, ROUNDS.get(concurrency, 1)) for _ in range(repeat)]
-    return _median_figures(runs)
-
-
-def _median_figures(runs: list[dict[str, float]]) -> dict[str, float]:
-    """The median of each figure over `runs`."""
-    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    return _median_run(runs)
 
 
 def report_rounds(runs: dict[str, list[dict[str, float]]]) -> None:
@@ -2097,7 +2092,7 @@ def main() -> None:
                 for target in targets:
                     rounds = ROUNDS.get(concurrency, 1)
                     runs[target.name].append(measure(target, concurrency, rounds))
-            rows = {name: _median_figures(done) for name, done in runs.items()}
+            rows = {name: _median_run(done) for name, done in runs.items()}
             report(concurrency, rows, args.repeat)
             report_rounds(runs)
             summary[concurrency] = rows

@@ -928,17 +928,14 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         # uvicorn's, with the connection's one timer as the keep-alive timer: left armed
         # since the head, it is moved, not re-made (a call_later and a cancel less a request).
-        flow = self.flow
-        body = flow.body
-        if body is not None:  # `_changed`, spelt out: once an answer
-            body.changed()
-            flow.body = None
+        self._changed()
         self._phase = Phase.HEAD
         self._head_bytes = 0
         self.server_state.total_requests += 1
         if self.transport.is_closing():
             return
         self._unset_keepalive_if_required()
+        flow = self.flow
         flow.resume_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
